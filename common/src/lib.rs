@@ -1,0 +1,10 @@
+//! NovaCron's shared core: the wire protocol, identity and PKI helpers, API bodies,
+//! and the pure decision functions. Nothing here opens a socket, talks to Docker or
+//! reads the clock on its own: time is always a parameter.
+
+pub mod api;
+pub mod backoff;
+pub mod fleet;
+pub mod pki;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,636 @@
+//! The agent ↔ controller wire protocol.
+//!
+//! **Architecture Invariant:** this is the only module that derives the wire
+//! serialization (`bincode::Encode` / `bincode::Decode`). Everything that crosses a
+//! QUIC stream is declared here, so a change to the protocol is a change to this file.
+//!
+//! Every frame is a big-endian `u32` body length followed by a bincode 2 body. A body
+//! longer than [`MAX_FRAME_LEN`] is refused *before* anything is allocated for it, and
+//! the decoder is configured with the same limit, so a forged inner length (a `Vec`
+//! claiming a billion entries) fails with an error instead of an allocation.
+//!
+//! Streams:
+//! - **control** (bi-stream opened by the agent): `AgentMessage::Hello` first, the
+//!   controller answers `ControllerMessage::Welcome` (or `Refused` and closes).
+//!   Later: certificate renewal requests and their answers.
+//! - **metrics** (uni-stream opened by the agent): a [`StreamOpen`] frame, then
+//!   [`MetricsBatch`] frames.
+
+use std::collections::BTreeMap;
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The ALPN protocol id of the agent link.
+pub const ALPN: &[u8] = b"novacron/1";
+/// The protocol version carried in the first frame of every stream.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The hard maximum body length of one frame (1 MiB).
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// The most samples one [`MetricsBatch`] may carry.
+pub const MAX_SAMPLES_PER_BATCH: usize = 120;
+
+type WireConfig = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME_LEN>,
+>;
+
+fn config() -> WireConfig {
+    bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer announced a frame body longer than the protocol allows.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// [`MAX_FRAME_LEN`].
+        max: usize,
+    },
+    /// The body did not decode as the expected message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The body decoded but left bytes unread.
+    #[error("malformed frame: {trailing} trailing bytes after the message")]
+    Trailing {
+        /// How many bytes were left over.
+        trailing: usize,
+    },
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// A message could not be encoded (it is larger than a frame may be).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// The underlying stream failed.
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The connection close code this error should produce.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            FrameError::TooLarge { .. } => CloseCode::FrameTooLarge,
+            FrameError::Malformed(_) | FrameError::Trailing { .. } | FrameError::Truncated => {
+                CloseCode::Malformed
+            }
+            FrameError::Encode(_) | FrameError::Io(_) => CloseCode::Internal,
+        }
+    }
+}
+
+/// Application close codes on the agent link (QUIC `CONNECTION_CLOSE` error codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Orderly shutdown.
+    Normal = 0,
+    /// A frame body was longer than [`MAX_FRAME_LEN`].
+    FrameTooLarge = 1,
+    /// A frame did not decode.
+    Malformed = 2,
+    /// A well-formed message arrived where the protocol does not allow it.
+    Unexpected = 3,
+    /// The peer speaks another protocol version.
+    VersionMismatch = 4,
+    /// The node's certificate is revoked.
+    Revoked = 5,
+    /// The peer claimed an identity its certificate does not carry.
+    IdentityMismatch = 6,
+    /// Another connection of the same node replaced this one.
+    Replaced = 7,
+    /// An internal error on the closing side.
+    Internal = 8,
+    /// The peer did not complete a step in time.
+    Timeout = 9,
+}
+
+impl CloseCode {
+    /// The numeric code as sent on the wire.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// Maps a numeric code back; unknown codes are `None`.
+    pub fn from_code(code: u64) -> Option<CloseCode> {
+        use CloseCode::*;
+        [
+            Normal,
+            FrameTooLarge,
+            Malformed,
+            Unexpected,
+            VersionMismatch,
+            Revoked,
+            IdentityMismatch,
+            Replaced,
+            Internal,
+            Timeout,
+        ]
+        .into_iter()
+        .find(|c| u64::from(c.code()) == code)
+    }
+}
+
+/// Messages the agent sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum AgentMessage {
+    /// The first frame of a connection.
+    Hello(Hello),
+    /// Asks for a new certificate for the same identity (renewal before expiry).
+    RenewCertificate {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// A PKCS#10 request in PEM, made with the agent's new key.
+        csr_pem: String,
+    },
+}
+
+/// Messages the controller sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum ControllerMessage {
+    /// The answer to [`Hello`].
+    Welcome(Welcome),
+    /// The controller refuses the connection; it closes it right after.
+    Refused(Refusal),
+    /// The answer to [`AgentMessage::RenewCertificate`].
+    Certificate {
+        /// The request this answers.
+        request_id: u64,
+        /// The signed certificate (PEM), or why it was not signed.
+        result: Result<String, String>,
+    },
+}
+
+/// The agent's introduction. The node name it claims must match its certificate.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol_version: u16,
+    /// The agent's build version (informational).
+    pub agent_version: String,
+    /// The name the agent believes it has; checked against the certificate.
+    pub node_name: String,
+    /// Node labels (`zone`, `region`, `pool`, `instance_type`, `capacity`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// What the node can give to workloads.
+    pub capacity: Capacity,
+    /// What the node can do.
+    pub capabilities: Capabilities,
+}
+
+/// The controller's acceptance of a connection.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// The node name, taken from the certificate.
+    pub node_name: String,
+    /// The first metrics sequence number the controller has not seen from this node.
+    /// The agent resends its buffered samples from here.
+    pub next_metrics_seq: u64,
+}
+
+/// Why a connection is refused.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The close code that follows.
+    pub code: CloseCode,
+    /// A human-readable reason.
+    pub message: String,
+}
+
+/// Allocatable resources of a node.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct Capacity {
+    /// CPU in millicores (1000 = one core).
+    pub cpu_millis: u64,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Disk in bytes (the data filesystem).
+    pub disk_bytes: u64,
+    /// GPUs.
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// One GPU as the node offers it.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// NVML index.
+    pub index: u32,
+    /// Stable identifier (`GPU-...`).
+    pub uuid: String,
+    /// Model name.
+    pub model: String,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// What a node can do.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Docker engine version, when the daemon answered.
+    pub docker_version: Option<String>,
+    /// Whether live (CRIU) checkpoints work on this node.
+    pub live_checkpoint: bool,
+    /// NVIDIA driver version, when NVML loaded.
+    pub gpu_driver: Option<String>,
+    /// Operating system and kernel, for display.
+    pub os: String,
+    /// CPU architecture.
+    pub arch: String,
+}
+
+/// The first frame of every uni-stream: says what the stream carries.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct StreamOpen {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol_version: u16,
+    /// What follows.
+    pub kind: StreamKind,
+}
+
+/// The kinds of uni-stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum StreamKind {
+    /// [`MetricsBatch`] frames.
+    Metrics,
+}
+
+/// A batch of host samples, in sequence order.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct MetricsBatch {
+    /// The samples, strictly increasing by `seq`; at most [`MAX_SAMPLES_PER_BATCH`].
+    pub samples: Vec<NodeSample>,
+    /// How many samples the agent has dropped since it started because its
+    /// disconnected buffer was full.
+    pub dropped_total: u64,
+}
+
+/// One reading of a host's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct NodeSample {
+    /// Per-node sequence number, from 0, without gaps on the agent side.
+    pub seq: u64,
+    /// When the sample was taken, Unix milliseconds (agent clock).
+    pub at_unix_ms: u64,
+    /// CPU.
+    pub cpu: CpuSample,
+    /// Memory and swap.
+    pub memory: MemorySample,
+    /// Mounted filesystems.
+    pub disks: Vec<DiskSample>,
+    /// Network interfaces.
+    pub networks: Vec<NetworkSample>,
+    /// GPUs (empty when the host has none or NVML does not load).
+    pub gpus: Vec<GpuSample>,
+    /// Seconds since boot.
+    pub uptime_secs: u64,
+}
+
+/// CPU usage.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct CpuSample {
+    /// Whole-host usage, 0–100.
+    pub total_percent: f32,
+    /// Usage per logical core, 0–100.
+    pub per_core_percent: Vec<f32>,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f32; 3],
+}
+
+/// Memory usage.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct MemorySample {
+    /// Total memory in bytes.
+    pub total_bytes: u64,
+    /// Used memory in bytes.
+    pub used_bytes: u64,
+    /// Available memory in bytes.
+    pub available_bytes: u64,
+    /// Total swap in bytes.
+    pub swap_total_bytes: u64,
+    /// Used swap in bytes.
+    pub swap_used_bytes: u64,
+}
+
+/// One mounted filesystem.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct DiskSample {
+    /// Mount point.
+    pub mount: String,
+    /// Device name.
+    pub device: String,
+    /// Size in bytes.
+    pub total_bytes: u64,
+    /// Free space available to unprivileged users, in bytes.
+    pub available_bytes: u64,
+    /// Read rate since the previous sample, bytes per second.
+    pub read_bytes_per_sec: u64,
+    /// Write rate since the previous sample, bytes per second.
+    pub written_bytes_per_sec: u64,
+}
+
+/// One network interface.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct NetworkSample {
+    /// Interface name.
+    pub interface: String,
+    /// Receive rate, bytes per second.
+    pub rx_bytes_per_sec: u64,
+    /// Transmit rate, bytes per second.
+    pub tx_bytes_per_sec: u64,
+}
+
+/// One GPU reading.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct GpuSample {
+    /// NVML index.
+    pub index: u32,
+    /// Stable identifier.
+    pub uuid: String,
+    /// Model name.
+    pub name: String,
+    /// GPU utilization, 0–100.
+    pub utilization_percent: u32,
+    /// Memory used, bytes.
+    pub memory_used_bytes: u64,
+    /// Memory total, bytes.
+    pub memory_total_bytes: u64,
+    /// Temperature, degrees Celsius.
+    pub temperature_celsius: u32,
+    /// Power draw, milliwatts.
+    pub power_milliwatts: u32,
+}
+
+/// Encodes `msg` as one frame (length prefix plus body).
+pub fn encode_frame<T: Encode>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; 4];
+    bincode::encode_into_std_write(msg, &mut out, config())
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let body_len = out.len() - 4;
+    if body_len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len: body_len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    // The check above bounds body_len by MAX_FRAME_LEN, which fits in a u32.
+    out[..4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Decodes one frame body (without the length prefix).
+pub fn decode_body<T: Decode<()>>(body: &[u8]) -> Result<T, FrameError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let (msg, used) = bincode::decode_from_slice(body, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(FrameError::Trailing {
+            trailing: body.len() - used,
+        });
+    }
+    Ok(msg)
+}
+
+/// Decodes the first frame in `buf` (length prefix plus body). Returns the message and
+/// the number of bytes it took, or `Ok(None)` if `buf` does not yet hold a whole frame.
+pub fn decode_frame<T: Decode<()>>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(prefix) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    Ok(Some((decode_body(body)?, 4 + len)))
+}
+
+/// Reads one frame from `reader`. `Ok(None)` means the stream ended cleanly between
+/// frames. `scratch` is reused across calls; it never grows past [`MAX_FRAME_LEN`].
+pub async fn read_frame<T, R>(
+    reader: &mut R,
+    scratch: &mut Vec<u8>,
+) -> Result<Option<T>, FrameError>
+where
+    T: Decode<()>,
+    R: AsyncRead + Unpin,
+{
+    let mut prefix = [0u8; 4];
+    let mut filled = 0;
+    while filled < 4 {
+        let n = reader.read(&mut prefix[filled..]).await?;
+        if n == 0 {
+            return if filled == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
+        }
+        filled += n;
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    scratch.clear();
+    scratch.resize(len, 0);
+    reader.read_exact(scratch).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    decode_body(scratch).map(Some)
+}
+
+/// Writes `msg` as one frame.
+pub async fn write_frame<T, W>(writer: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    T: Encode,
+    W: AsyncWrite + Unpin,
+{
+    let frame = encode_frame(msg)?;
+    writer.write_all(&frame).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn sample_strategy() -> impl Strategy<Value = NodeSample> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(0f32..100.0, 0..64),
+            any::<[u64; 5]>(),
+            prop::collection::vec(("[a-z/]{0,20}", any::<u64>(), any::<u64>()), 0..8),
+            prop::collection::vec(("[a-z0-9]{0,15}", any::<u64>(), any::<u64>()), 0..8),
+        )
+            .prop_map(|(seq, at, cores, mem, disks, nets)| NodeSample {
+                seq,
+                at_unix_ms: at,
+                cpu: CpuSample {
+                    total_percent: cores.first().copied().unwrap_or_default(),
+                    per_core_percent: cores,
+                    load: [0.5, 1.0, 1.5],
+                },
+                memory: MemorySample {
+                    total_bytes: mem[0],
+                    used_bytes: mem[1],
+                    available_bytes: mem[2],
+                    swap_total_bytes: mem[3],
+                    swap_used_bytes: mem[4],
+                },
+                disks: disks
+                    .into_iter()
+                    .map(|(mount, total, avail)| DiskSample {
+                        mount,
+                        device: "vda".into(),
+                        total_bytes: total,
+                        available_bytes: avail,
+                        read_bytes_per_sec: 1,
+                        written_bytes_per_sec: 2,
+                    })
+                    .collect(),
+                networks: nets
+                    .into_iter()
+                    .map(|(interface, rx, tx)| NetworkSample {
+                        interface,
+                        rx_bytes_per_sec: rx,
+                        tx_bytes_per_sec: tx,
+                    })
+                    .collect(),
+                gpus: vec![],
+                uptime_secs: 7,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn metrics_batch_round_trips(samples in prop::collection::vec(sample_strategy(), 0..8), dropped in any::<u64>()) {
+            let batch = MetricsBatch { samples, dropped_total: dropped };
+            let frame = encode_frame(&batch).expect("a small batch encodes");
+            let (back, used) = decode_frame::<MetricsBatch>(&frame).expect("decodes").expect("whole frame");
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back, batch);
+        }
+
+        #[test]
+        fn hello_round_trips(name in "[a-z0-9-]{1,40}", labels in prop::collection::btree_map("[a-z]{1,8}", "[a-z0-9]{0,8}", 0..6), cpu in any::<u64>()) {
+            let msg = AgentMessage::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "0.1.0".into(),
+                node_name: name,
+                labels,
+                capacity: Capacity { cpu_millis: cpu, ..Capacity::default() },
+                capabilities: Capabilities::default(),
+            });
+            let frame = encode_frame(&msg).expect("encodes");
+            let (back, _) = decode_frame::<AgentMessage>(&frame).expect("decodes").expect("whole");
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<AgentMessage>(&bytes);
+            let _ = decode_frame::<MetricsBatch>(&bytes);
+            let _ = decode_body::<ControllerMessage>(&bytes);
+        }
+
+        #[test]
+        fn partial_frames_wait_for_more(cut in 0usize..40) {
+            let frame = encode_frame(&ControllerMessage::Refused(Refusal { code: CloseCode::Revoked, message: "node revoked".into() })).expect("encodes");
+            let cut = cut.min(frame.len() - 1);
+            prop_assert!(decode_frame::<ControllerMessage>(&frame[..cut]).expect("no error on a prefix").is_none());
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_refused_without_allocating() {
+        let buf = u32::MAX.to_be_bytes();
+        let err = decode_frame::<MetricsBatch>(&buf).expect_err("must refuse");
+        assert!(matches!(err, FrameError::TooLarge { len, .. } if len == u32::MAX as usize));
+        assert_eq!(err.close_code(), CloseCode::FrameTooLarge);
+    }
+
+    #[test]
+    fn forged_inner_vec_length_is_refused() {
+        // A MetricsBatch whose sample vector claims u64::MAX entries (varint 0xFF + 8 bytes).
+        let mut body = vec![0xFFu8];
+        body.extend_from_slice(&u64::MAX.to_le_bytes());
+        let err = decode_body::<MetricsBatch>(&body).expect_err("must refuse");
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut frame = encode_frame(&StreamOpen {
+            protocol_version: 1,
+            kind: StreamKind::Metrics,
+        })
+        .expect("encodes");
+        frame.push(0);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let err = decode_frame::<StreamOpen>(&frame).expect_err("must refuse");
+        assert!(matches!(err, FrameError::Trailing { trailing: 1 }));
+    }
+
+    #[test]
+    fn close_codes_map_back() {
+        for code in 0..10u64 {
+            let c = CloseCode::from_code(code).expect("known code");
+            assert_eq!(u64::from(c.code()), code);
+        }
+        assert_eq!(CloseCode::from_code(99), None);
+    }
+
+    #[tokio::test]
+    async fn async_reader_handles_clean_end_and_truncation() {
+        let frame = encode_frame(&AgentMessage::RenewCertificate {
+            request_id: 7,
+            csr_pem: "x".into(),
+        })
+        .expect("encodes");
+        let mut scratch = Vec::new();
+        let mut whole: &[u8] = &frame;
+        let msg: Option<AgentMessage> = read_frame(&mut whole, &mut scratch).await.expect("reads");
+        assert!(matches!(
+            msg,
+            Some(AgentMessage::RenewCertificate { request_id: 7, .. })
+        ));
+        let end: Option<AgentMessage> = read_frame(&mut whole, &mut scratch)
+            .await
+            .expect("clean end");
+        assert!(end.is_none());
+        let mut cut: &[u8] = &frame[..frame.len() - 1];
+        let err = read_frame::<AgentMessage, _>(&mut cut, &mut scratch)
+            .await
+            .expect_err("truncated");
+        assert!(matches!(err, FrameError::Truncated));
+    }
+}
