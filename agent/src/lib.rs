@@ -1,1 +1,11 @@
+//! The NovaCron agent: host metrics, the link to the controller, enrollment.
+//!
+//! `main` only parses and dispatches to [`cli`]. [`collect`] reads the host,
+//! [`buffer`] keeps the bounded window of samples, [`enroll`] joins the fleet and
+//! owns the state directory, and [`link`] holds the one QUIC connection.
 
+pub mod buffer;
+pub mod cli;
+pub mod collect;
+pub mod enroll;
+pub mod link;

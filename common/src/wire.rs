@@ -176,6 +176,9 @@ pub struct Hello {
     pub agent_version: String,
     /// The name the agent believes it has; checked against the certificate.
     pub node_name: String,
+    /// A random number chosen when the agent process starts. Metrics sequence
+    /// numbers are per instance: a new instance starts again from 0.
+    pub instance: u64,
     /// Node labels (`zone`, `region`, `pool`, `instance_type`, `capacity`, ...).
     pub labels: BTreeMap<String, String>,
     /// What the node can give to workloads.
@@ -545,6 +548,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: "0.1.0".into(),
                 node_name: name,
+                instance: 42,
                 labels,
                 capacity: Capacity { cpu_millis: cpu, ..Capacity::default() },
                 capabilities: Capabilities::default(),

@@ -1,0 +1,597 @@
+//! Host readings from the operating system, through `sysinfo`.
+//!
+//! [`SysinfoCollector`] creates its `sysinfo` objects once and refreshes in place only
+//! what a [`NodeSample`] carries: CPU usage (`/proc/stat`), memory (`/proc/meminfo`),
+//! the mounted filesystems with their sizes and I/O counters (`/proc/mounts`,
+//! `statvfs`, `/proc/diskstats`) and the network interfaces' byte counters
+//! (`/sys/class/net`). Processes are never listed.
+//!
+//! The choices that do not touch the OS are pure functions below
+//! ([`rate_per_sec`], filesystem and interface selection, the rate bookkeeping) and are
+//! unit-tested on their own.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use novacron_common::wire::{CpuSample, DiskSample, MemorySample, NetworkSample, NodeSample};
+use sysinfo::{DiskRefreshKind, Disks, MemoryRefreshKind, Networks, System};
+
+use super::HostCollector;
+
+/// The most filesystems one sample reports.
+pub const MAX_DISKS: usize = 32;
+/// The most network interfaces one sample reports.
+pub const MAX_INTERFACES: usize = 64;
+
+/// Why host metrics cannot be collected.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// `sysinfo` cannot read this operating system's metrics.
+    #[error("host metrics are not supported on this platform: {0}")]
+    Unsupported(#[source] sysinfo::Error),
+}
+
+/// Reads the real host through `sysinfo`.
+#[derive(Debug)]
+pub struct SysinfoCollector {
+    system: System,
+    disks: Disks,
+    networks: Networks,
+    /// When the previous reading was taken; `None` before the first.
+    last: Option<Instant>,
+    /// Cumulative `[read, written]` bytes per block device.
+    disk_io: RateTracker,
+    /// Cumulative `[received, transmitted]` bytes per interface.
+    net_io: RateTracker,
+}
+
+impl SysinfoCollector {
+    /// Creates the `sysinfo` handles and takes a first CPU reading, so that the first
+    /// [`HostCollector::collect`] (at least 200 ms later) reports usage since now.
+    pub fn new() -> Result<Self, HostError> {
+        let mut system = System::new().map_err(HostError::Unsupported)?;
+        system.refresh_cpu_usage();
+        Ok(SysinfoCollector {
+            system,
+            disks: Disks::new().map_err(HostError::Unsupported)?,
+            networks: Networks::new().map_err(HostError::Unsupported)?,
+            last: None,
+            disk_io: RateTracker::default(),
+            net_io: RateTracker::default(),
+        })
+    }
+
+    fn cpu(&self) -> CpuSample {
+        let load = System::load_average().map_or([0.0; 3], |l| {
+            [l.one as f32, l.five as f32, l.fifteen as f32]
+        });
+        CpuSample {
+            total_percent: clamp_percent(self.system.global_cpu_usage()),
+            per_core_percent: self
+                .system
+                .cpus()
+                .iter()
+                .map(|c| clamp_percent(c.usage()))
+                .collect(),
+            load,
+        }
+    }
+
+    fn memory(&self) -> MemorySample {
+        let total = self.system.total_memory();
+        let available = self.system.available_memory();
+        let swap_total = self.system.total_swap();
+        MemorySample {
+            total_bytes: total,
+            used_bytes: total.saturating_sub(available),
+            available_bytes: available,
+            swap_total_bytes: swap_total,
+            swap_used_bytes: swap_total.saturating_sub(self.system.free_swap()),
+        }
+    }
+
+    fn disks(&mut self, elapsed: Option<Duration>) -> Vec<DiskSample> {
+        let readings = self.disks.iter().map(|d| {
+            let usage = d.usage();
+            DiskReading {
+                device: d.name().to_string_lossy(),
+                fs_type: d.file_system().to_string_lossy(),
+                mount: d.mount_point().to_string_lossy(),
+                total_bytes: d.total_space(),
+                available_bytes: d.available_space(),
+                read_total: usage.total_read_bytes,
+                written_total: usage.total_written_bytes,
+            }
+        });
+        let selected = select_disks(readings.collect());
+        let out = selected
+            .into_iter()
+            .map(|d| {
+                let [read, written] =
+                    self.disk_io
+                        .rates(&d.device, [d.read_total, d.written_total], elapsed);
+                DiskSample {
+                    mount: d.mount.into_owned(),
+                    device: d.device.into_owned(),
+                    total_bytes: d.total_bytes,
+                    available_bytes: d.available_bytes,
+                    read_bytes_per_sec: read,
+                    written_bytes_per_sec: written,
+                }
+            })
+            .collect();
+        self.disk_io.finish();
+        out
+    }
+
+    fn networks(&mut self, elapsed: Option<Duration>) -> Vec<NetworkSample> {
+        let readings = self.networks.iter().map(|(name, data)| NetReading {
+            interface: name.to_string_lossy(),
+            rx_total: data.total_received(),
+            tx_total: data.total_transmitted(),
+        });
+        let selected = select_interfaces(readings.collect());
+        let out = selected
+            .into_iter()
+            .map(|n| {
+                let [rx, tx] = self
+                    .net_io
+                    .rates(&n.interface, [n.rx_total, n.tx_total], elapsed);
+                NetworkSample {
+                    interface: n.interface.into_owned(),
+                    rx_bytes_per_sec: rx,
+                    tx_bytes_per_sec: tx,
+                }
+            })
+            .collect();
+        self.net_io.finish();
+        out
+    }
+}
+
+impl HostCollector for SysinfoCollector {
+    fn collect(&mut self, now: Instant) -> NodeSample {
+        self.system.refresh_cpu_usage();
+        self.system
+            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram().with_swap());
+        self.disks.refresh_specifics(
+            true,
+            DiskRefreshKind::nothing().with_storage().with_io_usage(),
+        );
+        self.networks.refresh(true);
+
+        let elapsed = self.last.map(|prev| now.saturating_duration_since(prev));
+        self.last = Some(now);
+
+        NodeSample {
+            cpu: self.cpu(),
+            memory: self.memory(),
+            disks: self.disks(elapsed),
+            networks: self.networks(elapsed),
+            uptime_secs: System::uptime().unwrap_or_default(),
+            ..NodeSample::default()
+        }
+    }
+}
+
+/// The operating system and kernel, for display: `Linux (Debian GNU/Linux 12), kernel
+/// 6.1.0-18-amd64`.
+pub(crate) fn os_description() -> String {
+    let os = System::long_os_version().unwrap_or_else(|_| std::env::consts::OS.to_owned());
+    match System::kernel_version() {
+        Ok(kernel) => format!("{os}, kernel {kernel}"),
+        Err(_) => os,
+    }
+}
+
+/// The per-second rate of a cumulative counter that went from `prev` to `cur` in
+/// `elapsed`. A counter that went backwards (wrapped, or reset when a device came
+/// back) and a zero interval both give 0.
+pub(crate) fn rate_per_sec(prev: u64, cur: u64, elapsed: Duration) -> u64 {
+    let nanos = elapsed.as_nanos();
+    if cur < prev || nanos == 0 {
+        return 0;
+    }
+    let per_sec = u128::from(cur - prev) * 1_000_000_000 / nanos;
+    u64::try_from(per_sec).unwrap_or(u64::MAX)
+}
+
+/// Usage as reported, but always a finite number in 0–100.
+fn clamp_percent(p: f32) -> f32 {
+    if p.is_finite() {
+        p.clamp(0.0, 100.0)
+    } else {
+        0.0
+    }
+}
+
+/// Whether a mount is a real filesystem on a block device (or a ZFS dataset), as
+/// opposed to a pseudo, memory or container-layer filesystem.
+fn is_real_filesystem(device: &str, fs_type: &str) -> bool {
+    const PSEUDO: &[&str] = &[
+        "overlay",
+        "aufs",
+        "tmpfs",
+        "ramfs",
+        "devtmpfs",
+        "squashfs",
+        "proc",
+        "sysfs",
+        "cgroup",
+        "cgroup2",
+        "devpts",
+        "mqueue",
+        "hugetlbfs",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "configfs",
+        "pstore",
+        "bpf",
+        "binfmt_misc",
+        "fusectl",
+        "autofs",
+        "nsfs",
+        "efivarfs",
+        "rpc_pipefs",
+        "iso9660",
+    ];
+    // FUSE filesystems are userspace views, except `fuseblk` (NTFS and the like on a
+    // real block device).
+    if PSEUDO.contains(&fs_type) || (fs_type.starts_with("fuse") && fs_type != "fuseblk") {
+        return false;
+    }
+    // Loop devices back snaps and images, not data disks.
+    (device.starts_with("/dev/") && !device.starts_with("/dev/loop")) || fs_type == "zfs"
+}
+
+/// Whether an interface carries the node's own traffic: not loopback, not the host
+/// end of a container's veth pair.
+fn is_reported_interface(name: &str) -> bool {
+    name != "lo" && !name.starts_with("veth")
+}
+
+/// One filesystem as `sysinfo` lists it.
+#[derive(Debug, Clone, PartialEq)]
+struct DiskReading<'a> {
+    device: Cow<'a, str>,
+    fs_type: Cow<'a, str>,
+    mount: Cow<'a, str>,
+    total_bytes: u64,
+    available_bytes: u64,
+    read_total: u64,
+    written_total: u64,
+}
+
+/// Keeps real, non-empty filesystems, one per device (the one with the shortest mount
+/// path, so `/` wins over bind mounts of the same filesystem), sorted by mount point,
+/// at most [`MAX_DISKS`].
+fn select_disks(mut disks: Vec<DiskReading<'_>>) -> Vec<DiskReading<'_>> {
+    disks.retain(|d| d.total_bytes > 0 && is_real_filesystem(&d.device, &d.fs_type));
+    disks.sort_by(|a, b| {
+        (&a.device, a.mount.len(), &a.mount).cmp(&(&b.device, b.mount.len(), &b.mount))
+    });
+    disks.dedup_by(|later, first| later.device == first.device);
+    disks.sort_by(|a, b| a.mount.cmp(&b.mount));
+    disks.truncate(MAX_DISKS);
+    disks
+}
+
+/// One interface's cumulative byte counters.
+#[derive(Debug, Clone, PartialEq)]
+struct NetReading<'a> {
+    interface: Cow<'a, str>,
+    rx_total: u64,
+    tx_total: u64,
+}
+
+/// Keeps reported interfaces, sorted by name, at most [`MAX_INTERFACES`].
+fn select_interfaces(mut nets: Vec<NetReading<'_>>) -> Vec<NetReading<'_>> {
+    nets.retain(|n| is_reported_interface(&n.interface));
+    nets.sort_by(|a, b| a.interface.cmp(&b.interface));
+    nets.truncate(MAX_INTERFACES);
+    nets
+}
+
+/// Turns pairs of cumulative counters, keyed by device or interface, into rates.
+///
+/// Each reading calls [`RateTracker::rates`] once per key, then
+/// [`RateTracker::finish`]; keys not seen in a reading are forgotten, so the tracker
+/// holds at most one reading's worth of keys. Steady state allocates nothing.
+#[derive(Debug, Default)]
+struct RateTracker {
+    prev: HashMap<String, [u64; 2]>,
+    next: HashMap<String, [u64; 2]>,
+}
+
+impl RateTracker {
+    /// The rates of `key`'s counters since the previous reading, `elapsed` ago (`None`
+    /// on the first reading). A key new in this reading gives 0.
+    fn rates(&mut self, key: &str, cur: [u64; 2], elapsed: Option<Duration>) -> [u64; 2] {
+        let (key, prev) = match self.prev.remove_entry(key) {
+            Some((key, prev)) => (key, Some(prev)),
+            None => (key.to_owned(), None),
+        };
+        let out = match (prev, elapsed) {
+            (Some(prev), Some(elapsed)) => [
+                rate_per_sec(prev[0], cur[0], elapsed),
+                rate_per_sec(prev[1], cur[1], elapsed),
+            ],
+            _ => [0, 0],
+        };
+        self.next.insert(key, cur);
+        out
+    }
+
+    /// Ends a reading: its counters become the baseline of the next one.
+    fn finish(&mut self) {
+        std::mem::swap(&mut self.prev, &mut self.next);
+        self.next.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meminfo_total_bytes() -> u64 {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo is readable");
+        let line = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .expect("/proc/meminfo has MemTotal");
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("MemTotal is a number of kB");
+        kib * 1024
+    }
+
+    fn logical_cpus() -> usize {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .expect("/proc/cpuinfo is readable")
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count()
+    }
+
+    #[test]
+    fn real_host_memory_cores_and_disks() {
+        let mut host = SysinfoCollector::new().expect("sysinfo supports Linux");
+        let s = host.collect(Instant::now());
+
+        assert_eq!(s.memory.total_bytes, meminfo_total_bytes());
+        assert!(s.memory.available_bytes <= s.memory.total_bytes);
+        assert_eq!(
+            s.memory.used_bytes + s.memory.available_bytes,
+            s.memory.total_bytes
+        );
+        assert!(s.memory.swap_used_bytes <= s.memory.swap_total_bytes);
+        assert_eq!(s.cpu.per_core_percent.len(), logical_cpus());
+        assert!(s.uptime_secs > 0);
+        assert!(s.cpu.load.iter().all(|l| l.is_finite() && *l >= 0.0));
+
+        assert!(
+            s.disks.iter().any(|d| d.total_bytes > 0),
+            "no real disk in {:?}",
+            s.disks
+        );
+        assert!(s.disks.len() <= MAX_DISKS);
+        for d in &s.disks {
+            assert!(d.available_bytes <= d.total_bytes, "{d:?}");
+            assert!(d.device.starts_with("/dev/"), "{d:?}");
+            assert_eq!(
+                (d.read_bytes_per_sec, d.written_bytes_per_sec),
+                (0, 0),
+                "first call has no rates: {d:?}"
+            );
+        }
+        let mut devices: Vec<&str> = s.disks.iter().map(|d| d.device.as_str()).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        assert_eq!(devices.len(), s.disks.len(), "one entry per device");
+
+        assert!(s.networks.len() <= MAX_INTERFACES);
+        assert!(s.networks.iter().all(|n| n.interface != "lo"));
+        assert!(
+            s.networks
+                .iter()
+                .all(|n| n.rx_bytes_per_sec == 0 && n.tx_bytes_per_sec == 0)
+        );
+    }
+
+    #[test]
+    fn real_host_cpu_usage_is_measured_between_calls() {
+        let mut host = SysinfoCollector::new().expect("sysinfo supports Linux");
+        let t0 = Instant::now();
+        host.collect(t0);
+
+        // Keep one core busy so the interval certainly has some usage in it.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let s = host.collect(Instant::now());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinner.join().expect("spinner thread does not panic");
+
+        assert_eq!(s.cpu.per_core_percent.len(), logical_cpus());
+        for p in std::iter::once(&s.cpu.total_percent).chain(&s.cpu.per_core_percent) {
+            assert!(p.is_finite() && (0.0..=100.0).contains(p), "{:?}", s.cpu);
+        }
+        assert!(s.cpu.total_percent > 0.0, "a busy core shows: {:?}", s.cpu);
+        assert!(
+            s.cpu.per_core_percent.iter().any(|p| *p > 0.0),
+            "{:?}",
+            s.cpu
+        );
+    }
+
+    #[test]
+    fn rate_is_delta_over_elapsed() {
+        assert_eq!(rate_per_sec(100, 300, Duration::from_secs(2)), 100);
+        assert_eq!(rate_per_sec(0, 1000, Duration::from_millis(500)), 2000);
+        assert_eq!(rate_per_sec(5, 5, Duration::from_secs(1)), 0);
+        assert_eq!(
+            rate_per_sec(0, 10, Duration::from_secs(3)),
+            3,
+            "rounds down"
+        );
+    }
+
+    #[test]
+    fn rate_of_wrapped_or_reset_counter_is_zero() {
+        assert_eq!(rate_per_sec(300, 100, Duration::from_secs(1)), 0);
+        assert_eq!(rate_per_sec(u64::MAX, 0, Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn rate_over_zero_elapsed_is_zero() {
+        assert_eq!(rate_per_sec(0, 1 << 40, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn rate_saturates_instead_of_overflowing() {
+        assert_eq!(rate_per_sec(0, u64::MAX, Duration::from_nanos(1)), u64::MAX);
+    }
+
+    #[test]
+    fn tracker_gives_zero_first_then_rates_and_forgets_absent_keys() {
+        let mut t = RateTracker::default();
+        let sec = Some(Duration::from_secs(1));
+
+        assert_eq!(t.rates("vda", [100, 200], None), [0, 0], "first reading");
+        t.finish();
+
+        assert_eq!(t.rates("vda", [1100, 2200], sec), [1000, 2000]);
+        assert_eq!(t.rates("vdb", [50, 50], sec), [0, 0], "new device");
+        t.finish();
+
+        // vda is absent from this reading, vdb's counters were reset.
+        assert_eq!(t.rates("vdb", [10, 60], sec), [0, 10]);
+        t.finish();
+        assert_eq!(t.prev.len(), 1, "vda was forgotten");
+
+        assert_eq!(t.rates("vda", [5000, 5000], sec), [0, 0], "vda came back");
+        t.finish();
+    }
+
+    fn reading<'a>(device: &'a str, fs_type: &'a str, mount: &'a str) -> DiskReading<'a> {
+        DiskReading {
+            device: device.into(),
+            fs_type: fs_type.into(),
+            mount: mount.into(),
+            total_bytes: 10,
+            available_bytes: 5,
+            read_total: 0,
+            written_total: 0,
+        }
+    }
+
+    #[test]
+    fn pseudo_filesystems_are_not_disks() {
+        assert!(is_real_filesystem("/dev/vda", "ext4"));
+        assert!(is_real_filesystem("/dev/nvme0n1p2", "xfs"));
+        assert!(is_real_filesystem("/dev/mapper/vg-data", "btrfs"));
+        assert!(is_real_filesystem("rpool/ROOT/ubuntu", "zfs"));
+        assert!(!is_real_filesystem("overlay", "overlay"));
+        assert!(!is_real_filesystem("tmpfs", "tmpfs"));
+        assert!(!is_real_filesystem("/dev/loop3", "squashfs"));
+        assert!(!is_real_filesystem("/dev/loop0", "ext4"));
+        assert!(!is_real_filesystem("proc", "proc"));
+        assert!(!is_real_filesystem("/dev/fuse", "fuse.sshfs"));
+        assert!(is_real_filesystem("/dev/sdb1", "fuseblk"));
+        assert!(!is_real_filesystem("server:/export", "nfs4"));
+    }
+
+    #[test]
+    fn disks_are_deduplicated_sorted_and_bounded() {
+        let selected = select_disks(vec![
+            reading("/dev/vda", "ext4", "/var/lib/docker"),
+            reading("overlay", "overlay", "/var/lib/docker/overlay2/abc/merged"),
+            reading("/dev/vdb", "xfs", "/data"),
+            reading("/dev/vda", "ext4", "/"),
+            reading("tmpfs", "tmpfs", "/dev/shm"),
+            DiskReading {
+                total_bytes: 0,
+                ..reading("/dev/vdc", "ext4", "/empty")
+            },
+        ]);
+        let mounts: Vec<&str> = selected.iter().map(|d| d.mount.as_ref()).collect();
+        assert_eq!(mounts, ["/", "/data"]);
+
+        let names: Vec<String> = (0..MAX_DISKS + 8)
+            .map(|i| format!("/dev/sd{i:03}"))
+            .collect();
+        let many = names.iter().map(|n| reading(n, "ext4", &n[4..])).collect();
+        assert_eq!(select_disks(many).len(), MAX_DISKS);
+    }
+
+    #[test]
+    fn loopback_and_veth_interfaces_are_skipped_and_the_list_is_bounded() {
+        let net = |name: &'static str| NetReading {
+            interface: name.into(),
+            rx_total: 1,
+            tx_total: 2,
+        };
+        let selected = select_interfaces(vec![
+            net("veth12ab"),
+            net("lo"),
+            net("eth0"),
+            net("docker0"),
+        ]);
+        let names: Vec<&str> = selected.iter().map(|n| n.interface.as_ref()).collect();
+        assert_eq!(names, ["docker0", "eth0"]);
+
+        let names: Vec<String> = (0..MAX_INTERFACES + 5).map(|i| format!("eth{i}")).collect();
+        let many = names
+            .iter()
+            .map(|n| NetReading {
+                interface: n.as_str().into(),
+                rx_total: 0,
+                tx_total: 0,
+            })
+            .collect();
+        assert_eq!(select_interfaces(many).len(), MAX_INTERFACES);
+    }
+
+    #[test]
+    fn percentages_are_clamped_and_finite() {
+        assert_eq!(clamp_percent(f32::NAN), 0.0);
+        assert_eq!(clamp_percent(f32::INFINITY), 0.0);
+        assert_eq!(clamp_percent(-1.0), 0.0);
+        assert_eq!(clamp_percent(100.5), 100.0);
+        assert_eq!(clamp_percent(42.0), 42.0);
+    }
+}
+#[cfg(test)]
+mod tmp_probe {
+    use super::*;
+    #[test]
+    fn tmp_probe_print() {
+        let mut h = SysinfoCollector::new().expect("x");
+        let t = Instant::now();
+        let s0 = h.collect(t);
+        std::thread::sleep(Duration::from_millis(1000));
+        let s = h.collect(Instant::now());
+        println!("{s0:#?}\n{s:#?}\nos={}", os_description());
+        let n = 200;
+        let cpu0 = std::fs::read_to_string("/proc/self/stat").expect("x");
+        let start = Instant::now();
+        for _ in 0..n { std::hint::black_box(h.collect(Instant::now())); }
+        println!("per collect wall: {:?}", start.elapsed() / n);
+        let cpu1 = std::fs::read_to_string("/proc/self/stat").expect("x");
+        let f = |s: &str| { let v: Vec<u64> = s.split_whitespace().skip(13).take(2).map(|x| x.parse().expect("x")).collect(); v[0]+v[1] };
+        println!("cpu ticks for {n}: {}", f(&cpu1) - f(&cpu0));
+        println!("{}", std::fs::read_to_string("/proc/self/status").expect("x").lines().filter(|l| l.starts_with("VmRSS")).collect::<String>());
+    }
+}

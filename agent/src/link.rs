@@ -1,0 +1,482 @@
+//! The agent's end of the link: one QUIC connection with mutual TLS to the
+//! controller, re-established with exponential backoff and jitter, carrying the
+//! control stream and the metrics stream; and the sampling loop that fills the
+//! bounded buffer whether or not the link is up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use novacron_common::backoff::Backoff;
+use novacron_common::fleet::Liveness;
+use novacron_common::pki;
+use novacron_common::tls;
+use novacron_common::wire::{
+    self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage, FrameError, Hello,
+    PROTOCOL_VERSION, StreamKind, StreamOpen,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::buffer::SampleBuffer;
+use crate::collect::Sampler;
+use crate::enroll::{Credentials, EnrollError, Enrollment, StateDir, error_chain};
+
+/// How long connecting (QUIC and TLS handshakes) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the controller has to answer `Hello`.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most samples sent in one batch.
+pub const BATCH_SAMPLES: usize = 60;
+
+/// Settings of a running agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The state directory (identity, enrollment).
+    pub state: StateDir,
+    /// Node labels sent in `Hello`.
+    pub labels: BTreeMap<String, String>,
+    /// Sampling interval.
+    pub interval: Duration,
+    /// Samples kept while disconnected.
+    pub buffer_capacity: usize,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+    /// Keep-alive and idle timeout (must match the controller's).
+    pub liveness: Liveness,
+    /// Docker endpoint (`unix:///var/run/docker.sock` style); `None` for the default.
+    pub docker_host: Option<String>,
+    /// Overrides the QUIC endpoint recorded at enrollment.
+    pub controller: Option<String>,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory is unusable.
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    /// The QUIC endpoint could not be created.
+    #[error("cannot open a UDP socket for the agent link: {0}")]
+    Socket(std::io::Error),
+}
+
+/// Why one connection attempt or session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Credentials(#[from] EnrollError),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("the controller refused this node ({code:?}): {message}")]
+    Refused { code: CloseCode, message: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+impl From<FrameError> for SessionError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(e) => SessionError::Lost(e.to_string()),
+            other => SessionError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Shared between the sampling loop and the link.
+#[derive(Debug)]
+struct Shared {
+    buffer: Mutex<SampleBuffer>,
+    fresh: Notify,
+}
+
+/// Runs the agent until `cancel` fires: sampling plus the link.
+pub async fn run(
+    config: AgentConfig,
+    sampler: Sampler,
+    capacity: Capacity,
+    capabilities: Capabilities,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    tls::install_crypto_provider();
+    let enrollment = config.state.load_enrollment()?;
+    // Fail early, before any socket, if the identity files are missing.
+    config.state.load_credentials()?;
+    let shared = Arc::new(Shared {
+        buffer: Mutex::new(SampleBuffer::new(config.buffer_capacity)),
+        fresh: Notify::new(),
+    });
+    let sampling = tokio::spawn(sample_loop(
+        sampler,
+        config.interval,
+        shared.clone(),
+        cancel.clone(),
+    ));
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .map_err(AgentError::Socket)?;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        node_name: enrollment.node_name.clone(),
+        instance: rand::random(),
+        labels: config.labels.clone(),
+        capacity,
+        capabilities,
+    };
+    let mut attempt: u32 = 0;
+    while !cancel.is_cancelled() {
+        let started = Instant::now();
+        match session(&config, &enrollment, &endpoint, &hello, &shared, &cancel).await {
+            Ok(()) => break,
+            Err(e) => {
+                match &e {
+                    SessionError::Refused { code: CloseCode::Revoked, .. } => {
+                        error!(node = %enrollment.node_name, error = %e, "this node is revoked; an admin must enroll it again");
+                    }
+                    SessionError::Lost(_) => {
+                        info!(node = %enrollment.node_name, error = %e, "link down");
+                    }
+                    _ => warn!(node = %enrollment.node_name, attempt, error = %e, "cannot connect"),
+                }
+                // A session that lasted is a fresh start for the backoff.
+                if started.elapsed() > config.backoff.max {
+                    attempt = 0;
+                }
+            }
+        }
+        let delay = config.backoff.delay(attempt, rand::random::<f64>());
+        attempt = attempt.saturating_add(1);
+        debug!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after backoff");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    endpoint.close(CloseCode::Normal.code().into(), b"agent stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    sampling.abort();
+    Ok(())
+}
+
+async fn sample_loop(
+    mut sampler: Sampler,
+    interval: Duration,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let mut sample = sampler.sample(Instant::now());
+        sample.at_unix_ms = unix_ms(SystemTime::now());
+        let dropped_before;
+        let dropped_after;
+        {
+            let mut buf = lock(&shared.buffer);
+            dropped_before = buf.dropped();
+            buf.push(sample);
+            dropped_after = buf.dropped();
+        }
+        if dropped_after > dropped_before && dropped_after.is_power_of_two() {
+            warn!(dropped = dropped_after, "offline buffer full: dropping the oldest samples");
+        }
+        shared.fresh.notify_one();
+    }
+}
+
+async fn session(
+    config: &AgentConfig,
+    enrollment: &Enrollment,
+    endpoint: &quinn::Endpoint,
+    hello: &Hello,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let creds = config.state.load_credentials()?;
+    let client_config = quic_client_config(&creds, &config.liveness)?;
+    let target = config
+        .controller
+        .clone()
+        .unwrap_or_else(|| enrollment.quic_endpoint.clone());
+    let addr = tokio::net::lookup_host(&target)
+        .await
+        .map_err(|e| SessionError::Resolve(target.clone(), e.to_string()))?
+        .next()
+        .ok_or_else(|| SessionError::Resolve(target.clone(), "no address".into()))?;
+    let connecting = endpoint
+        .connect_with(client_config, addr, &enrollment.server_name)
+        .map_err(|e| SessionError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            return Err(SessionError::Connect {
+                addr,
+                reason: error_chain(&e),
+            });
+        }
+        Err(_) => {
+            return Err(SessionError::Connect {
+                addr,
+                reason: "timed out".into(),
+            });
+        }
+    };
+    let result = serve(&conn, config, hello, &creds, shared, cancel).await;
+    match &result {
+        Ok(()) => conn.close(CloseCode::Normal.code().into(), b"agent stopping"),
+        Err(SessionError::Protocol(reason)) => {
+            conn.close(CloseCode::Unexpected.code().into(), reason.as_bytes());
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+async fn serve(
+    conn: &quinn::Connection,
+    config: &AgentConfig,
+    hello: &Hello,
+    creds: &Credentials,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let lost = |e: quinn::ConnectionError| close_reason(&e);
+    let (mut send, recv) = conn.open_bi().await.map_err(lost)?;
+    wire::write_frame(&mut send, &AgentMessage::Hello(hello.clone())).await?;
+    // Control messages are read by their own task: frame reads are not cancel-safe.
+    let (tx, mut control) = mpsc::channel::<Result<ControllerMessage, FrameError>>(8);
+    let reader = tokio::spawn(read_control(recv, tx));
+    let _reader_guard = AbortOnDrop(reader);
+
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, control.recv()).await {
+        Ok(Some(Ok(ControllerMessage::Welcome(w)))) => w,
+        Ok(Some(Ok(ControllerMessage::Refused(r)))) => {
+            return Err(SessionError::Refused {
+                code: r.code,
+                message: r.message,
+            });
+        }
+        Ok(Some(Ok(other))) => {
+            return Err(SessionError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            )));
+        }
+        Ok(Some(Err(e))) => return Err(e.into()),
+        Ok(None) => return Err(close_reason(&conn.closed().await)),
+        Err(_) => return Err(SessionError::Protocol("no Welcome within 10 s".into())),
+    };
+    if welcome.node_name != hello.node_name {
+        return Err(SessionError::Protocol(format!(
+            "the controller calls this node {:?}, but it enrolled as {:?}",
+            welcome.node_name, hello.node_name
+        )));
+    }
+    info!(node = %welcome.node_name, resume_from = welcome.next_metrics_seq, "connected to the controller");
+    lock(&shared.buffer).resume_from(welcome.next_metrics_seq);
+
+    let mut metrics = conn.open_uni().await.map_err(lost)?;
+    wire::write_frame(
+        &mut metrics,
+        &StreamOpen {
+            protocol_version: PROTOCOL_VERSION,
+            kind: StreamKind::Metrics,
+        },
+    )
+    .await?;
+
+    let mut renewal = Renewal::new(&creds.cert_pem);
+    loop {
+        // Send everything pending before waiting.
+        loop {
+            let batch = lock(&shared.buffer).next_batch(BATCH_SAMPLES);
+            let Some(batch) = batch else { break };
+            wire::write_frame(&mut metrics, &batch).await?;
+        }
+        tokio::select! {
+            _ = shared.fresh.notified() => {}
+            msg = control.recv() => match msg {
+                Some(Ok(ControllerMessage::Certificate { request_id, result })) => {
+                    renewal.answered(&config.state, request_id, result);
+                }
+                Some(Ok(other)) => {
+                    return Err(SessionError::Protocol(format!("unexpected control message {other:?}")));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(close_reason(&conn.closed().await)),
+            },
+            _ = tokio::time::sleep_until(renewal.due.into()), if renewal.pending.is_none() => {
+                if let Some(request) = renewal.request(&hello.node_name) {
+                    wire::write_frame(&mut send, &request).await?;
+                }
+            }
+            e = conn.closed() => return Err(close_reason(&e)),
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Certificate renewal state: when it is due, and the key of a request in flight.
+#[derive(Debug)]
+struct Renewal {
+    due: Instant,
+    next_id: u64,
+    pending: Option<(u64, String)>,
+}
+
+impl Renewal {
+    fn new(cert_pem: &str) -> Renewal {
+        Renewal {
+            due: renewal_due(cert_pem),
+            next_id: 1,
+            pending: None,
+        }
+    }
+
+    fn request(&mut self, name: &str) -> Option<AgentMessage> {
+        match pki::generate_csr(name) {
+            Ok((csr_pem, key_pem)) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.pending = Some((id, key_pem));
+                info!(node = name, "requesting a renewed certificate");
+                Some(AgentMessage::RenewCertificate {
+                    request_id: id,
+                    csr_pem,
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot make a renewal request; retrying in a minute");
+                self.due = Instant::now() + Duration::from_secs(60);
+                None
+            }
+        }
+    }
+
+    fn answered(&mut self, state: &StateDir, request_id: u64, result: Result<String, String>) {
+        let Some((id, key_pem)) = self.pending.take() else {
+            warn!(request_id, "certificate answer for no request");
+            return;
+        };
+        if id != request_id {
+            warn!(request_id, expected = id, "certificate answer for another request");
+            self.pending = Some((id, key_pem));
+            return;
+        }
+        match result.map(|cert| (state.store_identity(&cert, &key_pem), cert)) {
+            Ok((Ok(()), cert)) => {
+                self.due = renewal_due(&cert);
+                info!("node certificate renewed");
+            }
+            Ok((Err(e), _)) => {
+                error!(error = %e, "cannot store the renewed certificate; retrying in a minute");
+                self.due = Instant::now() + Duration::from_secs(60);
+            }
+            Err(reason) => {
+                warn!(%reason, "the controller refused to renew the certificate; retrying in a minute");
+                self.due = Instant::now() + Duration::from_secs(60);
+            }
+        }
+    }
+}
+
+/// When the certificate in `cert_pem` is due for renewal (now, if unreadable).
+fn renewal_due(cert_pem: &str) -> Instant {
+    let info = pki::first_cert_der(cert_pem).and_then(|der| pki::cert_info(&der));
+    match info {
+        Ok(info) => {
+            Instant::now() + pki::renew_in(info.not_before, info.not_after, SystemTime::now())
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the node certificate's validity; renewing now");
+            Instant::now()
+        }
+    }
+}
+
+async fn read_control(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<ControllerMessage, FrameError>>,
+) {
+    let mut scratch = Vec::new();
+    loop {
+        let msg = wire::read_frame::<ControllerMessage, _>(&mut recv, &mut scratch).await;
+        let stop = !matches!(msg, Ok(Some(_)));
+        let item = match msg {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        if tx.send(item).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+fn quic_client_config(
+    creds: &Credentials,
+    liveness: &Liveness,
+) -> Result<quinn::ClientConfig, SessionError> {
+    let rustls = tls::client_config(
+        &creds.ca_pem,
+        Some((&creds.cert_pem, &creds.key_pem)),
+        &[wire::ALPN],
+    )
+    .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(liveness.keep_alive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+fn close_reason(e: &quinn::ConnectionError) -> SessionError {
+    if let quinn::ConnectionError::ApplicationClosed(close) = e
+        && let Some(code) = CloseCode::from_code(close.error_code.into_inner())
+        && code != CloseCode::Normal
+    {
+        return SessionError::Refused {
+            code,
+            message: String::from_utf8_lossy(&close.reason).into_owned(),
+        };
+    }
+    SessionError::Lost(e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The buffer's invariants hold after every statement; a poisoned lock is usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

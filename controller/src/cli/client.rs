@@ -1,0 +1,470 @@
+//! The CLI's HTTPS client: mutual TLS with the context's CA and certificate, and
+//! errors that say what went wrong and what to do about it.
+
+use std::error::Error as StdError;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use novacron_common::api::ApiError;
+use novacron_common::pki;
+use novacron_common::tls::{self, TlsError};
+use reqwest::{StatusCode, Url};
+use rustls::AlertDescription;
+use serde::de::DeserializeOwned;
+use tracing::debug;
+
+use super::config::{ApiUrl, Context};
+use super::output;
+
+/// How long one request may take, connection and TLS handshake included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP versions offered in ALPN.
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// The longest non-JSON error body quoted in a message.
+const MAX_QUOTED_BODY: usize = 300;
+
+/// Errors talking to the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A file the context names cannot be read.
+    #[error("cannot read the {what} {} (`{key}` of context {context:?}): {source}", path.display())]
+    ReadFile {
+        /// What the file should hold.
+        what: &'static str,
+        /// The context key that names it.
+        key: &'static str,
+        /// The context.
+        context: String,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The PEM files do not make a usable TLS configuration.
+    #[error(
+        "the TLS files of context {context:?} are unusable: {source}; check its `ca`, `cert` and `key`"
+    )]
+    TlsConfig {
+        /// The context.
+        context: String,
+        /// What is wrong.
+        source: TlsError,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Build(reqwest::Error),
+    /// No connection to the controller (refused, no route, DNS, timeout).
+    #[error("cannot reach the controller at {url}: {reason}. Is it running?")]
+    Unreachable {
+        /// The controller's API URL.
+        url: String,
+        /// The lowest-level reason.
+        reason: String,
+    },
+    /// The controller refused the client certificate because it is out of date.
+    #[error(
+        "the controller at {url} refused the client certificate {}: it has expired{expired}. Get a new certificate from the fleet (for a local fleet, run `novacron dev` again) and point `cert` and `key` of context {context:?} at it",
+        cert.display()
+    )]
+    ClientCertExpired {
+        /// The controller's API URL.
+        url: String,
+        /// The certificate file.
+        cert: PathBuf,
+        /// The context.
+        context: String,
+        /// ` on <time>` when the local certificate could be read, else empty.
+        expired: String,
+    },
+    /// The controller refused the client certificate because it is revoked.
+    #[error(
+        "the controller at {url} refused the client certificate {}: it has been revoked. Ask a fleet admin for a new certificate and point `cert` and `key` of context {context:?} at it",
+        cert.display()
+    )]
+    ClientCertRevoked {
+        /// The controller's API URL.
+        url: String,
+        /// The certificate file.
+        cert: PathBuf,
+        /// The context.
+        context: String,
+    },
+    /// The controller does not trust the client certificate.
+    #[error(
+        "the controller at {url} does not trust the client certificate {} ({alert}): it must be issued by this controller's fleet CA. Check that `cert` and `key` of context {context:?} are the ones this fleet issued to you",
+        cert.display()
+    )]
+    ClientCertUntrusted {
+        /// The controller's API URL.
+        url: String,
+        /// The certificate file.
+        cert: PathBuf,
+        /// The context.
+        context: String,
+        /// The TLS alert the controller sent.
+        alert: String,
+    },
+    /// The controller's certificate does not verify against the context's CA.
+    #[error(
+        "the controller at {url} presented a certificate that the CA in {} does not accept ({reason}). Check that `ca` of context {context:?} is this controller's fleet CA and `api` its address",
+        ca.display()
+    )]
+    ServerCertUntrusted {
+        /// The controller's API URL.
+        url: String,
+        /// The CA file.
+        ca: PathBuf,
+        /// The context.
+        context: String,
+        /// Why the certificate was refused.
+        reason: String,
+    },
+    /// Another TLS failure.
+    #[error("TLS handshake with {url} failed: {reason}")]
+    Handshake {
+        /// The controller's API URL.
+        url: String,
+        /// rustls' reason.
+        reason: String,
+    },
+    /// The controller answered 401 or 403.
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// The controller's message.
+        message: String,
+    },
+    /// The controller answered 404.
+    #[error("{message}")]
+    NotFound {
+        /// The controller's message.
+        message: String,
+    },
+    /// The controller answered with another error status.
+    #[error("the controller answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The controller's message.
+        message: String,
+    },
+    /// The request failed after the connection was made.
+    #[error("request to {url} failed: {reason}")]
+    Request {
+        /// The request URL.
+        url: String,
+        /// The chain of causes.
+        reason: String,
+    },
+    /// The answer is not what this CLI expects.
+    #[error(
+        "unexpected answer from {url}: {reason}; are the CLI and the controller the same version?"
+    )]
+    Decode {
+        /// The request URL.
+        url: String,
+        /// The decoder's error.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the error is about the local configuration (files, certificates).
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            ClientError::ReadFile { .. }
+                | ClientError::TlsConfig { .. }
+                | ClientError::ClientCertExpired { .. }
+                | ClientError::ClientCertRevoked { .. }
+                | ClientError::ClientCertUntrusted { .. }
+                | ClientError::ServerCertUntrusted { .. }
+        )
+    }
+
+    /// Whether the controller could not be reached at all.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. })
+    }
+}
+
+/// A client for one controller, made from a context.
+#[derive(Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    api: ApiUrl,
+    context: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    cert_not_after: Option<SystemTime>,
+    now: SystemTime,
+}
+
+impl ApiClient {
+    /// Reads the CA, certificate and key of the context `name` (paths already
+    /// resolved) and builds a client. `now` is used to explain expired certificates.
+    pub fn new(name: &str, ctx: &Context, now: SystemTime) -> Result<ApiClient, ClientError> {
+        let read = |what, key, path: &Path| {
+            fs::read_to_string(path).map_err(|source| ClientError::ReadFile {
+                what,
+                key,
+                context: name.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let ca_pem = read("fleet CA", "ca", &ctx.ca)?;
+        let cert_pem = read("client certificate", "cert", &ctx.cert)?;
+        let key_pem = read("client key", "key", &ctx.key)?;
+        let tls_error = |source| ClientError::TlsConfig {
+            context: name.to_string(),
+            source,
+        };
+        tls::install_crypto_provider();
+        let config =
+            tls::client_config(&ca_pem, Some((&cert_pem, &key_pem)), ALPN).map_err(tls_error)?;
+        let cert_not_after = pki::first_cert_der(&cert_pem)
+            .and_then(|der| pki::cert_info(&der))
+            .map(|info| info.not_after)
+            .ok();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("novacron/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(ApiClient {
+            http,
+            api: ctx.api.clone(),
+            context: name.to_string(),
+            ca: ctx.ca.clone(),
+            cert: ctx.cert.clone(),
+            cert_not_after,
+            now,
+        })
+    }
+
+    /// The controller's API URL.
+    pub fn api(&self) -> &ApiUrl {
+        &self.api
+    }
+
+    /// `GET`s the API path made of `segments` (each percent-encoded) and decodes the
+    /// JSON answer.
+    pub async fn get<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, ClientError> {
+        let url = self.url(segments);
+        debug!(%url, "GET");
+        let response = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+        if !status.is_success() {
+            return Err(status_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.api.url().clone();
+        // An https URL always has a path to push to (it cannot be a base-less URL).
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// Turns a transport error into what the operator should do.
+    fn classify(&self, e: &reqwest::Error) -> ClientError {
+        let url = self.api.to_string();
+        if let Some(tls) = find_rustls_error(e) {
+            return self.tls_error(url, tls);
+        }
+        if e.is_timeout() {
+            return ClientError::Unreachable {
+                url,
+                reason: format!(
+                    "no answer within {}",
+                    output::short_duration(REQUEST_TIMEOUT)
+                ),
+            };
+        }
+        if e.is_connect() {
+            return ClientError::Unreachable {
+                url,
+                reason: root_cause(e),
+            };
+        }
+        ClientError::Request {
+            url: e.url().map_or(url, Url::to_string),
+            reason: causes(e),
+        }
+    }
+
+    fn tls_error(&self, url: String, e: &rustls::Error) -> ClientError {
+        let expired_locally = self.cert_not_after.filter(|t| *t <= self.now);
+        let expired = || ClientError::ClientCertExpired {
+            url: url.clone(),
+            cert: self.cert.clone(),
+            context: self.context.clone(),
+            expired: self
+                .cert_not_after
+                .map(|t| format!(" on {}", output::timestamp(self.now, t)))
+                .unwrap_or_default(),
+        };
+        match e {
+            rustls::Error::AlertReceived(AlertDescription::CertificateExpired) => expired(),
+            rustls::Error::AlertReceived(AlertDescription::CertificateRevoked) => {
+                ClientError::ClientCertRevoked {
+                    url,
+                    cert: self.cert.clone(),
+                    context: self.context.clone(),
+                }
+            }
+            rustls::Error::AlertReceived(alert) if is_client_cert_alert(*alert) => {
+                if expired_locally.is_some() {
+                    expired()
+                } else {
+                    ClientError::ClientCertUntrusted {
+                        url,
+                        cert: self.cert.clone(),
+                        context: self.context.clone(),
+                        alert: format!("{alert:?}"),
+                    }
+                }
+            }
+            rustls::Error::InvalidCertificate(reason) => ClientError::ServerCertUntrusted {
+                url,
+                ca: self.ca.clone(),
+                context: self.context.clone(),
+                reason: reason.to_string(),
+            },
+            other => ClientError::Handshake {
+                url,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Alerts a server sends when it refuses the client's certificate.
+fn is_client_cert_alert(alert: AlertDescription) -> bool {
+    matches!(
+        alert,
+        AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA
+            | AlertDescription::AccessDenied
+            | AlertDescription::DecryptError
+            | AlertDescription::CertificateRequired
+            | AlertDescription::NoCertificate
+    )
+}
+
+/// The error for a non-success status, with the server's message.
+fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let message = match serde_json::from_slice::<ApiError>(body) {
+        Ok(api) => api.error,
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            if text.is_empty() {
+                status
+                    .canonical_reason()
+                    .unwrap_or("no message")
+                    .to_string()
+            } else {
+                text.chars().take(MAX_QUOTED_BODY).collect()
+            }
+        }
+    };
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            ClientError::PermissionDenied { message }
+        }
+        StatusCode::NOT_FOUND => ClientError::NotFound { message },
+        status => ClientError::Status { status, message },
+    }
+}
+
+/// Every error in the chain of `e`, looking inside `io::Error`s too (whose `source`
+/// skips the error they wrap).
+fn chain<'a>(e: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        out.push(e);
+        next = match e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
+    }
+    out
+}
+
+fn find_rustls_error(e: &reqwest::Error) -> Option<&rustls::Error> {
+    chain(e)
+        .into_iter()
+        .find_map(|e| e.downcast_ref::<rustls::Error>())
+}
+
+/// The message of the innermost error: `Connection refused (os error 111)`.
+fn root_cause(e: &reqwest::Error) -> String {
+    chain(e)
+        .last()
+        .map_or_else(|| e.to_string(), |e| e.to_string())
+}
+
+/// All messages in the chain, joined with `: `, skipping repeats.
+fn causes(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for e in chain(e) {
+        let msg = e.to_string();
+        if parts.last() != Some(&msg) {
+            parts.push(msg);
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_errors_carry_the_servers_message() {
+        let body = br#"{"error":"no node named \"ghost\""}"#;
+        let e = status_error(StatusCode::NOT_FOUND, body);
+        assert_eq!(e.to_string(), "no node named \"ghost\"");
+        let e = status_error(StatusCode::FORBIDDEN, br#"{"error":"viewers may not drain"}"#);
+        assert_eq!(e.to_string(), "permission denied: viewers may not drain");
+        let e = status_error(StatusCode::UNAUTHORIZED, b"");
+        assert_eq!(e.to_string(), "permission denied: Unauthorized");
+        let e = status_error(StatusCode::BAD_GATEWAY, b"upstream down\n");
+        assert_eq!(
+            e.to_string(),
+            "the controller answered 502 Bad Gateway: upstream down"
+        );
+    }
+
+    #[test]
+    fn chain_looks_inside_io_errors() {
+        let inner = rustls::Error::AlertReceived(AlertDescription::UnknownCA);
+        let io = io::Error::new(io::ErrorKind::InvalidData, inner);
+        let found = chain(&io)
+            .into_iter()
+            .find_map(|e| e.downcast_ref::<rustls::Error>());
+        assert!(matches!(
+            found,
+            Some(rustls::Error::AlertReceived(AlertDescription::UnknownCA))
+        ));
+    }
+}

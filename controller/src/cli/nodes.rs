@@ -1,0 +1,550 @@
+//! `novacron node ...`: the fleet's nodes, as a table or a detail view.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use clap::Subcommand;
+use novacron_common::api::NodeView;
+use novacron_common::wire::{DiskSample, GpuInfo, GpuSample, NetworkSample, NodeSample};
+
+use super::CliError;
+use super::client::ApiClient;
+use super::output::{self, OutputFormat, TableRow};
+
+/// The label shown in the ZONE column.
+pub const ZONE_LABEL: &str = "zone";
+
+/// Commands about nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum NodeCommand {
+    /// List the nodes with their status and latest usage.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one node in detail: labels, capacity, capabilities, certificate and
+    /// the latest metrics sample.
+    Show {
+        /// The node's name.
+        name: String,
+    },
+}
+
+/// Runs a node command against `client`.
+pub async fn run(
+    cmd: &NodeCommand,
+    client: &ApiClient,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    now: SystemTime,
+) -> Result<(), CliError> {
+    match cmd {
+        NodeCommand::List => {
+            let nodes: Vec<NodeView> = client.get(&["v1", "nodes"]).await?;
+            output::write_list(out, format, &nodes, now)?;
+        }
+        NodeCommand::Show { name } => {
+            let node: NodeView = client.get(&["v1", "nodes", name]).await?;
+            output::write_one(out, format, &node, || detail(&node, now))?;
+        }
+    }
+    Ok(())
+}
+
+impl TableRow for NodeView {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "NAME",
+            "STATUS",
+            "ZONE",
+            "CPU%",
+            "MEMORY",
+            "DISK",
+            "GPUS",
+            "LAST SEEN",
+            "VERSION",
+        ]
+    }
+
+    fn cells(&self, now: SystemTime) -> Vec<String> {
+        let latest = self.latest.as_ref();
+        vec![
+            self.name.clone(),
+            self.status.to_string(),
+            self.labels
+                .get(ZONE_LABEL)
+                .cloned()
+                .unwrap_or_else(dash),
+            latest.map_or_else(dash, |s| format!("{:.1}", s.cpu.total_percent)),
+            latest.map_or_else(dash, |s| {
+                output::used_of(s.memory.used_bytes, s.memory.total_bytes)
+            }),
+            latest
+                .and_then(|s| data_disk(s, self.capacity.disk_bytes))
+                .map_or_else(dash, |d| output::used_of(disk_used(d), d.total_bytes)),
+            self.capacity.gpus.len().to_string(),
+            self.last_seen_unix_ms
+                .map_or_else(dash, |ms| output::ago(now, output::from_unix_ms(ms))),
+            self.agent_version.clone(),
+        ]
+    }
+}
+
+impl TableRow for DiskSample {
+    fn headers() -> &'static [&'static str] {
+        &["MOUNT", "DEVICE", "USED", "SIZE", "USE%", "READ", "WRITE"]
+    }
+
+    fn cells(&self, _now: SystemTime) -> Vec<String> {
+        vec![
+            self.mount.clone(),
+            self.device.clone(),
+            output::bytes(disk_used(self)),
+            output::bytes(self.total_bytes),
+            output::percent(disk_used(self), self.total_bytes),
+            output::rate(self.read_bytes_per_sec),
+            output::rate(self.written_bytes_per_sec),
+        ]
+    }
+}
+
+impl TableRow for NetworkSample {
+    fn headers() -> &'static [&'static str] {
+        &["INTERFACE", "RX", "TX"]
+    }
+
+    fn cells(&self, _now: SystemTime) -> Vec<String> {
+        vec![
+            self.interface.clone(),
+            output::rate(self.rx_bytes_per_sec),
+            output::rate(self.tx_bytes_per_sec),
+        ]
+    }
+}
+
+impl TableRow for GpuSample {
+    fn headers() -> &'static [&'static str] {
+        &["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "POWER"]
+    }
+
+    fn cells(&self, _now: SystemTime) -> Vec<String> {
+        vec![
+            self.index.to_string(),
+            self.name.clone(),
+            format!("{}%", self.utilization_percent),
+            output::used_of(self.memory_used_bytes, self.memory_total_bytes),
+            format!("{}°C", self.temperature_celsius),
+            format!("{:.0}W", f64::from(self.power_milliwatts) / 1000.0),
+        ]
+    }
+}
+
+impl TableRow for GpuInfo {
+    fn headers() -> &'static [&'static str] {
+        &["GPU", "MODEL", "MEMORY", "UUID"]
+    }
+
+    fn cells(&self, _now: SystemTime) -> Vec<String> {
+        vec![
+            self.index.to_string(),
+            self.model.clone(),
+            output::bytes(self.memory_bytes),
+            self.uuid.clone(),
+        ]
+    }
+}
+
+/// The detail view of `node` printed by `node show`.
+pub fn detail(node: &NodeView, now: SystemTime) -> String {
+    let mut out = String::new();
+    let at = |ms: Option<u64>| ms.map_or_else(|| "never".to_string(), |ms| {
+        output::timestamp(now, output::from_unix_ms(ms))
+    });
+    out.push_str(&output::key_values(
+        "",
+        &[
+            ("Name", node.name.clone()),
+            ("Status", node.status.to_string()),
+            ("Address", node.address.clone().unwrap_or_else(dash)),
+            ("Agent version", node.agent_version.clone()),
+            ("Enrolled", at(Some(node.enrolled_at_unix_ms))),
+            ("Last seen", at(node.last_seen_unix_ms)),
+            (
+                "Certificate expires",
+                node.cert_expires_unix_ms
+                    .map_or_else(|| "unknown".to_string(), |ms| at(Some(ms))),
+            ),
+            ("Samples dropped", node.samples_dropped.to_string()),
+        ],
+    ));
+
+    out.push_str("\nLabels:\n");
+    if node.labels.is_empty() {
+        out.push_str("  none\n");
+    }
+    for (k, v) in &node.labels {
+        out.push_str(&format!("  {k}={v}\n"));
+    }
+
+    let cap = &node.capacity;
+    out.push_str("\nCapacity:\n");
+    out.push_str(&output::key_values(
+        "  ",
+        &[
+            ("CPU", cores(cap.cpu_millis)),
+            ("Memory", output::bytes(cap.memory_bytes)),
+            ("Disk", output::bytes(cap.disk_bytes)),
+            ("GPUs", cap.gpus.len().to_string()),
+        ],
+    ));
+    if !cap.gpus.is_empty() {
+        out.push_str(&output::indented(&output::table(&cap.gpus, now), "    "));
+    }
+
+    let caps = &node.capabilities;
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".to_string());
+    out.push_str("\nCapabilities:\n");
+    out.push_str(&output::key_values(
+        "  ",
+        &[
+            ("OS", caps.os.clone()),
+            ("Arch", caps.arch.clone()),
+            ("Docker", or_none(&caps.docker_version)),
+            (
+                "Live checkpoint",
+                if caps.live_checkpoint { "yes" } else { "no" }.to_string(),
+            ),
+            ("GPU driver", or_none(&caps.gpu_driver)),
+        ],
+    ));
+
+    match &node.latest {
+        None => out.push_str("\nLatest sample: none yet\n"),
+        Some(sample) => out.push_str(&sample_detail(sample, now)),
+    }
+    out
+}
+
+/// The latest-sample section of the detail view.
+fn sample_detail(s: &NodeSample, now: SystemTime) -> String {
+    let mut out = format!(
+        "\nLatest sample (#{}, {}):\n",
+        s.seq,
+        output::ago(now, output::from_unix_ms(s.at_unix_ms))
+    );
+    let m = &s.memory;
+    out.push_str(&output::key_values(
+        "  ",
+        &[
+            ("CPU", format!("{:.1}%", s.cpu.total_percent)),
+            ("Per core", per_core(&s.cpu.per_core_percent)),
+            (
+                "Load",
+                format!(
+                    "{:.2} {:.2} {:.2}",
+                    s.cpu.load[0], s.cpu.load[1], s.cpu.load[2]
+                ),
+            ),
+            (
+                "Memory",
+                format!(
+                    "{} used ({}), {} available",
+                    output::used_of(m.used_bytes, m.total_bytes),
+                    output::percent(m.used_bytes, m.total_bytes),
+                    output::bytes(m.available_bytes)
+                ),
+            ),
+            (
+                "Swap",
+                if m.swap_total_bytes == 0 {
+                    "none".to_string()
+                } else {
+                    format!(
+                        "{} used",
+                        output::used_of(m.swap_used_bytes, m.swap_total_bytes)
+                    )
+                },
+            ),
+            (
+                "Uptime",
+                output::long_duration(std::time::Duration::from_secs(s.uptime_secs)),
+            ),
+        ],
+    ));
+    section(&mut out, "Disks", &s.disks, now);
+    section(&mut out, "Network", &s.networks, now);
+    section(&mut out, "GPUs", &s.gpus, now);
+    out
+}
+
+fn section<T: TableRow>(out: &mut String, title: &str, items: &[T], now: SystemTime) {
+    out.push_str(&format!("  {title}:"));
+    if items.is_empty() {
+        out.push_str(" none\n");
+    } else {
+        out.push('\n');
+        out.push_str(&output::indented(&output::table(items, now), "    "));
+    }
+}
+
+/// `n cores: min a%, avg b%, max c% (core i)`.
+fn per_core(cores: &[f32]) -> String {
+    let Some((busiest, max)) = cores
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    else {
+        return "-".to_string();
+    };
+    let min = cores.iter().copied().fold(f32::INFINITY, f32::min);
+    let avg = cores.iter().sum::<f32>() / cores.len() as f32;
+    format!(
+        "{} cores: min {min:.1}%, avg {avg:.1}%, max {max:.1}% (core {busiest})",
+        cores.len()
+    )
+}
+
+/// Millicores as cores: `8 cores`, `1.5 cores`.
+fn cores(millis: u64) -> String {
+    if millis % 1000 == 0 {
+        format!("{} cores", millis / 1000)
+    } else {
+        format!("{:.1} cores", millis as f64 / 1000.0)
+    }
+}
+
+/// The disk the DISK column shows: the one whose size is the node's disk capacity
+/// (the data filesystem), else `/`, else the largest.
+fn data_disk(sample: &NodeSample, capacity_bytes: u64) -> Option<&DiskSample> {
+    let disks = &sample.disks;
+    disks
+        .iter()
+        .find(|d| capacity_bytes != 0 && d.total_bytes == capacity_bytes)
+        .or_else(|| disks.iter().find(|d| d.mount == "/"))
+        .or_else(|| disks.iter().max_by_key(|d| d.total_bytes))
+}
+
+fn disk_used(d: &DiskSample) -> u64 {
+    d.total_bytes.saturating_sub(d.available_bytes)
+}
+
+fn dash() -> String {
+    "-".to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use novacron_common::fleet::NodeStatus;
+    use novacron_common::wire::{Capabilities, Capacity, CpuSample, MemorySample};
+
+    use super::*;
+
+    const GI: u64 = 1 << 30;
+    /// The fixtures' clock: 2026-01-01T00:00:00Z.
+    pub(crate) const NOW_UNIX_MS: u64 = 1_767_225_600_000;
+
+    pub(crate) fn now() -> SystemTime {
+        output::from_unix_ms(NOW_UNIX_MS)
+    }
+
+    /// A ready GPU node seen a second ago, and a down node with no samples.
+    pub(crate) fn fixture() -> Vec<NodeView> {
+        let sample = NodeSample {
+            seq: 42,
+            at_unix_ms: NOW_UNIX_MS - 1000,
+            cpu: CpuSample {
+                total_percent: 12.5,
+                per_core_percent: vec![5.0, 10.0, 20.0, 15.0],
+                load: [0.5, 1.0, 1.5],
+            },
+            memory: MemorySample {
+                total_bytes: 16_750_372_454,
+                used_bytes: 3_328_599_654,
+                available_bytes: 13_000_000_000,
+                swap_total_bytes: 2 * GI,
+                swap_used_bytes: 0,
+            },
+            disks: vec![
+                DiskSample {
+                    mount: "/boot".into(),
+                    device: "sda1".into(),
+                    total_bytes: GI,
+                    available_bytes: GI / 2,
+                    read_bytes_per_sec: 0,
+                    written_bytes_per_sec: 0,
+                },
+                DiskSample {
+                    mount: "/var/lib/docker".into(),
+                    device: "nvme0n1p1".into(),
+                    total_bytes: 100 * GI,
+                    available_bytes: 60 * GI,
+                    read_bytes_per_sec: 1_258_291,
+                    written_bytes_per_sec: 2048,
+                },
+            ],
+            networks: vec![NetworkSample {
+                interface: "eth0".into(),
+                rx_bytes_per_sec: 10_240,
+                tx_bytes_per_sec: 512,
+            }],
+            gpus: vec![GpuSample {
+                index: 0,
+                uuid: "GPU-1234".into(),
+                name: "NVIDIA H100".into(),
+                utilization_percent: 87,
+                memory_used_bytes: 40 * GI,
+                memory_total_bytes: 80 * GI,
+                temperature_celsius: 61,
+                power_milliwatts: 350_000,
+            }],
+            uptime_secs: 3 * 86_400 + 4 * 3600,
+        };
+        vec![
+            NodeView {
+                name: "gpu-1".into(),
+                status: NodeStatus::Ready,
+                labels: BTreeMap::from([
+                    ("zone".to_string(), "eu-west-1a".to_string()),
+                    ("pool".to_string(), "gpu".to_string()),
+                ]),
+                capacity: Capacity {
+                    cpu_millis: 4000,
+                    memory_bytes: 16_750_372_454,
+                    disk_bytes: 100 * GI,
+                    gpus: vec![GpuInfo {
+                        index: 0,
+                        uuid: "GPU-1234".into(),
+                        model: "NVIDIA H100".into(),
+                        memory_bytes: 80 * GI,
+                    }],
+                },
+                capabilities: Capabilities {
+                    docker_version: Some("27.3.1".into()),
+                    live_checkpoint: true,
+                    gpu_driver: Some("550.54".into()),
+                    os: "Ubuntu 24.04 (6.8.0)".into(),
+                    arch: "x86_64".into(),
+                },
+                agent_version: "0.1.0".into(),
+                address: Some("10.0.0.7:51000".into()),
+                enrolled_at_unix_ms: NOW_UNIX_MS - 3 * 86_400_000,
+                last_seen_unix_ms: Some(NOW_UNIX_MS - 1000),
+                cert_expires_unix_ms: Some(NOW_UNIX_MS + 29 * 86_400_000),
+                samples_dropped: 0,
+                latest: Some(sample),
+            },
+            NodeView {
+                name: "cpu-2".into(),
+                status: NodeStatus::Down,
+                labels: BTreeMap::new(),
+                capacity: Capacity::default(),
+                capabilities: Capabilities::default(),
+                agent_version: "0.1.0".into(),
+                address: None,
+                enrolled_at_unix_ms: NOW_UNIX_MS - 86_400_000,
+                last_seen_unix_ms: None,
+                cert_expires_unix_ms: None,
+                samples_dropped: 7,
+                latest: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn node_table_shows_usage_in_human_units() {
+        let t = output::table(&fixture(), now());
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        for header in NodeView::headers() {
+            assert!(lines[0].contains(header), "{header} missing in {t}");
+        }
+        let gpu: Vec<&str> = lines[1].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(
+            gpu,
+            [
+                "gpu-1",
+                "ready",
+                "eu-west-1a",
+                "12.5",
+                "3.1Gi/15.6Gi",
+                "40.0Gi/100.0Gi",
+                "1",
+                "1s ago",
+                "0.1.0"
+            ],
+            "{t}"
+        );
+        let cpu: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(cpu, ["cpu-2", "down", "-", "-", "-", "-", "0", "-", "0.1.0"], "{t}");
+    }
+
+    #[test]
+    fn node_list_json_is_the_raw_api_objects() {
+        let nodes = fixture();
+        let mut out = Vec::new();
+        output::write_list(&mut out, OutputFormat::Json, &nodes, now()).expect("json");
+        let back: Vec<NodeView> = serde_json::from_slice(&out).expect("parses as NodeView");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].name, "gpu-1");
+        assert_eq!(back[0].latest, nodes[0].latest);
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(value[1]["status"], "down");
+    }
+
+    #[test]
+    fn node_show_yaml_parses_back() {
+        let node = &fixture()[0];
+        let mut out = Vec::new();
+        output::write_one(&mut out, OutputFormat::Yaml, node, || unreachable!()).expect("yaml");
+        let back: NodeView = yaml_serde::from_slice(&out).expect("parses as NodeView");
+        assert_eq!(back.capacity, node.capacity);
+    }
+
+    #[test]
+    fn detail_view_covers_every_section() {
+        let d = detail(&fixture()[0], now());
+        for needle in [
+            "Name:",
+            "gpu-1",
+            "zone=eu-west-1a",
+            "CPU:",
+            "4 cores",
+            "Live checkpoint:",
+            "yes",
+            "Certificate expires:",
+            "(in 29d)",
+            "Latest sample (#42, 1s ago)",
+            "12.5%",
+            "4 cores: min 5.0%, avg 12.5%, max 20.0% (core 2)",
+            "0.50 1.00 1.50",
+            "3.1Gi/15.6Gi used (20%)",
+            "0B/2.0Gi used",
+            "3d 4h",
+            "/var/lib/docker",
+            "1.2Mi/s",
+            "eth0",
+            "10.0Ki/s",
+            "NVIDIA H100",
+            "87%",
+            "40.0Gi/80.0Gi",
+            "61°C",
+            "350W",
+        ] {
+            assert!(d.contains(needle), "{needle:?} missing in:\n{d}");
+        }
+        let bare = detail(&fixture()[1], now());
+        assert!(bare.contains("Latest sample: none yet"), "{bare}");
+        assert!(bare.contains("Labels:\n  none"), "{bare}");
+        assert!(bare.contains("never"), "{bare}");
+    }
+
+    #[test]
+    fn last_seen_in_the_future_is_not_negative() {
+        let mut node = fixture().remove(0);
+        node.last_seen_unix_ms = Some(NOW_UNIX_MS + 5000);
+        let cells = node.cells(now() - Duration::ZERO);
+        assert_eq!(cells[7], "0s ago");
+    }
+}

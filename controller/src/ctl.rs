@@ -1,0 +1,441 @@
+//! `novacron-controller` command line: `init`, `serve`, `token create`,
+//! `node revoke`, `admin issue`.
+//!
+//! Exit codes: 0 success; 1 runtime failure; 2 usage error; 64 bad configuration
+//! (reported before any port is bound); 69 the running controller could not be
+//! reached.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use novacron_common::fleet::Liveness;
+use novacron_common::pki::{self, Identity, Role, Validity};
+use novacron_common::tls;
+use serde::de::DeserializeOwned;
+use tracing::info;
+
+use crate::api::{RevokeRequest, TokenRequest, TokenResponse};
+use crate::pki_files::{self, PkiPaths};
+use crate::server::{self, ControllerConfig};
+
+/// Exit code for bad configuration.
+pub const EXIT_CONFIG: i32 = 64;
+/// Exit code when the controller is unreachable.
+pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/novacron/controller";
+/// The file `serve` writes with the URL local admin commands use.
+pub const API_URL_FILE: &str = "api-url";
+
+/// The NovaCron controller.
+#[derive(Debug, Parser)]
+#[command(name = "novacron-controller", version, about)]
+pub struct Cli {
+    /// The controller's data directory (PKI, store).
+    #[arg(long, global = true, env = "NOVACRON_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the fleet CA, the server certificate and a local admin certificate.
+    Init(InitArgs),
+    /// Run the controller.
+    Serve(ServeArgs),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Operator certificates.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `init` arguments.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// DNS names and IP addresses agents and operators use to reach this controller
+    /// (repeatable). Default: localhost, 127.0.0.1, ::1 and this host's name.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// Replace an existing CA (every node must join again).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `serve` arguments.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TCP address of the HTTPS API.
+    #[arg(long, env = "NOVACRON_API_LISTEN", default_value = server::DEFAULT_LISTEN)]
+    pub api_listen: String,
+    /// UDP address of the agent link (QUIC).
+    #[arg(long, env = "NOVACRON_QUIC_LISTEN", default_value = server::DEFAULT_LISTEN)]
+    pub quic_listen: String,
+    /// The name agents and operators use for this controller (must be in its certificate).
+    #[arg(long, env = "NOVACRON_SERVER_NAME", default_value = "localhost")]
+    pub server_name: String,
+    /// `host:port` enrolling agents are told to connect to over QUIC.
+    #[arg(long, env = "NOVACRON_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// QUIC keep-alive interval.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub keep_alive: Duration,
+    /// QUIC idle timeout: a silent agent is disconnected after this.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Time from disconnected to down.
+    #[arg(long, default_value = "800ms", value_parser = parse_duration)]
+    pub down_after: Duration,
+    /// Lifetime of node certificates (renewed at 70%).
+    #[arg(long, default_value = "30days", value_parser = parse_duration)]
+    pub node_cert_ttl: Duration,
+    /// Samples kept in memory per node.
+    #[arg(long, default_value_t = crate::registry::DEFAULT_METRICS_WINDOW)]
+    pub metrics_window: usize,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token and print the join command.
+    Create {
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Free text for the audit trail.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print only the token.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+/// `node` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Refuse a node's certificates from now on and drop its connection.
+    Revoke {
+        /// The node name.
+        name: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// `admin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Issue an operator client certificate (offline, with the CA key).
+    Issue {
+        /// The operator's name.
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// Lifetime.
+        #[arg(long, default_value = "90days", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Directory to write `<name>.pem` and `<name>-key.pem` into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// Runs the command line; returns the exit code.
+pub async fn main(cli: Cli) -> i32 {
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::Init(args) => init(&data_dir, args),
+        Command::Serve(args) => serve(&data_dir, args).await,
+        Command::Token(TokenCommand::Create {
+            ttl,
+            uses,
+            description,
+            quiet,
+        }) => {
+            let req = TokenRequest {
+                ttl_secs: ttl.as_secs(),
+                uses,
+                description,
+            };
+            match admin_call::<TokenResponse>(&data_dir, "/v1/tokens", &req).await {
+                Ok(t) if quiet => {
+                    println!("{}", t.token);
+                    0
+                }
+                Ok(t) => {
+                    println!("token: {}\nca fingerprint: {}\n\njoin a host with:\n  {}", t.token, t.ca_fingerprint, t.join_command);
+                    0
+                }
+                Err(code) => code,
+            }
+        }
+        Command::Node(NodeCommand::Revoke { name, reason }) => {
+            let path = format!("/v1/nodes/{name}/revoke");
+            match admin_call::<()>(&data_dir, &path, &RevokeRequest { reason }).await {
+                Ok(()) => {
+                    println!("node {name:?} revoked; its connection was closed");
+                    0
+                }
+                Err(code) => code,
+            }
+        }
+        Command::Admin(AdminCommand::Issue {
+            name,
+            role,
+            ttl,
+            out,
+        }) => admin_issue(&data_dir, &name, &role, ttl, &out),
+    }
+}
+
+fn init(data_dir: &Path, args: InitArgs) -> i32 {
+    let names = if args.server_names.is_empty() {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let host = host.trim().to_ascii_lowercase();
+            if !host.is_empty() && !names.contains(&host) {
+                names.push(host);
+            }
+        }
+        names
+    } else {
+        args.server_names
+    };
+    match pki_files::init(data_dir, &names, args.force, SystemTime::now()) {
+        Ok(fp) => {
+            println!(
+                "initialized {}\nserver names: {}\nca fingerprint: {fp}\n\nnext: novacron-controller --data-dir {} serve",
+                data_dir.display(),
+                names.join(", "),
+                data_dir.display()
+            );
+            0
+        }
+        Err(e @ pki_files::PkiFilesError::AlreadyInitialized { .. }) => config_error(&e.to_string()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// Turns `serve` arguments into a validated configuration.
+pub fn config_from_args(data_dir: &Path, args: &ServeArgs) -> Result<ControllerConfig, String> {
+    let addr = |flag: &str, v: &str| -> Result<SocketAddr, String> {
+        v.parse()
+            .map_err(|_| format!("{flag} {v:?}: expected an IP address and port such as 0.0.0.0:7443"))
+    };
+    let liveness = Liveness {
+        keep_alive: args.keep_alive,
+        idle_timeout: args.idle_timeout,
+        down_after: args.down_after,
+    };
+    if liveness.keep_alive >= liveness.idle_timeout {
+        return Err(format!(
+            "--keep-alive {:?} must be shorter than --idle-timeout {:?}",
+            liveness.keep_alive, liveness.idle_timeout
+        ));
+    }
+    if args.node_cert_ttl < Duration::from_secs(5) {
+        return Err(format!(
+            "--node-cert-ttl {:?}: expected at least 5s",
+            args.node_cert_ttl
+        ));
+    }
+    if !(1..=100_000).contains(&args.metrics_window) {
+        return Err(format!(
+            "--metrics-window {}: expected 1 to 100000 samples",
+            args.metrics_window
+        ));
+    }
+    Ok(ControllerConfig {
+        data_dir: data_dir.to_path_buf(),
+        api_listen: addr("--api-listen", &args.api_listen)?,
+        quic_listen: addr("--quic-listen", &args.quic_listen)?,
+        server_name: args.server_name.clone(),
+        advertise: args.advertise.clone(),
+        liveness,
+        node_cert_ttl: args.node_cert_ttl,
+        metrics_window: args.metrics_window,
+    })
+}
+
+async fn serve(data_dir: &Path, args: ServeArgs) -> i32 {
+    let config = match config_from_args(data_dir, &args) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    if let Err(e) = pki_files::load(data_dir) {
+        return config_error(&e.to_string());
+    }
+    let controller = match server::start(config.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 1;
+        }
+    };
+    let host = if controller.api_addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        controller.api_addr.ip().to_string()
+    };
+    let url = format!("https://{}", SocketAddr::new(host.parse().unwrap_or([127, 0, 0, 1].into()), controller.api_addr.port()));
+    if let Err(e) = pki_files::write_file(&data_dir.join(API_URL_FILE), &url, 0o644) {
+        eprintln!("warning: {e}");
+    }
+    println!("controller ready: api {url}, agent link udp {}", controller.quic_addr);
+    crate::signal::shutdown_signal().await;
+    info!("stopping on signal");
+    controller.shutdown().await;
+    0
+}
+
+fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Path) -> i32 {
+    let role: Role = match role.parse() {
+        Ok(Role::Node) | Err(_) => {
+            return config_error(&format!(
+                "--role {role:?}: expected viewer, operator or admin"
+            ));
+        }
+        Ok(r) => r,
+    };
+    if let Err(e) = pki::validate_name(name) {
+        return config_error(&format!("--name: {e}"));
+    }
+    let paths = PkiPaths::new(data_dir);
+    let ca = match (pki_files::read(&paths.ca_cert()), pki_files::read(&paths.ca_key())) {
+        (Ok(cert_pem), Ok(key_pem)) => pki::CertAndKey { cert_pem, key_pem },
+        (Err(e), _) | (_, Err(e)) => return config_error(&e.to_string()),
+    };
+    let identity = Identity {
+        name: name.to_string(),
+        role,
+    };
+    let issued = match pki::issue_client_cert(&ca, &identity, Validity::starting(SystemTime::now(), ttl)) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let cert = out.join(format!("{name}.pem"));
+    let key = out.join(format!("{name}-key.pem"));
+    let result = pki_files::write_file(&key, &issued.key_pem, 0o600)
+        .and_then(|()| pki_files::write_file(&cert, &issued.cert_pem, 0o644));
+    match result {
+        Ok(()) => {
+            println!("issued {identity}: {} and {}", cert.display(), key.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// POSTs `body` to the local controller with the data directory's admin certificate.
+async fn admin_call<T: DeserializeOwned + 'static>(
+    data_dir: &Path,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> Result<T, i32> {
+    tls::install_crypto_provider();
+    let paths = PkiPaths::new(data_dir);
+    let read = |p: PathBuf| pki_files::read(&p).map_err(|e| config_error(&e.to_string()));
+    let ca = read(paths.ca_cert())?;
+    let cert = read(paths.admin_cert())?;
+    let key = read(paths.admin_key())?;
+    let base = read(data_dir.join(API_URL_FILE)).map_err(|_| {
+        eprintln!("hint: the controller writes {} when it starts; is `novacron-controller serve` running on this data directory?", data_dir.join(API_URL_FILE).display());
+        EXIT_UNAVAILABLE
+    })?;
+    let config = tls::client_config(&ca, Some((&cert, &key)), &[b"h2", b"http/1.1"])
+        .map_err(|e| config_error(&e.to_string()))?;
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            1
+        })?;
+    let url = format!("{}{path}", base.trim());
+    let resp = client.post(&url).json(body).send().await.map_err(|e| {
+        eprintln!("error: cannot reach the controller at {}: {e}. Is it running?", base.trim());
+        EXIT_UNAVAILABLE
+    })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let msg = resp
+            .json::<novacron_common::api::ApiError>()
+            .await
+            .map(|e| e.error)
+            .unwrap_or_else(|_| status.to_string());
+        eprintln!("error: {msg}");
+        return Err(1);
+    }
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<()>() {
+        // No body expected; `null` deserializes into ().
+        return serde_json::from_str("null").map_err(|_| 1);
+    }
+    resp.json::<T>().await.map_err(|e| {
+        eprintln!("error: unreadable answer from the controller: {e}");
+        1
+    })
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 500ms, 2s, 1h, 30days"))
+}
+
+fn config_error(msg: &str) -> i32 {
+    eprintln!("configuration error: {msg}");
+    EXIT_CONFIG
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["novacron-controller", "serve"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(a) => a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_serve_settings_name_the_flag_and_what_is_accepted() {
+        let dir = Path::new("/tmp/x");
+        let err = config_from_args(dir, &serve_args(&["--api-listen", "nope"])).expect_err("bad addr");
+        assert!(err.contains("--api-listen \"nope\"") && err.contains("0.0.0.0:7443"), "{err}");
+        let err = config_from_args(dir, &serve_args(&["--keep-alive", "3s"])).expect_err("keepalive");
+        assert!(err.contains("--keep-alive"), "{err}");
+        let err = config_from_args(dir, &serve_args(&["--metrics-window", "0"])).expect_err("window");
+        assert!(err.contains("1 to 100000"), "{err}");
+        let ok = config_from_args(dir, &serve_args(&[])).expect("defaults are valid");
+        assert!(ok.liveness.idle_timeout + ok.liveness.down_after <= Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,441 @@
+//! The HTTPS front of the controller: an [`axum::serve::Listener`] that terminates
+//! TLS, and the [`Peer`] that tells handlers who the client is.
+//!
+//! TCP connections are accepted by a background task that runs every TLS handshake
+//! in its own task, so one slow or hostile client never holds up the others: at most
+//! [`DEFAULT_MAX_HANDSHAKES`] handshakes run at once, each is given
+//! [`DEFAULT_HANDSHAKE_TIMEOUT`], and finished streams reach [`TlsListener::accept`]
+//! through a bounded channel. A failed handshake is logged at `debug` and dropped.
+//!
+//! **Architecture Invariant:** a handler learns the client's identity only from
+//! `ConnectInfo<Peer>`, which is read from the certificate that rustls verified
+//! during the handshake, never from a header or a body.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
+use novacron_common::pki::Identity;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, error, warn};
+
+/// Default limit on TLS handshakes in flight; the listener stops accepting TCP
+/// connections while this many are running.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Default time a client has to complete its TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many finished handshakes may wait for the server to pick them up.
+const READY_QUEUE: usize = 64;
+/// How long to pause accepting after an accept error that is not the peer's fault
+/// (for example `EMFILE`), as hyper and axum do.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Limits of a [`TlsListener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Handshakes in flight at most; further TCP connections wait in the kernel's
+    /// backlog.
+    pub max_in_flight: usize,
+    /// Time a client has to complete its handshake before the connection is dropped.
+    pub timeout: Duration,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            max_in_flight: DEFAULT_MAX_HANDSHAKES,
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// A TLS listener for [`axum::serve`]: yields connections whose handshake has
+/// completed. Dropping it stops the background accept task and every handshake in
+/// flight.
+#[derive(Debug)]
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TlsListener {
+    /// Starts accepting on `tcp` with `config` and the default [`HandshakeLimits`].
+    ///
+    /// Must be called inside a tokio runtime. Fails only when the socket's local
+    /// address cannot be read.
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<TlsListener> {
+        TlsListener::with_limits(tcp, config, HandshakeLimits::default())
+    }
+
+    /// Starts accepting on `tcp` with `config` and the given `limits`.
+    ///
+    /// Must be called inside a tokio runtime. A `max_in_flight` of zero is taken as
+    /// one.
+    pub fn with_limits(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        limits: HandshakeLimits,
+    ) -> io::Result<TlsListener> {
+        let local_addr = tcp.local_addr()?;
+        let (tx, ready) = mpsc::channel(READY_QUEUE);
+        let task = tokio::spawn(accept_loop(tcp, TlsAcceptor::from(config), limits, tx));
+        Ok(TlsListener {
+            ready,
+            local_addr,
+            task,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts the handshakes.
+        self.task.abort();
+    }
+}
+
+impl Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            None => {
+                // The accept task holds the sender until the receiver is dropped, so
+                // this means it panicked. `accept` cannot fail, so serve nothing more.
+                error!(addr = %self.local_addr, "TLS accept task ended; no more connections are accepted");
+                std::future::pending().await
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}
+
+/// Who is on the other end of an HTTPS connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The remote socket address.
+    pub addr: SocketAddr,
+    /// The identity in the client certificate that rustls verified; `None` when the
+    /// client sent no certificate (or, which the fleet CA never signs, one whose
+    /// subject is not a NovaCron identity).
+    pub identity: Option<Identity>,
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        let addr = *stream.remote_addr();
+        let (_, conn) = stream.io().get_ref();
+        let identity = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| match Identity::from_cert_der(leaf) {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    warn!(peer = %addr, error = %e, "verified client certificate carries no identity; treating the client as anonymous");
+                    None
+                }
+            });
+        Peer { addr, identity }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then waits for open
+/// connections to finish. Handlers can extract `ConnectInfo<Peer>`.
+pub async fn serve(
+    listener: TlsListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Accepts TCP connections and runs their handshakes until the listener is dropped.
+async fn accept_loop(
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: HandshakeLimits,
+    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    let max_in_flight = limits.max_in_flight.max(1);
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = ready.closed() => return,
+            Some(done) = handshakes.join_next() => {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    error!(error = %e, "TLS handshake task panicked");
+                }
+            }
+            accepted = tcp.accept(), if handshakes.len() < max_in_flight => match accepted {
+                Ok((stream, addr)) => {
+                    handshakes.spawn(handshake(stream, addr, acceptor.clone(), limits.timeout, ready.clone()));
+                }
+                Err(e) if is_connection_error(&e) => {
+                    debug!(error = %e, "TCP accept failed");
+                }
+                Err(e) => {
+                    error!(error = %e, pause = ?ACCEPT_ERROR_PAUSE, "TCP accept failed; pausing");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
+}
+
+/// Runs one handshake and hands the stream over; failures are the peer's problem.
+async fn handshake(
+    stream: TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(peer = %addr, error = %e, "cannot set TCP_NODELAY");
+    }
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            // An error means the listener is gone; the connection just closes.
+            let _ = ready.send((tls, addr)).await;
+        }
+        Ok(Err(e)) => debug!(peer = %addr, error = %e, "TLS handshake failed"),
+        Err(_) => debug!(peer = %addr, timeout = ?timeout, "TLS handshake timed out"),
+    }
+}
+
+/// Errors that concern one connection only (as in axum's own TCP listener).
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use axum::extract::ConnectInfo;
+    use axum::routing::get;
+    use novacron_common::pki::{self, CertAndKey, Role, Validity};
+    use novacron_common::tls;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    struct Pki {
+        ca: CertAndKey,
+        server: CertAndKey,
+    }
+
+    fn valid_for(ttl: Duration) -> Validity {
+        Validity::starting(SystemTime::now(), ttl)
+    }
+
+    fn pki() -> Pki {
+        let ca = pki::generate_ca("test fleet CA", valid_for(Duration::from_secs(3600)))
+            .expect("CA generation");
+        let server = pki::issue_server_cert(
+            &ca,
+            &["localhost".to_string(), "127.0.0.1".to_string()],
+            valid_for(Duration::from_secs(3600)),
+        )
+        .expect("server cert");
+        Pki { ca, server }
+    }
+
+    fn client_cert(ca: &CertAndKey, name: &str, role: Role, validity: Validity) -> CertAndKey {
+        let identity = Identity {
+            name: name.to_string(),
+            role,
+        };
+        pki::issue_client_cert(ca, &identity, validity).expect("client cert")
+    }
+
+    fn server_config(pki: &Pki) -> Arc<rustls::ServerConfig> {
+        tls::install_crypto_provider();
+        let chain = format!("{}{}", pki.server.cert_pem, pki.ca.cert_pem);
+        let verifier = tls::fleet_client_verifier(&pki.ca.cert_pem, true).expect("verifier");
+        Arc::new(
+            tls::server_config(&chain, &pki.server.key_pem, verifier, &[b"h2", b"http/1.1"])
+                .expect("server config"),
+        )
+    }
+
+    async fn whoami(ConnectInfo(peer): ConnectInfo<Peer>) -> String {
+        match peer.identity {
+            Some(identity) => identity.to_string(),
+            None => "anonymous".to_string(),
+        }
+    }
+
+    /// A running echo server; shut down when dropped.
+    struct Server {
+        addr: SocketAddr,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn start(config: Arc<rustls::ServerConfig>, limits: HandshakeLimits) -> Server {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TlsListener::with_limits(tcp, config, limits).expect("listener");
+        let addr = listener.local_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = Router::new().route("/whoami", get(whoami));
+        tokio::spawn(serve(listener, router, async move {
+            let _ = stopped.await;
+        }));
+        Server { addr, _stop: stop }
+    }
+
+    fn client(ca_pem: &str, cert: Option<&CertAndKey>) -> reqwest::Client {
+        tls::install_crypto_provider();
+        let config = tls::client_config(
+            ca_pem,
+            cert.map(|c| (c.cert_pem.as_str(), c.key_pem.as_str())),
+            &[b"h2", b"http/1.1"],
+        )
+        .expect("client config");
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("reqwest client")
+    }
+
+    async fn get_whoami(
+        client: &reqwest::Client,
+        addr: SocketAddr,
+    ) -> reqwest::Result<reqwest::Response> {
+        client
+            .get(format!("https://localhost:{}/whoami", addr.port()))
+            .send()
+            .await
+    }
+
+    #[tokio::test]
+    async fn handler_sees_the_identity_of_an_admin_certificate() {
+        let pki = pki();
+        let server = start(server_config(&pki), HandshakeLimits::default()).await;
+        let alice = client_cert(
+            &pki.ca,
+            "alice",
+            Role::Admin,
+            valid_for(Duration::from_secs(600)),
+        );
+        let response = get_whoami(&client(&pki.ca.cert_pem, Some(&alice)), server.addr)
+            .await
+            .expect("request with a valid certificate");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
+        assert_eq!(response.text().await.expect("body"), "admin:alice");
+    }
+
+    #[tokio::test]
+    async fn handler_sees_no_identity_without_a_client_certificate() {
+        let pki = pki();
+        let server = start(server_config(&pki), HandshakeLimits::default()).await;
+        let response = get_whoami(&client(&pki.ca.cert_pem, None), server.addr)
+            .await
+            .expect("anonymous request");
+        assert_eq!(response.text().await.expect("body"), "anonymous");
+    }
+
+    #[tokio::test]
+    async fn certificate_from_another_ca_fails_the_handshake() {
+        let pki = pki();
+        let server = start(server_config(&pki), HandshakeLimits::default()).await;
+        let other_ca = pki::generate_ca("another CA", valid_for(Duration::from_secs(3600)))
+            .expect("other CA");
+        let mallory = client_cert(
+            &other_ca,
+            "mallory",
+            Role::Admin,
+            valid_for(Duration::from_secs(600)),
+        );
+        let result = get_whoami(&client(&pki.ca.cert_pem, Some(&mallory)), server.addr).await;
+        assert!(result.is_err(), "a foreign certificate was accepted");
+        // The listener survives the failed handshake.
+        let again = get_whoami(&client(&pki.ca.cert_pem, None), server.addr)
+            .await
+            .expect("a later request still works");
+        assert_eq!(again.text().await.expect("body"), "anonymous");
+    }
+
+    #[tokio::test]
+    async fn expired_certificate_fails_the_handshake() {
+        let pki = pki();
+        let server = start(server_config(&pki), HandshakeLimits::default()).await;
+        let now = SystemTime::now();
+        let expired = Validity {
+            not_before: now - Duration::from_secs(7200),
+            not_after: now - Duration::from_secs(3600),
+        };
+        let old = client_cert(&pki.ca, "alice", Role::Admin, expired);
+        let result = get_whoami(&client(&pki.ca.cert_pem, Some(&old)), server.addr).await;
+        assert!(result.is_err(), "an expired certificate was accepted");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_handshake_does_not_block_other_clients_and_times_out() {
+        let pki = pki();
+        let limits = HandshakeLimits {
+            max_in_flight: 4,
+            timeout: Duration::from_millis(300),
+        };
+        let server = start(server_config(&pki), limits).await;
+        // Connects but never sends a ClientHello.
+        let mut stalled = TcpStream::connect(server.addr).await.expect("tcp connect");
+        let response = get_whoami(&client(&pki.ca.cert_pem, None), server.addr)
+            .await
+            .expect("a second client is served while the first stalls");
+        assert_eq!(response.text().await.expect("body"), "anonymous");
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf))
+            .await
+            .expect("the server closes a stalled handshake after its timeout");
+        assert!(matches!(read, Ok(0) | Err(_)), "expected EOF, got {read:?}");
+    }
+
+    #[tokio::test]
+    async fn handshakes_beyond_the_limit_wait_instead_of_failing() {
+        let pki = pki();
+        let limits = HandshakeLimits {
+            max_in_flight: 1,
+            timeout: Duration::from_millis(500),
+        };
+        let server = start(server_config(&pki), limits).await;
+        // Takes the only handshake slot until its timeout.
+        let _stalled = TcpStream::connect(server.addr).await.expect("tcp connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let response = get_whoami(&client(&pki.ca.cert_pem, None), server.addr)
+            .await
+            .expect("the queued client is served once the slot frees up");
+        assert_eq!(response.text().await.expect("body"), "anonymous");
+    }
+}

@@ -1,0 +1,457 @@
+//! The controller's end of the agent link: a quinn endpoint that requires a client
+//! certificate from the fleet CA, refuses revoked nodes during the handshake, and
+//! serves each connection's control and metrics streams.
+//!
+//! Everything read from a connection is untrusted: a malformed, oversized or
+//! unexpected frame closes that connection (with a [`CloseCode`] and a log line)
+//! and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use novacron_common::fleet::Liveness;
+use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
+use novacron_common::tls;
+use novacron_common::wire::{
+    self, AgentMessage, CloseCode, ControllerMessage, FrameError, MetricsBatch, PROTOCOL_VERSION,
+    Refusal, StreamKind, StreamOpen, Welcome,
+};
+use quinn::{RecvStream, SendStream};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::registry::{Registry, RegistryError, RevokedNames};
+
+/// How long an agent has to send its `Hello` after the handshake.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most connections served at once (handshakes included).
+pub const MAX_CONNECTIONS: usize = 20_000;
+
+/// Settings of the agent link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Keep-alive and idle timeout.
+    pub liveness: Liveness,
+    /// Lifetime of renewed node certificates.
+    pub node_cert_ttl: Duration,
+}
+
+/// Errors starting the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The QUIC crypto configuration was refused.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+    /// Binding the UDP socket failed.
+    #[error("cannot listen on udp {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Builds the QUIC transport settings shared by both ends of the link.
+pub fn transport_config(liveness: &Liveness) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(liveness.keep_alive));
+    // The conversion fails only for timeouts above 2^62 ms.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(4u32.into());
+    t
+}
+
+/// Binds the agent endpoint.
+pub fn bind(
+    config: &LinkConfig,
+    server: &CertAndKey,
+    ca_pem: &str,
+    revoked: Arc<RevokedNames>,
+) -> Result<quinn::Endpoint, LinkError> {
+    let verifier = Arc::new(RevocationAwareVerifier {
+        inner: tls::fleet_client_verifier(ca_pem, false)?,
+        revoked,
+    });
+    let rustls_config =
+        tls::server_config(&server.cert_pem, &server.key_pem, verifier, &[wire::ALPN])?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_config)
+        .map_err(|e| LinkError::Quic(e.to_string()))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_config.transport_config(Arc::new(transport_config(&config.liveness)));
+    quinn::Endpoint::server(server_config, config.listen).map_err(|source| LinkError::Bind {
+        addr: config.listen,
+        source,
+    })
+}
+
+/// Shared state of the connection handlers.
+#[derive(Debug)]
+pub struct LinkContext {
+    /// The fleet registry.
+    pub registry: Arc<Registry>,
+    /// The fleet CA, to sign renewals.
+    pub ca: CertAndKey,
+    /// Lifetime of renewed certificates.
+    pub node_cert_ttl: Duration,
+}
+
+/// Accepts agent connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<LinkContext>) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, ctx).await,
+                Err(error) => debug!(%remote, %error, "agent handshake failed"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
+    let remote = conn.remote_address();
+    let identity = match peer_identity(&conn) {
+        Ok(id) if id.role == Role::Node => id,
+        Ok(id) => {
+            warn!(%remote, identity = %id, "refused: not a node certificate");
+            close(&conn, CloseCode::IdentityMismatch, "a node certificate is required");
+            return;
+        }
+        Err(reason) => {
+            warn!(%remote, %reason, "refused: unusable client certificate");
+            close(&conn, CloseCode::IdentityMismatch, &reason);
+            return;
+        }
+    };
+    let name = identity.name;
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(error)) => {
+            debug!(node = %name, %remote, %error, "connection ended before the control stream");
+            return;
+        }
+        Err(_) => {
+            warn!(node = %name, %remote, "no control stream in time");
+            close(&conn, CloseCode::Timeout, "no control stream within 5 s");
+            return;
+        }
+    };
+    let mut scratch = Vec::new();
+    let hello = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        wire::read_frame::<AgentMessage, _>(&mut recv, &mut scratch),
+    )
+    .await
+    {
+        Ok(Ok(Some(AgentMessage::Hello(hello)))) => hello,
+        Ok(Ok(Some(other))) => {
+            warn!(node = %name, %remote, message = ?std::mem::discriminant(&other), "refused: first frame is not Hello");
+            close(&conn, CloseCode::Unexpected, "the first frame must be Hello");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            warn!(node = %name, %remote, %error, "refused: bad Hello frame");
+            close(&conn, error.close_code(), &error.to_string());
+            return;
+        }
+        Err(_) => {
+            close(&conn, CloseCode::Timeout, "no Hello within 5 s");
+            return;
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let msg = format!(
+            "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
+            hello.protocol_version
+        );
+        refuse(&conn, &mut send, CloseCode::VersionMismatch, &msg).await;
+        warn!(node = %name, %remote, version = hello.protocol_version, "refused: protocol version");
+        return;
+    }
+    if hello.node_name != name {
+        let msg = format!(
+            "this connection's certificate belongs to node {name:?}, not {:?}",
+            hello.node_name
+        );
+        warn!(node = %name, %remote, claimed = %hello.node_name, "refused: claimed another node's name");
+        refuse(&conn, &mut send, CloseCode::IdentityMismatch, &msg).await;
+        return;
+    }
+    let (conn_id, next_seq) = match ctx.registry.connect(
+        &name,
+        &hello,
+        Arc::new(conn.clone()),
+        remote,
+        Instant::now(),
+        SystemTime::now(),
+    ) {
+        Ok(v) => v,
+        Err(error) => {
+            let code = match error {
+                RegistryError::Revoked(_) => CloseCode::Revoked,
+                RegistryError::UnknownNode(_) => CloseCode::IdentityMismatch,
+                RegistryError::Store(_) => CloseCode::Internal,
+            };
+            warn!(node = %name, %remote, %error, "refused");
+            refuse(&conn, &mut send, code, &error.to_string()).await;
+            return;
+        }
+    };
+    let welcome = ControllerMessage::Welcome(Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        node_name: name.clone(),
+        next_metrics_seq: next_seq,
+    });
+    if let Err(error) = wire::write_frame(&mut send, &welcome).await {
+        debug!(node = %name, %error, "cannot send Welcome");
+        ctx.registry.disconnect(&name, conn_id, Instant::now());
+        return;
+    }
+
+    let metrics = tokio::spawn(serve_uni_streams(conn.clone(), ctx.clone(), name.clone(), conn_id));
+    let result = control_loop(&ctx, &name, &mut send, &mut recv, &mut scratch).await;
+    match result {
+        Ok(()) => {}
+        Err(LoopEnd::Protocol(code, reason)) => {
+            warn!(node = %name, %remote, ?code, %reason, "closing connection: protocol violation");
+            close(&conn, code, &reason);
+        }
+        Err(LoopEnd::Gone) => {}
+    }
+    let reason = conn.closed().await;
+    metrics.abort();
+    debug!(node = %name, %reason, "connection closed");
+    ctx.registry.disconnect(&name, conn_id, Instant::now());
+}
+
+enum LoopEnd {
+    Protocol(CloseCode, String),
+    Gone,
+}
+
+impl From<FrameError> for LoopEnd {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(_) => LoopEnd::Gone,
+            other => LoopEnd::Protocol(other.close_code(), other.to_string()),
+        }
+    }
+}
+
+async fn control_loop(
+    ctx: &LinkContext,
+    name: &str,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    scratch: &mut Vec<u8>,
+) -> Result<(), LoopEnd> {
+    loop {
+        let msg = match wire::read_frame::<AgentMessage, _>(recv, scratch).await? {
+            Some(msg) => msg,
+            None => return Ok(()),
+        };
+        match msg {
+            AgentMessage::Hello(_) => {
+                return Err(LoopEnd::Protocol(
+                    CloseCode::Unexpected,
+                    "a second Hello on the control stream".into(),
+                ));
+            }
+            AgentMessage::RenewCertificate {
+                request_id,
+                csr_pem,
+            } => {
+                let result = renew(ctx, name, &csr_pem);
+                match &result {
+                    Ok(_) => info!(node = name, "renewed node certificate"),
+                    Err(error) => warn!(node = name, %error, "certificate renewal refused"),
+                }
+                let answer = ControllerMessage::Certificate { request_id, result };
+                wire::write_frame(send, &answer).await?;
+            }
+        }
+    }
+}
+
+fn renew(ctx: &LinkContext, name: &str, csr_pem: &str) -> Result<String, String> {
+    let identity = Identity::node(name).map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    let cert_pem = pki::sign_csr(
+        &ctx.ca,
+        csr_pem,
+        &identity,
+        Validity::starting(now, ctx.node_cert_ttl),
+    )
+    .map_err(|e| format!("cannot sign the renewal request: {e}"))?;
+    let info = pki::first_cert_der(&cert_pem)
+        .and_then(|der| pki::cert_info(&der))
+        .map_err(|e| e.to_string())?;
+    ctx.registry
+        .enrolled(name, &info, now)
+        .map_err(|e| e.to_string())?;
+    Ok(cert_pem)
+}
+
+async fn serve_uni_streams(conn: quinn::Connection, ctx: Arc<LinkContext>, name: String, conn_id: u64) {
+    loop {
+        let mut recv = match conn.accept_uni().await {
+            Ok(recv) => recv,
+            Err(_) => return,
+        };
+        let ctx = ctx.clone();
+        let name = name.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Err(LoopEnd::Protocol(code, reason)) =
+                serve_metrics_stream(&ctx, &name, conn_id, &mut recv).await
+            {
+                warn!(node = %name, ?code, %reason, "closing connection: bad metrics stream");
+                close(&conn, code, &reason);
+            }
+        });
+    }
+}
+
+async fn serve_metrics_stream(
+    ctx: &LinkContext,
+    name: &str,
+    conn_id: u64,
+    recv: &mut RecvStream,
+) -> Result<(), LoopEnd> {
+    let mut scratch = Vec::new();
+    match wire::read_frame::<StreamOpen, _>(recv, &mut scratch).await? {
+        Some(StreamOpen {
+            protocol_version: PROTOCOL_VERSION,
+            kind: StreamKind::Metrics,
+        }) => {}
+        Some(other) => {
+            return Err(LoopEnd::Protocol(
+                CloseCode::Unexpected,
+                format!("unsupported stream header {other:?}"),
+            ));
+        }
+        None => return Ok(()),
+    }
+    while let Some(batch) = wire::read_frame::<MetricsBatch, _>(recv, &mut scratch).await? {
+        if batch.samples.len() > wire::MAX_SAMPLES_PER_BATCH {
+            return Err(LoopEnd::Protocol(
+                CloseCode::Unexpected,
+                format!(
+                    "a metrics batch of {} samples exceeds the maximum of {}",
+                    batch.samples.len(),
+                    wire::MAX_SAMPLES_PER_BATCH
+                ),
+            ));
+        }
+        ctx.registry.ingest(name, conn_id, batch, SystemTime::now());
+    }
+    Ok(())
+}
+
+async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode, message: &str) {
+    let refusal = ControllerMessage::Refused(Refusal {
+        code,
+        message: message.to_string(),
+    });
+    if wire::write_frame(send, &refusal).await.is_ok() {
+        let _ = send.finish();
+        // Give the frame a moment to reach the agent before the close overtakes it.
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    }
+    close(conn, code, message);
+}
+
+fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    // Close reasons must fit in a packet; keep them short.
+    let reason: String = reason.chars().take(200).collect();
+    conn.close(code.code().into(), reason.as_bytes());
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "no client certificate".to_string())?;
+    let leaf = certs.first().ok_or_else(|| "empty certificate chain".to_string())?;
+    Identity::from_cert_der(leaf).map_err(|e| e.to_string())
+}
+
+/// The fleet CA verifier plus a revocation check by node name.
+#[derive(Debug)]
+struct RevocationAwareVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<RevokedNames>,
+}
+
+impl ClientCertVerifier for RevocationAwareVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if let Ok(id) = Identity::from_cert_der(end_entity)
+            && self.revoked.contains(&id.name)
+        {
+            info!(node = %id.name, "refused revoked node at the handshake");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,979 @@
+//! The controller's persistent state behind one trait, [`Store`].
+//!
+//! [`RedbStore`] keeps it in one embedded redb file in the data directory;
+//! [`MemoryStore`] keeps it in memory for tests and simulations and behaves the same
+//! (one test suite runs against both).
+//!
+//! In the redb file every kind of record has its own table, keyed by a string (node
+//! name, token id), with the record as JSON bytes. A `meta` table holds the schema
+//! version; a file written by a newer controller is refused rather than misread.
+//! **Architecture Invariant:** only this module knows the file layout; everything
+//! else sees records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use novacron_common::wire::{Capabilities, Capacity};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::tokens::{self, JoinToken, TokenError, TokenRecord};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The controller's persistent state.
+///
+/// Every method is one transaction: it either happens entirely or not at all.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Inserts or replaces the node with `node.name`.
+    fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    /// The node called `name`, if enrolled.
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// All nodes, sorted by name.
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Inserts or replaces the token with `token.id`.
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// All tokens (including expired and used-up ones), sorted by id.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Atomically (one write transaction): looks the token up by id,
+    /// [`tokens::check`]s it, decrements `uses_left`, saves it; returns the updated
+    /// record. Of concurrent calls with a token that has one use left, exactly one
+    /// succeeds.
+    fn consume_token(
+        &self,
+        token: &JoinToken,
+        now: SystemTime,
+    ) -> Result<TokenRecord, ConsumeError>;
+    /// Records that a node's identity is revoked (replacing an earlier revocation of
+    /// the same name).
+    fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError>;
+    /// All revocations, sorted by node name.
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Saves, per node, the highest metrics sequence seen plus one, for all the given
+    /// nodes in one write transaction. Nodes not listed keep their saved mark.
+    fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError>;
+    /// The saved metrics marks by node name.
+    fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError>;
+}
+
+/// What the controller remembers about an enrolled node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node name (from its certificate).
+    pub name: String,
+    /// Node labels as last reported.
+    pub labels: BTreeMap<String, String>,
+    /// Allocatable resources as last reported.
+    pub capacity: Capacity,
+    /// Capabilities as last reported.
+    pub capabilities: Capabilities,
+    /// The agent's build version as last reported.
+    pub agent_version: String,
+    /// When the node enrolled, Unix milliseconds.
+    pub enrolled_at_unix_ms: u64,
+    /// When the controller last heard from it, Unix milliseconds.
+    pub last_seen_unix_ms: Option<u64>,
+    /// Serial (hex) of the node's current certificate.
+    pub cert_serial: Option<String>,
+    /// When that certificate expires, Unix milliseconds.
+    pub cert_expires_unix_ms: Option<u64>,
+    /// Samples the agent reported dropping (its buffer was full while disconnected).
+    pub samples_dropped: u64,
+}
+
+/// A revoked node identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The revoked node name.
+    pub name: String,
+    /// When it was revoked, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// Who revoked it (the operator identity).
+    pub by: String,
+    /// Why, as the operator gave it.
+    pub reason: String,
+}
+
+/// How far the controller has read a node's metrics: the agent instance (a random
+/// number per agent process) and the first sequence number not yet seen from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricMark {
+    /// The agent instance the sequence numbers belong to.
+    pub instance: u64,
+    /// The first sequence number not yet seen.
+    pub next_seq: u64,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (or another store in this one) holds the file's lock.
+    #[error(
+        "the data directory {} is in use by another novacron-controller process (its store {} is locked); stop that process or use another data directory",
+        data_dir(.path).display(),
+        .path.display()
+    )]
+    Locked {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// The file was written by a newer controller with a schema this build cannot read.
+    #[error(
+        "store {}: schema version {found} is newer than this novacron-controller supports (version {supported}); run a newer novacron-controller, or restore the data directory from a backup made by this version",
+        .path.display()
+    )]
+    NewerSchema {
+        /// The store file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// [`SCHEMA_VERSION`].
+        supported: u32,
+    },
+    /// The database failed (I/O, corruption detected by redb, ...).
+    #[error("store {}: {op} failed: {source}", .path.display())]
+    Database {
+        /// The store file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// A stored value does not decode as the record its table holds.
+    #[error(
+        "store {}: the value in table {table:?} under key {key:?} is corrupt ({reason}); restore the data directory from a backup, or delete that entry",
+        .path.display()
+    )]
+    Corrupt {
+        /// The store file.
+        path: PathBuf,
+        /// The table.
+        table: &'static str,
+        /// The key.
+        key: String,
+        /// The decoding error.
+        reason: String,
+    },
+    /// A record could not be encoded (this is a bug).
+    #[error("store {}: cannot encode the value for table {table:?} under key {key:?}: {reason}", .path.display())]
+    Encode {
+        /// The store file.
+        path: PathBuf,
+        /// The table.
+        table: &'static str,
+        /// The key.
+        key: String,
+        /// The encoding error.
+        reason: String,
+    },
+}
+
+/// Why [`Store::consume_token`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The token was refused (unknown, wrong secret, expired, used up).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The store failed; the token was not consumed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The [`Store`] on a redb file. The file is locked while this value lives.
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Opens the store at `path`, creating the file and its tables when missing (the
+    /// directory must exist). Fails with [`StoreError::Locked`] when another process
+    /// has it open, and with [`StoreError::NewerSchema`] when a newer controller
+    /// wrote it.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen
+            | redb::DatabaseError::LockProtocolMismatch => StoreError::Locked {
+                path: path.to_owned(),
+            },
+            other => StoreError::Database {
+                path: path.to_owned(),
+                op: "opening the database",
+                source: Box::new(other.into()),
+            },
+        })?;
+        let store = RedbStore {
+            db,
+            path: path.to_owned(),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks the schema version and creates the tables, in one write transaction
+    /// (which is dropped, so aborted, when the version is newer).
+    fn init_schema(&self) -> Result<(), StoreError> {
+        const OP: &str = "initializing the schema";
+        let txn = self.begin_write(OP)?;
+        let found: Option<u32> = self.get_in(&txn, META, SCHEMA_VERSION_KEY, OP)?;
+        match found {
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(StoreError::NewerSchema {
+                    path: self.path.clone(),
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            Some(found) if found == SCHEMA_VERSION => {}
+            // A new file, or (in future versions) an older schema to migrate here.
+            _ => self.put_in(&txn, META, SCHEMA_VERSION_KEY, &SCHEMA_VERSION, OP)?,
+        }
+        for table in [NODES, TOKENS, REVOCATIONS, METRIC_MARKS] {
+            txn.open_table(table.def()).map_err(self.fail(OP))?;
+        }
+        txn.commit().map_err(self.fail(OP))
+    }
+
+    fn fail<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
+        move |e| StoreError::Database {
+            path: self.path.clone(),
+            op,
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn begin_write(&self, op: &'static str) -> Result<WriteTransaction, StoreError> {
+        self.db.begin_write().map_err(self.fail(op))
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            table: table.name,
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn get_in<T: DeserializeOwned>(
+        &self,
+        txn: &WriteTransaction,
+        table: Table,
+        key: &str,
+        op: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        let t = txn.open_table(table.def()).map_err(self.fail(op))?;
+        let Some(guard) = t.get(key).map_err(self.fail(op))? else {
+            return Ok(None);
+        };
+        self.decode(table, key, guard.value()).map(Some)
+    }
+
+    fn put_in<T: Serialize>(
+        &self,
+        txn: &WriteTransaction,
+        table: Table,
+        key: &str,
+        value: &T,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Encode {
+            path: self.path.clone(),
+            table: table.name,
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut t = txn.open_table(table.def()).map_err(self.fail(op))?;
+        t.insert(key, bytes.as_slice()).map_err(self.fail(op))?;
+        Ok(())
+    }
+
+    /// One record, in a write transaction of its own.
+    fn put<T: Serialize>(
+        &self,
+        table: Table,
+        key: &str,
+        value: &T,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write(op)?;
+        self.put_in(&txn, table, key, value, op)?;
+        txn.commit().map_err(self.fail(op))
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+        op: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.fail(op))?;
+        let t = txn.open_table(table.def()).map_err(self.fail(op))?;
+        let Some(guard) = t.get(key).map_err(self.fail(op))? else {
+            return Ok(None);
+        };
+        self.decode(table, key, guard.value()).map(Some)
+    }
+
+    /// Every record of a table, in key order.
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        op: &'static str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.fail(op))?;
+        let t = txn.open_table(table.def()).map_err(self.fail(op))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(self.fail(op))? {
+            let (key, value) = entry.map_err(self.fail(op))?;
+            let key = key.value().to_owned();
+            let record = self.decode(table, &key, value.value())?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+}
+
+impl Store for RedbStore {
+    fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        self.put(NODES, &node.name, node, "saving a node")
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.get(NODES, name, "reading a node")
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(values(self.all(NODES, "listing nodes")?))
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.put(TOKENS, &token.id, token, "saving a join token")
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(values(self.all(TOKENS, "listing join tokens")?))
+    }
+
+    fn consume_token(
+        &self,
+        token: &JoinToken,
+        now: SystemTime,
+    ) -> Result<TokenRecord, ConsumeError> {
+        const OP: &str = "consuming a join token";
+        // redb allows one write transaction at a time: concurrent consumers queue here,
+        // and each sees the previous one's decrement.
+        let txn = self.begin_write(OP)?;
+        let record: Option<TokenRecord> = self.get_in(&txn, TOKENS, token.id(), OP)?;
+        // On any early return the transaction is dropped, which aborts it.
+        let updated = use_token(record, token, now)?;
+        self.put_in(&txn, TOKENS, &updated.id, &updated, OP)?;
+        txn.commit().map_err(self.fail(OP))?;
+        Ok(updated)
+    }
+
+    fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        self.put(
+            REVOCATIONS,
+            &revocation.name,
+            revocation,
+            "saving a revocation",
+        )
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        Ok(values(self.all(REVOCATIONS, "listing revocations")?))
+    }
+
+    fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError> {
+        const OP: &str = "saving metrics marks";
+        let txn = self.begin_write(OP)?;
+        for (node, mark) in marks {
+            self.put_in(&txn, METRIC_MARKS, node, mark, OP)?;
+        }
+        txn.commit().map_err(self.fail(OP))
+    }
+
+    fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError> {
+        Ok(self
+            .all(METRIC_MARKS, "reading metrics marks")?
+            .into_iter()
+            .collect())
+    }
+}
+
+/// A [`Store`] in memory, for tests and simulations. It behaves as [`RedbStore`]
+/// does, without a file.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    nodes: BTreeMap<String, NodeRecord>,
+    tokens: BTreeMap<String, TokenRecord>,
+    revocations: BTreeMap<String, Revocation>,
+    metric_marks: HashMap<String, MetricMark>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, MemoryState> {
+        // Every update below is a single assignment, so a panic elsewhere while the
+        // lock was held cannot have left the state half-written.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Store for MemoryStore {
+    fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        self.state().nodes.insert(node.name.clone(), node.clone());
+        Ok(())
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self.state().nodes.get(name).cloned())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.state().nodes.values().cloned().collect())
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.state().tokens.insert(token.id.clone(), token.clone());
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(self.state().tokens.values().cloned().collect())
+    }
+
+    fn consume_token(
+        &self,
+        token: &JoinToken,
+        now: SystemTime,
+    ) -> Result<TokenRecord, ConsumeError> {
+        let mut state = self.state();
+        let updated = use_token(state.tokens.get(token.id()).cloned(), token, now)?;
+        state.tokens.insert(updated.id.clone(), updated.clone());
+        Ok(updated)
+    }
+
+    fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        self.state()
+            .revocations
+            .insert(revocation.name.clone(), revocation.clone());
+        Ok(())
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        Ok(self.state().revocations.values().cloned().collect())
+    }
+
+    fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for (node, mark) in marks {
+            state.metric_marks.insert(node.clone(), *mark);
+        }
+        Ok(())
+    }
+
+    fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError> {
+        Ok(self.state().metric_marks.clone())
+    }
+}
+
+/// A table of the store file: string keys, JSON values.
+#[derive(Debug, Clone, Copy)]
+struct Table {
+    name: &'static str,
+}
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.name)
+    }
+}
+
+const META: Table = Table { name: "meta" };
+const NODES: Table = Table { name: "nodes" };
+const TOKENS: Table = Table { name: "tokens" };
+const REVOCATIONS: Table = Table {
+    name: "revocations",
+};
+const METRIC_MARKS: Table = Table {
+    name: "metric_marks",
+};
+const SCHEMA_VERSION_KEY: &str = "schema_version";
+
+/// The shared decision of both stores: the token record after one use, or why not.
+fn use_token(
+    record: Option<TokenRecord>,
+    token: &JoinToken,
+    now: SystemTime,
+) -> Result<TokenRecord, TokenError> {
+    let Some(mut record) = record else {
+        return Err(TokenError::Unknown {
+            id: token.id().to_owned(),
+        });
+    };
+    tokens::check(&record, token.secret(), now)?;
+    // check() refused uses_left == 0, so this does not underflow.
+    record.uses_left = record.uses_left.saturating_sub(1);
+    Ok(record)
+}
+
+fn values<T>(entries: Vec<(String, T)>) -> Vec<T> {
+    entries.into_iter().map(|(_, v)| v).collect()
+}
+
+/// The directory named in the "in use" message: the store file's parent.
+fn data_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => path,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use novacron_common::wire::GpuInfo;
+
+    use super::*;
+
+    fn t0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.to_owned(),
+            labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+            capacity: Capacity {
+                cpu_millis: 4000,
+                memory_bytes: 8 << 30,
+                disk_bytes: 100 << 30,
+                gpus: vec![GpuInfo {
+                    index: 0,
+                    uuid: "GPU-1".into(),
+                    model: "H100".into(),
+                    memory_bytes: 80 << 30,
+                }],
+            },
+            capabilities: Capabilities {
+                docker_version: Some("27.0".into()),
+                live_checkpoint: true,
+                gpu_driver: None,
+                os: "linux".into(),
+                arch: "x86_64".into(),
+            },
+            agent_version: "0.1.0".into(),
+            enrolled_at_unix_ms: 1,
+            last_seen_unix_ms: Some(2),
+            cert_serial: Some("ab01".into()),
+            cert_expires_unix_ms: Some(3),
+            samples_dropped: 4,
+        }
+    }
+
+    fn revocation(name: &str) -> Revocation {
+        Revocation {
+            name: name.to_owned(),
+            at_unix_ms: 5,
+            by: "admin".into(),
+            reason: "stolen laptop".into(),
+        }
+    }
+
+    fn new_token(store: &impl Store, uses: u32) -> JoinToken {
+        let token = JoinToken::generate();
+        let record = TokenRecord::new(&token, Duration::from_secs(3600), uses, "t", t0())
+            .expect("valid limits");
+        store.put_token(&record).expect("put token");
+        token
+    }
+
+    // The suite: every case runs against both stores (see `store_suite!` below).
+
+    fn node_round_trip(store: &impl Store) {
+        assert_eq!(store.node("n1").expect("read"), None);
+        assert!(store.nodes().expect("list").is_empty());
+        for name in ["n2", "n1", "n10"] {
+            store.upsert_node(&node(name)).expect("upsert");
+        }
+        assert_eq!(store.node("n1").expect("read"), Some(node("n1")));
+        let names: Vec<_> = store
+            .nodes()
+            .expect("list")
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["n1", "n10", "n2"]);
+        let mut changed = node("n1");
+        changed.last_seen_unix_ms = Some(99);
+        store.upsert_node(&changed).expect("upsert");
+        assert_eq!(store.node("n1").expect("read"), Some(changed));
+        assert_eq!(store.nodes().expect("list").len(), 3);
+    }
+
+    fn token_round_trip(store: &impl Store) {
+        assert!(store.tokens().expect("list").is_empty());
+        let a = new_token(store, 2);
+        let b = new_token(store, 1);
+        let mut ids: Vec<_> = [a.id(), b.id()].map(str::to_owned).to_vec();
+        ids.sort();
+        let listed: Vec<_> = store
+            .tokens()
+            .expect("list")
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(listed, ids);
+    }
+
+    fn consume_decrements_then_refuses(store: &impl Store) {
+        let token = new_token(store, 2);
+        let first = store.consume_token(&token, t0()).expect("first use");
+        assert_eq!(first.uses_left, 1);
+        let second = store.consume_token(&token, t0()).expect("second use");
+        assert_eq!(second.uses_left, 0);
+        let err = store.consume_token(&token, t0()).expect_err("used up");
+        assert!(
+            matches!(err, ConsumeError::Token(TokenError::UsedUp { ref id }) if id == token.id()),
+            "{err:?}"
+        );
+        let saved = store.tokens().expect("list");
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].uses_left, 0);
+    }
+
+    fn consume_refuses_expired(store: &impl Store) {
+        let token = new_token(store, 1);
+        let later = t0() + Duration::from_secs(3600);
+        let err = store.consume_token(&token, later).expect_err("expired");
+        assert!(
+            matches!(err, ConsumeError::Token(TokenError::Expired { .. })),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.tokens().expect("list")[0].uses_left,
+            1,
+            "not consumed"
+        );
+    }
+
+    fn consume_refuses_wrong_secret(store: &impl Store) {
+        let token = new_token(store, 1);
+        let other = JoinToken::generate();
+        let forged: JoinToken = format!("{}.{}", token.id(), other.secret())
+            .parse()
+            .expect("well-formed");
+        let err = store
+            .consume_token(&forged, t0())
+            .expect_err("wrong secret");
+        assert!(
+            matches!(err, ConsumeError::Token(TokenError::WrongSecret { .. })),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.tokens().expect("list")[0].uses_left,
+            1,
+            "not consumed"
+        );
+        store
+            .consume_token(&token, t0())
+            .expect("the right secret still works");
+    }
+
+    fn consume_refuses_unknown(store: &impl Store) {
+        let token = JoinToken::generate();
+        let err = store.consume_token(&token, t0()).expect_err("unknown");
+        assert!(
+            matches!(err, ConsumeError::Token(TokenError::Unknown { ref id }) if id == token.id()),
+            "{err:?}"
+        );
+        assert!(store.tokens().expect("list").is_empty());
+    }
+
+    fn concurrent_consume_of_one_use_succeeds_once(store: &impl Store) {
+        const THREADS: usize = 8;
+        let token = new_token(store, 1);
+        let barrier = Barrier::new(THREADS);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        store.consume_token(&token, t0())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("consumer thread panicked"))
+                .collect()
+        });
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "{results:?}");
+        for r in results.iter().filter(|r| r.is_err()) {
+            assert!(
+                matches!(r, Err(ConsumeError::Token(TokenError::UsedUp { .. }))),
+                "{r:?}"
+            );
+        }
+    }
+
+    fn revocation_round_trip(store: &impl Store) {
+        assert!(store.revocations().expect("list").is_empty());
+        store.revoke(&revocation("b")).expect("revoke");
+        store.revoke(&revocation("a")).expect("revoke");
+        let mut again = revocation("b");
+        again.reason = "again".into();
+        store.revoke(&again).expect("revoke");
+        assert_eq!(
+            store.revocations().expect("list"),
+            vec![revocation("a"), again]
+        );
+    }
+
+    fn mark(next_seq: u64) -> MetricMark {
+        MetricMark {
+            instance: 7,
+            next_seq,
+        }
+    }
+
+    fn metric_marks_round_trip(store: &impl Store) {
+        assert!(store.metric_marks().expect("read").is_empty());
+        store
+            .save_metric_marks(&[("n1".into(), mark(10)), ("n2".into(), mark(20))])
+            .expect("save");
+        store.save_metric_marks(&[("n1".into(), mark(11))]).expect("save");
+        store.save_metric_marks(&[]).expect("save nothing");
+        let marks = store.metric_marks().expect("read");
+        assert_eq!(
+            marks,
+            HashMap::from([("n1".to_owned(), mark(11)), ("n2".to_owned(), mark(20))])
+        );
+    }
+
+    macro_rules! store_suite {
+        ($($case:ident),* $(,)?) => {
+            mod memory {
+                $(
+                    #[test]
+                    fn $case() {
+                        super::$case(&super::MemoryStore::new());
+                    }
+                )*
+            }
+            mod redb {
+                $(
+                    #[test]
+                    fn $case() {
+                        let dir = tempfile::tempdir().expect("temp dir");
+                        let store = super::RedbStore::open(&dir.path().join("state.redb"))
+                            .expect("open a new store");
+                        super::$case(&store);
+                    }
+                )*
+            }
+        };
+    }
+
+    store_suite!(
+        node_round_trip,
+        token_round_trip,
+        consume_decrements_then_refuses,
+        consume_refuses_expired,
+        consume_refuses_wrong_secret,
+        consume_refuses_unknown,
+        concurrent_consume_of_one_use_succeeds_once,
+        revocation_round_trip,
+        metric_marks_round_trip,
+    );
+
+    // redb-only cases.
+
+    #[test]
+    fn reopening_keeps_everything() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        let token;
+        {
+            let store = RedbStore::open(&path).expect("open");
+            store.upsert_node(&node("n1")).expect("upsert");
+            token = new_token(&store, 2);
+            store.consume_token(&token, t0()).expect("consume");
+            store.revoke(&revocation("n2")).expect("revoke");
+            store
+                .save_metric_marks(&[("n1".into(), mark(42))])
+                .expect("save marks");
+        }
+        let store = RedbStore::open(&path).expect("reopen");
+        assert_eq!(store.nodes().expect("nodes"), vec![node("n1")]);
+        let tokens = store.tokens().expect("tokens");
+        assert_eq!(tokens.len(), 1);
+        assert_eq!(tokens[0].id, token.id());
+        assert_eq!(tokens[0].uses_left, 1);
+        assert_eq!(
+            store.revocations().expect("revocations"),
+            vec![revocation("n2")]
+        );
+        assert_eq!(
+            store.metric_marks().expect("marks"),
+            HashMap::from([("n1".to_owned(), mark(42))])
+        );
+        store
+            .consume_token(&token, t0())
+            .expect("last use after reopen");
+    }
+
+    #[test]
+    fn second_open_says_the_data_directory_is_in_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        let first = RedbStore::open(&path).expect("first open");
+        let err = RedbStore::open(&path).expect_err("second open must fail");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        let msg = err.to_string();
+        let expected = format!(
+            "the data directory {} is in use by another novacron-controller process",
+            dir.path().display()
+        );
+        assert!(msg.contains(&expected), "{msg}");
+        drop(first);
+        RedbStore::open(&path).expect("opens once the first is closed");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        {
+            let store = RedbStore::open(&path).expect("open");
+            store.upsert_node(&node("n1")).expect("upsert");
+            let txn = store.begin_write("test").expect("write");
+            store
+                .put_in(
+                    &txn,
+                    META,
+                    SCHEMA_VERSION_KEY,
+                    &(SCHEMA_VERSION + 1),
+                    "test",
+                )
+                .expect("put");
+            txn.commit().expect("commit");
+        }
+        let err = RedbStore::open(&path).expect_err("newer schema");
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, supported, .. }
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("newer than this novacron-controller supports"),
+            "{msg}"
+        );
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn corrupt_value_names_table_and_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        let store = RedbStore::open(&path).expect("open");
+        store.upsert_node(&node("good")).expect("upsert");
+        let txn = store.begin_write("test").expect("write");
+        {
+            let mut t = txn.open_table(NODES.def()).expect("table");
+            t.insert("bad", b"{not json".as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+
+        for err in [
+            store.node("bad").expect_err("corrupt node"),
+            store.nodes().expect_err("corrupt node in list"),
+        ] {
+            assert!(
+                matches!(err, StoreError::Corrupt { table: "nodes", ref key, .. } if key == "bad"),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("\"nodes\"") && msg.contains("\"bad\""),
+                "{msg}"
+            );
+        }
+        assert_eq!(store.node("good").expect("read"), Some(node("good")));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        std::fs::write(&path, vec![7u8; 8192]).expect("write garbage");
+        let err = RedbStore::open(&path).expect_err("garbage file");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_directory_is_an_error_naming_the_path() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("nope").join("state.redb");
+        let err = RedbStore::open(&path).expect_err("no directory");
+        assert!(
+            matches!(
+                err,
+                StoreError::Database {
+                    op: "opening the database",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+}
