@@ -158,7 +158,10 @@ async fn run(args: RunArgs) -> i32 {
         ));
     }
     if !(1..=1_000_000).contains(&args.buffer) {
-        return config_error(&format!("--buffer {}: expected 1 to 1000000 samples", args.buffer));
+        return config_error(&format!(
+            "--buffer {}: expected 1 to 1000000 samples",
+            args.buffer
+        ));
     }
     if args.keep_alive >= args.idle_timeout {
         return config_error(&format!(
@@ -167,7 +170,10 @@ async fn run(args: RunArgs) -> i32 {
         ));
     }
     let state = StateDir::new(&args.state_dir);
-    if let Err(e) = state.load_enrollment().and_then(|_| state.load_credentials()) {
+    if let Err(e) = state
+        .load_enrollment()
+        .and_then(|_| state.load_credentials())
+    {
         return config_error(&e.to_string());
     }
     let gpus = collect::detect_gpus();
@@ -224,9 +230,11 @@ pub fn parse_labels(raw: &[String]) -> Result<BTreeMap<String, String>, String> 
             .ok_or_else(|| format!("--label {item:?}: expected KEY=VALUE, e.g. zone=eu-1a"))?;
         let key_ok = !k.is_empty()
             && k.len() <= 63
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         let value_ok = v.len() <= 63
-            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !key_ok {
             return Err(format!(
                 "--label {item:?}: key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"
@@ -254,7 +262,13 @@ fn default_node_name() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     if name.is_empty() { "node".into() } else { name }
 }

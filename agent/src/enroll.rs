@@ -260,7 +260,9 @@ pub async fn join(opts: &JoinOptions) -> Result<Enrollment, EnrollError> {
         .map_err(|e| EnrollError::BadAnswer(format!("cert_pem: {e}")))?;
     let identity = Identity::from_cert_der(&cert_der)
         .map_err(|e| EnrollError::BadAnswer(format!("cert_pem: {e}")))?;
-    if identity != Identity::node(&answer.node_name).map_err(|e| EnrollError::BadAnswer(e.to_string()))? {
+    if identity
+        != Identity::node(&answer.node_name).map_err(|e| EnrollError::BadAnswer(e.to_string()))?
+    {
         return Err(EnrollError::BadAnswer(format!(
             "the certificate is for {identity}, not node {:?}",
             answer.node_name

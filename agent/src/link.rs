@@ -120,8 +120,8 @@ pub async fn run(
         shared.clone(),
         cancel.clone(),
     ));
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
-        .map_err(AgentError::Socket)?;
+    let endpoint =
+        quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(AgentError::Socket)?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -138,7 +138,10 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => {
                 match &e {
-                    SessionError::Refused { code: CloseCode::Revoked, .. } => {
+                    SessionError::Refused {
+                        code: CloseCode::Revoked,
+                        ..
+                    } => {
                         error!(node = %enrollment.node_name, error = %e, "this node is revoked; an admin must enroll it again");
                     }
                     SessionError::Lost(_) => {
@@ -154,7 +157,10 @@ pub async fn run(
         }
         let delay = config.backoff.delay(attempt, rand::random::<f64>());
         attempt = attempt.saturating_add(1);
-        debug!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after backoff");
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            attempt, "reconnecting after backoff"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => break,
@@ -190,7 +196,10 @@ async fn sample_loop(
             dropped_after = buf.dropped();
         }
         if dropped_after > dropped_before && dropped_after.is_power_of_two() {
-            warn!(dropped = dropped_after, "offline buffer full: dropping the oldest samples");
+            warn!(
+                dropped = dropped_after,
+                "offline buffer full: dropping the oldest samples"
+            );
         }
         shared.fresh.notify_one();
     }
@@ -210,10 +219,16 @@ async fn session(
         .controller
         .clone()
         .unwrap_or_else(|| enrollment.quic_endpoint.clone());
-    let addr = tokio::net::lookup_host(&target)
+    // The endpoint's socket is IPv4: prefer an IPv4 address of the controller.
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target)
         .await
         .map_err(|e| SessionError::Resolve(target.clone(), e.to_string()))?
-        .next()
+        .collect();
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
         .ok_or_else(|| SessionError::Resolve(target.clone(), "no address".into()))?;
     let connecting = endpoint
         .connect_with(client_config, addr, &enrollment.server_name)
@@ -224,9 +239,12 @@ async fn session(
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            return Err(SessionError::Connect {
-                addr,
-                reason: error_chain(&e),
+            return Err(match close_reason(&e) {
+                refused @ SessionError::Refused { .. } => refused,
+                _ => SessionError::Connect {
+                    addr,
+                    reason: error_chain(&e),
+                },
             });
         }
         Err(_) => {
@@ -256,8 +274,29 @@ async fn serve(
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
     let lost = |e: quinn::ConnectionError| close_reason(&e);
-    let (mut send, recv) = conn.open_bi().await.map_err(lost)?;
-    wire::write_frame(&mut send, &AgentMessage::Hello(hello.clone())).await?;
+    // Writes fail when the connection closes: report the connection's reason.
+    let result = serve_inner(conn, config, hello, creds, shared, cancel, lost).await;
+    match result {
+        Err(SessionError::Lost(_)) => match conn.close_reason() {
+            Some(reason) => Err(close_reason(&reason)),
+            None => result,
+        },
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_inner(
+    conn: &quinn::Connection,
+    config: &AgentConfig,
+    hello: &Hello,
+    creds: &Credentials,
+    shared: &Shared,
+    cancel: &CancellationToken,
+    lost: impl Fn(quinn::ConnectionError) -> SessionError,
+) -> Result<(), SessionError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(&lost)?;
+    wire::write_frame(&mut send, &AgentMessage::Hello(Box::new(hello.clone()))).await?;
     // Control messages are read by their own task: frame reads are not cancel-safe.
     let (tx, mut control) = mpsc::channel::<Result<ControllerMessage, FrameError>>(8);
     let reader = tokio::spawn(read_control(recv, tx));
@@ -276,8 +315,10 @@ async fn serve(
                 "expected Welcome, got {other:?}"
             )));
         }
+        Ok(Some(Err(FrameError::Io(_)))) | Ok(None) => {
+            return Err(close_reason(&conn.closed().await));
+        }
         Ok(Some(Err(e))) => return Err(e.into()),
-        Ok(None) => return Err(close_reason(&conn.closed().await)),
         Err(_) => return Err(SessionError::Protocol("no Welcome within 10 s".into())),
     };
     if welcome.node_name != hello.node_name {
@@ -289,7 +330,7 @@ async fn serve(
     info!(node = %welcome.node_name, resume_from = welcome.next_metrics_seq, "connected to the controller");
     lock(&shared.buffer).resume_from(welcome.next_metrics_seq);
 
-    let mut metrics = conn.open_uni().await.map_err(lost)?;
+    let mut metrics = conn.open_uni().await.map_err(&lost)?;
     wire::write_frame(
         &mut metrics,
         &StreamOpen {
@@ -316,8 +357,9 @@ async fn serve(
                 Some(Ok(other)) => {
                     return Err(SessionError::Protocol(format!("unexpected control message {other:?}")));
                 }
+                // A stream error usually means the connection closed: report why.
+                Some(Err(FrameError::Io(_))) | None => return Err(close_reason(&conn.closed().await)),
                 Some(Err(e)) => return Err(e.into()),
-                None => return Err(close_reason(&conn.closed().await)),
             },
             _ = tokio::time::sleep_until(renewal.due.into()), if renewal.pending.is_none() => {
                 if let Some(request) = renewal.request(&hello.node_name) {
@@ -373,7 +415,11 @@ impl Renewal {
             return;
         };
         if id != request_id {
-            warn!(request_id, expected = id, "certificate answer for another request");
+            warn!(
+                request_id,
+                expected = id,
+                "certificate answer for another request"
+            );
             self.pending = Some((id, key_pem));
             return;
         }
@@ -449,7 +495,18 @@ fn quic_client_config(
     Ok(config)
 }
 
+/// The TLS `certificate_revoked` alert (44) as a QUIC crypto error code.
+const TLS_CERTIFICATE_REVOKED: u64 = 0x100 + 44;
+
 fn close_reason(e: &quinn::ConnectionError) -> SessionError {
+    if let quinn::ConnectionError::ConnectionClosed(close) = e
+        && u64::from(close.error_code) == TLS_CERTIFICATE_REVOKED
+    {
+        return SessionError::Refused {
+            code: CloseCode::Revoked,
+            message: "the controller refused this node's certificate as revoked".into(),
+        };
+    }
     if let quinn::ConnectionError::ApplicationClosed(close) = e
         && let Some(code) = CloseCode::from_code(close.error_code.into_inner())
         && code != CloseCode::Normal

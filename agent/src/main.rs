@@ -13,7 +13,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     // One worker thread: the agent's work is small and its footprint matters.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

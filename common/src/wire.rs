@@ -141,7 +141,7 @@ impl CloseCode {
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub enum AgentMessage {
     /// The first frame of a connection.
-    Hello(Hello),
+    Hello(Box<Hello>),
     /// Asks for a new certificate for the same identity (renewal before expiry).
     RenewCertificate {
         /// Echoed in the answer.
@@ -544,7 +544,7 @@ mod tests {
 
         #[test]
         fn hello_round_trips(name in "[a-z0-9-]{1,40}", labels in prop::collection::btree_map("[a-z]{1,8}", "[a-z0-9]{0,8}", 0..6), cpu in any::<u64>()) {
-            let msg = AgentMessage::Hello(Hello {
+            let msg = AgentMessage::Hello(Box::new(Hello {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: "0.1.0".into(),
                 node_name: name,
@@ -552,7 +552,7 @@ mod tests {
                 labels,
                 capacity: Capacity { cpu_millis: cpu, ..Capacity::default() },
                 capabilities: Capabilities::default(),
-            });
+            }));
             let frame = encode_frame(&msg).expect("encodes");
             let (back, _) = decode_frame::<AgentMessage>(&frame).expect("decodes").expect("whole");
             prop_assert_eq!(back, msg);

@@ -116,7 +116,10 @@ async fn enroll(
     if st.registry.revoked_names().contains(&identity.name) {
         return Err(bad(
             StatusCode::FORBIDDEN,
-            format!("node {:?} is revoked and cannot enroll again under that name", identity.name),
+            format!(
+                "node {:?} is revoked and cannot enroll again under that name",
+                identity.name
+            ),
         ));
     }
     let token: JoinToken = req
@@ -272,7 +275,10 @@ async fn stats(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Respon
     Ok(Json(st.registry.stats()).into_response())
 }
 
-async fn reset_latency(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<StatusCode, Problem> {
+async fn reset_latency(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<StatusCode, Problem> {
     caller.require(Role::Admin)?;
     st.registry.reset_latencies();
     Ok(StatusCode::NO_CONTENT)
@@ -287,5 +293,8 @@ fn unknown_node(name: &str) -> Problem {
 
 fn internal(e: impl std::fmt::Display) -> Problem {
     warn!(error = %e, "internal error serving the API");
-    Problem(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}"))
+    Problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("internal error: {e}"),
+    )
 }

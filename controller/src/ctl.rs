@@ -179,7 +179,10 @@ pub async fn main(cli: Cli) -> i32 {
                     0
                 }
                 Ok(t) => {
-                    println!("token: {}\nca fingerprint: {}\n\njoin a host with:\n  {}", t.token, t.ca_fingerprint, t.join_command);
+                    println!(
+                        "token: {}\nca fingerprint: {}\n\njoin a host with:\n  {}",
+                        t.token, t.ca_fingerprint, t.join_command
+                    );
                     0
                 }
                 Err(code) => code,
@@ -227,7 +230,9 @@ fn init(data_dir: &Path, args: InitArgs) -> i32 {
             );
             0
         }
-        Err(e @ pki_files::PkiFilesError::AlreadyInitialized { .. }) => config_error(&e.to_string()),
+        Err(e @ pki_files::PkiFilesError::AlreadyInitialized { .. }) => {
+            config_error(&e.to_string())
+        }
         Err(e) => {
             eprintln!("error: {e}");
             1
@@ -238,8 +243,9 @@ fn init(data_dir: &Path, args: InitArgs) -> i32 {
 /// Turns `serve` arguments into a validated configuration.
 pub fn config_from_args(data_dir: &Path, args: &ServeArgs) -> Result<ControllerConfig, String> {
     let addr = |flag: &str, v: &str| -> Result<SocketAddr, String> {
-        v.parse()
-            .map_err(|_| format!("{flag} {v:?}: expected an IP address and port such as 0.0.0.0:7443"))
+        v.parse().map_err(|_| {
+            format!("{flag} {v:?}: expected an IP address and port such as 0.0.0.0:7443")
+        })
     };
     let liveness = Liveness {
         keep_alive: args.keep_alive,
@@ -296,11 +302,20 @@ async fn serve(data_dir: &Path, args: ServeArgs) -> i32 {
     } else {
         controller.api_addr.ip().to_string()
     };
-    let url = format!("https://{}", SocketAddr::new(host.parse().unwrap_or([127, 0, 0, 1].into()), controller.api_addr.port()));
+    let url = format!(
+        "https://{}",
+        SocketAddr::new(
+            host.parse().unwrap_or([127, 0, 0, 1].into()),
+            controller.api_addr.port()
+        )
+    );
     if let Err(e) = pki_files::write_file(&data_dir.join(API_URL_FILE), &url, 0o644) {
         eprintln!("warning: {e}");
     }
-    println!("controller ready: api {url}, agent link udp {}", controller.quic_addr);
+    println!(
+        "controller ready: api {url}, agent link udp {}",
+        controller.quic_addr
+    );
     crate::signal::shutdown_signal().await;
     info!("stopping on signal");
     controller.shutdown().await;
@@ -320,7 +335,10 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
         return config_error(&format!("--name: {e}"));
     }
     let paths = PkiPaths::new(data_dir);
-    let ca = match (pki_files::read(&paths.ca_cert()), pki_files::read(&paths.ca_key())) {
+    let ca = match (
+        pki_files::read(&paths.ca_cert()),
+        pki_files::read(&paths.ca_key()),
+    ) {
         (Ok(cert_pem), Ok(key_pem)) => pki::CertAndKey { cert_pem, key_pem },
         (Err(e), _) | (_, Err(e)) => return config_error(&e.to_string()),
     };
@@ -328,20 +346,25 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
         name: name.to_string(),
         role,
     };
-    let issued = match pki::issue_client_cert(&ca, &identity, Validity::starting(SystemTime::now(), ttl)) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 1;
-        }
-    };
+    let issued =
+        match pki::issue_client_cert(&ca, &identity, Validity::starting(SystemTime::now(), ttl)) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 1;
+            }
+        };
     let cert = out.join(format!("{name}.pem"));
     let key = out.join(format!("{name}-key.pem"));
     let result = pki_files::write_file(&key, &issued.key_pem, 0o600)
         .and_then(|()| pki_files::write_file(&cert, &issued.cert_pem, 0o644));
     match result {
         Ok(()) => {
-            println!("issued {identity}: {} and {}", cert.display(), key.display());
+            println!(
+                "issued {identity}: {} and {}",
+                cert.display(),
+                key.display()
+            );
             0
         }
         Err(e) => {
@@ -379,7 +402,10 @@ async fn admin_call<T: DeserializeOwned + 'static>(
         })?;
     let url = format!("{}{path}", base.trim());
     let resp = client.post(&url).json(body).send().await.map_err(|e| {
-        eprintln!("error: cannot reach the controller at {}: {e}. Is it running?", base.trim());
+        eprintln!(
+            "error: cannot reach the controller at {}: {e}. Is it running?",
+            base.trim()
+        );
         EXIT_UNAVAILABLE
     })?;
     let status = resp.status();
@@ -403,7 +429,8 @@ async fn admin_call<T: DeserializeOwned + 'static>(
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 500ms, 2s, 1h, 30days"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}; expected e.g. 500ms, 2s, 1h, 30days"))
 }
 
 fn config_error(msg: &str) -> i32 {
@@ -429,11 +456,17 @@ mod tests {
     #[test]
     fn bad_serve_settings_name_the_flag_and_what_is_accepted() {
         let dir = Path::new("/tmp/x");
-        let err = config_from_args(dir, &serve_args(&["--api-listen", "nope"])).expect_err("bad addr");
-        assert!(err.contains("--api-listen \"nope\"") && err.contains("0.0.0.0:7443"), "{err}");
-        let err = config_from_args(dir, &serve_args(&["--keep-alive", "3s"])).expect_err("keepalive");
+        let err =
+            config_from_args(dir, &serve_args(&["--api-listen", "nope"])).expect_err("bad addr");
+        assert!(
+            err.contains("--api-listen \"nope\"") && err.contains("0.0.0.0:7443"),
+            "{err}"
+        );
+        let err =
+            config_from_args(dir, &serve_args(&["--keep-alive", "3s"])).expect_err("keepalive");
         assert!(err.contains("--keep-alive"), "{err}");
-        let err = config_from_args(dir, &serve_args(&["--metrics-window", "0"])).expect_err("window");
+        let err =
+            config_from_args(dir, &serve_args(&["--metrics-window", "0"])).expect_err("window");
         assert!(err.contains("1 to 100000"), "{err}");
         let ok = config_from_args(dir, &serve_args(&[])).expect("defaults are valid");
         assert!(ok.liveness.idle_timeout + ok.liveness.down_after <= Duration::from_secs(3));

@@ -58,7 +58,7 @@ impl Default for HandshakeLimits {
     }
 }
 
-/// A TLS listener for [`axum::serve`]: yields connections whose handshake has
+/// A TLS listener for [`axum::serve()`]: yields connections whose handshake has
 /// completed. Dropping it stops the background accept task and every handshake in
 /// flight.
 #[derive(Debug)]
@@ -166,9 +166,12 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Accepts TCP connections and runs their handshakes until the listener is dropped.
@@ -352,7 +355,11 @@ mod tests {
         let response = get_whoami(&client(&pki.ca.cert_pem, Some(&alice)), server.addr)
             .await
             .expect("request with a valid certificate");
-        assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
+        assert_eq!(
+            response.version(),
+            reqwest::Version::HTTP_2,
+            "ALPN picks h2"
+        );
         assert_eq!(response.text().await.expect("body"), "admin:alice");
     }
 
@@ -370,8 +377,8 @@ mod tests {
     async fn certificate_from_another_ca_fails_the_handshake() {
         let pki = pki();
         let server = start(server_config(&pki), HandshakeLimits::default()).await;
-        let other_ca = pki::generate_ca("another CA", valid_for(Duration::from_secs(3600)))
-            .expect("other CA");
+        let other_ca =
+            pki::generate_ca("another CA", valid_for(Duration::from_secs(3600))).expect("other CA");
         let mallory = client_cert(
             &other_ca,
             "mallory",
@@ -433,9 +440,16 @@ mod tests {
         // Takes the only handshake slot until its timeout.
         let _stalled = TcpStream::connect(server.addr).await.expect("tcp connect");
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
         let response = get_whoami(&client(&pki.ca.cert_pem, None), server.addr)
             .await
             .expect("the queued client is served once the slot frees up");
         assert_eq!(response.text().await.expect("body"), "anonymous");
+        // It cannot have been served before the stalled handshake gave up its slot.
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "served after {:?}, before the slot was free",
+            started.elapsed()
+        );
     }
 }

@@ -136,7 +136,11 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         Ok(id) if id.role == Role::Node => id,
         Ok(id) => {
             warn!(%remote, identity = %id, "refused: not a node certificate");
-            close(&conn, CloseCode::IdentityMismatch, "a node certificate is required");
+            close(
+                &conn,
+                CloseCode::IdentityMismatch,
+                "a node certificate is required",
+            );
             return;
         }
         Err(reason) => {
@@ -168,7 +172,11 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         Ok(Ok(Some(AgentMessage::Hello(hello)))) => hello,
         Ok(Ok(Some(other))) => {
             warn!(node = %name, %remote, message = ?std::mem::discriminant(&other), "refused: first frame is not Hello");
-            close(&conn, CloseCode::Unexpected, "the first frame must be Hello");
+            close(
+                &conn,
+                CloseCode::Unexpected,
+                "the first frame must be Hello",
+            );
             return;
         }
         Ok(Ok(None)) => return,
@@ -231,7 +239,12 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         return;
     }
 
-    let metrics = tokio::spawn(serve_uni_streams(conn.clone(), ctx.clone(), name.clone(), conn_id));
+    let metrics = tokio::spawn(serve_uni_streams(
+        conn.clone(),
+        ctx.clone(),
+        name.clone(),
+        conn_id,
+    ));
     let result = control_loop(&ctx, &name, &mut send, &mut recv, &mut scratch).await;
     match result {
         Ok(()) => {}
@@ -315,7 +328,12 @@ fn renew(ctx: &LinkContext, name: &str, csr_pem: &str) -> Result<String, String>
     Ok(cert_pem)
 }
 
-async fn serve_uni_streams(conn: quinn::Connection, ctx: Arc<LinkContext>, name: String, conn_id: u64) {
+async fn serve_uni_streams(
+    conn: quinn::Connection,
+    ctx: Arc<LinkContext>,
+    name: String,
+    conn_id: u64,
+) {
     loop {
         let mut recv = match conn.accept_uni().await {
             Ok(recv) => recv,
@@ -395,7 +413,9 @@ fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| "no client certificate".to_string())?;
-    let leaf = certs.first().ok_or_else(|| "empty certificate chain".to_string())?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| "empty certificate chain".to_string())?;
     Identity::from_cert_der(leaf).map_err(|e| e.to_string())
 }
 
@@ -417,7 +437,9 @@ impl ClientCertVerifier for RevocationAwareVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if let Ok(id) = Identity::from_cert_der(end_entity)
             && self.revoked.contains(&id.name)
         {

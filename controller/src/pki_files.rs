@@ -117,7 +117,8 @@ pub fn init(
         "NovaCron fleet CA",
         Validity::starting(now, pki::DEFAULT_CA_TTL),
     )?;
-    let server = pki::issue_server_cert(&ca, server_names, Validity::starting(now, SERVER_CERT_TTL))?;
+    let server =
+        pki::issue_server_cert(&ca, server_names, Validity::starting(now, SERVER_CERT_TTL))?;
     let admin = pki::issue_client_cert(
         &ca,
         &Identity {
@@ -218,6 +219,9 @@ mod tests {
     fn load_of_an_empty_dir_says_to_run_init() {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = load(dir.path()).expect_err("nothing there");
-        assert!(err.to_string().contains("novacron-controller init"), "{err}");
+        assert!(
+            err.to_string().contains("novacron-controller init"),
+            "{err}"
+        );
     }
 }

@@ -166,7 +166,12 @@ impl Registry {
     }
 
     /// Records a (re-)enrollment: a node certificate was just signed for `name`.
-    pub fn enrolled(&self, name: &str, cert: &CertInfo, now: SystemTime) -> Result<(), RegistryError> {
+    pub fn enrolled(
+        &self,
+        name: &str,
+        cert: &CertInfo,
+        now: SystemTime,
+    ) -> Result<(), RegistryError> {
         if self.revoked.contains(name) {
             return Err(RegistryError::Revoked(name.to_string()));
         }
@@ -223,7 +228,10 @@ impl Registry {
             .get_mut(name)
             .ok_or_else(|| RegistryError::UnknownNode(name.to_string()))?;
         if let Some((_, old)) = state.link.take() {
-            old.close(CloseCode::Replaced, "a newer connection of this node replaced this one");
+            old.close(
+                CloseCode::Replaced,
+                "a newer connection of this node replaced this one",
+            );
         }
         state.link = Some((conn_id, link));
         state.since = now;
@@ -280,7 +288,7 @@ impl Registry {
             let Some(state) = inner.nodes.get_mut(name) else {
                 return out;
             };
-            if !state.link.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+            if state.link.as_ref().is_none_or(|(id, _)| *id != conn_id) {
                 return out; // a stale connection's last batch
             }
             state.record.samples_dropped = batch.dropped_total;
@@ -302,10 +310,16 @@ impl Registry {
             }
         }
         if out.missed > 0 {
-            warn!(node = name, missed = out.missed, "gap in metrics: the agent dropped samples while disconnected");
+            warn!(
+                node = name,
+                missed = out.missed,
+                "gap in metrics: the agent dropped samples while disconnected"
+            );
         }
-        self.samples_ingested.fetch_add(out.accepted, Ordering::Relaxed);
-        self.duplicates_skipped.fetch_add(out.duplicates, Ordering::Relaxed);
+        self.samples_ingested
+            .fetch_add(out.accepted, Ordering::Relaxed);
+        self.duplicates_skipped
+            .fetch_add(out.duplicates, Ordering::Relaxed);
         if let Ok(mut ring) = self.latencies.lock() {
             for l in latencies {
                 if ring.len() >= LATENCY_WINDOW {
@@ -396,7 +410,12 @@ impl Registry {
 
     /// Ingest statistics.
     pub fn stats(&self) -> ControllerStats {
-        let connected = self.lock().nodes.values().filter(|s| s.link.is_some()).count() as u64;
+        let connected = self
+            .lock()
+            .nodes
+            .values()
+            .filter(|s| s.link.is_some())
+            .count() as u64;
         let mut lat: Vec<f32> = self
             .latencies
             .lock()
@@ -445,7 +464,9 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock is a bug; the data is still consistent
         // (every mutation is a single assignment), so keep serving.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -533,7 +554,14 @@ mod tests {
     fn unknown_nodes_cannot_connect() {
         let r = registry(Arc::new(MemoryStore::default()));
         let err = r
-            .connect("ghost", &hello("ghost", 1), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "ghost",
+                &hello("ghost", 1),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect_err("not enrolled");
         assert!(matches!(err, RegistryError::UnknownNode(_)));
     }
@@ -541,18 +569,53 @@ mod tests {
     #[test]
     fn duplicates_are_skipped_and_gaps_counted() {
         let r = registry(Arc::new(MemoryStore::default()));
-        r.enrolled("n1", &cert(), SystemTime::now()).expect("enroll");
+        r.enrolled("n1", &cert(), SystemTime::now())
+            .expect("enroll");
         let (conn, next) = r
-            .connect("n1", &hello("n1", 7), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 7),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect("connect");
         assert_eq!(next, 0);
         let a = r.ingest("n1", conn, batch(0..5), SystemTime::now());
-        assert_eq!(a, IngestOutcome { accepted: 5, duplicates: 0, missed: 0 });
+        assert_eq!(
+            a,
+            IngestOutcome {
+                accepted: 5,
+                duplicates: 0,
+                missed: 0
+            }
+        );
         let b = r.ingest("n1", conn, batch(3..8), SystemTime::now());
-        assert_eq!(b, IngestOutcome { accepted: 3, duplicates: 2, missed: 0 });
+        assert_eq!(
+            b,
+            IngestOutcome {
+                accepted: 3,
+                duplicates: 2,
+                missed: 0
+            }
+        );
         let c = r.ingest("n1", conn, batch(10..12), SystemTime::now());
-        assert_eq!(c, IngestOutcome { accepted: 2, duplicates: 0, missed: 2 });
-        let seqs: Vec<u64> = r.window("n1").expect("known").samples.iter().map(|s| s.seq).collect();
+        assert_eq!(
+            c,
+            IngestOutcome {
+                accepted: 2,
+                duplicates: 0,
+                missed: 2
+            }
+        );
+        let seqs: Vec<u64> = r
+            .window("n1")
+            .expect("known")
+            .samples
+            .iter()
+            .map(|s| s.seq)
+            .collect();
         assert_eq!(seqs, vec![0, 1, 2, 3, 4, 5, 6, 7, 10, 11]);
         // The window is bounded.
         r.ingest("n1", conn, batch(12..20), SystemTime::now());
@@ -563,20 +626,45 @@ mod tests {
     fn marks_survive_a_restart_and_a_new_instance_starts_over() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let r = registry(store.clone());
-        r.enrolled("n1", &cert(), SystemTime::now()).expect("enroll");
+        r.enrolled("n1", &cert(), SystemTime::now())
+            .expect("enroll");
         let (conn, _) = r
-            .connect("n1", &hello("n1", 7), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 7),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect("connect");
         r.ingest("n1", conn, batch(0..42), SystemTime::now());
         r.flush_marks().expect("flush");
         drop(r);
         let r = registry(store);
         let (_, next) = r
-            .connect("n1", &hello("n1", 7), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 7),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect("reconnect");
-        assert_eq!(next, 42, "same agent instance resumes after the last seen sample");
+        assert_eq!(
+            next, 42,
+            "same agent instance resumes after the last seen sample"
+        );
         let (_, next) = r
-            .connect("n1", &hello("n1", 8), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 8),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect("new instance");
         assert_eq!(next, 0, "a restarted agent numbers from zero");
     }
@@ -584,22 +672,43 @@ mod tests {
     #[test]
     fn a_new_connection_replaces_and_closes_the_old_one() {
         let r = registry(Arc::new(MemoryStore::default()));
-        r.enrolled("n1", &cert(), SystemTime::now()).expect("enroll");
+        r.enrolled("n1", &cert(), SystemTime::now())
+            .expect("enroll");
         let old = Arc::new(FakeLink::default());
         let (c1, _) = r
-            .connect("n1", &hello("n1", 1), old.clone(), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 1),
+                old.clone(),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect("first");
         let (c2, _) = r
-            .connect("n1", &hello("n1", 1), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 1),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect("second");
         assert!(old.0.load(Ordering::SeqCst));
         // The old connection's late disconnect does not mark the node disconnected.
         r.disconnect("n1", c1, Instant::now());
         assert_eq!(r.status("n1", Instant::now()), Some(NodeStatus::Ready));
         // Nor is its late batch ingested.
-        assert_eq!(r.ingest("n1", c1, batch(0..3), SystemTime::now()).accepted, 0);
+        assert_eq!(
+            r.ingest("n1", c1, batch(0..3), SystemTime::now()).accepted,
+            0
+        );
         r.disconnect("n1", c2, Instant::now());
-        assert_eq!(r.status("n1", Instant::now()), Some(NodeStatus::Disconnected));
+        assert_eq!(
+            r.status("n1", Instant::now()),
+            Some(NodeStatus::Disconnected)
+        );
         assert_eq!(
             r.status("n1", Instant::now() + Duration::from_secs(2)),
             Some(NodeStatus::Down)
@@ -609,10 +718,18 @@ mod tests {
     #[test]
     fn revoking_closes_the_link_and_refuses_reconnects() {
         let r = registry(Arc::new(MemoryStore::default()));
-        r.enrolled("n1", &cert(), SystemTime::now()).expect("enroll");
+        r.enrolled("n1", &cert(), SystemTime::now())
+            .expect("enroll");
         let link = Arc::new(FakeLink::default());
-        r.connect("n1", &hello("n1", 1), link.clone(), addr(), Instant::now(), SystemTime::now())
-            .expect("connect");
+        r.connect(
+            "n1",
+            &hello("n1", 1),
+            link.clone(),
+            addr(),
+            Instant::now(),
+            SystemTime::now(),
+        )
+        .expect("connect");
         r.revoke(&Revocation {
             name: "n1".into(),
             at_unix_ms: 1,
@@ -623,7 +740,14 @@ mod tests {
         assert!(link.0.load(Ordering::SeqCst));
         assert!(r.revoked_names().contains("n1"));
         let err = r
-            .connect("n1", &hello("n1", 1), Arc::new(FakeLink::default()), addr(), Instant::now(), SystemTime::now())
+            .connect(
+                "n1",
+                &hello("n1", 1),
+                Arc::new(FakeLink::default()),
+                addr(),
+                Instant::now(),
+                SystemTime::now(),
+            )
             .expect_err("revoked");
         assert!(matches!(err, RegistryError::Revoked(_)));
         assert!(r.enrolled("n1", &cert(), SystemTime::now()).is_err());

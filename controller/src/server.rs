@@ -79,7 +79,8 @@ pub struct Controller {
 pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     tls::install_crypto_provider();
     let pki = pki_files::load(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("controller.redb"))?);
+    let store: Arc<dyn Store> =
+        Arc::new(RedbStore::open(&config.data_dir.join("controller.redb"))?);
     let registry = Arc::new(Registry::load(
         store.clone(),
         RegistryConfig {
@@ -175,8 +176,10 @@ impl Controller {
     /// Stops serving: closes agent connections, stops the API and persists marks.
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        self.endpoint
-            .close(novacron_common::wire::CloseCode::Normal.code().into(), b"controller shutting down");
+        self.endpoint.close(
+            novacron_common::wire::CloseCode::Normal.code().into(),
+            b"controller shutting down",
+        );
         for task in &self.tasks {
             task.abort();
         }

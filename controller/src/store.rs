@@ -783,7 +783,9 @@ mod tests {
         store
             .save_metric_marks(&[("n1".into(), mark(10)), ("n2".into(), mark(20))])
             .expect("save");
-        store.save_metric_marks(&[("n1".into(), mark(11))]).expect("save");
+        store
+            .save_metric_marks(&[("n1".into(), mark(11))])
+            .expect("save");
         store.save_metric_marks(&[]).expect("save nothing");
         let marks = store.metric_marks().expect("read");
         assert_eq!(

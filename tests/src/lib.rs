@@ -1,1 +1,414 @@
+//! Harness for NovaCron's end-to-end tests: runs the real binaries as child
+//! processes (controller, agents, CLI) in a temporary directory, on loopback, with
+//! real certificates.
+//!
+//! The binaries must be built first: `cargo build --workspace --bins` (the README's
+//! test command does this).
 
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use novacron_common::api::{MetricsWindow, NodeView};
+use novacron_common::tls;
+use tokio::process::{Child, Command};
+
+/// The directory holding the built binaries of this profile.
+pub fn bin_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    target.join(profile)
+}
+
+/// The path of a built binary; panics with the command to build it when missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port, free on both TCP and UDP when it was picked.
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let Ok(tcp) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(addr) = tcp.local_addr() else { continue };
+        if UdpSocket::bind(addr).is_ok() {
+            return addr.port();
+        }
+    }
+    panic!("no free loopback port found in 50 tries");
+}
+
+/// A controller process with its data directory.
+#[derive(Debug)]
+pub struct Controller {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The port of the API (TCP) and of the agent link (UDP).
+    pub port: u16,
+    /// Extra `serve` flags.
+    pub serve_args: Vec<String>,
+    /// The running process.
+    pub child: Option<Child>,
+    /// The CA fingerprint.
+    pub fingerprint: String,
+    log_dir: PathBuf,
+    starts: u32,
+}
+
+impl Controller {
+    /// Initializes a data directory under `root` and starts serving.
+    pub async fn start(root: &Path, serve_args: &[&str]) -> Result<Controller> {
+        let data_dir = root.join("controller");
+        let out = std::process::Command::new(bin("novacron-controller"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args([
+                "init",
+                "--server-name",
+                "localhost",
+                "--server-name",
+                "127.0.0.1",
+            ])
+            .output()
+            .context("running novacron-controller init")?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let fingerprint = stdout
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .context("init printed no fingerprint")?
+            .to_string();
+        let mut c = Controller {
+            data_dir,
+            port: free_port(),
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            fingerprint,
+            log_dir: root.to_path_buf(),
+            starts: 0,
+        };
+        c.restart().await?;
+        Ok(c)
+    }
+
+    /// The API URL.
+    pub fn api(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the process on the same ports and waits until the API answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.log_dir.join(format!("controller-{}.log", self.starts)))?;
+        let listen = format!("127.0.0.1:{}", self.port);
+        let child = Command::new(bin("novacron-controller"))
+            .env("RUST_LOG", "info")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["serve", "--api-listen", &listen, "--quic-listen", &listen])
+            .args(["--server-name", "127.0.0.1"])
+            .args(&self.serve_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning novacron-controller serve")?;
+        self.child = Some(child);
+        let admin = self.admin_client()?;
+        wait_for(Duration::from_secs(20), "the controller's API", || {
+            let admin = admin.clone();
+            let url = format!("{}/healthz", self.api());
+            async move {
+                admin
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await
+    }
+
+    /// Kills the process with SIGKILL (no clean shutdown).
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+
+    /// A client with the data directory's admin certificate.
+    pub fn admin_client(&self) -> Result<reqwest::Client> {
+        let pki = self.data_dir.join("pki");
+        self.client_with(&pki.join("admin.pem"), &pki.join("admin-key.pem"))
+    }
+
+    /// A client with the given operator certificate.
+    pub fn client_with(&self, cert: &Path, key: &Path) -> Result<reqwest::Client> {
+        tls::install_crypto_provider();
+        let ca = std::fs::read_to_string(self.data_dir.join("pki/ca.pem"))?;
+        let config = tls::client_config(
+            &ca,
+            Some((
+                &std::fs::read_to_string(cert)?,
+                &std::fs::read_to_string(key)?,
+            )),
+            &[b"h2", b"http/1.1"],
+        )?;
+        Ok(reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .timeout(Duration::from_secs(10))
+            .build()?)
+    }
+
+    /// Runs `novacron-controller <args>` against this data directory.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("novacron-controller"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .expect("novacron-controller runs")
+    }
+
+    /// Creates a join token with `uses` uses.
+    pub fn token(&self, uses: u32) -> Result<String> {
+        let out = self.ctl(&["token", "create", "--quiet", "--uses", &uses.to_string()]);
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `GET /v1/nodes/{name}`, `None` on 404.
+    pub async fn node(&self, name: &str) -> Result<Option<NodeView>> {
+        let resp = self
+            .admin_client()?
+            .get(format!("{}/v1/nodes/{name}", self.api()))
+            .send()
+            .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Ok(Some(resp.error_for_status()?.json().await?))
+    }
+
+    /// `GET /v1/nodes/{name}/metrics`.
+    pub async fn window(&self, name: &str) -> Result<MetricsWindow> {
+        Ok(self
+            .admin_client()?
+            .get(format!("{}/v1/nodes/{name}/metrics", self.api()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// `GET /v1/stats`.
+    pub async fn stats(&self) -> Result<novacron_common::api::ControllerStats> {
+        Ok(self
+            .admin_client()?
+            .get(format!("{}/v1/stats", self.api()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+}
+
+/// An agent process.
+#[derive(Debug)]
+pub struct Agent {
+    /// The node name.
+    pub name: String,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Extra `run` flags.
+    pub run_args: Vec<String>,
+    /// The running process.
+    pub child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Enrolls `name` with a fresh token and starts it.
+    pub async fn join_and_run(
+        root: &Path,
+        controller: &Controller,
+        name: &str,
+        run_args: &[&str],
+    ) -> Result<Agent> {
+        let state_dir = root.join(format!("agent-{name}"));
+        let token = controller.token(1)?;
+        let out = join(controller, &token, name, &state_dir);
+        if !out.status.success() {
+            bail!("join failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut agent = Agent {
+            name: name.to_string(),
+            state_dir,
+            run_args: run_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: root.join(format!("agent-{name}.log")),
+        };
+        agent.start()?;
+        Ok(agent)
+    }
+
+    /// Starts (or restarts) the process.
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(bin("novacron-agent"))
+            .env("RUST_LOG", "info")
+            .args(["run", "--state-dir"])
+            .arg(&self.state_dir)
+            .args(&self.run_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning novacron-agent run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the process with SIGKILL.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The node's certificate, key and CA (PEM).
+    pub fn credentials(&self) -> Result<(String, String, String)> {
+        Ok((
+            std::fs::read_to_string(self.state_dir.join("node.pem"))?,
+            std::fs::read_to_string(self.state_dir.join("node-key.pem"))?,
+            std::fs::read_to_string(self.state_dir.join("ca.pem"))?,
+        ))
+    }
+}
+
+/// Runs `novacron-agent join`.
+pub fn join(
+    controller: &Controller,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+) -> std::process::Output {
+    std::process::Command::new(bin("novacron-agent"))
+        .args(["join", "--controller", &controller.api(), "--token", token])
+        .args(["--ca-fingerprint", &controller.fingerprint, "--name", name])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .expect("novacron-agent runs")
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("timed out after {limit:?} waiting for {what}")
+}
+
+/// A raw QUIC client speaking the agent protocol, for tests that misbehave.
+#[derive(Debug)]
+pub struct RawClient {
+    /// The quinn endpoint.
+    pub endpoint: quinn::Endpoint,
+}
+
+impl RawClient {
+    /// A client endpoint on loopback.
+    pub fn new() -> Result<RawClient> {
+        tls::install_crypto_provider();
+        Ok(RawClient {
+            endpoint: quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?,
+        })
+    }
+
+    /// Connects to `port` on loopback presenting `client` (cert PEM, key PEM), or no
+    /// certificate, trusting `ca_pem`.
+    pub async fn connect(
+        &self,
+        port: u16,
+        ca_pem: &str,
+        client: Option<(&str, &str)>,
+    ) -> Result<quinn::Connection, anyhow::Error> {
+        let rustls = tls::client_config(ca_pem, client, &[novacron_common::wire::ALPN])?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)?;
+        let config = quinn::ClientConfig::new(Arc::new(crypto));
+        let conn = self
+            .endpoint
+            .connect_with(
+                config,
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                "127.0.0.1",
+            )?
+            .await?;
+        Ok(conn)
+    }
+}
+
+/// MemTotal of this host in bytes, from /proc/meminfo.
+pub fn host_mem_total() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo is readable");
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("MemTotal is present")
+}

@@ -44,8 +44,9 @@ impl GpuCollector for NoGpus {
 ///
 /// The inventory (index, UUID, model, memory) is read once, when the collector is
 /// created; each [`GpuCollector::collect`] reads utilization, memory used,
-/// temperature and power of those devices. A field a device cannot report reads 0,
-/// and is logged at debug level once per device and field.
+/// temperature and power of those devices. A field a device cannot report reads 0
+/// (memory total: the inventory's figure), and is logged at debug level once per
+/// device and field; a failing device never panics the collector.
 pub struct NvmlCollector {
     nvml: Nvml,
     driver: Option<String>,

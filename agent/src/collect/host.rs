@@ -7,7 +7,7 @@
 //! (`/sys/class/net`). Processes are never listed.
 //!
 //! The choices that do not touch the OS are pure functions below
-//! ([`rate_per_sec`], filesystem and interface selection, the rate bookkeeping) and are
+//! (`rate_per_sec`, filesystem and interface selection, the rate bookkeeping) and are
 //! unit-tested on their own.
 
 use std::borrow::Cow;
@@ -47,8 +47,9 @@ pub struct SysinfoCollector {
 }
 
 impl SysinfoCollector {
-    /// Creates the `sysinfo` handles and takes a first CPU reading, so that the first
-    /// [`HostCollector::collect`] (at least 200 ms later) reports usage since now.
+    /// Creates the `sysinfo` handles and takes a first CPU reading, so that a first
+    /// [`HostCollector::collect`] at least 200 ms later reports CPU usage since now (an
+    /// earlier one reports 0, like the rates).
     pub fn new() -> Result<Self, HostError> {
         let mut system = System::new().map_err(HostError::Unsupported)?;
         system.refresh_cpu_usage();
@@ -66,14 +67,15 @@ impl SysinfoCollector {
         let load = System::load_average().map_or([0.0; 3], |l| {
             [l.one as f32, l.five as f32, l.fifteen as f32]
         });
+        let per_core_percent: Vec<f32> = self
+            .system
+            .cpus()
+            .iter()
+            .map(|c| clamp_percent(c.usage()))
+            .collect();
         CpuSample {
-            total_percent: clamp_percent(self.system.global_cpu_usage()),
-            per_core_percent: self
-                .system
-                .cpus()
-                .iter()
-                .map(|c| clamp_percent(c.usage()))
-                .collect(),
+            total_percent: mean_percent(&per_core_percent),
+            per_core_percent,
             load,
         }
     }
@@ -195,6 +197,16 @@ pub(crate) fn rate_per_sec(prev: u64, cur: u64, elapsed: Duration) -> u64 {
     }
     let per_sec = u128::from(cur - prev) * 1_000_000_000 / nanos;
     u64::try_from(per_sec).unwrap_or(u64::MAX)
+}
+
+/// Whole-host usage as the mean of the per-core figures. (sysinfo's own global figure
+/// is the same over an interval, but on the very first refresh it is the average since
+/// boot while the per-core figures are 0; the mean keeps the two consistent.)
+fn mean_percent(per_core: &[f32]) -> f32 {
+    if per_core.is_empty() {
+        return 0.0;
+    }
+    clamp_percent(per_core.iter().sum::<f32>() / per_core.len() as f32)
 }
 
 /// Usage as reported, but always a finite number in 0–100.
@@ -565,33 +577,18 @@ mod tests {
     }
 
     #[test]
+    fn total_cpu_is_the_mean_of_the_cores() {
+        assert_eq!(mean_percent(&[]), 0.0);
+        assert_eq!(mean_percent(&[0.0, 0.0]), 0.0);
+        assert_eq!(mean_percent(&[100.0, 50.0, 0.0, 50.0]), 50.0);
+    }
+
+    #[test]
     fn percentages_are_clamped_and_finite() {
         assert_eq!(clamp_percent(f32::NAN), 0.0);
         assert_eq!(clamp_percent(f32::INFINITY), 0.0);
         assert_eq!(clamp_percent(-1.0), 0.0);
         assert_eq!(clamp_percent(100.5), 100.0);
         assert_eq!(clamp_percent(42.0), 42.0);
-    }
-}
-#[cfg(test)]
-mod tmp_probe {
-    use super::*;
-    #[test]
-    fn tmp_probe_print() {
-        let mut h = SysinfoCollector::new().expect("x");
-        let t = Instant::now();
-        let s0 = h.collect(t);
-        std::thread::sleep(Duration::from_millis(1000));
-        let s = h.collect(Instant::now());
-        println!("{s0:#?}\n{s:#?}\nos={}", os_description());
-        let n = 200;
-        let cpu0 = std::fs::read_to_string("/proc/self/stat").expect("x");
-        let start = Instant::now();
-        for _ in 0..n { std::hint::black_box(h.collect(Instant::now())); }
-        println!("per collect wall: {:?}", start.elapsed() / n);
-        let cpu1 = std::fs::read_to_string("/proc/self/stat").expect("x");
-        let f = |s: &str| { let v: Vec<u64> = s.split_whitespace().skip(13).take(2).map(|x| x.parse().expect("x")).collect(); v[0]+v[1] };
-        println!("cpu ticks for {n}: {}", f(&cpu1) - f(&cpu0));
-        println!("{}", std::fs::read_to_string("/proc/self/status").expect("x").lines().filter(|l| l.starts_with("VmRSS")).collect::<String>());
     }
 }

@@ -284,8 +284,8 @@ impl ApiClient {
     /// Turns a transport error into what the operator should do.
     fn classify(&self, e: &reqwest::Error) -> ClientError {
         let url = self.api.to_string();
-        if let Some(tls) = find_rustls_error(e) {
-            return self.tls_error(url, tls);
+        if let Some(tls) = find_tls_error(e) {
+            return self.tls_error(url, &tls);
         }
         if e.is_timeout() {
             return ClientError::Unreachable {
@@ -328,7 +328,7 @@ impl ApiClient {
                     context: self.context.clone(),
                 }
             }
-            rustls::Error::AlertReceived(alert) if is_client_cert_alert(*alert) => {
+            rustls::Error::AlertReceived(alert) if CLIENT_CERT_ALERTS.contains(alert) => {
                 if expired_locally.is_some() {
                     expired()
                 } else {
@@ -354,20 +354,17 @@ impl ApiClient {
     }
 }
 
-/// Alerts a server sends when it refuses the client's certificate.
-fn is_client_cert_alert(alert: AlertDescription) -> bool {
-    matches!(
-        alert,
-        AlertDescription::BadCertificate
-            | AlertDescription::UnsupportedCertificate
-            | AlertDescription::CertificateUnknown
-            | AlertDescription::UnknownCA
-            | AlertDescription::AccessDenied
-            | AlertDescription::DecryptError
-            | AlertDescription::CertificateRequired
-            | AlertDescription::NoCertificate
-    )
-}
+/// Alerts a server sends when it does not trust the client's certificate.
+const CLIENT_CERT_ALERTS: [AlertDescription; 8] = [
+    AlertDescription::BadCertificate,
+    AlertDescription::UnsupportedCertificate,
+    AlertDescription::CertificateUnknown,
+    AlertDescription::UnknownCA,
+    AlertDescription::AccessDenied,
+    AlertDescription::DecryptError,
+    AlertDescription::CertificateRequired,
+    AlertDescription::NoCertificate,
+];
 
 /// The error for a non-success status, with the server's message.
 fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
@@ -410,10 +407,28 @@ fn chain<'a>(e: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static
     out
 }
 
-fn find_rustls_error(e: &reqwest::Error) -> Option<&rustls::Error> {
-    chain(e)
-        .into_iter()
-        .find_map(|e| e.downcast_ref::<rustls::Error>())
+/// The TLS error behind `e`, if any.
+fn find_tls_error(e: &(dyn StdError + 'static)) -> Option<rustls::Error> {
+    let chain = chain(e);
+    if let Some(tls) = chain.iter().find_map(|e| e.downcast_ref::<rustls::Error>()) {
+        return Some(tls.clone());
+    }
+    // With TLS 1.3 the server checks the client certificate after the client has
+    // finished its handshake, so the refusal arrives as an alert on the first read.
+    // Over HTTP/2 that I/O error keeps only its message (h2 stores I/O errors as
+    // kind and text), so recognise the alerts by rustls' own wording.
+    let messages: Vec<String> = chain.iter().map(|e| e.to_string()).collect();
+    CLIENT_CERT_ALERTS
+        .iter()
+        .chain(&[
+            AlertDescription::CertificateExpired,
+            AlertDescription::CertificateRevoked,
+        ])
+        .map(|alert| rustls::Error::AlertReceived(*alert))
+        .find(|tls| {
+            let text = tls.to_string();
+            messages.iter().any(|m| m.ends_with(&text))
+        })
 }
 
 /// The message of the innermost error: `Connection refused (os error 111)`.
@@ -444,7 +459,10 @@ mod tests {
         let body = br#"{"error":"no node named \"ghost\""}"#;
         let e = status_error(StatusCode::NOT_FOUND, body);
         assert_eq!(e.to_string(), "no node named \"ghost\"");
-        let e = status_error(StatusCode::FORBIDDEN, br#"{"error":"viewers may not drain"}"#);
+        let e = status_error(
+            StatusCode::FORBIDDEN,
+            br#"{"error":"viewers may not drain"}"#,
+        );
         assert_eq!(e.to_string(), "permission denied: viewers may not drain");
         let e = status_error(StatusCode::UNAUTHORIZED, b"");
         assert_eq!(e.to_string(), "permission denied: Unauthorized");
@@ -456,15 +474,26 @@ mod tests {
     }
 
     #[test]
-    fn chain_looks_inside_io_errors() {
+    fn tls_errors_are_found_inside_io_errors() {
         let inner = rustls::Error::AlertReceived(AlertDescription::UnknownCA);
         let io = io::Error::new(io::ErrorKind::InvalidData, inner);
-        let found = chain(&io)
-            .into_iter()
-            .find_map(|e| e.downcast_ref::<rustls::Error>());
         assert!(matches!(
-            found,
+            find_tls_error(&io),
             Some(rustls::Error::AlertReceived(AlertDescription::UnknownCA))
         ));
+    }
+
+    #[test]
+    fn tls_alerts_are_recognised_by_their_text_after_http2_flattens_them() {
+        let text = rustls::Error::AlertReceived(AlertDescription::CertificateExpired).to_string();
+        let io = io::Error::new(io::ErrorKind::InvalidData, text);
+        assert!(matches!(
+            find_tls_error(&io),
+            Some(rustls::Error::AlertReceived(
+                AlertDescription::CertificateExpired
+            ))
+        ));
+        let unrelated = io::Error::other("received fatal alert: SomethingElse");
+        assert!(find_tls_error(&unrelated).is_none());
     }
 }

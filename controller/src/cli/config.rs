@@ -60,12 +60,14 @@ pub enum ConfigError {
         source: io::Error,
     },
     /// The context file is not valid TOML or has unknown or mistyped keys.
-    #[error("malformed context file {}: {}", path.display(), describe_toml_error(source))]
+    #[error("malformed context file {}{location}: {}", path.display(), source.message().trim_end())]
     Malformed {
         /// The file.
         path: PathBuf,
-        /// The parser's error, with the position and the key.
-        source: toml::de::Error,
+        /// `, line L, column C, at key `contexts.dev.api``, as far as known.
+        location: String,
+        /// The parser's error.
+        source: Box<toml::de::Error>,
     },
     /// The file names no current context and none was asked for.
     #[error(
@@ -271,7 +273,11 @@ impl ContextFile {
     pub fn parse(text: &str, path: &Path) -> Result<ContextFile, ConfigError> {
         toml::from_str(text).map_err(|source| ConfigError::Malformed {
             path: path.to_path_buf(),
-            source,
+            location: source
+                .span()
+                .map(|span| locate(text, span.start))
+                .unwrap_or_default(),
+            source: Box::new(source),
         })
     }
 
@@ -345,24 +351,41 @@ pub fn write_context(
     file.save(config_path)
 }
 
-/// The TOML error with its position, on one line when possible.
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    // The Display form is a multi-line snippet that shows the line and points at the
-    // key or value; keep it, indented under the message.
-    let text = e.to_string();
-    let text = text.trim_end();
-    if text.contains('\n') {
-        format!("\n{}", indent(text, "    "))
+/// Describes byte offset `at` of a TOML text: `, line 3, column 7, at key
+/// `contexts.dev.api``. The key is the one defined on that line (or the table the
+/// line opens), prefixed with the table it is in.
+fn locate(text: &str, at: usize) -> String {
+    let Some(before) = text.get(..at) else {
+        return String::new();
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_no = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let header = |l: &str| {
+        l.strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|t| t.trim_matches(|c| c == '[' || c == ' ').to_string())
+    };
+    let key = if let Some(table) = header(line) {
+        Some(table)
+    } else if let Some((key, _)) = line.split_once('=') {
+        let table = before[..line_start]
+            .lines()
+            .rev()
+            .find_map(|l| header(l.trim()));
+        let key = key.trim();
+        Some(match table {
+            Some(table) => format!("{table}.{key}"),
+            None => key.to_string(),
+        })
     } else {
-        text.to_string()
+        None
+    };
+    match key {
+        Some(key) => format!(", line {line_no}, column {column}, at key `{key}`"),
+        None => format!(", line {line_no}, column {column}"),
     }
-}
-
-fn indent(text: &str, prefix: &str) -> String {
-    text.lines()
-        .map(|l| format!("{prefix}{l}").trim_end().to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, mode 0600.
@@ -418,7 +441,11 @@ mod tests {
 
         write_context(&path, "dev", &dev, false).expect("first write");
         let file = ContextFile::load(&path).expect("load");
-        assert_eq!(file.current.as_deref(), Some("dev"), "first context is current");
+        assert_eq!(
+            file.current.as_deref(),
+            Some("dev"),
+            "first context is current"
+        );
         assert_eq!(file.contexts["dev"], dev);
 
         write_context(&path, "prod", &prod, false).expect("second write");
@@ -458,20 +485,41 @@ mod tests {
     #[test]
     fn unknown_key_error_names_the_file_and_the_key() {
         let text = "current = \"dev\"\n\n[contexts.dev]\napi = \"https://127.0.0.1:7443\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\ntoken = \"x\"\n";
-        let err = ContextFile::parse(text, Path::new("/etc/x/config.toml")).expect_err("unknown key");
-        let msg = err.to_string();
-        assert!(msg.contains("malformed context file /etc/x/config.toml"), "{msg}");
-        assert!(msg.contains("token"), "{msg}");
-        assert!(msg.contains("line 8"), "{msg}");
+        let err =
+            ContextFile::parse(text, Path::new("/etc/x/config.toml")).expect_err("unknown key");
+        assert_eq!(
+            err.to_string(),
+            "malformed context file /etc/x/config.toml, line 8, column 1, at key `contexts.dev.token`: unknown field `token`, expected one of `api`, `ca`, `cert`, `key`"
+        );
     }
 
     #[test]
-    fn wrong_type_error_points_at_the_key() {
-        let text = "[contexts.dev]\napi = 7443\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    fn wrong_type_error_names_the_key() {
+        let text =
+            "[contexts.dev]\napi = 7443\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
         let msg = ContextFile::parse(text, Path::new("c.toml"))
             .expect_err("wrong type")
             .to_string();
-        assert!(msg.contains("api = 7443"), "{msg}");
+        assert_eq!(
+            msg,
+            "malformed context file c.toml, line 2, column 7, at key `contexts.dev.api`: invalid type: integer `7443`, expected a string"
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key_and_syntax_errors_are_located() {
+        let msg = ContextFile::parse("curent = \"dev\"\n", Path::new("c.toml"))
+            .expect_err("typo")
+            .to_string();
+        assert!(msg.contains("at key `curent`"), "{msg}");
+        assert!(msg.contains("unknown field `curent`"), "{msg}");
+        let msg = ContextFile::parse("[contexts.dev\n", Path::new("c.toml"))
+            .expect_err("syntax")
+            .to_string();
+        assert!(
+            msg.starts_with("malformed context file c.toml, line 1"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -480,8 +528,8 @@ mod tests {
         let msg = ContextFile::parse(text, Path::new("c.toml"))
             .expect_err("http URL")
             .to_string();
-        assert!(msg.contains("only https"), "{msg}");
-        assert!(msg.contains("api = "), "{msg}");
+        assert!(msg.contains("at key `contexts.dev.api`"), "{msg}");
+        assert!(msg.contains("the API speaks only https"), "{msg}");
     }
 
     #[test]

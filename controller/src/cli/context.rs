@@ -150,7 +150,10 @@ fn read_cert(path: &Path) -> Result<(Identity, SystemTime), String> {
 fn show(row: &ContextSummary) -> String {
     let mut pairs = vec![
         ("Name", row.name.clone()),
-        ("Current", if row.current { "yes" } else { "no" }.to_string()),
+        (
+            "Current",
+            if row.current { "yes" } else { "no" }.to_string(),
+        ),
         ("API", row.api.clone()),
         ("CA", row.ca.clone()),
         ("Certificate", row.cert.clone()),

@@ -194,12 +194,13 @@ pub fn timestamp(now: SystemTime, when: SystemTime) -> String {
 }
 
 /// Writes `label: value` lines with the values aligned, each line prefixed by
-/// `indent`.
+/// `indent`; an empty value shows as `-`.
 pub fn key_values(indent: &str, pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (k, v) in pairs {
         let label = format!("{k}:");
+        let v = if v.is_empty() { "-" } else { v.as_str() };
         out.push_str(format!("{indent}{label:<width$}  {v}").trim_end());
         out.push('\n');
     }
@@ -259,12 +260,27 @@ mod tests {
             count: 3,
         }];
         let mut json = Vec::new();
-        write_list(&mut json, OutputFormat::Json, &items, SystemTime::UNIX_EPOCH).expect("json");
+        write_list(
+            &mut json,
+            OutputFormat::Json,
+            &items,
+            SystemTime::UNIX_EPOCH,
+        )
+        .expect("json");
         let parsed: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
         assert_eq!(parsed[0]["name"], "apple");
         let mut yaml = Vec::new();
-        write_list(&mut yaml, OutputFormat::Yaml, &items, SystemTime::UNIX_EPOCH).expect("yaml");
-        assert_eq!(String::from_utf8(yaml).expect("utf8"), "- name: apple\n  count: 3\n");
+        write_list(
+            &mut yaml,
+            OutputFormat::Yaml,
+            &items,
+            SystemTime::UNIX_EPOCH,
+        )
+        .expect("yaml");
+        assert_eq!(
+            String::from_utf8(yaml).expect("utf8"),
+            "- name: apple\n  count: 3\n"
+        );
     }
 
     #[test]
@@ -285,8 +301,14 @@ mod tests {
         assert_eq!(ago(t0 + Duration::from_millis(1500), t0), "1s ago");
         assert_eq!(ago(t0, t0 + Duration::from_secs(5)), "0s ago");
         assert_eq!(ago(t0 + Duration::from_secs(7200), t0), "2h ago");
-        assert_eq!(relative(t0, t0 + Duration::from_secs(29 * 86_400)), "in 29d");
-        assert_eq!(long_duration(Duration::from_secs(3 * 86_400 + 4 * 3600 + 9)), "3d 4h");
+        assert_eq!(
+            relative(t0, t0 + Duration::from_secs(29 * 86_400)),
+            "in 29d"
+        );
+        assert_eq!(
+            long_duration(Duration::from_secs(3 * 86_400 + 4 * 3600 + 9)),
+            "3d 4h"
+        );
         assert_eq!(long_duration(Duration::from_secs(65)), "1m 5s");
     }
 }
