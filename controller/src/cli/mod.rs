@@ -12,6 +12,7 @@
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod dev;
 pub mod nodes;
 pub mod output;
 
@@ -95,6 +96,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
+    /// Run a local fleet: a controller and agents on this machine, with a throwaway CA.
+    Dev(dev::DevArgs),
     /// Inspect the fleet's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -114,6 +117,9 @@ pub enum CliError {
     /// The context file or the chosen context is missing or malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The local dev fleet failed.
+    #[error(transparent)]
+    Dev(dev::DevError),
     /// Talking to the controller failed.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -133,7 +139,9 @@ impl CliError {
             CliError::Config(_) => EXIT_CONFIG,
             CliError::Client(e) if e.is_configuration() => EXIT_CONFIG,
             CliError::Client(e) if e.is_unreachable() => EXIT_UNAVAILABLE,
-            CliError::Client(_) | CliError::Output(_) | CliError::Runtime(_) => EXIT_FAILURE,
+            CliError::Client(_) | CliError::Output(_) | CliError::Runtime(_) | CliError::Dev(_) => {
+                EXIT_FAILURE
+            }
         }
     }
 
@@ -182,6 +190,10 @@ pub async fn run(
         Command::Context(cmd) => {
             let path = config_path(cli, env)?;
             context::run(cmd, &path, cli.context.as_deref(), cli.output, out, now)
+        }
+        Command::Dev(args) => {
+            let path = config_path(cli, env)?;
+            dev::run(args, &path, out).await.map_err(CliError::Dev)
         }
         Command::Node(cmd) => {
             let client = connect(cli, env, now)?;

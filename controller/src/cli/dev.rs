@@ -1,0 +1,399 @@
+//! `novacron dev`: a local fleet in one command. It runs the real binaries, a
+//! controller and N agents, with a throwaway CA in a state directory, over real QUIC
+//! and mutual TLS; writes a `dev` context so that `novacron node list` works from
+//! another terminal; prints a live one-line summary per node; and stops everything
+//! on Ctrl-C.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Args;
+use novacron_common::api::NodeView;
+use tokio::process::{Child, Command};
+
+use super::client::ApiClient;
+use super::config::{Context, write_context};
+use super::output::bytes;
+
+/// How long the fleet may take to come up.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `novacron dev` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct DevArgs {
+    /// State directory for the throwaway CA, the controller's store and the agents.
+    #[arg(long, default_value = ".novacron-dev")]
+    pub dir: PathBuf,
+    /// Number of local agents.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub agents: u16,
+    /// Port of the controller's API (TCP) and agent link (UDP) on 127.0.0.1.
+    #[arg(long, default_value_t = 7443)]
+    pub port: u16,
+    /// Delete the state directory first (a new CA, new nodes).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Print the node summary this often (0 to stay quiet).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub every: Duration,
+    /// Stop by itself after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// Errors of `novacron dev`.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// A sibling binary is missing.
+    #[error(
+        "{0} not found next to this binary; build all binaries with `cargo build --release --bins`"
+    )]
+    MissingBinary(PathBuf),
+    /// A step failed.
+    #[error("{step} failed: {detail}")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// Its output or error.
+        detail: String,
+    },
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the local fleet until Ctrl-C (or `--duration`).
+pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Result<(), DevError> {
+    let bins = sibling_dir()?;
+    let controller_bin = existing(bins.join("novacron-controller"))?;
+    let agent_bin = existing(bins.join("novacron-agent"))?;
+    if args.fresh && args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir).map_err(|source| DevError::Io {
+            path: args.dir.clone(),
+            source,
+        })?;
+    }
+    let dir = absolute(&args.dir)?;
+    let data = dir.join("controller");
+    if !data.join("pki/ca.pem").exists() {
+        step(
+            "novacron-controller init",
+            std::process::Command::new(&controller_bin)
+                .arg("--data-dir")
+                .arg(&data)
+                .args([
+                    "init",
+                    "--server-name",
+                    "127.0.0.1",
+                    "--server-name",
+                    "localhost",
+                ]),
+        )?;
+    }
+    let listen = format!("127.0.0.1:{}", args.port);
+    let mut children = Vec::new();
+    children.push(spawn(
+        Command::new(&controller_bin)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["serve", "--api-listen", &listen, "--quic-listen", &listen])
+            .args(["--server-name", "127.0.0.1"]),
+        &dir.join("controller.log"),
+    )?);
+
+    let api = format!("https://{listen}");
+    let ctx = Context {
+        api: api.parse().map_err(|e| DevError::Step {
+            step: "building the context".into(),
+            detail: format!("{e}"),
+        })?,
+        ca: data.join("pki/ca.pem"),
+        cert: data.join("pki/admin.pem"),
+        key: data.join("pki/admin-key.pem"),
+    };
+    let client = ApiClient::new("dev", &ctx, SystemTime::now()).map_err(|e| DevError::Step {
+        step: "reading the dev credentials".into(),
+        detail: e.to_string(),
+    })?;
+    wait_until(&mut children, &dir, "the controller's API", || async {
+        client.get::<Vec<NodeView>>(&["v1", "nodes"]).await.is_ok()
+    })
+    .await?;
+
+    let names: Vec<String> = (1..=args.agents).map(|i| format!("dev-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let state = dir.join(format!("agent-{name}"));
+        if !state.join("enrollment.json").exists() {
+            let token = step(
+                "novacron-controller token create",
+                std::process::Command::new(&controller_bin)
+                    .arg("--data-dir")
+                    .arg(&data)
+                    .args(["token", "create", "--quiet", "--ttl", "10m"]),
+            )?;
+            let fingerprint = fingerprint(&data)?;
+            step(
+                &format!("novacron-agent join ({name})"),
+                std::process::Command::new(&agent_bin)
+                    .args(["join", "--controller", &api, "--token", token.trim()])
+                    .args(["--ca-fingerprint", &fingerprint, "--name", name])
+                    .arg("--state-dir")
+                    .arg(&state),
+            )?;
+        }
+        let zone = format!("zone={}", ["a", "b", "c"][i % 3]);
+        children.push(spawn(
+            Command::new(&agent_bin)
+                .args(["run", "--state-dir"])
+                .arg(&state)
+                .args([
+                    "--label",
+                    &zone,
+                    "--label",
+                    "pool=dev",
+                    "--label",
+                    "capacity=on-demand",
+                ]),
+            &dir.join(format!("{name}.log")),
+        )?);
+    }
+    wait_until(
+        &mut children,
+        &dir,
+        "every agent to stream metrics",
+        || async {
+            client
+                .get::<Vec<NodeView>>(&["v1", "nodes"])
+                .await
+                .is_ok_and(|nodes| {
+                    names.iter().all(|n| {
+                        nodes.iter().any(|v| {
+                            &v.name == n && v.latest.is_some() && v.status.to_string() == "ready"
+                        })
+                    })
+                })
+        },
+    )
+    .await?;
+
+    write_context(config_path, "dev", &ctx, true).map_err(|e| DevError::Step {
+        step: "writing the dev context".into(),
+        detail: e.to_string(),
+    })?;
+    let _ = writeln!(
+        out,
+        "NovaCron dev fleet is up: controller {api}, {} agent(s): {}\n\
+         state and logs: {}\n\
+         context \"dev\" written to {}\n\n\
+         try, in another terminal:\n  \
+         novacron node list\n  \
+         novacron node show {}\n  \
+         novacron node list -o json\n\n\
+         Ctrl-C stops the fleet.",
+        names.len(),
+        names.join(", "),
+        dir.display(),
+        config_path.display(),
+        names[0],
+    );
+    let _ = out.flush();
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(if args.every.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        args.every
+    });
+    tick.tick().await;
+    loop {
+        let until_end = args
+            .duration
+            .map(|d| d.saturating_sub(started.elapsed()))
+            .unwrap_or(Duration::from_secs(86_400 * 365));
+        tokio::select! {
+            _ = crate::signal::shutdown_signal() => break,
+            _ = tokio::time::sleep(until_end) => break,
+            _ = tick.tick() => {
+                if args.every.is_zero() { continue; }
+                if let Some(died) = exited(&mut children) {
+                    stop_all(&mut children).await;
+                    return Err(DevError::Step { step: "the fleet".into(), detail: format!("{died}; see the logs in {}", dir.display()) });
+                }
+                if let Ok(nodes) = client.get::<Vec<NodeView>>(&["v1", "nodes"]).await {
+                    let _ = writeln!(out, "{}", summary(&nodes));
+                    let _ = out.flush();
+                }
+            }
+        }
+    }
+    let _ = writeln!(out, "stopping the dev fleet");
+    stop_all(&mut children).await;
+    Ok(())
+}
+
+/// One line per fleet: each node's status, CPU and memory.
+pub fn summary(nodes: &[NodeView]) -> String {
+    nodes
+        .iter()
+        .map(|n| match &n.latest {
+            Some(s) => format!(
+                "{} {} cpu {} mem {}/{}",
+                n.name,
+                n.status,
+                format!("{:.0}%", s.cpu.total_percent),
+                bytes(s.memory.used_bytes),
+                bytes(s.memory.total_bytes)
+            ),
+            None => format!("{} {}", n.name, n.status),
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn sibling_dir() -> Result<PathBuf, DevError> {
+    let exe = std::env::current_exe().map_err(|source| DevError::Io {
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+fn existing(path: PathBuf) -> Result<PathBuf, DevError> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(DevError::MissingBinary(path))
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, DevError> {
+    std::fs::create_dir_all(path).map_err(|source| DevError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::canonicalize(path).map_err(|source| DevError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn fingerprint(data: &Path) -> Result<String, DevError> {
+    let pem = std::fs::read_to_string(data.join("pki/ca.pem")).map_err(|source| DevError::Io {
+        path: data.join("pki/ca.pem"),
+        source,
+    })?;
+    novacron_common::pki::first_cert_der(&pem)
+        .map(|der| novacron_common::pki::Fingerprint::of(&der).to_string())
+        .map_err(|e| DevError::Step {
+            step: "reading the dev CA".into(),
+            detail: e.to_string(),
+        })
+}
+
+fn step(what: &str, cmd: &mut std::process::Command) -> Result<String, DevError> {
+    let out = cmd.output().map_err(|e| DevError::Step {
+        step: what.into(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(DevError::Step {
+            step: what.into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Result<(String, Child), DevError> {
+    let file = std::fs::File::create(log).map_err(|source| DevError::Io {
+        path: log.to_path_buf(),
+        source,
+    })?;
+    let name = format!("{:?}", cmd.as_std().get_program());
+    let child = cmd
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| DevError::Step {
+            step: format!("starting {name}"),
+            detail: e.to_string(),
+        })?;
+    Ok((name, child))
+}
+
+async fn wait_until<F, Fut>(
+    children: &mut [(String, Child)],
+    dir: &Path,
+    what: &str,
+    mut check: F,
+) -> Result<(), DevError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < STARTUP_TIMEOUT {
+        if check().await {
+            return Ok(());
+        }
+        if let Some(died) = exited(children) {
+            return Err(DevError::Step {
+                step: format!("waiting for {what}"),
+                detail: format!(
+                    "{died}; see the logs in {} (is port already in use? try --port)",
+                    dir.display()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(DevError::Step {
+        step: format!("waiting for {what}"),
+        detail: format!(
+            "not ready after {STARTUP_TIMEOUT:?}; see the logs in {}",
+            dir.display()
+        ),
+    })
+}
+
+fn exited(children: &mut [(String, Child)]) -> Option<String> {
+    children
+        .iter_mut()
+        .find_map(|(name, child)| match child.try_wait() {
+            Ok(Some(status)) => Some(format!("{name} exited with {status}")),
+            _ => None,
+        })
+}
+
+async fn stop_all(children: &mut [(String, Child)]) {
+    // Agents first, then the controller, each with SIGTERM and a grace period.
+    for (_, child) in children.iter_mut().rev() {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 5s, 1m"))
+}
