@@ -131,6 +131,10 @@ pub async fn run(
         capacity,
         capabilities,
     };
+    // Sampling runs and the link is being established: ready for systemd (Type=notify).
+    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!(%error, "cannot notify systemd of readiness");
+    }
     let mut attempt: u32 = 0;
     while !cancel.is_cancelled() {
         let started = Instant::now();

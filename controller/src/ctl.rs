@@ -316,8 +316,13 @@ async fn serve(data_dir: &Path, args: ServeArgs) -> i32 {
         "controller ready: api {url}, agent link udp {}",
         controller.quic_addr
     );
+    // Tell systemd (Type=notify) that the API and the agent link are serving.
+    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(%error, "cannot notify systemd of readiness");
+    }
     crate::signal::shutdown_signal().await;
     info!("stopping on signal");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     controller.shutdown().await;
     0
 }
