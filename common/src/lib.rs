@@ -5,6 +5,7 @@
 pub mod api;
 pub mod backoff;
 pub mod fleet;
+pub mod manifest;
 pub mod pki;
 pub mod tls;
 pub mod wire;

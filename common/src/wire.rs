@@ -149,6 +149,9 @@ pub enum AgentMessage {
         /// A PKCS#10 request in PEM, made with the agent's new key.
         csr_pem: String,
     },
+    /// The state of every allocation the agent runs (a full report, sent on every
+    /// change and at least every few seconds).
+    Allocations(AllocationReport),
 }
 
 /// Messages the controller sends on the control stream.
@@ -165,6 +168,11 @@ pub enum ControllerMessage {
         /// The signed certificate (PEM), or why it was not signed.
         result: Result<String, String>,
     },
+    /// The complete set of allocations this node should run. Level-triggered: each
+    /// message replaces the previous one; a lost one is repaired by the next.
+    Desired(DesiredAllocations),
+    /// Send an allocation's logs on a new uni-stream ([`StreamKind::Logs`]).
+    Logs(LogRequest),
 }
 
 /// The agent's introduction. The node name it claims must match its certificate.
@@ -263,6 +271,11 @@ pub struct StreamOpen {
 pub enum StreamKind {
     /// [`MetricsBatch`] frames.
     Metrics,
+    /// [`LogChunk`] frames answering the [`LogRequest`] with this id.
+    Logs {
+        /// The request answered.
+        request_id: u64,
+    },
 }
 
 /// A batch of host samples, in sequence order.
@@ -273,6 +286,252 @@ pub struct MetricsBatch {
     /// How many samples the agent has dropped since it started because its
     /// disconnected buffer was full.
     pub dropped_total: u64,
+}
+
+/// The allocations a node should run, numbered by generation.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct DesiredAllocations {
+    /// Increases with every change of this node's desired set.
+    pub generation: u64,
+    /// Every allocation the node should run; anything else it runs is stopped.
+    pub allocations: Vec<AllocationSpec>,
+}
+
+/// One allocation as the agent runs it.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct AllocationSpec {
+    /// Allocation id (unique in the fleet).
+    pub id: String,
+    /// The job it belongs to.
+    pub job: String,
+    /// The job version it runs.
+    pub job_version: u64,
+    /// The container.
+    pub task: TaskSpec,
+}
+
+/// The container of an allocation.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Image reference, present on the node.
+    pub image: String,
+    /// Entrypoint override (empty: the image's).
+    pub command: Vec<String>,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Published ports.
+    pub ports: Vec<PortMapping>,
+    /// Volumes.
+    pub volumes: Vec<VolumeMount>,
+    /// Working directory.
+    pub working_dir: Option<String>,
+    /// CPU (millicores; 0 = unlimited).
+    pub cpu_millis: u64,
+    /// Memory limit in bytes (0 = unlimited).
+    pub memory_bytes: u64,
+    /// GPU UUIDs assigned to this allocation.
+    pub gpu_uuids: Vec<String>,
+    /// Restart policy.
+    pub restart: RestartSpec,
+    /// Health check.
+    pub health: Option<HealthSpec>,
+}
+
+/// A published port.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// Name.
+    pub name: String,
+    /// Port in the container.
+    pub container_port: u16,
+    /// Host port; `None` lets the runtime pick.
+    pub host_port: Option<u16>,
+    /// `true` for UDP.
+    pub udp: bool,
+}
+
+/// A mounted volume.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// A named volume or an absolute host path.
+    pub source: String,
+    /// Path in the container.
+    pub target: String,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// Restart policy on the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct RestartSpec {
+    /// Restarts allowed within `interval_ms`.
+    pub attempts: u32,
+    /// The window, milliseconds.
+    pub interval_ms: u64,
+    /// Delay before a restart, milliseconds.
+    pub delay_ms: u64,
+    /// When attempts run out: `false` fails the allocation, `true` waits for the
+    /// window to pass and tries again.
+    pub delay_mode: bool,
+}
+
+/// A health check.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct HealthSpec {
+    /// What to check.
+    pub check: HealthCheckKind,
+    /// Between checks, milliseconds.
+    pub interval_ms: u64,
+    /// Per check, milliseconds.
+    pub timeout_ms: u64,
+    /// Consecutive failures before unhealthy.
+    pub retries: u32,
+}
+
+/// Kinds of health check.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum HealthCheckKind {
+    /// HTTP GET on a container port; 2xx/3xx is healthy.
+    Http {
+        /// Container port.
+        port: u16,
+        /// Path.
+        path: String,
+    },
+    /// TCP connect to a container port.
+    Tcp {
+        /// Container port.
+        port: u16,
+    },
+    /// A command in the container; exit 0 is healthy.
+    Exec {
+        /// The command.
+        command: Vec<String>,
+    },
+}
+
+/// The agent's report of every allocation it knows.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct AllocationReport {
+    /// The last desired generation the agent has applied.
+    pub generation: u64,
+    /// One entry per allocation, desired or still running.
+    pub allocations: Vec<AllocationStatus>,
+}
+
+/// Allocation states, shared by agent and controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocState {
+    /// Placed, not yet started.
+    Pending,
+    /// Being created or started, or waiting to restart.
+    Starting,
+    /// Running.
+    Running,
+    /// Being checkpointed.
+    Checkpointing,
+    /// Moving to another node.
+    Migrating,
+    /// Stopped on purpose.
+    Stopped,
+    /// Exited 0 (batch work done).
+    Complete,
+    /// Exited non-zero after its restarts, or could not start.
+    Failed,
+    /// Its node is down.
+    Lost,
+}
+
+impl AllocState {
+    /// Whether the allocation will not run again by itself.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            AllocState::Stopped | AllocState::Complete | AllocState::Failed | AllocState::Lost
+        )
+    }
+}
+
+impl std::fmt::Display for AllocState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            AllocState::Pending => "pending",
+            AllocState::Starting => "starting",
+            AllocState::Running => "running",
+            AllocState::Checkpointing => "checkpointing",
+            AllocState::Migrating => "migrating",
+            AllocState::Stopped => "stopped",
+            AllocState::Complete => "complete",
+            AllocState::Failed => "failed",
+            AllocState::Lost => "lost",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One allocation as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct AllocationStatus {
+    /// Allocation id.
+    pub id: String,
+    /// State.
+    pub state: AllocState,
+    /// Health: `None` without a check or before the first result.
+    pub healthy: Option<bool>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Last exit code.
+    pub exit_code: Option<i64>,
+    /// What happened last, for people (`image busybox:nope not found on this node`).
+    pub message: String,
+    /// Container id.
+    pub container_id: Option<String>,
+    /// When the current run started, Unix ms.
+    pub started_at_unix_ms: Option<u64>,
+}
+
+/// Usage of one allocation.
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct AllocationUsage {
+    /// Allocation id.
+    pub id: String,
+    /// CPU, percent of one core.
+    pub cpu_percent: f32,
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Memory limit, bytes (0 = none).
+    pub memory_limit_bytes: u64,
+    /// Receive rate, bytes per second.
+    pub rx_bytes_per_sec: u64,
+    /// Transmit rate, bytes per second.
+    pub tx_bytes_per_sec: u64,
+}
+
+/// Asks for an allocation's logs.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct LogRequest {
+    /// Echoed in the stream header.
+    pub request_id: u64,
+    /// The allocation.
+    pub allocation: String,
+    /// Keep streaming new output.
+    pub follow: bool,
+    /// Last lines to send first (0: all).
+    pub tail: u32,
+}
+
+/// A piece of log output.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// `true` for standard error.
+    pub stderr: bool,
+    /// The bytes (at most 64 KiB a chunk).
+    pub data: Vec<u8>,
+    /// Set on the last chunk, with an error message when the logs could not be read.
+    pub end: Option<Result<(), String>>,
 }
 
 /// One reading of a host's metrics.
@@ -294,6 +553,8 @@ pub struct NodeSample {
     pub gpus: Vec<GpuSample>,
     /// Seconds since boot.
     pub uptime_secs: u64,
+    /// Usage of each allocation on the node.
+    pub allocations: Vec<AllocationUsage>,
 }
 
 /// CPU usage.

@@ -293,6 +293,14 @@ async fn control_loop(
                     "a second Hello on the control stream".into(),
                 ));
             }
+            AgentMessage::Allocations(report) => {
+                debug!(
+                    node = name,
+                    allocations = report.allocations.len(),
+                    generation = report.generation,
+                    "allocation report"
+                );
+            }
             AgentMessage::RenewCertificate {
                 request_id,
                 csr_pem,
