@@ -313,6 +313,9 @@ pub struct AllocationSpec {
 /// The container of an allocation.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
 pub struct TaskSpec {
+    /// Run to completion (batch): exit 0 completes the allocation. Otherwise
+    /// (service, system) any exit counts as a failure and is restarted.
+    pub batch: bool,
     /// Image reference, present on the node.
     pub image: String,
     /// Entrypoint override (empty: the image's).
