@@ -793,6 +793,7 @@ mod tests {
                     .collect(),
                 gpus: vec![],
                 uptime_secs: 7,
+                allocations: vec![],
             })
     }
 

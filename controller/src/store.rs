@@ -59,6 +59,92 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError>;
     /// The saved metrics marks by node name.
     fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError>;
+    /// Inserts or replaces the job with `job.name`.
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// All jobs, sorted by name.
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Saves `put` and deletes `delete` (allocation ids) in one write transaction.
+    fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError>;
+    /// All allocations, sorted by id.
+    fn allocations(&self) -> Result<Vec<AllocRecord>, StoreError>;
+}
+
+/// A job and its versions, as the controller keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job name.
+    pub name: String,
+    /// Versions, oldest first (the last [`MAX_JOB_VERSIONS`] are kept).
+    pub versions: Vec<JobVersion>,
+    /// The version that should run.
+    pub current: u64,
+    /// The last version that rolled out healthy.
+    pub stable: Option<u64>,
+    /// Stopped by an operator.
+    pub stopped: bool,
+    /// `running`, `complete`, `stopped`, `failing`, `reverted`.
+    pub status: String,
+    /// The latest explanation (placement failures, reverts).
+    pub message: String,
+}
+
+/// How many versions of a job are kept.
+pub const MAX_JOB_VERSIONS: usize = 10;
+
+/// One submitted version of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobVersion {
+    /// Version number, from 1.
+    pub version: u64,
+    /// The manifest as submitted (YAML); parsed again on load.
+    pub source: String,
+    /// The file name it came from, for messages.
+    pub file: String,
+    /// Hash of the validated spec.
+    pub spec_hash: String,
+    /// When it was submitted (Unix ms).
+    pub submitted_at_unix_ms: u64,
+    /// Who submitted it.
+    pub by: String,
+}
+
+/// One allocation as the controller keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllocRecord {
+    /// Id.
+    pub id: String,
+    /// Job.
+    pub job: String,
+    /// Job version.
+    pub version: u64,
+    /// Node.
+    pub node: String,
+    /// Whether the controller wants it running.
+    pub desired_run: bool,
+    /// Last known state.
+    pub state: novacron_common::wire::AllocState,
+    /// Health as last reported.
+    pub healthy: Option<bool>,
+    /// Running and healthy since (Unix ms).
+    pub healthy_since_unix_ms: Option<u64>,
+    /// Created (Unix ms).
+    pub created_unix_ms: u64,
+    /// Last change (Unix ms).
+    pub updated_unix_ms: u64,
+    /// Restarts on the node.
+    pub restarts: u32,
+    /// Last exit code.
+    pub exit_code: Option<i64>,
+    /// Latest message.
+    pub message: String,
+    /// CPU reserved (millicores).
+    pub cpu_millis: u64,
+    /// Memory reserved (bytes).
+    pub memory_bytes: u64,
+    /// GPUs assigned.
+    pub gpu_uuids: Vec<String>,
+    /// Job priority when placed.
+    pub priority: u32,
 }
 
 /// What the controller remembers about an enrolled node.
@@ -248,7 +334,7 @@ impl RedbStore {
             // A new file, or (in future versions) an older schema to migrate here.
             _ => self.put_in(&txn, META, SCHEMA_VERSION_KEY, &SCHEMA_VERSION, OP)?,
         }
-        for table in [NODES, TOKENS, REVOCATIONS, METRIC_MARKS] {
+        for table in [NODES, TOKENS, REVOCATIONS, METRIC_MARKS, JOBS, ALLOCATIONS] {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
         txn.commit().map_err(self.fail(OP))
@@ -360,6 +446,33 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.put(JOBS, &job.name, job, "saving a job")
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(values(self.all(JOBS, "listing jobs")?))
+    }
+
+    fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError> {
+        const OP: &str = "saving allocations";
+        let txn = self.begin_write(OP)?;
+        for a in put {
+            self.put_in(&txn, ALLOCATIONS, &a.id, a, OP)?;
+        }
+        {
+            let mut t = txn.open_table(ALLOCATIONS.def()).map_err(self.fail(OP))?;
+            for id in delete {
+                t.remove(id.as_str()).map_err(self.fail(OP))?;
+            }
+        }
+        txn.commit().map_err(self.fail(OP))
+    }
+
+    fn allocations(&self) -> Result<Vec<AllocRecord>, StoreError> {
+        Ok(values(self.all(ALLOCATIONS, "listing allocations")?))
+    }
+
     fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.put(NODES, &node.name, node, "saving a node")
     }
@@ -440,6 +553,8 @@ struct MemoryState {
     tokens: BTreeMap<String, TokenRecord>,
     revocations: BTreeMap<String, Revocation>,
     metric_marks: HashMap<String, MetricMark>,
+    jobs: BTreeMap<String, JobRecord>,
+    allocations: BTreeMap<String, AllocRecord>,
 }
 
 impl MemoryStore {
@@ -458,6 +573,30 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.state().jobs.insert(job.name.clone(), job.clone());
+        Ok(())
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(self.state().jobs.values().cloned().collect())
+    }
+
+    fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for a in put {
+            state.allocations.insert(a.id.clone(), a.clone());
+        }
+        for id in delete {
+            state.allocations.remove(id);
+        }
+        Ok(())
+    }
+
+    fn allocations(&self) -> Result<Vec<AllocRecord>, StoreError> {
+        Ok(self.state().allocations.values().cloned().collect())
+    }
+
     fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.state().nodes.insert(node.name.clone(), node.clone());
         Ok(())
@@ -535,6 +674,10 @@ const REVOCATIONS: Table = Table {
 };
 const METRIC_MARKS: Table = Table {
     name: "metric_marks",
+};
+const JOBS: Table = Table { name: "jobs" };
+const ALLOCATIONS: Table = Table {
+    name: "allocations",
 };
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 
@@ -778,6 +921,62 @@ mod tests {
         }
     }
 
+    fn alloc_record(id: &str) -> AllocRecord {
+        AllocRecord {
+            id: id.into(),
+            job: "api".into(),
+            version: 1,
+            node: "n1".into(),
+            desired_run: true,
+            state: novacron_common::wire::AllocState::Running,
+            healthy: Some(true),
+            healthy_since_unix_ms: Some(5),
+            created_unix_ms: 1,
+            updated_unix_ms: 2,
+            restarts: 0,
+            exit_code: None,
+            message: String::new(),
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            gpu_uuids: vec![],
+            priority: 50,
+        }
+    }
+
+    fn jobs_and_allocations_round_trip(store: &impl Store) {
+        let job = JobRecord {
+            name: "api".into(),
+            versions: vec![JobVersion {
+                version: 1,
+                source: "apiVersion: novacron.io/v1".into(),
+                file: "api.yaml".into(),
+                spec_hash: "abc".into(),
+                submitted_at_unix_ms: 1,
+                by: "admin:admin".into(),
+            }],
+            current: 1,
+            stable: None,
+            stopped: false,
+            status: "running".into(),
+            message: String::new(),
+        };
+        store.put_job(&job).expect("put job");
+        assert_eq!(store.jobs().expect("jobs"), vec![job]);
+        store
+            .save_allocations(&[alloc_record("a1"), alloc_record("a2")], &[])
+            .expect("save");
+        store
+            .save_allocations(&[alloc_record("a3")], &["a1".into()])
+            .expect("save and delete");
+        let ids: Vec<String> = store
+            .allocations()
+            .expect("allocs")
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        assert_eq!(ids, vec!["a2", "a3"]);
+    }
+
     fn metric_marks_round_trip(store: &impl Store) {
         assert!(store.metric_marks().expect("read").is_empty());
         store
@@ -828,6 +1027,7 @@ mod tests {
         concurrent_consume_of_one_use_succeeds_once,
         revocation_round_trip,
         metric_marks_round_trip,
+        jobs_and_allocations_round_trip,
     );
 
     // redb-only cases.

@@ -399,6 +399,7 @@ pub(crate) mod tests {
                 power_milliwatts: 350_000,
             }],
             uptime_secs: 3 * 86_400 + 4 * 3600,
+            allocations: vec![],
         };
         vec![
             NodeView {

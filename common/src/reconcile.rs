@@ -1,0 +1,705 @@
+//! The reconciler: from jobs, allocations and node liveness at `now`, the decisions
+//! that move the fleet toward what the jobs ask for. Pure and deterministic: it
+//! places nothing itself (the scheduler does, for each [`PlaceRequest`]), reads no
+//! clock and owns no I/O.
+//!
+//! Rules:
+//! - an allocation on a `down` node is **lost** and replaced;
+//! - a **service** keeps `replicas` live allocations of its current version; when
+//!   the version changed, a **rolling update** replaces old allocations at most
+//!   `max_parallel` at a time, each new one healthy for `min_healthy_time` before
+//!   the next step; one not healthy within `healthy_deadline` fails the update,
+//!   which reverts to the last stable version when `auto_revert` is set;
+//! - a **batch** job is complete when `replicas` allocations exited 0;
+//! - a **system** job runs one allocation on every ready node that matches its
+//!   constraints;
+//! - a stopped job stops all its allocations;
+//! - a job version whose allocations failed [`MAX_FAILURES_PER_VERSION`] times is
+//!   not replaced again (it says so), so a broken image does not loop forever.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::NodeStatus;
+use crate::manifest::{JobType, Placement, Update};
+use crate::wire::AllocState;
+
+/// Failed allocations of one job version after which it is no longer replaced.
+pub const MAX_FAILURES_PER_VERSION: u32 = 5;
+
+/// A job as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    /// Name.
+    pub name: String,
+    /// Current version.
+    pub version: u64,
+    /// Last version that completed a rollout healthy.
+    pub stable_version: Option<u64>,
+    /// Service, batch or system.
+    pub job_type: JobType,
+    /// Replicas wanted (service, batch).
+    pub replicas: u32,
+    /// Placement (system jobs match nodes with it).
+    pub placement: Placement,
+    /// Rolling update settings.
+    pub update: Update,
+    /// Whether the job has a health check.
+    pub has_health_check: bool,
+    /// Stopped by an operator.
+    pub stopped: bool,
+}
+
+/// An allocation as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocView {
+    /// Id.
+    pub id: String,
+    /// Job.
+    pub job: String,
+    /// Job version it runs.
+    pub version: u64,
+    /// Node.
+    pub node: String,
+    /// Last known state.
+    pub state: AllocState,
+    /// Whether the controller still wants it to run.
+    pub desired_run: bool,
+    /// Health as last reported.
+    pub healthy: Option<bool>,
+    /// Since when it has been running and healthy (Unix ms).
+    pub healthy_since_ms: Option<u64>,
+    /// Created (Unix ms).
+    pub created_ms: u64,
+}
+
+impl AllocView {
+    fn live(&self) -> bool {
+        self.desired_run && !self.state.is_terminal()
+    }
+}
+
+/// A node as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    /// Name.
+    pub name: String,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Ask the scheduler for `count` new allocations of `job` at `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceRequest {
+    /// Job.
+    pub job: String,
+    /// Version.
+    pub version: u64,
+    /// How many.
+    pub count: u32,
+    /// Pinned node (system jobs).
+    pub node: Option<String>,
+}
+
+/// What happens to a job as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum JobChange {
+    /// The current version rolled out healthy: it becomes the stable version.
+    Stable {
+        /// The job.
+        job: String,
+        /// The version.
+        version: u64,
+    },
+    /// The rollout failed; go back to the stable version's spec.
+    Revert {
+        /// The job.
+        job: String,
+        /// The failed version.
+        failed: u64,
+        /// The version to go back to.
+        to: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A batch job finished.
+    Complete {
+        /// The job.
+        job: String,
+    },
+    /// The version keeps failing; no more replacements.
+    Failing {
+        /// The job.
+        job: String,
+        /// The version.
+        version: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The reconciler's decisions.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// Allocations whose node is down: mark them lost.
+    pub lost: Vec<String>,
+    /// Allocations to stop, with the reason.
+    pub stop: Vec<(String, String)>,
+    /// New allocations to place.
+    pub place: Vec<PlaceRequest>,
+    /// Job-level changes.
+    pub jobs: Vec<JobChange>,
+}
+
+/// Failures so far of each (job, version), as counted by the caller.
+pub type FailureCounts = BTreeMap<(String, u64), u32>;
+
+/// Decides what to do now.
+pub fn reconcile(
+    jobs: &[JobView],
+    allocs: &[AllocView],
+    nodes: &[NodeView],
+    failures: &FailureCounts,
+    now_ms: u64,
+) -> Plan {
+    let mut plan = Plan::default();
+    let node_status: BTreeMap<&str, NodeStatus> =
+        nodes.iter().map(|n| (n.name.as_str(), n.status)).collect();
+
+    // Lost: live allocations on down (or unknown) nodes.
+    let mut lost = BTreeSet::new();
+    for a in allocs.iter().filter(|a| a.live()) {
+        if !matches!(
+            node_status.get(a.node.as_str()),
+            Some(NodeStatus::Ready | NodeStatus::Disconnected)
+        ) {
+            plan.lost.push(a.id.clone());
+            lost.insert(a.id.as_str());
+        }
+    }
+
+    let job_names: BTreeSet<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    // Allocations of jobs that no longer exist.
+    for a in allocs
+        .iter()
+        .filter(|a| a.live() && !lost.contains(a.id.as_str()))
+    {
+        if !job_names.contains(a.job.as_str()) {
+            plan.stop
+                .push((a.id.clone(), format!("job {} no longer exists", a.job)));
+        }
+    }
+
+    for job in jobs {
+        let mine: Vec<&AllocView> = allocs
+            .iter()
+            .filter(|a| a.job == job.name && !lost.contains(a.id.as_str()))
+            .collect();
+        let live: Vec<&AllocView> = mine.iter().copied().filter(|a| a.live()).collect();
+        if job.stopped {
+            for a in live {
+                plan.stop.push((a.id.clone(), "job stopped".into()));
+            }
+            continue;
+        }
+        let failed = failures
+            .get(&(job.name.clone(), job.version))
+            .copied()
+            .unwrap_or(0);
+        let may_place = failed < MAX_FAILURES_PER_VERSION;
+        if !may_place && live.iter().all(|a| a.version != job.version) {
+            plan.jobs.push(JobChange::Failing {
+                job: job.name.clone(),
+                version: job.version,
+                reason: format!(
+                    "{failed} allocations of version {} failed; fix the job and apply it again",
+                    job.version
+                ),
+            });
+        }
+        match job.job_type {
+            JobType::System => reconcile_system(job, &live, nodes, may_place, &mut plan),
+            JobType::Batch => reconcile_batch(job, &mine, &live, may_place, &mut plan),
+            JobType::Service => reconcile_service(job, &live, may_place, now_ms, &mut plan),
+        }
+    }
+    plan
+}
+
+fn reconcile_system(
+    job: &JobView,
+    live: &[&AllocView],
+    nodes: &[NodeView],
+    may_place: bool,
+    plan: &mut Plan,
+) {
+    let matches = |n: &NodeView| {
+        job.placement
+            .constraints
+            .iter()
+            .all(|c| c.operator.matches(&n.labels, &c.key, &c.values))
+    };
+    for node in nodes.iter().filter(|n| n.status == NodeStatus::Ready) {
+        let here: Vec<&&AllocView> = live.iter().filter(|a| a.node == node.name).collect();
+        if !matches(node) {
+            for a in here {
+                plan.stop.push((
+                    a.id.clone(),
+                    format!("node {} no longer matches", node.name),
+                ));
+            }
+            continue;
+        }
+        let current = here.iter().any(|a| a.version == job.version);
+        for a in here.iter().filter(|a| a.version != job.version) {
+            plan.stop
+                .push((a.id.clone(), format!("replaced by version {}", job.version)));
+        }
+        // Extra copies on one node (a node that came back): keep the oldest.
+        let mut same: Vec<&&&AllocView> =
+            here.iter().filter(|a| a.version == job.version).collect();
+        same.sort_by_key(|a| (a.created_ms, a.id.clone()));
+        for a in same.iter().skip(1) {
+            plan.stop
+                .push((a.id.clone(), "duplicate on this node".into()));
+        }
+        if !current && may_place {
+            plan.place.push(PlaceRequest {
+                job: job.name.clone(),
+                version: job.version,
+                count: 1,
+                node: Some(node.name.clone()),
+            });
+        }
+    }
+}
+
+fn reconcile_batch(
+    job: &JobView,
+    mine: &[&AllocView],
+    live: &[&AllocView],
+    may_place: bool,
+    plan: &mut Plan,
+) {
+    let complete = mine
+        .iter()
+        .filter(|a| a.version == job.version && a.state == AllocState::Complete)
+        .count() as u32;
+    if complete >= job.replicas {
+        for a in live {
+            plan.stop.push((a.id.clone(), "batch job complete".into()));
+        }
+        plan.jobs.push(JobChange::Complete {
+            job: job.name.clone(),
+        });
+        return;
+    }
+    let running = trim_duplicates(job, live, job.replicas - complete, plan);
+    let missing = job.replicas - complete - running.min(job.replicas - complete);
+    if missing > 0 && may_place {
+        plan.place.push(PlaceRequest {
+            job: job.name.clone(),
+            version: job.version,
+            count: missing,
+            node: None,
+        });
+    }
+}
+
+fn reconcile_service(
+    job: &JobView,
+    live: &[&AllocView],
+    may_place: bool,
+    now_ms: u64,
+    plan: &mut Plan,
+) {
+    let (new, old): (Vec<&AllocView>, Vec<&AllocView>) =
+        live.iter().copied().partition(|a| a.version == job.version);
+    let healthy_for_long_enough = |a: &AllocView| {
+        a.state == AllocState::Running
+            && (!job.has_health_check || a.healthy == Some(true))
+            && a.healthy_since_ms.is_some_and(|since| {
+                now_ms.saturating_sub(since) >= job.update.min_healthy_time.as_millis() as u64
+            })
+    };
+
+    if old.is_empty() {
+        // Steady state: the right number of replicas of the current version.
+        let kept = trim_duplicates(job, &new, job.replicas, plan);
+        if kept < job.replicas && may_place {
+            plan.place.push(PlaceRequest {
+                job: job.name.clone(),
+                version: job.version,
+                count: job.replicas - kept,
+                node: None,
+            });
+        }
+        if kept >= job.replicas
+            && job.stable_version != Some(job.version)
+            && new.iter().all(|a| healthy_for_long_enough(a))
+        {
+            plan.jobs.push(JobChange::Stable {
+                job: job.name.clone(),
+                version: job.version,
+            });
+        }
+        return;
+    }
+
+    // Rolling update in progress.
+    let deadline = job.update.healthy_deadline.as_millis() as u64;
+    if let Some(late) = new.iter().find(|a| {
+        !healthy_for_long_enough(a)
+            && a.healthy != Some(true)
+            && now_ms.saturating_sub(a.created_ms) > deadline
+    }) {
+        let reason = format!(
+            "allocation {} of version {} was not healthy within {:?}",
+            late.id, job.version, job.update.healthy_deadline
+        );
+        match job.stable_version {
+            Some(to) if job.update.auto_revert && to != job.version => {
+                plan.jobs.push(JobChange::Revert {
+                    job: job.name.clone(),
+                    failed: job.version,
+                    to,
+                    reason,
+                });
+            }
+            _ => plan.jobs.push(JobChange::Failing {
+                job: job.name.clone(),
+                version: job.version,
+                reason,
+            }),
+        }
+        return;
+    }
+    let in_flight = new.iter().filter(|a| !healthy_for_long_enough(a)).count() as u32;
+    let budget = job.update.max_parallel.saturating_sub(in_flight);
+    let mut old_sorted = old.clone();
+    old_sorted.sort_by_key(|a| (a.created_ms, a.id.clone()));
+    let total_live = new.len() as u32 + old.len() as u32;
+    let mut to_place = job.replicas.saturating_sub(total_live);
+    let mut stops = 0;
+    for a in old_sorted.iter().take(budget as usize) {
+        if new.len() as u32 + to_place >= job.replicas {
+            // Surplus old allocations go without a replacement.
+            plan.stop.push((
+                a.id.clone(),
+                format!("rolling update to version {}", job.version),
+            ));
+            stops += 1;
+            continue;
+        }
+        plan.stop.push((
+            a.id.clone(),
+            format!("rolling update to version {}", job.version),
+        ));
+        stops += 1;
+        to_place += 1;
+    }
+    let _ = stops;
+    if to_place > 0 && may_place {
+        plan.place.push(PlaceRequest {
+            job: job.name.clone(),
+            version: job.version,
+            count: to_place,
+            node: None,
+        });
+    }
+}
+
+/// Stops live allocations beyond `want` (newest first, so the longest-running stay);
+/// returns how many are kept.
+fn trim_duplicates(job: &JobView, live: &[&AllocView], want: u32, plan: &mut Plan) -> u32 {
+    let mut sorted: Vec<&&AllocView> = live.iter().collect();
+    sorted.sort_by_key(|a| (a.created_ms, a.id.clone()));
+    for a in sorted.iter().skip(want as usize) {
+        plan.stop.push((
+            a.id.clone(),
+            format!("{} has more than {} replicas", job.name, want),
+        ));
+    }
+    (sorted.len() as u32).min(want)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::manifest::{Constraint, Operator};
+
+    fn job(name: &str, t: JobType, replicas: u32, version: u64) -> JobView {
+        JobView {
+            name: name.into(),
+            version,
+            stable_version: Some(version),
+            job_type: t,
+            replicas,
+            placement: Placement::default(),
+            update: Update {
+                max_parallel: 1,
+                min_healthy_time: Duration::from_secs(5),
+                healthy_deadline: Duration::from_secs(30),
+                auto_revert: true,
+                canary: 0,
+            },
+            has_health_check: true,
+            stopped: false,
+        }
+    }
+
+    fn alloc(id: &str, job: &str, version: u64, node: &str, state: AllocState) -> AllocView {
+        AllocView {
+            id: id.into(),
+            job: job.into(),
+            version,
+            node: node.into(),
+            state,
+            desired_run: true,
+            healthy: Some(true),
+            healthy_since_ms: Some(0),
+            created_ms: 0,
+        }
+    }
+
+    fn node(name: &str, status: NodeStatus) -> NodeView {
+        NodeView {
+            name: name.into(),
+            status,
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
+        }
+    }
+
+    fn run(jobs: &[JobView], allocs: &[AllocView], nodes: &[NodeView], now: u64) -> Plan {
+        reconcile(jobs, allocs, nodes, &FailureCounts::new(), now)
+    }
+
+    #[test]
+    fn a_new_service_places_all_replicas() {
+        let plan = run(
+            &[job("api", JobType::Service, 3, 1)],
+            &[],
+            &[node("n1", NodeStatus::Ready)],
+            0,
+        );
+        assert_eq!(
+            plan.place,
+            vec![PlaceRequest {
+                job: "api".into(),
+                version: 1,
+                count: 3,
+                node: None
+            }]
+        );
+    }
+
+    #[test]
+    fn allocations_on_down_nodes_are_lost_and_replaced() {
+        let allocs = [
+            alloc("a1", "api", 1, "n1", AllocState::Running),
+            alloc("a2", "api", 1, "n2", AllocState::Running),
+        ];
+        let nodes = [node("n1", NodeStatus::Ready), node("n2", NodeStatus::Down)];
+        let plan = run(
+            &[job("api", JobType::Service, 2, 1)],
+            &allocs,
+            &nodes,
+            10_000,
+        );
+        assert_eq!(plan.lost, vec!["a2".to_string()]);
+        assert_eq!(plan.place[0].count, 1);
+        assert!(plan.stop.is_empty());
+    }
+
+    #[test]
+    fn disconnected_nodes_keep_their_allocations_for_now() {
+        let allocs = [alloc("a1", "api", 1, "n1", AllocState::Running)];
+        let plan = run(
+            &[job("api", JobType::Service, 1, 1)],
+            &allocs,
+            &[node("n1", NodeStatus::Disconnected)],
+            0,
+        );
+        assert!(plan.lost.is_empty() && plan.place.is_empty());
+    }
+
+    #[test]
+    fn duplicates_after_a_node_returns_are_stopped_newest_first() {
+        let mut old = alloc("a-old", "api", 1, "n1", AllocState::Running);
+        old.created_ms = 1;
+        let mut replacement = alloc("a-new", "api", 1, "n2", AllocState::Running);
+        replacement.created_ms = 2;
+        let plan = run(
+            &[job("api", JobType::Service, 1, 1)],
+            &[old, replacement],
+            &[node("n1", NodeStatus::Ready), node("n2", NodeStatus::Ready)],
+            10,
+        );
+        assert_eq!(plan.stop.len(), 1);
+        assert_eq!(plan.stop[0].0, "a-new");
+    }
+
+    #[test]
+    fn rolling_update_replaces_one_at_a_time_gated_by_health() {
+        let mut j = job("api", JobType::Service, 3, 2);
+        j.stable_version = Some(1);
+        let old: Vec<AllocView> = (0..3)
+            .map(|i| alloc(&format!("o{i}"), "api", 1, "n1", AllocState::Running))
+            .collect();
+        let plan = run(
+            &[j.clone()],
+            &old,
+            &[node("n1", NodeStatus::Ready)],
+            100_000,
+        );
+        assert_eq!(plan.stop.len(), 1, "{plan:?}");
+        assert_eq!(plan.place[0].count, 1);
+
+        // One new replica, not yet healthy long enough: wait.
+        let mut new = alloc("n0", "api", 2, "n1", AllocState::Running);
+        new.created_ms = 99_000;
+        new.healthy_since_ms = Some(99_000);
+        let mut allocs = old[1..].to_vec();
+        allocs.push(new.clone());
+        let plan = run(
+            &[j.clone()],
+            &allocs,
+            &[node("n1", NodeStatus::Ready)],
+            100_000,
+        );
+        assert!(plan.stop.is_empty() && plan.place.is_empty(), "{plan:?}");
+
+        // Healthy for 5 s: next step.
+        let plan = run(&[j], &allocs, &[node("n1", NodeStatus::Ready)], 104_500);
+        assert_eq!(plan.stop.len(), 1);
+        assert_eq!(plan.place[0].count, 1);
+    }
+
+    #[test]
+    fn an_unhealthy_new_version_reverts_after_the_deadline() {
+        let mut j = job("api", JobType::Service, 2, 2);
+        j.stable_version = Some(1);
+        let mut bad = alloc("n0", "api", 2, "n1", AllocState::Running);
+        bad.healthy = Some(false);
+        bad.healthy_since_ms = None;
+        bad.created_ms = 0;
+        let allocs = [alloc("o1", "api", 1, "n1", AllocState::Running), bad];
+        let plan = run(
+            &[j.clone()],
+            &allocs,
+            &[node("n1", NodeStatus::Ready)],
+            10_000,
+        );
+        assert!(plan.jobs.is_empty(), "within the deadline: {plan:?}");
+        let plan = run(&[j], &allocs, &[node("n1", NodeStatus::Ready)], 31_000);
+        assert!(
+            matches!(
+                &plan.jobs[0],
+                JobChange::Revert {
+                    failed: 2,
+                    to: 1,
+                    ..
+                }
+            ),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn steady_healthy_rollout_becomes_stable() {
+        let mut j = job("api", JobType::Service, 1, 2);
+        j.stable_version = Some(1);
+        let plan = run(
+            &[j],
+            &[alloc("n0", "api", 2, "n1", AllocState::Running)],
+            &[node("n1", NodeStatus::Ready)],
+            10_000,
+        );
+        assert_eq!(
+            plan.jobs,
+            vec![JobChange::Stable {
+                job: "api".into(),
+                version: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn batch_jobs_complete_and_failed_ones_are_replaced() {
+        let j = job("train", JobType::Batch, 2, 1);
+        let allocs = [
+            alloc("b1", "train", 1, "n1", AllocState::Complete),
+            alloc("b2", "train", 1, "n1", AllocState::Failed),
+        ];
+        let plan = run(&[j.clone()], &allocs, &[node("n1", NodeStatus::Ready)], 0);
+        assert_eq!(plan.place[0].count, 1);
+        let done = [
+            alloc("b1", "train", 1, "n1", AllocState::Complete),
+            alloc("b3", "train", 1, "n1", AllocState::Complete),
+        ];
+        let plan = run(&[j], &done, &[node("n1", NodeStatus::Ready)], 0);
+        assert_eq!(
+            plan.jobs,
+            vec![JobChange::Complete {
+                job: "train".into()
+            }]
+        );
+        assert!(plan.place.is_empty());
+    }
+
+    #[test]
+    fn system_jobs_run_once_on_every_matching_ready_node() {
+        let mut j = job("agent-sidecar", JobType::System, 0, 1);
+        j.placement.constraints = vec![Constraint {
+            key: "zone".into(),
+            operator: Operator::In,
+            values: vec!["a".into()],
+        }];
+        let mut other = node("n3", NodeStatus::Ready);
+        other.labels.insert("zone".into(), "b".into());
+        let nodes = [
+            node("n1", NodeStatus::Ready),
+            node("n2", NodeStatus::Ready),
+            other,
+        ];
+        let allocs = [alloc("s1", "agent-sidecar", 1, "n1", AllocState::Running)];
+        let plan = run(&[j], &allocs, &nodes, 0);
+        assert_eq!(
+            plan.place,
+            vec![PlaceRequest {
+                job: "agent-sidecar".into(),
+                version: 1,
+                count: 1,
+                node: Some("n2".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn stopped_jobs_stop_everything_and_orphans_are_stopped() {
+        let mut j = job("api", JobType::Service, 2, 1);
+        j.stopped = true;
+        let allocs = [
+            alloc("a1", "api", 1, "n1", AllocState::Running),
+            alloc("x1", "gone", 1, "n1", AllocState::Running),
+        ];
+        let plan = run(&[j], &allocs, &[node("n1", NodeStatus::Ready)], 0);
+        let stopped: BTreeSet<&str> = plan.stop.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(stopped, BTreeSet::from(["a1", "x1"]));
+    }
+
+    #[test]
+    fn a_version_that_keeps_failing_is_not_replaced_forever() {
+        let j = job("api", JobType::Service, 1, 1);
+        let failures = FailureCounts::from([(("api".to_string(), 1), MAX_FAILURES_PER_VERSION)]);
+        let plan = reconcile(&[j], &[], &[node("n1", NodeStatus::Ready)], &failures, 0);
+        assert!(plan.place.is_empty());
+        assert!(matches!(plan.jobs[0], JobChange::Failing { .. }));
+    }
+}
