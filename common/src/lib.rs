@@ -7,5 +7,6 @@ pub mod backoff;
 pub mod fleet;
 pub mod manifest;
 pub mod pki;
+pub mod reconcile;
 pub mod tls;
 pub mod wire;
