@@ -19,6 +19,7 @@ use crate::buffer::DEFAULT_CAPACITY;
 use crate::collect::{self, Sampler, SysinfoCollector};
 use crate::enroll::{self, EnrollError, JoinOptions, StateDir};
 use crate::link::{self, AgentConfig};
+use crate::runtime::{DockerRuntime, Supervisor, SupervisorConfig};
 
 /// Exit code for bad configuration.
 pub const EXIT_CONFIG: i32 = 64;
@@ -170,12 +171,23 @@ async fn run(args: RunArgs) -> i32 {
         ));
     }
     let state = StateDir::new(&args.state_dir);
-    if let Err(e) = state
-        .load_enrollment()
-        .and_then(|_| state.load_credentials())
-    {
+    let enrollment = match state.load_enrollment() {
+        Ok(e) => e,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    if let Err(e) = state.load_credentials() {
         return config_error(&e.to_string());
     }
+    let docker = match DockerRuntime::new(args.docker_host.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            return config_error(&format!(
+                "--docker-host {:?}: {e}",
+                args.docker_host.as_deref().unwrap_or("(default)")
+            ));
+        }
+    };
+    let supervisor = Supervisor::new(docker, SupervisorConfig::new(enrollment.node_name.clone()));
     let gpus = collect::detect_gpus();
     let capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
     let host = match SysinfoCollector::new() {
@@ -211,7 +223,7 @@ async fn run(args: RunArgs) -> i32 {
         info!("stopping on signal");
         stopper.cancel();
     });
-    match link::run(config, sampler, capacity, capabilities, cancel).await {
+    match link::run(config, sampler, capacity, capabilities, supervisor, cancel).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");

@@ -9,3 +9,4 @@ pub mod cli;
 pub mod collect;
 pub mod enroll;
 pub mod link;
+pub mod runtime;

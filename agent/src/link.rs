@@ -14,7 +14,7 @@ use novacron_common::pki;
 use novacron_common::tls;
 use novacron_common::wire::{
     self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage, FrameError, Hello,
-    PROTOCOL_VERSION, StreamKind, StreamOpen,
+    LogRequest, PROTOCOL_VERSION, StreamKind, StreamOpen,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use crate::buffer::SampleBuffer;
 use crate::collect::Sampler;
 use crate::enroll::{Credentials, EnrollError, Enrollment, StateDir, error_chain};
+use crate::runtime::{DockerRuntime, Supervisor};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +31,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most samples sent in one batch.
 pub const BATCH_SAMPLES: usize = 60;
+/// A full allocation report is sent at least this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Settings of a running agent.
 #[derive(Debug, Clone)]
@@ -104,6 +107,7 @@ pub async fn run(
     sampler: Sampler,
     capacity: Capacity,
     capabilities: Capabilities,
+    supervisor: Supervisor<DockerRuntime>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
     tls::install_crypto_provider();
@@ -114,8 +118,10 @@ pub async fn run(
         buffer: Mutex::new(SampleBuffer::new(config.buffer_capacity)),
         fresh: Notify::new(),
     });
+    let containers = supervisor.spawn(cancel.clone());
     let sampling = tokio::spawn(sample_loop(
         sampler,
+        supervisor.clone(),
         config.interval,
         shared.clone(),
         cancel.clone(),
@@ -138,7 +144,17 @@ pub async fn run(
     let mut attempt: u32 = 0;
     while !cancel.is_cancelled() {
         let started = Instant::now();
-        match session(&config, &enrollment, &endpoint, &hello, &shared, &cancel).await {
+        match session(
+            &config,
+            &enrollment,
+            &endpoint,
+            &hello,
+            &shared,
+            &supervisor,
+            &cancel,
+        )
+        .await
+        {
             Ok(()) => break,
             Err(e) => {
                 match &e {
@@ -173,11 +189,15 @@ pub async fn run(
     endpoint.close(CloseCode::Normal.code().into(), b"agent stopping");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     sampling.abort();
+    // The supervisor stops on `cancel`; containers keep running for the next start
+    // to adopt.
+    let _ = tokio::time::timeout(Duration::from_secs(5), containers).await;
     Ok(())
 }
 
 async fn sample_loop(
     mut sampler: Sampler,
+    supervisor: Supervisor<DockerRuntime>,
     interval: Duration,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -191,6 +211,7 @@ async fn sample_loop(
         }
         let mut sample = sampler.sample(Instant::now());
         sample.at_unix_ms = unix_ms(SystemTime::now());
+        sample.allocations = supervisor.usage().await;
         let dropped_before;
         let dropped_after;
         {
@@ -215,6 +236,7 @@ async fn session(
     endpoint: &quinn::Endpoint,
     hello: &Hello,
     shared: &Shared,
+    supervisor: &Supervisor<DockerRuntime>,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
     let creds = config.state.load_credentials()?;
@@ -258,7 +280,7 @@ async fn session(
             });
         }
     };
-    let result = serve(&conn, config, hello, &creds, shared, cancel).await;
+    let result = serve(&conn, config, hello, &creds, shared, supervisor, cancel).await;
     match &result {
         Ok(()) => conn.close(CloseCode::Normal.code().into(), b"agent stopping"),
         Err(SessionError::Protocol(reason)) => {
@@ -275,11 +297,12 @@ async fn serve(
     hello: &Hello,
     creds: &Credentials,
     shared: &Shared,
+    supervisor: &Supervisor<DockerRuntime>,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
     let lost = |e: quinn::ConnectionError| close_reason(&e);
     // Writes fail when the connection closes: report the connection's reason.
-    let result = serve_inner(conn, config, hello, creds, shared, cancel, lost).await;
+    let result = serve_inner(conn, config, hello, creds, shared, supervisor, cancel, lost).await;
     match result {
         Err(SessionError::Lost(_)) => match conn.close_reason() {
             Some(reason) => Err(close_reason(&reason)),
@@ -296,6 +319,7 @@ async fn serve_inner(
     hello: &Hello,
     creds: &Credentials,
     shared: &Shared,
+    supervisor: &Supervisor<DockerRuntime>,
     cancel: &CancellationToken,
     lost: impl Fn(quinn::ConnectionError) -> SessionError,
 ) -> Result<(), SessionError> {
@@ -345,6 +369,11 @@ async fn serve_inner(
     .await?;
 
     let mut renewal = Renewal::new(&creds.cert_pem);
+    let mut reports = supervisor.subscribe();
+    let initial = reports.borrow_and_update().clone();
+    wire::write_frame(&mut send, &AgentMessage::Allocations(initial)).await?;
+    let mut heartbeat = tokio::time::interval(REPORT_EVERY);
+    heartbeat.tick().await;
     loop {
         // Send everything pending before waiting.
         loop {
@@ -358,6 +387,13 @@ async fn serve_inner(
                 Some(Ok(ControllerMessage::Certificate { request_id, result })) => {
                     renewal.answered(&config.state, request_id, result);
                 }
+                Some(Ok(ControllerMessage::Desired(desired))) => {
+                    debug!(generation = desired.generation, allocations = desired.allocations.len(), "desired allocations");
+                    supervisor.apply(desired);
+                }
+                Some(Ok(ControllerMessage::Logs(request))) => {
+                    tokio::spawn(send_logs(conn.clone(), supervisor.clone(), request));
+                }
                 Some(Ok(other)) => {
                     return Err(SessionError::Protocol(format!("unexpected control message {other:?}")));
                 }
@@ -370,10 +406,55 @@ async fn serve_inner(
                     wire::write_frame(&mut send, &request).await?;
                 }
             }
+            changed = reports.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let report = reports.borrow_and_update().clone();
+                wire::write_frame(&mut send, &AgentMessage::Allocations(report)).await?;
+            }
+            _ = heartbeat.tick() => {
+                let report = reports.borrow().clone();
+                wire::write_frame(&mut send, &AgentMessage::Allocations(report)).await?;
+            }
             e = conn.closed() => return Err(close_reason(&e)),
             _ = cancel.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Streams an allocation's logs on a new uni-stream.
+async fn send_logs(
+    conn: quinn::Connection,
+    supervisor: Supervisor<DockerRuntime>,
+    request: LogRequest,
+) {
+    use futures_util::StreamExt;
+    let Ok(mut stream) = conn.open_uni().await else {
+        return;
+    };
+    let header = StreamOpen {
+        protocol_version: PROTOCOL_VERSION,
+        kind: StreamKind::Logs {
+            request_id: request.request_id,
+        },
+    };
+    if wire::write_frame(&mut stream, &header).await.is_err() {
+        return;
+    }
+    let alloc = request.allocation.clone();
+    let mut chunks = std::pin::pin!(supervisor.logs(request));
+    while let Some(chunk) = chunks.next().await {
+        let end = chunk.end.is_some();
+        if let Err(error) = wire::write_frame(&mut stream, &chunk).await {
+            debug!(%alloc, %error, "log stream closed");
+            return;
+        }
+        if end {
+            break;
+        }
+    }
+    let _ = stream.finish();
 }
 
 /// Certificate renewal state: when it is due, and the key of a request in flight.

@@ -8,5 +8,6 @@ pub mod fleet;
 pub mod manifest;
 pub mod pki;
 pub mod reconcile;
+pub mod scheduler;
 pub mod tls;
 pub mod wire;

@@ -4,15 +4,155 @@
 //! Quantities are typed at the edge: CPU in millicores ([`Millicores`], written
 //! `500m`, `2` or `1.5`), memory in bytes ([`ByteSize`], written `256Mi`, `1G`,
 //! `1073741824`), durations as `5s`, `1m30s`.
+//!
+//! [`parse_job`] and [`parse_jobs`] turn YAML text into a validated [`Job`] in three
+//! steps, each collecting what it can:
+//!
+//! 1. YAML syntax, document by document (`---` separates jobs);
+//! 2. the schema: [`JobManifest`] with `deny_unknown_fields`, typed quantities and
+//!    durations (errors here carry yaml_serde's line and column);
+//! 3. the rules no type can express (ranges, arity of operators, uniqueness, cross
+//!    field checks), all of them, located by re-reading the document (see the
+//!    `locate` module).
+//!
+//! Every error names the file, line, column, field path, the bad value and what is
+//! accepted: `job.yaml:12:15: spec.resources.memory: "12XB" is not a size; expected a
+//! size like 256Mi, 1Gi, 500M or a number of bytes`.
+//!
+//! **Invariant:** a [`Job`] exists only if its manifest passed every check.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Serialize};
+
+mod job;
+mod load;
+mod locate;
+mod validate;
+
+pub use job::Job;
+pub use load::{parse_job, parse_jobs};
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "novacron.io/v1";
+/// The only accepted `kind`.
+pub const KIND: &str = "Job";
+/// Most replicas a service or batch job may ask for.
+pub const MAX_REPLICAS: u32 = 10_000;
+/// Highest priority.
+pub const MAX_PRIORITY: u32 = 1000;
+/// Least memory a replica may ask for: Docker refuses limits below 4 MiB.
+pub const MIN_MEMORY: ByteSize = ByteSize(4 << 20);
+/// Most GPUs one replica may ask for.
+pub const MAX_GPUS: u32 = 16;
+/// Most restarts within one restart interval.
+pub const MAX_RESTART_ATTEMPTS: u32 = 100;
+/// Most consecutive failed health checks before unhealthy.
+pub const MAX_HEALTH_RETRIES: u32 = 100;
+/// Shortest time between health checks.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Highest weight of an affinity, anti-affinity or spread rule.
+pub const MAX_WEIGHT: u32 = 100;
+/// Most CPU one replica may ask for: a million cores.
+pub const MAX_CPU: Millicores = Millicores(1_000_000_000);
+
+/// One problem in a manifest, located in its file.
+///
+/// Displays as `FILE:LINE:COLUMN: PATH: MESSAGE`, leaving out the parts that are
+/// unknown. The message names the bad value and what would be accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    /// The file name given to the parser.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// The field, like `spec.task.ports[1].hostPort`; empty for the whole file.
+    pub path: String,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        f.write_str(": ")?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// Every problem found in a manifest file, in file order; never empty.
+///
+/// Displays one error per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestErrors(pub Vec<ManifestError>);
+
+impl ManifestErrors {
+    /// The first error in file order.
+    pub fn first(&self) -> Option<&ManifestError> {
+        self.0.first()
+    }
+
+    /// The errors, in file order.
+    pub fn iter(&self) -> std::slice::Iter<'_, ManifestError> {
+        self.0.iter()
+    }
+
+    /// How many errors.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none (never, for an error returned by this module).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for ManifestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ManifestErrors {}
+
+impl IntoIterator for ManifestErrors {
+    type Item = ManifestError;
+    type IntoIter = std::vec::IntoIter<ManifestError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ManifestErrors {
+    type Item = &'a ManifestError;
+    type IntoIter = std::slice::Iter<'a, ManifestError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
 
 /// The envelope of every manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +416,21 @@ impl Operator {
     }
 }
 
+impl fmt::Display for Operator {
+    /// The spelling a manifest uses: `In`, `NotIn`, `Exists`, `DoesNotExist`, `==`,
+    /// `!=`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operator::In => "In",
+            Operator::NotIn => "NotIn",
+            Operator::Exists => "Exists",
+            Operator::DoesNotExist => "DoesNotExist",
+            Operator::Equal => "==",
+            Operator::NotEqual => "!=",
+        })
+    }
+}
+
 /// Spread across a label.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,10 +450,10 @@ pub struct Restart {
     #[serde(default = "default_attempts")]
     pub attempts: u32,
     /// The window `attempts` counts over.
-    #[serde(default = "default_restart_interval", with = "humantime_serde")]
+    #[serde(default = "default_restart_interval", with = "duration")]
     pub interval: Duration,
     /// Wait before each restart.
-    #[serde(default = "default_restart_delay", with = "humantime_serde")]
+    #[serde(default = "default_restart_delay", with = "duration")]
     pub delay: Duration,
     /// What happens when attempts run out.
     #[serde(default)]
@@ -341,10 +496,10 @@ pub struct Health {
     #[serde(default)]
     pub exec: Option<ExecCheck>,
     /// Time between checks.
-    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    #[serde(default = "default_health_interval", with = "duration")]
     pub interval: Duration,
     /// Time one check may take.
-    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    #[serde(default = "default_health_timeout", with = "duration")]
     pub timeout: Duration,
     /// Consecutive failures before unhealthy.
     #[serde(default = "default_retries")]
@@ -386,10 +541,10 @@ pub struct Update {
     #[serde(default = "one")]
     pub max_parallel: u32,
     /// How long a new replica must stay healthy to count.
-    #[serde(default = "default_min_healthy", with = "humantime_serde")]
+    #[serde(default = "default_min_healthy", with = "duration")]
     pub min_healthy_time: Duration,
     /// How long a new replica has to become healthy.
-    #[serde(default = "default_healthy_deadline", with = "humantime_serde")]
+    #[serde(default = "default_healthy_deadline", with = "duration")]
     pub healthy_deadline: Duration,
     /// Go back to the last good version when an update fails.
     #[serde(default = "yes")]
@@ -421,7 +576,7 @@ pub struct ByteSize(pub u64);
 
 impl fmt::Display for Millicores {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             write!(f, "{}m", self.0)
@@ -438,7 +593,7 @@ impl fmt::Display for ByteSize {
             ("Ki", 1 << 10),
         ];
         for (unit, size) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }
@@ -446,35 +601,65 @@ impl fmt::Display for ByteSize {
     }
 }
 
-/// Parses `500m`, `2`, `1.5` into millicores.
+/// What a CPU quantity may look like, for error messages.
+const CPU_ACCEPTED: &str = "millicores like 500m, or cores like 2 or 1.5";
+/// What a size may look like, for error messages.
+const SIZE_ACCEPTED: &str = "a size like 256Mi, 1Gi, 500M or a number of bytes";
+
+/// Parses `500m`, `2`, `1.5` into millicores, up to [`MAX_CPU`].
+///
+/// Decimal cores are read exactly (no floating point): `1.001` is 1001m, and
+/// anything finer than a millicore (`0.0005`) is refused rather than rounded.
 pub fn parse_cpu(s: &str) -> Result<Millicores, String> {
-    let accepted = "expected millicores like 500m, or cores like 2 or 1.5";
-    let s = s.trim();
-    if let Some(m) = s.strip_suffix('m') {
-        return m
-            .parse::<u64>()
-            .map(Millicores)
-            .map_err(|_| format!("{s:?}: {accepted}"));
+    let t = s.trim();
+    let not_cpu = || format!("{t:?} is not a CPU quantity; expected {CPU_ACCEPTED}");
+    let too_large =
+        || format!("{t:?} is too large; expected {CPU_ACCEPTED}, up to {MAX_CPU} cores");
+    let millis = if let Some(m) = t.strip_suffix('m') {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(not_cpu());
+        }
+        // Only ASCII digits remain, so the one possible failure is overflow.
+        m.parse::<u64>().map_err(|_| too_large())?
+    } else {
+        let (whole, frac) = split_decimal(t).ok_or_else(not_cpu)?;
+        let frac = frac.trim_end_matches('0');
+        if frac.len() > 3 {
+            return Err(format!(
+                "{t:?} is finer than one millicore; expected {CPU_ACCEPTED}"
+            ));
+        }
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| too_large())?
+        };
+        // At most three digits, padded to exactly three: "5" is 500m.
+        let frac: u64 = format!("{frac:0<3}").parse().unwrap_or(0);
+        whole
+            .checked_mul(1000)
+            .and_then(|m| m.checked_add(frac))
+            .ok_or_else(too_large)?
+    };
+    if millis > MAX_CPU.0 {
+        return Err(too_large());
     }
-    let cores: f64 = s.parse().map_err(|_| format!("{s:?}: {accepted}"))?;
-    if !cores.is_finite() || cores < 0.0 || cores > 1_000_000.0 {
-        return Err(format!("{s:?}: {accepted}"));
-    }
-    let millis = cores * 1000.0;
-    if millis.fract() != 0.0 {
-        return Err(format!("{s:?}: finer than one millicore; {accepted}"));
-    }
-    Ok(Millicores(millis as u64))
+    Ok(Millicores(millis))
 }
 
-/// Parses `256Mi`, `1G`, `512k`, `1073741824` into bytes.
+/// Parses `256Mi`, `1G`, `512k`, `1.5Gi`, `1073741824` into bytes.
+///
+/// Units: `k`/`K`, `M`, `G`, `T` (powers of 1000) and `Ki`, `Mi`, `Gi`, `Ti` (powers
+/// of 1024). A decimal must come to a whole number of bytes.
 pub fn parse_bytes(s: &str) -> Result<ByteSize, String> {
-    let accepted = "expected a size like 256Mi, 1Gi, 500M or a number of bytes";
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: {accepted}"))?;
-    let mult: u64 = match unit {
+    let t = s.trim();
+    let not_size = || format!("{t:?} is not a size; expected {SIZE_ACCEPTED}");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let (whole, frac) = split_decimal(num).ok_or_else(not_size)?;
+    let mult: u128 = match unit {
         "" => 1,
         "k" | "K" => 1_000,
         "M" => 1_000_000,
@@ -484,30 +669,71 @@ pub fn parse_bytes(s: &str) -> Result<ByteSize, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; {accepted}")),
+        _ => return Err(not_size()),
     };
-    n.checked_mul(mult)
-        .map(ByteSize)
-        .ok_or_else(|| format!("{s:?}: too large; {accepted}"))
+    let too_large = || format!("{t:?} is too large; expected {SIZE_ACCEPTED}, below 16Ei");
+    let frac = frac.trim_end_matches('0');
+    // 10^38 is the largest power of ten in a u128; 18 decimals are plenty.
+    if frac.len() > 18 || whole.len() > 20 {
+        return Err(too_large());
+    }
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| too_large())?
+    };
+    let scale = 10u128.pow(frac.len() as u32);
+    let frac: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| not_size())?
+    };
+    let frac_bytes = frac * mult;
+    if !frac_bytes.is_multiple_of(scale) {
+        return Err(format!(
+            "{t:?} is not a whole number of bytes; expected {SIZE_ACCEPTED}"
+        ));
+    }
+    let bytes = whole
+        .checked_mul(mult)
+        .and_then(|b| b.checked_add(frac_bytes / scale))
+        .ok_or_else(too_large)?;
+    u64::try_from(bytes).map(ByteSize).map_err(|_| too_large())
 }
 
-/// Accepts a string or a number.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StrOrNum {
-    S(String),
-    U(u64),
-    F(f64),
+/// Splits `12.5` into `("12", "5")`, `7` into `("7", "")` and `.5` into `("", "5")`;
+/// `None` unless the text is digits with at most one point and at least one digit.
+fn split_decimal(s: &str) -> Option<(&str, &str)> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    (digits(whole) && digits(frac) && !(whole.is_empty() && frac.is_empty()))
+        .then_some((whole, frac))
 }
 
 impl<'de> Deserialize<'de> for Millicores {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match StrOrNum::deserialize(d)? {
-            StrOrNum::S(s) => parse_cpu(&s),
-            StrOrNum::U(n) => parse_cpu(&n.to_string()),
-            StrOrNum::F(f) => parse_cpu(&f.to_string()),
+        // A visitor rather than a buffered untagged enum, so that yaml_serde stamps
+        // errors with the position of the scalar itself.
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Millicores;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(CPU_ACCEPTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Millicores, E> {
+                parse_cpu(s).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Millicores, E> {
+                parse_cpu(&n.to_string()).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Millicores, E> {
+                parse_cpu(&n.to_string()).map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Millicores, E> {
+                parse_cpu(&n.to_string()).map_err(E::custom)
+            }
         }
-        .map_err(serde::de::Error::custom)
+        d.deserialize_any(V)
     }
 }
 
@@ -519,20 +745,81 @@ impl Serialize for Millicores {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match StrOrNum::deserialize(d)? {
-            StrOrNum::S(s) => parse_bytes(&s),
-            StrOrNum::U(n) => Ok(ByteSize(n)),
-            StrOrNum::F(f) => Err(format!(
-                "{f}: expected a whole number of bytes or a size like 256Mi"
-            )),
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(SIZE_ACCEPTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                parse_bytes(s).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                parse_bytes(&n.to_string()).map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<ByteSize, E> {
+                parse_bytes(&n.to_string()).map_err(E::custom)
+            }
         }
-        .map_err(serde::de::Error::custom)
+        d.deserialize_any(V)
     }
 }
 
 impl Serialize for ByteSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
+    }
+}
+
+/// Durations written the humantime way (`500ms`, `5s`, `1m30s`), with errors that
+/// say what is accepted.
+mod duration {
+    use std::fmt;
+    use std::time::Duration;
+
+    use humantime_serde::re::humantime;
+    use serde::de::{self, Visitor};
+
+    /// What a duration may look like, for error messages.
+    pub(super) const ACCEPTED: &str = "a duration like 500ms, 5s, 1m30s or 2h";
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(ACCEPTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Duration, E> {
+                humantime::parse_duration(s.trim()).map_err(|e| {
+                    E::custom(format!(
+                        "{s:?} is not a duration ({e}); expected {ACCEPTED}"
+                    ))
+                })
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
+                match n {
+                    0 => Ok(Duration::ZERO),
+                    n => Err(E::custom(format!("{n} has no unit; expected {ACCEPTED}"))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Duration, E> {
+                Err(E::custom(format!(
+                    "{n} is not a duration; expected {ACCEPTED}"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Duration, E> {
+                Err(E::custom(format!("{n} has no unit; expected {ACCEPTED}")))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -574,4 +861,267 @@ fn default_healthy_deadline() -> Duration {
 }
 fn default_path() -> String {
     "/".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn values(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn cpu_quantities() {
+        let ok = [
+            ("500m", 500),
+            ("0m", 0),
+            ("2", 2000),
+            ("1.5", 1500),
+            ("0.5", 500),
+            (".25", 250),
+            ("3.", 3000),
+            ("1.001", 1001),
+            ("0.1", 100),
+            ("1.2500", 1250),
+            (" 2 ", 2000),
+            ("1000000", 1_000_000_000),
+            ("1000000000m", 1_000_000_000),
+        ];
+        for (text, millis) in ok {
+            assert_eq!(parse_cpu(text), Ok(Millicores(millis)), "{text:?}");
+        }
+        let bad = [
+            ("", "is not a CPU quantity"),
+            ("m", "is not a CPU quantity"),
+            ("1.5m", "is not a CPU quantity"),
+            ("-1", "is not a CPU quantity"),
+            ("+1", "is not a CPU quantity"),
+            ("1e3", "is not a CPU quantity"),
+            ("inf", "is not a CPU quantity"),
+            ("NaN", "is not a CPU quantity"),
+            ("two", "is not a CPU quantity"),
+            (".", "is not a CPU quantity"),
+            ("1..2", "is not a CPU quantity"),
+            ("0.0005", "finer than one millicore"),
+            ("1.0001", "finer than one millicore"),
+            ("1000001", "too large"),
+            ("1000000001m", "too large"),
+            ("99999999999999999999999", "too large"),
+            ("99999999999999999999999m", "too large"),
+        ];
+        for (text, why) in bad {
+            let e = parse_cpu(text).expect_err(text);
+            assert!(e.contains(why), "{text:?}: {e}");
+            assert!(e.contains("expected millicores like 500m"), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn byte_quantities() {
+        let ok = [
+            ("0", 0),
+            ("1073741824", 1 << 30),
+            ("512k", 512_000),
+            ("512K", 512_000),
+            ("256Mi", 256 << 20),
+            ("1G", 1_000_000_000),
+            ("2Ti", 2 << 40),
+            ("1T", 1_000_000_000_000),
+            ("1.5Gi", 3 << 29),
+            ("0.5Ki", 512),
+            ("1.50M", 1_500_000),
+            ("18446744073709551615", u64::MAX),
+        ];
+        for (text, bytes) in ok {
+            assert_eq!(parse_bytes(text), Ok(ByteSize(bytes)), "{text:?}");
+        }
+        let bad = [
+            ("", "is not a size"),
+            ("12XB", "is not a size"),
+            ("1 Gi", "is not a size"),
+            ("Gi", "is not a size"),
+            ("-1Gi", "is not a size"),
+            ("1gi", "is not a size"),
+            ("1.2.3M", "is not a size"),
+            ("0.1Ki", "not a whole number of bytes"),
+            ("1.5", "not a whole number of bytes"),
+            ("18446744073709551616", "too large"),
+            ("16777216Ti", "too large"),
+            ("1.0000000000000000001Ti", "too large"),
+        ];
+        for (text, why) in bad {
+            let e = parse_bytes(text).expect_err(text);
+            assert!(e.contains(why), "{text:?}: {e}");
+            assert!(e.contains("expected a size like 256Mi"), "{text:?}: {e}");
+        }
+        assert_eq!(
+            parse_bytes("12XB").expect_err("unknown unit"),
+            "\"12XB\" is not a size; expected a size like 256Mi, 1Gi, 500M or a number of bytes"
+        );
+    }
+
+    #[test]
+    fn quantities_display_in_a_form_that_parses_back() {
+        for cpu in [
+            Millicores(0),
+            Millicores(1),
+            Millicores(1500),
+            Millicores(2000),
+        ] {
+            assert_eq!(parse_cpu(&cpu.to_string()), Ok(cpu));
+        }
+        for size in [
+            ByteSize(0),
+            ByteSize(1000),
+            ByteSize(1 << 20),
+            ByteSize(3 << 29),
+        ] {
+            assert_eq!(parse_bytes(&size.to_string()), Ok(size));
+        }
+    }
+
+    #[test]
+    fn quantities_from_yaml_numbers() {
+        #[derive(Deserialize)]
+        struct R {
+            cpu: Millicores,
+            memory: ByteSize,
+        }
+        let r: R = yaml_serde::from_str("cpu: 1.5\nmemory: 1048576\n").expect("numbers");
+        assert_eq!((r.cpu, r.memory), (Millicores(1500), ByteSize(1 << 20)));
+        let r: R = yaml_serde::from_str("cpu: 2\nmemory: '1Mi'\n").expect("mixed");
+        assert_eq!((r.cpu, r.memory), (Millicores(2000), ByteSize(1 << 20)));
+        let e = yaml_serde::from_str::<R>("cpu: -1\nmemory: 1\n")
+            .err()
+            .expect("negative");
+        assert!(e.to_string().contains("is not a CPU quantity"), "{e}");
+        let e = yaml_serde::from_str::<R>("cpu: 1\nmemory: 1.5\n")
+            .err()
+            .expect("fraction");
+        assert!(e.to_string().contains("not a whole number of bytes"), "{e}");
+    }
+
+    #[test]
+    fn durations_from_yaml() {
+        #[derive(Deserialize, Serialize)]
+        struct D {
+            #[serde(with = "duration")]
+            d: Duration,
+        }
+        let d: D = yaml_serde::from_str("d: 1m30s").expect("humantime");
+        assert_eq!(d.d, Duration::from_secs(90));
+        let d: D = yaml_serde::from_str("d: 0").expect("zero needs no unit");
+        assert_eq!(d.d, Duration::ZERO);
+        let back: D = yaml_serde::from_str(
+            &yaml_serde::to_string(&D {
+                d: Duration::from_millis(1500),
+            })
+            .expect("serialize"),
+        )
+        .expect("round trip");
+        assert_eq!(back.d, Duration::from_millis(1500));
+        for (text, why) in [
+            ("d: 5", "has no unit"),
+            ("d: 5 parsecs", "is not a duration"),
+        ] {
+            let e = yaml_serde::from_str::<D>(text).err().expect(text);
+            assert!(e.to_string().contains(why), "{e}");
+            assert!(
+                e.to_string().contains("expected a duration like 500ms"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn operator_in() {
+        let l = labels(&[("zone", "a")]);
+        assert!(Operator::In.matches(&l, "zone", &values(&["a", "b"])));
+        assert!(!Operator::In.matches(&l, "zone", &values(&["b"])));
+        assert!(!Operator::In.matches(&l, "tier", &values(&["a"])));
+        assert!(!Operator::In.matches(&l, "zone", &[]));
+    }
+
+    #[test]
+    fn operator_not_in() {
+        let l = labels(&[("zone", "a")]);
+        assert!(!Operator::NotIn.matches(&l, "zone", &values(&["a", "b"])));
+        assert!(Operator::NotIn.matches(&l, "zone", &values(&["b"])));
+        assert!(
+            Operator::NotIn.matches(&l, "tier", &values(&["a"])),
+            "absent label"
+        );
+    }
+
+    #[test]
+    fn operator_exists_and_does_not_exist() {
+        let l = labels(&[("gpu", "")]);
+        assert!(Operator::Exists.matches(&l, "gpu", &[]));
+        assert!(!Operator::Exists.matches(&l, "zone", &[]));
+        assert!(!Operator::DoesNotExist.matches(&l, "gpu", &[]));
+        assert!(Operator::DoesNotExist.matches(&l, "zone", &[]));
+    }
+
+    #[test]
+    fn operator_equal() {
+        let l = labels(&[("zone", "a")]);
+        assert!(Operator::Equal.matches(&l, "zone", &values(&["a"])));
+        assert!(!Operator::Equal.matches(&l, "zone", &values(&["b"])));
+        assert!(!Operator::Equal.matches(&l, "tier", &values(&["a"])));
+        assert!(!Operator::Equal.matches(&l, "zone", &[]));
+    }
+
+    #[test]
+    fn operator_not_equal() {
+        let l = labels(&[("zone", "a")]);
+        assert!(!Operator::NotEqual.matches(&l, "zone", &values(&["a"])));
+        assert!(Operator::NotEqual.matches(&l, "zone", &values(&["b"])));
+        assert!(
+            Operator::NotEqual.matches(&l, "tier", &values(&["a"])),
+            "absent label"
+        );
+    }
+
+    #[test]
+    fn operators_parse_and_display_as_written() {
+        for (text, op) in [
+            ("In", Operator::In),
+            ("NotIn", Operator::NotIn),
+            ("Exists", Operator::Exists),
+            ("DoesNotExist", Operator::DoesNotExist),
+            ("==", Operator::Equal),
+            ("!=", Operator::NotEqual),
+        ] {
+            let parsed: Operator = yaml_serde::from_str(&format!("'{text}'")).expect(text);
+            assert_eq!(parsed, op);
+            assert_eq!(op.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn error_display_leaves_out_unknown_parts() {
+        let mut e = ManifestError {
+            file: "job.yaml".into(),
+            line: Some(12),
+            column: Some(15),
+            path: "spec.resources.memory".into(),
+            message: "bad".into(),
+        };
+        assert_eq!(e.to_string(), "job.yaml:12:15: spec.resources.memory: bad");
+        e.column = None;
+        assert_eq!(e.to_string(), "job.yaml:12: spec.resources.memory: bad");
+        e.line = None;
+        e.path.clear();
+        assert_eq!(e.to_string(), "job.yaml: bad");
+        let all = ManifestErrors(vec![e.clone(), e]);
+        assert_eq!(all.to_string(), "job.yaml: bad\njob.yaml: bad");
+    }
 }

@@ -380,8 +380,9 @@ fn reconcile_service(
     }
     let in_flight = new.iter().filter(|a| !healthy_for_long_enough(a)).count() as u32;
     let budget = job.update.max_parallel.saturating_sub(in_flight);
+    // Replace broken old allocations first, then the oldest.
     let mut old_sorted = old.clone();
-    old_sorted.sort_by_key(|a| (a.created_ms, a.id.clone()));
+    old_sorted.sort_by_key(|a| (healthy_for_long_enough(a), a.created_ms, a.id.clone()));
     let total_live = new.len() as u32 + old.len() as u32;
     let mut to_place = job.replicas.saturating_sub(total_live);
     let mut stops = 0;

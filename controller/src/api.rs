@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -12,13 +12,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use novacron_common::api::{ApiError, EnrollRequest, EnrollResponse};
 use novacron_common::pki::{self, Identity, Role, Validity};
+use novacron_common::wire::{ControllerMessage, LogChunk, LogRequest};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::https::Peer;
+use crate::link::LinkContext;
 use crate::registry::{Registry, RegistryError, unix_ms};
 use crate::store::{ConsumeError, Revocation, Store};
 use crate::tokens::{JoinToken, TokenRecord};
+use crate::workloads::{WorkloadError, Workloads};
 
 /// State shared by the handlers.
 #[derive(Debug)]
@@ -39,6 +42,10 @@ pub struct ApiState {
     pub server_name: String,
     /// The API URL, for printed join commands.
     pub api_url: String,
+    /// Jobs and allocations.
+    pub workloads: Arc<Workloads>,
+    /// The agent link, for commands such as log requests.
+    pub link: Arc<LinkContext>,
 }
 
 /// Builds the router.
@@ -51,6 +58,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/nodes/{name}/metrics", get(node_metrics))
         .route("/v1/nodes/{name}/revoke", post(revoke_node))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/jobs", post(apply_job).get(list_jobs))
+        .route("/v1/jobs/{name}", get(show_job))
+        .route("/v1/jobs/{name}/stop", post(stop_job))
+        .route("/v1/allocations", get(list_allocations))
+        .route("/v1/allocations/{id}", get(show_allocation))
+        .route("/v1/allocations/{id}/logs", get(allocation_logs))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/reset-latency", post(reset_latency))
         .with_state(state)
@@ -282,6 +295,223 @@ async fn reset_latency(
     caller.require(Role::Admin)?;
     st.registry.reset_latencies();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/jobs` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    /// The file name, for error messages.
+    pub file: String,
+    /// The YAML manifest.
+    pub manifest: String,
+}
+
+/// The most bytes a manifest may have.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+/// Log streams in flight at once.
+pub const MAX_LOG_STREAMS: usize = 256;
+
+async fn apply_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Operator)?;
+    if req.manifest.len() > MAX_MANIFEST_BYTES {
+        return Err(Problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{}: {} bytes exceeds the limit of {MAX_MANIFEST_BYTES} bytes",
+                req.file,
+                req.manifest.len()
+            ),
+        ));
+    }
+    let by = caller.0.to_string();
+    let result = st
+        .workloads
+        .apply(&req.file, &req.manifest, &by, SystemTime::now())
+        .map_err(workload_problem)?;
+    Ok(Json(result).into_response())
+}
+
+async fn list_jobs(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.jobs()).into_response())
+}
+
+async fn show_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.job(&name).map_err(workload_problem)?).into_response())
+}
+
+async fn stop_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Problem> {
+    caller.require(Role::Operator)?;
+    st.workloads
+        .stop(&name, &caller.0.to_string())
+        .map_err(workload_problem)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Filters of `GET /v1/allocations`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllocFilter {
+    /// Only this job.
+    pub job: Option<String>,
+    /// Only this node.
+    pub node: Option<String>,
+}
+
+async fn list_allocations(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Query(filter): Query<AllocFilter>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(
+        st.workloads
+            .allocations(filter.job.as_deref(), filter.node.as_deref()),
+    )
+    .into_response())
+}
+
+async fn show_allocation(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.allocation(&id).map_err(workload_problem)?).into_response())
+}
+
+/// Options of `GET /v1/allocations/{id}/logs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogOptions {
+    /// Keep streaming.
+    #[serde(default)]
+    pub follow: bool,
+    /// Last lines first (0: all).
+    #[serde(default)]
+    pub tail: u32,
+}
+
+async fn allocation_logs(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(opts): Query<LogOptions>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    let alloc = st.workloads.allocation(&id).map_err(workload_problem)?;
+    let sender = st
+        .link
+        .commands
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&alloc.node)
+        .map(|(_, tx)| tx.clone())
+        .ok_or_else(|| {
+            Problem(
+                StatusCode::CONFLICT,
+                format!(
+                    "node {} of allocation {id} is not connected; its logs cannot be read now",
+                    alloc.node
+                ),
+            )
+        })?;
+    let request_id: u64 = rand::random();
+    let (tx, rx) = tokio::sync::mpsc::channel::<LogChunk>(64);
+    {
+        let mut pending = st
+            .link
+            .pending_logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= MAX_LOG_STREAMS {
+            return Err(Problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{MAX_LOG_STREAMS} log streams are open already; try again later"),
+            ));
+        }
+        pending.insert(request_id, tx);
+    }
+    let request = ControllerMessage::Logs(LogRequest {
+        request_id,
+        allocation: id.clone(),
+        follow: opts.follow,
+        tail: opts.tail,
+    });
+    if sender.send(request).await.is_err() {
+        st.link
+            .pending_logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&request_id);
+        return Err(Problem(
+            StatusCode::CONFLICT,
+            format!("node {} disconnected", alloc.node),
+        ));
+    }
+    let link = st.link.clone();
+    let stream = futures_util::stream::unfold(
+        (rx, false, link, request_id),
+        |(mut rx, done, link, rid)| async move {
+            if done {
+                return None;
+            }
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                Ok(Some(chunk)) => {
+                    let mut data = chunk.data;
+                    let end = match chunk.end {
+                        Some(Err(e)) => {
+                            data.extend_from_slice(format!("\nerror: {e}\n").as_bytes());
+                            true
+                        }
+                        Some(Ok(())) => true,
+                        None => false,
+                    };
+                    Some((
+                        Ok::<_, std::io::Error>(bytes::Bytes::from(data)),
+                        (rx, end, link, rid),
+                    ))
+                }
+                // Nothing for 30 s on a stream that may follow: keep waiting with an empty chunk.
+                Err(_) => Some((Ok(bytes::Bytes::new()), (rx, false, link, rid))),
+                Ok(None) => {
+                    link.pending_logs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&rid);
+                    None
+                }
+            }
+        },
+    );
+    Ok(Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(internal)?)
+}
+
+fn workload_problem(e: WorkloadError) -> Problem {
+    match e {
+        WorkloadError::Invalid(m) => Problem(StatusCode::UNPROCESSABLE_ENTITY, m),
+        e @ (WorkloadError::UnknownJob(_) | WorkloadError::UnknownAlloc(_)) => {
+            Problem(StatusCode::NOT_FOUND, e.to_string())
+        }
+        WorkloadError::Store(e) => internal(e),
+    }
 }
 
 fn unknown_node(name: &str) -> Problem {

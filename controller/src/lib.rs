@@ -15,3 +15,4 @@ pub mod server;
 pub mod signal;
 pub mod store;
 pub mod tokens;
+pub mod workloads;

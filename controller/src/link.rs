@@ -6,26 +6,31 @@
 //! unexpected frame closes that connection (with a [`CloseCode`] and a log line)
 //! and nothing else.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::fleet::Liveness;
 use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
 use novacron_common::tls;
 use novacron_common::wire::{
-    self, AgentMessage, CloseCode, ControllerMessage, FrameError, MetricsBatch, PROTOCOL_VERSION,
-    Refusal, StreamKind, StreamOpen, Welcome,
+    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, FrameError, LogChunk,
+    MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
 };
 use quinn::{RecvStream, SendStream};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::registry::{Registry, RegistryError, RevokedNames};
+use crate::workloads::Workloads;
+
+/// Commands queued for one agent before the link applies backpressure.
+pub const COMMAND_QUEUE: usize = 32;
 
 /// How long an agent has to send its `Hello` after the handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,6 +108,12 @@ pub fn bind(
 pub struct LinkContext {
     /// The fleet registry.
     pub registry: Arc<Registry>,
+    /// Jobs and allocations.
+    pub workloads: Arc<Workloads>,
+    /// Per-node channels for commands to the agent (log requests), by node name.
+    pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<ControllerMessage>)>>,
+    /// Log streams waiting for their agent, by request id.
+    pub pending_logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
     /// The fleet CA, to sign renewals.
     pub ca: CertAndKey,
     /// Lifetime of renewed certificates.
@@ -245,7 +256,16 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         name.clone(),
         conn_id,
     ));
-    let result = control_loop(&ctx, &name, &mut send, &mut recv, &mut scratch).await;
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    lock(&ctx.commands).insert(name.clone(), (conn_id, cmd_tx));
+    let desired = ctx.workloads.subscribe(&name);
+    let result = control_loop(&ctx, &name, &mut send, recv, desired, cmd_rx).await;
+    {
+        let mut commands = lock(&ctx.commands);
+        if commands.get(&name).is_some_and(|(id, _)| *id == conn_id) {
+            commands.remove(&name);
+        }
+    }
     match result {
         Ok(()) => {}
         Err(LoopEnd::Protocol(code, reason)) => {
@@ -278,43 +298,84 @@ async fn control_loop(
     ctx: &LinkContext,
     name: &str,
     send: &mut SendStream,
-    recv: &mut RecvStream,
-    scratch: &mut Vec<u8>,
+    recv: RecvStream,
+    mut desired: watch::Receiver<Arc<DesiredAllocations>>,
+    mut commands: mpsc::Receiver<ControllerMessage>,
 ) -> Result<(), LoopEnd> {
+    // Frame reads are not cancel-safe: a task reads, this loop selects.
+    let (tx, mut incoming) = mpsc::channel::<Result<AgentMessage, FrameError>>(8);
+    let reader = tokio::spawn(read_agent_messages(recv, tx));
+    let _guard = AbortOnDrop(reader);
+    let first = desired.borrow_and_update().clone();
+    wire::write_frame(send, &ControllerMessage::Desired((*first).clone())).await?;
     loop {
-        let msg = match wire::read_frame::<AgentMessage, _>(recv, scratch).await? {
-            Some(msg) => msg,
-            None => return Ok(()),
-        };
-        match msg {
-            AgentMessage::Hello(_) => {
-                return Err(LoopEnd::Protocol(
-                    CloseCode::Unexpected,
-                    "a second Hello on the control stream".into(),
-                ));
-            }
-            AgentMessage::Allocations(report) => {
-                debug!(
-                    node = name,
-                    allocations = report.allocations.len(),
-                    generation = report.generation,
-                    "allocation report"
-                );
-            }
-            AgentMessage::RenewCertificate {
-                request_id,
-                csr_pem,
-            } => {
-                let result = renew(ctx, name, &csr_pem);
-                match &result {
-                    Ok(_) => info!(node = name, "renewed node certificate"),
-                    Err(error) => warn!(node = name, %error, "certificate renewal refused"),
+        tokio::select! {
+            msg = incoming.recv() => match msg {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(AgentMessage::Hello(_))) => {
+                    return Err(LoopEnd::Protocol(
+                        CloseCode::Unexpected,
+                        "a second Hello on the control stream".into(),
+                    ));
                 }
-                let answer = ControllerMessage::Certificate { request_id, result };
-                wire::write_frame(send, &answer).await?;
+                Some(Ok(AgentMessage::Allocations(report))) => {
+                    ctx.workloads.report(name, &report, SystemTime::now());
+                }
+                Some(Ok(AgentMessage::RenewCertificate { request_id, csr_pem })) => {
+                    let result = renew(ctx, name, &csr_pem);
+                    match &result {
+                        Ok(_) => info!(node = name, "renewed node certificate"),
+                        Err(error) => warn!(node = name, %error, "certificate renewal refused"),
+                    }
+                    let answer = ControllerMessage::Certificate { request_id, result };
+                    wire::write_frame(send, &answer).await?;
+                }
+            },
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let next = desired.borrow_and_update().clone();
+                debug!(node = name, generation = next.generation, allocations = next.allocations.len(), "sending desired allocations");
+                wire::write_frame(send, &ControllerMessage::Desired((*next).clone())).await?;
+            }
+            Some(cmd) = commands.recv() => {
+                wire::write_frame(send, &cmd).await?;
             }
         }
     }
+}
+
+async fn read_agent_messages(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Result<AgentMessage, FrameError>>,
+) {
+    let mut scratch = Vec::new();
+    loop {
+        let item = match wire::read_frame::<AgentMessage, _>(&mut recv, &mut scratch).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        let stop = item.is_err();
+        if tx.send(item).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Map insertions and removals are single statements; a poisoned map is usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn renew(ctx: &LinkContext, name: &str, csr_pem: &str) -> Result<String, String> {
@@ -373,6 +434,10 @@ async fn serve_metrics_stream(
             protocol_version: PROTOCOL_VERSION,
             kind: StreamKind::Metrics,
         }) => {}
+        Some(StreamOpen {
+            protocol_version: PROTOCOL_VERSION,
+            kind: StreamKind::Logs { request_id },
+        }) => return forward_logs(ctx, name, request_id, recv, &mut scratch).await,
         Some(other) => {
             return Err(LoopEnd::Protocol(
                 CloseCode::Unexpected,
@@ -393,6 +458,26 @@ async fn serve_metrics_stream(
             ));
         }
         ctx.registry.ingest(name, conn_id, batch, SystemTime::now());
+    }
+    Ok(())
+}
+
+async fn forward_logs(
+    ctx: &LinkContext,
+    name: &str,
+    request_id: u64,
+    recv: &mut RecvStream,
+    scratch: &mut Vec<u8>,
+) -> Result<(), LoopEnd> {
+    let Some(tx) = lock(&ctx.pending_logs).remove(&request_id) else {
+        debug!(node = name, request_id, "log stream for no pending request");
+        return Ok(());
+    };
+    while let Some(chunk) = wire::read_frame::<LogChunk, _>(recv, scratch).await? {
+        let end = chunk.end.is_some();
+        if tx.send(chunk).await.is_err() || end {
+            break;
+        }
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use crate::link::{self, LinkConfig, LinkContext};
 use crate::pki_files;
 use crate::registry::{DEFAULT_METRICS_WINDOW, Registry, RegistryConfig};
 use crate::store::{RedbStore, Store};
+use crate::workloads::Workloads;
 
 /// Default address of the HTTPS API (TCP) and of the agent link (UDP).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -70,6 +71,8 @@ pub struct Controller {
     pub quic_addr: SocketAddr,
     /// The registry, for in-process callers.
     pub registry: Arc<Registry>,
+    /// Jobs and allocations, for in-process callers.
+    pub workloads: Arc<Workloads>,
     cancel: CancellationToken,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
@@ -114,6 +117,15 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     )?;
     let listener = TlsListener::new(api_tcp, Arc::new(api_tls))?;
 
+    let workloads = Arc::new(Workloads::load(store.clone(), registry.clone())?);
+    let link_ctx = Arc::new(LinkContext {
+        registry: registry.clone(),
+        workloads: workloads.clone(),
+        commands: Default::default(),
+        pending_logs: Default::default(),
+        ca: pki.ca.clone(),
+        node_cert_ttl: config.node_cert_ttl,
+    });
     let quic_endpoint = config
         .advertise
         .clone()
@@ -127,15 +139,13 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         quic_endpoint,
         server_name: config.server_name.clone(),
         api_url: format!("https://{}:{}", config.server_name, api_addr.port()),
+        workloads: workloads.clone(),
+        link: link_ctx.clone(),
     });
 
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
-    let link_ctx = Arc::new(LinkContext {
-        registry: registry.clone(),
-        ca: pki.ca.clone(),
-        node_cert_ttl: config.node_cert_ttl,
-    });
+    tasks.push(tokio::spawn(workloads.clone().run(cancel.clone())));
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
     let api_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {
@@ -166,6 +176,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         api_addr,
         quic_addr,
         registry,
+        workloads,
         cancel,
         endpoint,
         tasks,

@@ -412,3 +412,88 @@ pub fn host_mem_total() -> u64 {
         .map(|kb| kb * 1024)
         .expect("MemTotal is present")
 }
+
+/// The locally built test image (busybox, no registry needed).
+pub const TEST_IMAGE: &str = "novacron-test/busybox:1";
+
+/// Builds [`TEST_IMAGE`] from `packaging/images/busybox` with the host's static
+/// busybox, once per machine (skipped when the image exists).
+pub fn ensure_test_image() -> Result<()> {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if *built {
+        return Ok(());
+    }
+    let exists = std::process::Command::new("docker")
+        .args(["image", "inspect", TEST_IMAGE])
+        .output()
+        .context("running docker")?
+        .status
+        .success();
+    if !exists {
+        let context = tempfile::tempdir()?;
+        let dockerfile =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/images/busybox/Dockerfile");
+        std::fs::copy(&dockerfile, context.path().join("Dockerfile"))
+            .with_context(|| format!("copying {}", dockerfile.display()))?;
+        std::fs::copy("/bin/busybox", context.path().join("busybox"))
+            .context("copying /bin/busybox (install Debian's busybox-static)")?;
+        let out = std::process::Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", TEST_IMAGE])
+            .arg(context.path())
+            .output()
+            .context("running docker build")?;
+        if !out.status.success() {
+            bail!(
+                "docker build failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    *built = true;
+    Ok(())
+}
+
+/// Runs `docker <args>` and returns its trimmed standard output.
+pub fn docker(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("docker").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "docker {:?} failed: {}",
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl Controller {
+    /// `POST /v1/jobs` with a YAML manifest.
+    pub async fn apply(&self, file: &str, manifest: &str) -> Result<serde_json::Value> {
+        let resp = self
+            .admin_client()?
+            .post(format!("{}/v1/jobs", self.api()))
+            .json(&serde_json::json!({ "file": file, "manifest": manifest }))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("apply refused ({status}): {body}");
+        }
+        Ok(body)
+    }
+
+    /// `GET /v1/jobs/{name}`.
+    pub async fn job(&self, name: &str) -> Result<novacron_controller::workloads::JobDetail> {
+        Ok(self
+            .admin_client()?
+            .get(format!("{}/v1/jobs/{name}", self.api()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+}

@@ -12,6 +12,7 @@ use novacron_common::pki;
 use novacron_common::tls::{self, TlsError};
 use reqwest::{StatusCode, Url};
 use rustls::AlertDescription;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::debug;
 
@@ -253,7 +254,19 @@ impl ApiClient {
     /// `GET`s the API path made of `segments` (each percent-encoded) and decodes the
     /// JSON answer.
     pub async fn get<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, ClientError> {
-        let url = self.url(segments);
+        self.get_with_query(segments, &[]).await
+    }
+
+    /// `GET` with query parameters.
+    pub async fn get_with_query<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         debug!(%url, "GET");
         let response = self
             .http
@@ -270,6 +283,71 @@ impl ApiClient {
             url: url.to_string(),
             reason: e.to_string(),
         })
+    }
+
+    /// `POST`s `body` as JSON to the API path made of `segments` and decodes the
+    /// JSON answer (`null` for an empty 204 answer, which decodes into `()`).
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(segments);
+        debug!(%url, "POST");
+        let response = self
+            .http
+            .post(url.clone())
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+        if !status.is_success() {
+            return Err(status_error(status, &body));
+        }
+        let body: &[u8] = if body.is_empty() { b"null" } else { &body };
+        serde_json::from_slice(body).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `GET`s a streaming answer (logs): the response once its status is a success.
+    /// The overall request timeout does not apply; `idle` bounds the wait for headers.
+    pub async fn stream(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+        idle: std::time::Duration,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut url = self.url(segments);
+        url.query_pairs_mut().extend_pairs(query);
+        debug!(%url, "GET (stream)");
+        let response = tokio::time::timeout(
+            idle,
+            self.http
+                .get(url.clone())
+                .timeout(std::time::Duration::from_secs(7 * 24 * 3600))
+                .send(),
+        )
+        .await
+        .map_err(|_| ClientError::Unreachable {
+            url: self.api.to_string(),
+            reason: format!("no answer within {}", output::short_duration(idle)),
+        })?
+        .map_err(|e| self.classify(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+            return Err(status_error(status, &body));
+        }
+        Ok(response)
+    }
+
+    /// Turns an error while reading a streamed body into a client error.
+    pub fn stream_error(&self, e: &reqwest::Error) -> ClientError {
+        self.classify(e)
     }
 
     fn url(&self, segments: &[&str]) -> Url {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod dev;
+pub mod jobs;
 pub mod nodes;
 pub mod output;
 
@@ -98,6 +99,18 @@ pub struct Cli {
 pub enum Command {
     /// Run a local fleet: a controller and agents on this machine, with a throwaway CA.
     Dev(dev::DevArgs),
+    /// Submit a job manifest (create or update).
+    Apply {
+        /// The YAML manifest.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Jobs.
+    #[command(subcommand)]
+    Job(jobs::JobCommand),
+    /// Allocations (one replica of a job on one node).
+    #[command(subcommand)]
+    Alloc(jobs::AllocCommand),
     /// Inspect the fleet's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -117,6 +130,14 @@ pub enum CliError {
     /// The context file or the chosen context is missing or malformed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A manifest file could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadManifest {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The local dev fleet failed.
     #[error(transparent)]
     Dev(dev::DevError),
@@ -139,9 +160,11 @@ impl CliError {
             CliError::Config(_) => EXIT_CONFIG,
             CliError::Client(e) if e.is_configuration() => EXIT_CONFIG,
             CliError::Client(e) if e.is_unreachable() => EXIT_UNAVAILABLE,
-            CliError::Client(_) | CliError::Output(_) | CliError::Runtime(_) | CliError::Dev(_) => {
-                EXIT_FAILURE
-            }
+            CliError::Client(_)
+            | CliError::Output(_)
+            | CliError::Runtime(_)
+            | CliError::Dev(_)
+            | CliError::ReadManifest { .. } => EXIT_FAILURE,
         }
     }
 
@@ -194,6 +217,18 @@ pub async fn run(
         Command::Dev(args) => {
             let path = config_path(cli, env)?;
             dev::run(args, &path, out).await.map_err(CliError::Dev)
+        }
+        Command::Apply { file } => {
+            let client = connect(cli, env, now)?;
+            jobs::apply(&client, file, cli.output, out).await
+        }
+        Command::Job(cmd) => {
+            let client = connect(cli, env, now)?;
+            jobs::run_job(cmd, &client, cli.output, out, now).await
+        }
+        Command::Alloc(cmd) => {
+            let client = connect(cli, env, now)?;
+            jobs::run_alloc(cmd, &client, cli.output, out, now).await
         }
         Command::Node(cmd) => {
             let client = connect(cli, env, now)?;

@@ -43,15 +43,17 @@ use novacron_common::wire::{
     MemorySample, MetricsBatch, NetworkSample, NodeSample, PROTOCOL_VERSION, StreamKind,
     StreamOpen,
 };
-use serde::{Deserialize, Serialize};
+use novacron_controller::api::{TokenRequest, TokenResponse};
+use novacron_controller::{link, tokens};
+use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// The most uses one join token may have (the controller's limit).
-const TOKEN_MAX_USES: usize = 10_000;
-/// The controller serves at most this many connections (`link::MAX_CONNECTIONS`).
-const MAX_AGENTS: usize = 20_000;
+/// The most uses one join token may have.
+const TOKEN_MAX_USES: usize = tokens::MAX_USES as usize;
+/// The controller serves at most this many connections.
+const MAX_AGENTS: usize = link::MAX_CONNECTIONS;
 /// How long the controller may take to print its ready line.
 const CONTROLLER_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one QUIC handshake may take before it is retried.
@@ -105,7 +107,9 @@ fn main() -> anyhow::Result<()> {
         || args.enroll_concurrency == 0
         || args.connect_concurrency == 0
     {
-        bail!("--connections-per-endpoint, --enroll-concurrency and --connect-concurrency must be at least 1");
+        bail!(
+            "--connections-per-endpoint, --enroll-concurrency and --connect-concurrency must be at least 1"
+        );
     }
     if args.duration < Duration::from_secs(1) {
         bail!("--duration {:?}: expected at least 1s", args.duration);
@@ -207,19 +211,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let connect_secs = connect_started.elapsed().as_secs_f64();
     let connected = counters.connected.load(Ordering::Relaxed);
     let gave_up = counters.failed.load(Ordering::Relaxed);
+    let retries = counters.retries.load(Ordering::Relaxed);
     println!(
-        "connected {connected} agents in {connect_secs:.1} s ({gave_up} gave up, {} retries); warming up for {:?}",
-        counters.retries.load(Ordering::Relaxed),
+        "connected {connected} agents in {connect_secs:.1} s ({gave_up} gave up, {retries} retries); warming up for {:?}",
         args.warmup
     );
+    if retries > 0 {
+        let first = counters.first_retry.lock().ok().and_then(|f| f.clone());
+        println!(
+            "first retried attempt failed with: {}",
+            first.unwrap_or_default()
+        );
+    }
     if connected == 0 {
         bail!("no agent connected; see {}", controller.log.display());
     }
     tokio::time::sleep(args.warmup).await;
+    let live_at_start = counters.live();
+    if live_at_start == 0 {
+        bail!(
+            "every agent lost its connection during the warm-up; first: {}; see {}",
+            counters.first_disconnect(),
+            controller.log.display()
+        );
+    }
+    if live_at_start < connected as u64 {
+        eprintln!(
+            "warning: {} agents lost their connection before the measurement; first: {}",
+            connected as u64 - live_at_start,
+            counters.first_disconnect()
+        );
+    }
 
     // Measurement window.
     let stats_url = format!("{}/v1/stats", controller.api_url);
-    post_empty(&admin, &format!("{}/v1/stats/reset-latency", controller.api_url)).await?;
+    post_empty(
+        &admin,
+        &format!("{}/v1/stats/reset-latency", controller.api_url),
+    )
+    .await?;
     let before = get_json::<ControllerStats>(&admin, &stats_url).await?;
     let pid = controller.pid();
     let start = Probe::take(pid)?;
@@ -247,7 +277,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Stop the agents before the report, then the controller (guard).
     stop.cancel();
     let drain = async { while agents.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         agents.abort_all();
     }
     for endpoint in &endpoints {
@@ -259,6 +292,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(controller);
 
     let wall = end.at.duration_since(start.at).as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let report = Report {
         bench: "fanin",
         agents: args.agents,
@@ -271,24 +305,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         window_secs: wall,
         connected_agents_at_start: before.connected_agents,
         connected_agents_at_end: after.connected_agents,
+        live_at_start,
         disconnects_in_window: disconnects,
+        first_disconnect: counters.first_disconnect(),
         samples_sent_per_sec: sent as f64 / wall,
-        samples_ingested_per_sec: after.samples_ingested.saturating_sub(before.samples_ingested)
-            as f64
+        samples_ingested_per_sec: after
+            .samples_ingested
+            .saturating_sub(before.samples_ingested) as f64
             / wall,
         samples_ingested_total: after.samples_ingested,
         ingest_latency_p50_ms: after.ingest_latency_p50_ms,
         ingest_latency_p99_ms: after.ingest_latency_p99_ms,
         ingest_latency_count: after.ingest_latency_count,
-        controller_cpu_percent: cpu_percent(end.controller_ticks - start.controller_ticks, clk_tck, wall),
+        controller_cpu_percent: cpu_percent(
+            end.controller_ticks - start.controller_ticks,
+            clk_tck,
+            wall,
+        ),
         controller_rss_median_mb: mb(median(&controller_rss)),
         controller_rss_max_mb: mb(controller_rss.iter().copied().max().unwrap_or(0)),
         loadgen_cpu_percent: cpu_percent(end.own_ticks - start.own_ticks, clk_tck, wall),
         loadgen_rss_median_mb: mb(median(&own_rss)),
         host_cpu_busy_percent: end.host.busy_percent_since(&start.host),
-        udp_rcvbuf_errors: end.udp.rcvbuf_errors.saturating_sub(start.udp.rcvbuf_errors),
+        other_cpu_percent: (end.host.busy_percent_since(&start.host) * cores as f64
+            - cpu_percent(end.controller_ticks - start.controller_ticks, clk_tck, wall)
+            - cpu_percent(end.own_ticks - start.own_ticks, clk_tck, wall))
+        .max(0.0),
+        udp_rcvbuf_errors: end
+            .udp
+            .rcvbuf_errors
+            .saturating_sub(start.udp.rcvbuf_errors),
         udp_in_errors: end.udp.in_errors.saturating_sub(start.udp.in_errors),
-        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores,
     };
     report.print();
     Ok(())
@@ -308,7 +356,9 @@ struct Report {
     window_secs: f64,
     connected_agents_at_start: u64,
     connected_agents_at_end: u64,
+    live_at_start: u64,
     disconnects_in_window: u64,
+    first_disconnect: String,
     samples_sent_per_sec: f64,
     samples_ingested_per_sec: f64,
     samples_ingested_total: u64,
@@ -321,6 +371,7 @@ struct Report {
     loadgen_cpu_percent: f64,
     loadgen_rss_median_mb: f64,
     host_cpu_busy_percent: f64,
+    other_cpu_percent: f64,
     udp_rcvbuf_errors: u64,
     udp_in_errors: u64,
     cores: usize,
@@ -329,25 +380,107 @@ struct Report {
 impl Report {
     fn print(&self) {
         let rows: Vec<(&str, String)> = vec![
-            ("agents (connected / asked)", format!("{} / {} ({} gave up)", self.agents_connected, self.agents, self.agents_gave_up)),
+            (
+                "agents (connected / asked)",
+                format!(
+                    "{} / {} ({} gave up)",
+                    self.agents_connected, self.agents, self.agents_gave_up
+                ),
+            ),
             ("client endpoints (UDP sockets)", self.endpoints.to_string()),
-            ("enrollment (POST /v1/enroll)", format!("{:.1} s ({:.0}/s)", self.enroll_secs, self.agents as f64 / self.enroll_secs)),
-            ("connection setup (to Welcome)", format!("{:.1} s", self.connect_secs)),
-            ("measurement window", format!("{:.1} s after {:.0} s warm-up", self.window_secs, self.warmup_secs)),
-            ("connected_agents start / end", format!("{} / {}", self.connected_agents_at_start, self.connected_agents_at_end)),
-            ("disconnects in window", self.disconnects_in_window.to_string()),
-            ("samples sent / s", format!("{:.0} (target {})", self.samples_sent_per_sec, self.agents_connected)),
-            ("samples ingested / s", format!("{:.0}", self.samples_ingested_per_sec)),
-            ("ingest latency p50 / p99", format!("{:.1} ms / {:.1} ms (last {} samples)", self.ingest_latency_p50_ms, self.ingest_latency_p99_ms, self.ingest_latency_count)),
-            ("controller CPU", format!("{:.1} % of one core", self.controller_cpu_percent)),
-            ("controller RSS median / max", format!("{:.1} MB / {:.1} MB", self.controller_rss_median_mb, self.controller_rss_max_mb)),
-            ("load generator CPU (same host)", format!("{:.1} % of one core", self.loadgen_cpu_percent)),
-            ("load generator RSS median", format!("{:.1} MB", self.loadgen_rss_median_mb)),
-            ("host CPU busy", format!("{:.1} % of {} cores", self.host_cpu_busy_percent, self.cores)),
-            ("UDP RcvbufErrors / InErrors", format!("{} / {}", self.udp_rcvbuf_errors, self.udp_in_errors)),
+            (
+                "enrollment (POST /v1/enroll)",
+                format!(
+                    "{:.1} s ({:.0}/s)",
+                    self.enroll_secs,
+                    self.agents as f64 / self.enroll_secs
+                ),
+            ),
+            (
+                "connection setup (to Welcome)",
+                format!("{:.1} s", self.connect_secs),
+            ),
+            (
+                "measurement window",
+                format!(
+                    "{:.1} s after {:.0} s warm-up",
+                    self.window_secs, self.warmup_secs
+                ),
+            ),
+            (
+                "connected_agents start / end",
+                format!(
+                    "{} / {}",
+                    self.connected_agents_at_start, self.connected_agents_at_end
+                ),
+            ),
+            (
+                "live at start / disconnects in window",
+                format!(
+                    "{} / {} (first: {})",
+                    self.live_at_start, self.disconnects_in_window, self.first_disconnect
+                ),
+            ),
+            (
+                "samples sent / s",
+                format!(
+                    "{:.0} (target {})",
+                    self.samples_sent_per_sec, self.agents_connected
+                ),
+            ),
+            (
+                "samples ingested / s",
+                format!("{:.0}", self.samples_ingested_per_sec),
+            ),
+            (
+                "ingest latency p50 / p99",
+                format!(
+                    "{:.1} ms / {:.1} ms (last {} samples)",
+                    self.ingest_latency_p50_ms,
+                    self.ingest_latency_p99_ms,
+                    self.ingest_latency_count
+                ),
+            ),
+            (
+                "controller CPU",
+                format!("{:.1} % of one core", self.controller_cpu_percent),
+            ),
+            (
+                "controller RSS median / max",
+                format!(
+                    "{:.1} MB / {:.1} MB",
+                    self.controller_rss_median_mb, self.controller_rss_max_mb
+                ),
+            ),
+            (
+                "load generator CPU (same host)",
+                format!("{:.1} % of one core", self.loadgen_cpu_percent),
+            ),
+            (
+                "load generator RSS median",
+                format!("{:.1} MB", self.loadgen_rss_median_mb),
+            ),
+            (
+                "host CPU busy",
+                format!(
+                    "{:.1} % of {} cores",
+                    self.host_cpu_busy_percent, self.cores
+                ),
+            ),
+            (
+                "other processes' CPU (not ours)",
+                format!("{:.1} % of one core", self.other_cpu_percent),
+            ),
+            (
+                "UDP RcvbufErrors / InErrors",
+                format!("{} / {}", self.udp_rcvbuf_errors, self.udp_in_errors),
+            ),
         ];
         println!();
-        println!("novacron-fanin: {} agents, one sample per agent per second", self.agents);
+        println!(
+            "novacron-fanin: {} agents, one sample per agent per second",
+            self.agents
+        );
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (key, value) in &rows {
             println!("  {key:<width$}  {value}");
@@ -372,6 +505,45 @@ struct Counters {
     sent: AtomicU64,
     /// Connections that ended before the benchmark stopped them.
     disconnected: AtomicU64,
+    /// Why the first of those connections ended.
+    first_disconnect: std::sync::Mutex<Option<String>>,
+    /// Why the first retried connection attempt failed.
+    first_retry: std::sync::Mutex<Option<String>>,
+}
+
+impl Counters {
+    /// Counts a connection that ended on its own and keeps the first reason.
+    fn lost(&self, agent: &str, reason: String) {
+        self.disconnected.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = self.first_disconnect.lock()
+            && first.is_none()
+        {
+            *first = Some(format!("{agent}: {reason}"));
+        }
+    }
+
+    /// Keeps the reason of the first failed connection attempt.
+    fn note_retry(&self, agent: &str, error: &anyhow::Error) {
+        if let Ok(mut first) = self.first_retry.lock()
+            && first.is_none()
+        {
+            *first = Some(format!("{agent}: {error:#}"));
+        }
+    }
+
+    /// Agents connected now.
+    fn live(&self) -> u64 {
+        (self.connected.load(Ordering::Relaxed) as u64)
+            .saturating_sub(self.disconnected.load(Ordering::Relaxed))
+    }
+
+    fn first_disconnect(&self) -> String {
+        self.first_disconnect
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_else(|| "none".into())
+    }
 }
 
 /// An enrolled fake agent's identity.
@@ -426,12 +598,16 @@ impl FakeAgent {
                 match result {
                     Ok(session) => break session,
                     Err(e) if attempt >= CONNECT_ATTEMPTS => {
-                        eprintln!("agent {}: giving up after {attempt} attempts: {e:#}", self.node.name);
+                        eprintln!(
+                            "agent {}: giving up after {attempt} attempts: {e:#}",
+                            self.node.name
+                        );
                         counters.failed.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
-                    Err(_) => {
+                    Err(e) => {
                         counters.retries.fetch_add(1, Ordering::Relaxed);
+                        counters.note_retry(&self.node.name, &e);
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
@@ -457,8 +633,8 @@ impl FakeAgent {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = conn.closed() => {
-                    counters.disconnected.fetch_add(1, Ordering::Relaxed);
+                reason = conn.closed() => {
+                    counters.lost(&self.node.name, reason.to_string());
                     return;
                 }
                 _ = stop.cancelled() => break,
@@ -471,8 +647,8 @@ impl FakeAgent {
                 samples: vec![sample.clone()],
                 dropped_total: 0,
             };
-            if wire::write_frame(&mut metrics, &batch).await.is_err() {
-                counters.disconnected.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = wire::write_frame(&mut metrics, &batch).await {
+                counters.lost(&self.node.name, e.to_string());
                 return;
             }
             counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -489,7 +665,7 @@ impl FakeAgent {
             .await
             .context("handshake timed out")??;
         let (mut send, mut recv) = conn.open_bi().await?;
-        wire::write_frame(&mut send, &AgentMessage::Hello(self.hello())).await?;
+        wire::write_frame(&mut send, &AgentMessage::Hello(self.hello().into())).await?;
         let mut scratch = Vec::new();
         let answer = tokio::time::timeout(
             WELCOME_TIMEOUT,
@@ -601,6 +777,7 @@ fn realistic_sample(index: usize) -> NodeSample {
         ],
         gpus: vec![],
         uptime_secs: 86_400 + jitter,
+        allocations: Vec::new(),
     }
 }
 
@@ -616,20 +793,6 @@ fn quic_client_config(ca_pem: &str, node: &NodeIdentity) -> anyhow::Result<quinn
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(liveness.idle_timeout)?));
     config.transport_config(Arc::new(transport));
     Ok(config)
-}
-
-/// `POST /v1/tokens` body (mirrors the controller's `TokenRequest`).
-#[derive(Debug, Serialize)]
-struct TokenRequest {
-    ttl_secs: u64,
-    uses: u32,
-    description: String,
-}
-
-/// The part of the `POST /v1/tokens` answer this tool needs.
-#[derive(Debug, Deserialize)]
-struct TokenResponse {
-    token: String,
 }
 
 /// Creates join tokens (10,000 uses each) and enrolls every fake agent with a fresh
@@ -656,8 +819,12 @@ async fn enroll_all(
     let done = Arc::new(AtomicUsize::new(0));
     let mut workers = JoinSet::new();
     for _ in 0..args.enroll_concurrency.min(args.agents) {
-        let (client, tokens, next, done) =
-            (anonymous.clone(), tokens.clone(), next.clone(), done.clone());
+        let (client, tokens, next, done) = (
+            anonymous.clone(),
+            tokens.clone(),
+            next.clone(),
+            done.clone(),
+        );
         let url = format!("{api_url}/v1/enroll");
         let total = args.agents;
         workers.spawn(async move {
@@ -725,7 +892,10 @@ async fn post_json<B: Serialize, T: serde::de::DeserializeOwned>(
     let resp = client.post(url).json(body).send().await?;
     let status = resp.status();
     if !status.is_success() {
-        bail!("POST {url}: {status}: {}", resp.text().await.unwrap_or_default());
+        bail!(
+            "POST {url}: {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
     Ok(resp.json().await?)
 }
@@ -734,7 +904,10 @@ async fn post_empty(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     let resp = client.post(url).send().await?;
     let status = resp.status();
     if !status.is_success() {
-        bail!("POST {url}: {status}: {}", resp.text().await.unwrap_or_default());
+        bail!(
+            "POST {url}: {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -746,7 +919,10 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     let resp = client.get(url).send().await?;
     let status = resp.status();
     if !status.is_success() {
-        bail!("GET {url}: {status}: {}", resp.text().await.unwrap_or_default());
+        bail!(
+            "GET {url}: {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
     Ok(resp.json().await?)
 }
@@ -768,7 +944,13 @@ impl ControllerProcess {
         let child = Command::new(bin)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["serve", "--api-listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
+            ])
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -792,7 +974,9 @@ impl ControllerProcess {
                 bail!("the controller exited with {status} before it was ready:\n{text}");
             }
             if Instant::now() >= deadline {
-                bail!("the controller printed no ready line within {CONTROLLER_START_TIMEOUT:?}:\n{text}");
+                bail!(
+                    "the controller printed no ready line within {CONTROLLER_START_TIMEOUT:?}:\n{text}"
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -831,7 +1015,9 @@ fn stop_child(child: &mut Child) {
 
 /// Finds `controller ready: api https://H:P, agent link udp H:P` in the log.
 fn parse_ready_line(text: &str) -> Option<(String, SocketAddr)> {
-    let line = text.lines().find_map(|l| l.strip_prefix("controller ready: api "))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("controller ready: api "))?;
     let (api, quic) = line.split_once(", agent link udp ")?;
     Some((api.trim().to_string(), quic.trim().parse().ok()?))
 }

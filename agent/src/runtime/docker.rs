@@ -1,0 +1,651 @@
+//! [`DockerRuntime`]: the [`ContainerRuntime`] on the Docker Engine API (bollard).
+//!
+//! Every call carries a timeout ([`CALL_TIMEOUT`], or the grace period plus
+//! [`CALL_TIMEOUT`] for a stop). Stats are read one-shot (no second sample inside
+//! the daemon, so a reading takes milliseconds, not a second).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerStatsResponse, DeviceRequest, HostConfig, Mount, MountType, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use bollard::{API_DEFAULT_VERSION, Docker};
+use futures_util::stream::{self, BoxStream, StreamExt};
+use tokio::sync::OnceCell;
+
+use super::spec::{LABEL_ALLOC, LABEL_MANAGED, LABEL_NODE, port_key};
+use super::{
+    ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
+    ContainerStatus, LogFrame, MountConfig, RuntimeError, StatsReading,
+};
+use crate::collect::DEFAULT_DOCKER_HOST;
+
+/// The limit on one call to the daemon.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// The client's own limit on waiting for response headers; above every per-call
+/// limit, which are what actually apply.
+const CLIENT_TIMEOUT_SECS: u64 = 300;
+
+/// The Docker daemon as a [`ContainerRuntime`].
+///
+/// The API version is agreed with the daemon on the first call that reaches it (and
+/// again on later calls until that succeeds), so an agent can start before its
+/// daemon: calls fail with [`RuntimeError::Daemon`] until the daemon answers.
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    inner: Arc<Client>,
+}
+
+#[derive(Debug)]
+struct Client {
+    host: String,
+    base: Docker,
+    negotiated: OnceCell<Docker>,
+}
+
+impl DockerRuntime {
+    /// A runtime for `host` (`unix:///var/run/docker.sock`, a socket path,
+    /// `tcp://HOST:PORT` or `http://...`; [`DEFAULT_DOCKER_HOST`] when `None`).
+    /// Does no I/O; fails only on an address it cannot use.
+    pub fn new(host: Option<&str>) -> Result<Self, RuntimeError> {
+        let host = host.unwrap_or(DEFAULT_DOCKER_HOST);
+        let base = if host.starts_with("unix://") || host.starts_with('/') {
+            Docker::connect_with_unix(host, CLIENT_TIMEOUT_SECS, API_DEFAULT_VERSION)
+        } else if host.starts_with("tcp://") || host.starts_with("http://") {
+            Docker::connect_with_http(host, CLIENT_TIMEOUT_SECS, API_DEFAULT_VERSION)
+        } else {
+            return Err(RuntimeError::Daemon {
+                op: "connect",
+                message: format!(
+                    "unsupported Docker host {host:?}: expected unix://PATH, tcp://HOST:PORT or http://"
+                ),
+            });
+        }
+        .map_err(|e| classify("connect", e))?;
+        Ok(DockerRuntime {
+            inner: Arc::new(Client {
+                host: host.to_owned(),
+                base,
+                negotiated: OnceCell::new(),
+            }),
+        })
+    }
+
+    /// [`DockerRuntime::new`], then agrees on the API version with the daemon at once.
+    pub async fn connect(host: Option<&str>) -> Result<Self, RuntimeError> {
+        let runtime = DockerRuntime::new(host)?;
+        runtime.client().await?;
+        Ok(runtime)
+    }
+
+    /// The client, with the API version agreed (for tests and tools that need more
+    /// than the trait).
+    pub async fn client(&self) -> Result<Docker, RuntimeError> {
+        let client = &self.inner;
+        client
+            .negotiated
+            .get_or_try_init(|| async {
+                let docker = timed(
+                    "connect",
+                    CALL_TIMEOUT,
+                    client.base.clone().negotiate_version(),
+                )
+                .await;
+                docker.map_err(|e| RuntimeError::Daemon {
+                    op: "connect",
+                    message: format!("Docker at {}: {e}", client.host),
+                })
+            })
+            .await
+            .cloned()
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    async fn list(&self, node: &str) -> Result<Vec<ContainerListing>, RuntimeError> {
+        let docker = self.client().await?;
+        let filters = HashMap::from([(
+            "label",
+            vec![LABEL_ALLOC.to_owned(), format!("{LABEL_NODE}={node}")],
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = timed("list", CALL_TIMEOUT, docker.list_containers(Some(options))).await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                Some(ContainerListing {
+                    id: c.id?,
+                    labels: c.labels.unwrap_or_default(),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
+        let docker = self.client().await?;
+        let details = timed("inspect", CALL_TIMEOUT, docker.inspect_container(id, None)).await?;
+        Ok(details_of(details, id))
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        let docker = self.client().await?;
+        match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create(&self, name: &str, config: &ContainerConfig) -> Result<String, RuntimeError> {
+        let docker = self.client().await?;
+        for mount in &config.mounts {
+            if let MountConfig::Volume { name: volume, .. } = mount {
+                let request = VolumeCreateRequest {
+                    name: Some(volume.clone()),
+                    labels: Some(HashMap::from([(LABEL_MANAGED.to_owned(), "true".to_owned())])),
+                    ..VolumeCreateRequest::default()
+                };
+                // Creating a volume that exists returns it unchanged.
+                timed("create volume", CALL_TIMEOUT, docker.create_volume(request)).await?;
+            }
+        }
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        let created = timed(
+            "create",
+            CALL_TIMEOUT,
+            docker.create_container(Some(options), create_body(config)),
+        )
+        .await?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        timed("start", CALL_TIMEOUT, docker.start_container(id, None)).await
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let secs = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+        let options = StopContainerOptionsBuilder::default().t(secs).build();
+        timed(
+            "stop",
+            grace + CALL_TIMEOUT,
+            docker.stop_container(id, Some(options)),
+        )
+        .await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        timed("remove", CALL_TIMEOUT, docker.remove_container(id, Some(options))).await
+    }
+
+    async fn stats(&self, id: &str) -> Result<StatsReading, RuntimeError> {
+        let docker = self.client().await?;
+        let options = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let mut stream = docker.stats(id, Some(options));
+        match tokio::time::timeout(CALL_TIMEOUT, stream.next()).await {
+            Ok(Some(Ok(stats))) => Ok(reading_of(&stats)),
+            Ok(Some(Err(e))) => Err(classify("stats", e)),
+            Ok(None) => Err(RuntimeError::Daemon {
+                op: "stats",
+                message: "the daemon sent no reading".into(),
+            }),
+            Err(_) => Err(RuntimeError::Timeout {
+                op: "stats",
+                after: CALL_TIMEOUT,
+            }),
+        }
+    }
+
+    async fn exec(&self, id: &str, command: &[String]) -> Result<i64, RuntimeError> {
+        let docker = self.client().await?;
+        let options = CreateExecOptions {
+            cmd: Some(command.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..CreateExecOptions::default()
+        };
+        let exec = timed("exec", CALL_TIMEOUT, docker.create_exec(id, options)).await?;
+        let started = timed("exec", CALL_TIMEOUT, docker.start_exec(&exec.id, None)).await?;
+        if let StartExecResults::Attached { mut output, .. } = started {
+            // The output is not kept; reading it to the end waits for the command.
+            while let Some(item) = output.next().await {
+                item.map_err(|e| classify("exec", e))?;
+            }
+        }
+        let inspected = timed("exec", CALL_TIMEOUT, docker.inspect_exec(&exec.id)).await?;
+        inspected.exit_code.ok_or(RuntimeError::Daemon {
+            op: "exec",
+            message: "the command has no exit code".into(),
+        })
+    }
+
+    fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: u32,
+    ) -> BoxStream<'static, Result<LogFrame, RuntimeError>> {
+        let tail = if tail == 0 {
+            "all".to_owned()
+        } else {
+            tail.to_string()
+        };
+        let options = LogsOptionsBuilder::default()
+            .follow(follow)
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail)
+            .build();
+        let runtime = self.clone();
+        let id = id.to_owned();
+        stream::once(async move { runtime.client().await })
+            .map(move |client| match client {
+                Ok(docker) => docker
+                    .logs(&id, Some(options.clone()))
+                    .filter_map(|item| async move { frame_of(item) })
+                    .boxed(),
+                Err(e) => stream::iter([Err(e)]).boxed(),
+            })
+            .flatten()
+            .boxed()
+    }
+
+    fn events(&self, node: &str) -> BoxStream<'static, Result<ContainerEvent, RuntimeError>> {
+        let filters = HashMap::from([
+            ("type", vec!["container".to_owned()]),
+            ("label", vec![format!("{LABEL_NODE}={node}")]),
+        ]);
+        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        let runtime = self.clone();
+        stream::once(async move { runtime.client().await })
+            .map(move |client| match client {
+                Ok(docker) => docker
+                    .events(Some(options.clone()))
+                    .filter_map(|item| async move {
+                        match item {
+                            Ok(event) => {
+                                let container_id = event.actor.and_then(|a| a.id)?;
+                                Some(Ok(ContainerEvent {
+                                    container_id,
+                                    action: event.action.unwrap_or_default(),
+                                }))
+                            }
+                            Err(e) => Some(Err(classify("events", e))),
+                        }
+                    })
+                    .boxed(),
+                Err(e) => stream::iter([Err(e)]).boxed(),
+            })
+            .flatten()
+            .boxed()
+    }
+}
+
+fn frame_of(item: Result<LogOutput, bollard::errors::Error>) -> Option<Result<LogFrame, RuntimeError>> {
+    match item {
+        Ok(LogOutput::StdErr { message }) => Some(Ok(LogFrame {
+            stderr: true,
+            data: message.to_vec(),
+        })),
+        Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => Some(Ok(LogFrame {
+            stderr: false,
+            data: message.to_vec(),
+        })),
+        Ok(LogOutput::StdIn { .. }) => None,
+        Err(e) => Some(Err(classify("logs", e))),
+    }
+}
+
+/// The Docker create body of `config`. Restart policy `no`: the supervisor restarts
+/// containers itself and counts the restarts.
+pub fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
+    let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+    let mut port_bindings = HashMap::new();
+    for port in &config.ports {
+        port_bindings
+            .entry(port_key(port))
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding {
+                host_ip: Some("0.0.0.0".to_owned()),
+                // Empty: Docker picks a free port.
+                host_port: Some(port.host_port.map(|p| p.to_string()).unwrap_or_default()),
+            });
+    }
+    let mounts: Vec<Mount> = config
+        .mounts
+        .iter()
+        .map(|m| match m {
+            MountConfig::Volume {
+                name,
+                target,
+                read_only,
+            } => Mount {
+                typ: Some(MountType::VOLUME),
+                source: Some(name.clone()),
+                target: Some(target.clone()),
+                read_only: Some(*read_only),
+                ..Mount::default()
+            },
+            MountConfig::Bind {
+                source,
+                target,
+                read_only,
+            } => Mount {
+                typ: Some(MountType::BIND),
+                source: Some(source.clone()),
+                target: Some(target.clone()),
+                read_only: Some(*read_only),
+                ..Mount::default()
+            },
+        })
+        .collect();
+    let device_requests = (!config.gpu_uuids.is_empty()).then(|| {
+        vec![DeviceRequest {
+            driver: Some("nvidia".to_owned()),
+            device_ids: Some(config.gpu_uuids.clone()),
+            capabilities: Some(vec![vec!["gpu".to_owned()]]),
+            ..DeviceRequest::default()
+        }]
+    });
+    let host_config = HostConfig {
+        nano_cpus: config.nano_cpus,
+        memory: config.memory_bytes,
+        memory_swap: config.memory_bytes,
+        device_requests,
+        port_bindings: (!port_bindings.is_empty()).then_some(port_bindings),
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        ..HostConfig::default()
+    };
+    let exposed: Vec<String> = config.ports.iter().map(port_key).collect();
+    ContainerCreateBody {
+        image: Some(config.image.clone()),
+        entrypoint: non_empty(&config.entrypoint),
+        cmd: non_empty(&config.cmd),
+        env: (!config.env.is_empty())
+            .then(|| config.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: config.working_dir.clone(),
+        labels: Some(config.labels.clone().into_iter().collect()),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(host_config),
+        ..ContainerCreateBody::default()
+    }
+}
+
+/// Runs one call to the daemon with a limit.
+async fn timed<T>(
+    op: &'static str,
+    limit: Duration,
+    call: impl Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, RuntimeError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(|e| classify(op, e)),
+        Err(_) => Err(RuntimeError::Timeout { op, after: limit }),
+    }
+}
+
+fn classify(op: &'static str, e: bollard::errors::Error) -> RuntimeError {
+    use bollard::errors::Error;
+    match e {
+        Error::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => RuntimeError::NotFound { op, message },
+        Error::DockerResponseServerError {
+            status_code: 409,
+            message,
+        } => RuntimeError::Conflict { op, message },
+        Error::RequestTimeoutError => RuntimeError::Timeout {
+            op,
+            after: Duration::from_secs(CLIENT_TIMEOUT_SECS),
+        },
+        other => RuntimeError::Daemon {
+            op,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn details_of(details: ContainerInspectResponse, id: &str) -> ContainerDetails {
+    let state = details.state.unwrap_or_default();
+    let status = if state.running == Some(true) {
+        ContainerStatus::Running
+    } else if state.status == Some(ContainerStateStatusEnum::CREATED) {
+        ContainerStatus::Created
+    } else {
+        ContainerStatus::Exited {
+            code: state.exit_code.unwrap_or(-1),
+            oom_killed: state.oom_killed.unwrap_or(false),
+            error: state.error.unwrap_or_default(),
+        }
+    };
+    let ip = details
+        .network_settings
+        .and_then(|n| n.networks)
+        .and_then(|networks| {
+            networks
+                .values()
+                .filter_map(|e| e.ip_address.as_deref())
+                .find_map(|ip| ip.parse::<IpAddr>().ok())
+        });
+    ContainerDetails {
+        id: details.id.unwrap_or_else(|| id.to_owned()),
+        labels: details.config.and_then(|c| c.labels).unwrap_or_default(),
+        status,
+        started_at_unix_ms: state.started_at.as_deref().and_then(unix_ms),
+        ip,
+    }
+}
+
+/// Docker's RFC 3339 times (`2024-05-07T10:11:12.123456789Z`) as Unix ms; `None`
+/// for its zero time (`0001-01-01T00:00:00Z`, never started) and bad input.
+fn unix_ms(rfc3339: &str) -> Option<u64> {
+    let at = humantime::parse_rfc3339(rfc3339).ok()?;
+    let ms = at.duration_since(UNIX_EPOCH).ok()?.as_millis();
+    (ms > 0).then(|| u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+fn reading_of(stats: &ContainerStatsResponse) -> StatsReading {
+    let cpu = stats.cpu_stats.clone().unwrap_or_default();
+    let usage = cpu.cpu_usage.unwrap_or_default();
+    let online_cpus = cpu.online_cpus.filter(|n| *n > 0).unwrap_or_else(|| {
+        usage
+            .percpu_usage
+            .as_ref()
+            .map_or(1, |v| u32::try_from(v.len()).unwrap_or(1).max(1))
+    });
+    let memory = stats.memory_stats.clone().unwrap_or_default();
+    let used = memory.usage.unwrap_or(0);
+    // As `docker stats`: page cache the kernel can drop is not "in use".
+    let inactive = memory
+        .stats
+        .as_ref()
+        .and_then(|s| s.get("total_inactive_file").or_else(|| s.get("inactive_file")))
+        .copied()
+        .unwrap_or(0);
+    let (rx, tx) = stats
+        .networks
+        .as_ref()
+        .map(|n| {
+            n.values().fold((0u64, 0u64), |(rx, tx), i| {
+                (
+                    rx.saturating_add(i.rx_bytes.unwrap_or(0)),
+                    tx.saturating_add(i.tx_bytes.unwrap_or(0)),
+                )
+            })
+        })
+        .unwrap_or((0, 0));
+    StatsReading {
+        cpu_total_ns: usage.total_usage.unwrap_or(0),
+        system_cpu_ns: cpu.system_cpu_usage,
+        online_cpus,
+        memory_bytes: if inactive < used { used - inactive } else { used },
+        rx_bytes: rx,
+        tx_bytes: tx,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use novacron_common::wire::PortMapping;
+
+    use super::*;
+
+    fn config() -> ContainerConfig {
+        ContainerConfig {
+            image: "img:1".into(),
+            entrypoint: vec![],
+            cmd: vec!["sleep".into(), "5".into()],
+            env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "x=y".into())]),
+            working_dir: Some("/w".into()),
+            labels: BTreeMap::from([(LABEL_ALLOC.into(), "a1".into())]),
+            nano_cpus: Some(500_000_000),
+            memory_bytes: Some(64 << 20),
+            gpu_uuids: vec![],
+            ports: vec![
+                PortMapping {
+                    name: "http".into(),
+                    container_port: 80,
+                    host_port: None,
+                    udp: false,
+                },
+                PortMapping {
+                    name: "dns".into(),
+                    container_port: 53,
+                    host_port: Some(5353),
+                    udp: true,
+                },
+            ],
+            mounts: vec![
+                MountConfig::Volume {
+                    name: "data".into(),
+                    target: "/data".into(),
+                    read_only: false,
+                },
+                MountConfig::Bind {
+                    source: "/srv".into(),
+                    target: "/srv".into(),
+                    read_only: true,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn body_has_limits_ports_mounts_and_no_restart_policy() {
+        let body = create_body(&config());
+        assert_eq!(body.entrypoint, None, "empty keeps the image's");
+        assert_eq!(body.cmd, Some(vec!["sleep".to_string(), "5".to_string()]));
+        assert_eq!(
+            body.env,
+            Some(vec!["A=1".to_string(), "B=x=y".to_string()])
+        );
+        assert_eq!(body.labels.as_ref().map(|l| l["novacron.alloc"].as_str()), Some("a1"));
+        let mut exposed = body.exposed_ports.clone().unwrap_or_default();
+        exposed.sort();
+        assert_eq!(exposed, vec!["53/udp", "80/tcp"]);
+        let host = body.host_config.expect("host config");
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.memory, Some(64 << 20));
+        assert_eq!(host.memory_swap, Some(64 << 20));
+        assert_eq!(host.device_requests, None);
+        assert_eq!(
+            host.restart_policy.and_then(|p| p.name),
+            Some(RestartPolicyNameEnum::NO)
+        );
+        let bindings = host.port_bindings.expect("bindings");
+        let http = bindings["80/tcp"].clone().expect("binding");
+        assert_eq!(http[0].host_ip.as_deref(), Some("0.0.0.0"));
+        assert_eq!(http[0].host_port.as_deref(), Some(""));
+        let dns = bindings["53/udp"].clone().expect("binding");
+        assert_eq!(dns[0].host_port.as_deref(), Some("5353"));
+        let mounts = host.mounts.expect("mounts");
+        assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
+        assert_eq!(mounts[1].typ, Some(MountType::BIND));
+        assert_eq!(mounts[1].read_only, Some(true));
+    }
+
+    #[test]
+    fn gpus_become_an_nvidia_device_request() {
+        let mut cfg = config();
+        cfg.gpu_uuids = vec!["GPU-1".into(), "GPU-2".into()];
+        let host = create_body(&cfg).host_config.expect("host config");
+        let requests = host.device_requests.expect("device requests");
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(
+            requests[0].device_ids,
+            Some(vec!["GPU-1".to_string(), "GPU-2".to_string()])
+        );
+    }
+
+    #[test]
+    fn unlimited_means_no_limit_fields() {
+        let mut cfg = config();
+        cfg.nano_cpus = None;
+        cfg.memory_bytes = None;
+        cfg.ports.clear();
+        cfg.mounts.clear();
+        let body = create_body(&cfg);
+        assert_eq!(body.exposed_ports, None);
+        let host = body.host_config.expect("host config");
+        assert_eq!((host.nano_cpus, host.memory, host.memory_swap), (None, None, None));
+        assert_eq!(host.port_bindings, None);
+        assert_eq!(host.mounts, None);
+    }
+
+    #[test]
+    fn docker_times_parse() {
+        assert_eq!(unix_ms("1970-01-01T00:00:01.5Z"), Some(1500));
+        assert_eq!(
+            unix_ms("2024-05-07T10:11:12.123456789Z"),
+            Some(1_715_076_672_123)
+        );
+        assert_eq!(unix_ms("0001-01-01T00:00:00Z"), None);
+        assert_eq!(unix_ms("garbage"), None);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let e = |status_code| bollard::errors::Error::DockerResponseServerError {
+            status_code,
+            message: "m".into(),
+        };
+        assert!(classify("x", e(404)).is_not_found());
+        assert!(matches!(classify("x", e(409)), RuntimeError::Conflict { .. }));
+        assert!(matches!(classify("x", e(500)), RuntimeError::Daemon { .. }));
+    }
+}

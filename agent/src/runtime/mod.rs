@@ -1,0 +1,294 @@
+//! The container runtime: runs the node's desired allocations as containers,
+//! restarts them by their policy, checks their health and reports on them.
+//!
+//! Layers, the pure ones first:
+//! - [`spec`]: container names, labels, the spec hash and the runtime-neutral
+//!   [`ContainerConfig`] of an allocation. Pure.
+//! - [`restart`]: the restart policy's sliding window. Pure, takes `now`.
+//! - [`reconcile`]: the [`Reconciler`], the I/O-free core. The desired set,
+//!   observations of the containers and the outcomes of actions go in; [`Action`]s, a
+//!   deadline and the [`AllocationReport`] come out. Pure, takes `now`.
+//! - [`usage`]: CPU, memory and network rates from raw counters. Pure.
+//! - [`logs`]: cuts the runtime's log frames into wire [`LogChunk`]s.
+//! - [`health`]: the HTTP and TCP probes.
+//! - [`docker`]: [`DockerRuntime`], the [`ContainerRuntime`] on bollard.
+//! - [`supervisor`]: [`Supervisor`], the thin shell that drives the core with a
+//!   runtime and the clock, and that the link talks to.
+//!
+//! **Architecture Invariant:** only [`docker`] knows about bollard; everything else
+//! talks to the narrow [`ContainerRuntime`] trait, so tests run the supervisor
+//! against a fake.
+//!
+//! **Architecture Invariant:** the supervisor only ever lists, stops or removes
+//! containers that carry both [`LABEL_ALLOC`] and [`LABEL_NODE`]` = <its node name>`.
+//! Unlabelled containers and those of another node (several agents may share one
+//! Docker daemon, as `novacron dev` does) are never touched.
+//!
+//! [`AllocationReport`]: novacron_common::wire::AllocationReport
+//! [`LogChunk`]: novacron_common::wire::LogChunk
+
+pub mod docker;
+pub mod health;
+pub mod logs;
+pub mod reconcile;
+pub mod restart;
+pub mod spec;
+pub mod supervisor;
+pub mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use novacron_common::wire::PortMapping;
+
+pub use docker::DockerRuntime;
+pub use reconcile::{Action, Outcome, Reconciler};
+pub use spec::{
+    LABEL_ALLOC, LABEL_JOB, LABEL_MANAGED, LABEL_NODE, LABEL_SPEC, LABEL_VERSION, container_name,
+    spec_hash,
+};
+pub use supervisor::{Supervisor, SupervisorConfig};
+
+/// The Docker-facing operations the supervisor needs, and nothing more.
+///
+/// Every method answers within a bounded time: implementations put a timeout on each
+/// call to the daemon and return [`RuntimeError::Timeout`] when it passes. Streams
+/// ([`logs`](ContainerRuntime::logs), [`events`](ContainerRuntime::events)) end when
+/// the daemon closes them or on the first error.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Every container (running or not) labelled [`LABEL_ALLOC`] and
+    /// [`LABEL_NODE`]` = node`.
+    fn list(
+        &self,
+        node: &str,
+    ) -> impl Future<Output = Result<Vec<ContainerListing>, RuntimeError>> + Send;
+
+    /// The details of one container; [`RuntimeError::NotFound`] when it is gone.
+    fn inspect(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<ContainerDetails, RuntimeError>> + Send;
+
+    /// Whether `image` is present on the node (nothing is ever pulled).
+    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+
+    /// Creates (does not start) a container named `name`, creating the named volumes
+    /// it mounts when they are missing. Returns the container id;
+    /// [`RuntimeError::Conflict`] when the name is taken.
+    fn create(
+        &self,
+        name: &str,
+        config: &ContainerConfig,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+
+    /// Starts a created or exited container.
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Stops a container: SIGTERM, then SIGKILL after `grace`. Stopping a stopped
+    /// container succeeds.
+    fn stop(&self, id: &str, grace: Duration)
+    -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Removes a container (forcibly, with its anonymous volumes).
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// One reading of a running container's counters (no waiting for a second one).
+    fn stats(&self, id: &str) -> impl Future<Output = Result<StatsReading, RuntimeError>> + Send;
+
+    /// Runs `command` in a running container and returns its exit code.
+    fn exec(
+        &self,
+        id: &str,
+        command: &[String],
+    ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+
+    /// A container's output: the last `tail` lines (0: all), then, with `follow`, new
+    /// output until the container stops.
+    fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: u32,
+    ) -> BoxStream<'static, Result<LogFrame, RuntimeError>>;
+
+    /// Lifecycle events of the containers [`list`](ContainerRuntime::list) would
+    /// return for `node`.
+    fn events(&self, node: &str) -> BoxStream<'static, Result<ContainerEvent, RuntimeError>>;
+}
+
+/// Why a runtime operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The container, image or exec instance does not exist.
+    #[error("{op}: not found: {message}")]
+    NotFound {
+        /// The operation.
+        op: &'static str,
+        /// The daemon's words.
+        message: String,
+    },
+    /// The name is already in use (create).
+    #[error("{op}: conflict: {message}")]
+    Conflict {
+        /// The operation.
+        op: &'static str,
+        /// The daemon's words.
+        message: String,
+    },
+    /// The daemon did not answer in time.
+    #[error("{op}: no answer from the container runtime within {after:?}")]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The limit that passed.
+        after: Duration,
+    },
+    /// The daemon refused or failed the request, or could not be reached.
+    #[error("{op}: {message}")]
+    Daemon {
+        /// The operation.
+        op: &'static str,
+        /// The daemon's (or the transport's) words.
+        message: String,
+    },
+}
+
+impl RuntimeError {
+    /// Whether the object the operation named does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RuntimeError::NotFound { .. })
+    }
+}
+
+/// One managed container as a listing shows it (cheap; no exit code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerListing {
+    /// Container id.
+    pub id: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// The runtime's state word (`running`, `exited`, `created`, ...). A change of
+    /// this word is what makes the supervisor inspect the container again.
+    pub state: String,
+}
+
+/// One container in detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerDetails {
+    /// Container id.
+    pub id: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// Where it is in its life.
+    pub status: ContainerStatus,
+    /// When its current (or last) run started, Unix ms.
+    pub started_at_unix_ms: Option<u64>,
+    /// Its address on its network, when it has one.
+    pub ip: Option<IpAddr>,
+}
+
+/// Where a container is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerStatus {
+    /// Created, never started.
+    Created,
+    /// Running (paused and restarting count as running).
+    Running,
+    /// Its process ended.
+    Exited {
+        /// The exit code.
+        code: i64,
+        /// The kernel killed it for going over its memory limit.
+        oom_killed: bool,
+        /// The runtime's error, when starting it failed.
+        error: String,
+    },
+}
+
+/// A container to create, in runtime-neutral terms (see [`spec::container_config`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerConfig {
+    /// Image reference; must be present on the node.
+    pub image: String,
+    /// Entrypoint override; empty keeps the image's.
+    pub entrypoint: Vec<String>,
+    /// Command (arguments); empty keeps the image's.
+    pub cmd: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory override.
+    pub working_dir: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// CPU limit in billionths of a core; `None`: unlimited.
+    pub nano_cpus: Option<i64>,
+    /// Memory limit in bytes (swap included, so no swap); `None`: unlimited.
+    pub memory_bytes: Option<i64>,
+    /// NVIDIA GPUs by UUID.
+    pub gpu_uuids: Vec<String>,
+    /// Published ports.
+    pub ports: Vec<PortMapping>,
+    /// Volumes and bind mounts.
+    pub mounts: Vec<MountConfig>,
+}
+
+/// One mount of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountConfig {
+    /// A named volume, created (labelled [`LABEL_MANAGED`]) when missing.
+    Volume {
+        /// Volume name.
+        name: String,
+        /// Path in the container.
+        target: String,
+        /// Read-only.
+        read_only: bool,
+    },
+    /// A host path; it must exist.
+    Bind {
+        /// Absolute host path.
+        source: String,
+        /// Path in the container.
+        target: String,
+        /// Read-only.
+        read_only: bool,
+    },
+}
+
+/// Raw counters of one running container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsReading {
+    /// CPU time used by the container since it started, ns.
+    pub cpu_total_ns: u64,
+    /// CPU time of the whole host, ns (all cores), when the runtime reports it.
+    pub system_cpu_ns: Option<u64>,
+    /// Cores the host has online.
+    pub online_cpus: u32,
+    /// Memory in use (page cache that can be dropped not counted), bytes.
+    pub memory_bytes: u64,
+    /// Bytes received on all its interfaces.
+    pub rx_bytes: u64,
+    /// Bytes sent on all its interfaces.
+    pub tx_bytes: u64,
+}
+
+/// A piece of a container's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFrame {
+    /// `true` for standard error.
+    pub stderr: bool,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Something happened to a container (started, died, was removed, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// The container.
+    pub container_id: String,
+    /// The runtime's word for it (`start`, `die`, `destroy`, ...).
+    pub action: String,
+}

@@ -1,0 +1,1520 @@
+//! The reconciler: the supervisor's I/O-free core.
+//!
+//! It holds the desired set and what it knows of every allocation. The shell feeds
+//! it three things, each with the time: a new desired set ([`Reconciler::apply`]),
+//! an observation of the node's containers ([`Reconciler::observe`]) and the outcome
+//! of an action it asked for ([`Reconciler::complete`]). In return
+//! [`Reconciler::plan`] says what to do next, [`Reconciler::next_deadline`] when to
+//! ask again, and [`Reconciler::report`] what to tell the controller.
+//!
+//! Rules it keeps:
+//! - One action at a time per allocation. Observations taken before an allocation's
+//!   last change are ignored for it (each change bumps an epoch; an observation
+//!   carries the epoch it started at), so a slow listing never causes a second
+//!   container.
+//! - Nothing is created before the first observation after an allocation appeared,
+//!   so a restarted agent adopts its containers instead of doubling them.
+//! - Nothing is removed as an orphan before the first desired set has arrived, so a
+//!   restarted agent that has not yet heard from the controller stops nothing.
+//! - A missing image fails the allocation once; it is tried again only for a new
+//!   spec.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use novacron_common::wire::{
+    AllocState, AllocationReport, AllocationSpec, AllocationStatus, DesiredAllocations,
+    HealthCheckKind, HealthSpec,
+};
+
+use super::restart::{RestartDecision, RestartWindow};
+use super::spec::{alloc_labels, spec_hash};
+use super::{ContainerDetails, ContainerStatus, RuntimeError};
+
+/// The shortest time between two health checks of one allocation.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// The timeout of a health check whose spec says 0.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait before trying again to remove a container that would not go.
+pub const DEFAULT_REMOVE_RETRY: Duration = Duration::from_secs(5);
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    /// The node's name (in messages).
+    pub node_name: String,
+    /// Wait between attempts to remove a container that would not go.
+    pub remove_retry: Duration,
+}
+
+impl ReconcilerConfig {
+    /// Defaults for `node_name`.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        ReconcilerConfig {
+            node_name: node_name.into(),
+            remove_retry: DEFAULT_REMOVE_RETRY,
+        }
+    }
+}
+
+/// One managed container as observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Container id.
+    pub container_id: String,
+    /// Its [`LABEL_ALLOC`](super::LABEL_ALLOC).
+    pub alloc_id: String,
+    /// Its [`LABEL_SPEC`](super::LABEL_SPEC) (empty when missing).
+    pub spec_hash: String,
+    /// Where it is in its life.
+    pub status: ContainerStatus,
+    /// When its current (or last) run started, Unix ms.
+    pub started_at_unix_ms: Option<u64>,
+    /// Its address.
+    pub ip: Option<IpAddr>,
+}
+
+impl Observed {
+    /// The observation of a container, or `None` when it is not an allocation's.
+    pub fn from_details(details: ContainerDetails) -> Option<Observed> {
+        let (alloc, hash) = alloc_labels(&details.labels)?;
+        Some(Observed {
+            alloc_id: alloc.to_owned(),
+            spec_hash: hash.to_owned(),
+            container_id: details.id,
+            status: details.status,
+            started_at_unix_ms: details.started_at_unix_ms,
+            ip: details.ip,
+        })
+    }
+}
+
+/// Something the shell should do. Every action is answered by one [`Outcome`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Stop and remove `replace` (when set), then check the image, create the
+    /// container and start it.
+    Launch {
+        /// Allocation id.
+        alloc: String,
+        /// What to run.
+        spec: Arc<AllocationSpec>,
+        /// [`spec_hash`] of `spec.task`.
+        spec_hash: String,
+        /// A container of the allocation to remove first.
+        replace: Option<String>,
+    },
+    /// Start the allocation's existing (exited) container again.
+    Start {
+        /// Allocation id.
+        alloc: String,
+        /// The container.
+        container_id: String,
+    },
+    /// Stop (with the grace period) and remove a container.
+    Remove {
+        /// The allocation it belongs to.
+        alloc: String,
+        /// The container.
+        container_id: String,
+    },
+    /// Run one health check.
+    Probe {
+        /// Allocation id.
+        alloc: String,
+        /// The container checked.
+        container_id: String,
+        /// What to check.
+        check: HealthCheckKind,
+        /// The container's address (HTTP and TCP checks).
+        ip: Option<IpAddr>,
+        /// How long the check may take.
+        timeout: Duration,
+    },
+}
+
+/// A container that runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Container id.
+    pub container_id: String,
+    /// When it started, Unix ms.
+    pub started_at_unix_ms: Option<u64>,
+    /// Its address.
+    pub ip: Option<IpAddr>,
+}
+
+/// Why a launch failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchError {
+    /// The image is not on the node.
+    ImageMissing {
+        /// The image reference.
+        image: String,
+    },
+    /// The container being replaced could not be removed; it is still there.
+    Replace {
+        /// What went wrong.
+        message: String,
+    },
+    /// Anything else; the container exists when it was created but did not start.
+    Failed {
+        /// The container, when it was created.
+        container_id: Option<String>,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What became of an [`Action`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Answers [`Action::Launch`].
+    Launched {
+        /// Allocation id.
+        alloc: String,
+        /// The hash that was launched.
+        spec_hash: String,
+        /// The running container, or why there is none.
+        result: Result<Run, LaunchError>,
+    },
+    /// Answers [`Action::Start`].
+    Started {
+        /// Allocation id.
+        alloc: String,
+        /// The container.
+        container_id: String,
+        /// The run, or why it did not start.
+        result: Result<Run, RuntimeError>,
+    },
+    /// Answers [`Action::Remove`].
+    Removed {
+        /// Allocation id.
+        alloc: String,
+        /// The container.
+        container_id: String,
+        /// Done (a container already gone counts as done), or why not.
+        result: Result<(), RuntimeError>,
+    },
+    /// Answers [`Action::Probe`].
+    Probed {
+        /// Allocation id.
+        alloc: String,
+        /// The container checked.
+        container_id: String,
+        /// Healthy, or why not.
+        result: Result<(), String>,
+    },
+}
+
+/// A running allocation (for usage readings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningAlloc {
+    /// Allocation id.
+    pub alloc: String,
+    /// Its container.
+    pub container_id: String,
+    /// Its memory limit, bytes (0: none).
+    pub memory_limit_bytes: u64,
+}
+
+/// The supervisor's I/O-free core (see the module documentation).
+#[derive(Debug)]
+pub struct Reconciler {
+    config: ReconcilerConfig,
+    generation: Option<u64>,
+    records: BTreeMap<String, Record>,
+    orphans: BTreeMap<String, Orphan>,
+    epoch: u64,
+    runtime_error: Option<String>,
+}
+
+impl Reconciler {
+    /// An empty core: no desired set yet, nothing observed.
+    pub fn new(config: ReconcilerConfig) -> Self {
+        Reconciler {
+            config,
+            generation: None,
+            records: BTreeMap::new(),
+            orphans: BTreeMap::new(),
+            epoch: 0,
+            runtime_error: None,
+        }
+    }
+
+    /// Replaces the desired set. Returns `false` (and changes nothing) when
+    /// `desired` is older than the set in force.
+    pub fn apply(&mut self, desired: DesiredAllocations) -> bool {
+        if self.generation.is_some_and(|g| desired.generation < g) {
+            return false;
+        }
+        self.generation = Some(desired.generation);
+        self.epoch += 1;
+        let mut wanted = BTreeMap::new();
+        for spec in desired.allocations {
+            let hash = spec_hash(&spec.task);
+            wanted.insert(
+                spec.id.clone(),
+                Desired {
+                    spec: Arc::new(spec),
+                    hash,
+                },
+            );
+        }
+        for (id, rec) in &mut self.records {
+            if !wanted.contains_key(id) && rec.desired.take().is_some() {
+                rec.message = "stopping: no longer desired on this node".into();
+            }
+        }
+        for (id, desired) in wanted {
+            match self.records.get_mut(&id) {
+                Some(rec) => rec.desired = Some(desired),
+                None => {
+                    self.records.insert(id, Record::new(desired, self.epoch));
+                }
+            }
+        }
+        true
+    }
+
+    /// The generation of the desired set in force.
+    pub fn generation(&self) -> Option<u64> {
+        self.generation
+    }
+
+    /// Call before listing the containers; pass the token to [`Reconciler::observe`].
+    pub fn observe_begin(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The listing begun at `token` could not be made.
+    pub fn observe_failed(&mut self, error: String) {
+        self.runtime_error = Some(error);
+    }
+
+    /// Takes in every managed container of the node, as listed from `token` on.
+    pub fn observe(&mut self, now: Instant, token: u64, observed: Vec<Observed>) {
+        self.runtime_error = None;
+        let busy_orphans: HashSet<&String> = self
+            .orphans
+            .iter()
+            .filter(|(_, o)| o.busy)
+            .map(|(id, _)| id)
+            .collect();
+        let mut by_alloc: HashMap<String, Vec<Observed>> = HashMap::new();
+        for o in observed {
+            if !busy_orphans.contains(&o.container_id) {
+                by_alloc.entry(o.alloc_id.clone()).or_default().push(o);
+            }
+        }
+        let mut orphaned = Vec::new();
+        for (id, rec) in &mut self.records {
+            let mine = by_alloc.remove(id).unwrap_or_default();
+            if rec.busy || rec.changed_epoch > token {
+                // Taken before this allocation's last change: says nothing about it.
+                continue;
+            }
+            let (primary, extra) = choose_primary(rec, mine);
+            orphaned.extend(extra);
+            rec.observe(now, primary);
+            rec.observed = true;
+        }
+        orphaned.extend(by_alloc.into_values().flatten());
+        let seen: HashSet<&String> = orphaned.iter().map(|o| &o.container_id).collect();
+        self.orphans
+            .retain(|id, o| o.busy || seen.contains(id));
+        for o in orphaned {
+            let state = match &o.status {
+                ContainerStatus::Created => AllocState::Pending,
+                ContainerStatus::Running => AllocState::Running,
+                ContainerStatus::Exited { code: 0, .. } => AllocState::Complete,
+                ContainerStatus::Exited { .. } => AllocState::Failed,
+            };
+            let entry = self.orphans.entry(o.container_id).or_insert(Orphan {
+                alloc: o.alloc_id,
+                state,
+                busy: false,
+                retry_at: None,
+            });
+            entry.state = state;
+        }
+    }
+
+    /// Takes in the outcome of an action.
+    pub fn complete(&mut self, now: Instant, outcome: Outcome) {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        match outcome {
+            Outcome::Launched {
+                alloc,
+                spec_hash,
+                result,
+            } => {
+                let node = &self.config.node_name;
+                let Some(rec) = self.records.get_mut(&alloc) else {
+                    return;
+                };
+                rec.busy = false;
+                rec.changed_epoch = epoch;
+                match result {
+                    Ok(run) => {
+                        rec.container = Some(Container {
+                            id: run.container_id.clone(),
+                            hash: spec_hash,
+                        });
+                        rec.enter_running(now, run, "started");
+                    }
+                    Err(LaunchError::ImageMissing { image }) => {
+                        rec.container = None;
+                        rec.state = AllocState::Failed;
+                        rec.restart_at = None;
+                        rec.message = format!(
+                            "image {image:?} is not present on node {node}; build or load it there (no registry is used)"
+                        );
+                    }
+                    Err(LaunchError::Replace { message }) => {
+                        rec.failed_run(
+                            now,
+                            None,
+                            format!("could not remove the container it replaces: {message}"),
+                        );
+                    }
+                    Err(LaunchError::Failed {
+                        container_id,
+                        message,
+                    }) => {
+                        rec.container = container_id.map(|id| Container {
+                            id,
+                            hash: spec_hash,
+                        });
+                        rec.failed_run(now, None, format!("could not start: {message}"));
+                    }
+                }
+            }
+            Outcome::Started {
+                alloc,
+                container_id,
+                result,
+            } => {
+                let Some(rec) = self.records.get_mut(&alloc) else {
+                    return;
+                };
+                rec.busy = false;
+                rec.changed_epoch = epoch;
+                match result {
+                    Ok(run) => rec.enter_running(now, run, "restarted"),
+                    Err(e) => {
+                        if e.is_not_found()
+                            && rec.container.as_ref().is_some_and(|c| c.id == container_id)
+                        {
+                            rec.container = None;
+                        }
+                        rec.failed_run(now, None, format!("could not restart: {e}"));
+                    }
+                }
+            }
+            Outcome::Removed {
+                alloc,
+                container_id,
+                result,
+            } => {
+                let retry_at = now + self.config.remove_retry;
+                let done = match &result {
+                    Ok(()) => true,
+                    Err(e) => e.is_not_found(),
+                };
+                if let Some(orphan) = self.orphans.get_mut(&container_id) {
+                    orphan.busy = false;
+                    if done {
+                        self.orphans.remove(&container_id);
+                    } else {
+                        orphan.retry_at = Some(retry_at);
+                    }
+                    return;
+                }
+                let Some(rec) = self.records.get_mut(&alloc) else {
+                    return;
+                };
+                rec.busy = false;
+                rec.changed_epoch = epoch;
+                if !done {
+                    rec.retry_at = Some(retry_at);
+                    if let Err(e) = result {
+                        rec.message = format!("cannot remove the container: {e}");
+                    }
+                    return;
+                }
+                rec.retry_at = None;
+                if rec.container.as_ref().is_some_and(|c| c.id == container_id) {
+                    rec.container = None;
+                }
+                if rec.desired.is_none() {
+                    if rec.container.is_none() {
+                        self.records.remove(&alloc);
+                    }
+                } else {
+                    // Desired again while it was being removed: start over once the
+                    // next observation has been taken.
+                    rec.reset_for_new_spec();
+                    rec.observed = false;
+                }
+            }
+            Outcome::Probed {
+                alloc,
+                container_id,
+                result,
+            } => {
+                let Some(rec) = self.records.get_mut(&alloc) else {
+                    return;
+                };
+                rec.probing = false;
+                let Some(health) = rec.health().cloned() else {
+                    return;
+                };
+                if rec.state != AllocState::Running
+                    || rec.container.as_ref().is_none_or(|c| c.id != container_id)
+                {
+                    return;
+                }
+                rec.next_probe = Some(now + probe_interval(&health));
+                match result {
+                    Ok(()) => {
+                        rec.health_failures = 0;
+                        rec.healthy = Some(true);
+                    }
+                    Err(why) => {
+                        rec.health_failures = rec.health_failures.saturating_add(1);
+                        if rec.health_failures >= health.retries.max(1) {
+                            if rec.healthy != Some(false) {
+                                rec.message = format!("health check failing: {why}");
+                            }
+                            rec.healthy = Some(false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What to do now: at most `budget` actions. Every action returned must be
+    /// answered with [`Reconciler::complete`].
+    pub fn plan(&mut self, now: Instant, budget: usize) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut gone = Vec::new();
+        for (id, rec) in &mut self.records {
+            if actions.len() >= budget {
+                break;
+            }
+            if rec.busy {
+                continue;
+            }
+            let Some(desired) = &rec.desired else {
+                match &rec.container {
+                    None => gone.push(id.clone()),
+                    Some(c) if rec.retry_at.is_none_or(|t| t <= now) => {
+                        rec.busy = true;
+                        actions.push(Action::Remove {
+                            alloc: id.clone(),
+                            container_id: c.id.clone(),
+                        });
+                    }
+                    Some(_) => {}
+                }
+                continue;
+            };
+            let desired_hash = desired.hash.clone();
+            let spec = desired.spec.clone();
+            if rec.state != AllocState::Pending && rec.run_hash.as_ref() != Some(&desired_hash) {
+                rec.reset_for_new_spec();
+            }
+            match rec.state {
+                AllocState::Pending if rec.observed => {
+                    rec.busy = true;
+                    rec.state = AllocState::Starting;
+                    rec.run_hash = Some(desired_hash.clone());
+                    rec.message = "creating the container".into();
+                    actions.push(Action::Launch {
+                        alloc: id.clone(),
+                        spec,
+                        spec_hash: desired_hash,
+                        replace: rec.container.as_ref().map(|c| c.id.clone()),
+                    });
+                }
+                AllocState::Starting if rec.restart_at.is_none_or(|t| t <= now) => {
+                    rec.busy = true;
+                    rec.restart_at = None;
+                    rec.restarts = rec.restarts.saturating_add(1);
+                    rec.window.record(now);
+                    rec.message = format!("restarting (restart {})", rec.restarts);
+                    match &rec.container {
+                        Some(c) if c.hash == desired_hash => actions.push(Action::Start {
+                            alloc: id.clone(),
+                            container_id: c.id.clone(),
+                        }),
+                        other => actions.push(Action::Launch {
+                            alloc: id.clone(),
+                            spec,
+                            spec_hash: desired_hash,
+                            replace: other.as_ref().map(|c| c.id.clone()),
+                        }),
+                    }
+                }
+                AllocState::Running => {
+                    let due = !rec.probing && rec.next_probe.is_some_and(|t| t <= now);
+                    if let (true, Some(health), Some(c)) = (due, rec.health(), &rec.container) {
+                        actions.push(Action::Probe {
+                            alloc: id.clone(),
+                            container_id: c.id.clone(),
+                            check: health.check.clone(),
+                            ip: rec.ip,
+                            timeout: probe_timeout(health),
+                        });
+                        rec.probing = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        for id in gone {
+            self.records.remove(&id);
+        }
+        if self.generation.is_some() {
+            for (container_id, orphan) in &mut self.orphans {
+                if actions.len() >= budget {
+                    break;
+                }
+                if !orphan.busy && orphan.retry_at.is_none_or(|t| t <= now) {
+                    orphan.busy = true;
+                    actions.push(Action::Remove {
+                        alloc: orphan.alloc.clone(),
+                        container_id: container_id.clone(),
+                    });
+                }
+            }
+        }
+        actions
+    }
+
+    /// The next instant at which [`Reconciler::plan`] has something to do without any
+    /// new input (a restart, a health check, a removal to retry).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let records = self.records.values().filter(|r| !r.busy).filter_map(|r| {
+            match (r.state, &r.desired) {
+                (_, None) => r.container.as_ref().and(r.retry_at),
+                (AllocState::Starting, Some(_)) => r.restart_at,
+                (AllocState::Running, Some(_)) if !r.probing && r.health().is_some() => {
+                    r.next_probe
+                }
+                _ => None,
+            }
+        });
+        let orphans = self
+            .orphans
+            .values()
+            .filter(|_| self.generation.is_some())
+            .filter(|o| !o.busy)
+            .filter_map(|o| o.retry_at);
+        records.chain(orphans).min()
+    }
+
+    /// The state of every allocation: desired ones, ones being stopped, and
+    /// containers of allocations that are not desired (orphans) until they are gone.
+    pub fn report(&self) -> AllocationReport {
+        let mut allocations: Vec<AllocationStatus> = self
+            .records
+            .iter()
+            .map(|(id, rec)| {
+                let mut message = rec.message.clone();
+                if rec.state == AllocState::Pending
+                    && let Some(e) = &self.runtime_error
+                {
+                    message = format!("waiting for the container runtime: {e}");
+                }
+                AllocationStatus {
+                    id: id.clone(),
+                    state: rec.state,
+                    healthy: rec.healthy,
+                    restarts: rec.restarts,
+                    exit_code: rec.exit_code,
+                    message,
+                    container_id: rec.container.as_ref().map(|c| c.id.clone()),
+                    started_at_unix_ms: rec.started_at_unix_ms,
+                }
+            })
+            .collect();
+        for (container_id, orphan) in &self.orphans {
+            if self.records.contains_key(&orphan.alloc) {
+                continue;
+            }
+            allocations.push(AllocationStatus {
+                id: orphan.alloc.clone(),
+                state: orphan.state,
+                healthy: None,
+                restarts: 0,
+                exit_code: None,
+                message: "not desired on this node; removing its container".into(),
+                container_id: Some(container_id.clone()),
+                started_at_unix_ms: None,
+            });
+        }
+        allocations.sort_by(|a, b| a.id.cmp(&b.id));
+        AllocationReport {
+            generation: self.generation.unwrap_or(0),
+            allocations,
+        }
+    }
+
+    /// The container of an allocation (running or not), for its logs.
+    pub fn container_of(&self, alloc: &str) -> Option<String> {
+        self.records
+            .get(alloc)
+            .and_then(|r| r.container.as_ref())
+            .map(|c| c.id.clone())
+    }
+
+    /// The allocations whose container runs.
+    pub fn running(&self) -> Vec<RunningAlloc> {
+        self.records
+            .iter()
+            .filter(|(_, r)| r.state == AllocState::Running)
+            .filter_map(|(id, r)| {
+                Some(RunningAlloc {
+                    alloc: id.clone(),
+                    container_id: r.container.as_ref()?.id.clone(),
+                    memory_limit_bytes: r
+                        .desired
+                        .as_ref()
+                        .map_or(0, |d| d.spec.task.memory_bytes),
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Desired {
+    spec: Arc<AllocationSpec>,
+    hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Container {
+    id: String,
+    hash: String,
+}
+
+#[derive(Debug)]
+struct Orphan {
+    alloc: String,
+    state: AllocState,
+    busy: bool,
+    retry_at: Option<Instant>,
+}
+
+/// What the core knows of one allocation.
+#[derive(Debug)]
+struct Record {
+    /// `None` once it has left the desired set (its container is being removed).
+    desired: Option<Desired>,
+    state: AllocState,
+    /// The spec hash `state` is about (`None` while pending).
+    run_hash: Option<String>,
+    container: Option<Container>,
+    healthy: Option<bool>,
+    health_failures: u32,
+    next_probe: Option<Instant>,
+    probing: bool,
+    restarts: u32,
+    exit_code: Option<i64>,
+    message: String,
+    started_at_unix_ms: Option<u64>,
+    ip: Option<IpAddr>,
+    /// A launch, start or removal is in flight.
+    busy: bool,
+    /// The epoch of the last change; older observations are ignored.
+    changed_epoch: u64,
+    /// An observation newer than the last change has been taken in.
+    observed: bool,
+    window: RestartWindow,
+    restart_at: Option<Instant>,
+    retry_at: Option<Instant>,
+}
+
+impl Record {
+    fn new(desired: Desired, epoch: u64) -> Self {
+        Record {
+            desired: Some(desired),
+            state: AllocState::Pending,
+            run_hash: None,
+            container: None,
+            healthy: None,
+            health_failures: 0,
+            next_probe: None,
+            probing: false,
+            restarts: 0,
+            exit_code: None,
+            message: String::new(),
+            started_at_unix_ms: None,
+            ip: None,
+            busy: false,
+            changed_epoch: epoch,
+            observed: false,
+            window: RestartWindow::default(),
+            restart_at: None,
+            retry_at: None,
+        }
+    }
+
+    fn health(&self) -> Option<&HealthSpec> {
+        self.desired.as_ref()?.spec.task.health.as_ref()
+    }
+
+    fn reset_for_new_spec(&mut self) {
+        self.state = AllocState::Pending;
+        self.run_hash = None;
+        self.healthy = None;
+        self.health_failures = 0;
+        self.next_probe = None;
+        self.restarts = 0;
+        self.exit_code = None;
+        self.message.clear();
+        self.window.clear();
+        self.restart_at = None;
+    }
+
+    fn enter_running(&mut self, now: Instant, run: Run, message: &str) {
+        self.state = AllocState::Running;
+        self.restart_at = None;
+        self.started_at_unix_ms = run.started_at_unix_ms;
+        self.ip = run.ip;
+        self.healthy = None;
+        self.health_failures = 0;
+        self.next_probe = self.health().map(|h| now + probe_interval(h));
+        self.message = message.to_owned();
+    }
+
+    /// Takes in the observation of this allocation's container (`None`: it has none).
+    fn observe(&mut self, now: Instant, primary: Option<Observed>) {
+        let Some(desired_hash) = self.desired.as_ref().map(|d| d.hash.clone()) else {
+            self.container = primary.map(|o| Container {
+                id: o.container_id,
+                hash: o.spec_hash,
+            });
+            return;
+        };
+        let Some(o) = primary else {
+            if self.container.take().is_some() && self.state == AllocState::Running {
+                self.failed_run(now, None, "the container disappeared".into());
+            }
+            return;
+        };
+        // The same run as known (a start time learnt only now is the same run).
+        let same_run = self
+            .container
+            .as_ref()
+            .is_some_and(|c| c.id == o.container_id)
+            && (self.started_at_unix_ms.is_none()
+                || self.started_at_unix_ms == o.started_at_unix_ms);
+        self.container = Some(Container {
+            id: o.container_id.clone(),
+            hash: o.spec_hash.clone(),
+        });
+        if o.spec_hash != desired_hash {
+            // Made from another spec: `plan` replaces it.
+            return;
+        }
+        let run = Run {
+            container_id: o.container_id,
+            started_at_unix_ms: o.started_at_unix_ms,
+            ip: o.ip,
+        };
+        match (self.state, o.status) {
+            (AllocState::Pending, ContainerStatus::Running) => {
+                self.run_hash = Some(desired_hash);
+                self.enter_running(now, run, "adopted the running container");
+            }
+            (AllocState::Running, ContainerStatus::Running) => {
+                if same_run {
+                    self.started_at_unix_ms = run.started_at_unix_ms;
+                    self.ip = run.ip.or(self.ip);
+                } else {
+                    self.enter_running(now, run, "the container was restarted outside NovaCron");
+                }
+            }
+            (
+                AllocState::Starting | AllocState::Complete | AllocState::Failed,
+                ContainerStatus::Running,
+            ) => {
+                self.enter_running(now, run, "the container was started outside NovaCron");
+            }
+            (
+                AllocState::Pending | AllocState::Running,
+                ContainerStatus::Exited {
+                    code,
+                    oom_killed,
+                    error,
+                },
+            ) => {
+                self.run_hash = Some(desired_hash);
+                self.started_at_unix_ms = run.started_at_unix_ms;
+                let mut what = format!("exited with code {code}");
+                if oom_killed {
+                    what.push_str(" (out of memory)");
+                }
+                if !error.is_empty() {
+                    what = format!("{what}: {error}");
+                }
+                self.failed_run(now, Some(code), what);
+            }
+            // Pending + Created: never started; `plan` replaces it. The rest were
+            // taken in already.
+            _ => {}
+        }
+    }
+
+    /// A run ended (`code`) or could not begin (`None`): complete, restart or fail.
+    fn failed_run(&mut self, now: Instant, code: Option<i64>, what: String) {
+        self.healthy = None;
+        self.health_failures = 0;
+        self.next_probe = None;
+        if code.is_some() {
+            self.exit_code = code;
+        }
+        if code == Some(0) {
+            self.state = AllocState::Complete;
+            self.restart_at = None;
+            self.message = what;
+            return;
+        }
+        let Some(desired) = &self.desired else {
+            self.state = AllocState::Failed;
+            self.message = what;
+            return;
+        };
+        let policy = &desired.spec.task.restart;
+        match self.window.decide(policy, now) {
+            RestartDecision::RestartAt { at, exhausted } => {
+                self.state = AllocState::Starting;
+                self.restart_at = Some(at);
+                let wait = at.saturating_duration_since(now);
+                self.message = if exhausted {
+                    format!(
+                        "{what}; {} restarts within {} used up, waiting {} for the window to pass",
+                        policy.attempts,
+                        fmt_ms(policy.interval_ms),
+                        fmt_ms(wait.as_millis() as u64)
+                    )
+                } else {
+                    format!("{what}; restarting in {}", fmt_ms(wait.as_millis() as u64))
+                };
+            }
+            RestartDecision::Fail => {
+                self.state = AllocState::Failed;
+                self.restart_at = None;
+                self.message = format!(
+                    "{what}; the restart policy allows {} restarts within {}, giving up",
+                    policy.attempts,
+                    fmt_ms(policy.interval_ms)
+                );
+            }
+        }
+    }
+}
+
+/// Picks the container that is the allocation's own; any others are orphans.
+fn choose_primary(rec: &Record, mut mine: Vec<Observed>) -> (Option<Observed>, Vec<Observed>) {
+    if mine.is_empty() {
+        return (None, mine);
+    }
+    let want = rec.desired.as_ref().map(|d| d.hash.as_str());
+    let known = rec
+        .container
+        .as_ref()
+        .and_then(|c| mine.iter().position(|o| o.container_id == c.id));
+    let matching = |running: bool| {
+        mine.iter().position(|o| {
+            Some(o.spec_hash.as_str()) == want
+                && (!running || o.status == ContainerStatus::Running)
+        })
+    };
+    let index = known
+        .or_else(|| matching(true))
+        .or_else(|| matching(false))
+        .unwrap_or(0);
+    let primary = mine.swap_remove(index);
+    (Some(primary), mine)
+}
+
+fn probe_interval(health: &HealthSpec) -> Duration {
+    Duration::from_millis(health.interval_ms).max(MIN_PROBE_INTERVAL)
+}
+
+fn probe_timeout(health: &HealthSpec) -> Duration {
+    if health.timeout_ms == 0 {
+        DEFAULT_PROBE_TIMEOUT
+    } else {
+        Duration::from_millis(health.timeout_ms)
+    }
+}
+
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use novacron_common::wire::{RestartSpec, TaskSpec};
+
+    use super::*;
+
+    const NODE: &str = "node-a";
+
+    fn spec(id: &str, restart: RestartSpec) -> AllocationSpec {
+        AllocationSpec {
+            id: id.into(),
+            job: "job".into(),
+            job_version: 1,
+            task: TaskSpec {
+                image: "img:1".into(),
+                restart,
+                ..TaskSpec::default()
+            },
+        }
+    }
+
+    fn once() -> RestartSpec {
+        RestartSpec {
+            attempts: 1,
+            interval_ms: 60_000,
+            delay_ms: 1000,
+            delay_mode: false,
+        }
+    }
+
+    fn desired(generation: u64, allocs: Vec<AllocationSpec>) -> DesiredAllocations {
+        DesiredAllocations {
+            generation,
+            allocations: allocs,
+        }
+    }
+
+    fn observed(alloc: &AllocationSpec, container: &str, status: ContainerStatus) -> Observed {
+        Observed {
+            container_id: container.into(),
+            alloc_id: alloc.id.clone(),
+            spec_hash: spec_hash(&alloc.task),
+            status,
+            started_at_unix_ms: Some(1_000),
+            ip: None,
+        }
+    }
+
+    fn exited(code: i64) -> ContainerStatus {
+        ContainerStatus::Exited {
+            code,
+            oom_killed: false,
+            error: String::new(),
+        }
+    }
+
+    fn run(id: &str) -> Run {
+        Run {
+            container_id: id.into(),
+            started_at_unix_ms: Some(2_000),
+            ip: None,
+        }
+    }
+
+    fn status<'a>(r: &'a Reconciler, id: &str) -> AllocationStatus {
+        r.report()
+            .allocations
+            .into_iter()
+            .find(|a| a.id == id)
+            .expect("allocation in the report")
+    }
+
+    fn core() -> Reconciler {
+        Reconciler::new(ReconcilerConfig::new(NODE))
+    }
+
+    /// Applies, observes nothing and completes the launch with container `cid`.
+    fn launched(r: &mut Reconciler, now: Instant, a: &AllocationSpec, cid: &str) {
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        let actions = r.plan(now, 16);
+        assert!(
+            matches!(&actions[..], [Action::Launch { alloc, replace: None, .. }] if *alloc == a.id),
+            "{actions:?}"
+        );
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: a.id.clone(),
+                spec_hash: spec_hash(&a.task),
+                result: Ok(run(cid)),
+            },
+        );
+    }
+
+    #[test]
+    fn nothing_is_launched_before_an_observation() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        assert!(r.apply(desired(1, vec![a.clone()])));
+        assert!(r.plan(now, 16).is_empty());
+        assert_eq!(status(&r, "a").state, AllocState::Pending);
+        launched(&mut r, now, &a, "c1");
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Running);
+        assert_eq!(s.container_id.as_deref(), Some("c1"));
+        assert_eq!(s.started_at_unix_ms, Some(2_000));
+        assert!(r.plan(now, 16).is_empty());
+    }
+
+    #[test]
+    fn older_generations_are_ignored() {
+        let mut r = core();
+        assert!(r.apply(desired(5, vec![spec("a", once())])));
+        assert!(!r.apply(desired(4, vec![])));
+        assert_eq!(r.report().generation, 5);
+        assert_eq!(r.report().allocations.len(), 1);
+        assert!(r.apply(desired(5, vec![])), "the same generation is re-applied");
+    }
+
+    #[test]
+    fn running_containers_are_adopted_not_restarted() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&a, "c0", ContainerStatus::Running)]);
+        assert!(r.plan(now, 16).is_empty());
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Running);
+        assert_eq!(s.container_id.as_deref(), Some("c0"));
+        assert_eq!(s.started_at_unix_ms, Some(1_000));
+        assert_eq!(s.restarts, 0);
+    }
+
+    #[test]
+    fn an_observation_from_before_the_apply_does_not_count() {
+        let mut r = core();
+        let now = Instant::now();
+        let token = r.observe_begin();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        // Listed before the allocation arrived: its container may simply be missing
+        // from this listing.
+        r.observe(now, token, vec![]);
+        assert!(r.plan(now, 16).is_empty());
+    }
+
+    #[test]
+    fn a_stale_listing_does_not_launch_twice() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert_eq!(r.plan(now, 16).len(), 1);
+        let stale = r.observe_begin();
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: "a".into(),
+                spec_hash: spec_hash(&a.task),
+                result: Ok(run("c1")),
+            },
+        );
+        // Listed while the launch was in flight: shows no container.
+        r.observe(now, stale, vec![]);
+        assert_eq!(status(&r, "a").state, AllocState::Running);
+        assert!(r.plan(now, 16).is_empty());
+    }
+
+    #[test]
+    fn a_failed_run_restarts_after_the_delay_then_fails() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+
+        let t1 = t0 + Duration::from_secs(5);
+        let token = r.observe_begin();
+        r.observe(t1, token, vec![observed(&a, "c1", exited(3))]);
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Starting);
+        assert_eq!(s.exit_code, Some(3));
+        assert!(s.message.contains("restarting in 1s"), "{}", s.message);
+        assert!(r.plan(t1, 16).is_empty());
+        assert_eq!(r.next_deadline(), Some(t1 + Duration::from_secs(1)));
+
+        let t2 = t1 + Duration::from_secs(1);
+        let actions = r.plan(t2, 16);
+        assert_eq!(
+            actions,
+            vec![Action::Start {
+                alloc: "a".into(),
+                container_id: "c1".into()
+            }]
+        );
+        assert_eq!(status(&r, "a").restarts, 1);
+        r.complete(
+            t2,
+            Outcome::Started {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                result: Ok(run("c1")),
+            },
+        );
+        assert_eq!(status(&r, "a").state, AllocState::Running);
+
+        let t3 = t2 + Duration::from_secs(1);
+        let token = r.observe_begin();
+        r.observe(t3, token, vec![observed(&a, "c1", exited(3))]);
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Failed);
+        assert_eq!(s.exit_code, Some(3));
+        assert_eq!(s.restarts, 1);
+        assert!(s.message.contains("giving up"), "{}", s.message);
+        assert!(r.plan(t3 + Duration::from_secs(60), 16).is_empty());
+    }
+
+    #[test]
+    fn exit_zero_completes() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&a, "c1", exited(0))]);
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Complete);
+        assert_eq!(s.exit_code, Some(0));
+        assert_eq!(s.restarts, 0);
+        assert!(r.plan(now + Duration::from_secs(10), 16).is_empty());
+        assert_eq!(r.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_missing_image_fails_once_with_a_clear_message() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert_eq!(r.plan(now, 16).len(), 1);
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: "a".into(),
+                spec_hash: spec_hash(&a.task),
+                result: Err(LaunchError::ImageMissing {
+                    image: "busybox:nope".into(),
+                }),
+            },
+        );
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Failed);
+        assert_eq!(
+            s.message,
+            "image \"busybox:nope\" is not present on node node-a; build or load it there (no registry is used)"
+        );
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert!(r.plan(now + Duration::from_secs(600), 16).is_empty());
+        // The same spec again changes nothing; a new spec is tried.
+        r.apply(desired(2, vec![a.clone()]));
+        assert!(r.plan(now, 16).is_empty());
+        let mut fixed = a;
+        fixed.task.image = "img:2".into();
+        r.apply(desired(3, vec![fixed]));
+        assert!(matches!(&r.plan(now, 16)[..], [Action::Launch { .. }]));
+    }
+
+    #[test]
+    fn a_new_spec_replaces_the_container() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        let mut b = a.clone();
+        b.task.env.insert("X".into(), "1".into());
+        r.apply(desired(2, vec![b.clone()]));
+        let actions = r.plan(now, 16);
+        assert!(
+            matches!(&actions[..], [Action::Launch { replace: Some(old), spec_hash, .. }] if old == "c1" && *spec_hash == super::spec_hash(&b.task)),
+            "{actions:?}"
+        );
+        // A new restart policy alone is not a new container.
+        let mut c = b.clone();
+        c.task.restart.attempts = 7;
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: "a".into(),
+                spec_hash: spec_hash(&b.task),
+                result: Ok(run("c2")),
+            },
+        );
+        r.apply(desired(3, vec![c]));
+        assert!(r.plan(now, 16).is_empty());
+        assert_eq!(status(&r, "a").container_id.as_deref(), Some("c2"));
+    }
+
+    #[test]
+    fn undesired_allocations_are_removed_then_forgotten() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        r.apply(desired(2, vec![]));
+        let actions = r.plan(now, 16);
+        assert_eq!(
+            actions,
+            vec![Action::Remove {
+                alloc: "a".into(),
+                container_id: "c1".into()
+            }]
+        );
+        assert!(status(&r, "a").message.contains("no longer desired"));
+        r.complete(
+            now,
+            Outcome::Removed {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                result: Ok(()),
+            },
+        );
+        assert!(r.report().allocations.is_empty());
+    }
+
+    #[test]
+    fn failed_removals_are_retried_later() {
+        let mut r = core();
+        let now = Instant::now();
+        r.apply(desired(1, vec![]));
+        let stranger = spec("x", once());
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&stranger, "cx", ContainerStatus::Running)]);
+        assert_eq!(r.plan(now, 16).len(), 1);
+        r.complete(
+            now,
+            Outcome::Removed {
+                alloc: "x".into(),
+                container_id: "cx".into(),
+                result: Err(RuntimeError::Daemon {
+                    op: "stop",
+                    message: "boom".into(),
+                }),
+            },
+        );
+        assert!(r.plan(now, 16).is_empty());
+        assert_eq!(r.next_deadline(), Some(now + DEFAULT_REMOVE_RETRY));
+        assert_eq!(r.plan(now + DEFAULT_REMOVE_RETRY, 16).len(), 1);
+    }
+
+    #[test]
+    fn orphans_wait_for_the_first_desired_set() {
+        let mut r = core();
+        let now = Instant::now();
+        let stranger = spec("x", once());
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&stranger, "cx", ContainerStatus::Running)]);
+        assert!(r.plan(now, 16).is_empty(), "no desired set yet: keep everything");
+        let mine = spec("a", once());
+        r.apply(desired(1, vec![mine.clone()]));
+        let token = r.observe_begin();
+        r.observe(
+            now,
+            token,
+            vec![
+                observed(&stranger, "cx", ContainerStatus::Running),
+                observed(&mine, "ca", ContainerStatus::Running),
+            ],
+        );
+        let actions = r.plan(now, 16);
+        assert_eq!(
+            actions,
+            vec![Action::Remove {
+                alloc: "x".into(),
+                container_id: "cx".into()
+            }]
+        );
+        assert_eq!(status(&r, "a").state, AllocState::Running);
+        assert_eq!(status(&r, "x").state, AllocState::Running);
+        r.complete(
+            now,
+            Outcome::Removed {
+                alloc: "x".into(),
+                container_id: "cx".into(),
+                result: Err(RuntimeError::NotFound {
+                    op: "remove",
+                    message: "gone".into(),
+                }),
+            },
+        );
+        assert_eq!(r.report().allocations.len(), 1);
+    }
+
+    #[test]
+    fn a_second_container_of_one_allocation_is_an_orphan() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        let token = r.observe_begin();
+        r.observe(
+            now,
+            token,
+            vec![
+                observed(&a, "old", exited(1)),
+                observed(&a, "live", ContainerStatus::Running),
+            ],
+        );
+        assert_eq!(status(&r, "a").container_id.as_deref(), Some("live"));
+        assert_eq!(
+            r.plan(now, 16),
+            vec![Action::Remove {
+                alloc: "a".into(),
+                container_id: "old".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_vanished_container_is_launched_again_as_a_restart() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Starting);
+        assert!(s.message.contains("disappeared"), "{}", s.message);
+        let later = now + Duration::from_secs(1);
+        let actions = r.plan(later, 16);
+        assert!(matches!(&actions[..], [Action::Launch { replace: None, .. }]), "{actions:?}");
+        assert_eq!(status(&r, "a").restarts, 1);
+    }
+
+    #[test]
+    fn delay_mode_waits_for_the_window_instead_of_failing() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = spec(
+            "a",
+            RestartSpec {
+                attempts: 1,
+                interval_ms: 10_000,
+                delay_ms: 100,
+                delay_mode: true,
+            },
+        );
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        let token = r.observe_begin();
+        r.observe(t0, token, vec![observed(&a, "c1", exited(1))]);
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(r.plan(t1, 16).len(), 1);
+        r.complete(
+            t1,
+            Outcome::Started {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                result: Ok(run("c1")),
+            },
+        );
+        let token = r.observe_begin();
+        r.observe(t1, token, vec![observed(&a, "c1", exited(1))]);
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Starting);
+        assert!(s.message.contains("window"), "{}", s.message);
+        assert_eq!(r.next_deadline(), Some(t1 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn health_turns_unhealthy_after_retries_and_back() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let mut a = spec("a", once());
+        a.task.health = Some(HealthSpec {
+            check: HealthCheckKind::Tcp { port: 80 },
+            interval_ms: 1000,
+            timeout_ms: 0,
+            retries: 2,
+        });
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        assert_eq!(r.next_deadline(), Some(t0 + Duration::from_secs(1)));
+        let mut now = t0;
+        let mut probe = |r: &mut Reconciler, ok: bool| {
+            now += Duration::from_secs(1);
+            let actions = r.plan(now, 16);
+            assert!(
+                matches!(&actions[..], [Action::Probe { timeout, .. }] if *timeout == DEFAULT_PROBE_TIMEOUT),
+                "{actions:?}"
+            );
+            assert!(r.plan(now, 16).is_empty(), "one probe at a time");
+            r.complete(
+                now,
+                Outcome::Probed {
+                    alloc: "a".into(),
+                    container_id: "c1".into(),
+                    result: if ok { Ok(()) } else { Err("refused".into()) },
+                },
+            );
+            status(r, "a").healthy
+        };
+        assert_eq!(probe(&mut r, false), None);
+        assert_eq!(probe(&mut r, false), Some(false));
+        assert!(status(&r, "a").message.contains("refused"));
+        assert_eq!(probe(&mut r, true), Some(true));
+    }
+
+    #[test]
+    fn the_budget_bounds_actions_in_flight() {
+        let mut r = core();
+        let now = Instant::now();
+        let allocs: Vec<_> = (0..5).map(|i| spec(&format!("a{i}"), once())).collect();
+        r.apply(desired(1, allocs));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert_eq!(r.plan(now, 2).len(), 2);
+        assert_eq!(r.plan(now, 2).len(), 2);
+        assert_eq!(r.plan(now, 2).len(), 1);
+        assert!(r.plan(now, 2).is_empty());
+    }
+
+    #[test]
+    fn running_lists_containers_and_limits() {
+        let mut r = core();
+        let now = Instant::now();
+        let mut a = spec("a", once());
+        a.task.memory_bytes = 1 << 20;
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        assert_eq!(
+            r.running(),
+            vec![RunningAlloc {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                memory_limit_bytes: 1 << 20
+            }]
+        );
+        assert_eq!(r.container_of("a").as_deref(), Some("c1"));
+        assert_eq!(r.container_of("b"), None);
+    }
+}

@@ -1,0 +1,1142 @@
+//! [`Supervisor`]: the thin shell around the [`Reconciler`]. It owns the node's
+//! desired set, lists and inspects containers, carries out the core's actions on a
+//! [`ContainerRuntime`], and publishes the report.
+//!
+//! One loop ([`Supervisor::run`]) does the work. It wakes on a poll tick
+//! ([`SupervisorConfig::poll_interval`]), on a runtime event (a container started,
+//! died or went away), on a new desired set, when an action finishes and at the
+//! core's next deadline (a restart or a health check that is due). Actions run as
+//! tasks, at most [`SupervisorConfig::max_in_flight`] at a time and one per
+//! allocation. Listings are cheap; a container is inspected again only when its
+//! listed state changed, an event named it or an action touched it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, Stream, StreamExt};
+use novacron_common::wire::{
+    AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
+    LogChunk, LogRequest,
+};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::reconcile::{Action, LaunchError, Observed, Outcome, Reconciler, ReconcilerConfig, Run};
+use super::spec::{container_config, container_name, fallback_container_name};
+use super::usage::UsageTracker;
+use super::{ContainerDetails, ContainerRuntime, RuntimeError, health, logs};
+
+/// Default time between two listings of the node's containers.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time a container gets to stop before it is killed.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Default limit on runtime actions in flight.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+/// Default age after which a container's usage is read again.
+pub const DEFAULT_USAGE_REFRESH: Duration = Duration::from_secs(1);
+/// Default limit on stats readings per [`Supervisor::usage`] call.
+pub const DEFAULT_MAX_STATS_PER_CALL: usize = 32;
+
+/// Concurrent inspects during one observation, and concurrent stats readings.
+const RUNTIME_CONCURRENCY: usize = 8;
+/// Containers named by events and not yet inspected again; past this, all are.
+const MAX_STALE: usize = 1024;
+/// The longest wait before the event stream is opened again.
+const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Settings of a [`Supervisor`].
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// This node's name: containers are labelled with it, and only containers with
+    /// it are ever stopped or removed.
+    pub node_name: String,
+    /// Time between two listings (the backstop; events wake the loop sooner).
+    pub poll_interval: Duration,
+    /// Time a container gets between SIGTERM and SIGKILL when it is stopped.
+    pub stop_grace: Duration,
+    /// Runtime actions in flight at most.
+    pub max_in_flight: usize,
+    /// [`Supervisor::usage`] reads a container again once its reading is this old
+    /// (give or take a quarter).
+    pub usage_refresh: Duration,
+    /// [`Supervisor::usage`] reads at most this many containers per call; the
+    /// others keep their last values.
+    pub max_stats_per_call: usize,
+}
+
+impl SupervisorConfig {
+    /// Defaults for `node_name`.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        SupervisorConfig {
+            node_name: node_name.into(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            stop_grace: DEFAULT_STOP_GRACE,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            usage_refresh: DEFAULT_USAGE_REFRESH,
+            max_stats_per_call: DEFAULT_MAX_STATS_PER_CALL,
+        }
+    }
+}
+
+/// Runs the node's allocations on a [`ContainerRuntime`]. Cheap to clone; clones
+/// share everything.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use novacron_agent::runtime::{DockerRuntime, Supervisor, SupervisorConfig};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let runtime = DockerRuntime::new(None)?;
+/// let supervisor = Supervisor::new(runtime, SupervisorConfig::new("node-1"));
+/// let cancel = CancellationToken::new();
+/// let task = supervisor.spawn(cancel.clone());
+/// let mut reports = supervisor.subscribe();
+/// // supervisor.apply(desired) for every `ControllerMessage::Desired`;
+/// // reports.changed().await, then send reports.borrow().clone().
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Supervisor<R> {
+    inner: Arc<Inner<R>>,
+}
+
+impl<R> Clone for Supervisor<R> {
+    fn clone(&self) -> Self {
+        Supervisor {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<R> {
+    runtime: R,
+    config: SupervisorConfig,
+    core: Mutex<Reconciler>,
+    wake: Notify,
+    report: watch::Sender<AllocationReport>,
+    usage: tokio::sync::Mutex<UsageTracker>,
+    stale: Mutex<Stale>,
+}
+
+/// Containers to inspect again at the next observation.
+#[derive(Debug, Default)]
+struct Stale {
+    ids: HashSet<String>,
+    all: bool,
+}
+
+impl<R: ContainerRuntime> Supervisor<R> {
+    /// A supervisor with an empty desired set. Nothing happens until
+    /// [`Supervisor::run`] runs; no container is stopped before the first
+    /// [`Supervisor::apply`].
+    pub fn new(runtime: R, config: SupervisorConfig) -> Self {
+        let core = Reconciler::new(ReconcilerConfig::new(config.node_name.clone()));
+        let (report, _) = watch::channel(core.report());
+        Supervisor {
+            inner: Arc::new(Inner {
+                runtime,
+                config,
+                core: Mutex::new(core),
+                wake: Notify::new(),
+                report,
+                usage: tokio::sync::Mutex::new(UsageTracker::default()),
+                stale: Mutex::new(Stale::default()),
+            }),
+        }
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &R {
+        &self.inner.runtime
+    }
+
+    /// Replaces the desired set (level-triggered). Returns `false`, changing nothing,
+    /// when `desired` is older than the set in force.
+    pub fn apply(&self, desired: DesiredAllocations) -> bool {
+        let generation = desired.generation;
+        if !self.inner.core().apply(desired) {
+            debug!(generation, "ignored an older desired set");
+            return false;
+        }
+        self.inner.publish();
+        self.inner.wake.notify_one();
+        true
+    }
+
+    /// The state of every allocation now.
+    pub fn report(&self) -> AllocationReport {
+        self.inner.core().report()
+    }
+
+    /// The report, updated whenever it changes: `changed().await` wakes on every
+    /// change, `borrow()` reads the latest.
+    pub fn subscribe(&self) -> watch::Receiver<AllocationReport> {
+        self.inner.report.subscribe()
+    }
+
+    /// Runs [`Supervisor::run`] on a new task.
+    pub fn spawn(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let supervisor = self.clone();
+        tokio::spawn(async move { supervisor.run(cancel).await })
+    }
+
+    /// The reconcile loop, until `cancel` fires. Run it once per supervisor. Stopping
+    /// it leaves the containers running (a restarted agent adopts them); actions in
+    /// flight are abandoned.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let inner = &self.inner;
+        let events = tokio::spawn(watch_events(inner.clone(), cancel.child_token()));
+        let mut jobs: JoinSet<Outcome> = JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, Action> = HashMap::new();
+        let mut cache = InspectCache::default();
+        let mut tick = tokio::time::interval(inner.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut observe = true;
+        info!(node = %inner.config.node_name, "container supervisor running");
+        loop {
+            if observe {
+                observe = false;
+                inner.observe(&mut cache).await;
+            }
+            let budget = inner.config.max_in_flight.saturating_sub(jobs.len());
+            let actions = inner.core().plan(Instant::now(), budget);
+            for action in actions {
+                cache.forget(action_container(&action));
+                let handle = jobs.spawn(execute(inner.clone(), action.clone()));
+                in_flight.insert(handle.id(), action);
+            }
+            inner.publish();
+            let deadline = inner.core().next_deadline();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => observe = true,
+                _ = inner.wake.notified() => observe = true,
+                Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                    let outcome = match joined {
+                        Ok((id, outcome)) => {
+                            in_flight.remove(&id);
+                            outcome
+                        }
+                        Err(e) => {
+                            let action = in_flight.remove(&e.id());
+                            error!(error = %e, ?action, "runtime action panicked");
+                            let Some(action) = action else { continue };
+                            panicked(action)
+                        }
+                    };
+                    cache.forget(outcome_container(&outcome));
+                    inner.core().complete(Instant::now(), outcome);
+                }
+                _ = sleep_until(deadline) => {}
+            }
+        }
+        events.abort();
+        jobs.abort_all();
+        info!(node = %inner.config.node_name, "container supervisor stopped");
+    }
+
+    /// The usage of every running allocation. Reads at most
+    /// [`SupervisorConfig::max_stats_per_call`] containers, only those whose
+    /// last reading is older than about [`SupervisorConfig::usage_refresh`]; the
+    /// others report their last values. Allocations never read yet are left out.
+    pub async fn usage(&self) -> Vec<AllocationUsage> {
+        let inner = &self.inner;
+        let running = inner.core().running();
+        let containers: Vec<String> = running.iter().map(|r| r.container_id.clone()).collect();
+        let mut tracker = inner.usage.lock().await;
+        tracker.retain(&containers);
+        let due = tracker.due(
+            Instant::now(),
+            &containers,
+            inner.config.usage_refresh,
+            inner.config.max_stats_per_call,
+        );
+        let readings: Vec<(String, Result<_, RuntimeError>, Instant)> = stream::iter(due)
+            .map(|id| async move {
+                let reading = inner.runtime.stats(&id).await;
+                (id, reading, Instant::now())
+            })
+            .buffer_unordered(RUNTIME_CONCURRENCY)
+            .collect()
+            .await;
+        for (id, reading, at) in readings {
+            match reading {
+                Ok(reading) => tracker.record(&id, reading, at),
+                Err(e) => debug!(container = %id, error = %e, "no stats reading"),
+            }
+        }
+        running
+            .iter()
+            .filter_map(|r| tracker.usage(&r.alloc, &r.container_id, r.memory_limit_bytes))
+            .collect()
+    }
+
+    /// An allocation's output as wire chunks (each at most 64 KiB), ending with a
+    /// chunk whose `end` is set. An allocation without a container gives one chunk
+    /// with an error. With `follow`, the stream goes on until the container stops
+    /// or the caller drops it.
+    pub fn logs(&self, request: LogRequest) -> impl Stream<Item = LogChunk> + Send + 'static {
+        match self.inner.core().container_of(&request.allocation) {
+            Some(container) => logs::chunks(self.inner.runtime.logs(
+                &container,
+                request.follow,
+                request.tail,
+            ))
+            .left_stream(),
+            None => logs::failed(format!(
+                "allocation {} has no container on node {}",
+                request.allocation, self.inner.config.node_name
+            ))
+            .right_stream(),
+        }
+    }
+}
+
+impl<R: ContainerRuntime> Inner<R> {
+    fn core(&self) -> MutexGuard<'_, Reconciler> {
+        // A panic while holding the lock leaves a consistent core (every method
+        // finishes its updates before returning), so the poison is ignored.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self) {
+        let report = self.core().report();
+        self.report.send_if_modified(|current| {
+            if *current == report {
+                false
+            } else {
+                *current = report;
+                true
+            }
+        });
+    }
+
+    fn mark_stale(&self, container: String) {
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        if stale.ids.len() >= MAX_STALE {
+            stale.all = true;
+            stale.ids.clear();
+        } else if !stale.all {
+            stale.ids.insert(container);
+        }
+    }
+
+    /// Lists the node's containers, inspects those that changed, and feeds the
+    /// result to the core. Any failure (other than a container vanishing between
+    /// listing and inspection) discards the whole observation: a partial one would
+    /// look like containers that disappeared.
+    async fn observe(&self, cache: &mut InspectCache) {
+        let token = self.core().observe_begin();
+        let node = &self.config.node_name;
+        let listing = match self.runtime.list(node).await {
+            Ok(listing) => listing,
+            Err(e) => {
+                warn!(%node, error = %e, "cannot list containers");
+                self.core().observe_failed(e.to_string());
+                return;
+            }
+        };
+        {
+            let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+            if std::mem::take(&mut stale.all) {
+                cache.entries.clear();
+            }
+            for id in stale.ids.drain() {
+                cache.entries.remove(&id);
+            }
+        }
+        let listed: HashSet<&str> = listing.iter().map(|l| l.id.as_str()).collect();
+        cache.entries.retain(|id, _| listed.contains(id.as_str()));
+        let changed: Vec<(String, String)> = listing
+            .iter()
+            .filter(|l| cache.entries.get(&l.id).is_none_or(|(state, _)| *state != l.state))
+            .map(|l| (l.id.clone(), l.state.clone()))
+            .collect();
+        let inspected: Vec<_> = stream::iter(changed)
+            .map(|(id, state)| async move {
+                let details = self.runtime.inspect(&id).await;
+                (id, state, details)
+            })
+            .buffer_unordered(RUNTIME_CONCURRENCY)
+            .collect()
+            .await;
+        for (id, state, details) in inspected {
+            match details {
+                Ok(details) => {
+                    cache.entries.insert(id, (state, details));
+                }
+                Err(e) if e.is_not_found() => {
+                    cache.entries.remove(&id);
+                }
+                Err(e) => {
+                    warn!(%node, container = %id, error = %e, "cannot inspect container");
+                    self.core().observe_failed(e.to_string());
+                    return;
+                }
+            }
+        }
+        let observed: Vec<Observed> = listing
+            .iter()
+            .filter_map(|l| cache.entries.get(&l.id))
+            .filter_map(|(_, details)| Observed::from_details(details.clone()))
+            .collect();
+        self.core().observe(Instant::now(), token, observed);
+    }
+}
+
+/// The last inspection of each listed container, with the listed state it was made
+/// at.
+#[derive(Debug, Default)]
+struct InspectCache {
+    entries: HashMap<String, (String, ContainerDetails)>,
+}
+
+impl InspectCache {
+    fn forget(&mut self, container: Option<&str>) {
+        if let Some(id) = container {
+            self.entries.remove(id);
+        }
+    }
+}
+
+fn action_container(action: &Action) -> Option<&str> {
+    match action {
+        Action::Launch { replace, .. } => replace.as_deref(),
+        Action::Start { container_id, .. } | Action::Remove { container_id, .. } => {
+            Some(container_id)
+        }
+        Action::Probe { .. } => None,
+    }
+}
+
+fn outcome_container(outcome: &Outcome) -> Option<&str> {
+    match outcome {
+        Outcome::Launched {
+            result: Ok(run), ..
+        } => Some(&run.container_id),
+        Outcome::Launched {
+            result:
+                Err(LaunchError::Failed {
+                    container_id: Some(id),
+                    ..
+                }),
+            ..
+        } => Some(id),
+        Outcome::Started { container_id, .. } | Outcome::Removed { container_id, .. } => {
+            Some(container_id)
+        }
+        _ => None,
+    }
+}
+
+/// The outcome that stands in for an action whose task panicked.
+fn panicked(action: Action) -> Outcome {
+    let error = RuntimeError::Daemon {
+        op: "supervisor",
+        message: "the action panicked".into(),
+    };
+    match action {
+        Action::Launch {
+            alloc, spec_hash, ..
+        } => Outcome::Launched {
+            alloc,
+            spec_hash,
+            result: Err(LaunchError::Failed {
+                container_id: None,
+                message: error.to_string(),
+            }),
+        },
+        Action::Start {
+            alloc,
+            container_id,
+        } => Outcome::Started {
+            alloc,
+            container_id,
+            result: Err(error),
+        },
+        Action::Remove {
+            alloc,
+            container_id,
+        } => Outcome::Removed {
+            alloc,
+            container_id,
+            result: Err(error),
+        },
+        Action::Probe {
+            alloc,
+            container_id,
+            ..
+        } => Outcome::Probed {
+            alloc,
+            container_id,
+            result: Err(error.to_string()),
+        },
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Carries out one action.
+async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> Outcome {
+    let runtime = &inner.runtime;
+    match action {
+        Action::Launch {
+            alloc,
+            spec,
+            spec_hash,
+            replace,
+        } => {
+            let result = launch(&inner, &spec, &spec_hash, replace.as_deref()).await;
+            match &result {
+                Ok(run) => info!(%alloc, container = %run.container_id, "started"),
+                Err(LaunchError::ImageMissing { image }) => {
+                    warn!(%alloc, %image, "image not present on this node")
+                }
+                Err(LaunchError::Failed { message, .. } | LaunchError::Replace { message }) => {
+                    warn!(%alloc, error = %message, "launch failed")
+                }
+            }
+            Outcome::Launched {
+                alloc,
+                spec_hash,
+                result,
+            }
+        }
+        Action::Start {
+            alloc,
+            container_id,
+        } => {
+            let result = match runtime.start(&container_id).await {
+                Ok(()) => Ok(run_of(runtime, &container_id).await),
+                Err(e) => Err(e),
+            };
+            match &result {
+                Ok(_) => info!(%alloc, container = %container_id, "restarted"),
+                Err(e) => warn!(%alloc, container = %container_id, error = %e, "restart failed"),
+            }
+            Outcome::Started {
+                alloc,
+                container_id,
+                result,
+            }
+        }
+        Action::Remove {
+            alloc,
+            container_id,
+        } => {
+            let result = stop_and_remove(&inner, &container_id).await;
+            match &result {
+                Ok(()) => info!(%alloc, container = %container_id, "stopped and removed"),
+                Err(e) => warn!(%alloc, container = %container_id, error = %e, "remove failed"),
+            }
+            Outcome::Removed {
+                alloc,
+                container_id,
+                result,
+            }
+        }
+        Action::Probe {
+            alloc,
+            container_id,
+            check,
+            ip,
+            timeout,
+        } => {
+            let result = probe(runtime, &container_id, &check, ip, timeout).await;
+            if let Err(why) = &result {
+                debug!(%alloc, container = %container_id, error = %why, "health check failed");
+            }
+            Outcome::Probed {
+                alloc,
+                container_id,
+                result,
+            }
+        }
+    }
+}
+
+/// Removes `replace`, checks the image, creates and starts the container.
+async fn launch<R: ContainerRuntime>(
+    inner: &Inner<R>,
+    spec: &AllocationSpec,
+    spec_hash: &str,
+    replace: Option<&str>,
+) -> Result<Run, LaunchError> {
+    let runtime = &inner.runtime;
+    let failed = |container_id: Option<String>, e: RuntimeError| LaunchError::Failed {
+        container_id,
+        message: e.to_string(),
+    };
+    if let Some(old) = replace {
+        stop_and_remove(inner, old)
+            .await
+            .map_err(|e| LaunchError::Replace {
+                message: e.to_string(),
+            })?;
+    }
+    let image = &spec.task.image;
+    match runtime.image_present(image).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(LaunchError::ImageMissing {
+                image: image.clone(),
+            });
+        }
+        Err(e) => return Err(failed(None, e)),
+    }
+    let config = container_config(&inner.config.node_name, spec, spec_hash);
+    let name = container_name(&spec.job, &spec.id);
+    let id = match runtime.create(&name, &config).await {
+        Ok(id) => id,
+        Err(RuntimeError::Conflict { .. }) => {
+            let fallback = fallback_container_name(&spec.job, &spec.id);
+            debug!(alloc = %spec.id, %name, %fallback, "container name taken; using the whole id");
+            runtime
+                .create(&fallback, &config)
+                .await
+                .map_err(|e| failed(None, e))?
+        }
+        Err(e) => return Err(failed(None, e)),
+    };
+    runtime
+        .start(&id)
+        .await
+        .map_err(|e| failed(Some(id.clone()), e))?;
+    Ok(run_of(runtime, &id).await)
+}
+
+/// The run of a container just started. Without an answer from inspect, the start
+/// time and address stay unknown until the next observation fills them in.
+async fn run_of<R: ContainerRuntime>(runtime: &R, id: &str) -> Run {
+    match runtime.inspect(id).await {
+        Ok(details) => Run {
+            container_id: id.to_owned(),
+            started_at_unix_ms: details.started_at_unix_ms,
+            ip: details.ip,
+        },
+        Err(e) => {
+            debug!(container = %id, error = %e, "cannot inspect a started container");
+            Run {
+                container_id: id.to_owned(),
+                started_at_unix_ms: None,
+                ip: None,
+            }
+        }
+    }
+}
+
+/// Stops (with the grace period) and removes a container; one already gone counts as
+/// removed.
+async fn stop_and_remove<R: ContainerRuntime>(
+    inner: &Inner<R>,
+    id: &str,
+) -> Result<(), RuntimeError> {
+    match inner.runtime.stop(id, inner.config.stop_grace).await {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => return Ok(()),
+        // Removal is forced, so a failed stop only costs the grace period.
+        Err(e) => debug!(container = %id, error = %e, "stop failed; removing by force"),
+    }
+    match inner.runtime.remove(id).await {
+        Err(e) if !e.is_not_found() => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn probe<R: ContainerRuntime>(
+    runtime: &R,
+    container: &str,
+    check: &HealthCheckKind,
+    ip: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let no_ip = || "the container has no IP address".to_owned();
+    match check {
+        HealthCheckKind::Http { port, path } => {
+            let ip = ip.ok_or_else(no_ip)?;
+            health::http_check(SocketAddr::new(ip, *port), path, timeout).await
+        }
+        HealthCheckKind::Tcp { port } => {
+            let ip = ip.ok_or_else(no_ip)?;
+            health::tcp_check(SocketAddr::new(ip, *port), timeout).await
+        }
+        HealthCheckKind::Exec { command } => {
+            match tokio::time::timeout(timeout, runtime.exec(container, command)).await {
+                Ok(Ok(0)) => Ok(()),
+                Ok(Ok(code)) => Err(format!("{command:?} exited with code {code}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("{command:?} did not finish within {timeout:?}")),
+            }
+        }
+    }
+}
+
+/// Follows the runtime's events for this node: each one marks its container for
+/// inspection and wakes the loop. Reopens the stream, backing off, when it ends.
+async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: CancellationToken) {
+    let node = inner.config.node_name.clone();
+    let mut failures: u32 = 0;
+    loop {
+        let mut events = inner.runtime.events(&node);
+        loop {
+            let item = tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = events.next() => item,
+            };
+            match item {
+                Some(Ok(event)) => {
+                    failures = 0;
+                    debug!(container = %event.container_id, action = %event.action, "container event");
+                    inner.mark_stale(event.container_id);
+                    inner.wake.notify_one();
+                }
+                Some(Err(e)) => {
+                    debug!(%node, error = %e, "container events failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        failures = failures.saturating_add(1);
+        let delay = Duration::from_millis(500)
+            .saturating_mul(2u32.saturating_pow(failures.min(8)))
+            .min(EVENTS_RETRY_MAX);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use futures_util::stream::BoxStream;
+    use novacron_common::wire::{AllocState, RestartSpec, TaskSpec};
+
+    use super::*;
+    use crate::runtime::{
+        ContainerConfig, ContainerEvent, ContainerListing, ContainerStatus, LogFrame,
+        StatsReading,
+    };
+
+    /// An in-memory container runtime.
+    #[derive(Debug, Default)]
+    struct Fake {
+        state: Mutex<FakeState>,
+    }
+
+    #[derive(Debug, Default)]
+    struct FakeState {
+        containers: BTreeMap<String, FakeContainer>,
+        images: HashSet<String>,
+        next_id: u32,
+        clock_ms: u64,
+        list_error: Option<String>,
+        creates: u32,
+    }
+
+    #[derive(Debug, Clone)]
+    struct FakeContainer {
+        name: String,
+        labels: HashMap<String, String>,
+        status: ContainerStatus,
+        started_at: Option<u64>,
+    }
+
+    impl Fake {
+        fn with_image(image: &str) -> Self {
+            let fake = Fake::default();
+            fake.state().images.insert(image.to_owned());
+            fake
+        }
+
+        fn state(&self) -> MutexGuard<'_, FakeState> {
+            self.state.lock().expect("fake state")
+        }
+
+        fn exit(&self, id: &str, code: i64) {
+            let mut st = self.state();
+            let c = st.containers.get_mut(id).expect("container");
+            c.status = ContainerStatus::Exited {
+                code,
+                oom_killed: false,
+                error: String::new(),
+            };
+        }
+
+        fn add(&self, id: &str, labels: &[(&str, &str)]) {
+            self.state().containers.insert(
+                id.to_owned(),
+                FakeContainer {
+                    name: id.to_owned(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                    status: ContainerStatus::Running,
+                    started_at: Some(1),
+                },
+            );
+        }
+    }
+
+    fn not_found(op: &'static str) -> RuntimeError {
+        RuntimeError::NotFound {
+            op,
+            message: "no such container".into(),
+        }
+    }
+
+    impl ContainerRuntime for Fake {
+        async fn list(&self, node: &str) -> Result<Vec<ContainerListing>, RuntimeError> {
+            let st = self.state();
+            if let Some(message) = &st.list_error {
+                return Err(RuntimeError::Daemon {
+                    op: "list",
+                    message: message.clone(),
+                });
+            }
+            Ok(st
+                .containers
+                .iter()
+                .filter(|(_, c)| {
+                    c.labels.contains_key(super::super::LABEL_ALLOC)
+                        && c.labels.get(super::super::LABEL_NODE).map(String::as_str) == Some(node)
+                })
+                .map(|(id, c)| ContainerListing {
+                    id: id.clone(),
+                    labels: c.labels.clone(),
+                    state: format!("{:?}", c.status),
+                })
+                .collect())
+        }
+
+        async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
+            let st = self.state();
+            let c = st.containers.get(id).ok_or_else(|| not_found("inspect"))?;
+            Ok(ContainerDetails {
+                id: id.to_owned(),
+                labels: c.labels.clone(),
+                status: c.status.clone(),
+                started_at_unix_ms: c.started_at,
+                ip: None,
+            })
+        }
+
+        async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+            Ok(self.state().images.contains(image))
+        }
+
+        async fn create(
+            &self,
+            name: &str,
+            config: &ContainerConfig,
+        ) -> Result<String, RuntimeError> {
+            let mut st = self.state();
+            if st.containers.values().any(|c| c.name == name) {
+                return Err(RuntimeError::Conflict {
+                    op: "create",
+                    message: name.to_owned(),
+                });
+            }
+            st.next_id += 1;
+            st.creates += 1;
+            let id = format!("c{}", st.next_id);
+            st.containers.insert(
+                id.clone(),
+                FakeContainer {
+                    name: name.to_owned(),
+                    labels: config.labels.clone().into_iter().collect(),
+                    status: ContainerStatus::Created,
+                    started_at: None,
+                },
+            );
+            Ok(id)
+        }
+
+        async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+            let mut st = self.state();
+            st.clock_ms += 1000;
+            let now = st.clock_ms;
+            let c = st.containers.get_mut(id).ok_or_else(|| not_found("start"))?;
+            c.status = ContainerStatus::Running;
+            c.started_at = Some(now);
+            Ok(())
+        }
+
+        async fn stop(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+            self.exit(id, 143);
+            Ok(())
+        }
+
+        async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+            self.state()
+                .containers
+                .remove(id)
+                .map(|_| ())
+                .ok_or_else(|| not_found("remove"))
+        }
+
+        async fn stats(&self, id: &str) -> Result<StatsReading, RuntimeError> {
+            self.state()
+                .containers
+                .get(id)
+                .map(|_| StatsReading {
+                    memory_bytes: 42,
+                    ..StatsReading::default()
+                })
+                .ok_or_else(|| not_found("stats"))
+        }
+
+        async fn exec(&self, _id: &str, _command: &[String]) -> Result<i64, RuntimeError> {
+            Ok(0)
+        }
+
+        fn logs(
+            &self,
+            _id: &str,
+            _follow: bool,
+            _tail: u32,
+        ) -> BoxStream<'static, Result<LogFrame, RuntimeError>> {
+            stream::iter([Ok(LogFrame {
+                stderr: false,
+                data: b"hello\n".to_vec(),
+            })])
+            .boxed()
+        }
+
+        fn events(&self, _node: &str) -> BoxStream<'static, Result<ContainerEvent, RuntimeError>> {
+            stream::pending().boxed()
+        }
+    }
+
+    const NODE: &str = "fake-node";
+
+    fn config() -> SupervisorConfig {
+        SupervisorConfig {
+            poll_interval: Duration::from_millis(20),
+            ..SupervisorConfig::new(NODE)
+        }
+    }
+
+    fn alloc(id: &str) -> AllocationSpec {
+        AllocationSpec {
+            id: id.into(),
+            job: "job".into(),
+            job_version: 1,
+            task: TaskSpec {
+                image: "img:1".into(),
+                restart: RestartSpec {
+                    attempts: 3,
+                    interval_ms: 60_000,
+                    delay_ms: 0,
+                    delay_mode: false,
+                },
+                memory_bytes: 1 << 20,
+                ..TaskSpec::default()
+            },
+        }
+    }
+
+    async fn until(
+        supervisor: &Supervisor<Fake>,
+        what: &str,
+        check: impl Fn(&AllocationReport) -> bool,
+    ) -> AllocationReport {
+        let mut reports = supervisor.subscribe();
+        let wait = async {
+            loop {
+                let report = reports.borrow_and_update().clone();
+                if check(&report) {
+                    return report;
+                }
+                reports.changed().await.expect("supervisor alive");
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(5), wait).await {
+            Ok(report) => report,
+            Err(_) => panic!("timed out waiting for {what}: {:?}", supervisor.report()),
+        }
+    }
+
+    fn state_of(report: &AllocationReport, id: &str) -> Option<AllocState> {
+        report
+            .allocations
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| a.state)
+    }
+
+    #[tokio::test]
+    async fn launches_restarts_and_reads_usage_and_logs() {
+        let supervisor = Supervisor::new(Fake::with_image("img:1"), config());
+        let cancel = CancellationToken::new();
+        let task = supervisor.spawn(cancel.clone());
+        assert!(supervisor.apply(DesiredAllocations {
+            generation: 1,
+            allocations: vec![alloc("a1")],
+        }));
+        let report = until(&supervisor, "running", |r| {
+            state_of(r, "a1") == Some(AllocState::Running)
+        })
+        .await;
+        let container = report.allocations[0]
+            .container_id
+            .clone()
+            .expect("container id");
+        assert!(report.allocations[0].started_at_unix_ms.is_some());
+
+        supervisor.runtime().exit(&container, 1);
+        let report = until(&supervisor, "a restart", |r| {
+            r.allocations[0].restarts == 1 && r.allocations[0].state == AllocState::Running
+        })
+        .await;
+        assert_eq!(report.allocations[0].exit_code, Some(1));
+        assert_eq!(report.allocations[0].container_id, Some(container));
+        assert_eq!(supervisor.runtime().state().creates, 1, "restarted, not re-created");
+
+        let usage = supervisor.usage().await;
+        assert_eq!(usage.len(), 1);
+        assert_eq!((usage[0].memory_bytes, usage[0].memory_limit_bytes), (42, 1 << 20));
+
+        let chunks: Vec<LogChunk> = supervisor
+            .logs(LogRequest {
+                request_id: 1,
+                allocation: "a1".into(),
+                follow: false,
+                tail: 0,
+            })
+            .collect()
+            .await;
+        assert_eq!(chunks[0].data, b"hello\n");
+        assert_eq!(chunks.last().and_then(|c| c.end.clone()), Some(Ok(())));
+
+        cancel.cancel();
+        task.await.expect("loop ends");
+        assert_eq!(
+            supervisor.runtime().state().containers.len(),
+            1,
+            "stopping the supervisor leaves containers running"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_removed_before_the_first_desired_set() {
+        let fake = Fake::with_image("img:1");
+        let mine = [
+            (super::super::LABEL_ALLOC, "old"),
+            (super::super::LABEL_NODE, NODE),
+        ];
+        fake.add("orphan", &mine);
+        fake.add(
+            "other-node",
+            &[
+                (super::super::LABEL_ALLOC, "x"),
+                (super::super::LABEL_NODE, "another"),
+            ],
+        );
+        fake.add("unlabelled", &[]);
+        let supervisor = Supervisor::new(fake, config());
+        let cancel = CancellationToken::new();
+        let task = supervisor.spawn(cancel.clone());
+        until(&supervisor, "the orphan in the report", |r| {
+            state_of(r, "old") == Some(AllocState::Running)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(supervisor.runtime().state().containers.contains_key("orphan"));
+
+        supervisor.apply(DesiredAllocations {
+            generation: 1,
+            allocations: vec![],
+        });
+        until(&supervisor, "the orphan gone", |r| r.allocations.is_empty()).await;
+        let left: Vec<String> = supervisor
+            .runtime()
+            .state()
+            .containers
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(left, vec!["other-node", "unlabelled"]);
+        cancel.cancel();
+        task.await.expect("loop ends");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_runtime_leaves_allocations_pending_with_the_reason() {
+        let fake = Fake::with_image("img:1");
+        fake.state().list_error = Some("connection refused".into());
+        let supervisor = Supervisor::new(fake, config());
+        let cancel = CancellationToken::new();
+        let task = supervisor.spawn(cancel.clone());
+        supervisor.apply(DesiredAllocations {
+            generation: 1,
+            allocations: vec![alloc("a1")],
+        });
+        let report = until(&supervisor, "the error", |r| {
+            r.allocations
+                .first()
+                .is_some_and(|a| a.message.contains("connection refused"))
+        })
+        .await;
+        assert_eq!(report.allocations[0].state, AllocState::Pending);
+        assert_eq!(supervisor.runtime().state().creates, 0);
+        supervisor.runtime().state().list_error = None;
+        until(&supervisor, "running", |r| {
+            state_of(r, "a1") == Some(AllocState::Running)
+        })
+        .await;
+        cancel.cancel();
+        task.await.expect("loop ends");
+    }
+
+    #[tokio::test]
+    async fn logs_of_an_unknown_allocation_end_with_an_error() {
+        let supervisor = Supervisor::new(Fake::default(), config());
+        let chunks: Vec<LogChunk> = supervisor
+            .logs(LogRequest {
+                request_id: 1,
+                allocation: "nope".into(),
+                follow: true,
+                tail: 10,
+            })
+            .collect()
+            .await;
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(
+            chunks[0].end,
+            Some(Err("allocation nope has no container on node fake-node".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_generations_are_refused() {
+        let supervisor = Supervisor::new(Fake::default(), config());
+        let mut reports = supervisor.subscribe();
+        assert!(supervisor.apply(DesiredAllocations {
+            generation: 2,
+            allocations: vec![alloc("a")],
+        }));
+        assert!(reports.has_changed().expect("open"));
+        assert_eq!(reports.borrow_and_update().generation, 2);
+        assert!(!supervisor.apply(DesiredAllocations {
+            generation: 1,
+            allocations: vec![],
+        }));
+        assert!(!reports.has_changed().expect("open"));
+        assert_eq!(supervisor.report().allocations.len(), 1);
+    }
+}

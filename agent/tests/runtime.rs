@@ -1,0 +1,814 @@
+//! The container runtime against the real Docker daemon (`DOCKER_HOST`, or
+//! unix:///var/run/docker.sock).
+//!
+//! Every test runs its own [`Supervisor`] under a unique node name: containers are
+//! labelled with it, so tests running in parallel never see (let alone remove) each
+//! other's containers. A guard removes everything labelled with that node, plus the
+//! volumes and extra containers a test registers, when the test ends, failed or not.
+//!
+//! The image `novacron-test/busybox:1` is built from
+//! `packaging/images/busybox/Dockerfile` and the host's static `/bin/busybox`
+//! (Debian's `busybox-static`) when it is missing; nothing is pulled.
+//!
+//! Modules:
+//! - `support`: the test image, the harness with its cleanup guard, waiting helpers.
+//! - `runtime`: the tests (named so that `cargo test runtime` selects them).
+
+mod support {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use bollard::Docker;
+    use bollard::query_parameters::{
+        BuildImageOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+        RemoveVolumeOptionsBuilder,
+    };
+    use futures_util::StreamExt;
+    use novacron_agent::runtime::{DockerRuntime, LABEL_NODE, Supervisor, SupervisorConfig};
+    use novacron_common::wire::{
+        AllocationReport, AllocationSpec, AllocationStatus, DesiredAllocations, RestartSpec,
+        TaskSpec,
+    };
+    use tokio::sync::OnceCell;
+    use tokio_util::sync::CancellationToken;
+
+    /// The local test image.
+    pub const TEST_IMAGE: &str = "novacron-test/busybox:1";
+    /// How long a test waits for any one state.
+    pub const WAIT: Duration = Duration::from_secs(30);
+
+    static IMAGE: OnceCell<()> = OnceCell::const_new();
+
+    /// The Docker endpoint of the tests.
+    pub fn docker_host() -> Option<String> {
+        std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())
+    }
+
+    /// Builds [`TEST_IMAGE`] unless it is present.
+    pub async fn ensure_test_image(docker: &Docker) {
+        IMAGE
+            .get_or_init(|| async {
+                if docker.inspect_image(TEST_IMAGE).await.is_ok() {
+                    return;
+                }
+                build_test_image(docker).await;
+            })
+            .await;
+    }
+
+    async fn build_test_image(docker: &Docker) {
+        let busybox = std::fs::read("/bin/busybox").unwrap_or_else(|e| {
+            panic!("cannot read /bin/busybox ({e}); install it: apt-get install -y busybox-static")
+        });
+        assert!(
+            !busybox.windows(7).any(|w| w == b"ld-linux"),
+            "/bin/busybox is dynamically linked; install the static one: apt-get install -y busybox-static"
+        );
+        let dockerfile = include_str!("../../packaging/images/busybox/Dockerfile");
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, data, mode) in [
+            ("Dockerfile", dockerfile.as_bytes(), 0o644),
+            ("busybox", &busybox[..], 0o755),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(mode);
+            header.set_cksum();
+            tar.append_data(&mut header, name, data)
+                .expect("tar entry in memory");
+        }
+        let context = tar.into_inner().expect("tar in memory");
+        let options = BuildImageOptionsBuilder::default()
+            .dockerfile("Dockerfile")
+            .t(TEST_IMAGE)
+            .rm(true)
+            .build();
+        let mut build = docker.build_image(options, None, Some(bollard::body_full(context.into())));
+        while let Some(step) = build.next().await {
+            let step = step.unwrap_or_else(|e| panic!("building {TEST_IMAGE}: {e}"));
+            if let Some(detail) = step.error_detail {
+                panic!("building {TEST_IMAGE}: {:?}", detail.message);
+            }
+        }
+        docker
+            .inspect_image(TEST_IMAGE)
+            .await
+            .unwrap_or_else(|e| panic!("{TEST_IMAGE} missing after the build: {e}"));
+    }
+
+    /// A supervisor on a unique node, with its guard.
+    pub struct Harness {
+        pub docker: Docker,
+        pub node: String,
+        pub supervisor: Supervisor<DockerRuntime>,
+        pub cleanup: Cleanup,
+        cancel: CancellationToken,
+        generation: u64,
+        test: String,
+    }
+
+    impl Harness {
+        /// Builds the image if needed and starts a supervisor for `test`.
+        pub async fn new(test: &str) -> Harness {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "novacron_agent=debug".into()),
+                )
+                .with_test_writer()
+                .try_init();
+            let runtime = DockerRuntime::connect(docker_host().as_deref())
+                .await
+                .expect("the Docker daemon answers");
+            let docker = runtime.client().await.expect("client");
+            ensure_test_image(&docker).await;
+            let node = format!(
+                "t-{test}-{}-{:06x}",
+                std::process::id(),
+                rand::random::<u32>() & 0xff_ffff
+            );
+            let cleanup = Cleanup {
+                node: node.clone(),
+                containers: Mutex::new(Vec::new()),
+                volumes: Mutex::new(Vec::new()),
+            };
+            let supervisor = Supervisor::new(runtime, config(&node));
+            let cancel = CancellationToken::new();
+            supervisor.spawn(cancel.clone());
+            Harness {
+                docker,
+                node,
+                supervisor,
+                cleanup,
+                cancel,
+                generation: 0,
+                test: test.to_owned(),
+            }
+        }
+
+        /// Stops this harness's supervisor loop (containers stay).
+        pub fn stop_supervisor(&self) {
+            self.cancel.cancel();
+        }
+
+        /// A second supervisor for the same node (an agent restart).
+        pub fn restart_supervisor(&mut self, runtime: DockerRuntime) {
+            self.cancel.cancel();
+            self.cancel = CancellationToken::new();
+            self.supervisor = Supervisor::new(runtime, config(&self.node));
+            self.supervisor.spawn(self.cancel.clone());
+        }
+
+        /// An allocation of this test running `sh -c script`, restart policy
+        /// `attempts` within a minute after 200 ms.
+        pub fn alloc(&self, name: &str, script: &str, attempts: u32) -> AllocationSpec {
+            AllocationSpec {
+                id: format!("{:08x}-{name}", rand::random::<u32>()),
+                job: format!("{}-{name}", self.test),
+                job_version: 1,
+                task: TaskSpec {
+                    image: TEST_IMAGE.into(),
+                    command: vec!["sh".into(), "-c".into()],
+                    args: vec![script.into()],
+                    restart: RestartSpec {
+                        attempts,
+                        interval_ms: 60_000,
+                        delay_ms: 200,
+                        delay_mode: false,
+                    },
+                    ..TaskSpec::default()
+                },
+            }
+        }
+
+        /// Applies the next generation with `allocs`.
+        pub fn apply(&mut self, allocs: &[AllocationSpec]) {
+            self.generation += 1;
+            assert!(self.supervisor.apply(DesiredAllocations {
+                generation: self.generation,
+                allocations: allocs.to_vec(),
+            }));
+        }
+
+        /// Waits until `check` holds for the report.
+        pub async fn until(
+            &self,
+            what: &str,
+            check: impl Fn(&AllocationReport) -> bool,
+        ) -> AllocationReport {
+            let mut reports = self.supervisor.subscribe();
+            let wait = async {
+                loop {
+                    let report = reports.borrow_and_update().clone();
+                    if check(&report) {
+                        return report;
+                    }
+                    if reports.changed().await.is_err() {
+                        panic!("the supervisor went away");
+                    }
+                }
+            };
+            match tokio::time::timeout(WAIT, wait).await {
+                Ok(report) => report,
+                Err(_) => panic!(
+                    "timed out waiting for {what}; last report: {:#?}",
+                    self.supervisor.report()
+                ),
+            }
+        }
+
+        /// Waits until allocation `id` satisfies `check`, and returns its status.
+        pub async fn until_alloc(
+            &self,
+            id: &str,
+            what: &str,
+            check: impl Fn(&AllocationStatus) -> bool,
+        ) -> AllocationStatus {
+            let report = self
+                .until(&format!("{id}: {what}"), |r| {
+                    status(r, id).is_some_and(|s| check(&s))
+                })
+                .await;
+            status(&report, id).expect("present")
+        }
+
+        /// The containers labelled with this node, by name.
+        pub async fn containers(&self) -> HashMap<String, String> {
+            let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={}", self.node)])]);
+            let options = ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build();
+            self.docker
+                .list_containers(Some(options))
+                .await
+                .expect("list")
+                .into_iter()
+                .filter_map(|c| Some((c.names?.first()?.trim_start_matches('/').to_owned(), c.id?)))
+                .collect()
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.cancel.cancel();
+        }
+    }
+
+    fn config(node: &str) -> SupervisorConfig {
+        SupervisorConfig {
+            poll_interval: Duration::from_millis(250),
+            stop_grace: Duration::from_secs(1),
+            ..SupervisorConfig::new(node)
+        }
+    }
+
+    /// The status of `id` in `report`.
+    pub fn status(report: &AllocationReport, id: &str) -> Option<AllocationStatus> {
+        report.allocations.iter().find(|a| a.id == id).cloned()
+    }
+
+    /// Removes a test's containers and volumes when dropped, even on failure.
+    pub struct Cleanup {
+        node: String,
+        containers: Mutex<Vec<String>>,
+        volumes: Mutex<Vec<String>>,
+    }
+
+    impl Cleanup {
+        /// Removes this container (by name or id) too.
+        pub fn container(&self, name: &str) {
+            self.containers
+                .lock()
+                .expect("cleanup list")
+                .push(name.to_owned());
+        }
+
+        /// Removes this volume too.
+        pub fn volume(&self, name: &str) {
+            self.volumes
+                .lock()
+                .expect("cleanup list")
+                .push(name.to_owned());
+        }
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let node = self.node.clone();
+            let containers = std::mem::take(&mut *self.containers.lock().unwrap_or_else(|p| p.into_inner()));
+            let volumes = std::mem::take(&mut *self.volumes.lock().unwrap_or_else(|p| p.into_inner()));
+            // Drop cannot await, and may run on the test's runtime thread: clean up on a
+            // thread of our own with its own runtime.
+            let cleaner = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("cleanup runtime");
+                rt.block_on(remove_everything(node, containers, volumes));
+            });
+            if cleaner.join().is_err() {
+                eprintln!("cleanup panicked");
+            }
+        }
+    }
+
+    async fn remove_everything(node: String, extra: Vec<String>, volumes: Vec<String>) {
+        let Ok(runtime) = DockerRuntime::connect(docker_host().as_deref()).await else {
+            eprintln!("cleanup: Docker unreachable");
+            return;
+        };
+        let Ok(docker) = runtime.client().await else {
+            return;
+        };
+        let force = || RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={node}")])]);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // Twice: a create the supervisor had in flight may land after the first pass.
+        for pass in 0..2 {
+            if pass > 0 {
+                tokio::time::sleep_until((deadline.min(Instant::now() + Duration::from_millis(300))).into()).await;
+            }
+            let options = ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build();
+            for c in docker.list_containers(Some(options)).await.unwrap_or_default() {
+                if let Some(id) = c.id {
+                    let _ = docker.remove_container(&id, Some(force())).await;
+                }
+            }
+        }
+        for name in extra {
+            let _ = docker.remove_container(&name, Some(force())).await;
+        }
+        for volume in volumes {
+            let _ = docker
+                .remove_volume(&volume, Some(RemoveVolumeOptionsBuilder::default().force(true).build()))
+                .await;
+        }
+    }
+}
+
+mod runtime {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use bollard::models::{ContainerCreateBody, MountType, RestartPolicyNameEnum};
+    use bollard::query_parameters::{
+        CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListVolumesOptionsBuilder,
+    };
+    use futures_util::StreamExt;
+    use novacron_agent::runtime::{
+        DockerRuntime, LABEL_ALLOC, LABEL_JOB, LABEL_MANAGED, LABEL_NODE, LABEL_SPEC,
+        LABEL_VERSION, container_name, spec_hash,
+    };
+    use novacron_common::wire::{
+        AllocState, HealthCheckKind, HealthSpec, LogChunk, LogRequest, VolumeMount,
+    };
+
+    use super::support::*;
+
+    async fn kill(h: &Harness, container: &str) {
+        h.docker
+            .kill_container(container, Some(KillContainerOptionsBuilder::default().build()))
+            .await
+            .expect("docker kill");
+    }
+
+    #[tokio::test]
+    async fn two_allocations_run_with_limits_env_and_labels() {
+        let mut h = Harness::new("limits").await;
+        let mut a = h.alloc("a", "sleep 300", 1);
+        a.task.cpu_millis = 250;
+        a.task.memory_bytes = 64 << 20;
+        a.task.env.insert("FOO".into(), "bar".into());
+        let mut b = h.alloc("b", "sleep 300", 1);
+        b.task.cpu_millis = 1500;
+        b.task.memory_bytes = 32 << 20;
+        h.apply(&[a.clone(), b.clone()]);
+        for (alloc, nano, memory) in [(&a, 250_000_000, 64 << 20), (&b, 1_500_000_000, 32 << 20)] {
+            let s = h
+                .until_alloc(&alloc.id, "running", |s| s.state == AllocState::Running)
+                .await;
+            assert!(s.started_at_unix_ms.is_some());
+            let id = s.container_id.expect("container id");
+            let inspect = h.docker.inspect_container(&id, None).await.expect("inspect");
+            assert_eq!(
+                inspect.name.as_deref(),
+                Some(format!("/{}", container_name(&alloc.job, &alloc.id)).as_str())
+            );
+            let host = inspect.host_config.expect("host config");
+            assert_eq!(host.nano_cpus, Some(nano));
+            assert_eq!(host.memory, Some(memory));
+            assert_eq!(
+                host.restart_policy.and_then(|p| p.name),
+                Some(RestartPolicyNameEnum::NO)
+            );
+            let config = inspect.config.expect("config");
+            let labels = config.labels.expect("labels");
+            assert_eq!(labels[LABEL_ALLOC], alloc.id);
+            assert_eq!(labels[LABEL_JOB], alloc.job);
+            assert_eq!(labels[LABEL_VERSION], "1");
+            assert_eq!(labels[LABEL_SPEC], spec_hash(&alloc.task));
+            assert_eq!(labels[LABEL_NODE], h.node);
+            if alloc.id == a.id {
+                let env = config.env.expect("env");
+                assert!(env.iter().any(|e| e == "FOO=bar"), "{env:?}");
+            }
+        }
+        assert_eq!(h.containers().await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn killed_container_is_restarted_then_fails_past_attempts() {
+        let mut h = Harness::new("kill").await;
+        let a = h.alloc("a", "sleep 300", 1);
+        h.apply(&[a.clone()]);
+        let first = h
+            .until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
+            .await;
+        let container = first.container_id.clone().expect("container");
+        kill(&h, &container).await;
+        let second = h
+            .until_alloc(&a.id, "restarted", |s| {
+                s.restarts == 1 && s.state == AllocState::Running
+            })
+            .await;
+        assert_eq!(second.container_id, first.container_id, "the same container, started again");
+        assert_ne!(second.started_at_unix_ms, first.started_at_unix_ms);
+        assert_eq!(second.exit_code, Some(137));
+
+        kill(&h, &container).await;
+        let failed = h
+            .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
+            .await;
+        assert_eq!(failed.restarts, 1);
+        assert_eq!(failed.exit_code, Some(137));
+        assert!(failed.message.contains("giving up"), "{}", failed.message);
+    }
+
+    #[tokio::test]
+    async fn batch_exit_zero_completes_without_restart() {
+        let mut h = Harness::new("exit0").await;
+        let a = h.alloc("a", "exit 0", 3);
+        h.apply(&[a.clone()]);
+        let done = h
+            .until_alloc(&a.id, "complete", |s| s.state == AllocState::Complete)
+            .await;
+        assert_eq!(done.exit_code, Some(0));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let later = status(&h.supervisor.report(), &a.id).expect("present");
+        assert_eq!(later.state, AllocState::Complete);
+        assert_eq!(later.restarts, 0);
+    }
+
+    #[tokio::test]
+    async fn exit_three_restarts_then_fails_with_its_code() {
+        let mut h = Harness::new("exit3").await;
+        let a = h.alloc("a", "exit 3", 1);
+        h.apply(&[a.clone()]);
+        let failed = h
+            .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
+            .await;
+        assert_eq!(failed.exit_code, Some(3));
+        assert_eq!(failed.restarts, 1);
+        assert!(failed.message.contains("exited with code 3"), "{}", failed.message);
+    }
+
+    #[tokio::test]
+    async fn missing_image_fails_with_a_clear_message() {
+        let mut h = Harness::new("noimage").await;
+        let mut a = h.alloc("a", "true", 5);
+        a.task.image = "busybox:nope".into();
+        h.apply(&[a.clone()]);
+        let failed = h
+            .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
+            .await;
+        assert_eq!(
+            failed.message,
+            format!(
+                "image \"busybox:nope\" is not present on node {}; build or load it there (no registry is used)",
+                h.node
+            )
+        );
+        // No retry storm: it stays failed and nothing is created.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let later = status(&h.supervisor.report(), &a.id).expect("present");
+        assert_eq!((later.state, later.restarts), (AllocState::Failed, 0));
+        assert!(h.containers().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_new_supervisor_adopts_running_containers() {
+        let mut h = Harness::new("adopt").await;
+        let a = h.alloc("a", "sleep 300", 1);
+        let b = h.alloc("b", "sleep 300", 1);
+        h.apply(&[a.clone(), b.clone()]);
+        let mut before = Vec::new();
+        for alloc in [&a, &b] {
+            before.push(
+                h.until_alloc(&alloc.id, "running", |s| s.state == AllocState::Running)
+                    .await,
+            );
+        }
+        let docker = h.docker.clone();
+        let docker_started = |id: String| {
+            let docker = docker.clone();
+            async move {
+                docker
+                    .inspect_container(&id, None)
+                    .await
+                    .expect("inspect")
+                    .state
+                    .and_then(|s| s.started_at)
+            }
+        };
+        let started_before = docker_started(before[0].container_id.clone().expect("id")).await;
+
+        // The agent restarts: a new supervisor, the same desired set.
+        h.stop_supervisor();
+        let runtime = DockerRuntime::connect(docker_host().as_deref())
+            .await
+            .expect("docker");
+        h.restart_supervisor(runtime);
+        h.apply(&[a.clone(), b.clone()]);
+        for (alloc, old) in [&a, &b].into_iter().zip(&before) {
+            let s = h
+                .until_alloc(&alloc.id, "adopted", |s| s.state == AllocState::Running)
+                .await;
+            assert_eq!(s.container_id, old.container_id);
+            assert_eq!(s.started_at_unix_ms, old.started_at_unix_ms);
+            assert_eq!(s.restarts, 0);
+            assert!(s.message.contains("adopted"), "{}", s.message);
+        }
+        let started_after = docker_started(before[0].container_id.clone().expect("id")).await;
+        assert_eq!(started_before, started_after, "not restarted");
+        assert_eq!(h.containers().await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn orphans_are_removed_and_unlabelled_containers_untouched() {
+        let mut h = Harness::new("orphans").await;
+        let create = |name: String, labels: HashMap<String, String>| {
+            let docker = h.docker.clone();
+            async move {
+                let body = ContainerCreateBody {
+                    image: Some(TEST_IMAGE.into()),
+                    cmd: Some(vec!["sleep".into(), "300".into()]),
+                    labels: Some(labels),
+                    ..ContainerCreateBody::default()
+                };
+                let options = CreateContainerOptionsBuilder::default().name(&name).build();
+                let id = docker
+                    .create_container(Some(options), body)
+                    .await
+                    .expect("create")
+                    .id;
+                docker.start_container(&id, None).await.expect("start");
+                id
+            }
+        };
+        let orphan = create(
+            format!("{}-orphan", h.node),
+            HashMap::from([
+                (LABEL_ALLOC.into(), "not-desired".into()),
+                (LABEL_NODE.into(), h.node.clone()),
+            ]),
+        )
+        .await;
+        let plain_name = format!("{}-plain", h.node);
+        h.cleanup.container(&plain_name);
+        let plain = create(plain_name, HashMap::new()).await;
+        let other_name = format!("{}-other-node", h.node);
+        h.cleanup.container(&other_name);
+        let other = create(
+            other_name,
+            HashMap::from([
+                (LABEL_ALLOC.into(), "elsewhere".into()),
+                (LABEL_NODE.into(), format!("{}-x", h.node)),
+            ]),
+        )
+        .await;
+
+        let a = h.alloc("a", "sleep 300", 1);
+        h.apply(&[a.clone()]);
+        h.until("the orphan gone and the allocation running", |r| {
+            r.allocations.len() == 1 && r.allocations[0].state == AllocState::Running
+        })
+        .await;
+        let gone = h.docker.inspect_container(&orphan, None).await;
+        assert!(gone.is_err(), "the orphan is removed");
+        for untouched in [&plain, &other] {
+            let state = h
+                .docker
+                .inspect_container(untouched, None)
+                .await
+                .expect("still there")
+                .state
+                .expect("state");
+            assert_eq!(state.running, Some(true));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_spec_replaces_the_container_and_removal_stops_it() {
+        let mut h = Harness::new("respec").await;
+        let a = h.alloc("a", "sleep 300", 1);
+        h.apply(&[a.clone()]);
+        let first = h
+            .until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
+            .await;
+        let mut b = a.clone();
+        b.task.env.insert("V".into(), "2".into());
+        h.apply(&[b.clone()]);
+        let second = h
+            .until_alloc(&a.id, "replaced", |s| {
+                s.state == AllocState::Running && s.container_id != first.container_id
+            })
+            .await;
+        let old = first.container_id.expect("id");
+        assert!(h.docker.inspect_container(&old, None).await.is_err(), "old one removed");
+        assert_eq!(h.containers().await.len(), 1);
+
+        h.apply(&[]);
+        h.until("the allocation gone", |r| r.allocations.is_empty())
+            .await;
+        let new = second.container_id.expect("id");
+        assert!(h.docker.inspect_container(&new, None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn named_volumes_are_created_and_bind_mounts_used() {
+        let mut h = Harness::new("volumes").await;
+        let volume = format!("{}-data", h.node);
+        h.cleanup.volume(&volume);
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("in"), "from the host").expect("write");
+        let mut a = h.alloc("a", "cp /host/in /data/copy && sleep 300", 1);
+        a.task.volumes = vec![
+            VolumeMount {
+                source: volume.clone(),
+                target: "/data".into(),
+                read_only: false,
+            },
+            VolumeMount {
+                source: dir.path().display().to_string(),
+                target: "/host".into(),
+                read_only: true,
+            },
+        ];
+        h.apply(&[a.clone()]);
+        let s = h
+            .until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
+            .await;
+        let inspect = h
+            .docker
+            .inspect_container(&s.container_id.expect("id"), None)
+            .await
+            .expect("inspect");
+        let mounts = inspect.host_config.and_then(|c| c.mounts).expect("mounts");
+        assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
+        assert_eq!(mounts[1].typ, Some(MountType::BIND));
+        let filters = HashMap::from([("name", vec![volume.clone()])]);
+        let volumes = h
+            .docker
+            .list_volumes(Some(ListVolumesOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .expect("volumes")
+            .volumes
+            .unwrap_or_default();
+        let created = volumes.iter().find(|v| v.name == volume).expect("volume created");
+        assert_eq!(
+            created.labels.get(LABEL_MANAGED).map(String::as_str),
+            Some("true")
+        );
+    }
+
+    #[tokio::test]
+    async fn health_checks_report_healthy_and_unhealthy() {
+        let mut h = Harness::new("health").await;
+        let check = |check| {
+            Some(HealthSpec {
+                check,
+                interval_ms: 300,
+                timeout_ms: 1000,
+                retries: 2,
+            })
+        };
+        let mut web = h.alloc(
+            "web",
+            "echo ok > /tmp/index.html && exec httpd -f -p 8080 -h /tmp",
+            1,
+        );
+        web.task.health = check(HealthCheckKind::Http {
+            port: 8080,
+            path: "/".into(),
+        });
+        let mut closed = h.alloc("closed", "sleep 300", 1);
+        closed.task.health = check(HealthCheckKind::Tcp { port: 8081 });
+        let mut exec_ok = h.alloc("exec", "sleep 300", 1);
+        exec_ok.task.health = check(HealthCheckKind::Exec {
+            command: vec!["sh".into(), "-c".into(), "test -d /tmp".into()],
+        });
+        let mut exec_bad = h.alloc("execbad", "sleep 300", 1);
+        exec_bad.task.health = check(HealthCheckKind::Exec {
+            command: vec!["false".into()],
+        });
+        h.apply(&[web.clone(), closed.clone(), exec_ok.clone(), exec_bad.clone()]);
+        for (alloc, healthy) in [(&web, true), (&closed, false), (&exec_ok, true), (&exec_bad, false)] {
+            let s = h
+                .until_alloc(&alloc.id, "a health verdict", |s| s.healthy.is_some())
+                .await;
+            assert_eq!(s.healthy, Some(healthy), "{}: {}", alloc.id, s.message);
+            assert_eq!(s.state, AllocState::Running);
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_come_back_and_follow_streams_new_lines() {
+        let mut h = Harness::new("logs").await;
+        let hello = h.alloc("hello", "echo hello; echo oops >&2; sleep 300", 1);
+        let ticker = h.alloc(
+            "ticker",
+            "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.2; done",
+            1,
+        );
+        h.apply(&[hello.clone(), ticker.clone()]);
+        for alloc in [&hello, &ticker] {
+            h.until_alloc(&alloc.id, "running", |s| s.state == AllocState::Running)
+                .await;
+        }
+        let request = |allocation: &str, follow, tail| LogRequest {
+            request_id: 1,
+            allocation: allocation.into(),
+            follow,
+            tail,
+        };
+        // The output may lag the start by a moment.
+        let mut chunks: Vec<LogChunk> = Vec::new();
+        for _ in 0..50 {
+            chunks = h.supervisor.logs(request(&hello.id, false, 0)).collect().await;
+            if chunks.iter().any(|c| c.stderr) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stdout: Vec<u8> = chunks.iter().filter(|c| !c.stderr).flat_map(|c| c.data.clone()).collect();
+        let stderr: Vec<u8> = chunks.iter().filter(|c| c.stderr).flat_map(|c| c.data.clone()).collect();
+        assert_eq!(stdout, b"hello\n");
+        assert_eq!(stderr, b"oops\n");
+        assert_eq!(chunks.last().and_then(|c| c.end.clone()), Some(Ok(())));
+
+        let tail: Vec<LogChunk> = h.supervisor.logs(request(&ticker.id, false, 1)).collect().await;
+        let text: Vec<u8> = tail.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(text.iter().filter(|b| **b == b'\n').count(), 1, "tail 1: {:?}", String::from_utf8_lossy(&text));
+
+        // Follow: lines that did not exist when the stream opened arrive on it.
+        let mut follow = Box::pin(h.supervisor.logs(request(&ticker.id, true, 1)));
+        let first = tokio::time::timeout(Duration::from_secs(5), follow.next())
+            .await
+            .expect("a first chunk")
+            .expect("open");
+        let first_line = String::from_utf8_lossy(&first.data).trim().to_owned();
+        let first_n: u32 = first_line
+            .trim_start_matches("line")
+            .parse()
+            .unwrap_or_else(|_| panic!("unexpected output {first_line:?}"));
+        let mut seen = String::new();
+        let wait = async {
+            while let Some(chunk) = follow.next().await {
+                assert!(chunk.end.is_none(), "the stream ended early: {chunk:?}");
+                seen.push_str(&String::from_utf8_lossy(&chunk.data));
+                if seen.contains(&format!("line{}\n", first_n + 5)) {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no new lines followed; got {seen:?}"));
+    }
+
+    #[tokio::test]
+    async fn usage_reports_memory_of_running_containers() {
+        let mut h = Harness::new("usage").await;
+        let mut a = h.alloc("a", "while true; do :; done", 1);
+        a.task.memory_bytes = 64 << 20;
+        a.task.cpu_millis = 500;
+        h.apply(&[a.clone()]);
+        h.until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
+            .await;
+        let first = h.supervisor.usage().await;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].id, a.id);
+        assert!(first[0].memory_bytes > 0, "{first:?}");
+        assert_eq!(first[0].memory_limit_bytes, 64 << 20);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let second = h.supervisor.usage().await;
+        let cpu = second[0].cpu_percent;
+        // A busy loop capped at half a core.
+        assert!(cpu > 10.0 && cpu < 80.0, "cpu {cpu}% of one core");
+    }
+}

@@ -1,0 +1,621 @@
+//! The rules a manifest's types cannot express: ranges, the arity of label
+//! operators, uniqueness, and checks across fields.
+//!
+//! [`check`] runs every rule and returns every [`Issue`], each naming its field by
+//! path. Where the YAML is at hand it also tells a value that was written from one
+//! that was defaulted, so that a missing `cpu` reads "missing", not "0".
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use humantime_serde::re::humantime::format_duration;
+use yaml_serde::Value;
+
+use super::locate::{FieldPath, Seg};
+use super::{
+    API_VERSION, ExecCheck, GpuRequest, Health, HttpCheck, JobManifest, JobSpec, JobType, KIND,
+    MAX_GPUS, MAX_HEALTH_RETRIES, MAX_PRIORITY, MAX_REPLICAS, MAX_RESTART_ATTEMPTS, MAX_WEIGHT,
+    MIN_HEALTH_INTERVAL, MIN_MEMORY, Metadata, Operator, Placement, Protocol, Resources, Restart,
+    TaskTemplate, Update,
+};
+use crate::pki::{self, PkiError};
+
+/// One broken rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Issue {
+    /// The field.
+    pub path: FieldPath,
+    /// Point at the field's key rather than its value (the key is what is wrong).
+    pub at_key: bool,
+    /// The bad value and what is accepted.
+    pub message: String,
+}
+
+/// Checks every rule; `source` is the document as written, when there is one.
+pub(super) fn check(m: &JobManifest, source: Option<&Value>) -> Vec<Issue> {
+    let mut c = Checker {
+        source,
+        issues: Vec::new(),
+    };
+    let root = FieldPath::root();
+    if m.api_version != API_VERSION {
+        c.bad(
+            root.key("apiVersion"),
+            format!(
+                "{:?} is not supported; expected {API_VERSION}",
+                m.api_version
+            ),
+        );
+    }
+    if m.kind != KIND {
+        c.bad(
+            root.key("kind"),
+            format!("{:?} is not supported; expected {KIND}", m.kind),
+        );
+    }
+    c.metadata(&m.metadata, &root.key("metadata"));
+    c.spec(&m.spec, &root.key("spec"));
+    c.issues
+}
+
+/// What a whole-number field accepts, by its key; also used to explain type errors
+/// (`replicas: three`) in the same words as range errors.
+pub(super) fn accepted_number(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "replicas" => REPLICAS,
+        "priority" => PRIORITY,
+        "containerPort" | "port" => PORT,
+        "hostPort" => HOST_PORT,
+        "attempts" => ATTEMPTS,
+        "retries" => RETRIES,
+        "maxParallel" => MAX_PARALLEL,
+        "canary" => CANARY,
+        "weight" => WEIGHT,
+        "count" => GPU_COUNT,
+        _ => return None,
+    })
+}
+
+const REPLICAS: &str = "a whole number from 1 to 10000 (system jobs ignore replicas)";
+const PRIORITY: &str = "a whole number from 0 to 1000";
+const PORT: &str = "a port number from 1 to 65535";
+const HOST_PORT: &str = "a port number from 1 to 65535, or no hostPort to let the runtime pick one";
+const ATTEMPTS: &str = "a whole number from 0 to 100";
+const RETRIES: &str = "a whole number from 1 to 100";
+const MAX_PARALLEL: &str = "a whole number of at least 1";
+const CANARY: &str = "a whole number from 0 up to replicas";
+const WEIGHT: &str = "a whole number from 1 to 100";
+const GPU_COUNT: &str = "a whole number from 1 to 16 (leave out gpus for none)";
+const ONE_CHECK: &str = "expected exactly one of http, tcp or exec";
+
+struct Checker<'a> {
+    source: Option<&'a Value>,
+    issues: Vec<Issue>,
+}
+
+impl Checker<'_> {
+    fn bad(&mut self, path: FieldPath, message: String) {
+        self.issues.push(Issue {
+            path,
+            at_key: false,
+            message,
+        });
+    }
+
+    fn bad_key(&mut self, path: FieldPath, message: String) {
+        self.issues.push(Issue {
+            path,
+            at_key: true,
+            message,
+        });
+    }
+
+    /// Whether the field is known not to be written (so its value is a default).
+    fn absent(&self, path: &FieldPath) -> bool {
+        let Some(mut v) = self.source else {
+            return false;
+        };
+        for seg in path.segs() {
+            let next = match seg {
+                Seg::Key(k) => v.get(k.as_str()),
+                Seg::Index(i) => v.get(*i),
+            };
+            match next {
+                Some(n) => v = n,
+                None => return true,
+            }
+        }
+        false
+    }
+
+    fn range(&mut self, path: FieldPath, n: u32, ok: std::ops::RangeInclusive<u32>, what: &str) {
+        if !ok.contains(&n) {
+            self.bad(path, format!("{n} is out of range; expected {what}"));
+        }
+    }
+
+    fn metadata(&mut self, m: &Metadata, p: &FieldPath) {
+        if let Err(e) = pki::validate_name(&m.name) {
+            let message = match e {
+                PkiError::InvalidName { name, why } => format!(
+                    "{name:?} is not a valid job name: {why}; expected 1 to 63 characters of \
+                     a-z, 0-9, '-' and '.', starting and ending with a letter or digit"
+                ),
+                other => other.to_string(),
+            };
+            self.bad(p.key("name"), message);
+        }
+        for key in m.labels.keys().filter(|k| k.trim().is_empty()) {
+            self.bad_key(
+                p.key("labels").key(key),
+                format!("{key:?} is an empty label key; expected a key like team or tier"),
+            );
+        }
+    }
+
+    fn spec(&mut self, s: &JobSpec, p: &FieldPath) {
+        if s.job_type != JobType::System {
+            self.range(p.key("replicas"), s.replicas, 1..=MAX_REPLICAS, REPLICAS);
+        }
+        self.range(p.key("priority"), s.priority, 0..=MAX_PRIORITY, PRIORITY);
+        self.task(&s.task, &p.key("task"));
+        self.resources(&s.resources, &p.key("resources"));
+        self.placement(&s.placement, &p.key("placement"));
+        self.restart(&s.restart, &p.key("restart"));
+        if let Some(h) = &s.health {
+            self.health(h, &p.key("health"));
+        }
+        self.update(&s.update, s, &p.key("update"));
+    }
+
+    fn task(&mut self, t: &TaskTemplate, p: &FieldPath) {
+        const IMAGE: &str = "expected an image reference like busybox:latest";
+        if t.image.trim().is_empty() {
+            self.bad(p.key("image"), format!("{:?} is empty; {IMAGE}", t.image));
+        } else if t.image.chars().any(char::is_whitespace) {
+            self.bad(
+                p.key("image"),
+                format!("{:?} contains whitespace; {IMAGE}", t.image),
+            );
+        }
+        if t.command.first().is_some_and(|c| c.trim().is_empty()) {
+            self.bad(
+                p.key("command").index(0),
+                "\"\" is an empty program; expected a program like /bin/sh, or no command to \
+                 use the image's entrypoint"
+                    .into(),
+            );
+        }
+        for key in t.env.keys().filter(|k| !is_env_name(k)) {
+            self.bad_key(
+                p.key("env").key(key),
+                format!(
+                    "{key:?} is not a valid variable name; expected letters, digits and '_', \
+                     not starting with a digit (like LOG_LEVEL)"
+                ),
+            );
+        }
+        self.ports(t, &p.key("ports"));
+        self.volumes(t, &p.key("volumes"));
+        if let Some(dir) = &t.working_dir
+            && !dir.starts_with('/')
+        {
+            self.bad(
+                p.key("workingDir"),
+                format!("{dir:?} is not an absolute path; expected a path like /app"),
+            );
+        }
+    }
+
+    fn ports(&mut self, t: &TaskTemplate, p: &FieldPath) {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut host: HashMap<(u16, bool), usize> = HashMap::new();
+        for (i, port) in t.ports.iter().enumerate() {
+            let at = p.index(i);
+            if !is_port_name(&port.name) {
+                self.bad(
+                    at.key("name"),
+                    format!(
+                        "{:?} is not a valid port name; expected a-z, 0-9 and '-', starting \
+                         with a letter or digit (like http)",
+                        port.name
+                    ),
+                );
+            } else if let Some(first) = names.insert(&port.name, i) {
+                names.insert(&port.name, first);
+                self.bad(
+                    at.key("name"),
+                    format!(
+                        "{:?} is already the name of {p}[{first}]; expected a unique name for \
+                         each port",
+                        port.name
+                    ),
+                );
+            }
+            if port.container_port == 0 {
+                self.bad(
+                    at.key("containerPort"),
+                    format!("0 is out of range; expected {PORT}"),
+                );
+            }
+            match port.host_port {
+                Some(0) => self.bad(
+                    at.key("hostPort"),
+                    format!("0 is out of range; expected {HOST_PORT}"),
+                ),
+                Some(h) => {
+                    let udp = port.protocol == Protocol::Udp;
+                    if let Some(first) = host.insert((h, udp), i) {
+                        host.insert((h, udp), first);
+                        let proto = match port.protocol {
+                            Protocol::Tcp => "tcp",
+                            Protocol::Udp => "udp",
+                        };
+                        self.bad(
+                            at.key("hostPort"),
+                            format!(
+                                "{h}/{proto} is already published by {p}[{first}]; expected \
+                                 each host port at most once per protocol"
+                            ),
+                        );
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn volumes(&mut self, t: &TaskTemplate, p: &FieldPath) {
+        let mut targets: HashMap<&str, usize> = HashMap::new();
+        for (i, v) in t.volumes.iter().enumerate() {
+            let at = p.index(i);
+            if !v.source.starts_with('/') && !is_volume_name(&v.source) {
+                self.bad(
+                    at.key("source"),
+                    format!(
+                        "{:?} is neither a volume name nor an absolute path; expected a name of \
+                         a-z, 0-9, '_', '.' and '-' starting with a letter or digit (like data), \
+                         or a host path (like /srv/data)",
+                        v.source
+                    ),
+                );
+            }
+            if !v.target.starts_with('/') {
+                self.bad(
+                    at.key("target"),
+                    format!(
+                        "{:?} is not an absolute path; expected a path in the container like \
+                         /data",
+                        v.target
+                    ),
+                );
+                continue;
+            }
+            let target = match v.target.trim_end_matches('/') {
+                "" => "/",
+                t => t,
+            };
+            if let Some(first) = targets.insert(target, i) {
+                targets.insert(target, first);
+                self.bad(
+                    at.key("target"),
+                    format!(
+                        "{:?} is already mounted by {p}[{first}]; expected each target at most \
+                         once",
+                        v.target
+                    ),
+                );
+            }
+        }
+    }
+
+    fn resources(&mut self, r: &Resources, p: &FieldPath) {
+        let cpu = p.key("cpu");
+        if r.cpu.0 == 0 {
+            let message = if self.absent(&cpu) {
+                "missing; expected the CPU each replica needs, like 500m or 2 (every replica \
+                 must ask for some CPU)"
+                    .to_string()
+            } else {
+                "0 is not enough; expected more than 0, like 500m or 2 (every replica must ask \
+                 for some CPU)"
+                    .to_string()
+            };
+            self.bad(cpu, message);
+        }
+        let memory = p.key("memory");
+        if r.memory < MIN_MEMORY {
+            let message = if self.absent(&memory) {
+                format!(
+                    "missing; expected the memory each replica needs, at least {MIN_MEMORY} \
+                     (Docker's minimum), like 256Mi"
+                )
+            } else {
+                format!(
+                    "{} is below Docker's minimum of {MIN_MEMORY}; expected at least \
+                     {MIN_MEMORY}, like 256Mi or 1Gi",
+                    r.memory
+                )
+            };
+            self.bad(memory, message);
+        }
+        if let Some(g) = &r.gpus {
+            self.gpus(g, &p.key("gpus"));
+        }
+    }
+
+    fn gpus(&mut self, g: &GpuRequest, p: &FieldPath) {
+        self.range(p.key("count"), g.count, 1..=MAX_GPUS, GPU_COUNT);
+        if g.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            self.bad(
+                p.key("model"),
+                "\"\" is empty; expected part of a model name like A100, or no model".into(),
+            );
+        }
+        if g.memory.is_some_and(|m| m.0 == 0) {
+            self.bad(
+                p.key("memory"),
+                "0 is not a GPU memory size; expected the least memory per GPU like 40Gi, or no \
+                 memory"
+                    .into(),
+            );
+        }
+    }
+
+    fn placement(&mut self, pl: &Placement, p: &FieldPath) {
+        for (i, c) in pl.constraints.iter().enumerate() {
+            self.rule(
+                &c.key,
+                c.operator,
+                &c.values,
+                &p.key("constraints").index(i),
+            );
+        }
+        for (name, rules) in [
+            ("affinity", &pl.affinity),
+            ("antiAffinity", &pl.anti_affinity),
+        ] {
+            for (i, r) in rules.iter().enumerate() {
+                let at = p.key(name).index(i);
+                self.rule(&r.key, r.operator, &r.values, &at);
+                self.range(at.key("weight"), r.weight, 1..=MAX_WEIGHT, WEIGHT);
+            }
+        }
+        let mut keys: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in pl.spread.iter().enumerate() {
+            let at = p.key("spread").index(i);
+            if s.key.trim().is_empty() {
+                self.bad(at.key("key"), empty_label_key(&s.key));
+            } else if let Some(first) = keys.insert(&s.key, i) {
+                keys.insert(&s.key, first);
+                self.bad(
+                    at.key("key"),
+                    format!(
+                        "{:?} is already spread over by {}[{first}]; expected each key at most \
+                         once",
+                        s.key,
+                        p.key("spread")
+                    ),
+                );
+            }
+            self.range(at.key("weight"), s.weight, 1..=MAX_WEIGHT, WEIGHT);
+        }
+    }
+
+    /// A label rule: `key <operator> values`.
+    fn rule(&mut self, key: &str, op: Operator, values: &[String], p: &FieldPath) {
+        if key.trim().is_empty() {
+            self.bad(p.key("key"), empty_label_key(key));
+        }
+        let n = values.len();
+        let problem = match op {
+            Operator::In | Operator::NotIn if n == 0 => Some(format!(
+                "{op} needs at least one value; expected values like [a, b]"
+            )),
+            Operator::Equal | Operator::NotEqual if n != 1 => Some(format!(
+                "{op} takes exactly one value, got {n}; expected values like [a]"
+            )),
+            Operator::Exists | Operator::DoesNotExist if n != 0 => {
+                Some(format!("{op} takes no values, got {n}; expected no values"))
+            }
+            _ => None,
+        };
+        if let Some(message) = problem {
+            self.bad(p.key("values"), message);
+        }
+    }
+
+    fn restart(&mut self, r: &Restart, p: &FieldPath) {
+        self.range(
+            p.key("attempts"),
+            r.attempts,
+            0..=MAX_RESTART_ATTEMPTS,
+            ATTEMPTS,
+        );
+        if r.delay > r.interval {
+            self.bad(
+                p.key("delay"),
+                format!(
+                    "{} is longer than the interval ({}); expected a delay no longer than the \
+                     interval",
+                    human(r.delay),
+                    human(r.interval)
+                ),
+            );
+        }
+    }
+
+    fn health(&mut self, h: &Health, p: &FieldPath) {
+        let given: Vec<&str> = [
+            ("http", h.http.is_some()),
+            ("tcp", h.tcp.is_some()),
+            ("exec", h.exec.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        match given.as_slice() {
+            [] => self.bad(p.clone(), format!("no check given; {ONE_CHECK}")),
+            [_] => {}
+            [first, rest @ ..] => {
+                for extra in rest {
+                    self.bad_key(
+                        p.key(extra),
+                        format!("{extra} given alongside {first}; {ONE_CHECK}"),
+                    );
+                }
+            }
+        }
+        if let Some(HttpCheck { port, path }) = &h.http {
+            self.check_port(p.key("http").key("port"), *port);
+            if !path.starts_with('/') {
+                self.bad(
+                    p.key("http").key("path"),
+                    format!("{path:?} does not start with '/'; expected a path like /healthz"),
+                );
+            }
+        }
+        if let Some(tcp) = &h.tcp {
+            self.check_port(p.key("tcp").key("port"), tcp.port);
+        }
+        if let Some(ExecCheck { command }) = &h.exec
+            && command.first().is_none_or(|c| c.trim().is_empty())
+        {
+            self.bad(
+                p.key("exec").key("command"),
+                "the command is empty; expected a program and its arguments, like \
+                 [pg_isready, -q]"
+                    .into(),
+            );
+        }
+        if h.interval < MIN_HEALTH_INTERVAL {
+            self.bad(
+                p.key("interval"),
+                format!(
+                    "{} is too short; expected at least {}",
+                    human(h.interval),
+                    human(MIN_HEALTH_INTERVAL)
+                ),
+            );
+        }
+        if h.timeout >= h.interval {
+            self.bad(
+                p.key("timeout"),
+                format!(
+                    "{} is not shorter than the interval ({}); expected a timeout shorter than \
+                     the interval",
+                    human(h.timeout),
+                    human(h.interval)
+                ),
+            );
+        }
+        self.range(p.key("retries"), h.retries, 1..=MAX_HEALTH_RETRIES, RETRIES);
+    }
+
+    fn check_port(&mut self, path: FieldPath, port: u16) {
+        if port == 0 {
+            self.bad(path, format!("0 is out of range; expected {PORT}"));
+        }
+    }
+
+    fn update(&mut self, u: &Update, s: &JobSpec, p: &FieldPath) {
+        if u.max_parallel == 0 {
+            self.bad(
+                p.key("maxParallel"),
+                format!("0 is out of range; expected {MAX_PARALLEL}"),
+            );
+        }
+        if s.job_type != JobType::System && u.canary > s.replicas {
+            self.bad(
+                p.key("canary"),
+                format!(
+                    "{} is more than the replicas ({}); expected {CANARY}",
+                    u.canary, s.replicas
+                ),
+            );
+        }
+        if u.min_healthy_time >= u.healthy_deadline {
+            self.bad(
+                p.key("minHealthyTime"),
+                format!(
+                    "{} is not shorter than the healthyDeadline ({}); expected a minHealthyTime \
+                     shorter than the healthyDeadline",
+                    human(u.min_healthy_time),
+                    human(u.healthy_deadline)
+                ),
+            );
+        }
+    }
+}
+
+fn empty_label_key(key: &str) -> String {
+    format!("{key:?} is an empty label key; expected a node label key like zone")
+}
+
+fn human(d: Duration) -> String {
+    format_duration(d).to_string()
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// `[a-z0-9][a-z0-9-]*`, at most 63 characters.
+fn is_port_name(s: &str) -> bool {
+    let ok = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    s.len() <= 63 && s.bytes().next().is_some_and(ok) && s.bytes().all(|c| ok(c) || c == b'-')
+}
+
+/// `[a-z0-9][a-z0-9_.-]*`.
+fn is_volume_name(s: &str) -> bool {
+    let ok = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    s.bytes().next().is_some_and(ok) && s.bytes().all(|c| ok(c) || b"_.-".contains(&c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names() {
+        for ok in ["A", "_", "LOG_LEVEL", "a1", "_9"] {
+            assert!(is_env_name(ok), "{ok}");
+        }
+        for bad in ["", "1A", "A-B", "A B", "É"] {
+            assert!(!is_env_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn volume_and_port_names() {
+        assert!(is_volume_name("data"));
+        assert!(is_volume_name("pg_data.v-2"));
+        assert!(!is_volume_name("Data"));
+        assert!(!is_volume_name("-data"));
+        assert!(!is_volume_name(""));
+        assert!(is_port_name("http"));
+        assert!(is_port_name("grpc-web"));
+        assert!(!is_port_name("HTTP"));
+        assert!(!is_port_name("-x"));
+        assert!(!is_port_name(""));
+    }
+
+    #[test]
+    fn every_number_key_has_an_accepted_range() {
+        for key in [
+            "replicas",
+            "priority",
+            "containerPort",
+            "hostPort",
+            "port",
+            "weight",
+        ] {
+            assert!(accepted_number(key).is_some(), "{key}");
+        }
+        assert_eq!(accepted_number("image"), None);
+    }
+}

@@ -1,0 +1,271 @@
+//! `novacron apply`, `novacron job ...` and `novacron alloc ...`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+
+use super::CliError;
+use super::client::ApiClient;
+use super::output::{self, OutputFormat, TableRow};
+use crate::api::ApplyRequest;
+use crate::store::AllocRecord;
+use crate::workloads::{ApplyResult, JobDetail, JobSummary};
+
+/// `novacron job` subcommands.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum JobCommand {
+    /// List jobs.
+    List,
+    /// Show a job: versions, allocations, and why replicas are not placed.
+    Status {
+        /// The job.
+        name: String,
+    },
+    /// Stop a job and all its allocations.
+    Stop {
+        /// The job.
+        name: String,
+    },
+}
+
+/// `novacron alloc` subcommands.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AllocCommand {
+    /// List allocations.
+    List {
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Print an allocation's container output.
+    Logs {
+        /// The allocation id.
+        id: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines first.
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+    },
+}
+
+/// `novacron apply -f FILE`.
+pub async fn apply(
+    client: &ApiClient,
+    file: &Path,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let manifest = std::fs::read_to_string(file).map_err(|source| CliError::ReadManifest {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let req = ApplyRequest {
+        file: file.display().to_string(),
+        manifest,
+    };
+    let result: ApplyResult = client.post(&["v1", "jobs"], &req).await?;
+    match format {
+        OutputFormat::Table => {
+            writeln!(
+                out,
+                "job {} {} (version {})",
+                result.job, result.outcome, result.version
+            )
+            .map_err(output::OutputError::Io)?;
+        }
+        _ => output::write_value(out, format, &result)?,
+    }
+    Ok(())
+}
+
+/// Runs a `job` subcommand.
+pub async fn run_job(
+    cmd: &JobCommand,
+    client: &ApiClient,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    now: SystemTime,
+) -> Result<(), CliError> {
+    match cmd {
+        JobCommand::List => {
+            let jobs: Vec<JobSummary> = client.get(&["v1", "jobs"]).await?;
+            output::write_list(out, format, &jobs, now)?;
+        }
+        JobCommand::Status { name } => {
+            let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
+            match format {
+                OutputFormat::Table => {
+                    let s = &job.summary;
+                    let text = output::key_values(
+                        "",
+                        &[
+                            ("Name", s.name.clone()),
+                            ("Type", format!("{:?}", s.job_type).to_lowercase()),
+                            ("Status", s.status.clone()),
+                            ("Version", s.version.to_string()),
+                            (
+                                "Stable version",
+                                s.stable_version
+                                    .map_or("none yet".into(), |v| v.to_string()),
+                            ),
+                            (
+                                "Replicas",
+                                format!(
+                                    "{} wanted, {} running, {} healthy",
+                                    s.replicas, s.running, s.healthy
+                                ),
+                            ),
+                            (
+                                "Submitted",
+                                format!(
+                                    "{} by {}",
+                                    output::timestamp(
+                                        now,
+                                        output::from_unix_ms(s.submitted_at_unix_ms)
+                                    ),
+                                    s.submitted_by
+                                ),
+                            ),
+                        ],
+                    );
+                    let mut body = text;
+                    if !s.message.is_empty() {
+                        body.push_str(&format!("\n{}\n", s.message));
+                    }
+                    body.push_str("\nAllocations:\n");
+                    body.push_str(&output::indented(
+                        &output::table(&job.allocations, now),
+                        "  ",
+                    ));
+                    write!(out, "{body}").map_err(output::OutputError::Io)?;
+                }
+                _ => output::write_value(out, format, &job)?,
+            }
+        }
+        JobCommand::Stop { name } => {
+            let () = client
+                .post(&["v1", "jobs", name, "stop"], &serde_json::json!({}))
+                .await?;
+            writeln!(out, "job {name} stopped; its allocations are stopping")
+                .map_err(output::OutputError::Io)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs an `alloc` subcommand.
+pub async fn run_alloc(
+    cmd: &AllocCommand,
+    client: &ApiClient,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    now: SystemTime,
+) -> Result<(), CliError> {
+    match cmd {
+        AllocCommand::List { job, node } => {
+            let allocs: Vec<AllocRecord> = client
+                .get_with_query(&["v1", "allocations"], &query_pairs(job, node))
+                .await?;
+            output::write_list(out, format, &allocs, now)?;
+        }
+        AllocCommand::Logs { id, follow, tail } => {
+            let mut response = client
+                .stream(
+                    &["v1", "allocations", id, "logs"],
+                    &[("follow", follow.to_string()), ("tail", tail.to_string())],
+                    Duration::from_secs(15),
+                )
+                .await?;
+            loop {
+                match response.chunk().await {
+                    Ok(Some(bytes)) => {
+                        out.write_all(&bytes).map_err(output::OutputError::Io)?;
+                        out.flush().map_err(output::OutputError::Io)?;
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(client.stream_error(&e).into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn query_pairs(job: &Option<String>, node: &Option<String>) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if let Some(j) = job {
+        q.push(("job", j.clone()));
+    }
+    if let Some(n) = node {
+        q.push(("node", n.clone()));
+    }
+    q
+}
+
+impl TableRow for JobSummary {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "NAME", "TYPE", "STATUS", "VERSION", "REPLICAS", "RUNNING", "HEALTHY", "MESSAGE",
+        ]
+    }
+
+    fn cells(&self, _now: SystemTime) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            format!("{:?}", self.job_type).to_lowercase(),
+            self.status.clone(),
+            self.version.to_string(),
+            self.replicas.to_string(),
+            self.running.to_string(),
+            self.healthy.to_string(),
+            truncate(&self.message, 60),
+        ]
+    }
+}
+
+impl TableRow for AllocRecord {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "AGE", "MESSAGE",
+        ]
+    }
+
+    fn cells(&self, now: SystemTime) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.job.clone(),
+            self.version.to_string(),
+            self.node.clone(),
+            if self.desired_run || self.state.is_terminal() {
+                self.state.to_string()
+            } else {
+                format!("{} (stopping)", self.state)
+            },
+            match self.healthy {
+                Some(true) => "yes".into(),
+                Some(false) => "no".into(),
+                None => "-".into(),
+            },
+            self.restarts.to_string(),
+            output::ago(now, output::from_unix_ms(self.created_unix_ms)),
+            truncate(&self.message, 50),
+        ]
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}

@@ -1,0 +1,865 @@
+//! The workload shell around the pure cores: it keeps jobs and allocations (persisted
+//! through the [`Store`]), runs the [`reconcile`] core and the
+//! [`scheduler`](novacron_common::scheduler) on a tick, applies their decisions,
+//! and publishes each node's desired set (level-triggered, numbered by generation)
+//! for the agent link to send.
+//!
+//! **Architecture Invariant:** decisions come only from `reconcile` and the
+//! scheduler; this module turns them into records and messages.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use novacron_common::fleet::NodeStatus;
+use novacron_common::manifest::{Job, JobType, parse_job};
+use novacron_common::reconcile::{
+    self, AllocView, FailureCounts, JobChange, JobView, PlaceRequest,
+};
+use novacron_common::scheduler;
+use novacron_common::wire::{AllocState, AllocationReport, AllocationSpec, DesiredAllocations};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::registry::{Registry, unix_ms};
+use crate::store::{AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, Store, StoreError};
+
+/// How often the reconciler runs without a wake-up.
+pub const TICK: Duration = Duration::from_millis(500);
+/// Terminal allocations kept per job for `alloc list` and `job status`.
+pub const KEEP_TERMINAL_PER_JOB: usize = 20;
+
+/// Errors of workload operations.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The manifest is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such job.
+    #[error("unknown job {0:?}; `novacron job list` shows the jobs")]
+    UnknownJob(String),
+    /// No such allocation.
+    #[error("unknown allocation {0:?}; `novacron alloc list` shows the allocations")]
+    UnknownAlloc(String),
+    /// Persisting failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult {
+    /// The job.
+    pub job: String,
+    /// The version now current.
+    pub version: u64,
+    /// `created`, `updated` or `unchanged`.
+    pub outcome: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Name.
+    pub name: String,
+    /// Type.
+    pub job_type: JobType,
+    /// Current version.
+    pub version: u64,
+    /// Last stable version.
+    pub stable_version: Option<u64>,
+    /// Replicas wanted.
+    pub replicas: u32,
+    /// Allocations running.
+    pub running: u32,
+    /// Allocations healthy.
+    pub healthy: u32,
+    /// Status word.
+    pub status: String,
+    /// Latest explanation.
+    pub message: String,
+    /// Submitted (Unix ms) and by whom.
+    pub submitted_at_unix_ms: u64,
+    /// Who submitted the current version.
+    pub submitted_by: String,
+}
+
+/// `job status`: the summary plus the allocations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobDetail {
+    /// The summary.
+    pub summary: JobSummary,
+    /// Allocations, newest first.
+    pub allocations: Vec<AllocRecord>,
+    /// The current manifest as submitted.
+    pub manifest: String,
+}
+
+#[derive(Debug)]
+struct JobEntry {
+    record: JobRecord,
+    parsed: BTreeMap<u64, Job>,
+}
+
+impl JobEntry {
+    fn current(&self) -> Option<&Job> {
+        self.parsed.get(&self.record.current)
+    }
+}
+
+#[derive(Debug)]
+struct NodeDesired {
+    generation: u64,
+    key: Vec<(String, u64)>,
+    tx: watch::Sender<Arc<DesiredAllocations>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: BTreeMap<String, JobEntry>,
+    allocs: BTreeMap<String, AllocRecord>,
+    failures: FailureCounts,
+    nodes: BTreeMap<String, NodeDesired>,
+    dirty_allocs: BTreeSet<String>,
+    dirty_jobs: BTreeSet<String>,
+    deleted_allocs: Vec<String>,
+}
+
+/// The workload manager.
+#[derive(Debug)]
+pub struct Workloads {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    wake: Notify,
+}
+
+impl Workloads {
+    /// Loads jobs and allocations from the store.
+    pub fn load(store: Arc<dyn Store>, registry: Arc<Registry>) -> Result<Workloads, StoreError> {
+        let mut state = State::default();
+        for record in store.jobs()? {
+            let mut parsed = BTreeMap::new();
+            for v in &record.versions {
+                match parse_job(&v.file, &v.source) {
+                    Ok(job) => {
+                        parsed.insert(v.version, job);
+                    }
+                    Err(e) => {
+                        warn!(job = %record.name, version = v.version, error = %e, "stored job version no longer parses")
+                    }
+                }
+            }
+            state
+                .jobs
+                .insert(record.name.clone(), JobEntry { record, parsed });
+        }
+        for a in store.allocations()? {
+            if a.state == AllocState::Failed {
+                *state
+                    .failures
+                    .entry((a.job.clone(), a.version))
+                    .or_default() += 1;
+            }
+            state.allocs.insert(a.id.clone(), a);
+        }
+        Ok(Workloads {
+            state: Mutex::new(state),
+            store,
+            registry,
+            wake: Notify::new(),
+        })
+    }
+
+    /// Validates and records a manifest; the reconciler acts on it at once.
+    pub fn apply(
+        &self,
+        file: &str,
+        text: &str,
+        by: &str,
+        now: SystemTime,
+    ) -> Result<ApplyResult, WorkloadError> {
+        let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
+        let hash = job.version_hash();
+        let mut st = self.lock();
+        let name = job.name.clone();
+        let outcome;
+        let version;
+        match st.jobs.get_mut(&name) {
+            Some(entry) => {
+                let same = entry
+                    .record
+                    .versions
+                    .iter()
+                    .find(|v| v.version == entry.record.current)
+                    .is_some_and(|v| v.spec_hash == hash);
+                if same && !entry.record.stopped {
+                    return Ok(ApplyResult {
+                        job: name,
+                        version: entry.record.current,
+                        outcome: "unchanged".into(),
+                    });
+                }
+                version = entry.record.versions.last().map_or(1, |v| v.version + 1);
+                push_version(entry, version, text, file, &hash, by, now, job);
+                entry.record.stopped = false;
+                entry.record.status = "running".into();
+                entry.record.message = format!("version {version} submitted by {by}");
+                outcome = "updated";
+            }
+            None => {
+                version = 1;
+                let mut entry = JobEntry {
+                    record: JobRecord {
+                        name: name.clone(),
+                        versions: vec![],
+                        current: 1,
+                        stable: None,
+                        stopped: false,
+                        status: "running".into(),
+                        message: format!("submitted by {by}"),
+                    },
+                    parsed: BTreeMap::new(),
+                };
+                push_version(&mut entry, version, text, file, &hash, by, now, job);
+                st.jobs.insert(name.clone(), entry);
+                outcome = "created";
+            }
+        }
+        st.dirty_jobs.insert(name.clone());
+        drop(st);
+        self.persist()?;
+        info!(job = %name, version, by, outcome, "job applied");
+        self.wake.notify_one();
+        Ok(ApplyResult {
+            job: name,
+            version,
+            outcome: outcome.into(),
+        })
+    }
+
+    /// Stops a job: all its allocations stop.
+    pub fn stop(&self, name: &str, by: &str) -> Result<(), WorkloadError> {
+        let mut st = self.lock();
+        let entry = st
+            .jobs
+            .get_mut(name)
+            .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+        entry.record.stopped = true;
+        entry.record.status = "stopped".into();
+        entry.record.message = format!("stopped by {by}");
+        st.dirty_jobs.insert(name.to_string());
+        drop(st);
+        self.persist()?;
+        info!(job = name, by, "job stopped");
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// All jobs.
+    pub fn jobs(&self) -> Vec<JobSummary> {
+        let st = self.lock();
+        st.jobs.values().map(|e| summary(e, &st.allocs)).collect()
+    }
+
+    /// One job with its allocations.
+    pub fn job(&self, name: &str) -> Result<JobDetail, WorkloadError> {
+        let st = self.lock();
+        let entry = st
+            .jobs
+            .get(name)
+            .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+        let mut allocations: Vec<AllocRecord> = st
+            .allocs
+            .values()
+            .filter(|a| a.job == name)
+            .cloned()
+            .collect();
+        allocations.sort_by(|a, b| {
+            b.created_unix_ms
+                .cmp(&a.created_unix_ms)
+                .then(a.id.cmp(&b.id))
+        });
+        let manifest = entry
+            .record
+            .versions
+            .iter()
+            .find(|v| v.version == entry.record.current)
+            .map(|v| v.source.clone())
+            .unwrap_or_default();
+        Ok(JobDetail {
+            summary: summary(entry, &st.allocs),
+            allocations,
+            manifest,
+        })
+    }
+
+    /// Allocations, optionally of one job or node.
+    pub fn allocations(&self, job: Option<&str>, node: Option<&str>) -> Vec<AllocRecord> {
+        let st = self.lock();
+        st.allocs
+            .values()
+            .filter(|a| job.is_none_or(|j| a.job == j) && node.is_none_or(|n| a.node == n))
+            .cloned()
+            .collect()
+    }
+
+    /// One allocation.
+    pub fn allocation(&self, id: &str) -> Result<AllocRecord, WorkloadError> {
+        self.lock()
+            .allocs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| WorkloadError::UnknownAlloc(id.to_string()))
+    }
+
+    /// The desired set of `node`, updated as it changes.
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<Arc<DesiredAllocations>> {
+        let mut st = self.lock();
+        let entry = st
+            .nodes
+            .entry(node.to_string())
+            .or_insert_with(|| NodeDesired {
+                generation: 0,
+                key: vec![],
+                tx: watch::channel(Arc::new(DesiredAllocations {
+                    generation: 0,
+                    allocations: vec![],
+                }))
+                .0,
+            });
+        let rx = entry.tx.subscribe();
+        drop(st);
+        // Make sure the first value is computed from the current allocations.
+        self.publish();
+        rx
+    }
+
+    /// Takes an agent's report of its allocations.
+    pub fn report(&self, node: &str, report: &AllocationReport, now: SystemTime) {
+        let now_ms = unix_ms(now);
+        let mut st = self.lock();
+        let mut changed = false;
+        let reported: BTreeSet<&str> = report.allocations.iter().map(|a| a.id.as_str()).collect();
+        let has_check: BTreeMap<String, bool> = st
+            .jobs
+            .values()
+            .flat_map(|e| {
+                e.parsed
+                    .iter()
+                    .map(move |(v, j)| (format!("{}@{v}", e.record.name), j.spec.health.is_some()))
+            })
+            .collect();
+        let State {
+            allocs,
+            failures,
+            dirty_allocs,
+            ..
+        } = &mut *st;
+        for status in &report.allocations {
+            let Some(a) = allocs.get_mut(&status.id) else {
+                continue;
+            };
+            if a.node != node || a.state == AllocState::Lost {
+                continue;
+            }
+            let before = (
+                a.state,
+                a.healthy,
+                a.restarts,
+                a.exit_code,
+                a.message.clone(),
+            );
+            if status.state == AllocState::Failed && a.state != AllocState::Failed {
+                *failures.entry((a.job.clone(), a.version)).or_default() += 1;
+            }
+            a.state = status.state;
+            a.healthy = status.healthy;
+            a.restarts = status.restarts;
+            a.exit_code = status.exit_code;
+            a.message = status.message.clone();
+            let checked = has_check
+                .get(&format!("{}@{}", a.job, a.version))
+                .copied()
+                .unwrap_or(false);
+            let good = a.state == AllocState::Running
+                && (a.healthy == Some(true) || (!checked && a.healthy.is_none()));
+            a.healthy_since_unix_ms = if good {
+                a.healthy_since_unix_ms.or(Some(now_ms))
+            } else {
+                None
+            };
+            if before
+                != (
+                    a.state,
+                    a.healthy,
+                    a.restarts,
+                    a.exit_code,
+                    a.message.clone(),
+                )
+            {
+                a.updated_unix_ms = now_ms;
+                dirty_allocs.insert(a.id.clone());
+                changed = true;
+            }
+        }
+        // Allocations the controller stopped and the agent no longer runs.
+        for a in allocs.values_mut() {
+            if a.node == node
+                && !a.desired_run
+                && !a.state.is_terminal()
+                && !reported.contains(a.id.as_str())
+            {
+                a.state = AllocState::Stopped;
+                a.updated_unix_ms = now_ms;
+                dirty_allocs.insert(a.id.clone());
+                changed = true;
+            }
+        }
+        drop(st);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Runs the reconcile loop until `cancel` fires.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.tick(Instant::now(), SystemTime::now()))
+                .await
+            {
+                Ok(Err(error)) => warn!(%error, "reconcile tick failed"),
+                Err(error) => warn!(%error, "reconcile task failed"),
+                Ok(Ok(())) => {}
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(TICK) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// One reconcile pass: decide, apply, persist, publish.
+    pub fn tick(&self, now: Instant, wall: SystemTime) -> Result<(), StoreError> {
+        let now_ms = unix_ms(wall);
+        let nodes = self.registry.views(now);
+        let mut st = self.lock();
+        let job_views: Vec<JobView> = st
+            .jobs
+            .values()
+            .filter_map(|e| {
+                let job = e.current()?;
+                Some(JobView {
+                    name: e.record.name.clone(),
+                    version: e.record.current,
+                    stable_version: e.record.stable,
+                    job_type: job.spec.job_type,
+                    replicas: job.spec.replicas,
+                    placement: job.spec.placement.clone(),
+                    update: job.spec.update.clone(),
+                    has_health_check: job.spec.health.is_some(),
+                    stopped: e.record.stopped || matches!(e.record.status.as_str(), "complete"),
+                })
+            })
+            .collect();
+        let alloc_views: Vec<AllocView> = st
+            .allocs
+            .values()
+            .map(|a| AllocView {
+                id: a.id.clone(),
+                job: a.job.clone(),
+                version: a.version,
+                node: a.node.clone(),
+                state: a.state,
+                desired_run: a.desired_run,
+                healthy: a.healthy,
+                healthy_since_ms: a.healthy_since_unix_ms,
+                created_ms: a.created_unix_ms,
+            })
+            .collect();
+        let node_views: Vec<reconcile::NodeView> = nodes
+            .iter()
+            .map(|n| reconcile::NodeView {
+                name: n.name.clone(),
+                status: n.status,
+                labels: n.labels.clone(),
+            })
+            .collect();
+        let plan =
+            reconcile::reconcile(&job_views, &alloc_views, &node_views, &st.failures, now_ms);
+
+        for id in &plan.lost {
+            if let Some(a) = st.allocs.get_mut(id) {
+                a.state = AllocState::Lost;
+                a.desired_run = false;
+                a.healthy_since_unix_ms = None;
+                a.message = format!("node {} is down", a.node);
+                a.updated_unix_ms = now_ms;
+                warn!(alloc = %id, node = %a.node, job = %a.job, "allocation lost");
+            }
+            st.dirty_allocs.insert(id.clone());
+        }
+        for (id, reason) in &plan.stop {
+            if let Some(a) = st.allocs.get_mut(id) {
+                a.desired_run = false;
+                a.message = reason.clone();
+                a.updated_unix_ms = now_ms;
+                info!(alloc = %id, job = %a.job, %reason, "stopping allocation");
+            }
+            st.dirty_allocs.insert(id.clone());
+        }
+        for change in &plan.jobs {
+            self.apply_job_change(&mut st, change, wall);
+        }
+        for req in &plan.place {
+            self.place(&mut st, req, &nodes, now_ms);
+        }
+        gc_terminal(&mut st);
+        drop(st);
+        self.persist()?;
+        self.publish();
+        Ok(())
+    }
+
+    fn apply_job_change(&self, st: &mut State, change: &JobChange, wall: SystemTime) {
+        match change {
+            JobChange::Stable { job, version } => {
+                if let Some(e) = st.jobs.get_mut(job) {
+                    e.record.stable = Some(*version);
+                    if e.record.status != "reverted" {
+                        e.record.status = "running".into();
+                    }
+                    info!(job = %job, version, "version rolled out healthy");
+                    st.dirty_jobs.insert(job.clone());
+                }
+            }
+            JobChange::Revert {
+                job,
+                failed,
+                to,
+                reason,
+            } => {
+                if let Some(e) = st.jobs.get_mut(job) {
+                    let Some(stable) = e.record.versions.iter().find(|v| v.version == *to).cloned()
+                    else {
+                        return;
+                    };
+                    let Some(parsed) = e.parsed.get(to).cloned() else {
+                        return;
+                    };
+                    let version = e.record.versions.last().map_or(1, |v| v.version + 1);
+                    push_version(
+                        e,
+                        version,
+                        &stable.source,
+                        &stable.file,
+                        &stable.spec_hash,
+                        "novacron (auto-revert)",
+                        wall,
+                        parsed,
+                    );
+                    e.record.stable = Some(version);
+                    e.record.status = "reverted".into();
+                    e.record.message = format!(
+                        "version {failed} failed ({reason}); reverted to version {to}'s spec as version {version}"
+                    );
+                    warn!(job = %job, failed, to, version, %reason, "rollout failed: auto-revert");
+                    st.dirty_jobs.insert(job.clone());
+                }
+            }
+            JobChange::Complete { job } => {
+                if let Some(e) = st.jobs.get_mut(job)
+                    && e.record.status != "complete"
+                {
+                    e.record.status = "complete".into();
+                    e.record.message = "every replica exited 0".into();
+                    info!(job = %job, "batch job complete");
+                    st.dirty_jobs.insert(job.clone());
+                }
+            }
+            JobChange::Failing {
+                job,
+                version,
+                reason,
+            } => {
+                if let Some(e) = st.jobs.get_mut(job)
+                    && e.record.status != "failing"
+                {
+                    e.record.status = "failing".into();
+                    e.record.message = reason.clone();
+                    warn!(job = %job, version, %reason, "job failing");
+                    st.dirty_jobs.insert(job.clone());
+                }
+            }
+        }
+    }
+
+    fn place(
+        &self,
+        st: &mut State,
+        req: &PlaceRequest,
+        nodes: &[novacron_common::api::NodeView],
+        now_ms: u64,
+    ) {
+        let Some(entry) = st.jobs.get(&req.job) else {
+            return;
+        };
+        let Some(job) = entry.parsed.get(&req.version).cloned() else {
+            return;
+        };
+        let snapshot_nodes: Vec<scheduler::NodeInfo> = nodes
+            .iter()
+            .map(|n| scheduler::NodeInfo {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+                capacity: n.capacity.clone(),
+                ready: n.status == NodeStatus::Ready,
+            })
+            .collect();
+        let existing: Vec<scheduler::Placed> = st
+            .allocs
+            .values()
+            .filter(|a| a.desired_run && !a.state.is_terminal())
+            .map(|a| scheduler::Placed {
+                alloc_id: a.id.clone(),
+                job: a.job.clone(),
+                node: a.node.clone(),
+                cpu_millis: a.cpu_millis,
+                memory_bytes: a.memory_bytes,
+                gpu_uuids: a.gpu_uuids.clone(),
+                priority: a.priority,
+            })
+            .collect();
+        let mut request = scheduler::Request::from_spec(&job.name, &job.spec, req.count);
+        request.node = req.node.clone();
+        let snapshot = match scheduler::Snapshot::new(snapshot_nodes, existing) {
+            Ok(s) => s,
+            Err(error) => {
+                warn!(job = %req.job, %error, "inconsistent scheduling snapshot; retrying next tick");
+                return;
+            }
+        };
+        let outcome = scheduler::schedule(&snapshot, &request);
+        for victim in &outcome.preemptions {
+            if let Some(a) = st.allocs.get_mut(victim) {
+                a.desired_run = false;
+                a.message = format!(
+                    "preempted by job {} (priority {})",
+                    req.job, job.spec.priority
+                );
+                a.updated_unix_ms = now_ms;
+                warn!(alloc = %victim, by = %req.job, "preempted");
+            }
+            st.dirty_allocs.insert(victim.clone());
+        }
+        let task = job.task_spec();
+        for p in &outcome.assignments {
+            let id = format!(
+                "{}-{:012x}",
+                req.job,
+                rand::random::<u64>() & 0xffff_ffff_ffff
+            );
+            let record = AllocRecord {
+                id: id.clone(),
+                job: req.job.clone(),
+                version: req.version,
+                node: p.node.clone(),
+                desired_run: true,
+                state: AllocState::Pending,
+                healthy: None,
+                healthy_since_unix_ms: None,
+                created_unix_ms: now_ms,
+                updated_unix_ms: now_ms,
+                restarts: 0,
+                exit_code: None,
+                message: format!("placed on {}", p.node),
+                cpu_millis: task.cpu_millis,
+                memory_bytes: task.memory_bytes,
+                gpu_uuids: p.gpu_uuids.clone(),
+                priority: job.spec.priority,
+            };
+            info!(alloc = %id, job = %req.job, node = %p.node, "placed");
+            st.allocs.insert(id.clone(), record);
+            st.dirty_allocs.insert(id);
+        }
+        if let Some(e) = st.jobs.get_mut(&req.job) {
+            let message = if outcome.unplaced > 0 {
+                format!(
+                    "{} of {} replicas could not be placed: {}",
+                    outcome.unplaced, req.count, outcome.explanation
+                )
+            } else {
+                String::new()
+            };
+            if outcome.unplaced > 0 && e.record.message != message {
+                warn!(job = %req.job, unplaced = outcome.unplaced, explanation = %outcome.explanation, "cannot place");
+                e.record.message = message;
+                e.record.status = "blocked".into();
+                st.dirty_jobs.insert(req.job.clone());
+            } else if outcome.unplaced == 0 && e.record.status == "blocked" {
+                e.record.status = "running".into();
+                e.record.message = String::new();
+                st.dirty_jobs.insert(req.job.clone());
+            }
+        }
+    }
+
+    fn persist(&self) -> Result<(), StoreError> {
+        let (jobs, allocs, deleted) = {
+            let mut st = self.lock();
+            let jobs: Vec<JobRecord> = std::mem::take(&mut st.dirty_jobs)
+                .into_iter()
+                .filter_map(|n| st.jobs.get(&n).map(|e| e.record.clone()))
+                .collect();
+            let allocs: Vec<AllocRecord> = std::mem::take(&mut st.dirty_allocs)
+                .into_iter()
+                .filter_map(|id| st.allocs.get(&id).cloned())
+                .collect();
+            (jobs, allocs, std::mem::take(&mut st.deleted_allocs))
+        };
+        for j in &jobs {
+            self.store.put_job(j)?;
+        }
+        if !allocs.is_empty() || !deleted.is_empty() {
+            self.store.save_allocations(&allocs, &deleted)?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes every node's desired set and sends those that changed.
+    fn publish(&self) {
+        let mut st = self.lock();
+        let mut per_node: BTreeMap<String, Vec<AllocationSpec>> = BTreeMap::new();
+        for a in st
+            .allocs
+            .values()
+            .filter(|a| a.desired_run && !a.state.is_terminal())
+        {
+            let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
+                continue;
+            };
+            let mut task = job.task_spec();
+            task.gpu_uuids = a.gpu_uuids.clone();
+            per_node
+                .entry(a.node.clone())
+                .or_default()
+                .push(AllocationSpec {
+                    id: a.id.clone(),
+                    job: a.job.clone(),
+                    job_version: a.version,
+                    task,
+                });
+        }
+        for (name, desired) in st.nodes.iter_mut() {
+            let specs = per_node.remove(name).unwrap_or_default();
+            let key: Vec<(String, u64)> = specs
+                .iter()
+                .map(|s| (s.id.clone(), s.job_version))
+                .collect();
+            if key == desired.key && desired.generation > 0 {
+                continue;
+            }
+            desired.generation += 1;
+            desired.key = key;
+            let _ = desired.tx.send(Arc::new(DesiredAllocations {
+                generation: desired.generation,
+                allocations: specs,
+            }));
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation leaves the state consistent at each statement.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_version(
+    entry: &mut JobEntry,
+    version: u64,
+    source: &str,
+    file: &str,
+    hash: &str,
+    by: &str,
+    now: SystemTime,
+    job: Job,
+) {
+    entry.record.versions.push(JobVersion {
+        version,
+        source: source.to_string(),
+        file: file.to_string(),
+        spec_hash: hash.to_string(),
+        submitted_at_unix_ms: unix_ms(now),
+        by: by.to_string(),
+    });
+    entry.parsed.insert(version, job);
+    entry.record.current = version;
+    while entry.record.versions.len() > MAX_JOB_VERSIONS {
+        let old = entry.record.versions.remove(0);
+        entry.parsed.remove(&old.version);
+    }
+}
+
+fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
+    let mine = allocs
+        .values()
+        .filter(|a| a.job == e.record.name && a.desired_run);
+    let (mut running, mut healthy) = (0, 0);
+    for a in mine {
+        if a.state == AllocState::Running {
+            running += 1;
+            if a.healthy_since_unix_ms.is_some() {
+                healthy += 1;
+            }
+        }
+    }
+    let current = e
+        .record
+        .versions
+        .iter()
+        .find(|v| v.version == e.record.current);
+    JobSummary {
+        name: e.record.name.clone(),
+        job_type: e.current().map(|j| j.spec.job_type).unwrap_or_default(),
+        version: e.record.current,
+        stable_version: e.record.stable,
+        replicas: e.current().map_or(0, |j| j.spec.replicas),
+        running,
+        healthy,
+        status: e.record.status.clone(),
+        message: e.record.message.clone(),
+        submitted_at_unix_ms: current.map_or(0, |v| v.submitted_at_unix_ms),
+        submitted_by: current.map(|v| v.by.clone()).unwrap_or_default(),
+    }
+}
+
+/// Drops the oldest terminal allocations beyond [`KEEP_TERMINAL_PER_JOB`] per job.
+fn gc_terminal(st: &mut State) {
+    let mut per_job: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for a in st
+        .allocs
+        .values()
+        .filter(|a| a.state.is_terminal() && !a.desired_run)
+    {
+        per_job
+            .entry(a.job.clone())
+            .or_default()
+            .push((a.updated_unix_ms, a.id.clone()));
+    }
+    for (_, mut list) in per_job {
+        if list.len() <= KEEP_TERMINAL_PER_JOB {
+            continue;
+        }
+        list.sort();
+        for (_, id) in list.iter().take(list.len() - KEEP_TERMINAL_PER_JOB) {
+            st.allocs.remove(id);
+            st.dirty_allocs.remove(id);
+            st.deleted_allocs.push(id.clone());
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Workloads end to end: a controller and two agents on loopback running containers
+//! through the real Docker daemon.
+//!
+//! Both agents share this machine's daemon; each manages only the containers
+//! labelled with its own node name.
+
+use std::time::{Duration, Instant};
+
+use novacron_common::wire::AllocState;
+use novacron_controller::store::AllocRecord;
+use novacron_tests::{Agent, Controller, TEST_IMAGE, docker, ensure_test_image, wait_for};
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    controller: Controller,
+    agents: Vec<Agent>,
+}
+
+async fn fleet(agents: usize) -> Fleet {
+    ensure_test_image().expect("test image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-wl-")
+        .tempdir()
+        .expect("tempdir");
+    let controller = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let mut list = Vec::new();
+    for i in 0..agents {
+        let name = format!("w{}-{}", std::process::id(), i);
+        let zone = format!("zone={}", ["a", "b"][i % 2]);
+        list.push(
+            Agent::join_and_run(dir.path(), &controller, &name, &["--label", &zone])
+                .await
+                .expect("agent"),
+        );
+    }
+    for a in &list {
+        wait_for(Duration::from_secs(20), "agents ready", || async {
+            matches!(controller.node(&a.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
+        })
+        .await
+        .expect("ready");
+    }
+    Fleet {
+        _dir: dir,
+        controller,
+        agents: list,
+    }
+}
+
+fn service(name: &str, replicas: u32, extra: &str) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: {replicas}
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'echo started $NOVACRON_TEST; while true; do sleep 1; done']
+    env:
+      NOVACRON_TEST: hello
+  resources:
+    cpu: 100m
+    memory: 32Mi
+{extra}"
+    )
+}
+
+async fn running(c: &Controller, job: &str) -> Vec<AllocRecord> {
+    c.job(job)
+        .await
+        .map(|d| {
+            d.allocations
+                .into_iter()
+                .filter(|a| a.desired_run && a.state == AllocState::Running)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn container_of(alloc: &str) -> String {
+    docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=novacron.alloc={alloc}"),
+    ])
+    .expect("docker ps")
+}
+
+/// Removes every container this test's job left (also when the test fails).
+struct Cleanup(String);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(ids) = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=novacron.job={}", self.0),
+        ]) {
+            for id in ids.lines() {
+                let _ = docker(&["rm", "-f", id]);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_service_runs_with_limits_restarts_and_moves_when_its_node_dies() {
+    let mut f = fleet(2).await;
+    let job = format!("web-{}", std::process::id());
+    let _cleanup = Cleanup(job.clone());
+    f.controller
+        .apply(
+            "web.yaml",
+            &service(&job, 3, "  placement:\n    spread:\n      - key: zone\n"),
+        )
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "3 running replicas", || async {
+        running(&f.controller, &job).await.len() == 3
+    })
+    .await
+    .expect("running");
+    let allocs = running(&f.controller, &job).await;
+    let nodes: std::collections::BTreeSet<&str> = allocs.iter().map(|a| a.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "spread across both zones: {allocs:?}");
+
+    // Requested limits and env reach Docker.
+    let id = container_of(&allocs[0].id);
+    let limits = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+        &id,
+    ])
+    .expect("inspect");
+    assert_eq!(limits, format!("{} {}", 100_000_000u64, 32u64 << 20));
+
+    // A killed container restarts per its policy.
+    docker(&["kill", &id]).expect("kill");
+    let target = allocs[0].id.clone();
+    wait_for(
+        Duration::from_secs(20),
+        "the killed container restarted",
+        || async {
+            running(&f.controller, &job)
+                .await
+                .iter()
+                .any(|a| a.id == target && a.restarts >= 1)
+        },
+    )
+    .await
+    .expect("restarted");
+
+    // Kill an agent: its allocations are replaced on the other one.
+    let victim = f.agents[0].name.clone();
+    f.agents[0].kill().await;
+    let killed = Instant::now();
+    wait_for(
+        Duration::from_secs(15),
+        "replacements on the surviving node",
+        || async {
+            let r = running(&f.controller, &job).await;
+            r.len() == 3 && r.iter().all(|a| a.node != victim)
+        },
+    )
+    .await
+    .expect("moved");
+    eprintln!(
+        "replacements running {:?} after the agent kill",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_its_containers() {
+    let mut f = fleet(1).await;
+    let job = format!("adopt-{}", std::process::id());
+    let _cleanup = Cleanup(job.clone());
+    f.controller
+        .apply("adopt.yaml", &service(&job, 2, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "2 running", || async {
+        running(&f.controller, &job).await.len() == 2
+    })
+    .await
+    .expect("running");
+    let before: Vec<(String, String)> = running(&f.controller, &job)
+        .await
+        .iter()
+        .map(|a| (a.id.clone(), container_of(&a.id)))
+        .collect();
+    let started = |c: &str| docker(&["inspect", "-f", "{{.State.StartedAt}}", c]).expect("inspect");
+    let starts: Vec<String> = before.iter().map(|(_, c)| started(c)).collect();
+    f.agents[0].kill().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.agents[0].start().expect("restart agent");
+    wait_for(Duration::from_secs(20), "the agent back", || async {
+        matches!(f.controller.node(&f.agents[0].name).await, Ok(Some(v)) if v.status.to_string() == "ready")
+    })
+    .await
+    .expect("back");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<(String, String)> = running(&f.controller, &job)
+        .await
+        .iter()
+        .map(|a| (a.id.clone(), container_of(&a.id)))
+        .collect();
+    let mut b = before.clone();
+    b.sort();
+    let mut a = after.clone();
+    a.sort();
+    assert_eq!(a, b, "same allocations, same containers");
+    let starts_after: Vec<String> = before.iter().map(|(_, c)| started(c)).collect();
+    assert_eq!(starts, starts_after, "containers were not restarted");
+}
+
+#[tokio::test]
+async fn an_unplaceable_job_says_why() {
+    let f = fleet(1).await;
+    let job = format!("huge-{}", std::process::id());
+    let manifest = service(&job, 1, "").replace("memory: 32Mi", "memory: 4000Gi");
+    f.controller
+        .apply("huge.yaml", &manifest)
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(10), "an explanation", || async {
+        f.controller
+            .job(&job)
+            .await
+            .is_ok_and(|d| d.summary.status == "blocked" && d.summary.message.contains("memory"))
+    })
+    .await
+    .expect("explained");
+    let d = f.controller.job(&job).await.expect("job");
+    eprintln!("{}", d.summary.message);
+    assert!(
+        d.summary
+            .message
+            .contains("1 of 1 replicas could not be placed"),
+        "{}",
+        d.summary.message
+    );
+}
+
+#[tokio::test]
+async fn a_missing_image_fails_the_allocation_clearly() {
+    let f = fleet(1).await;
+    let job = format!("noimage-{}", std::process::id());
+    let _cleanup = Cleanup(job.clone());
+    let manifest = service(&job, 1, "").replace(TEST_IMAGE, "novacron-test/does-not-exist:1");
+    f.controller
+        .apply("noimage.yaml", &manifest)
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(20), "a failed allocation", || async {
+        f.controller.job(&job).await.is_ok_and(|d| {
+            d.allocations
+                .iter()
+                .any(|a| a.state == AllocState::Failed && a.message.contains("does-not-exist"))
+        })
+    })
+    .await
+    .expect("failed clearly");
+}
+
+#[tokio::test]
+async fn a_rolling_update_that_fails_its_health_check_reverts() {
+    let f = fleet(1).await;
+    let job = format!("roll-{}", std::process::id());
+    let _cleanup = Cleanup(job.clone());
+    let health = |port: u16| {
+        format!(
+            "  health:
+    tcp:
+      port: {port}
+    interval: 1s
+    timeout: 500ms
+    retries: 1
+  update:
+    maxParallel: 1
+    minHealthyTime: 1s
+    healthyDeadline: 6s
+    autoRevert: true
+"
+        )
+    };
+    let v1 = service(&job, 2, &health(8080)).replace(
+        "'echo started $NOVACRON_TEST; while true; do sleep 1; done'",
+        "'httpd -f -p 8080'",
+    );
+    f.controller
+        .apply("roll.yaml", &v1)
+        .await
+        .expect("apply v1");
+    wait_for(Duration::from_secs(40), "v1 stable", || async {
+        f.controller
+            .job(&job)
+            .await
+            .is_ok_and(|d| d.summary.stable_version == Some(1) && d.summary.healthy == 2)
+    })
+    .await
+    .expect("v1 healthy");
+    // Version 2 checks a port nothing listens on.
+    let v2 = v1.replace("port: 8080", "port: 9999");
+    f.controller
+        .apply("roll.yaml", &v2)
+        .await
+        .expect("apply v2");
+    wait_for(Duration::from_secs(60), "auto-revert", || async {
+        f.controller
+            .job(&job)
+            .await
+            .is_ok_and(|d| d.summary.status == "reverted")
+    })
+    .await
+    .expect("reverted");
+    wait_for(
+        Duration::from_secs(40),
+        "the reverted version healthy",
+        || async {
+            f.controller.job(&job).await.is_ok_and(|d| {
+                d.summary.version == 3 && d.summary.healthy == 2 && d.summary.running == 2
+            })
+        },
+    )
+    .await
+    .expect("healthy again");
+    let d = f.controller.job(&job).await.expect("job");
+    assert!(
+        d.summary.message.contains("version 2 failed"),
+        "{}",
+        d.summary.message
+    );
+}
