@@ -183,11 +183,11 @@ mod support {
         }
 
         /// Applies the next generation with `allocs`.
-        pub fn apply(&mut self, allocs: &[AllocationSpec]) {
+        pub fn apply(&mut self, allocs: Vec<AllocationSpec>) {
             self.generation += 1;
             assert!(self.supervisor.apply(DesiredAllocations {
                 generation: self.generation,
-                allocations: allocs.to_vec(),
+                allocations: allocs,
             }));
         }
 
@@ -297,8 +297,10 @@ mod support {
     impl Drop for Cleanup {
         fn drop(&mut self) {
             let node = self.node.clone();
-            let containers = std::mem::take(&mut *self.containers.lock().unwrap_or_else(|p| p.into_inner()));
-            let volumes = std::mem::take(&mut *self.volumes.lock().unwrap_or_else(|p| p.into_inner()));
+            let containers =
+                std::mem::take(&mut *self.containers.lock().unwrap_or_else(|p| p.into_inner()));
+            let volumes =
+                std::mem::take(&mut *self.volumes.lock().unwrap_or_else(|p| p.into_inner()));
             // Drop cannot await, and may run on the test's runtime thread: clean up on a
             // thread of our own with its own runtime.
             let cleaner = std::thread::spawn(move || {
@@ -322,19 +324,31 @@ mod support {
         let Ok(docker) = runtime.client().await else {
             return;
         };
-        let force = || RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        let force = || {
+            RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build()
+        };
         let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={node}")])]);
         let deadline = Instant::now() + Duration::from_secs(2);
         // Twice: a create the supervisor had in flight may land after the first pass.
         for pass in 0..2 {
             if pass > 0 {
-                tokio::time::sleep_until((deadline.min(Instant::now() + Duration::from_millis(300))).into()).await;
+                tokio::time::sleep_until(
+                    (deadline.min(Instant::now() + Duration::from_millis(300))).into(),
+                )
+                .await;
             }
             let options = ListContainersOptionsBuilder::default()
                 .all(true)
                 .filters(&filters)
                 .build();
-            for c in docker.list_containers(Some(options)).await.unwrap_or_default() {
+            for c in docker
+                .list_containers(Some(options))
+                .await
+                .unwrap_or_default()
+            {
                 if let Some(id) = c.id {
                     let _ = docker.remove_container(&id, Some(force())).await;
                 }
@@ -345,7 +359,10 @@ mod support {
         }
         for volume in volumes {
             let _ = docker
-                .remove_volume(&volume, Some(RemoveVolumeOptionsBuilder::default().force(true).build()))
+                .remove_volume(
+                    &volume,
+                    Some(RemoveVolumeOptionsBuilder::default().force(true).build()),
+                )
                 .await;
         }
     }
@@ -372,7 +389,10 @@ mod runtime {
 
     async fn kill(h: &Harness, container: &str) {
         h.docker
-            .kill_container(container, Some(KillContainerOptionsBuilder::default().build()))
+            .kill_container(
+                container,
+                Some(KillContainerOptionsBuilder::default().build()),
+            )
             .await
             .expect("docker kill");
     }
@@ -387,14 +407,18 @@ mod runtime {
         let mut b = h.alloc("b", "sleep 300", 1);
         b.task.cpu_millis = 1500;
         b.task.memory_bytes = 32 << 20;
-        h.apply(&[a.clone(), b.clone()]);
+        h.apply(vec![a.clone(), b.clone()]);
         for (alloc, nano, memory) in [(&a, 250_000_000, 64 << 20), (&b, 1_500_000_000, 32 << 20)] {
             let s = h
                 .until_alloc(&alloc.id, "running", |s| s.state == AllocState::Running)
                 .await;
             assert!(s.started_at_unix_ms.is_some());
             let id = s.container_id.expect("container id");
-            let inspect = h.docker.inspect_container(&id, None).await.expect("inspect");
+            let inspect = h
+                .docker
+                .inspect_container(&id, None)
+                .await
+                .expect("inspect");
             assert_eq!(
                 inspect.name.as_deref(),
                 Some(format!("/{}", container_name(&alloc.job, &alloc.id)).as_str())
@@ -425,7 +449,7 @@ mod runtime {
     async fn killed_container_is_restarted_then_fails_past_attempts() {
         let mut h = Harness::new("kill").await;
         let a = h.alloc("a", "sleep 300", 1);
-        h.apply(&[a.clone()]);
+        h.apply(vec![a.clone()]);
         let first = h
             .until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
             .await;
@@ -436,7 +460,10 @@ mod runtime {
                 s.restarts == 1 && s.state == AllocState::Running
             })
             .await;
-        assert_eq!(second.container_id, first.container_id, "the same container, started again");
+        assert_eq!(
+            second.container_id, first.container_id,
+            "the same container, started again"
+        );
         assert_ne!(second.started_at_unix_ms, first.started_at_unix_ms);
         assert_eq!(second.exit_code, Some(137));
 
@@ -452,8 +479,9 @@ mod runtime {
     #[tokio::test]
     async fn batch_exit_zero_completes_without_restart() {
         let mut h = Harness::new("exit0").await;
-        let a = h.alloc("a", "exit 0", 3);
-        h.apply(&[a.clone()]);
+        let mut a = h.alloc("a", "exit 0", 3);
+        a.task.batch = true;
+        h.apply(vec![a.clone()]);
         let done = h
             .until_alloc(&a.id, "complete", |s| s.state == AllocState::Complete)
             .await;
@@ -465,16 +493,57 @@ mod runtime {
     }
 
     #[tokio::test]
+    async fn a_service_exiting_zero_is_restarted_then_fails() {
+        let mut h = Harness::new("svc0").await;
+        let a = h.alloc("a", "exit 0", 1);
+        h.apply(vec![a.clone()]);
+        let failed = h
+            .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
+            .await;
+        assert_eq!(failed.exit_code, Some(0));
+        assert_eq!(failed.restarts, 1);
+    }
+
+    #[tokio::test]
     async fn exit_three_restarts_then_fails_with_its_code() {
         let mut h = Harness::new("exit3").await;
-        let a = h.alloc("a", "exit 3", 1);
-        h.apply(&[a.clone()]);
+        let mut a = h.alloc("a", "exit 3", 1);
+        a.task.batch = true;
+        h.apply(vec![a.clone()]);
         let failed = h
             .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
             .await;
         assert_eq!(failed.exit_code, Some(3));
         assert_eq!(failed.restarts, 1);
-        assert!(failed.message.contains("exited with code 3"), "{}", failed.message);
+        assert!(
+            failed.message.contains("exited with code 3"),
+            "{}",
+            failed.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_that_cannot_start_fails_with_the_runtime_error() {
+        let mut h = Harness::new("nocmd").await;
+        let mut a = h.alloc("a", "", 1);
+        a.task.command = vec!["/no/such/binary".into()];
+        a.task.args.clear();
+        h.apply(vec![a.clone()]);
+        let failed = h
+            .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
+            .await;
+        assert_eq!(failed.restarts, 1, "{}", failed.message);
+        assert!(
+            failed.message.contains("could not restart")
+                && failed.message.contains("/no/such/binary"),
+            "{}",
+            failed.message
+        );
+        assert_eq!(
+            h.containers().await.len(),
+            1,
+            "one container, started twice"
+        );
     }
 
     #[tokio::test]
@@ -482,7 +551,7 @@ mod runtime {
         let mut h = Harness::new("noimage").await;
         let mut a = h.alloc("a", "true", 5);
         a.task.image = "busybox:nope".into();
-        h.apply(&[a.clone()]);
+        h.apply(vec![a.clone()]);
         let failed = h
             .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
             .await;
@@ -505,7 +574,7 @@ mod runtime {
         let mut h = Harness::new("adopt").await;
         let a = h.alloc("a", "sleep 300", 1);
         let b = h.alloc("b", "sleep 300", 1);
-        h.apply(&[a.clone(), b.clone()]);
+        h.apply(vec![a.clone(), b.clone()]);
         let mut before = Vec::new();
         for alloc in [&a, &b] {
             before.push(
@@ -533,7 +602,7 @@ mod runtime {
             .await
             .expect("docker");
         h.restart_supervisor(runtime);
-        h.apply(&[a.clone(), b.clone()]);
+        h.apply(vec![a.clone(), b.clone()]);
         for (alloc, old) in [&a, &b].into_iter().zip(&before) {
             let s = h
                 .until_alloc(&alloc.id, "adopted", |s| s.state == AllocState::Running)
@@ -593,7 +662,7 @@ mod runtime {
         .await;
 
         let a = h.alloc("a", "sleep 300", 1);
-        h.apply(&[a.clone()]);
+        h.apply(vec![a.clone()]);
         h.until("the orphan gone and the allocation running", |r| {
             r.allocations.len() == 1 && r.allocations[0].state == AllocState::Running
         })
@@ -616,23 +685,26 @@ mod runtime {
     async fn a_new_spec_replaces_the_container_and_removal_stops_it() {
         let mut h = Harness::new("respec").await;
         let a = h.alloc("a", "sleep 300", 1);
-        h.apply(&[a.clone()]);
+        h.apply(vec![a.clone()]);
         let first = h
             .until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
             .await;
         let mut b = a.clone();
         b.task.env.insert("V".into(), "2".into());
-        h.apply(&[b.clone()]);
+        h.apply(vec![b.clone()]);
         let second = h
             .until_alloc(&a.id, "replaced", |s| {
                 s.state == AllocState::Running && s.container_id != first.container_id
             })
             .await;
         let old = first.container_id.expect("id");
-        assert!(h.docker.inspect_container(&old, None).await.is_err(), "old one removed");
+        assert!(
+            h.docker.inspect_container(&old, None).await.is_err(),
+            "old one removed"
+        );
         assert_eq!(h.containers().await.len(), 1);
 
-        h.apply(&[]);
+        h.apply(vec![]);
         h.until("the allocation gone", |r| r.allocations.is_empty())
             .await;
         let new = second.container_id.expect("id");
@@ -659,7 +731,7 @@ mod runtime {
                 read_only: true,
             },
         ];
-        h.apply(&[a.clone()]);
+        h.apply(vec![a.clone()]);
         let s = h
             .until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
             .await;
@@ -674,12 +746,19 @@ mod runtime {
         let filters = HashMap::from([("name", vec![volume.clone()])]);
         let volumes = h
             .docker
-            .list_volumes(Some(ListVolumesOptionsBuilder::default().filters(&filters).build()))
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
             .await
             .expect("volumes")
             .volumes
             .unwrap_or_default();
-        let created = volumes.iter().find(|v| v.name == volume).expect("volume created");
+        let created = volumes
+            .iter()
+            .find(|v| v.name == volume)
+            .expect("volume created");
         assert_eq!(
             created.labels.get(LABEL_MANAGED).map(String::as_str),
             Some("true")
@@ -716,8 +795,18 @@ mod runtime {
         exec_bad.task.health = check(HealthCheckKind::Exec {
             command: vec!["false".into()],
         });
-        h.apply(&[web.clone(), closed.clone(), exec_ok.clone(), exec_bad.clone()]);
-        for (alloc, healthy) in [(&web, true), (&closed, false), (&exec_ok, true), (&exec_bad, false)] {
+        h.apply(vec![
+            web.clone(),
+            closed.clone(),
+            exec_ok.clone(),
+            exec_bad.clone(),
+        ]);
+        for (alloc, healthy) in [
+            (&web, true),
+            (&closed, false),
+            (&exec_ok, true),
+            (&exec_bad, false),
+        ] {
             let s = h
                 .until_alloc(&alloc.id, "a health verdict", |s| s.healthy.is_some())
                 .await;
@@ -735,7 +824,7 @@ mod runtime {
             "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.2; done",
             1,
         );
-        h.apply(&[hello.clone(), ticker.clone()]);
+        h.apply(vec![hello.clone(), ticker.clone()]);
         for alloc in [&hello, &ticker] {
             h.until_alloc(&alloc.id, "running", |s| s.state == AllocState::Running)
                 .await;
@@ -749,21 +838,42 @@ mod runtime {
         // The output may lag the start by a moment.
         let mut chunks: Vec<LogChunk> = Vec::new();
         for _ in 0..50 {
-            chunks = h.supervisor.logs(request(&hello.id, false, 0)).collect().await;
+            chunks = h
+                .supervisor
+                .logs(request(&hello.id, false, 0))
+                .collect()
+                .await;
             if chunks.iter().any(|c| c.stderr) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let stdout: Vec<u8> = chunks.iter().filter(|c| !c.stderr).flat_map(|c| c.data.clone()).collect();
-        let stderr: Vec<u8> = chunks.iter().filter(|c| c.stderr).flat_map(|c| c.data.clone()).collect();
+        let stdout: Vec<u8> = chunks
+            .iter()
+            .filter(|c| !c.stderr)
+            .flat_map(|c| c.data.clone())
+            .collect();
+        let stderr: Vec<u8> = chunks
+            .iter()
+            .filter(|c| c.stderr)
+            .flat_map(|c| c.data.clone())
+            .collect();
         assert_eq!(stdout, b"hello\n");
         assert_eq!(stderr, b"oops\n");
         assert_eq!(chunks.last().and_then(|c| c.end.clone()), Some(Ok(())));
 
-        let tail: Vec<LogChunk> = h.supervisor.logs(request(&ticker.id, false, 1)).collect().await;
+        let tail: Vec<LogChunk> = h
+            .supervisor
+            .logs(request(&ticker.id, false, 1))
+            .collect()
+            .await;
         let text: Vec<u8> = tail.iter().flat_map(|c| c.data.clone()).collect();
-        assert_eq!(text.iter().filter(|b| **b == b'\n').count(), 1, "tail 1: {:?}", String::from_utf8_lossy(&text));
+        assert_eq!(
+            text.iter().filter(|b| **b == b'\n').count(),
+            1,
+            "tail 1: {:?}",
+            String::from_utf8_lossy(&text)
+        );
 
         // Follow: lines that did not exist when the stream opened arrive on it.
         let mut follow = Box::pin(h.supervisor.logs(request(&ticker.id, true, 1)));
@@ -797,7 +907,7 @@ mod runtime {
         let mut a = h.alloc("a", "while true; do :; done", 1);
         a.task.memory_bytes = 64 << 20;
         a.task.cpu_millis = 500;
-        h.apply(&[a.clone()]);
+        h.apply(vec![a.clone()]);
         h.until_alloc(&a.id, "running", |s| s.state == AllocState::Running)
             .await;
         let first = h.supervisor.usage().await;

@@ -638,7 +638,12 @@ mod tests {
             alloc("b1", "train", 1, "n1", AllocState::Complete),
             alloc("b2", "train", 1, "n1", AllocState::Failed),
         ];
-        let plan = run(&[j.clone()], &allocs, &[node("n1", NodeStatus::Ready)], 0);
+        let plan = run(
+            std::slice::from_ref(&j),
+            &allocs,
+            &[node("n1", NodeStatus::Ready)],
+            0,
+        );
         assert_eq!(plan.place[0].count, 1);
         let done = [
             alloc("b1", "train", 1, "n1", AllocState::Complete),

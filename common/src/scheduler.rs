@@ -1443,16 +1443,6 @@ impl Scorer for ResourceScorer {
         } else {
             sum / f64::from(dims)
         };
-        let variant = std::env::var("VAR").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-        let fc = 1.0 - (cap.cpu_millis.saturating_sub(node.free_cpu_millis) + req.resources.cpu.0).min(cap.cpu_millis) as f64 / cap.cpu_millis.max(1) as f64;
-        let fm = 1.0 - (cap.memory_bytes.saturating_sub(node.free_memory_bytes) + req.resources.memory.0).min(cap.memory_bytes) as f64 / cap.memory_bytes.max(1) as f64;
-        let packed = match variant {
-            1 => (20.0 - (10f64.powf(fc) + 10f64.powf(fm))) / 18.0,
-            2 => 1.0 - fc.max(fm),
-            3 => 1.0 - (fc * fc + fm * fm).sqrt() / 2f64.sqrt(),
-            4 => 1.0 - fc.min(fm),
-            _ => packed,
-        };
         match req.placement.strategy {
             Strategy::Binpack => packed,
             Strategy::Spread => 1.0 - packed,

@@ -498,10 +498,10 @@ async fn allocation_logs(
             }
         },
     );
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "text/plain; charset=utf-8")
         .body(axum::body::Body::from_stream(stream))
-        .map_err(internal)?)
+        .map_err(internal)
 }
 
 fn workload_problem(e: WorkloadError) -> Problem {

@@ -497,3 +497,28 @@ impl Controller {
             .await?)
     }
 }
+
+impl Controller {
+    /// Runs the `novacron` CLI against this controller with the admin certificate
+    /// (a context file is written next to the data directory).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let config = self.data_dir.with_file_name("cli-config.toml");
+        if !config.exists() {
+            let pki = self.data_dir.join("pki");
+            let text = format!(
+                "current = \"test\"\n\n[contexts.test]\napi = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                self.api(),
+                pki.join("ca.pem").display(),
+                pki.join("admin.pem").display(),
+                pki.join("admin-key.pem").display()
+            );
+            std::fs::write(&config, text).expect("write the CLI context");
+        }
+        std::process::Command::new(bin("novacron"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("novacron runs")
+    }
+}

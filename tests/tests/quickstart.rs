@@ -39,11 +39,13 @@ async fn novacron_dev_serves_a_fleet_that_the_cli_can_list() {
         .expect("novacron dev starts");
     let mut lines = BufReader::new(dev.stdout.take().expect("stdout")).lines();
     let mut seen = String::new();
-    let up = tokio::time::timeout(Duration::from_secs(60), async {
+    let up = tokio::time::timeout(Duration::from_secs(90), async {
         while let Ok(Some(line)) = lines.next_line().await {
             seen.push_str(&line);
             seen.push('\n');
-            if line.starts_with("dev-1 ready") {
+            // The demo job: two replicas on the local agents, healthy.
+            if line.starts_with("dev-1 ready") && line.contains("job hello: 2/2 running, 2 healthy")
+            {
                 return true;
             }
         }
@@ -118,5 +120,11 @@ async fn novacron_dev_serves_a_fleet_that_the_cli_can_list() {
         Some(69),
         "controller gone: {}",
         String::from_utf8_lossy(&after.stderr)
+    );
+    let left = novacron_tests::docker(&["ps", "-aq", "--filter", "label=novacron.job=hello"])
+        .expect("docker ps");
+    assert!(
+        left.is_empty(),
+        "the dev fleet's containers are removed on exit: {left}"
     );
 }

@@ -339,3 +339,79 @@ async fn a_rolling_update_that_fails_its_health_check_reverts() {
         d.summary.message
     );
 }
+
+#[tokio::test]
+async fn the_cli_applies_lists_and_reads_logs() {
+    let f = fleet(1).await;
+    let job = format!("cli-{}", std::process::id());
+    let _cleanup = Cleanup(job.clone());
+    let file = f.controller.data_dir.with_file_name("cli-job.yaml");
+    std::fs::write(&file, service(&job, 1, "")).expect("write manifest");
+    let file = file.display().to_string();
+    let out = f.controller.cli(&["apply", "-f", &file]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created (version 1)"));
+    let again = f.controller.cli(&["apply", "-f", &file]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("unchanged"));
+
+    wait_for(Duration::from_secs(30), "1 running", || async {
+        running(&f.controller, &job).await.len() == 1
+    })
+    .await
+    .expect("running");
+    let list = String::from_utf8_lossy(&f.controller.cli(&["job", "list"]).stdout).into_owned();
+    assert!(list.contains(&job) && list.contains("running"), "{list}");
+    let status =
+        String::from_utf8_lossy(&f.controller.cli(&["job", "status", &job]).stdout).into_owned();
+    assert!(status.contains("1 wanted, 1 running"), "{status}");
+    let alloc = running(&f.controller, &job).await.remove(0);
+    let allocs =
+        String::from_utf8_lossy(&f.controller.cli(&["alloc", "list", "--job", &job]).stdout)
+            .into_owned();
+    assert!(allocs.contains(&alloc.id), "{allocs}");
+
+    let logs = f.controller.cli(&["alloc", "logs", &alloc.id]);
+    assert!(
+        logs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stdout).trim(),
+        "started hello"
+    );
+
+    // A bad manifest is refused with its file, line and field.
+    let bad = f.controller.data_dir.with_file_name("bad.yaml");
+    std::fs::write(
+        &bad,
+        service(&job, 1, "").replace("memory: 32Mi", "memory: 12XB"),
+    )
+    .expect("write");
+    let out = f
+        .controller
+        .cli(&["apply", "-f", &bad.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:") && err.contains("spec.resources.memory") && err.contains("12XB"),
+        "{err}"
+    );
+
+    let stop = f.controller.cli(&["job", "stop", &job]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    wait_for(Duration::from_secs(20), "the container gone", || async {
+        docker(&["ps", "-q", "--filter", &format!("label=novacron.job={job}")])
+            .is_ok_and(|s| s.is_empty())
+    })
+    .await
+    .expect("stopped");
+}

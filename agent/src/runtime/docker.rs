@@ -159,7 +159,10 @@ impl ContainerRuntime for DockerRuntime {
             if let MountConfig::Volume { name: volume, .. } = mount {
                 let request = VolumeCreateRequest {
                     name: Some(volume.clone()),
-                    labels: Some(HashMap::from([(LABEL_MANAGED.to_owned(), "true".to_owned())])),
+                    labels: Some(HashMap::from([(
+                        LABEL_MANAGED.to_owned(),
+                        "true".to_owned(),
+                    )])),
                     ..VolumeCreateRequest::default()
                 };
                 // Creating a volume that exists returns it unchanged.
@@ -199,7 +202,12 @@ impl ContainerRuntime for DockerRuntime {
             .force(true)
             .v(true)
             .build();
-        timed("remove", CALL_TIMEOUT, docker.remove_container(id, Some(options))).await
+        timed(
+            "remove",
+            CALL_TIMEOUT,
+            docker.remove_container(id, Some(options)),
+        )
+        .await
     }
 
     async fn stats(&self, id: &str) -> Result<StatsReading, RuntimeError> {
@@ -308,7 +316,9 @@ impl ContainerRuntime for DockerRuntime {
     }
 }
 
-fn frame_of(item: Result<LogOutput, bollard::errors::Error>) -> Option<Result<LogFrame, RuntimeError>> {
+fn frame_of(
+    item: Result<LogOutput, bollard::errors::Error>,
+) -> Option<Result<LogFrame, RuntimeError>> {
     match item {
         Ok(LogOutput::StdErr { message }) => Some(Ok(LogFrame {
             stderr: true,
@@ -491,7 +501,10 @@ fn reading_of(stats: &ContainerStatsResponse) -> StatsReading {
     let inactive = memory
         .stats
         .as_ref()
-        .and_then(|s| s.get("total_inactive_file").or_else(|| s.get("inactive_file")))
+        .and_then(|s| {
+            s.get("total_inactive_file")
+                .or_else(|| s.get("inactive_file"))
+        })
         .copied()
         .unwrap_or(0);
     let (rx, tx) = stats
@@ -510,7 +523,11 @@ fn reading_of(stats: &ContainerStatsResponse) -> StatsReading {
         cpu_total_ns: usage.total_usage.unwrap_or(0),
         system_cpu_ns: cpu.system_cpu_usage,
         online_cpus,
-        memory_bytes: if inactive < used { used - inactive } else { used },
+        memory_bytes: if inactive < used {
+            used - inactive
+        } else {
+            used
+        },
         rx_bytes: rx,
         tx_bytes: tx,
     }
@@ -569,11 +586,11 @@ mod tests {
         let body = create_body(&config());
         assert_eq!(body.entrypoint, None, "empty keeps the image's");
         assert_eq!(body.cmd, Some(vec!["sleep".to_string(), "5".to_string()]));
+        assert_eq!(body.env, Some(vec!["A=1".to_string(), "B=x=y".to_string()]));
         assert_eq!(
-            body.env,
-            Some(vec!["A=1".to_string(), "B=x=y".to_string()])
+            body.labels.as_ref().map(|l| l["novacron.alloc"].as_str()),
+            Some("a1")
         );
-        assert_eq!(body.labels.as_ref().map(|l| l["novacron.alloc"].as_str()), Some("a1"));
         let mut exposed = body.exposed_ports.clone().unwrap_or_default();
         exposed.sort();
         assert_eq!(exposed, vec!["53/udp", "80/tcp"]);
@@ -622,7 +639,10 @@ mod tests {
         let body = create_body(&cfg);
         assert_eq!(body.exposed_ports, None);
         let host = body.host_config.expect("host config");
-        assert_eq!((host.nano_cpus, host.memory, host.memory_swap), (None, None, None));
+        assert_eq!(
+            (host.nano_cpus, host.memory, host.memory_swap),
+            (None, None, None)
+        );
         assert_eq!(host.port_bindings, None);
         assert_eq!(host.mounts, None);
     }
@@ -645,7 +665,10 @@ mod tests {
             message: "m".into(),
         };
         assert!(classify("x", e(404)).is_not_found());
-        assert!(matches!(classify("x", e(409)), RuntimeError::Conflict { .. }));
+        assert!(matches!(
+            classify("x", e(409)),
+            RuntimeError::Conflict { .. }
+        ));
         assert!(matches!(classify("x", e(500)), RuntimeError::Daemon { .. }));
     }
 }

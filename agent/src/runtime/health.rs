@@ -25,7 +25,11 @@ pub async fn tcp_check(addr: SocketAddr, timeout: Duration) -> Result<(), String
 /// `GET path` on `addr`; healthy on a 2xx or 3xx status within `timeout`.
 pub async fn http_check(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let path = if path.is_empty() { "/" } else { path };
-    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if !path.starts_with('/')
+        || path
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(format!(
             "http check path {path:?} is invalid: expected an absolute path without spaces"
         ));

@@ -153,9 +153,6 @@ mod tests {
         let out: Vec<LogChunk> = chunks(frames).collect().await;
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].data, b"x");
-        assert_eq!(
-            out[1].end,
-            Some(Err("logs: daemon went away".to_string()))
-        );
+        assert_eq!(out[1].end, Some(Err("logs: daemon went away".to_string())));
     }
 }

@@ -73,7 +73,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ContainerDetails, RuntimeError>> + Send;
 
     /// Whether `image` is present on the node (nothing is ever pulled).
-    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    fn image_present(&self, image: &str)
+    -> impl Future<Output = Result<bool, RuntimeError>> + Send;
 
     /// Creates (does not start) a container named `name`, creating the named volumes
     /// it mounts when they are missing. Returns the container id;
@@ -89,8 +90,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// Stops a container: SIGTERM, then SIGKILL after `grace`. Stopping a stopped
     /// container succeeds.
-    fn stop(&self, id: &str, grace: Duration)
-    -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// Removes a container (forcibly, with its anonymous volumes).
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;

@@ -18,6 +18,8 @@
 //!   restarted agent that has not yet heard from the controller stops nothing.
 //! - A missing image fails the allocation once; it is tried again only for a new
 //!   spec.
+//! - A batch task (`TaskSpec::batch`) that exits 0 is complete. Any other exit, and
+//!   every exit of a service, is a failure that the restart policy handles.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -323,8 +325,7 @@ impl Reconciler {
         }
         orphaned.extend(by_alloc.into_values().flatten());
         let seen: HashSet<&String> = orphaned.iter().map(|o| &o.container_id).collect();
-        self.orphans
-            .retain(|id, o| o.busy || seen.contains(id));
+        self.orphans.retain(|id, o| o.busy || seen.contains(id));
         for o in orphaned {
             let state = match &o.status {
                 ContainerStatus::Created => AllocState::Pending,
@@ -600,16 +601,20 @@ impl Reconciler {
     /// The next instant at which [`Reconciler::plan`] has something to do without any
     /// new input (a restart, a health check, a removal to retry).
     pub fn next_deadline(&self) -> Option<Instant> {
-        let records = self.records.values().filter(|r| !r.busy).filter_map(|r| {
-            match (r.state, &r.desired) {
-                (_, None) => r.container.as_ref().and(r.retry_at),
-                (AllocState::Starting, Some(_)) => r.restart_at,
-                (AllocState::Running, Some(_)) if !r.probing && r.health().is_some() => {
-                    r.next_probe
-                }
-                _ => None,
-            }
-        });
+        let records =
+            self.records
+                .values()
+                .filter(|r| !r.busy)
+                .filter_map(|r| match (r.state, &r.desired) {
+                    (_, None) => r.container.as_ref().and(r.retry_at),
+                    (AllocState::Starting, Some(_)) => r.restart_at,
+                    (AllocState::Running, Some(_))
+                        if !r.probing && r.health().is_some() && r.container.is_some() =>
+                    {
+                        r.next_probe
+                    }
+                    _ => None,
+                });
         let orphans = self
             .orphans
             .values()
@@ -683,10 +688,7 @@ impl Reconciler {
                 Some(RunningAlloc {
                     alloc: id.clone(),
                     container_id: r.container.as_ref()?.id.clone(),
-                    memory_limit_bytes: r
-                        .desired
-                        .as_ref()
-                        .map_or(0, |d| d.spec.task.memory_bytes),
+                    memory_limit_bytes: r.desired.as_ref().map_or(0, |d| d.spec.task.memory_bytes),
                 })
             })
             .collect()
@@ -874,7 +876,8 @@ impl Record {
         }
     }
 
-    /// A run ended (`code`) or could not begin (`None`): complete, restart or fail.
+    /// A run ended (`code`) or could not begin (`None`): complete (a batch task that
+    /// exited 0), restart or fail.
     fn failed_run(&mut self, now: Instant, code: Option<i64>, what: String) {
         self.healthy = None;
         self.health_failures = 0;
@@ -882,7 +885,8 @@ impl Record {
         if code.is_some() {
             self.exit_code = code;
         }
-        if code == Some(0) {
+        let batch = self.desired.as_ref().is_some_and(|d| d.spec.task.batch);
+        if batch && code == Some(0) {
             self.state = AllocState::Complete;
             self.restart_at = None;
             self.message = what;
@@ -935,8 +939,7 @@ fn choose_primary(rec: &Record, mut mine: Vec<Observed>) -> (Option<Observed>, V
         .and_then(|c| mine.iter().position(|o| o.container_id == c.id));
     let matching = |running: bool| {
         mine.iter().position(|o| {
-            Some(o.spec_hash.as_str()) == want
-                && (!running || o.status == ContainerStatus::Running)
+            Some(o.spec_hash.as_str()) == want && (!running || o.status == ContainerStatus::Running)
         })
     };
     let index = known
@@ -1027,7 +1030,7 @@ mod tests {
         }
     }
 
-    fn status<'a>(r: &'a Reconciler, id: &str) -> AllocationStatus {
+    fn status(r: &Reconciler, id: &str) -> AllocationStatus {
         r.report()
             .allocations
             .into_iter()
@@ -1081,7 +1084,10 @@ mod tests {
         assert!(!r.apply(desired(4, vec![])));
         assert_eq!(r.report().generation, 5);
         assert_eq!(r.report().allocations.len(), 1);
-        assert!(r.apply(desired(5, vec![])), "the same generation is re-applied");
+        assert!(
+            r.apply(desired(5, vec![])),
+            "the same generation is re-applied"
+        );
     }
 
     #[test]
@@ -1091,7 +1097,11 @@ mod tests {
         let a = spec("a", once());
         r.apply(desired(1, vec![a.clone()]));
         let token = r.observe_begin();
-        r.observe(now, token, vec![observed(&a, "c0", ContainerStatus::Running)]);
+        r.observe(
+            now,
+            token,
+            vec![observed(&a, "c0", ContainerStatus::Running)],
+        );
         assert!(r.plan(now, 16).is_empty());
         let s = status(&r, "a");
         assert_eq!(s.state, AllocState::Running);
@@ -1187,10 +1197,11 @@ mod tests {
     }
 
     #[test]
-    fn exit_zero_completes() {
+    fn batch_exit_zero_completes() {
         let mut r = core();
         let now = Instant::now();
-        let a = spec("a", once());
+        let mut a = spec("a", once());
+        a.task.batch = true;
         r.apply(desired(1, vec![a.clone()]));
         launched(&mut r, now, &a, "c1");
         let token = r.observe_begin();
@@ -1201,6 +1212,26 @@ mod tests {
         assert_eq!(s.restarts, 0);
         assert!(r.plan(now + Duration::from_secs(10), 16).is_empty());
         assert_eq!(r.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_service_exiting_zero_is_restarted() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&a, "c1", exited(0))]);
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Starting);
+        assert_eq!(s.exit_code, Some(0));
+        assert!(
+            s.message.starts_with("exited with code 0; restarting"),
+            "{}",
+            s.message
+        );
+        assert_eq!(r.plan(now + Duration::from_secs(1), 16).len(), 1);
     }
 
     #[test]
@@ -1306,7 +1337,11 @@ mod tests {
         r.apply(desired(1, vec![]));
         let stranger = spec("x", once());
         let token = r.observe_begin();
-        r.observe(now, token, vec![observed(&stranger, "cx", ContainerStatus::Running)]);
+        r.observe(
+            now,
+            token,
+            vec![observed(&stranger, "cx", ContainerStatus::Running)],
+        );
         assert_eq!(r.plan(now, 16).len(), 1);
         r.complete(
             now,
@@ -1330,8 +1365,15 @@ mod tests {
         let now = Instant::now();
         let stranger = spec("x", once());
         let token = r.observe_begin();
-        r.observe(now, token, vec![observed(&stranger, "cx", ContainerStatus::Running)]);
-        assert!(r.plan(now, 16).is_empty(), "no desired set yet: keep everything");
+        r.observe(
+            now,
+            token,
+            vec![observed(&stranger, "cx", ContainerStatus::Running)],
+        );
+        assert!(
+            r.plan(now, 16).is_empty(),
+            "no desired set yet: keep everything"
+        );
         let mine = spec("a", once());
         r.apply(desired(1, vec![mine.clone()]));
         let token = r.observe_begin();
@@ -1406,7 +1448,10 @@ mod tests {
         assert!(s.message.contains("disappeared"), "{}", s.message);
         let later = now + Duration::from_secs(1);
         let actions = r.plan(later, 16);
-        assert!(matches!(&actions[..], [Action::Launch { replace: None, .. }]), "{actions:?}");
+        assert!(
+            matches!(&actions[..], [Action::Launch { replace: None, .. }]),
+            "{actions:?}"
+        );
         assert_eq!(status(&r, "a").restarts, 1);
     }
 

@@ -31,8 +31,8 @@ pub const NAME_ID_PREFIX: usize = 8;
 /// 16 hex digits of a SHA-256. A running container whose [`LABEL_SPEC`] differs is
 /// replaced.
 ///
-/// The restart policy and the health check are left out on purpose: the agent applies
-/// them, so changing them never restarts a container. The hash is stable across agent
+/// The restart policy, the health check and `batch` are left out on purpose: the
+/// agent applies them, so changing them never restarts a container. The hash is stable across agent
 /// builds (JSON of a fixed struct, maps in key order), so an upgraded agent adopts
 /// the containers of the previous one.
 pub fn spec_hash(task: &TaskSpec) -> String {
@@ -232,6 +232,7 @@ mod tests {
             timeout_ms: 1,
             retries: 1,
         });
+        policies.batch = !policies.batch;
         assert_eq!(spec_hash(&policies), h);
         let mut image = a.task.clone();
         image.image = "other:1".into();

@@ -211,7 +211,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 in_flight.insert(handle.id(), action);
             }
             inner.publish();
-            let deadline = inner.core().next_deadline();
+            // With every slot taken, whatever is due waits for a slot: a deadline
+            // already past would only spin the loop.
+            let deadline = if jobs.len() < inner.config.max_in_flight {
+                inner.core().next_deadline()
+            } else {
+                None
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => observe = true,
@@ -354,7 +360,12 @@ impl<R: ContainerRuntime> Inner<R> {
         cache.entries.retain(|id, _| listed.contains(id.as_str()));
         let changed: Vec<(String, String)> = listing
             .iter()
-            .filter(|l| cache.entries.get(&l.id).is_none_or(|(state, _)| *state != l.state))
+            .filter(|l| {
+                cache
+                    .entries
+                    .get(&l.id)
+                    .is_none_or(|(state, _)| *state != l.state)
+            })
             .map(|l| (l.id.clone(), l.state.clone()))
             .collect();
         let inspected: Vec<_> = stream::iter(changed)
@@ -727,8 +738,7 @@ mod tests {
 
     use super::*;
     use crate::runtime::{
-        ContainerConfig, ContainerEvent, ContainerListing, ContainerStatus, LogFrame,
-        StatsReading,
+        ContainerConfig, ContainerEvent, ContainerListing, ContainerStatus, LogFrame, StatsReading,
     };
 
     /// An in-memory container runtime.
@@ -870,7 +880,10 @@ mod tests {
             let mut st = self.state();
             st.clock_ms += 1000;
             let now = st.clock_ms;
-            let c = st.containers.get_mut(id).ok_or_else(|| not_found("start"))?;
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| not_found("start"))?;
             c.status = ContainerStatus::Running;
             c.started_at = Some(now);
             Ok(())
@@ -1005,11 +1018,18 @@ mod tests {
         .await;
         assert_eq!(report.allocations[0].exit_code, Some(1));
         assert_eq!(report.allocations[0].container_id, Some(container));
-        assert_eq!(supervisor.runtime().state().creates, 1, "restarted, not re-created");
+        assert_eq!(
+            supervisor.runtime().state().creates,
+            1,
+            "restarted, not re-created"
+        );
 
         let usage = supervisor.usage().await;
         assert_eq!(usage.len(), 1);
-        assert_eq!((usage[0].memory_bytes, usage[0].memory_limit_bytes), (42, 1 << 20));
+        assert_eq!(
+            (usage[0].memory_bytes, usage[0].memory_limit_bytes),
+            (42, 1 << 20)
+        );
 
         let chunks: Vec<LogChunk> = supervisor
             .logs(LogRequest {
@@ -1056,7 +1076,13 @@ mod tests {
         })
         .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(supervisor.runtime().state().containers.contains_key("orphan"));
+        assert!(
+            supervisor
+                .runtime()
+                .state()
+                .containers
+                .contains_key("orphan")
+        );
 
         supervisor.apply(DesiredAllocations {
             generation: 1,
@@ -1118,7 +1144,9 @@ mod tests {
         assert_eq!(chunks.len(), 1);
         assert_eq!(
             chunks[0].end,
-            Some(Err("allocation nope has no container on node fake-node".into()))
+            Some(Err(
+                "allocation nope has no container on node fake-node".into()
+            ))
         );
     }
 

@@ -64,7 +64,10 @@ impl UsageTracker {
             .collect();
         // `None` (never read) sorts first, then the oldest.
         due.sort();
-        due.into_iter().take(max).map(|(_, id)| id.clone()).collect()
+        due.into_iter()
+            .take(max)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// Takes in a reading of `container` made at `at`.
@@ -76,10 +79,8 @@ impl UsageTracker {
                 ..Usage::default()
             },
         };
-        self.entries.insert(
-            container.to_owned(),
-            Entry { reading, at, usage },
-        );
+        self.entries
+            .insert(container.to_owned(), Entry { reading, at, usage });
     }
 
     /// Forgets every container not in `containers`.
@@ -89,7 +90,12 @@ impl UsageTracker {
     }
 
     /// The usage of `container` as an allocation's, when it has been read.
-    pub fn usage(&self, alloc: &str, container: &str, memory_limit_bytes: u64) -> Option<AllocationUsage> {
+    pub fn usage(
+        &self,
+        alloc: &str,
+        container: &str,
+        memory_limit_bytes: u64,
+    ) -> Option<AllocationUsage> {
         let u = self.entries.get(container)?.usage;
         Some(AllocationUsage {
             id: alloc.to_owned(),
@@ -160,7 +166,12 @@ mod tests {
         );
         assert!((u.cpu_percent - 100.0).abs() < 0.01, "{}", u.cpu_percent);
         assert_eq!((u.rx_bytes_per_sec, u.tx_bytes_per_sec), (1000, 500));
-        let u = rates(&reading(0, None, 0, 0), t0, &reading(500_000_000, None, 0, 0), t1);
+        let u = rates(
+            &reading(0, None, 0, 0),
+            t0,
+            &reading(500_000_000, None, 0, 0),
+            t1,
+        );
         assert!((u.cpu_percent - 50.0).abs() < 0.01, "{}", u.cpu_percent);
         assert_eq!(u.memory_bytes, 10 << 20);
     }

@@ -41,6 +41,88 @@ pub struct DevArgs {
     /// Stop by itself after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Do not build the demo image and start the demo job.
+    #[arg(long)]
+    pub no_demo: bool,
+}
+
+/// The demo job's name.
+pub const DEMO_JOB: &str = "hello";
+/// The demo image, built locally (no registry).
+pub const DEMO_IMAGE: &str = "novacron-dev/busybox:1";
+
+const DEMO_DOCKERFILE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n";
+
+fn demo_manifest() -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {DEMO_JOB}
+spec:
+  type: service
+  replicas: 2
+  task:
+    image: {DEMO_IMAGE}
+    command: [sh, -c, 'mkdir -p /www && echo \"hello from $HOSTNAME\" > /www/index.html && echo serving on 8080 && exec httpd -f -p 8080 -h /www']
+    ports:
+      - name: http
+        containerPort: 8080
+  resources:
+    cpu: 100m
+    memory: 16Mi
+  placement:
+    spread:
+      - key: zone
+  health:
+    http:
+      port: 8080
+      path: /
+    interval: 2s
+    timeout: 1s
+    retries: 2
+"
+    )
+}
+
+/// Builds the demo image from the host's static busybox (Debian's busybox-static)
+/// when it is missing, then applies the demo job.
+async fn start_demo(client: &ApiClient, dir: &Path) -> Result<(), String> {
+    let present = std::process::Command::new("docker")
+        .args(["image", "inspect", DEMO_IMAGE])
+        .output()
+        .map_err(|e| format!("cannot run docker: {e}"))?
+        .status
+        .success();
+    if !present {
+        let context = dir.join("demo-image");
+        std::fs::create_dir_all(&context).map_err(|e| format!("{}: {e}", context.display()))?;
+        std::fs::copy("/bin/busybox", context.join("busybox"))
+            .map_err(|e| format!("/bin/busybox: {e} (install Debian's busybox-static)"))?;
+        std::fs::write(context.join("Dockerfile"), DEMO_DOCKERFILE)
+            .map_err(|e| format!("{}: {e}", context.display()))?;
+        let out = std::process::Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", DEMO_IMAGE])
+            .arg(&context)
+            .output()
+            .map_err(|e| format!("cannot run docker build: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "docker build of {DEMO_IMAGE} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let req = crate::api::ApplyRequest {
+        file: "demo/hello.yaml".into(),
+        manifest: demo_manifest(),
+    };
+    client
+        .post::<_, crate::workloads::ApplyResult>(&["v1", "jobs"], &req)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Errors of `novacron dev`.
@@ -183,6 +265,18 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
     )
     .await?;
 
+    let demo = if args.no_demo {
+        None
+    } else {
+        match start_demo(&client, &dir).await {
+            Ok(()) => Some(DEMO_JOB),
+            Err(reason) => {
+                let _ = writeln!(out, "note: the demo job was not started: {reason}");
+                None
+            }
+        }
+    };
+
     write_context(config_path, "dev", &ctx, true).map_err(|e| DevError::Step {
         step: "writing the dev context".into(),
         detail: e.to_string(),
@@ -194,14 +288,21 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
          context \"dev\" written to {}\n\n\
          try, in another terminal:\n  \
          novacron node list\n  \
-         novacron node show {}\n  \
-         novacron node list -o json\n\n\
+         novacron node show {}\n{}\n\
          Ctrl-C stops the fleet.",
         names.len(),
         names.join(", "),
         dir.display(),
         config_path.display(),
         names[0],
+        match demo {
+            Some(job) => format!(
+                "  novacron job status {job}      (a 2-replica web service, spread across zones)\n  \
+                 novacron alloc list\n  \
+                 novacron alloc logs <ID>\n"
+            ),
+            None => String::new(),
+        },
     );
     let _ = out.flush();
 
@@ -227,7 +328,14 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
                     return Err(DevError::Step { step: "the fleet".into(), detail: format!("{died}; see the logs in {}", dir.display()) });
                 }
                 if let Ok(nodes) = client.get::<Vec<NodeView>>(&["v1", "nodes"]).await {
-                    let _ = writeln!(out, "{}", summary(&nodes));
+                    let mut line = summary(&nodes);
+                    if let Some(job) = demo
+                        && let Ok(j) = client.get::<crate::workloads::JobDetail>(&["v1", "jobs", job]).await
+                    {
+                        let s = &j.summary;
+                        line.push_str(&format!(" | job {job}: {}/{} running, {} healthy", s.running, s.replicas, s.healthy));
+                    }
+                    let _ = writeln!(out, "{line}");
                     let _ = out.flush();
                 }
             }
@@ -235,7 +343,32 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
     }
     let _ = writeln!(out, "stopping the dev fleet");
     stop_all(&mut children).await;
+    // The agents leave their containers for the next start to adopt; a dev fleet
+    // that stops takes its containers with it (the jobs stay in the store).
+    for name in &names {
+        remove_containers_of(name);
+    }
     Ok(())
+}
+
+fn remove_containers_of(node: &str) {
+    let filter = format!("label=novacron.node={node}");
+    let Ok(out) = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &filter])
+        .output()
+    else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if !ids.is_empty() {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&ids)
+            .output();
+    }
 }
 
 /// One line per fleet: each node's status, CPU and memory.
@@ -244,10 +377,10 @@ pub fn summary(nodes: &[NodeView]) -> String {
         .iter()
         .map(|n| match &n.latest {
             Some(s) => format!(
-                "{} {} cpu {} mem {}/{}",
+                "{} {} cpu {:.0}% mem {}/{}",
                 n.name,
                 n.status,
-                format!("{:.0}%", s.cpu.total_percent),
+                s.cpu.total_percent,
                 bytes(s.memory.used_bytes),
                 bytes(s.memory.total_bytes)
             ),
