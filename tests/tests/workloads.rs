@@ -130,6 +130,16 @@ async fn a_service_runs_with_limits_restarts_and_moves_when_its_node_dies() {
     let nodes: std::collections::BTreeSet<&str> = allocs.iter().map(|a| a.node.as_str()).collect();
     assert_eq!(nodes.len(), 2, "spread across both zones: {allocs:?}");
 
+    // Per-allocation usage arrives in the node's metrics stream.
+    let first = allocs[0].clone();
+    wait_for(Duration::from_secs(15), "allocation usage in the metrics stream", || async {
+        matches!(f.controller.node(&first.node).await, Ok(Some(v)) if v.latest.is_some_and(|s| {
+            s.allocations.iter().any(|u| u.id == first.id && u.memory_bytes > 0 && u.memory_limit_bytes == 32 << 20)
+        }))
+    })
+    .await
+    .expect("usage reported");
+
     // Requested limits and env reach Docker.
     let id = container_of(&allocs[0].id);
     let limits = docker(&[
