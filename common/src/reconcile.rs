@@ -155,8 +155,33 @@ pub struct Plan {
     pub jobs: Vec<JobChange>,
 }
 
-/// Failures so far of each (job, version), as counted by the caller.
-pub type FailureCounts = BTreeMap<(String, u64), u32>;
+/// Failures so far of one job version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Failures {
+    /// How many allocations of the version failed.
+    pub count: u32,
+    /// When the last one failed (Unix ms).
+    pub last_ms: u64,
+}
+
+/// Failures of each (job, version), as counted by the caller.
+pub type FailureCounts = BTreeMap<(String, u64), Failures>;
+
+/// First delay before a failed allocation is replaced; it doubles with each
+/// failure of the same version, up to [`MAX_RESCHEDULE_DELAY_MS`].
+pub const RESCHEDULE_DELAY_MS: u64 = 1_000;
+/// Longest delay before a failed allocation is replaced.
+pub const MAX_RESCHEDULE_DELAY_MS: u64 = 30_000;
+
+/// How long after its last failure a version may be placed again.
+pub fn reschedule_delay_ms(failures: u32) -> u64 {
+    if failures == 0 {
+        return 0;
+    }
+    RESCHEDULE_DELAY_MS
+        .saturating_mul(1 << (failures - 1).min(16))
+        .min(MAX_RESCHEDULE_DELAY_MS)
+}
 
 /// Decides what to do now.
 pub fn reconcile(
@@ -206,12 +231,15 @@ pub fn reconcile(
             }
             continue;
         }
-        let failed = failures
+        let f = failures
             .get(&(job.name.clone(), job.version))
             .copied()
-            .unwrap_or(0);
-        let may_place = failed < MAX_FAILURES_PER_VERSION;
-        if !may_place && live.iter().all(|a| a.version != job.version) {
+            .unwrap_or_default();
+        let failed = f.count;
+        let exhausted = failed >= MAX_FAILURES_PER_VERSION;
+        let backing_off = now_ms < f.last_ms.saturating_add(reschedule_delay_ms(failed));
+        let may_place = !exhausted && !backing_off;
+        if exhausted && live.iter().all(|a| a.version != job.version) {
             plan.jobs.push(JobChange::Failing {
                 job: job.name.clone(),
                 version: job.version,
@@ -701,9 +729,49 @@ mod tests {
     }
 
     #[test]
+    fn failed_allocations_are_replaced_after_a_growing_delay() {
+        let j = job("api", JobType::Service, 1, 1);
+        let failures = |count, last_ms| {
+            FailureCounts::from([(("api".to_string(), 1), Failures { count, last_ms })])
+        };
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let plan = reconcile(
+            std::slice::from_ref(&j),
+            &[],
+            &nodes,
+            &failures(1, 10_000),
+            10_500,
+        );
+        assert!(plan.place.is_empty(), "within 1 s of the first failure");
+        let plan = reconcile(
+            std::slice::from_ref(&j),
+            &[],
+            &nodes,
+            &failures(1, 10_000),
+            11_000,
+        );
+        assert_eq!(plan.place.len(), 1);
+        let plan = reconcile(
+            std::slice::from_ref(&j),
+            &[],
+            &nodes,
+            &failures(3, 10_000),
+            13_000,
+        );
+        assert!(plan.place.is_empty(), "third failure waits 4 s");
+        assert_eq!(reschedule_delay_ms(40), MAX_RESCHEDULE_DELAY_MS);
+    }
+
+    #[test]
     fn a_version_that_keeps_failing_is_not_replaced_forever() {
         let j = job("api", JobType::Service, 1, 1);
-        let failures = FailureCounts::from([(("api".to_string(), 1), MAX_FAILURES_PER_VERSION)]);
+        let failures = FailureCounts::from([(
+            ("api".to_string(), 1),
+            Failures {
+                count: MAX_FAILURES_PER_VERSION,
+                last_ms: 0,
+            },
+        )]);
         let plan = reconcile(&[j], &[], &[node("n1", NodeStatus::Ready)], &failures, 0);
         assert!(plan.place.is_empty());
         assert!(matches!(plan.jobs[0], JobChange::Failing { .. }));

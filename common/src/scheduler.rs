@@ -1125,10 +1125,10 @@ impl Scheduler {
                 spreads: &spreads,
                 overlay: &overlay,
             };
-            let mut pass = Pass::new(replica == 0);
+            let mut pass = Pass::new(replica == 0, self.filters.len());
             ctx.pick(&mut pass);
             if replica == 0 {
-                out.explanation = pass.explanation(snap, req);
+                out.explanation = pass.explanation(self, snap, req);
             }
             let mut preempted = Vec::new();
             let chosen = match pass.best {
@@ -1756,7 +1756,7 @@ struct Plan<'a, 's> {
     eligible: NodeSet,
     eligible_count: usize,
     /// Filters to run node by node, in pipeline order.
-    checks: Vec<&'a dyn Filter>,
+    checks: Vec<(usize, &'a dyn Filter)>,
     /// Scorers that apply, with their weights and whether they read labels.
     scorers: Vec<(&'a dyn Scorer, f64, bool)>,
     soft: bool,
@@ -1775,14 +1775,14 @@ impl<'a, 's> Plan<'a, 's> {
         let n = snap.len();
         let mut eligible = NodeSet::full(n);
         let mut checks = Vec::new();
-        for f in &sched.filters {
+        for (pos, f) in sched.filters.iter().enumerate() {
             match f.prefilter(snap, req) {
                 Prefilter::Skip => {}
-                Prefilter::PerNode => checks.push(f.as_ref()),
+                Prefilter::PerNode => checks.push((pos, f.as_ref())),
                 Prefilter::Exact(s) => eligible.intersect_with(&s),
                 Prefilter::Within(s) => {
                     eligible.intersect_with(&s);
-                    checks.push(f.as_ref());
+                    checks.push((pos, f.as_ref()));
                 }
             }
         }
@@ -2020,23 +2020,35 @@ struct Pass {
     best_soft: f64,
     visited: usize,
     feasible: usize,
-    stats: Option<BTreeMap<&'static str, (usize, Reason)>>,
+    /// Rejections by filter position: count and the closest miss.
+    stats: Option<Vec<(usize, Option<Reason>)>>,
 }
 
 impl Pass {
-    fn new(collect: bool) -> Self {
+    fn new(collect: bool, filters: usize) -> Self {
         Pass {
             best: None,
             best_soft: f64::NEG_INFINITY,
             visited: 0,
             feasible: 0,
-            stats: collect.then(BTreeMap::new),
+            stats: collect.then(|| vec![(0, None); filters]),
         }
     }
 
-    fn reject(&mut self, filter: &'static str, reason: Reason) {
-        if let Some(stats) = &mut self.stats {
-            record(stats, filter, reason);
+    fn reject(&mut self, filter: usize, reason: Reason) {
+        let Some((count, best)) = self.stats.as_mut().and_then(|s| s.get_mut(filter)) else {
+            return;
+        };
+        *count += 1;
+        let closer = match best {
+            None => true,
+            Some(old) => matches!(
+                (reason.closeness(), old.closeness()),
+                (Some(new), Some(old)) if new > old
+            ),
+        };
+        if closer {
+            *best = Some(reason);
         }
     }
 
@@ -2051,55 +2063,29 @@ impl Pass {
         }
     }
 
-    fn explanation(&self, snap: &Snapshot, req: &Request) -> Explanation {
+    fn explanation(&self, sched: &Scheduler, snap: &Snapshot, req: &Request) -> Explanation {
+        let mut filtered: BTreeMap<&'static str, FilterStats> = BTreeMap::new();
+        for (pos, (count, reason)) in self.stats.iter().flatten().enumerate() {
+            let (Some(reason), Some(filter)) = (reason, sched.filters.get(pos)) else {
+                continue;
+            };
+            filtered
+                .entry(filter.name())
+                .and_modify(|s| s.count += count)
+                .or_insert_with(|| FilterStats {
+                    count: *count,
+                    example: reason.describe(req),
+                });
+        }
         Explanation {
             nodes_total: snap.len(),
             nodes_evaluated: self.visited,
             feasible: self.feasible,
             exhaustive: false,
-            filtered: render(self.stats.as_ref(), req),
+            filtered,
             preemption: None,
         }
     }
-}
-
-fn record(
-    stats: &mut BTreeMap<&'static str, (usize, Reason)>,
-    filter: &'static str,
-    reason: Reason,
-) {
-    match stats.get_mut(filter) {
-        None => {
-            stats.insert(filter, (1, reason));
-        }
-        Some((count, best)) => {
-            *count += 1;
-            if let (Some(new), Some(old)) = (reason.closeness(), best.closeness())
-                && new > old
-            {
-                *best = reason;
-            }
-        }
-    }
-}
-
-fn render(
-    stats: Option<&BTreeMap<&'static str, (usize, Reason)>>,
-    req: &Request,
-) -> BTreeMap<&'static str, FilterStats> {
-    stats
-        .into_iter()
-        .flatten()
-        .map(|(&name, (count, reason))| {
-            (
-                name,
-                FilterStats {
-                    count: *count,
-                    example: reason.describe(req),
-                },
-            )
-        })
-        .collect()
 }
 
 /// A way to make room on one node.
@@ -2118,9 +2104,9 @@ impl Ctx<'_, '_, '_> {
     fn evaluate(&self, pass: &mut Pass, idx: u32) -> bool {
         pass.visited += 1;
         let view = self.view(idx);
-        for f in &self.plan.checks {
+        for &(pos, f) in &self.plan.checks {
             if let Err(r) = f.check(&view, self.req) {
-                pass.reject(f.name(), r);
+                pass.reject(pos, r);
                 return false;
             }
         }
@@ -2178,19 +2164,19 @@ impl Ctx<'_, '_, '_> {
     /// Runs every node through every filter: the exact account, and the best
     /// feasible node if any.
     fn full_scan(&self) -> (Explanation, Option<(f64, u32)>) {
-        let mut pass = Pass::new(true);
+        let mut pass = Pass::new(true, self.sched.filters.len());
         'nodes: for idx in 0..self.snap.len() as u32 {
             pass.visited += 1;
             let view = self.view(idx);
-            for f in &self.sched.filters {
+            for (pos, f) in self.sched.filters.iter().enumerate() {
                 if let Err(r) = f.check(&view, self.req) {
-                    pass.reject(f.name(), r);
+                    pass.reject(pos, r);
                     continue 'nodes;
                 }
             }
             pass.offer(self.plan.score(&view, self.req), idx);
         }
-        let mut expl = pass.explanation(self.snap, self.req);
+        let mut expl = pass.explanation(self.sched, self.snap, self.req);
         expl.exhaustive = true;
         (expl, pass.best)
     }
@@ -2218,6 +2204,28 @@ impl Ctx<'_, '_, '_> {
                 continue;
             }
             considered += 1;
+            let (cpu, mem, gpus, added) = self.overlay.used(snap, idx);
+            let job = self.plan.job_count(idx) + added;
+            let fits_with = |c: u64, m: u64, g: u64| {
+                let view = view_with(snap, self.spreads, idx, c, m, g, job);
+                self.plan
+                    .checks
+                    .iter()
+                    .all(|(_, f)| f.check(&view, req).is_ok())
+            };
+            // Skip nodes where even evicting every candidate would not do, and
+            // nodes that cannot beat the best eviction found so far.
+            let (mut c, mut m, mut g) = (cpu, mem, gpus);
+            let mut lowest = u32::MAX;
+            for (_, a) in &victims {
+                c = c.saturating_sub(a.placed.cpu_millis);
+                m = m.saturating_sub(a.placed.memory_bytes);
+                g &= !a.gpu_mask;
+                lowest = lowest.min(a.placed.priority);
+            }
+            if best.as_ref().is_some_and(|b| lowest > b.max_priority) || !fits_with(c, m, g) {
+                continue;
+            }
             let cap = &e.info.capacity;
             let size = |a: &AllocEntry| {
                 a.placed.cpu_millis as f64 / cap.cpu_millis.max(1) as f64
@@ -2231,8 +2239,6 @@ impl Ctx<'_, '_, '_> {
                     .then(size(b).total_cmp(&size(a)))
                     .then(a.placed.alloc_id.cmp(&b.placed.alloc_id))
             });
-            let (cpu, mem, gpus, added) = self.overlay.used(snap, idx);
-            let job = self.plan.job_count(idx) + added;
             let fits = |chosen: &[bool]| {
                 let (mut c, mut m, mut g) = (cpu, mem, gpus);
                 for ((_, a), _) in victims.iter().zip(chosen).filter(|(_, on)| **on) {
@@ -2240,8 +2246,7 @@ impl Ctx<'_, '_, '_> {
                     m = m.saturating_sub(a.placed.memory_bytes);
                     g &= !a.gpu_mask;
                 }
-                let view = view_with(snap, self.spreads, idx, c, m, g, job);
-                self.plan.checks.iter().all(|f| f.check(&view, req).is_ok())
+                fits_with(c, m, g)
             };
             let mut chosen = vec![false; victims.len()];
             let mut ok = false;

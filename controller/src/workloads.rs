@@ -158,10 +158,12 @@ impl Workloads {
         }
         for a in store.allocations()? {
             if a.state == AllocState::Failed {
-                *state
+                let f = state
                     .failures
                     .entry((a.job.clone(), a.version))
-                    .or_default() += 1;
+                    .or_default();
+                f.count += 1;
+                f.last_ms = f.last_ms.max(a.updated_unix_ms);
             }
             state.allocs.insert(a.id.clone(), a);
         }
@@ -362,7 +364,9 @@ impl Workloads {
             let Some(a) = allocs.get_mut(&status.id) else {
                 continue;
             };
-            if a.node != node || a.state == AllocState::Lost {
+            // Terminal states are final: later reports (a container being removed)
+            // must not hide why it ended.
+            if a.node != node || a.state.is_terminal() {
                 continue;
             }
             let before = (
@@ -372,8 +376,10 @@ impl Workloads {
                 a.exit_code,
                 a.message.clone(),
             );
-            if status.state == AllocState::Failed && a.state != AllocState::Failed {
-                *failures.entry((a.job.clone(), a.version)).or_default() += 1;
+            if status.state == AllocState::Failed {
+                let f = failures.entry((a.job.clone(), a.version)).or_default();
+                f.count += 1;
+                f.last_ms = now_ms;
             }
             a.state = status.state;
             a.healthy = status.healthy;

@@ -133,7 +133,7 @@ async fn a_service_runs_with_limits_restarts_and_moves_when_its_node_dies() {
     // Per-allocation usage arrives in the node's metrics stream.
     let first = allocs[0].clone();
     wait_for(Duration::from_secs(15), "allocation usage in the metrics stream", || async {
-        matches!(f.controller.node(&first.node).await, Ok(Some(v)) if v.latest.is_some_and(|s| {
+        matches!(f.controller.node(&first.node).await, Ok(Some(v)) if v.latest.as_ref().is_some_and(|s| {
             s.allocations.iter().any(|u| u.id == first.id && u.memory_bytes > 0 && u.memory_limit_bytes == 32 << 20)
         }))
     })
@@ -259,7 +259,16 @@ async fn an_unplaceable_job_says_why() {
     );
 }
 
-#[tokio::test]
+fn futures_job(c: &Controller, job: &str) -> String {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        rt.block_on(c.job(job))
+            .map(|d| format!("{:#?}", d.allocations))
+            .unwrap_or_default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_missing_image_fails_the_allocation_clearly() {
     let f = fleet(1).await;
     let job = format!("noimage-{}", std::process::id());
@@ -277,7 +286,22 @@ async fn a_missing_image_fails_the_allocation_clearly() {
         })
     })
     .await
-    .expect("failed clearly");
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", futures_job(&f.controller, &job)));
+    // Replacements back off (1 s, 2 s, 4 s, ...): no retry storm.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let failed = f
+        .controller
+        .job(&job)
+        .await
+        .expect("job")
+        .allocations
+        .iter()
+        .filter(|a| a.state == AllocState::Failed)
+        .count();
+    assert!(
+        (1..=3).contains(&failed),
+        "{failed} failed allocations in 2.5 s"
+    );
 }
 
 #[tokio::test]
