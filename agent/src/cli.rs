@@ -219,7 +219,7 @@ async fn run(args: RunArgs) -> i32 {
     let cancel = CancellationToken::new();
     let stopper = cancel.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        novacron_common::signal::shutdown_signal().await;
         info!("stopping on signal");
         stopper.cancel();
     });
@@ -288,22 +288,6 @@ fn default_node_name() -> String {
 fn config_error(msg: &str) -> i32 {
     eprintln!("configuration error: {msg}");
     EXIT_CONFIG
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[cfg(test)]

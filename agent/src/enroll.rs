@@ -5,12 +5,11 @@
 //! the returned CA only if it has that same fingerprint.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use novacron_common::api::{ApiError, EnrollRequest, EnrollResponse};
+use novacron_common::files;
 use novacron_common::pki::{self, Fingerprint, Identity};
 use novacron_common::tls;
 use serde::{Deserialize, Serialize};
@@ -304,34 +303,23 @@ fn read(path: &Path) -> Result<String, EnrollError> {
 }
 
 fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), EnrollError> {
-    let err = |source| EnrollError::Io {
+    files::write_atomic(path, contents, mode).map_err(|source| EnrollError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(contents.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), EnrollError> {
-    let err = |source| EnrollError::Io {
+    files::create_private_dir(dir).map_err(|source| EnrollError::Io {
         path: dir.to_path_buf(),
         source,
-    };
-    fs::create_dir_all(dir).map_err(err)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

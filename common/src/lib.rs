@@ -4,10 +4,12 @@
 
 pub mod api;
 pub mod backoff;
+pub mod files;
 pub mod fleet;
 pub mod manifest;
 pub mod pki;
 pub mod reconcile;
 pub mod scheduler;
+pub mod signal;
 pub mod tls;
 pub mod wire;

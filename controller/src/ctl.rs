@@ -320,7 +320,7 @@ async fn serve(data_dir: &Path, args: ServeArgs) -> i32 {
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(%error, "cannot notify systemd of readiness");
     }
-    crate::signal::shutdown_signal().await;
+    novacron_common::signal::shutdown_signal().await;
     info!("stopping on signal");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     controller.shutdown().await;

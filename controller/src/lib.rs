@@ -12,7 +12,6 @@ pub mod link;
 pub mod pki_files;
 pub mod registry;
 pub mod server;
-pub mod signal;
 pub mod store;
 pub mod tokens;
 pub mod workloads;

@@ -2,11 +2,10 @@
 //! admin certificate, under `<data_dir>/pki/`. Private keys are written with mode 0600.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use novacron_common::files;
 use novacron_common::pki::{self, CertAndKey, Fingerprint, Identity, Role, Validity};
 
 /// Lifetime of the controller's server certificate.
@@ -169,34 +168,23 @@ pub fn read(path: &Path) -> Result<String, PkiFilesError> {
 
 /// Writes `contents` to `path` atomically (temporary file, then rename) with `mode`.
 pub fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiFilesError> {
-    let err = |source| PkiFilesError::Write {
+    files::write_atomic(path, contents, mode).map_err(|source| PkiFilesError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(contents.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), PkiFilesError> {
-    let err = |source| PkiFilesError::Write {
+    files::create_private_dir(dir).map_err(|source| PkiFilesError::Write {
         path: dir.to_path_buf(),
         source,
-    };
-    fs::create_dir_all(dir).map_err(err)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -319,7 +319,7 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
             .map(|d| d.saturating_sub(started.elapsed()))
             .unwrap_or(Duration::from_secs(86_400 * 365));
         tokio::select! {
-            _ = crate::signal::shutdown_signal() => break,
+            _ = novacron_common::signal::shutdown_signal() => break,
             _ = tokio::time::sleep(until_end) => break,
             _ = tick.tick() => {
                 if args.every.is_zero() { continue; }

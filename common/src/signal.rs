@@ -1,4 +1,4 @@
-//! Process signals.
+//! Process signals, for the binaries' clean shutdown.
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
