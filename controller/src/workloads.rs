@@ -521,8 +521,19 @@ impl Workloads {
         for change in &plan.jobs {
             self.apply_job_change(&mut st, change, wall);
         }
-        for req in &plan.place {
-            self.place(&mut st, req, &nodes, now_ms);
+        if !plan.place.is_empty() {
+            // One snapshot per pass; each outcome is committed into it, so later
+            // requests see the earlier placements and preemptions.
+            match scheduling_snapshot(&st, &nodes) {
+                Ok(mut snapshot) => {
+                    for req in &plan.place {
+                        self.place(&mut st, &mut snapshot, req, now_ms);
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "inconsistent scheduling snapshot; retrying next tick");
+                }
+            }
         }
         gc_terminal(&mut st);
         drop(st);
@@ -607,8 +618,8 @@ impl Workloads {
     fn place(
         &self,
         st: &mut State,
+        snapshot: &mut scheduler::Snapshot,
         req: &PlaceRequest,
-        nodes: &[novacron_common::api::NodeView],
         now_ms: u64,
     ) {
         let Some(entry) = st.jobs.get(&req.job) else {
@@ -617,39 +628,24 @@ impl Workloads {
         let Some(job) = entry.parsed.get(&req.version).cloned() else {
             return;
         };
-        let snapshot_nodes: Vec<scheduler::NodeInfo> = nodes
-            .iter()
-            .map(|n| scheduler::NodeInfo {
-                name: n.name.clone(),
-                labels: n.labels.clone(),
-                capacity: n.capacity.clone(),
-                ready: n.status == NodeStatus::Ready,
-            })
-            .collect();
-        let existing: Vec<scheduler::Placed> = st
-            .allocs
-            .values()
-            .filter(|a| a.desired_run && !a.state.is_terminal())
-            .map(|a| scheduler::Placed {
-                alloc_id: a.id.clone(),
-                job: a.job.clone(),
-                node: a.node.clone(),
-                cpu_millis: a.cpu_millis,
-                memory_bytes: a.memory_bytes,
-                gpu_uuids: a.gpu_uuids.clone(),
-                priority: a.priority,
-            })
-            .collect();
         let mut request = scheduler::Request::from_spec(&job.name, &job.spec, req.count);
         request.node = req.node.clone();
-        let snapshot = match scheduler::Snapshot::new(snapshot_nodes, existing) {
-            Ok(s) => s,
-            Err(error) => {
-                warn!(job = %req.job, %error, "inconsistent scheduling snapshot; retrying next tick");
-                return;
-            }
-        };
-        let outcome = scheduler::schedule(&snapshot, &request);
+        let outcome = scheduler::schedule(snapshot, &request);
+        let ids: Vec<String> = outcome
+            .assignments
+            .iter()
+            .map(|_| {
+                format!(
+                    "{}-{:012x}",
+                    req.job,
+                    rand::random::<u64>() & 0xffff_ffff_ffff
+                )
+            })
+            .collect();
+        if let Err(error) = snapshot.commit(&request, &outcome, &ids) {
+            warn!(job = %req.job, %error, "scheduling outcome does not fit the snapshot; retrying next tick");
+            return;
+        }
         for victim in &outcome.preemptions {
             if let Some(a) = st.allocs.get_mut(victim) {
                 a.desired_run = false;
@@ -663,12 +659,7 @@ impl Workloads {
             st.dirty_allocs.insert(victim.clone());
         }
         let task = job.task_spec();
-        for p in &outcome.assignments {
-            let id = format!(
-                "{}-{:012x}",
-                req.job,
-                rand::random::<u64>() & 0xffff_ffff_ffff
-            );
+        for (p, id) in outcome.assignments.iter().zip(ids) {
             let record = AllocRecord {
                 id: id.clone(),
                 job: req.job.clone(),
@@ -782,6 +773,38 @@ impl Workloads {
         // Every mutation leaves the state consistent at each statement.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The scheduler's view: every node, and the allocations holding resources.
+fn scheduling_snapshot(
+    st: &State,
+    nodes: &[novacron_common::api::NodeView],
+) -> Result<scheduler::Snapshot, scheduler::SnapshotError> {
+    let known: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    let snapshot_nodes: Vec<scheduler::NodeInfo> = nodes
+        .iter()
+        .map(|n| scheduler::NodeInfo {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            capacity: n.capacity.clone(),
+            ready: n.status == NodeStatus::Ready,
+        })
+        .collect();
+    let existing: Vec<scheduler::Placed> = st
+        .allocs
+        .values()
+        .filter(|a| a.desired_run && !a.state.is_terminal() && known.contains(a.node.as_str()))
+        .map(|a| scheduler::Placed {
+            alloc_id: a.id.clone(),
+            job: a.job.clone(),
+            node: a.node.clone(),
+            cpu_millis: a.cpu_millis,
+            memory_bytes: a.memory_bytes,
+            gpu_uuids: a.gpu_uuids.clone(),
+            priority: a.priority,
+        })
+        .collect();
+    scheduler::Snapshot::new(snapshot_nodes, existing)
 }
 
 #[allow(clippy::too_many_arguments)]
