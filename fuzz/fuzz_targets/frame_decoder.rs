@@ -32,7 +32,10 @@ where
         stable(&msg);
     }
     if let Ok(Some((msg, used))) = decode_frame::<T>(data) {
-        assert!(used >= 4 && used <= data.len(), "frame length {used} outside the input");
+        assert!(
+            used >= 4 && used <= data.len(),
+            "frame length {used} outside the input"
+        );
         stable(&msg);
     }
     // A stream of frames: each step must consume at least a length prefix.

@@ -13,8 +13,11 @@
 //! window (`POST /v1/stats/reset-latency`), and measures for `--duration`: the
 //! controller's CPU (utime + stime from `/proc/<pid>/stat`, as a share of one core)
 //! and RSS (`VmRSS`, sampled every second), the load generator's own CPU and RSS
-//! (it runs on the same cores), host CPU use, UDP receive-buffer errors, and at the
-//! end `GET /v1/stats`. It prints a table and one JSON line.
+//! (it runs on the same cores), host CPU use and what all other processes used,
+//! datagrams dropped at the controller's socket and at the load generator's sockets
+//! (`/proc/net/udp`; the load generator asks for 4 MiB socket buffers so that it is
+//! not the one dropping), and at the end `GET /v1/stats`. It prints a table and one
+//! JSON line.
 //!
 //! Every loop is bounded in time; the controller child is stopped on every exit path
 //! (a guard stops it on error and on panic).
@@ -93,6 +96,11 @@ struct Args {
     /// QUIC handshakes (up to `Welcome`) in flight at once.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Receive and send buffer asked for on each load-generator UDP socket, bytes
+    /// (the kernel caps it at net.core.rmem_max / wmem_max), so that the load
+    /// generator's own sockets are not where datagrams get dropped.
+    #[arg(long, default_value_t = 4 << 20)]
+    socket_buffer: usize,
     /// Longest time allowed for enrolling and connecting all agents.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     setup_timeout: Duration,
@@ -163,9 +171,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let _stop_on_exit = stop.clone().drop_guard();
     let endpoints = (0..args.agents.div_ceil(args.connections_per_endpoint))
-        .map(|_| quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot open a UDP socket for the load generator")?;
+        .map(|_| client_endpoint(args.socket_buffer))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let epoch = tokio::time::Instant::now();
     let connect_limit = Arc::new(Semaphore::new(args.connect_concurrency));
     let connect_started = Instant::now();
@@ -252,6 +259,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     let before = get_json::<ControllerStats>(&admin, &stats_url).await?;
     let pid = controller.pid();
+    let controller_port = [controller.quic_addr.port()];
+    let loadgen_ports = endpoints
+        .iter()
+        .map(|e| e.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let drops_before = (
+        socket_drops(&controller_port)?,
+        socket_drops(&loadgen_ports)?,
+    );
     let start = Probe::take(pid)?;
     let sent_before = counters.sent.load(Ordering::Relaxed);
     let disconnects_before = counters.disconnected.load(Ordering::Relaxed);
@@ -270,6 +286,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let end = Probe::take(pid)?;
+    let drops_after = (
+        socket_drops(&controller_port)?,
+        socket_drops(&loadgen_ports)?,
+    );
     let after = get_json::<ControllerStats>(&admin, &stats_url).await?;
     let sent = counters.sent.load(Ordering::Relaxed) - sent_before;
     let disconnects = counters.disconnected.load(Ordering::Relaxed) - disconnects_before;
@@ -324,6 +344,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         controller_rss_median_mb: mb(median(&controller_rss)),
         controller_rss_max_mb: mb(controller_rss.iter().copied().max().unwrap_or(0)),
+        controller_rss_growth_mb_per_min: match (controller_rss.first(), controller_rss.last()) {
+            (Some(&first), Some(&last)) => (mb(last) - mb(first)) * 60.0 / wall,
+            _ => 0.0,
+        },
         loadgen_cpu_percent: cpu_percent(end.own_ticks - start.own_ticks, clk_tck, wall),
         loadgen_rss_median_mb: mb(median(&own_rss)),
         host_cpu_busy_percent: end.host.busy_percent_since(&start.host),
@@ -331,6 +355,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             - cpu_percent(end.controller_ticks - start.controller_ticks, clk_tck, wall)
             - cpu_percent(end.own_ticks - start.own_ticks, clk_tck, wall))
         .max(0.0),
+        controller_socket_drops: drops_after.0.saturating_sub(drops_before.0),
+        loadgen_socket_drops: drops_after.1.saturating_sub(drops_before.1),
         udp_rcvbuf_errors: end
             .udp
             .rcvbuf_errors
@@ -368,10 +394,13 @@ struct Report {
     controller_cpu_percent: f64,
     controller_rss_median_mb: f64,
     controller_rss_max_mb: f64,
+    controller_rss_growth_mb_per_min: f64,
     loadgen_cpu_percent: f64,
     loadgen_rss_median_mb: f64,
     host_cpu_busy_percent: f64,
     other_cpu_percent: f64,
+    controller_socket_drops: u64,
+    loadgen_socket_drops: u64,
     udp_rcvbuf_errors: u64,
     udp_in_errors: u64,
     cores: usize,
@@ -448,8 +477,10 @@ impl Report {
             (
                 "controller RSS median / max",
                 format!(
-                    "{:.1} MB / {:.1} MB",
-                    self.controller_rss_median_mb, self.controller_rss_max_mb
+                    "{:.1} MB / {:.1} MB (growing {:.1} MB/min)",
+                    self.controller_rss_median_mb,
+                    self.controller_rss_max_mb,
+                    self.controller_rss_growth_mb_per_min
                 ),
             ),
             (
@@ -474,6 +505,13 @@ impl Report {
             (
                 "UDP RcvbufErrors / InErrors",
                 format!("{} / {}", self.udp_rcvbuf_errors, self.udp_in_errors),
+            ),
+            (
+                "datagrams dropped: controller / loadgen",
+                format!(
+                    "{} / {} (socket receive buffers full)",
+                    self.controller_socket_drops, self.loadgen_socket_drops
+                ),
             ),
         ];
         println!();
@@ -779,6 +817,22 @@ fn realistic_sample(index: usize) -> NodeSample {
         uptime_secs: 86_400 + jitter,
         allocations: Vec::new(),
     }
+}
+
+/// A client endpoint on a loopback UDP socket with `buffer` bytes of socket buffers.
+fn client_endpoint(buffer: usize) -> anyhow::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .context("cannot open a UDP socket for the load generator")?;
+    socket.set_recv_buffer_size(buffer)?;
+    socket.set_send_buffer_size(buffer)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 /// The QUIC client configuration of one fake agent, with the controller's default
@@ -1173,6 +1227,27 @@ impl UdpErrors {
             rcvbuf_errors: find("RcvbufErrors"),
         })
     }
+}
+
+/// Datagrams dropped by the loopback UDP sockets bound to `ports` (the `drops`
+/// column of `/proc/net/udp`, cumulative since each socket was opened).
+fn socket_drops(ports: &[u16]) -> anyhow::Result<u64> {
+    let text = read(Path::new("/proc/net/udp"))?;
+    let mut total = 0;
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = fields
+            .get(1)
+            .and_then(|local| local.split_once(':'))
+            .and_then(|(_, port)| u16::from_str_radix(port, 16).ok());
+        if port.is_some_and(|p| ports.contains(&p)) {
+            total += fields
+                .last()
+                .and_then(|d| d.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`), 100 when it cannot be asked.
