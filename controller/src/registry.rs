@@ -56,6 +56,19 @@ pub struct IngestOutcome {
     pub missed: u64,
 }
 
+/// A node as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementNode {
+    /// Name.
+    pub name: String,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Allocatable resources.
+    pub capacity: novacron_common::wire::Capacity,
+}
+
 /// Registry errors.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -251,9 +264,13 @@ impl Registry {
         r.capabilities = hello.capabilities.clone();
         r.agent_version = hello.agent_version.clone();
         r.last_seen_unix_ms = Some(unix_ms(wall));
-        self.store.upsert_node(r)?;
+        let record = r.clone();
+        let next_seq = state.mark.next_seq;
+        // Persist without holding the registry lock: ingest must not wait on disk.
+        drop(inner);
+        self.store.upsert_node(&record)?;
         info!(node = name, %address, conn = conn_id, "node connected");
-        Ok((conn_id, state.mark.next_seq))
+        Ok((conn_id, next_seq))
     }
 
     /// Records that connection `conn_id` of `name` ended.
@@ -391,6 +408,26 @@ impl Registry {
         let mut views: Vec<_> = inner.nodes.values().map(|s| self.view_of(s, now)).collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
+    }
+
+    /// What placement needs of every node (no samples), sorted by name. Cheap:
+    /// the reconcile loop calls it every tick while agents keep ingesting.
+    pub fn placement_nodes(&self, now: Instant) -> Vec<PlacementNode> {
+        let mut nodes: Vec<PlacementNode> = {
+            let inner = self.lock();
+            inner
+                .nodes
+                .values()
+                .map(|s| PlacementNode {
+                    name: s.record.name.clone(),
+                    status: self.status_of(s, now),
+                    labels: s.record.labels.clone(),
+                    capacity: s.record.capacity.clone(),
+                })
+                .collect()
+        };
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
     }
 
     /// One node as the API shows it.

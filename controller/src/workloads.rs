@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::registry::{Registry, unix_ms};
+use crate::registry::{PlacementNode, Registry, unix_ms};
 use crate::store::{AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, Store, StoreError};
 
 /// How often the reconciler runs without a wake-up.
@@ -333,9 +333,12 @@ impl Workloads {
                 .0,
             });
         let rx = entry.tx.subscribe();
-        drop(st);
-        // Make sure the first value is computed from the current allocations.
-        self.publish();
+        // The first value comes from the current allocations; only this node's set
+        // is computed, so a reconnect storm stays linear.
+        let specs = desired_specs(&st, Some(node))
+            .remove(node)
+            .unwrap_or_default();
+        send_if_changed(st.nodes.get_mut(node), specs);
         rx
     }
 
@@ -452,7 +455,7 @@ impl Workloads {
     /// One reconcile pass: decide, apply, persist, publish.
     pub fn tick(&self, now: Instant, wall: SystemTime) -> Result<(), StoreError> {
         let now_ms = unix_ms(wall);
-        let nodes = self.registry.views(now);
+        let nodes = self.registry.placement_nodes(now);
         let mut st = self.lock();
         let job_views: Vec<JobView> = st
             .jobs
@@ -730,42 +733,9 @@ impl Workloads {
     /// Recomputes every node's desired set and sends those that changed.
     fn publish(&self) {
         let mut st = self.lock();
-        let mut per_node: BTreeMap<String, Vec<AllocationSpec>> = BTreeMap::new();
-        for a in st
-            .allocs
-            .values()
-            .filter(|a| a.desired_run && !a.state.is_terminal())
-        {
-            let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
-                continue;
-            };
-            let mut task = job.task_spec();
-            task.gpu_uuids = a.gpu_uuids.clone();
-            per_node
-                .entry(a.node.clone())
-                .or_default()
-                .push(AllocationSpec {
-                    id: a.id.clone(),
-                    job: a.job.clone(),
-                    job_version: a.version,
-                    task,
-                });
-        }
+        let mut per_node = desired_specs(&st, None);
         for (name, desired) in st.nodes.iter_mut() {
-            let specs = per_node.remove(name).unwrap_or_default();
-            let key: Vec<(String, u64)> = specs
-                .iter()
-                .map(|s| (s.id.clone(), s.job_version))
-                .collect();
-            if key == desired.key && desired.generation > 0 {
-                continue;
-            }
-            desired.generation += 1;
-            desired.key = key;
-            let _ = desired.tx.send(Arc::new(DesiredAllocations {
-                generation: desired.generation,
-                allocations: specs,
-            }));
+            send_if_changed(Some(desired), per_node.remove(name).unwrap_or_default());
         }
     }
 
@@ -775,10 +745,54 @@ impl Workloads {
     }
 }
 
+/// The allocations each node should run (only `only`'s when given).
+fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<AllocationSpec>> {
+    let mut per_node: BTreeMap<String, Vec<AllocationSpec>> = BTreeMap::new();
+    for a in st
+        .allocs
+        .values()
+        .filter(|a| a.desired_run && !a.state.is_terminal() && only.is_none_or(|n| a.node == n))
+    {
+        let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
+            continue;
+        };
+        let mut task = job.task_spec();
+        task.gpu_uuids = a.gpu_uuids.clone();
+        per_node
+            .entry(a.node.clone())
+            .or_default()
+            .push(AllocationSpec {
+                id: a.id.clone(),
+                job: a.job.clone(),
+                job_version: a.version,
+                task,
+            });
+    }
+    per_node
+}
+
+/// Sends `specs` to the node's channel with a new generation if they changed.
+fn send_if_changed(desired: Option<&mut NodeDesired>, specs: Vec<AllocationSpec>) {
+    let Some(desired) = desired else { return };
+    let key: Vec<(String, u64)> = specs
+        .iter()
+        .map(|s| (s.id.clone(), s.job_version))
+        .collect();
+    if key == desired.key && desired.generation > 0 {
+        return;
+    }
+    desired.generation += 1;
+    desired.key = key;
+    let _ = desired.tx.send(Arc::new(DesiredAllocations {
+        generation: desired.generation,
+        allocations: specs,
+    }));
+}
+
 /// The scheduler's view: every node, and the allocations holding resources.
 fn scheduling_snapshot(
     st: &State,
-    nodes: &[novacron_common::api::NodeView],
+    nodes: &[PlacementNode],
 ) -> Result<scheduler::Snapshot, scheduler::SnapshotError> {
     let known: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
     let snapshot_nodes: Vec<scheduler::NodeInfo> = nodes
