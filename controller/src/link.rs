@@ -97,10 +97,41 @@ pub fn bind(
         .map_err(|e| LinkError::Quic(e.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server_config.transport_config(Arc::new(transport_config(&config.liveness)));
-    quinn::Endpoint::server(server_config, config.listen).map_err(|source| LinkError::Bind {
+    let bind_err = |source| LinkError::Bind {
         addr: config.listen,
         source,
-    })
+    };
+    let socket = udp_socket(config.listen).map_err(bind_err)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        bind_err(std::io::Error::other(
+            "no async runtime for the QUIC endpoint",
+        ))
+    })?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        runtime,
+    )
+    .map_err(bind_err)
+}
+
+/// Receive buffer asked for the agent link's socket: bursts from thousands of
+/// agents must not overflow the kernel's default (about 208 KiB). The kernel caps
+/// it at `net.core.rmem_max`.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(error) = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES) {
+        warn!(%error, "cannot enlarge the agent link's receive buffer");
+    }
+    if let Err(error) = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES) {
+        warn!(%error, "cannot enlarge the agent link's send buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Shared state of the connection handlers.
