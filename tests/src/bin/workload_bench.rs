@@ -56,12 +56,22 @@ async fn main() -> Result<()> {
 }
 
 async fn round_trip(round: usize, replicas: u32) -> Result<(Duration, Duration)> {
-    let dir = tempfile::Builder::new().prefix("novacron-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-bench-")
+        .tempdir()?;
     let controller = Controller::start(dir.path(), &[]).await?;
     let mut agents = Vec::new();
     for (i, zone) in ["a", "b"].iter().enumerate() {
         let name = format!("bench-{round}-{i}");
-        agents.push(Agent::join_and_run(dir.path(), &controller, &name, &["--label", &format!("zone={zone}")]).await?);
+        agents.push(
+            Agent::join_and_run(
+                dir.path(),
+                &controller,
+                &name,
+                &["--label", &format!("zone={zone}")],
+            )
+            .await?,
+        );
     }
     for a in &agents {
         wait_for(Duration::from_secs(20), "agent ready", || async {
@@ -93,7 +103,9 @@ spec:
         let c_api = c.api();
         let client = c.admin_client();
         async move {
-            let Ok(client) = client else { return Vec::new() };
+            let Ok(client) = client else {
+                return Vec::new();
+            };
             let detail: Option<novacron_controller::workloads::JobDetail> = async {
                 client
                     .get(format!("{c_api}/v1/jobs/{job}"))
@@ -117,7 +129,10 @@ spec:
     };
     let start = Instant::now();
     controller.apply("bench.yaml", &manifest).await?;
-    poll(Duration::from_secs(60), || async { running(&controller).await.len() == replicas as usize }).await?;
+    poll(Duration::from_secs(60), || async {
+        running(&controller).await.len() == replicas as usize
+    })
+    .await?;
     let apply = start.elapsed();
 
     let victim = agents[0].name.clone();
@@ -133,9 +148,14 @@ spec:
     .await?;
     let failover = killed.elapsed();
 
-    for id in docker(&["ps", "-aq", "--filter", &format!("label=novacron.job={job}")])
-        .context("docker ps")?
-        .lines()
+    for id in docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=novacron.job={job}"),
+    ])
+    .context("docker ps")?
+    .lines()
     {
         let _ = docker(&["rm", "-f", id]);
     }
