@@ -406,6 +406,27 @@ fn reconcile_service(
         }
         return;
     }
+    // Canaries: with `canary: N`, the new version first runs N replicas beside all
+    // the old ones; the rolling replacement starts only once they have all been
+    // healthy for `min_healthy_time` (automatic promotion). The canary phase lasts
+    // while no old replica has been replaced yet.
+    let canaries = job.update.canary;
+    if canaries > 0 && old.len() as u32 >= job.replicas {
+        if (new.len() as u32) < canaries {
+            if may_place {
+                plan.place.push(PlaceRequest {
+                    job: job.name.clone(),
+                    version: job.version,
+                    count: canaries - new.len() as u32,
+                    node: None,
+                });
+            }
+            return;
+        }
+        if !new.iter().all(|a| healthy_for_long_enough(a)) {
+            return;
+        }
+    }
     let in_flight = new.iter().filter(|a| !healthy_for_long_enough(a)).count() as u32;
     let budget = job.update.max_parallel.saturating_sub(in_flight);
     // Replace broken old allocations first, then the oldest.
@@ -608,6 +629,65 @@ mod tests {
         let plan = run(&[j], &allocs, &[node("n1", NodeStatus::Ready)], 104_500);
         assert_eq!(plan.stop.len(), 1);
         assert_eq!(plan.place[0].count, 1);
+    }
+
+    #[test]
+    fn canaries_run_beside_the_old_version_until_healthy_then_the_rollout_proceeds() {
+        let mut j = job("api", JobType::Service, 3, 2);
+        j.stable_version = Some(1);
+        j.update.canary = 1;
+        let old: Vec<AllocView> = (0..3)
+            .map(|i| alloc(&format!("o{i}"), "api", 1, "n1", AllocState::Running))
+            .collect();
+        let nodes = [node("n1", NodeStatus::Ready)];
+        // Phase 1: one canary, nothing stopped.
+        let plan = run(std::slice::from_ref(&j), &old, &nodes, 100_000);
+        assert!(plan.stop.is_empty(), "{plan:?}");
+        assert_eq!(
+            plan.place,
+            vec![PlaceRequest {
+                job: "api".into(),
+                version: 2,
+                count: 1,
+                node: None
+            }]
+        );
+        // The canary is not healthy long enough yet: wait, nothing stopped.
+        let mut canary = alloc("c0", "api", 2, "n1", AllocState::Running);
+        canary.created_ms = 99_000;
+        canary.healthy_since_ms = Some(99_000);
+        let mut allocs = old.clone();
+        allocs.push(canary);
+        let plan = run(std::slice::from_ref(&j), &allocs, &nodes, 100_000);
+        assert!(plan.stop.is_empty() && plan.place.is_empty(), "{plan:?}");
+        // Healthy: promoted, the rolling replacement of the old version begins
+        // (one old out, one new in; the canary stays as the surge).
+        let plan = run(std::slice::from_ref(&j), &allocs, &nodes, 104_500);
+        assert_eq!(plan.stop.len(), 1, "{plan:?}");
+        assert_eq!(plan.place[0].count, 1, "{plan:?}");
+        // The last old replica goes without a replacement: 3 replicas in the end.
+        let mut end: Vec<AllocView> = (0..3)
+            .map(|i| {
+                let mut a = alloc(&format!("n{i}"), "api", 2, "n1", AllocState::Running);
+                a.healthy_since_ms = Some(0);
+                a
+            })
+            .collect();
+        end.push(alloc("o2", "api", 1, "n1", AllocState::Running));
+        let plan = run(std::slice::from_ref(&j), &end, &nodes, 104_500);
+        assert_eq!(plan.stop.len(), 1, "{plan:?}");
+        assert!(plan.place.is_empty(), "{plan:?}");
+        // A failing canary reverts like any new replica.
+        let mut bad = alloc("c1", "api", 2, "n1", AllocState::Running);
+        bad.healthy = Some(false);
+        bad.healthy_since_ms = None;
+        let mut allocs = old.clone();
+        allocs.push(bad);
+        let plan = run(std::slice::from_ref(&j), &allocs, &nodes, 100_000);
+        assert!(
+            matches!(&plan.jobs[0], JobChange::Revert { .. }),
+            "{plan:?}"
+        );
     }
 
     #[test]
