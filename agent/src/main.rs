@@ -5,13 +5,7 @@ use novacron_agent::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    novacron_common::logging::init("info");
     // One worker thread: the agent's work is small and its footprint matters.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -6,6 +6,7 @@ pub mod api;
 pub mod backoff;
 pub mod files;
 pub mod fleet;
+pub mod logging;
 pub mod manifest;
 pub mod pki;
 pub mod reconcile;
