@@ -5,6 +5,8 @@
 //! The binaries must be built first: `cargo build --workspace --bins` (the README's
 //! test command does this).
 
+pub mod procfs;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -48,6 +48,9 @@ use novacron_common::wire::{
 };
 use novacron_controller::api::{TokenRequest, TokenResponse};
 use novacron_controller::{link, tokens};
+use novacron_tests::procfs::{
+    clock_ticks_per_sec, cpu_ticks, mb, median, read, sibling_binary, status_field,
+};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -279,8 +282,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("measuring for {:?}", args.duration);
     loop {
         tick.tick().await;
-        controller_rss.push(rss_kib(&format!("/proc/{pid}/status"))?);
-        own_rss.push(rss_kib("/proc/self/status")?);
+        controller_rss.push(status_field(&format!("/proc/{pid}/status"), "VmRSS")?);
+        own_rss.push(status_field("/proc/self/status", "VmRSS")?);
         if Instant::now() >= window_end {
             break;
         }
@@ -1098,23 +1101,6 @@ fn ensure_initialized(bin: &Path, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `name` in the directory of the running binary (`target/release` under cargo).
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate this binary")?;
-    let path = exe.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} not found; build it with `cargo build --release --bins` or pass --controller-bin",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
 /// CPU counters taken at one instant.
 #[derive(Debug)]
 struct Probe {
@@ -1135,34 +1121,6 @@ impl Probe {
             udp: UdpErrors::read()?,
         })
     }
-}
-
-/// utime + stime of a process, in clock ticks, from a `/proc/<pid>/stat` file.
-fn cpu_ticks(stat_path: &str) -> anyhow::Result<u64> {
-    let text = read(Path::new(stat_path))?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("unexpected /proc stat format")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> anyhow::Result<u64> {
-        Ok(fields
-            .get(n - 3)
-            .context("short /proc stat line")?
-            .parse()?)
-    };
-    Ok(field(14)? + field(15)?)
-}
-
-/// `VmRSS` of a process in KiB, from a `/proc/<pid>/status` file.
-fn rss_kib(status_path: &str) -> anyhow::Result<u64> {
-    let text = read(Path::new(status_path))?;
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS line")?;
-    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
 }
 
 /// Whole-host CPU time from the first line of `/proc/stat`.
@@ -1250,31 +1208,8 @@ fn socket_drops(ports: &[u16]) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// Clock ticks per second (`getconf CLK_TCK`), 100 when it cannot be asked.
-fn clock_ticks_per_sec() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(100)
-}
-
 fn cpu_percent(ticks: u64, clk_tck: u64, wall_secs: f64) -> f64 {
     100.0 * ticks as f64 / clk_tck as f64 / wall_secs
-}
-
-fn median(values: &[u64]) -> u64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0)
-}
-
-/// KiB to decimal megabytes.
-fn mb(kib: u64) -> f64 {
-    kib as f64 * 1024.0 / 1e6
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

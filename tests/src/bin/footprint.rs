@@ -36,6 +36,9 @@ use novacron_common::api::ControllerStats;
 use novacron_common::pki::{self, Fingerprint};
 use novacron_common::tls;
 use novacron_controller::api::{TokenRequest, TokenResponse};
+use novacron_tests::procfs::{
+    clock_ticks_per_sec, cpu_ticks, kib_field, mb, median, read, sibling_binary, status_field,
+};
 use serde::Serialize;
 
 /// The agent's RSS target, bytes (15 MB).
@@ -250,8 +253,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Measurement window.
     let start = (
         Instant::now(),
-        cpu_ticks(agent.pid())?,
-        cpu_ticks(exporter.pid())?,
+        cpu_ticks(&format!("/proc/{}/stat", agent.pid()))?,
+        cpu_ticks(&format!("/proc/{}/stat", exporter.pid()))?,
         scrapes.ok.load(Ordering::Relaxed),
     );
     let mut agent_rss = Vec::new();
@@ -261,15 +264,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("measuring for {:?}", args.duration);
     loop {
         tick.tick().await;
-        agent_rss.push(status_kib(agent.pid(), "VmRSS")?);
-        exporter_rss.push(status_kib(exporter.pid(), "VmRSS")?);
+        agent_rss.push(status_field(
+            &format!("/proc/{}/status", agent.pid()),
+            "VmRSS",
+        )?);
+        exporter_rss.push(status_field(
+            &format!("/proc/{}/status", exporter.pid()),
+            "VmRSS",
+        )?);
         if Instant::now() >= window_end {
             break;
         }
     }
     let wall = start.0.elapsed().as_secs_f64();
-    let agent_ticks = cpu_ticks(agent.pid())? - start.1;
-    let exporter_ticks = cpu_ticks(exporter.pid())? - start.2;
+    let agent_ticks = cpu_ticks(&format!("/proc/{}/stat", agent.pid()))? - start.1;
+    let exporter_ticks = cpu_ticks(&format!("/proc/{}/stat", exporter.pid()))? - start.2;
     let scrapes_ok = scrapes.ok.load(Ordering::Relaxed) - start.3;
     let after: ControllerStats = admin
         .get(&stats_url)
@@ -444,11 +453,11 @@ impl Detail {
     fn read(pid: u32) -> anyhow::Result<Detail> {
         let rollup = read(Path::new(&format!("/proc/{pid}/smaps_rollup"))).unwrap_or_default();
         Ok(Detail {
-            hwm_kib: status_kib(pid, "VmHWM")?,
-            anon_kib: status_kib(pid, "RssAnon")?,
-            file_kib: status_kib(pid, "RssFile")?,
+            hwm_kib: status_field(&format!("/proc/{pid}/status"), "VmHWM")?,
+            anon_kib: status_field(&format!("/proc/{pid}/status"), "RssAnon")?,
+            file_kib: status_field(&format!("/proc/{pid}/status"), "RssFile")?,
             pss_kib: kib_field(&rollup, "Pss").unwrap_or(0),
-            threads: status_kib(pid, "Threads")?,
+            threads: status_field(&format!("/proc/{pid}/status"), "Threads")?,
         })
     }
 }
@@ -653,77 +662,6 @@ fn https_client(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<r
 fn free_tcp_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe socket")?;
     Ok(listener.local_addr()?.port())
-}
-
-/// `name` in the directory of the running binary (`target/release` under cargo).
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate this binary")?;
-    let path = exe.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} not found; build it with `cargo build --release --bins` or pass its path",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// utime + stime of `pid` in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let text = read(Path::new(&format!("/proc/{pid}/stat")))?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("unexpected /proc stat format")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> anyhow::Result<u64> {
-        Ok(fields
-            .get(n - 3)
-            .context("short /proc stat line")?
-            .parse()?)
-    };
-    Ok(field(14)? + field(15)?)
-}
-
-/// A numeric field of `/proc/<pid>/status` (kB values in KiB; counts as they are).
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let text = read(Path::new(&format!("/proc/{pid}/status")))?;
-    kib_field(&text, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-fn kib_field(text: &str, field: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let (key, value) = l.split_once(':')?;
-        (key == field).then(|| value.trim().trim_end_matches("kB").trim().parse().ok())?
-    })
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`), 100 when it cannot be asked.
-fn clock_ticks_per_sec() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(100)
-}
-
-fn median(values: &[u64]) -> u64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0)
-}
-
-/// KiB to decimal megabytes.
-fn mb(kib: u64) -> f64 {
-    kib as f64 * 1024.0 / 1e6
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
