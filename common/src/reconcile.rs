@@ -434,25 +434,16 @@ fn reconcile_service(
     old_sorted.sort_by_key(|a| (healthy_for_long_enough(a), a.created_ms, a.id.clone()));
     let total_live = new.len() as u32 + old.len() as u32;
     let mut to_place = job.replicas.saturating_sub(total_live);
-    let mut stops = 0;
     for a in old_sorted.iter().take(budget as usize) {
-        if new.len() as u32 + to_place >= job.replicas {
-            // Surplus old allocations go without a replacement.
-            plan.stop.push((
-                a.id.clone(),
-                format!("rolling update to version {}", job.version),
-            ));
-            stops += 1;
-            continue;
-        }
         plan.stop.push((
             a.id.clone(),
             format!("rolling update to version {}", job.version),
         ));
-        stops += 1;
-        to_place += 1;
+        // A replacement, unless the old allocation was surplus.
+        if (new.len() as u32 + to_place) < job.replicas {
+            to_place += 1;
+        }
     }
-    let _ = stops;
     if to_place > 0 && may_place {
         plan.place.push(PlaceRequest {
             job: job.name.clone(),

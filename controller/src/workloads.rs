@@ -348,16 +348,8 @@ impl Workloads {
         let mut st = self.lock();
         let mut changed = false;
         let reported: BTreeSet<&str> = report.allocations.iter().map(|a| a.id.as_str()).collect();
-        let has_check: BTreeMap<String, bool> = st
-            .jobs
-            .values()
-            .flat_map(|e| {
-                e.parsed
-                    .iter()
-                    .map(move |(v, j)| (format!("{}@{v}", e.record.name), j.spec.health.is_some()))
-            })
-            .collect();
         let State {
+            jobs,
             allocs,
             failures,
             dirty_allocs,
@@ -389,10 +381,10 @@ impl Workloads {
             a.restarts = status.restarts;
             a.exit_code = status.exit_code;
             a.message = status.message.clone();
-            let checked = has_check
-                .get(&format!("{}@{}", a.job, a.version))
-                .copied()
-                .unwrap_or(false);
+            let checked = jobs
+                .get(&a.job)
+                .and_then(|e| e.parsed.get(&a.version))
+                .is_some_and(|j| j.spec.health.is_some());
             let good = a.state == AllocState::Running
                 && (a.healthy == Some(true) || (!checked && a.healthy.is_none()));
             a.healthy_since_unix_ms = if good {

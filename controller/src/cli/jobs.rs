@@ -100,54 +100,7 @@ pub async fn run_job(
         }
         JobCommand::Status { name } => {
             let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
-            match format {
-                OutputFormat::Table => {
-                    let s = &job.summary;
-                    let text = output::key_values(
-                        "",
-                        &[
-                            ("Name", s.name.clone()),
-                            ("Type", format!("{:?}", s.job_type).to_lowercase()),
-                            ("Status", s.status.clone()),
-                            ("Version", s.version.to_string()),
-                            (
-                                "Stable version",
-                                s.stable_version
-                                    .map_or("none yet".into(), |v| v.to_string()),
-                            ),
-                            (
-                                "Replicas",
-                                format!(
-                                    "{} wanted, {} running, {} healthy",
-                                    s.replicas, s.running, s.healthy
-                                ),
-                            ),
-                            (
-                                "Submitted",
-                                format!(
-                                    "{} by {}",
-                                    output::timestamp(
-                                        now,
-                                        output::from_unix_ms(s.submitted_at_unix_ms)
-                                    ),
-                                    s.submitted_by
-                                ),
-                            ),
-                        ],
-                    );
-                    let mut body = text;
-                    if !s.message.is_empty() {
-                        body.push_str(&format!("\n{}\n", s.message));
-                    }
-                    body.push_str("\nAllocations:\n");
-                    body.push_str(&output::indented(
-                        &output::table(&job.allocations, now),
-                        "  ",
-                    ));
-                    write!(out, "{body}").map_err(output::OutputError::Io)?;
-                }
-                _ => output::write_value(out, format, &job)?,
-            }
+            output::write_one(out, format, &job, || job_detail(&job, now))?;
         }
         JobCommand::Stop { name } => {
             let () = client
@@ -196,6 +149,50 @@ pub async fn run_alloc(
         }
     }
     Ok(())
+}
+
+/// The `job status` table view.
+fn job_detail(job: &JobDetail, now: SystemTime) -> String {
+    let s = &job.summary;
+    let text = output::key_values(
+        "",
+        &[
+            ("Name", s.name.clone()),
+            ("Type", format!("{:?}", s.job_type).to_lowercase()),
+            ("Status", s.status.clone()),
+            ("Version", s.version.to_string()),
+            (
+                "Stable version",
+                s.stable_version
+                    .map_or("none yet".into(), |v| v.to_string()),
+            ),
+            (
+                "Replicas",
+                format!(
+                    "{} wanted, {} running, {} healthy",
+                    s.replicas, s.running, s.healthy
+                ),
+            ),
+            (
+                "Submitted",
+                format!(
+                    "{} by {}",
+                    output::timestamp(now, output::from_unix_ms(s.submitted_at_unix_ms)),
+                    s.submitted_by
+                ),
+            ),
+        ],
+    );
+    let mut body = text;
+    if !s.message.is_empty() {
+        body.push_str(&format!("\n{}\n", s.message));
+    }
+    body.push_str("\nAllocations:\n");
+    body.push_str(&output::indented(
+        &output::table(&job.allocations, now),
+        "  ",
+    ));
+    body
 }
 
 fn query_pairs(job: &Option<String>, node: &Option<String>) -> Vec<(&'static str, String)> {
