@@ -1,23 +1,24 @@
 //! `novacron-agent` command line: `join` and `run`.
 //!
+//! Settings come from the TOML file, the environment and the flags, in that order
+//! (flags win); [`crate::config`] merges and checks them.
+//!
 //! Exit codes: 0 success; 1 runtime failure; 2 usage error; 64 bad configuration
 //! (reported before any socket is opened); 69 the controller refused or could not
 //! be reached during `join`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use novacron_common::backoff::Backoff;
 use novacron_common::fleet::Liveness;
-use novacron_common::pki::Fingerprint;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::buffer::DEFAULT_CAPACITY;
 use crate::collect::{self, Sampler, SysinfoCollector};
+use crate::config::{self, JoinFlags, ProcessEnv, RunFlags};
 use crate::enroll::{self, EnrollError, JoinOptions, StateDir};
+use crate::exec::HostExecPolicy;
 use crate::link::{self, AgentConfig};
 use crate::runtime::{DockerRuntime, Supervisor, SupervisorConfig};
 
@@ -26,12 +27,16 @@ pub const EXIT_CONFIG: i32 = 64;
 /// Exit code when the controller refused or was unreachable.
 pub const EXIT_UNAVAILABLE: i32 = 69;
 /// Default state directory.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/novacron/agent";
+pub const DEFAULT_STATE_DIR: &str = config::DEFAULT_STATE_DIR;
 
 /// The NovaCron host agent.
 #[derive(Debug, Parser)]
 #[command(name = "novacron-agent", version, about, long_about = None)]
 pub struct Cli {
+    /// The configuration file (TOML) [env: NOVACRON_AGENT_CONFIG]
+    /// [default: /etc/novacron/agent.toml, when it exists].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -46,81 +51,116 @@ pub enum Command {
     Run(RunArgs),
 }
 
-/// `join` arguments.
+/// `join` arguments. Each one may also come from the environment or the file
+/// (see `/etc/novacron/agent.toml`); a flag wins.
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// The controller's API URL, e.g. https://controller.example:7443.
-    #[arg(long, env = "NOVACRON_CONTROLLER")]
-    pub controller: String,
-    /// The join token from `novacron-controller token create`.
-    #[arg(long, env = "NOVACRON_JOIN_TOKEN", hide_env_values = true)]
-    pub token: String,
-    /// The fleet CA fingerprint to pin, `sha256:<64 hex digits>`.
-    #[arg(long, env = "NOVACRON_CA_FINGERPRINT")]
-    pub ca_fingerprint: String,
-    /// The node name to ask for (default: this host's name, lowercased).
-    #[arg(long, env = "NOVACRON_NODE_NAME")]
+    /// The controller's API URL, e.g. https://controller.example:7443
+    /// [env: NOVACRON_CONTROLLER] [file: join.controller].
+    #[arg(long)]
+    pub controller: Option<String>,
+    /// The join token from `novacron-controller token create` [env: NOVACRON_JOIN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// The fleet CA fingerprint to pin, `sha256:<64 hex digits>`
+    /// [env: NOVACRON_CA_FINGERPRINT] [file: join.ca_fingerprint].
+    #[arg(long)]
+    pub ca_fingerprint: Option<String>,
+    /// The node name to ask for (default: this host's name, lowercased)
+    /// [env: NOVACRON_NODE_NAME] [file: join.name].
+    #[arg(long)]
     pub name: Option<String>,
-    /// Where the identity is kept.
-    #[arg(long, env = "NOVACRON_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// Where the identity is kept [env: NOVACRON_STATE_DIR] [file: state_dir]
+    /// [default: /var/lib/novacron/agent].
+    #[arg(long)]
+    pub state_dir: Option<String>,
     /// Replace an existing enrollment.
     #[arg(long)]
     pub force: bool,
 }
 
-/// `run` arguments.
+/// `run` arguments. Each one may also come from the environment or the file (see
+/// `/etc/novacron/agent.toml`, which documents them all); a flag wins.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Where the identity is kept.
-    #[arg(long, env = "NOVACRON_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// A node label `key=value` (repeatable), e.g. --label zone=eu-1a.
+    /// Where the identity is kept [env: NOVACRON_STATE_DIR] [file: state_dir]
+    /// [default: /var/lib/novacron/agent].
+    #[arg(long)]
+    pub state_dir: Option<String>,
+    /// A node label `key=value` (repeatable), e.g. --label zone=eu-1a
+    /// [env: NOVACRON_LABELS=k=v,k=v] [file: labels table].
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
-    /// Sampling interval (e.g. 1s, 500ms).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub interval: Duration,
-    /// Samples kept while disconnected (default: 15 minutes at 1 s).
-    #[arg(long, default_value_t = DEFAULT_CAPACITY)]
-    pub buffer: usize,
-    /// Docker endpoint, e.g. unix:///var/run/docker.sock.
-    #[arg(long, env = "DOCKER_HOST")]
+    /// Sampling interval, e.g. 1s, 500ms [env: NOVACRON_INTERVAL] [file: interval]
+    /// [default: 1s].
+    #[arg(long)]
+    pub interval: Option<String>,
+    /// Samples kept while disconnected [env: NOVACRON_BUFFER] [file: buffer]
+    /// [default: 900, 15 minutes at 1 s].
+    #[arg(long)]
+    pub buffer: Option<String>,
+    /// Docker endpoint, e.g. unix:///var/run/docker.sock [env: DOCKER_HOST]
+    /// [file: docker_host].
+    #[arg(long)]
     pub docker_host: Option<String>,
-    /// Overrides the controller's QUIC address (`host:port`) recorded at enrollment.
-    #[arg(long, env = "NOVACRON_CONTROLLER_QUIC")]
+    /// Overrides the controller's QUIC address (`host:port`) recorded at enrollment
+    /// [env: NOVACRON_CONTROLLER_QUIC] [file: controller_quic].
+    #[arg(long)]
     pub controller: Option<String>,
-    /// QUIC keep-alive interval.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    pub keep_alive: Duration,
-    /// QUIC idle timeout (a silent controller is considered gone after this).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-    /// Longest reconnect delay.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub max_backoff: Duration,
+    /// QUIC keep-alive interval [env: NOVACRON_KEEP_ALIVE] [file: keep_alive]
+    /// [default: 500ms].
+    #[arg(long)]
+    pub keep_alive: Option<String>,
+    /// QUIC idle timeout (a silent controller is considered gone after this)
+    /// [env: NOVACRON_IDLE_TIMEOUT] [file: idle_timeout] [default: 2s].
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// Longest reconnect delay [env: NOVACRON_MAX_BACKOFF] [file: max_backoff]
+    /// [default: 5s].
+    #[arg(long)]
+    pub max_backoff: Option<String>,
+    /// Allow remote exec of commands on this host (`novacron exec`); off by default.
+    /// Commands inside allocation containers do not need it
+    /// [env: NOVACRON_ALLOW_HOST_EXEC=true|false] [file: allow_host_exec].
+    #[arg(long)]
+    pub allow_host_exec: bool,
+    /// With --allow-host-exec, only this program may run (repeatable); a bare name
+    /// matches only as given (looked up in PATH), a path only exactly. None: any
+    /// [env: NOVACRON_HOST_EXEC_ALLOW=a,b] [file: host_exec_allow].
+    #[arg(long = "host-exec-allow", value_name = "PROGRAM")]
+    pub host_exec_allow: Vec<String>,
 }
 
 /// Runs the command line; returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
+    let loaded = match config::load(cli.config.as_deref(), &ProcessEnv) {
+        Ok(l) => l,
+        Err(e) => return config_error(&e.to_string()),
+    };
     match cli.command {
-        Command::Join(args) => join(args).await,
-        Command::Run(args) => run(args).await,
+        Command::Join(args) => join(&loaded, args).await,
+        Command::Run(args) => run(&loaded, args).await,
     }
 }
 
-async fn join(args: JoinArgs) -> i32 {
-    let fingerprint: Fingerprint = match args.ca_fingerprint.parse() {
-        Ok(f) => f,
-        Err(e) => return config_error(&format!("--ca-fingerprint: {e}")),
-    };
-    let name = args.name.unwrap_or_else(default_node_name);
-    let opts = JoinOptions {
+async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
+    let flags = JoinFlags {
         controller: args.controller,
         token: args.token,
-        ca_fingerprint: fingerprint,
-        node_name: name,
-        state: StateDir::new(args.state_dir),
+        ca_fingerprint: args.ca_fingerprint,
+        name: args.name,
+        state_dir: args.state_dir,
+    };
+    let settings = match config::resolve_join(loaded, &ProcessEnv, &flags) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let opts = JoinOptions {
+        controller: settings.controller,
+        token: settings.token,
+        ca_fingerprint: settings.ca_fingerprint,
+        node_name: settings.name.unwrap_or_else(default_node_name),
+        state: StateDir::new(settings.state_dir),
         force: args.force,
     };
     match enroll::join(&opts).await {
@@ -147,29 +187,29 @@ async fn join(args: JoinArgs) -> i32 {
     }
 }
 
-async fn run(args: RunArgs) -> i32 {
-    let labels = match parse_labels(&args.labels) {
-        Ok(l) => l,
-        Err(e) => return config_error(&e),
+async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
+    let flags = RunFlags {
+        state_dir: args.state_dir,
+        labels: args.labels,
+        interval: args.interval,
+        buffer: args.buffer,
+        docker_host: args.docker_host,
+        controller: args.controller,
+        keep_alive: args.keep_alive,
+        idle_timeout: args.idle_timeout,
+        max_backoff: args.max_backoff,
+        allow_host_exec: args.allow_host_exec,
+        host_exec_allow: args.host_exec_allow,
     };
-    if args.interval < Duration::from_millis(100) || args.interval > Duration::from_secs(3600) {
-        return config_error(&format!(
-            "--interval {:?}: expected between 100ms and 1h",
-            args.interval
-        ));
-    }
-    if !(1..=1_000_000).contains(&args.buffer) {
-        return config_error(&format!(
-            "--buffer {}: expected 1 to 1000000 samples",
-            args.buffer
-        ));
-    }
-    if args.keep_alive >= args.idle_timeout {
-        return config_error(&format!(
-            "--keep-alive {:?} must be shorter than --idle-timeout {:?}",
-            args.keep_alive, args.idle_timeout
-        ));
-    }
+    let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let host_exec = HostExecPolicy {
+        enabled: args.allow_host_exec,
+        allow: args.host_exec_allow.clone(),
+    };
+    let labels = args.labels.clone();
     let state = StateDir::new(&args.state_dir);
     let enrollment = match state.load_enrollment() {
         Ok(e) => e,
@@ -181,10 +221,13 @@ async fn run(args: RunArgs) -> i32 {
     let docker = match DockerRuntime::new(args.docker_host.as_deref()) {
         Ok(d) => d,
         Err(e) => {
-            return config_error(&format!(
-                "--docker-host {:?}: {e}",
-                args.docker_host.as_deref().unwrap_or("(default)")
-            ));
+            let endpoint = match &args.docker_host {
+                Some(host) => format!("{} {host:?}", args.docker_host_origin),
+                None => "Docker's default endpoint unix:///var/run/docker.sock (set docker_host \
+                         in the agent file, DOCKER_HOST or --docker-host)"
+                    .to_string(),
+            };
+            return config_error(&format!("{endpoint}: {e}"));
         }
     };
     let supervisor = Supervisor::new(docker, SupervisorConfig::new(enrollment.node_name.clone()));
@@ -214,7 +257,8 @@ async fn run(args: RunArgs) -> i32 {
             ..Liveness::default()
         },
         docker_host: args.docker_host,
-        controller: args.controller,
+        controller: args.controller_quic,
+        host_exec,
     };
     let cancel = CancellationToken::new();
     let stopper = cancel.clone();
@@ -230,42 +274,6 @@ async fn run(args: RunArgs) -> i32 {
             1
         }
     }
-}
-
-/// Parses `key=value` labels with the same rules as node names for keys
-/// (plus '/' for prefixes such as `novacron.io/pool`).
-pub fn parse_labels(raw: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for item in raw {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("--label {item:?}: expected KEY=VALUE, e.g. zone=eu-1a"))?;
-        let key_ok = !k.is_empty()
-            && k.len() <= 63
-            && k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
-        let value_ok = v.len() <= 63
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !key_ok {
-            return Err(format!(
-                "--label {item:?}: key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"
-            ));
-        }
-        if !value_ok {
-            return Err(format!(
-                "--label {item:?}: value {v:?} must be at most 63 characters of letters, digits, '-', '_', '.'"
-            ));
-        }
-        if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(format!("--label {item:?}: key {k:?} given twice"));
-        }
-    }
-    Ok(out)
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 500ms, 2s, 1m"))
 }
 
 fn default_node_name() -> String {
@@ -288,25 +296,4 @@ fn default_node_name() -> String {
 fn config_error(msg: &str) -> i32 {
     eprintln!("configuration error: {msg}");
     EXIT_CONFIG
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_parse_and_bad_ones_name_the_problem() {
-        let ok = parse_labels(&["zone=a".into(), "novacron.io/pool=gpu".into()]).expect("valid");
-        assert_eq!(ok.get("zone").map(String::as_str), Some("a"));
-        for (bad, needle) in [
-            ("zone", "expected KEY=VALUE"),
-            ("=a", "key \"\""),
-            ("zone=a b", "value \"a b\""),
-        ] {
-            let err = parse_labels(&[bad.to_string()]).expect_err(bad);
-            assert!(err.contains(needle), "{err}");
-        }
-        let err = parse_labels(&["a=1".into(), "a=2".into()]).expect_err("dup");
-        assert!(err.contains("given twice"));
-    }
 }

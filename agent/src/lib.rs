@@ -7,6 +7,8 @@
 pub mod buffer;
 pub mod cli;
 pub mod collect;
+pub mod config;
 pub mod enroll;
+pub mod exec;
 pub mod link;
 pub mod runtime;

@@ -1,7 +1,8 @@
 //! The agent's end of the link: one QUIC connection with mutual TLS to the
 //! controller, re-established with exponential backoff and jitter, carrying the
-//! control stream and the metrics stream; and the sampling loop that fills the
-//! bounded buffer whether or not the link is up.
+//! control stream, the metrics stream and the exec streams the controller opens
+//! (served by [`crate::exec`]); and the sampling loop that fills the bounded buffer
+//! whether or not the link is up.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tracing::{debug, error, info, warn};
 use crate::buffer::SampleBuffer;
 use crate::collect::Sampler;
 use crate::enroll::{Credentials, EnrollError, Enrollment, StateDir, error_chain};
+use crate::exec::{self, ExecService, HostExecPolicy};
 use crate::runtime::{DockerRuntime, Supervisor};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
@@ -53,6 +55,8 @@ pub struct AgentConfig {
     pub docker_host: Option<String>,
     /// Overrides the QUIC endpoint recorded at enrollment.
     pub controller: Option<String>,
+    /// Which host commands remote exec may run (none by default).
+    pub host_exec: HostExecPolicy,
 }
 
 /// Errors that stop the agent.
@@ -99,6 +103,7 @@ impl From<FrameError> for SessionError {
 struct Shared {
     buffer: Mutex<SampleBuffer>,
     fresh: Notify,
+    exec: Arc<ExecService<DockerRuntime>>,
 }
 
 /// Runs the agent until `cancel` fires: sampling plus the link.
@@ -117,6 +122,11 @@ pub async fn run(
     let shared = Arc::new(Shared {
         buffer: Mutex::new(SampleBuffer::new(config.buffer_capacity)),
         fresh: Notify::new(),
+        exec: Arc::new(ExecService::new(
+            enrollment.node_name.clone(),
+            config.host_exec.clone(),
+            supervisor.clone(),
+        )),
     });
     let containers = supervisor.spawn(cancel.clone());
     let sampling = tokio::spawn(sample_loop(
@@ -356,6 +366,8 @@ async fn serve_inner(
         )));
     }
     info!(node = %welcome.node_name, resume_from = welcome.next_metrics_seq, "connected to the controller");
+    // Remote exec: the controller opens one bi-stream per command.
+    let _execs = AbortOnDrop(tokio::spawn(shared.exec.clone().accept(conn.clone())));
     lock(&shared.buffer).resume_from(welcome.next_metrics_seq);
 
     let mut metrics = conn.open_uni().await.map_err(&lost)?;
@@ -576,6 +588,9 @@ fn quic_client_config(
     if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
         transport.max_idle_timeout(Some(idle));
     }
+    // The controller opens one bi-stream per remote command and no uni-stream.
+    transport.max_concurrent_bidi_streams(exec::MAX_CONCURRENT_EXECS.into());
+    transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

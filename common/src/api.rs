@@ -11,17 +11,25 @@ use crate::wire::{Capabilities, Capacity, NodeSample};
 /// `POST /v1/enroll`: a joining agent's request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     /// The join token, `<id>.<secret>`.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9a-f]{12}\.[0-9a-f]{32}$"))]
     pub token: String,
     /// The name the node asks for.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+    )]
     pub node_name: String,
     /// A PKCS#10 request (PEM) for the agent's own key.
+    #[cfg_attr(feature = "openapi", schema(max_length = 16384))]
     pub csr_pem: String,
 }
 
 /// The answer to [`EnrollRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollResponse {
     /// The node name the certificate carries.
     pub node_name: String,
@@ -37,6 +45,7 @@ pub struct EnrollResponse {
 
 /// An API error body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// What went wrong and what to do.
     pub error: String,
@@ -44,6 +53,7 @@ pub struct ApiError {
 
 /// A node as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeView {
     /// The name from the node's certificate.
     pub name: String,
@@ -73,6 +83,7 @@ pub struct NodeView {
 
 /// `GET /v1/nodes/{name}/metrics`: the in-memory window of a node's samples.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricsWindow {
     /// The node.
     pub node: String,
@@ -82,6 +93,7 @@ pub struct MetricsWindow {
 
 /// `GET /v1/stats`: the controller's own view of its ingest path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ControllerStats {
     /// Agents connected now.
     pub connected_agents: u64,
@@ -96,4 +108,135 @@ pub struct ControllerStats {
     pub ingest_latency_p99_ms: f64,
     /// How many latencies the percentiles cover.
     pub ingest_latency_count: u64,
+}
+
+/// An entry of the controller's append-only event log: a decision, a state change
+/// or an operator's call, with who asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Event {
+    /// Position in the log, starting at 1 and strictly increasing.
+    pub seq: u64,
+    /// When it happened (Unix ms).
+    pub time_unix_ms: u64,
+    /// What happened, dotted (`job.applied`, `alloc.placed`, `node.down`, `exec.finished`).
+    pub kind: String,
+    /// Who asked for it: an operator identity (`alice (operator)`), `controller` for
+    /// its own decisions, or `node/<name>` for what an agent reported.
+    pub actor: String,
+    /// The node concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The job concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The allocation concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc: Option<String>,
+    /// A sentence for people: what happened and why.
+    pub message: String,
+    /// Structured details (exit codes, durations, versions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+}
+
+/// `GET /v1/events`: one page of the event log, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EventPage {
+    /// The events after the requested position that match the filter.
+    pub events: Vec<Event>,
+    /// Pass as `after` to read the next page (the last scanned position).
+    pub next_after: u64,
+    /// Whether more events after `next_after` may exist.
+    pub more: bool,
+}
+
+/// `POST /v1/exec`: run a command on one node, on every ready node matching a
+/// label selector, or inside one allocation's container. Exactly one of `node`,
+/// `selector` and `allocation` is given. The answer is a stream of [`ExecLine`]s,
+/// one JSON object per line (NDJSON); closing it cancels the command.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// One node, on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Every ready node whose labels hold all these pairs, on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// One allocation, inside its container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<String>,
+    /// Program and arguments (no shell).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 4096))]
+    pub argv: Vec<String>,
+    /// Kill the command after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One line of the `POST /v1/exec` answer.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecLine {
+    /// The command runs on `node`.
+    Started {
+        /// The node.
+        node: String,
+        /// The process id on the node, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+    /// Output of the command on `node` (UTF-8; invalid bytes are replaced).
+    Output {
+        /// The node.
+        node: String,
+        /// `stdout` or `stderr`.
+        stream: crate::wire::ExecStream,
+        /// The text.
+        data: String,
+    },
+    /// The command on `node` is over (or never ran).
+    Exit(ExecExit),
+    /// Every node is done; the last line.
+    Summary(ExecSummary),
+}
+
+/// How the command ended on one node.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecExit {
+    /// The node.
+    pub node: String,
+    /// The exit code: the command's own; 128 + N when signal N ended it; 124 when
+    /// it was killed at its time limit; 125 when it did not run (refused, node
+    /// unreachable); 126 not executable; 127 not found.
+    pub exit_code: i32,
+    /// The signal that ended it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// It was killed because its time limit passed.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// Why it did not run or did not finish normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From the request to the exit, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The last line of an exec answer.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSummary {
+    /// How many nodes the command was sent to.
+    pub nodes: usize,
+    /// 0 when every node returned 0, else the first non-zero code (nodes in name
+    /// order).
+    pub exit_code: i32,
+    /// The nodes that did not return 0, in name order.
+    pub failed: Vec<ExecExit>,
 }

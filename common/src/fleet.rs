@@ -14,6 +14,7 @@ pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_millis(800);
 /// The liveness of a node as the controller sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum NodeStatus {
     /// Connected.
     Ready,

@@ -3,14 +3,20 @@
 //! reads the clock on its own: time is always a parameter.
 
 pub mod api;
+pub mod autoscale;
 pub mod backoff;
+pub mod config;
+pub mod consolidate;
+pub mod cost;
 pub mod files;
 pub mod fleet;
 pub mod logging;
 pub mod manifest;
 pub mod pki;
+pub mod pools;
 pub mod reconcile;
 pub mod scheduler;
 pub mod signal;
+pub mod sim;
 pub mod tls;
 pub mod wire;

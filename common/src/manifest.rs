@@ -28,12 +28,15 @@ use std::time::Duration;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod document;
 mod job;
+pub mod lifecycle;
 mod load;
 mod locate;
 mod validate;
 
 pub use job::Job;
+pub use lifecycle::{Lifecycle, LifecycleSchedule, MIN_MAX_RUNTIME};
 pub use load::{parse_job, parse_jobs};
 
 /// The only accepted `apiVersion`.
@@ -182,6 +185,7 @@ pub struct Metadata {
 /// The kind of job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum JobType {
     /// Long-running: keep `replicas` running.
     #[default]
@@ -222,6 +226,10 @@ pub struct JobSpec {
     /// Rolling updates.
     #[serde(default)]
     pub update: Update,
+    /// When the job runs and for how long (left out of the hash when absent, so
+    /// jobs without it keep their versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
 }
 
 /// The container of a job.
@@ -776,7 +784,7 @@ impl Serialize for ByteSize {
 
 /// Durations written the humantime way (`500ms`, `5s`, `1m30s`), with errors that
 /// say what is accepted.
-mod duration {
+pub(crate) mod duration {
     use std::fmt;
     use std::time::Duration;
 

@@ -15,14 +15,19 @@
 //!   constraints;
 //! - a stopped job stops all its allocations;
 //! - a job version whose allocations failed [`MAX_FAILURES_PER_VERSION`] times is
-//!   not replaced again (it says so), so a broken image does not loop forever.
+//!   not replaced again (it says so), so a broken image does not loop forever;
+//! - a job with a `lifecycle` (see [`crate::manifest::lifecycle`]) wants no
+//!   replicas outside its schedule window, nor (service, system) once it ran longer
+//!   than `maxRuntime`; a batch replica older than `maxRuntime` is stopped as
+//!   failed ([`Plan::fail`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::NodeStatus;
-use crate::manifest::{JobType, Placement, Update};
+use crate::manifest::lifecycle::{exceeded, off_reason, over};
+use crate::manifest::{JobType, Lifecycle, Placement, Update};
 use crate::wire::AllocState;
 
 /// Failed allocations of one job version after which it is no longer replaced.
@@ -149,6 +154,9 @@ pub struct Plan {
     pub lost: Vec<String>,
     /// Allocations to stop, with the reason.
     pub stop: Vec<(String, String)>,
+    /// Allocations to stop and count as failed, with the reason (a batch replica
+    /// past its `maxRuntime`).
+    pub fail: Vec<(String, String)>,
     /// New allocations to place.
     pub place: Vec<PlaceRequest>,
     /// Job-level changes.
@@ -183,9 +191,34 @@ pub fn reschedule_delay_ms(failures: u32) -> u64 {
         .min(MAX_RESCHEDULE_DELAY_MS)
 }
 
-/// Decides what to do now.
+/// A job's `lifecycle` as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifecycleView {
+    /// The manifest's section.
+    pub lifecycle: Lifecycle,
+    /// When the job's current version was applied (Unix ms): a service's
+    /// `maxRuntime` counts from then (or from its window's opening, if later).
+    pub since_ms: u64,
+}
+
+/// Lifecycles by job name; jobs not in it have none.
+pub type Lifecycles = BTreeMap<String, LifecycleView>;
+
+/// Decides what to do now, for jobs without lifecycles.
 pub fn reconcile(
     jobs: &[JobView],
+    allocs: &[AllocView],
+    nodes: &[NodeView],
+    failures: &FailureCounts,
+    now_ms: u64,
+) -> Plan {
+    reconcile_with_lifecycles(jobs, &Lifecycles::new(), allocs, nodes, failures, now_ms)
+}
+
+/// Decides what to do now, honouring each job's lifecycle.
+pub fn reconcile_with_lifecycles(
+    jobs: &[JobView],
+    lifecycles: &Lifecycles,
     allocs: &[AllocView],
     nodes: &[NodeView],
     failures: &FailureCounts,
@@ -224,12 +257,37 @@ pub fn reconcile(
             .iter()
             .filter(|a| a.job == job.name && !lost.contains(a.id.as_str()))
             .collect();
-        let live: Vec<&AllocView> = mine.iter().copied().filter(|a| a.live()).collect();
+        let mut live: Vec<&AllocView> = mine.iter().copied().filter(|a| a.live()).collect();
         if job.stopped {
             for a in live {
                 plan.stop.push((a.id.clone(), "job stopped".into()));
             }
             continue;
+        }
+        let batch = job.job_type == JobType::Batch;
+        let lifecycle = lifecycles.get(&job.name);
+        if let Some(reason) =
+            lifecycle.and_then(|l| off_reason(&l.lifecycle, batch, l.since_ms, now_ms))
+        {
+            for a in live {
+                plan.stop.push((a.id.clone(), reason.clone()));
+            }
+            continue;
+        }
+        // Batch replicas past maxRuntime fail; their replacements wait for the
+        // failure to be counted (next pass), so the back-off applies.
+        let mut expired_now = false;
+        if let Some(max) = lifecycle.and_then(|l| l.lifecycle.max_runtime)
+            && batch
+        {
+            let (expired, rest): (Vec<&AllocView>, Vec<&AllocView>) = live
+                .into_iter()
+                .partition(|a| over(a.created_ms, now_ms, max));
+            for a in &expired {
+                plan.fail.push((a.id.clone(), exceeded(max)));
+            }
+            expired_now = !expired.is_empty();
+            live = rest;
         }
         let f = failures
             .get(&(job.name.clone(), job.version))
@@ -238,7 +296,7 @@ pub fn reconcile(
         let failed = f.count;
         let exhausted = failed >= MAX_FAILURES_PER_VERSION;
         let backing_off = now_ms < f.last_ms.saturating_add(reschedule_delay_ms(failed));
-        let may_place = !exhausted && !backing_off;
+        let may_place = !exhausted && !backing_off && !expired_now;
         if exhausted && live.iter().all(|a| a.version != job.version) {
             plan.jobs.push(JobChange::Failing {
                 job: job.name.clone(),
@@ -846,5 +904,127 @@ mod tests {
         let plan = reconcile(&[j], &[], &[node("n1", NodeStatus::Ready)], &failures, 0);
         assert!(plan.place.is_empty());
         assert!(matches!(plan.jobs[0], JobChange::Failing { .. }));
+    }
+
+    fn lifecycles(
+        name: &str,
+        schedule: Option<(&str, &str)>,
+        max: Option<Duration>,
+        since_ms: u64,
+    ) -> Lifecycles {
+        let lifecycle = Lifecycle {
+            schedule: schedule.map(|(start, stop)| crate::manifest::LifecycleSchedule {
+                start: start.into(),
+                stop: stop.into(),
+            }),
+            max_runtime: max,
+        };
+        Lifecycles::from([(
+            name.into(),
+            LifecycleView {
+                lifecycle,
+                since_ms,
+            },
+        )])
+    }
+
+    /// 2026-11-23 (a Monday) at `h` o'clock UTC, in Unix ms.
+    fn monday(h: u64) -> u64 {
+        1_795_392_000_000 + h * 3_600_000
+    }
+
+    #[test]
+    fn a_job_outside_its_window_stops_and_inside_it_runs() {
+        let l = lifecycles("api", Some(("0 8 * * 1-5", "0 20 * * 1-5")), None, 0);
+        let jobs = [job("api", JobType::Service, 2, 1)];
+        let allocs = [
+            alloc("a1", "api", 1, "n1", AllocState::Running),
+            alloc("a2", "api", 1, "n1", AllocState::Running),
+        ];
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let f = FailureCounts::new();
+        let off = reconcile_with_lifecycles(&jobs, &l, &allocs, &nodes, &f, monday(21));
+        let why = "outside its lifecycle window (starts 0 8 * * 1-5)".to_string();
+        assert_eq!(
+            off.stop,
+            vec![("a1".to_string(), why.clone()), ("a2".to_string(), why)]
+        );
+        assert!(off.place.is_empty() && off.jobs.is_empty());
+        let off = reconcile_with_lifecycles(&jobs, &l, &[], &nodes, &f, monday(7));
+        assert!(off.place.is_empty(), "nothing placed before the window");
+        let on = reconcile_with_lifecycles(&jobs, &l, &[], &nodes, &f, monday(9));
+        assert_eq!(on.place.len(), 1);
+        assert_eq!(on.place[0].count, 2);
+        let on = reconcile_with_lifecycles(&jobs, &l, &allocs, &nodes, &f, monday(9));
+        assert!(on.stop.is_empty() && on.place.is_empty());
+    }
+
+    #[test]
+    fn a_service_stops_after_max_runtime() {
+        let l = lifecycles("api", None, Some(Duration::from_secs(3600)), monday(8));
+        let jobs = [job("api", JobType::Service, 1, 1)];
+        let allocs = [alloc("a1", "api", 1, "n1", AllocState::Running)];
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let f = FailureCounts::new();
+        let early = reconcile_with_lifecycles(&jobs, &l, &allocs, &nodes, &f, monday(8) + 1000);
+        assert!(early.stop.is_empty());
+        let late = reconcile_with_lifecycles(&jobs, &l, &allocs, &nodes, &f, monday(9) + 1);
+        assert_eq!(
+            late.stop,
+            vec![("a1".to_string(), "exceeded maxRuntime 1h".to_string())]
+        );
+        assert!(late.fail.is_empty() && late.place.is_empty());
+    }
+
+    #[test]
+    fn a_batch_replica_past_max_runtime_fails_and_is_replaced_later() {
+        let l = lifecycles("etl", None, Some(Duration::from_secs(60)), 0);
+        let jobs = [job("etl", JobType::Batch, 2, 1)];
+        let mut old = alloc("old", "etl", 1, "n1", AllocState::Running);
+        old.created_ms = 1_000;
+        let mut young = alloc("young", "etl", 1, "n1", AllocState::Running);
+        young.created_ms = 50_000;
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let f = FailureCounts::new();
+        let plan = reconcile_with_lifecycles(
+            &jobs,
+            &l,
+            &[old.clone(), young.clone()],
+            &nodes,
+            &f,
+            61_001 + 1,
+        );
+        assert_eq!(
+            plan.fail,
+            vec![("old".to_string(), "exceeded maxRuntime 1m".to_string())]
+        );
+        assert!(plan.stop.is_empty());
+        assert!(
+            plan.place.is_empty(),
+            "the replacement waits for the back-off"
+        );
+        // Next pass: the failure is counted and its back-off over.
+        old.state = AllocState::Failed;
+        old.desired_run = false;
+        let f = FailureCounts::from([(
+            ("etl".to_string(), 1),
+            Failures {
+                count: 1,
+                last_ms: 62_002,
+            },
+        )]);
+        let plan = reconcile_with_lifecycles(&jobs, &l, &[old, young], &nodes, &f, 63_500);
+        assert!(plan.fail.is_empty());
+        assert_eq!(plan.place.len(), 1);
+        assert_eq!(plan.place[0].count, 1);
+    }
+
+    #[test]
+    fn without_lifecycles_nothing_changes() {
+        let jobs = [job("api", JobType::Service, 1, 1)];
+        let allocs = [alloc("a1", "api", 1, "n1", AllocState::Running)];
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let plan = run(&jobs, &allocs, &nodes, u64::MAX / 2);
+        assert!(plan.stop.is_empty() && plan.fail.is_empty() && plan.place.is_empty());
     }
 }

@@ -15,6 +15,11 @@
 //!   Later: certificate renewal requests and their answers.
 //! - **metrics** (uni-stream opened by the agent): a [`StreamOpen`] frame, then
 //!   [`MetricsBatch`] frames.
+//! - **exec** (one bi-stream per remote command, opened by the controller): an
+//!   [`ExecRequest`] frame; the agent answers with [`ExecEvent`] frames (`Started`,
+//!   `Output`..., then `Exited`; or one `Refused` / `Failed`). The controller keeps
+//!   its side open while the command runs: ending or resetting it cancels the
+//!   command (the agent kills it).
 
 use std::collections::BTreeMap;
 
@@ -218,6 +223,7 @@ pub struct Refusal {
 
 /// Allocatable resources of a node.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     /// CPU in millicores (1000 = one core).
     pub cpu_millis: u64,
@@ -231,6 +237,7 @@ pub struct Capacity {
 
 /// One GPU as the node offers it.
 #[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
     /// NVML index.
     pub index: u32,
@@ -244,6 +251,7 @@ pub struct GpuInfo {
 
 /// What a node can do.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capabilities {
     /// Docker engine version, when the daemon answered.
     pub docker_version: Option<String>,
@@ -427,6 +435,7 @@ pub struct AllocationReport {
 /// Allocation states, shared by agent and controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AllocState {
     /// Placed, not yet started.
     Pending,
@@ -498,6 +507,7 @@ pub struct AllocationStatus {
 
 /// Usage of one allocation.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AllocationUsage {
     /// Allocation id.
     pub id: String,
@@ -537,8 +547,155 @@ pub struct LogChunk {
     pub end: Option<Result<(), String>>,
 }
 
+/// The most bytes of output one [`ExecEvent::Output`] carries.
+pub const MAX_EXEC_CHUNK: usize = 32 * 1024;
+/// The most arguments (program included) of one remote command.
+pub const MAX_EXEC_ARGS: usize = 4096;
+/// The most bytes all arguments of one remote command may have together.
+pub const MAX_EXEC_ARGV_BYTES: usize = 256 * 1024;
+
+/// The first frame of an exec bi-stream: what to run, where, for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ExecRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// Chosen by the controller, for logs on both ends.
+    pub request_id: u64,
+    /// Where the command runs.
+    pub target: ExecTarget,
+    /// The agent kills the command after this many milliseconds (`None`: no limit).
+    pub timeout_ms: Option<u64>,
+}
+
+/// Where a remote command runs.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum ExecTarget {
+    /// On the node itself, if the agent's configuration allows host exec.
+    Host {
+        /// Program and arguments (no shell).
+        argv: Vec<String>,
+    },
+    /// Inside the container of one allocation the agent runs.
+    Allocation {
+        /// The allocation id.
+        alloc_id: String,
+        /// Program and arguments (no shell).
+        argv: Vec<String>,
+    },
+}
+
+impl ExecTarget {
+    /// The command.
+    pub fn argv(&self) -> &[String] {
+        match self {
+            ExecTarget::Host { argv } | ExecTarget::Allocation { argv, .. } => argv,
+        }
+    }
+}
+
+/// Why a command line cannot be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgvError {
+    /// No program.
+    #[error("the command is empty; give a program and its arguments")]
+    Empty,
+    /// The program is an empty string.
+    #[error("the program (first argument) is an empty string")]
+    EmptyProgram,
+    /// Too many arguments.
+    #[error("{count} arguments exceed the maximum of {MAX_EXEC_ARGS}")]
+    TooMany {
+        /// How many were given.
+        count: usize,
+    },
+    /// The arguments are too long together.
+    #[error("the arguments take {bytes} bytes, more than the maximum of {MAX_EXEC_ARGV_BYTES}")]
+    TooLong {
+        /// Their total length.
+        bytes: usize,
+    },
+    /// An argument holds a NUL byte, which no program can receive.
+    #[error("argument {index} contains a NUL byte")]
+    Nul {
+        /// Its position (0: the program).
+        index: usize,
+    },
+}
+
+/// Checks a command line against the protocol's limits.
+pub fn check_argv(argv: &[String]) -> Result<(), ArgvError> {
+    let program = argv.first().ok_or(ArgvError::Empty)?;
+    if program.is_empty() {
+        return Err(ArgvError::EmptyProgram);
+    }
+    if argv.len() > MAX_EXEC_ARGS {
+        return Err(ArgvError::TooMany { count: argv.len() });
+    }
+    let bytes: usize = argv.iter().map(String::len).sum();
+    if bytes > MAX_EXEC_ARGV_BYTES {
+        return Err(ArgvError::TooLong { bytes });
+    }
+    if let Some(index) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(ArgvError::Nul { index });
+    }
+    Ok(())
+}
+
+/// The output stream a chunk came from.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What the agent reports on an exec stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum ExecEvent {
+    /// The command runs.
+    Started {
+        /// Its process id on the node (for containers: in the host's namespace),
+        /// when known.
+        pid: Option<u32>,
+    },
+    /// A piece of output, at most [`MAX_EXEC_CHUNK`] bytes.
+    Output {
+        /// Which stream.
+        stream: ExecStream,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The command ended; the last frame.
+    Exited {
+        /// The exit code (128 + the signal number when a signal ended it).
+        code: i32,
+        /// The signal that ended it, when one did.
+        signal: Option<i32>,
+        /// The agent killed it because its time limit passed.
+        timed_out: bool,
+    },
+    /// The agent will not run the command (configuration, unknown allocation); the
+    /// only frame.
+    Refused {
+        /// Why, and what would be accepted.
+        reason: String,
+    },
+    /// The command could not be started (program not found, runtime error); the
+    /// only frame after `Started`, if any.
+    Failed {
+        /// Why.
+        reason: String,
+        /// The exit code to report: 127 not found, 126 not executable, 125 other.
+        code: i32,
+    },
+}
+
 /// One reading of a host's metrics.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeSample {
     /// Per-node sequence number, from 0, without gaps on the agent side.
     pub seq: u64,
@@ -562,6 +719,7 @@ pub struct NodeSample {
 
 /// CPU usage.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CpuSample {
     /// Whole-host usage, 0–100.
     pub total_percent: f32,
@@ -573,6 +731,7 @@ pub struct CpuSample {
 
 /// Memory usage.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MemorySample {
     /// Total memory in bytes.
     pub total_bytes: u64,
@@ -588,6 +747,7 @@ pub struct MemorySample {
 
 /// One mounted filesystem.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskSample {
     /// Mount point.
     pub mount: String,
@@ -605,6 +765,7 @@ pub struct DiskSample {
 
 /// One network interface.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetworkSample {
     /// Interface name.
     pub interface: String,
@@ -616,6 +777,7 @@ pub struct NetworkSample {
 
 /// One GPU reading.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuSample {
     /// NVML index.
     pub index: u32,
@@ -867,6 +1029,88 @@ mod tests {
         frame[..4].copy_from_slice(&len.to_be_bytes());
         let err = decode_frame::<StreamOpen>(&frame).expect_err("must refuse");
         assert!(matches!(err, FrameError::Trailing { trailing: 1 }));
+    }
+
+    proptest! {
+        #[test]
+        fn exec_frames_round_trip(argv in prop::collection::vec("[ -~]{0,20}", 1..8), timeout in proptest::option::of(any::<u64>()), data in prop::collection::vec(any::<u8>(), 0..2048), code in any::<i32>()) {
+            let request = ExecRequest {
+                protocol_version: PROTOCOL_VERSION,
+                request_id: 9,
+                target: ExecTarget::Allocation { alloc_id: "a-1".into(), argv: argv.clone() },
+                timeout_ms: timeout,
+            };
+            let frame = encode_frame(&request).expect("encodes");
+            let (back, used) = decode_frame::<ExecRequest>(&frame).expect("decodes").expect("whole");
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back.target.argv(), &argv[..]);
+            prop_assert_eq!(back, request);
+            for event in [
+                ExecEvent::Started { pid: Some(42) },
+                ExecEvent::Output { stream: ExecStream::Stderr, data: data.clone() },
+                ExecEvent::Exited { code, signal: None, timed_out: true },
+                ExecEvent::Refused { reason: "host exec is disabled".into() },
+                ExecEvent::Failed { reason: "not found".into(), code: 127 },
+            ] {
+                let frame = encode_frame(&event).expect("encodes");
+                let (back, _) = decode_frame::<ExecEvent>(&frame).expect("decodes").expect("whole");
+                prop_assert_eq!(back, event);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_exec(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<ExecRequest>(&bytes);
+            let _ = decode_body::<ExecEvent>(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_full_output_chunk_fits_in_a_frame() {
+        let event = ExecEvent::Output {
+            stream: ExecStream::Stdout,
+            data: vec![0xFF; MAX_EXEC_CHUNK],
+        };
+        let frame = encode_frame(&event).expect("a maximal chunk encodes");
+        assert!(frame.len() < MAX_FRAME_LEN);
+        let request = ExecRequest {
+            protocol_version: PROTOCOL_VERSION,
+            request_id: 1,
+            target: ExecTarget::Host {
+                argv: vec!["x".repeat(MAX_EXEC_ARGV_BYTES)],
+            },
+            timeout_ms: None,
+        };
+        assert!(
+            encode_frame(&request).is_ok(),
+            "maximal argv fits in a frame"
+        );
+    }
+
+    #[test]
+    fn argv_limits() {
+        let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_argv(&s(&["uptime"])), Ok(()));
+        assert_eq!(check_argv(&[]), Err(ArgvError::Empty));
+        assert_eq!(check_argv(&s(&["", "x"])), Err(ArgvError::EmptyProgram));
+        assert_eq!(
+            check_argv(&s(&["echo", "a\0b"])),
+            Err(ArgvError::Nul { index: 1 })
+        );
+        let many = vec!["x".to_string(); MAX_EXEC_ARGS + 1];
+        assert_eq!(
+            check_argv(&many),
+            Err(ArgvError::TooMany {
+                count: MAX_EXEC_ARGS + 1
+            })
+        );
+        let long = vec!["x".repeat(MAX_EXEC_ARGV_BYTES), "y".into()];
+        assert!(matches!(check_argv(&long), Err(ArgvError::TooLong { .. })));
+        assert!(
+            ArgvError::TooMany { count: 5000 }
+                .to_string()
+                .contains("4096")
+        );
     }
 
     #[test]

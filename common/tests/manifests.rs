@@ -506,3 +506,100 @@ proptest! {
         }
     }
 }
+
+/// A batch job with `lines` appended under `spec:` (indented by two spaces).
+fn with_lifecycle(lines: &str) -> String {
+    format!(
+        "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: nightly}}\nspec:\n  type: batch\n  task: {{image: busybox}}\n  resources: {{cpu: 1, memory: 64Mi}}\n{lines}"
+    )
+}
+
+#[test]
+fn lifecycle_parses_and_changes_the_version_hash() {
+    let text = with_lifecycle(
+        "  lifecycle:\n    schedule: {start: \"0 8 * * 1-5\", stop: \"0 20 * * 1-5\"}\n    maxRuntime: 8h\n",
+    );
+    let job = parse_job("nightly.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let l = job.spec.lifecycle.as_ref().expect("lifecycle");
+    assert_eq!(
+        l.max_runtime,
+        Some(std::time::Duration::from_secs(8 * 3600))
+    );
+    let s = l.schedule.as_ref().expect("schedule");
+    assert_eq!(
+        (s.start.as_str(), s.stop.as_str()),
+        ("0 8 * * 1-5", "0 20 * * 1-5")
+    );
+
+    let plain = parse_job("plain.yaml", &with_lifecycle("")).expect("valid");
+    assert_eq!(plain.spec.lifecycle, None);
+    assert_ne!(job.version_hash(), plain.version_hash());
+    let longer = parse_job("longer.yaml", &text.replace("8h", "9h")).expect("valid");
+    assert_ne!(job.version_hash(), longer.version_hash());
+    let only_max = parse_job(
+        "max.yaml",
+        &with_lifecycle("  lifecycle: {maxRuntime: 90m}\n"),
+    )
+    .expect("valid");
+    assert_ne!(only_max.version_hash(), plain.version_hash());
+    // Round trip through the manifest form.
+    let again = novacron_common::manifest::Job::from_manifest("again", job.to_manifest())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.version_hash(), job.version_hash());
+}
+
+#[test]
+fn lifecycle_errors_name_the_line_field_value_and_what_is_accepted() {
+    let cases = [
+        (
+            "  lifecycle:\n    schedule: {start: \"0 8 * *\", stop: \"0 20 * * 1-5\"}\n",
+            "nightly.yaml:9:",
+            "spec.lifecycle.schedule.start: \"0 8 * *\" has 4 fields; expected a 5-field cron expression",
+        ),
+        (
+            "  lifecycle:\n    schedule:\n      start: \"0 8 * * 1-5\"\n      stop: \"0 25 * * *\"\n",
+            "nightly.yaml:11:",
+            "spec.lifecycle.schedule.stop: \"0 25 * * *\" is not a cron expression",
+        ),
+        (
+            "  lifecycle:\n    schedule: {start: \"0 8 * * *\", stop: \"0  8 * * *\"}\n",
+            "nightly.yaml:9:",
+            "spec.lifecycle.schedule.stop: \"0  8 * * *\" is the same as start",
+        ),
+        (
+            "  lifecycle:\n    maxRuntime: 0s\n",
+            "nightly.yaml:9:",
+            "spec.lifecycle.maxRuntime: 0s is too short; expected a duration of at least 1s",
+        ),
+        (
+            "  lifecycle:\n    maxRuntime: 8 hours please\n",
+            "nightly.yaml:9:",
+            "is not a duration",
+        ),
+        (
+            "  lifecycle:\n    schedule: {start: \"0 8 * * *\"}\n",
+            "nightly.yaml:9:",
+            "missing required field `stop`",
+        ),
+        (
+            "  lifecycle:\n    maxRuntme: 8h\n",
+            "nightly.yaml:9:",
+            "maxRuntme",
+        ),
+    ];
+    for (lines, at, fragment) in cases {
+        let e = parse_job("nightly.yaml", &with_lifecycle(lines))
+            .expect_err(lines)
+            .to_string();
+        assert!(e.starts_with(at), "{lines}: {e}");
+        assert!(e.contains(fragment), "{lines}: {e}");
+    }
+    // A cron error also says what is accepted.
+    let e = parse_job(
+        "nightly.yaml",
+        &with_lifecycle("  lifecycle:\n    schedule: {start: nope, stop: \"0 20 * * *\"}\n"),
+    )
+    .expect_err("bad cron")
+    .to_string();
+    assert!(e.contains("like 0 8 * * 1-5"), "{e}");
+}

@@ -8,20 +8,28 @@ use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use novacron_common::api::{ApiError, EnrollRequest, EnrollResponse};
+use novacron_common::api::{
+    ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView,
+};
 use novacron_common::pki::{self, Identity, Role, Validity};
 use novacron_common::wire::{ControllerMessage, LogChunk, LogRequest};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::api_tokens::{self, ApiToken, ApiTokenError, ApiTokenRecord};
+use crate::events::{EventLog, NewEvent, kind};
 use crate::https::Peer;
 use crate::link::LinkContext;
 use crate::registry::{Registry, RegistryError, unix_ms};
+use crate::store::AllocRecord;
 use crate::store::{ConsumeError, Revocation, Store};
 use crate::tokens::{JoinToken, TokenRecord};
-use crate::workloads::{WorkloadError, Workloads};
+use crate::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError, Workloads};
 
 /// State shared by the handlers.
 #[derive(Debug)]
@@ -46,32 +54,174 @@ pub struct ApiState {
     pub workloads: Arc<Workloads>,
     /// The agent link, for commands such as log requests.
     pub link: Arc<LinkContext>,
+    /// The event log (audit trail and decisions).
+    pub events: Arc<EventLog>,
+    /// The pricing catalog (`<data dir>/pricing.toml`, or the defaults).
+    pub pricing: novacron_common::cost::PriceCatalog,
+    /// Autoscaling policies and the loop that carries them out.
+    pub autoscaler: Arc<crate::autoscaler::Autoscaler>,
 }
 
-/// Builds the router.
+/// Builds the router: every route documented in the OpenAPI document, which is
+/// itself served at `/v1/openapi.json`.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/enroll", post(enroll))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(show_node))
-        .route("/v1/nodes/{name}/metrics", get(node_metrics))
-        .route("/v1/nodes/{name}/revoke", post(revoke_node))
-        .route("/v1/tokens", post(create_token))
-        .route("/v1/jobs", post(apply_job).get(list_jobs))
-        .route("/v1/jobs/{name}", get(show_job))
-        .route("/v1/jobs/{name}/stop", post(stop_job))
-        .route("/v1/allocations", get(list_allocations))
-        .route("/v1/allocations/{id}", get(show_allocation))
-        .route("/v1/allocations/{id}/logs", get(allocation_logs))
-        .route("/v1/stats", get(stats))
-        .route("/v1/stats/reset-latency", post(reset_latency))
+    let (router, doc) = api_routes().split_for_parts();
+    let doc = Arc::new(doc);
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The largest request body: a manifest at its limit ([`MAX_MANIFEST_BYTES`]
+/// characters) still fits when every character is JSON-escaped (up to 12 bytes
+/// each), so an oversized manifest is answered by the handler with a 422 that
+/// names its size, not by a bare 413.
+pub const MAX_BODY_BYTES: usize = 12 * MAX_MANIFEST_BYTES + 64 * 1024;
+
+/// The longest non-JSON error body turned into a JSON error.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// Gives every error answer the documented JSON shape ([`ApiError`]), including
+/// axum's own rejections (a body that is not JSON, a bad query string), which are
+/// plain text.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_owned();
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_owned()
+    } else {
+        text
+    };
+    (status, Json(ApiError { error })).into_response()
+}
+
+/// The OpenAPI document of the HTTPS API, as `/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+/// The documented routes. A route exists only through its `#[utoipa::path]`
+/// annotation, so the document cannot drift from the API.
+fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(enroll))
+        .routes(routes!(list_nodes))
+        .routes(routes!(show_node))
+        .routes(routes!(node_metrics))
+        .routes(routes!(revoke_node))
+        .routes(routes!(create_token))
+        .routes(routes!(create_api_token, list_api_tokens))
+        .routes(routes!(revoke_api_token))
+        .routes(routes!(apply_job, list_jobs))
+        .routes(routes!(show_job))
+        .routes(routes!(stop_job))
+        .routes(routes!(list_allocations))
+        .routes(routes!(show_allocation))
+        .routes(routes!(allocation_logs))
+        .routes(routes!(stats))
+        .routes(routes!(reset_latency))
+        .merge(crate::events::routes())
+        .merge(crate::costs::routes())
+        .merge(crate::pool_api::routes())
+        .merge(crate::exec::routes())
+        .merge(crate::metrics::routes())
+        .merge(crate::policies::routes())
+}
+
+/// The document's frame: title, security schemes and the default requirement
+/// (a client certificate or an API token); paths come from the routes.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "NovaCron controller API",
+        description = "Operate a NovaCron fleet: nodes, jobs, allocations, events, remote commands. Authenticate with an operator client certificate from the fleet CA (mutual TLS) or an API token (`Authorization: Bearer nca_...`). Roles: viewer (read), operator (change workloads, run commands), admin (fleet management)."
+    ),
+    modifiers(&Security),
+    security(("bearer" = []), ("client_certificate" = [])),
+    tags(
+        (name = "fleet", description = "Nodes, enrollment and join tokens"),
+        (name = "workloads", description = "Jobs, allocations and logs"),
+        (name = "events", description = "The event log"),
+        (name = "access", description = "API tokens"),
+        (name = "cost", description = "Hourly cost and right-sizing"),
+        (name = "controller", description = "The controller itself")
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("nca_<id>.<secret>")
+                    .description(Some("An API token from `novacron-controller admin token`"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "client_certificate",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "An operator certificate from the fleet CA (`novacron-controller admin issue`)"
+                        .into(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        );
+    }
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "controller", security(()), responses((status = 200, description = "the API serves", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
 }
 
 /// An error answer: a status and a message that says what to do.
 #[derive(Debug)]
 pub struct Problem(StatusCode, String);
+
+impl Problem {
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl Into<String>) -> Problem {
+        Problem(StatusCode::BAD_REQUEST, message.into())
+    }
+
+    /// Any status with `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Problem {
+        Problem(status, message.into())
+    }
+}
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
@@ -84,7 +234,8 @@ impl IntoResponse for Problem {
 pub struct Caller(pub Identity);
 
 impl Caller {
-    fn require(&self, role: Role) -> Result<(), Problem> {
+    /// Refuses the call unless the caller has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), Problem> {
         if self.0.role >= role {
             Ok(())
         } else {
@@ -99,31 +250,74 @@ impl Caller {
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+/// Authenticates a request: an operator client certificate from the fleet CA, or
+/// else an `Authorization: Bearer nca_…` API token.
+impl FromRequestParts<Arc<ApiState>> for Caller {
     type Rejection = Problem;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        st: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| &c.0);
         match peer.and_then(|p| p.identity.clone()) {
-            Some(id) if id.role != Role::Node => Ok(Caller(id)),
-            Some(id) => Err(Problem(
-                StatusCode::FORBIDDEN,
-                format!("{id} is a node certificate; the API needs an operator certificate"),
-            )),
-            None => Err(Problem(
+            Some(id) if id.role != Role::Node => return Ok(Caller(id)),
+            Some(id) => {
+                return Err(Problem(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{id} is a node certificate; the API needs an operator certificate or API token"
+                    ),
+                ));
+            }
+            None => {}
+        }
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            return Err(Problem(
                 StatusCode::UNAUTHORIZED,
-                "no client certificate: the API needs an operator certificate from the fleet CA (`novacron-controller admin issue`)".into(),
-            )),
+                "no credentials: the API needs an operator certificate from the fleet CA (`novacron-controller admin issue`) or an API token (`Authorization: Bearer nca_…`, from `novacron-controller admin token`)".into(),
+            ));
+        };
+        let unauthorized = |m: String| Problem(StatusCode::UNAUTHORIZED, m);
+        let text = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                unauthorized(
+                    "the Authorization header is not `Bearer <API token>`; send `Authorization: Bearer nca_…`".into(),
+                )
+            })?;
+        let token: ApiToken = text
+            .parse()
+            .map_err(|e: ApiTokenError| unauthorized(e.to_string()))?;
+        let record = st.store.api_token(token.id()).map_err(internal)?;
+        match api_tokens::authenticate(record.as_ref(), &token, SystemTime::now()) {
+            Ok(id) => Ok(Caller(id)),
+            Err(e) => {
+                warn!(token = token.id(), error = %e, "API token refused");
+                Err(unauthorized(e.to_string()))
+            }
         }
     }
 }
 
+#[utoipa::path(post, path = "/v1/enroll", tag = "fleet", security(()), request_body = EnrollRequest, responses((status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 200, body = EnrollResponse), (status = 400, description = "bad name or CSR", body = ApiError), (status = 401, description = "the join token was refused", body = ApiError), (status = 403, description = "the name is revoked", body = ApiError)))]
 async fn enroll(
     State(st): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, Problem> {
     let bad = |s: StatusCode, m: String| Problem(s, m);
+    if req.csr_pem.len() > MAX_CSR_BYTES {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "csr_pem: {} bytes exceed the limit of {MAX_CSR_BYTES} bytes for a certificate request",
+                req.csr_pem.len()
+            ),
+        ));
+    }
     let identity = Identity::node(&req.node_name)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("node_name: {e}")))?;
     if st.registry.revoked_names().contains(&identity.name) {
@@ -140,7 +334,19 @@ async fn enroll(
         .parse()
         .map_err(|e| bad(StatusCode::UNAUTHORIZED, format!("token: {e}")))?;
     let now = SystemTime::now();
-    // Check the CSR before spending a token use on it.
+    // Check the token (without using it), then the CSR, then spend one use: a bad
+    // CSR does not cost a use, and a caller without a token learns nothing more.
+    let known = st.store.token(token.id()).map_err(internal)?;
+    let checked = match known {
+        Some(record) => crate::tokens::check(&record, token.secret(), now),
+        None => Err(crate::tokens::TokenError::Unknown {
+            id: token.id().to_owned(),
+        }),
+    };
+    if let Err(e) = checked {
+        warn!(remote = %peer.addr, node = %identity.name, error = %e, "enrollment refused");
+        return Err(bad(StatusCode::UNAUTHORIZED, e.to_string()));
+    }
     let validity = Validity::starting(now, st.node_cert_ttl);
     let cert_pem = pki::sign_csr(&st.ca, &req.csr_pem, &identity, validity)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("csr_pem: {e}")))?;
@@ -162,6 +368,15 @@ async fn enroll(
             other => internal(other),
         })?;
     info!(node = %identity.name, remote = %peer.addr, "node enrolled");
+    st.events.note(
+        NewEvent::new(
+            kind::NODE_ENROLLED,
+            format!("token {}", token.id()),
+            format!("node {} enrolled from {}", identity.name, peer.addr),
+        )
+        .node(&identity.name)
+        .detail("remote", peer.addr),
+    );
     Ok(Json(EnrollResponse {
         node_name: identity.name,
         cert_pem,
@@ -171,11 +386,13 @@ async fn enroll(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "fleet", responses((status = 200, body = Vec<NodeView>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn list_nodes(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(st.registry.views(Instant::now())).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, body = NodeView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn show_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -188,6 +405,7 @@ async fn show_node(
         .ok_or_else(|| unknown_node(&name))
 }
 
+#[utoipa::path(get, path = "/v1/nodes/{name}/metrics", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, body = MetricsWindow), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn node_metrics(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -201,14 +419,16 @@ async fn node_metrics(
 }
 
 /// `POST /v1/nodes/{name}/revoke` body.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     /// Why, for the audit trail.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub reason: String,
 }
 
+#[utoipa::path(post, path = "/v1/nodes/{name}/revoke", tag = "fleet", params(("name" = String, Path, description = "node name")), request_body = RevokeRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 204, description = "revoked; its connection was closed"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn revoke_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -216,6 +436,7 @@ async fn revoke_node(
     Json(req): Json<RevokeRequest>,
 ) -> Result<StatusCode, Problem> {
     caller.require(Role::Admin)?;
+    check_note("reason", &req.reason)?;
     let revocation = Revocation {
         name: name.clone(),
         at_unix_ms: unix_ms(SystemTime::now()),
@@ -223,27 +444,45 @@ async fn revoke_node(
         reason: req.reason,
     };
     match st.registry.revoke(&revocation) {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Ok(()) => {
+            let reason = if revocation.reason.is_empty() {
+                "no reason given".to_owned()
+            } else {
+                revocation.reason.clone()
+            };
+            st.events.note(
+                NewEvent::new(
+                    kind::NODE_REVOKED,
+                    caller.0.to_string(),
+                    format!("node {name} revoked: {reason}"),
+                )
+                .node(&name),
+            );
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(RegistryError::UnknownNode(_)) => Err(unknown_node(&name)),
         Err(e) => Err(internal(e)),
     }
 }
 
 /// `POST /v1/tokens` body.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    /// Lifetime in seconds.
+    /// Lifetime in seconds (60 s to 30 days).
+    #[schema(minimum = 60, maximum = 2592000)]
     pub ttl_secs: u64,
     /// How many enrollments it allows.
+    #[schema(minimum = 1, maximum = 10000)]
     pub uses: u32,
     /// Free text.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub description: String,
 }
 
 /// The answer to [`TokenRequest`].
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
     /// The token; shown once, stored only as a hash.
     pub token: String,
@@ -255,12 +494,14 @@ pub struct TokenResponse {
     pub join_command: String,
 }
 
+#[utoipa::path(post, path = "/v1/tokens", tag = "fleet", request_body = TokenRequest, responses((status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 200, body = TokenResponse), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn create_token(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     Json(req): Json<TokenRequest>,
 ) -> Result<Json<TokenResponse>, Problem> {
     caller.require(Role::Admin)?;
+    check_note("description", &req.description)?;
     let token = JoinToken::generate();
     let record = TokenRecord::new(
         &token,
@@ -272,6 +513,18 @@ async fn create_token(
     .map_err(|e| Problem(StatusCode::BAD_REQUEST, e.to_string()))?;
     st.store.put_token(&record).map_err(internal)?;
     info!(by = %caller.0, token = %record.id, uses = record.uses_left, "join token created");
+    st.events.note(
+        NewEvent::new(
+            kind::TOKEN_CREATED,
+            caller.0.to_string(),
+            format!(
+                "join token {} created for {} enrollment(s)",
+                record.id, record.uses_left
+            ),
+        )
+        .detail("token", &record.id)
+        .detail("expires_at_unix_ms", record.expires_at_unix_ms),
+    );
     Ok(Json(TokenResponse {
         join_command: format!(
             "novacron-agent join --controller {} --token {token} --ca-fingerprint {}",
@@ -283,64 +536,268 @@ async fn create_token(
     }))
 }
 
+/// `POST /v1/api-tokens` body.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenRequest {
+    /// Who or what will hold it (`ci`, `prometheus`).
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")]
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    #[schema(pattern = "^(viewer|operator|admin)$")]
+    pub role: String,
+    /// Lifetime in seconds (60 s to 365 days; default 30 days).
+    #[serde(default)]
+    #[schema(minimum = 60, maximum = 31536000)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The answer to [`ApiTokenRequest`].
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiTokenResponse {
+    /// The token; shown once, stored only as a hash.
+    pub token: String,
+    /// Its public id (for listing and revoking).
+    pub id: String,
+    /// Expiry, Unix ms.
+    pub expires_at_unix_ms: u64,
+}
+
+/// An API token as listed (no secret, no hash).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiTokenView {
+    /// Public id.
+    pub id: String,
+    /// Holder.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Created (Unix ms).
+    pub created_at_unix_ms: u64,
+    /// Expires (Unix ms).
+    pub expires_at_unix_ms: u64,
+    /// Creator.
+    pub created_by: String,
+    /// Revoked.
+    pub revoked: bool,
+}
+
+#[utoipa::path(post, path = "/v1/api-tokens", tag = "access", request_body = ApiTokenRequest, responses((status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 200, body = ApiTokenResponse), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn create_api_token(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Json(req): Json<ApiTokenRequest>,
+) -> Result<Json<ApiTokenResponse>, Problem> {
+    caller.require(Role::Admin)?;
+    let role: Role = req.role.parse().map_err(|_| {
+        Problem::bad_request(format!(
+            "role: {:?} is not a role; use viewer, operator or admin",
+            req.role
+        ))
+    })?;
+    let ttl = req
+        .ttl_secs
+        .map_or(api_tokens::DEFAULT_TTL, Duration::from_secs);
+    let token = ApiToken::generate();
+    let record = ApiTokenRecord::new(
+        &token,
+        &req.name,
+        role,
+        ttl,
+        &caller.0.to_string(),
+        SystemTime::now(),
+    )
+    .map_err(|e| Problem::bad_request(e.to_string()))?;
+    st.store.put_api_token(&record).map_err(internal)?;
+    st.events.note(
+        NewEvent::new(
+            kind::API_TOKEN,
+            caller.0.to_string(),
+            format!(
+                "API token {} created for {} ({role})",
+                record.id, record.name
+            ),
+        )
+        .detail("token", &record.id)
+        .detail("action", "created"),
+    );
+    Ok(Json(ApiTokenResponse {
+        token: token.to_string(),
+        id: record.id,
+        expires_at_unix_ms: record.expires_at_unix_ms,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/api-tokens", tag = "access", responses((status = 200, body = Vec<ApiTokenView>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn list_api_tokens(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Vec<ApiTokenView>>, Problem> {
+    caller.require(Role::Admin)?;
+    let tokens = st.store.api_tokens().map_err(internal)?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|t| ApiTokenView {
+                id: t.id,
+                name: t.name,
+                role: t.role,
+                created_at_unix_ms: t.created_at_unix_ms,
+                expires_at_unix_ms: t.expires_at_unix_ms,
+                created_by: t.created_by,
+                revoked: t.revoked,
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/api-tokens/{id}/revoke", tag = "access", params(("id" = String, Path, description = "token id")), responses((status = 204, description = "revoked"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn revoke_api_token(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    caller.require(Role::Admin)?;
+    let mut record = st.store.api_token(&id).map_err(internal)?.ok_or_else(|| {
+        Problem(
+            StatusCode::NOT_FOUND,
+            format!("unknown API token {id:?}; GET /v1/api-tokens lists them"),
+        )
+    })?;
+    record.revoked = true;
+    st.store.put_api_token(&record).map_err(internal)?;
+    st.events.note(
+        NewEvent::new(
+            kind::API_TOKEN,
+            caller.0.to_string(),
+            format!("API token {id} of {} revoked", record.name),
+        )
+        .detail("token", &id)
+        .detail("action", "revoked"),
+    );
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn stats(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(st.registry.stats()).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/stats/reset-latency", tag = "controller", responses((status = 204, description = "reset"), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn reset_latency(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
 ) -> Result<StatusCode, Problem> {
     caller.require(Role::Admin)?;
     st.registry.reset_latencies();
+    st.events.note(NewEvent::new(
+        kind::STATS_RESET,
+        caller.0.to_string(),
+        "ingest latency window reset",
+    ));
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/jobs` body.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyRequest {
     /// The file name, for error messages.
+    #[schema(max_length = 4096)]
     pub file: String,
     /// The YAML manifest.
+    #[schema(max_length = 262144)]
     pub manifest: String,
 }
 
+/// The longest CSR accepted at enrollment (a PEM request is about 1 KiB).
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
 /// The most bytes a manifest may have.
 pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+/// The longest file name an apply may carry.
+pub const MAX_FILE_NAME_BYTES: usize = 4096;
+/// The longest free text (a revocation reason, a token description).
+pub const MAX_NOTE_BYTES: usize = 1024;
+
+impl ApplyRequest {
+    /// Refuses a manifest or file name over its limit (422, naming the size).
+    pub fn check(&self) -> Result<(), Problem> {
+        if self.file.len() > MAX_FILE_NAME_BYTES {
+            return Err(Problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "file: {} bytes exceed the limit of {MAX_FILE_NAME_BYTES} bytes for a file name",
+                    self.file.len()
+                ),
+            ));
+        }
+        if self.manifest.len() > MAX_MANIFEST_BYTES {
+            return Err(Problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "{}: the manifest's {} bytes exceed the limit of {MAX_MANIFEST_BYTES} bytes",
+                    self.file,
+                    self.manifest.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses free text over [`MAX_NOTE_BYTES`] (422).
+fn check_note(field: &str, text: &str) -> Result<(), Problem> {
+    if text.len() > MAX_NOTE_BYTES {
+        return Err(Problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{field}: {} bytes exceed the limit of {MAX_NOTE_BYTES} bytes",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
 /// Log streams in flight at once.
 pub const MAX_LOG_STREAMS: usize = 256;
 
+#[utoipa::path(post, path = "/v1/jobs", tag = "workloads", request_body = ApplyRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 200, body = ApplyResult), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn apply_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     Json(req): Json<ApplyRequest>,
 ) -> Result<Response, Problem> {
     caller.require(Role::Operator)?;
-    if req.manifest.len() > MAX_MANIFEST_BYTES {
-        return Err(Problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "{}: {} bytes exceeds the limit of {MAX_MANIFEST_BYTES} bytes",
-                req.file,
-                req.manifest.len()
-            ),
-        ));
-    }
+    req.check()?;
     let by = caller.0.to_string();
     let result = st
         .workloads
         .apply(&req.file, &req.manifest, &by, SystemTime::now())
         .map_err(workload_problem)?;
+    st.events.note(
+        NewEvent::new(
+            kind::JOB_APPLIED,
+            by,
+            format!(
+                "job {} {} from {} (version {})",
+                result.job, result.outcome, req.file, result.version
+            ),
+        )
+        .job(&result.job)
+        .detail("version", result.version)
+        .detail("outcome", &result.outcome),
+    );
     Ok(Json(result).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/jobs", tag = "workloads", responses((status = 200, body = Vec<JobSummary>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn list_jobs(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(st.workloads.jobs()).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 200, body = JobDetail), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn show_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -350,6 +807,7 @@ async fn show_job(
     Ok(Json(st.workloads.job(&name).map_err(workload_problem)?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{name}/stop", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn stop_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -359,11 +817,19 @@ async fn stop_job(
     st.workloads
         .stop(&name, &caller.0.to_string())
         .map_err(workload_problem)?;
+    st.events.note(
+        NewEvent::new(
+            kind::JOB_STOPPED,
+            caller.0.to_string(),
+            format!("job {name} stopped"),
+        )
+        .job(&name),
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Filters of `GET /v1/allocations`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct AllocFilter {
     /// Only this job.
@@ -372,6 +838,7 @@ pub struct AllocFilter {
     pub node: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/allocations", tag = "workloads", params(AllocFilter), responses((status = 200, body = Vec<AllocRecord>), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn list_allocations(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -385,6 +852,7 @@ async fn list_allocations(
     .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/allocations/{id}", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 200, body = AllocRecord), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn show_allocation(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -395,7 +863,7 @@ async fn show_allocation(
 }
 
 /// Options of `GET /v1/allocations/{id}/logs`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct LogOptions {
     /// Keep streaming.
@@ -406,6 +874,7 @@ pub struct LogOptions {
     pub tail: u32,
 }
 
+#[utoipa::path(get, path = "/v1/allocations/{id}/logs", tag = "workloads", params(("id" = String, Path, description = "allocation id"), LogOptions), responses((status = 200, description = "the container's output as it arrives", content_type = "text/plain", body = String), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, description = "the allocation's node is not connected", body = ApiError), (status = 503, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn allocation_logs(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -521,7 +990,8 @@ fn unknown_node(name: &str) -> Problem {
     )
 }
 
-fn internal(e: impl std::fmt::Display) -> Problem {
+/// A 500 that names the failure (and logs it).
+pub fn internal(e: impl std::fmt::Display) -> Problem {
     warn!(error = %e, "internal error serving the API");
     Problem(
         StatusCode::INTERNAL_SERVER_ERROR,

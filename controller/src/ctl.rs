@@ -1,6 +1,9 @@
 //! `novacron-controller` command line: `init`, `serve`, `token create`,
 //! `node revoke`, `admin issue`.
 //!
+//! Settings come from the TOML file, the environment and the flags, in that order
+//! (flags win); [`crate::config_file`] merges and checks them.
+//!
 //! Exit codes: 0 success; 1 runtime failure; 2 usage error; 64 bad configuration
 //! (reported before any port is bound); 69 the running controller could not be
 //! reached.
@@ -10,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
-use novacron_common::fleet::Liveness;
 use novacron_common::pki::{self, Identity, Role, Validity};
 use novacron_common::tls;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
-use crate::api::{RevokeRequest, TokenRequest, TokenResponse};
+use crate::api::{ApiTokenRequest, ApiTokenResponse, RevokeRequest, TokenRequest, TokenResponse};
+use crate::config_file::{self, ProcessEnv, ServeFlags};
 use crate::pki_files::{self, PkiPaths};
 use crate::server::{self, ControllerConfig};
 
@@ -25,7 +28,7 @@ pub const EXIT_CONFIG: i32 = 64;
 /// Exit code when the controller is unreachable.
 pub const EXIT_UNAVAILABLE: i32 = 69;
 /// Default data directory.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/novacron/controller";
+pub const DEFAULT_DATA_DIR: &str = config_file::DEFAULT_DATA_DIR;
 /// The file `serve` writes with the URL local admin commands use.
 pub const API_URL_FILE: &str = "api-url";
 
@@ -33,9 +36,14 @@ pub const API_URL_FILE: &str = "api-url";
 #[derive(Debug, Parser)]
 #[command(name = "novacron-controller", version, about)]
 pub struct Cli {
-    /// The controller's data directory (PKI, store).
-    #[arg(long, global = true, env = "NOVACRON_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
+    /// The configuration file (TOML) [env: NOVACRON_CONTROLLER_CONFIG]
+    /// [default: /etc/novacron/controller.toml, when it exists].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The controller's data directory (PKI, store) [env: NOVACRON_DATA_DIR]
+    /// [file: data_dir] [default: /var/lib/novacron/controller].
+    #[arg(long, global = true)]
+    pub data_dir: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -63,7 +71,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// DNS names and IP addresses agents and operators use to reach this controller
-    /// (repeatable). Default: localhost, 127.0.0.1, ::1 and this host's name.
+    /// (repeatable) [env: NOVACRON_SERVER_NAMES=a,b] [file: init.server_names].
+    /// Default: localhost, 127.0.0.1, ::1 and this host's name.
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
     /// Replace an existing CA (every node must join again).
@@ -71,36 +80,50 @@ pub struct InitArgs {
     pub force: bool,
 }
 
-/// `serve` arguments.
+/// `serve` arguments. Each one may also come from the environment or the `[serve]`
+/// table of the file (see `/etc/novacron/controller.toml`); a flag wins.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TCP address of the HTTPS API.
-    #[arg(long, env = "NOVACRON_API_LISTEN", default_value = server::DEFAULT_LISTEN)]
-    pub api_listen: String,
-    /// UDP address of the agent link (QUIC).
-    #[arg(long, env = "NOVACRON_QUIC_LISTEN", default_value = server::DEFAULT_LISTEN)]
-    pub quic_listen: String,
-    /// The name agents and operators use for this controller (must be in its certificate).
-    #[arg(long, env = "NOVACRON_SERVER_NAME", default_value = "localhost")]
-    pub server_name: String,
-    /// `host:port` enrolling agents are told to connect to over QUIC.
-    #[arg(long, env = "NOVACRON_ADVERTISE")]
+    /// TCP address of the HTTPS API [env: NOVACRON_API_LISTEN] [default: 0.0.0.0:7443].
+    #[arg(long)]
+    pub api_listen: Option<String>,
+    /// UDP address of the agent link (QUIC) [env: NOVACRON_QUIC_LISTEN]
+    /// [default: 0.0.0.0:7443].
+    #[arg(long)]
+    pub quic_listen: Option<String>,
+    /// The name agents and operators use for this controller (must be in its
+    /// certificate) [env: NOVACRON_SERVER_NAME] [default: localhost].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// `host:port` enrolling agents are told to connect to over QUIC
+    /// [env: NOVACRON_ADVERTISE].
+    #[arg(long)]
     pub advertise: Option<String>,
-    /// QUIC keep-alive interval.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    pub keep_alive: Duration,
-    /// QUIC idle timeout: a silent agent is disconnected after this.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-    /// Time from disconnected to down.
-    #[arg(long, default_value = "800ms", value_parser = parse_duration)]
-    pub down_after: Duration,
-    /// Lifetime of node certificates (renewed at 70%).
-    #[arg(long, default_value = "30days", value_parser = parse_duration)]
-    pub node_cert_ttl: Duration,
-    /// Samples kept in memory per node.
-    #[arg(long, default_value_t = crate::registry::DEFAULT_METRICS_WINDOW)]
-    pub metrics_window: usize,
+    /// QUIC keep-alive interval [env: NOVACRON_KEEP_ALIVE] [default: 500ms].
+    #[arg(long)]
+    pub keep_alive: Option<String>,
+    /// QUIC idle timeout: a silent agent is disconnected after this
+    /// [env: NOVACRON_IDLE_TIMEOUT] [default: 2s].
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// Time from disconnected to down [env: NOVACRON_DOWN_AFTER] [default: 800ms].
+    #[arg(long)]
+    pub down_after: Option<String>,
+    /// Extra time, after this controller starts, for nodes to reconnect before they
+    /// are down [env: NOVACRON_STARTUP_GRACE] [default: 10s].
+    #[arg(long)]
+    pub startup_grace: Option<String>,
+    /// Extra time for a node whose agent stopped cleanly (a restart; its containers
+    /// keep running) before it is down [env: NOVACRON_RESTART_GRACE] [default: 30s].
+    #[arg(long)]
+    pub restart_grace: Option<String>,
+    /// Lifetime of node certificates (renewed at 70%) [env: NOVACRON_NODE_CERT_TTL]
+    /// [default: 30days].
+    #[arg(long)]
+    pub node_cert_ttl: Option<String>,
+    /// Samples kept in memory per node [env: NOVACRON_METRICS_WINDOW] [default: 300].
+    #[arg(long)]
+    pub metrics_window: Option<String>,
 }
 
 /// `token` subcommands.
@@ -154,14 +177,34 @@ pub enum AdminCommand {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Create an API token (a bearer credential for tools such as CI or
+    /// Prometheus) through the running controller; prints it once.
+    Token {
+        /// Who or what will hold it.
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// Lifetime (at most 365 days).
+        #[arg(long, default_value = "30days", value_parser = parse_duration)]
+        ttl: Duration,
+    },
 }
 
 /// Runs the command line; returns the exit code.
 pub async fn main(cli: Cli) -> i32 {
-    let data_dir = cli.data_dir;
+    let loaded = match config_file::load(cli.config.as_deref(), &ProcessEnv) {
+        Ok(l) => l,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let data_dir = match config_file::data_dir(&loaded, &ProcessEnv, cli.data_dir.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return config_error(&e.to_string()),
+    };
     match cli.command {
-        Command::Init(args) => init(&data_dir, args),
-        Command::Serve(args) => serve(&data_dir, args).await,
+        Command::Init(args) => init(&loaded, &data_dir, args),
+        Command::Serve(args) => serve(&loaded, &data_dir, args).await,
         Command::Token(TokenCommand::Create {
             ttl,
             uses,
@@ -204,11 +247,29 @@ pub async fn main(cli: Cli) -> i32 {
             ttl,
             out,
         }) => admin_issue(&data_dir, &name, &role, ttl, &out),
+        Command::Admin(AdminCommand::Token { name, role, ttl }) => {
+            let req = ApiTokenRequest {
+                name,
+                role,
+                ttl_secs: Some(ttl.as_secs()),
+            };
+            match admin_call::<ApiTokenResponse>(&data_dir, "/v1/api-tokens", &req).await {
+                Ok(t) => {
+                    println!("{}", t.token);
+                    0
+                }
+                Err(code) => code,
+            }
+        }
     }
 }
 
-fn init(data_dir: &Path, args: InitArgs) -> i32 {
-    let names = if args.server_names.is_empty() {
+fn init(loaded: &config_file::Loaded, data_dir: &Path, args: InitArgs) -> i32 {
+    let names = match config_file::server_names(loaded, &ProcessEnv, &args.server_names) {
+        Ok(n) => n,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let names = if names.is_empty() {
         let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
         if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             let host = host.trim().to_ascii_lowercase();
@@ -218,7 +279,7 @@ fn init(data_dir: &Path, args: InitArgs) -> i32 {
         }
         names
     } else {
-        args.server_names
+        names
     };
     match pki_files::init(data_dir, &names, args.force, SystemTime::now()) {
         Ok(fp) => {
@@ -240,52 +301,34 @@ fn init(data_dir: &Path, args: InitArgs) -> i32 {
     }
 }
 
-/// Turns `serve` arguments into a validated configuration.
-pub fn config_from_args(data_dir: &Path, args: &ServeArgs) -> Result<ControllerConfig, String> {
-    let addr = |flag: &str, v: &str| -> Result<SocketAddr, String> {
-        v.parse().map_err(|_| {
-            format!("{flag} {v:?}: expected an IP address and port such as 0.0.0.0:7443")
-        })
-    };
-    let liveness = Liveness {
-        keep_alive: args.keep_alive,
-        idle_timeout: args.idle_timeout,
-        down_after: args.down_after,
-    };
-    if liveness.keep_alive >= liveness.idle_timeout {
-        return Err(format!(
-            "--keep-alive {:?} must be shorter than --idle-timeout {:?}",
-            liveness.keep_alive, liveness.idle_timeout
-        ));
-    }
-    if args.node_cert_ttl < Duration::from_secs(5) {
-        return Err(format!(
-            "--node-cert-ttl {:?}: expected at least 5s",
-            args.node_cert_ttl
-        ));
-    }
-    if !(1..=100_000).contains(&args.metrics_window) {
-        return Err(format!(
-            "--metrics-window {}: expected 1 to 100000 samples",
-            args.metrics_window
-        ));
-    }
-    Ok(ControllerConfig {
-        data_dir: data_dir.to_path_buf(),
-        api_listen: addr("--api-listen", &args.api_listen)?,
-        quic_listen: addr("--quic-listen", &args.quic_listen)?,
+/// Turns `serve` arguments, the environment and the file into a validated
+/// configuration.
+pub fn config_from_args(
+    loaded: &config_file::Loaded,
+    env: &dyn config_file::Env,
+    data_dir: &Path,
+    args: &ServeArgs,
+) -> Result<ControllerConfig, config_file::ConfigError> {
+    let flags = ServeFlags {
+        api_listen: args.api_listen.clone(),
+        quic_listen: args.quic_listen.clone(),
         server_name: args.server_name.clone(),
         advertise: args.advertise.clone(),
-        liveness,
-        node_cert_ttl: args.node_cert_ttl,
-        metrics_window: args.metrics_window,
-    })
+        keep_alive: args.keep_alive.clone(),
+        idle_timeout: args.idle_timeout.clone(),
+        down_after: args.down_after.clone(),
+        startup_grace: args.startup_grace.clone(),
+        restart_grace: args.restart_grace.clone(),
+        node_cert_ttl: args.node_cert_ttl.clone(),
+        metrics_window: args.metrics_window.clone(),
+    };
+    config_file::resolve_serve(loaded, env, data_dir, &flags)
 }
 
-async fn serve(data_dir: &Path, args: ServeArgs) -> i32 {
-    let config = match config_from_args(data_dir, &args) {
+async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -> i32 {
+    let config = match config_from_args(loaded, &ProcessEnv, data_dir, &args) {
         Ok(c) => c,
-        Err(e) => return config_error(&e),
+        Err(e) => return config_error(&e.to_string()),
     };
     if let Err(e) = pki_files::load(data_dir) {
         return config_error(&e.to_string());
@@ -458,13 +501,20 @@ mod tests {
         }
     }
 
+    fn config_from_args(dir: &Path, args: &ServeArgs) -> Result<ControllerConfig, String> {
+        super::config_from_args(&config_file::Loaded::default(), &[], dir, args)
+            .map_err(|e| e.to_string())
+    }
+
     #[test]
     fn bad_serve_settings_name_the_flag_and_what_is_accepted() {
         let dir = Path::new("/tmp/x");
         let err =
             config_from_args(dir, &serve_args(&["--api-listen", "nope"])).expect_err("bad addr");
         assert!(
-            err.contains("--api-listen \"nope\"") && err.contains("0.0.0.0:7443"),
+            err.contains("--api-listen")
+                && err.contains("\"nope\"")
+                && err.contains("0.0.0.0:7443"),
             "{err}"
         );
         let err =

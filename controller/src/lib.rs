@@ -5,11 +5,23 @@
 //! (the agent endpoint) and [`api`] (HTTPS, served through [`https`]).
 
 pub mod api;
+pub mod api_tokens;
+pub mod autoscaler;
+pub mod budgets;
 pub mod cli;
+pub mod config_file;
+pub mod costs;
 pub mod ctl;
+pub mod events;
+pub mod exec;
 pub mod https;
 pub mod link;
+pub mod metrics;
 pub mod pki_files;
+pub mod policies;
+pub mod pool_api;
+pub mod pools;
+pub mod providers;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -15,8 +15,8 @@ use novacron_common::fleet::Liveness;
 use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
 use novacron_common::tls;
 use novacron_common::wire::{
-    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, FrameError, LogChunk,
-    MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
+    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, ExecEvent, ExecRequest,
+    FrameError, LogChunk, MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
 };
 use quinn::{RecvStream, SendStream};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -145,6 +145,9 @@ pub struct LinkContext {
     pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<ControllerMessage>)>>,
     /// Log streams waiting for their agent, by request id.
     pub pending_logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
+    /// Each connected node's live connection (with its connection id), on which
+    /// remote exec opens its streams.
+    pub connections: Mutex<HashMap<String, (u64, quinn::Connection)>>,
     /// The fleet CA, to sign renewals.
     pub ca: CertAndKey,
     /// Lifetime of renewed certificates.
@@ -277,7 +280,8 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     });
     if let Err(error) = wire::write_frame(&mut send, &welcome).await {
         debug!(node = %name, %error, "cannot send Welcome");
-        ctx.registry.disconnect(&name, conn_id, Instant::now());
+        ctx.registry
+            .disconnect(&name, conn_id, Instant::now(), false);
         return;
     }
 
@@ -289,12 +293,19 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     ));
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     lock(&ctx.commands).insert(name.clone(), (conn_id, cmd_tx));
+    lock(&ctx.connections).insert(name.clone(), (conn_id, conn.clone()));
     let desired = ctx.workloads.subscribe(&name);
     let result = control_loop(&ctx, &name, &mut send, recv, desired, cmd_rx).await;
     {
         let mut commands = lock(&ctx.commands);
         if commands.get(&name).is_some_and(|(id, _)| *id == conn_id) {
             commands.remove(&name);
+        }
+    }
+    {
+        let mut connections = lock(&ctx.connections);
+        if connections.get(&name).is_some_and(|(id, _)| *id == conn_id) {
+            connections.remove(&name);
         }
     }
     match result {
@@ -308,7 +319,14 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     let reason = conn.closed().await;
     metrics.abort();
     debug!(node = %name, %reason, "connection closed");
-    ctx.registry.disconnect(&name, conn_id, Instant::now());
+    // The agent said goodbye (it is restarting; its containers keep running).
+    let clean = matches!(
+        &reason,
+        quinn::ConnectionError::ApplicationClosed(close)
+            if CloseCode::from_code(close.error_code.into_inner()) == Some(CloseCode::Normal)
+    );
+    ctx.registry
+        .disconnect(&name, conn_id, Instant::now(), clean);
 }
 
 enum LoopEnd {
@@ -511,6 +529,128 @@ async fn forward_logs(
         }
     }
     Ok(())
+}
+
+/// Why a remote command could not be sent to a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecOpenError {
+    /// The node has no live connection.
+    #[error("node {0} is not connected; `novacron node list` shows which nodes are ready")]
+    NotConnected(String),
+    /// The connection failed while opening the stream or sending the request.
+    #[error("cannot send the command to node {node}: {reason}")]
+    Lost {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl LinkContext {
+    /// Opens an exec stream to `node` and sends `request`. The command runs until
+    /// it exits, its time limit passes, or the returned channel is dropped (which
+    /// cancels it: the agent kills it).
+    pub async fn open_exec(
+        &self,
+        node: &str,
+        request: &ExecRequest,
+    ) -> Result<ExecChannel, ExecOpenError> {
+        let conn = lock(&self.connections)
+            .get(node)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| ExecOpenError::NotConnected(node.to_owned()))?;
+        let lost = |reason: String| ExecOpenError::Lost {
+            node: node.to_owned(),
+            reason,
+        };
+        // Waits while the node runs its maximum of concurrent commands.
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        wire::write_frame(&mut send, request)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        Ok(ExecChannel {
+            send,
+            recv,
+            scratch: Vec::new(),
+            done: false,
+        })
+    }
+}
+
+/// The controller's end of one exec stream. Dropping it before the command ended
+/// cancels the command.
+#[derive(Debug)]
+pub struct ExecChannel {
+    send: SendStream,
+    recv: RecvStream,
+    scratch: Vec<u8>,
+    done: bool,
+}
+
+/// Why an exec stream ended without a last event.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecStreamError {
+    /// The agent sent something the protocol does not allow; the stream is reset.
+    #[error("node sent a bad exec frame: {0}")]
+    Protocol(String),
+    /// The stream or connection ended.
+    #[error("the node's link closed during the command: {0}")]
+    Lost(String),
+}
+
+impl ExecChannel {
+    /// The next event; `Ok(None)` after the last one (`Exited`, `Refused`,
+    /// `Failed`). Frames are checked: an oversized output chunk, a second `Started`
+    /// or anything after the last event is a protocol error, which resets the
+    /// stream (and so cancels the command). Not cancel-safe: a caller that stops
+    /// waiting must drop the channel.
+    pub async fn next(&mut self) -> Result<Option<ExecEvent>, ExecStreamError> {
+        if self.done {
+            return Ok(None);
+        }
+        let event = match wire::read_frame::<ExecEvent, _>(&mut self.recv, &mut self.scratch).await
+        {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(ExecStreamError::Lost(
+                    "the stream ended before the command's exit".into(),
+                ));
+            }
+            Err(FrameError::Io(e)) => return Err(ExecStreamError::Lost(e.to_string())),
+            Err(e) => return Err(self.violation(e.close_code(), e.to_string())),
+        };
+        match &event {
+            ExecEvent::Output { data, .. } if data.len() > wire::MAX_EXEC_CHUNK => {
+                let reason = format!(
+                    "an output chunk of {} bytes exceeds the maximum of {}",
+                    data.len(),
+                    wire::MAX_EXEC_CHUNK
+                );
+                return Err(self.violation(CloseCode::Unexpected, reason));
+            }
+            ExecEvent::Exited { .. } | ExecEvent::Refused { .. } | ExecEvent::Failed { .. } => {
+                self.done = true;
+            }
+            ExecEvent::Started { .. } | ExecEvent::Output { .. } => {}
+        }
+        Ok(Some(event))
+    }
+
+    fn violation(&mut self, code: CloseCode, reason: String) -> ExecStreamError {
+        let _ = self.send.reset(code.code().into());
+        let _ = self.recv.stop(code.code().into());
+        self.done = true;
+        ExecStreamError::Protocol(reason)
+    }
+}
+
+impl Drop for ExecChannel {
+    fn drop(&mut self) {
+        // Ending our side is the cancel signal (harmless after the command ended).
+        let _ = self.send.reset(CloseCode::Normal.code().into());
+        let _ = self.recv.stop(CloseCode::Normal.code().into());
+    }
 }
 
 async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode, message: &str) {

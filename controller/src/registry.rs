@@ -24,13 +24,37 @@ pub const DEFAULT_METRICS_WINDOW: usize = 300;
 /// How many ingest latencies the percentiles are computed over.
 pub const LATENCY_WINDOW: usize = 65_536;
 
+/// How long, after the controller starts, a node that has not reconnected yet
+/// gets on top of `down_after` before it is `down` (agents reconnect within their
+/// reconnect backoff, at most 5 s by default).
+pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(10);
+/// How long a node whose agent stopped cleanly (a restart or an upgrade; its
+/// containers keep running) gets on top of `down_after` before it is `down`.
+pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(30);
+
 /// Registry settings.
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryConfig {
     /// Samples kept per node.
     pub metrics_window: usize,
-    /// Time from disconnect to `down`.
+    /// Time from a lost connection to `down`.
     pub down_after: Duration,
+    /// Extra time for nodes not yet reconnected after the controller started.
+    pub startup_grace: Duration,
+    /// Extra time for a node whose agent closed its connection cleanly.
+    pub restart_grace: Duration,
+}
+
+impl RegistryConfig {
+    /// Default graces with the given window and `down_after`.
+    pub fn new(metrics_window: usize, down_after: Duration) -> RegistryConfig {
+        RegistryConfig {
+            metrics_window,
+            down_after,
+            startup_grace: DEFAULT_STARTUP_GRACE,
+            restart_grace: DEFAULT_RESTART_GRACE,
+        }
+    }
 }
 
 /// A live agent connection as the registry sees it.
@@ -67,6 +91,8 @@ pub struct PlacementNode {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Allocatable resources.
     pub capacity: novacron_common::wire::Capacity,
+    /// Cordoned (draining): the scheduler places nothing new on it.
+    pub cordoned: bool,
 }
 
 /// Registry errors.
@@ -111,6 +137,9 @@ pub struct Registry {
     samples_ingested: AtomicU64,
     duplicates_skipped: AtomicU64,
     latencies: Mutex<VecDeque<f32>>,
+    /// Nodes the scheduler must not place on (being drained). In memory only: the
+    /// pool manager cordons its draining nodes again after a restart.
+    cordoned: Mutex<HashSet<String>>,
 }
 
 #[derive(Debug)]
@@ -124,6 +153,8 @@ struct NodeState {
     record: NodeRecord,
     link: Option<(u64, Arc<dyn LiveLink>)>,
     since: Instant,
+    /// Added to `down_after` while disconnected: the startup or restart grace.
+    grace: Duration,
     address: Option<SocketAddr>,
     window: VecDeque<NodeSample>,
     mark: MetricMark,
@@ -151,6 +182,7 @@ impl Registry {
                     record,
                     link: None,
                     since: now,
+                    grace: config.startup_grace,
                     address: None,
                     window: VecDeque::new(),
                     mark,
@@ -170,7 +202,33 @@ impl Registry {
             samples_ingested: AtomicU64::new(0),
             duplicates_skipped: AtomicU64::new(0),
             latencies: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
+            cordoned: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Cordons `name` (nothing new is placed on it) or lifts that.
+    pub fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<(), RegistryError> {
+        if !self.lock().nodes.contains_key(name) {
+            return Err(RegistryError::UnknownNode(name.to_string()));
+        }
+        let mut set = self
+            .cordoned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cordoned {
+            set.insert(name.to_string());
+        } else {
+            set.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Whether `name` is cordoned.
+    pub fn is_cordoned(&self, name: &str) -> bool {
+        self.cordoned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(name)
     }
 
     /// The revoked-name set, for the TLS verifier.
@@ -207,6 +265,7 @@ impl Registry {
                 },
                 link: None,
                 since: Instant::now(),
+                grace: Duration::ZERO,
                 address: None,
                 window: VecDeque::new(),
                 mark: MetricMark::default(),
@@ -274,7 +333,9 @@ impl Registry {
     }
 
     /// Records that connection `conn_id` of `name` ended.
-    pub fn disconnect(&self, name: &str, conn_id: u64, now: Instant) {
+    /// `clean` is true when the agent closed the connection itself in an orderly
+    /// way (it is restarting); the node then gets the restart grace.
+    pub fn disconnect(&self, name: &str, conn_id: u64, now: Instant, clean: bool) {
         let mut inner = self.lock();
         let Some(state) = inner.nodes.get_mut(name) else {
             return;
@@ -282,6 +343,11 @@ impl Registry {
         if state.link.as_ref().is_some_and(|(id, _)| *id == conn_id) {
             state.link = None;
             state.since = now;
+            state.grace = if clean {
+                self.config.restart_grace
+            } else {
+                Duration::ZERO
+            };
             if let Err(error) = self.store.upsert_node(&state.record) {
                 warn!(node = name, %error, "cannot persist node at disconnect");
             }
@@ -413,6 +479,11 @@ impl Registry {
     /// What placement needs of every node (no samples), sorted by name. Cheap:
     /// the reconcile loop calls it every tick while agents keep ingesting.
     pub fn placement_nodes(&self, now: Instant) -> Vec<PlacementNode> {
+        let cordoned = self
+            .cordoned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut nodes: Vec<PlacementNode> = {
             let inner = self.lock();
             inner
@@ -423,6 +494,7 @@ impl Registry {
                     status: self.status_of(s, now),
                     labels: s.record.labels.clone(),
                     capacity: s.record.capacity.clone(),
+                    cordoned: cordoned.contains(&s.record.name),
                 })
                 .collect()
         };
@@ -477,7 +549,12 @@ impl Registry {
     }
 
     fn status_of(&self, s: &NodeState, now: Instant) -> NodeStatus {
-        node_status(s.link.is_some(), s.since, now, self.config.down_after)
+        node_status(
+            s.link.is_some(),
+            s.since,
+            now,
+            self.config.down_after.saturating_add(s.grace),
+        )
     }
 
     fn view_of(&self, s: &NodeState, now: Instant) -> NodeView {
@@ -567,8 +644,8 @@ mod tests {
         Registry::load(
             store,
             RegistryConfig {
-                metrics_window: 10,
-                down_after: Duration::from_secs(1),
+                startup_grace: Duration::ZERO,
+                ..RegistryConfig::new(10, Duration::from_secs(1))
             },
             Instant::now(),
         )
@@ -734,14 +811,14 @@ mod tests {
             .expect("second");
         assert!(old.0.load(Ordering::SeqCst));
         // The old connection's late disconnect does not mark the node disconnected.
-        r.disconnect("n1", c1, Instant::now());
+        r.disconnect("n1", c1, Instant::now(), false);
         assert_eq!(r.status("n1", Instant::now()), Some(NodeStatus::Ready));
         // Nor is its late batch ingested.
         assert_eq!(
             r.ingest("n1", c1, batch(0..3), SystemTime::now()).accepted,
             0
         );
-        r.disconnect("n1", c2, Instant::now());
+        r.disconnect("n1", c2, Instant::now(), false);
         assert_eq!(
             r.status("n1", Instant::now()),
             Some(NodeStatus::Disconnected)

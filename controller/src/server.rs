@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use novacron_common::cost::PriceCatalog;
 use novacron_common::fleet::Liveness;
 use novacron_common::tls;
 use tokio::task::JoinHandle;
@@ -12,10 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
+use crate::autoscaler::Autoscaler;
+use crate::events::{self, EventLog};
 use crate::https::{self, TlsListener};
 use crate::link::{self, LinkConfig, LinkContext};
 use crate::pki_files;
-use crate::registry::{DEFAULT_METRICS_WINDOW, Registry, RegistryConfig};
+use crate::registry::{
+    DEFAULT_METRICS_WINDOW, DEFAULT_RESTART_GRACE, DEFAULT_STARTUP_GRACE, Registry, RegistryConfig,
+};
 use crate::store::{RedbStore, Store};
 use crate::workloads::Workloads;
 
@@ -44,6 +49,10 @@ pub struct ControllerConfig {
     pub node_cert_ttl: Duration,
     /// Samples kept per node.
     pub metrics_window: usize,
+    /// Extra time before nodes not yet reconnected after a start are `down`.
+    pub startup_grace: Duration,
+    /// Extra time before a node whose agent stopped cleanly is `down`.
+    pub restart_grace: Duration,
 }
 
 impl ControllerConfig {
@@ -58,7 +67,24 @@ impl ControllerConfig {
             liveness: Liveness::default(),
             node_cert_ttl: novacron_common::pki::DEFAULT_NODE_CERT_TTL,
             metrics_window: DEFAULT_METRICS_WINDOW,
+            startup_grace: DEFAULT_STARTUP_GRACE,
+            restart_grace: DEFAULT_RESTART_GRACE,
         }
+    }
+}
+
+/// The pricing catalog file in the data directory.
+pub const PRICING_FILE: &str = "pricing.toml";
+
+/// Loads `<data_dir>/pricing.toml` (the defaults when it does not exist); checked
+/// before any port is bound.
+pub fn load_pricing(data_dir: &std::path::Path) -> anyhow::Result<PriceCatalog> {
+    let path = data_dir.join(PRICING_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => PriceCatalog::parse(&path.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("pricing catalog: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PriceCatalog::default()),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -81,14 +107,16 @@ pub struct Controller {
 /// Starts a controller on an initialized data directory.
 pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     tls::install_crypto_provider();
+    let pricing = load_pricing(&config.data_dir)?;
     let pki = pki_files::load(&config.data_dir)?;
     let store: Arc<dyn Store> =
         Arc::new(RedbStore::open(&config.data_dir.join("controller.redb"))?);
     let registry = Arc::new(Registry::load(
         store.clone(),
         RegistryConfig {
-            metrics_window: config.metrics_window,
-            down_after: config.liveness.down_after,
+            startup_grace: config.startup_grace,
+            restart_grace: config.restart_grace,
+            ..RegistryConfig::new(config.metrics_window, config.liveness.down_after)
         },
         Instant::now(),
     )?);
@@ -117,12 +145,27 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     )?;
     let listener = TlsListener::new(api_tcp, Arc::new(api_tls))?;
 
-    let workloads = Arc::new(Workloads::load(store.clone(), registry.clone())?);
+    let events = Arc::new(EventLog::open(store.clone(), events::DEFAULT_RETAIN)?);
+    let workloads = Arc::new(Workloads::load(
+        store.clone(),
+        registry.clone(),
+        events.clone(),
+    )?);
+    let autoscaler = Arc::new(
+        Autoscaler::load(
+            store.clone(),
+            registry.clone(),
+            workloads.clone(),
+            events.clone(),
+        )?
+        .with_pricing(pricing.clone()),
+    );
     let link_ctx = Arc::new(LinkContext {
         registry: registry.clone(),
         workloads: workloads.clone(),
         commands: Default::default(),
         pending_logs: Default::default(),
+        connections: Default::default(),
         ca: pki.ca.clone(),
         node_cert_ttl: config.node_cert_ttl,
     });
@@ -141,13 +184,26 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         api_url: format!("https://{}:{}", config.server_name, api_addr.port()),
         workloads: workloads.clone(),
         link: link_ctx.clone(),
+        events: events.clone(),
+        pricing,
+        autoscaler: autoscaler.clone(),
     });
 
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(workloads.clone().run(cancel.clone())));
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
+    tasks.push(tokio::spawn(crate::pools::run(
+        api_state.clone(),
+        crate::pools::DEFAULT_INTERVAL,
+        cancel.clone(),
+    )));
     let api_cancel = cancel.clone();
+    tasks.push(tokio::spawn(crate::budgets::run(
+        api_state.clone(),
+        crate::budgets::DEFAULT_INTERVAL,
+        cancel.clone(),
+    )));
     tasks.push(tokio::spawn(async move {
         let shutdown = async move { api_cancel.cancelled().await };
         if let Err(error) = https::serve(listener, api::router(api_state), shutdown).await {
@@ -171,6 +227,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
             }
         }
     }));
+    tasks.push(tokio::spawn(autoscaler.run(cancel.clone())));
     info!(%api_addr, %quic_addr, fingerprint = %pki.fingerprint, "controller serving");
     Ok(Controller {
         api_addr,

@@ -17,11 +17,18 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use novacron_common::wire::{Capabilities, Capacity};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::api_tokens::ApiTokenRecord;
+use crate::autoscaler::PolicyRecord;
+use crate::events::EventQuery;
 use crate::tokens::{self, JoinToken, TokenError, TokenRecord};
+use novacron_common::api::Event;
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -40,6 +47,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// All tokens (including expired and used-up ones), sorted by id.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// One token by id.
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Atomically (one write transaction): looks the token up by id,
     /// [`tokens::check`]s it, decrements `uses_left`, saves it; returns the updated
     /// record. Of concurrent calls with a token that has one use left, exactly one
@@ -67,6 +76,66 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError>;
     /// All allocations, sorted by id.
     fn allocations(&self) -> Result<Vec<AllocRecord>, StoreError>;
+    /// Appends events (their `seq` above every stored one), then drops the oldest
+    /// so that at most `retain` remain.
+    fn append_events(&self, events: &[Event], retain: usize) -> Result<(), StoreError>;
+    /// Reads events after `query.after`, oldest first: at most `query.limit`
+    /// matching ones, scanning at most [`EventQuery::MAX_SCAN`] records.
+    fn events(&self, query: &EventQuery) -> Result<EventScan, StoreError>;
+    /// The highest stored event position, 0 when there is none.
+    fn last_event_seq(&self) -> Result<u64, StoreError>;
+    /// Creates or replaces an API token record.
+    fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError>;
+    /// One API token record.
+    fn api_token(&self, id: &str) -> Result<Option<ApiTokenRecord>, StoreError>;
+    /// Every API token record, by id.
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError>;
+    /// Inserts or replaces the autoscaling policy with `policy.name`.
+    fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError>;
+    /// All autoscaling policies, sorted by name.
+    fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+    /// Deletes the policy called `name`; whether there was one.
+    fn delete_policy(&self, name: &str) -> Result<bool, StoreError>;
+    /// Inserts or replaces the node pool with `pool.name`.
+    fn put_node_pool(&self, pool: &PoolManifestRecord) -> Result<(), StoreError>;
+    /// All node pools, sorted by name.
+    fn node_pools(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
+    /// Deletes the node pool called `name`; whether there was one.
+    fn delete_node_pool(&self, name: &str) -> Result<bool, StoreError>;
+    /// Inserts or replaces the node template with `template.name`.
+    fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError>;
+    /// All node templates, sorted by name.
+    fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
+    /// Deletes the node template called `name`; whether there was one.
+    fn delete_node_template(&self, name: &str) -> Result<bool, StoreError>;
+}
+
+/// A `NodePool` or `NodeTemplate` as applied: its one manifest document, parsed
+/// again on load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolManifestRecord {
+    /// `metadata.name`.
+    pub name: String,
+    /// The file it came from, for messages.
+    pub file: String,
+    /// The manifest document (YAML).
+    pub source: String,
+    /// When it was applied (Unix ms).
+    pub applied_unix_ms: u64,
+    /// Who applied it.
+    pub by: String,
+}
+
+/// What [`Store::events`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventScan {
+    /// The matching events, oldest first.
+    pub events: Vec<Event>,
+    /// The last position scanned (the `after` of the next read); `query.after` when
+    /// nothing was scanned.
+    pub last_scanned: u64,
+    /// Whether the scan stopped before the end of the log.
+    pub more: bool,
 }
 
 /// A job and its versions, as the controller keeps it.
@@ -86,6 +155,23 @@ pub struct JobRecord {
     pub status: String,
     /// The latest explanation (placement failures, reverts).
     pub message: String,
+    /// Replicas set by `Workloads::scale` (the autoscaler), used instead of the
+    /// manifest's while set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_override: Option<ReplicaOverride>,
+}
+
+/// Replicas of a job set apart from its manifest, and by whom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaOverride {
+    /// The replicas to run.
+    pub replicas: u32,
+    /// Who set them (`autoscaler (policy api-cpu)`).
+    pub by: String,
+    /// Why, in one line.
+    pub reason: String,
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
 }
 
 /// How many versions of a job are kept.
@@ -109,7 +195,7 @@ pub struct JobVersion {
 }
 
 /// One allocation as the controller keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AllocRecord {
     /// Id.
     pub id: String,
@@ -334,9 +420,21 @@ impl RedbStore {
             // A new file, or (in future versions) an older schema to migrate here.
             _ => self.put_in(&txn, META, SCHEMA_VERSION_KEY, &SCHEMA_VERSION, OP)?,
         }
-        for table in [NODES, TOKENS, REVOCATIONS, METRIC_MARKS, JOBS, ALLOCATIONS] {
+        for table in [
+            NODES,
+            TOKENS,
+            REVOCATIONS,
+            METRIC_MARKS,
+            JOBS,
+            ALLOCATIONS,
+            API_TOKENS,
+            POLICIES,
+            NODE_POOLS,
+            NODE_TEMPLATES,
+        ] {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
+        txn.open_table(EVENTS).map_err(self.fail(OP))?;
         txn.commit().map_err(self.fail(OP))
     }
 
@@ -445,7 +543,140 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Removes one record in a write transaction of its own; whether it existed.
+    fn remove(&self, table: Table, key: &str, op: &'static str) -> Result<bool, StoreError> {
+        let txn = self.begin_write(op)?;
+        let existed = {
+            let mut t = txn.open_table(table.def()).map_err(self.fail(op))?;
+            t.remove(key).map_err(self.fail(op))?.is_some()
+        };
+        txn.commit().map_err(self.fail(op))?;
+        Ok(existed)
+    }
+}
+
 impl Store for RedbStore {
+    fn put_node_pool(&self, pool: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.put(NODE_POOLS, &pool.name, pool, "saving a node pool")
+    }
+
+    fn node_pools(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        Ok(values(self.all(NODE_POOLS, "listing node pools")?))
+    }
+
+    fn delete_node_pool(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(NODE_POOLS, name, "deleting a node pool")
+    }
+
+    fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.put(
+            NODE_TEMPLATES,
+            &template.name,
+            template,
+            "saving a node template",
+        )
+    }
+
+    fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        Ok(values(self.all(NODE_TEMPLATES, "listing node templates")?))
+    }
+
+    fn delete_node_template(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(NODE_TEMPLATES, name, "deleting a node template")
+    }
+
+    fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError> {
+        self.put(POLICIES, &policy.name, policy, "saving a policy")
+    }
+
+    fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        Ok(values(self.all(POLICIES, "listing policies")?))
+    }
+
+    fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
+        const OP: &str = "deleting a policy";
+        let txn = self.begin_write(OP)?;
+        let existed = {
+            let mut t = txn.open_table(POLICIES.def()).map_err(self.fail(OP))?;
+            t.remove(name).map_err(self.fail(OP))?.is_some()
+        };
+        txn.commit().map_err(self.fail(OP))?;
+        Ok(existed)
+    }
+
+    fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        self.put(API_TOKENS, &token.id, token, "saving an API token")
+    }
+
+    fn api_token(&self, id: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        self.get(API_TOKENS, id, "reading an API token")
+    }
+
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        Ok(values(self.all(API_TOKENS, "listing API tokens")?))
+    }
+
+    fn append_events(&self, events: &[Event], retain: usize) -> Result<(), StoreError> {
+        const OP: &str = "appending events";
+        let txn = self.begin_write(OP)?;
+        {
+            let mut t = txn.open_table(EVENTS).map_err(self.fail(OP))?;
+            for e in events {
+                let bytes = serde_json::to_vec(e).map_err(|err| StoreError::Encode {
+                    path: self.path.clone(),
+                    table: EVENTS_NAME,
+                    key: e.seq.to_string(),
+                    reason: err.to_string(),
+                })?;
+                t.insert(e.seq, bytes.as_slice()).map_err(self.fail(OP))?;
+            }
+            let len = t.len().map_err(self.fail(OP))?;
+            let excess = len.saturating_sub(retain as u64);
+            if excess > 0 {
+                let first = t.first().map_err(self.fail(OP))?.map(|(k, _)| k.value());
+                if let Some(first) = first {
+                    let cut = first.saturating_add(excess);
+                    t.retain_in(..cut, |_, _| false).map_err(self.fail(OP))?;
+                }
+            }
+        }
+        txn.commit().map_err(self.fail(OP))
+    }
+
+    fn events(&self, query: &EventQuery) -> Result<EventScan, StoreError> {
+        const OP: &str = "reading events";
+        let txn = self.db.begin_read().map_err(self.fail(OP))?;
+        let t = txn.open_table(EVENTS).map_err(self.fail(OP))?;
+        let last = t.last().map_err(self.fail(OP))?.map(|(k, _)| k.value());
+        let range = t
+            .range(query.after.saturating_add(1)..)
+            .map_err(self.fail(OP))?;
+        let decode = |entry: Result<
+            (redb::AccessGuard<'_, u64>, redb::AccessGuard<'_, &[u8]>),
+            redb::StorageError,
+        >| {
+            let (key, value) = entry.map_err(self.fail(OP))?;
+            let seq = key.value();
+            let event: Event =
+                self.decode(Table { name: EVENTS_NAME }, &seq.to_string(), value.value())?;
+            Ok((seq, event))
+        };
+        if query.newest {
+            scan_events(range.rev().map(decode), query, last.unwrap_or(0))
+        } else {
+            scan_events(range.map(decode), query, last.unwrap_or(0))
+        }
+    }
+
+    fn last_event_seq(&self) -> Result<u64, StoreError> {
+        const OP: &str = "reading the last event";
+        let txn = self.db.begin_read().map_err(self.fail(OP))?;
+        let t = txn.open_table(EVENTS).map_err(self.fail(OP))?;
+        let last = t.last().map_err(self.fail(OP))?;
+        Ok(last.map(|(k, _)| k.value()).unwrap_or(0))
+    }
+
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.put(JOBS, &job.name, job, "saving a job")
     }
@@ -491,6 +722,10 @@ impl Store for RedbStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Ok(values(self.all(TOKENS, "listing join tokens")?))
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.get(TOKENS, id, "reading a join token")
     }
 
     fn consume_token(
@@ -555,6 +790,11 @@ struct MemoryState {
     metric_marks: HashMap<String, MetricMark>,
     jobs: BTreeMap<String, JobRecord>,
     allocations: BTreeMap<String, AllocRecord>,
+    events: BTreeMap<u64, Event>,
+    api_tokens: BTreeMap<String, ApiTokenRecord>,
+    policies: BTreeMap<String, PolicyRecord>,
+    node_pools: BTreeMap<String, PoolManifestRecord>,
+    node_templates: BTreeMap<String, PoolManifestRecord>,
 }
 
 impl MemoryStore {
@@ -573,6 +813,93 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn put_node_pool(&self, pool: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.state()
+            .node_pools
+            .insert(pool.name.clone(), pool.clone());
+        Ok(())
+    }
+
+    fn node_pools(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        Ok(self.state().node_pools.values().cloned().collect())
+    }
+
+    fn delete_node_pool(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.state().node_pools.remove(name).is_some())
+    }
+
+    fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.state()
+            .node_templates
+            .insert(template.name.clone(), template.clone());
+        Ok(())
+    }
+
+    fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        Ok(self.state().node_templates.values().cloned().collect())
+    }
+
+    fn delete_node_template(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.state().node_templates.remove(name).is_some())
+    }
+
+    fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError> {
+        self.state()
+            .policies
+            .insert(policy.name.clone(), policy.clone());
+        Ok(())
+    }
+
+    fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        Ok(self.state().policies.values().cloned().collect())
+    }
+
+    fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.state().policies.remove(name).is_some())
+    }
+
+    fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        self.state()
+            .api_tokens
+            .insert(token.id.clone(), token.clone());
+        Ok(())
+    }
+
+    fn api_token(&self, id: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        Ok(self.state().api_tokens.get(id).cloned())
+    }
+
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        Ok(self.state().api_tokens.values().cloned().collect())
+    }
+
+    fn append_events(&self, events: &[Event], retain: usize) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for e in events {
+            state.events.insert(e.seq, e.clone());
+        }
+        while state.events.len() > retain {
+            state.events.pop_first();
+        }
+        Ok(())
+    }
+
+    fn events(&self, query: &EventQuery) -> Result<EventScan, StoreError> {
+        let state = self.state();
+        let last = state.events.keys().next_back().copied().unwrap_or(0);
+        let range = state.events.range(query.after.saturating_add(1)..);
+        let owned = |(seq, e): (&u64, &Event)| Ok((*seq, e.clone()));
+        if query.newest {
+            scan_events(range.rev().map(owned), query, last)
+        } else {
+            scan_events(range.map(owned), query, last)
+        }
+    }
+
+    fn last_event_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.state().events.keys().next_back().copied().unwrap_or(0))
+    }
+
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.state().jobs.insert(job.name.clone(), job.clone());
         Ok(())
@@ -617,6 +944,10 @@ impl Store for MemoryStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Ok(self.state().tokens.values().cloned().collect())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self.state().tokens.get(id).cloned())
     }
 
     fn consume_token(
@@ -676,10 +1007,53 @@ const METRIC_MARKS: Table = Table {
     name: "metric_marks",
 };
 const JOBS: Table = Table { name: "jobs" };
+const API_TOKENS: Table = Table { name: "api_tokens" };
+const POLICIES: Table = Table { name: "policies" };
+const NODE_POOLS: Table = Table { name: "node_pools" };
+const NODE_TEMPLATES: Table = Table {
+    name: "node_templates",
+};
 const ALLOCATIONS: Table = Table {
     name: "allocations",
 };
 const SCHEMA_VERSION_KEY: &str = "schema_version";
+const EVENTS_NAME: &str = "events";
+/// The event log: position → JSON event.
+const EVENTS: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new(EVENTS_NAME);
+
+/// The shared read of both stores: walks `entries` (in the direction the query
+/// asks for) and keeps the matching events, within the query's limit and
+/// [`EventQuery::MAX_SCAN`]. `last` is the newest stored position.
+fn scan_events(
+    entries: impl Iterator<Item = Result<(u64, Event), StoreError>>,
+    query: &EventQuery,
+    last: u64,
+) -> Result<EventScan, StoreError> {
+    let mut scan = EventScan {
+        last_scanned: query.after,
+        ..EventScan::default()
+    };
+    for (scanned, entry) in entries.enumerate() {
+        if scan.events.len() >= query.limit || scanned >= EventQuery::MAX_SCAN {
+            scan.more = true;
+            break;
+        }
+        let (seq, event) = entry?;
+        if !query.newest {
+            scan.last_scanned = seq;
+        }
+        if query.matches(&event) {
+            scan.events.push(event);
+        }
+    }
+    if query.newest {
+        // Newest first was only the reading order: answer oldest first, and continue
+        // after everything stored.
+        scan.events.reverse();
+        scan.last_scanned = last.max(query.after);
+    }
+    Ok(scan)
+}
 
 /// The shared decision of both stores: the token record after one use, or why not.
 fn use_token(
@@ -821,6 +1195,11 @@ mod tests {
             "{err:?}"
         );
         let saved = store.tokens().expect("list");
+        assert_eq!(
+            store.token(&saved[0].id).expect("read").as_ref(),
+            Some(&saved[0])
+        );
+        assert_eq!(store.token("000000000000").expect("read"), None);
         assert_eq!(saved.len(), 1);
         assert_eq!(saved[0].uses_left, 0);
     }
@@ -959,6 +1338,12 @@ mod tests {
             stopped: false,
             status: "running".into(),
             message: String::new(),
+            replicas_override: Some(ReplicaOverride {
+                replicas: 4,
+                by: "autoscaler (policy p)".into(),
+                reason: "api 2 → 4: cpu 91% over 5m, target 75%".into(),
+                at_unix_ms: 3,
+            }),
         };
         store.put_job(&job).expect("put job");
         assert_eq!(store.jobs().expect("jobs"), vec![job]);
@@ -975,6 +1360,64 @@ mod tests {
             .map(|a| a.id)
             .collect();
         assert_eq!(ids, vec!["a2", "a3"]);
+    }
+
+    fn policy(name: &str) -> PolicyRecord {
+        PolicyRecord {
+            name: name.into(),
+            source: "apiVersion: novacron.io/v1".into(),
+            file: "p.yaml".into(),
+            applied_by: "admin:admin".into(),
+            applied_at_unix_ms: 1,
+            scale: crate::autoscaler::ScaleRecord {
+                current: 3,
+                last_scale_out_unix_ms: Some(5),
+                last_scale_in_unix_ms: None,
+                recommendations: vec![crate::autoscaler::RecommendationRecord {
+                    at_unix_ms: 5,
+                    size: 3,
+                }],
+            },
+            last_decision: None,
+        }
+    }
+
+    fn pool_manifest(name: &str) -> PoolManifestRecord {
+        PoolManifestRecord {
+            name: name.into(),
+            file: "pools.yaml".into(),
+            source: format!("kind: NodePool\nmetadata: {{name: {name}}}\n"),
+            applied_unix_ms: 7,
+            by: "admin".into(),
+        }
+    }
+
+    fn node_pools_and_templates_round_trip(store: &impl Store) {
+        assert!(store.node_pools().expect("list").is_empty());
+        store.put_node_pool(&pool_manifest("b")).expect("put");
+        store.put_node_pool(&pool_manifest("a")).expect("put");
+        store.put_node_template(&pool_manifest("t")).expect("put");
+        let names = |v: Vec<PoolManifestRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(names(store.node_pools().expect("list")), ["a", "b"]);
+        assert_eq!(names(store.node_templates().expect("list")), ["t"]);
+        assert!(store.delete_node_pool("a").expect("delete"));
+        assert!(!store.delete_node_pool("a").expect("delete again"));
+        assert!(store.delete_node_template("t").expect("delete"));
+        assert_eq!(names(store.node_pools().expect("list")), ["b"]);
+        assert!(store.node_templates().expect("list").is_empty());
+    }
+
+    fn policies_round_trip(store: &impl Store) {
+        assert!(store.policies().expect("list").is_empty());
+        store.put_policy(&policy("b")).expect("put");
+        store.put_policy(&policy("a")).expect("put");
+        let mut changed = policy("b");
+        changed.scale.current = 4;
+        store.put_policy(&changed).expect("replace");
+        assert_eq!(store.policies().expect("list"), vec![policy("a"), changed]);
+        assert!(store.delete_policy("a").expect("delete"));
+        assert!(!store.delete_policy("a").expect("delete again"));
+        assert_eq!(store.policies().expect("list").len(), 1);
     }
 
     fn metric_marks_round_trip(store: &impl Store) {
@@ -1028,6 +1471,8 @@ mod tests {
         revocation_round_trip,
         metric_marks_round_trip,
         jobs_and_allocations_round_trip,
+        policies_round_trip,
+        node_pools_and_templates_round_trip,
     );
 
     // redb-only cases.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use novacron_common::fleet::NodeStatus;
 use novacron_common::manifest::{Job, JobType, parse_job};
 use novacron_common::reconcile::{
-    self, AllocView, FailureCounts, JobChange, JobView, PlaceRequest,
+    self, AllocView, FailureCounts, JobChange, JobView, LifecycleView, Lifecycles, PlaceRequest,
 };
 use novacron_common::scheduler;
 use novacron_common::wire::{AllocState, AllocationReport, AllocationSpec, DesiredAllocations};
@@ -23,8 +23,12 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
+use crate::metrics::PassStats;
 use crate::registry::{PlacementNode, Registry, unix_ms};
-use crate::store::{AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, Store, StoreError};
+use crate::store::{
+    AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store, StoreError,
+};
 
 /// How often the reconciler runs without a wake-up.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -49,7 +53,7 @@ pub enum WorkloadError {
 }
 
 /// What `apply` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyResult {
     /// The job.
     pub job: String,
@@ -60,7 +64,7 @@ pub struct ApplyResult {
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSummary {
     /// Name.
     pub name: String,
@@ -70,8 +74,18 @@ pub struct JobSummary {
     pub version: u64,
     /// Last stable version.
     pub stable_version: Option<u64>,
-    /// Replicas wanted.
+    /// Replicas wanted: the autoscaler's when it set them, else the manifest's.
     pub replicas: u32,
+    /// Replicas the current manifest asks for.
+    #[serde(default)]
+    pub manifest_replicas: u32,
+    /// Who set `replicas` apart from the manifest (`autoscaler (policy NAME)`);
+    /// `None` while the manifest decides.
+    #[serde(default)]
+    pub scaled_by: Option<String>,
+    /// Why, as the autoscaler explained it.
+    #[serde(default)]
+    pub scale_reason: Option<String>,
     /// Allocations running.
     pub running: u32,
     /// Allocations healthy.
@@ -87,7 +101,7 @@ pub struct JobSummary {
 }
 
 /// `job status`: the summary plus the allocations.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobDetail {
     /// The summary.
     pub summary: JobSummary,
@@ -125,6 +139,11 @@ struct State {
     dirty_allocs: BTreeSet<String>,
     dirty_jobs: BTreeSet<String>,
     deleted_allocs: Vec<String>,
+    /// Replicas the last pass could not place: job → (version, count).
+    unplaced: BTreeMap<String, (u64, u32)>,
+    /// Decisions and state changes to record in the event log after the next
+    /// persist (bounded: one tick's worth).
+    events: Vec<NewEvent>,
 }
 
 /// The workload manager.
@@ -133,12 +152,18 @@ pub struct Workloads {
     state: Mutex<State>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    events: Arc<EventLog>,
     wake: Notify,
+    passes: PassStats,
 }
 
 impl Workloads {
     /// Loads jobs and allocations from the store.
-    pub fn load(store: Arc<dyn Store>, registry: Arc<Registry>) -> Result<Workloads, StoreError> {
+    pub fn load(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        events: Arc<EventLog>,
+    ) -> Result<Workloads, StoreError> {
         let mut state = State::default();
         for record in store.jobs()? {
             let mut parsed = BTreeMap::new();
@@ -171,7 +196,9 @@ impl Workloads {
             state: Mutex::new(state),
             store,
             registry,
+            events,
             wake: Notify::new(),
+            passes: PassStats::default(),
         })
     }
 
@@ -222,6 +249,7 @@ impl Workloads {
                         stopped: false,
                         status: "running".into(),
                         message: format!("submitted by {by}"),
+                        replicas_override: None,
                     },
                     parsed: BTreeMap::new(),
                 };
@@ -258,6 +286,106 @@ impl Workloads {
         info!(job = name, by, "job stopped");
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Evicts one allocation: the controller no longer wants it to run (its agent
+    /// stops it), and since it no longer counts toward its job's replicas the
+    /// reconciler places a replacement on another node, as for a stopped one.
+    /// Returns whether it was evicted (`false`: already stopped or terminal).
+    pub fn evict(&self, id: &str, reason: &str, by: &str) -> Result<bool, WorkloadError> {
+        let now = SystemTime::now();
+        let mut st = self.lock();
+        let a = st
+            .allocs
+            .get_mut(id)
+            .ok_or_else(|| WorkloadError::UnknownAlloc(id.to_string()))?;
+        if !a.desired_run || a.state.is_terminal() {
+            return Ok(false);
+        }
+        a.desired_run = false;
+        a.message = format!("evicted: {reason}");
+        a.updated_unix_ms = unix_ms(now);
+        let event = NewEvent::new(kind::ALLOC_STOPPED, by, format!("evicting {id}: {reason}"))
+            .node(&a.node)
+            .job(&a.job)
+            .alloc(id)
+            .detail("evicted", "true");
+        info!(alloc = %id, job = %a.job, node = %a.node, %reason, "evicting allocation");
+        st.dirty_allocs.insert(id.to_string());
+        drop(st);
+        self.persist()?;
+        self.record(vec![event], now);
+        self.wake.notify_one();
+        Ok(true)
+    }
+
+    /// Sets the replicas of `name` apart from its manifest (the autoscaler's
+    /// decision); the reconciler acts on it at once. A new version applied later
+    /// keeps them, until [`Workloads::unscale`] hands the count back to the
+    /// manifest. Returns the replicas wanted before.
+    pub fn scale(
+        &self,
+        name: &str,
+        replicas: u32,
+        by: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<u32, WorkloadError> {
+        let mut st = self.lock();
+        let entry = st
+            .jobs
+            .get_mut(name)
+            .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+        let before = effective_replicas(entry);
+        entry.record.replicas_override = Some(ReplicaOverride {
+            replicas,
+            by: by.to_string(),
+            reason: reason.to_string(),
+            at_unix_ms: unix_ms(now),
+        });
+        st.dirty_jobs.insert(name.to_string());
+        drop(st);
+        self.persist()?;
+        info!(
+            job = name,
+            from = before,
+            to = replicas,
+            by,
+            reason,
+            "job scaled"
+        );
+        self.wake.notify_one();
+        Ok(before)
+    }
+
+    /// Drops the replicas [`Workloads::scale`] set, so the manifest's count holds
+    /// again. Returns whether there were any.
+    pub fn unscale(&self, name: &str) -> Result<bool, WorkloadError> {
+        let mut st = self.lock();
+        let Some(entry) = st.jobs.get_mut(name) else {
+            return Ok(false);
+        };
+        if entry.record.replicas_override.take().is_none() {
+            return Ok(false);
+        }
+        st.dirty_jobs.insert(name.to_string());
+        drop(st);
+        self.persist()?;
+        info!(job = name, "replicas handed back to the manifest");
+        self.wake.notify_one();
+        Ok(true)
+    }
+
+    /// Jobs whose replicas were set apart from their manifest, and by whom.
+    pub fn scaled_jobs(&self) -> Vec<(String, String)> {
+        self.lock()
+            .jobs
+            .values()
+            .filter_map(|e| {
+                let o = e.record.replicas_override.as_ref()?;
+                Some((e.record.name.clone(), o.by.clone()))
+            })
+            .collect()
     }
 
     /// All jobs.
@@ -353,6 +481,7 @@ impl Workloads {
             allocs,
             failures,
             dirty_allocs,
+            events,
             ..
         } = &mut *st;
         for status in &report.allocations {
@@ -404,6 +533,23 @@ impl Workloads {
                 a.updated_unix_ms = now_ms;
                 dirty_allocs.insert(a.id.clone());
                 changed = true;
+                if before.0 != a.state {
+                    let mut message = format!("{} is {}", a.id, a.state);
+                    if !a.message.is_empty() {
+                        message = format!("{message}: {}", a.message);
+                    }
+                    let mut event =
+                        NewEvent::new(kind::ALLOC_STATE, format!("node/{node}"), message)
+                            .node(node)
+                            .job(&a.job)
+                            .alloc(&a.id)
+                            .detail("state", a.state.to_string())
+                            .detail("previous", before.0.to_string());
+                    if let Some(code) = a.exit_code {
+                        event = event.detail("exit_code", code);
+                    }
+                    events.push(event);
+                }
             }
         }
         // Allocations the controller stopped and the agent no longer runs.
@@ -419,8 +565,14 @@ impl Workloads {
                 changed = true;
             }
         }
+        let recorded = if changed {
+            std::mem::take(&mut st.events)
+        } else {
+            Vec::new()
+        };
         drop(st);
         if changed {
+            self.record(recorded, now);
             self.wake.notify_one();
         }
     }
@@ -446,26 +598,15 @@ impl Workloads {
 
     /// One reconcile pass: decide, apply, persist, publish.
     pub fn tick(&self, now: Instant, wall: SystemTime) -> Result<(), StoreError> {
+        let started = Instant::now();
         let now_ms = unix_ms(wall);
         let nodes = self.registry.placement_nodes(now);
         let mut st = self.lock();
-        let job_views: Vec<JobView> = st
+        let job_views: Vec<JobView> = st.jobs.values().filter_map(job_view).collect();
+        let lifecycles: Lifecycles = st
             .jobs
             .values()
-            .filter_map(|e| {
-                let job = e.current()?;
-                Some(JobView {
-                    name: e.record.name.clone(),
-                    version: e.record.current,
-                    stable_version: e.record.stable,
-                    job_type: job.spec.job_type,
-                    replicas: job.spec.replicas,
-                    placement: job.spec.placement.clone(),
-                    update: job.spec.update.clone(),
-                    has_health_check: job.spec.health.is_some(),
-                    stopped: e.record.stopped || matches!(e.record.status.as_str(), "complete"),
-                })
-            })
+            .filter_map(|e| Some((e.record.name.clone(), lifecycle_view(e)?)))
             .collect();
         let alloc_views: Vec<AllocView> = st
             .allocs
@@ -490,8 +631,14 @@ impl Workloads {
                 labels: n.labels.clone(),
             })
             .collect();
-        let plan =
-            reconcile::reconcile(&job_views, &alloc_views, &node_views, &st.failures, now_ms);
+        let plan = reconcile::reconcile_with_lifecycles(
+            &job_views,
+            &lifecycles,
+            &alloc_views,
+            &node_views,
+            &st.failures,
+            now_ms,
+        );
 
         for id in &plan.lost {
             if let Some(a) = st.allocs.get_mut(id) {
@@ -501,6 +648,15 @@ impl Workloads {
                 a.message = format!("node {} is down", a.node);
                 a.updated_unix_ms = now_ms;
                 warn!(alloc = %id, node = %a.node, job = %a.job, "allocation lost");
+                let event = NewEvent::new(
+                    kind::ALLOC_LOST,
+                    CONTROLLER,
+                    format!("{id} lost: node {} is down", a.node),
+                )
+                .node(&a.node)
+                .job(&a.job)
+                .alloc(id);
+                st.events.push(event);
             }
             st.dirty_allocs.insert(id.clone());
         }
@@ -510,12 +666,56 @@ impl Workloads {
                 a.message = reason.clone();
                 a.updated_unix_ms = now_ms;
                 info!(alloc = %id, job = %a.job, %reason, "stopping allocation");
+                let event = NewEvent::new(
+                    kind::ALLOC_STOPPED,
+                    CONTROLLER,
+                    format!("stopping {id}: {reason}"),
+                )
+                .node(&a.node)
+                .job(&a.job)
+                .alloc(id);
+                st.events.push(event);
             }
             st.dirty_allocs.insert(id.clone());
+        }
+        for (id, reason) in &plan.fail {
+            let State {
+                allocs,
+                failures,
+                events,
+                dirty_allocs,
+                ..
+            } = &mut *st;
+            if let Some(a) = allocs.get_mut(id) {
+                a.desired_run = false;
+                a.state = AllocState::Failed;
+                a.healthy_since_unix_ms = None;
+                a.message = reason.clone();
+                a.updated_unix_ms = now_ms;
+                let f = failures.entry((a.job.clone(), a.version)).or_default();
+                f.count += 1;
+                f.last_ms = now_ms;
+                warn!(alloc = %id, job = %a.job, %reason, "stopping allocation as failed");
+                let event = NewEvent::new(
+                    kind::ALLOC_STOPPED,
+                    CONTROLLER,
+                    format!("stopping {id} as failed: {reason}"),
+                )
+                .node(&a.node)
+                .job(&a.job)
+                .alloc(id);
+                events.push(event);
+            }
+            dirty_allocs.insert(id.clone());
         }
         for change in &plan.jobs {
             self.apply_job_change(&mut st, change, wall);
         }
+        // Placing only adds allocations: the growth is what this pass placed.
+        let requested: u64 = plan.place.iter().map(|r| u64::from(r.count)).sum();
+        let before = st.allocs.len();
+        // What this pass cannot place replaces what the last one could not.
+        st.unplaced.clear();
         if !plan.place.is_empty() {
             // One snapshot per pass; each outcome is committed into it, so later
             // requests see the earlier placements and preemptions.
@@ -530,11 +730,45 @@ impl Workloads {
                 }
             }
         }
+        let placed = st.allocs.len().saturating_sub(before) as u64;
         gc_terminal(&mut st);
+        let recorded = std::mem::take(&mut st.events);
         drop(st);
         self.persist()?;
+        self.record(recorded, wall);
         self.publish();
+        self.passes
+            .record(started.elapsed(), placed, requested.saturating_sub(placed));
         Ok(())
+    }
+
+    /// Timings and placement counts of the reconcile passes, for `/metrics`.
+    pub fn pass_stats(&self) -> &PassStats {
+        &self.passes
+    }
+
+    /// The replicas the last reconcile pass could not place, with what one replica
+    /// needs (for the node pool autoscaler), by job name.
+    pub fn unplaced(&self) -> Vec<novacron_common::pools::Demand> {
+        let st = self.lock();
+        st.unplaced
+            .iter()
+            .filter_map(|(name, &(version, count))| {
+                let e = st.jobs.get(name)?;
+                if e.record.stopped {
+                    return None;
+                }
+                let spec = &e.parsed.get(&version)?.spec;
+                Some(novacron_common::pools::Demand {
+                    job: name.clone(),
+                    count,
+                    cpu_millis: spec.resources.cpu.0,
+                    memory_bytes: spec.resources.memory.0,
+                    gpus: spec.resources.gpus.as_ref().map_or(0, |g| g.count),
+                    constraints: spec.placement.constraints.clone(),
+                })
+            })
+            .collect()
     }
 
     fn apply_job_change(&self, st: &mut State, change: &JobChange, wall: SystemTime) {
@@ -546,6 +780,16 @@ impl Workloads {
                         e.record.status = "running".into();
                     }
                     info!(job = %job, version, "version rolled out healthy");
+                    st.events.push(
+                        NewEvent::new(
+                            kind::JOB_CHANGED,
+                            CONTROLLER,
+                            format!("job {job} version {version} is stable"),
+                        )
+                        .job(job)
+                        .detail("status", "stable")
+                        .detail("version", version),
+                    );
                     st.dirty_jobs.insert(job.clone());
                 }
             }
@@ -580,6 +824,14 @@ impl Workloads {
                         "version {failed} failed ({reason}); reverted to version {to}'s spec as version {version}"
                     );
                     warn!(job = %job, failed, to, version, %reason, "rollout failed: auto-revert");
+                    let message = e.record.message.clone();
+                    st.events.push(
+                        NewEvent::new(kind::JOB_CHANGED, CONTROLLER, message)
+                            .job(job)
+                            .detail("status", "reverted")
+                            .detail("failed_version", failed)
+                            .detail("version", version),
+                    );
                     st.dirty_jobs.insert(job.clone());
                 }
             }
@@ -590,6 +842,15 @@ impl Workloads {
                     e.record.status = "complete".into();
                     e.record.message = "every replica exited 0".into();
                     info!(job = %job, "batch job complete");
+                    st.events.push(
+                        NewEvent::new(
+                            kind::JOB_CHANGED,
+                            CONTROLLER,
+                            format!("job {job} complete: every replica exited 0"),
+                        )
+                        .job(job)
+                        .detail("status", "complete"),
+                    );
                     st.dirty_jobs.insert(job.clone());
                 }
             }
@@ -604,6 +865,16 @@ impl Workloads {
                     e.record.status = "failing".into();
                     e.record.message = reason.clone();
                     warn!(job = %job, version, %reason, "job failing");
+                    st.events.push(
+                        NewEvent::new(
+                            kind::JOB_CHANGED,
+                            CONTROLLER,
+                            format!("job {job} version {version} is failing: {reason}"),
+                        )
+                        .job(job)
+                        .detail("status", "failing")
+                        .detail("version", version),
+                    );
                     st.dirty_jobs.insert(job.clone());
                 }
             }
@@ -650,6 +921,11 @@ impl Workloads {
                 );
                 a.updated_unix_ms = now_ms;
                 warn!(alloc = %victim, by = %req.job, "preempted");
+                let event = NewEvent::new(kind::ALLOC_STOPPED, CONTROLLER, a.message.clone())
+                    .node(&a.node)
+                    .job(&a.job)
+                    .alloc(victim);
+                st.events.push(event);
             }
             st.dirty_allocs.insert(victim.clone());
         }
@@ -675,8 +951,26 @@ impl Workloads {
                 priority: job.spec.priority,
             };
             info!(alloc = %id, job = %req.job, node = %p.node, "placed");
+            st.events.push(
+                NewEvent::new(
+                    kind::ALLOC_PLACED,
+                    CONTROLLER,
+                    format!(
+                        "{id} (job {} version {}) placed on {}",
+                        req.job, req.version, p.node
+                    ),
+                )
+                .node(&p.node)
+                .job(&req.job)
+                .alloc(&id)
+                .detail("version", req.version),
+            );
             st.allocs.insert(id.clone(), record);
             st.dirty_allocs.insert(id);
+        }
+        if outcome.unplaced > 0 {
+            st.unplaced
+                .insert(req.job.clone(), (req.version, outcome.unplaced));
         }
         if let Some(e) = st.jobs.get_mut(&req.job) {
             let message = if outcome.unplaced > 0 {
@@ -689,6 +983,11 @@ impl Workloads {
             };
             if outcome.unplaced > 0 && e.record.message != message {
                 warn!(job = %req.job, unplaced = outcome.unplaced, explanation = %outcome.explanation, "cannot place");
+                st.events.push(
+                    NewEvent::new(kind::ALLOC_UNPLACED, CONTROLLER, message.clone())
+                        .job(&req.job)
+                        .detail("unplaced", outcome.unplaced),
+                );
                 e.record.message = message;
                 e.record.status = "blocked".into();
                 st.dirty_jobs.insert(req.job.clone());
@@ -698,6 +997,12 @@ impl Workloads {
                 st.dirty_jobs.insert(req.job.clone());
             }
         }
+    }
+
+    /// Records decided events after the state they describe was persisted.
+    fn record(&self, events: Vec<NewEvent>, now: SystemTime) {
+        // Failures are logged by the event log; the decisions stand.
+        let _ = self.events.record_all(events, now);
     }
 
     fn persist(&self) -> Result<(), StoreError> {
@@ -775,7 +1080,9 @@ fn send_if_changed(desired: Option<&mut NodeDesired>, specs: Vec<AllocationSpec>
     }
     desired.generation += 1;
     desired.key = key;
-    let _ = desired.tx.send(Arc::new(DesiredAllocations {
+    // send_replace, not send: with no agent connected (no receiver) `send` drops
+    // the value, and a reconnecting agent would get a stale desired set.
+    desired.tx.send_replace(Arc::new(DesiredAllocations {
         generation: desired.generation,
         allocations: specs,
     }));
@@ -793,7 +1100,7 @@ fn scheduling_snapshot(
             name: n.name.clone(),
             labels: n.labels.clone(),
             capacity: n.capacity.clone(),
-            ready: n.status == NodeStatus::Ready,
+            ready: n.status == NodeStatus::Ready && !n.cordoned,
         })
         .collect();
     let existing: Vec<scheduler::Placed> = st
@@ -840,6 +1147,46 @@ fn push_version(
     }
 }
 
+/// What the reconciler sees of a job: its current version, with the replicas the
+/// autoscaler set in place of the manifest's.
+fn job_view(e: &JobEntry) -> Option<JobView> {
+    let job = e.current()?;
+    Some(JobView {
+        name: e.record.name.clone(),
+        version: e.record.current,
+        stable_version: e.record.stable,
+        job_type: job.spec.job_type,
+        replicas: effective_replicas(e),
+        placement: job.spec.placement.clone(),
+        update: job.spec.update.clone(),
+        has_health_check: job.spec.health.is_some(),
+        stopped: e.record.stopped || matches!(e.record.status.as_str(), "complete"),
+    })
+}
+
+/// The current version's `lifecycle`, if it has one, with when it was applied.
+fn lifecycle_view(e: &JobEntry) -> Option<LifecycleView> {
+    let lifecycle = e.current()?.spec.lifecycle.clone()?;
+    let since_ms = e
+        .record
+        .versions
+        .iter()
+        .find(|v| v.version == e.record.current)
+        .map_or(0, |v| v.submitted_at_unix_ms);
+    Some(LifecycleView {
+        lifecycle,
+        since_ms,
+    })
+}
+
+/// The replicas wanted: the override when set, else the current manifest's.
+fn effective_replicas(e: &JobEntry) -> u32 {
+    match &e.record.replicas_override {
+        Some(o) => o.replicas,
+        None => e.current().map_or(0, |j| j.spec.replicas),
+    }
+}
+
 fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
     let mine = allocs
         .values()
@@ -863,7 +1210,14 @@ fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
         job_type: e.current().map(|j| j.spec.job_type).unwrap_or_default(),
         version: e.record.current,
         stable_version: e.record.stable,
-        replicas: e.current().map_or(0, |j| j.spec.replicas),
+        replicas: effective_replicas(e),
+        manifest_replicas: e.current().map_or(0, |j| j.spec.replicas),
+        scaled_by: e.record.replicas_override.as_ref().map(|o| o.by.clone()),
+        scale_reason: e
+            .record
+            .replicas_override
+            .as_ref()
+            .map(|o| o.reason.clone()),
         running,
         healthy,
         status: e.record.status.clone(),
@@ -896,5 +1250,96 @@ fn gc_terminal(st: &mut State) {
             st.dirty_allocs.remove(id);
             st.deleted_allocs.push(id.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(replicas: u32, over: Option<u32>) -> JobEntry {
+        let text = format!(
+            "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: api}}\nspec:\n  type: service\n  replicas: {replicas}\n  task: {{image: busybox:1}}\n  resources: {{cpu: 100m, memory: 32Mi}}\n"
+        );
+        let job = parse_job("api.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let mut e = JobEntry {
+            record: JobRecord {
+                name: "api".into(),
+                versions: vec![],
+                current: 1,
+                stable: None,
+                stopped: false,
+                status: "running".into(),
+                message: String::new(),
+                replicas_override: over.map(|replicas| ReplicaOverride {
+                    replicas,
+                    by: "autoscaler (policy p)".into(),
+                    reason: "api 2 → 5: cpu 91% over 5m, target 75%".into(),
+                    at_unix_ms: 1,
+                }),
+            },
+            parsed: BTreeMap::new(),
+        };
+        push_version(
+            &mut e,
+            1,
+            &text,
+            "api.yaml",
+            "h",
+            "me",
+            SystemTime::UNIX_EPOCH,
+            job,
+        );
+        e
+    }
+
+    #[test]
+    fn reconcile_sees_the_override_instead_of_the_manifest_replicas() {
+        let plain = job_view(&entry(2, None)).expect("view");
+        assert_eq!(plain.replicas, 2);
+        let scaled = job_view(&entry(2, Some(5))).expect("view");
+        assert_eq!(scaled.replicas, 5);
+        let allocs = BTreeMap::new();
+        let s = summary(&entry(2, Some(5)), &allocs);
+        assert_eq!((s.replicas, s.manifest_replicas), (5, 2));
+        assert_eq!(s.scaled_by.as_deref(), Some("autoscaler (policy p)"));
+        let s = summary(&entry(2, None), &allocs);
+        assert_eq!((s.replicas, s.manifest_replicas, s.scaled_by), (2, 2, None));
+    }
+
+    #[test]
+    fn a_new_version_keeps_the_override() {
+        let mut e = entry(2, Some(5));
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  type: service\n  replicas: 3\n  task: {image: busybox:2}\n  resources: {cpu: 100m, memory: 32Mi}\n";
+        let job = parse_job("api.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        push_version(
+            &mut e,
+            2,
+            text,
+            "api.yaml",
+            "h2",
+            "me",
+            SystemTime::UNIX_EPOCH,
+            job,
+        );
+        let v = job_view(&e).expect("view");
+        assert_eq!((v.version, v.replicas), (2, 5));
+    }
+
+    #[test]
+    fn the_reconciler_sees_the_lifecycle_and_when_the_version_was_applied() {
+        let mut e = entry(1, None);
+        assert_eq!(lifecycle_view(&e), None);
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  task: {image: busybox:2}\n  resources: {cpu: 100m, memory: 32Mi}\n  lifecycle:\n    schedule: {start: '0 8 * * 1-5', stop: '0 20 * * 1-5'}\n    maxRuntime: 8h\n";
+        let job = parse_job("api.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let applied = SystemTime::UNIX_EPOCH + Duration::from_secs(5);
+        push_version(&mut e, 2, text, "api.yaml", "h2", "me", applied, job);
+        let v = lifecycle_view(&e).expect("a lifecycle");
+        assert_eq!(v.since_ms, 5_000);
+        assert_eq!(v.lifecycle.max_runtime, Some(Duration::from_secs(8 * 3600)));
+        assert_eq!(
+            v.lifecycle.schedule.map(|s| s.start),
+            Some("0 8 * * 1-5".to_string())
+        );
     }
 }

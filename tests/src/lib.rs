@@ -5,6 +5,7 @@
 //! The binaries must be built first: `cargo build --workspace --bins` (the README's
 //! test command does this).
 
+pub mod fleet_image;
 pub mod procfs;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -71,11 +72,25 @@ pub struct Controller {
     pub fingerprint: String,
     log_dir: PathBuf,
     starts: u32,
+    listen_ip: String,
+    server_name: String,
 }
 
 impl Controller {
     /// Initializes a data directory under `root` and starts serving.
     pub async fn start(root: &Path, serve_args: &[&str]) -> Result<Controller> {
+        Controller::start_on(root, "127.0.0.1", "127.0.0.1", serve_args).await
+    }
+
+    /// As [`Controller::start`], listening on `listen_ip` and naming itself
+    /// `server_name` (also in its certificate), so that others than loopback
+    /// clients (containers, through the Docker bridge's gateway) can reach it.
+    pub async fn start_on(
+        root: &Path,
+        listen_ip: &str,
+        server_name: &str,
+        serve_args: &[&str],
+    ) -> Result<Controller> {
         let data_dir = root.join("controller");
         let out = std::process::Command::new(bin("novacron-controller"))
             .arg("--data-dir")
@@ -87,6 +102,12 @@ impl Controller {
                 "--server-name",
                 "127.0.0.1",
             ])
+            .args(
+                (server_name != "127.0.0.1" && server_name != "localhost")
+                    .then_some(["--server-name", server_name])
+                    .into_iter()
+                    .flatten(),
+            )
             .output()
             .context("running novacron-controller init")?;
         if !out.status.success() {
@@ -106,6 +127,8 @@ impl Controller {
             fingerprint,
             log_dir: root.to_path_buf(),
             starts: 0,
+            listen_ip: listen_ip.to_string(),
+            server_name: server_name.to_string(),
         };
         c.restart().await?;
         Ok(c)
@@ -121,13 +144,13 @@ impl Controller {
         self.starts += 1;
         let log =
             std::fs::File::create(self.log_dir.join(format!("controller-{}.log", self.starts)))?;
-        let listen = format!("127.0.0.1:{}", self.port);
+        let listen = format!("{}:{}", self.listen_ip, self.port);
         let child = Command::new(bin("novacron-controller"))
             .env("RUST_LOG", "info")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["serve", "--api-listen", &listen, "--quic-listen", &listen])
-            .args(["--server-name", "127.0.0.1"])
+            .args(["--server-name", &self.server_name])
             .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -522,5 +545,25 @@ impl Controller {
             .args(args)
             .output()
             .expect("novacron runs")
+    }
+}
+
+/// Removes every container of a job (label `novacron.job`) when dropped, also when
+/// the test fails: agents killed by a test leave their containers behind.
+#[derive(Debug)]
+pub struct JobCleanup(pub String);
+
+impl Drop for JobCleanup {
+    fn drop(&mut self) {
+        if let Ok(ids) = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=novacron.job={}", self.0),
+        ]) {
+            for id in ids.lines() {
+                let _ = docker(&["rm", "-f", id]);
+            }
+        }
     }
 }

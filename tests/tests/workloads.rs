@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use novacron_common::wire::AllocState;
 use novacron_controller::store::AllocRecord;
-use novacron_tests::{Agent, Controller, TEST_IMAGE, docker, ensure_test_image, wait_for};
+use novacron_tests::{
+    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, wait_for,
+};
 
 struct Fleet {
     _dir: tempfile::TempDir,
@@ -92,28 +94,11 @@ fn container_of(alloc: &str) -> String {
     .expect("docker ps")
 }
 
-/// Removes every container this test's job left (also when the test fails).
-struct Cleanup(String);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Ok(ids) = docker(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=novacron.job={}", self.0),
-        ]) {
-            for id in ids.lines() {
-                let _ = docker(&["rm", "-f", id]);
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_service_runs_with_limits_restarts_and_moves_when_its_node_dies() {
     let mut f = fleet(2).await;
     let job = format!("web-{}", std::process::id());
-    let _cleanup = Cleanup(job.clone());
+    let _cleanup = JobCleanup(job.clone());
     f.controller
         .apply(
             "web.yaml",
@@ -191,7 +176,7 @@ async fn a_service_runs_with_limits_restarts_and_moves_when_its_node_dies() {
 async fn a_restarted_agent_adopts_its_containers() {
     let mut f = fleet(1).await;
     let job = format!("adopt-{}", std::process::id());
-    let _cleanup = Cleanup(job.clone());
+    let _cleanup = JobCleanup(job.clone());
     f.controller
         .apply("adopt.yaml", &service(&job, 2, ""))
         .await
@@ -272,7 +257,7 @@ fn futures_job(c: &Controller, job: &str) -> String {
 async fn a_missing_image_fails_the_allocation_clearly() {
     let f = fleet(1).await;
     let job = format!("noimage-{}", std::process::id());
-    let _cleanup = Cleanup(job.clone());
+    let _cleanup = JobCleanup(job.clone());
     let manifest = service(&job, 1, "").replace(TEST_IMAGE, "novacron-test/does-not-exist:1");
     f.controller
         .apply("noimage.yaml", &manifest)
@@ -308,7 +293,7 @@ async fn a_missing_image_fails_the_allocation_clearly() {
 async fn a_rolling_update_that_fails_its_health_check_reverts() {
     let f = fleet(1).await;
     let job = format!("roll-{}", std::process::id());
-    let _cleanup = Cleanup(job.clone());
+    let _cleanup = JobCleanup(job.clone());
     let health = |port: u16| {
         format!(
             "  health:
@@ -378,7 +363,7 @@ async fn a_rolling_update_that_fails_its_health_check_reverts() {
 async fn the_cli_applies_lists_and_reads_logs() {
     let f = fleet(1).await;
     let job = format!("cli-{}", std::process::id());
-    let _cleanup = Cleanup(job.clone());
+    let _cleanup = JobCleanup(job.clone());
     let file = f.controller.data_dir.with_file_name("cli-job.yaml");
     std::fs::write(&file, service(&job, 1, "")).expect("write manifest");
     let file = file.display().to_string();

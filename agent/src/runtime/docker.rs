@@ -29,7 +29,7 @@ use tokio::sync::OnceCell;
 use super::spec::{LABEL_ALLOC, LABEL_MANAGED, LABEL_NODE, port_key};
 use super::{
     ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
-    ContainerStatus, LogFrame, MountConfig, RuntimeError, StatsReading,
+    ContainerStatus, ExecSession, ExecState, LogFrame, MountConfig, RuntimeError, StatsReading,
 };
 use crate::collect::DEFAULT_DOCKER_HOST;
 
@@ -52,6 +52,8 @@ pub struct DockerRuntime {
 #[derive(Debug)]
 struct Client {
     host: String,
+    /// The daemon runs on this host (a Unix socket): its process ids are ours.
+    local: bool,
     base: Docker,
     negotiated: OnceCell<Docker>,
 }
@@ -77,6 +79,7 @@ impl DockerRuntime {
         .map_err(|e| classify("connect", e))?;
         Ok(DockerRuntime {
             inner: Arc::new(Client {
+                local: host.starts_with("unix://") || host.starts_with('/'),
                 host: host.to_owned(),
                 base,
                 negotiated: OnceCell::new(),
@@ -254,6 +257,71 @@ impl ContainerRuntime for DockerRuntime {
         })
     }
 
+    async fn exec_attached(
+        &self,
+        id: &str,
+        command: &[String],
+    ) -> Result<ExecSession, RuntimeError> {
+        let docker = self.client().await?;
+        let options = CreateExecOptions {
+            cmd: Some(command.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..CreateExecOptions::default()
+        };
+        let exec = timed("exec", CALL_TIMEOUT, docker.create_exec(id, options)).await?;
+        let started = timed("exec", CALL_TIMEOUT, docker.start_exec(&exec.id, None)).await?;
+        let output = match started {
+            StartExecResults::Attached { output, .. } => output
+                .filter_map(|item| async move {
+                    match item {
+                        Ok(LogOutput::StdIn { .. }) => None,
+                        Ok(other) => frame_of(Ok(other)),
+                        Err(e) => Some(Err(classify("exec", e))),
+                    }
+                })
+                .boxed(),
+            StartExecResults::Detached => stream::empty().boxed(),
+        };
+        Ok(ExecSession {
+            id: exec.id,
+            output,
+        })
+    }
+
+    async fn exec_state(&self, exec_id: &str) -> Result<ExecState, RuntimeError> {
+        let docker = self.client().await?;
+        let inspected = timed("exec inspect", CALL_TIMEOUT, docker.inspect_exec(exec_id)).await?;
+        Ok(ExecState {
+            running: inspected.running.unwrap_or(false),
+            exit_code: inspected.exit_code,
+            pid: inspected
+                .pid
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|p| *p > 1),
+        })
+    }
+
+    async fn exec_kill(&self, exec_id: &str) -> Result<(), RuntimeError> {
+        let state = self.exec_state(exec_id).await?;
+        let Some(pid) = state.pid.filter(|_| state.running) else {
+            return Ok(());
+        };
+        if !self.inner.local {
+            return Err(RuntimeError::Daemon {
+                op: "exec kill",
+                message: format!(
+                    "the Docker daemon at {} is not local: its process {pid} cannot be signalled from this host",
+                    self.inner.host
+                ),
+            });
+        }
+        kill_tree(pid).map_err(|e| RuntimeError::Daemon {
+            op: "exec kill",
+            message: format!("cannot kill process {pid} of exec {exec_id}: {e}"),
+        })
+    }
+
     fn logs(
         &self,
         id: &str,
@@ -313,6 +381,26 @@ impl ContainerRuntime for DockerRuntime {
             })
             .flatten()
             .boxed()
+    }
+}
+
+/// Kills `pid` and its process group. The runtime makes every exec process the
+/// leader of a new session (so of its own group): the group holds whatever the
+/// command started. A process that is not a group leader is killed alone.
+fn kill_tree(pid: u32) -> std::io::Result<()> {
+    use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .filter(|p| !p.is_init())
+        .ok_or_else(|| std::io::Error::other(format!("refusing to signal process id {pid}")))?;
+    match kill_process_group(pid, Signal::KILL) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::SRCH) => match kill_process(pid, Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
     }
 }
 

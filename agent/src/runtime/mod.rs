@@ -109,6 +109,26 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         command: &[String],
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
 
+    /// Starts `command` in a running container with standard output and error
+    /// attached (remote exec). The output stream ends when the command's output
+    /// closes; [`exec_state`](ContainerRuntime::exec_state) then has its exit code.
+    fn exec_attached(
+        &self,
+        id: &str,
+        command: &[String],
+    ) -> impl Future<Output = Result<ExecSession, RuntimeError>> + Send;
+
+    /// The state of an exec instance made by
+    /// [`exec_attached`](ContainerRuntime::exec_attached).
+    fn exec_state(
+        &self,
+        exec_id: &str,
+    ) -> impl Future<Output = Result<ExecState, RuntimeError>> + Send;
+
+    /// Kills (SIGKILL) an exec instance's process and every process it started
+    /// (cancelled or timed out remote exec). Killing a finished one succeeds.
+    fn exec_kill(&self, exec_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
     /// A container's output: the last `tail` lines (0: all), then, with `follow`, new
     /// output until the container stops.
     fn logs(
@@ -295,4 +315,30 @@ pub struct ContainerEvent {
     pub container_id: String,
     /// The runtime's word for it (`start`, `die`, `destroy`, ...).
     pub action: String,
+}
+
+/// A command started in a container by
+/// [`ContainerRuntime::exec_attached`].
+pub struct ExecSession {
+    /// The runtime's id of the exec instance.
+    pub id: String,
+    /// Its output, in order, as the runtime delivers it.
+    pub output: BoxStream<'static, Result<LogFrame, RuntimeError>>,
+}
+
+impl std::fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSession").field("id", &self.id).finish()
+    }
+}
+
+/// The state of an exec instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecState {
+    /// Its process still runs.
+    pub running: bool,
+    /// Its exit code, once it ended.
+    pub exit_code: Option<i64>,
+    /// Its process id in the host's namespace, when the runtime reports one.
+    pub pid: Option<u32>,
 }

@@ -28,7 +28,10 @@ use tracing::{debug, error, info, warn};
 use super::reconcile::{Action, LaunchError, Observed, Outcome, Reconciler, ReconcilerConfig, Run};
 use super::spec::{container_config, container_name, fallback_container_name};
 use super::usage::UsageTracker;
-use super::{ContainerDetails, ContainerRuntime, RuntimeError, health, logs};
+use super::{
+    ContainerDetails, ContainerRuntime, ContainerStatus, LABEL_ALLOC, LABEL_NODE, RuntimeError,
+    health, logs,
+};
 
 /// Default time between two listings of the node's containers.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -299,6 +302,37 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 request.allocation, self.inner.config.node_name
             ))
             .right_stream(),
+        }
+    }
+
+    /// The running container of `alloc`, for remote exec, or why there is none.
+    /// The container must be one this supervisor manages and, as the daemon reports
+    /// it now, labelled with the allocation and this node, and running.
+    pub async fn exec_container(&self, alloc: &str) -> Result<String, String> {
+        let node = &self.inner.config.node_name;
+        let Some(container) = self.inner.core().container_of(alloc) else {
+            return Err(format!(
+                "allocation {alloc} has no container on node {node}; `novacron alloc list` shows where each allocation runs"
+            ));
+        };
+        let details = self.inner.runtime.inspect(&container).await.map_err(|e| {
+            format!("cannot inspect the container of allocation {alloc} on node {node}: {e}")
+        })?;
+        let owned = details.labels.get(LABEL_ALLOC).map(String::as_str) == Some(alloc)
+            && details.labels.get(LABEL_NODE) == Some(node);
+        if !owned {
+            return Err(format!(
+                "container {container} is not labelled {LABEL_ALLOC}={alloc} and {LABEL_NODE}={node}; node {node} only runs commands in its own allocations' containers"
+            ));
+        }
+        match details.status {
+            ContainerStatus::Running => Ok(container),
+            ContainerStatus::Created => Err(format!(
+                "the container of allocation {alloc} on node {node} has not started yet; exec needs a running container"
+            )),
+            ContainerStatus::Exited { code, .. } => Err(format!(
+                "the container of allocation {alloc} on node {node} is not running (it exited with {code}); exec needs a running container"
+            )),
         }
     }
 }
@@ -915,6 +949,47 @@ mod tests {
 
         async fn exec(&self, _id: &str, _command: &[String]) -> Result<i64, RuntimeError> {
             Ok(0)
+        }
+
+        async fn exec_attached(
+            &self,
+            id: &str,
+            command: &[String],
+        ) -> Result<crate::runtime::ExecSession, RuntimeError> {
+            match self.state().containers.get(id).map(|c| c.status.clone()) {
+                Some(ContainerStatus::Running) => {}
+                Some(_) => {
+                    return Err(RuntimeError::Conflict {
+                        op: "exec",
+                        message: format!("container {id} is not running"),
+                    });
+                }
+                None => return Err(not_found("exec")),
+            }
+            let data = format!("ran {}\n", command.join(" ")).into_bytes();
+            Ok(crate::runtime::ExecSession {
+                id: format!("exec-{id}"),
+                output: stream::iter([Ok(LogFrame {
+                    stderr: false,
+                    data,
+                })])
+                .boxed(),
+            })
+        }
+
+        async fn exec_state(
+            &self,
+            _exec_id: &str,
+        ) -> Result<crate::runtime::ExecState, RuntimeError> {
+            Ok(crate::runtime::ExecState {
+                running: false,
+                exit_code: Some(0),
+                pid: None,
+            })
+        }
+
+        async fn exec_kill(&self, _exec_id: &str) -> Result<(), RuntimeError> {
+            Ok(())
         }
 
         fn logs(

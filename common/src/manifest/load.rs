@@ -160,7 +160,12 @@ fn located(file: &str, text: &str, document: usize, issue: Issue) -> ManifestErr
     error_at(file, at, issue.path.to_string(), issue.message)
 }
 
-fn error_at(file: &str, at: Option<Position>, path: String, message: String) -> ManifestError {
+pub(super) fn error_at(
+    file: &str,
+    at: Option<Position>,
+    path: String,
+    message: String,
+) -> ManifestError {
     ManifestError {
         file: file.to_string(),
         line: at.map(|p| p.line),
@@ -172,7 +177,7 @@ fn error_at(file: &str, at: Option<Position>, path: String, message: String) -> 
 
 /// A yaml_serde error in our form: its position, its path split out of the message,
 /// and the message reworded where serde's wording says less than we can.
-fn from_yaml(
+pub(super) fn from_yaml(
     file: &str,
     text: &str,
     document: usize,

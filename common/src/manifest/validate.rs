@@ -14,10 +14,11 @@ use yaml_serde::Value;
 use super::locate::{FieldPath, Seg};
 use super::{
     API_VERSION, ExecCheck, GpuRequest, Health, HttpCheck, JobManifest, JobSpec, JobType, KIND,
-    MAX_GPUS, MAX_HEALTH_RETRIES, MAX_PRIORITY, MAX_REPLICAS, MAX_RESTART_ATTEMPTS, MAX_WEIGHT,
-    MIN_HEALTH_INTERVAL, MIN_MEMORY, Metadata, Operator, Placement, Protocol, Resources, Restart,
-    TaskTemplate, Update,
+    Lifecycle, MAX_GPUS, MAX_HEALTH_RETRIES, MAX_PRIORITY, MAX_REPLICAS, MAX_RESTART_ATTEMPTS,
+    MAX_WEIGHT, MIN_HEALTH_INTERVAL, MIN_MAX_RUNTIME, MIN_MEMORY, Metadata, Operator, Placement,
+    Protocol, Resources, Restart, TaskTemplate, Update,
 };
+use crate::autoscale::parse_cron;
 use crate::pki::{self, PkiError};
 
 /// One broken rule.
@@ -166,6 +167,43 @@ impl Checker<'_> {
             self.health(h, &p.key("health"));
         }
         self.update(&s.update, s, &p.key("update"));
+        if let Some(l) = &s.lifecycle {
+            self.lifecycle(l, &p.key("lifecycle"));
+        }
+    }
+
+    fn lifecycle(&mut self, l: &Lifecycle, p: &FieldPath) {
+        if let Some(sc) = &l.schedule {
+            let sp = p.key("schedule");
+            let start = parse_cron(&sc.start).map_err(|e| self.bad(sp.key("start"), e));
+            let stop = parse_cron(&sc.stop).map_err(|e| self.bad(sp.key("stop"), e));
+            if start.is_ok()
+                && stop.is_ok()
+                && sc.start.split_whitespace().eq(sc.stop.split_whitespace())
+            {
+                self.bad(
+                    sp.key("stop"),
+                    format!(
+                        "{:?} is the same as start, so the window would never open; expected \
+                         a stop expression different from start, like 0 20 * * 1-5",
+                        sc.stop
+                    ),
+                );
+            }
+        }
+        if let Some(max) = l.max_runtime
+            && max < MIN_MAX_RUNTIME
+        {
+            self.bad(
+                p.key("maxRuntime"),
+                format!(
+                    "{} is too short; expected a duration of at least {}, like 8h, or no \
+                     maxRuntime for no limit",
+                    human(max),
+                    human(MIN_MAX_RUNTIME)
+                ),
+            );
+        }
     }
 
     fn task(&mut self, t: &TaskTemplate, p: &FieldPath) {

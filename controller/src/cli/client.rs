@@ -130,6 +130,22 @@ pub enum ClientError {
         /// rustls' reason.
         reason: String,
     },
+    /// The context has neither a certificate nor an API token.
+    #[error(
+        "context {context:?} has no credentials: set `cert` and `key` (an operator certificate) or `token_file` (an API token), or set NOVACRON_TOKEN"
+    )]
+    NoCredentials {
+        /// The context.
+        context: String,
+    },
+    /// The API token cannot be sent in a header.
+    #[error(
+        "the API token of context {context:?} contains characters that cannot be sent; it should read nca_<id>.<secret>"
+    )]
+    BadToken {
+        /// The context.
+        context: String,
+    },
     /// The controller answered 401 or 403.
     #[error("permission denied: {message}")]
     PermissionDenied {
@@ -181,6 +197,8 @@ impl ClientError {
                 | ClientError::ClientCertRevoked { .. }
                 | ClientError::ClientCertUntrusted { .. }
                 | ClientError::ServerCertUntrusted { .. }
+                | ClientError::NoCredentials { .. }
+                | ClientError::BadToken { .. }
         )
     }
 
@@ -206,6 +224,17 @@ impl ApiClient {
     /// Reads the CA, certificate and key of the context `name` (paths already
     /// resolved) and builds a client. `now` is used to explain expired certificates.
     pub fn new(name: &str, ctx: &Context, now: SystemTime) -> Result<ApiClient, ClientError> {
+        ApiClient::with_token(name, ctx, None, now)
+    }
+
+    /// As [`ApiClient::new`], authenticating with `token` (an API token, `nca_…`)
+    /// when given, else with the context's `token_file`, else its certificate.
+    pub fn with_token(
+        name: &str,
+        ctx: &Context,
+        token: Option<String>,
+        now: SystemTime,
+    ) -> Result<ApiClient, ClientError> {
         let read = |what, key, path: &Path| {
             fs::read_to_string(path).map_err(|source| ClientError::ReadFile {
                 what,
@@ -216,20 +245,49 @@ impl ApiClient {
             })
         };
         let ca_pem = read("fleet CA", "ca", &ctx.ca)?;
-        let cert_pem = read("client certificate", "cert", &ctx.cert)?;
-        let key_pem = read("client key", "key", &ctx.key)?;
+        let token = match (token, &ctx.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(read("API token", "token_file", path)?),
+            (None, None) => None,
+        };
         let tls_error = |source| ClientError::TlsConfig {
             context: name.to_string(),
             source,
         };
         tls::install_crypto_provider();
-        let config =
-            tls::client_config(&ca_pem, Some((&cert_pem, &key_pem)), ALPN).map_err(tls_error)?;
-        let cert_not_after = pki::first_cert_der(&cert_pem)
-            .and_then(|der| pki::cert_info(&der))
-            .map(|info| info.not_after)
-            .ok();
+        let (config, cert_not_after) = if ctx.cert.as_os_str().is_empty() {
+            if token.is_none() {
+                return Err(ClientError::NoCredentials {
+                    context: name.to_string(),
+                });
+            }
+            (
+                tls::client_config(&ca_pem, None, ALPN).map_err(tls_error)?,
+                None,
+            )
+        } else {
+            let cert_pem = read("client certificate", "cert", &ctx.cert)?;
+            let key_pem = read("client key", "key", &ctx.key)?;
+            let config = tls::client_config(&ca_pem, Some((&cert_pem, &key_pem)), ALPN)
+                .map_err(tls_error)?;
+            let not_after = pki::first_cert_der(&cert_pem)
+                .and_then(|der| pki::cert_info(&der))
+                .map(|info| info.not_after)
+                .ok();
+            (config, not_after)
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    .map_err(|_| ClientError::BadToken {
+                        context: name.to_string(),
+                    })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .tls_backend_preconfigured(config)
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("novacron/", env!("CARGO_PKG_VERSION")))
@@ -328,6 +386,39 @@ impl ApiClient {
             idle,
             self.http
                 .get(url.clone())
+                .timeout(std::time::Duration::from_secs(7 * 24 * 3600))
+                .send(),
+        )
+        .await
+        .map_err(|_| ClientError::Unreachable {
+            url: self.api.to_string(),
+            reason: format!("no answer within {}", output::short_duration(idle)),
+        })?
+        .map_err(|e| self.classify(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+            return Err(status_error(status, &body));
+        }
+        Ok(response)
+    }
+
+    /// `POST`s `body` as JSON and returns the streaming answer (exec) once its
+    /// status is a success. As [`ApiClient::stream`]: `idle` bounds the wait for
+    /// headers and the overall request timeout does not apply.
+    pub async fn post_stream<B: Serialize>(
+        &self,
+        segments: &[&str],
+        body: &B,
+        idle: std::time::Duration,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = self.url(segments);
+        debug!(%url, "POST (stream)");
+        let response = tokio::time::timeout(
+            idle,
+            self.http
+                .post(url.clone())
+                .json(body)
                 .timeout(std::time::Duration::from_secs(7 * 24 * 3600))
                 .send(),
         )

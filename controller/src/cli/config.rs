@@ -25,8 +25,12 @@ use std::str::FromStr;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
+pub use novacron_common::config::{Env, ProcessEnv};
+
 /// Environment variable naming the context file (also read by `--config`).
 pub const CONFIG_ENV: &str = "NOVACRON_CONFIG";
+/// An API token to authenticate with, overriding the context's credentials.
+pub const TOKEN_ENV: &str = "NOVACRON_TOKEN";
 /// Environment variable of the XDG configuration folder.
 pub const XDG_CONFIG_HOME_ENV: &str = "XDG_CONFIG_HOME";
 /// Environment variable of the home folder.
@@ -103,39 +107,17 @@ pub enum ConfigError {
     Encode(#[from] toml::ser::Error),
 }
 
-/// Where environment variables come from (the process, or a map in tests).
-pub trait Env {
-    /// The value of `key`, if set and valid UTF-8.
-    fn var(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-impl Env for BTreeMap<String, String> {
-    fn var(&self, key: &str) -> Option<String> {
-        self.get(key).cloned()
-    }
-}
-
 /// The default context file: `$XDG_CONFIG_HOME/novacron/config.toml`, else
 /// `$HOME/.config/novacron/config.toml`. A relative `XDG_CONFIG_HOME` is ignored,
 /// as the XDG specification asks.
 pub fn default_config_path(env: &dyn Env) -> Option<PathBuf> {
-    let non_empty = |key| env.var(key).filter(|v| !v.is_empty());
-    if let Some(xdg) = non_empty(XDG_CONFIG_HOME_ENV).map(PathBuf::from)
+    if let Some(xdg) = env.var(XDG_CONFIG_HOME_ENV).map(PathBuf::from)
         && xdg.is_absolute()
     {
         return Some(xdg.join(CONFIG_FILE));
     }
-    non_empty(HOME_ENV).map(|home| Path::new(&home).join(".config").join(CONFIG_FILE))
+    env.var(HOME_ENV)
+        .map(|home| Path::new(&home).join(".config").join(CONFIG_FILE))
 }
 
 /// The whole context file.
@@ -158,10 +140,20 @@ pub struct Context {
     pub api: ApiUrl,
     /// The fleet CA (PEM) that signed the controller's certificate.
     pub ca: PathBuf,
-    /// The operator's client certificate (PEM).
+    /// The operator's client certificate (PEM); empty when the context uses an API
+    /// token instead.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub cert: PathBuf,
-    /// The operator's private key (PEM).
+    /// The operator's private key (PEM); empty with an API token.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub key: PathBuf,
+    /// A file holding an API token (`nca_…`), used when there is no certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 impl Context {
@@ -175,11 +167,19 @@ impl Context {
                 p.to_path_buf()
             }
         };
+        let keep_empty = |p: &Path| {
+            if is_empty_path(p) {
+                PathBuf::new()
+            } else {
+                abs(p)
+            }
+        };
         Context {
             api: self.api.clone(),
             ca: abs(&self.ca),
-            cert: abs(&self.cert),
-            key: abs(&self.key),
+            cert: keep_empty(&self.cert),
+            key: keep_empty(&self.key),
+            token_file: self.token_file.as_deref().map(abs),
         }
     }
 }
@@ -429,6 +429,7 @@ mod tests {
             ca: PathBuf::from(format!("{dir}/ca.pem")),
             cert: PathBuf::from(format!("{dir}/cert.pem")),
             key: PathBuf::from(format!("{dir}/key.pem")),
+            token_file: None,
         }
     }
 
@@ -489,7 +490,7 @@ mod tests {
             ContextFile::parse(text, Path::new("/etc/x/config.toml")).expect_err("unknown key");
         assert_eq!(
             err.to_string(),
-            "malformed context file /etc/x/config.toml, line 8, column 1, at key `contexts.dev.token`: unknown field `token`, expected one of `api`, `ca`, `cert`, `key`"
+            "malformed context file /etc/x/config.toml, line 8, column 1, at key `contexts.dev.token`: unknown field `token`, expected one of `api`, `ca`, `cert`, `key`, `token_file`"
         );
     }
 
@@ -553,6 +554,7 @@ mod tests {
             ca: "ca.pem".into(),
             cert: "/abs/cert.pem".into(),
             key: "keys/k.pem".into(),
+            token_file: None,
         };
         let r = c.resolved(Path::new("/home/a/.config/novacron/config.toml"));
         assert_eq!(r.ca, Path::new("/home/a/.config/novacron/ca.pem"));

@@ -10,6 +10,7 @@ use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
 use crate::api::ApplyRequest;
+use crate::autoscaler::PolicyApplyResult;
 use crate::store::AllocRecord;
 use crate::workloads::{ApplyResult, JobDetail, JobSummary};
 
@@ -53,9 +54,20 @@ pub enum AllocCommand {
         #[arg(long, default_value_t = 0)]
         tail: u32,
     },
+    /// Run a command in an allocation's container, live; exits with its exit code.
+    Exec(super::exec::AllocExecArgs),
 }
 
-/// `novacron apply -f FILE`.
+/// The kinds `novacron apply` sends, and where.
+pub const APPLY_KINDS: &[(&str, &[&str])] = &[
+    ("Job", &["v1", "jobs"]),
+    ("AutoScalingPolicy", &["v1", "policies"]),
+    ("NodePool", &["v1", "pools"]),
+    ("NodeTemplate", &["v1", "pools"]),
+];
+
+/// `novacron apply -f FILE`: sends the manifest to the endpoint of its `kind`
+/// (the controller validates it).
 pub async fn apply(
     client: &ApiClient,
     file: &Path,
@@ -66,23 +78,94 @@ pub async fn apply(
         path: file.to_path_buf(),
         source,
     })?;
+    let name = file.display().to_string();
+    let kind = manifest_kind(&name, &manifest).map_err(CliError::Invalid)?;
     let req = ApplyRequest {
-        file: file.display().to_string(),
+        file: name,
         manifest,
     };
-    let result: ApplyResult = client.post(&["v1", "jobs"], &req).await?;
-    match format {
-        OutputFormat::Table => {
-            writeln!(
-                out,
-                "job {} {} (version {})",
-                result.job, result.outcome, result.version
-            )
-            .map_err(output::OutputError::Io)?;
+    match kind {
+        "AutoScalingPolicy" => {
+            let result: PolicyApplyResult = client.post(&["v1", "policies"], &req).await?;
+            match format {
+                OutputFormat::Table => writeln!(
+                    out,
+                    "policy {} for {} {}",
+                    result.policy, result.target, result.outcome
+                )
+                .map_err(output::OutputError::Io)?,
+                _ => output::write_value(out, format, &result)?,
+            }
         }
-        _ => output::write_value(out, format, &result)?,
+        "Job" => {
+            let result: ApplyResult = client.post(&["v1", "jobs"], &req).await?;
+            match format {
+                OutputFormat::Table => writeln!(
+                    out,
+                    "job {} {} (version {})",
+                    result.job, result.outcome, result.version
+                )
+                .map_err(output::OutputError::Io)?,
+                _ => output::write_value(out, format, &result)?,
+            }
+        }
+        other => {
+            let path = APPLY_KINDS
+                .iter()
+                .find(|(k, _)| *k == other)
+                .map_or(&["v1", "jobs"][..], |(_, p)| *p);
+            let result: serde_json::Value = client.post(path, &req).await?;
+            match format {
+                OutputFormat::Table => {
+                    writeln!(out, "{other} applied").map_err(output::OutputError::Io)?;
+                    output::write_value(out, OutputFormat::Yaml, &result)?;
+                }
+                _ => output::write_value(out, format, &result)?,
+            }
+        }
     }
     Ok(())
+}
+
+/// The `kind` of the documents in `text` (a pool and its templates may share a
+/// file); the controller checks everything else. A file whose YAML does not parse,
+/// or that names no kind, goes to the job endpoint, whose answer locates the
+/// problem.
+pub fn manifest_kind(file: &str, text: &str) -> Result<&'static str, String> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        kind: Option<String>,
+    }
+    let accepted = APPLY_KINDS
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut found: Vec<(&'static str, &'static [&'static str])> = Vec::new();
+    for doc in yaml_serde::Deserializer::from_str(text) {
+        let kind = match <Option<Peek> as serde::Deserialize>::deserialize(doc) {
+            Ok(Some(Peek { kind: Some(k) })) => k,
+            Ok(_) => continue,
+            Err(_) => return Ok("Job"),
+        };
+        let Some(&(k, path)) = APPLY_KINDS.iter().find(|(k, _)| *k == kind) else {
+            return Err(format!(
+                "{file}: kind {kind:?} is not something `novacron apply` accepts; expected one of {accepted}"
+            ));
+        };
+        if !found.iter().any(|(f, _)| *f == k) {
+            found.push((k, path));
+        }
+    }
+    match found.as_slice() {
+        [] => Ok("Job"),
+        [(first, path), rest @ ..] if rest.iter().all(|(_, p)| p == path) => Ok(first),
+        many => Err(format!(
+            "{file}: the documents mix kinds ({}) that go to different endpoints; expected one kind per file (NodePool and NodeTemplate may share one), one of {accepted}",
+            many.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// Runs a `job` subcommand.
@@ -127,6 +210,9 @@ pub async fn run_alloc(
                 .get_with_query(&["v1", "allocations"], &query_pairs(job, node))
                 .await?;
             output::write_list(out, format, &allocs, now)?;
+        }
+        AllocCommand::Exec(args) => {
+            return super::exec::alloc_exec(args, client, format, out).await;
         }
         AllocCommand::Logs { id, follow, tail } => {
             let mut response = client
@@ -264,5 +350,36 @@ fn truncate(s: &str, max: usize) -> String {
         let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
         t.push('…');
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_dispatches_on_the_kind() {
+        let doc = |kind: &str| {
+            format!("apiVersion: novacron.io/v1\nkind: {kind}\nmetadata: {{name: x}}\n")
+        };
+        assert_eq!(manifest_kind("f", &doc("Job")), Ok("Job"));
+        assert_eq!(
+            manifest_kind("f", &doc("AutoScalingPolicy")),
+            Ok("AutoScalingPolicy")
+        );
+        let both = format!("{}---\n{}", doc("NodeTemplate"), doc("NodePool"));
+        assert_eq!(manifest_kind("f", &both), Ok("NodeTemplate"));
+        // Broken YAML and a missing kind go to the job endpoint, which locates them.
+        assert_eq!(manifest_kind("f", "spec: [unclosed"), Ok("Job"));
+        assert_eq!(manifest_kind("f", "metadata: {name: x}\n"), Ok("Job"));
+        let e = manifest_kind("f.yaml", &doc("Deployment")).expect_err("unknown kind");
+        assert!(e.contains("f.yaml: kind \"Deployment\""), "{e}");
+        assert!(
+            e.contains("Job, AutoScalingPolicy, NodePool, NodeTemplate"),
+            "{e}"
+        );
+        let mixed = format!("{}---\n{}", doc("Job"), doc("AutoScalingPolicy"));
+        let e = manifest_kind("f", &mixed).expect_err("mixed");
+        assert!(e.contains("mix kinds (Job, AutoScalingPolicy)"), "{e}");
     }
 }

@@ -8,18 +8,25 @@
 //! - [`output`]: table, JSON and YAML output, human units and ages (pure).
 //! - [`nodes`]: `novacron node list|show`.
 //! - [`context`]: `novacron context list|use|show`.
+//! - [`exec`]: `novacron exec` and `novacron alloc exec` (remote commands, live).
 
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod costs;
 pub mod dev;
+pub mod events;
+pub mod exec;
 pub mod jobs;
 pub mod nodes;
 pub mod output;
+pub mod policies;
+pub mod pools;
+pub mod simulate;
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -71,8 +78,11 @@ $XDG_CONFIG_HOME/novacron/config.toml, else ~/.config/novacron/config.toml:
     ca = \"/path/to/fleet-ca.pem\"     # the fleet CA
     cert = \"/path/to/operator.pem\"   # your client certificate
     key = \"/path/to/operator-key.pem\" # its private key
+    # or, instead of cert and key, an API token (`novacron-controller admin token`):
+    # token_file = \"/path/to/token\"
 
-Relative paths are relative to the file's folder. `novacron dev` creates a context
+Relative paths are relative to the file's folder. NOVACRON_TOKEN, when set, is
+an API token used instead of the context's credentials. `novacron dev` creates a context
 for a local fleet; --context NAME picks another context for one command.";
 
 /// `novacron`: the operator CLI.
@@ -89,6 +99,18 @@ pub struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// Redraw the result every INTERVAL (default 2s) until Ctrl-C, like watch(1);
+    /// for `node list|show`, `job list|status`, `alloc list` and `policy list`.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = parse_interval
+    )]
+    pub watch: Option<Duration>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -99,7 +121,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a local fleet: a controller and agents on this machine, with a throwaway CA.
     Dev(dev::DevArgs),
-    /// Submit a job manifest (create or update).
+    /// Submit a manifest (create or update): a Job, an AutoScalingPolicy, or a
+    /// NodePool / NodeTemplate, by its `kind`.
     Apply {
         /// The YAML manifest.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -114,6 +137,17 @@ pub enum Command {
     /// Inspect the fleet's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Show the event log (decisions, state changes, operator calls); --follow streams it.
+    Events(events::EventsArgs),
+    /// Run a command on nodes' hosts, live; exits with its exit code (124: timed
+    /// out, 125: did not run, 130: interrupted). See also `alloc exec`.
+    Exec(exec::ExecArgs),
+    /// Autoscaling policies (apply them with `apply -f`).
+    #[command(subcommand)]
+    Policy(policies::PolicyCommand),
+    /// Node pools (apply NodeTemplate and NodePool manifests with `apply -f`).
+    #[command(subcommand)]
+    Pool(pools::PoolCommand),
     /// Manage controller contexts.
     #[command(subcommand, long_about = CONTEXT_LONG_ABOUT)]
     Context(ContextCommand),
@@ -122,6 +156,49 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// What-if: replay a scenario (load curves, failures, spot interruptions, zone
+    /// outages) through the real scheduler, reconciler and autoscaler on a virtual
+    /// clock, against a static fleet sized for the peak. Runs locally.
+    Simulate(simulate::SimulateArgs),
+    /// Hourly cost of the fleet per node, job, pool and capacity type (prices from
+    /// node labels, the controller's pricing catalog, or its default rates).
+    Cost,
+    /// Right-sizing: per job, requests recommended from p95 usage (20% headroom),
+    /// what they would save, and idle jobs.
+    Recommend,
+    /// Consolidation plan: which nodes of managed pools a best-fit-decreasing
+    /// repack would free, the moves, and the hourly saving (changes nothing).
+    Consolidate,
+    /// Print the manual page (roff), generated from this command line:
+    /// `novacron man | man -l -`.
+    Man,
+}
+
+/// The shortest `--watch` interval.
+pub const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 2s or 500ms"))?;
+    if d < MIN_WATCH_INTERVAL {
+        return Err(format!(
+            "{s:?} is too short; use at least {}",
+            humantime::format_duration(MIN_WATCH_INTERVAL)
+        ));
+    }
+    Ok(d)
+}
+
+/// Whether `--watch` applies to `command` (reads that can be redrawn).
+pub fn watchable(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Node(_)
+            | Command::Job(jobs::JobCommand::List | jobs::JobCommand::Status { .. })
+            | Command::Policy(policies::PolicyCommand::List)
+            | Command::Pool(pools::PoolCommand::List)
+            | Command::Alloc(jobs::AllocCommand::List { .. })
+    )
 }
 
 /// Errors of a CLI command.
@@ -150,6 +227,22 @@ pub enum CliError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(io::Error),
+    /// The options do not go together.
+    #[error("{0}")]
+    Usage(String),
+    /// An input file is invalid (the message names file, line, field and what is
+    /// accepted).
+    #[error("{0}")]
+    Invalid(String),
+    /// A remote command (`exec`) ended with a non-zero code, which becomes the
+    /// CLI's own; `message` (when not empty) says why.
+    #[error("{message}")]
+    Remote {
+        /// The exit code.
+        code: u8,
+        /// Why, or empty when the command's own output says it.
+        message: String,
+    },
 }
 
 impl CliError {
@@ -160,11 +253,14 @@ impl CliError {
             CliError::Config(_) => EXIT_CONFIG,
             CliError::Client(e) if e.is_configuration() => EXIT_CONFIG,
             CliError::Client(e) if e.is_unreachable() => EXIT_UNAVAILABLE,
+            CliError::Remote { code, .. } => *code,
             CliError::Client(_)
             | CliError::Output(_)
             | CliError::Runtime(_)
             | CliError::Dev(_)
             | CliError::ReadManifest { .. } => EXIT_FAILURE,
+            CliError::Usage(_) => EXIT_USAGE,
+            CliError::Invalid(_) => EXIT_CONFIG,
         }
     }
 
@@ -189,6 +285,7 @@ pub fn execute(cli: Cli) -> u8 {
     match result {
         Ok(()) => EXIT_OK,
         Err(e) if e.is_broken_pipe() => EXIT_OK,
+        Err(CliError::Remote { code, message }) if message.is_empty() => code,
         Err(e) => {
             // Nothing better to do if stderr is gone too.
             let _ = writeln!(io::stderr(), "error: {e}");
@@ -205,9 +302,31 @@ pub async fn run(
     out: &mut dyn Write,
     now: SystemTime,
 ) -> Result<(), CliError> {
+    if let Some(every) = cli.watch {
+        return watch(cli, env, out, every).await;
+    }
     match &cli.command {
         Command::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "novacron", out);
+            Ok(())
+        }
+        Command::Simulate(args) => simulate::run(args, cli.output, out),
+        Command::Cost => {
+            let client = connect(cli, env, now)?;
+            costs::cost(&client, cli.output, out, now).await
+        }
+        Command::Recommend => {
+            let client = connect(cli, env, now)?;
+            costs::recommend(&client, cli.output, out, now).await
+        }
+        Command::Consolidate => {
+            let client = connect(cli, env, now)?;
+            costs::consolidate(&client, cli.output, out).await
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(out)
+                .map_err(OutputError::Io)?;
             Ok(())
         }
         Command::Context(cmd) => {
@@ -234,6 +353,77 @@ pub async fn run(
             let client = connect(cli, env, now)?;
             nodes::run(cmd, &client, cli.output, out, now).await
         }
+        Command::Events(args) => {
+            let client = connect(cli, env, now)?;
+            events::run(args, &client, cli.output, out, now).await
+        }
+        Command::Policy(cmd) => {
+            let client = connect(cli, env, now)?;
+            policies::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Pool(cmd) => {
+            let client = connect(cli, env, now)?;
+            pools::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Exec(args) => {
+            let client = connect(cli, env, now)?;
+            exec::exec(args, &client, cli.output, out).await
+        }
+    }
+}
+
+/// Runs `cli` (without `--watch`) every `every`, redrawing the screen on a
+/// terminal; stops on Ctrl-C. A controller that cannot be reached is shown and
+/// retried, as watch(1) does; other errors end the watch.
+async fn watch(
+    cli: &Cli,
+    env: &dyn Env,
+    out: &mut dyn Write,
+    every: Duration,
+) -> Result<(), CliError> {
+    if !watchable(&cli.command) {
+        return Err(CliError::Usage(
+            "--watch works with `node list|show`, `job list|status`, `alloc list` and `policy list`".into(),
+        ));
+    }
+    let once = Cli {
+        watch: None,
+        ..cli.clone()
+    };
+    let terminal = io::stdout().is_terminal();
+    let title = std::env::args().collect::<Vec<_>>().join(" ");
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let now = SystemTime::now();
+        let mut frame = Vec::new();
+        match Box::pin(run(&once, env, &mut frame, now)).await {
+            Ok(()) => {}
+            Err(CliError::Client(e)) if e.is_unreachable() => {
+                frame = format!("error: {e}\n").into_bytes();
+            }
+            Err(e) => return Err(e),
+        }
+        if terminal {
+            // Cursor home, clear screen.
+            write!(out, "\x1b[H\x1b[2J").map_err(OutputError::Io)?;
+        }
+        writeln!(
+            out,
+            "Every {}: {title}    {}\n",
+            humantime::format_duration(every),
+            humantime::format_rfc3339_seconds(now)
+        )
+        .map_err(OutputError::Io)?;
+        out.write_all(&frame).map_err(OutputError::Io)?;
+        if !terminal {
+            writeln!(out).map_err(OutputError::Io)?;
+        }
+        out.flush().map_err(OutputError::Io)?;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = &mut ctrl_c => return Ok(()),
+        }
     }
 }
 
@@ -250,7 +440,13 @@ fn connect(cli: &Cli, env: &dyn Env, now: SystemTime) -> Result<ApiClient, CliEr
     let path = config_path(cli, env)?;
     let file = ContextFile::load(&path)?;
     let (name, ctx) = file.select(cli.context.as_deref(), &path)?;
-    Ok(ApiClient::new(&name, &ctx.resolved(&path), now)?)
+    let token = env.var(config::TOKEN_ENV).filter(|t| !t.trim().is_empty());
+    Ok(ApiClient::with_token(
+        &name,
+        &ctx.resolved(&path),
+        token,
+        now,
+    )?)
 }
 
 #[cfg(test)]

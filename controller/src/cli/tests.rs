@@ -76,6 +76,7 @@ impl Fleet {
             ca: write("ca.pem", ca_pem),
             cert: write("cert.pem", &cert.cert_pem),
             key: write("key.pem", &cert.key_pem),
+            token_file: None,
         };
         write_context(&self.config_path(), name, &ctx, true).expect("write context");
     }

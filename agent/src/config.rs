@@ -1,0 +1,886 @@
+//! The agent's settings, in layers: the TOML file, then environment variables, then
+//! flags (flags win).
+//!
+//! The file is `--config FILE`, else `$NOVACRON_AGENT_CONFIG`, else
+//! [`DEFAULT_CONFIG_FILE`] when it exists (a missing default file is not an error).
+//! [`resolve_run`] and [`resolve_join`] parse and check every setting before the agent
+//! opens any socket. A [`ConfigError`] names where the value came from (the flag, the
+//! variable, or the key and the file), the value and what is accepted; the binary
+//! exits 64 with it. The environment is read through [`Env`] so tests pass a map.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use novacron_common::config::{self as layered, Layers, Profile, ensure_shorter, invalid};
+use novacron_common::fleet;
+use novacron_common::pki::{self, Fingerprint};
+use serde::Deserialize;
+
+use crate::buffer::DEFAULT_CAPACITY;
+
+pub use novacron_common::config::{ConfigError, Env, Key, Origin, ProcessEnv};
+
+/// The file read when neither `--config` nor `$NOVACRON_AGENT_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/novacron/agent.toml";
+/// Where the identity is kept.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/novacron/agent";
+/// Sampling interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest accepted sampling interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest accepted sampling interval.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// Samples kept while disconnected (15 minutes at 1 s).
+pub const DEFAULT_BUFFER: usize = DEFAULT_CAPACITY;
+/// Largest accepted sample buffer.
+pub const MAX_BUFFER: usize = 1_000_000;
+/// QUIC keep-alive interval.
+pub const DEFAULT_KEEP_ALIVE: Duration = fleet::DEFAULT_KEEP_ALIVE;
+/// QUIC idle timeout.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = fleet::DEFAULT_IDLE_TIMEOUT;
+/// Longest reconnect delay.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Environment variable names.
+pub mod env {
+    /// The configuration file.
+    pub const CONFIG: &str = "NOVACRON_AGENT_CONFIG";
+    /// `state_dir`.
+    pub const STATE_DIR: &str = "NOVACRON_STATE_DIR";
+    /// `labels`, as `key=value,key=value`.
+    pub const LABELS: &str = "NOVACRON_LABELS";
+    /// `interval`.
+    pub const INTERVAL: &str = "NOVACRON_INTERVAL";
+    /// `buffer`.
+    pub const BUFFER: &str = "NOVACRON_BUFFER";
+    /// `docker_host` (Docker's own variable).
+    pub const DOCKER_HOST: &str = "DOCKER_HOST";
+    /// `controller_quic`.
+    pub const CONTROLLER_QUIC: &str = "NOVACRON_CONTROLLER_QUIC";
+    /// `keep_alive`.
+    pub const KEEP_ALIVE: &str = "NOVACRON_KEEP_ALIVE";
+    /// `idle_timeout`.
+    pub const IDLE_TIMEOUT: &str = "NOVACRON_IDLE_TIMEOUT";
+    /// `max_backoff`.
+    pub const MAX_BACKOFF: &str = "NOVACRON_MAX_BACKOFF";
+    /// `join.controller`.
+    pub const CONTROLLER: &str = "NOVACRON_CONTROLLER";
+    /// The join token (never read from the file).
+    pub const JOIN_TOKEN: &str = "NOVACRON_JOIN_TOKEN";
+    /// `join.ca_fingerprint`.
+    pub const CA_FINGERPRINT: &str = "NOVACRON_CA_FINGERPRINT";
+    /// `join.name`.
+    pub const NODE_NAME: &str = "NOVACRON_NODE_NAME";
+    /// `allow_host_exec`: true or false.
+    pub const ALLOW_HOST_EXEC: &str = "NOVACRON_ALLOW_HOST_EXEC";
+    /// `host_exec_allow`, comma-separated.
+    pub const HOST_EXEC_ALLOW: &str = "NOVACRON_HOST_EXEC_ALLOW";
+}
+
+/// The settings' names.
+pub mod keys {
+    use super::{Key, env};
+
+    /// Where the identity is kept.
+    pub const STATE_DIR: Key = Key {
+        file: "state_dir",
+        env: env::STATE_DIR,
+        flag: "--state-dir",
+    };
+    /// Node labels.
+    pub const LABELS: Key = Key {
+        file: "labels",
+        env: env::LABELS,
+        flag: "--label",
+    };
+    /// Sampling interval.
+    pub const INTERVAL: Key = Key {
+        file: "interval",
+        env: env::INTERVAL,
+        flag: "--interval",
+    };
+    /// Samples kept while disconnected.
+    pub const BUFFER: Key = Key {
+        file: "buffer",
+        env: env::BUFFER,
+        flag: "--buffer",
+    };
+    /// Docker endpoint.
+    pub const DOCKER_HOST: Key = Key {
+        file: "docker_host",
+        env: env::DOCKER_HOST,
+        flag: "--docker-host",
+    };
+    /// Override of the controller's QUIC address.
+    pub const CONTROLLER_QUIC: Key = Key {
+        file: "controller_quic",
+        env: env::CONTROLLER_QUIC,
+        flag: "--controller",
+    };
+    /// QUIC keep-alive.
+    pub const KEEP_ALIVE: Key = Key {
+        file: "keep_alive",
+        env: env::KEEP_ALIVE,
+        flag: "--keep-alive",
+    };
+    /// QUIC idle timeout.
+    pub const IDLE_TIMEOUT: Key = Key {
+        file: "idle_timeout",
+        env: env::IDLE_TIMEOUT,
+        flag: "--idle-timeout",
+    };
+    /// Longest reconnect delay.
+    pub const MAX_BACKOFF: Key = Key {
+        file: "max_backoff",
+        env: env::MAX_BACKOFF,
+        flag: "--max-backoff",
+    };
+    /// The controller's API URL for `join`.
+    pub const CONTROLLER: Key = Key {
+        file: "join.controller",
+        env: env::CONTROLLER,
+        flag: "--controller",
+    };
+    /// The join token (flag or environment only: it is a secret).
+    pub const JOIN_TOKEN: Key = Key {
+        file: "",
+        env: env::JOIN_TOKEN,
+        flag: "--token",
+    };
+    /// The pinned CA fingerprint.
+    pub const CA_FINGERPRINT: Key = Key {
+        file: "join.ca_fingerprint",
+        env: env::CA_FINGERPRINT,
+        flag: "--ca-fingerprint",
+    };
+    /// The node name to ask for.
+    pub const NODE_NAME: Key = Key {
+        file: "join.name",
+        env: env::NODE_NAME,
+        flag: "--name",
+    };
+    /// Whether remote exec of host commands is allowed.
+    pub const ALLOW_HOST_EXEC: Key = Key {
+        file: "allow_host_exec",
+        env: env::ALLOW_HOST_EXEC,
+        flag: "--allow-host-exec",
+    };
+    /// The programs host exec may run.
+    pub const HOST_EXEC_ALLOW: Key = Key {
+        file: "host_exec_allow",
+        env: env::HOST_EXEC_ALLOW,
+        flag: "--host-exec-allow",
+    };
+}
+
+/// The configuration file's contents. Every key is optional; the shipped
+/// `/etc/novacron/agent.toml` documents each one.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Where the identity is kept.
+    pub state_dir: Option<String>,
+    /// Sampling interval, e.g. "1s".
+    pub interval: Option<String>,
+    /// Samples kept while disconnected.
+    pub buffer: Option<u64>,
+    /// Docker endpoint, e.g. "unix:///var/run/docker.sock".
+    pub docker_host: Option<String>,
+    /// Overrides the controller's QUIC `host:port` recorded at enrollment.
+    pub controller_quic: Option<String>,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Option<String>,
+    /// QUIC idle timeout.
+    pub idle_timeout: Option<String>,
+    /// Longest reconnect delay.
+    pub max_backoff: Option<String>,
+    /// Allow remote exec of commands on the host (`novacron exec`).
+    pub allow_host_exec: Option<bool>,
+    /// With `allow_host_exec`, only these programs may run; empty: any.
+    pub host_exec_allow: Option<Vec<String>>,
+    /// Node labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Settings of `novacron-agent join`.
+    #[serde(default)]
+    pub join: JoinFile,
+}
+
+/// The `[join]` table.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinFile {
+    /// The controller's API URL.
+    pub controller: Option<String>,
+    /// The fleet CA fingerprint to pin.
+    pub ca_fingerprint: Option<String>,
+    /// The node name to ask for.
+    pub name: Option<String>,
+}
+
+/// The agent's configuration file and where it came from (`path` is `None` when no
+/// file was read).
+pub type Loaded = layered::Loaded<AgentFile>;
+
+/// Finds and parses the configuration file: `flag`, else `$NOVACRON_AGENT_CONFIG`,
+/// else [`DEFAULT_CONFIG_FILE`] if it exists.
+pub fn load(flag: Option<&Path>, env: &dyn Env) -> Result<Loaded, ConfigError> {
+    layered::load(&PROFILE, flag, env)
+}
+
+/// Parses the text of a configuration file.
+pub fn parse(path: &Path, text: &str) -> Result<AgentFile, ConfigError> {
+    layered::parse(path, text)
+}
+
+/// The flags of `run`, as given (parsed and checked by [`resolve_run`]).
+#[derive(Debug, Default, Clone)]
+pub struct RunFlags {
+    /// `--state-dir`.
+    pub state_dir: Option<String>,
+    /// `--label`, repeatable.
+    pub labels: Vec<String>,
+    /// `--interval`.
+    pub interval: Option<String>,
+    /// `--buffer`.
+    pub buffer: Option<String>,
+    /// `--docker-host`.
+    pub docker_host: Option<String>,
+    /// `--controller`.
+    pub controller: Option<String>,
+    /// `--keep-alive`.
+    pub keep_alive: Option<String>,
+    /// `--idle-timeout`.
+    pub idle_timeout: Option<String>,
+    /// `--max-backoff`.
+    pub max_backoff: Option<String>,
+    /// `--allow-host-exec` (a switch: only turns it on).
+    pub allow_host_exec: bool,
+    /// `--host-exec-allow`, repeatable.
+    pub host_exec_allow: Vec<String>,
+}
+
+/// The validated settings of `run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSettings {
+    /// Where the identity is kept.
+    pub state_dir: PathBuf,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Sampling interval.
+    pub interval: Duration,
+    /// Samples kept while disconnected.
+    pub buffer: usize,
+    /// Docker endpoint; `None` for Docker's default.
+    pub docker_host: Option<String>,
+    /// Where `docker_host` came from, for later error messages.
+    pub docker_host_origin: Origin,
+    /// Overrides the controller's QUIC address recorded at enrollment.
+    pub controller_quic: Option<String>,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+    /// Remote exec of host commands is allowed.
+    pub allow_host_exec: bool,
+    /// The programs host exec may run; empty: any.
+    pub host_exec_allow: Vec<String>,
+}
+
+/// Merges file, environment and flags for `run` and checks every value.
+pub fn resolve_run(
+    loaded: &Loaded,
+    env: &dyn Env,
+    flags: &RunFlags,
+) -> Result<RunSettings, ConfigError> {
+    let l = Layers::new(&PROFILE, loaded, env);
+    let f = &loaded.file;
+    let state_dir = l.dir(
+        keys::STATE_DIR,
+        flags.state_dir.as_deref(),
+        f.state_dir.as_deref(),
+        DEFAULT_STATE_DIR,
+    )?;
+    let interval = l.duration(
+        keys::INTERVAL,
+        flags.interval.as_deref(),
+        f.interval.as_deref(),
+        DEFAULT_INTERVAL,
+        (MIN_INTERVAL, MAX_INTERVAL),
+    )?;
+    let buffer = l.count(
+        keys::BUFFER,
+        flags.buffer.as_deref(),
+        f.buffer,
+        DEFAULT_BUFFER,
+        MAX_BUFFER,
+        "samples",
+    )?;
+    let (docker_host, docker_host_origin) = match l.pick(
+        keys::DOCKER_HOST,
+        flags.docker_host.as_deref(),
+        f.docker_host.as_deref(),
+    ) {
+        Some((v, origin)) => {
+            docker_endpoint(&v).map_err(|expected| invalid(origin.clone(), &v, expected))?;
+            (Some(v), origin)
+        }
+        None => (None, Origin::Default(keys::DOCKER_HOST.file)),
+    };
+    let controller_quic = l.host_port(
+        keys::CONTROLLER_QUIC,
+        flags.controller.as_deref(),
+        f.controller_quic.as_deref(),
+        "host:port, e.g. ctl.example.com:7443 or 10.0.0.5:7443",
+    )?;
+    let any = (Duration::from_millis(10), Duration::from_secs(3600));
+    let keep_alive = l.duration(
+        keys::KEEP_ALIVE,
+        flags.keep_alive.as_deref(),
+        f.keep_alive.as_deref(),
+        DEFAULT_KEEP_ALIVE,
+        any,
+    )?;
+    let idle_timeout = l.duration(
+        keys::IDLE_TIMEOUT,
+        flags.idle_timeout.as_deref(),
+        f.idle_timeout.as_deref(),
+        DEFAULT_IDLE_TIMEOUT,
+        any,
+    )?;
+    ensure_shorter(&keep_alive, &idle_timeout)?;
+    let max_backoff = l.duration(
+        keys::MAX_BACKOFF,
+        flags.max_backoff.as_deref(),
+        f.max_backoff.as_deref(),
+        DEFAULT_MAX_BACKOFF,
+        (Duration::from_millis(100), Duration::from_secs(3600)),
+    )?;
+    let allow_host_exec = if flags.allow_host_exec {
+        true
+    } else {
+        l.pick(
+            keys::ALLOW_HOST_EXEC,
+            None,
+            f.allow_host_exec.map(|b| b.to_string()).as_deref(),
+        )
+        .map_or(Ok(false), |(v, origin)| {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(invalid(origin, &v, "true or false")),
+            }
+        })?
+    };
+    let (programs, origin) = if !flags.host_exec_allow.is_empty() {
+        (
+            flags.host_exec_allow.clone(),
+            Origin::Flag(keys::HOST_EXEC_ALLOW.flag),
+        )
+    } else if let Some(raw) = env.var(env::HOST_EXEC_ALLOW) {
+        (
+            raw.split(',').map(|p| p.trim().to_string()).collect(),
+            Origin::Env(env::HOST_EXEC_ALLOW),
+        )
+    } else {
+        (
+            f.host_exec_allow.clone().unwrap_or_default(),
+            l.file_origin(keys::HOST_EXEC_ALLOW.file),
+        )
+    };
+    if let Some(bad) = programs
+        .iter()
+        .find(|p| p.trim().is_empty() || p.contains('\0'))
+    {
+        return Err(invalid(
+            origin,
+            bad,
+            "program names or absolute paths, e.g. systemctl or /usr/bin/journalctl",
+        ));
+    }
+    Ok(RunSettings {
+        state_dir,
+        labels: labels(&l, &f.labels, &flags.labels)?,
+        allow_host_exec,
+        host_exec_allow: programs,
+        interval: interval.value,
+        buffer,
+        docker_host,
+        docker_host_origin,
+        controller_quic,
+        keep_alive: keep_alive.value,
+        idle_timeout: idle_timeout.value,
+        max_backoff: max_backoff.value,
+    })
+}
+
+/// The flags of `join`, as given.
+#[derive(Debug, Default, Clone)]
+pub struct JoinFlags {
+    /// `--controller`.
+    pub controller: Option<String>,
+    /// `--token`.
+    pub token: Option<String>,
+    /// `--ca-fingerprint`.
+    pub ca_fingerprint: Option<String>,
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<String>,
+}
+
+/// The validated settings of `join`.
+#[derive(Debug, Clone)]
+pub struct JoinSettings {
+    /// The controller's API URL.
+    pub controller: String,
+    /// The join token.
+    pub token: String,
+    /// The pinned CA fingerprint.
+    pub ca_fingerprint: Fingerprint,
+    /// The node name to ask for; `None` for this host's name.
+    pub name: Option<String>,
+    /// Where the identity is kept.
+    pub state_dir: PathBuf,
+}
+
+/// Merges file, environment and flags for `join` and checks every value.
+pub fn resolve_join(
+    loaded: &Loaded,
+    env: &dyn Env,
+    flags: &JoinFlags,
+) -> Result<JoinSettings, ConfigError> {
+    let l = Layers::new(&PROFILE, loaded, env);
+    let f = &loaded.file;
+    let (controller, origin) = l
+        .pick(
+            keys::CONTROLLER,
+            flags.controller.as_deref(),
+            f.join.controller.as_deref(),
+        )
+        .ok_or_else(|| l.missing("the controller's API URL", keys::CONTROLLER))?;
+    let rest = controller.strip_prefix("https://").unwrap_or_default();
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(invalid(
+            origin,
+            &controller,
+            "an https:// URL such as https://ctl.example.com:7443",
+        ));
+    }
+    let (token, _) = l
+        .pick(keys::JOIN_TOKEN, flags.token.as_deref(), None)
+        .ok_or_else(|| l.missing("the join token", keys::JOIN_TOKEN))?;
+    let (fp, origin) = l
+        .pick(
+            keys::CA_FINGERPRINT,
+            flags.ca_fingerprint.as_deref(),
+            f.join.ca_fingerprint.as_deref(),
+        )
+        .ok_or_else(|| l.missing("the CA fingerprint", keys::CA_FINGERPRINT))?;
+    let ca_fingerprint = fp.trim().parse::<Fingerprint>().map_err(|_| {
+        invalid(
+            origin,
+            &fp,
+            "sha256: followed by 64 hex digits (printed by `novacron-controller init` and `token create`)",
+        )
+    })?;
+    let name = l
+        .pick(
+            keys::NODE_NAME,
+            flags.name.as_deref(),
+            f.join.name.as_deref(),
+        )
+        .map(|(v, origin)| {
+            pki::validate_name(&v)
+                .map(|()| v.clone())
+                .map_err(|e| invalid(origin, &v, e.to_string()))
+        })
+        .transpose()?;
+    let state_dir = l.dir(
+        keys::STATE_DIR,
+        flags.state_dir.as_deref(),
+        f.state_dir.as_deref(),
+        DEFAULT_STATE_DIR,
+    )?;
+    Ok(JoinSettings {
+        controller,
+        token,
+        ca_fingerprint,
+        name,
+        state_dir,
+    })
+}
+
+/// The agent's file, its variable, and the durations its messages give as examples.
+const PROFILE: Profile = Profile {
+    default_file: DEFAULT_CONFIG_FILE,
+    config_env: env::CONFIG,
+    duration_examples: "500ms, 2s or 1m",
+};
+
+/// Labels from the file, then `NOVACRON_LABELS`, then `--label` (a later layer
+/// replaces a key of an earlier one; a key twice in one layer is an error).
+fn labels(
+    l: &Layers<'_>,
+    file: &BTreeMap<String, String>,
+    flags: &[String],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in file {
+        check_label(k, v)
+            .map_err(|expected| invalid(l.file_origin(&format!("labels.{k}")), v, expected))?;
+        out.insert(k.clone(), v.clone());
+    }
+    if let Some(raw) = l.env().var(env::LABELS) {
+        let items: Vec<String> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        merge_labels(&mut out, &items, Origin::Env(env::LABELS))?;
+    }
+    merge_labels(&mut out, flags, Origin::Flag(keys::LABELS.flag))?;
+    Ok(out)
+}
+
+fn merge_labels(
+    out: &mut BTreeMap<String, String>,
+    items: &[String],
+    origin: Origin,
+) -> Result<(), ConfigError> {
+    let mut seen = BTreeMap::new();
+    for item in items {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(invalid(origin, item, "KEY=VALUE, e.g. zone=eu-1a"));
+        };
+        check_label(k, v).map_err(|expected| invalid(origin.clone(), item, expected))?;
+        if seen.insert(k.to_string(), ()).is_some() {
+            return Err(invalid(
+                origin,
+                item,
+                format!("each label key once; {k:?} is given twice"),
+            ));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(())
+}
+
+/// Label keys: 1-63 of letters, digits, '-', '_', '.', '/'; values: at most 63 of
+/// letters, digits, '-', '_', '.'.
+fn check_label(k: &str, v: &str) -> Result<(), &'static str> {
+    let key_ok = !k.is_empty()
+        && k.len() <= 63
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if !key_ok {
+        return Err("a label key of 1-63 letters, digits, '-', '_', '.', '/'");
+    }
+    let value_ok = v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !value_ok {
+        return Err("a label value of at most 63 letters, digits, '-', '_', '.'");
+    }
+    Ok(())
+}
+
+fn docker_endpoint(v: &str) -> Result<(), String> {
+    let ok = ["unix://", "tcp://", "http://", "https://"]
+        .iter()
+        .any(|scheme| v.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty()));
+    if ok {
+        Ok(())
+    } else {
+        Err("a Docker endpoint such as unix:///var/run/docker.sock or tcp://127.0.0.1:2375".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Loaded {
+        let path = PathBuf::from("/etc/novacron/agent.toml");
+        Loaded {
+            file: parse(&path, text).expect("parses"),
+            path: Some(path),
+        }
+    }
+
+    #[test]
+    fn defaults_need_no_file_no_env_and_no_flags() {
+        let s = resolve_run(&Loaded::default(), &[], &RunFlags::default()).expect("defaults");
+        assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(s.interval, DEFAULT_INTERVAL);
+        assert_eq!(s.buffer, DEFAULT_BUFFER);
+        assert_eq!(s.keep_alive, DEFAULT_KEEP_ALIVE);
+        assert_eq!(s.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(s.max_backoff, DEFAULT_MAX_BACKOFF);
+        assert_eq!(s.docker_host, None);
+        assert!(s.labels.is_empty());
+    }
+
+    #[test]
+    fn flags_win_over_env_which_wins_over_the_file() {
+        let loaded = file(
+            "interval = \"2s\"\nbuffer = 10\nstate_dir = \"/srv/a\"\n[labels]\nzone = \"a\"\nrack = \"r1\"\n",
+        );
+        let env = [
+            ("NOVACRON_INTERVAL", "3s"),
+            ("NOVACRON_STATE_DIR", "/srv/b"),
+            ("NOVACRON_LABELS", "zone=b, pool=gpu"),
+        ];
+        let flags = RunFlags {
+            interval: Some("4s".into()),
+            labels: vec!["pool=cpu".into()],
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&loaded, &env, &flags).expect("valid");
+        assert_eq!(s.interval, Duration::from_secs(4), "flag wins");
+        assert_eq!(s.state_dir, PathBuf::from("/srv/b"), "env beats the file");
+        assert_eq!(s.buffer, 10, "the file beats the default");
+        let labels: Vec<(&str, &str)> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            labels,
+            [("pool", "cpu"), ("rack", "r1"), ("zone", "b")],
+            "labels merge per key"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key_the_file_the_value_and_what_is_accepted() {
+        let err = resolve_run(&file("interval = \"50ms\"\n"), &[], &RunFlags::default())
+            .expect_err("too short")
+            .to_string();
+        assert!(
+            err.contains("key `interval` in /etc/novacron/agent.toml")
+                && err.contains("\"50ms\"")
+                && err.contains("100ms"),
+            "{err}"
+        );
+        let err = resolve_run(
+            &Loaded::default(),
+            &[("NOVACRON_BUFFER", "lots")],
+            &RunFlags::default(),
+        )
+        .expect_err("not a number")
+        .to_string();
+        assert!(
+            err.contains("NOVACRON_BUFFER") && err.contains("\"lots\"") && err.contains("1 to"),
+            "{err}"
+        );
+        let flags = RunFlags {
+            keep_alive: Some("3s".into()),
+            ..RunFlags::default()
+        };
+        let err = resolve_run(&Loaded::default(), &[], &flags)
+            .expect_err("keep-alive too long")
+            .to_string();
+        assert!(
+            err.contains("--keep-alive") && err.contains("idle_timeout"),
+            "{err}"
+        );
+        for (flags, needle) in [
+            (
+                RunFlags {
+                    docker_host: Some("/var/run/docker.sock".into()),
+                    ..RunFlags::default()
+                },
+                "unix:///var/run/docker.sock",
+            ),
+            (
+                RunFlags {
+                    controller: Some("ctl".into()),
+                    ..RunFlags::default()
+                },
+                "host:port",
+            ),
+            (
+                RunFlags {
+                    labels: vec!["zone".into()],
+                    ..RunFlags::default()
+                },
+                "KEY=VALUE",
+            ),
+            (
+                RunFlags {
+                    labels: vec!["a=1".into(), "a=2".into()],
+                    ..RunFlags::default()
+                },
+                "given twice",
+            ),
+        ] {
+            let err = resolve_run(&Loaded::default(), &[], &flags)
+                .expect_err(needle)
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = resolve_run(
+            &file("[labels]\nzone = \"a b\"\n"),
+            &[],
+            &RunFlags::default(),
+        )
+        .expect_err("bad label")
+        .to_string();
+        assert!(
+            err.contains("`labels.zone`") && err.contains("\"a b\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_with_the_file_and_the_key() {
+        let path = Path::new("/etc/novacron/agent.toml");
+        let err = parse(path, "intervall = \"1s\"\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(
+            err.contains("/etc/novacron/agent.toml")
+                && err.contains("intervall")
+                && err.contains("interval"),
+            "{err}"
+        );
+        let err = parse(path, "buffer = \"many\"\n")
+            .expect_err("type")
+            .to_string();
+        assert!(err.contains("buffer") && err.contains("line 1"), "{err}");
+        let err = parse(path, "[join]\ntoken = \"x\"\n")
+            .expect_err("no token in files")
+            .to_string();
+        assert!(err.contains("token"), "{err}");
+    }
+
+    #[test]
+    fn host_exec_settings_come_from_every_layer() {
+        let loaded = file("allow_host_exec = true\nhost_exec_allow = [\"systemctl\"]\n");
+        let s = resolve_run(&loaded, &[], &RunFlags::default()).expect("valid");
+        assert!(s.allow_host_exec);
+        assert_eq!(s.host_exec_allow, ["systemctl"]);
+        let env = [
+            ("NOVACRON_ALLOW_HOST_EXEC", "false"),
+            ("NOVACRON_HOST_EXEC_ALLOW", "journalctl, /usr/bin/uptime"),
+        ];
+        let s = resolve_run(&loaded, &env, &RunFlags::default()).expect("valid");
+        assert!(!s.allow_host_exec, "env beats the file");
+        assert_eq!(s.host_exec_allow, ["journalctl", "/usr/bin/uptime"]);
+        let flags = RunFlags {
+            allow_host_exec: true,
+            host_exec_allow: vec!["ls".into()],
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&loaded, &env, &flags).expect("valid");
+        assert!(s.allow_host_exec, "the flag wins");
+        assert_eq!(s.host_exec_allow, ["ls"]);
+        let err = resolve_run(
+            &Loaded::default(),
+            &[("NOVACRON_ALLOW_HOST_EXEC", "maybe")],
+            &RunFlags::default(),
+        )
+        .expect_err("not a bool")
+        .to_string();
+        assert!(
+            err.contains("NOVACRON_ALLOW_HOST_EXEC") && err.contains("true or false"),
+            "{err}"
+        );
+        let err = resolve_run(
+            &file("host_exec_allow = [\"\"]\n"),
+            &[],
+            &RunFlags::default(),
+        )
+        .expect_err("empty program")
+        .to_string();
+        assert!(err.contains("`host_exec_allow`"), "{err}");
+    }
+
+    #[test]
+    fn an_explicit_config_file_must_exist() {
+        let err = load(Some(Path::new("/nonexistent/agent.toml")), &[])
+            .expect_err("missing")
+            .to_string();
+        assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+        let err = load(None, &[("NOVACRON_AGENT_CONFIG", "/nonexistent/b.toml")])
+            .expect_err("missing")
+            .to_string();
+        assert!(err.contains("/nonexistent/b.toml"), "{err}");
+    }
+
+    #[test]
+    fn join_takes_its_settings_from_every_layer_and_names_what_is_missing() {
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        let loaded = file(&format!(
+            "state_dir = \"/srv/agent\"\n[join]\ncontroller = \"https://ctl:7443\"\nca_fingerprint = \"{fp}\"\n"
+        ));
+        let flags = JoinFlags {
+            token: Some("t".into()),
+            ..JoinFlags::default()
+        };
+        let s = resolve_join(&loaded, &[("NOVACRON_NODE_NAME", "gpu-1")], &flags).expect("valid");
+        assert_eq!(s.controller, "https://ctl:7443");
+        assert_eq!(s.name.as_deref(), Some("gpu-1"));
+        assert_eq!(s.state_dir, PathBuf::from("/srv/agent"));
+        assert_eq!(s.ca_fingerprint.to_string(), fp);
+
+        let err = resolve_join(&loaded, &[], &JoinFlags::default())
+            .expect_err("no token")
+            .to_string();
+        assert!(
+            err.contains("--token") && err.contains("NOVACRON_JOIN_TOKEN"),
+            "{err}"
+        );
+        let err = resolve_join(&Loaded::default(), &[], &flags)
+            .expect_err("no controller")
+            .to_string();
+        assert!(
+            err.contains("--controller") && err.contains("join.controller"),
+            "{err}"
+        );
+        let bad = JoinFlags {
+            ca_fingerprint: Some("sha1:00".into()),
+            ..flags.clone()
+        };
+        let err = resolve_join(&loaded, &[], &bad)
+            .expect_err("bad fp")
+            .to_string();
+        assert!(
+            err.contains("--ca-fingerprint")
+                && err.contains("\"sha1:00\"")
+                && err.contains("64 hex"),
+            "{err}"
+        );
+        let bad = JoinFlags {
+            controller: Some("http://ctl".into()),
+            ..flags
+        };
+        let err = resolve_join(&loaded, &[], &bad)
+            .expect_err("not https")
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
+    }
+
+    /// The file shipped in the package must parse with the real loader and hold the
+    /// defaults the binary uses.
+    #[test]
+    fn the_packaged_agent_toml_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/etc/agent.toml");
+        let loaded = load(Some(&path), &[]).expect("packaged file loads");
+        let s = resolve_run(&loaded, &[], &RunFlags::default()).expect("packaged file is valid");
+        let defaults =
+            resolve_run(&Loaded::default(), &[], &RunFlags::default()).expect("defaults");
+        assert_eq!(
+            s,
+            RunSettings {
+                docker_host_origin: s.docker_host_origin.clone(),
+                ..defaults
+            }
+        );
+    }
+}

@@ -1,0 +1,913 @@
+//! Cluster autoscaling of node pools: which nodes to add, drain and remove now.
+//! Pure and deterministic: [`plan`] takes the pools (with their members as the
+//! provider and the registry see them, and each pool's [`Settings`]), the replicas
+//! the scheduler could not place and `now`, and returns [`PoolAction`]s, each with a sentence that
+//! says why. No clock, no I/O.
+//!
+//! # The rules
+//!
+//! 1. **Bounds.** A pool below `minSize` grows to it; a pool above `maxSize` drains
+//!    its emptiest members down to it.
+//! 2. **Scale-up.** Each unplaced demand (a job's replicas that fit no node) goes to
+//!    the cheapest elastic pool whose template could hold one replica (CPU, memory,
+//!    GPUs and the job's label constraints against the labels a new node gets) and
+//!    that is below `maxSize`. Members still provisioning count as capacity already
+//!    on its way, so one demand never asks twice. When no pool fits, nothing grows.
+//! 3. **Scale-down.** A ready member whose reserved CPU and memory stayed at or below
+//!    [`Settings::underused_percent`] for [`Settings::scale_down_after`] is drained
+//!    (made unschedulable), if the pool stays at or above `minSize`, no unplaced
+//!    demand could use the pool, and at most [`Settings::disruption_budget`]
+//!    members of the pool drain at once. A drained member is removed once it holds
+//!    no allocation.
+//! 4. **Broken members.** A member not ready for [`Settings::provision_timeout`]
+//!    (it never enrolled, or its host died) is removed and, if needed, replaced by
+//!    the bounds on a later pass.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::autoscale::pool::{CapacityType, NodeTemplateSpec};
+use crate::manifest::Constraint;
+
+/// Default time a member must stay under-used before it is drained.
+pub const DEFAULT_SCALE_DOWN_AFTER: Duration = Duration::from_secs(60);
+/// Default number of members of one pool that may drain at once.
+pub const DEFAULT_DISRUPTION_BUDGET: u32 = 1;
+/// Default reserved share (percent of CPU and of memory) at or below which a member
+/// counts as under-used: 0, only empty members.
+pub const DEFAULT_UNDERUSED_PERCENT: u32 = 0;
+/// Default time a member may take to become ready.
+pub const DEFAULT_PROVISION_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Tuning of [`plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a member must stay under-used before it is drained.
+    pub scale_down_after: Duration,
+    /// Most members of one pool draining at once (at least 1 is used).
+    pub disruption_budget: u32,
+    /// Reserved CPU and memory (percent of capacity) at or below which a member is
+    /// under-used.
+    pub underused_percent: u32,
+    /// How long a member may stay not ready before it is removed.
+    pub provision_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            scale_down_after: DEFAULT_SCALE_DOWN_AFTER,
+            disruption_budget: DEFAULT_DISRUPTION_BUDGET,
+            underused_percent: DEFAULT_UNDERUSED_PERCENT,
+            provision_timeout: DEFAULT_PROVISION_TIMEOUT,
+        }
+    }
+}
+
+/// Where a member of a pool stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Created by the provider, not (yet) ready, since this time (Unix ms).
+    Provisioning {
+        /// When it was created or last seen ready (Unix ms).
+        since_ms: u64,
+    },
+    /// Connected and schedulable.
+    Ready,
+    /// Made unschedulable to be removed, since this time (Unix ms).
+    Draining {
+        /// When the drain began (Unix ms).
+        since_ms: u64,
+    },
+}
+
+/// One member of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The node name.
+    pub name: String,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Allocations the controller wants running on it.
+    pub allocations: u32,
+    /// CPU reserved by those allocations (millicores).
+    pub reserved_cpu_millis: u64,
+    /// Memory reserved by those allocations (bytes).
+    pub reserved_memory_bytes: u64,
+    /// Allocatable CPU (millicores); 0 when unknown.
+    pub capacity_cpu_millis: u64,
+    /// Allocatable memory (bytes); 0 when unknown.
+    pub capacity_memory_bytes: u64,
+    /// Since when (Unix ms) it has been under-used without a break; `None` while it
+    /// is busier than that.
+    pub underused_since_ms: Option<u64>,
+}
+
+impl Member {
+    /// Whether its reservations are at or below `percent` of its capacity.
+    pub fn underused(&self, percent: u32) -> bool {
+        if self.allocations == 0 {
+            return true;
+        }
+        let share = |used: u64, cap: u64| {
+            cap > 0 && u128::from(used) * 100 <= u128::from(cap) * u128::from(percent)
+        };
+        share(self.reserved_cpu_millis, self.capacity_cpu_millis)
+            && share(self.reserved_memory_bytes, self.capacity_memory_bytes)
+    }
+}
+
+/// A pool as [`plan`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolView {
+    /// The pool name.
+    pub name: String,
+    /// Fewest members.
+    pub min_size: u32,
+    /// Most members.
+    pub max_size: u32,
+    /// Its (resolved) template.
+    pub template: NodeTemplateSpec,
+    /// Whether its provider can create and delete nodes (`static` cannot).
+    pub elastic: bool,
+    /// Its scale-down tuning.
+    pub settings: Settings,
+    /// Its members.
+    pub members: Vec<Member>,
+}
+
+impl PoolView {
+    /// Members that are not draining: the pool's size.
+    pub fn size(&self) -> u32 {
+        count(
+            self.members
+                .iter()
+                .filter(|m| !matches!(m.phase, Phase::Draining { .. })),
+        )
+    }
+
+    /// The labels a new node of this pool gets.
+    pub fn node_labels(&self) -> BTreeMap<String, String> {
+        node_labels(&self.name, &self.template)
+    }
+}
+
+/// The labels every node of `pool` made from `template` carries: the template's own,
+/// plus `pool`, `instance_type` and `capacity`.
+pub fn node_labels(pool: &str, template: &NodeTemplateSpec) -> BTreeMap<String, String> {
+    let mut labels = template.labels.clone();
+    labels.insert("pool".into(), pool.to_string());
+    labels.insert("instance_type".into(), template.instance_type.clone());
+    labels.insert("capacity".into(), capacity_label(template.capacity_type));
+    labels
+}
+
+/// The `capacity` label value of a capacity type.
+pub fn capacity_label(c: CapacityType) -> String {
+    c.to_string()
+}
+
+/// Replicas of a job that the scheduler could not place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    /// The job.
+    pub job: String,
+    /// How many replicas wait.
+    pub count: u32,
+    /// CPU of one replica (millicores).
+    pub cpu_millis: u64,
+    /// Memory of one replica (bytes).
+    pub memory_bytes: u64,
+    /// GPUs of one replica.
+    pub gpus: u32,
+    /// The job's hard label constraints.
+    pub constraints: Vec<Constraint>,
+}
+
+/// What to do to a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolAction {
+    /// Add `count` nodes.
+    Create {
+        /// The pool.
+        pool: String,
+        /// How many.
+        count: u32,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// Make a member unschedulable, to remove it once empty.
+    Drain {
+        /// The pool.
+        pool: String,
+        /// The member.
+        node: String,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// Remove a member (drained and empty, or broken).
+    Delete {
+        /// The pool.
+        pool: String,
+        /// The member.
+        node: String,
+        /// Why, in one line.
+        reason: String,
+    },
+}
+
+impl PoolAction {
+    /// The pool it acts on.
+    pub fn pool(&self) -> &str {
+        match self {
+            PoolAction::Create { pool, .. }
+            | PoolAction::Drain { pool, .. }
+            | PoolAction::Delete { pool, .. } => pool,
+        }
+    }
+
+    /// Why, in one line.
+    pub fn reason(&self) -> &str {
+        match self {
+            PoolAction::Create { reason, .. }
+            | PoolAction::Drain { reason, .. }
+            | PoolAction::Delete { reason, .. } => reason,
+        }
+    }
+}
+
+impl fmt::Display for PoolAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// How many replicas of `d` one node made from `t` holds (0: none fits), ignoring
+/// label constraints. A resource the replica does not ask for sets no limit.
+pub fn replicas_per_node(t: &NodeTemplateSpec, d: &Demand) -> u32 {
+    // Asking for none of a resource: that resource sets no limit.
+    let fit = |offer: u64, ask: u64| offer.checked_div(ask).unwrap_or(u64::from(u32::MAX));
+    let gpus = t.resources.gpus.as_ref().map_or(0, |g| g.count);
+    let by_gpu = fit(u64::from(gpus), u64::from(d.gpus));
+    let n = fit(t.resources.cpu.0, d.cpu_millis)
+        .min(fit(t.resources.memory.0, d.memory_bytes))
+        .min(by_gpu);
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Why a node of `pool` could not hold one replica of `d`, or `None` when it could.
+pub fn misfit(pool: &PoolView, d: &Demand) -> Option<String> {
+    let t = &pool.template;
+    if t.resources.cpu.0 < d.cpu_millis {
+        return Some(format!(
+            "offers {}m CPU, a replica needs {}m",
+            t.resources.cpu.0, d.cpu_millis
+        ));
+    }
+    if t.resources.memory.0 < d.memory_bytes {
+        return Some(format!(
+            "offers {} bytes of memory, a replica needs {}",
+            t.resources.memory.0, d.memory_bytes
+        ));
+    }
+    let gpus = t.resources.gpus.as_ref().map_or(0, |g| g.count);
+    if gpus < d.gpus {
+        return Some(format!("offers {gpus} GPUs, a replica needs {}", d.gpus));
+    }
+    let labels = pool.node_labels();
+    for c in &d.constraints {
+        if !c.operator.matches(&labels, &c.key, &c.values) {
+            return Some(format!(
+                "its nodes' labels fail the constraint {} {} {:?}",
+                c.key, c.operator, c.values
+            ));
+        }
+    }
+    None
+}
+
+/// The actions for `pools` at `now_ms` (Unix ms), given the unplaced `demands`.
+pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolAction> {
+    let mut actions = Vec::new();
+    let mut order: Vec<&PoolView> = pools.iter().filter(|p| p.elastic).collect();
+    order.sort_by(|a, b| {
+        a.template
+            .price_per_hour
+            .total_cmp(&b.template.price_per_hour)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+
+    // Per pool: the size after this plan, and provisioning members not yet
+    // promised to a demand.
+    let mut size: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut spare: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut wanted: BTreeMap<&str, bool> = BTreeMap::new();
+
+    // 4. Broken members, first: they free room under maxSize.
+    for p in &order {
+        let settings = &p.settings;
+        let timeout = millis(settings.provision_timeout);
+        let mut live = p.size();
+        for m in &p.members {
+            if let Phase::Provisioning { since_ms } = m.phase
+                && now_ms.saturating_sub(since_ms) >= timeout
+            {
+                actions.push(PoolAction::Delete {
+                    pool: p.name.clone(),
+                    node: m.name.clone(),
+                    reason: format!(
+                        "pool {}: removing {} (not ready for {}, the limit is {})",
+                        p.name,
+                        m.name,
+                        human(Duration::from_millis(now_ms.saturating_sub(since_ms))),
+                        human(settings.provision_timeout)
+                    ),
+                });
+                live = live.saturating_sub(1);
+            }
+        }
+        let provisioning = count(p.members.iter().filter(|m| {
+            matches!(m.phase, Phase::Provisioning { since_ms } if now_ms.saturating_sub(since_ms) < timeout)
+        }));
+        size.insert(&p.name, live);
+        spare.insert(&p.name, provisioning);
+    }
+
+    // 1. Bounds: up to minSize.
+    for p in &order {
+        let cur = size[p.name.as_str()];
+        if cur < p.min_size {
+            let add = p.min_size - cur;
+            actions.push(PoolAction::Create {
+                pool: p.name.clone(),
+                count: add,
+                reason: format!(
+                    "pool {} {cur} → {}: minSize is {}",
+                    p.name, p.min_size, p.min_size
+                ),
+            });
+            size.insert(&p.name, p.min_size);
+            // New nodes are capacity on its way, like provisioning ones.
+            *spare.entry(&p.name).or_default() += add;
+        }
+    }
+
+    // 2. Scale-up for unplaced demands.
+    let mut demands: Vec<&Demand> = demands.iter().filter(|d| d.count > 0).collect();
+    demands.sort_by(|a, b| a.job.cmp(&b.job));
+    for d in demands {
+        let fitting: Vec<&PoolView> = order
+            .iter()
+            .copied()
+            .filter(|p| misfit(p, d).is_none())
+            .collect();
+        for p in &fitting {
+            wanted.insert(&p.name, true);
+        }
+        let mut left = d.count;
+        for p in fitting {
+            if left == 0 {
+                break;
+            }
+            let per_node = replicas_per_node(&p.template, d).max(1);
+            let mut nodes = left.div_ceil(per_node);
+            let pending = spare.entry(&p.name).or_default();
+            let absorbed = nodes.min(*pending);
+            *pending -= absorbed;
+            nodes -= absorbed;
+            left = left.saturating_sub(absorbed.saturating_mul(per_node));
+            let cur = size[p.name.as_str()];
+            let add = nodes.min(p.max_size.saturating_sub(cur));
+            if add == 0 {
+                continue;
+            }
+            actions.push(PoolAction::Create {
+                pool: p.name.clone(),
+                count: add,
+                reason: format!(
+                    "pool {} {cur} → {}: job {} has {} replica{} that fit no node; a {} node \
+                     ({}m CPU, {} bytes, {} per hour) holds {}",
+                    p.name,
+                    cur + add,
+                    d.job,
+                    d.count,
+                    if d.count == 1 { "" } else { "s" },
+                    p.template.instance_type,
+                    p.template.resources.cpu.0,
+                    p.template.resources.memory.0,
+                    num(p.template.price_per_hour),
+                    if per_node == u32::MAX {
+                        "any number".to_string()
+                    } else {
+                        per_node.to_string()
+                    }
+                ),
+            });
+            size.insert(&p.name, cur + add);
+            left = left.saturating_sub(add.saturating_mul(per_node));
+        }
+    }
+
+    // 1. Bounds (down to maxSize) and 3. scale-down, within the disruption budget.
+    for p in &order {
+        let settings = &p.settings;
+        let budget = settings.disruption_budget.max(1);
+        let draining = count(
+            p.members
+                .iter()
+                .filter(|m| matches!(m.phase, Phase::Draining { .. })),
+        );
+        let mut room = budget.saturating_sub(draining);
+        let mut cur = size[p.name.as_str()];
+        let mut ready: Vec<&Member> = p
+            .members
+            .iter()
+            .filter(|m| m.phase == Phase::Ready)
+            .collect();
+        // Emptiest first, then by name.
+        ready.sort_by(|a, b| {
+            a.allocations
+                .cmp(&b.allocations)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        for m in ready {
+            if room == 0 {
+                break;
+            }
+            let reason = if cur > p.max_size {
+                format!(
+                    "pool {} {cur} → {}: maxSize is {}; draining {}",
+                    p.name,
+                    cur - 1,
+                    p.max_size,
+                    m.name
+                )
+            } else if cur > p.min_size
+                && !wanted.contains_key(p.name.as_str())
+                && m.underused(settings.underused_percent)
+                && m.underused_since_ms.is_some_and(|since| {
+                    now_ms.saturating_sub(since) >= millis(settings.scale_down_after)
+                })
+            {
+                let what = if m.allocations == 0 {
+                    "empty".to_string()
+                } else {
+                    format!("at most {}% reserved", settings.underused_percent)
+                };
+                format!(
+                    "pool {} {cur} → {}: {} has been {what} for {} or more; draining it",
+                    p.name,
+                    cur - 1,
+                    m.name,
+                    human(settings.scale_down_after)
+                )
+            } else {
+                continue;
+            };
+            actions.push(PoolAction::Drain {
+                pool: p.name.clone(),
+                node: m.name.clone(),
+                reason,
+            });
+            cur -= 1;
+            room -= 1;
+        }
+        for m in &p.members {
+            if let Phase::Draining { since_ms } = m.phase
+                && m.allocations == 0
+            {
+                actions.push(PoolAction::Delete {
+                    pool: p.name.clone(),
+                    node: m.name.clone(),
+                    reason: format!(
+                        "pool {}: removing {}: drained and empty after {}",
+                        p.name,
+                        m.name,
+                        human(Duration::from_millis(now_ms.saturating_sub(since_ms)))
+                    ),
+                });
+            }
+        }
+    }
+    actions
+}
+
+fn count<'a>(it: impl Iterator<Item = &'a Member>) -> u32 {
+    u32::try_from(it.count()).unwrap_or(u32::MAX)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A duration as people write it: `90s` → `1m30s`, `250ms`.
+fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 || out.is_empty() {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+/// A number without a trailing `.0`.
+fn num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autoscale::pool::{NodeResources, parse_node_templates};
+    use crate::manifest::{ByteSize, Millicores, Operator};
+
+    const MIB: u64 = 1 << 20;
+
+    fn template(cpu: u64, mem_mib: u64, price: f64) -> NodeTemplateSpec {
+        NodeTemplateSpec {
+            instance_type: "d2".into(),
+            provider: "docker".into(),
+            capacity_type: CapacityType::Spot,
+            price_per_hour: price,
+            labels: BTreeMap::from([("tier".to_string(), "batch".to_string())]),
+            resources: NodeResources {
+                cpu: Millicores(cpu),
+                memory: ByteSize(mem_mib * MIB),
+                gpus: None,
+            },
+        }
+    }
+
+    fn plan_with(
+        pools: &[PoolView],
+        demands: &[Demand],
+        s: &Settings,
+        now: u64,
+    ) -> Vec<PoolAction> {
+        let pools: Vec<PoolView> = pools
+            .iter()
+            .cloned()
+            .map(|mut p| {
+                p.settings = *s;
+                p
+            })
+            .collect();
+        plan(&pools, demands, now)
+    }
+
+    fn pool(name: &str, min: u32, max: u32, members: Vec<Member>) -> PoolView {
+        PoolView {
+            name: name.into(),
+            min_size: min,
+            max_size: max,
+            template: template(2000, 4096, 0.05),
+            elastic: true,
+            settings: Settings::default(),
+            members,
+        }
+    }
+
+    fn member(name: &str, phase: Phase, allocations: u32, underused_since: Option<u64>) -> Member {
+        Member {
+            name: name.into(),
+            phase,
+            allocations,
+            reserved_cpu_millis: u64::from(allocations) * 100,
+            reserved_memory_bytes: u64::from(allocations) * 64 * MIB,
+            capacity_cpu_millis: 2000,
+            capacity_memory_bytes: 4096 * MIB,
+            underused_since_ms: underused_since,
+        }
+    }
+
+    fn demand(job: &str, count: u32, cpu: u64) -> Demand {
+        Demand {
+            job: job.into(),
+            count,
+            cpu_millis: cpu,
+            memory_bytes: 64 * MIB,
+            gpus: 0,
+            constraints: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_unplaced_replica_adds_one_node_with_the_reason() {
+        let a = plan_with(
+            &[pool("p", 0, 2, vec![])],
+            &[demand("web", 1, 100)],
+            &Settings::default(),
+            1_000,
+        );
+        assert_eq!(
+            a,
+            vec![PoolAction::Create {
+                pool: "p".into(),
+                count: 1,
+                reason: "pool p 0 → 1: job web has 1 replica that fit no node; a d2 node \
+                         (2000m CPU, 4294967296 bytes, 0.05 per hour) holds 20"
+                    .into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn scale_up_stops_at_max_size_and_counts_nodes_already_coming() {
+        // 5 replicas of 1 CPU: 3 nodes of 2 CPU; one is provisioning, max 3 → +2.
+        let p = pool(
+            "p",
+            0,
+            3,
+            vec![member(
+                "p-1",
+                Phase::Provisioning { since_ms: 500 },
+                0,
+                None,
+            )],
+        );
+        let a = plan_with(
+            std::slice::from_ref(&p),
+            &[demand("web", 5, 1000)],
+            &Settings::default(),
+            1_000,
+        );
+        assert!(
+            matches!(&a[..], [PoolAction::Create { count: 2, .. }]),
+            "{a:?}"
+        );
+        // At max: nothing.
+        let full = pool("p", 0, 1, vec![member("p-1", Phase::Ready, 1, None)]);
+        assert!(
+            plan_with(
+                &[full],
+                &[demand("web", 5, 1000)],
+                &Settings::default(),
+                1_000
+            )
+            .is_empty()
+        );
+        // A node on its way absorbs the demand it was made for: no second node.
+        let coming = pool(
+            "p",
+            0,
+            2,
+            vec![member(
+                "p-1",
+                Phase::Provisioning { since_ms: 900 },
+                0,
+                None,
+            )],
+        );
+        assert!(
+            plan_with(
+                &[coming],
+                &[demand("web", 1, 100)],
+                &Settings::default(),
+                1_000
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_pool_whose_nodes_cannot_hold_the_replica_does_not_grow() {
+        let big = demand("huge", 1, 8000);
+        assert_eq!(
+            misfit(&pool("p", 0, 2, vec![]), &big).as_deref(),
+            Some("offers 2000m CPU, a replica needs 8000m")
+        );
+        assert!(plan_with(&[pool("p", 0, 2, vec![])], &[big], &Settings::default(), 0).is_empty());
+        let mut picky = demand("gpu", 1, 100);
+        picky.constraints.push(Constraint {
+            key: "tier".into(),
+            operator: Operator::Equal,
+            values: vec!["web".into()],
+        });
+        assert!(
+            plan_with(
+                &[pool("p", 0, 2, vec![])],
+                &[picky.clone()],
+                &Settings::default(),
+                0
+            )
+            .is_empty()
+        );
+        picky.constraints[0].values = vec!["batch".into()];
+        picky.constraints.push(Constraint {
+            key: "pool".into(),
+            operator: Operator::In,
+            values: vec!["p".into()],
+        });
+        assert_eq!(
+            plan_with(
+                &[pool("p", 0, 2, vec![])],
+                &[picky],
+                &Settings::default(),
+                0
+            )
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_cheapest_fitting_pool_grows_first() {
+        let mut dear = pool("a-dear", 0, 2, vec![]);
+        dear.template.price_per_hour = 1.0;
+        let cheap = pool("b-cheap", 0, 2, vec![]);
+        let a = plan_with(
+            &[dear, cheap],
+            &[demand("web", 1, 100)],
+            &Settings::default(),
+            0,
+        );
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].pool(), "b-cheap");
+    }
+
+    #[test]
+    fn min_size_is_kept_and_a_static_pool_is_left_alone() {
+        let a = plan_with(&[pool("p", 2, 3, vec![])], &[], &Settings::default(), 0);
+        assert_eq!(
+            a,
+            vec![PoolAction::Create {
+                pool: "p".into(),
+                count: 2,
+                reason: "pool p 0 → 2: minSize is 2".into(),
+            }]
+        );
+        let mut fixed = pool("s", 2, 3, vec![]);
+        fixed.elastic = false;
+        assert!(plan_with(&[fixed], &[demand("web", 1, 100)], &Settings::default(), 0).is_empty());
+    }
+
+    #[test]
+    fn an_idle_node_is_drained_after_the_delay_then_removed_when_empty() {
+        let s = Settings {
+            scale_down_after: Duration::from_secs(30),
+            ..Settings::default()
+        };
+        let p = pool("p", 0, 2, vec![member("p-1", Phase::Ready, 0, Some(0))]);
+        assert!(plan_with(std::slice::from_ref(&p), &[], &s, 29_000).is_empty());
+        assert_eq!(
+            plan_with(&[p], &[], &s, 30_000),
+            vec![PoolAction::Drain {
+                pool: "p".into(),
+                node: "p-1".into(),
+                reason: "pool p 1 → 0: p-1 has been empty for 30s or more; draining it".into(),
+            }]
+        );
+        let draining = pool(
+            "p",
+            0,
+            2,
+            vec![member(
+                "p-1",
+                Phase::Draining { since_ms: 30_000 },
+                0,
+                Some(0),
+            )],
+        );
+        assert_eq!(
+            plan_with(&[draining], &[], &s, 32_000),
+            vec![PoolAction::Delete {
+                pool: "p".into(),
+                node: "p-1".into(),
+                reason: "pool p: removing p-1: drained and empty after 2s".into(),
+            }]
+        );
+        // Still holding an allocation: wait.
+        let busy = pool(
+            "p",
+            0,
+            2,
+            vec![member("p-1", Phase::Draining { since_ms: 30_000 }, 1, None)],
+        );
+        assert!(plan_with(&[busy], &[], &s, 32_000).is_empty());
+    }
+
+    #[test]
+    fn scale_down_respects_min_size_the_budget_and_waiting_demand() {
+        let s = Settings {
+            scale_down_after: Duration::from_secs(1),
+            ..Settings::default()
+        };
+        let idle = |n: &str| member(n, Phase::Ready, 0, Some(0));
+        let three = pool("p", 1, 5, vec![idle("p-1"), idle("p-2"), idle("p-3")]);
+        // Budget 1: one at a time.
+        let a = plan_with(std::slice::from_ref(&three), &[], &s, 10_000);
+        assert_eq!(a.len(), 1, "{a:?}");
+        // Budget 5, min 1: two of three.
+        let wide = Settings {
+            disruption_budget: 5,
+            ..s
+        };
+        assert_eq!(
+            plan_with(std::slice::from_ref(&three), &[], &wide, 10_000).len(),
+            2
+        );
+        // One draining already uses the budget of 1.
+        let mut busy = three.clone();
+        busy.members[0].phase = Phase::Draining { since_ms: 0 };
+        busy.members[0].allocations = 1;
+        assert!(plan_with(&[busy], &[], &s, 10_000).is_empty());
+        // Demand this pool could serve keeps its members (the scheduler will use them).
+        assert!(
+            plan_with(&[three], &[demand("web", 1, 100)], &s, 10_000)
+                .iter()
+                .all(|a| !matches!(a, PoolAction::Drain { .. }))
+        );
+    }
+
+    #[test]
+    fn an_underused_node_drains_only_under_the_threshold() {
+        let s = Settings {
+            scale_down_after: Duration::from_secs(1),
+            underused_percent: 10,
+            ..Settings::default()
+        };
+        // 1 allocation = 100m of 2000m (5%) and 64Mi of 4Gi: under 10%.
+        let p = pool("p", 0, 2, vec![member("p-1", Phase::Ready, 1, Some(0))]);
+        let a = plan_with(&[p], &[], &s, 5_000);
+        assert!(a[0].reason().contains("at most 10% reserved"), "{a:?}");
+        // 4 allocations = 20%: kept.
+        let p = pool("p", 0, 2, vec![member("p-1", Phase::Ready, 4, Some(0))]);
+        assert!(plan_with(&[p], &[], &s, 5_000).is_empty());
+    }
+
+    #[test]
+    fn a_node_that_never_became_ready_is_removed() {
+        let p = pool(
+            "p",
+            1,
+            2,
+            vec![member("p-1", Phase::Provisioning { since_ms: 0 }, 0, None)],
+        );
+        let a = plan_with(&[p], &[], &Settings::default(), 180_000);
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert_eq!(
+            a[0].reason(),
+            "pool p: removing p-1 (not ready for 3m, the limit is 3m)"
+        );
+        assert!(matches!(&a[1], PoolAction::Create { count: 1, .. }));
+    }
+
+    #[test]
+    fn over_max_size_drains_the_emptiest_first() {
+        let p = pool(
+            "p",
+            0,
+            1,
+            vec![
+                member("p-1", Phase::Ready, 3, None),
+                member("p-2", Phase::Ready, 1, None),
+            ],
+        );
+        let a = plan_with(&[p], &[], &Settings::default(), 0);
+        assert_eq!(
+            a,
+            vec![PoolAction::Drain {
+                pool: "p".into(),
+                node: "p-2".into(),
+                reason: "pool p 2 → 1: maxSize is 1; draining p-2".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn node_labels_come_from_the_template_and_the_pool() {
+        let t = parse_node_templates(
+            "t.yaml",
+            "apiVersion: novacron.io/v1\nkind: NodeTemplate\nmetadata: {name: d2}\nspec:\n  \
+             instanceType: d2\n  provider: docker\n  capacityType: on-demand\n  pricePerHour: 0.1\n  \
+             labels: {tier: web}\n  resources: {cpu: 2, memory: 4Gi}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let labels = node_labels("p", &t[0].spec);
+        assert_eq!(
+            labels.into_iter().collect::<Vec<_>>(),
+            [
+                ("capacity", "on-demand"),
+                ("instance_type", "d2"),
+                ("pool", "p"),
+                ("tier", "web")
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The fleet simulator end to end: every shipped scenario in
+//! `packaging/scenarios/` parses, runs through the real reconciler, scheduler and
+//! autoscaler, keeps its invariants, and gives the same report for the same seed;
+//! bad scenarios are refused with located messages.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use novacron_common::sim::{Mode, Report, Scenario, parse_scenario, simulate, simulate_run};
+use proptest::prelude::*;
+
+fn shipped() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/scenarios");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn load(name: &str) -> Scenario {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/scenarios")
+        .join(name);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parse_scenario(name, &text).unwrap_or_else(|e| panic!("{name} should be valid:\n{e}"))
+}
+
+fn check(report: &Report) {
+    for (mode, run) in [
+        ("autoscaled", &report.autoscaled),
+        ("static", &report.static_peak),
+    ] {
+        assert!(
+            run.violations.is_empty(),
+            "{} {mode}: {:#?}",
+            report.scenario,
+            run.violations
+        );
+        assert!(
+            (0.0..=1.0).contains(&run.availability),
+            "{} {mode}: availability {}",
+            report.scenario,
+            run.availability
+        );
+        assert!(
+            run.placements > 0,
+            "{} {mode}: nothing placed",
+            report.scenario
+        );
+        assert!(run.cost > 0.0 && run.node_hours > 0.0);
+    }
+}
+
+#[test]
+fn every_shipped_scenario_is_listed_and_valid() {
+    let names: Vec<String> = shipped()
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "daily-peak.yaml",
+            "overnight-training.yaml",
+            "sale-day.yaml",
+            "spot-storm.yaml",
+            "zone-outage.yaml"
+        ]
+    );
+    for n in &names {
+        load(n);
+    }
+}
+
+#[test]
+fn sale_day_autoscaled_is_cheaper_and_available() {
+    let report = simulate(&load("sale-day.yaml"));
+    println!("{report}");
+    check(&report);
+    let (a, s) = (&report.autoscaled, &report.static_peak);
+    assert!(a.cost < s.cost, "{report}");
+    assert!(report.cost_saving() >= 0.4, "{report}");
+    assert!(a.availability >= 0.999, "{report}");
+    assert!(
+        s.availability >= 0.999,
+        "the static fleet is sized for the peak: {report}"
+    );
+    assert!(
+        a.events.iter().any(|e| e.contains("schedule sale")),
+        "the sale schedule warms up the storefront"
+    );
+}
+
+#[test]
+fn daily_peak_scales_with_the_day() {
+    let report = simulate(&load("daily-peak.yaml"));
+    println!("{report}");
+    check(&report);
+    let a = &report.autoscaled;
+    assert!(a.cost < report.static_peak.cost, "{report}");
+    assert!(a.availability >= 0.99, "{report}");
+    assert!(a.scale_events > 4, "{report}");
+}
+
+#[test]
+fn overnight_training_completes_every_batch_and_empties_the_gpu_pool() {
+    let report = simulate(&load("overnight-training.yaml"));
+    println!("{report}");
+    check(&report);
+    for run in [&report.autoscaled, &report.static_peak] {
+        assert_eq!(run.batches.arrived, 4, "{report}");
+        assert_eq!(run.batches.completed, 4, "{report}");
+    }
+    let a = &report.autoscaled;
+    assert!(a.cost < report.static_peak.cost * 0.5, "{report}");
+    assert!(
+        a.events
+            .iter()
+            .any(|e| e.contains("gpu ") && e.contains("→ 0")),
+        "the GPU pool returns to zero: {:#?}",
+        a.events
+    );
+}
+
+#[test]
+fn spot_storm_recovers() {
+    let report = simulate(&load("spot-storm.yaml"));
+    println!("{report}");
+    check(&report);
+    let a = &report.autoscaled;
+    assert!(a.lost > 0, "the storm takes replicas: {report}");
+    assert!(a.availability >= 0.99, "{report}");
+    assert!(
+        a.events
+            .iter()
+            .filter(|e| e.contains("spot interruption"))
+            .count()
+            == 3
+    );
+}
+
+#[test]
+fn zone_outage_moves_work_to_the_other_zones() {
+    let report = simulate(&load("zone-outage.yaml"));
+    println!("{report}");
+    check(&report);
+    let a = &report.autoscaled;
+    assert!(a.lost > 0, "{report}");
+    assert!(a.availability >= 0.99, "{report}");
+    assert!(a.events.iter().any(|e| e.contains("zone b is out for 2h")));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_report() {
+    let sc = load("spot-storm.yaml");
+    let one = simulate_run(&sc, Mode::Autoscaled);
+    let two = simulate_run(&sc, Mode::Autoscaled);
+    assert_eq!(one, two);
+    assert_eq!(format!("{one:?}"), format!("{two:?}"));
+    // Another seed picks other victims and other noise.
+    let other = simulate_run(&sc.with_seed(sc.spec.seed + 1), Mode::Autoscaled);
+    assert_ne!(one.events, other.events);
+    assert_ne!(one.served, other.served);
+}
+
+/// (scenario text after the envelope, expected located message fragment).
+const BAD: &[(&str, &str)] = &[
+    (
+        "  seed: 1\n  start: yesterday\n  duration: 1h\n  step: 30s\n  pools: []\n",
+        "bad.yaml:7:10: spec.start: \"yesterday\" is not a time; expected an RFC 3339 time",
+    ),
+    (
+        "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools: []\n",
+        "bad.yaml:10:3: spec.pools: is empty; expected at least one node pool",
+    ),
+    (
+        POOL_AND_JOB,
+        "bad.yaml:24:7: spec.jobs[0].resources: needs cpu 8, memory 2Gi, 0 GPUs, but a node of pool web offers cpu 4",
+    ),
+    (
+        POLICY_ON_MISSING_JOB,
+        "bad.yaml:30:23: spec.policies[0].spec.target.job: \"shop\" is not a service of this scenario; expected one of: api",
+    ),
+    (
+        SPOT_ON_ON_DEMAND,
+        "bad.yaml:22:41: spec.faults.spotInterruptions[0].pool: \"web\" is an on-demand pool; expected a pool with capacityType: spot",
+    ),
+    (
+        UNSORTED_POINTS,
+        "bad.yaml:30:18: spec.jobs[0].load.points[1].at: 1h is not after the previous point (2h); expected points in time order",
+    ),
+];
+
+const POOLS: &str = "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n";
+const POOL_AND_JOB: &str = concat!(
+    "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n",
+    "  jobs:\n    - name: api\n      replicas: 2\n      resources: {cpu: 8, memory: 2Gi}\n      capacityPerReplica: 100\n      load: {base: 10, points: [{at: 0s, multiplier: 1}]}\n"
+);
+const POLICY_ON_MISSING_JOB: &str = concat!(
+    "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n",
+    "  jobs:\n    - name: api\n      replicas: 2\n      resources: {cpu: 1, memory: 2Gi}\n      capacityPerReplica: 100\n      load: {base: 10, points: [{at: 0s, multiplier: 1}]}\n",
+    "  policies:\n    - name: shop\n      spec:\n        target: {job: shop}\n        minSize: 1\n        maxSize: 4\n        metrics: [{type: cpu, target: 70}]\n"
+);
+const SPOT_ON_ON_DEMAND: &str = concat!(
+    "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n",
+    "  faults:\n    spotInterruptions: [{at: 10m, pool: web, percent: 50}]\n"
+);
+const UNSORTED_POINTS: &str = concat!(
+    "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n",
+    "  jobs:\n    - name: api\n      replicas: 2\n      resources: {cpu: 1, memory: 2Gi}\n      capacityPerReplica: 100\n      load:\n        base: 10\n        points:\n          - {at: 2h, multiplier: 1}\n          - {at: 1h, multiplier: 2}\n"
+);
+
+#[test]
+fn bad_scenarios_are_rejected_with_located_messages() {
+    let head = "apiVersion: novacron.io/v1\nkind: Scenario\nmetadata:\n  name: bad\nspec:\n";
+    let mut wrong = Vec::new();
+    for (spec, want) in BAD {
+        match parse_scenario("bad.yaml", &format!("{head}{spec}")) {
+            Ok(_) => wrong.push(format!("accepted:\n{spec}")),
+            Err(e) if !e.to_string().contains(want) => {
+                wrong.push(format!("got:  {e}\nwant: {want}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+    // A valid minimal scenario, for contrast.
+    let ok = parse_scenario("ok.yaml", &format!("{head}{POOLS}"));
+    assert!(ok.is_ok(), "{:?}", ok.err().map(|e| e.to_string()));
+}
+
+fn shipped_texts() -> Vec<String> {
+    shipped()
+        .iter()
+        .map(|p| fs::read_to_string(p).unwrap_or_default())
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A scenario is user input: a mutated shipped file either is refused or runs,
+    /// and neither panics.
+    #[test]
+    fn mutated_scenarios_are_refused_or_run(
+        which in any::<prop::sample::Index>(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0..3u8, "[0-9a-z:%. \\-]"), 1..4),
+    ) {
+        let texts = shipped_texts();
+        let mut text = which.get(&texts).clone();
+        for (at, op, s) in edits {
+            let mut b: Vec<char> = text.chars().collect();
+            if b.is_empty() {
+                break;
+            }
+            let i = at.index(b.len());
+            match op {
+                0 => {
+                    b.remove(i);
+                }
+                1 => b.splice(i..i, s.chars()).for_each(drop),
+                _ => b.splice(i..=i, s.chars()).for_each(drop),
+            }
+            text = b.into_iter().collect();
+        }
+        if let Ok(mut sc) = parse_scenario("fuzz.yaml", &text) {
+            // Shortened, to keep the property test quick.
+            sc.spec.duration = sc.spec.duration.min(std::time::Duration::from_secs(1200));
+            let run = simulate_run(&sc, Mode::Autoscaled);
+            prop_assert!(run.violations.is_empty(), "{:?}", run.violations);
+        }
+    }
+
+    #[test]
+    fn arbitrary_text_is_refused_without_panic(text in "(?s).{0,300}") {
+        let _ = parse_scenario("fuzz.yaml", &text);
+        let _ = novacron_common::autoscale::parse_policies("fuzz.yaml", &text);
+        let _ = novacron_common::autoscale::pool::parse_node_pools("fuzz.yaml", &text);
+    }
+}

@@ -1,0 +1,681 @@
+//! The event log: an append-only, persisted record of every decision, state change
+//! and operator call, with who asked for it.
+//!
+//! [`EventLog::record`] numbers events (one position per event, strictly
+//! increasing across restarts), writes them to the [`Store`] in one transaction and
+//! then publishes them to live followers. A follower that falls behind the bounded
+//! live channel reads the gap back from the store, so following never skips an
+//! event. The store keeps the newest [`DEFAULT_RETAIN`] events.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::Stream;
+use novacron_common::api::{ApiError, Event, EventPage};
+use novacron_common::pki::Role;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tracing::warn;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::api::{ApiState, Caller, Problem, internal};
+use crate::registry::unix_ms;
+use crate::store::{EventScan, Store, StoreError};
+
+/// Events kept in the store; older ones are dropped.
+pub const DEFAULT_RETAIN: usize = 100_000;
+/// Live events buffered per follower before it must catch up from the store.
+pub const LIVE_CAPACITY: usize = 1024;
+/// Default page size of `GET /v1/events`.
+pub const DEFAULT_LIMIT: usize = 100;
+
+/// The actor of the controller's own decisions.
+pub const CONTROLLER: &str = "controller";
+
+/// Event kinds, dotted: the resource, then what happened to it.
+pub mod kind {
+    /// A job manifest was applied (new version or unchanged).
+    pub const JOB_APPLIED: &str = "job.applied";
+    /// A job was stopped by an operator.
+    pub const JOB_STOPPED: &str = "job.stopped";
+    /// A job version became stable, was reverted, completed or is failing.
+    pub const JOB_CHANGED: &str = "job.changed";
+    /// An allocation was placed on a node.
+    pub const ALLOC_PLACED: &str = "alloc.placed";
+    /// An allocation could not be placed.
+    pub const ALLOC_UNPLACED: &str = "alloc.unplaced";
+    /// An allocation changed state as its agent reported.
+    pub const ALLOC_STATE: &str = "alloc.state";
+    /// An allocation was lost with its node.
+    pub const ALLOC_LOST: &str = "alloc.lost";
+    /// An allocation was told to stop.
+    pub const ALLOC_STOPPED: &str = "alloc.stopped";
+    /// A node enrolled.
+    pub const NODE_ENROLLED: &str = "node.enrolled";
+    /// A node was revoked.
+    pub const NODE_REVOKED: &str = "node.revoked";
+    /// A join token was created.
+    pub const TOKEN_CREATED: &str = "token.created";
+    /// An API token was created or revoked.
+    pub const API_TOKEN: &str = "apitoken";
+    /// A remote command finished (or failed to start).
+    pub const EXEC: &str = "exec.finished";
+    /// Controller internals were reset by an operator.
+    pub const STATS_RESET: &str = "stats.reset";
+    /// The autoscaler changed a job's replicas; the message is its explanation.
+    pub const AUTOSCALE: &str = "autoscale.scaled";
+    /// An autoscaling policy was applied (created, updated or unchanged).
+    pub const POLICY_APPLIED: &str = "policy.applied";
+    /// An autoscaling policy was deleted.
+    pub const POLICY_DELETED: &str = "policy.deleted";
+    /// A node pool or node template was applied.
+    pub const POOL_APPLIED: &str = "pool.applied";
+    /// A node pool grew: nodes were created.
+    pub const POOL_SCALED: &str = "pool.scaled";
+    /// A pool member was cordoned to be removed.
+    pub const POOL_DRAINING: &str = "pool.draining";
+    /// A pool member was removed.
+    pub const POOL_REMOVED: &str = "pool.removed";
+    /// A provider call failed.
+    pub const POOL_FAILED: &str = "pool.failed";
+    /// Consolidation chose pool members to retire: their allocations are evicted
+    /// (and replaced elsewhere), then the members drain and are removed.
+    pub const POOL_CONSOLIDATED: &str = "pool.consolidated";
+    /// A budget of the pricing catalog is exceeded; the message says by how much.
+    pub const BUDGET_EXCEEDED: &str = "cost.budget_exceeded";
+    /// An exceeded budget is met again.
+    pub const BUDGET_RECOVERED: &str = "cost.budget_ok";
+    /// A workload class's spot share strays more than 0.2 from its target.
+    pub const MIX_OFF_TARGET: &str = "cost.mix_off_target";
+    /// A workload class's spot share is back near its target.
+    pub const MIX_ON_TARGET: &str = "cost.mix_ok";
+}
+
+/// An event before it has a position and a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    kind: String,
+    actor: String,
+    node: Option<String>,
+    job: Option<String>,
+    alloc: Option<String>,
+    message: String,
+    details: BTreeMap<String, String>,
+}
+
+impl NewEvent {
+    /// An event of `kind` caused by `actor`.
+    pub fn new(kind: &str, actor: impl Into<String>, message: impl Into<String>) -> NewEvent {
+        NewEvent {
+            kind: kind.to_owned(),
+            actor: actor.into(),
+            node: None,
+            job: None,
+            alloc: None,
+            message: message.into(),
+            details: BTreeMap::new(),
+        }
+    }
+
+    /// The node concerned.
+    pub fn node(mut self, node: impl Into<String>) -> NewEvent {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// The job concerned.
+    pub fn job(mut self, job: impl Into<String>) -> NewEvent {
+        self.job = Some(job.into());
+        self
+    }
+
+    /// The allocation concerned.
+    pub fn alloc(mut self, alloc: impl Into<String>) -> NewEvent {
+        self.alloc = Some(alloc.into());
+        self
+    }
+
+    /// A structured detail.
+    pub fn detail(mut self, key: &str, value: impl ToString) -> NewEvent {
+        self.details.insert(key.to_owned(), value.to_string());
+        self
+    }
+
+    fn at(self, seq: u64, time_unix_ms: u64) -> Event {
+        Event {
+            seq,
+            time_unix_ms,
+            kind: self.kind,
+            actor: self.actor,
+            node: self.node,
+            job: self.job,
+            alloc: self.alloc,
+            message: self.message,
+            details: self.details,
+        }
+    }
+}
+
+/// Which events to read: a position to read after, a page size and filters (all
+/// given filters must match).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Read events after this position (0: from the oldest kept).
+    #[serde(default)]
+    #[param(minimum = 0, maximum = 9223372036854775807_u64)]
+    pub after: u64,
+    /// At most this many events (1 to [`EventQuery::MAX_LIMIT`]).
+    #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: usize,
+    /// Only this node.
+    pub node: Option<String>,
+    /// Only this job.
+    pub job: Option<String>,
+    /// Only this allocation.
+    pub alloc: Option<String>,
+    /// Only this kind: exact (`job.applied`) or its resource (`job`).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The newest `limit` matching events instead of the oldest (still answered
+    /// oldest first; the next read continues after the newest stored event).
+    #[serde(default)]
+    pub newest: bool,
+}
+
+impl Default for EventQuery {
+    fn default() -> Self {
+        EventQuery {
+            after: 0,
+            limit: DEFAULT_LIMIT,
+            node: None,
+            job: None,
+            alloc: None,
+            kind: None,
+            newest: false,
+        }
+    }
+}
+
+fn default_limit() -> usize {
+    DEFAULT_LIMIT
+}
+
+impl EventQuery {
+    /// The largest page.
+    pub const MAX_LIMIT: usize = 1000;
+    /// The most records one read scans, matching or not (bounds the work of a
+    /// narrow filter over a long log).
+    pub const MAX_SCAN: usize = 10_000;
+
+    /// Checks the limit; the message says what is accepted.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.after > i64::MAX as u64 {
+            return Err(format!(
+                "after: {} is out of range; use an event position from 0 to {}",
+                self.after,
+                i64::MAX
+            ));
+        }
+        if self.limit == 0 || self.limit > Self::MAX_LIMIT {
+            return Err(format!(
+                "limit: {} is out of range; use 1 to {}",
+                self.limit,
+                Self::MAX_LIMIT
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `event` passes every given filter.
+    pub fn matches(&self, event: &Event) -> bool {
+        let same = |want: &Option<String>, have: &Option<String>| match want {
+            None => true,
+            Some(w) => have.as_deref() == Some(w.as_str()),
+        };
+        let kind_ok = match &self.kind {
+            None => true,
+            Some(k) => {
+                event.kind == *k
+                    || (event.kind.starts_with(k.as_str())
+                        && event.kind.as_bytes().get(k.len()) == Some(&b'.'))
+            }
+        };
+        kind_ok
+            && same(&self.node, &event.node)
+            && same(&self.job, &event.job)
+            && same(&self.alloc, &event.alloc)
+    }
+}
+
+/// The event log.
+#[derive(Debug)]
+pub struct EventLog {
+    store: Arc<dyn Store>,
+    /// The last position given out; held while writing so positions reach the
+    /// store and the followers in order.
+    last: Mutex<u64>,
+    live: broadcast::Sender<Event>,
+    retain: usize,
+}
+
+impl EventLog {
+    /// Opens the log on `store`, continuing after its last stored position.
+    pub fn open(store: Arc<dyn Store>, retain: usize) -> Result<EventLog, StoreError> {
+        let last = store.last_event_seq()?;
+        let (live, _) = broadcast::channel(LIVE_CAPACITY);
+        Ok(EventLog {
+            store,
+            last: Mutex::new(last),
+            live,
+            retain: retain.max(1),
+        })
+    }
+
+    /// Records one event now. A store failure is logged and returned; the event is
+    /// then not published either.
+    pub fn record(&self, event: NewEvent) -> Result<Event, StoreError> {
+        let mut out = self.record_all(vec![event], SystemTime::now())?;
+        // record_all returns one event per input.
+        Ok(out.remove(0))
+    }
+
+    /// Records one event and only logs a failure: for call sites whose action has
+    /// already happened and must not be reported as failed because of the log.
+    pub fn note(&self, event: NewEvent) {
+        if let Err(error) = self.record(event) {
+            warn!(%error, "cannot record an event");
+        }
+    }
+
+    /// Records events in one transaction, in order, all at `now`.
+    pub fn record_all(
+        &self,
+        events: Vec<NewEvent>,
+        now: SystemTime,
+    ) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let time = unix_ms(now);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let first = *last + 1;
+        let numbered: Vec<Event> = events
+            .into_iter()
+            .zip(first..)
+            .map(|(e, seq)| e.at(seq, time))
+            .collect();
+        if let Err(error) = self.store.append_events(&numbered, self.retain) {
+            warn!(%error, count = numbered.len(), "cannot persist events");
+            return Err(error);
+        }
+        *last += numbered.len() as u64;
+        for e in &numbered {
+            // No follower is not an error.
+            let _ = self.live.send(e.clone());
+        }
+        Ok(numbered)
+    }
+
+    /// The last recorded position (0 when the log is empty).
+    pub fn last_seq(&self) -> u64 {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a page from the store.
+    pub fn read(&self, query: &EventQuery) -> Result<EventScan, StoreError> {
+        self.store.events(query)
+    }
+
+    /// Live events from now on. Call before reading the backlog so that nothing
+    /// falls between the two.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+}
+
+/// The event routes: `GET /v1/events` (a page) and `GET /v1/events/stream`
+/// (server-sent events, resumable with `Last-Event-ID`).
+pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(follow))
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400, description = "a bad filter or limit", body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+async fn list(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Query(query): Query<EventQuery>,
+) -> Result<Json<EventPage>, Problem> {
+    caller.require(Role::Viewer)?;
+    query.validate().map_err(Problem::bad_request)?;
+    let scan = st.events.read(&query).map_err(internal)?;
+    Ok(Json(EventPage {
+        events: scan.events,
+        next_after: scan.last_scanned,
+        more: scan.more,
+    }))
+}
+
+/// One server-sent event of `/v1/events/stream`, as the OpenAPI document describes
+/// it (the stream itself is written by axum's SSE encoder).
+#[derive(Debug, utoipa::ToSchema)]
+pub struct SseFrame {
+    /// The event's position (resume with `Last-Event-ID`).
+    pub id: String,
+    /// `event`, or `error` when reading the log failed (the stream then ends).
+    pub event: String,
+    /// An [`Event`] as JSON (or the error message).
+    pub data: String,
+}
+
+/// What a follower has read and what it still owes its client.
+struct Follower {
+    log: Arc<EventLog>,
+    query: EventQuery,
+    live: broadcast::Receiver<Event>,
+    backlog: VecDeque<Event>,
+    caught_up: bool,
+}
+
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventQuery), responses((status = 200, description = "server-sent events: `event: event`, `id` the position, `data` one JSON Event; a reconnecting client sends `Last-Event-ID` to resume after that position", content_type = "text/event-stream", body = SseFrame), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+async fn follow(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Query(mut query): Query<EventQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+    caller.require(Role::Viewer)?;
+    query.validate().map_err(Problem::bad_request)?;
+    if let Some(id) = headers.get("last-event-id") {
+        query.after = id
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "Last-Event-ID: {id:?} is not an event position; send the `id` of the last event received"
+                ))
+            })?;
+    }
+    // Only the tail was asked for: start from there, then follow forward.
+    if query.newest {
+        let tail = st.events.read(&query).map_err(internal)?;
+        query.newest = false;
+        query.after = tail.last_scanned;
+        let backlog = tail.events.into();
+        return Ok(sse(Follower {
+            live: st.events.subscribe(),
+            log: st.events.clone(),
+            query,
+            backlog,
+            caught_up: false,
+        }));
+    }
+    Ok(sse(Follower {
+        live: st.events.subscribe(),
+        log: st.events.clone(),
+        query,
+        backlog: VecDeque::new(),
+        caught_up: false,
+    }))
+}
+
+fn sse(follower: Follower) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = futures_util::stream::unfold(Some(follower), |state| async move {
+        let mut f = state?;
+        loop {
+            if let Some(event) = f.backlog.pop_front() {
+                let item = SseEvent::default()
+                    .id(event.seq.to_string())
+                    .event("event")
+                    .json_data(&event)
+                    .unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
+                return Some((Ok(item), Some(f)));
+            }
+            if !f.caught_up {
+                match f.log.read(&f.query) {
+                    Ok(scan) => {
+                        f.query.after = scan.last_scanned;
+                        f.caught_up = !scan.more;
+                        f.backlog.extend(scan.events);
+                    }
+                    Err(error) => {
+                        let item = SseEvent::default()
+                            .event("error")
+                            .data(format!("reading the event log failed: {error}"));
+                        return Some((Ok(item), None));
+                    }
+                }
+                continue;
+            }
+            match f.live.recv().await {
+                Ok(event) if event.seq <= f.query.after => {}
+                Ok(event) if event.seq == f.query.after + 1 => {
+                    f.query.after = event.seq;
+                    if f.query.matches(&event) {
+                        f.backlog.push_back(event);
+                    }
+                }
+                // A gap (this follower lagged): read it back from the store.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => f.caught_up = false,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, RedbStore};
+
+    fn applied(job: &str) -> NewEvent {
+        NewEvent::new(
+            kind::JOB_APPLIED,
+            "alice (operator)",
+            format!("{job} applied"),
+        )
+        .job(job)
+    }
+
+    fn log_on(store: Arc<dyn Store>, retain: usize) -> EventLog {
+        EventLog::open(store, retain).expect("open")
+    }
+
+    #[test]
+    fn positions_continue_after_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("s.redb");
+        {
+            let log = log_on(Arc::new(RedbStore::open(&path).expect("open")), 10);
+            log.record(applied("a")).expect("record");
+            log.record(applied("b")).expect("record");
+        }
+        let log = log_on(Arc::new(RedbStore::open(&path).expect("open")), 10);
+        assert_eq!(log.last_seq(), 2);
+        let e = log.record(applied("c")).expect("record");
+        assert_eq!(e.seq, 3);
+        let page = log.read(&EventQuery::default()).expect("read");
+        let jobs: Vec<_> = page
+            .events
+            .iter()
+            .map(|e| e.job.clone().expect("job events name their job"))
+            .collect();
+        assert_eq!(jobs, ["a", "b", "c"]);
+        assert!(!page.more);
+        assert_eq!(page.last_scanned, 3);
+    }
+
+    fn retention_drops_oldest(store: Arc<dyn Store>) {
+        let log = log_on(store, 3);
+        for i in 0..5 {
+            log.record(applied(&format!("j{i}"))).expect("record");
+        }
+        let page = log.read(&EventQuery::default()).expect("read");
+        let seqs: Vec<_> = page.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+    }
+
+    #[test]
+    fn retention_drops_oldest_memory() {
+        retention_drops_oldest(Arc::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn retention_drops_oldest_redb() {
+        let dir = tempfile::tempdir().expect("tmp");
+        retention_drops_oldest(Arc::new(
+            RedbStore::open(&dir.path().join("s.redb")).expect("open"),
+        ));
+    }
+
+    fn filters_and_pages(store: Arc<dyn Store>) {
+        let log = log_on(store, 100);
+        log.record(applied("web")).expect("record");
+        log.record(
+            NewEvent::new(kind::ALLOC_PLACED, CONTROLLER, "placed")
+                .job("web")
+                .node("n1")
+                .alloc("web-1"),
+        )
+        .expect("record");
+        log.record(NewEvent::new(kind::NODE_REVOKED, "root (admin)", "revoked").node("n2"))
+            .expect("record");
+        log.record(applied("db")).expect("record");
+
+        let by = |q: EventQuery| -> Vec<u64> {
+            log.read(&q)
+                .expect("read")
+                .events
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        let q = EventQuery::default;
+        assert_eq!(
+            by(EventQuery {
+                job: Some("web".into()),
+                ..q()
+            }),
+            [1, 2]
+        );
+        assert_eq!(
+            by(EventQuery {
+                node: Some("n2".into()),
+                ..q()
+            }),
+            [3]
+        );
+        assert_eq!(
+            by(EventQuery {
+                kind: Some("job".into()),
+                ..q()
+            }),
+            [1, 4]
+        );
+        assert_eq!(
+            by(EventQuery {
+                kind: Some("job.applied".into()),
+                ..q()
+            }),
+            [1, 4]
+        );
+        // A prefix that is not a whole resource name matches nothing.
+        assert!(
+            by(EventQuery {
+                kind: Some("jo".into()),
+                ..q()
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            by(EventQuery {
+                alloc: Some("web-1".into()),
+                ..q()
+            }),
+            [2]
+        );
+
+        // Paging: two at a time, resuming from last_scanned.
+        let first = log.read(&EventQuery { limit: 2, ..q() }).expect("read");
+        assert_eq!(first.events.len(), 2);
+        assert!(first.more);
+        let second = log
+            .read(&EventQuery {
+                limit: 2,
+                after: first.last_scanned,
+                ..q()
+            })
+            .expect("read");
+        let seqs: Vec<_> = second.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3, 4]);
+    }
+
+    #[test]
+    fn filters_and_pages_memory() {
+        filters_and_pages(Arc::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn filters_and_pages_redb() {
+        let dir = tempfile::tempdir().expect("tmp");
+        filters_and_pages(Arc::new(
+            RedbStore::open(&dir.path().join("s.redb")).expect("open"),
+        ));
+    }
+
+    #[test]
+    fn newest_reads_the_tail_oldest_first() {
+        let log = log_on(Arc::new(MemoryStore::new()), 100);
+        for i in 0..6 {
+            log.record(applied(&format!("j{}", i % 2))).expect("record");
+        }
+        let page = log
+            .read(&EventQuery {
+                newest: true,
+                limit: 2,
+                job: Some("j0".into()),
+                ..EventQuery::default()
+            })
+            .expect("read");
+        let seqs: Vec<_> = page.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3, 5]);
+        assert_eq!(page.last_scanned, 6, "following continues after the newest");
+    }
+
+    #[test]
+    fn subscribers_see_events_in_order() {
+        let log = log_on(Arc::new(MemoryStore::new()), 100);
+        let mut rx = log.subscribe();
+        log.record_all(vec![applied("a"), applied("b")], SystemTime::now())
+            .expect("record");
+        assert_eq!(rx.try_recv().expect("first").seq, 1);
+        assert_eq!(rx.try_recv().expect("second").seq, 2);
+    }
+
+    #[test]
+    fn limit_is_validated_with_the_accepted_range() {
+        let q = EventQuery {
+            limit: 0,
+            ..EventQuery::default()
+        };
+        let err = q.validate().expect_err("0 is refused");
+        assert!(
+            err.contains("limit: 0") && err.contains("1 to 1000"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! Cost and right-sizing end to end: a real agent runs an idle job; `novacron cost`
+//! attributes the node's price to the job and `novacron recommend` shrinks its
+//! requests from the usage the agent reported.
+
+use std::time::Duration;
+
+use novacron_tests::{Agent, Controller, JobCleanup, TEST_IMAGE, ensure_test_image, wait_for};
+
+fn idle_job(name: &str) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 1000m
+    memory: 256Mi
+"
+    )
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[tokio::test]
+async fn cost_attributes_node_prices_and_recommend_shrinks_an_idle_job() {
+    ensure_test_image().expect("image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-cost-")
+        .tempdir()
+        .expect("tempdir");
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let name = format!("cost{}", std::process::id());
+    let _agent = Agent::join_and_run(
+        dir.path(),
+        &c,
+        &name,
+        &["--label", "price_per_hour=0.5", "--label", "pool=batch"],
+    )
+    .await
+    .expect("agent");
+    let job = format!("idle{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    c.apply("idle.yaml", &idle_job(&job)).await.expect("apply");
+    wait_for(Duration::from_secs(60), "the job running", || async {
+        c.job(&job).await.is_ok_and(|d| {
+            d.allocations
+                .iter()
+                .any(|a| a.state == novacron_common::wire::AllocState::Running)
+        })
+    })
+    .await
+    .expect("running");
+
+    let report = json(&c.cli(&["cost", "-o", "json"]));
+    let node = report["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == name.as_str())
+        .expect("our node")
+        .clone();
+    assert_eq!(node["hourly"], 0.5);
+    assert_eq!(node["pool"], "batch");
+    let job_cost = report["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .find(|j| j["name"] == job.as_str())
+        .expect("our job")["hourly"]
+        .as_f64()
+        .expect("number");
+    assert!(job_cost > 0.0 && job_cost <= 0.5, "{job_cost}");
+
+    // 30 samples of the allocation's usage (one a second) make a recommendation.
+    let mut recs = serde_json::Value::Null;
+    wait_for(Duration::from_secs(90), "a recommendation", || {
+        let out = c.cli(&["recommend", "-o", "json"]);
+        let v = json(&out);
+        let found = v
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r["job"] == job.as_str()));
+        if found {
+            recs = v;
+        }
+        async move { found }
+    })
+    .await
+    .expect("recommendation");
+    let rec = recs
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|r| r["job"] == job.as_str())
+        .expect("ours")
+        .clone();
+    let r = &rec["rightsize"];
+    assert_eq!(r["requested_cpu_millis"], 1000);
+    let recommended = r["recommended_cpu_millis"].as_u64().expect("cpu");
+    assert!(recommended < 1000, "a sleeping shell needs far less: {rec}");
+    assert_eq!(r["idle"], true, "{rec}");
+    assert!(
+        rec["hourly_recommended"].as_f64() < rec["hourly_now"].as_f64(),
+        "{rec}"
+    );
+    // The only node holds the job: consolidation has nowhere to move it.
+    let plan = json(&c.cli(&["consolidate", "-o", "json"]));
+    assert_eq!(plan["retire"], serde_json::json!([]), "{plan}");
+    let table = c.cli(&["recommend"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("1000m →"));
+}

@@ -1,0 +1,658 @@
+//! Node pools with the `docker` provider, end to end: the controller runs as a
+//! process on the host, listening on every address and naming itself by the Docker
+//! bridge's gateway; the provider starts real agents as containers of the fleet
+//! image on the host's daemon (their workloads run there too, through the mounted
+//! socket). A job that fits no node makes the pool add one, which enrolls with its
+//! single-use token and runs the job; once the job stops, the idle node is drained
+//! and removed. Every wait is bounded; [`Cleanup`] removes the pool's containers and
+//! their workloads even when the test fails.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use novacron_common::api::EventPage;
+use novacron_common::tls;
+use novacron_common::wire::AllocState;
+use novacron_controller::pools::PoolStatus;
+use novacron_tests::fleet_image::fleet_image;
+use novacron_tests::{Controller, TEST_IMAGE, docker, ensure_test_image, wait_for};
+
+/// Bound on the node's creation, enrollment and first placement.
+const SCALE_UP: Duration = Duration::from_secs(120);
+/// Bound on drain and removal after the job stops (`scaleDownAfter` is 3 s).
+const SCALE_DOWN: Duration = Duration::from_secs(90);
+
+/// Removes the pool's node containers and their workloads when dropped.
+struct Cleanup {
+    pool: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let filter = format!("label=novacron.pool={}", self.pool);
+        let nodes = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Label \"novacron.node\"}}",
+        ])
+        .unwrap_or_default();
+        let mut ids: Vec<String> = docker(&["ps", "-aq", "--filter", &filter])
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        for node in nodes.lines().filter(|n| !n.is_empty()) {
+            let by_node = format!("label=novacron.node={node}");
+            if let Ok(more) = docker(&["ps", "-aq", "--filter", &by_node]) {
+                ids.extend(more.lines().map(str::to_string));
+            }
+        }
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            let _ = docker(&args);
+        }
+    }
+}
+
+/// The default bridge's gateway: the host as containers on it reach it.
+fn bridge_gateway() -> Result<String> {
+    let gw = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ])?;
+    if !gw.is_empty() {
+        return Ok(gw);
+    }
+    // Older daemons leave the gateway out of IPAM; it is docker0's address.
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "docker0"])
+        .output()
+        .context("running ip")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_string)
+        .with_context(|| format!("no address on docker0: {text:?}"))
+}
+
+async fn pools(c: &Controller) -> Result<Vec<PoolStatus>> {
+    Ok(c.admin_client()?
+        .get(format!("{}/v1/pools", c.api()))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+async fn apply_pools(c: &Controller, manifest: &str) -> Result<(u16, serde_json::Value)> {
+    let resp = c
+        .admin_client()?
+        .post(format!("{}/v1/pools", c.api()))
+        .json(&serde_json::json!({ "file": "pool.yaml", "manifest": manifest }))
+        .send()
+        .await?;
+    Ok((resp.status().as_u16(), resp.json().await?))
+}
+
+async fn pool_events(c: &Controller) -> Result<Vec<String>> {
+    let page: EventPage = c
+        .admin_client()?
+        .get(format!("{}/v1/events?type=pool&limit=1000", c.api()))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(page
+        .events
+        .into_iter()
+        .map(|e| format!("{} {}", e.kind, e.message))
+        .collect())
+}
+
+fn controller_log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("controller-1.log"))
+        .map(|l| {
+            let lines: Vec<&str> = l.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_docker_provider_adds_a_node_that_runs_work_and_removes_it_after_draining() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-pools-")
+        .tempdir()
+        .expect("temp dir");
+    if let Err(e) = scale_up_then_down(dir.path()).await {
+        panic!(
+            "{e:#}\n--- controller log (last lines):\n{}",
+            controller_log(dir.path())
+        );
+    }
+}
+
+async fn scale_up_then_down(dir: &std::path::Path) -> Result<()> {
+    tls::install_crypto_provider();
+    let image = fleet_image()?;
+    ensure_test_image()?;
+    let gateway = bridge_gateway()?;
+    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
+    let pool = format!(
+        "np{}-{:04x}",
+        std::process::id() % 100_000,
+        rand::random::<u16>()
+    );
+    let _cleanup = Cleanup { pool: pool.clone() };
+
+    // A bad document is refused with its line.
+    let (status, body) = apply_pools(
+        &c,
+        "apiVersion: novacron.io/v1\nkind: NodePool\nmetadata: {name: x}\nspec:\n  templateRef: t\n  minSize: 3\n  maxSize: 2\n",
+    )
+    .await?;
+    if status != 422 || !body.to_string().contains("pool.yaml:6") {
+        bail!("a pool with minSize above maxSize: {status} {body}");
+    }
+
+    let manifest = format!(
+        "apiVersion: novacron.io/v1
+kind: NodeTemplate
+metadata: {{name: {pool}-t}}
+spec:
+  instanceType: container-small
+  provider: docker
+  capacityType: spot
+  pricePerHour: 0.25
+  labels: {{tier: test}}
+  resources: {{cpu: 2, memory: 2Gi}}
+---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: {pool}
+  labels:
+    docker.image: \"{image}\"
+    scaleDownAfter: 3s
+spec:
+  templateRef: {pool}-t
+  minSize: 0
+  maxSize: 2
+"
+    );
+    let (status, body) = apply_pools(&c, &manifest).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+    let listed = pools(&c).await?;
+    let p = listed
+        .iter()
+        .find(|p| p.name == pool)
+        .context("the pool is listed")?;
+    assert_eq!((p.size, p.min_size, p.max_size), (0, 0, 2), "{p:?}");
+    assert_eq!(p.provider, "docker");
+
+    // No node at all: the job cannot be placed, so the pool grows.
+    let job = format!("{pool}-job");
+    c.apply(
+        "job.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+        ),
+    )
+    .await?;
+    let found = std::sync::Mutex::new(String::new());
+    let waited = wait_for(SCALE_UP, "the job running on a node of the pool", || {
+        let (c, job, found) = (&c, &job, &found);
+        async move {
+            let Ok(detail) = c.job(job).await else {
+                return false;
+            };
+            let running = detail
+                .allocations
+                .iter()
+                .find(|a| a.desired_run && a.state == AllocState::Running);
+            if let (Some(a), Ok(mut node)) = (running, found.lock()) {
+                node.clone_from(&a.node);
+                return true;
+            }
+            false
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let node = found.lock().map(|n| n.clone()).unwrap_or_default();
+    if !node.starts_with(&format!("{pool}-")) {
+        bail!("the job runs on {node}, not on a node of the pool {pool}");
+    }
+    // The node is a container the provider labelled, and runs the job's container.
+    let labels = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"novacron.pool\"}} {{index .Config.Labels \"novacron.node\"}}",
+        &node,
+    ])?;
+    assert_eq!(labels, format!("{pool} {node}"));
+    let workload = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=novacron.node={node}"),
+        "--filter",
+        &format!("label=novacron.job={job}"),
+    ])?;
+    assert!(
+        !workload.is_empty(),
+        "no workload container of {job} on {node}"
+    );
+    let view = c.node(&node).await?.context("the node is enrolled")?;
+    assert_eq!(view.labels.get("pool"), Some(&pool));
+    assert_eq!(
+        view.labels.get("capacity").map(String::as_str),
+        Some("spot")
+    );
+    assert_eq!(
+        view.labels.get("instance_type").map(String::as_str),
+        Some("container-small")
+    );
+    let p = pools(&c).await?.into_iter().find(|p| p.name == pool);
+    let p = p.context("the pool is listed")?;
+    assert_eq!(p.size, 1, "{p:?}");
+    assert!((p.hourly_cost - 0.25).abs() < 1e-9, "{p:?}");
+
+    // The job stops: the node is idle, drained, then removed.
+    c.admin_client()?
+        .post(format!("{}/v1/jobs/{job}/stop", c.api()))
+        .send()
+        .await?
+        .error_for_status()?;
+    let waited = wait_for(SCALE_DOWN, "the idle node removed", || {
+        let (c, node, pool) = (&c, &node, &pool);
+        async move {
+            let gone = docker(&["ps", "-aq", "--filter", &format!("name=^{node}$")])
+                .is_ok_and(|o| o.is_empty());
+            let empty = pools(c)
+                .await
+                .is_ok_and(|ps| ps.iter().any(|p| &p.name == pool && p.nodes.is_empty()));
+            gone && empty
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let status = c.node(&node).await?.map(|v| v.status.to_string());
+    assert_ne!(status.as_deref(), Some("ready"), "{node} is still ready");
+    let leftovers = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=novacron.node={node}"),
+    ])?;
+    assert!(
+        leftovers.is_empty(),
+        "containers of {node} left: {leftovers}"
+    );
+    let events = pool_events(&c).await?;
+    for kind in [
+        "pool.applied",
+        "pool.scaled",
+        "pool.draining",
+        "pool.removed",
+    ] {
+        assert!(
+            events.iter().any(|e| e.starts_with(kind)),
+            "no {kind} event in {events:#?}"
+        );
+    }
+    let scaled = events
+        .iter()
+        .find(|e| e.starts_with("pool.scaled"))
+        .context("scaled")?;
+    assert!(
+        scaled.contains(&format!("job {job} has 1 replica that fit no node")),
+        "{scaled}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn consolidation_retires_a_node_whose_allocation_fits_on_another() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-consolidate-")
+        .tempdir()
+        .expect("temp dir");
+    if let Err(e) = consolidate(dir.path()).await {
+        panic!(
+            "{e:#}\n--- controller log (last lines):\n{}",
+            controller_log(dir.path())
+        );
+    }
+}
+
+fn pool_manifest(pool: &str, image: &str, min: u32, consolidate: bool) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: NodeTemplate
+metadata: {{name: {pool}-t}}
+spec:
+  instanceType: container-small
+  provider: docker
+  capacityType: spot
+  pricePerHour: 0.25
+  resources: {{cpu: 2, memory: 2Gi}}
+---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: {pool}
+  labels:
+    docker.image: \"{image}\"
+    scaleDownAfter: 3s
+    underusedPercent: \"0\"
+    consolidate: \"{consolidate}\"
+spec:
+  templateRef: {pool}-t
+  minSize: {min}
+  maxSize: 2
+"
+    )
+}
+
+/// The running replicas of `job` that the controller wants, by node.
+async fn running(c: &Controller, job: &str) -> Vec<(String, String)> {
+    c.job(job).await.map_or_else(
+        |_| Vec::new(),
+        |d| {
+            d.allocations
+                .iter()
+                .filter(|a| a.desired_run && a.state == AllocState::Running)
+                .map(|a| (a.id.clone(), a.node.clone()))
+                .collect()
+        },
+    )
+}
+
+async fn consolidate(dir: &std::path::Path) -> Result<()> {
+    tls::install_crypto_provider();
+    let image = fleet_image()?;
+    ensure_test_image()?;
+    let gateway = bridge_gateway()?;
+    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
+    let pool = format!(
+        "nc{}-{:04x}",
+        std::process::id() % 100_000,
+        rand::random::<u16>()
+    );
+    let _cleanup = Cleanup { pool: pool.clone() };
+
+    // Two nodes (minSize 2), then a job spread over them: one replica each.
+    let (status, body) = apply_pools(&c, &pool_manifest(&pool, &image, 2, false)).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+    let waited = wait_for(SCALE_UP, "two ready nodes in the pool", || {
+        let (c, pool) = (&c, &pool);
+        async move {
+            pools(c).await.is_ok_and(|ps| {
+                ps.iter().any(|p| {
+                    &p.name == pool
+                        && p.nodes.len() == 2
+                        && p.nodes.iter().all(|n| n.status == "ready")
+                })
+            })
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let job = format!("{pool}-job");
+    c.apply(
+        "job.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 2
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  placement:
+    strategy: spread
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+        ),
+    )
+    .await?;
+    let waited = wait_for(SCALE_UP, "one replica on each node", || {
+        let (c, job) = (&c, &job);
+        async move {
+            let r = running(c, job).await;
+            r.len() == 2 && r[0].1 != r[1].1
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let before = running(&c, &job).await;
+
+    // Consolidation on, one node allowed: one node goes, its replica moves.
+    let (status, body) = apply_pools(&c, &pool_manifest(&pool, &image, 1, true)).await?;
+    if status != 200 {
+        bail!("re-applying the pool: {status} {body}");
+    }
+    let waited = wait_for(SCALE_DOWN, "one node left running both replicas", || {
+        let (c, job, pool) = (&c, &job, &pool);
+        async move {
+            let r = running(c, job).await;
+            let one = pools(c)
+                .await
+                .is_ok_and(|ps| ps.iter().any(|p| &p.name == pool && p.nodes.len() == 1));
+            one && r.len() == 2 && r[0].1 == r[1].1
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let after = running(&c, &job).await;
+    let kept = &after[0].1;
+    let retired: Vec<&(String, String)> = before.iter().filter(|(_, n)| n != kept).collect();
+    assert_eq!(retired.len(), 1, "{before:?} → {after:?}");
+    // The kept node's replica stayed; the retired node's was replaced.
+    assert!(
+        after.iter().any(|a| before.contains(a)),
+        "{before:?} → {after:?}"
+    );
+    assert!(!after.contains(retired[0]), "{before:?} → {after:?}");
+    let detail = c.job(&job).await?;
+    assert!(
+        detail
+            .allocations
+            .iter()
+            .all(|a| a.state != AllocState::Lost),
+        "an allocation was lost: {:?}",
+        detail.allocations
+    );
+    let events = pool_events(&c).await?;
+    let consolidated = events
+        .iter()
+        .find(|e| e.starts_with("pool.consolidated"))
+        .with_context(|| format!("no pool.consolidated event in {events:#?}"))?;
+    assert!(
+        consolidated.contains(&format!("retiring {}", retired[0].1))
+            && consolidated.contains("saves 0.2500/h"),
+        "{consolidated}"
+    );
+    for kind in ["pool.draining", "pool.removed"] {
+        assert!(
+            events.iter().any(|e| e.starts_with(kind)),
+            "no {kind} event in {events:#?}"
+        );
+    }
+    // Replicas stay at the wanted count once the replacement runs.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(running(&c, &job).await.len(), 2);
+    }
+    Ok(())
+}
+
+/// The pools, the pool events and the containers, for failure messages.
+async fn diagnose(c: &Controller) -> String {
+    format!(
+        "pools: {:#?}\nevents: {:#?}\ncontainers:\n{}",
+        pools(c).await.map_err(|e| e.to_string()),
+        pool_events(c).await.map_err(|e| e.to_string()),
+        docker(&["ps", "-a", "--format", "{{.Names}} {{.Status}} {{.Labels}}"]).unwrap_or_default()
+    )
+}
+
+#[tokio::test]
+async fn a_policy_targeting_a_pool_sets_its_size_and_releases_it_when_deleted() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-poolpolicy-")
+        .tempdir()
+        .expect("temp dir");
+    if let Err(e) = pool_policy(dir.path()).await {
+        panic!(
+            "{e:#}\n--- controller log (last lines):\n{}",
+            controller_log(dir.path())
+        );
+    }
+}
+
+async fn pool_policy(dir: &std::path::Path) -> Result<()> {
+    tls::install_crypto_provider();
+    let image = fleet_image()?;
+    let gateway = bridge_gateway()?;
+    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
+    let pool = format!(
+        "np{}-{:04x}",
+        std::process::id() % 100_000,
+        rand::random::<u16>()
+    );
+    let _cleanup = Cleanup { pool: pool.clone() };
+    // An empty pool (minSize 0) and no work: nothing would start a node...
+    let (status, body) = apply_pools(&c, &pool_manifest(&pool, &image, 0, false)).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+    // ...until a policy targeting the pool asks for at least one.
+    let policy = format!(
+        "apiVersion: novacron.io/v1
+kind: AutoScalingPolicy
+metadata:
+  name: {pool}-p
+spec:
+  target:
+    pool: {pool}
+  minSize: 1
+  maxSize: 2
+  metrics:
+    - type: cpu
+      target: 95
+      window: 5s
+"
+    );
+    let resp = c
+        .admin_client()?
+        .post(format!("{}/v1/policies", c.api()))
+        .json(&serde_json::json!({ "file": "policy.yaml", "manifest": policy }))
+        .send()
+        .await?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("applying the policy: {status} {}", resp.text().await?);
+    }
+    let waited = wait_for(SCALE_UP, "the policy's node ready in the pool", || {
+        let (c, pool) = (&c, &pool);
+        async move {
+            pools(c).await.is_ok_and(|ps| {
+                ps.iter().any(|p| {
+                    &p.name == pool
+                        && p.nodes.len() == 1
+                        && p.nodes.iter().all(|n| n.status == "ready")
+                })
+            })
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let listed: serde_json::Value = c
+        .admin_client()?
+        .get(format!("{}/v1/policies", c.api()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mine = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["target"] == pool.as_str()))
+        .context("the policy is listed")?;
+    if mine["target_kind"] != "pool" || mine["current"] != 1 {
+        bail!("the listed policy: {mine}");
+    }
+    // Deleting the policy hands the pool back to its minSize: the idle node goes.
+    let resp = c
+        .admin_client()?
+        .post(format!("{}/v1/policies/{pool}-p/delete", c.api()))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("deleting the policy: {}", resp.status());
+    }
+    let waited = wait_for(SCALE_DOWN, "the pool back to no node", || {
+        let (c, pool) = (&c, &pool);
+        async move {
+            pools(c)
+                .await
+                .is_ok_and(|ps| ps.iter().any(|p| &p.name == pool && p.nodes.is_empty()))
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    Ok(())
+}
