@@ -8,18 +8,23 @@
 //! be reached during `join`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use novacron_common::backoff::Backoff;
 use novacron_common::fleet::Liveness;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::checkpoint::Checkpointer;
 use crate::collect::{self, Sampler, SysinfoCollector};
 use crate::config::{self, JoinFlags, ProcessEnv, RunFlags};
 use crate::enroll::{self, EnrollError, JoinOptions, StateDir};
 use crate::exec::HostExecPolicy;
 use crate::link::{self, AgentConfig};
+use crate::migrate::CheckpointService;
+use crate::spot::{SpotSource, SpotWatcher};
 use crate::runtime::{DockerRuntime, Supervisor, SupervisorConfig};
 
 /// Exit code for bad configuration.
@@ -129,6 +134,10 @@ pub struct RunArgs {
     /// [env: NOVACRON_HOST_EXEC_ALLOW=a,b] [file: host_exec_allow].
     #[arg(long = "host-exec-allow", value_name = "PROGRAM")]
     pub host_exec_allow: Vec<String>,
+    /// Spot interruption notices: an EC2-style metadata URL or a file path
+    /// [env: NOVACRON_SPOT_NOTICE] [file: spot_notice].
+    #[arg(long, value_name = "URL|FILE")]
+    pub spot_notice: Option<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -200,6 +209,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         max_backoff: args.max_backoff,
         allow_host_exec: args.allow_host_exec,
         host_exec_allow: args.host_exec_allow,
+        spot_notice: args.spot_notice,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -232,7 +242,41 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     };
     let supervisor = Supervisor::new(docker, SupervisorConfig::new(enrollment.node_name.clone()));
     let gpus = collect::detect_gpus();
-    let capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
+    let mut capabilities =
+        collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
+    let checkpoints = match Checkpointer::new(
+        args.docker_host.as_deref(),
+        args.state_dir.join("bundles"),
+    ) {
+        Ok(c) => {
+            let c = Arc::new(c);
+            let live = c.live_capability().await;
+            match &live {
+                Ok(()) => info!("live checkpoints (CRIU) are available"),
+                Err(why) => info!(%why, "live checkpoints are not available; fs checkpoints are"),
+            }
+            capabilities.live_checkpoint = live.is_ok();
+            let service = Arc::new(CheckpointService::new(
+                enrollment.node_name.clone(),
+                supervisor.clone(),
+                c,
+                live,
+            ));
+            supervisor.set_restorer(service.clone());
+            Some(service)
+        }
+        Err(e) => {
+            warn!(error = %e, "checkpoints are disabled on this node");
+            None
+        }
+    };
+    let spot = args.spot_notice.as_ref().map(|v| {
+        let source = match v.strip_prefix("http://") {
+            Some(_) => SpotSource::Http(v.clone()),
+            None => SpotSource::File(v.into()),
+        };
+        SpotWatcher::new(source, Duration::from_secs(2))
+    });
     let host = match SysinfoCollector::new() {
         Ok(h) => h,
         Err(e) => {
@@ -259,6 +303,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         docker_host: args.docker_host,
         controller: args.controller_quic,
         host_exec,
+        checkpoints,
+        spot,
     };
     let cancel = CancellationToken::new();
     let stopper = cancel.clone();

@@ -76,6 +76,8 @@ pub mod env {
     pub const ALLOW_HOST_EXEC: &str = "NOVACRON_ALLOW_HOST_EXEC";
     /// `host_exec_allow`, comma-separated.
     pub const HOST_EXEC_ALLOW: &str = "NOVACRON_HOST_EXEC_ALLOW";
+    /// `spot_notice`: an http:// URL or a file path.
+    pub const SPOT_NOTICE: &str = "NOVACRON_SPOT_NOTICE";
 }
 
 /// The settings' names.
@@ -172,6 +174,12 @@ pub mod keys {
         env: env::HOST_EXEC_ALLOW,
         flag: "--host-exec-allow",
     };
+    /// Where spot interruption notices appear.
+    pub const SPOT_NOTICE: Key = Key {
+        file: "spot_notice",
+        env: env::SPOT_NOTICE,
+        flag: "--spot-notice",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -199,6 +207,9 @@ pub struct AgentFile {
     pub allow_host_exec: Option<bool>,
     /// With `allow_host_exec`, only these programs may run; empty: any.
     pub host_exec_allow: Option<Vec<String>>,
+    /// Spot interruption notices: an EC2-style `http://.../spot/instance-action`
+    /// URL, or a file holding the same JSON.
+    pub spot_notice: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -259,6 +270,8 @@ pub struct RunFlags {
     pub allow_host_exec: bool,
     /// `--host-exec-allow`, repeatable.
     pub host_exec_allow: Vec<String>,
+    /// `--spot-notice`.
+    pub spot_notice: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -284,6 +297,8 @@ pub struct RunSettings {
     pub idle_timeout: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// Where spot interruption notices appear (URL or file), if anywhere.
+    pub spot_notice: Option<String>,
     /// Remote exec of host commands is allowed.
     pub allow_host_exec: bool,
     /// The programs host exec may run; empty: any.
@@ -401,7 +416,23 @@ pub fn resolve_run(
             "program names or absolute paths, e.g. systemctl or /usr/bin/journalctl",
         ));
     }
+    let spot_notice = match l.pick(
+        keys::SPOT_NOTICE,
+        flags.spot_notice.as_deref(),
+        f.spot_notice.as_deref(),
+    ) {
+        None => None,
+        Some((v, _)) if v.starts_with("http://") || v.starts_with('/') => Some(v),
+        Some((v, origin)) => {
+            return Err(invalid(
+                origin,
+                &v,
+                "an http:// URL (e.g. http://169.254.169.254/latest/meta-data/spot/instance-action) or an absolute file path",
+            ));
+        }
+    };
     Ok(RunSettings {
+        spot_notice,
         state_dir,
         labels: labels(&l, &f.labels, &flags.labels)?,
         allow_host_exec,

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use novacron_common::wire::{
-    self, CloseCode, ExecEvent, ExecRequest, ExecStream, ExecTarget, FrameError, MAX_EXEC_CHUNK,
+    self, BiRequest, CloseCode, ExecEvent, ExecRequest, ExecStream, ExecTarget, FrameError, MAX_EXEC_CHUNK,
     PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -84,6 +84,7 @@ pub struct ExecService<R> {
     node: String,
     policy: HostExecPolicy,
     supervisor: Supervisor<R>,
+    checkpoints: Option<Arc<crate::migrate::CheckpointService>>,
 }
 
 /// Why an exec stream ended early.
@@ -106,6 +107,26 @@ impl From<FrameError> for StreamEnd {
     }
 }
 
+/// Reads the first frame of a bi-stream (within [`REQUEST_TIMEOUT`]).
+async fn read_request<Rd: AsyncRead + Unpin + Send>(
+    recv: &mut Rd,
+) -> Result<Option<BiRequest>, StreamEnd> {
+    let mut scratch = Vec::new();
+    match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        wire::read_frame::<BiRequest, _>(recv, &mut scratch),
+    )
+    .await
+    {
+        Ok(Ok(request)) => Ok(request),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(StreamEnd::Protocol(
+            CloseCode::Timeout,
+            "no request within 5 s".into(),
+        )),
+    }
+}
+
 impl<R: ContainerRuntime + Clone> ExecService<R> {
     /// The service of node `node`.
     pub fn new(node: String, policy: HostExecPolicy, supervisor: Supervisor<R>) -> Self {
@@ -113,16 +134,43 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
             node,
             policy,
             supervisor,
+            checkpoints: None,
         }
+    }
+
+    /// Also answers checkpoint, fetch and release streams with `service`.
+    pub fn with_checkpoints(mut self, service: Arc<crate::migrate::CheckpointService>) -> Self {
+        self.checkpoints = Some(service);
+        self
     }
 
     /// Accepts the bi-streams the controller opens on `conn`, one task each, until
     /// the connection closes.
     pub async fn accept(self: Arc<Self>, conn: quinn::Connection) {
-        while let Ok((mut send, recv)) = conn.accept_bi().await {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let service = self.clone();
             tokio::spawn(async move {
-                match service.serve(&mut send, recv).await {
+                let request = match read_request(&mut recv).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) | Err(StreamEnd::Gone) => return,
+                    Err(StreamEnd::Protocol(code, reason)) => {
+                        warn!(?code, %reason, "closing a stream: protocol violation");
+                        let _ = send.reset(code.code().into());
+                        return;
+                    }
+                };
+                let request = match (request, &service.checkpoints) {
+                    (BiRequest::Exec(r), _) => r,
+                    (other, Some(checkpoints)) => {
+                        checkpoints.serve(other, send, recv).await;
+                        return;
+                    }
+                    (_, None) => {
+                        let _ = send.reset(CloseCode::Unexpected.code().into());
+                        return;
+                    }
+                };
+                match service.serve_request(&mut send, recv, request).await {
                     Ok(()) => {
                         let _ = send.finish();
                     }
@@ -143,23 +191,30 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
         W: AsyncWrite + Unpin + Send,
         Rd: AsyncRead + Unpin + Send,
     {
-        let mut scratch = Vec::new();
-        let request = match tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            wire::read_frame::<ExecRequest, _>(&mut recv, &mut scratch),
-        )
-        .await
-        {
-            Ok(Ok(Some(request))) => request,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
+        let request = match read_request(&mut recv).await? {
+            Some(BiRequest::Exec(request)) => request,
+            Some(_) => {
                 return Err(StreamEnd::Protocol(
-                    CloseCode::Timeout,
-                    "no exec request within 5 s".into(),
+                    CloseCode::Unexpected,
+                    "this stream serves exec requests only".into(),
                 ));
             }
+            None => return Ok(()),
         };
+        self.serve_request(send, recv, request).await
+    }
+
+    /// Serves one exec stream whose request has been read.
+    pub async fn serve_request<W, Rd>(
+        &self,
+        send: &mut W,
+        recv: Rd,
+        request: ExecRequest,
+    ) -> Result<(), StreamEnd>
+    where
+        W: AsyncWrite + Unpin + Send,
+        Rd: AsyncRead + Unpin + Send,
+    {
         let mut out = Events { send };
         if request.protocol_version != PROTOCOL_VERSION {
             let reason = format!(
@@ -621,7 +676,7 @@ mod tests {
             target,
             timeout_ms,
         };
-        wire::write_frame(&mut write, &request)
+        wire::write_frame(&mut write, &BiRequest::Exec(request))
             .await
             .expect("request sent");
         (

@@ -5,10 +5,13 @@
 //! owns the state directory, and [`link`] holds the one QUIC connection.
 
 pub mod buffer;
+pub mod checkpoint;
 pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod enroll;
 pub mod exec;
 pub mod link;
+pub mod migrate;
 pub mod runtime;
+pub mod spot;

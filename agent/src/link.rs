@@ -17,7 +17,7 @@ use novacron_common::wire::{
     self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage, FrameError, Hello,
     LogRequest, PROTOCOL_VERSION, StreamKind, StreamOpen,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -25,6 +25,8 @@ use crate::buffer::SampleBuffer;
 use crate::collect::Sampler;
 use crate::enroll::{Credentials, EnrollError, Enrollment, StateDir, error_chain};
 use crate::exec::{self, ExecService, HostExecPolicy};
+use crate::migrate::CheckpointService;
+use crate::spot::{SpotNotice, SpotWatcher};
 use crate::runtime::{DockerRuntime, Supervisor};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
@@ -57,6 +59,11 @@ pub struct AgentConfig {
     pub controller: Option<String>,
     /// Which host commands remote exec may run (none by default).
     pub host_exec: HostExecPolicy,
+    /// Checkpoints, restores and bundle transfers (absent: the node answers no
+    /// checkpoint stream).
+    pub checkpoints: Option<Arc<CheckpointService>>,
+    /// Spot interruption notices to forward to the controller.
+    pub spot: Option<SpotWatcher>,
 }
 
 /// Errors that stop the agent.
@@ -104,6 +111,8 @@ struct Shared {
     buffer: Mutex<SampleBuffer>,
     fresh: Notify,
     exec: Arc<ExecService<DockerRuntime>>,
+    checkpoints: Option<Arc<CheckpointService>>,
+    spot: watch::Receiver<Option<SpotNotice>>,
 }
 
 /// Runs the agent until `cancel` fires: sampling plus the link.
@@ -119,14 +128,24 @@ pub async fn run(
     let enrollment = config.state.load_enrollment()?;
     // Fail early, before any socket, if the identity files are missing.
     config.state.load_credentials()?;
+    let mut exec = ExecService::new(
+        enrollment.node_name.clone(),
+        config.host_exec.clone(),
+        supervisor.clone(),
+    );
+    if let Some(c) = &config.checkpoints {
+        exec = exec.with_checkpoints(c.clone());
+    }
+    let (spot_tx, spot) = watch::channel(None);
+    if let Some(watcher) = config.spot.clone() {
+        watcher.spawn(spot_tx, cancel.clone());
+    }
     let shared = Arc::new(Shared {
         buffer: Mutex::new(SampleBuffer::new(config.buffer_capacity)),
         fresh: Notify::new(),
-        exec: Arc::new(ExecService::new(
-            enrollment.node_name.clone(),
-            config.host_exec.clone(),
-            supervisor.clone(),
-        )),
+        exec: Arc::new(exec),
+        checkpoints: config.checkpoints.clone(),
+        spot,
     });
     let containers = supervisor.spawn(cancel.clone());
     let sampling = tokio::spawn(sample_loop(
@@ -368,6 +387,14 @@ async fn serve_inner(
     info!(node = %welcome.node_name, resume_from = welcome.next_metrics_seq, "connected to the controller");
     // Remote exec: the controller opens one bi-stream per command.
     let _execs = AbortOnDrop(tokio::spawn(shared.exec.clone().accept(conn.clone())));
+    let _published = shared.checkpoints.as_ref().map(|c| {
+        c.set_connection(Some(conn.clone()));
+        Unpublish(c.clone())
+    });
+    let mut spot = shared.spot.clone();
+    if let Some(notice) = spot.borrow_and_update().clone() {
+        wire::write_frame(&mut send, &spot_message(&notice)).await?;
+    }
     lock(&shared.buffer).resume_from(welcome.next_metrics_seq);
 
     let mut metrics = conn.open_uni().await.map_err(&lost)?;
@@ -429,9 +456,32 @@ async fn serve_inner(
                 let report = reports.borrow().clone();
                 wire::write_frame(&mut send, &AgentMessage::Allocations(report)).await?;
             }
+            Ok(()) = spot.changed() => {
+                let notice = spot.borrow_and_update().clone();
+                if let Some(notice) = notice {
+                    warn!(action = %notice.action, deadline_unix_ms = notice.deadline_unix_ms, "spot interruption notice; telling the controller");
+                    wire::write_frame(&mut send, &spot_message(&notice)).await?;
+                }
+            }
             e = conn.closed() => return Err(close_reason(&e)),
             _ = cancel.cancelled() => return Ok(()),
         }
+    }
+}
+
+fn spot_message(notice: &SpotNotice) -> AgentMessage {
+    AgentMessage::SpotNotice {
+        action: notice.action.clone(),
+        deadline_unix_ms: notice.deadline_unix_ms,
+    }
+}
+
+/// Forgets the session's connection when the session ends.
+struct Unpublish(Arc<CheckpointService>);
+
+impl Drop for Unpublish {
+    fn drop(&mut self) {
+        self.0.set_connection(None);
     }
 }
 

@@ -164,6 +164,7 @@ mod support {
         /// `attempts` within a minute after 200 ms.
         pub fn alloc(&self, name: &str, script: &str, attempts: u32) -> AllocationSpec {
             AllocationSpec {
+                restore: None,
                 id: format!("{:08x}-{name}", rand::random::<u32>()),
                 job: format!("{}-{name}", self.test),
                 job_version: 1,

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod checkpoint;
 pub mod backoff;
 pub mod config;
 pub mod consolidate;
@@ -19,4 +20,5 @@ pub mod scheduler;
 pub mod signal;
 pub mod sim;
 pub mod tls;
+pub mod transfer;
 pub mod wire;

@@ -28,6 +28,8 @@ use std::time::Duration;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Serialize};
 
+// checkpoint: added for spec.checkpoint (checkpoint policy).
+pub mod checkpoint;
 pub(crate) mod document;
 mod job;
 pub mod lifecycle;
@@ -35,6 +37,8 @@ mod load;
 mod locate;
 mod validate;
 
+// checkpoint: re-export of the spec.checkpoint types.
+pub use checkpoint::{CheckpointPolicy, DEFAULT_KEEP};
 pub use job::Job;
 pub use lifecycle::{Lifecycle, LifecycleSchedule, MIN_MAX_RUNTIME};
 pub use load::{parse_job, parse_jobs};
@@ -230,6 +234,11 @@ pub struct JobSpec {
     /// jobs without it keep their versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    // checkpoint: added with the spec.checkpoint block.
+    /// Periodic checkpoints, their mode and retention (left out of the hash when
+    /// absent, like `lifecycle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointPolicy>,
 }
 
 /// The container of a job.

@@ -157,6 +157,14 @@ pub enum AgentMessage {
     /// The state of every allocation the agent runs (a full report, sent on every
     /// change and at least every few seconds).
     Allocations(AllocationReport),
+    /// The node's provider announced that it will take the node away (a spot
+    /// interruption notice); the controller moves its allocations before `deadline`.
+    SpotNotice {
+        /// `terminate`, `stop` or `hibernate`.
+        action: String,
+        /// When the node goes (Unix ms).
+        deadline_unix_ms: u64,
+    },
 }
 
 /// Messages the controller sends on the control stream.
@@ -316,6 +324,24 @@ pub struct AllocationSpec {
     pub job_version: u64,
     /// The container.
     pub task: TaskSpec,
+    /// Start the container from this checkpoint bundle instead of from scratch
+    /// (migration, recovery, rollback). Not part of the spec hash: clearing it once
+    /// the allocation runs does not restart the container.
+    #[serde(default)]
+    pub restore: Option<RestoreFrom>,
+}
+
+/// The checkpoint an allocation starts from. The agent takes the bundle from its
+/// own cache, or fetches it from the controller ([`BiRequest::Fetch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RestoreFrom {
+    /// SHA-256 (lowercase hex) of the bundle.
+    pub digest: String,
+    /// Its size, bytes.
+    pub size: u64,
+    /// `live` or `fs`.
+    pub mode: crate::checkpoint::CheckpointMode,
 }
 
 /// The container of an allocation.
@@ -565,6 +591,80 @@ pub struct ExecRequest {
     pub target: ExecTarget,
     /// The agent kills the command after this many milliseconds (`None`: no limit).
     pub timeout_ms: Option<u64>,
+}
+
+/// The first frame of every bi-stream other than the control stream: what the
+/// opener asks for. The controller opens `Exec`, `Checkpoint`, `Release` and
+/// `Fetch` streams to agents; agents open `Fetch` streams to the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum BiRequest {
+    /// Run a command ([`ExecEvent`]s answer).
+    Exec(ExecRequest),
+    /// Checkpoint an allocation ([`CheckpointReply`] answers).
+    Checkpoint(CheckpointRequest),
+    /// Send a bundle from an offset ([`FetchReply`], then the raw bytes, answer).
+    Fetch(FetchRequest),
+    /// Release an allocation held for a migration ([`ReleaseReply`] answers).
+    Release(ReleaseRequest),
+}
+
+/// Checkpoint one allocation the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CheckpointRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// The allocation.
+    pub alloc_id: String,
+    /// `live`, `fs` or `auto` (the agent resolves `auto` by its capability).
+    pub mode: crate::checkpoint::CheckpointMode,
+    /// `true` (migration): the container stays stopped after the dump and the agent
+    /// holds the allocation (no restart, no removal) until a [`ReleaseRequest`] or
+    /// the hold's expiry. `false` (periodic, manual): the workload keeps running.
+    pub stop: bool,
+    /// How long the hold lasts without a release, milliseconds.
+    pub hold_ms: u64,
+}
+
+/// The answer to a [`CheckpointRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CheckpointReply {
+    /// The bundle, in the agent's cache; or why none was made.
+    pub result: Result<crate::checkpoint::BundleInfo, String>,
+}
+
+/// Ask for a bundle's bytes from `offset` on (resumable transfer).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct FetchRequest {
+    /// [`PROTOCOL_VERSION`] of the asker.
+    pub protocol_version: u16,
+    /// SHA-256 (lowercase hex) of the bundle.
+    pub digest: String,
+    /// The first byte wanted.
+    pub offset: u64,
+}
+
+/// The answer to a [`FetchRequest`]; on `Ok(size)` the bytes from the offset to
+/// `size` follow, raw, until the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct FetchReply {
+    /// The bundle's whole size, or why it cannot be sent.
+    pub result: Result<u64, String>,
+}
+
+/// End the hold on an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ReleaseRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// The allocation.
+    pub alloc_id: String,
+}
+
+/// The answer to a [`ReleaseRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ReleaseReply {
+    /// `Ok` once released (also when it was not held).
+    pub result: Result<(), String>,
 }
 
 /// Where a remote command runs.

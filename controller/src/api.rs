@@ -60,6 +60,8 @@ pub struct ApiState {
     pub pricing: novacron_common::cost::PriceCatalog,
     /// Autoscaling policies and the loop that carries them out.
     pub autoscaler: Arc<crate::autoscaler::Autoscaler>,
+    /// Checkpoints and migrations.
+    pub migrations: Arc<crate::migrate::Migrations>,
 }
 
 /// Builds the router: every route documented in the OpenAPI document, which is
@@ -149,6 +151,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(crate::exec::routes())
         .merge(crate::metrics::routes())
         .merge(crate::policies::routes())
+        .merge(crate::migrate_api::routes())
 }
 
 /// The document's frame: title, security schemes and the default requirement

@@ -898,6 +898,7 @@ mod tests {
 
     fn alloc(id: &str, node: &str, cpu_millis: u64, gpus: &[&str]) -> AllocRecord {
         AllocRecord {
+            restore: None,
             id: id.into(),
             job: "api".into(),
             version: 1,

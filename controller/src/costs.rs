@@ -394,6 +394,7 @@ mod tests {
 
     fn alloc(id: &str, job: &str, node: &str, cpu: u64) -> AllocRecord {
         AllocRecord {
+            restore: None,
             id: id.into(),
             job: job.into(),
             version: 1,

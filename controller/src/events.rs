@@ -97,6 +97,18 @@ pub mod kind {
     pub const MIX_OFF_TARGET: &str = "cost.mix_off_target";
     /// A workload class's spot share is back near its target.
     pub const MIX_ON_TARGET: &str = "cost.mix_ok";
+    /// A checkpoint was taken and stored.
+    pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
+    /// A checkpoint could not be taken or stored.
+    pub const CHECKPOINT_FAILED: &str = "checkpoint.failed";
+    /// A migration began.
+    pub const MIGRATION_STARTED: &str = "migration.started";
+    /// A migration finished: the allocation runs on its new node.
+    pub const MIGRATION_COMPLETED: &str = "migration.completed";
+    /// A migration failed; the allocation goes on (rolled back) on its source.
+    pub const MIGRATION_ROLLED_BACK: &str = "migration.rolled_back";
+    /// A node announced a spot interruption.
+    pub const SPOT_NOTICE: &str = "node.spot_notice";
 }
 
 /// An event before it has a position and a time.

@@ -152,6 +152,11 @@ pub struct LinkContext {
     pub ca: CertAndKey,
     /// Lifetime of renewed certificates.
     pub node_cert_ttl: Duration,
+    /// Checkpoint bundles, served to agents that restore them.
+    pub bundles: Option<Arc<crate::bundles::BundleStore>>,
+    /// Spot interruption notices, for the migration service (bounded; a full queue
+    /// drops the notice with a warning, and the agent repeats it on reconnect).
+    pub spot: Option<mpsc::Sender<crate::migrate::SpotEvent>>,
 }
 
 /// Accepts agent connections until the endpoint closes.
@@ -291,6 +296,13 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         name.clone(),
         conn_id,
     ));
+    let agent_streams = ctx.bundles.clone().map(|b| {
+        AbortOnDrop(tokio::spawn(crate::migrate::serve_agent_streams(
+            conn.clone(),
+            b,
+            name.clone(),
+        )))
+    });
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     lock(&ctx.commands).insert(name.clone(), (conn_id, cmd_tx));
     lock(&ctx.connections).insert(name.clone(), (conn_id, conn.clone()));
@@ -318,6 +330,7 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     }
     let reason = conn.closed().await;
     metrics.abort();
+    drop(agent_streams);
     debug!(node = %name, %reason, "connection closed");
     // The agent said goodbye (it is restarting; its containers keep running).
     let clean = matches!(
@@ -370,6 +383,19 @@ async fn control_loop(
                 }
                 Some(Ok(AgentMessage::Allocations(report))) => {
                     ctx.workloads.report(name, &report, SystemTime::now());
+                }
+                Some(Ok(AgentMessage::SpotNotice { action, deadline_unix_ms })) => {
+                    warn!(node = name, %action, deadline_unix_ms, "spot interruption notice");
+                    let event = crate::migrate::SpotEvent {
+                        node: name.to_string(),
+                        action,
+                        deadline_unix_ms,
+                    };
+                    if let Some(tx) = &ctx.spot
+                        && tx.try_send(event).is_err()
+                    {
+                        warn!(node = name, "spot notice queue full; dropping the notice");
+                    }
                 }
                 Some(Ok(AgentMessage::RenewCertificate { request_id, csr_pem })) => {
                     let result = renew(ctx, name, &csr_pem);
@@ -548,6 +574,11 @@ pub enum ExecOpenError {
 }
 
 impl LinkContext {
+    /// The live connection of `node`, if it is connected.
+    pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        lock(&self.connections).get(node).map(|(_, c)| c.clone())
+    }
+
     /// Opens an exec stream to `node` and sends `request`. The command runs until
     /// it exits, its time limit passes, or the returned channel is dropped (which
     /// cancels it: the agent kills it).
@@ -566,7 +597,7 @@ impl LinkContext {
         };
         // Waits while the node runs its maximum of concurrent commands.
         let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        wire::write_frame(&mut send, request)
+        wire::write_frame(&mut send, &wire::BiRequest::Exec(request.clone()))
             .await
             .map_err(|e| lost(e.to_string()))?;
         Ok(ExecChannel {

@@ -1022,6 +1022,7 @@ mod tests {
 
     fn alloc(id: &str, job: &str, node: &str, state: AllocState, gpus: &[&str]) -> AllocRecord {
         AllocRecord {
+            restore: None,
             id: id.into(),
             job: job.into(),
             version: 1,

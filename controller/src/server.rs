@@ -160,6 +160,12 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         )?
         .with_pricing(pricing.clone()),
     );
+    let bundles = Arc::new(
+        crate::bundles::BundleStore::open(&config.data_dir.join("bundles"))
+            .map_err(|e| anyhow::anyhow!("checkpoint bundle store: {e}"))?,
+    );
+    workloads.set_checkpoints(bundles.clone());
+    let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::migrate::SPOT_QUEUE);
     let link_ctx = Arc::new(LinkContext {
         registry: registry.clone(),
         workloads: workloads.clone(),
@@ -168,7 +174,16 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         connections: Default::default(),
         ca: pki.ca.clone(),
         node_cert_ttl: config.node_cert_ttl,
+        bundles: Some(bundles.clone()),
+        spot: Some(spot_tx),
     });
+    let migrations = Arc::new(crate::migrate::Migrations::new(
+        link_ctx.clone(),
+        workloads.clone(),
+        registry.clone(),
+        bundles,
+        events.clone(),
+    ));
     let quic_endpoint = config
         .advertise
         .clone()
@@ -187,11 +202,13 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         events: events.clone(),
         pricing,
         autoscaler: autoscaler.clone(),
+        migrations: migrations.clone(),
     });
 
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(workloads.clone().run(cancel.clone())));
+    tasks.push(tokio::spawn(migrations.run(spot_rx, cancel.clone())));
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
     tasks.push(tokio::spawn(crate::pools::run(
         api_state.clone(),

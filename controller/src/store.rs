@@ -231,6 +231,10 @@ pub struct AllocRecord {
     pub gpu_uuids: Vec<String>,
     /// Job priority when placed.
     pub priority: u32,
+    /// The checkpoint it starts from (migration, recovery, rollback); cleared once
+    /// it runs.
+    #[serde(default)]
+    pub restore: Option<novacron_common::wire::RestoreFrom>,
 }
 
 /// What the controller remembers about an enrolled node.
@@ -1302,6 +1306,7 @@ mod tests {
 
     fn alloc_record(id: &str) -> AllocRecord {
         AllocRecord {
+            restore: None,
             id: id.into(),
             job: "api".into(),
             version: 1,

@@ -7,8 +7,8 @@
 //! **Architecture Invariant:** decisions come only from `reconcile` and the
 //! scheduler; this module turns them into records and messages.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::fleet::NodeStatus;
@@ -17,7 +17,10 @@ use novacron_common::reconcile::{
     self, AllocView, FailureCounts, JobChange, JobView, LifecycleView, Lifecycles, PlaceRequest,
 };
 use novacron_common::scheduler;
-use novacron_common::wire::{AllocState, AllocationReport, AllocationSpec, DesiredAllocations};
+use novacron_common::checkpoint::BundleInfo;
+use novacron_common::wire::{
+    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -144,6 +147,16 @@ struct State {
     /// Decisions and state changes to record in the event log after the next
     /// persist (bounded: one tick's worth).
     events: Vec<NewEvent>,
+    /// Checkpoints of lost allocations, per job, waiting for the replacements the
+    /// same pass places (bounded by the lost allocations of one pass).
+    recoveries: BTreeMap<String, VecDeque<(u64, RestoreFrom, String)>>,
+}
+
+/// Where the workload manager finds an allocation's latest checkpoint, for
+/// node-loss recovery (the controller's bundle store serves it).
+pub trait CheckpointIndex: Send + Sync + std::fmt::Debug {
+    /// The newest complete checkpoint of `alloc`, if any.
+    fn latest(&self, alloc: &str) -> Option<BundleInfo>;
 }
 
 /// The workload manager.
@@ -155,6 +168,7 @@ pub struct Workloads {
     events: Arc<EventLog>,
     wake: Notify,
     passes: PassStats,
+    checkpoints: OnceLock<Arc<dyn CheckpointIndex>>,
 }
 
 impl Workloads {
@@ -199,6 +213,7 @@ impl Workloads {
             events,
             wake: Notify::new(),
             passes: PassStats::default(),
+            checkpoints: OnceLock::new(),
         })
     }
 
@@ -640,7 +655,30 @@ impl Workloads {
             now_ms,
         );
 
+        let index = self.checkpoints.get().cloned();
         for id in &plan.lost {
+            let recovery = st
+                .allocs
+                .get(id)
+                .filter(|a| {
+                    st.jobs
+                        .get(&a.job)
+                        .and_then(|e| e.parsed.get(&a.version))
+                        .is_some_and(|j| j.spec.checkpoint.is_some())
+                })
+                .and_then(|a| Some((a.job.clone(), a.version, index.as_ref()?.latest(id)?)));
+            if let Some((job, version, b)) = recovery {
+                info!(alloc = %id, %job, bundle = %b.digest, "lost allocation has a checkpoint; its replacement restores from it");
+                st.recoveries.entry(job).or_default().push_back((
+                    version,
+                    RestoreFrom {
+                        digest: b.digest,
+                        size: b.size,
+                        mode: b.mode,
+                    },
+                    id.clone(),
+                ));
+            }
             if let Some(a) = st.allocs.get_mut(id) {
                 a.state = AllocState::Lost;
                 a.desired_run = false;
@@ -931,7 +969,28 @@ impl Workloads {
         }
         let task = job.task_spec();
         for (p, id) in outcome.assignments.iter().zip(ids) {
+            let restore = st.recoveries.get_mut(&req.job).and_then(|q| {
+                let at = q.iter().position(|(v, ..)| *v == req.version)?;
+                q.remove(at)
+            });
+            if let Some((_, r, lost)) = &restore {
+                st.events.push(
+                    NewEvent::new(
+                        kind::ALLOC_PLACED,
+                        CONTROLLER,
+                        format!(
+                            "{id} replaces lost {lost} and restores its latest checkpoint {} ({})",
+                            &r.digest[..12],
+                            r.mode
+                        ),
+                    )
+                    .job(&req.job)
+                    .alloc(&id)
+                    .detail("checkpoint", &r.digest),
+                );
+            }
             let record = AllocRecord {
+                restore: restore.map(|(_, r, _)| r),
                 id: id.clone(),
                 job: req.job.clone(),
                 version: req.version,
@@ -1028,6 +1087,141 @@ impl Workloads {
     }
 
     /// Recomputes every node's desired set and sends those that changed.
+    /// Gives the manager the checkpoint index used for node-loss recovery (once).
+    pub fn set_checkpoints(&self, index: Arc<dyn CheckpointIndex>) {
+        let _ = self.checkpoints.set(index);
+    }
+
+    /// The job's checkpoint policy for an allocation (of the version it runs).
+    pub fn checkpoint_policy(
+        &self,
+        alloc: &str,
+    ) -> Result<Option<novacron_common::manifest::CheckpointPolicy>, WorkloadError> {
+        let st = self.lock();
+        let a = st
+            .allocs
+            .get(alloc)
+            .ok_or_else(|| WorkloadError::UnknownAlloc(alloc.to_string()))?;
+        Ok(st
+            .jobs
+            .get(&a.job)
+            .and_then(|e| e.parsed.get(&a.version))
+            .and_then(|j| j.spec.checkpoint.clone()))
+    }
+
+    /// Moves a live allocation to `node`, to start there from `restore` (migration,
+    /// and its rollback). Both nodes get new desired sets at once.
+    pub fn relocate(
+        &self,
+        id: &str,
+        node: &str,
+        restore: Option<RestoreFrom>,
+        why: &str,
+    ) -> Result<(), WorkloadError> {
+        let now = SystemTime::now();
+        let mut st = self.lock();
+        let a = st
+            .allocs
+            .get_mut(id)
+            .ok_or_else(|| WorkloadError::UnknownAlloc(id.to_string()))?;
+        if !a.desired_run || a.state.is_terminal() {
+            return Err(WorkloadError::Invalid(format!(
+                "allocation {id} is {} and no longer wanted; only a live allocation moves",
+                a.state
+            )));
+        }
+        info!(alloc = %id, from = %a.node, to = %node, %why, "relocating allocation");
+        a.node = node.to_string();
+        a.restore = restore;
+        a.state = AllocState::Pending;
+        a.healthy = None;
+        a.healthy_since_unix_ms = None;
+        a.message = why.to_string();
+        a.updated_unix_ms = unix_ms(now);
+        st.dirty_allocs.insert(id.to_string());
+        drop(st);
+        self.persist()?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Where a migration of `alloc` goes: `to` when given (checked), else the
+    /// scheduler's choice among the ready nodes other than its own that pass
+    /// `eligible` (for example: can restore live checkpoints). No allocation is
+    /// preempted for a migration.
+    pub fn migration_target(
+        &self,
+        alloc: &str,
+        to: Option<&str>,
+        eligible: impl Fn(&str) -> bool,
+    ) -> Result<String, WorkloadError> {
+        let nodes = self.registry.placement_nodes(Instant::now());
+        let st = self.lock();
+        let a = st
+            .allocs
+            .get(alloc)
+            .ok_or_else(|| WorkloadError::UnknownAlloc(alloc.to_string()))?;
+        let job = st
+            .jobs
+            .get(&a.job)
+            .and_then(|e| e.parsed.get(&a.version))
+            .ok_or_else(|| WorkloadError::Invalid(format!("job {} of {alloc} is gone", a.job)))?;
+        if let Some(to) = to {
+            if to == a.node {
+                return Err(WorkloadError::Invalid(format!(
+                    "allocation {alloc} already runs on {to}; name another node with --to"
+                )));
+            }
+            if !nodes.iter().any(|n| n.name == to) {
+                return Err(WorkloadError::Invalid(format!(
+                    "node {to:?} is not enrolled; `novacron node list` shows the nodes"
+                )));
+            }
+            if !eligible(to) {
+                return Err(WorkloadError::Invalid(format!(
+                    "node {to} cannot restore this checkpoint (no live checkpoint support); use mode fs or another node"
+                )));
+            }
+        }
+        let source = a.node.clone();
+        let eligible_nodes: Vec<PlacementNode> = nodes
+            .into_iter()
+            .map(|mut n| {
+                if n.name == source || !eligible(&n.name) {
+                    n.cordoned = true;
+                }
+                n
+            })
+            .collect();
+        let mut snapshot = scheduling_snapshot(&st, &eligible_nodes)
+            .map_err(|e| WorkloadError::Invalid(format!("cannot plan the migration: {e}")))?;
+        snapshot.remove(alloc);
+        let mut request = scheduler::Request::from_spec(&job.name, &job.spec, 1);
+        request.priority = 0;
+        request.node = to.map(str::to_string);
+        let outcome = scheduler::schedule(&snapshot, &request);
+        match outcome.assignments.first() {
+            Some(p) if outcome.preemptions.is_empty() => Ok(p.node.clone()),
+            _ => Err(WorkloadError::Invalid(format!(
+                "no node can take allocation {alloc} of job {} now: {}",
+                a.job, outcome.explanation
+            ))),
+        }
+    }
+
+    /// Forgets the checkpoint an allocation started from, once it runs.
+    pub fn clear_restore(&self, id: &str) -> Result<(), WorkloadError> {
+        let mut st = self.lock();
+        if let Some(a) = st.allocs.get_mut(id)
+            && a.restore.take().is_some()
+        {
+            st.dirty_allocs.insert(id.to_string());
+            drop(st);
+            self.persist()?;
+        }
+        Ok(())
+    }
+
     fn publish(&self) {
         let mut st = self.lock();
         let mut per_node = desired_specs(&st, None);
@@ -1063,6 +1257,7 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
                 job: a.job.clone(),
                 job_version: a.version,
                 task,
+                restore: a.restore.clone(),
             });
     }
     per_node

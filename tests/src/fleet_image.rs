@@ -123,7 +123,7 @@ pub fn ensure_demo_image() -> Result<()> {
 }
 
 /// An exclusive lock shared by the test processes that build images.
-fn lock() -> Result<std::fs::File> {
+pub(crate) fn lock() -> Result<std::fs::File> {
     let path = std::env::temp_dir().join("novacron-fleet-image.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -137,7 +137,7 @@ fn lock() -> Result<std::fs::File> {
 }
 
 /// The absolute paths `ldd` lists for `bin`, the dynamic loader included.
-fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd")
         .arg(bin)
         .output()
@@ -172,7 +172,7 @@ fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Hard-links `from` to `to` (same file system), else copies it.
-fn place(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn place(from: &Path, to: &Path) -> Result<()> {
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -5,6 +5,7 @@
 //! The binaries must be built first: `cargo build --workspace --bins` (the README's
 //! test command does this).
 
+pub mod counter_image;
 pub mod fleet_image;
 pub mod procfs;
 

@@ -231,6 +231,10 @@ pub struct Reconciler {
     orphans: BTreeMap<String, Orphan>,
     epoch: u64,
     runtime_error: Option<String>,
+    /// Allocations held for a migration, until when: nothing is done to them or their
+    /// containers (no restart after the checkpoint stopped them, no removal when they
+    /// leave the desired set) until released or expired.
+    holds: BTreeMap<String, Instant>,
 }
 
 impl Reconciler {
@@ -243,7 +247,31 @@ impl Reconciler {
             orphans: BTreeMap::new(),
             epoch: 0,
             runtime_error: None,
+            holds: BTreeMap::new(),
         }
+    }
+
+    /// Holds `alloc` until `until` (see [`Reconciler::release`]).
+    pub fn hold(&mut self, alloc: &str, until: Instant) {
+        self.holds.insert(alloc.to_string(), until);
+        if let Some(rec) = self.records.get_mut(alloc) {
+            rec.message = "held for a checkpoint or migration".into();
+        }
+    }
+
+    /// Ends the hold on `alloc`; what is observed next decides what happens to it.
+    /// Returns whether it was held.
+    pub fn release(&mut self, alloc: &str) -> bool {
+        self.epoch += 1;
+        if let Some(rec) = self.records.get_mut(alloc) {
+            rec.changed_epoch = self.epoch;
+        }
+        self.holds.remove(alloc).is_some()
+    }
+
+    /// Whether `alloc` is held at `now`.
+    pub fn is_held(&self, alloc: &str, now: Instant) -> bool {
+        self.holds.get(alloc).is_some_and(|until| *until > now)
     }
 
     /// Replaces the desired set. Returns `false` (and changes nothing) when
@@ -305,8 +333,12 @@ impl Reconciler {
             .filter(|(_, o)| o.busy)
             .map(|(id, _)| id)
             .collect();
+        self.holds.retain(|_, until| *until > now);
         let mut by_alloc: HashMap<String, Vec<Observed>> = HashMap::new();
         for o in observed {
+            if self.holds.contains_key(&o.alloc_id) {
+                continue;
+            }
             if !busy_orphans.contains(&o.container_id) {
                 by_alloc.entry(o.alloc_id.clone()).or_default().push(o);
             }
@@ -314,7 +346,7 @@ impl Reconciler {
         let mut orphaned = Vec::new();
         for (id, rec) in &mut self.records {
             let mine = by_alloc.remove(id).unwrap_or_default();
-            if rec.busy || rec.changed_epoch > token {
+            if rec.busy || rec.changed_epoch > token || self.holds.contains_key(id) {
                 // Taken before this allocation's last change: says nothing about it.
                 continue;
             }
@@ -504,11 +536,12 @@ impl Reconciler {
     pub fn plan(&mut self, now: Instant, budget: usize) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut gone = Vec::new();
+        self.holds.retain(|_, until| *until > now);
         for (id, rec) in &mut self.records {
             if actions.len() >= budget {
                 break;
             }
-            if rec.busy {
+            if rec.busy || self.holds.contains_key(id) {
                 continue;
             }
             let Some(desired) = &rec.desired else {
@@ -550,7 +583,8 @@ impl Reconciler {
                     rec.window.record(now);
                     rec.message = format!("restarting (restart {})", rec.restarts);
                     match &rec.container {
-                        Some(c) if c.hash == desired_hash => actions.push(Action::Start {
+                        // A container to restore from a checkpoint is made anew.
+                        Some(c) if c.hash == desired_hash && spec.restore.is_none() => actions.push(Action::Start {
                             alloc: id.clone(),
                             container_id: c.id.clone(),
                         }),
@@ -585,6 +619,9 @@ impl Reconciler {
             for (container_id, orphan) in &mut self.orphans {
                 if actions.len() >= budget {
                     break;
+                }
+                if self.holds.contains_key(&orphan.alloc) {
+                    continue;
                 }
                 if !orphan.busy && orphan.retry_at.is_none_or(|t| t <= now) {
                     orphan.busy = true;
@@ -621,7 +658,8 @@ impl Reconciler {
             .filter(|_| self.generation.is_some())
             .filter(|o| !o.busy)
             .filter_map(|o| o.retry_at);
-        records.chain(orphans).min()
+        let holds = self.holds.values().copied();
+        records.chain(orphans).chain(holds).min()
     }
 
     /// The state of every allocation: desired ones, ones being stopped, and
@@ -669,6 +707,14 @@ impl Reconciler {
             generation: self.generation.unwrap_or(0),
             allocations,
         }
+    }
+
+    /// The spec an allocation is desired with on this node.
+    pub fn desired_spec(&self, alloc: &str) -> Option<Arc<AllocationSpec>> {
+        self.records
+            .get(alloc)
+            .and_then(|r| r.desired.as_ref())
+            .map(|d| d.spec.clone())
     }
 
     /// The container of an allocation (running or not), for its logs.
@@ -976,6 +1022,7 @@ mod tests {
 
     fn spec(id: &str, restart: RestartSpec) -> AllocationSpec {
         AllocationSpec {
+            restore: None,
             id: id.into(),
             job: "job".into(),
             job_version: 1,

@@ -178,6 +178,7 @@ mod tests {
 
     fn alloc() -> AllocationSpec {
         AllocationSpec {
+            restore: None,
             id: "0123456789abcdef".into(),
             job: "web".into(),
             job_version: 3,

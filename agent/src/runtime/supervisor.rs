@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, Stream, StreamExt};
 use novacron_common::wire::{
     AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
-    LogChunk, LogRequest,
+    LogChunk, LogRequest, RestoreFrom,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -124,6 +124,20 @@ struct Inner<R> {
     report: watch::Sender<AllocationReport>,
     usage: tokio::sync::Mutex<UsageTracker>,
     stale: Mutex<Stale>,
+    restorer: std::sync::OnceLock<Arc<dyn Restorer>>,
+}
+
+/// Starts a created container from a checkpoint bundle (the agent's checkpoint
+/// service serves it; the supervisor itself knows nothing of bundles).
+pub trait Restorer: Send + Sync + std::fmt::Debug + 'static {
+    /// Restores `from` into the created, not yet started container `container_id` of
+    /// `alloc`, and starts it.
+    fn restore<'a>(
+        &'a self,
+        alloc: &'a str,
+        from: &'a RestoreFrom,
+        container_id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>>;
 }
 
 /// Containers to inspect again at the next observation.
@@ -149,8 +163,34 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 report,
                 usage: tokio::sync::Mutex::new(UsageTracker::default()),
                 stale: Mutex::new(Stale::default()),
+                restorer: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Gives the supervisor what restores checkpoints (once).
+    pub fn set_restorer(&self, restorer: Arc<dyn Restorer>) {
+        let _ = self.inner.restorer.set(restorer);
+    }
+
+    /// Holds `alloc` for `for_how_long`: its container is neither restarted nor
+    /// removed meanwhile (a migration's checkpoint stopped it).
+    pub fn hold(&self, alloc: &str, for_how_long: Duration) {
+        self.inner.core().hold(alloc, Instant::now() + for_how_long);
+        self.inner.publish();
+    }
+
+    /// Ends a hold; the allocation is reconciled again at once.
+    pub fn release(&self, alloc: &str) -> bool {
+        let was = self.inner.core().release(alloc);
+        self.inner.mark_all_stale();
+        self.inner.wake.notify_one();
+        was
+    }
+
+    /// The spec `alloc` is desired with on this node.
+    pub fn spec_of(&self, alloc: &str) -> Option<Arc<AllocationSpec>> {
+        self.inner.core().desired_spec(alloc)
     }
 
     /// The runtime.
@@ -354,6 +394,12 @@ impl<R: ContainerRuntime> Inner<R> {
                 true
             }
         });
+    }
+
+    fn mark_all_stale(&self) {
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        stale.all = true;
+        stale.ids.clear();
     }
 
     fn mark_stale(&self, container: String) {
@@ -653,10 +699,30 @@ async fn launch<R: ContainerRuntime>(
         }
         Err(e) => return Err(failed(None, e)),
     };
-    runtime
-        .start(&id)
-        .await
-        .map_err(|e| failed(Some(id.clone()), e))?;
+    match (&spec.restore, inner.restorer.get()) {
+        (None, _) => runtime
+            .start(&id)
+            .await
+            .map_err(|e| failed(Some(id.clone()), e))?,
+        (Some(from), Some(restorer)) => {
+            restorer
+                .restore(&spec.id, from, &id)
+                .await
+                .map_err(|message| LaunchError::Failed {
+                    container_id: Some(id.clone()),
+                    message: format!("restoring checkpoint {}: {message}", from.digest),
+                })?
+        }
+        (Some(from), None) => {
+            return Err(LaunchError::Failed {
+                container_id: Some(id.clone()),
+                message: format!(
+                    "checkpoint {} cannot be restored: this agent has no checkpoint service",
+                    from.digest
+                ),
+            });
+        }
+    }
     Ok(run_of(runtime, &id).await)
 }
 
@@ -1021,6 +1087,7 @@ mod tests {
 
     fn alloc(id: &str) -> AllocationSpec {
         AllocationSpec {
+            restore: None,
             id: id.into(),
             job: "job".into(),
             job_version: 1,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use humantime_serde::re::humantime::format_duration;
 use yaml_serde::Value;
 
+use super::checkpoint; // checkpoint: spec.checkpoint rules.
 use super::locate::{FieldPath, Seg};
 use super::{
     API_VERSION, ExecCheck, GpuRequest, Health, HttpCheck, JobManifest, JobSpec, JobType, KIND,
@@ -73,6 +74,8 @@ pub(super) fn accepted_number(key: &str) -> Option<&'static str> {
         "canary" => CANARY,
         "weight" => WEIGHT,
         "count" => GPU_COUNT,
+        // checkpoint: spec.checkpoint.keep.
+        "keep" => checkpoint::KEEP_ACCEPTED,
         _ => return None,
     })
 }
@@ -169,6 +172,12 @@ impl Checker<'_> {
         self.update(&s.update, s, &p.key("update"));
         if let Some(l) = &s.lifecycle {
             self.lifecycle(l, &p.key("lifecycle"));
+        }
+        // checkpoint: the rules live with the type, in the checkpoint module.
+        if let Some(c) = &s.checkpoint {
+            for (path, message) in checkpoint::problems(c, &p.key("checkpoint")) {
+                self.bad(path, message);
+            }
         }
     }
 

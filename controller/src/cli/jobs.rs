@@ -56,6 +56,26 @@ pub enum AllocCommand {
     },
     /// Run a command in an allocation's container, live; exits with its exit code.
     Exec(super::exec::AllocExecArgs),
+    /// Checkpoint an allocation now (it keeps running) and store the bundle.
+    Checkpoint {
+        /// The allocation id.
+        id: String,
+        /// live, fs or auto (default: the job's policy, else auto).
+        #[arg(long)]
+        mode: Option<novacron_common::checkpoint::CheckpointMode>,
+    },
+    /// Move a running allocation to another node with its state (checkpoint,
+    /// transfer, restore); a failure rolls back to the source.
+    Migrate {
+        /// The allocation id.
+        id: String,
+        /// The target node (default: the scheduler's choice).
+        #[arg(long)]
+        to: Option<String>,
+        /// live, fs or auto (default: the job's policy, else auto).
+        #[arg(long)]
+        mode: Option<novacron_common::checkpoint::CheckpointMode>,
+    },
 }
 
 /// The kinds `novacron apply` sends, and where.
@@ -213,6 +233,13 @@ pub async fn run_alloc(
         }
         AllocCommand::Exec(args) => {
             return super::exec::alloc_exec(args, client, format, out).await;
+        }
+        AllocCommand::Checkpoint { id, mode } => {
+            return super::checkpoints::checkpoint(client, id, *mode, format, out).await;
+        }
+        AllocCommand::Migrate { id, to, mode } => {
+            return super::checkpoints::migrate(client, id, to.as_deref(), *mode, format, out)
+                .await;
         }
         AllocCommand::Logs { id, follow, tail } => {
             let mut response = client

@@ -10,6 +10,7 @@
 //! - [`context`]: `novacron context list|use|show`.
 //! - [`exec`]: `novacron exec` and `novacron alloc exec` (remote commands, live).
 
+pub mod checkpoints;
 pub mod client;
 pub mod config;
 pub mod context;
@@ -137,6 +138,9 @@ pub enum Command {
     /// Inspect the fleet's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Stored checkpoints.
+    #[command(subcommand)]
+    Checkpoint(checkpoints::CheckpointCommand),
     /// Show the event log (decisions, state changes, operator calls); --follow streams it.
     Events(events::EventsArgs),
     /// Run a command on nodes' hosts, live; exits with its exit code (124: timed
@@ -352,6 +356,10 @@ pub async fn run(
         Command::Node(cmd) => {
             let client = connect(cli, env, now)?;
             nodes::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Checkpoint(cmd) => {
+            let client = connect(cli, env, now)?;
+            checkpoints::run(cmd, &client, cli.output, out, now).await
         }
         Command::Events(args) => {
             let client = connect(cli, env, now)?;

@@ -26,6 +26,16 @@ pub enum NodeCommand {
         /// The node's name.
         name: String,
     },
+    /// Cordon a node and move its running allocations elsewhere with their state.
+    Drain {
+        /// The node's name.
+        name: String,
+        /// Migrate each allocation (checkpoint, transfer, restore; one after
+        /// another). Required: draining by restarting elsewhere is what losing the
+        /// node does already.
+        #[arg(long)]
+        migrate: bool,
+    },
 }
 
 /// Runs a node command against `client`.
@@ -44,6 +54,14 @@ pub async fn run(
         NodeCommand::Show { name } => {
             let node: NodeView = client.get(&["v1", "nodes", name]).await?;
             output::write_one(out, format, &node, || detail(&node, now))?;
+        }
+        NodeCommand::Drain { name, migrate } => {
+            if !migrate {
+                return Err(CliError::Usage(format!(
+                    "`node drain {name}` needs --migrate: it moves each allocation with its state"
+                )));
+            }
+            return super::checkpoints::drain(client, name, format, out).await;
         }
     }
     Ok(())

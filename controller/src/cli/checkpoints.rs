@@ -1,0 +1,279 @@
+//! `novacron alloc checkpoint`, `novacron alloc migrate`, `novacron checkpoint
+//! list` and `novacron node drain --migrate`.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use novacron_common::checkpoint::{BundleInfo, CheckpointMode};
+use serde::Serialize;
+
+use super::CliError;
+use super::client::ApiClient;
+use super::output::{self, OutputError, OutputFormat, TableRow};
+use crate::migrate::{MigrationStatus, Phase};
+use crate::migrate_api::DrainResult;
+
+/// `novacron checkpoint ...`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum CheckpointCommand {
+    /// List stored checkpoints, newest first.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only this allocation's.
+        #[arg(long)]
+        alloc: Option<String>,
+    },
+}
+
+#[derive(Serialize)]
+struct ModeBody<'a> {
+    mode: Option<CheckpointMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+}
+
+/// `novacron alloc checkpoint ID [--mode M]`.
+pub async fn checkpoint(
+    client: &ApiClient,
+    id: &str,
+    mode: Option<CheckpointMode>,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let info: BundleInfo = client
+        .post(
+            &["v1", "allocations", id, "checkpoint"],
+            &ModeBody { mode, to: None },
+        )
+        .await?;
+    output::write_one(out, format, &info, || {
+        format!(
+            "checkpoint of {} taken on {} ({}, {}, dump {} ms)\n  {}\n",
+            info.alloc,
+            info.node,
+            info.mode,
+            human_bytes(info.size),
+            info.dump_ms,
+            info.digest
+        )
+    })?;
+    Ok(())
+}
+
+/// `novacron checkpoint list`.
+pub async fn run(
+    cmd: &CheckpointCommand,
+    client: &ApiClient,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    now: SystemTime,
+) -> Result<(), CliError> {
+    let CheckpointCommand::List { job, alloc } = cmd;
+    let mut query = Vec::new();
+    if let Some(j) = job {
+        query.push(("job", j.clone()));
+    }
+    if let Some(a) = alloc {
+        query.push(("alloc", a.clone()));
+    }
+    let list: Vec<BundleInfo> = client
+        .get_with_query(&["v1", "checkpoints"], &query)
+        .await?;
+    output::write_list(out, format, &list, now)?;
+    Ok(())
+}
+
+impl TableRow for BundleInfo {
+    fn headers() -> &'static [&'static str] {
+        &["DIGEST", "ALLOC", "JOB", "NODE", "MODE", "SIZE", "DUMP", "AGE"]
+    }
+
+    fn cells(&self, now: SystemTime) -> Vec<String> {
+        let age = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            .saturating_sub(self.created_unix_ms);
+        vec![
+            self.digest[..12.min(self.digest.len())].to_string(),
+            self.alloc.clone(),
+            self.job.clone(),
+            self.node.clone(),
+            self.mode.to_string(),
+            human_bytes(self.size),
+            format!("{} ms", self.dump_ms),
+            format!("{}s", age / 1000),
+        ]
+    }
+}
+
+/// `novacron alloc migrate ID [--to NODE] [--mode M]`: starts the migration and
+/// follows it with a progress bar (on a terminal) until it completes or rolls back.
+pub async fn migrate(
+    client: &ApiClient,
+    id: &str,
+    to: Option<&str>,
+    mode: Option<CheckpointMode>,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let started: MigrationStatus = client
+        .post(&["v1", "allocations", id, "migrate"], &ModeBody { mode, to })
+        .await?;
+    let done = follow(client, &started, format == OutputFormat::Table).await?;
+    finish(&done, format, out)
+}
+
+async fn follow(
+    client: &ApiClient,
+    started: &MigrationStatus,
+    show: bool,
+) -> Result<MigrationStatus, CliError> {
+    let bar = if show && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} {msg:14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!(
+            "{} {} → {}",
+            started.alloc, started.from, started.to
+        ));
+        Some(bar)
+    } else {
+        None
+    };
+    let mut last_phase = None;
+    loop {
+        let s: MigrationStatus = client.get(&["v1", "migrations", &started.id]).await?;
+        if let Some(bar) = &bar {
+            bar.set_length(s.bytes_total);
+            bar.set_position(s.bytes_done);
+            bar.set_message(phase_name(s.phase));
+        } else if show && last_phase != Some(s.phase) {
+            eprintln!("{}: {}", started.id, phase_name(s.phase));
+        }
+        last_phase = Some(s.phase);
+        if s.finished_unix_ms.is_some() {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn finish(s: &MigrationStatus, format: OutputFormat, out: &mut dyn Write) -> Result<(), CliError> {
+    output::write_one(out, format, s, || match s.phase {
+        Phase::Completed => format!(
+            "{} migrated {} from {} to {} ({} moved, {} ms from checkpoint to running)\n",
+            s.id,
+            s.alloc,
+            s.from,
+            s.to,
+            human_bytes(s.bytes_total),
+            s.downtime_ms.unwrap_or(0)
+        ),
+        _ => String::new(),
+    })?;
+    if s.phase != Phase::Completed {
+        return Err(CliError::Remote {
+            code: 1,
+            message: format!(
+                "{}: migration of {} to {} failed: {}",
+                s.id,
+                s.alloc,
+                s.to,
+                s.error.as_deref().unwrap_or("unknown")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `novacron node drain NAME --migrate`.
+pub async fn drain(
+    client: &ApiClient,
+    name: &str,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    if format == OutputFormat::Table {
+        eprintln!("draining {name}: cordoned; migrating its allocations one after another");
+    }
+    let result: DrainResult = client
+        .post(&["v1", "nodes", name, "drain"], &serde_json::json!({}))
+        .await?;
+    output::write_one(out, format, &result, || {
+        let mut text = String::new();
+        for m in &result.migrations {
+            let how = match m.phase {
+                Phase::Completed => format!(
+                    "moved to {} ({} ms from checkpoint to running)",
+                    m.to,
+                    m.downtime_ms.unwrap_or(0)
+                ),
+                _ => format!(
+                    "stayed on {name}: {}",
+                    m.error.as_deref().unwrap_or("unknown")
+                ),
+            };
+            text.push_str(&format!("{} {}: {how}\n", m.id, m.alloc));
+        }
+        for (alloc, why) in &result.refused {
+            text.push_str(&format!("{alloc}: not migrated: {why}\n"));
+        }
+        if text.is_empty() {
+            text = format!("{name} is cordoned; it ran no allocation to migrate\n");
+        }
+        text
+    })
+    .map_err(|e: OutputError| CliError::Output(e))?;
+    let failed = result
+        .migrations
+        .iter()
+        .filter(|m| m.phase != Phase::Completed)
+        .count()
+        + result.refused.len();
+    if failed > 0 {
+        return Err(CliError::Remote {
+            code: 1,
+            message: format!("{failed} allocation(s) could not be migrated off {name}"),
+        });
+    }
+    Ok(())
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Checkpointing => "checkpointing",
+        Phase::Transferring => "transferring",
+        Phase::Restoring => "restoring",
+        Phase::Completed => "completed",
+        Phase::RolledBack => "rolled back",
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
