@@ -8,6 +8,10 @@
 //! (one per volume target, members relative to the target). It lives in the cache
 //! directory as `<sha256>.ncb`; `index.json` there lists what this node made.
 //!
+//! [`Checkpointer::checkpoint`] stops the container (before a migration);
+//! [`Checkpointer::checkpoint_running`] pauses it while the state is captured and
+//! lets it go on (periodic checkpoints).
+//!
 //! The filesystem copies are taken **after** the container stopped (CRIU checks the
 //! sizes of the files a process holds open when it restores, so the data must be
 //! exactly as at dump time). Every Docker call carries a timeout. Bundles can come
@@ -313,8 +317,8 @@ impl Checkpointer {
     ///
     /// Live: a CRIU dump that stops the container. Fs: the container is stopped
     /// (`stop_grace` before it is killed). Then the CRIU image, the rootfs diff and
-    /// each of `volume_targets` are copied and packed. The container stays stopped,
-    /// also on error. `dump_ms` runs from the stop or dump request until the state
+    /// each of `volume_targets` are copied and packed. Once stopped, the container
+    /// stays stopped, also on error (a failed dump or stop can leave it running). `dump_ms` runs from the stop or dump request until the state
     /// is captured (CRIU image and file copies; compression not included).
     #[allow(clippy::too_many_arguments)]
     pub async fn checkpoint(
@@ -383,13 +387,19 @@ impl Checkpointer {
     /// Restores the cached bundle `digest` into `new_id`, a container created (not
     /// started) from the bundle's image with the caller's config, and starts it:
     /// from the CRIU image in live mode, normally in fs mode. Verifies the digest
-    /// and checks the whole bundle before anything is changed.
+    /// and checks the whole bundle before anything is changed; an error after that
+    /// can leave `new_id` partly filled, so the caller removes it.
+    ///
+    /// Deleted paths are replayed as overlay whiteouts (overlay2 only; on other
+    /// storage drivers they are logged and left in place).
     pub async fn restore(
         &self,
         digest: &str,
         new_id: &str,
     ) -> Result<CheckpointMode, CheckpointError> {
-        self.verify(digest).await?;
+        let size = self.verify(digest).await?;
+        // Unpacked, a bundle is at least as large as compressed.
+        ensure_space(&self.cache_dir, size)?;
         let docker = self.docker().await?;
         let inspect = timed(
             "inspect",
@@ -399,6 +409,13 @@ impl Checkpointer {
         )
         .await?;
         let id = inspect.id.clone().unwrap_or_else(|| new_id.to_owned());
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(CheckpointError::Daemon {
+                op: "inspect",
+                target: new_id.to_owned(),
+                message: format!("the daemon answered container id {id:?}; expected hex digits"),
+            });
+        }
         let status = inspect.state.as_ref().and_then(|s| s.status);
         if status != Some(ContainerStateStatusEnum::CREATED) {
             return Err(CheckpointError::State {
@@ -627,6 +644,9 @@ impl Checkpointer {
                 .await;
                 let resumed =
                     timed("unpause", &id, CALL_TIMEOUT, docker.unpause_container(&id)).await;
+                if let (Err(_), Err(e)) = (&captured, &resumed) {
+                    warn!(container = %id, error = %e, "could not unpause the container after a failed checkpoint");
+                }
                 let deleted = captured?;
                 resumed?;
                 deleted
@@ -1930,7 +1950,6 @@ mod tests {
             );
         }
         assert!(tar_has_members(&out.join(ROOTFS_TAR)).expect("tar"));
-        // Same content, same digest: bundles are reproducible names of their bytes.
         assert!(size < 100_000, "zstd compressed the image: {size}");
     }
 

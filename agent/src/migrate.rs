@@ -94,7 +94,7 @@ impl CheckpointService {
                     .map_err(|e| e.to_string())
             }
             BiRequest::Release(r) => {
-                let was = self.supervisor.release(&r.alloc_id);
+                let was = self.supervisor.release(&r.alloc_id, r.restore.clone());
                 info!(alloc = %r.alloc_id, was_held = was, "hold released");
                 wire::write_frame(&mut send, &ReleaseReply { result: Ok(()) })
                     .await
@@ -169,7 +169,7 @@ impl CheckpointService {
                 if r.stop {
                     // The source goes on: whatever state the container is in, the
                     // supervisor takes it from here (a stopped one restarts).
-                    self.supervisor.release(alloc);
+                    self.supervisor.release(alloc, None);
                 }
                 Err(format!(
                     "checkpoint of allocation {alloc} on node {node} failed: {e}"

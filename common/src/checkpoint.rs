@@ -214,10 +214,10 @@ mod tests {
             resolve_mode(CheckpointMode::Auto, false, "x"),
             Ok(CheckpointMode::Fs)
         );
-        let e = resolve_mode(CheckpointMode::Live, false, "criu missing").unwrap_err();
+        let e = resolve_mode(CheckpointMode::Live, false, "criu missing").expect_err("an error");
         assert!(e.contains("criu missing") && e.contains("fs or auto"), "{e}");
         assert_eq!("fs".parse(), Ok(CheckpointMode::Fs));
-        assert!("hot".parse::<CheckpointMode>().unwrap_err().contains("live, fs, auto"));
+        assert!("hot".parse::<CheckpointMode>().expect_err("unknown mode").contains("live, fs, auto"));
     }
 
     #[test]

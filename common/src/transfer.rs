@@ -205,7 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let e = receive_fetch(&mut b, &dir.path().join("p"), 0, |_, _| {})
             .await
-            .unwrap_err();
+            .expect_err("an error");
         assert!(e.to_string().contains("not stored here"), "{e}");
 
         let (mut a, mut b) = tokio::io::duplex(1024);
@@ -213,7 +213,7 @@ mod tests {
         serve_fetch(&request, |_| None, &mut a).await.expect("answered");
         let e = receive_fetch(&mut b, &dir.path().join("p"), 0, |_, _| {})
             .await
-            .unwrap_err();
+            .expect_err("an error");
         assert!(e.to_string().contains("64 lowercase hex"), "{e}");
     }
 }

@@ -658,6 +658,10 @@ pub struct ReleaseRequest {
     pub protocol_version: u16,
     /// The allocation.
     pub alloc_id: String,
+    /// Restore it from this bundle (a rolled-back migration) rather than restart
+    /// the stopped container; applies at once, whether or not the desired set that
+    /// says the same has arrived yet.
+    pub restore: Option<RestoreFrom>,
 }
 
 /// The answer to a [`ReleaseRequest`].

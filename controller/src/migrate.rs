@@ -372,7 +372,8 @@ impl Migrations {
         let by = by.to_string();
         tokio::spawn(async move {
             me.run_migration(&id, &by).await;
-            me.lock().busy.remove(&me.status(&id).map(|s| s.alloc).unwrap_or_default());
+            let alloc = me.status(&id).map(|s| s.alloc).unwrap_or_default();
+            me.lock().busy.remove(&alloc);
         });
         Ok(status)
     }
@@ -457,7 +458,7 @@ impl Migrations {
         }
         let downtime = started.elapsed();
         // 4. Switch over: the source removes its stopped container.
-        if let Err(e) = self.release(&from, &alloc).await {
+        if let Err(e) = self.release(&from, &alloc, None).await {
             warn!(%alloc, node = %from, error = %e, "cannot release the source's hold; it expires by itself");
         }
         if let Err(e) = self.workloads.clear_restore(&alloc) {
@@ -511,16 +512,17 @@ impl Migrations {
                 Err(e) => rollback = format!("cannot move it back to {from}: {e}"),
             }
         }
-        if let Err(e) = self.release(from, alloc).await {
+        if let Err(e) = self.release(from, alloc, bundle.map(restore_of)).await {
             warn!(%alloc, node = %from, error = %e, "cannot release the source's hold; it expires by itself");
         }
         if bundle.is_some() {
             match self.wait_running(alloc, from).await {
-                Ok(()) => {
-                    let _ = self.workloads.clear_restore(alloc);
-                }
+                Ok(()) => {}
                 Err(e) => rollback = format!("{rollback}, but it did not come back: {e}"),
             }
+        }
+        if let Err(e) = self.workloads.clear_restore(alloc) {
+            warn!(%alloc, error = %e, "cannot clear the restore mark");
         }
         let now = unix_ms(SystemTime::now());
         let error = format!("{reason}; rolled back: {rollback}");
@@ -545,13 +547,17 @@ impl Migrations {
     /// Waits until `alloc` runs on `node` (and is not unhealthy), or fails.
     async fn wait_running(&self, alloc: &str, node: &str) -> Result<(), String> {
         let deadline = Instant::now() + RESTORE_TIMEOUT;
+        let checked = self.workloads.has_health_check(alloc);
         loop {
             let a = self.workloads.allocation(alloc).map_err(|e| e.to_string())?;
             if a.node != node {
                 return Err(format!("allocation {alloc} moved to {} meanwhile", a.node));
             }
             match a.state {
-                AllocState::Running if a.healthy != Some(false) => return Ok(()),
+                AllocState::Running if a.healthy == Some(true) || !checked => return Ok(()),
+                AllocState::Migrating if a.message.starts_with("restore failed") => {
+                    return Err(format!("{alloc} on {node}: {}", a.message));
+                }
                 AllocState::Failed | AllocState::Lost | AllocState::Stopped => {
                     return Err(format!("{alloc} is {} on {node}: {}", a.state, a.message));
                 }
@@ -629,7 +635,12 @@ impl Migrations {
         Ok(info)
     }
 
-    async fn release(&self, node: &str, alloc: &str) -> Result<(), MigrateError> {
+    async fn release(
+        &self,
+        node: &str,
+        alloc: &str,
+        restore: Option<RestoreFrom>,
+    ) -> Result<(), MigrateError> {
         let (mut send, mut recv) = self.open(node).await?;
         let lost = |e: String| MigrateError::Failed(format!("link to {node}: {e}"));
         wire::write_frame(
@@ -637,6 +648,7 @@ impl Migrations {
             &BiRequest::Release(ReleaseRequest {
                 protocol_version: PROTOCOL_VERSION,
                 alloc_id: alloc.to_string(),
+                restore,
             }),
         )
         .await

@@ -206,9 +206,10 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     });
 
     let cancel = CancellationToken::new();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(workloads.clone().run(cancel.clone())));
-    tasks.push(tokio::spawn(migrations.run(spot_rx, cancel.clone())));
+    let mut tasks = vec![
+        tokio::spawn(workloads.clone().run(cancel.clone())),
+        tokio::spawn(migrations.run(spot_rx, cancel.clone())),
+    ];
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
     tasks.push(tokio::spawn(crate::pools::run(
         api_state.clone(),

@@ -150,6 +150,8 @@ struct State {
     /// Checkpoints of lost allocations, per job, waiting for the replacements the
     /// same pass places (bounded by the lost allocations of one pass).
     recoveries: BTreeMap<String, VecDeque<(u64, RestoreFrom, String)>>,
+    /// Allocations being moved by a migration (or its rollback).
+    migrating: BTreeSet<String>,
 }
 
 /// Where the workload manager finds an allocation's latest checkpoint, for
@@ -497,6 +499,7 @@ impl Workloads {
             failures,
             dirty_allocs,
             events,
+            migrating,
             ..
         } = &mut *st;
         for status in &report.allocations {
@@ -515,6 +518,14 @@ impl Workloads {
                 a.exit_code,
                 a.message.clone(),
             );
+            if migrating.contains(&a.id) && status.state.is_terminal() {
+                // A restore that failed during a migration is the migration's to
+                // roll back, not the reconciler's to replace.
+                a.state = AllocState::Migrating;
+                a.healthy = None;
+                a.message = format!("restore failed: {}", status.message);
+                continue;
+            }
             if status.state == AllocState::Failed {
                 let f = failures.entry((a.job.clone(), a.version)).or_default();
                 f.count += 1;
@@ -1109,6 +1120,16 @@ impl Workloads {
             .and_then(|j| j.spec.checkpoint.clone()))
     }
 
+    /// Whether the job of `alloc` has a health check (a migration then waits for
+    /// it to pass on the target before switching over).
+    pub fn has_health_check(&self, alloc: &str) -> bool {
+        let st = self.lock();
+        st.allocs
+            .get(alloc)
+            .and_then(|a| st.jobs.get(&a.job)?.parsed.get(&a.version))
+            .is_some_and(|j| j.spec.health.is_some())
+    }
+
     /// Moves a live allocation to `node`, to start there from `restore` (migration,
     /// and its rollback). Both nodes get new desired sets at once.
     pub fn relocate(
@@ -1132,6 +1153,7 @@ impl Workloads {
         }
         info!(alloc = %id, from = %a.node, to = %node, %why, "relocating allocation");
         a.node = node.to_string();
+        let moving = restore.is_some();
         a.restore = restore;
         a.state = AllocState::Pending;
         a.healthy = None;
@@ -1139,6 +1161,9 @@ impl Workloads {
         a.message = why.to_string();
         a.updated_unix_ms = unix_ms(now);
         st.dirty_allocs.insert(id.to_string());
+        if moving {
+            st.migrating.insert(id.to_string());
+        }
         drop(st);
         self.persist()?;
         self.publish();
@@ -1209,9 +1234,11 @@ impl Workloads {
         }
     }
 
-    /// Forgets the checkpoint an allocation started from, once it runs.
+    /// Forgets the checkpoint an allocation started from, once it runs (or its
+    /// migration ended).
     pub fn clear_restore(&self, id: &str) -> Result<(), WorkloadError> {
         let mut st = self.lock();
+        st.migrating.remove(id);
         if let Some(a) = st.allocs.get_mut(id)
             && a.restore.take().is_some()
         {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use novacron_common::wire::{
     AllocState, AllocationReport, AllocationSpec, AllocationStatus, DesiredAllocations,
-    HealthCheckKind, HealthSpec,
+    HealthCheckKind, HealthSpec, RestoreFrom,
 };
 
 use super::restart::{RestartDecision, RestartWindow};
@@ -261,10 +261,15 @@ impl Reconciler {
 
     /// Ends the hold on `alloc`; what is observed next decides what happens to it.
     /// Returns whether it was held.
-    pub fn release(&mut self, alloc: &str) -> bool {
+    pub fn release(&mut self, alloc: &str, restore: Option<RestoreFrom>) -> bool {
         self.epoch += 1;
         if let Some(rec) = self.records.get_mut(alloc) {
             rec.changed_epoch = self.epoch;
+            if let (Some(from), Some(desired)) = (restore, rec.desired.as_mut()) {
+                let mut spec = (*desired.spec).clone();
+                spec.restore = Some(from);
+                desired.spec = Arc::new(spec);
+            }
         }
         self.holds.remove(alloc).is_some()
     }

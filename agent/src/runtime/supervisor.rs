@@ -181,8 +181,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
     }
 
     /// Ends a hold; the allocation is reconciled again at once.
-    pub fn release(&self, alloc: &str) -> bool {
-        let was = self.inner.core().release(alloc);
+    pub fn release(&self, alloc: &str, restore: Option<RestoreFrom>) -> bool {
+        let was = self.inner.core().release(alloc, restore);
         self.inner.mark_all_stale();
         self.inner.wake.notify_one();
         was
