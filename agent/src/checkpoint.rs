@@ -719,6 +719,7 @@ impl Checkpointer {
             docker.create_checkpoint(id, options),
         )
         .await
+        .map_err(with_criu_log)
     }
 
     /// Copies the CRIU image `criu_name` (then drops Docker's copy), the rootfs
@@ -1103,6 +1104,50 @@ where
     .await;
     driver.abort();
     result
+}
+
+/// Docker reports a failed dump as "criu failed: ... path= <dir>/criu-dump.log";
+/// that file (on this host, and gone once the container is removed) says why.
+/// The error gets its `Error` lines.
+fn with_criu_log(e: CheckpointError) -> CheckpointError {
+    let CheckpointError::Daemon {
+        op,
+        target,
+        message,
+    } = e
+    else {
+        return e;
+    };
+    let Some(path) = message
+        .split_whitespace()
+        .find(|w| w.ends_with("criu-dump.log") || w.ends_with("criu-dump.log:"))
+        .map(|w| w.trim_end_matches(':').to_owned())
+    else {
+        return CheckpointError::Daemon {
+            op,
+            target,
+            message,
+        };
+    };
+    let errors: Vec<String> = std::fs::read_to_string(&path)
+        .map(|log| {
+            log.lines()
+                .filter(|l| l.contains("Error"))
+                .take(5)
+                .map(|l| l.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let message = if errors.is_empty() {
+        message
+    } else {
+        format!("{message}; CRIU says: {}", errors.join(" | "))
+    };
+    CheckpointError::Daemon {
+        op,
+        target,
+        message,
+    }
 }
 
 async fn timed<T, E: Display>(

@@ -756,24 +756,35 @@ impl Migrations {
         Ok(())
     }
 
+    /// Cordons `node` (nothing new is placed there) and returns its running
+    /// allocations, the ones a drain migrates.
+    pub fn cordon(&self, node: &str, by: &str) -> Result<Vec<String>, MigrateError> {
+        self.registry
+            .set_cordoned(node, true)
+            .map_err(|e| MigrateError::NotFound(e.to_string()))?;
+        let allocs: Vec<String> = self
+            .workloads
+            .allocations(None, Some(node))
+            .into_iter()
+            .filter(|a| a.desired_run && a.state == AllocState::Running)
+            .map(|a| a.id)
+            .collect();
+        info!(%node, %by, allocations = allocs.len(), "node cordoned for a drain");
+        Ok(allocs)
+    }
+
     /// Migrates every running allocation off `node` (one after another), for
-    /// `node drain --migrate` and spot notices. Returns the migrations started;
+    /// spot notices. Returns the migrations started;
     /// allocations that cannot migrate are listed with why.
     pub async fn drain(
         self: &Arc<Self>,
         node: &str,
         by: &str,
     ) -> Result<(Vec<MigrationStatus>, Vec<(String, String)>), MigrateError> {
-        self.registry
-            .set_cordoned(node, true)
-            .map_err(|e| MigrateError::NotFound(e.to_string()))?;
         let mut started = Vec::new();
         let mut refused = Vec::new();
-        for a in self.workloads.allocations(None, Some(node)) {
-            if !a.desired_run || a.state != AllocState::Running {
-                continue;
-            }
-            match self.start_migration(&a.id, None, None, by) {
+        for id in self.cordon(node, by)? {
+            match self.start_migration(&id, None, None, by) {
                 Ok(s) => {
                     // One at a time: the next starts once this one ended.
                     let id = s.id.clone();
@@ -785,7 +796,7 @@ impl Migrations {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                Err(e) => refused.push((a.id.clone(), e.to_string())),
+                Err(e) => refused.push((id, e.to_string())),
             }
         }
         Ok((started, refused))

@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use crate::api::{ApiState, Caller, Problem};
 use crate::migrate::{MigrateError, MigrationStatus};
 
+
 /// The routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
@@ -135,27 +136,27 @@ async fn show_migration(
 
 /// The answer of `POST /v1/nodes/{name}/drain`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct DrainResult {
-    /// Migrations carried out, in order.
-    pub migrations: Vec<MigrationStatus>,
-    /// Allocations that could not migrate, with why.
-    pub refused: Vec<(String, String)>,
+pub struct DrainPlan {
+    /// The node, now cordoned.
+    pub node: String,
+    /// Its running allocations, to migrate one after another
+    /// (`POST /v1/allocations/{id}/migrate`).
+    pub allocations: Vec<String>,
 }
 
-#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned, and each running allocation migrated (one after another) or refused", body = DrainResult), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (nothing new is placed there); the running allocations to migrate", body = DrainPlan), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn drain_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     Path(name): Path<String>,
-) -> Result<Json<DrainResult>, Problem> {
+) -> Result<Json<DrainPlan>, Problem> {
     caller.require(Role::Operator)?;
-    let (migrations, refused) = st
+    let allocations = st
         .migrations
-        .drain(&name, &caller.0.to_string())
-        .await
+        .cordon(&name, &caller.0.to_string())
         .map_err(problem)?;
-    Ok(Json(DrainResult {
-        migrations,
-        refused,
+    Ok(Json(DrainPlan {
+        node: name,
+        allocations,
     }))
 }

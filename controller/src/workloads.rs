@@ -129,7 +129,7 @@ impl JobEntry {
 #[derive(Debug)]
 struct NodeDesired {
     generation: u64,
-    key: Vec<(String, u64)>,
+    key: Vec<(String, u64, Option<String>)>,
     tx: watch::Sender<Arc<DesiredAllocations>>,
 }
 
@@ -536,6 +536,34 @@ impl Workloads {
             a.restarts = status.restarts;
             a.exit_code = status.exit_code;
             a.message = status.message.clone();
+            if !migrating.contains(&a.id)
+                && let Some(r) = &a.restore
+            {
+                if a.state == AllocState::Running {
+                    // Restored (recovery): a later restart starts the container
+                    // as it is, not from this older checkpoint.
+                    a.restore = None;
+                } else if status.message.contains("restoring checkpoint") {
+                    // The checkpoint cannot be used (corrupt, gone, wrong node):
+                    // availability first, the replacement starts from scratch.
+                    warn!(alloc = %a.id, %node, checkpoint = %r.digest, message = %status.message, "checkpoint unusable; starting from scratch");
+                    events.push(
+                        NewEvent::new(
+                            kind::CHECKPOINT_FAILED,
+                            format!("node/{node}"),
+                            format!(
+                                "{} could not restore checkpoint {} on {node} ({}); it starts from scratch",
+                                a.id, r.digest, status.message
+                            ),
+                        )
+                        .node(node)
+                        .job(&a.job)
+                        .alloc(&a.id)
+                        .detail("checkpoint", &r.digest),
+                    );
+                    a.restore = None;
+                }
+            }
             let checked = jobs
                 .get(&a.job)
                 .and_then(|e| e.parsed.get(&a.version))
@@ -1293,9 +1321,15 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
 /// Sends `specs` to the node's channel with a new generation if they changed.
 fn send_if_changed(desired: Option<&mut NodeDesired>, specs: Vec<AllocationSpec>) {
     let Some(desired) = desired else { return };
-    let key: Vec<(String, u64)> = specs
+    let key: Vec<(String, u64, Option<String>)> = specs
         .iter()
-        .map(|s| (s.id.clone(), s.job_version))
+        .map(|s| {
+            (
+                s.id.clone(),
+                s.job_version,
+                s.restore.as_ref().map(|r| r.digest.clone()),
+            )
+        })
         .collect();
     if key == desired.key && desired.generation > 0 {
         return;

@@ -97,6 +97,18 @@ struct Setup {
 /// A controller, agent `a` on daemon A running the counter job (mode `mode`), and
 /// agent `b` on daemon B. `image_on_b`: build the image on B too.
 async fn setup(test: &str, mode: &str, image_on_b: bool) -> Option<Setup> {
+    setup_with(test, mode, image_on_b, &[], "").await
+}
+
+/// [`setup`] with extra flags for agent a and extra lines for the job's
+/// `checkpoint:` block.
+async fn setup_with(
+    test: &str,
+    mode: &str,
+    image_on_b: bool,
+    a_args: &[&str],
+    checkpoint_extra: &str,
+) -> Option<Setup> {
     let d = daemons(test)?;
     let image = counter_image(Some(&d.a)).expect("counter image on A");
     let image = if image_on_b {
@@ -121,11 +133,13 @@ async fn setup(test: &str, mode: &str, image_on_b: bool) -> Option<Setup> {
         job: job.clone(),
         volume: volume.clone(),
     };
+    let mut args = vec!["--docker-host", d.a.as_str()];
+    args.extend_from_slice(a_args);
     let a = Agent::join_and_run(
         dir.path(),
         &controller,
         &format!("ma{pid}-{}", &test[..4.min(test.len())]),
-        &["--docker-host", &d.a],
+        &args,
     )
     .await
     .expect("agent a");
@@ -162,7 +176,7 @@ spec:
   checkpoint:
     mode: {mode}
     keep: 2
-"
+{checkpoint_extra}"
     );
     controller.apply("counter.yaml", &manifest).await.expect("apply");
     wait_for(Duration::from_secs(60), "the counter serves on a", || async {
@@ -381,4 +395,139 @@ async fn a_lost_node_s_allocation_restores_from_its_latest_checkpoint() {
     let replacement = the_alloc(&s).await;
     assert_ne!(replacement.id, alloc.id);
     assert_eq!(replacement.node, s.agents[1].name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_checkpoint_is_refused_by_digest_and_the_replacement_starts_fresh() {
+    let Some(mut s) = setup("corrupt", "live", true).await else {
+        return;
+    };
+    for n in 1..=3 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let alloc = the_alloc(&s).await;
+    let out = s
+        .controller
+        .cli(&["alloc", "checkpoint", &alloc.id, "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let digest = info["digest"].as_str().expect("digest").to_string();
+    // Flip one byte in the controller's stored copy.
+    let stored = s
+        .controller
+        .data_dir
+        .join("bundles")
+        .join("sha256")
+        .join(&digest);
+    let mut bytes = std::fs::read(&stored).expect("the stored bundle");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&stored, &bytes).expect("corrupt it");
+    // The node dies; its replacement must not restore the corrupted bundle.
+    s.agents[0].kill().await;
+    for id in docker_on(
+        &s.d.a,
+        &["ps", "-aq", "--filter", &format!("label=novacron.job={}", s.job)],
+    )
+    .expect("ps")
+    .lines()
+    {
+        docker_on(&s.d.a, &["rm", "-f", id]).expect("rm");
+    }
+    wait_for(Duration::from_secs(90), "the replacement serves", || async {
+        get(s.port, "/health").await.is_ok()
+    })
+    .await
+    .expect("replacement up");
+    // From scratch, not from the damaged state.
+    assert_eq!(get(s.port, "/count").await.expect("count"), "0");
+    let events = s.controller.cli(&["events", "--type", "checkpoint", "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains(&digest) && events.contains("starts from scratch"),
+        "{events}"
+    );
+    assert!(
+        s.agents[1].log().contains(&digest) && s.agents[1].log().contains("is corrupt"),
+        "agent b: {}",
+        s.agents[1].log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_notice_moves_the_work_away_before_the_deadline() {
+    let notice = tempfile::NamedTempFile::new().expect("notice file");
+    let path = notice.path().to_str().expect("utf-8 path").to_string();
+    let Some(s) = setup_with("spot", "auto", true, &["--spot-notice", &path], "    interval: 10s\n").await
+    else {
+        return;
+    };
+    for n in 1..=2 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let alloc = the_alloc(&s).await;
+    // The job's interval takes periodic checkpoints on its own.
+    wait_for(Duration::from_secs(40), "a periodic checkpoint", || async {
+        let out = s.controller.cli(&["checkpoint", "list", "--alloc", &alloc.id, "-o", "json"]);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).is_ok_and(|l| !l.is_empty())
+    })
+    .await
+    .expect("periodic checkpoint");
+    // The provider announces the end of node a in two minutes.
+    let in_two_minutes = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + 120;
+    let deadline =
+        chrono::DateTime::from_timestamp(in_two_minutes as i64, 0).expect("a valid time");
+    std::fs::write(
+        &path,
+        format!(
+            "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
+            deadline.format("%Y-%m-%dT%H:%M:%SZ")
+        ),
+    )
+    .expect("write the notice");
+    wait_for(Duration::from_secs(60), "moved to b", || async {
+        s.controller
+            .job(&s.job)
+            .await
+            .is_ok_and(|j| {
+                j.allocations.iter().any(|a| {
+                    a.id == alloc.id && a.node == s.agents[1].name && a.state == AllocState::Running
+                })
+            })
+    })
+    .await
+    .expect("the spot notice moved the allocation");
+    assert_eq!(get(s.port, "/count").await.expect("count"), "2");
+    let events = s.controller.cli(&["events", "--node", &s.agents[0].name, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("node.spot_notice"), "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_drain_migrate_moves_every_allocation_with_its_state() {
+    let Some(s) = setup("drain", "live", true).await else {
+        return;
+    };
+    for n in 1..=3 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let refused = s.controller.cli(&["node", "drain", &s.agents[0].name]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--migrate"));
+    let out = s
+        .controller
+        .cli(&["node", "drain", &s.agents[0].name, "--migrate"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved to"));
+    assert_eq!(the_alloc(&s).await.node, s.agents[1].name);
+    assert_eq!(get(s.port, "/count").await.expect("count"), "3");
 }

@@ -265,6 +265,10 @@ impl Reconciler {
         self.epoch += 1;
         if let Some(rec) = self.records.get_mut(alloc) {
             rec.changed_epoch = self.epoch;
+            // What was known before the hold is stale: wait for a fresh look.
+            rec.state = AllocState::Pending;
+            rec.observed = false;
+            rec.message = "released; looking at its container".into();
             if let (Some(from), Some(desired)) = (restore, rec.desired.as_mut()) {
                 let mut spec = (*desired.spec).clone();
                 spec.restore = Some(from);
@@ -675,6 +679,7 @@ impl Reconciler {
             .iter()
             .map(|(id, rec)| {
                 let mut message = rec.message.clone();
+                let held = self.holds.contains_key(id);
                 if rec.state == AllocState::Pending
                     && let Some(e) = &self.runtime_error
                 {
@@ -682,7 +687,7 @@ impl Reconciler {
                 }
                 AllocationStatus {
                     id: id.clone(),
-                    state: rec.state,
+                    state: if held { AllocState::Checkpointing } else { rec.state },
                     healthy: rec.healthy,
                     restarts: rec.restarts,
                     exit_code: rec.exit_code,

@@ -13,7 +13,7 @@ use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputError, OutputFormat, TableRow};
 use crate::migrate::{MigrationStatus, Phase};
-use crate::migrate_api::DrainResult;
+use crate::migrate_api::DrainPlan;
 
 /// `novacron checkpoint ...`.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
@@ -200,22 +200,55 @@ fn finish(s: &MigrationStatus, format: OutputFormat, out: &mut dyn Write) -> Res
     Ok(())
 }
 
-/// `novacron node drain NAME --migrate`.
+/// What `node drain --migrate` did, for `-o json|yaml`.
+#[derive(Debug, Serialize)]
+struct DrainReport {
+    node: String,
+    migrations: Vec<MigrationStatus>,
+    refused: Vec<(String, String)>,
+}
+
+/// `novacron node drain NAME --migrate`: cordons the node, then migrates its
+/// running allocations one after another, each with its progress bar.
 pub async fn drain(
     client: &ApiClient,
     name: &str,
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    if format == OutputFormat::Table {
-        eprintln!("draining {name}: cordoned; migrating its allocations one after another");
-    }
-    let result: DrainResult = client
+    let plan: DrainPlan = client
         .post(&["v1", "nodes", name, "drain"], &serde_json::json!({}))
         .await?;
-    output::write_one(out, format, &result, || {
+    let table = format == OutputFormat::Table;
+    if table {
+        eprintln!(
+            "{name} is cordoned; migrating {} allocation(s) one after another",
+            plan.allocations.len()
+        );
+    }
+    let mut report = DrainReport {
+        node: plan.node.clone(),
+        migrations: Vec::new(),
+        refused: Vec::new(),
+    };
+    for id in &plan.allocations {
+        let started: Result<MigrationStatus, _> = client
+            .post(
+                &["v1", "allocations", id, "migrate"],
+                &ModeBody {
+                    mode: None,
+                    to: None,
+                },
+            )
+            .await;
+        match started {
+            Ok(s) => report.migrations.push(follow(client, &s, table).await?),
+            Err(e) => report.refused.push((id.clone(), e.to_string())),
+        }
+    }
+    output::write_one(out, format, &report, || {
         let mut text = String::new();
-        for m in &result.migrations {
+        for m in &report.migrations {
             let how = match m.phase {
                 Phase::Completed => format!(
                     "moved to {} ({} ms from checkpoint to running)",
@@ -229,7 +262,7 @@ pub async fn drain(
             };
             text.push_str(&format!("{} {}: {how}\n", m.id, m.alloc));
         }
-        for (alloc, why) in &result.refused {
+        for (alloc, why) in &report.refused {
             text.push_str(&format!("{alloc}: not migrated: {why}\n"));
         }
         if text.is_empty() {
@@ -238,12 +271,12 @@ pub async fn drain(
         text
     })
     .map_err(|e: OutputError| CliError::Output(e))?;
-    let failed = result
+    let failed = report
         .migrations
         .iter()
         .filter(|m| m.phase != Phase::Completed)
         .count()
-        + result.refused.len();
+        + report.refused.len();
     if failed > 0 {
         return Err(CliError::Remote {
             code: 1,
