@@ -24,8 +24,8 @@ use crate::enroll::{self, EnrollError, JoinOptions, StateDir};
 use crate::exec::HostExecPolicy;
 use crate::link::{self, AgentConfig};
 use crate::migrate::CheckpointService;
-use crate::spot::{SpotSource, SpotWatcher};
 use crate::runtime::{DockerRuntime, Supervisor, SupervisorConfig};
+use crate::spot::{SpotSource, SpotWatcher};
 
 /// Exit code for bad configuration.
 pub const EXIT_CONFIG: i32 = 64;
@@ -242,34 +242,33 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     };
     let supervisor = Supervisor::new(docker, SupervisorConfig::new(enrollment.node_name.clone()));
     let gpus = collect::detect_gpus();
-    let mut capabilities =
-        collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
-    let checkpoints = match Checkpointer::new(
-        args.docker_host.as_deref(),
-        args.state_dir.join("bundles"),
-    ) {
-        Ok(c) => {
-            let c = Arc::new(c);
-            let live = c.live_capability().await;
-            match &live {
-                Ok(()) => info!("live checkpoints (CRIU) are available"),
-                Err(why) => info!(%why, "live checkpoints are not available; fs checkpoints are"),
+    let mut capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
+    let checkpoints =
+        match Checkpointer::new(args.docker_host.as_deref(), args.state_dir.join("bundles")) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                let live = c.live_capability().await;
+                match &live {
+                    Ok(()) => info!("live checkpoints (CRIU) are available"),
+                    Err(why) => {
+                        info!(%why, "live checkpoints are not available; fs checkpoints are")
+                    }
+                }
+                capabilities.live_checkpoint = live.is_ok();
+                let service = Arc::new(CheckpointService::new(
+                    enrollment.node_name.clone(),
+                    supervisor.clone(),
+                    c,
+                    live,
+                ));
+                supervisor.set_restorer(service.clone());
+                Some(service)
             }
-            capabilities.live_checkpoint = live.is_ok();
-            let service = Arc::new(CheckpointService::new(
-                enrollment.node_name.clone(),
-                supervisor.clone(),
-                c,
-                live,
-            ));
-            supervisor.set_restorer(service.clone());
-            Some(service)
-        }
-        Err(e) => {
-            warn!(error = %e, "checkpoints are disabled on this node");
-            None
-        }
-    };
+            Err(e) => {
+                warn!(error = %e, "checkpoints are disabled on this node");
+                None
+            }
+        };
     let spot = args.spot_notice.as_ref().map(|v| {
         let source = match v.strip_prefix("http://") {
             Some(_) => SpotSource::Http(v.clone()),

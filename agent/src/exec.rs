@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use novacron_common::wire::{
-    self, BiRequest, CloseCode, ExecEvent, ExecRequest, ExecStream, ExecTarget, FrameError, MAX_EXEC_CHUNK,
-    PROTOCOL_VERSION,
+    self, BiRequest, CloseCode, ExecEvent, ExecRequest, ExecStream, ExecTarget, FrameError,
+    MAX_EXEC_CHUNK, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;

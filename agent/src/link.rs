@@ -26,8 +26,8 @@ use crate::collect::Sampler;
 use crate::enroll::{Credentials, EnrollError, Enrollment, StateDir, error_chain};
 use crate::exec::{self, ExecService, HostExecPolicy};
 use crate::migrate::CheckpointService;
-use crate::spot::{SpotNotice, SpotWatcher};
 use crate::runtime::{DockerRuntime, Supervisor};
+use crate::spot::{SpotNotice, SpotWatcher};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -196,7 +196,12 @@ mod tests {
 
     #[test]
     fn retention_keeps_the_newest_per_allocation() {
-        let all = [b("a", '1', 1), b("a", '2', 2), b("a", '3', 3), b("b", '4', 1)];
+        let all = [
+            b("a", '1', 1),
+            b("a", '2', 2),
+            b("a", '3', 3),
+            b("b", '4', 1),
+        ];
         assert_eq!(retain(&all, 2), vec!["1".repeat(64)]);
         assert_eq!(retain(&all, 1), vec!["1".repeat(64), "2".repeat(64)]);
         assert!(retain(&all, 5).is_empty());
@@ -215,9 +220,17 @@ mod tests {
             Ok(CheckpointMode::Fs)
         );
         let e = resolve_mode(CheckpointMode::Live, false, "criu missing").expect_err("an error");
-        assert!(e.contains("criu missing") && e.contains("fs or auto"), "{e}");
+        assert!(
+            e.contains("criu missing") && e.contains("fs or auto"),
+            "{e}"
+        );
         assert_eq!("fs".parse(), Ok(CheckpointMode::Fs));
-        assert!("hot".parse::<CheckpointMode>().expect_err("unknown mode").contains("live, fs, auto"));
+        assert!(
+            "hot"
+                .parse::<CheckpointMode>()
+                .expect_err("unknown mode")
+                .contains("live, fs, auto")
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 pub mod api;
 pub mod autoscale;
-pub mod checkpoint;
 pub mod backoff;
+pub mod checkpoint;
 pub mod config;
 pub mod consolidate;
 pub mod cost;

@@ -201,7 +201,9 @@ mod tests {
     async fn unknown_bundles_and_bad_offsets_are_refused() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let request = fetch_request(&"b".repeat(64), 0);
-        serve_fetch(&request, |_| None, &mut a).await.expect("answered");
+        serve_fetch(&request, |_| None, &mut a)
+            .await
+            .expect("answered");
         let dir = tempfile::tempdir().expect("tempdir");
         let e = receive_fetch(&mut b, &dir.path().join("p"), 0, |_, _| {})
             .await
@@ -210,7 +212,9 @@ mod tests {
 
         let (mut a, mut b) = tokio::io::duplex(1024);
         let request = fetch_request("../../etc/passwd", 0);
-        serve_fetch(&request, |_| None, &mut a).await.expect("answered");
+        serve_fetch(&request, |_| None, &mut a)
+            .await
+            .expect("answered");
         let e = receive_fetch(&mut b, &dir.path().join("p"), 0, |_, _| {})
             .await
             .expect_err("an error");

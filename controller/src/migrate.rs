@@ -411,7 +411,10 @@ impl Migrations {
         let (alloc, from, to) = (status.alloc.clone(), status.from.clone(), status.to.clone());
         let started = Instant::now();
         // 1. Checkpoint on the source, holding the allocation there.
-        let info = match self.request_checkpoint(&from, &alloc, status.mode, true).await {
+        let info = match self
+            .request_checkpoint(&from, &alloc, status.mode, true)
+            .await
+        {
             Ok(info) => info,
             Err(e) => {
                 // The agent released its hold: the source goes on as it was.
@@ -535,7 +538,10 @@ impl Migrations {
             NewEvent::new(
                 kind::MIGRATION_ROLLED_BACK,
                 by,
-                format!("{id}: migration of {alloc} to {} failed: {error}", status.to),
+                format!(
+                    "{id}: migration of {alloc} to {} failed: {error}",
+                    status.to
+                ),
             )
             .node(from)
             .job(&status.job)
@@ -549,7 +555,10 @@ impl Migrations {
         let deadline = Instant::now() + RESTORE_TIMEOUT;
         let checked = self.workloads.has_health_check(alloc);
         loop {
-            let a = self.workloads.allocation(alloc).map_err(|e| e.to_string())?;
+            let a = self
+                .workloads
+                .allocation(alloc)
+                .map_err(|e| e.to_string())?;
             if a.node != node {
                 return Err(format!("allocation {alloc} moved to {} meanwhile", a.node));
             }
@@ -622,7 +631,12 @@ impl Migrations {
             wire::read_frame::<CheckpointReply, _>(&mut recv, &mut scratch),
         )
         .await
-        .map_err(|_| lost(format!("no answer within {} s", CHECKPOINT_TIMEOUT.as_secs())))?
+        .map_err(|_| {
+            lost(format!(
+                "no answer within {} s",
+                CHECKPOINT_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| lost(e.to_string()))?
         .ok_or_else(|| lost("the stream ended without an answer".into()))?;
         let info = reply.result.map_err(MigrateError::Failed)?;
@@ -803,7 +817,11 @@ impl Migrations {
     }
 
     /// The background work: periodic checkpoints by job policy, and spot notices.
-    pub async fn run(self: Arc<Self>, mut spot: mpsc::Receiver<SpotEvent>, cancel: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut spot: mpsc::Receiver<SpotEvent>,
+        cancel: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
@@ -929,7 +947,9 @@ pub async fn serve_agent_streams(conn: quinn::Connection, bundles: Arc<BundleSto
                             info!(%node, digest = %r.digest, offset = r.offset, bytes = n, "bundle sent to node");
                             let _ = send.finish();
                         }
-                        Err(e) => warn!(%node, digest = %r.digest, error = %e, "bundle send failed"),
+                        Err(e) => {
+                            warn!(%node, digest = %r.digest, error = %e, "bundle send failed")
+                        }
                     }
                 }
                 Ok(Ok(Some(_))) => {

@@ -16,7 +16,6 @@ use utoipa_axum::routes;
 use crate::api::{ApiState, Caller, Problem};
 use crate::migrate::{MigrateError, MigrationStatus};
 
-
 /// The routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()

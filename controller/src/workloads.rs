@@ -11,13 +11,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use novacron_common::checkpoint::BundleInfo;
 use novacron_common::fleet::NodeStatus;
 use novacron_common::manifest::{Job, JobType, parse_job};
 use novacron_common::reconcile::{
     self, AllocView, FailureCounts, JobChange, JobView, LifecycleView, Lifecycles, PlaceRequest,
 };
 use novacron_common::scheduler;
-use novacron_common::checkpoint::BundleInfo;
 use novacron_common::wire::{
     AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
 };

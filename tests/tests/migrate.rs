@@ -73,7 +73,12 @@ impl Drop for Cleanup {
         for host in &self.hosts {
             if let Ok(ids) = docker_on(
                 host,
-                &["ps", "-aq", "--filter", &format!("label=novacron.job={}", self.job)],
+                &[
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=novacron.job={}", self.job),
+                ],
             ) {
                 for id in ids.lines() {
                     let _ = docker_on(host, &["rm", "-f", id]);
@@ -112,7 +117,10 @@ async fn setup_with(
     let d = daemons(test)?;
     let image = counter_image(Some(&d.a)).expect("counter image on A");
     let image = if image_on_b {
-        assert_eq!(counter_image(Some(&d.b)).expect("counter image on B"), image);
+        assert_eq!(
+            counter_image(Some(&d.b)).expect("counter image on B"),
+            image
+        );
         image
     } else {
         // A tag that exists on A only.
@@ -124,7 +132,9 @@ async fn setup_with(
         .prefix("novacron-migrate-")
         .tempdir()
         .expect("tempdir");
-    let controller = Controller::start(dir.path(), &[]).await.expect("controller");
+    let controller = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
     let pid = std::process::id();
     let job = format!("counter-{test}-{pid}").replace('_', "-");
     let volume = format!("{job}-data");
@@ -178,10 +188,15 @@ spec:
     keep: 2
 {checkpoint_extra}"
     );
-    controller.apply("counter.yaml", &manifest).await.expect("apply");
-    wait_for(Duration::from_secs(60), "the counter serves on a", || async {
-        get(port, "/health").await.is_ok()
-    })
+    controller
+        .apply("counter.yaml", &manifest)
+        .await
+        .expect("apply");
+    wait_for(
+        Duration::from_secs(60),
+        "the counter serves on a",
+        || async { get(port, "/health").await.is_ok() },
+    )
     .await
     .expect("counter up");
     let b = Agent::join_and_run(
@@ -236,12 +251,7 @@ async fn the_alloc(s: &Setup) -> AllocRecord {
 fn count_log(host: &str, job: &str) -> Vec<u64> {
     let id = docker_on(
         host,
-        &[
-            "ps",
-            "-q",
-            "--filter",
-            &format!("label=novacron.job={job}"),
-        ],
+        &["ps", "-q", "--filter", &format!("label=novacron.job={job}")],
     )
     .expect("ps");
     let id = id.lines().next().expect("a running container of the job");
@@ -275,7 +285,10 @@ async fn live_migration_keeps_the_in_memory_count_and_the_volume() {
         s.agents[1].log()
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("migrated") && text.contains(&s.agents[1].name), "{text}");
+    assert!(
+        text.contains("migrated") && text.contains(&s.agents[1].name),
+        "{text}"
+    );
     // The process went on where it stopped: memory, not a fresh start.
     assert_eq!(get(s.port, "/count").await.expect("count"), "5");
     assert_eq!(get(s.port, "/ballast").await.expect("ballast"), ballast);
@@ -285,20 +298,33 @@ async fn live_migration_keeps_the_in_memory_count_and_the_volume() {
     assert_eq!(moved.node, s.agents[1].name);
     assert_eq!(count_log(&s.d.b, &s.job), (1..=6).collect::<Vec<_>>());
     // The source removes its stopped container.
-    wait_for(Duration::from_secs(30), "source container removed", || async {
-        docker_on(
-            &s.d.a,
-            &["ps", "-aq", "--filter", &format!("label=novacron.job={}", s.job)],
-        )
-        .is_ok_and(|ids| ids.is_empty())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "source container removed",
+        || async {
+            docker_on(
+                &s.d.a,
+                &[
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=novacron.job={}", s.job),
+                ],
+            )
+            .is_ok_and(|ids| ids.is_empty())
+        },
+    )
     .await
     .expect("the source cleans up");
-    let events = s.controller.cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
+    let events = s
+        .controller
+        .cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("migration.completed"), "{events}");
     // The bundle is listed.
-    let list = s.controller.cli(&["checkpoint", "list", "--alloc", &alloc.id]);
+    let list = s
+        .controller
+        .cli(&["checkpoint", "list", "--alloc", &alloc.id]);
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(list.contains("live"), "{list}");
 }
@@ -337,20 +363,30 @@ async fn migrating_to_a_node_without_the_image_rolls_back_and_keeps_running() {
     let out = s
         .controller
         .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
-    assert!(!out.status.success(), "a migration to a node without the image must fail");
+    assert!(
+        !out.status.success(),
+        "a migration to a node without the image must fail"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not present") && err.contains("rolled back"), "{err}");
+    assert!(
+        err.contains("not present") && err.contains("rolled back"),
+        "{err}"
+    );
     // Back on the source, from its checkpoint: the count goes on.
-    wait_for(Duration::from_secs(60), "running on the source again", || async {
-        get(s.port, "/count").await.is_ok()
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "running on the source again",
+        || async { get(s.port, "/count").await.is_ok() },
+    )
     .await
     .expect("the source serves again");
     let count = get(s.port, "/count").await.expect("count");
     assert_eq!(count, "4", "agent a: {}", s.agents[0].log());
     let back = the_alloc(&s).await;
     assert_eq!(back.node, s.agents[0].name);
-    let events = s.controller.cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
+    let events = s
+        .controller
+        .cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("migration.rolled_back"), "{events}");
 }
@@ -376,7 +412,12 @@ async fn a_lost_node_s_allocation_restores_from_its_latest_checkpoint() {
     s.agents[0].kill().await;
     for id in docker_on(
         &s.d.a,
-        &["ps", "-aq", "--filter", &format!("label=novacron.job={}", s.job)],
+        &[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=novacron.job={}", s.job),
+        ],
     )
     .expect("ps")
     .lines()
@@ -384,9 +425,11 @@ async fn a_lost_node_s_allocation_restores_from_its_latest_checkpoint() {
         docker_on(&s.d.a, &["rm", "-f", id]).expect("rm");
     }
     let started = Instant::now();
-    wait_for(Duration::from_secs(90), "the replacement serves", || async {
-        get(s.port, "/count").await.is_ok()
-    })
+    wait_for(
+        Duration::from_secs(90),
+        "the replacement serves",
+        || async { get(s.port, "/count").await.is_ok() },
+    )
     .await
     .expect("replacement up");
     eprintln!("recovered in {:?}", started.elapsed());
@@ -409,7 +452,11 @@ async fn a_corrupted_checkpoint_is_refused_by_digest_and_the_replacement_starts_
     let out = s
         .controller
         .cli(&["alloc", "checkpoint", &alloc.id, "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let digest = info["digest"].as_str().expect("digest").to_string();
     // Flip one byte in the controller's stored copy.
@@ -427,21 +474,30 @@ async fn a_corrupted_checkpoint_is_refused_by_digest_and_the_replacement_starts_
     s.agents[0].kill().await;
     for id in docker_on(
         &s.d.a,
-        &["ps", "-aq", "--filter", &format!("label=novacron.job={}", s.job)],
+        &[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=novacron.job={}", s.job),
+        ],
     )
     .expect("ps")
     .lines()
     {
         docker_on(&s.d.a, &["rm", "-f", id]).expect("rm");
     }
-    wait_for(Duration::from_secs(90), "the replacement serves", || async {
-        get(s.port, "/health").await.is_ok()
-    })
+    wait_for(
+        Duration::from_secs(90),
+        "the replacement serves",
+        || async { get(s.port, "/health").await.is_ok() },
+    )
     .await
     .expect("replacement up");
     // From scratch, not from the damaged state.
     assert_eq!(get(s.port, "/count").await.expect("count"), "0");
-    let events = s.controller.cli(&["events", "--type", "checkpoint", "-o", "json"]);
+    let events = s
+        .controller
+        .cli(&["events", "--type", "checkpoint", "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(
         events.contains(&digest) && events.contains("starts from scratch"),
@@ -458,7 +514,14 @@ async fn a_corrupted_checkpoint_is_refused_by_digest_and_the_replacement_starts_
 async fn a_spot_notice_moves_the_work_away_before_the_deadline() {
     let notice = tempfile::NamedTempFile::new().expect("notice file");
     let path = notice.path().to_str().expect("utf-8 path").to_string();
-    let Some(s) = setup_with("spot", "auto", true, &["--spot-notice", &path], "    interval: 10s\n").await
+    let Some(s) = setup_with(
+        "spot",
+        "auto",
+        true,
+        &["--spot-notice", &path],
+        "    interval: 10s\n",
+    )
+    .await
     else {
         return;
     };
@@ -468,7 +531,9 @@ async fn a_spot_notice_moves_the_work_away_before_the_deadline() {
     let alloc = the_alloc(&s).await;
     // The job's interval takes periodic checkpoints on its own.
     wait_for(Duration::from_secs(40), "a periodic checkpoint", || async {
-        let out = s.controller.cli(&["checkpoint", "list", "--alloc", &alloc.id, "-o", "json"]);
+        let out = s
+            .controller
+            .cli(&["checkpoint", "list", "--alloc", &alloc.id, "-o", "json"]);
         serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).is_ok_and(|l| !l.is_empty())
     })
     .await
@@ -490,19 +555,18 @@ async fn a_spot_notice_moves_the_work_away_before_the_deadline() {
     )
     .expect("write the notice");
     wait_for(Duration::from_secs(60), "moved to b", || async {
-        s.controller
-            .job(&s.job)
-            .await
-            .is_ok_and(|j| {
-                j.allocations.iter().any(|a| {
-                    a.id == alloc.id && a.node == s.agents[1].name && a.state == AllocState::Running
-                })
+        s.controller.job(&s.job).await.is_ok_and(|j| {
+            j.allocations.iter().any(|a| {
+                a.id == alloc.id && a.node == s.agents[1].name && a.state == AllocState::Running
             })
+        })
     })
     .await
     .expect("the spot notice moved the allocation");
     assert_eq!(get(s.port, "/count").await.expect("count"), "2");
-    let events = s.controller.cli(&["events", "--node", &s.agents[0].name, "-o", "json"]);
+    let events = s
+        .controller
+        .cli(&["events", "--node", &s.agents[0].name, "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("node.spot_notice"), "{events}");
 }

@@ -593,10 +593,11 @@ impl Reconciler {
                     rec.message = format!("restarting (restart {})", rec.restarts);
                     match &rec.container {
                         // A container to restore from a checkpoint is made anew.
-                        Some(c) if c.hash == desired_hash && spec.restore.is_none() => actions.push(Action::Start {
-                            alloc: id.clone(),
-                            container_id: c.id.clone(),
-                        }),
+                        Some(c) if c.hash == desired_hash && spec.restore.is_none() => actions
+                            .push(Action::Start {
+                                alloc: id.clone(),
+                                container_id: c.id.clone(),
+                            }),
                         other => actions.push(Action::Launch {
                             alloc: id.clone(),
                             spec,
@@ -687,7 +688,11 @@ impl Reconciler {
                 }
                 AllocationStatus {
                     id: id.clone(),
-                    state: if held { AllocState::Checkpointing } else { rec.state },
+                    state: if held {
+                        AllocState::Checkpointing
+                    } else {
+                        rec.state
+                    },
                     healthy: rec.healthy,
                     restarts: rec.restarts,
                     exit_code: rec.exit_code,

@@ -90,7 +90,9 @@ pub async fn run(
 
 impl TableRow for BundleInfo {
     fn headers() -> &'static [&'static str] {
-        &["DIGEST", "ALLOC", "JOB", "NODE", "MODE", "SIZE", "DUMP", "AGE"]
+        &[
+            "DIGEST", "ALLOC", "JOB", "NODE", "MODE", "SIZE", "DUMP", "AGE",
+        ]
     }
 
     fn cells(&self, now: SystemTime) -> Vec<String> {
@@ -123,7 +125,10 @@ pub async fn migrate(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let started: MigrationStatus = client
-        .post(&["v1", "allocations", id, "migrate"], &ModeBody { mode, to })
+        .post(
+            &["v1", "allocations", id, "migrate"],
+            &ModeBody { mode, to },
+        )
         .await?;
     let done = follow(client, &started, format == OutputFormat::Table).await?;
     finish(&done, format, out)
