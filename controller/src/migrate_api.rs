@@ -16,6 +16,9 @@ use utoipa_axum::routes;
 use crate::api::{ApiState, Caller, Problem};
 use crate::migrate::{MigrateError, MigrationStatus};
 
+/// The longest job, allocation or node name accepted in a query.
+const MAX_NAME: usize = 253;
+
 /// The routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
@@ -77,6 +80,16 @@ async fn list_checkpoints(
     Query(f): Query<CheckpointFilter>,
 ) -> Result<Json<Vec<BundleInfo>>, Problem> {
     caller.require(Role::Viewer)?;
+    for (what, v) in [("job", &f.job), ("alloc", &f.alloc)] {
+        if let Some(v) = v
+            && v.len() > MAX_NAME
+        {
+            return Err(Problem::bad_request(format!(
+                "query parameter {what} has {} characters; at most {MAX_NAME} are accepted",
+                v.len()
+            )));
+        }
+    }
     Ok(Json(
         st.migrations
             .bundles()
@@ -95,7 +108,7 @@ pub struct MigrateBody {
     pub mode: Option<CheckpointMode>,
 }
 
-#[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", body = ApiError), (status = 404, body = ApiError), (status = 409, description = "not running, busy, or no node can take it", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", body = ApiError), (status = 404, body = ApiError), (status = 409, description = "not running, busy, or no node can take it", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn migrate_alloc(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -103,6 +116,14 @@ async fn migrate_alloc(
     Json(body): Json<MigrateBody>,
 ) -> Result<(StatusCode, Json<MigrationStatus>), Problem> {
     caller.require(Role::Operator)?;
+    if let Some(to) = &body.to
+        && to.len() > MAX_NAME
+    {
+        return Err(Problem::bad_request(format!(
+            "target node name has {} characters; at most {MAX_NAME} are accepted",
+            to.len()
+        )));
+    }
     st.migrations
         .start_migration(&id, body.to.as_deref(), body.mode, &caller.0.to_string())
         .map(|s| (StatusCode::ACCEPTED, Json(s)))
