@@ -39,6 +39,7 @@ use crate::bundles::{BundleStore, Have};
 use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::link::LinkContext;
 use crate::registry::{Registry, unix_ms};
+use crate::store::AllocRecord;
 use crate::workloads::{CheckpointIndex, Workloads};
 
 /// How long a source holds a migrating allocation without a release.
@@ -202,6 +203,32 @@ impl Migrations {
         })
     }
 
+    /// A running allocation, the mode to use (`mode`, else the job's policy, else
+    /// auto) and how many checkpoints its job keeps.
+    fn running(
+        &self,
+        alloc: &str,
+        mode: Option<CheckpointMode>,
+        to: &str,
+    ) -> Result<(AllocRecord, CheckpointMode, u32), MigrateError> {
+        let not_found = |e: crate::workloads::WorkloadError| MigrateError::NotFound(e.to_string());
+        let record = self.workloads.allocation(alloc).map_err(not_found)?;
+        if record.state != AllocState::Running || !record.desired_run {
+            return Err(MigrateError::Invalid(format!(
+                "allocation {alloc} is {}; only a running allocation can {to}",
+                record.state
+            )));
+        }
+        let policy = self.workloads.checkpoint_policy(alloc).map_err(not_found)?;
+        let mode = mode
+            .or(policy.as_ref().map(|p| p.mode))
+            .unwrap_or(CheckpointMode::Auto);
+        let keep = policy
+            .as_ref()
+            .map_or(novacron_common::manifest::DEFAULT_KEEP, |p| p.keep);
+        Ok((record, mode, keep))
+    }
+
     /// Checkpoints `alloc` where it runs, without stopping it, and stores the bundle.
     pub async fn checkpoint(
         &self,
@@ -209,26 +236,7 @@ impl Migrations {
         mode: Option<CheckpointMode>,
         by: &str,
     ) -> Result<BundleInfo, MigrateError> {
-        let record = self
-            .workloads
-            .allocation(alloc)
-            .map_err(|e| MigrateError::NotFound(e.to_string()))?;
-        if record.state != AllocState::Running {
-            return Err(MigrateError::Invalid(format!(
-                "allocation {alloc} is {}; only a running allocation can be checkpointed",
-                record.state
-            )));
-        }
-        let policy = self
-            .workloads
-            .checkpoint_policy(alloc)
-            .map_err(|e| MigrateError::NotFound(e.to_string()))?;
-        let mode = mode
-            .or(policy.as_ref().map(|p| p.mode))
-            .unwrap_or(CheckpointMode::Auto);
-        let keep = policy
-            .as_ref()
-            .map_or(novacron_common::manifest::DEFAULT_KEEP, |p| p.keep);
+        let (record, mode, keep) = self.running(alloc, mode, "be checkpointed")?;
         let _busy = self.claim(alloc)?;
         let result = async {
             let info = self
@@ -291,23 +299,7 @@ impl Migrations {
         mode: Option<CheckpointMode>,
         by: &str,
     ) -> Result<MigrationStatus, MigrateError> {
-        let record = self
-            .workloads
-            .allocation(alloc)
-            .map_err(|e| MigrateError::NotFound(e.to_string()))?;
-        if record.state != AllocState::Running || !record.desired_run {
-            return Err(MigrateError::Invalid(format!(
-                "allocation {alloc} is {}; only a running allocation can migrate",
-                record.state
-            )));
-        }
-        let policy = self
-            .workloads
-            .checkpoint_policy(alloc)
-            .map_err(|e| MigrateError::NotFound(e.to_string()))?;
-        let mode = mode
-            .or(policy.as_ref().map(|p| p.mode))
-            .unwrap_or(CheckpointMode::Auto);
+        let (record, mode, _) = self.running(alloc, mode, "migrate")?;
         let source_live = self.live_capable(&record.node);
         let needs_live = match mode {
             CheckpointMode::Live => true,

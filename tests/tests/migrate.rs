@@ -219,6 +219,18 @@ spec:
     })
 }
 
+/// Node a dies: its agent and its containers.
+async fn lose_node_a(s: &mut Setup) {
+    s.agents[0].kill().await;
+    let filter = format!("label=novacron.job={}", s.job);
+    for id in docker_on(&s.d.a, &["ps", "-aq", "--filter", &filter])
+        .expect("ps")
+        .lines()
+    {
+        docker_on(&s.d.a, &["rm", "-f", id]).expect("rm");
+    }
+}
+
 async fn wait_ready(c: &Controller, name: &str) {
     wait_for(Duration::from_secs(30), "agent ready", || async {
         matches!(c.node(name).await, Ok(Some(v)) if v.status.to_string() == "ready")
@@ -409,21 +421,7 @@ async fn a_lost_node_s_allocation_restores_from_its_latest_checkpoint() {
     // Work after the checkpoint is lost with the node.
     assert_eq!(get(s.port, "/").await.expect("count"), "8");
     // The node dies: its agent and its containers.
-    s.agents[0].kill().await;
-    for id in docker_on(
-        &s.d.a,
-        &[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=novacron.job={}", s.job),
-        ],
-    )
-    .expect("ps")
-    .lines()
-    {
-        docker_on(&s.d.a, &["rm", "-f", id]).expect("rm");
-    }
+    lose_node_a(&mut s).await;
     let started = Instant::now();
     wait_for(
         Duration::from_secs(90),
@@ -471,21 +469,7 @@ async fn a_corrupted_checkpoint_is_refused_by_digest_and_the_replacement_starts_
     bytes[mid] ^= 0xff;
     std::fs::write(&stored, &bytes).expect("corrupt it");
     // The node dies; its replacement must not restore the corrupted bundle.
-    s.agents[0].kill().await;
-    for id in docker_on(
-        &s.d.a,
-        &[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=novacron.job={}", s.job),
-        ],
-    )
-    .expect("ps")
-    .lines()
-    {
-        docker_on(&s.d.a, &["rm", "-f", id]).expect("rm");
-    }
+    lose_node_a(&mut s).await;
     wait_for(
         Duration::from_secs(90),
         "the replacement serves",
