@@ -665,6 +665,10 @@ impl Checkpointer {
             deleted,
             volumes: volume_targets.to_vec(),
             created_unix_ms,
+            container: Some(serde_json::json!({
+                "Config": inspect.config,
+                "HostConfig": inspect.host_config,
+            })),
         };
         let meta_path = stage.path().join(META_FILE);
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Io {
@@ -1912,6 +1916,7 @@ mod tests {
             deleted: vec!["/bin/vi".into()],
             volumes,
             created_unix_ms: 7,
+            container: None,
         }
     }
 

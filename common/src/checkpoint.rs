@@ -132,6 +132,11 @@ pub struct BundleMeta {
     pub volumes: Vec<String>,
     /// When it was taken (Unix ms).
     pub created_unix_ms: u64,
+    /// The container's configuration as the runtime reported it (Docker's
+    /// `Config` and `HostConfig`), for inspection and tooling; restores use the
+    /// allocation's spec.
+    #[serde(default)]
+    pub container: Option<serde_json::Value>,
 }
 
 /// The bundle format this build writes and reads.
