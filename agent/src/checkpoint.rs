@@ -308,6 +308,15 @@ impl Checkpointer {
         if rustix::process::geteuid().is_root() {
             probe_criu(&criu, &["check"]).await?;
         }
+        if let Some(missing) =
+            runc_criu_options_missing(&std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default())
+        {
+            warn!(
+                file = RUNC_CRIU_CONF,
+                missing = %missing.join(", "),
+                "live checkpoints of containers that serve connections fail without these CRIU options (runc reads them from this file); add one per line"
+            );
+        }
         Ok(())
     }
 
@@ -1154,6 +1163,33 @@ fn with_criu_log(e: CheckpointError) -> CheckpointError {
     }
 }
 
+/// Where runc (under Docker) reads CRIU options.
+pub const RUNC_CRIU_CONF: &str = "/etc/criu/runc.conf";
+
+/// The CRIU options a serving container needs: established connections are
+/// restored closed (clients reconnect) and connections not yet accepted are
+/// dropped, instead of failing the dump.
+pub const RUNC_CRIU_OPTIONS: [&str; 2] = ["tcp-close", "skip-in-flight"];
+
+/// Which of [`RUNC_CRIU_OPTIONS`] the text of [`RUNC_CRIU_CONF`] lacks.
+pub fn runc_criu_options_missing(conf: &str) -> Option<Vec<&'static str>> {
+    let set: Vec<&str> = conf
+        .lines()
+        .map(|l| {
+            l.split('#')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches("--")
+        })
+        .collect();
+    let missing: Vec<&'static str> = RUNC_CRIU_OPTIONS
+        .into_iter()
+        .filter(|o| !set.contains(o))
+        .collect();
+    (!missing.is_empty()).then_some(missing)
+}
+
 async fn timed<T, E: Display>(
     op: &'static str,
     target: &str,
@@ -1904,6 +1940,22 @@ fn check_inner_tar(path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runc_conf_is_checked_for_the_connection_options() {
+        assert_eq!(
+            runc_criu_options_missing(""),
+            Some(vec!["tcp-close", "skip-in-flight"])
+        );
+        assert_eq!(
+            runc_criu_options_missing("# ours\ntcp-close\n--skip-in-flight # in flight\n"),
+            None
+        );
+        assert_eq!(
+            runc_criu_options_missing("tcp-close\n"),
+            Some(vec!["skip-in-flight"])
+        );
+    }
 
     fn fs_meta(volumes: Vec<String>) -> BundleMeta {
         BundleMeta {

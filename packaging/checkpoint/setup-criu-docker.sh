@@ -252,10 +252,28 @@ write_env() {
   mv -f "$tmp" "$DIR/env"
 }
 
+# runc (under Docker) reads CRIU options from /etc/criu/runc.conf. Without these a
+# container that serves connections cannot be dumped: an established connection
+# needs tcp-close (restored closed; clients reconnect) and one still in the listen
+# backlog needs skip-in-flight (dropped). Appends the missing lines only.
+RUNC_CRIU_CONF=/etc/criu/runc.conf
+setup_runc_conf() {
+  mkdir -p "$(dirname "$RUNC_CRIU_CONF")"
+  touch "$RUNC_CRIU_CONF"
+  local opt
+  for opt in tcp-close skip-in-flight; do
+    if ! grep -Eq "^[[:space:]]*(--)?${opt}[[:space:]]*(#.*)?$" "$RUNC_CRIU_CONF"; then
+      echo "$opt" >>"$RUNC_CRIU_CONF"
+      say "added '$opt' to $RUNC_CRIU_CONF"
+    fi
+  done
+}
+
 cmd_start() {
   mkdir -p "$DIR"
   local start=$SECONDS
   setup_criu
+  setup_runc_conf
   local d
   for d in "${DAEMONS[@]}"; do
     # shellcheck disable=SC2086
@@ -270,6 +288,7 @@ cmd_start() {
   for d in "${DAEMONS[@]}"; do
     check_daemon "${d%% *}"
   done
+  echo "  runc CRIU options ($RUNC_CRIU_CONF): $(grep -v '^#' "$RUNC_CRIU_CONF" | tr '\n' ' ')"
   echo "  env file: $DIR/env"
   sed 's/^/    /' "$DIR/env"
 }

@@ -285,9 +285,34 @@ async fn live_migration_keeps_the_in_memory_count_and_the_volume() {
     let ballast = get(s.port, "/ballast").await.expect("ballast");
     let alloc = the_alloc(&s).await;
     assert_eq!(alloc.node, s.agents[0].name);
+    // A client keeps reading during the migration: open and queued connections
+    // must not stop the dump (CRIU's tcp-close and skip-in-flight).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = tokio::spawn({
+        let stop = stop.clone();
+        let port = s.port;
+        async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(port, "/count").await {
+                    Ok(c) => {
+                        assert_eq!(c, "5", "reads see the count of before, never a reset");
+                        ok += 1;
+                    }
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        }
+    });
     let out = s
         .controller
         .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = poller.await.expect("the poller saw only the right count");
+    eprintln!("during the migration: {ok} reads answered, {failed} failed");
+    assert!(ok > 0, "the poller ran");
     assert!(
         out.status.success(),
         "migrate failed: {}{}\nagent a: {}\nagent b: {}",

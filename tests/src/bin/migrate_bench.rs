@@ -54,6 +54,9 @@ struct Args {
     /// Skip the raw CRIU floor.
     #[arg(long)]
     no_raw: bool,
+    /// Interval of the `/count` poller, ms (0: no poller, no bench-side downtime).
+    #[arg(long, default_value_t = 5)]
+    poll_ms: u64,
 }
 
 /// The environment of the checkpoint daemons.
@@ -488,6 +491,7 @@ spec:
             to,
             size,
             run,
+            args.poll_ms,
         )
         .await
         .with_context(|| format!("run {run} ({} -> {})", names[from], names[to]))?;
@@ -576,6 +580,7 @@ async fn migrate_once(
     to: usize,
     size: usize,
     run: usize,
+    poll_ms: u64,
 ) -> Result<Run> {
     // Settled on `from`: running there, serving, nothing left on the other side.
     let settle = Instant::now();
@@ -615,7 +620,10 @@ async fn migrate_once(
         let http = http.clone();
         let want = count_before.to_string();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            if poll_ms == 0 {
+                return;
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(poll_ms));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
@@ -712,10 +720,12 @@ async fn migrate_once(
         Duration::from_secs(30),
         "an answer from the target",
         || async {
-            oks.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last()
-                .is_some_and(|t| *t > done_at)
+            poll_ms == 0
+                || oks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last()
+                    .is_some_and(|t| *t > done_at)
         },
     )
     .await;
