@@ -540,7 +540,7 @@ fn tail(s: &str, n: usize) -> &str {
 /// The values of `keys` on the last log line after `from` that contains `message`.
 fn log_fields(log: &str, from: usize, message: &str, keys: &[&str]) -> Vec<Option<u64>> {
     let text = log.get(from..).unwrap_or("");
-    let Some(line) = text.lines().filter(|l| l.contains(message)).last() else {
+    let Some(line) = text.lines().rev().find(|l| l.contains(message)) else {
         return vec![None; keys.len()];
     };
     // Strip ANSI escapes.
