@@ -157,3 +157,76 @@ pub fn counter_image(docker_host: Option<&str>) -> Result<String> {
     }
     Ok(tag)
 }
+
+/// What a counter job looks like: name, image, ballast, published port, data volume
+/// and checkpoint policy.
+#[derive(Debug, Clone)]
+pub struct CounterJob<'a> {
+    /// Job name.
+    pub job: &'a str,
+    /// Image (from [`counter_image`]).
+    pub image: &'a str,
+    /// `BALLAST_MB`.
+    pub ballast_mb: u64,
+    /// Host port published for container port 8080.
+    pub port: u16,
+    /// Named volume mounted at `/data`.
+    pub volume: &'a str,
+    /// CPU in millicores.
+    pub cpu_millis: u64,
+    /// `checkpoint.mode`.
+    pub mode: &'a str,
+    /// Extra lines of the `checkpoint:` block (indented four spaces).
+    pub checkpoint_extra: &'a str,
+}
+
+impl CounterJob<'_> {
+    /// The job manifest: one replica, an HTTP health check on `/health`, memory
+    /// for the ballast plus 256 MiB.
+    pub fn manifest(&self) -> String {
+        let CounterJob {
+            job,
+            image,
+            ballast_mb,
+            port,
+            volume,
+            cpu_millis,
+            mode,
+            checkpoint_extra,
+        } = self;
+        let memory = ballast_mb + 256;
+        format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {image}
+    env:
+      BALLAST_MB: \"{ballast_mb}\"
+    ports:
+      - name: http
+        containerPort: 8080
+        hostPort: {port}
+    volumes:
+      - source: {volume}
+        target: /data
+  resources:
+    cpu: {cpu_millis}m
+    memory: {memory}Mi
+  health:
+    http:
+      port: 8080
+      path: /health
+    interval: 1s
+    timeout: 500ms
+  checkpoint:
+    mode: {mode}
+    keep: 2
+{checkpoint_extra}"
+        )
+    }
+}

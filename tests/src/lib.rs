@@ -568,3 +568,44 @@ impl Drop for JobCleanup {
         }
     }
 }
+
+/// `docker` against the daemon at `host` (`unix:///...`, as `DOCKER_HOST`).
+pub fn docker_on(host: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("docker")
+        .env("DOCKER_HOST", host)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "docker {args:?} on {host} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Removes a job's containers (with their anonymous volumes) and a named volume
+/// on each of several daemons when dropped, also when a test or bench fails.
+#[derive(Debug)]
+pub struct DaemonsCleanup {
+    /// The daemons (`unix:///...`).
+    pub hosts: Vec<String>,
+    /// The job whose containers go (label `novacron.job`).
+    pub job: String,
+    /// The named volume that goes.
+    pub volume: String,
+}
+
+impl Drop for DaemonsCleanup {
+    fn drop(&mut self) {
+        let filter = format!("label=novacron.job={}", self.job);
+        for host in &self.hosts {
+            if let Ok(ids) = docker_on(host, &["ps", "-aq", "--filter", &filter]) {
+                for id in ids.lines() {
+                    let _ = docker_on(host, &["rm", "-f", "-v", id]);
+                }
+            }
+            let _ = docker_on(host, &["volume", "rm", "-f", &self.volume]);
+        }
+    }
+}

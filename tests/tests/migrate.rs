@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use novacron_common::wire::AllocState;
 use novacron_controller::store::AllocRecord;
-use novacron_tests::counter_image::counter_image;
-use novacron_tests::{Agent, Controller, free_port, wait_for};
+use novacron_tests::counter_image::{CounterJob, counter_image};
+use novacron_tests::{Agent, Controller, DaemonsCleanup, docker_on, free_port, wait_for};
 
 struct Daemons {
     a: String,
@@ -46,49 +46,6 @@ fn daemons(test: &str) -> Option<Daemons> {
     }
 }
 
-/// `docker` against one daemon.
-fn docker_on(host: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("docker")
-        .env("DOCKER_HOST", host)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "docker {args:?} on {host} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Removes a job's containers and a volume on both daemons when dropped.
-struct Cleanup {
-    hosts: Vec<String>,
-    job: String,
-    volume: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for host in &self.hosts {
-            if let Ok(ids) = docker_on(
-                host,
-                &[
-                    "ps",
-                    "-aq",
-                    "--filter",
-                    &format!("label=novacron.job={}", self.job),
-                ],
-            ) {
-                for id in ids.lines() {
-                    let _ = docker_on(host, &["rm", "-f", id]);
-                }
-            }
-            let _ = docker_on(host, &["volume", "rm", "-f", &self.volume]);
-        }
-    }
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     controller: Controller,
@@ -96,7 +53,7 @@ struct Setup {
     job: String,
     port: u16,
     d: Daemons,
-    _cleanup: Cleanup,
+    _cleanup: DaemonsCleanup,
 }
 
 /// A controller, agent `a` on daemon A running the counter job (mode `mode`), and
@@ -138,7 +95,7 @@ async fn setup_with(
     let pid = std::process::id();
     let job = format!("counter-{test}-{pid}").replace('_', "-");
     let volume = format!("{job}-data");
-    let cleanup = Cleanup {
+    let cleanup = DaemonsCleanup {
         hosts: vec![d.a.clone(), d.b.clone()],
         job: job.clone(),
         volume: volume.clone(),
@@ -155,39 +112,17 @@ async fn setup_with(
     .expect("agent a");
     wait_ready(&controller, &a.name).await;
     let port = free_port();
-    let manifest = format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {job}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {image}
-    env:
-      BALLAST_MB: \"16\"
-    ports:
-      - name: http
-        containerPort: 8080
-        hostPort: {port}
-    volumes:
-      - source: {volume}
-        target: /data
-  resources:
-    cpu: 100m
-    memory: 256Mi
-  health:
-    http:
-      port: 8080
-      path: /health
-    interval: 1s
-    timeout: 500ms
-  checkpoint:
-    mode: {mode}
-    keep: 2
-{checkpoint_extra}"
-    );
+    let manifest = CounterJob {
+        job: &job,
+        image: &image,
+        ballast_mb: 16,
+        port,
+        volume: &volume,
+        cpu_millis: 100,
+        mode,
+        checkpoint_extra,
+    }
+    .manifest();
     controller
         .apply("counter.yaml", &manifest)
         .await

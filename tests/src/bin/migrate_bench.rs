@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use novacron_common::wire::AllocState;
-use novacron_tests::counter_image::counter_image;
-use novacron_tests::{Agent, Controller, bin, free_port, wait_for};
+use novacron_tests::counter_image::{CounterJob, counter_image};
+use novacron_tests::{Agent, Controller, DaemonsCleanup, bin, docker_on, free_port, wait_for};
 use serde::Serialize;
 
 /// Live migration benchmark.
@@ -85,49 +85,6 @@ fn env() -> Result<Env> {
         b: get("NOVACRON_CKPT_DOCKER_B")?,
         criu: get("NOVACRON_CKPT_CRIU")?,
     })
-}
-
-/// `docker` against one daemon.
-fn docker_on(host: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("docker")
-        .env("DOCKER_HOST", host)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "docker {args:?} on {host} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Removes a job's containers and its volume on both daemons when dropped.
-struct Cleanup {
-    hosts: Vec<String>,
-    job: String,
-    volume: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for host in &self.hosts {
-            if let Ok(ids) = docker_on(
-                host,
-                &[
-                    "ps",
-                    "-aq",
-                    "--filter",
-                    &format!("label=novacron.job={}", self.job),
-                ],
-            ) {
-                for id in ids.lines() {
-                    let _ = docker_on(host, &["rm", "-f", "-v", id]);
-                }
-            }
-            let _ = docker_on(host, &["volume", "rm", "-f", &self.volume]);
-        }
-    }
 }
 
 /// The `/tmp/ctrd-checkpoint*` copies Docker 20.10 leaves behind.
@@ -405,7 +362,7 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
     let pid = std::process::id();
     let job = format!("mbench-{size}-{pid}");
     let volume = format!("{job}-data");
-    let _cleanup = Cleanup {
+    let _cleanup = DaemonsCleanup {
         hosts: vec![env.a.clone(), env.b.clone()],
         job: job.clone(),
         volume: volume.clone(),
@@ -416,40 +373,17 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
         Agent::join_and_run(dir.path(), &controller, &na, &["--docker-host", &env.a]).await?;
     wait_ready(&controller, &na).await?;
     let port = free_port();
-    let memory = size + 256;
-    let manifest = format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {job}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {image}
-    env:
-      BALLAST_MB: \"{size}\"
-    ports:
-      - name: http
-        containerPort: 8080
-        hostPort: {port}
-    volumes:
-      - source: {volume}
-        target: /data
-  resources:
-    cpu: 1000m
-    memory: {memory}Mi
-  health:
-    http:
-      port: 8080
-      path: /health
-    interval: 1s
-    timeout: 500ms
-  checkpoint:
-    mode: live
-    keep: 2
-"
-    );
+    let manifest = CounterJob {
+        job: &job,
+        image: &image,
+        ballast_mb: size as u64,
+        port,
+        volume: &volume,
+        cpu_millis: 1000,
+        mode: "live",
+        checkpoint_extra: "",
+    }
+    .manifest();
     controller.apply("bench.yaml", &manifest).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
