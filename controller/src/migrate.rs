@@ -854,6 +854,9 @@ impl Migrations {
                 }
                 Err(e) => warn!(node = %notice.node, error = %e, "spot drain failed"),
             }
+            // A later notice (the node came back and is interrupted again) drains
+            // it again.
+            me.lock().spot.remove(&notice.node);
         });
     }
 
