@@ -138,7 +138,7 @@ pub struct Migrations {
     registry: Arc<Registry>,
     bundles: Arc<BundleStore>,
     events: Arc<EventLog>,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 #[derive(Debug, Default)]
@@ -172,7 +172,7 @@ impl Migrations {
             registry,
             bundles,
             events,
-            state: Mutex::new(State::default()),
+            state: Arc::new(Mutex::new(State::default())),
         }
     }
 
@@ -191,14 +191,14 @@ impl Migrations {
         }
     }
 
-    fn claim(&self, alloc: &str) -> Result<Busy<'_>, MigrateError> {
+    fn claim(&self, alloc: &str) -> Result<Busy, MigrateError> {
         if !self.lock().busy.insert(alloc.to_string()) {
             return Err(MigrateError::Invalid(format!(
                 "allocation {alloc} is being checkpointed or migrated already; wait for that to finish"
             )));
         }
         Ok(Busy {
-            owner: self,
+            state: self.state.clone(),
             alloc: alloc.to_string(),
         })
     }
@@ -317,7 +317,6 @@ impl Migrations {
             .migration_target(alloc, to, |n| !needs_live || self.live_capable(n))
             .map_err(|e| MigrateError::Invalid(e.to_string()))?;
         let busy = self.claim(alloc)?;
-        std::mem::forget(busy);
         let status = {
             let mut st = self.lock();
             st.next += 1;
@@ -363,9 +362,8 @@ impl Migrations {
         let id = status.id.clone();
         let by = by.to_string();
         tokio::spawn(async move {
+            let _busy = busy;
             me.run_migration(&id, &by).await;
-            let alloc = me.status(&id).map(|s| s.alloc).unwrap_or_default();
-            me.lock().busy.remove(&alloc);
         });
         Ok(status)
     }
@@ -910,15 +908,20 @@ enum Fetch {
     Broken(String),
 }
 
-/// Ends an allocation's busy mark when the operation ends.
-struct Busy<'a> {
-    owner: &'a Migrations,
+/// Ends an allocation's busy mark when the operation ends (owned, so a spawned
+/// migration carries it).
+struct Busy {
+    state: Arc<Mutex<State>>,
     alloc: String,
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
-        self.owner.lock().busy.remove(&self.alloc);
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .busy
+            .remove(&self.alloc);
     }
 }
 
