@@ -393,6 +393,20 @@ async fn a_lost_node_s_allocation_restores_from_its_latest_checkpoint() {
     eprintln!("recovered in {:?}", started.elapsed());
     // Restored from the checkpoint: 7, not a fresh 0.
     assert_eq!(get(s.port, "/count").await.expect("count"), "7");
+    // The container answers a moment before its agent reports it running.
+    wait_for(
+        Duration::from_secs(10),
+        "the replacement reported running",
+        || async {
+            s.controller.job(&s.job).await.is_ok_and(|j| {
+                j.allocations
+                    .iter()
+                    .any(|a| a.desired_run && a.state == AllocState::Running)
+            })
+        },
+    )
+    .await
+    .expect("reported running");
     let replacement = the_alloc(&s).await;
     assert_ne!(replacement.id, alloc.id);
     assert_eq!(replacement.node, s.agents[1].name);
