@@ -187,6 +187,7 @@ mod support {
         pub fn apply(&mut self, allocs: Vec<AllocationSpec>) {
             self.generation += 1;
             assert!(self.supervisor.apply(DesiredAllocations {
+                epoch: 1,
                 generation: self.generation,
                 allocations: allocs,
             }));

@@ -6,9 +6,11 @@
 //! Rules:
 //! - an allocation on a `down` node is **lost** and replaced;
 //! - a **service** keeps `replicas` live allocations of its current version; when
-//!   the version changed, a **rolling update** replaces old allocations at most
-//!   `max_parallel` at a time, each new one healthy for `min_healthy_time` before
-//!   the next step; one not healthy within `healthy_deadline` fails the update,
+//!   the version changed, a **rolling update** starts new allocations beside the
+//!   old ones, at most `max_parallel` on their way to healthy at a time, and stops
+//!   an old one only once a new one has been healthy for `min_healthy_time` (a
+//!   rollout never leaves fewer healthy replicas than before); a new allocation
+//!   that fails, or is not healthy within `healthy_deadline`, fails the update,
 //!   which reverts to the last stable version when `auto_revert` is set;
 //! - a **batch** job is complete when `replicas` allocations exited 0;
 //! - a **system** job runs one allocation on every ready node that matches its
@@ -310,7 +312,7 @@ pub fn reconcile_with_lifecycles(
         match job.job_type {
             JobType::System => reconcile_system(job, &live, nodes, may_place, &mut plan),
             JobType::Batch => reconcile_batch(job, &mine, &live, may_place, &mut plan),
-            JobType::Service => reconcile_service(job, &live, may_place, now_ms, &mut plan),
+            JobType::Service => reconcile_service(job, &live, may_place, failed, now_ms, &mut plan),
         }
     }
     plan
@@ -400,6 +402,7 @@ fn reconcile_service(
     job: &JobView,
     live: &[&AllocView],
     may_place: bool,
+    failed_new: u32,
     now_ms: u64,
     plan: &mut Plan,
 ) {
@@ -436,17 +439,32 @@ fn reconcile_service(
         return;
     }
 
-    // Rolling update in progress.
+    // Rolling update in progress. It never makes the service worse: new replicas
+    // start beside the old ones (at most `max_parallel` not yet healthy at a
+    // time), and an old replica stops only once a new one has been healthy for
+    // `min_healthy_time` in its place. Any allocation of the new version that
+    // fails (a missing image, a container that does not start) or stays
+    // unhealthy past `healthy_deadline` fails the rollout.
     let deadline = job.update.healthy_deadline.as_millis() as u64;
-    if let Some(late) = new.iter().find(|a| {
+    let late = new.iter().find(|a| {
         !healthy_for_long_enough(a)
             && a.healthy != Some(true)
             && now_ms.saturating_sub(a.created_ms) > deadline
-    }) {
-        let reason = format!(
-            "allocation {} of version {} was not healthy within {:?}",
-            late.id, job.version, job.update.healthy_deadline
-        );
+    });
+    let failure = if failed_new > 0 {
+        Some(format!(
+            "{failed_new} allocation(s) of version {} failed during the rolling update",
+            job.version
+        ))
+    } else {
+        late.map(|a| {
+            format!(
+                "allocation {} of version {} was not healthy within {:?}",
+                a.id, job.version, job.update.healthy_deadline
+            )
+        })
+    };
+    if let Some(reason) = failure {
         match job.stable_version {
             Some(to) if job.update.auto_revert && to != job.version => {
                 plan.jobs.push(JobChange::Revert {
@@ -485,23 +503,22 @@ fn reconcile_service(
             return;
         }
     }
-    let in_flight = new.iter().filter(|a| !healthy_for_long_enough(a)).count() as u32;
-    let budget = job.update.max_parallel.saturating_sub(in_flight);
-    // Replace broken old allocations first, then the oldest.
+    let healthy_new = new.iter().filter(|a| healthy_for_long_enough(a)).count() as u32;
+    let in_flight = new.len() as u32 - healthy_new;
+    // Old replicas stop only as healthy new ones take their places; broken old
+    // ones go first, then the oldest.
+    let keep_old = job.replicas.saturating_sub(healthy_new) as usize;
     let mut old_sorted = old.clone();
     old_sorted.sort_by_key(|a| (healthy_for_long_enough(a), a.created_ms, a.id.clone()));
-    let total_live = new.len() as u32 + old.len() as u32;
-    let mut to_place = job.replicas.saturating_sub(total_live);
-    for a in old_sorted.iter().take(budget as usize) {
+    for a in old_sorted.iter().take(old.len().saturating_sub(keep_old)) {
         plan.stop.push((
             a.id.clone(),
             format!("rolling update to version {}", job.version),
         ));
-        // A replacement, unless the old allocation was surplus.
-        if (new.len() as u32 + to_place) < job.replicas {
-            to_place += 1;
-        }
     }
+    // Surge: up to `max_parallel` new replicas on their way to healthy.
+    let room = job.replicas.saturating_sub(new.len() as u32);
+    let to_place = room.min(job.update.max_parallel.saturating_sub(in_flight));
     if to_place > 0 && may_place {
         plan.place.push(PlaceRequest {
             job: job.name.clone(),
@@ -645,39 +662,96 @@ mod tests {
     }
 
     #[test]
-    fn rolling_update_replaces_one_at_a_time_gated_by_health() {
+    fn rolling_update_surges_one_at_a_time_and_stops_old_only_for_healthy_new() {
         let mut j = job("api", JobType::Service, 3, 2);
         j.stable_version = Some(1);
+        let nodes = [node("n1", NodeStatus::Ready)];
         let old: Vec<AllocView> = (0..3)
             .map(|i| alloc(&format!("o{i}"), "api", 1, "n1", AllocState::Running))
             .collect();
-        let plan = run(
-            &[j.clone()],
-            &old,
-            &[node("n1", NodeStatus::Ready)],
-            100_000,
-        );
-        assert_eq!(plan.stop.len(), 1, "{plan:?}");
+        // First step: one new replica beside the three old ones; nothing stops.
+        let plan = run(std::slice::from_ref(&j), &old, &nodes, 100_000);
+        assert!(plan.stop.is_empty(), "{plan:?}");
         assert_eq!(plan.place[0].count, 1);
 
         // One new replica, not yet healthy long enough: wait.
         let mut new = alloc("n0", "api", 2, "n1", AllocState::Running);
         new.created_ms = 99_000;
         new.healthy_since_ms = Some(99_000);
-        let mut allocs = old[1..].to_vec();
+        let mut allocs = old.clone();
         allocs.push(new.clone());
-        let plan = run(
-            &[j.clone()],
-            &allocs,
-            &[node("n1", NodeStatus::Ready)],
-            100_000,
-        );
+        let plan = run(std::slice::from_ref(&j), &allocs, &nodes, 100_000);
         assert!(plan.stop.is_empty() && plan.place.is_empty(), "{plan:?}");
 
-        // Healthy for 5 s: next step.
-        let plan = run(&[j], &allocs, &[node("n1", NodeStatus::Ready)], 104_500);
-        assert_eq!(plan.stop.len(), 1);
+        // Healthy for 5 s: one old replica makes way, and the next new one starts.
+        let plan = run(std::slice::from_ref(&j), &allocs, &nodes, 104_500);
+        assert_eq!(plan.stop.len(), 1, "{plan:?}");
         assert_eq!(plan.place[0].count, 1);
+
+        // The last step: three healthy new replicas, the last old one stops.
+        let mut end: Vec<AllocView> = (0..3)
+            .map(|i| alloc(&format!("n{i}"), "api", 2, "n1", AllocState::Running))
+            .collect();
+        end.push(old[2].clone());
+        let plan = run(&[j], &end, &nodes, 200_000);
+        assert_eq!(
+            plan.stop,
+            vec![("o2".to_string(), "rolling update to version 2".to_string())]
+        );
+        assert!(plan.place.is_empty(), "{plan:?}");
+    }
+
+    /// Regression: a rolling update to an image that does not exist stopped every
+    /// healthy old replica (the failed new one no longer counted as in flight) and
+    /// never reverted.
+    #[test]
+    fn a_rollout_whose_new_allocation_fails_keeps_every_old_replica_and_reverts() {
+        let mut j = job("api", JobType::Service, 3, 2);
+        j.stable_version = Some(1);
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let mut allocs: Vec<AllocView> = (0..3)
+            .map(|i| alloc(&format!("o{i}"), "api", 1, "n1", AllocState::Running))
+            .collect();
+        let mut failed = alloc("n0", "api", 2, "n1", AllocState::Failed);
+        failed.healthy = None;
+        failed.healthy_since_ms = None;
+        failed.created_ms = 99_000;
+        allocs.push(failed);
+        let failures = FailureCounts::from([(
+            ("api".to_string(), 2),
+            Failures {
+                count: 1,
+                last_ms: 99_500,
+            },
+        )]);
+        let plan = reconcile(
+            std::slice::from_ref(&j),
+            &allocs,
+            &nodes,
+            &failures,
+            100_000,
+        );
+        assert!(plan.stop.is_empty(), "no old replica stops: {plan:?}");
+        assert!(plan.place.is_empty(), "{plan:?}");
+        assert!(
+            matches!(
+                &plan.jobs[..],
+                [JobChange::Revert {
+                    failed: 2,
+                    to: 1,
+                    ..
+                }]
+            ),
+            "{plan:?}"
+        );
+        // Without auto-revert the rollout stops where it is, old replicas kept.
+        j.update.auto_revert = false;
+        let plan = reconcile(&[j], &allocs, &nodes, &failures, 200_000);
+        assert!(plan.stop.is_empty() && plan.place.is_empty(), "{plan:?}");
+        assert!(
+            matches!(&plan.jobs[..], [JobChange::Failing { version: 2, .. }]),
+            "{plan:?}"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The ALPN protocol id of the agent link.
 pub const ALPN: &[u8] = b"novacron/1";
 /// The protocol version carried in the first frame of every stream.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The hard maximum body length of one frame (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// The most samples one [`MetricsBatch`] may carry.
@@ -304,10 +304,15 @@ pub struct MetricsBatch {
     pub dropped_total: u64,
 }
 
-/// The allocations a node should run, numbered by generation.
+/// The allocations a node should run, ordered by `(epoch, generation)`.
 #[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
 pub struct DesiredAllocations {
-    /// Increases with every change of this node's desired set.
+    /// The controller's link epoch: persisted, and raised every time a controller
+    /// starts serving (later, every time a leader is elected). A set from a newer
+    /// epoch supersedes any set of an older one, whatever their generations; a set
+    /// from an older epoch is refused (a deposed or restarted-away controller).
+    pub epoch: u64,
+    /// Increases with every change of this node's desired set within an epoch.
     pub generation: u64,
     /// Every allocation the node should run; anything else it runs is stopped.
     pub allocations: Vec<AllocationSpec>,

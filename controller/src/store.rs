@@ -58,6 +58,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         token: &JoinToken,
         now: SystemTime,
     ) -> Result<TokenRecord, ConsumeError>;
+    /// Raises the controller's link epoch and returns the new value, durably (the
+    /// write is committed before this returns). A controller calls it once when it
+    /// starts serving: every desired set it sends carries the epoch, so agents obey
+    /// it over any set of an earlier controller run (see
+    /// [`DesiredAllocations::epoch`](novacron_common::wire::DesiredAllocations)).
+    fn next_link_epoch(&self) -> Result<u64, StoreError>;
     /// Records that a node's identity is revoked (replacing an earlier revocation of
     /// the same name).
     fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError>;
@@ -749,6 +755,18 @@ impl Store for RedbStore {
         Ok(updated)
     }
 
+    fn next_link_epoch(&self) -> Result<u64, StoreError> {
+        const OP: &str = "raising the link epoch";
+        let txn = self.begin_write(OP)?;
+        let epoch = self
+            .get_in::<u64>(&txn, META, LINK_EPOCH_KEY, OP)?
+            .unwrap_or(0)
+            + 1;
+        self.put_in(&txn, META, LINK_EPOCH_KEY, &epoch, OP)?;
+        txn.commit().map_err(self.fail(OP))?;
+        Ok(epoch)
+    }
+
     fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
         self.put(
             REVOCATIONS,
@@ -788,6 +806,7 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct MemoryState {
+    link_epoch: u64,
     nodes: BTreeMap<String, NodeRecord>,
     tokens: BTreeMap<String, TokenRecord>,
     revocations: BTreeMap<String, Revocation>,
@@ -965,6 +984,12 @@ impl Store for MemoryStore {
         Ok(updated)
     }
 
+    fn next_link_epoch(&self) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        state.link_epoch += 1;
+        Ok(state.link_epoch)
+    }
+
     fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
         self.state()
             .revocations
@@ -1021,6 +1046,7 @@ const ALLOCATIONS: Table = Table {
     name: "allocations",
 };
 const SCHEMA_VERSION_KEY: &str = "schema_version";
+const LINK_EPOCH_KEY: &str = "link_epoch";
 const EVENTS_NAME: &str = "events";
 /// The event log: position → JSON event.
 const EVENTS: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new(EVENTS_NAME);
@@ -1481,6 +1507,22 @@ mod tests {
     );
 
     // redb-only cases.
+
+    #[test]
+    fn the_link_epoch_rises_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        {
+            let store = RedbStore::open(&path).expect("open");
+            assert_eq!(store.next_link_epoch().expect("epoch"), 1);
+            assert_eq!(store.next_link_epoch().expect("epoch"), 2);
+        }
+        let store = RedbStore::open(&path).expect("reopen");
+        assert_eq!(store.next_link_epoch().expect("epoch"), 3);
+        let memory = MemoryStore::new();
+        assert_eq!(memory.next_link_epoch().expect("epoch"), 1);
+        assert_eq!(memory.next_link_epoch().expect("epoch"), 2);
+    }
 
     #[test]
     fn reopening_keeps_everything() {

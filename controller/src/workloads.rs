@@ -135,6 +135,8 @@ struct NodeDesired {
 
 #[derive(Debug, Default)]
 struct State {
+    /// This controller run's link epoch (see [`Store::next_link_epoch`]).
+    link_epoch: u64,
     jobs: BTreeMap<String, JobEntry>,
     allocs: BTreeMap<String, AllocRecord>,
     failures: FailureCounts,
@@ -174,13 +176,18 @@ pub struct Workloads {
 }
 
 impl Workloads {
-    /// Loads jobs and allocations from the store.
+    /// Loads jobs and allocations from the store, and raises the link epoch in
+    /// it: every desired set this instance sends carries that epoch, so agents
+    /// that applied sets of an earlier controller run obey this one.
     pub fn load(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
         events: Arc<EventLog>,
     ) -> Result<Workloads, StoreError> {
-        let mut state = State::default();
+        let mut state = State {
+            link_epoch: store.next_link_epoch()?,
+            ..State::default()
+        };
         for record in store.jobs()? {
             let mut parsed = BTreeMap::new();
             for v in &record.versions {
@@ -465,6 +472,7 @@ impl Workloads {
     /// The desired set of `node`, updated as it changes.
     pub fn subscribe(&self, node: &str) -> watch::Receiver<Arc<DesiredAllocations>> {
         let mut st = self.lock();
+        let link_epoch = st.link_epoch;
         let entry = st
             .nodes
             .entry(node.to_string())
@@ -472,6 +480,7 @@ impl Workloads {
                 generation: 0,
                 key: vec![],
                 tx: watch::channel(Arc::new(DesiredAllocations {
+                    epoch: link_epoch,
                     generation: 0,
                     allocations: vec![],
                 }))
@@ -483,7 +492,7 @@ impl Workloads {
         let specs = desired_specs(&st, Some(node))
             .remove(node)
             .unwrap_or_default();
-        send_if_changed(st.nodes.get_mut(node), specs);
+        send_if_changed(st.nodes.get_mut(node), link_epoch, specs);
         rx
     }
 
@@ -1280,8 +1289,13 @@ impl Workloads {
     fn publish(&self) {
         let mut st = self.lock();
         let mut per_node = desired_specs(&st, None);
+        let epoch = st.link_epoch;
         for (name, desired) in st.nodes.iter_mut() {
-            send_if_changed(Some(desired), per_node.remove(name).unwrap_or_default());
+            send_if_changed(
+                Some(desired),
+                epoch,
+                per_node.remove(name).unwrap_or_default(),
+            );
         }
     }
 
@@ -1319,7 +1333,7 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
 }
 
 /// Sends `specs` to the node's channel with a new generation if they changed.
-fn send_if_changed(desired: Option<&mut NodeDesired>, specs: Vec<AllocationSpec>) {
+fn send_if_changed(desired: Option<&mut NodeDesired>, epoch: u64, specs: Vec<AllocationSpec>) {
     let Some(desired) = desired else { return };
     let key: Vec<(String, u64, Option<String>)> = specs
         .iter()
@@ -1339,6 +1353,7 @@ fn send_if_changed(desired: Option<&mut NodeDesired>, specs: Vec<AllocationSpec>
     // send_replace, not send: with no agent connected (no receiver) `send` drops
     // the value, and a reconnecting agent would get a stale desired set.
     desired.tx.send_replace(Arc::new(DesiredAllocations {
+        epoch,
         generation: desired.generation,
         allocations: specs,
     }));

@@ -216,6 +216,127 @@ async fn a_restarted_agent_adopts_its_containers() {
     assert_eq!(starts, starts_after, "containers were not restarted");
 }
 
+fn job_containers(job: &str) -> String {
+    docker(&["ps", "-q", "--filter", &format!("label=novacron.job={job}")]).expect("docker ps")
+}
+
+async fn restart_controller(f: &mut Fleet, kill: bool) {
+    if kill {
+        f.controller.kill().await;
+    } else {
+        f.controller.stop().await;
+    }
+    f.controller.restart().await.expect("controller restarts");
+    let node = f.agents[0].name.clone();
+    wait_for(Duration::from_secs(30), "the agent reconnected", || async {
+        matches!(f.controller.node(&node).await, Ok(Some(v)) if v.status.to_string() == "ready")
+    })
+    .await
+    .expect("agent back");
+}
+
+/// Regression (issue 12): a restarted controller counted desired-set generations
+/// from 1 again, and every running agent refused its sets as older than the one it
+/// had applied: after a restart, stops, placements and rollouts did nothing.
+#[tokio::test]
+async fn a_restarted_controller_is_obeyed_by_running_agents() {
+    let mut f = fleet(1).await;
+    let pid = std::process::id();
+    let (a, b, c) = (
+        format!("rst-a-{pid}"),
+        format!("rst-b-{pid}"),
+        format!("rst-c-{pid}"),
+    );
+    let _cleanup = (
+        JobCleanup(a.clone()),
+        JobCleanup(b.clone()),
+        JobCleanup(c.clone()),
+    );
+    for job in [&a, &b] {
+        f.controller
+            .apply("rst.yaml", &service(job, 1, ""))
+            .await
+            .expect("apply");
+    }
+    wait_for(Duration::from_secs(40), "a and b running", || async {
+        running(&f.controller, &a).await.len() == 1 && running(&f.controller, &b).await.len() == 1
+    })
+    .await
+    .expect("running");
+    // Raise the agent's applied generation well above what a restarted controller
+    // starts from: every placement and every stop is a new desired set.
+    let churn: Vec<String> = (0..3).map(|i| format!("rst-d{i}-{pid}")).collect();
+    let _churn_cleanup: Vec<JobCleanup> = churn.iter().map(|j| JobCleanup(j.clone())).collect();
+    for job in &churn {
+        f.controller
+            .apply("rst.yaml", &service(job, 1, ""))
+            .await
+            .expect("apply");
+        wait_for(Duration::from_secs(30), "churn job running", || async {
+            running(&f.controller, job).await.len() == 1
+        })
+        .await
+        .expect("running");
+        let out = f.controller.cli(&["job", "stop", job]);
+        assert!(out.status.success(), "job stop: {out:?}");
+        wait_for(Duration::from_secs(30), "churn job stopped", || async {
+            job_containers(job).is_empty()
+        })
+        .await
+        .expect("stopped");
+    }
+
+    // A clean restart (SIGTERM), then a stop and a new job.
+    restart_controller(&mut f, false).await;
+    let out = f.controller.cli(&["job", "stop", &a]);
+    assert!(out.status.success(), "job stop: {out:?}");
+    f.controller
+        .apply("rst.yaml", &service(&c, 1, ""))
+        .await
+        .expect("apply c");
+    wait_for(Duration::from_secs(30), "a stopped, c running", || async {
+        job_containers(&a).is_empty()
+            && running(&f.controller, &c).await.len() == 1
+            && !job_containers(&c).is_empty()
+    })
+    .await
+    .expect("the agent obeyed the restarted controller");
+
+    // A crash (SIGKILL), then a rollout and a stop.
+    restart_controller(&mut f, true).await;
+    f.controller
+        .apply(
+            "rst.yaml",
+            &service(&b, 1, "").replace("NOVACRON_TEST: hello", "NOVACRON_TEST: v2"),
+        )
+        .await
+        .expect("apply b v2");
+    let out = f.controller.cli(&["job", "stop", &c]);
+    assert!(out.status.success(), "job stop: {out:?}");
+    wait_for(
+        Duration::from_secs(40),
+        "b at version 2, c stopped",
+        || async {
+            let b_v2 = running(&f.controller, &b)
+                .await
+                .iter()
+                .any(|r| r.version == 2);
+            b_v2 && job_containers(&c).is_empty()
+        },
+    )
+    .await
+    .expect("the agent obeyed the crashed-and-restarted controller");
+    let container = job_containers(&b);
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{.Config.Env}}",
+        container.lines().next().expect("b runs"),
+    ])
+    .expect("inspect");
+    assert!(env.contains("NOVACRON_TEST=v2"), "{env}");
+}
+
 #[tokio::test]
 async fn an_unplaceable_job_says_why() {
     let f = fleet(1).await;

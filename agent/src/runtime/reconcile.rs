@@ -226,7 +226,8 @@ pub struct RunningAlloc {
 #[derive(Debug)]
 pub struct Reconciler {
     config: ReconcilerConfig,
-    generation: Option<u64>,
+    /// `(epoch, generation)` of the desired set in force.
+    applied: Option<(u64, u64)>,
     records: BTreeMap<String, Record>,
     orphans: BTreeMap<String, Orphan>,
     epoch: u64,
@@ -242,7 +243,7 @@ impl Reconciler {
     pub fn new(config: ReconcilerConfig) -> Self {
         Reconciler {
             config,
-            generation: None,
+            applied: None,
             records: BTreeMap::new(),
             orphans: BTreeMap::new(),
             epoch: 0,
@@ -284,12 +285,16 @@ impl Reconciler {
     }
 
     /// Replaces the desired set. Returns `false` (and changes nothing) when
-    /// `desired` is older than the set in force.
+    /// `desired` is older than the set in force: sets are ordered by the
+    /// controller's epoch first, then by generation, so a restarted controller
+    /// (a newer epoch, generations counting from 1 again) is obeyed and a set from
+    /// an older epoch is refused.
     pub fn apply(&mut self, desired: DesiredAllocations) -> bool {
-        if self.generation.is_some_and(|g| desired.generation < g) {
+        let version = (desired.epoch, desired.generation);
+        if self.applied.is_some_and(|applied| version < applied) {
             return false;
         }
-        self.generation = Some(desired.generation);
+        self.applied = Some(version);
         self.epoch += 1;
         let mut wanted = BTreeMap::new();
         for spec in desired.allocations {
@@ -320,7 +325,12 @@ impl Reconciler {
 
     /// The generation of the desired set in force.
     pub fn generation(&self) -> Option<u64> {
-        self.generation
+        self.applied.map(|(_, generation)| generation)
+    }
+
+    /// The controller epoch of the desired set in force.
+    pub fn controller_epoch(&self) -> Option<u64> {
+        self.applied.map(|(epoch, _)| epoch)
     }
 
     /// Call before listing the containers; pass the token to [`Reconciler::observe`].
@@ -625,7 +635,7 @@ impl Reconciler {
         for id in gone {
             self.records.remove(&id);
         }
-        if self.generation.is_some() {
+        if self.applied.is_some() {
             for (container_id, orphan) in &mut self.orphans {
                 if actions.len() >= budget {
                     break;
@@ -665,7 +675,7 @@ impl Reconciler {
         let orphans = self
             .orphans
             .values()
-            .filter(|_| self.generation.is_some())
+            .filter(|_| self.applied.is_some())
             .filter(|o| !o.busy)
             .filter_map(|o| o.retry_at);
         let holds = self.holds.values().copied();
@@ -719,7 +729,7 @@ impl Reconciler {
         }
         allocations.sort_by(|a, b| a.id.cmp(&b.id));
         AllocationReport {
-            generation: self.generation.unwrap_or(0),
+            generation: self.generation().unwrap_or(0),
             allocations,
         }
     }
@@ -1060,6 +1070,7 @@ mod tests {
 
     fn desired(generation: u64, allocs: Vec<AllocationSpec>) -> DesiredAllocations {
         DesiredAllocations {
+            epoch: 1,
             generation,
             allocations: allocs,
         }
@@ -1150,6 +1161,25 @@ mod tests {
             r.apply(desired(5, vec![])),
             "the same generation is re-applied"
         );
+    }
+
+    /// Regression: a restarted controller counted generations from 1 again, and
+    /// every running agent refused its desired sets until the agent restarted.
+    #[test]
+    fn a_newer_controller_epoch_wins_over_a_higher_generation() {
+        let mut r = core();
+        assert!(r.apply(desired(7, vec![spec("a", once())])));
+        let restarted = DesiredAllocations {
+            epoch: 2,
+            generation: 1,
+            allocations: vec![],
+        };
+        assert!(r.apply(restarted), "the restarted controller is obeyed");
+        assert_eq!(r.controller_epoch(), Some(2));
+        assert_eq!(r.generation(), Some(1));
+        // A set from the older epoch (a deposed controller) is refused.
+        assert!(!r.apply(desired(9, vec![spec("a", once())])));
+        assert_eq!(r.controller_epoch(), Some(2));
     }
 
     #[test]

@@ -1140,6 +1140,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = supervisor.spawn(cancel.clone());
         assert!(supervisor.apply(DesiredAllocations {
+            epoch: 1,
             generation: 1,
             allocations: vec![alloc("a1")],
         }));
@@ -1227,6 +1228,7 @@ mod tests {
         );
 
         supervisor.apply(DesiredAllocations {
+            epoch: 1,
             generation: 1,
             allocations: vec![],
         });
@@ -1251,6 +1253,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = supervisor.spawn(cancel.clone());
         supervisor.apply(DesiredAllocations {
+            epoch: 1,
             generation: 1,
             allocations: vec![alloc("a1")],
         });
@@ -1297,12 +1300,14 @@ mod tests {
         let supervisor = Supervisor::new(Fake::default(), config());
         let mut reports = supervisor.subscribe();
         assert!(supervisor.apply(DesiredAllocations {
+            epoch: 1,
             generation: 2,
             allocations: vec![alloc("a")],
         }));
         assert!(reports.has_changed().expect("open"));
         assert_eq!(reports.borrow_and_update().generation, 2);
         assert!(!supervisor.apply(DesiredAllocations {
+            epoch: 1,
             generation: 1,
             allocations: vec![],
         }));
