@@ -480,6 +480,93 @@ async fn a_rolling_update_that_fails_its_health_check_reverts() {
     );
 }
 
+/// Regression (issue 12): a rolling update to an image that does not exist stopped
+/// the healthy old replicas one after another (0 of 3 ran) and never reverted.
+#[tokio::test]
+async fn a_rollout_to_a_missing_image_keeps_every_old_replica_serving_and_reverts() {
+    let f = fleet(1).await;
+    let job = format!("badimg-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let v1 = service(
+        &job,
+        3,
+        "  health:
+    tcp:
+      port: 8080
+    interval: 1s
+    timeout: 500ms
+    retries: 1
+  update:
+    maxParallel: 1
+    minHealthyTime: 1s
+    healthyDeadline: 20s
+    autoRevert: true
+",
+    )
+    .replace(
+        "'echo started $NOVACRON_TEST; while true; do sleep 1; done'",
+        "'httpd -f -p 8080'",
+    );
+    f.controller.apply("bad.yaml", &v1).await.expect("apply v1");
+    wait_for(Duration::from_secs(60), "v1 stable", || async {
+        f.controller
+            .job(&job)
+            .await
+            .is_ok_and(|d| d.summary.stable_version == Some(1) && d.summary.healthy == 3)
+    })
+    .await
+    .expect("v1 healthy");
+    let old: Vec<String> = running(&f.controller, &job)
+        .await
+        .iter()
+        .map(|a| a.id.clone())
+        .collect();
+    let v2 = v1.replace(TEST_IMAGE, "novacron-test/does-not-exist:404");
+    f.controller.apply("bad.yaml", &v2).await.expect("apply v2");
+    // Until the revert, and for a while after it, all three old replicas run.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut reverted = false;
+    while Instant::now() < deadline {
+        let d = f.controller.job(&job).await.expect("job");
+        let old_running = d
+            .allocations
+            .iter()
+            .filter(|a| old.contains(&a.id) && a.desired_run && a.state == AllocState::Running)
+            .count();
+        assert_eq!(
+            old_running, 3,
+            "an old replica stopped during the failing rollout: {:?}",
+            d.allocations
+        );
+        if d.summary.status == "reverted" {
+            reverted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(reverted, "the rollout to a missing image did not revert");
+    let d = f.controller.job(&job).await.expect("job");
+    assert!(
+        d.summary.message.contains("version 2 failed"),
+        "{}",
+        d.summary.message
+    );
+    // The revert rolls the old spec out again, never below three healthy.
+    wait_for(
+        Duration::from_secs(60),
+        "the reverted version healthy",
+        || async {
+            f.controller.job(&job).await.is_ok_and(|d| {
+                d.summary.version == 3
+                    && d.summary.healthy >= 3
+                    && d.summary.stable_version == Some(3)
+            })
+        },
+    )
+    .await
+    .expect("healthy again");
+}
+
 #[tokio::test]
 async fn the_cli_applies_lists_and_reads_logs() {
     let f = fleet(1).await;
