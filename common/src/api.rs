@@ -77,6 +77,9 @@ pub struct NodeView {
     pub cert_expires_unix_ms: Option<u64>,
     /// Samples the agent reported dropping (its offline buffer overflowed).
     pub samples_dropped: u64,
+    /// Cordoned: nothing new is placed on it (`novacron node uncordon` lifts it).
+    #[serde(default)]
+    pub cordoned: bool,
     /// The newest metrics sample, if any.
     pub latest: Option<NodeSample>,
 }

@@ -133,6 +133,8 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(list_nodes))
         .routes(routes!(show_node))
         .routes(routes!(node_metrics))
+        .routes(routes!(cordon_node))
+        .routes(routes!(uncordon_node))
         .routes(routes!(revoke_node))
         .routes(routes!(create_token))
         .routes(routes!(create_api_token, list_api_tokens))
@@ -419,6 +421,50 @@ async fn node_metrics(
         .window(&name)
         .map(|w| Json(w).into_response())
         .ok_or_else(|| unknown_node(&name))
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/cordon", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (persisted): nothing new is placed on the node; what runs there stays", body = NodeView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn cordon_node(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, Problem> {
+    set_cordon(&st, &caller, &name, true)
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/uncordon", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "the cordon is lifted (persisted): the node takes new work again", body = NodeView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn uncordon_node(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, Problem> {
+    set_cordon(&st, &caller, &name, false)
+}
+
+fn set_cordon(
+    st: &ApiState,
+    caller: &Caller,
+    name: &str,
+    cordoned: bool,
+) -> Result<Json<NodeView>, Problem> {
+    caller.require(Role::Operator)?;
+    match st.registry.set_cordoned(name, cordoned) {
+        Ok(()) => {}
+        Err(RegistryError::UnknownNode(_)) => return Err(unknown_node(name)),
+        Err(e) => return Err(internal(e)),
+    }
+    let (event, what) = if cordoned {
+        (kind::NODE_CORDONED, "cordoned")
+    } else {
+        (kind::NODE_UNCORDONED, "uncordoned")
+    };
+    st.events
+        .note(NewEvent::new(event, caller.0.to_string(), format!("node {name} {what}")).node(name));
+    st.workloads.wake();
+    st.registry
+        .view(name, Instant::now())
+        .map(Json)
+        .ok_or_else(|| unknown_node(name))
 }
 
 /// `POST /v1/nodes/{name}/revoke` body.

@@ -964,6 +964,7 @@ mod tests {
             last_seen_unix_ms: None,
             cert_expires_unix_ms: None,
             samples_dropped: 0,
+            cordoned: false,
             latest: None,
         };
         let pricing = novacron_common::cost::PriceCatalog::default();

@@ -388,6 +388,7 @@ mod tests {
             last_seen_unix_ms: None,
             cert_expires_unix_ms: None,
             samples_dropped: 0,
+            cordoned: false,
             latest: None,
         }
     }

@@ -62,6 +62,10 @@ pub mod kind {
     pub const NODE_ENROLLED: &str = "node.enrolled";
     /// A node was revoked.
     pub const NODE_REVOKED: &str = "node.revoked";
+    /// An operator cordoned a node.
+    pub const NODE_CORDONED: &str = "node.cordoned";
+    /// An operator lifted a node's cordon.
+    pub const NODE_UNCORDONED: &str = "node.uncordoned";
     /// A join token was created.
     pub const TOKEN_CREATED: &str = "token.created";
     /// An API token was created or revoked.

@@ -965,6 +965,7 @@ mod tests {
             last_seen_unix_ms: Some(1_700_000_100_500),
             cert_expires_unix_ms: Some(1_800_000_000_000),
             samples_dropped: 3,
+            cordoned: false,
             latest,
         }
     }

@@ -137,8 +137,8 @@ pub struct Registry {
     samples_ingested: AtomicU64,
     duplicates_skipped: AtomicU64,
     latencies: Mutex<VecDeque<f32>>,
-    /// Nodes the scheduler must not place on (being drained). In memory only: the
-    /// pool manager cordons its draining nodes again after a restart.
+    /// Nodes the scheduler must not place on (drained, or cordoned by an
+    /// operator); mirrors [`NodeRecord::cordoned`], which is what persists.
     cordoned: Mutex<HashSet<String>>,
 }
 
@@ -173,8 +173,13 @@ impl Registry {
             revoked.insert(&r.name);
         }
         let marks = store.metric_marks()?;
-        let nodes = store
-            .nodes()?
+        let records = store.nodes()?;
+        let cordoned: HashSet<String> = records
+            .iter()
+            .filter(|r| r.cordoned)
+            .map(|r| r.name.clone())
+            .collect();
+        let nodes = records
             .into_iter()
             .map(|record| {
                 let mark = marks.get(&record.name).copied().unwrap_or_default();
@@ -202,14 +207,23 @@ impl Registry {
             samples_ingested: AtomicU64::new(0),
             duplicates_skipped: AtomicU64::new(0),
             latencies: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
-            cordoned: Mutex::new(HashSet::new()),
+            cordoned: Mutex::new(cordoned),
         })
     }
 
-    /// Cordons `name` (nothing new is placed on it) or lifts that.
+    /// Cordons `name` (nothing new is placed on it) or lifts that. The cordon is
+    /// persisted before it takes effect, so it outlives a restart.
     pub fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<(), RegistryError> {
-        if !self.lock().nodes.contains_key(name) {
-            return Err(RegistryError::UnknownNode(name.to_string()));
+        let mut inner = self.lock();
+        let state = inner
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::UnknownNode(name.to_string()))?;
+        if state.record.cordoned != cordoned {
+            let mut record = state.record.clone();
+            record.cordoned = cordoned;
+            self.store.upsert_node(&record)?;
+            state.record = record;
         }
         let mut set = self
             .cordoned
@@ -262,6 +276,7 @@ impl Registry {
                     cert_serial: None,
                     cert_expires_unix_ms: None,
                     samples_dropped: 0,
+                    cordoned: false,
                 },
                 link: None,
                 since: Instant::now(),
@@ -571,6 +586,7 @@ impl Registry {
             last_seen_unix_ms: r.last_seen_unix_ms,
             cert_expires_unix_ms: r.cert_expires_unix_ms,
             samples_dropped: r.samples_dropped,
+            cordoned: r.cordoned,
             latest: s.window.back().cloned(),
         }
     }

@@ -266,6 +266,10 @@ pub struct NodeRecord {
     pub cert_expires_unix_ms: Option<u64>,
     /// Samples the agent reported dropping (its buffer was full while disconnected).
     pub samples_dropped: u64,
+    /// Cordoned: nothing new is placed on it until an operator uncordons it.
+    /// Persisted, so a cordon outlives a controller restart.
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// A revoked node identity.
@@ -1155,6 +1159,7 @@ mod tests {
             cert_serial: Some("ab01".into()),
             cert_expires_unix_ms: Some(3),
             samples_dropped: 4,
+            cordoned: false,
         }
     }
 

@@ -176,6 +176,11 @@ pub struct Workloads {
 }
 
 impl Workloads {
+    /// Runs a reconcile pass soon (something it reads changed, such as a cordon).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     /// Loads jobs and allocations from the store, and raises the link epoch in
     /// it: every desired set this instance sends carries that epoch, so agents
     /// that applied sets of an earlier controller run obey this one.

@@ -337,6 +337,58 @@ async fn a_restarted_controller_is_obeyed_by_running_agents() {
     assert!(env.contains("NOVACRON_TEST=v2"), "{env}");
 }
 
+/// Regression (issue 12): cordons lived only in memory and nothing lifted one.
+#[tokio::test]
+async fn a_cordon_survives_a_controller_restart_until_uncordoned() {
+    let mut f = fleet(1).await;
+    let node = f.agents[0].name.clone();
+    let job = format!("cordon-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let out = f.controller.cli(&["node", "cordon", &node]);
+    assert!(out.status.success(), "node cordon: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cordoned"),
+        "{out:?}"
+    );
+    restart_controller(&mut f, true).await;
+    let view = f
+        .controller
+        .node(&node)
+        .await
+        .expect("node")
+        .expect("known");
+    assert!(view.cordoned, "the cordon was lost in the restart");
+    let list = f.controller.cli(&["node", "list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("ready,cordoned"),
+        "{list:?}"
+    );
+    f.controller
+        .apply("cordon.yaml", &service(&job, 1, ""))
+        .await
+        .expect("apply");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        running(&f.controller, &job).await.is_empty(),
+        "placed on a cordoned node"
+    );
+    let out = f.controller.cli(&["node", "uncordon", &node]);
+    assert!(out.status.success(), "node uncordon: {out:?}");
+    wait_for(
+        Duration::from_secs(30),
+        "placed once uncordoned",
+        || async { running(&f.controller, &job).await.len() == 1 },
+    )
+    .await
+    .expect("placed");
+    let events = f.controller.cli(&["events", "--node", &node]);
+    let text = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        text.contains("node.cordoned") && text.contains("node.uncordoned"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn an_unplaceable_job_says_why() {
     let f = fleet(1).await;

@@ -26,6 +26,16 @@ pub enum NodeCommand {
         /// The node's name.
         name: String,
     },
+    /// Cordon a node: nothing new is placed on it; what runs there stays.
+    Cordon {
+        /// The node's name.
+        name: String,
+    },
+    /// Lift a node's cordon (set by `cordon`, a drain or a spot notice).
+    Uncordon {
+        /// The node's name.
+        name: String,
+    },
     /// Cordon a node and move its running allocations elsewhere with their state.
     Drain {
         /// The node's name.
@@ -54,6 +64,24 @@ pub async fn run(
         NodeCommand::Show { name } => {
             let node: NodeView = client.get(&["v1", "nodes", name]).await?;
             output::write_one(out, format, &node, || detail(&node, now))?;
+        }
+        NodeCommand::Cordon { name } | NodeCommand::Uncordon { name } => {
+            let verb = if matches!(cmd, NodeCommand::Cordon { .. }) {
+                "cordon"
+            } else {
+                "uncordon"
+            };
+            let node: NodeView = client
+                .post(&["v1", "nodes", name, verb], &serde_json::json!({}))
+                .await?;
+            output::write_one(out, format, &node, || {
+                let what = if node.cordoned {
+                    "cordoned: nothing new is placed on it"
+                } else {
+                    "uncordoned: it takes new work again"
+                };
+                format!("node {} {what}\n", node.name)
+            })?;
         }
         NodeCommand::Drain { name, migrate } => {
             if !migrate {
@@ -86,7 +114,11 @@ impl TableRow for NodeView {
         let latest = self.latest.as_ref();
         vec![
             self.name.clone(),
-            self.status.to_string(),
+            if self.cordoned {
+                format!("{},cordoned", self.status)
+            } else {
+                self.status.to_string()
+            },
             self.labels.get(ZONE_LABEL).cloned().unwrap_or_else(dash),
             latest.map_or_else(dash, |s| format!("{:.1}", s.cpu.total_percent)),
             latest.map_or_else(dash, |s| {
@@ -180,7 +212,14 @@ pub fn detail(node: &NodeView, now: SystemTime) -> String {
         "",
         &[
             ("Name", node.name.clone()),
-            ("Status", node.status.to_string()),
+            (
+                "Status",
+                if node.cordoned {
+                    format!("{} (cordoned: nothing new is placed here)", node.status)
+                } else {
+                    node.status.to_string()
+                },
+            ),
             ("Address", node.address.clone().unwrap_or_else(dash)),
             ("Agent version", node.agent_version.clone()),
             ("Enrolled", at(Some(node.enrolled_at_unix_ms))),
@@ -451,6 +490,7 @@ pub(crate) mod tests {
                 last_seen_unix_ms: Some(NOW_UNIX_MS - 1000),
                 cert_expires_unix_ms: Some(NOW_UNIX_MS + 29 * 86_400_000),
                 samples_dropped: 0,
+                cordoned: false,
                 latest: Some(sample),
             },
             NodeView {
@@ -465,6 +505,7 @@ pub(crate) mod tests {
                 last_seen_unix_ms: None,
                 cert_expires_unix_ms: None,
                 samples_dropped: 7,
+                cordoned: false,
                 latest: None,
             },
         ]
