@@ -21,7 +21,8 @@
 //! - a job with a `lifecycle` (see [`crate::manifest::lifecycle`]) wants no
 //!   replicas outside its schedule window, nor (service, system) once it ran longer
 //!   than `maxRuntime`; a batch replica older than `maxRuntime` is stopped as
-//!   failed ([`Plan::fail`]).
+//!   failed ([`Plan::fail`], [`FailReason::MaxRuntime`]) and the version is not
+//!   run again (a retry would hit the same limit): the job is failing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,6 +80,31 @@ pub struct AllocView {
     pub healthy_since_ms: Option<u64>,
     /// Created (Unix ms).
     pub created_ms: u64,
+    /// Why the controller ended it as failed, if it did.
+    pub failed_by: Option<FailReason>,
+}
+
+/// Why the controller itself ended an allocation as failed. Decisions read this,
+/// never the allocation's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum FailReason {
+    /// A batch replica ran longer than its job's `maxRuntime`.
+    MaxRuntime {
+        /// The limit, in milliseconds.
+        max_ms: u64,
+    },
+}
+
+impl std::fmt::Display for FailReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailReason::MaxRuntime { max_ms } => {
+                f.write_str(&exceeded(std::time::Duration::from_millis(*max_ms)))
+            }
+        }
+    }
 }
 
 impl AllocView {
@@ -158,7 +184,7 @@ pub struct Plan {
     pub stop: Vec<(String, String)>,
     /// Allocations to stop and count as failed, with the reason (a batch replica
     /// past its `maxRuntime`).
-    pub fail: Vec<(String, String)>,
+    pub fail: Vec<(String, FailReason)>,
     /// New allocations to place.
     pub place: Vec<PlaceRequest>,
     /// Job-level changes.
@@ -276,20 +302,40 @@ pub fn reconcile_with_lifecycles(
             }
             continue;
         }
-        // Batch replicas past maxRuntime fail; their replacements wait for the
-        // failure to be counted (next pass), so the back-off applies.
-        let mut expired_now = false;
+        // Batch replicas past maxRuntime fail, and the version is not run again:
+        // a retry would hit the same limit.
+        let mut deadline_hit = mine.iter().find_map(|a| {
+            (a.version == job.version)
+                .then_some(a.failed_by)
+                .flatten()
+                .map(|r| (a.id.clone(), r))
+        });
         if let Some(max) = lifecycle.and_then(|l| l.lifecycle.max_runtime)
             && batch
         {
             let (expired, rest): (Vec<&AllocView>, Vec<&AllocView>) = live
                 .into_iter()
                 .partition(|a| over(a.created_ms, now_ms, max));
+            let reason = FailReason::MaxRuntime {
+                max_ms: max.as_millis() as u64,
+            };
             for a in &expired {
-                plan.fail.push((a.id.clone(), exceeded(max)));
+                plan.fail.push((a.id.clone(), reason));
+                if a.version == job.version && deadline_hit.is_none() {
+                    deadline_hit = Some((a.id.clone(), reason));
+                }
             }
-            expired_now = !expired.is_empty();
             live = rest;
+        }
+        let expired_now = deadline_hit.is_some();
+        if let Some((id, reason)) = &deadline_hit {
+            plan.jobs.push(JobChange::Failing {
+                job: job.name.clone(),
+                version: job.version,
+                reason: format!(
+                    "replica {id} {reason}; a batch job past its maxRuntime is not run again (raise maxRuntime and apply the job again)"
+                ),
+            });
         }
         let f = failures
             .get(&(job.name.clone(), job.version))
@@ -581,6 +627,7 @@ mod tests {
             healthy: Some(true),
             healthy_since_ms: Some(0),
             created_ms: 0,
+            failed_by: None,
         }
     }
 
@@ -1050,8 +1097,10 @@ mod tests {
         assert!(late.fail.is_empty() && late.place.is_empty());
     }
 
+    /// Regression (issue 12): a batch replica past `maxRuntime` was replaced, and
+    /// the job ran five more times before its failures stopped it.
     #[test]
-    fn a_batch_replica_past_max_runtime_fails_and_is_replaced_later() {
+    fn a_batch_replica_past_max_runtime_fails_the_job_and_is_not_run_again() {
         let l = lifecycles("etl", None, Some(Duration::from_secs(60)), 0);
         let jobs = [job("etl", JobType::Batch, 2, 1)];
         let mut old = alloc("old", "etl", 1, "n1", AllocState::Running);
@@ -1068,18 +1117,19 @@ mod tests {
             &f,
             61_001 + 1,
         );
-        assert_eq!(
-            plan.fail,
-            vec![("old".to_string(), "exceeded maxRuntime 1m".to_string())]
-        );
+        let reason = FailReason::MaxRuntime { max_ms: 60_000 };
+        assert_eq!(plan.fail, vec![("old".to_string(), reason)]);
+        assert_eq!(reason.to_string(), "exceeded maxRuntime 1m");
         assert!(plan.stop.is_empty());
+        assert!(plan.place.is_empty(), "{plan:?}");
         assert!(
-            plan.place.is_empty(),
-            "the replacement waits for the back-off"
+            matches!(&plan.jobs[..], [JobChange::Failing { version: 1, .. }]),
+            "{plan:?}"
         );
-        // Next pass: the failure is counted and its back-off over.
+        // Later passes, long after any back-off: still no replacement, still failing.
         old.state = AllocState::Failed;
         old.desired_run = false;
+        old.failed_by = Some(reason);
         let f = FailureCounts::from([(
             ("etl".to_string(), 1),
             Failures {
@@ -1087,10 +1137,13 @@ mod tests {
                 last_ms: 62_002,
             },
         )]);
-        let plan = reconcile_with_lifecycles(&jobs, &l, &[old, young], &nodes, &f, 63_500);
+        let plan = reconcile_with_lifecycles(&jobs, &l, &[old, young], &nodes, &f, 100_500);
         assert!(plan.fail.is_empty());
-        assert_eq!(plan.place.len(), 1);
-        assert_eq!(plan.place[0].count, 1);
+        assert!(plan.place.is_empty(), "{plan:?}");
+        assert!(
+            matches!(&plan.jobs[..], [JobChange::Failing { .. }]),
+            "{plan:?}"
+        );
     }
 
     #[test]

@@ -413,6 +413,7 @@ mod tests {
             memory_bytes: 1 << 30,
             gpu_uuids: Vec::new(),
             priority: 0,
+            failed_by: None,
         }
     }
 

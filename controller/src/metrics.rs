@@ -1041,6 +1041,7 @@ mod tests {
             memory_bytes: 32 << 20,
             gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
             priority: 50,
+            failed_by: None,
         }
     }
 

@@ -241,6 +241,10 @@ pub struct AllocRecord {
     /// it runs.
     #[serde(default)]
     pub restore: Option<novacron_common::wire::RestoreFrom>,
+    /// Why the controller ended it as failed, if it did (typed; `message` says
+    /// it in words).
+    #[serde(default)]
+    pub failed_by: Option<novacron_common::reconcile::FailReason>,
 }
 
 /// What the controller remembers about an enrolled node.
@@ -1355,6 +1359,7 @@ mod tests {
             memory_bytes: 64 << 20,
             gpu_uuids: vec![],
             priority: 50,
+            failed_by: None,
         }
     }
 

@@ -689,6 +689,7 @@ impl Workloads {
                 healthy: a.healthy,
                 healthy_since_ms: a.healthy_since_unix_ms,
                 created_ms: a.created_unix_ms,
+                failed_by: a.failed_by,
             })
             .collect();
         let node_views: Vec<reconcile::NodeView> = nodes
@@ -781,7 +782,8 @@ impl Workloads {
                 a.desired_run = false;
                 a.state = AllocState::Failed;
                 a.healthy_since_unix_ms = None;
-                a.message = reason.clone();
+                a.message = reason.to_string();
+                a.failed_by = Some(*reason);
                 a.updated_unix_ms = now_ms;
                 let f = failures.entry((a.job.clone(), a.version)).or_default();
                 f.count += 1;
@@ -1044,6 +1046,7 @@ impl Workloads {
             }
             let record = AllocRecord {
                 restore: restore.map(|(_, r, _)| r),
+                failed_by: None,
                 id: id.clone(),
                 job: req.job.clone(),
                 version: req.version,

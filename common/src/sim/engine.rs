@@ -824,6 +824,7 @@ impl<'a> Sim<'a> {
                     healthy: Some(running),
                     healthy_since_ms: running.then_some(a.running_at_ms),
                     created_ms: a.created_ms,
+                    failed_by: None,
                 }
             })
             .collect();
