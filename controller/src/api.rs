@@ -132,7 +132,10 @@ struct AuditSlot(Arc<std::sync::Mutex<Option<String>>>);
 
 impl AuditSlot {
     fn set(&self, who: &Identity) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(who.to_string());
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(who.to_string());
     }
 
     fn who(&self) -> Option<String> {

@@ -21,11 +21,11 @@ use tracing::info;
 
 use crate::api::{ApiTokenRequest, ApiTokenResponse, RevokeRequest, TokenRequest, TokenResponse};
 use crate::cert_api::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
-use crate::events::{EventLog, NewEvent, kind};
-use crate::store::{RedbStore, StoreError};
 use crate::config_file::{self, ProcessEnv, ServeFlags};
+use crate::events::{EventLog, NewEvent, kind};
 use crate::pki_files::{self, PkiPaths};
 use crate::server::{self, ControllerConfig};
+use crate::store::{RedbStore, StoreError};
 
 /// Exit code for bad configuration.
 pub const EXIT_CONFIG: i32 = 64;
@@ -491,8 +491,7 @@ async fn cert_revoke(data_dir: &Path, serial: &str, reason: &str) -> i32 {
             serial: serial.to_string(),
             reason: reason.to_owned(),
         };
-        return match admin_call::<CertRevokeResponse>(data_dir, "/v1/certs/revoke", &req).await
-        {
+        return match admin_call::<CertRevokeResponse>(data_dir, "/v1/certs/revoke", &req).await {
             Ok(r) => {
                 println!(
                     "certificate {} revoked{}; closed {} API connection(s) and the agent link of {} node(s)",

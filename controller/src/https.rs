@@ -29,6 +29,7 @@ use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use novacron_common::pki::{Identity, Serial};
+use novacron_common::tls::RevokedSerials;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -36,7 +37,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 /// Default limit on TLS handshakes in flight; the listener stops accepting TCP
 /// connections while this many are running.
@@ -77,6 +78,7 @@ pub struct TlsListener {
     local_addr: SocketAddr,
     task: JoinHandle<()>,
     live: Arc<LiveConnections>,
+    revoked: Option<Arc<RevokedSerials>>,
 }
 
 impl TlsListener {
@@ -105,7 +107,16 @@ impl TlsListener {
             local_addr,
             task,
             live: Arc::new(LiveConnections::default()),
+            revoked: None,
         })
+    }
+
+    /// Drops connections whose client certificate is in `revoked`. The verifier
+    /// already refuses them in a full handshake; this catches a resumed TLS
+    /// session, where rustls restores the certificate without verifying it again.
+    pub fn refusing(mut self, revoked: Arc<RevokedSerials>) -> TlsListener {
+        self.revoked = Some(revoked);
+        self
     }
 
     /// The address the listener is bound to.
@@ -131,13 +142,29 @@ impl Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some((tls, addr)) => (ServedStream::new(tls, &self.live), addr),
-            None => {
-                // The accept task holds the sender until the receiver is dropped, so
-                // this means it panicked. `accept` cannot fail, so serve nothing more.
-                error!(addr = %self.local_addr, "TLS accept task ended; no more connections are accepted");
-                std::future::pending().await
+        loop {
+            match self.ready.recv().await {
+                Some((tls, addr)) => {
+                    let leaf = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first());
+                    if let (Some(revoked), Some(leaf)) = (&self.revoked, leaf)
+                        && revoked.check(leaf).is_err()
+                    {
+                        info!(peer = %addr, "dropped a resumed TLS session of a revoked certificate");
+                        continue;
+                    }
+                    return (ServedStream::new(tls, &self.live), addr);
+                }
+                None => {
+                    // The accept task holds the sender until the receiver is dropped,
+                    // so this means it panicked. `accept` cannot fail, so serve
+                    // nothing more.
+                    error!(addr = %self.local_addr, "TLS accept task ended; no more connections are accepted");
+                    std::future::pending().await
+                }
             }
         }
     }
@@ -521,8 +548,18 @@ mod tests {
     }
 
     async fn start(config: Arc<rustls::ServerConfig>, limits: HandshakeLimits) -> Server {
+        start_refusing(config, limits, Arc::new(tls::RevokedSerials::default())).await
+    }
+
+    async fn start_refusing(
+        config: Arc<rustls::ServerConfig>,
+        limits: HandshakeLimits,
+        revoked: Arc<tls::RevokedSerials>,
+    ) -> Server {
         let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let listener = TlsListener::with_limits(tcp, config, limits).expect("listener");
+        let listener = TlsListener::with_limits(tcp, config, limits)
+            .expect("listener")
+            .refusing(revoked);
         let addr = listener.local_addr();
         let live = listener.live_connections();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -587,9 +624,10 @@ mod tests {
     async fn revoking_a_certificate_closes_its_open_connections_and_refuses_new_handshakes() {
         let pki = pki();
         let revoked = Arc::new(tls::RevokedSerials::default());
-        let server = start(
+        let server = start_refusing(
             server_config_revoking(&pki, revoked.clone()),
             HandshakeLimits::default(),
+            revoked.clone(),
         )
         .await;
         let ttl = valid_for(Duration::from_secs(600));
@@ -615,6 +653,8 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Her client reconnects, resuming its TLS session (no certificate
+        // verification); the listener drops it.
         assert!(
             get_whoami(&alice_client, server.addr).await.is_err(),
             "a revoked certificate made another call"

@@ -207,6 +207,14 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
             return;
         }
     };
+    // A resumed TLS session restores the certificate without the verifier.
+    if let Some(serial) = peer_serial(&conn)
+        && ctx.revoked_certs.contains(&serial)
+    {
+        warn!(%remote, identity = %identity, %serial, "refused: revoked certificate");
+        close(&conn, CloseCode::Revoked, "this certificate was revoked");
+        return;
+    }
     let name = identity.name;
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,

@@ -112,8 +112,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     tls::install_crypto_provider();
     let pricing = load_pricing(&config.data_dir)?;
     let pki = pki_files::load(&config.data_dir)?;
-    let store: Arc<dyn Store> =
-        Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
     let registry = Arc::new(Registry::load(
         store.clone(),
         RegistryConfig {
@@ -151,7 +150,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         ),
         &[b"h2", b"http/1.1"],
     )?;
-    let listener = TlsListener::new(api_tcp, Arc::new(api_tls))?;
+    let listener = TlsListener::new(api_tcp, Arc::new(api_tls))?.refusing(revoked_certs.clone());
     let api_connections = listener.live_connections();
 
     let events = Arc::new(EventLog::open(store.clone(), events::DEFAULT_RETAIN)?);

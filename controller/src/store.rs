@@ -1373,10 +1373,7 @@ mod tests {
             ..first.clone()
         };
         store.revoke_cert(&other).expect("revoke other");
-        assert_eq!(
-            store.cert_revocations().expect("list"),
-            vec![other, first]
-        );
+        assert_eq!(store.cert_revocations().expect("list"), vec![other, first]);
     }
 
     fn mark(next_seq: u64) -> MetricMark {
