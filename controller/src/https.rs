@@ -145,7 +145,11 @@ impl Listener for TlsListener {
         loop {
             match self.ready.recv().await {
                 Some((tls, addr)) => {
-                    let leaf = tls
+                    // Registered before the check: a revocation either finds it in
+                    // `live` or has put its serial in the list this reads.
+                    let stream = ServedStream::new(tls, &self.live);
+                    let leaf = stream
+                        .tls
                         .get_ref()
                         .1
                         .peer_certificates()
@@ -153,10 +157,10 @@ impl Listener for TlsListener {
                     if let (Some(revoked), Some(leaf)) = (&self.revoked, leaf)
                         && revoked.check(leaf).is_err()
                     {
-                        info!(peer = %addr, "dropped a resumed TLS session of a revoked certificate");
+                        info!(peer = %addr, "dropped a connection of a revoked certificate (a resumed TLS session, or revoked during its handshake)");
                         continue;
                     }
-                    return (ServedStream::new(tls, &self.live), addr);
+                    return (stream, addr);
                 }
                 None => {
                     // The accept task holds the sender until the receiver is dropped,
