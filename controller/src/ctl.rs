@@ -315,8 +315,12 @@ fn init(loaded: &config_file::Loaded, data_dir: &Path, args: InitArgs) -> i32 {
     };
     match pki_files::init(data_dir, &names, args.force, SystemTime::now()) {
         Ok(fp) => {
+            let admin_serial = pki_files::read(&PkiPaths::new(data_dir).admin_cert())
+                .ok()
+                .and_then(|pem| Serial::of_cert_pem(&pem).ok())
+                .map_or_else(|| "unknown".to_owned(), |s| s.to_string());
             println!(
-                "initialized {}\nserver names: {}\nca fingerprint: {fp}\n\nnext: novacron-controller --data-dir {} serve",
+                "initialized {}\nserver names: {}\nca fingerprint: {fp}\nadmin certificate serial: {admin_serial}\n\nnext: novacron-controller --data-dir {} serve",
                 data_dir.display(),
                 names.join(", "),
                 data_dir.display()
@@ -577,9 +581,17 @@ async fn cert_list(data_dir: &Path) -> i32 {
         println!("no revoked certificates");
     }
     for r in list {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.revoked_unix_ms);
         println!(
-            "{}  revoked by {} at {} ms: {}",
-            r.serial, r.by, r.revoked_unix_ms, r.reason
+            "{}  revoked {} by {}: {}",
+            r.serial,
+            humantime::format_rfc3339_seconds(at),
+            r.by,
+            if r.reason.is_empty() {
+                "no reason given"
+            } else {
+                &r.reason
+            }
         );
     }
     0
