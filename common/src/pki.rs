@@ -65,6 +65,16 @@ pub enum PkiError {
     /// The PEM input held no certificate.
     #[error("no certificate found in PEM input")]
     NoCertificate,
+    /// A serial number string did not parse.
+    #[error(
+        "invalid certificate serial {value:?}: {why}; give the serial as hex digits (as `novacron-controller admin issue` and `novacron context show` print it, ':' separators and a 0x prefix are allowed)"
+    )]
+    InvalidSerial {
+        /// The rejected value.
+        value: String,
+        /// The broken rule.
+        why: &'static str,
+    },
 }
 
 /// What an identity may do.
@@ -212,6 +222,77 @@ impl FromStr for Fingerprint {
         let mut out = [0u8; 32];
         hex::decode_to_slice(hex_part, &mut out).map_err(|_| bad())?;
         Ok(Fingerprint(out))
+    }
+}
+
+/// The longest serial number a conforming certificate carries (RFC 5280, 4.1.2.2).
+pub const MAX_SERIAL_BYTES: usize = 20;
+
+/// A certificate serial number: its big-endian bytes without leading zero bytes,
+/// written as lowercase hex. Two spellings of one number (`00ab`, `AB`, `0xab`,
+/// `00:ab`) are the same serial.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(Vec<u8>);
+
+impl Serial {
+    /// The serial of big-endian `bytes` (leading zero bytes dropped).
+    pub fn from_bytes(bytes: &[u8]) -> Serial {
+        let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+        Serial(bytes[start..].to_vec())
+    }
+
+    /// The serial of a DER certificate.
+    pub fn of_cert_der(der: &[u8]) -> Result<Serial, PkiError> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+        Ok(Serial::from_bytes(cert.raw_serial()))
+    }
+
+    /// The serial of the first certificate of a PEM text.
+    pub fn of_cert_pem(pem: &str) -> Result<Serial, PkiError> {
+        Serial::of_cert_der(&first_cert_der(pem)?)
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("00")
+        } else {
+            f.write_str(&hex::encode(&self.0))
+        }
+    }
+}
+
+impl FromStr for Serial {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| PkiError::InvalidSerial {
+            value: s.chars().take(80).collect(),
+            why,
+        };
+        let trimmed = s.trim();
+        let body = trimmed
+            .strip_prefix("0x")
+            .or_else(|| trimmed.strip_prefix("0X"))
+            .unwrap_or(trimmed);
+        let mut digits: String = body.chars().filter(|c| *c != ':').collect();
+        if digits.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("it contains a character that is not a hex digit"));
+        }
+        if digits.len() % 2 == 1 {
+            digits.insert(0, '0');
+        }
+        // Checked above: only hex digits, even length.
+        let bytes = hex::decode(&digits).map_err(|_| bad("it is not hex"))?;
+        let serial = Serial::from_bytes(&bytes);
+        if serial.0.len() > MAX_SERIAL_BYTES {
+            return Err(bad("it is longer than 20 bytes (40 hex digits)"));
+        }
+        Ok(serial)
     }
 }
 
@@ -521,6 +602,41 @@ mod tests {
             Duration::from_secs(20)
         );
         assert_eq!(renew_in(t0, end, end), Duration::ZERO);
+    }
+
+    #[test]
+    fn serial_spellings_of_one_number_are_equal() {
+        let a: Serial = "00ab:CD".parse().expect("colons and case");
+        assert_eq!(a, "0xabcd".parse().expect("0x prefix"));
+        assert_eq!(a, "abcd".parse().expect("plain"));
+        assert_eq!(a, Serial::from_bytes(&[0, 0, 0xab, 0xcd]));
+        assert_eq!(a.to_string(), "abcd");
+        assert_eq!(
+            "bcd".parse::<Serial>().expect("odd"),
+            Serial::from_bytes(&[0x0b, 0xcd])
+        );
+        for bad in ["", "0x", "xyz", "12 34", &"ab".repeat(21)] {
+            let err = bad.parse::<Serial>().expect_err(bad);
+            assert!(
+                err.to_string().contains("invalid certificate serial"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn serial_of_a_certificate_matches_cert_info() {
+        let ca = ca();
+        let v = Validity::starting(SystemTime::now(), Duration::from_secs(60));
+        let ck = issue_client_cert(&ca, &Identity::node("n1").expect("valid"), v).expect("issued");
+        let der = first_cert_der(&ck.cert_pem).expect("der");
+        let serial = Serial::of_cert_der(&der).expect("serial");
+        let info = cert_info(&der).expect("info");
+        assert_eq!(
+            serial,
+            info.serial.parse().expect("cert_info serial parses")
+        );
+        assert_eq!(serial, Serial::of_cert_pem(&ck.cert_pem).expect("pem"));
     }
 
     #[test]

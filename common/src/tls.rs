@@ -3,18 +3,19 @@
 //! ring is the only crypto provider. Call [`install_crypto_provider`] once per process
 //! before building a configuration.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::pki::Fingerprint;
+use crate::pki::{Fingerprint, Serial};
 
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,126 @@ pub fn fleet_client_verifier(
     builder
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// Serials of revoked certificates, shared by the client-certificate verifiers of a
+/// running server and updated while it serves: a serial inserted here is refused by
+/// the next handshake, without rebuilding the TLS configuration.
+#[derive(Debug, Default)]
+pub struct RevokedSerials(RwLock<HashSet<Serial>>);
+
+impl RevokedSerials {
+    /// A list holding `serials`.
+    pub fn new(serials: impl IntoIterator<Item = Serial>) -> RevokedSerials {
+        RevokedSerials(RwLock::new(serials.into_iter().collect()))
+    }
+
+    /// Whether `serial` is revoked.
+    pub fn contains(&self, serial: &Serial) -> bool {
+        // A panic while holding the lock cannot leave a half-inserted serial behind.
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(serial)
+    }
+
+    /// Revokes `serial`; whether it was not revoked before.
+    pub fn insert(&self, serial: Serial) -> bool {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(serial)
+    }
+
+    /// How many serials are revoked.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether no serial is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Refuses a certificate whose serial is revoked, with the error rustls turns
+    /// into a `certificate_revoked` alert. A certificate whose serial cannot be read
+    /// is refused too.
+    pub fn check(&self, end_entity: &[u8]) -> Result<(), rustls::Error> {
+        let serial = Serial::of_cert_der(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if self.contains(&serial) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Wraps `inner` so that, after `inner` accepts a client certificate, it is refused
+/// when its serial is in `revoked` (read at every handshake).
+pub fn revocation_checking_verifier(
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<RevokedSerials>,
+) -> Arc<dyn ClientCertVerifier> {
+    Arc::new(RevocationCheckingVerifier { inner, revoked })
+}
+
+/// See [`revocation_checking_verifier`].
+#[derive(Debug)]
+struct RevocationCheckingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<RevokedSerials>,
+}
+
+impl ClientCertVerifier for RevocationCheckingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.revoked.check(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A server configuration presenting `chain_pem` (leaf first, then the CA, so that
@@ -221,5 +342,93 @@ impl ServerCertVerifier for PinnedCaVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::pki::{self, CertAndKey, Identity, Role, Validity};
+
+    fn ca() -> CertAndKey {
+        pki::generate_ca(
+            "test CA",
+            Validity::starting(SystemTime::now(), Duration::from_secs(3600)),
+        )
+        .expect("CA")
+    }
+
+    fn leaf(ca: &CertAndKey, name: &str) -> CertificateDer<'static> {
+        let id = Identity {
+            name: name.into(),
+            role: Role::Admin,
+        };
+        let ck = pki::issue_client_cert(
+            ca,
+            &id,
+            Validity::starting(SystemTime::now(), Duration::from_secs(600)),
+        )
+        .expect("issued");
+        CertificateDer::from(pki::first_cert_der(&ck.cert_pem).expect("der"))
+    }
+
+    fn verify(
+        v: &Arc<dyn ClientCertVerifier>,
+        cert: &CertificateDer<'_>,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        v.verify_client_cert(cert, &[], UnixTime::now())
+    }
+
+    #[test]
+    fn a_serial_revoked_after_the_verifier_was_built_is_refused_at_the_next_handshake() {
+        install_crypto_provider();
+        let ca = ca();
+        let (alice, bob) = (leaf(&ca, "alice"), leaf(&ca, "bob"));
+        let revoked = Arc::new(RevokedSerials::default());
+        let v = revocation_checking_verifier(
+            fleet_client_verifier(&ca.cert_pem, true).expect("inner"),
+            revoked.clone(),
+        );
+        verify(&v, &alice).expect("not revoked yet");
+        assert!(revoked.insert(Serial::of_cert_der(&alice).expect("serial")));
+        let err = verify(&v, &alice).expect_err("revoked");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{err:?}"
+        );
+        verify(&v, &bob).expect("another serial is unaffected");
+        assert!(!v.client_auth_mandatory(), "optional stays optional");
+    }
+
+    #[test]
+    fn the_chain_is_checked_before_the_revocation_list() {
+        install_crypto_provider();
+        let (ours, theirs) = (ca(), ca());
+        let foreign = leaf(&theirs, "mallory");
+        let v = revocation_checking_verifier(
+            fleet_client_verifier(&ours.cert_pem, false).expect("inner"),
+            Arc::new(RevokedSerials::default()),
+        );
+        let err = verify(&v, &foreign).expect_err("foreign CA");
+        assert!(
+            !matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{err:?}"
+        );
+        assert!(v.client_auth_mandatory());
+    }
+
+    #[test]
+    fn an_unreadable_certificate_is_refused_not_accepted() {
+        let revoked = RevokedSerials::new([Serial::from_bytes(&[1])]);
+        assert!(revoked.check(b"not a certificate").is_err());
+        assert_eq!(revoked.len(), 1);
     }
 }

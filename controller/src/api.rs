@@ -62,6 +62,8 @@ pub struct ApiState {
     pub autoscaler: Arc<crate::autoscaler::Autoscaler>,
     /// Checkpoints and migrations.
     pub migrations: Arc<crate::migrate::Migrations>,
+    /// Certificate revocation (the list the TLS verifiers read).
+    pub certs: Arc<crate::certs::CertRevocations>,
 }
 
 /// Builds the router: every route documented in the OpenAPI document, which is
@@ -77,6 +79,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_refusals,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -119,6 +125,80 @@ async fn json_errors(response: Response) -> Response {
     (status, Json(ApiError { error })).into_response()
 }
 
+/// Who made a request, as [`Caller`] authenticated it; [`audit_refusals`] puts an
+/// empty one in the request and reads it after the handler answered.
+#[derive(Debug, Clone, Default)]
+struct AuditSlot(Arc<std::sync::Mutex<Option<String>>>);
+
+impl AuditSlot {
+    fn set(&self, who: &Identity) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(who.to_string());
+    }
+
+    fn who(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Records every refused (403) call that would have changed something, with who
+/// made it, what it was and why it was refused: an `access.denied` event.
+async fn audit_refusals(
+    State(st): State<Arc<ApiState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().clone();
+    let mutating = !matches!(
+        method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !mutating {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().to_owned();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.addr);
+    let slot = AuditSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let response = next.run(request).await;
+    if response.status() != StatusCode::FORBIDDEN {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let why = serde_json::from_slice::<ApiError>(&bytes)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+    let who = slot.who().unwrap_or_else(|| match peer {
+        Some(addr) => format!("anonymous ({addr})"),
+        None => "anonymous".to_owned(),
+    });
+    warn!(%who, %method, %path, %why, "call refused");
+    let mut event = NewEvent::new(
+        kind::ACCESS_DENIED,
+        who,
+        format!("refused {method} {path}: {why}"),
+    )
+    .detail("method", &method)
+    .detail("path", &path)
+    .detail("status", StatusCode::FORBIDDEN.as_u16());
+    if let Some(addr) = peer {
+        event = event.detail("remote", addr);
+    }
+    st.events.note(event);
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
 /// The OpenAPI document of the HTTPS API, as `/v1/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api_routes().split_for_parts().1
@@ -154,6 +234,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(crate::metrics::routes())
         .merge(crate::policies::routes())
         .merge(crate::migrate_api::routes())
+        .merge(crate::cert_api::routes())
 }
 
 /// The document's frame: title, security schemes and the default requirement
@@ -264,7 +345,22 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
         parts: &mut Parts,
         st: &Arc<ApiState>,
     ) -> Result<Self, Self::Rejection> {
+        let slot = parts.extensions.get::<AuditSlot>().cloned();
         let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| &c.0);
+        if let Some(serial) = peer.and_then(|p| p.serial.as_ref())
+            && st.certs.is_revoked(serial)
+        {
+            // The connection is being closed; refuse what still arrives on it.
+            return Err(Problem(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "the client certificate with serial {serial} has been revoked; ask an admin for a new certificate"
+                ),
+            ));
+        }
+        if let (Some(slot), Some(id)) = (&slot, peer.and_then(|p| p.identity.as_ref())) {
+            slot.set(id);
+        }
         match peer.and_then(|p| p.identity.clone()) {
             Some(id) if id.role != Role::Node => return Ok(Caller(id)),
             Some(id) => {
@@ -298,7 +394,12 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .map_err(|e: ApiTokenError| unauthorized(e.to_string()))?;
         let record = st.store.api_token(token.id()).map_err(internal)?;
         match api_tokens::authenticate(record.as_ref(), &token, SystemTime::now()) {
-            Ok(id) => Ok(Caller(id)),
+            Ok(id) => {
+                if let Some(slot) = &slot {
+                    slot.set(&id);
+                }
+                Ok(Caller(id))
+            }
             Err(e) => {
                 warn!(token = token.id(), error = %e, "API token refused");
                 Err(unauthorized(e.to_string()))
@@ -796,7 +897,7 @@ impl ApplyRequest {
 }
 
 /// Refuses free text over [`MAX_NOTE_BYTES`] (422).
-fn check_note(field: &str, text: &str) -> Result<(), Problem> {
+pub(crate) fn check_note(field: &str, text: &str) -> Result<(), Problem> {
     if text.len() > MAX_NOTE_BYTES {
         return Err(Problem(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -1,5 +1,5 @@
 //! `novacron-controller` command line: `init`, `serve`, `token create`,
-//! `node revoke`, `admin issue`.
+//! `node revoke`, `admin issue`, `cert revoke`, `cert list`.
 //!
 //! Settings come from the TOML file, the environment and the flags, in that order
 //! (flags win); [`crate::config_file`] merges and checks them.
@@ -10,18 +10,22 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
-use novacron_common::pki::{self, Identity, Role, Validity};
+use novacron_common::pki::{self, Identity, Role, Serial, Validity};
 use novacron_common::tls;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
 use crate::api::{ApiTokenRequest, ApiTokenResponse, RevokeRequest, TokenRequest, TokenResponse};
+use crate::cert_api::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 use crate::config_file::{self, ProcessEnv, ServeFlags};
+use crate::events::{EventLog, NewEvent, kind};
 use crate::pki_files::{self, PkiPaths};
 use crate::server::{self, ControllerConfig};
+use crate::store::{RedbStore, StoreError};
 
 /// Exit code for bad configuration.
 pub const EXIT_CONFIG: i32 = 64;
@@ -65,6 +69,30 @@ pub enum Command {
     /// Operator certificates.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Revoke certificates (operator or node) by serial.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+/// `cert` subcommands. Each works on the data directory's store when the controller
+/// is stopped, and through the running controller (with the local admin
+/// certificate) when it runs.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Revoke a certificate: it is refused at every later handshake, its live
+    /// connections are closed, and the revocation survives restarts.
+    Revoke {
+        /// The certificate's serial, hex (as `admin issue` and `novacron context
+        /// show` print it).
+        #[arg(long)]
+        serial: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the revoked certificates.
+    #[command(visible_alias = "ls")]
+    List,
 }
 
 /// `init` arguments.
@@ -247,6 +275,10 @@ pub async fn main(cli: Cli) -> i32 {
             ttl,
             out,
         }) => admin_issue(&data_dir, &name, &role, ttl, &out),
+        Command::Cert(CertCommand::Revoke { serial, reason }) => {
+            cert_revoke(&data_dir, &serial, &reason).await
+        }
+        Command::Cert(CertCommand::List) => cert_list(&data_dir).await,
         Command::Admin(AdminCommand::Token { name, role, ttl }) => {
             let req = ApiTokenRequest {
                 name,
@@ -283,8 +315,12 @@ fn init(loaded: &config_file::Loaded, data_dir: &Path, args: InitArgs) -> i32 {
     };
     match pki_files::init(data_dir, &names, args.force, SystemTime::now()) {
         Ok(fp) => {
+            let admin_serial = pki_files::read(&PkiPaths::new(data_dir).admin_cert())
+                .ok()
+                .and_then(|pem| Serial::of_cert_pem(&pem).ok())
+                .map_or_else(|| "unknown".to_owned(), |s| s.to_string());
             println!(
-                "initialized {}\nserver names: {}\nca fingerprint: {fp}\n\nnext: novacron-controller --data-dir {} serve",
+                "initialized {}\nserver names: {}\nca fingerprint: {fp}\nadmin certificate serial: {admin_serial}\n\nnext: novacron-controller --data-dir {} serve",
                 data_dir.display(),
                 names.join(", "),
                 data_dir.display()
@@ -406,10 +442,17 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
     let key = out.join(format!("{name}-key.pem"));
     let result = pki_files::write_file(&key, &issued.key_pem, 0o600)
         .and_then(|()| pki_files::write_file(&cert, &issued.cert_pem, 0o644));
+    let serial = match Serial::of_cert_pem(&issued.cert_pem) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
     match result {
         Ok(()) => {
             println!(
-                "issued {identity}: {} and {}",
+                "issued {identity}: {} and {}\nserial: {serial} (revoke with `novacron-controller cert revoke --serial {serial}`)",
                 cert.display(),
                 key.display()
             );
@@ -422,11 +465,161 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
     }
 }
 
+/// The store of a stopped controller, or `None` when the controller runs (it holds
+/// the store open); Err is the exit code.
+fn offline_store(data_dir: &Path) -> Result<Option<RedbStore>, i32> {
+    if let Err(e) = pki_files::load(data_dir) {
+        return Err(config_error(&e.to_string()));
+    }
+    match RedbStore::open(&data_dir.join(server::STORE_FILE)) {
+        Ok(store) => Ok(Some(store)),
+        Err(StoreError::Locked { .. }) => Ok(None),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(1)
+        }
+    }
+}
+
+async fn cert_revoke(data_dir: &Path, serial: &str, reason: &str) -> i32 {
+    let serial: Serial = match serial.parse() {
+        Ok(s) => s,
+        Err(e) => return config_error(&format!("--serial: {e}")),
+    };
+    let store = match offline_store(data_dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let Some(store) = store else {
+        let req = CertRevokeRequest {
+            serial: serial.to_string(),
+            reason: reason.to_owned(),
+        };
+        return match admin_call::<CertRevokeResponse>(data_dir, "/v1/certs/revoke", &req).await {
+            Ok(r) => {
+                println!(
+                    "certificate {} revoked{}; closed {} API connection(s) and the agent link of {} node(s)",
+                    r.revocation.serial,
+                    if r.already_revoked {
+                        " (it already was)"
+                    } else {
+                        ""
+                    },
+                    r.closed_api_connections,
+                    r.closed_nodes.len()
+                );
+                0
+            }
+            Err(code) => code,
+        };
+    };
+    let store: Arc<dyn crate::store::Store> = Arc::new(store);
+    let by = format!("{} (offline)", local_operator());
+    let result = crate::certs::persist(store.as_ref(), &serial, &by, reason, SystemTime::now())
+        .map_err(|e| e.to_string())
+        .and_then(|(record, new)| {
+            let log = EventLog::open(store.clone(), crate::events::DEFAULT_RETAIN)
+                .map_err(|e| e.to_string())?;
+            let why = if reason.is_empty() {
+                "no reason given"
+            } else {
+                reason
+            };
+            log.record(
+                NewEvent::new(
+                    kind::CERT_REVOKED,
+                    by.clone(),
+                    format!("certificate {serial} revoked offline: {why}"),
+                )
+                .detail("serial", &serial),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok((record, new))
+        });
+    match result {
+        Ok((record, new)) => {
+            println!(
+                "certificate {} revoked{} in {}; the controller refuses it from its next start",
+                record.serial,
+                if new { "" } else { " (it already was)" },
+                data_dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+async fn cert_list(data_dir: &Path) -> i32 {
+    let list = match offline_store(data_dir) {
+        Err(code) => return code,
+        Ok(Some(store)) => match crate::store::Store::cert_revocations(&store) {
+            Ok(l) => l.into_iter().map(CertRevocationView::from).collect(),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 1;
+            }
+        },
+        Ok(None) => {
+            match admin_request::<Vec<CertRevocationView>>(
+                data_dir,
+                reqwest::Method::GET,
+                "/v1/certs/revoked",
+                None::<&()>,
+            )
+            .await
+            {
+                Ok(l) => l,
+                Err(code) => return code,
+            }
+        }
+    };
+    if list.is_empty() {
+        println!("no revoked certificates");
+    }
+    for r in list {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.revoked_unix_ms);
+        println!(
+            "{}  revoked {} by {}: {}",
+            r.serial,
+            humantime::format_rfc3339_seconds(at),
+            r.by,
+            if r.reason.is_empty() {
+                "no reason given"
+            } else {
+                &r.reason
+            }
+        );
+    }
+    0
+}
+
+/// Who runs an offline command, for the audit trail.
+fn local_operator() -> String {
+    match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => format!("local user {user}"),
+        _ => "local admin".to_owned(),
+    }
+}
+
 /// POSTs `body` to the local controller with the data directory's admin certificate.
 async fn admin_call<T: DeserializeOwned + 'static>(
     data_dir: &Path,
     path: &str,
     body: &impl serde::Serialize,
+) -> Result<T, i32> {
+    admin_request(data_dir, reqwest::Method::POST, path, Some(body)).await
+}
+
+/// Calls the local controller with the data directory's admin certificate.
+async fn admin_request<T: DeserializeOwned + 'static>(
+    data_dir: &Path,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&impl serde::Serialize>,
 ) -> Result<T, i32> {
     tls::install_crypto_provider();
     let paths = PkiPaths::new(data_dir);
@@ -449,7 +642,12 @@ async fn admin_call<T: DeserializeOwned + 'static>(
             1
         })?;
     let url = format!("{}{path}", base.trim());
-    let resp = client.post(&url).json(body).send().await.map_err(|e| {
+    let request = client.request(method, &url);
+    let request = match body {
+        Some(body) => request.json(body),
+        None => request,
+    };
+    let resp = request.send().await.map_err(|e| {
         eprintln!(
             "error: cannot reach the controller at {}: {e}. Is it running?",
             base.trim()

@@ -66,6 +66,10 @@ pub mod kind {
     pub const NODE_CORDONED: &str = "node.cordoned";
     /// An operator lifted a node's cordon.
     pub const NODE_UNCORDONED: &str = "node.uncordoned";
+    /// A certificate (operator or node) was revoked by serial.
+    pub const CERT_REVOKED: &str = "cert.revoked";
+    /// A call that would have changed something was refused (403): who, what, why.
+    pub const ACCESS_DENIED: &str = "access.denied";
     /// A join token was created.
     pub const TOKEN_CREATED: &str = "token.created";
     /// An API token was created or revoked.

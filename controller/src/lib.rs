@@ -9,6 +9,8 @@ pub mod api_tokens;
 pub mod autoscaler;
 pub mod budgets;
 pub mod bundles;
+pub mod cert_api;
+pub mod certs;
 pub mod cli;
 pub mod config_file;
 pub mod costs;

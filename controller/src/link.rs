@@ -1,6 +1,8 @@
 //! The controller's end of the agent link: a quinn endpoint that requires a client
-//! certificate from the fleet CA, refuses revoked nodes during the handshake, and
-//! serves each connection's control and metrics streams.
+//! certificate from the fleet CA, refuses revoked nodes and revoked certificate
+//! serials during the handshake, and serves each connection's control and metrics
+//! streams. [`LinkContext::close_revoked`] closes the live connections of a
+//! certificate revoked while they run.
 //!
 //! Everything read from a connection is untrusted: a malformed, oversized or
 //! unexpected frame closes that connection (with a [`CloseCode`] and a log line)
@@ -12,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::fleet::Liveness;
-use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
-use novacron_common::tls;
+use novacron_common::pki::{self, CertAndKey, Identity, Role, Serial, Validity};
+use novacron_common::tls::{self, RevokedSerials};
 use novacron_common::wire::{
     self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, ExecEvent, ExecRequest,
     FrameError, LogChunk, MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
@@ -86,9 +88,13 @@ pub fn bind(
     server: &CertAndKey,
     ca_pem: &str,
     revoked: Arc<RevokedNames>,
+    revoked_certs: Arc<RevokedSerials>,
 ) -> Result<quinn::Endpoint, LinkError> {
     let verifier = Arc::new(RevocationAwareVerifier {
-        inner: tls::fleet_client_verifier(ca_pem, false)?,
+        inner: tls::revocation_checking_verifier(
+            tls::fleet_client_verifier(ca_pem, false)?,
+            revoked_certs,
+        ),
         revoked,
     });
     let rustls_config =
@@ -157,6 +163,8 @@ pub struct LinkContext {
     /// Spot interruption notices, for the migration service (bounded; a full queue
     /// drops the notice with a warning, and the agent repeats it on reconnect).
     pub spot: Option<mpsc::Sender<crate::migrate::SpotEvent>>,
+    /// Revoked certificate serials (the list the endpoint's verifier reads).
+    pub revoked_certs: Arc<RevokedSerials>,
 }
 
 /// Accepts agent connections until the endpoint closes.
@@ -199,6 +207,14 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
             return;
         }
     };
+    // A resumed TLS session restores the certificate without the verifier.
+    if let Some(serial) = peer_serial(&conn)
+        && ctx.revoked_certs.contains(&serial)
+    {
+        warn!(%remote, identity = %identity, %serial, "refused: revoked certificate");
+        close(&conn, CloseCode::Revoked, "this certificate was revoked");
+        return;
+    }
     let name = identity.name;
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -306,6 +322,12 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     lock(&ctx.commands).insert(name.clone(), (conn_id, cmd_tx));
     lock(&ctx.connections).insert(name.clone(), (conn_id, conn.clone()));
+    // A revocation that scanned the connections before the insert above has put its
+    // serial in the list first: one of the two sees the other.
+    if peer_serial(&conn).is_some_and(|s| ctx.revoked_certs.contains(&s)) {
+        warn!(node = %name, %remote, "closing: its certificate was revoked while it connected");
+        close(&conn, CloseCode::Revoked, "this certificate was revoked");
+    }
     let desired = ctx.workloads.subscribe(&name);
     let result = control_loop(&ctx, &name, &mut send, recv, desired, cmd_rx).await;
     {
@@ -574,6 +596,25 @@ pub enum ExecOpenError {
 }
 
 impl LinkContext {
+    /// Closes the live connections whose node certificate has `serial` (which the
+    /// caller has already put in [`LinkContext::revoked_certs`]); returns their
+    /// nodes.
+    pub fn close_revoked(&self, serial: &Serial) -> Vec<String> {
+        let connections: Vec<(String, quinn::Connection)> = lock(&self.connections)
+            .iter()
+            .map(|(name, (_, conn))| (name.clone(), conn.clone()))
+            .collect();
+        let mut closed = Vec::new();
+        for (name, conn) in connections {
+            if peer_serial(&conn).as_ref() == Some(serial) {
+                warn!(node = %name, %serial, "closing the connection of a revoked certificate");
+                close(&conn, CloseCode::Revoked, "this certificate was revoked");
+                closed.push(name);
+            }
+        }
+        closed
+    }
+
     /// The live connection of `node`, if it is connected.
     pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
         lock(&self.connections).get(node).map(|(_, c)| c.clone())
@@ -701,6 +742,14 @@ fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
     // Close reasons must fit in a packet; keep them short.
     let reason: String = reason.chars().take(200).collect();
     conn.close(code.code().into(), reason.as_bytes());
+}
+
+fn peer_serial(conn: &quinn::Connection) -> Option<Serial> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    Serial::of_cert_der(certs.first()?).ok()
 }
 
 fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {

@@ -73,6 +73,9 @@ impl ControllerConfig {
     }
 }
 
+/// The store file in the data directory.
+pub const STORE_FILE: &str = "controller.redb";
+
 /// The pricing catalog file in the data directory.
 pub const PRICING_FILE: &str = "pricing.toml";
 
@@ -109,8 +112,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     tls::install_crypto_provider();
     let pricing = load_pricing(&config.data_dir)?;
     let pki = pki_files::load(&config.data_dir)?;
-    let store: Arc<dyn Store> =
-        Arc::new(RedbStore::open(&config.data_dir.join("controller.redb"))?);
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
     let registry = Arc::new(Registry::load(
         store.clone(),
         RegistryConfig {
@@ -120,6 +122,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         },
         Instant::now(),
     )?);
+    let revoked_certs = crate::certs::load(store.as_ref())?;
 
     let endpoint = link::bind(
         &LinkConfig {
@@ -130,6 +133,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         &pki.server,
         &pki.ca.cert_pem,
         registry.revoked_names(),
+        revoked_certs.clone(),
     )?;
     let quic_addr = endpoint.local_addr()?;
 
@@ -140,10 +144,14 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     let api_tls = tls::server_config(
         &pki.server.cert_pem,
         &pki.server.key_pem,
-        tls::fleet_client_verifier(&pki.ca.cert_pem, true)?,
+        tls::revocation_checking_verifier(
+            tls::fleet_client_verifier(&pki.ca.cert_pem, true)?,
+            revoked_certs.clone(),
+        ),
         &[b"h2", b"http/1.1"],
     )?;
-    let listener = TlsListener::new(api_tcp, Arc::new(api_tls))?;
+    let listener = TlsListener::new(api_tcp, Arc::new(api_tls))?.refusing(revoked_certs.clone());
+    let api_connections = listener.live_connections();
 
     let events = Arc::new(EventLog::open(store.clone(), events::DEFAULT_RETAIN)?);
     let workloads = Arc::new(Workloads::load(
@@ -176,7 +184,14 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         node_cert_ttl: config.node_cert_ttl,
         bundles: Some(bundles.clone()),
         spot: Some(spot_tx),
+        revoked_certs: revoked_certs.clone(),
     });
+    let certs = Arc::new(crate::certs::CertRevocations::new(
+        store.clone(),
+        revoked_certs,
+        api_connections,
+        link_ctx.clone(),
+    ));
     let migrations = Arc::new(crate::migrate::Migrations::new(
         link_ctx.clone(),
         workloads.clone(),
@@ -203,6 +218,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         pricing,
         autoscaler: autoscaler.clone(),
         migrations: migrations.clone(),
+        certs,
     });
 
     let cancel = CancellationToken::new();

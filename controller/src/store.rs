@@ -69,6 +69,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError>;
     /// All revocations, sorted by node name.
     fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Records that the certificate with `revocation.serial` is revoked, unless it
+    /// already is; returns the record that holds (the earlier one, if any).
+    fn revoke_cert(&self, revocation: &CertRevocation) -> Result<CertRevocation, StoreError>;
+    /// All certificate revocations, sorted by serial.
+    fn cert_revocations(&self) -> Result<Vec<CertRevocation>, StoreError>;
     /// Saves, per node, the highest metrics sequence seen plus one, for all the given
     /// nodes in one write transaction. Nodes not listed keep their saved mark.
     fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError>;
@@ -289,6 +294,20 @@ pub struct Revocation {
     pub reason: String,
 }
 
+/// A revoked certificate (operator or node), by serial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertRevocation {
+    /// The serial, lowercase hex without leading zeros
+    /// ([`novacron_common::pki::Serial`]'s form).
+    pub serial: String,
+    /// When it was revoked, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// Who revoked it (the operator identity).
+    pub by: String,
+    /// Why, as the operator gave it.
+    pub reason: String,
+}
+
 /// How far the controller has read a node's metrics: the agent instance (a random
 /// number per agent process) and the first sequence number not yet seen from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,6 +461,7 @@ impl RedbStore {
             NODES,
             TOKENS,
             REVOCATIONS,
+            CERT_REVOCATIONS,
             METRIC_MARKS,
             JOBS,
             ALLOCATIONS,
@@ -788,6 +808,26 @@ impl Store for RedbStore {
         Ok(values(self.all(REVOCATIONS, "listing revocations")?))
     }
 
+    fn revoke_cert(&self, revocation: &CertRevocation) -> Result<CertRevocation, StoreError> {
+        const OP: &str = "saving a certificate revocation";
+        let txn = self.begin_write(OP)?;
+        let earlier: Option<CertRevocation> =
+            self.get_in(&txn, CERT_REVOCATIONS, &revocation.serial, OP)?;
+        if let Some(earlier) = earlier {
+            return Ok(earlier);
+        }
+        self.put_in(&txn, CERT_REVOCATIONS, &revocation.serial, revocation, OP)?;
+        txn.commit().map_err(self.fail(OP))?;
+        Ok(revocation.clone())
+    }
+
+    fn cert_revocations(&self) -> Result<Vec<CertRevocation>, StoreError> {
+        Ok(values(self.all(
+            CERT_REVOCATIONS,
+            "listing certificate revocations",
+        )?))
+    }
+
     fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError> {
         const OP: &str = "saving metrics marks";
         let txn = self.begin_write(OP)?;
@@ -818,6 +858,7 @@ struct MemoryState {
     nodes: BTreeMap<String, NodeRecord>,
     tokens: BTreeMap<String, TokenRecord>,
     revocations: BTreeMap<String, Revocation>,
+    cert_revocations: BTreeMap<String, CertRevocation>,
     metric_marks: HashMap<String, MetricMark>,
     jobs: BTreeMap<String, JobRecord>,
     allocations: BTreeMap<String, AllocRecord>,
@@ -1009,6 +1050,19 @@ impl Store for MemoryStore {
         Ok(self.state().revocations.values().cloned().collect())
     }
 
+    fn revoke_cert(&self, revocation: &CertRevocation) -> Result<CertRevocation, StoreError> {
+        Ok(self
+            .state()
+            .cert_revocations
+            .entry(revocation.serial.clone())
+            .or_insert_with(|| revocation.clone())
+            .clone())
+    }
+
+    fn cert_revocations(&self) -> Result<Vec<CertRevocation>, StoreError> {
+        Ok(self.state().cert_revocations.values().cloned().collect())
+    }
+
     fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError> {
         let mut state = self.state();
         for (node, mark) in marks {
@@ -1039,6 +1093,9 @@ const NODES: Table = Table { name: "nodes" };
 const TOKENS: Table = Table { name: "tokens" };
 const REVOCATIONS: Table = Table {
     name: "revocations",
+};
+const CERT_REVOCATIONS: Table = Table {
+    name: "cert_revocations",
 };
 const METRIC_MARKS: Table = Table {
     name: "metric_marks",
@@ -1332,6 +1389,28 @@ mod tests {
         );
     }
 
+    fn cert_revocation_keeps_the_first_record(store: &impl Store) {
+        assert!(store.cert_revocations().expect("list").is_empty());
+        let first = CertRevocation {
+            serial: "ab01".into(),
+            at_unix_ms: 7,
+            by: "admin:root".into(),
+            reason: "leaked".into(),
+        };
+        assert_eq!(store.revoke_cert(&first).expect("revoke"), first);
+        let again = CertRevocation {
+            reason: "again".into(),
+            ..first.clone()
+        };
+        assert_eq!(store.revoke_cert(&again).expect("revoke again"), first);
+        let other = CertRevocation {
+            serial: "0f".into(),
+            ..first.clone()
+        };
+        store.revoke_cert(&other).expect("revoke other");
+        assert_eq!(store.cert_revocations().expect("list"), vec![other, first]);
+    }
+
     fn mark(next_seq: u64) -> MetricMark {
         MetricMark {
             instance: 7,
@@ -1510,6 +1589,7 @@ mod tests {
         consume_refuses_unknown,
         concurrent_consume_of_one_use_succeeds_once,
         revocation_round_trip,
+        cert_revocation_keeps_the_first_record,
         metric_marks_round_trip,
         jobs_and_allocations_round_trip,
         policies_round_trip,

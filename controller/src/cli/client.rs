@@ -228,7 +228,9 @@ impl ApiClient {
     }
 
     /// As [`ApiClient::new`], authenticating with `token` (an API token, `nca_…`)
-    /// when given, else with the context's `token_file`, else its certificate.
+    /// when given, else with the context's `token_file`, else its certificate. With
+    /// a token the certificate is not presented at all, so the token's role is the
+    /// one that applies.
     pub fn with_token(
         name: &str,
         ctx: &Context,
@@ -255,7 +257,9 @@ impl ApiClient {
             source,
         };
         tls::install_crypto_provider();
-        let (config, cert_not_after) = if ctx.cert.as_os_str().is_empty() {
+        // A token replaces the certificate: presenting both would let the
+        // certificate's role apply, not the token's.
+        let (config, cert_not_after) = if token.is_some() || ctx.cert.as_os_str().is_empty() {
             if token.is_none() {
                 return Err(ClientError::NoCredentials {
                     context: name.to_string(),

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use clap::Subcommand;
-use novacron_common::pki::{self, Identity};
+use novacron_common::pki::{self, Identity, Serial};
 use serde::Serialize;
 
 use super::CliError;
@@ -53,6 +53,10 @@ pub struct ContextSummary {
     /// When the certificate expires (RFC 3339), when it can be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_expires: Option<String>,
+    /// The certificate's serial (what `novacron cert revoke --serial` takes), when
+    /// it can be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
     /// Why the certificate could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_problem: Option<String>,
@@ -125,13 +129,15 @@ fn summary(
         key: resolved.key.display().to_string(),
         identity: None,
         cert_expires: None,
+        cert_serial: None,
         cert_problem: None,
     };
     if let Some(now) = now {
         match read_cert(&resolved.cert) {
-            Ok((identity, not_after)) => {
+            Ok((identity, not_after, serial)) => {
                 row.identity = Some(identity.to_string());
                 row.cert_expires = Some(output::timestamp(now, not_after));
+                row.cert_serial = Some(serial.to_string());
             }
             Err(problem) => row.cert_problem = Some(problem),
         }
@@ -139,12 +145,13 @@ fn summary(
     row
 }
 
-fn read_cert(path: &Path) -> Result<(Identity, SystemTime), String> {
+fn read_cert(path: &Path) -> Result<(Identity, SystemTime, Serial), String> {
     let pem = fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
     let der = pki::first_cert_der(&pem).map_err(|e| e.to_string())?;
     let identity = Identity::from_cert_der(&der).map_err(|e| e.to_string())?;
     let info = pki::cert_info(&der).map_err(|e| e.to_string())?;
-    Ok((identity, info.not_after))
+    let serial = Serial::of_cert_der(&der).map_err(|e| e.to_string())?;
+    Ok((identity, info.not_after, serial))
 }
 
 fn show(row: &ContextSummary) -> String {
@@ -164,6 +171,9 @@ fn show(row: &ContextSummary) -> String {
     }
     if let Some(expires) = &row.cert_expires {
         pairs.push(("Expires", expires.clone()));
+    }
+    if let Some(serial) = &row.cert_serial {
+        pairs.push(("Serial", serial.clone()));
     }
     if let Some(problem) = &row.cert_problem {
         pairs.push(("Certificate problem", problem.clone()));

@@ -10,6 +10,7 @@
 //! - [`context`]: `novacron context list|use|show`.
 //! - [`exec`]: `novacron exec` and `novacron alloc exec` (remote commands, live).
 
+pub mod certs;
 pub mod checkpoints;
 pub mod client;
 pub mod config;
@@ -152,6 +153,9 @@ pub enum Command {
     /// Node pools (apply NodeTemplate and NodePool manifests with `apply -f`).
     #[command(subcommand)]
     Pool(pools::PoolCommand),
+    /// Certificates: revoke one by serial (admin), list the revoked ones.
+    #[command(subcommand)]
+    Cert(certs::CertCommand),
     /// Manage controller contexts.
     #[command(subcommand, long_about = CONTEXT_LONG_ABOUT)]
     Context(ContextCommand),
@@ -372,6 +376,10 @@ pub async fn run(
         Command::Pool(cmd) => {
             let client = connect(cli, env, now)?;
             pools::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Cert(cmd) => {
+            let client = connect(cli, env, now)?;
+            certs::run(cmd, &client, cli.output, out, now).await
         }
         Command::Exec(args) => {
             let client = connect(cli, env, now)?;

@@ -472,3 +472,27 @@ async fn completion_script_is_generated() {
     .expect("completion");
     assert!(out.contains("novacron"), "{out}");
 }
+
+#[tokio::test]
+async fn novacron_token_replaces_the_contexts_certificate() {
+    let fleet = Fleet::new();
+    let (addr, _stop) = start_api(&fleet).await;
+    let api = format!("https://127.0.0.1:{}", addr.port());
+    fleet.add_context("test", &api, &fleet.ca.cert_pem, &fleet.admin());
+    let cli = parse(&fleet.config_path(), &["node", "list"]);
+    let env = BTreeMap::from([(config::TOKEN_ENV.to_string(), "nca_x.y".to_string())]);
+    let mut out = Vec::new();
+    // The test API authenticates only certificates: with the token set, the CLI
+    // presents none, so it is refused as anonymous.
+    let err = run(&cli, &env, &mut out, fixture_now())
+        .await
+        .expect_err("no certificate was presented");
+    assert!(
+        err.to_string().contains("a client certificate is required"),
+        "{err}"
+    );
+    // Without the token the admin certificate is presented.
+    novacron(&fleet.config_path(), &["node", "list"], fixture_now())
+        .await
+        .expect("node list with the certificate");
+}
