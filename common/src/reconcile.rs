@@ -107,6 +107,10 @@ pub struct PlaceRequest {
     pub count: u32,
     /// Pinned node (system jobs).
     pub node: Option<String>,
+    /// Nodes to stay off when another fits: where allocations of this version
+    /// failed (a container that keeps failing its checks on one node gets its
+    /// replacement elsewhere).
+    pub avoid: Vec<String>,
 }
 
 /// What happens to a job as a whole.
@@ -307,10 +311,22 @@ pub fn reconcile_with_lifecycles(
                 ),
             });
         }
+        let placed_before = plan.place.len();
         match job.job_type {
             JobType::System => reconcile_system(job, &live, nodes, may_place, &mut plan),
             JobType::Batch => reconcile_batch(job, &mine, &live, may_place, &mut plan),
             JobType::Service => reconcile_service(job, &live, may_place, now_ms, &mut plan),
+        }
+        let failed_on: BTreeSet<&str> = mine
+            .iter()
+            .filter(|a| a.version == job.version && a.state == AllocState::Failed)
+            .map(|a| a.node.as_str())
+            .collect();
+        for req in plan.place[placed_before..]
+            .iter_mut()
+            .filter(|r| r.node.is_none())
+        {
+            req.avoid = failed_on.iter().map(|n| n.to_string()).collect();
         }
     }
     plan
@@ -359,6 +375,7 @@ fn reconcile_system(
                 version: job.version,
                 count: 1,
                 node: Some(node.name.clone()),
+                avoid: Vec::new(),
             });
         }
     }
@@ -392,6 +409,7 @@ fn reconcile_batch(
             version: job.version,
             count: missing,
             node: None,
+            avoid: Vec::new(),
         });
     }
 }
@@ -422,6 +440,7 @@ fn reconcile_service(
                 version: job.version,
                 count: job.replicas - kept,
                 node: None,
+                avoid: Vec::new(),
             });
         }
         if kept >= job.replicas
@@ -477,6 +496,7 @@ fn reconcile_service(
                     version: job.version,
                     count: canaries - new.len() as u32,
                     node: None,
+                    avoid: Vec::new(),
                 });
             }
             return;
@@ -508,6 +528,7 @@ fn reconcile_service(
             version: job.version,
             count: to_place,
             node: None,
+            avoid: Vec::new(),
         });
     }
 }
@@ -593,7 +614,8 @@ mod tests {
                 job: "api".into(),
                 version: 1,
                 count: 3,
-                node: None
+                node: None,
+                avoid: Vec::new()
             }]
         );
     }
@@ -698,7 +720,8 @@ mod tests {
                 job: "api".into(),
                 version: 2,
                 count: 1,
-                node: None
+                node: None,
+                avoid: Vec::new()
             }]
         );
         // The canary is not healthy long enough yet: wait, nothing stopped.
@@ -839,7 +862,8 @@ mod tests {
                 job: "agent-sidecar".into(),
                 version: 1,
                 count: 1,
-                node: Some("n2".into())
+                node: Some("n2".into()),
+                avoid: Vec::new()
             }]
         );
     }
@@ -889,6 +913,38 @@ mod tests {
         );
         assert!(plan.place.is_empty(), "third failure waits 4 s");
         assert_eq!(reschedule_delay_ms(40), MAX_RESCHEDULE_DELAY_MS);
+    }
+
+    #[test]
+    fn a_failed_allocation_is_replaced_off_the_node_it_failed_on() {
+        let j = job("api", JobType::Service, 2, 2);
+        let nodes = [node("n1", NodeStatus::Ready), node("n2", NodeStatus::Ready)];
+        let allocs = [
+            alloc("a1", "api", 2, "n1", AllocState::Failed),
+            alloc("a2", "api", 2, "n2", AllocState::Running),
+            // A failure of an older version says nothing about this one.
+            alloc("a0", "api", 1, "n2", AllocState::Failed),
+        ];
+        let plan = reconcile(
+            std::slice::from_ref(&j),
+            &allocs,
+            &nodes,
+            &FailureCounts::new(),
+            0,
+        );
+        assert_eq!(
+            plan.place,
+            vec![PlaceRequest {
+                job: "api".into(),
+                version: 2,
+                count: 1,
+                node: None,
+                avoid: vec!["n1".into()],
+            }]
+        );
+        // Nothing failed: nothing avoided.
+        let plan = reconcile(&[j], &allocs[1..2], &nodes, &FailureCounts::new(), 0);
+        assert_eq!(plan.place[0].avoid, Vec::<String>::new());
     }
 
     #[test]
