@@ -2667,7 +2667,11 @@ mod tests {
         )
         .expect("snapshot");
         let mut r = req("web", 1, 500, 0);
-        assert_eq!(nodes_of(&schedule(&snap, &r)), ["a"], "binpack without avoid");
+        assert_eq!(
+            nodes_of(&schedule(&snap, &r)),
+            ["a"],
+            "binpack without avoid"
+        );
         r.avoid = vec!["a".into()];
         assert_eq!(nodes_of(&schedule(&snap, &r)), ["b"]);
         assert_eq!(

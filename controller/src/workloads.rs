@@ -536,7 +536,9 @@ impl Workloads {
             a.restarts = status.restarts;
             a.exit_code = status.exit_code;
             a.message = status.message.clone();
-            a.failure = status.failure.filter(|_| status.state == AllocState::Failed);
+            a.failure = status
+                .failure
+                .filter(|_| status.state == AllocState::Failed);
             if !migrating.contains(&a.id)
                 && let Some(r) = &a.restore
             {

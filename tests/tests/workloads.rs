@@ -462,10 +462,7 @@ spec:
 }
 
 async fn allocs_of(c: &Controller, job: &str) -> Vec<AllocRecord> {
-    c.job(job)
-        .await
-        .map(|d| d.allocations)
-        .unwrap_or_default()
+    c.job(job).await.map(|d| d.allocations).unwrap_or_default()
 }
 
 #[tokio::test]
@@ -524,12 +521,8 @@ async fn an_unhealthy_container_is_restarted_then_replaced_on_another_node() {
         failed.message
     );
     assert_eq!(failed.restarts, 1, "{}", failed.message);
-    let list = String::from_utf8_lossy(
-        &f.controller
-            .cli(&["alloc", "list", "--job", &job])
-            .stdout,
-    )
-    .to_string();
+    let list = String::from_utf8_lossy(&f.controller.cli(&["alloc", "list", "--job", &job]).stdout)
+        .to_string();
     assert!(list.contains("failed (unhealthy)"), "{list}");
 
     // ...and replaced on the other node, where it is live.
