@@ -598,7 +598,8 @@ async fn an_agent_started_before_docker_keeps_running() {
     let controller = Controller::start(dir.path(), &[])
         .await
         .expect("controller");
-    let socket = format!("unix://{}", dir.path().join("docker.sock").display());
+    let socket_path = dir.path().join("docker.sock");
+    let socket = format!("unix://{}", socket_path.display());
     let mut agent = Agent::join_and_run(
         dir.path(),
         &controller,
@@ -617,6 +618,36 @@ async fn an_agent_started_before_docker_keeps_running() {
     assert!(
         child.try_wait().expect("try_wait").is_none(),
         "the agent exited; log:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("cannot list containers; retrying every poll")
+            .count(),
+        1,
+        "said once, not every second:\n{log}"
+    );
+    // Docker comes up (its socket appears): the agent runs containers.
+    ensure_test_image().expect("test image");
+    let real = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+        .unwrap_or_else(|| "/var/run/docker.sock".into());
+    std::os::unix::fs::symlink(&real, &socket_path).expect("symlink the socket");
+    let job = format!("late-docker-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    controller
+        .apply("late.yaml", &service(&job, 1, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "a running replica", || async {
+        running(&controller, &job).await.len() == 1
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    assert!(
+        agent.log().contains("the container runtime answers again"),
+        "{}",
         agent.log()
     );
 }

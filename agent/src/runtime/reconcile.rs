@@ -357,6 +357,11 @@ impl Reconciler {
         self.runtime_error = Some(error);
     }
 
+    /// The last error of the container runtime, until an observation succeeds.
+    pub fn runtime_error(&self) -> Option<&str> {
+        self.runtime_error.as_deref()
+    }
+
     /// Takes in every managed container of the node, as listed from `token` on.
     pub fn observe(&mut self, now: Instant, token: u64, observed: Vec<Observed>) {
         self.runtime_error = None;

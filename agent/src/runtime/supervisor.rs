@@ -422,11 +422,21 @@ impl<R: ContainerRuntime> Inner<R> {
         let listing = match self.runtime.list(node).await {
             Ok(listing) => listing,
             Err(e) => {
-                warn!(%node, error = %e, "cannot list containers");
-                self.core().observe_failed(e.to_string());
+                let error = e.to_string();
+                // Once per distinct error: Docker may stay away for a long time
+                // (not installed yet, still starting), and the poll is every second.
+                if self.core().runtime_error() != Some(error.as_str()) {
+                    warn!(%node, %error, "cannot list containers; retrying every poll");
+                } else {
+                    debug!(%node, %error, "cannot list containers");
+                }
+                self.core().observe_failed(error);
                 return;
             }
         };
+        if self.core().runtime_error().is_some() {
+            info!(%node, "the container runtime answers again");
+        }
         {
             let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
             if std::mem::take(&mut stale.all) {
