@@ -903,6 +903,13 @@ mod runtime {
         assert_eq!(s.started_at_unix_ms, before.started_at_unix_ms);
     }
 
+    async fn h_wait_running(h: &Harness, ids: &[&String]) {
+        for id in ids {
+            h.until_alloc(id, "running", |s| s.state == AllocState::Running)
+                .await;
+        }
+    }
+
     #[tokio::test]
     async fn one_allocation_runs_under_two_nodes_sharing_a_daemon() {
         // As during a migration between two agents on one Docker daemon: the same
@@ -915,10 +922,15 @@ mod runtime {
         let mut twin = alloc.clone();
         twin.id = twin_id;
         alloc.id = format!("{}-orig", &alloc.id[..8]);
+        // Regression: names used the first 8 characters of the id, so the twin
+        // fell back to its whole id on node a, and the same allocation on node b
+        // found both names taken.
         a.apply(vec![alloc.clone(), twin.clone()]);
-        b.apply(vec![alloc.clone()]);
+        h_wait_running(&a, &[&alloc.id, &twin.id]).await;
+        b.apply(vec![twin.clone()]);
+        h_wait_running(&b, &[&twin.id]).await;
         let mut names = Vec::new();
-        for (h, id) in [(&a, &alloc.id), (&a, &twin.id), (&b, &alloc.id)] {
+        for (h, id) in [(&a, &alloc.id), (&a, &twin.id), (&b, &twin.id)] {
             let s = h
                 .until_alloc(id, "running", |s| s.state == AllocState::Running)
                 .await;
