@@ -5,7 +5,9 @@
 //!
 //! Exit codes: 0 success; 1 runtime failure; 2 usage error; 64 bad configuration
 //! (reported before any socket is opened); 69 the controller refused or could not
-//! be reached during `join`.
+//! be reached during `join`. A Docker address the agent cannot use (`ftp://...`) is
+//! bad configuration; a Docker socket that does not exist yet, or a daemon that is
+//! down, is not: `run` goes on (metrics, the link) and reaches Docker once it is up.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -380,11 +380,12 @@ mod runtime {
     };
     use futures_util::StreamExt;
     use novacron_agent::runtime::{
-        DockerRuntime, LABEL_ALLOC, LABEL_JOB, LABEL_MANAGED, LABEL_NODE, LABEL_SPEC,
-        LABEL_VERSION, container_name, spec_hash,
+        ContainerRuntime, DockerRuntime, LABEL_ALLOC, LABEL_JOB, LABEL_MANAGED, LABEL_NODE,
+        LABEL_SPEC, LABEL_VERSION, container_name, spec_hash,
     };
     use novacron_common::wire::{
-        AllocState, HealthCheckKind, HealthSpec, LogChunk, LogRequest, VolumeMount,
+        AllocState, AllocationSpec, FailureReason, HealthCheckKind, HealthSpec, LogChunk,
+        LogRequest, ProbeSpec, VolumeMount,
     };
 
     use super::support::*;
@@ -423,7 +424,7 @@ mod runtime {
                 .expect("inspect");
             assert_eq!(
                 inspect.name.as_deref(),
-                Some(format!("/{}", container_name(&alloc.job, &alloc.id)).as_str())
+                Some(format!("/{}", container_name(&h.node, &alloc.job, &alloc.id)).as_str())
             );
             let host = inspect.host_config.expect("host config");
             assert_eq!(host.nano_cpus, Some(nano));
@@ -767,17 +768,247 @@ mod runtime {
         );
     }
 
+    /// A check every 300 ms, failed after 2 failures in a row.
+    fn fast_probe(check: HealthCheckKind) -> ProbeSpec {
+        ProbeSpec {
+            check,
+            period_ms: 300,
+            timeout_ms: 1000,
+            failure_threshold: 2,
+            initial_delay_ms: 0,
+        }
+    }
+
+    /// `readiness` or `liveness` (the other unset), 2 health restarts 200 ms apart
+    /// at first.
+    fn checks(liveness: Option<ProbeSpec>, readiness: Option<ProbeSpec>) -> Option<HealthSpec> {
+        Some(HealthSpec {
+            liveness,
+            readiness,
+            startup: None,
+            max_restarts: 2,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 1_000,
+        })
+    }
+
+    /// Serves /www over HTTP on 8080. With `once`, /www/health is written on the
+    /// first start only (a check on it that fails after `docker exec rm` keeps
+    /// failing across restarts); otherwise on every start.
+    fn web(h: &Harness, name: &str, once: bool) -> AllocationSpec {
+        let write = if once {
+            "[ -f /www/started ] || echo ok > /www/health; touch /www/started"
+        } else {
+            "echo ok > /www/health"
+        };
+        h.alloc(
+            name,
+            &format!("mkdir -p /www && {write} && exec httpd -f -p 8080 -h /www"),
+            1,
+        )
+    }
+
+    fn http_health() -> HealthCheckKind {
+        HealthCheckKind::Http {
+            port: 8080,
+            path: "/health".into(),
+        }
+    }
+
+    /// Deletes /www/health in the container.
+    fn break_health(container: &str) {
+        let out = std::process::Command::new("docker")
+            .args(["exec", container, "rm", "/www/health"])
+            .output()
+            .expect("docker runs");
+        assert!(
+            out.status.success(),
+            "docker exec rm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_liveness_check_restarts_the_container_then_fails_the_allocation() {
+        let mut h = Harness::new("liveness").await;
+        let mut recovers = web(&h, "recovers", false);
+        recovers.task.health = checks(Some(fast_probe(http_health())), None);
+        let mut broken = web(&h, "broken", true);
+        broken.task.health = checks(Some(fast_probe(http_health())), None);
+        h.apply(vec![recovers.clone(), broken.clone()]);
+        let mut before = Vec::new();
+        for alloc in [&recovers, &broken] {
+            let s = h
+                .until_alloc(&alloc.id, "live", |s| s.healthy == Some(true))
+                .await;
+            before.push(s.clone());
+            break_health(&s.container_id.expect("container"));
+        }
+        // The one whose start writes the file again: restarted once, live again.
+        let s = h
+            .until_alloc(&recovers.id, "restarted and live again", |s| {
+                s.restarts == 1 && s.healthy == Some(true)
+            })
+            .await;
+        assert_eq!(s.state, AllocState::Running);
+        assert_eq!(
+            s.container_id, before[0].container_id,
+            "the same container, started again"
+        );
+        assert_ne!(
+            s.started_at_unix_ms, before[0].started_at_unix_ms,
+            "a new run"
+        );
+        // The other keeps failing: 2 health restarts, then failed as unhealthy.
+        let s = h
+            .until_alloc(&broken.id, "failed", |s| s.state == AllocState::Failed)
+            .await;
+        assert_eq!(s.failure, Some(FailureReason::Unhealthy), "{}", s.message);
+        assert_eq!(s.restarts, 2, "{}", s.message);
+        assert_eq!(s.healthy, Some(false));
+        assert!(s.message.contains("liveness check failed"), "{}", s.message);
+        // It stays failed (and stopped): nothing restarts it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = status(&h.supervisor.report(), &broken.id).expect("present");
+        assert_eq!((after.state, after.restarts), (AllocState::Failed, 2));
+        let inspect = h
+            .docker
+            .inspect_container(&s.container_id.expect("container"), None)
+            .await
+            .expect("inspect");
+        assert_eq!(inspect.state.and_then(|st| st.running), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_failing_readiness_check_marks_not_ready_and_never_restarts() {
+        let mut h = Harness::new("readiness").await;
+        let mut ready = web(&h, "ready", false);
+        ready.task.health = checks(None, Some(fast_probe(http_health())));
+        h.apply(vec![ready.clone()]);
+        let before = h
+            .until_alloc(&ready.id, "ready", |s| s.healthy == Some(true))
+            .await;
+        break_health(before.container_id.as_deref().expect("container"));
+        h.until_alloc(&ready.id, "not ready", |s| s.healthy == Some(false))
+            .await;
+        // Ten more periods: still the same run, never restarted.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let s = status(&h.supervisor.report(), &ready.id).expect("present");
+        assert_eq!(
+            (s.state, s.healthy, s.restarts, s.failure),
+            (AllocState::Running, Some(false), 0, None),
+            "{}",
+            s.message
+        );
+        assert_eq!(s.container_id, before.container_id);
+        assert_eq!(s.started_at_unix_ms, before.started_at_unix_ms);
+    }
+
+    async fn h_wait_running(h: &Harness, ids: &[&String]) {
+        for id in ids {
+            h.until_alloc(id, "running", |s| s.state == AllocState::Running)
+                .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_allocation_runs_under_two_nodes_sharing_a_daemon() {
+        // As during a migration between two agents on one Docker daemon: the same
+        // allocation id on both nodes must not clash on the container name.
+        let mut a = Harness::new("shared-a").await;
+        let mut b = Harness::new("shared-b").await;
+        let mut alloc = a.alloc("moving", "sleep 300", 1);
+        // An id alike in its first 8 characters to another allocation of the job.
+        let twin_id = format!("{}-twin", &alloc.id[..8]);
+        let mut twin = alloc.clone();
+        twin.id = twin_id;
+        alloc.id = format!("{}-orig", &alloc.id[..8]);
+        // Regression: names used the first 8 characters of the id, so the twin
+        // fell back to its whole id on node a, and the same allocation on node b
+        // found both names taken.
+        a.apply(vec![alloc.clone(), twin.clone()]);
+        h_wait_running(&a, &[&alloc.id, &twin.id]).await;
+        b.apply(vec![twin.clone()]);
+        h_wait_running(&b, &[&twin.id]).await;
+        let mut names = Vec::new();
+        for (h, id) in [(&a, &alloc.id), (&a, &twin.id), (&b, &twin.id)] {
+            let s = h
+                .until_alloc(id, "running", |s| s.state == AllocState::Running)
+                .await;
+            let inspect = h
+                .docker
+                .inspect_container(&s.container_id.expect("id"), None)
+                .await
+                .expect("inspect");
+            let name = inspect.name.expect("name");
+            assert!(name.contains(id.as_str()), "{name} has the whole id {id}");
+            assert!(
+                name.ends_with(&h.node),
+                "{name} ends with the node {}",
+                h.node
+            );
+            names.push(name);
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 3, "{names:?}");
+        // A restarted agent (a new supervisor on node a) adopts its containers.
+        let running = a.supervisor.report();
+        let runtime = DockerRuntime::connect(docker_host().as_deref())
+            .await
+            .expect("the Docker daemon answers");
+        a.restart_supervisor(runtime);
+        a.apply(vec![alloc.clone(), twin.clone()]);
+        for id in [&alloc.id, &twin.id] {
+            let s = a
+                .until_alloc(id, "adopted", |s| s.state == AllocState::Running)
+                .await;
+            assert_eq!(
+                s.container_id,
+                status(&running, id).and_then(|s| s.container_id),
+                "adopted, not replaced"
+            );
+            assert_eq!(s.restarts, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_docker_socket_is_waited_for_not_fatal() {
+        // Regression: the agent exited 64 (bad configuration, never restarted by
+        // systemd) when Docker's socket did not exist yet at its start.
+        let real = docker_host().unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let Some(real) = real.strip_prefix("unix://").map(str::to_owned) else {
+            eprintln!("skipped: the Docker daemon of the tests is not on a Unix socket");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "novacron-nosock-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("docker.sock");
+        let runtime = DockerRuntime::new(Some(&format!("unix://{}", socket.display())))
+            .expect("a missing socket is not bad configuration");
+        let err = runtime
+            .list("t-nosock")
+            .await
+            .expect_err("no daemon behind a missing socket");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        // Docker comes up: the same runtime reaches it.
+        std::os::unix::fs::symlink(&real, &socket).expect("symlink to the socket");
+        let listed = runtime.list("t-nosock").await;
+        let _ = std::fs::remove_dir_all(&dir);
+        listed.expect("the daemon answers once its socket exists");
+        // An address no client can use is still refused at once.
+        assert!(DockerRuntime::new(Some("ftp://docker")).is_err());
+    }
+
     #[tokio::test]
     async fn health_checks_report_healthy_and_unhealthy() {
         let mut h = Harness::new("health").await;
-        let check = |check| {
-            Some(HealthSpec {
-                check,
-                interval_ms: 300,
-                timeout_ms: 1000,
-                retries: 2,
-            })
-        };
+        // Readiness checks: they report health and never restart.
+        let check = |check| checks(None, Some(fast_probe(check)));
         let mut web = h.alloc(
             "web",
             "echo ok > /tmp/index.html && exec httpd -f -p 8080 -h /tmp",

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 // checkpoint: added for spec.checkpoint (checkpoint policy).
 pub mod checkpoint;
 pub(crate) mod document;
+pub mod health;
 mod job;
 pub mod lifecycle;
 mod load;
@@ -499,19 +500,45 @@ pub enum RestartMode {
     Delay,
 }
 
-/// A health check.
+/// Health checks (see [`health`] for what each does).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
-    /// An HTTP GET that must answer 2xx or 3xx.
+    /// An HTTP GET that must answer 2xx or 3xx (the older form of `liveness`).
     #[serde(default)]
     pub http: Option<HttpCheck>,
-    /// A TCP connect.
+    /// A TCP connect (the older form of `liveness`).
     #[serde(default)]
     pub tcp: Option<TcpCheck>,
-    /// A command in the container that must exit 0.
+    /// A command in the container that must exit 0 (the older form of `liveness`).
     #[serde(default)]
     pub exec: Option<ExecCheck>,
+    /// Restarts the container when it keeps failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<health::Probe>,
+    /// Marks the allocation not ready (not healthy) when it fails; never restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<health::Probe>,
+    /// Holds the other checks back until it first passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<health::Probe>,
+    /// Restarts for failed liveness or startup checks before the allocation fails
+    /// (default 3).
+    #[serde(
+        default,
+        rename = "maxRestarts",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_restarts: Option<u32>,
+    /// Wait before the first health restart (default 1s); it doubles with each, up
+    /// to 5m.
+    #[serde(
+        default,
+        rename = "restartBackoff",
+        skip_serializing_if = "Option::is_none",
+        with = "health::optional_duration"
+    )]
+    pub restart_backoff: Option<Duration>,
     /// Time between checks.
     #[serde(default = "default_health_interval", with = "duration")]
     pub interval: Duration,

@@ -135,6 +135,10 @@ pub struct PlaceRequest {
     pub count: u32,
     /// Pinned node (system jobs).
     pub node: Option<String>,
+    /// Nodes to stay off when another fits: where allocations of this version
+    /// failed (a container that keeps failing its checks on one node gets its
+    /// replacement elsewhere).
+    pub avoid: Vec<String>,
 }
 
 /// What happens to a job as a whole.
@@ -355,10 +359,22 @@ pub fn reconcile_with_lifecycles(
                 ),
             });
         }
+        let placed_before = plan.place.len();
         match job.job_type {
             JobType::System => reconcile_system(job, &live, nodes, may_place, &mut plan),
             JobType::Batch => reconcile_batch(job, &mine, &live, may_place, &mut plan),
             JobType::Service => reconcile_service(job, &live, may_place, failed, now_ms, &mut plan),
+        }
+        let failed_on: BTreeSet<&str> = mine
+            .iter()
+            .filter(|a| a.version == job.version && a.state == AllocState::Failed)
+            .map(|a| a.node.as_str())
+            .collect();
+        for req in plan.place[placed_before..]
+            .iter_mut()
+            .filter(|r| r.node.is_none())
+        {
+            req.avoid = failed_on.iter().map(|n| n.to_string()).collect();
         }
     }
     plan
@@ -407,6 +423,7 @@ fn reconcile_system(
                 version: job.version,
                 count: 1,
                 node: Some(node.name.clone()),
+                avoid: Vec::new(),
             });
         }
     }
@@ -440,6 +457,7 @@ fn reconcile_batch(
             version: job.version,
             count: missing,
             node: None,
+            avoid: Vec::new(),
         });
     }
 }
@@ -471,6 +489,7 @@ fn reconcile_service(
                 version: job.version,
                 count: job.replicas - kept,
                 node: None,
+                avoid: Vec::new(),
             });
         }
         if kept >= job.replicas
@@ -541,6 +560,7 @@ fn reconcile_service(
                     version: job.version,
                     count: canaries - new.len() as u32,
                     node: None,
+                    avoid: Vec::new(),
                 });
             }
             return;
@@ -571,6 +591,7 @@ fn reconcile_service(
             version: job.version,
             count: to_place,
             node: None,
+            avoid: Vec::new(),
         });
     }
 }
@@ -657,7 +678,8 @@ mod tests {
                 job: "api".into(),
                 version: 1,
                 count: 3,
-                node: None
+                node: None,
+                avoid: Vec::new()
             }]
         );
     }
@@ -819,7 +841,8 @@ mod tests {
                 job: "api".into(),
                 version: 2,
                 count: 1,
-                node: None
+                node: None,
+                avoid: Vec::new()
             }]
         );
         // The canary is not healthy long enough yet: wait, nothing stopped.
@@ -960,7 +983,8 @@ mod tests {
                 job: "agent-sidecar".into(),
                 version: 1,
                 count: 1,
-                node: Some("n2".into())
+                node: Some("n2".into()),
+                avoid: Vec::new()
             }]
         );
     }
@@ -1010,6 +1034,38 @@ mod tests {
         );
         assert!(plan.place.is_empty(), "third failure waits 4 s");
         assert_eq!(reschedule_delay_ms(40), MAX_RESCHEDULE_DELAY_MS);
+    }
+
+    #[test]
+    fn a_failed_allocation_is_replaced_off_the_node_it_failed_on() {
+        let j = job("api", JobType::Service, 2, 2);
+        let nodes = [node("n1", NodeStatus::Ready), node("n2", NodeStatus::Ready)];
+        let allocs = [
+            alloc("a1", "api", 2, "n1", AllocState::Failed),
+            alloc("a2", "api", 2, "n2", AllocState::Running),
+            // A failure of an older version says nothing about this one.
+            alloc("a0", "api", 1, "n2", AllocState::Failed),
+        ];
+        let plan = reconcile(
+            std::slice::from_ref(&j),
+            &allocs,
+            &nodes,
+            &FailureCounts::new(),
+            0,
+        );
+        assert_eq!(
+            plan.place,
+            vec![PlaceRequest {
+                job: "api".into(),
+                version: 2,
+                count: 1,
+                node: None,
+                avoid: vec!["n1".into()],
+            }]
+        );
+        // Nothing failed: nothing avoided.
+        let plan = reconcile(&[j], &allocs[1..2], &nodes, &FailureCounts::new(), 0);
+        assert_eq!(plan.place[0].avoid, Vec::<String>::new());
     }
 
     #[test]

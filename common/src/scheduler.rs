@@ -20,6 +20,7 @@
 //! | `affinity`    | Σ weights of affinity + anti-affinity / 50 | share of that weight satisfied (affinity matched, anti-affinity not matched) |
 //! | `spread`      | Σ spread weights / 25                   | per label: 1 for the values with fewest replicas of the job, 0 for the most, linear between; nodes without the label score 0 |
 //! | `gpu_reserve` | 0.5 for jobs without GPUs               | 0 on nodes with GPUs, 1 elsewhere: keeps GPU nodes free for GPU work |
+//! | `avoid`       | 1000 when the request avoids nodes       | 0 on the nodes in [`Request::avoid`] (where the job failed), 1 elsewhere: any other node that fits wins |
 //!
 //! A spread of the default weight (50) therefore outweighs any difference in
 //! packing, so replicas even out across label values first, and pack within them.
@@ -143,6 +144,9 @@ pub const DEFAULT_SOFT_LIMIT: usize = 2048;
 pub const RESOURCES_WEIGHT: f64 = 1.0;
 /// Weight of the `gpu_reserve` scorer for jobs without GPUs.
 pub const GPU_RESERVE_WEIGHT: f64 = 0.5;
+/// Weight of the `avoid` scorer: more than every other scorer together, so a node
+/// in [`Request::avoid`] is chosen only when no other node fits.
+pub const AVOID_WEIGHT: f64 = 1000.0;
 /// An affinity weight worth the whole `resources` score.
 pub const AFFINITY_WEIGHT_UNIT: f64 = 50.0;
 /// A spread weight worth the whole `resources` score (the default 50 is worth two).
@@ -195,6 +199,8 @@ pub struct Request {
     pub count: u32,
     /// The only node allowed (system jobs).
     pub node: Option<String>,
+    /// Nodes to stay off unless no other fits (where the job failed).
+    pub avoid: Vec<String>,
 }
 
 impl Request {
@@ -207,6 +213,7 @@ impl Request {
             placement: Placement::default(),
             count,
             node: None,
+            avoid: Vec::new(),
         }
     }
 
@@ -219,6 +226,7 @@ impl Request {
             placement: spec.placement.clone(),
             count,
             node: None,
+            avoid: Vec::new(),
         }
     }
 
@@ -1108,6 +1116,7 @@ impl Scheduler {
                 Box::new(AffinityScorer),
                 Box::new(SpreadScorer),
                 Box::new(GpuReserveScorer),
+                Box::new(AvoidScorer),
             ],
             tuning,
         }
@@ -1629,6 +1638,43 @@ impl Scorer for GpuReserveScorer {
         } else {
             0.0
         }
+    }
+}
+
+/// Built-in scorer: stays off the nodes in [`Request::avoid`]. They score 0 and
+/// the others 1, at [`AVOID_WEIGHT`]: an avoided node is chosen only when no other
+/// node fits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AvoidScorer;
+
+impl Scorer for AvoidScorer {
+    fn name(&self) -> &'static str {
+        "avoid"
+    }
+    fn weight(&self, req: &Request) -> f64 {
+        if req.avoid.is_empty() {
+            0.0
+        } else {
+            AVOID_WEIGHT
+        }
+    }
+    fn score(&self, node: &NodeView<'_>, req: &Request) -> f64 {
+        if req.avoid.contains(&node.info.name) {
+            0.0
+        } else {
+            1.0
+        }
+    }
+    // Not a label, but the walk must look past a sampled avoided node for one
+    // that is not.
+    fn label_sensitive(&self, req: &Request) -> bool {
+        !req.avoid.is_empty()
+    }
+    fn best_possible(&self, snap: &Snapshot, eligible: &NodeSet, req: &Request) -> f64 {
+        let any_other = eligible
+            .iter()
+            .any(|i| !req.avoid.contains(&snap.nodes[i as usize].info.name));
+        if any_other { 1.0 } else { 0.0 }
     }
 }
 
@@ -2610,6 +2656,49 @@ mod tests {
         let out = schedule(&snap, &req("web", 2, 3000, 0));
         assert_eq!(nodes_of(&out), ["a"]);
         assert_eq!(out.unplaced, 1);
+    }
+
+    #[test]
+    fn avoided_nodes_are_chosen_only_when_no_other_fits() {
+        // "a" packs best (it is fuller), but the job failed there.
+        let snap = Snapshot::new(
+            vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+            vec![placed("x", "other", "a", 2000, 0, 50)],
+        )
+        .expect("snapshot");
+        let mut r = req("web", 1, 500, 0);
+        assert_eq!(
+            nodes_of(&schedule(&snap, &r)),
+            ["a"],
+            "binpack without avoid"
+        );
+        r.avoid = vec!["a".into()];
+        assert_eq!(nodes_of(&schedule(&snap, &r)), ["b"]);
+        assert_eq!(
+            nodes_of(&walking().schedule(&snap, &r)),
+            ["b"],
+            "the sampled walk too"
+        );
+        // Only "a" fits: it is used all the same (soft, not a filter).
+        let big = {
+            let mut big = req("web", 1, 2000, 0);
+            big.avoid = vec!["b".into()];
+            big
+        };
+        let full = Snapshot::new(
+            vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+            vec![placed("y", "other", "a", 3000, 0, 90)],
+        )
+        .expect("snapshot");
+        assert_eq!(nodes_of(&schedule(&full, &big)), ["b"]);
+        let mut only_a = big.clone();
+        only_a.avoid = vec!["a".into()];
+        let snap_b_full = Snapshot::new(
+            vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+            vec![placed("y", "other", "b", 3000, 0, 90)],
+        )
+        .expect("snapshot");
+        assert_eq!(nodes_of(&schedule(&snap_b_full, &only_a)), ["a"]);
     }
 
     #[test]

@@ -419,17 +419,69 @@ pub struct RestartSpec {
     pub delay_mode: bool,
 }
 
-/// A health check.
+/// The health checks of a task (see the manifest's `health`).
+///
+/// - **startup**: until it passes, no other check runs; `failure_threshold`
+///   consecutive failures restart the container.
+/// - **liveness**: `failure_threshold` consecutive failures restart the container,
+///   at most `max_restarts` times (waiting `backoff_initial_ms`, doubling up to
+///   `backoff_max_ms`), then the allocation fails ([`FailureReason::Unhealthy`]).
+/// - **readiness**: failures only mark the allocation not healthy (not ready).
+///
+/// The reported `healthy` is readiness when there is a readiness check, otherwise
+/// liveness, otherwise whether the startup check passed.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct HealthSpec {
+    /// Restarts the container when it fails.
+    pub liveness: Option<ProbeSpec>,
+    /// Marks the allocation not ready when it fails; never restarts.
+    pub readiness: Option<ProbeSpec>,
+    /// Gates liveness and readiness until it first passes.
+    pub startup: Option<ProbeSpec>,
+    /// Restarts for failed liveness or startup checks before the allocation fails.
+    pub max_restarts: u32,
+    /// Wait before the first such restart, milliseconds; it doubles with each.
+    pub backoff_initial_ms: u64,
+    /// Longest wait before such a restart, milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+/// One health check and its schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct ProbeSpec {
     /// What to check.
     pub check: HealthCheckKind,
     /// Between checks, milliseconds.
-    pub interval_ms: u64,
+    pub period_ms: u64,
     /// Per check, milliseconds.
     pub timeout_ms: u64,
-    /// Consecutive failures before unhealthy.
-    pub retries: u32,
+    /// Consecutive failures before the check counts as failed.
+    pub failure_threshold: u32,
+    /// Wait after the container started before the first check, milliseconds.
+    pub initial_delay_ms: u64,
+}
+
+/// Why an allocation failed, for decisions (the message is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum FailureReason {
+    /// It exited, or could not start, more often than its restart policy allows.
+    RestartsExhausted,
+    /// Its liveness or startup check kept failing after its health restarts.
+    Unhealthy,
+    /// Its image is not on the node.
+    ImageMissing,
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailureReason::RestartsExhausted => "restarts_exhausted",
+            FailureReason::Unhealthy => "unhealthy",
+            FailureReason::ImageMissing => "image_missing",
+        })
+    }
 }
 
 /// Kinds of health check.
@@ -530,6 +582,9 @@ pub struct AllocationStatus {
     pub exit_code: Option<i64>,
     /// What happened last, for people (`image busybox:nope not found on this node`).
     pub message: String,
+    /// Why it failed, when its state is `Failed` (decisions read this, never the
+    /// message).
+    pub failure: Option<FailureReason>,
     /// Container id.
     pub container_id: Option<String>,
     /// When the current run started, Unix ms.

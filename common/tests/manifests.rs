@@ -212,14 +212,29 @@ fn web_service() {
         }
     );
     let h = t.health.expect("health check");
+    // The older one-check form is the liveness check; no readiness, no startup.
+    let live = h.liveness.expect("liveness");
     assert_eq!(
-        h.check,
+        live.check,
         HealthCheckKind::Http {
             port: 8080,
             path: "/healthz".into()
         }
     );
-    assert_eq!((h.interval_ms, h.timeout_ms, h.retries), (10_000, 2_000, 3));
+    assert_eq!(
+        (live.period_ms, live.timeout_ms, live.failure_threshold),
+        (10_000, 2_000, 3)
+    );
+    assert_eq!(
+        live.initial_delay_ms, 10_000,
+        "the first check after one interval"
+    );
+    assert_eq!((h.readiness, h.startup), (None, None));
+    assert_eq!(
+        (h.max_restarts, h.backoff_initial_ms, h.backoff_max_ms),
+        (3, 1_000, 300_000),
+        "defaults"
+    );
 }
 
 #[test]
@@ -281,12 +296,58 @@ fn system_node_exporter() {
         },
         "defaults"
     );
-    let h = t.health.expect("health check");
+    let h = t.health.expect("health check").liveness.expect("liveness");
     assert_eq!(h.check, HealthCheckKind::Tcp { port: 9100 });
     assert_eq!(
-        (h.interval_ms, h.timeout_ms, h.retries),
+        (h.period_ms, h.timeout_ms, h.failure_threshold),
         (5_000, 2_000, 3),
         "defaults"
+    );
+}
+
+#[test]
+fn liveness_readiness_and_startup() {
+    let job = valid("probes.yaml");
+    let h = job.task_spec().health.expect("health");
+    let live = h.liveness.expect("liveness");
+    assert_eq!(
+        live.check,
+        HealthCheckKind::Http {
+            port: 8080,
+            path: "/live".into()
+        }
+    );
+    assert_eq!(
+        (
+            live.period_ms,
+            live.timeout_ms,
+            live.failure_threshold,
+            live.initial_delay_ms
+        ),
+        (3_000, 1_000, 2, 5_000)
+    );
+    let ready = h.readiness.expect("readiness");
+    assert_eq!(ready.check, HealthCheckKind::Tcp { port: 8080 });
+    assert_eq!(
+        (ready.period_ms, ready.timeout_ms, ready.failure_threshold),
+        (5_000, 2_000, 3),
+        "defaults"
+    );
+    let startup = h.startup.expect("startup");
+    assert_eq!(
+        startup.check,
+        HealthCheckKind::Exec {
+            command: vec!["test".into(), "-f".into(), "/started".into()]
+        }
+    );
+    assert_eq!(
+        (startup.period_ms, startup.failure_threshold),
+        (1_000, 30),
+        "a startup check defaults to 30 failures"
+    );
+    assert_eq!(
+        (h.max_restarts, h.backoff_initial_ms, h.backoff_max_ms),
+        (5, 2_000, 300_000)
     );
 }
 
@@ -301,7 +362,7 @@ fn multi_document() {
     let cache = jobs[0].task_spec();
     assert_eq!(cache.args, ["--save", ""]);
     assert_eq!(
-        cache.health.map(|h| h.check),
+        cache.health.and_then(|h| h.liveness).map(|l| l.check),
         Some(HealthCheckKind::Exec {
             command: vec!["redis-cli".into(), "ping".into()]
         })

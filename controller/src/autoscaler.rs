@@ -912,6 +912,7 @@ mod tests {
             restarts: 0,
             exit_code: None,
             message: String::new(),
+            failure: None,
             cpu_millis,
             memory_bytes: 100 << 20,
             gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),

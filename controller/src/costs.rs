@@ -409,6 +409,7 @@ mod tests {
             restarts: 0,
             exit_code: None,
             message: String::new(),
+            failure: None,
             cpu_millis: cpu,
             memory_bytes: 1 << 30,
             gpu_uuids: Vec::new(),

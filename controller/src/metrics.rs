@@ -1037,6 +1037,7 @@ mod tests {
             restarts: 2,
             exit_code: None,
             message: String::new(),
+            failure: None,
             cpu_millis: 500,
             memory_bytes: 32 << 20,
             gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),

@@ -234,6 +234,10 @@ pub struct AllocRecord {
     pub exit_code: Option<i64>,
     /// Latest message.
     pub message: String,
+    /// Why it failed, when its state is `failed` and its node said why
+    /// (decisions read this, never the message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<novacron_common::wire::FailureReason>,
     /// CPU reserved (millicores).
     pub cpu_millis: u64,
     /// Memory reserved (bytes).
@@ -1434,6 +1438,7 @@ mod tests {
             restarts: 0,
             exit_code: None,
             message: String::new(),
+            failure: None,
             cpu_millis: 500,
             memory_bytes: 64 << 20,
             gpu_uuids: vec![],

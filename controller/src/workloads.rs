@@ -550,6 +550,9 @@ impl Workloads {
             a.restarts = status.restarts;
             a.exit_code = status.exit_code;
             a.message = status.message.clone();
+            a.failure = status
+                .failure
+                .filter(|_| status.state == AllocState::Failed);
             if !migrating.contains(&a.id)
                 && let Some(r) = &a.restore
             {
@@ -989,6 +992,7 @@ impl Workloads {
         };
         let mut request = scheduler::Request::from_spec(&job.name, &job.spec, req.count);
         request.node = req.node.clone();
+        request.avoid = req.avoid.clone();
         let outcome = scheduler::schedule(snapshot, &request);
         let ids: Vec<String> = outcome
             .assignments
@@ -1060,6 +1064,7 @@ impl Workloads {
                 restarts: 0,
                 exit_code: None,
                 message: format!("placed on {}", p.node),
+                failure: None,
                 cpu_millis: task.cpu_millis,
                 memory_bytes: task.memory_bytes,
                 gpu_uuids: p.gpu_uuids.clone(),

@@ -694,3 +694,220 @@ async fn the_cli_applies_lists_and_reads_logs() {
     .await
     .expect("stopped");
 }
+
+/// Serves /www on 8080; /www/health is written on the container's first start only,
+/// so a check on it that fails after `docker exec rm` keeps failing across restarts
+/// of that container (a new container, elsewhere, is healthy again).
+const FLAKY_WEB: &str = "mkdir -p /www; [ -f /www/started ] || echo ok > /www/health; \
+                         touch /www/started; exec httpd -f -p 8080 -h /www";
+
+fn checked_service(name: &str, health: &str, placement: &str) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, '{FLAKY_WEB}']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  health:
+{health}{placement}"
+    )
+}
+
+async fn allocs_of(c: &Controller, job: &str) -> Vec<AllocRecord> {
+    c.job(job).await.map(|d| d.allocations).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_unhealthy_container_is_restarted_then_replaced_on_another_node() {
+    let f = fleet(2).await;
+    let job = format!("live-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    // Affinity for zone a (the first agent): without avoiding the node where it
+    // failed, the replacement would go straight back there.
+    let health = "    liveness:
+      http: {port: 8080, path: /health}
+      period: 1s
+      timeout: 500ms
+      failureThreshold: 2
+    maxRestarts: 1
+    restartBackoff: 200ms
+";
+    let placement = "  placement:
+    affinity:
+      - {key: zone, operator: In, values: [a], weight: 100}
+";
+    f.controller
+        .apply("live.yaml", &checked_service(&job, health, placement))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "a live replica", || async {
+        running(&f.controller, &job)
+            .await
+            .iter()
+            .any(|a| a.healthy == Some(true))
+    })
+    .await
+    .expect("live");
+    let first = running(&f.controller, &job).await.remove(0);
+    assert_eq!(first.node, f.agents[0].name, "affinity for zone a");
+    docker(&["exec", &container_of(&first.id), "rm", "/www/health"]).expect("break it");
+
+    // Restarted once (the file stays gone), then failed with a typed reason...
+    wait_for(Duration::from_secs(30), "the allocation failed", || async {
+        allocs_of(&f.controller, &job)
+            .await
+            .iter()
+            .any(|a| a.id == first.id && a.state == AllocState::Failed)
+    })
+    .await
+    .expect("failed");
+    let failed = allocs_of(&f.controller, &job)
+        .await
+        .into_iter()
+        .find(|a| a.id == first.id)
+        .expect("still listed");
+    assert_eq!(
+        failed.failure,
+        Some(novacron_common::wire::FailureReason::Unhealthy),
+        "{}",
+        failed.message
+    );
+    assert_eq!(failed.restarts, 1, "{}", failed.message);
+    let list = String::from_utf8_lossy(&f.controller.cli(&["alloc", "list", "--job", &job]).stdout)
+        .to_string();
+    assert!(list.contains("failed (unhealthy)"), "{list}");
+
+    // ...and replaced on the other node, where it is live.
+    wait_for(Duration::from_secs(30), "a live replacement", || async {
+        running(&f.controller, &job)
+            .await
+            .iter()
+            .any(|a| a.id != first.id && a.healthy == Some(true))
+    })
+    .await
+    .expect("replaced");
+    let replacement = running(&f.controller, &job).await.remove(0);
+    assert_eq!(
+        replacement.node, f.agents[1].name,
+        "the replacement avoids {}",
+        first.node
+    );
+}
+
+#[tokio::test]
+async fn a_failing_readiness_check_marks_the_allocation_unhealthy_without_restarting_it() {
+    let f = fleet(1).await;
+    let job = format!("ready-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let health = "    readiness:
+      http: {port: 8080, path: /health}
+      period: 1s
+      timeout: 500ms
+      failureThreshold: 1
+";
+    f.controller
+        .apply("ready.yaml", &checked_service(&job, health, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "a ready replica", || async {
+        running(&f.controller, &job)
+            .await
+            .iter()
+            .any(|a| a.healthy == Some(true))
+    })
+    .await
+    .expect("ready");
+    let before = running(&f.controller, &job).await.remove(0);
+    docker(&["exec", &container_of(&before.id), "rm", "/www/health"]).expect("break it");
+    wait_for(Duration::from_secs(15), "reported not ready", || async {
+        running(&f.controller, &job)
+            .await
+            .iter()
+            .any(|a| a.id == before.id && a.healthy == Some(false))
+    })
+    .await
+    .expect("not ready");
+    // Five more periods: the same allocation, running, never restarted.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = allocs_of(&f.controller, &job).await;
+    assert_eq!(after.len(), 1, "no replacement: {after:?}");
+    assert_eq!(
+        (after[0].state, after[0].healthy, after[0].restarts),
+        (AllocState::Running, Some(false), 0),
+        "{}",
+        after[0].message
+    );
+}
+
+#[tokio::test]
+async fn an_agent_started_before_docker_keeps_running() {
+    // Regression: a missing Docker socket made `novacron-agent run` exit 64, the
+    // code its systemd unit does not restart.
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-nodocker-")
+        .tempdir()
+        .expect("tempdir");
+    let controller = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let socket_path = dir.path().join("docker.sock");
+    let socket = format!("unix://{}", socket_path.display());
+    let mut agent = Agent::join_and_run(
+        dir.path(),
+        &controller,
+        &format!("nd{}", std::process::id()),
+        &["--docker-host", &socket],
+    )
+    .await
+    .expect("agent");
+    wait_for(Duration::from_secs(20), "the agent ready", || async {
+        matches!(controller.node(&agent.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let child = agent.child.as_mut().expect("started");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the agent exited; log:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("cannot list containers; retrying every poll")
+            .count(),
+        1,
+        "said once, not every second:\n{log}"
+    );
+    // Docker comes up (its socket appears): the agent runs containers.
+    ensure_test_image().expect("test image");
+    let real = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+        .unwrap_or_else(|| "/var/run/docker.sock".into());
+    std::os::unix::fs::symlink(&real, &socket_path).expect("symlink the socket");
+    let job = format!("late-docker-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    controller
+        .apply("late.yaml", &service(&job, 1, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "a running replica", || async {
+        running(&controller, &job).await.len() == 1
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    assert!(
+        agent.log().contains("the container runtime answers again"),
+        "{}",
+        agent.log()
+    );
+}

@@ -54,21 +54,20 @@ struct Client {
     host: String,
     /// The daemon runs on this host (a Unix socket): its process ids are ours.
     local: bool,
-    base: Docker,
     negotiated: OnceCell<Docker>,
 }
 
 impl DockerRuntime {
     /// A runtime for `host` (`unix:///var/run/docker.sock`, a socket path,
     /// `tcp://HOST:PORT` or `http://...`; [`DEFAULT_DOCKER_HOST`] when `None`).
-    /// Does no I/O; fails only on an address it cannot use.
+    /// Does no I/O; fails only on an address it cannot use. A socket that is
+    /// missing or a daemon that is down is not an error here: every call fails
+    /// until the daemon answers, and the first call that reaches it connects
+    /// (Docker may start after the agent).
     pub fn new(host: Option<&str>) -> Result<Self, RuntimeError> {
         let host = host.unwrap_or(DEFAULT_DOCKER_HOST);
-        let base = if host.starts_with("unix://") || host.starts_with('/') {
-            Docker::connect_with_unix(host, CLIENT_TIMEOUT_SECS, API_DEFAULT_VERSION)
-        } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(host, CLIENT_TIMEOUT_SECS, API_DEFAULT_VERSION)
-        } else {
+        let local = host.starts_with("unix://") || host.starts_with('/');
+        if !local && !host.starts_with("tcp://") && !host.starts_with("http://") {
             return Err(RuntimeError::Daemon {
                 op: "connect",
                 message: format!(
@@ -76,12 +75,15 @@ impl DockerRuntime {
                 ),
             });
         }
-        .map_err(|e| classify("connect", e))?;
+        // Fail now on an address the client cannot use at all; a missing socket
+        // is left for later.
+        if !local {
+            connect(host, false)?;
+        }
         Ok(DockerRuntime {
             inner: Arc::new(Client {
-                local: host.starts_with("unix://") || host.starts_with('/'),
+                local,
                 host: host.to_owned(),
-                base,
                 negotiated: OnceCell::new(),
             }),
         })
@@ -101,12 +103,8 @@ impl DockerRuntime {
         client
             .negotiated
             .get_or_try_init(|| async {
-                let docker = timed(
-                    "connect",
-                    CALL_TIMEOUT,
-                    client.base.clone().negotiate_version(),
-                )
-                .await;
+                let base = connect(&client.host, client.local)?;
+                let docker = timed("connect", CALL_TIMEOUT, base.negotiate_version()).await;
                 docker.map_err(|e| RuntimeError::Daemon {
                     op: "connect",
                     message: format!("Docker at {}: {e}", client.host),
@@ -511,6 +509,24 @@ async fn timed<T>(
         Ok(result) => result.map_err(|e| classify(op, e)),
         Err(_) => Err(RuntimeError::Timeout { op, after: limit }),
     }
+}
+
+/// A client for `host` (no I/O beyond checking that a socket file exists).
+fn connect(host: &str, local: bool) -> Result<Docker, RuntimeError> {
+    let client = if local {
+        Docker::connect_with_unix(host, CLIENT_TIMEOUT_SECS, API_DEFAULT_VERSION)
+    } else {
+        Docker::connect_with_http(host, CLIENT_TIMEOUT_SECS, API_DEFAULT_VERSION)
+    };
+    client.map_err(|e| match e {
+        bollard::errors::Error::SocketNotFoundError(path) => RuntimeError::Daemon {
+            op: "connect",
+            message: format!(
+                "Docker's socket {path} does not exist (is Docker installed and running?)"
+            ),
+        },
+        other => classify("connect", other),
+    })
 }
 
 fn classify(op: &'static str, e: bollard::errors::Error) -> RuntimeError {

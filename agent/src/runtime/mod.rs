@@ -30,6 +30,7 @@
 pub mod docker;
 pub mod health;
 pub mod logs;
+pub mod probes;
 pub mod reconcile;
 pub mod restart;
 pub mod spec;

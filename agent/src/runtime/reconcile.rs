@@ -20,6 +20,11 @@
 //!   spec.
 //! - A batch task (`TaskSpec::batch`) that exits 0 is complete. Any other exit, and
 //!   every exit of a service, is a failure that the restart policy handles.
+//! - Health checks follow [`super::probes`]: a failed startup or liveness check
+//!   stops the container, then the health restart budget decides (restart after a
+//!   backoff, or fail with [`FailureReason::Unhealthy`]); a failed readiness check
+//!   only changes the reported health. Health restarts do not count against the
+//!   restart policy, which is about exits.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -28,17 +33,15 @@ use std::time::{Duration, Instant};
 
 use novacron_common::wire::{
     AllocState, AllocationReport, AllocationSpec, AllocationStatus, DesiredAllocations,
-    HealthCheckKind, HealthSpec, RestoreFrom,
+    FailureReason, HealthCheckKind, HealthSpec, RestoreFrom,
 };
 
+use super::probes::{self, HealthRestart, Probes, RestartBudget, Verdict};
+pub use super::probes::{DEFAULT_PROBE_TIMEOUT, MIN_PROBE_INTERVAL, ProbeRole};
 use super::restart::{RestartDecision, RestartWindow};
 use super::spec::{alloc_labels, spec_hash};
 use super::{ContainerDetails, ContainerStatus, RuntimeError};
 
-/// The shortest time between two health checks of one allocation.
-pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
-/// The timeout of a health check whose spec says 0.
-pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to wait before trying again to remove a container that would not go.
 pub const DEFAULT_REMOVE_RETRY: Duration = Duration::from_secs(5);
 
@@ -122,12 +125,22 @@ pub enum Action {
         /// The container.
         container_id: String,
     },
+    /// Stop a running container (with the grace period) and keep it: a health
+    /// check failed, and the container is started again or the allocation fails.
+    Stop {
+        /// Allocation id.
+        alloc: String,
+        /// The container.
+        container_id: String,
+    },
     /// Run one health check.
     Probe {
         /// Allocation id.
         alloc: String,
         /// The container checked.
         container_id: String,
+        /// Which of the allocation's checks.
+        role: ProbeRole,
         /// What to check.
         check: HealthCheckKind,
         /// The container's address (HTTP and TCP checks).
@@ -200,12 +213,23 @@ pub enum Outcome {
         /// Done (a container already gone counts as done), or why not.
         result: Result<(), RuntimeError>,
     },
+    /// Answers [`Action::Stop`].
+    Stopped {
+        /// Allocation id.
+        alloc: String,
+        /// The container.
+        container_id: String,
+        /// Stopped (a container already gone counts as stopped), or why not.
+        result: Result<(), RuntimeError>,
+    },
     /// Answers [`Action::Probe`].
     Probed {
         /// Allocation id.
         alloc: String,
         /// The container checked.
         container_id: String,
+        /// Which of the allocation's checks.
+        role: ProbeRole,
         /// Healthy, or why not.
         result: Result<(), String>,
     },
@@ -343,6 +367,11 @@ impl Reconciler {
         self.runtime_error = Some(error);
     }
 
+    /// The last error of the container runtime, until an observation succeeds.
+    pub fn runtime_error(&self) -> Option<&str> {
+        self.runtime_error.as_deref()
+    }
+
     /// Takes in every managed container of the node, as listed from `token` on.
     pub fn observe(&mut self, now: Instant, token: u64, observed: Vec<Observed>) {
         self.runtime_error = None;
@@ -421,6 +450,7 @@ impl Reconciler {
                     Err(LaunchError::ImageMissing { image }) => {
                         rec.container = None;
                         rec.state = AllocState::Failed;
+                        rec.failure = Some(FailureReason::ImageMissing);
                         rec.restart_at = None;
                         rec.message = format!(
                             "image {image:?} is not present on node {node}; build or load it there (no registry is used)"
@@ -513,38 +543,81 @@ impl Reconciler {
                     rec.observed = false;
                 }
             }
+            Outcome::Stopped {
+                alloc,
+                container_id,
+                result,
+            } => {
+                let retry_at = now + self.config.remove_retry;
+                let Some(rec) = self.records.get_mut(&alloc) else {
+                    return;
+                };
+                rec.busy = false;
+                rec.changed_epoch = epoch;
+                match result {
+                    Err(e) if !e.is_not_found() => {
+                        // Still running: try again later; nothing else changes.
+                        rec.retry_at = Some(retry_at);
+                        rec.message = format!("cannot stop the unhealthy container: {e}");
+                    }
+                    _ => {
+                        rec.retry_at = None;
+                        if rec.container.as_ref().is_some_and(|c| c.id == container_id) {
+                            rec.health_stopped(now);
+                        }
+                    }
+                }
+            }
             Outcome::Probed {
                 alloc,
                 container_id,
+                role,
                 result,
             } => {
                 let Some(rec) = self.records.get_mut(&alloc) else {
                     return;
                 };
-                rec.probing = false;
                 let Some(health) = rec.health().cloned() else {
+                    rec.probes = None;
                     return;
                 };
-                if rec.state != AllocState::Running
-                    || rec.container.as_ref().is_none_or(|c| c.id != container_id)
-                {
+                let current = rec.state == AllocState::Running
+                    && rec.unhealthy.is_none()
+                    && !rec.busy
+                    && rec.container.as_ref().is_some_and(|c| c.id == container_id);
+                let Some(p) = rec.probes.as_mut().filter(|_| current) else {
+                    if let Some(p) = rec.probes.as_mut() {
+                        // A result about another run, or one being stopped: the
+                        // check may run again, the result counts for nothing.
+                        p.abandon(role);
+                    }
                     return;
+                };
+                let verdict = p.record(&health, role, result, now);
+                rec.health_restarts.settle(p, now);
+                let healthy = p.healthy(&health);
+                if healthy == Some(false) && rec.healthy != Some(false) {
+                    rec.message = format!("{} check failing", role.name());
                 }
-                rec.next_probe = Some(now + probe_interval(&health));
-                match result {
-                    Ok(()) => {
-                        rec.health_failures = 0;
-                        rec.healthy = Some(true);
-                    }
-                    Err(why) => {
-                        rec.health_failures = rec.health_failures.saturating_add(1);
-                        if rec.health_failures >= health.retries.max(1) {
-                            if rec.healthy != Some(false) {
-                                rec.message = format!("health check failing: {why}");
-                            }
-                            rec.healthy = Some(false);
-                        }
-                    }
+                if healthy == Some(true) && rec.healthy == Some(false) {
+                    rec.message = format!("{} check passing again", role.name());
+                }
+                rec.healthy = healthy;
+                if let Verdict::Restart {
+                    role,
+                    failures,
+                    why,
+                } = verdict
+                {
+                    rec.healthy = Some(false);
+                    rec.unhealthy = Some(format!(
+                        "{} check failed {failures} times in a row: {why}",
+                        role.name()
+                    ));
+                    rec.message = format!(
+                        "{} check failed {failures} times in a row ({why}); stopping the container",
+                        role.name()
+                    );
                 }
             }
         }
@@ -599,7 +672,11 @@ impl Reconciler {
                     rec.busy = true;
                     rec.restart_at = None;
                     rec.restarts = rec.restarts.saturating_add(1);
-                    rec.window.record(now);
+                    // A restart for a failed check is the health budget's, not
+                    // the exit policy's.
+                    if !std::mem::take(&mut rec.health_restart) {
+                        rec.window.record(now);
+                    }
                     rec.message = format!("restarting (restart {})", rec.restarts);
                     match &rec.container {
                         // A container to restore from a checkpoint is made anew.
@@ -617,16 +694,41 @@ impl Reconciler {
                     }
                 }
                 AllocState::Running => {
-                    let due = !rec.probing && rec.next_probe.is_some_and(|t| t <= now);
-                    if let (true, Some(health), Some(c)) = (due, rec.health(), &rec.container) {
+                    let Some(c) = &rec.container else { continue };
+                    if rec.unhealthy.is_some() {
+                        if rec.retry_at.is_none_or(|t| t <= now) {
+                            rec.busy = true;
+                            actions.push(Action::Stop {
+                                alloc: id.clone(),
+                                container_id: c.id.clone(),
+                            });
+                        }
+                        continue;
+                    }
+                    let (Some(health), Some(p)) = (
+                        rec.desired
+                            .as_ref()
+                            .and_then(|d| d.spec.task.health.as_ref()),
+                        rec.probes.as_mut(),
+                    ) else {
+                        continue;
+                    };
+                    for role in p.due(health, now) {
+                        if actions.len() >= budget {
+                            break;
+                        }
+                        let Some(spec) = role.spec(health) else {
+                            continue;
+                        };
+                        p.begin(role);
                         actions.push(Action::Probe {
                             alloc: id.clone(),
                             container_id: c.id.clone(),
-                            check: health.check.clone(),
+                            role,
+                            check: spec.check.clone(),
                             ip: rec.ip,
-                            timeout: probe_timeout(health),
+                            timeout: probes::timeout(spec),
                         });
-                        rec.probing = true;
                     }
                 }
                 _ => {}
@@ -665,10 +767,13 @@ impl Reconciler {
                 .filter_map(|r| match (r.state, &r.desired) {
                     (_, None) => r.container.as_ref().and(r.retry_at),
                     (AllocState::Starting, Some(_)) => r.restart_at,
-                    (AllocState::Running, Some(_))
-                        if !r.probing && r.health().is_some() && r.container.is_some() =>
-                    {
-                        r.next_probe
+                    (AllocState::Running, Some(_)) if r.container.is_some() => {
+                        if r.unhealthy.is_some() {
+                            // `plan` stops it at once; only a failed stop waits.
+                            r.retry_at
+                        } else {
+                            r.probes.as_ref().and_then(Probes::next_deadline)
+                        }
                     }
                     _ => None,
                 });
@@ -707,6 +812,7 @@ impl Reconciler {
                     restarts: rec.restarts,
                     exit_code: rec.exit_code,
                     message,
+                    failure: rec.failure.filter(|_| rec.state == AllocState::Failed),
                     container_id: rec.container.as_ref().map(|c| c.id.clone()),
                     started_at_unix_ms: rec.started_at_unix_ms,
                 }
@@ -723,6 +829,7 @@ impl Reconciler {
                 restarts: 0,
                 exit_code: None,
                 message: "not desired on this node; removing its container".into(),
+                failure: None,
                 container_id: Some(container_id.clone()),
                 started_at_unix_ms: None,
             });
@@ -796,9 +903,16 @@ struct Record {
     run_hash: Option<String>,
     container: Option<Container>,
     healthy: Option<bool>,
-    health_failures: u32,
-    next_probe: Option<Instant>,
-    probing: bool,
+    /// The checks of the current run (while running, with checks).
+    probes: Option<Probes>,
+    /// Health restarts made.
+    health_restarts: RestartBudget,
+    /// A startup or liveness check failed: why. The container is being stopped.
+    unhealthy: Option<String>,
+    /// The pending restart is for a failed check.
+    health_restart: bool,
+    /// Why it failed, once failed.
+    failure: Option<FailureReason>,
     restarts: u32,
     exit_code: Option<i64>,
     message: String,
@@ -823,9 +937,11 @@ impl Record {
             run_hash: None,
             container: None,
             healthy: None,
-            health_failures: 0,
-            next_probe: None,
-            probing: false,
+            probes: None,
+            health_restarts: RestartBudget::default(),
+            unhealthy: None,
+            health_restart: false,
+            failure: None,
             restarts: 0,
             exit_code: None,
             message: String::new(),
@@ -848,8 +964,11 @@ impl Record {
         self.state = AllocState::Pending;
         self.run_hash = None;
         self.healthy = None;
-        self.health_failures = 0;
-        self.next_probe = None;
+        self.probes = None;
+        self.health_restarts = RestartBudget::default();
+        self.unhealthy = None;
+        self.health_restart = false;
+        self.failure = None;
         self.restarts = 0;
         self.exit_code = None;
         self.message.clear();
@@ -863,9 +982,46 @@ impl Record {
         self.started_at_unix_ms = run.started_at_unix_ms;
         self.ip = run.ip;
         self.healthy = None;
-        self.health_failures = 0;
-        self.next_probe = self.health().map(|h| now + probe_interval(h));
+        self.probes = self.health().map(|h| Probes::start(h, now));
+        self.unhealthy = None;
+        self.health_restart = false;
+        self.failure = None;
         self.message = message.to_owned();
+    }
+
+    /// The container stopped after a failed startup or liveness check: restart it
+    /// after the backoff, or fail once the health restart budget is spent.
+    fn health_stopped(&mut self, now: Instant) {
+        let why = self.unhealthy.take().unwrap_or_default();
+        self.probes = None;
+        self.healthy = Some(false);
+        let Some(health) = self.health().cloned() else {
+            // No check any more (a new spec is coming): restart as after an exit.
+            self.failed_run(now, None, why);
+            return;
+        };
+        match self.health_restarts.decide(&health, now) {
+            HealthRestart::RestartAt { at, attempt } => {
+                self.health_restarts.record();
+                self.state = AllocState::Starting;
+                self.restart_at = Some(at);
+                self.health_restart = true;
+                self.message = format!(
+                    "{why}; health restart {attempt} of {} in {}",
+                    health.max_restarts,
+                    fmt_ms(at.saturating_duration_since(now).as_millis() as u64)
+                );
+            }
+            HealthRestart::Fail => {
+                self.state = AllocState::Failed;
+                self.failure = Some(FailureReason::Unhealthy);
+                self.restart_at = None;
+                self.message = format!(
+                    "{why}; all {} health restarts used up, giving up",
+                    health.max_restarts
+                );
+            }
+        }
     }
 
     /// Takes in the observation of this allocation's container (`None`: it has none).
@@ -951,8 +1107,9 @@ impl Record {
     /// exited 0), restart or fail.
     fn failed_run(&mut self, now: Instant, code: Option<i64>, what: String) {
         self.healthy = None;
-        self.health_failures = 0;
-        self.next_probe = None;
+        self.probes = None;
+        self.unhealthy = None;
+        self.health_restart = false;
         if code.is_some() {
             self.exit_code = code;
         }
@@ -987,6 +1144,7 @@ impl Record {
             }
             RestartDecision::Fail => {
                 self.state = AllocState::Failed;
+                self.failure = Some(FailureReason::RestartsExhausted);
                 self.restart_at = None;
                 self.message = format!(
                     "{what}; the restart policy allows {} restarts within {}, giving up",
@@ -1021,25 +1179,13 @@ fn choose_primary(rec: &Record, mut mine: Vec<Observed>) -> (Option<Observed>, V
     (Some(primary), mine)
 }
 
-fn probe_interval(health: &HealthSpec) -> Duration {
-    Duration::from_millis(health.interval_ms).max(MIN_PROBE_INTERVAL)
-}
-
-fn probe_timeout(health: &HealthSpec) -> Duration {
-    if health.timeout_ms == 0 {
-        DEFAULT_PROBE_TIMEOUT
-    } else {
-        Duration::from_millis(health.timeout_ms)
-    }
-}
-
 fn fmt_ms(ms: u64) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
 #[cfg(test)]
 mod tests {
-    use novacron_common::wire::{RestartSpec, TaskSpec};
+    use novacron_common::wire::{ProbeSpec, RestartSpec, TaskSpec};
 
     use super::*;
 
@@ -1582,17 +1728,70 @@ mod tests {
         assert_eq!(r.next_deadline(), Some(t1 + Duration::from_secs(10)));
     }
 
+    fn tcp_probe(port: u16, threshold: u32) -> ProbeSpec {
+        ProbeSpec {
+            check: HealthCheckKind::Tcp { port },
+            period_ms: 1000,
+            timeout_ms: 0,
+            failure_threshold: threshold,
+            initial_delay_ms: 1000,
+        }
+    }
+
+    fn checked(
+        liveness: Option<ProbeSpec>,
+        readiness: Option<ProbeSpec>,
+        startup: Option<ProbeSpec>,
+    ) -> AllocationSpec {
+        let mut a = spec("a", once());
+        a.task.health = Some(HealthSpec {
+            liveness,
+            readiness,
+            startup,
+            max_restarts: 2,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+        });
+        a
+    }
+
+    /// Runs the checks due at `now` on container `cid`, each answering per `ok`.
+    fn probe_all(
+        r: &mut Reconciler,
+        now: Instant,
+        cid: &str,
+        ok: &dyn Fn(ProbeRole) -> bool,
+    ) -> Vec<Action> {
+        let actions = r.plan(now, 16);
+        let mut others = Vec::new();
+        for action in actions {
+            match action {
+                Action::Probe { alloc, role, .. } => r.complete(
+                    now,
+                    Outcome::Probed {
+                        alloc,
+                        container_id: cid.into(),
+                        role,
+                        result: if ok(role) {
+                            Ok(())
+                        } else {
+                            Err("refused".into())
+                        },
+                    },
+                ),
+                other => others.push(other),
+            }
+        }
+        // What the results call for (a stop) comes with the next plan.
+        others.extend(r.plan(now, 16));
+        others
+    }
+
     #[test]
     fn health_turns_unhealthy_after_retries_and_back() {
         let mut r = core();
         let t0 = Instant::now();
-        let mut a = spec("a", once());
-        a.task.health = Some(HealthSpec {
-            check: HealthCheckKind::Tcp { port: 80 },
-            interval_ms: 1000,
-            timeout_ms: 0,
-            retries: 2,
-        });
+        let a = checked(None, Some(tcp_probe(80, 2)), None);
         r.apply(desired(1, vec![a.clone()]));
         launched(&mut r, t0, &a, "c1");
         assert_eq!(r.next_deadline(), Some(t0 + Duration::from_secs(1)));
@@ -1601,7 +1800,7 @@ mod tests {
             now += Duration::from_secs(1);
             let actions = r.plan(now, 16);
             assert!(
-                matches!(&actions[..], [Action::Probe { timeout, .. }] if *timeout == DEFAULT_PROBE_TIMEOUT),
+                matches!(&actions[..], [Action::Probe { timeout, role: ProbeRole::Readiness, .. }] if *timeout == DEFAULT_PROBE_TIMEOUT),
                 "{actions:?}"
             );
             assert!(r.plan(now, 16).is_empty(), "one probe at a time");
@@ -1610,6 +1809,7 @@ mod tests {
                 Outcome::Probed {
                     alloc: "a".into(),
                     container_id: "c1".into(),
+                    role: ProbeRole::Readiness,
                     result: if ok { Ok(()) } else { Err("refused".into()) },
                 },
             );
@@ -1617,8 +1817,217 @@ mod tests {
         };
         assert_eq!(probe(&mut r, false), None);
         assert_eq!(probe(&mut r, false), Some(false));
-        assert!(status(&r, "a").message.contains("refused"));
+        assert!(
+            status(&r, "a").message.contains("readiness check failing"),
+            "{}",
+            status(&r, "a").message
+        );
         assert_eq!(probe(&mut r, true), Some(true));
+    }
+
+    #[test]
+    fn readiness_failures_never_stop_the_container() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = checked(None, Some(tcp_probe(80, 1)), None);
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        for i in 1..=30u64 {
+            let others = probe_all(&mut r, t0 + Duration::from_secs(i), "c1", &|_| false);
+            assert!(others.is_empty(), "at {i}s: {others:?}");
+        }
+        let s = status(&r, "a");
+        assert_eq!(
+            (s.state, s.healthy, s.restarts, s.failure),
+            (AllocState::Running, Some(false), 0, None)
+        );
+    }
+
+    #[test]
+    fn liveness_failures_restart_with_backoff_then_fail_as_unhealthy() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = checked(Some(tcp_probe(80, 2)), None, None);
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        let s = Duration::from_secs;
+        let mut now = t0;
+        // Each round: two failed checks, the container stopped, a restart after
+        // the backoff (1s, then 2s); the third round spends the budget of 2.
+        for round in 0..3u32 {
+            now += s(1);
+            assert!(probe_all(&mut r, now, "c1", &|_| false).is_empty());
+            assert_eq!(status(&r, "a").healthy, None, "one failure is no verdict");
+            now += s(1);
+            let others = probe_all(&mut r, now, "c1", &|_| false);
+            assert!(
+                matches!(&others[..], [Action::Stop { container_id, .. }] if container_id == "c1"),
+                "round {round}: {others:?}"
+            );
+            assert_eq!(status(&r, "a").healthy, Some(false));
+            assert!(r.plan(now, 16).is_empty(), "one stop at a time");
+            r.complete(
+                now,
+                Outcome::Stopped {
+                    alloc: "a".into(),
+                    container_id: "c1".into(),
+                    result: Ok(()),
+                },
+            );
+            let st = status(&r, "a");
+            if round == 2 {
+                assert_eq!(st.state, AllocState::Failed);
+                assert_eq!(st.failure, Some(FailureReason::Unhealthy));
+                assert!(
+                    st.message.contains("health restarts used up"),
+                    "{}",
+                    st.message
+                );
+                assert_eq!(r.next_deadline(), None);
+                assert!(r.plan(now + s(600), 16).is_empty(), "failed is final");
+                return;
+            }
+            assert_eq!(st.state, AllocState::Starting, "round {round}");
+            assert_eq!(st.failure, None);
+            let backoff = s(1 << round);
+            assert_eq!(r.next_deadline(), Some(now + backoff), "round {round}");
+            assert!(
+                r.plan(now + backoff - Duration::from_millis(1), 16)
+                    .is_empty()
+            );
+            now += backoff;
+            let actions = r.plan(now, 16);
+            assert!(
+                matches!(&actions[..], [Action::Start { container_id, .. }] if container_id == "c1"),
+                "{actions:?}"
+            );
+            r.complete(
+                now,
+                Outcome::Started {
+                    alloc: "a".into(),
+                    container_id: "c1".into(),
+                    result: Ok(run("c1")),
+                },
+            );
+            let st = status(&r, "a");
+            assert_eq!(
+                (st.state, st.restarts, st.healthy),
+                (AllocState::Running, round + 1, None)
+            );
+        }
+        unreachable!("the budget of 2 ends the third round");
+    }
+
+    #[test]
+    fn health_restarts_leave_the_exit_restart_policy_alone() {
+        // `once()` allows one restart after an exit; two health restarts before it
+        // must not use it up.
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = checked(Some(tcp_probe(80, 1)), None, None);
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        let mut now = t0;
+        for _ in 0..2 {
+            now += Duration::from_secs(1);
+            let others = probe_all(&mut r, now, "c1", &|_| false);
+            assert!(matches!(&others[..], [Action::Stop { .. }]), "{others:?}");
+            r.complete(
+                now,
+                Outcome::Stopped {
+                    alloc: "a".into(),
+                    container_id: "c1".into(),
+                    result: Ok(()),
+                },
+            );
+            now += Duration::from_secs(10);
+            assert!(matches!(&r.plan(now, 16)[..], [Action::Start { .. }]));
+            r.complete(
+                now,
+                Outcome::Started {
+                    alloc: "a".into(),
+                    container_id: "c1".into(),
+                    result: Ok(run("c1")),
+                },
+            );
+        }
+        // Now it exits: the exit policy still has its one restart.
+        now += Duration::from_secs(1);
+        let token = r.observe_begin();
+        let mut o = observed(&a, "c1", exited(1));
+        o.started_at_unix_ms = Some(2_000);
+        r.observe(now, token, vec![o]);
+        let st = status(&r, "a");
+        assert_eq!(st.state, AllocState::Starting, "{}", st.message);
+    }
+
+    #[test]
+    fn startup_holds_liveness_back_and_its_own_failures_restart() {
+        let mut r = core();
+        let t0 = Instant::now();
+        // Liveness would fail at once; startup gets 3 tries.
+        let a = checked(
+            Some(tcp_probe(81, 1)),
+            Some(tcp_probe(82, 1)),
+            Some(tcp_probe(80, 3)),
+        );
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        for i in 1..=2u64 {
+            let now = t0 + Duration::from_secs(i);
+            let actions = r.plan(now, 16);
+            assert!(
+                matches!(
+                    &actions[..],
+                    [Action::Probe {
+                        role: ProbeRole::Startup,
+                        ..
+                    }]
+                ),
+                "only startup runs before it passes: {actions:?}"
+            );
+            r.complete(
+                now,
+                Outcome::Probed {
+                    alloc: "a".into(),
+                    container_id: "c1".into(),
+                    role: ProbeRole::Startup,
+                    result: Err("refused".into()),
+                },
+            );
+            assert_eq!(status(&r, "a").healthy, None, "not ready during startup");
+        }
+        let now = t0 + Duration::from_secs(3);
+        let others = probe_all(&mut r, now, "c1", &|_| false);
+        assert!(matches!(&others[..], [Action::Stop { .. }]), "{others:?}");
+        assert!(
+            status(&r, "a")
+                .message
+                .contains("startup check failed 3 times")
+        );
+    }
+
+    #[test]
+    fn a_stale_probe_result_counts_for_nothing() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = checked(Some(tcp_probe(80, 1)), None, None);
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c2");
+        let now = t0 + Duration::from_secs(1);
+        assert!(matches!(&r.plan(now, 16)[..], [Action::Probe { .. }]));
+        r.complete(
+            now,
+            Outcome::Probed {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                role: ProbeRole::Liveness,
+                result: Err("refused".into()),
+            },
+        );
+        assert_eq!(status(&r, "a").healthy, None);
+        // The check may run again.
+        assert!(matches!(&r.plan(now, 16)[..], [Action::Probe { .. }]));
     }
 
     #[test]

@@ -23,9 +23,6 @@ pub const LABEL_NODE: &str = "novacron.node";
 /// Label on the named volumes the runtime creates (`true`).
 pub const LABEL_MANAGED: &str = "novacron.managed";
 
-/// How many characters of the allocation id go into a container name.
-pub const NAME_ID_PREFIX: usize = 8;
-
 /// The hash of the parts of `task` that define the container (image, command,
 /// arguments, environment, ports, volumes, working directory, CPU, memory, GPUs):
 /// 16 hex digits of a SHA-256. A running container whose [`LABEL_SPEC`] differs is
@@ -75,17 +72,33 @@ pub fn spec_hash(task: &TaskSpec) -> String {
     hex::encode(&digest[..8])
 }
 
-/// `novacron-<job>-<first 8 characters of the allocation id>`, with characters Docker
-/// does not accept in names replaced by `_`.
-pub fn container_name(job: &str, alloc_id: &str) -> String {
-    let prefix: String = alloc_id.chars().take(NAME_ID_PREFIX).collect();
-    format!("novacron-{}-{}", sanitize(job), sanitize(&prefix))
+/// `novacron-<job>-<allocation id>-<node>`, unique per allocation and node (two
+/// agents sharing one Docker daemon can both run the same allocation, as in a
+/// migration between them), with characters Docker does not accept in names
+/// replaced by `_`. The job is left out when the allocation id already begins with
+/// it (the controller's ids do: `web-0123456789ab`). Containers are found by their
+/// labels, never by name, so containers named otherwise are adopted all the same.
+pub fn container_name(node: &str, job: &str, alloc_id: &str) -> String {
+    let alloc = if alloc_id
+        .strip_prefix(job)
+        .is_some_and(|rest| rest.starts_with('-'))
+    {
+        sanitize(alloc_id)
+    } else {
+        format!("{}-{}", sanitize(job), sanitize(alloc_id))
+    };
+    format!("novacron-{alloc}-{}", sanitize(node))
 }
 
-/// The name used when [`container_name`] is taken (two allocation ids with the same
-/// prefix): the whole allocation id.
-pub fn fallback_container_name(job: &str, alloc_id: &str) -> String {
-    format!("novacron-{}-{}", sanitize(job), sanitize(alloc_id))
+/// The name used when [`container_name`] is taken (a container of the same
+/// allocation on the same node that is still being removed): with the spec hash
+/// appended.
+pub fn fallback_container_name(node: &str, job: &str, alloc_id: &str, spec_hash: &str) -> String {
+    format!(
+        "{}-{}",
+        container_name(node, job, alloc_id),
+        sanitize(spec_hash)
+    )
 }
 
 /// The labels of the container of `alloc` on `node`.
@@ -172,7 +185,7 @@ fn sanitize(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use novacron_common::wire::{HealthCheckKind, HealthSpec, RestartSpec};
+    use novacron_common::wire::{HealthCheckKind, HealthSpec, ProbeSpec, RestartSpec};
 
     use super::*;
 
@@ -228,10 +241,18 @@ mod tests {
             delay_mode: true,
         };
         policies.health = Some(HealthSpec {
-            check: HealthCheckKind::Tcp { port: 1 },
-            interval_ms: 1,
-            timeout_ms: 1,
-            retries: 1,
+            liveness: Some(ProbeSpec {
+                check: HealthCheckKind::Tcp { port: 1 },
+                period_ms: 1,
+                timeout_ms: 1,
+                failure_threshold: 1,
+                initial_delay_ms: 1,
+            }),
+            readiness: None,
+            startup: None,
+            max_restarts: 1,
+            backoff_initial_ms: 1,
+            backoff_max_ms: 1,
         });
         policies.batch = !policies.batch;
         assert_eq!(spec_hash(&policies), h);
@@ -249,14 +270,33 @@ mod tests {
     #[test]
     fn names_are_prefixed_and_sanitized() {
         assert_eq!(
-            container_name("web", "0123456789abcdef"),
-            "novacron-web-01234567"
+            container_name("node-1", "web", "web-0123456789ab"),
+            "novacron-web-0123456789ab-node-1"
         );
-        assert_eq!(container_name("a b/c", "x:y"), "novacron-a_b_c-x_y");
         assert_eq!(
-            fallback_container_name("web", "0123456789abcdef"),
-            "novacron-web-0123456789abcdef"
+            container_name("n", "web", "0123456789abcdef"),
+            "novacron-web-0123456789abcdef-n"
         );
+        assert_eq!(
+            container_name("n/1", "a b/c", "x:y"),
+            "novacron-a_b_c-x_y-n_1"
+        );
+        assert_eq!(
+            fallback_container_name("n", "web", "web-1", "17c113d6a69b9e03"),
+            "novacron-web-1-n-17c113d6a69b9e03"
+        );
+    }
+
+    #[test]
+    fn names_are_unique_per_allocation_and_node() {
+        // Two allocation ids alike in their first 8 characters, and one allocation
+        // on two nodes that share a daemon (a migration between them).
+        let a = container_name("node-a", "web", "web-00000000aaaa");
+        let b = container_name("node-a", "web", "web-00000000bbbb");
+        let moved = container_name("node-b", "web", "web-00000000aaaa");
+        assert_ne!(a, b);
+        assert_ne!(a, moved);
+        assert_ne!(b, moved);
     }
 
     #[test]

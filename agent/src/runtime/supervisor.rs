@@ -422,11 +422,21 @@ impl<R: ContainerRuntime> Inner<R> {
         let listing = match self.runtime.list(node).await {
             Ok(listing) => listing,
             Err(e) => {
-                warn!(%node, error = %e, "cannot list containers");
-                self.core().observe_failed(e.to_string());
+                let error = e.to_string();
+                // Once per distinct error: Docker may stay away for a long time
+                // (not installed yet, still starting), and the poll is every second.
+                if self.core().runtime_error() != Some(error.as_str()) {
+                    warn!(%node, %error, "cannot list containers; retrying every poll");
+                } else {
+                    debug!(%node, %error, "cannot list containers");
+                }
+                self.core().observe_failed(error);
                 return;
             }
         };
+        if self.core().runtime_error().is_some() {
+            info!(%node, "the container runtime answers again");
+        }
         {
             let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
             if std::mem::take(&mut stale.all) {
@@ -498,9 +508,9 @@ impl InspectCache {
 fn action_container(action: &Action) -> Option<&str> {
     match action {
         Action::Launch { replace, .. } => replace.as_deref(),
-        Action::Start { container_id, .. } | Action::Remove { container_id, .. } => {
-            Some(container_id)
-        }
+        Action::Start { container_id, .. }
+        | Action::Remove { container_id, .. }
+        | Action::Stop { container_id, .. } => Some(container_id),
         Action::Probe { .. } => None,
     }
 }
@@ -518,9 +528,9 @@ fn outcome_container(outcome: &Outcome) -> Option<&str> {
                 }),
             ..
         } => Some(id),
-        Outcome::Started { container_id, .. } | Outcome::Removed { container_id, .. } => {
-            Some(container_id)
-        }
+        Outcome::Started { container_id, .. }
+        | Outcome::Removed { container_id, .. }
+        | Outcome::Stopped { container_id, .. } => Some(container_id),
         _ => None,
     }
 }
@@ -558,13 +568,23 @@ fn panicked(action: Action) -> Outcome {
             container_id,
             result: Err(error),
         },
+        Action::Stop {
+            alloc,
+            container_id,
+        } => Outcome::Stopped {
+            alloc,
+            container_id,
+            result: Err(error),
+        },
         Action::Probe {
             alloc,
             container_id,
+            role,
             ..
         } => Outcome::Probed {
             alloc,
             container_id,
+            role,
             result: Err(error.to_string()),
         },
     }
@@ -636,20 +656,42 @@ async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> O
                 result,
             }
         }
+        Action::Stop {
+            alloc,
+            container_id,
+        } => {
+            let result = match runtime.stop(&container_id, inner.config.stop_grace).await {
+                Err(e) if e.is_not_found() => Ok(()),
+                other => other,
+            };
+            match &result {
+                Ok(()) => {
+                    info!(%alloc, container = %container_id, "stopped after a failed health check")
+                }
+                Err(e) => warn!(%alloc, container = %container_id, error = %e, "stop failed"),
+            }
+            Outcome::Stopped {
+                alloc,
+                container_id,
+                result,
+            }
+        }
         Action::Probe {
             alloc,
             container_id,
+            role,
             check,
             ip,
             timeout,
         } => {
             let result = probe(runtime, &container_id, &check, ip, timeout).await;
             if let Err(why) = &result {
-                debug!(%alloc, container = %container_id, error = %why, "health check failed");
+                debug!(%alloc, container = %container_id, check = role.name(), error = %why, "health check failed");
             }
             Outcome::Probed {
                 alloc,
                 container_id,
+                role,
                 result,
             }
         }
@@ -686,12 +728,13 @@ async fn launch<R: ContainerRuntime>(
         Err(e) => return Err(failed(None, e)),
     }
     let config = container_config(&inner.config.node_name, spec, spec_hash);
-    let name = container_name(&spec.job, &spec.id);
+    let node = &inner.config.node_name;
+    let name = container_name(node, &spec.job, &spec.id);
     let id = match runtime.create(&name, &config).await {
         Ok(id) => id,
         Err(RuntimeError::Conflict { .. }) => {
-            let fallback = fallback_container_name(&spec.job, &spec.id);
-            debug!(alloc = %spec.id, %name, %fallback, "container name taken; using the whole id");
+            let fallback = fallback_container_name(node, &spec.job, &spec.id, spec_hash);
+            debug!(alloc = %spec.id, %name, %fallback, "container name taken; adding the spec hash");
             runtime
                 .create(&fallback, &config)
                 .await

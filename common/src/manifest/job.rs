@@ -8,10 +8,10 @@ use yaml_serde::Value;
 
 use super::validate::{self, Issue};
 use super::{
-    API_VERSION, Health, JobManifest, JobSpec, JobType, KIND, ManifestError, ManifestErrors,
-    Metadata, Protocol, RestartMode,
+    API_VERSION, JobManifest, JobSpec, JobType, KIND, ManifestError, ManifestErrors, Metadata,
+    Protocol, RestartMode,
 };
-use crate::wire::{HealthCheckKind, HealthSpec, PortMapping, RestartSpec, TaskSpec, VolumeMount};
+use crate::wire::{PortMapping, RestartSpec, TaskSpec, VolumeMount};
 
 /// A manifest that passed every check.
 ///
@@ -103,7 +103,7 @@ impl Job {
                 delay_ms: millis(s.restart.delay),
                 delay_mode: s.restart.mode == RestartMode::Delay,
             },
-            health: s.health.as_ref().and_then(health_spec),
+            health: s.health.as_ref().and_then(super::health::health_spec),
         }
     }
 
@@ -139,27 +139,6 @@ pub(super) fn checked(manifest: JobManifest, source: Option<&Value>) -> Result<J
         name: manifest.metadata.name,
         labels: manifest.metadata.labels,
         spec: manifest.spec,
-    })
-}
-
-/// The wire form of a validated health check (exactly one kind is set).
-fn health_spec(h: &Health) -> Option<HealthSpec> {
-    let check = match (&h.http, &h.tcp, &h.exec) {
-        (Some(http), _, _) => HealthCheckKind::Http {
-            port: http.port,
-            path: http.path.clone(),
-        },
-        (None, Some(tcp), _) => HealthCheckKind::Tcp { port: tcp.port },
-        (None, None, Some(exec)) => HealthCheckKind::Exec {
-            command: exec.command.clone(),
-        },
-        (None, None, None) => return None,
-    };
-    Some(HealthSpec {
-        check,
-        interval_ms: millis(h.interval),
-        timeout_ms: millis(h.timeout),
-        retries: h.retries,
     })
 }
 

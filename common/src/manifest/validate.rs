@@ -12,12 +12,16 @@ use humantime_serde::re::humantime::format_duration;
 use yaml_serde::Value;
 
 use super::checkpoint; // checkpoint: spec.checkpoint rules.
+use super::health::{
+    MAX_HEALTH_RESTARTS, MAX_INITIAL_DELAY, MAX_RESTART_BACKOFF, MIN_RESTART_BACKOFF, Probe,
+    ProbeRole,
+};
 use super::locate::{FieldPath, Seg};
 use super::{
     API_VERSION, ExecCheck, GpuRequest, Health, HttpCheck, JobManifest, JobSpec, JobType, KIND,
     Lifecycle, MAX_GPUS, MAX_HEALTH_RETRIES, MAX_PRIORITY, MAX_REPLICAS, MAX_RESTART_ATTEMPTS,
     MAX_WEIGHT, MIN_HEALTH_INTERVAL, MIN_MAX_RUNTIME, MIN_MEMORY, Metadata, Operator, Placement,
-    Protocol, Resources, Restart, TaskTemplate, Update,
+    Protocol, Resources, Restart, TaskTemplate, TcpCheck, Update,
 };
 use crate::autoscale::parse_cron;
 use crate::pki::{self, PkiError};
@@ -69,7 +73,8 @@ pub(super) fn accepted_number(key: &str) -> Option<&'static str> {
         "containerPort" | "port" => PORT,
         "hostPort" => HOST_PORT,
         "attempts" => ATTEMPTS,
-        "retries" => RETRIES,
+        "retries" | "failureThreshold" => RETRIES,
+        "maxRestarts" => HEALTH_RESTARTS,
         "maxParallel" => MAX_PARALLEL,
         "canary" => CANARY,
         "weight" => WEIGHT,
@@ -86,6 +91,7 @@ const PORT: &str = "a port number from 1 to 65535";
 const HOST_PORT: &str = "a port number from 1 to 65535, or no hostPort to let the runtime pick one";
 const ATTEMPTS: &str = "a whole number from 0 to 100";
 const RETRIES: &str = "a whole number from 1 to 100";
+const HEALTH_RESTARTS: &str = "a whole number from 0 to 100";
 const MAX_PARALLEL: &str = "a whole number of at least 1";
 const CANARY: &str = "a whole number from 0 up to replicas";
 const WEIGHT: &str = "a whole number from 1 to 100";
@@ -493,10 +499,86 @@ impl Checker<'_> {
     }
 
     fn health(&mut self, h: &Health, p: &FieldPath) {
+        let top = h.http.is_some() || h.tcp.is_some() || h.exec.is_some();
+        let any_probe = h.liveness.is_some() || h.readiness.is_some() || h.startup.is_some();
+        if top || !any_probe {
+            self.check_kind(&h.http, &h.tcp, &h.exec, p);
+            self.schedule(h.interval, h.timeout, p, "interval");
+            self.range(p.key("retries"), h.retries, 1..=MAX_HEALTH_RETRIES, RETRIES);
+        }
+        if top && h.liveness.is_some() {
+            self.bad_key(
+                p.key("liveness"),
+                "given alongside a check at the top of health (the older form of liveness); \
+                 expected either http/tcp/exec at the top of health or health.liveness, not both"
+                    .into(),
+            );
+        }
+        for (key, probe, role) in [
+            ("liveness", &h.liveness, ProbeRole::Liveness),
+            ("readiness", &h.readiness, ProbeRole::Readiness),
+            ("startup", &h.startup, ProbeRole::Startup),
+        ] {
+            if let Some(probe) = probe {
+                self.probe(probe, role, &p.key(key));
+            }
+        }
+        if let Some(n) = h.max_restarts {
+            self.range(
+                p.key("maxRestarts"),
+                n,
+                0..=MAX_HEALTH_RESTARTS,
+                HEALTH_RESTARTS,
+            );
+        }
+        if let Some(b) = h.restart_backoff
+            && !(MIN_RESTART_BACKOFF..=MAX_RESTART_BACKOFF).contains(&b)
+        {
+            self.bad(
+                p.key("restartBackoff"),
+                format!(
+                    "{} is out of range; expected a duration from {} to {}",
+                    human(b),
+                    human(MIN_RESTART_BACKOFF),
+                    human(MAX_RESTART_BACKOFF)
+                ),
+            );
+        }
+    }
+
+    fn probe(&mut self, probe: &Probe, role: ProbeRole, p: &FieldPath) {
+        self.check_kind(&probe.http, &probe.tcp, &probe.exec, p);
+        self.schedule(probe.period, probe.timeout, p, "period");
+        self.range(
+            p.key("failureThreshold"),
+            probe.threshold(role),
+            1..=MAX_HEALTH_RETRIES,
+            RETRIES,
+        );
+        if probe.initial_delay > MAX_INITIAL_DELAY {
+            self.bad(
+                p.key("initialDelay"),
+                format!(
+                    "{} is too long; expected at most {}",
+                    human(probe.initial_delay),
+                    human(MAX_INITIAL_DELAY)
+                ),
+            );
+        }
+    }
+
+    /// Exactly one kind of check, each well formed.
+    fn check_kind(
+        &mut self,
+        http: &Option<HttpCheck>,
+        tcp: &Option<TcpCheck>,
+        exec: &Option<ExecCheck>,
+        p: &FieldPath,
+    ) {
         let given: Vec<&str> = [
-            ("http", h.http.is_some()),
-            ("tcp", h.tcp.is_some()),
-            ("exec", h.exec.is_some()),
+            ("http", http.is_some()),
+            ("tcp", tcp.is_some()),
+            ("exec", exec.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -513,7 +595,7 @@ impl Checker<'_> {
                 }
             }
         }
-        if let Some(HttpCheck { port, path }) = &h.http {
+        if let Some(HttpCheck { port, path }) = http {
             self.check_port(p.key("http").key("port"), *port);
             if !path.starts_with('/') {
                 self.bad(
@@ -522,10 +604,10 @@ impl Checker<'_> {
                 );
             }
         }
-        if let Some(tcp) = &h.tcp {
+        if let Some(tcp) = tcp {
             self.check_port(p.key("tcp").key("port"), tcp.port);
         }
-        if let Some(ExecCheck { command }) = &h.exec
+        if let Some(ExecCheck { command }) = exec
             && command.first().is_none_or(|c| c.trim().is_empty())
         {
             self.bad(
@@ -535,28 +617,31 @@ impl Checker<'_> {
                     .into(),
             );
         }
-        if h.interval < MIN_HEALTH_INTERVAL {
+    }
+
+    /// The time between checks (`every`, named `key`) and the timeout of one.
+    fn schedule(&mut self, every: Duration, timeout: Duration, p: &FieldPath, key: &str) {
+        if every < MIN_HEALTH_INTERVAL {
             self.bad(
-                p.key("interval"),
+                p.key(key),
                 format!(
                     "{} is too short; expected at least {}",
-                    human(h.interval),
+                    human(every),
                     human(MIN_HEALTH_INTERVAL)
                 ),
             );
         }
-        if h.timeout >= h.interval {
+        if timeout >= every {
             self.bad(
                 p.key("timeout"),
                 format!(
-                    "{} is not shorter than the interval ({}); expected a timeout shorter than \
-                     the interval",
-                    human(h.timeout),
-                    human(h.interval)
+                    "{} is not shorter than the {key} ({}); expected a timeout shorter than \
+                     the {key}",
+                    human(timeout),
+                    human(every)
                 ),
             );
         }
-        self.range(p.key("retries"), h.retries, 1..=MAX_HEALTH_RETRIES, RETRIES);
     }
 
     fn check_port(&mut self, path: FieldPath, port: u16) {

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
+use novacron_common::wire::AllocState;
 
 use super::CliError;
 use super::client::ApiClient;
@@ -353,7 +354,9 @@ impl TableRow for AllocRecord {
             self.job.clone(),
             self.version.to_string(),
             self.node.clone(),
-            if self.desired_run || self.state.is_terminal() {
+            if let (AllocState::Failed, Some(why)) = (self.state, self.failure) {
+                format!("failed ({why})")
+            } else if self.desired_run || self.state.is_terminal() {
                 self.state.to_string()
             } else {
                 format!("{} (stopping)", self.state)
