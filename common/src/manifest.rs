@@ -51,8 +51,9 @@ pub const KIND: &str = "Job";
 pub const MAX_REPLICAS: u32 = 10_000;
 /// Highest priority.
 pub const MAX_PRIORITY: u32 = 1000;
-/// Least memory a replica may ask for: Docker refuses limits below 4 MiB.
-pub const MIN_MEMORY: ByteSize = ByteSize(4 << 20);
+/// Least memory a replica may ask for: Docker refuses memory limits below 6 MiB
+/// (its `linuxMinMemory`, 6291456 bytes), so every allocation would fail to start.
+pub const MIN_MEMORY: ByteSize = ByteSize(6 << 20);
 /// Most GPUs one replica may ask for.
 pub const MAX_GPUS: u32 = 16;
 /// Most restarts within one restart interval.
