@@ -138,6 +138,10 @@ pub struct RunArgs {
     /// [env: NOVACRON_SPOT_NOTICE] [file: spot_notice].
     #[arg(long, value_name = "URL|FILE")]
     pub spot_notice: Option<String>,
+    /// Host ports the scheduler hands out for job ports without a hostPort
+    /// [env: NOVACRON_DYNAMIC_PORTS] [file: dynamic_ports] [default: 20000-32000].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub dynamic_ports: Option<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -210,6 +214,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         allow_host_exec: args.allow_host_exec,
         host_exec_allow: args.host_exec_allow,
         spot_notice: args.spot_notice,
+        dynamic_ports: args.dynamic_ports,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -284,7 +289,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         }
     };
     let mut sampler = Sampler::new(Box::new(host), gpus);
-    let capacity = sampler.capacity();
+    let mut capacity = sampler.capacity();
+    capacity.dynamic_ports = args.dynamic_ports;
     let config = AgentConfig {
         state,
         labels,

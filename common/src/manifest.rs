@@ -318,9 +318,17 @@ pub struct Resources {
     /// Memory.
     #[serde(default)]
     pub memory: ByteSize,
+    /// Disk (scheduled against each node's disk; 0 asks for none). Left out of
+    /// the serialized spec when 0, so that jobs without it keep their version hash.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk: ByteSize,
     /// GPUs.
     #[serde(default)]
     pub gpus: Option<GpuRequest>,
+}
+
+fn is_zero(b: &ByteSize) -> bool {
+    b.0 == 0
 }
 
 /// A GPU request.

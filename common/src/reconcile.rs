@@ -316,6 +316,24 @@ pub fn reconcile_with_lifecycles(
     plan
 }
 
+/// The replicas a system job wants: one per ready node that matches its
+/// placement constraints (the nodes [`reconcile`] places it on).
+pub fn system_replicas(placement: &Placement, nodes: &[NodeView]) -> u32 {
+    let count = nodes
+        .iter()
+        .filter(|n| n.status == NodeStatus::Ready && system_matches(placement, n))
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+/// Whether a system job with `placement` belongs on `node` by its labels.
+fn system_matches(placement: &Placement, node: &NodeView) -> bool {
+    placement
+        .constraints
+        .iter()
+        .all(|c| c.operator.matches(&node.labels, &c.key, &c.values))
+}
+
 fn reconcile_system(
     job: &JobView,
     live: &[&AllocView],
@@ -323,12 +341,7 @@ fn reconcile_system(
     may_place: bool,
     plan: &mut Plan,
 ) {
-    let matches = |n: &NodeView| {
-        job.placement
-            .constraints
-            .iter()
-            .all(|c| c.operator.matches(&n.labels, &c.key, &c.values))
-    };
+    let matches = |n: &NodeView| system_matches(&job.placement, n);
     for node in nodes.iter().filter(|n| n.status == NodeStatus::Ready) {
         let here: Vec<&&AllocView> = live.iter().filter(|a| a.node == node.name).collect();
         if !matches(node) {
@@ -832,7 +845,7 @@ mod tests {
             other,
         ];
         let allocs = [alloc("s1", "agent-sidecar", 1, "n1", AllocState::Running)];
-        let plan = run(&[j], &allocs, &nodes, 0);
+        let plan = run(&[j.clone()], &allocs, &nodes, 0);
         assert_eq!(
             plan.place,
             vec![PlaceRequest {
@@ -842,6 +855,11 @@ mod tests {
                 node: Some("n2".into())
             }]
         );
+        // Wanted: n1 and n2 (n3 does not match); a down node is not counted.
+        assert_eq!(system_replicas(&j.placement, &nodes), 2);
+        let mut with_down = nodes.to_vec();
+        with_down.push(node("n4", NodeStatus::Down));
+        assert_eq!(system_replicas(&j.placement, &with_down), 2);
     }
 
     #[test]

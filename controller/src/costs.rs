@@ -412,6 +412,8 @@ mod tests {
             memory_bytes: 1 << 30,
             gpu_uuids: Vec::new(),
             priority: 0,
+            disk_bytes: 0,
+            ports: vec![],
         }
     }
 

@@ -19,7 +19,7 @@ use novacron_common::reconcile::{
 };
 use novacron_common::scheduler;
 use novacron_common::wire::{
-    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
+    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom, TaskSpec,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -30,7 +30,8 @@ use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::metrics::PassStats;
 use crate::registry::{PlacementNode, Registry, unix_ms};
 use crate::store::{
-    AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store, StoreError,
+    AllocPort, AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store,
+    StoreError,
 };
 
 /// How often the reconciler runs without a wake-up.
@@ -77,7 +78,8 @@ pub struct JobSummary {
     pub version: u64,
     /// Last stable version.
     pub stable_version: Option<u64>,
-    /// Replicas wanted: the autoscaler's when it set them, else the manifest's.
+    /// Replicas wanted: the autoscaler's when it set them, else the manifest's;
+    /// for a system job, one per ready node matching its constraints.
     pub replicas: u32,
     /// Replicas the current manifest asks for.
     #[serde(default)]
@@ -407,12 +409,22 @@ impl Workloads {
 
     /// All jobs.
     pub fn jobs(&self) -> Vec<JobSummary> {
+        let nodes = self.node_views(Instant::now());
         let st = self.lock();
-        st.jobs.values().map(|e| summary(e, &st.allocs)).collect()
+        st.jobs
+            .values()
+            .map(|e| summary(e, &st.allocs, &nodes))
+            .collect()
+    }
+
+    /// The nodes as the reconciler sees them.
+    fn node_views(&self, now: Instant) -> Vec<reconcile::NodeView> {
+        node_views(&self.registry.placement_nodes(now))
     }
 
     /// One job with its allocations.
     pub fn job(&self, name: &str) -> Result<JobDetail, WorkloadError> {
+        let nodes = self.node_views(Instant::now());
         let st = self.lock();
         let entry = st
             .jobs
@@ -437,7 +449,7 @@ impl Workloads {
             .map(|v| v.source.clone())
             .unwrap_or_default();
         Ok(JobDetail {
-            summary: summary(entry, &st.allocs),
+            summary: summary(entry, &st.allocs, &nodes),
             allocations,
             manifest,
         })
@@ -677,14 +689,7 @@ impl Workloads {
                 created_ms: a.created_unix_ms,
             })
             .collect();
-        let node_views: Vec<reconcile::NodeView> = nodes
-            .iter()
-            .map(|n| reconcile::NodeView {
-                name: n.name.clone(),
-                status: n.status,
-                labels: n.labels.clone(),
-            })
-            .collect();
+        let node_views = node_views(&nodes);
         let plan = reconcile::reconcile_with_lifecycles(
             &job_views,
             &lifecycles,
@@ -1047,6 +1052,8 @@ impl Workloads {
                 memory_bytes: task.memory_bytes,
                 gpu_uuids: p.gpu_uuids.clone(),
                 priority: job.spec.priority,
+                disk_bytes: job.spec.resources.disk.0,
+                ports: alloc_ports(&task, &p.ports),
             };
             info!(alloc = %id, job = %req.job, node = %p.node, "placed");
             st.events.push(
@@ -1168,7 +1175,9 @@ impl Workloads {
         why: &str,
     ) -> Result<(), WorkloadError> {
         let now = SystemTime::now();
+        let nodes = self.registry.placement_nodes(Instant::now());
         let mut st = self.lock();
+        let ports = relocated_ports(&st, &nodes, id, node);
         let a = st
             .allocs
             .get_mut(id)
@@ -1181,6 +1190,9 @@ impl Workloads {
         }
         info!(alloc = %id, from = %a.node, to = %node, %why, "relocating allocation");
         a.node = node.to_string();
+        if let Some(ports) = ports {
+            a.ports = ports;
+        }
         let moving = restore.is_some();
         a.restore = restore;
         a.state = AllocState::Pending;
@@ -1304,6 +1316,11 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
         };
         let mut task = job.task_spec();
         task.gpu_uuids = a.gpu_uuids.clone();
+        for mapping in &mut task.ports {
+            if let Some(p) = a.ports.iter().find(|p| p.name == mapping.name) {
+                mapping.host_port = Some(p.host_port);
+            }
+        }
         per_node
             .entry(a.node.clone())
             .or_default()
@@ -1371,9 +1388,62 @@ fn scheduling_snapshot(
             memory_bytes: a.memory_bytes,
             gpu_uuids: a.gpu_uuids.clone(),
             priority: a.priority,
+            disk_bytes: a.disk_bytes,
+            host_ports: a
+                .ports
+                .iter()
+                .map(|p| scheduler::HostPort {
+                    port: p.host_port,
+                    udp: p.protocol == "udp",
+                })
+                .collect(),
         })
         .collect();
     scheduler::Snapshot::new(snapshot_nodes, existing)
+}
+
+/// The host ports allocation `id` gets on `node`, where it moves: its static
+/// ports, and free ports of the node's dynamic range. `None` (keep its ports)
+/// when it publishes none, or when they cannot be had (the migration target was
+/// checked by the scheduler, so only a race gets there).
+fn relocated_ports(
+    st: &State,
+    nodes: &[PlacementNode],
+    id: &str,
+    node: &str,
+) -> Option<Vec<AllocPort>> {
+    let a = st.allocs.get(id)?;
+    let job = st.jobs.get(&a.job)?.parsed.get(&a.version)?;
+    if job.spec.task.ports.is_empty() {
+        return None;
+    }
+    let mut snapshot = scheduling_snapshot(st, nodes).ok()?;
+    snapshot.remove(id);
+    let request = scheduler::Request::from_spec(&job.name, &job.spec, 1);
+    match snapshot.assign_ports(node, &request) {
+        Some(assigned) => Some(alloc_ports(&job.task_spec(), &assigned)),
+        None => {
+            warn!(alloc = %id, %node, "the allocation's host ports are taken on its new node; keeping its ports");
+            None
+        }
+    }
+}
+
+/// The allocation's ports: each of the task's mappings with the host port the
+/// scheduler assigned it.
+fn alloc_ports(task: &TaskSpec, assigned: &[scheduler::AssignedPort]) -> Vec<AllocPort> {
+    assigned
+        .iter()
+        .filter_map(|p| {
+            let mapping = task.ports.iter().find(|m| m.name == p.name)?;
+            Some(AllocPort {
+                name: p.name.clone(),
+                container_port: mapping.container_port,
+                host_port: p.host_port,
+                protocol: if p.udp { "udp" } else { "tcp" }.into(),
+            })
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1435,6 +1505,18 @@ fn lifecycle_view(e: &JobEntry) -> Option<LifecycleView> {
     })
 }
 
+/// The nodes as the reconciler sees them.
+fn node_views(nodes: &[PlacementNode]) -> Vec<reconcile::NodeView> {
+    nodes
+        .iter()
+        .map(|n| reconcile::NodeView {
+            name: n.name.clone(),
+            status: n.status,
+            labels: n.labels.clone(),
+        })
+        .collect()
+}
+
 /// The replicas wanted: the override when set, else the current manifest's.
 fn effective_replicas(e: &JobEntry) -> u32 {
     match &e.record.replicas_override {
@@ -1443,7 +1525,20 @@ fn effective_replicas(e: &JobEntry) -> u32 {
     }
 }
 
-fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
+fn summary(
+    e: &JobEntry,
+    allocs: &BTreeMap<String, AllocRecord>,
+    nodes: &[reconcile::NodeView],
+) -> JobSummary {
+    let job = e.current();
+    // A system job wants one replica per eligible node, whatever its manifest's
+    // `replicas` says.
+    let replicas = match job {
+        Some(j) if j.spec.job_type == JobType::System => {
+            reconcile::system_replicas(&j.spec.placement, nodes)
+        }
+        _ => effective_replicas(e),
+    };
     let mine = allocs
         .values()
         .filter(|a| a.job == e.record.name && a.desired_run);
@@ -1466,7 +1561,7 @@ fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
         job_type: e.current().map(|j| j.spec.job_type).unwrap_or_default(),
         version: e.record.current,
         stable_version: e.record.stable,
-        replicas: effective_replicas(e),
+        replicas,
         manifest_replicas: e.current().map_or(0, |j| j.spec.replicas),
         scaled_by: e.record.replicas_override.as_ref().map(|o| o.by.clone()),
         scale_reason: e
@@ -1556,11 +1651,45 @@ mod tests {
         let scaled = job_view(&entry(2, Some(5))).expect("view");
         assert_eq!(scaled.replicas, 5);
         let allocs = BTreeMap::new();
-        let s = summary(&entry(2, Some(5)), &allocs);
+        let s = summary(&entry(2, Some(5)), &allocs, &[]);
         assert_eq!((s.replicas, s.manifest_replicas), (5, 2));
         assert_eq!(s.scaled_by.as_deref(), Some("autoscaler (policy p)"));
-        let s = summary(&entry(2, None), &allocs);
+        let s = summary(&entry(2, None), &allocs, &[]);
         assert_eq!((s.replicas, s.manifest_replicas, s.scaled_by), (2, 2, None));
+    }
+
+    /// Regression: a system job on two nodes showed `1 wanted, 2 running` (its
+    /// manifest's default `replicas`).
+    #[test]
+    fn a_system_job_wants_one_replica_per_eligible_node() {
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: sidecar}\nspec:\n  type: system\n  task: {image: busybox:1}\n  resources: {cpu: 100m, memory: 32Mi}\n  placement:\n    constraints: [{key: zone, operator: In, values: [a]}]\n";
+        let job = parse_job("sidecar.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let mut e = entry(1, None);
+        e.record.name = "sidecar".into();
+        push_version(
+            &mut e,
+            2,
+            text,
+            "sidecar.yaml",
+            "h2",
+            "me",
+            SystemTime::UNIX_EPOCH,
+            job,
+        );
+        let node = |name: &str, zone: &str, status: NodeStatus| reconcile::NodeView {
+            name: name.into(),
+            status,
+            labels: [("zone".to_string(), zone.to_string())].into(),
+        };
+        let nodes = [
+            node("n1", "a", NodeStatus::Ready),
+            node("n2", "a", NodeStatus::Ready),
+            node("n3", "b", NodeStatus::Ready),
+            node("n4", "a", NodeStatus::Down),
+        ];
+        let s = summary(&e, &BTreeMap::new(), &nodes);
+        assert_eq!((s.replicas, s.manifest_replicas), (2, 1));
+        assert_eq!(summary(&e, &BTreeMap::new(), &nodes[2..]).replicas, 0);
     }
 
     #[test]
