@@ -142,6 +142,10 @@ pub struct RunArgs {
     /// [env: NOVACRON_DYNAMIC_PORTS] [file: dynamic_ports] [default: 20000-32000].
     #[arg(long, value_name = "FIRST-LAST")]
     pub dynamic_ports: Option<String>,
+    /// Host address containers' published ports bind to
+    /// [env: NOVACRON_PUBLISH_ADDRESS] [file: publish_address] [default: 0.0.0.0].
+    #[arg(long, value_name = "IP")]
+    pub publish_address: Option<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -215,6 +219,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         host_exec_allow: args.host_exec_allow,
         spot_notice: args.spot_notice,
         dynamic_ports: args.dynamic_ports,
+        publish_address: args.publish_address,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -234,7 +239,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         return config_error(&e.to_string());
     }
     let docker = match DockerRuntime::new(args.docker_host.as_deref()) {
-        Ok(d) => d,
+        Ok(d) => d.with_publish_address(args.publish_address),
         Err(e) => {
             let endpoint = match &args.docker_host {
                 Some(host) => format!("{} {host:?}", args.docker_host_origin),

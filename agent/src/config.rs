@@ -9,6 +9,7 @@
 //! exits 64 with it. The environment is read through [`Env`] so tests pass a map.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -81,6 +82,8 @@ pub mod env {
     pub const SPOT_NOTICE: &str = "NOVACRON_SPOT_NOTICE";
     /// `dynamic_ports`.
     pub const DYNAMIC_PORTS: &str = "NOVACRON_DYNAMIC_PORTS";
+    /// `publish_address`.
+    pub const PUBLISH_ADDRESS: &str = "NOVACRON_PUBLISH_ADDRESS";
 }
 
 /// The settings' names.
@@ -189,6 +192,12 @@ pub mod keys {
         env: env::DYNAMIC_PORTS,
         flag: "--dynamic-ports",
     };
+    /// The host address containers' published ports bind to.
+    pub const PUBLISH_ADDRESS: Key = Key {
+        file: "publish_address",
+        env: env::PUBLISH_ADDRESS,
+        flag: "--publish-address",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -221,6 +230,8 @@ pub struct AgentFile {
     pub spot_notice: Option<String>,
     /// Host ports for ports without a `hostPort`, e.g. "20000-32000".
     pub dynamic_ports: Option<String>,
+    /// Host address published ports bind to, e.g. "0.0.0.0".
+    pub publish_address: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -285,6 +296,8 @@ pub struct RunFlags {
     pub spot_notice: Option<String>,
     /// `--dynamic-ports`.
     pub dynamic_ports: Option<String>,
+    /// `--publish-address`.
+    pub publish_address: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -318,6 +331,8 @@ pub struct RunSettings {
     pub host_exec_allow: Vec<String>,
     /// The host ports the scheduler hands out for ports without a `hostPort`.
     pub dynamic_ports: PortRange,
+    /// The host address containers' published ports bind to.
+    pub publish_address: IpAddr,
 }
 
 /// Merges file, environment and flags for `run` and checks every value.
@@ -460,8 +475,23 @@ pub fn resolve_run(
             )
         })?,
     };
+    let publish_address = match l.pick(
+        keys::PUBLISH_ADDRESS,
+        flags.publish_address.as_deref(),
+        f.publish_address.as_deref(),
+    ) {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some((v, origin)) => v.trim().parse().map_err(|_| {
+            invalid(
+                origin,
+                &v,
+                "an IP address of this host, e.g. 0.0.0.0 (every address) or 10.0.0.5",
+            )
+        })?,
+    };
     Ok(RunSettings {
         dynamic_ports,
+        publish_address,
         spot_notice,
         state_dir,
         labels: labels(&l, &f.labels, &flags.labels)?,
@@ -959,6 +989,19 @@ mod tests {
         let s = resolve_run(&none, &[], &RunFlags::default()).expect("defaults");
         assert_eq!(s.dynamic_ports, PortRange::default());
         assert_eq!(s.dynamic_ports.to_string(), "20000-32000");
+        assert_eq!(s.publish_address.to_string(), "0.0.0.0");
+        let flags = RunFlags {
+            publish_address: Some("127.0.0.2".into()),
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&none, &[], &flags).expect("flag");
+        assert_eq!(s.publish_address.to_string(), "127.0.0.2");
+        let flags = RunFlags {
+            publish_address: Some("localhost".into()),
+            ..RunFlags::default()
+        };
+        let e = resolve_run(&none, &[], &flags).expect_err("not an address");
+        assert!(e.to_string().contains("--publish-address"), "{e}");
         let flags = RunFlags {
             dynamic_ports: Some("30000-30009".into()),
             ..RunFlags::default()
