@@ -276,7 +276,8 @@ pub struct Port {
     pub name: String,
     /// Port inside the container.
     pub container_port: u16,
-    /// Fixed host port; none means the runtime picks one.
+    /// Fixed host port; none takes a free port of the node's dynamic range (the
+    /// scheduler picks it).
     #[serde(default)]
     pub host_port: Option<u16>,
     /// `tcp` or `udp`.

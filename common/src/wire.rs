@@ -436,7 +436,8 @@ pub struct PortMapping {
     pub name: String,
     /// Port in the container.
     pub container_port: u16,
-    /// Host port; `None` lets the runtime pick.
+    /// Host port: the static or dynamic port the scheduler assigned; `None` (from
+    /// a controller that did not assign one) lets Docker pick.
     pub host_port: Option<u16>,
     /// `true` for UDP.
     pub udp: bool,

@@ -1389,14 +1389,7 @@ fn scheduling_snapshot(
             gpu_uuids: a.gpu_uuids.clone(),
             priority: a.priority,
             disk_bytes: a.disk_bytes,
-            host_ports: a
-                .ports
-                .iter()
-                .map(|p| scheduler::HostPort {
-                    port: p.host_port,
-                    udp: p.protocol == "udp",
-                })
-                .collect(),
+            host_ports: held_ports(st, a),
         })
         .collect();
     scheduler::Snapshot::new(snapshot_nodes, existing)
@@ -1427,6 +1420,28 @@ fn relocated_ports(
             None
         }
     }
+}
+
+/// The host ports `a` holds on its node. An allocation placed before host ports
+/// were scheduled has none recorded: it holds its job version's static ports
+/// (Docker picked its other ports outside any dynamic range).
+fn held_ports(st: &State, a: &AllocRecord) -> Vec<scheduler::HostPort> {
+    if !a.ports.is_empty() {
+        return a
+            .ports
+            .iter()
+            .map(|p| scheduler::HostPort {
+                port: p.host_port,
+                udp: p.protocol == "udp",
+            })
+            .collect();
+    }
+    let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
+        return Vec::new();
+    };
+    scheduler::Request::from_spec(&job.name, &job.spec, 1)
+        .static_ports()
+        .collect()
 }
 
 /// The allocation's ports: each of the task's mappings with the host port the
@@ -1690,6 +1705,74 @@ mod tests {
         let s = summary(&e, &BTreeMap::new(), &nodes);
         assert_eq!((s.replicas, s.manifest_replicas), (2, 1));
         assert_eq!(summary(&e, &BTreeMap::new(), &nodes[2..]).replicas, 0);
+    }
+
+    /// An allocation stored before host ports were scheduled still holds its
+    /// static ports in the scheduler's view; one placed since holds what it got.
+    #[test]
+    fn allocations_hold_their_recorded_or_static_host_ports() {
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  task:\n    image: busybox:1\n    ports: [{name: http, containerPort: 80, hostPort: 8080}, {name: metrics, containerPort: 9100}]\n  resources: {cpu: 100m, memory: 32Mi}\n";
+        let job = parse_job("api.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let mut e = entry(1, None);
+        push_version(
+            &mut e,
+            2,
+            text,
+            "api.yaml",
+            "h2",
+            "me",
+            SystemTime::UNIX_EPOCH,
+            job,
+        );
+        let mut st = State::default();
+        st.jobs.insert("api".into(), e);
+        let mut a = AllocRecord {
+            id: "api-1".into(),
+            job: "api".into(),
+            version: 2,
+            node: "n1".into(),
+            desired_run: true,
+            state: AllocState::Running,
+            healthy: None,
+            healthy_since_unix_ms: None,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            restarts: 0,
+            exit_code: None,
+            message: String::new(),
+            cpu_millis: 100,
+            memory_bytes: 32 << 20,
+            gpu_uuids: vec![],
+            priority: 50,
+            disk_bytes: 0,
+            ports: vec![],
+            restore: None,
+        };
+        assert_eq!(held_ports(&st, &a), [scheduler::HostPort::tcp(8080)]);
+        let task = st.jobs["api"].parsed[&2].task_spec();
+        a.ports = alloc_ports(
+            &task,
+            &[
+                scheduler::AssignedPort {
+                    name: "http".into(),
+                    host_port: 8080,
+                    udp: false,
+                },
+                scheduler::AssignedPort {
+                    name: "metrics".into(),
+                    host_port: 20000,
+                    udp: false,
+                },
+            ],
+        );
+        assert_eq!(a.ports[1].container_port, 9100);
+        assert_eq!(
+            held_ports(&st, &a),
+            [
+                scheduler::HostPort::tcp(8080),
+                scheduler::HostPort::tcp(20000)
+            ]
+        );
     }
 
     #[test]

@@ -639,3 +639,27 @@ async fn jobs_with_the_same_static_host_port_go_to_different_nodes() {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(listed[0]["ports"][0]["host_port"], u64::from(host_port));
 }
+
+/// Regression: a system job on two nodes showed `1 wanted, 2 running` in `job
+/// status` and `job list`; it wants one replica per eligible node.
+#[tokio::test]
+async fn a_system_job_wants_one_replica_per_eligible_node() {
+    let f = fleet(2).await;
+    let job = format!("sys-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let manifest = service(&job, 1, "").replace("type: service", "type: system");
+    f.controller
+        .apply("sys.yaml", &manifest)
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "one replica per node", || async {
+        running(&f.controller, &job).await.len() == 2
+    })
+    .await
+    .expect("running");
+    let d = f.controller.job(&job).await.expect("job");
+    assert_eq!((d.summary.replicas, d.summary.running), (2, 2));
+    let out = f.controller.cli(&["job", "status", &job]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 wanted, 2 running"), "{text}");
+}
