@@ -140,6 +140,14 @@ pub struct RunArgs {
     /// [env: NOVACRON_SPOT_NOTICE] [file: spot_notice].
     #[arg(long, value_name = "URL|FILE")]
     pub spot_notice: Option<String>,
+    /// Host ports the scheduler hands out for job ports without a hostPort
+    /// [env: NOVACRON_DYNAMIC_PORTS] [file: dynamic_ports] [default: 20000-32000].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub dynamic_ports: Option<String>,
+    /// Host address containers' published ports bind to
+    /// [env: NOVACRON_PUBLISH_ADDRESS] [file: publish_address] [default: 0.0.0.0].
+    #[arg(long, value_name = "IP")]
+    pub publish_address: Option<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -212,6 +220,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         allow_host_exec: args.allow_host_exec,
         host_exec_allow: args.host_exec_allow,
         spot_notice: args.spot_notice,
+        dynamic_ports: args.dynamic_ports,
+        publish_address: args.publish_address,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -231,7 +241,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         return config_error(&e.to_string());
     }
     let docker = match DockerRuntime::new(args.docker_host.as_deref()) {
-        Ok(d) => d,
+        Ok(d) => d.with_publish_address(args.publish_address),
         Err(e) => {
             let endpoint = match &args.docker_host {
                 Some(host) => format!("{} {host:?}", args.docker_host_origin),
@@ -286,7 +296,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         }
     };
     let mut sampler = Sampler::new(Box::new(host), gpus);
-    let capacity = sampler.capacity();
+    let mut capacity = sampler.capacity();
+    capacity.dynamic_ports = args.dynamic_ports;
     let config = AgentConfig {
         state,
         labels,

@@ -9,12 +9,14 @@
 //! exits 64 with it. The environment is read through [`Env`] so tests pass a map.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use novacron_common::config::{self as layered, Layers, Profile, ensure_shorter, invalid};
 use novacron_common::fleet;
 use novacron_common::pki::{self, Fingerprint};
+use novacron_common::wire::PortRange;
 use serde::Deserialize;
 
 use crate::buffer::DEFAULT_CAPACITY;
@@ -78,6 +80,10 @@ pub mod env {
     pub const HOST_EXEC_ALLOW: &str = "NOVACRON_HOST_EXEC_ALLOW";
     /// `spot_notice`: an http:// URL or a file path.
     pub const SPOT_NOTICE: &str = "NOVACRON_SPOT_NOTICE";
+    /// `dynamic_ports`.
+    pub const DYNAMIC_PORTS: &str = "NOVACRON_DYNAMIC_PORTS";
+    /// `publish_address`.
+    pub const PUBLISH_ADDRESS: &str = "NOVACRON_PUBLISH_ADDRESS";
 }
 
 /// The settings' names.
@@ -180,6 +186,18 @@ pub mod keys {
         env: env::SPOT_NOTICE,
         flag: "--spot-notice",
     };
+    /// The host ports the scheduler hands out for ports without a `hostPort`.
+    pub const DYNAMIC_PORTS: Key = Key {
+        file: "dynamic_ports",
+        env: env::DYNAMIC_PORTS,
+        flag: "--dynamic-ports",
+    };
+    /// The host address containers' published ports bind to.
+    pub const PUBLISH_ADDRESS: Key = Key {
+        file: "publish_address",
+        env: env::PUBLISH_ADDRESS,
+        flag: "--publish-address",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -210,6 +228,10 @@ pub struct AgentFile {
     /// Spot interruption notices: an EC2-style `http://.../spot/instance-action`
     /// URL, or a file holding the same JSON.
     pub spot_notice: Option<String>,
+    /// Host ports for ports without a `hostPort`, e.g. "20000-32000".
+    pub dynamic_ports: Option<String>,
+    /// Host address published ports bind to, e.g. "0.0.0.0".
+    pub publish_address: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -272,6 +294,10 @@ pub struct RunFlags {
     pub host_exec_allow: Vec<String>,
     /// `--spot-notice`.
     pub spot_notice: Option<String>,
+    /// `--dynamic-ports`.
+    pub dynamic_ports: Option<String>,
+    /// `--publish-address`.
+    pub publish_address: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -303,6 +329,10 @@ pub struct RunSettings {
     pub allow_host_exec: bool,
     /// The programs host exec may run; empty: any.
     pub host_exec_allow: Vec<String>,
+    /// The host ports the scheduler hands out for ports without a `hostPort`.
+    pub dynamic_ports: PortRange,
+    /// The host address containers' published ports bind to.
+    pub publish_address: IpAddr,
 }
 
 /// Merges file, environment and flags for `run` and checks every value.
@@ -431,7 +461,37 @@ pub fn resolve_run(
             ));
         }
     };
+    let dynamic_ports = match l.pick(
+        keys::DYNAMIC_PORTS,
+        flags.dynamic_ports.as_deref(),
+        f.dynamic_ports.as_deref(),
+    ) {
+        None => PortRange::default(),
+        Some((v, origin)) => parse_port_range(&v).ok_or_else(|| {
+            invalid(
+                origin,
+                &v,
+                "a range FIRST-LAST of ports from 1 to 65535 with FIRST <= LAST, e.g. 20000-32000",
+            )
+        })?,
+    };
+    let publish_address = match l.pick(
+        keys::PUBLISH_ADDRESS,
+        flags.publish_address.as_deref(),
+        f.publish_address.as_deref(),
+    ) {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some((v, origin)) => v.trim().parse().map_err(|_| {
+            invalid(
+                origin,
+                &v,
+                "an IP address of this host, e.g. 0.0.0.0 (every address) or 10.0.0.5",
+            )
+        })?,
+    };
     Ok(RunSettings {
+        dynamic_ports,
+        publish_address,
         spot_notice,
         state_dir,
         labels: labels(&l, &f.labels, &flags.labels)?,
@@ -618,6 +678,14 @@ fn check_label(k: &str, v: &str) -> Result<(), &'static str> {
         return Err("a label value of at most 63 letters, digits, '-', '_', '.'");
     }
     Ok(())
+}
+
+/// `FIRST-LAST` (`20000-32000`), both ports from 1 to 65535, `FIRST <= LAST`.
+fn parse_port_range(v: &str) -> Option<PortRange> {
+    let (first, last) = v.trim().split_once('-')?;
+    let first: u16 = first.trim().parse().ok()?;
+    let last: u16 = last.trim().parse().ok()?;
+    (first >= 1 && first <= last).then_some(PortRange { first, last })
 }
 
 fn docker_endpoint(v: &str) -> Result<(), String> {
@@ -913,5 +981,51 @@ mod tests {
                 ..defaults
             }
         );
+    }
+
+    #[test]
+    fn dynamic_ports_default_and_parse_from_file_env_and_flag() {
+        let none = Loaded::default();
+        let s = resolve_run(&none, &[], &RunFlags::default()).expect("defaults");
+        assert_eq!(s.dynamic_ports, PortRange::default());
+        assert_eq!(s.dynamic_ports.to_string(), "20000-32000");
+        assert_eq!(s.publish_address.to_string(), "0.0.0.0");
+        let flags = RunFlags {
+            publish_address: Some("127.0.0.2".into()),
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&none, &[], &flags).expect("flag");
+        assert_eq!(s.publish_address.to_string(), "127.0.0.2");
+        let flags = RunFlags {
+            publish_address: Some("localhost".into()),
+            ..RunFlags::default()
+        };
+        let e = resolve_run(&none, &[], &flags).expect_err("not an address");
+        assert!(e.to_string().contains("--publish-address"), "{e}");
+        let flags = RunFlags {
+            dynamic_ports: Some("30000-30009".into()),
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&none, &[], &flags).expect("flag");
+        assert_eq!(
+            s.dynamic_ports,
+            PortRange {
+                first: 30000,
+                last: 30009
+            }
+        );
+        for bad in ["30000", "0-10", "20-10", "1-70000", "a-b"] {
+            let flags = RunFlags {
+                dynamic_ports: Some(bad.into()),
+                ..RunFlags::default()
+            };
+            let e = resolve_run(&none, &[], &flags).expect_err(bad);
+            let text = e.to_string();
+            assert!(
+                text.contains("--dynamic-ports") && text.contains(bad),
+                "{text}"
+            );
+            assert!(text.contains("e.g. 20000-32000"), "{text}");
+        }
     }
 }

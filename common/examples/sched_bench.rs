@@ -188,6 +188,7 @@ fn fleet(n: usize, rng: &mut Rng) -> Vec<NodeInfo> {
                 cpu_millis: cores * 1000,
                 memory_bytes: mem_gi * GI,
                 disk_bytes: 500 * GI,
+                dynamic_ports: Default::default(),
                 gpus: (0..gpus)
                     .map(|g| GpuInfo {
                         index: g,
@@ -384,6 +385,7 @@ fn packing(args: &Args, strategy: Strategy, workload: PackWorkload, tuning: Tuni
                 cpu_millis: CORES * 1000,
                 memory_bytes: MEM_GI * GI,
                 disk_bytes: 0,
+                dynamic_ports: Default::default(),
                 gpus: vec![],
             },
             ready: true,

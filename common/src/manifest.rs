@@ -52,8 +52,9 @@ pub const KIND: &str = "Job";
 pub const MAX_REPLICAS: u32 = 10_000;
 /// Highest priority.
 pub const MAX_PRIORITY: u32 = 1000;
-/// Least memory a replica may ask for: Docker refuses limits below 4 MiB.
-pub const MIN_MEMORY: ByteSize = ByteSize(4 << 20);
+/// Least memory a replica may ask for: Docker refuses memory limits below 6 MiB
+/// (its `linuxMinMemory`, 6291456 bytes), so every allocation would fail to start.
+pub const MIN_MEMORY: ByteSize = ByteSize(6 << 20);
 /// Most GPUs one replica may ask for.
 pub const MAX_GPUS: u32 = 16;
 /// Most restarts within one restart interval.
@@ -276,7 +277,8 @@ pub struct Port {
     pub name: String,
     /// Port inside the container.
     pub container_port: u16,
-    /// Fixed host port; none means the runtime picks one.
+    /// Fixed host port; none takes a free port of the node's dynamic range (the
+    /// scheduler picks it).
     #[serde(default)]
     pub host_port: Option<u16>,
     /// `tcp` or `udp`.
@@ -318,9 +320,17 @@ pub struct Resources {
     /// Memory.
     #[serde(default)]
     pub memory: ByteSize,
+    /// Disk (scheduled against each node's disk; 0 asks for none). Left out of
+    /// the serialized spec when 0, so that jobs without it keep their version hash.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk: ByteSize,
     /// GPUs.
     #[serde(default)]
     pub gpus: Option<GpuRequest>,
+}
+
+fn is_zero(b: &ByteSize) -> bool {
+    b.0 == 0
 }
 
 /// A GPU request.

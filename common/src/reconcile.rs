@@ -21,7 +21,7 @@
 //! - a job with a `lifecycle` (see [`crate::manifest::lifecycle`]) wants no
 //!   replicas outside its schedule window, nor (service, system) once it ran longer
 //!   than `maxRuntime`; a batch replica older than `maxRuntime` is stopped as
-//!   failed ([`Plan::fail`], [`FailReason::MaxRuntime`]) and the version is not
+//!   failed ([`Plan::fail`], [`FailureReason::MaxRuntime`]) and the version is not
 //!   run again (a retry would hit the same limit): the job is failing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::fleet::NodeStatus;
 use crate::manifest::lifecycle::{exceeded, off_reason, over};
 use crate::manifest::{JobType, Lifecycle, Placement, Update};
-use crate::wire::AllocState;
+use crate::wire::{AllocState, FailureReason};
 
 /// Failed allocations of one job version after which it is no longer replaced.
 pub const MAX_FAILURES_PER_VERSION: u32 = 5;
@@ -80,31 +80,9 @@ pub struct AllocView {
     pub healthy_since_ms: Option<u64>,
     /// Created (Unix ms).
     pub created_ms: u64,
-    /// Why the controller ended it as failed, if it did.
-    pub failed_by: Option<FailReason>,
-}
-
-/// Why the controller itself ended an allocation as failed. Decisions read this,
-/// never the allocation's message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum FailReason {
-    /// A batch replica ran longer than its job's `maxRuntime`.
-    MaxRuntime {
-        /// The limit, in milliseconds.
-        max_ms: u64,
-    },
-}
-
-impl std::fmt::Display for FailReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FailReason::MaxRuntime { max_ms } => {
-                f.write_str(&exceeded(std::time::Duration::from_millis(*max_ms)))
-            }
-        }
-    }
+    /// Why it failed, when it did and the reason is known (typed: decisions read
+    /// this, never the allocation's message).
+    pub failure: Option<FailureReason>,
 }
 
 impl AllocView {
@@ -188,7 +166,7 @@ pub struct Plan {
     pub stop: Vec<(String, String)>,
     /// Allocations to stop and count as failed, with the reason (a batch replica
     /// past its `maxRuntime`).
-    pub fail: Vec<(String, FailReason)>,
+    pub fail: Vec<(String, FailureReason, String)>,
     /// New allocations to place.
     pub place: Vec<PlaceRequest>,
     /// Job-level changes.
@@ -308,36 +286,35 @@ pub fn reconcile_with_lifecycles(
         }
         // Batch replicas past maxRuntime fail, and the version is not run again:
         // a retry would hit the same limit.
-        let mut deadline_hit = mine.iter().find_map(|a| {
-            (a.version == job.version)
-                .then_some(a.failed_by)
-                .flatten()
-                .map(|r| (a.id.clone(), r))
-        });
+        let mut deadline_hit = mine
+            .iter()
+            .find(|a| a.version == job.version && a.failure == Some(FailureReason::MaxRuntime))
+            .map(|a| a.id.clone());
         if let Some(max) = lifecycle.and_then(|l| l.lifecycle.max_runtime)
             && batch
         {
             let (expired, rest): (Vec<&AllocView>, Vec<&AllocView>) = live
                 .into_iter()
                 .partition(|a| over(a.created_ms, now_ms, max));
-            let reason = FailReason::MaxRuntime {
-                max_ms: max.as_millis() as u64,
-            };
             for a in &expired {
-                plan.fail.push((a.id.clone(), reason));
+                plan.fail
+                    .push((a.id.clone(), FailureReason::MaxRuntime, exceeded(max)));
                 if a.version == job.version && deadline_hit.is_none() {
-                    deadline_hit = Some((a.id.clone(), reason));
+                    deadline_hit = Some(a.id.clone());
                 }
             }
             live = rest;
         }
         let expired_now = deadline_hit.is_some();
-        if let Some((id, reason)) = &deadline_hit {
+        if let Some(id) = &deadline_hit {
+            let max = lifecycle
+                .and_then(|l| l.lifecycle.max_runtime)
+                .map_or_else(|| "exceeded maxRuntime".to_string(), exceeded);
             plan.jobs.push(JobChange::Failing {
                 job: job.name.clone(),
                 version: job.version,
                 reason: format!(
-                    "replica {id} {reason}; a batch job past its maxRuntime is not run again (raise maxRuntime and apply the job again)"
+                    "replica {id} {max}; a batch job past its maxRuntime is not run again (raise maxRuntime and apply the job again)"
                 ),
             });
         }
@@ -380,6 +357,24 @@ pub fn reconcile_with_lifecycles(
     plan
 }
 
+/// The replicas a system job wants: one per ready node that matches its
+/// placement constraints (the nodes [`reconcile`] places it on).
+pub fn system_replicas(placement: &Placement, nodes: &[NodeView]) -> u32 {
+    let count = nodes
+        .iter()
+        .filter(|n| n.status == NodeStatus::Ready && system_matches(placement, n))
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+/// Whether a system job with `placement` belongs on `node` by its labels.
+fn system_matches(placement: &Placement, node: &NodeView) -> bool {
+    placement
+        .constraints
+        .iter()
+        .all(|c| c.operator.matches(&node.labels, &c.key, &c.values))
+}
+
 fn reconcile_system(
     job: &JobView,
     live: &[&AllocView],
@@ -387,12 +382,7 @@ fn reconcile_system(
     may_place: bool,
     plan: &mut Plan,
 ) {
-    let matches = |n: &NodeView| {
-        job.placement
-            .constraints
-            .iter()
-            .all(|c| c.operator.matches(&n.labels, &c.key, &c.values))
-    };
+    let matches = |n: &NodeView| system_matches(&job.placement, n);
     for node in nodes.iter().filter(|n| n.status == NodeStatus::Ready) {
         let here: Vec<&&AllocView> = live.iter().filter(|a| a.node == node.name).collect();
         if !matches(node) {
@@ -648,7 +638,7 @@ mod tests {
             healthy: Some(true),
             healthy_since_ms: Some(0),
             created_ms: 0,
-            failed_by: None,
+            failure: None,
         }
     }
 
@@ -976,7 +966,7 @@ mod tests {
             other,
         ];
         let allocs = [alloc("s1", "agent-sidecar", 1, "n1", AllocState::Running)];
-        let plan = run(&[j], &allocs, &nodes, 0);
+        let plan = run(&[j.clone()], &allocs, &nodes, 0);
         assert_eq!(
             plan.place,
             vec![PlaceRequest {
@@ -987,6 +977,11 @@ mod tests {
                 avoid: Vec::new()
             }]
         );
+        // Wanted: n1 and n2 (n3 does not match); a down node is not counted.
+        assert_eq!(system_replicas(&j.placement, &nodes), 2);
+        let mut with_down = nodes.to_vec();
+        with_down.push(node("n4", NodeStatus::Down));
+        assert_eq!(system_replicas(&j.placement, &with_down), 2);
     }
 
     #[test]
@@ -1173,9 +1168,14 @@ mod tests {
             &f,
             61_001 + 1,
         );
-        let reason = FailReason::MaxRuntime { max_ms: 60_000 };
-        assert_eq!(plan.fail, vec![("old".to_string(), reason)]);
-        assert_eq!(reason.to_string(), "exceeded maxRuntime 1m");
+        assert_eq!(
+            plan.fail,
+            vec![(
+                "old".to_string(),
+                FailureReason::MaxRuntime,
+                "exceeded maxRuntime 1m".to_string()
+            )]
+        );
         assert!(plan.stop.is_empty());
         assert!(plan.place.is_empty(), "{plan:?}");
         assert!(
@@ -1185,7 +1185,7 @@ mod tests {
         // Later passes, long after any back-off: still no replacement, still failing.
         old.state = AllocState::Failed;
         old.desired_run = false;
-        old.failed_by = Some(reason);
+        old.failure = Some(FailureReason::MaxRuntime);
         let f = FailureCounts::from([(
             ("etl".to_string(), 1),
             Failures {

@@ -9,8 +9,10 @@
 //! `ready`, `pinned` (system jobs name their node), `constraints` (all six label
 //! operators), `job_anti_affinity` (hard: one replica of the job per node), `gpu`
 //! (enough free GPUs whose model contains the requested substring, ASCII
-//! case-insensitive, and with the requested memory), `cpu`, `memory`. Custom filters
-//! run after the built-ins. Among the nodes that pass, the highest total score wins,
+//! case-insensitive, and with the requested memory), `cpu`, `memory`, `disk`,
+//! `ports` (every static host port free on the node, and enough free ports in the
+//! node's dynamic range for the ports without one). Custom filters run after the
+//! built-ins. Among the nodes that pass, the highest total score wins,
 //! ties going to the lowest node name. The score is the sum of each [`Scorer`]'s
 //! weight times its score in `0..=1`:
 //!
@@ -26,7 +28,13 @@
 //! packing, so replicas even out across label values first, and pack within them.
 //!
 //! Replicas are placed one at a time; each sees the resources the previous ones
-//! took, so a request never over-commits a node. When a replica fits nowhere, the
+//! took, so a request never over-commits a node.
+//!
+//! Host ports are a resource of the node. A static port (`hostPort: 8080`) is free
+//! when no allocation on the node holds the same port and protocol (TCP and UDP
+//! are separate); a port without one gets the lowest free port of the node's
+//! dynamic range ([`Capacity::dynamic_ports`]), chosen here so that the controller
+//! knows it before the container starts ([`Assignment::ports`]). When a replica fits nowhere, the
 //! scheduler looks for **preemption**: a node where evicting allocations of other
 //! jobs with *strictly lower* priority makes it fit. Victims are taken lowest
 //! priority first (largest first within a priority, then by id), then any victim
@@ -125,9 +133,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 use serde::Serialize;
 
 use crate::manifest::{
-    Constraint, GpuRequest, JobSpec, Operator, Placement, Resources, Strategy, WeightedConstraint,
+    Constraint, GpuRequest, JobSpec, Operator, Placement, Protocol, Resources, Strategy,
+    WeightedConstraint,
 };
-use crate::wire::Capacity;
+use crate::wire::{Capacity, PortRange};
 
 /// The most GPUs one node may have (they are tracked in a 64-bit mask).
 pub const MAX_GPUS_PER_NODE: usize = 64;
@@ -151,6 +160,9 @@ pub const AVOID_WEIGHT: f64 = 1000.0;
 pub const AFFINITY_WEIGHT_UNIT: f64 = 50.0;
 /// A spread weight worth the whole `resources` score (the default 50 is worth two).
 pub const SPREAD_WEIGHT_UNIT: f64 = 25.0;
+
+/// No allocation evicted (for views outside a request's pass).
+static NO_EVICTIONS: BTreeSet<usize> = BTreeSet::new();
 
 /// A node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +194,70 @@ pub struct Placed {
     pub gpu_uuids: Vec<String>,
     /// Its job's priority.
     pub priority: u32,
+    /// Disk it holds.
+    pub disk_bytes: u64,
+    /// Host ports it holds, static and dynamic.
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A host port: its number and protocol (a TCP and a UDP port of the same number
+/// are different ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct HostPort {
+    /// The port number.
+    pub port: u16,
+    /// `true` for UDP.
+    pub udp: bool,
+}
+
+impl HostPort {
+    /// A TCP port.
+    pub fn tcp(port: u16) -> Self {
+        HostPort { port, udp: false }
+    }
+
+    /// A UDP port.
+    pub fn udp(port: u16) -> Self {
+        HostPort { port, udp: true }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, if self.udp { "udp" } else { "tcp" })
+    }
+}
+
+/// A port each replica publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRequest {
+    /// Its name in the manifest.
+    pub name: String,
+    /// A static host port; `None` takes one from the node's dynamic range.
+    pub host_port: Option<u16>,
+    /// `true` for UDP.
+    pub udp: bool,
+}
+
+/// A published port of a placed replica, with its host port decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AssignedPort {
+    /// Its name in the manifest.
+    pub name: String,
+    /// The host port: the static one, or the one taken from the dynamic range.
+    pub host_port: u16,
+    /// `true` for UDP.
+    pub udp: bool,
+}
+
+impl AssignedPort {
+    /// The host port it holds.
+    pub fn host(&self) -> HostPort {
+        HostPort {
+            port: self.host_port,
+            udp: self.udp,
+        }
+    }
 }
 
 /// Place `count` new replicas of a job.
@@ -201,6 +277,8 @@ pub struct Request {
     pub node: Option<String>,
     /// Nodes to stay off unless no other fits (where the job failed).
     pub avoid: Vec<String>,
+    /// The ports each replica publishes on its node.
+    pub ports: Vec<PortRequest>,
 }
 
 impl Request {
@@ -214,6 +292,7 @@ impl Request {
             count,
             node: None,
             avoid: Vec::new(),
+            ports: Vec::new(),
         }
     }
 
@@ -227,7 +306,29 @@ impl Request {
             count,
             node: None,
             avoid: Vec::new(),
+            ports: spec
+                .task
+                .ports
+                .iter()
+                .map(|p| PortRequest {
+                    name: p.name.clone(),
+                    host_port: p.host_port,
+                    udp: p.protocol == Protocol::Udp,
+                })
+                .collect(),
         }
+    }
+
+    /// The static host ports each replica holds.
+    pub fn static_ports(&self) -> impl Iterator<Item = HostPort> + '_ {
+        self.ports
+            .iter()
+            .filter_map(|p| p.host_port.map(|port| HostPort { port, udp: p.udp }))
+    }
+
+    /// How many ports each replica takes from the node's dynamic range.
+    pub fn dynamic_port_count(&self) -> u32 {
+        self.ports.iter().filter(|p| p.host_port.is_none()).count() as u32
     }
 
     /// GPUs each replica needs (0 without a GPU request).
@@ -435,8 +536,12 @@ pub struct Usage {
     pub cpu_millis: u64,
     /// Memory held.
     pub memory_bytes: u64,
+    /// Disk held.
+    pub disk_bytes: u64,
     /// GPUs held, in the node's GPU order.
     pub gpu_uuids: Vec<String>,
+    /// Host ports held, sorted.
+    pub host_ports: Vec<HostPort>,
     /// Allocations on the node, sorted.
     pub allocations: Vec<String>,
 }
@@ -506,8 +611,10 @@ impl Snapshot {
                 info,
                 used_cpu: 0,
                 used_mem: 0,
+                used_disk: 0,
                 gpu_used: 0,
                 allocs: Vec::new(),
+                ports: BTreeMap::new(),
             });
         }
         let ready = snap.ready.count().max(1) as f64;
@@ -519,7 +626,9 @@ impl Snapshot {
         Ok(snap)
     }
 
-    /// Adds an allocation.
+    /// Adds an allocation. Two allocations claiming the same host port on one
+    /// node (only possible in state from before ports were scheduled) are both
+    /// kept; the port counts as held until the first of them leaves.
     pub fn insert(&mut self, alloc: Placed) -> Result<(), SnapshotError> {
         if self.alloc_slot.contains_key(&alloc.alloc_id) {
             return Err(SnapshotError::DuplicateAllocation(alloc.alloc_id));
@@ -559,6 +668,7 @@ impl Snapshot {
         self.reindex(idx, |e| {
             e.used_cpu = e.used_cpu.saturating_add(alloc.cpu_millis);
             e.used_mem = e.used_mem.saturating_add(alloc.memory_bytes);
+            e.used_disk = e.used_disk.saturating_add(alloc.disk_bytes);
             e.gpu_used |= gpu_mask;
         });
         *self
@@ -574,7 +684,11 @@ impl Snapshot {
                 self.allocs.len() - 1
             }
         };
-        self.nodes[idx as usize].allocs.push(slot);
+        let node = &mut self.nodes[idx as usize];
+        node.allocs.push(slot);
+        for &port in &alloc.host_ports {
+            node.ports.entry(port).or_insert(slot);
+        }
         self.alloc_slot.insert(alloc.alloc_id.clone(), slot);
         self.allocs[slot] = Some(AllocEntry {
             placed: alloc,
@@ -594,7 +708,13 @@ impl Snapshot {
         self.reindex(idx, |e| {
             e.used_cpu = e.used_cpu.saturating_sub(p.cpu_millis);
             e.used_mem = e.used_mem.saturating_sub(p.memory_bytes);
+            e.used_disk = e.used_disk.saturating_sub(p.disk_bytes);
             e.gpu_used &= !entry.gpu_mask;
+            for port in &p.host_ports {
+                if e.ports.get(port) == Some(&slot) {
+                    e.ports.remove(port);
+                }
+            }
             if let Some(pos) = e.allocs.iter().position(|&s| s == slot) {
                 e.allocs.swap_remove(pos);
             }
@@ -653,6 +773,8 @@ impl Snapshot {
                 memory_bytes: req.resources.memory.0,
                 gpu_uuids: a.gpu_uuids.clone(),
                 priority: req.priority,
+                disk_bytes: req.resources.disk.0,
+                host_ports: a.ports.iter().map(AssignedPort::host).collect(),
             })?;
         }
         Ok(())
@@ -702,6 +824,8 @@ impl Snapshot {
         Some(Usage {
             cpu_millis: e.used_cpu,
             memory_bytes: e.used_mem,
+            disk_bytes: e.used_disk,
+            host_ports: e.ports.keys().copied().collect(),
             gpu_uuids: e
                 .info
                 .capacity
@@ -713,6 +837,22 @@ impl Snapshot {
                 .collect(),
             allocations,
         })
+    }
+
+    /// The host ports one replica of `req` would get on node `name` as it is now
+    /// (see [`NodeView::assign_ports`]), whatever its readiness and free
+    /// resources: for an allocation that moves to a node chosen before.
+    pub fn assign_ports(&self, name: &str, req: &Request) -> Option<Vec<AssignedPort>> {
+        let idx = self.index_of(name)?;
+        let e = &self.nodes[idx as usize];
+        let used = Used {
+            cpu: e.used_cpu,
+            mem: e.used_mem,
+            disk: e.used_disk,
+            gpus: e.gpu_used,
+        };
+        let ports = ports_view(self, idx, &NO_EVICTIONS, &[], &[]);
+        view_with(self, &[], idx, used, 0, ports).assign_ports(req)
     }
 
     /// Replicas of `job` on each node, by node name.
@@ -789,12 +929,35 @@ pub struct NodeView<'a> {
     pub free_cpu_millis: u64,
     /// Free memory.
     pub free_memory_bytes: u64,
+    /// Free disk.
+    pub free_disk_bytes: u64,
     /// Free GPUs: bit `i` set when `info.capacity.gpus[i]` is free.
     pub free_gpus: u64,
     /// Replicas of the request's job on the node.
     pub job_replicas: u32,
     idx: u32,
     spread: &'a [SpreadState<'a>],
+    ports: PortsView<'a>,
+}
+
+/// The host ports of one node as a filter sees them: those held by allocations
+/// (less the ones the request evicts) and those the request took so far.
+#[derive(Clone, Copy)]
+struct PortsView<'a> {
+    held: &'a BTreeMap<HostPort, usize>,
+    allocs: &'a [Option<AllocEntry>],
+    evicted: &'a BTreeSet<usize>,
+    victims: &'a [usize],
+    taken: &'a [HostPort],
+}
+
+impl fmt::Debug for PortsView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PortsView")
+            .field("held", &self.held.keys().collect::<Vec<_>>())
+            .field("taken", &self.taken)
+            .finish()
+    }
 }
 
 /// Where a node's label value stands in one spread rule of the request.
@@ -808,7 +971,72 @@ pub struct SpreadPosition {
     pub max: u32,
 }
 
-impl NodeView<'_> {
+impl<'a> NodeView<'a> {
+    /// The job of the allocation holding `port` on this node, unless the request
+    /// evicts it.
+    pub fn port_holder(&self, port: HostPort) -> Option<&'a str> {
+        let slot = *self.ports.held.get(&port)?;
+        if self.ports.evicted.contains(&slot) || self.ports.victims.contains(&slot) {
+            return None;
+        }
+        self.ports
+            .allocs
+            .get(slot)?
+            .as_ref()
+            .map(|a| a.placed.job.as_str())
+    }
+
+    /// Whether a replica of this request already took `port` on this node.
+    pub fn port_taken_by_request(&self, port: HostPort) -> bool {
+        self.ports.taken.contains(&port)
+    }
+
+    /// The host ports one more replica of `req` gets here, in the order of
+    /// `req.ports`: each static port, and for the others the lowest ports of the
+    /// node's dynamic range that nothing holds. `None` when a static port is taken
+    /// or the range has too few free ports.
+    pub fn assign_ports(&self, req: &Request) -> Option<Vec<AssignedPort>> {
+        let range = self.info.capacity.dynamic_ports;
+        let busy = |p: HostPort| self.port_holder(p).is_some() || self.port_taken_by_request(p);
+        let mut out: Vec<AssignedPort> = Vec::with_capacity(req.ports.len());
+        // The next candidate of the dynamic range, per protocol (TCP, UDP).
+        let mut next = [u32::from(range.first); 2];
+        for p in &req.ports {
+            let port = match p.host_port {
+                Some(port) => {
+                    if busy(HostPort { port, udp: p.udp }) {
+                        return None;
+                    }
+                    port
+                }
+                None => {
+                    let cursor = &mut next[usize::from(p.udp)];
+                    loop {
+                        if *cursor > u32::from(range.last) {
+                            return None;
+                        }
+                        // The cursor is at most range.last, a u16.
+                        let candidate = HostPort {
+                            port: *cursor as u16,
+                            udp: p.udp,
+                        };
+                        *cursor += 1;
+                        let static_here = req.static_ports().any(|s| s == candidate);
+                        if !busy(candidate) && !static_here {
+                            break candidate.port;
+                        }
+                    }
+                }
+            };
+            out.push(AssignedPort {
+                name: p.name.clone(),
+                host_port: port,
+                udp: p.udp,
+            });
+        }
+        Some(out)
+    }
+
     /// The node's position in the request's spread rule `rule`
     /// (`req.placement.spread[rule]`); `None` when the node lacks the label.
     pub fn spread_position(&self, rule: usize) -> Option<SpreadPosition> {
@@ -860,6 +1088,30 @@ pub enum Reason {
         /// Free and matching.
         free: u32,
     },
+    /// Not enough free disk.
+    Disk {
+        /// Needed.
+        needed: u64,
+        /// Free.
+        free: u64,
+    },
+    /// A static host port of the request is held on the node.
+    PortInUse {
+        /// The port.
+        port: HostPort,
+        /// The node.
+        node: String,
+        /// The job holding it (the request's own job when one of its replicas
+        /// took it).
+        job: String,
+    },
+    /// The node's dynamic port range has fewer free ports than one replica needs.
+    DynamicPorts {
+        /// Ports one replica takes from the range.
+        needed: u32,
+        /// The node's range.
+        range: PortRange,
+    },
     /// A custom filter's reason.
     Other(String),
 }
@@ -869,7 +1121,9 @@ impl Reason {
     /// closer. `None` when reasons of this kind do not compare.
     fn closeness(&self) -> Option<u64> {
         match *self {
-            Reason::Cpu { free, .. } | Reason::Memory { free, .. } => Some(free),
+            Reason::Cpu { free, .. } | Reason::Memory { free, .. } | Reason::Disk { free, .. } => {
+                Some(free)
+            }
             Reason::Gpu { free, .. } => Some(u64::from(free)),
             _ => None,
         }
@@ -905,6 +1159,17 @@ impl Reason {
                     None => format!("{needed} GPUs"),
                 };
                 format!("insufficient GPUs (needs {what}, best node has {free} free)")
+            }
+            Reason::Disk { needed, free } => format!(
+                "insufficient disk (needs {}, best node has {} free)",
+                HumanBytes(*needed),
+                HumanBytes(*free)
+            ),
+            Reason::PortInUse { port, node, job } => {
+                format!("port {port} in use on {node} by job {job}")
+            }
+            Reason::DynamicPorts { needed, range } => {
+                format!("no {needed} free host port(s) left in the dynamic range {range}")
             }
             Reason::Other(s) => s.clone(),
         }
@@ -1033,6 +1298,9 @@ pub struct Assignment {
     pub gpu_uuids: Vec<String>,
     /// Allocations evicted to make room for it.
     pub preempted: Vec<String>,
+    /// Its published ports, in the order of [`Request::ports`], with their host
+    /// ports.
+    pub ports: Vec<AssignedPort>,
     /// Its score on that node.
     pub score: f64,
 }
@@ -1110,6 +1378,8 @@ impl Scheduler {
                 Box::new(GpuFilter),
                 Box::new(CpuFilter),
                 Box::new(MemoryFilter),
+                Box::new(DiskFilter),
+                Box::new(PortFilter),
             ],
             scorers: vec![
                 Box::new(ResourceScorer),
@@ -1222,9 +1492,12 @@ impl Scheduler {
                 score
             };
             let gpus = choose_gpus(&view, req);
+            // The port filter passed on this view, so the ports are there.
+            let ports = view.assign_ports(req).unwrap_or_default();
             let info = &snap.nodes[idx as usize].info;
             out.assignments.push(Assignment {
                 node: info.name.clone(),
+                ports: ports.clone(),
                 gpu_uuids: (0..info.capacity.gpus.len())
                     .filter(|i| gpus & (1 << i) != 0)
                     .map(|i| info.capacity.gpus[i].uuid.clone())
@@ -1242,7 +1515,7 @@ impl Scheduler {
                     .into_iter()
                     .flat_map(|a| a.preempted.clone()),
             );
-            overlay.place(snap, &plan, req, idx, gpus);
+            overlay.place(snap, &plan, req, idx, gpus, &ports);
             for s in &mut spreads {
                 s.add(idx);
             }
@@ -1438,8 +1711,76 @@ impl Filter for MemoryFilter {
     }
 }
 
+/// Built-in filter: enough free disk for `resources.disk`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskFilter;
+
+impl Filter for DiskFilter {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+    fn check(&self, node: &NodeView<'_>, req: &Request) -> Result<(), Reason> {
+        let needed = req.resources.disk.0;
+        if node.free_disk_bytes >= needed {
+            Ok(())
+        } else {
+            Err(Reason::Disk {
+                needed,
+                free: node.free_disk_bytes,
+            })
+        }
+    }
+    fn prefilter(&self, _snap: &Snapshot, req: &Request) -> Prefilter {
+        if req.resources.disk.0 == 0 {
+            Prefilter::Skip
+        } else {
+            Prefilter::PerNode
+        }
+    }
+}
+
+/// Built-in filter: every static host port of the request is free on the node,
+/// and its dynamic range has a free port for each port without one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortFilter;
+
+impl Filter for PortFilter {
+    fn name(&self) -> &'static str {
+        "ports"
+    }
+    fn check(&self, node: &NodeView<'_>, req: &Request) -> Result<(), Reason> {
+        for port in req.static_ports() {
+            let job = match node.port_holder(port) {
+                Some(job) => job,
+                None if node.port_taken_by_request(port) => req.job.as_str(),
+                None => continue,
+            };
+            return Err(Reason::PortInUse {
+                port,
+                node: node.info.name.clone(),
+                job: job.to_string(),
+            });
+        }
+        if req.dynamic_port_count() > 0 && node.assign_ports(req).is_none() {
+            return Err(Reason::DynamicPorts {
+                needed: req.dynamic_port_count(),
+                range: node.info.capacity.dynamic_ports,
+            });
+        }
+        Ok(())
+    }
+    fn prefilter(&self, _snap: &Snapshot, req: &Request) -> Prefilter {
+        if req.ports.is_empty() {
+            Prefilter::Skip
+        } else {
+            Prefilter::PerNode
+        }
+    }
+}
+
 /// Built-in scorer: the job's strategy. Binpack scores the node's mean utilization
-/// after placement (CPU, memory, and GPUs for GPU jobs on GPU nodes); the spread
+/// after placement (CPU, memory, disk for jobs that ask for it, and GPUs for GPU
+/// jobs on GPU nodes); the spread
 /// strategy scores one minus that.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ResourceScorer;
@@ -1468,6 +1809,9 @@ impl Scorer for ResourceScorer {
             node.free_memory_bytes,
             req.resources.memory.0,
         );
+        if req.resources.disk.0 > 0 {
+            util(cap.disk_bytes, node.free_disk_bytes, req.resources.disk.0);
+        }
         let gpus = req.gpu_count();
         if gpus > 0 {
             let total = cap.gpus.len() as u64;
@@ -1719,8 +2063,11 @@ struct NodeEntry {
     info: NodeInfo,
     used_cpu: u64,
     used_mem: u64,
+    used_disk: u64,
     gpu_used: u64,
     allocs: Vec<usize>,
+    /// Host ports held, with the slot of the allocation holding each.
+    ports: BTreeMap<HostPort, usize>,
 }
 
 impl NodeEntry {
@@ -1961,17 +2308,30 @@ impl<'a, 's> Plan<'a, 's> {
 struct Delta {
     added_cpu: u64,
     added_mem: u64,
+    added_disk: u64,
     freed_cpu: u64,
     freed_mem: u64,
+    freed_disk: u64,
     gpu_taken: u64,
     gpu_freed: u64,
     job_added: u32,
+}
+
+/// What is held on one node, counting the request's changes.
+#[derive(Debug, Clone, Copy)]
+struct Used {
+    cpu: u64,
+    mem: u64,
+    disk: u64,
+    gpus: u64,
 }
 
 /// The request's changes to the snapshot while it is being placed.
 struct Overlay {
     touched: NodeSet,
     deltas: IdxMap<Delta>,
+    /// Host ports the request's replicas took, by node.
+    taken: IdxMap<Vec<HostPort>>,
     /// Touched nodes by their current free amount in the walk's dimension.
     local: BTreeSet<WalkKey>,
     evicted: BTreeSet<usize>,
@@ -1982,12 +2342,14 @@ impl Overlay {
         Overlay {
             touched: NodeSet::empty(n),
             deltas: IdxMap::default(),
+            taken: IdxMap::default(),
             local: BTreeSet::new(),
             evicted: BTreeSet::new(),
         }
     }
 
-    fn used(&self, snap: &Snapshot, idx: u32) -> (u64, u64, u64, u32) {
+    /// What is held on node `idx`, and how many replicas the request put there.
+    fn used(&self, snap: &Snapshot, idx: u32) -> (Used, u32) {
         let e = &snap.nodes[idx as usize];
         let delta = if self.touched.contains(idx) {
             self.deltas.get(&idx)
@@ -1995,18 +2357,39 @@ impl Overlay {
             None
         };
         match delta {
-            None => (e.used_cpu, e.used_mem, e.gpu_used, 0),
+            None => (
+                Used {
+                    cpu: e.used_cpu,
+                    mem: e.used_mem,
+                    disk: e.used_disk,
+                    gpus: e.gpu_used,
+                },
+                0,
+            ),
             Some(d) => (
-                e.used_cpu
-                    .saturating_sub(d.freed_cpu)
-                    .saturating_add(d.added_cpu),
-                e.used_mem
-                    .saturating_sub(d.freed_mem)
-                    .saturating_add(d.added_mem),
-                (e.gpu_used & !d.gpu_freed) | d.gpu_taken,
+                Used {
+                    cpu: e
+                        .used_cpu
+                        .saturating_sub(d.freed_cpu)
+                        .saturating_add(d.added_cpu),
+                    mem: e
+                        .used_mem
+                        .saturating_sub(d.freed_mem)
+                        .saturating_add(d.added_mem),
+                    disk: e
+                        .used_disk
+                        .saturating_sub(d.freed_disk)
+                        .saturating_add(d.added_disk),
+                    gpus: (e.gpu_used & !d.gpu_freed) | d.gpu_taken,
+                },
                 d.job_added,
             ),
         }
+    }
+
+    /// The host ports the request took on node `idx`.
+    fn taken(&self, idx: u32) -> &[HostPort] {
+        self.taken.get(&idx).map_or(&[], Vec::as_slice)
     }
 
     fn change(
@@ -2030,21 +2413,36 @@ impl Overlay {
     }
 
     fn free_in_dim(&self, snap: &Snapshot, plan: &Plan<'_, '_>, idx: u32) -> u64 {
-        let (cpu, mem, _, _) = self.used(snap, idx);
+        let (used, _) = self.used(snap, idx);
         let cap = &snap.nodes[idx as usize].info.capacity;
         match plan.dim {
-            Dim::Cpu => cap.cpu_millis.saturating_sub(cpu),
-            Dim::Mem => cap.memory_bytes.saturating_sub(mem),
+            Dim::Cpu => cap.cpu_millis.saturating_sub(used.cpu),
+            Dim::Mem => cap.memory_bytes.saturating_sub(used.mem),
         }
     }
 
-    fn place(&mut self, snap: &Snapshot, plan: &Plan<'_, '_>, req: &Request, idx: u32, gpus: u64) {
+    fn place(
+        &mut self,
+        snap: &Snapshot,
+        plan: &Plan<'_, '_>,
+        req: &Request,
+        idx: u32,
+        gpus: u64,
+        ports: &[AssignedPort],
+    ) {
         self.change(snap, plan, idx, |d| {
             d.added_cpu = d.added_cpu.saturating_add(req.resources.cpu.0);
             d.added_mem = d.added_mem.saturating_add(req.resources.memory.0);
+            d.added_disk = d.added_disk.saturating_add(req.resources.disk.0);
             d.gpu_taken |= gpus;
             d.job_added += 1;
         });
+        if !ports.is_empty() {
+            self.taken
+                .entry(idx)
+                .or_default()
+                .extend(ports.iter().map(AssignedPort::host));
+        }
     }
 
     fn evict(&mut self, snap: &Snapshot, plan: &Plan<'_, '_>, slot: usize) {
@@ -2055,6 +2453,7 @@ impl Overlay {
         self.change(snap, plan, a.node, |d| {
             d.freed_cpu = d.freed_cpu.saturating_add(a.placed.cpu_millis);
             d.freed_mem = d.freed_mem.saturating_add(a.placed.memory_bytes);
+            d.freed_disk = d.freed_disk.saturating_add(a.placed.disk_bytes);
             d.gpu_freed |= a.gpu_mask;
         });
     }
@@ -2064,29 +2463,43 @@ fn ctx_view<'v>(
     snap: &'v Snapshot,
     plan: &Plan<'_, '_>,
     spreads: &'v [SpreadState<'v>],
-    overlay: &Overlay,
+    overlay: &'v Overlay,
     idx: u32,
 ) -> NodeView<'v> {
-    let (cpu, mem, gpus, added) = overlay.used(snap, idx);
+    let (used, added) = overlay.used(snap, idx);
     view_with(
         snap,
         spreads,
         idx,
-        cpu,
-        mem,
-        gpus,
+        used,
         plan.job_count(idx) + added,
+        ports_view(snap, idx, &overlay.evicted, &[], overlay.taken(idx)),
     )
+}
+
+fn ports_view<'v>(
+    snap: &'v Snapshot,
+    idx: u32,
+    evicted: &'v BTreeSet<usize>,
+    victims: &'v [usize],
+    taken: &'v [HostPort],
+) -> PortsView<'v> {
+    PortsView {
+        held: &snap.nodes[idx as usize].ports,
+        allocs: &snap.allocs,
+        evicted,
+        victims,
+        taken,
+    }
 }
 
 fn view_with<'v>(
     snap: &'v Snapshot,
     spreads: &'v [SpreadState<'v>],
     idx: u32,
-    used_cpu: u64,
-    used_mem: u64,
-    gpu_used: u64,
+    used: Used,
     job_replicas: u32,
+    ports: PortsView<'v>,
 ) -> NodeView<'v> {
     let info = &snap.nodes[idx as usize].info;
     let cap = &info.capacity;
@@ -2097,12 +2510,14 @@ fn view_with<'v>(
     };
     NodeView {
         info,
-        free_cpu_millis: cap.cpu_millis.saturating_sub(used_cpu),
-        free_memory_bytes: cap.memory_bytes.saturating_sub(used_mem),
-        free_gpus: all_gpus & !gpu_used,
+        free_cpu_millis: cap.cpu_millis.saturating_sub(used.cpu),
+        free_memory_bytes: cap.memory_bytes.saturating_sub(used.mem),
+        free_disk_bytes: cap.disk_bytes.saturating_sub(used.disk),
+        free_gpus: all_gpus & !used.gpus,
         job_replicas,
         idx,
         spread: spreads,
+        ports,
     }
 }
 
@@ -2306,10 +2721,21 @@ impl Ctx<'_, '_, '_> {
                 continue;
             }
             considered += 1;
-            let (cpu, mem, gpus, added) = self.overlay.used(snap, idx);
+            let (used, added) = self.overlay.used(snap, idx);
             let job = self.plan.job_count(idx) + added;
-            let fits_with = |c: u64, m: u64, g: u64| {
-                let view = view_with(snap, self.spreads, idx, c, m, g, job);
+            let taken = self.overlay.taken(idx);
+            // Whether the replica fits once `chosen` of the victims are evicted.
+            let fits_with = |chosen: &[(usize, &AllocEntry)]| {
+                let mut after = used;
+                for (_, a) in chosen {
+                    after.cpu = after.cpu.saturating_sub(a.placed.cpu_millis);
+                    after.mem = after.mem.saturating_sub(a.placed.memory_bytes);
+                    after.disk = after.disk.saturating_sub(a.placed.disk_bytes);
+                    after.gpus &= !a.gpu_mask;
+                }
+                let slots: Vec<usize> = chosen.iter().map(|(s, _)| *s).collect();
+                let ports = ports_view(snap, idx, &self.overlay.evicted, &slots, taken);
+                let view = view_with(snap, self.spreads, idx, after, job, ports);
                 self.plan
                     .checks
                     .iter()
@@ -2317,21 +2743,19 @@ impl Ctx<'_, '_, '_> {
             };
             // Skip nodes where even evicting every candidate would not do, and
             // nodes that cannot beat the best eviction found so far.
-            let (mut c, mut m, mut g) = (cpu, mem, gpus);
-            let mut lowest = u32::MAX;
-            for (_, a) in &victims {
-                c = c.saturating_sub(a.placed.cpu_millis);
-                m = m.saturating_sub(a.placed.memory_bytes);
-                g &= !a.gpu_mask;
-                lowest = lowest.min(a.placed.priority);
-            }
-            if best.as_ref().is_some_and(|b| lowest > b.max_priority) || !fits_with(c, m, g) {
+            let lowest = victims
+                .iter()
+                .map(|(_, a)| a.placed.priority)
+                .min()
+                .unwrap_or(u32::MAX);
+            if best.as_ref().is_some_and(|b| lowest > b.max_priority) || !fits_with(&victims) {
                 continue;
             }
             let cap = &e.info.capacity;
             let size = |a: &AllocEntry| {
                 a.placed.cpu_millis as f64 / cap.cpu_millis.max(1) as f64
                     + a.placed.memory_bytes as f64 / cap.memory_bytes.max(1) as f64
+                    + a.placed.disk_bytes as f64 / cap.disk_bytes.max(1) as f64
                     + f64::from(a.gpu_mask.count_ones())
             };
             victims.sort_by(|(_, a), (_, b)| {
@@ -2342,13 +2766,13 @@ impl Ctx<'_, '_, '_> {
                     .then(a.placed.alloc_id.cmp(&b.placed.alloc_id))
             });
             let fits = |chosen: &[bool]| {
-                let (mut c, mut m, mut g) = (cpu, mem, gpus);
-                for ((_, a), _) in victims.iter().zip(chosen).filter(|(_, on)| **on) {
-                    c = c.saturating_sub(a.placed.cpu_millis);
-                    m = m.saturating_sub(a.placed.memory_bytes);
-                    g &= !a.gpu_mask;
-                }
-                fits_with(c, m, g)
+                let on: Vec<(usize, &AllocEntry)> = victims
+                    .iter()
+                    .zip(chosen)
+                    .filter(|(_, on)| **on)
+                    .map(|(v, _)| *v)
+                    .collect();
+                fits_with(&on)
             };
             let mut chosen = vec![false; victims.len()];
             let mut ok = false;
@@ -2565,6 +2989,7 @@ mod tests {
                 cpu_millis: cpu,
                 memory_bytes: mem_gi * GI,
                 disk_bytes: 0,
+                dynamic_ports: Default::default(),
                 gpus: vec![],
             },
             ready: true,
@@ -2596,6 +3021,8 @@ mod tests {
             memory_bytes: mem,
             gpu_uuids: vec![],
             priority,
+            disk_bytes: 0,
+            host_ports: vec![],
         }
     }
 
@@ -2637,7 +3064,20 @@ mod tests {
     fn view_of<'s>(snap: &'s Snapshot, name: &str) -> NodeView<'s> {
         let idx = snap.index_of(name).expect("node exists");
         let e = &snap.nodes[idx as usize];
-        view_with(snap, &[], idx, e.used_cpu, e.used_mem, e.gpu_used, 0)
+        let used = Used {
+            cpu: e.used_cpu,
+            mem: e.used_mem,
+            disk: e.used_disk,
+            gpus: e.gpu_used,
+        };
+        view_with(
+            snap,
+            &[],
+            idx,
+            used,
+            0,
+            ports_view(snap, idx, &NO_EVICTIONS, &[], &[]),
+        )
     }
 
     // --- filters -------------------------------------------------------------
@@ -3212,6 +3652,204 @@ mod tests {
 
     // --- placement, preemption, commit ----------------------------------------
 
+    // --- ports and disk ----------------------------------------------------------
+
+    fn with_ports(mut p: Placed, ports: &[HostPort]) -> Placed {
+        p.host_ports = ports.to_vec();
+        p
+    }
+
+    fn port(name: &str, host_port: Option<u16>, udp: bool) -> PortRequest {
+        PortRequest {
+            name: name.into(),
+            host_port,
+            udp,
+        }
+    }
+
+    fn host_ports(out: &Outcome) -> Vec<Vec<u16>> {
+        out.assignments
+            .iter()
+            .map(|a| a.ports.iter().map(|p| p.host_port).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_static_host_port_in_use_refuses_the_node_with_the_holder_named() {
+        let x = with_ports(placed("x-1", "x", "a", 100, 0, 50), &[HostPort::tcp(8080)]);
+        let snap = Snapshot::new(
+            vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+            vec![x],
+        )
+        .expect("snapshot");
+        let mut r = req("web", 1, 100, 0);
+        r.ports = vec![port("http", Some(8080), false)];
+        assert_eq!(
+            PortFilter.check(&view_of(&snap, "a"), &r),
+            Err(Reason::PortInUse {
+                port: HostPort::tcp(8080),
+                node: "a".into(),
+                job: "x".into(),
+            })
+        );
+        assert_eq!(PortFilter.check(&view_of(&snap, "b"), &r), Ok(()));
+        // Binpack prefers the fuller node a; the port sends the replica to b.
+        let out = schedule(&snap, &r);
+        assert_eq!(nodes_of(&out), ["b"]);
+        assert_eq!(host_ports(&out), [[8080]]);
+        // UDP 8080 is another port: a takes it.
+        r.ports = vec![port("dns", Some(8080), true)];
+        assert_eq!(nodes_of(&schedule(&snap, &r)), ["a"]);
+    }
+
+    #[test]
+    fn a_static_host_port_fits_once_per_node_and_the_rest_is_unplaceable_with_the_reason() {
+        let x = with_ports(placed("x-1", "x", "a", 100, 0, 50), &[HostPort::tcp(8080)]);
+        let mut snap = Snapshot::new(
+            vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+            vec![x],
+        )
+        .expect("snapshot");
+        let mut r = req("web", 3, 100, 0);
+        r.ports = vec![port("http", Some(8080), false)];
+        for sched in [Scheduler::default(), walking()] {
+            let out = sched.schedule(&snap, &r);
+            assert_eq!(nodes_of(&out), ["b"]);
+            assert_eq!(out.unplaced, 2);
+            assert_eq!(
+                out.explanation.to_string(),
+                "0/2 nodes fit: 2 port 8080/tcp in use on a by job x"
+            );
+            let ports = &out.explanation.filtered["ports"];
+            assert_eq!(ports.count, 2);
+        }
+        // Committed, b holds the port too: the next request is told who holds b's.
+        let out = schedule(&snap, &r);
+        let mut next = 0;
+        commit_all(&mut snap, &r, &out, &mut next);
+        assert_eq!(
+            snap.usage("b").expect("b").host_ports,
+            [HostPort::tcp(8080)]
+        );
+        let mut other = req("api", 1, 100, 0);
+        other.ports = vec![port("http", Some(8080), false)];
+        other.node = Some("b".into());
+        let out = schedule(&snap, &other);
+        assert_eq!(out.unplaced, 1);
+        assert_eq!(
+            out.explanation.to_string(),
+            "0/2 nodes fit: 1 not the requested node b; 1 port 8080/tcp in use on b by job web"
+        );
+        // Once web's replica leaves b, the port is free again.
+        snap.remove("web-1").expect("placed");
+        assert_eq!(nodes_of(&schedule(&snap, &other)), ["b"]);
+    }
+
+    #[test]
+    fn dynamic_ports_come_from_the_node_range_lowest_first_never_twice() {
+        let mut a = node("a", 64_000, 64, &[]);
+        a.capacity.dynamic_ports = PortRange {
+            first: 20000,
+            last: 20004,
+        };
+        let held = with_ports(placed("x-1", "x", "a", 100, 0, 50), &[HostPort::tcp(20001)]);
+        let mut snap = Snapshot::new(vec![a], vec![held]).expect("snapshot");
+        let mut r = req("web", 5, 100, 0);
+        r.ports = vec![port("http", None, false), port("dns", None, true)];
+        let out = schedule(&snap, &r);
+        // TCP skips the held 20001; UDP is its own space.
+        assert_eq!(
+            host_ports(&out),
+            [
+                [20000, 20000],
+                [20002, 20001],
+                [20003, 20002],
+                [20004, 20003]
+            ]
+        );
+        assert_eq!(out.unplaced, 1);
+        assert_eq!(
+            out.explanation.to_string(),
+            "0/1 nodes fit: 1 no 2 free host port(s) left in the dynamic range 20000-20004"
+        );
+        let mut next = 0;
+        commit_all(&mut snap, &r, &out, &mut next);
+        let usage = snap.usage("a").expect("a");
+        let tcp: Vec<u16> = usage
+            .host_ports
+            .iter()
+            .filter(|p| !p.udp)
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(tcp, [20000, 20001, 20002, 20003, 20004]);
+        // A static port inside the range is not handed out as a dynamic one.
+        let mut b = node("b", 4000, 8, &[]);
+        b.capacity.dynamic_ports = PortRange {
+            first: 20000,
+            last: 20010,
+        };
+        let snap = Snapshot::new(vec![b], vec![]).expect("snapshot");
+        let mut r = req("web", 1, 100, 0);
+        r.ports = vec![
+            port("metrics", None, false),
+            port("http", Some(20000), false),
+        ];
+        assert_eq!(host_ports(&schedule(&snap, &r)), [[20001, 20000]]);
+    }
+
+    #[test]
+    fn disk_requests_fit_against_each_node_disk() {
+        let mut a = node("a", 4000, 8, &[]);
+        a.capacity.disk_bytes = 10 * GI;
+        let mut b = node("b", 4000, 8, &[]);
+        b.capacity.disk_bytes = 100 * GI;
+        let mut x = placed("x-1", "x", "a", 100, 0, 50);
+        x.disk_bytes = 8 * GI;
+        let mut snap = Snapshot::new(vec![a, b], vec![x]).expect("snapshot");
+        let mut r = req("web", 1, 100, 0);
+        r.resources.disk = ByteSize(4 * GI);
+        assert_eq!(
+            DiskFilter.check(&view_of(&snap, "a"), &r),
+            Err(Reason::Disk {
+                needed: 4 * GI,
+                free: 2 * GI
+            })
+        );
+        let out = schedule(&snap, &r);
+        assert_eq!(nodes_of(&out), ["b"]);
+        let mut next = 0;
+        commit_all(&mut snap, &r, &out, &mut next);
+        assert_eq!(snap.usage("b").expect("b").disk_bytes, 4 * GI);
+        r.resources.disk = ByteSize(97 * GI);
+        let out = schedule(&snap, &r);
+        assert_eq!(out.unplaced, 1);
+        assert_eq!(
+            out.explanation.to_string(),
+            "0/2 nodes fit: 2 insufficient disk (needs 97Gi, best node has 96Gi free)"
+        );
+        // Disk that fits exactly is taken.
+        r.resources.disk = ByteSize(96 * GI);
+        assert_eq!(nodes_of(&schedule(&snap, &r)), ["b"]);
+    }
+
+    #[test]
+    fn preemption_frees_a_static_host_port() {
+        let low = with_ports(placed("x-1", "x", "a", 100, 0, 10), &[HostPort::tcp(8080)]);
+        let snap = Snapshot::new(vec![node("a", 4000, 8, &[])], vec![low]).expect("snapshot");
+        let mut r = req("web", 1, 100, 0);
+        r.ports = vec![port("http", Some(8080), false)];
+        r.priority = 5;
+        assert_eq!(
+            schedule(&snap, &r).unplaced,
+            1,
+            "equal or higher priority stays"
+        );
+        r.priority = 50;
+        let out = schedule(&snap, &r);
+        assert_eq!(nodes_of(&out), ["a"]);
+        assert_eq!(out.preemptions, ["x-1"]);
+    }
+
     #[test]
     fn replicas_do_not_overcommit_within_one_request() {
         let snap = Snapshot::new(
@@ -3491,6 +4129,7 @@ mod tests {
                 prop::option::of(0usize..2),
                 prop::collection::vec((0usize..3, prop::sample::select(vec![16u64, 40, 80])), 0..4),
                 prop::bool::weighted(0.85),
+                (0u64..=8, 0u16..4),
             ),
             1..24,
         )
@@ -3498,35 +4137,43 @@ mod tests {
             specs
                 .into_iter()
                 .enumerate()
-                .map(|(i, (cores, mem, zone, pool, gpus, ready))| {
-                    let mut labels = BTreeMap::new();
-                    if let Some(z) = zone {
-                        labels.insert("zone".to_string(), ["a", "b", "c"][z].to_string());
-                    }
-                    if let Some(p) = pool {
-                        labels.insert("pool".to_string(), ["x", "y"][p].to_string());
-                    }
-                    NodeInfo {
-                        name: format!("n{i:02}"),
-                        labels,
-                        capacity: Capacity {
-                            cpu_millis: cores * 1000,
-                            memory_bytes: mem * GI,
-                            disk_bytes: 0,
-                            gpus: gpus
-                                .into_iter()
-                                .enumerate()
-                                .map(|(g, (m, mem))| GpuInfo {
-                                    index: g as u32,
-                                    uuid: format!("GPU-{i}-{g}"),
-                                    model: MODELS[m].to_string(),
-                                    memory_bytes: mem * GI,
-                                })
-                                .collect(),
-                        },
-                        ready,
-                    }
-                })
+                .map(
+                    |(i, (cores, mem, zone, pool, gpus, ready, (disk, ports)))| {
+                        let mut labels = BTreeMap::new();
+                        if let Some(z) = zone {
+                            labels.insert("zone".to_string(), ["a", "b", "c"][z].to_string());
+                        }
+                        if let Some(p) = pool {
+                            labels.insert("pool".to_string(), ["x", "y"][p].to_string());
+                        }
+                        NodeInfo {
+                            name: format!("n{i:02}"),
+                            labels,
+                            capacity: Capacity {
+                                cpu_millis: cores * 1000,
+                                memory_bytes: mem * GI,
+                                disk_bytes: disk * GI,
+                                // A small range (0 to 4 ports, overlapping the static
+                                // ports some requests ask for), so that it runs out.
+                                dynamic_ports: PortRange {
+                                    first: 30000,
+                                    last: 30000 + ports - 1,
+                                },
+                                gpus: gpus
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(g, (m, mem))| GpuInfo {
+                                        index: g as u32,
+                                        uuid: format!("GPU-{i}-{g}"),
+                                        model: MODELS[m].to_string(),
+                                        memory_bytes: mem * GI,
+                                    })
+                                    .collect(),
+                            },
+                            ready,
+                        }
+                    },
+                )
                 .collect()
         })
     }
@@ -3576,14 +4223,38 @@ mod tests {
                 any::<bool>(),
                 1u32..6,
             ),
+            (
+                prop::option::of(0u64..4),
+                prop::collection::vec(
+                    (
+                        prop::option::of(prop::sample::select(vec![8080u16, 30001])),
+                        prop::bool::weighted(0.2),
+                    ),
+                    0..3,
+                ),
+            ),
         )
             .prop_map(
                 |(
                     (job, priority, cpu, mem, gpus),
                     (constraints, affinity, anti, spread, spread_strategy, count),
+                    (disk, ports),
                 )| {
                     let mut r = req(job, count, cpu, mem * GI / 2);
                     r.priority = priority;
+                    r.resources.disk = ByteSize(disk.map_or(0, |d| d * GI));
+                    let mut statics = BTreeSet::new();
+                    r.ports = ports
+                        .into_iter()
+                        .enumerate()
+                        // The manifest allows each static port once per protocol.
+                        .filter(|(_, (port, udp))| port.is_none_or(|p| statics.insert((p, *udp))))
+                        .map(|(i, (host_port, udp))| PortRequest {
+                            name: format!("p{i}"),
+                            host_port,
+                            udp,
+                        })
+                        .collect();
                     r.resources.gpus = gpus.map(|(count, model, mem)| GpuRequest {
                         count,
                         model: model.map(|m| ["a100", "H100", "L4", "NVIDIA"][m].to_string()),
@@ -3631,6 +4302,17 @@ mod tests {
                 "{}: memory over",
                 n.name
             );
+            prop_assert!(
+                u.disk_bytes <= n.capacity.disk_bytes,
+                "{}: disk over",
+                n.name
+            );
+            let mut ports = BTreeSet::new();
+            for a in snap.allocations().filter(|a| a.node == n.name) {
+                for p in &a.host_ports {
+                    prop_assert!(ports.insert(*p), "{}: port {} held twice", n.name, p);
+                }
+            }
         }
         let mut gpus = BTreeSet::new();
         for a in snap.allocations() {
@@ -3674,6 +4356,20 @@ mod tests {
             }
             let g = r.gpu_count();
             prop_assert_eq!(a.gpu_uuids.len(), g as usize);
+            prop_assert_eq!(a.ports.len(), r.ports.len());
+            for (asked, got) in r.ports.iter().zip(&a.ports) {
+                prop_assert_eq!(&asked.name, &got.name);
+                prop_assert_eq!(asked.udp, got.udp);
+                match asked.host_port {
+                    Some(p) => prop_assert_eq!(p, got.host_port),
+                    None => prop_assert!(
+                        n.capacity.dynamic_ports.contains(got.host_port),
+                        "{} outside {}",
+                        got.host_port,
+                        n.capacity.dynamic_ports
+                    ),
+                }
+            }
             if let Some(spec) = r.resources.gpus.as_ref().filter(|g| g.count > 0) {
                 for uuid in &a.gpu_uuids {
                     let info = n

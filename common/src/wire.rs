@@ -22,6 +22,7 @@
 //!   command (the agent kills it).
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
@@ -237,10 +238,62 @@ pub struct Capacity {
     pub cpu_millis: u64,
     /// Memory in bytes.
     pub memory_bytes: u64,
-    /// Disk in bytes (the data filesystem).
+    /// Disk in bytes (the data filesystem); `resources.disk` is scheduled
+    /// against it.
     pub disk_bytes: u64,
     /// GPUs.
     pub gpus: Vec<GpuInfo>,
+    /// The host ports the scheduler hands out for ports without a `hostPort`
+    /// (added in protocol version 2).
+    #[serde(default)]
+    pub dynamic_ports: PortRange,
+}
+
+/// First port of the default dynamic host port range.
+pub const DEFAULT_DYNAMIC_PORT_FIRST: u16 = 20000;
+/// Last port of the default dynamic host port range.
+pub const DEFAULT_DYNAMIC_PORT_LAST: u16 = 32000;
+
+/// An inclusive range of host ports (`20000-32000`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PortRange {
+    /// The first port.
+    pub first: u16,
+    /// The last port (inclusive); a range with `last < first` is empty.
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange {
+            first: DEFAULT_DYNAMIC_PORT_FIRST,
+            last: DEFAULT_DYNAMIC_PORT_LAST,
+        }
+    }
+}
+
+impl PortRange {
+    /// Whether `port` lies in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// How many ports the range holds.
+    pub fn len(&self) -> u32 {
+        (u32::from(self.last) + 1).saturating_sub(u32::from(self.first))
+    }
+
+    /// Whether the range holds no port.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
 }
 
 /// One GPU as the node offers it.
@@ -388,7 +441,8 @@ pub struct PortMapping {
     pub name: String,
     /// Port in the container.
     pub container_port: u16,
-    /// Host port; `None` lets the runtime pick.
+    /// Host port: the static or dynamic port the scheduler assigned; `None` (from
+    /// a controller that did not assign one) lets Docker pick.
     pub host_port: Option<u16>,
     /// `true` for UDP.
     pub udp: bool,
@@ -472,6 +526,9 @@ pub enum FailureReason {
     Unhealthy,
     /// Its image is not on the node.
     ImageMissing,
+    /// A batch replica ran longer than its job's `maxRuntime` (decided by the
+    /// controller, not reported by an agent).
+    MaxRuntime,
 }
 
 impl std::fmt::Display for FailureReason {
@@ -480,6 +537,7 @@ impl std::fmt::Display for FailureReason {
             FailureReason::RestartsExhausted => "restarts_exhausted",
             FailureReason::Unhealthy => "unhealthy",
             FailureReason::ImageMissing => "image_missing",
+            FailureReason::MaxRuntime => "max_runtime",
         })
     }
 }

@@ -664,3 +664,21 @@ fn lifecycle_errors_name_the_line_field_value_and_what_is_accepted() {
     .to_string();
     assert!(e.contains("like 0 8 * * 1-5"), "{e}");
 }
+
+#[test]
+fn disk_is_a_resource_and_only_a_disk_request_changes_the_version_hash() {
+    let text = |resources: &str| {
+        format!(
+            "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: pinned}}\nspec:\n  task: {{image: busybox}}\n  resources: {{{resources}}}\n"
+        )
+    };
+    let plain = parse_job("a.yaml", &text("cpu: 1, memory: 64Mi")).expect("valid");
+    let zero = parse_job("a.yaml", &text("cpu: 1, memory: 64Mi, disk: 0")).expect("valid");
+    let disk = parse_job("a.yaml", &text("cpu: 1, memory: 64Mi, disk: 1Gi")).expect("valid");
+    assert_eq!(plain.spec.resources.disk, ByteSize(0));
+    assert_eq!(disk.spec.resources.disk, ByteSize(1 << 30));
+    assert_eq!(plain.version_hash(), zero.version_hash());
+    assert_ne!(plain.version_hash(), disk.version_hash());
+    let bad = parse_job("a.yaml", &text("cpu: 1, memory: 64Mi, disk: 1XB")).expect_err("bad size");
+    assert!(bad.to_string().contains("spec.resources.disk"), "{bad}");
+}

@@ -1148,3 +1148,42 @@ pub fn internal(e: impl std::fmt::Display) -> Problem {
         format!("internal error: {e}"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("$ref", serde_json::Value::String(r)) => out.push(r.clone()),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+
+    /// Every schema the document refers to is in it (for example an
+    /// allocation's `ports`, whose `AllocPort` type is only reached through
+    /// `AllocRecord`).
+    #[test]
+    fn every_schema_reference_resolves() {
+        let doc = serde_json::to_value(openapi()).expect("the document serializes");
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        let schemas = &doc["components"]["schemas"];
+        for r in &found {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("unexpected reference {r}"));
+            assert!(schemas.get(name).is_some(), "{r} does not resolve");
+        }
+        assert!(schemas.get("AllocPort").is_some());
+    }
+}

@@ -917,7 +917,8 @@ mod tests {
             memory_bytes: 100 << 20,
             gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
             priority: 50,
-            failed_by: None,
+            disk_bytes: 0,
+            ports: vec![],
         }
     }
 

@@ -414,7 +414,8 @@ mod tests {
             memory_bytes: 1 << 30,
             gpu_uuids: Vec::new(),
             priority: 0,
-            failed_by: None,
+            disk_bytes: 0,
+            ports: vec![],
         }
     }
 

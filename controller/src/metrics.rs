@@ -945,6 +945,7 @@ mod tests {
                 cpu_millis: 8000,
                 memory_bytes: 16 * GIB,
                 disk_bytes: 100 * GIB,
+                dynamic_ports: Default::default(),
                 gpus: vec![GpuInfo {
                     index: 0,
                     uuid: format!("GPU-{name}-0"),
@@ -1042,7 +1043,8 @@ mod tests {
             memory_bytes: 32 << 20,
             gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
             priority: 50,
-            failed_by: None,
+            disk_bytes: 0,
+            ports: vec![],
         }
     }
 

@@ -246,14 +246,31 @@ pub struct AllocRecord {
     pub gpu_uuids: Vec<String>,
     /// Job priority when placed.
     pub priority: u32,
+    /// Disk reserved (bytes).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Its published ports, each with the host port it holds on the node (empty
+    /// for allocations placed before host ports were scheduled).
+    #[serde(default)]
+    pub ports: Vec<AllocPort>,
     /// The checkpoint it starts from (migration, recovery, rollback); cleared once
     /// it runs.
     #[serde(default)]
     pub restore: Option<novacron_common::wire::RestoreFrom>,
-    /// Why the controller ended it as failed, if it did (typed; `message` says
-    /// it in words).
-    #[serde(default)]
-    pub failed_by: Option<novacron_common::reconcile::FailReason>,
+}
+
+/// A published port of an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AllocPort {
+    /// Its name in the manifest.
+    pub name: String,
+    /// The port in the container.
+    pub container_port: u16,
+    /// The host port on the allocation's node: the manifest's `hostPort`, or the
+    /// one the scheduler took from the node's dynamic range.
+    pub host_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
 }
 
 /// What the controller remembers about an enrolled node.
@@ -1204,6 +1221,7 @@ mod tests {
                 cpu_millis: 4000,
                 memory_bytes: 8 << 30,
                 disk_bytes: 100 << 30,
+                dynamic_ports: Default::default(),
                 gpus: vec![GpuInfo {
                     index: 0,
                     uuid: "GPU-1".into(),
@@ -1443,7 +1461,8 @@ mod tests {
             memory_bytes: 64 << 20,
             gpu_uuids: vec![],
             priority: 50,
-            failed_by: None,
+            disk_bytes: 0,
+            ports: vec![],
         }
     }
 

@@ -19,7 +19,7 @@ use novacron_common::reconcile::{
 };
 use novacron_common::scheduler;
 use novacron_common::wire::{
-    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
+    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom, TaskSpec,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -30,7 +30,8 @@ use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::metrics::PassStats;
 use crate::registry::{PlacementNode, Registry, unix_ms};
 use crate::store::{
-    AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store, StoreError,
+    AllocPort, AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store,
+    StoreError,
 };
 
 /// How often the reconciler runs without a wake-up.
@@ -77,7 +78,8 @@ pub struct JobSummary {
     pub version: u64,
     /// Last stable version.
     pub stable_version: Option<u64>,
-    /// Replicas wanted: the autoscaler's when it set them, else the manifest's.
+    /// Replicas wanted: the autoscaler's when it set them, else the manifest's;
+    /// for a system job, one per ready node matching its constraints.
     pub replicas: u32,
     /// Replicas the current manifest asks for.
     #[serde(default)]
@@ -419,12 +421,22 @@ impl Workloads {
 
     /// All jobs.
     pub fn jobs(&self) -> Vec<JobSummary> {
+        let nodes = self.node_views(Instant::now());
         let st = self.lock();
-        st.jobs.values().map(|e| summary(e, &st.allocs)).collect()
+        st.jobs
+            .values()
+            .map(|e| summary(e, &st.allocs, &nodes))
+            .collect()
+    }
+
+    /// The nodes as the reconciler sees them.
+    fn node_views(&self, now: Instant) -> Vec<reconcile::NodeView> {
+        node_views(&self.registry.placement_nodes(now))
     }
 
     /// One job with its allocations.
     pub fn job(&self, name: &str) -> Result<JobDetail, WorkloadError> {
+        let nodes = self.node_views(Instant::now());
         let st = self.lock();
         let entry = st
             .jobs
@@ -449,7 +461,7 @@ impl Workloads {
             .map(|v| v.source.clone())
             .unwrap_or_default();
         Ok(JobDetail {
-            summary: summary(entry, &st.allocs),
+            summary: summary(entry, &st.allocs, &nodes),
             allocations,
             manifest,
         })
@@ -692,17 +704,10 @@ impl Workloads {
                 healthy: a.healthy,
                 healthy_since_ms: a.healthy_since_unix_ms,
                 created_ms: a.created_unix_ms,
-                failed_by: a.failed_by,
+                failure: a.failure,
             })
             .collect();
-        let node_views: Vec<reconcile::NodeView> = nodes
-            .iter()
-            .map(|n| reconcile::NodeView {
-                name: n.name.clone(),
-                status: n.status,
-                labels: n.labels.clone(),
-            })
-            .collect();
+        let node_views = node_views(&nodes);
         let plan = reconcile::reconcile_with_lifecycles(
             &job_views,
             &lifecycles,
@@ -773,7 +778,7 @@ impl Workloads {
             }
             st.dirty_allocs.insert(id.clone());
         }
-        for (id, reason) in &plan.fail {
+        for (id, failure, reason) in &plan.fail {
             let State {
                 allocs,
                 failures,
@@ -785,8 +790,8 @@ impl Workloads {
                 a.desired_run = false;
                 a.state = AllocState::Failed;
                 a.healthy_since_unix_ms = None;
-                a.message = reason.to_string();
-                a.failed_by = Some(*reason);
+                a.message = reason.clone();
+                a.failure = Some(*failure);
                 a.updated_unix_ms = now_ms;
                 let f = failures.entry((a.job.clone(), a.version)).or_default();
                 f.count += 1;
@@ -1050,7 +1055,6 @@ impl Workloads {
             }
             let record = AllocRecord {
                 restore: restore.map(|(_, r, _)| r),
-                failed_by: None,
                 id: id.clone(),
                 job: req.job.clone(),
                 version: req.version,
@@ -1069,6 +1073,8 @@ impl Workloads {
                 memory_bytes: task.memory_bytes,
                 gpu_uuids: p.gpu_uuids.clone(),
                 priority: job.spec.priority,
+                disk_bytes: job.spec.resources.disk.0,
+                ports: alloc_ports(&task, &p.ports),
             };
             info!(alloc = %id, job = %req.job, node = %p.node, "placed");
             st.events.push(
@@ -1190,7 +1196,9 @@ impl Workloads {
         why: &str,
     ) -> Result<(), WorkloadError> {
         let now = SystemTime::now();
+        let nodes = self.registry.placement_nodes(Instant::now());
         let mut st = self.lock();
+        let ports = relocated_ports(&st, &nodes, id, node);
         let a = st
             .allocs
             .get_mut(id)
@@ -1203,6 +1211,9 @@ impl Workloads {
         }
         info!(alloc = %id, from = %a.node, to = %node, %why, "relocating allocation");
         a.node = node.to_string();
+        if let Some(ports) = ports {
+            a.ports = ports;
+        }
         let moving = restore.is_some();
         a.restore = restore;
         a.state = AllocState::Pending;
@@ -1331,6 +1342,11 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
         };
         let mut task = job.task_spec();
         task.gpu_uuids = a.gpu_uuids.clone();
+        for mapping in &mut task.ports {
+            if let Some(p) = a.ports.iter().find(|p| p.name == mapping.name) {
+                mapping.host_port = Some(p.host_port);
+            }
+        }
         per_node
             .entry(a.node.clone())
             .or_default()
@@ -1399,9 +1415,77 @@ fn scheduling_snapshot(
             memory_bytes: a.memory_bytes,
             gpu_uuids: a.gpu_uuids.clone(),
             priority: a.priority,
+            disk_bytes: a.disk_bytes,
+            host_ports: held_ports(st, a),
         })
         .collect();
     scheduler::Snapshot::new(snapshot_nodes, existing)
+}
+
+/// The host ports allocation `id` gets on `node`, where it moves: its static
+/// ports, and free ports of the node's dynamic range. `None` (keep its ports)
+/// when it publishes none, or when they cannot be had (the migration target was
+/// checked by the scheduler, so only a race gets there).
+fn relocated_ports(
+    st: &State,
+    nodes: &[PlacementNode],
+    id: &str,
+    node: &str,
+) -> Option<Vec<AllocPort>> {
+    let a = st.allocs.get(id)?;
+    let job = st.jobs.get(&a.job)?.parsed.get(&a.version)?;
+    if job.spec.task.ports.is_empty() {
+        return None;
+    }
+    let mut snapshot = scheduling_snapshot(st, nodes).ok()?;
+    snapshot.remove(id);
+    let request = scheduler::Request::from_spec(&job.name, &job.spec, 1);
+    match snapshot.assign_ports(node, &request) {
+        Some(assigned) => Some(alloc_ports(&job.task_spec(), &assigned)),
+        None => {
+            warn!(alloc = %id, %node, "the allocation's host ports are taken on its new node; keeping its ports");
+            None
+        }
+    }
+}
+
+/// The host ports `a` holds on its node. An allocation placed before host ports
+/// were scheduled has none recorded: it holds its job version's static ports
+/// (Docker picked its other ports outside any dynamic range).
+fn held_ports(st: &State, a: &AllocRecord) -> Vec<scheduler::HostPort> {
+    if !a.ports.is_empty() {
+        return a
+            .ports
+            .iter()
+            .map(|p| scheduler::HostPort {
+                port: p.host_port,
+                udp: p.protocol == "udp",
+            })
+            .collect();
+    }
+    let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
+        return Vec::new();
+    };
+    scheduler::Request::from_spec(&job.name, &job.spec, 1)
+        .static_ports()
+        .collect()
+}
+
+/// The allocation's ports: each of the task's mappings with the host port the
+/// scheduler assigned it.
+fn alloc_ports(task: &TaskSpec, assigned: &[scheduler::AssignedPort]) -> Vec<AllocPort> {
+    assigned
+        .iter()
+        .filter_map(|p| {
+            let mapping = task.ports.iter().find(|m| m.name == p.name)?;
+            Some(AllocPort {
+                name: p.name.clone(),
+                container_port: mapping.container_port,
+                host_port: p.host_port,
+                protocol: if p.udp { "udp" } else { "tcp" }.into(),
+            })
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1463,6 +1547,18 @@ fn lifecycle_view(e: &JobEntry) -> Option<LifecycleView> {
     })
 }
 
+/// The nodes as the reconciler sees them.
+fn node_views(nodes: &[PlacementNode]) -> Vec<reconcile::NodeView> {
+    nodes
+        .iter()
+        .map(|n| reconcile::NodeView {
+            name: n.name.clone(),
+            status: n.status,
+            labels: n.labels.clone(),
+        })
+        .collect()
+}
+
 /// The replicas wanted: the override when set, else the current manifest's.
 fn effective_replicas(e: &JobEntry) -> u32 {
     match &e.record.replicas_override {
@@ -1471,7 +1567,20 @@ fn effective_replicas(e: &JobEntry) -> u32 {
     }
 }
 
-fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
+fn summary(
+    e: &JobEntry,
+    allocs: &BTreeMap<String, AllocRecord>,
+    nodes: &[reconcile::NodeView],
+) -> JobSummary {
+    let job = e.current();
+    // A system job wants one replica per eligible node, whatever its manifest's
+    // `replicas` says.
+    let replicas = match job {
+        Some(j) if j.spec.job_type == JobType::System => {
+            reconcile::system_replicas(&j.spec.placement, nodes)
+        }
+        _ => effective_replicas(e),
+    };
     let mine = allocs
         .values()
         .filter(|a| a.job == e.record.name && a.desired_run);
@@ -1494,7 +1603,7 @@ fn summary(e: &JobEntry, allocs: &BTreeMap<String, AllocRecord>) -> JobSummary {
         job_type: e.current().map(|j| j.spec.job_type).unwrap_or_default(),
         version: e.record.current,
         stable_version: e.record.stable,
-        replicas: effective_replicas(e),
+        replicas,
         manifest_replicas: e.current().map_or(0, |j| j.spec.replicas),
         scaled_by: e.record.replicas_override.as_ref().map(|o| o.by.clone()),
         scale_reason: e
@@ -1584,11 +1693,114 @@ mod tests {
         let scaled = job_view(&entry(2, Some(5))).expect("view");
         assert_eq!(scaled.replicas, 5);
         let allocs = BTreeMap::new();
-        let s = summary(&entry(2, Some(5)), &allocs);
+        let s = summary(&entry(2, Some(5)), &allocs, &[]);
         assert_eq!((s.replicas, s.manifest_replicas), (5, 2));
         assert_eq!(s.scaled_by.as_deref(), Some("autoscaler (policy p)"));
-        let s = summary(&entry(2, None), &allocs);
+        let s = summary(&entry(2, None), &allocs, &[]);
         assert_eq!((s.replicas, s.manifest_replicas, s.scaled_by), (2, 2, None));
+    }
+
+    /// Regression: a system job on two nodes showed `1 wanted, 2 running` (its
+    /// manifest's default `replicas`).
+    #[test]
+    fn a_system_job_wants_one_replica_per_eligible_node() {
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: sidecar}\nspec:\n  type: system\n  task: {image: busybox:1}\n  resources: {cpu: 100m, memory: 32Mi}\n  placement:\n    constraints: [{key: zone, operator: In, values: [a]}]\n";
+        let job = parse_job("sidecar.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let mut e = entry(1, None);
+        e.record.name = "sidecar".into();
+        push_version(
+            &mut e,
+            2,
+            text,
+            "sidecar.yaml",
+            "h2",
+            "me",
+            SystemTime::UNIX_EPOCH,
+            job,
+        );
+        let node = |name: &str, zone: &str, status: NodeStatus| reconcile::NodeView {
+            name: name.into(),
+            status,
+            labels: [("zone".to_string(), zone.to_string())].into(),
+        };
+        let nodes = [
+            node("n1", "a", NodeStatus::Ready),
+            node("n2", "a", NodeStatus::Ready),
+            node("n3", "b", NodeStatus::Ready),
+            node("n4", "a", NodeStatus::Down),
+        ];
+        let s = summary(&e, &BTreeMap::new(), &nodes);
+        assert_eq!((s.replicas, s.manifest_replicas), (2, 1));
+        assert_eq!(summary(&e, &BTreeMap::new(), &nodes[2..]).replicas, 0);
+    }
+
+    /// An allocation stored before host ports were scheduled still holds its
+    /// static ports in the scheduler's view; one placed since holds what it got.
+    #[test]
+    fn allocations_hold_their_recorded_or_static_host_ports() {
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  task:\n    image: busybox:1\n    ports: [{name: http, containerPort: 80, hostPort: 8080}, {name: metrics, containerPort: 9100}]\n  resources: {cpu: 100m, memory: 32Mi}\n";
+        let job = parse_job("api.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let mut e = entry(1, None);
+        push_version(
+            &mut e,
+            2,
+            text,
+            "api.yaml",
+            "h2",
+            "me",
+            SystemTime::UNIX_EPOCH,
+            job,
+        );
+        let mut st = State::default();
+        st.jobs.insert("api".into(), e);
+        let mut a = AllocRecord {
+            id: "api-1".into(),
+            job: "api".into(),
+            version: 2,
+            node: "n1".into(),
+            desired_run: true,
+            state: AllocState::Running,
+            healthy: None,
+            healthy_since_unix_ms: None,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            restarts: 0,
+            exit_code: None,
+            message: String::new(),
+            cpu_millis: 100,
+            memory_bytes: 32 << 20,
+            gpu_uuids: vec![],
+            priority: 50,
+            disk_bytes: 0,
+            ports: vec![],
+            restore: None,
+            failure: None,
+        };
+        assert_eq!(held_ports(&st, &a), [scheduler::HostPort::tcp(8080)]);
+        let task = st.jobs["api"].parsed[&2].task_spec();
+        a.ports = alloc_ports(
+            &task,
+            &[
+                scheduler::AssignedPort {
+                    name: "http".into(),
+                    host_port: 8080,
+                    udp: false,
+                },
+                scheduler::AssignedPort {
+                    name: "metrics".into(),
+                    host_port: 20000,
+                    udp: false,
+                },
+            ],
+        );
+        assert_eq!(a.ports[1].container_port, 9100);
+        assert_eq!(
+            held_ports(&st, &a),
+            [
+                scheduler::HostPort::tcp(8080),
+                scheduler::HostPort::tcp(20000)
+            ]
+        );
     }
 
     #[test]

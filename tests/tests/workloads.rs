@@ -911,3 +911,232 @@ async fn an_agent_started_before_docker_keeps_running() {
         agent.log()
     );
 }
+
+/// A service of one replica that answers HTTP with its own job name on container
+/// port 80, published on host port `host_port` (none: the node's dynamic range).
+fn web_on_port(name: &str, host_port: Option<u16>) -> String {
+    let host_port = host_port.map_or(String::new(), |p| format!(", hostPort: {p}"));
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 80 -h /www']
+    ports:
+      - {{name: http, containerPort: 80{host_port}}}
+  resources:
+    cpu: 50m
+    memory: 16Mi
+"
+    )
+}
+
+/// `GET http://{ip}:{port}/`, the body trimmed.
+async fn http_get(ip: &str, port: u16) -> Option<String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let resp = client
+        .get(format!("http://{ip}:{port}/"))
+        .send()
+        .await
+        .ok()?;
+    Some(resp.text().await.ok()?.trim().to_string())
+}
+
+/// Host ports are a scheduled resource: two jobs asking for the same static host
+/// port land on different nodes and both answer there; a third, with no node left
+/// that has the port free, is reported unplaceable with the holder named (no
+/// allocation is created to fail); a port without `hostPort` gets a port of the
+/// node's dynamic range, which the API reports and which answers.
+///
+/// Both agents share this machine's Docker daemon, so each publishes on its own
+/// loopback address (`--publish-address`), as two hosts would on theirs.
+#[tokio::test]
+async fn jobs_with_the_same_static_host_port_go_to_different_nodes() {
+    ensure_test_image().expect("test image");
+    let pid = std::process::id();
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-ports-")
+        .tempdir()
+        .expect("tempdir");
+    let controller = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    // A dynamic range of 10 ports per test process, away from the kernel's
+    // ephemeral ports (32768 and up) that other tests' containers may hold.
+    let first = 22000 + (pid % 900) as u16 * 10;
+    let range = format!("{first}-{}", first + 9);
+    let mut agents = Vec::new();
+    let mut ip_of = std::collections::BTreeMap::new();
+    for i in 0..2 {
+        let name = format!("p{pid}-{i}");
+        let ip = format!("127.0.0.{}", i + 2);
+        agents.push(
+            Agent::join_and_run(
+                dir.path(),
+                &controller,
+                &name,
+                &["--publish-address", &ip, "--dynamic-ports", &range],
+            )
+            .await
+            .expect("agent"),
+        );
+        ip_of.insert(name, ip);
+    }
+    for a in &agents {
+        wait_for(Duration::from_secs(20), "agents ready", || async {
+            matches!(controller.node(&a.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
+        })
+        .await
+        .expect("ready");
+    }
+    let port = novacron_tests::free_port();
+    let jobs: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|j| format!("port{j}-{pid}"))
+        .collect();
+    let _cleanup: Vec<JobCleanup> = jobs.iter().map(|j| JobCleanup(j.clone())).collect();
+
+    // Two jobs on the same static port: one per node, each answering there.
+    let mut nodes = Vec::new();
+    for job in &jobs[..2] {
+        controller
+            .apply("web.yaml", &web_on_port(job, Some(port)))
+            .await
+            .expect("apply");
+        wait_for(Duration::from_secs(30), "the replica running", || async {
+            running(&controller, job).await.len() == 1
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", futures_job(&controller, job)));
+        let alloc = running(&controller, job).await.remove(0);
+        assert_eq!(alloc.ports.len(), 1, "{alloc:?}");
+        assert_eq!(alloc.ports[0].host_port, port);
+        assert_eq!(alloc.ports[0].container_port, 80);
+        let ip = ip_of[&alloc.node].clone();
+        wait_for(
+            Duration::from_secs(15),
+            "the job answering on its port",
+            || async { http_get(&ip, port).await.as_deref() == Some(job.as_str()) },
+        )
+        .await
+        .expect("answers");
+        nodes.push(alloc.node);
+    }
+    assert_ne!(nodes[0], nodes[1], "the same host port on one node twice");
+
+    // A third job on the port: no node is left; blocked with the reason, nothing
+    // placed to fail.
+    let third = &jobs[2];
+    controller
+        .apply("web.yaml", &web_on_port(third, Some(port)))
+        .await
+        .expect("apply");
+    wait_for(
+        Duration::from_secs(15),
+        "the job blocked on its port",
+        || async {
+            controller.job(third).await.is_ok_and(|d| {
+                d.summary.status == "blocked"
+                    && d.summary
+                        .message
+                        .contains(&format!("port {port}/tcp in use on"))
+            })
+        },
+    )
+    .await
+    .expect("blocked");
+    let d = controller.job(third).await.expect("job");
+    eprintln!("{}", d.summary.message);
+    assert!(
+        d.summary
+            .message
+            .contains("1 of 1 replicas could not be placed: 0/2 nodes fit: 2 port"),
+        "{}",
+        d.summary.message
+    );
+    assert!(
+        jobs[..2]
+            .iter()
+            .any(|j| d.summary.message.contains(&format!("by job {j}"))),
+        "{}",
+        d.summary.message
+    );
+    assert!(d.allocations.is_empty(), "{:?}", d.allocations);
+    // Still running, still answering: the first two were not disturbed.
+    for (job, node) in jobs[..2].iter().zip(&nodes) {
+        assert_eq!(
+            http_get(&ip_of[node], port).await.as_deref(),
+            Some(job.as_str())
+        );
+    }
+
+    // A port without hostPort: the API reports the port taken from the range,
+    // and the job answers there.
+    let dynamic = &jobs[3];
+    controller
+        .apply("web.yaml", &web_on_port(dynamic, None))
+        .await
+        .expect("apply");
+    wait_for(
+        Duration::from_secs(30),
+        "the dynamic replica running",
+        || async { running(&controller, dynamic).await.len() == 1 },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures_job(&controller, dynamic)));
+    let alloc = running(&controller, dynamic).await.remove(0);
+    let host_port = alloc.ports[0].host_port;
+    assert!(
+        (first..=first + 9).contains(&host_port),
+        "{host_port} outside {range}"
+    );
+    let ip = ip_of[&alloc.node].clone();
+    wait_for(
+        Duration::from_secs(15),
+        "the dynamic port answering",
+        || async { http_get(&ip, host_port).await.as_deref() == Some(dynamic.as_str()) },
+    )
+    .await
+    .expect("answers");
+    // The CLI shows the same port.
+    let out = controller.cli(&["alloc", "list", "--job", dynamic, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(listed[0]["ports"][0]["host_port"], u64::from(host_port));
+}
+
+/// Regression: a system job on two nodes showed `1 wanted, 2 running` in `job
+/// status` and `job list`; it wants one replica per eligible node.
+#[tokio::test]
+async fn a_system_job_wants_one_replica_per_eligible_node() {
+    let f = fleet(2).await;
+    let job = format!("sys-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let manifest = service(&job, 1, "").replace("type: service", "type: system");
+    f.controller
+        .apply("sys.yaml", &manifest)
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "one replica per node", || async {
+        running(&f.controller, &job).await.len() == 2
+    })
+    .await
+    .expect("running");
+    let d = f.controller.job(&job).await.expect("job");
+    assert_eq!((d.summary.replicas, d.summary.running), (2, 2));
+    let out = f.controller.cli(&["job", "status", &job]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 wanted, 2 running"), "{text}");
+}

@@ -23,7 +23,9 @@ pub mod host;
 use std::future::Future;
 use std::time::Instant;
 
-use novacron_common::wire::{Capabilities, Capacity, DiskSample, GpuInfo, GpuSample, NodeSample};
+use novacron_common::wire::{
+    Capabilities, Capacity, DiskSample, GpuInfo, GpuSample, NodeSample, PortRange,
+};
 
 pub use docker::{DEFAULT_DOCKER_HOST, DOCKER_TIMEOUT, docker_version};
 pub use gpu::{GpuError, NoGpus, NvmlCollector, detect_gpus};
@@ -104,6 +106,8 @@ impl Sampler {
             memory_bytes: totals.memory_bytes,
             disk_bytes: totals.disk_bytes,
             gpus: self.gpus.inventory(),
+            // The agent's configured range replaces the default (see `cli`).
+            dynamic_ports: PortRange::default(),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -47,6 +47,8 @@ const CLIENT_TIMEOUT_SECS: u64 = 300;
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
     inner: Arc<Client>,
+    /// The host address published ports bind to.
+    publish_address: IpAddr,
 }
 
 #[derive(Debug)]
@@ -86,7 +88,16 @@ impl DockerRuntime {
                 host: host.to_owned(),
                 negotiated: OnceCell::new(),
             }),
+            publish_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         })
+    }
+
+    /// Publishes container ports on `address` of the host instead of every
+    /// address (`0.0.0.0`): to keep workloads on one interface, or to run several
+    /// agents on one host whose jobs use the same host ports.
+    pub fn with_publish_address(mut self, address: IpAddr) -> Self {
+        self.publish_address = address;
+        self
     }
 
     /// [`DockerRuntime::new`], then agrees on the API version with the daemon at once.
@@ -174,7 +185,7 @@ impl ContainerRuntime for DockerRuntime {
         let created = timed(
             "create",
             CALL_TIMEOUT,
-            docker.create_container(Some(options), create_body(config)),
+            docker.create_container(Some(options), create_body(config, self.publish_address)),
         )
         .await?;
         Ok(created.id)
@@ -419,9 +430,10 @@ fn frame_of(
     }
 }
 
-/// The Docker create body of `config`. Restart policy `no`: the supervisor restarts
-/// containers itself and counts the restarts.
-pub fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
+/// The Docker create body of `config`, its ports published on `publish_address`.
+/// Restart policy `no`: the supervisor restarts containers itself and counts the
+/// restarts.
+pub fn create_body(config: &ContainerConfig, publish_address: IpAddr) -> ContainerCreateBody {
     let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
     let mut port_bindings = HashMap::new();
     for port in &config.ports {
@@ -430,7 +442,7 @@ pub fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
             .or_insert_with(|| Some(Vec::new()))
             .get_or_insert_with(Vec::new)
             .push(PortBinding {
-                host_ip: Some("0.0.0.0".to_owned()),
+                host_ip: Some(publish_address.to_string()),
                 // Empty: Docker picks a free port.
                 host_port: Some(port.host_port.map(|p| p.to_string()).unwrap_or_default()),
             });
@@ -645,6 +657,8 @@ mod tests {
 
     use super::*;
 
+    const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
     fn config() -> ContainerConfig {
         ContainerConfig {
             image: "img:1".into(),
@@ -687,7 +701,7 @@ mod tests {
 
     #[test]
     fn body_has_limits_ports_mounts_and_no_restart_policy() {
-        let body = create_body(&config());
+        let body = create_body(&config(), ANY);
         assert_eq!(body.entrypoint, None, "empty keeps the image's");
         assert_eq!(body.cmd, Some(vec!["sleep".to_string(), "5".to_string()]));
         assert_eq!(body.env, Some(vec!["A=1".to_string(), "B=x=y".to_string()]));
@@ -710,6 +724,13 @@ mod tests {
         let bindings = host.port_bindings.expect("bindings");
         let http = bindings["80/tcp"].clone().expect("binding");
         assert_eq!(http[0].host_ip.as_deref(), Some("0.0.0.0"));
+        let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        let on_local = create_body(&config(), local)
+            .host_config
+            .expect("host config");
+        let bindings = on_local.port_bindings.expect("bindings");
+        let http_local = bindings["80/tcp"].clone().expect("binding");
+        assert_eq!(http_local[0].host_ip.as_deref(), Some("127.0.0.2"));
         assert_eq!(http[0].host_port.as_deref(), Some(""));
         let dns = bindings["53/udp"].clone().expect("binding");
         assert_eq!(dns[0].host_port.as_deref(), Some("5353"));
@@ -723,7 +744,7 @@ mod tests {
     fn gpus_become_an_nvidia_device_request() {
         let mut cfg = config();
         cfg.gpu_uuids = vec!["GPU-1".into(), "GPU-2".into()];
-        let host = create_body(&cfg).host_config.expect("host config");
+        let host = create_body(&cfg, ANY).host_config.expect("host config");
         let requests = host.device_requests.expect("device requests");
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].driver.as_deref(), Some("nvidia"));
@@ -740,7 +761,7 @@ mod tests {
         cfg.memory_bytes = None;
         cfg.ports.clear();
         cfg.mounts.clear();
-        let body = create_body(&cfg);
+        let body = create_body(&cfg, ANY);
         assert_eq!(body.exposed_ports, None);
         let host = body.host_config.expect("host config");
         assert_eq!(

@@ -88,7 +88,8 @@ pub(super) fn accepted_number(key: &str) -> Option<&'static str> {
 const REPLICAS: &str = "a whole number from 1 to 10000 (system jobs ignore replicas)";
 const PRIORITY: &str = "a whole number from 0 to 1000";
 const PORT: &str = "a port number from 1 to 65535";
-const HOST_PORT: &str = "a port number from 1 to 65535, or no hostPort to let the runtime pick one";
+const HOST_PORT: &str =
+    "a port number from 1 to 65535, or no hostPort to get a free port of the node's dynamic range";
 const ATTEMPTS: &str = "a whole number from 0 to 100";
 const RETRIES: &str = "a whole number from 1 to 100";
 const HEALTH_RESTARTS: &str = "a whole number from 0 to 100";

@@ -777,6 +777,9 @@ impl<'a> Sim<'a> {
             // GPU ids are re-chosen on a rebuild: the scheduler only counts them.
             gpu_uuids: Vec::new(),
             priority: j.priority,
+            disk_bytes: j.resources.disk.0,
+            // Simulated jobs publish no ports.
+            host_ports: Vec::new(),
         }
     }
 
@@ -824,7 +827,7 @@ impl<'a> Sim<'a> {
                     healthy: Some(running),
                     healthy_since_ms: running.then_some(a.running_at_ms),
                     created_ms: a.created_ms,
-                    failed_by: None,
+                    failure: None,
                 }
             })
             .collect();
@@ -1430,8 +1433,10 @@ fn node_info(name: &str, pool: &PoolSpec, zone: &str, ready: bool) -> NodeInfo {
         capacity: Capacity {
             cpu_millis: t.resources.cpu.0,
             memory_bytes: t.resources.memory.0,
+            // Node templates do not describe disk yet.
             disk_bytes: 0,
             gpus,
+            ..Capacity::default()
         },
         ready,
     }

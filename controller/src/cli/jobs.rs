@@ -12,7 +12,7 @@ use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
 use crate::api::ApplyRequest;
 use crate::autoscaler::PolicyApplyResult;
-use crate::store::AllocRecord;
+use crate::store::{AllocPort, AllocRecord};
 use crate::workloads::{ApplyResult, JobDetail, JobSummary};
 
 /// `novacron job` subcommands.
@@ -344,7 +344,8 @@ impl TableRow for JobSummary {
 impl TableRow for AllocRecord {
     fn headers() -> &'static [&'static str] {
         &[
-            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "AGE", "MESSAGE",
+            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "PORTS", "AGE",
+            "MESSAGE",
         ]
     }
 
@@ -367,10 +368,23 @@ impl TableRow for AllocRecord {
                 None => "-".into(),
             },
             self.restarts.to_string(),
+            ports_cell(&self.ports),
             output::ago(now, output::from_unix_ms(self.created_unix_ms)),
             truncate(&self.message, 50),
         ]
     }
+}
+
+/// `8080->80/tcp,20000->9100/tcp`: host port, container port, protocol.
+fn ports_cell(ports: &[AllocPort]) -> String {
+    if ports.is_empty() {
+        return "-".into();
+    }
+    ports
+        .iter()
+        .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -411,5 +425,20 @@ mod tests {
         let mixed = format!("{}---\n{}", doc("Job"), doc("AutoScalingPolicy"));
         let e = manifest_kind("f", &mixed).expect_err("mixed");
         assert!(e.contains("mix kinds (Job, AutoScalingPolicy)"), "{e}");
+    }
+
+    #[test]
+    fn the_ports_cell_shows_host_to_container_ports() {
+        let port = |host_port, container_port, protocol: &str| AllocPort {
+            name: "p".into(),
+            container_port,
+            host_port,
+            protocol: protocol.into(),
+        };
+        assert_eq!(ports_cell(&[]), "-");
+        assert_eq!(
+            ports_cell(&[port(8080, 80, "tcp"), port(20000, 53, "udp")]),
+            "8080->80/tcp,20000->53/udp"
+        );
     }
 }

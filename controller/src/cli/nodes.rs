@@ -470,6 +470,7 @@ pub(crate) mod tests {
                     cpu_millis: 4000,
                     memory_bytes: 16_750_372_454,
                     disk_bytes: 100 * GI,
+                    dynamic_ports: Default::default(),
                     gpus: vec![GpuInfo {
                         index: 0,
                         uuid: "GPU-1234".into(),

@@ -755,6 +755,7 @@ impl FakeAgent {
                 cpu_millis: 2000,
                 memory_bytes: 4 << 30,
                 disk_bytes: 40_000_000_000,
+                dynamic_ports: Default::default(),
                 gpus: vec![],
             },
             capabilities: Capabilities {
