@@ -33,9 +33,12 @@ async fn apply(
     caller.require(Role::Operator)?;
     req.check()?;
     let by = caller.0.to_string();
+    let (autoscaler, file, who) = (st.autoscaler.clone(), req.file.clone(), by.clone());
+    let manifest = req.manifest.clone();
     let result = st
-        .autoscaler
-        .apply(&req.file, &req.manifest, &by, SystemTime::now())
+        .heavy
+        .run(move || autoscaler.apply(&file, &manifest, &who, SystemTime::now()))
+        .await?
         .map_err(problem)?;
     let mut event = NewEvent::new(
         kind::POLICY_APPLIED,
@@ -96,6 +99,6 @@ fn problem(e: PolicyError) -> Problem {
         e @ PolicyError::Conflict { .. } => Problem::new(StatusCode::CONFLICT, e.to_string()),
         e @ PolicyError::Unknown(_) => Problem::new(StatusCode::NOT_FOUND, e.to_string()),
         PolicyError::Workload(e) => internal(e),
-        PolicyError::Store(e) => internal(e),
+        PolicyError::Store(e) => crate::api::store_problem(e),
     }
 }

@@ -13,7 +13,7 @@ use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, ApplyRequest, Caller, Problem, internal};
+use crate::api::{ApiState, ApplyRequest, Caller, Problem};
 use crate::events::{NewEvent, kind};
 use crate::pools::{self, AppliedDocument, PoolError, PoolStatus};
 
@@ -31,12 +31,20 @@ async fn apply_pools(
     caller.require(Role::Operator)?;
     req.check()?;
     let by = caller.0.to_string();
-    let applied = pools::apply(&st, &req.file, &req.manifest, &by, SystemTime::now()).map_err(
-        |e| match e {
+    let (state, file, manifest, who) = (
+        st.clone(),
+        req.file.clone(),
+        req.manifest.clone(),
+        by.clone(),
+    );
+    let applied = st
+        .heavy
+        .run(move || pools::apply(&state, &file, &manifest, &who, SystemTime::now()))
+        .await?
+        .map_err(|e| match e {
             PoolError::Invalid(m) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, m),
-            PoolError::Store(e) => internal(e),
-        },
-    )?;
+            PoolError::Store(e) => crate::api::store_problem(e),
+        })?;
     for a in &applied {
         st.events.note(
             NewEvent::new(

@@ -203,6 +203,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         pricing,
         autoscaler: autoscaler.clone(),
         migrations: migrations.clone(),
+        heavy: crate::heavy::HeavyWork::for_this_host(),
     });
 
     let cancel = CancellationToken::new();
