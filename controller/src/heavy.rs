@@ -118,8 +118,12 @@ mod tests {
         let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
         let mut held = Vec::new();
         for _ in 0..2 {
-            let (pool, running, most, rx) =
-                (pool.clone(), running.clone(), most.clone(), release_rx.clone());
+            let (pool, running, most, rx) = (
+                pool.clone(),
+                running.clone(),
+                most.clone(),
+                release_rx.clone(),
+            );
             held.push(tokio::spawn(async move {
                 pool.run(move || {
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;

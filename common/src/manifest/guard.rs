@@ -36,7 +36,9 @@ pub const MAX_EXPANDED_BYTES: u64 = 4 << 20;
 /// [`MAX_NESTING`] or its aliases go past [`MAX_ANCHORS`], [`MAX_ALIASES`] or
 /// [`MAX_EXPANDED_BYTES`]. Run it before handing the text to a YAML parser.
 pub fn check(file: &str, text: &str) -> Result<(), ManifestError> {
-    Scanner::new(text).run().map_err(|r| r.into_error(file, text))
+    Scanner::new(text)
+        .run()
+        .map_err(|r| r.into_error(file, text))
 }
 
 /// Why [`check`] refused a text, at which byte.
@@ -90,7 +92,9 @@ impl Refusal {
         let before = text.get(..at).unwrap_or(text);
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let column = before.get(line_start..).map_or(1, |s| s.chars().count() + 1);
+        let column = before
+            .get(line_start..)
+            .map_or(1, |s| s.chars().count() + 1);
         ManifestError {
             file: file.to_string(),
             line: Some(line),
@@ -157,9 +161,7 @@ impl<'a> Scanner<'a> {
     /// One line, without its end; `base` is the byte offset of its start.
     fn line(&mut self, b: &[u8], base: usize) -> Result<(), Refusal> {
         let indent = b.iter().take_while(|&&c| c == b' ').count();
-        let blank = b[indent..]
-            .iter()
-            .all(|&c| c == b' ' || c == b'\t');
+        let blank = b[indent..].iter().all(|&c| c == b' ' || c == b'\t');
         if let Some(parent) = self.block_scalar {
             if blank || indent > parent {
                 return Ok(());
@@ -239,7 +241,11 @@ impl<'a> Scanner<'a> {
                     if self.flow == 0 && !after_value {
                         self.open_block(i, base)?;
                     }
-                    self.quote = Some(if c == b'"' { Quote::Double } else { Quote::Single });
+                    self.quote = Some(if c == b'"' {
+                        Quote::Double
+                    } else {
+                        Quote::Single
+                    });
                     at_start = false;
                 }
                 b'&' | b'*' | b'!' if at_start => {
@@ -397,7 +403,10 @@ spec:
         // `a` opens level 1, then 64 brackets: the 64th is the 65th level.
         assert_eq!(e.column, Some(4 + 63));
         assert!(e.message.contains("65 levels deep"), "{e}");
-        assert!(e.message.contains(&format!("limit of {MAX_NESTING}")), "{e}");
+        assert!(
+            e.message.contains(&format!("limit of {MAX_NESTING}")),
+            "{e}"
+        );
         let braces = format!("{}\n", "{a: ".repeat(200));
         assert!(refused(&braces).message.contains("levels deep"));
     }
@@ -453,7 +462,9 @@ spec:
 
     #[test]
     fn billion_laughs_is_refused() {
-        let mut text = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        let mut text = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
         let mut prev = 'a';
         for name in ['b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'] {
             text.push_str(&format!(
