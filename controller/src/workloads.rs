@@ -1212,20 +1212,23 @@ impl Workloads {
             )));
         }
         info!(alloc = %id, from = %a.node, to = %node, %why, "relocating allocation");
-        a.node = node.to_string();
+        let mut moved = a.clone();
+        moved.node = node.to_string();
         let moving = restore.is_some();
-        a.restore = restore;
-        a.state = AllocState::Pending;
-        a.healthy = None;
-        a.healthy_since_unix_ms = None;
-        a.message = why.to_string();
-        a.updated_unix_ms = unix_ms(now);
-        st.dirty_allocs.insert(id.to_string());
+        moved.restore = restore;
+        moved.state = AllocState::Pending;
+        moved.healthy = None;
+        moved.healthy_since_unix_ms = None;
+        moved.message = why.to_string();
+        moved.updated_unix_ms = unix_ms(now);
+        // On disk first: the move exists for the nodes only once it does.
+        self.store
+            .save_allocations(std::slice::from_ref(&moved), &[])?;
+        *a = moved;
         if moving {
             st.migrating.insert(id.to_string());
         }
         drop(st);
-        self.persist()?;
         self.publish();
         Ok(())
     }
