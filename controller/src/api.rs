@@ -80,7 +80,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             }),
         )
         .layer(axum::middleware::map_response(json_errors))
-        .layer(axum::middleware::from_fn(deadline))
+        .layer(axum::middleware::from_fn_with_state(
+            REQUEST_DEADLINE,
+            deadline,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -99,10 +102,14 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// `(method, path suffix)`.
 const LONG_REQUESTS: &[(&str, &str)] = &[("POST", "/checkpoint")];
 
-/// Answers 503 when a handler has not answered within [`REQUEST_DEADLINE`], so that
-/// no request hangs on a stuck handler; the work it started is bounded elsewhere
-/// (see [`crate::heavy`]).
-async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// Answers 503 when a handler has not answered within `limit`
+/// ([`REQUEST_DEADLINE`]), so that no request hangs on a stuck handler; the work
+/// it started is bounded elsewhere (see [`crate::heavy`]).
+async fn deadline(
+    State(limit): State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let long = LONG_REQUESTS
         .iter()
         .any(|(m, suffix)| req.method().as_str() == *m && req.uri().path().ends_with(suffix));
@@ -110,15 +117,14 @@ async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> 
         return next.run(req).await;
     }
     let what = format!("{} {}", req.method(), req.uri().path());
-    match tokio::time::timeout(REQUEST_DEADLINE, next.run(req)).await {
+    match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => {
-            warn!(request = %what, deadline = ?REQUEST_DEADLINE, "request past its deadline");
+            warn!(request = %what, deadline = ?limit, "request past its deadline");
             Problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
-                    "{what}: no answer within {}s; the controller is overloaded, retry later",
-                    REQUEST_DEADLINE.as_secs()
+                    "{what}: no answer within {limit:?}; the controller is overloaded, retry later"
                 ),
             )
             .into_response()
@@ -1083,4 +1089,60 @@ pub fn internal(e: impl std::fmt::Display) -> Problem {
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("internal error: {e}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `router` behind the deadline layer (`limit`) on a loopback port.
+    async fn serve(limit: Duration) -> String {
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            "late"
+        };
+        let router = Router::new()
+            .route("/slow", axum::routing::get(slow))
+            .route("/fast", axum::routing::get(|| async { "fast" }))
+            .route("/v1/allocations/a/checkpoint", axum::routing::post(slow))
+            .layer(axum::middleware::from_fn_with_state(limit, deadline));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_its_deadline_answers_503_and_a_checkpoint_may_take_longer() {
+        let base = serve(Duration::from_millis(200)).await;
+        novacron_common::tls::install_crypto_provider();
+        let client = reqwest::Client::new();
+        let fast = client
+            .get(format!("{base}/fast"))
+            .send()
+            .await
+            .expect("fast");
+        assert_eq!(fast.status(), StatusCode::OK);
+        let slow = client
+            .get(format!("{base}/slow"))
+            .send()
+            .await
+            .expect("slow");
+        assert_eq!(slow.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body: ApiError = slow.json().await.expect("an ApiError");
+        assert!(
+            body.error.starts_with("GET /slow: no answer within 200ms"),
+            "{}",
+            body.error
+        );
+        let long = client
+            .post(format!("{base}/v1/allocations/a/checkpoint"))
+            .send()
+            .await
+            .expect("checkpoint");
+        assert_eq!(long.status(), StatusCode::OK);
+        assert_eq!(long.text().await.expect("body"), "late");
+    }
 }
