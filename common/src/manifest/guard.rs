@@ -543,4 +543,35 @@ glob: '*.example.com'
         let e = refused(&text);
         assert_eq!(e.column, Some(3 + 64), "{e}");
     }
+
+    proptest::proptest! {
+        /// Any text of YAML's structural characters: no panic, and a refusal
+        /// points inside the text.
+        #[test]
+        fn any_text_is_scanned_without_panic(
+            chars in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    '[', ']', '{', '}', ' ', '\n', '\r', '-', ':', '?', '#', '\'', '"', '&', '*',
+                    '!', 'a', '|', '>', ',', '\\', '\t', 'é', '%', '.',
+                ]),
+                0..3000,
+            )
+        ) {
+            let text: String = chars.into_iter().collect();
+            if let Err(e) = check("p.yaml", &text) {
+                let lines = text.split('\n').count();
+                proptest::prop_assert!(e.line.is_some_and(|l| l >= 1 && l <= lines), "{}", e);
+                proptest::prop_assert!(e.column.is_some_and(|c| c >= 1), "{}", e);
+            }
+        }
+
+        /// Flow nesting is refused exactly past the limit, whatever wraps it.
+        #[test]
+        fn flow_nesting_is_refused_exactly_past_the_limit(depth in 1usize..200, key in "[a-z]{1,8}") {
+            let text = format!("{key}:\n  - {}x{}\n", "[".repeat(depth), "]".repeat(depth));
+            // The mapping and the sequence are two levels.
+            let refused = check("p.yaml", &text).is_err();
+            proptest::prop_assert_eq!(refused, depth + 2 > MAX_NESTING);
+        }
+    }
 }
