@@ -529,11 +529,14 @@ impl RedbStore {
     /// Closes and reopens the file (redb latches an I/O error until then).
     fn reopen(&self, op: &'static str) -> Result<(), StoreError> {
         let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(open) = db.as_ref()
-            && open.begin_read().is_ok()
-            && open.begin_write().is_ok()
-        {
-            return Ok(()); // another caller reopened it meanwhile
+        // Never wait for a writer here (it could need this lock to finish): a
+        // live writer, or a write that can begin, means the file is usable (another
+        // caller reopened it meanwhile).
+        if let Some(open) = db.as_ref() {
+            match open.try_begin_write() {
+                Ok(_) | Err(redb::TransactionError::WouldBlock) => return Ok(()),
+                Err(_) => {}
+            }
         }
         // The old handle holds the file lock: drop it first.
         *db = None;
