@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 // checkpoint: added for spec.checkpoint (checkpoint policy).
 pub mod checkpoint;
 pub(crate) mod document;
+pub mod guard;
 pub mod health;
 mod job;
 pub mod lifecycle;
@@ -42,7 +43,7 @@ mod validate;
 pub use checkpoint::{CheckpointPolicy, DEFAULT_KEEP};
 pub use job::Job;
 pub use lifecycle::{Lifecycle, LifecycleSchedule, MIN_MAX_RUNTIME};
-pub use load::{parse_job, parse_jobs};
+pub use load::{parse_job, parse_jobs, yaml_documents};
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "novacron.io/v1";

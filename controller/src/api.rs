@@ -27,7 +27,7 @@ use crate::https::Peer;
 use crate::link::LinkContext;
 use crate::registry::{Registry, RegistryError, unix_ms};
 use crate::store::AllocRecord;
-use crate::store::{ConsumeError, Revocation, Store};
+use crate::store::{ConsumeError, Revocation, Store, StoreError};
 use crate::tokens::{JoinToken, TokenRecord};
 use crate::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError, Workloads};
 
@@ -64,6 +64,8 @@ pub struct ApiState {
     pub migrations: Arc<crate::migrate::Migrations>,
     /// Certificate revocation (the list the TLS verifiers read).
     pub certs: Arc<crate::certs::CertRevocations>,
+    /// Where manifests are parsed and checked: bounded, off the async workers.
+    pub heavy: crate::heavy::HeavyWork,
 }
 
 /// Builds the router: every route documented in the OpenAPI document, which is
@@ -84,6 +86,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             audit_refusals,
         ))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            REQUEST_DEADLINE,
+            deadline,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -93,6 +99,44 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// each), so an oversized manifest is answered by the handler with a 422 that
 /// names its size, not by a bare 413.
 pub const MAX_BODY_BYTES: usize = 12 * MAX_MANIFEST_BYTES + 64 * 1024;
+
+/// How long a handler may take to start its answer; past it the caller gets a 503
+/// (a streamed body, such as logs or events, may then flow for as long as it lasts).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Requests that wait on an agent for longer than [`REQUEST_DEADLINE`] by design:
+/// `(method, path suffix)`.
+const LONG_REQUESTS: &[(&str, &str)] = &[("POST", "/checkpoint")];
+
+/// Answers 503 when a handler has not answered within `limit`
+/// ([`REQUEST_DEADLINE`]), so that no request hangs on a stuck handler; the work
+/// it started is bounded elsewhere (see [`crate::heavy`]).
+async fn deadline(
+    State(limit): State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let long = LONG_REQUESTS
+        .iter()
+        .any(|(m, suffix)| req.method().as_str() == *m && req.uri().path().ends_with(suffix));
+    if long {
+        return next.run(req).await;
+    }
+    let what = format!("{} {}", req.method(), req.uri().path());
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            warn!(request = %what, deadline = ?limit, "request past its deadline");
+            Problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{what}: no answer within {limit:?}; the controller is overloaded, retry later"
+                ),
+            )
+            .into_response()
+        }
+    }
+}
 
 /// The longest non-JSON error body turned into a JSON error.
 const MAX_ERROR_BODY: usize = 16 * 1024;
@@ -209,6 +253,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
         .routes(routes!(enroll))
         .routes(routes!(list_nodes))
         .routes(routes!(show_node))
@@ -291,6 +336,22 @@ impl utoipa::Modify for Security {
 #[utoipa::path(get, path = "/healthz", tag = "controller", security(()), responses((status = 200, description = "the API serves", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (the store cannot write: a full disk)", body = ApiError)))]
+async fn readyz(State(st): State<Arc<ApiState>>) -> Result<&'static str, Problem> {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || store.writable()).await {
+        Ok(Ok(())) => Ok("ready"),
+        Ok(Err(e)) => Err(Problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store cannot write: {e}"),
+        )),
+        Err(e) => Err(Problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store check failed: {e}"),
+        )),
+    }
 }
 
 /// An error answer: a status and a message that says what to do.
@@ -912,7 +973,7 @@ pub(crate) fn check_note(field: &str, text: &str) -> Result<(), Problem> {
 /// Log streams in flight at once.
 pub const MAX_LOG_STREAMS: usize = 256;
 
-#[utoipa::path(post, path = "/v1/jobs", tag = "workloads", request_body = ApplyRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 200, body = ApplyResult), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/jobs", tag = "workloads", request_body = ApplyRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 200, body = ApplyResult), (status = 422, description = "the manifest is invalid (also: nested too deep, or aliases that expand too far); the message names file, line, field and what is accepted", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn apply_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -920,10 +981,13 @@ async fn apply_job(
 ) -> Result<Response, Problem> {
     caller.require(Role::Operator)?;
     req.check()?;
+    let file_name = req.file.clone();
     let by = caller.0.to_string();
+    let (workloads, file, who) = (st.workloads.clone(), req.file.clone(), by.clone());
     let result = st
-        .workloads
-        .apply(&req.file, &req.manifest, &by, SystemTime::now())
+        .heavy
+        .run(move || workloads.apply(&file, &req.manifest, &who, SystemTime::now()))
+        .await?
         .map_err(workload_problem)?;
     st.events.note(
         NewEvent::new(
@@ -931,7 +995,7 @@ async fn apply_job(
             by,
             format!(
                 "job {} {} from {} (version {})",
-                result.job, result.outcome, req.file, result.version
+                result.job, result.outcome, file_name, result.version
             ),
         )
         .job(&result.job)
@@ -1129,8 +1193,33 @@ fn workload_problem(e: WorkloadError) -> Problem {
         e @ (WorkloadError::UnknownJob(_) | WorkloadError::UnknownAlloc(_)) => {
             Problem(StatusCode::NOT_FOUND, e.to_string())
         }
-        WorkloadError::Store(e) => internal(e),
+        WorkloadError::Store(e) => store_problem(e),
     }
+}
+
+/// A failed write: 507 when the data directory's disk is full, 503 for another
+/// I/O failure (the store recovers without a restart once the disk does), else a
+/// 500. Nothing of the request was kept.
+pub fn store_problem(e: StoreError) -> Problem {
+    if e.is_disk_full() {
+        warn!(error = %e, "the store's disk is full");
+        return Problem(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "nothing was saved: the disk of the controller's data directory is full ({e}); free space there, then retry (GET /readyz answers 200 again once the store can write)"
+            ),
+        );
+    }
+    if e.is_io() {
+        warn!(error = %e, "the store cannot write");
+        return Problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "nothing was saved: the controller's store cannot write now ({e}); retry once GET /readyz answers 200"
+            ),
+        );
+    }
+    internal(e)
 }
 
 fn unknown_node(name: &str) -> Problem {
@@ -1185,5 +1274,56 @@ mod tests {
             assert!(schemas.get(name).is_some(), "{r} does not resolve");
         }
         assert!(schemas.get("AllocPort").is_some());
+    }
+
+    /// Serves `router` behind the deadline layer (`limit`) on a loopback port.
+    async fn serve(limit: Duration) -> String {
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            "late"
+        };
+        let router = Router::new()
+            .route("/slow", axum::routing::get(slow))
+            .route("/fast", axum::routing::get(|| async { "fast" }))
+            .route("/v1/allocations/a/checkpoint", axum::routing::post(slow))
+            .layer(axum::middleware::from_fn_with_state(limit, deadline));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_its_deadline_answers_503_and_a_checkpoint_may_take_longer() {
+        let base = serve(Duration::from_millis(200)).await;
+        novacron_common::tls::install_crypto_provider();
+        let client = reqwest::Client::new();
+        let fast = client
+            .get(format!("{base}/fast"))
+            .send()
+            .await
+            .expect("fast");
+        assert_eq!(fast.status(), StatusCode::OK);
+        let slow = client
+            .get(format!("{base}/slow"))
+            .send()
+            .await
+            .expect("slow");
+        assert_eq!(slow.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body: ApiError = slow.json().await.expect("an ApiError");
+        assert!(
+            body.error.starts_with("GET /slow: no answer within 200ms"),
+            "{}",
+            body.error
+        );
+        let long = client
+            .post(format!("{base}/v1/allocations/a/checkpoint"))
+            .send()
+            .await
+            .expect("checkpoint");
+        assert_eq!(long.status(), StatusCode::OK);
+        assert_eq!(long.text().await.expect("body"), "late");
     }
 }

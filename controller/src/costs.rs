@@ -185,7 +185,10 @@ fn manifest_class(source: &str) -> Option<String> {
         #[serde(default)]
         labels: BTreeMap<String, String>,
     }
-    let doc: Doc = yaml_serde::from_str(source).ok()?;
+    let first = novacron_common::manifest::yaml_documents("manifest", source)
+        .ok()?
+        .next()?;
+    let doc = Doc::deserialize(first).ok()?;
     doc.metadata.labels.get(cost::CLASS_LABEL).cloned()
 }
 

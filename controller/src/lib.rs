@@ -17,6 +17,7 @@ pub mod costs;
 pub mod ctl;
 pub mod events;
 pub mod exec;
+pub mod heavy;
 pub mod https;
 pub mod link;
 pub mod metrics;

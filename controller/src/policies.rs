@@ -24,7 +24,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(delete))
 }
 
-#[utoipa::path(post, path = "/v1/policies", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = PolicyApplyResult), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the policy is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 409, description = "another policy scales the same job or pool", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/policies", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = PolicyApplyResult), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the policy is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 409, description = "another policy scales the same job or pool", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn apply(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -33,9 +33,12 @@ async fn apply(
     caller.require(Role::Operator)?;
     req.check()?;
     let by = caller.0.to_string();
+    let (autoscaler, file, who) = (st.autoscaler.clone(), req.file.clone(), by.clone());
+    let manifest = req.manifest.clone();
     let result = st
-        .autoscaler
-        .apply(&req.file, &req.manifest, &by, SystemTime::now())
+        .heavy
+        .run(move || autoscaler.apply(&file, &manifest, &who, SystemTime::now()))
+        .await?
         .map_err(problem)?;
     let mut event = NewEvent::new(
         kind::POLICY_APPLIED,
@@ -96,6 +99,6 @@ fn problem(e: PolicyError) -> Problem {
         e @ PolicyError::Conflict { .. } => Problem::new(StatusCode::CONFLICT, e.to_string()),
         e @ PolicyError::Unknown(_) => Problem::new(StatusCode::NOT_FOUND, e.to_string()),
         PolicyError::Workload(e) => internal(e),
-        PolicyError::Store(e) => internal(e),
+        PolicyError::Store(e) => crate::api::store_problem(e),
     }
 }

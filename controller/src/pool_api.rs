@@ -13,7 +13,7 @@ use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, ApplyRequest, Caller, Problem, internal};
+use crate::api::{ApiState, ApplyRequest, Caller, Problem};
 use crate::events::{NewEvent, kind};
 use crate::pools::{self, AppliedDocument, PoolError, PoolStatus};
 
@@ -22,7 +22,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new().routes(routes!(apply_pools, list_pools))
 }
 
-#[utoipa::path(post, path = "/v1/pools", tag = "fleet", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedDocument>), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/pools", tag = "fleet", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedDocument>), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn apply_pools(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -31,12 +31,20 @@ async fn apply_pools(
     caller.require(Role::Operator)?;
     req.check()?;
     let by = caller.0.to_string();
-    let applied = pools::apply(&st, &req.file, &req.manifest, &by, SystemTime::now()).map_err(
-        |e| match e {
+    let (state, file, manifest, who) = (
+        st.clone(),
+        req.file.clone(),
+        req.manifest.clone(),
+        by.clone(),
+    );
+    let applied = st
+        .heavy
+        .run(move || pools::apply(&state, &file, &manifest, &who, SystemTime::now()))
+        .await?
+        .map_err(|e| match e {
             PoolError::Invalid(m) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, m),
-            PoolError::Store(e) => internal(e),
-        },
-    )?;
+            PoolError::Store(e) => crate::api::store_problem(e),
+        })?;
     for a in &applied {
         st.events.note(
             NewEvent::new(

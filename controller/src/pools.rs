@@ -996,6 +996,8 @@ struct Documents {
 /// kind with its parser. Documents of the other kind are blanked (lines kept), so
 /// that every error keeps the line and column of the original file.
 fn parse_documents(file: &str, text: &str) -> Result<Documents, PoolError> {
+    novacron_common::manifest::guard::check(file, text)
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let segments = segments(&lines);
     let mut kinds = Vec::new();

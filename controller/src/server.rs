@@ -219,6 +219,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         autoscaler: autoscaler.clone(),
         migrations: migrations.clone(),
         certs,
+        heavy: crate::heavy::HeavyWork::for_this_host(),
     });
 
     let cancel = CancellationToken::new();

@@ -13,13 +13,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use novacron_common::wire::{Capabilities, Capacity};
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -119,6 +119,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
     /// Deletes the node template called `name`; whether there was one.
     fn delete_node_template(&self, name: &str) -> Result<bool, StoreError>;
+    /// Whether the store can write now. After a failed write it tries again (and
+    /// reopens the file when the failure left it unusable); `Ok` until then.
+    fn writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A `NodePool` or `NodeTemplate` as applied: its one manifest document, parsed
@@ -405,6 +410,35 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the failure is the disk's (an I/O error, or an earlier one that left
+    /// the file to be reopened) rather than the data's: the same write may succeed
+    /// once the disk is fixed.
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Database { source, .. } if io_error(source))
+    }
+
+    /// Whether the disk is full (`ENOSPC`).
+    pub fn is_disk_full(&self) -> bool {
+        let StoreError::Database { source, .. } = self else {
+            return false;
+        };
+        let redb::Error::Io(io) = source.as_ref() else {
+            return false;
+        };
+        io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(ENOSPC)
+    }
+}
+
+/// `ENOSPC` on Linux.
+const ENOSPC: i32 = 28;
+
+/// Whether redb failed on I/O (now or before: it then refuses every operation with
+/// `PreviousIo` until the database is reopened).
+fn io_error(e: &redb::Error) -> bool {
+    matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo)
+}
+
 /// Why [`Store::consume_token`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -417,9 +451,17 @@ pub enum ConsumeError {
 }
 
 /// The [`Store`] on a redb file. The file is locked while this value lives.
+///
+/// After an I/O error (a full disk) redb refuses every later operation until the
+/// database is reopened: the store then reopens the file at the next operation, so
+/// that once the disk is fixed writes succeed again without a restart. A write
+/// that failed left nothing behind (redb's transactions are atomic).
 pub struct RedbStore {
-    db: Database,
+    /// `None` only while being reopened, or when reopening failed.
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    /// The last write failure, until a write succeeds again.
+    failure: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for RedbStore {
@@ -448,8 +490,9 @@ impl RedbStore {
             },
         })?;
         let store = RedbStore {
-            db,
+            db: RwLock::new(Some(db)),
             path: path.to_owned(),
+            failure: Mutex::new(None),
         };
         store.init_schema()?;
         Ok(store)
@@ -494,19 +537,83 @@ impl RedbStore {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
         txn.open_table(EVENTS).map_err(self.fail(OP))?;
-        txn.commit().map_err(self.fail(OP))
+        self.commit(txn, OP)
     }
 
+    /// Turns a redb error into a [`StoreError`], noting an I/O failure (which
+    /// [`Store::writable`] then reports until a write succeeds).
     fn fail<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
-        move |e| StoreError::Database {
-            path: self.path.clone(),
-            op,
-            source: Box::new(e.into()),
+        move |e| {
+            let e = StoreError::Database {
+                path: self.path.clone(),
+                op,
+                source: Box::new(e.into()),
+            };
+            if e.is_io() {
+                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+            e
         }
     }
 
+    /// Runs `f` on the database; when redb refuses it because of an earlier I/O
+    /// error, reopens the file and runs `f` once more.
+    fn with_db<T, E: Into<redb::Error>>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&Database) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
+        {
+            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(db) = db.as_ref() {
+                match f(db).map_err(Into::into) {
+                    Ok(t) => return Ok(t),
+                    Err(e) if !io_error(&e) => return Err(self.fail(op)(e)),
+                    Err(_) => {}
+                }
+            }
+        }
+        self.reopen(op)?;
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match db.as_ref() {
+            Some(db) => f(db).map_err(self.fail(op)),
+            None => Err(self.fail(op)(redb::Error::PreviousIo)),
+        }
+    }
+
+    /// Closes and reopens the file (redb latches an I/O error until then).
+    fn reopen(&self, op: &'static str) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // Never wait for a writer here (it could need this lock to finish): a
+        // live writer, or a write that can begin, means the file is usable (another
+        // caller reopened it meanwhile).
+        if let Some(open) = db.as_ref() {
+            match open.try_begin_write() {
+                Ok(_) | Err(redb::TransactionError::WouldBlock) => return Ok(()),
+                Err(_) => {}
+            }
+        }
+        // The old handle holds the file lock: drop it first.
+        *db = None;
+        let reopened = Database::create(&self.path).map_err(self.fail(op))?;
+        tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
+        *db = Some(reopened);
+        Ok(())
+    }
+
     fn begin_write(&self, op: &'static str) -> Result<WriteTransaction, StoreError> {
-        self.db.begin_write().map_err(self.fail(op))
+        self.with_db(op, |db| db.begin_write())
+    }
+
+    fn begin_read(&self, op: &'static str) -> Result<ReadTransaction, StoreError> {
+        self.with_db(op, |db| db.begin_read())
+    }
+
+    /// Commits `txn`, clearing the noted failure on success.
+    fn commit(&self, txn: WriteTransaction, op: &'static str) -> Result<(), StoreError> {
+        txn.commit().map_err(self.fail(op))?;
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
     }
 
     fn decode<T: DeserializeOwned>(
@@ -566,7 +673,7 @@ impl RedbStore {
     ) -> Result<(), StoreError> {
         let txn = self.begin_write(op)?;
         self.put_in(&txn, table, key, value, op)?;
-        txn.commit().map_err(self.fail(op))
+        self.commit(txn, op)
     }
 
     fn get<T: DeserializeOwned>(
@@ -575,7 +682,7 @@ impl RedbStore {
         key: &str,
         op: &'static str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.fail(op))?;
+        let txn = self.begin_read(op)?;
         let t = txn.open_table(table.def()).map_err(self.fail(op))?;
         let Some(guard) = t.get(key).map_err(self.fail(op))? else {
             return Ok(None);
@@ -589,7 +696,7 @@ impl RedbStore {
         table: Table,
         op: &'static str,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.fail(op))?;
+        let txn = self.begin_read(op)?;
         let t = txn.open_table(table.def()).map_err(self.fail(op))?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(self.fail(op))? {
@@ -610,12 +717,30 @@ impl RedbStore {
             let mut t = txn.open_table(table.def()).map_err(self.fail(op))?;
             t.remove(key).map_err(self.fail(op))?.is_some()
         };
-        txn.commit().map_err(self.fail(op))?;
+        self.commit(txn, op)?;
         Ok(existed)
     }
 }
 
 impl Store for RedbStore {
+    fn writable(&self) -> Result<(), StoreError> {
+        const OP: &str = "checking that the store can write";
+        let failed = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !failed {
+            return Ok(());
+        }
+        // As much as the largest manifest: room for this is room for an apply.
+        let probe = "x".repeat(crate::api::MAX_MANIFEST_BYTES);
+        let txn = self.begin_write(OP)?;
+        self.put_in(&txn, META, PROBE_KEY, &probe, OP)?;
+        self.commit(txn, OP)?;
+        self.remove(META, PROBE_KEY, OP).map(|_| ())
+    }
+
     fn put_node_pool(&self, pool: &PoolManifestRecord) -> Result<(), StoreError> {
         self.put(NODE_POOLS, &pool.name, pool, "saving a node pool")
     }
@@ -660,7 +785,7 @@ impl Store for RedbStore {
             let mut t = txn.open_table(POLICIES.def()).map_err(self.fail(OP))?;
             t.remove(name).map_err(self.fail(OP))?.is_some()
         };
-        txn.commit().map_err(self.fail(OP))?;
+        self.commit(txn, OP)?;
         Ok(existed)
     }
 
@@ -700,12 +825,12 @@ impl Store for RedbStore {
                 }
             }
         }
-        txn.commit().map_err(self.fail(OP))
+        self.commit(txn, OP)
     }
 
     fn events(&self, query: &EventQuery) -> Result<EventScan, StoreError> {
         const OP: &str = "reading events";
-        let txn = self.db.begin_read().map_err(self.fail(OP))?;
+        let txn = self.begin_read(OP)?;
         let t = txn.open_table(EVENTS).map_err(self.fail(OP))?;
         let last = t.last().map_err(self.fail(OP))?.map(|(k, _)| k.value());
         let range = t
@@ -730,7 +855,7 @@ impl Store for RedbStore {
 
     fn last_event_seq(&self) -> Result<u64, StoreError> {
         const OP: &str = "reading the last event";
-        let txn = self.db.begin_read().map_err(self.fail(OP))?;
+        let txn = self.begin_read(OP)?;
         let t = txn.open_table(EVENTS).map_err(self.fail(OP))?;
         let last = t.last().map_err(self.fail(OP))?;
         Ok(last.map(|(k, _)| k.value()).unwrap_or(0))
@@ -756,7 +881,7 @@ impl Store for RedbStore {
                 t.remove(id.as_str()).map_err(self.fail(OP))?;
             }
         }
-        txn.commit().map_err(self.fail(OP))
+        self.commit(txn, OP)
     }
 
     fn allocations(&self) -> Result<Vec<AllocRecord>, StoreError> {
@@ -800,7 +925,7 @@ impl Store for RedbStore {
         // On any early return the transaction is dropped, which aborts it.
         let updated = use_token(record, token, now)?;
         self.put_in(&txn, TOKENS, &updated.id, &updated, OP)?;
-        txn.commit().map_err(self.fail(OP))?;
+        self.commit(txn, OP)?;
         Ok(updated)
     }
 
@@ -855,7 +980,7 @@ impl Store for RedbStore {
         for (node, mark) in marks {
             self.put_in(&txn, METRIC_MARKS, node, mark, OP)?;
         }
-        txn.commit().map_err(self.fail(OP))
+        self.commit(txn, OP)
     }
 
     fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError> {
@@ -1131,6 +1256,8 @@ const NODE_TEMPLATES: Table = Table {
 const ALLOCATIONS: Table = Table {
     name: "allocations",
 };
+/// The `meta` key [`Store::writable`] writes and removes again.
+const PROBE_KEY: &str = "write-probe";
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 const LINK_EPOCH_KEY: &str = "link_epoch";
 const EVENTS_NAME: &str = "events";

@@ -245,9 +245,10 @@ impl Workloads {
         let hash = job.version_hash();
         let mut st = self.lock();
         let name = job.name.clone();
-        let outcome;
-        let version;
-        match st.jobs.get_mut(&name) {
+        // The new record is written first; the jobs the API lists and the
+        // reconciler schedules change only once it is on disk (under the lock, so
+        // nothing sees one without the other).
+        let (mut record, outcome) = match st.jobs.get(&name) {
             Some(entry) => {
                 let same = entry
                     .record
@@ -262,36 +263,42 @@ impl Workloads {
                         outcome: "unchanged".into(),
                     });
                 }
-                version = entry.record.versions.last().map_or(1, |v| v.version + 1);
-                push_version(entry, version, text, file, &hash, by, now, job);
-                entry.record.stopped = false;
-                entry.record.status = "running".into();
-                entry.record.message = format!("version {version} submitted by {by}");
-                outcome = "updated";
+                (entry.record.clone(), "updated")
             }
-            None => {
-                version = 1;
-                let mut entry = JobEntry {
-                    record: JobRecord {
-                        name: name.clone(),
-                        versions: vec![],
-                        current: 1,
-                        stable: None,
-                        stopped: false,
-                        status: "running".into(),
-                        message: format!("submitted by {by}"),
-                        replicas_override: None,
-                    },
-                    parsed: BTreeMap::new(),
-                };
-                push_version(&mut entry, version, text, file, &hash, by, now, job);
-                st.jobs.insert(name.clone(), entry);
-                outcome = "created";
-            }
-        }
-        st.dirty_jobs.insert(name.clone());
+            None => (
+                JobRecord {
+                    name: name.clone(),
+                    versions: vec![],
+                    current: 1,
+                    stable: None,
+                    stopped: false,
+                    status: "running".into(),
+                    message: String::new(),
+                    replicas_override: None,
+                },
+                "created",
+            ),
+        };
+        let version = record.versions.last().map_or(1, |v| v.version + 1);
+        push_record_version(&mut record, version, text, file, &hash, by, now);
+        record.stopped = false;
+        record.status = "running".into();
+        record.message = if outcome == "created" {
+            format!("submitted by {by}")
+        } else {
+            format!("version {version} submitted by {by}")
+        };
+        self.store.put_job(&record)?;
+        let entry = st.jobs.entry(name.clone()).or_insert_with(|| JobEntry {
+            record: record.clone(),
+            parsed: BTreeMap::new(),
+        });
+        entry.parsed.insert(version, job);
+        entry
+            .parsed
+            .retain(|v, _| record.versions.iter().any(|k| k.version == *v));
+        entry.record = record;
         drop(st);
-        self.persist()?;
         info!(job = %name, version, by, outcome, "job applied");
         self.wake.notify_one();
         Ok(ApplyResult {
@@ -308,12 +315,13 @@ impl Workloads {
             .jobs
             .get_mut(name)
             .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
-        entry.record.stopped = true;
-        entry.record.status = "stopped".into();
-        entry.record.message = format!("stopped by {by}");
-        st.dirty_jobs.insert(name.to_string());
+        let mut record = entry.record.clone();
+        record.stopped = true;
+        record.status = "stopped".into();
+        record.message = format!("stopped by {by}");
+        self.store.put_job(&record)?;
+        entry.record = record;
         drop(st);
-        self.persist()?;
         info!(job = name, by, "job stopped");
         self.wake.notify_one();
         Ok(())
@@ -333,18 +341,20 @@ impl Workloads {
         if !a.desired_run || a.state.is_terminal() {
             return Ok(false);
         }
-        a.desired_run = false;
-        a.message = format!("evicted: {reason}");
-        a.updated_unix_ms = unix_ms(now);
+        let mut evicted = a.clone();
+        evicted.desired_run = false;
+        evicted.message = format!("evicted: {reason}");
+        evicted.updated_unix_ms = unix_ms(now);
+        self.store
+            .save_allocations(std::slice::from_ref(&evicted), &[])?;
+        *a = evicted;
         let event = NewEvent::new(kind::ALLOC_STOPPED, by, format!("evicting {id}: {reason}"))
             .node(&a.node)
             .job(&a.job)
             .alloc(id)
             .detail("evicted", "true");
         info!(alloc = %id, job = %a.job, node = %a.node, %reason, "evicting allocation");
-        st.dirty_allocs.insert(id.to_string());
         drop(st);
-        self.persist()?;
         self.record(vec![event], now);
         self.wake.notify_one();
         Ok(true)
@@ -368,15 +378,16 @@ impl Workloads {
             .get_mut(name)
             .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
         let before = effective_replicas(entry);
-        entry.record.replicas_override = Some(ReplicaOverride {
+        let mut record = entry.record.clone();
+        record.replicas_override = Some(ReplicaOverride {
             replicas,
             by: by.to_string(),
             reason: reason.to_string(),
             at_unix_ms: unix_ms(now),
         });
-        st.dirty_jobs.insert(name.to_string());
+        self.store.put_job(&record)?;
+        entry.record = record;
         drop(st);
-        self.persist()?;
         info!(
             job = name,
             from = before,
@@ -396,12 +407,13 @@ impl Workloads {
         let Some(entry) = st.jobs.get_mut(name) else {
             return Ok(false);
         };
-        if entry.record.replicas_override.take().is_none() {
+        let mut record = entry.record.clone();
+        if record.replicas_override.take().is_none() {
             return Ok(false);
         }
-        st.dirty_jobs.insert(name.to_string());
+        self.store.put_job(&record)?;
+        entry.record = record;
         drop(st);
-        self.persist()?;
         info!(job = name, "replicas handed back to the manifest");
         self.wake.notify_one();
         Ok(true)
@@ -1144,13 +1156,33 @@ impl Workloads {
                 .collect();
             (jobs, allocs, std::mem::take(&mut st.deleted_allocs))
         };
+        let mut saved = 0;
+        let mut result = Ok(());
         for j in &jobs {
-            self.store.put_job(j)?;
+            if let Err(e) = self.store.put_job(j) {
+                result = Err(e);
+                break;
+            }
+            saved += 1;
         }
-        if !allocs.is_empty() || !deleted.is_empty() {
-            self.store.save_allocations(&allocs, &deleted)?;
+        if result.is_ok() && (!allocs.is_empty() || !deleted.is_empty()) {
+            result = self.store.save_allocations(&allocs, &deleted);
+            if result.is_ok() {
+                return Ok(());
+            }
         }
-        Ok(())
+        if result.is_err() {
+            // Not on disk: written again at the next persist, so that nothing the
+            // controller decided is lost once the store writes again.
+            let mut st = self.lock();
+            st.dirty_jobs
+                .extend(jobs.into_iter().skip(saved).map(|j| j.name));
+            st.dirty_allocs.extend(allocs.into_iter().map(|a| a.id));
+            let mut again = deleted;
+            again.append(&mut st.deleted_allocs);
+            st.deleted_allocs = again;
+        }
+        result
     }
 
     /// Recomputes every node's desired set and sends those that changed.
@@ -1210,23 +1242,26 @@ impl Workloads {
             )));
         }
         info!(alloc = %id, from = %a.node, to = %node, %why, "relocating allocation");
-        a.node = node.to_string();
+        let mut moved = a.clone();
+        moved.node = node.to_string();
         if let Some(ports) = ports {
-            a.ports = ports;
+            moved.ports = ports;
         }
         let moving = restore.is_some();
-        a.restore = restore;
-        a.state = AllocState::Pending;
-        a.healthy = None;
-        a.healthy_since_unix_ms = None;
-        a.message = why.to_string();
-        a.updated_unix_ms = unix_ms(now);
-        st.dirty_allocs.insert(id.to_string());
+        moved.restore = restore;
+        moved.state = AllocState::Pending;
+        moved.healthy = None;
+        moved.healthy_since_unix_ms = None;
+        moved.message = why.to_string();
+        moved.updated_unix_ms = unix_ms(now);
+        // On disk first: the move exists for the nodes only once it does.
+        self.store
+            .save_allocations(std::slice::from_ref(&moved), &[])?;
+        *a = moved;
         if moving {
             st.migrating.insert(id.to_string());
         }
         drop(st);
-        self.persist()?;
         self.publish();
         Ok(())
     }
@@ -1499,7 +1534,26 @@ fn push_version(
     now: SystemTime,
     job: Job,
 ) {
-    entry.record.versions.push(JobVersion {
+    push_record_version(&mut entry.record, version, source, file, hash, by, now);
+    entry.parsed.insert(version, job);
+    let kept = &entry.record.versions;
+    entry
+        .parsed
+        .retain(|v, _| kept.iter().any(|k| k.version == *v));
+}
+
+/// Adds `version` to the record as its current one, dropping the oldest past
+/// [`MAX_JOB_VERSIONS`].
+fn push_record_version(
+    record: &mut JobRecord,
+    version: u64,
+    source: &str,
+    file: &str,
+    hash: &str,
+    by: &str,
+    now: SystemTime,
+) {
+    record.versions.push(JobVersion {
         version,
         source: source.to_string(),
         file: file.to_string(),
@@ -1507,11 +1561,9 @@ fn push_version(
         submitted_at_unix_ms: unix_ms(now),
         by: by.to_string(),
     });
-    entry.parsed.insert(version, job);
-    entry.record.current = version;
-    while entry.record.versions.len() > MAX_JOB_VERSIONS {
-        let old = entry.record.versions.remove(0);
-        entry.parsed.remove(&old.version);
+    record.current = version;
+    while record.versions.len() > MAX_JOB_VERSIONS {
+        record.versions.remove(0);
     }
 }
 

@@ -150,7 +150,7 @@ where
 {
     let mut errors = Vec::new();
     let mut count = 0;
-    for de in yaml_serde::Deserializer::from_str(text) {
+    for de in super::load::yaml_documents(file, text)? {
         if let Err(e) = IgnoredAny::deserialize(de) {
             errors.push(from_yaml(file, text, count, &e, true));
             break;

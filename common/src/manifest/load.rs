@@ -45,9 +45,24 @@ pub fn parse_jobs(file: &str, text: &str) -> Result<Vec<Job>, ManifestErrors> {
     load(file, text).map(|jobs| jobs.into_iter().map(|(_, job)| job).collect())
 }
 
+/// The YAML documents of `text`, for a deserializer: the only way into yaml_serde
+/// for untrusted text. Refuses, before any parsing, text nested deeper or aliased
+/// more than the [`guard`](super::guard) allows (the parser's time grows with the
+/// square of the depth), naming `file`, the line and the limit.
+pub fn yaml_documents<'a>(
+    file: &str,
+    text: &'a str,
+) -> Result<yaml_serde::Deserializer<'a>, ManifestErrors> {
+    super::guard::check(file, text).map_err(|e| ManifestErrors(vec![e]))?;
+    Ok(yaml_serde::Deserializer::from_str(text))
+}
+
 /// The jobs of `text` with their document numbers.
 fn load(file: &str, text: &str) -> Result<Vec<(usize, Job)>, ManifestErrors> {
     let mut errors = Vec::new();
+
+    // 0. Shape: refuse what would make the parse slow or huge.
+    yaml_documents(file, text)?;
 
     // 1. Syntax. libyaml cannot resynchronise after a syntax error (yaml_serde then
     //    yields the same error for ever), so the first one ends the file.
@@ -360,5 +375,26 @@ mod tests {
             last.as_deref(),
             Some("big.yaml: 50 more errors not shown; fix the ones above first")
         );
+    }
+
+    /// Issue 12: a 240 KB manifest of nested brackets took 81 s of CPU to parse.
+    /// It is refused before parsing, naming the line, the depth and the limit, as
+    /// are other kinds (autoscaling policies go through the same loader).
+    #[test]
+    fn a_deeply_nested_manifest_is_refused_before_parsing() {
+        let depth = 120 * 1024;
+        let text = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let errors = parse_jobs("deep.yaml", &text).expect_err("too deep");
+        let first = errors.first().expect("one error").to_string();
+        assert!(
+            first.starts_with("deep.yaml:1:65: the document nests 65 levels deep"),
+            "{first}"
+        );
+        assert!(first.contains("limit of 64"), "{first}");
+        let block: String = (0..2000)
+            .map(|d| format!("{}k:\n", " ".repeat(d)))
+            .collect();
+        let errors = crate::autoscale::parse_policies("p.yaml", &block).expect_err("too deep");
+        assert!(errors.to_string().contains("levels deep"), "{errors}");
     }
 }

@@ -151,7 +151,8 @@ pub async fn apply(
 /// The `kind` of the documents in `text` (a pool and its templates may share a
 /// file); the controller checks everything else. A file whose YAML does not parse,
 /// or that names no kind, goes to the job endpoint, whose answer locates the
-/// problem.
+/// problem. A file nested too deep to parse quickly is refused here (see
+/// [`novacron_common::manifest::guard`]).
 pub fn manifest_kind(file: &str, text: &str) -> Result<&'static str, String> {
     #[derive(serde::Deserialize)]
     struct Peek {
@@ -164,7 +165,8 @@ pub fn manifest_kind(file: &str, text: &str) -> Result<&'static str, String> {
         .collect::<Vec<_>>()
         .join(", ");
     let mut found: Vec<(&'static str, &'static [&'static str])> = Vec::new();
-    for doc in yaml_serde::Deserializer::from_str(text) {
+    let docs = novacron_common::manifest::yaml_documents(file, text).map_err(|e| e.to_string())?;
+    for doc in docs {
         let kind = match <Option<Peek> as serde::Deserialize>::deserialize(doc) {
             Ok(Some(Peek { kind: Some(k) })) => k,
             Ok(_) => continue,
