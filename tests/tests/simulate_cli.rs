@@ -74,6 +74,11 @@ fn every_shipped_scenario_runs_and_reports_in_a_table() {
             text.contains("availability") && text.contains("static peak"),
             "{text}"
         );
+        // Regression (issue 12): the report lacked its final newline.
+        assert!(
+            text.ends_with("availability\n") && !text.ends_with("\n\n"),
+            "{name}: {text:?}"
+        );
     }
 }
 

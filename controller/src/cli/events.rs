@@ -71,7 +71,7 @@ impl TableRow for Event {
         let when = output::from_unix_ms(self.time_unix_ms);
         vec![
             self.seq.to_string(),
-            format!("{} ago", output::ago(now, when)),
+            output::ago(now, when),
             self.kind.clone(),
             self.actor.clone(),
             object(self),
@@ -312,6 +312,24 @@ mod tests {
         let big = vec![b'x'; MAX_SSE_BLOCK + 1];
         let err = p.push(&big).expect_err("too big");
         assert!(err.contains("exceeds"), "{err}");
+    }
+
+    /// Regression (issue 12): the TIME column read `28s ago ago`.
+    #[test]
+    fn the_time_column_says_ago_once() {
+        let e = Event {
+            seq: 1,
+            time_unix_ms: 1_700_000_000_000,
+            kind: "job.applied".into(),
+            actor: "admin".into(),
+            node: None,
+            job: Some("web".into()),
+            alloc: None,
+            message: "m".into(),
+            details: Default::default(),
+        };
+        let now = output::from_unix_ms(1_700_000_028_000);
+        assert_eq!(e.cells(now)[1], "28s ago");
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn run(args: &SimulateArgs, format: OutputFormat, out: &mut dyn Write) -> Re
     let report = simulate(args)?;
     match format {
         OutputFormat::Table => {
-            write!(out, "{report}").map_err(OutputError::Io)?;
+            writeln!(out, "{report}").map_err(OutputError::Io)?;
             if args.events {
                 writeln!(out, "\nevents (autoscaled):").map_err(OutputError::Io)?;
                 for e in &report.autoscaled.events {
