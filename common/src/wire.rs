@@ -643,6 +643,11 @@ pub struct AllocationStatus {
     /// Why it failed, when its state is `Failed` (decisions read this, never the
     /// message).
     pub failure: Option<FailureReason>,
+    /// The last start tried to restore the allocation's checkpoint and that
+    /// failed (corrupt, missing or unusable bundle); cleared once it runs. The
+    /// controller then drops the checkpoint and starts from scratch.
+    #[serde(default)]
+    pub restore_failed: bool,
     /// Container id.
     pub container_id: Option<String>,
     /// When the current run started, Unix ms.

@@ -584,7 +584,7 @@ impl Workloads {
                     // Restored (recovery): a later restart starts the container
                     // as it is, not from this older checkpoint.
                     a.restore = None;
-                } else if status.message.contains("restoring checkpoint") {
+                } else if status.restore_failed {
                     // The checkpoint cannot be used (corrupt, gone, wrong node):
                     // availability first, the replacement starts from scratch.
                     warn!(alloc = %a.id, %node, checkpoint = %r.digest, message = %status.message, "checkpoint unusable; starting from scratch");

@@ -174,6 +174,13 @@ pub enum LaunchError {
         /// What went wrong.
         message: String,
     },
+    /// Restoring the allocation's checkpoint into its new container failed.
+    RestoreFailed {
+        /// The container, created but not started.
+        container_id: String,
+        /// What went wrong.
+        message: String,
+    },
     /// Anything else; the container exists when it was created but did not start.
     Failed {
         /// The container, when it was created.
@@ -472,6 +479,21 @@ impl Reconciler {
                             hash: spec_hash,
                         });
                         rec.failed_run(now, None, format!("could not start: {message}"));
+                    }
+                    Err(LaunchError::RestoreFailed {
+                        container_id,
+                        message,
+                    }) => {
+                        rec.container = Some(Container {
+                            id: container_id,
+                            hash: spec_hash,
+                        });
+                        rec.restore_failed = true;
+                        rec.failed_run(
+                            now,
+                            None,
+                            format!("could not restore its checkpoint: {message}"),
+                        );
                     }
                 }
             }
@@ -813,6 +835,7 @@ impl Reconciler {
                     exit_code: rec.exit_code,
                     message,
                     failure: rec.failure.filter(|_| rec.state == AllocState::Failed),
+                    restore_failed: rec.restore_failed,
                     container_id: rec.container.as_ref().map(|c| c.id.clone()),
                     started_at_unix_ms: rec.started_at_unix_ms,
                 }
@@ -830,6 +853,7 @@ impl Reconciler {
                 exit_code: None,
                 message: "not desired on this node; removing its container".into(),
                 failure: None,
+                restore_failed: false,
                 container_id: Some(container_id.clone()),
                 started_at_unix_ms: None,
             });
@@ -912,6 +936,8 @@ struct Record {
     /// The pending restart is for a failed check.
     health_restart: bool,
     /// Why it failed, once failed.
+    /// The last start failed to restore the checkpoint (reported, typed).
+    restore_failed: bool,
     failure: Option<FailureReason>,
     restarts: u32,
     exit_code: Option<i64>,
@@ -942,6 +968,7 @@ impl Record {
             unhealthy: None,
             health_restart: false,
             failure: None,
+            restore_failed: false,
             restarts: 0,
             exit_code: None,
             message: String::new(),
@@ -978,6 +1005,7 @@ impl Record {
 
     fn enter_running(&mut self, now: Instant, run: Run, message: &str) {
         self.state = AllocState::Running;
+        self.restore_failed = false;
         self.restart_at = None;
         self.started_at_unix_ms = run.started_at_unix_ms;
         self.ip = run.ip;
@@ -1470,6 +1498,50 @@ mod tests {
             s.message
         );
         assert_eq!(r.plan(now + Duration::from_secs(1), 16).len(), 1);
+    }
+
+    /// A failed checkpoint restore is reported as a typed flag (the controller's
+    /// fallback to a fresh start reads it, never the message), cleared once the
+    /// allocation runs.
+    #[test]
+    fn a_failed_restore_is_reported_typed_until_it_runs() {
+        let mut r = core();
+        let now = Instant::now();
+        let a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert_eq!(r.plan(now, 16).len(), 1);
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: "a".into(),
+                spec_hash: spec_hash(&a.task),
+                result: Err(LaunchError::RestoreFailed {
+                    container_id: "c1".into(),
+                    message: "bundle is corrupt".into(),
+                }),
+            },
+        );
+        let s = status(&r, "a");
+        assert!(s.restore_failed, "{s:?}");
+        assert_ne!(s.state, AllocState::Running);
+        assert!(
+            s.message.contains("could not restore its checkpoint"),
+            "{}",
+            s.message
+        );
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: "a".into(),
+                spec_hash: spec_hash(&a.task),
+                result: Ok(run("c2")),
+            },
+        );
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Running);
+        assert!(!s.restore_failed);
     }
 
     #[test]

@@ -613,7 +613,11 @@ async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> O
                 Err(LaunchError::ImageMissing { image }) => {
                     warn!(%alloc, %image, "image not present on this node")
                 }
-                Err(LaunchError::Failed { message, .. } | LaunchError::Replace { message }) => {
+                Err(
+                    LaunchError::Failed { message, .. }
+                    | LaunchError::RestoreFailed { message, .. }
+                    | LaunchError::Replace { message },
+                ) => {
                     warn!(%alloc, error = %message, "launch failed")
                 }
             }
@@ -751,14 +755,14 @@ async fn launch<R: ContainerRuntime>(
             restorer
                 .restore(&spec.id, from, &id)
                 .await
-                .map_err(|message| LaunchError::Failed {
-                    container_id: Some(id.clone()),
+                .map_err(|message| LaunchError::RestoreFailed {
+                    container_id: id.clone(),
                     message: format!("restoring checkpoint {}: {message}", from.digest),
                 })?
         }
         (Some(from), None) => {
-            return Err(LaunchError::Failed {
-                container_id: Some(id.clone()),
+            return Err(LaunchError::RestoreFailed {
+                container_id: id.clone(),
                 message: format!(
                     "checkpoint {} cannot be restored: this agent has no checkpoint service",
                     from.digest
