@@ -138,11 +138,21 @@ impl RevokedSerials {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
 
+/// A check a verifier makes after the chain was accepted: refuses certificates
+/// that are revoked (by serial, or by whatever identity the implementor tracks).
+pub trait CertRevocation: std::fmt::Debug + Send + Sync {
+    /// `Err` (`CertificateError::Revoked`, or `BadEncoding` when the certificate
+    /// cannot be read) refuses the handshake.
+    fn check(&self, end_entity: &[u8]) -> Result<(), rustls::Error>;
+}
+
+impl CertRevocation for RevokedSerials {
     /// Refuses a certificate whose serial is revoked, with the error rustls turns
     /// into a `certificate_revoked` alert. A certificate whose serial cannot be read
     /// is refused too.
-    pub fn check(&self, end_entity: &[u8]) -> Result<(), rustls::Error> {
+    fn check(&self, end_entity: &[u8]) -> Result<(), rustls::Error> {
         let serial = Serial::of_cert_der(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
@@ -156,10 +166,11 @@ impl RevokedSerials {
 }
 
 /// Wraps `inner` so that, after `inner` accepts a client certificate, it is refused
-/// when its serial is in `revoked` (read at every handshake).
+/// when `revoked` refuses it (read at every handshake; for example
+/// [`RevokedSerials`]).
 pub fn revocation_checking_verifier(
     inner: Arc<dyn ClientCertVerifier>,
-    revoked: Arc<RevokedSerials>,
+    revoked: Arc<dyn CertRevocation>,
 ) -> Arc<dyn ClientCertVerifier> {
     Arc::new(RevocationCheckingVerifier { inner, revoked })
 }
@@ -168,7 +179,7 @@ pub fn revocation_checking_verifier(
 #[derive(Debug)]
 struct RevocationCheckingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    revoked: Arc<RevokedSerials>,
+    revoked: Arc<dyn CertRevocation>,
 }
 
 impl ClientCertVerifier for RevocationCheckingVerifier {

@@ -29,7 +29,7 @@ use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use novacron_common::pki::{Identity, Serial};
-use novacron_common::tls::RevokedSerials;
+use novacron_common::tls::{CertRevocation, RevokedSerials};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

@@ -15,16 +15,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::fleet::Liveness;
 use novacron_common::pki::{self, CertAndKey, Identity, Role, Serial, Validity};
-use novacron_common::tls::{self, RevokedSerials};
+use novacron_common::tls::{self, CertRevocation, RevokedSerials};
 use novacron_common::wire::{
     self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, ExecEvent, ExecRequest,
     FrameError, LogChunk, MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
 };
 use quinn::{RecvStream, SendStream};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -90,13 +87,13 @@ pub fn bind(
     revoked: Arc<RevokedNames>,
     revoked_certs: Arc<RevokedSerials>,
 ) -> Result<quinn::Endpoint, LinkError> {
-    let verifier = Arc::new(RevocationAwareVerifier {
-        inner: tls::revocation_checking_verifier(
-            tls::fleet_client_verifier(ca_pem, false)?,
-            revoked_certs,
-        ),
-        revoked,
-    });
+    let verifier = tls::revocation_checking_verifier(
+        tls::fleet_client_verifier(ca_pem, false)?,
+        Arc::new(NodeRevocations {
+            serials: revoked_certs,
+            names: revoked,
+        }),
+    );
     let rustls_config =
         tls::server_config(&server.cert_pem, &server.key_pem, verifier, &[wire::ALPN])?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_config)
@@ -763,61 +760,25 @@ fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {
     Identity::from_cert_der(leaf).map_err(|e| e.to_string())
 }
 
-/// The fleet CA verifier plus a revocation check by node name.
+/// What refuses a node at the handshake: a revoked certificate serial, or a
+/// revoked node name (`node revoke`).
 #[derive(Debug)]
-struct RevocationAwareVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    revoked: Arc<RevokedNames>,
+struct NodeRevocations {
+    serials: Arc<RevokedSerials>,
+    names: Arc<RevokedNames>,
 }
 
-impl ClientCertVerifier for RevocationAwareVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+impl CertRevocation for NodeRevocations {
+    fn check(&self, end_entity: &[u8]) -> Result<(), rustls::Error> {
+        self.serials.check(end_entity)?;
         if let Ok(id) = Identity::from_cert_der(end_entity)
-            && self.revoked.contains(&id.name)
+            && self.names.contains(&id.name)
         {
             info!(node = %id.name, "refused revoked node at the handshake");
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Revoked,
             ));
         }
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
+        Ok(())
     }
 }
