@@ -55,6 +55,11 @@ pub struct JobView {
     pub update: Update,
     /// Whether the job has a health check.
     pub has_health_check: bool,
+    /// Whether its replicas publish static host ports: a new replica then cannot
+    /// start beside the old one on its node, so a rolling update stops an old
+    /// replica first (at most `max_parallel` at a time), as Nomad's destructive
+    /// updates do.
+    pub static_host_ports: bool,
     /// Stopped by an operator.
     pub stopped: bool,
 }
@@ -562,8 +567,16 @@ fn reconcile_service(
     let healthy_new = new.iter().filter(|a| healthy_for_long_enough(a)).count() as u32;
     let in_flight = new.len() as u32 - healthy_new;
     // Old replicas stop only as healthy new ones take their places; broken old
-    // ones go first, then the oldest.
-    let keep_old = job.replicas.saturating_sub(healthy_new) as usize;
+    // ones go first, then the oldest. With static host ports a new replica needs
+    // the port its old one holds, so up to `max_parallel` old replicas make way
+    // for new ones on their way to healthy (never more: a failing new replica
+    // fails the rollout above before the next one stops).
+    let taken = if job.static_host_ports {
+        new.len() as u32 + job.update.max_parallel.saturating_sub(in_flight)
+    } else {
+        healthy_new
+    };
+    let keep_old = job.replicas.saturating_sub(taken) as usize;
     let mut old_sorted = old.clone();
     old_sorted.sort_by_key(|a| (healthy_for_long_enough(a), a.created_ms, a.id.clone()));
     for a in old_sorted.iter().take(old.len().saturating_sub(keep_old)) {
@@ -572,7 +585,8 @@ fn reconcile_service(
             format!("rolling update to version {}", job.version),
         ));
     }
-    // Surge: up to `max_parallel` new replicas on their way to healthy.
+    // Surge: up to `max_parallel` new replicas on their way to healthy (beside
+    // the old ones, or in the places of those that made way).
     let room = job.replicas.saturating_sub(new.len() as u32);
     let to_place = room.min(job.update.max_parallel.saturating_sub(in_flight));
     if to_place > 0 && may_place {
@@ -623,6 +637,7 @@ mod tests {
                 canary: 0,
             },
             has_health_check: true,
+            static_host_ports: false,
             stopped: false,
         }
     }
@@ -758,6 +773,47 @@ mod tests {
             vec![("o2".to_string(), "rolling update to version 2".to_string())]
         );
         assert!(plan.place.is_empty(), "{plan:?}");
+    }
+
+    /// With static host ports a new replica needs its old one's port: one old
+    /// replica makes way per step (`maxParallel`), and a failing new one still
+    /// fails the rollout before the next old one stops.
+    #[test]
+    fn a_rollout_with_static_host_ports_replaces_one_old_replica_at_a_time() {
+        let mut j = job("api", JobType::Service, 3, 2);
+        j.stable_version = Some(1);
+        j.static_host_ports = true;
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let old: Vec<AllocView> = (0..3)
+            .map(|i| alloc(&format!("o{i}"), "api", 1, "n1", AllocState::Running))
+            .collect();
+        let plan = run(std::slice::from_ref(&j), &old, &nodes, 100_000);
+        assert_eq!(plan.stop.len(), 1, "{plan:?}");
+        assert_eq!(plan.place[0].count, 1, "{plan:?}");
+        // The new one on its way: nothing more stops or starts.
+        let mut new = alloc("n0", "api", 2, "n1", AllocState::Starting);
+        new.healthy = None;
+        new.healthy_since_ms = None;
+        new.created_ms = 99_000;
+        let mut allocs = old[1..].to_vec();
+        allocs.push(new);
+        let plan = run(std::slice::from_ref(&j), &allocs, &nodes, 100_000);
+        assert!(plan.stop.is_empty() && plan.place.is_empty(), "{plan:?}");
+        // It failed: revert, the two old replicas kept.
+        let failures = FailureCounts::from([(
+            ("api".to_string(), 2),
+            Failures {
+                count: 1,
+                last_ms: 100_000,
+            },
+        )]);
+        allocs[2].state = AllocState::Failed;
+        let plan = reconcile(&[j], &allocs, &nodes, &failures, 100_500);
+        assert!(plan.stop.is_empty() && plan.place.is_empty(), "{plan:?}");
+        assert!(
+            matches!(&plan.jobs[..], [JobChange::Revert { .. }]),
+            "{plan:?}"
+        );
     }
 
     /// Regression: a rolling update to an image that does not exist stopped every

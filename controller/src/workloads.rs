@@ -1580,6 +1580,7 @@ fn job_view(e: &JobEntry) -> Option<JobView> {
         placement: job.spec.placement.clone(),
         update: job.spec.update.clone(),
         has_health_check: job.spec.health.is_some(),
+        static_host_ports: job.spec.task.ports.iter().any(|p| p.host_port.is_some()),
         stopped: e.record.stopped || matches!(e.record.status.as_str(), "complete"),
     })
 }

@@ -803,6 +803,7 @@ impl<'a> Sim<'a> {
                 placement: Placement::default(),
                 update: Update::default(),
                 has_health_check: false,
+                static_host_ports: false,
                 stopped: false,
             })
             .collect();
