@@ -511,6 +511,14 @@ impl Controller {
         Ok(body)
     }
 
+    /// Waits up to `limit` for node `name` to be `ready`.
+    pub async fn wait_ready(&self, name: &str, limit: Duration) -> Result<()> {
+        wait_for(limit, &format!("node {name} ready"), || async {
+            matches!(self.node(name).await, Ok(Some(v)) if v.status.to_string() == "ready")
+        })
+        .await
+    }
+
     /// `GET /v1/jobs/{name}`.
     pub async fn job(&self, name: &str) -> Result<novacron_controller::workloads::JobDetail> {
         Ok(self
@@ -547,6 +555,34 @@ impl Controller {
             .output()
             .expect("novacron runs")
     }
+}
+
+/// A service job on [`TEST_IMAGE`]: `replicas` replicas of the shell `script`,
+/// 100m CPU and 32Mi each; `task_extra` goes under `task` (indented 4 spaces,
+/// e.g. `ports` or `env`) and `spec_extra` under `spec` (indented 2 spaces).
+pub fn service_job(
+    name: &str,
+    replicas: u32,
+    script: &str,
+    task_extra: &str,
+    spec_extra: &str,
+) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: {replicas}
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, '{script}']
+{task_extra}  resources:
+    cpu: 100m
+    memory: 32Mi
+{spec_extra}"
+    )
 }
 
 /// Removes every container of a job (label `novacron.job`) when dropped, also when

@@ -32,11 +32,10 @@ async fn fleet() -> Fleet {
     let agent = Agent::join_and_run(dir.path(), &controller, &name, &[])
         .await
         .expect("agent");
-    wait_for(Duration::from_secs(20), "agent ready", || async {
-        matches!(controller.node(&name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("ready");
+    controller
+        .wait_ready(&name, Duration::from_secs(20))
+        .await
+        .expect("ready");
     Fleet {
         dir,
         controller,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use novacron_controller::api::MAX_MANIFEST_BYTES;
-use novacron_tests::{Agent, Controller, JobCleanup, TEST_IMAGE, ensure_test_image, wait_for};
+use novacron_tests::{Agent, Controller, JobCleanup, ensure_test_image, service_job, wait_for};
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -39,11 +39,10 @@ async fn two_deep_manifests_at_once_are_refused_while_the_api_and_links_stay_up(
     let agent = Agent::join_and_run(dir.path(), &controller, "n1", &[])
         .await
         .expect("agent");
-    wait_for(Duration::from_secs(20), "n1 ready", || async {
-        matches!(controller.node("n1").await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("ready");
+    controller
+        .wait_ready("n1", Duration::from_secs(20))
+        .await
+        .expect("ready");
     let connected = connections(&agent);
     assert_eq!(connected, 1, "one connection before: {}", agent.log());
 
@@ -173,23 +172,12 @@ fn fill(path: &Path) -> u64 {
 /// A job whose manifest is `pad` bytes longer than it needs to be (a comment), so
 /// that saving it needs fresh space in the store file.
 fn padded_job(name: &str, pad: usize) -> String {
-    format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {name}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'while true; do sleep 1; done']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-# {}
-",
-        "p".repeat(pad)
+    service_job(
+        name,
+        1,
+        "while true; do sleep 1; done",
+        "",
+        &format!("# {}\n", "p".repeat(pad)),
     )
 }
 
@@ -260,11 +248,10 @@ async fn a_full_disk_refuses_an_apply_without_inventing_or_losing_state() {
     let _agent = Agent::join_and_run(&agents, &controller, "n1", &[])
         .await
         .expect("agent");
-    wait_for(Duration::from_secs(20), "n1 ready", || async {
-        matches!(controller.node("n1").await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("ready");
+    controller
+        .wait_ready("n1", Duration::from_secs(20))
+        .await
+        .expect("ready");
     let suffix = std::process::id();
     let kept = format!("kept-{suffix}");
     let refused = format!("refused-{suffix}");

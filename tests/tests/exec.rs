@@ -40,11 +40,10 @@ async fn fleet(agents: &[(&str, &[&str])]) -> Fleet {
         );
     }
     for a in &list {
-        wait_for(Duration::from_secs(30), "agents ready", || async {
-            matches!(controller.node(&a.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-        })
-        .await
-        .expect("ready");
+        controller
+            .wait_ready(&a.name, Duration::from_secs(30))
+            .await
+            .expect("ready");
     }
     let f = Fleet {
         dir,

@@ -276,11 +276,10 @@ async fn revoked_node_is_dropped_and_refused_at_the_handshake() {
     let agent = Agent::join_and_run(dir.path(), &controller, "n1", &[])
         .await
         .expect("agent");
-    wait_for(Duration::from_secs(20), "n1 ready", || async {
-        matches!(controller.node("n1").await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("ready");
+    controller
+        .wait_ready("n1", Duration::from_secs(20))
+        .await
+        .expect("ready");
     let out = controller.ctl(&["node", "revoke", "n1", "--reason", "test"]);
     assert!(
         out.status.success(),
@@ -444,11 +443,10 @@ async fn a_killed_agent_is_down_within_the_threshold() {
     let mut agent = Agent::join_and_run(dir.path(), &controller, "n1", &[])
         .await
         .expect("agent");
-    wait_for(Duration::from_secs(20), "n1 ready", || async {
-        matches!(controller.node("n1").await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("ready");
+    controller
+        .wait_ready("n1", Duration::from_secs(20))
+        .await
+        .expect("ready");
     agent.kill().await;
     let killed = Instant::now();
     // Defaults: keep-alive 0.5 s + idle timeout 2 s + down after 0.8 s = 3.3 s at
@@ -491,11 +489,10 @@ async fn node_certificates_renew_over_the_link_before_expiry() {
     tokio::time::sleep(wait).await;
     controller.stop().await;
     controller.restart().await.expect("restart");
-    wait_for(Duration::from_secs(15), "n1 ready again", || async {
-        matches!(controller.node("n1").await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("reconnected with the renewed certificate");
+    controller
+        .wait_ready("n1", Duration::from_secs(15))
+        .await
+        .expect("reconnected with the renewed certificate");
 }
 
 fn ms(t: SystemTime) -> u64 {

@@ -167,11 +167,9 @@ async fn lose_node_a(s: &mut Setup) {
 }
 
 async fn wait_ready(c: &Controller, name: &str) {
-    wait_for(Duration::from_secs(30), "agent ready", || async {
-        matches!(c.node(name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("ready");
+    c.wait_ready(name, Duration::from_secs(30))
+        .await
+        .expect("ready");
 }
 
 async fn get(port: u16, path: &str) -> anyhow::Result<String> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use novacron_common::wire::AllocState;
 use novacron_controller::store::AllocRecord;
 use novacron_tests::{
-    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, wait_for,
+    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, service_job, wait_for,
 };
 
 struct Fleet {
@@ -38,11 +38,10 @@ async fn fleet(agents: usize) -> Fleet {
         );
     }
     for a in &list {
-        wait_for(Duration::from_secs(20), "agents ready", || async {
-            matches!(controller.node(&a.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-        })
-        .await
-        .expect("ready");
+        controller
+            .wait_ready(&a.name, Duration::from_secs(20))
+            .await
+            .expect("ready");
     }
     Fleet {
         _dir: dir,
@@ -52,23 +51,12 @@ async fn fleet(agents: usize) -> Fleet {
 }
 
 fn service(name: &str, replicas: u32, extra: &str) -> String {
-    format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {name}
-spec:
-  type: service
-  replicas: {replicas}
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'echo started $NOVACRON_TEST; while true; do sleep 1; done']
-    env:
-      NOVACRON_TEST: hello
-  resources:
-    cpu: 100m
-    memory: 32Mi
-{extra}"
+    service_job(
+        name,
+        replicas,
+        "echo started $NOVACRON_TEST; while true; do sleep 1; done",
+        "    env:\n      NOVACRON_TEST: hello\n",
+        extra,
     )
 }
 
@@ -196,11 +184,10 @@ async fn a_restarted_agent_adopts_its_containers() {
     f.agents[0].kill().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     f.agents[0].start().expect("restart agent");
-    wait_for(Duration::from_secs(20), "the agent back", || async {
-        matches!(f.controller.node(&f.agents[0].name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("back");
+    f.controller
+        .wait_ready(&f.agents[0].name, Duration::from_secs(20))
+        .await
+        .expect("back");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after: Vec<(String, String)> = running(&f.controller, &job)
         .await
@@ -228,11 +215,10 @@ async fn restart_controller(f: &mut Fleet, kill: bool) {
     }
     f.controller.restart().await.expect("controller restarts");
     let node = f.agents[0].name.clone();
-    wait_for(Duration::from_secs(30), "the agent reconnected", || async {
-        matches!(f.controller.node(&node).await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .expect("agent back");
+    f.controller
+        .wait_ready(&node, Duration::from_secs(30))
+        .await
+        .expect("agent back");
 }
 
 /// Regression (issue 12): a restarted controller counted desired-set generations
@@ -702,22 +688,12 @@ const FLAKY_WEB: &str = "mkdir -p /www; [ -f /www/started ] || echo ok > /www/he
                          touch /www/started; exec httpd -f -p 8080 -h /www";
 
 fn checked_service(name: &str, health: &str, placement: &str) -> String {
-    format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {name}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, '{FLAKY_WEB}']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-  health:
-{health}{placement}"
+    service_job(
+        name,
+        1,
+        FLAKY_WEB,
+        "",
+        &format!("  health:\n{health}{placement}"),
     )
 }
 
@@ -868,11 +844,10 @@ async fn an_agent_started_before_docker_keeps_running() {
     )
     .await
     .expect("agent");
-    wait_for(Duration::from_secs(20), "the agent ready", || async {
-        matches!(controller.node(&agent.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    controller
+        .wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let child = agent.child.as_mut().expect("started");
     assert!(
@@ -916,23 +891,12 @@ async fn an_agent_started_before_docker_keeps_running() {
 /// port 80, published on host port `host_port` (none: the node's dynamic range).
 fn web_on_port(name: &str, host_port: Option<u16>) -> String {
     let host_port = host_port.map_or(String::new(), |p| format!(", hostPort: {p}"));
-    format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {name}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 80 -h /www']
-    ports:
-      - {{name: http, containerPort: 80{host_port}}}
-  resources:
-    cpu: 50m
-    memory: 16Mi
-"
+    service_job(
+        name,
+        1,
+        &format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 80 -h /www"),
+        &format!("    ports:\n      - {{name: http, containerPort: 80{host_port}}}\n"),
+        "",
     )
 }
 
@@ -991,11 +955,10 @@ async fn jobs_with_the_same_static_host_port_go_to_different_nodes() {
         ip_of.insert(name, ip);
     }
     for a in &agents {
-        wait_for(Duration::from_secs(20), "agents ready", || async {
-            matches!(controller.node(&a.name).await, Ok(Some(v)) if v.status.to_string() == "ready")
-        })
-        .await
-        .expect("ready");
+        controller
+            .wait_ready(&a.name, Duration::from_secs(20))
+            .await
+            .expect("ready");
     }
     let port = novacron_tests::free_port();
     let jobs: Vec<String> = ["a", "b", "c", "d"]
