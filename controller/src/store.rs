@@ -996,6 +996,8 @@ impl Store for RedbStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<MemoryState>,
+    /// Simulates a full disk: every write fails with `ENOSPC` while set.
+    full: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -1021,6 +1023,23 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
+    /// Simulates a full disk (for simulations and tests): while `full`, every
+    /// write fails with `ENOSPC` and changes nothing, as a full redb file does.
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_space(&self, op: &'static str) -> Result<(), StoreError> {
+        if !self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(StoreError::Database {
+            path: PathBuf::from("(memory)"),
+            op,
+            source: Box::new(redb::Error::Io(std::io::Error::from_raw_os_error(ENOSPC))),
+        })
+    }
+
     fn state(&self) -> MutexGuard<'_, MemoryState> {
         // Every update below is a single assignment, so a panic elsewhere while the
         // lock was held cannot have left the state half-written.
@@ -1032,6 +1051,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn put_node_pool(&self, pool: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.check_space("put_node_pool")?;
         self.state()
             .node_pools
             .insert(pool.name.clone(), pool.clone());
@@ -1043,10 +1063,12 @@ impl Store for MemoryStore {
     }
 
     fn delete_node_pool(&self, name: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_node_pool")?;
         Ok(self.state().node_pools.remove(name).is_some())
     }
 
     fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.check_space("put_node_template")?;
         self.state()
             .node_templates
             .insert(template.name.clone(), template.clone());
@@ -1058,10 +1080,12 @@ impl Store for MemoryStore {
     }
 
     fn delete_node_template(&self, name: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_node_template")?;
         Ok(self.state().node_templates.remove(name).is_some())
     }
 
     fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError> {
+        self.check_space("put_policy")?;
         self.state()
             .policies
             .insert(policy.name.clone(), policy.clone());
@@ -1073,10 +1097,12 @@ impl Store for MemoryStore {
     }
 
     fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_policy")?;
         Ok(self.state().policies.remove(name).is_some())
     }
 
     fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        self.check_space("put_api_token")?;
         self.state()
             .api_tokens
             .insert(token.id.clone(), token.clone());
@@ -1092,6 +1118,7 @@ impl Store for MemoryStore {
     }
 
     fn append_events(&self, events: &[Event], retain: usize) -> Result<(), StoreError> {
+        self.check_space("append_events")?;
         let mut state = self.state();
         for e in events {
             state.events.insert(e.seq, e.clone());
@@ -1119,6 +1146,7 @@ impl Store for MemoryStore {
     }
 
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.check_space("put_job")?;
         self.state().jobs.insert(job.name.clone(), job.clone());
         Ok(())
     }
@@ -1128,6 +1156,7 @@ impl Store for MemoryStore {
     }
 
     fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError> {
+        self.check_space("save_allocations")?;
         let mut state = self.state();
         for a in put {
             state.allocations.insert(a.id.clone(), a.clone());
@@ -1143,6 +1172,7 @@ impl Store for MemoryStore {
     }
 
     fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        self.check_space("upsert_node")?;
         self.state().nodes.insert(node.name.clone(), node.clone());
         Ok(())
     }
@@ -1156,6 +1186,7 @@ impl Store for MemoryStore {
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.check_space("put_token")?;
         self.state().tokens.insert(token.id.clone(), token.clone());
         Ok(())
     }
@@ -1173,6 +1204,7 @@ impl Store for MemoryStore {
         token: &JoinToken,
         now: SystemTime,
     ) -> Result<TokenRecord, ConsumeError> {
+        self.check_space("consume_token")?;
         let mut state = self.state();
         let updated = use_token(state.tokens.get(token.id()).cloned(), token, now)?;
         state.tokens.insert(updated.id.clone(), updated.clone());
@@ -1180,12 +1212,14 @@ impl Store for MemoryStore {
     }
 
     fn next_link_epoch(&self) -> Result<u64, StoreError> {
+        self.check_space("next_link_epoch")?;
         let mut state = self.state();
         state.link_epoch += 1;
         Ok(state.link_epoch)
     }
 
     fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        self.check_space("revoke")?;
         self.state()
             .revocations
             .insert(revocation.name.clone(), revocation.clone());
@@ -1197,6 +1231,7 @@ impl Store for MemoryStore {
     }
 
     fn revoke_cert(&self, revocation: &CertRevocation) -> Result<CertRevocation, StoreError> {
+        self.check_space("revoke_cert")?;
         Ok(self
             .state()
             .cert_revocations
@@ -1210,6 +1245,7 @@ impl Store for MemoryStore {
     }
 
     fn save_metric_marks(&self, marks: &[(String, MetricMark)]) -> Result<(), StoreError> {
+        self.check_space("save_metric_marks")?;
         let mut state = self.state();
         for (node, mark) in marks {
             state.metric_marks.insert(node.clone(), *mark);
@@ -1219,6 +1255,10 @@ impl Store for MemoryStore {
 
     fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError> {
         Ok(self.state().metric_marks.clone())
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        self.check_space("checking that the store can write")
     }
 }
 
@@ -1748,6 +1788,20 @@ mod tests {
     );
 
     // redb-only cases.
+
+    #[test]
+    fn a_full_memory_store_refuses_writes_and_changes_nothing() {
+        let store = MemoryStore::new();
+        store.upsert_node(&node("n1")).expect("upsert");
+        store.set_full(true);
+        let err = store.upsert_node(&node("n2")).expect_err("full");
+        assert!(err.is_disk_full(), "{err}");
+        assert!(store.writable().is_err());
+        assert_eq!(store.nodes().expect("nodes"), vec![node("n1")]);
+        store.set_full(false);
+        store.writable().expect("space again");
+        store.upsert_node(&node("n2")).expect("upsert");
+    }
 
     #[test]
     fn the_link_epoch_rises_and_survives_a_reopen() {

@@ -116,7 +116,7 @@ pub struct JobDetail {
     pub manifest: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct JobEntry {
     record: JobRecord,
     parsed: BTreeMap<u64, Job>,
@@ -884,114 +884,28 @@ impl Workloads {
             .collect()
     }
 
+    /// Applies a job-level decision disk first: the changed record is written
+    /// before the in-memory view shows it. When the write fails the change is
+    /// dropped; the next pass decides it again from the unchanged state.
     fn apply_job_change(&self, st: &mut State, change: &JobChange, wall: SystemTime) {
-        match change {
-            JobChange::Stable { job, version } => {
-                if let Some(e) = st.jobs.get_mut(job) {
-                    e.record.stable = Some(*version);
-                    if e.record.status != "reverted" {
-                        e.record.status = "running".into();
-                    }
-                    info!(job = %job, version, "version rolled out healthy");
-                    st.events.push(
-                        NewEvent::new(
-                            kind::JOB_CHANGED,
-                            CONTROLLER,
-                            format!("job {job} version {version} is stable"),
-                        )
-                        .job(job)
-                        .detail("status", "stable")
-                        .detail("version", version),
-                    );
-                    st.dirty_jobs.insert(job.clone());
-                }
-            }
-            JobChange::Revert {
-                job,
-                failed,
-                to,
-                reason,
-            } => {
-                if let Some(e) = st.jobs.get_mut(job) {
-                    let Some(stable) = e.record.versions.iter().find(|v| v.version == *to).cloned()
-                    else {
-                        return;
-                    };
-                    let Some(parsed) = e.parsed.get(to).cloned() else {
-                        return;
-                    };
-                    let version = e.record.versions.last().map_or(1, |v| v.version + 1);
-                    push_version(
-                        e,
-                        version,
-                        &stable.source,
-                        &stable.file,
-                        &stable.spec_hash,
-                        "novacron (auto-revert)",
-                        wall,
-                        parsed,
-                    );
-                    e.record.stable = Some(version);
-                    e.record.status = "reverted".into();
-                    e.record.message = format!(
-                        "version {failed} failed ({reason}); reverted to version {to}'s spec as version {version}"
-                    );
-                    warn!(job = %job, failed, to, version, %reason, "rollout failed: auto-revert");
-                    let message = e.record.message.clone();
-                    st.events.push(
-                        NewEvent::new(kind::JOB_CHANGED, CONTROLLER, message)
-                            .job(job)
-                            .detail("status", "reverted")
-                            .detail("failed_version", failed)
-                            .detail("version", version),
-                    );
-                    st.dirty_jobs.insert(job.clone());
-                }
-            }
-            JobChange::Complete { job } => {
-                if let Some(e) = st.jobs.get_mut(job)
-                    && e.record.status != "complete"
-                {
-                    e.record.status = "complete".into();
-                    e.record.message = "every replica exited 0".into();
-                    info!(job = %job, "batch job complete");
-                    st.events.push(
-                        NewEvent::new(
-                            kind::JOB_CHANGED,
-                            CONTROLLER,
-                            format!("job {job} complete: every replica exited 0"),
-                        )
-                        .job(job)
-                        .detail("status", "complete"),
-                    );
-                    st.dirty_jobs.insert(job.clone());
-                }
-            }
-            JobChange::Failing {
-                job,
-                version,
-                reason,
-            } => {
-                if let Some(e) = st.jobs.get_mut(job)
-                    && e.record.status != "failing"
-                {
-                    e.record.status = "failing".into();
-                    e.record.message = reason.clone();
-                    warn!(job = %job, version, %reason, "job failing");
-                    st.events.push(
-                        NewEvent::new(
-                            kind::JOB_CHANGED,
-                            CONTROLLER,
-                            format!("job {job} version {version} is failing: {reason}"),
-                        )
-                        .job(job)
-                        .detail("status", "failing")
-                        .detail("version", version),
-                    );
-                    st.dirty_jobs.insert(job.clone());
-                }
-            }
+        let job = match change {
+            JobChange::Stable { job, .. }
+            | JobChange::Revert { job, .. }
+            | JobChange::Complete { job }
+            | JobChange::Failing { job, .. } => job,
+        };
+        let Some(mut e) = st.jobs.get(job).cloned() else {
+            return;
+        };
+        let Some(event) = job_change(&mut e, change, wall) else {
+            return;
+        };
+        if let Err(error) = self.store.put_job(&e.record) {
+            warn!(job = %job, %error, "cannot save a job change; deciding it again next pass");
+            return;
         }
+        st.jobs.insert(job.clone(), e);
+        st.events.push(event);
     }
 
     fn place(
@@ -1394,6 +1308,107 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
             });
     }
     per_node
+}
+
+/// What a job-level decision does to the job's entry, and the event that says
+/// so; `None` when it changes nothing (already in that state).
+fn job_change(e: &mut JobEntry, change: &JobChange, wall: SystemTime) -> Option<NewEvent> {
+    match change {
+        JobChange::Stable { job, version } => {
+            e.record.stable = Some(*version);
+            if e.record.status != "reverted" {
+                e.record.status = "running".into();
+            }
+            info!(job = %job, version, "version rolled out healthy");
+            Some(
+                NewEvent::new(
+                    kind::JOB_CHANGED,
+                    CONTROLLER,
+                    format!("job {job} version {version} is stable"),
+                )
+                .job(job)
+                .detail("status", "stable")
+                .detail("version", version),
+            )
+        }
+        JobChange::Revert {
+            job,
+            failed,
+            to,
+            reason,
+        } => {
+            let stable = e
+                .record
+                .versions
+                .iter()
+                .find(|v| v.version == *to)
+                .cloned()?;
+            let parsed = e.parsed.get(to).cloned()?;
+            let version = e.record.versions.last().map_or(1, |v| v.version + 1);
+            push_version(
+                e,
+                version,
+                &stable.source,
+                &stable.file,
+                &stable.spec_hash,
+                "novacron (auto-revert)",
+                wall,
+                parsed,
+            );
+            e.record.stable = Some(version);
+            e.record.status = "reverted".into();
+            e.record.message = format!(
+                "version {failed} failed ({reason}); reverted to version {to}'s spec as version {version}"
+            );
+            warn!(job = %job, failed, to, version, %reason, "rollout failed: auto-revert");
+            Some(
+                NewEvent::new(kind::JOB_CHANGED, CONTROLLER, e.record.message.clone())
+                    .job(job)
+                    .detail("status", "reverted")
+                    .detail("failed_version", failed)
+                    .detail("version", version),
+            )
+        }
+        JobChange::Complete { job } => {
+            if e.record.status == "complete" {
+                return None;
+            }
+            e.record.status = "complete".into();
+            e.record.message = "every replica exited 0".into();
+            info!(job = %job, "batch job complete");
+            Some(
+                NewEvent::new(
+                    kind::JOB_CHANGED,
+                    CONTROLLER,
+                    format!("job {job} complete: every replica exited 0"),
+                )
+                .job(job)
+                .detail("status", "complete"),
+            )
+        }
+        JobChange::Failing {
+            job,
+            version,
+            reason,
+        } => {
+            if e.record.status == "failing" {
+                return None;
+            }
+            e.record.status = "failing".into();
+            e.record.message = reason.clone();
+            warn!(job = %job, version, %reason, "job failing");
+            Some(
+                NewEvent::new(
+                    kind::JOB_CHANGED,
+                    CONTROLLER,
+                    format!("job {job} version {version} is failing: {reason}"),
+                )
+                .job(job)
+                .detail("status", "failing")
+                .detail("version", version),
+            )
+        }
+    }
 }
 
 /// Sends `specs` to the node's channel with a new generation if they changed.

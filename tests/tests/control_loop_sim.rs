@@ -4,8 +4,9 @@
 //! "processes") and the real agent decision core (`runtime::reconcile::Reconciler`),
 //! on a virtual clock, with a simulated link and container runtime. A seeded
 //! schedule injects controller crashes and restarts, agent crashes, link drops,
-//! slow container starts, rollouts to a missing image and operator actions
-//! (apply, rollout, stop, scale); the invariants are checked after every step.
+//! slow container starts, full disks (the store refuses every write for a while),
+//! rollouts to a missing image and operator actions (apply, rollout, stop,
+//! scale); the invariants are checked after every step.
 //!
 //! - CI runs [`DEFAULT_SEEDS`] seeds of [`SIM_MINUTES`] simulated minutes each.
 //! - `NOVACRON_SIM_SEEDS=10000 cargo nextest run -p novacron-tests --test control_loop_sim --release`
@@ -22,7 +23,8 @@
 //!    up (the agent applies the controller's newest `(epoch, generation)`);
 //! 5. after the faults stop, the store and the runtime converge: every running
 //!    allocation has exactly one running container, on its node, and every running
-//!    container is a desired allocation's.
+//!    container is a desired allocation's;
+//! 6. the API never lists a job (or a job version) that is not in the store.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -69,7 +71,9 @@ fn the_control_loop_keeps_its_invariants_under_seeded_faults() {
         Err(_) => {
             let n = std::env::var("NOVACRON_SIM_SEEDS")
                 .ok()
-                .map_or(DEFAULT_SEEDS, |s| s.parse().expect("NOVACRON_SIM_SEEDS is a number"));
+                .map_or(DEFAULT_SEEDS, |s| {
+                    s.parse().expect("NOVACRON_SIM_SEEDS is a number")
+                });
             (0..n).collect()
         }
     };
@@ -180,6 +184,8 @@ struct Sim {
     next_container: u64,
     versions: u32,
     stats: Stats,
+    /// The disk is full until then.
+    full_until: Duration,
 }
 
 /// What a seed did, so that a run that exercised nothing cannot pass.
@@ -190,6 +196,7 @@ struct Stats {
     link_drops: u32,
     rollouts: u32,
     bad_rollouts: u32,
+    disk_full: u32,
     /// Steps in which web served all its replicas.
     web_full_steps: u32,
     containers_started: u64,
@@ -244,6 +251,7 @@ impl Sim {
             next_container: 0,
             versions: 0,
             stats: Stats::default(),
+            full_until: Duration::ZERO,
         }
     }
 
@@ -261,6 +269,7 @@ impl Sim {
         let end = Duration::from_secs(SIM_MINUTES * 60);
         while self.now < end {
             let faults = self.now + QUIET < end;
+            self.store.set_full(self.full_until > self.now);
             if faults {
                 self.inject();
             } else {
@@ -275,7 +284,10 @@ impl Sim {
             .map_err(|e| format!("after the quiet minute: {e}"))?;
         self.stats.containers_started = self.next_container;
         if self.stats.web_full_steps == 0 {
-            return Err(format!("{WEB} never served all its replicas: {:?}", self.stats));
+            return Err(format!(
+                "{WEB} never served all its replicas: {:?}",
+                self.stats
+            ));
         }
         Ok(self.stats)
     }
@@ -300,7 +312,9 @@ impl Sim {
         let roll = self.rng.random_range(0..1000);
         match roll {
             // Controller crash (or restart): its memory is gone, the store stays.
-            0..=4 => {
+            // (Not while the disk is full: a controller that cannot raise its
+            // link epoch does not start.)
+            0..=4 if self.full_until <= self.now => {
                 self.stats.controller_restarts += 1;
                 self.controller = Controller::start(self.store.clone(), self.instant());
                 for n in &mut self.nodes {
@@ -351,12 +365,19 @@ impl Sim {
             30 => {
                 let _ = self.controller.workloads.stop("batchy", "sim");
             }
+            // The disk fills up for a while.
+            31..=33 => {
+                self.stats.disk_full += 1;
+                self.full_until = self.now + Duration::from_secs(self.rng.random_range(3..30));
+            }
             _ => {}
         }
     }
 
     fn disturb(&mut self, secs: u64) {
-        self.disturbed_until = self.disturbed_until.max(self.now + Duration::from_secs(secs));
+        self.disturbed_until = self
+            .disturbed_until
+            .max(self.now + Duration::from_secs(secs));
         self.web_armed = false;
     }
 
@@ -375,6 +396,7 @@ impl Sim {
     }
 
     fn heal(&mut self) {
+        self.full_until = self.full_until.min(self.now);
         for n in &mut self.nodes {
             n.down_until = n.down_until.min(self.now);
         }
@@ -385,6 +407,7 @@ impl Sim {
     fn step(&mut self) {
         let now = self.instant();
         let wall = self.wall();
+        self.store.set_full(self.full_until > self.now);
         for i in 0..self.nodes.len() {
             if !self.nodes[i].link_up && self.nodes[i].down_until <= self.now {
                 let name = self.nodes[i].name.clone();
@@ -418,6 +441,10 @@ impl Sim {
                         node.up_steps = 0;
                         node.rx = Some(self.controller.workloads.subscribe(&name));
                     }
+                    // A full disk refuses the connection (the node record cannot be
+                    // saved); the agent tries again, as the real one does.
+                    Err(novacron_controller::registry::RegistryError::Store(e))
+                        if e.is_disk_full() => {}
                     Err(e) => panic!("connect {name}: {e}"),
                 }
             }
@@ -425,10 +452,12 @@ impl Sim {
         for i in 0..self.nodes.len() {
             self.agent_step(i);
         }
-        self.controller
-            .workloads
-            .tick(now, wall)
-            .expect("the memory store does not fail");
+        if let Err(e) = self.controller.workloads.tick(now, wall) {
+            assert!(
+                e.is_disk_full(),
+                "the simulated store fails only when full: {e}"
+            );
+        }
         for n in &mut self.nodes {
             if n.link_up {
                 n.up_steps += 1;
@@ -604,6 +633,24 @@ impl Sim {
         if let Some(lost) = self.acknowledged.difference(&listed).next() {
             return Err(format!("acknowledged job {lost} is gone"));
         }
+        // 6. What the API lists is on disk.
+        let stored: BTreeMap<String, u64> = self
+            .store
+            .jobs()
+            .expect("reads work on a full disk")
+            .into_iter()
+            .map(|j| (j.name, j.current))
+            .collect();
+        for j in self.controller.workloads.jobs() {
+            if stored.get(&j.name) != Some(&j.version) {
+                return Err(format!(
+                    "the API lists job {} at version {}, the store has {:?}",
+                    j.name,
+                    j.version,
+                    stored.get(&j.name)
+                ));
+            }
+        }
         // 2. Never two running copies of one allocation.
         let mut running: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for n in &self.nodes {
@@ -612,7 +659,10 @@ impl Sim {
             }
         }
         if let Some((alloc, on)) = running.iter().find(|(_, on)| on.len() > 1) {
-            return Err(format!("allocation {alloc} runs {} times: {on:?}", on.len()));
+            return Err(format!(
+                "allocation {alloc} runs {} times: {on:?}",
+                on.len()
+            ));
         }
         // 3. Rollouts never go below replicas - maxParallel while undisturbed.
         let serving = self.serving(WEB);
@@ -685,7 +735,9 @@ impl Sim {
         let mut containers: BTreeMap<(&str, &str), u32> = BTreeMap::new();
         for n in &self.nodes {
             for c in n.containers.values().filter(|c| c.running) {
-                *containers.entry((n.name.as_str(), c.alloc.as_str())).or_default() += 1;
+                *containers
+                    .entry((n.name.as_str(), c.alloc.as_str()))
+                    .or_default() += 1;
             }
         }
         for a in &allocs {
