@@ -31,7 +31,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bollard::container::CreateCheckpointOptions;
 use bollard::models::{ChangeType, ContainerInspectResponse, ContainerStateStatusEnum};
@@ -1501,10 +1501,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    novacron_common::clock::unix_ms(SystemTime::now())
 }
 
 fn create(path: &Path) -> Result<File, CheckpointError> {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::backoff::Backoff;
+use novacron_common::clock::unix_ms;
 use novacron_common::fleet::Liveness;
 use novacron_common::pki;
 use novacron_common::tls;
@@ -672,12 +673,6 @@ fn close_reason(e: &quinn::ConnectionError) -> SessionError {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The buffer's invariants hold after every statement; a poisoned lock is usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

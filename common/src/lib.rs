@@ -6,6 +6,7 @@ pub mod api;
 pub mod autoscale;
 pub mod backoff;
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod consolidate;
 pub mod cost;

@@ -25,11 +25,12 @@ use crate::api_tokens::{self, ApiToken, ApiTokenError, ApiTokenRecord};
 use crate::events::{EventLog, NewEvent, kind};
 use crate::https::Peer;
 use crate::link::LinkContext;
-use crate::registry::{Registry, RegistryError, unix_ms};
+use crate::registry::{Registry, RegistryError};
 use crate::store::AllocRecord;
 use crate::store::{ConsumeError, Revocation, Store, StoreError};
 use crate::tokens::{JoinToken, TokenRecord};
 use crate::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError, Workloads};
+use novacron_common::clock::unix_ms;
 
 /// State shared by the handlers.
 #[derive(Debug)]

@@ -12,6 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use novacron_common::clock::unix_ms;
 use novacron_common::pki::{self, Identity, Role};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -267,12 +268,6 @@ pub fn authenticate(
         name: record.name.clone(),
         role,
     })
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

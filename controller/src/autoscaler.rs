@@ -32,9 +32,10 @@ use tracing::{info, warn};
 use utoipa::ToSchema;
 
 use crate::events::{EventLog, NewEvent, kind};
-use crate::registry::{Registry, unix_ms};
+use crate::registry::Registry;
 use crate::store::{AllocRecord, Store, StoreError};
 use crate::workloads::{WorkloadError, Workloads};
+use novacron_common::clock::unix_ms;
 
 /// How often the autoscaler decides.
 pub const TICK: Duration = Duration::from_secs(1);

@@ -19,8 +19,8 @@ use tracing::warn;
 
 use crate::https::LiveConnections;
 use crate::link::LinkContext;
-use crate::registry::unix_ms;
 use crate::store::{CertRevocation, Store, StoreError};
+use novacron_common::clock::unix_ms;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]

@@ -27,8 +27,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::{ApiState, Caller, Problem, internal};
-use crate::registry::unix_ms;
 use crate::store::{EventScan, Store, StoreError};
+use novacron_common::clock::unix_ms;
 
 /// Events kept in the store; older ones are dropped.
 pub const DEFAULT_RETAIN: usize = 100_000;

@@ -38,9 +38,10 @@ use tracing::{info, warn};
 use crate::bundles::{BundleStore, Have};
 use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::link::LinkContext;
-use crate::registry::{Registry, unix_ms};
+use crate::registry::Registry;
 use crate::store::AllocRecord;
 use crate::workloads::{CheckpointIndex, Workloads};
+use novacron_common::clock::unix_ms;
 
 /// How long a source holds a migrating allocation without a release.
 const HOLD: Duration = Duration::from_secs(10 * 60);

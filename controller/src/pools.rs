@@ -46,9 +46,9 @@ use crate::providers::{
     CreateNode, DockerProvider, DockerSettings, Join, NodeProvider, PROVIDERS, ProviderError,
     ProviderNode, StaticProvider,
 };
-use crate::registry::unix_ms;
 use crate::store::{PoolManifestRecord, Revocation, StoreError};
 use crate::tokens::{JoinToken, TokenRecord};
+use novacron_common::clock::unix_ms;
 
 /// How often the manager plans.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::api::{ControllerStats, MetricsWindow, NodeView};
+use novacron_common::clock::unix_ms;
 use novacron_common::fleet::{NodeStatus, node_status};
 use novacron_common::pki::CertInfo;
 use novacron_common::wire::{CloseCode, Hello, MetricsBatch, NodeSample};
@@ -598,13 +599,6 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// Unix milliseconds of `t`.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[f32], q: f64) -> f64 {

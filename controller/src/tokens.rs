@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use novacron_common::clock::unix_ms;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -288,12 +289,6 @@ pub fn check(record: &TokenRecord, secret: &str, now: SystemTime) -> Result<(), 
 }
 
 /// Milliseconds since the Unix epoch; 0 before it, saturating far after it.
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// RFC 3339 (seconds) when representable, otherwise Unix milliseconds.
 fn display_time(t: &SystemTime) -> String {
     let Ok(since_epoch) = t.duration_since(UNIX_EPOCH) else {

@@ -28,11 +28,12 @@ use tracing::{info, warn};
 
 use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::metrics::PassStats;
-use crate::registry::{PlacementNode, Registry, unix_ms};
+use crate::registry::{PlacementNode, Registry};
 use crate::store::{
     AllocPort, AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store,
     StoreError,
 };
+use novacron_common::clock::unix_ms;
 
 /// How often the reconciler runs without a wake-up.
 pub const TICK: Duration = Duration::from_millis(500);

@@ -179,10 +179,7 @@ pub fn relative(now: SystemTime, when: SystemTime) -> String {
     }
 }
 
-/// A Unix millisecond timestamp as a time.
-pub fn from_unix_ms(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
-}
+pub use novacron_common::clock::from_unix_ms;
 
 /// A time in RFC 3339 with its distance from `now`: `2026-05-01T12:00:00Z (in 29d)`.
 pub fn timestamp(now: SystemTime, when: SystemTime) -> String {

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use clap::Parser;
 use novacron_common::api::{ControllerStats, EnrollRequest, EnrollResponse};
+use novacron_common::clock::unix_ms;
 use novacron_common::fleet::Liveness;
 use novacron_common::pki;
 use novacron_common::tls;
@@ -1211,9 +1212,4 @@ fn socket_drops(ports: &[u16]) -> anyhow::Result<u64> {
 
 fn cpu_percent(ticks: u64, clk_tck: u64, wall_secs: f64) -> f64 {
     100.0 * ticks as f64 / clk_tck as f64 / wall_secs
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
