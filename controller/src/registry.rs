@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::api::{ControllerStats, MetricsWindow, NodeView};
 use novacron_common::clock::unix_ms;
+use novacron_common::cost::percentile;
 use novacron_common::fleet::{NodeStatus, node_status};
 use novacron_common::pki::CertInfo;
 use novacron_common::wire::{CloseCode, Hello, MetricsBatch, NodeSample};
@@ -551,8 +552,8 @@ impl Registry {
             connected_agents: connected,
             samples_ingested: self.samples_ingested.load(Ordering::Relaxed),
             duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
-            ingest_latency_p50_ms: percentile(&lat, 0.50),
-            ingest_latency_p99_ms: percentile(&lat, 0.99),
+            ingest_latency_p50_ms: percentile(&lat, 50.0).map_or(0.0, f64::from),
+            ingest_latency_p99_ms: percentile(&lat, 99.0).map_or(0.0, f64::from),
             ingest_latency_count: lat.len() as u64,
         }
     }
@@ -599,14 +600,6 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-fn percentile(sorted: &[f32], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
-    f64::from(sorted[idx.min(sorted.len() - 1)])
 }
 
 #[cfg(test)]

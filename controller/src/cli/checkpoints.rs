@@ -57,7 +57,7 @@ pub async fn checkpoint(
             info.alloc,
             info.node,
             info.mode,
-            human_bytes(info.size),
+            output::bytes(info.size),
             info.dump_ms,
             info.digest
         )
@@ -107,7 +107,7 @@ impl TableRow for BundleInfo {
             self.job.clone(),
             self.node.clone(),
             self.mode.to_string(),
-            human_bytes(self.size),
+            output::bytes(self.size),
             format!("{} ms", self.dump_ms),
             format!("{}s", age / 1000),
         ]
@@ -185,7 +185,7 @@ fn finish(s: &MigrationStatus, format: OutputFormat, out: &mut dyn Write) -> Res
             s.alloc,
             s.from,
             s.to,
-            human_bytes(s.bytes_total),
+            output::bytes(s.bytes_total),
             s.downtime_ms.unwrap_or(0)
         ),
         _ => String::new(),
@@ -298,20 +298,5 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Restoring => "restoring",
         Phase::Completed => "completed",
         Phase::RolledBack => "rolled back",
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
     }
 }

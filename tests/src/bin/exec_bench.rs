@@ -158,11 +158,8 @@ async fn wait_ready(controller: &Controller, names: &[String]) -> Result<()> {
     .await
 }
 
-/// The `q` quantile of sorted `times`, in milliseconds (nearest rank).
+/// The `q` quantile (0..=1) of `times`, in milliseconds, by nearest rank
+/// (`novacron_common::cost::percentile`, the project's one definition).
 fn percentile(times: &[Duration], q: f64) -> f64 {
-    if times.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
-    times[rank - 1].as_secs_f64() * 1e3
+    novacron_common::cost::percentile(times, q * 100.0).map_or(0.0, |t| t.as_secs_f64() * 1e3)
 }
