@@ -13,6 +13,7 @@ use novacron_common::backoff::Backoff;
 use novacron_common::clock::unix_ms;
 use novacron_common::fleet::Liveness;
 use novacron_common::pki;
+use novacron_common::sync::lock;
 use novacron_common::tls;
 use novacron_common::wire::{
     self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage, FrameError, Hello,
@@ -668,11 +669,6 @@ fn close_reason(e: &quinn::ConnectionError) -> SessionError {
         };
     }
     SessionError::Lost(e.to_string())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The buffer's invariants hold after every statement; a poisoned lock is usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -20,6 +20,7 @@ pub mod reconcile;
 pub mod scheduler;
 pub mod signal;
 pub mod sim;
+pub mod sync;
 pub mod tls;
 pub mod transfer;
 pub mod wire;

@@ -720,7 +720,7 @@ impl Autoscaler {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         // Every mutation is a single insert, remove or assignment.
-        self.policies.lock().unwrap_or_else(|p| p.into_inner())
+        novacron_common::sync::lock(&self.policies)
     }
 }
 

@@ -18,12 +18,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use novacron_common::checkpoint::{
     BundleInfo, CheckpointMode, MAX_BUNDLE_BYTES, check_digest, retain,
 };
 use novacron_common::files;
+use novacron_common::sync::lock;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
@@ -578,12 +579,6 @@ fn io_err(action: &'static str, path: &Path, source: io::Error) -> BundleError {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Locks a std mutex; a poisoned one is still consistent here (every critical
-/// section is a single map operation), so its guard is taken back.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -10,11 +10,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::fleet::Liveness;
 use novacron_common::pki::{self, CertAndKey, Identity, Role, Serial, Validity};
+use novacron_common::sync::lock;
 use novacron_common::tls::{self, CertRevocation, RevokedSerials};
 use novacron_common::wire::{
     self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, ExecEvent, ExecRequest,
@@ -465,11 +466,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Map insertions and removals are single statements; a poisoned map is usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn renew(ctx: &LinkContext, name: &str, csr_pem: &str) -> Result<String, String> {

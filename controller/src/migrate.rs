@@ -183,7 +183,7 @@ impl Migrations {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        novacron_common::sync::lock(&self.state)
     }
 
     fn record(&self, event: NewEvent) {

@@ -596,9 +596,7 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock is a bug; the data is still consistent
         // (every mutation is a single assignment), so keep serving.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        novacron_common::sync::lock(&self.inner)
     }
 }
 

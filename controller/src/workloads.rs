@@ -1275,7 +1275,7 @@ impl Workloads {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation leaves the state consistent at each statement.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        novacron_common::sync::lock(&self.state)
     }
 }
 
