@@ -9,7 +9,7 @@
 //! scale); the invariants are checked after every step.
 //!
 //! - CI runs [`DEFAULT_SEEDS`] seeds of [`SIM_MINUTES`] simulated minutes each.
-//! - `NOVACRON_SIM_SEEDS=10000 cargo nextest run -p novacron-tests --test control_loop_sim --release`
+//! - `NOVACRON_SIM_SEEDS=10000 cargo nextest run -p novacron-tests --test control_loop_sim`
 //!   runs more (seeds are split over the available cores).
 //! - `NOVACRON_SIM_SEED=N` replays one seed; a failing seed prints that command.
 //!

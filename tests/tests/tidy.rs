@@ -14,6 +14,28 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Every source file of the product crates (common, controller, agent): its
+/// path from the workspace root, with `/`, and its text.
+fn product_sources() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in ["common/src", "controller/src", "agent/src"] {
+        sources(&root.join(dir), &mut files);
+    }
+    files
+        .into_iter()
+        .map(|file| {
+            let rel = file
+                .strip_prefix(&root)
+                .expect("under the root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            let text = std::fs::read_to_string(&file).expect("readable");
+            (rel, text)
+        })
+        .collect()
+}
+
 /// Issue 12: YAML from outside reaches yaml_serde only after the manifest
 /// pre-scan (`manifest::yaml_documents` or `guard::check`), which refuses what
 /// would make the parse slow. Only the loaders (which run the pre-scan first) and
@@ -34,22 +56,11 @@ fn yaml_is_parsed_only_through_the_guarded_loader() {
         "common/src/manifest/locate.rs",
         "controller/src/pools.rs",
     ];
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files = Vec::new();
-    for dir in ["common/src", "controller/src", "agent/src"] {
-        sources(&root.join(dir), &mut files);
-    }
     let mut offenders = Vec::new();
-    for file in files {
-        let rel = file
-            .strip_prefix(&root)
-            .expect("under the root")
-            .to_string_lossy()
-            .replace('\\', "/");
+    for (rel, text) in product_sources() {
         if LOADERS.contains(&rel.as_str()) {
             continue;
         }
-        let text = std::fs::read_to_string(&file).expect("readable");
         // Unit tests at the bottom of a file may read back what the code wrote.
         let code = text.split("#[cfg(test)]").next().unwrap_or(&text);
         let in_test_file = rel.ends_with("/tests.rs");
@@ -300,19 +311,8 @@ fn bincode_and_bollard_stay_where_they_are_allowed() {
             ],
         ),
     ];
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files = Vec::new();
-    for dir in ["common/src", "controller/src", "agent/src"] {
-        sources(&root.join(dir), &mut files);
-    }
     let mut offenders = Vec::new();
-    for file in files {
-        let rel = file
-            .strip_prefix(&root)
-            .expect("under the root")
-            .to_string_lossy()
-            .replace('\\', "/");
-        let text = std::fs::read_to_string(&file).expect("readable");
+    for (rel, text) in product_sources() {
         for (word, allowed) in rules {
             if !allowed.contains(&rel.as_str()) && text.contains(&format!("{word}::")) {
                 offenders.push(format!("{rel} uses {word}"));

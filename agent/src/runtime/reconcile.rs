@@ -1289,6 +1289,28 @@ mod tests {
         Reconciler::new(ReconcilerConfig::new(NODE))
     }
 
+    /// Applies `a` alone, observes nothing, plans its launch and completes it with
+    /// `result`.
+    fn launch_ends(
+        r: &mut Reconciler,
+        now: Instant,
+        a: &AllocationSpec,
+        result: Result<Run, LaunchError>,
+    ) {
+        r.apply(desired(1, vec![a.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert_eq!(r.plan(now, 16).len(), 1);
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: a.id.clone(),
+                spec_hash: spec_hash(&a.task),
+                result,
+            },
+        );
+    }
+
     /// Applies, observes nothing and completes the launch with container `cid`.
     fn launched(r: &mut Reconciler, now: Instant, a: &AllocationSpec, cid: &str) {
         let token = r.observe_begin();
@@ -1508,20 +1530,14 @@ mod tests {
         let mut r = core();
         let now = Instant::now();
         let a = spec("a", once());
-        r.apply(desired(1, vec![a.clone()]));
-        let token = r.observe_begin();
-        r.observe(now, token, vec![]);
-        assert_eq!(r.plan(now, 16).len(), 1);
-        r.complete(
+        launch_ends(
+            &mut r,
             now,
-            Outcome::Launched {
-                alloc: "a".into(),
-                spec_hash: spec_hash(&a.task),
-                result: Err(LaunchError::RestoreFailed {
-                    container_id: "c1".into(),
-                    message: "bundle is corrupt".into(),
-                }),
-            },
+            &a,
+            Err(LaunchError::RestoreFailed {
+                container_id: "c1".into(),
+                message: "bundle is corrupt".into(),
+            }),
         );
         let s = status(&r, "a");
         assert!(s.restore_failed, "{s:?}");
@@ -1549,19 +1565,13 @@ mod tests {
         let mut r = core();
         let now = Instant::now();
         let a = spec("a", once());
-        r.apply(desired(1, vec![a.clone()]));
-        let token = r.observe_begin();
-        r.observe(now, token, vec![]);
-        assert_eq!(r.plan(now, 16).len(), 1);
-        r.complete(
+        launch_ends(
+            &mut r,
             now,
-            Outcome::Launched {
-                alloc: "a".into(),
-                spec_hash: spec_hash(&a.task),
-                result: Err(LaunchError::ImageMissing {
-                    image: "busybox:nope".into(),
-                }),
-            },
+            &a,
+            Err(LaunchError::ImageMissing {
+                image: "busybox:nope".into(),
+            }),
         );
         let s = status(&r, "a");
         assert_eq!(s.state, AllocState::Failed);
