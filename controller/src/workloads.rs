@@ -140,6 +140,9 @@ struct NodeDesired {
 struct State {
     /// This controller run's link epoch (see [`Store::next_link_epoch`]).
     link_epoch: u64,
+    /// Where allocation ids come from when seeded (simulations); the thread RNG
+    /// otherwise.
+    ids: Option<rand::rngs::StdRng>,
     jobs: BTreeMap<String, JobEntry>,
     allocs: BTreeMap<String, AllocRecord>,
     failures: FailureCounts,
@@ -179,6 +182,12 @@ pub struct Workloads {
 }
 
 impl Workloads {
+    /// Draws allocation ids from a generator seeded with `seed`, so that a
+    /// simulation replays the same ids (and so the same decisions) from its seed.
+    pub fn seed_ids(&self, seed: u64) {
+        self.lock().ids = Some(rand::SeedableRng::seed_from_u64(seed));
+    }
+
     /// Runs a reconcile pass soon (something it reads changed, such as a cordon).
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -930,11 +939,11 @@ impl Workloads {
             .assignments
             .iter()
             .map(|_| {
-                format!(
-                    "{}-{:012x}",
-                    req.job,
-                    rand::random::<u64>() & 0xffff_ffff_ffff
-                )
+                let n = match st.ids.as_mut() {
+                    Some(rng) => rand::Rng::random::<u64>(rng),
+                    None => rand::random::<u64>(),
+                };
+                format!("{}-{:012x}", req.job, n & 0xffff_ffff_ffff)
             })
             .collect();
         if let Err(error) = snapshot.commit(&request, &outcome, &ids) {
