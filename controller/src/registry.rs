@@ -542,12 +542,12 @@ impl Registry {
             .values()
             .filter(|s| s.link.is_some())
             .count() as u64;
-        let mut lat: Vec<f32> = self
+        // `percentile` sorts its own copy.
+        let lat: Vec<f32> = self
             .latencies
             .lock()
             .map(|r| r.iter().copied().collect())
             .unwrap_or_default();
-        lat.sort_by(f32::total_cmp);
         ControllerStats {
             connected_agents: connected,
             samples_ingested: self.samples_ingested.load(Ordering::Relaxed),
