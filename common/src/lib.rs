@@ -1,26 +1,24 @@
-//! NovaCron's shared core: the wire protocol, identity and PKI helpers, API bodies,
-//! and the pure decision functions. Nothing here opens a socket, talks to Docker or
-//! reads the clock on its own: time is always a parameter.
+//! NovaCron's shared edge helpers: TLS and PKI, files, checkpoint transfer, config,
+//! signals, logging and lock helpers, plus the API bodies.
+//!
+//! The pure decision core lives in `novacron-core` and the wire protocol in
+//! `novacron-wire`; both are re-exported here at their old paths
+//! (`novacron_common::scheduler`, `novacron_common::wire`, ...) so that callers need
+//! one dependency. [`wire`] adds the async frame reader and writer to the protocol.
 
 pub mod api;
-pub mod autoscale;
-pub mod backoff;
-pub mod checkpoint;
-pub mod clock;
 pub mod config;
-pub mod consolidate;
-pub mod cost;
 pub mod files;
-pub mod fleet;
 pub mod logging;
-pub mod manifest;
 pub mod pki;
-pub mod pools;
-pub mod reconcile;
-pub mod scheduler;
 pub mod signal;
-pub mod sim;
 pub mod sync;
 pub mod tls;
 pub mod transfer;
 pub mod wire;
+
+pub use novacron_core::{
+    autoscale, backoff, clock, consolidate, cost, cron, fleet, manifest, names, pools, reconcile,
+    scheduler, sim,
+};
+pub use novacron_wire::checkpoint;

@@ -12,6 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use novacron_core::names;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -29,7 +30,7 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Share of a certificate's lifetime after which it is renewed.
 pub const RENEW_AT_FRACTION: f64 = 0.7;
 /// The longest a node name may be.
-pub const MAX_NAME_LEN: usize = 63;
+pub use novacron_core::names::MAX_NAME_LEN;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -170,29 +171,13 @@ impl Identity {
     }
 }
 
-/// Checks a node or operator name: 1–63 of `a-z 0-9 - .`, alphanumeric at both ends.
+/// Checks a node or operator name: 1–63 of `a-z 0-9 - .`, alphanumeric at both ends
+/// (the rule is [`novacron_core::names::validate_name`]).
 pub fn validate_name(name: &str) -> Result<(), PkiError> {
-    let bad = |why| PkiError::InvalidName {
-        name: name.to_string(),
-        why,
-    };
-    if name.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(bad("it is longer than 63 characters"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    {
-        return Err(bad("it contains a character outside a-z, 0-9, '-' and '.'"));
-    }
-    let ends_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    if !ends_ok(name.bytes().next()) || !ends_ok(name.bytes().last()) {
-        return Err(bad("it must start and end with a letter or digit"));
-    }
-    Ok(())
+    names::validate_name(name).map_err(|e| PkiError::InvalidName {
+        name: e.name,
+        why: e.why,
+    })
 }
 
 /// A SHA-256 fingerprint of a DER certificate, written `sha256:<hex>`.

@@ -12,8 +12,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use novacron_common::wire::{
-    self, AgentMessage, ControllerMessage, MetricsBatch, StreamOpen, decode_body, decode_frame,
+use novacron_wire::{
+    self as wire, AgentMessage, ControllerMessage, Decode, Encode, MetricsBatch, StreamOpen,
+    decode_body, decode_frame,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -26,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
 /// Runs every property for one message type.
 fn check<T>(data: &[u8])
 where
-    T: bincode::Decode<()> + bincode::Encode,
+    T: Decode<()> + Encode,
 {
     if let Ok(msg) = decode_body::<T>(data) {
         stable(&msg);
@@ -49,7 +50,7 @@ where
 /// Encode → decode → encode gives the same bytes (NaN-safe, unlike `==`).
 fn stable<T>(msg: &T)
 where
-    T: bincode::Decode<()> + bincode::Encode,
+    T: Decode<()> + Encode,
 {
     let Ok(first) = wire::encode_frame(msg) else {
         return; // larger than a frame may be: refused, which is fine

@@ -11,7 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use novacron_common::manifest::{guard, parse_jobs};
+use novacron_core::manifest::{guard, parse_jobs};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -2,7 +2,7 @@
 //! quality of binpack against the lower bound.
 //!
 //! ```text
-//! cargo run --release -p novacron-common --example sched_bench -- --nodes 10000 --placements 20000
+//! cargo run --release -p novacron-core --example sched_bench -- --nodes 10000 --placements 20000
 //! ```
 //!
 //! Options: `--nodes N` (default 10000), `--placements P` (default 2 × nodes),
@@ -30,11 +30,11 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use novacron_common::manifest::{
+use novacron_core::manifest::{
     ByteSize, Constraint, GpuRequest, Millicores, Operator, Spread, Strategy, WeightedConstraint,
 };
-use novacron_common::scheduler::{NodeInfo, Request, Scheduler, Snapshot, Tuning};
-use novacron_common::wire::{Capacity, GpuInfo};
+use novacron_core::scheduler::{NodeInfo, Request, Scheduler, Snapshot, Tuning};
+use novacron_wire::{Capacity, GpuInfo};
 
 const GI: u64 = 1 << 30;
 const MI: u64 = 1 << 20;

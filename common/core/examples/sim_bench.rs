@@ -3,8 +3,8 @@
 //! static peak baselines.
 //!
 //! ```text
-//! cargo run --release -p novacron-common --example sim_bench
-//! cargo run --release -p novacron-common --example sim_bench -- --scenario packaging/scenarios/sale-day.yaml --events
+//! cargo run --release -p novacron-core --example sim_bench
+//! cargo run --release -p novacron-core --example sim_bench -- --scenario packaging/scenarios/sale-day.yaml --events
 //! ```
 //!
 //! Options: `--nodes N` (default 1000), `--step S` (default 15s), `--seed S`
@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use novacron_common::sim::{Mode, Report, parse_scenario, simulate, simulate_run};
+use novacron_core::sim::{Mode, Report, parse_scenario, simulate, simulate_run};
 
 fn main() {
     let args = Args::parse();
@@ -34,7 +34,7 @@ fn main() {
         return;
     }
     speed(&args);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/scenarios");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/scenarios");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -66,7 +66,7 @@ fn speed(args: &Args) {
     let stat = simulate_run(&sc, Mode::StaticPeak);
     let stat_s = t.elapsed().as_secs_f64();
     let peak =
-        |r: &novacron_common::sim::RunReport| r.pools.iter().map(|p| p.peak_nodes).sum::<u32>();
+        |r: &novacron_core::sim::RunReport| r.pools.iter().map(|p| p.peak_nodes).sum::<u32>();
     println!(
         "  autoscaled: {auto_s:.2} s wall, {} placements, peak {} nodes, {:.0} node-hours, \
          cost {:.2}, availability {:.3}%, {} scale events, {} violations",

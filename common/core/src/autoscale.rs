@@ -41,12 +41,14 @@ use chrono::{DateTime, Utc};
 mod policy;
 pub mod pool;
 
+pub use crate::cron::parse_cron;
+
 pub use policy::{
     AutoScalingPolicy, Behavior, DEFAULT_SCALE_IN_COOLDOWN, DEFAULT_SCALE_IN_STABILIZATION,
     DEFAULT_SCALE_OUT_COOLDOWN, DEFAULT_TOLERANCE, DEFAULT_WEIGHT, DEFAULT_WINDOW, KIND,
     MAX_COOLDOWN, MAX_SCHEDULE_DURATION, MAX_SIZE, MAX_WINDOW, MetricKind, MetricSpec,
-    PolicyManifest, PolicySpec, Schedule, ScheduleSpec, Step, Target, TargetSpec, parse_cron,
-    parse_policies, parse_policy,
+    PolicyManifest, PolicySpec, Schedule, ScheduleSpec, Step, Target, TargetSpec, parse_policies,
+    parse_policy,
 };
 pub(crate) use policy::{check_spec, human};
 

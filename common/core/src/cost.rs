@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::Capacity;
+use novacron_wire::Capacity;
 
 /// The node label that states a node's own hourly price (set by node pools).
 pub const PRICE_LABEL: &str = "price_per_hour";

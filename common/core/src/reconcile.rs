@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::fleet::NodeStatus;
 use crate::manifest::lifecycle::{exceeded, off_reason, over};
 use crate::manifest::{JobType, Lifecycle, Placement, Update};
-use crate::wire::{AllocState, FailureReason};
+use novacron_wire::{AllocState, FailureReason};
 
 /// Failed allocations of one job version after which it is no longer replaced.
 pub const MAX_FAILURES_PER_VERSION: u32 = 5;

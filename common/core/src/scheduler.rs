@@ -79,7 +79,7 @@
 //! nodes. Costs: a placement is O(log n + nodes walked); a request that fits
 //! nowhere costs a full scan and a preemption search, O(n + allocations).
 //!
-//! Measured (see `BENCHMARKS.md` and `common/examples/sched_bench.rs`): the walk
+//! Measured (see `BENCHMARKS.md` and `common/core/examples/sched_bench.rs`): the walk
 //! packs as tightly as the exhaustive search on the benchmark workloads, at more
 //! than 100 000 placements/s on one core at 10 000 nodes.
 //!
@@ -99,9 +99,9 @@
 //!
 //! ```
 //! use std::collections::BTreeMap;
-//! use novacron_common::manifest::{ByteSize, Millicores};
-//! use novacron_common::scheduler::{NodeInfo, Request, Scheduler, Snapshot};
-//! use novacron_common::wire::Capacity;
+//! use novacron_core::manifest::{ByteSize, Millicores};
+//! use novacron_core::scheduler::{NodeInfo, Request, Scheduler, Snapshot};
+//! use novacron_wire::Capacity;
 //!
 //! let node = |name: &str| NodeInfo {
 //!     name: name.into(),
@@ -136,7 +136,7 @@ use crate::manifest::{
     Constraint, GpuRequest, JobSpec, Operator, Placement, Protocol, Resources, Strategy,
     WeightedConstraint,
 };
-use crate::wire::{Capacity, PortRange};
+use novacron_wire::{Capacity, PortRange};
 
 /// The most GPUs one node may have (they are tracked in a 64-bit mask).
 pub const MAX_GPUS_PER_NODE: usize = 64;
@@ -2974,7 +2974,7 @@ mod tests {
 
     use super::*;
     use crate::manifest::{ByteSize, Millicores, Spread, WeightedConstraint};
-    use crate::wire::GpuInfo;
+    use novacron_wire::GpuInfo;
 
     const GI: u64 = 1 << 30;
 

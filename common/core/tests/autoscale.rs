@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use novacron_common::autoscale::pool::{
+use novacron_core::autoscale::pool::{
     CapacityType, TemplateSource, parse_node_pools, parse_node_templates,
 };
-use novacron_common::autoscale::{
+use novacron_core::autoscale::{
     Decision, Observations, Sample, ScaleState, Step, Target, active_schedule, decide,
     parse_policies, parse_policy,
 };
@@ -19,7 +19,7 @@ const HEAD: &str =
 const MONDAY: u64 = 1_795_392_000_000;
 const MIN: u64 = 60_000;
 
-fn policy(spec: &str) -> novacron_common::autoscale::AutoScalingPolicy {
+fn policy(spec: &str) -> novacron_core::autoscale::AutoScalingPolicy {
     parse_policy("web.yaml", &format!("{HEAD}{spec}")).unwrap_or_else(|e| panic!("{e}"))
 }
 

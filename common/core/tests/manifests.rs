@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use novacron_common::manifest::{
+use novacron_core::manifest::{
     ByteSize, JobType, Millicores, Operator, Strategy, parse_job, parse_jobs,
 };
-use novacron_common::wire::{HealthCheckKind, PortMapping, RestartSpec, VolumeMount};
+use novacron_wire::{HealthCheckKind, PortMapping, RestartSpec, VolumeMount};
 use proptest::prelude::*;
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
@@ -40,7 +40,7 @@ fn read(path: &Path) -> (String, String) {
     (name, text)
 }
 
-fn valid(name: &str) -> novacron_common::manifest::Job {
+fn valid(name: &str) -> novacron_core::manifest::Job {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/manifests/valid")
         .join(name);
@@ -486,15 +486,14 @@ fn from_manifest_validates_without_text() {
     manifest.spec.resources.cpu = Millicores(0);
     manifest.spec.update.canary = 0;
     manifest.metadata.labels = BTreeMap::new();
-    let e = novacron_common::manifest::Job::from_manifest("api", manifest).expect_err("invalid");
+    let e = novacron_core::manifest::Job::from_manifest("api", manifest).expect_err("invalid");
     assert_eq!(
         e.to_string(),
         "api: spec.replicas: 0 is out of range; expected a whole number from 1 to 10000 (system \
          jobs ignore replicas)\napi: spec.resources.cpu: 0 is not enough; expected more than 0, \
          like 500m or 2 (every replica must ask for some CPU)"
     );
-    let ok =
-        novacron_common::manifest::Job::from_manifest("api", job.to_manifest()).expect("valid");
+    let ok = novacron_core::manifest::Job::from_manifest("api", job.to_manifest()).expect("valid");
     assert_eq!(ok, job);
 }
 
@@ -604,7 +603,7 @@ fn lifecycle_parses_and_changes_the_version_hash() {
     .expect("valid");
     assert_ne!(only_max.version_hash(), plain.version_hash());
     // Round trip through the manifest form.
-    let again = novacron_common::manifest::Job::from_manifest("again", job.to_manifest())
+    let again = novacron_core::manifest::Job::from_manifest("again", job.to_manifest())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again.version_hash(), job.version_hash());
 }

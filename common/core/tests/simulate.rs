@@ -6,11 +6,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use novacron_common::sim::{Mode, Report, Scenario, parse_scenario, simulate, simulate_run};
+use novacron_core::sim::{Mode, Report, Scenario, parse_scenario, simulate, simulate_run};
 use proptest::prelude::*;
 
 fn shipped() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/scenarios");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/scenarios");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -22,7 +22,7 @@ fn shipped() -> Vec<PathBuf> {
 
 fn load(name: &str) -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../packaging/scenarios")
+        .join("../../packaging/scenarios")
         .join(name);
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     parse_scenario(name, &text).unwrap_or_else(|e| panic!("{name} should be valid:\n{e}"))
@@ -277,7 +277,7 @@ proptest! {
     #[test]
     fn arbitrary_text_is_refused_without_panic(text in "(?s).{0,300}") {
         let _ = parse_scenario("fuzz.yaml", &text);
-        let _ = novacron_common::autoscale::parse_policies("fuzz.yaml", &text);
-        let _ = novacron_common::autoscale::pool::parse_node_pools("fuzz.yaml", &text);
+        let _ = novacron_core::autoscale::parse_policies("fuzz.yaml", &text);
+        let _ = novacron_core::autoscale::pool::parse_node_pools("fuzz.yaml", &text);
     }
 }

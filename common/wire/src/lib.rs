@@ -1,8 +1,18 @@
-//! The agent ↔ controller wire protocol.
+//! The agent ↔ controller wire protocol (`novacron-wire`).
 //!
-//! **Architecture Invariant:** this is the only module that derives the wire
-//! serialization (`bincode::Encode` / `bincode::Decode`). Everything that crosses a
-//! QUIC stream is declared here, so a change to the protocol is a change to this file.
+//! **Architecture Invariant:** this is the only crate that depends on bincode and
+//! derives the wire serialization (`bincode::Encode` / `bincode::Decode`): this file
+//! for the frames, [`checkpoint`] for the checkpoint bundle records. Everything that
+//! crosses a QUIC stream is declared here, so a change to the protocol is a change to
+//! this crate. It does no I/O: the async `read_frame`/`write_frame` over tokio streams
+//! live in `novacron-common` (`novacron_common::wire`, which re-exports this crate).
+//!
+//! **Dependency direction:** `novacron-core` (the pure decisions) depends on this crate,
+//! not the other way round. The types both sides share (`Capacity`, `TaskSpec`,
+//! `AllocState`, ...) cross the wire, so they must derive bincode's traits where they
+//! are declared (Rust's orphan rule forbids deriving them anywhere else); declaring them
+//! here keeps bincode in one crate, and this crate needs nothing from the core. The
+//! core uses them as plain data.
 //!
 //! Every frame is a big-endian `u32` body length followed by a bincode 2 body. A body
 //! longer than [`MAX_FRAME_LEN`] is refused *before* anything is allocated for it, and
@@ -21,12 +31,15 @@
 //!   its side open while the command runs: ending or resetting it cancels the
 //!   command (the agent kills it).
 
+pub mod checkpoint;
+
 use std::collections::BTreeMap;
 use std::fmt;
 
-use bincode::{Decode, Encode};
+/// The codec traits, re-exported so that callers can name the bounds of
+/// [`encode_frame`] and [`decode_body`] without depending on bincode themselves.
+pub use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The ALPN protocol id of the agent link.
 pub const ALPN: &[u8] = b"novacron/1";
@@ -1078,59 +1091,6 @@ pub fn decode_frame<T: Decode<()>>(buf: &[u8]) -> Result<Option<(T, usize)>, Fra
     Ok(Some((decode_body(body)?, 4 + len)))
 }
 
-/// Reads one frame from `reader`. `Ok(None)` means the stream ended cleanly between
-/// frames. `scratch` is reused across calls; it never grows past [`MAX_FRAME_LEN`].
-pub async fn read_frame<T, R>(
-    reader: &mut R,
-    scratch: &mut Vec<u8>,
-) -> Result<Option<T>, FrameError>
-where
-    T: Decode<()>,
-    R: AsyncRead + Unpin,
-{
-    let mut prefix = [0u8; 4];
-    let mut filled = 0;
-    while filled < 4 {
-        let n = reader.read(&mut prefix[filled..]).await?;
-        if n == 0 {
-            return if filled == 0 {
-                Ok(None)
-            } else {
-                Err(FrameError::Truncated)
-            };
-        }
-        filled += n;
-    }
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME_LEN,
-        });
-    }
-    scratch.clear();
-    scratch.resize(len, 0);
-    reader.read_exact(scratch).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
-    decode_body(scratch).map(Some)
-}
-
-/// Writes `msg` as one frame.
-pub async fn write_frame<T, W>(writer: &mut W, msg: &T) -> Result<(), FrameError>
-where
-    T: Encode,
-    W: AsyncWrite + Unpin,
-{
-    let frame = encode_frame(msg)?;
-    writer.write_all(&frame).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -1347,30 +1307,5 @@ mod tests {
             assert_eq!(u64::from(c.code()), code);
         }
         assert_eq!(CloseCode::from_code(99), None);
-    }
-
-    #[tokio::test]
-    async fn async_reader_handles_clean_end_and_truncation() {
-        let frame = encode_frame(&AgentMessage::RenewCertificate {
-            request_id: 7,
-            csr_pem: "x".into(),
-        })
-        .expect("encodes");
-        let mut scratch = Vec::new();
-        let mut whole: &[u8] = &frame;
-        let msg: Option<AgentMessage> = read_frame(&mut whole, &mut scratch).await.expect("reads");
-        assert!(matches!(
-            msg,
-            Some(AgentMessage::RenewCertificate { request_id: 7, .. })
-        ));
-        let end: Option<AgentMessage> = read_frame(&mut whole, &mut scratch)
-            .await
-            .expect("clean end");
-        assert!(end.is_none());
-        let mut cut: &[u8] = &frame[..frame.len() - 1];
-        let err = read_frame::<AgentMessage, _>(&mut cut, &mut scratch)
-            .await
-            .expect_err("truncated");
-        assert!(matches!(err, FrameError::Truncated));
     }
 }

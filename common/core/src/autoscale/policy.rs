@@ -5,11 +5,11 @@ use std::fmt;
 use std::time::Duration;
 
 use croner::Cron;
-use croner::parser::{CronParser, Seconds, Year};
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Serialize};
 use yaml_serde::Value;
 
+use crate::cron::parse_cron;
 use crate::manifest::document::{self, Kind, Rule};
 use crate::manifest::{ManifestErrors, Metadata, duration};
 
@@ -643,22 +643,6 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
     r
 }
 
-/// Parses a 5-field cron expression (UTC), with an error in our words.
-pub fn parse_cron(expr: &str) -> Result<Cron, String> {
-    const ACCEPTED: &str = "a 5-field cron expression: minute hour day-of-month month \
-                            day-of-week, like 0 8 * * 1-5";
-    let fields = expr.split_whitespace().count();
-    if fields != 5 {
-        return Err(format!("{expr:?} has {fields} fields; expected {ACCEPTED}"));
-    }
-    CronParser::builder()
-        .seconds(Seconds::Disallowed)
-        .year(Year::Disallowed)
-        .build()
-        .parse(expr)
-        .map_err(|e| format!("{expr:?} is not a cron expression ({e}); expected {ACCEPTED}"))
-}
-
 fn checked(m: PolicyManifest, source: Option<&Value>) -> Result<AutoScalingPolicy, Vec<Rule>> {
     let mut rules = document::envelope(&m.api_version, &m.kind, KIND, &m.metadata, "policy");
     rules.extend(check_spec(&m.spec, "spec", source));
@@ -757,12 +741,11 @@ mod tests {
     }
 
     #[test]
-    fn cron_needs_five_fields() {
-        assert!(parse_cron("0 8 * * 1-5").is_ok());
-        let e = parse_cron("0 0 8 * * 1-5").expect_err("six fields");
-        assert!(e.contains("has 6 fields"), "{e}");
-        let e = parse_cron("61 8 * * *").expect_err("minute 61");
-        assert!(e.contains("is not a cron expression"), "{e}");
-        assert!(e.contains("like 0 8 * * 1-5"), "{e}");
+    fn policies_refuse_deep_nesting_before_parsing() {
+        let block: String = (0..2000)
+            .map(|d| format!("{}k:\n", " ".repeat(d)))
+            .collect();
+        let errors = parse_policies("p.yaml", &block).expect_err("too deep");
+        assert!(errors.to_string().contains("levels deep"), "{errors}");
     }
 }

@@ -16,7 +16,7 @@
 //! - `mode`: see [`CheckpointMode`]; `auto` takes a live checkpoint where the node
 //!   can and a filesystem one elsewhere.
 //! - `keep`: the retention the controller applies with
-//!   [`retain`](crate::checkpoint::retain), from 1 to [`MAX_KEEP`].
+//!   [`retain`](novacron_wire::checkpoint::retain), from 1 to [`MAX_KEEP`].
 //!
 //! A job without the block is never checkpointed periodically, and its version hash
 //! is unchanged (the block is left out of the hash when absent).
@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Job;
 use super::locate::FieldPath;
-use crate::checkpoint::{CheckpointMode, MAX_KEEP, MIN_INTERVAL};
+use novacron_wire::checkpoint::{CheckpointMode, MAX_KEEP, MIN_INTERVAL};
 
 /// Bundles kept per allocation when `keep` is left out.
 pub const DEFAULT_KEEP: u32 = 3;

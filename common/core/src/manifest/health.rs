@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{ExecCheck, Health, HttpCheck, TcpCheck};
-use crate::wire::{HealthCheckKind, HealthSpec, ProbeSpec};
+use novacron_wire::{HealthCheckKind, HealthSpec, ProbeSpec};
 
 /// Default restarts for failed liveness or startup checks before the allocation
 /// fails.

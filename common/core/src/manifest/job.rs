@@ -11,7 +11,7 @@ use super::{
     API_VERSION, JobManifest, JobSpec, JobType, KIND, ManifestError, ManifestErrors, Metadata,
     Protocol, RestartMode,
 };
-use crate::wire::{PortMapping, RestartSpec, TaskSpec, VolumeMount};
+use novacron_wire::{PortMapping, RestartSpec, TaskSpec, VolumeMount};
 
 /// A manifest that passed every check.
 ///

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use humantime_serde::re::humantime::format_duration;
 use serde::{Deserialize, Serialize};
 
-use crate::autoscale::parse_cron;
+use crate::cron::parse_cron;
 
 /// Shortest `maxRuntime`.
 pub const MIN_MAX_RUNTIME: Duration = Duration::from_secs(1);

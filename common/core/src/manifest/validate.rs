@@ -23,8 +23,8 @@ use super::{
     MAX_WEIGHT, MIN_HEALTH_INTERVAL, MIN_MAX_RUNTIME, MIN_MEMORY, Metadata, Operator, Placement,
     Protocol, Resources, Restart, TaskTemplate, TcpCheck, Update,
 };
-use crate::autoscale::parse_cron;
-use crate::pki::{self, PkiError};
+use crate::cron::parse_cron;
+use crate::names::{self, NameError};
 
 /// One broken rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,14 +146,11 @@ impl Checker<'_> {
     }
 
     fn metadata(&mut self, m: &Metadata, p: &FieldPath) {
-        if let Err(e) = pki::validate_name(&m.name) {
-            let message = match e {
-                PkiError::InvalidName { name, why } => format!(
-                    "{name:?} is not a valid job name: {why}; expected 1 to 63 characters of \
-                     a-z, 0-9, '-' and '.', starting and ending with a letter or digit"
-                ),
-                other => other.to_string(),
-            };
+        if let Err(NameError { name, why }) = names::validate_name(&m.name) {
+            let message = format!(
+                "{name:?} is not a valid job name: {why}; expected 1 to 63 characters of \
+                 a-z, 0-9, '-' and '.', starting and ending with a letter or digit"
+            );
             self.bad(p.key("name"), message);
         }
         for key in m.labels.keys().filter(|k| k.trim().is_empty()) {

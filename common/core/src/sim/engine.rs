@@ -14,7 +14,7 @@ use crate::fleet::NodeStatus;
 use crate::manifest::{Constraint, JobType, Operator, Placement, Resources, Spread, Update};
 use crate::reconcile::{self, AllocView, FailureCounts, JobChange, JobView, NodeView};
 use crate::scheduler::{NodeInfo, Placed, Request, Scheduler, Snapshot};
-use crate::wire::{AllocState, Capacity, GpuInfo};
+use novacron_wire::{AllocState, Capacity, GpuInfo};
 
 /// Both runs of a scenario.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -1,0 +1,63 @@
+//! The naming rule for nodes, operators, jobs and the other named things: 1–63 of
+//! `a-z 0-9 - .`, alphanumeric at both ends (a DNS label that may hold dots). The PKI
+//! (`novacron_common::pki`) puts these names in certificates; manifests check them.
+
+/// The longest name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A name that breaks the rule, and which part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameError {
+    /// The rejected name.
+    pub name: String,
+    /// The broken rule.
+    pub why: &'static str,
+}
+
+/// Checks a node or operator name: 1–63 of `a-z 0-9 - .`, alphanumeric at both ends.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    let bad = |why| NameError {
+        name: name.to_string(),
+        why,
+    };
+    if name.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(bad("it is longer than 63 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err(bad("it contains a character outside a-z, 0-9, '-' and '.'"));
+    }
+    let ends_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !ends_ok(name.bytes().next()) || !ends_ok(name.bytes().last()) {
+        return Err(bad("it must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for ok in ["a", "node-1", "gpu.rack-2", &"x".repeat(63)] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (&"x".repeat(64) as &str, "longer"),
+            ("Node", "outside"),
+            ("-a", "start and end"),
+            ("a.", "start and end"),
+        ] {
+            let e = validate_name(bad).expect_err(bad);
+            assert!(e.why.contains(why), "{bad}: {}", e.why);
+            assert_eq!(e.name, bad);
+        }
+    }
+}
