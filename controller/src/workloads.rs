@@ -157,8 +157,36 @@ struct State {
     /// Checkpoints of lost allocations, per job, waiting for the replacements the
     /// same pass places (bounded by the lost allocations of one pass).
     recoveries: plan::Recoveries,
-    /// Allocations being moved by a migration (or its rollback).
-    migrating: BTreeSet<String>,
+    /// Allocations being moved by a migration (or its rollback), with what their
+    /// new node reported since.
+    migrating: BTreeMap<String, MoveReport>,
+}
+
+/// What the new node of an allocation moved with a checkpoint (a migration or its
+/// rollback) reported about it since the move: the migration decides from these
+/// typed fields, never from the human-readable message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    /// The restarts in the new node's first report since the move (`None`: no
+    /// report yet). A node that held the allocation before (a rollback to the
+    /// source) counts on from its earlier runs.
+    pub first_restarts: Option<u32>,
+    /// The restarts in its latest report.
+    pub restarts: u32,
+    /// A start there could not restore the checkpoint.
+    pub restore_failed: bool,
+    /// The terminal state it reached there (the restore failed for good; the
+    /// record shows it as `migrating` for the migration to roll back).
+    pub ended: Option<AllocState>,
+}
+
+impl MoveReport {
+    /// Whether a start on the new node failed since the move: the checkpoint
+    /// could not be restored, or the agent counted a restart (it retries a
+    /// start that failed).
+    pub fn start_failed(&self) -> bool {
+        self.restore_failed || self.first_restarts.is_some_and(|f| self.restarts > f)
+    }
 }
 
 /// Where the workload manager finds an allocation's latest checkpoint, for
@@ -573,7 +601,18 @@ impl Workloads {
                 a.exit_code,
                 a.message.clone(),
             );
-            if migrating.contains(&a.id) && status.state.is_terminal() {
+            if let Some(seen) = migrating.get_mut(&a.id) {
+                // Failures stick: the first one is enough to roll back.
+                *seen = MoveReport {
+                    first_restarts: seen.first_restarts.or(Some(status.restarts)),
+                    restarts: status.restarts,
+                    restore_failed: seen.restore_failed || status.restore_failed,
+                    ended: seen
+                        .ended
+                        .or(status.state.is_terminal().then_some(status.state)),
+                };
+            }
+            if migrating.contains_key(&a.id) && status.state.is_terminal() {
                 // A restore that failed during a migration is the migration's to
                 // roll back, not the reconciler's to replace.
                 a.state = AllocState::Migrating;
@@ -594,7 +633,7 @@ impl Workloads {
             a.failure = status
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
-            if !migrating.contains(&a.id)
+            if !migrating.contains_key(&a.id)
                 && let Some(r) = &a.restore
             {
                 if a.state == AllocState::Running {
@@ -1001,7 +1040,7 @@ impl Workloads {
             .save_allocations(std::slice::from_ref(&moved), &[])?;
         *a = moved;
         if moving {
-            st.migrating.insert(id.to_string());
+            st.migrating.insert(id.to_string(), MoveReport::default());
         }
         drop(st);
         self.publish();
@@ -1075,6 +1114,12 @@ impl Workloads {
                 a.job, outcome.explanation
             ))),
         }
+    }
+
+    /// What the new node of a moving allocation reported since the move, in typed
+    /// fields; `None` when it is not moving (see [`Workloads::relocate`]).
+    pub fn move_report(&self, id: &str) -> Option<MoveReport> {
+        self.lock().migrating.get(id).copied()
     }
 
     /// Forgets the checkpoint an allocation started from, once it runs (or its
@@ -1502,5 +1547,107 @@ mod tests {
             v.lifecycle.schedule.map(|s| s.start),
             Some("0 8 * * 1-5".to_string())
         );
+    }
+
+    fn workloads_with(a: AllocRecord) -> Workloads {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::new());
+        store.save_allocations(&[a], &[]).expect("save");
+        let config = crate::registry::RegistryConfig::new(60, Duration::from_secs(3));
+        let registry =
+            Arc::new(Registry::load(store.clone(), config, Instant::now()).expect("registry"));
+        let events = Arc::new(EventLog::open(store.clone(), 100).expect("events"));
+        Workloads::load(store, registry, events).expect("workloads")
+    }
+
+    fn status(state: AllocState, restarts: u32, restore_failed: bool) -> AllocationReport {
+        AllocationReport {
+            generation: 1,
+            allocations: vec![novacron_common::wire::AllocationStatus {
+                id: "api-1".into(),
+                state,
+                healthy: None,
+                restarts,
+                exit_code: None,
+                message: "words decide nothing".into(),
+                failure: None,
+                restore_failed,
+                container_id: None,
+                started_at_unix_ms: None,
+            }],
+        }
+    }
+
+    /// The typed record of a move that the migration decides from: what the new
+    /// node reported since, with failures sticking, and a terminal state held
+    /// as `migrating` for the migration to roll back.
+    #[test]
+    fn a_move_records_what_the_new_node_reports() {
+        let a = AllocRecord {
+            id: "api-1".into(),
+            job: "api".into(),
+            version: 1,
+            node: "n1".into(),
+            desired_run: true,
+            state: AllocState::Running,
+            healthy: None,
+            healthy_since_unix_ms: None,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            restarts: 3,
+            exit_code: None,
+            message: String::new(),
+            cpu_millis: 100,
+            memory_bytes: 32 << 20,
+            gpu_uuids: vec![],
+            priority: 50,
+            disk_bytes: 0,
+            ports: vec![],
+            restore: None,
+            failure: None,
+        };
+        let w = workloads_with(a);
+        assert_eq!(w.move_report("api-1"), None);
+        let restore = RestoreFrom {
+            digest: "d".repeat(64),
+            size: 1,
+            mode: novacron_common::checkpoint::CheckpointMode::Fs,
+        };
+        w.relocate("api-1", "n2", Some(restore), "moving")
+            .expect("relocate");
+        assert_eq!(w.move_report("api-1"), Some(MoveReport::default()));
+        // The old node's reports are not the new node's.
+        w.report(
+            "n1",
+            &status(AllocState::Starting, 9, true),
+            SystemTime::now(),
+        );
+        assert_eq!(w.move_report("api-1"), Some(MoveReport::default()));
+
+        w.report(
+            "n2",
+            &status(AllocState::Starting, 0, false),
+            SystemTime::now(),
+        );
+        let seen = w.move_report("api-1").expect("moving");
+        assert_eq!((seen.first_restarts, seen.start_failed()), (Some(0), false));
+        w.report(
+            "n2",
+            &status(AllocState::Starting, 1, true),
+            SystemTime::now(),
+        );
+        w.report(
+            "n2",
+            &status(AllocState::Failed, 1, false),
+            SystemTime::now(),
+        );
+        let seen = w.move_report("api-1").expect("moving");
+        assert!(seen.start_failed() && seen.restore_failed);
+        assert_eq!(seen.ended, Some(AllocState::Failed));
+        assert_eq!(
+            w.allocation("api-1").expect("alloc").state,
+            AllocState::Migrating
+        );
+        w.clear_restore("api-1").expect("clear");
+        assert_eq!(w.move_report("api-1"), None);
     }
 }

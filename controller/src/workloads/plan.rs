@@ -830,3 +830,261 @@ pub(super) fn node_views(nodes: &[PlacementNode]) -> Vec<reconcile::NodeView> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use novacron_common::checkpoint::CheckpointMode;
+    use novacron_common::manifest::parse_job;
+    use novacron_common::wire::Capacity;
+
+    use super::*;
+
+    fn entry(text: &str) -> JobEntry {
+        let job = parse_job("job.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let mut e = JobEntry {
+            record: JobRecord {
+                name: job.name.clone(),
+                versions: vec![],
+                current: 1,
+                stable: None,
+                stopped: false,
+                status: "running".into(),
+                message: String::new(),
+                replicas_override: None,
+            },
+            parsed: BTreeMap::new(),
+        };
+        let new = NewVersion {
+            version: 1,
+            source: text,
+            file: "job.yaml",
+            hash: "h",
+            by: "me",
+            at_ms: 0,
+        };
+        push_version(&mut e, &new, job);
+        e
+    }
+
+    fn jobs(replicas: u32, extra: &str) -> BTreeMap<String, JobEntry> {
+        let text = format!(
+            "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: api}}\nspec:\n  replicas: {replicas}\n  task: {{image: busybox:1}}\n  resources: {{cpu: 100m, memory: 32Mi}}\n{extra}"
+        );
+        [("api".to_string(), entry(&text))].into()
+    }
+
+    fn node(name: &str, status: NodeStatus) -> PlacementNode {
+        PlacementNode {
+            name: name.into(),
+            status,
+            labels: BTreeMap::new(),
+            capacity: Capacity {
+                cpu_millis: 4_000,
+                memory_bytes: 8 << 30,
+                disk_bytes: 100 << 30,
+                ..Capacity::default()
+            },
+            cordoned: false,
+        }
+    }
+
+    fn alloc(id: &str, node: &str, state: AllocState, desired_run: bool) -> AllocRecord {
+        AllocRecord {
+            id: id.into(),
+            job: "api".into(),
+            version: 1,
+            node: node.into(),
+            desired_run,
+            state,
+            healthy: None,
+            healthy_since_unix_ms: Some(1),
+            created_unix_ms: 1,
+            updated_unix_ms: 1,
+            restarts: 0,
+            exit_code: None,
+            message: String::new(),
+            failure: None,
+            cpu_millis: 100,
+            memory_bytes: 32 << 20,
+            gpu_uuids: vec![],
+            priority: 50,
+            disk_bytes: 0,
+            ports: vec![],
+            restore: None,
+        }
+    }
+
+    fn allocs(list: Vec<AllocRecord>) -> BTreeMap<String, AllocRecord> {
+        list.into_iter().map(|a| (a.id.clone(), a)).collect()
+    }
+
+    /// Plans one pass with no checkpoints and ids 1, 2, 3…
+    fn run(
+        jobs: &BTreeMap<String, JobEntry>,
+        allocs: &BTreeMap<String, AllocRecord>,
+        nodes: &[PlacementNode],
+        latest: &dyn Fn(&str) -> Option<BundleInfo>,
+    ) -> Plan {
+        let failures = FailureCounts::new();
+        let recoveries = Recoveries::new();
+        let snap = Snapshot {
+            now_ms: 1_000,
+            jobs,
+            allocs,
+            nodes,
+            failures: &failures,
+            recoveries: &recoveries,
+        };
+        let mut n = 0;
+        plan(&snap, latest, &mut || {
+            n += 1;
+            n
+        })
+    }
+
+    fn placed(plan: &Plan) -> Vec<&AllocRecord> {
+        plan.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Place(r) => Some(&**r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn missing_replicas_are_placed_with_ids_from_the_given_source() {
+        let plan = run(
+            &jobs(2, ""),
+            &BTreeMap::new(),
+            &[node("n1", NodeStatus::Ready)],
+            &|_| None,
+        );
+        let ids: Vec<&str> = placed(&plan).iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["api-000000000001", "api-000000000002"]);
+        assert!(placed(&plan).iter().all(|a| a.node == "n1"
+            && a.state == AllocState::Pending
+            && a.desired_run
+            && a.created_unix_ms == 1_000));
+        assert_eq!((plan.requested, plan.placed()), (2, 2));
+        assert!(plan.unplaced.is_empty());
+        // Each placement is followed by its event.
+        assert!(matches!(plan.actions[1], Action::Record(_)));
+    }
+
+    #[test]
+    fn planning_changes_nothing_and_repeats_itself() {
+        let jobs = jobs(3, "");
+        let allocs = allocs(vec![alloc("api-a", "n1", AllocState::Running, true)]);
+        let nodes = [node("n1", NodeStatus::Ready)];
+        let first = run(&jobs, &allocs, &nodes, &|_| None);
+        let second = run(&jobs, &allocs, &nodes, &|_| None);
+        assert_eq!(format!("{first:?}"), format!("{second:?}"));
+        assert_eq!(first.placed(), 2);
+        assert_eq!(allocs["api-a"].state, AllocState::Running);
+    }
+
+    /// A lost allocation of a job with checkpoints: its replacement, placed in
+    /// the same pass on a live node, restores its latest checkpoint.
+    #[test]
+    fn a_lost_allocation_is_replaced_from_its_latest_checkpoint() {
+        let jobs = jobs(1, "  checkpoint: {mode: fs}\n");
+        let allocs = allocs(vec![alloc("api-a", "n1", AllocState::Running, true)]);
+        let nodes = [node("n1", NodeStatus::Down), node("n2", NodeStatus::Ready)];
+        let bundle = |id: &str| {
+            (id == "api-a").then(|| BundleInfo {
+                digest: "d".repeat(64),
+                size: 10,
+                mode: CheckpointMode::Fs,
+                alloc: id.into(),
+                job: "api".into(),
+                node: "n1".into(),
+                created_unix_ms: 1,
+                dump_ms: 1,
+            })
+        };
+        let plan = run(&jobs, &allocs, &nodes, &bundle);
+        assert!(matches!(
+            &plan.actions[0],
+            Action::MarkLost { alloc, message } if alloc == "api-a" && message == "node n1 is down"
+        ));
+        let new = placed(&plan);
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].node, "n2");
+        assert_eq!(
+            new[0].restore.as_ref().map(|r| r.digest.as_str()),
+            Some("d".repeat(64).as_str())
+        );
+        // The checkpoint went to the replacement: nothing waits any more.
+        assert!(plan.recoveries.values().all(VecDeque::is_empty));
+    }
+
+    #[test]
+    fn a_job_that_cannot_be_placed_is_blocked_and_unblocked_once_it_is() {
+        let mut jobs = jobs(1, "");
+        let plan = run(&jobs, &BTreeMap::new(), &[], &|_| None);
+        assert_eq!(plan.unplaced.get("api"), Some(&(1, 1)));
+        let status = plan.actions.iter().find_map(|a| match a {
+            Action::SetJobStatus {
+                status, message, ..
+            } => Some((status.clone(), message.clone())),
+            _ => None,
+        });
+        let (status, message) = status.expect("a status");
+        assert_eq!(status, "blocked");
+        assert!(message.starts_with("1 of 1 replicas could not be placed"));
+
+        let e = jobs.get_mut("api").expect("job");
+        e.record.status = status;
+        e.record.message = message;
+        let plan = run(
+            &jobs,
+            &BTreeMap::new(),
+            &[node("n1", NodeStatus::Ready)],
+            &|_| None,
+        );
+        assert!(plan.actions.iter().any(|a| matches!(
+            a,
+            Action::SetJobStatus { status, message, .. } if status == "running" && message.is_empty()
+        )));
+    }
+
+    #[test]
+    fn terminal_allocations_past_the_limit_are_forgotten_oldest_first() {
+        let mut list = vec![alloc("api-live", "n1", AllocState::Running, true)];
+        for i in 0..KEEP_TERMINAL_PER_JOB + 2 {
+            let mut a = alloc(&format!("api-{i:02}"), "n1", AllocState::Stopped, false);
+            a.updated_unix_ms = 100 + i as u64;
+            list.push(a);
+        }
+        let plan = run(
+            &jobs(1, ""),
+            &allocs(list),
+            &[node("n1", NodeStatus::Ready)],
+            &|_| None,
+        );
+        let forgotten: Vec<&str> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Forget { alloc } => Some(alloc.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(forgotten, ["api-00", "api-01"]);
+    }
+
+    #[test]
+    fn a_stopped_job_stops_its_allocations() {
+        let mut jobs = jobs(1, "");
+        jobs.get_mut("api").expect("job").record.stopped = true;
+        let plan = run(
+            &jobs,
+            &allocs(vec![alloc("api-a", "n1", AllocState::Running, true)]),
+            &[node("n1", NodeStatus::Ready)],
+            &|_| None,
+        );
+        assert!(matches!(&plan.actions[0], Action::Stop { alloc, .. } if alloc == "api-a"));
+        assert_eq!(plan.placed(), 0);
+    }
+}
