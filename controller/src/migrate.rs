@@ -1099,27 +1099,8 @@ mod tests {
 
     fn moving(state: AllocState, message: &str) -> AllocRecord {
         AllocRecord {
-            id: "api-a".into(),
-            job: "api".into(),
-            version: 1,
-            node: "b".into(),
-            desired_run: true,
-            state,
-            healthy: None,
-            healthy_since_unix_ms: None,
-            created_unix_ms: 1,
-            updated_unix_ms: 1,
-            restarts: 0,
-            exit_code: None,
             message: message.into(),
-            failure: None,
-            cpu_millis: 100,
-            memory_bytes: 32 << 20,
-            gpu_uuids: vec![],
-            priority: 50,
-            disk_bytes: 0,
-            ports: vec![],
-            restore: None,
+            ..crate::workloads::test_alloc("api-a", "b", state)
         }
     }
 

@@ -302,19 +302,7 @@ impl Workloads {
                 }
                 (entry.record.clone(), "updated")
             }
-            None => (
-                JobRecord {
-                    name: name.clone(),
-                    versions: vec![],
-                    current: 1,
-                    stable: None,
-                    stopped: false,
-                    status: "running".into(),
-                    message: String::new(),
-                    replicas_override: None,
-                },
-                "created",
-            ),
+            None => (new_job_record(&name), "created"),
         };
         let version = record.versions.last().map_or(1, |v| v.version + 1);
         let new = NewVersion {
@@ -802,31 +790,22 @@ impl Workloads {
         for action in plan.actions {
             match action {
                 Action::MarkLost { alloc, message } => {
-                    if let Some(a) = st.allocs.get_mut(&alloc) {
+                    if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
                         a.state = AllocState::Lost;
-                        a.desired_run = false;
                         a.healthy_since_unix_ms = None;
-                        a.message = message;
-                        a.updated_unix_ms = now_ms;
                         warn!(alloc = %alloc, node = %a.node, job = %a.job, "allocation lost");
                     }
                     st.dirty_allocs.insert(alloc);
                 }
                 Action::Stop { alloc, message } => {
-                    if let Some(a) = st.allocs.get_mut(&alloc) {
-                        info!(alloc = %alloc, job = %a.job, reason = %message, "stopping allocation");
-                        a.desired_run = false;
-                        a.message = message;
-                        a.updated_unix_ms = now_ms;
+                    if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
+                        info!(alloc = %alloc, job = %a.job, reason = %a.message, "stopping allocation");
                     }
                     st.dirty_allocs.insert(alloc);
                 }
                 Action::Preempt { alloc, by, message } => {
-                    if let Some(a) = st.allocs.get_mut(&alloc) {
+                    if unwant(&mut st.allocs, &alloc, message, now_ms).is_some() {
                         warn!(alloc = %alloc, by = %by, "preempted");
-                        a.desired_run = false;
-                        a.message = message;
-                        a.updated_unix_ms = now_ms;
                     }
                     st.dirty_allocs.insert(alloc);
                 }
@@ -835,14 +814,11 @@ impl Workloads {
                     failure,
                     message,
                 } => {
-                    if let Some(a) = st.allocs.get_mut(&alloc) {
-                        warn!(alloc = %alloc, job = %a.job, reason = %message, "stopping allocation as failed");
-                        a.desired_run = false;
+                    if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
+                        warn!(alloc = %alloc, job = %a.job, reason = %a.message, "stopping allocation as failed");
                         a.state = AllocState::Failed;
                         a.healthy_since_unix_ms = None;
-                        a.message = message;
                         a.failure = Some(failure);
-                        a.updated_unix_ms = now_ms;
                         let f = st.failures.entry((a.job.clone(), a.version)).or_default();
                         f.count += 1;
                         f.last_ms = now_ms;
@@ -859,7 +835,7 @@ impl Workloads {
                         warn!(job = %name, %error, "cannot save a job change; deciding it again next pass");
                         continue;
                     }
-                    log_job_change(&change, &entry);
+                    log_job_change(&change);
                     st.jobs.insert(name, *entry);
                     st.events.push(event);
                 }
@@ -1188,27 +1164,70 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
     per_node
 }
 
+/// The record of a job not submitted yet.
+fn new_job_record(name: &str) -> JobRecord {
+    JobRecord {
+        name: name.to_string(),
+        versions: vec![],
+        current: 1,
+        stable: None,
+        stopped: false,
+        status: "running".into(),
+        message: String::new(),
+        replicas_override: None,
+    }
+}
+
+/// An allocation of job `api` version 1 on `node`, wanted, for tests.
+#[cfg(test)]
+pub(crate) fn test_alloc(id: &str, node: &str, state: AllocState) -> AllocRecord {
+    AllocRecord {
+        id: id.into(),
+        job: "api".into(),
+        version: 1,
+        node: node.into(),
+        desired_run: true,
+        state,
+        healthy: None,
+        healthy_since_unix_ms: None,
+        created_unix_ms: 0,
+        updated_unix_ms: 0,
+        restarts: 0,
+        exit_code: None,
+        message: String::new(),
+        cpu_millis: 100,
+        memory_bytes: 32 << 20,
+        gpu_uuids: vec![],
+        priority: 50,
+        disk_bytes: 0,
+        ports: vec![],
+        restore: None,
+        failure: None,
+    }
+}
+
+/// Marks an allocation no longer wanted, with why, and returns it (`None` when
+/// it is gone).
+fn unwant<'a>(
+    allocs: &'a mut BTreeMap<String, AllocRecord>,
+    id: &str,
+    message: String,
+    now_ms: u64,
+) -> Option<&'a mut AllocRecord> {
+    let a = allocs.get_mut(id)?;
+    a.desired_run = false;
+    a.message = message;
+    a.updated_unix_ms = now_ms;
+    Some(a)
+}
+
 /// Logs a job-level change once it is on disk.
-fn log_job_change(change: &JobChange, e: &JobEntry) {
+fn log_job_change(change: &JobChange) {
     match change {
-        JobChange::Stable { job, version } => {
-            info!(job = %job, version, "version rolled out healthy")
-        }
-        JobChange::Revert {
-            job,
-            failed,
-            to,
-            reason,
-        } => {
-            let version = e.record.current;
-            warn!(job = %job, failed, to, version, %reason, "rollout failed: auto-revert")
-        }
-        JobChange::Complete { job } => info!(job = %job, "batch job complete"),
-        JobChange::Failing {
-            job,
-            version,
-            reason,
-        } => warn!(job = %job, version, %reason, "job failing"),
+        JobChange::Stable { .. } => info!(?change, "version rolled out healthy"),
+        JobChange::Complete { .. } => info!(?change, "batch job complete"),
+        JobChange::Revert { .. } => warn!(?change, "rollout failed: auto-revert"),
+        JobChange::Failing { .. } => warn!(?change, "job failing"),
     }
 }
 
@@ -1364,19 +1383,13 @@ mod tests {
         let job = parse_job("api.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
         let mut e = JobEntry {
             record: JobRecord {
-                name: "api".into(),
-                versions: vec![],
-                current: 1,
-                stable: None,
-                stopped: false,
-                status: "running".into(),
-                message: String::new(),
                 replicas_override: over.map(|replicas| ReplicaOverride {
                     replicas,
                     by: "autoscaler (policy p)".into(),
                     reason: "api 2 → 5: cpu 91% over 5m, target 75%".into(),
                     at_unix_ms: 1,
                 }),
+                ..new_job_record("api")
             },
             parsed: BTreeMap::new(),
         };
@@ -1461,27 +1474,8 @@ mod tests {
         let mut st = State::default();
         st.jobs.insert("api".into(), e);
         let mut a = AllocRecord {
-            id: "api-1".into(),
-            job: "api".into(),
             version: 2,
-            node: "n1".into(),
-            desired_run: true,
-            state: AllocState::Running,
-            healthy: None,
-            healthy_since_unix_ms: None,
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            restarts: 0,
-            exit_code: None,
-            message: String::new(),
-            cpu_millis: 100,
-            memory_bytes: 32 << 20,
-            gpu_uuids: vec![],
-            priority: 50,
-            disk_bytes: 0,
-            ports: vec![],
-            restore: None,
-            failure: None,
+            ..test_alloc("api-1", "n1", AllocState::Running)
         };
         assert_eq!(
             held_ports(&Jobs::new(&st.jobs), &a),
@@ -1583,27 +1577,8 @@ mod tests {
     #[test]
     fn a_move_records_what_the_new_node_reports() {
         let a = AllocRecord {
-            id: "api-1".into(),
-            job: "api".into(),
-            version: 1,
-            node: "n1".into(),
-            desired_run: true,
-            state: AllocState::Running,
-            healthy: None,
-            healthy_since_unix_ms: None,
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
             restarts: 3,
-            exit_code: None,
-            message: String::new(),
-            cpu_millis: 100,
-            memory_bytes: 32 << 20,
-            gpu_uuids: vec![],
-            priority: 50,
-            disk_bytes: 0,
-            ports: vec![],
-            restore: None,
-            failure: None,
+            ..test_alloc("api-1", "n1", AllocState::Running)
         };
         let w = workloads_with(a);
         assert_eq!(w.move_report("api-1"), None);

@@ -842,16 +842,7 @@ mod tests {
     fn entry(text: &str) -> JobEntry {
         let job = parse_job("job.yaml", text).unwrap_or_else(|e| panic!("{e}"));
         let mut e = JobEntry {
-            record: JobRecord {
-                name: job.name.clone(),
-                versions: vec![],
-                current: 1,
-                stable: None,
-                stopped: false,
-                status: "running".into(),
-                message: String::new(),
-                replicas_override: None,
-            },
+            record: super::super::new_job_record(&job.name),
             parsed: BTreeMap::new(),
         };
         let new = NewVersion {
@@ -890,27 +881,11 @@ mod tests {
 
     fn alloc(id: &str, node: &str, state: AllocState, desired_run: bool) -> AllocRecord {
         AllocRecord {
-            id: id.into(),
-            job: "api".into(),
-            version: 1,
-            node: node.into(),
             desired_run,
-            state,
-            healthy: None,
             healthy_since_unix_ms: Some(1),
             created_unix_ms: 1,
             updated_unix_ms: 1,
-            restarts: 0,
-            exit_code: None,
-            message: String::new(),
-            failure: None,
-            cpu_millis: 100,
-            memory_bytes: 32 << 20,
-            gpu_uuids: vec![],
-            priority: 50,
-            disk_bytes: 0,
-            ports: vec![],
-            restore: None,
+            ..super::super::test_alloc(id, node, state)
         }
     }
 
