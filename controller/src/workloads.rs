@@ -1,11 +1,16 @@
-//! The workload shell around the pure cores: it keeps jobs and allocations (persisted
-//! through the [`Store`]), runs the [`reconcile`] core and the
-//! [`scheduler`](novacron_common::scheduler) on a tick, applies their decisions,
-//! and publishes each node's desired set (level-triggered, numbered by generation)
-//! for the agent link to send.
+//! The workload service and the executor of its decisions: it keeps jobs and
+//! allocations (persisted through the [`Store`]), asks the planner
+//! ([`plan::plan`], which runs the [`reconcile`] core and the
+//! [`scheduler`](novacron_common::scheduler)) for a plan on each tick, applies
+//! the plan's actions to its state and the store, and then publishes each node's
+//! desired set (level-triggered, numbered by generation) for the agent link to
+//! send.
 //!
-//! **Architecture Invariant:** decisions come only from `reconcile` and the
-//! scheduler; this module turns them into records and messages.
+//! **Architecture Invariant:** decisions come only from the planner; this module
+//! applies them, disk first: what must survive a restart is persisted before any
+//! node is told.
+//! **Architecture Invariant:** no decision reads a human-readable message; a
+//! moving allocation's progress is kept in typed fields ([`MoveReport`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
