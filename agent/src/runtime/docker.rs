@@ -4,6 +4,8 @@
 //! [`CALL_TIMEOUT`] for a stop). Stats are read one-shot (no second sample inside
 //! the daemon, so a reading takes milliseconds, not a second).
 
+pub mod checkpoint;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
