@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, Stream, StreamExt};
+use novacron_common::backoff::Backoff;
+use novacron_common::retry::Retry;
 use novacron_common::wire::{
     AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
     LogChunk, LogRequest, RestoreFrom,
@@ -48,6 +50,9 @@ pub const DEFAULT_MAX_STATS_PER_CALL: usize = 32;
 const RUNTIME_CONCURRENCY: usize = 8;
 /// Containers named by events and not yet inspected again; past this, all are.
 const MAX_STALE: usize = 1024;
+/// The wait before the event stream is opened again after it first ends (half to
+/// all of it: the delays carry jitter, so agents do not reconnect in step).
+const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait before the event stream is opened again.
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -843,7 +848,10 @@ async fn probe<R: ContainerRuntime>(
 /// inspection and wakes the loop. Reopens the stream, backing off, when it ends.
 async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: CancellationToken) {
     let node = inner.config.node_name.clone();
-    let mut failures: u32 = 0;
+    let mut retry = Retry::new(Backoff {
+        initial: EVENTS_RETRY_FIRST,
+        max: EVENTS_RETRY_MAX,
+    });
     loop {
         let mut events = inner.runtime.events(&node);
         loop {
@@ -853,7 +861,7 @@ async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: Cancell
             };
             match item {
                 Some(Ok(event)) => {
-                    failures = 0;
+                    retry.reset();
                     debug!(container = %event.container_id, action = %event.action, "container event");
                     inner.mark_stale(event.container_id);
                     inner.wake.notify_one();
@@ -865,13 +873,8 @@ async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: Cancell
                 None => break,
             }
         }
-        failures = failures.saturating_add(1);
-        let delay = Duration::from_millis(500)
-            .saturating_mul(2u32.saturating_pow(failures.min(8)))
-            .min(EVENTS_RETRY_MAX);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !retry.wait(cancel.cancelled()).await {
+            return;
         }
     }
 }
