@@ -29,8 +29,8 @@ use super::{
     CALL_TIMEOUT, CRIU_PROBE_TIMEOUT, CheckpointError, Checkpointer, DUMP_TIMEOUT,
     TRANSFER_TIMEOUT, blocking, mkdir, now_ms,
 };
-use crate::collect::DEFAULT_DOCKER_HOST;
 use crate::runtime::docker::checkpoint::{CheckpointDocker, Endpoint};
+use crate::runtime::docker::version::DEFAULT_DOCKER_HOST;
 
 impl Checkpointer {
     /// A checkpointer for `docker_host` (`unix:///path`, a socket path,
