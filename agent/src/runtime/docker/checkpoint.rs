@@ -1,5 +1,5 @@
 //! The Docker Engine calls that checkpoints and restores need
-//! ([`crate::checkpoint`]): CRIU checkpoints, the archive API, a container's
+//! (the agent's `checkpoint` module): CRIU checkpoints, the archive API, a container's
 //! filesystem changes, and the one call bollard lacks (start from a checkpoint),
 //! sent raw over the socket.
 //!

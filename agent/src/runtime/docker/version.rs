@@ -1,5 +1,5 @@
 //! The Docker daemon, asked for its version (a node capability, read by
-//! [`crate::collect::capabilities`]).
+//! `novacron_agent::collect::capabilities`).
 
 use std::time::Duration;
 
