@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, Stream, StreamExt};
 use novacron_common::backoff::Backoff;
 use novacron_common::retry::Retry;
+use novacron_common::ticker::Ticker;
 use novacron_common::wire::{
     AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
     LogChunk, LogRequest, RestoreFrom,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -242,8 +244,11 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let mut jobs: JoinSet<Outcome> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, Action> = HashMap::new();
         let mut cache = InspectCache::default();
-        let mut tick = tokio::time::interval(inner.config.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = Ticker::new(
+            inner.config.poll_interval,
+            MissedTickBehavior::Delay,
+            cancel.cancelled(),
+        );
         let mut observe = true;
         info!(node = %inner.config.node_name, "container supervisor running");
         loop {
@@ -267,8 +272,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 None
             };
             tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tick.tick() => observe = true,
+                // A tick, or `false` once `cancel` fired.
+                ticked = ticker.tick() => {
+                    if !ticked {
+                        break;
+                    }
+                    observe = true;
+                }
                 _ = inner.wake.notified() => observe = true,
                 Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
                     let outcome = match joined {
