@@ -642,7 +642,7 @@ enum Halt {
     Pause,
 }
 
-/// Docker reports a failed dump as "criu failed: ... path= <dir>/criu-dump.log";
+/// Docker reports a failed dump as `criu failed: ... path= <dir>/criu-dump.log`;
 /// that file (on this host, and gone once the container is removed) says why.
 /// The error gets its `Error` lines.
 fn with_criu_log(e: CheckpointError) -> CheckpointError {
