@@ -1,5 +1,5 @@
 //! NovaCron's shared edge helpers: TLS and PKI, files, checkpoint transfer, config,
-//! signals, logging and lock helpers, plus the API bodies.
+//! signals, logging, lock helpers, tickers and retries, plus the API bodies.
 //!
 //! The pure decision core lives in `novacron-core` and the wire protocol in
 //! `novacron-wire`; both are re-exported here at their old paths
@@ -11,8 +11,10 @@ pub mod config;
 pub mod files;
 pub mod logging;
 pub mod pki;
+pub mod retry;
 pub mod signal;
 pub mod sync;
+pub mod ticker;
 pub mod tls;
 pub mod transfer;
 pub mod wire;

@@ -570,8 +570,8 @@ fn bollard_stays_where_it_is_allowed() {
     const ALLOWED: &[&str] = &[
         "agent/src/runtime/docker.rs",
         "agent/src/runtime/mod.rs",
-        "agent/src/collect/docker.rs",
-        "agent/src/checkpoint.rs",
+        "agent/src/runtime/docker/version.rs",
+        "agent/src/runtime/docker/checkpoint.rs",
         "controller/src/providers/docker.rs",
         "controller/src/providers/mod.rs",
     ];
