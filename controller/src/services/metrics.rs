@@ -1603,7 +1603,7 @@ mod tests {
         (out.status.success(), report)
     }
 
-    const DASHBOARD: &str = include_str!("../../packaging/grafana/novacron-dashboard.json");
+    const DASHBOARD: &str = include_str!("../../../packaging/grafana/novacron-dashboard.json");
 
     /// Every PromQL text of the dashboard: panel targets and variable queries.
     fn queries(value: &serde_json::Value, out: &mut Vec<String>) {
