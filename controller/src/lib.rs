@@ -22,8 +22,7 @@ pub use http::{
 };
 #[doc(hidden)]
 pub use services::{
-    autoscaler, budgets, certs, costs, events, heavy, metrics, migrate, pools, providers,
-    workloads,
+    autoscaler, budgets, certs, costs, events, heavy, metrics, migrate, pools, providers, workloads,
 };
 #[doc(hidden)]
 pub use state::{api_tokens, bundles, registry, store, tokens};

@@ -12,17 +12,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{self, ApiState};
-use crate::autoscaler::Autoscaler;
-use crate::events::{self, EventLog};
-use crate::https::{self, TlsListener};
+use crate::http::api::{self, ApiState};
+use crate::http::https::{self, TlsListener};
 use crate::link::{self, LinkConfig, LinkContext};
 use crate::pki_files;
-use crate::registry::{
+use crate::services::agents::Agents;
+use crate::services::autoscaler::Autoscaler;
+use crate::services::events::{self, EventLog};
+use crate::services::workloads::Workloads;
+use crate::state::registry::{
     DEFAULT_METRICS_WINDOW, DEFAULT_RESTART_GRACE, DEFAULT_STARTUP_GRACE, Registry, RegistryConfig,
 };
-use crate::store::{RedbStore, Store};
-use crate::workloads::Workloads;
+use crate::state::store::{RedbStore, Store};
 
 /// Default address of the HTTPS API (TCP) and of the agent link (UDP).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -122,7 +123,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         },
         Instant::now(),
     )?);
-    let revoked_certs = crate::certs::load(store.as_ref())?;
+    let revoked_certs = crate::services::certs::load(store.as_ref())?;
 
     let endpoint = link::bind(
         &LinkConfig {
@@ -169,31 +170,30 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         .with_pricing(pricing.clone()),
     );
     let bundles = Arc::new(
-        crate::bundles::BundleStore::open(&config.data_dir.join("bundles"))
+        crate::state::bundles::BundleStore::open(&config.data_dir.join("bundles"))
             .map_err(|e| anyhow::anyhow!("checkpoint bundle store: {e}"))?,
     );
     workloads.set_checkpoints(bundles.clone());
-    let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::migrate::SPOT_QUEUE);
+    let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::services::migrate::SPOT_QUEUE);
+    let agents = Arc::new(Agents::default());
     let link_ctx = Arc::new(LinkContext {
         registry: registry.clone(),
         workloads: workloads.clone(),
-        commands: Default::default(),
-        pending_logs: Default::default(),
-        connections: Default::default(),
+        agents: agents.clone(),
         ca: pki.ca.clone(),
         node_cert_ttl: config.node_cert_ttl,
         bundles: Some(bundles.clone()),
         spot: Some(spot_tx),
         revoked_certs: revoked_certs.clone(),
     });
-    let certs = Arc::new(crate::certs::CertRevocations::new(
+    let certs = Arc::new(crate::services::certs::CertRevocations::new(
         store.clone(),
         revoked_certs,
         api_connections,
-        link_ctx.clone(),
+        agents.clone(),
     ));
-    let migrations = Arc::new(crate::migrate::Migrations::new(
-        link_ctx.clone(),
+    let migrations = Arc::new(crate::services::migrate::Migrations::new(
+        agents.clone(),
         workloads.clone(),
         registry.clone(),
         bundles,
@@ -213,13 +213,13 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         server_name: config.server_name.clone(),
         api_url: format!("https://{}:{}", config.server_name, api_addr.port()),
         workloads: workloads.clone(),
-        link: link_ctx.clone(),
+        link: agents,
         events: events.clone(),
         pricing,
         autoscaler: autoscaler.clone(),
         migrations: migrations.clone(),
         certs,
-        heavy: crate::heavy::HeavyWork::for_this_host(),
+        heavy: crate::services::heavy::HeavyWork::for_this_host(),
     });
 
     let cancel = CancellationToken::new();
@@ -228,15 +228,15 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         tokio::spawn(migrations.run(spot_rx, cancel.clone())),
     ];
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
-    tasks.push(tokio::spawn(crate::pools::run(
+    tasks.push(tokio::spawn(crate::services::pools::run(
         api_state.clone(),
-        crate::pools::DEFAULT_INTERVAL,
+        crate::services::pools::DEFAULT_INTERVAL,
         cancel.clone(),
     )));
     let api_cancel = cancel.clone();
-    tasks.push(tokio::spawn(crate::budgets::run(
+    tasks.push(tokio::spawn(crate::services::budgets::run(
         api_state.clone(),
-        crate::budgets::DEFAULT_INTERVAL,
+        crate::services::budgets::DEFAULT_INTERVAL,
         cancel.clone(),
     )));
     tasks.push(tokio::spawn(async move {

@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, Caller, Problem, check_note, internal};
-use crate::events::{NewEvent, kind};
-use crate::store::CertRevocation;
+use crate::http::api::{ApiState, Caller, Problem, check_note, internal};
+use crate::services::events::{NewEvent, kind};
+use crate::state::store::CertRevocation;
 
 /// The certificate routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {

@@ -34,8 +34,8 @@ use tracing::{debug, info};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, Caller, Problem};
-use crate::events::{NewEvent, kind};
+use crate::http::api::{ApiState, Caller, Problem};
+use crate::services::events::{NewEvent, kind};
 
 /// Lines queued between the per-node tasks and the HTTP response.
 pub const LINE_QUEUE: usize = 256;

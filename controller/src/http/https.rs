@@ -191,6 +191,12 @@ struct LiveInner {
     by_id: HashMap<u64, (Serial, CancellationToken)>,
 }
 
+impl crate::services::certs::ConnectionsBySerial for LiveConnections {
+    fn close(&self, serial: &Serial) -> usize {
+        LiveConnections::close(self, serial)
+    }
+}
+
 impl LiveConnections {
     /// Closes every live connection whose client certificate has `serial`; returns
     /// how many there were.

@@ -13,8 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, Caller, Problem};
-use crate::migrate::{MigrateError, MigrationStatus};
+use crate::http::api::{ApiState, Caller, Problem};
+use crate::services::migrate::{MigrateError, MigrationStatus};
 
 /// The longest job, allocation or node name accepted in a query.
 const MAX_NAME: usize = 253;

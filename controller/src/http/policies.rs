@@ -1,5 +1,5 @@
 //! `/v1/policies`: apply, list and delete autoscaling policies (the
-//! [`Autoscaler`](crate::autoscaler::Autoscaler) carries them out). Every change
+//! [`Autoscaler`](crate::services::autoscaler::Autoscaler) carries them out). Every change
 //! records an event naming the caller.
 
 use std::sync::Arc;
@@ -13,9 +13,9 @@ use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, ApplyRequest, Caller, Problem, internal};
-use crate::autoscaler::{PolicyApplyResult, PolicyError, PolicyView};
-use crate::events::{NewEvent, kind};
+use crate::http::api::{ApiState, ApplyRequest, Caller, Problem, internal};
+use crate::services::autoscaler::{PolicyApplyResult, PolicyError, PolicyView};
+use crate::services::events::{NewEvent, kind};
 
 /// The policy routes, merged into the API.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
@@ -99,6 +99,6 @@ fn problem(e: PolicyError) -> Problem {
         e @ PolicyError::Conflict { .. } => Problem::new(StatusCode::CONFLICT, e.to_string()),
         e @ PolicyError::Unknown(_) => Problem::new(StatusCode::NOT_FOUND, e.to_string()),
         PolicyError::Workload(e) => internal(e),
-        PolicyError::Store(e) => crate::api::store_problem(e),
+        PolicyError::Store(e) => crate::http::api::store_problem(e),
     }
 }

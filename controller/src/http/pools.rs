@@ -13,9 +13,9 @@ use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, ApplyRequest, Caller, Problem};
-use crate::events::{NewEvent, kind};
-use crate::pools::{self, AppliedDocument, PoolError, PoolStatus};
+use crate::http::api::{ApiState, ApplyRequest, Caller, Problem};
+use crate::services::events::{NewEvent, kind};
+use crate::services::pools::{self, AppliedDocument, PoolError, PoolStatus};
 
 /// The pool routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
@@ -43,7 +43,7 @@ async fn apply_pools(
         .await?
         .map_err(|e| match e {
             PoolError::Invalid(m) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, m),
-            PoolError::Store(e) => crate::api::store_problem(e),
+            PoolError::Store(e) => crate::http::api::store_problem(e),
         })?;
     for a in &applied {
         st.events.note(

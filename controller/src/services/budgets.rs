@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ApiState;
-use crate::costs::{self, CostReport};
-use crate::events::{CONTROLLER, NewEvent, kind};
+use crate::services::context::ApiState;
+use crate::services::costs::{self, CostReport};
+use crate::services::events::{CONTROLLER, NewEvent, kind};
 
 /// How often budgets and mixes are checked.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);

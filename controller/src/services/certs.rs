@@ -17,9 +17,8 @@ use novacron_common::pki::Serial;
 use novacron_common::tls::RevokedSerials;
 use tracing::warn;
 
-use crate::https::LiveConnections;
-use crate::link::LinkContext;
-use crate::store::{CertRevocation, Store, StoreError};
+use crate::services::agents::Agents;
+use crate::state::store::{CertRevocation, Store, StoreError};
 use novacron_common::clock::unix_ms;
 
 /// Errors of this module.
@@ -90,13 +89,21 @@ pub struct Revoked {
     pub closed_nodes: Vec<String>,
 }
 
+/// Live connections tracked by the client certificate that opened them (the HTTPS
+/// listener's), which a revocation closes.
+pub trait ConnectionsBySerial: std::fmt::Debug + Send + Sync {
+    /// Closes the connections whose client certificate has `serial`; returns how
+    /// many.
+    fn close(&self, serial: &Serial) -> usize;
+}
+
 /// The revocation service of a running controller.
 #[derive(Debug)]
 pub struct CertRevocations {
     store: Arc<dyn Store>,
     revoked: Arc<RevokedSerials>,
-    api_connections: Arc<LiveConnections>,
-    link: Arc<LinkContext>,
+    api_connections: Arc<dyn ConnectionsBySerial>,
+    link: Arc<Agents>,
 }
 
 impl CertRevocations {
@@ -104,8 +111,8 @@ impl CertRevocations {
     pub fn new(
         store: Arc<dyn Store>,
         revoked: Arc<RevokedSerials>,
-        api_connections: Arc<LiveConnections>,
-        link: Arc<LinkContext>,
+        api_connections: Arc<dyn ConnectionsBySerial>,
+        link: Arc<Agents>,
     ) -> CertRevocations {
         CertRevocations {
             store,
@@ -155,7 +162,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::state::store::MemoryStore;
 
     #[test]
     fn persisted_revocations_are_loaded_into_the_list() {

@@ -5,45 +5,20 @@
 //! the workloads, prices from the catalog.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Json;
-use axum::extract::State;
-use novacron_common::api::{ApiError, NodeView};
+use novacron_common::api::NodeView;
 use novacron_common::consolidate;
 use novacron_common::cost::{self, Rightsize, RightsizeConfig};
-use novacron_common::pki::Role;
 use novacron_common::wire::{AllocState, NodeSample};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
-use crate::api::{ApiState, Caller, Problem};
-use crate::store::AllocRecord;
-
-/// The routes.
-pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
-    OpenApiRouter::new()
-        .routes(routes!(costs))
-        .routes(routes!(recommendations))
-        .routes(routes!(consolidation))
-}
+use crate::services::context::ApiState;
+use crate::state::store::AllocRecord;
 
 /// Nodes consolidation may touch at once (the disruption budget of the plan).
 pub const CONSOLIDATION_BUDGET: usize = 3;
-
-#[utoipa::path(get, path = "/v1/consolidation", tag = "cost", responses((status = 200, description = "a best-fit-decreasing repack: nodes of managed pools that could be retired, the moves that empty them, and the hourly saving (a plan; nothing is changed)", body = consolidate::Plan), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-async fn consolidation(
-    State(st): State<Arc<ApiState>>,
-    caller: Caller,
-) -> Result<Json<consolidate::Plan>, Problem> {
-    caller.require(Role::Viewer)?;
-    let nodes = st.registry.views(Instant::now());
-    let allocs = st.workloads.allocations(None, None);
-    Ok(Json(consolidation_plan(&st.pricing, &nodes, &allocs)))
-}
 
 /// The consolidation plan of the live fleet (pure): nodes of a managed pool (the
 /// `pool` label) that are ready may be retired; ready nodes receive moves.
@@ -144,15 +119,6 @@ pub struct JobRecommendation {
     pub hourly_recommended: f64,
 }
 
-#[utoipa::path(get, path = "/v1/costs", tag = "cost", responses((status = 200, description = "hourly cost per node, job, pool and capacity type; the budgets with those exceeded; the spot share of each workload class against its target", body = CostReport), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-async fn costs(
-    State(st): State<Arc<ApiState>>,
-    caller: Caller,
-) -> Result<Json<CostReport>, Problem> {
-    caller.require(Role::Viewer)?;
-    Ok(Json(live_report(&st)))
-}
-
 /// The cost report of the live fleet.
 pub fn live_report(st: &ApiState) -> CostReport {
     let nodes = st.registry.views(Instant::now());
@@ -162,7 +128,7 @@ pub fn live_report(st: &ApiState) -> CostReport {
 }
 
 /// Each job's workload class: the `class` label of its current manifest.
-pub fn job_classes(workloads: &crate::workloads::Workloads) -> BTreeMap<String, String> {
+pub fn job_classes(workloads: &crate::services::workloads::Workloads) -> BTreeMap<String, String> {
     workloads
         .jobs()
         .into_iter()
@@ -190,31 +156,6 @@ fn manifest_class(source: &str) -> Option<String> {
         .next()?;
     let doc = Doc::deserialize(first).ok()?;
     doc.metadata.labels.get(cost::CLASS_LABEL).cloned()
-}
-
-#[utoipa::path(get, path = "/v1/recommendations", tag = "cost", responses((status = 200, body = Vec<JobRecommendation>), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-async fn recommendations(
-    State(st): State<Arc<ApiState>>,
-    caller: Caller,
-) -> Result<Json<Vec<JobRecommendation>>, Problem> {
-    caller.require(Role::Viewer)?;
-    let nodes = st.registry.views(Instant::now());
-    let allocs = st.workloads.allocations(None, None);
-    let windows: BTreeMap<String, Vec<NodeSample>> = nodes
-        .iter()
-        .filter_map(|n| {
-            st.registry
-                .window(&n.name)
-                .map(|w| (n.name.clone(), w.samples))
-        })
-        .collect();
-    Ok(Json(recommend(
-        &st.pricing,
-        &nodes,
-        &allocs,
-        &windows,
-        &RightsizeConfig::default(),
-    )))
 }
 
 fn holds_resources(a: &AllocRecord) -> bool {

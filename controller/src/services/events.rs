@@ -7,35 +7,22 @@
 //! live channel reads the gap back from the store, so following never skips an
 //! event. The store keeps the newest [`DEFAULT_RETAIN`] events.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use axum::Json;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures_util::Stream;
-use novacron_common::api::{ApiError, Event, EventPage};
-use novacron_common::pki::Role;
-use serde::Deserialize;
+use novacron_common::api::Event;
 use tokio::sync::broadcast;
 use tracing::warn;
-use utoipa::IntoParams;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
-use crate::api::{ApiState, Caller, Problem, internal};
-use crate::store::{EventScan, Store, StoreError};
+pub use crate::state::events::{DEFAULT_LIMIT, EventQuery};
+use crate::state::store::{EventScan, Store, StoreError};
 use novacron_common::clock::unix_ms;
 
 /// Events kept in the store; older ones are dropped.
 pub const DEFAULT_RETAIN: usize = 100_000;
 /// Live events buffered per follower before it must catch up from the store.
 pub const LIVE_CAPACITY: usize = 1024;
-/// Default page size of `GET /v1/events`.
-pub const DEFAULT_LIMIT: usize = 100;
 
 /// The actor of the controller's own decisions.
 pub const CONTROLLER: &str = "controller";
@@ -184,100 +171,6 @@ impl NewEvent {
     }
 }
 
-/// Which events to read: a position to read after, a page size and filters (all
-/// given filters must match).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct EventQuery {
-    /// Read events after this position (0: from the oldest kept).
-    #[serde(default)]
-    #[param(minimum = 0, maximum = 9223372036854775807_u64)]
-    pub after: u64,
-    /// At most this many events (1 to [`EventQuery::MAX_LIMIT`]).
-    #[serde(default = "default_limit")]
-    #[param(minimum = 1, maximum = 1000)]
-    pub limit: usize,
-    /// Only this node.
-    pub node: Option<String>,
-    /// Only this job.
-    pub job: Option<String>,
-    /// Only this allocation.
-    pub alloc: Option<String>,
-    /// Only this kind: exact (`job.applied`) or its resource (`job`).
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    /// The newest `limit` matching events instead of the oldest (still answered
-    /// oldest first; the next read continues after the newest stored event).
-    #[serde(default)]
-    pub newest: bool,
-}
-
-impl Default for EventQuery {
-    fn default() -> Self {
-        EventQuery {
-            after: 0,
-            limit: DEFAULT_LIMIT,
-            node: None,
-            job: None,
-            alloc: None,
-            kind: None,
-            newest: false,
-        }
-    }
-}
-
-fn default_limit() -> usize {
-    DEFAULT_LIMIT
-}
-
-impl EventQuery {
-    /// The largest page.
-    pub const MAX_LIMIT: usize = 1000;
-    /// The most records one read scans, matching or not (bounds the work of a
-    /// narrow filter over a long log).
-    pub const MAX_SCAN: usize = 10_000;
-
-    /// Checks the limit; the message says what is accepted.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.after > i64::MAX as u64 {
-            return Err(format!(
-                "after: {} is out of range; use an event position from 0 to {}",
-                self.after,
-                i64::MAX
-            ));
-        }
-        if self.limit == 0 || self.limit > Self::MAX_LIMIT {
-            return Err(format!(
-                "limit: {} is out of range; use 1 to {}",
-                self.limit,
-                Self::MAX_LIMIT
-            ));
-        }
-        Ok(())
-    }
-
-    /// Whether `event` passes every given filter.
-    pub fn matches(&self, event: &Event) -> bool {
-        let same = |want: &Option<String>, have: &Option<String>| match want {
-            None => true,
-            Some(w) => have.as_deref() == Some(w.as_str()),
-        };
-        let kind_ok = match &self.kind {
-            None => true,
-            Some(k) => {
-                event.kind == *k
-                    || (event.kind.starts_with(k.as_str())
-                        && event.kind.as_bytes().get(k.len()) == Some(&b'.'))
-            }
-        };
-        kind_ok
-            && same(&self.node, &event.node)
-            && same(&self.job, &event.job)
-            && same(&self.alloc, &event.alloc)
-    }
-}
-
 /// The event log.
 #[derive(Debug)]
 pub struct EventLog {
@@ -364,143 +257,10 @@ impl EventLog {
     }
 }
 
-/// The event routes: `GET /v1/events` (a page) and `GET /v1/events/stream`
-/// (server-sent events, resumable with `Last-Event-ID`).
-pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
-    OpenApiRouter::new()
-        .routes(routes!(list))
-        .routes(routes!(follow))
-}
-
-#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400, description = "a bad filter or limit", body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-async fn list(
-    State(st): State<Arc<ApiState>>,
-    caller: Caller,
-    Query(query): Query<EventQuery>,
-) -> Result<Json<EventPage>, Problem> {
-    caller.require(Role::Viewer)?;
-    query.validate().map_err(Problem::bad_request)?;
-    let scan = st.events.read(&query).map_err(internal)?;
-    Ok(Json(EventPage {
-        events: scan.events,
-        next_after: scan.last_scanned,
-        more: scan.more,
-    }))
-}
-
-/// One server-sent event of `/v1/events/stream`, as the OpenAPI document describes
-/// it (the stream itself is written by axum's SSE encoder).
-#[derive(Debug, utoipa::ToSchema)]
-pub struct SseFrame {
-    /// The event's position (resume with `Last-Event-ID`).
-    pub id: String,
-    /// `event`, or `error` when reading the log failed (the stream then ends).
-    pub event: String,
-    /// An [`Event`] as JSON (or the error message).
-    pub data: String,
-}
-
-/// What a follower has read and what it still owes its client.
-struct Follower {
-    log: Arc<EventLog>,
-    query: EventQuery,
-    live: broadcast::Receiver<Event>,
-    backlog: VecDeque<Event>,
-    caught_up: bool,
-}
-
-#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventQuery), responses((status = 200, description = "server-sent events: `event: event`, `id` the position, `data` one JSON Event; a reconnecting client sends `Last-Event-ID` to resume after that position", content_type = "text/event-stream", body = SseFrame), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-async fn follow(
-    State(st): State<Arc<ApiState>>,
-    caller: Caller,
-    headers: HeaderMap,
-    Query(mut query): Query<EventQuery>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
-    caller.require(Role::Viewer)?;
-    query.validate().map_err(Problem::bad_request)?;
-    if let Some(id) = headers.get("last-event-id") {
-        query.after = id
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| {
-                Problem::bad_request(format!(
-                    "Last-Event-ID: {id:?} is not an event position; send the `id` of the last event received"
-                ))
-            })?;
-    }
-    // Only the tail was asked for: start from there, then follow forward.
-    if query.newest {
-        let tail = st.events.read(&query).map_err(internal)?;
-        query.newest = false;
-        query.after = tail.last_scanned;
-        let backlog = tail.events.into();
-        return Ok(sse(Follower {
-            live: st.events.subscribe(),
-            log: st.events.clone(),
-            query,
-            backlog,
-            caught_up: false,
-        }));
-    }
-    Ok(sse(Follower {
-        live: st.events.subscribe(),
-        log: st.events.clone(),
-        query,
-        backlog: VecDeque::new(),
-        caught_up: false,
-    }))
-}
-
-fn sse(follower: Follower) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream = futures_util::stream::unfold(Some(follower), |state| async move {
-        let mut f = state?;
-        loop {
-            if let Some(event) = f.backlog.pop_front() {
-                let item = SseEvent::default()
-                    .id(event.seq.to_string())
-                    .event("event")
-                    .json_data(&event)
-                    .unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
-                return Some((Ok(item), Some(f)));
-            }
-            if !f.caught_up {
-                match f.log.read(&f.query) {
-                    Ok(scan) => {
-                        f.query.after = scan.last_scanned;
-                        f.caught_up = !scan.more;
-                        f.backlog.extend(scan.events);
-                    }
-                    Err(error) => {
-                        let item = SseEvent::default()
-                            .event("error")
-                            .data(format!("reading the event log failed: {error}"));
-                        return Some((Ok(item), None));
-                    }
-                }
-                continue;
-            }
-            match f.live.recv().await {
-                Ok(event) if event.seq <= f.query.after => {}
-                Ok(event) if event.seq == f.query.after + 1 => {
-                    f.query.after = event.seq;
-                    if f.query.matches(&event) {
-                        f.backlog.push_back(event);
-                    }
-                }
-                // A gap (this follower lagged): read it back from the store.
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => f.caught_up = false,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemoryStore, RedbStore};
+    use crate::state::store::{MemoryStore, RedbStore};
 
     fn applied(job: &str) -> NewEvent {
         NewEvent::new(

@@ -9,10 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use tokio::sync::Semaphore;
-
-use crate::api::Problem;
 
 /// How long a request waits for a free permit before it is refused.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(10);
@@ -33,16 +30,6 @@ pub enum HeavyError {
     /// The work panicked (a bug); the message is the panic's.
     #[error("internal error while checking the manifest: {0}")]
     Panicked(String),
-}
-
-impl From<HeavyError> for Problem {
-    fn from(e: HeavyError) -> Problem {
-        let status = match e {
-            HeavyError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            HeavyError::Panicked(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Problem::new(status, e.to_string())
-    }
 }
 
 /// A semaphore-limited `spawn_blocking`.

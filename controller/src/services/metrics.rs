@@ -16,76 +16,26 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
-use novacron_common::api::{ApiError, ControllerStats, NodeView};
+use novacron_common::api::{ControllerStats, NodeView};
 use novacron_common::fleet::NodeStatus;
-use novacron_common::pki::Role;
 use novacron_common::wire::{AllocState, GpuSample};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
-use crate::api::{ApiState, Caller, Problem, internal};
-use crate::store::AllocRecord;
-use crate::workloads::JobSummary;
+use crate::services::context::ApiState;
+pub use crate::services::pass_stats::PassStats;
+use crate::services::workloads::JobSummary;
+use crate::state::store::AllocRecord;
 
 /// Content type of the OpenMetrics answer.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Content type of the Prometheus text format answer.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The `/metrics` route (viewer role, like every read of the API).
-pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
-    OpenApiRouter::new().routes(routes!(scrape))
-}
-
-/// Statistics of the reconcile loop, recorded by each pass of
-/// [`Workloads::tick`](crate::workloads::Workloads::tick). Cheap to clone (shared).
-#[derive(Debug, Clone)]
-pub struct PassStats {
-    durations: Histogram,
-    passes: Arc<AtomicU64>,
-    placed: Arc<AtomicU64>,
-    unplaced: Arc<AtomicU64>,
-}
-
-impl Default for PassStats {
-    fn default() -> PassStats {
-        PassStats {
-            // 100 µs doubling to about 3.3 s.
-            durations: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
-            passes: Arc::default(),
-            placed: Arc::default(),
-            unplaced: Arc::default(),
-        }
-    }
-}
-
-impl PassStats {
-    /// Records one pass: how long it took, how many replicas it placed and how many
-    /// it was asked to place but could not.
-    pub fn record(&self, took: Duration, placed: u64, unplaced: u64) {
-        self.durations.observe(took.as_secs_f64());
-        self.passes.fetch_add(1, Ordering::Relaxed);
-        self.placed.fetch_add(placed, Ordering::Relaxed);
-        self.unplaced.store(unplaced, Ordering::Relaxed);
-    }
-
-    /// Passes recorded so far.
-    pub fn passes(&self) -> u64 {
-        self.passes.load(Ordering::Relaxed)
-    }
-}
 
 /// Everything one scrape shows, read from the live state.
 #[derive(Debug, Clone)]
@@ -523,35 +473,8 @@ pub fn series_names(text_format: &str) -> std::collections::BTreeSet<String> {
     names
 }
 
-/// Prometheus scrape: the OpenMetrics text format when the `Accept` header asks
-/// for it (Prometheus does), else the text format 0.0.4.
-#[utoipa::path(get, path = "/metrics", tag = "controller", responses((status = 200, description = "fleet, allocation and controller metrics: OpenMetrics (`application/openmetrics-text; version=1.0.0`) when `Accept` asks for it, else `text/plain; version=0.0.4`", content_type = "text/plain", body = String), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-async fn scrape(
-    State(st): State<Arc<ApiState>>,
-    caller: Caller,
-    headers: HeaderMap,
-) -> Result<Response, Problem> {
-    caller.require(Role::Viewer)?;
-    let snapshot = Snapshot::capture(&st, Instant::now());
-    let text = render(snapshot).map_err(internal)?;
-    let accept = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    let (content_type, body) = if accepts_openmetrics(accept) {
-        (OPENMETRICS_CONTENT_TYPE, text)
-    } else {
-        (TEXT_CONTENT_TYPE, to_text_format(&text))
-    };
-    Ok((
-        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        body,
-    )
-        .into_response())
-}
-
 /// Whether an `Accept` header admits OpenMetrics (Prometheus asks for it first).
-fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+pub fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
     values.flat_map(|v| v.split(',')).any(|range| {
         let mut parts = range.split(';').map(str::trim);
         let media = parts.next().unwrap_or("");
@@ -925,6 +848,7 @@ fn collect_allocations(s: &Snapshot, live: &[&AllocRecord], out: &mut Samples) {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::time::Duration;
 
     use novacron_common::manifest::JobType;
     use novacron_common::wire::{

@@ -35,12 +35,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::bundles::{BundleStore, Have};
-use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
-use crate::link::LinkContext;
-use crate::registry::Registry;
-use crate::store::AllocRecord;
-use crate::workloads::{CheckpointIndex, Workloads};
+use crate::services::agents::Agents as LinkContext;
+use crate::services::events::{CONTROLLER, EventLog, NewEvent, kind};
+use crate::services::workloads::{CheckpointIndex, Workloads};
+use crate::state::bundles::{BundleStore, Have};
+use crate::state::registry::Registry;
+use crate::state::store::AllocRecord;
 use novacron_common::clock::unix_ms;
 
 /// How long a source holds a migrating allocation without a release.

@@ -1,18 +1,18 @@
 //! Node pools: the shell around [`novacron_common::pools::plan`].
 //!
 //! `NodeTemplate` and `NodePool` manifests are applied through `POST /v1/pools`
-//! ([`crate::pool_api`]) and kept in the store, one document per record. Every
+//! ([`crate::http::pools`]) and kept in the store, one document per record. Every
 //! [`DEFAULT_INTERVAL`] the manager ([`run`]) observes each pool (the nodes its
 //! provider made, the enrolled nodes labelled `pool=<name>`, their readiness and
 //! allocations), takes the replicas the scheduler could not place from
-//! [`crate::workloads::Workloads::unplaced`], asks `plan` what to do and does it
-//! through the pool's provider ([`crate::providers`]): a new node gets a fresh
+//! [`crate::services::workloads::Workloads::unplaced`], asks `plan` what to do and does it
+//! through the pool's provider ([`crate::services::providers`]): a new node gets a fresh
 //! single-use join token; a drain cordons the node in the registry (the scheduler
 //! places nothing new there); a drained node is removed once it holds no allocation,
 //! then revoked. Every action is an event whose message is the plan's explanation.
 //!
 //! Pool-level settings are the pool's `metadata.labels`: the provider's `docker.*`
-//! keys ([`crate::providers::DockerSettings`]) and the scale-down tuning
+//! keys ([`crate::services::providers::DockerSettings`]) and the scale-down tuning
 //! ([`KEY_SCALE_DOWN_AFTER`], [`KEY_DISRUPTION_BUDGET`], [`KEY_UNDERUSED_PERCENT`],
 //! [`KEY_PROVISION_TIMEOUT`]) and [`KEY_CONSOLIDATE`].
 //!
@@ -21,7 +21,7 @@
 //! ready members, within the disruption budget and above `minSize`): once the same
 //! plan has held for `scaleDownAfter` and no replica waits for room, each member it
 //! frees is cordoned, its allocations are evicted
-//! ([`crate::workloads::Workloads::evict`]; the reconciler places replacements on
+//! ([`crate::services::workloads::Workloads::evict`]; the reconciler places replacements on
 //! the other members) and it is removed through the drain path once empty.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -40,14 +40,14 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::ApiState;
-use crate::events::{NewEvent, kind};
-use crate::providers::{
+use crate::services::context::ApiState;
+use crate::services::events::{NewEvent, kind};
+use crate::services::providers::{
     CreateNode, DockerProvider, DockerSettings, Join, NodeProvider, PROVIDERS, ProviderError,
     ProviderNode, StaticProvider,
 };
-use crate::store::{PoolManifestRecord, Revocation, StoreError};
-use crate::tokens::{JoinToken, TokenRecord};
+use crate::state::store::{PoolManifestRecord, Revocation, StoreError};
+use crate::state::tokens::{JoinToken, TokenRecord};
 use novacron_common::clock::unix_ms;
 
 /// How often the manager plans.

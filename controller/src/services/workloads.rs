@@ -26,10 +26,10 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
-use crate::metrics::PassStats;
-use crate::registry::{PlacementNode, Registry};
-use crate::store::{
+use crate::services::events::{CONTROLLER, EventLog, NewEvent, kind};
+use crate::services::pass_stats::PassStats;
+use crate::state::registry::{PlacementNode, Registry};
+use crate::state::store::{
     AllocPort, AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store,
     StoreError,
 };

@@ -17,7 +17,7 @@ use novacron_common::pki::{self, Identity, Role};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::tokens::{JoinToken, TokenError};
+use crate::state::tokens::{JoinToken, TokenError};
 
 /// The prefix of every API token.
 pub const PREFIX: &str = "nca_";

@@ -4,6 +4,8 @@
 
 pub mod api_tokens;
 pub mod bundles;
+pub mod events;
+pub mod policies;
 pub mod registry;
 pub mod store;
 pub mod tokens;

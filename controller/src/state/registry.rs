@@ -19,7 +19,7 @@ use novacron_common::pki::CertInfo;
 use novacron_common::wire::{CloseCode, Hello, MetricsBatch, NodeSample};
 use tracing::{info, warn};
 
-use crate::store::{MetricMark, NodeRecord, Revocation, Store, StoreError};
+use crate::state::store::{MetricMark, NodeRecord, Revocation, Store, StoreError};
 
 /// Default number of samples kept per node (5 minutes at 1 s).
 pub const DEFAULT_METRICS_WINDOW: usize = 300;
@@ -607,7 +607,7 @@ mod tests {
     use novacron_common::wire::{Capabilities, Capacity, PROTOCOL_VERSION};
 
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::state::store::MemoryStore;
 
     #[derive(Debug, Default)]
     struct FakeLink(AtomicBool);

@@ -24,11 +24,14 @@ use redb::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::api_tokens::ApiTokenRecord;
-use crate::autoscaler::PolicyRecord;
-use crate::events::EventQuery;
-use crate::tokens::{self, JoinToken, TokenError, TokenRecord};
+use crate::state::api_tokens::ApiTokenRecord;
+use crate::state::events::EventQuery;
+use crate::state::policies::PolicyRecord;
+use crate::state::tokens::{self, JoinToken, TokenError, TokenRecord};
 use novacron_common::api::Event;
+
+/// The most bytes a manifest may have (an apply's largest record).
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -734,7 +737,7 @@ impl Store for RedbStore {
             return Ok(());
         }
         // As much as the largest manifest: room for this is room for an apply.
-        let probe = "x".repeat(crate::api::MAX_MANIFEST_BYTES);
+        let probe = "x".repeat(MAX_MANIFEST_BYTES);
         let txn = self.begin_write(OP)?;
         self.put_in(&txn, META, PROBE_KEY, &probe, OP)?;
         self.commit(txn, OP)?;
@@ -1680,11 +1683,11 @@ mod tests {
             file: "p.yaml".into(),
             applied_by: "admin:admin".into(),
             applied_at_unix_ms: 1,
-            scale: crate::autoscaler::ScaleRecord {
+            scale: crate::state::policies::ScaleRecord {
                 current: 3,
                 last_scale_out_unix_ms: Some(5),
                 last_scale_in_unix_ms: None,
-                recommendations: vec![crate::autoscaler::RecommendationRecord {
+                recommendations: vec![crate::state::policies::RecommendationRecord {
                     at_unix_ms: 5,
                     size: 3,
                 }],

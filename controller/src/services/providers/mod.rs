@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use novacron_common::autoscale::pool::NodeTemplateSpec;
 
-use crate::registry::Registry;
+use crate::state::registry::Registry;
 
 mod docker;
 
