@@ -7,5 +7,6 @@ pub mod bundles;
 pub mod events;
 pub mod policies;
 pub mod registry;
+pub mod revision;
 pub mod store;
 pub mod tokens;

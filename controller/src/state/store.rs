@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::state::api_tokens::ApiTokenRecord;
 use crate::state::events::EventQuery;
 use crate::state::policies::PolicyRecord;
+use crate::state::revision::{self, CHANGE_LOG_REVISIONS, ChangeLog, ChangePage, Touched};
 use crate::state::tokens::{self, JoinToken, TokenError, TokenRecord};
 use novacron_common::api::Event;
 
@@ -122,6 +123,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
     /// Deletes the node template called `name`; whether there was one.
     fn delete_node_template(&self, name: &str) -> Result<bool, StoreError>;
+    /// The store's revision: raised by one by every write that changes a record,
+    /// in the same transaction; never lower than before, across reopens included
+    /// (0 for a new store). See [`crate::state::revision`].
+    fn revision(&self) -> Result<u64, StoreError>;
+    /// A watch from revision `after`: the changes after it, oldest first, from at
+    /// most `limit` writes, or [`ChangePage::Compacted`] when the change log no
+    /// longer holds them.
+    fn changes(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError>;
     /// Whether the store can write now. After a failed write it tries again (and
     /// reopens the file when the failure left it unusable); `Ok` until then.
     fn writable(&self) -> Result<(), StoreError> {
@@ -465,6 +474,8 @@ pub struct RedbStore {
     path: PathBuf,
     /// The last write failure, until a write succeeds again.
     failure: Mutex<Option<String>>,
+    /// Revisions the change log keeps ([`CHANGE_LOG_REVISIONS`]; fewer in tests).
+    change_log_revisions: u64,
 }
 
 impl fmt::Debug for RedbStore {
@@ -496,6 +507,7 @@ impl RedbStore {
             db: RwLock::new(Some(db)),
             path: path.to_owned(),
             failure: Mutex::new(None),
+            change_log_revisions: CHANGE_LOG_REVISIONS,
         };
         store.init_schema()?;
         Ok(store)
@@ -540,6 +552,7 @@ impl RedbStore {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
         txn.open_table(EVENTS).map_err(self.fail(OP))?;
+        txn.open_table(CHANGES).map_err(self.fail(OP))?;
         self.commit(txn, OP)
     }
 
@@ -676,7 +689,41 @@ impl RedbStore {
     ) -> Result<(), StoreError> {
         let txn = self.begin_write(op)?;
         self.put_in(&txn, table, key, value, op)?;
+        self.log_in(&txn, vec![Touched::put(table.name, key)], op)?;
         self.commit(txn, op)
+    }
+
+    /// Raises the revision and logs the write that touched `touched`, inside `txn`
+    /// (nothing when it touched nothing); drops the log's oldest write past
+    /// [`CHANGE_LOG_REVISIONS`].
+    fn log_in(
+        &self,
+        txn: &WriteTransaction,
+        touched: Vec<Touched>,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let revision = self
+            .get_in::<u64>(txn, META, REVISION_KEY, op)?
+            .unwrap_or(0)
+            + 1;
+        self.put_in(txn, META, REVISION_KEY, &revision, op)?;
+        let bytes = serde_json::to_vec(&touched).map_err(|e| StoreError::Encode {
+            path: self.path.clone(),
+            table: CHANGES_NAME,
+            key: revision.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut t = txn.open_table(CHANGES).map_err(self.fail(op))?;
+        t.insert(revision, bytes.as_slice())
+            .map_err(self.fail(op))?;
+        if revision > self.change_log_revisions {
+            t.remove(revision - self.change_log_revisions)
+                .map_err(self.fail(op))?;
+        }
+        Ok(())
     }
 
     fn get<T: DeserializeOwned>(
@@ -720,12 +767,51 @@ impl RedbStore {
             let mut t = txn.open_table(table.def()).map_err(self.fail(op))?;
             t.remove(key).map_err(self.fail(op))?.is_some()
         };
+        // The write probe's key in `meta` is bookkeeping, not a record.
+        if existed && table.name != META.name {
+            self.log_in(&txn, vec![Touched::delete(table.name, key)], op)?;
+        }
         self.commit(txn, op)?;
         Ok(existed)
     }
 }
 
 impl Store for RedbStore {
+    fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .get(META, REVISION_KEY, "reading the revision")?
+            .unwrap_or(0))
+    }
+
+    fn changes(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError> {
+        const OP: &str = "reading changes";
+        let txn = self.begin_read(OP)?;
+        let meta = txn.open_table(META.def()).map_err(self.fail(OP))?;
+        let current = match meta.get(REVISION_KEY).map_err(self.fail(OP))? {
+            Some(v) => self.decode(META, REVISION_KEY, v.value())?,
+            None => 0,
+        };
+        let t = txn.open_table(CHANGES).map_err(self.fail(OP))?;
+        let oldest = t.first().map_err(self.fail(OP))?.map(|(k, _)| k.value());
+        let mut writes = Vec::new();
+        for entry in t
+            .range(after.saturating_add(1)..)
+            .map_err(self.fail(OP))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(self.fail(OP))?;
+            let key = k.value().to_string();
+            let touched = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                table: CHANGES_NAME,
+                key,
+                reason: e.to_string(),
+            })?;
+            writes.push((k.value(), touched));
+        }
+        Ok(revision::page(current, oldest, after, writes.into_iter()))
+    }
+
     fn writable(&self) -> Result<(), StoreError> {
         const OP: &str = "checking that the store can write";
         let failed = self
@@ -788,6 +874,9 @@ impl Store for RedbStore {
             let mut t = txn.open_table(POLICIES.def()).map_err(self.fail(OP))?;
             t.remove(name).map_err(self.fail(OP))?.is_some()
         };
+        if existed {
+            self.log_in(&txn, vec![Touched::delete(POLICIES.name, name)], OP)?;
+        }
         self.commit(txn, OP)?;
         Ok(existed)
     }
@@ -828,6 +917,11 @@ impl Store for RedbStore {
                 }
             }
         }
+        let touched = events
+            .iter()
+            .map(|e| Touched::put(EVENTS_NAME, e.seq.to_string()))
+            .collect();
+        self.log_in(&txn, touched, OP)?;
         self.commit(txn, OP)
     }
 
@@ -884,6 +978,16 @@ impl Store for RedbStore {
                 t.remove(id.as_str()).map_err(self.fail(OP))?;
             }
         }
+        let mut touched: Vec<Touched> = put
+            .iter()
+            .map(|a| Touched::put(ALLOCATIONS.name, &a.id))
+            .collect();
+        touched.extend(
+            delete
+                .iter()
+                .map(|id| Touched::delete(ALLOCATIONS.name, id)),
+        );
+        self.log_in(&txn, touched, OP)?;
         self.commit(txn, OP)
     }
 
@@ -928,6 +1032,7 @@ impl Store for RedbStore {
         // On any early return the transaction is dropped, which aborts it.
         let updated = use_token(record, token, now)?;
         self.put_in(&txn, TOKENS, &updated.id, &updated, OP)?;
+        self.log_in(&txn, vec![Touched::put(TOKENS.name, &updated.id)], OP)?;
         self.commit(txn, OP)?;
         Ok(updated)
     }
@@ -940,6 +1045,7 @@ impl Store for RedbStore {
             .unwrap_or(0)
             + 1;
         self.put_in(&txn, META, LINK_EPOCH_KEY, &epoch, OP)?;
+        self.log_in(&txn, vec![Touched::put(META.name, LINK_EPOCH_KEY)], OP)?;
         txn.commit().map_err(self.fail(OP))?;
         Ok(epoch)
     }
@@ -966,6 +1072,8 @@ impl Store for RedbStore {
             return Ok(earlier);
         }
         self.put_in(&txn, CERT_REVOCATIONS, &revocation.serial, revocation, OP)?;
+        let touched = vec![Touched::put(CERT_REVOCATIONS.name, &revocation.serial)];
+        self.log_in(&txn, touched, OP)?;
         txn.commit().map_err(self.fail(OP))?;
         Ok(revocation.clone())
     }
@@ -983,6 +1091,11 @@ impl Store for RedbStore {
         for (node, mark) in marks {
             self.put_in(&txn, METRIC_MARKS, node, mark, OP)?;
         }
+        let touched = marks
+            .iter()
+            .map(|(node, _)| Touched::put(METRIC_MARKS.name, node))
+            .collect();
+        self.log_in(&txn, touched, OP)?;
         self.commit(txn, OP)
     }
 
@@ -1018,6 +1131,24 @@ struct MemoryState {
     policies: BTreeMap<String, PolicyRecord>,
     node_pools: BTreeMap<String, PoolManifestRecord>,
     node_templates: BTreeMap<String, PoolManifestRecord>,
+    /// The revision and the change log.
+    log: ChangeLog,
+}
+
+impl MemoryState {
+    /// Runs `remove` and logs the removal of `table/key` when it removed a record.
+    fn removed(
+        &mut self,
+        table: &str,
+        key: &str,
+        remove: impl FnOnce(&mut MemoryState) -> bool,
+    ) -> bool {
+        let existed = remove(self);
+        if existed {
+            self.log.record(vec![Touched::delete(table, key)]);
+        }
+        existed
+    }
 }
 
 impl MemoryStore {
@@ -1055,9 +1186,11 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn put_node_pool(&self, pool: &PoolManifestRecord) -> Result<(), StoreError> {
         self.check_space("put_node_pool")?;
-        self.state()
-            .node_pools
-            .insert(pool.name.clone(), pool.clone());
+        let mut state = self.state();
+        state.node_pools.insert(pool.name.clone(), pool.clone());
+        state
+            .log
+            .record(vec![Touched::put("node_pools", &pool.name)]);
         Ok(())
     }
 
@@ -1067,14 +1200,19 @@ impl Store for MemoryStore {
 
     fn delete_node_pool(&self, name: &str) -> Result<bool, StoreError> {
         self.check_space("delete_node_pool")?;
-        Ok(self.state().node_pools.remove(name).is_some())
+        let mut state = self.state();
+        Ok(state.removed("node_pools", name, |s| s.node_pools.remove(name).is_some()))
     }
 
     fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
         self.check_space("put_node_template")?;
-        self.state()
+        let mut state = self.state();
+        state
             .node_templates
             .insert(template.name.clone(), template.clone());
+        state
+            .log
+            .record(vec![Touched::put("node_templates", &template.name)]);
         Ok(())
     }
 
@@ -1084,14 +1222,19 @@ impl Store for MemoryStore {
 
     fn delete_node_template(&self, name: &str) -> Result<bool, StoreError> {
         self.check_space("delete_node_template")?;
-        Ok(self.state().node_templates.remove(name).is_some())
+        let mut state = self.state();
+        Ok(state.removed("node_templates", name, |s| {
+            s.node_templates.remove(name).is_some()
+        }))
     }
 
     fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError> {
         self.check_space("put_policy")?;
-        self.state()
-            .policies
-            .insert(policy.name.clone(), policy.clone());
+        let mut state = self.state();
+        state.policies.insert(policy.name.clone(), policy.clone());
+        state
+            .log
+            .record(vec![Touched::put("policies", &policy.name)]);
         Ok(())
     }
 
@@ -1101,14 +1244,17 @@ impl Store for MemoryStore {
 
     fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
         self.check_space("delete_policy")?;
-        Ok(self.state().policies.remove(name).is_some())
+        let mut state = self.state();
+        Ok(state.removed("policies", name, |s| s.policies.remove(name).is_some()))
     }
 
     fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
         self.check_space("put_api_token")?;
-        self.state()
-            .api_tokens
-            .insert(token.id.clone(), token.clone());
+        let mut state = self.state();
+        state.api_tokens.insert(token.id.clone(), token.clone());
+        state
+            .log
+            .record(vec![Touched::put("api_tokens", &token.id)]);
         Ok(())
     }
 
@@ -1129,6 +1275,11 @@ impl Store for MemoryStore {
         while state.events.len() > retain {
             state.events.pop_first();
         }
+        let touched = events
+            .iter()
+            .map(|e| Touched::put("events", e.seq.to_string()))
+            .collect();
+        state.log.record(touched);
         Ok(())
     }
 
@@ -1150,7 +1301,9 @@ impl Store for MemoryStore {
 
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.check_space("put_job")?;
-        self.state().jobs.insert(job.name.clone(), job.clone());
+        let mut state = self.state();
+        state.jobs.insert(job.name.clone(), job.clone());
+        state.log.record(vec![Touched::put("jobs", &job.name)]);
         Ok(())
     }
 
@@ -1167,6 +1320,12 @@ impl Store for MemoryStore {
         for id in delete {
             state.allocations.remove(id);
         }
+        let mut touched: Vec<Touched> = put
+            .iter()
+            .map(|a| Touched::put("allocations", &a.id))
+            .collect();
+        touched.extend(delete.iter().map(|id| Touched::delete("allocations", id)));
+        state.log.record(touched);
         Ok(())
     }
 
@@ -1176,7 +1335,9 @@ impl Store for MemoryStore {
 
     fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.check_space("upsert_node")?;
-        self.state().nodes.insert(node.name.clone(), node.clone());
+        let mut state = self.state();
+        state.nodes.insert(node.name.clone(), node.clone());
+        state.log.record(vec![Touched::put("nodes", &node.name)]);
         Ok(())
     }
 
@@ -1190,7 +1351,9 @@ impl Store for MemoryStore {
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.check_space("put_token")?;
-        self.state().tokens.insert(token.id.clone(), token.clone());
+        let mut state = self.state();
+        state.tokens.insert(token.id.clone(), token.clone());
+        state.log.record(vec![Touched::put("tokens", &token.id)]);
         Ok(())
     }
 
@@ -1211,6 +1374,7 @@ impl Store for MemoryStore {
         let mut state = self.state();
         let updated = use_token(state.tokens.get(token.id()).cloned(), token, now)?;
         state.tokens.insert(updated.id.clone(), updated.clone());
+        state.log.record(vec![Touched::put("tokens", &updated.id)]);
         Ok(updated)
     }
 
@@ -1218,14 +1382,19 @@ impl Store for MemoryStore {
         self.check_space("next_link_epoch")?;
         let mut state = self.state();
         state.link_epoch += 1;
+        state.log.record(vec![Touched::put("meta", "link_epoch")]);
         Ok(state.link_epoch)
     }
 
     fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
         self.check_space("revoke")?;
-        self.state()
+        let mut state = self.state();
+        state
             .revocations
             .insert(revocation.name.clone(), revocation.clone());
+        state
+            .log
+            .record(vec![Touched::put("revocations", &revocation.name)]);
         Ok(())
     }
 
@@ -1235,12 +1404,16 @@ impl Store for MemoryStore {
 
     fn revoke_cert(&self, revocation: &CertRevocation) -> Result<CertRevocation, StoreError> {
         self.check_space("revoke_cert")?;
-        Ok(self
-            .state()
+        let mut state = self.state();
+        if let Some(first) = state.cert_revocations.get(&revocation.serial) {
+            return Ok(first.clone());
+        }
+        state
             .cert_revocations
-            .entry(revocation.serial.clone())
-            .or_insert_with(|| revocation.clone())
-            .clone())
+            .insert(revocation.serial.clone(), revocation.clone());
+        let touched = vec![Touched::put("cert_revocations", &revocation.serial)];
+        state.log.record(touched);
+        Ok(revocation.clone())
     }
 
     fn cert_revocations(&self) -> Result<Vec<CertRevocation>, StoreError> {
@@ -1253,11 +1426,24 @@ impl Store for MemoryStore {
         for (node, mark) in marks {
             state.metric_marks.insert(node.clone(), *mark);
         }
+        let touched = marks
+            .iter()
+            .map(|(node, _)| Touched::put("metric_marks", node))
+            .collect();
+        state.log.record(touched);
         Ok(())
     }
 
     fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError> {
         Ok(self.state().metric_marks.clone())
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.state().log.revision())
+    }
+
+    fn changes(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError> {
+        Ok(self.state().log.since(after, limit))
     }
 
     fn writable(&self) -> Result<(), StoreError> {
@@ -1303,6 +1489,11 @@ const ALLOCATIONS: Table = Table {
 const PROBE_KEY: &str = "write-probe";
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 const LINK_EPOCH_KEY: &str = "link_epoch";
+/// The `meta` key of the store's revision ([`Store::revision`]).
+const REVISION_KEY: &str = "revision";
+const CHANGES_NAME: &str = "changes";
+/// The change log: revision → JSON list of the records its write touched.
+const CHANGES: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new(CHANGES_NAME);
 const EVENTS_NAME: &str = "events";
 /// The event log: position → JSON event.
 const EVENTS: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new(EVENTS_NAME);
@@ -1774,6 +1965,64 @@ mod tests {
         };
     }
 
+    fn changes_of(page: ChangePage) -> Vec<(u64, String, bool)> {
+        match page {
+            ChangePage::Changes { changes, .. } => changes
+                .into_iter()
+                .map(|c| {
+                    let t = c.touched;
+                    (c.revision, format!("{}/{}", t.table, t.key), t.deleted)
+                })
+                .collect(),
+            ChangePage::Compacted { .. } => panic!("compacted: {page:?}"),
+        }
+    }
+
+    fn every_write_raises_the_revision_and_is_watched(store: &impl Store) {
+        assert_eq!(store.revision().expect("revision"), 0, "a new store");
+        store.upsert_node(&node("n1")).expect("upsert");
+        store.put_policy(&policy("p")).expect("policy");
+        store
+            .save_allocations(&[alloc_record("a-1"), alloc_record("a-2")], &[])
+            .expect("save");
+        store
+            .save_allocations(&[], &["a-1".to_string()])
+            .expect("delete");
+        assert_eq!(store.revision().expect("revision"), 4);
+        // Writes that change no record keep the revision.
+        assert!(!store.delete_policy("missing").expect("delete"));
+        store.writable().expect("writable");
+        assert_eq!(store.revision().expect("revision"), 4);
+        assert!(store.delete_policy("p").expect("delete"));
+        assert_eq!(store.revision().expect("revision"), 5);
+        assert_eq!(
+            changes_of(store.changes(0, 100).expect("changes")),
+            vec![
+                (1, "nodes/n1".to_string(), false),
+                (2, "policies/p".to_string(), false),
+                (3, "allocations/a-1".to_string(), false),
+                (3, "allocations/a-2".to_string(), false),
+                (4, "allocations/a-1".to_string(), true),
+                (5, "policies/p".to_string(), true),
+            ]
+        );
+        assert_eq!(
+            changes_of(store.changes(2, 1).expect("changes")),
+            vec![
+                (3, "allocations/a-1".to_string(), false),
+                (3, "allocations/a-2".to_string(), false),
+            ],
+            "the limit counts writes, and a write comes whole"
+        );
+        assert_eq!(
+            store.changes(5, 100).expect("changes"),
+            ChangePage::Changes {
+                changes: vec![],
+                revision: 5
+            }
+        );
+    }
+
     store_suite!(
         node_round_trip,
         token_round_trip,
@@ -1788,9 +2037,67 @@ mod tests {
         jobs_and_allocations_round_trip,
         policies_round_trip,
         node_pools_and_templates_round_trip,
+        every_write_raises_the_revision_and_is_watched,
     );
 
     // redb-only cases.
+
+    #[test]
+    fn the_revision_and_its_changes_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        {
+            let store = RedbStore::open(&path).expect("open");
+            store.upsert_node(&node("n1")).expect("upsert");
+            store.upsert_node(&node("n2")).expect("upsert");
+        }
+        let store = RedbStore::open(&path).expect("reopen");
+        assert_eq!(store.revision().expect("revision"), 2);
+        store.put_policy(&policy("p")).expect("policy");
+        assert_eq!(store.revision().expect("revision"), 3, "never goes back");
+        assert_eq!(
+            changes_of(store.changes(1, 100).expect("changes")),
+            vec![
+                (2, "nodes/n2".to_string(), false),
+                (3, "policies/p".to_string(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_watcher_behind_the_redb_change_log_is_told_to_list_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RedbStore::open(&dir.path().join("state.redb")).expect("open");
+        let mut store = store;
+        // A short log, so that the test stays fast (one write transaction each).
+        store.change_log_revisions = 10;
+        for i in 0..12 {
+            store
+                .save_metric_marks(&[(format!("n{i}"), mark(i))])
+                .expect("save");
+        }
+        let revision = 12;
+        assert_eq!(
+            store.changes(1, 10).expect("changes"),
+            ChangePage::Compacted {
+                oldest: 3,
+                revision
+            }
+        );
+        assert_eq!(
+            changes_of(store.changes(2, 1).expect("changes")),
+            vec![(3, "metric_marks/n2".to_string(), false)]
+        );
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_revision() {
+        let store = MemoryStore::new();
+        store.upsert_node(&node("n1")).expect("upsert");
+        store.set_full(true);
+        store.upsert_node(&node("n2")).expect_err("full");
+        assert_eq!(store.revision().expect("revision"), 1);
+    }
 
     #[test]
     fn a_full_memory_store_refuses_writes_and_changes_nothing() {
