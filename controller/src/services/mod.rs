@@ -10,6 +10,7 @@ pub mod context;
 pub mod costs;
 pub mod events;
 pub mod heavy;
+pub mod leadership;
 pub mod metrics;
 pub mod migrate;
 pub mod pass_stats;
