@@ -16,18 +16,18 @@
 //! store's directory can be named.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read, SeekFrom};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use novacron_common::checkpoint::{
     BundleInfo, CheckpointMode, MAX_BUNDLE_BYTES, check_digest, retain,
 };
-use novacron_common::files;
 use novacron_common::sync::lock;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
+
+use crate::state::blobs::{BlobKey, BlobStore, BlobWriteError, FsBlobs};
 
 /// Most complete bundles one store holds; [`BundleStore::begin`] refuses more.
 pub const MAX_BUNDLES: usize = 65_536;
@@ -36,6 +36,14 @@ pub const MAX_BUNDLES: usize = 65_536;
 pub const MAX_UPLOADS: usize = 256;
 /// Largest `meta/<digest>.json` read at open.
 pub const MAX_META_BYTES: u64 = 64 * 1024;
+/// Complete bundles, named by digest.
+const SHA256: &str = "sha256";
+/// Uploads in progress, named by digest.
+const PARTIAL: &str = "partial";
+/// One `<digest>.json` per complete bundle.
+const META: &str = "meta";
+/// The blob spaces of a bundle store.
+const SPACES: [&str; 3] = [SHA256, PARTIAL, META];
 /// Read size while hashing a finished upload.
 const HASH_CHUNK: usize = 1 << 20;
 
@@ -178,7 +186,8 @@ pub enum Have {
 /// The bundle store. Cheap to share behind an `Arc`; every method takes `&self`.
 #[derive(Debug)]
 pub struct BundleStore {
-    dir: PathBuf,
+    /// Where the bytes and the meta are kept.
+    blobs: Arc<dyn BlobStore>,
     /// Complete bundles by digest.
     index: Mutex<BTreeMap<String, BundleInfo>>,
     /// Uploads in progress by digest.
@@ -199,36 +208,44 @@ impl BundleStore {
     /// Opens (creating) the store at `dir` and reads its index. Unreadable or
     /// inconsistent meta files are skipped with a warning, not fatal.
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
-        for sub in ["sha256", "partial", "meta"] {
-            let d = dir.join(sub);
+        for space in SPACES {
+            let d = dir.join(space);
             std::fs::create_dir_all(&d).map_err(|source| io_err("create", &d, source))?;
         }
-        let meta = dir.join("meta");
-        let entries = std::fs::read_dir(&meta).map_err(|source| io_err("read", &meta, source))?;
+        let blobs = FsBlobs::open(dir, &SPACES).map_err(|source| io_err("create", dir, source))?;
+        BundleStore::on(Arc::new(blobs))
+    }
+
+    /// The store over `blobs` (spaces `sha256`, `partial` and `meta`); reads its
+    /// index as [`BundleStore::open`] does.
+    pub fn on(blobs: Arc<dyn BlobStore>) -> Result<Self, BundleError> {
+        let meta = blobs.locate(BlobKey::new(META, ""));
+        let names = blobs
+            .list(META)
+            .map_err(|source| io_err("read", &meta, source))?;
         let mut index = BTreeMap::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| io_err("read", &meta, source))?;
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in names {
+            let key = BlobKey::new(META, &name);
+            let path = blobs.locate(key);
             if name.ends_with(".tmp") {
                 // A write interrupted before its rename.
-                let _ = std::fs::remove_file(&path);
+                let _ = blobs.remove(key);
                 continue;
             }
             if index.len() >= MAX_BUNDLES {
                 warn!(path = %path.display(), max = MAX_BUNDLES, "bundle index full; skipped");
                 continue;
             }
-            match read_meta(dir, &path, &name) {
+            match read_meta(blobs.as_ref(), &name) {
                 Ok(info) => {
                     index.insert(info.digest.clone(), info);
                 }
                 Err(why) => warn!(path = %path.display(), %why, "bundle meta skipped"),
             }
         }
-        debug!(dir = %dir.display(), bundles = index.len(), "bundle store opened");
+        debug!(blobs = ?blobs, bundles = index.len(), "bundle store opened");
         Ok(BundleStore {
-            dir: dir.to_path_buf(),
+            blobs,
             index: Mutex::new(index),
             uploads: Mutex::new(HashMap::new()),
             begun: Mutex::new(0),
@@ -252,16 +269,16 @@ impl BundleStore {
                 });
             }
         }
-        let partial = self.partial_path(digest);
-        let mut have = match std::fs::metadata(&partial) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(source) => return Err(io_err("read", &partial, source)),
-        };
+        let partial = BlobKey::new(PARTIAL, digest);
+        let mut have = self
+            .blobs
+            .len(partial)
+            .map_err(|source| io_err("read", &self.blobs.locate(partial), source))?
+            .unwrap_or(0);
         if have > info.size {
             // Longer than declared: it cannot be this bundle. Start again.
             warn!(bundle = %digest, have, size = info.size, "partial longer than declared; discarded");
-            remove_if_present(&partial)?;
+            self.remove_if_present(partial)?;
             have = 0;
         }
         let seq = {
@@ -331,42 +348,30 @@ impl BundleStore {
                 size,
             })?;
         let _guard = upload.lock.lock().await;
-        let path = self.partial_path(digest);
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .await
-            .map_err(|source| io_err("open", &path, source))?;
-        let have = file
-            .metadata()
-            .await
-            .map_err(|source| io_err("read", &path, source))?
-            .len();
-        if have != offset {
-            return Err(BundleError::Offset {
-                digest: digest.to_string(),
-                offset,
-                have,
-            });
-        }
-        let written = async {
-            file.seek(SeekFrom::Start(offset)).await?;
-            file.write_all(data).await?;
-            file.flush().await
-        }
-        .await;
-        if let Err(source) = written {
-            let kept = match file.set_len(offset).await {
-                Ok(()) => Some(offset),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "could not cut a failed partial back");
-                    None
+        let path = self.blobs.locate(BlobKey::new(PARTIAL, digest));
+        let (blobs, name, data_owned) = (self.blobs.clone(), digest.to_owned(), data.to_vec());
+        let written = tokio::task::spawn_blocking(move || {
+            blobs.write_at(BlobKey::new(PARTIAL, &name), offset, &data_owned)
+        })
+        .await
+        .map_err(|e| io_err("write", &path, io::Error::other(e)))?;
+        match written {
+            Ok(()) => {}
+            Err(BlobWriteError::Open(source)) => return Err(io_err("open", &path, source)),
+            Err(BlobWriteError::Offset { have }) => {
+                return Err(BundleError::Offset {
+                    digest: digest.to_string(),
+                    offset,
+                    have,
+                });
+            }
+            Err(BlobWriteError::Write { kept, source }) => {
+                if kept.is_none() {
+                    warn!(path = %path.display(), "could not cut a failed partial back");
                 }
-            };
-            warn!(bundle = %digest, path = %path.display(), error = %source, "bundle write failed");
-            return Err(BundleError::Write { path, kept, source });
+                warn!(bundle = %digest, path = %path.display(), error = %source, "bundle write failed");
+                return Err(BundleError::Write { path, kept, source });
+            }
         }
         Ok(end)
     }
@@ -386,12 +391,13 @@ impl BundleStore {
             .map(|u| u.lock.clone())
             .unwrap_or_default();
         let _guard = write_lock.lock().await;
-        let partial = self.partial_path(&digest);
-        let have = match tokio::fs::metadata(&partial).await {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(source) => return Err(io_err("read", &partial, source)),
-        };
+        let partial = BlobKey::new(PARTIAL, &digest);
+        let partial_path = self.blobs.locate(partial);
+        let have = self
+            .blobs
+            .len(partial)
+            .map_err(|source| io_err("read", &partial_path, source))?
+            .unwrap_or(0);
         if have != info.size {
             return Err(BundleError::Incomplete {
                 digest,
@@ -399,13 +405,14 @@ impl BundleStore {
                 size: info.size,
             });
         }
-        let to_hash = partial.clone();
-        let actual = tokio::task::spawn_blocking(move || sha256_file(&to_hash))
-            .await
-            .map_err(|e| io_err("hash", &partial, io::Error::other(e)))?
-            .map_err(|source| io_err("read", &partial, source))?;
+        let (blobs, name) = (self.blobs.clone(), digest.clone());
+        let actual =
+            tokio::task::spawn_blocking(move || sha256(blobs.open(BlobKey::new(PARTIAL, &name))?))
+                .await
+                .map_err(|e| io_err("hash", &partial_path, io::Error::other(e)))?
+                .map_err(|source| io_err("read", &partial_path, source))?;
         if actual != digest {
-            remove_if_present(&partial)?;
+            self.remove_if_present(partial)?;
             lock(&self.uploads).remove(&digest);
             warn!(bundle = %digest, %actual, "bundle failed its checksum; discarded");
             return Err(BundleError::Digest {
@@ -413,18 +420,20 @@ impl BundleStore {
                 actual,
             });
         }
-        let stored = self.bundle_path(&digest);
-        tokio::fs::rename(&partial, &stored)
-            .await
-            .map_err(|source| io_err("rename", &partial, source))?;
-        let meta = self.meta_path(&digest);
+        self.blobs
+            .rename(partial, BlobKey::new(SHA256, &digest))
+            .map_err(|source| io_err("rename", &partial_path, source))?;
+        let meta_name = meta_name(&digest);
+        let meta = self.blobs.locate(BlobKey::new(META, &meta_name));
         let json = serde_json::to_string_pretty(info)
             .map_err(|e| io_err("encode", &meta, io::Error::other(e)))?;
-        let meta_at = meta.clone();
-        tokio::task::spawn_blocking(move || files::write_atomic(&meta_at, &json, 0o600))
-            .await
-            .map_err(|e| io_err("write", &meta, io::Error::other(e)))?
-            .map_err(|source| io_err("write", &meta, source))?;
+        let blobs = self.blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            blobs.put(BlobKey::new(META, &meta_name), json.as_bytes())
+        })
+        .await
+        .map_err(|e| io_err("write", &meta, io::Error::other(e)))?
+        .map_err(|source| io_err("write", &meta, source))?;
         lock(&self.index).insert(digest.clone(), info.clone());
         lock(&self.uploads).remove(&digest);
         info!(bundle = %digest, job = %info.job, alloc = %info.alloc, size = info.size, "bundle stored");
@@ -440,7 +449,7 @@ impl BundleStore {
     pub fn path(&self, digest: &str) -> Result<PathBuf, BundleError> {
         check_digest(digest).map_err(BundleError::Invalid)?;
         if lock(&self.index).contains_key(digest) {
-            Ok(self.bundle_path(digest))
+            Ok(self.blobs.locate(BlobKey::new(SHA256, digest)))
         } else {
             Err(BundleError::NotFound {
                 digest: digest.to_string(),
@@ -486,9 +495,9 @@ impl BundleStore {
     /// Returns whether there was anything to delete.
     pub fn delete(&self, digest: &str) -> Result<bool, BundleError> {
         check_digest(digest).map_err(BundleError::Invalid)?;
-        let mut existed = remove_if_present(&self.meta_path(digest))?;
-        existed |= remove_if_present(&self.bundle_path(digest))?;
-        existed |= remove_if_present(&self.partial_path(digest))?;
+        let mut existed = self.remove_if_present(BlobKey::new(META, &meta_name(digest)))?;
+        existed |= self.remove_if_present(BlobKey::new(SHA256, digest))?;
+        existed |= self.remove_if_present(BlobKey::new(PARTIAL, digest))?;
         existed |= lock(&self.index).remove(digest).is_some();
         existed |= lock(&self.uploads).remove(digest).is_some();
         if existed {
@@ -497,19 +506,11 @@ impl BundleStore {
         Ok(existed)
     }
 
-    /// `sha256/<digest>`; `digest` is checked already.
-    fn bundle_path(&self, digest: &str) -> PathBuf {
-        self.dir.join("sha256").join(digest)
-    }
-
-    /// `partial/<digest>`; `digest` is checked already.
-    fn partial_path(&self, digest: &str) -> PathBuf {
-        self.dir.join("partial").join(digest)
-    }
-
-    /// `meta/<digest>.json`; `digest` is checked already.
-    fn meta_path(&self, digest: &str) -> PathBuf {
-        self.dir.join("meta").join(format!("{digest}.json"))
+    /// Removes a blob; `false` when it was not there.
+    fn remove_if_present(&self, key: BlobKey<'_>) -> Result<bool, BundleError> {
+        self.blobs
+            .remove(key)
+            .map_err(|source| io_err("delete", &self.blobs.locate(key), source))
     }
 }
 
@@ -531,46 +532,39 @@ fn check_info(info: &BundleInfo) -> Result<(), BundleError> {
 }
 
 /// One `meta/<name>`, checked against its name and its bundle file.
-fn read_meta(dir: &Path, path: &Path, name: &str) -> Result<BundleInfo, String> {
+fn read_meta(blobs: &dyn BlobStore, name: &str) -> Result<BundleInfo, String> {
     let digest = name.strip_suffix(".json").ok_or("not a .json file")?;
     check_digest(digest)?;
-    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
-    if len > MAX_META_BYTES {
-        return Err(format!("{len} bytes, over the {MAX_META_BYTES} byte limit"));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let info: BundleInfo = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let bytes = blobs
+        .read(BlobKey::new(META, name), MAX_META_BYTES)
+        .map_err(|e| e.to_string())?;
+    let info: BundleInfo = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     if info.digest != digest {
         return Err(format!("records digest {}, not its name", info.digest));
     }
-    if !dir.join("sha256").join(digest).is_file() {
+    if !matches!(blobs.len(BlobKey::new(SHA256, digest)), Ok(Some(_))) {
         return Err("its bundle file is missing".into());
     }
     Ok(info)
 }
 
-/// Lowercase hex SHA-256 of a file, read in [`HASH_CHUNK`]s. Blocking.
-fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+/// `<digest>.json`, the name of a bundle's meta; `digest` is checked already.
+fn meta_name(digest: &str) -> String {
+    format!("{digest}.json")
+}
+
+/// Lowercase hex SHA-256 of what `reader` yields, read in [`HASH_CHUNK`]s. Blocking.
+fn sha256(mut reader: impl Read) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
-}
-
-/// Removes a file; `false` when it was not there.
-fn remove_if_present(path: &Path) -> Result<bool, BundleError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(io_err("delete", path, source)),
-    }
 }
 
 fn io_err(action: &'static str, path: &Path, source: io::Error) -> BundleError {

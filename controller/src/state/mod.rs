@@ -3,6 +3,7 @@
 //! Nothing here imports a service or a handler.
 
 pub mod api_tokens;
+pub mod blobs;
 pub mod bundles;
 pub mod events;
 pub mod policies;
