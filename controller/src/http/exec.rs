@@ -3,7 +3,7 @@
 //! streams the results back as NDJSON ([`ExecLine`]s): output as it arrives, one
 //! exit record per node, then a summary.
 //!
-//! Each node gets its own exec bi-stream on its link ([`LinkContext::open_exec`]).
+//! Each node gets its own exec bi-stream on its link ([`Agents::open_exec`]).
 //! Everything between the agent and the HTTP client is bounded: a slow client
 //! stops the reading of the streams, QUIC flow control then stops the agent, and
 //! the command blocks on its full pipe. When the client goes away (Ctrl-C), the
@@ -11,7 +11,7 @@
 //! cancels the commands on the agents. Every command on every node is recorded as
 //! an [`kind::EXEC`] event: who, where, what, exit code and duration.
 //!
-//! [`LinkContext::open_exec`]: crate::link::LinkContext::open_exec
+//! [`Agents::open_exec`]: crate::services::agents::Agents::open_exec
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

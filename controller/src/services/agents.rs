@@ -1,6 +1,6 @@
 //! The connected agents as the rest of the controller sees them: each node's live
 //! QUIC connection and command channel, and the log streams waiting for an agent.
-//! The agent link ([`crate::link`], an adapter above this layer) fills it in as
+//! The agent link (the `link` module, an adapter above this layer) fills it in as
 //! agents connect and leave; handlers and services use it to reach a node (logs,
 //! remote exec, checkpoints) and to close the connections of a revoked certificate.
 
@@ -47,7 +47,7 @@ pub enum ExecOpenError {
 
 impl Agents {
     /// Closes the live connections whose node certificate has `serial` (which the
-    /// caller has already put in [`crate::link::LinkContext::revoked_certs`]); returns their
+    /// caller has already put in the link's list of revoked serials); returns their
     /// nodes.
     pub fn close_revoked(&self, serial: &Serial) -> Vec<String> {
         let connections: Vec<(String, quinn::Connection)> = lock(&self.connections)

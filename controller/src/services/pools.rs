@@ -1,7 +1,7 @@
 //! Node pools: the shell around [`novacron_common::pools::plan`].
 //!
 //! `NodeTemplate` and `NodePool` manifests are applied through `POST /v1/pools`
-//! ([`crate::http::pools`]) and kept in the store, one document per record. Every
+//! (`http::pools`) and kept in the store, one document per record. Every
 //! [`DEFAULT_INTERVAL`] the manager ([`run`]) observes each pool (the nodes its
 //! provider made, the enrolled nodes labelled `pool=<name>`, their readiness and
 //! allocations), takes the replicas the scheduler could not place from
