@@ -54,7 +54,7 @@ fn yaml_is_parsed_only_through_the_guarded_loader() {
         "common/src/manifest/load.rs",
         "common/src/manifest/document.rs",
         "common/src/manifest/locate.rs",
-        "controller/src/pools.rs",
+        "controller/src/services/pools.rs",
     ];
     let mut offenders = Vec::new();
     for (rel, text) in product_sources() {
@@ -306,8 +306,8 @@ fn bincode_and_bollard_stay_where_they_are_allowed() {
                 "agent/src/runtime/mod.rs",
                 "agent/src/collect/docker.rs",
                 "agent/src/checkpoint.rs",
-                "controller/src/providers/docker.rs",
-                "controller/src/providers/mod.rs",
+                "controller/src/services/providers/docker.rs",
+                "controller/src/services/providers/mod.rs",
             ],
         ),
     ];
