@@ -8,6 +8,7 @@ pub mod costs;
 pub mod events;
 pub mod exec;
 pub mod https;
+pub mod jobs;
 pub mod metrics;
 pub mod migrations;
 pub mod policies;
@@ -216,6 +217,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api::routes())
+        .merge(jobs::routes())
         .merge(events::routes())
         .merge(costs::routes())
         .merge(pools::routes())
