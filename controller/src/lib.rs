@@ -1,8 +1,12 @@
 //! The NovaCron controller and the operator CLI.
 //!
-//! The binaries (`novacron-controller`, `novacron`) only parse and dispatch; the
-//! modules here hold the logic: [`server`] wires [`store`], [`registry`], [`link`]
-//! (the agent endpoint) and [`api`] (HTTPS, served through [`https`]).
+//! The binaries (`novacron-controller`, `novacron`) only parse and dispatch. The
+//! server is in layers that only point down: [`http`] (the router, handlers and TLS
+//! listener) calls [`services`] (workloads, migrations, autoscaler, pools, events,
+//! costs, certificates, leadership), which call [`state`] (the record store, the
+//! blob store, the registry). [`link`], the agents' QUIC endpoint, is an adapter
+//! beside [`http`]. [`server`] wires them together and [`ctl`] is the binary's
+//! entry.
 
 pub mod cli;
 pub mod config_file;

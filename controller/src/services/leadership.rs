@@ -133,9 +133,16 @@ mod tests {
         panic!("timed out waiting until {what}");
     }
 
-    #[tokio::test]
-    async fn losing_leadership_stops_the_unit_and_regaining_starts_it() {
-        let leadership = Leadership::always();
+    /// Runs the counting unit under `leadership`: (shutdown, started, running,
+    /// the runner's task).
+    fn spawn_unit(
+        leadership: &Leadership,
+    ) -> (
+        CancellationToken,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let shutdown = CancellationToken::new();
         let (started, running) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let unit = tokio::spawn(run_while_leader(
@@ -143,6 +150,13 @@ mod tests {
             shutdown.clone(),
             counting(started.clone(), running.clone()),
         ));
+        (shutdown, started, running, unit)
+    }
+
+    #[tokio::test]
+    async fn losing_leadership_stops_the_unit_and_regaining_starts_it() {
+        let leadership = Leadership::always();
+        let (shutdown, started, running, unit) = spawn_unit(&leadership);
         until("the unit runs", || running.load(Ordering::SeqCst) == 2).await;
 
         leadership.set(false);
@@ -171,13 +185,7 @@ mod tests {
     #[tokio::test]
     async fn a_follower_starts_nothing_until_it_leads() {
         let leadership = Leadership::starting(false);
-        let shutdown = CancellationToken::new();
-        let (started, running) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let unit = tokio::spawn(run_while_leader(
-            leadership.clone(),
-            shutdown.clone(),
-            counting(started.clone(), running.clone()),
-        ));
+        let (shutdown, started, running, unit) = spawn_unit(&leadership);
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(started.load(Ordering::SeqCst), 0);
         assert!(!leadership.is_leader());
