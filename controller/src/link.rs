@@ -1,7 +1,7 @@
 //! The controller's end of the agent link: a quinn endpoint that requires a client
 //! certificate from the fleet CA, refuses revoked nodes and revoked certificate
 //! serials during the handshake, and serves each connection's control and metrics
-//! streams. [`LinkContext::close_revoked`] closes the live connections of a
+//! streams. [`Agents::close_revoked`] closes the live connections of a
 //! certificate revoked while they run.
 //!
 //! Everything read from a connection is untrusted: a malformed, oversized or

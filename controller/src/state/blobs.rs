@@ -1,7 +1,7 @@
 //! Blob storage: large or controller-local data (checkpoint bundles today; images,
-//! metrics history and outboxes later), kept apart from the record [`Store`]
-//! (crate::state::store::Store) because it is too large for a record, or belongs
-//! to this controller only and is not replicated with the records.
+//! metrics history and outboxes later), kept apart from the record
+//! [`Store`](crate::state::store::Store) because it is too large for a record, or
+//! belongs to this controller only and is not replicated with the records.
 //!
 //! A blob is named by a [`BlobKey`]: a space (a kind of data, such as a bundle's
 //! `sha256/`, `partial/` and `meta/`) and a name inside it. [`FsBlobs`], the
