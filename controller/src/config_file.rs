@@ -17,8 +17,10 @@ use novacron_common::config::{self as layered, Layers, Profile, ensure_shorter, 
 use novacron_common::fleet::{self, Liveness};
 use serde::Deserialize;
 
-use crate::registry::{DEFAULT_METRICS_WINDOW, DEFAULT_RESTART_GRACE, DEFAULT_STARTUP_GRACE};
 use crate::server::{ControllerConfig, DEFAULT_LISTEN};
+use crate::state::registry::{
+    DEFAULT_METRICS_WINDOW, DEFAULT_RESTART_GRACE, DEFAULT_STARTUP_GRACE,
+};
 
 pub use novacron_common::config::{ConfigError, Env, Key, Origin, ProcessEnv};
 

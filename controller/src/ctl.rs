@@ -19,13 +19,15 @@ use novacron_common::tls;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
-use crate::api::{ApiTokenRequest, ApiTokenResponse, RevokeRequest, TokenRequest, TokenResponse};
-use crate::cert_api::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 use crate::config_file::{self, ProcessEnv, ServeFlags};
-use crate::events::{EventLog, NewEvent, kind};
+use crate::http::api::{
+    ApiTokenRequest, ApiTokenResponse, RevokeRequest, TokenRequest, TokenResponse,
+};
+use crate::http::certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 use crate::pki_files::{self, PkiPaths};
 use crate::server::{self, ControllerConfig};
-use crate::store::{RedbStore, StoreError};
+use crate::services::events::{EventLog, NewEvent, kind};
+use crate::state::store::{RedbStore, StoreError};
 
 /// Exit code for bad configuration.
 pub const EXIT_CONFIG: i32 = 64;
@@ -513,29 +515,30 @@ async fn cert_revoke(data_dir: &Path, serial: &str, reason: &str) -> i32 {
             Err(code) => code,
         };
     };
-    let store: Arc<dyn crate::store::Store> = Arc::new(store);
+    let store: Arc<dyn crate::state::store::Store> = Arc::new(store);
     let by = format!("{} (offline)", local_operator());
-    let result = crate::certs::persist(store.as_ref(), &serial, &by, reason, SystemTime::now())
-        .map_err(|e| e.to_string())
-        .and_then(|(record, new)| {
-            let log = EventLog::open(store.clone(), crate::events::DEFAULT_RETAIN)
-                .map_err(|e| e.to_string())?;
-            let why = if reason.is_empty() {
-                "no reason given"
-            } else {
-                reason
-            };
-            log.record(
-                NewEvent::new(
-                    kind::CERT_REVOKED,
-                    by.clone(),
-                    format!("certificate {serial} revoked offline: {why}"),
+    let result =
+        crate::services::certs::persist(store.as_ref(), &serial, &by, reason, SystemTime::now())
+            .map_err(|e| e.to_string())
+            .and_then(|(record, new)| {
+                let log = EventLog::open(store.clone(), crate::services::events::DEFAULT_RETAIN)
+                    .map_err(|e| e.to_string())?;
+                let why = if reason.is_empty() {
+                    "no reason given"
+                } else {
+                    reason
+                };
+                log.record(
+                    NewEvent::new(
+                        kind::CERT_REVOKED,
+                        by.clone(),
+                        format!("certificate {serial} revoked offline: {why}"),
+                    )
+                    .detail("serial", &serial),
                 )
-                .detail("serial", &serial),
-            )
-            .map_err(|e| e.to_string())?;
-            Ok((record, new))
-        });
+                .map_err(|e| e.to_string())?;
+                Ok((record, new))
+            });
     match result {
         Ok((record, new)) => {
             println!(
@@ -556,7 +559,7 @@ async fn cert_revoke(data_dir: &Path, serial: &str, reason: &str) -> i32 {
 async fn cert_list(data_dir: &Path) -> i32 {
     let list = match offline_store(data_dir) {
         Err(code) => return code,
-        Ok(Some(store)) => match crate::store::Store::cert_revocations(&store) {
+        Ok(Some(store)) => match crate::state::store::Store::cert_revocations(&store) {
             Ok(l) => l.into_iter().map(CertRevocationView::from).collect(),
             Err(e) => {
                 eprintln!("error: {e}");

@@ -1,33 +1,34 @@
 //! The controller's end of the agent link: a quinn endpoint that requires a client
 //! certificate from the fleet CA, refuses revoked nodes and revoked certificate
 //! serials during the handshake, and serves each connection's control and metrics
-//! streams. [`LinkContext::close_revoked`] closes the live connections of a
+//! streams. [`Agents::close_revoked`] closes the live connections of a
 //! certificate revoked while they run.
 //!
 //! Everything read from a connection is untrusted: a malformed, oversized or
 //! unexpected frame closes that connection (with a [`CloseCode`] and a log line)
 //! and nothing else.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::fleet::Liveness;
-use novacron_common::pki::{self, CertAndKey, Identity, Role, Serial, Validity};
+use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
 use novacron_common::sync::lock;
 use novacron_common::tls::{self, CertRevocation, RevokedSerials};
 use novacron_common::wire::{
-    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, ExecEvent, ExecRequest,
-    FrameError, LogChunk, MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
+    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, FrameError, LogChunk,
+    MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
 };
 use quinn::{RecvStream, SendStream};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::registry::{Registry, RegistryError, RevokedNames};
-use crate::workloads::Workloads;
+use crate::services::agents::{Agents, close, peer_serial};
+pub use crate::services::agents::{ExecChannel, ExecOpenError, ExecStreamError};
+use crate::services::workloads::Workloads;
+use crate::state::registry::{Registry, RegistryError, RevokedNames};
 
 /// Commands queued for one agent before the link applies backpressure.
 pub const COMMAND_QUEUE: usize = 32;
@@ -145,22 +146,18 @@ pub struct LinkContext {
     pub registry: Arc<Registry>,
     /// Jobs and allocations.
     pub workloads: Arc<Workloads>,
-    /// Per-node channels for commands to the agent (log requests), by node name.
-    pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<ControllerMessage>)>>,
-    /// Log streams waiting for their agent, by request id.
-    pub pending_logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
-    /// Each connected node's live connection (with its connection id), on which
-    /// remote exec opens its streams.
-    pub connections: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    /// The connected agents (their connections, command channels and waiting log
+    /// streams), shared with the handlers and services.
+    pub agents: Arc<Agents>,
     /// The fleet CA, to sign renewals.
     pub ca: CertAndKey,
     /// Lifetime of renewed certificates.
     pub node_cert_ttl: Duration,
     /// Checkpoint bundles, served to agents that restore them.
-    pub bundles: Option<Arc<crate::bundles::BundleStore>>,
+    pub bundles: Option<Arc<crate::state::bundles::BundleStore>>,
     /// Spot interruption notices, for the migration service (bounded; a full queue
     /// drops the notice with a warning, and the agent repeats it on reconnect).
-    pub spot: Option<mpsc::Sender<crate::migrate::SpotEvent>>,
+    pub spot: Option<mpsc::Sender<crate::services::migrate::SpotEvent>>,
     /// Revoked certificate serials (the list the endpoint's verifier reads).
     pub revoked_certs: Arc<RevokedSerials>,
 }
@@ -311,15 +308,15 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         conn_id,
     ));
     let agent_streams = ctx.bundles.clone().map(|b| {
-        AbortOnDrop(tokio::spawn(crate::migrate::serve_agent_streams(
+        AbortOnDrop(tokio::spawn(crate::services::migrate::serve_agent_streams(
             conn.clone(),
             b,
             name.clone(),
         )))
     });
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    lock(&ctx.commands).insert(name.clone(), (conn_id, cmd_tx));
-    lock(&ctx.connections).insert(name.clone(), (conn_id, conn.clone()));
+    lock(&ctx.agents.commands).insert(name.clone(), (conn_id, cmd_tx));
+    lock(&ctx.agents.connections).insert(name.clone(), (conn_id, conn.clone()));
     // A revocation that scanned the connections before the insert above has put its
     // serial in the list first: one of the two sees the other.
     if peer_serial(&conn).is_some_and(|s| ctx.revoked_certs.contains(&s)) {
@@ -329,13 +326,13 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     let desired = ctx.workloads.subscribe(&name);
     let result = control_loop(&ctx, &name, &mut send, recv, desired, cmd_rx).await;
     {
-        let mut commands = lock(&ctx.commands);
+        let mut commands = lock(&ctx.agents.commands);
         if commands.get(&name).is_some_and(|(id, _)| *id == conn_id) {
             commands.remove(&name);
         }
     }
     {
-        let mut connections = lock(&ctx.connections);
+        let mut connections = lock(&ctx.agents.connections);
         if connections.get(&name).is_some_and(|(id, _)| *id == conn_id) {
             connections.remove(&name);
         }
@@ -406,7 +403,7 @@ async fn control_loop(
                 }
                 Some(Ok(AgentMessage::SpotNotice { action, deadline_unix_ms })) => {
                     warn!(node = name, %action, deadline_unix_ms, "spot interruption notice");
-                    let event = crate::migrate::SpotEvent {
+                    let event = crate::services::migrate::SpotEvent {
                         node: name.to_string(),
                         action,
                         deadline_unix_ms,
@@ -559,7 +556,7 @@ async fn forward_logs(
     recv: &mut RecvStream,
     scratch: &mut Vec<u8>,
 ) -> Result<(), LoopEnd> {
-    let Some(tx) = lock(&ctx.pending_logs).remove(&request_id) else {
+    let Some(tx) = lock(&ctx.agents.pending_logs).remove(&request_id) else {
         debug!(node = name, request_id, "log stream for no pending request");
         return Ok(());
     };
@@ -570,152 +567,6 @@ async fn forward_logs(
         }
     }
     Ok(())
-}
-
-/// Why a remote command could not be sent to a node.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ExecOpenError {
-    /// The node has no live connection.
-    #[error("node {0} is not connected; `novacron node list` shows which nodes are ready")]
-    NotConnected(String),
-    /// The connection failed while opening the stream or sending the request.
-    #[error("cannot send the command to node {node}: {reason}")]
-    Lost {
-        /// The node.
-        node: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-impl LinkContext {
-    /// Closes the live connections whose node certificate has `serial` (which the
-    /// caller has already put in [`LinkContext::revoked_certs`]); returns their
-    /// nodes.
-    pub fn close_revoked(&self, serial: &Serial) -> Vec<String> {
-        let connections: Vec<(String, quinn::Connection)> = lock(&self.connections)
-            .iter()
-            .map(|(name, (_, conn))| (name.clone(), conn.clone()))
-            .collect();
-        let mut closed = Vec::new();
-        for (name, conn) in connections {
-            if peer_serial(&conn).as_ref() == Some(serial) {
-                warn!(node = %name, %serial, "closing the connection of a revoked certificate");
-                close(&conn, CloseCode::Revoked, "this certificate was revoked");
-                closed.push(name);
-            }
-        }
-        closed
-    }
-
-    /// The live connection of `node`, if it is connected.
-    pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
-        lock(&self.connections).get(node).map(|(_, c)| c.clone())
-    }
-
-    /// Opens an exec stream to `node` and sends `request`. The command runs until
-    /// it exits, its time limit passes, or the returned channel is dropped (which
-    /// cancels it: the agent kills it).
-    pub async fn open_exec(
-        &self,
-        node: &str,
-        request: &ExecRequest,
-    ) -> Result<ExecChannel, ExecOpenError> {
-        let conn = lock(&self.connections)
-            .get(node)
-            .map(|(_, c)| c.clone())
-            .ok_or_else(|| ExecOpenError::NotConnected(node.to_owned()))?;
-        let lost = |reason: String| ExecOpenError::Lost {
-            node: node.to_owned(),
-            reason,
-        };
-        // Waits while the node runs its maximum of concurrent commands.
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        wire::write_frame(&mut send, &wire::BiRequest::Exec(request.clone()))
-            .await
-            .map_err(|e| lost(e.to_string()))?;
-        Ok(ExecChannel {
-            send,
-            recv,
-            scratch: Vec::new(),
-            done: false,
-        })
-    }
-}
-
-/// The controller's end of one exec stream. Dropping it before the command ended
-/// cancels the command.
-#[derive(Debug)]
-pub struct ExecChannel {
-    send: SendStream,
-    recv: RecvStream,
-    scratch: Vec<u8>,
-    done: bool,
-}
-
-/// Why an exec stream ended without a last event.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecStreamError {
-    /// The agent sent something the protocol does not allow; the stream is reset.
-    #[error("node sent a bad exec frame: {0}")]
-    Protocol(String),
-    /// The stream or connection ended.
-    #[error("the node's link closed during the command: {0}")]
-    Lost(String),
-}
-
-impl ExecChannel {
-    /// The next event; `Ok(None)` after the last one (`Exited`, `Refused`,
-    /// `Failed`). Frames are checked: an oversized output chunk, a second `Started`
-    /// or anything after the last event is a protocol error, which resets the
-    /// stream (and so cancels the command). Not cancel-safe: a caller that stops
-    /// waiting must drop the channel.
-    pub async fn next(&mut self) -> Result<Option<ExecEvent>, ExecStreamError> {
-        if self.done {
-            return Ok(None);
-        }
-        let event = match wire::read_frame::<ExecEvent, _>(&mut self.recv, &mut self.scratch).await
-        {
-            Ok(Some(event)) => event,
-            Ok(None) => {
-                return Err(ExecStreamError::Lost(
-                    "the stream ended before the command's exit".into(),
-                ));
-            }
-            Err(FrameError::Io(e)) => return Err(ExecStreamError::Lost(e.to_string())),
-            Err(e) => return Err(self.violation(e.close_code(), e.to_string())),
-        };
-        match &event {
-            ExecEvent::Output { data, .. } if data.len() > wire::MAX_EXEC_CHUNK => {
-                let reason = format!(
-                    "an output chunk of {} bytes exceeds the maximum of {}",
-                    data.len(),
-                    wire::MAX_EXEC_CHUNK
-                );
-                return Err(self.violation(CloseCode::Unexpected, reason));
-            }
-            ExecEvent::Exited { .. } | ExecEvent::Refused { .. } | ExecEvent::Failed { .. } => {
-                self.done = true;
-            }
-            ExecEvent::Started { .. } | ExecEvent::Output { .. } => {}
-        }
-        Ok(Some(event))
-    }
-
-    fn violation(&mut self, code: CloseCode, reason: String) -> ExecStreamError {
-        let _ = self.send.reset(code.code().into());
-        let _ = self.recv.stop(code.code().into());
-        self.done = true;
-        ExecStreamError::Protocol(reason)
-    }
-}
-
-impl Drop for ExecChannel {
-    fn drop(&mut self) {
-        // Ending our side is the cancel signal (harmless after the command ended).
-        let _ = self.send.reset(CloseCode::Normal.code().into());
-        let _ = self.recv.stop(CloseCode::Normal.code().into());
-    }
 }
 
 async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode, message: &str) {
@@ -729,20 +580,6 @@ async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     }
     close(conn, code, message);
-}
-
-fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
-    // Close reasons must fit in a packet; keep them short.
-    let reason: String = reason.chars().take(200).collect();
-    conn.close(code.code().into(), reason.as_bytes());
-}
-
-fn peer_serial(conn: &quinn::Connection) -> Option<Serial> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    Serial::of_cert_der(certs.first()?).ok()
 }
 
 fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {

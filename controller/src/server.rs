@@ -8,21 +8,26 @@ use std::time::{Duration, Instant};
 use novacron_common::cost::PriceCatalog;
 use novacron_common::fleet::Liveness;
 use novacron_common::tls;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{self, ApiState};
-use crate::autoscaler::Autoscaler;
-use crate::events::{self, EventLog};
-use crate::https::{self, TlsListener};
+use crate::http::api::{self, ApiState};
+use crate::http::https::{self, TlsListener};
 use crate::link::{self, LinkConfig, LinkContext};
 use crate::pki_files;
-use crate::registry::{
+use crate::services::agents::Agents;
+use crate::services::autoscaler::Autoscaler;
+use crate::services::events::{self, EventLog};
+use crate::services::leadership::{Leadership, UnitTask, run_while_leader};
+use crate::services::migrate::{Migrations, SPOT_QUEUE, SpotEvent};
+use crate::services::workloads::Workloads;
+use crate::services::{budgets, pools};
+use crate::state::registry::{
     DEFAULT_METRICS_WINDOW, DEFAULT_RESTART_GRACE, DEFAULT_STARTUP_GRACE, Registry, RegistryConfig,
 };
-use crate::store::{RedbStore, Store};
-use crate::workloads::Workloads;
+use crate::state::store::{RedbStore, Store};
 
 /// Default address of the HTTPS API (TCP) and of the agent link (UDP).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -102,6 +107,9 @@ pub struct Controller {
     pub registry: Arc<Registry>,
     /// Jobs and allocations, for in-process callers.
     pub workloads: Arc<Workloads>,
+    /// Whether this controller leads (always, for a single controller); the
+    /// singleton services run while it does.
+    pub leadership: Leadership,
     cancel: CancellationToken,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
@@ -122,7 +130,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         },
         Instant::now(),
     )?);
-    let revoked_certs = crate::certs::load(store.as_ref())?;
+    let revoked_certs = crate::services::certs::load(store.as_ref())?;
 
     let endpoint = link::bind(
         &LinkConfig {
@@ -169,31 +177,30 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         .with_pricing(pricing.clone()),
     );
     let bundles = Arc::new(
-        crate::bundles::BundleStore::open(&config.data_dir.join("bundles"))
+        crate::state::bundles::BundleStore::open(&config.data_dir.join("bundles"))
             .map_err(|e| anyhow::anyhow!("checkpoint bundle store: {e}"))?,
     );
     workloads.set_checkpoints(bundles.clone());
-    let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::migrate::SPOT_QUEUE);
+    let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::services::migrate::SPOT_QUEUE);
+    let agents = Arc::new(Agents::default());
     let link_ctx = Arc::new(LinkContext {
         registry: registry.clone(),
         workloads: workloads.clone(),
-        commands: Default::default(),
-        pending_logs: Default::default(),
-        connections: Default::default(),
+        agents: agents.clone(),
         ca: pki.ca.clone(),
         node_cert_ttl: config.node_cert_ttl,
         bundles: Some(bundles.clone()),
         spot: Some(spot_tx),
         revoked_certs: revoked_certs.clone(),
     });
-    let certs = Arc::new(crate::certs::CertRevocations::new(
+    let certs = Arc::new(crate::services::certs::CertRevocations::new(
         store.clone(),
         revoked_certs,
         api_connections,
-        link_ctx.clone(),
+        agents.clone(),
     ));
-    let migrations = Arc::new(crate::migrate::Migrations::new(
-        link_ctx.clone(),
+    let migrations = Arc::new(crate::services::migrate::Migrations::new(
+        agents.clone(),
         workloads.clone(),
         registry.clone(),
         bundles,
@@ -213,32 +220,32 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         server_name: config.server_name.clone(),
         api_url: format!("https://{}:{}", config.server_name, api_addr.port()),
         workloads: workloads.clone(),
-        link: link_ctx.clone(),
+        link: agents,
         events: events.clone(),
         pricing,
         autoscaler: autoscaler.clone(),
         migrations: migrations.clone(),
         certs,
-        heavy: crate::heavy::HeavyWork::for_this_host(),
+        heavy: crate::services::heavy::HeavyWork::for_this_host(),
     });
 
     let cancel = CancellationToken::new();
-    let mut tasks = vec![
-        tokio::spawn(workloads.clone().run(cancel.clone())),
-        tokio::spawn(migrations.run(spot_rx, cancel.clone())),
-    ];
+    // One controller: always the leader. The singleton services run as one unit
+    // while it leads.
+    let leadership = Leadership::always();
+    let mut tasks = vec![tokio::spawn(run_while_leader(
+        leadership.clone(),
+        cancel.clone(),
+        singletons(
+            workloads.clone(),
+            migrations,
+            spot_rx,
+            autoscaler,
+            api_state.clone(),
+        ),
+    ))];
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
-    tasks.push(tokio::spawn(crate::pools::run(
-        api_state.clone(),
-        crate::pools::DEFAULT_INTERVAL,
-        cancel.clone(),
-    )));
     let api_cancel = cancel.clone();
-    tasks.push(tokio::spawn(crate::budgets::run(
-        api_state.clone(),
-        crate::budgets::DEFAULT_INTERVAL,
-        cancel.clone(),
-    )));
     tasks.push(tokio::spawn(async move {
         let shutdown = async move { api_cancel.cancelled().await };
         if let Err(error) = https::serve(listener, api::router(api_state), shutdown).await {
@@ -262,17 +269,64 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
             }
         }
     }));
-    tasks.push(tokio::spawn(autoscaler.run(cancel.clone())));
     info!(%api_addr, %quic_addr, fingerprint = %pki.fingerprint, "controller serving");
     Ok(Controller {
         api_addr,
         quic_addr,
         registry,
         workloads,
+        leadership,
         cancel,
         endpoint,
         tasks,
     })
+}
+
+/// The services that run on the leading controller only, as one unit for
+/// [`run_while_leader`]: the reconcile loop, migrations, the autoscaler, the pool
+/// manager and the budget watch. Each start gets a fresh token; spot notices from
+/// the link reach the migrations of the current term through a forwarder.
+fn singletons(
+    workloads: Arc<Workloads>,
+    migrations: Arc<Migrations>,
+    spot_rx: mpsc::Receiver<SpotEvent>,
+    autoscaler: Arc<Autoscaler>,
+    api_state: Arc<ApiState>,
+) -> impl FnMut(CancellationToken) -> Vec<UnitTask> + Send {
+    let spot_rx = Arc::new(tokio::sync::Mutex::new(spot_rx));
+    move |term: CancellationToken| {
+        let (spot_tx, term_spot_rx) = mpsc::channel(SPOT_QUEUE);
+        let (spot_rx, forward_term) = (spot_rx.clone(), term.clone());
+        let forward_spot: UnitTask = Box::pin(async move {
+            let mut spot_rx = spot_rx.lock().await;
+            loop {
+                let event = tokio::select! {
+                    event = spot_rx.recv() => event,
+                    _ = forward_term.cancelled() => return,
+                };
+                let Some(event) = event else { return };
+                if spot_tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        vec![
+            Box::pin(workloads.clone().run(term.clone())),
+            Box::pin(migrations.clone().run(term_spot_rx, term.clone())),
+            forward_spot,
+            Box::pin(autoscaler.clone().run(term.clone())),
+            Box::pin(pools::run(
+                api_state.clone(),
+                pools::DEFAULT_INTERVAL,
+                term.clone(),
+            )),
+            Box::pin(budgets::run(
+                api_state.clone(),
+                budgets::DEFAULT_INTERVAL,
+                term,
+            )),
+        ]
+    }
 }
 
 impl Controller {

@@ -113,7 +113,7 @@ fn yaml_is_parsed_only_through_the_guarded_loader() {
         "common/core/src/manifest/load.rs",
         "common/core/src/manifest/document.rs",
         "common/core/src/manifest/locate.rs",
-        "controller/src/pools.rs",
+        "controller/src/services/pools.rs",
     ];
     let mut offenders = Vec::new();
     for (rel, text) in product_sources() {
@@ -572,8 +572,8 @@ fn bollard_stays_where_it_is_allowed() {
         "agent/src/runtime/mod.rs",
         "agent/src/runtime/docker/version.rs",
         "agent/src/runtime/docker/checkpoint.rs",
-        "controller/src/providers/docker.rs",
-        "controller/src/providers/mod.rs",
+        "controller/src/services/providers/docker.rs",
+        "controller/src/services/providers/mod.rs",
     ];
     let mut offenders = Vec::new();
     for (rel, text) in product_sources() {

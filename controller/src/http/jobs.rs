@@ -1,0 +1,261 @@
+//! Jobs and allocations: `POST /v1/jobs` (apply), `GET /v1/jobs[/{name}]`,
+//! `POST /v1/jobs/{name}/stop`, `GET /v1/allocations[/{id}]` and
+//! `GET /v1/allocations/{id}/logs` (streamed from the allocation's agent).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use novacron_common::api::ApiError;
+use novacron_common::pki::Role;
+use novacron_common::wire::{ControllerMessage, LogChunk, LogRequest};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::http::api::{ApiState, ApplyRequest, Caller, Problem, internal};
+use crate::services::events::{NewEvent, kind};
+use crate::services::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError};
+use crate::state::store::AllocRecord;
+
+/// The job and allocation routes.
+pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::new()
+        .routes(routes!(apply_job, list_jobs))
+        .routes(routes!(show_job))
+        .routes(routes!(stop_job))
+        .routes(routes!(list_allocations))
+        .routes(routes!(show_allocation))
+        .routes(routes!(allocation_logs))
+}
+
+/// Log streams in flight at once.
+pub const MAX_LOG_STREAMS: usize = 256;
+
+#[utoipa::path(post, path = "/v1/jobs", tag = "workloads", request_body = ApplyRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 200, body = ApplyResult), (status = 422, description = "the manifest is invalid (also: nested too deep, or aliases that expand too far); the message names file, line, field and what is accepted", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn apply_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Operator)?;
+    req.check()?;
+    let file_name = req.file.clone();
+    let by = caller.0.to_string();
+    let (workloads, file, who) = (st.workloads.clone(), req.file.clone(), by.clone());
+    let result = st
+        .heavy
+        .run(move || workloads.apply(&file, &req.manifest, &who, SystemTime::now()))
+        .await?
+        .map_err(workload_problem)?;
+    st.events.note(
+        NewEvent::new(
+            kind::JOB_APPLIED,
+            by,
+            format!(
+                "job {} {} from {} (version {})",
+                result.job, result.outcome, file_name, result.version
+            ),
+        )
+        .job(&result.job)
+        .detail("version", result.version)
+        .detail("outcome", &result.outcome),
+    );
+    Ok(Json(result).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/jobs", tag = "workloads", responses((status = 200, body = Vec<JobSummary>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn list_jobs(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.jobs()).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 200, body = JobDetail), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn show_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.job(&name).map_err(workload_problem)?).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{name}/stop", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn stop_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Problem> {
+    caller.require(Role::Operator)?;
+    st.workloads
+        .stop(&name, &caller.0.to_string())
+        .map_err(workload_problem)?;
+    st.events.note(
+        NewEvent::new(
+            kind::JOB_STOPPED,
+            caller.0.to_string(),
+            format!("job {name} stopped"),
+        )
+        .job(&name),
+    );
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Filters of `GET /v1/allocations`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AllocFilter {
+    /// Only this job.
+    pub job: Option<String>,
+    /// Only this node.
+    pub node: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/allocations", tag = "workloads", params(AllocFilter), responses((status = 200, body = Vec<AllocRecord>), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn list_allocations(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Query(filter): Query<AllocFilter>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(
+        st.workloads
+            .allocations(filter.job.as_deref(), filter.node.as_deref()),
+    )
+    .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/allocations/{id}", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 200, body = AllocRecord), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn show_allocation(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.allocation(&id).map_err(workload_problem)?).into_response())
+}
+
+/// Options of `GET /v1/allocations/{id}/logs`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogOptions {
+    /// Keep streaming.
+    #[serde(default)]
+    pub follow: bool,
+    /// Last lines first (0: all).
+    #[serde(default)]
+    pub tail: u32,
+}
+
+#[utoipa::path(get, path = "/v1/allocations/{id}/logs", tag = "workloads", params(("id" = String, Path, description = "allocation id"), LogOptions), responses((status = 200, description = "the container's output as it arrives", content_type = "text/plain", body = String), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, description = "the allocation's node is not connected", body = ApiError), (status = 503, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn allocation_logs(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(opts): Query<LogOptions>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    let alloc = st.workloads.allocation(&id).map_err(workload_problem)?;
+    let sender = st
+        .link
+        .commands
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&alloc.node)
+        .map(|(_, tx)| tx.clone())
+        .ok_or_else(|| {
+            Problem(
+                StatusCode::CONFLICT,
+                format!(
+                    "node {} of allocation {id} is not connected; its logs cannot be read now",
+                    alloc.node
+                ),
+            )
+        })?;
+    let request_id: u64 = rand::random();
+    let (tx, rx) = tokio::sync::mpsc::channel::<LogChunk>(64);
+    {
+        let mut pending = st
+            .link
+            .pending_logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= MAX_LOG_STREAMS {
+            return Err(Problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{MAX_LOG_STREAMS} log streams are open already; try again later"),
+            ));
+        }
+        pending.insert(request_id, tx);
+    }
+    let request = ControllerMessage::Logs(LogRequest {
+        request_id,
+        allocation: id.clone(),
+        follow: opts.follow,
+        tail: opts.tail,
+    });
+    if sender.send(request).await.is_err() {
+        st.link
+            .pending_logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&request_id);
+        return Err(Problem(
+            StatusCode::CONFLICT,
+            format!("node {} disconnected", alloc.node),
+        ));
+    }
+    let link = st.link.clone();
+    let stream = futures_util::stream::unfold(
+        (rx, false, link, request_id),
+        |(mut rx, done, link, rid)| async move {
+            if done {
+                return None;
+            }
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                Ok(Some(chunk)) => {
+                    let mut data = chunk.data;
+                    let end = match chunk.end {
+                        Some(Err(e)) => {
+                            data.extend_from_slice(format!("\nerror: {e}\n").as_bytes());
+                            true
+                        }
+                        Some(Ok(())) => true,
+                        None => false,
+                    };
+                    Some((
+                        Ok::<_, std::io::Error>(bytes::Bytes::from(data)),
+                        (rx, end, link, rid),
+                    ))
+                }
+                // Nothing for 30 s on a stream that may follow: keep waiting with an empty chunk.
+                Err(_) => Some((Ok(bytes::Bytes::new()), (rx, false, link, rid))),
+                Ok(None) => {
+                    link.pending_logs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&rid);
+                    None
+                }
+            }
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(internal)
+}
+
+fn workload_problem(e: WorkloadError) -> Problem {
+    match e {
+        WorkloadError::Invalid(m) => Problem(StatusCode::UNPROCESSABLE_ENTITY, m),
+        e @ (WorkloadError::UnknownJob(_) | WorkloadError::UnknownAlloc(_)) => {
+            Problem(StatusCode::NOT_FOUND, e.to_string())
+        }
+        WorkloadError::Store(e) => crate::http::api::store_problem(e),
+    }
+}

@@ -1,0 +1,192 @@
+//! The connected agents as the rest of the controller sees them: each node's live
+//! QUIC connection and command channel, and the log streams waiting for an agent.
+//! The agent link (the `link` module, an adapter above this layer) fills it in as
+//! agents connect and leave; handlers and services use it to reach a node (logs,
+//! remote exec, checkpoints) and to close the connections of a revoked certificate.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use novacron_common::pki::Serial;
+use novacron_common::sync::lock;
+use novacron_common::wire::{
+    self, CloseCode, ControllerMessage, ExecEvent, ExecRequest, FrameError, LogChunk,
+};
+use quinn::{RecvStream, SendStream};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// The connected agents.
+#[derive(Debug, Default)]
+pub struct Agents {
+    /// Per-node channels for commands to the agent (log requests), by node name.
+    pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<ControllerMessage>)>>,
+    /// Log streams waiting for their agent, by request id.
+    pub pending_logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
+    /// Each connected node's live connection (with its connection id), on which
+    /// remote exec and migrations open their streams.
+    pub connections: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+}
+
+/// Why a remote command could not be sent to a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecOpenError {
+    /// The node has no live connection.
+    #[error("node {0} is not connected; `novacron node list` shows which nodes are ready")]
+    NotConnected(String),
+    /// The connection failed while opening the stream or sending the request.
+    #[error("cannot send the command to node {node}: {reason}")]
+    Lost {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Agents {
+    /// Closes the live connections whose node certificate has `serial` (which the
+    /// caller has already put in the link's list of revoked serials); returns their
+    /// nodes.
+    pub fn close_revoked(&self, serial: &Serial) -> Vec<String> {
+        let connections: Vec<(String, quinn::Connection)> = lock(&self.connections)
+            .iter()
+            .map(|(name, (_, conn))| (name.clone(), conn.clone()))
+            .collect();
+        let mut closed = Vec::new();
+        for (name, conn) in connections {
+            if peer_serial(&conn).as_ref() == Some(serial) {
+                warn!(node = %name, %serial, "closing the connection of a revoked certificate");
+                close(&conn, CloseCode::Revoked, "this certificate was revoked");
+                closed.push(name);
+            }
+        }
+        closed
+    }
+
+    /// The live connection of `node`, if it is connected.
+    pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        lock(&self.connections).get(node).map(|(_, c)| c.clone())
+    }
+
+    /// Opens an exec stream to `node` and sends `request`. The command runs until
+    /// it exits, its time limit passes, or the returned channel is dropped (which
+    /// cancels it: the agent kills it).
+    pub async fn open_exec(
+        &self,
+        node: &str,
+        request: &ExecRequest,
+    ) -> Result<ExecChannel, ExecOpenError> {
+        let conn = lock(&self.connections)
+            .get(node)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| ExecOpenError::NotConnected(node.to_owned()))?;
+        let lost = |reason: String| ExecOpenError::Lost {
+            node: node.to_owned(),
+            reason,
+        };
+        // Waits while the node runs its maximum of concurrent commands.
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        wire::write_frame(&mut send, &wire::BiRequest::Exec(request.clone()))
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        Ok(ExecChannel {
+            send,
+            recv,
+            scratch: Vec::new(),
+            done: false,
+        })
+    }
+}
+
+/// The controller's end of one exec stream. Dropping it before the command ended
+/// cancels the command.
+#[derive(Debug)]
+pub struct ExecChannel {
+    send: SendStream,
+    recv: RecvStream,
+    scratch: Vec<u8>,
+    done: bool,
+}
+
+/// Why an exec stream ended without a last event.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecStreamError {
+    /// The agent sent something the protocol does not allow; the stream is reset.
+    #[error("node sent a bad exec frame: {0}")]
+    Protocol(String),
+    /// The stream or connection ended.
+    #[error("the node's link closed during the command: {0}")]
+    Lost(String),
+}
+
+impl ExecChannel {
+    /// The next event; `Ok(None)` after the last one (`Exited`, `Refused`,
+    /// `Failed`). Frames are checked: an oversized output chunk, a second `Started`
+    /// or anything after the last event is a protocol error, which resets the
+    /// stream (and so cancels the command). Not cancel-safe: a caller that stops
+    /// waiting must drop the channel.
+    pub async fn next(&mut self) -> Result<Option<ExecEvent>, ExecStreamError> {
+        if self.done {
+            return Ok(None);
+        }
+        let event = match wire::read_frame::<ExecEvent, _>(&mut self.recv, &mut self.scratch).await
+        {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(ExecStreamError::Lost(
+                    "the stream ended before the command's exit".into(),
+                ));
+            }
+            Err(FrameError::Io(e)) => return Err(ExecStreamError::Lost(e.to_string())),
+            Err(e) => return Err(self.violation(e.close_code(), e.to_string())),
+        };
+        match &event {
+            ExecEvent::Output { data, .. } if data.len() > wire::MAX_EXEC_CHUNK => {
+                let reason = format!(
+                    "an output chunk of {} bytes exceeds the maximum of {}",
+                    data.len(),
+                    wire::MAX_EXEC_CHUNK
+                );
+                return Err(self.violation(CloseCode::Unexpected, reason));
+            }
+            ExecEvent::Exited { .. } | ExecEvent::Refused { .. } | ExecEvent::Failed { .. } => {
+                self.done = true;
+            }
+            ExecEvent::Started { .. } | ExecEvent::Output { .. } => {}
+        }
+        Ok(Some(event))
+    }
+
+    fn violation(&mut self, code: CloseCode, reason: String) -> ExecStreamError {
+        let _ = self.send.reset(code.code().into());
+        let _ = self.recv.stop(code.code().into());
+        self.done = true;
+        ExecStreamError::Protocol(reason)
+    }
+}
+
+impl Drop for ExecChannel {
+    fn drop(&mut self) {
+        // Ending our side is the cancel signal (harmless after the command ended).
+        let _ = self.send.reset(CloseCode::Normal.code().into());
+        let _ = self.recv.stop(CloseCode::Normal.code().into());
+    }
+}
+
+/// Closes `conn` with `code` and a short `reason`.
+pub fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    // Close reasons must fit in a packet; keep them short.
+    let reason: String = reason.chars().take(200).collect();
+    conn.close(code.code().into(), reason.as_bytes());
+}
+
+/// The serial of the certificate `conn`'s peer presented.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<Serial> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    Serial::of_cert_der(certs.first()?).ok()
+}

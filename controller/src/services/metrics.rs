@@ -1,0 +1,1665 @@
+//! Prometheus metrics: `GET /metrics` on the HTTPS API.
+//!
+//! Nothing is kept for Prometheus between scrapes except the reconcile loop's
+//! [`PassStats`]: each scrape takes a [`Snapshot`] of the live state (the registry's
+//! nodes with their latest sample, jobs, allocations, ingest statistics, the event
+//! log's position) and [`render`]s it with `prometheus-client` in the OpenMetrics
+//! text format. A scraper that does not ask for OpenMetrics (curl, `promtool check
+//! metrics`) gets the same samples in the Prometheus text format 0.0.4
+//! ([`to_text_format`]).
+//!
+//! Every family is declared in [`FAMILIES`] and always announced (`# HELP`, `# TYPE`),
+//! even when it has no sample at the moment (no GPU in the fleet, no job yet), so a
+//! scrape lists everything the controller can export. Names carry the `novacron_`
+//! prefix and base units (bytes, seconds, ratios, cores); labels are `node`, `zone`,
+//! `job`, `alloc`, `gpu` (the NVML index) and a few descriptive ones.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use novacron_common::api::{ControllerStats, NodeView};
+use novacron_common::fleet::NodeStatus;
+use novacron_common::wire::{AllocState, GpuSample};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::services::context::ApiState;
+pub use crate::services::pass_stats::PassStats;
+use crate::services::workloads::JobSummary;
+use crate::state::store::AllocRecord;
+
+/// Content type of the OpenMetrics answer.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format answer.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Everything one scrape shows, read from the live state.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Nodes with their latest sample.
+    pub nodes: Vec<NodeView>,
+    /// Jobs.
+    pub jobs: Vec<JobSummary>,
+    /// Allocations, terminal ones included.
+    pub allocations: Vec<AllocRecord>,
+    /// Ingest statistics.
+    pub stats: ControllerStats,
+    /// The reconcile loop's statistics.
+    pub passes: PassStats,
+    /// The event log's last position.
+    pub events: u64,
+}
+
+impl Snapshot {
+    /// Reads the live state of a running controller.
+    pub fn capture(state: &ApiState, now: Instant) -> Snapshot {
+        Snapshot {
+            nodes: state.registry.views(now),
+            jobs: state.workloads.jobs(),
+            allocations: state.workloads.allocations(None, None),
+            stats: state.registry.stats(),
+            passes: state.workloads.pass_stats().clone(),
+            events: state.events.last_seq(),
+        }
+    }
+}
+
+/// Renders `snapshot` in the OpenMetrics text format (ending with `# EOF`).
+pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(FleetCollector(snapshot)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Turns [`render`]'s OpenMetrics output into the Prometheus text format 0.0.4:
+/// the samples are the same; counter families are named with their `_total`
+/// suffix, `info` families become gauges named `_info`, and the `# UNIT` and
+/// `# EOF` lines go.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').map_or("", |(_, text)| text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some(text) = help.take() {
+                let _ = writeln!(out, "# HELP {name} {text}");
+            }
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// A metric family the controller exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    /// The family name (a counter's samples add `_total`, a histogram's
+    /// `_bucket`, `_sum` and `_count`).
+    pub name: &'static str,
+    /// One line of help, without backslashes or quotes.
+    pub help: &'static str,
+    /// Its type.
+    pub kind: Kind,
+}
+
+/// A family's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A monotonic count.
+    Counter,
+    /// Buckets, sum and count.
+    Histogram,
+}
+
+impl Family {
+    const fn gauge(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: Kind::Gauge,
+        }
+    }
+
+    const fn counter(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: Kind::Counter,
+        }
+    }
+}
+
+// Controller internals.
+const BUILD_INFO: Family = Family::gauge(
+    "novacron_build_info",
+    "Always 1; the version label is the controller's build.",
+);
+const CONNECTED_AGENTS: Family = Family::gauge(
+    "novacron_connected_agents",
+    "Agents holding a live QUIC connection to this controller.",
+);
+const SAMPLES_INGESTED: Family = Family::counter(
+    "novacron_samples_ingested",
+    "Metrics samples ingested from agents since the controller started.",
+);
+const SAMPLES_DUPLICATE: Family = Family::counter(
+    "novacron_samples_duplicate",
+    "Metrics samples skipped as already seen (replays after a reconnect) since the controller started.",
+);
+const INGEST_P50: Family = Family::gauge(
+    "novacron_ingest_latency_p50_seconds",
+    "Median delay from an agent taking a sample to the controller ingesting it, over the recent window.",
+);
+const INGEST_P99: Family = Family::gauge(
+    "novacron_ingest_latency_p99_seconds",
+    "99th percentile delay from an agent taking a sample to the controller ingesting it, over the recent window.",
+);
+const PASS_DURATION: Family = Family {
+    name: "novacron_scheduling_pass_duration_seconds",
+    help: "Duration of each reconcile and scheduling pass (decide, place, persist, publish).",
+    kind: Kind::Histogram,
+};
+const PLACEMENTS: Family = Family::counter(
+    "novacron_scheduling_placements",
+    "Replicas placed on nodes by the scheduler since the controller started.",
+);
+const UNPLACED: Family = Family::gauge(
+    "novacron_scheduling_unplaced_replicas",
+    "Pending queue: replicas the last pass had to place but could not (no node fits); they are retried every pass.",
+);
+const EVENTS: Family = Family::counter(
+    "novacron_events",
+    "Events appended to the event log (its last position).",
+);
+const JOBS: Family = Family::gauge("novacron_jobs", "Jobs by status.");
+const ALLOCATIONS: Family = Family::gauge(
+    "novacron_allocations",
+    "Allocations known to the controller by state (terminal ones are kept for a while).",
+);
+
+// Jobs.
+const JOB_DESIRED: Family = Family::gauge(
+    "novacron_job_replicas_desired",
+    "Replicas the job's current version asks for.",
+);
+const JOB_RUNNING: Family = Family::gauge(
+    "novacron_job_replicas_running",
+    "Replicas of the job running now.",
+);
+const JOB_HEALTHY: Family = Family::gauge(
+    "novacron_job_replicas_healthy",
+    "Replicas of the job running and healthy now.",
+);
+const JOB_VERSION: Family =
+    Family::gauge("novacron_job_version", "The job's current version number.");
+
+// Nodes: registry.
+const NODE_STATUS: Family = Family::gauge(
+    "novacron_node_status",
+    "Node liveness: 1 for the node's current status (ready, disconnected or down), 0 for the others.",
+);
+const NODE_INFO: Family = Family::gauge(
+    "novacron_node_info",
+    "Always 1; labels describe the node (placement labels, agent version, platform).",
+);
+const NODE_LAST_SEEN: Family = Family::gauge(
+    "novacron_node_last_seen_timestamp_seconds",
+    "When the controller last heard from the node, Unix seconds.",
+);
+const NODE_CERT_EXPIRY: Family = Family::gauge(
+    "novacron_node_certificate_expiry_timestamp_seconds",
+    "When the node's current certificate expires, Unix seconds.",
+);
+const NODE_DROPPED: Family = Family::counter(
+    "novacron_node_samples_dropped",
+    "Samples the node's agent dropped because its offline buffer overflowed (per agent process).",
+);
+const NODE_CPU_CAPACITY: Family = Family::gauge(
+    "novacron_node_cpu_capacity_cores",
+    "Allocatable CPU of the node, in cores.",
+);
+const NODE_MEMORY_CAPACITY: Family = Family::gauge(
+    "novacron_node_memory_capacity_bytes",
+    "Allocatable memory of the node.",
+);
+const NODE_DISK_CAPACITY: Family = Family::gauge(
+    "novacron_node_disk_capacity_bytes",
+    "Allocatable disk of the node (its data filesystem).",
+);
+const NODE_GPU_CAPACITY: Family = Family::gauge("novacron_node_gpus", "GPUs the node offers.");
+const NODE_CPU_ALLOCATED: Family = Family::gauge(
+    "novacron_node_cpu_allocated_cores",
+    "CPU reserved on the node by allocations that are not terminal, in cores.",
+);
+const NODE_MEMORY_ALLOCATED: Family = Family::gauge(
+    "novacron_node_memory_allocated_bytes",
+    "Memory reserved on the node by allocations that are not terminal.",
+);
+const NODE_GPU_ALLOCATED: Family = Family::gauge(
+    "novacron_node_gpus_allocated",
+    "GPUs assigned on the node to allocations that are not terminal.",
+);
+
+// Nodes: the latest sample.
+const NODE_SAMPLE_TIME: Family = Family::gauge(
+    "novacron_node_sample_timestamp_seconds",
+    "When the node's latest sample was taken (agent clock), Unix seconds.",
+);
+const NODE_UPTIME: Family = Family::gauge(
+    "novacron_node_uptime_seconds",
+    "Time since the node booted, at its latest sample.",
+);
+const NODE_CPU_USAGE: Family = Family::gauge(
+    "novacron_node_cpu_usage_ratio",
+    "Whole-host CPU usage, 0 to 1.",
+);
+const NODE_CPU_CORES: Family =
+    Family::gauge("novacron_node_cpu_cores", "Logical CPU cores of the host.");
+const NODE_LOAD1: Family = Family::gauge("novacron_node_load1", "Load average over 1 minute.");
+const NODE_LOAD5: Family = Family::gauge("novacron_node_load5", "Load average over 5 minutes.");
+const NODE_LOAD15: Family = Family::gauge("novacron_node_load15", "Load average over 15 minutes.");
+const NODE_MEMORY_TOTAL: Family = Family::gauge(
+    "novacron_node_memory_total_bytes",
+    "Total memory of the host.",
+);
+const NODE_MEMORY_USED: Family = Family::gauge(
+    "novacron_node_memory_used_bytes",
+    "Memory in use on the host.",
+);
+const NODE_MEMORY_AVAILABLE: Family = Family::gauge(
+    "novacron_node_memory_available_bytes",
+    "Memory available for new work on the host.",
+);
+const NODE_SWAP_TOTAL: Family =
+    Family::gauge("novacron_node_swap_total_bytes", "Total swap of the host.");
+const NODE_SWAP_USED: Family =
+    Family::gauge("novacron_node_swap_used_bytes", "Swap in use on the host.");
+const NODE_FS_SIZE: Family = Family::gauge(
+    "novacron_node_filesystem_size_bytes",
+    "Size of a mounted filesystem.",
+);
+const NODE_FS_AVAILABLE: Family = Family::gauge(
+    "novacron_node_filesystem_available_bytes",
+    "Free space of a mounted filesystem available to unprivileged users.",
+);
+const NODE_DISK_READ: Family = Family::gauge(
+    "novacron_node_disk_read_bytes_per_second",
+    "Read rate of a mounted filesystem's device since the previous sample.",
+);
+const NODE_DISK_WRITTEN: Family = Family::gauge(
+    "novacron_node_disk_written_bytes_per_second",
+    "Write rate of a mounted filesystem's device since the previous sample.",
+);
+const NODE_NET_RX: Family = Family::gauge(
+    "novacron_node_network_receive_bytes_per_second",
+    "Receive rate of a network interface since the previous sample.",
+);
+const NODE_NET_TX: Family = Family::gauge(
+    "novacron_node_network_transmit_bytes_per_second",
+    "Transmit rate of a network interface since the previous sample.",
+);
+const GPU_UTILIZATION: Family = Family::gauge(
+    "novacron_node_gpu_utilization_ratio",
+    "GPU utilization, 0 to 1.",
+);
+const GPU_MEMORY_USED: Family =
+    Family::gauge("novacron_node_gpu_memory_used_bytes", "GPU memory in use.");
+const GPU_MEMORY_TOTAL: Family =
+    Family::gauge("novacron_node_gpu_memory_total_bytes", "Total GPU memory.");
+const GPU_TEMPERATURE: Family =
+    Family::gauge("novacron_node_gpu_temperature_celsius", "GPU temperature.");
+const GPU_POWER: Family = Family::gauge("novacron_node_gpu_power_watts", "GPU power draw.");
+
+// Allocations.
+const ALLOC_STATE: Family = Family::gauge(
+    "novacron_allocation_state",
+    "Always 1 for each allocation that is not terminal; the state label is its current state.",
+);
+const ALLOC_HEALTHY: Family = Family::gauge(
+    "novacron_allocation_healthy",
+    "1 when the allocation's health check passes, 0 when it fails (absent without a result).",
+);
+const ALLOC_RESTARTS: Family = Family::counter(
+    "novacron_allocation_restarts",
+    "Restarts of the allocation's container on its node.",
+);
+const ALLOC_CPU_REQUESTED: Family = Family::gauge(
+    "novacron_allocation_cpu_requested_cores",
+    "CPU reserved for the allocation, in cores.",
+);
+const ALLOC_MEMORY_REQUESTED: Family = Family::gauge(
+    "novacron_allocation_memory_requested_bytes",
+    "Memory reserved for the allocation.",
+);
+const ALLOC_CPU_USAGE: Family = Family::gauge(
+    "novacron_allocation_cpu_usage_cores",
+    "CPU the allocation uses, in cores (1 is one core busy).",
+);
+const ALLOC_MEMORY_USAGE: Family = Family::gauge(
+    "novacron_allocation_memory_usage_bytes",
+    "Memory the allocation uses.",
+);
+const ALLOC_MEMORY_LIMIT: Family = Family::gauge(
+    "novacron_allocation_memory_limit_bytes",
+    "Memory limit of the allocation's container (absent when unlimited).",
+);
+const ALLOC_NET_RX: Family = Family::gauge(
+    "novacron_allocation_network_receive_bytes_per_second",
+    "Receive rate of the allocation's container.",
+);
+const ALLOC_NET_TX: Family = Family::gauge(
+    "novacron_allocation_network_transmit_bytes_per_second",
+    "Transmit rate of the allocation's container.",
+);
+const ALLOC_GPU_UTILIZATION: Family = Family::gauge(
+    "novacron_allocation_gpu_utilization_ratio",
+    "Utilization of a GPU assigned to the allocation, 0 to 1.",
+);
+const ALLOC_GPU_MEMORY_USED: Family = Family::gauge(
+    "novacron_allocation_gpu_memory_used_bytes",
+    "Memory in use on a GPU assigned to the allocation.",
+);
+
+/// Every family, in the order of the output.
+pub const FAMILIES: &[Family] = &[
+    BUILD_INFO,
+    CONNECTED_AGENTS,
+    SAMPLES_INGESTED,
+    SAMPLES_DUPLICATE,
+    INGEST_P50,
+    INGEST_P99,
+    PASS_DURATION,
+    PLACEMENTS,
+    UNPLACED,
+    EVENTS,
+    JOBS,
+    ALLOCATIONS,
+    JOB_DESIRED,
+    JOB_RUNNING,
+    JOB_HEALTHY,
+    JOB_VERSION,
+    NODE_STATUS,
+    NODE_INFO,
+    NODE_LAST_SEEN,
+    NODE_CERT_EXPIRY,
+    NODE_DROPPED,
+    NODE_CPU_CAPACITY,
+    NODE_MEMORY_CAPACITY,
+    NODE_DISK_CAPACITY,
+    NODE_GPU_CAPACITY,
+    NODE_CPU_ALLOCATED,
+    NODE_MEMORY_ALLOCATED,
+    NODE_GPU_ALLOCATED,
+    NODE_SAMPLE_TIME,
+    NODE_UPTIME,
+    NODE_CPU_USAGE,
+    NODE_CPU_CORES,
+    NODE_LOAD1,
+    NODE_LOAD5,
+    NODE_LOAD15,
+    NODE_MEMORY_TOTAL,
+    NODE_MEMORY_USED,
+    NODE_MEMORY_AVAILABLE,
+    NODE_SWAP_TOTAL,
+    NODE_SWAP_USED,
+    NODE_FS_SIZE,
+    NODE_FS_AVAILABLE,
+    NODE_DISK_READ,
+    NODE_DISK_WRITTEN,
+    NODE_NET_RX,
+    NODE_NET_TX,
+    GPU_UTILIZATION,
+    GPU_MEMORY_USED,
+    GPU_MEMORY_TOTAL,
+    GPU_TEMPERATURE,
+    GPU_POWER,
+    ALLOC_STATE,
+    ALLOC_HEALTHY,
+    ALLOC_RESTARTS,
+    ALLOC_CPU_REQUESTED,
+    ALLOC_MEMORY_REQUESTED,
+    ALLOC_CPU_USAGE,
+    ALLOC_MEMORY_USAGE,
+    ALLOC_MEMORY_LIMIT,
+    ALLOC_NET_RX,
+    ALLOC_NET_TX,
+    ALLOC_GPU_UTILIZATION,
+    ALLOC_GPU_MEMORY_USED,
+];
+
+/// The names of the series a scrape in the text format 0.0.4 announces (from its
+/// `# TYPE` lines), with a histogram's `_bucket`, `_sum` and `_count`: what a
+/// PromQL expression may select.
+pub fn series_names(text_format: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text_format.lines() {
+        let Some((name, kind)) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_once(' '))
+        else {
+            continue;
+        };
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+        names.insert(name.to_string());
+    }
+    names
+}
+
+/// Whether an `Accept` header admits OpenMetrics (Prometheus asks for it first).
+pub fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+    values.flat_map(|v| v.split(',')).any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        media.eq_ignore_ascii_case("application/openmetrics-text") && q > 0.0
+    })
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+/// The samples of one scrape, per family name.
+#[derive(Debug, Default)]
+struct Samples {
+    rows: HashMap<&'static str, Vec<(Labels, Value)>>,
+    seen: HashMap<&'static str, HashSet<Labels>>,
+}
+
+impl Samples {
+    /// Adds a sample; a second sample with the same labels is dropped (a node could
+    /// report the same mount twice), and so is a value that is not finite.
+    fn add(&mut self, family: &Family, labels: Labels, value: Value) {
+        if let Value::Float(v) = value
+            && !v.is_finite()
+        {
+            return;
+        }
+        if self
+            .seen
+            .entry(family.name)
+            .or_default()
+            .insert(labels.clone())
+        {
+            self.rows
+                .entry(family.name)
+                .or_default()
+                .push((labels, value));
+        }
+    }
+
+    fn int(&mut self, family: &Family, labels: Labels, value: u64) {
+        self.add(family, labels, Value::Int(value));
+    }
+
+    fn float(&mut self, family: &Family, labels: Labels, value: f64) {
+        self.add(family, labels, Value::Float(value));
+    }
+}
+
+#[derive(Debug)]
+struct FleetCollector(Snapshot);
+
+impl Collector for FleetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut samples = collect(&self.0);
+        for family in FAMILIES {
+            let kind = match family.kind {
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Counter => MetricType::Counter,
+                Kind::Histogram => MetricType::Histogram,
+            };
+            let mut metric = encoder.encode_descriptor(family.name, family.help, None, kind)?;
+            if family.kind == Kind::Histogram {
+                self.0.passes.durations.encode(metric)?;
+                continue;
+            }
+            for (labels, value) in samples.rows.remove(family.name).unwrap_or_default() {
+                if labels.is_empty() {
+                    encode_value(&mut metric, family.kind, value)?;
+                } else {
+                    let mut labelled = metric.encode_family(&labels)?;
+                    encode_value(&mut labelled, family.kind, value)?;
+                }
+            }
+        }
+        debug_assert!(
+            samples.rows.is_empty(),
+            "families missing from FAMILIES: {:?}",
+            samples.rows.keys()
+        );
+        Ok(())
+    }
+}
+
+fn encode_value(
+    metric: &mut prometheus_client::encoding::MetricEncoder<'_>,
+    kind: Kind,
+    value: Value,
+) -> Result<(), std::fmt::Error> {
+    match (kind, value) {
+        (Kind::Counter, Value::Int(v)) => metric.encode_counter::<NoLabelSet, _, u64>(&v, None),
+        (Kind::Counter, Value::Float(v)) => metric.encode_counter::<NoLabelSet, _, f64>(&v, None),
+        (_, Value::Int(v)) => metric.encode_gauge(&v),
+        (_, Value::Float(v)) => metric.encode_gauge(&v),
+    }
+}
+
+/// Known job statuses, always reported (0 when no job has them).
+const JOB_STATUSES: [&str; 6] = [
+    "running", "blocked", "failing", "reverted", "complete", "stopped",
+];
+
+/// Allocation states, always reported (0 when no allocation has them).
+const ALLOC_STATES: [AllocState; 9] = [
+    AllocState::Pending,
+    AllocState::Starting,
+    AllocState::Running,
+    AllocState::Checkpointing,
+    AllocState::Migrating,
+    AllocState::Stopped,
+    AllocState::Complete,
+    AllocState::Failed,
+    AllocState::Lost,
+];
+
+const NODE_STATUSES: [NodeStatus; 3] = [
+    NodeStatus::Ready,
+    NodeStatus::Disconnected,
+    NodeStatus::Down,
+];
+
+fn collect(s: &Snapshot) -> Samples {
+    let mut out = Samples::default();
+    collect_internals(s, &mut out);
+    collect_jobs(s, &mut out);
+    let live: Vec<&AllocRecord> = s
+        .allocations
+        .iter()
+        .filter(|a| !a.state.is_terminal())
+        .collect();
+    for node in &s.nodes {
+        collect_node(node, &live, &mut out);
+    }
+    collect_allocations(s, &live, &mut out);
+    out
+}
+
+fn collect_internals(s: &Snapshot, out: &mut Samples) {
+    out.int(
+        &BUILD_INFO,
+        vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+        1,
+    );
+    out.int(&CONNECTED_AGENTS, vec![], s.stats.connected_agents);
+    out.int(&SAMPLES_INGESTED, vec![], s.stats.samples_ingested);
+    out.int(&SAMPLES_DUPLICATE, vec![], s.stats.duplicates_skipped);
+    if s.stats.ingest_latency_count > 0 {
+        out.float(&INGEST_P50, vec![], s.stats.ingest_latency_p50_ms / 1000.0);
+        out.float(&INGEST_P99, vec![], s.stats.ingest_latency_p99_ms / 1000.0);
+    }
+    out.int(&PLACEMENTS, vec![], s.passes.placed.load(Ordering::Relaxed));
+    out.int(&UNPLACED, vec![], s.passes.unplaced.load(Ordering::Relaxed));
+    out.int(&EVENTS, vec![], s.events);
+    let mut by_state: BTreeMap<String, u64> =
+        ALLOC_STATES.iter().map(|st| (st.to_string(), 0)).collect();
+    for a in &s.allocations {
+        *by_state.entry(a.state.to_string()).or_default() += 1;
+    }
+    for (state, n) in by_state {
+        out.int(&ALLOCATIONS, vec![("state", state)], n);
+    }
+}
+
+fn collect_jobs(s: &Snapshot, out: &mut Samples) {
+    let mut by_status: BTreeMap<String, u64> =
+        JOB_STATUSES.iter().map(|st| (st.to_string(), 0)).collect();
+    for j in &s.jobs {
+        *by_status.entry(j.status.clone()).or_default() += 1;
+        let job = || vec![("job", j.name.clone())];
+        out.int(&JOB_DESIRED, job(), u64::from(j.replicas));
+        out.int(&JOB_RUNNING, job(), u64::from(j.running));
+        out.int(&JOB_HEALTHY, job(), u64::from(j.healthy));
+        out.int(&JOB_VERSION, job(), j.version);
+    }
+    for (status, n) in by_status {
+        out.int(&JOBS, vec![("status", status)], n);
+    }
+}
+
+fn collect_node(node: &NodeView, live: &[&AllocRecord], out: &mut Samples) {
+    let label = |key: &str| node.labels.get(key).cloned().unwrap_or_default();
+    let zone = label("zone");
+    let base = || vec![("node", node.name.clone()), ("zone", zone.clone())];
+    let with = |extra: &[(&'static str, &str)]| {
+        let mut l = base();
+        l.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        l
+    };
+
+    for status in NODE_STATUSES {
+        let value = u64::from(node.status == status);
+        out.int(
+            &NODE_STATUS,
+            with(&[("status", &status.to_string())]),
+            value,
+        );
+    }
+    let caps = &node.capabilities;
+    out.int(
+        &NODE_INFO,
+        with(&[
+            ("region", &label("region")),
+            ("pool", &label("pool")),
+            ("instance_type", &label("instance_type")),
+            ("capacity", &label("capacity")),
+            ("agent_version", &node.agent_version),
+            ("os", &caps.os),
+            ("arch", &caps.arch),
+            (
+                "docker_version",
+                caps.docker_version.as_deref().unwrap_or(""),
+            ),
+            ("gpu_driver", caps.gpu_driver.as_deref().unwrap_or("")),
+        ]),
+        1,
+    );
+    if let Some(ms) = node.last_seen_unix_ms {
+        out.float(&NODE_LAST_SEEN, base(), ms as f64 / 1000.0);
+    }
+    if let Some(ms) = node.cert_expires_unix_ms {
+        out.float(&NODE_CERT_EXPIRY, base(), ms as f64 / 1000.0);
+    }
+    out.int(&NODE_DROPPED, base(), node.samples_dropped);
+
+    let cap = &node.capacity;
+    out.float(&NODE_CPU_CAPACITY, base(), cap.cpu_millis as f64 / 1000.0);
+    out.int(&NODE_MEMORY_CAPACITY, base(), cap.memory_bytes);
+    out.int(&NODE_DISK_CAPACITY, base(), cap.disk_bytes);
+    out.int(&NODE_GPU_CAPACITY, base(), cap.gpus.len() as u64);
+    let mine = || live.iter().filter(|a| a.node == node.name && a.desired_run);
+    let cpu_millis: u64 = mine().map(|a| a.cpu_millis).sum();
+    out.float(&NODE_CPU_ALLOCATED, base(), cpu_millis as f64 / 1000.0);
+    out.int(
+        &NODE_MEMORY_ALLOCATED,
+        base(),
+        mine().map(|a| a.memory_bytes).sum(),
+    );
+    out.int(
+        &NODE_GPU_ALLOCATED,
+        base(),
+        mine().map(|a| a.gpu_uuids.len() as u64).sum(),
+    );
+
+    let Some(sample) = &node.latest else {
+        return;
+    };
+    out.float(&NODE_SAMPLE_TIME, base(), sample.at_unix_ms as f64 / 1000.0);
+    out.int(&NODE_UPTIME, base(), sample.uptime_secs);
+    out.float(
+        &NODE_CPU_USAGE,
+        base(),
+        f64::from(sample.cpu.total_percent) / 100.0,
+    );
+    out.int(
+        &NODE_CPU_CORES,
+        base(),
+        sample.cpu.per_core_percent.len() as u64,
+    );
+    for (family, load) in [NODE_LOAD1, NODE_LOAD5, NODE_LOAD15]
+        .iter()
+        .zip(sample.cpu.load)
+    {
+        out.float(family, base(), f64::from(load));
+    }
+    let m = &sample.memory;
+    out.int(&NODE_MEMORY_TOTAL, base(), m.total_bytes);
+    out.int(&NODE_MEMORY_USED, base(), m.used_bytes);
+    out.int(&NODE_MEMORY_AVAILABLE, base(), m.available_bytes);
+    out.int(&NODE_SWAP_TOTAL, base(), m.swap_total_bytes);
+    out.int(&NODE_SWAP_USED, base(), m.swap_used_bytes);
+    for d in &sample.disks {
+        let l = || with(&[("mount", &d.mount), ("device", &d.device)]);
+        out.int(&NODE_FS_SIZE, l(), d.total_bytes);
+        out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
+        out.int(&NODE_DISK_READ, l(), d.read_bytes_per_sec);
+        out.int(&NODE_DISK_WRITTEN, l(), d.written_bytes_per_sec);
+    }
+    for n in &sample.networks {
+        let l = || with(&[("interface", &n.interface)]);
+        out.int(&NODE_NET_RX, l(), n.rx_bytes_per_sec);
+        out.int(&NODE_NET_TX, l(), n.tx_bytes_per_sec);
+    }
+    for g in &sample.gpus {
+        let l = || gpu_labels(base(), g);
+        out.float(
+            &GPU_UTILIZATION,
+            l(),
+            f64::from(g.utilization_percent) / 100.0,
+        );
+        out.int(&GPU_MEMORY_USED, l(), g.memory_used_bytes);
+        out.int(&GPU_MEMORY_TOTAL, l(), g.memory_total_bytes);
+        out.int(&GPU_TEMPERATURE, l(), u64::from(g.temperature_celsius));
+        out.float(&GPU_POWER, l(), f64::from(g.power_milliwatts) / 1000.0);
+    }
+}
+
+fn gpu_labels(mut labels: Labels, g: &GpuSample) -> Labels {
+    labels.push(("gpu", g.index.to_string()));
+    labels.push(("uuid", g.uuid.clone()));
+    labels.push(("model", g.name.clone()));
+    labels
+}
+
+fn collect_allocations(s: &Snapshot, live: &[&AllocRecord], out: &mut Samples) {
+    let labels = |a: &AllocRecord| -> Labels {
+        vec![
+            ("alloc", a.id.clone()),
+            ("job", a.job.clone()),
+            ("node", a.node.clone()),
+        ]
+    };
+    for a in live {
+        let mut state = labels(a);
+        state.push(("state", a.state.to_string()));
+        out.int(&ALLOC_STATE, state, 1);
+        if let Some(healthy) = a.healthy {
+            out.int(&ALLOC_HEALTHY, labels(a), u64::from(healthy));
+        }
+        out.int(&ALLOC_RESTARTS, labels(a), u64::from(a.restarts));
+        out.float(
+            &ALLOC_CPU_REQUESTED,
+            labels(a),
+            a.cpu_millis as f64 / 1000.0,
+        );
+        out.int(&ALLOC_MEMORY_REQUESTED, labels(a), a.memory_bytes);
+    }
+    // Usage comes from the latest sample of the node the allocation is bound to.
+    let by_id: HashMap<&str, &AllocRecord> = live.iter().map(|a| (a.id.as_str(), *a)).collect();
+    for node in &s.nodes {
+        let Some(sample) = &node.latest else {
+            continue;
+        };
+        for u in &sample.allocations {
+            let Some(a) = by_id.get(u.id.as_str()).filter(|a| a.node == node.name) else {
+                continue;
+            };
+            out.float(
+                &ALLOC_CPU_USAGE,
+                labels(a),
+                f64::from(u.cpu_percent) / 100.0,
+            );
+            out.int(&ALLOC_MEMORY_USAGE, labels(a), u.memory_bytes);
+            if u.memory_limit_bytes > 0 {
+                out.int(&ALLOC_MEMORY_LIMIT, labels(a), u.memory_limit_bytes);
+            }
+            out.int(&ALLOC_NET_RX, labels(a), u.rx_bytes_per_sec);
+            out.int(&ALLOC_NET_TX, labels(a), u.tx_bytes_per_sec);
+        }
+        for a in live.iter().filter(|a| a.node == node.name) {
+            for g in sample.gpus.iter().filter(|g| a.gpu_uuids.contains(&g.uuid)) {
+                let l = || gpu_labels(labels(a), g);
+                out.float(
+                    &ALLOC_GPU_UTILIZATION,
+                    l(),
+                    f64::from(g.utilization_percent) / 100.0,
+                );
+                out.int(&ALLOC_GPU_MEMORY_USED, l(), g.memory_used_bytes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use novacron_common::manifest::JobType;
+    use novacron_common::wire::{
+        AllocationUsage, Capabilities, Capacity, CpuSample, DiskSample, GpuInfo, MemorySample,
+        NetworkSample, NodeSample,
+    };
+
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn node(name: &str, zone: &str, status: NodeStatus, latest: Option<NodeSample>) -> NodeView {
+        NodeView {
+            name: name.into(),
+            status,
+            labels: [("zone".to_string(), zone.to_string())].into(),
+            capacity: Capacity {
+                cpu_millis: 8000,
+                memory_bytes: 16 * GIB,
+                disk_bytes: 100 * GIB,
+                dynamic_ports: Default::default(),
+                gpus: vec![GpuInfo {
+                    index: 0,
+                    uuid: format!("GPU-{name}-0"),
+                    model: "NVIDIA H100".into(),
+                    memory_bytes: 80 * GIB,
+                }],
+            },
+            capabilities: Capabilities {
+                docker_version: Some("26.1.5".into()),
+                live_checkpoint: false,
+                gpu_driver: Some("550.54".into()),
+                os: "Debian 12".into(),
+                arch: "x86_64".into(),
+            },
+            agent_version: "0.1.0".into(),
+            address: None,
+            enrolled_at_unix_ms: 1_700_000_000_000,
+            last_seen_unix_ms: Some(1_700_000_100_500),
+            cert_expires_unix_ms: Some(1_800_000_000_000),
+            samples_dropped: 3,
+            cordoned: false,
+            latest,
+        }
+    }
+
+    fn sample(name: &str) -> NodeSample {
+        NodeSample {
+            seq: 41,
+            at_unix_ms: 1_700_000_100_000,
+            cpu: CpuSample {
+                total_percent: 25.0,
+                per_core_percent: vec![20.0, 30.0, 25.0, 25.0],
+                load: [1.5, 1.25, 1.0],
+            },
+            memory: MemorySample {
+                total_bytes: 16 * GIB,
+                used_bytes: 4 * GIB,
+                available_bytes: 12 * GIB,
+                swap_total_bytes: 2 * GIB,
+                swap_used_bytes: 0,
+            },
+            disks: vec![DiskSample {
+                mount: "/".into(),
+                device: "/dev/sda1".into(),
+                total_bytes: 100 * GIB,
+                available_bytes: 60 * GIB,
+                read_bytes_per_sec: 1024,
+                written_bytes_per_sec: 2048,
+            }],
+            networks: vec![NetworkSample {
+                interface: "eth0".into(),
+                rx_bytes_per_sec: 1000,
+                tx_bytes_per_sec: 500,
+            }],
+            gpus: vec![GpuSample {
+                index: 0,
+                uuid: format!("GPU-{name}-0"),
+                name: "NVIDIA H100".into(),
+                utilization_percent: 75,
+                memory_used_bytes: 10 * GIB,
+                memory_total_bytes: 80 * GIB,
+                temperature_celsius: 61,
+                power_milliwatts: 312_500,
+            }],
+            uptime_secs: 3600,
+            allocations: vec![AllocationUsage {
+                id: "web-1".into(),
+                cpu_percent: 50.0,
+                memory_bytes: 30 << 20,
+                memory_limit_bytes: 32 << 20,
+                rx_bytes_per_sec: 10,
+                tx_bytes_per_sec: 20,
+            }],
+        }
+    }
+
+    fn alloc(id: &str, job: &str, node: &str, state: AllocState, gpus: &[&str]) -> AllocRecord {
+        AllocRecord {
+            restore: None,
+            id: id.into(),
+            job: job.into(),
+            version: 1,
+            node: node.into(),
+            desired_run: !state.is_terminal(),
+            state,
+            healthy: (state == AllocState::Running).then_some(true),
+            healthy_since_unix_ms: None,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            restarts: 2,
+            exit_code: None,
+            message: String::new(),
+            failure: None,
+            cpu_millis: 500,
+            memory_bytes: 32 << 20,
+            gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
+            priority: 50,
+            disk_bytes: 0,
+            ports: vec![],
+        }
+    }
+
+    fn job(name: &str, status: &str) -> JobSummary {
+        JobSummary {
+            name: name.into(),
+            job_type: JobType::Service,
+            version: 3,
+            stable_version: Some(2),
+            replicas: 2,
+            manifest_replicas: 2,
+            scaled_by: None,
+            scale_reason: None,
+            running: 1,
+            healthy: 1,
+            status: status.into(),
+            message: String::new(),
+            submitted_at_unix_ms: 0,
+            submitted_by: "alice".into(),
+        }
+    }
+
+    fn stats() -> ControllerStats {
+        ControllerStats {
+            connected_agents: 1,
+            samples_ingested: 1234,
+            duplicates_skipped: 5,
+            ingest_latency_p50_ms: 2.0,
+            ingest_latency_p99_ms: 15.0,
+            ingest_latency_count: 100,
+        }
+    }
+
+    /// A fleet where every family has at least one sample.
+    fn fleet() -> Snapshot {
+        let passes = PassStats::default();
+        passes.record(Duration::from_micros(300), 2, 0);
+        passes.record(Duration::from_millis(3), 0, 1);
+        Snapshot {
+            nodes: vec![
+                node("n1", "a", NodeStatus::Ready, Some(sample("n1"))),
+                node("n2", "b", NodeStatus::Down, None),
+            ],
+            jobs: vec![job("web", "running"), job("train", "blocked")],
+            allocations: vec![
+                alloc("web-1", "web", "n1", AllocState::Running, &["GPU-n1-0"]),
+                alloc("web-0", "web", "n1", AllocState::Failed, &[]),
+                alloc("train-1", "train", "n2", AllocState::Pending, &[]),
+            ],
+            stats: stats(),
+            passes,
+            events: 77,
+        }
+    }
+
+    fn empty() -> Snapshot {
+        Snapshot {
+            nodes: vec![],
+            jobs: vec![],
+            allocations: vec![],
+            stats: ControllerStats {
+                connected_agents: 0,
+                samples_ingested: 0,
+                duplicates_skipped: 0,
+                ingest_latency_p50_ms: 0.0,
+                ingest_latency_p99_ms: 0.0,
+                ingest_latency_count: 0,
+            },
+            passes: PassStats::default(),
+            events: 0,
+        }
+    }
+
+    fn rendered(s: Snapshot) -> String {
+        render(s).expect("rendering into a String cannot fail")
+    }
+
+    /// Sample lines as (name, labels, value); panics on a line that does not parse.
+    fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, String)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').expect("a value");
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}').expect("}"))),
+                    None => (series, BTreeMap::new()),
+                };
+                (name.to_string(), labels, value.to_string())
+            })
+            .collect()
+    }
+
+    fn parse_labels(text: &str) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::new();
+        let mut chars = text.chars().peekable();
+        while chars.peek().is_some() {
+            let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+            assert_eq!(
+                chars.next(),
+                Some('"'),
+                "label {key} opens a quote in {text}"
+            );
+            let mut value = String::new();
+            loop {
+                match chars.next().expect("closing quote") {
+                    '\\' => match chars.next().expect("escaped char") {
+                        'n' => value.push('\n'),
+                        c @ ('\\' | '"') => value.push(c),
+                        c => panic!("bad escape \\{c} in {text}"),
+                    },
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+            if chars.peek() == Some(&',') {
+                chars.next();
+            }
+        }
+        labels
+    }
+
+    fn value_of(text: &str, name: &str, want: &[(&str, &str)]) -> Option<String> {
+        samples(text)
+            .into_iter()
+            .find(|(n, labels, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+    }
+
+    fn number(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+        value_of(text, name, want)
+            .unwrap_or_else(|| panic!("no sample {name} {want:?} in\n{text}"))
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn families_have_valid_unique_names_and_plain_help() {
+        let mut seen = BTreeSet::new();
+        for f in FAMILIES {
+            assert!(seen.insert(f.name), "{} declared twice", f.name);
+            assert!(f.name.starts_with("novacron_"), "{}", f.name);
+            assert!(
+                f.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                f.name
+            );
+            // prometheus-client adds `_total` to counters; nothing else may end so.
+            assert!(!f.name.ends_with("_total"), "{}", f.name);
+            // prometheus-client writes HELP as is: it must need no escaping.
+            assert!(
+                !f.help.is_empty() && !f.help.contains(['\\', '\n', '"']),
+                "{}",
+                f.name
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_controller_announces_every_family() {
+        let text = rendered(empty());
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for f in FAMILIES {
+            assert!(
+                text.contains(&format!("# HELP {} {}\n", f.name, f.help)),
+                "{}",
+                f.name
+            );
+        }
+        assert_eq!(number(&text, "novacron_connected_agents", &[]), 0.0);
+        assert_eq!(
+            number(&text, "novacron_allocations", &[("state", "running")]),
+            0.0
+        );
+        assert_eq!(
+            number(&text, "novacron_jobs", &[("status", "blocked")]),
+            0.0
+        );
+        assert_eq!(
+            number(
+                &text,
+                "novacron_scheduling_pass_duration_seconds_count",
+                &[]
+            ),
+            0.0
+        );
+        // No latency was measured: no made-up zero.
+        assert_eq!(
+            value_of(&text, "novacron_ingest_latency_p50_seconds", &[]),
+            None
+        );
+    }
+
+    #[test]
+    fn every_family_has_samples_in_the_test_fleet() {
+        let text = to_text_format(&rendered(fleet()));
+        let names: BTreeSet<String> = samples(&text).into_iter().map(|(n, _, _)| n).collect();
+        for f in FAMILIES {
+            let sample = match f.kind {
+                Kind::Counter => format!("{}_total", f.name),
+                Kind::Histogram => format!("{}_count", f.name),
+                Kind::Gauge => f.name.to_string(),
+            };
+            assert!(names.contains(&sample), "no sample of {}", f.name);
+        }
+    }
+
+    #[test]
+    fn node_gauges_carry_the_latest_sample_in_base_units() {
+        let text = rendered(fleet());
+        let n1 = [("node", "n1"), ("zone", "a")];
+        let gib = GIB as f64;
+        assert_eq!(
+            number(&text, "novacron_node_memory_total_bytes", &n1),
+            16.0 * gib
+        );
+        assert_eq!(
+            number(&text, "novacron_node_memory_used_bytes", &n1),
+            4.0 * gib
+        );
+        assert_eq!(number(&text, "novacron_node_cpu_usage_ratio", &n1), 0.25);
+        assert_eq!(number(&text, "novacron_node_cpu_cores", &n1), 4.0);
+        assert_eq!(number(&text, "novacron_node_load5", &n1), 1.25);
+        assert_eq!(number(&text, "novacron_node_cpu_capacity_cores", &n1), 8.0);
+        assert_eq!(
+            number(&text, "novacron_node_sample_timestamp_seconds", &n1),
+            1_700_000_100.0
+        );
+        assert_eq!(
+            number(&text, "novacron_node_last_seen_timestamp_seconds", &n1),
+            1_700_000_100.5
+        );
+        assert_eq!(
+            number(&text, "novacron_node_samples_dropped_total", &n1),
+            3.0
+        );
+        let root = [("node", "n1"), ("mount", "/"), ("device", "/dev/sda1")];
+        assert_eq!(
+            number(&text, "novacron_node_filesystem_available_bytes", &root),
+            60.0 * gib
+        );
+        let eth0 = [("node", "n1"), ("interface", "eth0")];
+        assert_eq!(
+            number(
+                &text,
+                "novacron_node_network_transmit_bytes_per_second",
+                &eth0
+            ),
+            500.0
+        );
+        let gpu = [
+            ("node", "n1"),
+            ("gpu", "0"),
+            ("uuid", "GPU-n1-0"),
+            ("model", "NVIDIA H100"),
+        ];
+        assert_eq!(
+            number(&text, "novacron_node_gpu_utilization_ratio", &gpu),
+            0.75
+        );
+        assert_eq!(number(&text, "novacron_node_gpu_power_watts", &gpu), 312.5);
+        assert_eq!(
+            number(&text, "novacron_node_gpu_temperature_celsius", &gpu),
+            61.0
+        );
+        // Reservations count only allocations that are not terminal.
+        assert_eq!(number(&text, "novacron_node_cpu_allocated_cores", &n1), 0.5);
+        assert_eq!(number(&text, "novacron_node_gpus_allocated", &n1), 1.0);
+        let info = [
+            ("node", "n1"),
+            ("zone", "a"),
+            ("arch", "x86_64"),
+            ("gpu_driver", "550.54"),
+        ];
+        assert_eq!(number(&text, "novacron_node_info", &info), 1.0);
+        // A node without a sample has its registry gauges only.
+        let n2 = [("node", "n2")];
+        assert_eq!(
+            value_of(&text, "novacron_node_memory_total_bytes", &n2),
+            None
+        );
+        assert_eq!(
+            number(&text, "novacron_node_memory_capacity_bytes", &n2),
+            16.0 * gib
+        );
+    }
+
+    #[test]
+    fn node_status_is_one_of_three_labelled_gauges() {
+        let text = rendered(fleet());
+        for (node, status, want) in [
+            ("n1", "ready", 1.0),
+            ("n1", "disconnected", 0.0),
+            ("n1", "down", 0.0),
+            ("n2", "ready", 0.0),
+            ("n2", "down", 1.0),
+        ] {
+            let labels = [("node", node), ("status", status)];
+            assert_eq!(
+                number(&text, "novacron_node_status", &labels),
+                want,
+                "{node} {status}"
+            );
+        }
+    }
+
+    #[test]
+    fn allocation_gauges_join_usage_with_the_allocation() {
+        let text = rendered(fleet());
+        let web1 = [("alloc", "web-1"), ("job", "web"), ("node", "n1")];
+        assert_eq!(
+            number(&text, "novacron_allocation_cpu_usage_cores", &web1),
+            0.5
+        );
+        assert_eq!(
+            number(&text, "novacron_allocation_memory_usage_bytes", &web1),
+            f64::from(30 << 20)
+        );
+        assert_eq!(
+            number(&text, "novacron_allocation_memory_limit_bytes", &web1),
+            f64::from(32 << 20)
+        );
+        assert_eq!(
+            number(&text, "novacron_allocation_cpu_requested_cores", &web1),
+            0.5
+        );
+        assert_eq!(number(&text, "novacron_allocation_healthy", &web1), 1.0);
+        assert_eq!(
+            number(&text, "novacron_allocation_restarts_total", &web1),
+            2.0
+        );
+        let gpu = [("alloc", "web-1"), ("gpu", "0"), ("uuid", "GPU-n1-0")];
+        assert_eq!(
+            number(&text, "novacron_allocation_gpu_utilization_ratio", &gpu),
+            0.75
+        );
+        let state = [("alloc", "web-1"), ("state", "running")];
+        assert_eq!(number(&text, "novacron_allocation_state", &state), 1.0);
+        // Terminal allocations are counted, not listed.
+        assert_eq!(
+            value_of(&text, "novacron_allocation_state", &[("alloc", "web-0")]),
+            None
+        );
+        assert_eq!(
+            number(&text, "novacron_allocations", &[("state", "failed")]),
+            1.0
+        );
+        assert_eq!(
+            number(&text, "novacron_allocations", &[("state", "pending")]),
+            1.0
+        );
+        // Usage is only taken from the node the allocation is bound to.
+        let mut s = fleet();
+        s.allocations[0].node = "n2".into();
+        let text = rendered(s);
+        assert_eq!(
+            value_of(
+                &text,
+                "novacron_allocation_cpu_usage_cores",
+                &[("alloc", "web-1")]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn controller_internals_are_exported() {
+        let text = rendered(fleet());
+        assert_eq!(number(&text, "novacron_connected_agents", &[]), 1.0);
+        assert_eq!(
+            number(&text, "novacron_samples_ingested_total", &[]),
+            1234.0
+        );
+        assert_eq!(number(&text, "novacron_samples_duplicate_total", &[]), 5.0);
+        assert_eq!(
+            number(&text, "novacron_ingest_latency_p99_seconds", &[]),
+            0.015
+        );
+        assert_eq!(number(&text, "novacron_events_total", &[]), 77.0);
+        assert_eq!(
+            number(&text, "novacron_scheduling_placements_total", &[]),
+            2.0
+        );
+        assert_eq!(
+            number(&text, "novacron_scheduling_unplaced_replicas", &[]),
+            1.0
+        );
+        let h = "novacron_scheduling_pass_duration_seconds";
+        assert_eq!(number(&text, &format!("{h}_count"), &[]), 2.0);
+        assert!((number(&text, &format!("{h}_sum"), &[]) - 0.0033).abs() < 1e-9);
+        assert_eq!(
+            number(&text, &format!("{h}_bucket"), &[("le", "0.0004")]),
+            1.0
+        );
+        assert_eq!(
+            number(&text, &format!("{h}_bucket"), &[("le", "+Inf")]),
+            2.0
+        );
+        assert_eq!(
+            number(&text, "novacron_jobs", &[("status", "blocked")]),
+            1.0
+        );
+        assert_eq!(
+            number(&text, "novacron_job_replicas_desired", &[("job", "web")]),
+            2.0
+        );
+        assert_eq!(
+            number(&text, "novacron_job_version", &[("job", "train")]),
+            3.0
+        );
+        assert_eq!(
+            number(
+                &text,
+                "novacron_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut s = fleet();
+        let tricky = "eu \"west\"\\1\nnext";
+        s.nodes[0].labels.insert("zone".into(), tricky.into());
+        s.nodes[0].latest.as_mut().expect("a sample").disks[0].mount = "/mnt/a\"b".into();
+        let text = rendered(s);
+        assert!(
+            text.contains(r#"zone="eu \"west\"\\1\nnext""#),
+            "escaped zone missing in\n{text}"
+        );
+        // Every line still parses, and the values come back unchanged.
+        let labels = [("node", "n1"), ("zone", tricky)];
+        assert_eq!(number(&text, "novacron_node_cpu_cores", &labels), 4.0);
+        let mount = [("node", "n1"), ("mount", "/mnt/a\"b")];
+        assert_eq!(
+            number(&text, "novacron_node_filesystem_size_bytes", &mount),
+            100.0 * GIB as f64
+        );
+        assert_eq!(text.lines().filter(|l| l.starts_with("next")).count(), 0);
+    }
+
+    #[test]
+    fn untrusted_values_neither_break_nor_duplicate_series() {
+        let mut s = fleet();
+        let latest = s.nodes[0].latest.as_mut().expect("a sample");
+        latest.cpu.total_percent = f32::NAN;
+        latest.allocations[0].cpu_percent = f32::INFINITY;
+        let disk = latest.disks[0].clone();
+        latest.disks.push(disk);
+        let text = rendered(s);
+        assert_eq!(
+            value_of(&text, "novacron_node_cpu_usage_ratio", &[("node", "n1")]),
+            None
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "novacron_allocation_cpu_usage_cores",
+                &[("alloc", "web-1")]
+            ),
+            None
+        );
+        let size = samples(&text)
+            .into_iter()
+            .filter(|(n, _, _)| n == "novacron_node_filesystem_size_bytes")
+            .count();
+        assert_eq!(size, 1);
+    }
+
+    #[test]
+    fn the_text_format_names_counters_with_total_and_drops_eof() {
+        let om = rendered(fleet());
+        let text = to_text_format(&om);
+        assert!(text.contains("# TYPE novacron_samples_ingested_total counter\n"));
+        assert!(text.contains(
+            "# HELP novacron_samples_ingested_total Metrics samples ingested from agents since the controller started.\n"
+        ));
+        assert!(text.contains("# TYPE novacron_node_status gauge\n"));
+        assert!(text.contains("# TYPE novacron_scheduling_pass_duration_seconds histogram\n"));
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# UNIT"));
+        // Same samples in both formats.
+        assert_eq!(samples(&om), samples(&text));
+        let converted = to_text_format(
+            "# HELP a_info Build.\n# TYPE a info\na_info{v=\"1\"} 1\n# HELP b B.\n# TYPE b unknown\nb 2\n# EOF\n",
+        );
+        assert_eq!(
+            converted,
+            "# HELP a_info Build.\n# TYPE a_info gauge\na_info{v=\"1\"} 1\n# HELP b B.\n# TYPE b untyped\nb 2\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_is_served_only_when_asked_for() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(accepts_openmetrics([prometheus].into_iter()));
+        assert!(accepts_openmetrics(
+            ["text/html", "Application/OpenMetrics-Text; version=1.0.0"].into_iter()
+        ));
+        assert!(!accepts_openmetrics(["*/*"].into_iter()));
+        assert!(!accepts_openmetrics(
+            ["text/plain;version=0.0.4"].into_iter()
+        ));
+        assert!(!accepts_openmetrics(
+            ["application/openmetrics-text;q=0"].into_iter()
+        ));
+        assert!(!accepts_openmetrics(std::iter::empty()));
+    }
+
+    /// `promtool check metrics` (Debian's `prometheus` package) lints the text
+    /// format: names, units, HELP, counters, histograms.
+    #[test]
+    fn promtool_accepts_the_text_format() {
+        let text = to_text_format(&rendered(fleet()));
+        let (ok, report) = promtool_check(&text);
+        assert!(
+            ok,
+            "promtool check metrics failed:\n{report}\n--- input ---\n{text}"
+        );
+    }
+
+    /// Runs `promtool check metrics` on `text`; panics with the install command when
+    /// promtool is missing.
+    fn promtool_check(text: &str) -> (bool, String) {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("promtool is needed ({e}): install it with `apt-get install -y prometheus`")
+            });
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(text.as_bytes())
+            .expect("promtool reads its input");
+        let out = child.wait_with_output().expect("promtool runs");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), report)
+    }
+
+    const DASHBOARD: &str = include_str!("../../../packaging/grafana/novacron-dashboard.json");
+
+    /// Every PromQL text of the dashboard: panel targets and variable queries.
+    fn queries(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(q)) => {
+                            out.push(q.clone())
+                        }
+                        ("query", serde_json::Value::String(q)) if q.contains("novacron_") => {
+                            out.push(q.clone())
+                        }
+                        _ => queries(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| queries(v, out)),
+            _ => {}
+        }
+    }
+
+    fn identifiers(query: &str) -> Vec<&str> {
+        query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|w| !w.is_empty())
+            .collect()
+    }
+
+    /// Label names a query uses: in `by (...)`, `without (...)`, `{...}` matchers and
+    /// `label_values(metric, label)`.
+    fn label_names(query: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = query;
+        while let Some(i) = rest.find(['{', '(']) {
+            let open = rest.as_bytes()[i];
+            let before = rest[..i].trim_end();
+            let close = if open == b'{' { '}' } else { ')' };
+            let Some(len) = rest[i + 1..].find(close) else {
+                break;
+            };
+            let inside = &rest[i + 1..i + 1 + len];
+            if open == b'{' {
+                for matcher in inside.split(',') {
+                    let key: String = matcher
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    names.push(key.trim().to_string());
+                }
+            } else if before.ends_with(" by") || before.ends_with(" without") || before == "by" {
+                names.extend(inside.split(',').map(|l| l.trim().to_string()));
+            } else if before.ends_with("label_values")
+                && let Some((_, label)) = inside.split_once(',')
+            {
+                names.push(label.trim().to_string());
+            }
+            rest = &rest[i + 1..];
+        }
+        names.retain(|n| !n.is_empty());
+        names
+    }
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics_and_labels() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(DASHBOARD).expect("the dashboard is valid JSON");
+        assert_eq!(dashboard["schemaVersion"], 39);
+        assert_eq!(dashboard["__inputs"][0]["name"], "DS_PROMETHEUS");
+        let text = to_text_format(&rendered(fleet()));
+        let exported = series_names(&text);
+        let mut labels: BTreeSet<String> = samples(&text)
+            .into_iter()
+            .flat_map(|(_, l, _)| l.into_keys())
+            .collect();
+        labels.insert("le".into());
+        let mut all = Vec::new();
+        queries(&dashboard, &mut all);
+        assert!(all.len() > 20, "found only {} queries", all.len());
+        let mut used = BTreeSet::new();
+        for q in &all {
+            let names: Vec<&str> = identifiers(q)
+                .into_iter()
+                .filter(|w| w.starts_with("novacron_"))
+                .collect();
+            assert!(!names.is_empty(), "query selects no novacron metric: {q}");
+            for name in names {
+                assert!(exported.contains(name), "{name} is not exported (in {q})");
+                used.insert(name.to_string());
+            }
+            for label in label_names(q) {
+                assert!(
+                    labels.contains(&label),
+                    "label {label:?} is not exported (in {q})"
+                );
+            }
+        }
+        // Panels must reference the data source input, not a local one.
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            if panel["type"] != "row" {
+                assert_eq!(
+                    panel["datasource"]["uid"], "${DS_PROMETHEUS}",
+                    "{}",
+                    panel["title"]
+                );
+            }
+        }
+        for wanted in [
+            "novacron_node_status",
+            "novacron_node_cpu_usage_ratio",
+            "novacron_node_memory_used_bytes",
+            "novacron_node_gpu_utilization_ratio",
+            "novacron_allocation_cpu_usage_cores",
+            "novacron_allocation_memory_usage_bytes",
+            "novacron_scheduling_pass_duration_seconds_bucket",
+            "novacron_scheduling_unplaced_replicas",
+            "novacron_connected_agents",
+        ] {
+            assert!(used.contains(wanted), "the dashboard shows no {wanted}");
+        }
+    }
+
+    #[test]
+    fn the_label_scanner_finds_matchers_groupings_and_variables() {
+        assert_eq!(
+            label_names(r#"sum by (le, node) (rate(x_bucket{node=~"$node",job!="a"}[5m]))"#),
+            ["le", "node", "node", "job"]
+        );
+        assert_eq!(
+            label_names("label_values(novacron_node_info, zone)"),
+            ["zone"]
+        );
+        assert!(label_names("rate(x[5m])").is_empty());
+    }
+}

@@ -1,0 +1,19 @@
+//! The controller's logic: workloads, migrations, autoscaling, pools, events,
+//! costs, budgets, certificates. No axum types; services call [`crate::state`] and
+//! each other without cycles.
+
+pub mod agents;
+pub mod autoscaler;
+pub mod budgets;
+pub mod certs;
+pub mod context;
+pub mod costs;
+pub mod events;
+pub mod heavy;
+pub mod leadership;
+pub mod metrics;
+pub mod migrate;
+pub mod pass_stats;
+pub mod pools;
+pub mod providers;
+pub mod workloads;
