@@ -2,7 +2,6 @@
 //! and the pure decision functions. Nothing here opens a socket, talks to Docker or
 //! reads the clock on its own: time is always a parameter.
 
-pub mod api;
 pub mod autoscale;
 pub mod backoff;
 pub mod checkpoint;

@@ -10,18 +10,18 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
-use novacron_common::api::{ApiError, NodeView};
+use novacron_api::{ApiError, NodeView};
 use novacron_common::consolidate;
-use novacron_common::cost::{self, Rightsize, RightsizeConfig};
+use novacron_common::cost::{self, RightsizeConfig};
 use novacron_common::pki::Role;
 use novacron_common::wire::{AllocState, NodeSample};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::{ApiState, Caller, Problem};
 use crate::store::AllocRecord;
+pub use novacron_api::{CostReport, GroupCost, JobRecommendation, NodeCost};
 
 /// The routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
@@ -76,72 +76,6 @@ pub fn consolidation_plan(
         })
         .collect();
     consolidate::plan(&pack, CONSOLIDATION_BUDGET)
-}
-
-/// `GET /v1/costs`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CostReport {
-    /// The whole fleet, per hour.
-    pub total_hourly: f64,
-    /// Per node.
-    pub nodes: Vec<NodeCost>,
-    /// Per job: the share of each node its allocations hold.
-    pub jobs: Vec<GroupCost>,
-    /// Per pool (the `pool` label; `-` when none).
-    pub pools: Vec<GroupCost>,
-    /// Per capacity type (`spot`, `on-demand`, `-`).
-    pub capacity: Vec<GroupCost>,
-    /// Every budget of the catalog's `[budgets]` against the cost now; those
-    /// `exceeded` are the alerts.
-    #[serde(default)]
-    pub budgets: Vec<cost::BudgetStatus>,
-    /// Per workload class of the catalog's `[mix]` (the job label `class`): the
-    /// share of its running replicas on spot nodes against the target.
-    #[serde(default)]
-    pub mix: Vec<cost::MixStatus>,
-}
-
-/// One node's cost.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct NodeCost {
-    /// Node.
-    pub node: String,
-    /// Its pool label.
-    pub pool: String,
-    /// Its capacity label.
-    pub capacity: String,
-    /// Per hour.
-    pub hourly: f64,
-    /// Why this price.
-    pub source: String,
-    /// The share of it that allocations hold (0 to 1): the rest is idle capacity.
-    pub allocated: f64,
-}
-
-/// The cost of a group (a job, a pool, a capacity type).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct GroupCost {
-    /// The group.
-    pub name: String,
-    /// Per hour.
-    pub hourly: f64,
-    /// Nodes (pools, capacity types) or allocations (jobs) counted.
-    pub count: u32,
-}
-
-/// `GET /v1/recommendations`: one entry per job with enough samples.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct JobRecommendation {
-    /// The job.
-    pub job: String,
-    /// Running replicas observed.
-    pub replicas: u32,
-    /// The recommendation.
-    pub rightsize: Rightsize,
-    /// Hourly cost of the job now and with the recommended requests.
-    pub hourly_now: f64,
-    /// With the recommendation applied (same nodes, smaller shares).
-    pub hourly_recommended: f64,
 }
 
 #[utoipa::path(get, path = "/v1/costs", tag = "cost", responses((status = 200, description = "hourly cost per node, job, pool and capacity type; the budgets with those exceeded; the spot share of each workload class against its target", body = CostReport), (status = 401, body = ApiError), (status = 403, body = ApiError)))]

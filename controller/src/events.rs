@@ -17,7 +17,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
-use novacron_common::api::{ApiError, Event, EventPage};
+use novacron_api::{ApiError, Event, EventPage};
 use novacron_common::pki::Role;
 use serde::Deserialize;
 use tokio::sync::broadcast;

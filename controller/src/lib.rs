@@ -11,7 +11,6 @@ pub mod budgets;
 pub mod bundles;
 pub mod cert_api;
 pub mod certs;
-pub mod cli;
 pub mod config_file;
 pub mod costs;
 pub mod ctl;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use novacron_common::api::{ApiError, ControllerStats, NodeView};
+use novacron_api::{ApiError, ControllerStats, NodeView};
 use novacron_common::fleet::NodeStatus;
 use novacron_common::pki::Role;
 use novacron_common::wire::{AllocState, GpuSample};

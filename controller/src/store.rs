@@ -28,7 +28,7 @@ use crate::api_tokens::ApiTokenRecord;
 use crate::autoscaler::PolicyRecord;
 use crate::events::EventQuery;
 use crate::tokens::{self, JoinToken, TokenError, TokenRecord};
-use novacron_common::api::Event;
+use novacron_api::{AllocPortView, AllocView, Event};
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -276,6 +276,45 @@ pub struct AllocPort {
     pub host_port: u16,
     /// `tcp` or `udp`.
     pub protocol: String,
+}
+
+impl From<AllocRecord> for AllocView {
+    fn from(a: AllocRecord) -> Self {
+        AllocView {
+            id: a.id,
+            job: a.job,
+            version: a.version,
+            node: a.node,
+            desired_run: a.desired_run,
+            state: a.state,
+            healthy: a.healthy,
+            healthy_since_unix_ms: a.healthy_since_unix_ms,
+            created_unix_ms: a.created_unix_ms,
+            updated_unix_ms: a.updated_unix_ms,
+            restarts: a.restarts,
+            exit_code: a.exit_code,
+            message: a.message,
+            failure: a.failure,
+            cpu_millis: a.cpu_millis,
+            memory_bytes: a.memory_bytes,
+            gpu_uuids: a.gpu_uuids,
+            priority: a.priority,
+            disk_bytes: a.disk_bytes,
+            ports: a.ports.into_iter().map(AllocPortView::from).collect(),
+            restore: a.restore,
+        }
+    }
+}
+
+impl From<AllocPort> for AllocPortView {
+    fn from(p: AllocPort) -> Self {
+        AllocPortView {
+            name: p.name,
+            container_port: p.container_port,
+            host_port: p.host_port,
+            protocol: p.protocol,
+        }
+    }
 }
 
 /// What the controller remembers about an enrolled node.
