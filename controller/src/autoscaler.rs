@@ -1077,4 +1077,18 @@ mod tests {
         assert_eq!(d.to, 2, "{}", d.explanation);
         assert!(d.explanation.contains("cooldown"), "{}", d.explanation);
     }
+
+    /// The API's view of a decision has the record's JSON.
+    #[test]
+    fn decision_view_json_is_the_records() {
+        let record = DecisionRecord {
+            at_unix_ms: 1_700_000_000_000,
+            from: 4,
+            to: 6,
+            explanation: "api 4 → 6: cpu 91% over 5m, target 75%".into(),
+        };
+        let want = serde_json::to_string(&record).expect("record JSON");
+        let got = serde_json::to_string(&DecisionView::from(record)).expect("view JSON");
+        assert_eq!(got, want);
+    }
 }

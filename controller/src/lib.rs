@@ -1,6 +1,7 @@
-//! The NovaCron controller and the operator CLI.
+//! The NovaCron controller. (The operator CLI `novacron` is the `novacron-cli`
+//! crate, a client of the HTTPS API.)
 //!
-//! The binaries (`novacron-controller`, `novacron`) only parse and dispatch; the
+//! The binary (`novacron-controller`) only parses and dispatches; the
 //! modules here hold the logic: [`server`] wires [`store`], [`registry`], [`link`]
 //! (the agent endpoint) and [`api`] (HTTPS, served through [`https`]).
 

@@ -2004,4 +2004,57 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The API's view of an allocation has the record's JSON, field for field,
+    /// both with every optional field set and with none.
+    #[test]
+    fn alloc_view_json_is_the_records() {
+        let full = AllocRecord {
+            id: "a1".into(),
+            job: "api".into(),
+            version: 3,
+            node: "n1".into(),
+            desired_run: true,
+            state: novacron_common::wire::AllocState::Failed,
+            healthy: Some(false),
+            healthy_since_unix_ms: Some(5),
+            created_unix_ms: 1,
+            updated_unix_ms: 2,
+            restarts: 4,
+            exit_code: Some(137),
+            message: "killed".into(),
+            failure: Some(novacron_common::wire::FailureReason::Unhealthy),
+            cpu_millis: 500,
+            memory_bytes: 1 << 20,
+            gpu_uuids: vec!["GPU-1".into()],
+            priority: 50,
+            disk_bytes: 1 << 30,
+            ports: vec![AllocPort {
+                name: "http".into(),
+                container_port: 80,
+                host_port: 30080,
+                protocol: "tcp".into(),
+            }],
+            restore: Some(novacron_common::wire::RestoreFrom {
+                digest: "ab".repeat(32),
+                size: 42,
+                mode: novacron_common::checkpoint::CheckpointMode::Fs,
+            }),
+        };
+        let bare = AllocRecord {
+            healthy: None,
+            healthy_since_unix_ms: None,
+            exit_code: None,
+            failure: None,
+            gpu_uuids: vec![],
+            ports: vec![],
+            restore: None,
+            ..full.clone()
+        };
+        for record in [full, bare] {
+            let want = serde_json::to_string(&record).expect("record JSON");
+            let got = serde_json::to_string(&AllocView::from(record)).expect("view JSON");
+            assert_eq!(got, want);
+        }
+    }
 }
