@@ -81,8 +81,9 @@ pub struct JobDetail {
     pub manifest: String,
 }
 
-/// One allocation as the API shows it (the controller keeps its own record and
-/// converts it; the JSON is the record's).
+// The API's view of the controller's allocation record (which converts to it with
+// `From`); the JSON and the OpenAPI schema are the record's.
+/// One allocation as the controller keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(feature = "openapi", schema(as = AllocRecord))]

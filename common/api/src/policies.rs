@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// An autoscaling decision as the API shows it (the controller keeps its own
-/// record and converts it; the JSON is the record's).
+// The API's view of the controller's decision record (which converts to it with
+// `From`); the JSON and the OpenAPI schema are the record's.
+/// A decision as kept and shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(feature = "openapi", schema(as = DecisionRecord))]
