@@ -13,13 +13,16 @@ use novacron_common::backoff::Backoff;
 use novacron_common::clock::unix_ms;
 use novacron_common::fleet::Liveness;
 use novacron_common::pki;
+use novacron_common::retry::{Retry, sleep_unless};
 use novacron_common::sync::lock;
+use novacron_common::ticker::Ticker;
 use novacron_common::tls;
 use novacron_common::wire::{
     self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage, FrameError, Hello,
     LogRequest, PROTOCOL_VERSION, StreamKind, StreamOpen,
 };
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -172,7 +175,7 @@ pub async fn run(
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!(%error, "cannot notify systemd of readiness");
     }
-    let mut attempt: u32 = 0;
+    let mut retry = Retry::new(config.backoff);
     while !cancel.is_cancelled() {
         let started = Instant::now();
         match session(
@@ -198,23 +201,25 @@ pub async fn run(
                     SessionError::Lost(_) => {
                         info!(node = %enrollment.node_name, error = %e, "link down");
                     }
-                    _ => warn!(node = %enrollment.node_name, attempt, error = %e, "cannot connect"),
+                    _ => {
+                        let attempt = retry.attempts();
+                        warn!(node = %enrollment.node_name, attempt, error = %e, "cannot connect");
+                    }
                 }
                 // A session that lasted is a fresh start for the backoff.
                 if started.elapsed() > config.backoff.max {
-                    attempt = 0;
+                    retry.reset();
                 }
             }
         }
-        let delay = config.backoff.delay(attempt, rand::random::<f64>());
-        attempt = attempt.saturating_add(1);
+        let delay = retry.next_delay();
         debug!(
             delay_ms = delay.as_millis() as u64,
-            attempt, "reconnecting after backoff"
+            attempt = retry.attempts(),
+            "reconnecting after backoff"
         );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = cancel.cancelled() => break,
+        if !sleep_unless(delay, cancel.cancelled()).await {
+            break;
         }
     }
     endpoint.close(CloseCode::Normal.code().into(), b"agent stopping");
@@ -233,13 +238,8 @@ async fn sample_loop(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
-        }
+    let mut ticker = Ticker::new(interval, MissedTickBehavior::Delay, cancel.cancelled());
+    while ticker.tick().await {
         let mut sample = sampler.sample(Instant::now());
         sample.at_unix_ms = unix_ms(SystemTime::now());
         sample.allocations = supervisor.usage().await;

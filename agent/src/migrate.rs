@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use novacron_common::backoff::Backoff;
 use novacron_common::checkpoint::{CheckpointMode, resolve_mode};
+use novacron_common::retry::Retry;
 use novacron_common::transfer::{self, FetchError};
 use novacron_common::wire::{
     self, BiRequest, CheckpointReply, CheckpointRequest, PROTOCOL_VERSION, ReleaseReply,
@@ -35,6 +37,11 @@ use crate::runtime::{DockerRuntime, Supervisor};
 
 /// Attempts at fetching one bundle before the restore fails.
 const FETCH_ATTEMPTS: u32 = 4;
+/// The waits between fetch attempts (each half to all of the doubling base).
+const FETCH_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_millis(1600),
+};
 /// Checkpoints of one allocation kept in the agent's cache.
 const KEEP_LOCAL: usize = 2;
 /// The longest hold a controller may ask for.
@@ -190,6 +197,7 @@ impl CheckpointService {
         }
         let partial = path.with_extension("partial");
         let mut last = String::new();
+        let mut retry = Retry::new(FETCH_BACKOFF);
         for attempt in 1..=FETCH_ATTEMPTS {
             let conn = self
                 .conn
@@ -230,7 +238,7 @@ impl CheckpointService {
                 Err(FetchError::Broken(why)) => {
                     warn!(digest = %from.digest, attempt, error = %why, "bundle fetch broke; resuming");
                     last = why;
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
             }
         }

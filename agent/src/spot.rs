@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use novacron_common::retry::sleep_unless;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -196,9 +197,8 @@ impl SpotWatcher {
                     debug!("spot watcher has no receivers; stopping");
                     break;
                 }
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(self.interval) => {}
+                if !sleep_unless(self.interval, cancel.cancelled()).await {
+                    break;
                 }
             }
             debug!("spot watcher stopped");

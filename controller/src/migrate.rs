@@ -39,7 +39,7 @@ use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::link::LinkContext;
 use crate::registry::Registry;
 use crate::store::AllocRecord;
-use crate::workloads::{CheckpointIndex, Workloads};
+use crate::workloads::{CheckpointIndex, MoveReport, Workloads};
 pub use novacron_api::{MigrationStatus, Phase};
 use novacron_common::clock::unix_ms;
 
@@ -402,11 +402,10 @@ impl Migrations {
         }
         let downtime = started.elapsed();
         // 4. Switch over: the source removes its stopped container.
-        if let Err(e) = self.release(&from, &alloc, None).await {
-            warn!(%alloc, node = %from, error = %e, "cannot release the source's hold; it expires by itself");
-        }
-        if let Err(e) = self.workloads.clear_restore(&alloc) {
-            warn!(%alloc, error = %e, "cannot clear the restore mark");
+        for step in switch_over_plan(&from) {
+            if let Err(e) = self.run_step(&alloc, &step).await {
+                log_step_failure(&alloc, &step, &e);
+            }
         }
         let now = unix_ms(SystemTime::now());
         self.update(id, |s| {
@@ -437,6 +436,7 @@ impl Migrations {
 
     /// Rolls a failed migration back: the allocation returns to its source
     /// (restored from the bundle when one was made) and the failure is recorded.
+    /// The steps are [`rollback_plan`]'s; this runs them.
     async fn fail(&self, id: &str, by: &str, reason: &str, bundle: Option<&BundleInfo>) {
         let Some(status) = self.status(id) else {
             return;
@@ -444,29 +444,21 @@ impl Migrations {
         let (alloc, from) = (&status.alloc, &status.from);
         warn!(%alloc, %from, to = %status.to, %reason, "migration failed; rolling back");
         let mut rollback = String::from("the source goes on");
-        if let Some(info) = bundle {
-            // The source holds the bundle in its cache: it restores locally.
-            match self.workloads.relocate(
-                alloc,
-                from,
-                Some(restore_of(info)),
-                &format!("migration rolled back: {reason}"),
-            ) {
-                Ok(()) => rollback = format!("{from} restores checkpoint {}", &info.digest[..12]),
-                Err(e) => rollback = format!("cannot move it back to {from}: {e}"),
+        for step in rollback_plan(from, reason, bundle) {
+            let result = self.run_step(alloc, &step).await;
+            match (&step, result) {
+                (Step::Relocate { node, restore, .. }, Ok(())) => {
+                    rollback = format!("{node} restores checkpoint {}", &restore.digest[..12]);
+                }
+                (Step::Relocate { node, .. }, Err(e)) => {
+                    rollback = format!("cannot move it back to {node}: {e}");
+                }
+                (Step::AwaitRunning { .. }, Err(e)) => {
+                    rollback = format!("{rollback}, but it did not come back: {e}");
+                }
+                (step, Err(e)) => log_step_failure(alloc, step, &e),
+                (_, Ok(())) => {}
             }
-        }
-        if let Err(e) = self.release(from, alloc, bundle.map(restore_of)).await {
-            warn!(%alloc, node = %from, error = %e, "cannot release the source's hold; it expires by itself");
-        }
-        if bundle.is_some() {
-            match self.wait_running(alloc, from).await {
-                Ok(()) => {}
-                Err(e) => rollback = format!("{rollback}, but it did not come back: {e}"),
-            }
-        }
-        if let Err(e) = self.workloads.clear_restore(alloc) {
-            warn!(%alloc, error = %e, "cannot clear the restore mark");
         }
         let now = unix_ms(SystemTime::now());
         let error = format!("{reason}; rolled back: {rollback}");
@@ -491,7 +483,27 @@ impl Migrations {
         );
     }
 
-    /// Waits until `alloc` runs on `node` (and is not unhealthy), or fails.
+    /// Runs one step of a migration plan.
+    async fn run_step(&self, alloc: &str, step: &Step) -> Result<(), String> {
+        match step {
+            Step::Relocate { node, restore, why } => self
+                .workloads
+                .relocate(alloc, node, Some(restore.clone()), why)
+                .map_err(|e| e.to_string()),
+            Step::Release { node, restore } => self
+                .release(node, alloc, restore.clone())
+                .await
+                .map_err(|e| e.to_string()),
+            Step::AwaitRunning { node } => self.wait_running(alloc, node).await,
+            Step::ClearRestore => self
+                .workloads
+                .clear_restore(alloc)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Waits until `alloc` runs on `node` (and is not unhealthy), or fails: each
+    /// look is decided by [`restore_progress`].
     async fn wait_running(&self, alloc: &str, node: &str) -> Result<(), String> {
         let deadline = Instant::now() + RESTORE_TIMEOUT;
         let checked = self.workloads.has_health_check(alloc);
@@ -500,26 +512,11 @@ impl Migrations {
                 .workloads
                 .allocation(alloc)
                 .map_err(|e| e.to_string())?;
-            if a.node != node {
-                return Err(format!("allocation {alloc} moved to {} meanwhile", a.node));
-            }
-            match a.state {
-                AllocState::Running if a.healthy == Some(true) || !checked => return Ok(()),
-                AllocState::Migrating if a.message.starts_with("restore failed") => {
-                    return Err(format!("{alloc} on {node}: {}", a.message));
-                }
-                AllocState::Failed | AllocState::Lost | AllocState::Stopped => {
-                    return Err(format!("{alloc} is {} on {node}: {}", a.state, a.message));
-                }
-                // A launch that failed is retried by the agent; the first failure is
-                // enough to roll back.
-                AllocState::Starting | AllocState::Pending
-                    if a.message.starts_with("could not start")
-                        || a.message.starts_with("restarting") =>
-                {
-                    return Err(format!("{alloc} on {node}: {}", a.message));
-                }
-                _ => {}
+            let seen = self.workloads.move_report(alloc);
+            match restore_progress(&a, node, checked, seen) {
+                Progress::Running => return Ok(()),
+                Progress::Failed(why) => return Err(why),
+                Progress::Waiting => {}
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -846,6 +843,130 @@ pub fn checkpoint_due(now_ms: u64, last_ms: u64, interval: Duration) -> bool {
     now_ms.saturating_sub(last_ms) >= interval.as_millis() as u64
 }
 
+/// One step of a migration's switch-over or rollback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// Move the allocation to `node`, to start there from `restore`.
+    Relocate {
+        /// Where to.
+        node: String,
+        /// The checkpoint it starts from.
+        restore: RestoreFrom,
+        /// Why, for people (the allocation's message).
+        why: String,
+    },
+    /// Tell `node` to let go of its hold on the allocation: remove its stopped
+    /// container, or restore it there from `restore` when set.
+    Release {
+        /// The node holding it.
+        node: String,
+        /// The checkpoint to restore locally, if any.
+        restore: Option<RestoreFrom>,
+    },
+    /// Wait for the allocation to run on `node` ([`restore_progress`]).
+    AwaitRunning {
+        /// The node.
+        node: String,
+    },
+    /// Forget the checkpoint it started from and that it is moving.
+    ClearRestore,
+}
+
+/// The switch-over once the allocation runs on its target: the source removes
+/// its stopped container, and the restore mark goes.
+fn switch_over_plan(from: &str) -> Vec<Step> {
+    vec![
+        Step::Release {
+            node: from.to_string(),
+            restore: None,
+        },
+        Step::ClearRestore,
+    ]
+}
+
+/// The rollback of a migration that failed for `reason`: with a bundle, the
+/// allocation returns to its source `from` and restores it there (the source
+/// holds it in its cache), and the migration waits for it to run; without one,
+/// the source just lets go of its hold and goes on.
+fn rollback_plan(from: &str, reason: &str, bundle: Option<&BundleInfo>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if let Some(info) = bundle {
+        steps.push(Step::Relocate {
+            node: from.to_string(),
+            restore: restore_of(info),
+            why: format!("migration rolled back: {reason}"),
+        });
+    }
+    steps.push(Step::Release {
+        node: from.to_string(),
+        restore: bundle.map(restore_of),
+    });
+    if bundle.is_some() {
+        steps.push(Step::AwaitRunning {
+            node: from.to_string(),
+        });
+    }
+    steps.push(Step::ClearRestore);
+    steps
+}
+
+/// Logs a step whose failure does not change the migration's outcome.
+fn log_step_failure(alloc: &str, step: &Step, error: &str) {
+    match step {
+        Step::Release { node, .. } => {
+            warn!(%alloc, %node, %error, "cannot release the source's hold; it expires by itself")
+        }
+        Step::ClearRestore => warn!(%alloc, %error, "cannot clear the restore mark"),
+        Step::Relocate { node, .. } => warn!(%alloc, %node, %error, "cannot relocate"),
+        Step::AwaitRunning { node } => warn!(%alloc, %node, %error, "did not run"),
+    }
+}
+
+/// Where a moving allocation stands, as a migration waiting for it sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Progress {
+    /// It runs on the node (and passes its check, when it has one).
+    Running,
+    /// Not yet.
+    Waiting,
+    /// It will not run there without help: roll back (why, for people).
+    Failed(String),
+}
+
+/// Decides whether `a`, moving to `node`, runs there, is still on its way, or
+/// failed, from typed fields only: its state and health, and what its new node
+/// reported since the move (`seen`, [`Workloads::move_report`]). Messages only
+/// go into the explanation.
+fn restore_progress(
+    a: &AllocRecord,
+    node: &str,
+    checked: bool,
+    seen: Option<MoveReport>,
+) -> Progress {
+    let alloc = &a.id;
+    if a.node != node {
+        return Progress::Failed(format!("allocation {alloc} moved to {} meanwhile", a.node));
+    }
+    let seen = seen.unwrap_or_default();
+    match a.state {
+        AllocState::Running if a.healthy == Some(true) || !checked => Progress::Running,
+        // The restore ended there for good; the record holds it as migrating
+        // for the migration to roll back.
+        AllocState::Migrating if seen.ended.is_some() => {
+            Progress::Failed(format!("{alloc} on {node}: {}", a.message))
+        }
+        AllocState::Failed | AllocState::Lost | AllocState::Stopped => {
+            Progress::Failed(format!("{alloc} is {} on {node}: {}", a.state, a.message))
+        }
+        // A start that failed is retried by the agent; the first failure is
+        // enough to roll back.
+        AllocState::Starting | AllocState::Pending if seen.start_failed() => {
+            Progress::Failed(format!("{alloc} on {node}: {}", a.message))
+        }
+        _ => Progress::Waiting,
+    }
+}
+
 fn restore_of(info: &BundleInfo) -> RestoreFrom {
     RestoreFrom {
         digest: info.digest.clone(),
@@ -924,5 +1045,172 @@ mod tests {
         assert!(checkpoint_due(110_000, 50_000, i));
         // A clock that went back never makes one due early.
         assert!(!checkpoint_due(10_000, 50_000, i));
+    }
+
+    fn moving(state: AllocState, message: &str) -> AllocRecord {
+        AllocRecord {
+            message: message.into(),
+            ..crate::workloads::test_alloc("api-a", "b", state)
+        }
+    }
+
+    fn seen(first_restarts: u32, restarts: u32) -> Option<MoveReport> {
+        Some(MoveReport {
+            first_restarts: Some(first_restarts),
+            restarts,
+            ..MoveReport::default()
+        })
+    }
+
+    fn failed(p: Progress) -> String {
+        match p {
+            Progress::Failed(why) => why,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    /// Was: `AllocState::Migrating` with a message starting "restore failed".
+    #[test]
+    fn a_restore_that_ended_on_the_target_rolls_back() {
+        let a = moving(AllocState::Migrating, "restore failed: criu said no");
+        let ended = MoveReport {
+            ended: Some(AllocState::Failed),
+            ..seen(0, 0).unwrap_or_default()
+        };
+        let why = failed(restore_progress(&a, "b", false, Some(ended)));
+        assert_eq!(why, "api-a on b: restore failed: criu said no");
+        // The state alone, without the typed report, is not taken for a failure;
+        // nor is the message.
+        assert_eq!(
+            restore_progress(&a, "b", false, seen(0, 0)),
+            Progress::Waiting
+        );
+    }
+
+    /// Was: `Starting` with a message starting "could not start": the agent
+    /// retries a failed start, counting a restart.
+    #[test]
+    fn a_start_that_failed_on_the_target_rolls_back() {
+        let a = moving(AllocState::Starting, "restarting (restart 1)");
+        assert!(failed(restore_progress(&a, "b", false, seen(0, 1))).starts_with("api-a on b:"));
+        // A checkpoint that could not be restored fails at once.
+        let unrestorable = MoveReport {
+            restore_failed: true,
+            ..seen(0, 0).unwrap_or_default()
+        };
+        let a = moving(
+            AllocState::Starting,
+            "could not restore its checkpoint: bad bundle; restarting in 1s",
+        );
+        failed(restore_progress(&a, "b", false, Some(unrestorable)));
+    }
+
+    /// Was: a message starting "could not start" or "restarting": the words do
+    /// not decide any more, the typed fields do.
+    #[test]
+    fn messages_alone_decide_nothing() {
+        for message in ["could not start: no such image", "restarting (restart 3)"] {
+            let a = moving(AllocState::Starting, message);
+            assert_eq!(
+                restore_progress(&a, "b", false, seen(0, 0)),
+                Progress::Waiting
+            );
+            assert_eq!(restore_progress(&a, "b", false, None), Progress::Waiting);
+        }
+    }
+
+    /// A rollback to the source: its agent counts on from its earlier runs, so
+    /// restarts from before the move are not a failed start.
+    #[test]
+    fn earlier_restarts_on_the_node_are_not_a_failed_start() {
+        let mut a = moving(AllocState::Starting, "restoring checkpoint");
+        a.restarts = 4;
+        assert_eq!(
+            restore_progress(&a, "b", false, seen(4, 4)),
+            Progress::Waiting
+        );
+        failed(restore_progress(&a, "b", false, seen(4, 5)));
+    }
+
+    #[test]
+    fn the_move_completes_once_it_runs_and_passes_its_check() {
+        let mut a = moving(AllocState::Running, "started");
+        assert_eq!(
+            restore_progress(&a, "b", false, seen(0, 0)),
+            Progress::Running
+        );
+        assert_eq!(
+            restore_progress(&a, "b", true, seen(0, 0)),
+            Progress::Waiting
+        );
+        a.healthy = Some(true);
+        assert_eq!(
+            restore_progress(&a, "b", true, seen(0, 0)),
+            Progress::Running
+        );
+        for state in [AllocState::Failed, AllocState::Lost, AllocState::Stopped] {
+            failed(restore_progress(&moving(state, ""), "b", false, None));
+        }
+        let why = failed(restore_progress(&a, "c", false, None));
+        assert_eq!(why, "allocation api-a moved to b meanwhile");
+    }
+
+    fn bundle() -> BundleInfo {
+        BundleInfo {
+            digest: "d".repeat(64),
+            size: 10,
+            mode: CheckpointMode::Fs,
+            alloc: "api-a".into(),
+            job: "api".into(),
+            node: "a".into(),
+            created_unix_ms: 1,
+            dump_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_rollback_with_a_bundle_restores_it_on_the_source_and_waits() {
+        let info = bundle();
+        let restore = restore_of(&info);
+        assert_eq!(
+            rollback_plan("a", "restore on b failed", Some(&info)),
+            [
+                Step::Relocate {
+                    node: "a".into(),
+                    restore: restore.clone(),
+                    why: "migration rolled back: restore on b failed".into(),
+                },
+                Step::Release {
+                    node: "a".into(),
+                    restore: Some(restore),
+                },
+                Step::AwaitRunning { node: "a".into() },
+                Step::ClearRestore,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rollback_without_a_bundle_only_releases_the_source() {
+        assert_eq!(
+            rollback_plan("a", "checkpoint failed", None),
+            [
+                Step::Release {
+                    node: "a".into(),
+                    restore: None,
+                },
+                Step::ClearRestore,
+            ]
+        );
+        assert_eq!(
+            switch_over_plan("a"),
+            [
+                Step::Release {
+                    node: "a".into(),
+                    restore: None,
+                },
+                Step::ClearRestore,
+            ]
+        );
     }
 }

@@ -1,40 +1,44 @@
-//! The workload shell around the pure cores: it keeps jobs and allocations (persisted
-//! through the [`Store`]), runs the [`reconcile`] core and the
-//! [`scheduler`](novacron_common::scheduler) on a tick, applies their decisions,
-//! and publishes each node's desired set (level-triggered, numbered by generation)
-//! for the agent link to send.
+//! The workload service and the executor of its decisions: it keeps jobs and
+//! allocations (persisted through the [`Store`]), asks the planner
+//! ([`plan::plan`], which runs the [`reconcile`] core and the
+//! [`scheduler`](novacron_common::scheduler)) for a plan on each tick, applies
+//! the plan's actions to its state and the store, and then publishes each node's
+//! desired set (level-triggered, numbered by generation) for the agent link to
+//! send.
 //!
-//! **Architecture Invariant:** decisions come only from `reconcile` and the
-//! scheduler; this module turns them into records and messages.
+//! **Architecture Invariant:** decisions come only from the planner; this module
+//! applies them, disk first: what must survive a restart is persisted before any
+//! node is told.
+//! **Architecture Invariant:** no decision reads a human-readable message; a
+//! moving allocation's progress is kept in typed fields ([`MoveReport`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::checkpoint::BundleInfo;
-use novacron_common::fleet::NodeStatus;
 use novacron_common::manifest::{Job, JobType, parse_job};
-use novacron_common::reconcile::{
-    self, AllocView, FailureCounts, JobChange, JobView, LifecycleView, Lifecycles, PlaceRequest,
-};
+use novacron_common::reconcile::{self, FailureCounts, JobChange};
 use novacron_common::scheduler;
 use novacron_common::wire::{
-    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom, TaskSpec,
+    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
 };
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::events::{CONTROLLER, EventLog, NewEvent, kind};
+use crate::events::{EventLog, NewEvent, kind};
 use crate::metrics::PassStats;
 use crate::registry::{PlacementNode, Registry};
-use crate::store::{
-    AllocPort, AllocRecord, JobRecord, JobVersion, MAX_JOB_VERSIONS, ReplicaOverride, Store,
-    StoreError,
-};
+use crate::store::{AllocPort, AllocRecord, JobRecord, ReplicaOverride, Store, StoreError};
 pub use novacron_api::{ApplyResult, JobDetail, JobSummary};
 use novacron_common::clock::unix_ms;
+use plan::{
+    Action, Jobs, NewVersion, alloc_ports, node_views, push_record_version, scheduling_snapshot,
+};
+
+mod plan;
 
 /// How often the reconciler runs without a wake-up.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -110,9 +114,37 @@ struct State {
     events: Vec<NewEvent>,
     /// Checkpoints of lost allocations, per job, waiting for the replacements the
     /// same pass places (bounded by the lost allocations of one pass).
-    recoveries: BTreeMap<String, VecDeque<(u64, RestoreFrom, String)>>,
-    /// Allocations being moved by a migration (or its rollback).
-    migrating: BTreeSet<String>,
+    recoveries: plan::Recoveries,
+    /// Allocations being moved by a migration (or its rollback), with what their
+    /// new node reported since.
+    migrating: BTreeMap<String, MoveReport>,
+}
+
+/// What the new node of an allocation moved with a checkpoint (a migration or its
+/// rollback) reported about it since the move: the migration decides from these
+/// typed fields, never from the human-readable message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    /// The restarts in the new node's first report since the move (`None`: no
+    /// report yet). A node that held the allocation before (a rollback to the
+    /// source) counts on from its earlier runs.
+    pub first_restarts: Option<u32>,
+    /// The restarts in its latest report.
+    pub restarts: u32,
+    /// A start there could not restore the checkpoint.
+    pub restore_failed: bool,
+    /// The terminal state it reached there (the restore failed for good; the
+    /// record shows it as `migrating` for the migration to roll back).
+    pub ended: Option<AllocState>,
+}
+
+impl MoveReport {
+    /// Whether a start on the new node failed since the move: the checkpoint
+    /// could not be restored, or the agent counted a restart (it retries a
+    /// start that failed).
+    pub fn start_failed(&self) -> bool {
+        self.restore_failed || self.first_restarts.is_some_and(|f| self.restarts > f)
+    }
 }
 
 /// Where the workload manager finds an allocation's latest checkpoint, for
@@ -228,22 +260,18 @@ impl Workloads {
                 }
                 (entry.record.clone(), "updated")
             }
-            None => (
-                JobRecord {
-                    name: name.clone(),
-                    versions: vec![],
-                    current: 1,
-                    stable: None,
-                    stopped: false,
-                    status: "running".into(),
-                    message: String::new(),
-                    replicas_override: None,
-                },
-                "created",
-            ),
+            None => (new_job_record(&name), "created"),
         };
         let version = record.versions.last().map_or(1, |v| v.version + 1);
-        push_record_version(&mut record, version, text, file, &hash, by, now);
+        let new = NewVersion {
+            version,
+            source: text,
+            file,
+            hash: &hash,
+            by,
+            at_ms: unix_ms(now),
+        };
+        push_record_version(&mut record, &new);
         record.stopped = false;
         record.status = "running".into();
         record.message = if outcome == "created" {
@@ -529,7 +557,18 @@ impl Workloads {
                 a.exit_code,
                 a.message.clone(),
             );
-            if migrating.contains(&a.id) && status.state.is_terminal() {
+            if let Some(seen) = migrating.get_mut(&a.id) {
+                // Failures stick: the first one is enough to roll back.
+                *seen = MoveReport {
+                    first_restarts: seen.first_restarts.or(Some(status.restarts)),
+                    restarts: status.restarts,
+                    restore_failed: seen.restore_failed || status.restore_failed,
+                    ended: seen
+                        .ended
+                        .or(status.state.is_terminal().then_some(status.state)),
+                };
+            }
+            if migrating.contains_key(&a.id) && status.state.is_terminal() {
                 // A restore that failed during a migration is the migration's to
                 // roll back, not the reconciler's to replace.
                 a.state = AllocState::Migrating;
@@ -550,7 +589,7 @@ impl Workloads {
             a.failure = status
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
-            if !migrating.contains(&a.id)
+            if !migrating.contains_key(&a.id)
                 && let Some(r) = &a.restore
             {
                 if a.state == AllocState::Running {
@@ -664,160 +703,39 @@ impl Workloads {
         }
     }
 
-    /// One reconcile pass: decide, apply, persist, publish.
+    /// One reconcile pass: decide ([`plan::plan`]), apply, persist, publish.
     pub fn tick(&self, now: Instant, wall: SystemTime) -> Result<(), StoreError> {
         let started = Instant::now();
         let now_ms = unix_ms(wall);
         let nodes = self.registry.placement_nodes(now);
-        let mut st = self.lock();
-        let job_views: Vec<JobView> = st.jobs.values().filter_map(job_view).collect();
-        let lifecycles: Lifecycles = st
-            .jobs
-            .values()
-            .filter_map(|e| Some((e.record.name.clone(), lifecycle_view(e)?)))
-            .collect();
-        let alloc_views: Vec<AllocView> = st
-            .allocs
-            .values()
-            .map(|a| AllocView {
-                id: a.id.clone(),
-                job: a.job.clone(),
-                version: a.version,
-                node: a.node.clone(),
-                state: a.state,
-                desired_run: a.desired_run,
-                healthy: a.healthy,
-                healthy_since_ms: a.healthy_since_unix_ms,
-                created_ms: a.created_unix_ms,
-                failure: a.failure,
-            })
-            .collect();
-        let node_views = node_views(&nodes);
-        let plan = reconcile::reconcile_with_lifecycles(
-            &job_views,
-            &lifecycles,
-            &alloc_views,
-            &node_views,
-            &st.failures,
-            now_ms,
-        );
-
         let index = self.checkpoints.get().cloned();
-        for id in &plan.lost {
-            let recovery = st
-                .allocs
-                .get(id)
-                .filter(|a| {
-                    st.jobs
-                        .get(&a.job)
-                        .and_then(|e| e.parsed.get(&a.version))
-                        .is_some_and(|j| j.spec.checkpoint.is_some())
-                })
-                .and_then(|a| Some((a.job.clone(), a.version, index.as_ref()?.latest(id)?)));
-            if let Some((job, version, b)) = recovery {
-                info!(alloc = %id, %job, bundle = %b.digest, "lost allocation has a checkpoint; its replacement restores from it");
-                st.recoveries.entry(job).or_default().push_back((
-                    version,
-                    RestoreFrom {
-                        digest: b.digest,
-                        size: b.size,
-                        mode: b.mode,
-                    },
-                    id.clone(),
-                ));
-            }
-            if let Some(a) = st.allocs.get_mut(id) {
-                a.state = AllocState::Lost;
-                a.desired_run = false;
-                a.healthy_since_unix_ms = None;
-                a.message = format!("node {} is down", a.node);
-                a.updated_unix_ms = now_ms;
-                warn!(alloc = %id, node = %a.node, job = %a.job, "allocation lost");
-                let event = NewEvent::new(
-                    kind::ALLOC_LOST,
-                    CONTROLLER,
-                    format!("{id} lost: node {} is down", a.node),
-                )
-                .node(&a.node)
-                .job(&a.job)
-                .alloc(id);
-                st.events.push(event);
-            }
-            st.dirty_allocs.insert(id.clone());
-        }
-        for (id, reason) in &plan.stop {
-            if let Some(a) = st.allocs.get_mut(id) {
-                a.desired_run = false;
-                a.message = reason.clone();
-                a.updated_unix_ms = now_ms;
-                info!(alloc = %id, job = %a.job, %reason, "stopping allocation");
-                let event = NewEvent::new(
-                    kind::ALLOC_STOPPED,
-                    CONTROLLER,
-                    format!("stopping {id}: {reason}"),
-                )
-                .node(&a.node)
-                .job(&a.job)
-                .alloc(id);
-                st.events.push(event);
-            }
-            st.dirty_allocs.insert(id.clone());
-        }
-        for (id, failure, reason) in &plan.fail {
+        let latest = |id: &str| index.as_ref()?.latest(id);
+        let mut st = self.lock();
+        let plan = {
             let State {
+                jobs,
                 allocs,
                 failures,
-                events,
-                dirty_allocs,
+                recoveries,
+                ids,
                 ..
             } = &mut *st;
-            if let Some(a) = allocs.get_mut(id) {
-                a.desired_run = false;
-                a.state = AllocState::Failed;
-                a.healthy_since_unix_ms = None;
-                a.message = reason.clone();
-                a.failure = Some(*failure);
-                a.updated_unix_ms = now_ms;
-                let f = failures.entry((a.job.clone(), a.version)).or_default();
-                f.count += 1;
-                f.last_ms = now_ms;
-                warn!(alloc = %id, job = %a.job, %reason, "stopping allocation as failed");
-                let event = NewEvent::new(
-                    kind::ALLOC_STOPPED,
-                    CONTROLLER,
-                    format!("stopping {id} as failed: {reason}"),
-                )
-                .node(&a.node)
-                .job(&a.job)
-                .alloc(id);
-                events.push(event);
-            }
-            dirty_allocs.insert(id.clone());
-        }
-        for change in &plan.jobs {
-            self.apply_job_change(&mut st, change, wall);
-        }
-        // Placing only adds allocations: the growth is what this pass placed.
-        let requested: u64 = plan.place.iter().map(|r| u64::from(r.count)).sum();
-        let before = st.allocs.len();
-        // What this pass cannot place replaces what the last one could not.
-        st.unplaced.clear();
-        if !plan.place.is_empty() {
-            // One snapshot per pass; each outcome is committed into it, so later
-            // requests see the earlier placements and preemptions.
-            match scheduling_snapshot(&st, &nodes) {
-                Ok(mut snapshot) => {
-                    for req in &plan.place {
-                        self.place(&mut st, &mut snapshot, req, now_ms);
-                    }
-                }
-                Err(error) => {
-                    warn!(%error, "inconsistent scheduling snapshot; retrying next tick");
-                }
-            }
-        }
-        let placed = st.allocs.len().saturating_sub(before) as u64;
-        gc_terminal(&mut st);
+            let mut next_id = || match ids.as_mut() {
+                Some(rng) => rand::Rng::random::<u64>(rng),
+                None => rand::random::<u64>(),
+            };
+            let snapshot = plan::Snapshot {
+                now_ms,
+                jobs,
+                allocs,
+                nodes: &nodes,
+                failures,
+                recoveries,
+            };
+            plan::plan(&snapshot, &latest, &mut next_id)
+        };
+        let (requested, placed) = (plan.requested, plan.placed());
+        self.apply_plan(&mut st, plan, now_ms);
         let recorded = std::mem::take(&mut st.events);
         drop(st);
         self.persist()?;
@@ -826,6 +744,93 @@ impl Workloads {
         self.passes
             .record(started.elapsed(), placed, requested.saturating_sub(placed));
         Ok(())
+    }
+
+    /// Applies a pass's plan to the in-memory state, in order; [`Workloads::tick`]
+    /// then persists it before anything acts on it. A job change is written at
+    /// once, before the in-memory view shows it: when the write fails the change
+    /// (and its event) is dropped, and the next pass decides it again from the
+    /// unchanged state.
+    fn apply_plan(&self, st: &mut State, plan: plan::Plan, now_ms: u64) {
+        st.recoveries = plan.recoveries;
+        // What this pass cannot place replaces what the last one could not.
+        st.unplaced = plan.unplaced;
+        for action in plan.actions {
+            match action {
+                Action::MarkLost { alloc, message } => {
+                    if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
+                        a.state = AllocState::Lost;
+                        a.healthy_since_unix_ms = None;
+                        warn!(alloc = %alloc, node = %a.node, job = %a.job, "allocation lost");
+                    }
+                    st.dirty_allocs.insert(alloc);
+                }
+                Action::Stop { alloc, message } => {
+                    if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
+                        info!(alloc = %alloc, job = %a.job, reason = %a.message, "stopping allocation");
+                    }
+                    st.dirty_allocs.insert(alloc);
+                }
+                Action::Preempt { alloc, by, message } => {
+                    if unwant(&mut st.allocs, &alloc, message, now_ms).is_some() {
+                        warn!(alloc = %alloc, by = %by, "preempted");
+                    }
+                    st.dirty_allocs.insert(alloc);
+                }
+                Action::Fail {
+                    alloc,
+                    failure,
+                    message,
+                } => {
+                    if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
+                        warn!(alloc = %alloc, job = %a.job, reason = %a.message, "stopping allocation as failed");
+                        a.state = AllocState::Failed;
+                        a.healthy_since_unix_ms = None;
+                        a.failure = Some(failure);
+                        let f = st.failures.entry((a.job.clone(), a.version)).or_default();
+                        f.count += 1;
+                        f.last_ms = now_ms;
+                    }
+                    st.dirty_allocs.insert(alloc);
+                }
+                Action::ChangeJob {
+                    change,
+                    entry,
+                    event,
+                } => {
+                    let name = entry.record.name.clone();
+                    if let Err(error) = self.store.put_job(&entry.record) {
+                        warn!(job = %name, %error, "cannot save a job change; deciding it again next pass");
+                        continue;
+                    }
+                    log_job_change(&change);
+                    st.jobs.insert(name, *entry);
+                    st.events.push(event);
+                }
+                Action::Place(record) => {
+                    info!(alloc = %record.id, job = %record.job, node = %record.node, "placed");
+                    st.dirty_allocs.insert(record.id.clone());
+                    st.allocs.insert(record.id.clone(), *record);
+                }
+                Action::SetJobStatus {
+                    job,
+                    status,
+                    message,
+                } => {
+                    if let Some(e) = st.jobs.get_mut(&job) {
+                        e.record.status = status;
+                        e.record.message = message;
+                        st.dirty_jobs.insert(job);
+                    }
+                }
+                Action::Forget { alloc } => {
+                    st.allocs.remove(&alloc);
+                    st.dirty_allocs.remove(&alloc);
+                    st.deleted_allocs.push(alloc);
+                }
+                Action::Record(event) => st.events.push(event),
+            }
+        }
     }
 
     /// Timings and placement counts of the reconcile passes, for `/metrics`.
@@ -855,173 +860,6 @@ impl Workloads {
                 })
             })
             .collect()
-    }
-
-    /// Applies a job-level decision disk first: the changed record is written
-    /// before the in-memory view shows it. When the write fails the change is
-    /// dropped; the next pass decides it again from the unchanged state.
-    fn apply_job_change(&self, st: &mut State, change: &JobChange, wall: SystemTime) {
-        let job = match change {
-            JobChange::Stable { job, .. }
-            | JobChange::Revert { job, .. }
-            | JobChange::Complete { job }
-            | JobChange::Failing { job, .. } => job,
-        };
-        let Some(mut e) = st.jobs.get(job).cloned() else {
-            return;
-        };
-        let Some(event) = job_change(&mut e, change, wall) else {
-            return;
-        };
-        if let Err(error) = self.store.put_job(&e.record) {
-            warn!(job = %job, %error, "cannot save a job change; deciding it again next pass");
-            return;
-        }
-        st.jobs.insert(job.clone(), e);
-        st.events.push(event);
-    }
-
-    fn place(
-        &self,
-        st: &mut State,
-        snapshot: &mut scheduler::Snapshot,
-        req: &PlaceRequest,
-        now_ms: u64,
-    ) {
-        let Some(entry) = st.jobs.get(&req.job) else {
-            return;
-        };
-        let Some(job) = entry.parsed.get(&req.version).cloned() else {
-            return;
-        };
-        let mut request = scheduler::Request::from_spec(&job.name, &job.spec, req.count);
-        request.node = req.node.clone();
-        request.avoid = req.avoid.clone();
-        let outcome = scheduler::schedule(snapshot, &request);
-        let ids: Vec<String> = outcome
-            .assignments
-            .iter()
-            .map(|_| {
-                let n = match st.ids.as_mut() {
-                    Some(rng) => rand::Rng::random::<u64>(rng),
-                    None => rand::random::<u64>(),
-                };
-                format!("{}-{:012x}", req.job, n & 0xffff_ffff_ffff)
-            })
-            .collect();
-        if let Err(error) = snapshot.commit(&request, &outcome, &ids) {
-            warn!(job = %req.job, %error, "scheduling outcome does not fit the snapshot; retrying next tick");
-            return;
-        }
-        for victim in &outcome.preemptions {
-            if let Some(a) = st.allocs.get_mut(victim) {
-                a.desired_run = false;
-                a.message = format!(
-                    "preempted by job {} (priority {})",
-                    req.job, job.spec.priority
-                );
-                a.updated_unix_ms = now_ms;
-                warn!(alloc = %victim, by = %req.job, "preempted");
-                let event = NewEvent::new(kind::ALLOC_STOPPED, CONTROLLER, a.message.clone())
-                    .node(&a.node)
-                    .job(&a.job)
-                    .alloc(victim);
-                st.events.push(event);
-            }
-            st.dirty_allocs.insert(victim.clone());
-        }
-        let task = job.task_spec();
-        for (p, id) in outcome.assignments.iter().zip(ids) {
-            let restore = st.recoveries.get_mut(&req.job).and_then(|q| {
-                let at = q.iter().position(|(v, ..)| *v == req.version)?;
-                q.remove(at)
-            });
-            if let Some((_, r, lost)) = &restore {
-                st.events.push(
-                    NewEvent::new(
-                        kind::ALLOC_PLACED,
-                        CONTROLLER,
-                        format!(
-                            "{id} replaces lost {lost} and restores its latest checkpoint {} ({})",
-                            &r.digest[..12],
-                            r.mode
-                        ),
-                    )
-                    .job(&req.job)
-                    .alloc(&id)
-                    .detail("checkpoint", &r.digest),
-                );
-            }
-            let record = AllocRecord {
-                restore: restore.map(|(_, r, _)| r),
-                id: id.clone(),
-                job: req.job.clone(),
-                version: req.version,
-                node: p.node.clone(),
-                desired_run: true,
-                state: AllocState::Pending,
-                healthy: None,
-                healthy_since_unix_ms: None,
-                created_unix_ms: now_ms,
-                updated_unix_ms: now_ms,
-                restarts: 0,
-                exit_code: None,
-                message: format!("placed on {}", p.node),
-                failure: None,
-                cpu_millis: task.cpu_millis,
-                memory_bytes: task.memory_bytes,
-                gpu_uuids: p.gpu_uuids.clone(),
-                priority: job.spec.priority,
-                disk_bytes: job.spec.resources.disk.0,
-                ports: alloc_ports(&task, &p.ports),
-            };
-            info!(alloc = %id, job = %req.job, node = %p.node, "placed");
-            st.events.push(
-                NewEvent::new(
-                    kind::ALLOC_PLACED,
-                    CONTROLLER,
-                    format!(
-                        "{id} (job {} version {}) placed on {}",
-                        req.job, req.version, p.node
-                    ),
-                )
-                .node(&p.node)
-                .job(&req.job)
-                .alloc(&id)
-                .detail("version", req.version),
-            );
-            st.allocs.insert(id.clone(), record);
-            st.dirty_allocs.insert(id);
-        }
-        if outcome.unplaced > 0 {
-            st.unplaced
-                .insert(req.job.clone(), (req.version, outcome.unplaced));
-        }
-        if let Some(e) = st.jobs.get_mut(&req.job) {
-            let message = if outcome.unplaced > 0 {
-                format!(
-                    "{} of {} replicas could not be placed: {}",
-                    outcome.unplaced, req.count, outcome.explanation
-                )
-            } else {
-                String::new()
-            };
-            if outcome.unplaced > 0 && e.record.message != message {
-                warn!(job = %req.job, unplaced = outcome.unplaced, explanation = %outcome.explanation, "cannot place");
-                st.events.push(
-                    NewEvent::new(kind::ALLOC_UNPLACED, CONTROLLER, message.clone())
-                        .job(&req.job)
-                        .detail("unplaced", outcome.unplaced),
-                );
-                e.record.message = message;
-                e.record.status = "blocked".into();
-                st.dirty_jobs.insert(req.job.clone());
-            } else if outcome.unplaced == 0 && e.record.status == "blocked" {
-                e.record.status = "running".into();
-                e.record.message = String::new();
-                st.dirty_jobs.insert(req.job.clone());
-            }
-        }
     }
 
     /// Records decided events after the state they describe was persisted.
@@ -1146,7 +984,7 @@ impl Workloads {
             .save_allocations(std::slice::from_ref(&moved), &[])?;
         *a = moved;
         if moving {
-            st.migrating.insert(id.to_string());
+            st.migrating.insert(id.to_string(), MoveReport::default());
         }
         drop(st);
         self.publish();
@@ -1201,8 +1039,13 @@ impl Workloads {
                 n
             })
             .collect();
-        let mut snapshot = scheduling_snapshot(&st, &eligible_nodes)
-            .map_err(|e| WorkloadError::Invalid(format!("cannot plan the migration: {e}")))?;
+        let mut snapshot = scheduling_snapshot(
+            &Jobs::new(&st.jobs),
+            &st.allocs,
+            &eligible_nodes,
+            &BTreeSet::new(),
+        )
+        .map_err(|e| WorkloadError::Invalid(format!("cannot plan the migration: {e}")))?;
         snapshot.remove(alloc);
         let mut request = scheduler::Request::from_spec(&job.name, &job.spec, 1);
         request.priority = 0;
@@ -1215,6 +1058,12 @@ impl Workloads {
                 a.job, outcome.explanation
             ))),
         }
+    }
+
+    /// What the new node of a moving allocation reported since the move, in typed
+    /// fields; `None` when it is not moving (see [`Workloads::relocate`]).
+    pub fn move_report(&self, id: &str) -> Option<MoveReport> {
+        self.lock().migrating.get(id).copied()
     }
 
     /// Forgets the checkpoint an allocation started from, once it runs (or its
@@ -1283,104 +1132,70 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
     per_node
 }
 
-/// What a job-level decision does to the job's entry, and the event that says
-/// so; `None` when it changes nothing (already in that state).
-fn job_change(e: &mut JobEntry, change: &JobChange, wall: SystemTime) -> Option<NewEvent> {
+/// The record of a job not submitted yet.
+fn new_job_record(name: &str) -> JobRecord {
+    JobRecord {
+        name: name.to_string(),
+        versions: vec![],
+        current: 1,
+        stable: None,
+        stopped: false,
+        status: "running".into(),
+        message: String::new(),
+        replicas_override: None,
+    }
+}
+
+/// An allocation of job `api` version 1 on `node`, wanted, for tests.
+#[cfg(test)]
+pub(crate) fn test_alloc(id: &str, node: &str, state: AllocState) -> AllocRecord {
+    AllocRecord {
+        id: id.into(),
+        job: "api".into(),
+        version: 1,
+        node: node.into(),
+        desired_run: true,
+        state,
+        healthy: None,
+        healthy_since_unix_ms: None,
+        created_unix_ms: 0,
+        updated_unix_ms: 0,
+        restarts: 0,
+        exit_code: None,
+        message: String::new(),
+        cpu_millis: 100,
+        memory_bytes: 32 << 20,
+        gpu_uuids: vec![],
+        priority: 50,
+        disk_bytes: 0,
+        ports: vec![],
+        restore: None,
+        failure: None,
+    }
+}
+
+/// Marks an allocation no longer wanted, with why, and returns it (`None` when
+/// it is gone).
+fn unwant<'a>(
+    allocs: &'a mut BTreeMap<String, AllocRecord>,
+    id: &str,
+    message: String,
+    now_ms: u64,
+) -> Option<&'a mut AllocRecord> {
+    let a = allocs.get_mut(id)?;
+    a.desired_run = false;
+    a.message = message;
+    a.updated_unix_ms = now_ms;
+    Some(a)
+}
+
+/// Logs a job-level change once it is on disk.
+fn log_job_change(change: &JobChange) {
     match change {
-        JobChange::Stable { job, version } => {
-            e.record.stable = Some(*version);
-            if e.record.status != "reverted" {
-                e.record.status = "running".into();
-            }
-            info!(job = %job, version, "version rolled out healthy");
-            Some(
-                NewEvent::new(
-                    kind::JOB_CHANGED,
-                    CONTROLLER,
-                    format!("job {job} version {version} is stable"),
-                )
-                .job(job)
-                .detail("status", "stable")
-                .detail("version", version),
-            )
-        }
-        JobChange::Revert {
-            job,
-            failed,
-            to,
-            reason,
-        } => {
-            let stable = e
-                .record
-                .versions
-                .iter()
-                .find(|v| v.version == *to)
-                .cloned()?;
-            let parsed = e.parsed.get(to).cloned()?;
-            let version = e.record.versions.last().map_or(1, |v| v.version + 1);
-            push_version(
-                e,
-                version,
-                &stable.source,
-                &stable.file,
-                &stable.spec_hash,
-                "novacron (auto-revert)",
-                wall,
-                parsed,
-            );
-            e.record.stable = Some(version);
-            e.record.status = "reverted".into();
-            e.record.message = format!(
-                "version {failed} failed ({reason}); reverted to version {to}'s spec as version {version}"
-            );
-            warn!(job = %job, failed, to, version, %reason, "rollout failed: auto-revert");
-            Some(
-                NewEvent::new(kind::JOB_CHANGED, CONTROLLER, e.record.message.clone())
-                    .job(job)
-                    .detail("status", "reverted")
-                    .detail("failed_version", failed)
-                    .detail("version", version),
-            )
-        }
-        JobChange::Complete { job } => {
-            if e.record.status == "complete" {
-                return None;
-            }
-            e.record.status = "complete".into();
-            e.record.message = "every replica exited 0".into();
-            info!(job = %job, "batch job complete");
-            Some(
-                NewEvent::new(
-                    kind::JOB_CHANGED,
-                    CONTROLLER,
-                    format!("job {job} complete: every replica exited 0"),
-                )
-                .job(job)
-                .detail("status", "complete"),
-            )
-        }
-        JobChange::Failing {
-            job,
-            version,
-            reason,
-        } => {
-            if e.record.status == "failing" {
-                return None;
-            }
-            e.record.status = "failing".into();
-            e.record.message = reason.clone();
-            warn!(job = %job, version, %reason, "job failing");
-            Some(
-                NewEvent::new(
-                    kind::JOB_CHANGED,
-                    CONTROLLER,
-                    format!("job {job} version {version} is failing: {reason}"),
-                )
-                .job(job)
-                .detail("status", "failing")
-                .detail("version", version),
-            )
-        }
+        JobChange::Stable { .. } => info!(?change, "version rolled out healthy"),
+        JobChange::Complete { .. } => info!(?change, "batch job complete"),
+        JobChange::Revert { .. } => warn!(?change, "rollout failed: auto-revert"),
+        JobChange::Failing { .. } => warn!(?change, "job failing"),
     }
 }
 
@@ -1411,40 +1226,6 @@ fn send_if_changed(desired: Option<&mut NodeDesired>, epoch: u64, specs: Vec<All
     }));
 }
 
-/// The scheduler's view: every node, and the allocations holding resources.
-fn scheduling_snapshot(
-    st: &State,
-    nodes: &[PlacementNode],
-) -> Result<scheduler::Snapshot, scheduler::SnapshotError> {
-    let known: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-    let snapshot_nodes: Vec<scheduler::NodeInfo> = nodes
-        .iter()
-        .map(|n| scheduler::NodeInfo {
-            name: n.name.clone(),
-            labels: n.labels.clone(),
-            capacity: n.capacity.clone(),
-            ready: n.status == NodeStatus::Ready && !n.cordoned,
-        })
-        .collect();
-    let existing: Vec<scheduler::Placed> = st
-        .allocs
-        .values()
-        .filter(|a| a.desired_run && !a.state.is_terminal() && known.contains(a.node.as_str()))
-        .map(|a| scheduler::Placed {
-            alloc_id: a.id.clone(),
-            job: a.job.clone(),
-            node: a.node.clone(),
-            cpu_millis: a.cpu_millis,
-            memory_bytes: a.memory_bytes,
-            gpu_uuids: a.gpu_uuids.clone(),
-            priority: a.priority,
-            disk_bytes: a.disk_bytes,
-            host_ports: held_ports(st, a),
-        })
-        .collect();
-    scheduler::Snapshot::new(snapshot_nodes, existing)
-}
-
 /// The host ports allocation `id` gets on `node`, where it moves: its static
 /// ports, and free ports of the node's dynamic range. `None` (keep its ports)
 /// when it publishes none, or when they cannot be had (the migration target was
@@ -1460,7 +1241,8 @@ fn relocated_ports(
     if job.spec.task.ports.is_empty() {
         return None;
     }
-    let mut snapshot = scheduling_snapshot(st, nodes).ok()?;
+    let mut snapshot =
+        scheduling_snapshot(&Jobs::new(&st.jobs), &st.allocs, nodes, &BTreeSet::new()).ok()?;
     snapshot.remove(id);
     let request = scheduler::Request::from_spec(&job.name, &job.spec, 1);
     match snapshot.assign_ports(node, &request) {
@@ -1470,134 +1252,6 @@ fn relocated_ports(
             None
         }
     }
-}
-
-/// The host ports `a` holds on its node. An allocation placed before host ports
-/// were scheduled has none recorded: it holds its job version's static ports
-/// (Docker picked its other ports outside any dynamic range).
-fn held_ports(st: &State, a: &AllocRecord) -> Vec<scheduler::HostPort> {
-    if !a.ports.is_empty() {
-        return a
-            .ports
-            .iter()
-            .map(|p| scheduler::HostPort {
-                port: p.host_port,
-                udp: p.protocol == "udp",
-            })
-            .collect();
-    }
-    let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
-        return Vec::new();
-    };
-    scheduler::Request::from_spec(&job.name, &job.spec, 1)
-        .static_ports()
-        .collect()
-}
-
-/// The allocation's ports: each of the task's mappings with the host port the
-/// scheduler assigned it.
-fn alloc_ports(task: &TaskSpec, assigned: &[scheduler::AssignedPort]) -> Vec<AllocPort> {
-    assigned
-        .iter()
-        .filter_map(|p| {
-            let mapping = task.ports.iter().find(|m| m.name == p.name)?;
-            Some(AllocPort {
-                name: p.name.clone(),
-                container_port: mapping.container_port,
-                host_port: p.host_port,
-                protocol: if p.udp { "udp" } else { "tcp" }.into(),
-            })
-        })
-        .collect()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn push_version(
-    entry: &mut JobEntry,
-    version: u64,
-    source: &str,
-    file: &str,
-    hash: &str,
-    by: &str,
-    now: SystemTime,
-    job: Job,
-) {
-    push_record_version(&mut entry.record, version, source, file, hash, by, now);
-    entry.parsed.insert(version, job);
-    let kept = &entry.record.versions;
-    entry
-        .parsed
-        .retain(|v, _| kept.iter().any(|k| k.version == *v));
-}
-
-/// Adds `version` to the record as its current one, dropping the oldest past
-/// [`MAX_JOB_VERSIONS`].
-fn push_record_version(
-    record: &mut JobRecord,
-    version: u64,
-    source: &str,
-    file: &str,
-    hash: &str,
-    by: &str,
-    now: SystemTime,
-) {
-    record.versions.push(JobVersion {
-        version,
-        source: source.to_string(),
-        file: file.to_string(),
-        spec_hash: hash.to_string(),
-        submitted_at_unix_ms: unix_ms(now),
-        by: by.to_string(),
-    });
-    record.current = version;
-    while record.versions.len() > MAX_JOB_VERSIONS {
-        record.versions.remove(0);
-    }
-}
-
-/// What the reconciler sees of a job: its current version, with the replicas the
-/// autoscaler set in place of the manifest's.
-fn job_view(e: &JobEntry) -> Option<JobView> {
-    let job = e.current()?;
-    Some(JobView {
-        name: e.record.name.clone(),
-        version: e.record.current,
-        stable_version: e.record.stable,
-        job_type: job.spec.job_type,
-        replicas: effective_replicas(e),
-        placement: job.spec.placement.clone(),
-        update: job.spec.update.clone(),
-        has_health_check: job.spec.health.is_some(),
-        static_host_ports: job.spec.task.ports.iter().any(|p| p.host_port.is_some()),
-        stopped: e.record.stopped || matches!(e.record.status.as_str(), "complete"),
-    })
-}
-
-/// The current version's `lifecycle`, if it has one, with when it was applied.
-fn lifecycle_view(e: &JobEntry) -> Option<LifecycleView> {
-    let lifecycle = e.current()?.spec.lifecycle.clone()?;
-    let since_ms = e
-        .record
-        .versions
-        .iter()
-        .find(|v| v.version == e.record.current)
-        .map_or(0, |v| v.submitted_at_unix_ms);
-    Some(LifecycleView {
-        lifecycle,
-        since_ms,
-    })
-}
-
-/// The nodes as the reconciler sees them.
-fn node_views(nodes: &[PlacementNode]) -> Vec<reconcile::NodeView> {
-    nodes
-        .iter()
-        .map(|n| reconcile::NodeView {
-            name: n.name.clone(),
-            status: n.status,
-            labels: n.labels.clone(),
-        })
-        .collect()
 }
 
 /// The replicas wanted: the override when set, else the current manifest's.
@@ -1661,35 +1315,34 @@ fn summary(
     }
 }
 
-/// Drops the oldest terminal allocations beyond [`KEEP_TERMINAL_PER_JOB`] per job.
-fn gc_terminal(st: &mut State) {
-    let mut per_job: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for a in st
-        .allocs
-        .values()
-        .filter(|a| a.state.is_terminal() && !a.desired_run)
-    {
-        per_job
-            .entry(a.job.clone())
-            .or_default()
-            .push((a.updated_unix_ms, a.id.clone()));
-    }
-    for (_, mut list) in per_job {
-        if list.len() <= KEEP_TERMINAL_PER_JOB {
-            continue;
-        }
-        list.sort();
-        for (_, id) in list.iter().take(list.len() - KEEP_TERMINAL_PER_JOB) {
-            st.allocs.remove(id);
-            st.dirty_allocs.remove(id);
-            st.deleted_allocs.push(id.clone());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use novacron_common::fleet::NodeStatus;
+
+    use super::plan::{held_ports, job_view, lifecycle_view};
     use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_version(
+        entry: &mut JobEntry,
+        version: u64,
+        source: &str,
+        file: &str,
+        hash: &str,
+        by: &str,
+        at: SystemTime,
+        job: Job,
+    ) {
+        let new = NewVersion {
+            version,
+            source,
+            file,
+            hash,
+            by,
+            at_ms: unix_ms(at),
+        };
+        plan::push_version(entry, &new, job);
+    }
 
     fn entry(replicas: u32, over: Option<u32>) -> JobEntry {
         let text = format!(
@@ -1698,19 +1351,13 @@ mod tests {
         let job = parse_job("api.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
         let mut e = JobEntry {
             record: JobRecord {
-                name: "api".into(),
-                versions: vec![],
-                current: 1,
-                stable: None,
-                stopped: false,
-                status: "running".into(),
-                message: String::new(),
                 replicas_override: over.map(|replicas| ReplicaOverride {
                     replicas,
                     by: "autoscaler (policy p)".into(),
                     reason: "api 2 → 5: cpu 91% over 5m, target 75%".into(),
                     at_unix_ms: 1,
                 }),
+                ..new_job_record("api")
             },
             parsed: BTreeMap::new(),
         };
@@ -1795,29 +1442,13 @@ mod tests {
         let mut st = State::default();
         st.jobs.insert("api".into(), e);
         let mut a = AllocRecord {
-            id: "api-1".into(),
-            job: "api".into(),
             version: 2,
-            node: "n1".into(),
-            desired_run: true,
-            state: AllocState::Running,
-            healthy: None,
-            healthy_since_unix_ms: None,
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            restarts: 0,
-            exit_code: None,
-            message: String::new(),
-            cpu_millis: 100,
-            memory_bytes: 32 << 20,
-            gpu_uuids: vec![],
-            priority: 50,
-            disk_bytes: 0,
-            ports: vec![],
-            restore: None,
-            failure: None,
+            ..test_alloc("api-1", "n1", AllocState::Running)
         };
-        assert_eq!(held_ports(&st, &a), [scheduler::HostPort::tcp(8080)]);
+        assert_eq!(
+            held_ports(&Jobs::new(&st.jobs), &a),
+            [scheduler::HostPort::tcp(8080)]
+        );
         let task = st.jobs["api"].parsed[&2].task_spec();
         a.ports = alloc_ports(
             &task,
@@ -1836,7 +1467,7 @@ mod tests {
         );
         assert_eq!(a.ports[1].container_port, 9100);
         assert_eq!(
-            held_ports(&st, &a),
+            held_ports(&Jobs::new(&st.jobs), &a),
             [
                 scheduler::HostPort::tcp(8080),
                 scheduler::HostPort::tcp(20000)
@@ -1878,5 +1509,88 @@ mod tests {
             v.lifecycle.schedule.map(|s| s.start),
             Some("0 8 * * 1-5".to_string())
         );
+    }
+
+    fn workloads_with(a: AllocRecord) -> Workloads {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::new());
+        store.save_allocations(&[a], &[]).expect("save");
+        let config = crate::registry::RegistryConfig::new(60, Duration::from_secs(3));
+        let registry =
+            Arc::new(Registry::load(store.clone(), config, Instant::now()).expect("registry"));
+        let events = Arc::new(EventLog::open(store.clone(), 100).expect("events"));
+        Workloads::load(store, registry, events).expect("workloads")
+    }
+
+    fn status(state: AllocState, restarts: u32, restore_failed: bool) -> AllocationReport {
+        AllocationReport {
+            generation: 1,
+            allocations: vec![novacron_common::wire::AllocationStatus {
+                id: "api-1".into(),
+                state,
+                healthy: None,
+                restarts,
+                exit_code: None,
+                message: "words decide nothing".into(),
+                failure: None,
+                restore_failed,
+                container_id: None,
+                started_at_unix_ms: None,
+            }],
+        }
+    }
+
+    /// The typed record of a move that the migration decides from: what the new
+    /// node reported since, with failures sticking, and a terminal state held
+    /// as `migrating` for the migration to roll back.
+    #[test]
+    fn a_move_records_what_the_new_node_reports() {
+        let a = AllocRecord {
+            restarts: 3,
+            ..test_alloc("api-1", "n1", AllocState::Running)
+        };
+        let w = workloads_with(a);
+        assert_eq!(w.move_report("api-1"), None);
+        let restore = RestoreFrom {
+            digest: "d".repeat(64),
+            size: 1,
+            mode: novacron_common::checkpoint::CheckpointMode::Fs,
+        };
+        w.relocate("api-1", "n2", Some(restore), "moving")
+            .expect("relocate");
+        assert_eq!(w.move_report("api-1"), Some(MoveReport::default()));
+        // The old node's reports are not the new node's.
+        w.report(
+            "n1",
+            &status(AllocState::Starting, 9, true),
+            SystemTime::now(),
+        );
+        assert_eq!(w.move_report("api-1"), Some(MoveReport::default()));
+
+        w.report(
+            "n2",
+            &status(AllocState::Starting, 0, false),
+            SystemTime::now(),
+        );
+        let seen = w.move_report("api-1").expect("moving");
+        assert_eq!((seen.first_restarts, seen.start_failed()), (Some(0), false));
+        w.report(
+            "n2",
+            &status(AllocState::Starting, 1, true),
+            SystemTime::now(),
+        );
+        w.report(
+            "n2",
+            &status(AllocState::Failed, 1, false),
+            SystemTime::now(),
+        );
+        let seen = w.move_report("api-1").expect("moving");
+        assert!(seen.start_failed() && seen.restore_failed);
+        assert_eq!(seen.ended, Some(AllocState::Failed));
+        assert_eq!(
+            w.allocation("api-1").expect("alloc").state,
+            AllocState::Migrating
+        );
+        w.clear_restore("api-1").expect("clear");
+        assert_eq!(w.move_report("api-1"), None);
     }
 }

@@ -317,8 +317,8 @@ fn bincode_and_bollard_stay_where_they_are_allowed() {
             &[
                 "agent/src/runtime/docker.rs",
                 "agent/src/runtime/mod.rs",
-                "agent/src/collect/docker.rs",
-                "agent/src/checkpoint.rs",
+                "agent/src/runtime/docker/version.rs",
+                "agent/src/runtime/docker/checkpoint.rs",
                 "controller/src/providers/docker.rs",
                 "controller/src/providers/mod.rs",
             ],

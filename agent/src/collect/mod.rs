@@ -7,7 +7,7 @@
 //! - [`GpuCollector`]: NVIDIA GPUs. The real one is [`NvmlCollector`], the empty one
 //!   [`NoGpus`]; [`detect_gpus`] picks between them ([`gpu`]).
 //! - the Docker daemon is only asked for its version, once, by [`capabilities`]
-//!   ([`docker`]).
+//!   (through the runtime's Docker adapter, [`crate::runtime::docker::version`]).
 //!
 //! [`Sampler`] combines a host and a GPU collector into one [`NodeSample`] per tick and
 //! derives the node's [`Capacity`] from the latest reading.
@@ -16,7 +16,6 @@
 //! interval, so collectors create their OS handles once and refresh only what they
 //! report (no process lists, no `refresh_all`).
 
-pub mod docker;
 pub mod gpu;
 pub mod host;
 
@@ -27,9 +26,10 @@ use novacron_common::wire::{
     Capabilities, Capacity, DiskSample, GpuInfo, GpuSample, NodeSample, PortRange,
 };
 
-pub use docker::{DEFAULT_DOCKER_HOST, DOCKER_TIMEOUT, docker_version};
 pub use gpu::{GpuError, NoGpus, NvmlCollector, detect_gpus};
 pub use host::{HostError, MAX_DISKS, MAX_INTERFACES, SysinfoCollector};
+
+pub use crate::runtime::docker::version::{DEFAULT_DOCKER_HOST, DOCKER_TIMEOUT, docker_version};
 
 /// Host readings (everything except GPUs).
 pub trait HostCollector: Send {

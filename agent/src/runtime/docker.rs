@@ -4,6 +4,9 @@
 //! [`CALL_TIMEOUT`] for a stop). Stats are read one-shot (no second sample inside
 //! the daemon, so a reading takes milliseconds, not a second).
 
+pub mod checkpoint;
+pub mod version;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -31,7 +34,7 @@ use super::{
     ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
     ContainerStatus, ExecSession, ExecState, LogFrame, MountConfig, RuntimeError, StatsReading,
 };
-use crate::collect::DEFAULT_DOCKER_HOST;
+use version::DEFAULT_DOCKER_HOST;
 
 /// The limit on one call to the daemon.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);

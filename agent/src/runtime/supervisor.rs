@@ -16,12 +16,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, Stream, StreamExt};
+use novacron_common::backoff::Backoff;
+use novacron_common::retry::Retry;
+use novacron_common::ticker::Ticker;
 use novacron_common::wire::{
     AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
     LogChunk, LogRequest, RestoreFrom,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -48,6 +52,9 @@ pub const DEFAULT_MAX_STATS_PER_CALL: usize = 32;
 const RUNTIME_CONCURRENCY: usize = 8;
 /// Containers named by events and not yet inspected again; past this, all are.
 const MAX_STALE: usize = 1024;
+/// The wait before the event stream is opened again after it first ends (half to
+/// all of it: the delays carry jitter, so agents do not reconnect in step).
+const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait before the event stream is opened again.
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -237,8 +244,11 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let mut jobs: JoinSet<Outcome> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, Action> = HashMap::new();
         let mut cache = InspectCache::default();
-        let mut tick = tokio::time::interval(inner.config.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = Ticker::new(
+            inner.config.poll_interval,
+            MissedTickBehavior::Delay,
+            cancel.cancelled(),
+        );
         let mut observe = true;
         info!(node = %inner.config.node_name, "container supervisor running");
         loop {
@@ -262,8 +272,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 None
             };
             tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tick.tick() => observe = true,
+                // A tick, or `false` once `cancel` fired.
+                ticked = ticker.tick() => {
+                    if !ticked {
+                        break;
+                    }
+                    observe = true;
+                }
                 _ = inner.wake.notified() => observe = true,
                 Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
                     let outcome = match joined {
@@ -843,7 +858,10 @@ async fn probe<R: ContainerRuntime>(
 /// inspection and wakes the loop. Reopens the stream, backing off, when it ends.
 async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: CancellationToken) {
     let node = inner.config.node_name.clone();
-    let mut failures: u32 = 0;
+    let mut retry = Retry::new(Backoff {
+        initial: EVENTS_RETRY_FIRST,
+        max: EVENTS_RETRY_MAX,
+    });
     loop {
         let mut events = inner.runtime.events(&node);
         loop {
@@ -853,7 +871,7 @@ async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: Cancell
             };
             match item {
                 Some(Ok(event)) => {
-                    failures = 0;
+                    retry.reset();
                     debug!(container = %event.container_id, action = %event.action, "container event");
                     inner.mark_stale(event.container_id);
                     inner.wake.notify_one();
@@ -865,13 +883,8 @@ async fn watch_events<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: Cancell
                 None => break,
             }
         }
-        failures = failures.saturating_add(1);
-        let delay = Duration::from_millis(500)
-            .saturating_mul(2u32.saturating_pow(failures.min(8)))
-            .min(EVENTS_RETRY_MAX);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !retry.wait(cancel.cancelled()).await {
+            return;
         }
     }
 }

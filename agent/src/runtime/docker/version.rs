@@ -1,4 +1,5 @@
-//! The Docker daemon, asked for its version (a node capability).
+//! The Docker daemon, asked for its version (a node capability, read by
+//! `novacron_agent::collect::capabilities`).
 
 use std::time::Duration;
 
