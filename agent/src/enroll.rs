@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use novacron_common::api::{ApiError, EnrollRequest, EnrollResponse};
+use novacron_api::{ApiError, EnrollRequest, EnrollResponse};
 use novacron_common::files;
 use novacron_common::pki::{self, Fingerprint, Identity};
 use novacron_common::tls;

@@ -1,12 +1,12 @@
 //! NovaCron's shared edge helpers: TLS and PKI, files, checkpoint transfer, config,
-//! signals, logging, lock helpers, tickers and retries, plus the API bodies.
+//! signals, logging, lock helpers, tickers and retries. The HTTP API bodies are the
+//! `novacron-api` crate.
 //!
 //! The pure decision core lives in `novacron-core` and the wire protocol in
 //! `novacron-wire`; both are re-exported here at their old paths
 //! (`novacron_common::scheduler`, `novacron_common::wire`, ...) so that callers need
 //! one dependency. [`wire`] adds the async frame reader and writer to the protocol.
 
-pub mod api;
 pub mod config;
 pub mod files;
 pub mod logging;

@@ -660,7 +660,7 @@ async fn admin_request<T: DeserializeOwned + 'static>(
     let status = resp.status();
     if !status.is_success() {
         let msg = resp
-            .json::<novacron_common::api::ApiError>()
+            .json::<novacron_api::ApiError>()
             .await
             .map(|e| e.error)
             .unwrap_or_else(|_| status.to_string());

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
-use novacron_controller::cli::dev::DEMO_IMAGE;
+use novacron_cli::dev::DEMO_IMAGE;
 
 use crate::{bin_dir, docker};
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use novacron_common::api::{MetricsWindow, NodeView};
+use novacron_api::{MetricsWindow, NodeView};
 use novacron_common::tls;
 use tokio::process::{Child, Command};
 
@@ -265,7 +265,7 @@ impl Controller {
     }
 
     /// `GET /v1/stats`.
-    pub async fn stats(&self) -> Result<novacron_common::api::ControllerStats> {
+    pub async fn stats(&self) -> Result<novacron_api::ControllerStats> {
         Ok(self
             .admin_client()?
             .get(format!("{}/v1/stats", self.api()))

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use novacron_common::api::Event;
+use novacron_api::Event;
 use novacron_common::wire::AllocState;
 use novacron_controller::autoscaler::PolicyView;
 use novacron_tests::{Agent, Controller, TEST_IMAGE, docker, ensure_test_image, wait_for};

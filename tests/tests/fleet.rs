@@ -20,10 +20,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use novacron_api::AllocView;
+use novacron_cli::dev::DEMO_IMAGE;
 use novacron_common::tls;
 use novacron_common::wire::AllocState;
-use novacron_controller::cli::dev::DEMO_IMAGE;
-use novacron_controller::store::AllocRecord;
 use novacron_controller::workloads::JobDetail;
 use novacron_tests::fleet_image::{ensure_demo_image, fleet_image};
 use novacron_tests::{docker, wait_for};
@@ -241,8 +241,7 @@ impl Fleet {
             .send()
             .await
             .ok()?;
-        let view: novacron_common::api::NodeView =
-            resp.error_for_status().ok()?.json().await.ok()?;
+        let view: novacron_api::NodeView = resp.error_for_status().ok()?.json().await.ok()?;
         Some(view.status.to_string())
     }
 
@@ -255,7 +254,7 @@ impl Fleet {
     }
 
     async fn labels(&self, name: &str) -> Result<BTreeMap<String, String>> {
-        let view: novacron_common::api::NodeView = self
+        let view: novacron_api::NodeView = self
             .client
             .get(format!("{}/v1/nodes/{name}", self.api()))
             .send()
@@ -310,7 +309,7 @@ spec:
     }
 
     /// The job's allocations that should run and report running.
-    async fn running(&self, job: &str) -> Vec<AllocRecord> {
+    async fn running(&self, job: &str) -> Vec<AllocView> {
         self.job(job)
             .await
             .map(|d| {
@@ -322,7 +321,7 @@ spec:
             .unwrap_or_default()
     }
 
-    async fn wait_running(&self, job: &str, n: usize) -> Result<Vec<AllocRecord>> {
+    async fn wait_running(&self, job: &str, n: usize) -> Result<Vec<AllocView>> {
         wait_for(
             CONVERGE,
             &format!("{n} running replicas of {job}"),
@@ -398,7 +397,7 @@ fn job_name(fleet: &Fleet) -> String {
     format!("{}-job", fleet.id)
 }
 
-fn ids(allocs: &[AllocRecord]) -> BTreeSet<String> {
+fn ids(allocs: &[AllocView]) -> BTreeSet<String> {
     allocs.iter().map(|a| a.id.clone()).collect()
 }
 
@@ -540,7 +539,7 @@ async fn a_restarted_controller_loses_no_job_or_allocation() {
     // A few reconcile ticks with every agent reporting.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let detail = f.job(&job).await.expect("the job survived the restart");
-    let live: Vec<&AllocRecord> = detail
+    let live: Vec<&AllocView> = detail
         .allocations
         .iter()
         .filter(|a| a.desired_run)

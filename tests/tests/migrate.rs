@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
+use novacron_api::AllocView;
 use novacron_common::wire::AllocState;
-use novacron_controller::store::AllocRecord;
 use novacron_tests::counter_image::{CounterJob, counter_image};
 use novacron_tests::{Agent, Controller, DaemonsCleanup, docker_on, free_port, wait_for};
 
@@ -182,7 +182,7 @@ async fn get(port: u16, path: &str) -> anyhow::Result<String> {
     Ok(resp.text().await?)
 }
 
-async fn the_alloc(s: &Setup) -> AllocRecord {
+async fn the_alloc(s: &Setup) -> AllocView {
     s.controller
         .job(&s.job)
         .await

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use novacron_common::api::{Event, EventPage};
+use novacron_api::{Event, EventPage};
 use novacron_tests::{Controller, bin};
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use novacron_common::api::EventPage;
+use novacron_api::EventPage;
 use novacron_common::tls;
 use novacron_common::wire::AllocState;
 use novacron_controller::pools::PoolStatus;

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use novacron_common::api::EventPage;
+use novacron_api::EventPage;
 use novacron_common::pki::Serial;
 use novacron_tests::{Agent, Controller, RawClient, bin, wait_for};
 use reqwest::StatusCode;

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use novacron_api::AllocView;
 use novacron_common::wire::AllocState;
-use novacron_controller::store::AllocRecord;
 use novacron_tests::{
     Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, service_job, wait_for,
 };
@@ -60,7 +60,7 @@ fn service(name: &str, replicas: u32, extra: &str) -> String {
     )
 }
 
-async fn running(c: &Controller, job: &str) -> Vec<AllocRecord> {
+async fn running(c: &Controller, job: &str) -> Vec<AllocView> {
     c.job(job)
         .await
         .map(|d| {
@@ -697,7 +697,7 @@ fn checked_service(name: &str, health: &str, placement: &str) -> String {
     )
 }
 
-async fn allocs_of(c: &Controller, job: &str) -> Vec<AllocRecord> {
+async fn allocs_of(c: &Controller, job: &str) -> Vec<AllocView> {
     c.job(job).await.map(|d| d.allocations).unwrap_or_default()
 }
 

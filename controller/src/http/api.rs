@@ -10,7 +10,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use axum::Json;
-use novacron_common::api::{
+use novacron_api::{
     ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView,
 };
 use novacron_common::pki::{self, Identity, Role, Validity};
@@ -29,6 +29,7 @@ use crate::state::api_tokens::{self, ApiToken, ApiTokenError, ApiTokenRecord};
 use crate::state::registry::RegistryError;
 use crate::state::store::{ConsumeError, Revocation, StoreError};
 use crate::state::tokens::{JoinToken, TokenRecord};
+pub use novacron_api::ApplyRequest;
 use novacron_common::clock::unix_ms;
 
 /// The routes of nodes, tokens, jobs and allocations.
@@ -637,18 +638,6 @@ async fn reset_latency(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/jobs` body.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ApplyRequest {
-    /// The file name, for error messages.
-    #[schema(max_length = 4096)]
-    pub file: String,
-    /// The YAML manifest.
-    #[schema(max_length = 262144)]
-    pub manifest: String,
-}
-
 /// The longest CSR accepted at enrollment (a PEM request is about 1 KiB).
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
 pub use crate::state::store::MAX_MANIFEST_BYTES;
@@ -657,30 +646,28 @@ pub const MAX_FILE_NAME_BYTES: usize = 4096;
 /// The longest free text (a revocation reason, a token description).
 pub const MAX_NOTE_BYTES: usize = 1024;
 
-impl ApplyRequest {
-    /// Refuses a manifest or file name over its limit (422, naming the size).
-    pub fn check(&self) -> Result<(), Problem> {
-        if self.file.len() > MAX_FILE_NAME_BYTES {
-            return Err(Problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "file: {} bytes exceed the limit of {MAX_FILE_NAME_BYTES} bytes for a file name",
-                    self.file.len()
-                ),
-            ));
-        }
-        if self.manifest.len() > MAX_MANIFEST_BYTES {
-            return Err(Problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "{}: the manifest's {} bytes exceed the limit of {MAX_MANIFEST_BYTES} bytes",
-                    self.file,
-                    self.manifest.len()
-                ),
-            ));
-        }
-        Ok(())
+/// Refuses a manifest or file name over its limit (422, naming the size).
+pub fn check_apply(req: &ApplyRequest) -> Result<(), Problem> {
+    if req.file.len() > MAX_FILE_NAME_BYTES {
+        return Err(Problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "file: {} bytes exceed the limit of {MAX_FILE_NAME_BYTES} bytes for a file name",
+                req.file.len()
+            ),
+        ));
     }
+    if req.manifest.len() > MAX_MANIFEST_BYTES {
+        return Err(Problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{}: the manifest's {} bytes exceed the limit of {MAX_MANIFEST_BYTES} bytes",
+                req.file,
+                req.manifest.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses free text over [`MAX_NOTE_BYTES`] (422).

@@ -7,48 +7,22 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::extract::State;
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::pki::{Role, Serial};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::http::api::{ApiState, Caller, Problem, check_note, internal};
 use crate::services::events::{NewEvent, kind};
 use crate::state::store::CertRevocation;
+pub use novacron_api::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 
 /// The certificate routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
         .routes(routes!(revoke_cert))
         .routes(routes!(list_revoked))
-}
-
-/// `POST /v1/certs/revoke` body.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CertRevokeRequest {
-    /// The certificate's serial, hex (`:` separators and a `0x` prefix allowed).
-    #[schema(max_length = 64)]
-    pub serial: String,
-    /// Why, for the audit trail.
-    #[serde(default)]
-    #[schema(max_length = 1024)]
-    pub reason: String,
-}
-
-/// A revoked certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct CertRevocationView {
-    /// The serial, lowercase hex without leading zeros.
-    pub serial: String,
-    /// When it was revoked, Unix milliseconds.
-    pub revoked_unix_ms: u64,
-    /// Who revoked it.
-    pub by: String,
-    /// Why.
-    pub reason: String,
 }
 
 impl From<CertRevocation> for CertRevocationView {
@@ -60,19 +34,6 @@ impl From<CertRevocation> for CertRevocationView {
             reason: r.reason,
         }
     }
-}
-
-/// `POST /v1/certs/revoke` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct CertRevokeResponse {
-    /// The revocation that holds (the earlier one when it was already revoked).
-    pub revocation: CertRevocationView,
-    /// Whether the serial was revoked before this call.
-    pub already_revoked: bool,
-    /// HTTPS connections that used the certificate and were closed.
-    pub closed_api_connections: usize,
-    /// Nodes whose agent link used the certificate and was closed.
-    pub closed_nodes: Vec<String>,
 }
 
 #[utoipa::path(post, path = "/v1/certs/revoke", tag = "access", request_body = CertRevokeRequest, responses((status = 200, body = CertRevokeResponse), (status = 400, description = "the serial is not hex", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field, has one of the wrong type, or the reason is too long", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]

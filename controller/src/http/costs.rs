@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::consolidate;
 use novacron_common::cost::RightsizeConfig;
 use novacron_common::pki::Role;

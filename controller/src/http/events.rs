@@ -11,7 +11,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
-use novacron_common::api::{ApiError, Event, EventPage};
+use novacron_api::{ApiError, Event, EventPage};
 use novacron_common::pki::Role;
 use tokio::sync::broadcast;
 use utoipa_axum::router::OpenApiRouter;

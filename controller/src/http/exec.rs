@@ -22,7 +22,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
-use novacron_common::api::{ApiError, ExecBody, ExecExit, ExecLine, ExecSummary};
+use novacron_api::{ApiError, ExecBody, ExecExit, ExecLine, ExecSummary};
 use novacron_common::fleet::NodeStatus;
 use novacron_common::pki::Role;
 use novacron_common::wire::{
@@ -36,6 +36,7 @@ use utoipa_axum::routes;
 
 use crate::http::api::{ApiState, Caller, Problem};
 use crate::services::events::{NewEvent, kind};
+pub use novacron_api::{parse_selector, selector_text};
 
 /// Lines queued between the per-node tasks and the HTTP response.
 pub const LINE_QUEUE: usize = 256;
@@ -52,48 +53,12 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new().routes(routes!(exec))
 }
 
-/// Parses a label selector `key=value[,key=value...]` (spaces around items are
-/// ignored).
-pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut pairs = BTreeMap::new();
-    for item in text.split(',').map(str::trim) {
-        let Some((key, value)) = item.split_once('=') else {
-            return Err(format!(
-                "selector item {item:?} is not key=value; use e.g. zone=a or zone=a,pool=gpu"
-            ));
-        };
-        let (key, value) = (key.trim(), value.trim());
-        if key.is_empty() {
-            return Err(format!(
-                "selector item {item:?} has an empty key; use e.g. zone=a"
-            ));
-        }
-        if let Some(old) = pairs.insert(key.to_owned(), value.to_owned())
-            && old != value
-        {
-            return Err(format!(
-                "selector asks for {key}={old} and {key}={value}; a node has one value per label"
-            ));
-        }
-    }
-    Ok(pairs)
-}
-
 /// Whether `labels` hold every pair of `selector`.
 pub fn selector_matches(
     selector: &BTreeMap<String, String>,
     labels: &BTreeMap<String, String>,
 ) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
-/// A selector as people write it: `zone=a,pool=gpu`.
-pub fn selector_text(selector: &BTreeMap<String, String>) -> String {
-    selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// The summary of per-node results: 0 when every node returned 0, else the first
@@ -573,32 +538,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn selectors_parse() {
-        assert_eq!(parse_selector("zone=a"), Ok(map(&[("zone", "a")])));
-        assert_eq!(
-            parse_selector(" zone=a , pool=gpu"),
-            Ok(map(&[("zone", "a"), ("pool", "gpu")]))
-        );
-        assert_eq!(parse_selector("zone="), Ok(map(&[("zone", "")])));
-        assert!(
-            parse_selector("zone")
-                .expect_err("no =")
-                .contains("\"zone\" is not key=value")
-        );
-        assert!(
-            parse_selector("=a")
-                .expect_err("no key")
-                .contains("empty key")
-        );
-        assert!(
-            parse_selector("zone=a,zone=b")
-                .expect_err("conflict")
-                .contains("zone=a and zone=b")
-        );
-        assert_eq!(parse_selector("zone=a,zone=a"), Ok(map(&[("zone", "a")])));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::pki::Role;
 use novacron_common::wire::{ControllerMessage, LogChunk, LogRequest};
 use serde::Deserialize;
@@ -17,7 +17,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::http::api::{ApiState, ApplyRequest, Caller, Problem, internal};
+use crate::http::api::{ApiState, ApplyRequest, Caller, Problem, check_apply, internal};
 use crate::services::events::{NewEvent, kind};
 use crate::services::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError};
 use crate::state::store::AllocRecord;
@@ -43,7 +43,7 @@ async fn apply_job(
     Json(req): Json<ApplyRequest>,
 ) -> Result<Response, Problem> {
     caller.require(Role::Operator)?;
-    req.check()?;
+    check_apply(&req)?;
     let file_name = req.file.clone();
     let by = caller.0.to_string();
     let (workloads, file, who) = (st.workloads.clone(), req.file.clone(), by.clone());

@@ -5,16 +5,17 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::checkpoint::{BundleInfo, CheckpointMode};
 use novacron_common::pki::Role;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::http::api::{ApiState, Caller, Problem};
 use crate::services::migrate::{MigrateError, MigrationStatus};
+pub use novacron_api::DrainPlan;
 
 /// The longest job, allocation or node name accepted in a query.
 const MAX_NAME: usize = 253;
@@ -152,16 +153,6 @@ async fn show_migration(
             format!("unknown migration {id:?}; `GET /v1/migrations` lists the recent ones"),
         )
     })
-}
-
-/// The answer of `POST /v1/nodes/{name}/drain`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct DrainPlan {
-    /// The node, now cordoned.
-    pub node: String,
-    /// Its running allocations, to migrate one after another
-    /// (`POST /v1/allocations/{id}/migrate`).
-    pub allocations: Vec<String>,
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (nothing new is placed there); the running allocations to migrate", body = DrainPlan), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]

@@ -22,7 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::pki::Identity;
 use tracing::warn;
 use utoipa::OpenApi;

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -31,7 +31,7 @@ async fn apply(
     Json(req): Json<ApplyRequest>,
 ) -> Result<Json<PolicyApplyResult>, Problem> {
     caller.require(Role::Operator)?;
-    req.check()?;
+    crate::api::check_apply(&req)?;
     let by = caller.0.to_string();
     let (autoscaler, file, who) = (st.autoscaler.clone(), req.file.clone(), by.clone());
     let manifest = req.manifest.clone();

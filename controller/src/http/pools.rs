@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -29,7 +29,7 @@ async fn apply_pools(
     Json(req): Json<ApplyRequest>,
 ) -> Result<Json<Vec<AppliedDocument>>, Problem> {
     caller.require(Role::Operator)?;
-    req.check()?;
+    crate::api::check_apply(&req)?;
     let by = caller.0.to_string();
     let (state, file, manifest, who) = (
         st.clone(),

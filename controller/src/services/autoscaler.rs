@@ -20,21 +20,20 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use novacron_common::api::MetricsWindow;
+use novacron_api::MetricsWindow;
 use novacron_common::autoscale::{
     self, AutoScalingPolicy, MetricKind, Observations, Sample, Target, parse_policy,
 };
 use novacron_common::wire::AllocState;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use utoipa::ToSchema;
 
 use crate::services::events::{EventLog, NewEvent, kind};
 use crate::services::workloads::{WorkloadError, Workloads};
 pub use crate::state::policies::{DecisionRecord, PolicyRecord, RecommendationRecord, ScaleRecord};
 use crate::state::registry::Registry;
 use crate::state::store::{AllocRecord, Store, StoreError};
+pub use novacron_api::{PolicyApplyResult, PolicyView};
 use novacron_common::clock::unix_ms;
 
 /// How often the autoscaler decides.
@@ -43,45 +42,6 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const PERSIST_EVERY: Duration = Duration::from_secs(5);
 /// The actor prefix of the autoscaler's changes: `autoscaler (policy NAME)`.
 pub const ACTOR: &str = "autoscaler";
-
-/// A policy as `GET /v1/policies` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct PolicyView {
-    /// Name.
-    pub name: String,
-    /// `job` or `pool`.
-    pub target_kind: String,
-    /// The job's or pool's name.
-    pub target: String,
-    /// Fewest replicas or nodes.
-    pub min_size: u32,
-    /// Most replicas or nodes.
-    pub max_size: u32,
-    /// What it measures: `cpu 75% over 5m`, `pending 10 per replica over 1m`.
-    pub metrics: Vec<String>,
-    /// The target's size now (a job's replicas wanted); `None` when the target
-    /// does not exist.
-    pub current: Option<u32>,
-    /// The latest decision and its explanation.
-    pub last_decision: Option<DecisionRecord>,
-    /// The file it was applied from.
-    pub file: String,
-    /// Who applied it.
-    pub applied_by: String,
-    /// When (Unix ms).
-    pub applied_at_unix_ms: u64,
-}
-
-/// What `POST /v1/policies` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct PolicyApplyResult {
-    /// The policy.
-    pub policy: String,
-    /// What it scales: `job api`, `pool gpu`.
-    pub target: String,
-    /// `created`, `updated` or `unchanged`.
-    pub outcome: String,
-}
 
 /// Errors of policy operations.
 #[derive(Debug, thiserror::Error)]
@@ -322,7 +282,7 @@ impl Autoscaler {
                     max_size: policy.spec.max_size,
                     metrics: policy.spec.metrics.iter().map(describe_metric).collect(),
                     current,
-                    last_decision: record.last_decision,
+                    last_decision: record.last_decision.map(Into::into),
                     file: record.file,
                     applied_by: record.applied_by,
                     applied_at_unix_ms: record.applied_at_unix_ms,
@@ -421,7 +381,7 @@ impl Autoscaler {
             };
             return self.step_pool(w, pool, now_ms, events);
         };
-        let detail = match self.workloads.job(job) {
+        let detail = match self.workloads.job_state(job) {
             Ok(d) => d,
             Err(_) => {
                 return hold(
@@ -514,7 +474,7 @@ impl Autoscaler {
     fn step_pool(&self, w: &Work, pool: &str, now_ms: u64, events: &mut Vec<NewEvent>) -> Outcome {
         let policy = &w.policy;
         let views = self.registry.views(std::time::Instant::now());
-        let members: Vec<&novacron_common::api::NodeView> = views
+        let members: Vec<&novacron_api::NodeView> = views
             .iter()
             .filter(|v| {
                 v.labels.get("pool").map(String::as_str) == Some(pool)
@@ -636,7 +596,7 @@ impl Autoscaler {
 /// `None` before any replica is placed (a cost cap then waits for a price).
 pub fn replica_price(
     live: &[AllocRecord],
-    nodes: &[novacron_common::api::NodeView],
+    nodes: &[novacron_api::NodeView],
     pricing: &novacron_common::cost::PriceCatalog,
 ) -> Option<f64> {
     let prices: Vec<f64> = live
@@ -859,7 +819,7 @@ mod tests {
 
     #[test]
     fn a_replica_costs_its_share_of_its_node() {
-        let node = novacron_common::api::NodeView {
+        let node = novacron_api::NodeView {
             name: "n1".into(),
             status: novacron_common::fleet::NodeStatus::Ready,
             labels: [("price_per_hour".to_string(), "2.0".to_string())].into(),
@@ -1009,5 +969,20 @@ mod tests {
         let d = autoscale::decide(&policy, &saved.state(2), &obs, 11_000);
         assert_eq!(d.to, 2, "{}", d.explanation);
         assert!(d.explanation.contains("cooldown"), "{}", d.explanation);
+    }
+
+    /// The API's view of a decision has the record's JSON.
+    #[test]
+    fn decision_view_json_is_the_records() {
+        let record = DecisionRecord {
+            at_unix_ms: 1_700_000_000_000,
+            from: 4,
+            to: 6,
+            explanation: "api 4 → 6: cpu 91% over 5m, target 75%".into(),
+        };
+        let want = serde_json::to_string(&record).expect("record JSON");
+        let got =
+            serde_json::to_string(&novacron_api::DecisionView::from(record)).expect("view JSON");
+        assert_eq!(got, want);
     }
 }

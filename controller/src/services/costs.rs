@@ -7,15 +7,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use novacron_common::api::NodeView;
+use novacron_api::NodeView;
 use novacron_common::consolidate;
-use novacron_common::cost::{self, Rightsize, RightsizeConfig};
+use novacron_common::cost::{self, RightsizeConfig};
 use novacron_common::wire::{AllocState, NodeSample};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Deserialize;
 
 use crate::services::context::ApiState;
 use crate::state::store::AllocRecord;
+pub use novacron_api::{CostReport, GroupCost, JobRecommendation, NodeCost};
 
 /// Nodes consolidation may touch at once (the disruption budget of the plan).
 pub const CONSOLIDATION_BUDGET: usize = 3;
@@ -51,72 +51,6 @@ pub fn consolidation_plan(
         })
         .collect();
     consolidate::plan(&pack, CONSOLIDATION_BUDGET)
-}
-
-/// `GET /v1/costs`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CostReport {
-    /// The whole fleet, per hour.
-    pub total_hourly: f64,
-    /// Per node.
-    pub nodes: Vec<NodeCost>,
-    /// Per job: the share of each node its allocations hold.
-    pub jobs: Vec<GroupCost>,
-    /// Per pool (the `pool` label; `-` when none).
-    pub pools: Vec<GroupCost>,
-    /// Per capacity type (`spot`, `on-demand`, `-`).
-    pub capacity: Vec<GroupCost>,
-    /// Every budget of the catalog's `[budgets]` against the cost now; those
-    /// `exceeded` are the alerts.
-    #[serde(default)]
-    pub budgets: Vec<cost::BudgetStatus>,
-    /// Per workload class of the catalog's `[mix]` (the job label `class`): the
-    /// share of its running replicas on spot nodes against the target.
-    #[serde(default)]
-    pub mix: Vec<cost::MixStatus>,
-}
-
-/// One node's cost.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct NodeCost {
-    /// Node.
-    pub node: String,
-    /// Its pool label.
-    pub pool: String,
-    /// Its capacity label.
-    pub capacity: String,
-    /// Per hour.
-    pub hourly: f64,
-    /// Why this price.
-    pub source: String,
-    /// The share of it that allocations hold (0 to 1): the rest is idle capacity.
-    pub allocated: f64,
-}
-
-/// The cost of a group (a job, a pool, a capacity type).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct GroupCost {
-    /// The group.
-    pub name: String,
-    /// Per hour.
-    pub hourly: f64,
-    /// Nodes (pools, capacity types) or allocations (jobs) counted.
-    pub count: u32,
-}
-
-/// `GET /v1/recommendations`: one entry per job with enough samples.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct JobRecommendation {
-    /// The job.
-    pub job: String,
-    /// Running replicas observed.
-    pub replicas: u32,
-    /// The recommendation.
-    pub rightsize: Rightsize,
-    /// Hourly cost of the job now and with the recommended requests.
-    pub hourly_now: f64,
-    /// With the recommendation applied (same nodes, smaller shares).
-    pub hourly_recommended: f64,
 }
 
 /// The cost report of the live fleet.

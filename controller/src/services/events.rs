@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use novacron_common::api::Event;
+use novacron_api::Event;
 use tokio::sync::broadcast;
 use tracing::warn;
 

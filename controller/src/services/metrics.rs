@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use novacron_common::api::{ControllerStats, NodeView};
+use novacron_api::{ControllerStats, NodeView};
 use novacron_common::fleet::NodeStatus;
 use novacron_common::wire::{AllocState, GpuSample};
 use prometheus_client::collector::Collector;

@@ -29,7 +29,6 @@ use novacron_common::wire::{
     self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, PROTOCOL_VERSION,
     ReleaseReply, ReleaseRequest, RestoreFrom,
 };
-use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +40,7 @@ use crate::services::workloads::{CheckpointIndex, MoveReport, Workloads};
 use crate::state::bundles::{BundleStore, Have};
 use crate::state::registry::Registry;
 use crate::state::store::AllocRecord;
+pub use novacron_api::{MigrationStatus, Phase};
 use novacron_common::clock::unix_ms;
 
 /// How long a source holds a migrating allocation without a release.
@@ -55,56 +55,6 @@ const TRANSFER_ATTEMPTS: u32 = 4;
 const KEEP_MIGRATIONS: usize = 200;
 /// Spot notices queued for the migration loop.
 pub const SPOT_QUEUE: usize = 64;
-
-/// Where a migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Taking the checkpoint on the source.
-    Checkpointing,
-    /// Moving the bundle to the controller's store.
-    Transferring,
-    /// The target fetches and restores it.
-    Restoring,
-    /// The allocation runs on the target.
-    Completed,
-    /// Failed; the allocation goes on on the source.
-    RolledBack,
-}
-
-/// One migration, as `GET /v1/migrations/{id}` shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct MigrationStatus {
-    /// Id (`m-<n>`).
-    pub id: String,
-    /// The allocation.
-    pub alloc: String,
-    /// Its job.
-    pub job: String,
-    /// Source node.
-    pub from: String,
-    /// Target node.
-    pub to: String,
-    /// Mode asked for (`auto` resolves on the source).
-    pub mode: CheckpointMode,
-    /// Where it stands.
-    pub phase: Phase,
-    /// Bundle bytes moved so far.
-    pub bytes_done: u64,
-    /// Bundle size (0 until the checkpoint is taken).
-    pub bytes_total: u64,
-    /// The bundle, once taken.
-    pub digest: Option<String>,
-    /// Started (Unix ms).
-    pub started_unix_ms: u64,
-    /// Finished (Unix ms).
-    pub finished_unix_ms: Option<u64>,
-    /// From the checkpoint request to the allocation reported running on the
-    /// target, ms (the workload's downtime as the controller sees it).
-    pub downtime_ms: Option<u64>,
-    /// Why it failed.
-    pub error: Option<String>,
-}
 
 /// A spot interruption notice from a node.
 #[derive(Debug, Clone)]

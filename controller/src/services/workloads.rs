@@ -23,7 +23,7 @@ use novacron_common::scheduler;
 use novacron_common::wire::{
     AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
 };
-use serde::{Deserialize, Serialize};
+
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -32,6 +32,7 @@ use crate::services::events::{EventLog, NewEvent, kind};
 use crate::services::pass_stats::PassStats;
 use crate::state::registry::{PlacementNode, Registry};
 use crate::state::store::{AllocPort, AllocRecord, JobRecord, ReplicaOverride, Store, StoreError};
+pub use novacron_api::{ApplyResult, JobDetail, JobSummary};
 use novacron_common::clock::unix_ms;
 use plan::{
     Action, Jobs, NewVersion, alloc_ports, node_views, push_record_version, scheduling_snapshot,
@@ -61,58 +62,10 @@ pub enum WorkloadError {
     Store(#[from] StoreError),
 }
 
-/// What `apply` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ApplyResult {
-    /// The job.
-    pub job: String,
-    /// The version now current.
-    pub version: u64,
-    /// `created`, `updated` or `unchanged`.
-    pub outcome: String,
-}
-
-/// A job as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobSummary {
-    /// Name.
-    pub name: String,
-    /// Type.
-    pub job_type: JobType,
-    /// Current version.
-    pub version: u64,
-    /// Last stable version.
-    pub stable_version: Option<u64>,
-    /// Replicas wanted: the autoscaler's when it set them, else the manifest's;
-    /// for a system job, one per ready node matching its constraints.
-    pub replicas: u32,
-    /// Replicas the current manifest asks for.
-    #[serde(default)]
-    pub manifest_replicas: u32,
-    /// Who set `replicas` apart from the manifest (`autoscaler (policy NAME)`);
-    /// `None` while the manifest decides.
-    #[serde(default)]
-    pub scaled_by: Option<String>,
-    /// Why, as the autoscaler explained it.
-    #[serde(default)]
-    pub scale_reason: Option<String>,
-    /// Allocations running.
-    pub running: u32,
-    /// Allocations healthy.
-    pub healthy: u32,
-    /// Status word.
-    pub status: String,
-    /// Latest explanation.
-    pub message: String,
-    /// Submitted (Unix ms) and by whom.
-    pub submitted_at_unix_ms: u64,
-    /// Who submitted the current version.
-    pub submitted_by: String,
-}
-
-/// `job status`: the summary plus the allocations.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobDetail {
+/// A job with its allocations as the controller keeps them (the API shows it as
+/// [`JobDetail`]).
+#[derive(Debug, Clone)]
+pub struct JobState {
     /// The summary.
     pub summary: JobSummary,
     /// Allocations, newest first.
@@ -484,8 +437,18 @@ impl Workloads {
         node_views(&self.registry.placement_nodes(now))
     }
 
-    /// One job with its allocations.
+    /// One job with its allocations, as the API shows it.
     pub fn job(&self, name: &str) -> Result<JobDetail, WorkloadError> {
+        let state = self.job_state(name)?;
+        Ok(JobDetail {
+            summary: state.summary,
+            allocations: state.allocations.into_iter().map(Into::into).collect(),
+            manifest: state.manifest,
+        })
+    }
+
+    /// One job with its allocations as the controller keeps them.
+    pub fn job_state(&self, name: &str) -> Result<JobState, WorkloadError> {
         let nodes = self.node_views(Instant::now());
         let st = self.lock();
         let entry = st
@@ -510,7 +473,7 @@ impl Workloads {
             .find(|v| v.version == entry.record.current)
             .map(|v| v.source.clone())
             .unwrap_or_default();
-        Ok(JobDetail {
+        Ok(JobState {
             summary: summary(entry, &st.allocs, &nodes),
             allocations,
             manifest,

@@ -1,7 +1,7 @@
 //! Which events to read from the store: [`EventQuery`], a position to read after,
 //! a page size and filters.
 
-use novacron_common::api::Event;
+use novacron_api::Event;
 use serde::Deserialize;
 use utoipa::IntoParams;
 

@@ -97,3 +97,14 @@ pub struct DecisionRecord {
     /// Why, in one line: `api 4 → 6: cpu 91% over 5m, target 75%`.
     pub explanation: String,
 }
+
+impl From<DecisionRecord> for novacron_api::DecisionView {
+    fn from(d: DecisionRecord) -> Self {
+        novacron_api::DecisionView {
+            at_unix_ms: d.at_unix_ms,
+            from: d.from,
+            to: d.to,
+            explanation: d.explanation,
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use novacron_common::api::{ControllerStats, MetricsWindow, NodeView};
+use novacron_api::{ControllerStats, MetricsWindow, NodeView};
 use novacron_common::clock::unix_ms;
 use novacron_common::cost::percentile;
 use novacron_common::fleet::{NodeStatus, node_status};

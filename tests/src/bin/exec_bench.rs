@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use novacron_common::api::{ExecBody, ExecLine};
+use novacron_api::{ExecBody, ExecLine};
 use novacron_tests::{Agent, Controller, wait_for};
 
 /// Remote exec benchmark.
@@ -146,7 +146,7 @@ async fn wait_ready(controller: &Controller, names: &[String]) -> Result<()> {
         else {
             return false;
         };
-        let Ok(nodes) = resp.json::<Vec<novacron_common::api::NodeView>>().await else {
+        let Ok(nodes) = resp.json::<Vec<novacron_api::NodeView>>().await else {
             return false;
         };
         names.iter().all(|n| {

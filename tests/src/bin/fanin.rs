@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use novacron_common::api::{ControllerStats, EnrollRequest, EnrollResponse};
+use novacron_api::{ControllerStats, EnrollRequest, EnrollResponse};
 use novacron_common::clock::unix_ms;
 use novacron_common::fleet::Liveness;
 use novacron_common::pki;

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use novacron_common::api::ControllerStats;
+use novacron_api::ControllerStats;
 use novacron_common::pki::{self, Fingerprint};
 use novacron_common::tls;
 use novacron_controller::api::{TokenRequest, TokenResponse};

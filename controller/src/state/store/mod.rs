@@ -29,7 +29,8 @@ use crate::state::events::EventQuery;
 use crate::state::policies::PolicyRecord;
 use crate::state::revision::{self, CHANGE_LOG_REVISIONS, ChangeLog, ChangePage, Touched};
 use crate::state::tokens::{self, JoinToken, TokenError, TokenRecord};
-use novacron_common::api::Event;
+
+use novacron_api::{AllocPortView, AllocView, Event};
 
 mod memory;
 
@@ -292,6 +293,45 @@ pub struct AllocPort {
     pub host_port: u16,
     /// `tcp` or `udp`.
     pub protocol: String,
+}
+
+impl From<AllocRecord> for AllocView {
+    fn from(a: AllocRecord) -> Self {
+        AllocView {
+            id: a.id,
+            job: a.job,
+            version: a.version,
+            node: a.node,
+            desired_run: a.desired_run,
+            state: a.state,
+            healthy: a.healthy,
+            healthy_since_unix_ms: a.healthy_since_unix_ms,
+            created_unix_ms: a.created_unix_ms,
+            updated_unix_ms: a.updated_unix_ms,
+            restarts: a.restarts,
+            exit_code: a.exit_code,
+            message: a.message,
+            failure: a.failure,
+            cpu_millis: a.cpu_millis,
+            memory_bytes: a.memory_bytes,
+            gpu_uuids: a.gpu_uuids,
+            priority: a.priority,
+            disk_bytes: a.disk_bytes,
+            ports: a.ports.into_iter().map(AllocPortView::from).collect(),
+            restore: a.restore,
+        }
+    }
+}
+
+impl From<AllocPort> for AllocPortView {
+    fn from(p: AllocPort) -> Self {
+        AllocPortView {
+            name: p.name,
+            container_port: p.container_port,
+            host_port: p.host_port,
+            protocol: p.protocol,
+        }
+    }
 }
 
 /// What the controller remembers about an enrolled node.
@@ -1934,5 +1974,58 @@ mod tests {
             err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
+    }
+
+    /// The API's view of an allocation has the record's JSON, field for field,
+    /// both with every optional field set and with none.
+    #[test]
+    fn alloc_view_json_is_the_records() {
+        let full = AllocRecord {
+            id: "a1".into(),
+            job: "api".into(),
+            version: 3,
+            node: "n1".into(),
+            desired_run: true,
+            state: novacron_common::wire::AllocState::Failed,
+            healthy: Some(false),
+            healthy_since_unix_ms: Some(5),
+            created_unix_ms: 1,
+            updated_unix_ms: 2,
+            restarts: 4,
+            exit_code: Some(137),
+            message: "killed".into(),
+            failure: Some(novacron_common::wire::FailureReason::Unhealthy),
+            cpu_millis: 500,
+            memory_bytes: 1 << 20,
+            gpu_uuids: vec!["GPU-1".into()],
+            priority: 50,
+            disk_bytes: 1 << 30,
+            ports: vec![AllocPort {
+                name: "http".into(),
+                container_port: 80,
+                host_port: 30080,
+                protocol: "tcp".into(),
+            }],
+            restore: Some(novacron_common::wire::RestoreFrom {
+                digest: "ab".repeat(32),
+                size: 42,
+                mode: novacron_common::checkpoint::CheckpointMode::Fs,
+            }),
+        };
+        let bare = AllocRecord {
+            healthy: None,
+            healthy_since_unix_ms: None,
+            exit_code: None,
+            failure: None,
+            gpu_uuids: vec![],
+            ports: vec![],
+            restore: None,
+            ..full.clone()
+        };
+        for record in [full, bare] {
+            let want = serde_json::to_string(&record).expect("record JSON");
+            let got = serde_json::to_string(&AllocView::from(record)).expect("view JSON");
+            assert_eq!(got, want);
+        }
     }
 }

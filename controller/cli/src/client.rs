@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use novacron_common::api::ApiError;
+use novacron_api::ApiError;
 use novacron_common::pki;
 use novacron_common::tls::{self, TlsError};
 use reqwest::{StatusCode, Url};

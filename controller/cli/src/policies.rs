@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
-use crate::autoscaler::PolicyView;
+use novacron_api::PolicyView;
 
 /// `novacron policy` subcommands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
@@ -82,7 +82,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::autoscaler::DecisionRecord;
+    use novacron_api::DecisionView;
 
     #[test]
     fn the_table_shows_size_bounds_and_the_explanation() {
@@ -95,7 +95,7 @@ mod tests {
             max_size: 10,
             metrics: vec!["cpu 75% over 5m".into()],
             current: Some(6),
-            last_decision: Some(DecisionRecord {
+            last_decision: Some(DecisionView {
                 at_unix_ms: 95_000,
                 from: 4,
                 to: 6,

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use novacron_common::api::{Event, EventPage};
+use novacron_api::{Event, EventPage};
 
 use super::output::{self, OutputError, OutputFormat, TableRow};
 use super::{ApiClient, CliError, ClientError};

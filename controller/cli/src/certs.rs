@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
-use crate::cert_api::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
+use novacron_api::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 
 /// `novacron cert` subcommands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]

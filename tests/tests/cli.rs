@@ -1,6 +1,6 @@
-//! End-to-end tests of the CLI: argument parsing, the context file, and the client
-//! against a real HTTPS server (a [`TlsListener`] with real certificates) that serves
-//! a fixture of nodes.
+//! End-to-end tests of the CLI (`novacron_cli`): argument parsing, the context file,
+//! and the client against a real HTTPS server (the controller's [`TlsListener`] with
+//! real certificates) that serves a fixture of nodes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,14 +13,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use novacron_common::api::{ApiError, NodeView};
+use clap::{CommandFactory, Parser};
+use novacron_api::{ApiError, NodeView};
 use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
 use novacron_common::tls;
 use tempfile::TempDir;
 
-use super::nodes::tests::{fixture, now as fixture_now};
-use super::*;
-use crate::https::{Peer, TlsListener, serve};
+use novacron_cli::fixtures::{fixture, now as fixture_now};
+use novacron_cli::nodes::NodeCommand;
+use novacron_cli::*;
+use novacron_controller::https::{Peer, TlsListener, serve};
 
 /// A fleet CA, its controller certificate, and files for client contexts.
 struct Fleet {

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
-use crate::costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
+use novacron_api::{CostReport, GroupCost, JobRecommendation, NodeCost};
 use novacron_common::cost::{BudgetStatus, MixStatus};
 
 impl TableRow for BudgetStatus {

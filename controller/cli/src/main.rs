@@ -1,9 +1,9 @@
-//! `novacron`, the operator CLI. All logic lives in `novacron_controller::cli`.
+//! `novacron`, the operator CLI. All logic lives in the `novacron_cli` library.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use novacron_controller::cli::{self, Cli};
+use novacron_cli::{self as cli, Cli};
 
 fn main() -> ExitCode {
     let args = Cli::parse();

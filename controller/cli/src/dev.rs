@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
-use novacron_common::api::NodeView;
+use novacron_api::NodeView;
 use tokio::process::{Child, Command};
 
 use super::client::ApiClient;
@@ -114,12 +114,12 @@ async fn start_demo(client: &ApiClient, dir: &Path) -> Result<(), String> {
             ));
         }
     }
-    let req = crate::api::ApplyRequest {
+    let req = novacron_api::ApplyRequest {
         file: "demo/hello.yaml".into(),
         manifest: demo_manifest(),
     };
     client
-        .post::<_, crate::workloads::ApplyResult>(&["v1", "jobs"], &req)
+        .post::<_, novacron_api::ApplyResult>(&["v1", "jobs"], &req)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -331,7 +331,7 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
                 if let Ok(nodes) = client.get::<Vec<NodeView>>(&["v1", "nodes"]).await {
                     let mut line = summary(&nodes);
                     if let Some(job) = demo
-                        && let Ok(j) = client.get::<crate::workloads::JobDetail>(&["v1", "jobs", job]).await
+                        && let Ok(j) = client.get::<novacron_api::JobDetail>(&["v1", "jobs", job]).await
                     {
                         let s = &j.summary;
                         line.push_str(&format!(" | job {job}: {}/{} running, {} healthy", s.running, s.replicas, s.healthy));

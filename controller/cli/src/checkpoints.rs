@@ -12,8 +12,7 @@ use serde::Serialize;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputError, OutputFormat, TableRow};
-use crate::migrate::{MigrationStatus, Phase};
-use crate::migrate_api::DrainPlan;
+use novacron_api::{DrainPlan, MigrationStatus, Phase};
 
 /// `novacron checkpoint ...`.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]

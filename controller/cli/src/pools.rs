@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
-use crate::pools::PoolStatus;
+use novacron_api::PoolStatus;
 
 /// `novacron pool` subcommands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
@@ -71,7 +71,7 @@ impl TableRow for PoolStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pools::PoolNodeStatus;
+    use novacron_api::PoolNodeStatus;
 
     #[test]
     fn a_row_shows_the_cost_and_the_members() {

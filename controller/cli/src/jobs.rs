@@ -10,10 +10,9 @@ use novacron_common::wire::AllocState;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
-use crate::api::ApplyRequest;
-use crate::autoscaler::PolicyApplyResult;
-use crate::store::{AllocPort, AllocRecord};
-use crate::workloads::{ApplyResult, JobDetail, JobSummary};
+use novacron_api::{
+    AllocPortView, AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary, PolicyApplyResult,
+};
 
 /// `novacron job` subcommands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
@@ -229,7 +228,7 @@ pub async fn run_alloc(
 ) -> Result<(), CliError> {
     match cmd {
         AllocCommand::List { job, node } => {
-            let allocs: Vec<AllocRecord> = client
+            let allocs: Vec<AllocView> = client
                 .get_with_query(&["v1", "allocations"], &query_pairs(job, node))
                 .await?;
             output::write_list(out, format, &allocs, now)?;
@@ -343,7 +342,7 @@ impl TableRow for JobSummary {
     }
 }
 
-impl TableRow for AllocRecord {
+impl TableRow for AllocView {
     fn headers() -> &'static [&'static str] {
         &[
             "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "PORTS", "AGE",
@@ -378,7 +377,7 @@ impl TableRow for AllocRecord {
 }
 
 /// `8080->80/tcp,20000->9100/tcp`: host port, container port, protocol.
-fn ports_cell(ports: &[AllocPort]) -> String {
+fn ports_cell(ports: &[AllocPortView]) -> String {
     if ports.is_empty() {
         return "-".into();
     }
@@ -431,7 +430,7 @@ mod tests {
 
     #[test]
     fn the_ports_cell_shows_host_to_container_ports() {
-        let port = |host_port, container_port, protocol: &str| AllocPort {
+        let port = |host_port, container_port, protocol: &str| AllocPortView {
             name: "p".into(),
             container_port,
             host_port,

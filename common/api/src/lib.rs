@@ -1,12 +1,31 @@
 //! JSON bodies of the controller's HTTPS API, shared by the server, the agent's
-//! enrollment client, the CLI and the tests.
+//! enrollment client, the CLI and the tests: requests, answers and the error body
+//! ([`ApiError`]). The controller keeps its own store records and converts them to
+//! the views here (`From`), so the API's JSON and the data directory's format can
+//! change apart. `ToSchema` derives are behind the `openapi` feature.
+
+pub mod certs;
+pub mod costs;
+pub mod jobs;
+pub mod migrations;
+pub mod policies;
+pub mod pools;
+pub mod selector;
+
+pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
+pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
+pub use jobs::{AllocPortView, AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary};
+pub use migrations::{DrainPlan, MigrationStatus, Phase};
+pub use policies::{DecisionView, PolicyApplyResult, PolicyView};
+pub use pools::{PoolNodeStatus, PoolStatus};
+pub use selector::{parse_selector, selector_text};
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::NodeStatus;
-use crate::wire::{Capabilities, Capacity, NodeSample};
+use novacron_common::fleet::NodeStatus;
+use novacron_common::wire::{Capabilities, Capacity, NodeSample};
 
 /// `POST /v1/enroll`: a joining agent's request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,7 +217,7 @@ pub enum ExecLine {
         /// The node.
         node: String,
         /// `stdout` or `stderr`.
-        stream: crate::wire::ExecStream,
+        stream: novacron_common::wire::ExecStream,
         /// The text.
         data: String,
     },

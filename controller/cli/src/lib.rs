@@ -19,6 +19,8 @@ pub mod costs;
 pub mod dev;
 pub mod events;
 pub mod exec;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod jobs;
 pub mod nodes;
 pub mod output;
@@ -464,6 +466,3 @@ fn connect(cli: &Cli, env: &dyn Env, now: SystemTime) -> Result<ApiClient, CliEr
         now,
     )?)
 }
-
-#[cfg(test)]
-mod tests;

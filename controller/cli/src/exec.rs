@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use clap::Args;
-use novacron_common::api::{ExecBody, ExecExit, ExecLine, ExecSummary};
+use novacron_api::{ExecBody, ExecExit, ExecLine, ExecSummary};
 use novacron_common::wire::ExecStream;
 
 use super::CliError;
@@ -70,7 +70,7 @@ pub async fn exec(
 ) -> Result<(), CliError> {
     let selector = match &args.selector {
         Some(text) => Some(
-            crate::exec::parse_selector(text).map_err(|e| CliError::Remote {
+            novacron_api::parse_selector(text).map_err(|e| CliError::Remote {
                 code: super::EXIT_USAGE,
                 message: format!("--selector: {e}"),
             })?,

@@ -1,0 +1,156 @@
+//! Job bodies: `POST /v1/jobs` and its answer, `GET /v1/jobs[/{name}]`, and the
+//! allocations a job's detail shows.
+
+use novacron_common::manifest::JobType;
+use novacron_common::wire::{AllocState, FailureReason, RestoreFrom};
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/jobs` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    /// The file name, for error messages.
+    #[cfg_attr(feature = "openapi", schema(max_length = 4096))]
+    pub file: String,
+    /// The YAML manifest.
+    #[cfg_attr(feature = "openapi", schema(max_length = 262144))]
+    pub manifest: String,
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApplyResult {
+    /// The job.
+    pub job: String,
+    /// The version now current.
+    pub version: u64,
+    /// `created`, `updated` or `unchanged`.
+    pub outcome: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JobSummary {
+    /// Name.
+    pub name: String,
+    /// Type.
+    pub job_type: JobType,
+    /// Current version.
+    pub version: u64,
+    /// Last stable version.
+    pub stable_version: Option<u64>,
+    /// Replicas wanted: the autoscaler's when it set them, else the manifest's;
+    /// for a system job, one per ready node matching its constraints.
+    pub replicas: u32,
+    /// Replicas the current manifest asks for.
+    #[serde(default)]
+    pub manifest_replicas: u32,
+    /// Who set `replicas` apart from the manifest (`autoscaler (policy NAME)`);
+    /// `None` while the manifest decides.
+    #[serde(default)]
+    pub scaled_by: Option<String>,
+    /// Why, as the autoscaler explained it.
+    #[serde(default)]
+    pub scale_reason: Option<String>,
+    /// Allocations running.
+    pub running: u32,
+    /// Allocations healthy.
+    pub healthy: u32,
+    /// Status word.
+    pub status: String,
+    /// Latest explanation.
+    pub message: String,
+    /// Submitted (Unix ms) and by whom.
+    pub submitted_at_unix_ms: u64,
+    /// Who submitted the current version.
+    pub submitted_by: String,
+}
+
+/// `job status`: the summary plus the allocations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JobDetail {
+    /// The summary.
+    pub summary: JobSummary,
+    /// Allocations, newest first.
+    pub allocations: Vec<AllocView>,
+    /// The current manifest as submitted.
+    pub manifest: String,
+}
+
+// The API's view of the controller's allocation record (which converts to it with
+// `From`); the JSON and the OpenAPI schema are the record's.
+/// One allocation as the controller keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = AllocRecord))]
+pub struct AllocView {
+    /// Id.
+    pub id: String,
+    /// Job.
+    pub job: String,
+    /// Job version.
+    pub version: u64,
+    /// Node.
+    pub node: String,
+    /// Whether the controller wants it running.
+    pub desired_run: bool,
+    /// Last known state.
+    pub state: AllocState,
+    /// Health as last reported.
+    pub healthy: Option<bool>,
+    /// Running and healthy since (Unix ms).
+    pub healthy_since_unix_ms: Option<u64>,
+    /// Created (Unix ms).
+    pub created_unix_ms: u64,
+    /// Last change (Unix ms).
+    pub updated_unix_ms: u64,
+    /// Restarts on the node.
+    pub restarts: u32,
+    /// Last exit code.
+    pub exit_code: Option<i64>,
+    /// Latest message.
+    pub message: String,
+    /// Why it failed, when its state is `failed` and its node said why
+    /// (decisions read this, never the message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureReason>,
+    /// CPU reserved (millicores).
+    pub cpu_millis: u64,
+    /// Memory reserved (bytes).
+    pub memory_bytes: u64,
+    /// GPUs assigned.
+    pub gpu_uuids: Vec<String>,
+    /// Job priority when placed.
+    pub priority: u32,
+    /// Disk reserved (bytes).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Its published ports, each with the host port it holds on the node (empty
+    /// for allocations placed before host ports were scheduled).
+    #[serde(default)]
+    pub ports: Vec<AllocPortView>,
+    /// The checkpoint it starts from (migration, recovery, rollback); cleared once
+    /// it runs.
+    #[serde(default)]
+    pub restore: Option<RestoreFrom>,
+}
+
+/// A published port of an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = AllocPort))]
+pub struct AllocPortView {
+    /// Its name in the manifest.
+    pub name: String,
+    /// The port in the container.
+    pub container_port: u16,
+    /// The host port on the allocation's node: the manifest's `hostPort`, or the
+    /// one the scheduler took from the node's dynamic range.
+    pub host_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}

@@ -1,0 +1,68 @@
+//! Migration and drain bodies: `GET /v1/migrations[/{id}]`, the answer of
+//! `POST /v1/allocations/{id}/migrate`, and `POST /v1/nodes/{name}/drain`.
+
+use novacron_common::checkpoint::CheckpointMode;
+use serde::{Deserialize, Serialize};
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Taking the checkpoint on the source.
+    Checkpointing,
+    /// Moving the bundle to the controller's store.
+    Transferring,
+    /// The target fetches and restores it.
+    Restoring,
+    /// The allocation runs on the target.
+    Completed,
+    /// Failed; the allocation goes on on the source.
+    RolledBack,
+}
+
+/// One migration, as `GET /v1/migrations/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MigrationStatus {
+    /// Id (`m-<n>`).
+    pub id: String,
+    /// The allocation.
+    pub alloc: String,
+    /// Its job.
+    pub job: String,
+    /// Source node.
+    pub from: String,
+    /// Target node.
+    pub to: String,
+    /// Mode asked for (`auto` resolves on the source).
+    pub mode: CheckpointMode,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Bundle bytes moved so far.
+    pub bytes_done: u64,
+    /// Bundle size (0 until the checkpoint is taken).
+    pub bytes_total: u64,
+    /// The bundle, once taken.
+    pub digest: Option<String>,
+    /// Started (Unix ms).
+    pub started_unix_ms: u64,
+    /// Finished (Unix ms).
+    pub finished_unix_ms: Option<u64>,
+    /// From the checkpoint request to the allocation reported running on the
+    /// target, ms (the workload's downtime as the controller sees it).
+    pub downtime_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The answer of `POST /v1/nodes/{name}/drain`.
+#[derive(Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DrainPlan {
+    /// The node, now cordoned.
+    pub node: String,
+    /// Its running allocations, to migrate one after another
+    /// (`POST /v1/allocations/{id}/migrate`).
+    pub allocations: Vec<String>,
+}
