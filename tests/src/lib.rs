@@ -140,11 +140,16 @@ impl Controller {
         format!("https://127.0.0.1:{}", self.port)
     }
 
-    /// (Re)starts the process on the same ports and waits until the API answers.
+    /// (Re)starts the process on the same ports and waits until the API answers. A
+    /// process still running is killed first and waited for (as a crash would end
+    /// it), so the new one never races it for the store's lock or the ports.
     pub async fn restart(&mut self) -> Result<()> {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill().await;
+        }
         self.starts += 1;
-        let log =
-            std::fs::File::create(self.log_dir.join(format!("controller-{}.log", self.starts)))?;
+        let log_path = self.log_dir.join(format!("controller-{}.log", self.starts));
+        let log = std::fs::File::create(&log_path)?;
         let listen = format!("{}:{}", self.listen_ip, self.port);
         let child = Command::new(bin("novacron-controller"))
             .env("RUST_LOG", "info")
@@ -160,18 +165,34 @@ impl Controller {
             .context("spawning novacron-controller serve")?;
         self.child = Some(child);
         let admin = self.admin_client()?;
-        wait_for(Duration::from_secs(20), "the controller's API", || {
-            let admin = admin.clone();
-            let url = format!("{}/healthz", self.api());
-            async move {
-                admin
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
+        let start = Instant::now();
+        let limit = Duration::from_secs(20);
+        let url = format!("{}/healthz", self.api());
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("the controller exited ({status}) before its API answered; its log:\n{log}");
             }
-        })
-        .await
+            let up = admin
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if up {
+                return Ok(());
+            }
+            if start.elapsed() >= limit {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!(
+                    "timed out after {limit:?} waiting for the controller's API; its log:\n{log}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Kills the process with SIGKILL (no clean shutdown).
