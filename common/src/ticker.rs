@@ -42,7 +42,8 @@ impl<S: Future<Output = ()>> Ticker<S> {
 
     /// Waits for the next tick: `true` when it came, `false` once `stop` has
     /// completed (and from then on, without waiting). A stop that is due wins over
-    /// a tick that is due.
+    /// a tick that is due. Cancel safe: it may be one branch of a `select!` (a
+    /// tick or a stop it did not return stays due for the next call).
     pub async fn tick(&mut self) -> bool {
         if self.stopped {
             return false;

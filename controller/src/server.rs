@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use novacron_common::cost::PriceCatalog;
 use novacron_common::fleet::Liveness;
+use novacron_common::ticker::Ticker;
 use novacron_common::tls;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -255,12 +257,12 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     let flush_registry = registry.clone();
     let flush_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(MARK_FLUSH_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = flush_cancel.cancelled() => return,
-            }
+        let mut ticker = Ticker::new(
+            MARK_FLUSH_INTERVAL,
+            MissedTickBehavior::Burst,
+            flush_cancel.cancelled(),
+        );
+        while ticker.tick().await {
             let r = flush_registry.clone();
             match tokio::task::spawn_blocking(move || r.flush_marks()).await {
                 Ok(Err(error)) => warn!(%error, "cannot persist metrics marks"),

@@ -592,14 +592,14 @@ fn details_of(details: ContainerInspectResponse, id: &str) -> ContainerDetails {
         id: details.id.unwrap_or_else(|| id.to_owned()),
         labels: details.config.and_then(|c| c.labels).unwrap_or_default(),
         status,
-        started_at_unix_ms: state.started_at.as_deref().and_then(unix_ms),
+        started_at_unix_ms: state.started_at.as_deref().and_then(rfc3339_to_unix_ms),
         ip,
     }
 }
 
 /// Docker's RFC 3339 times (`2024-05-07T10:11:12.123456789Z`) as Unix ms; `None`
 /// for its zero time (`0001-01-01T00:00:00Z`, never started) and bad input.
-fn unix_ms(rfc3339: &str) -> Option<u64> {
+fn rfc3339_to_unix_ms(rfc3339: &str) -> Option<u64> {
     let at = humantime::parse_rfc3339(rfc3339).ok()?;
     let ms = at.duration_since(UNIX_EPOCH).ok()?.as_millis();
     (ms > 0).then(|| u64::try_from(ms).unwrap_or(u64::MAX))
@@ -777,13 +777,13 @@ mod tests {
 
     #[test]
     fn docker_times_parse() {
-        assert_eq!(unix_ms("1970-01-01T00:00:01.5Z"), Some(1500));
+        assert_eq!(rfc3339_to_unix_ms("1970-01-01T00:00:01.5Z"), Some(1500));
         assert_eq!(
-            unix_ms("2024-05-07T10:11:12.123456789Z"),
+            rfc3339_to_unix_ms("2024-05-07T10:11:12.123456789Z"),
             Some(1_715_076_672_123)
         );
-        assert_eq!(unix_ms("0001-01-01T00:00:00Z"), None);
-        assert_eq!(unix_ms("garbage"), None);
+        assert_eq!(rfc3339_to_unix_ms("0001-01-01T00:00:00Z"), None);
+        assert_eq!(rfc3339_to_unix_ms("garbage"), None);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
 use novacron_api::NodeView;
+use novacron_common::ticker::Ticker;
 use tokio::process::{Child, Command};
+use tokio::time::MissedTickBehavior;
 
 use super::client::ApiClient;
 use super::config::{Context, write_context};
@@ -307,39 +309,53 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
     );
     let _ = out.flush();
 
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(if args.every.is_zero() {
-        Duration::from_secs(3600)
-    } else {
-        args.every
-    });
-    tick.tick().await;
-    loop {
-        let until_end = args
-            .duration
-            .map(|d| d.saturating_sub(started.elapsed()))
-            .unwrap_or(Duration::from_secs(86_400 * 365));
-        tokio::select! {
-            _ = novacron_common::signal::shutdown_signal() => break,
-            _ = tokio::time::sleep(until_end) => break,
-            _ = tick.tick() => {
-                if args.every.is_zero() { continue; }
-                if let Some(died) = exited(&mut children) {
-                    stop_all(&mut children).await;
-                    return Err(DevError::Step { step: "the fleet".into(), detail: format!("{died}; see the logs in {}", dir.display()) });
-                }
-                if let Ok(nodes) = client.get::<Vec<NodeView>>(&["v1", "nodes"]).await {
-                    let mut line = summary(&nodes);
-                    if let Some(job) = demo
-                        && let Ok(j) = client.get::<novacron_api::JobDetail>(&["v1", "jobs", job]).await
-                    {
-                        let s = &j.summary;
-                        line.push_str(&format!(" | job {job}: {}/{} running, {} healthy", s.running, s.replicas, s.healthy));
-                    }
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                }
+    // Runs until Ctrl-C (or SIGTERM), or until `--duration` has passed.
+    let stop = async {
+        match args.duration {
+            Some(d) => tokio::select! {
+                () = novacron_common::signal::shutdown_signal() => {}
+                () = tokio::time::sleep(d) => {}
+            },
+            None => novacron_common::signal::shutdown_signal().await,
+        }
+    };
+    let mut ticker = Ticker::new(
+        if args.every.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            args.every
+        },
+        MissedTickBehavior::Burst,
+        stop,
+    );
+    // The first tick is at once: the first summary comes one period later.
+    ticker.tick().await;
+    while ticker.tick().await {
+        if args.every.is_zero() {
+            continue;
+        }
+        if let Some(died) = exited(&mut children) {
+            stop_all(&mut children).await;
+            return Err(DevError::Step {
+                step: "the fleet".into(),
+                detail: format!("{died}; see the logs in {}", dir.display()),
+            });
+        }
+        if let Ok(nodes) = client.get::<Vec<NodeView>>(&["v1", "nodes"]).await {
+            let mut line = summary(&nodes);
+            if let Some(job) = demo
+                && let Ok(j) = client
+                    .get::<novacron_api::JobDetail>(&["v1", "jobs", job])
+                    .await
+            {
+                let s = &j.summary;
+                line.push_str(&format!(
+                    " | job {job}: {}/{} running, {} healthy",
+                    s.running, s.replicas, s.healthy
+                ));
             }
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
         }
     }
     let _ = writeln!(out, "stopping the dev fleet");

@@ -24,7 +24,9 @@ use novacron_api::MetricsWindow;
 use novacron_common::autoscale::{
     self, AutoScalingPolicy, MetricKind, Observations, Sample, Target, parse_policy,
 };
+use novacron_common::ticker::Ticker;
 use novacron_common::wire::AllocState;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -293,13 +295,8 @@ impl Autoscaler {
 
     /// Runs the loop until `cancel` fires.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = cancel.cancelled() => return,
-            }
+        let mut ticker = Ticker::new(TICK, MissedTickBehavior::Delay, cancel.cancelled());
+        while ticker.tick().await {
             let me = self.clone();
             if let Err(error) =
                 tokio::task::spawn_blocking(move || me.tick(SystemTime::now())).await

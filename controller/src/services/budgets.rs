@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use novacron_common::ticker::Ticker;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::services::context::ApiState;
@@ -86,13 +88,8 @@ pub async fn run(st: Arc<ApiState>, interval: Duration, cancel: CancellationToke
         return;
     }
     let mut watch = Watch::default();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
-        }
+    let mut ticker = Ticker::new(interval, MissedTickBehavior::Delay, cancel.cancelled());
+    while ticker.tick().await {
         let report = costs::live_report(&st);
         for event in watch.step(&report) {
             st.events.note(event);

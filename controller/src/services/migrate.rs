@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::checkpoint::{BundleInfo, CheckpointMode};
+use novacron_common::ticker::Ticker;
 use novacron_common::transfer;
 use novacron_common::wire::{
     self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, PROTOCOL_VERSION,
@@ -31,6 +32,7 @@ use novacron_common::wire::{
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -760,12 +762,20 @@ impl Migrations {
         mut spot: mpsc::Receiver<SpotEvent>,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut ticker = Ticker::new(
+            Duration::from_secs(2),
+            MissedTickBehavior::Burst,
+            cancel.cancelled(),
+        );
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                ticked = ticker.tick() => {
+                    if !ticked {
+                        return;
+                    }
+                    self.periodic();
+                }
                 Some(notice) = spot.recv() => self.on_spot(notice),
-                _ = tick.tick() => self.periodic(),
             }
         }
     }

@@ -36,7 +36,9 @@ use novacron_common::autoscale::pool::{
 use novacron_common::consolidate::{self, PackAlloc, PackNode};
 use novacron_common::fleet::NodeStatus;
 use novacron_common::pools::{self as core, Demand, Member, Phase, PoolAction, Settings};
+use novacron_common::ticker::Ticker;
 use serde::{Deserialize, Serialize};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -227,13 +229,8 @@ pub fn consolidate_of(pool: &NodePool) -> Result<bool, String> {
 /// Runs the pool manager until `cancel`.
 pub async fn run(st: Arc<ApiState>, interval: Duration, cancel: CancellationToken) {
     let mut manager = Manager::default();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
-        }
+    let mut ticker = Ticker::new(interval, MissedTickBehavior::Delay, cancel.cancelled());
+    while ticker.tick().await {
         manager.pass(&st, SystemTime::now()).await;
     }
 }
