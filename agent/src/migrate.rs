@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use novacron_common::backoff::Backoff;
 use novacron_common::checkpoint::{CheckpointMode, resolve_mode};
 use novacron_common::retry::Retry;
-use novacron_common::transfer::{self, FetchError};
+use novacron_common::sync::lock;
+use novacron_common::transfer::{self, FETCH_ATTEMPTS, FETCH_BACKOFF, FetchError};
 use novacron_common::wire::{
     self, BiRequest, CheckpointReply, CheckpointRequest, PROTOCOL_VERSION, ReleaseReply,
     RestoreFrom,
@@ -35,13 +35,6 @@ use crate::checkpoint::Checkpointer;
 use crate::runtime::supervisor::Restorer;
 use crate::runtime::{DockerRuntime, Supervisor};
 
-/// Attempts at fetching one bundle before the restore fails.
-const FETCH_ATTEMPTS: u32 = 4;
-/// The waits between fetch attempts (each half to all of the doubling base).
-const FETCH_BACKOFF: Backoff = Backoff {
-    initial: Duration::from_millis(200),
-    max: Duration::from_millis(1600),
-};
 /// Checkpoints of one allocation kept in the agent's cache.
 const KEEP_LOCAL: usize = 2;
 /// The longest hold a controller may ask for.
@@ -79,7 +72,7 @@ impl CheckpointService {
 
     /// The connection to the controller now (bundles are fetched over it).
     pub fn set_connection(&self, conn: Option<quinn::Connection>) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+        *lock(&self.conn) = conn;
     }
 
     /// Answers one stream the controller opened.
@@ -199,17 +192,12 @@ impl CheckpointService {
         let mut last = String::new();
         let mut retry = Retry::new(FETCH_BACKOFF);
         for attempt in 1..=FETCH_ATTEMPTS {
-            let conn = self
-                .conn
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .ok_or_else(|| {
-                    format!(
-                        "bundle {} is not on node {} and the controller is not connected",
-                        from.digest, self.node
-                    )
-                })?;
+            let conn = lock(&self.conn).clone().ok_or_else(|| {
+                format!(
+                    "bundle {} is not on node {} and the controller is not connected",
+                    from.digest, self.node
+                )
+            })?;
             let offset = tokio::fs::metadata(&partial)
                 .await
                 .map(|m| m.len())

@@ -1,6 +1,6 @@
-//! The one way this project takes a std mutex.
+//! The one way this project takes a std mutex or read-write lock.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Locks `m`, taking the guard back from a poisoned mutex. Callers keep their
 /// data consistent after every statement inside the lock (single inserts,
@@ -9,6 +9,16 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 /// the panic.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Read-locks `l`, taking the guard back from a poisoned lock (as [`lock`]).
+pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Write-locks `l`, taking the guard back from a poisoned lock (as [`lock`]).
+pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

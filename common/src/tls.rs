@@ -4,7 +4,7 @@
 //! before building a configuration.
 
 use std::collections::HashSet;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::pki::{Fingerprint, Serial};
+use crate::sync::{read, write};
 
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -115,23 +116,17 @@ impl RevokedSerials {
     /// Whether `serial` is revoked.
     pub fn contains(&self, serial: &Serial) -> bool {
         // A panic while holding the lock cannot leave a half-inserted serial behind.
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(serial)
+        read(&self.0).contains(serial)
     }
 
     /// Revokes `serial`; whether it was not revoked before.
     pub fn insert(&self, serial: Serial) -> bool {
-        self.0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(serial)
+        write(&self.0).insert(serial)
     }
 
     /// How many serials are revoked.
     pub fn len(&self) -> usize {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).len()
+        read(&self.0).len()
     }
 
     /// Whether no serial is revoked.

@@ -4,13 +4,25 @@
 //! Both the agent and the controller serve and fetch bundles with these.
 
 use std::path::Path;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
+use crate::backoff::Backoff;
 use crate::checkpoint::{MAX_BUNDLE_BYTES, check_digest};
 use crate::wire::{self, FetchReply, FetchRequest, PROTOCOL_VERSION};
 
 /// Bytes per read and write while copying.
+/// Attempts at moving one bundle (a fetch that breaks resumes from its offset)
+/// before the move fails; the controller and the agent both count these.
+pub const FETCH_ATTEMPTS: u32 = 4;
+/// The waits between bundle fetch attempts, for a [`crate::retry::Retry`] (each
+/// wait is half to all of the doubling base: 100–200 ms, then up to 0.8–1.6 s).
+pub const FETCH_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_millis(1600),
+};
+
 const CHUNK: usize = 256 * 1024;
 
 /// Serves a fetch: answers with the bundle's size (or why not) and sends the bytes

@@ -5,6 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use novacron_common::checkpoint::{BundleInfo, check_digest};
+use novacron_common::sync::lock;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
@@ -43,7 +44,7 @@ impl Checkpointer {
 
     /// The bundles this node made that are still listed in the index, oldest first.
     pub fn bundles(&self) -> Result<Vec<BundleInfo>, CheckpointError> {
-        let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = lock(&self.index_lock);
         let mut list = self.index_load()?.bundles;
         list.sort_by_key(|b| b.created_unix_ms);
         Ok(list)
@@ -118,7 +119,7 @@ impl Checkpointer {
         &self,
         change: impl FnOnce(&mut Index),
     ) -> Result<(), CheckpointError> {
-        let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = lock(&self.index_lock);
         let mut index = self.index_load()?;
         change(&mut index);
         let path = self.cache_dir.join(INDEX_FILE);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, Stream, StreamExt};
 use novacron_common::backoff::Backoff;
 use novacron_common::retry::Retry;
+use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::wire::{
     AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
@@ -396,7 +397,7 @@ impl<R: ContainerRuntime> Inner<R> {
     fn core(&self) -> MutexGuard<'_, Reconciler> {
         // A panic while holding the lock leaves a consistent core (every method
         // finishes its updates before returning), so the poison is ignored.
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.core)
     }
 
     fn publish(&self) {
@@ -412,13 +413,13 @@ impl<R: ContainerRuntime> Inner<R> {
     }
 
     fn mark_all_stale(&self) {
-        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stale = lock(&self.stale);
         stale.all = true;
         stale.ids.clear();
     }
 
     fn mark_stale(&self, container: String) {
-        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stale = lock(&self.stale);
         if stale.ids.len() >= MAX_STALE {
             stale.all = true;
             stale.ids.clear();
@@ -453,7 +454,7 @@ impl<R: ContainerRuntime> Inner<R> {
             info!(%node, "the container runtime answers again");
         }
         {
-            let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stale = lock(&self.stale);
             if std::mem::take(&mut stale.all) {
                 cache.entries.clear();
             }

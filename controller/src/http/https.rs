@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use novacron_common::pki::{Identity, Serial};
+use novacron_common::sync::lock;
 use novacron_common::tls::{CertRevocation, RevokedSerials};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -201,7 +202,7 @@ impl LiveConnections {
     /// Closes every live connection whose client certificate has `serial`; returns
     /// how many there were.
     pub fn close(&self, serial: &Serial) -> usize {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = lock(&self.inner);
         let mut closed = 0;
         for (s, token) in inner.by_id.values() {
             if s == serial {
@@ -214,11 +215,7 @@ impl LiveConnections {
 
     /// How many connections with a client certificate are open.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_id
-            .len()
+        lock(&self.inner).by_id.len()
     }
 
     /// Whether none is open.
@@ -228,7 +225,7 @@ impl LiveConnections {
 
     fn register(self: &Arc<Self>, serial: Serial) -> (CancellationToken, LiveGuard) {
         let token = CancellationToken::new();
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = lock(&self.inner);
         inner.next_id += 1;
         let id = inner.next_id;
         inner.by_id.insert(id, (serial, token.clone()));
@@ -251,12 +248,7 @@ struct LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.live
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_id
-            .remove(&self.id);
+        lock(&self.live.inner).by_id.remove(&self.id);
     }
 }
 

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use novacron_api::ApiError;
 use novacron_common::pki::Role;
+use novacron_common::sync::lock;
 use novacron_common::wire::{ControllerMessage, LogChunk, LogRequest};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -160,11 +161,7 @@ async fn allocation_logs(
 ) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     let alloc = st.workloads.allocation(&id).map_err(workload_problem)?;
-    let sender = st
-        .link
-        .commands
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let sender = lock(&st.link.commands)
         .get(&alloc.node)
         .map(|(_, tx)| tx.clone())
         .ok_or_else(|| {
@@ -179,11 +176,7 @@ async fn allocation_logs(
     let request_id: u64 = rand::random();
     let (tx, rx) = tokio::sync::mpsc::channel::<LogChunk>(64);
     {
-        let mut pending = st
-            .link
-            .pending_logs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut pending = lock(&st.link.pending_logs);
         if pending.len() >= MAX_LOG_STREAMS {
             return Err(Problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -199,11 +192,7 @@ async fn allocation_logs(
         tail: opts.tail,
     });
     if sender.send(request).await.is_err() {
-        st.link
-            .pending_logs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&request_id);
+        lock(&st.link.pending_logs).remove(&request_id);
         return Err(Problem(
             StatusCode::CONFLICT,
             format!("node {} disconnected", alloc.node),
@@ -235,10 +224,7 @@ async fn allocation_logs(
                 // Nothing for 30 s on a stream that may follow: keep waiting with an empty chunk.
                 Err(_) => Some((Ok(bytes::Bytes::new()), (rx, false, link, rid))),
                 Ok(None) => {
-                    link.pending_logs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&rid);
+                    lock(&link.pending_logs).remove(&rid);
                     None
                 }
             }

@@ -24,6 +24,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use novacron_api::ApiError;
 use novacron_common::pki::Identity;
+use novacron_common::sync::lock;
 use tracing::warn;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -140,17 +141,11 @@ pub(crate) struct AuditSlot(Arc<std::sync::Mutex<Option<String>>>);
 
 impl AuditSlot {
     fn set(&self, who: &Identity) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(who.to_string());
+        *lock(&self.0) = Some(who.to_string());
     }
 
     fn who(&self) -> Option<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.0).clone()
     }
 }
 

@@ -24,6 +24,7 @@ use novacron_api::MetricsWindow;
 use novacron_common::autoscale::{
     self, AutoScalingPolicy, MetricKind, Observations, Sample, Target, parse_policy,
 };
+use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::wire::AllocState;
 use tokio::time::MissedTickBehavior;
@@ -560,7 +561,7 @@ impl Autoscaler {
 
     fn pools_lock(&self) -> MutexGuard<'_, BTreeMap<String, PoolTarget>> {
         // Every mutation is a single field assignment.
-        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.pools)
     }
 
     /// Hands back to their manifests the replicas of jobs the autoscaler scaled

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use novacron_api::Event;
+use novacron_common::sync::lock;
 use tokio::sync::broadcast;
 use tracing::warn;
 
@@ -221,7 +222,7 @@ impl EventLog {
             return Ok(Vec::new());
         }
         let time = unix_ms(now);
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last);
         let first = *last + 1;
         let numbered: Vec<Event> = events
             .into_iter()
@@ -242,7 +243,7 @@ impl EventLog {
 
     /// The last recorded position (0 when the log is empty).
     pub fn last_seq(&self) -> u64 {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.last)
     }
 
     /// Reads a page from the store.

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::checkpoint::{BundleInfo, CheckpointMode};
+use novacron_common::retry::Retry;
+use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::transfer;
 use novacron_common::wire::{
@@ -51,8 +53,6 @@ const HOLD: Duration = Duration::from_secs(10 * 60);
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the target may take to fetch, restore and start.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Attempts at moving one bundle before giving up.
-const TRANSFER_ATTEMPTS: u32 = 4;
 /// Migrations remembered for `GET /v1/migrations`.
 const KEEP_MIGRATIONS: usize = 200;
 /// Spot notices queued for the migration loop.
@@ -630,7 +630,8 @@ impl Migrations {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(), MigrateError> {
         let mut last = String::new();
-        for attempt in 1..=TRANSFER_ATTEMPTS {
+        let mut retry = Retry::new(transfer::FETCH_BACKOFF);
+        for attempt in 1..=transfer::FETCH_ATTEMPTS {
             let offset = match self.bundles.begin(info) {
                 Ok(Have::Complete) => return Ok(()),
                 Ok(Have::Partial(offset)) => offset,
@@ -648,13 +649,14 @@ impl Migrations {
                 Err(Fetch::Broken(why)) => {
                     warn!(%node, digest = %info.digest, attempt, error = %why, "bundle transfer broke; resuming");
                     last = why;
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
             }
         }
         Err(MigrateError::Failed(format!(
-            "bundle {} could not be moved from {node} in {TRANSFER_ATTEMPTS} attempts: {last}",
-            info.digest
+            "bundle {} could not be moved from {node} in {} attempts: {last}",
+            info.digest,
+            transfer::FETCH_ATTEMPTS
         )))
     }
 
@@ -999,11 +1001,7 @@ struct Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .busy
-            .remove(&self.alloc);
+        lock(&self.state).busy.remove(&self.alloc);
     }
 }
 

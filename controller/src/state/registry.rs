@@ -16,6 +16,7 @@ use novacron_common::clock::unix_ms;
 use novacron_common::cost::percentile;
 use novacron_common::fleet::{NodeStatus, node_status};
 use novacron_common::pki::CertInfo;
+use novacron_common::sync::lock;
 use novacron_common::wire::{CloseCode, Hello, MetricsBatch, NodeSample};
 use tracing::{info, warn};
 
@@ -227,10 +228,7 @@ impl Registry {
             self.store.upsert_node(&record)?;
             state.record = record;
         }
-        let mut set = self
-            .cordoned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut set = lock(&self.cordoned);
         if cordoned {
             set.insert(name.to_string());
         } else {
@@ -241,10 +239,7 @@ impl Registry {
 
     /// Whether `name` is cordoned.
     pub fn is_cordoned(&self, name: &str) -> bool {
-        self.cordoned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(name)
+        lock(&self.cordoned).contains(name)
     }
 
     /// The revoked-name set, for the TLS verifier.
@@ -496,11 +491,7 @@ impl Registry {
     /// What placement needs of every node (no samples), sorted by name. Cheap:
     /// the reconcile loop calls it every tick while agents keep ingesting.
     pub fn placement_nodes(&self, now: Instant) -> Vec<PlacementNode> {
-        let cordoned = self
-            .cordoned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let cordoned = lock(&self.cordoned).clone();
         let mut nodes: Vec<PlacementNode> = {
             let inner = self.lock();
             inner

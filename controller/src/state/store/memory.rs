@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: the [`Store`] in memory, for tests and simulations.
 
 use super::*;
+use novacron_common::sync::lock;
 
 /// A [`Store`] in memory, for tests and simulations. It behaves as [`RedbStore`]
 /// does, without a file.
@@ -72,9 +73,7 @@ impl MemoryStore {
     fn state(&self) -> MutexGuard<'_, MemoryState> {
         // Every update below is a single assignment, so a panic elsewhere while the
         // lock was held cannot have left the state half-written.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.state)
     }
 }
 

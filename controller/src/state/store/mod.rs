@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
+use novacron_common::sync::{lock, read, write};
 use novacron_common::wire::{Capabilities, Capacity};
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -610,7 +611,7 @@ impl RedbStore {
                 source: Box::new(e.into()),
             };
             if e.is_io() {
-                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *lock(&self.failure) = Some(e.to_string());
             }
             e
         }
@@ -624,7 +625,7 @@ impl RedbStore {
         f: impl Fn(&Database) -> Result<T, E>,
     ) -> Result<T, StoreError> {
         {
-            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            let db = read(&self.db);
             if let Some(db) = db.as_ref() {
                 match f(db).map_err(Into::into) {
                     Ok(t) => return Ok(t),
@@ -634,7 +635,7 @@ impl RedbStore {
             }
         }
         self.reopen(op)?;
-        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = read(&self.db);
         match db.as_ref() {
             Some(db) => f(db).map_err(self.fail(op)),
             None => Err(self.fail(op)(redb::Error::PreviousIo)),
@@ -643,7 +644,7 @@ impl RedbStore {
 
     /// Closes and reopens the file (redb latches an I/O error until then).
     fn reopen(&self, op: &'static str) -> Result<(), StoreError> {
-        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let mut db = write(&self.db);
         // Never wait for a writer here (it could need this lock to finish): a
         // live writer, or a write that can begin, means the file is usable (another
         // caller reopened it meanwhile).
@@ -672,7 +673,7 @@ impl RedbStore {
     /// Commits `txn`, clearing the noted failure on success.
     fn commit(&self, txn: WriteTransaction, op: &'static str) -> Result<(), StoreError> {
         txn.commit().map_err(self.fail(op))?;
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.failure) = None;
         Ok(())
     }
 
@@ -858,11 +859,7 @@ impl Store for RedbStore {
 
     fn writable(&self) -> Result<(), StoreError> {
         const OP: &str = "checking that the store can write";
-        let failed = self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let failed = lock(&self.failure).is_some();
         if !failed {
             return Ok(());
         }
