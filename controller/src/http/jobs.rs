@@ -10,6 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use novacron_api::ApiError;
+use novacron_api::jobs::AllocView;
 use novacron_common::pki::Role;
 use novacron_common::sync::lock;
 use novacron_common::wire::{ControllerMessage, LogChunk, LogRequest};
@@ -21,7 +22,6 @@ use utoipa_axum::routes;
 use crate::http::api::{ApiState, ApplyRequest, Caller, Problem, check_apply, internal};
 use crate::services::events::{NewEvent, kind};
 use crate::services::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError};
-use crate::state::store::AllocRecord;
 
 /// The job and allocation routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
@@ -116,28 +116,31 @@ pub struct AllocFilter {
     pub node: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/allocations", tag = "workloads", params(AllocFilter), responses((status = 200, body = Vec<AllocRecord>), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/allocations", tag = "workloads", params(AllocFilter), responses((status = 200, body = Vec<AllocView>), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn list_allocations(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     Query(filter): Query<AllocFilter>,
 ) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
-    Ok(Json(
-        st.workloads
-            .allocations(filter.job.as_deref(), filter.node.as_deref()),
-    )
-    .into_response())
+    let allocations: Vec<AllocView> = st
+        .workloads
+        .allocations(filter.job.as_deref(), filter.node.as_deref())
+        .into_iter()
+        .map(AllocView::from)
+        .collect();
+    Ok(Json(allocations).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/allocations/{id}", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 200, body = AllocRecord), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/allocations/{id}", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 200, body = AllocView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
 async fn show_allocation(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
-    Ok(Json(st.workloads.allocation(&id).map_err(workload_problem)?).into_response())
+    let allocation = st.workloads.allocation(&id).map_err(workload_problem)?;
+    Ok(Json(AllocView::from(allocation)).into_response())
 }
 
 /// Options of `GET /v1/allocations/{id}/logs`.

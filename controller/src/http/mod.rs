@@ -294,7 +294,7 @@ mod tests {
 
     /// Every schema the document refers to is in it (for example an
     /// allocation's `ports`, whose `AllocPort` type is only reached through
-    /// `AllocRecord`).
+    /// the `AllocRecord` schema, the name `AllocView` keeps).
     #[test]
     fn every_schema_reference_resolves() {
         let doc = serde_json::to_value(openapi()).expect("the document serializes");

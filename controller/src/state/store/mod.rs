@@ -229,7 +229,7 @@ pub struct JobVersion {
 }
 
 /// One allocation as the controller keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AllocRecord {
     /// Id.
     pub id: String,
@@ -283,7 +283,7 @@ pub struct AllocRecord {
 }
 
 /// A published port of an allocation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocPort {
     /// Its name in the manifest.
     pub name: String,
