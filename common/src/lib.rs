@@ -21,6 +21,6 @@ pub mod wire;
 
 pub use novacron_core::{
     autoscale, backoff, clock, consolidate, cost, cron, fleet, manifest, names, pools, reconcile,
-    scheduler, sim,
+    scheduler, sim, units,
 };
 pub use novacron_wire::checkpoint;

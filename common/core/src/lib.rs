@@ -1,6 +1,7 @@
 //! NovaCron's pure decision core (`novacron-core`): manifests and their validation,
 //! the scheduler, reconcile, autoscale, cost, consolidation, node pools, the
-//! simulator, fleet liveness, backoff and the clock conversions.
+//! simulator, fleet liveness, backoff, the clock conversions and the formats of
+//! sizes and durations for people (`units`).
 //!
 //! **Architecture Invariant:** everything here is a pure function of its inputs. No
 //! tokio, no `std::fs`/`std::net`/`std::process`/`std::thread`, and no reading the
@@ -27,3 +28,4 @@ pub mod pools;
 pub mod reconcile;
 pub mod scheduler;
 pub mod sim;
+pub mod units;

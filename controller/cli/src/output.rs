@@ -106,20 +106,10 @@ pub fn write_value<T: Serialize + ?Sized>(
     Ok(())
 }
 
-/// Bytes in binary units with one decimal: `512B`, `3.1Gi`, `15.6Gi`.
+/// Bytes in binary units with one decimal: `512B`, `3.1Gi`, `15.6Gi`
+/// ([`novacron_common::units::bytes`], the one size format).
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
-    if n < 1024 {
-        return format!("{n}B");
-    }
-    // Precision loss above 2^53 bytes does not show at one decimal.
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1023.95 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
+    novacron_common::units::bytes(n).to_string()
 }
 
 /// A rate in bytes per second: `0B/s`, `1.2Mi/s`.

@@ -1,5 +1,6 @@
 //! The `AutoScalingPolicy` manifest: its types, its rules, and the parsers.
 
+pub(crate) use crate::units::duration as human;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
@@ -696,10 +697,6 @@ fn is_metric_name(s: &str) -> bool {
         && s.bytes().next().is_some_and(|c| c.is_ascii_alphabetic())
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c))
-}
-
-pub(crate) fn human(d: Duration) -> String {
-    humantime_serde::re::humantime::format_duration(d).to_string()
 }
 
 fn default_tolerance() -> f64 {

@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use humantime_serde::re::humantime::format_duration;
+use crate::units::duration as format_duration;
 use serde::{Deserialize, Serialize};
 
 use super::Job;

@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
+use crate::units::duration as format_duration;
 use chrono::{DateTime, Utc};
-use humantime_serde::re::humantime::format_duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cron::parse_cron;

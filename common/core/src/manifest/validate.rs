@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use humantime_serde::re::humantime::format_duration;
+use crate::units::duration as human;
 use yaml_serde::Value;
 
 use super::checkpoint; // checkpoint: spec.checkpoint rules.
@@ -680,10 +680,6 @@ impl Checker<'_> {
 
 fn empty_label_key(key: &str) -> String {
     format!("{key:?} is an empty label key; expected a node label key like zone")
-}
-
-fn human(d: Duration) -> String {
-    format_duration(d).to_string()
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`.

@@ -2,6 +2,7 @@
 //! replica, and the wording they use.
 
 use super::*;
+use crate::units::bytes;
 
 /// Why a node cannot take a replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,8 +101,8 @@ impl Reason {
             }
             Reason::Memory { needed, free } => format!(
                 "insufficient memory (needs {}, best node has {} free)",
-                HumanBytes(*needed),
-                HumanBytes(*free)
+                bytes(*needed).trimmed(),
+                bytes(*free).trimmed()
             ),
             Reason::Gpu { needed, free } => {
                 let what = match &req.resources.gpus {
@@ -112,8 +113,8 @@ impl Reason {
             }
             Reason::Disk { needed, free } => format!(
                 "insufficient disk (needs {}, best node has {} free)",
-                HumanBytes(*needed),
-                HumanBytes(*free)
+                bytes(*needed).trimmed(),
+                bytes(*free).trimmed()
             ),
             Reason::PortInUse { port, node, job } => {
                 format!("port {port} in use on {node} by job {job}")
@@ -219,33 +220,8 @@ impl fmt::Display for GpuText<'_> {
             write!(f, " matching {m:?}")?;
         }
         if let Some(m) = g.memory {
-            write!(f, " with at least {}", HumanBytes(m.0))?;
+            write!(f, " with at least {}", bytes(m.0).trimmed())?;
         }
         Ok(())
-    }
-}
-
-/// Bytes for people: `8Gi`, `3.5Gi`, `512Mi`.
-pub(super) struct HumanBytes(pub(super) u64);
-
-impl fmt::Display for HumanBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [
-            ("Ti", 1 << 40),
-            ("Gi", 1 << 30),
-            ("Mi", 1 << 20),
-            ("Ki", 1 << 10),
-        ];
-        for (unit, size) in UNITS {
-            if self.0 >= size {
-                let tenths = (self.0 as u128 * 10 / size as u128) as u64;
-                return if tenths.is_multiple_of(10) {
-                    write!(f, "{}{unit}", tenths / 10)
-                } else {
-                    write!(f, "{}.{}{unit}", tenths / 10, tenths % 10)
-                };
-            }
-        }
-        write!(f, "{}", self.0)
     }
 }

@@ -1127,14 +1127,6 @@ fn custom_filters_and_scorers_plug_in() {
 }
 
 #[test]
-fn human_bytes() {
-    assert_eq!(HumanBytes(8 * GI).to_string(), "8Gi");
-    assert_eq!(HumanBytes(3 * GI + GI / 2).to_string(), "3.5Gi");
-    assert_eq!(HumanBytes(512 << 20).to_string(), "512Mi");
-    assert_eq!(HumanBytes(100).to_string(), "100");
-}
-
-#[test]
 fn node_set_operations() {
     let mut s = NodeSet::empty(70);
     s.insert(0);
