@@ -344,7 +344,10 @@ async fn metrics_show_every_node_and_allocation_and_pass_promtool() {
         );
         // Every mounted filesystem the node reported.
         for d in &latest.disks {
-            let fs = [("node", agent.name.as_str()), ("mount", d.mount.as_str())];
+            let fs = [
+                ("node", agent.name.as_str()),
+                ("mountpoint", d.mount.as_str()),
+            ];
             assert!(
                 s.find("novacron_node_filesystem_size_bytes", &fs).is_some(),
                 "no filesystem gauge for {} on {}",
@@ -373,7 +376,7 @@ async fn metrics_show_every_node_and_allocation_and_pass_promtool() {
     for a in running {
         let alloc = [
             ("alloc", a.id.as_str()),
-            ("job", job.as_str()),
+            ("novacron_job", job.as_str()),
             ("node", a.node.as_str()),
         ];
         assert_eq!(
@@ -424,11 +427,32 @@ async fn metrics_show_every_node_and_allocation_and_pass_promtool() {
     assert_eq!(s.get("novacron_allocations", &[("state", "running")]), 2.0);
     assert_eq!(s.get("novacron_jobs", &[("status", "running")]), 1.0);
     assert_eq!(
-        s.get("novacron_job_replicas_running", &[("job", &job)]),
+        s.get("novacron_job_replicas_running", &[("novacron_job", &job)]),
         2.0
     );
     assert!(s.get("novacron_events_total", &[]) > 0.0);
-    assert!(s.get("novacron_ingest_latency_p99_seconds", &[]) >= 0.0);
+    assert!(s.get("novacron_ingest_latency_seconds_count", &[]) > 0.0);
+    assert!(s.get("novacron_ingest_latency_seconds_bucket", &[("le", "+Inf")]) > 0.0);
+    // The controller process, as Prometheus' own clients describe theirs.
+    assert!(s.get("process_cpu_seconds_total", &[]) > 0.0);
+    assert!(s.get("process_resident_memory_bytes", &[]) > 0.0);
+    assert!(s.get("process_open_fds", &[]) > 0.0);
+    let started = s.get("process_start_time_seconds", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        started <= now && now - started < 600.0,
+        "the controller started at {started}, now {now}"
+    );
+    // No series carries a label Prometheus would rename (`job`, `instance`).
+    for (name, labels, _) in &s.samples {
+        assert!(
+            !labels.contains_key("job") && !labels.contains_key("instance"),
+            "{name} {labels:?}"
+        );
+    }
 
     // The text format: the same samples, and promtool accepts it.
     let (ct, text) = scrape(&admin, &c, None).await;
@@ -451,7 +475,7 @@ async fn metrics_show_every_node_and_allocation_and_pass_promtool() {
     .expect("the dashboard");
     let names: BTreeSet<&str> = dashboard
         .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-        .filter(|w| w.starts_with("novacron_"))
+        .filter(|w| w.starts_with("novacron_") && *w != "novacron_job")
         .collect();
     assert!(names.len() > 20, "{names:?}");
     for name in names {

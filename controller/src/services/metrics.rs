@@ -12,7 +12,14 @@
 //! even when it has no sample at the moment (no GPU in the fleet, no job yet), so a
 //! scrape lists everything the controller can export. Names carry the `novacron_`
 //! prefix and base units (bytes, seconds, ratios, cores); labels are `node`, `zone`,
-//! `job`, `alloc`, `gpu` (the NVML index) and a few descriptive ones.
+//! `novacron_job`, `alloc`, `gpu` (the NVML index) and a few descriptive ones.
+//!
+//! Names that Prometheus and node_exporter users know are kept as they know them:
+//! the job label is `novacron_job`, because Prometheus gives every scraped series
+//! its own `job` label (the scrape job) and renames a clashing one to
+//! `exported_job`; network interfaces and disks are labelled `device` and
+//! filesystems `mountpoint`, as node_exporter does; the controller's own process
+//! is described by the standard `process_*` families ([`ProcessStats`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -25,9 +32,11 @@ use novacron_common::wire::{AllocState, GpuSample};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::services::context::ApiState;
 pub use crate::services::pass_stats::PassStats;
+pub use crate::services::process::ProcessStats;
 use crate::services::workloads::JobSummary;
 use crate::state::store::AllocRecord;
 
@@ -52,6 +61,10 @@ pub struct Snapshot {
     pub passes: PassStats,
     /// The event log's last position.
     pub events: u64,
+    /// Every ingest latency since the controller started, in seconds.
+    pub ingest_latency: Histogram,
+    /// The controller process (`None` where `/proc` cannot be read).
+    pub process: Option<ProcessStats>,
 }
 
 impl Snapshot {
@@ -64,6 +77,8 @@ impl Snapshot {
             stats: state.registry.stats(),
             passes: state.workloads.pass_stats().clone(),
             events: state.events.last_seq(),
+            ingest_latency: state.registry.ingest_latency(),
+            process: ProcessStats::read(),
         }
     }
 }
@@ -170,14 +185,11 @@ const SAMPLES_DUPLICATE: Family = Family::counter(
     "novacron_samples_duplicate",
     "Metrics samples skipped as already seen (replays after a reconnect) since the controller started.",
 );
-const INGEST_P50: Family = Family::gauge(
-    "novacron_ingest_latency_p50_seconds",
-    "Median delay from an agent taking a sample to the controller ingesting it, over the recent window.",
-);
-const INGEST_P99: Family = Family::gauge(
-    "novacron_ingest_latency_p99_seconds",
-    "99th percentile delay from an agent taking a sample to the controller ingesting it, over the recent window.",
-);
+const INGEST_LATENCY: Family = Family {
+    name: "novacron_ingest_latency_seconds",
+    help: "Delay from an agent taking a sample (agent clock) to the controller ingesting it (controller clock), replays after a reconnect included.",
+    kind: Kind::Histogram,
+};
 const PASS_DURATION: Family = Family {
     name: "novacron_scheduling_pass_duration_seconds",
     help: "Duration of each reconcile and scheduling pass (decide, place, persist, publish).",
@@ -199,6 +211,32 @@ const JOBS: Family = Family::gauge("novacron_jobs", "Jobs by status.");
 const ALLOCATIONS: Family = Family::gauge(
     "novacron_allocations",
     "Allocations known to the controller by state (terminal ones are kept for a while).",
+);
+
+// The controller process, read from /proc/self (Linux).
+const PROCESS_CPU: Family = Family::counter(
+    "process_cpu_seconds",
+    "Total user and system CPU time spent by the controller process, in seconds.",
+);
+const PROCESS_RESIDENT: Family = Family::gauge(
+    "process_resident_memory_bytes",
+    "Resident memory size of the controller process, in bytes.",
+);
+const PROCESS_VIRTUAL: Family = Family::gauge(
+    "process_virtual_memory_bytes",
+    "Virtual memory size of the controller process, in bytes.",
+);
+const PROCESS_OPEN_FDS: Family = Family::gauge(
+    "process_open_fds",
+    "Open file descriptors of the controller process.",
+);
+const PROCESS_MAX_FDS: Family = Family::gauge(
+    "process_max_fds",
+    "Soft limit on open file descriptors of the controller process (absent when unlimited).",
+);
+const PROCESS_START_TIME: Family = Family::gauge(
+    "process_start_time_seconds",
+    "Start time of the controller process since the Unix epoch, in seconds.",
 );
 
 // Jobs.
@@ -308,19 +346,19 @@ const NODE_FS_AVAILABLE: Family = Family::gauge(
 );
 const NODE_DISK_READ: Family = Family::gauge(
     "novacron_node_disk_read_bytes_per_second",
-    "Read rate of a mounted filesystem's device since the previous sample.",
+    "Read rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
 );
 const NODE_DISK_WRITTEN: Family = Family::gauge(
     "novacron_node_disk_written_bytes_per_second",
-    "Write rate of a mounted filesystem's device since the previous sample.",
+    "Write rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
 );
 const NODE_NET_RX: Family = Family::gauge(
     "novacron_node_network_receive_bytes_per_second",
-    "Receive rate of a network interface since the previous sample.",
+    "Receive rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
 );
 const NODE_NET_TX: Family = Family::gauge(
     "novacron_node_network_transmit_bytes_per_second",
-    "Transmit rate of a network interface since the previous sample.",
+    "Transmit rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
 );
 const GPU_UTILIZATION: Family = Family::gauge(
     "novacron_node_gpu_utilization_ratio",
@@ -390,14 +428,19 @@ pub const FAMILIES: &[Family] = &[
     CONNECTED_AGENTS,
     SAMPLES_INGESTED,
     SAMPLES_DUPLICATE,
-    INGEST_P50,
-    INGEST_P99,
+    INGEST_LATENCY,
     PASS_DURATION,
     PLACEMENTS,
     UNPLACED,
     EVENTS,
     JOBS,
     ALLOCATIONS,
+    PROCESS_CPU,
+    PROCESS_RESIDENT,
+    PROCESS_VIRTUAL,
+    PROCESS_OPEN_FDS,
+    PROCESS_MAX_FDS,
+    PROCESS_START_TIME,
     JOB_DESIRED,
     JOB_RUNNING,
     JOB_HEALTHY,
@@ -546,7 +589,12 @@ impl Collector for FleetCollector {
             };
             let mut metric = encoder.encode_descriptor(family.name, family.help, None, kind)?;
             if family.kind == Kind::Histogram {
-                self.0.passes.durations.encode(metric)?;
+                let histogram = if family.name == INGEST_LATENCY.name {
+                    &self.0.ingest_latency
+                } else {
+                    &self.0.passes.durations
+                };
+                histogram.encode(metric)?;
                 continue;
             }
             for (labels, value) in samples.rows.remove(family.name).unwrap_or_default() {
@@ -629,9 +677,15 @@ fn collect_internals(s: &Snapshot, out: &mut Samples) {
     out.int(&CONNECTED_AGENTS, vec![], s.stats.connected_agents);
     out.int(&SAMPLES_INGESTED, vec![], s.stats.samples_ingested);
     out.int(&SAMPLES_DUPLICATE, vec![], s.stats.duplicates_skipped);
-    if s.stats.ingest_latency_count > 0 {
-        out.float(&INGEST_P50, vec![], s.stats.ingest_latency_p50_ms / 1000.0);
-        out.float(&INGEST_P99, vec![], s.stats.ingest_latency_p99_ms / 1000.0);
+    if let Some(p) = &s.process {
+        out.float(&PROCESS_CPU, vec![], p.cpu_seconds);
+        out.int(&PROCESS_RESIDENT, vec![], p.resident_memory_bytes);
+        out.int(&PROCESS_VIRTUAL, vec![], p.virtual_memory_bytes);
+        out.int(&PROCESS_OPEN_FDS, vec![], p.open_fds);
+        if let Some(max) = p.max_fds {
+            out.int(&PROCESS_MAX_FDS, vec![], max);
+        }
+        out.float(&PROCESS_START_TIME, vec![], p.start_time_seconds);
     }
     out.int(&PLACEMENTS, vec![], s.passes.placed.load(Ordering::Relaxed));
     out.int(&UNPLACED, vec![], s.passes.unplaced.load(Ordering::Relaxed));
@@ -651,7 +705,7 @@ fn collect_jobs(s: &Snapshot, out: &mut Samples) {
         JOB_STATUSES.iter().map(|st| (st.to_string(), 0)).collect();
     for j in &s.jobs {
         *by_status.entry(j.status.clone()).or_default() += 1;
-        let job = || vec![("job", j.name.clone())];
+        let job = || vec![("novacron_job", j.name.clone())];
         out.int(&JOB_DESIRED, job(), u64::from(j.replicas));
         out.int(&JOB_RUNNING, job(), u64::from(j.running));
         out.int(&JOB_HEALTHY, job(), u64::from(j.healthy));
@@ -754,14 +808,14 @@ fn collect_node(node: &NodeView, live: &[&AllocRecord], out: &mut Samples) {
     out.int(&NODE_SWAP_TOTAL, base(), m.swap_total_bytes);
     out.int(&NODE_SWAP_USED, base(), m.swap_used_bytes);
     for d in &sample.disks {
-        let l = || with(&[("mount", &d.mount), ("device", &d.device)]);
+        let l = || with(&[("mountpoint", &d.mount), ("device", &d.device)]);
         out.int(&NODE_FS_SIZE, l(), d.total_bytes);
         out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
         out.int(&NODE_DISK_READ, l(), d.read_bytes_per_sec);
         out.int(&NODE_DISK_WRITTEN, l(), d.written_bytes_per_sec);
     }
     for n in &sample.networks {
-        let l = || with(&[("interface", &n.interface)]);
+        let l = || with(&[("device", &n.interface)]);
         out.int(&NODE_NET_RX, l(), n.rx_bytes_per_sec);
         out.int(&NODE_NET_TX, l(), n.tx_bytes_per_sec);
     }
@@ -790,7 +844,7 @@ fn collect_allocations(s: &Snapshot, live: &[&AllocRecord], out: &mut Samples) {
     let labels = |a: &AllocRecord| -> Labels {
         vec![
             ("alloc", a.id.clone()),
-            ("job", a.job.clone()),
+            ("novacron_job", a.job.clone()),
             ("node", a.node.clone()),
         ]
     };
@@ -1021,6 +1075,20 @@ mod tests {
             stats: stats(),
             passes,
             events: 77,
+            ingest_latency: {
+                let h = crate::state::registry::ingest_latency_histogram();
+                h.observe(0.002);
+                h.observe(0.015);
+                h
+            },
+            process: Some(ProcessStats {
+                cpu_seconds: 12.5,
+                resident_memory_bytes: 40 << 20,
+                virtual_memory_bytes: 900 << 20,
+                open_fds: 17,
+                max_fds: Some(65_536),
+                start_time_seconds: 1_700_000_000.25,
+            }),
         }
     }
 
@@ -1039,6 +1107,8 @@ mod tests {
             },
             passes: PassStats::default(),
             events: 0,
+            ingest_latency: crate::state::registry::ingest_latency_histogram(),
+            process: None,
         }
     }
 
@@ -1115,7 +1185,11 @@ mod tests {
         let mut seen = BTreeSet::new();
         for f in FAMILIES {
             assert!(seen.insert(f.name), "{} declared twice", f.name);
-            assert!(f.name.starts_with("novacron_"), "{}", f.name);
+            assert!(
+                f.name.starts_with("novacron_") || f.name.starts_with("process_"),
+                "{}",
+                f.name
+            );
             assert!(
                 f.name
                     .bytes()
@@ -1162,11 +1236,12 @@ mod tests {
             ),
             0.0
         );
-        // No latency was measured: no made-up zero.
         assert_eq!(
-            value_of(&text, "novacron_ingest_latency_p50_seconds", &[]),
-            None
+            number(&text, "novacron_ingest_latency_seconds_count", &[]),
+            0.0
         );
+        // No reading of the process: no made-up zero.
+        assert_eq!(value_of(&text, "process_open_fds", &[]), None);
     }
 
     #[test]
@@ -1212,12 +1287,12 @@ mod tests {
             number(&text, "novacron_node_samples_dropped_total", &n1),
             3.0
         );
-        let root = [("node", "n1"), ("mount", "/"), ("device", "/dev/sda1")];
+        let root = [("node", "n1"), ("mountpoint", "/"), ("device", "/dev/sda1")];
         assert_eq!(
             number(&text, "novacron_node_filesystem_available_bytes", &root),
             60.0 * gib
         );
-        let eth0 = [("node", "n1"), ("interface", "eth0")];
+        let eth0 = [("node", "n1"), ("device", "eth0")];
         assert_eq!(
             number(
                 &text,
@@ -1285,7 +1360,7 @@ mod tests {
     #[test]
     fn allocation_gauges_join_usage_with_the_allocation() {
         let text = rendered(fleet());
-        let web1 = [("alloc", "web-1"), ("job", "web"), ("node", "n1")];
+        let web1 = [("alloc", "web-1"), ("novacron_job", "web"), ("node", "n1")];
         assert_eq!(
             number(&text, "novacron_allocation_cpu_usage_cores", &web1),
             0.5
@@ -1350,9 +1425,27 @@ mod tests {
             1234.0
         );
         assert_eq!(number(&text, "novacron_samples_duplicate_total", &[]), 5.0);
+        let l = "novacron_ingest_latency_seconds";
+        assert_eq!(number(&text, &format!("{l}_count"), &[]), 2.0);
+        assert!((number(&text, &format!("{l}_sum"), &[]) - 0.017).abs() < 1e-9);
         assert_eq!(
-            number(&text, "novacron_ingest_latency_p99_seconds", &[]),
-            0.015
+            number(&text, &format!("{l}_bucket"), &[("le", "0.002")]),
+            1.0
+        );
+        assert_eq!(
+            number(&text, &format!("{l}_bucket"), &[("le", "0.016")]),
+            2.0
+        );
+        assert_eq!(number(&text, "process_cpu_seconds_total", &[]), 12.5);
+        assert_eq!(
+            number(&text, "process_resident_memory_bytes", &[]),
+            f64::from(40u32 << 20)
+        );
+        assert_eq!(number(&text, "process_open_fds", &[]), 17.0);
+        assert_eq!(number(&text, "process_max_fds", &[]), 65_536.0);
+        assert_eq!(
+            number(&text, "process_start_time_seconds", &[]),
+            1_700_000_000.25
         );
         assert_eq!(number(&text, "novacron_events_total", &[]), 77.0);
         assert_eq!(
@@ -1379,11 +1472,15 @@ mod tests {
             1.0
         );
         assert_eq!(
-            number(&text, "novacron_job_replicas_desired", &[("job", "web")]),
+            number(
+                &text,
+                "novacron_job_replicas_desired",
+                &[("novacron_job", "web")]
+            ),
             2.0
         );
         assert_eq!(
-            number(&text, "novacron_job_version", &[("job", "train")]),
+            number(&text, "novacron_job_version", &[("novacron_job", "train")]),
             3.0
         );
         assert_eq!(
@@ -1394,6 +1491,23 @@ mod tests {
             ),
             1.0
         );
+    }
+
+    /// Issue 15: Prometheus gives every scraped series its own `job` (the scrape
+    /// job) and `instance` labels and renames a target's clashing ones to
+    /// `exported_job` and `exported_instance`, which emptied the dashboard's
+    /// per-job panels.
+    #[test]
+    fn no_series_carries_a_label_prometheus_renames() {
+        let text = rendered(fleet());
+        for (name, labels, _) in samples(&text) {
+            for reserved in ["job", "instance"] {
+                assert!(
+                    !labels.contains_key(reserved),
+                    "{name} carries a {reserved} label"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1410,7 +1524,7 @@ mod tests {
         // Every line still parses, and the values come back unchanged.
         let labels = [("node", "n1"), ("zone", tricky)];
         assert_eq!(number(&text, "novacron_node_cpu_cores", &labels), 4.0);
-        let mount = [("node", "n1"), ("mount", "/mnt/a\"b")];
+        let mount = [("node", "n1"), ("mountpoint", "/mnt/a\"b")];
         assert_eq!(
             number(&text, "novacron_node_filesystem_size_bytes", &mount),
             100.0 * GIB as f64
@@ -1611,7 +1725,7 @@ mod tests {
         for q in &all {
             let names: Vec<&str> = identifiers(q)
                 .into_iter()
-                .filter(|w| w.starts_with("novacron_"))
+                .filter(|w| w.starts_with("novacron_") && !labels.contains(*w))
                 .collect();
             assert!(!names.is_empty(), "query selects no novacron metric: {q}");
             for name in names {

@@ -18,6 +18,7 @@ use novacron_common::fleet::{NodeStatus, node_status};
 use novacron_common::pki::CertInfo;
 use novacron_common::sync::lock;
 use novacron_common::wire::{CloseCode, Hello, MetricsBatch, NodeSample};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tracing::{info, warn};
 
 use crate::state::store::{MetricMark, NodeRecord, Revocation, Store, StoreError};
@@ -26,6 +27,12 @@ use crate::state::store::{MetricMark, NodeRecord, Revocation, Store, StoreError}
 pub const DEFAULT_METRICS_WINDOW: usize = 300;
 /// How many ingest latencies the percentiles are computed over.
 pub const LATENCY_WINDOW: usize = 65_536;
+
+/// The buckets of the ingest latency histogram: 1 ms doubling to about 65 s
+/// (a sample replayed after a longer outage lands in `+Inf`).
+pub fn ingest_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
 
 /// How long, after the controller starts, a node that has not reconnected yet
 /// gets on top of `down_after` before it is `down` (agents reconnect within their
@@ -140,6 +147,9 @@ pub struct Registry {
     samples_ingested: AtomicU64,
     duplicates_skipped: AtomicU64,
     latencies: Mutex<VecDeque<f32>>,
+    /// Every ingest latency since the controller started, in seconds (the
+    /// Prometheus histogram; `latencies` is the window of `/v1/stats`).
+    latency_histogram: Histogram,
     /// Nodes the scheduler must not place on (drained, or cordoned by an
     /// operator); mirrors [`NodeRecord::cordoned`], which is what persists.
     cordoned: Mutex<HashSet<String>>,
@@ -210,6 +220,7 @@ impl Registry {
             samples_ingested: AtomicU64::new(0),
             duplicates_skipped: AtomicU64::new(0),
             latencies: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
+            latency_histogram: ingest_latency_histogram(),
             cordoned: Mutex::new(cordoned),
         })
     }
@@ -415,6 +426,9 @@ impl Registry {
             .fetch_add(out.accepted, Ordering::Relaxed);
         self.duplicates_skipped
             .fetch_add(out.duplicates, Ordering::Relaxed);
+        for l in &latencies {
+            self.latency_histogram.observe(f64::from(*l) / 1000.0);
+        }
         if let Ok(mut ring) = self.latencies.lock() {
             for l in latencies {
                 if ring.len() >= LATENCY_WINDOW {
@@ -424,6 +438,12 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// The histogram of every ingest latency since the controller started, in
+    /// seconds (shared: observations made later show in the returned handle).
+    pub fn ingest_latency(&self) -> Histogram {
+        self.latency_histogram.clone()
     }
 
     /// Revokes `name`: persists it, refuses its certificates from now on and closes
@@ -549,7 +569,8 @@ impl Registry {
         }
     }
 
-    /// Forgets the recorded latencies (benchmarks call this after warm-up).
+    /// Forgets the recorded latencies of [`Registry::stats`] (benchmarks call this
+    /// after warm-up); the Prometheus histogram, a counter, keeps them.
     pub fn reset_latencies(&self) {
         if let Ok(mut r) = self.latencies.lock() {
             r.clear();
