@@ -1641,6 +1641,70 @@ mod tests {
         (out.status.success(), report)
     }
 
+    const RULES: &str = "../packaging/prometheus/novacron-rules.yml";
+
+    /// The shipped alert rules load in Prometheus (`promtool check rules`) and
+    /// select only series this controller exports.
+    #[test]
+    fn promtool_accepts_the_alert_rules() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES);
+        let out = std::process::Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "promtool is needed ({e}): `bash .ci/setup` installs it (Debian package prometheus)"
+                )
+            });
+        assert!(
+            out.status.success(),
+            "promtool check rules {} failed:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rules = std::fs::read_to_string(&path).expect("the rules file");
+        let text = to_text_format(&rendered(fleet()));
+        let exported = series_names(&text);
+        let labels: BTreeSet<String> = samples(&text)
+            .into_iter()
+            .flat_map(|(_, l, _)| l.into_keys())
+            .collect();
+        let mut alerts = 0;
+        for line in rules.lines().map(str::trim) {
+            if let Some(expr) = line.strip_prefix("expr:") {
+                alerts += 1;
+                let names: Vec<&str> = identifiers(expr)
+                    .into_iter()
+                    .filter(|w| w.starts_with("novacron_") && !labels.contains(*w))
+                    .collect();
+                assert!(!names.is_empty(), "rule selects no novacron metric: {expr}");
+                for name in names {
+                    assert!(
+                        exported.contains(name),
+                        "{name} is not exported (in {expr})"
+                    );
+                }
+                for label in label_names(expr) {
+                    assert!(
+                        labels.contains(&label) || label == "le",
+                        "label {label:?} in {expr}"
+                    );
+                }
+            }
+            // Annotations name labels the series carry.
+            for part in line.split("$labels.").skip(1) {
+                let label: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(labels.contains(&label), "label {label:?} in {line}");
+            }
+        }
+        assert!(alerts >= 5, "found only {alerts} rules");
+    }
+
     const DASHBOARD: &str = include_str!("../../../packaging/grafana/novacron-dashboard.json");
 
     /// Every PromQL text of the dashboard: panel targets and variable queries.
