@@ -148,14 +148,28 @@ pub struct RunArgs {
     /// [env: NOVACRON_PUBLISH_ADDRESS] [file: publish_address] [default: 0.0.0.0].
     #[arg(long, value_name = "IP")]
     pub publish_address: Option<String>,
+    /// Log format: `text` (coloured only on a terminal without NO_COLOR) or `json`
+    /// (one object per line, for journald and log collectors)
+    /// [env: NOVACRON_LOG_FORMAT] [file: log_format] [default: text].
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<String>,
 }
 
-/// Runs the command line; returns the process exit code.
+/// Runs the command line (logging is set up here, once the file is read, since the
+/// file may choose its format); returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
     let loaded = match config::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(l) => l,
         Err(e) => return config_error(&e.to_string()),
     };
+    let flag = match &cli.command {
+        Command::Run(args) => args.log_format.as_deref(),
+        Command::Join(_) => None,
+    };
+    match config::log_format(&loaded, &ProcessEnv, flag) {
+        Ok(format) => novacron_common::logging::init_with("info", format),
+        Err(e) => return config_error(&e.to_string()),
+    }
     match cli.command {
         Command::Join(args) => join(&loaded, args).await,
         Command::Run(args) => run(&loaded, args).await,

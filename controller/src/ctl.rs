@@ -154,6 +154,11 @@ pub struct ServeArgs {
     /// Samples kept in memory per node [env: NOVACRON_METRICS_WINDOW] [default: 300].
     #[arg(long)]
     pub metrics_window: Option<String>,
+    /// Log format: `text` (coloured only on a terminal without NO_COLOR) or `json`
+    /// (one object per line, for journald and log collectors)
+    /// [env: NOVACRON_LOG_FORMAT] [default: text].
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<String>,
 }
 
 /// `token` subcommands.
@@ -222,12 +227,21 @@ pub enum AdminCommand {
     },
 }
 
-/// Runs the command line; returns the exit code.
+/// Runs the command line (logging is set up here, once the file is read, since the
+/// file may choose its format); returns the exit code.
 pub async fn main(cli: Cli) -> i32 {
     let loaded = match config_file::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(l) => l,
         Err(e) => return config_error(&e.to_string()),
     };
+    let flag = match &cli.command {
+        Command::Serve(args) => args.log_format.as_deref(),
+        _ => None,
+    };
+    match config_file::log_format(&loaded, &ProcessEnv, flag) {
+        Ok(format) => novacron_common::logging::init_with("info", format),
+        Err(e) => return config_error(&e.to_string()),
+    }
     let data_dir = match config_file::data_dir(&loaded, &ProcessEnv, cli.data_dir.as_deref()) {
         Ok(d) => d,
         Err(e) => return config_error(&e.to_string()),
