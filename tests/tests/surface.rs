@@ -1,9 +1,11 @@
 //! The operator-grade surface (issue 15) against the real binaries:
 //! - JSON logs,
+//! - the `/livez` and `/readyz` probes and `WWW-Authenticate` on 401,
 
 use std::time::Duration;
 
 use novacron_tests::{Agent, Controller, wait_for};
+use reqwest::StatusCode;
 
 async fn controller(prefix: &str, serve_args: &[&str]) -> (tempfile::TempDir, Controller) {
     let dir = tempfile::Builder::new()
@@ -14,6 +16,19 @@ async fn controller(prefix: &str, serve_args: &[&str]) -> (tempfile::TempDir, Co
         .await
         .expect("controller");
     (dir, c)
+}
+
+/// A client that trusts the fleet CA but presents no certificate.
+fn anonymous(c: &Controller) -> reqwest::Client {
+    novacron_common::tls::install_crypto_provider();
+    let ca = std::fs::read_to_string(c.data_dir.join("pki/ca.pem")).expect("ca");
+    let config =
+        novacron_common::tls::client_config(&ca, None, &[b"h2", b"http/1.1"]).expect("tls config");
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
 }
 
 /// Every non-empty line of `log` is one JSON object with a level and a message.
@@ -71,5 +86,51 @@ async fn log_format_json_writes_one_object_per_line_and_text_has_no_colour_off_a
         err.contains("--log-format") && err.contains("text or json"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn probes_answer_without_credentials_and_every_401_carries_a_challenge() {
+    let (_dir, c) = controller("novacron-surface-probes-", &[]).await;
+    let anon = anonymous(&c);
+    for (path, body) in [("/livez", "ok"), ("/readyz", "ready"), ("/healthz", "ok")] {
+        let resp = anon
+            .get(format!("{}{path}", c.api()))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(resp.text().await.expect("body"), body, "{path}");
+    }
+    for (path, token) in [
+        ("/v1/nodes", None),
+        ("/v1/nodes", Some("not-a-token")),
+    ] {
+        let mut req = anon.get(format!("{}{path}", c.api()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("send");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer realm=\"novacron\""),
+            "{path}"
+        );
+    }
+    let doc: serde_json::Value = c
+        .admin_client()
+        .expect("admin")
+        .get(format!("{}/v1/openapi.json", c.api()))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    for path in ["/livez", "/readyz", "/healthz"] {
+        assert!(doc["paths"].get(path).is_some(), "{path} not documented");
+    }
 }
 

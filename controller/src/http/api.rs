@@ -1,5 +1,7 @@
-//! The operator HTTPS API (axum). Every route except `/healthz` and `/v1/enroll`
-//! requires a client certificate from the fleet CA with an operator role.
+//! The operator HTTPS API (axum). Every route except the probes (`/healthz`,
+//! `/livez`, `/readyz`) and `/v1/enroll` requires an operator client certificate
+//! from the fleet CA or an API token; every 401 carries a `WWW-Authenticate`
+//! challenge.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -36,6 +38,7 @@ use novacron_common::clock::unix_ms;
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
+        .routes(routes!(livez))
         .routes(routes!(readyz))
         .routes(routes!(enroll))
         .routes(routes!(list_nodes))
@@ -56,8 +59,25 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (the store cannot write: a full disk)", body = ApiError)))]
+/// Liveness: the process runs and its HTTPS API answers; it checks nothing else,
+/// so a restart is the only cure for a failure (a store problem is `/readyz`'s).
+#[utoipa::path(get, path = "/livez", tag = "controller", security(()), responses((status = 200, description = "alive: the process answers", content_type = "text/plain", body = String)))]
+async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Readiness. The API is served only once the store is open and every service is
+/// loaded (before that, connections wait or are refused), so an answer here means
+/// the controller has started; it is ready while it leads (a single controller
+/// always does) and its store can write.
+#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: started, the leader, and the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (not the leader, or the store cannot write: a full disk)", body = ApiError)))]
 async fn readyz(State(st): State<Arc<ApiState>>) -> Result<&'static str, Problem> {
+    if !st.leadership.is_leader() {
+        return Err(Problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: this controller is not the leader".into(),
+        ));
+    }
     let store = st.store.clone();
     match tokio::task::spawn_blocking(move || store.writable()).await {
         Ok(Ok(())) => Ok("ready"),
