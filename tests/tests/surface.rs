@@ -1,10 +1,12 @@
 //! The operator-grade surface (issue 15) against the real binaries:
 //! - JSON logs,
 //! - the `/livez` and `/readyz` probes and `WWW-Authenticate` on 401,
+//! - a CLI whose standard output closes early and `novacron version`,
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use novacron_tests::{Agent, Controller, wait_for};
+use novacron_tests::{Agent, Controller, bin, wait_for};
 use reqwest::StatusCode;
 
 async fn controller(prefix: &str, serve_args: &[&str]) -> (tempfile::TempDir, Controller) {
@@ -104,6 +106,7 @@ async fn probes_answer_without_credentials_and_every_401_carries_a_challenge() {
     for (path, token) in [
         ("/v1/nodes", None),
         ("/v1/nodes", Some("not-a-token")),
+        ("/v1/version", None),
     ] {
         let mut req = anon.get(format!("{}{path}", c.api()));
         if let Some(t) = token {
@@ -129,8 +132,79 @@ async fn probes_answer_without_credentials_and_every_401_carries_a_challenge() {
         .json()
         .await
         .expect("json");
-    for path in ["/livez", "/readyz", "/healthz"] {
+    for path in ["/livez", "/readyz", "/healthz", "/v1/version"] {
         assert!(doc["paths"].get(path).is_some(), "{path} not documented");
     }
+}
+
+/// Runs the CLI against `c` with its standard output closed before it writes.
+fn cli_into_closed_pipe(c: &Controller, args: &[&str]) -> std::process::Output {
+    // `Controller::cli` writes the context file on first use.
+    assert!(c.cli(&["context", "show"]).status.success());
+    let config = c.data_dir.with_file_name("cli-config.toml");
+    let mut child = Command::new(bin("novacron"))
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("novacron runs");
+    // The reader goes away before the CLI has connected, so its first write fails.
+    drop(child.stdout.take());
+    child.wait_with_output().expect("waits")
+}
+
+#[tokio::test]
+async fn a_closed_pipe_ends_the_cli_quietly_and_version_names_both_builds() {
+    let (dir, c) = controller("novacron-surface-cli-", &[]).await;
+    let _agent = Agent::join_and_run(dir.path(), &c, "pipe-1", &[])
+        .await
+        .expect("agent");
+    for args in [
+        &["node", "list"][..],
+        &["-o", "json", "node", "list"],
+        &["-o", "yaml", "node", "list"],
+        &["completion", "bash"],
+    ] {
+        let out = cli_into_closed_pipe(&c, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} wrote to stderr: {err}");
+    }
+
+    let out = c.cli(&["version"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with(&format!("client: {version} (commit ")),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("server: {version} (commit ")),
+        "{text}"
+    );
+    let out = c.cli(&["-o", "json", "version"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["server"]["version"], version);
+    assert!(v["server"]["commit"].is_string(), "{v}");
+
+    // --client needs no controller and no context.
+    let out = Command::new(bin("novacron"))
+        .args(["--config", "/nonexistent/novacron.toml", "version", "--client"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!("client: {version} ")),
+        "{out:?}"
+    );
 }
 

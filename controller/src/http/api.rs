@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use novacron_api::{
     ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView,
+    VersionInfo,
 };
 use novacron_common::pki::{self, Identity, Role, Validity};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(create_token))
         .routes(routes!(create_api_token, list_api_tokens))
         .routes(routes!(revoke_api_token))
+        .routes(routes!(version))
         .routes(routes!(stats))
         .routes(routes!(reset_latency))
 }
@@ -635,6 +637,12 @@ async fn revoke_api_token(
         .detail("action", "revoked"),
     );
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/version", tag = "controller", responses((status = 200, description = "the controller's release and git commit", body = VersionInfo), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn version(caller: Caller) -> Result<Json<VersionInfo>, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(VersionInfo::this_build()))
 }
 
 #[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
