@@ -3,9 +3,11 @@
 //! Settings come from the TOML file, the environment and the flags, in that order
 //! (flags win); [`crate::config`] merges and checks them.
 //!
-//! Exit codes: 0 success; 1 runtime failure; 2 usage error; 64 bad configuration
-//! (reported before any socket is opened); 69 the controller refused or could not
-//! be reached during `join`. A Docker address the agent cannot use (`ftp://...`) is
+//! Exit codes ([`EXIT_CODES`]): 0 success; 1 runtime failure; 2 usage error; 64
+//! bad configuration (reported before any socket is opened); 69 the controller
+//! refused or could not be reached during `join`; 76 the controller was not
+//! trusted during `join` (its certificate does not match the pinned CA
+//! fingerprint, or its answer does not). A Docker address the agent cannot use (`ftp://...`) is
 //! bad configuration; a Docker socket that does not exist yet, or a daemon that is
 //! down, is not: `run` goes on (metrics, the link) and reaches Docker once it is up.
 
@@ -33,12 +35,27 @@ use crate::spot::{SpotSource, SpotWatcher};
 pub const EXIT_CONFIG: i32 = 64;
 /// Exit code when the controller refused or was unreachable.
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code when the controller is not trusted (sysexits' EX_PROTOCOL): its TLS
+/// certificate does not chain to the pinned CA, or its answer names another CA.
+/// Retrying does not help; the fingerprint or the URL is wrong.
+pub const EXIT_UNTRUSTED: i32 = 76;
+
+/// The exit codes, as `--help` shows them.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+   0  success
+   1  runtime failure
+   2  usage error
+  64  bad configuration (reported before any socket is opened)
+  69  join: the controller refused the enrollment or cannot be reached
+  76  join: the controller is not trusted: its certificate does not match the
+      pinned --ca-fingerprint (wrong fingerprint, or not the controller meant)";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = config::DEFAULT_STATE_DIR;
 
 /// The NovaCron host agent.
 #[derive(Debug, Parser)]
-#[command(name = "novacron-agent", version, about, long_about = None)]
+#[command(name = "novacron-agent", version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The configuration file (TOML) [env: NOVACRON_AGENT_CONFIG]
     /// [default: /etc/novacron/agent.toml, when it exists].
@@ -53,6 +70,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Enroll this host with a controller (makes a key, sends a CSR, stores the certificate).
+    #[command(after_help = EXIT_CODES)]
     Join(JoinArgs),
     /// Run the agent: sample metrics and stream them to the controller.
     Run(RunArgs),
@@ -212,6 +230,10 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
         Err(e @ (EnrollError::Unreachable { .. } | EnrollError::Refused { .. })) => {
             eprintln!("error: {e}");
             EXIT_UNAVAILABLE
+        }
+        Err(e @ (EnrollError::Untrusted { .. } | EnrollError::BadAnswer(_))) => {
+            eprintln!("error: {e}");
+            EXIT_UNTRUSTED
         }
         Err(e) => {
             eprintln!("error: {e}");

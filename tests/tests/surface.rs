@@ -2,6 +2,7 @@
 //! - JSON logs,
 //! - the `/livez` and `/readyz` probes and `WWW-Authenticate` on 401,
 //! - a CLI whose standard output closes early and `novacron version`,
+//! - a join refused on trust,
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -206,5 +207,36 @@ async fn a_closed_pipe_ends_the_cli_quietly_and_version_names_both_builds() {
         String::from_utf8_lossy(&out.stdout).starts_with(&format!("client: {version} ")),
         "{out:?}"
     );
+}
+
+#[tokio::test]
+async fn join_with_a_wrong_fingerprint_fails_on_trust_with_its_own_exit_code() {
+    let (dir, c) = controller("novacron-surface-trust-", &[]).await;
+    let token = c.token(1).expect("token");
+    let state = dir.path().join("agent-untrusted");
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let out = Command::new(bin("novacron-agent"))
+        .args(["join", "--controller", &c.api(), "--token", &token])
+        .args(["--ca-fingerprint", &wrong, "--name", "untrusted"])
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("novacron-agent runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(76), "{err}");
+    assert!(
+        err.contains("is not trusted") && err.contains(&wrong) && !err.contains("cannot reach"),
+        "{err}"
+    );
+    assert!(!state.exists(), "nothing is written on a failed join");
+    // The token was never sent, so it still enrolls a node with the right pin.
+    let ok = novacron_tests::join(&c, &token, "trusted", &dir.path().join("agent-trusted"));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    let help = Command::new(bin("novacron-agent"))
+        .args(["join", "--help"])
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("76  join"));
 }
 
