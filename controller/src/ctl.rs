@@ -208,7 +208,8 @@ pub enum AdminCommand {
         /// Lifetime.
         #[arg(long, default_value = "90days", value_parser = parse_duration)]
         ttl: Duration,
-        /// Directory to write `<name>.pem` and `<name>-key.pem` into.
+        /// Directory to write `<name>.pem` and `<name>-key.pem` into; created
+        /// (0700, with missing parents) when it does not exist.
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
@@ -454,6 +455,10 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
                 return 1;
             }
         };
+    if let Err(e) = create_out_dir(out) {
+        eprintln!("error: cannot create {}: {e}", out.display());
+        return 1;
+    }
     let cert = out.join(format!("{name}.pem"));
     let key = out.join(format!("{name}-key.pem"));
     let result = pki_files::write_file(&key, &issued.key_pem, 0o600)
@@ -479,6 +484,21 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
             1
         }
     }
+}
+
+/// Creates `admin issue --out DIR` when it is missing, private (0700: it will hold
+/// a private key), with any missing parents; an existing directory is left as it is.
+fn create_out_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // The mode passed above is narrowed by the umask; say it exactly.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The store of a stopped controller, or `None` when the controller runs (it holds

@@ -3,7 +3,9 @@
 //! - the `/livez` and `/readyz` probes and `WWW-Authenticate` on 401,
 //! - a CLI whose standard output closes early and `novacron version`,
 //! - a join refused on trust,
+//! - `admin issue --out` into a missing directory.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -240,3 +242,50 @@ async fn join_with_a_wrong_fingerprint_fails_on_trust_with_its_own_exit_code() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("76  join"));
 }
 
+#[tokio::test]
+async fn admin_issue_creates_a_missing_out_directory_privately() {
+    let (dir, c) = controller("novacron-surface-issue-", &[]).await;
+    let out_dir = dir.path().join("creds/alice");
+    let out = c.ctl(&[
+        "admin",
+        "issue",
+        "--name",
+        "alice",
+        "--out",
+        &out_dir.to_string_lossy(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&out_dir)
+        .expect("created")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(out_dir.join("alice.pem").exists());
+    let key_mode = std::fs::metadata(out_dir.join("alice-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+
+    // An existing directory keeps its mode.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = c.ctl(&[
+        "admin",
+        "issue",
+        "--name",
+        "bob",
+        "--out",
+        &shared.to_string_lossy(),
+    ]);
+    assert!(out.status.success());
+    let mode = std::fs::metadata(&shared).expect("dir").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755);
+}
