@@ -67,6 +67,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// One value per process, parsed once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Enroll this host with a controller (makes a key, sends a CSR, stores the certificate).

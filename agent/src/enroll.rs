@@ -379,10 +379,8 @@ mod tests {
     #[test]
     fn a_certificate_refused_by_tls_is_a_trust_failure_wherever_it_is_wrapped() {
         let pinned = rustls::Error::General("no CA with the pinned fingerprint".into());
-        let wrapped = std::io::Error::other(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            pinned,
-        ));
+        let wrapped =
+            std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, pinned));
         assert_eq!(
             trust_failure(&wrapped).as_deref(),
             Some("no CA with the pinned fingerprint")

@@ -44,7 +44,10 @@ fn assert_json_lines(what: &str, log: &str) {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("{what}: not one JSON object per line ({e}): {line}"));
         assert!(v["level"].is_string(), "{what}: no level: {line}");
-        assert!(v["fields"]["message"].is_string(), "{what}: no message: {line}");
+        assert!(
+            v["fields"]["message"].is_string(),
+            "{what}: no message: {line}"
+        );
         assert!(v["timestamp"].is_string(), "{what}: no timestamp: {line}");
     }
 }
@@ -201,7 +204,12 @@ async fn a_closed_pipe_ends_the_cli_quietly_and_version_names_both_builds() {
 
     // --client needs no controller and no context.
     let out = Command::new(bin("novacron"))
-        .args(["--config", "/nonexistent/novacron.toml", "version", "--client"])
+        .args([
+            "--config",
+            "/nonexistent/novacron.toml",
+            "version",
+            "--client",
+        ])
         .output()
         .expect("runs");
     assert!(out.status.success(), "{out:?}");
@@ -233,7 +241,11 @@ async fn join_with_a_wrong_fingerprint_fails_on_trust_with_its_own_exit_code() {
     assert!(!state.exists(), "nothing is written on a failed join");
     // The token was never sent, so it still enrolls a node with the right pin.
     let ok = novacron_tests::join(&c, &token, "trusted", &dir.path().join("agent-trusted"));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     let help = Command::new(bin("novacron-agent"))
         .args(["join", "--help"])
@@ -286,6 +298,10 @@ async fn admin_issue_creates_a_missing_out_directory_privately() {
         &shared.to_string_lossy(),
     ]);
     assert!(out.status.success());
-    let mode = std::fs::metadata(&shared).expect("dir").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&shared)
+        .expect("dir")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o755);
 }

@@ -70,7 +70,9 @@ mod tests {
     #[tokio::test]
     async fn client_only_prints_this_build() {
         let mut out = Vec::new();
-        run(None, OutputFormat::Table, &mut out).await.expect("runs");
+        run(None, OutputFormat::Table, &mut out)
+            .await
+            .expect("runs");
         let text = String::from_utf8(out).expect("utf-8");
         assert_eq!(
             text,

@@ -13,8 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use axum::Json;
 use novacron_api::{
-    ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView,
-    VersionInfo,
+    ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView, VersionInfo,
 };
 use novacron_common::pki::{self, Identity, Role, Validity};
 use serde::{Deserialize, Serialize};
