@@ -3,9 +3,11 @@
 //! Settings come from the TOML file, the environment and the flags, in that order
 //! (flags win); [`crate::config`] merges and checks them.
 //!
-//! Exit codes: 0 success; 1 runtime failure; 2 usage error; 64 bad configuration
-//! (reported before any socket is opened); 69 the controller refused or could not
-//! be reached during `join`. A Docker address the agent cannot use (`ftp://...`) is
+//! Exit codes ([`EXIT_CODES`]): 0 success; 1 runtime failure; 2 usage error; 64
+//! bad configuration (reported before any socket is opened); 69 the controller
+//! refused or could not be reached during `join`; 76 the controller was not
+//! trusted during `join` (its certificate does not match the pinned CA
+//! fingerprint, or its answer does not). A Docker address the agent cannot use (`ftp://...`) is
 //! bad configuration; a Docker socket that does not exist yet, or a daemon that is
 //! down, is not: `run` goes on (metrics, the link) and reaches Docker once it is up.
 
@@ -33,12 +35,27 @@ use crate::spot::{SpotSource, SpotWatcher};
 pub const EXIT_CONFIG: i32 = 64;
 /// Exit code when the controller refused or was unreachable.
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code when the controller is not trusted (sysexits' EX_PROTOCOL): its TLS
+/// certificate does not chain to the pinned CA, or its answer names another CA.
+/// Retrying does not help; the fingerprint or the URL is wrong.
+pub const EXIT_UNTRUSTED: i32 = 76;
+
+/// The exit codes, as `--help` shows them.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+   0  success
+   1  runtime failure
+   2  usage error
+  64  bad configuration (reported before any socket is opened)
+  69  join: the controller refused the enrollment or cannot be reached
+  76  join: the controller is not trusted: its certificate does not match the
+      pinned --ca-fingerprint (wrong fingerprint, or not the controller meant)";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = config::DEFAULT_STATE_DIR;
 
 /// The NovaCron host agent.
 #[derive(Debug, Parser)]
-#[command(name = "novacron-agent", version, about, long_about = None)]
+#[command(name = "novacron-agent", version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The configuration file (TOML) [env: NOVACRON_AGENT_CONFIG]
     /// [default: /etc/novacron/agent.toml, when it exists].
@@ -50,9 +67,12 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// One value per process, parsed once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Enroll this host with a controller (makes a key, sends a CSR, stores the certificate).
+    #[command(after_help = EXIT_CODES)]
     Join(JoinArgs),
     /// Run the agent: sample metrics and stream them to the controller.
     Run(RunArgs),
@@ -148,14 +168,28 @@ pub struct RunArgs {
     /// [env: NOVACRON_PUBLISH_ADDRESS] [file: publish_address] [default: 0.0.0.0].
     #[arg(long, value_name = "IP")]
     pub publish_address: Option<String>,
+    /// Log format: `text` (coloured only on a terminal without NO_COLOR) or `json`
+    /// (one object per line, for journald and log collectors)
+    /// [env: NOVACRON_LOG_FORMAT] [file: log_format] [default: text].
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<String>,
 }
 
-/// Runs the command line; returns the process exit code.
+/// Runs the command line (logging is set up here, once the file is read, since the
+/// file may choose its format); returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
     let loaded = match config::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(l) => l,
         Err(e) => return config_error(&e.to_string()),
     };
+    let flag = match &cli.command {
+        Command::Run(args) => args.log_format.as_deref(),
+        Command::Join(_) => None,
+    };
+    match config::log_format(&loaded, &ProcessEnv, flag) {
+        Ok(format) => novacron_common::logging::init_with("info", format),
+        Err(e) => return config_error(&e.to_string()),
+    }
     match cli.command {
         Command::Join(args) => join(&loaded, args).await,
         Command::Run(args) => run(&loaded, args).await,
@@ -198,6 +232,10 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
         Err(e @ (EnrollError::Unreachable { .. } | EnrollError::Refused { .. })) => {
             eprintln!("error: {e}");
             EXIT_UNAVAILABLE
+        }
+        Err(e @ (EnrollError::Untrusted { .. } | EnrollError::BadAnswer(_))) => {
+            eprintln!("error: {e}");
+            EXIT_UNTRUSTED
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -84,6 +84,8 @@ pub mod env {
     pub const DYNAMIC_PORTS: &str = "NOVACRON_DYNAMIC_PORTS";
     /// `publish_address`.
     pub const PUBLISH_ADDRESS: &str = "NOVACRON_PUBLISH_ADDRESS";
+    /// Log format, `text` or `json`.
+    pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
 }
 
 /// The settings' names.
@@ -198,6 +200,12 @@ pub mod keys {
         env: env::PUBLISH_ADDRESS,
         flag: "--publish-address",
     };
+    /// Log format.
+    pub const LOG_FORMAT: Key = Key {
+        file: "log_format",
+        env: env::LOG_FORMAT,
+        flag: "--log-format",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -232,6 +240,8 @@ pub struct AgentFile {
     pub dynamic_ports: Option<String>,
     /// Host address published ports bind to, e.g. "0.0.0.0".
     pub publish_address: Option<String>,
+    /// Log format, "text" or "json".
+    pub log_format: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -333,6 +343,22 @@ pub struct RunSettings {
     pub dynamic_ports: PortRange,
     /// The host address containers' published ports bind to.
     pub publish_address: IpAddr,
+}
+
+/// The log format: `--log-format` (of `run`; `None` for other commands),
+/// `NOVACRON_LOG_FORMAT`, `log_format`, else text.
+pub fn log_format(
+    loaded: &Loaded,
+    env: &dyn Env,
+    flag: Option<&str>,
+) -> Result<novacron_common::logging::Format, ConfigError> {
+    let l = Layers::new(&PROFILE, loaded, env);
+    novacron_common::logging::format(
+        &l,
+        keys::LOG_FORMAT,
+        flag,
+        loaded.file.log_format.as_deref(),
+    )
 }
 
 /// Merges file, environment and flags for `run` and checks every value.

@@ -41,13 +41,27 @@ pub enum EnrollError {
     /// A bad argument.
     #[error("{0}")]
     Invalid(String),
-    /// The controller could not be reached or refused TLS (a wrong fingerprint
-    /// shows here).
+    /// The controller could not be reached (a wrong fingerprint is
+    /// [`EnrollError::Untrusted`] instead).
     #[error("cannot reach the controller at {url}: {reason}")]
     Unreachable {
         /// The URL.
         url: String,
         /// Why.
+        reason: String,
+    },
+    /// The TLS handshake failed on trust: the controller's certificate does not
+    /// chain to the CA with the pinned fingerprint (a wrong `--ca-fingerprint`, or
+    /// not the controller meant). The join token was not sent.
+    #[error(
+        "the controller at {url} is not trusted: {reason}; the join token was not sent. Check --ca-fingerprint {pin} against the fingerprint `novacron-controller token create` prints"
+    )]
+    Untrusted {
+        /// The URL.
+        url: String,
+        /// The pinned fingerprint.
+        pin: Fingerprint,
+        /// What TLS said.
         reason: String,
     },
     /// The controller refused the enrollment.
@@ -219,9 +233,16 @@ pub async fn join(opts: &JoinOptions) -> Result<Enrollment, EnrollError> {
         .timeout(JOIN_TIMEOUT)
         .build()
         .map_err(|e| EnrollError::Invalid(e.to_string()))?;
-    let unreachable = |e: reqwest::Error| EnrollError::Unreachable {
-        url: opts.controller.clone(),
-        reason: error_chain(&e),
+    let unreachable = |e: reqwest::Error| match trust_failure(&e) {
+        Some(reason) => EnrollError::Untrusted {
+            url: opts.controller.clone(),
+            pin: opts.ca_fingerprint.clone(),
+            reason,
+        },
+        None => EnrollError::Unreachable {
+            url: opts.controller.clone(),
+            reason: error_chain(&e),
+        },
     };
     let resp = client
         .post(&url)
@@ -295,6 +316,29 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// What TLS said when `e` (or an error under it) is the server certificate failing
+/// verification: refused by the pinned verifier (`General`) or invalid for the
+/// pinned CA (`InvalidCertificate`: bad signature, wrong name, expired, ...).
+pub fn trust_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        match err.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::General(why)) => return Some(why.clone()),
+            Some(e @ rustls::Error::InvalidCertificate(_)) => return Some(e.to_string()),
+            _ => {}
+        }
+        // `io::Error::source` skips the error it wraps (often another `io::Error`
+        // around the TLS one), so step into it instead.
+        next = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
 fn read(path: &Path) -> Result<String, EnrollError> {
     fs::read_to_string(path).map_err(|source| EnrollError::Io {
         path: path.to_path_buf(),
@@ -330,6 +374,21 @@ mod tests {
         let mode = fs::metadata(state.key()).expect("key").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(fs::read_to_string(state.cert()).expect("cert"), "CERT");
+    }
+
+    #[test]
+    fn a_certificate_refused_by_tls_is_a_trust_failure_wherever_it_is_wrapped() {
+        let pinned = rustls::Error::General("no CA with the pinned fingerprint".into());
+        let wrapped =
+            std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, pinned));
+        assert_eq!(
+            trust_failure(&wrapped).as_deref(),
+            Some("no CA with the pinned fingerprint")
+        );
+        let bad = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        assert!(trust_failure(&bad).is_some_and(|r| r.contains("invalid peer certificate")));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(trust_failure(&refused), None);
     }
 
     #[test]

@@ -5,7 +5,6 @@ use novacron_agent::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    novacron_common::logging::init("info");
     // One worker thread: the agent's work is small and its footprint matters.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

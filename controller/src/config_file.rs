@@ -73,6 +73,8 @@ pub mod env {
     pub const NODE_CERT_TTL: &str = "NOVACRON_NODE_CERT_TTL";
     /// `serve.metrics_window`.
     pub const METRICS_WINDOW: &str = "NOVACRON_METRICS_WINDOW";
+    /// Log format, `text` or `json`.
+    pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
 }
 
 /// The settings' names.
@@ -113,6 +115,8 @@ pub mod keys {
         env::METRICS_WINDOW,
         "--metrics-window",
     );
+    /// Log format.
+    pub const LOG_FORMAT: Key = Key::new("serve.log_format", env::LOG_FORMAT, "--log-format");
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -164,6 +168,8 @@ pub struct ServeFile {
     pub node_cert_ttl: Option<String>,
     /// Samples kept in memory per node.
     pub metrics_window: Option<u64>,
+    /// Log format, "text" or "json".
+    pub log_format: Option<String>,
 }
 
 /// The controller's configuration file and where it came from (`path` is `None` when
@@ -192,6 +198,22 @@ pub fn data_dir(
         flag,
         loaded.file.data_dir.as_deref(),
         DEFAULT_DATA_DIR,
+    )
+}
+
+/// The log format: `--log-format` (of `serve`; `None` for other commands),
+/// `NOVACRON_LOG_FORMAT`, `serve.log_format`, else text.
+pub fn log_format(
+    loaded: &Loaded,
+    env: &dyn Env,
+    flag: Option<&str>,
+) -> Result<novacron_common::logging::Format, ConfigError> {
+    let l = Layers::new(&PROFILE, loaded, env);
+    novacron_common::logging::format(
+        &l,
+        keys::LOG_FORMAT,
+        flag,
+        loaded.file.serve.log_format.as_deref(),
     )
 }
 

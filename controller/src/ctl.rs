@@ -154,6 +154,11 @@ pub struct ServeArgs {
     /// Samples kept in memory per node [env: NOVACRON_METRICS_WINDOW] [default: 300].
     #[arg(long)]
     pub metrics_window: Option<String>,
+    /// Log format: `text` (coloured only on a terminal without NO_COLOR) or `json`
+    /// (one object per line, for journald and log collectors)
+    /// [env: NOVACRON_LOG_FORMAT] [default: text].
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<String>,
 }
 
 /// `token` subcommands.
@@ -203,7 +208,8 @@ pub enum AdminCommand {
         /// Lifetime.
         #[arg(long, default_value = "90days", value_parser = parse_duration)]
         ttl: Duration,
-        /// Directory to write `<name>.pem` and `<name>-key.pem` into.
+        /// Directory to write `<name>.pem` and `<name>-key.pem` into; created
+        /// (0700, with missing parents) when it does not exist.
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
@@ -222,12 +228,21 @@ pub enum AdminCommand {
     },
 }
 
-/// Runs the command line; returns the exit code.
+/// Runs the command line (logging is set up here, once the file is read, since the
+/// file may choose its format); returns the exit code.
 pub async fn main(cli: Cli) -> i32 {
     let loaded = match config_file::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(l) => l,
         Err(e) => return config_error(&e.to_string()),
     };
+    let flag = match &cli.command {
+        Command::Serve(args) => args.log_format.as_deref(),
+        _ => None,
+    };
+    match config_file::log_format(&loaded, &ProcessEnv, flag) {
+        Ok(format) => novacron_common::logging::init_with("info", format),
+        Err(e) => return config_error(&e.to_string()),
+    }
     let data_dir = match config_file::data_dir(&loaded, &ProcessEnv, cli.data_dir.as_deref()) {
         Ok(d) => d,
         Err(e) => return config_error(&e.to_string()),
@@ -440,6 +455,10 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
                 return 1;
             }
         };
+    if let Err(e) = create_out_dir(out) {
+        eprintln!("error: cannot create {}: {e}", out.display());
+        return 1;
+    }
     let cert = out.join(format!("{name}.pem"));
     let key = out.join(format!("{name}-key.pem"));
     let result = pki_files::write_file(&key, &issued.key_pem, 0o600)
@@ -465,6 +484,21 @@ fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Pat
             1
         }
     }
+}
+
+/// Creates `admin issue --out DIR` when it is missing, private (0700: it will hold
+/// a private key), with any missing parents; an existing directory is left as it is.
+fn create_out_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // The mode passed above is narrowed by the umask; say it exactly.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The store of a stopped controller, or `None` when the controller runs (it holds

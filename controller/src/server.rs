@@ -212,6 +212,9 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         .advertise
         .clone()
         .unwrap_or_else(|| format!("{}:{}", config.server_name, quic_addr.port()));
+    // One controller: always the leader. The singleton services run as one unit
+    // while it leads.
+    let leadership = Leadership::always();
     let api_state = Arc::new(ApiState {
         registry: registry.clone(),
         store: store.clone(),
@@ -229,12 +232,10 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         migrations: migrations.clone(),
         certs,
         heavy: crate::services::heavy::HeavyWork::for_this_host(),
+        leadership: leadership.clone(),
     });
 
     let cancel = CancellationToken::new();
-    // One controller: always the leader. The singleton services run as one unit
-    // while it leads.
-    let leadership = Leadership::always();
     let mut tasks = vec![tokio::spawn(run_while_leader(
         leadership.clone(),
         cancel.clone(),

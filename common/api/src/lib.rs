@@ -113,6 +113,32 @@ pub struct MetricsWindow {
     pub samples: Vec<NodeSample>,
 }
 
+/// `GET /v1/version`: which build a program is. The CLI prints its own and the
+/// controller's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VersionInfo {
+    /// The release, e.g. `0.1.0`.
+    pub version: String,
+    /// The git commit it was built from, or `unknown` when the build did not say
+    /// (set `NOVACRON_GIT_COMMIT` when building, as the packaging does).
+    pub commit: String,
+}
+
+impl VersionInfo {
+    /// The build of the running program (every NovaCron crate shares the
+    /// workspace's version).
+    pub fn this_build() -> VersionInfo {
+        VersionInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            commit: option_env!("NOVACRON_GIT_COMMIT")
+                .filter(|c| !c.is_empty())
+                .unwrap_or("unknown")
+                .to_owned(),
+        }
+    }
+}
+
 /// `GET /v1/stats`: the controller's own view of its ingest path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

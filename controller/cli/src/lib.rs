@@ -9,6 +9,7 @@
 //! - [`nodes`]: `novacron node list|show`.
 //! - [`context`]: `novacron context list|use|show`.
 //! - [`exec`]: `novacron exec` and `novacron alloc exec` (remote commands, live).
+//! - [`version`]: `novacron version` (this client's build and the controller's).
 
 pub mod certs;
 pub mod checkpoints;
@@ -27,6 +28,7 @@ pub mod output;
 pub mod policies;
 pub mod pools;
 pub mod simulate;
+pub mod version;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -66,6 +68,9 @@ Exit codes:
   64  bad configuration: missing or malformed context file, unreadable CA,
       certificate or key, or a certificate the controller refuses
   69  the controller cannot be reached
+
+A closed standard output (`novacron node list | head -1`) ends a command
+quietly, with 0.
 
 Logging goes to standard error; set RUST_LOG (for example RUST_LOG=debug) for more.";
 
@@ -182,6 +187,12 @@ pub enum Command {
     /// Print the manual page (roff), generated from this command line:
     /// `novacron man | man -l -`.
     Man,
+    /// Print this client's version and git commit, then the controller's.
+    Version {
+        /// Only this client's; do not ask the controller.
+        #[arg(long)]
+        client: bool,
+    },
 }
 
 /// The shortest `--watch` interval.
@@ -277,7 +288,13 @@ impl CliError {
     /// Whether this is standard output closing early (`novacron node list | head`),
     /// which is not worth reporting.
     fn is_broken_pipe(&self) -> bool {
-        matches!(self, CliError::Output(OutputError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe)
+        let kind = match self {
+            CliError::Output(OutputError::Io(e)) => Some(e.kind()),
+            // serde_json writes straight into the pipe; its error wraps the I/O one.
+            CliError::Output(OutputError::Json(e)) => e.io_error_kind(),
+            _ => None,
+        };
+        kind == Some(io::ErrorKind::BrokenPipe)
     }
 }
 
@@ -317,7 +334,11 @@ pub async fn run(
     }
     match &cli.command {
         Command::Completion { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "novacron", out);
+            // clap_complete panics when its writer fails (a closed pipe), so the
+            // script is made in memory and written here.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "novacron", &mut script);
+            out.write_all(&script).map_err(OutputError::Io)?;
             Ok(())
         }
         Command::Simulate(args) => simulate::run(args, cli.output, out),
@@ -338,6 +359,10 @@ pub async fn run(
                 .render(out)
                 .map_err(OutputError::Io)?;
             Ok(())
+        }
+        Command::Version { client } => {
+            let api = (!client).then(|| connect(cli, env, now));
+            version::run(api, cli.output, out).await
         }
         Command::Context(cmd) => {
             let path = config_path(cli, env)?;

@@ -5,7 +5,6 @@ use novacron_controller::ctl::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    novacron_common::logging::init("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,5 +1,7 @@
-//! The operator HTTPS API (axum). Every route except `/healthz` and `/v1/enroll`
-//! requires a client certificate from the fleet CA with an operator role.
+//! The operator HTTPS API (axum). Every route except the probes (`/healthz`,
+//! `/livez`, `/readyz`) and `/v1/enroll` requires an operator client certificate
+//! from the fleet CA or an API token; every 401 carries a `WWW-Authenticate`
+//! challenge.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -11,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use axum::Json;
 use novacron_api::{
-    ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView,
+    ApiError, ControllerStats, EnrollRequest, EnrollResponse, MetricsWindow, NodeView, VersionInfo,
 };
 use novacron_common::pki::{self, Identity, Role, Validity};
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,7 @@ use novacron_common::clock::unix_ms;
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
+        .routes(routes!(livez))
         .routes(routes!(readyz))
         .routes(routes!(enroll))
         .routes(routes!(list_nodes))
@@ -47,6 +50,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(create_token))
         .routes(routes!(create_api_token, list_api_tokens))
         .routes(routes!(revoke_api_token))
+        .routes(routes!(version))
         .routes(routes!(stats))
         .routes(routes!(reset_latency))
 }
@@ -56,8 +60,25 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (the store cannot write: a full disk)", body = ApiError)))]
+/// Liveness: the process runs and its HTTPS API answers; it checks nothing else,
+/// so a restart is the only cure for a failure (a store problem is `/readyz`'s).
+#[utoipa::path(get, path = "/livez", tag = "controller", security(()), responses((status = 200, description = "alive: the process answers", content_type = "text/plain", body = String)))]
+async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Readiness. The API is served only once the store is open and every service is
+/// loaded (before that, connections wait or are refused), so an answer here means
+/// the controller has started; it is ready while it leads (a single controller
+/// always does) and its store can write.
+#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: started, the leader, and the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (not the leader, or the store cannot write: a full disk)", body = ApiError)))]
 async fn readyz(State(st): State<Arc<ApiState>>) -> Result<&'static str, Problem> {
+    if !st.leadership.is_leader() {
+        return Err(Problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: this controller is not the leader".into(),
+        ));
+    }
     let store = st.store.clone();
     match tokio::task::spawn_blocking(move || store.writable()).await {
         Ok(Ok(())) => Ok("ready"),
@@ -615,6 +636,12 @@ async fn revoke_api_token(
         .detail("action", "revoked"),
     );
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/version", tag = "controller", responses((status = 200, description = "the controller's release and git commit", body = VersionInfo), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+async fn version(caller: Caller) -> Result<Json<VersionInfo>, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(VersionInfo::this_build()))
 }
 
 #[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]

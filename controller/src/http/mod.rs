@@ -51,6 +51,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             audit_refusals,
         ))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::map_response(challenge))
         .layer(axum::middleware::from_fn_with_state(
             REQUEST_DEADLINE,
             deadline,
@@ -101,6 +102,22 @@ async fn deadline(
             .into_response()
         }
     }
+}
+
+/// The challenge sent with every 401 (RFC 9110, section 11.6.1): the API takes an
+/// API token as a bearer credential (or a client certificate, which has no HTTP
+/// scheme).
+pub const WWW_AUTHENTICATE: &str = "Bearer realm=\"novacron\"";
+
+/// Adds [`WWW_AUTHENTICATE`] to every 401 answer that lacks a challenge.
+async fn challenge(mut response: Response) -> Response {
+    if response.status() == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .entry(axum::http::header::WWW_AUTHENTICATE)
+            .or_insert(axum::http::HeaderValue::from_static(WWW_AUTHENTICATE));
+    }
+    response
 }
 
 /// The longest non-JSON error body turned into a JSON error.

@@ -48,4 +48,6 @@ pub struct ApiState {
     pub certs: Arc<crate::services::certs::CertRevocations>,
     /// Where manifests are parsed and checked: bounded, off the async workers.
     pub heavy: crate::services::heavy::HeavyWork,
+    /// Whether this controller leads (`/readyz` answers 503 while it does not).
+    pub leadership: crate::services::leadership::Leadership,
 }
