@@ -2,14 +2,16 @@
 # Install test: the .deb packages in a clean Debian 12 root, services started by
 # systemd, an agent enrolled with install-agent.sh, then purge.
 #
-#   bash packaging/test-install.sh target/debian/novacron-controller_*.deb target/debian/novacron-agent_*.deb
+#   bash packaging/test-install.sh target/debian/novacron-{cli,controller,agent}_*.deb
 #
 # The root is `debootstrap --variant=minbase --include=systemd,systemd-sysv bookworm`
 # from Debian's archive, imported once as the image novacron-debian-bookworm:1
 # (about 70 s; reused afterwards). The container boots systemd as PID 1 (it needs
 # CAP_SYS_ADMIN and an unconfined seccomp profile, no --privileged), so the units
 # run exactly as shipped: Type=notify, User=novacron, the hardening. Inside it:
-#   1. dpkg -i the controller package; check files, conffiles, the novacron user,
+#   0. dpkg -i the CLI package alone: the binary, its man page and its bash, zsh
+#      and fish completions, and no controller;
+#   1. dpkg -i the controller package (it depends on novacron-cli); check files, conffiles, the novacron user,
 #      the state directory, `systemd-analyze verify` and that nothing was enabled;
 #   2. bad configuration: serve exits 64 naming the key and the file;
 #   3. `init` as novacron, `systemctl start novacron-controller` (returns once
@@ -18,8 +20,8 @@
 #      joins the docker group (the host's Docker socket is mounted, with a docker
 #      group of its gid), enrolls, starts through systemd, and the controller lists
 #      the node ready with Docker reachable;
-#   5. dpkg --purge both: binaries, /etc/novacron, /var/lib/novacron and the user
-#      are gone.
+#   5. dpkg --purge all three: binaries, /etc/novacron and /var/lib/novacron are
+#      gone; the novacron system user stays (Debian practice).
 # Needs docker and debootstrap. The container is removed on exit.
 set -euo pipefail
 
@@ -30,16 +32,17 @@ BOOT_TIMEOUT_SECS=60
 READY_TIMEOUT_SECS=60
 
 here=$(cd "$(dirname "$0")" && pwd)
-ctl_deb="" agent_deb=""
+cli_deb="" ctl_deb="" agent_deb=""
 for deb in "$@"; do
     case "$(basename "$deb")" in
+    novacron-cli_*.deb) cli_deb=$(realpath "$deb") ;;
     novacron-controller_*.deb) ctl_deb=$(realpath "$deb") ;;
     novacron-agent_*.deb) agent_deb=$(realpath "$deb") ;;
-    *) echo "unexpected argument $deb: expected the novacron-controller and novacron-agent .deb files" >&2; exit 64 ;;
+    *) echo "unexpected argument $deb: expected the novacron-cli, novacron-controller and novacron-agent .deb files" >&2; exit 64 ;;
     esac
 done
-if [ -z "$ctl_deb" ] || [ -z "$agent_deb" ]; then
-    echo "usage: $0 novacron-controller_*.deb novacron-agent_*.deb" >&2
+if [ -z "$cli_deb" ] || [ -z "$ctl_deb" ] || [ -z "$agent_deb" ]; then
+    echo "usage: $0 novacron-cli_*.deb novacron-controller_*.deb novacron-agent_*.deb" >&2
     exit 64
 fi
 
@@ -74,7 +77,7 @@ step "booting systemd in a container of $IMAGE"
 docker_sock=/var/run/docker.sock
 docker_gid=$(stat -c %g "$docker_sock")
 [ "$docker_gid" -ne 0 ] || fail "$docker_sock belongs to group root; the test needs a docker group"
-cp "$ctl_deb" "$agent_deb" "$here/install-agent.sh" "$pkg/"
+cp "$cli_deb" "$ctl_deb" "$agent_deb" "$here/install-agent.sh" "$pkg/"
 chmod -R a+rX "$pkg"
 docker run -d --name "$name" --hostname install-test \
     --cgroupns=private --cap-add ALL --cap-drop SYS_RESOURCE \
@@ -90,6 +93,21 @@ until state=$(inside systemctl is-system-running 2>/dev/null) || [ "$state" = de
     waited=$((waited + 1))
 done
 echo "systemd: $state after ${waited}s"
+
+step "installing the CLI package alone (as on a laptop)"
+inside dpkg -i "/pkg/$(basename "$cli_deb")"
+for f in /usr/bin/novacron /usr/share/man/man1/novacron.1.gz \
+    /usr/share/bash-completion/completions/novacron \
+    /usr/share/zsh/vendor-completions/_novacron \
+    /usr/share/fish/vendor_completions.d/novacron.fish; do
+    inside test -s "$f" || fail "$f is missing from novacron-cli"
+done
+inside test ! -e /usr/bin/novacron-controller || fail "novacron-cli installed the controller"
+inside sh -c 'zcat /usr/share/man/man1/novacron.1.gz | grep -q "^\.TH novacron 1"' || fail "the man page is not a novacron(1) page"
+inside bash -c '. /usr/share/bash-completion/completions/novacron && complete -p novacron' >/dev/null \
+    || fail "the bash completion does not register novacron"
+inside novacron --version >/dev/null || fail "novacron --version failed"
+echo "novacron-cli: binary, man page and bash, zsh and fish completions"
 
 step "installing the controller package"
 inside dpkg -i "/pkg/$(basename "$ctl_deb")"
@@ -149,10 +167,12 @@ echo "agent enrolled and ready after ${waited}s"
 
 step "purge"
 inside systemctl stop novacron-agent novacron-controller
-inside dpkg --purge novacron-agent novacron-controller
-for p in /usr/bin/novacron-agent /usr/bin/novacron-controller /etc/novacron /var/lib/novacron; do
+inside dpkg --purge novacron-agent novacron-controller novacron-cli
+for p in /usr/bin/novacron-agent /usr/bin/novacron-controller /usr/bin/novacron /etc/novacron /var/lib/novacron; do
     if inside test -e "$p"; then fail "$p is left after purge"; fi
 done
-if inside getent passwd novacron >/dev/null; then fail "the novacron user is left after purge"; fi
-echo "purge removed binaries, /etc/novacron, /var/lib/novacron and the user"
+# Debian practice: purge keeps the system user, so its uid is never reused for a
+# new account that would inherit files the user owned.
+inside getent passwd novacron >/dev/null || fail "purge removed the novacron user"
+echo "purge removed binaries, /etc/novacron and /var/lib/novacron, and kept the novacron user"
 printf '\ninstall test: OK\n'
