@@ -358,6 +358,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     };
     let cancel = CancellationToken::new();
     let stopper = cancel.clone();
+    novacron_common::signal::ignore_hangup("novacron-agent");
     tokio::spawn(async move {
         novacron_common::signal::shutdown_signal().await;
         info!("stopping on signal");

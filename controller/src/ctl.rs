@@ -416,6 +416,7 @@ async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(%error, "cannot notify systemd of readiness");
     }
+    novacron_common::signal::ignore_hangup("novacron-controller");
     novacron_common::signal::shutdown_signal().await;
     info!("stopping on signal");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

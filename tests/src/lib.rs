@@ -135,6 +135,18 @@ impl Controller {
         Ok(c)
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The API URL.
     pub fn api(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)

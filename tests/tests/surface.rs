@@ -3,7 +3,8 @@
 //! - the `/livez` and `/readyz` probes and `WWW-Authenticate` on 401,
 //! - a CLI whose standard output closes early and `novacron version`,
 //! - a join refused on trust,
-//! - `admin issue --out` into a missing directory.
+//! - `admin issue --out` into a missing directory,
+//! - SIGHUP ends neither the controller nor the agent.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
@@ -304,4 +305,60 @@ async fn admin_issue_creates_a_missing_out_directory_privately() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o755);
+}
+
+/// Issue 15: SIGHUP (an operator's habit, or a closing terminal) does not end
+/// either daemon: each logs that it does not reload and keeps serving.
+#[tokio::test]
+async fn sighup_ends_neither_the_controller_nor_the_agent() {
+    let (dir, mut c) = controller("novacron-surface-hup-", &[]).await;
+    let mut agent = Agent::join_and_run(dir.path(), &c, "hup-1", &[])
+        .await
+        .expect("agent");
+    c.wait_ready("hup-1", Duration::from_secs(15))
+        .await
+        .expect("agent ready");
+    let hup = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -HUP {pid}");
+    };
+    hup(c.pid().expect("controller pid"));
+    hup(agent
+        .child
+        .as_ref()
+        .and_then(|ch| ch.id())
+        .expect("agent pid"));
+    let controller_log = dir.path().join("controller-1.log");
+    wait_for(
+        Duration::from_secs(10),
+        "both to log the SIGHUP",
+        || async {
+            let ctl = std::fs::read_to_string(&controller_log).unwrap_or_default();
+            ctl.contains("SIGHUP received") && agent.log().contains("SIGHUP received")
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\ncontroller:\n{}\nagent:\n{}",
+            std::fs::read_to_string(&controller_log).unwrap_or_default(),
+            agent.log()
+        )
+    });
+    assert!(c.is_running(), "the controller ended on SIGHUP");
+    assert!(
+        agent
+            .child
+            .as_mut()
+            .is_some_and(|ch| matches!(ch.try_wait(), Ok(None))),
+        "the agent ended on SIGHUP"
+    );
+    // Both keep working: the API answers and the node stays ready.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.wait_ready("hup-1", Duration::from_secs(10))
+        .await
+        .expect("the node is still ready after SIGHUP");
 }
