@@ -15,7 +15,8 @@
 #      the state directory, `systemd-analyze verify` and that nothing was enabled;
 #   2. bad configuration: serve exits 64 naming the key and the file;
 #   3. `init` as novacron, `systemctl start novacron-controller` (returns once
-#      READY=1 is sent), the process runs as novacron with NoNewPrivs;
+#      READY=1 is sent), the process runs as novacron with NoNewPrivs and its
+#      system-call filter;
 #   4. install-agent.sh --deb ... with a join token: the agent package installs,
 #      joins the docker group (the host's Docker socket is mounted, with a docker
 #      group of its gid), enrolls, starts through systemd, and the controller lists
@@ -143,7 +144,9 @@ pid=$(inside systemctl show -p MainPID --value novacron-controller)
 [ "$(inside stat -c %U "/proc/$pid")" = novacron ] || fail "the controller does not run as novacron"
 inside grep -q '^NoNewPrivs:[[:space:]]*1' "/proc/$pid/status" || fail "NoNewPrivileges is not in effect"
 inside grep -q '^CapEff:[[:space:]]*0000000000000000' "/proc/$pid/status" || fail "the controller has capabilities"
-echo "controller active as novacron (pid $pid), no capabilities, NoNewPrivs"
+# Seccomp mode 2: the unit's SystemCallFilter= is in effect.
+inside grep -q '^Seccomp:[[:space:]]*2' "/proc/$pid/status" || fail "the controller's system-call filter is not in effect"
+echo "controller active as novacron (pid $pid), no capabilities, NoNewPrivs, system calls filtered"
 
 step "install-agent.sh: install, enroll, start"
 inside groupadd --system --gid "$docker_gid" docker
