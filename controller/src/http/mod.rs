@@ -22,7 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use novacron_api::ApiError;
+use novacron_api::{ApiError, PROBLEM_JSON};
 use novacron_common::pki::Identity;
 use novacron_common::sync::lock;
 use tracing::warn;
@@ -123,16 +123,16 @@ async fn challenge(mut response: Response) -> Response {
 /// The longest non-JSON error body turned into a JSON error.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
-/// Gives every error answer the documented JSON shape ([`ApiError`]), including
-/// axum's own rejections (a body that is not JSON, a bad query string), which are
-/// plain text.
+/// Gives every error answer the documented problem document ([`ApiError`],
+/// `application/problem+json`), including axum's own rejections (a body that is
+/// not JSON, a bad query string, an unknown route), which are plain text or empty.
 async fn json_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with(PROBLEM_JSON));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
@@ -148,7 +148,7 @@ async fn json_errors(response: Response) -> Response {
     } else {
         text
     };
-    (status, Json(ApiError { error })).into_response()
+    Problem::new(status, error).into_response()
 }
 
 /// Who made a request, as [`Caller`] authenticated it; [`audit_refusals`] puts an
