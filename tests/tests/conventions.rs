@@ -264,3 +264,102 @@ async fn deletions_take_delete_and_keep_their_post_forms() {
     ids.dedup();
     assert_eq!(ids.len(), count, "operation ids are unique: {ids:?}");
 }
+
+/// The `X-Novacron-Index` of an answer.
+fn index_of(resp: &reqwest::Response) -> u64 {
+    resp.headers()
+        .get("x-novacron-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{} has no index", resp.url().path()))
+}
+
+/// The index once the controller has stopped writing (the reconcile pass after
+/// an apply writes too): blocking queries of 1 s until one ends unchanged.
+async fn quiet_index(client: &reqwest::Client, api: &str) -> u64 {
+    let resp = client
+        .get(format!("{api}/v1/jobs"))
+        .send()
+        .await
+        .expect("send");
+    let mut index = index_of(&resp);
+    for _ in 0..30 {
+        let resp = client
+            .get(format!("{api}/v1/jobs?index={index}&wait=1s"))
+            .send()
+            .await
+            .expect("send");
+        let now = index_of(&resp);
+        if now == index {
+            return index;
+        }
+        index = now;
+    }
+    panic!("the controller kept writing for 30 s");
+}
+
+#[tokio::test]
+async fn reads_carry_an_index_and_a_blocking_query_waits_for_the_next_write() {
+    let (_dir, c) = controller("novacron-conv-index-").await;
+    let client = c.admin_client().expect("admin");
+    let api = c.api();
+
+    for path in ["/v1/jobs", "/v1/allocations", "/v1/nodes", "/v1/events"] {
+        let resp = client
+            .get(format!("{api}{path}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        index_of(&resp);
+    }
+    c.apply("a.yaml", &manifest("alpha")).await.expect("apply");
+    let before = quiet_index(&client, &api).await;
+
+    // A write from another task wakes a blocking query promptly.
+    let blocked = tokio::spawn({
+        let client = client.clone();
+        let url = format!("{api}/v1/jobs?index={before}&wait=60s");
+        async move {
+            let started = std::time::Instant::now();
+            let resp = client.get(url).send().await.expect("send");
+            (started.elapsed(), resp)
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !blocked.is_finished(),
+        "the query waits while nothing changes"
+    );
+    c.apply("b.yaml", &manifest("beta")).await.expect("apply");
+    let (took, resp) = tokio::time::timeout(std::time::Duration::from_secs(10), blocked)
+        .await
+        .expect("answered promptly after the write")
+        .expect("join");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    let after = index_of(&resp);
+    assert!(after > before, "{after} > {before}");
+    let jobs: serde_json::Value = resp.json().await.expect("json");
+    assert!(jobs.to_string().contains("beta"), "{jobs}");
+
+    // With nothing written, it answers after `wait` with the same index.
+    let now = quiet_index(&client, &api).await;
+    let started = std::time::Instant::now();
+    let resp = client
+        .get(format!("{api}/v1/events?index={now}&wait=1s&limit=5"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(index_of(&resp), now);
+
+    // A bad wait is a 400 problem.
+    let resp = client
+        .get(format!("{api}/v1/jobs?index={now}&wait=soon"))
+        .send()
+        .await
+        .expect("send");
+    problem(resp, StatusCode::BAD_REQUEST, "bad-request").await;
+}

@@ -8,6 +8,7 @@ pub mod costs;
 pub mod events;
 pub mod exec;
 pub mod https;
+pub mod index;
 pub mod jobs;
 pub mod metrics;
 pub mod migrations;
@@ -36,7 +37,8 @@ use crate::services::events::{NewEvent, kind};
 /// Builds the router: every route documented in the OpenAPI document, which is
 /// itself served at `/v1/openapi.json`.
 pub fn router(state: Arc<ApiState>) -> Router {
-    let (router, doc) = api_routes().split_for_parts();
+    let (router, mut doc) = api_routes().split_for_parts();
+    index::document(&mut doc);
     let doc = Arc::new(doc);
     router
         .route(
@@ -46,6 +48,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            index::blocking,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit_refusals,
@@ -88,6 +94,18 @@ async fn deadline(
     if long {
         return next.run(req).await;
     }
+    // A blocking query may wait up to its `wait` before its handler runs.
+    let blocking = req.method() == axum::http::Method::GET
+        && index::indexed(req.uri().path())
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("index=")));
+    let limit = if blocking {
+        limit + crate::services::index::MAX_WAIT
+    } else {
+        limit
+    };
     let what = format!("{} {}", req.method(), req.uri().path());
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
@@ -221,7 +239,9 @@ async fn audit_refusals(
 
 /// The OpenAPI document of the HTTPS API, as `/v1/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    let mut doc = api_routes().split_for_parts().1;
+    index::document(&mut doc);
+    doc
 }
 
 /// The documented routes. A route exists only through its `#[utoipa::path]`
