@@ -363,3 +363,66 @@ async fn reads_carry_an_index_and_a_blocking_query_waits_for_the_next_write() {
         .expect("send");
     problem(resp, StatusCode::BAD_REQUEST, "bad-request").await;
 }
+
+#[tokio::test]
+async fn lists_page_with_limit_and_a_next_token_and_stay_whole_without() {
+    let (_dir, c) = controller("novacron-conv-page-").await;
+    let client = c.admin_client().expect("admin");
+    let api = c.api();
+    for name in ["echo", "alpha", "delta", "bravo", "charlie"] {
+        c.apply(&format!("{name}.yaml"), &manifest(name))
+            .await
+            .expect("apply");
+    }
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("an array")
+            .iter()
+            .map(|j| j["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+
+    // Without `limit`: every job, no token.
+    let resp = client
+        .get(format!("{api}/v1/jobs"))
+        .send()
+        .await
+        .expect("send");
+    assert!(resp.headers().get("x-novacron-next").is_none());
+    let all: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(names(&all).len(), 5);
+
+    // With `limit=2`: three pages in name order, the last without a token.
+    let mut seen = Vec::new();
+    let mut url = format!("{api}/v1/jobs?limit=2");
+    let mut pages = 0;
+    loop {
+        let resp = client.get(&url).send().await.expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        index_of(&resp);
+        let next = resp
+            .headers()
+            .get("x-novacron-next")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let page: serde_json::Value = resp.json().await.expect("json");
+        assert!(names(&page).len() <= 2, "{page}");
+        seen.extend(names(&page));
+        pages += 1;
+        match next {
+            Some(token) => url = format!("{api}/v1/jobs?limit=2&next={token}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["alpha", "bravo", "charlie", "delta", "echo"]);
+
+    // A bad limit or token is a 400 problem.
+    for query in ["limit=0", "next=zz"] {
+        let resp = client
+            .get(format!("{api}/v1/jobs?{query}"))
+            .send()
+            .await
+            .expect("send");
+        problem(resp, StatusCode::BAD_REQUEST, "bad-request").await;
+    }
+}

@@ -253,7 +253,8 @@ pub fn document(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-fn param(name: &str, description: &str, schema: Object) -> Parameter {
+/// A documented optional query parameter.
+pub(crate) fn param(name: &str, description: &str, schema: Object) -> Parameter {
     ParameterBuilder::new()
         .name(name)
         .parameter_in(ParameterIn::Query)

@@ -12,6 +12,7 @@ pub mod index;
 pub mod jobs;
 pub mod metrics;
 pub mod migrations;
+pub mod page;
 pub mod policies;
 pub mod pools;
 
@@ -39,6 +40,7 @@ use crate::services::events::{NewEvent, kind};
 pub fn router(state: Arc<ApiState>) -> Router {
     let (router, mut doc) = api_routes().split_for_parts();
     index::document(&mut doc);
+    page::document(&mut doc);
     let doc = Arc::new(doc);
     router
         .route(
@@ -48,6 +50,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .layer(axum::middleware::from_fn(page::paginate))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             index::blocking,
@@ -241,6 +244,7 @@ async fn audit_refusals(
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api_routes().split_for_parts().1;
     index::document(&mut doc);
+    page::document(&mut doc);
     doc
 }
 
