@@ -215,6 +215,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     // One controller: always the leader. The singleton services run as one unit
     // while it leads.
     let leadership = Leadership::always();
+    let index = Arc::new(crate::services::index::IndexWatch::new(store.clone()));
     let api_state = Arc::new(ApiState {
         registry: registry.clone(),
         store: store.clone(),
@@ -233,6 +234,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         certs,
         heavy: crate::services::heavy::HeavyWork::for_this_host(),
         leadership: leadership.clone(),
+        index: index.clone(),
     });
 
     let cancel = CancellationToken::new();
@@ -248,6 +250,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         ),
     ))];
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
+    tasks.push(tokio::spawn(index.run(cancel.clone())));
     let api_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move { api_cancel.cancelled().await };

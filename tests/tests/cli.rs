@@ -111,7 +111,7 @@ async fn start_api(fleet: &Fleet) -> (SocketAddr, tokio::sync::oneshot::Sender<(
 }
 
 fn api_error(status: StatusCode, error: String) -> Response {
-    (status, Json(ApiError { error })).into_response()
+    (status, Json(ApiError::new(status.as_u16(), error))).into_response()
 }
 
 async fn list_nodes(ConnectInfo(peer): ConnectInfo<Peer>) -> Response {

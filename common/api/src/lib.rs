@@ -62,12 +62,185 @@ pub struct EnrollResponse {
     pub server_name: String,
 }
 
-/// An API error body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The media type of every error answer (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An API error body: an RFC 9457 problem document (`application/problem+json`)
+/// that also keeps the `error` member older clients read. A client decodes any of
+/// these members from any controller: the RFC 9457 ones default when an older
+/// controller leaves them out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
-    /// What went wrong and what to do.
+    /// The kind of error, a stable URN per [`ErrorCode`]
+    /// (`urn:novacron:error:not-found`); decide on this, never on the text.
+    #[serde(rename = "type", default)]
+    #[cfg_attr(feature = "openapi", schema(example = "urn:novacron:error:not-found"))]
+    pub kind: String,
+    /// A short summary of the kind, the same for every error of that kind.
+    #[serde(default)]
+    pub title: String,
+    /// The HTTP status code of the answer.
+    #[serde(default)]
+    pub status: u16,
+    /// What went wrong and what to do (the same text as `error`).
+    #[serde(default)]
+    pub detail: String,
+    /// What went wrong and what to do (kept for older clients; equal to `detail`).
     pub error: String,
+}
+
+impl ApiError {
+    /// The problem document for an answer with `status` and the message `detail`.
+    pub fn new(status: u16, detail: impl Into<String>) -> ApiError {
+        let code = ErrorCode::from_status(status);
+        let detail = detail.into();
+        ApiError {
+            kind: code.uri(),
+            title: code.title().to_owned(),
+            status,
+            error: detail.clone(),
+            detail,
+        }
+    }
+
+    /// The kind of error, read from `type`; `None` for an unknown or missing one
+    /// (an older controller).
+    pub fn code(&self) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.uri() == self.kind)
+    }
+}
+
+/// The kinds of error the API answers, each with its stable `type` URN
+/// (`urn:novacron:error:<slug>`) and title. The kind follows from the answer's
+/// status; new kinds may be added, existing ones never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: the request is malformed (a bad parameter, JSON that does not parse).
+    BadRequest,
+    /// 401: no or unknown credentials.
+    Unauthenticated,
+    /// 403: the caller's role is too low, or the name is revoked.
+    Forbidden,
+    /// 404: no such object or route.
+    NotFound,
+    /// 405: the route does not take this method.
+    MethodNotAllowed,
+    /// 409: the object's state does not allow the request now.
+    Conflict,
+    /// 413: the request body is too large.
+    PayloadTooLarge,
+    /// 415: the body is not of the accepted media type.
+    UnsupportedMediaType,
+    /// 422: the body parses but is invalid (a manifest rule, a missing field).
+    Invalid,
+    /// 429: too many requests.
+    TooManyRequests,
+    /// 500: a controller bug.
+    Internal,
+    /// 502: a node failed to do what was asked.
+    BadGateway,
+    /// 503: busy, not ready, or the store cannot write now; retry later.
+    Unavailable,
+    /// 507: the data directory's disk is full.
+    InsufficientStorage,
+    /// Any other 4xx.
+    OtherClientError,
+    /// Any other status.
+    OtherServerError,
+}
+
+impl ErrorCode {
+    /// Every kind.
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Conflict,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Invalid,
+        ErrorCode::TooManyRequests,
+        ErrorCode::Internal,
+        ErrorCode::BadGateway,
+        ErrorCode::Unavailable,
+        ErrorCode::InsufficientStorage,
+        ErrorCode::OtherClientError,
+        ErrorCode::OtherServerError,
+    ];
+
+    /// The kind of an error answer with `status`.
+    pub fn from_status(status: u16) -> ErrorCode {
+        match status {
+            400 => ErrorCode::BadRequest,
+            401 => ErrorCode::Unauthenticated,
+            403 => ErrorCode::Forbidden,
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            409 => ErrorCode::Conflict,
+            413 => ErrorCode::PayloadTooLarge,
+            415 => ErrorCode::UnsupportedMediaType,
+            422 => ErrorCode::Invalid,
+            429 => ErrorCode::TooManyRequests,
+            500 => ErrorCode::Internal,
+            502 => ErrorCode::BadGateway,
+            503 => ErrorCode::Unavailable,
+            507 => ErrorCode::InsufficientStorage,
+            _ if (400..500).contains(&status) => ErrorCode::OtherClientError,
+            _ => ErrorCode::OtherServerError,
+        }
+    }
+
+    /// The stable slug of the kind (`not-found`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not-found",
+            ErrorCode::MethodNotAllowed => "method-not-allowed",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload-too-large",
+            ErrorCode::UnsupportedMediaType => "unsupported-media-type",
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::TooManyRequests => "too-many-requests",
+            ErrorCode::Internal => "internal",
+            ErrorCode::BadGateway => "bad-gateway",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InsufficientStorage => "insufficient-storage",
+            ErrorCode::OtherClientError => "client-error",
+            ErrorCode::OtherServerError => "server-error",
+        }
+    }
+
+    /// The RFC 9457 `type` of the kind: `urn:novacron:error:<slug>`.
+    pub fn uri(self) -> String {
+        format!("urn:novacron:error:{}", self.slug())
+    }
+
+    /// The RFC 9457 `title` of the kind.
+    pub fn title(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "Bad request",
+            ErrorCode::Unauthenticated => "Not authenticated",
+            ErrorCode::Forbidden => "Forbidden",
+            ErrorCode::NotFound => "Not found",
+            ErrorCode::MethodNotAllowed => "Method not allowed",
+            ErrorCode::Conflict => "Conflict",
+            ErrorCode::PayloadTooLarge => "Request body too large",
+            ErrorCode::UnsupportedMediaType => "Unsupported media type",
+            ErrorCode::Invalid => "Invalid request",
+            ErrorCode::TooManyRequests => "Too many requests",
+            ErrorCode::Internal => "Internal error",
+            ErrorCode::BadGateway => "A node failed",
+            ErrorCode::Unavailable => "Unavailable, retry later",
+            ErrorCode::InsufficientStorage => "Disk full",
+            ErrorCode::OtherClientError => "Request refused",
+            ErrorCode::OtherServerError => "Server error",
+        }
+    }
 }
 
 /// A node as the API shows it.
@@ -287,4 +460,42 @@ pub struct ExecSummary {
     pub exit_code: i32,
     /// The nodes that did not return 0, in name order.
     pub failed: Vec<ExecExit>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_body_is_a_problem_document_that_keeps_the_error_member() {
+        let e = ApiError::new(404, "unknown job \"web\"");
+        let v = serde_json::to_value(&e).expect("serializes");
+        assert_eq!(v["type"], "urn:novacron:error:not-found");
+        assert_eq!(v["title"], "Not found");
+        assert_eq!(v["status"], 404);
+        assert_eq!(v["detail"], "unknown job \"web\"");
+        assert_eq!(v["error"], "unknown job \"web\"");
+        assert_eq!(e.code(), Some(ErrorCode::NotFound));
+        let back: ApiError = serde_json::from_value(v).expect("decodes");
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn an_older_controllers_error_body_still_decodes() {
+        let e: ApiError = serde_json::from_str(r#"{"error":"no"}"#).expect("decodes");
+        assert_eq!(e.error, "no");
+        assert_eq!(e.code(), None);
+    }
+
+    #[test]
+    fn every_error_kind_has_its_own_type() {
+        let mut uris: Vec<String> = ErrorCode::ALL.iter().map(|c| c.uri()).collect();
+        uris.sort();
+        uris.dedup();
+        assert_eq!(uris.len(), ErrorCode::ALL.len());
+        for status in 400..600 {
+            let code = ErrorCode::from_status(status);
+            assert!(ErrorCode::ALL.contains(&code));
+        }
+    }
 }

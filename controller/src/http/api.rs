@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,7 @@ use novacron_api::{
 use novacron_common::pki::{self, Identity, Role, Validity};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -42,7 +42,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(readyz))
         .routes(routes!(enroll))
         .routes(routes!(list_nodes))
-        .routes(routes!(show_node))
+        .routes(routes!(show_node, delete_node))
         .routes(routes!(node_metrics))
         .routes(routes!(cordon_node))
         .routes(routes!(uncordon_node))
@@ -50,6 +50,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(create_token))
         .routes(routes!(create_api_token, list_api_tokens))
         .routes(routes!(revoke_api_token))
+        .routes(routes!(delete_api_token))
         .routes(routes!(version))
         .routes(routes!(stats))
         .routes(routes!(reset_latency))
@@ -71,7 +72,7 @@ async fn livez() -> &'static str {
 /// loaded (before that, connections wait or are refused), so an answer here means
 /// the controller has started; it is ready while it leads (a single controller
 /// always does) and its store can write.
-#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: started, the leader, and the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (not the leader, or the store cannot write: a full disk)", body = ApiError)))]
+#[utoipa::path(get, path = "/readyz", tag = "controller", security(()), responses((status = 200, description = "ready: started, the leader, and the store can write", content_type = "text/plain", body = String), (status = 503, description = "not ready; the message says why (not the leader, or the store cannot write: a full disk)", content_type = "application/problem+json", body = ApiError)))]
 async fn readyz(State(st): State<Arc<ApiState>>) -> Result<&'static str, Problem> {
     if !st.leadership.is_leader() {
         return Err(Problem(
@@ -93,7 +94,9 @@ async fn readyz(State(st): State<Arc<ApiState>>) -> Result<&'static str, Problem
     }
 }
 
-/// An error answer: a status and a message that says what to do.
+/// An error answer: a status and a message that says what to do, sent as an
+/// RFC 9457 problem document ([`ApiError`], `application/problem+json`) whose
+/// `type` follows from the status ([`novacron_api::ErrorCode`]).
 #[derive(Debug)]
 pub struct Problem(pub(crate) StatusCode, pub(crate) String);
 
@@ -121,7 +124,13 @@ impl From<crate::services::heavy::HeavyError> for Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
+        let body = ApiError::new(self.0.as_u16(), self.1);
+        let mut response = (self.0, Json(body)).into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static(novacron_api::PROBLEM_JSON),
+        );
+        response
     }
 }
 
@@ -218,7 +227,7 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     }
 }
 
-#[utoipa::path(post, path = "/v1/enroll", tag = "fleet", security(()), request_body = EnrollRequest, responses((status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 200, body = EnrollResponse), (status = 400, description = "bad name or CSR", body = ApiError), (status = 401, description = "the join token was refused", body = ApiError), (status = 403, description = "the name is revoked", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/enroll", tag = "fleet", security(()), request_body = EnrollRequest, responses((status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 200, body = EnrollResponse), (status = 400, description = "bad name or CSR", content_type = "application/problem+json", body = ApiError), (status = 401, description = "the join token was refused", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the name is revoked", content_type = "application/problem+json", body = ApiError)))]
 async fn enroll(
     State(st): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -302,13 +311,13 @@ async fn enroll(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/nodes", tag = "fleet", responses((status = 200, body = Vec<NodeView>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/nodes", tag = "fleet", responses((status = 200, body = Vec<NodeView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_nodes(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(st.registry.views(Instant::now())).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, body = NodeView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, body = NodeView), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn show_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -321,7 +330,7 @@ async fn show_node(
         .ok_or_else(|| unknown_node(&name))
 }
 
-#[utoipa::path(get, path = "/v1/nodes/{name}/metrics", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, body = MetricsWindow), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/nodes/{name}/metrics", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, body = MetricsWindow), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn node_metrics(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -334,7 +343,7 @@ async fn node_metrics(
         .ok_or_else(|| unknown_node(&name))
 }
 
-#[utoipa::path(post, path = "/v1/nodes/{name}/cordon", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (persisted): nothing new is placed on the node; what runs there stays", body = NodeView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/nodes/{name}/cordon", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (persisted): nothing new is placed on the node; what runs there stays", body = NodeView), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn cordon_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -343,7 +352,7 @@ async fn cordon_node(
     set_cordon(&st, &caller, &name, true)
 }
 
-#[utoipa::path(post, path = "/v1/nodes/{name}/uncordon", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "the cordon is lifted (persisted): the node takes new work again", body = NodeView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/nodes/{name}/uncordon", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "the cordon is lifted (persisted): the node takes new work again", body = NodeView), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn uncordon_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -388,7 +397,30 @@ pub struct RevokeRequest {
     pub reason: String,
 }
 
-#[utoipa::path(post, path = "/v1/nodes/{name}/revoke", tag = "fleet", params(("name" = String, Path, description = "node name")), request_body = RevokeRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 204, description = "revoked; its connection was closed"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+/// The query of `DELETE /v1/nodes/{name}` (a revocation).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeQuery {
+    /// Why, for the audit trail.
+    #[serde(default)]
+    #[param(max_length = 1024)]
+    pub reason: String,
+}
+
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "fleet", params(("name" = String, Path, description = "node name"), RevokeQuery), responses((status = 400, description = "a bad query string", content_type = "application/problem+json", body = ApiError), (status = 204, description = "the same as `POST /v1/nodes/{name}/revoke`; revoked; its connection was closed"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn delete_node(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    name: Path<String>,
+    Query(query): Query<RevokeQuery>,
+) -> Result<StatusCode, Problem> {
+    let req = RevokeRequest {
+        reason: query.reason,
+    };
+    revoke_node(state, caller, name, Json(req)).await
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/revoke", tag = "fleet", params(("name" = String, Path, description = "node name")), request_body = RevokeRequest, responses((status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 204, description = "revoked; its connection was closed"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn revoke_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -454,7 +486,7 @@ pub struct TokenResponse {
     pub join_command: String,
 }
 
-#[utoipa::path(post, path = "/v1/tokens", tag = "fleet", request_body = TokenRequest, responses((status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 200, body = TokenResponse), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/tokens", tag = "fleet", request_body = TokenRequest, responses((status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 200, body = TokenResponse), (status = 400, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn create_token(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -542,7 +574,7 @@ pub struct ApiTokenView {
     pub revoked: bool,
 }
 
-#[utoipa::path(post, path = "/v1/api-tokens", tag = "access", request_body = ApiTokenRequest, responses((status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", body = ApiError), (status = 200, body = ApiTokenResponse), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/api-tokens", tag = "access", request_body = ApiTokenRequest, responses((status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON lacks a field or has one of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 200, body = ApiTokenResponse), (status = 400, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn create_api_token(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -588,7 +620,7 @@ async fn create_api_token(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/api-tokens", tag = "access", responses((status = 200, body = Vec<ApiTokenView>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/api-tokens", tag = "access", responses((status = 200, body = Vec<ApiTokenView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_api_tokens(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -611,7 +643,16 @@ async fn list_api_tokens(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/api-tokens/{id}/revoke", tag = "access", params(("id" = String, Path, description = "token id")), responses((status = 204, description = "revoked"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(delete, path = "/v1/api-tokens/{id}", tag = "access", params(("id" = String, Path, description = "token id")), responses((status = 204, description = "the same as `POST /v1/api-tokens/{id}/revoke`; revoked"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn delete_api_token(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    id: Path<String>,
+) -> Result<StatusCode, Problem> {
+    revoke_api_token(state, caller, id).await
+}
+
+#[utoipa::path(post, path = "/v1/api-tokens/{id}/revoke", tag = "access", params(("id" = String, Path, description = "token id")), responses((status = 204, description = "revoked"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn revoke_api_token(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -638,19 +679,19 @@ async fn revoke_api_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/version", tag = "controller", responses((status = 200, description = "the controller's release and git commit", body = VersionInfo), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/version", tag = "controller", responses((status = 200, description = "the controller's release and git commit", body = VersionInfo), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn version(caller: Caller) -> Result<Json<VersionInfo>, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(VersionInfo::this_build()))
 }
 
-#[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn stats(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(st.registry.stats()).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/stats/reset-latency", tag = "controller", responses((status = 204, description = "reset"), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/stats/reset-latency", tag = "controller", responses((status = 204, description = "reset"), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn reset_latency(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -36,7 +36,7 @@ impl From<CertRevocation> for CertRevocationView {
     }
 }
 
-#[utoipa::path(post, path = "/v1/certs/revoke", tag = "access", request_body = CertRevokeRequest, responses((status = 200, body = CertRevokeResponse), (status = 400, description = "the serial is not hex", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON lacks a field, has one of the wrong type, or the reason is too long", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/certs/revoke", tag = "access", request_body = CertRevokeRequest, responses((status = 200, body = CertRevokeResponse), (status = 400, description = "the serial is not hex", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON lacks a field, has one of the wrong type, or the reason is too long", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn revoke_cert(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -81,7 +81,7 @@ async fn revoke_cert(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/certs/revoked", tag = "access", responses((status = 200, body = Vec<CertRevocationView>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/certs/revoked", tag = "access", responses((status = 200, body = Vec<CertRevocationView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_revoked(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -28,7 +28,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(consolidation))
 }
 
-#[utoipa::path(get, path = "/v1/consolidation", tag = "cost", responses((status = 200, description = "a best-fit-decreasing repack: nodes of managed pools that could be retired, the moves that empty them, and the hourly saving (a plan; nothing is changed)", body = consolidate::Plan), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+#[utoipa::path(get, path = "/v1/consolidation", tag = "cost", responses((status = 200, description = "a best-fit-decreasing repack: nodes of managed pools that could be retired, the moves that empty them, and the hourly saving (a plan; nothing is changed)", body = consolidate::Plan), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn consolidation(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -39,7 +39,7 @@ async fn consolidation(
     Ok(Json(consolidation_plan(&st.pricing, &nodes, &allocs)))
 }
 
-#[utoipa::path(get, path = "/v1/costs", tag = "cost", responses((status = 200, description = "hourly cost per node, job, pool and capacity type; the budgets with those exceeded; the spot share of each workload class against its target", body = CostReport), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+#[utoipa::path(get, path = "/v1/costs", tag = "cost", responses((status = 200, description = "hourly cost per node, job, pool and capacity type; the budgets with those exceeded; the spot share of each workload class against its target", body = CostReport), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn costs(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -48,7 +48,7 @@ async fn costs(
     Ok(Json(live_report(&st)))
 }
 
-#[utoipa::path(get, path = "/v1/recommendations", tag = "cost", responses((status = 200, body = Vec<JobRecommendation>), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+#[utoipa::path(get, path = "/v1/recommendations", tag = "cost", responses((status = 200, body = Vec<JobRecommendation>), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn recommendations(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -28,7 +28,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(follow))
 }
 
-#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400, description = "a bad filter or limit", body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400, description = "a bad filter or limit", content_type = "application/problem+json", body = ApiError), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn list(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -65,7 +65,7 @@ struct Follower {
     caught_up: bool,
 }
 
-#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventQuery), responses((status = 200, description = "server-sent events: `event: event`, `id` the position, `data` one JSON Event; a reconnecting client sends `Last-Event-ID` to resume after that position", content_type = "text/event-stream", body = SseFrame), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventQuery), responses((status = 200, description = "server-sent events: `event: event`, `id` the position, `data` one JSON Event; a reconnecting client sends `Last-Event-ID` to resume after that position", content_type = "text/event-stream", body = SseFrame), (status = 400, content_type = "application/problem+json", body = ApiError), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn follow(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

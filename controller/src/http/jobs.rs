@@ -27,7 +27,7 @@ use crate::services::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadErr
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
         .routes(routes!(apply_job, list_jobs))
-        .routes(routes!(show_job))
+        .routes(routes!(show_job, delete_job))
         .routes(routes!(stop_job))
         .routes(routes!(list_allocations))
         .routes(routes!(show_allocation))
@@ -37,7 +37,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
 /// Log streams in flight at once.
 pub const MAX_LOG_STREAMS: usize = 256;
 
-#[utoipa::path(post, path = "/v1/jobs", tag = "workloads", request_body = ApplyRequest, responses((status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 200, body = ApplyResult), (status = 422, description = "the manifest is invalid (also: nested too deep, or aliases that expand too far); the message names file, line, field and what is accepted", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/jobs", tag = "workloads", request_body = ApplyRequest, responses((status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 200, body = ApplyResult), (status = 422, description = "the manifest is invalid (also: nested too deep, or aliases that expand too far); the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn apply_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -69,13 +69,13 @@ async fn apply_job(
     Ok(Json(result).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/jobs", tag = "workloads", responses((status = 200, body = Vec<JobSummary>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/jobs", tag = "workloads", responses((status = 200, body = Vec<JobSummary>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_jobs(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(st.workloads.jobs()).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 200, body = JobDetail), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 200, body = JobDetail), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn show_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -85,7 +85,16 @@ async fn show_job(
     Ok(Json(st.workloads.job(&name).map_err(workload_problem)?).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/jobs/{name}/stop", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(delete, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping: its allocations stop (`POST /v1/jobs/{name}/stop` does the same)"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn delete_job(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    name: Path<String>,
+) -> Result<StatusCode, Problem> {
+    stop_job(state, caller, name).await
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{name}/stop", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping (the same as `DELETE /v1/jobs/{name}`)"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn stop_job(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -116,7 +125,7 @@ pub struct AllocFilter {
     pub node: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/allocations", tag = "workloads", params(AllocFilter), responses((status = 200, body = Vec<AllocView>), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/allocations", tag = "workloads", params(AllocFilter), responses((status = 200, body = Vec<AllocView>), (status = 400, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_allocations(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -132,7 +141,7 @@ async fn list_allocations(
     Ok(Json(allocations).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/allocations/{id}", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 200, body = AllocView), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/allocations/{id}", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 200, body = AllocView), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn show_allocation(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -155,7 +164,7 @@ pub struct LogOptions {
     pub tail: u32,
 }
 
-#[utoipa::path(get, path = "/v1/allocations/{id}/logs", tag = "workloads", params(("id" = String, Path, description = "allocation id"), LogOptions), responses((status = 200, description = "the container's output as it arrives", content_type = "text/plain", body = String), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, description = "the allocation's node is not connected", body = ApiError), (status = 503, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/allocations/{id}/logs", tag = "workloads", params(("id" = String, Path, description = "allocation id"), LogOptions), responses((status = 200, description = "the container's output as it arrives", content_type = "text/plain", body = String), (status = 400, content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "the allocation's node is not connected", content_type = "application/problem+json", body = ApiError), (status = 503, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn allocation_logs(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

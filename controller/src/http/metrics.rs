@@ -25,7 +25,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
 
 /// Prometheus scrape: the OpenMetrics text format when the `Accept` header asks
 /// for it (Prometheus does), else the text format 0.0.4.
-#[utoipa::path(get, path = "/metrics", tag = "controller", responses((status = 200, description = "fleet, allocation and controller metrics: OpenMetrics (`application/openmetrics-text; version=1.0.0`) when `Accept` asks for it, else `text/plain; version=0.0.4`", content_type = "text/plain", body = String), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+#[utoipa::path(get, path = "/metrics", tag = "controller", responses((status = 200, description = "fleet, allocation and controller metrics: OpenMetrics (`application/openmetrics-text; version=1.0.0`) when `Accept` asks for it, else `text/plain; version=0.0.4`", content_type = "text/plain", body = String), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn scrape(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -47,7 +47,7 @@ pub struct CheckpointBody {
     pub mode: Option<CheckpointMode>,
 }
 
-#[utoipa::path(post, path = "/v1/allocations/{id}/checkpoint", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = CheckpointBody, responses((status = 200, body = BundleInfo), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", body = ApiError), (status = 404, body = ApiError), (status = 409, description = "not running, or busy", body = ApiError), (status = 502, description = "the node failed to checkpoint or send it", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/allocations/{id}/checkpoint", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = CheckpointBody, responses((status = 200, body = BundleInfo), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, or busy", content_type = "application/problem+json", body = ApiError), (status = 502, description = "the node failed to checkpoint or send it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn checkpoint_alloc(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -74,7 +74,7 @@ pub struct CheckpointFilter {
     pub alloc: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/checkpoints", tag = "workloads", params(CheckpointFilter), responses((status = 200, body = Vec<BundleInfo>), (status = 400, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/checkpoints", tag = "workloads", params(CheckpointFilter), responses((status = 200, body = Vec<BundleInfo>), (status = 400, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_checkpoints(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -109,7 +109,7 @@ pub struct MigrateBody {
     pub mode: Option<CheckpointMode>,
 }
 
-#[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", body = ApiError), (status = 404, body = ApiError), (status = 409, description = "not running, busy, or no node can take it", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, busy, or no node can take it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn migrate_alloc(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -131,7 +131,7 @@ async fn migrate_alloc(
         .map_err(problem)
 }
 
-#[utoipa::path(get, path = "/v1/migrations", tag = "workloads", responses((status = 200, body = Vec<MigrationStatus>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/migrations", tag = "workloads", responses((status = 200, body = Vec<MigrationStatus>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_migrations(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -140,7 +140,7 @@ async fn list_migrations(
     Ok(Json(st.migrations.list()))
 }
 
-#[utoipa::path(get, path = "/v1/migrations/{id}", tag = "workloads", params(("id" = String, Path, description = "migration id (m-N)")), responses((status = 200, body = MigrationStatus), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/migrations/{id}", tag = "workloads", params(("id" = String, Path, description = "migration id (m-N)")), responses((status = 200, body = MigrationStatus), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn show_migration(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -155,7 +155,7 @@ async fn show_migration(
     })
 }
 
-#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (nothing new is placed there); the running allocations to migrate", body = DrainPlan), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "cordoned (nothing new is placed there); the running allocations to migrate", body = DrainPlan), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn drain_node(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

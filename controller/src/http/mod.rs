@@ -8,9 +8,11 @@ pub mod costs;
 pub mod events;
 pub mod exec;
 pub mod https;
+pub mod index;
 pub mod jobs;
 pub mod metrics;
 pub mod migrations;
+pub mod page;
 pub mod policies;
 pub mod pools;
 
@@ -22,7 +24,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use novacron_api::ApiError;
+use novacron_api::{ApiError, PROBLEM_JSON};
 use novacron_common::pki::Identity;
 use novacron_common::sync::lock;
 use tracing::warn;
@@ -36,7 +38,9 @@ use crate::services::events::{NewEvent, kind};
 /// Builds the router: every route documented in the OpenAPI document, which is
 /// itself served at `/v1/openapi.json`.
 pub fn router(state: Arc<ApiState>) -> Router {
-    let (router, doc) = api_routes().split_for_parts();
+    let (router, mut doc) = api_routes().split_for_parts();
+    index::document(&mut doc);
+    page::document(&mut doc);
     let doc = Arc::new(doc);
     router
         .route(
@@ -46,6 +50,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .layer(axum::middleware::from_fn(page::paginate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            index::blocking,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit_refusals,
@@ -88,6 +97,18 @@ async fn deadline(
     if long {
         return next.run(req).await;
     }
+    // A blocking query may wait up to its `wait` before its handler runs.
+    let blocking = req.method() == axum::http::Method::GET
+        && index::indexed(req.uri().path())
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("index=")));
+    let limit = if blocking {
+        limit + crate::services::index::MAX_WAIT
+    } else {
+        limit
+    };
     let what = format!("{} {}", req.method(), req.uri().path());
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
@@ -123,16 +144,16 @@ async fn challenge(mut response: Response) -> Response {
 /// The longest non-JSON error body turned into a JSON error.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
-/// Gives every error answer the documented JSON shape ([`ApiError`]), including
-/// axum's own rejections (a body that is not JSON, a bad query string), which are
-/// plain text.
+/// Gives every error answer the documented problem document ([`ApiError`],
+/// `application/problem+json`), including axum's own rejections (a body that is
+/// not JSON, a bad query string, an unknown route), which are plain text or empty.
 async fn json_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with(PROBLEM_JSON));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
@@ -148,7 +169,7 @@ async fn json_errors(response: Response) -> Response {
     } else {
         text
     };
-    (status, Json(ApiError { error })).into_response()
+    Problem::new(status, error).into_response()
 }
 
 /// Who made a request, as [`Caller`] authenticated it; [`audit_refusals`] puts an
@@ -221,7 +242,10 @@ async fn audit_refusals(
 
 /// The OpenAPI document of the HTTPS API, as `/v1/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    let mut doc = api_routes().split_for_parts().1;
+    index::document(&mut doc);
+    page::document(&mut doc);
+    doc
 }
 
 /// The documented routes. A route exists only through its `#[utoipa::path]`

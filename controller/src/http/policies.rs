@@ -22,9 +22,10 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new()
         .routes(routes!(apply, list))
         .routes(routes!(delete))
+        .routes(routes!(delete_policy))
 }
 
-#[utoipa::path(post, path = "/v1/policies", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = PolicyApplyResult), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the policy is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 409, description = "another policy scales the same job or pool", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/policies", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = PolicyApplyResult), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the policy is invalid; the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 409, description = "another policy scales the same job or pool", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn apply(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -57,7 +58,7 @@ async fn apply(
     Ok(Json(result))
 }
 
-#[utoipa::path(get, path = "/v1/policies", tag = "workloads", responses((status = 200, description = "every policy with its target's size and latest decision", body = Vec<PolicyView>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/policies", tag = "workloads", responses((status = 200, description = "every policy with its target's size and latest decision", body = Vec<PolicyView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -71,7 +72,16 @@ async fn list(
     Ok(Json(views))
 }
 
-#[utoipa::path(post, path = "/v1/policies/{name}/delete", tag = "workloads", params(("name" = String, Path, description = "policy name")), responses((status = 204, description = "deleted; a job it scaled runs its manifest's replicas again"), (status = 404, body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(delete, path = "/v1/policies/{name}", tag = "workloads", params(("name" = String, Path, description = "policy name")), responses((status = 204, description = "the same as `POST /v1/policies/{name}/delete`; deleted; a job it scaled runs its manifest's replicas again"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn delete_policy(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    name: Path<String>,
+) -> Result<StatusCode, Problem> {
+    delete(state, caller, name).await
+}
+
+#[utoipa::path(post, path = "/v1/policies/{name}/delete", tag = "workloads", params(("name" = String, Path, description = "policy name")), responses((status = 204, description = "deleted; a job it scaled runs its manifest's replicas again"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn delete(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -22,7 +22,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
     OpenApiRouter::new().routes(routes!(apply_pools, list_pools))
 }
 
-#[utoipa::path(post, path = "/v1/pools", tag = "fleet", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedDocument>), (status = 400, description = "the body is not valid JSON", body = ApiError), (status = 415, description = "the body is not `application/json`", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", body = ApiError), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/pools", tag = "fleet", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedDocument>), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn apply_pools(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -60,7 +60,7 @@ async fn apply_pools(
     Ok(Json(applied))
 }
 
-#[utoipa::path(get, path = "/v1/pools", tag = "fleet", responses((status = 200, body = Vec<PoolStatus>), (status = 401, description = "no or unknown credentials", body = ApiError), (status = 403, description = "the caller's role is too low", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/pools", tag = "fleet", responses((status = 200, body = Vec<PoolStatus>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_pools(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

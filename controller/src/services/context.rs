@@ -50,4 +50,6 @@ pub struct ApiState {
     pub heavy: crate::services::heavy::HeavyWork,
     /// Whether this controller leads (`/readyz` answers 503 while it does not).
     pub leadership: crate::services::leadership::Leadership,
+    /// The store's revision, which blocking queries (`?index=`) wait on.
+    pub index: Arc<crate::services::index::IndexWatch>,
 }

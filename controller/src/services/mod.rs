@@ -10,6 +10,7 @@ pub mod context;
 pub mod costs;
 pub mod events;
 pub mod heavy;
+pub mod index;
 pub mod leadership;
 pub mod metrics;
 pub mod migrate;
