@@ -75,6 +75,10 @@ impl TableRow for ContextSummary {
             self.cert.clone(),
         ]
     }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("context/{}", self.name))
+    }
 }
 
 /// Runs a context command on the file at `path`; `selected` is `--context`.

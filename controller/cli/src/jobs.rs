@@ -108,7 +108,7 @@ pub async fn apply(
         "AutoScalingPolicy" => {
             let result: PolicyApplyResult = client.post(&["v1", "policies"], &req).await?;
             match format {
-                OutputFormat::Table => writeln!(
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
                     out,
                     "policy {} for {} {}",
                     result.policy, result.target, result.outcome
@@ -120,12 +120,15 @@ pub async fn apply(
         "Job" => {
             let result: ApplyResult = client.post(&["v1", "jobs"], &req).await?;
             match format {
-                OutputFormat::Table => writeln!(
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
                     out,
                     "job {} {} (version {})",
                     result.job, result.outcome, result.version
                 )
                 .map_err(output::OutputError::Io)?,
+                OutputFormat::Name => {
+                    writeln!(out, "job/{}", result.job).map_err(output::OutputError::Io)?
+                }
                 _ => output::write_value(out, format, &result)?,
             }
         }
@@ -136,7 +139,7 @@ pub async fn apply(
                 .map_or(&["v1", "jobs"][..], |(_, p)| *p);
             let result: serde_json::Value = client.post(path, &req).await?;
             match format {
-                OutputFormat::Table => {
+                OutputFormat::Table | OutputFormat::Wide => {
                     writeln!(out, "{other} applied").map_err(output::OutputError::Io)?;
                     output::write_value(out, OutputFormat::Yaml, &result)?;
                 }
@@ -340,6 +343,46 @@ impl TableRow for JobSummary {
             truncate(&self.message, 60),
         ]
     }
+
+    fn wide_headers() -> &'static [&'static str] {
+        &[
+            "NAME",
+            "TYPE",
+            "STATUS",
+            "VERSION",
+            "STABLE",
+            "REPLICAS",
+            "MANIFEST",
+            "SCALED BY",
+            "RUNNING",
+            "HEALTHY",
+            "SUBMITTED",
+            "BY",
+            "MESSAGE",
+        ]
+    }
+
+    fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            format!("{:?}", self.job_type).to_lowercase(),
+            self.status.clone(),
+            self.version.to_string(),
+            self.stable_version.map_or("-".into(), |v| v.to_string()),
+            self.replicas.to_string(),
+            self.manifest_replicas.to_string(),
+            self.scaled_by.clone().unwrap_or_else(|| "-".into()),
+            self.running.to_string(),
+            self.healthy.to_string(),
+            output::ago(now, output::from_unix_ms(self.submitted_at_unix_ms)),
+            self.submitted_by.clone(),
+            self.message.clone(),
+        ]
+    }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("job/{}", self.name))
+    }
 }
 
 impl TableRow for AllocView {
@@ -373,6 +416,37 @@ impl TableRow for AllocView {
             output::ago(now, output::from_unix_ms(self.created_unix_ms)),
             truncate(&self.message, 50),
         ]
+    }
+
+    fn wide_headers() -> &'static [&'static str] {
+        &[
+            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "PORTS", "CPU",
+            "MEMORY", "GPUS", "PRIORITY", "EXIT", "AGE", "MESSAGE",
+        ]
+    }
+
+    fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+        let mut cells = self.cells(now);
+        cells.pop(); // the truncated message: wide shows it whole
+        let age = cells.pop().unwrap_or_default();
+        cells.extend([
+            format!("{}m", self.cpu_millis),
+            output::bytes(self.memory_bytes),
+            if self.gpu_uuids.is_empty() {
+                "-".into()
+            } else {
+                self.gpu_uuids.join(",")
+            },
+            self.priority.to_string(),
+            self.exit_code.map_or("-".into(), |c| c.to_string()),
+            age,
+            self.message.clone(),
+        ]);
+        cells
+    }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("alloc/{}", self.id))
     }
 }
 

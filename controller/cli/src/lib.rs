@@ -105,8 +105,17 @@ pub struct Cli {
     /// ~/.config/novacron/config.toml].
     #[arg(long, global = true, value_name = "PATH", env = config::CONFIG_ENV)]
     pub config: Option<PathBuf>,
-    /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    /// Output format: table, wide (more columns), json, yaml, name (`job/web`,
+    /// one per line) or jsonpath=EXPR (an RFC 9535 query on what `-o json`
+    /// prints, one value per line; kubectl's `{.a[*].b}` braces are accepted).
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "table",
+        value_parser = OutputFormat::parse
+    )]
     pub output: OutputFormat,
     /// Redraw the result every INTERVAL (default 2s) until Ctrl-C, like watch(1);
     /// for `node list|show`, `job list|status`, `alloc list` and `policy list`.
