@@ -141,10 +141,14 @@ pub enum Command {
     Dev(dev::DevArgs),
     /// Submit a manifest (create or update): a Job, an AutoScalingPolicy, or a
     /// NodePool / NodeTemplate, by its `kind`.
+    ///
+    /// `-f` may repeat; each is a file, `-` (standard input) or a directory (its
+    /// *.yaml and *.yml files, sorted, not recursive). A file may hold several Job
+    /// documents (`---`), applied in order; the first refusal stops the command.
     Apply {
-        /// The YAML manifest.
-        #[arg(short = 'f', long = "file", value_name = "FILE")]
-        file: PathBuf,
+        /// The YAML manifest: a file, `-` for standard input, or a directory.
+        #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
+        file: Vec<PathBuf>,
     },
     /// Jobs.
     #[command(subcommand)]
