@@ -220,3 +220,132 @@ async fn job_scale_reapplies_the_manifest_with_new_replicas() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
+
+/// `novacron --config CONFIG ARGS` run in `cwd`.
+fn novacron_in(cwd: &std::path::Path, config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin("novacron"))
+        .current_dir(cwd)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("novacron runs")
+}
+
+#[tokio::test]
+async fn context_add_set_and_delete() {
+    let (dir, c) = controller().await;
+    let config = dir.path().join("ops/config.toml");
+    let pki = c.data_dir.join("pki");
+    let api = c.api();
+    let run = |args: &[&str]| novacron_in(&pki, &config, args);
+    let ok_run = |args: &[&str]| text(args, run(args));
+
+    // Relative paths are taken from the current directory and stored absolute.
+    let got = ok_run(&[
+        "context",
+        "add",
+        "prod",
+        "--api",
+        &api,
+        "--ca",
+        "ca.pem",
+        "--cert",
+        "admin.pem",
+        "--key",
+        "admin-key.pem",
+    ]);
+    assert_eq!(got, "added context \"prod\" (current)\n");
+    assert_eq!(
+        ok_run(&["context", "show", "-o", "jsonpath={.ca}"]),
+        format!("{}\n", pki.join("ca.pem").display())
+    );
+    // The new context reaches the real controller.
+    assert_eq!(ok_run(&["job", "list", "-o", "name"]), "");
+
+    let token = dir.path().join("token");
+    std::fs::write(&token, "nca_not_a_real_token\n").expect("token");
+    let got = ok_run(&[
+        "context",
+        "add",
+        "staging",
+        "--api",
+        "https://127.0.0.1:1",
+        "--ca",
+        "ca.pem",
+        "--token-file",
+        token.to_str().expect("path"),
+    ]);
+    assert_eq!(got, "added context \"staging\"\n");
+    assert_eq!(
+        ok_run(&["context", "list", "-o", "name"]),
+        "context/prod\ncontext/staging\n"
+    );
+
+    // The same name again, a missing file, or both a token and a certificate, are refused.
+    let out = run(&[
+        "context",
+        "add",
+        "prod",
+        "--api",
+        &api,
+        "--ca",
+        "ca.pem",
+        "--token-file",
+        "ca.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = run(&[
+        "context",
+        "add",
+        "x",
+        "--api",
+        &api,
+        "--ca",
+        "nope.pem",
+        "--token-file",
+        "ca.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.pem"));
+    let out = run(&["context", "add", "x", "--api", &api, "--ca", "ca.pem"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "neither a certificate nor a token"
+    );
+    let out = run(&[
+        "context",
+        "add",
+        "x",
+        "--api",
+        "http://insecure",
+        "--ca",
+        "ca.pem",
+        "--token-file",
+        "ca.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "not https");
+
+    // set (or use) selects; delete keeps the current one unless --force.
+    assert_eq!(
+        ok_run(&["context", "set", "staging"]),
+        "switched to context \"staging\"\n"
+    );
+    let out = run(&["context", "delete", "staging"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("current context"));
+    ok_run(&["context", "use", "prod"]);
+    assert_eq!(
+        ok_run(&["context", "delete", "staging"]),
+        "deleted context \"staging\"\n"
+    );
+    assert_eq!(
+        ok_run(&["context", "delete", "prod", "--force"]),
+        "deleted context \"prod\"; no context is current now\n"
+    );
+    assert_eq!(ok_run(&["context", "list", "-o", "name"]), "");
+    let out = run(&["context", "delete", "prod"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no context named"));
+}

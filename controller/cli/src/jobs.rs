@@ -314,8 +314,13 @@ async fn apply_one(
 /// result differs from `text` in `spec.replicas` only.
 pub fn scaled_manifest(file: &str, text: &str, replicas: u32) -> Result<String, String> {
     let parse = |t: &str| -> Result<serde_json::Value, String> {
-        novacron_common::manifest::yaml_documents(file, t).map_err(|e| e.to_string())?;
-        yaml_serde::from_str(t).map_err(|e| format!("{file}: {e}"))
+        let mut docs =
+            novacron_common::manifest::yaml_documents(file, t).map_err(|e| e.to_string())?;
+        let doc = docs
+            .next()
+            .ok_or_else(|| format!("{file}: the stored manifest is empty"))?;
+        <serde_json::Value as serde::Deserialize>::deserialize(doc)
+            .map_err(|e| format!("{file}: {e}"))
     };
     let original = parse(text)?;
     let mut wanted = original.clone();
