@@ -114,7 +114,7 @@ pub struct Cli {
         global = true,
         value_name = "FORMAT",
         default_value = "table",
-        value_parser = OutputFormat::parse
+        value_parser = output::OutputFormatParser
     )]
     pub output: OutputFormat,
     /// Redraw the result every INTERVAL (default 2s) until Ctrl-C, like watch(1);

@@ -74,6 +74,43 @@ impl OutputFormat {
     }
 }
 
+/// The `-o` value parser: [`OutputFormat::parse`], with the formats listed for
+/// `--help` and shell completion.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputFormatParser;
+
+impl clap::builder::TypedValueParser for OutputFormatParser {
+    type Value = OutputFormat;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<OutputFormat, clap::Error> {
+        let fail = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '--output <FORMAT>': {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| fail(format!("{value:?} is not UTF-8")))?;
+        OutputFormat::parse(text).map_err(fail)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        let names = ["table", "wide", "json", "yaml", "name", "jsonpath="];
+        Some(Box::new(
+            names.into_iter().map(clap::builder::PossibleValue::new),
+        ))
+    }
+}
+
 /// Parses a JSONPath query (RFC 9535). kubectl's forms are accepted too: braces
 /// around the whole query are dropped (`{.items[*].name}`), and a query that starts
 /// with `.` or `[` is taken as relative to the root (`.name` is `$.name`).
