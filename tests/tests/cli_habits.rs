@@ -120,6 +120,21 @@ async fn output_formats_wide_name_and_jsonpath() {
         ],
     );
     assert_eq!(got, "2\n");
+    let got = ok(
+        &c,
+        &[
+            "job",
+            "list",
+            "-o",
+            "template={% for j in items %}{{ j.name }}:{{ j.replicas }}\n{% endfor %}",
+        ],
+    );
+    assert_eq!(got, "alpha:1\nbeta:2\n");
+    let got = ok(
+        &c,
+        &["job", "status", "beta", "-o", "template={{ summary.name }}"],
+    );
+    assert_eq!(got, "beta");
 
     // No agents: no nodes and no allocations, and empty lists print nothing.
     assert_eq!(ok(&c, &["node", "list", "-o", "name"]), "");

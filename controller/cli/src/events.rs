@@ -142,7 +142,9 @@ fn print_followed(out: &mut dyn Write, format: OutputFormat, e: &Event) -> Resul
             writeln!(out, "---").map_err(OutputError::Io)?;
             output::write_value(out, format, e)?;
         }
-        OutputFormat::Name | OutputFormat::JsonPath(_) => output::write_value(out, format, e)?,
+        OutputFormat::Name | OutputFormat::JsonPath(_) | OutputFormat::Template(_) => {
+            output::write_value(out, format, e)?
+        }
     }
     out.flush().map_err(OutputError::Io)?;
     Ok(())

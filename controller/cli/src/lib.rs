@@ -107,7 +107,8 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     /// Output format: table, wide (more columns), json, yaml, name (`job/web`,
     /// one per line) or jsonpath=EXPR (an RFC 9535 query on what `-o json`
-    /// prints, one value per line; kubectl's `{.a[*].b}` braces are accepted).
+    /// prints, one value per line; kubectl's `{.a[*].b}` braces are accepted) or
+    /// template=TEXT (minijinja: a list is `items`, an object's fields by name).
     #[arg(
         short,
         long,

@@ -26,6 +26,16 @@ pub enum OutputFormat {
     /// The values an RFC 9535 JSONPath query selects from what `-o json` prints,
     /// one per line (`-o jsonpath=EXPR`).
     JsonPath(&'static Query),
+    /// A minijinja (Jinja2) template rendered with what `-o json` prints: a list
+    /// as `items`, an object's fields by name (`-o template=TEXT`).
+    Template(&'static Template),
+}
+
+/// A checked `-o template=` text.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Template {
+    /// The template as the user typed it.
+    pub text: String,
 }
 
 /// A parsed `-o jsonpath=` query and its text.
@@ -45,7 +55,7 @@ impl PartialEq for Query {
 impl Eq for Query {}
 
 /// The accepted `-o` values, for help and errors.
-pub const OUTPUT_FORMATS: &str = "table, wide, json, yaml, name, jsonpath=EXPR";
+pub const OUTPUT_FORMATS: &str = "table, wide, json, yaml, name, jsonpath=EXPR, template=TEXT";
 
 impl OutputFormat {
     /// Whether this format is for people (a table or a detail view).
@@ -64,6 +74,15 @@ impl OutputFormat {
             "name" => OutputFormat::Name,
             _ => match s.strip_prefix("jsonpath=") {
                 Some(expr) => OutputFormat::JsonPath(Box::leak(Box::new(parse_query(expr)?))),
+                None if s.starts_with("template=") => {
+                    let text = &s["template=".len()..];
+                    minijinja::Environment::new()
+                        .template_from_str(text)
+                        .map_err(|e| format!("{text:?} is not a template: {e:#}"))?;
+                    OutputFormat::Template(Box::leak(Box::new(Template {
+                        text: text.to_string(),
+                    })))
+                }
                 None => {
                     return Err(format!(
                         "{s:?} is not an output format; expected one of {OUTPUT_FORMATS}"
@@ -104,7 +123,15 @@ impl clap::builder::TypedValueParser for OutputFormatParser {
     fn possible_values(
         &self,
     ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        let names = ["table", "wide", "json", "yaml", "name", "jsonpath="];
+        let names = [
+            "table",
+            "wide",
+            "json",
+            "yaml",
+            "name",
+            "jsonpath=",
+            "template=",
+        ];
         Some(Box::new(
             names.into_iter().map(clap::builder::PossibleValue::new),
         ))
@@ -149,6 +176,9 @@ pub enum OutputError {
     /// The value could not be encoded as YAML.
     #[error("cannot encode the output as YAML: {0}")]
     Yaml(#[from] yaml_serde::Error),
+    /// A `-o template=` failed to render.
+    #[error("cannot render the template: {0:#}")]
+    Template(#[from] minijinja::Error),
     /// `-o name` was asked of a result whose items have no names.
     #[error(
         "-o name applies to lists of named things (job, node, alloc, policy, pool, context list); use -o json or -o jsonpath=EXPR here"
@@ -222,9 +252,10 @@ pub fn write_list<T: TableRow + Serialize>(
                 writeln!(out, "{}", item.resource_name().ok_or(OutputError::NoNames)?)?;
             }
         }
-        OutputFormat::Json | OutputFormat::Yaml | OutputFormat::JsonPath(_) => {
-            write_value(out, format, &items)?
-        }
+        OutputFormat::Json
+        | OutputFormat::Yaml
+        | OutputFormat::JsonPath(_)
+        | OutputFormat::Template(_) => write_value(out, format, &items)?,
     }
     Ok(())
 }
@@ -264,8 +295,24 @@ pub fn write_value<T: Serialize + ?Sized>(
                 writeln!(out, "{line}")?;
             }
         }
+        OutputFormat::Template(template) => {
+            out.write_all(render(template, serde_json::to_value(value)?)?.as_bytes())?
+        }
     }
     Ok(())
+}
+
+/// Renders `template` with `json`: a list is `items`, an object's fields are
+/// variables, anything else is `value`. The text comes out as rendered (end it
+/// with a newline in the template if you want one).
+pub fn render(template: &Template, json: serde_json::Value) -> Result<String, OutputError> {
+    let context = match json {
+        serde_json::Value::Array(_) => serde_json::json!({ "items": json }),
+        serde_json::Value::Object(_) => json,
+        other => serde_json::json!({ "value": other }),
+    };
+    let env = minijinja::Environment::new();
+    Ok(env.render_str(&template.text, minijinja::value::Serde(&context))?)
 }
 
 /// The values `query` selects from `json`, one line each: strings as they are,
@@ -472,6 +519,21 @@ mod tests {
         assert!(e.contains("jsonpath=EXPR"), "{e}");
         let e = OutputFormat::parse("jsonpath=$[").expect_err("bad query");
         assert!(e.contains("RFC 9535"), "{e}");
+    }
+
+    #[test]
+    fn templates_see_a_list_as_items_and_an_object_by_field() {
+        let t = "template={% for f in items %}{{ f.name }}={{ f.count }}\n{% endfor %}";
+        assert_eq!(render(t, &FRUITS).expect("list"), "apple=3\nfig=12\n");
+        let OutputFormat::Template(one) = OutputFormat::parse("template={{ name }}!").expect("ok")
+        else {
+            panic!("a template")
+        };
+        let mut out = Vec::new();
+        write_value(&mut out, OutputFormat::Template(one), &FRUITS[1]).expect("one");
+        assert_eq!(out, b"fig!");
+        let e = OutputFormat::parse("template={% for %}").expect_err("bad syntax");
+        assert!(e.contains("is not a template"), "{e}");
     }
 
     #[test]
