@@ -364,3 +364,40 @@ async fn context_add_set_and_delete() {
     let out = run(&["context", "delete", "prod"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no context named"));
 }
+
+#[tokio::test]
+async fn apply_o_name_names_pools_and_templates() {
+    // No jobs here: an empty pool with nothing to place stays empty.
+    let (dir, c) = controller().await;
+    let file = dir.path().join("pool.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: novacron.io/v1
+kind: NodeTemplate
+metadata: {name: habits-t}
+spec:
+  instanceType: container-small
+  provider: docker
+  capacityType: spot
+  pricePerHour: 0.25
+  resources: {cpu: 2, memory: 2Gi}
+---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: habits
+  labels: {docker.image: \"novacron-fleet:never-started\"}
+spec:
+  templateRef: habits-t
+  minSize: 0
+  maxSize: 1
+",
+    )
+    .expect("write");
+    let got = ok(
+        &c,
+        &["apply", "-f", file.to_str().expect("path"), "-o", "name"],
+    );
+    assert_eq!(got, "nodetemplate/habits-t\nnodepool/habits\n");
+    assert_eq!(ok(&c, &["pool", "list", "-o", "name"]), "pool/habits\n");
+}

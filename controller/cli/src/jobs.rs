@@ -271,6 +271,9 @@ async fn apply_one(
                     result.policy, result.target, result.outcome
                 )
                 .map_err(output::OutputError::Io)?,
+                OutputFormat::Name => {
+                    writeln!(out, "policy/{}", result.policy).map_err(output::OutputError::Io)?
+                }
                 _ => output::write_value(out, format, &result)?,
             }
         }
@@ -299,6 +302,17 @@ async fn apply_one(
                 OutputFormat::Table | OutputFormat::Wide => {
                     writeln!(out, "{other} applied").map_err(output::OutputError::Io)?;
                     output::write_value(out, OutputFormat::Yaml, &result)?;
+                }
+                // The pool endpoint answers each document's kind and name.
+                OutputFormat::Name => {
+                    for doc in result.as_array().into_iter().flatten() {
+                        if let (Some(kind), Some(name)) =
+                            (doc["kind"].as_str(), doc["name"].as_str())
+                        {
+                            writeln!(out, "{}/{name}", kind.to_lowercase())
+                                .map_err(output::OutputError::Io)?;
+                        }
+                    }
                 }
                 _ => output::write_value(out, format, &result)?,
             }
