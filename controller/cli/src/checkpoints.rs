@@ -129,7 +129,7 @@ pub async fn migrate(
             &ModeBody { mode, to },
         )
         .await?;
-    let done = follow(client, &started, format == OutputFormat::Table).await?;
+    let done = follow(client, &started, format.is_human()).await?;
     finish(&done, format, out)
 }
 
@@ -223,7 +223,7 @@ pub async fn drain(
     let plan: DrainPlan = client
         .post(&["v1", "nodes", name, "drain"], &serde_json::json!({}))
         .await?;
-    let table = format == OutputFormat::Table;
+    let table = format.is_human();
     if table {
         eprintln!(
             "{name} is cordoned; migrating {} allocation(s) one after another",

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use clap::Subcommand;
@@ -10,7 +10,7 @@ use novacron_common::pki::{self, Identity, Serial};
 use serde::Serialize;
 
 use super::CliError;
-use super::config::{Context, ContextFile};
+use super::config::{ApiUrl, ConfigError, Context, ContextFile};
 use super::output::{self, OutputFormat, TableRow};
 
 /// Commands about contexts.
@@ -20,9 +20,25 @@ pub enum ContextCommand {
     #[command(visible_alias = "ls")]
     List,
     /// Make NAME the current context.
+    #[command(visible_alias = "set")]
     Use {
         /// The context's name.
         name: String,
+    },
+    /// Add a context: a controller's API, its fleet CA, and a client certificate
+    /// and key or an API token file. Relative paths are taken from the current
+    /// directory and stored absolute. It becomes the current context with --use,
+    /// or when there is none.
+    Add(AddArgs),
+    /// Delete a context. The current one is kept unless --force, which deletes it
+    /// and leaves no current context.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// The context's name.
+        name: String,
+        /// Delete it even if it is the current context.
+        #[arg(long)]
+        force: bool,
     },
     /// Show a context (the current one, or --context, by default) with the identity
     /// and expiry of its certificate.
@@ -30,6 +46,40 @@ pub enum ContextCommand {
         /// The context's name.
         name: Option<String>,
     },
+}
+
+/// `novacron context add`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct AddArgs {
+    /// The context's name.
+    pub name: String,
+    /// The controller's API, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub api: ApiUrl,
+    /// The fleet CA (PEM) that signed the controller's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// The operator's client certificate (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "key",
+        conflicts_with = "token_file"
+    )]
+    pub cert: Option<PathBuf>,
+    /// The operator's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A file holding an API token (`novacron-controller admin token`), instead of
+    /// a certificate.
+    #[arg(long, value_name = "FILE", required_unless_present = "cert")]
+    pub token_file: Option<PathBuf>,
+    /// Make it the current context.
+    #[arg(long = "use")]
+    pub make_current: bool,
+    /// Replace a context of the same name.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// One context as `context list` and `context show` print it.
@@ -75,6 +125,10 @@ impl TableRow for ContextSummary {
             self.cert.clone(),
         ]
     }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("context/{}", self.name))
+    }
 }
 
 /// Runs a context command on the file at `path`; `selected` is `--context`.
@@ -86,8 +140,32 @@ pub fn run(
     out: &mut dyn Write,
     now: SystemTime,
 ) -> Result<(), CliError> {
+    if let ContextCommand::Add(args) = cmd {
+        return add(args, path, out);
+    }
     let mut file = ContextFile::load(path)?;
     match cmd {
+        ContextCommand::Add(_) => unreachable!("handled above"),
+        ContextCommand::Delete { name, force } => {
+            file.select(Some(name), path)?;
+            let current = file.current.as_deref() == Some(name.as_str());
+            if current && !force {
+                return Err(CliError::Invalid(format!(
+                    "context {name:?} is the current context; switch first with `novacron context use OTHER`, or pass --force to delete it and leave no current context"
+                )));
+            }
+            file.contexts.remove(name);
+            if current {
+                file.current = None;
+            }
+            file.save(path)?;
+            let note = if current {
+                "; no context is current now"
+            } else {
+                ""
+            };
+            writeln!(out, "deleted context {name:?}{note}").map_err(output::OutputError::from)?;
+        }
         ContextCommand::List => {
             let rows: Vec<ContextSummary> = file
                 .contexts
@@ -108,6 +186,62 @@ pub fn run(
             output::write_one(out, format, &row, || show(&row))?;
         }
     }
+    Ok(())
+}
+
+/// `context add`: checks that the files can be read, stores them absolute, and
+/// writes the context (refusing to replace one without --force).
+fn add(args: &AddArgs, path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
+    let file = match ContextFile::load(path) {
+        Ok(file) => file,
+        Err(ConfigError::Missing { .. }) => ContextFile::default(),
+        Err(e) => return Err(e.into()),
+    };
+    if file.contexts.contains_key(&args.name) && !args.force {
+        return Err(CliError::Invalid(format!(
+            "a context named {:?} exists in {}; pass --force to replace it, or pick another name",
+            args.name,
+            path.display()
+        )));
+    }
+    let readable = |what: &str, p: &Path| -> Result<PathBuf, CliError> {
+        let abs = std::path::absolute(p)
+            .map_err(|e| CliError::Invalid(format!("{what} {}: {e}", p.display())))?;
+        fs::File::open(&abs).map_err(|e| {
+            CliError::Invalid(format!("{what} {}: cannot read it: {e}", abs.display()))
+        })?;
+        Ok(abs)
+    };
+    let ctx = Context {
+        api: args.api.clone(),
+        ca: readable("--ca", &args.ca)?,
+        cert: args
+            .cert
+            .as_deref()
+            .map(|p| readable("--cert", p))
+            .transpose()?
+            .unwrap_or_default(),
+        key: args
+            .key
+            .as_deref()
+            .map(|p| readable("--key", p))
+            .transpose()?
+            .unwrap_or_default(),
+        token_file: args
+            .token_file
+            .as_deref()
+            .map(|p| readable("--token-file", p))
+            .transpose()?,
+    };
+    super::config::write_context(path, &args.name, &ctx, args.make_current)?;
+    let current = ContextFile::load(path)?.current.as_deref() == Some(args.name.as_str());
+    writeln!(
+        out,
+        "added context {:?}{}",
+        args.name,
+        if current { " (current)" } else { "" }
+    )
+    .map_err(output::OutputError::from)?;
     Ok(())
 }
 

@@ -143,7 +143,7 @@ pub async fn cost(
     now: SystemTime,
 ) -> Result<(), CliError> {
     let report: CostReport = client.get(&["v1", "costs"]).await?;
-    if format != OutputFormat::Table {
+    if !format.is_human() {
         return Ok(output::write_value(out, format, &report)?);
     }
     let io = output::OutputError::Io;
@@ -181,7 +181,7 @@ pub async fn recommend(
     now: SystemTime,
 ) -> Result<(), CliError> {
     let recs: Vec<JobRecommendation> = client.get(&["v1", "recommendations"]).await?;
-    if recs.is_empty() && format == OutputFormat::Table {
+    if recs.is_empty() && format.is_human() {
         writeln!(
             out,
             "no recommendations yet: each job needs at least 30 usage samples (about 30 s of running replicas)"
@@ -199,7 +199,7 @@ pub async fn consolidate(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let plan: novacron_common::consolidate::Plan = client.get(&["v1", "consolidation"]).await?;
-    if format != OutputFormat::Table {
+    if !format.is_human() {
         return Ok(output::write_value(out, format, &plan)?);
     }
     let io = output::OutputError::Io;

@@ -130,7 +130,9 @@ pub async fn run(
 
 fn print_followed(out: &mut dyn Write, format: OutputFormat, e: &Event) -> Result<(), CliError> {
     match format {
-        OutputFormat::Table => writeln!(out, "{}", line(e)).map_err(OutputError::Io)?,
+        OutputFormat::Table | OutputFormat::Wide => {
+            writeln!(out, "{}", line(e)).map_err(OutputError::Io)?
+        }
         // One compact JSON object per line, so `| jq` works on a live stream.
         OutputFormat::Json => {
             serde_json::to_writer(&mut *out, e).map_err(OutputError::Json)?;
@@ -139,6 +141,9 @@ fn print_followed(out: &mut dyn Write, format: OutputFormat, e: &Event) -> Resul
         OutputFormat::Yaml => {
             writeln!(out, "---").map_err(OutputError::Io)?;
             output::write_value(out, format, e)?;
+        }
+        OutputFormat::Name | OutputFormat::JsonPath(_) | OutputFormat::Template(_) => {
+            output::write_value(out, format, e)?
         }
     }
     out.flush().map_err(OutputError::Io)?;

@@ -205,7 +205,7 @@ impl Printer {
                 "unexpected exec line from the controller: {e}; are the CLI and the controller the same version?"
             ),
         })?;
-        if self.format != OutputFormat::Table {
+        if !self.format.is_human() {
             out.write_all(raw).map_err(OutputError::Io)?;
             out.flush().map_err(OutputError::Io)?;
             return Ok(match line {
@@ -283,7 +283,7 @@ impl Printer {
     /// the CLI's result.
     fn finish(&mut self, summary: &ExecSummary, out: &mut dyn Write) -> Result<(), CliError> {
         let code = exit_code(summary.exit_code);
-        if self.format != OutputFormat::Table {
+        if !self.format.is_human() {
             return match code {
                 0 => Ok(()),
                 code => Err(CliError::Remote {

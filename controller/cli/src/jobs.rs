@@ -29,6 +29,15 @@ pub enum JobCommand {
         /// The job.
         name: String,
     },
+    /// Set a job's replicas: re-applies its current manifest with
+    /// `spec.replicas: N` (a new version, rolled out like any apply). An
+    /// autoscaling policy on the job still decides the running count.
+    Scale {
+        /// The job.
+        name: String,
+        /// The replicas the manifest asks for.
+        replicas: u32,
+    },
 }
 
 /// `novacron alloc` subcommands.
@@ -86,46 +95,200 @@ pub const APPLY_KINDS: &[(&str, &[&str])] = &[
     ("NodeTemplate", &["v1", "pools"]),
 ];
 
-/// `novacron apply -f FILE`: sends the manifest to the endpoint of its `kind`
-/// (the controller validates it).
+/// `novacron apply -f SOURCE...`: each source is a file, `-` (standard input) or
+/// a directory (its `*.yaml` and `*.yml` files, sorted by name, not recursive).
+/// A file goes to the endpoint of its `kind` (the controller validates it); a file
+/// of several Job documents is sent one job at a time, in order, each with its
+/// line numbers kept. The first refusal ends the command; what was applied before
+/// it stays applied.
 pub async fn apply(
     client: &ApiClient,
-    file: &Path,
+    sources: &[std::path::PathBuf],
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let manifest = std::fs::read_to_string(file).map_err(|source| CliError::ReadManifest {
-        path: file.to_path_buf(),
-        source,
-    })?;
-    let name = file.display().to_string();
-    let kind = manifest_kind(&name, &manifest).map_err(CliError::Invalid)?;
+    for (name, text) in read_sources(sources)? {
+        let kind = manifest_kind(&name, &text).map_err(CliError::Invalid)?;
+        let docs = if kind == "Job" {
+            job_documents(&name, &text)
+        } else {
+            vec![text]
+        };
+        for manifest in docs {
+            apply_one(client, &name, kind, manifest, format, out).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The manifests `sources` name, as (file name, text), in order.
+fn read_sources(sources: &[std::path::PathBuf]) -> Result<Vec<(String, String)>, CliError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CliError::ReadManifest {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let mut all = Vec::new();
+    for source in sources {
+        if source.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|source| {
+                CliError::ReadManifest {
+                    path: "standard input".into(),
+                    source,
+                }
+            })?;
+            all.push(("<stdin>".to_string(), text));
+        } else if source.is_dir() {
+            let entries = std::fs::read_dir(source).map_err(|e| CliError::ReadManifest {
+                path: source.clone(),
+                source: e,
+            })?;
+            let mut files = Vec::new();
+            for entry in entries {
+                let path = entry
+                    .map_err(|e| CliError::ReadManifest {
+                        path: source.clone(),
+                        source: e,
+                    })?
+                    .path();
+                let yaml = matches!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml")
+                );
+                if yaml && path.is_file() {
+                    files.push(path);
+                }
+            }
+            if files.is_empty() {
+                return Err(CliError::Invalid(format!(
+                    "{}: no *.yaml or *.yml files in this directory (subdirectories are not read)",
+                    source.display()
+                )));
+            }
+            files.sort();
+            for path in files {
+                let text = read(&path)?;
+                all.push((path.display().to_string(), text));
+            }
+        } else {
+            all.push((source.display().to_string(), read(source)?));
+        }
+    }
+    Ok(all)
+}
+
+/// The documents of a Job file, each as its own manifest whose lines keep their
+/// numbers in the file (the lines of the other documents become empty), so that
+/// the controller's errors point at the right line. A file of one document, or one
+/// whose documents the split below does not account for (the YAML parser counts
+/// otherwise), is returned whole: the controller then judges it as it is.
+///
+/// A line that starts with `---` or `...` followed by a space or its end is a
+/// document marker in YAML wherever it appears (no scalar may contain one), so
+/// splitting there is exact.
+pub fn job_documents(file: &str, text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let marker = |line: &str, m: &str| {
+        line.strip_prefix(m)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
+    // Each document: the range of its lines; a `---` line opens a document, a
+    // `...` line closes one.
+    let mut docs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0;
+    for (i, line) in lines.iter().enumerate() {
+        if marker(line, "---") {
+            docs.push(start..i);
+            start = i;
+        } else if marker(line, "...") {
+            docs.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    docs.push(start..lines.len());
+    let content = |line: &str| {
+        let t = line.trim();
+        let t = t
+            .strip_prefix("---")
+            .or_else(|| t.strip_prefix("..."))
+            .filter(|_| marker(line, "---") || marker(line, "..."))
+            .map_or(t, str::trim);
+        !t.is_empty() && !t.starts_with('#')
+    };
+    docs.retain(|r| lines[r.clone()].iter().any(|l| content(l)));
+    // The parser's count of non-empty documents; a syntax error ends the count
+    // (the parser cannot go on past one) and leaves the file whole.
+    let mut parsed = Some(0);
+    if let Ok(found) = novacron_common::manifest::yaml_documents(file, text) {
+        for doc in found {
+            match <Option<serde::de::IgnoredAny> as serde::Deserialize>::deserialize(doc) {
+                Ok(None) => {}
+                Ok(Some(_)) => parsed = parsed.map(|n| n + 1),
+                Err(_) => {
+                    parsed = None;
+                    break;
+                }
+            }
+        }
+    } else {
+        parsed = None;
+    }
+    if docs.len() < 2 || Some(docs.len()) != parsed {
+        return vec![text.to_string()];
+    }
+    docs.into_iter()
+        .map(|r| {
+            let mut manifest = "\n".repeat(r.start);
+            for line in &lines[r] {
+                manifest.push_str(line);
+            }
+            manifest
+        })
+        .collect()
+}
+
+async fn apply_one(
+    client: &ApiClient,
+    name: &str,
+    kind: &str,
+    manifest: String,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let req = ApplyRequest {
-        file: name,
+        file: name.to_string(),
         manifest,
     };
     match kind {
         "AutoScalingPolicy" => {
             let result: PolicyApplyResult = client.post(&["v1", "policies"], &req).await?;
             match format {
-                OutputFormat::Table => writeln!(
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
                     out,
                     "policy {} for {} {}",
                     result.policy, result.target, result.outcome
                 )
                 .map_err(output::OutputError::Io)?,
+                OutputFormat::Name => {
+                    writeln!(out, "policy/{}", result.policy).map_err(output::OutputError::Io)?
+                }
                 _ => output::write_value(out, format, &result)?,
             }
         }
         "Job" => {
             let result: ApplyResult = client.post(&["v1", "jobs"], &req).await?;
             match format {
-                OutputFormat::Table => writeln!(
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
                     out,
                     "job {} {} (version {})",
                     result.job, result.outcome, result.version
                 )
                 .map_err(output::OutputError::Io)?,
+                OutputFormat::Name => {
+                    writeln!(out, "job/{}", result.job).map_err(output::OutputError::Io)?
+                }
                 _ => output::write_value(out, format, &result)?,
             }
         }
@@ -136,15 +299,80 @@ pub async fn apply(
                 .map_or(&["v1", "jobs"][..], |(_, p)| *p);
             let result: serde_json::Value = client.post(path, &req).await?;
             match format {
-                OutputFormat::Table => {
+                OutputFormat::Table | OutputFormat::Wide => {
                     writeln!(out, "{other} applied").map_err(output::OutputError::Io)?;
                     output::write_value(out, OutputFormat::Yaml, &result)?;
+                }
+                // The pool endpoint answers each document's kind and name.
+                OutputFormat::Name => {
+                    for doc in result.as_array().into_iter().flatten() {
+                        if let (Some(kind), Some(name)) =
+                            (doc["kind"].as_str(), doc["name"].as_str())
+                        {
+                            writeln!(out, "{}/{name}", kind.to_lowercase())
+                                .map_err(output::OutputError::Io)?;
+                        }
+                    }
                 }
                 _ => output::write_value(out, format, &result)?,
             }
         }
     }
     Ok(())
+}
+
+/// `text` (a stored job manifest) with `spec.replicas` set to `replicas`. The
+/// `replicas:` line is edited in place when that changes exactly `spec.replicas`
+/// (comments and layout stay); otherwise the manifest is written out again from
+/// its parsed value (comments are lost, the meaning is kept). Either way the
+/// result differs from `text` in `spec.replicas` only.
+pub fn scaled_manifest(file: &str, text: &str, replicas: u32) -> Result<String, String> {
+    let parse = |t: &str| -> Result<serde_json::Value, String> {
+        let mut docs =
+            novacron_common::manifest::yaml_documents(file, t).map_err(|e| e.to_string())?;
+        let doc = docs
+            .next()
+            .ok_or_else(|| format!("{file}: the stored manifest is empty"))?;
+        <serde_json::Value as serde::Deserialize>::deserialize(doc)
+            .map_err(|e| format!("{file}: {e}"))
+    };
+    let original = parse(text)?;
+    let mut wanted = original.clone();
+    match wanted.get_mut("spec") {
+        Some(serde_json::Value::Object(spec)) => {
+            spec.insert("replicas".into(), replicas.into());
+        }
+        _ => return Err(format!("{file}: the stored manifest has no spec mapping")),
+    }
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let indent = line.len() - line.trim_start().len();
+        let Some(rest) = line.trim_start().strip_prefix("replicas:") else {
+            continue;
+        };
+        let digits = rest.trim_start();
+        let value_at = line.len() - digits.len();
+        let end = digits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(digits.len());
+        if end == 0 || indent == 0 {
+            continue;
+        }
+        let edited: String = text
+            .split_inclusive('\n')
+            .enumerate()
+            .map(|(j, l)| {
+                if j == i {
+                    format!("{}{replicas}{}", &l[..value_at], &l[value_at + end..])
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        if parse(&edited).ok().as_ref() == Some(&wanted) {
+            return Ok(edited);
+        }
+    }
+    yaml_serde::to_string(&wanted).map_err(|e| format!("{file}: {e}"))
 }
 
 /// The `kind` of the documents in `text` (a pool and its templates may share a
@@ -206,6 +434,41 @@ pub async fn run_job(
         JobCommand::Status { name } => {
             let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
             output::write_one(out, format, &job, || job_detail(&job, now))?;
+        }
+        JobCommand::Scale { name, replicas } => {
+            let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
+            if job.summary.job_type == novacron_common::manifest::JobType::System {
+                return Err(CliError::Invalid(format!(
+                    "job {name} is a system job: it runs one replica per matching node and has no replicas to scale"
+                )));
+            }
+            let file = format!("job {name} (scaled to {replicas})");
+            let manifest =
+                scaled_manifest(&file, &job.manifest, *replicas).map_err(CliError::Invalid)?;
+            let result: ApplyResult = client
+                .post(&["v1", "jobs"], &ApplyRequest { file, manifest })
+                .await?;
+            match format {
+                OutputFormat::Table | OutputFormat::Wide => {
+                    writeln!(
+                        out,
+                        "job {} scaled to {replicas}: {} (version {})",
+                        result.job, result.outcome, result.version
+                    )
+                    .map_err(output::OutputError::Io)?;
+                    if let Some(by) = &job.summary.scaled_by {
+                        writeln!(
+                            out,
+                            "note: the running count is set by {by}, which still decides it"
+                        )
+                        .map_err(output::OutputError::Io)?;
+                    }
+                }
+                OutputFormat::Name => {
+                    writeln!(out, "job/{}", result.job).map_err(output::OutputError::Io)?
+                }
+                _ => output::write_value(out, format, &result)?,
+            }
         }
         JobCommand::Stop { name } => {
             let () = client
@@ -340,6 +603,46 @@ impl TableRow for JobSummary {
             truncate(&self.message, 60),
         ]
     }
+
+    fn wide_headers() -> &'static [&'static str] {
+        &[
+            "NAME",
+            "TYPE",
+            "STATUS",
+            "VERSION",
+            "STABLE",
+            "REPLICAS",
+            "MANIFEST",
+            "SCALED BY",
+            "RUNNING",
+            "HEALTHY",
+            "SUBMITTED",
+            "BY",
+            "MESSAGE",
+        ]
+    }
+
+    fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            format!("{:?}", self.job_type).to_lowercase(),
+            self.status.clone(),
+            self.version.to_string(),
+            self.stable_version.map_or("-".into(), |v| v.to_string()),
+            self.replicas.to_string(),
+            self.manifest_replicas.to_string(),
+            self.scaled_by.clone().unwrap_or_else(|| "-".into()),
+            self.running.to_string(),
+            self.healthy.to_string(),
+            output::ago(now, output::from_unix_ms(self.submitted_at_unix_ms)),
+            self.submitted_by.clone(),
+            self.message.clone(),
+        ]
+    }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("job/{}", self.name))
+    }
 }
 
 impl TableRow for AllocView {
@@ -373,6 +676,37 @@ impl TableRow for AllocView {
             output::ago(now, output::from_unix_ms(self.created_unix_ms)),
             truncate(&self.message, 50),
         ]
+    }
+
+    fn wide_headers() -> &'static [&'static str] {
+        &[
+            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "PORTS", "CPU",
+            "MEMORY", "GPUS", "PRIORITY", "EXIT", "AGE", "MESSAGE",
+        ]
+    }
+
+    fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+        let mut cells = self.cells(now);
+        cells.pop(); // the truncated message: wide shows it whole
+        let age = cells.pop().unwrap_or_default();
+        cells.extend([
+            format!("{}m", self.cpu_millis),
+            output::bytes(self.memory_bytes),
+            if self.gpu_uuids.is_empty() {
+                "-".into()
+            } else {
+                self.gpu_uuids.join(",")
+            },
+            self.priority.to_string(),
+            self.exit_code.map_or("-".into(), |c| c.to_string()),
+            age,
+            self.message.clone(),
+        ]);
+        cells
+    }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("alloc/{}", self.id))
     }
 }
 
@@ -426,6 +760,56 @@ mod tests {
         let mixed = format!("{}---\n{}", doc("Job"), doc("AutoScalingPolicy"));
         let e = manifest_kind("f", &mixed).expect_err("mixed");
         assert!(e.contains("mix kinds (Job, AutoScalingPolicy)"), "{e}");
+    }
+
+    #[test]
+    fn job_files_split_into_documents_that_keep_their_line_numbers() {
+        let job = |name: &str| {
+            format!("apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: {name}}}\n")
+        };
+        let one = job("a");
+        assert_eq!(job_documents("f", &one), vec![one.clone()]);
+        let two = format!(
+            "# jobs\n---\n{}--- # the second\n{}...\n",
+            job("a"),
+            job("b")
+        );
+        let docs = job_documents("f", &two);
+        assert_eq!(docs.len(), 2, "{docs:?}");
+        assert_eq!(docs[0], format!("\n---\n{}", job("a")));
+        assert_eq!(
+            docs[1],
+            format!("\n\n\n\n\n--- # the second\n{}...\n", job("b"))
+        );
+        // Every document parses alone, and a document of only comments is dropped.
+        let three = format!("{}---\n# nothing\n---\n{}", job("a"), job("b"));
+        let docs = job_documents("f", &three);
+        assert_eq!(docs.len(), 2, "{docs:?}");
+        for (d, name) in docs.iter().zip(["a", "b"]) {
+            let v: serde_json::Value = yaml_serde::from_str(d).expect("one document");
+            assert_eq!(v["metadata"]["name"], name, "{d}");
+        }
+        // A `---` inside a block scalar's text, indented, is no marker.
+        let scalar = format!("{}notes: |\n  ---\n  x\n---\n{}", job("a"), job("b"));
+        assert_eq!(job_documents("f", &scalar).len(), 2);
+        // Broken YAML stays whole, for the controller to locate.
+        let broken = format!("{}---\nspec: [unclosed\n", job("a"));
+        assert_eq!(job_documents("f", &broken), vec![broken.clone()]);
+    }
+
+    #[test]
+    fn scaling_edits_only_spec_replicas_and_keeps_comments() {
+        let text = "# the api\napiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  type: service\n  replicas: 3   # three\n  task:\n    env: {replicas: \"7\"}\n";
+        let scaled = scaled_manifest("f", text, 12).expect("scaled");
+        assert_eq!(scaled, text.replace("replicas: 3 ", "replicas: 12 "));
+        // No replicas line: the value is written out again with the field added.
+        let bare =
+            "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec: {type: service}\n";
+        let scaled = scaled_manifest("f", bare, 2).expect("scaled");
+        let v: serde_json::Value = yaml_serde::from_str(&scaled).expect("yaml");
+        assert_eq!(v["spec"]["replicas"], 2);
+        assert_eq!(v["metadata"]["name"], "api");
+        assert!(scaled_manifest("f", "kind: Job\n", 2).is_err());
     }
 
     #[test]

@@ -105,8 +105,18 @@ pub struct Cli {
     /// ~/.config/novacron/config.toml].
     #[arg(long, global = true, value_name = "PATH", env = config::CONFIG_ENV)]
     pub config: Option<PathBuf>,
-    /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    /// Output format: table, wide (more columns), json, yaml, name (`job/web`,
+    /// one per line) or jsonpath=EXPR (an RFC 9535 query on what `-o json`
+    /// prints, one value per line; kubectl's `{.a[*].b}` braces are accepted) or
+    /// template=TEXT (minijinja: a list is `items`, an object's fields by name).
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "table",
+        value_parser = output::OutputFormatParser
+    )]
     pub output: OutputFormat,
     /// Redraw the result every INTERVAL (default 2s) until Ctrl-C, like watch(1);
     /// for `node list|show`, `job list|status`, `alloc list` and `policy list`.
@@ -132,10 +142,14 @@ pub enum Command {
     Dev(dev::DevArgs),
     /// Submit a manifest (create or update): a Job, an AutoScalingPolicy, or a
     /// NodePool / NodeTemplate, by its `kind`.
+    ///
+    /// `-f` may repeat; each is a file, `-` (standard input) or a directory (its
+    /// *.yaml and *.yml files, sorted, not recursive). A file may hold several Job
+    /// documents (`---`), applied in order; the first refusal stops the command.
     Apply {
-        /// The YAML manifest.
-        #[arg(short = 'f', long = "file", value_name = "FILE")]
-        file: PathBuf,
+        /// The YAML manifest: a file, `-` for standard input, or a directory.
+        #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
+        file: Vec<PathBuf>,
     },
     /// Jobs.
     #[command(subcommand)]

@@ -133,6 +133,47 @@ impl TableRow for NodeView {
             self.agent_version.clone(),
         ]
     }
+
+    fn wide_headers() -> &'static [&'static str] {
+        &[
+            "NAME",
+            "STATUS",
+            "ZONE",
+            "CPU%",
+            "MEMORY",
+            "DISK",
+            "GPUS",
+            "LAST SEEN",
+            "VERSION",
+            "ADDRESS",
+            "CAPACITY",
+            "LABELS",
+        ]
+    }
+
+    fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+        let mut cells = self.cells(now);
+        cells.push(self.address.clone().unwrap_or_else(dash));
+        cells.push(format!(
+            "{}m,{}",
+            self.capacity.cpu_millis,
+            output::bytes(self.capacity.memory_bytes)
+        ));
+        cells.push(if self.labels.is_empty() {
+            dash()
+        } else {
+            self.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        cells
+    }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("node/{}", self.name))
+    }
 }
 
 impl TableRow for DiskSample {

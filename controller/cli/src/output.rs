@@ -4,20 +4,164 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use clap::ValueEnum;
 use comfy_table::{ContentArrangement, Table};
 use serde::Serialize;
+use serde_json_path::JsonPath;
 
-/// How a command prints its result.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+/// How a command prints its result (`-o`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OutputFormat {
     /// Aligned columns or a detail view, for people.
     #[default]
     Table,
+    /// A table with more columns where a list has them (`-o wide`); otherwise as
+    /// `Table`.
+    Wide,
     /// The API's JSON objects, pretty-printed.
     Json,
     /// The API's objects as YAML.
     Yaml,
+    /// `kind/name`, one per line (`-o name`), for the lists whose items have names.
+    Name,
+    /// The values an RFC 9535 JSONPath query selects from what `-o json` prints,
+    /// one per line (`-o jsonpath=EXPR`).
+    JsonPath(&'static Query),
+    /// A minijinja (Jinja2) template rendered with what `-o json` prints: a list
+    /// as `items`, an object's fields by name (`-o template=TEXT`).
+    Template(&'static Template),
+}
+
+/// A checked `-o template=` text.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Template {
+    /// The template as the user typed it.
+    pub text: String,
+}
+
+/// A parsed `-o jsonpath=` query and its text.
+#[derive(Debug)]
+pub struct Query {
+    /// The query as the user typed it.
+    pub text: String,
+    path: JsonPath,
+}
+
+impl PartialEq for Query {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Query {}
+
+/// The accepted `-o` values, for help and errors.
+pub const OUTPUT_FORMATS: &str = "table, wide, json, yaml, name, jsonpath=EXPR, template=TEXT";
+
+impl OutputFormat {
+    /// Whether this format is for people (a table or a detail view).
+    pub fn is_human(self) -> bool {
+        matches!(self, OutputFormat::Table | OutputFormat::Wide)
+    }
+
+    /// Parses an `-o` value. A JSONPath query is parsed once and kept for the
+    /// life of the process (one per invocation), so that the format stays `Copy`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "table" => OutputFormat::Table,
+            "wide" => OutputFormat::Wide,
+            "json" => OutputFormat::Json,
+            "yaml" => OutputFormat::Yaml,
+            "name" => OutputFormat::Name,
+            _ => match s.strip_prefix("jsonpath=") {
+                Some(expr) => OutputFormat::JsonPath(Box::leak(Box::new(parse_query(expr)?))),
+                None if s.starts_with("template=") => {
+                    let text = &s["template=".len()..];
+                    minijinja::Environment::new()
+                        .template_from_str(text)
+                        .map_err(|e| format!("{text:?} is not a template: {e:#}"))?;
+                    OutputFormat::Template(Box::leak(Box::new(Template {
+                        text: text.to_string(),
+                    })))
+                }
+                None => {
+                    return Err(format!(
+                        "{s:?} is not an output format; expected one of {OUTPUT_FORMATS}"
+                    ));
+                }
+            },
+        })
+    }
+}
+
+/// The `-o` value parser: [`OutputFormat::parse`], with the formats listed for
+/// `--help` and shell completion.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputFormatParser;
+
+impl clap::builder::TypedValueParser for OutputFormatParser {
+    type Value = OutputFormat;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<OutputFormat, clap::Error> {
+        let fail = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '--output <FORMAT>': {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| fail(format!("{value:?} is not UTF-8")))?;
+        OutputFormat::parse(text).map_err(fail)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        let names = [
+            "table",
+            "wide",
+            "json",
+            "yaml",
+            "name",
+            "jsonpath=",
+            "template=",
+        ];
+        Some(Box::new(
+            names.into_iter().map(clap::builder::PossibleValue::new),
+        ))
+    }
+}
+
+/// Parses a JSONPath query (RFC 9535). kubectl's forms are accepted too: braces
+/// around the whole query are dropped (`{.items[*].name}`), and a query that starts
+/// with `.` or `[` is taken as relative to the root (`.name` is `$.name`).
+pub fn parse_query(expr: &str) -> Result<Query, String> {
+    let trimmed = expr.trim();
+    let inner = trimmed
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or(trimmed)
+        .trim();
+    let rooted = if inner.starts_with('.') || inner.starts_with('[') {
+        format!("${inner}")
+    } else {
+        inner.to_string()
+    };
+    let path = JsonPath::parse(&rooted).map_err(|e| {
+        format!(
+            "{expr:?} is not a JSONPath query (RFC 9535): {e}; write e.g. jsonpath='$[*].name' or jsonpath='{{[*].name}}'"
+        )
+    })?;
+    Ok(Query {
+        text: expr.to_string(),
+        path,
+    })
 }
 
 /// Errors printing a result.
@@ -32,6 +176,14 @@ pub enum OutputError {
     /// The value could not be encoded as YAML.
     #[error("cannot encode the output as YAML: {0}")]
     Yaml(#[from] yaml_serde::Error),
+    /// A `-o template=` failed to render.
+    #[error("cannot render the template: {0:#}")]
+    Template(#[from] minijinja::Error),
+    /// `-o name` was asked of a result whose items have no names.
+    #[error(
+        "-o name applies to lists of named things (job, node, alloc, policy, pool, context list); use -o json or -o jsonpath=EXPR here"
+    )]
+    NoNames,
 }
 
 /// A type shown as one row of a table.
@@ -40,18 +192,40 @@ pub trait TableRow {
     fn headers() -> &'static [&'static str];
     /// The cells of this item in header order; `now` is for ages.
     fn cells(&self, now: SystemTime) -> Vec<String>;
+    /// The column headers of `-o wide`; the same as [`TableRow::headers`] unless
+    /// the type has more to show.
+    fn wide_headers() -> &'static [&'static str] {
+        Self::headers()
+    }
+    /// The cells of `-o wide`, in [`TableRow::wide_headers`] order.
+    fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+        self.cells(now)
+    }
+    /// `kind/name` for `-o name` (`job/web`); `None` for rows without a name.
+    fn resource_name(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Renders `items` as aligned columns without borders, like `kubectl get`.
 pub fn table<T: TableRow>(items: &[T], now: SystemTime) -> String {
+    columns(T::headers(), items.iter().map(|i| i.cells(now)))
+}
+
+/// [`table`] with the `-o wide` columns.
+pub fn wide_table<T: TableRow>(items: &[T], now: SystemTime) -> String {
+    columns(T::wide_headers(), items.iter().map(|i| i.wide_cells(now)))
+}
+
+fn columns(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::NOTHING)
         .set_content_arrangement(ContentArrangement::Disabled)
-        .set_header(T::headers().to_vec());
-    for item in items {
-        t.add_row(item.cells(now));
+        .set_header(headers.to_vec());
+    for row in rows {
+        t.add_row(row);
     }
-    let columns = T::headers().len();
+    let columns = headers.len();
     for (i, column) in t.column_iter_mut().enumerate() {
         let right = if i + 1 == columns { 0 } else { 3 };
         column.set_padding((0, right));
@@ -62,7 +236,8 @@ pub fn table<T: TableRow>(items: &[T], now: SystemTime) -> String {
         .join("\n")
 }
 
-/// Prints a list: a table of `items`, or the items as a JSON or YAML sequence.
+/// Prints a list: a table of `items` (wide or not), their `kind/name`s, or the
+/// items as a JSON or YAML sequence (or what a JSONPath query selects from it).
 pub fn write_list<T: TableRow + Serialize>(
     out: &mut dyn Write,
     format: OutputFormat,
@@ -71,7 +246,16 @@ pub fn write_list<T: TableRow + Serialize>(
 ) -> Result<(), OutputError> {
     match format {
         OutputFormat::Table => writeln!(out, "{}", table(items, now))?,
-        OutputFormat::Json | OutputFormat::Yaml => write_value(out, format, &items)?,
+        OutputFormat::Wide => writeln!(out, "{}", wide_table(items, now))?,
+        OutputFormat::Name => {
+            for item in items {
+                writeln!(out, "{}", item.resource_name().ok_or(OutputError::NoNames)?)?;
+            }
+        }
+        OutputFormat::Json
+        | OutputFormat::Yaml
+        | OutputFormat::JsonPath(_)
+        | OutputFormat::Template(_) => write_value(out, format, &items)?,
     }
     Ok(())
 }
@@ -84,13 +268,15 @@ pub fn write_one<T: Serialize>(
     detail: impl FnOnce() -> String,
 ) -> Result<(), OutputError> {
     match format {
-        OutputFormat::Table => write!(out, "{}", detail())?,
-        OutputFormat::Json | OutputFormat::Yaml => write_value(out, format, value)?,
+        OutputFormat::Table | OutputFormat::Wide => write!(out, "{}", detail())?,
+        _ => write_value(out, format, value)?,
     }
     Ok(())
 }
 
-/// Prints `value` as pretty JSON or YAML (a table format prints JSON).
+/// Prints `value` as pretty JSON or YAML, or what a JSONPath query selects from
+/// its JSON (a table format prints JSON; `-o name` is refused: a single value has
+/// no list of names).
 pub fn write_value<T: Serialize + ?Sized>(
     out: &mut dyn Write,
     format: OutputFormat,
@@ -98,12 +284,50 @@ pub fn write_value<T: Serialize + ?Sized>(
 ) -> Result<(), OutputError> {
     match format {
         OutputFormat::Yaml => out.write_all(yaml_serde::to_string(value)?.as_bytes())?,
-        OutputFormat::Json | OutputFormat::Table => {
+        OutputFormat::Json | OutputFormat::Table | OutputFormat::Wide => {
             serde_json::to_writer_pretty(&mut *out, value)?;
             writeln!(out)?;
         }
+        OutputFormat::Name => return Err(OutputError::NoNames),
+        OutputFormat::JsonPath(query) => {
+            let json = serde_json::to_value(value)?;
+            for line in select(query, &json) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        OutputFormat::Template(template) => {
+            out.write_all(render(template, serde_json::to_value(value)?)?.as_bytes())?
+        }
     }
     Ok(())
+}
+
+/// Renders `template` with `json`: a list is `items`, an object's fields are
+/// variables, anything else is `value`. The text comes out as rendered (end it
+/// with a newline in the template if you want one).
+pub fn render(template: &Template, json: serde_json::Value) -> Result<String, OutputError> {
+    let context = match json {
+        serde_json::Value::Array(_) => serde_json::json!({ "items": json }),
+        serde_json::Value::Object(_) => json,
+        other => serde_json::json!({ "value": other }),
+    };
+    let env = minijinja::Environment::new();
+    Ok(env.render_str(&template.text, minijinja::value::Serde(&context))?)
+}
+
+/// The values `query` selects from `json`, one line each: strings as they are,
+/// anything else as compact JSON.
+pub fn select(query: &Query, json: &serde_json::Value) -> Vec<String> {
+    query
+        .path
+        .query(json)
+        .all()
+        .into_iter()
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect()
 }
 
 /// Bytes in binary units with one decimal: `512B`, `3.1Gi`, `15.6Gi`
@@ -222,6 +446,101 @@ mod tests {
         fn cells(&self, _now: SystemTime) -> Vec<String> {
             vec![self.name.to_string(), self.count.to_string()]
         }
+        fn wide_headers() -> &'static [&'static str] {
+            &["NAME", "COUNT", "DOUBLE"]
+        }
+        fn wide_cells(&self, now: SystemTime) -> Vec<String> {
+            let mut cells = self.cells(now);
+            cells.push((self.count * 2).to_string());
+            cells
+        }
+        fn resource_name(&self) -> Option<String> {
+            Some(format!("fruit/{}", self.name))
+        }
+    }
+
+    fn render(format: &str, items: &[Fruit]) -> Result<String, OutputError> {
+        let format = OutputFormat::parse(format).expect("a format");
+        let mut out = Vec::new();
+        write_list(&mut out, format, items, SystemTime::UNIX_EPOCH)?;
+        Ok(String::from_utf8(out).expect("utf8"))
+    }
+
+    const FRUITS: [Fruit; 2] = [
+        Fruit {
+            name: "apple",
+            count: 3,
+        },
+        Fruit {
+            name: "fig",
+            count: 12,
+        },
+    ];
+
+    #[test]
+    fn wide_adds_columns_and_name_prints_kind_slash_name() {
+        assert_eq!(
+            render("wide", &FRUITS).expect("wide"),
+            "NAME    COUNT   DOUBLE\napple   3       6\nfig     12      24\n"
+        );
+        assert_eq!(
+            render("table", &FRUITS).expect("table"),
+            "NAME    COUNT\napple   3\nfig     12\n"
+        );
+        assert_eq!(
+            render("name", &FRUITS).expect("name"),
+            "fruit/apple\nfruit/fig\n"
+        );
+    }
+
+    #[test]
+    fn jsonpath_accepts_rfc_9535_and_kubectl_braces() {
+        for q in [
+            "jsonpath=$[*].name",
+            "jsonpath={[*].name}",
+            "jsonpath={ $[*].name }",
+        ] {
+            assert_eq!(render(q, &FRUITS).expect(q), "apple\nfig\n", "{q}");
+        }
+        assert_eq!(
+            render("jsonpath=$[?@.count > 5].count", &FRUITS).expect("filter"),
+            "12\n"
+        );
+        assert_eq!(
+            render("jsonpath=$[0]", &FRUITS).expect("object"),
+            "{\"count\":3,\"name\":\"apple\"}\n"
+        );
+        assert_eq!(render("jsonpath=$.nothing", &FRUITS).expect("empty"), "");
+    }
+
+    #[test]
+    fn bad_formats_and_queries_are_refused_with_the_accepted_forms() {
+        let e = OutputFormat::parse("xml").expect_err("not a format");
+        assert!(e.contains("jsonpath=EXPR"), "{e}");
+        let e = OutputFormat::parse("jsonpath=$[").expect_err("bad query");
+        assert!(e.contains("RFC 9535"), "{e}");
+    }
+
+    #[test]
+    fn templates_see_a_list_as_items_and_an_object_by_field() {
+        let t = "template={% for f in items %}{{ f.name }}={{ f.count }}\n{% endfor %}";
+        assert_eq!(render(t, &FRUITS).expect("list"), "apple=3\nfig=12\n");
+        let OutputFormat::Template(one) = OutputFormat::parse("template={{ name }}!").expect("ok")
+        else {
+            panic!("a template")
+        };
+        let mut out = Vec::new();
+        write_value(&mut out, OutputFormat::Template(one), &FRUITS[1]).expect("one");
+        assert_eq!(out, b"fig!");
+        let e = OutputFormat::parse("template={% for %}").expect_err("bad syntax");
+        assert!(e.contains("is not a template"), "{e}");
+    }
+
+    #[test]
+    fn name_is_refused_for_a_single_value() {
+        let mut out = Vec::new();
+        let e = write_value(&mut out, OutputFormat::Name, &1).expect_err("no names");
+        assert!(e.to_string().contains("-o name"), "{e}");
     }
 
     #[test]

@@ -75,6 +75,10 @@ impl TableRow for PolicyView {
             decision.map_or("-".into(), |d| d.explanation.clone()),
         ]
     }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("policy/{}", self.name))
+    }
 }
 
 #[cfg(test)]

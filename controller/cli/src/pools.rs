@@ -66,6 +66,10 @@ impl TableRow for PoolStatus {
             },
         ]
     }
+
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("pool/{}", self.name))
+    }
 }
 
 #[cfg(test)]

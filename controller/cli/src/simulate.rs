@@ -34,7 +34,7 @@ pub struct SimulateArgs {
 pub fn run(args: &SimulateArgs, format: OutputFormat, out: &mut dyn Write) -> Result<(), CliError> {
     let report = simulate(args)?;
     match format {
-        OutputFormat::Table => {
+        OutputFormat::Table | OutputFormat::Wide => {
             writeln!(out, "{report}").map_err(OutputError::Io)?;
             if args.events {
                 writeln!(out, "\nevents (autoscaled):").map_err(OutputError::Io)?;
@@ -43,7 +43,7 @@ pub fn run(args: &SimulateArgs, format: OutputFormat, out: &mut dyn Write) -> Re
                 }
             }
         }
-        OutputFormat::Json | OutputFormat::Yaml => output::write_value(out, format, &report)?,
+        _ => output::write_value(out, format, &report)?,
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ pub async fn run(
     let Some(client) = client else {
         return print(out, format, mine, None);
     };
-    if format == OutputFormat::Table {
+    if format.is_human() {
         writeln!(out, "{}", line("client", &mine)).map_err(output::OutputError::Io)?;
         let server: VersionInfo = client?.get(&["v1", "version"]).await?;
         writeln!(out, "{}", line("server", &server)).map_err(output::OutputError::Io)?;
@@ -53,10 +53,10 @@ fn print(
     server: Option<VersionInfo>,
 ) -> Result<(), CliError> {
     match format {
-        OutputFormat::Table => {
+        OutputFormat::Table | OutputFormat::Wide => {
             writeln!(out, "{}", line("client", &client)).map_err(output::OutputError::Io)?;
         }
-        OutputFormat::Json | OutputFormat::Yaml => {
+        _ => {
             output::write_value(out, format, &Versions { client, server })?;
         }
     }
