@@ -147,6 +147,18 @@ impl Controller {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// A client that trusts the fleet CA but presents no certificate.
+    pub fn anonymous_client(&self) -> reqwest::Client {
+        tls::install_crypto_provider();
+        let ca = std::fs::read_to_string(self.data_dir.join("pki/ca.pem")).expect("ca");
+        let config = tls::client_config(&ca, None, &[b"h2", b"http/1.1"]).expect("tls config");
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client")
+    }
+
     /// The API URL.
     pub fn api(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
@@ -405,6 +417,27 @@ pub fn join(
         .arg(state_dir)
         .output()
         .expect("novacron-agent runs")
+}
+
+/// A one-replica service job `name` that sleeps in the test image (100m CPU,
+/// 32Mi), for tests that need any job at all.
+pub fn sleeper_manifest(name: &str) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: novacron-dev/busybox:1
+    command: [sleep, '3600']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+"
+    )
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` passes.

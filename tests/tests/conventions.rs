@@ -3,7 +3,7 @@
 //!   that keeps the `error` member older clients read,
 //! - deletions take `DELETE`, and their older `POST` forms still work.
 
-use novacron_tests::Controller;
+use novacron_tests::{Controller, sleeper_manifest};
 use reqwest::StatusCode;
 
 async fn controller(prefix: &str) -> (tempfile::TempDir, Controller) {
@@ -15,25 +15,6 @@ async fn controller(prefix: &str) -> (tempfile::TempDir, Controller) {
         .await
         .expect("controller");
     (dir, c)
-}
-
-fn manifest(name: &str) -> String {
-    format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {name}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: novacron-dev/busybox:1
-    command: [sleep, '3600']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-"
-    )
 }
 
 /// Checks that `resp` is a problem document of `status` whose `type` is
@@ -122,8 +103,12 @@ async fn deletions_take_delete_and_keep_their_post_forms() {
     let api = c.api();
 
     // Jobs: DELETE /v1/jobs/{name} and POST /v1/jobs/{name}/stop.
-    c.apply("a.yaml", &manifest("alpha")).await.expect("apply");
-    c.apply("b.yaml", &manifest("beta")).await.expect("apply");
+    c.apply("a.yaml", &sleeper_manifest("alpha"))
+        .await
+        .expect("apply");
+    c.apply("b.yaml", &sleeper_manifest("beta"))
+        .await
+        .expect("apply");
     let resp = client
         .delete(format!("{api}/v1/jobs/alpha"))
         .send()
@@ -313,7 +298,9 @@ async fn reads_carry_an_index_and_a_blocking_query_waits_for_the_next_write() {
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         index_of(&resp);
     }
-    c.apply("a.yaml", &manifest("alpha")).await.expect("apply");
+    c.apply("a.yaml", &sleeper_manifest("alpha"))
+        .await
+        .expect("apply");
     let before = quiet_index(&client, &api).await;
 
     // A write from another task wakes a blocking query promptly.
@@ -331,7 +318,9 @@ async fn reads_carry_an_index_and_a_blocking_query_waits_for_the_next_write() {
         !blocked.is_finished(),
         "the query waits while nothing changes"
     );
-    c.apply("b.yaml", &manifest("beta")).await.expect("apply");
+    c.apply("b.yaml", &sleeper_manifest("beta"))
+        .await
+        .expect("apply");
     let (took, resp) = tokio::time::timeout(std::time::Duration::from_secs(10), blocked)
         .await
         .expect("answered promptly after the write")
@@ -370,7 +359,7 @@ async fn lists_page_with_limit_and_a_next_token_and_stay_whole_without() {
     let client = c.admin_client().expect("admin");
     let api = c.api();
     for name in ["echo", "alpha", "delta", "bravo", "charlie"] {
-        c.apply(&format!("{name}.yaml"), &manifest(name))
+        c.apply(&format!("{name}.yaml"), &sleeper_manifest(name))
             .await
             .expect("apply");
     }

@@ -5,28 +5,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use novacron_api::{Event, EventPage};
-use novacron_tests::{Controller, bin};
+use novacron_tests::{Controller, bin, sleeper_manifest};
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn manifest(name: &str) -> String {
-    format!(
-        "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {name}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: novacron-dev/busybox:1
-    command: [sleep, '3600']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-"
-    )
-}
 
 async fn controller(prefix: &str) -> (tempfile::TempDir, Controller) {
     let dir = tempfile::Builder::new()
@@ -50,19 +31,6 @@ fn api_token(c: &Controller, name: &str, role: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// A client that trusts the fleet CA but presents no certificate.
-fn anonymous(c: &Controller) -> reqwest::Client {
-    novacron_common::tls::install_crypto_provider();
-    let ca = std::fs::read_to_string(c.data_dir.join("pki/ca.pem")).expect("ca");
-    let config =
-        novacron_common::tls::client_config(&ca, None, &[b"h2", b"http/1.1"]).expect("tls config");
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
-}
-
 async fn apply_with(
     client: &reqwest::Client,
     c: &Controller,
@@ -71,7 +39,7 @@ async fn apply_with(
 ) -> (StatusCode, serde_json::Value) {
     let mut req = client
         .post(format!("{}/v1/jobs", c.api()))
-        .json(&serde_json::json!({ "file": "job.yaml", "manifest": manifest(job) }));
+        .json(&serde_json::json!({ "file": "job.yaml", "manifest": sleeper_manifest(job) }));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -98,7 +66,8 @@ async fn events(c: &Controller, query: &str) -> EventPage {
 #[tokio::test]
 async fn unauthenticated_callers_are_refused_with_what_to_do() {
     let (_dir, c) = controller("novacron-op-anon-").await;
-    let resp = anonymous(&c)
+    let resp = c
+        .anonymous_client()
         .get(format!("{}/v1/nodes", c.api()))
         .send()
         .await
@@ -112,7 +81,8 @@ async fn unauthenticated_callers_are_refused_with_what_to_do() {
     );
 
     // A garbage bearer token is refused with the expected shape.
-    let resp = anonymous(&c)
+    let resp = c
+        .anonymous_client()
         .get(format!("{}/v1/nodes", c.api()))
         .bearer_auth("not-a-token")
         .send()
@@ -181,7 +151,7 @@ async fn api_tokens_authenticate_with_their_role_and_can_be_revoked() {
     let operator = api_token(&c, "ci", "operator");
     let viewer = api_token(&c, "dash", "viewer");
     assert!(operator.starts_with("nca_"), "{operator}");
-    let client = anonymous(&c);
+    let client = c.anonymous_client();
 
     let (status, body) = apply_with(&client, &c, Some(&operator), "api").await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -236,8 +206,12 @@ async fn api_tokens_authenticate_with_their_role_and_can_be_revoked() {
 #[tokio::test]
 async fn events_persist_across_restarts_and_filter() {
     let (_dir, mut c) = controller("novacron-op-events-").await;
-    c.apply("a.yaml", &manifest("alpha")).await.expect("apply");
-    c.apply("b.yaml", &manifest("beta")).await.expect("apply");
+    c.apply("a.yaml", &sleeper_manifest("alpha"))
+        .await
+        .expect("apply");
+    c.apply("b.yaml", &sleeper_manifest("beta"))
+        .await
+        .expect("apply");
     let before = events(&c, "limit=1000").await;
     let last = before.events.last().expect("some events").seq;
     let alpha = events(&c, "job=alpha&type=job").await;
@@ -255,7 +229,9 @@ async fn events_persist_across_restarts_and_filter() {
             .any(|e| e.job.as_deref() == Some("alpha")),
         "events survive the restart"
     );
-    c.apply("c.yaml", &manifest("gamma")).await.expect("apply");
+    c.apply("c.yaml", &sleeper_manifest("gamma"))
+        .await
+        .expect("apply");
     let newer = events(&c, &format!("after={last}&type=job")).await;
     assert_eq!(newer.events.len(), 1, "{:?}", newer.events);
     assert!(
@@ -282,7 +258,9 @@ async fn events_persist_across_restarts_and_filter() {
 #[tokio::test]
 async fn events_follow_streams_new_events_live_through_the_cli() {
     let (_dir, c) = controller("novacron-op-follow-").await;
-    c.apply("old.yaml", &manifest("old")).await.expect("apply");
+    c.apply("old.yaml", &sleeper_manifest("old"))
+        .await
+        .expect("apply");
     // Make the CLI context, then follow with an API token from the environment
     // (overriding the context's certificate).
     let _ = c.cli(&["node", "list"]);
@@ -311,7 +289,7 @@ async fn events_follow_streams_new_events_live_through_the_cli() {
     let first = next(&mut lines).await;
     assert_eq!(first.job.as_deref(), Some("old"));
     // ...then what happens after the follower started.
-    c.apply("new.yaml", &manifest("fresh"))
+    c.apply("new.yaml", &sleeper_manifest("fresh"))
         .await
         .expect("apply");
     let live = next(&mut lines).await;
@@ -346,7 +324,7 @@ async fn watch_redraws_until_interrupted_and_refuses_commands_it_cannot_redraw()
     let pid = child.id().expect("pid").to_string();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // A job applied while watching shows up in a later frame.
-    c.apply("w.yaml", &manifest("watched"))
+    c.apply("w.yaml", &sleeper_manifest("watched"))
         .await
         .expect("apply");
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -24,19 +24,6 @@ async fn controller(prefix: &str, serve_args: &[&str]) -> (tempfile::TempDir, Co
     (dir, c)
 }
 
-/// A client that trusts the fleet CA but presents no certificate.
-fn anonymous(c: &Controller) -> reqwest::Client {
-    novacron_common::tls::install_crypto_provider();
-    let ca = std::fs::read_to_string(c.data_dir.join("pki/ca.pem")).expect("ca");
-    let config =
-        novacron_common::tls::client_config(&ca, None, &[b"h2", b"http/1.1"]).expect("tls config");
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
-}
-
 /// Every non-empty line of `log` is one JSON object with a level and a message.
 fn assert_json_lines(what: &str, log: &str) {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -100,7 +87,7 @@ async fn log_format_json_writes_one_object_per_line_and_text_has_no_colour_off_a
 #[tokio::test]
 async fn probes_answer_without_credentials_and_every_401_carries_a_challenge() {
     let (_dir, c) = controller("novacron-surface-probes-", &[]).await;
-    let anon = anonymous(&c);
+    let anon = c.anonymous_client();
     for (path, body) in [("/livez", "ok"), ("/readyz", "ready"), ("/healthz", "ok")] {
         let resp = anon
             .get(format!("{}{path}", c.api()))
