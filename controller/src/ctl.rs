@@ -159,6 +159,11 @@ pub struct ServeArgs {
     /// [env: NOVACRON_LOG_FORMAT] [default: text].
     #[arg(long, value_name = "text|json")]
     pub log_format: Option<String>,
+    /// For tests only (hidden): accept only these agent wire protocol versions
+    /// (`2`, `2-3`), within those this build speaks, to act as an older
+    /// controller in the version-skew tests. Not for production use.
+    #[arg(long, hide = true, value_name = "MIN-MAX", value_parser = novacron_common::wire::VersionRange::parse_within_supported)]
+    pub wire_versions: Option<novacron_common::wire::VersionRange>,
 }
 
 /// `token` subcommands.
@@ -379,10 +384,13 @@ pub fn config_from_args(
 }
 
 async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -> i32 {
-    let config = match config_from_args(loaded, &ProcessEnv, data_dir, &args) {
+    let mut config = match config_from_args(loaded, &ProcessEnv, data_dir, &args) {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
+    if let Some(versions) = args.wire_versions {
+        config.wire_versions = versions;
+    }
     if let Err(e) = pki_files::load(data_dir) {
         return config_error(&e.to_string());
     }

@@ -344,21 +344,25 @@ const NODE_FS_AVAILABLE: Family = Family::gauge(
     "novacron_node_filesystem_available_bytes",
     "Free space of a mounted filesystem available to unprivileged users.",
 );
-const NODE_DISK_READ: Family = Family::gauge(
-    "novacron_node_disk_read_bytes_per_second",
-    "Read rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
+const NODE_CPU_SECONDS: Family = Family::counter(
+    "novacron_node_cpu_seconds",
+    "CPU time of the host since boot by mode, all cores together (as node_cpu_seconds_total summed over cpu; absent from agents before wire protocol 3).",
 );
-const NODE_DISK_WRITTEN: Family = Family::gauge(
-    "novacron_node_disk_written_bytes_per_second",
-    "Write rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
+const NODE_DISK_READ: Family = Family::counter(
+    "novacron_node_disk_read_bytes",
+    "Bytes read from a mounted filesystem's block device since boot (absent from agents before wire protocol 3).",
 );
-const NODE_NET_RX: Family = Family::gauge(
-    "novacron_node_network_receive_bytes_per_second",
-    "Receive rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
+const NODE_DISK_WRITTEN: Family = Family::counter(
+    "novacron_node_disk_written_bytes",
+    "Bytes written to a mounted filesystem's block device since boot (absent from agents before wire protocol 3).",
 );
-const NODE_NET_TX: Family = Family::gauge(
-    "novacron_node_network_transmit_bytes_per_second",
-    "Transmit rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
+const NODE_NET_RX: Family = Family::counter(
+    "novacron_node_network_receive_bytes",
+    "Bytes received by a network interface since it came up (absent from agents before wire protocol 3).",
+);
+const NODE_NET_TX: Family = Family::counter(
+    "novacron_node_network_transmit_bytes",
+    "Bytes transmitted by a network interface since it came up (absent from agents before wire protocol 3).",
 );
 const GPU_UTILIZATION: Family = Family::gauge(
     "novacron_node_gpu_utilization_ratio",
@@ -471,6 +475,7 @@ pub const FAMILIES: &[Family] = &[
     NODE_SWAP_USED,
     NODE_FS_SIZE,
     NODE_FS_AVAILABLE,
+    NODE_CPU_SECONDS,
     NODE_DISK_READ,
     NODE_DISK_WRITTEN,
     NODE_NET_RX,
@@ -807,17 +812,32 @@ fn collect_node(node: &NodeView, live: &[&AllocRecord], out: &mut Samples) {
     out.int(&NODE_MEMORY_AVAILABLE, base(), m.available_bytes);
     out.int(&NODE_SWAP_TOTAL, base(), m.swap_total_bytes);
     out.int(&NODE_SWAP_USED, base(), m.swap_used_bytes);
+    if let Some(seconds) = &sample.cpu.seconds_total {
+        for (mode, value) in seconds.modes() {
+            out.float(&NODE_CPU_SECONDS, with(&[("mode", mode)]), value);
+        }
+    }
     for d in &sample.disks {
         let l = || with(&[("mountpoint", &d.mount), ("device", &d.device)]);
         out.int(&NODE_FS_SIZE, l(), d.total_bytes);
         out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
-        out.int(&NODE_DISK_READ, l(), d.read_bytes_per_sec);
-        out.int(&NODE_DISK_WRITTEN, l(), d.written_bytes_per_sec);
+        // node_exporter's disk counters carry the device only.
+        let dev = || with(&[("device", &d.device)]);
+        if let Some(read) = d.read_bytes_total {
+            out.int(&NODE_DISK_READ, dev(), read);
+        }
+        if let Some(written) = d.written_bytes_total {
+            out.int(&NODE_DISK_WRITTEN, dev(), written);
+        }
     }
     for n in &sample.networks {
         let l = || with(&[("device", &n.interface)]);
-        out.int(&NODE_NET_RX, l(), n.rx_bytes_per_sec);
-        out.int(&NODE_NET_TX, l(), n.tx_bytes_per_sec);
+        if let Some(rx) = n.rx_bytes_total {
+            out.int(&NODE_NET_RX, l(), rx);
+        }
+        if let Some(tx) = n.tx_bytes_total {
+            out.int(&NODE_NET_TX, l(), tx);
+        }
     }
     for g in &sample.gpus {
         let l = || gpu_labels(base(), g);
@@ -906,7 +926,7 @@ mod tests {
 
     use novacron_common::manifest::JobType;
     use novacron_common::wire::{
-        AllocationUsage, Capabilities, Capacity, CpuSample, DiskSample, GpuInfo, MemorySample,
+        AllocationUsage, Capabilities, Capacity, CpuSample, CpuSeconds, DiskSample, GpuInfo, MemorySample,
         NetworkSample, NodeSample,
     };
 
@@ -957,6 +977,11 @@ mod tests {
                 total_percent: 25.0,
                 per_core_percent: vec![20.0, 30.0, 25.0, 25.0],
                 load: [1.5, 1.25, 1.0],
+                seconds_total: Some(CpuSeconds {
+                    user: 120.5,
+                    idle: 3000.25,
+                    ..CpuSeconds::default()
+                }),
             },
             memory: MemorySample {
                 total_bytes: 16 * GIB,
@@ -972,11 +997,15 @@ mod tests {
                 available_bytes: 60 * GIB,
                 read_bytes_per_sec: 1024,
                 written_bytes_per_sec: 2048,
+                read_bytes_total: Some(10 * GIB),
+                written_bytes_total: Some(20 * GIB),
             }],
             networks: vec![NetworkSample {
                 interface: "eth0".into(),
                 rx_bytes_per_sec: 1000,
                 tx_bytes_per_sec: 500,
+                rx_bytes_total: Some(7_000_000),
+                tx_bytes_total: Some(5_000_000),
             }],
             gpus: vec![GpuSample {
                 index: 0,
@@ -1245,6 +1274,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_without_counters_exposes_none() {
+        // An agent before wire protocol 3 sends rates only: no counter is made up.
+        let mut snapshot = fleet();
+        for node in &mut snapshot.nodes {
+            if let Some(s) = &mut node.latest {
+                s.cpu.seconds_total = None;
+                for d in &mut s.disks {
+                    d.read_bytes_total = None;
+                    d.written_bytes_total = None;
+                }
+                for n in &mut s.networks {
+                    n.rx_bytes_total = None;
+                    n.tx_bytes_total = None;
+                }
+            }
+        }
+        let text = to_text_format(&rendered(snapshot));
+        for name in [
+            "novacron_node_cpu_seconds_total",
+            "novacron_node_disk_read_bytes_total",
+            "novacron_node_disk_written_bytes_total",
+            "novacron_node_network_receive_bytes_total",
+            "novacron_node_network_transmit_bytes_total",
+        ] {
+            assert!(
+                !samples(&text).iter().any(|(n, _, _)| n == name),
+                "{name} has a sample"
+            );
+            assert!(text.contains(&format!("# TYPE {name} counter")), "{name}");
+        }
+    }
+
+    #[test]
     fn every_family_has_samples_in_the_test_fleet() {
         let text = to_text_format(&rendered(fleet()));
         let names: BTreeSet<String> = samples(&text).into_iter().map(|(n, _, _)| n).collect();
@@ -1294,12 +1356,29 @@ mod tests {
         );
         let eth0 = [("node", "n1"), ("device", "eth0")];
         assert_eq!(
+            number(&text, "novacron_node_network_transmit_bytes_total", &eth0),
+            5_000_000.0
+        );
+        let sda = [("node", "n1"), ("device", "/dev/sda1")];
+        assert_eq!(
+            number(&text, "novacron_node_disk_written_bytes_total", &sda),
+            20.0 * gib
+        );
+        assert_eq!(
             number(
                 &text,
-                "novacron_node_network_transmit_bytes_per_second",
-                &eth0
+                "novacron_node_cpu_seconds_total",
+                &[("node", "n1"), ("mode", "idle")]
             ),
-            500.0
+            3000.25
+        );
+        assert_eq!(
+            number(
+                &text,
+                "novacron_node_cpu_seconds_total",
+                &[("node", "n1"), ("mode", "steal")]
+            ),
+            0.0
         );
         let gpu = [
             ("node", "n1"),
@@ -1815,7 +1894,9 @@ mod tests {
         }
         for wanted in [
             "novacron_node_status",
-            "novacron_node_cpu_usage_ratio",
+            "novacron_node_cpu_seconds_total",
+            "novacron_node_network_receive_bytes_total",
+            "novacron_node_disk_written_bytes_total",
             "novacron_node_memory_used_bytes",
             "novacron_node_gpu_utilization_ratio",
             "novacron_allocation_cpu_usage_cores",
