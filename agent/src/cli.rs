@@ -250,7 +250,9 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
 }
 
 async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
-    let wire_versions = args.wire_versions.unwrap_or(novacron_common::wire::SUPPORTED);
+    let wire_versions = args
+        .wire_versions
+        .unwrap_or(novacron_common::wire::SUPPORTED);
     let flags = RunFlags {
         state_dir: args.state_dir,
         labels: args.labels,

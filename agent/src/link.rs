@@ -19,8 +19,8 @@ use novacron_common::ticker::Ticker;
 use novacron_common::tls;
 use novacron_common::wire::{
     self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage,
-    FIRST_NEGOTIATED_VERSION, FrameError, Hello, LogRequest, Negotiated, Opening,
-    PROTOCOL_VERSION, StreamKind, StreamOpen, VersionRange,
+    FIRST_NEGOTIATED_VERSION, FrameError, Hello, LogRequest, Negotiated, Opening, PROTOCOL_VERSION,
+    StreamKind, StreamOpen, VersionRange,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::MissedTickBehavior;
@@ -101,7 +101,9 @@ enum SessionError {
     Refused { code: CloseCode, message: String },
     #[error("no wire protocol version in common with the controller: {0}")]
     Incompatible(String),
-    #[error("the controller does not negotiate versions (it closed the connection on the version offer: {0}); speaking version 2 to it")]
+    #[error(
+        "the controller does not negotiate versions (it closed the connection on the version offer: {0}); speaking version 2 to it"
+    )]
     NoNegotiation(String),
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -342,7 +344,10 @@ async fn session(
             });
         }
     };
-    let result = serve(&conn, config, hello, &creds, shared, supervisor, cancel, legacy).await;
+    let result = serve(
+        &conn, config, hello, &creds, shared, supervisor, cancel, legacy,
+    )
+    .await;
     match &result {
         Ok(()) => conn.close(CloseCode::Normal.code().into(), b"agent stopping"),
         Err(SessionError::Protocol(reason)) => {
@@ -397,8 +402,12 @@ async fn serve_inner(
         protocol_version: version,
         ..hello.clone()
     };
-    wire::write_frame_as(version, &mut send, &AgentMessage::Hello(Box::new(hello.clone())))
-        .await?;
+    wire::write_frame_as(
+        version,
+        &mut send,
+        &AgentMessage::Hello(Box::new(hello.clone())),
+    )
+    .await?;
     // Control messages are read by their own task: frame reads are not cancel-safe.
     let (tx, mut control) = mpsc::channel::<Result<ControllerMessage, FrameError>>(8);
     let reader = tokio::spawn(read_control(recv, tx, version));

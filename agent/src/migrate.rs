@@ -25,8 +25,7 @@ use novacron_common::retry::Retry;
 use novacron_common::sync::lock;
 use novacron_common::transfer::{self, FETCH_ATTEMPTS, FETCH_BACKOFF, FetchError};
 use novacron_common::wire::{
-    self, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, SUPPORTED,
-    RestoreFrom,
+    self, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, RestoreFrom, SUPPORTED,
 };
 use quinn::{RecvStream, SendStream};
 use tracing::{info, warn};

@@ -98,6 +98,25 @@ where
     Ok(())
 }
 
+/// Offers only this build's newest version on a fresh control stream and reads
+/// the controller's answer: what a client that speaks one version (a test's fake
+/// agent) does before its `Hello`. The agent itself offers a range.
+pub async fn offer_newest<W, R>(send: &mut W, recv: &mut R) -> Result<Negotiated, FrameError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let offer = Opening::Offer {
+        max: PROTOCOL_VERSION,
+        min: PROTOCOL_VERSION,
+    };
+    write_frame(send, &offer).await?;
+    let mut scratch = Vec::new();
+    read_frame::<Negotiated, _>(recv, &mut scratch)
+        .await?
+        .ok_or(FrameError::Truncated)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

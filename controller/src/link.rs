@@ -27,8 +27,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::services::agents::{Agents, close, peer_serial};
-use crate::services::events::{self, EventLog, NewEvent};
 pub use crate::services::agents::{ExecChannel, ExecOpenError, ExecStreamError};
+use crate::services::events::{self, EventLog, NewEvent};
 use crate::services::workloads::Workloads;
 use crate::state::registry::{Registry, RegistryError, RevokedNames};
 
@@ -432,13 +432,12 @@ async fn read_agent_messages(
 ) {
     let mut scratch = Vec::new();
     loop {
-        let item = match wire::read_frame_as::<AgentMessage, _>(version, &mut recv, &mut scratch)
-            .await
-        {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => return,
-            Err(e) => Err(e),
-        };
+        let item =
+            match wire::read_frame_as::<AgentMessage, _>(version, &mut recv, &mut scratch).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            };
         let stop = item.is_err();
         if tx.send(item).await.is_err() || stop {
             return;
@@ -624,12 +623,17 @@ async fn handshake(
         Err(mismatch) => {
             let message = mismatch.to_string();
             warn!(node = %name, %remote, agent_versions = %theirs, controller_versions = %ctx.wire_versions, "refused: {message}");
-            let first_time = lock(&ctx.version_refusals).insert(name.to_string(), theirs) != Some(theirs);
+            let first_time =
+                lock(&ctx.version_refusals).insert(name.to_string(), theirs) != Some(theirs);
             if first_time {
-                let event = NewEvent::new(events::kind::NODE_VERSION_REFUSED, events::CONTROLLER, &message)
-                    .node(name)
-                    .detail("agent_versions", theirs)
-                    .detail("controller_versions", ctx.wire_versions);
+                let event = NewEvent::new(
+                    events::kind::NODE_VERSION_REFUSED,
+                    events::CONTROLLER,
+                    &message,
+                )
+                .node(name)
+                .detail("agent_versions", theirs)
+                .detail("controller_versions", ctx.wire_versions);
                 if let Err(error) = ctx.events.record(event) {
                     warn!(%error, "cannot record the version refusal event");
                 }

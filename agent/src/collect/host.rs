@@ -79,9 +79,9 @@ impl SysinfoCollector {
             total_percent: mean_percent(&per_core_percent),
             per_core_percent,
             load,
-            seconds_total: std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
-                parse_cpu_seconds(&stat, rustix::param::clock_ticks_per_second())
-            }),
+            seconds_total: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|stat| parse_cpu_seconds(&stat, rustix::param::clock_ticks_per_second())),
         }
     }
 
@@ -509,7 +509,10 @@ mod tests {
         for ((mode, before), (_, after)) in a.modes().into_iter().zip(b.modes()) {
             assert!(after >= before, "{mode} went backwards: {a:?} {b:?}");
         }
-        assert!(b.user + b.system > a.user + a.system, "busy time grew: {a:?} {b:?}");
+        assert!(
+            b.user + b.system > a.user + a.system,
+            "busy time grew: {a:?} {b:?}"
+        );
         assert!(b.idle > 0.0);
         for d in &second.disks {
             let read = d.read_bytes_total.expect("a disk counter");
@@ -531,7 +534,10 @@ mod tests {
         let stat = "cpu  100 20 30 4000 50 6 7 8 0 0\ncpu0 50 10 15 2000 25 3 3 4 0 0\nintr 1\n";
         let s = parse_cpu_seconds(stat, 100).expect("parses");
         assert_eq!((s.user, s.nice, s.system, s.idle), (1.0, 0.2, 0.3, 40.0));
-        assert_eq!((s.iowait, s.irq, s.softirq, s.steal), (0.5, 0.06, 0.07, 0.08));
+        assert_eq!(
+            (s.iowait, s.irq, s.softirq, s.steal),
+            (0.5, 0.06, 0.07, 0.08)
+        );
         let old = parse_cpu_seconds("cpu 1 2 3 4\n", 100).expect("old kernels");
         assert_eq!(old.steal, 0.0);
         assert_eq!(parse_cpu_seconds("cpu 1 2\n", 100), None);

@@ -926,8 +926,8 @@ mod tests {
 
     use novacron_common::manifest::JobType;
     use novacron_common::wire::{
-        AllocationUsage, Capabilities, Capacity, CpuSample, CpuSeconds, DiskSample, GpuInfo, MemorySample,
-        NetworkSample, NodeSample,
+        AllocationUsage, Capabilities, Capacity, CpuSample, CpuSeconds, DiskSample, GpuInfo,
+        MemorySample, NetworkSample, NodeSample,
     };
 
     use super::*;

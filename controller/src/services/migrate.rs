@@ -29,8 +29,8 @@ use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::transfer;
 use novacron_common::wire::{
-    self, AllocState, BiRequest, CheckpointReply, CheckpointRequest,
-    ReleaseReply, ReleaseRequest, RestoreFrom,
+    self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, ReleaseRequest,
+    RestoreFrom,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
