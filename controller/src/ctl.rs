@@ -61,7 +61,7 @@ pub enum Command {
     /// Create the fleet CA, the server certificate and a local admin certificate.
     Init(InitArgs),
     /// Run the controller.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -254,7 +254,7 @@ pub async fn main(cli: Cli) -> i32 {
     };
     match cli.command {
         Command::Init(args) => init(&loaded, &data_dir, args),
-        Command::Serve(args) => serve(&loaded, &data_dir, args).await,
+        Command::Serve(args) => serve(&loaded, &data_dir, *args).await,
         Command::Token(TokenCommand::Create {
             ttl,
             uses,
@@ -740,7 +740,7 @@ mod tests {
         let mut argv = vec!["novacron-controller", "serve"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             other => panic!("not serve: {other:?}"),
         }
     }

@@ -608,6 +608,18 @@ async fn handshake(
     };
     let first = match first {
         Ok(first) => first,
+        Err(FrameError::Malformed(_))
+            if wire::decode_body::<AgentMessage>(&scratch)
+                .is_ok_and(|m| !matches!(m, AgentMessage::Hello(_))) =>
+        {
+            warn!(node = %name, %remote, "refused: first frame is not Hello");
+            close(
+                conn,
+                CloseCode::Unexpected,
+                "the first frame must be a version offer or Hello",
+            );
+            return None;
+        }
         Err(error) => {
             warn!(node = %name, %remote, %error, "refused: bad first frame");
             close(conn, error.close_code(), &error.to_string());

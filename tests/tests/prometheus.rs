@@ -265,7 +265,7 @@ async fn prometheus_scrapes_the_controller_and_every_dashboard_query_has_data() 
     let rules_text = std::fs::read_to_string(&rules).expect("the rules file");
     let records: Vec<String> = rules_text
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("record:"))
+        .filter_map(|l| l.trim().trim_start_matches("- ").strip_prefix("record:"))
         .map(|r| r.trim().to_string())
         .collect();
     assert!(records.len() >= 5, "{records:?}");
