@@ -174,6 +174,18 @@ async fn an_agent_one_version_older_runs_jobs_and_reports_without_counters() {
     }
     wait_negotiated(&old, 2).await;
     wait_negotiated(&new, 3).await;
+    let version: serde_json::Value = c
+        .admin_client()
+        .expect("client")
+        .get(format!("{}/v1/version", c.api()))
+        .send()
+        .await
+        .expect("version")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(version["wire_protocol_versions"], serde_json::json!([2, 3]));
+    assert_eq!(version["api_versions"], serde_json::json!(["v1"]));
 
     // A job runs on the version-2 agent (the desired set, its reports and its
     // logs cross the version-2 encoding).
