@@ -178,6 +178,11 @@ pub struct RunArgs {
     /// [env: NOVACRON_METRICS_LISTEN] [file: metrics_listen] [default: off].
     #[arg(long, value_name = "off|on|PORT|IP:PORT")]
     pub metrics_listen: Option<String>,
+    /// For tests only (hidden): offer only these wire protocol versions (`2`,
+    /// `2-3`), within those this build speaks, to act as an older agent in the
+    /// version-skew tests. Not for production use.
+    #[arg(long, hide = true, value_name = "MIN-MAX", value_parser = novacron_common::wire::VersionRange::parse_within_supported)]
+    pub wire_versions: Option<novacron_common::wire::VersionRange>,
 }
 
 /// Runs the command line (logging is set up here, once the file is read, since the
@@ -250,6 +255,9 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
 }
 
 async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
+    let wire_versions = args
+        .wire_versions
+        .unwrap_or(novacron_common::wire::SUPPORTED);
     let flags = RunFlags {
         state_dir: args.state_dir,
         labels: args.labels,
@@ -363,6 +371,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         host_exec,
         checkpoints,
         spot,
+        wire_versions,
     };
     let cancel = CancellationToken::new();
     if let Some(addr) = args.metrics_listen {

@@ -333,25 +333,30 @@ pub const NODE_FS_AVAILABLE: Family = Family::gauge(
     "novacron_node_filesystem_available_bytes",
     "Free space of a mounted filesystem available to unprivileged users.",
 );
-/// Disk I/O.
-pub const NODE_DISK_READ: Family = Family::gauge(
-    "novacron_node_disk_read_bytes_per_second",
-    "Read rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
+/// CPU time by mode.
+pub const NODE_CPU_SECONDS: Family = Family::counter(
+    "novacron_node_cpu_seconds",
+    "CPU time of the host since boot by mode, all cores together (as node_cpu_seconds_total summed over cpu; absent from agents before wire protocol 3).",
 );
 /// Disk I/O.
-pub const NODE_DISK_WRITTEN: Family = Family::gauge(
-    "novacron_node_disk_written_bytes_per_second",
-    "Write rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
+pub const NODE_DISK_READ: Family = Family::counter(
+    "novacron_node_disk_read_bytes",
+    "Bytes read from a mounted filesystem's block device since boot (absent from agents before wire protocol 3).",
+);
+/// Disk I/O.
+pub const NODE_DISK_WRITTEN: Family = Family::counter(
+    "novacron_node_disk_written_bytes",
+    "Bytes written to a mounted filesystem's block device since boot (absent from agents before wire protocol 3).",
 );
 /// Network.
-pub const NODE_NET_RX: Family = Family::gauge(
-    "novacron_node_network_receive_bytes_per_second",
-    "Receive rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
+pub const NODE_NET_RX: Family = Family::counter(
+    "novacron_node_network_receive_bytes",
+    "Bytes received by a network interface since it came up (absent from agents before wire protocol 3).",
 );
 /// Network.
-pub const NODE_NET_TX: Family = Family::gauge(
-    "novacron_node_network_transmit_bytes_per_second",
-    "Transmit rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
+pub const NODE_NET_TX: Family = Family::counter(
+    "novacron_node_network_transmit_bytes",
+    "Bytes transmitted by a network interface since it came up (absent from agents before wire protocol 3).",
 );
 /// GPUs.
 pub const GPU_UTILIZATION: Family = Family::gauge(
@@ -386,6 +391,7 @@ pub const SAMPLE_FAMILIES: &[Family] = &[
     NODE_SWAP_USED,
     NODE_FS_SIZE,
     NODE_FS_AVAILABLE,
+    NODE_CPU_SECONDS,
     NODE_DISK_READ,
     NODE_DISK_WRITTEN,
     NODE_NET_RX,
@@ -398,7 +404,9 @@ pub const SAMPLE_FAMILIES: &[Family] = &[
 ];
 
 /// Adds the series of one host reading of `node` (in `zone`, empty without one),
-/// in base units: ratios 0 to 1, bytes, seconds, watts.
+/// in base units: ratios 0 to 1, bytes, seconds, watts; the cumulative counters
+/// (CPU seconds by mode, disk and network bytes) only where the sample has them
+/// (agents before wire protocol 3 send rates only, which are not exported).
 pub fn collect_sample(node: &str, zone: &str, sample: &NodeSample, out: &mut Samples) {
     let base = || vec![("node", node.to_string()), ("zone", zone.to_string())];
     let with = |extra: &[(&'static str, &str)]| {
@@ -430,17 +438,32 @@ pub fn collect_sample(node: &str, zone: &str, sample: &NodeSample, out: &mut Sam
     out.int(&NODE_MEMORY_AVAILABLE, base(), m.available_bytes);
     out.int(&NODE_SWAP_TOTAL, base(), m.swap_total_bytes);
     out.int(&NODE_SWAP_USED, base(), m.swap_used_bytes);
+    if let Some(seconds) = &sample.cpu.seconds_total {
+        for (mode, value) in seconds.modes() {
+            out.float(&NODE_CPU_SECONDS, with(&[("mode", mode)]), value);
+        }
+    }
     for d in &sample.disks {
         let l = || with(&[("mountpoint", &d.mount), ("device", &d.device)]);
         out.int(&NODE_FS_SIZE, l(), d.total_bytes);
         out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
-        out.int(&NODE_DISK_READ, l(), d.read_bytes_per_sec);
-        out.int(&NODE_DISK_WRITTEN, l(), d.written_bytes_per_sec);
+        // node_exporter's disk counters carry the device only.
+        let dev = || with(&[("device", &d.device)]);
+        if let Some(read) = d.read_bytes_total {
+            out.int(&NODE_DISK_READ, dev(), read);
+        }
+        if let Some(written) = d.written_bytes_total {
+            out.int(&NODE_DISK_WRITTEN, dev(), written);
+        }
     }
     for n in &sample.networks {
         let l = || with(&[("device", &n.interface)]);
-        out.int(&NODE_NET_RX, l(), n.rx_bytes_per_sec);
-        out.int(&NODE_NET_TX, l(), n.tx_bytes_per_sec);
+        if let Some(rx) = n.rx_bytes_total {
+            out.int(&NODE_NET_RX, l(), rx);
+        }
+        if let Some(tx) = n.tx_bytes_total {
+            out.int(&NODE_NET_TX, l(), tx);
+        }
     }
     for g in &sample.gpus {
         let l = || gpu_labels(base(), g);

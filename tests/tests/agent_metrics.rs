@@ -86,6 +86,20 @@ async fn the_agent_serves_its_host_on_metrics_only_when_asked() {
         text.contains("mountpoint=\"/\"") || text.contains("mountpoint="),
         "filesystems carry node_exporter's mountpoint label:\n{text}"
     );
+    // The cumulative counters, as node_exporter has them.
+    assert!(
+        value(
+            &text,
+            "novacron_node_cpu_seconds_total",
+            &["node=\"metrics-on\"", "mode=\"user\""]
+        )
+        .is_some_and(|s| s > 0.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("novacron_node_network_receive_bytes_total{"),
+        "{text}"
+    );
     assert_eq!(
         value(&text, "novacron_agent_build_info", &["node=\"metrics-on\""]),
         Some(1.0)

@@ -213,6 +213,7 @@ mod tests {
                     total_percent: 25.0,
                     per_core_percent: vec![10.0, 20.0, 30.0, 40.0],
                     load: [0.5, 0.4, 0.3],
+                    seconds_total: None,
                 },
                 memory: MemorySample {
                     total_bytes: 8 * GIB,

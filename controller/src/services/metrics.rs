@@ -28,12 +28,12 @@ use std::time::Instant;
 use novacron_api::{ControllerStats, NodeView};
 use novacron_common::exposition::{
     Family, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, Kind,
-    Labels, NODE_CPU_CORES, NODE_CPU_USAGE, NODE_DISK_READ, NODE_DISK_WRITTEN, NODE_FS_AVAILABLE,
-    NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15, NODE_MEMORY_AVAILABLE, NODE_MEMORY_TOTAL,
-    NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX, NODE_SAMPLE_TIME, NODE_SWAP_TOTAL, NODE_SWAP_USED,
-    NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS, PROCESS_OPEN_FDS, PROCESS_RESIDENT,
-    PROCESS_START_TIME, PROCESS_VIRTUAL, Samples, collect_process, collect_sample, encode_rows,
-    gpu_labels,
+    Labels, NODE_CPU_CORES, NODE_CPU_SECONDS, NODE_CPU_USAGE, NODE_DISK_READ, NODE_DISK_WRITTEN,
+    NODE_FS_AVAILABLE, NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15, NODE_MEMORY_AVAILABLE,
+    NODE_MEMORY_TOTAL, NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX, NODE_SAMPLE_TIME,
+    NODE_SWAP_TOTAL, NODE_SWAP_USED, NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS, PROCESS_OPEN_FDS,
+    PROCESS_RESIDENT, PROCESS_START_TIME, PROCESS_VIRTUAL, Samples, collect_process,
+    collect_sample, encode_rows, gpu_labels,
 };
 pub use novacron_common::exposition::{
     OPENMETRICS_CONTENT_TYPE, ProcessStats, TEXT_CONTENT_TYPE, accepts_openmetrics, series_names,
@@ -303,6 +303,7 @@ pub const FAMILIES: &[Family] = &[
     NODE_SWAP_USED,
     NODE_FS_SIZE,
     NODE_FS_AVAILABLE,
+    NODE_CPU_SECONDS,
     NODE_DISK_READ,
     NODE_DISK_WRITTEN,
     NODE_NET_RX,
@@ -575,8 +576,8 @@ mod tests {
 
     use novacron_common::manifest::JobType;
     use novacron_common::wire::{
-        AllocationUsage, Capabilities, Capacity, CpuSample, DiskSample, GpuInfo, GpuSample,
-        MemorySample, NetworkSample, NodeSample,
+        AllocationUsage, Capabilities, Capacity, CpuSample, CpuSeconds, DiskSample, GpuInfo,
+        GpuSample, MemorySample, NetworkSample, NodeSample,
     };
 
     use super::*;
@@ -626,6 +627,11 @@ mod tests {
                 total_percent: 25.0,
                 per_core_percent: vec![20.0, 30.0, 25.0, 25.0],
                 load: [1.5, 1.25, 1.0],
+                seconds_total: Some(CpuSeconds {
+                    user: 120.5,
+                    idle: 3000.25,
+                    ..CpuSeconds::default()
+                }),
             },
             memory: MemorySample {
                 total_bytes: 16 * GIB,
@@ -641,11 +647,15 @@ mod tests {
                 available_bytes: 60 * GIB,
                 read_bytes_per_sec: 1024,
                 written_bytes_per_sec: 2048,
+                read_bytes_total: Some(10 * GIB),
+                written_bytes_total: Some(20 * GIB),
             }],
             networks: vec![NetworkSample {
                 interface: "eth0".into(),
                 rx_bytes_per_sec: 1000,
                 tx_bytes_per_sec: 500,
+                rx_bytes_total: Some(7_000_000),
+                tx_bytes_total: Some(5_000_000),
             }],
             gpus: vec![GpuSample {
                 index: 0,
@@ -914,6 +924,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_without_counters_exposes_none() {
+        // An agent before wire protocol 3 sends rates only: no counter is made up.
+        let mut snapshot = fleet();
+        for node in &mut snapshot.nodes {
+            if let Some(s) = &mut node.latest {
+                s.cpu.seconds_total = None;
+                for d in &mut s.disks {
+                    d.read_bytes_total = None;
+                    d.written_bytes_total = None;
+                }
+                for n in &mut s.networks {
+                    n.rx_bytes_total = None;
+                    n.tx_bytes_total = None;
+                }
+            }
+        }
+        let text = to_text_format(&rendered(snapshot));
+        for name in [
+            "novacron_node_cpu_seconds_total",
+            "novacron_node_disk_read_bytes_total",
+            "novacron_node_disk_written_bytes_total",
+            "novacron_node_network_receive_bytes_total",
+            "novacron_node_network_transmit_bytes_total",
+        ] {
+            assert!(
+                !samples(&text).iter().any(|(n, _, _)| n == name),
+                "{name} has a sample"
+            );
+            assert!(text.contains(&format!("# TYPE {name} counter")), "{name}");
+        }
+    }
+
+    #[test]
     fn every_family_has_samples_in_the_test_fleet() {
         let text = to_text_format(&rendered(fleet()));
         let names: BTreeSet<String> = samples(&text).into_iter().map(|(n, _, _)| n).collect();
@@ -963,12 +1006,29 @@ mod tests {
         );
         let eth0 = [("node", "n1"), ("device", "eth0")];
         assert_eq!(
+            number(&text, "novacron_node_network_transmit_bytes_total", &eth0),
+            5_000_000.0
+        );
+        let sda = [("node", "n1"), ("device", "/dev/sda1")];
+        assert_eq!(
+            number(&text, "novacron_node_disk_written_bytes_total", &sda),
+            20.0 * gib
+        );
+        assert_eq!(
             number(
                 &text,
-                "novacron_node_network_transmit_bytes_per_second",
-                &eth0
+                "novacron_node_cpu_seconds_total",
+                &[("node", "n1"), ("mode", "idle")]
             ),
-            500.0
+            3000.25
+        );
+        assert_eq!(
+            number(
+                &text,
+                "novacron_node_cpu_seconds_total",
+                &[("node", "n1"), ("mode", "steal")]
+            ),
+            0.0
         );
         let gpu = [
             ("node", "n1"),
@@ -1484,7 +1544,9 @@ mod tests {
         }
         for wanted in [
             "novacron_node_status",
-            "novacron_node_cpu_usage_ratio",
+            "novacron_node_cpu_seconds_total",
+            "novacron_node_network_receive_bytes_total",
+            "novacron_node_disk_written_bytes_total",
             "novacron_node_memory_used_bytes",
             "novacron_node_gpu_utilization_ratio",
             "novacron_allocation_cpu_usage_cores",
