@@ -35,7 +35,8 @@
 #      Docker data root outside /var/lib/docker would write), and the claim and the
 #      checkpoint must then both succeed; otherwise the host's daemon, and the node
 #      must report that it cannot, with the reason (NOVACRON_REQUIRE_LIVE=1 makes a
-#      missing checkpoint daemon an error);
+#      missing checkpoint daemon an error; NOVACRON_CKPT_DOCKER_A=none picks the
+#      host's daemon);
 #   6. dpkg --purge all three: binaries, /etc/novacron, /var/lib/novacron and the
 #      unchanged /etc/criu/runc.conf are gone; the novacron system user stays
 #      (Debian practice).
@@ -77,10 +78,12 @@ fi
 
 # The experimental Docker daemon with CRIU for the live checkpoint step, if any.
 CKPT_ENV=/var/tmp/novacron-ckpt/env
+# NOVACRON_CKPT_DOCKER_A=none: use the host's daemon even when there is one.
 if [ -z "${NOVACRON_CKPT_DOCKER_A:-}" ] && [ -r "$CKPT_ENV" ]; then
     NOVACRON_CKPT_DOCKER_A=$(sed -n 's/^NOVACRON_CKPT_DOCKER_A=//p' "$CKPT_ENV")
 fi
 ckpt_host=${NOVACRON_CKPT_DOCKER_A:-}
+[ "$ckpt_host" != none ] || ckpt_host=""
 ckpt_dir=""
 if [ -n "$ckpt_host" ]; then
     ckpt_sock=${ckpt_host#unix://}

@@ -215,7 +215,22 @@ impl Checkpointer {
             .join("checkpoints")
             .join(PROBE_CHECKPOINT);
         let src = stage.path().join(CRIU_DIR);
-        blocking(move || copy_dir(&src, &dst, limit)).await?;
+        // Docker uploads the directory to containerd as a tar, which fails when the
+        // same content is there already: a copy taken within the dump's second
+        // (tar times are whole seconds) of the same tiny image would be. A file
+        // naming this container (CRIU reads only its own image files) tells them
+        // apart.
+        let marker = dst.join(PROBE_MARKER);
+        let tag = restored.clone();
+        blocking(move || {
+            copy_dir(&src, &dst, limit)?;
+            std::fs::write(&marker, tag).map_err(|source| CheckpointError::Io {
+                what: "writing",
+                path: marker,
+                source,
+            })
+        })
+        .await?;
         let start = docker.start_from_checkpoint(&restored, PROBE_CHECKPOINT);
         timed("start from checkpoint", &restored, DUMP_TIMEOUT, start).await?;
         let inspect = docker.inspect(&restored, false);
@@ -825,6 +840,8 @@ pub const PROBE_REPO: &str = "novacron-live-probe";
 const PROBE_ENTRYPOINT: &str = r#"ENTRYPOINT ["/probe"]"#;
 /// The probe's checkpoint name.
 const PROBE_CHECKPOINT: &str = "probe";
+/// The file the probe adds to its restored copy of the CRIU image.
+const PROBE_MARKER: &str = "novacron-probe";
 
 /// The live probe's program for `arch` (`std::env::consts::ARCH`): a static ELF
 /// executable that waits for signals forever, without libc (so the image needs
