@@ -215,22 +215,8 @@ impl Checkpointer {
             .join("checkpoints")
             .join(PROBE_CHECKPOINT);
         let src = stage.path().join(CRIU_DIR);
-        // Docker uploads the directory to containerd as a tar, which fails when the
-        // same content is there already: a copy taken within the dump's second
-        // (tar times are whole seconds) of the same tiny image would be. A file
-        // naming this container (CRIU reads only its own image files) tells them
-        // apart.
-        let marker = dst.join(PROBE_MARKER);
-        let tag = restored.clone();
-        blocking(move || {
-            copy_dir(&src, &dst, limit)?;
-            std::fs::write(&marker, tag).map_err(|source| CheckpointError::Io {
-                what: "writing",
-                path: marker,
-                source,
-            })
-        })
-        .await?;
+        let target = restored.clone();
+        blocking(move || copy_checkpoint_in(&src, &dst, &target, limit)).await?;
         let start = docker.start_from_checkpoint(&restored, PROBE_CHECKPOINT);
         timed("start from checkpoint", &restored, DUMP_TIMEOUT, start).await?;
         let inspect = docker.inspect(&restored, false);
@@ -367,7 +353,8 @@ impl Checkpointer {
                     .join("checkpoints")
                     .join(name);
                 let src = stage.path().join(CRIU_DIR);
-                blocking(move || copy_dir(&src, &dst, limit)).await?;
+                let target = id.clone();
+                blocking(move || copy_checkpoint_in(&src, &dst, &target, limit)).await?;
                 timed(
                     "start from checkpoint",
                     &id,
@@ -840,8 +827,8 @@ pub const PROBE_REPO: &str = "novacron-live-probe";
 const PROBE_ENTRYPOINT: &str = r#"ENTRYPOINT ["/probe"]"#;
 /// The probe's checkpoint name.
 const PROBE_CHECKPOINT: &str = "probe";
-/// The file the probe adds to its restored copy of the CRIU image.
-const PROBE_MARKER: &str = "novacron-probe";
+/// The file [`copy_checkpoint_in`] adds to a CRIU image it copies in.
+const RESTORE_MARKER: &str = "novacron-restore";
 
 /// The live probe's program for `arch` (`std::env::consts::ARCH`): a static ELF
 /// executable that waits for signals forever, without libc (so the image needs
@@ -936,6 +923,28 @@ async fn timed<T, E: Display>(
     }
 }
 
+/// Copies the CRIU image `src` into `dst`, the daemon's checkpoint directory of
+/// `container`, and adds a file naming that container. Docker uploads the
+/// directory to containerd as a tar when it restores, and fails ("already
+/// exists") when that content is there already, as a copy of an image dumped on
+/// the same daemon within the same second (tar times are whole seconds) would be;
+/// the file tells them apart (CRIU reads only its own image files).
+fn copy_checkpoint_in(
+    src: &Path,
+    dst: &Path,
+    container: &str,
+    limit: u64,
+) -> Result<u64, CheckpointError> {
+    let copied = copy_dir(src, dst, limit)?;
+    let marker = dst.join(RESTORE_MARKER);
+    std::fs::write(&marker, container).map_err(|source| CheckpointError::Io {
+        what: "writing",
+        path: marker,
+        source,
+    })?;
+    Ok(copied)
+}
+
 /// Recursively copies the directory `src` (files and directories only) to `dst`;
 /// returns the bytes copied.
 fn copy_dir(src: &Path, dst: &Path, limit: u64) -> Result<u64, CheckpointError> {
@@ -991,6 +1000,38 @@ mod tests {
             runc_criu_options_missing("tcp-close\n"),
             Some(vec!["skip-in-flight"])
         );
+    }
+
+    #[test]
+    fn the_probe_programs_are_static_elf_executables_entered_at_their_code() {
+        assert_eq!(probe_program("riscv64"), None);
+        for (arch, machine) in [("x86_64", 0x3e_u16), ("aarch64", 0xb7)] {
+            let elf = probe_program(arch).expect(arch);
+            let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]);
+            let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().expect("8"));
+            assert_eq!(&elf[..4], b"\x7fELF", "{arch}");
+            assert_eq!(u16_at(16), 2, "{arch}: ET_EXEC");
+            assert_eq!(u16_at(18), machine, "{arch}");
+            assert_eq!(u16_at(56), 1, "{arch}: one program header");
+            // The loadable segment covers the whole file, and the entry its code.
+            let (vaddr, filesz) = (u64_at(64 + 16), u64_at(64 + 32));
+            assert_eq!(filesz, elf.len() as u64, "{arch}");
+            assert_eq!(
+                u64_at(24),
+                vaddr + 120,
+                "{arch}: entry right after the headers"
+            );
+        }
+        let tar = probe_rootfs(&probe_program("x86_64").expect("x86_64")).expect("tar");
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let entry = archive
+            .entries()
+            .expect("entries")
+            .next()
+            .expect("one")
+            .expect("ok");
+        assert_eq!(entry.path().expect("path").to_str(), Some("probe"));
+        assert_eq!(entry.header().mode().expect("mode"), 0o755);
     }
 
     #[tokio::test]
