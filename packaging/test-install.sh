@@ -39,7 +39,9 @@
 #      host's daemon);
 #   6. dpkg --purge all three: binaries, /etc/novacron, /var/lib/novacron and the
 #      unchanged /etc/criu/runc.conf are gone; the novacron system user stays
-#      (Debian practice).
+#      (Debian practice);
+#   7. an operator's own /etc/criu/runc.conf, there before the agent package, is
+#      neither replaced by its install nor removed by its purge.
 # Needs docker, debootstrap and Debian's archive (docker.io is installed from it).
 # The container, and the job's containers, are removed on exit.
 set -euo pipefail
@@ -289,4 +291,15 @@ done
 # new account that would inherit files the user owned.
 inside getent passwd novacron >/dev/null || fail "purge removed the novacron user"
 echo "purge removed binaries, /etc/novacron, /var/lib/novacron and /etc/criu/runc.conf, and kept the novacron user"
+
+step "an operator's own /etc/criu/runc.conf is neither replaced nor purged"
+inside sh -c 'mkdir -p /etc/criu && printf "# the operator'"'"'s\ntcp-close\n" > /etc/criu/runc.conf'
+before=$(inside md5sum /etc/criu/runc.conf)
+out=$(inside env DEBIAN_FRONTEND=noninteractive dpkg -i "/pkg/$(basename "$agent_deb")" 2>&1) \
+    || fail "dpkg -i novacron-agent over an operator's runc.conf: $out"
+printf '%s\n' "$out" | grep -i 'runc.conf' || true
+[ "$(inside md5sum /etc/criu/runc.conf)" = "$before" ] || fail "installing replaced the operator's /etc/criu/runc.conf: $(inside cat /etc/criu/runc.conf)"
+inside dpkg --purge novacron-agent >/dev/null
+[ "$(inside md5sum /etc/criu/runc.conf 2>/dev/null)" = "$before" ] || fail "purge removed or changed the operator's /etc/criu/runc.conf"
+echo "the operator's /etc/criu/runc.conf stayed as it was through install and purge"
 printf '\ninstall test: OK\n'
