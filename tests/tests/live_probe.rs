@@ -4,14 +4,17 @@
 //!
 //! - against the host's ordinary Docker daemon (not experimental) the node reports
 //!   false, with a reason that names experimental features, in the API's node view
-//!   and in `novacron node show`;
+//!   and in `novacron node show`, and a live checkpoint or migration of its
+//!   allocation is refused with that reason;
 //! - against an experimental daemon with CRIU (`NOVACRON_CKPT_DOCKER_A`, started by
 //!   `packaging/checkpoint/setup-criu-docker.sh`) it reports true and no reason,
 //!   and leaves no probe container or image behind.
 
 use std::time::Duration;
 
-use novacron_tests::{Agent, Controller, docker, docker_on};
+use novacron_tests::{
+    Agent, Controller, JobCleanup, docker, docker_on, ensure_test_image, service_job, wait_for,
+};
 
 /// Waits until the node has reported its capabilities (its Hello) and returns them.
 async fn capabilities(c: &Controller, name: &str) -> novacron_common::wire::Capabilities {
@@ -57,6 +60,43 @@ async fn a_daemon_without_experimental_features_is_reported_with_the_reason() {
         line.contains("no: ") && line.contains("experimental"),
         "{line}"
     );
+
+    // What the node says is what a live checkpoint and a live migration meet.
+    ensure_test_image().expect("test image");
+    let job = format!("probe-plain-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    controller
+        .apply("job.yaml", &service_job(&job, 1, "sleep 3600", "", ""))
+        .await
+        .expect("apply");
+    let mut alloc = String::new();
+    wait_for(Duration::from_secs(60), "the allocation runs", || {
+        let out = controller.cli(&["alloc", "list", "--job", &job, "-o", "json"]);
+        let list: Vec<novacron_api::AllocView> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let running = list
+            .into_iter()
+            .find(|a| a.state == novacron_common::wire::AllocState::Running)
+            .map(|a| a.id);
+        if let Some(id) = &running {
+            alloc = id.clone();
+        }
+        async move { running.is_some() }
+    })
+    .await
+    .expect("running");
+    for args in [
+        ["alloc", "checkpoint", alloc.as_str(), "--mode", "live"],
+        ["alloc", "migrate", alloc.as_str(), "--mode", "live"],
+    ] {
+        let out = controller.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains("live checkpoint") && err.contains("experimental"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[tokio::test]
