@@ -4,17 +4,21 @@
 #   sudo sh install-agent.sh --controller https://ctl.example.com:7443 \
 #       --token <token> --ca-fingerprint sha256:<64 hex digits> \
 #       [--deb ./novacron-agent_0.1.0-1_amd64.deb] [--name NODE] [--label zone=eu-1a]...
+#       [--live]
 #
 # `novacron-controller token create` prints the token and the fingerprint.
 #
-# Install Docker first. Steps: install the package (the given .deb, else
-# `apt-get install novacron-agent`; recommended packages are not installed)
-# from a configured repository); add the novacron user to the docker group when
-# Docker is installed; enroll as the novacron user (`novacron-agent join`; skipped
-# when this host is already enrolled, unless --force); write the labels to a
-# systemd drop-in (NOVACRON_LABELS); enable and start novacron-agent.service and
-# wait until it is active. --no-start stops after enrolling (for hosts or containers
-# without systemd).
+# Steps: install Docker when it is missing (Debian's docker.io); install the package
+# (the given .deb, else `apt-get install novacron-agent` from a configured
+# repository; recommended packages are not installed); with --live, also install
+# criu and turn on Docker's experimental features (needed for live checkpoints;
+# only when /etc/docker/daemon.json does not exist yet, otherwise it says what to
+# add); enroll (`novacron-agent join`, as root like the service; skipped when this
+# host is already enrolled, unless --force); write the labels to a systemd drop-in
+# (NOVACRON_LABELS); enable and start novacron-agent.service and wait until it is
+# active. --no-start stops after enrolling (for hosts or containers without
+# systemd). At start the agent probes live checkpoints; `novacron node show NODE`
+# says whether they work and, if not, why.
 #
 # Exit codes: 0 done; 1 a step failed; 64 bad arguments or configuration; 69 the
 # controller refused or could not be reached (the agent's own codes pass through).
@@ -27,7 +31,7 @@ DROPIN_DIR=/etc/systemd/system/$UNIT.d
 START_TIMEOUT_SECS=60
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 64
 }
 
@@ -37,7 +41,7 @@ die() {
 }
 
 controller="" token="${NOVACRON_JOIN_TOKEN:-}" fingerprint="" name="" deb=""
-labels="" force="" start=1
+labels="" force="" start=1 live=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --controller) controller=${2:-}; shift 2 ;;
@@ -53,6 +57,7 @@ while [ $# -gt 0 ]; do
         shift 2 ;;
     --force) force=--force; shift ;;
     --no-start) start=0; shift ;;
+    --live) live=1; shift ;;
     -h | --help) usage ;;
     *) die "unknown argument $1 (see --help)" 64 ;;
     esac
@@ -62,25 +67,53 @@ done
 [ -n "$fingerprint" ] || die "--ca-fingerprint is required: sha256:<64 hex digits>" 64
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs a package and a service)" 64
 
+# apt-get install without recommends, after fetching the package lists once when
+# this host has none (a fresh or minimal system).
+apt_install() {
+    if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+        apt-get update -q
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+if command -v dockerd >/dev/null; then
+    echo "==> Docker is installed ($(dockerd --version 2>/dev/null || echo dockerd))"
+else
+    command -v apt-get >/dev/null || die "Docker is not installed and there is no apt-get: install Docker, then rerun this script"
+    echo "==> installing Docker (Debian's docker.io): the agent runs containers through it"
+    apt_install docker.io
+fi
+
 echo "==> installing novacron-agent"
 if [ -n "$deb" ]; then
     [ -f "$deb" ] || die "--deb $deb: no such file" 64
     case "$deb" in /*) ;; *) deb="./$deb" ;; esac
     if command -v apt-get >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$deb"
+        apt_install "$deb"
     else
         dpkg -i "$deb"
     fi
 else
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends novacron-agent
+    apt_install novacron-agent
 fi
 command -v novacron-agent >/dev/null || die "novacron-agent is not on PATH after the install"
 
-if getent group docker >/dev/null; then
-    usermod --append --groups docker novacron
-    echo "==> novacron is in the docker group (containers run through the Docker socket)"
-else
-    echo "==> warning: no docker group; the agent needs Docker (install it, then rerun this script)" >&2
+if [ "$live" -eq 1 ]; then
+    echo "==> live checkpoints: criu and Docker's experimental features"
+    command -v criu >/dev/null || apt_install criu
+    daemon_json=/etc/docker/daemon.json
+    if [ ! -s "$daemon_json" ]; then
+        mkdir -p /etc/docker
+        printf '{\n  "experimental": true\n}\n' >"$daemon_json"
+        echo "==> wrote $daemon_json (experimental: true); restarting Docker"
+        if [ -d /run/systemd/system ]; then
+            systemctl restart docker.service
+        fi
+    elif grep -Eq '"experimental"[[:space:]]*:[[:space:]]*true' "$daemon_json"; then
+        echo "==> $daemon_json already turns experimental features on"
+    else
+        echo "==> warning: $daemon_json exists without \"experimental\": true; add it and restart Docker for live checkpoints (left as it is)" >&2
+    fi
 fi
 
 if [ -f "$STATE_DIR/node.pem" ] && [ -z "$force" ]; then
@@ -90,9 +123,10 @@ else
     set -- join --controller "$controller" --ca-fingerprint "$fingerprint"
     [ -n "$name" ] && set -- "$@" --name "$name"
     [ -n "$force" ] && set -- "$@" --force
-    # The token goes through the environment, not the command line (ps shows that).
+    # As root, like the service. The token goes through the environment, not the
+    # command line (ps shows that).
     code=0
-    runuser -u novacron -- env NOVACRON_JOIN_TOKEN="$token" novacron-agent "$@" || code=$?
+    env NOVACRON_JOIN_TOKEN="$token" novacron-agent "$@" || code=$?
     [ "$code" -eq 0 ] || die "novacron-agent join failed (exit $code)" "$code"
 fi
 
@@ -106,7 +140,7 @@ if [ "$start" -eq 0 ]; then
     echo "==> enrolled; start it with: systemctl enable --now $UNIT"
     exit 0
 fi
-[ -d /run/systemd/system ] || die "systemd is not running here; start the agent with: runuser -u novacron -- novacron-agent run"
+[ -d /run/systemd/system ] || die "systemd is not running here; start the agent with: novacron-agent run"
 systemctl daemon-reload
 systemctl enable --now "$UNIT"
 waited=0

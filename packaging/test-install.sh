@@ -17,13 +17,33 @@
 #   3. `init` as novacron, `systemctl start novacron-controller` (returns once
 #      READY=1 is sent), the process runs as novacron with NoNewPrivs and its
 #      system-call filter;
-#   4. install-agent.sh --deb ... with a join token: the agent package installs,
-#      joins the docker group (the host's Docker socket is mounted, with a docker
-#      group of its gid), enrolls, starts through systemd, and the controller lists
-#      the node ready with Docker reachable;
-#   5. dpkg --purge all three: binaries, /etc/novacron and /var/lib/novacron are
-#      gone; the novacron system user stays (Debian practice).
-# Needs docker and debootstrap. The container is removed on exit.
+#   4. install-agent.sh --deb ... with a join token: Docker is missing, so it
+#      installs Debian's docker.io (from the archive; its units are masked first:
+#      a Docker daemon of the host serves this root), then the agent package (with
+#      its dependencies: docker.io, ucf), which installs /etc/criu/runc.conf through
+#      ucf; it enrolls and starts through systemd as root with only CAP_DAC_OVERRIDE,
+#      CAP_FOWNER and CAP_MKNOD, NoNewPrivs and its system-call filter, and the
+#      controller lists the node ready with Docker reachable;
+#   5. live checkpoints, as the packaged service runs: the node's advertised
+#      live_checkpoint (the agent's probe under its own unit) must agree with what
+#      happens: a job runs on the node and `novacron alloc checkpoint --mode live`
+#      must succeed exactly when the node claims live checkpoints, and a node that
+#      does not claim them must say why. The agent uses the experimental Docker
+#      daemon with CRIU of /var/tmp/novacron-ckpt/env (NOVACRON_CKPT_DOCKER_A, as
+#      `.ci/setup checkpoint` starts it) when there is one, through a drop-in
+#      (DOCKER_HOST and BindPaths= of that daemon's directory, as an operator with a
+#      Docker data root outside /var/lib/docker would write), and the claim and the
+#      checkpoint must then both succeed; otherwise the host's daemon, and the node
+#      must report that it cannot, with the reason (NOVACRON_REQUIRE_LIVE=1 makes a
+#      missing checkpoint daemon an error; NOVACRON_CKPT_DOCKER_A=none picks the
+#      host's daemon);
+#   6. dpkg --purge all three: binaries, /etc/novacron, /var/lib/novacron and the
+#      unchanged /etc/criu/runc.conf are gone; the novacron system user stays
+#      (Debian practice);
+#   7. an operator's own /etc/criu/runc.conf, there before the agent package, is
+#      neither replaced by its install nor removed by its purge.
+# Needs docker, debootstrap and Debian's archive (docker.io is installed from it).
+# The container, and the job's containers, are removed on exit.
 set -euo pipefail
 
 IMAGE=novacron-debian-bookworm:1
@@ -58,6 +78,31 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
     rm -rf "$rootfs"
 fi
 
+# The experimental Docker daemon with CRIU for the live checkpoint step, if any.
+CKPT_ENV=/var/tmp/novacron-ckpt/env
+# NOVACRON_CKPT_DOCKER_A=none: use the host's daemon even when there is one.
+if [ -z "${NOVACRON_CKPT_DOCKER_A:-}" ] && [ -r "$CKPT_ENV" ]; then
+    NOVACRON_CKPT_DOCKER_A=$(sed -n 's/^NOVACRON_CKPT_DOCKER_A=//p' "$CKPT_ENV")
+fi
+ckpt_host=${NOVACRON_CKPT_DOCKER_A:-}
+[ "$ckpt_host" != none ] || ckpt_host=""
+ckpt_dir=""
+if [ -n "$ckpt_host" ]; then
+    ckpt_sock=${ckpt_host#unix://}
+    ckpt_dir=$(dirname "$ckpt_sock")
+    ckpt_root=$(DOCKER_HOST=$ckpt_host docker info -f '{{.DockerRootDir}} {{.ExperimentalBuild}}')
+    case "$ckpt_root" in
+    "$ckpt_dir"/*" true") ckpt_root=${ckpt_root% true} ;;
+    *) fail "the checkpoint daemon $ckpt_host: expected an experimental daemon with its data root under $ckpt_dir, got: $ckpt_root" ;;
+    esac
+elif [ "${NOVACRON_REQUIRE_LIVE:-}" = 1 ]; then
+    fail "NOVACRON_REQUIRE_LIVE=1 but there is no checkpoint daemon (NOVACRON_CKPT_DOCKER_A, $CKPT_ENV): run .ci/setup checkpoint"
+fi
+# The Docker the agent uses, and the job that runs there.
+agent_docker=${ckpt_host:-unix:///var/run/docker.sock}
+job=install-test-$$
+TEST_IMAGE=novacron-test/busybox:1
+
 name=novacron-install-$$
 pkg=$(mktemp -d)
 cleanup() {
@@ -68,6 +113,7 @@ cleanup() {
         docker exec "$name" journalctl --no-pager -n 60 -u novacron-controller -u novacron-agent >&2 || true
     fi
     docker rm -f "$name" >/dev/null 2>&1 || true
+    DOCKER_HOST=$agent_docker docker ps -aq --filter "name=novacron-$job-" | xargs -r env DOCKER_HOST="$agent_docker" docker rm -f -v >/dev/null 2>&1 || true
     exit "$status"
 }
 trap cleanup EXIT
@@ -80,11 +126,15 @@ docker_gid=$(stat -c %g "$docker_sock")
 [ "$docker_gid" -ne 0 ] || fail "$docker_sock belongs to group root; the test needs a docker group"
 cp "$cli_deb" "$ctl_deb" "$agent_deb" "$here/install-agent.sh" "$pkg/"
 chmod -R a+rX "$pkg"
+# The checkpoint daemon's directory (socket and data root) at the same path, as if
+# that daemon ran in this root.
+ckpt_mount=()
+[ -z "$ckpt_dir" ] || ckpt_mount=(-v "$ckpt_dir:$ckpt_dir")
 docker run -d --name "$name" --hostname install-test \
     --cgroupns=private --cap-add ALL --cap-drop SYS_RESOURCE \
     --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
     --tmpfs /run --tmpfs /run/lock --tmpfs /tmp -e container=docker \
-    -v "$pkg:/pkg:ro" -v "$docker_sock:/var/run/docker.sock" \
+    -v "$pkg:/pkg:ro" -v "$docker_sock:/var/run/docker.sock" "${ckpt_mount[@]}" \
     "$IMAGE" /lib/systemd/systemd >/dev/null
 inside() { docker exec "$name" "$@"; }
 waited=0
@@ -148,8 +198,18 @@ inside grep -q '^CapEff:[[:space:]]*0000000000000000' "/proc/$pid/status" || fai
 inside grep -q '^Seccomp:[[:space:]]*2' "/proc/$pid/status" || fail "the controller's system-call filter is not in effect"
 echo "controller active as novacron (pid $pid), no capabilities, NoNewPrivs, system calls filtered"
 
-step "install-agent.sh: install, enroll, start"
+step "install-agent.sh: Docker, the package, enroll, start"
 inside groupadd --system --gid "$docker_gid" docker
+# docker.io comes from Debian's archive, but a daemon of the host serves this root:
+# its units must not start here.
+inside systemctl mask --quiet docker.service docker.socket containerd.service
+if [ -n "$ckpt_host" ]; then
+    # What an operator whose Docker keeps its data outside /var/lib/docker writes:
+    # the endpoint, and that directory visible and writable in the unit's sandbox.
+    inside mkdir -p /etc/systemd/system/novacron-agent.service.d
+    inside sh -c "printf '[Service]\nEnvironment=DOCKER_HOST=%s\nBindPaths=%s\n' '$ckpt_host' '$ckpt_dir' \
+        > /etc/systemd/system/novacron-agent.service.d/docker.conf"
+fi
 token=$(inside runuser -u novacron -- novacron-controller token create --quiet --uses 1)
 inside sh /pkg/install-agent.sh --deb "/pkg/$(basename "$agent_deb")" \
     --controller https://localhost:7443 --token "$token" --ca-fingerprint "$fp" \
@@ -157,25 +217,89 @@ inside sh /pkg/install-agent.sh --deb "/pkg/$(basename "$agent_deb")" \
 inside systemctl is-active --quiet novacron-agent || fail "the agent is not active"
 inside dpkg-query -W -f='${Conffiles}\n' novacron-agent | grep -q /etc/novacron/agent.toml \
     || fail "/etc/novacron/agent.toml is not a conffile"
+inside dpkg-query -W -f='${Status}\n' docker.io | grep -q 'install ok installed' \
+    || fail "install-agent.sh did not install docker.io"
+for opt in tcp-close skip-in-flight; do
+    inside grep -qx "$opt" /etc/criu/runc.conf || fail "/etc/criu/runc.conf lacks $opt"
+done
+inside ucfq -w /etc/criu/runc.conf | grep -q ':novacron-agent:' \
+    || fail "/etc/criu/runc.conf is not registered with ucf for novacron-agent: $(inside ucfq -w /etc/criu/runc.conf || true)"
+pid=$(inside systemctl show -p MainPID --value novacron-agent)
+[ "$(inside stat -c %U "/proc/$pid")" = root ] || fail "the agent does not run as root"
+# CAP_DAC_OVERRIDE (1), CAP_FOWNER (3) and CAP_MKNOD (27), nothing else.
+inside grep -q '^CapBnd:[[:space:]]*000000000800000a$' "/proc/$pid/status" \
+    || fail "the agent's capability bounding set is $(inside grep CapBnd "/proc/$pid/status")"
+inside grep -q '^NoNewPrivs:[[:space:]]*1' "/proc/$pid/status" || fail "NoNewPrivileges is not in effect"
+inside grep -q '^Seccomp:[[:space:]]*2' "/proc/$pid/status" || fail "the agent's system-call filter is not in effect"
+echo "agent active as root (pid $pid) with CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_MKNOD only, NoNewPrivs, system calls filtered"
 inside sh -c 'printf "current = \"t\"\n[contexts.t]\napi = \"https://127.0.0.1:7443\"\nca = \"/var/lib/novacron/controller/pki/ca.pem\"\ncert = \"/var/lib/novacron/controller/pki/admin.pem\"\nkey = \"/var/lib/novacron/controller/pki/admin-key.pem\"\n" > /tmp/ctx.toml && chmod 644 /tmp/ctx.toml'
+nc() { inside runuser -u novacron -- novacron --config /tmp/ctx.toml "$@"; }
 waited=0
-until inside runuser -u novacron -- novacron --config /tmp/ctx.toml -o json node list 2>/dev/null \
+until nc -o json node list 2>/dev/null \
     | tr -d ' \n' | grep -q '"name":"install-test","status":"ready"'; do
-    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "node install-test is not ready: $(inside runuser -u novacron -- novacron --config /tmp/ctx.toml node list 2>&1)"
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "node install-test is not ready: $(nc node list 2>&1)"
     sleep 1
     waited=$((waited + 1))
 done
-inside runuser -u novacron -- novacron --config /tmp/ctx.toml node list
+nc node list
 echo "agent enrolled and ready after ${waited}s"
+
+step "live checkpoints as the packaged agent runs (Docker at $agent_docker)"
+node_json=$(nc -o json node show install-test)
+claim=$(printf '%s' "$node_json" | python3 -c 'import json,sys; c=json.load(sys.stdin)["capabilities"]; print("true" if c["live_checkpoint"] else "false"); print(c.get("live_checkpoint_reason") or "")')
+live=$(printf '%s\n' "$claim" | sed -n 1p)
+reason=$(printf '%s\n' "$claim" | sed -n 2p)
+nc node show install-test | grep 'Live checkpoint'
+if ! DOCKER_HOST=$agent_docker docker image inspect "$TEST_IMAGE" >/dev/null 2>&1; then
+    ctx=$(mktemp -d)
+    cp "$here/images/busybox/Dockerfile" /bin/busybox "$ctx/"
+    DOCKER_HOST=$agent_docker DOCKER_BUILDKIT=0 docker build -q -t "$TEST_IMAGE" "$ctx" >/dev/null
+    rm -rf "$ctx"
+fi
+inside sh -c "printf 'apiVersion: novacron.io/v1\nkind: Job\nmetadata:\n  name: $job\nspec:\n  type: service\n  replicas: 1\n  task:\n    image: $TEST_IMAGE\n    command: [sleep, \"3600\"]\n  resources:\n    cpu: 100m\n    memory: 32Mi\n' > /tmp/job.yaml && chmod 644 /tmp/job.yaml"
+nc apply -f /tmp/job.yaml >/dev/null
+waited=0
+until alloc=$(nc -o json alloc list 2>/dev/null | python3 -c 'import json,sys; print(next(a["id"] for a in json.load(sys.stdin) if a["job"]==sys.argv[1] and a["state"]=="running"))' "$job" 2>/dev/null); do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "the job $job did not run: $(nc alloc list 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+code=0
+out=$(nc alloc checkpoint "$alloc" --mode live 2>&1) || code=$?
+echo "$out"
+if [ "$live" = true ]; then
+    [ "$code" -eq 0 ] || fail "the node claims live checkpoints, but a live checkpoint of $alloc failed (exit $code)"
+    case "$out" in *"(live,"*) ;; *) fail "the checkpoint of $alloc was not live: $out" ;; esac
+    echo "the node claims live checkpoints and a live checkpoint of a running allocation succeeded"
+else
+    [ -n "$reason" ] || fail "the node does not claim live checkpoints and gives no reason"
+    [ "$code" -ne 0 ] || fail "the node does not claim live checkpoints, yet a live checkpoint succeeded: the probe is wrong ($reason)"
+    echo "the node reports that it cannot take live checkpoints, with the reason: $reason"
+fi
+if [ -n "$ckpt_host" ] && [ "$live" != true ]; then
+    fail "with the checkpoint daemon $ckpt_host the packaged agent should take live checkpoints: $reason"
+fi
+nc job stop "$job" >/dev/null
 
 step "purge"
 inside systemctl stop novacron-agent novacron-controller
 inside dpkg --purge novacron-agent novacron-controller novacron-cli
-for p in /usr/bin/novacron-agent /usr/bin/novacron-controller /usr/bin/novacron /etc/novacron /var/lib/novacron; do
+for p in /usr/bin/novacron-agent /usr/bin/novacron-controller /usr/bin/novacron /etc/novacron /var/lib/novacron /etc/criu/runc.conf; do
     if inside test -e "$p"; then fail "$p is left after purge"; fi
 done
 # Debian practice: purge keeps the system user, so its uid is never reused for a
 # new account that would inherit files the user owned.
 inside getent passwd novacron >/dev/null || fail "purge removed the novacron user"
-echo "purge removed binaries, /etc/novacron and /var/lib/novacron, and kept the novacron user"
+echo "purge removed binaries, /etc/novacron, /var/lib/novacron and /etc/criu/runc.conf, and kept the novacron user"
+
+step "an operator's own /etc/criu/runc.conf is neither replaced nor purged"
+inside sh -c 'mkdir -p /etc/criu && printf "# the operator'"'"'s\ntcp-close\n" > /etc/criu/runc.conf'
+before=$(inside md5sum /etc/criu/runc.conf)
+out=$(inside env DEBIAN_FRONTEND=noninteractive dpkg -i "/pkg/$(basename "$agent_deb")" 2>&1) \
+    || fail "dpkg -i novacron-agent over an operator's runc.conf: $out"
+printf '%s\n' "$out" | grep -i 'runc.conf' || true
+[ "$(inside md5sum /etc/criu/runc.conf)" = "$before" ] || fail "installing replaced the operator's /etc/criu/runc.conf: $(inside cat /etc/criu/runc.conf)"
+inside dpkg --purge novacron-agent >/dev/null
+[ "$(inside md5sum /etc/criu/runc.conf 2>/dev/null)" = "$before" ] || fail "purge removed or changed the operator's /etc/criu/runc.conf"
+echo "the operator's /etc/criu/runc.conf stayed as it was through install and purge"
 printf '\ninstall test: OK\n'

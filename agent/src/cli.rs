@@ -21,7 +21,7 @@ use novacron_common::fleet::Liveness;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::checkpoint::Checkpointer;
+use crate::checkpoint::{self, Checkpointer};
 use crate::collect::{self, Sampler, SysinfoCollector};
 use crate::config::{self, JoinFlags, ProcessEnv, RunFlags};
 use crate::enroll::{self, EnrollError, JoinOptions, StateDir};
@@ -308,32 +308,37 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     let supervisor = Supervisor::new(docker, SupervisorConfig::new(enrollment.node_name.clone()));
     let gpus = collect::detect_gpus();
     let mut capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
-    let checkpoints =
-        match Checkpointer::new(args.docker_host.as_deref(), args.state_dir.join("bundles")) {
-            Ok(c) => {
-                let c = Arc::new(c);
-                let live = c.live_capability().await;
-                match &live {
-                    Ok(()) => info!("live checkpoints (CRIU) are available"),
-                    Err(why) => {
-                        info!(%why, "live checkpoints are not available; fs checkpoints are")
-                    }
+    let checkpoints = match Checkpointer::new(
+        args.docker_host.as_deref(),
+        args.state_dir.join("bundles"),
+    ) {
+        Ok(c) => {
+            let c = Arc::new(c);
+            let live = checkpoint::probe_live(c.clone()).await;
+            match &live {
+                Ok(()) => info!(
+                    "live checkpoints (CRIU) work here: the probe checkpointed and restored a container"
+                ),
+                Err(why) => {
+                    warn!(%why, "live checkpoints do not work here; fs checkpoints do")
                 }
-                capabilities.live_checkpoint = live.is_ok();
-                let service = Arc::new(CheckpointService::new(
-                    enrollment.node_name.clone(),
-                    supervisor.clone(),
-                    c,
-                    live,
-                ));
-                supervisor.set_restorer(service.clone());
-                Some(service)
             }
-            Err(e) => {
-                warn!(error = %e, "checkpoints are disabled on this node");
-                None
-            }
-        };
+            capabilities.set_live_checkpoint(live.clone());
+            let service = Arc::new(CheckpointService::new(
+                enrollment.node_name.clone(),
+                supervisor.clone(),
+                c,
+                live,
+            ));
+            supervisor.set_restorer(service.clone());
+            Some(service)
+        }
+        Err(e) => {
+            warn!(error = %e, "checkpoints are disabled on this node");
+            capabilities.set_live_checkpoint(Err(format!("checkpoints are disabled: {e}")));
+            None
+        }
+    };
     let spot = args.spot_notice.as_ref().map(|v| {
         let source = match v.strip_prefix("http://") {
             Some(_) => SpotSource::Http(v.clone()),

@@ -26,8 +26,8 @@ use super::rootfs::{
     container_path, merge_rootfs, plan_rootfs, remove_deleted, tar_has_members, volume_tar,
 };
 use super::{
-    CALL_TIMEOUT, CRIU_PROBE_TIMEOUT, CheckpointError, Checkpointer, DUMP_TIMEOUT,
-    TRANSFER_TIMEOUT, blocking, mkdir, now_ms,
+    CALL_TIMEOUT, CheckpointError, Checkpointer, DUMP_TIMEOUT, LIVE_PROBE_TIMEOUT,
+    PROBE_CALL_TIMEOUT, TRANSFER_TIMEOUT, blocking, mkdir, now_ms,
 };
 use crate::runtime::docker::checkpoint::{CheckpointDocker, Endpoint};
 use crate::runtime::docker::version::DEFAULT_DOCKER_HOST;
@@ -53,7 +53,6 @@ impl Checkpointer {
             negotiated: OnceCell::new(),
             cache_dir,
             max_bytes: MAX_BUNDLE_BYTES,
-            criu: None,
             index_lock: std::sync::Mutex::new(()),
         })
     }
@@ -65,40 +64,43 @@ impl Checkpointer {
         self
     }
 
-    /// Names the `criu` binary the daemon uses, for [`Checkpointer::live_capability`].
-    /// Without it, `criu` is looked up on this process's `PATH`, then on the `PATH`
-    /// of the local `dockerd` serving the socket.
-    pub fn with_criu(mut self, criu: PathBuf) -> Self {
-        self.criu = Some(criu);
-        self
-    }
-
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.cache_dir
     }
 
-    /// Whether live checkpoints can work here: the daemon runs with experimental
-    /// features and `criu` answers (and, as root, `criu check` passes). The error
-    /// names what is missing and how to fix it.
-    pub async fn live_capability(&self) -> Result<(), String> {
-        let docker = self.docker().await.map_err(|e| e.to_string())?;
+    /// Whether live checkpoints work here, found out by doing one: a throwaway
+    /// container ([`PROBE_REPO`], a program that only waits, imported from this
+    /// binary; no registry needed) is checkpointed through the daemon, its CRIU
+    /// image is read from the daemon's checkpoint directory and written into that of
+    /// a second, created container (as [`Checkpointer::checkpoint`] and
+    /// [`Checkpointer::restore`] do), which is started from it. So it exercises, under this process's own
+    /// user, capabilities and sandbox, every access the live path performs: the
+    /// daemon's experimental API, its CRIU (dump and restore, the kernel, runc's
+    /// settings) and the daemon's data root. The steps take at most
+    /// [`LIVE_PROBE_TIMEOUT`]; the container and image are removed afterwards.
+    ///
+    /// The error says which step failed, the daemon's or the system's words, and
+    /// what to do. A missing [`RUNC_CRIU_CONF`] option is logged, not an error: only
+    /// containers holding connections need it.
+    pub async fn probe_live(&self) -> Result<(), String> {
+        let docker = self
+            .docker()
+            .await
+            .map_err(|e| format!("cannot reach the Docker daemon at {}: {e}", self.host))?;
         let info = timed("info", &self.host, CALL_TIMEOUT, docker.info())
             .await
             .map_err(|e| e.to_string())?;
         if !info.experimental {
             return Err(format!(
-                "the Docker daemon at {} runs without experimental features; start dockerd with --experimental (or \"experimental\": true in daemon.json)",
+                "the Docker daemon at {} runs without experimental features; start dockerd with --experimental (or \"experimental\": true in daemon.json) and install criu 4 or newer",
                 self.host
             ));
         }
-        let criu = self.criu_binary().ok_or_else(|| {
-            "criu was found neither on the agent's PATH nor on the Docker daemon's PATH; install criu 4 or newer where dockerd finds it (`criu check` must say \"Looks good\")".to_owned()
+        let arch = std::env::consts::ARCH;
+        let program = probe_program(arch).ok_or_else(|| {
+            format!("the live checkpoint probe has no test program for {arch}; live checkpoints are untested here")
         })?;
-        probe_criu(&criu, &["--version"]).await?;
-        if rustix::process::geteuid().is_root() {
-            probe_criu(&criu, &["check"]).await?;
-        }
         if let Some(missing) =
             runc_criu_options_missing(&std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default())
         {
@@ -108,6 +110,125 @@ impl Checkpointer {
                 "live checkpoints of containers that serve connections fail without these CRIU options (runc reads them from this file); add one per line"
             );
         }
+        let root = self.root_dir(&docker).await.map_err(|e| e.to_string())?;
+        let tag = format!("{}-{}", std::process::id(), now_ms());
+        let image = format!("{PROBE_REPO}:{tag}");
+        let rootfs =
+            probe_rootfs(&program).map_err(|e| format!("building the probe image: {e}"))?;
+        let import = docker.import_image(PROBE_REPO, &tag, rootfs.into(), &[PROBE_ENTRYPOINT]);
+        timed("image import", &image, PROBE_CALL_TIMEOUT, import)
+            .await
+            .map_err(|e| format!("live checkpoint probe: {e}"))?;
+        let name = format!("novacron-live-probe-{tag}");
+        let mut created = Vec::new();
+        let outcome = tokio::time::timeout(
+            LIVE_PROBE_TIMEOUT,
+            self.probe_steps(&docker, &image, &name, &root, &mut created),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(CheckpointError::Timeout {
+                op: "live checkpoint probe",
+                target: name.clone(),
+                after: LIVE_PROBE_TIMEOUT,
+            })
+        });
+        for id in &created {
+            let removed = timed(
+                "remove",
+                id,
+                PROBE_CALL_TIMEOUT,
+                docker.remove_container(id),
+            )
+            .await;
+            if let Err(e) = removed {
+                warn!(container = %id, error = %e, "could not remove the live checkpoint probe's container");
+            }
+        }
+        if let Err(e) = timed(
+            "image remove",
+            &image,
+            PROBE_CALL_TIMEOUT,
+            docker.remove_image(&image),
+        )
+        .await
+        {
+            warn!(%image, error = %e, "could not remove the live checkpoint probe's image");
+        }
+        outcome.map_err(|e| {
+            let hint = match &e {
+                CheckpointError::Io { .. } => {
+                    "; the agent reads and writes CRIU images under the daemon's data root: run it as root on the daemon's host, with that directory writable (the packaged unit does, for /var/lib/docker)"
+                }
+                _ => "",
+            };
+            format!("live checkpoint probe: {e}{hint}")
+        })
+    }
+
+    async fn probe_steps(
+        &self,
+        docker: &CheckpointDocker,
+        image: &str,
+        name: &str,
+        root: &Path,
+        created: &mut Vec<String>,
+    ) -> Result<(), CheckpointError> {
+        let id = timed(
+            "create",
+            name,
+            CALL_TIMEOUT,
+            docker.create_isolated(name, image),
+        )
+        .await?;
+        created.push(id.clone());
+        timed("start", &id, CALL_TIMEOUT, docker.start(&id)).await?;
+        self.dump(docker, &id, PROBE_CHECKPOINT, true).await?;
+        self.wait_stopped(docker, &id).await?;
+        let checkpoints = root.join("containers").join(&id).join("checkpoints");
+        let stage = self.temp_dir(".probe-")?;
+        let (src, copy) = (
+            checkpoints.join(PROBE_CHECKPOINT),
+            stage.path().join(CRIU_DIR),
+        );
+        let limit = self.max_bytes;
+        let read = blocking(move || copy_dir(&src, &copy, limit)).await?;
+        if read == 0 {
+            return Err(CheckpointError::Daemon {
+                op: "checkpoint",
+                target: id,
+                message: format!(
+                    "the daemon reported success but {} holds no CRIU image",
+                    checkpoints.join(PROBE_CHECKPOINT).display()
+                ),
+            });
+        }
+        // As a migration's restore does: into a second container created from the
+        // same image, never started, under the same checkpoint name.
+        let restored_name = format!("{name}-restored");
+        let create = docker.create_isolated(&restored_name, image);
+        let restored = timed("create", &restored_name, CALL_TIMEOUT, create).await?;
+        created.push(restored.clone());
+        let dst = root
+            .join("containers")
+            .join(&restored)
+            .join("checkpoints")
+            .join(PROBE_CHECKPOINT);
+        let src = stage.path().join(CRIU_DIR);
+        let target = restored.clone();
+        blocking(move || copy_checkpoint_in(&src, &dst, &target, limit)).await?;
+        let start = docker.start_from_checkpoint(&restored, PROBE_CHECKPOINT);
+        timed("start from checkpoint", &restored, DUMP_TIMEOUT, start).await?;
+        let inspect = docker.inspect(&restored, false);
+        let inspect = timed("inspect", &restored, CALL_TIMEOUT, inspect).await?;
+        if !inspect.running {
+            return Err(CheckpointError::State {
+                container: restored,
+                state: inspect.state.clone(),
+                expected: "the probe's restored container runs",
+            });
+        }
+        debug!(container = %id, bytes = read, "live checkpoint probe: dump, copy and restore worked");
         Ok(())
     }
 
@@ -232,7 +353,8 @@ impl Checkpointer {
                     .join("checkpoints")
                     .join(name);
                 let src = stage.path().join(CRIU_DIR);
-                blocking(move || copy_dir(&src, &dst, limit)).await?;
+                let target = id.clone();
+                blocking(move || copy_checkpoint_in(&src, &dst, &target, limit)).await?;
                 timed(
                     "start from checkpoint",
                     &id,
@@ -617,20 +739,6 @@ impl Checkpointer {
         )
         .await
     }
-
-    fn criu_binary(&self) -> Option<PathBuf> {
-        if let Some(criu) = &self.criu {
-            return Some(criu.clone());
-        }
-        let ours = std::env::var_os("PATH").unwrap_or_default();
-        let daemon = (self.endpoint.socket())
-            .and_then(daemon_path_var)
-            .unwrap_or_default();
-        std::env::split_paths(&ours)
-            .chain(std::env::split_paths(&daemon))
-            .map(|dir| dir.join("criu"))
-            .find(|p| p.is_file())
-    }
 }
 
 /// How the container is held still while its state is captured.
@@ -713,6 +821,87 @@ pub fn runc_criu_options_missing(conf: &str) -> Option<Vec<&'static str>> {
     (!missing.is_empty()).then_some(missing)
 }
 
+/// The repository of the live probe's throwaway image (tagged per probe).
+pub const PROBE_REPO: &str = "novacron-live-probe";
+/// The probe image's entry point.
+const PROBE_ENTRYPOINT: &str = r#"ENTRYPOINT ["/probe"]"#;
+/// The probe's checkpoint name.
+const PROBE_CHECKPOINT: &str = "probe";
+/// The file [`copy_checkpoint_in`] adds to a CRIU image it copies in.
+const RESTORE_MARKER: &str = "novacron-restore";
+
+/// The live probe's program for `arch` (`std::env::consts::ARCH`): a static ELF
+/// executable that waits for signals forever, without libc (so the image needs
+/// nothing but this file). `None` for architectures without one.
+fn probe_program(arch: &str) -> Option<Vec<u8>> {
+    // (e_machine, machine code). x86-64: `mov eax, 34 (pause); syscall; jmp back`.
+    // AArch64: `mov x0..x3, 0; mov x8, 73 (ppoll); svc 0; b back`.
+    let (machine, code): (u16, Vec<u8>) = match arch {
+        "x86_64" => (0x3e, vec![0xb8, 34, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7]),
+        "aarch64" => (
+            0xb7,
+            [
+                0xd280_0000u32,
+                0xd280_0001,
+                0xd280_0002,
+                0xd280_0003,
+                0xd280_0928,
+                0xd400_0001,
+                0x17ff_fffa,
+            ]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect(),
+        ),
+        _ => return None,
+    };
+    Some(static_elf(machine, &code))
+}
+
+/// A 64-bit little-endian ELF executable whose one loadable segment (read and
+/// execute, at 0x400000) holds the headers and `code`, entered at `code`.
+fn static_elf(machine: u16, code: &[u8]) -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const EHSIZE: u16 = 64;
+    const PHSIZE: u16 = 56;
+    let total = u64::from(EHSIZE + PHSIZE) + code.len() as u64;
+    let mut elf = Vec::with_capacity(total as usize);
+    // e_ident: ELFCLASS64, ELFDATA2LSB, EV_CURRENT, System V ABI.
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&machine.to_le_bytes());
+    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    elf.extend_from_slice(&(BASE + u64::from(EHSIZE + PHSIZE)).to_le_bytes()); // e_entry
+    elf.extend_from_slice(&u64::from(EHSIZE).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [EHSIZE, PHSIZE, 1, 0, 0, 0] {
+        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
+    for word in [0, BASE, BASE, total, total, 0x1000] {
+        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// The probe image's root file system: a tar holding `/probe` (mode 0755).
+fn probe_rootfs(program: &[u8]) -> io::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(program.len() as u64);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, "probe", program)?;
+    tar.into_inner()
+}
+
 async fn timed<T, E: Display>(
     op: &'static str,
     target: &str,
@@ -734,74 +923,26 @@ async fn timed<T, E: Display>(
     }
 }
 
-async fn probe_criu(criu: &Path, args: &[&str]) -> Result<(), String> {
-    let shown = format!("{} {}", criu.display(), args.join(" "));
-    let run = tokio::process::Command::new(criu)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(CRIU_PROBE_TIMEOUT, run)
-        .await
-        .map_err(|_| format!("`{shown}` did not answer within {CRIU_PROBE_TIMEOUT:?}"))?
-        .map_err(|e| format!("`{shown}` could not run: {e}; install criu 4 or newer"))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    let text = String::from_utf8_lossy(&output.stderr).to_string()
-        + &String::from_utf8_lossy(&output.stdout);
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    Err(format!(
-        "`{shown}` failed ({}): {last}; criu 4 or newer that passes `criu check` is needed",
-        output.status
-    ))
-}
-
-/// The `PATH` of the local `dockerd` serving `socket`, read from `/proc`.
-fn daemon_path_var(socket: &Path) -> Option<std::ffi::OsString> {
-    let default = [
-        Path::new("/var/run/docker.sock"),
-        Path::new("/run/docker.sock"),
-    ];
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !args.first().is_some_and(|a| a.ends_with("dockerd")) {
-            continue;
-        }
-        let mut hosts = Vec::new();
-        let mut it = args.iter().skip(1);
-        while let Some(a) = it.next() {
-            if a == "-H" || a == "--host" {
-                hosts.extend(it.next().cloned());
-            } else if let Some(h) = a.strip_prefix("-H=").or_else(|| a.strip_prefix("--host=")) {
-                hosts.push(h.to_owned());
-            }
-        }
-        let serves = if hosts.is_empty() {
-            default.contains(&socket)
-        } else {
-            hosts
-                .iter()
-                .any(|h| Path::new(h.strip_prefix("unix://").unwrap_or(h)) == socket)
-        };
-        if serves {
-            let environ = std::fs::read(entry.path().join("environ")).ok()?;
-            return environ
-                .split(|b| *b == 0)
-                .find_map(|kv| kv.strip_prefix(b"PATH="))
-                .map(|v| std::ffi::OsString::from(String::from_utf8_lossy(v).into_owned()));
-        }
-    }
-    None
+/// Copies the CRIU image `src` into `dst`, the daemon's checkpoint directory of
+/// `container`, and adds a file naming that container. Docker uploads the
+/// directory to containerd as a tar when it restores, and fails ("already
+/// exists") when that content is there already, as a copy of an image dumped on
+/// the same daemon within the same second (tar times are whole seconds) would be;
+/// the file tells them apart (CRIU reads only its own image files).
+fn copy_checkpoint_in(
+    src: &Path,
+    dst: &Path,
+    container: &str,
+    limit: u64,
+) -> Result<u64, CheckpointError> {
+    let copied = copy_dir(src, dst, limit)?;
+    let marker = dst.join(RESTORE_MARKER);
+    std::fs::write(&marker, container).map_err(|source| CheckpointError::Io {
+        what: "writing",
+        path: marker,
+        source,
+    })?;
+    Ok(copied)
 }
 
 /// Recursively copies the directory `src` (files and directories only) to `dst`;
@@ -859,6 +1000,38 @@ mod tests {
             runc_criu_options_missing("tcp-close\n"),
             Some(vec!["skip-in-flight"])
         );
+    }
+
+    #[test]
+    fn the_probe_programs_are_static_elf_executables_entered_at_their_code() {
+        assert_eq!(probe_program("riscv64"), None);
+        for (arch, machine) in [("x86_64", 0x3e_u16), ("aarch64", 0xb7)] {
+            let elf = probe_program(arch).expect(arch);
+            let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]);
+            let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().expect("8"));
+            assert_eq!(&elf[..4], b"\x7fELF", "{arch}");
+            assert_eq!(u16_at(16), 2, "{arch}: ET_EXEC");
+            assert_eq!(u16_at(18), machine, "{arch}");
+            assert_eq!(u16_at(56), 1, "{arch}: one program header");
+            // The loadable segment covers the whole file, and the entry its code.
+            let (vaddr, filesz) = (u64_at(64 + 16), u64_at(64 + 32));
+            assert_eq!(filesz, elf.len() as u64, "{arch}");
+            assert_eq!(
+                u64_at(24),
+                vaddr + 120,
+                "{arch}: entry right after the headers"
+            );
+        }
+        let tar = probe_rootfs(&probe_program("x86_64").expect("x86_64")).expect("tar");
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let entry = archive
+            .entries()
+            .expect("entries")
+            .next()
+            .expect("one")
+            .expect("ok");
+        assert_eq!(entry.path().expect("path").to_str(), Some("probe"));
+        assert_eq!(entry.header().mode().expect("mode"), 0o755);
     }
 
     #[tokio::test]
@@ -1029,7 +1202,7 @@ mod tests {
             };
             let cache = tempfile::tempdir().expect("tmp");
             let cp = Checkpointer::new(Some(&host), cache.path().to_path_buf()).expect("cp");
-            cp.live_capability().await.expect("live capability");
+            cp.probe_live().await.expect("live probe");
             let volumes = vec!["/data".to_owned()];
 
             // Live.

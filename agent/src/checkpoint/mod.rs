@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::OnceCell;
 
-pub use engine::{RUNC_CRIU_CONF, RUNC_CRIU_OPTIONS, runc_criu_options_missing};
+pub use engine::{PROBE_REPO, RUNC_CRIU_CONF, RUNC_CRIU_OPTIONS, runc_criu_options_missing};
 
 use crate::runtime::docker::checkpoint::{CheckpointDocker, Endpoint};
 
@@ -54,14 +54,37 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DUMP_TIMEOUT: Duration = Duration::from_secs(300);
 /// The limit on one archive download or upload.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
-/// The limit on running `criu --version` or `criu check`.
-pub const CRIU_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The limit on the live probe's steps (create, start, dump, copies, restore of a
+/// throwaway container; about a second when all is well).
+/// [`PROBE_CALL_TIMEOUT`] bounds its image import and each clean-up call, so the
+/// whole probe ends within 50 s, inside the unit's start timeout.
+pub const LIVE_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// See [`LIVE_PROBE_TIMEOUT`].
+pub const PROBE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Free space kept on the cache's file system beyond what a bundle needs.
 pub const FREE_SPACE_MARGIN: u64 = 64 * 1024 * 1024;
 /// The file name extension of a cached bundle.
 pub const BUNDLE_EXT: &str = "ncb";
 /// The cache's list of bundles made here.
 pub const INDEX_FILE: &str = "index.json";
+
+/// The most the agent's start waits for [`probe_live`]; below the unit's 60 s
+/// start timeout.
+pub const LIVE_PROBE_WAIT: Duration = Duration::from_secs(45);
+
+/// Runs [`Checkpointer::probe_live`] on a task of its own and waits at most
+/// [`LIVE_PROBE_WAIT`] for it: a daemon that does not answer fails the probe (the
+/// task still removes what it made). The outcome is what the node advertises.
+pub async fn probe_live(checkpointer: std::sync::Arc<Checkpointer>) -> Result<(), String> {
+    let task = tokio::spawn(async move { checkpointer.probe_live().await });
+    match tokio::time::timeout(LIVE_PROBE_WAIT, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Err(format!("the live checkpoint probe failed: {e}")),
+        Err(_) => Err(format!(
+            "the live checkpoint probe did not finish within {LIVE_PROBE_WAIT:?}: the Docker daemon is slow or stuck"
+        )),
+    }
+}
 
 /// Errors of checkpoint and restore.
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +211,6 @@ pub struct Checkpointer {
     negotiated: OnceCell<CheckpointDocker>,
     cache_dir: PathBuf,
     max_bytes: u64,
-    criu: Option<PathBuf>,
     index_lock: std::sync::Mutex<()>,
 }
 

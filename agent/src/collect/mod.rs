@@ -137,7 +137,9 @@ impl Sampler {
 /// from `gpus`, and `docker_version` from the Docker daemon at `docker_host` (a
 /// `DOCKER_HOST`-style address such as `unix:///var/run/docker.sock`; the local socket
 /// when `None`), asked with a [`DOCKER_TIMEOUT`] limit. An unreachable daemon gives
-/// `None` and a debug log. `live_checkpoint` is `false` for now.
+/// `None` and a debug log. `live_checkpoint` is `false` and its reason `None`: the
+/// caller sets them from the live checkpoint probe
+/// ([`crate::checkpoint::probe_live`]).
 ///
 /// The returned future borrows nothing, so it can be spawned.
 pub fn capabilities(
@@ -153,6 +155,7 @@ pub fn capabilities(
             gpu_driver,
             os: host::os_description(),
             arch: sysinfo::System::cpu_arch(),
+            live_checkpoint_reason: None,
         }
     }
 }

@@ -592,7 +592,8 @@ pub struct GpuInfo {
 pub struct Capabilities {
     /// Docker engine version, when the daemon answered.
     pub docker_version: Option<String>,
-    /// Whether live (CRIU) checkpoints work on this node.
+    /// Whether live (CRIU) checkpoints work on this node: the outcome of the
+    /// agent's probe, a throwaway checkpoint and restore under its own privileges.
     pub live_checkpoint: bool,
     /// NVIDIA driver version, when NVML loaded.
     pub gpu_driver: Option<String>,
@@ -600,6 +601,39 @@ pub struct Capabilities {
     pub os: String,
     /// CPU architecture.
     pub arch: String,
+    /// Why live checkpoints do not work here (what failed and how to fix it), when
+    /// `live_checkpoint` is false; at most [`MAX_LIVE_CHECKPOINT_REASON_LEN`] bytes.
+    #[serde(default)]
+    pub live_checkpoint_reason: Option<String>,
+}
+
+/// The most bytes of [`Capabilities::live_checkpoint_reason`].
+pub const MAX_LIVE_CHECKPOINT_REASON_LEN: usize = 1024;
+
+impl Capabilities {
+    /// Records the outcome of the live checkpoint probe: `Ok` sets
+    /// `live_checkpoint`, `Err(why)` clears it and keeps `why` as the reason.
+    pub fn set_live_checkpoint(&mut self, outcome: Result<(), String>) {
+        self.live_checkpoint = outcome.is_ok();
+        self.live_checkpoint_reason = outcome.err();
+        self.bound();
+    }
+
+    /// Cuts [`Capabilities::live_checkpoint_reason`] to
+    /// [`MAX_LIVE_CHECKPOINT_REASON_LEN`] bytes (at a character boundary, with
+    /// `...`), so a peer's text cannot grow what the controller stores and shows.
+    pub fn bound(&mut self) {
+        if let Some(reason) = &mut self.live_checkpoint_reason
+            && reason.len() > MAX_LIVE_CHECKPOINT_REASON_LEN
+        {
+            let mut end = MAX_LIVE_CHECKPOINT_REASON_LEN - 3;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push_str("...");
+        }
+    }
 }
 
 /// The first frame of every uni-stream: says what the stream carries.
@@ -1416,6 +1450,33 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_live_checkpoint_reason_is_kept_and_bounded() {
+        let mut caps = Capabilities::default();
+        caps.set_live_checkpoint(Err("no experimental daemon".into()));
+        assert!(!caps.live_checkpoint);
+        assert_eq!(
+            caps.live_checkpoint_reason.as_deref(),
+            Some("no experimental daemon")
+        );
+        caps.set_live_checkpoint(Err("é".repeat(MAX_LIVE_CHECKPOINT_REASON_LEN)));
+        let reason = caps.live_checkpoint_reason.clone().expect("reason");
+        assert!(
+            reason.len() <= MAX_LIVE_CHECKPOINT_REASON_LEN,
+            "{}",
+            reason.len()
+        );
+        assert!(reason.ends_with("..."));
+        caps.set_live_checkpoint(Ok(()));
+        assert!(caps.live_checkpoint);
+        assert_eq!(caps.live_checkpoint_reason, None);
+        let decoded: Capabilities = serde_json::from_str(
+            r#"{"docker_version":null,"live_checkpoint":true,"gpu_driver":null,"os":"l","arch":"x"}"#,
+        )
+        .expect("a record stored before the reason existed");
+        assert_eq!(decoded.live_checkpoint_reason, None);
+    }
 
     fn sample_strategy() -> impl Strategy<Value = NodeSample> {
         (

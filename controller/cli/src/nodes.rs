@@ -308,7 +308,11 @@ pub fn detail(node: &NodeView, now: SystemTime) -> String {
             ("Docker", or_none(&caps.docker_version)),
             (
                 "Live checkpoint",
-                if caps.live_checkpoint { "yes" } else { "no" }.to_string(),
+                match (caps.live_checkpoint, &caps.live_checkpoint_reason) {
+                    (true, _) => "yes".to_string(),
+                    (false, Some(why)) => format!("no: {why}"),
+                    (false, None) => "no".to_string(),
+                },
             ),
             ("GPU driver", or_none(&caps.gpu_driver)),
         ],

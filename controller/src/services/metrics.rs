@@ -607,6 +607,7 @@ mod tests {
                 gpu_driver: Some("550.54".into()),
                 os: "Debian 12".into(),
                 arch: "x86_64".into(),
+                live_checkpoint_reason: None,
             },
             agent_version: "0.1.0".into(),
             address: None,

@@ -260,8 +260,14 @@ impl Migrations {
             CheckpointMode::Fs => false,
         };
         if mode == CheckpointMode::Live && !source_live {
+            let why = self
+                .registry
+                .view(&record.node, Instant::now())
+                .and_then(|v| v.capabilities.live_checkpoint_reason)
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
             return Err(MigrateError::Invalid(format!(
-                "node {} cannot take live checkpoints; migrate with --mode fs or auto",
+                "node {} cannot take live checkpoints{why}; migrate with --mode fs or auto",
                 record.node
             )));
         }

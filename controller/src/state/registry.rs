@@ -344,6 +344,7 @@ impl Registry {
         r.labels = hello.labels.clone();
         r.capacity = hello.capacity.clone();
         r.capabilities = hello.capabilities.clone();
+        r.capabilities.bound();
         r.agent_version = hello.agent_version.clone();
         r.last_seen_unix_ms = Some(unix_ms(wall));
         let record = r.clone();

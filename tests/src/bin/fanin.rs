@@ -769,6 +769,7 @@ impl FakeAgent {
                 gpu_driver: None,
                 os: "Debian GNU/Linux 12 (bookworm) 6.1.0".into(),
                 arch: "x86_64".into(),
+                live_checkpoint_reason: None,
             },
         }
     }

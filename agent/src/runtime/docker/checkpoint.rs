@@ -10,9 +10,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bollard::container::{CreateCheckpointOptions, DeleteCheckpointOptions};
-use bollard::models::{ChangeType, ContainerInspectResponse, ContainerStateStatusEnum};
+use bollard::models::{
+    ChangeType, ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig,
+};
 use bollard::query_parameters::{
-    DownloadFromContainerOptions, InspectContainerOptions, StartContainerOptions,
+    CreateContainerOptions, CreateImageOptions, DownloadFromContainerOptions,
+    InspectContainerOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
     StopContainerOptions, UploadToContainerOptions,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
@@ -329,6 +332,75 @@ impl CheckpointDocker {
             .upload_to_container(id, Some(options), bollard::body_try_stream(body))
             .await;
         uploaded.map_err(|e| e.to_string())
+    }
+}
+
+impl CheckpointDocker {
+    /// Imports the tar `rootfs` as the image `repo:tag` (`POST /images/create` with
+    /// `fromSrc=-`, as `docker import`), applying the Dockerfile instructions
+    /// `changes` (e.g. `ENTRYPOINT ["/probe"]`). Needs no registry.
+    pub async fn import_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        rootfs: Bytes,
+        changes: &[&str],
+    ) -> Result<(), String> {
+        let options = CreateImageOptions {
+            from_src: Some("-".to_owned()),
+            repo: Some(repo.to_owned()),
+            tag: Some(tag.to_owned()),
+            changes: changes.iter().map(|c| (*c).to_owned()).collect(),
+            ..Default::default()
+        };
+        let stream =
+            (self.docker).create_image(Some(options), Some(bollard::body_full(rootfs)), None);
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| e.to_string())?;
+            if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                return Err(message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the container `name` from `image` with no network; its id.
+    pub async fn create_isolated(&self, name: &str, image: &str) -> Result<String, String> {
+        let options = CreateContainerOptions {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".to_owned()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self.docker.create_container(Some(options), body).await;
+        created.map(|c| c.id).map_err(|e| e.to_string())
+    }
+
+    /// Removes container `id`, running or not, with its anonymous volumes.
+    pub async fn remove_container(&self, id: &str) -> Result<(), String> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        let removed = self.docker.remove_container(id, Some(options)).await;
+        removed.map_err(|e| e.to_string())
+    }
+
+    /// Removes the image `reference` (not when a container still uses it).
+    pub async fn remove_image(&self, reference: &str) -> Result<(), String> {
+        let removed = (self.docker)
+            .remove_image(reference, None::<RemoveImageOptions>, None)
+            .await;
+        removed.map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

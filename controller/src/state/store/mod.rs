@@ -1293,6 +1293,7 @@ mod tests {
                 gpu_driver: None,
                 os: "linux".into(),
                 arch: "x86_64".into(),
+                live_checkpoint_reason: None,
             },
             agent_version: "0.1.0".into(),
             enrolled_at_unix_ms: 1,
