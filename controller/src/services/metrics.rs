@@ -21,30 +21,34 @@
 //! filesystems `mountpoint`, as node_exporter does; the controller's own process
 //! is described by the standard `process_*` families ([`ProcessStats`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use novacron_api::{ControllerStats, NodeView};
+use novacron_common::exposition::{
+    Family, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, Kind,
+    Labels, NODE_CPU_CORES, NODE_CPU_SECONDS, NODE_CPU_USAGE, NODE_DISK_READ, NODE_DISK_WRITTEN,
+    NODE_FS_AVAILABLE, NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15, NODE_MEMORY_AVAILABLE,
+    NODE_MEMORY_TOTAL, NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX, NODE_SAMPLE_TIME,
+    NODE_SWAP_TOTAL, NODE_SWAP_USED, NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS, PROCESS_OPEN_FDS,
+    PROCESS_RESIDENT, PROCESS_START_TIME, PROCESS_VIRTUAL, Samples, collect_process,
+    collect_sample, encode_rows, gpu_labels,
+};
+pub use novacron_common::exposition::{
+    OPENMETRICS_CONTENT_TYPE, ProcessStats, TEXT_CONTENT_TYPE, accepts_openmetrics, series_names,
+    to_text_format,
+};
 use novacron_common::fleet::NodeStatus;
-use novacron_common::wire::{AllocState, GpuSample};
+use novacron_common::wire::AllocState;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::services::context::ApiState;
 pub use crate::services::pass_stats::PassStats;
-pub use crate::services::process::ProcessStats;
 use crate::services::workloads::JobSummary;
 use crate::state::store::AllocRecord;
-
-/// Content type of the OpenMetrics answer.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// Content type of the Prometheus text format answer.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Everything one scrape shows, read from the live state.
 #[derive(Debug, Clone)]
@@ -92,82 +96,6 @@ pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-/// Turns [`render`]'s OpenMetrics output into the Prometheus text format 0.0.4:
-/// the samples are the same; counter families are named with their `_total`
-/// suffix, `info` families become gauges named `_info`, and the `# UNIT` and
-/// `# EOF` lines go.
-pub fn to_text_format(openmetrics: &str) -> String {
-    let mut out = String::with_capacity(openmetrics.len());
-    let mut help: Option<&str> = None;
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest.split_once(' ').map_or("", |(_, text)| text));
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
-            let (name, kind) = match kind {
-                "counter" => (format!("{name}_total"), "counter"),
-                "info" => (format!("{name}_info"), "gauge"),
-                "unknown" => (name.to_string(), "untyped"),
-                other => (name.to_string(), other),
-            };
-            if let Some(text) = help.take() {
-                let _ = writeln!(out, "# HELP {name} {text}");
-            }
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-/// A metric family the controller exports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Family {
-    /// The family name (a counter's samples add `_total`, a histogram's
-    /// `_bucket`, `_sum` and `_count`).
-    pub name: &'static str,
-    /// One line of help, without backslashes or quotes.
-    pub help: &'static str,
-    /// Its type.
-    pub kind: Kind,
-}
-
-/// A family's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A value that goes up and down.
-    Gauge,
-    /// A monotonic count.
-    Counter,
-    /// Buckets, sum and count.
-    Histogram,
-}
-
-impl Family {
-    const fn gauge(name: &'static str, help: &'static str) -> Family {
-        Family {
-            name,
-            help,
-            kind: Kind::Gauge,
-        }
-    }
-
-    const fn counter(name: &'static str, help: &'static str) -> Family {
-        Family {
-            name,
-            help,
-            kind: Kind::Counter,
-        }
-    }
-}
-
 // Controller internals.
 const BUILD_INFO: Family = Family::gauge(
     "novacron_build_info",
@@ -211,32 +139,6 @@ const JOBS: Family = Family::gauge("novacron_jobs", "Jobs by status.");
 const ALLOCATIONS: Family = Family::gauge(
     "novacron_allocations",
     "Allocations known to the controller by state (terminal ones are kept for a while).",
-);
-
-// The controller process, read from /proc/self (Linux).
-const PROCESS_CPU: Family = Family::counter(
-    "process_cpu_seconds",
-    "Total user and system CPU time spent by the controller process, in seconds.",
-);
-const PROCESS_RESIDENT: Family = Family::gauge(
-    "process_resident_memory_bytes",
-    "Resident memory size of the controller process, in bytes.",
-);
-const PROCESS_VIRTUAL: Family = Family::gauge(
-    "process_virtual_memory_bytes",
-    "Virtual memory size of the controller process, in bytes.",
-);
-const PROCESS_OPEN_FDS: Family = Family::gauge(
-    "process_open_fds",
-    "Open file descriptors of the controller process.",
-);
-const PROCESS_MAX_FDS: Family = Family::gauge(
-    "process_max_fds",
-    "Soft limit on open file descriptors of the controller process (absent when unlimited).",
-);
-const PROCESS_START_TIME: Family = Family::gauge(
-    "process_start_time_seconds",
-    "Start time of the controller process since the Unix epoch, in seconds.",
 );
 
 // Jobs.
@@ -301,80 +203,6 @@ const NODE_GPU_ALLOCATED: Family = Family::gauge(
     "novacron_node_gpus_allocated",
     "GPUs assigned on the node to allocations that are not terminal.",
 );
-
-// Nodes: the latest sample.
-const NODE_SAMPLE_TIME: Family = Family::gauge(
-    "novacron_node_sample_timestamp_seconds",
-    "When the node's latest sample was taken (agent clock), Unix seconds.",
-);
-const NODE_UPTIME: Family = Family::gauge(
-    "novacron_node_uptime_seconds",
-    "Time since the node booted, at its latest sample.",
-);
-const NODE_CPU_USAGE: Family = Family::gauge(
-    "novacron_node_cpu_usage_ratio",
-    "Whole-host CPU usage, 0 to 1.",
-);
-const NODE_CPU_CORES: Family =
-    Family::gauge("novacron_node_cpu_cores", "Logical CPU cores of the host.");
-const NODE_LOAD1: Family = Family::gauge("novacron_node_load1", "Load average over 1 minute.");
-const NODE_LOAD5: Family = Family::gauge("novacron_node_load5", "Load average over 5 minutes.");
-const NODE_LOAD15: Family = Family::gauge("novacron_node_load15", "Load average over 15 minutes.");
-const NODE_MEMORY_TOTAL: Family = Family::gauge(
-    "novacron_node_memory_total_bytes",
-    "Total memory of the host.",
-);
-const NODE_MEMORY_USED: Family = Family::gauge(
-    "novacron_node_memory_used_bytes",
-    "Memory in use on the host.",
-);
-const NODE_MEMORY_AVAILABLE: Family = Family::gauge(
-    "novacron_node_memory_available_bytes",
-    "Memory available for new work on the host.",
-);
-const NODE_SWAP_TOTAL: Family =
-    Family::gauge("novacron_node_swap_total_bytes", "Total swap of the host.");
-const NODE_SWAP_USED: Family =
-    Family::gauge("novacron_node_swap_used_bytes", "Swap in use on the host.");
-const NODE_FS_SIZE: Family = Family::gauge(
-    "novacron_node_filesystem_size_bytes",
-    "Size of a mounted filesystem.",
-);
-const NODE_FS_AVAILABLE: Family = Family::gauge(
-    "novacron_node_filesystem_available_bytes",
-    "Free space of a mounted filesystem available to unprivileged users.",
-);
-const NODE_CPU_SECONDS: Family = Family::counter(
-    "novacron_node_cpu_seconds",
-    "CPU time of the host since boot by mode, all cores together (as node_cpu_seconds_total summed over cpu; absent from agents before wire protocol 3).",
-);
-const NODE_DISK_READ: Family = Family::counter(
-    "novacron_node_disk_read_bytes",
-    "Bytes read from a mounted filesystem's block device since boot (absent from agents before wire protocol 3).",
-);
-const NODE_DISK_WRITTEN: Family = Family::counter(
-    "novacron_node_disk_written_bytes",
-    "Bytes written to a mounted filesystem's block device since boot (absent from agents before wire protocol 3).",
-);
-const NODE_NET_RX: Family = Family::counter(
-    "novacron_node_network_receive_bytes",
-    "Bytes received by a network interface since it came up (absent from agents before wire protocol 3).",
-);
-const NODE_NET_TX: Family = Family::counter(
-    "novacron_node_network_transmit_bytes",
-    "Bytes transmitted by a network interface since it came up (absent from agents before wire protocol 3).",
-);
-const GPU_UTILIZATION: Family = Family::gauge(
-    "novacron_node_gpu_utilization_ratio",
-    "GPU utilization, 0 to 1.",
-);
-const GPU_MEMORY_USED: Family =
-    Family::gauge("novacron_node_gpu_memory_used_bytes", "GPU memory in use.");
-const GPU_MEMORY_TOTAL: Family =
-    Family::gauge("novacron_node_gpu_memory_total_bytes", "Total GPU memory.");
-const GPU_TEMPERATURE: Family =
-    Family::gauge("novacron_node_gpu_temperature_celsius", "GPU temperature.");
-const GPU_POWER: Family = Family::gauge("novacron_node_gpu_power_watts", "GPU power draw.");
 
 // Allocations.
 const ALLOC_STATE: Family = Family::gauge(
@@ -499,87 +327,6 @@ pub const FAMILIES: &[Family] = &[
     ALLOC_GPU_MEMORY_USED,
 ];
 
-/// The names of the series a scrape in the text format 0.0.4 announces (from its
-/// `# TYPE` lines), with a histogram's `_bucket`, `_sum` and `_count`: what a
-/// PromQL expression may select.
-pub fn series_names(text_format: &str) -> std::collections::BTreeSet<String> {
-    let mut names = std::collections::BTreeSet::new();
-    for line in text_format.lines() {
-        let Some((name, kind)) = line
-            .strip_prefix("# TYPE ")
-            .and_then(|rest| rest.split_once(' '))
-        else {
-            continue;
-        };
-        if kind == "histogram" {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                names.insert(format!("{name}{suffix}"));
-            }
-        }
-        names.insert(name.to_string());
-    }
-    names
-}
-
-/// Whether an `Accept` header admits OpenMetrics (Prometheus asks for it first).
-pub fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
-    values.flat_map(|v| v.split(',')).any(|range| {
-        let mut parts = range.split(';').map(str::trim);
-        let media = parts.next().unwrap_or("");
-        let q = parts
-            .filter_map(|p| p.strip_prefix("q="))
-            .find_map(|q| q.parse::<f32>().ok())
-            .unwrap_or(1.0);
-        media.eq_ignore_ascii_case("application/openmetrics-text") && q > 0.0
-    })
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-#[derive(Debug, Clone, Copy)]
-enum Value {
-    Int(u64),
-    Float(f64),
-}
-
-/// The samples of one scrape, per family name.
-#[derive(Debug, Default)]
-struct Samples {
-    rows: HashMap<&'static str, Vec<(Labels, Value)>>,
-    seen: HashMap<&'static str, HashSet<Labels>>,
-}
-
-impl Samples {
-    /// Adds a sample; a second sample with the same labels is dropped (a node could
-    /// report the same mount twice), and so is a value that is not finite.
-    fn add(&mut self, family: &Family, labels: Labels, value: Value) {
-        if let Value::Float(v) = value
-            && !v.is_finite()
-        {
-            return;
-        }
-        if self
-            .seen
-            .entry(family.name)
-            .or_default()
-            .insert(labels.clone())
-        {
-            self.rows
-                .entry(family.name)
-                .or_default()
-                .push((labels, value));
-        }
-    }
-
-    fn int(&mut self, family: &Family, labels: Labels, value: u64) {
-        self.add(family, labels, Value::Int(value));
-    }
-
-    fn float(&mut self, family: &Family, labels: Labels, value: f64) {
-        self.add(family, labels, Value::Float(value));
-    }
-}
-
 #[derive(Debug)]
 struct FleetCollector(Snapshot);
 
@@ -587,13 +334,13 @@ impl Collector for FleetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut samples = collect(&self.0);
         for family in FAMILIES {
-            let kind = match family.kind {
-                Kind::Gauge => MetricType::Gauge,
-                Kind::Counter => MetricType::Counter,
-                Kind::Histogram => MetricType::Histogram,
-            };
-            let mut metric = encoder.encode_descriptor(family.name, family.help, None, kind)?;
             if family.kind == Kind::Histogram {
+                let metric = encoder.encode_descriptor(
+                    family.name,
+                    family.help,
+                    None,
+                    family.metric_type(),
+                )?;
                 let histogram = if family.name == INGEST_LATENCY.name {
                     &self.0.ingest_latency
                 } else {
@@ -602,34 +349,15 @@ impl Collector for FleetCollector {
                 histogram.encode(metric)?;
                 continue;
             }
-            for (labels, value) in samples.rows.remove(family.name).unwrap_or_default() {
-                if labels.is_empty() {
-                    encode_value(&mut metric, family.kind, value)?;
-                } else {
-                    let mut labelled = metric.encode_family(&labels)?;
-                    encode_value(&mut labelled, family.kind, value)?;
-                }
-            }
+            let rows = samples.take(family);
+            encode_rows(&mut encoder, family, rows)?;
         }
         debug_assert!(
-            samples.rows.is_empty(),
+            samples.left().is_empty(),
             "families missing from FAMILIES: {:?}",
-            samples.rows.keys()
+            samples.left()
         );
         Ok(())
-    }
-}
-
-fn encode_value(
-    metric: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    kind: Kind,
-    value: Value,
-) -> Result<(), std::fmt::Error> {
-    match (kind, value) {
-        (Kind::Counter, Value::Int(v)) => metric.encode_counter::<NoLabelSet, _, u64>(&v, None),
-        (Kind::Counter, Value::Float(v)) => metric.encode_counter::<NoLabelSet, _, f64>(&v, None),
-        (_, Value::Int(v)) => metric.encode_gauge(&v),
-        (_, Value::Float(v)) => metric.encode_gauge(&v),
     }
 }
 
@@ -682,16 +410,7 @@ fn collect_internals(s: &Snapshot, out: &mut Samples) {
     out.int(&CONNECTED_AGENTS, vec![], s.stats.connected_agents);
     out.int(&SAMPLES_INGESTED, vec![], s.stats.samples_ingested);
     out.int(&SAMPLES_DUPLICATE, vec![], s.stats.duplicates_skipped);
-    if let Some(p) = &s.process {
-        out.float(&PROCESS_CPU, vec![], p.cpu_seconds);
-        out.int(&PROCESS_RESIDENT, vec![], p.resident_memory_bytes);
-        out.int(&PROCESS_VIRTUAL, vec![], p.virtual_memory_bytes);
-        out.int(&PROCESS_OPEN_FDS, vec![], p.open_fds);
-        if let Some(max) = p.max_fds {
-            out.int(&PROCESS_MAX_FDS, vec![], max);
-        }
-        out.float(&PROCESS_START_TIME, vec![], p.start_time_seconds);
-    }
+    collect_process(s.process, out);
     out.int(&PLACEMENTS, vec![], s.passes.placed.load(Ordering::Relaxed));
     out.int(&UNPLACED, vec![], s.passes.unplaced.load(Ordering::Relaxed));
     out.int(&EVENTS, vec![], s.events);
@@ -788,76 +507,7 @@ fn collect_node(node: &NodeView, live: &[&AllocRecord], out: &mut Samples) {
     let Some(sample) = &node.latest else {
         return;
     };
-    out.float(&NODE_SAMPLE_TIME, base(), sample.at_unix_ms as f64 / 1000.0);
-    out.int(&NODE_UPTIME, base(), sample.uptime_secs);
-    out.float(
-        &NODE_CPU_USAGE,
-        base(),
-        f64::from(sample.cpu.total_percent) / 100.0,
-    );
-    out.int(
-        &NODE_CPU_CORES,
-        base(),
-        sample.cpu.per_core_percent.len() as u64,
-    );
-    for (family, load) in [NODE_LOAD1, NODE_LOAD5, NODE_LOAD15]
-        .iter()
-        .zip(sample.cpu.load)
-    {
-        out.float(family, base(), f64::from(load));
-    }
-    let m = &sample.memory;
-    out.int(&NODE_MEMORY_TOTAL, base(), m.total_bytes);
-    out.int(&NODE_MEMORY_USED, base(), m.used_bytes);
-    out.int(&NODE_MEMORY_AVAILABLE, base(), m.available_bytes);
-    out.int(&NODE_SWAP_TOTAL, base(), m.swap_total_bytes);
-    out.int(&NODE_SWAP_USED, base(), m.swap_used_bytes);
-    if let Some(seconds) = &sample.cpu.seconds_total {
-        for (mode, value) in seconds.modes() {
-            out.float(&NODE_CPU_SECONDS, with(&[("mode", mode)]), value);
-        }
-    }
-    for d in &sample.disks {
-        let l = || with(&[("mountpoint", &d.mount), ("device", &d.device)]);
-        out.int(&NODE_FS_SIZE, l(), d.total_bytes);
-        out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
-        // node_exporter's disk counters carry the device only.
-        let dev = || with(&[("device", &d.device)]);
-        if let Some(read) = d.read_bytes_total {
-            out.int(&NODE_DISK_READ, dev(), read);
-        }
-        if let Some(written) = d.written_bytes_total {
-            out.int(&NODE_DISK_WRITTEN, dev(), written);
-        }
-    }
-    for n in &sample.networks {
-        let l = || with(&[("device", &n.interface)]);
-        if let Some(rx) = n.rx_bytes_total {
-            out.int(&NODE_NET_RX, l(), rx);
-        }
-        if let Some(tx) = n.tx_bytes_total {
-            out.int(&NODE_NET_TX, l(), tx);
-        }
-    }
-    for g in &sample.gpus {
-        let l = || gpu_labels(base(), g);
-        out.float(
-            &GPU_UTILIZATION,
-            l(),
-            f64::from(g.utilization_percent) / 100.0,
-        );
-        out.int(&GPU_MEMORY_USED, l(), g.memory_used_bytes);
-        out.int(&GPU_MEMORY_TOTAL, l(), g.memory_total_bytes);
-        out.int(&GPU_TEMPERATURE, l(), u64::from(g.temperature_celsius));
-        out.float(&GPU_POWER, l(), f64::from(g.power_milliwatts) / 1000.0);
-    }
-}
-
-fn gpu_labels(mut labels: Labels, g: &GpuSample) -> Labels {
-    labels.push(("gpu", g.index.to_string()));
-    labels.push(("uuid", g.uuid.clone()));
-    labels.push(("model", g.name.clone()));
-    labels
+    collect_sample(&node.name, &zone, sample, out);
 }
 
 fn collect_allocations(s: &Snapshot, live: &[&AllocRecord], out: &mut Samples) {
@@ -927,7 +577,7 @@ mod tests {
     use novacron_common::manifest::JobType;
     use novacron_common::wire::{
         AllocationUsage, Capabilities, Capacity, CpuSample, CpuSeconds, DiskSample, GpuInfo,
-        MemorySample, NetworkSample, NodeSample,
+        GpuSample, MemorySample, NetworkSample, NodeSample,
     };
 
     use super::*;
