@@ -570,6 +570,22 @@ async fn negotiate(
                     code: CloseCode::Malformed,
                     message,
                 } if offered.contains(2) => Err(SessionError::NoNegotiation(message)),
+                SessionError::Refused {
+                    code: CloseCode::Malformed,
+                    ..
+                } => {
+                    let theirs = VersionRange { min: 2, max: 2 };
+                    Err(SessionError::Incompatible(
+                        match offered.negotiate(theirs, "agent", "controller") {
+                            Err(mismatch) => format!(
+                                "{mismatch} (the controller closed the connection on the version offer, as releases before negotiation do)"
+                            ),
+                            Ok(_) => {
+                                "the controller closed the connection on the version offer".into()
+                            }
+                        },
+                    ))
+                }
                 other => Err(other),
             }
         }

@@ -321,6 +321,42 @@ async fn fs_migration_keeps_the_volume_data() {
     assert_eq!(count_log(&s.d.b, &s.job), vec![1, 2, 3]);
 }
 
+/// During a rolling upgrade, work moves from a node still on the old release
+/// (wire protocol 2) to an upgraded one: the checkpoint request, the bundle's
+/// transfer from the old node and the desired sets cross the version-2 link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_from_a_version_2_node_to_an_upgraded_one() {
+    let Some(s) = setup_with("oldlive", "live", true, &["--wire-versions", "2"], "").await else {
+        return;
+    };
+    for n in 1..=3 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let alloc = the_alloc(&s).await;
+    assert_eq!(alloc.node, s.agents[0].name);
+    assert!(
+        s.agents[0].log().contains("protocol_version=2"),
+        "{}",
+        s.agents[0].log()
+    );
+    let out = s
+        .controller
+        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}\nagent a: {}\nagent b: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.agents[0].log(),
+        s.agents[1].log()
+    );
+    // The process went on where it stopped on the upgraded node.
+    assert_eq!(get(s.port, "/count").await.expect("count"), "3");
+    assert_eq!(get(s.port, "/").await.expect("count"), "4");
+    let moved = the_alloc(&s).await;
+    assert_eq!((moved.id, moved.node), (alloc.id, s.agents[1].name.clone()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_to_a_node_without_the_image_rolls_back_and_keeps_running() {
     let Some(s) = setup("noimage", "live", false).await else {

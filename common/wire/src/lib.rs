@@ -1567,6 +1567,10 @@ mod tests {
             let _ = decode_frame::<AgentMessage>(&bytes);
             let _ = decode_frame::<MetricsBatch>(&bytes);
             let _ = decode_body::<ControllerMessage>(&bytes);
+            let _ = classify_first_frame(&bytes);
+            let _ = decode_body::<Negotiated>(&bytes);
+            let _ = decode_body_as::<AgentMessage>(2, &bytes);
+            let _ = decode_body_as::<MetricsBatch>(2, &bytes);
         }
 
         #[test]
