@@ -517,6 +517,27 @@ async fn watch_emits_one_json_document_per_change_from_blocking_queries() {
         .expect("status");
     assert_eq!(status.code(), Some(0));
 
+    // On a terminal (script(1) gives it one) the table is redrawn under a
+    // header naming the command.
+    let config = c.data_dir.with_file_name("cli-config.toml");
+    let line = format!(
+        "timeout -s INT 3 {} --config {} job list --watch",
+        bin("novacron").display(),
+        config.display()
+    );
+    let screen = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let screen = String::from_utf8_lossy(&screen.stdout);
+    assert!(screen.contains("\x1b[H\x1b[2J"), "redrawn: {screen:?}");
+    assert!(screen.contains("job list --watch"), "{screen:?}");
+    assert!(
+        screen.contains("NAME") && screen.contains("watch-b"),
+        "{screen:?}"
+    );
+
     // The events list watches too; a command that cannot be redrawn is refused.
     let mut child = spawn_cli(&c, &["-o", "json", "events", "--type", "job", "--watch"]);
     let stdout = child.stdout.take().expect("stdout");
