@@ -23,11 +23,13 @@ pub enum JobCommand {
     /// Show a job: versions, allocations, and why replicas are not placed.
     Status {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
     },
     /// Stop a job and all its allocations.
     Stop {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
     },
     /// Show what applying a Job manifest would do, changing nothing: the fields
@@ -43,6 +45,7 @@ pub enum JobCommand {
     /// whom, and what changed from the version before.
     History {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
         /// Print each version's changes in full (default: a count per version;
         /// `-o json|yaml` always carries them).
@@ -53,6 +56,7 @@ pub enum JobCommand {
     /// any apply); `job history` lists the versions.
     Revert {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
         /// The stored version to go back to.
         version: u64,
@@ -62,6 +66,7 @@ pub enum JobCommand {
     /// autoscaling policy on the job still decides the running count.
     Scale {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
         /// The replicas the manifest asks for.
         replicas: u32,
@@ -74,15 +79,16 @@ pub enum AllocCommand {
     /// List allocations.
     List {
         /// Only this job.
-        #[arg(long)]
+        #[arg(long, add = crate::complete::jobs())]
         job: Option<String>,
         /// Only this node.
-        #[arg(long)]
+        #[arg(long, add = crate::complete::nodes())]
         node: Option<String>,
     },
     /// Print an allocation's container output.
     Logs {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
         /// Keep printing new output.
         #[arg(short, long)]
@@ -96,6 +102,7 @@ pub enum AllocCommand {
     /// as an `alloc.restarted` event.
     Restart {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
     },
     /// Run a command in an allocation's container, live; exits with its exit code.
@@ -103,6 +110,7 @@ pub enum AllocCommand {
     /// Checkpoint an allocation now (it keeps running) and store the bundle.
     Checkpoint {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
         /// live, fs or auto (default: the job's policy, else auto).
         #[arg(long)]
@@ -112,6 +120,7 @@ pub enum AllocCommand {
     /// transfer, restore); a failure rolls back to the source.
     Migrate {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
         /// The target node (default: the scheduler's choice).
         #[arg(long)]

@@ -14,6 +14,7 @@
 pub mod certs;
 pub mod checkpoints;
 pub mod client;
+pub mod complete;
 pub mod config;
 pub mod context;
 pub mod costs;
