@@ -33,6 +33,7 @@ pub fn fixture() -> Vec<NodeView> {
             total_percent: 12.5,
             per_core_percent: vec![5.0, 10.0, 20.0, 15.0],
             load: [0.5, 1.0, 1.5],
+            seconds_total: None,
         },
         memory: MemorySample {
             total_bytes: 16_750_372_454,
@@ -49,6 +50,7 @@ pub fn fixture() -> Vec<NodeView> {
                 available_bytes: GI / 2,
                 read_bytes_per_sec: 0,
                 written_bytes_per_sec: 0,
+                ..DiskSample::default()
             },
             DiskSample {
                 mount: "/var/lib/docker".into(),
@@ -57,12 +59,14 @@ pub fn fixture() -> Vec<NodeView> {
                 available_bytes: 60 * GI,
                 read_bytes_per_sec: 1_258_291,
                 written_bytes_per_sec: 2048,
+                ..DiskSample::default()
             },
         ],
         networks: vec![NetworkSample {
             interface: "eth0".into(),
             rx_bytes_per_sec: 10_240,
             tx_bytes_per_sec: 512,
+            ..NetworkSample::default()
         }],
         gpus: vec![GpuSample {
             index: 0,
