@@ -401,3 +401,463 @@ spec:
     assert_eq!(got, "nodetemplate/habits-t\nnodepool/habits\n");
     assert_eq!(ok(&c, &["pool", "list", "-o", "name"]), "pool/habits\n");
 }
+
+/// `novacron ARGS` spawned with piped standard output (not a terminal).
+fn spawn_cli(c: &Controller, args: &[&str]) -> tokio::process::Child {
+    spawn_cli_logging(c, args, "")
+}
+
+/// [`spawn_cli`] with `RUST_LOG=log`.
+fn spawn_cli_logging(c: &Controller, args: &[&str], log: &str) -> tokio::process::Child {
+    c.cli(&["version", "--client"]); // writes the context file
+    let config = c.data_dir.with_file_name("cli-config.toml");
+    tokio::process::Command::new(bin("novacron"))
+        .env("RUST_LOG", log)
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("novacron runs")
+}
+
+/// The next line of `lines`, within a minute.
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("a line within a minute")
+        .expect("read")
+        .expect("not the end of the output")
+}
+
+/// Reads lines until one lists the jobs `want`; each line must differ from the
+/// one before it (a line per change: a job's status may change on its own).
+async fn until_names(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    last: &mut String,
+    want: &[&str],
+) {
+    loop {
+        let line = next_line(lines).await;
+        assert_ne!(&line, last, "a document repeats the one before it");
+        *last = line;
+        if job_names(last) == want {
+            return;
+        }
+    }
+}
+
+fn job_names(line: &str) -> Vec<String> {
+    let jobs: serde_json::Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("each line is one JSON document ({e}): {line}"));
+    jobs.as_array()
+        .unwrap_or_else(|| panic!("a list: {line}"))
+        .iter()
+        .map(|j| j["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+/// `--watch -o json` off a terminal: one JSON document per line and per change,
+/// no screen header; a change shows although the bound between reads is 5
+/// minutes (the blocking query answers it, not a timer); a closed pipe and
+/// Ctrl-C end the watch with 0.
+#[tokio::test]
+async fn watch_emits_one_json_document_per_change_from_blocking_queries() {
+    use tokio::io::AsyncBufReadExt;
+    let (_dir, c) = controller().await;
+    // Its requests are logged (RUST_LOG=debug), to count them.
+    let mut child = spawn_cli_logging(
+        &c,
+        &["-o", "json", "job", "list", "--watch", "5m"],
+        "novacron_cli=debug",
+    );
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut last = next_line(&mut lines).await;
+    assert_eq!(job_names(&last), Vec::<String>::new());
+
+    c.apply("a.yaml", &job("watch-a", 1)).await.expect("apply");
+    until_names(&mut lines, &mut last, &["watch-a"]).await;
+    // The same manifest again changes nothing the list shows (the store moves:
+    // the event log records the apply), so no line repeats the last one.
+    let again = c.apply("a.yaml", &job("watch-a", 1)).await.expect("apply");
+    assert_eq!(again["outcome"], "unchanged");
+    // A change after a longer wait: the frame is read again at once for
+    // current ages, and that read must not wait for yet another change.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    c.apply("b.yaml", &job("watch-b", 2)).await.expect("apply");
+    until_names(&mut lines, &mut last, &["watch-a", "watch-b"]).await;
+
+    // The reader goes away while the watch waits for a change: it ends, quietly.
+    drop(lines);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("ends once its reader is gone, without a change")
+        .expect("output");
+    assert_eq!(out.status.code(), Some(0), "{:?}", out.status);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("error"), "{log}");
+    // Each read after the first waited in a blocking query: a handful of
+    // requests for three changes (a polling loop would have made hundreds).
+    let gets: Vec<&str> = log.lines().filter(|l| l.contains("GET")).collect();
+    assert!(gets.len() >= 3 && gets.len() <= 20, "{log}");
+    assert!(
+        gets.iter().filter(|l| l.contains("index=")).count() >= 2,
+        "{log}"
+    );
+
+    // Ctrl-C ends a watch with 0 too; a table off a terminal has no header.
+    let mut child = spawn_cli(&c, &["alloc", "list", "--watch"]);
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let header = next_line(&mut lines).await;
+    assert!(header.starts_with("ID "), "no screen header: {header}");
+    let pid = child.id().expect("pid").to_string();
+    let sent = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("ends after Ctrl-C")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+
+    // On a terminal (script(1) gives it one) the table is redrawn under a
+    // header naming the command.
+    let config = c.data_dir.with_file_name("cli-config.toml");
+    let line = format!(
+        "timeout -s INT 3 {} --config {} job list --watch",
+        bin("novacron").display(),
+        config.display()
+    );
+    let screen = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let screen = String::from_utf8_lossy(&screen.stdout);
+    assert!(screen.contains("\x1b[H\x1b[2J"), "redrawn: {screen:?}");
+    assert!(screen.contains("job list --watch"), "{screen:?}");
+    assert!(
+        screen.contains("NAME") && screen.contains("watch-b"),
+        "{screen:?}"
+    );
+
+    // The events list watches too; a command that cannot be redrawn is refused.
+    let mut child = spawn_cli(&c, &["-o", "json", "events", "--type", "job", "--watch"]);
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&next_line(&mut lines).await).expect("json");
+    let before = first.to_string().matches("job.applied").count();
+    c.apply("c.yaml", &job("watch-c", 1)).await.expect("apply");
+    let second: serde_json::Value =
+        serde_json::from_str(&next_line(&mut lines).await).expect("json");
+    assert!(
+        second.to_string().matches("job.applied").count() > before,
+        "{second}"
+    );
+    drop(child);
+    let refused = c.cli(&["job", "stop", "watch-a", "--watch"]);
+    assert_eq!(refused.status.code(), Some(2));
+}
+
+/// `job history` lists the stored versions with who, when and what changed;
+/// `job revert` submits one again as a new version.
+#[tokio::test]
+async fn job_history_and_revert() {
+    let (dir, c) = controller().await;
+    let v1 = job("hist", 1);
+    let file = dir.path().join("hist.yaml");
+    std::fs::write(&file, &v1).expect("write");
+    ok(&c, &["apply", "-f", file.to_str().expect("path")]);
+    ok(&c, &["job", "scale", "hist", "3"]);
+    let v3 = job("hist", 3).replace("sleep 3600", "sleep 7200");
+    std::fs::write(&file, &v3).expect("write");
+    ok(&c, &["apply", "-f", file.to_str().expect("path")]);
+
+    let table = ok(&c, &["job", "history", "hist"]);
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    assert!(
+        rows[1].starts_with("3 ") && rows[1].contains("current"),
+        "{table}"
+    );
+    assert!(rows[1].contains("admin:admin"), "{table}");
+    assert!(rows[2].contains("spec.replicas"), "{table}");
+
+    let versions: serde_json::Value =
+        serde_json::from_str(&ok(&c, &["job", "history", "hist", "-o", "json"])).expect("json");
+    let versions = versions.as_array().expect("list");
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| v["version"].as_u64().expect("version"))
+            .collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+    assert_eq!(
+        versions[1]["changes"],
+        serde_json::json!([{"path": "spec.replicas", "old": "1", "new": "3"}])
+    );
+    assert_eq!(versions[0]["changes"][0]["path"], "spec.task.command[2]");
+    assert_eq!(versions[2]["manifest"], v1.as_str());
+
+    let full = ok(&c, &["job", "history", "hist", "--changes"]);
+    assert!(full.contains("~ spec.replicas: 1 -> 3"), "{full}");
+
+    let got = ok(&c, &["job", "revert", "hist", "1"]);
+    assert_eq!(got, "job hist reverted to version 1: updated (version 4)\n");
+    let detail = c.job("hist").await.expect("job");
+    assert_eq!(detail.manifest, v1);
+    assert_eq!(detail.summary.version, 4);
+    let history = ok(&c, &["job", "history", "hist", "--changes"]);
+    assert!(
+        history.contains("revert of job hist to version 1"),
+        "{history}"
+    );
+    assert!(history.contains("~ spec.replicas: 3 -> 1"), "{history}");
+    // Reverting to what runs changes nothing.
+    let got = ok(&c, &["job", "revert", "hist", "4"]);
+    assert_eq!(
+        got,
+        "job hist reverted to version 4: unchanged (version 4)\n"
+    );
+
+    let out = c.cli(&["job", "revert", "hist", "99"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no stored version 99; the kept versions are 1, 2, 3, 4"),
+        "{err}"
+    );
+    let events = ok(
+        &c,
+        &[
+            "events",
+            "--job",
+            "hist",
+            "--type",
+            "job.applied",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(events.contains("reverted to version 1"), "{events}");
+}
+
+/// `job plan` and `apply --dry-run` show the changed fields and where the real
+/// scheduler would start replicas, and keep nothing; `alloc restart` replaces
+/// an allocation through the reconciler, with an event.
+#[tokio::test]
+async fn plan_dry_run_and_alloc_restart_on_a_real_node() {
+    novacron_tests::ensure_test_image().expect("test image");
+    let (dir, c) = controller().await;
+    let _agent = novacron_tests::Agent::join_and_run(dir.path(), &c, "habits-plan-1", &[])
+        .await
+        .expect("agent");
+    c.wait_ready("habits-plan-1", std::time::Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let _cleanup = novacron_tests::JobCleanup("planned".into());
+    assert_eq!(
+        bash_complete(&c, &["node", "show", "habits-"]),
+        ["habits-plan-1"]
+    );
+    let file = dir.path().join("planned.yaml");
+    std::fs::write(&file, job("planned", 2)).expect("write");
+    let path = file.to_str().expect("path");
+
+    let plan = ok(&c, &["job", "plan", path]);
+    assert!(
+        plan.starts_with("job planned: would be created (version 1); nothing was applied\n"),
+        "{plan}"
+    );
+    assert!(plan.contains("+ spec.task.image: "), "{plan}");
+    assert_eq!(
+        plan.matches("+ start version 1 on habits-plan-1").count(),
+        2,
+        "{plan}"
+    );
+    assert_eq!(
+        ok(&c, &["job", "list", "-o", "name"]),
+        "",
+        "nothing applied"
+    );
+
+    ok(&c, &["apply", "-f", path]);
+    std::fs::write(&file, job("planned", 3)).expect("write");
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&c, &["apply", "--dry-run", "-f", path, "-o", "json"]))
+            .expect("json");
+    assert_eq!(plan["outcome"], "updated");
+    assert_eq!(plan["current_version"], 1);
+    assert_eq!(plan["version"], 2);
+    assert_eq!(
+        plan["changes"],
+        serde_json::json!([{"path": "spec.replicas", "old": "2", "new": "3"}])
+    );
+    assert!(
+        plan["placements"]
+            .as_array()
+            .expect("placements")
+            .iter()
+            .all(|p| p["node"] == "habits-plan-1" && p["version"] == 2),
+        "{plan}"
+    );
+    assert_eq!(c.job("planned").await.expect("job").summary.version, 1);
+
+    // What cannot be placed is said, with the scheduler's reason.
+    std::fs::write(&file, job("planned", 2).replace("cpu: 100m", "cpu: 4000")).expect("write");
+    let plan = ok(&c, &["job", "plan", path]);
+    assert!(
+        plan.contains("~ spec.resources.cpu: 100m -> 4000"),
+        "{plan}"
+    );
+    assert!(plan.contains("cannot be placed: "), "{plan}");
+    assert!(plan.contains("cpu"), "{plan}");
+    // Only Job manifests are planned.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: novacron.io/v1\nkind: AutoScalingPolicy\nmetadata: {name: p}\n",
+    )
+    .expect("write");
+    let out = c.cli(&["apply", "--dry-run", "-f", policy.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // alloc restart: the allocation stops and the job gets a fresh one.
+    let running = || {
+        let list: serde_json::Value = serde_json::from_str(&ok(
+            &c,
+            &["alloc", "list", "--job", "planned", "-o", "json"],
+        ))
+        .expect("json");
+        list.as_array()
+            .expect("list")
+            .iter()
+            .filter(|a| a["state"] == "running" && a["desired_run"] == true)
+            .map(|a| a["id"].as_str().expect("id").to_string())
+            .collect::<Vec<_>>()
+    };
+    novacron_tests::wait_for(std::time::Duration::from_secs(60), "2 running", || async {
+        running().len() == 2
+    })
+    .await
+    .expect("running");
+    let before = running();
+    let id = before[0].clone();
+    let mut offered = bash_complete(&c, &["alloc", "restart", "planned-"]);
+    offered.sort();
+    let mut want = before.clone();
+    want.sort();
+    assert_eq!(offered, want, "the allocations are offered");
+    let got = ok(&c, &["alloc", "restart", &id]);
+    assert_eq!(
+        got,
+        format!(
+            "alloc {id} restarting: it stops on habits-plan-1 and job planned gets a fresh allocation\n"
+        )
+    );
+    novacron_tests::wait_for(
+        std::time::Duration::from_secs(60),
+        "a replacement running",
+        || async {
+            let now = running();
+            now.len() == 2 && !now.contains(&id) && now.contains(&before[1])
+        },
+    )
+    .await
+    .expect("replaced");
+    let events = ok(
+        &c,
+        &[
+            "events",
+            "--alloc",
+            &id,
+            "--type",
+            "alloc.restarted",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(events.contains("restarting"), "{events}");
+    assert!(events.contains("admin:admin"), "{events}");
+    // An allocation no longer wanted has nothing to restart.
+    let out = c.cli(&["alloc", "restart", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to restart"), "{err}");
+    ok(&c, &["job", "stop", "planned"]);
+}
+
+/// What bash completes for the last of `words` (a command line after
+/// `novacron`), through the script `COMPLETE=bash novacron` prints, against
+/// the controller of the context file `c.cli` writes.
+fn bash_complete(c: &Controller, words: &[&str]) -> Vec<String> {
+    c.cli(&["version", "--client"]); // writes the context file
+    let config = c.data_dir.with_file_name("cli-config.toml");
+    let novacron = bin("novacron");
+    let mut all = vec!["novacron"];
+    all.extend_from_slice(words);
+    let quoted: Vec<String> = all.iter().map(|w| format!("'{w}'")).collect();
+    let script = format!(
+        "source <(COMPLETE=bash '{bin}')\n\
+         COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_TYPE=9\n\
+         _clap_complete_novacron novacron '{cur}' '{prev}'\n\
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        bin = novacron.display(),
+        words = quoted.join(" "),
+        cword = all.len() - 1,
+        cur = all[all.len() - 1],
+        prev = all[all.len() - 2],
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("NOVACRON_CONFIG", &config)
+        .env_remove("NOVACRON_TOKEN")
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Dynamic completion in bash offers the controller's job names where a job
+/// is expected; the static scripts `completion SHELL` prints stay available.
+#[tokio::test]
+async fn bash_completes_job_names_from_the_controller() {
+    let (_dir, c) = controller().await;
+    for name in ["comp-alpha", "comp-beta", "other"] {
+        c.apply("j.yaml", &job(name, 1)).await.expect("apply");
+    }
+    assert_eq!(
+        bash_complete(&c, &["job", "status", "comp-"]),
+        ["comp-alpha", "comp-beta"]
+    );
+    assert_eq!(bash_complete(&c, &["job", "history", "ot"]), ["other"]);
+    assert_eq!(
+        bash_complete(&c, &["events", "--job", "comp-b"]),
+        ["comp-beta"]
+    );
+    // Subcommands still complete.
+    assert!(bash_complete(&c, &["job", "rev"]).contains(&"revert".to_string()));
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&c, &["completion", shell]);
+        assert!(script.contains("novacron"), "{shell}");
+    }
+}

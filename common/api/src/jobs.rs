@@ -154,3 +154,84 @@ pub struct AllocPortView {
     /// `tcp` or `udp`.
     pub protocol: String,
 }
+
+pub use novacron_common::manifest::diff::FieldChange;
+
+/// `POST /v1/jobs/plan`: what applying a manifest would do, decided by the
+/// controller's real reconcile pass and scheduler on a copy of its state;
+/// nothing is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JobPlan {
+    /// The job.
+    pub job: String,
+    /// `created`, `updated` or `unchanged`: what `apply` would answer.
+    pub outcome: String,
+    /// The version the job would have (the current one when unchanged).
+    pub version: u64,
+    /// The version now current; `None` for a new job.
+    pub current_version: Option<u64>,
+    /// The fields that would change from the current manifest (all of them for
+    /// a new job; none when unchanged). A stopped job's apply runs it again.
+    pub changes: Vec<FieldChange>,
+    /// The allocations the next reconcile pass would start for this job (a
+    /// rolling update starts its first batch; later batches follow as those
+    /// become healthy).
+    pub placements: Vec<PlannedPlacement>,
+    /// The allocations it would stop (of this job, or preempted by it).
+    pub stops: Vec<PlannedStop>,
+    /// Replicas it could not place.
+    pub unplaced: u32,
+    /// The scheduler's explanation when some replicas cannot be placed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// One allocation a plan would start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlannedPlacement {
+    /// The node.
+    pub node: String,
+    /// The job version it would run.
+    pub version: u64,
+    /// Host ports it would take (`8080/tcp`).
+    pub ports: Vec<String>,
+}
+
+/// One allocation a plan would stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlannedStop {
+    /// The allocation.
+    pub alloc: String,
+    /// Its job.
+    pub job: String,
+    /// Its node.
+    pub node: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One stored version of a job (`GET /v1/jobs/{name}/versions`, newest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JobVersionView {
+    /// The version number, from 1.
+    pub version: u64,
+    /// When it was submitted (Unix ms).
+    pub submitted_at_unix_ms: u64,
+    /// Who submitted it (`admin:NAME`, `operator:NAME`, a token's name).
+    pub by: String,
+    /// The file it came from (`job web (reverted to version 2)` for a revert).
+    pub file: String,
+    /// Whether it is the version that should run.
+    pub current: bool,
+    /// Whether it is the last version that rolled out healthy.
+    pub stable: bool,
+    /// What changed from the version before it that is still kept (every field
+    /// for the oldest kept one).
+    pub changes: Vec<FieldChange>,
+    /// The manifest as submitted.
+    pub manifest: String,
+}

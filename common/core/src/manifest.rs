@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 // checkpoint: added for spec.checkpoint (checkpoint policy).
 pub mod checkpoint;
+pub mod diff;
 pub(crate) mod document;
 pub mod guard;
 pub mod health;

@@ -218,9 +218,85 @@ pub struct ApiClient {
     cert: PathBuf,
     cert_not_after: Option<SystemTime>,
     now: SystemTime,
+    watch: Option<std::sync::Arc<WatchIndex>>,
+}
+
+/// The response header that carries the store's revision (the controller's
+/// `X-Novacron-Index`).
+pub const INDEX_HEADER: &str = "x-novacron-index";
+
+/// The blocking-query state of a `--watch`, shared by the clients of its frames:
+/// the first `GET` of a frame asks `?index=N&wait=BOUND` with the index of the
+/// last frame, so that the controller answers only once something changed (or
+/// the bound passed); later `GET`s of the frame do not wait. The smallest index
+/// a frame's answers carried is the next frame's `N`, so no change is missed.
+#[derive(Debug)]
+pub struct WatchIndex {
+    wait: Duration,
+    state: std::sync::Mutex<WatchState>,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    /// The index the next `GET` waits past; taken by it.
+    wait_past: Option<u64>,
+    /// The smallest index the answers of this frame carried.
+    seen: Option<u64>,
+}
+
+impl WatchIndex {
+    /// A watch whose queries wait at most `wait` each.
+    pub fn new(wait: Duration) -> WatchIndex {
+        WatchIndex {
+            wait,
+            state: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Starts a frame: its first `GET` waits past the index the last frame saw
+    /// (none on the first frame, or when the last frame's answers carried none:
+    /// reads that are not indexed). Returns whether it will wait.
+    pub fn begin_frame(&self) -> bool {
+        let mut st = novacron_common::sync::lock(&self.state);
+        st.wait_past = st.seen.take();
+        st.wait_past.is_some()
+    }
+
+    /// Forgets the indexes seen: the next frame reads without waiting (a frame
+    /// read again at once, or after an error).
+    pub fn reread(&self) {
+        let mut st = novacron_common::sync::lock(&self.state);
+        st.wait_past = None;
+        st.seen = None;
+    }
+
+    /// The smallest index this frame's answers carried.
+    pub fn seen(&self) -> Option<u64> {
+        novacron_common::sync::lock(&self.state).seen
+    }
+
+    fn take_wait(&self) -> Option<(u64, Duration)> {
+        novacron_common::sync::lock(&self.state)
+            .wait_past
+            .take()
+            .map(|i| (i, self.wait))
+    }
+
+    fn saw(&self, index: Option<u64>) {
+        if let Some(index) = index {
+            let mut st = novacron_common::sync::lock(&self.state);
+            st.seen = Some(st.seen.map_or(index, |s| s.min(index)));
+        }
+    }
 }
 
 impl ApiClient {
+    /// This client, answering `--watch`'s frames: see [`WatchIndex`].
+    pub fn watching(mut self, watch: std::sync::Arc<WatchIndex>) -> ApiClient {
+        self.watch = Some(watch);
+        self
+    }
+
     /// Reads the CA, certificate and key of the context `name` (paths already
     /// resolved) and builds a client. `now` is used to explain expired certificates.
     pub fn new(name: &str, ctx: &Context, now: SystemTime) -> Result<ApiClient, ClientError> {
@@ -305,6 +381,7 @@ impl ApiClient {
             cert: ctx.cert.clone(),
             cert_not_after,
             now,
+            watch: None,
         })
     }
 
@@ -329,13 +406,25 @@ impl ApiClient {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
+        let blocking = self.watch.as_ref().and_then(|w| w.take_wait());
+        let mut request = self.http.get(url.clone());
+        if let Some((index, wait)) = blocking {
+            url.query_pairs_mut()
+                .append_pair("index", &index.to_string())
+                .append_pair("wait", &format!("{}ms", wait.as_millis()));
+            request = self.http.get(url.clone()).timeout(wait + REQUEST_TIMEOUT);
+        }
         debug!(%url, "GET");
-        let response = self
-            .http
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|e| self.classify(&e))?;
+        let response = request.send().await.map_err(|e| self.classify(&e))?;
+        if let Some(watch) = &self.watch {
+            watch.saw(
+                response
+                    .headers()
+                    .get(INDEX_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            );
+        }
         let status = response.status();
         let body = response.bytes().await.map_err(|e| self.classify(&e))?;
         if !status.is_success() {
@@ -626,6 +715,24 @@ fn causes(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_waits_past_the_smallest_index_of_the_last_frame_once_per_frame() {
+        let w = WatchIndex::new(Duration::from_secs(30));
+        assert!(!w.begin_frame(), "the first frame does not wait");
+        assert_eq!(w.take_wait(), None);
+        w.saw(Some(7));
+        w.saw(None);
+        w.saw(Some(5));
+        assert_eq!(w.seen(), Some(5));
+        assert!(w.begin_frame());
+        assert_eq!(w.take_wait(), Some((5, Duration::from_secs(30))));
+        assert_eq!(w.take_wait(), None, "later reads of a frame do not wait");
+        w.saw(Some(9));
+        w.reread();
+        assert_eq!(w.seen(), None);
+        assert!(!w.begin_frame(), "after a reread nothing is waited on");
+    }
 
     #[test]
     fn status_errors_carry_the_servers_message() {

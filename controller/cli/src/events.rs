@@ -20,13 +20,13 @@ pub const FOLLOW_RETRIES: u32 = 5;
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct EventsArgs {
     /// Only events about this node.
-    #[arg(long)]
+    #[arg(long, add = crate::complete::nodes())]
     pub node: Option<String>,
     /// Only events about this job.
-    #[arg(long)]
+    #[arg(long, add = crate::complete::jobs())]
     pub job: Option<String>,
     /// Only events about this allocation.
-    #[arg(long)]
+    #[arg(long, add = crate::complete::allocs())]
     pub alloc: Option<String>,
     /// Only this type: exact (`job.applied`) or a resource (`job`, `alloc`, `node`, `exec`).
     #[arg(long = "type", value_name = "TYPE")]

@@ -52,6 +52,7 @@ pub struct ExecArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct AllocExecArgs {
     /// The allocation id.
+    #[arg(add = crate::complete::allocs())]
     pub id: String,
     /// Kill the command after this long (e.g. 30s, 5m); the CLI then exits 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]

@@ -1,7 +1,7 @@
 //! `novacron apply`, `novacron job ...` and `novacron alloc ...`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
@@ -11,7 +11,8 @@ use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
 use novacron_api::{
-    AllocPortView, AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary, PolicyApplyResult,
+    AllocPortView, AllocView, ApplyRequest, ApplyResult, FieldChange, JobDetail, JobPlan,
+    JobSummary, JobVersionView, PolicyApplyResult,
 };
 
 /// `novacron job` subcommands.
@@ -22,18 +23,50 @@ pub enum JobCommand {
     /// Show a job: versions, allocations, and why replicas are not placed.
     Status {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
     },
     /// Stop a job and all its allocations.
     Stop {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
+    },
+    /// Show what applying a Job manifest would do, changing nothing: the fields
+    /// that differ from the stored job and the allocations the controller's next
+    /// reconcile pass would start and stop (its real scheduler on a copy of its
+    /// state). The same as `apply --dry-run`.
+    Plan {
+        /// The manifest: a file, `-` for standard input, or a directory.
+        #[arg(value_name = "FILE", required = true)]
+        file: Vec<PathBuf>,
+    },
+    /// The stored versions of a job (the last 10), newest first: when, by
+    /// whom, and what changed from the version before.
+    History {
+        /// The job.
+        #[arg(add = crate::complete::jobs())]
+        name: String,
+        /// Print each version's changes in full (default: a count per version;
+        /// `-o json|yaml` always carries them).
+        #[arg(long)]
+        changes: bool,
+    },
+    /// Submit a stored version of a job again, as a new version (rolled out like
+    /// any apply); `job history` lists the versions.
+    Revert {
+        /// The job.
+        #[arg(add = crate::complete::jobs())]
+        name: String,
+        /// The stored version to go back to.
+        version: u64,
     },
     /// Set a job's replicas: re-applies its current manifest with
     /// `spec.replicas: N` (a new version, rolled out like any apply). An
     /// autoscaling policy on the job still decides the running count.
     Scale {
         /// The job.
+        #[arg(add = crate::complete::jobs())]
         name: String,
         /// The replicas the manifest asks for.
         replicas: u32,
@@ -46,15 +79,16 @@ pub enum AllocCommand {
     /// List allocations.
     List {
         /// Only this job.
-        #[arg(long)]
+        #[arg(long, add = crate::complete::jobs())]
         job: Option<String>,
         /// Only this node.
-        #[arg(long)]
+        #[arg(long, add = crate::complete::nodes())]
         node: Option<String>,
     },
     /// Print an allocation's container output.
     Logs {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
         /// Keep printing new output.
         #[arg(short, long)]
@@ -63,11 +97,20 @@ pub enum AllocCommand {
         #[arg(long, default_value_t = 0)]
         tail: u32,
     },
+    /// Restart an allocation: its agent stops it and the controller places a
+    /// fresh one for its job (a new id, where the scheduler decides), recorded
+    /// as an `alloc.restarted` event.
+    Restart {
+        /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
+        id: String,
+    },
     /// Run a command in an allocation's container, live; exits with its exit code.
     Exec(super::exec::AllocExecArgs),
     /// Checkpoint an allocation now (it keeps running) and store the bundle.
     Checkpoint {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
         /// live, fs or auto (default: the job's policy, else auto).
         #[arg(long)]
@@ -77,6 +120,7 @@ pub enum AllocCommand {
     /// transfer, restore); a failure rolls back to the source.
     Migrate {
         /// The allocation id.
+        #[arg(add = crate::complete::allocs())]
         id: String,
         /// The target node (default: the scheduler's choice).
         #[arg(long)]
@@ -101,13 +145,34 @@ pub const APPLY_KINDS: &[(&str, &[&str])] = &[
 /// of several Job documents is sent one job at a time, in order, each with its
 /// line numbers kept. The first refusal ends the command; what was applied before
 /// it stays applied.
+///
+/// With `dry_run`, each Job document is planned instead (see [`plan`]) and
+/// nothing is applied; other kinds are refused before anything is sent.
 pub async fn apply(
     client: &ApiClient,
     sources: &[std::path::PathBuf],
+    dry_run: bool,
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    for (name, text) in read_sources(sources)? {
+    let sources = read_sources(sources)?;
+    if dry_run {
+        for (name, text) in &sources {
+            let kind = manifest_kind(name, text).map_err(CliError::Invalid)?;
+            if kind != "Job" {
+                return Err(CliError::Usage(format!(
+                    "{name}: --dry-run plans Job manifests only; this file is a {kind}"
+                )));
+            }
+        }
+        for (name, text) in sources {
+            for manifest in job_documents(&name, &text) {
+                plan(client, &name, manifest, format, out).await?;
+            }
+        }
+        return Ok(());
+    }
+    for (name, text) in sources {
         let kind = manifest_kind(&name, &text).map_err(CliError::Invalid)?;
         let docs = if kind == "Job" {
             job_documents(&name, &text)
@@ -247,6 +312,117 @@ pub fn job_documents(file: &str, text: &str) -> Vec<String> {
             manifest
         })
         .collect()
+}
+
+/// Plans one Job manifest (`POST /v1/jobs/{name}/plan`) and prints the plan.
+async fn plan(
+    client: &ApiClient,
+    file: &str,
+    manifest: String,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    // The name goes in the path; a manifest without one is judged by the
+    // controller, whose answer locates the problem.
+    let job = manifest_job_name(file, &manifest).unwrap_or_else(|| "-".into());
+    let req = ApplyRequest {
+        file: file.to_string(),
+        manifest,
+    };
+    let plan: JobPlan = client.post(&["v1", "jobs", &job, "plan"], &req).await?;
+    match format {
+        OutputFormat::Table | OutputFormat::Wide => {
+            write!(out, "{}", plan_text(&plan)).map_err(output::OutputError::Io)?
+        }
+        OutputFormat::Name => writeln!(out, "job/{}", plan.job).map_err(output::OutputError::Io)?,
+        _ => output::write_value(out, format, &plan)?,
+    }
+    Ok(())
+}
+
+/// `metadata.name` of a manifest, if it has a string there.
+fn manifest_job_name(file: &str, text: &str) -> Option<String> {
+    let doc = novacron_common::manifest::yaml_documents(file, text)
+        .ok()?
+        .find_map(|doc| {
+            <serde_json::Value as serde::Deserialize>::deserialize(doc)
+                .ok()
+                .filter(|v| !v.is_null())
+        })?;
+    doc["metadata"]["name"].as_str().map(str::to_string)
+}
+
+/// A plan for people: what `apply` would answer, the changed fields, and the
+/// allocations the next reconcile pass would start and stop.
+pub fn plan_text(plan: &JobPlan) -> String {
+    let mut t = String::new();
+    let version = match (plan.outcome.as_str(), plan.current_version) {
+        ("unchanged", _) => format!("version {}", plan.version),
+        (_, Some(current)) => format!("version {current} -> {}", plan.version),
+        (_, None) => format!("version {}", plan.version),
+    };
+    t.push_str(&format!(
+        "job {}: would be {} ({version}); nothing was applied\n",
+        plan.job, plan.outcome
+    ));
+    if !plan.changes.is_empty() {
+        t.push_str("Changes:\n");
+        t.push_str(&changes_text(&plan.changes, "  "));
+    }
+    if plan.placements.is_empty() && plan.stops.is_empty() && plan.unplaced == 0 {
+        t.push_str("Placement: nothing to start or stop\n");
+    } else {
+        t.push_str("Placement (the next reconcile pass):\n");
+        for p in &plan.placements {
+            let ports = if p.ports.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.ports.join(", "))
+            };
+            t.push_str(&format!(
+                "  + start version {} on {}{ports}\n",
+                p.version, p.node
+            ));
+        }
+        for s in &plan.stops {
+            let of = if s.job == plan.job {
+                String::new()
+            } else {
+                format!(" of job {}", s.job)
+            };
+            t.push_str(&format!(
+                "  - stop {}{of} on {}: {}\n",
+                s.alloc, s.node, s.reason
+            ));
+        }
+        if plan.unplaced > 0 {
+            t.push_str(&format!(
+                "  ! {} replica{} cannot be placed: {}\n",
+                plan.unplaced,
+                if plan.unplaced == 1 { "" } else { "s" },
+                plan.message
+            ));
+        }
+    }
+    t
+}
+
+/// Changed fields, one per line: `~ path: old -> new`, `+ path: new`,
+/// `- path: old`.
+pub fn changes_text(changes: &[FieldChange], indent: &str) -> String {
+    let mut t = String::new();
+    for c in changes {
+        let line = match (&c.old, &c.new) {
+            (Some(old), Some(new)) => format!("~ {}: {old} -> {new}", c.path),
+            (None, Some(new)) => format!("+ {}: {new}", c.path),
+            (Some(old), None) => format!("- {}: {old}", c.path),
+            (None, None) => format!("~ {}", c.path),
+        };
+        t.push_str(indent);
+        t.push_str(&line);
+        t.push('\n');
+    }
+    t
 }
 
 async fn apply_one(
@@ -435,6 +611,39 @@ pub async fn run_job(
             let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
             output::write_one(out, format, &job, || job_detail(&job, now))?;
         }
+        JobCommand::Plan { file } => {
+            return apply(client, file, true, format, out).await;
+        }
+        JobCommand::History { name, changes } => {
+            let versions: Vec<JobVersionView> =
+                client.get(&["v1", "jobs", name, "versions"]).await?;
+            if format.is_human() {
+                write!(out, "{}", history_text(&versions, *changes, now))
+                    .map_err(output::OutputError::Io)?;
+            } else {
+                output::write_list(out, format, &versions, now)?;
+            }
+        }
+        JobCommand::Revert { name, version } => {
+            let result: ApplyResult = client
+                .post(
+                    &["v1", "jobs", name, "revert"],
+                    &serde_json::json!({ "version": version }),
+                )
+                .await?;
+            match format {
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
+                    out,
+                    "job {} reverted to version {version}: {} (version {})",
+                    result.job, result.outcome, result.version
+                )
+                .map_err(output::OutputError::Io)?,
+                OutputFormat::Name => {
+                    writeln!(out, "job/{}", result.job).map_err(output::OutputError::Io)?
+                }
+                _ => output::write_value(out, format, &result)?,
+            }
+        }
         JobCommand::Scale { name, replicas } => {
             let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
             if job.summary.job_type == novacron_common::manifest::JobType::System {
@@ -498,6 +707,26 @@ pub async fn run_alloc(
         }
         AllocCommand::Exec(args) => {
             return super::exec::alloc_exec(args, client, format, out).await;
+        }
+        AllocCommand::Restart { id } => {
+            let alloc: AllocView = client
+                .post(
+                    &["v1", "allocations", id, "restart"],
+                    &serde_json::json!({}),
+                )
+                .await?;
+            match format {
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
+                    out,
+                    "alloc {id} restarting: it stops on {} and job {} gets a fresh allocation",
+                    alloc.node, alloc.job
+                )
+                .map_err(output::OutputError::Io)?,
+                OutputFormat::Name => {
+                    writeln!(out, "alloc/{id}").map_err(output::OutputError::Io)?
+                }
+                _ => output::write_value(out, format, &alloc)?,
+            }
         }
         AllocCommand::Checkpoint { id, mode } => {
             return super::checkpoints::checkpoint(client, id, *mode, format, out).await;
@@ -707,6 +936,52 @@ impl TableRow for AllocView {
 
     fn resource_name(&self) -> Option<String> {
         Some(format!("alloc/{}", self.id))
+    }
+}
+
+/// `job history` for people: a table of the versions, then (with `changes`)
+/// each version's changed fields.
+fn history_text(versions: &[JobVersionView], changes: bool, now: SystemTime) -> String {
+    let mut t = output::table(versions, now);
+    t.push('\n');
+    if changes {
+        for v in versions {
+            t.push_str(&format!("\nVersion {} ({}):\n", v.version, v.file));
+            if v.changes.is_empty() {
+                t.push_str("  no field changed\n");
+            } else {
+                t.push_str(&changes_text(&v.changes, "  "));
+            }
+        }
+    }
+    t
+}
+
+impl TableRow for JobVersionView {
+    fn headers() -> &'static [&'static str] {
+        &["VERSION", "", "SUBMITTED", "BY", "CHANGES", "FROM"]
+    }
+
+    fn cells(&self, now: SystemTime) -> Vec<String> {
+        let mark = match (self.current, self.stable) {
+            (true, true) => "current, stable",
+            (true, false) => "current",
+            (false, true) => "stable",
+            (false, false) => "",
+        };
+        let changed = match self.changes.as_slice() {
+            [] => "none".to_string(),
+            [one] => one.path.clone(),
+            many => format!("{} fields", many.len()),
+        };
+        vec![
+            self.version.to_string(),
+            mark.to_string(),
+            output::ago(now, output::from_unix_ms(self.submitted_at_unix_ms)),
+            self.by.clone(),
+            changed,
+            truncate(&self.file, 60),
+        ]
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod certs;
 pub mod checkpoints;
 pub mod client;
+pub mod complete;
 pub mod config;
 pub mod context;
 pub mod costs;
@@ -118,18 +119,25 @@ pub struct Cli {
         value_parser = output::OutputFormatParser
     )]
     pub output: OutputFormat,
-    /// Redraw the result every INTERVAL (default 2s) until Ctrl-C, like watch(1);
-    /// for `node list|show`, `job list|status`, `alloc list` and `policy list`.
+    /// Watch the result, built on the controller's blocking queries: each read
+    /// waits until the store changes (at most BOUND, default 30s; 5s for `node`,
+    /// whose liveness and metrics are not in the store's index), until Ctrl-C. On
+    /// a terminal a table is redrawn; otherwise (and with -o json|yaml|name|...)
+    /// each change is printed once, without a screen header: -o json writes one
+    /// JSON document per line (NDJSON). For `node list|show`, `job list|status`,
+    /// `alloc list`, `events` (without --follow), `policy list` and `pool list`.
     #[arg(
         short,
         long,
         global = true,
-        value_name = "INTERVAL",
+        value_name = "BOUND",
         num_args = 0..=1,
-        default_missing_value = "2s",
         value_parser = parse_interval
     )]
-    pub watch: Option<Duration>,
+    pub watch: Option<Option<Duration>>,
+    /// The blocking-query state of a running `--watch` (not an argument).
+    #[arg(skip)]
+    pub watch_index: Option<std::sync::Arc<client::WatchIndex>>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -150,6 +158,10 @@ pub enum Command {
         /// The YAML manifest: a file, `-` for standard input, or a directory.
         #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
         file: Vec<PathBuf>,
+        /// Apply nothing: show what each Job manifest would change and where
+        /// the controller would place it (as `novacron job plan`).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Jobs.
     #[command(subcommand)]
@@ -209,8 +221,16 @@ pub enum Command {
     },
 }
 
-/// The shortest `--watch` interval.
+/// The shortest `--watch` bound.
 pub const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// How long one read of `--watch` waits for a change at most, by default.
+pub const WATCH_WAIT: Duration = Duration::from_secs(30);
+/// [`WATCH_WAIT`] for `node` commands: liveness and metrics are not in the
+/// store's index, so a node is read again at least this often.
+pub const NODE_WATCH_WAIT: Duration = Duration::from_secs(5);
+/// How long `--watch` waits before reading again after the controller could
+/// not be reached.
+pub const WATCH_RETRY: Duration = Duration::from_secs(2);
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
@@ -233,7 +253,7 @@ pub fn watchable(command: &Command) -> bool {
             | Command::Policy(policies::PolicyCommand::List)
             | Command::Pool(pools::PoolCommand::List)
             | Command::Alloc(jobs::AllocCommand::List { .. })
-    )
+    ) || matches!(&command, Command::Events(args) if !args.follow)
 }
 
 /// Errors of a CLI command.
@@ -343,8 +363,8 @@ pub async fn run(
     out: &mut dyn Write,
     now: SystemTime,
 ) -> Result<(), CliError> {
-    if let Some(every) = cli.watch {
-        return watch(cli, env, out, every).await;
+    if let Some(bound) = cli.watch {
+        return watch(cli, env, out, bound).await;
     }
     match &cli.command {
         Command::Completion { shell } => {
@@ -386,9 +406,9 @@ pub async fn run(
             let path = config_path(cli, env)?;
             dev::run(args, &path, out).await.map_err(CliError::Dev)
         }
-        Command::Apply { file } => {
+        Command::Apply { file, dry_run } => {
             let client = connect(cli, env, now)?;
-            jobs::apply(&client, file, cli.output, out).await
+            jobs::apply(&client, file, *dry_run, cli.output, out).await
         }
         Command::Job(cmd) => {
             let client = connect(cli, env, now)?;
@@ -429,59 +449,162 @@ pub async fn run(
     }
 }
 
-/// Runs `cli` (without `--watch`) every `every`, redrawing the screen on a
-/// terminal; stops on Ctrl-C. A controller that cannot be reached is shown and
-/// retried, as watch(1) does; other errors end the watch.
+/// Runs `cli` (without `--watch`) again each time what it shows changes, until
+/// Ctrl-C or until standard output is closed. Each frame's first read is a
+/// blocking query ([`client::WatchIndex`]) that waits at most `bound` for the
+/// store to change. On a terminal a table is redrawn under a header; otherwise
+/// (or with a machine format) a frame is printed only when it differs from the
+/// last one, `-o json` as one line (NDJSON). A controller that cannot be reached
+/// is reported and retried, as watch(1) does; other errors end the watch.
 async fn watch(
     cli: &Cli,
     env: &dyn Env,
     out: &mut dyn Write,
-    every: Duration,
+    bound: Option<Duration>,
 ) -> Result<(), CliError> {
     if !watchable(&cli.command) {
         return Err(CliError::Usage(
-            "--watch works with `node list|show`, `job list|status`, `alloc list` and `policy list`".into(),
+            "--watch works with `node list|show`, `job list|status`, `alloc list`, `events` (without --follow), `policy list` and `pool list`".into(),
         ));
     }
+    let wait = bound.unwrap_or(if matches!(cli.command, Command::Node(_)) {
+        NODE_WATCH_WAIT
+    } else {
+        WATCH_WAIT
+    });
+    let index = std::sync::Arc::new(client::WatchIndex::new(wait));
     let once = Cli {
         watch: None,
+        watch_index: Some(index.clone()),
         ..cli.clone()
     };
-    let terminal = io::stdout().is_terminal();
+    let screen = io::stdout().is_terminal() && cli.output.is_human();
     let title = std::env::args().collect::<Vec<_>>().join(" ");
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let closed = stdout_closed(!screen);
+    tokio::pin!(closed);
+    let mut last: Option<Vec<u8>> = None;
     loop {
-        let now = SystemTime::now();
-        let mut frame = Vec::new();
-        match Box::pin(run(&once, env, &mut frame, now)).await {
-            Ok(()) => {}
+        let blocking = index.begin_frame();
+        let started = std::time::Instant::now();
+        let frame = async {
+            let mut result = watch_frame(&once, env).await;
+            // Ages are computed against the time a frame starts: after a long
+            // wait the frame is read again, at once, for current ages.
+            if blocking && result.is_ok() && started.elapsed() > Duration::from_secs(1) {
+                index.reread();
+                result = watch_frame(&once, env).await;
+            }
+            result
+        };
+        let frame = tokio::select! {
+            r = frame => r,
+            _ = &mut ctrl_c => return Ok(()),
+            _ = &mut closed => return Ok(()),
+        };
+        let (frame, retry) = match frame {
+            Ok(frame) => (frame, false),
             Err(CliError::Client(e)) if e.is_unreachable() => {
-                frame = format!("error: {e}\n").into_bytes();
+                index.reread(); // the next read starts afresh
+                if !screen {
+                    let _ = writeln!(io::stderr(), "error: {e}");
+                }
+                (format!("error: {e}\n").into_bytes(), true)
             }
             Err(e) => return Err(e),
-        }
-        if terminal {
+        };
+        if screen {
             // Cursor home, clear screen.
-            write!(out, "\x1b[H\x1b[2J").map_err(OutputError::Io)?;
-        }
-        writeln!(
-            out,
-            "Every {}: {title}    {}\n",
-            humantime::format_duration(every),
-            humantime::format_rfc3339_seconds(now)
-        )
-        .map_err(OutputError::Io)?;
-        out.write_all(&frame).map_err(OutputError::Io)?;
-        if !terminal {
-            writeln!(out).map_err(OutputError::Io)?;
+            write!(
+                out,
+                "\x1b[H\x1b[2J{title}    {}\n\n",
+                humantime::format_rfc3339_seconds(SystemTime::now())
+            )
+            .map_err(OutputError::Io)?;
+            out.write_all(&frame).map_err(OutputError::Io)?;
+        } else if !retry && last.as_ref() != Some(&frame) {
+            out.write_all(&stream_frame(cli.output, &frame))
+                .map_err(OutputError::Io)?;
+            last = Some(frame);
         }
         out.flush().map_err(OutputError::Io)?;
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = &mut ctrl_c => return Ok(()),
+        // A read that carried no index (not in the store, or an error) cannot
+        // block: the next one waits here instead.
+        if retry || index.seen().is_none() {
+            let pause = if retry { WATCH_RETRY.min(wait) } else { wait };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = &mut ctrl_c => return Ok(()),
+                _ = &mut closed => return Ok(()),
+            }
         }
     }
+}
+
+/// One frame of `--watch`: what `cli` prints once.
+async fn watch_frame(cli: &Cli, env: &dyn Env) -> Result<Vec<u8>, CliError> {
+    let mut frame = Vec::new();
+    Box::pin(run(cli, env, &mut frame, SystemTime::now())).await?;
+    Ok(frame)
+}
+
+/// A frame as `--watch` prints it when it is not redrawing a screen: JSON on one
+/// line (NDJSON), YAML as its own document, a table followed by an empty line,
+/// anything else as it is.
+fn stream_frame(format: OutputFormat, frame: &[u8]) -> Vec<u8> {
+    match format {
+        OutputFormat::Json => match serde_json::from_slice::<serde_json::Value>(frame) {
+            Ok(value) => {
+                let mut line = value.to_string().into_bytes();
+                line.push(b'\n');
+                line
+            }
+            Err(_) => frame.to_vec(),
+        },
+        OutputFormat::Yaml => [b"---\n", frame].concat(),
+        OutputFormat::Table | OutputFormat::Wide => [frame, b"\n"].concat(),
+        _ => frame.to_vec(),
+    }
+}
+
+/// Resolves when standard output is a pipe or socket whose reader has gone
+/// (`novacron job list --watch -o json | head -1`), so that a watch waiting for
+/// a change ends then rather than at its next write. Never resolves when `check`
+/// is false or standard output cannot be polled (a file).
+async fn stdout_closed(check: bool) {
+    if check {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // poll(2) on a thread of its own: it reports POLLERR on a pipe whose
+        // reader has gone, and nothing on a file. The thread ends with the watch.
+        let spawned = std::thread::Builder::new()
+            .name("stdout-watch".into())
+            .spawn(move || {
+                use rustix::event::{PollFd, PollFlags, Timespec, poll};
+                use std::os::fd::AsFd;
+                let stdout = io::stdout();
+                let fd = stdout.as_fd();
+                let second = Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                while !tx.is_closed() {
+                    let mut fds = [PollFd::new(&fd, PollFlags::empty())];
+                    match poll(&mut fds, Some(&second)) {
+                        Ok(_) if fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP) => {
+                            let _ = tx.send(());
+                            return;
+                        }
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        if spawned.is_ok() && rx.await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// The context file: `--config` (or `NOVACRON_CONFIG`), else the default location.
@@ -498,10 +621,9 @@ fn connect(cli: &Cli, env: &dyn Env, now: SystemTime) -> Result<ApiClient, CliEr
     let file = ContextFile::load(&path)?;
     let (name, ctx) = file.select(cli.context.as_deref(), &path)?;
     let token = env.var(config::TOKEN_ENV).filter(|t| !t.trim().is_empty());
-    Ok(ApiClient::with_token(
-        &name,
-        &ctx.resolved(&path),
-        token,
-        now,
-    )?)
+    let client = ApiClient::with_token(&name, &ctx.resolved(&path), token, now)?;
+    Ok(match &cli.watch_index {
+        Some(index) => client.watching(index.clone()),
+        None => client,
+    })
 }

@@ -24,21 +24,25 @@ pub enum NodeCommand {
     /// the latest metrics sample.
     Show {
         /// The node's name.
+        #[arg(add = crate::complete::nodes())]
         name: String,
     },
     /// Cordon a node: nothing new is placed on it; what runs there stays.
     Cordon {
         /// The node's name.
+        #[arg(add = crate::complete::nodes())]
         name: String,
     },
     /// Lift a node's cordon (set by `cordon`, a drain or a spot notice).
     Uncordon {
         /// The node's name.
+        #[arg(add = crate::complete::nodes())]
         name: String,
     },
     /// Cordon a node and move its running allocations elsewhere with their state.
     Drain {
         /// The node's name.
+        #[arg(add = crate::complete::nodes())]
         name: String,
         /// Migrate each allocation (checkpoint, transfer, restore; one after
         /// another). Required: draining by restarting elsewhere is what losing the

@@ -21,7 +21,9 @@ use utoipa_axum::routes;
 
 use crate::http::api::{ApiState, ApplyRequest, Caller, Problem, check_apply, internal};
 use crate::services::events::{NewEvent, kind};
-use crate::services::workloads::{ApplyResult, JobDetail, JobSummary, WorkloadError};
+use crate::services::workloads::{
+    ApplyResult, JobDetail, JobPlan, JobSummary, JobVersionView, WorkloadError,
+};
 
 /// The job and allocation routes.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
@@ -29,8 +31,12 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(apply_job, list_jobs))
         .routes(routes!(show_job, delete_job))
         .routes(routes!(stop_job))
+        .routes(routes!(plan_job))
+        .routes(routes!(job_versions))
+        .routes(routes!(revert_job))
         .routes(routes!(list_allocations))
         .routes(routes!(show_allocation))
+        .routes(routes!(restart_allocation))
         .routes(routes!(allocation_logs))
 }
 
@@ -115,6 +121,91 @@ async fn stop_job(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{name}/plan", tag = "workloads", params(("name" = String, Path, description = "job name: the manifest's `metadata.name`")), request_body = ApplyRequest, responses((status = 200, description = "what applying the manifest would do: the changed fields, and the allocations the controller's next reconcile pass would start and stop, decided by its real reconcile and scheduler on a copy of its state; nothing is kept", body = JobPlan), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the manifest is invalid, or names another job than the path; the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn plan_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Operator)?;
+    check_apply(&req)?;
+    let (workloads, who) = (st.workloads.clone(), caller.0.to_string());
+    let plan = st
+        .heavy
+        .run(move || {
+            workloads.plan_apply(
+                &req.file,
+                &req.manifest,
+                &who,
+                SystemTime::now(),
+                std::time::Instant::now(),
+            )
+        })
+        .await?
+        .map_err(workload_problem)?;
+    if plan.job != name {
+        return Err(Problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the manifest names job {:?}, not {name:?}; plan it at /v1/jobs/{}/plan",
+                plan.job, plan.job
+            ),
+        ));
+    }
+    Ok(Json(plan).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{name}/versions", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 200, description = "the stored versions, newest first (the last 10 are kept), each with who submitted it, when, and the fields changed from the version before it", body = Vec<JobVersionView>), (status = 404, description = "no such job", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn job_versions(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(st.workloads.versions(&name).map_err(workload_problem)?).into_response())
+}
+
+/// `POST /v1/jobs/{name}/revert` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    /// The stored version to submit again.
+    pub version: u64,
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{name}/revert", tag = "workloads", params(("name" = String, Path, description = "job name")), request_body = RevertRequest, responses((status = 200, description = "the stored version was submitted again as a new version (`unchanged` when it is the current one), rolled out like any apply", body = ApplyResult), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the body is not `{\"version\": N}`", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 404, description = "no such job, or no such stored version (the message names the kept ones)", content_type = "application/problem+json", body = ApiError), (status = 503, description = "the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn revert_job(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<RevertRequest>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Operator)?;
+    let by = caller.0.to_string();
+    let (workloads, who, job) = (st.workloads.clone(), by.clone(), name.clone());
+    let result = st
+        .heavy
+        .run(move || workloads.revert(&job, req.version, &who, SystemTime::now()))
+        .await?
+        .map_err(workload_problem)?;
+    st.events.note(
+        NewEvent::new(
+            kind::JOB_APPLIED,
+            by,
+            format!(
+                "job {name} reverted to version {}: {} (version {})",
+                req.version, result.outcome, result.version
+            ),
+        )
+        .job(&name)
+        .detail("version", result.version)
+        .detail("outcome", &result.outcome)
+        .detail("reverted_to", req.version),
+    );
+    Ok(Json(result).into_response())
+}
+
 /// Filters of `GET /v1/allocations`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +241,31 @@ async fn show_allocation(
     caller.require(Role::Viewer)?;
     let allocation = st.workloads.allocation(&id).map_err(workload_problem)?;
     Ok(Json(AllocView::from(allocation)).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/allocations/{id}/restart", tag = "workloads", params(("id" = String, Path, description = "allocation id")), responses((status = 202, description = "restarting: the allocation is no longer wanted (its agent stops it) and the reconciler's next pass places a fresh one for its job; an `alloc.restarted` event records it. The body is the allocation as it is now", body = AllocView), (status = 404, description = "no such allocation", content_type = "application/problem+json", body = ApiError), (status = 409, description = "the allocation is already stopping or ended; nothing to restart", content_type = "application/problem+json", body = ApiError), (status = 503, description = "the store cannot write now; nothing was changed", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was changed", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn restart_allocation(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Operator)?;
+    if !st
+        .workloads
+        .restart(&id, &caller.0.to_string())
+        .map_err(workload_problem)?
+    {
+        let a = st.workloads.allocation(&id).map_err(workload_problem)?;
+        return Err(Problem(
+            StatusCode::CONFLICT,
+            format!(
+                "allocation {id} is already {} and not wanted any more; nothing to restart (`novacron job status {}` shows its replacement)",
+                a.state, a.job
+            ),
+        ));
+    }
+    let allocation = st.workloads.allocation(&id).map_err(workload_problem)?;
+    Ok((StatusCode::ACCEPTED, Json(AllocView::from(allocation))).into_response())
 }
 
 /// Options of `GET /v1/allocations/{id}/logs`.
@@ -251,9 +367,9 @@ async fn allocation_logs(
 fn workload_problem(e: WorkloadError) -> Problem {
     match e {
         WorkloadError::Invalid(m) => Problem(StatusCode::UNPROCESSABLE_ENTITY, m),
-        e @ (WorkloadError::UnknownJob(_) | WorkloadError::UnknownAlloc(_)) => {
-            Problem(StatusCode::NOT_FOUND, e.to_string())
-        }
+        e @ (WorkloadError::UnknownJob(_)
+        | WorkloadError::UnknownAlloc(_)
+        | WorkloadError::UnknownVersion(_)) => Problem(StatusCode::NOT_FOUND, e.to_string()),
         WorkloadError::Store(e) => crate::http::api::store_problem(e),
     }
 }

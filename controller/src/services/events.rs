@@ -46,6 +46,8 @@ pub mod kind {
     pub const ALLOC_LOST: &str = "alloc.lost";
     /// An allocation was told to stop.
     pub const ALLOC_STOPPED: &str = "alloc.stopped";
+    /// An operator restarted an allocation (it is replaced).
+    pub const ALLOC_RESTARTED: &str = "alloc.restarted";
     /// A node enrolled.
     pub const NODE_ENROLLED: &str = "node.enrolled";
     /// A node was revoked.

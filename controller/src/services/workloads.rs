@@ -32,8 +32,11 @@ use crate::services::events::{EventLog, NewEvent, kind};
 use crate::services::pass_stats::PassStats;
 use crate::state::registry::{PlacementNode, Registry};
 use crate::state::store::{AllocPort, AllocRecord, JobRecord, ReplicaOverride, Store, StoreError};
-pub use novacron_api::{ApplyResult, JobDetail, JobSummary};
+pub use novacron_api::{
+    ApplyResult, JobDetail, JobPlan, JobSummary, JobVersionView, PlannedPlacement, PlannedStop,
+};
 use novacron_common::clock::unix_ms;
+use novacron_common::manifest::diff::manifest_changes;
 use plan::{
     Action, Jobs, NewVersion, alloc_ports, node_views, push_record_version, scheduling_snapshot,
 };
@@ -57,6 +60,9 @@ pub enum WorkloadError {
     /// No such allocation.
     #[error("unknown allocation {0:?}; `novacron alloc list` shows the allocations")]
     UnknownAlloc(String),
+    /// No such stored version of a job (the message names the kept ones).
+    #[error("{0}")]
+    UnknownVersion(String),
     /// Persisting failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -237,48 +243,22 @@ impl Workloads {
         now: SystemTime,
     ) -> Result<ApplyResult, WorkloadError> {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
-        let hash = job.version_hash();
         let mut st = self.lock();
         let name = job.name.clone();
         // The new record is written first; the jobs the API lists and the
         // reconciler schedules change only once it is on disk (under the lock, so
         // nothing sees one without the other).
-        let (mut record, outcome) = match st.jobs.get(&name) {
-            Some(entry) => {
-                let same = entry
-                    .record
-                    .versions
-                    .iter()
-                    .find(|v| v.version == entry.record.current)
-                    .is_some_and(|v| v.spec_hash == hash);
-                if same && !entry.record.stopped {
-                    return Ok(ApplyResult {
-                        job: name,
-                        version: entry.record.current,
-                        outcome: "unchanged".into(),
-                    });
-                }
-                (entry.record.clone(), "updated")
+        let (record, outcome) = match next_record(st.jobs.get(&name), &job, file, text, by, now) {
+            Next::Unchanged(version) => {
+                return Ok(ApplyResult {
+                    job: name,
+                    version,
+                    outcome: "unchanged".into(),
+                });
             }
-            None => (new_job_record(&name), "created"),
+            Next::Record(record, outcome) => (record, outcome),
         };
-        let version = record.versions.last().map_or(1, |v| v.version + 1);
-        let new = NewVersion {
-            version,
-            source: text,
-            file,
-            hash: &hash,
-            by,
-            at_ms: unix_ms(now),
-        };
-        push_record_version(&mut record, &new);
-        record.stopped = false;
-        record.status = "running".into();
-        record.message = if outcome == "created" {
-            format!("submitted by {by}")
-        } else {
-            format!("version {version} submitted by {by}")
-        };
+        let version = record.current;
         self.store.put_job(&record)?;
         let entry = st.jobs.entry(name.clone()).or_insert_with(|| JobEntry {
             record: record.clone(),
@@ -297,6 +277,190 @@ impl Workloads {
             version,
             outcome: outcome.into(),
         })
+    }
+
+    /// What applying `text` would do, without keeping anything: the real
+    /// reconcile pass ([`plan::plan`]) and scheduler run on a copy of the jobs
+    /// with the new version in, against the allocations and nodes as they are;
+    /// the decisions about this job are returned.
+    pub fn plan_apply(
+        &self,
+        file: &str,
+        text: &str,
+        by: &str,
+        now: SystemTime,
+        at: Instant,
+    ) -> Result<JobPlan, WorkloadError> {
+        let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
+        let name = job.name.clone();
+        let nodes = self.registry.placement_nodes(at);
+        let index = self.checkpoints.get().cloned();
+        let latest = |id: &str| index.as_ref()?.latest(id);
+        let st = self.lock();
+        let current = st.jobs.get(&name);
+        let current_version = current.map(|e| e.record.current);
+        let current_source = current.and_then(|e| {
+            e.record
+                .versions
+                .iter()
+                .find(|v| v.version == e.record.current)
+                .map(|v| v.source.clone())
+        });
+        let mut jobs = st.jobs.clone();
+        let (outcome, version) = match next_record(current, &job, file, text, by, now) {
+            Next::Unchanged(version) => ("unchanged", version),
+            Next::Record(record, outcome) => {
+                let version = record.current;
+                let entry = jobs.entry(name.clone()).or_insert_with(|| JobEntry {
+                    record: record.clone(),
+                    parsed: BTreeMap::new(),
+                });
+                entry.parsed.insert(version, job);
+                entry.record = record;
+                (outcome, version)
+            }
+        };
+        let changes = if outcome == "unchanged" {
+            Vec::new()
+        } else {
+            manifest_changes(current_source.as_deref(), text)
+        };
+        // Ids are not shown: a counter keeps the plan deterministic.
+        let mut n = 0u64;
+        let mut next_id = || {
+            n += 1;
+            n
+        };
+        let snapshot = plan::Snapshot {
+            now_ms: unix_ms(now),
+            jobs: &jobs,
+            allocs: &st.allocs,
+            nodes: &nodes,
+            failures: &st.failures,
+            recoveries: &st.recoveries,
+        };
+        let decided = plan::plan(&snapshot, &latest, &mut next_id);
+        let mut result = JobPlan {
+            job: name.clone(),
+            outcome: outcome.into(),
+            version,
+            current_version,
+            changes,
+            placements: Vec::new(),
+            stops: Vec::new(),
+            unplaced: decided.unplaced.get(&name).map_or(0, |(_, n)| *n),
+            message: String::new(),
+        };
+        let stop = |alloc: &str, reason: &str, by_this: bool| {
+            let a = st.allocs.get(alloc)?;
+            (a.job == name || by_this).then(|| PlannedStop {
+                alloc: a.id.clone(),
+                job: a.job.clone(),
+                node: a.node.clone(),
+                reason: reason.to_string(),
+            })
+        };
+        for action in &decided.actions {
+            match action {
+                Action::Place(r) if r.job == name => result.placements.push(PlannedPlacement {
+                    node: r.node.clone(),
+                    version: r.version,
+                    ports: r
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}/{}", p.host_port, p.protocol))
+                        .collect(),
+                }),
+                Action::Stop { alloc, message }
+                | Action::MarkLost { alloc, message }
+                | Action::Fail { alloc, message, .. } => {
+                    result.stops.extend(stop(alloc, message, false));
+                }
+                Action::Preempt { alloc, by, message } => {
+                    result.stops.extend(stop(alloc, message, *by == name));
+                }
+                Action::SetJobStatus { job, message, .. } if *job == name => {
+                    result.message.clone_from(message);
+                }
+                _ => {}
+            }
+        }
+        if result.unplaced == 0 {
+            result.message.clear();
+        }
+        Ok(result)
+    }
+
+    /// The stored versions of a job, newest first, each with what changed from
+    /// the one before it (at most [`MAX_JOB_VERSIONS`] are kept).
+    ///
+    /// [`MAX_JOB_VERSIONS`]: crate::state::store::MAX_JOB_VERSIONS
+    pub fn versions(&self, name: &str) -> Result<Vec<JobVersionView>, WorkloadError> {
+        let record = self
+            .lock()
+            .jobs
+            .get(name)
+            .map(|e| e.record.clone())
+            .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+        let mut out = Vec::with_capacity(record.versions.len());
+        let mut before: Option<&str> = None;
+        for v in &record.versions {
+            out.push(JobVersionView {
+                version: v.version,
+                submitted_at_unix_ms: v.submitted_at_unix_ms,
+                by: v.by.clone(),
+                file: v.file.clone(),
+                current: v.version == record.current,
+                stable: record.stable == Some(v.version),
+                changes: manifest_changes(before, &v.source),
+                manifest: v.source.clone(),
+            });
+            before = Some(&v.source);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Submits stored version `version` of job `name` again, as a new version
+    /// (as Nomad's `job revert` does); `unchanged` when it is the current one.
+    pub fn revert(
+        &self,
+        name: &str,
+        version: u64,
+        by: &str,
+        now: SystemTime,
+    ) -> Result<ApplyResult, WorkloadError> {
+        let source = {
+            let st = self.lock();
+            let entry = st
+                .jobs
+                .get(name)
+                .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+            let kept: Vec<String> = entry
+                .record
+                .versions
+                .iter()
+                .map(|v| v.version.to_string())
+                .collect();
+            entry
+                .record
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .map(|v| v.source.clone())
+                .ok_or_else(|| {
+                    WorkloadError::UnknownVersion(format!(
+                        "job {name} has no stored version {version}; the kept versions are {} (`novacron job history {name}`)",
+                        kept.join(", ")
+                    ))
+                })?
+        };
+        self.apply(
+            &format!("revert of job {name} to version {version}"),
+            &source,
+            by,
+            now,
+        )
     }
 
     /// Stops a job: all its allocations stop.
@@ -323,6 +487,43 @@ impl Workloads {
     /// reconciler places a replacement on another node, as for a stopped one.
     /// Returns whether it was evicted (`false`: already stopped or terminal).
     pub fn evict(&self, id: &str, reason: &str, by: &str) -> Result<bool, WorkloadError> {
+        self.release(id, by, format!("evicted: {reason}"), |a| {
+            NewEvent::new(kind::ALLOC_STOPPED, by, format!("evicting {id}: {reason}"))
+                .node(&a.node)
+                .job(&a.job)
+                .alloc(id)
+                .detail("evicted", "true")
+        })
+    }
+
+    /// Restarts one allocation (`novacron alloc restart`): as [`Workloads::evict`],
+    /// its agent stops it and the reconciler's next pass places a fresh one for
+    /// its job (an agent has no in-place restart). Returns whether it was
+    /// restarted (`false`: already stopped or terminal).
+    pub fn restart(&self, id: &str, by: &str) -> Result<bool, WorkloadError> {
+        self.release(id, by, format!("restarted by {by}"), |a| {
+            NewEvent::new(
+                kind::ALLOC_RESTARTED,
+                by,
+                format!(
+                    "restarting {id} of job {} on {}: a replacement is placed",
+                    a.job, a.node
+                ),
+            )
+            .node(&a.node)
+            .job(&a.job)
+            .alloc(id)
+        })
+    }
+
+    /// Stops wanting allocation `id`, with `message`, and records `event`.
+    fn release(
+        &self,
+        id: &str,
+        by: &str,
+        message: String,
+        event: impl FnOnce(&AllocRecord) -> NewEvent,
+    ) -> Result<bool, WorkloadError> {
         let now = SystemTime::now();
         let mut st = self.lock();
         let a = st
@@ -332,19 +533,15 @@ impl Workloads {
         if !a.desired_run || a.state.is_terminal() {
             return Ok(false);
         }
-        let mut evicted = a.clone();
-        evicted.desired_run = false;
-        evicted.message = format!("evicted: {reason}");
-        evicted.updated_unix_ms = unix_ms(now);
+        let mut released = a.clone();
+        released.desired_run = false;
+        released.message = message;
+        released.updated_unix_ms = unix_ms(now);
         self.store
-            .save_allocations(std::slice::from_ref(&evicted), &[])?;
-        *a = evicted;
-        let event = NewEvent::new(kind::ALLOC_STOPPED, by, format!("evicting {id}: {reason}"))
-            .node(&a.node)
-            .job(&a.job)
-            .alloc(id)
-            .detail("evicted", "true");
-        info!(alloc = %id, job = %a.job, node = %a.node, %reason, "evicting allocation");
+            .save_allocations(std::slice::from_ref(&released), &[])?;
+        *a = released;
+        let event = event(a);
+        info!(alloc = %id, job = %a.job, node = %a.node, reason = %a.message, by, "releasing allocation");
         drop(st);
         self.record(vec![event], now);
         self.wake.notify_one();
@@ -1133,6 +1330,60 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
 }
 
 /// The record of a job not submitted yet.
+/// What applying a manifest makes of a job's record.
+enum Next {
+    /// Nothing: the current version has the same spec and the job runs.
+    Unchanged(u64),
+    /// The record with the new version current, and `created` or `updated`.
+    Record(JobRecord, &'static str),
+}
+
+/// The job's record after applying `job` (from `text` in `file`, by `by`) to
+/// `entry`, the job as it is (`None`: new).
+fn next_record(
+    entry: Option<&JobEntry>,
+    job: &Job,
+    file: &str,
+    text: &str,
+    by: &str,
+    now: SystemTime,
+) -> Next {
+    let hash = job.version_hash();
+    let (mut record, outcome) = match entry {
+        Some(entry) => {
+            let same = entry
+                .record
+                .versions
+                .iter()
+                .find(|v| v.version == entry.record.current)
+                .is_some_and(|v| v.spec_hash == hash);
+            if same && !entry.record.stopped {
+                return Next::Unchanged(entry.record.current);
+            }
+            (entry.record.clone(), "updated")
+        }
+        None => (new_job_record(&job.name), "created"),
+    };
+    let version = record.versions.last().map_or(1, |v| v.version + 1);
+    let new = NewVersion {
+        version,
+        source: text,
+        file,
+        hash: &hash,
+        by,
+        at_ms: unix_ms(now),
+    };
+    push_record_version(&mut record, &new);
+    record.stopped = false;
+    record.status = "running".into();
+    record.message = if outcome == "created" {
+        format!("submitted by {by}")
+    } else {
+        format!("version {version} submitted by {by}")
+    };
+    Next::Record(record, outcome)
+}
+
 fn new_job_record(name: &str) -> JobRecord {
     JobRecord {
         name: name.to_string(),
