@@ -14,7 +14,10 @@ pub mod selector;
 
 pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
-pub use jobs::{AllocPortView, AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary};
+pub use jobs::{
+    AllocPortView, AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary,
+    PublishedAddressView,
+};
 pub use migrations::{DrainPlan, MigrationStatus, Phase};
 pub use policies::{DecisionView, PolicyApplyResult, PolicyView};
 pub use pools::{PoolNodeStatus, PoolStatus};

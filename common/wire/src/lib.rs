@@ -665,6 +665,28 @@ pub struct AllocationStatus {
     pub container_id: Option<String>,
     /// When the current run started, Unix ms.
     pub started_at_unix_ms: Option<u64>,
+    /// Where its ports are published on the node, as the container runtime bound
+    /// them (empty unless it runs). At most [`MAX_PUBLISHED`] entries are read.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
+}
+
+/// The most published addresses one allocation's status carries (a port bound on
+/// IPv4 and IPv6 counts twice); the controller keeps no more than these.
+pub const MAX_PUBLISHED: usize = 128;
+
+/// A port of a running container as the runtime published it on the node: the
+/// host address and port, and the container port with its protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The address it is bound to on the node (`0.0.0.0` or `::`: every address).
+    pub host_ip: std::net::IpAddr,
+    /// The port on the node.
+    pub host_port: u16,
+    /// The port in the container.
+    pub container_port: u16,
+    /// `true` for UDP.
+    pub udp: bool,
 }
 
 /// Usage of one allocation.

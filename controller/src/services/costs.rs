@@ -294,6 +294,7 @@ mod tests {
             priority: 0,
             disk_bytes: 0,
             ports: vec![],
+            published: vec![],
         }
     }
 

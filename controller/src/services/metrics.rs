@@ -1023,6 +1023,7 @@ mod tests {
             priority: 50,
             disk_bytes: 0,
             ports: vec![],
+            published: vec![],
         }
     }
 
