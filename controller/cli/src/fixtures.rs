@@ -49,6 +49,7 @@ pub fn fixture() -> Vec<NodeView> {
                 available_bytes: GI / 2,
                 read_bytes_per_sec: 0,
                 written_bytes_per_sec: 0,
+                used_bytes: GI / 2,
             },
             DiskSample {
                 mount: "/var/lib/docker".into(),
@@ -57,6 +58,7 @@ pub fn fixture() -> Vec<NodeView> {
                 available_bytes: 60 * GI,
                 read_bytes_per_sec: 1_258_291,
                 written_bytes_per_sec: 2048,
+                used_bytes: 35 * GI,
             },
         ],
         networks: vec![NetworkSample {

@@ -972,6 +972,7 @@ mod tests {
                 available_bytes: 60 * GIB,
                 read_bytes_per_sec: 1024,
                 written_bytes_per_sec: 2048,
+                used_bytes: 35 * GIB,
             }],
             networks: vec![NetworkSample {
                 interface: "eth0".into(),
