@@ -173,6 +173,16 @@ pub struct RunArgs {
     /// [env: NOVACRON_LOG_FORMAT] [file: log_format] [default: text].
     #[arg(long, value_name = "text|json")]
     pub log_format: Option<String>,
+    /// A Prometheus endpoint (`GET /metrics`, plain HTTP) for scraping this host
+    /// directly: off, on (127.0.0.1:9393), a port (on 127.0.0.1) or IP:PORT
+    /// [env: NOVACRON_METRICS_LISTEN] [file: metrics_listen] [default: off].
+    #[arg(long, value_name = "off|on|PORT|IP:PORT")]
+    pub metrics_listen: Option<String>,
+    /// For tests only (hidden): offer only these wire protocol versions (`2`,
+    /// `2-3`), within those this build speaks, to act as an older agent in the
+    /// version-skew tests. Not for production use.
+    #[arg(long, hide = true, value_name = "MIN-MAX", value_parser = novacron_common::wire::VersionRange::parse_within_supported)]
+    pub wire_versions: Option<novacron_common::wire::VersionRange>,
 }
 
 /// Runs the command line (logging is set up here, once the file is read, since the
@@ -245,6 +255,9 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
 }
 
 async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
+    let wire_versions = args
+        .wire_versions
+        .unwrap_or(novacron_common::wire::SUPPORTED);
     let flags = RunFlags {
         state_dir: args.state_dir,
         labels: args.labels,
@@ -260,6 +273,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         spot_notice: args.spot_notice,
         dynamic_ports: args.dynamic_ports,
         publish_address: args.publish_address,
+        metrics_listen: args.metrics_listen,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -270,6 +284,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         allow: args.host_exec_allow.clone(),
     };
     let labels = args.labels.clone();
+    let zone = labels.get("zone").cloned().unwrap_or_default();
     let state = StateDir::new(&args.state_dir);
     let enrollment = match state.load_enrollment() {
         Ok(e) => e,
@@ -333,7 +348,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
             return 1;
         }
     };
-    let mut sampler = Sampler::new(Box::new(host), gpus);
+    let (latest_tx, latest) = tokio::sync::watch::channel(None);
+    let mut sampler = Sampler::new(Box::new(host), gpus).publishing_to(latest_tx);
     let mut capacity = sampler.capacity();
     capacity.dynamic_ports = args.dynamic_ports;
     let config = AgentConfig {
@@ -355,8 +371,25 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         host_exec,
         checkpoints,
         spot,
+        wire_versions,
     };
     let cancel = CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                return config_error(&format!(
+                    "metrics_listen {addr}: cannot listen there: {e} (choose another port, or \"off\")"
+                ));
+            }
+        };
+        let source = crate::metrics::Source {
+            node: enrollment.node_name.clone(),
+            zone,
+            latest,
+        };
+        tokio::spawn(crate::metrics::serve(listener, source, cancel.clone()));
+    }
     let stopper = cancel.clone();
     novacron_common::signal::ignore_hangup("novacron-agent");
     tokio::spawn(async move {

@@ -9,7 +9,7 @@
 //! exits 64 with it. The environment is read through [`Env`] so tests pass a map.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ pub const DEFAULT_KEEP_ALIVE: Duration = fleet::DEFAULT_KEEP_ALIVE;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = fleet::DEFAULT_IDLE_TIMEOUT;
 /// Longest reconnect delay.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The metrics endpoint's port when `metrics_listen = "on"`.
+pub const DEFAULT_METRICS_PORT: u16 = 9393;
 
 /// Environment variable names.
 pub mod env {
@@ -86,6 +88,8 @@ pub mod env {
     pub const PUBLISH_ADDRESS: &str = "NOVACRON_PUBLISH_ADDRESS";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
+    /// `metrics_listen`: off, on, PORT or IP:PORT.
+    pub const METRICS_LISTEN: &str = "NOVACRON_METRICS_LISTEN";
 }
 
 /// The settings' names.
@@ -206,6 +210,12 @@ pub mod keys {
         env: env::LOG_FORMAT,
         flag: "--log-format",
     };
+    /// The optional metrics endpoint.
+    pub const METRICS_LISTEN: Key = Key {
+        file: "metrics_listen",
+        env: env::METRICS_LISTEN,
+        flag: "--metrics-listen",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -242,6 +252,9 @@ pub struct AgentFile {
     pub publish_address: Option<String>,
     /// Log format, "text" or "json".
     pub log_format: Option<String>,
+    /// The Prometheus endpoint: "off" (default), "on" (127.0.0.1:9393), a port
+    /// (on 127.0.0.1) or "IP:PORT".
+    pub metrics_listen: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -308,6 +321,8 @@ pub struct RunFlags {
     pub dynamic_ports: Option<String>,
     /// `--publish-address`.
     pub publish_address: Option<String>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -343,6 +358,23 @@ pub struct RunSettings {
     pub dynamic_ports: PortRange,
     /// The host address containers' published ports bind to.
     pub publish_address: IpAddr,
+    /// Where the Prometheus endpoint listens; `None`: it is off.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Parses `metrics_listen`: `off` is `Some(None)`; `on`, a bare port or `IP:PORT`
+/// an address (loopback unless an address is given); anything else `None`.
+fn parse_metrics_listen(text: &str) -> Option<Option<SocketAddr>> {
+    let text = text.trim();
+    let loopback = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    match text.to_ascii_lowercase().as_str() {
+        "off" | "false" => Some(None),
+        "on" | "true" => Some(Some(loopback(DEFAULT_METRICS_PORT))),
+        _ => match text.parse::<u16>() {
+            Ok(port) => Some(Some(loopback(port))),
+            Err(_) => text.parse::<SocketAddr>().ok().map(Some),
+        },
+    }
 }
 
 /// The log format: `--log-format` (of `run`; `None` for other commands),
@@ -515,9 +547,24 @@ pub fn resolve_run(
             )
         })?,
     };
+    let metrics_listen = match l.pick(
+        keys::METRICS_LISTEN,
+        flags.metrics_listen.as_deref(),
+        f.metrics_listen.as_deref(),
+    ) {
+        None => None,
+        Some((v, origin)) => parse_metrics_listen(&v).ok_or_else(|| {
+            invalid(
+                origin,
+                &v,
+                "off, on (127.0.0.1:9393), a port (on 127.0.0.1, e.g. 9393) or IP:PORT (e.g. 0.0.0.0:9393 for every address)",
+            )
+        })?,
+    };
     Ok(RunSettings {
         dynamic_ports,
         publish_address,
+        metrics_listen,
         spot_notice,
         state_dir,
         labels: labels(&l, &f.labels, &flags.labels)?,
@@ -1006,6 +1053,47 @@ mod tests {
                 docker_host_origin: s.docker_host_origin.clone(),
                 ..defaults
             }
+        );
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_off_by_default_and_on_loopback_unless_an_address_is_given() {
+        let none = Loaded::default();
+        let s = resolve_run(&none, &[], &RunFlags::default()).expect("defaults");
+        assert_eq!(s.metrics_listen, None);
+        let at = |v: &str| {
+            let flags = RunFlags {
+                metrics_listen: Some(v.into()),
+                ..RunFlags::default()
+            };
+            resolve_run(&none, &[], &flags).map(|s| s.metrics_listen.map(|a| a.to_string()))
+        };
+        assert_eq!(at("off").expect("off"), None);
+        assert_eq!(at("on").expect("on").as_deref(), Some("127.0.0.1:9393"));
+        assert_eq!(
+            at(" 9100 ").expect("port").as_deref(),
+            Some("127.0.0.1:9100")
+        );
+        assert_eq!(
+            at("0.0.0.0:9100").expect("address").as_deref(),
+            Some("0.0.0.0:9100")
+        );
+        assert_eq!(at("[::1]:9100").expect("v6").as_deref(), Some("[::1]:9100"));
+        let e = at("localhost:9100").expect_err("a name");
+        assert!(e.to_string().contains("--metrics-listen"), "{e}");
+        assert!(e.to_string().contains("IP:PORT"), "{e}");
+        let loaded = file("metrics_listen = \"70000\"\n");
+        let e = resolve_run(&loaded, &[], &RunFlags::default()).expect_err("port too big");
+        assert!(e.to_string().contains("metrics_listen"), "{e}");
+        let s = resolve_run(
+            &none,
+            &[("NOVACRON_METRICS_LISTEN", "on")],
+            &RunFlags::default(),
+        )
+        .expect("env");
+        assert_eq!(
+            s.metrics_listen.map(|a| a.port()),
+            Some(DEFAULT_METRICS_PORT)
         );
     }
 

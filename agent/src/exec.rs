@@ -26,7 +26,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use novacron_common::wire::{
     self, BiRequest, CloseCode, ExecEvent, ExecRequest, ExecStream, ExecTarget, FrameError,
-    MAX_EXEC_CHUNK, PROTOCOL_VERSION,
+    MAX_EXEC_CHUNK, SUPPORTED,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -216,9 +216,9 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
         Rd: AsyncRead + Unpin + Send,
     {
         let mut out = Events { send };
-        if request.protocol_version != PROTOCOL_VERSION {
+        if !SUPPORTED.contains(request.protocol_version) {
             let reason = format!(
-                "exec protocol version {} is not supported; node {} speaks {PROTOCOL_VERSION}",
+                "exec protocol version {} is not supported; node {} speaks {SUPPORTED}",
                 request.protocol_version, self.node
             );
             return out.send(&ExecEvent::Refused { reason }).await;
@@ -671,7 +671,7 @@ mod tests {
         let task = tokio::spawn(async move { service.serve(&mut agent_write, agent_read).await });
         let (read, mut write) = tokio::io::split(ours);
         let request = ExecRequest {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: wire::PROTOCOL_VERSION,
             request_id: 1,
             target,
             timeout_ms,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod enroll;
 pub mod exec;
 pub mod link;
+pub mod metrics;
 pub mod migrate;
 pub mod runtime;
 pub mod spot;

@@ -18,8 +18,9 @@ use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::tls;
 use novacron_common::wire::{
-    self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage, FrameError, Hello,
-    LogRequest, PROTOCOL_VERSION, StreamKind, StreamOpen,
+    self, AgentMessage, Capabilities, Capacity, CloseCode, ControllerMessage,
+    FIRST_NEGOTIATED_VERSION, FrameError, Hello, LogRequest, Negotiated, Opening, PROTOCOL_VERSION,
+    StreamKind, StreamOpen, VersionRange,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::MissedTickBehavior;
@@ -69,6 +70,9 @@ pub struct AgentConfig {
     pub checkpoints: Option<Arc<CheckpointService>>,
     /// Spot interruption notices to forward to the controller.
     pub spot: Option<SpotWatcher>,
+    /// The wire protocol versions offered ([`wire::SUPPORTED`]; tests narrow it to
+    /// act as an older agent).
+    pub wire_versions: VersionRange,
 }
 
 /// Errors that stop the agent.
@@ -95,6 +99,12 @@ enum SessionError {
     Connect { addr: SocketAddr, reason: String },
     #[error("the controller refused this node ({code:?}): {message}")]
     Refused { code: CloseCode, message: String },
+    #[error("no wire protocol version in common with the controller: {0}")]
+    Incompatible(String),
+    #[error(
+        "the controller does not negotiate versions (it closed the connection on the version offer: {0}); speaking version 2 to it"
+    )]
+    NoNegotiation(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("connection lost: {0}")]
@@ -176,6 +186,11 @@ pub async fn run(
         warn!(%error, "cannot notify systemd of readiness");
     }
     let mut retry = Retry::new(config.backoff);
+    // Set when the controller closed the connection on the version offer (a
+    // release that predates negotiation): the next connection sends a version-2
+    // Hello at once. Cleared when a session ends, since the controller may come
+    // back upgraded.
+    let mut legacy = false;
     while !cancel.is_cancelled() {
         let started = Instant::now();
         match session(
@@ -186,12 +201,28 @@ pub async fn run(
             &shared,
             &supervisor,
             &cancel,
+            legacy,
         )
         .await
         {
             Ok(()) => break,
+            Err(SessionError::NoNegotiation(reason)) if !legacy => {
+                warn!(node = %enrollment.node_name, %reason, "the controller predates version negotiation; reconnecting with protocol version 2");
+                legacy = true;
+                continue;
+            }
             Err(e) => {
+                if matches!(e, SessionError::Lost(_)) {
+                    legacy = false;
+                }
                 match &e {
+                    SessionError::Incompatible(_)
+                    | SessionError::Refused {
+                        code: CloseCode::VersionMismatch,
+                        ..
+                    } => {
+                        error!(node = %enrollment.node_name, error = %e, "version mismatch: this agent cannot talk to the controller until one of them is upgraded; retrying with backoff");
+                    }
                     SessionError::Refused {
                         code: CloseCode::Revoked,
                         ..
@@ -261,6 +292,7 @@ async fn sample_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &AgentConfig,
     enrollment: &Enrollment,
@@ -269,6 +301,7 @@ async fn session(
     shared: &Shared,
     supervisor: &Supervisor<DockerRuntime>,
     cancel: &CancellationToken,
+    legacy: bool,
 ) -> Result<(), SessionError> {
     let creds = config.state.load_credentials()?;
     let client_config = quic_client_config(&creds, &config.liveness)?;
@@ -311,7 +344,10 @@ async fn session(
             });
         }
     };
-    let result = serve(&conn, config, hello, &creds, shared, supervisor, cancel).await;
+    let result = serve(
+        &conn, config, hello, &creds, shared, supervisor, cancel, legacy,
+    )
+    .await;
     match &result {
         Ok(()) => conn.close(CloseCode::Normal.code().into(), b"agent stopping"),
         Err(SessionError::Protocol(reason)) => {
@@ -322,6 +358,7 @@ async fn session(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     conn: &quinn::Connection,
     config: &AgentConfig,
@@ -330,10 +367,14 @@ async fn serve(
     shared: &Shared,
     supervisor: &Supervisor<DockerRuntime>,
     cancel: &CancellationToken,
+    legacy: bool,
 ) -> Result<(), SessionError> {
     let lost = |e: quinn::ConnectionError| close_reason(&e);
     // Writes fail when the connection closes: report the connection's reason.
-    let result = serve_inner(conn, config, hello, creds, shared, supervisor, cancel, lost).await;
+    let result = serve_inner(
+        conn, config, hello, creds, shared, supervisor, cancel, legacy, lost,
+    )
+    .await;
     match result {
         Err(SessionError::Lost(_)) => match conn.close_reason() {
             Some(reason) => Err(close_reason(&reason)),
@@ -352,13 +393,24 @@ async fn serve_inner(
     shared: &Shared,
     supervisor: &Supervisor<DockerRuntime>,
     cancel: &CancellationToken,
+    legacy: bool,
     lost: impl Fn(quinn::ConnectionError) -> SessionError,
 ) -> Result<(), SessionError> {
-    let (mut send, recv) = conn.open_bi().await.map_err(&lost)?;
-    wire::write_frame(&mut send, &AgentMessage::Hello(Box::new(hello.clone()))).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(&lost)?;
+    let version = negotiate(conn, &mut send, &mut recv, config.wire_versions, legacy).await?;
+    let hello = Hello {
+        protocol_version: version,
+        ..hello.clone()
+    };
+    wire::write_frame_as(
+        version,
+        &mut send,
+        &AgentMessage::Hello(Box::new(hello.clone())),
+    )
+    .await?;
     // Control messages are read by their own task: frame reads are not cancel-safe.
     let (tx, mut control) = mpsc::channel::<Result<ControllerMessage, FrameError>>(8);
-    let reader = tokio::spawn(read_control(recv, tx));
+    let reader = tokio::spawn(read_control(recv, tx, version));
     let _reader_guard = AbortOnDrop(reader);
 
     let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, control.recv()).await {
@@ -386,24 +438,25 @@ async fn serve_inner(
             welcome.node_name, hello.node_name
         )));
     }
-    info!(node = %welcome.node_name, resume_from = welcome.next_metrics_seq, "connected to the controller");
+    info!(node = %welcome.node_name, resume_from = welcome.next_metrics_seq, protocol_version = version, "connected to the controller");
     // Remote exec: the controller opens one bi-stream per command.
     let _execs = AbortOnDrop(tokio::spawn(shared.exec.clone().accept(conn.clone())));
     let _published = shared.checkpoints.as_ref().map(|c| {
-        c.set_connection(Some(conn.clone()));
+        c.set_connection(Some((conn.clone(), version)));
         Unpublish(c.clone())
     });
     let mut spot = shared.spot.clone();
     if let Some(notice) = spot.borrow_and_update().clone() {
-        wire::write_frame(&mut send, &spot_message(&notice)).await?;
+        wire::write_frame_as(version, &mut send, &spot_message(&notice)).await?;
     }
     lock(&shared.buffer).resume_from(welcome.next_metrics_seq);
 
     let mut metrics = conn.open_uni().await.map_err(&lost)?;
-    wire::write_frame(
+    wire::write_frame_as(
+        version,
         &mut metrics,
         &StreamOpen {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: version,
             kind: StreamKind::Metrics,
         },
     )
@@ -412,7 +465,7 @@ async fn serve_inner(
     let mut renewal = Renewal::new(&creds.cert_pem);
     let mut reports = supervisor.subscribe();
     let initial = reports.borrow_and_update().clone();
-    wire::write_frame(&mut send, &AgentMessage::Allocations(initial)).await?;
+    wire::write_frame_as(version, &mut send, &AgentMessage::Allocations(initial)).await?;
     let mut heartbeat = tokio::time::interval(REPORT_EVERY);
     heartbeat.tick().await;
     loop {
@@ -420,7 +473,7 @@ async fn serve_inner(
         loop {
             let batch = lock(&shared.buffer).next_batch(BATCH_SAMPLES);
             let Some(batch) = batch else { break };
-            wire::write_frame(&mut metrics, &batch).await?;
+            wire::write_frame_as(version, &mut metrics, &batch).await?;
         }
         tokio::select! {
             _ = shared.fresh.notified() => {}
@@ -433,7 +486,7 @@ async fn serve_inner(
                     supervisor.apply(desired);
                 }
                 Some(Ok(ControllerMessage::Logs(request))) => {
-                    tokio::spawn(send_logs(conn.clone(), supervisor.clone(), request));
+                    tokio::spawn(send_logs(conn.clone(), supervisor.clone(), request, version));
                 }
                 Some(Ok(other)) => {
                     return Err(SessionError::Protocol(format!("unexpected control message {other:?}")));
@@ -444,7 +497,7 @@ async fn serve_inner(
             },
             _ = tokio::time::sleep_until(renewal.due.into()), if renewal.pending.is_none() => {
                 if let Some(request) = renewal.request(&hello.node_name) {
-                    wire::write_frame(&mut send, &request).await?;
+                    wire::write_frame_as(version, &mut send, &request).await?;
                 }
             }
             changed = reports.changed() => {
@@ -452,22 +505,78 @@ async fn serve_inner(
                     return Ok(());
                 }
                 let report = reports.borrow_and_update().clone();
-                wire::write_frame(&mut send, &AgentMessage::Allocations(report)).await?;
+                wire::write_frame_as(version, &mut send, &AgentMessage::Allocations(report)).await?;
             }
             _ = heartbeat.tick() => {
                 let report = reports.borrow().clone();
-                wire::write_frame(&mut send, &AgentMessage::Allocations(report)).await?;
+                wire::write_frame_as(version, &mut send, &AgentMessage::Allocations(report)).await?;
             }
             Ok(()) = spot.changed() => {
                 let notice = spot.borrow_and_update().clone();
                 if let Some(notice) = notice {
                     warn!(action = %notice.action, deadline_unix_ms = notice.deadline_unix_ms, "spot interruption notice; telling the controller");
-                    wire::write_frame(&mut send, &spot_message(&notice)).await?;
+                    wire::write_frame_as(version, &mut send, &spot_message(&notice)).await?;
                 }
             }
             e = conn.closed() => return Err(close_reason(&e)),
             _ = cancel.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// Agrees on the protocol version of the connection: offers `offered` and reads the
+/// controller's choice, or (`legacy`, or an agent that offers only version 2)
+/// speaks version 2 at once, as agents before negotiation did.
+async fn negotiate(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    offered: VersionRange,
+    legacy: bool,
+) -> Result<u16, SessionError> {
+    if offered.max < FIRST_NEGOTIATED_VERSION || (legacy && offered.contains(2)) {
+        return Ok(2);
+    }
+    let offer = Opening::Offer {
+        max: offered.max,
+        min: offered.min,
+    };
+    wire::write_frame(send, &offer).await?;
+    let mut scratch = Vec::new();
+    let answer = tokio::time::timeout(
+        WELCOME_TIMEOUT,
+        wire::read_frame::<Negotiated, _>(recv, &mut scratch),
+    )
+    .await;
+    match answer {
+        Ok(Ok(Some(Negotiated::Accept { version }))) if offered.contains(version) => Ok(version),
+        Ok(Ok(Some(Negotiated::Accept { version }))) => Err(SessionError::Protocol(format!(
+            "the controller chose protocol version {version}, which this agent did not offer ({offered})"
+        ))),
+        Ok(Ok(Some(Negotiated::Reject { min, max, message }))) => {
+            let theirs = VersionRange { min, max };
+            Err(SessionError::Incompatible(
+                match offered.negotiate(theirs, "agent", "controller") {
+                    Err(mismatch) => mismatch.to_string(),
+                    Ok(_) => message,
+                },
+            ))
+        }
+        Ok(Err(FrameError::Io(_))) | Ok(Ok(None)) => {
+            // A controller from before negotiation cannot decode the offer and
+            // closes with `Malformed`.
+            match close_reason(&conn.closed().await) {
+                SessionError::Refused {
+                    code: CloseCode::Malformed,
+                    message,
+                } if offered.contains(2) => Err(SessionError::NoNegotiation(message)),
+                other => Err(other),
+            }
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(SessionError::Protocol(
+            "no answer to the version offer within 10 s".into(),
+        )),
     }
 }
 
@@ -492,25 +601,29 @@ async fn send_logs(
     conn: quinn::Connection,
     supervisor: Supervisor<DockerRuntime>,
     request: LogRequest,
+    version: u16,
 ) {
     use futures_util::StreamExt;
     let Ok(mut stream) = conn.open_uni().await else {
         return;
     };
     let header = StreamOpen {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: version,
         kind: StreamKind::Logs {
             request_id: request.request_id,
         },
     };
-    if wire::write_frame(&mut stream, &header).await.is_err() {
+    if wire::write_frame_as(version, &mut stream, &header)
+        .await
+        .is_err()
+    {
         return;
     }
     let alloc = request.allocation.clone();
     let mut chunks = std::pin::pin!(supervisor.logs(request));
     while let Some(chunk) = chunks.next().await {
         let end = chunk.end.is_some();
-        if let Err(error) = wire::write_frame(&mut stream, &chunk).await {
+        if let Err(error) = wire::write_frame_as(version, &mut stream, &chunk).await {
             debug!(%alloc, %error, "log stream closed");
             return;
         }
@@ -606,10 +719,12 @@ fn renewal_due(cert_pem: &str) -> Instant {
 async fn read_control(
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<Result<ControllerMessage, FrameError>>,
+    version: u16,
 ) {
     let mut scratch = Vec::new();
     loop {
-        let msg = wire::read_frame::<ControllerMessage, _>(&mut recv, &mut scratch).await;
+        let msg =
+            wire::read_frame_as::<ControllerMessage, _>(version, &mut recv, &mut scratch).await;
         let stop = !matches!(msg, Ok(Some(_)));
         let item = match msg {
             Ok(Some(m)) => Ok(m),

@@ -25,8 +25,7 @@ use novacron_common::retry::Retry;
 use novacron_common::sync::lock;
 use novacron_common::transfer::{self, FETCH_ATTEMPTS, FETCH_BACKOFF, FetchError};
 use novacron_common::wire::{
-    self, BiRequest, CheckpointReply, CheckpointRequest, PROTOCOL_VERSION, ReleaseReply,
-    RestoreFrom,
+    self, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, RestoreFrom, SUPPORTED,
 };
 use quinn::{RecvStream, SendStream};
 use tracing::{info, warn};
@@ -48,7 +47,8 @@ pub struct CheckpointService {
     checkpointer: Arc<Checkpointer>,
     live: Result<(), String>,
     stop_grace: Duration,
-    conn: Mutex<Option<quinn::Connection>>,
+    /// The connection and its negotiated protocol version.
+    conn: Mutex<Option<(quinn::Connection, u16)>>,
 }
 
 impl CheckpointService {
@@ -70,8 +70,9 @@ impl CheckpointService {
         }
     }
 
-    /// The connection to the controller now (bundles are fetched over it).
-    pub fn set_connection(&self, conn: Option<quinn::Connection>) {
+    /// The connection to the controller now (bundles are fetched over it), with
+    /// the protocol version negotiated on it.
+    pub fn set_connection(&self, conn: Option<(quinn::Connection, u16)>) {
         *lock(&self.conn) = conn;
     }
 
@@ -115,9 +116,9 @@ impl CheckpointService {
         r: &CheckpointRequest,
     ) -> Result<novacron_common::checkpoint::BundleInfo, String> {
         let node = &self.node;
-        if r.protocol_version != PROTOCOL_VERSION {
+        if !SUPPORTED.contains(r.protocol_version) {
             return Err(format!(
-                "checkpoint protocol version {} is not supported; node {node} speaks {PROTOCOL_VERSION}",
+                "checkpoint protocol version {} is not supported; node {node} speaks {SUPPORTED}",
                 r.protocol_version
             ));
         }
@@ -202,7 +203,7 @@ impl CheckpointService {
                 .await
                 .map(|m| m.len())
                 .unwrap_or(0);
-            match fetch(&conn, &from.digest, offset, &partial).await {
+            match fetch(&conn.0, conn.1, &from.digest, offset, &partial).await {
                 Ok(size) if size == from.size => {
                     tokio::fs::rename(&partial, &path)
                         .await
@@ -240,6 +241,7 @@ impl CheckpointService {
 /// One fetch of `digest` from `offset` over a new stream to the controller.
 async fn fetch(
     conn: &quinn::Connection,
+    version: u16,
     digest: &str,
     offset: u64,
     partial: &std::path::Path,
@@ -248,7 +250,7 @@ async fn fetch(
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
     wire::write_frame(
         &mut send,
-        &BiRequest::Fetch(transfer::fetch_request(digest, offset)),
+        &BiRequest::Fetch(transfer::fetch_request(version, digest, offset)),
     )
     .await
     .map_err(|e| broken(e.to_string()))?;

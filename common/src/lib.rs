@@ -1,5 +1,6 @@
 //! NovaCron's shared edge helpers: TLS and PKI, files, checkpoint transfer, config,
-//! signals, logging, lock helpers, tickers and retries. The HTTP API bodies are the
+//! signals, logging, lock helpers, tickers and retries, and the Prometheus
+//! exposition the controller and the agent share. The HTTP API bodies are the
 //! `novacron-api` crate.
 //!
 //! The pure decision core lives in `novacron-core` and the wire protocol in
@@ -8,6 +9,7 @@
 //! one dependency. [`wire`] adds the async frame reader and writer to the protocol.
 
 pub mod config;
+pub mod exposition;
 pub mod files;
 pub mod logging;
 pub mod pki;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt
 
 use crate::backoff::Backoff;
 use crate::checkpoint::{MAX_BUNDLE_BYTES, check_digest};
-use crate::wire::{self, FetchReply, FetchRequest, PROTOCOL_VERSION};
+use crate::wire::{self, FetchReply, FetchRequest, SUPPORTED};
 
 /// Bytes per read and write while copying.
 /// Attempts at moving one bundle (a fetch that breaks resumes from its offset)
@@ -37,9 +37,9 @@ where
 {
     let refuse = |why: String| FetchReply { result: Err(why) };
     let opened = async {
-        if request.protocol_version != PROTOCOL_VERSION {
+        if !SUPPORTED.contains(request.protocol_version) {
             return Err(format!(
-                "fetch protocol version {} is not supported; this end speaks {PROTOCOL_VERSION}",
+                "fetch protocol version {} is not supported; this end speaks {SUPPORTED}",
                 request.protocol_version
             ));
         }
@@ -170,10 +170,10 @@ where
     Ok(size)
 }
 
-/// The request for `digest` from `offset`.
-pub fn fetch_request(digest: &str, offset: u64) -> FetchRequest {
+/// The request for `digest` from `offset`, in the connection's protocol `version`.
+pub fn fetch_request(version: u16, digest: &str, offset: u64) -> FetchRequest {
     FetchRequest {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: version,
         digest: digest.to_string(),
         offset,
     }
@@ -193,7 +193,7 @@ mod tests {
         std::fs::write(&partial, &data[..300_000]).expect("write partial");
         let digest = "a".repeat(64);
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
-        let request = fetch_request(&digest, 300_000);
+        let request = fetch_request(wire::PROTOCOL_VERSION, &digest, 300_000);
         let server = tokio::spawn(async move {
             let sent = serve_fetch(&request, |_| Some(src), &mut a).await;
             drop(a);
@@ -212,7 +212,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_bundles_and_bad_offsets_are_refused() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let request = fetch_request(&"b".repeat(64), 0);
+        let request = fetch_request(wire::PROTOCOL_VERSION, &"b".repeat(64), 0);
         serve_fetch(&request, |_| None, &mut a)
             .await
             .expect("answered");
@@ -223,7 +223,7 @@ mod tests {
         assert!(e.to_string().contains("not stored here"), "{e}");
 
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let request = fetch_request("../../etc/passwd", 0);
+        let request = fetch_request(wire::PROTOCOL_VERSION, "../../etc/passwd", 0);
         serve_fetch(&request, |_| None, &mut a)
             .await
             .expect("answered");

@@ -16,13 +16,41 @@ where
     T: Decode<()>,
     R: AsyncRead + Unpin,
 {
+    if !read_body(reader, scratch).await? {
+        return Ok(None);
+    }
+    decode_body(scratch).map(Some)
+}
+
+/// [`read_frame`] for a message encoded in protocol `version` (see [`Versioned`]).
+pub async fn read_frame_as<T, R>(
+    version: u16,
+    reader: &mut R,
+    scratch: &mut Vec<u8>,
+) -> Result<Option<T>, FrameError>
+where
+    T: Versioned,
+    R: AsyncRead + Unpin,
+{
+    if !read_body(reader, scratch).await? {
+        return Ok(None);
+    }
+    decode_body_as(version, scratch).map(Some)
+}
+
+/// Reads one frame's body into `scratch`; `false` when the stream ended cleanly
+/// between frames.
+pub async fn read_body<R>(reader: &mut R, scratch: &mut Vec<u8>) -> Result<bool, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
     let mut prefix = [0u8; 4];
     let mut filled = 0;
     while filled < 4 {
         let n = reader.read(&mut prefix[filled..]).await?;
         if n == 0 {
             return if filled == 0 {
-                Ok(None)
+                Ok(false)
             } else {
                 Err(FrameError::Truncated)
             };
@@ -45,7 +73,18 @@ where
             FrameError::Io(e)
         }
     })?;
-    decode_body(scratch).map(Some)
+    Ok(true)
+}
+
+/// [`write_frame`] in protocol `version` (see [`Versioned`]).
+pub async fn write_frame_as<T, W>(version: u16, writer: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    T: Versioned,
+    W: AsyncWrite + Unpin,
+{
+    let frame = encode_frame_as(version, msg)?;
+    writer.write_all(&frame).await?;
+    Ok(())
 }
 
 /// Writes `msg` as one frame.
@@ -57,6 +96,25 @@ where
     let frame = encode_frame(msg)?;
     writer.write_all(&frame).await?;
     Ok(())
+}
+
+/// Offers only this build's newest version on a fresh control stream and reads
+/// the controller's answer: what a client that speaks one version (a test's fake
+/// agent) does before its `Hello`. The agent itself offers a range.
+pub async fn offer_newest<W, R>(send: &mut W, recv: &mut R) -> Result<Negotiated, FrameError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let offer = Opening::Offer {
+        max: PROTOCOL_VERSION,
+        min: PROTOCOL_VERSION,
+    };
+    write_frame(send, &offer).await?;
+    let mut scratch = Vec::new();
+    read_frame::<Negotiated, _>(recv, &mut scratch)
+        .await?
+        .ok_or(FrameError::Truncated)
 }
 
 #[cfg(test)]

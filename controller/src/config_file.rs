@@ -401,6 +401,7 @@ pub fn resolve_serve(
         metrics_window,
         startup_grace: startup_grace.value,
         restart_grace: restart_grace.value,
+        wire_versions: novacron_common::wire::SUPPORTED,
     })
 }
 

@@ -61,7 +61,7 @@ pub enum Command {
     /// Create the fleet CA, the server certificate and a local admin certificate.
     Init(InitArgs),
     /// Run the controller.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -159,6 +159,11 @@ pub struct ServeArgs {
     /// [env: NOVACRON_LOG_FORMAT] [default: text].
     #[arg(long, value_name = "text|json")]
     pub log_format: Option<String>,
+    /// For tests only (hidden): accept only these agent wire protocol versions
+    /// (`2`, `2-3`), within those this build speaks, to act as an older
+    /// controller in the version-skew tests. Not for production use.
+    #[arg(long, hide = true, value_name = "MIN-MAX", value_parser = novacron_common::wire::VersionRange::parse_within_supported)]
+    pub wire_versions: Option<novacron_common::wire::VersionRange>,
 }
 
 /// `token` subcommands.
@@ -249,7 +254,7 @@ pub async fn main(cli: Cli) -> i32 {
     };
     match cli.command {
         Command::Init(args) => init(&loaded, &data_dir, args),
-        Command::Serve(args) => serve(&loaded, &data_dir, args).await,
+        Command::Serve(args) => serve(&loaded, &data_dir, *args).await,
         Command::Token(TokenCommand::Create {
             ttl,
             uses,
@@ -379,10 +384,13 @@ pub fn config_from_args(
 }
 
 async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -> i32 {
-    let config = match config_from_args(loaded, &ProcessEnv, data_dir, &args) {
+    let mut config = match config_from_args(loaded, &ProcessEnv, data_dir, &args) {
         Ok(c) => c,
         Err(e) => return config_error(&e.to_string()),
     };
+    if let Some(versions) = args.wire_versions {
+        config.wire_versions = versions;
+    }
     if let Err(e) = pki_files::load(data_dir) {
         return config_error(&e.to_string());
     }
@@ -732,7 +740,7 @@ mod tests {
         let mut argv = vec!["novacron-controller", "serve"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             other => panic!("not serve: {other:?}"),
         }
     }

@@ -17,8 +17,9 @@ use novacron_common::pki::{self, CertAndKey, Identity, Role, Validity};
 use novacron_common::sync::lock;
 use novacron_common::tls::{self, CertRevocation, RevokedSerials};
 use novacron_common::wire::{
-    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, FrameError, LogChunk,
-    MetricsBatch, PROTOCOL_VERSION, Refusal, StreamKind, StreamOpen, Welcome,
+    self, AgentMessage, CloseCode, ControllerMessage, DesiredAllocations, FirstFrame, FrameError,
+    Hello, LogChunk, MetricsBatch, Negotiated, Refusal, StreamKind, StreamOpen, VersionRange,
+    Welcome,
 };
 use quinn::{RecvStream, SendStream};
 use rustls_pki_types::CertificateDer;
@@ -27,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::services::agents::{Agents, close, peer_serial};
 pub use crate::services::agents::{ExecChannel, ExecOpenError, ExecStreamError};
+use crate::services::events::{self, EventLog, NewEvent};
 use crate::services::workloads::Workloads;
 use crate::state::registry::{Registry, RegistryError, RevokedNames};
 
@@ -160,6 +162,13 @@ pub struct LinkContext {
     pub spot: Option<mpsc::Sender<crate::services::migrate::SpotEvent>>,
     /// Revoked certificate serials (the list the endpoint's verifier reads).
     pub revoked_certs: Arc<RevokedSerials>,
+    /// The event log (agents refused for their protocol version).
+    pub events: Arc<EventLog>,
+    /// The wire protocol versions this controller accepts.
+    pub wire_versions: VersionRange,
+    /// The version range each node was last refused for: one event per node and
+    /// range, not one per reconnect attempt.
+    pub version_refusals: std::sync::Mutex<std::collections::HashMap<String, VersionRange>>,
 }
 
 /// Accepts agent connections until the endpoint closes.
@@ -223,50 +232,17 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
             return;
         }
     };
-    let mut scratch = Vec::new();
-    let hello = match tokio::time::timeout(
-        HELLO_TIMEOUT,
-        wire::read_frame::<AgentMessage, _>(&mut recv, &mut scratch),
-    )
-    .await
-    {
-        Ok(Ok(Some(AgentMessage::Hello(hello)))) => hello,
-        Ok(Ok(Some(other))) => {
-            warn!(node = %name, %remote, message = ?std::mem::discriminant(&other), "refused: first frame is not Hello");
-            close(
-                &conn,
-                CloseCode::Unexpected,
-                "the first frame must be Hello",
-            );
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(error)) => {
-            warn!(node = %name, %remote, %error, "refused: bad Hello frame");
-            close(&conn, error.close_code(), &error.to_string());
-            return;
-        }
-        Err(_) => {
-            close(&conn, CloseCode::Timeout, "no Hello within 5 s");
-            return;
-        }
-    };
-    if hello.protocol_version != PROTOCOL_VERSION {
-        let msg = format!(
-            "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
-            hello.protocol_version
-        );
-        refuse(&conn, &mut send, CloseCode::VersionMismatch, &msg).await;
-        warn!(node = %name, %remote, version = hello.protocol_version, "refused: protocol version");
+    let Some((version, hello)) = handshake(&conn, &ctx, &name, remote, &mut send, &mut recv).await
+    else {
         return;
-    }
+    };
     if hello.node_name != name {
         let msg = format!(
             "this connection's certificate belongs to node {name:?}, not {:?}",
             hello.node_name
         );
         warn!(node = %name, %remote, claimed = %hello.node_name, "refused: claimed another node's name");
-        refuse(&conn, &mut send, CloseCode::IdentityMismatch, &msg).await;
+        refuse(&conn, &mut send, version, CloseCode::IdentityMismatch, &msg).await;
         return;
     }
     let (conn_id, next_seq) = match ctx.registry.connect(
@@ -285,16 +261,17 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
                 RegistryError::Store(_) => CloseCode::Internal,
             };
             warn!(node = %name, %remote, %error, "refused");
-            refuse(&conn, &mut send, code, &error.to_string()).await;
+            refuse(&conn, &mut send, version, code, &error.to_string()).await;
             return;
         }
     };
+    lock(&ctx.version_refusals).remove(&name);
     let welcome = ControllerMessage::Welcome(Welcome {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: version,
         node_name: name.clone(),
         next_metrics_seq: next_seq,
     });
-    if let Err(error) = wire::write_frame(&mut send, &welcome).await {
+    if let Err(error) = wire::write_frame_as(version, &mut send, &welcome).await {
         debug!(node = %name, %error, "cannot send Welcome");
         ctx.registry
             .disconnect(&name, conn_id, Instant::now(), false);
@@ -306,6 +283,7 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         ctx.clone(),
         name.clone(),
         conn_id,
+        version,
     ));
     let agent_streams = ctx.bundles.clone().map(|b| {
         AbortOnDrop(tokio::spawn(crate::services::migrate::serve_agent_streams(
@@ -316,6 +294,7 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
     });
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     lock(&ctx.agents.commands).insert(name.clone(), (conn_id, cmd_tx));
+    lock(&ctx.agents.versions).insert(name.clone(), (conn_id, version));
     lock(&ctx.agents.connections).insert(name.clone(), (conn_id, conn.clone()));
     // A revocation that scanned the connections before the insert above has put its
     // serial in the list first: one of the two sees the other.
@@ -324,7 +303,7 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         close(&conn, CloseCode::Revoked, "this certificate was revoked");
     }
     let desired = ctx.workloads.subscribe(&name);
-    let result = control_loop(&ctx, &name, &mut send, recv, desired, cmd_rx).await;
+    let result = control_loop(&ctx, &name, version, &mut send, recv, desired, cmd_rx).await;
     {
         let mut commands = lock(&ctx.agents.commands);
         if commands.get(&name).is_some_and(|(id, _)| *id == conn_id) {
@@ -335,6 +314,12 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         let mut connections = lock(&ctx.agents.connections);
         if connections.get(&name).is_some_and(|(id, _)| *id == conn_id) {
             connections.remove(&name);
+        }
+    }
+    {
+        let mut versions = lock(&ctx.agents.versions);
+        if versions.get(&name).is_some_and(|(id, _)| *id == conn_id) {
+            versions.remove(&name);
         }
     }
     match result {
@@ -376,6 +361,7 @@ impl From<FrameError> for LoopEnd {
 async fn control_loop(
     ctx: &LinkContext,
     name: &str,
+    version: u16,
     send: &mut SendStream,
     recv: RecvStream,
     mut desired: watch::Receiver<Arc<DesiredAllocations>>,
@@ -383,10 +369,10 @@ async fn control_loop(
 ) -> Result<(), LoopEnd> {
     // Frame reads are not cancel-safe: a task reads, this loop selects.
     let (tx, mut incoming) = mpsc::channel::<Result<AgentMessage, FrameError>>(8);
-    let reader = tokio::spawn(read_agent_messages(recv, tx));
+    let reader = tokio::spawn(read_agent_messages(recv, tx, version));
     let _guard = AbortOnDrop(reader);
     let first = desired.borrow_and_update().clone();
-    wire::write_frame(send, &ControllerMessage::Desired((*first).clone())).await?;
+    wire::write_frame_as(version, send, &ControllerMessage::Desired((*first).clone())).await?;
     loop {
         tokio::select! {
             msg = incoming.recv() => match msg {
@@ -421,7 +407,7 @@ async fn control_loop(
                         Err(error) => warn!(node = name, %error, "certificate renewal refused"),
                     }
                     let answer = ControllerMessage::Certificate { request_id, result };
-                    wire::write_frame(send, &answer).await?;
+                    wire::write_frame_as(version, send, &answer).await?;
                 }
             },
             changed = desired.changed() => {
@@ -430,10 +416,10 @@ async fn control_loop(
                 }
                 let next = desired.borrow_and_update().clone();
                 debug!(node = name, generation = next.generation, allocations = next.allocations.len(), "sending desired allocations");
-                wire::write_frame(send, &ControllerMessage::Desired((*next).clone())).await?;
+                wire::write_frame_as(version, send, &ControllerMessage::Desired((*next).clone())).await?;
             }
             Some(cmd) = commands.recv() => {
-                wire::write_frame(send, &cmd).await?;
+                wire::write_frame_as(version, send, &cmd).await?;
             }
         }
     }
@@ -442,14 +428,16 @@ async fn control_loop(
 async fn read_agent_messages(
     mut recv: RecvStream,
     tx: mpsc::Sender<Result<AgentMessage, FrameError>>,
+    version: u16,
 ) {
     let mut scratch = Vec::new();
     loop {
-        let item = match wire::read_frame::<AgentMessage, _>(&mut recv, &mut scratch).await {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => return,
-            Err(e) => Err(e),
-        };
+        let item =
+            match wire::read_frame_as::<AgentMessage, _>(version, &mut recv, &mut scratch).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            };
         let stop = item.is_err();
         if tx.send(item).await.is_err() || stop {
             return;
@@ -489,6 +477,7 @@ async fn serve_uni_streams(
     ctx: Arc<LinkContext>,
     name: String,
     conn_id: u64,
+    version: u16,
 ) {
     loop {
         let mut recv = match conn.accept_uni().await {
@@ -500,7 +489,7 @@ async fn serve_uni_streams(
         let conn = conn.clone();
         tokio::spawn(async move {
             if let Err(LoopEnd::Protocol(code, reason)) =
-                serve_metrics_stream(&ctx, &name, conn_id, &mut recv).await
+                serve_metrics_stream(&ctx, &name, conn_id, version, &mut recv).await
             {
                 warn!(node = %name, ?code, %reason, "closing connection: bad metrics stream");
                 close(&conn, code, &reason);
@@ -513,18 +502,21 @@ async fn serve_metrics_stream(
     ctx: &LinkContext,
     name: &str,
     conn_id: u64,
+    version: u16,
     recv: &mut RecvStream,
 ) -> Result<(), LoopEnd> {
     let mut scratch = Vec::new();
-    match wire::read_frame::<StreamOpen, _>(recv, &mut scratch).await? {
+    match wire::read_frame_as::<StreamOpen, _>(version, recv, &mut scratch).await? {
         Some(StreamOpen {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version,
             kind: StreamKind::Metrics,
-        }) => {}
+        }) if protocol_version == version => {}
         Some(StreamOpen {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version,
             kind: StreamKind::Logs { request_id },
-        }) => return forward_logs(ctx, name, request_id, recv, &mut scratch).await,
+        }) if protocol_version == version => {
+            return forward_logs(ctx, name, request_id, version, recv, &mut scratch).await;
+        }
         Some(other) => {
             return Err(LoopEnd::Protocol(
                 CloseCode::Unexpected,
@@ -533,7 +525,9 @@ async fn serve_metrics_stream(
         }
         None => return Ok(()),
     }
-    while let Some(batch) = wire::read_frame::<MetricsBatch, _>(recv, &mut scratch).await? {
+    while let Some(batch) =
+        wire::read_frame_as::<MetricsBatch, _>(version, recv, &mut scratch).await?
+    {
         if batch.samples.len() > wire::MAX_SAMPLES_PER_BATCH {
             return Err(LoopEnd::Protocol(
                 CloseCode::Unexpected,
@@ -553,6 +547,7 @@ async fn forward_logs(
     ctx: &LinkContext,
     name: &str,
     request_id: u64,
+    version: u16,
     recv: &mut RecvStream,
     scratch: &mut Vec<u8>,
 ) -> Result<(), LoopEnd> {
@@ -560,7 +555,7 @@ async fn forward_logs(
         debug!(node = name, request_id, "log stream for no pending request");
         return Ok(());
     };
-    while let Some(chunk) = wire::read_frame::<LogChunk, _>(recv, scratch).await? {
+    while let Some(chunk) = wire::read_frame_as::<LogChunk, _>(version, recv, scratch).await? {
         let end = chunk.end.is_some();
         if tx.send(chunk).await.is_err() || end {
             break;
@@ -569,17 +564,148 @@ async fn forward_logs(
     Ok(())
 }
 
-async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode, message: &str) {
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut SendStream,
+    version: u16,
+    code: CloseCode,
+    message: &str,
+) {
     let refusal = ControllerMessage::Refused(Refusal {
         code,
         message: message.to_string(),
     });
-    if wire::write_frame(send, &refusal).await.is_ok() {
+    if wire::write_frame_as(version, send, &refusal).await.is_ok() {
         let _ = send.finish();
         // Give the frame a moment to reach the agent before the close overtakes it.
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     }
     close(conn, code, message);
+}
+
+/// Reads the agent's first frames and agrees on the connection's protocol version:
+/// an [`wire::Opening::Offer`] is answered with [`Negotiated`] and followed by the
+/// agent's `Hello` in the chosen version; a version-2 agent's `Hello` comes first.
+/// `None` when the connection was refused or ended (and is closed).
+async fn handshake(
+    conn: &quinn::Connection,
+    ctx: &LinkContext,
+    name: &str,
+    remote: SocketAddr,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Option<(u16, Box<Hello>)> {
+    let mut scratch = Vec::new();
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, wire::read_body(recv, &mut scratch)).await
+    {
+        Ok(Ok(true)) => wire::classify_first_frame(&scratch),
+        Ok(Ok(false)) => return None,
+        Ok(Err(error)) => Err(error),
+        Err(_) => {
+            close(conn, CloseCode::Timeout, "no Hello within 5 s");
+            return None;
+        }
+    };
+    let first = match first {
+        Ok(first) => first,
+        Err(FrameError::Malformed(_))
+            if wire::decode_body::<AgentMessage>(&scratch)
+                .is_ok_and(|m| !matches!(m, AgentMessage::Hello(_))) =>
+        {
+            warn!(node = %name, %remote, "refused: first frame is not Hello");
+            close(
+                conn,
+                CloseCode::Unexpected,
+                "the first frame must be a version offer or Hello",
+            );
+            return None;
+        }
+        Err(error) => {
+            warn!(node = %name, %remote, %error, "refused: bad first frame");
+            close(conn, error.close_code(), &error.to_string());
+            return None;
+        }
+    };
+    let (theirs, offered) = match first {
+        FirstFrame::Offer(range) => (range, true),
+        FirstFrame::LegacyHello(v) => (VersionRange { min: v, max: v }, false),
+    };
+    let version = match ctx.wire_versions.negotiate(theirs, "controller", "agent") {
+        Ok(version) => version,
+        Err(mismatch) => {
+            let message = mismatch.to_string();
+            warn!(node = %name, %remote, agent_versions = %theirs, controller_versions = %ctx.wire_versions, "refused: {message}");
+            let first_time =
+                lock(&ctx.version_refusals).insert(name.to_string(), theirs) != Some(theirs);
+            if first_time {
+                let event = NewEvent::new(
+                    events::kind::NODE_VERSION_REFUSED,
+                    events::CONTROLLER,
+                    &message,
+                )
+                .node(name)
+                .detail("agent_versions", theirs)
+                .detail("controller_versions", ctx.wire_versions);
+                if let Err(error) = ctx.events.record(event) {
+                    warn!(%error, "cannot record the version refusal event");
+                }
+            }
+            if offered {
+                let reject = Negotiated::Reject {
+                    min: ctx.wire_versions.min,
+                    max: ctx.wire_versions.max,
+                    message: message.clone(),
+                };
+                if wire::write_frame(send, &reject).await.is_ok() {
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                }
+                close(conn, CloseCode::VersionMismatch, &message);
+            } else {
+                // The agent's Hello version decides how it reads the refusal.
+                refuse(conn, send, theirs.max, CloseCode::VersionMismatch, &message).await;
+            }
+            return None;
+        }
+    };
+    let hello = if offered {
+        if let Err(error) = wire::write_frame(send, &Negotiated::Accept { version }).await {
+            debug!(node = %name, %error, "cannot answer the version offer");
+            return None;
+        }
+        match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            wire::read_frame_as::<AgentMessage, _>(version, recv, &mut scratch),
+        )
+        .await
+        {
+            Ok(Ok(Some(message))) => Ok(message),
+            Ok(Ok(None)) => return None,
+            Ok(Err(error)) => Err(error),
+            Err(_) => {
+                close(conn, CloseCode::Timeout, "no Hello within 5 s");
+                return None;
+            }
+        }
+    } else {
+        wire::decode_body_as::<AgentMessage>(version, &scratch)
+    };
+    match hello {
+        Ok(AgentMessage::Hello(hello)) => {
+            debug!(node = %name, version, "protocol version agreed");
+            Some((version, hello))
+        }
+        Ok(other) => {
+            warn!(node = %name, %remote, message = ?std::mem::discriminant(&other), "refused: first frame is not Hello");
+            close(conn, CloseCode::Unexpected, "the first frame must be Hello");
+            None
+        }
+        Err(error) => {
+            warn!(node = %name, %remote, %error, "refused: bad Hello frame");
+            close(conn, error.close_code(), &error.to_string());
+            None
+        }
+    }
 }
 
 fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {

@@ -60,6 +60,9 @@ pub struct ControllerConfig {
     pub startup_grace: Duration,
     /// Extra time before a node whose agent stopped cleanly is `down`.
     pub restart_grace: Duration,
+    /// The wire protocol versions agents may use ([`novacron_common::wire::SUPPORTED`]; the
+    /// version-skew tests narrow it).
+    pub wire_versions: novacron_common::wire::VersionRange,
 }
 
 impl ControllerConfig {
@@ -76,6 +79,7 @@ impl ControllerConfig {
             metrics_window: DEFAULT_METRICS_WINDOW,
             startup_grace: DEFAULT_STARTUP_GRACE,
             restart_grace: DEFAULT_RESTART_GRACE,
+            wire_versions: novacron_common::wire::SUPPORTED,
         }
     }
 }
@@ -194,6 +198,9 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         bundles: Some(bundles.clone()),
         spot: Some(spot_tx),
         revoked_certs: revoked_certs.clone(),
+        events: events.clone(),
+        wire_versions: config.wire_versions,
+        version_refusals: Default::default(),
     });
     let certs = Arc::new(crate::services::certs::CertRevocations::new(
         store.clone(),

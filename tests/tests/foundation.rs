@@ -21,12 +21,17 @@ fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).expect("readable")
 }
 
-/// Sends a Hello for `claimed` on a fresh control stream and returns the answer.
+/// Offers this build's protocol version, then sends a Hello for `claimed` on a
+/// fresh control stream and returns the answer.
 async fn hello(
     conn: &quinn::Connection,
     claimed: &str,
 ) -> anyhow::Result<Option<ControllerMessage>> {
     let (mut send, mut recv) = conn.open_bi().await?;
+    match wire::offer_newest(&mut send, &mut recv).await? {
+        wire::Negotiated::Accept { .. } => {}
+        refused => anyhow::bail!("version offer refused: {refused:?}"),
+    }
     let msg = AgentMessage::Hello(Box::new(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "test".into(),

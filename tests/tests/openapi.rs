@@ -1,7 +1,10 @@
 //! The OpenAPI document at `/v1/openapi.json` is valid and matches the live API:
 //! schemathesis (from the Python package index; CI installs it) generates requests
 //! from the document against a real controller and checks every answer's status
-//! code, content type and body against it.
+//! code, content type and body against it; openapi-spec-validator (also from the
+//! Python package index, installed by `.ci/setup`) checks the document itself, and
+//! this file checks the conventions the validator does not: an id on every
+//! operation, ids unique, a description on every response.
 
 use std::process::Command;
 
@@ -9,6 +12,8 @@ use novacron_tests::Controller;
 
 /// The schemathesis CLI.
 const SCHEMATHESIS: &str = "st";
+/// The openapi-spec-validator CLI.
+const SPEC_VALIDATOR: &str = "openapi-spec-validator";
 /// Examples per operation (CI time is bounded; raise it locally with
 /// NOVACRON_SCHEMATHESIS_EXAMPLES).
 const DEFAULT_EXAMPLES: &str = "25";
@@ -128,4 +133,140 @@ async fn live_api_matches_its_openapi_document() {
         run.status.success(),
         "schemathesis found mismatches between the API and its document:\n{text}"
     );
+}
+
+/// The methods an OpenAPI path item may hold operations under.
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+/// The document's convention breaks: operations without an id, ids used twice,
+/// responses without a description. Empty when it keeps them.
+fn convention_breaks(doc: &serde_json::Value) -> Vec<String> {
+    let mut breaks = Vec::new();
+    let mut ids = std::collections::BTreeMap::<String, String>::new();
+    let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+    for (path, item) in &paths {
+        for method in METHODS {
+            let Some(op) = item.get(method) else { continue };
+            let at = format!("{} {path}", method.to_uppercase());
+            match op["operationId"].as_str() {
+                None | Some("") => breaks.push(format!("{at}: no operationId")),
+                Some(id) => {
+                    if let Some(first) = ids.insert(id.to_string(), at.clone()) {
+                        breaks.push(format!("{at}: operationId {id:?} is also used by {first}"));
+                    }
+                }
+            }
+            let responses = op["responses"].as_object().cloned().unwrap_or_default();
+            if responses.is_empty() {
+                breaks.push(format!("{at}: no responses"));
+            }
+            for (code, response) in &responses {
+                // A `$ref` response takes its description from the component.
+                let response = match response["$ref"].as_str() {
+                    Some(r) => {
+                        let name = r.rsplit('/').next().unwrap_or_default();
+                        &doc["components"]["responses"][name]
+                    }
+                    None => response,
+                };
+                let described = response["description"]
+                    .as_str()
+                    .is_some_and(|d| !d.trim().is_empty());
+                if !described {
+                    breaks.push(format!("{at}: response {code} has no description"));
+                }
+            }
+        }
+    }
+    breaks
+}
+
+#[test]
+fn convention_breaks_are_found() {
+    let doc = serde_json::json!({
+        "paths": {
+            "/a": {
+                "get": {"operationId": "x", "responses": {"200": {"description": "ok"}}},
+                "post": {"operationId": "x", "responses": {"200": {"description": " "}}},
+            },
+            "/b": {"delete": {"responses": {}}},
+        }
+    });
+    let breaks = convention_breaks(&doc);
+    assert_eq!(breaks.len(), 4, "{breaks:#?}");
+    assert!(breaks.iter().any(|b| b.contains("also used by")));
+    assert!(
+        breaks
+            .iter()
+            .any(|b| b.contains("response 200 has no description"))
+    );
+    assert!(
+        breaks
+            .iter()
+            .any(|b| b.contains("DELETE /b: no operationId"))
+    );
+    assert!(breaks.iter().any(|b| b.contains("DELETE /b: no responses")));
+}
+
+#[tokio::test]
+async fn document_passes_openapi_spec_validator_and_the_conventions() {
+    let version = Command::new(SPEC_VALIDATOR).arg("--help").output();
+    let Ok(version) = version else {
+        panic!(
+            "openapi-spec-validator is not installed: run `bash .ci/setup system` \
+             (or `pip install openapi-spec-validator`)"
+        );
+    };
+    assert!(version.status.success(), "`{SPEC_VALIDATOR} --help` failed");
+
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-openapi-")
+        .tempdir()
+        .expect("tempdir");
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let client = c.anonymous_client();
+    let body = client
+        .get(format!("{}/v1/openapi.json", c.api()))
+        .send()
+        .await
+        .expect("send")
+        .error_for_status()
+        .expect("the document is served")
+        .text()
+        .await
+        .expect("body");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+
+    let breaks = convention_breaks(&doc);
+    assert!(
+        breaks.is_empty(),
+        "the OpenAPI document breaks its conventions:\n{}",
+        breaks.join("\n")
+    );
+
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, &body).expect("write the document");
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(SPEC_VALIDATOR)
+            .args(["--errors", "all"])
+            .arg(&file)
+            .output()
+            .expect("openapi-spec-validator runs")
+    })
+    .await
+    .expect("join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        run.status.success(),
+        "openapi-spec-validator refused the document:\n{text}"
+    );
+    assert!(text.contains("OK"), "unexpected validator output:\n{text}");
 }

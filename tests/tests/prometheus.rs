@@ -261,6 +261,51 @@ async fn prometheus_scrapes_the_controller_and_every_dashboard_query_has_data() 
     );
     println!("{} dashboard queries return data", queries.len());
 
+    // The recording rules over the node counters produce their rates.
+    let rules_text = std::fs::read_to_string(&rules).expect("the rules file");
+    let records: Vec<String> = rules_text
+        .lines()
+        .filter_map(|l| l.trim().trim_start_matches("- ").strip_prefix("record:"))
+        .map(|r| r.trim().to_string())
+        .collect();
+    assert!(records.len() >= 5, "{records:?}");
+    let missing_records = Mutex::new(Vec::new());
+    let recorded = wait_for(Duration::from_secs(60), "every recorded rate", || async {
+        let mut missing = Vec::new();
+        for r in &records {
+            let q = format!("{r}{{node=\"{}\"}}", agent.name);
+            match prom.query(&http, &q).await {
+                Ok(v) if v.as_array().is_some_and(|a| !a.is_empty()) => {}
+                other => missing.push(format!("{r}: {other:?}")),
+            }
+        }
+        let done = missing.is_empty();
+        *missing_records.lock().expect("lock") = missing;
+        done
+    })
+    .await;
+    assert!(
+        recorded.is_ok(),
+        "recorded rates without data:\n{}",
+        missing_records.lock().expect("lock").join("\n")
+    );
+    // A host's CPU time goes up: the busy ratio is a real fraction.
+    let busy = prom
+        .query(
+            &http,
+            &format!(
+                "node:novacron_node_cpu_busy:ratio_rate5m{{node=\"{}\"}}",
+                agent.name
+            ),
+        )
+        .await
+        .expect("query");
+    let ratio: f64 = busy[0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!((0.0..=1.0).contains(&ratio), "busy ratio {ratio}");
+
     // Nothing Prometheus had to rename (issue 15: `job` became `exported_job`).
     for renamed in ["exported_job", "exported_instance"] {
         let r = prom

@@ -14,7 +14,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use novacron_common::wire::{CpuSample, DiskSample, MemorySample, NetworkSample, NodeSample};
+use novacron_common::wire::{
+    CpuSample, CpuSeconds, DiskSample, MemorySample, NetworkSample, NodeSample,
+};
 use sysinfo::{DiskRefreshKind, Disks, MemoryRefreshKind, Networks, System};
 
 use super::HostCollector;
@@ -77,6 +79,9 @@ impl SysinfoCollector {
             total_percent: mean_percent(&per_core_percent),
             per_core_percent,
             load,
+            seconds_total: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|stat| parse_cpu_seconds(&stat, rustix::param::clock_ticks_per_second())),
         }
     }
 
@@ -128,6 +133,8 @@ impl SysinfoCollector {
                     used_bytes: usage.used_bytes,
                     read_bytes_per_sec: read,
                     written_bytes_per_sec: written,
+                    read_bytes_total: Some(d.read_total),
+                    written_bytes_total: Some(d.written_total),
                 }
             })
             .collect();
@@ -152,6 +159,8 @@ impl SysinfoCollector {
                     interface: n.interface.into_owned(),
                     rx_bytes_per_sec: rx,
                     tx_bytes_per_sec: tx,
+                    rx_bytes_total: Some(n.rx_total),
+                    tx_bytes_total: Some(n.tx_total),
                 }
             })
             .collect();
@@ -223,6 +232,38 @@ pub(crate) fn os_description() -> String {
         Ok(kernel) => format!("{os}, kernel {kernel}"),
         Err(_) => os,
     }
+}
+
+/// The host's CPU time by mode from the aggregate `cpu` line of `/proc/stat`
+/// (`cpu user nice system idle iowait irq softirq steal ...`, in clock ticks);
+/// `None` when the line is missing or malformed. Kernels before 2.6.11 lack the
+/// last fields, which count as 0.
+pub(crate) fn parse_cpu_seconds(stat: &str, ticks_per_second: u64) -> Option<CpuSeconds> {
+    if ticks_per_second == 0 {
+        return None;
+    }
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let mut ticks = [0u64; 8];
+    let mut fields = line.split_ascii_whitespace().skip(1);
+    for (i, slot) in ticks.iter_mut().enumerate() {
+        match fields.next() {
+            Some(f) => *slot = f.parse().ok()?,
+            // user, nice, system and idle are always there.
+            None if i >= 4 => break,
+            None => return None,
+        }
+    }
+    let s = |t: u64| t as f64 / ticks_per_second as f64;
+    Some(CpuSeconds {
+        user: s(ticks[0]),
+        nice: s(ticks[1]),
+        system: s(ticks[2]),
+        idle: s(ticks[3]),
+        iowait: s(ticks[4]),
+        irq: s(ticks[5]),
+        softirq: s(ticks[6]),
+        steal: s(ticks[7]),
+    })
 }
 
 /// The per-second rate of a cumulative counter that went from `prev` to `cur` in
@@ -568,6 +609,63 @@ mod tests {
             "{:?}",
             s.cpu
         );
+    }
+
+    #[test]
+    fn real_host_counters_are_cumulative() {
+        let mut host = SysinfoCollector::new().expect("sysinfo supports Linux");
+        let first = host.collect(Instant::now());
+        // Some CPU time and disk traffic between the two readings.
+        let path = std::env::temp_dir().join(format!("novacron-counters-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 1 << 20]).expect("writes a file");
+        let _ = std::fs::remove_file(&path);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(200) {
+            std::hint::black_box(t0.elapsed());
+        }
+        let second = host.collect(Instant::now());
+        let (a, b) = (
+            first.cpu.seconds_total.expect("/proc/stat is readable"),
+            second.cpu.seconds_total.expect("/proc/stat is readable"),
+        );
+        for ((mode, before), (_, after)) in a.modes().into_iter().zip(b.modes()) {
+            assert!(after >= before, "{mode} went backwards: {a:?} {b:?}");
+        }
+        assert!(
+            b.user + b.system > a.user + a.system,
+            "busy time grew: {a:?} {b:?}"
+        );
+        assert!(b.idle > 0.0);
+        for d in &second.disks {
+            let read = d.read_bytes_total.expect("a disk counter");
+            let before = first.disks.iter().find(|f| f.device == d.device);
+            if let Some(f) = before {
+                assert!(read >= f.read_bytes_total.expect("a disk counter"), "{d:?}");
+            }
+        }
+        assert!(
+            second
+                .networks
+                .iter()
+                .all(|n| n.rx_bytes_total.is_some() && n.tx_bytes_total.is_some())
+        );
+    }
+
+    #[test]
+    fn cpu_seconds_come_from_the_aggregate_line() {
+        let stat = "cpu  100 20 30 4000 50 6 7 8 0 0\ncpu0 50 10 15 2000 25 3 3 4 0 0\nintr 1\n";
+        let s = parse_cpu_seconds(stat, 100).expect("parses");
+        assert_eq!((s.user, s.nice, s.system, s.idle), (1.0, 0.2, 0.3, 40.0));
+        assert_eq!(
+            (s.iowait, s.irq, s.softirq, s.steal),
+            (0.5, 0.06, 0.07, 0.08)
+        );
+        let old = parse_cpu_seconds("cpu 1 2 3 4\n", 100).expect("old kernels");
+        assert_eq!(old.steal, 0.0);
+        assert_eq!(parse_cpu_seconds("cpu 1 2\n", 100), None);
+        assert_eq!(parse_cpu_seconds("cpu 1 x 3 4\n", 100), None);
+        assert_eq!(parse_cpu_seconds("intr 5\n", 100), None);
+        assert_eq!(parse_cpu_seconds(stat, 0), None);
     }
 
     #[test]

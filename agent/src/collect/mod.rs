@@ -56,6 +56,7 @@ pub struct Sampler {
     host: Box<dyn HostCollector>,
     gpus: Box<dyn GpuCollector>,
     totals: Option<HostTotals>,
+    latest: Option<tokio::sync::watch::Sender<Option<std::sync::Arc<NodeSample>>>>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -73,7 +74,17 @@ impl Sampler {
             host,
             gpus,
             totals: None,
+            latest: None,
         }
+    }
+
+    /// Also publishes every sample to `latest` (for the agent's `/metrics`).
+    pub fn publishing_to(
+        mut self,
+        latest: tokio::sync::watch::Sender<Option<std::sync::Arc<NodeSample>>>,
+    ) -> Self {
+        self.latest = Some(latest);
+        self
     }
 
     /// Takes one reading of the host and its GPUs. `seq` and `at_unix_ms` are left 0
@@ -82,6 +93,9 @@ impl Sampler {
         let mut sample = self.host.collect(now);
         sample.gpus = self.gpus.collect();
         self.totals = Some(HostTotals::of(&sample));
+        if let Some(latest) = &self.latest {
+            latest.send_replace(Some(std::sync::Arc::new(sample.clone())));
+        }
         sample
     }
 
@@ -199,6 +213,7 @@ mod tests {
                     total_percent: 25.0,
                     per_core_percent: vec![10.0, 20.0, 30.0, 40.0],
                     load: [0.5, 0.4, 0.3],
+                    seconds_total: None,
                 },
                 memory: MemorySample {
                     total_bytes: 8 * GIB,

@@ -299,6 +299,14 @@ pub struct VersionInfo {
     /// The git commit it was built from, or `unknown` when the build did not say
     /// (set `NOVACRON_GIT_COMMIT` when building, as the packaging does).
     pub commit: String,
+    /// The HTTP API versions served (`v1`); see the README's deprecation policy.
+    /// Absent from releases before 0.2.
+    #[serde(default)]
+    pub api_versions: Vec<String>,
+    /// The agent wire protocol versions this build speaks, oldest first (`[2, 3]`):
+    /// agents speaking one of them can connect. Absent from releases before 0.2.
+    #[serde(default)]
+    pub wire_protocol_versions: Vec<u16>,
 }
 
 impl VersionInfo {
@@ -311,9 +319,16 @@ impl VersionInfo {
                 .filter(|c| !c.is_empty())
                 .unwrap_or("unknown")
                 .to_owned(),
+            api_versions: vec![API_VERSION.to_owned()],
+            wire_protocol_versions: (novacron_common::wire::SUPPORTED.min
+                ..=novacron_common::wire::SUPPORTED.max)
+                .collect(),
         }
     }
 }
+
+/// The HTTP API version: the path prefix of every route (`/v1/...`).
+pub const API_VERSION: &str = "v1";
 
 /// `GET /v1/stats`: the controller's own view of its ingest path.
 #[derive(Debug, Clone, Serialize, Deserialize)]

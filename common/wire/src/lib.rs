@@ -19,8 +19,20 @@
 //! the decoder is configured with the same limit, so a forged inner length (a `Vec`
 //! claiming a billion entries) fails with an error instead of an allocation.
 //!
+//! **Versions.** A build speaks a range of protocol versions ([`SUPPORTED`]: this
+//! one and the one before). The agent opens the control stream with an
+//! [`Opening::Offer`] of its range; the controller answers [`Negotiated`] with the
+//! highest version both speak (or refuses, saying which side to upgrade), and both
+//! then encode every frame of the connection, on every stream, in that version
+//! ([`Versioned`]; version 2's types are frozen in [`v2`]). These two frames are
+//! frozen for all versions: an `Opening` body is the `Hello` variant's tag (0)
+//! followed by a `u16` version, the same prefix as a version-2 `Hello`, so that a
+//! controller reads the first frame of any agent ([`classify_first_frame`]). A
+//! version-2 agent sends its `Hello` at once (no offer): its range is 2 to 2.
+//!
 //! Streams:
-//! - **control** (bi-stream opened by the agent): `AgentMessage::Hello` first, the
+//! - **control** (bi-stream opened by the agent): [`Opening::Offer`] and the
+//!   [`Negotiated`] answer (from version 3 on), then `AgentMessage::Hello`; the
 //!   controller answers `ControllerMessage::Welcome` (or `Refused` and closes).
 //!   Later: certificate renewal requests and their answers.
 //! - **metrics** (uni-stream opened by the agent): a [`StreamOpen`] frame, then
@@ -32,6 +44,7 @@
 //!   command (the agent kills it).
 
 pub mod checkpoint;
+pub mod v2;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,8 +56,21 @@ use serde::{Deserialize, Serialize};
 
 /// The ALPN protocol id of the agent link.
 pub const ALPN: &[u8] = b"novacron/1";
-/// The protocol version carried in the first frame of every stream.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The newest protocol version this build speaks (carried in the first frame of
+/// every stream). Version 3 added the version negotiation and the cumulative host
+/// counters of [`NodeSample`].
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build still speaks: peers one version older
+/// keep working.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// The versions this build speaks.
+pub const SUPPORTED: VersionRange = VersionRange {
+    min: MIN_PROTOCOL_VERSION,
+    max: PROTOCOL_VERSION,
+};
+/// The first version that negotiates with an [`Opening::Offer`]; older agents send
+/// their `Hello` first.
+pub const FIRST_NEGOTIATED_VERSION: u16 = 3;
 /// The hard maximum body length of one frame (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// The most samples one [`MetricsBatch`] may carry.
@@ -153,6 +179,243 @@ impl CloseCode {
         ]
         .into_iter()
         .find(|c| u64::from(c.code()) == code)
+    }
+}
+
+/// An inclusive range of protocol versions (`2-3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRange {
+    /// The oldest version.
+    pub min: u16,
+    /// The newest version.
+    pub max: u16,
+}
+
+impl fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}-{}", self.min, self.max)
+        }
+    }
+}
+
+/// Why two version ranges have no version in common.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionMismatch {
+    /// The peer is too old: the peer must be upgraded.
+    #[error(
+        "the {peer} speaks wire protocol versions {theirs}, this {me} speaks {ours}: upgrade the {peer} to a release that speaks version {} or later",
+        ours.min
+    )]
+    PeerTooOld {
+        /// What the peer is (`agent`, `controller`).
+        peer: &'static str,
+        /// What this end is.
+        me: &'static str,
+        /// The peer's range.
+        theirs: VersionRange,
+        /// This end's range.
+        ours: VersionRange,
+    },
+    /// The peer is too new: this end must be upgraded.
+    #[error(
+        "the {peer} speaks wire protocol versions {theirs}, this {me} speaks {ours}: upgrade this {me} to a release that speaks version {} or later",
+        theirs.min
+    )]
+    PeerTooNew {
+        /// What the peer is.
+        peer: &'static str,
+        /// What this end is.
+        me: &'static str,
+        /// The peer's range.
+        theirs: VersionRange,
+        /// This end's range.
+        ours: VersionRange,
+    },
+}
+
+impl VersionRange {
+    /// Whether `version` lies in the range.
+    pub fn contains(&self, version: u16) -> bool {
+        (self.min..=self.max).contains(&version)
+    }
+
+    /// The highest version both ranges hold. `me` and `peer` name the two ends
+    /// (`controller`, `agent`) in the error, which says which one to upgrade.
+    pub fn negotiate(
+        self,
+        theirs: VersionRange,
+        me: &'static str,
+        peer: &'static str,
+    ) -> Result<u16, VersionMismatch> {
+        let best = self.max.min(theirs.max);
+        if best >= self.min.max(theirs.min) {
+            Ok(best)
+        } else if theirs.max < self.min {
+            Err(VersionMismatch::PeerTooOld {
+                peer,
+                me,
+                theirs,
+                ours: self,
+            })
+        } else {
+            Err(VersionMismatch::PeerTooNew {
+                peer,
+                me,
+                theirs,
+                ours: self,
+            })
+        }
+    }
+
+    /// Parses `3` or `2-3`, which must lie within [`SUPPORTED`] (a build cannot
+    /// speak a version it does not implement; it can be told to speak fewer).
+    pub fn parse_within_supported(text: &str) -> Result<VersionRange, String> {
+        let text = text.trim();
+        let (min, max) = text.split_once('-').unwrap_or((text, text));
+        let number = |s: &str| {
+            s.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{text:?} is not a version range such as 2-3 or 3"))
+        };
+        let range = VersionRange {
+            min: number(min)?,
+            max: number(max)?,
+        };
+        if range.min > range.max {
+            return Err(format!("{text:?}: the first version is above the last"));
+        }
+        if !(SUPPORTED.contains(range.min) && SUPPORTED.contains(range.max)) {
+            return Err(format!(
+                "{text:?}: this build speaks wire protocol versions {SUPPORTED} only"
+            ));
+        }
+        Ok(range)
+    }
+}
+
+/// The first frame of the control stream from version 3 on. Frozen for every
+/// version: its body is the tag 0 and the agent's newest version, like the start
+/// of a version-2 `Hello`, then its oldest.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Opening {
+    /// The versions the agent speaks.
+    Offer {
+        /// Its newest version (3 or more).
+        max: u16,
+        /// Its oldest version.
+        min: u16,
+    },
+}
+
+/// The controller's answer to an [`Opening::Offer`]. Frozen for every version.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Negotiated {
+    /// Both speak `version`: the agent's `Hello` and everything after it on this
+    /// connection use it.
+    Accept {
+        /// The version chosen (the highest both speak).
+        version: u16,
+    },
+    /// No version in common; the controller closes the connection with
+    /// [`CloseCode::VersionMismatch`].
+    Reject {
+        /// The controller's oldest version.
+        min: u16,
+        /// The controller's newest version.
+        max: u16,
+        /// What to upgrade, for the agent's log.
+        message: String,
+    },
+}
+
+/// What the first frame of a control stream is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstFrame {
+    /// A version-3-or-later agent's [`Opening::Offer`].
+    Offer(VersionRange),
+    /// A `Hello` of this version (below [`FIRST_NEGOTIATED_VERSION`]), which
+    /// decodes as [`v2::AgentMessage`] when the version is 2.
+    LegacyHello(u16),
+}
+
+/// Reads the frozen prefix of a control stream's first frame body.
+pub fn classify_first_frame(body: &[u8]) -> Result<FirstFrame, FrameError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let ((tag, version), _): ((u32, u16), usize) = bincode::decode_from_slice(body, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if tag != 0 {
+        return Err(FrameError::Malformed(
+            "the first frame must be a version offer or Hello".into(),
+        ));
+    }
+    if version < FIRST_NEGOTIATED_VERSION {
+        return Ok(FirstFrame::LegacyHello(version));
+    }
+    let Opening::Offer { max, min } = decode_body::<Opening>(body)?;
+    if min > max {
+        return Err(FrameError::Malformed(format!(
+            "version offer {min}-{max}: the oldest version is above the newest"
+        )));
+    }
+    Ok(FirstFrame::Offer(VersionRange { min, max }))
+}
+
+/// A message whose encoding depends on the negotiated protocol version: the
+/// current type for the newest version, its frozen [`v2`] form for version 2.
+pub trait Versioned: Sized + Clone + Encode + Decode<()> {
+    /// The version-2 form.
+    type V2: Encode + Decode<()>;
+    /// To the version-2 form (fields added since are dropped).
+    fn to_v2(self) -> Self::V2;
+    /// From the version-2 form (fields added since get their defaults).
+    fn from_v2(old: Self::V2) -> Self;
+}
+
+macro_rules! versioned {
+    ($($t:ident),*) => {$(
+        impl Versioned for $t {
+            type V2 = v2::$t;
+            fn to_v2(self) -> v2::$t {
+                v2::Convert::convert(self)
+            }
+            fn from_v2(old: v2::$t) -> $t {
+                v2::Convert::convert(old)
+            }
+        }
+    )*};
+}
+
+versioned!(
+    AgentMessage,
+    ControllerMessage,
+    StreamOpen,
+    MetricsBatch,
+    LogChunk
+);
+
+/// Encodes `msg` as one frame of protocol `version`.
+pub fn encode_frame_as<T: Versioned>(version: u16, msg: &T) -> Result<Vec<u8>, FrameError> {
+    if version >= FIRST_NEGOTIATED_VERSION {
+        encode_frame(msg)
+    } else {
+        encode_frame(&msg.clone().to_v2())
+    }
+}
+
+/// Decodes one frame body of protocol `version`.
+pub fn decode_body_as<T: Versioned>(version: u16, body: &[u8]) -> Result<T, FrameError> {
+    if version >= FIRST_NEGOTIATED_VERSION {
+        decode_body(body)
+    } else {
+        decode_body::<T::V2>(body).map(T::from_v2)
     }
 }
 
@@ -989,6 +1252,49 @@ pub struct CpuSample {
     pub per_core_percent: Vec<f32>,
     /// Load averages over 1, 5 and 15 minutes.
     pub load: [f32; 3],
+    /// CPU time since boot, all cores together (added in protocol version 3;
+    /// absent from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds_total: Option<CpuSeconds>,
+}
+
+/// Cumulative CPU time since boot by mode, seconds, summed over all cores (the
+/// host's `/proc/stat`; node_exporter's `node_cpu_seconds_total` modes).
+#[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CpuSeconds {
+    /// Normal processes in user mode.
+    pub user: f64,
+    /// Niced processes in user mode.
+    pub nice: f64,
+    /// Kernel mode.
+    pub system: f64,
+    /// Idle.
+    pub idle: f64,
+    /// Waiting for I/O.
+    pub iowait: f64,
+    /// Servicing interrupts.
+    pub irq: f64,
+    /// Servicing soft interrupts.
+    pub softirq: f64,
+    /// Taken by the hypervisor for other guests.
+    pub steal: f64,
+}
+
+impl CpuSeconds {
+    /// The modes and their seconds, in node_exporter's names.
+    pub fn modes(&self) -> [(&'static str, f64); 8] {
+        [
+            ("user", self.user),
+            ("nice", self.nice),
+            ("system", self.system),
+            ("idle", self.idle),
+            ("iowait", self.iowait),
+            ("irq", self.irq),
+            ("softirq", self.softirq),
+            ("steal", self.steal),
+        ]
+    }
 }
 
 /// Memory usage.
@@ -1023,6 +1329,13 @@ pub struct DiskSample {
     pub read_bytes_per_sec: u64,
     /// Write rate since the previous sample, bytes per second.
     pub written_bytes_per_sec: u64,
+    /// Bytes read from the device since boot (added in protocol version 3;
+    /// absent from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes_total: Option<u64>,
+    /// Bytes written to the device since boot (protocol version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes_total: Option<u64>,
     /// Space in use, in bytes, as `df` counts it: the size less the free blocks.
     /// Blocks reserved for root are neither used nor available, so `total_bytes -
     /// available_bytes` overstates it (by 5% of an ext4 disk, or far more). 0 from
@@ -1062,6 +1375,13 @@ pub struct NetworkSample {
     pub rx_bytes_per_sec: u64,
     /// Transmit rate, bytes per second.
     pub tx_bytes_per_sec: u64,
+    /// Bytes received since boot (added in protocol version 3; absent from older
+    /// agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_bytes_total: Option<u64>,
+    /// Bytes transmitted since boot (protocol version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_bytes_total: Option<u64>,
 }
 
 /// One GPU reading.
@@ -1162,6 +1482,11 @@ mod tests {
                     total_percent: cores.first().copied().unwrap_or_default(),
                     per_core_percent: cores,
                     load: [0.5, 1.0, 1.5],
+                    seconds_total: Some(CpuSeconds {
+                        user: 1.5,
+                        idle: 20.25,
+                        ..CpuSeconds::default()
+                    }),
                 },
                 memory: MemorySample {
                     total_bytes: mem[0],
@@ -1179,6 +1504,8 @@ mod tests {
                         available_bytes: avail,
                         read_bytes_per_sec: 1,
                         written_bytes_per_sec: 2,
+                        read_bytes_total: Some(total),
+                        written_bytes_total: None,
                         used_bytes: total.saturating_sub(avail) / 2,
                     })
                     .collect(),
@@ -1188,6 +1515,8 @@ mod tests {
                         interface,
                         rx_bytes_per_sec: rx,
                         tx_bytes_per_sec: tx,
+                        rx_bytes_total: Some(rx),
+                        tx_bytes_total: Some(tx),
                     })
                     .collect(),
                 gpus: vec![],
@@ -1348,6 +1677,45 @@ mod tests {
                 .to_string()
                 .contains("4096")
         );
+    }
+
+    #[test]
+    fn the_highest_common_version_wins() {
+        let r = |min, max| VersionRange { min, max };
+        assert_eq!(r(2, 3).negotiate(r(2, 3), "controller", "agent"), Ok(3));
+        assert_eq!(r(2, 3).negotiate(r(2, 2), "controller", "agent"), Ok(2));
+        assert_eq!(r(2, 2).negotiate(r(2, 3), "controller", "agent"), Ok(2));
+        assert_eq!(r(2, 3).negotiate(r(3, 4), "controller", "agent"), Ok(3));
+        let old = r(3, 3)
+            .negotiate(r(2, 2), "controller", "agent")
+            .expect_err("no overlap");
+        assert!(matches!(old, VersionMismatch::PeerTooOld { .. }));
+        assert_eq!(
+            old.to_string(),
+            "the agent speaks wire protocol versions 2, this controller speaks 3: upgrade the agent to a release that speaks version 3 or later"
+        );
+        let new = r(2, 2)
+            .negotiate(r(3, 3), "controller", "agent")
+            .expect_err("no overlap");
+        assert!(
+            new.to_string()
+                .ends_with("upgrade this controller to a release that speaks version 3 or later"),
+            "{new}"
+        );
+    }
+
+    #[test]
+    fn version_ranges_parse_within_what_the_build_speaks() {
+        assert_eq!(VersionRange::parse_within_supported("2-3"), Ok(SUPPORTED));
+        assert_eq!(
+            VersionRange::parse_within_supported("2"),
+            Ok(VersionRange { min: 2, max: 2 })
+        );
+        assert!(VersionRange::parse_within_supported("3-2").is_err());
+        assert!(VersionRange::parse_within_supported("1-3").is_err());
+        assert!(VersionRange::parse_within_supported("4").is_err());
+        assert!(VersionRange::parse_within_supported("x").is_err());
+        assert_eq!(SUPPORTED.to_string(), "2-3");
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn fixture() -> Vec<NodeView> {
             total_percent: 12.5,
             per_core_percent: vec![5.0, 10.0, 20.0, 15.0],
             load: [0.5, 1.0, 1.5],
+            seconds_total: None,
         },
         memory: MemorySample {
             total_bytes: 16_750_372_454,
@@ -50,6 +51,7 @@ pub fn fixture() -> Vec<NodeView> {
                 read_bytes_per_sec: 0,
                 written_bytes_per_sec: 0,
                 used_bytes: GI / 2,
+                ..DiskSample::default()
             },
             DiskSample {
                 mount: "/var/lib/docker".into(),
@@ -59,12 +61,14 @@ pub fn fixture() -> Vec<NodeView> {
                 read_bytes_per_sec: 1_258_291,
                 written_bytes_per_sec: 2048,
                 used_bytes: 35 * GI,
+                ..DiskSample::default()
             },
         ],
         networks: vec![NetworkSample {
             interface: "eth0".into(),
             rx_bytes_per_sec: 10_240,
             tx_bytes_per_sec: 512,
+            ..NetworkSample::default()
         }],
         gpus: vec![GpuSample {
             index: 0,

@@ -28,7 +28,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(follow))
 }
 
-#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400, description = "a bad filter or limit", content_type = "application/problem+json", body = ApiError), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/events", operation_id = "list_events", tag = "events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400, description = "a bad filter or limit", content_type = "application/problem+json", body = ApiError), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn list(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -39,8 +39,7 @@ use crate::services::events::{NewEvent, kind};
 /// itself served at `/v1/openapi.json`.
 pub fn router(state: Arc<ApiState>) -> Router {
     let (router, mut doc) = api_routes().split_for_parts();
-    index::document(&mut doc);
-    page::document(&mut doc);
+    complete_document(&mut doc);
     let doc = Arc::new(doc);
     router
         .route(
@@ -243,9 +242,78 @@ async fn audit_refusals(
 /// The OpenAPI document of the HTTPS API, as `/v1/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api_routes().split_for_parts().1;
-    index::document(&mut doc);
-    page::document(&mut doc);
+    complete_document(&mut doc);
     doc
+}
+
+/// What the annotations leave out of the document: the blocking-query and paging
+/// parameters and headers, and the descriptions of undescribed responses.
+fn complete_document(doc: &mut utoipa::openapi::OpenApi) {
+    index::document(doc);
+    page::document(doc);
+    describe_responses(doc);
+}
+
+/// Gives every response the annotations left undescribed a description (OpenAPI
+/// requires one, and generated clients and docs show it): what the status means
+/// on this API, with the HTTP reason phrase as the last resort, as Kubernetes'
+/// document does. Errors carry their specifics in the problem's `detail`.
+fn describe_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for op in operations.into_iter().flatten() {
+            for (code, response) in op.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && response.description.trim().is_empty()
+                {
+                    response.description = status_description(code);
+                }
+            }
+        }
+    }
+}
+
+/// What a status code means on this API, for [`describe_responses`].
+fn status_description(code: &str) -> String {
+    let text = match code {
+        "200" => "success",
+        "201" => "created",
+        "204" => "done; no body",
+        "400" => "the request is malformed; the problem's `detail` says what",
+        "401" => "no or unknown credentials",
+        "403" => "the caller's role is too low",
+        "404" => "nothing matches the path (unknown name or id)",
+        "409" => "the request conflicts with the current state; the problem's `detail` says how",
+        "413" => "the body is larger than this endpoint accepts",
+        "415" => "the body is not `application/json`",
+        "422" => "the body is well-formed but invalid; the problem's `detail` names the field",
+        "429" => "too many requests; retry after the `Retry-After` header",
+        "500" => "an internal error; the controller's log has the details",
+        "503" => {
+            "the controller cannot answer now (busy, store unavailable or past its deadline); retry"
+        }
+        "507" => "the data directory's disk is full; nothing was saved",
+        other => {
+            return other
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .and_then(|c| c.canonical_reason())
+                .unwrap_or("response")
+                .to_string();
+        }
+    };
+    text.to_string()
 }
 
 /// The documented routes. A route exists only through its `#[utoipa::path]`

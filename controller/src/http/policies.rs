@@ -58,7 +58,7 @@ async fn apply(
     Ok(Json(result))
 }
 
-#[utoipa::path(get, path = "/v1/policies", tag = "workloads", responses((status = 200, description = "every policy with its target's size and latest decision", body = Vec<PolicyView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/policies", operation_id = "list_policies", tag = "workloads", responses((status = 200, description = "every policy with its target's size and latest decision", body = Vec<PolicyView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

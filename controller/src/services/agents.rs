@@ -27,6 +27,9 @@ pub struct Agents {
     /// Each connected node's live connection (with its connection id), on which
     /// remote exec and migrations open their streams.
     pub connections: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    /// The wire protocol version negotiated on each node's live connection (with
+    /// its connection id); the streams opened to the node use it.
+    pub versions: Mutex<HashMap<String, (u64, u16)>>,
 }
 
 /// Why a remote command could not be sent to a node.
@@ -65,6 +68,14 @@ impl Agents {
         closed
     }
 
+    /// The wire protocol version of `node`'s live connection (the newest this
+    /// build speaks when it is not connected: opening a stream fails then anyway).
+    pub fn protocol_version(&self, node: &str) -> u16 {
+        lock(&self.versions)
+            .get(node)
+            .map_or(wire::PROTOCOL_VERSION, |(_, v)| *v)
+    }
+
     /// The live connection of `node`, if it is connected.
     pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
         lock(&self.connections).get(node).map(|(_, c)| c.clone())
@@ -88,7 +99,12 @@ impl Agents {
         };
         // Waits while the node runs its maximum of concurrent commands.
         let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        wire::write_frame(&mut send, &wire::BiRequest::Exec(request.clone()))
+        // The request speaks the connection's negotiated protocol version.
+        let request = ExecRequest {
+            protocol_version: self.protocol_version(node),
+            ..request.clone()
+        };
+        wire::write_frame(&mut send, &wire::BiRequest::Exec(request))
             .await
             .map_err(|e| lost(e.to_string()))?;
         Ok(ExecChannel {

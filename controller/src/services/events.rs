@@ -105,6 +105,9 @@ pub mod kind {
     pub const MIGRATION_ROLLED_BACK: &str = "migration.rolled_back";
     /// A node announced a spot interruption.
     pub const SPOT_NOTICE: &str = "node.spot_notice";
+    /// An agent was refused: it speaks no wire protocol version this controller
+    /// speaks (the message says which side to upgrade).
+    pub const NODE_VERSION_REFUSED: &str = "node.version_refused";
 }
 
 /// An event before it has a position and a time.

@@ -21,30 +21,34 @@
 //! filesystems `mountpoint`, as node_exporter does; the controller's own process
 //! is described by the standard `process_*` families ([`ProcessStats`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use novacron_api::{ControllerStats, NodeView};
+use novacron_common::exposition::{
+    Family, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, Kind,
+    Labels, NODE_CPU_CORES, NODE_CPU_SECONDS, NODE_CPU_USAGE, NODE_DISK_READ, NODE_DISK_WRITTEN,
+    NODE_FS_AVAILABLE, NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15, NODE_MEMORY_AVAILABLE,
+    NODE_MEMORY_TOTAL, NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX, NODE_SAMPLE_TIME,
+    NODE_SWAP_TOTAL, NODE_SWAP_USED, NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS, PROCESS_OPEN_FDS,
+    PROCESS_RESIDENT, PROCESS_START_TIME, PROCESS_VIRTUAL, Samples, collect_process,
+    collect_sample, encode_rows, gpu_labels,
+};
+pub use novacron_common::exposition::{
+    OPENMETRICS_CONTENT_TYPE, ProcessStats, TEXT_CONTENT_TYPE, accepts_openmetrics, series_names,
+    to_text_format,
+};
 use novacron_common::fleet::NodeStatus;
-use novacron_common::wire::{AllocState, GpuSample};
+use novacron_common::wire::AllocState;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::services::context::ApiState;
 pub use crate::services::pass_stats::PassStats;
-pub use crate::services::process::ProcessStats;
 use crate::services::workloads::JobSummary;
 use crate::state::store::AllocRecord;
-
-/// Content type of the OpenMetrics answer.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// Content type of the Prometheus text format answer.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Everything one scrape shows, read from the live state.
 #[derive(Debug, Clone)]
@@ -92,82 +96,6 @@ pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-/// Turns [`render`]'s OpenMetrics output into the Prometheus text format 0.0.4:
-/// the samples are the same; counter families are named with their `_total`
-/// suffix, `info` families become gauges named `_info`, and the `# UNIT` and
-/// `# EOF` lines go.
-pub fn to_text_format(openmetrics: &str) -> String {
-    let mut out = String::with_capacity(openmetrics.len());
-    let mut help: Option<&str> = None;
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest.split_once(' ').map_or("", |(_, text)| text));
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
-            let (name, kind) = match kind {
-                "counter" => (format!("{name}_total"), "counter"),
-                "info" => (format!("{name}_info"), "gauge"),
-                "unknown" => (name.to_string(), "untyped"),
-                other => (name.to_string(), other),
-            };
-            if let Some(text) = help.take() {
-                let _ = writeln!(out, "# HELP {name} {text}");
-            }
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-/// A metric family the controller exports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Family {
-    /// The family name (a counter's samples add `_total`, a histogram's
-    /// `_bucket`, `_sum` and `_count`).
-    pub name: &'static str,
-    /// One line of help, without backslashes or quotes.
-    pub help: &'static str,
-    /// Its type.
-    pub kind: Kind,
-}
-
-/// A family's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A value that goes up and down.
-    Gauge,
-    /// A monotonic count.
-    Counter,
-    /// Buckets, sum and count.
-    Histogram,
-}
-
-impl Family {
-    const fn gauge(name: &'static str, help: &'static str) -> Family {
-        Family {
-            name,
-            help,
-            kind: Kind::Gauge,
-        }
-    }
-
-    const fn counter(name: &'static str, help: &'static str) -> Family {
-        Family {
-            name,
-            help,
-            kind: Kind::Counter,
-        }
-    }
-}
-
 // Controller internals.
 const BUILD_INFO: Family = Family::gauge(
     "novacron_build_info",
@@ -211,32 +139,6 @@ const JOBS: Family = Family::gauge("novacron_jobs", "Jobs by status.");
 const ALLOCATIONS: Family = Family::gauge(
     "novacron_allocations",
     "Allocations known to the controller by state (terminal ones are kept for a while).",
-);
-
-// The controller process, read from /proc/self (Linux).
-const PROCESS_CPU: Family = Family::counter(
-    "process_cpu_seconds",
-    "Total user and system CPU time spent by the controller process, in seconds.",
-);
-const PROCESS_RESIDENT: Family = Family::gauge(
-    "process_resident_memory_bytes",
-    "Resident memory size of the controller process, in bytes.",
-);
-const PROCESS_VIRTUAL: Family = Family::gauge(
-    "process_virtual_memory_bytes",
-    "Virtual memory size of the controller process, in bytes.",
-);
-const PROCESS_OPEN_FDS: Family = Family::gauge(
-    "process_open_fds",
-    "Open file descriptors of the controller process.",
-);
-const PROCESS_MAX_FDS: Family = Family::gauge(
-    "process_max_fds",
-    "Soft limit on open file descriptors of the controller process (absent when unlimited).",
-);
-const PROCESS_START_TIME: Family = Family::gauge(
-    "process_start_time_seconds",
-    "Start time of the controller process since the Unix epoch, in seconds.",
 );
 
 // Jobs.
@@ -301,76 +203,6 @@ const NODE_GPU_ALLOCATED: Family = Family::gauge(
     "novacron_node_gpus_allocated",
     "GPUs assigned on the node to allocations that are not terminal.",
 );
-
-// Nodes: the latest sample.
-const NODE_SAMPLE_TIME: Family = Family::gauge(
-    "novacron_node_sample_timestamp_seconds",
-    "When the node's latest sample was taken (agent clock), Unix seconds.",
-);
-const NODE_UPTIME: Family = Family::gauge(
-    "novacron_node_uptime_seconds",
-    "Time since the node booted, at its latest sample.",
-);
-const NODE_CPU_USAGE: Family = Family::gauge(
-    "novacron_node_cpu_usage_ratio",
-    "Whole-host CPU usage, 0 to 1.",
-);
-const NODE_CPU_CORES: Family =
-    Family::gauge("novacron_node_cpu_cores", "Logical CPU cores of the host.");
-const NODE_LOAD1: Family = Family::gauge("novacron_node_load1", "Load average over 1 minute.");
-const NODE_LOAD5: Family = Family::gauge("novacron_node_load5", "Load average over 5 minutes.");
-const NODE_LOAD15: Family = Family::gauge("novacron_node_load15", "Load average over 15 minutes.");
-const NODE_MEMORY_TOTAL: Family = Family::gauge(
-    "novacron_node_memory_total_bytes",
-    "Total memory of the host.",
-);
-const NODE_MEMORY_USED: Family = Family::gauge(
-    "novacron_node_memory_used_bytes",
-    "Memory in use on the host.",
-);
-const NODE_MEMORY_AVAILABLE: Family = Family::gauge(
-    "novacron_node_memory_available_bytes",
-    "Memory available for new work on the host.",
-);
-const NODE_SWAP_TOTAL: Family =
-    Family::gauge("novacron_node_swap_total_bytes", "Total swap of the host.");
-const NODE_SWAP_USED: Family =
-    Family::gauge("novacron_node_swap_used_bytes", "Swap in use on the host.");
-const NODE_FS_SIZE: Family = Family::gauge(
-    "novacron_node_filesystem_size_bytes",
-    "Size of a mounted filesystem.",
-);
-const NODE_FS_AVAILABLE: Family = Family::gauge(
-    "novacron_node_filesystem_available_bytes",
-    "Free space of a mounted filesystem available to unprivileged users.",
-);
-const NODE_DISK_READ: Family = Family::gauge(
-    "novacron_node_disk_read_bytes_per_second",
-    "Read rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
-);
-const NODE_DISK_WRITTEN: Family = Family::gauge(
-    "novacron_node_disk_written_bytes_per_second",
-    "Write rate of a mounted filesystem's device between the agent's last two readings (the agent sends rates, not byte counts).",
-);
-const NODE_NET_RX: Family = Family::gauge(
-    "novacron_node_network_receive_bytes_per_second",
-    "Receive rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
-);
-const NODE_NET_TX: Family = Family::gauge(
-    "novacron_node_network_transmit_bytes_per_second",
-    "Transmit rate of a network interface between the agent's last two readings (the agent sends rates, not byte counts).",
-);
-const GPU_UTILIZATION: Family = Family::gauge(
-    "novacron_node_gpu_utilization_ratio",
-    "GPU utilization, 0 to 1.",
-);
-const GPU_MEMORY_USED: Family =
-    Family::gauge("novacron_node_gpu_memory_used_bytes", "GPU memory in use.");
-const GPU_MEMORY_TOTAL: Family =
-    Family::gauge("novacron_node_gpu_memory_total_bytes", "Total GPU memory.");
-const GPU_TEMPERATURE: Family =
-    Family::gauge("novacron_node_gpu_temperature_celsius", "GPU temperature.");
-const GPU_POWER: Family = Family::gauge("novacron_node_gpu_power_watts", "GPU power draw.");
 
 // Allocations.
 const ALLOC_STATE: Family = Family::gauge(
@@ -471,6 +303,7 @@ pub const FAMILIES: &[Family] = &[
     NODE_SWAP_USED,
     NODE_FS_SIZE,
     NODE_FS_AVAILABLE,
+    NODE_CPU_SECONDS,
     NODE_DISK_READ,
     NODE_DISK_WRITTEN,
     NODE_NET_RX,
@@ -494,87 +327,6 @@ pub const FAMILIES: &[Family] = &[
     ALLOC_GPU_MEMORY_USED,
 ];
 
-/// The names of the series a scrape in the text format 0.0.4 announces (from its
-/// `# TYPE` lines), with a histogram's `_bucket`, `_sum` and `_count`: what a
-/// PromQL expression may select.
-pub fn series_names(text_format: &str) -> std::collections::BTreeSet<String> {
-    let mut names = std::collections::BTreeSet::new();
-    for line in text_format.lines() {
-        let Some((name, kind)) = line
-            .strip_prefix("# TYPE ")
-            .and_then(|rest| rest.split_once(' '))
-        else {
-            continue;
-        };
-        if kind == "histogram" {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                names.insert(format!("{name}{suffix}"));
-            }
-        }
-        names.insert(name.to_string());
-    }
-    names
-}
-
-/// Whether an `Accept` header admits OpenMetrics (Prometheus asks for it first).
-pub fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
-    values.flat_map(|v| v.split(',')).any(|range| {
-        let mut parts = range.split(';').map(str::trim);
-        let media = parts.next().unwrap_or("");
-        let q = parts
-            .filter_map(|p| p.strip_prefix("q="))
-            .find_map(|q| q.parse::<f32>().ok())
-            .unwrap_or(1.0);
-        media.eq_ignore_ascii_case("application/openmetrics-text") && q > 0.0
-    })
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-#[derive(Debug, Clone, Copy)]
-enum Value {
-    Int(u64),
-    Float(f64),
-}
-
-/// The samples of one scrape, per family name.
-#[derive(Debug, Default)]
-struct Samples {
-    rows: HashMap<&'static str, Vec<(Labels, Value)>>,
-    seen: HashMap<&'static str, HashSet<Labels>>,
-}
-
-impl Samples {
-    /// Adds a sample; a second sample with the same labels is dropped (a node could
-    /// report the same mount twice), and so is a value that is not finite.
-    fn add(&mut self, family: &Family, labels: Labels, value: Value) {
-        if let Value::Float(v) = value
-            && !v.is_finite()
-        {
-            return;
-        }
-        if self
-            .seen
-            .entry(family.name)
-            .or_default()
-            .insert(labels.clone())
-        {
-            self.rows
-                .entry(family.name)
-                .or_default()
-                .push((labels, value));
-        }
-    }
-
-    fn int(&mut self, family: &Family, labels: Labels, value: u64) {
-        self.add(family, labels, Value::Int(value));
-    }
-
-    fn float(&mut self, family: &Family, labels: Labels, value: f64) {
-        self.add(family, labels, Value::Float(value));
-    }
-}
-
 #[derive(Debug)]
 struct FleetCollector(Snapshot);
 
@@ -582,13 +334,13 @@ impl Collector for FleetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut samples = collect(&self.0);
         for family in FAMILIES {
-            let kind = match family.kind {
-                Kind::Gauge => MetricType::Gauge,
-                Kind::Counter => MetricType::Counter,
-                Kind::Histogram => MetricType::Histogram,
-            };
-            let mut metric = encoder.encode_descriptor(family.name, family.help, None, kind)?;
             if family.kind == Kind::Histogram {
+                let metric = encoder.encode_descriptor(
+                    family.name,
+                    family.help,
+                    None,
+                    family.metric_type(),
+                )?;
                 let histogram = if family.name == INGEST_LATENCY.name {
                     &self.0.ingest_latency
                 } else {
@@ -597,34 +349,15 @@ impl Collector for FleetCollector {
                 histogram.encode(metric)?;
                 continue;
             }
-            for (labels, value) in samples.rows.remove(family.name).unwrap_or_default() {
-                if labels.is_empty() {
-                    encode_value(&mut metric, family.kind, value)?;
-                } else {
-                    let mut labelled = metric.encode_family(&labels)?;
-                    encode_value(&mut labelled, family.kind, value)?;
-                }
-            }
+            let rows = samples.take(family);
+            encode_rows(&mut encoder, family, rows)?;
         }
         debug_assert!(
-            samples.rows.is_empty(),
+            samples.left().is_empty(),
             "families missing from FAMILIES: {:?}",
-            samples.rows.keys()
+            samples.left()
         );
         Ok(())
-    }
-}
-
-fn encode_value(
-    metric: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    kind: Kind,
-    value: Value,
-) -> Result<(), std::fmt::Error> {
-    match (kind, value) {
-        (Kind::Counter, Value::Int(v)) => metric.encode_counter::<NoLabelSet, _, u64>(&v, None),
-        (Kind::Counter, Value::Float(v)) => metric.encode_counter::<NoLabelSet, _, f64>(&v, None),
-        (_, Value::Int(v)) => metric.encode_gauge(&v),
-        (_, Value::Float(v)) => metric.encode_gauge(&v),
     }
 }
 
@@ -677,16 +410,7 @@ fn collect_internals(s: &Snapshot, out: &mut Samples) {
     out.int(&CONNECTED_AGENTS, vec![], s.stats.connected_agents);
     out.int(&SAMPLES_INGESTED, vec![], s.stats.samples_ingested);
     out.int(&SAMPLES_DUPLICATE, vec![], s.stats.duplicates_skipped);
-    if let Some(p) = &s.process {
-        out.float(&PROCESS_CPU, vec![], p.cpu_seconds);
-        out.int(&PROCESS_RESIDENT, vec![], p.resident_memory_bytes);
-        out.int(&PROCESS_VIRTUAL, vec![], p.virtual_memory_bytes);
-        out.int(&PROCESS_OPEN_FDS, vec![], p.open_fds);
-        if let Some(max) = p.max_fds {
-            out.int(&PROCESS_MAX_FDS, vec![], max);
-        }
-        out.float(&PROCESS_START_TIME, vec![], p.start_time_seconds);
-    }
+    collect_process(s.process, out);
     out.int(&PLACEMENTS, vec![], s.passes.placed.load(Ordering::Relaxed));
     out.int(&UNPLACED, vec![], s.passes.unplaced.load(Ordering::Relaxed));
     out.int(&EVENTS, vec![], s.events);
@@ -783,61 +507,7 @@ fn collect_node(node: &NodeView, live: &[&AllocRecord], out: &mut Samples) {
     let Some(sample) = &node.latest else {
         return;
     };
-    out.float(&NODE_SAMPLE_TIME, base(), sample.at_unix_ms as f64 / 1000.0);
-    out.int(&NODE_UPTIME, base(), sample.uptime_secs);
-    out.float(
-        &NODE_CPU_USAGE,
-        base(),
-        f64::from(sample.cpu.total_percent) / 100.0,
-    );
-    out.int(
-        &NODE_CPU_CORES,
-        base(),
-        sample.cpu.per_core_percent.len() as u64,
-    );
-    for (family, load) in [NODE_LOAD1, NODE_LOAD5, NODE_LOAD15]
-        .iter()
-        .zip(sample.cpu.load)
-    {
-        out.float(family, base(), f64::from(load));
-    }
-    let m = &sample.memory;
-    out.int(&NODE_MEMORY_TOTAL, base(), m.total_bytes);
-    out.int(&NODE_MEMORY_USED, base(), m.used_bytes);
-    out.int(&NODE_MEMORY_AVAILABLE, base(), m.available_bytes);
-    out.int(&NODE_SWAP_TOTAL, base(), m.swap_total_bytes);
-    out.int(&NODE_SWAP_USED, base(), m.swap_used_bytes);
-    for d in &sample.disks {
-        let l = || with(&[("mountpoint", &d.mount), ("device", &d.device)]);
-        out.int(&NODE_FS_SIZE, l(), d.total_bytes);
-        out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
-        out.int(&NODE_DISK_READ, l(), d.read_bytes_per_sec);
-        out.int(&NODE_DISK_WRITTEN, l(), d.written_bytes_per_sec);
-    }
-    for n in &sample.networks {
-        let l = || with(&[("device", &n.interface)]);
-        out.int(&NODE_NET_RX, l(), n.rx_bytes_per_sec);
-        out.int(&NODE_NET_TX, l(), n.tx_bytes_per_sec);
-    }
-    for g in &sample.gpus {
-        let l = || gpu_labels(base(), g);
-        out.float(
-            &GPU_UTILIZATION,
-            l(),
-            f64::from(g.utilization_percent) / 100.0,
-        );
-        out.int(&GPU_MEMORY_USED, l(), g.memory_used_bytes);
-        out.int(&GPU_MEMORY_TOTAL, l(), g.memory_total_bytes);
-        out.int(&GPU_TEMPERATURE, l(), u64::from(g.temperature_celsius));
-        out.float(&GPU_POWER, l(), f64::from(g.power_milliwatts) / 1000.0);
-    }
-}
-
-fn gpu_labels(mut labels: Labels, g: &GpuSample) -> Labels {
-    labels.push(("gpu", g.index.to_string()));
-    labels.push(("uuid", g.uuid.clone()));
-    labels.push(("model", g.name.clone()));
-    labels
+    collect_sample(&node.name, &zone, sample, out);
 }
 
 fn collect_allocations(s: &Snapshot, live: &[&AllocRecord], out: &mut Samples) {
@@ -906,8 +576,8 @@ mod tests {
 
     use novacron_common::manifest::JobType;
     use novacron_common::wire::{
-        AllocationUsage, Capabilities, Capacity, CpuSample, DiskSample, GpuInfo, MemorySample,
-        NetworkSample, NodeSample,
+        AllocationUsage, Capabilities, Capacity, CpuSample, CpuSeconds, DiskSample, GpuInfo,
+        GpuSample, MemorySample, NetworkSample, NodeSample,
     };
 
     use super::*;
@@ -957,6 +627,11 @@ mod tests {
                 total_percent: 25.0,
                 per_core_percent: vec![20.0, 30.0, 25.0, 25.0],
                 load: [1.5, 1.25, 1.0],
+                seconds_total: Some(CpuSeconds {
+                    user: 120.5,
+                    idle: 3000.25,
+                    ..CpuSeconds::default()
+                }),
             },
             memory: MemorySample {
                 total_bytes: 16 * GIB,
@@ -973,11 +648,15 @@ mod tests {
                 read_bytes_per_sec: 1024,
                 written_bytes_per_sec: 2048,
                 used_bytes: 35 * GIB,
+                read_bytes_total: Some(10 * GIB),
+                written_bytes_total: Some(20 * GIB),
             }],
             networks: vec![NetworkSample {
                 interface: "eth0".into(),
                 rx_bytes_per_sec: 1000,
                 tx_bytes_per_sec: 500,
+                rx_bytes_total: Some(7_000_000),
+                tx_bytes_total: Some(5_000_000),
             }],
             gpus: vec![GpuSample {
                 index: 0,
@@ -1247,6 +926,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_without_counters_exposes_none() {
+        // An agent before wire protocol 3 sends rates only: no counter is made up.
+        let mut snapshot = fleet();
+        for node in &mut snapshot.nodes {
+            if let Some(s) = &mut node.latest {
+                s.cpu.seconds_total = None;
+                for d in &mut s.disks {
+                    d.read_bytes_total = None;
+                    d.written_bytes_total = None;
+                }
+                for n in &mut s.networks {
+                    n.rx_bytes_total = None;
+                    n.tx_bytes_total = None;
+                }
+            }
+        }
+        let text = to_text_format(&rendered(snapshot));
+        for name in [
+            "novacron_node_cpu_seconds_total",
+            "novacron_node_disk_read_bytes_total",
+            "novacron_node_disk_written_bytes_total",
+            "novacron_node_network_receive_bytes_total",
+            "novacron_node_network_transmit_bytes_total",
+        ] {
+            assert!(
+                !samples(&text).iter().any(|(n, _, _)| n == name),
+                "{name} has a sample"
+            );
+            assert!(text.contains(&format!("# TYPE {name} counter")), "{name}");
+        }
+    }
+
+    #[test]
     fn every_family_has_samples_in_the_test_fleet() {
         let text = to_text_format(&rendered(fleet()));
         let names: BTreeSet<String> = samples(&text).into_iter().map(|(n, _, _)| n).collect();
@@ -1296,12 +1008,29 @@ mod tests {
         );
         let eth0 = [("node", "n1"), ("device", "eth0")];
         assert_eq!(
+            number(&text, "novacron_node_network_transmit_bytes_total", &eth0),
+            5_000_000.0
+        );
+        let sda = [("node", "n1"), ("device", "/dev/sda1")];
+        assert_eq!(
+            number(&text, "novacron_node_disk_written_bytes_total", &sda),
+            20.0 * gib
+        );
+        assert_eq!(
             number(
                 &text,
-                "novacron_node_network_transmit_bytes_per_second",
-                &eth0
+                "novacron_node_cpu_seconds_total",
+                &[("node", "n1"), ("mode", "idle")]
             ),
-            500.0
+            3000.25
+        );
+        assert_eq!(
+            number(
+                &text,
+                "novacron_node_cpu_seconds_total",
+                &[("node", "n1"), ("mode", "steal")]
+            ),
+            0.0
         );
         let gpu = [
             ("node", "n1"),
@@ -1817,7 +1546,9 @@ mod tests {
         }
         for wanted in [
             "novacron_node_status",
-            "novacron_node_cpu_usage_ratio",
+            "novacron_node_cpu_seconds_total",
+            "novacron_node_network_receive_bytes_total",
+            "novacron_node_disk_written_bytes_total",
             "novacron_node_memory_used_bytes",
             "novacron_node_gpu_utilization_ratio",
             "novacron_allocation_cpu_usage_cores",

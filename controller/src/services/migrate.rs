@@ -29,8 +29,8 @@ use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::transfer;
 use novacron_common::wire::{
-    self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, PROTOCOL_VERSION,
-    ReleaseReply, ReleaseRequest, RestoreFrom,
+    self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, ReleaseRequest,
+    RestoreFrom,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -554,7 +554,7 @@ impl Migrations {
     ) -> Result<BundleInfo, MigrateError> {
         let (mut send, mut recv) = self.open(node).await?;
         let request = BiRequest::Checkpoint(CheckpointRequest {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: self.link.protocol_version(node),
             alloc_id: alloc.to_string(),
             mode,
             stop,
@@ -600,7 +600,7 @@ impl Migrations {
         wire::write_frame(
             &mut send,
             &BiRequest::Release(ReleaseRequest {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: self.link.protocol_version(node),
                 alloc_id: alloc.to_string(),
                 restore,
             }),
@@ -673,7 +673,11 @@ impl Migrations {
             .map_err(|e| Fetch::Broken(e.to_string()))?;
         wire::write_frame(
             &mut send,
-            &BiRequest::Fetch(transfer::fetch_request(&info.digest, offset)),
+            &BiRequest::Fetch(transfer::fetch_request(
+                self.link.protocol_version(node),
+                &info.digest,
+                offset,
+            )),
         )
         .await
         .map_err(|e| Fetch::Broken(e.to_string()))?;

@@ -16,6 +16,5 @@ pub mod metrics;
 pub mod migrate;
 pub mod pass_stats;
 pub mod pools;
-pub mod process;
 pub mod providers;
 pub mod workloads;

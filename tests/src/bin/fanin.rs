@@ -707,6 +707,10 @@ impl FakeAgent {
             .await
             .context("handshake timed out")??;
         let (mut send, mut recv) = conn.open_bi().await?;
+        match wire::offer_newest(&mut send, &mut recv).await? {
+            wire::Negotiated::Accept { .. } => {}
+            refused => bail!("the controller refused the version offer: {refused:?}"),
+        }
         wire::write_frame(&mut send, &AgentMessage::Hello(self.hello().into())).await?;
         let mut scratch = Vec::new();
         let answer = tokio::time::timeout(
@@ -780,6 +784,7 @@ fn realistic_sample(index: usize) -> NodeSample {
             total_percent: 23.5,
             per_core_percent: vec![21.0, 26.0],
             load: [0.42, 0.37, 0.30],
+            seconds_total: None,
         },
         memory: MemorySample {
             total_bytes: 4 << 30,
@@ -797,6 +802,7 @@ fn realistic_sample(index: usize) -> NodeSample {
                 read_bytes_per_sec: 4096 * jitter,
                 written_bytes_per_sec: 65_536,
                 used_bytes: 7_000_000_000 + jitter * 10_000_000,
+                ..DiskSample::default()
             },
             DiskSample {
                 mount: "/var/lib/docker".into(),
@@ -806,6 +812,7 @@ fn realistic_sample(index: usize) -> NodeSample {
                 read_bytes_per_sec: 0,
                 written_bytes_per_sec: 12_288,
                 used_bytes: 15_000_000_000,
+                ..DiskSample::default()
             },
         ],
         networks: vec![
@@ -813,11 +820,13 @@ fn realistic_sample(index: usize) -> NodeSample {
                 interface: "eth0".into(),
                 rx_bytes_per_sec: 15_000 + jitter,
                 tx_bytes_per_sec: 9_000 + jitter,
+                ..NetworkSample::default()
             },
             NetworkSample {
                 interface: "docker0".into(),
                 rx_bytes_per_sec: 1_200,
                 tx_bytes_per_sec: 800,
+                ..NetworkSample::default()
             },
         ],
         gpus: vec![],

@@ -1,4 +1,4 @@
-//! The controller process's own figures for the standard `process_*` metrics
+//! This process's own figures for the standard `process_*` metrics
 //! (CPU time, memory, file descriptors, start time), read from `/proc` on Linux.
 //!
 //! [`ProcessStats::read`] does the reading; the parsing is pure functions below,
@@ -20,7 +20,7 @@ pub const MAX_PROC_FILE: u64 = 64 * 1024;
 /// The most entries of `/proc/self/fd` counted.
 pub const MAX_FDS_COUNTED: usize = 1 << 20;
 
-/// One reading of the controller process.
+/// One reading of this process.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProcessStats {
     /// User and system CPU time, seconds.
