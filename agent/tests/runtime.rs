@@ -111,6 +111,12 @@ mod support {
     impl Harness {
         /// Builds the image if needed and starts a supervisor for `test`.
         pub async fn new(test: &str) -> Harness {
+            Harness::publishing(test, None).await
+        }
+
+        /// As [`Harness::new`], its runtime publishing ports on `address` (Docker's
+        /// default, every address, when `None`).
+        pub async fn publishing(test: &str, address: Option<std::net::IpAddr>) -> Harness {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -118,9 +124,12 @@ mod support {
                 )
                 .with_test_writer()
                 .try_init();
-            let runtime = DockerRuntime::connect(docker_host().as_deref())
+            let mut runtime = DockerRuntime::connect(docker_host().as_deref())
                 .await
                 .expect("the Docker daemon answers");
+            if let Some(address) = address {
+                runtime = runtime.with_publish_address(address);
+            }
             let docker = runtime.client().await.expect("client");
             ensure_test_image(&docker).await;
             let node = format!(
@@ -385,7 +394,7 @@ mod runtime {
     };
     use novacron_common::wire::{
         AllocState, AllocationSpec, FailureReason, HealthCheckKind, HealthSpec, LogChunk,
-        LogRequest, ProbeSpec, VolumeMount,
+        LogRequest, PortMapping, ProbeSpec, VolumeMount,
     };
 
     use super::support::*;
@@ -446,6 +455,90 @@ mod runtime {
             }
         }
         assert_eq!(h.containers().await.len(), 2);
+    }
+
+    /// The report says where each port is published, as Docker bound it: the
+    /// runtime's publish address and the host port, for the container port; and
+    /// that address reaches the container.
+    #[tokio::test]
+    async fn the_report_carries_the_published_addresses_docker_bound() {
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        let mut h = Harness::publishing("published", Some(loopback)).await;
+        let mut web = h.alloc(
+            "web",
+            "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www",
+            1,
+        );
+        // No host port from the controller: Docker picks one.
+        web.task.ports = vec![PortMapping {
+            name: "http".into(),
+            container_port: 8080,
+            host_port: None,
+            udp: false,
+        }];
+        h.apply(vec![web.clone()]);
+        let s = h
+            .until_alloc(&web.id, "running and published", |s| {
+                s.state == AllocState::Running && !s.published.is_empty()
+            })
+            .await;
+        let id = s.container_id.clone().expect("container id");
+        let ports = h
+            .docker
+            .inspect_container(&id, None)
+            .await
+            .expect("inspect")
+            .network_settings
+            .and_then(|n| n.ports)
+            .expect("a port map");
+        let bindings = ports["8080/tcp"].clone().expect("8080/tcp is published");
+        let docker_says: Vec<(String, String)> = bindings
+            .iter()
+            .map(|b| {
+                (
+                    b.host_ip.clone().unwrap_or_default(),
+                    b.host_port.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let reported: Vec<(String, String)> = s
+            .published
+            .iter()
+            .map(|p| (p.host_ip.to_string(), p.host_port.to_string()))
+            .collect();
+        assert_eq!(reported, docker_says);
+        for p in &s.published {
+            assert_eq!(p.host_ip, loopback);
+            assert_eq!((p.container_port, p.udp), (8080, false));
+        }
+        // The address answers with the container's page.
+        let address = std::net::SocketAddr::new(loopback, s.published[0].host_port);
+        let page = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(mut stream) = tokio::net::TcpStream::connect(address).await {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let _ = stream.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+                    let mut body = String::new();
+                    let _ = stream.read_to_string(&mut body).await;
+                    if body.contains("hello") {
+                        return body;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("the published address serves the container's page");
+        assert!(
+            page.lines().next().is_some_and(|l| l.ends_with("200 OK")),
+            "{page}"
+        );
+        // Stopped: nothing is published any more.
+        h.apply(vec![]);
+        h.until(&format!("{} gone", web.id), |r| {
+            status(r, &web.id).is_none_or(|s| s.published.is_empty())
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -529,6 +529,7 @@ impl Sim {
                 },
                 started_at_unix_ms: None,
                 ip: None,
+                published: Vec::new(),
             })
             .collect();
         let token = node.agent.observe_begin();
@@ -566,6 +567,7 @@ impl Sim {
                             container_id: id,
                             started_at_unix_ms: None,
                             ip: None,
+                            published: Vec::new(),
                         })
                     };
                     Outcome::Launched {
@@ -585,6 +587,7 @@ impl Sim {
                                 container_id: container_id.clone(),
                                 started_at_unix_ms: None,
                                 ip: None,
+                                published: Vec::new(),
                             })
                         }
                         None => Err(novacron_agent::runtime::RuntimeError::NotFound {

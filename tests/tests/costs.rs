@@ -123,3 +123,68 @@ async fn cost_attributes_node_prices_and_recommend_shrinks_an_idle_job() {
     let table = c.cli(&["recommend"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("1000m →"));
 }
+
+/// Costs name their currency: the pricing catalog's `currency` (USD unless set)
+/// is in the API's cost views and in the CLI's output, and its budget messages.
+#[tokio::test]
+async fn costs_name_the_catalogs_currency() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-currency-")
+        .tempdir()
+        .expect("tempdir");
+    let mut c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let report = json(&c.cli(&["cost", "-o", "json"]));
+    assert_eq!(report["currency"], "USD", "the default: {report}");
+
+    std::fs::write(
+        c.data_dir.join("pricing.toml"),
+        "currency = \"EUR\"\n[budgets]\nfleet_per_hour = 2.5\n",
+    )
+    .expect("pricing.toml");
+    c.stop().await;
+    c.restart().await.expect("restart");
+    let report = json(&c.cli(&["cost", "-o", "json"]));
+    assert_eq!(report["currency"], "EUR", "{report}");
+    let budget = &report["budgets"][0];
+    assert!(
+        budget["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("0.00 EUR/h") && m.contains("2.50 EUR/h")),
+        "{budget}"
+    );
+    let plan = json(&c.cli(&["consolidate", "-o", "json"]));
+    assert_eq!(plan["currency"], "EUR", "{plan}");
+    let table = c.cli(&["cost"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.starts_with("fleet: 0.0000 EUR per hour (amounts in EUR)")
+            && text.contains("nodes (EUR):")
+            && text.contains("budgets (EUR):"),
+        "{text}"
+    );
+
+    // A currency that is not an ISO 4217 code stops the controller at start,
+    // naming the key.
+    std::fs::write(c.data_dir.join("pricing.toml"), "currency = \"euro\"\n").expect("write");
+    c.stop().await;
+    let out = std::process::Command::new(novacron_tests::bin("novacron-controller"))
+        .arg("--data-dir")
+        .arg(&c.data_dir)
+        .args([
+            "serve",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("novacron-controller runs");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("`currency`") && said.contains("ISO 4217"),
+        "{said}"
+    );
+}

@@ -519,7 +519,7 @@ spec:
         .with_context(|| format!("no pool.consolidated event in {events:#?}"))?;
     assert!(
         consolidated.contains(&format!("retiring {}", retired[0].1))
-            && consolidated.contains("saves 0.2500/h"),
+            && consolidated.contains("saves 0.2500 USD/h"),
         "{consolidated}"
     );
     for kind in ["pool.draining", "pool.removed"] {

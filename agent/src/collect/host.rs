@@ -118,11 +118,19 @@ impl SysinfoCollector {
                 let [read, written] =
                     self.disk_io
                         .rates(&d.device, [d.read_total, d.written_total], elapsed);
+                // One statvfs for size, used and available, so that they agree
+                // with each other and with `df`; sysinfo has no free-block count.
+                let usage = statvfs_usage(&d.mount).unwrap_or(DfUsage {
+                    total_bytes: d.total_bytes,
+                    used_bytes: d.total_bytes.saturating_sub(d.available_bytes),
+                    available_bytes: d.available_bytes,
+                });
                 DiskSample {
                     mount: d.mount.into_owned(),
                     device: d.device.into_owned(),
-                    total_bytes: d.total_bytes,
-                    available_bytes: d.available_bytes,
+                    total_bytes: usage.total_bytes,
+                    available_bytes: usage.available_bytes,
+                    used_bytes: usage.used_bytes,
                     read_bytes_per_sec: read,
                     written_bytes_per_sec: written,
                     read_bytes_total: Some(d.read_total),
@@ -184,6 +192,36 @@ impl HostCollector for SysinfoCollector {
             ..NodeSample::default()
         }
     }
+}
+
+/// A filesystem's space as `df` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DfUsage {
+    /// Size: all blocks.
+    total_bytes: u64,
+    /// Used: all blocks less the free ones.
+    used_bytes: u64,
+    /// Available to unprivileged users: the free blocks less those reserved for
+    /// root.
+    available_bytes: u64,
+}
+
+/// `df`'s Size, Used and Avail from `statvfs` counts (`f_blocks`, `f_bfree`,
+/// `f_bavail`, in units of `f_frsize`). Pure.
+fn df_usage(blocks: u64, free: u64, available: u64, fragment_size: u64) -> DfUsage {
+    let bytes = |n: u64| n.saturating_mul(fragment_size);
+    DfUsage {
+        total_bytes: bytes(blocks),
+        used_bytes: bytes(blocks.saturating_sub(free)),
+        available_bytes: bytes(available.min(free)),
+    }
+}
+
+/// The space of the filesystem mounted at `mount`, by `statvfs`; `None` when it
+/// cannot be read (gone, or no permission).
+fn statvfs_usage(mount: &str) -> Option<DfUsage> {
+    let st = rustix::fs::statvfs(mount).ok()?;
+    Some(df_usage(st.f_blocks, st.f_bfree, st.f_bavail, st.f_frsize))
 }
 
 /// The operating system and kernel, for display: `Linux (Debian GNU/Linux 12), kernel
@@ -408,6 +446,90 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("processor"))
             .count()
+    }
+
+    /// Regression (issue 15): the node reported 70% of `/` used where `df`
+    /// showed 16%, because it counted the blocks reserved for root (here
+    /// 169 GB of a 264 GB disk) as used. Every reported filesystem's size, used
+    /// and available space and `Use%` match `df`'s, read on this machine.
+    #[test]
+    fn disk_usage_matches_df() {
+        let mut host = SysinfoCollector::new().expect("sysinfo supports Linux");
+        let s = host.collect(Instant::now());
+        let out = std::process::Command::new("df")
+            .args(["-B1", "--output=target,size,used,avail,pcent"])
+            .output()
+            .expect("df runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let df = String::from_utf8_lossy(&out.stdout);
+        assert!(!s.disks.is_empty(), "no real disk in {:?}", s.disks);
+        for d in &s.disks {
+            let line = df
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() == 5 && f[0] == d.mount)
+                .unwrap_or_else(|| panic!("{} not in df's output:\n{df}", d.mount));
+            let n = |i: usize| line[i].parse::<u64>().expect("df prints bytes");
+            let (size, used, avail) = (n(1), n(2), n(3));
+            let pcent: u64 = line[4].trim_end_matches('%').parse().expect("a percent");
+            assert_eq!(d.total_bytes, size, "{}: size", d.mount);
+            // Files change between the two readings: allow 64 MiB or 0.1%.
+            let slack = (64 << 20).max(size / 1000);
+            assert!(
+                d.used().abs_diff(used) <= slack,
+                "{}: used {} vs df {used}",
+                d.mount,
+                d.used()
+            );
+            assert!(
+                d.available_bytes.abs_diff(avail) <= slack,
+                "{}: available {} vs df {avail}",
+                d.mount,
+                d.available_bytes
+            );
+            let ours = d.use_percent().expect("a filesystem with space");
+            assert!(
+                ours.abs_diff(pcent) <= 1,
+                "{}: {ours}% vs df {pcent}%",
+                d.mount
+            );
+        }
+    }
+
+    #[test]
+    fn df_usage_leaves_reserved_blocks_out_of_used() {
+        // 1000 blocks of 4 KiB: 100 in use, 900 free of which 50 reserved.
+        let u = df_usage(1000, 900, 850, 4096);
+        assert_eq!(
+            u,
+            DfUsage {
+                total_bytes: 1000 * 4096,
+                used_bytes: 100 * 4096,
+                available_bytes: 850 * 4096,
+            }
+        );
+        let sample = DiskSample {
+            total_bytes: u.total_bytes,
+            used_bytes: u.used_bytes,
+            available_bytes: u.available_bytes,
+            ..DiskSample::default()
+        };
+        // df: 100 / (100 + 850) = 10.5%, rounded up.
+        assert_eq!(sample.use_percent(), Some(11));
+        // The figure the node used to show: (size - avail) / size.
+        assert_eq!(
+            (u.total_bytes - u.available_bytes) * 100 / u.total_bytes,
+            15
+        );
+        // Nonsense counts from a peer or a broken filesystem do not panic.
+        let odd = df_usage(10, 20, 30, u64::MAX);
+        assert_eq!(odd.used_bytes, 0);
+        assert_eq!(odd.available_bytes, u64::MAX);
     }
 
     #[test]

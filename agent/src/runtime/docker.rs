@@ -17,7 +17,7 @@ use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
-    ContainerStatsResponse, DeviceRequest, HostConfig, Mount, MountType, PortBinding,
+    ContainerStatsResponse, DeviceRequest, HostConfig, Mount, MountType, PortBinding, PortMap,
     RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
@@ -27,6 +27,7 @@ use bollard::query_parameters::{
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::stream::{self, BoxStream, StreamExt};
+use novacron_common::wire::{MAX_PUBLISHED, PublishedPort};
 use tokio::sync::OnceCell;
 
 use super::spec::{LABEL_ALLOC, LABEL_MANAGED, LABEL_NODE, port_key};
@@ -579,22 +580,66 @@ fn details_of(details: ContainerInspectResponse, id: &str) -> ContainerDetails {
             error: state.error.unwrap_or_default(),
         }
     };
-    let ip = details
-        .network_settings
-        .and_then(|n| n.networks)
-        .and_then(|networks| {
-            networks
-                .values()
-                .filter_map(|e| e.ip_address.as_deref())
-                .find_map(|ip| ip.parse::<IpAddr>().ok())
-        });
+    let network = details.network_settings.unwrap_or_default();
+    let published = network.ports.as_ref().map(published_of).unwrap_or_default();
+    let ip = network.networks.and_then(|networks| {
+        networks
+            .values()
+            .filter_map(|e| e.ip_address.as_deref())
+            .find_map(|ip| ip.parse::<IpAddr>().ok())
+    });
     ContainerDetails {
         id: details.id.unwrap_or_else(|| id.to_owned()),
         labels: details.config.and_then(|c| c.labels).unwrap_or_default(),
         status,
         started_at_unix_ms: state.started_at.as_deref().and_then(rfc3339_to_unix_ms),
         ip,
+        published,
     }
+}
+
+/// The host bindings of Docker's port map (`{"8080/tcp": [{"HostIp": "0.0.0.0",
+/// "HostPort": "20001"}]}`), sorted, at most [`MAX_PUBLISHED`]; entries that do not
+/// parse (an unpublished exposed port, an unknown protocol) are left out.
+fn published_of(ports: &PortMap) -> Vec<PublishedPort> {
+    let mut out: Vec<PublishedPort> = ports
+        .iter()
+        .filter_map(|(key, bindings)| {
+            let (port, protocol) = key.split_once('/').unwrap_or((key, "tcp"));
+            let container_port = port.parse::<u16>().ok()?;
+            let udp = match protocol {
+                "tcp" => false,
+                "udp" => true,
+                _ => return None,
+            };
+            Some((container_port, udp, bindings.as_deref().unwrap_or_default()))
+        })
+        .flat_map(|(container_port, udp, bindings)| {
+            bindings.iter().filter_map(move |b| {
+                Some(PublishedPort {
+                    host_ip: match b.host_ip.as_deref() {
+                        None | Some("") => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                        Some(ip) => ip.parse().ok()?,
+                    },
+                    host_port: b.host_port.as_deref()?.parse().ok()?,
+                    container_port,
+                    udp,
+                })
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| {
+        (
+            p.container_port,
+            p.udp,
+            p.host_ip.is_ipv6(),
+            p.host_ip,
+            p.host_port,
+        )
+    });
+    out.dedup();
+    out.truncate(MAX_PUBLISHED);
+    out
 }
 
 /// Docker's RFC 3339 times (`2024-05-07T10:11:12.123456789Z`) as Unix ms; `None`

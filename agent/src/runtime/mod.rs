@@ -43,7 +43,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
-use novacron_common::wire::PortMapping;
+use novacron_common::wire::{PortMapping, PublishedPort};
 
 pub use docker::DockerRuntime;
 pub use reconcile::{Action, Outcome, Reconciler};
@@ -213,6 +213,8 @@ pub struct ContainerDetails {
     pub started_at_unix_ms: Option<u64>,
     /// Its address on its network, when it has one.
     pub ip: Option<IpAddr>,
+    /// Its ports as published on the host (empty unless it runs).
+    pub published: Vec<PublishedPort>,
 }
 
 /// Where a container is in its life.

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use novacron_common::wire::{
     AllocState, AllocationReport, AllocationSpec, AllocationStatus, DesiredAllocations,
-    FailureReason, HealthCheckKind, HealthSpec, RestoreFrom,
+    FailureReason, HealthCheckKind, HealthSpec, PublishedPort, RestoreFrom,
 };
 
 use super::probes::{self, HealthRestart, Probes, RestartBudget, Verdict};
@@ -79,6 +79,8 @@ pub struct Observed {
     pub started_at_unix_ms: Option<u64>,
     /// Its address.
     pub ip: Option<IpAddr>,
+    /// Its ports as published on the host.
+    pub published: Vec<PublishedPort>,
 }
 
 impl Observed {
@@ -92,6 +94,7 @@ impl Observed {
             status: details.status,
             started_at_unix_ms: details.started_at_unix_ms,
             ip: details.ip,
+            published: details.published,
         })
     }
 }
@@ -159,6 +162,8 @@ pub struct Run {
     pub started_at_unix_ms: Option<u64>,
     /// Its address.
     pub ip: Option<IpAddr>,
+    /// Its ports as published on the host.
+    pub published: Vec<PublishedPort>,
 }
 
 /// Why a launch failed.
@@ -838,6 +843,11 @@ impl Reconciler {
                     restore_failed: rec.restore_failed,
                     container_id: rec.container.as_ref().map(|c| c.id.clone()),
                     started_at_unix_ms: rec.started_at_unix_ms,
+                    published: if rec.state == AllocState::Running {
+                        rec.published.clone()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect();
@@ -856,6 +866,7 @@ impl Reconciler {
                 restore_failed: false,
                 container_id: Some(container_id.clone()),
                 started_at_unix_ms: None,
+                published: Vec::new(),
             });
         }
         allocations.sort_by(|a, b| a.id.cmp(&b.id));
@@ -944,6 +955,7 @@ struct Record {
     message: String,
     started_at_unix_ms: Option<u64>,
     ip: Option<IpAddr>,
+    published: Vec<PublishedPort>,
     /// A launch, start or removal is in flight.
     busy: bool,
     /// The epoch of the last change; older observations are ignored.
@@ -974,6 +986,7 @@ impl Record {
             message: String::new(),
             started_at_unix_ms: None,
             ip: None,
+            published: Vec::new(),
             busy: false,
             changed_epoch: epoch,
             observed: false,
@@ -1009,6 +1022,7 @@ impl Record {
         self.restart_at = None;
         self.started_at_unix_ms = run.started_at_unix_ms;
         self.ip = run.ip;
+        self.published = run.published;
         self.healthy = None;
         self.probes = self.health().map(|h| Probes::start(h, now));
         self.unhealthy = None;
@@ -1086,6 +1100,7 @@ impl Record {
             container_id: o.container_id,
             started_at_unix_ms: o.started_at_unix_ms,
             ip: o.ip,
+            published: o.published,
         };
         match (self.state, o.status) {
             (AllocState::Pending, ContainerStatus::Running) => {
@@ -1096,6 +1111,9 @@ impl Record {
                 if same_run {
                     self.started_at_unix_ms = run.started_at_unix_ms;
                     self.ip = run.ip.or(self.ip);
+                    if !run.published.is_empty() {
+                        self.published = run.published;
+                    }
                 } else {
                     self.enter_running(now, run, "the container was restarted outside NovaCron");
                 }
@@ -1258,6 +1276,7 @@ mod tests {
             status,
             started_at_unix_ms: Some(1_000),
             ip: None,
+            published: Vec::new(),
         }
     }
 
@@ -1274,6 +1293,7 @@ mod tests {
             container_id: id.into(),
             started_at_unix_ms: Some(2_000),
             ip: None,
+            published: Vec::new(),
         }
     }
 

@@ -797,6 +797,7 @@ async fn run_of<R: ContainerRuntime>(runtime: &R, id: &str) -> Run {
             container_id: id.to_owned(),
             started_at_unix_ms: details.started_at_unix_ms,
             ip: details.ip,
+            published: details.published,
         },
         Err(e) => {
             debug!(container = %id, error = %e, "cannot inspect a started container");
@@ -804,6 +805,7 @@ async fn run_of<R: ContainerRuntime>(runtime: &R, id: &str) -> Run {
                 container_id: id.to_owned(),
                 started_at_unix_ms: None,
                 ip: None,
+                published: Vec::new(),
             }
         }
     }
@@ -1003,6 +1005,7 @@ mod tests {
                 status: c.status.clone(),
                 started_at_unix_ms: c.started_at,
                 ip: None,
+                published: Vec::new(),
             })
         }
 

@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CostReport {
+    /// The currency of every amount here (the pricing catalog's `currency`, an
+    /// ISO 4217 code such as `USD`).
+    #[serde(default)]
+    pub currency: String,
     /// The whole fleet, per hour.
     pub total_hourly: f64,
     /// Per node.
@@ -71,4 +75,7 @@ pub struct JobRecommendation {
     pub hourly_now: f64,
     /// With the recommendation applied (same nodes, smaller shares).
     pub hourly_recommended: f64,
+    /// The currency of both (the pricing catalog's `currency`).
+    #[serde(default)]
+    pub currency: String,
 }

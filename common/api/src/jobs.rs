@@ -137,6 +137,35 @@ pub struct AllocView {
     /// it runs.
     #[serde(default)]
     pub restore: Option<RestoreFrom>,
+    /// Where its node published its ports, as the node's container runtime bound
+    /// them and last reported (empty unless it runs): the address to reach it at.
+    #[serde(default)]
+    pub published: Vec<PublishedAddressView>,
+}
+
+/// A port of a running allocation as its node published it: `host_ip:host_port`
+/// on the node reaches `container_port`/`protocol` in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = PublishedAddress))]
+pub struct PublishedAddressView {
+    /// The node address the port is bound to (`0.0.0.0` or `::` mean every
+    /// address of the node; `127.0.0.1` only the node itself).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "127.0.0.1"))]
+    pub host_ip: std::net::IpAddr,
+    /// The port on the node.
+    pub host_port: u16,
+    /// The port in the container.
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+impl PublishedAddressView {
+    /// `127.0.0.1:20001`, `[::]:20001`: where to connect on the node.
+    pub fn address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.host_ip, self.host_port)
+    }
 }
 
 /// A published port of an allocation.

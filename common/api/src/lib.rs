@@ -16,7 +16,7 @@ pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
 pub use jobs::{
     AllocPortView, AllocView, ApplyRequest, ApplyResult, FieldChange, JobDetail, JobPlan,
-    JobSummary, JobVersionView, PlannedPlacement, PlannedStop,
+    JobSummary, JobVersionView, PlannedPlacement, PlannedStop, PublishedAddressView,
 };
 pub use migrations::{DrainPlan, MigrationStatus, Phase};
 pub use policies::{DecisionView, PolicyApplyResult, PolicyView};

@@ -24,6 +24,9 @@ pub struct PoolStatus {
     pub size: u32,
     /// Members × price per hour.
     pub hourly_cost: f64,
+    /// The currency of both prices (the pricing catalog's `currency`).
+    #[serde(default)]
+    pub currency: String,
     /// The members.
     pub nodes: Vec<PoolNodeStatus>,
     /// Why the pool cannot be observed or managed, if it cannot.

@@ -58,6 +58,10 @@ pub struct Plan {
     pub moves: Vec<Move>,
     /// What the retired nodes cost per hour.
     pub hourly_saving: f64,
+    /// The currency of `hourly_saving` (the pricing catalog's; empty until the
+    /// controller sets it).
+    #[serde(default)]
+    pub currency: String,
 }
 
 /// Plans a repack with best-fit-decreasing: candidate nodes are tried from the

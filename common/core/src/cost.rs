@@ -24,6 +24,10 @@ pub const MIX_TOLERANCE: f64 = 0.2;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceCatalog {
+    /// The currency of every price, budget and cost (an ISO 4217 code such as
+    /// `USD` or `EUR`); shown with every cost.
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// Hourly on-demand price by instance type.
     #[serde(default)]
     pub instance_types: BTreeMap<String, f64>,
@@ -73,6 +77,12 @@ pub const DEFAULT_CORE_HOUR: f64 = 0.04;
 pub const DEFAULT_GIB_HOUR: f64 = 0.005;
 /// Default spot fraction.
 pub const DEFAULT_SPOT_FRACTION: f64 = 0.3;
+/// Default currency of the prices.
+pub const DEFAULT_CURRENCY: &str = "USD";
+
+fn default_currency() -> String {
+    DEFAULT_CURRENCY.to_owned()
+}
 
 fn default_core_hour() -> f64 {
     DEFAULT_CORE_HOUR
@@ -87,6 +97,7 @@ fn default_spot_fraction() -> f64 {
 impl Default for PriceCatalog {
     fn default() -> Self {
         PriceCatalog {
+            currency: default_currency(),
             instance_types: BTreeMap::new(),
             per_core_hour: DEFAULT_CORE_HOUR,
             per_gib_hour: DEFAULT_GIB_HOUR,
@@ -102,6 +113,12 @@ impl PriceCatalog {
     /// and what is accepted.
     pub fn parse(file: &str, text: &str) -> Result<PriceCatalog, String> {
         let c: PriceCatalog = toml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
+        if !(c.currency.len() == 3 && c.currency.bytes().all(|b| b.is_ascii_uppercase())) {
+            return Err(format!(
+                "{file}: `currency` = {:?} is not accepted; expected an ISO 4217 code of three capital letters, such as \"USD\" or \"EUR\"",
+                c.currency
+            ));
+        }
         let bad = |key: &str, v: f64, want: &str| {
             format!("{file}: `{key}` = {v} is not accepted; expected {want}")
         };
@@ -262,6 +279,7 @@ pub fn budget_status(
     fleet_hourly: f64,
     pools: &BTreeMap<String, f64>,
     jobs: &BTreeMap<String, f64>,
+    currency: &str,
 ) -> Vec<BudgetStatus> {
     let status = |scope: &str, name: &str, hourly: f64, budget: f64| {
         let exceeded = hourly > budget;
@@ -272,11 +290,13 @@ pub fn budget_status(
         };
         let message = if exceeded {
             format!(
-                "{subject} costs {hourly:.2}/h, over its budget of {budget:.2}/h by {:.2}/h",
+                "{subject} costs {hourly:.2} {currency}/h, over its budget of {budget:.2} {currency}/h by {:.2} {currency}/h",
                 hourly - budget
             )
         } else {
-            format!("{subject} costs {hourly:.2}/h, within its budget of {budget:.2}/h")
+            format!(
+                "{subject} costs {hourly:.2} {currency}/h, within its budget of {budget:.2} {currency}/h"
+            )
         };
         BudgetStatus {
             scope: scope.into(),
@@ -314,8 +334,9 @@ pub fn budget_alerts(
     fleet_hourly: f64,
     pools: &BTreeMap<String, f64>,
     jobs: &BTreeMap<String, f64>,
+    currency: &str,
 ) -> Vec<BudgetStatus> {
-    budget_status(budgets, fleet_hourly, pools, jobs)
+    budget_status(budgets, fleet_hourly, pools, jobs, currency)
         .into_iter()
         .filter(|b| b.exceeded)
         .collect()
@@ -536,6 +557,25 @@ mod tests {
     }
 
     #[test]
+    fn the_catalog_names_its_currency() {
+        assert_eq!(PriceCatalog::default().currency, "USD");
+        assert_eq!(
+            PriceCatalog::parse("p.toml", "").expect("empty").currency,
+            "USD"
+        );
+        let eur = PriceCatalog::parse("p.toml", "currency = \"EUR\"\n").expect("EUR");
+        assert_eq!(eur.currency, "EUR");
+        for bad in ["eur", "EURO", "$", ""] {
+            let err = PriceCatalog::parse("p.toml", &format!("currency = {bad:?}\n"))
+                .expect_err("not a currency code");
+            assert!(
+                err.contains("p.toml") && err.contains("`currency`") && err.contains("ISO 4217"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn catalog_errors_name_the_key_value_and_range() {
         let err = PriceCatalog::parse("p.toml", "spot_fraction = 0\n").expect_err("zero");
         assert!(
@@ -603,21 +643,21 @@ mod tests {
         };
         let pools = BTreeMap::from([("web".to_string(), 4.2)]);
         let jobs = BTreeMap::from([("api".to_string(), 0.5)]);
-        let all = budget_status(&budgets, 8.0, &pools, &jobs);
+        let all = budget_status(&budgets, 8.0, &pools, &jobs, "EUR");
         assert_eq!(all.len(), 4);
-        let alerts = budget_alerts(&budgets, 8.0, &pools, &jobs);
+        let alerts = budget_alerts(&budgets, 8.0, &pools, &jobs, "EUR");
         assert_eq!(alerts.len(), 1, "{alerts:?}");
         let web = &alerts[0];
         assert_eq!((web.scope.as_str(), web.name.as_str()), ("pool", "web"));
         assert!((web.over - 1.2).abs() < 1e-9);
         assert!(
             web.message
-                .starts_with("pool web costs 4.20/h, over its budget of 3.00/h"),
+                .starts_with("pool web costs 4.20 EUR/h, over its budget of 3.00 EUR/h"),
             "{}",
             web.message
         );
         assert_eq!(web.subject(), "pool web");
-        let fleet = budget_alerts(&budgets, 10.5, &pools, &jobs);
+        let fleet = budget_alerts(&budgets, 10.5, &pools, &jobs, "EUR");
         assert!(
             fleet
                 .iter()

@@ -962,6 +962,28 @@ pub struct AllocationStatus {
     pub container_id: Option<String>,
     /// When the current run started, Unix ms.
     pub started_at_unix_ms: Option<u64>,
+    /// Where its ports are published on the node, as the container runtime bound
+    /// them (empty unless it runs). At most [`MAX_PUBLISHED`] entries are read.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
+}
+
+/// The most published addresses one allocation's status carries (a port bound on
+/// IPv4 and IPv6 counts twice); the controller keeps no more than these.
+pub const MAX_PUBLISHED: usize = 128;
+
+/// A port of a running container as the runtime published it on the node: the
+/// host address and port, and the container port with its protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The address it is bound to on the node (`0.0.0.0` or `::`: every address).
+    pub host_ip: std::net::IpAddr,
+    /// The port on the node.
+    pub host_port: u16,
+    /// The port in the container.
+    pub container_port: u16,
+    /// `true` for UDP.
+    pub udp: bool,
 }
 
 /// Usage of one allocation.
@@ -1348,6 +1370,33 @@ pub struct DiskSample {
     /// Bytes written to the device since boot (protocol version 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_bytes_total: Option<u64>,
+    /// Space in use, in bytes, as `df` counts it: the size less the free blocks.
+    /// Blocks reserved for root are neither used nor available, so `total_bytes -
+    /// available_bytes` overstates it (by 5% of an ext4 disk, or far more). 0 from
+    /// an agent that did not report it (see [`DiskSample::used`]).
+    #[serde(default)]
+    pub used_bytes: u64,
+}
+
+impl DiskSample {
+    /// Space in use: [`used_bytes`](DiskSample::used_bytes), or, from an agent
+    /// that did not report it, the size less the available space (which counts
+    /// reserved blocks as used).
+    pub fn used(&self) -> u64 {
+        if self.used_bytes > 0 {
+            self.used_bytes
+        } else {
+            self.total_bytes.saturating_sub(self.available_bytes)
+        }
+    }
+
+    /// `df`'s `Use%`: used over used plus available (what unprivileged users can
+    /// fill), rounded up to a whole percent; `None` for an empty filesystem.
+    pub fn use_percent(&self) -> Option<u64> {
+        let used = u128::from(self.used());
+        let whole = used + u128::from(self.available_bytes);
+        (whole > 0).then(|| u64::try_from((used * 100).div_ceil(whole)).unwrap_or(100))
+    }
 }
 
 /// One network interface.
@@ -1518,6 +1567,7 @@ mod tests {
                         written_bytes_per_sec: 2,
                         read_bytes_total: Some(total),
                         written_bytes_total: None,
+                        used_bytes: total.saturating_sub(avail) / 2,
                     })
                     .collect(),
                 networks: nets

@@ -496,7 +496,8 @@ structs! {
     HealthSpec { liveness, readiness, startup, max_restarts, backoff_initial_ms, backoff_max_ms };
     ProbeSpec { check, period_ms, timeout_ms, failure_threshold, initial_delay_ms };
     AllocationReport { generation, allocations };
-    AllocationStatus { id, state, healthy, restarts, exit_code, message, failure, restore_failed, container_id, started_at_unix_ms };
+    AllocationStatus { id, state, healthy, restarts, exit_code, message, failure, restore_failed, container_id, started_at_unix_ms }
+        + { published: Vec::new() };
     AllocationUsage { id, cpu_percent, memory_bytes, memory_limit_bytes, rx_bytes_per_sec, tx_bytes_per_sec };
     LogRequest { request_id, allocation, follow, tail };
     LogChunk { stderr, data, end };
@@ -504,7 +505,7 @@ structs! {
     CpuSample { total_percent, per_core_percent, load } + { seconds_total: None };
     MemorySample { total_bytes, used_bytes, available_bytes, swap_total_bytes, swap_used_bytes };
     DiskSample { mount, device, total_bytes, available_bytes, read_bytes_per_sec, written_bytes_per_sec }
-        + { read_bytes_total: None, written_bytes_total: None };
+        + { read_bytes_total: None, written_bytes_total: None, used_bytes: 0 };
     NetworkSample { interface, rx_bytes_per_sec, tx_bytes_per_sec }
         + { rx_bytes_total: None, tx_bytes_total: None };
     GpuSample { index, uuid, name, utilization_percent, memory_used_bytes, memory_total_bytes, temperature_celsius, power_milliwatts };

@@ -18,10 +18,10 @@ impl TableRow for BudgetStatus {
     fn cells(&self, _: SystemTime) -> Vec<String> {
         vec![
             self.subject(),
-            money(self.hourly),
-            money(self.budget),
+            money(self.hourly, ""),
+            money(self.budget, ""),
             if self.exceeded {
-                format!("EXCEEDED by {}", money(self.over))
+                format!("EXCEEDED by {}", money(self.over, ""))
             } else {
                 "ok".into()
             },
@@ -74,7 +74,7 @@ impl TableRow for NodeCost {
             self.node.clone(),
             self.pool.clone(),
             self.capacity.clone(),
-            money(self.hourly),
+            money(self.hourly, ""),
             format!("{:.0}%", self.allocated * 100.0),
             self.source.clone(),
         ]
@@ -90,7 +90,7 @@ impl TableRow for GroupCost {
         vec![
             self.name.clone(),
             self.count.to_string(),
-            money(self.hourly),
+            money(self.hourly, ""),
         ]
     }
 }
@@ -123,16 +123,31 @@ impl TableRow for JobRecommendation {
             ),
             format!(
                 "{} → {}",
-                money(self.hourly_now),
-                money(self.hourly_recommended)
+                money(self.hourly_now, &self.currency),
+                money(self.hourly_recommended, &self.currency)
             ),
             r.explanation.clone(),
         ]
     }
 }
 
-fn money(v: f64) -> String {
-    format!("{v:.4}")
+/// An amount with its currency: `0.1900 USD`; bare in a table whose header or
+/// title names the currency (`currency` empty).
+fn money(v: f64, currency: &str) -> String {
+    if currency.is_empty() {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.4} {currency}")
+    }
+}
+
+/// The currency as a table title says it: ` (USD)`, nothing when unknown.
+fn in_currency(currency: &str) -> String {
+    if currency.is_empty() {
+        String::new()
+    } else {
+        format!(" ({currency})")
+    }
 }
 
 /// `novacron cost`.
@@ -147,17 +162,46 @@ pub async fn cost(
         return Ok(output::write_value(out, format, &report)?);
     }
     let io = output::OutputError::Io;
-    writeln!(out, "fleet: {} per hour\n", money(report.total_hourly)).map_err(io)?;
-    writeln!(out, "{}\n", output::table(&report.nodes, now)).map_err(io)?;
+    let cur = &report.currency;
+    writeln!(
+        out,
+        "fleet: {} per hour (amounts in {})\n",
+        money(report.total_hourly, cur),
+        if cur.is_empty() {
+            "the catalog's currency"
+        } else {
+            cur
+        }
+    )
+    .map_err(io)?;
+    writeln!(
+        out,
+        "nodes{}:\n{}\n",
+        in_currency(cur),
+        output::table(&report.nodes, now)
+    )
+    .map_err(io)?;
     for (title, rows) in [
         ("jobs", &report.jobs),
         ("pools", &report.pools),
         ("capacity types", &report.capacity),
     ] {
-        writeln!(out, "{title}:\n{}\n", output::table(rows, now)).map_err(io)?;
+        writeln!(
+            out,
+            "{title}{}:\n{}\n",
+            in_currency(cur),
+            output::table(rows, now)
+        )
+        .map_err(io)?;
     }
     if !report.budgets.is_empty() {
-        writeln!(out, "budgets:\n{}\n", output::table(&report.budgets, now)).map_err(io)?;
+        writeln!(
+            out,
+            "budgets{}:\n{}\n",
+            in_currency(cur),
+            output::table(&report.budgets, now)
+        )
+        .map_err(io)?;
         for b in report.budgets.iter().filter(|b| b.exceeded) {
             writeln!(out, "ALERT: {}", b.message).map_err(io)?;
         }
@@ -215,7 +259,7 @@ pub async fn consolidate(
         out,
         "retire {} node(s), saving {} per hour: {}",
         plan.retire.len(),
-        money(plan.hourly_saving),
+        money(plan.hourly_saving, &plan.currency),
         plan.retire.join(", ")
     )
     .map_err(io)?;

@@ -3,8 +3,18 @@
 //! and mutual TLS; writes a `dev` context so that `novacron node list` works from
 //! another terminal; prints a live one-line summary per node; and stops everything
 //! on Ctrl-C.
+//!
+//! One fleet at a time: before it touches anything, a dev fleet takes an exclusive
+//! lock on `<dir>/dev.lock` (its state directory) and on
+//! `$TMPDIR/novacron-dev-<prefix>.lock` (its node names, which are Docker labels
+//! shared by every fleet on the daemon), and a second one refuses to start, naming
+//! the process that holds them. Its agents publish ports on loopback unless told
+//! otherwise (`--publish-address`), and it removes only the containers of its own
+//! nodes when it stops.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -46,6 +56,37 @@ pub struct DevArgs {
     /// Do not build the demo image and start the demo job.
     #[arg(long)]
     pub no_demo: bool,
+    /// Let the agents run commands on this host (`novacron exec --selector
+    /// zone=a -- uptime`): each agent starts with `--allow-host-exec`, so an
+    /// operator of the dev fleet can run anything as this user.
+    #[arg(long)]
+    pub host_exec: bool,
+    /// Where the agents publish the jobs' ports on this host. Loopback by
+    /// default, so the demo is not reachable from the network; `0.0.0.0` opens
+    /// them to every address.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    pub publish_address: IpAddr,
+    /// The nodes are named PREFIX-1, PREFIX-2, ...: names are labels on the
+    /// shared Docker daemon, so two fleets running at once need two prefixes.
+    #[arg(long, value_name = "PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix)]
+    pub name_prefix: String,
+}
+
+/// The default node name prefix: nodes `dev-1`, `dev-2`, ...
+pub const DEFAULT_PREFIX: &str = "dev";
+
+/// The lock file in the state directory.
+pub const LOCK_FILE: &str = "dev.lock";
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    novacron_common::names::validate_name(&format!("{s}-32"))
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("{s:?} cannot prefix a node name: {}", e.why))
+}
+
+/// The node names of a fleet of `agents` agents.
+pub fn node_names(prefix: &str, agents: u16) -> Vec<String> {
+    (1..=agents).map(|i| format!("{prefix}-{i}")).collect()
 }
 
 /// The demo job's name.
@@ -143,6 +184,21 @@ pub enum DevError {
         /// Its output or error.
         detail: String,
     },
+    /// Another dev fleet holds the state directory or the node names.
+    #[error(
+        "another novacron dev fleet is running with {what} ({holder}); stop it first \
+         (Ctrl-C in its terminal{kill}), or start this one with {instead}"
+    )]
+    Busy {
+        /// What is taken: the state directory or the node names.
+        what: String,
+        /// Who holds it, as its lock file says (`pid 4242, API https://...`).
+        holder: String,
+        /// `, or kill 4242` when the holder's pid is known.
+        kill: String,
+        /// The option that avoids the clash.
+        instead: String,
+    },
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -158,13 +214,32 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
     let bins = sibling_dir()?;
     let controller_bin = existing(bins.join("novacron-controller"))?;
     let agent_bin = existing(bins.join("novacron-agent"))?;
-    if args.fresh && args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir).map_err(|source| DevError::Io {
-            path: args.dir.clone(),
-            source,
-        })?;
-    }
     let dir = absolute(&args.dir)?;
+    let listen = format!("127.0.0.1:{}", args.port);
+    let api = format!("https://{listen}");
+    let names = node_names(&args.name_prefix, args.agents);
+    // Both locks before anything in the directory (or on Docker) is touched.
+    let holder = format!(
+        "pid {}, API {api}, nodes {}, state {}",
+        std::process::id(),
+        names.join(","),
+        dir.display()
+    );
+    let _dir_lock = FleetLock::take(
+        &dir.join(LOCK_FILE),
+        &holder,
+        &format!("its state in {}", dir.display()),
+        "another --dir",
+    )?;
+    let _names_lock = FleetLock::take(
+        &std::env::temp_dir().join(format!("novacron-dev-{}.lock", args.name_prefix)),
+        &holder,
+        &format!("nodes named {}-N", args.name_prefix),
+        "another --name-prefix",
+    )?;
+    if args.fresh {
+        clear_dir(&dir)?;
+    }
     let data = dir.join("controller");
     if !data.join("pki/ca.pem").exists() {
         step(
@@ -181,7 +256,6 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
                 ]),
         )?;
     }
-    let listen = format!("127.0.0.1:{}", args.port);
     let mut children = Vec::new();
     children.push(spawn(
         Command::new(&controller_bin)
@@ -192,7 +266,6 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
         &dir.join("controller.log"),
     )?);
 
-    let api = format!("https://{listen}");
     let ctx = Context {
         api: api.parse().map_err(|e| DevError::Step {
             step: "building the context".into(),
@@ -212,7 +285,6 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
     })
     .await?;
 
-    let names: Vec<String> = (1..=args.agents).map(|i| format!("dev-{i}")).collect();
     for (i, name) in names.iter().enumerate() {
         let state = dir.join(format!("agent-{name}"));
         if !state.join("enrollment.json").exists() {
@@ -233,21 +305,25 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
                     .arg(&state),
             )?;
         }
-        let zone = format!("zone={}", ["a", "b", "c"][i % 3]);
-        children.push(spawn(
-            Command::new(&agent_bin)
-                .args(["run", "--state-dir"])
-                .arg(&state)
-                .args([
-                    "--label",
-                    &zone,
-                    "--label",
-                    "pool=dev",
-                    "--label",
-                    "capacity=on-demand",
-                ]),
-            &dir.join(format!("{name}.log")),
-        )?);
+        let zone = format!("zone={}", ZONES[i % ZONES.len()]);
+        let mut agent = Command::new(&agent_bin);
+        agent
+            .args(["run", "--state-dir"])
+            .arg(&state)
+            .args([
+                "--label",
+                &zone,
+                "--label",
+                "pool=dev",
+                "--label",
+                "capacity=on-demand",
+            ])
+            .args(["--publish-address", &args.publish_address.to_string()])
+            .args(["--dynamic-ports", &dynamic_ports(i)]);
+        if args.host_exec {
+            agent.arg("--allow-host-exec");
+        }
+        children.push(spawn(&mut agent, &dir.join(format!("{name}.log")))?);
     }
     wait_until(
         &mut children,
@@ -291,7 +367,7 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
          context \"dev\" written to {}\n\n\
          try, in another terminal:\n  \
          novacron node list\n  \
-         novacron node show {}\n{}\n\
+         novacron node show {}\n{}{}\n\
          Ctrl-C stops the fleet.",
         names.len(),
         names.join(", "),
@@ -301,10 +377,18 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
         match demo {
             Some(job) => format!(
                 "  novacron job status {job}      (a 2-replica web service, spread across zones)\n  \
-                 novacron alloc list\n  \
-                 novacron alloc logs <ID>\n"
+                 novacron alloc list              (PORTS: where each replica answers, e.g. curl {}:PORT)\n  \
+                 novacron alloc logs <ID>\n",
+                args.publish_address
             ),
             None => String::new(),
+        },
+        if args.host_exec {
+            "  novacron exec --selector zone=a -- uptime   (on this host, as this user)\n"
+                .to_string()
+        } else {
+            "  (start with --host-exec to try `novacron exec --selector zone=a -- uptime`)\n"
+                .to_string()
         },
     );
     let _ = out.flush();
@@ -368,6 +452,110 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
     Ok(())
 }
 
+/// The first host port of the dev agents' dynamic ranges.
+pub const DEV_PORTS_FIRST: u16 = 20_000;
+/// Host ports per dev agent.
+pub const DEV_PORTS_PER_AGENT: u16 = 50;
+
+/// The dynamic host port range of the `i`th agent (from 0): the agents share one
+/// host, so each takes its own slice (`20000-20049`, `20050-20099`, ...; 32 agents
+/// end at 21599), below the slices the end-to-end tests use (22000 and up).
+fn dynamic_ports(i: usize) -> String {
+    let i = u16::try_from(i).unwrap_or(u16::MAX / DEV_PORTS_PER_AGENT);
+    let first = DEV_PORTS_FIRST.saturating_add(i.saturating_mul(DEV_PORTS_PER_AGENT));
+    format!("{first}-{}", first.saturating_add(DEV_PORTS_PER_AGENT - 1))
+}
+
+/// The zone labels of the dev nodes, in turn.
+const ZONES: [&str; 3] = ["a", "b", "c"];
+
+/// An exclusive lock on a file, held while the value lives (the OS drops it with
+/// the process, so a crashed fleet leaves no stale lock). The file says who holds
+/// it, for the message of the next one that tries.
+#[derive(Debug)]
+struct FleetLock {
+    _file: File,
+}
+
+impl FleetLock {
+    /// Takes the lock on `path` (creating it) and writes `holder` into it; when
+    /// another process holds it, fails with what its file says.
+    fn take(path: &Path, holder: &str, what: &str, instead: &str) -> Result<FleetLock, DevError> {
+        let io = |source| DevError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+        {
+            Ok(file) => file,
+            // Another user's lock file in the shared temporary directory: a
+            // read-only descriptor locks as well.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                File::open(path).map_err(io)?
+            }
+            Err(e) => return Err(io(e)),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut said = String::new();
+                let _ = file.read_to_string(&mut said);
+                let said = said.trim();
+                let pid = said
+                    .strip_prefix("pid ")
+                    .and_then(|rest| rest.split(',').next())
+                    .filter(|p| p.parse::<u32>().is_ok());
+                return Err(DevError::Busy {
+                    what: what.to_owned(),
+                    holder: if said.is_empty() {
+                        format!("the process holding {}", path.display())
+                    } else {
+                        said.chars().take(512).collect()
+                    },
+                    kill: pid.map_or_else(String::new, |p| format!(", or kill {p}")),
+                    instead: instead.to_owned(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Ours now: say who holds it (best effort on a read-only descriptor).
+        if file.set_len(0).is_ok() && file.rewind().is_ok() {
+            let _ = writeln!(file, "{holder}");
+        }
+        Ok(FleetLock { _file: file })
+    }
+}
+
+/// `--fresh`: empties the state directory, keeping the lock file this process
+/// holds (removing it would let a third fleet lock a new one beside ours).
+fn clear_dir(dir: &Path) -> Result<(), DevError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DevError::Io { path, source }
+    };
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        if entry.file_name() == LOCK_FILE {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().map_err(io(&path))?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Removes the containers of one of this fleet's nodes (label `novacron.node`):
+/// only its own, since its node names are locked to it.
 fn remove_containers_of(node: &str) {
     let filter = format!("label=novacron.node={node}");
     let Ok(out) = std::process::Command::new("docker")
@@ -546,4 +734,61 @@ async fn stop_all(children: &mut [(String, Child)]) {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 5s, 1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_agent_has_its_own_port_slice() {
+        assert_eq!(dynamic_ports(0), "20000-20049");
+        assert_eq!(dynamic_ports(1), "20050-20099");
+        assert_eq!(dynamic_ports(31), "21550-21599");
+    }
+
+    #[test]
+    fn node_names_take_the_prefix() {
+        assert_eq!(node_names("dev", 2), ["dev-1", "dev-2"]);
+        assert_eq!(parse_prefix("qs42"), Ok("qs42".into()));
+        let e = parse_prefix("Dev_1").expect_err("not a name");
+        assert!(e.contains("cannot prefix a node name"), "{e}");
+        assert!(parse_prefix(&"a".repeat(61)).is_err(), "too long with -32");
+    }
+
+    #[test]
+    fn a_second_lock_names_the_holder_and_a_cleared_dir_keeps_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(LOCK_FILE);
+        let held = FleetLock::take(&path, "pid 4242, API https://127.0.0.1:7443", "x", "--dir")
+            .expect("the first takes it");
+        let e =
+            FleetLock::take(&path, "pid 1", "its state in D", "another --dir").expect_err("held");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("running with its state in D (pid 4242, API https://127.0.0.1:7443)")
+                && msg.contains("or kill 4242")
+                && msg.contains("another --dir"),
+            "{msg}"
+        );
+        std::fs::create_dir(dir.path().join("controller")).expect("mkdir");
+        std::fs::write(dir.path().join("dev-1.log"), "x").expect("write");
+        clear_dir(dir.path()).expect("clear");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, [LOCK_FILE]);
+        assert!(
+            FleetLock::take(&path, "pid 2", "x", "--dir").is_err(),
+            "still held"
+        );
+        drop(held);
+        FleetLock::take(&path, "pid 3", "x", "--dir").expect("free once dropped");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "pid 3\n",
+            "the file says who holds it"
+        );
+    }
 }

@@ -50,6 +50,7 @@ pub fn fixture() -> Vec<NodeView> {
                 available_bytes: GI / 2,
                 read_bytes_per_sec: 0,
                 written_bytes_per_sec: 0,
+                used_bytes: GI / 2,
                 ..DiskSample::default()
             },
             DiskSample {
@@ -59,6 +60,7 @@ pub fn fixture() -> Vec<NodeView> {
                 available_bytes: 60 * GI,
                 read_bytes_per_sec: 1_258_291,
                 written_bytes_per_sec: 2048,
+                used_bytes: 35 * GI,
                 ..DiskSample::default()
             },
         ],

@@ -11,8 +11,8 @@ use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow};
 use novacron_api::{
-    AllocPortView, AllocView, ApplyRequest, ApplyResult, FieldChange, JobDetail, JobPlan,
-    JobSummary, JobVersionView, PolicyApplyResult,
+    AllocView, ApplyRequest, ApplyResult, FieldChange, JobDetail, JobPlan, JobSummary,
+    JobVersionView, PolicyApplyResult,
 };
 
 /// `novacron job` subcommands.
@@ -84,6 +84,11 @@ pub enum AllocCommand {
         /// Only this node.
         #[arg(long, add = crate::complete::nodes())]
         node: Option<String>,
+    },
+    /// Show one allocation: state, resources and where its ports are published.
+    Show {
+        /// The allocation id.
+        id: String,
     },
     /// Print an allocation's container output.
     Logs {
@@ -705,6 +710,10 @@ pub async fn run_alloc(
                 .await?;
             output::write_list(out, format, &allocs, now)?;
         }
+        AllocCommand::Show { id } => {
+            let alloc: AllocView = client.get(&["v1", "allocations", id]).await?;
+            output::write_one(out, format, &alloc, || alloc_detail(&alloc, now))?;
+        }
         AllocCommand::Exec(args) => {
             return super::exec::alloc_exec(args, client, format, out).await;
         }
@@ -756,6 +765,126 @@ pub async fn run_alloc(
         }
     }
     Ok(())
+}
+
+/// The `alloc show` table view.
+fn alloc_detail(a: &AllocView, now: SystemTime) -> String {
+    let state = alloc_state(a);
+    let mut text = output::key_values(
+        "",
+        &[
+            ("ID", a.id.clone()),
+            ("Job", format!("{} (version {})", a.job, a.version)),
+            ("Node", a.node.clone()),
+            ("State", state),
+            (
+                "Healthy",
+                match a.healthy {
+                    Some(true) => "yes".into(),
+                    Some(false) => "no".into(),
+                    None => "-".into(),
+                },
+            ),
+            ("Restarts", a.restarts.to_string()),
+            (
+                "Exit code",
+                a.exit_code.map_or("-".into(), |c| c.to_string()),
+            ),
+            (
+                "Resources",
+                format!(
+                    "{}m CPU, {} memory{}{}",
+                    a.cpu_millis,
+                    output::bytes(a.memory_bytes),
+                    if a.disk_bytes > 0 {
+                        format!(", {} disk", output::bytes(a.disk_bytes))
+                    } else {
+                        String::new()
+                    },
+                    if a.gpu_uuids.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", GPUs {}", a.gpu_uuids.join(","))
+                    }
+                ),
+            ),
+            ("Priority", a.priority.to_string()),
+            (
+                "Created",
+                output::timestamp(now, output::from_unix_ms(a.created_unix_ms)),
+            ),
+            (
+                "Updated",
+                output::timestamp(now, output::from_unix_ms(a.updated_unix_ms)),
+            ),
+            ("Message", a.message.clone()),
+        ],
+    );
+    text.push_str("\nPorts:\n");
+    let lines = port_lines(a);
+    if lines.is_empty() {
+        text.push_str("  none\n");
+    }
+    for line in lines {
+        text.push_str(&format!("  {line}\n"));
+    }
+    text
+}
+
+/// One line per port for `alloc show`: where it is published on the node and
+/// what it reaches (`http  127.0.0.1:20001 -> 8080/tcp`), every binding the
+/// node reported (IPv4 and IPv6 alike); a port not (yet) published shows the
+/// host port it holds and why there is no address.
+fn port_lines(a: &AllocView) -> Vec<String> {
+    let mut lines = Vec::new();
+    let width = a.ports.iter().map(|p| p.name.len()).max().unwrap_or(0);
+    for p in &a.ports {
+        let bound: Vec<String> = a
+            .published
+            .iter()
+            .filter(|b| b.container_port == p.container_port && b.protocol == p.protocol)
+            .map(|b| b.address().to_string())
+            .collect();
+        let name = &p.name;
+        if bound.is_empty() {
+            lines.push(format!(
+                "{name:<width$}  host port {} -> {}/{} (not published: {})",
+                p.host_port,
+                p.container_port,
+                p.protocol,
+                if a.state == AllocState::Running {
+                    "the node has not reported it yet"
+                } else {
+                    "not running"
+                }
+            ));
+        } else {
+            lines.push(format!(
+                "{name:<width$}  {} -> {}/{}",
+                bound.join(", "),
+                p.container_port,
+                p.protocol
+            ));
+        }
+    }
+    // Bindings without a port of the manifest (none today; shown if a node has
+    // them, so nothing published is hidden).
+    for b in &a.published {
+        if !a
+            .ports
+            .iter()
+            .any(|p| p.container_port == b.container_port && p.protocol == b.protocol)
+        {
+            lines.push(format!(
+                "{:<width$}  {} -> {}/{}",
+                "-",
+                b.address(),
+                b.container_port,
+                b.protocol
+            ));
+        }
+    }
+    lines
 }
 
 /// The `job status` table view.
@@ -888,20 +1017,14 @@ impl TableRow for AllocView {
             self.job.clone(),
             self.version.to_string(),
             self.node.clone(),
-            if let (AllocState::Failed, Some(why)) = (self.state, self.failure) {
-                format!("failed ({why})")
-            } else if self.desired_run || self.state.is_terminal() {
-                self.state.to_string()
-            } else {
-                format!("{} (stopping)", self.state)
-            },
+            alloc_state(self),
             match self.healthy {
                 Some(true) => "yes".into(),
                 Some(false) => "no".into(),
                 None => "-".into(),
             },
             self.restarts.to_string(),
-            ports_cell(&self.ports),
+            ports_cell(self),
             output::ago(now, output::from_unix_ms(self.created_unix_ms)),
             truncate(&self.message, 50),
         ]
@@ -985,16 +1108,52 @@ impl TableRow for JobVersionView {
     }
 }
 
-/// `8080->80/tcp,20000->9100/tcp`: host port, container port, protocol.
-fn ports_cell(ports: &[AllocPortView]) -> String {
-    if ports.is_empty() {
-        return "-".into();
+/// The STATE cell: `running`, `failed (unhealthy)`, `running (stopping)`.
+fn alloc_state(a: &AllocView) -> String {
+    if let (AllocState::Failed, Some(why)) = (a.state, a.failure) {
+        format!("failed ({why})")
+    } else if a.desired_run || a.state.is_terminal() {
+        a.state.to_string()
+    } else {
+        format!("{} (stopping)", a.state)
     }
-    ports
-        .iter()
-        .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol))
-        .collect::<Vec<_>>()
-        .join(",")
+}
+
+/// The PORTS cell, as `docker ps` writes it: where each port is published on the
+/// node and the container port it reaches (`127.0.0.1:20001->8080/tcp`). One
+/// address per port: a port bound on both IPv4 and IPv6 shows its IPv4 binding
+/// (`-o json` has them all). A port the node has not reported published (not
+/// running yet, or an older agent) shows only the host port it holds
+/// (`20001->8080/tcp`).
+fn ports_cell(a: &AllocView) -> String {
+    let mut cells: Vec<String> = Vec::new();
+    let mut shown: Vec<(u16, &str)> = Vec::new();
+    for b in &a.published {
+        let key = (b.container_port, b.protocol.as_str());
+        if shown.contains(&key) {
+            continue;
+        }
+        shown.push(key);
+        cells.push(format!(
+            "{}->{}/{}",
+            b.address(),
+            b.container_port,
+            b.protocol
+        ));
+    }
+    for p in &a.ports {
+        if !shown.contains(&(p.container_port, p.protocol.as_str())) {
+            cells.push(format!(
+                "{}->{}/{}",
+                p.host_port, p.container_port, p.protocol
+            ));
+        }
+    }
+    if cells.is_empty() {
+        "-".into()
+    } else {
+        cells.join(",")
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -1010,6 +1169,7 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use novacron_api::{AllocPortView, PublishedAddressView};
 
     #[test]
     fn apply_dispatches_on_the_kind() {
@@ -1087,18 +1247,104 @@ mod tests {
         assert!(scaled_manifest("f", "kind: Job\n", 2).is_err());
     }
 
-    #[test]
-    fn the_ports_cell_shows_host_to_container_ports() {
-        let port = |host_port, container_port, protocol: &str| AllocPortView {
-            name: "p".into(),
+    fn alloc(ports: Vec<AllocPortView>, published: Vec<PublishedAddressView>) -> AllocView {
+        AllocView {
+            id: "web-1a2b".into(),
+            job: "web".into(),
+            version: 2,
+            node: "n1".into(),
+            desired_run: true,
+            state: AllocState::Running,
+            healthy: Some(true),
+            healthy_since_unix_ms: None,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            restarts: 0,
+            exit_code: None,
+            message: String::new(),
+            failure: None,
+            cpu_millis: 100,
+            memory_bytes: 16 << 20,
+            gpu_uuids: vec![],
+            priority: 50,
+            disk_bytes: 0,
+            ports,
+            restore: None,
+            published,
+        }
+    }
+
+    fn port(name: &str, host_port: u16, container_port: u16, protocol: &str) -> AllocPortView {
+        AllocPortView {
+            name: name.into(),
             container_port,
             host_port,
             protocol: protocol.into(),
-        };
-        assert_eq!(ports_cell(&[]), "-");
+        }
+    }
+
+    fn bound(
+        ip: &str,
+        host_port: u16,
+        container_port: u16,
+        protocol: &str,
+    ) -> PublishedAddressView {
+        PublishedAddressView {
+            host_ip: ip.parse().expect("an address"),
+            host_port,
+            container_port,
+            protocol: protocol.into(),
+        }
+    }
+
+    #[test]
+    fn the_ports_cell_shows_host_to_container_ports() {
+        assert_eq!(ports_cell(&alloc(vec![], vec![])), "-");
+        // Not reported published (yet): the host ports the allocation holds.
         assert_eq!(
-            ports_cell(&[port(8080, 80, "tcp"), port(20000, 53, "udp")]),
+            ports_cell(&alloc(
+                vec![port("a", 8080, 80, "tcp"), port("b", 20000, 53, "udp")],
+                vec![]
+            )),
             "8080->80/tcp,20000->53/udp"
+        );
+    }
+
+    #[test]
+    fn the_ports_cell_shows_where_each_port_is_published() {
+        let a = alloc(
+            vec![
+                port("http", 20001, 8080, "tcp"),
+                port("dns", 20002, 53, "udp"),
+            ],
+            vec![
+                bound("0.0.0.0", 20001, 8080, "tcp"),
+                bound("::", 20001, 8080, "tcp"),
+                bound("127.0.0.1", 20002, 53, "udp"),
+            ],
+        );
+        // One address per port (IPv4 first), as docker ps writes it.
+        assert_eq!(
+            ports_cell(&a),
+            "0.0.0.0:20001->8080/tcp,127.0.0.1:20002->53/udp"
+        );
+        // `alloc show` lists every binding, by port name.
+        assert_eq!(
+            port_lines(&a),
+            [
+                "http  0.0.0.0:20001, [::]:20001 -> 8080/tcp",
+                "dns   127.0.0.1:20002 -> 53/udp",
+            ]
+        );
+        let text = alloc_detail(&a, std::time::UNIX_EPOCH);
+        assert!(text.contains("Ports:\n  http  0.0.0.0:20001"), "{text}");
+        let pending = AllocView {
+            state: AllocState::Pending,
+            ..alloc(vec![port("http", 20001, 8080, "tcp")], vec![])
+        };
+        assert_eq!(
+            port_lines(&pending),
+            ["http  host port 20001 -> 8080/tcp (not published: not running)"]
         );
     }
 }

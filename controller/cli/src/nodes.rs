@@ -130,7 +130,7 @@ impl TableRow for NodeView {
             }),
             latest
                 .and_then(|s| data_disk(s, self.capacity.disk_bytes))
-                .map_or_else(dash, |d| output::used_of(disk_used(d), d.total_bytes)),
+                .map_or_else(dash, |d| output::used_of(d.used(), d.total_bytes)),
             self.capacity.gpus.len().to_string(),
             self.last_seen_unix_ms
                 .map_or_else(dash, |ms| output::ago(now, output::from_unix_ms(ms))),
@@ -189,9 +189,9 @@ impl TableRow for DiskSample {
         vec![
             self.mount.clone(),
             self.device.clone(),
-            output::bytes(disk_used(self)),
+            output::bytes(self.used()),
             output::bytes(self.total_bytes),
-            output::percent(disk_used(self), self.total_bytes),
+            self.use_percent().map_or_else(dash, |p| format!("{p}%")),
             output::rate(self.read_bytes_per_sec),
             output::rate(self.written_bytes_per_sec),
         ]
@@ -429,10 +429,6 @@ fn data_disk(sample: &NodeSample, capacity_bytes: u64) -> Option<&DiskSample> {
         .or_else(|| disks.iter().max_by_key(|d| d.total_bytes))
 }
 
-fn disk_used(d: &DiskSample) -> u64 {
-    d.total_bytes.saturating_sub(d.available_bytes)
-}
-
 fn dash() -> String {
     "-".to_string()
 }
@@ -463,7 +459,9 @@ mod tests {
                 "eu-west-1a",
                 "12.5",
                 "3.1Gi/15.6Gi",
-                "40.0Gi/100.0Gi",
+                // As df: used (35Gi), not size less available (40Gi: 5Gi of
+                // the fixture's disk is reserved for root).
+                "35.0Gi/100.0Gi",
                 "1",
                 "1s ago",
                 "0.1.0"

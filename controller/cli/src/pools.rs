@@ -58,7 +58,11 @@ impl TableRow for PoolStatus {
             self.size.to_string(),
             self.min_size.to_string(),
             self.max_size.to_string(),
-            format!("{:.2}", self.hourly_cost),
+            if self.currency.is_empty() {
+                format!("{:.2}", self.hourly_cost)
+            } else {
+                format!("{:.2} {}", self.hourly_cost, self.currency)
+            },
             match (&self.problem, nodes.is_empty()) {
                 (Some(p), _) => format!("problem: {p}"),
                 (None, true) => "-".into(),
@@ -89,6 +93,7 @@ mod tests {
             max_size: 2,
             size: 2,
             hourly_cost: 0.1,
+            currency: "USD".into(),
             nodes: vec![
                 PoolNodeStatus {
                     name: "p-1".into(),
@@ -113,7 +118,7 @@ mod tests {
                 "2",
                 "0",
                 "2",
-                "0.10",
+                "0.10 USD",
                 "p-1 (ready), p-2 (provisioning)"
             ]
         );

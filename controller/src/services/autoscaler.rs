@@ -785,6 +785,7 @@ mod tests {
             priority: 50,
             disk_bytes: 0,
             ports: vec![],
+            published: vec![],
         }
     }
 

@@ -106,6 +106,7 @@ mod tests {
     fn report(pool_hourly: f64, spot_share: f64) -> CostReport {
         let exceeded = pool_hourly > 3.0;
         CostReport {
+            currency: "USD".into(),
             total_hourly: pool_hourly,
             nodes: Vec::new(),
             jobs: Vec::new(),

@@ -50,7 +50,10 @@ pub fn consolidation_plan(
             }
         })
         .collect();
-    consolidate::plan(&pack, CONSOLIDATION_BUDGET)
+    consolidate::Plan {
+        currency: pricing.currency.clone(),
+        ..consolidate::plan(&pack, CONSOLIDATION_BUDGET)
+    }
 }
 
 /// The cost report of the live fleet.
@@ -105,6 +108,7 @@ pub fn cost_report(
     classes: &BTreeMap<String, String>,
 ) -> CostReport {
     let mut report = CostReport {
+        currency: pricing.currency.clone(),
         total_hourly: 0.0,
         nodes: Vec::new(),
         jobs: Vec::new(),
@@ -172,6 +176,7 @@ pub fn cost_report(
         report.total_hourly,
         &hourly(&pools),
         &hourly(&jobs),
+        &pricing.currency,
     );
     report.mix = cost::mix_status(&pricing.mix, &replicas);
     report.jobs = groups(jobs);
@@ -234,6 +239,7 @@ pub fn recommend(
             rightsize: r,
             hourly_now: now_cost,
             hourly_recommended: rec_cost,
+            currency: pricing.currency.clone(),
         });
     }
     out
@@ -294,6 +300,7 @@ mod tests {
             priority: 0,
             disk_bytes: 0,
             ports: vec![],
+            published: vec![],
         }
     }
 
@@ -358,7 +365,7 @@ mod tests {
             .collect();
         assert_eq!(
             over,
-            ["pool web costs 2.00/h, over its budget of 1.50/h by 0.50/h"],
+            ["pool web costs 2.00 USD/h, over its budget of 1.50 USD/h by 0.50 USD/h"],
             "{:?}",
             r.budgets
         );

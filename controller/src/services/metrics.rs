@@ -648,6 +648,7 @@ mod tests {
                 available_bytes: 60 * GIB,
                 read_bytes_per_sec: 1024,
                 written_bytes_per_sec: 2048,
+                used_bytes: 35 * GIB,
                 read_bytes_total: Some(10 * GIB),
                 written_bytes_total: Some(20 * GIB),
             }],
@@ -703,6 +704,7 @@ mod tests {
             priority: 50,
             disk_bytes: 0,
             ports: vec![],
+            published: vec![],
         }
     }
 

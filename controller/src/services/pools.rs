@@ -242,7 +242,10 @@ pub async fn statuses(st: &ApiState) -> Vec<PoolStatus> {
     let mut out = Vec::new();
     for pool in &catalog.pools {
         let observed = observe(st, &providers, pool, &catalog.templates).await;
-        out.push(observed.status());
+        out.push(PoolStatus {
+            currency: st.pricing.currency.clone(),
+            ..observed.status()
+        });
     }
     out
 }
@@ -400,6 +403,7 @@ impl ObservedPool {
             max_size: self.pool.max_size,
             size,
             hourly_cost: f64::from(u32::try_from(nodes.len()).unwrap_or(u32::MAX)) * price,
+            currency: String::new(),
             nodes,
             problem: self.problem.clone(),
         }
@@ -648,7 +652,7 @@ impl Manager {
                 continue;
             }
             self.consolidation.remove(pool);
-            let reason = explain(pool, &plan);
+            let reason = explain(pool, &plan, &st.pricing.currency);
             info!(%pool, %reason, "consolidating");
             st.events.note(
                 NewEvent::new(kind::POOL_CONSOLIDATED, ACTOR, reason.clone())
@@ -897,7 +901,7 @@ fn consolidation(
 
 /// The explanation of a consolidation plan: what is retired, what moves where and
 /// what it saves.
-fn explain(pool: &str, plan: &consolidate::Plan) -> String {
+fn explain(pool: &str, plan: &consolidate::Plan, currency: &str) -> String {
     let moves = if plan.moves.is_empty() {
         "no allocation to move".to_string()
     } else {
@@ -908,7 +912,7 @@ fn explain(pool: &str, plan: &consolidate::Plan) -> String {
             .join(", ")
     };
     format!(
-        "pool {pool}: consolidating: retiring {} ({moves}); saves {:.4}/h",
+        "pool {pool}: consolidating: retiring {} ({moves}); saves {:.4} {currency}/h",
         plan.retire.join(", "),
         plan.hourly_saving
     )
@@ -1199,9 +1203,9 @@ mod tests {
             ("b1", "p-a")
         );
         assert_eq!(plan.hourly_saving, 0.05);
-        let why = explain("p", &plan);
+        let why = explain("p", &plan, "USD");
         assert!(
-            why.contains("retiring p-b (b1 p-b → p-a); saves 0.0500/h"),
+            why.contains("retiring p-b (b1 p-b → p-a); saves 0.0500 USD/h"),
             "{why}"
         );
 

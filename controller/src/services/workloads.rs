@@ -31,7 +31,9 @@ use tracing::{info, warn};
 use crate::services::events::{EventLog, NewEvent, kind};
 use crate::services::pass_stats::PassStats;
 use crate::state::registry::{PlacementNode, Registry};
-use crate::state::store::{AllocPort, AllocRecord, JobRecord, ReplicaOverride, Store, StoreError};
+use crate::state::store::{
+    AllocPort, AllocRecord, JobRecord, PublishedAddress, ReplicaOverride, Store, StoreError,
+};
 pub use novacron_api::{
     ApplyResult, JobDetail, JobPlan, JobSummary, JobVersionView, PlannedPlacement, PlannedStop,
 };
@@ -754,6 +756,7 @@ impl Workloads {
                 a.exit_code,
                 a.message.clone(),
             );
+            let published_before = a.published.clone();
             if let Some(seen) = migrating.get_mut(&a.id) {
                 // Failures stick: the first one is enough to roll back.
                 *seen = MoveReport {
@@ -786,6 +789,7 @@ impl Workloads {
             a.failure = status
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
+            a.published = published(status);
             if !migrating.contains_key(&a.id)
                 && let Some(r) = &a.restore
             {
@@ -825,6 +829,10 @@ impl Workloads {
             } else {
                 None
             };
+            if published_before != a.published {
+                dirty_allocs.insert(a.id.clone());
+                changed = true;
+            }
             if before
                 != (
                     a.state,
@@ -864,6 +872,7 @@ impl Workloads {
                 && !reported.contains(a.id.as_str())
             {
                 a.state = AllocState::Stopped;
+                a.published.clear();
                 a.updated_unix_ms = now_ms;
                 dirty_allocs.insert(a.id.clone());
                 changed = true;
@@ -958,6 +967,7 @@ impl Workloads {
                     if let Some(a) = unwant(&mut st.allocs, &alloc, message, now_ms) {
                         a.state = AllocState::Lost;
                         a.healthy_since_unix_ms = None;
+                        a.published.clear();
                         warn!(alloc = %alloc, node = %a.node, job = %a.job, "allocation lost");
                     }
                     st.dirty_allocs.insert(alloc);
@@ -983,6 +993,7 @@ impl Workloads {
                         warn!(alloc = %alloc, job = %a.job, reason = %a.message, "stopping allocation as failed");
                         a.state = AllocState::Failed;
                         a.healthy_since_unix_ms = None;
+                        a.published.clear();
                         a.failure = Some(failure);
                         let f = st.failures.entry((a.job.clone(), a.version)).or_default();
                         f.count += 1;
@@ -1172,6 +1183,7 @@ impl Workloads {
         let moving = restore.is_some();
         moved.restore = restore;
         moved.state = AllocState::Pending;
+        moved.published.clear();
         moved.healthy = None;
         moved.healthy_since_unix_ms = None;
         moved.message = why.to_string();
@@ -1398,6 +1410,17 @@ fn new_job_record(name: &str) -> JobRecord {
 }
 
 /// An allocation of job `api` version 1 on `node`, wanted, for tests.
+/// The published addresses of an agent's status, as kept (at most
+/// [`MAX_PUBLISHED`](novacron_common::wire::MAX_PUBLISHED), in the agent's order).
+fn published(status: &novacron_common::wire::AllocationStatus) -> Vec<PublishedAddress> {
+    status
+        .published
+        .iter()
+        .take(novacron_common::wire::MAX_PUBLISHED)
+        .map(PublishedAddress::from)
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) fn test_alloc(id: &str, node: &str, state: AllocState) -> AllocRecord {
     AllocRecord {
@@ -1422,6 +1445,7 @@ pub(crate) fn test_alloc(id: &str, node: &str, state: AllocState) -> AllocRecord
         ports: vec![],
         restore: None,
         failure: None,
+        published: vec![],
     }
 }
 
@@ -1786,8 +1810,60 @@ mod tests {
                 restore_failed,
                 container_id: None,
                 started_at_unix_ms: None,
+                published: Vec::new(),
             }],
         }
+    }
+
+    /// The node's published addresses are kept with the allocation (at most
+    /// `MAX_PUBLISHED`), replaced by each report, and dropped when it stops
+    /// running or its node is lost.
+    #[test]
+    fn published_addresses_are_kept_from_the_reports() {
+        use novacron_common::wire::{MAX_PUBLISHED, PublishedPort};
+        let w = workloads_with(test_alloc("api-1", "n1", AllocState::Starting));
+        let bound = |port: u16| PublishedPort {
+            host_ip: "127.0.0.1".parse().expect("an address"),
+            host_port: port,
+            container_port: 8080,
+            udp: false,
+        };
+        let mut report = status(AllocState::Running, 0, false);
+        report.allocations[0].published = vec![bound(20001)];
+        w.report("n1", &report, SystemTime::now());
+        let a = w.allocation("api-1").expect("alloc");
+        assert_eq!(
+            a.published,
+            [PublishedAddress {
+                host_ip: "127.0.0.1".parse().expect("an address"),
+                host_port: 20001,
+                container_port: 8080,
+                protocol: "tcp".into(),
+            }]
+        );
+        let view = novacron_api::AllocView::from(a);
+        assert_eq!(view.published[0].address().to_string(), "127.0.0.1:20001");
+        // A report from another node changes nothing.
+        report.allocations[0].published = vec![bound(20002)];
+        w.report("n2", &report, SystemTime::now());
+        assert_eq!(
+            w.allocation("api-1").expect("alloc").published[0].host_port,
+            20001
+        );
+        // Bounded: a node cannot make the record grow past the limit.
+        report.allocations[0].published = (0..=MAX_PUBLISHED as u16 + 10).map(bound).collect();
+        w.report("n1", &report, SystemTime::now());
+        assert_eq!(
+            w.allocation("api-1").expect("alloc").published.len(),
+            MAX_PUBLISHED
+        );
+        // Not running any more: nothing published.
+        w.report(
+            "n1",
+            &status(AllocState::Starting, 1, false),
+            SystemTime::now(),
+        );
+        assert!(w.allocation("api-1").expect("alloc").published.is_empty());
     }
 
     /// The typed record of a move that the migration decides from: what the new

@@ -802,6 +802,7 @@ fn realistic_sample(index: usize) -> NodeSample {
                 available_bytes: 31_000_000_000 - jitter * 10_000_000,
                 read_bytes_per_sec: 4096 * jitter,
                 written_bytes_per_sec: 65_536,
+                used_bytes: 7_000_000_000 + jitter * 10_000_000,
                 ..DiskSample::default()
             },
             DiskSample {
@@ -811,6 +812,7 @@ fn realistic_sample(index: usize) -> NodeSample {
                 available_bytes: 80_000_000_000,
                 read_bytes_per_sec: 0,
                 written_bytes_per_sec: 12_288,
+                used_bytes: 15_000_000_000,
                 ..DiskSample::default()
             },
         ],

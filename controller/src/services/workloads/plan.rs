@@ -439,6 +439,7 @@ impl<'a> Pass<'_, 'a> {
                 priority: job.spec.priority,
                 disk_bytes: job.spec.resources.disk.0,
                 ports: alloc_ports(&task, &p.ports),
+                published: Vec::new(),
             };
             let event = NewEvent::new(
                 kind::ALLOC_PLACED,

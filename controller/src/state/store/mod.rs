@@ -31,7 +31,7 @@ use crate::state::policies::PolicyRecord;
 use crate::state::revision::{self, CHANGE_LOG_REVISIONS, ChangeLog, ChangePage, Touched};
 use crate::state::tokens::{self, JoinToken, TokenError, TokenRecord};
 
-use novacron_api::{AllocPortView, AllocView, Event};
+use novacron_api::{AllocPortView, AllocView, Event, PublishedAddressView};
 
 mod memory;
 
@@ -280,6 +280,45 @@ pub struct AllocRecord {
     /// it runs.
     #[serde(default)]
     pub restore: Option<novacron_common::wire::RestoreFrom>,
+    /// Where its node's container runtime published its ports, as last reported
+    /// (empty unless it runs).
+    #[serde(default)]
+    pub published: Vec<PublishedAddress>,
+}
+
+/// A port of a running allocation as its node published it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedAddress {
+    /// The node address it is bound to (`0.0.0.0` or `::`: every address).
+    pub host_ip: std::net::IpAddr,
+    /// The port on the node.
+    pub host_port: u16,
+    /// The port in the container.
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+impl From<&novacron_common::wire::PublishedPort> for PublishedAddress {
+    fn from(p: &novacron_common::wire::PublishedPort) -> Self {
+        PublishedAddress {
+            host_ip: p.host_ip,
+            host_port: p.host_port,
+            container_port: p.container_port,
+            protocol: if p.udp { "udp" } else { "tcp" }.into(),
+        }
+    }
+}
+
+impl From<PublishedAddress> for PublishedAddressView {
+    fn from(p: PublishedAddress) -> Self {
+        PublishedAddressView {
+            host_ip: p.host_ip,
+            host_port: p.host_port,
+            container_port: p.container_port,
+            protocol: p.protocol,
+        }
+    }
 }
 
 /// A published port of an allocation.
@@ -320,6 +359,11 @@ impl From<AllocRecord> for AllocView {
             disk_bytes: a.disk_bytes,
             ports: a.ports.into_iter().map(AllocPortView::from).collect(),
             restore: a.restore,
+            published: a
+                .published
+                .into_iter()
+                .map(PublishedAddressView::from)
+                .collect(),
         }
     }
 }
@@ -1522,6 +1566,7 @@ mod tests {
             priority: 50,
             disk_bytes: 0,
             ports: vec![],
+            published: vec![],
         }
     }
 
@@ -2009,6 +2054,20 @@ mod tests {
                 size: 42,
                 mode: novacron_common::checkpoint::CheckpointMode::Fs,
             }),
+            published: vec![
+                PublishedAddress {
+                    host_ip: "127.0.0.1".parse().expect("an address"),
+                    host_port: 30080,
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                },
+                PublishedAddress {
+                    host_ip: "::".parse().expect("an address"),
+                    host_port: 30080,
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                },
+            ],
         };
         let bare = AllocRecord {
             healthy: None,
@@ -2018,6 +2077,7 @@ mod tests {
             gpu_uuids: vec![],
             ports: vec![],
             restore: None,
+            published: vec![],
             ..full.clone()
         };
         for record in [full, bare] {
