@@ -333,6 +333,11 @@ pub const NODE_FS_AVAILABLE: Family = Family::gauge(
     "novacron_node_filesystem_available_bytes",
     "Free space of a mounted filesystem available to unprivileged users.",
 );
+/// Filesystems: free blocks, reserved ones included.
+pub const NODE_FS_FREE: Family = Family::gauge(
+    "novacron_node_filesystem_free_bytes",
+    "Free space of a mounted filesystem, blocks reserved for root included (as node_filesystem_free_bytes; absent from agents that do not report usage).",
+);
 /// CPU time by mode.
 pub const NODE_CPU_SECONDS: Family = Family::counter(
     "novacron_node_cpu_seconds",
@@ -391,6 +396,7 @@ pub const SAMPLE_FAMILIES: &[Family] = &[
     NODE_SWAP_USED,
     NODE_FS_SIZE,
     NODE_FS_AVAILABLE,
+    NODE_FS_FREE,
     NODE_CPU_SECONDS,
     NODE_DISK_READ,
     NODE_DISK_WRITTEN,
@@ -447,6 +453,14 @@ pub fn collect_sample(node: &str, zone: &str, sample: &NodeSample, out: &mut Sam
         let l = || with(&[("mountpoint", &d.mount), ("device", &d.device)]);
         out.int(&NODE_FS_SIZE, l(), d.total_bytes);
         out.int(&NODE_FS_AVAILABLE, l(), d.available_bytes);
+        // Older agents send no usage (0): nothing is made up for them.
+        if d.used_bytes > 0 {
+            out.int(
+                &NODE_FS_FREE,
+                l(),
+                d.total_bytes.saturating_sub(d.used_bytes),
+            );
+        }
         // node_exporter's disk counters carry the device only.
         let dev = || with(&[("device", &d.device)]);
         if let Some(read) = d.read_bytes_total {

@@ -29,11 +29,11 @@ use novacron_api::{ControllerStats, NodeView};
 use novacron_common::exposition::{
     Family, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, Kind,
     Labels, NODE_CPU_CORES, NODE_CPU_SECONDS, NODE_CPU_USAGE, NODE_DISK_READ, NODE_DISK_WRITTEN,
-    NODE_FS_AVAILABLE, NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15, NODE_MEMORY_AVAILABLE,
-    NODE_MEMORY_TOTAL, NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX, NODE_SAMPLE_TIME,
-    NODE_SWAP_TOTAL, NODE_SWAP_USED, NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS, PROCESS_OPEN_FDS,
-    PROCESS_RESIDENT, PROCESS_START_TIME, PROCESS_VIRTUAL, Samples, collect_process,
-    collect_sample, encode_rows, gpu_labels,
+    NODE_FS_AVAILABLE, NODE_FS_FREE, NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15,
+    NODE_MEMORY_AVAILABLE, NODE_MEMORY_TOTAL, NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX,
+    NODE_SAMPLE_TIME, NODE_SWAP_TOTAL, NODE_SWAP_USED, NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS,
+    PROCESS_OPEN_FDS, PROCESS_RESIDENT, PROCESS_START_TIME, PROCESS_VIRTUAL, Samples,
+    collect_process, collect_sample, encode_rows, gpu_labels,
 };
 pub use novacron_common::exposition::{
     OPENMETRICS_CONTENT_TYPE, ProcessStats, TEXT_CONTENT_TYPE, accepts_openmetrics, series_names,
@@ -303,6 +303,7 @@ pub const FAMILIES: &[Family] = &[
     NODE_SWAP_USED,
     NODE_FS_SIZE,
     NODE_FS_AVAILABLE,
+    NODE_FS_FREE,
     NODE_CPU_SECONDS,
     NODE_DISK_READ,
     NODE_DISK_WRITTEN,
@@ -1006,6 +1007,11 @@ mod tests {
         assert_eq!(
             number(&text, "novacron_node_filesystem_available_bytes", &root),
             60.0 * gib
+        );
+        // Free = size less used: 5 GiB reserved for root are free, not available.
+        assert_eq!(
+            number(&text, "novacron_node_filesystem_free_bytes", &root),
+            65.0 * gib
         );
         let eth0 = [("node", "n1"), ("device", "eth0")];
         assert_eq!(
