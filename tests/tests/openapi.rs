@@ -124,15 +124,20 @@ async fn live_api_matches_its_openapi_document() {
     })
     .await
     .expect("join");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let text = output_text(&run);
     assert!(
         run.status.success(),
         "schemathesis found mismatches between the API and its document:\n{text}"
     );
+}
+
+/// A finished command's stdout then stderr, as text.
+fn output_text(run: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    )
 }
 
 /// The methods an OpenAPI path item may hold operations under.
@@ -259,11 +264,7 @@ async fn document_passes_openapi_spec_validator_and_the_conventions() {
     })
     .await
     .expect("join");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let text = output_text(&run);
     assert!(
         run.status.success(),
         "openapi-spec-validator refused the document:\n{text}"

@@ -27,13 +27,8 @@ use std::time::Instant;
 
 use novacron_api::{ControllerStats, NodeView};
 use novacron_common::exposition::{
-    Family, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_TEMPERATURE, GPU_UTILIZATION, Kind,
-    Labels, NODE_CPU_CORES, NODE_CPU_SECONDS, NODE_CPU_USAGE, NODE_DISK_READ, NODE_DISK_WRITTEN,
-    NODE_FS_AVAILABLE, NODE_FS_FREE, NODE_FS_SIZE, NODE_LOAD1, NODE_LOAD5, NODE_LOAD15,
-    NODE_MEMORY_AVAILABLE, NODE_MEMORY_TOTAL, NODE_MEMORY_USED, NODE_NET_RX, NODE_NET_TX,
-    NODE_SAMPLE_TIME, NODE_SWAP_TOTAL, NODE_SWAP_USED, NODE_UPTIME, PROCESS_CPU, PROCESS_MAX_FDS,
-    PROCESS_OPEN_FDS, PROCESS_RESIDENT, PROCESS_START_TIME, PROCESS_VIRTUAL, Samples,
-    collect_process, collect_sample, encode_rows, gpu_labels,
+    Family, Kind, Labels, PROCESS_FAMILIES, SAMPLE_FAMILIES, Samples, collect_process,
+    collect_sample, encode_rows, gpu_labels,
 };
 pub use novacron_common::exposition::{
     OPENMETRICS_CONTENT_TYPE, ProcessStats, TEXT_CONTENT_TYPE, accepts_openmetrics, series_names,
@@ -254,8 +249,8 @@ const ALLOC_GPU_MEMORY_USED: Family = Family::gauge(
     "Memory in use on a GPU assigned to the allocation.",
 );
 
-/// Every family, in the order of the output.
-pub const FAMILIES: &[Family] = &[
+/// The controller's internals, before its `process_*` families.
+const INTERNAL_FAMILIES: &[Family] = &[
     BUILD_INFO,
     CONNECTED_AGENTS,
     SAMPLES_INGESTED,
@@ -267,12 +262,10 @@ pub const FAMILIES: &[Family] = &[
     EVENTS,
     JOBS,
     ALLOCATIONS,
-    PROCESS_CPU,
-    PROCESS_RESIDENT,
-    PROCESS_VIRTUAL,
-    PROCESS_OPEN_FDS,
-    PROCESS_MAX_FDS,
-    PROCESS_START_TIME,
+];
+
+/// Jobs and the nodes' registry entries, before the nodes' latest samples.
+const JOB_AND_NODE_FAMILIES: &[Family] = &[
     JOB_DESIRED,
     JOB_RUNNING,
     JOB_HEALTHY,
@@ -289,31 +282,10 @@ pub const FAMILIES: &[Family] = &[
     NODE_CPU_ALLOCATED,
     NODE_MEMORY_ALLOCATED,
     NODE_GPU_ALLOCATED,
-    NODE_SAMPLE_TIME,
-    NODE_UPTIME,
-    NODE_CPU_USAGE,
-    NODE_CPU_CORES,
-    NODE_LOAD1,
-    NODE_LOAD5,
-    NODE_LOAD15,
-    NODE_MEMORY_TOTAL,
-    NODE_MEMORY_USED,
-    NODE_MEMORY_AVAILABLE,
-    NODE_SWAP_TOTAL,
-    NODE_SWAP_USED,
-    NODE_FS_SIZE,
-    NODE_FS_AVAILABLE,
-    NODE_FS_FREE,
-    NODE_CPU_SECONDS,
-    NODE_DISK_READ,
-    NODE_DISK_WRITTEN,
-    NODE_NET_RX,
-    NODE_NET_TX,
-    GPU_UTILIZATION,
-    GPU_MEMORY_USED,
-    GPU_MEMORY_TOTAL,
-    GPU_TEMPERATURE,
-    GPU_POWER,
+];
+
+/// Allocations, last.
+const ALLOCATION_FAMILIES: &[Family] = &[
     ALLOC_STATE,
     ALLOC_HEALTHY,
     ALLOC_RESTARTS,
@@ -328,13 +300,27 @@ pub const FAMILIES: &[Family] = &[
     ALLOC_GPU_MEMORY_USED,
 ];
 
+/// Every family, in the order of the output: the controller's own, its process,
+/// jobs and nodes, each node's latest sample (the families the agent's `/metrics`
+/// shares), allocations.
+pub static FAMILIES: std::sync::LazyLock<Vec<Family>> = std::sync::LazyLock::new(|| {
+    [
+        INTERNAL_FAMILIES,
+        PROCESS_FAMILIES,
+        JOB_AND_NODE_FAMILIES,
+        SAMPLE_FAMILIES,
+        ALLOCATION_FAMILIES,
+    ]
+    .concat()
+});
+
 #[derive(Debug)]
 struct FleetCollector(Snapshot);
 
 impl Collector for FleetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut samples = collect(&self.0);
-        for family in FAMILIES {
+        for family in FAMILIES.iter() {
             if family.kind == Kind::Histogram {
                 let metric = encoder.encode_descriptor(
                     family.name,
@@ -866,7 +852,7 @@ mod tests {
     #[test]
     fn families_have_valid_unique_names_and_plain_help() {
         let mut seen = BTreeSet::new();
-        for f in FAMILIES {
+        for f in FAMILIES.iter() {
             assert!(seen.insert(f.name), "{} declared twice", f.name);
             assert!(
                 f.name.starts_with("novacron_") || f.name.starts_with("process_"),
@@ -895,7 +881,7 @@ mod tests {
     fn an_empty_controller_announces_every_family() {
         let text = rendered(empty());
         assert!(text.ends_with("# EOF\n"), "{text}");
-        for f in FAMILIES {
+        for f in FAMILIES.iter() {
             assert!(
                 text.contains(&format!("# HELP {} {}\n", f.name, f.help)),
                 "{}",
@@ -964,7 +950,7 @@ mod tests {
     fn every_family_has_samples_in_the_test_fleet() {
         let text = to_text_format(&rendered(fleet()));
         let names: BTreeSet<String> = samples(&text).into_iter().map(|(n, _, _)| n).collect();
-        for f in FAMILIES {
+        for f in FAMILIES.iter() {
             let sample = match f.kind {
                 Kind::Counter => format!("{}_total", f.name),
                 Kind::Histogram => format!("{}_count", f.name),
