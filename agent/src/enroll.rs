@@ -224,6 +224,8 @@ pub async fn join(opts: &JoinOptions) -> Result<Enrollment, EnrollError> {
             opts.controller
         )));
     }
+    // Before the token is spent: the identity must be storable.
+    ensure_writable(&opts.state.dir)?;
     let (csr_pem, key_pem) =
         pki::generate_csr(&opts.node_name).map_err(|e| EnrollError::Invalid(e.to_string()))?;
     let tls_config = tls::pinned_client_config(opts.ca_fingerprint.clone())
@@ -353,6 +355,26 @@ fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), EnrollErro
     })
 }
 
+/// Creates `dir` (0700) when missing and checks that a file can be written in it,
+/// so that `join` fails before it spends a one-use token on an identity it could
+/// not store.
+fn ensure_writable(dir: &Path) -> Result<(), EnrollError> {
+    let refuse = |e: &dyn std::fmt::Display| {
+        EnrollError::Invalid(format!(
+            "cannot write the state directory {}: {e}; run join as root (the packaged \
+             service runs as root and reads /var/lib/novacron/agent), or choose a \
+             directory you can write with --state-dir (and pass it to run too)",
+            dir.display()
+        ))
+    };
+    files::create_private_dir(dir).map_err(|e| refuse(&e))?;
+    tempfile::Builder::new()
+        .prefix(".write-check")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| refuse(&e))
+}
+
 fn create_private_dir(dir: &Path) -> Result<(), EnrollError> {
     files::create_private_dir(dir).map_err(|source| EnrollError::Io {
         path: dir.to_path_buf(),
@@ -365,6 +387,29 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn join_refuses_a_state_directory_it_cannot_write_before_asking_the_controller() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "x").expect("write");
+        let opts = JoinOptions {
+            // Nothing listens there: reaching it would fail as Unreachable.
+            controller: "https://127.0.0.1:1".into(),
+            token: "3f9c0a1b2c3d.0123456789abcdef0123456789abcdef".into(),
+            ca_fingerprint: Fingerprint::of(b"ca"),
+            node_name: "n1".into(),
+            state: StateDir::new(file.join("state")),
+            force: false,
+        };
+        let e = join(&opts).await.expect_err("not writable");
+        assert!(matches!(e, EnrollError::Invalid(_)), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("cannot write the state directory") && text.contains("--state-dir"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn identity_files_are_written_with_private_key_mode() {
