@@ -355,9 +355,9 @@ fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), EnrollErro
     })
 }
 
-/// Creates `dir` (0700) when missing and checks that a file can be written in it,
-/// so that `join` fails before it spends a one-use token on an identity it could
-/// not store.
+/// Checks that `dir`, or the nearest ancestor that exists when it does not, takes a
+/// new file, so that `join` fails before it spends a one-use token on an identity
+/// it could not store. It leaves nothing behind: a failed join writes nothing.
 fn ensure_writable(dir: &Path) -> Result<(), EnrollError> {
     let refuse = |e: &dyn std::fmt::Display| {
         EnrollError::Invalid(format!(
@@ -367,10 +367,17 @@ fn ensure_writable(dir: &Path) -> Result<(), EnrollError> {
             dir.display()
         ))
     };
-    files::create_private_dir(dir).map_err(|e| refuse(&e))?;
+    // A relative path's last ancestor is "", which never exists: "." stands for it.
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("."));
+    if !probe.is_dir() {
+        return Err(refuse(&format!("{} is not a directory", probe.display())));
+    }
     tempfile::Builder::new()
-        .prefix(".write-check")
-        .tempfile_in(dir)
+        .prefix(".novacron-write-check")
+        .tempfile_in(probe)
         .map(drop)
         .map_err(|e| refuse(&e))
 }

@@ -182,15 +182,28 @@ async fn get(port: u16, path: &str) -> anyhow::Result<String> {
     Ok(resp.text().await?)
 }
 
+/// The job's running allocation, once the controller has heard that it runs: the
+/// workload can answer before its agent's report arrives, so this waits (up to
+/// 30 s) rather than reading one snapshot.
 async fn the_alloc(s: &Setup) -> AllocView {
-    s.controller
-        .job(&s.job)
-        .await
-        .expect("job")
-        .allocations
-        .into_iter()
-        .find(|a| a.desired_run && a.state == AllocState::Running)
-        .expect("a running allocation")
+    let started = Instant::now();
+    loop {
+        let running = s
+            .controller
+            .job(&s.job)
+            .await
+            .expect("job")
+            .allocations
+            .into_iter()
+            .find(|a| a.desired_run && a.state == AllocState::Running);
+        match running {
+            Some(a) => return a,
+            None if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            None => panic!("no running allocation of {} after 30 s", s.job),
+        }
+    }
 }
 
 fn count_log(host: &str, job: &str) -> Vec<u64> {
