@@ -34,6 +34,8 @@ use tracing::{debug, info, warn};
 
 use crate::runtime::{ContainerRuntime, Supervisor};
 
+mod terminal;
+
 /// The most commands that may run at once for one controller connection (the
 /// agent's QUIC limit on bi-streams the controller opens; more wait their turn).
 pub const MAX_CONCURRENT_EXECS: u32 = 16;
@@ -161,6 +163,11 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
                 };
                 let request = match (request, &service.checkpoints) {
                     (BiRequest::Exec(r), _) => r,
+                    (BiRequest::Terminal(r), _) => {
+                        let served = service.serve_terminal(&mut send, recv, r).await;
+                        finish(send, served);
+                        return;
+                    }
                     (other, Some(checkpoints)) => {
                         checkpoints.serve(other, send, recv).await;
                         return;
@@ -170,16 +177,8 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
                         return;
                     }
                 };
-                match service.serve_request(&mut send, recv, request).await {
-                    Ok(()) => {
-                        let _ = send.finish();
-                    }
-                    Err(StreamEnd::Gone) => {}
-                    Err(StreamEnd::Protocol(code, reason)) => {
-                        warn!(?code, %reason, "closing an exec stream: protocol violation");
-                        let _ = send.reset(code.code().into());
-                    }
-                }
+                let served = service.serve_request(&mut send, recv, request).await;
+                finish(send, served);
             });
         }
     }
@@ -216,15 +215,7 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
         Rd: AsyncRead + Unpin + Send,
     {
         let mut out = Events { send };
-        if !SUPPORTED.contains(request.protocol_version) {
-            let reason = format!(
-                "exec protocol version {} is not supported; node {} speaks {SUPPORTED}",
-                request.protocol_version, self.node
-            );
-            return out.send(&ExecEvent::Refused { reason }).await;
-        }
-        if let Err(e) = wire::check_argv(request.target.argv()) {
-            let reason = format!("node {} refuses the command: {e}", self.node);
+        if let Some(reason) = self.refusal(request.protocol_version, request.target.argv()) {
             return out.send(&ExecEvent::Refused { reason }).await;
         }
         let deadline = request
@@ -256,12 +247,25 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
         }
     }
 
+    /// Why the command of a request in `version` is refused, if it is.
+    fn refusal(&self, version: u16, argv: &[String]) -> Option<String> {
+        if !SUPPORTED.contains(version) {
+            return Some(format!(
+                "exec protocol version {version} is not supported; node {} speaks {SUPPORTED}",
+                self.node
+            ));
+        }
+        wire::check_argv(argv)
+            .err()
+            .map(|e| format!("node {} refuses the command: {e}", self.node))
+    }
+
     async fn run_host<W: AsyncWrite + Unpin + Send>(
         &self,
         out: &mut Events<'_, W>,
         argv: &[String],
         deadline: Option<Instant>,
-        mut cancelled: std::pin::Pin<&mut impl Future<Output = StreamEnd>>,
+        cancelled: std::pin::Pin<&mut impl Future<Output = StreamEnd>>,
     ) -> Result<(), StreamEnd> {
         let mut command = tokio::process::Command::new(&argv[0]);
         command
@@ -274,18 +278,38 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
             .kill_on_drop(true);
         let mut child = match command.spawn() {
             Ok(child) => child,
-            Err(e) => {
-                let reason = format!("cannot run {:?} on node {}: {e}", argv[0], self.node);
-                let code = spawn_failure_code(&e);
-                return out.send(&ExecEvent::Failed { reason, code }).await;
-            }
+            Err(e) => return out.send(&self.spawn_failure(argv, &e)).await,
         };
+        let outputs = [reader(child.stdout.take()), reader(child.stderr.take())];
+        self.drive_host(out, child, outputs, deadline, cancelled)
+            .await
+    }
+
+    /// The event for a host command that could not be started.
+    fn spawn_failure(&self, argv: &[String], e: &std::io::Error) -> ExecEvent {
+        ExecEvent::Failed {
+            reason: format!("cannot run {:?} on node {}: {e}", argv[0], self.node),
+            code: spawn_failure_code(e),
+        }
+    }
+
+    /// Reports a started host command (the leader of its own process group): its
+    /// `outputs` (standard output, then standard error) as they come, then its exit.
+    /// The group is killed when the command exits, times out at `deadline`, or
+    /// `cancelled` resolves (which ends this with its error).
+    async fn drive_host<W: AsyncWrite + Unpin + Send>(
+        &self,
+        out: &mut Events<'_, W>,
+        mut child: tokio::process::Child,
+        outputs: [Option<BoxedReader>; 2],
+        deadline: Option<Instant>,
+        mut cancelled: std::pin::Pin<&mut impl Future<Output = StreamEnd>>,
+    ) -> Result<(), StreamEnd> {
         let pid = child.id();
         // Kills the group on every way out of here, task abort included.
         let mut group = ProcessGroup(pid);
         out.send(&ExecEvent::Started { pid }).await?;
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
+        let [mut stdout, mut stderr] = outputs;
         let mut out_buf = vec![0u8; MAX_EXEC_CHUNK];
         let mut err_buf = vec![0u8; MAX_EXEC_CHUNK];
         let mut status: Option<ExitStatus> = None;
@@ -359,7 +383,7 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
         container: &str,
         argv: &[String],
         deadline: Option<Instant>,
-        mut cancelled: std::pin::Pin<&mut impl Future<Output = StreamEnd>>,
+        cancelled: std::pin::Pin<&mut impl Future<Output = StreamEnd>>,
     ) -> Result<(), StreamEnd> {
         let runtime = self.supervisor.runtime();
         let session = match runtime.exec_attached(container, argv).await {
@@ -369,18 +393,40 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
                 return out.send(&ExecEvent::Failed { reason, code: 125 }).await;
             }
         };
+        self.drive_container(
+            out,
+            container,
+            &session.id,
+            session.output,
+            deadline,
+            cancelled,
+        )
+        .await
+    }
+
+    /// Reports a started container command `exec_id`: its `output` as it comes,
+    /// then its exit code. It is killed when it times out at `deadline`, or when
+    /// `cancelled` resolves (which ends this with its error).
+    async fn drive_container<W: AsyncWrite + Unpin + Send>(
+        &self,
+        out: &mut Events<'_, W>,
+        container: &str,
+        exec_id: &str,
+        mut output: futures_util::stream::BoxStream<
+            'static,
+            Result<crate::runtime::LogFrame, crate::runtime::RuntimeError>,
+        >,
+        deadline: Option<Instant>,
+        mut cancelled: std::pin::Pin<&mut impl Future<Output = StreamEnd>>,
+    ) -> Result<(), StreamEnd> {
+        let runtime = self.supervisor.runtime();
         // Kills the command on every way out of here, task abort included.
         let mut guard = ContainerExec {
             runtime: Some(runtime.clone()),
-            id: session.id.clone(),
+            id: exec_id.to_owned(),
         };
-        let pid = runtime
-            .exec_state(&session.id)
-            .await
-            .ok()
-            .and_then(|s| s.pid);
+        let pid = runtime.exec_state(exec_id).await.ok().and_then(|s| s.pid);
         out.send(&ExecEvent::Started { pid }).await?;
-        let mut output = session.output;
         let mut timed_out = false;
         loop {
             tokio::select! {
@@ -397,13 +443,13 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
                 },
                 _ = sleep_until(deadline) => {
                     timed_out = true;
-                    if let Err(error) = runtime.exec_kill(&session.id).await {
+                    if let Err(error) = runtime.exec_kill(exec_id).await {
                         warn!(%error, "cannot kill a timed-out container exec");
                     }
                     break;
                 }
                 end = &mut cancelled => {
-                    if let Err(error) = runtime.exec_kill(&session.id).await {
+                    if let Err(error) = runtime.exec_kill(exec_id).await {
                         warn!(%error, "cannot kill a cancelled container exec");
                     }
                     guard.disarm();
@@ -414,14 +460,14 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
         drop(output);
         let waited_until = Instant::now() + EXIT_CODE_WAIT;
         let code = loop {
-            match runtime.exec_state(&session.id).await {
+            match runtime.exec_state(exec_id).await {
                 Ok(state) if !state.running => break state.exit_code,
                 Ok(_) if Instant::now() < waited_until => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Ok(_) => {
                     // Output closed but the process runs on: it goes now.
-                    let _ = runtime.exec_kill(&session.id).await;
+                    let _ = runtime.exec_kill(exec_id).await;
                     break None;
                 }
                 Err(e) => {
@@ -447,6 +493,21 @@ impl<R: ContainerRuntime + Clone> ExecService<R> {
             timed_out,
         })
         .await
+    }
+}
+
+/// Ends an exec stream as `served` says: finished after the last event, reset on a
+/// protocol violation, left alone when the controller went away.
+fn finish(mut send: quinn::SendStream, served: Result<(), StreamEnd>) {
+    match served {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(StreamEnd::Gone) => {}
+        Err(StreamEnd::Protocol(code, reason)) => {
+            warn!(?code, %reason, "closing an exec stream: protocol violation");
+            let _ = send.reset(code.code().into());
+        }
     }
 }
 
@@ -487,6 +548,13 @@ async fn cancelled<Rd: AsyncRead + Unpin>(mut recv: Rd) -> StreamEnd {
         ),
         _ => StreamEnd::Gone,
     }
+}
+
+/// A command's output pipe or terminal.
+type BoxedReader = Box<dyn AsyncRead + Unpin + Send>;
+
+fn reader(pipe: Option<impl AsyncRead + Unpin + Send + 'static>) -> Option<BoxedReader> {
+    pipe.map(|p| Box::new(p) as BoxedReader)
 }
 
 /// Reads from `pipe` when it is open; never resolves when it is closed.

@@ -101,7 +101,9 @@ impl CheckpointService {
                     .await
                     .map_err(|e| e.to_string())
             }
-            BiRequest::Exec(_) => Err("an exec request reached the checkpoint service".into()),
+            BiRequest::Exec(_) | BiRequest::Terminal(_) => {
+                Err("an exec request reached the checkpoint service".into())
+            }
         };
         match outcome {
             Ok(()) => {

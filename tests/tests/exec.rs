@@ -437,14 +437,30 @@ async fn a_selector_fans_out_and_reports_per_node() {
     );
 }
 
-#[tokio::test]
-async fn alloc_exec_runs_in_the_container_and_its_timeout_kills_it() {
-    ensure_test_image().expect("test image");
-    // No --allow-host-exec: commands in allocations do not need it.
-    let f = fleet(&[("c", &[])]).await;
-    let job = format!("ex-{}", std::process::id());
-    let _cleanup = JobCleanup(job.clone());
-    let manifest = format!(
+/// The id of `job`'s running allocation, once there is one (at most 60 s).
+async fn running_alloc(f: &Fleet, job: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let running = f.controller.job(job).await.ok().and_then(|d| {
+            d.allocations
+                .into_iter()
+                .find(|a| a.state == AllocState::Running)
+                .map(|a| a.id)
+        });
+        if let Some(id) = running {
+            return id;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no running allocation"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A job of one busybox container that idles.
+fn idle_job(job: &str) -> String {
+    format!(
         "apiVersion: novacron.io/v1
 kind: Job
 metadata:
@@ -459,28 +475,22 @@ spec:
     cpu: 100m
     memory: 32Mi
 "
-    );
+    )
+}
+
+#[tokio::test]
+async fn alloc_exec_runs_in_the_container_and_its_timeout_kills_it() {
+    ensure_test_image().expect("test image");
+    // No --allow-host-exec: commands in allocations do not need it.
+    let f = fleet(&[("c", &[])]).await;
+    let job = format!("ex-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let manifest = idle_job(&job);
     f.controller
         .apply("ex.yaml", &manifest)
         .await
         .expect("apply");
-    let t0 = Instant::now();
-    let alloc = loop {
-        let running = f.controller.job(&job).await.ok().and_then(|d| {
-            d.allocations
-                .into_iter()
-                .find(|a| a.state == AllocState::Running)
-                .map(|a| a.id)
-        });
-        if let Some(id) = running {
-            break id;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no running allocation"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let alloc = running_alloc(&f, &job).await;
     let container = docker(&[
         "ps",
         "-q",
@@ -581,4 +591,267 @@ async fn a_viewer_cannot_exec() {
     .await;
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     assert!(marker.exists());
+}
+
+/// The CLI on a pseudo-terminal of this test, as an operator's terminal runs it.
+struct Terminal {
+    pty: pty_process::Pty,
+    child: Child,
+    seen: String,
+}
+
+impl Terminal {
+    /// Starts `novacron --config <admin context> <args>` on a new terminal of
+    /// `rows` x `cols`, as the leader of its session (so a resize signals it).
+    fn spawn(f: &Fleet, args: &[&str], rows: u16, cols: u16) -> Terminal {
+        let (pty, pts) = pty_process::open().expect("open a pty");
+        pty.resize(pty_process::Size::new(rows, cols))
+            .expect("size the pty");
+        let child = pty_process::Command::new(bin("novacron"))
+            .arg("--config")
+            .arg(f.dir.path().join("admin.toml"))
+            .args(args)
+            .kill_on_drop(true)
+            .spawn(pts)
+            .expect("novacron runs");
+        Terminal {
+            pty,
+            child,
+            seen: String::new(),
+        }
+    }
+
+    /// Types `text`.
+    async fn send(&mut self, text: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.pty
+            .write_all(text.as_bytes())
+            .await
+            .expect("type on the terminal");
+    }
+
+    /// Reads the terminal until `needle` shows (at most 30 s) and returns what came
+    /// before it, which is consumed with it.
+    async fn expect(&mut self, needle: &str) -> String {
+        let t0 = Instant::now();
+        let mut buf = [0u8; 4096];
+        while !self.seen.contains(needle) {
+            let left = Duration::from_secs(30).saturating_sub(t0.elapsed());
+            let read = tokio::time::timeout(left, self.pty.read(&mut buf)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => panic!("{needle:?} never showed; the terminal read {:?}", self.seen),
+            }
+        }
+        let at = self.seen.find(needle).expect("found");
+        let before = self.seen[..at].to_owned();
+        self.seen.drain(..at + needle.len());
+        before
+    }
+
+    /// The CLI's exit code (at most 30 s).
+    async fn exit_code(mut self) -> Option<i32> {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the CLI ends within 30 s")
+            .expect("wait")
+            .code()
+    }
+}
+
+/// Drives an interactive shell on a remote terminal: it is a terminal of the
+/// local size, follows a resize, takes Ctrl-C as the remote shell's (the local
+/// CLI, in raw mode, stays), and the shell's exit code is the CLI's.
+async fn drive_remote_shell(mut t: Terminal) {
+    // Computed output, so the terminal's echo of the typed line cannot match.
+    t.send("tty; stty size; echo mark-$((6*7))\n").await;
+    t.expect("/dev/pts/").await;
+    t.expect("30 100").await;
+    t.expect("mark-42").await;
+    // A resize reaches the CLI as SIGWINCH and the remote terminal after it.
+    t.pty
+        .resize(pty_process::Size::new(40, 120))
+        .expect("resize the pty");
+    let t0 = Instant::now();
+    loop {
+        t.send("stty size; echo size-$((1+1))\n").await;
+        if t.expect("size-2").await.contains("40 120") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the remote terminal never became 40x120"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Ctrl-C interrupts the remote command, not the local CLI.
+    t.send("sleep 30; echo not-$((3*3))\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t.send("\x03").await;
+    t.send("echo alive-$((2+3))\n").await;
+    let before = t.expect("alive-5").await;
+    assert!(!before.contains("not-9"), "{before}");
+    t.send("exit 7\n").await;
+    assert_eq!(t.exit_code().await, Some(7));
+}
+
+#[tokio::test]
+async fn exec_it_gives_a_host_shell_a_terminal_that_follows_resizes() {
+    let f = fleet(&[("a", HOST)]).await;
+    let node = f.agents[0].name.clone();
+    let t = Terminal::spawn(&f, &["exec", "-it", "--node", &node, "--", "sh"], 30, 100);
+    drive_remote_shell(t).await;
+    // The CLI killed mid-command (the operator's terminal closed): the command
+    // and what it started are killed on the node.
+    let mut t = Terminal::spawn(
+        &f,
+        &[
+            "exec",
+            "-it",
+            "--node",
+            &node,
+            "--",
+            "sh",
+            "-c",
+            "sleep 60 & echo pids $$ $! end; wait",
+        ],
+        30,
+        100,
+    );
+    t.expect("pids").await;
+    let line = t.expect("end").await;
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{line:?}");
+    t.child.start_kill().expect("kill the CLI");
+    assert_gone(&pids).await;
+    let events = f
+        .controller
+        .cli(&["events", "--type", "exec", "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("sh on node") && events.contains("exited with 7"),
+        "{events}"
+    );
+}
+
+#[tokio::test]
+async fn alloc_exec_it_gives_a_container_shell_a_terminal_that_follows_resizes() {
+    ensure_test_image().expect("test image");
+    let f = fleet(&[("c", &[])]).await;
+    let job = format!("exit-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    f.controller
+        .apply("exit.yaml", &idle_job(&job))
+        .await
+        .expect("apply");
+    let alloc = running_alloc(&f, &job).await;
+    let t = Terminal::spawn(&f, &["alloc", "exec", "-it", &alloc, "--", "sh"], 30, 100);
+    drive_remote_shell(t).await;
+}
+
+#[tokio::test]
+async fn exec_i_pipes_standard_input_to_its_end() {
+    ensure_test_image().expect("test image");
+    let f = fleet(&[("a", HOST)]).await;
+    let node = f.agents[0].name.clone();
+    let job = format!("exi-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    f.controller
+        .apply("exi.yaml", &idle_job(&job))
+        .await
+        .expect("apply");
+    let alloc = running_alloc(&f, &job).await;
+    // 200,000 bytes: several WebSocket messages and input frames; the count
+    // shows only once the end of input reached the command.
+    let input = "0123456789".repeat(20_000);
+    for args in [
+        vec![
+            "exec",
+            "-i",
+            "--node",
+            node.as_str(),
+            "--",
+            "sh",
+            "-c",
+            "wc -c; exit 4",
+        ],
+        vec![
+            "alloc",
+            "exec",
+            "-i",
+            alloc.as_str(),
+            "--",
+            "sh",
+            "-c",
+            "wc -c; exit 4",
+        ],
+    ] {
+        let mut child = Command::new(bin("novacron"))
+            .arg("--config")
+            .arg(f.dir.path().join("admin.toml"))
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("novacron runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let data = input.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(data.as_bytes()).await;
+        });
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the CLI ends within 60 s")
+            .expect("the CLI runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {stderr}");
+        assert_eq!(stdout.trim(), "200000", "{args:?}: {stderr}");
+    }
+    // -t without a terminal on standard input runs without one, and says so.
+    let done = cli(
+        &f,
+        "admin",
+        &[
+            "exec",
+            "-it",
+            "--node",
+            &node,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 || echo no-tty",
+        ],
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(done.stdout, "no-tty\n");
+    assert!(
+        done.stderr.contains("standard input is not a terminal"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[tokio::test]
+async fn exec_it_on_an_agent_of_the_previous_protocol_says_to_upgrade_it() {
+    let old: &[&str] = &["--allow-host-exec", "--wire-versions", "2"];
+    let f = fleet(&[("old", old)]).await;
+    let node = f.agents[0].name.clone();
+    let done = cli(&f, "admin", &["exec", "-it", "--node", &node, "--", "true"]).await;
+    assert_eq!(done.code, Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("protocol version 2") && done.stderr.contains("upgrade the agent"),
+        "{}",
+        done.stderr
+    );
+    // Plain exec still works there.
+    let done = cli(&f, "admin", &["exec", "--node", &node, "--", "true"]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
 }

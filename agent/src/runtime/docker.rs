@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bollard::container::LogOutput;
-use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
     ContainerStatsResponse, DeviceRequest, HostConfig, Mount, MountType, PortBinding, PortMap,
@@ -27,13 +27,14 @@ use bollard::query_parameters::{
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::stream::{self, BoxStream, StreamExt};
-use novacron_common::wire::{MAX_PUBLISHED, PublishedPort};
+use novacron_common::wire::{MAX_PUBLISHED, PublishedPort, TerminalSize};
 use tokio::sync::OnceCell;
 
 use super::spec::{LABEL_ALLOC, LABEL_MANAGED, LABEL_NODE, port_key};
 use super::{
     ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
-    ContainerStatus, ExecSession, ExecState, LogFrame, MountConfig, RuntimeError, StatsReading,
+    ContainerStatus, ExecSession, ExecState, InteractiveExec, LogFrame, MountConfig, RuntimeError,
+    StatsReading,
 };
 use version::DEFAULT_DOCKER_HOST;
 
@@ -300,6 +301,76 @@ impl ContainerRuntime for DockerRuntime {
             id: exec.id,
             output,
         })
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        command: &[String],
+        tty: Option<TerminalSize>,
+    ) -> Result<InteractiveExec, RuntimeError> {
+        let docker = self.client().await?;
+        let options = CreateExecOptions {
+            cmd: Some(command.to_vec()),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(tty.is_some()),
+            // As `docker exec -t` does: programs that draw need to know the terminal.
+            env: tty.map(|_| vec!["TERM=xterm".to_string()]),
+            ..CreateExecOptions::default()
+        };
+        let exec = timed("exec", CALL_TIMEOUT, docker.create_exec(id, options)).await?;
+        let start = StartExecOptions {
+            detach: false,
+            tty: tty.is_some(),
+            output_capacity: None,
+        };
+        let started = timed(
+            "exec",
+            CALL_TIMEOUT,
+            docker.start_exec(&exec.id, Some(start)),
+        )
+        .await?;
+        let StartExecResults::Attached { output, input } = started else {
+            return Err(RuntimeError::Daemon {
+                op: "exec",
+                message: "the runtime started the command detached".into(),
+            });
+        };
+        let output = output
+            .filter_map(|item| async move {
+                match item {
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Ok(other) => frame_of(Ok(other)),
+                    Err(e) => Some(Err(classify("exec", e))),
+                }
+            })
+            .boxed();
+        if let Some(size) = tty {
+            // Docker sizes an exec's terminal only once it runs.
+            self.exec_resize(&exec.id, size).await?;
+        }
+        Ok(InteractiveExec {
+            id: exec.id,
+            output,
+            input,
+        })
+    }
+
+    async fn exec_resize(&self, exec_id: &str, size: TerminalSize) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let size = size.bounded();
+        let options = ResizeExecOptions {
+            height: size.rows,
+            width: size.cols,
+        };
+        timed(
+            "exec resize",
+            CALL_TIMEOUT,
+            docker.resize_exec(exec_id, options),
+        )
+        .await
     }
 
     async fn exec_state(&self, exec_id: &str) -> Result<ExecState, RuntimeError> {

@@ -43,7 +43,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
-use novacron_common::wire::{PortMapping, PublishedPort};
+use novacron_common::wire::{PortMapping, PublishedPort, TerminalSize};
 
 pub use docker::DockerRuntime;
 pub use reconcile::{Action, Outcome, Reconciler};
@@ -118,6 +118,39 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         command: &[String],
     ) -> impl Future<Output = Result<ExecSession, RuntimeError>> + Send;
+
+    /// Starts `command` in a running container with standard input attached too,
+    /// on a pseudo-terminal of size `tty` when given (`novacron exec -it`). The
+    /// default: this runtime has no interactive exec.
+    fn exec_interactive(
+        &self,
+        id: &str,
+        command: &[String],
+        tty: Option<TerminalSize>,
+    ) -> impl Future<Output = Result<InteractiveExec, RuntimeError>> + Send {
+        let _ = (id, command, tty);
+        async {
+            Err(RuntimeError::Daemon {
+                op: "exec",
+                message: "this container runtime has no interactive exec".into(),
+            })
+        }
+    }
+
+    /// Resizes the pseudo-terminal of an interactive exec instance.
+    fn exec_resize(
+        &self,
+        exec_id: &str,
+        size: TerminalSize,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = (exec_id, size);
+        async {
+            Err(RuntimeError::Daemon {
+                op: "exec resize",
+                message: "this container runtime has no interactive exec".into(),
+            })
+        }
+    }
 
     /// The state of an exec instance made by
     /// [`exec_attached`](ContainerRuntime::exec_attached).
@@ -327,6 +360,25 @@ pub struct ExecSession {
     pub id: String,
     /// Its output, in order, as the runtime delivers it.
     pub output: BoxStream<'static, Result<LogFrame, RuntimeError>>,
+}
+
+/// An exec instance with its standard input attached
+/// ([`ContainerRuntime::exec_interactive`]).
+pub struct InteractiveExec {
+    /// The runtime's id of the exec instance.
+    pub id: String,
+    /// Its output, in order (on a terminal, all of it as standard output).
+    pub output: BoxStream<'static, Result<LogFrame, RuntimeError>>,
+    /// Its standard input; shutting it down closes the command's input.
+    pub input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+}
+
+impl std::fmt::Debug for InteractiveExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InteractiveExec")
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for ExecSession {

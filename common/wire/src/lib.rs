@@ -1061,6 +1061,65 @@ pub enum BiRequest {
     Fetch(FetchRequest),
     /// Release an allocation held for a migration ([`ReleaseReply`] answers).
     Release(ReleaseRequest),
+    /// Run a command with its standard input attached, on a pseudo-terminal or on
+    /// pipes (`novacron exec -it`): [`TerminalInput`] frames follow the request,
+    /// [`ExecEvent`]s answer. Since protocol version [`TERMINAL_SINCE`]; appended,
+    /// so the version-2 variants above keep their encoding.
+    Terminal(TerminalRequest),
+}
+
+/// The first protocol version whose agents serve [`BiRequest::Terminal`].
+pub const TERMINAL_SINCE: u16 = 3;
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct TerminalSize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+}
+
+impl TerminalSize {
+    /// The size with each side kept within 1..=[`MAX_TERMINAL_SIDE`].
+    pub fn bounded(self) -> TerminalSize {
+        TerminalSize {
+            cols: self.cols.clamp(1, MAX_TERMINAL_SIDE),
+            rows: self.rows.clamp(1, MAX_TERMINAL_SIDE),
+        }
+    }
+}
+
+/// The most columns or rows a remote terminal may have.
+pub const MAX_TERMINAL_SIDE: u16 = 4096;
+
+/// The first frame of an interactive exec stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TerminalRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// Chosen by the controller, for logs on both ends.
+    pub request_id: u64,
+    /// Where the command runs.
+    pub target: ExecTarget,
+    /// `Some`: on a pseudo-terminal of this size (its output comes back as
+    /// [`ExecStream::Stdout`] only, as a terminal merges it); `None`: on pipes.
+    pub tty: Option<TerminalSize>,
+    /// The agent kills the command after this many milliseconds (`None`: no limit).
+    pub timeout_ms: Option<u64>,
+}
+
+/// What the controller sends on an interactive exec stream after the request.
+/// Ending (or resetting) its side of the stream cancels the command, as for
+/// [`ExecRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum TerminalInput {
+    /// Bytes for the command's standard input, at most [`MAX_EXEC_CHUNK`].
+    Stdin(Vec<u8>),
+    /// The terminal was resized (ignored on pipes).
+    Resize(TerminalSize),
+    /// Standard input ends: the pipe closes, or a terminal reads end-of-file.
+    EndOfInput,
 }
 
 /// Checkpoint one allocation the agent runs.
@@ -1742,6 +1801,45 @@ mod tests {
                 .to_string()
                 .contains("4096")
         );
+    }
+
+    #[test]
+    fn terminal_frames_round_trip() {
+        let size = TerminalSize {
+            cols: 120,
+            rows: 40,
+        };
+        let request = BiRequest::Terminal(TerminalRequest {
+            protocol_version: PROTOCOL_VERSION,
+            request_id: 9,
+            target: ExecTarget::Host {
+                argv: vec!["sh".into()],
+            },
+            tty: Some(size),
+            timeout_ms: Some(1_000),
+        });
+        let frame = encode_frame(&request).expect("encodes");
+        let (back, used) = decode_frame::<BiRequest>(&frame)
+            .expect("decodes")
+            .expect("whole");
+        assert_eq!((back, used), (request, frame.len()));
+        for input in [
+            TerminalInput::Stdin(b"ls\r".to_vec()),
+            TerminalInput::Resize(size),
+            TerminalInput::EndOfInput,
+        ] {
+            let frame = encode_frame(&input).expect("encodes");
+            let (back, _) = decode_frame::<TerminalInput>(&frame)
+                .expect("decodes")
+                .expect("whole");
+            assert_eq!(back, input);
+        }
+        let huge = TerminalSize {
+            cols: u16::MAX,
+            rows: 0,
+        }
+        .bounded();
+        assert_eq!((huge.cols, huge.rows), (MAX_TERMINAL_SIDE, 1));
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! peers send. The bi-stream frames ([`crate::BiRequest`], [`crate::ExecEvent`],
 //! [`crate::CheckpointReply`], [`crate::FetchReply`], [`crate::ReleaseReply`]) are
 //! still shared with version 2; the first change to one of them must copy its
-//! version-2 form here first. The golden frames in the tests below fail when a
+//! version-2 form here first (a variant appended to an enum, such as
+//! [`crate::BiRequest::Terminal`], leaves the others' encoding as it was). The golden frames in the tests below fail when a
 //! shared type's layout changes.
 
 // The fields are documented on the current types.

@@ -219,7 +219,15 @@ pub struct ApiClient {
     cert_not_after: Option<SystemTime>,
     now: SystemTime,
     watch: Option<std::sync::Arc<WatchIndex>>,
+    /// The TLS configuration, for connections reqwest does not make (WebSockets).
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    /// `Authorization` when a token authenticates.
+    bearer: Option<reqwest::header::HeaderValue>,
 }
+
+/// An upgraded WebSocket connection to the controller.
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// The response header that carries the store's revision (the controller's
 /// `X-Novacron-Index`).
@@ -356,6 +364,10 @@ impl ApiClient {
                 .ok();
             (config, not_after)
         };
+        let mut ws_tls = config.clone();
+        // A WebSocket upgrade is an HTTP/1.1 request.
+        ws_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut bearer = None;
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = token {
             let mut value =
@@ -364,6 +376,7 @@ impl ApiClient {
                         context: name.to_string(),
                     })?;
             value.set_sensitive(true);
+            bearer = Some(value.clone());
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let http = reqwest::Client::builder()
@@ -382,7 +395,82 @@ impl ApiClient {
             cert_not_after,
             now,
             watch: None,
+            tls: std::sync::Arc::new(ws_tls),
+            bearer,
         })
+    }
+
+    /// Opens a WebSocket to the API path made of `segments` with `query`, asking
+    /// for `protocol`. A refusal before the upgrade is the usual API error.
+    pub async fn websocket(
+        &self,
+        segments: &[&str],
+        query: &str,
+        protocol: &str,
+        max_message: usize,
+    ) -> Result<WebSocket, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+        let mut url = self.url(segments);
+        url.set_query(Some(query));
+        let api = self.api.to_string();
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: api.clone(),
+            reason,
+        };
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let connect = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port));
+        let tcp = tokio::time::timeout(REQUEST_TIMEOUT, connect)
+            .await
+            .map_err(|_| unreachable("no answer within the request time limit".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|e| unreachable(format!("{host:?} is not a server name: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| match find_tls_error(&e) {
+                Some(tls) => self.tls_error(api.clone(), &tls),
+                None => unreachable(e.to_string()),
+            })?;
+        let mut ws_url = url.clone();
+        let _ = ws_url.set_scheme("wss");
+        let mut request = ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| unreachable(e.to_string()))?;
+        let headers = request.headers_mut();
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(protocol) {
+            headers.insert("sec-websocket-protocol", value);
+        }
+        if let Some(bearer) = &self.bearer {
+            headers.insert(reqwest::header::AUTHORIZATION, bearer.clone());
+        }
+        if let Ok(agent) =
+            reqwest::header::HeaderValue::from_str(concat!("novacron/", env!("CARGO_PKG_VERSION")))
+        {
+            headers.insert(reqwest::header::USER_AGENT, agent);
+        }
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        match tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await {
+            Ok((socket, _)) => Ok(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = StatusCode::from_u16(response.status().as_u16())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                Err(status_error(
+                    status,
+                    response.body().as_deref().unwrap_or(&[]),
+                ))
+            }
+            Err(e) => Err(ClientError::Request {
+                url: url.to_string(),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// The controller's API URL.

@@ -40,6 +40,12 @@ pub struct ExecArgs {
     /// Run on every ready node whose labels hold all these pairs, e.g. zone=a,pool=gpu.
     #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE...]")]
     pub selector: Option<String>,
+    /// Attach standard input (the remote command reads what you type or pipe).
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
+    /// Run on a pseudo-terminal (with -i: an interactive shell, e.g. `-it -- sh`).
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// Kill the command after this long (e.g. 30s, 5m); the CLI then exits 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
@@ -54,6 +60,12 @@ pub struct AllocExecArgs {
     /// The allocation id.
     #[arg(add = crate::complete::allocs())]
     pub id: String,
+    /// Attach standard input (the remote command reads what you type or pipe).
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
+    /// Run on a pseudo-terminal (with -i: an interactive shell, e.g. `-it -- sh`).
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// Kill the command after this long (e.g. 30s, 5m); the CLI then exits 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
@@ -79,6 +91,16 @@ pub async fn exec(
         None => None,
     };
     let fan_out = selector.is_some();
+    if args.stdin || args.tty {
+        let Some(node) = &args.node else {
+            return Err(CliError::Usage(
+                "-i and -t run one command on one node: give --node, not --selector".into(),
+            ));
+        };
+        let target = crate::terminal::Target::Node(node.clone());
+        return crate::terminal::run(client, target, &args.command, args.tty, args.timeout, out)
+            .await;
+    }
     let body = ExecBody {
         node: args.node.clone(),
         selector,
@@ -96,6 +118,11 @@ pub async fn alloc_exec(
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    if args.stdin || args.tty {
+        let target = crate::terminal::Target::Allocation(args.id.clone());
+        return crate::terminal::run(client, target, &args.command, args.tty, args.timeout, out)
+            .await;
+    }
     let body = ExecBody {
         allocation: Some(args.id.clone()),
         argv: args.command.clone(),

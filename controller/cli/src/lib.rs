@@ -29,6 +29,7 @@ pub mod output;
 pub mod policies;
 pub mod pools;
 pub mod simulate;
+pub mod terminal;
 pub mod version;
 
 use std::io::{self, IsTerminal, Write};

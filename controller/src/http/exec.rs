@@ -48,9 +48,13 @@ pub const EXIT_TIMED_OUT: i32 = 124;
 /// Exit code of a command that did not run (refused, node unreachable).
 pub const EXIT_NOT_RUN: i32 = 125;
 
-/// The exec routes: `POST /v1/exec`.
+mod terminal;
+
+/// The exec routes: `POST /v1/exec` and `GET /v1/exec/terminal`.
 pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
-    OpenApiRouter::new().routes(routes!(exec))
+    OpenApiRouter::new()
+        .routes(routes!(exec))
+        .routes(routes!(terminal::terminal))
 }
 
 /// Whether `labels` hold every pair of `selector`.

@@ -11,6 +11,7 @@ use novacron_common::pki::Serial;
 use novacron_common::sync::lock;
 use novacron_common::wire::{
     self, CloseCode, ControllerMessage, ExecEvent, ExecRequest, FrameError, LogChunk,
+    TerminalInput, TerminalRequest,
 };
 use quinn::{RecvStream, SendStream};
 use rustls_pki_types::CertificateDer;
@@ -45,6 +46,17 @@ pub enum ExecOpenError {
         node: String,
         /// Why.
         reason: String,
+    },
+    /// The node's agent speaks a protocol without interactive exec.
+    #[error(
+        "node {node}'s agent speaks protocol version {version}, which has no interactive exec (-i/-t; since version {since}); upgrade the agent, or run the command without -i and -t",
+        since = wire::TERMINAL_SINCE
+    )]
+    TooOld {
+        /// The node.
+        node: String,
+        /// The protocol version of its connection.
+        version: u16,
     },
 }
 
@@ -89,6 +101,43 @@ impl Agents {
         node: &str,
         request: &ExecRequest,
     ) -> Result<ExecChannel, ExecOpenError> {
+        // The request speaks the connection's negotiated protocol version.
+        let request = ExecRequest {
+            protocol_version: self.protocol_version(node),
+            ..request.clone()
+        };
+        self.open_stream(node, &wire::BiRequest::Exec(request))
+            .await
+    }
+
+    /// Opens an interactive exec stream to `node` and sends `request`; the
+    /// channel's [`ExecChannel::take_input`] sends the command's input. Refused
+    /// when the node's agent is older than [`wire::TERMINAL_SINCE`].
+    pub async fn open_terminal(
+        &self,
+        node: &str,
+        request: &TerminalRequest,
+    ) -> Result<ExecChannel, ExecOpenError> {
+        let version = self.protocol_version(node);
+        if version < wire::TERMINAL_SINCE {
+            return Err(ExecOpenError::TooOld {
+                node: node.to_owned(),
+                version,
+            });
+        }
+        let request = TerminalRequest {
+            protocol_version: version,
+            ..request.clone()
+        };
+        self.open_stream(node, &wire::BiRequest::Terminal(request))
+            .await
+    }
+
+    async fn open_stream(
+        &self,
+        node: &str,
+        request: &wire::BiRequest,
+    ) -> Result<ExecChannel, ExecOpenError> {
         let conn = lock(&self.connections)
             .get(node)
             .map(|(_, c)| c.clone())
@@ -99,16 +148,11 @@ impl Agents {
         };
         // Waits while the node runs its maximum of concurrent commands.
         let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        // The request speaks the connection's negotiated protocol version.
-        let request = ExecRequest {
-            protocol_version: self.protocol_version(node),
-            ..request.clone()
-        };
-        wire::write_frame(&mut send, &wire::BiRequest::Exec(request))
+        wire::write_frame(&mut send, request)
             .await
             .map_err(|e| lost(e.to_string()))?;
         Ok(ExecChannel {
-            send,
+            send: Some(send),
             recv,
             scratch: Vec::new(),
             done: false,
@@ -116,11 +160,34 @@ impl Agents {
     }
 }
 
+/// The input side of an interactive exec stream. Dropping it cancels the command
+/// (as dropping its [`ExecChannel`] does).
+#[derive(Debug)]
+pub struct TerminalWriter {
+    send: SendStream,
+}
+
+impl TerminalWriter {
+    /// Sends one input frame (stdin chunks of at most [`wire::MAX_EXEC_CHUNK`]).
+    pub async fn send(&mut self, input: &TerminalInput) -> Result<(), ExecStreamError> {
+        wire::write_frame(&mut self.send, input)
+            .await
+            .map_err(|e| ExecStreamError::Lost(e.to_string()))
+    }
+}
+
+impl Drop for TerminalWriter {
+    fn drop(&mut self) {
+        let _ = self.send.reset(CloseCode::Normal.code().into());
+    }
+}
+
 /// The controller's end of one exec stream. Dropping it before the command ended
 /// cancels the command.
 #[derive(Debug)]
 pub struct ExecChannel {
-    send: SendStream,
+    /// `None` once [`ExecChannel::take_input`] took it.
+    send: Option<SendStream>,
     recv: RecvStream,
     scratch: Vec<u8>,
     done: bool,
@@ -175,8 +242,16 @@ impl ExecChannel {
         Ok(Some(event))
     }
 
+    /// The stream's input side, to send [`TerminalInput`] on while this channel
+    /// reads the events (once; `None` after).
+    pub fn take_input(&mut self) -> Option<TerminalWriter> {
+        self.send.take().map(|send| TerminalWriter { send })
+    }
+
     fn violation(&mut self, code: CloseCode, reason: String) -> ExecStreamError {
-        let _ = self.send.reset(code.code().into());
+        if let Some(send) = &mut self.send {
+            let _ = send.reset(code.code().into());
+        }
         let _ = self.recv.stop(code.code().into());
         self.done = true;
         ExecStreamError::Protocol(reason)
@@ -186,7 +261,9 @@ impl ExecChannel {
 impl Drop for ExecChannel {
     fn drop(&mut self) {
         // Ending our side is the cancel signal (harmless after the command ended).
-        let _ = self.send.reset(CloseCode::Normal.code().into());
+        if let Some(send) = &mut self.send {
+            let _ = send.reset(CloseCode::Normal.code().into());
+        }
         let _ = self.recv.stop(CloseCode::Normal.code().into());
     }
 }
