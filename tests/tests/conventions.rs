@@ -405,6 +405,52 @@ async fn lists_page_with_limit_and_a_next_token_and_stay_whole_without() {
     assert_eq!(pages, 3);
     assert_eq!(seen, ["alpha", "bravo", "charlie", "delta", "echo"]);
 
+    // API tokens page by id: three tokens of one name, one a page, none lost.
+    for _ in 0..3 {
+        let out = c.ctl(&["admin", "token", "--name", "dup", "--role", "viewer"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut ids = Vec::new();
+    let mut url = format!("{api}/v1/api-tokens?limit=1");
+    loop {
+        let resp = client.get(&url).send().await.expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        index_of(&resp);
+        let next = resp
+            .headers()
+            .get("x-novacron-next")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let page: serde_json::Value = resp.json().await.expect("json");
+        let page = page.as_array().expect("an array");
+        assert!(page.len() <= 1, "{page:?}");
+        ids.extend(
+            page.iter()
+                .map(|t| t["id"].as_str().expect("id").to_owned()),
+        );
+        match next {
+            Some(token) => url = format!("{api}/v1/api-tokens?limit=1&next={token}"),
+            None => break,
+        }
+    }
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!((ids.len(), distinct.len()), (3, 3), "{ids:?}");
+    // Pools and revoked certificates carry the index too.
+    for path in ["/v1/pools", "/v1/certs/revoked"] {
+        let resp = client
+            .get(format!("{api}{path}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        index_of(&resp);
+    }
+
     // A bad limit or token is a 400 problem.
     for query in ["limit=0", "next=zz"] {
         let resp = client

@@ -121,8 +121,8 @@ pub struct Cli {
     )]
     pub output: OutputFormat,
     /// Watch the result, built on the controller's blocking queries: each read
-    /// waits until the store changes (at most BOUND, default 30s; 5s for `node`,
-    /// whose liveness and metrics are not in the store's index), until Ctrl-C. On
+    /// waits until the store changes (at most BOUND, default 30s; 5s for `node` and
+    /// `pool`, whose liveness and metrics are not in the store's index), until Ctrl-C. On
     /// a terminal a table is redrawn; otherwise (and with -o json|yaml|name|...)
     /// each change is printed once, without a screen header: -o json writes one
     /// JSON document per line (NDJSON). For `node list|show`, `job list|status`,
@@ -226,7 +226,7 @@ pub enum Command {
 pub const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// How long one read of `--watch` waits for a change at most, by default.
 pub const WATCH_WAIT: Duration = Duration::from_secs(30);
-/// [`WATCH_WAIT`] for `node` commands: liveness and metrics are not in the
+/// [`WATCH_WAIT`] for `node` and `pool` commands: liveness and metrics are not in the
 /// store's index, so a node is read again at least this often.
 pub const NODE_WATCH_WAIT: Duration = Duration::from_secs(5);
 /// How long `--watch` waits before reading again after the controller could
@@ -468,11 +468,14 @@ async fn watch(
             "--watch works with `node list|show`, `job list|status`, `alloc list`, `events` (without --follow), `policy list` and `pool list`".into(),
         ));
     }
-    let wait = bound.unwrap_or(if matches!(cli.command, Command::Node(_)) {
-        NODE_WATCH_WAIT
-    } else {
-        WATCH_WAIT
-    });
+    // Node and pool views change with liveness, which does not move the index.
+    let wait = bound.unwrap_or(
+        if matches!(cli.command, Command::Node(_) | Command::Pool(_)) {
+            NODE_WATCH_WAIT
+        } else {
+            WATCH_WAIT
+        },
+    );
     let index = std::sync::Arc::new(client::WatchIndex::new(wait));
     let once = Cli {
         watch: None,

@@ -35,6 +35,9 @@ pub const INDEXED: &[&str] = &[
     "/v1/checkpoints",
     "/v1/migrations",
     "/v1/migrations/{id}",
+    "/v1/pools",
+    "/v1/api-tokens",
+    "/v1/certs/revoked",
 ];
 
 /// Whether `path` is one of [`INDEXED`].

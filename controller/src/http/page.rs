@@ -23,6 +23,9 @@ pub const PAGED: &[&str] = &[
     "/v1/policies",
     "/v1/checkpoints",
     "/v1/migrations",
+    "/v1/pools",
+    "/v1/api-tokens",
+    "/v1/certs/revoked",
 ];
 
 /// The largest page.
@@ -55,6 +58,7 @@ pub(crate) async fn paginate(
         Err(p) => return p.into_response(),
     };
     let path = parts.uri.path();
+    let keys = keys_of(path);
     let text = if page.rest.is_empty() {
         path.to_owned()
     } else {
@@ -80,7 +84,7 @@ pub(crate) async fn paginate(
     let Ok(serde_json::Value::Array(items)) = serde_json::from_slice(&bytes) else {
         return Response::from_parts(head, axum::body::Body::from(bytes));
     };
-    let (items, next_token) = cut(items, page.after.as_deref(), page.limit);
+    let (items, next_token) = cut(items, keys, page.after.as_deref(), page.limit);
     let body = serde_json::to_vec(&items).unwrap_or_default();
     head.headers.remove(header::CONTENT_LENGTH);
     if let Some(token) = next_token
@@ -136,10 +140,20 @@ impl Page {
     }
 }
 
+/// The fields, in order of preference, that key the items of the list at `path`
+/// (unique in that list).
+fn keys_of(path: &str) -> &'static [&'static str] {
+    match path {
+        // Token names need not be unique; their ids are.
+        "/v1/api-tokens" => &["id"],
+        "/v1/certs/revoked" => &["serial"],
+        _ => &["name", "id", "digest"],
+    }
+}
+
 /// The key an item is ordered and continued by.
-fn key(item: &serde_json::Value) -> Option<&str> {
-    ["name", "id", "digest"]
-        .iter()
+fn key<'a>(item: &'a serde_json::Value, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
         .find_map(|k| item.get(*k).and_then(|v| v.as_str()))
 }
 
@@ -147,19 +161,20 @@ fn key(item: &serde_json::Value) -> Option<&str> {
 /// token of the next page when more follow.
 fn cut(
     mut items: Vec<serde_json::Value>,
+    keys: &[&str],
     after: Option<&str>,
     limit: usize,
 ) -> (Vec<serde_json::Value>, Option<String>) {
-    items.sort_by(|a, b| key(a).cmp(&key(b)));
+    items.sort_by(|a, b| key(a, keys).cmp(&key(b, keys)));
     let start = match after {
-        Some(after) => items.partition_point(|i| key(i).is_some_and(|k| k <= after)),
+        Some(after) => items.partition_point(|i| key(i, keys).is_some_and(|k| k <= after)),
         None => 0,
     };
     let mut page: Vec<serde_json::Value> = items.into_iter().skip(start).collect();
     let more = page.len() > limit;
     page.truncate(limit);
     let token = more
-        .then(|| page.last().and_then(key).map(encode))
+        .then(|| page.last().and_then(|i| key(i, keys)).map(encode))
         .flatten();
     (page, token)
 }
@@ -250,14 +265,19 @@ mod tests {
     #[test]
     fn pages_follow_the_keys_and_end_without_a_token() {
         let all = named(&["c", "a", "d", "b", "e"]);
-        let (page, next) = cut(all.clone(), None, 2);
+        let (page, next) = cut(all.clone(), &["name", "id", "digest"], None, 2);
         assert_eq!(page, named(&["a", "b"]));
         let next = next.expect("more");
         let after = decode(&next).expect("decodes");
         assert_eq!(after, "b");
-        let (page, next) = cut(all.clone(), Some(&after), 2);
+        let (page, next) = cut(all.clone(), &["name", "id", "digest"], Some(&after), 2);
         assert_eq!(page, named(&["c", "d"]));
-        let (page, last) = cut(all, Some(&decode(&next.expect("more")).expect("d")), 2);
+        let (page, last) = cut(
+            all,
+            &["name", "id", "digest"],
+            Some(&decode(&next.expect("more")).expect("d")),
+            2,
+        );
         assert_eq!(page, named(&["e"]));
         assert_eq!(last, None);
     }
