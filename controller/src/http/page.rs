@@ -26,6 +26,7 @@ pub const PAGED: &[&str] = &[
     "/v1/pools",
     "/v1/api-tokens",
     "/v1/certs/revoked",
+    "/v1/recommendations",
 ];
 
 /// The largest page.
@@ -147,6 +148,7 @@ fn keys_of(path: &str) -> &'static [&'static str] {
         // Token names need not be unique; their ids are.
         "/v1/api-tokens" => &["id"],
         "/v1/certs/revoked" => &["serial"],
+        "/v1/recommendations" => &["job"],
         _ => &["name", "id", "digest"],
     }
 }
