@@ -40,6 +40,26 @@ pub const INDEXED: &[&str] = &[
     "/v1/certs/revoked",
 ];
 
+/// Documents a 400 problem on `get`, when it has none yet, as `description`.
+pub(crate) fn document_bad_request(get: &mut utoipa::openapi::path::Operation, description: &str) {
+    get.responses
+        .responses
+        .entry("400".to_owned())
+        .or_insert_with(|| {
+            utoipa::openapi::RefOr::T(
+                utoipa::openapi::ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        novacron_api::PROBLEM_JSON,
+                        utoipa::openapi::ContentBuilder::new()
+                            .schema(Some(utoipa::openapi::Ref::from_schema_name("ApiError")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        });
+}
+
 /// Whether `path` is one of [`INDEXED`].
 pub fn indexed(path: &str) -> bool {
     INDEXED.iter().any(|template| {
@@ -216,22 +236,7 @@ pub fn document(doc: &mut utoipa::openapi::OpenApi) {
                 .pattern(Some("^[0-9]+(ms|s|m|h)$"))
                 .build(),
         )));
-        get.responses
-            .responses
-            .entry("400".to_owned())
-            .or_insert_with(|| {
-                utoipa::openapi::RefOr::T(
-                    utoipa::openapi::ResponseBuilder::new()
-                        .description("a bad `index` or `wait`")
-                        .content(
-                            novacron_api::PROBLEM_JSON,
-                            utoipa::openapi::ContentBuilder::new()
-                                .schema(Some(utoipa::openapi::Ref::from_schema_name("ApiError")))
-                                .build(),
-                        )
-                        .build(),
-                )
-            });
+        document_bad_request(get, "a bad `index` or `wait`");
         for (status, response) in get.responses.responses.iter_mut() {
             if !status.starts_with('2') {
                 continue;

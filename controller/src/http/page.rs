@@ -222,7 +222,7 @@ pub fn document(doc: &mut utoipa::openapi::OpenApi) {
         let params = get.parameters.get_or_insert_with(Vec::new);
         params.push(utoipa::openapi::RefOr::T(crate::http::index::param(
             "limit",
-            "At most this many items, ordered by their key (name, id or digest); `X-Novacron-Next` names the next page when more follow. Without `limit` and `next`, every item.",
+            "At most this many items, ordered by their key (name, id, digest, serial or job); `X-Novacron-Next` names the next page when more follow. Without `limit` and `next`, every item.",
             ObjectBuilder::new()
                 .schema_type(Type::Integer)
                 .minimum(Some(1))
@@ -237,6 +237,7 @@ pub fn document(doc: &mut utoipa::openapi::OpenApi) {
                 .pattern(Some("^([0-9a-f]{2})+$"))
                 .build(),
         )));
+        crate::http::index::document_bad_request(get, "a bad `limit` or `next`");
         if let Some(utoipa::openapi::RefOr::T(ok)) = get.responses.responses.get_mut("200") {
             ok.headers.insert(
                 NEXT_HEADER.to_owned(),
