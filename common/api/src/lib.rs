@@ -11,6 +11,7 @@ pub mod migrations;
 pub mod policies;
 pub mod pools;
 pub mod selector;
+pub mod services;
 pub mod terminal;
 
 pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};

@@ -243,6 +243,26 @@ pub struct JobSpec {
     /// absent, like `lifecycle`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointPolicy>,
+    /// The services its replicas offer, each on one of the task's named ports
+    /// (left out of the hash when empty, so jobs without services keep their
+    /// versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A service a job offers: the endpoints of its running replicas on one port
+/// join the controller's service catalog (`GET /v1/services/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// The service's name (a DNS label: `web`, `api-v2`); jobs that name the same
+    /// service share it (their endpoints are listed together).
+    pub name: String,
+    /// The name of the task port it is reached on (`spec.task.ports[].name`).
+    pub port: String,
+    /// Free tags (`primary`, `v2`) that clients may filter on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// The container of a job.

@@ -28,6 +28,7 @@ pub mod nodes;
 pub mod output;
 pub mod policies;
 pub mod pools;
+pub mod services;
 pub mod simulate;
 pub mod terminal;
 pub mod version;
@@ -126,7 +127,7 @@ pub struct Cli {
     /// a terminal a table is redrawn; otherwise (and with -o json|yaml|name|...)
     /// each change is printed once, without a screen header: -o json writes one
     /// JSON document per line (NDJSON). For `node list|show`, `job list|status`,
-    /// `alloc list`, `events` (without --follow), `policy list` and `pool list`.
+    /// `alloc list`, `events` (without --follow), `policy list`, `pool list` and `service list|show`.
     #[arg(
         short,
         long,
@@ -187,6 +188,9 @@ pub enum Command {
     /// Node pools (apply NodeTemplate and NodePool manifests with `apply -f`).
     #[command(subcommand)]
     Pool(pools::PoolCommand),
+    /// The service catalog: services, their endpoints, load-balancer configurations.
+    #[command(subcommand)]
+    Service(services::ServiceCommand),
     /// Certificates: revoke one by serial (admin), list the revoked ones.
     #[command(subcommand)]
     Cert(certs::CertCommand),
@@ -253,6 +257,9 @@ pub fn watchable(command: &Command) -> bool {
             | Command::Job(jobs::JobCommand::List | jobs::JobCommand::Status { .. })
             | Command::Policy(policies::PolicyCommand::List)
             | Command::Pool(pools::PoolCommand::List)
+            | Command::Service(
+                services::ServiceCommand::List | services::ServiceCommand::Show { .. }
+            )
             | Command::Alloc(jobs::AllocCommand::List { .. })
     ) || matches!(&command, Command::Events(args) if !args.follow)
 }
@@ -439,6 +446,10 @@ pub async fn run(
             let client = connect(cli, env, now)?;
             pools::run(cmd, &client, cli.output, out, now).await
         }
+        Command::Service(cmd) => {
+            let client = connect(cli, env, now)?;
+            services::run(cmd, &client, cli.output, out, now).await
+        }
         Command::Cert(cmd) => {
             let client = connect(cli, env, now)?;
             certs::run(cmd, &client, cli.output, out, now).await
@@ -465,7 +476,7 @@ async fn watch(
 ) -> Result<(), CliError> {
     if !watchable(&cli.command) {
         return Err(CliError::Usage(
-            "--watch works with `node list|show`, `job list|status`, `alloc list`, `events` (without --follow), `policy list` and `pool list`".into(),
+            "--watch works with `node list|show`, `job list|status`, `alloc list`, `events` (without --follow), `policy list`, `pool list` and `service list|show`".into(),
         ));
     }
     // Node and pool views change with liveness, which does not move the index.

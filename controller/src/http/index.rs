@@ -38,6 +38,8 @@ pub const INDEXED: &[&str] = &[
     "/v1/pools",
     "/v1/api-tokens",
     "/v1/certs/revoked",
+    "/v1/services",
+    "/v1/services/{name}",
 ];
 
 /// Documents a 400 problem on `get`, when it has none yet, as `description`.

@@ -15,6 +15,7 @@ pub mod migrations;
 pub mod page;
 pub mod policies;
 pub mod pools;
+pub mod services;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -325,6 +326,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(events::routes())
         .merge(costs::routes())
         .merge(pools::routes())
+        .merge(services::routes())
         .merge(exec::routes())
         .merge(metrics::routes())
         .merge(policies::routes())

@@ -27,6 +27,7 @@ pub const PAGED: &[&str] = &[
     "/v1/api-tokens",
     "/v1/certs/revoked",
     "/v1/recommendations",
+    "/v1/services",
 ];
 
 /// The largest page.

@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod autoscaler;
 pub mod budgets;
+pub mod catalog;
 pub mod certs;
 pub mod context;
 pub mod costs;

@@ -636,6 +636,18 @@ impl Workloads {
         node_views(&self.registry.placement_nodes(now))
     }
 
+    /// Each job's current services (`spec.services`), for the service catalog.
+    pub fn job_services(&self) -> Vec<(String, Vec<novacron_common::manifest::ServiceSpec>)> {
+        let st = self.lock();
+        st.jobs
+            .values()
+            .filter_map(|e| {
+                let services = &e.current()?.spec.services;
+                (!services.is_empty()).then(|| (e.record.name.clone(), services.clone()))
+            })
+            .collect()
+    }
+
     /// One job with its allocations, as the API shows it.
     pub fn job(&self, name: &str) -> Result<JobDetail, WorkloadError> {
         let state = self.job_state(name)?;

@@ -177,10 +177,58 @@ impl Checker<'_> {
         if let Some(l) = &s.lifecycle {
             self.lifecycle(l, &p.key("lifecycle"));
         }
+        self.services(s, &p.key("services"));
         // checkpoint: the rules live with the type, in the checkpoint module.
         if let Some(c) = &s.checkpoint {
             for (path, message) in checkpoint::problems(c, &p.key("checkpoint")) {
                 self.bad(path, message);
+            }
+        }
+    }
+
+    fn services(&mut self, s: &JobSpec, p: &FieldPath) {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, service) in s.services.iter().enumerate() {
+            let at = p.index(i);
+            if !is_port_name(&service.name) || service.name.len() > 63 {
+                self.bad(
+                    at.key("name"),
+                    format!(
+                        "{:?} is not a valid service name; expected a DNS label: a-z, 0-9 and \
+                         '-', starting with a letter or digit, at most 63 (like web)",
+                        service.name
+                    ),
+                );
+            } else if let Some(first) = names.insert(&service.name, i) {
+                names.insert(&service.name, first);
+                self.bad(
+                    at.key("name"),
+                    format!(
+                        "{:?} is already the name of {p}[{first}]; expected a unique name for \
+                         each service",
+                        service.name
+                    ),
+                );
+            }
+            if !s.task.ports.iter().any(|port| port.name == service.port) {
+                let declared: Vec<&str> = s.task.ports.iter().map(|p| p.name.as_str()).collect();
+                self.bad(
+                    at.key("port"),
+                    format!(
+                        "{:?} is not a port of this task; expected one of the names in \
+                         spec.task.ports [{}]",
+                        service.port,
+                        declared.join(", ")
+                    ),
+                );
+            }
+            for (t, tag) in service.tags.iter().enumerate() {
+                if tag.is_empty() || tag.len() > 63 || tag.chars().any(char::is_whitespace) {
+                    self.bad(
+                        at.key("tags").index(t),
+                        format!("{tag:?} is not a tag; expected 1 to 63 characters without spaces"),
+                    );
+                }
             }
         }
     }
@@ -713,6 +761,34 @@ mod tests {
         }
         for bad in ["", "1A", "A-B", "A B", "É"] {
             assert!(!is_env_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn services_name_a_port_of_the_task_and_are_unique() {
+        let job = |services: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: web}}\nspec:\n  task:\n    \
+                 image: busybox\n    ports: [{{name: http, containerPort: 80}}]\n  resources: {{cpu: 100m, memory: 32Mi}}\n  services: {services}\n"
+            )
+        };
+        let ok =
+            crate::manifest::parse_job("ok.yaml", &job("[{name: web, port: http, tags: [v1]}]"))
+                .expect("valid");
+        assert_eq!(ok.spec.services[0].port, "http");
+        let errors = crate::manifest::parse_job(
+            "bad.yaml",
+            &job("[{name: web, port: grpc}, {name: web, port: http}, {name: Web, port: http, tags: ['a b']}]"),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for wanted in [
+            "spec.services[0].port: \"grpc\" is not a port of this task; expected one of the names in spec.task.ports [http]",
+            "spec.services[1].name: \"web\" is already the name of spec.services[0]",
+            "spec.services[2].name: \"Web\" is not a valid service name",
+            "spec.services[2].tags[0]: \"a b\" is not a tag",
+        ] {
+            assert!(errors.contains(wanted), "{wanted}\n{errors}");
         }
     }
 

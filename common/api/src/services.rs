@@ -1,0 +1,77 @@
+//! Service catalog bodies: `GET /v1/services` and `GET /v1/services/{name}`.
+
+use serde::{Deserialize, Serialize};
+
+/// A service in the list: how many endpoints it has and how many pass health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServiceSummary {
+    /// The service.
+    pub name: String,
+    /// The jobs that offer it.
+    pub jobs: Vec<String>,
+    /// Endpoints (running replicas with a published address).
+    pub endpoints: u32,
+    /// Those that pass their health check (or have none).
+    pub healthy: u32,
+}
+
+/// A service with its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServiceView {
+    /// The service.
+    pub name: String,
+    /// The jobs that offer it.
+    pub jobs: Vec<String>,
+    /// Its endpoints, ordered by allocation id.
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// One replica of a service, where clients reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EndpointView {
+    /// The allocation.
+    pub alloc: String,
+    /// Its job.
+    pub job: String,
+    /// Its node.
+    pub node: String,
+    /// The address to connect to: the published address, or the node's own
+    /// address where the port is published on every address.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.0.0.7"))]
+    pub address: std::net::IpAddr,
+    /// The port on the node.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// It passes its health check (or the job has none); unhealthy endpoints stay
+    /// listed, and balancers and DNS leave them out.
+    pub healthy: bool,
+    /// The service's tags in the job that offers it.
+    pub tags: Vec<String>,
+    /// The node's `zone` label, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+impl EndpointView {
+    /// `10.0.0.7:20001`, `[fd00::7]:20001`.
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.address, self.port)
+    }
+}
+
+impl ServiceView {
+    /// The list entry of this service.
+    pub fn summary(&self) -> ServiceSummary {
+        ServiceSummary {
+            name: self.name.clone(),
+            jobs: self.jobs.clone(),
+            endpoints: u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX),
+            healthy: u32::try_from(self.endpoints.iter().filter(|e| e.healthy).count())
+                .unwrap_or(u32::MAX),
+        }
+    }
+}

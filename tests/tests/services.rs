@@ -1,0 +1,247 @@
+//! The service catalog end to end: a job's declared service lists the endpoints
+//! of its running replicas at addresses that answer, follows their readiness,
+//! blocks a watcher until it changes, and becomes an HAProxy configuration that
+//! Debian's `haproxy` accepts and serves through.
+
+use std::time::{Duration, Instant};
+
+use novacron_api::services::ServiceView;
+use novacron_tests::{
+    Agent, Controller, JobCleanup, docker, ensure_test_image, free_port, service_job, wait_for,
+};
+
+/// Serves /www on 8080 with a readiness file, /www/health.
+const WEB: &str = "mkdir -p /www; echo ok > /www/health; hostname > /www/index.html; \
+                   exec httpd -f -p 8080 -h /www";
+
+async fn service(c: &Controller, name: &str) -> Option<(ServiceView, u64)> {
+    let resp = c
+        .admin_client()
+        .ok()?
+        .get(format!("{}/v1/services/{name}", c.api()))
+        .send()
+        .await
+        .ok()?;
+    let index = resp
+        .headers()
+        .get("x-novacron-index")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some((resp.json().await.ok()?, index))
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    resp.status().is_success().then_some(())?;
+    resp.text().await.ok()
+}
+
+fn haproxy() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from("/usr/sbin/haproxy");
+    assert!(
+        path.exists(),
+        "haproxy is not installed: run `bash .ci/setup` (it installs Debian's haproxy)"
+    );
+    path
+}
+
+#[tokio::test]
+async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_config() {
+    ensure_test_image().expect("test image");
+    let haproxy = haproxy();
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-svc-")
+        .tempdir()
+        .expect("tempdir");
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let name = format!("s{}", std::process::id());
+    let agent = Agent::join_and_run(dir.path(), &c, &name, &["--label", "zone=a"])
+        .await
+        .expect("agent");
+    c.wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let job = format!("svc-{}", std::process::id());
+    let svc = format!("web{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    let manifest = service_job(
+        &job,
+        2,
+        WEB,
+        "    ports: [{name: http, containerPort: 8080}]\n",
+        &format!(
+            "  health:
+    readiness:
+      http: {{port: 8080, path: /health}}
+      period: 1s
+      timeout: 500ms
+      failureThreshold: 1
+  services:
+    - {{name: {svc}, port: http, tags: [v1]}}
+"
+        ),
+    );
+    c.apply("svc.yaml", &manifest).await.expect("apply");
+
+    // Both replicas listed, healthy, at addresses that serve them.
+    wait_for(Duration::from_secs(60), "two healthy endpoints", || async {
+        service(&c, &svc)
+            .await
+            .is_some_and(|(s, _)| s.endpoints.len() == 2 && s.endpoints.iter().all(|e| e.healthy))
+    })
+    .await
+    .expect("listed");
+    let (listed, index) = service(&c, &svc).await.expect("service");
+    assert_eq!(listed.jobs, vec![job.clone()]);
+    for e in &listed.endpoints {
+        assert_eq!(
+            (e.zone.as_deref(), e.tags.clone()),
+            (Some("a"), vec!["v1".to_owned()])
+        );
+        let host = get(e.socket_addr(), "/")
+            .await
+            .expect("the endpoint answers");
+        let container = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=novacron.alloc={}", e.alloc),
+        ])
+        .expect("docker ps");
+        assert_eq!(
+            host.trim(),
+            container.trim(),
+            "{e:?} reaches its own replica"
+        );
+    }
+    let text = String::from_utf8_lossy(&c.cli(&["service", "list"]).stdout).into_owned();
+    assert!(text.contains(&svc) && text.contains(" 2 "), "{text}");
+
+    // A watcher blocks until the catalog changes: one replica stops being ready.
+    let client = c.admin_client().expect("client");
+    let url = format!("{}/v1/services/{svc}?index={index}&wait=60s", c.api());
+    let watch = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let resp = client.get(url).send().await.expect("blocking query");
+        (
+            t0.elapsed(),
+            resp.json::<ServiceView>().await.expect("json"),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let broken = listed.endpoints[0].clone();
+    let container = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=novacron.alloc={}", broken.alloc),
+    ])
+    .expect("docker ps");
+    let broke_at = Instant::now();
+    docker(&["exec", container.trim(), "rm", "/www/health"]).expect("break readiness");
+    let (waited, changed) = watch.await.expect("watcher");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the watch returned at once: {waited:?}"
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "the endpoint marked unhealthy",
+        || async {
+            service(&c, &svc).await.is_some_and(|(s, _)| {
+                s.endpoints
+                    .iter()
+                    .any(|e| e.alloc == broken.alloc && !e.healthy)
+            })
+        },
+    )
+    .await
+    .expect("unhealthy");
+    eprintln!(
+        "readiness flip to catalog: {:?} (the watch woke after {waited:?} with {} endpoints)",
+        broke_at.elapsed(),
+        changed.endpoints.len()
+    );
+
+    // HAProxy: the generated configuration passes `haproxy -c` and serves only the
+    // healthy replica.
+    let port = free_port();
+    let out = c.cli(&[
+        "service",
+        "lb-config",
+        "--listen",
+        &format!("{svc}=127.0.0.1:{port}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!config.contains(&broken.alloc), "{config}");
+    let file = dir.path().join("haproxy.cfg");
+    std::fs::write(&file, &config).expect("write");
+    let check = std::process::Command::new(&haproxy)
+        .args(["-c", "-f"])
+        .arg(&file)
+        .output()
+        .expect("haproxy runs");
+    assert!(
+        check.status.success(),
+        "haproxy -c refused:\n{config}\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut proxy = tokio::process::Command::new(&haproxy)
+        .args(["-db", "-f"])
+        .arg(&file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy starts");
+    let healthy = listed
+        .endpoints
+        .iter()
+        .find(|e| e.alloc != broken.alloc)
+        .expect("the other replica");
+    let healthy_host = get(healthy.socket_addr(), "/").await.expect("answers");
+    let front: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_for(Duration::from_secs(10), "haproxy to serve", || async {
+        get(front, "/").await.is_some()
+    })
+    .await
+    .expect("served");
+    for _ in 0..4 {
+        assert_eq!(
+            get(front, "/").await.as_deref(),
+            Some(healthy_host.as_str())
+        );
+    }
+    let _ = proxy.kill().await;
+
+    // Stopped: the service stays declared, with no endpoint.
+    let stop = c.cli(&["job", "stop", &job]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    wait_for(Duration::from_secs(30), "no endpoints", || async {
+        service(&c, &svc)
+            .await
+            .is_some_and(|(s, _)| s.endpoints.is_empty())
+    })
+    .await
+    .expect("emptied");
+    let missing = c.cli(&["service", "show", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no job declares service"));
+}
