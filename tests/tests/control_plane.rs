@@ -43,6 +43,15 @@ async fn two_deep_manifests_at_once_are_refused_while_the_api_and_links_stay_up(
         .wait_ready("n1", Duration::from_secs(20))
         .await
         .expect("ready");
+    // The controller counts the node ready on its hello; the agent logs the link
+    // once the welcome is back, a moment later.
+    wait_for(
+        Duration::from_secs(10),
+        "the agent's connected line",
+        || async { connections(&agent) >= 1 },
+    )
+    .await
+    .expect("connected");
     let connected = connections(&agent);
     assert_eq!(connected, 1, "one connection before: {}", agent.log());
 
