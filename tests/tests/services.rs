@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use novacron_api::services::ServiceView;
 use novacron_tests::{
-    Agent, Controller, JobCleanup, docker, ensure_test_image, free_port, service_job, wait_for,
+    Agent, Controller, JobCleanup, bin, docker, ensure_test_image, free_port, service_job, wait_for,
 };
 
 /// Serves /www on 8080 with a readiness file, /www/health.
@@ -126,6 +126,34 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
     let text = String::from_utf8_lossy(&c.cli(&["service", "list"]).stdout).into_owned();
     assert!(text.contains(&svc) && text.contains(" 2 "), "{text}");
 
+    // `lb-config --watch` keeps an HAProxy configuration up to date and reloads.
+    let port = free_port();
+    let file = dir.path().join("haproxy.cfg");
+    let reloads = dir.path().join("reloads");
+    let mut lb = tokio::process::Command::new(bin("novacron"))
+        .arg("--config")
+        .arg(c.data_dir.with_file_name("cli-config.toml"))
+        .args(["service", "lb-config", "--watch", "5s", "--listen"])
+        .arg(format!("{svc}=127.0.0.1:{port}"))
+        .arg("--out")
+        .arg(&file)
+        .arg("--reload")
+        .arg(format!("echo reloaded >> {}", reloads.display()))
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("lb-config --watch runs");
+    let count =
+        |path: &std::path::Path| std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+    let holds = |alloc: &str| std::fs::read_to_string(&file).is_ok_and(|t| t.contains(alloc));
+    wait_for(
+        Duration::from_secs(20),
+        "the first configuration",
+        || async { listed.endpoints.iter().all(|e| holds(&e.alloc)) && count(&reloads) == 1 },
+    )
+    .await
+    .expect("written");
+
     // A watcher blocks until the catalog changes: one replica stops being ready.
     let client = c.admin_client().expect("client");
     let url = format!("{}/v1/services/{svc}?index={index}&wait=60s", c.api());
@@ -172,9 +200,21 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
         changed.endpoints.len()
     );
 
-    // HAProxy: the generated configuration passes `haproxy -c` and serves only the
-    // healthy replica.
-    let port = free_port();
+    wait_for(
+        Duration::from_secs(20),
+        "the configuration rewritten",
+        || async { !holds(&broken.alloc) && count(&reloads) == 2 },
+    )
+    .await
+    .expect("rewritten");
+    eprintln!(
+        "readiness flip to a reloaded configuration: {:?}",
+        broke_at.elapsed()
+    );
+    let _ = lb.kill().await;
+
+    // HAProxy: the generated configuration (the same on standard output) passes
+    // `haproxy -c` and serves only the healthy replica.
     let out = c.cli(&[
         "service",
         "lb-config",
@@ -187,9 +227,7 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
         String::from_utf8_lossy(&out.stderr)
     );
     let config = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!config.contains(&broken.alloc), "{config}");
-    let file = dir.path().join("haproxy.cfg");
-    std::fs::write(&file, &config).expect("write");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), config);
     let check = std::process::Command::new(&haproxy)
         .args(["-c", "-f"])
         .arg(&file)

@@ -127,7 +127,7 @@ pub struct Cli {
     /// a terminal a table is redrawn; otherwise (and with -o json|yaml|name|...)
     /// each change is printed once, without a screen header: -o json writes one
     /// JSON document per line (NDJSON). For `node list|show`, `job list|status`,
-    /// `alloc list`, `events` (without --follow), `policy list`, `pool list` and `service list|show`.
+    /// `alloc list`, `events` (without --follow), `policy list`, `pool list` and `service list|show|lb-config`.
     #[arg(
         short,
         long,
@@ -258,7 +258,9 @@ pub fn watchable(command: &Command) -> bool {
             | Command::Policy(policies::PolicyCommand::List)
             | Command::Pool(pools::PoolCommand::List)
             | Command::Service(
-                services::ServiceCommand::List | services::ServiceCommand::Show { .. }
+                services::ServiceCommand::List
+                    | services::ServiceCommand::Show { .. }
+                    | services::ServiceCommand::LbConfig { .. }
             )
             | Command::Alloc(jobs::AllocCommand::List { .. })
     ) || matches!(&command, Command::Events(args) if !args.follow)
@@ -476,12 +478,16 @@ async fn watch(
 ) -> Result<(), CliError> {
     if !watchable(&cli.command) {
         return Err(CliError::Usage(
-            "--watch works with `node list|show`, `job list|status`, `alloc list`, `events` (without --follow), `policy list`, `pool list` and `service list|show`".into(),
+            "--watch works with `node list|show`, `job list|status`, `alloc list`, `events` (without --follow), `policy list`, `pool list` and `service list|show|lb-config`".into(),
         ));
     }
-    // Node and pool views change with liveness, which does not move the index.
+    // Node, pool and service views change with liveness (and node addresses),
+    // which do not move the index.
     let wait = bound.unwrap_or(
-        if matches!(cli.command, Command::Node(_) | Command::Pool(_)) {
+        if matches!(
+            cli.command,
+            Command::Node(_) | Command::Pool(_) | Command::Service(_)
+        ) {
             NODE_WATCH_WAIT
         } else {
             WATCH_WAIT

@@ -29,7 +29,9 @@ pub enum ServiceCommand {
     },
     /// Print a load-balancer configuration for the catalog: one backend per TCP
     /// service with its healthy endpoints (least connections), and a frontend for
-    /// each `--listen`. Regenerate it when the catalog changes.
+    /// each `--listen`. With `--out FILE` it is written there (replaced whole, and
+    /// only when it changed, then `--reload` runs); with `--watch` it is written
+    /// again each time the catalog changes.
     LbConfig {
         /// The balancer.
         #[arg(long, value_enum, default_value_t = LbFormat::Haproxy)]
@@ -38,6 +40,14 @@ pub enum ServiceCommand {
         /// web=0.0.0.0:8080.
         #[arg(long, value_name = "SERVICE=ADDRESS:PORT", value_parser = parse_listen)]
         listen: Vec<(String, String)>,
+        /// Write the configuration to this file instead of standard output, and
+        /// print what it holds.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// After each write of --out, run this shell command (e.g. `systemctl
+        /// reload haproxy`); a failure is reported, and the next change tries again.
+        #[arg(long, value_name = "COMMAND", requires = "out")]
+        reload: Option<String>,
     },
 }
 
@@ -79,7 +89,12 @@ pub async fn run(
                 output::write_value(out, format, &service)?;
             }
         }
-        ServiceCommand::LbConfig { format: lb, listen } => {
+        ServiceCommand::LbConfig {
+            format: lb,
+            listen,
+            out: file,
+            reload,
+        } => {
             let names: Vec<ServiceSummary> = client.get(&["v1", "services"]).await?;
             let mut services = Vec::with_capacity(names.len());
             for s in &names {
@@ -101,11 +116,58 @@ pub async fn run(
             let text = match lb {
                 LbFormat::Haproxy => haproxy(&services, &listen, &client.api().to_string()),
             };
-            out.write_all(text.as_bytes())
-                .map_err(|e| CliError::Output(e.into()))?;
+            let Some(file) = file else {
+                return out
+                    .write_all(text.as_bytes())
+                    .map_err(|e| CliError::Output(e.into()));
+            };
+            let healthy: u32 = services.iter().map(|s| s.summary().healthy).sum();
+            if write_if_changed(file, &text)? {
+                if let Some(command) = reload {
+                    reload_with(command).await;
+                }
+            }
+            writeln!(
+                out,
+                "{}: {} services, {healthy} healthy endpoints",
+                file.display(),
+                services.len()
+            )
+            .map_err(|e| CliError::Output(e.into()))?;
         }
     }
     Ok(())
+}
+
+/// Replaces `file` with `text` (a temporary file renamed over it) unless it holds
+/// it already; whether it wrote.
+fn write_if_changed(file: &std::path::Path, text: &str) -> Result<bool, CliError> {
+    if std::fs::read(file).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(false);
+    }
+    let failed =
+        |e: std::io::Error| CliError::Invalid(format!("cannot write {}: {e}", file.display()));
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(failed)?;
+    tmp.write_all(text.as_bytes()).map_err(failed)?;
+    tmp.persist(file).map_err(|e| failed(e.error))?;
+    Ok(true)
+}
+
+/// Runs `command` with `sh -c`, reporting a failure on standard error.
+async fn reload_with(command: &str) {
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .await;
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("novacron: the reload command {command:?} failed ({s})"),
+        Err(e) => eprintln!("novacron: cannot run the reload command {command:?}: {e}"),
+    }
 }
 
 /// An HAProxy configuration for `services`: a TCP backend per service with its
