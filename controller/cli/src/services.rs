@@ -122,10 +122,10 @@ pub async fn run(
                     .map_err(|e| CliError::Output(e.into()));
             };
             let healthy: u32 = services.iter().map(|s| s.summary().healthy).sum();
-            if write_if_changed(file, &text)? {
-                if let Some(command) = reload {
-                    reload_with(command).await;
-                }
+            if write_if_changed(file, &text)?
+                && let Some(command) = reload
+            {
+                reload_with(command).await;
             }
             writeln!(
                 out,
