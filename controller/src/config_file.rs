@@ -73,6 +73,10 @@ pub mod env {
     pub const NODE_CERT_TTL: &str = "NOVACRON_NODE_CERT_TTL";
     /// `serve.metrics_window`.
     pub const METRICS_WINDOW: &str = "NOVACRON_METRICS_WINDOW";
+    /// `serve.dns_listen`.
+    pub const DNS_LISTEN: &str = "NOVACRON_DNS_LISTEN";
+    /// `serve.dns_domain`.
+    pub const DNS_DOMAIN: &str = "NOVACRON_DNS_DOMAIN";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
 }
@@ -115,6 +119,10 @@ pub mod keys {
         env::METRICS_WINDOW,
         "--metrics-window",
     );
+    /// The service catalog's DNS address.
+    pub const DNS_LISTEN: Key = Key::new("serve.dns_listen", env::DNS_LISTEN, "--dns-listen");
+    /// The fleet's DNS domain.
+    pub const DNS_DOMAIN: Key = Key::new("serve.dns_domain", env::DNS_DOMAIN, "--dns-domain");
     /// Log format.
     pub const LOG_FORMAT: Key = Key::new("serve.log_format", env::LOG_FORMAT, "--log-format");
 }
@@ -168,6 +176,10 @@ pub struct ServeFile {
     pub node_cert_ttl: Option<String>,
     /// Samples kept in memory per node.
     pub metrics_window: Option<u64>,
+    /// UDP and TCP address of the service catalog's DNS (off when absent).
+    pub dns_listen: Option<String>,
+    /// The fleet's DNS domain.
+    pub dns_domain: Option<String>,
     /// Log format, "text" or "json".
     pub log_format: Option<String>,
 }
@@ -283,6 +295,10 @@ pub struct ServeFlags {
     pub node_cert_ttl: Option<String>,
     /// `--metrics-window`.
     pub metrics_window: Option<String>,
+    /// `--dns-listen`.
+    pub dns_listen: Option<String>,
+    /// `--dns-domain`.
+    pub dns_domain: Option<String>,
 }
 
 /// Merges file, environment and flags for `serve` and checks every value.
@@ -386,6 +402,47 @@ pub fn resolve_serve(
         MAX_METRICS_WINDOW,
         "samples",
     )?;
+    let dns_listen = match l.pick(
+        keys::DNS_LISTEN,
+        flags.dns_listen.as_deref(),
+        s.dns_listen.as_deref(),
+    ) {
+        Some((v, origin)) => Some(v.trim().parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                origin,
+                &v,
+                "an address and port for DNS, such as 127.0.0.1:8600 (off when absent)",
+            )
+        })?),
+        None => None,
+    };
+    let dns_domain = match l.pick(
+        keys::DNS_DOMAIN,
+        flags.dns_domain.as_deref(),
+        s.dns_domain.as_deref(),
+    ) {
+        Some((v, origin)) => {
+            let fqdn = if v.ends_with('.') {
+                v.clone()
+            } else {
+                format!("{v}.")
+            };
+            if hickory_server::proto::rr::Name::from_ascii(&fqdn).is_err()
+                || fqdn.len() < 2
+                || !fqdn
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    "a DNS domain such as novacron or fleet.example",
+                ));
+            }
+            fqdn
+        }
+        None => crate::dns::DEFAULT_DOMAIN.to_string(),
+    };
     Ok(ControllerConfig {
         data_dir: data_dir.to_path_buf(),
         api_listen,
@@ -402,6 +459,8 @@ pub fn resolve_serve(
         startup_grace: startup_grace.value,
         restart_grace: restart_grace.value,
         wire_versions: novacron_common::wire::SUPPORTED,
+        dns_listen,
+        dns_domain,
     })
 }
 

@@ -154,6 +154,14 @@ pub struct ServeArgs {
     /// Samples kept in memory per node [env: NOVACRON_METRICS_WINDOW] [default: 300].
     #[arg(long)]
     pub metrics_window: Option<String>,
+    /// Answer DNS for the service catalog on this UDP and TCP address, e.g.
+    /// 127.0.0.1:8600 [env: NOVACRON_DNS_LISTEN] [default: off].
+    #[arg(long)]
+    pub dns_listen: Option<String>,
+    /// The fleet's DNS domain: services answer as <service>.service.<domain>
+    /// [env: NOVACRON_DNS_DOMAIN] [default: novacron].
+    #[arg(long)]
+    pub dns_domain: Option<String>,
     /// Log format: `text` (coloured only on a terminal without NO_COLOR) or `json`
     /// (one object per line, for journald and log collectors)
     /// [env: NOVACRON_LOG_FORMAT] [default: text].
@@ -379,6 +387,8 @@ pub fn config_from_args(
         restart_grace: args.restart_grace.clone(),
         node_cert_ttl: args.node_cert_ttl.clone(),
         metrics_window: args.metrics_window.clone(),
+        dns_listen: args.dns_listen.clone(),
+        dns_domain: args.dns_domain.clone(),
     };
     config_file::resolve_serve(loaded, env, data_dir, &flags)
 }

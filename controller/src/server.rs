@@ -63,6 +63,10 @@ pub struct ControllerConfig {
     /// The wire protocol versions agents may use ([`novacron_common::wire::SUPPORTED`]; the
     /// version-skew tests narrow it).
     pub wire_versions: novacron_common::wire::VersionRange,
+    /// Where the service catalog answers DNS (UDP and TCP); `None`: it does not.
+    pub dns_listen: Option<SocketAddr>,
+    /// The fleet's DNS domain, fully qualified (`novacron.`).
+    pub dns_domain: String,
 }
 
 impl ControllerConfig {
@@ -80,6 +84,8 @@ impl ControllerConfig {
             startup_grace: DEFAULT_STARTUP_GRACE,
             restart_grace: DEFAULT_RESTART_GRACE,
             wire_versions: novacron_common::wire::SUPPORTED,
+            dns_listen: None,
+            dns_domain: crate::dns::DEFAULT_DOMAIN.to_string(),
         }
     }
 }
@@ -243,6 +249,16 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         leadership: leadership.clone(),
         index: index.clone(),
     });
+
+    if let Some(addr) = config.dns_listen {
+        let domain = hickory_server::proto::rr::Name::from_ascii(&config.dns_domain)
+            .map_err(|e| anyhow::anyhow!("dns_domain {:?}: {e}", config.dns_domain))?;
+        let st = api_state.clone();
+        let catalog = Arc::new(move || crate::http::services::current(&st));
+        crate::dns::serve(addr, crate::dns::FleetDns::new(domain, catalog))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve DNS on udp and tcp {addr}: {e}"))?;
+    }
 
     let cancel = CancellationToken::new();
     let mut tasks = vec![tokio::spawn(run_while_leader(

@@ -1,10 +1,14 @@
 //! The service catalog end to end: a job's declared service lists the endpoints
 //! of its running replicas at addresses that answer, follows their readiness,
-//! blocks a watcher until it changes, and becomes an HAProxy configuration that
+//! blocks a watcher until it changes, answers DNS (SRV and A) for its healthy
+//! replicas, and becomes an HAProxy configuration that
 //! Debian's `haproxy` accepts and serves through.
 
 use std::time::{Duration, Instant};
 
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, RecordType};
 use novacron_api::services::ServiceView;
 use novacron_tests::{
     Agent, Controller, JobCleanup, bin, docker, ensure_test_image, free_port, service_job, wait_for,
@@ -43,6 +47,48 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     resp.text().await.ok()
 }
 
+/// Asks the controller's DNS at `server` (UDP) for `name`/`kind`: the response
+/// code and the answers' data.
+async fn dns(
+    server: std::net::SocketAddr,
+    name: &str,
+    kind: RecordType,
+) -> (ResponseCode, Vec<RData>) {
+    let mut query = Message::query();
+    query.metadata.id = rand::random();
+    query.add_query(Query::query(Name::from_ascii(name).expect("name"), kind));
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    socket
+        .send_to(&query.to_vec().expect("encode"), server)
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
+        .await
+        .expect("a DNS answer within 2 s")
+        .expect("recv");
+    let answer = Message::from_vec(&buf[..n]).expect("a DNS message");
+    assert_eq!(answer.metadata.id, query.metadata.id);
+    (
+        answer.metadata.response_code,
+        answer.answers.into_iter().map(|r| r.data).collect(),
+    )
+}
+
+fn srv_ports(data: &[RData]) -> Vec<u16> {
+    let mut ports: Vec<u16> = data
+        .iter()
+        .filter_map(|d| match d {
+            RData::SRV(srv) => Some(srv.port),
+            _ => None,
+        })
+        .collect();
+    ports.sort();
+    ports
+}
+
 fn haproxy() -> std::path::PathBuf {
     let path = std::path::PathBuf::from("/usr/sbin/haproxy");
     assert!(
@@ -60,7 +106,8 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
         .prefix("novacron-svc-")
         .tempdir()
         .expect("tempdir");
-    let c = Controller::start(dir.path(), &[])
+    let dns_at: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let c = Controller::start(dir.path(), &["--dns-listen", &dns_at.to_string()])
         .await
         .expect("controller");
     let name = format!("s{}", std::process::id());
@@ -123,6 +170,25 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
             "{e:?} reaches its own replica"
         );
     }
+    // DNS: SRV names each healthy replica's port, A its node's address.
+    let fqdn = format!("{svc}.service.novacron.");
+    let (code, srv) = dns(dns_at, &fqdn, RecordType::SRV).await;
+    assert_eq!(code, ResponseCode::NoError);
+    let mut ports: Vec<u16> = listed.endpoints.iter().map(|e| e.port).collect();
+    ports.sort();
+    assert_eq!(srv_ports(&srv), ports, "{srv:?}");
+    let (_, a) = dns(dns_at, &fqdn, RecordType::A).await;
+    assert_eq!(a, vec![RData::A(A("127.0.0.1".parse().expect("ip")))]);
+    let target = format!("{}.alloc.novacron.", listed.endpoints[0].alloc);
+    assert_eq!(dns(dns_at, &target, RecordType::A).await.1.len(), 1);
+    assert_eq!(
+        dns(dns_at, "nope.service.novacron.", RecordType::A).await.0,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(
+        dns(dns_at, "example.com.", RecordType::A).await.0,
+        ResponseCode::Refused
+    );
     let text = String::from_utf8_lossy(&c.cli(&["service", "list"]).stdout).into_owned();
     assert!(text.contains(&svc) && text.contains(" 2 "), "{text}");
 
@@ -194,6 +260,17 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
     )
     .await
     .expect("unhealthy");
+    wait_for(
+        Duration::from_secs(15),
+        "DNS without the broken replica",
+        || async { srv_ports(&dns(dns_at, &fqdn, RecordType::SRV).await.1) != ports },
+    )
+    .await
+    .expect("left DNS");
+    let dns_after = broke_at.elapsed();
+    let (_, srv) = dns(dns_at, &fqdn, RecordType::SRV).await;
+    assert_eq!(srv.len(), 1, "{srv:?}");
+    eprintln!("readiness flip to DNS: {dns_after:?}");
     eprintln!(
         "readiness flip to catalog: {:?} (the watch woke after {waited:?} with {} endpoints)",
         broke_at.elapsed(),

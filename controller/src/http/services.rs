@@ -26,7 +26,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
 }
 
 /// The whole catalog now.
-fn current(st: &ApiState) -> Vec<ServiceView> {
+pub fn current(st: &ApiState) -> Vec<ServiceView> {
     let nodes: BTreeMap<String, NodeAddress> = st
         .registry
         .views(Instant::now())
