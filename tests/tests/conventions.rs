@@ -353,6 +353,41 @@ async fn reads_carry_an_index_and_a_blocking_query_waits_for_the_next_write() {
     problem(resp, StatusCode::BAD_REQUEST, "bad-request").await;
 }
 
+/// Reads the list at `path` page by page, `limit` a page, following
+/// `X-Novacron-Next`: how many pages, and each item's `key` in order.
+async fn all_pages(
+    client: &reqwest::Client,
+    api: &str,
+    path: &str,
+    limit: usize,
+    key: &str,
+) -> (usize, Vec<String>) {
+    let mut keys = Vec::new();
+    let mut url = format!("{api}{path}?limit={limit}");
+    let mut pages = 0;
+    loop {
+        let resp = client.get(&url).send().await.expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        index_of(&resp);
+        let next = resp
+            .headers()
+            .get("x-novacron-next")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let page: serde_json::Value = resp.json().await.expect("json");
+        let page = page.as_array().expect("an array");
+        assert!(page.len() <= limit, "{page:?}");
+        keys.extend(
+            page.iter()
+                .map(|i| i[key].as_str().expect("key").to_owned()),
+        );
+        pages += 1;
+        match next {
+            Some(token) => url = format!("{api}{path}?limit={limit}&next={token}"),
+            None => return (pages, keys),
+        }
+    }
+}
+
 #[tokio::test]
 async fn lists_page_with_limit_and_a_next_token_and_stay_whole_without() {
     let (_dir, c) = controller("novacron-conv-page-").await;
@@ -382,26 +417,7 @@ async fn lists_page_with_limit_and_a_next_token_and_stay_whole_without() {
     assert_eq!(names(&all).len(), 5);
 
     // With `limit=2`: three pages in name order, the last without a token.
-    let mut seen = Vec::new();
-    let mut url = format!("{api}/v1/jobs?limit=2");
-    let mut pages = 0;
-    loop {
-        let resp = client.get(&url).send().await.expect("send");
-        assert_eq!(resp.status(), StatusCode::OK);
-        index_of(&resp);
-        let next = resp
-            .headers()
-            .get("x-novacron-next")
-            .map(|v| v.to_str().expect("ascii").to_owned());
-        let page: serde_json::Value = resp.json().await.expect("json");
-        assert!(names(&page).len() <= 2, "{page}");
-        seen.extend(names(&page));
-        pages += 1;
-        match next {
-            Some(token) => url = format!("{api}/v1/jobs?limit=2&next={token}"),
-            None => break,
-        }
-    }
+    let (pages, seen) = all_pages(&client, &api, "/v1/jobs", 2, "name").await;
     assert_eq!(pages, 3);
     assert_eq!(seen, ["alpha", "bravo", "charlie", "delta", "echo"]);
 
@@ -414,28 +430,7 @@ async fn lists_page_with_limit_and_a_next_token_and_stay_whole_without() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut ids = Vec::new();
-    let mut url = format!("{api}/v1/api-tokens?limit=1");
-    loop {
-        let resp = client.get(&url).send().await.expect("send");
-        assert_eq!(resp.status(), StatusCode::OK);
-        index_of(&resp);
-        let next = resp
-            .headers()
-            .get("x-novacron-next")
-            .map(|v| v.to_str().expect("ascii").to_owned());
-        let page: serde_json::Value = resp.json().await.expect("json");
-        let page = page.as_array().expect("an array");
-        assert!(page.len() <= 1, "{page:?}");
-        ids.extend(
-            page.iter()
-                .map(|t| t["id"].as_str().expect("id").to_owned()),
-        );
-        match next {
-            Some(token) => url = format!("{api}/v1/api-tokens?limit=1&next={token}"),
-            None => break,
-        }
-    }
+    let (_, ids) = all_pages(&client, &api, "/v1/api-tokens", 1, "id").await;
     let mut distinct = ids.clone();
     distinct.sort();
     distinct.dedup();
