@@ -111,7 +111,7 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
         .await
         .expect("controller");
     let name = format!("s{}", std::process::id());
-    let agent = Agent::join_and_run(dir.path(), &c, &name, &["--label", "zone=a"])
+    let mut agent = Agent::join_and_run(dir.path(), &c, &name, &["--label", "zone=a"])
         .await
         .expect("agent");
     c.wait_ready(&agent.name, Duration::from_secs(20))
@@ -341,6 +341,27 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
         );
     }
     let _ = proxy.kill().await;
+
+    // The node's agent dies (its containers run on): once the controller sees the
+    // link gone, its endpoints are unhealthy and leave DNS.
+    agent.kill().await;
+    let killed_at = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "the lost node's endpoints unhealthy",
+        || async {
+            service(&c, &svc).await.is_some_and(|(s, _)| {
+                !s.endpoints.is_empty() && s.endpoints.iter().all(|e| !e.healthy)
+            })
+        },
+    )
+    .await
+    .expect("unhealthy");
+    assert!(dns(dns_at, &fqdn, RecordType::SRV).await.1.is_empty());
+    eprintln!(
+        "agent killed to its endpoints unhealthy: {:?}",
+        killed_at.elapsed()
+    );
 
     // Stopped: the service stays declared, with no endpoint.
     let stop = c.cli(&["job", "stop", &job]);

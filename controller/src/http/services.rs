@@ -38,7 +38,15 @@ pub fn current(st: &ApiState) -> Vec<ServiceView> {
                 .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
                 .map(|a| a.ip());
             let zone = v.labels.get("zone").cloned();
-            (v.name, NodeAddress { ip, zone })
+            let connected = v.status == novacron_common::fleet::NodeStatus::Ready;
+            (
+                v.name,
+                NodeAddress {
+                    ip,
+                    zone,
+                    connected,
+                },
+            )
         })
         .collect();
     let allocs = st.workloads.allocations(None, None);

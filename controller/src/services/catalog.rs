@@ -22,6 +22,9 @@ pub struct NodeAddress {
     pub ip: Option<IpAddr>,
     /// Its `zone` label.
     pub zone: Option<String>,
+    /// Its agent is connected (`ready`): the endpoints of a node that is not
+    /// count as unhealthy at once, before its allocations are declared lost.
+    pub connected: bool,
 }
 
 /// Every service the `jobs` declare (job name, its current services), with the
@@ -86,7 +89,7 @@ fn endpoint(
         address,
         port: published.host_port,
         protocol: published.protocol.clone(),
-        healthy: alloc.healthy != Some(false),
+        healthy: alloc.healthy != Some(false) && node.is_some_and(|n| n.connected),
         tags: spec.tags.clone(),
         zone: node.and_then(|n| n.zone.clone()),
     })
@@ -153,9 +156,16 @@ mod tests {
                 NodeAddress {
                     ip: Some("10.0.0.1".parse().expect("ip")),
                     zone: Some("a".into()),
+                    connected: true,
                 },
             ),
-            ("n2".to_owned(), NodeAddress::default()),
+            (
+                "n2".to_owned(),
+                NodeAddress {
+                    connected: true,
+                    ..NodeAddress::default()
+                },
+            ),
         ]);
         let mut stopped = alloc("a4", "web", "n1", "0.0.0.0", None);
         stopped.desired_run = false;
@@ -203,6 +213,13 @@ mod tests {
         );
         let summary = front.summary();
         assert_eq!((summary.endpoints, summary.healthy), (2, 1));
+
+        // n2's agent disconnects: its endpoint stays listed, unhealthy.
+        let mut lost = nodes.clone();
+        lost.get_mut("n2").expect("n2").connected = false;
+        let services = catalog(&web(), &allocs, &lost);
+        let a1 = &services[0].endpoints[0];
+        assert_eq!((a1.alloc.as_str(), a1.healthy), ("a1", false));
     }
 
     #[test]
