@@ -10,6 +10,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use novacron_api::ApiError;
+use novacron_api::migrations::Phase;
 use novacron_api::services::{ServiceSummary, ServiceView};
 use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
@@ -50,7 +51,14 @@ pub fn current(st: &ApiState) -> Vec<ServiceView> {
         })
         .collect();
     let allocs = st.workloads.allocations(None, None);
-    catalog::catalog(&st.workloads.job_services(), &allocs, &nodes)
+    let moving = st
+        .migrations
+        .list()
+        .into_iter()
+        .filter(|m| !matches!(m.phase, Phase::Completed | Phase::RolledBack))
+        .map(|m| m.alloc)
+        .collect();
+    catalog::catalog(&st.workloads.job_services(), &allocs, &nodes, &moving)
 }
 
 #[utoipa::path(get, path = "/v1/services", tag = "services", responses((status = 200, description = "every service a job declares, by name, with its endpoint counts", body = Vec<ServiceSummary>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]

@@ -31,11 +31,14 @@ pub struct NodeAddress {
 /// endpoints of their running replicas, ordered by service name. An endpoint is
 /// a replica that should run, runs, and has its service's port published; its
 /// address is the published one, or its node's where the port is published on
-/// every address (a node without a known address then lists no endpoint).
+/// every address (a node without a known address then lists no endpoint). It is
+/// healthy when its readiness passes, its node is connected and it is not being
+/// migrated (`moving`: frozen for its checkpoint, then restored elsewhere).
 pub fn catalog(
     jobs: &[(String, Vec<ServiceSpec>)],
     allocs: &[AllocRecord],
     nodes: &BTreeMap<String, NodeAddress>,
+    moving: &BTreeSet<String>,
 ) -> Vec<ServiceView> {
     let mut services: BTreeMap<&str, (BTreeSet<&str>, Vec<EndpointView>)> = BTreeMap::new();
     for (job, specs) in jobs {
@@ -46,7 +49,8 @@ pub fn catalog(
                 .iter()
                 .filter(|a| &a.job == job && a.desired_run && a.state == AllocState::Running);
             for alloc in running {
-                if let Some(endpoint) = endpoint(alloc, spec, nodes) {
+                if let Some(mut endpoint) = endpoint(alloc, spec, nodes) {
+                    endpoint.healthy &= !moving.contains(&alloc.id);
                     entry.1.push(endpoint);
                 }
             }
@@ -180,7 +184,7 @@ mod tests {
             pending,
             alloc("b1", "other", "n1", "0.0.0.0", None),
         ];
-        let services = catalog(&web(), &allocs, &nodes);
+        let services = catalog(&web(), &allocs, &nodes, &BTreeSet::new());
         assert_eq!(services.len(), 1);
         let front = &services[0];
         assert_eq!(
@@ -217,14 +221,20 @@ mod tests {
         // n2's agent disconnects: its endpoint stays listed, unhealthy.
         let mut lost = nodes.clone();
         lost.get_mut("n2").expect("n2").connected = false;
-        let services = catalog(&web(), &allocs, &lost);
+        let services = catalog(&web(), &allocs, &lost, &BTreeSet::new());
+        let a1 = &services[0].endpoints[0];
+        assert_eq!((a1.alloc.as_str(), a1.healthy), ("a1", false));
+
+        // a1 is being migrated: unhealthy while it moves.
+        let moving = BTreeSet::from(["a1".to_owned()]);
+        let services = catalog(&web(), &allocs, &nodes, &moving);
         let a1 = &services[0].endpoints[0];
         assert_eq!((a1.alloc.as_str(), a1.healthy), ("a1", false));
     }
 
     #[test]
     fn a_service_without_replicas_is_listed_empty() {
-        let services = catalog(&web(), &[], &BTreeMap::new());
+        let services = catalog(&web(), &[], &BTreeMap::new(), &BTreeSet::new());
         assert_eq!(services[0].endpoints, vec![]);
     }
 }
