@@ -26,6 +26,7 @@ pub const INDEX_HEADER: &str = "x-novacron-index";
 pub const INDEXED: &[&str] = &[
     "/v1/jobs",
     "/v1/jobs/{name}",
+    "/v1/jobs/{name}/versions",
     "/v1/allocations",
     "/v1/allocations/{id}",
     "/v1/nodes",
