@@ -106,38 +106,21 @@ mod tests {
 
     fn alloc(id: &str, job: &str, node: &str, host_ip: &str, healthy: Option<bool>) -> AllocRecord {
         AllocRecord {
-            id: id.into(),
             job: job.into(),
-            version: 1,
-            node: node.into(),
-            desired_run: true,
-            state: AllocState::Running,
             healthy,
-            healthy_since_unix_ms: None,
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            restarts: 0,
-            exit_code: None,
-            message: String::new(),
-            failure: None,
-            cpu_millis: 100,
-            memory_bytes: 1 << 20,
-            gpu_uuids: Vec::new(),
-            priority: 50,
-            disk_bytes: 0,
             ports: vec![AllocPort {
                 name: "http".into(),
                 container_port: 80,
                 host_port: 20001,
                 protocol: "tcp".into(),
             }],
-            restore: None,
             published: vec![PublishedAddress {
                 host_ip: host_ip.parse().expect("ip"),
                 host_port: 20001,
                 container_port: 80,
                 protocol: "tcp".into(),
             }],
+            ..crate::services::workloads::test_alloc(id, node, AllocState::Running)
         }
     }
 
