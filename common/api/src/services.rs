@@ -1,20 +1,7 @@
-//! Service catalog bodies: `GET /v1/services` and `GET /v1/services/{name}`.
+//! Service catalog bodies: `GET /v1/services` (every [`ServiceView`]) and
+//! `GET /v1/services/{name}` (one).
 
 use serde::{Deserialize, Serialize};
-
-/// A service in the list: how many endpoints it has and how many pass health.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct ServiceSummary {
-    /// The service.
-    pub name: String,
-    /// The jobs that offer it.
-    pub jobs: Vec<String>,
-    /// Endpoints (running replicas with a published address).
-    pub endpoints: u32,
-    /// Those that pass their health check (or have none).
-    pub healthy: u32,
-}
 
 /// A service with its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,14 +51,8 @@ impl EndpointView {
 }
 
 impl ServiceView {
-    /// The list entry of this service.
-    pub fn summary(&self) -> ServiceSummary {
-        ServiceSummary {
-            name: self.name.clone(),
-            jobs: self.jobs.clone(),
-            endpoints: u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX),
-            healthy: u32::try_from(self.endpoints.iter().filter(|e| e.healthy).count())
-                .unwrap_or(u32::MAX),
-        }
+    /// How many of its endpoints pass their health check (or have none).
+    pub fn healthy(&self) -> usize {
+        self.endpoints.iter().filter(|e| e.healthy).count()
     }
 }

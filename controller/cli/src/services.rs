@@ -9,7 +9,7 @@ use std::io::Write;
 use std::time::SystemTime;
 
 use clap::{Subcommand, ValueEnum};
-use novacron_api::services::{EndpointView, ServiceSummary, ServiceView};
+use novacron_api::services::{EndpointView, ServiceView};
 
 use super::CliError;
 use super::client::ApiClient;
@@ -78,7 +78,7 @@ pub async fn run(
 ) -> Result<(), CliError> {
     match cmd {
         ServiceCommand::List => {
-            let services: Vec<ServiceSummary> = client.get(&["v1", "services"]).await?;
+            let services: Vec<ServiceView> = client.get(&["v1", "services"]).await?;
             output::write_list(out, format, &services, now)?;
         }
         ServiceCommand::Show { name } => {
@@ -95,15 +95,8 @@ pub async fn run(
             out: file,
             reload,
         } => {
-            let names: Vec<ServiceSummary> = client.get(&["v1", "services"]).await?;
-            let mut services = Vec::with_capacity(names.len());
-            for s in &names {
-                services.push(
-                    client
-                        .get::<ServiceView>(&["v1", "services", &s.name])
-                        .await?,
-                );
-            }
+            // One read: every service with its endpoints, one consistent view.
+            let services: Vec<ServiceView> = client.get(&["v1", "services"]).await?;
             let listen: BTreeMap<String, String> = listen.iter().cloned().collect();
             if let Some(unknown) = listen
                 .keys()
@@ -121,7 +114,7 @@ pub async fn run(
                     .write_all(text.as_bytes())
                     .map_err(|e| CliError::Output(e.into()));
             };
-            let healthy: u32 = services.iter().map(|s| s.summary().healthy).sum();
+            let healthy: usize = services.iter().map(ServiceView::healthy).sum();
             if write_if_changed(file, &text)?
                 && let Some(command) = reload
             {
@@ -209,7 +202,7 @@ pub fn haproxy(
     text
 }
 
-impl TableRow for ServiceSummary {
+impl TableRow for ServiceView {
     fn headers() -> &'static [&'static str] {
         &["NAME", "JOBS", "ENDPOINTS", "HEALTHY"]
     }
@@ -218,8 +211,8 @@ impl TableRow for ServiceSummary {
         vec![
             self.name.clone(),
             self.jobs.join(","),
-            self.endpoints.to_string(),
-            self.healthy.to_string(),
+            self.endpoints.len().to_string(),
+            self.healthy().to_string(),
         ]
     }
 

@@ -1,5 +1,5 @@
-//! The service catalog: `GET /v1/services` (every service with its endpoint
-//! counts) and `GET /v1/services/{name}` (its endpoints). Both are indexed reads,
+//! The service catalog: `GET /v1/services` (every service with its endpoints)
+//! and `GET /v1/services/{name}` (one). Both are indexed reads,
 //! so `?index=N&wait=D` blocks until the catalog's inputs change.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use novacron_api::ApiError;
 use novacron_api::migrations::Phase;
-use novacron_api::services::{ServiceSummary, ServiceView};
+use novacron_api::services::ServiceView;
 use novacron_common::pki::Role;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -61,15 +61,13 @@ pub fn current(st: &ApiState) -> Vec<ServiceView> {
     catalog::catalog(&st.workloads.job_services(), &allocs, &nodes, &moving)
 }
 
-#[utoipa::path(get, path = "/v1/services", tag = "services", responses((status = 200, description = "every service a job declares, by name, with its endpoint counts", body = Vec<ServiceSummary>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/services", tag = "services", responses((status = 200, description = "every service a job declares, by name, with its endpoints", body = Vec<ServiceView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list_services(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
-) -> Result<Json<Vec<ServiceSummary>>, Problem> {
+) -> Result<Json<Vec<ServiceView>>, Problem> {
     caller.require(Role::Viewer)?;
-    Ok(Json(
-        current(&st).iter().map(ServiceView::summary).collect(),
-    ))
+    Ok(Json(current(&st)))
 }
 
 #[utoipa::path(get, path = "/v1/services/{name}", tag = "services", params(("name" = String, Path, description = "the service")), responses((status = 200, description = "the service with its endpoints", body = ServiceView), (status = 404, description = "no job declares this service", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
