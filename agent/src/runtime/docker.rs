@@ -286,15 +286,7 @@ impl ContainerRuntime for DockerRuntime {
         let exec = timed("exec", CALL_TIMEOUT, docker.create_exec(id, options)).await?;
         let started = timed("exec", CALL_TIMEOUT, docker.start_exec(&exec.id, None)).await?;
         let output = match started {
-            StartExecResults::Attached { output, .. } => output
-                .filter_map(|item| async move {
-                    match item {
-                        Ok(LogOutput::StdIn { .. }) => None,
-                        Ok(other) => frame_of(Ok(other)),
-                        Err(e) => Some(Err(classify("exec", e))),
-                    }
-                })
-                .boxed(),
+            StartExecResults::Attached { output, .. } => exec_frames(output),
             StartExecResults::Detached => stream::empty().boxed(),
         };
         Ok(ExecSession {
@@ -338,15 +330,7 @@ impl ContainerRuntime for DockerRuntime {
                 message: "the runtime started the command detached".into(),
             });
         };
-        let output = output
-            .filter_map(|item| async move {
-                match item {
-                    Ok(LogOutput::StdIn { .. }) => None,
-                    Ok(other) => frame_of(Ok(other)),
-                    Err(e) => Some(Err(classify("exec", e))),
-                }
-            })
-            .boxed();
+        let output = exec_frames(output);
         if let Some(size) = tty {
             // Docker sizes an exec's terminal only once it runs.
             self.exec_resize(&exec.id, size).await?;
@@ -486,6 +470,23 @@ fn kill_tree(pid: u32) -> std::io::Result<()> {
         },
         Err(e) => Err(e.into()),
     }
+}
+
+/// An exec instance's output as frames (its echoed input left out), errors
+/// named as exec's.
+fn exec_frames(
+    output: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+    >,
+) -> BoxStream<'static, Result<LogFrame, RuntimeError>> {
+    output
+        .filter_map(|item| async move {
+            match item {
+                Ok(other) => frame_of(Ok(other)),
+                Err(e) => Some(Err(classify("exec", e))),
+            }
+        })
+        .boxed()
 }
 
 fn frame_of(
