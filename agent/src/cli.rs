@@ -178,6 +178,11 @@ pub struct RunArgs {
     /// [env: NOVACRON_METRICS_LISTEN] [file: metrics_listen] [default: off].
     #[arg(long, value_name = "off|on|PORT|IP:PORT")]
     pub metrics_listen: Option<String>,
+    /// Where the ingress serves the services published through it
+    /// (`spec.services[].ingress`): off or an IP address of this host
+    /// [env: NOVACRON_INGRESS_ADDRESS] [file: ingress_address] [default: the publish address].
+    #[arg(long, value_name = "off|IP")]
+    pub ingress_address: Option<String>,
     /// For tests only (hidden): offer only these wire protocol versions (`2`,
     /// `2-3`), within those this build speaks, to act as an older agent in the
     /// version-skew tests. Not for production use.
@@ -274,6 +279,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         dynamic_ports: args.dynamic_ports,
         publish_address: args.publish_address,
         metrics_listen: args.metrics_listen,
+        ingress_address: args.ingress_address,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -357,6 +363,10 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     let mut sampler = Sampler::new(Box::new(host), gpus).publishing_to(latest_tx);
     let mut capacity = sampler.capacity();
     capacity.dynamic_ports = args.dynamic_ports;
+    let ingress = args.ingress_address.map(|address| {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        crate::ingress::Ingress::new(address, workers)
+    });
     let config = AgentConfig {
         state,
         labels,
@@ -377,6 +387,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         checkpoints,
         spot,
         wire_versions,
+        ingress: ingress.clone(),
     };
     let cancel = CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
@@ -392,6 +403,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
             node: enrollment.node_name.clone(),
             zone,
             latest,
+            ingress: ingress.clone(),
         };
         tokio::spawn(crate::metrics::serve(listener, source, cancel.clone()));
     }

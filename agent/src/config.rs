@@ -90,6 +90,8 @@ pub mod env {
     pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
     /// `metrics_listen`: off, on, PORT or IP:PORT.
     pub const METRICS_LISTEN: &str = "NOVACRON_METRICS_LISTEN";
+    /// `ingress_address`: off or an IP address.
+    pub const INGRESS_ADDRESS: &str = "NOVACRON_INGRESS_ADDRESS";
 }
 
 /// The settings' names.
@@ -216,6 +218,12 @@ pub mod keys {
         env: env::METRICS_LISTEN,
         flag: "--metrics-listen",
     };
+    /// Where the ingress listens.
+    pub const INGRESS_ADDRESS: Key = Key {
+        file: "ingress_address",
+        env: env::INGRESS_ADDRESS,
+        flag: "--ingress-address",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -255,6 +263,9 @@ pub struct AgentFile {
     /// The Prometheus endpoint: "off" (default), "on" (127.0.0.1:9393), a port
     /// (on 127.0.0.1) or "IP:PORT".
     pub metrics_listen: Option<String>,
+    /// The address the ingress listens on for services published through it:
+    /// "off", or an IP address (default: `publish_address`).
+    pub ingress_address: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -323,6 +334,8 @@ pub struct RunFlags {
     pub publish_address: Option<String>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<String>,
+    /// `--ingress-address`.
+    pub ingress_address: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -360,6 +373,8 @@ pub struct RunSettings {
     pub publish_address: IpAddr,
     /// Where the Prometheus endpoint listens; `None`: it is off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the ingress listens; `None`: it is off.
+    pub ingress_address: Option<IpAddr>,
 }
 
 /// Parses `metrics_listen`: `off` is `Some(None)`; `on`, a bare port or `IP:PORT`
@@ -561,10 +576,26 @@ pub fn resolve_run(
             )
         })?,
     };
+    let ingress_address = match l.pick(
+        keys::INGRESS_ADDRESS,
+        flags.ingress_address.as_deref(),
+        f.ingress_address.as_deref(),
+    ) {
+        None => Some(publish_address),
+        Some((v, _)) if v.trim().eq_ignore_ascii_case("off") => None,
+        Some((v, origin)) => Some(v.trim().parse().map_err(|_| {
+            invalid(
+                origin,
+                &v,
+                "off, or an IP address of this host, e.g. 0.0.0.0 (every address) or 10.0.0.5",
+            )
+        })?),
+    };
     Ok(RunSettings {
         dynamic_ports,
         publish_address,
         metrics_listen,
+        ingress_address,
         spot_notice,
         state_dir,
         labels: labels(&l, &f.labels, &flags.labels)?,
@@ -1094,6 +1125,34 @@ mod tests {
         assert_eq!(
             s.metrics_listen.map(|a| a.port()),
             Some(DEFAULT_METRICS_PORT)
+        );
+    }
+
+    #[test]
+    fn the_ingress_follows_the_publish_address_unless_set_or_off() {
+        let none = Loaded::default();
+        let s = resolve_run(&none, &[], &RunFlags::default()).expect("defaults");
+        assert_eq!(s.ingress_address, Some(s.publish_address));
+        let flags = RunFlags {
+            publish_address: Some("127.0.0.2".into()),
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&none, &[], &flags).expect("publish address");
+        assert_eq!(
+            s.ingress_address.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.2")
+        );
+        let s = resolve_run(&none, &[("NOVACRON_INGRESS_ADDRESS", "OFF")], &flags).expect("off");
+        assert_eq!(s.ingress_address, None);
+        let s = resolve_run(&file("ingress_address = \"10.0.0.5\"\n"), &[], &flags).expect("file");
+        assert_eq!(
+            s.ingress_address.map(|a| a.to_string()).as_deref(),
+            Some("10.0.0.5")
+        );
+        let e = resolve_run(&file("ingress_address = \"all\"\n"), &[], &flags).expect_err("a word");
+        assert!(
+            e.to_string().contains("ingress_address") && e.to_string().contains("off, or an IP"),
+            "{e}"
         );
     }
 

@@ -11,6 +11,7 @@ pub mod collect;
 pub mod config;
 pub mod enroll;
 pub mod exec;
+pub mod ingress;
 pub mod link;
 pub mod metrics;
 pub mod migrate;

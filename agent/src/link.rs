@@ -73,6 +73,8 @@ pub struct AgentConfig {
     /// The wire protocol versions offered ([`wire::SUPPORTED`]; tests narrow it to
     /// act as an older agent).
     pub wire_versions: VersionRange,
+    /// The ingress, which serves the table the controller sends; `None`: off.
+    pub ingress: Option<Arc<crate::ingress::Ingress>>,
 }
 
 /// Errors that stop the agent.
@@ -128,6 +130,7 @@ struct Shared {
     exec: Arc<ExecService<DockerRuntime>>,
     checkpoints: Option<Arc<CheckpointService>>,
     spot: watch::Receiver<Option<SpotNotice>>,
+    ingress: Option<Arc<crate::ingress::Ingress>>,
 }
 
 /// Runs the agent until `cancel` fires: sampling plus the link.
@@ -161,6 +164,7 @@ pub async fn run(
         exec: Arc::new(exec),
         checkpoints: config.checkpoints.clone(),
         spot,
+        ingress: config.ingress.clone(),
     });
     let containers = supervisor.spawn(cancel.clone());
     let sampling = tokio::spawn(sample_loop(
@@ -487,6 +491,16 @@ async fn serve_inner(
                 }
                 Some(Ok(ControllerMessage::Logs(request))) => {
                     tokio::spawn(send_logs(conn.clone(), supervisor.clone(), request, version));
+                }
+                Some(Ok(ControllerMessage::Ingress(table))) => {
+                    debug!(revision = table.revision, services = table.services.len(), "ingress table");
+                    match &shared.ingress {
+                        Some(ingress) => ingress.apply(table),
+                        None if !table.services.is_empty() => {
+                            debug!("the ingress is off on this node (ingress_address = \"off\")");
+                        }
+                        None => {}
+                    }
                 }
                 Some(Ok(other)) => {
                     return Err(SessionError::Protocol(format!("unexpected control message {other:?}")));

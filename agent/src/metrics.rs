@@ -52,6 +52,8 @@ pub struct Source {
     pub zone: String,
     /// The sampler's latest reading (`None` before the first).
     pub latest: watch::Receiver<Option<Arc<NodeSample>>>,
+    /// The ingress, whose counters follow the host's (`novacron_ingress_*`).
+    pub ingress: Option<Arc<crate::ingress::Ingress>>,
 }
 
 impl Source {
@@ -75,7 +77,11 @@ impl Source {
             .chain(exposition::SAMPLE_FAMILIES.iter())
             .chain(exposition::PROCESS_FAMILIES.iter())
             .collect();
-        exposition::render_text(&families, out)
+        let mut text = exposition::render_text(&families, out);
+        if let Some(ingress) = &self.ingress {
+            text.push_str(&ingress.render(&self.node));
+        }
+        text
     }
 }
 

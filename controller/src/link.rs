@@ -169,6 +169,9 @@ pub struct LinkContext {
     /// The version range each node was last refused for: one event per node and
     /// range, not one per reconnect attempt.
     pub version_refusals: std::sync::Mutex<std::collections::HashMap<String, VersionRange>>,
+    /// The ingress table ([`crate::services::ingress`]), sent to every agent of
+    /// protocol [`wire::INGRESS_SINCE`] or later when it changes.
+    pub ingress: watch::Receiver<Arc<wire::IngressTable>>,
 }
 
 /// Accepts agent connections until the endpoint closes.
@@ -373,6 +376,12 @@ async fn control_loop(
     let _guard = AbortOnDrop(reader);
     let first = desired.borrow_and_update().clone();
     wire::write_frame_as(version, send, &ControllerMessage::Desired((*first).clone())).await?;
+    let ingress_enabled = version >= wire::INGRESS_SINCE;
+    let mut ingress = ctx.ingress.clone();
+    if ingress_enabled {
+        let table = ingress.borrow_and_update().clone();
+        wire::write_frame_as(version, send, &ControllerMessage::Ingress((*table).clone())).await?;
+    }
     loop {
         tokio::select! {
             msg = incoming.recv() => match msg {
@@ -417,6 +426,14 @@ async fn control_loop(
                 let next = desired.borrow_and_update().clone();
                 debug!(node = name, generation = next.generation, allocations = next.allocations.len(), "sending desired allocations");
                 wire::write_frame_as(version, send, &ControllerMessage::Desired((*next).clone())).await?;
+            }
+            changed = ingress.changed(), if ingress_enabled => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let table = ingress.borrow_and_update().clone();
+                debug!(node = name, revision = table.revision, services = table.services.len(), "sending the ingress table");
+                wire::write_frame_as(version, send, &ControllerMessage::Ingress((*table).clone())).await?;
             }
             Some(cmd) = commands.recv() => {
                 wire::write_frame_as(version, send, &cmd).await?;

@@ -195,6 +195,8 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     workloads.set_checkpoints(bundles.clone());
     let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::services::migrate::SPOT_QUEUE);
     let agents = Arc::new(Agents::default());
+    let (ingress_tx, ingress_rx) =
+        tokio::sync::watch::channel(Arc::new(novacron_common::wire::IngressTable::default()));
     let link_ctx = Arc::new(LinkContext {
         registry: registry.clone(),
         workloads: workloads.clone(),
@@ -207,6 +209,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         events: events.clone(),
         wire_versions: config.wire_versions,
         version_refusals: Default::default(),
+        ingress: ingress_rx,
     });
     let certs = Arc::new(crate::services::certs::CertRevocations::new(
         store.clone(),
@@ -273,6 +276,17 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         ),
     ))];
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
+    let ingress_state = api_state.clone();
+    tasks.push(tokio::spawn(crate::services::ingress::publish(
+        move || {
+            crate::services::ingress::table(
+                &ingress_state.workloads.job_services(),
+                &crate::http::services::current(&ingress_state),
+            )
+        },
+        ingress_tx,
+        cancel.clone(),
+    )));
     tasks.push(tokio::spawn(index.run(cancel.clone())));
     let api_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {

@@ -263,6 +263,36 @@ pub struct ServiceSpec {
     /// Free tags (`primary`, `v2`) that clients may filter on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Publish the service on a port of every node through the agents' ingress,
+    /// which balances over its healthy endpoints fleet-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressSpec>,
+}
+
+/// `spec.services[].ingress`: where and how every node's agent serves a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IngressSpec {
+    /// The port each node's ingress listens on (on the agent's `ingress_address`).
+    pub port: u16,
+    /// `http` (default: HTTP/1.1 and HTTP/2, balanced per request) or `tcp`
+    /// (balanced per connection).
+    #[serde(default)]
+    pub protocol: novacron_wire::IngressProtocol,
+    /// Terminate TLS with this certificate chain and key (PEM files present on
+    /// every node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<IngressTlsSpec>,
+}
+
+/// Files of `spec.services[].ingress.tls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IngressTlsSpec {
+    /// The certificate chain (PEM), an absolute path on the node.
+    pub cert_file: String,
+    /// Its private key (PEM), an absolute path on the node.
+    pub key_file: String,
 }
 
 /// The container of a job.

@@ -112,6 +112,13 @@ pub enum FrameError {
     /// A message could not be encoded (it is larger than a frame may be).
     #[error("cannot encode message: {0}")]
     Encode(String),
+    /// The message does not exist in the protocol version of the connection (a
+    /// sender checks the version first; this is the encoder's refusal).
+    #[error("this message does not exist in wire protocol version {version}")]
+    NotInVersion {
+        /// The connection's version.
+        version: u16,
+    },
     /// The underlying stream failed.
     #[error("stream error: {0}")]
     Io(#[from] std::io::Error),
@@ -125,7 +132,9 @@ impl FrameError {
             FrameError::Malformed(_) | FrameError::Trailing { .. } | FrameError::Truncated => {
                 CloseCode::Malformed
             }
-            FrameError::Encode(_) | FrameError::Io(_) => CloseCode::Internal,
+            FrameError::Encode(_) | FrameError::NotInVersion { .. } | FrameError::Io(_) => {
+                CloseCode::Internal
+            }
         }
     }
 }
@@ -373,8 +382,9 @@ pub fn classify_first_frame(body: &[u8]) -> Result<FirstFrame, FrameError> {
 pub trait Versioned: Sized + Clone + Encode + Decode<()> {
     /// The version-2 form.
     type V2: Encode + Decode<()>;
-    /// To the version-2 form (fields added since are dropped).
-    fn to_v2(self) -> Self::V2;
+    /// To the version-2 form (fields added since are dropped); `None` for a
+    /// message that version 2 does not have.
+    fn to_v2(self) -> Option<Self::V2>;
     /// From the version-2 form (fields added since get their defaults).
     fn from_v2(old: Self::V2) -> Self;
 }
@@ -383,8 +393,8 @@ macro_rules! versioned {
     ($($t:ident),*) => {$(
         impl Versioned for $t {
             type V2 = v2::$t;
-            fn to_v2(self) -> v2::$t {
-                v2::Convert::convert(self)
+            fn to_v2(self) -> Option<v2::$t> {
+                Some(v2::Convert::convert(self))
             }
             fn from_v2(old: v2::$t) -> $t {
                 v2::Convert::convert(old)
@@ -393,20 +403,27 @@ macro_rules! versioned {
     )*};
 }
 
-versioned!(
-    AgentMessage,
-    ControllerMessage,
-    StreamOpen,
-    MetricsBatch,
-    LogChunk
-);
+versioned!(AgentMessage, StreamOpen, MetricsBatch, LogChunk);
+
+impl Versioned for ControllerMessage {
+    type V2 = v2::ControllerMessage;
+    fn to_v2(self) -> Option<v2::ControllerMessage> {
+        v2::controller_message_to_v2(self)
+    }
+    fn from_v2(old: v2::ControllerMessage) -> ControllerMessage {
+        v2::Convert::convert(old)
+    }
+}
 
 /// Encodes `msg` as one frame of protocol `version`.
 pub fn encode_frame_as<T: Versioned>(version: u16, msg: &T) -> Result<Vec<u8>, FrameError> {
     if version >= FIRST_NEGOTIATED_VERSION {
         encode_frame(msg)
     } else {
-        encode_frame(&msg.clone().to_v2())
+        match msg.clone().to_v2() {
+            Some(old) => encode_frame(&old),
+            None => Err(FrameError::NotInVersion { version }),
+        }
     }
 }
 
@@ -463,6 +480,86 @@ pub enum ControllerMessage {
     Desired(DesiredAllocations),
     /// Send an allocation's logs on a new uni-stream ([`StreamKind::Logs`]).
     Logs(LogRequest),
+    /// The services this node's ingress serves, with their endpoints. Level-
+    /// triggered like `Desired`: each replaces the previous one. Since protocol
+    /// version [`INGRESS_SINCE`]; appended, so the variants above keep their
+    /// encoding, and never sent to an older agent.
+    Ingress(IngressTable),
+}
+
+/// The first protocol version whose agents take [`ControllerMessage::Ingress`].
+pub const INGRESS_SINCE: u16 = 3;
+/// The most services one [`IngressTable`] carries (more are left out, by name).
+pub const MAX_INGRESS_SERVICES: usize = 64;
+/// The most endpoints one [`IngressService`] carries (with
+/// [`MAX_INGRESS_SERVICES`], a full table stays well under [`MAX_FRAME_LEN`]).
+pub const MAX_INGRESS_ENDPOINTS: usize = 256;
+
+/// Every service published through the agents' ingress (`spec.services[].ingress`),
+/// each with its healthy endpoints fleet-wide.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct IngressTable {
+    /// Raised by the controller each time the table changes (informational).
+    pub revision: u64,
+    /// By name; at most [`MAX_INGRESS_SERVICES`].
+    pub services: Vec<IngressService>,
+}
+
+/// One service of an [`IngressTable`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct IngressService {
+    /// The service's name.
+    pub name: String,
+    /// The port the ingress listens on, on every node.
+    pub port: u16,
+    /// How it balances.
+    pub protocol: IngressProtocol,
+    /// TLS termination, when asked for.
+    pub tls: Option<IngressTls>,
+    /// The endpoints that may take new requests (healthy ones), ordered by
+    /// allocation; at most [`MAX_INGRESS_ENDPOINTS`].
+    pub endpoints: Vec<IngressEndpoint>,
+}
+
+/// How an ingress balances a service.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize,
+)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum IngressProtocol {
+    /// HTTP/1.1 and HTTP/2 (cleartext or over TLS), balanced per request.
+    #[default]
+    Http,
+    /// Any TCP protocol, balanced per connection.
+    Tcp,
+}
+
+impl fmt::Display for IngressProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IngressProtocol::Http => "http",
+            IngressProtocol::Tcp => "tcp",
+        })
+    }
+}
+
+/// The certificate an ingress terminates TLS with: PEM files on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct IngressTls {
+    /// The certificate chain.
+    pub cert_file: String,
+    /// Its private key.
+    pub key_file: String,
+}
+
+/// Where one replica of a service is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct IngressEndpoint {
+    /// The allocation.
+    pub alloc: String,
+    /// Its address and published port.
+    pub address: std::net::SocketAddr,
 }
 
 /// The agent's introduction. The node name it claims must match its certificate.

@@ -580,19 +580,20 @@ impl Convert<crate::ControllerMessage> for ControllerMessage {
     }
 }
 
-impl Convert<ControllerMessage> for crate::ControllerMessage {
-    fn convert(self) -> ControllerMessage {
-        use crate::ControllerMessage as C;
-        match self {
-            C::Welcome(w) => ControllerMessage::Welcome(w.convert()),
-            C::Refused(r) => ControllerMessage::Refused(r.convert()),
-            C::Certificate { request_id, result } => {
-                ControllerMessage::Certificate { request_id, result }
-            }
-            C::Desired(d) => ControllerMessage::Desired(d.convert()),
-            C::Logs(l) => ControllerMessage::Logs(l.convert()),
+/// A controller message in its version-2 form; `None` for the messages added
+/// since (they are never sent to a version-2 agent).
+pub(crate) fn controller_message_to_v2(msg: crate::ControllerMessage) -> Option<ControllerMessage> {
+    use crate::ControllerMessage as C;
+    Some(match msg {
+        C::Welcome(w) => ControllerMessage::Welcome(w.convert()),
+        C::Refused(r) => ControllerMessage::Refused(r.convert()),
+        C::Certificate { request_id, result } => {
+            ControllerMessage::Certificate { request_id, result }
         }
-    }
+        C::Desired(d) => ControllerMessage::Desired(d.convert()),
+        C::Logs(l) => ControllerMessage::Logs(l.convert()),
+        C::Ingress(_) => return None,
+    })
 }
 
 impl Convert<crate::StreamKind> for StreamKind {

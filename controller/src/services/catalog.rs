@@ -131,6 +131,7 @@ mod tests {
                 name: "front".into(),
                 port: "http".into(),
                 tags: vec!["v1".into()],
+                ingress: None,
             }],
         )]
     }

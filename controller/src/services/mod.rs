@@ -12,6 +12,7 @@ pub mod costs;
 pub mod events;
 pub mod heavy;
 pub mod index;
+pub mod ingress;
 pub mod leadership;
 pub mod metrics;
 pub mod migrate;

@@ -188,6 +188,7 @@ impl Checker<'_> {
 
     fn services(&mut self, s: &JobSpec, p: &FieldPath) {
         let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut ingress_ports: HashMap<u16, usize> = HashMap::new();
         for (i, service) in s.services.iter().enumerate() {
             let at = p.index(i);
             if !is_port_name(&service.name) || service.name.len() > 63 {
@@ -221,6 +222,38 @@ impl Checker<'_> {
                         declared.join(", ")
                     ),
                 );
+            }
+            if let Some(ingress) = &service.ingress {
+                let ip = at.key("ingress");
+                if ingress.port == 0 {
+                    self.bad(
+                        ip.key("port"),
+                        "0 is not a port; expected the node port to listen on, 1 to 65535".into(),
+                    );
+                } else if let Some(first) = ingress_ports.insert(ingress.port, i) {
+                    ingress_ports.insert(ingress.port, first);
+                    self.bad(
+                        ip.key("port"),
+                        format!(
+                            "{} is already the ingress port of {p}[{first}]; expected one \
+                             port per service",
+                            ingress.port
+                        ),
+                    );
+                }
+                if let Some(tls) = &ingress.tls {
+                    for (key, file) in [("certFile", &tls.cert_file), ("keyFile", &tls.key_file)] {
+                        if !file.starts_with('/') || file.len() > 4096 {
+                            self.bad(
+                                ip.key("tls").key(key),
+                                format!(
+                                    "{file:?} is not an absolute path; expected the PEM file's \
+                                     path on every node (like /etc/novacron/web.pem)"
+                                ),
+                            );
+                        }
+                    }
+                }
             }
             for (t, tag) in service.tags.iter().enumerate() {
                 if tag.is_empty() || tag.len() > 63 || tag.chars().any(char::is_whitespace) {
@@ -790,6 +823,47 @@ mod tests {
         ] {
             assert!(errors.contains(wanted), "{wanted}\n{errors}");
         }
+    }
+
+    #[test]
+    fn ingress_ports_are_unique_and_tls_files_absolute() {
+        let job = |services: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: web}}\nspec:\n  task:\n    \
+                 image: busybox\n    ports: [{{name: http, containerPort: 80}}]\n  resources: {{cpu: 100m, memory: 32Mi}}\n  services: {services}\n"
+            )
+        };
+        let ok = crate::manifest::parse_job(
+            "ok.yaml",
+            &job("[{name: web, port: http, ingress: {port: 8080, tls: {certFile: /etc/w.pem, keyFile: /etc/w.key}}}, {name: raw, port: http, ingress: {port: 9000, protocol: tcp}}]"),
+        )
+        .expect("valid");
+        let ingress = ok.spec.services[0].ingress.as_ref().expect("ingress");
+        assert_eq!(ingress.protocol, novacron_wire::IngressProtocol::Http);
+        assert_eq!(
+            ok.spec.services[1].ingress.as_ref().map(|i| i.protocol),
+            Some(novacron_wire::IngressProtocol::Tcp)
+        );
+        let errors = crate::manifest::parse_job(
+            "bad.yaml",
+            &job("[{name: a, port: http, ingress: {port: 0}}, {name: b, port: http, ingress: {port: 81, tls: {certFile: w.pem, keyFile: /k}}}, {name: c, port: http, ingress: {port: 81}}]"),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for wanted in [
+            "spec.services[0].ingress.port: 0 is not a port",
+            "spec.services[1].ingress.tls.certFile: \"w.pem\" is not an absolute path",
+            "spec.services[2].ingress.port: 81 is already the ingress port of spec.services[1]",
+        ] {
+            assert!(errors.contains(wanted), "{wanted}\n{errors}");
+        }
+        let unknown = crate::manifest::parse_job(
+            "bad.yaml",
+            &job("[{name: a, port: http, ingress: {port: 80, protocol: udp}}]"),
+        )
+        .expect_err("invalid")
+        .to_string();
+        assert!(unknown.contains("udp"), "{unknown}");
     }
 
     #[test]

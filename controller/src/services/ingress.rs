@@ -1,0 +1,221 @@
+//! The ingress table: which services the agents' ingress listeners publish
+//! (`spec.services[].ingress`) and their healthy endpoints fleet-wide. [`table`]
+//! is pure: it takes the jobs' services and the catalog and returns the table.
+//! [`publish`] rebuilds it from the catalog every [`PUBLISH_INTERVAL`] and hands a
+//! changed table to the link, which sends it to every agent that speaks
+//! [`novacron_common::wire::INGRESS_SINCE`] (level-triggered, like desired sets:
+//! a reconnecting agent gets the current table first).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use novacron_api::services::ServiceView;
+use novacron_common::manifest::ServiceSpec;
+use novacron_common::wire::{
+    IngressEndpoint, IngressService, IngressTable, IngressTls, MAX_INGRESS_ENDPOINTS,
+    MAX_INGRESS_SERVICES,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// How often the table is rebuilt from the catalog. A change reaches the agents
+/// within this plus one link round trip.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The services the `jobs` publish through the ingress, with the healthy TCP
+/// endpoints the catalog (`services`) lists for them, by name. Where jobs that
+/// share a service declare different ingresses, the first job by name decides
+/// (apply refuses a second service on a port another service publishes). Bounded
+/// by [`MAX_INGRESS_SERVICES`] and [`MAX_INGRESS_ENDPOINTS`]; what is left out is
+/// logged.
+pub fn table(jobs: &[(String, Vec<ServiceSpec>)], services: &[ServiceView]) -> Vec<IngressService> {
+    let mut specs: BTreeMap<&str, (&str, &ServiceSpec)> = BTreeMap::new();
+    for (job, list) in jobs {
+        for spec in list.iter().filter(|s| s.ingress.is_some()) {
+            let entry = specs.entry(&spec.name).or_insert((job, spec));
+            if job.as_str() < entry.0 {
+                *entry = (job, spec);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, (_, spec)) in specs {
+        let Some(ingress) = &spec.ingress else {
+            continue;
+        };
+        if out.len() == MAX_INGRESS_SERVICES {
+            warn!(
+                service = name,
+                "more than {MAX_INGRESS_SERVICES} ingress services; leaving the rest out"
+            );
+            break;
+        }
+        let mut endpoints: Vec<IngressEndpoint> = services
+            .iter()
+            .filter(|s| s.name == name)
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.healthy && e.protocol == "tcp")
+            .map(|e| IngressEndpoint {
+                alloc: e.alloc.clone(),
+                address: e.socket_addr(),
+            })
+            .collect();
+        endpoints.sort_by(|a, b| a.alloc.cmp(&b.alloc));
+        if endpoints.len() > MAX_INGRESS_ENDPOINTS {
+            warn!(
+                service = name,
+                endpoints = endpoints.len(),
+                "more than {MAX_INGRESS_ENDPOINTS} endpoints; the ingress gets the first"
+            );
+            endpoints.truncate(MAX_INGRESS_ENDPOINTS);
+        }
+        out.push(IngressService {
+            name: name.to_owned(),
+            port: ingress.port,
+            protocol: ingress.protocol,
+            tls: ingress.tls.as_ref().map(|t| IngressTls {
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            }),
+            endpoints,
+        });
+    }
+    out
+}
+
+/// Rebuilds the table with `read` every [`PUBLISH_INTERVAL`] until `cancel`, and
+/// sends it on `tx` (with the next revision) when it differs from the last one.
+pub async fn publish<F>(read: F, tx: watch::Sender<Arc<IngressTable>>, cancel: CancellationToken)
+where
+    F: Fn() -> Vec<IngressService> + Send + 'static,
+{
+    let mut ticker = tokio::time::interval(PUBLISH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let services = read();
+        tx.send_if_modified(|current| {
+            if current.services == services {
+                return false;
+            }
+            let revision = current.revision + 1;
+            debug!(revision, services = services.len(), "ingress table changed");
+            *current = Arc::new(IngressTable { revision, services });
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novacron_api::services::EndpointView;
+    use novacron_common::manifest::IngressSpec;
+    use novacron_common::wire::IngressProtocol;
+
+    fn spec(name: &str, ingress: Option<u16>) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            port: "http".into(),
+            tags: vec![],
+            ingress: ingress.map(|port| IngressSpec {
+                port,
+                protocol: IngressProtocol::Http,
+                tls: None,
+            }),
+        }
+    }
+
+    fn endpoint(alloc: &str, port: u16, healthy: bool, protocol: &str) -> EndpointView {
+        EndpointView {
+            alloc: alloc.into(),
+            job: "web".into(),
+            node: "n1".into(),
+            address: "10.0.0.7".parse().expect("ip"),
+            port,
+            protocol: protocol.into(),
+            healthy,
+            tags: vec![],
+            zone: None,
+        }
+    }
+
+    #[test]
+    fn only_ingress_services_with_their_healthy_tcp_endpoints() {
+        let jobs = vec![(
+            "web".to_string(),
+            vec![spec("web", Some(8080)), spec("plain", None)],
+        )];
+        let services = vec![
+            ServiceView {
+                name: "plain".into(),
+                jobs: vec!["web".into()],
+                endpoints: vec![endpoint("a1", 20001, true, "tcp")],
+            },
+            ServiceView {
+                name: "web".into(),
+                jobs: vec!["web".into()],
+                endpoints: vec![
+                    endpoint("b2", 20002, true, "tcp"),
+                    endpoint("a1", 20001, true, "tcp"),
+                    endpoint("c3", 20003, false, "tcp"),
+                    endpoint("d4", 20004, true, "udp"),
+                ],
+            },
+        ];
+        let t = table(&jobs, &services);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].name, "web");
+        assert_eq!(t[0].port, 8080);
+        let addrs: Vec<String> = t[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.0.0.7:20001", "10.0.0.7:20002"]);
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_still_published_and_the_first_job_decides() {
+        let jobs = vec![
+            ("zeta".to_string(), vec![spec("web", Some(9090))]),
+            ("alpha".to_string(), vec![spec("web", Some(8080))]),
+        ];
+        let t = table(&jobs, &[]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].port, 8080, "job alpha sorts first");
+        assert!(t[0].endpoints.is_empty());
+    }
+
+    #[tokio::test]
+    async fn publish_sends_only_changes_with_a_new_revision() {
+        let (tx, mut rx) = watch::channel(Arc::new(IngressTable::default()));
+        let source = Arc::new(std::sync::Mutex::new(Vec::<IngressService>::new()));
+        let read = {
+            let source = source.clone();
+            move || source.lock().expect("lock").clone()
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(publish(read, tx, cancel.clone()));
+        tokio::time::sleep(PUBLISH_INTERVAL * 2).await;
+        assert!(
+            !rx.has_changed().expect("open"),
+            "an unchanged table is not sent"
+        );
+        *source.lock().expect("lock") =
+            table(&[("web".into(), vec![spec("web", Some(8080))])], &[]);
+        rx.changed().await.expect("changed");
+        let first = rx.borrow_and_update().clone();
+        assert_eq!(first.revision, 1);
+        assert_eq!(first.services.len(), 1);
+        tokio::time::sleep(PUBLISH_INTERVAL * 2).await;
+        assert!(!rx.has_changed().expect("open"), "sent once per change");
+        cancel.cancel();
+        task.await.expect("stops");
+    }
+}
