@@ -656,6 +656,15 @@ impl Reconciler {
         let mut actions = Vec::new();
         let mut gone = Vec::new();
         self.holds.retain(|_, until| *until > now);
+        // Host ports still bound by containers being removed (an allocation the
+        // controller dropped or replaced): a launch that needs one waits for the
+        // removal, rather than fail to bind while the old container stops.
+        let releasing: HashMap<u16, String> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.desired.is_none() && r.container.is_some())
+            .flat_map(|(id, r)| r.published.iter().map(move |p| (p.host_port, id.clone())))
+            .collect();
         for (id, rec) in &mut self.records {
             if actions.len() >= budget {
                 break;
@@ -684,6 +693,18 @@ impl Reconciler {
             }
             match rec.state {
                 AllocState::Pending if rec.observed => {
+                    let held = spec
+                        .task
+                        .ports
+                        .iter()
+                        .filter_map(|p| p.host_port)
+                        .find_map(|port| releasing.get(&port).map(|holder| (port, holder)));
+                    if let Some((port, holder)) = held {
+                        rec.message = format!(
+                            "waiting for allocation {holder}'s container to stop and release host port {port}"
+                        );
+                        continue;
+                    }
                     rec.busy = true;
                     rec.state = AllocState::Starting;
                     rec.run_hash = Some(desired_hash.clone());
@@ -1668,6 +1689,76 @@ mod tests {
             },
         );
         assert!(r.report().allocations.is_empty());
+    }
+
+    /// A replacement placed on the host port of an allocation that is being
+    /// removed (a rolling update frees the port in the same pass) launches only
+    /// once the old container is gone, instead of failing to bind.
+    #[test]
+    fn a_launch_waits_for_a_removed_container_to_release_its_host_port() {
+        let mut r = core();
+        let now = Instant::now();
+        let mut old = spec("old", once());
+        old.task.ports = vec![novacron_common::wire::PortMapping {
+            name: "http".into(),
+            container_port: 80,
+            host_port: Some(20000),
+            udp: false,
+        }];
+        r.apply(desired(1, vec![old.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![]);
+        assert_eq!(r.plan(now, 16).len(), 1);
+        let mut bound = run("c1");
+        bound.published = vec![PublishedPort {
+            host_ip: "0.0.0.0".parse().expect("ip"),
+            host_port: 20000,
+            container_port: 80,
+            udp: false,
+        }];
+        r.complete(
+            now,
+            Outcome::Launched {
+                alloc: "old".into(),
+                spec_hash: spec_hash(&old.task),
+                result: Ok(bound),
+            },
+        );
+        let mut new = old.clone();
+        new.id = "new".into();
+        new.task.env.insert("VERSION".into(), "2".into());
+        r.apply(desired(2, vec![new]));
+        let token = r.observe_begin();
+        r.observe(
+            now,
+            token,
+            vec![observed(&old, "c1", ContainerStatus::Running)],
+        );
+        let actions = r.plan(now, 16);
+        assert_eq!(
+            actions,
+            vec![Action::Remove {
+                alloc: "old".into(),
+                container_id: "c1".into()
+            }],
+            "the new allocation waits"
+        );
+        assert!(
+            status(&r, "new")
+                .message
+                .contains("release host port 20000"),
+            "{}",
+            status(&r, "new").message
+        );
+        r.complete(
+            now,
+            Outcome::Removed {
+                alloc: "old".into(),
+                container_id: "c1".into(),
+                result: Ok(()),
+            },
+        );
+        assert!(matches!(&r.plan(now, 16)[..], [Action::Launch { alloc, .. }] if alloc == "new"));
     }
 
     #[test]
