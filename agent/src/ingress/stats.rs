@@ -117,7 +117,8 @@ pub fn render(services: &[(String, &ServiceStats, Gauges)], node: &str, out: &mu
             (0..5).map(move |c| (format!("{base},code=\"{}xx\"", c + 1), load(&s.by_class[c])))
         }),
     );
-    let simple: [(&str, &str, fn(&ServiceStats) -> &AtomicU64); 5] = [
+    type Field = fn(&ServiceStats) -> &AtomicU64;
+    let simple: [(&str, &str, Field); 5] = [
         (
             "novacron_ingress_upstream_failures_total",
             "Attempts whose endpoint could not be reached or closed before answering.",
