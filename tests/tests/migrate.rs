@@ -71,6 +71,20 @@ async fn setup_with(
     a_args: &[&str],
     checkpoint_extra: &str,
 ) -> Option<Setup> {
+    setup_full(test, mode, image_on_b, a_args, &[], checkpoint_extra, "").await
+}
+
+/// [`setup_with`] with extra flags for agent b and extra lines for the job's
+/// spec (after its `checkpoint:` block, indented two spaces).
+async fn setup_full(
+    test: &str,
+    mode: &str,
+    image_on_b: bool,
+    a_args: &[&str],
+    b_args: &[&str],
+    checkpoint_extra: &str,
+    spec_extra: &str,
+) -> Option<Setup> {
     let d = daemons(test)?;
     let image = counter_image(Some(&d.a)).expect("counter image on A");
     let image = if image_on_b {
@@ -122,7 +136,8 @@ async fn setup_with(
         mode,
         checkpoint_extra,
     }
-    .manifest();
+    .manifest()
+        + spec_extra;
     controller
         .apply("counter.yaml", &manifest)
         .await
@@ -138,7 +153,7 @@ async fn setup_with(
         dir.path(),
         &controller,
         &format!("mb{pid}-{}", &test[..4.min(test.len())]),
-        &["--docker-host", &d.b],
+        &[&["--docker-host", d.b.as_str()], b_args].concat(),
     )
     .await
     .expect("agent b");
@@ -173,8 +188,12 @@ async fn wait_ready(c: &Controller, name: &str) {
 }
 
 async fn get(port: u16, path: &str) -> anyhow::Result<String> {
+    get_at("127.0.0.1", port, path).await
+}
+
+async fn get_at(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
     let resp = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
+        .get(format!("http://{ip}:{port}{path}"))
         .timeout(Duration::from_secs(2))
         .send()
         .await?
@@ -599,4 +618,71 @@ async fn node_drain_migrate_moves_every_allocation_with_its_state() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("moved to"));
     assert_eq!(the_alloc(&s).await.node, s.agents[1].name);
     assert_eq!(get(s.port, "/count").await.expect("count"), "3");
+}
+
+/// The agents' ingress follows a live migration: before it, both nodes' ingress
+/// reach the replica on a; after it, both reach it on b, with its memory. A
+/// single replica has no other endpoint while it is frozen, so requests during
+/// the migration may get the ingress's 503; the two-replica case is in
+/// `tests/tests/ingress.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_follows_a_live_migration() {
+    let pid = std::process::id();
+    let ingress = free_port();
+    let (ip_a, ip_b) = ("127.0.0.31", "127.0.0.32");
+    let Some(s) = setup_full(
+        "ingress",
+        "live",
+        true,
+        &["--ingress-address", ip_a],
+        &["--ingress-address", ip_b],
+        "",
+        &format!(
+            "  services:\n    - {{name: counter{pid}, port: http, ingress: {{port: {ingress}}}}}\n"
+        ),
+    )
+    .await
+    else {
+        return;
+    };
+    for ip in [ip_a, ip_b] {
+        wait_for(Duration::from_secs(30), "the ingress to serve", || async {
+            get_at(ip, ingress, "/count").await.is_ok()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e} on {ip}"));
+    }
+    for n in 1..=2 {
+        assert_eq!(
+            get_at(ip_a, ingress, "/").await.expect("via a").trim(),
+            n.to_string()
+        );
+    }
+    assert_eq!(get_at(ip_b, ingress, "/").await.expect("via b").trim(), "3");
+    let alloc = the_alloc(&s).await;
+    let out = s
+        .controller
+        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = Instant::now();
+    for ip in [ip_a, ip_b] {
+        wait_for(Duration::from_secs(15), "the ingress to follow", || async {
+            get_at(ip, ingress, "/count")
+                .await
+                .is_ok_and(|c| c.trim() == "3")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e} on {ip}"));
+    }
+    eprintln!(
+        "migration done to both ingresses serving: {:?}",
+        moved.elapsed()
+    );
+    assert_eq!(get_at(ip_a, ingress, "/").await.expect("via a").trim(), "4");
+    assert_eq!(the_alloc(&s).await.node, s.agents[1].name);
 }
