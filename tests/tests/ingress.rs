@@ -160,7 +160,7 @@ async fn a_service_behind_the_ingress_answers_every_request_while_a_replica_dies
             2,
             WEB,
             &format!(
-                "    ports: [{{name: http, containerPort: 8080}}]\n    env: {{VERSION: \"{version}\"}}\n"
+                "    ports: [{{name: http, containerPort: 8080}}]\n    env: {{VERSION: \"{version}\"}}\n    shutdownDelay: 5s\n"
             ),
             &format!(
                 "  placement: {{spread: [{{key: zone}}]}}
@@ -339,12 +339,28 @@ async fn a_service_behind_the_ingress_answers_every_request_while_a_replica_dies
         "{metrics}"
     );
 
-    // Stopped: the listener stays and says why it cannot serve.
+    // Stopped: the endpoints leave the catalog at once, the containers stop
+    // only after the shutdown delay; the listener stays and says why it cannot
+    // serve.
     let stop = c.cli(&["job", "stop", &job]);
     assert!(
         stop.status.success(),
         "{}",
         String::from_utf8_lossy(&stop.stderr)
+    );
+    wait_for(Duration::from_secs(10), "no endpoint listed", || async {
+        service(&c, &svc)
+            .await
+            .is_some_and(|s| s.endpoints.is_empty())
+    })
+    .await
+    .expect("deregistered");
+    let running =
+        docker(&["ps", "-q", "--filter", &format!("label=novacron.job={job}")]).expect("docker ps");
+    // (An old version's replica of the rollout may still be in its delay too.)
+    assert!(
+        running.lines().count() >= 2,
+        "both containers still run during their 5 s shutdown delay: {running}"
     );
     wait_for(Duration::from_secs(30), "503 from the ingress", || async {
         reqwest::get(&url)
@@ -353,6 +369,16 @@ async fn a_service_behind_the_ingress_answers_every_request_while_a_replica_dies
     })
     .await
     .expect("503");
+    wait_for(
+        Duration::from_secs(30),
+        "the containers stopped",
+        || async {
+            docker(&["ps", "-q", "--filter", &format!("label=novacron.job={job}")])
+                .is_ok_and(|ids| ids.trim().is_empty())
+        },
+    )
+    .await
+    .expect("stopped after the delay");
 }
 
 #[tokio::test]

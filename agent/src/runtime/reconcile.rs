@@ -344,8 +344,15 @@ impl Reconciler {
             );
         }
         for (id, rec) in &mut self.records {
-            if !wanted.contains_key(id) && rec.desired.take().is_some() {
+            if wanted.contains_key(id) {
+                continue;
+            }
+            if let Some(old) = rec.desired.take() {
                 rec.message = "stopping: no longer desired on this node".into();
+                let delay = old.spec.task.shutdown_delay_ms;
+                if delay > 0 && rec.state == AllocState::Running && rec.container.is_some() {
+                    rec.shutdown_delay = Some(Duration::from_millis(delay));
+                }
             }
         }
         for (id, desired) in wanted {
@@ -675,6 +682,14 @@ impl Reconciler {
             let Some(desired) = &rec.desired else {
                 match &rec.container {
                     None => gone.push(id.clone()),
+                    Some(_) if rec.shutdown_delay.is_some() => {
+                        let delay = rec.shutdown_delay.take().unwrap_or_default();
+                        rec.retry_at = Some(now + delay);
+                        rec.message = format!(
+                            "stopping in {} (shutdownDelay): no longer desired on this node",
+                            novacron_common::units::duration(delay)
+                        );
+                    }
                     Some(c) if rec.retry_at.is_none_or(|t| t <= now) => {
                         rec.busy = true;
                         actions.push(Action::Remove {
@@ -986,6 +1001,9 @@ struct Record {
     window: RestartWindow,
     restart_at: Option<Instant>,
     retry_at: Option<Instant>,
+    /// Left the desired set while running with a `shutdown_delay_ms`: the
+    /// removal waits this long (set when `plan` first sees it).
+    shutdown_delay: Option<Duration>,
 }
 
 impl Record {
@@ -1014,6 +1032,7 @@ impl Record {
             window: RestartWindow::default(),
             restart_at: None,
             retry_at: None,
+            shutdown_delay: None,
         }
     }
 
@@ -1759,6 +1778,37 @@ mod tests {
             },
         );
         assert!(matches!(&r.plan(now, 16)[..], [Action::Launch { alloc, .. }] if alloc == "new"));
+    }
+
+    /// `shutdownDelay`: an allocation that leaves the desired set while running
+    /// is removed only once the delay has passed (its endpoints left the catalog
+    /// when the controller dropped it).
+    #[test]
+    fn a_shutdown_delay_holds_the_removal() {
+        let mut r = core();
+        let now = Instant::now();
+        let mut a = spec("a", once());
+        a.task.shutdown_delay_ms = 5_000;
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, now, &a, "c1");
+        r.apply(desired(2, vec![]));
+        assert!(r.plan(now, 16).is_empty(), "not removed at once");
+        assert!(
+            status(&r, "a")
+                .message
+                .starts_with("stopping in 5s (shutdownDelay)"),
+            "{}",
+            status(&r, "a").message
+        );
+        assert_eq!(r.next_deadline(), Some(now + Duration::from_secs(5)));
+        assert!(r.plan(now + Duration::from_secs(4), 16).is_empty());
+        assert_eq!(
+            r.plan(now + Duration::from_secs(5), 16),
+            vec![Action::Remove {
+                alloc: "a".into(),
+                container_id: "c1".into()
+            }]
+        );
     }
 
     #[test]

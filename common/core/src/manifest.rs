@@ -319,6 +319,16 @@ pub struct TaskTemplate {
     /// Working directory in the container.
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// When a replica is to stop (a rolling update, a scale-down, a stop), its
+    /// endpoints leave the service catalog, DNS and the ingress at once, and the
+    /// container is stopped only this long after (`5s`; at most 5m; default: at
+    /// once), so that clients and balancers move off it first.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "health::optional_duration"
+    )]
+    pub shutdown_delay: Option<Duration>,
 }
 
 /// A published port.

@@ -839,6 +839,10 @@ pub struct TaskSpec {
     pub restart: RestartSpec,
     /// Health check.
     pub health: Option<HealthSpec>,
+    /// Once the allocation leaves the node's desired set (its endpoints have left
+    /// the catalog), wait this long before stopping it, so that balancers and
+    /// clients move off it first (ms; 0: stop at once). Since protocol 3.
+    pub shutdown_delay_ms: u64,
 }
 
 /// A published port.

@@ -358,6 +358,12 @@ impl Migrations {
             return;
         };
         let (alloc, from, to) = (status.alloc.clone(), status.from.clone(), status.to.clone());
+        // 0. The allocation left the catalog, DNS and the ingress when the
+        // migration began (it counts as moving): with a shutdownDelay, give
+        // clients that long to move off it before it freezes.
+        if let Some(delay) = self.workloads.shutdown_delay(&alloc) {
+            tokio::time::sleep(delay).await;
+        }
         let started = Instant::now();
         // 1. Checkpoint on the source, holding the allocation there.
         let info = match self

@@ -636,6 +636,19 @@ impl Workloads {
         node_views(&self.registry.placement_nodes(now))
     }
 
+    /// `spec.task.shutdownDelay` of the job version `alloc` runs.
+    pub fn shutdown_delay(&self, alloc: &str) -> Option<std::time::Duration> {
+        let st = self.lock();
+        let a = st.allocs.get(alloc)?;
+        st.jobs
+            .get(&a.job)?
+            .parsed
+            .get(&a.version)?
+            .spec
+            .task
+            .shutdown_delay
+    }
+
     /// Each job's current services (`spec.services`), for the service catalog.
     pub fn job_services(&self) -> Vec<(String, Vec<novacron_common::manifest::ServiceSpec>)> {
         let st = self.lock();

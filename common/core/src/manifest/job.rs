@@ -104,6 +104,7 @@ impl Job {
                 delay_mode: s.restart.mode == RestartMode::Delay,
             },
             health: s.health.as_ref().and_then(super::health::health_spec),
+            shutdown_delay_ms: t.shutdown_delay.map_or(0, millis),
         }
     }
 

@@ -26,6 +26,9 @@ use super::{
 use crate::cron::parse_cron;
 use crate::names::{self, NameError};
 
+/// The longest `spec.task.shutdownDelay`.
+pub const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(300);
+
 /// One broken rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Issue {
@@ -302,6 +305,18 @@ impl Checker<'_> {
 
     fn task(&mut self, t: &TaskTemplate, p: &FieldPath) {
         const IMAGE: &str = "expected an image reference like busybox:latest";
+        if let Some(d) = t.shutdown_delay
+            && d > MAX_SHUTDOWN_DELAY
+        {
+            self.bad(
+                p.key("shutdownDelay"),
+                format!(
+                    "{} is longer than {}; expected at most 5m",
+                    human(d),
+                    human(MAX_SHUTDOWN_DELAY)
+                ),
+            );
+        }
         if t.image.trim().is_empty() {
             self.bad(p.key("image"), format!("{:?} is empty; {IMAGE}", t.image));
         } else if t.image.chars().any(char::is_whitespace) {
@@ -823,6 +838,25 @@ mod tests {
         ] {
             assert!(errors.contains(wanted), "{wanted}\n{errors}");
         }
+    }
+
+    #[test]
+    fn shutdown_delay_is_bounded_and_reaches_the_task() {
+        let job = |delay: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: web}}\nspec:\n  task:\n    \
+                 image: busybox\n    shutdownDelay: {delay}\n  resources: {{cpu: 100m, memory: 32Mi}}\n"
+            )
+        };
+        let ok = crate::manifest::parse_job("ok.yaml", &job("3s")).expect("valid");
+        assert_eq!(ok.task_spec().shutdown_delay_ms, 3000);
+        let errors = crate::manifest::parse_job("bad.yaml", &job("10m"))
+            .expect_err("too long")
+            .to_string();
+        assert!(
+            errors.contains("spec.task.shutdownDelay: 10m is longer than 5m"),
+            "{errors}"
+        );
     }
 
     #[test]
