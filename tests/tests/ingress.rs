@@ -513,6 +513,27 @@ async fn the_ingress_terminates_tls_with_http2_serves_tcp_and_skips_a_service_wh
     );
     assert!(answer.contains(host.trim()), "{answer}");
 
+    // Another job cannot take a port one of these services publishes.
+    let clash = service_job(
+        &format!("clash-{pid}"),
+        1,
+        WEB,
+        "    ports: [{name: http, containerPort: 8080}]\n",
+        &format!(
+            "  services:\n    - {{name: other{pid}, port: http, ingress: {{port: {tcp_port}}}}}\n"
+        ),
+    );
+    let refused = c
+        .apply("clash.yaml", &clash)
+        .await
+        .expect_err("a taken ingress port");
+    assert!(
+        refused.to_string().contains(&format!(
+            "{tcp_port} is already the ingress port of service \\\"tcp{pid}\\\""
+        )),
+        "{refused}"
+    );
+
     // The service whose certificate cannot be read is not served; the others are.
     assert!(
         tokio::net::TcpStream::connect((ip, broken_port))

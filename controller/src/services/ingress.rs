@@ -85,6 +85,43 @@ pub fn table(jobs: &[(String, Vec<ServiceSpec>)], services: &[ServiceView]) -> V
     out
 }
 
+/// Why `job`'s `services` cannot be published alongside the `others` (every
+/// other job's current services), if they cannot: a service whose ingress port
+/// another job's service of another name publishes, or a shared service whose
+/// ingress differs from the other job's. `None` when they fit.
+pub fn conflict(
+    job: &str,
+    services: &[ServiceSpec],
+    others: &[(String, Vec<ServiceSpec>)],
+) -> Option<String> {
+    for (i, spec) in services.iter().enumerate() {
+        for (other, theirs) in others.iter().filter(|(o, _)| o != job) {
+            for their in theirs {
+                if their.name == spec.name {
+                    if their.ingress != spec.ingress {
+                        return Some(format!(
+                            "spec.services[{i}].ingress: service {:?} is also offered by job {other:?} \
+                             with another ingress; jobs that share a service must publish it the same way",
+                            spec.name
+                        ));
+                    }
+                    continue;
+                }
+                if let (Some(mine), Some(th)) = (&spec.ingress, &their.ingress)
+                    && mine.port == th.port
+                {
+                    return Some(format!(
+                        "spec.services[{i}].ingress.port: {} is already the ingress port of service {:?} \
+                         of job {other:?}; choose another port",
+                        mine.port, their.name
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Rebuilds the table with `read` every [`PUBLISH_INTERVAL`] until `cancel`, and
 /// sends it on `tx` (with the next revision) when it differs from the last one.
 pub async fn publish<F>(read: F, tx: watch::Sender<Arc<IngressTable>>, cancel: CancellationToken)
@@ -190,6 +227,29 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].port, 8080, "job alpha sorts first");
         assert!(t[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn another_job_s_ingress_port_or_a_different_ingress_for_a_shared_service_conflicts() {
+        let others = vec![("api".to_string(), vec![spec("api", Some(8080))])];
+        let e = conflict("web", &[spec("web", Some(8080))], &others).expect("port taken");
+        assert!(
+            e.contains("8080 is already the ingress port of service \"api\" of job \"api\""),
+            "{e}"
+        );
+        let e = conflict("web", &[spec("api", Some(9090))], &others).expect("different ingress");
+        assert!(e.contains("also offered by job \"api\""), "{e}");
+        assert_eq!(
+            conflict("web", &[spec("api", Some(8080))], &others),
+            None,
+            "shared the same way"
+        );
+        assert_eq!(conflict("web", &[spec("web", Some(8081))], &others), None);
+        assert_eq!(
+            conflict("api", &[spec("api", Some(9090))], &others),
+            None,
+            "its own older version"
+        );
     }
 
     #[tokio::test]

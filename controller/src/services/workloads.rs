@@ -247,6 +247,14 @@ impl Workloads {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
         let mut st = self.lock();
         let name = job.name.clone();
+        let others: Vec<(String, Vec<novacron_common::manifest::ServiceSpec>)> = st
+            .jobs
+            .values()
+            .filter_map(|e| Some((e.record.name.clone(), e.current()?.spec.services.clone())))
+            .collect();
+        if let Some(why) = super::ingress::conflict(&name, &job.spec.services, &others) {
+            return Err(WorkloadError::Invalid(format!("{file}: {why}")));
+        }
         // The new record is written first; the jobs the API lists and the
         // reconciler schedules change only once it is on disk (under the lock, so
         // nothing sees one without the other).
