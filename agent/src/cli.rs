@@ -183,6 +183,18 @@ pub struct RunArgs {
     /// [env: NOVACRON_INGRESS_ADDRESS] [file: ingress_address] [default: the publish address].
     #[arg(long, value_name = "off|IP")]
     pub ingress_address: Option<String>,
+    /// Answer DNS for the fleet domain (`<service>.service.novacron.`) here and
+    /// forward other names upstream: off or IP:PORT; on port 53 of an address
+    /// containers reach (Docker's bridge, 172.17.0.1:53) the containers this agent
+    /// starts resolve through it
+    /// [env: NOVACRON_DNS_LISTEN] [file: dns_listen] [default: off].
+    #[arg(long, value_name = "off|IP:PORT")]
+    pub dns_listen: Option<String>,
+    /// Where that DNS sends names outside the fleet domain: system (the host's
+    /// /etc/resolv.conf), off (refused), or IP:PORT,IP:PORT
+    /// [env: NOVACRON_DNS_UPSTREAM] [file: dns_upstream] [default: system].
+    #[arg(long, value_name = "system|off|IP:PORT,...")]
+    pub dns_upstream: Option<String>,
     /// For tests only (hidden): offer only these wire protocol versions (`2`,
     /// `2-3`), within those this build speaks, to act as an older agent in the
     /// version-skew tests. Not for production use.
@@ -280,6 +292,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         publish_address: args.publish_address,
         metrics_listen: args.metrics_listen,
         ingress_address: args.ingress_address,
+        dns_listen: args.dns_listen,
+        dns_upstream: args.dns_upstream,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -300,7 +314,9 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         return config_error(&e.to_string());
     }
     let docker = match DockerRuntime::new(args.docker_host.as_deref()) {
-        Ok(d) => d.with_publish_address(args.publish_address),
+        Ok(d) => d
+            .with_publish_address(args.publish_address)
+            .with_resolver(args.dns_listen.and_then(crate::dns::container_resolver)),
         Err(e) => {
             let endpoint = match &args.docker_host {
                 Some(host) => format!("{} {host:?}", args.docker_host_origin),
@@ -367,7 +383,25 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         crate::ingress::Ingress::new(address, workers)
     });
+    let dns = match args.dns_listen {
+        None => None,
+        Some(addr) => match crate::dns::AgentDns::start(addr, &args.dns_upstream).await {
+            Ok(dns) => {
+                match crate::dns::container_resolver(addr) {
+                    Some(ip) => {
+                        info!(%addr, "answering DNS; containers started from now on resolve through {ip}")
+                    }
+                    None => {
+                        info!(%addr, "answering DNS; containers keep Docker's resolver (it only takes port 53 of a specific address)")
+                    }
+                }
+                Some(dns)
+            }
+            Err(e) => return config_error(&e),
+        },
+    };
     let config = AgentConfig {
+        dns,
         state,
         labels,
         interval: args.interval,

@@ -92,6 +92,10 @@ pub mod env {
     pub const METRICS_LISTEN: &str = "NOVACRON_METRICS_LISTEN";
     /// `ingress_address`: off or an IP address.
     pub const INGRESS_ADDRESS: &str = "NOVACRON_INGRESS_ADDRESS";
+    /// `dns_listen`: off or IP:PORT.
+    pub const DNS_LISTEN: &str = "NOVACRON_DNS_LISTEN";
+    /// `dns_upstream`: system, off, or IP:PORT,...
+    pub const DNS_UPSTREAM: &str = "NOVACRON_DNS_UPSTREAM";
 }
 
 /// The settings' names.
@@ -224,6 +228,18 @@ pub mod keys {
         env: env::INGRESS_ADDRESS,
         flag: "--ingress-address",
     };
+    /// Where the agent answers DNS.
+    pub const DNS_LISTEN: Key = Key {
+        file: "dns_listen",
+        env: env::DNS_LISTEN,
+        flag: "--dns-listen",
+    };
+    /// Where the agent's DNS forwards other names.
+    pub const DNS_UPSTREAM: Key = Key {
+        file: "dns_upstream",
+        env: env::DNS_UPSTREAM,
+        flag: "--dns-upstream",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -266,6 +282,12 @@ pub struct AgentFile {
     /// The address the ingress listens on for services published through it:
     /// "off", or an IP address (default: `publish_address`).
     pub ingress_address: Option<String>,
+    /// Where the agent answers DNS for the fleet domain and forwards the rest:
+    /// "off" (default) or "IP:PORT"; on port 53, containers resolve through it.
+    pub dns_listen: Option<String>,
+    /// Where the agent's DNS sends names outside the fleet domain: "system"
+    /// (default: the host's /etc/resolv.conf), "off", or "IP:PORT,IP:PORT".
+    pub dns_upstream: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -336,6 +358,10 @@ pub struct RunFlags {
     pub metrics_listen: Option<String>,
     /// `--ingress-address`.
     pub ingress_address: Option<String>,
+    /// `--dns-listen`.
+    pub dns_listen: Option<String>,
+    /// `--dns-upstream`.
+    pub dns_upstream: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -375,6 +401,27 @@ pub struct RunSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the ingress listens; `None`: it is off.
     pub ingress_address: Option<IpAddr>,
+    /// Where the agent answers DNS; `None`: it does not.
+    pub dns_listen: Option<SocketAddr>,
+    /// Where its DNS forwards names outside the fleet domain.
+    pub dns_upstream: novacron_dns::Upstream,
+}
+
+/// Parses `dns_upstream`: `system`, `off`, or a comma-separated list of
+/// `IP:PORT` (at most 8).
+fn parse_dns_upstream(v: &str) -> Option<novacron_dns::Upstream> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("system") {
+        return Some(novacron_dns::Upstream::System);
+    }
+    if v.eq_ignore_ascii_case("off") {
+        return Some(novacron_dns::Upstream::Refuse);
+    }
+    let servers = v
+        .split(',')
+        .map(|s| s.trim().parse().ok())
+        .collect::<Option<Vec<SocketAddr>>>()?;
+    (!servers.is_empty() && servers.len() <= 8).then_some(novacron_dns::Upstream::Servers(servers))
 }
 
 /// Parses `metrics_listen`: `off` is `Some(None)`; `on`, a bare port or `IP:PORT`
@@ -591,11 +638,42 @@ pub fn resolve_run(
             )
         })?),
     };
+    let dns_listen = match l.pick(
+        keys::DNS_LISTEN,
+        flags.dns_listen.as_deref(),
+        f.dns_listen.as_deref(),
+    ) {
+        None => None,
+        Some((v, _)) if v.trim().eq_ignore_ascii_case("off") => None,
+        Some((v, origin)) => Some(v.trim().parse().map_err(|_| {
+            invalid(
+                origin,
+                &v,
+                "off, or IP:PORT of this host, e.g. 172.17.0.1:53 (Docker's bridge: containers then resolve through it) or 127.0.0.1:8600",
+            )
+        })?),
+    };
+    let dns_upstream = match l.pick(
+        keys::DNS_UPSTREAM,
+        flags.dns_upstream.as_deref(),
+        f.dns_upstream.as_deref(),
+    ) {
+        None => novacron_dns::Upstream::System,
+        Some((v, origin)) => parse_dns_upstream(&v).ok_or_else(|| {
+            invalid(
+                origin,
+                &v,
+                "system (the host's /etc/resolv.conf), off (refuse other names), or IP:PORT,IP:PORT (e.g. 10.0.0.2:53)",
+            )
+        })?,
+    };
     Ok(RunSettings {
         dynamic_ports,
         publish_address,
         metrics_listen,
         ingress_address,
+        dns_listen,
+        dns_upstream,
         spot_notice,
         state_dir,
         labels: labels(&l, &f.labels, &flags.labels)?,
@@ -1126,6 +1204,52 @@ mod tests {
             s.metrics_listen.map(|a| a.port()),
             Some(DEFAULT_METRICS_PORT)
         );
+    }
+
+    #[test]
+    fn dns_is_off_by_default_and_forwards_to_the_system_s_resolvers() {
+        use novacron_dns::Upstream;
+        let none = Loaded::default();
+        let s = resolve_run(&none, &[], &RunFlags::default()).expect("defaults");
+        assert_eq!((s.dns_listen, s.dns_upstream), (None, Upstream::System));
+        let s = resolve_run(
+            &file("dns_listen = \"172.17.0.1:53\"\ndns_upstream = \"off\"\n"),
+            &[],
+            &RunFlags::default(),
+        )
+        .expect("file");
+        assert_eq!(s.dns_listen, Some("172.17.0.1:53".parse().expect("addr")));
+        assert_eq!(s.dns_upstream, Upstream::Refuse);
+        let flags = RunFlags {
+            dns_upstream: Some("10.0.0.2:53, 10.0.0.3:5353".into()),
+            ..RunFlags::default()
+        };
+        let s = resolve_run(&none, &[("NOVACRON_DNS_LISTEN", "off")], &flags).expect("flags");
+        assert_eq!(s.dns_listen, None);
+        assert_eq!(
+            s.dns_upstream,
+            Upstream::Servers(vec![
+                "10.0.0.2:53".parse().expect("a"),
+                "10.0.0.3:5353".parse().expect("b")
+            ])
+        );
+        let e = resolve_run(
+            &file("dns_listen = \"172.17.0.1\"\n"),
+            &[],
+            &RunFlags::default(),
+        )
+        .expect_err("no port");
+        assert!(
+            e.to_string().contains("dns_listen") && e.to_string().contains("IP:PORT"),
+            "{e}"
+        );
+        let e = resolve_run(
+            &none,
+            &[("NOVACRON_DNS_UPSTREAM", "8.8.8.8")],
+            &RunFlags::default(),
+        )
+        .expect_err("no port");
+        assert!(e.to_string().contains("NOVACRON_DNS_UPSTREAM"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod dns;
 pub mod enroll;
 pub mod exec;
 pub mod ingress;

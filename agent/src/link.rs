@@ -75,6 +75,8 @@ pub struct AgentConfig {
     pub wire_versions: VersionRange,
     /// The ingress, which serves the table the controller sends; `None`: off.
     pub ingress: Option<Arc<crate::ingress::Ingress>>,
+    /// The DNS server, which answers from the same table; `None`: off.
+    pub dns: Option<Arc<crate::dns::AgentDns>>,
 }
 
 /// Errors that stop the agent.
@@ -131,6 +133,7 @@ struct Shared {
     checkpoints: Option<Arc<CheckpointService>>,
     spot: watch::Receiver<Option<SpotNotice>>,
     ingress: Option<Arc<crate::ingress::Ingress>>,
+    dns: Option<Arc<crate::dns::AgentDns>>,
 }
 
 /// Runs the agent until `cancel` fires: sampling plus the link.
@@ -165,6 +168,7 @@ pub async fn run(
         checkpoints: config.checkpoints.clone(),
         spot,
         ingress: config.ingress.clone(),
+        dns: config.dns.clone(),
     });
     let containers = supervisor.spawn(cancel.clone());
     let sampling = tokio::spawn(sample_loop(
@@ -493,7 +497,10 @@ async fn serve_inner(
                     tokio::spawn(send_logs(conn.clone(), supervisor.clone(), request, version));
                 }
                 Some(Ok(ControllerMessage::Ingress(table))) => {
-                    debug!(revision = table.revision, services = table.services.len(), "ingress table");
+                    debug!(revision = table.revision, services = table.services.len(), others = table.others.len(), "ingress table");
+                    if let Some(dns) = &shared.dns {
+                        dns.apply(&table);
+                    }
                     match &shared.ingress {
                         Some(ingress) => ingress.apply(table),
                         None if !table.services.is_empty() => {

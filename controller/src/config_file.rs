@@ -427,7 +427,7 @@ pub fn resolve_serve(
             } else {
                 format!("{v}.")
             };
-            if hickory_server::proto::rr::Name::from_ascii(&fqdn).is_err()
+            if novacron_dns::Name::from_ascii(&fqdn).is_err()
                 || fqdn.len() < 2
                 || !fqdn
                     .bytes()
@@ -441,7 +441,7 @@ pub fn resolve_serve(
             }
             fqdn
         }
-        None => crate::dns::DEFAULT_DOMAIN.to_string(),
+        None => novacron_dns::DEFAULT_DOMAIN.to_string(),
     };
     Ok(ControllerConfig {
         data_dir: data_dir.to_path_buf(),

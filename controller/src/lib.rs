@@ -11,7 +11,6 @@
 
 pub mod config_file;
 pub mod ctl;
-pub mod dns;
 pub mod http;
 pub mod link;
 pub mod pki_files;

@@ -85,7 +85,7 @@ impl ControllerConfig {
             restart_grace: DEFAULT_RESTART_GRACE,
             wire_versions: novacron_common::wire::SUPPORTED,
             dns_listen: None,
-            dns_domain: crate::dns::DEFAULT_DOMAIN.to_string(),
+            dns_domain: novacron_dns::DEFAULT_DOMAIN.to_string(),
         }
     }
 }
@@ -253,12 +253,19 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         index: index.clone(),
     });
 
+    let mut dns_domain = novacron_dns::Name::from_ascii(&config.dns_domain)
+        .map_err(|e| anyhow::anyhow!("dns_domain {:?}: {e}", config.dns_domain))?;
+    dns_domain.set_fqdn(true);
     if let Some(addr) = config.dns_listen {
-        let domain = hickory_server::proto::rr::Name::from_ascii(&config.dns_domain)
-            .map_err(|e| anyhow::anyhow!("dns_domain {:?}: {e}", config.dns_domain))?;
         let st = api_state.clone();
-        let catalog = Arc::new(move || crate::http::services::current(&st));
-        crate::dns::serve(addr, crate::dns::FleetDns::new(domain, catalog))
+        let domain = dns_domain.clone();
+        let zone = Arc::new(move || {
+            Arc::new(novacron_dns::Zone {
+                domain: domain.clone(),
+                services: crate::http::services::current(&st),
+            })
+        });
+        novacron_dns::serve(addr, novacron_dns::FleetDns::new(zone))
             .await
             .map_err(|e| anyhow::anyhow!("cannot serve DNS on udp and tcp {addr}: {e}"))?;
     }
@@ -277,11 +284,13 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
     ))];
     tasks.push(tokio::spawn(link::serve(endpoint.clone(), link_ctx)));
     let ingress_state = api_state.clone();
+    let table_domain = dns_domain.to_string();
     tasks.push(tokio::spawn(crate::services::ingress::publish(
         move || {
             crate::services::ingress::table(
                 &ingress_state.workloads.job_services(),
                 &crate::http::services::current(&ingress_state),
+                &table_domain,
             )
         },
         ingress_tx,

@@ -54,6 +54,9 @@ pub struct DockerRuntime {
     inner: Arc<Client>,
     /// The host address published ports bind to.
     publish_address: IpAddr,
+    /// The DNS server containers resolve through (the agent's own, answering the
+    /// fleet domain); `None`: Docker's default (the host's resolvers).
+    resolver: Option<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -94,7 +97,15 @@ impl DockerRuntime {
                 negotiated: OnceCell::new(),
             }),
             publish_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            resolver: None,
         })
+    }
+
+    /// Containers started from now on resolve names through the DNS server at
+    /// `resolver` (port 53: Docker's `--dns` takes no port).
+    pub fn with_resolver(mut self, resolver: Option<IpAddr>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// Publishes container ports on `address` of the host instead of every
@@ -190,7 +201,13 @@ impl ContainerRuntime for DockerRuntime {
         let created = timed(
             "create",
             CALL_TIMEOUT,
-            docker.create_container(Some(options), create_body(config, self.publish_address)),
+            docker.create_container(Some(options), {
+                let mut body = create_body(config, self.publish_address);
+                if let (Some(ip), Some(host)) = (self.resolver, body.host_config.as_mut()) {
+                    host.dns = Some(vec![ip.to_string()]);
+                }
+                body
+            }),
         )
         .await?;
         Ok(created.id)

@@ -480,8 +480,9 @@ pub enum ControllerMessage {
     Desired(DesiredAllocations),
     /// Send an allocation's logs on a new uni-stream ([`StreamKind::Logs`]).
     Logs(LogRequest),
-    /// The services this node's ingress serves, with their endpoints. Level-
-    /// triggered like `Desired`: each replaces the previous one. Since protocol
+    /// The services this node's ingress serves, with their endpoints, and the
+    /// rest of the catalog for the agent's DNS. Level-triggered like `Desired`:
+    /// each replaces the previous one. Since protocol
     /// version [`INGRESS_SINCE`]; appended, so the variants above keep their
     /// encoding, and never sent to an older agent.
     Ingress(IngressTable),
@@ -492,17 +493,39 @@ pub const INGRESS_SINCE: u16 = 3;
 /// The most services one [`IngressTable`] carries (more are left out, by name).
 pub const MAX_INGRESS_SERVICES: usize = 64;
 /// The most endpoints one [`IngressService`] carries (with
-/// [`MAX_INGRESS_SERVICES`], a full table stays well under [`MAX_FRAME_LEN`]).
+/// [`MAX_TABLE_ENDPOINTS`]) and of one [`CatalogService`].
 pub const MAX_INGRESS_ENDPOINTS: usize = 256;
+/// The most services [`IngressTable::others`] carries.
+pub const MAX_CATALOG_SERVICES: usize = 256;
+/// The most endpoints one [`IngressTable`] carries in all (about 60 bytes each:
+/// a full table stays under half of [`MAX_FRAME_LEN`]).
+pub const MAX_TABLE_ENDPOINTS: usize = 8192;
 
 /// Every service published through the agents' ingress (`spec.services[].ingress`),
-/// each with its healthy endpoints fleet-wide.
+/// each with its healthy endpoints fleet-wide, and every other service with its
+/// healthy endpoints, which the agent answers DNS queries from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct IngressTable {
     /// Raised by the controller each time the table changes (informational).
     pub revision: u64,
     /// By name; at most [`MAX_INGRESS_SERVICES`].
     pub services: Vec<IngressService>,
+    /// The services that are not published through the ingress, by name; at most
+    /// [`MAX_CATALOG_SERVICES`].
+    pub others: Vec<CatalogService>,
+    /// The fleet's DNS domain, fully qualified (`novacron.`).
+    pub dns_domain: String,
+}
+
+/// A service of the catalog that the ingress does not publish: what the agent's
+/// DNS needs of it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct CatalogService {
+    /// The service's name.
+    pub name: String,
+    /// Its healthy endpoints (TCP and UDP), ordered by allocation; at most
+    /// [`MAX_INGRESS_ENDPOINTS`].
+    pub endpoints: Vec<IngressEndpoint>,
 }
 
 /// One service of an [`IngressTable`].

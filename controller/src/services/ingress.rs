@@ -13,8 +13,8 @@ use std::time::Duration;
 use novacron_api::services::ServiceView;
 use novacron_common::manifest::ServiceSpec;
 use novacron_common::wire::{
-    IngressEndpoint, IngressService, IngressTable, IngressTls, MAX_INGRESS_ENDPOINTS,
-    MAX_INGRESS_SERVICES,
+    CatalogService, IngressEndpoint, IngressService, IngressTable, IngressTls,
+    MAX_CATALOG_SERVICES, MAX_INGRESS_ENDPOINTS, MAX_INGRESS_SERVICES, MAX_TABLE_ENDPOINTS,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,13 +24,19 @@ use tracing::{debug, warn};
 /// within this plus one link round trip.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The services the `jobs` publish through the ingress, with the healthy TCP
-/// endpoints the catalog (`services`) lists for them, by name. Where jobs that
+/// The table for the agents (revision 0): the services the `jobs` publish
+/// through the ingress, with the healthy TCP endpoints the catalog (`services`)
+/// lists for them, and every other service of the catalog with its healthy
+/// endpoints (for the agents' DNS in `dns_domain`), each by name. Where jobs that
 /// share a service declare different ingresses, the first job by name decides
 /// (apply refuses a second service on a port another service publishes). Bounded
-/// by [`MAX_INGRESS_SERVICES`] and [`MAX_INGRESS_ENDPOINTS`]; what is left out is
-/// logged.
-pub fn table(jobs: &[(String, Vec<ServiceSpec>)], services: &[ServiceView]) -> Vec<IngressService> {
+/// by [`MAX_INGRESS_SERVICES`], [`MAX_CATALOG_SERVICES`], [`MAX_INGRESS_ENDPOINTS`]
+/// and [`MAX_TABLE_ENDPOINTS`]; what is left out is logged.
+pub fn table(
+    jobs: &[(String, Vec<ServiceSpec>)],
+    services: &[ServiceView],
+    dns_domain: &str,
+) -> IngressTable {
     let mut specs: BTreeMap<&str, (&str, &ServiceSpec)> = BTreeMap::new();
     for (job, list) in jobs {
         for spec in list.iter().filter(|s| s.ingress.is_some()) {
@@ -40,46 +46,71 @@ pub fn table(jobs: &[(String, Vec<ServiceSpec>)], services: &[ServiceView]) -> V
             }
         }
     }
-    let mut out = Vec::new();
-    for (name, (_, spec)) in specs {
-        let Some(ingress) = &spec.ingress else {
-            continue;
-        };
-        if out.len() == MAX_INGRESS_SERVICES {
-            warn!(
-                service = name,
-                "more than {MAX_INGRESS_SERVICES} ingress services; leaving the rest out"
-            );
-            break;
-        }
+    let mut budget = MAX_TABLE_ENDPOINTS;
+    let mut healthy = |name: &str, tcp_only: bool| -> Vec<IngressEndpoint> {
         let mut endpoints: Vec<IngressEndpoint> = services
             .iter()
             .filter(|s| s.name == name)
             .flat_map(|s| s.endpoints.iter())
-            .filter(|e| e.healthy && e.protocol == "tcp")
+            .filter(|e| e.healthy && (!tcp_only || e.protocol == "tcp"))
             .map(|e| IngressEndpoint {
                 alloc: e.alloc.clone(),
                 address: e.socket_addr(),
             })
             .collect();
         endpoints.sort_by(|a, b| a.alloc.cmp(&b.alloc));
-        if endpoints.len() > MAX_INGRESS_ENDPOINTS {
+        let keep = MAX_INGRESS_ENDPOINTS.min(budget);
+        if endpoints.len() > keep {
             warn!(
                 service = name,
                 endpoints = endpoints.len(),
-                "more than {MAX_INGRESS_ENDPOINTS} endpoints; the ingress gets the first"
+                "more endpoints than the table carries; the agents get the first {keep}"
             );
-            endpoints.truncate(MAX_INGRESS_ENDPOINTS);
+            endpoints.truncate(keep);
         }
-        out.push(IngressService {
-            name: name.to_owned(),
+        budget -= endpoints.len();
+        endpoints
+    };
+    let mut out = IngressTable {
+        dns_domain: dns_domain.to_owned(),
+        ..IngressTable::default()
+    };
+    for (name, (_, spec)) in &specs {
+        let Some(ingress) = &spec.ingress else {
+            continue;
+        };
+        if out.services.len() == MAX_INGRESS_SERVICES {
+            warn!(
+                service = name,
+                "more than {MAX_INGRESS_SERVICES} ingress services; leaving the rest out"
+            );
+            break;
+        }
+        out.services.push(IngressService {
+            name: (*name).to_owned(),
             port: ingress.port,
             protocol: ingress.protocol,
             tls: ingress.tls.as_ref().map(|t| IngressTls {
                 cert_file: t.cert_file.clone(),
                 key_file: t.key_file.clone(),
             }),
-            endpoints,
+            endpoints: healthy(name, true),
+        });
+    }
+    let mut names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names.into_iter().filter(|n| !specs.contains_key(n)) {
+        if out.others.len() == MAX_CATALOG_SERVICES {
+            warn!(
+                service = name,
+                "more than {MAX_CATALOG_SERVICES} services; the agents' DNS leaves the rest out"
+            );
+            break;
+        }
+        out.others.push(CatalogService {
+            name: name.to_owned(),
+            endpoints: healthy(name, false),
         });
     }
     out
@@ -126,8 +157,9 @@ pub fn conflict(
 /// sends it on `tx` (with the next revision) when it differs from the last one.
 pub async fn publish<F>(read: F, tx: watch::Sender<Arc<IngressTable>>, cancel: CancellationToken)
 where
-    F: Fn() -> Vec<IngressService> + Send + 'static,
+    F: Fn() -> IngressTable + Send + Sync + 'static,
 {
+    let read = Arc::new(read);
     let mut ticker = tokio::time::interval(PUBLISH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -135,14 +167,25 @@ where
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let services = read();
+        // Reading the catalog walks every allocation: off the async workers.
+        let reader = read.clone();
+        let Ok(mut next) = tokio::task::spawn_blocking(move || reader()).await else {
+            warn!("building the ingress table panicked; keeping the last one");
+            continue;
+        };
         tx.send_if_modified(|current| {
-            if current.services == services {
+            next.revision = current.revision;
+            if **current == next {
                 return false;
             }
-            let revision = current.revision + 1;
-            debug!(revision, services = services.len(), "ingress table changed");
-            *current = Arc::new(IngressTable { revision, services });
+            next.revision += 1;
+            debug!(
+                revision = next.revision,
+                services = next.services.len(),
+                others = next.others.len(),
+                "ingress table changed"
+            );
+            *current = Arc::new(std::mem::take(&mut next));
             true
         });
     }
@@ -183,7 +226,7 @@ mod tests {
     }
 
     #[test]
-    fn only_ingress_services_with_their_healthy_tcp_endpoints() {
+    fn ingress_services_with_their_healthy_tcp_endpoints_and_the_rest_for_dns() {
         let jobs = vec![(
             "web".to_string(),
             vec![spec("web", Some(8080)), spec("plain", None)],
@@ -205,16 +248,24 @@ mod tests {
                 ],
             },
         ];
-        let t = table(&jobs, &services);
-        assert_eq!(t.len(), 1);
-        assert_eq!(t[0].name, "web");
-        assert_eq!(t[0].port, 8080);
-        let addrs: Vec<String> = t[0]
+        let t = table(&jobs, &services, "novacron.");
+        assert_eq!(t.dns_domain, "novacron.");
+        assert_eq!(t.services.len(), 1);
+        assert_eq!(t.services[0].name, "web");
+        assert_eq!(t.services[0].port, 8080);
+        let addrs: Vec<String> = t.services[0]
             .endpoints
             .iter()
             .map(|e| e.address.to_string())
             .collect();
         assert_eq!(addrs, ["10.0.0.7:20001", "10.0.0.7:20002"]);
+        assert_eq!(
+            t.others.len(),
+            1,
+            "plain is not published but is named in DNS"
+        );
+        assert_eq!(t.others[0].name, "plain");
+        assert_eq!(t.others[0].endpoints.len(), 1);
     }
 
     #[test]
@@ -223,10 +274,45 @@ mod tests {
             ("zeta".to_string(), vec![spec("web", Some(9090))]),
             ("alpha".to_string(), vec![spec("web", Some(8080))]),
         ];
-        let t = table(&jobs, &[]);
+        let t = table(&jobs, &[], "novacron.").services;
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].port, 8080, "job alpha sorts first");
         assert!(t[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn the_table_carries_at_most_its_endpoint_budget() {
+        let services: Vec<ServiceView> = (0..40)
+            .map(|i| ServiceView {
+                name: format!("s{i:02}"),
+                jobs: vec!["web".into()],
+                endpoints: (0..300)
+                    .map(|j| endpoint(&format!("a{j:03}"), 20000 + j, true, "udp"))
+                    .collect(),
+            })
+            .collect();
+        let t = table(&[], &services, "novacron.");
+        let total: usize = t.others.iter().map(|s| s.endpoints.len()).sum();
+        assert_eq!(total, MAX_TABLE_ENDPOINTS);
+        assert!(
+            t.others
+                .iter()
+                .all(|s| s.endpoints.len() <= MAX_INGRESS_ENDPOINTS)
+        );
+        assert_eq!(
+            t.others.len(),
+            40,
+            "every service is named, some with no endpoint"
+        );
+        let frame = novacron_common::wire::encode_frame(
+            &novacron_common::wire::ControllerMessage::Ingress(t),
+        )
+        .expect("a full table fits in one frame");
+        assert!(
+            frame.len() < novacron_common::wire::MAX_FRAME_LEN,
+            "{}",
+            frame.len()
+        );
     }
 
     #[test]
@@ -255,7 +341,7 @@ mod tests {
     #[tokio::test]
     async fn publish_sends_only_changes_with_a_new_revision() {
         let (tx, mut rx) = watch::channel(Arc::new(IngressTable::default()));
-        let source = Arc::new(std::sync::Mutex::new(Vec::<IngressService>::new()));
+        let source = Arc::new(std::sync::Mutex::new(IngressTable::default()));
         let read = {
             let source = source.clone();
             move || source.lock().expect("lock").clone()
@@ -267,8 +353,11 @@ mod tests {
             !rx.has_changed().expect("open"),
             "an unchanged table is not sent"
         );
-        *source.lock().expect("lock") =
-            table(&[("web".into(), vec![spec("web", Some(8080))])], &[]);
+        *source.lock().expect("lock") = table(
+            &[("web".into(), vec![spec("web", Some(8080))])],
+            &[],
+            "novacron.",
+        );
         rx.changed().await.expect("changed");
         let first = rx.borrow_and_update().clone();
         assert_eq!(first.revision, 1);

@@ -62,6 +62,7 @@ fn main() -> Result<()> {
                 })
                 .collect(),
         }],
+        ..IngressTable::default()
     });
     eprintln!(
         "ingress serving {} over {} endpoints with {workers} workers",

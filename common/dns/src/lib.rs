@@ -1,22 +1,30 @@
-//! DNS for the service catalog (`dns_listen`, off by default): the controller
-//! answers, on UDP and TCP, `<service>.service.<domain>` with an A or AAAA record
+//! DNS for the service catalog, served by the controller (`dns_listen`) and by
+//! each agent (its own `dns_listen`, the resolver of the containers it starts).
+//! Both answer, on UDP and TCP, `<service>.service.<domain>` with an A or AAAA record
 //! per healthy endpoint's address and an SRV record per healthy endpoint (target
 //! `<alloc>.alloc.<domain>`, whose A/AAAA answer is that endpoint's address), with
-//! a short TTL ([`TTL`]). Names outside the fleet domain are refused (it does not
-//! recurse); an unknown service is NXDOMAIN; a known service with no healthy
-//! endpoint answers no records. The answers come from [`answer`], pure over the
-//! catalog; hickory-server does the protocol.
+//! a short TTL ([`TTL`]). An unknown service is NXDOMAIN; a known service with no
+//! healthy endpoint answers no records. Names outside the fleet domain are
+//! refused, or, where the server was given upstream resolvers
+//! ([`FleetDns::forwarding`]: an agent, whose containers resolve every name
+//! through it), forwarded to them. The answers come from [`answer`], pure over
+//! the catalog; hickory-server does the protocol and hickory-resolver the
+//! forwarding.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_server::net::runtime::Time;
+use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
-use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::proto::rr::{LowerName, RData};
+/// Hickory's names and record types, for callers of [`answer`].
+pub use hickory_server::proto::rr::{Name, Record, RecordType};
+use hickory_server::resolver::config::NameServerConfig;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
+use hickory_server::zone_handler::{Catalog, MessageResponseBuilder, ZoneHandler};
 use novacron_api::services::{EndpointView, ServiceView};
 use tracing::{info, warn};
 
@@ -118,24 +126,79 @@ fn alloc_name(alloc: &str, domain: &Name) -> Option<Name> {
         .ok()
 }
 
-/// Answers queries from the catalog that `catalog` reads.
+/// What a server answers for: the fleet domain and the catalog's services.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// The fleet domain (`novacron.`).
+    pub domain: Name,
+    /// The catalog.
+    pub services: Vec<ServiceView>,
+}
+
+/// Where names outside the fleet domain go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// Nowhere: they are refused.
+    Refuse,
+    /// The resolvers of this host's `/etc/resolv.conf`.
+    System,
+    /// These resolvers (UDP, then TCP for a truncated answer).
+    Servers(Vec<std::net::SocketAddr>),
+}
+
+/// Answers queries from the zone that `zone` returns at each query.
 pub struct FleetDns {
-    domain: Name,
-    catalog: Arc<dyn Fn() -> Vec<ServiceView> + Send + Sync>,
+    zone: Arc<dyn Fn() -> Arc<Zone> + Send + Sync>,
+    upstream: Option<Catalog>,
 }
 
 impl std::fmt::Debug for FleetDns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetDns")
-            .field("domain", &self.domain)
+            .field("domain", &(self.zone)().domain)
+            .field("forwards", &self.upstream.is_some())
             .finish()
     }
 }
 
 impl FleetDns {
-    /// A server for `domain` over what `catalog` returns at each query.
-    pub fn new(domain: Name, catalog: Arc<dyn Fn() -> Vec<ServiceView> + Send + Sync>) -> Self {
-        FleetDns { domain, catalog }
+    /// A server over what `zone` returns at each query, refusing other names.
+    pub fn new(zone: Arc<dyn Fn() -> Arc<Zone> + Send + Sync>) -> Self {
+        FleetDns {
+            zone,
+            upstream: None,
+        }
+    }
+
+    /// The same, forwarding names outside the fleet domain to `upstream` (through
+    /// hickory-resolver, which caches them). Fails on a system configuration it
+    /// cannot read.
+    pub fn forwarding(mut self, upstream: &Upstream) -> Result<Self, String> {
+        let builder = match upstream {
+            Upstream::Refuse => return Ok(self),
+            Upstream::System => ForwardZoneHandler::builder(TokioRuntimeProvider::default())?,
+            Upstream::Servers(addrs) => {
+                let name_servers = addrs
+                    .iter()
+                    .map(|addr| {
+                        let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                        for c in &mut server.connections {
+                            c.port = addr.port();
+                        }
+                        server
+                    })
+                    .collect();
+                ForwardZoneHandler::builder_tokio(ForwardConfig {
+                    name_servers,
+                    options: None,
+                })
+            }
+        };
+        let handler: Arc<dyn ZoneHandler> = Arc::new(builder.build()?);
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::from(Name::root()), vec![handler]);
+        self.upstream = Some(catalog);
+        Ok(self)
     }
 }
 
@@ -146,6 +209,14 @@ impl RequestHandler for FleetDns {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        let zone = (self.zone)();
+        if let (Some(upstream), Ok(info)) = (&self.upstream, request.request_info())
+            && !zone.domain.zone_of(&Name::from(info.query.name()))
+        {
+            return upstream
+                .handle_request::<R, T>(request, response_handle)
+                .await;
+        }
         let builder = MessageResponseBuilder::from_message_request(request);
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
@@ -153,12 +224,7 @@ impl RequestHandler for FleetDns {
             Err(_) => (ResponseCode::FormErr, Vec::new()),
             Ok(info) => {
                 let name = Name::from(info.query.name());
-                match answer(
-                    &self.domain,
-                    &name,
-                    info.query.query_type(),
-                    &(self.catalog)(),
-                ) {
+                match answer(&zone.domain, &name, info.query.query_type(), &zone.services) {
                     Answer::Records(records) => (ResponseCode::NoError, records),
                     Answer::NoName => (ResponseCode::NXDomain, Vec::new()),
                     Answer::NotOurs => {
@@ -187,7 +253,12 @@ impl RequestHandler for FleetDns {
 pub async fn serve(addr: std::net::SocketAddr, dns: FleetDns) -> std::io::Result<()> {
     let udp = tokio::net::UdpSocket::bind(addr).await?;
     let tcp = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, domain = %dns.domain, "serving the service catalog over DNS");
+    info!(
+        %addr,
+        domain = %(dns.zone)().domain,
+        forwards = dns.upstream.is_some(),
+        "serving the service catalog over DNS"
+    );
     let mut server = hickory_server::Server::new(dns);
     server.register_socket(udp);
     server.register_listener(tcp, TCP_TIMEOUT, TCP_RESPONSE_BUFFER);
