@@ -533,6 +533,24 @@ async fn the_ingress_terminates_tls_with_http2_serves_tcp_and_skips_a_service_wh
         )),
         "{refused}"
     );
+    // Nor ask for it as a static host port: every node's ingress holds it.
+    let clash = service_job(
+        &format!("clash-{pid}"),
+        1,
+        WEB,
+        &format!("    ports: [{{name: http, containerPort: 8080, hostPort: {tcp_port}}}]\n"),
+        "",
+    );
+    let refused = c
+        .apply("clash.yaml", &clash)
+        .await
+        .expect_err("a host port the ingress holds");
+    assert!(
+        refused.to_string().contains(&format!(
+            "host port {tcp_port} is the ingress port of service"
+        )),
+        "{refused}"
+    );
 
     // The service whose certificate cannot be read is not served; the others are.
     assert!(

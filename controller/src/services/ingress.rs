@@ -116,6 +116,51 @@ pub fn table(
     out
 }
 
+/// Why `job`'s static TCP host ports (`host_ports`) cannot live beside the
+/// ingress ports, if they cannot: the ingress listens on its ports on every node,
+/// so a container that asks for one of them as a host port could never bind it
+/// (and an ingress port that a job already publishes could not be opened). `all`
+/// is every job's services and static TCP host ports (this job's own included,
+/// as the new version will have them); `None` when they fit.
+pub fn host_port_conflict(
+    job: &str,
+    services: &[ServiceSpec],
+    host_ports: &[u16],
+    all: &[(String, Vec<ServiceSpec>, Vec<u16>)],
+) -> Option<String> {
+    let mine = (job.to_owned(), services.to_vec(), host_ports.to_vec());
+    let current = all.iter().filter(|(j, _, _)| j != job).chain([&mine]);
+    for (other, theirs, _) in current.clone() {
+        for their in theirs {
+            let Some(ingress) = &their.ingress else {
+                continue;
+            };
+            if host_ports.contains(&ingress.port) {
+                return Some(format!(
+                    "spec.task.ports: host port {} is the ingress port of service {:?} of job \
+                     {other:?}, which every node's ingress listens on; choose another host port",
+                    ingress.port, their.name
+                ));
+            }
+        }
+    }
+    for (i, spec) in services.iter().enumerate() {
+        let Some(ingress) = &spec.ingress else {
+            continue;
+        };
+        for (other, _, ports) in current.clone() {
+            if other != job && ports.contains(&ingress.port) {
+                return Some(format!(
+                    "spec.services[{i}].ingress.port: {} is a host port of job {other:?}, so \
+                     the ingress could not listen on it on that job's nodes; choose another port",
+                    ingress.port
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Why `job`'s `services` cannot be published alongside the `others` (every
 /// other job's current services), if they cannot: a service whose ingress port
 /// another job's service of another name publishes, or a shared service whose
@@ -335,6 +380,33 @@ mod tests {
             conflict("api", &[spec("api", Some(9090))], &others),
             None,
             "its own older version"
+        );
+    }
+
+    #[test]
+    fn a_static_host_port_may_not_be_an_ingress_port() {
+        let all = vec![
+            ("api".to_string(), vec![spec("api", Some(8080))], vec![]),
+            ("db".to_string(), vec![spec("db", None)], vec![5432]),
+        ];
+        let e = host_port_conflict("web", &[spec("web", None)], &[8080], &all).expect("taken");
+        assert!(
+            e.contains("host port 8080 is the ingress port of service \"api\""),
+            "{e}"
+        );
+        let e = host_port_conflict("web", &[spec("web", Some(5432))], &[], &all).expect("db's");
+        assert!(e.contains("5432 is a host port of job \"db\""), "{e}");
+        let e =
+            host_port_conflict("web", &[spec("web", Some(9000))], &[9000], &all).expect("its own");
+        assert!(e.contains("ingress port of service \"web\""), "{e}");
+        assert_eq!(
+            host_port_conflict("web", &[spec("web", Some(9000))], &[9001], &all),
+            None
+        );
+        assert_eq!(
+            host_port_conflict("db", &[spec("db", Some(6000))], &[5432], &all),
+            None,
+            "its own older version's host port"
         );
     }
 

@@ -255,6 +255,37 @@ impl Workloads {
         if let Some(why) = super::ingress::conflict(&name, &job.spec.services, &others) {
             return Err(WorkloadError::Invalid(format!("{file}: {why}")));
         }
+        let static_tcp = |ports: &[novacron_common::manifest::Port]| -> Vec<u16> {
+            ports
+                .iter()
+                .filter(|p| p.protocol == novacron_common::manifest::Protocol::Tcp)
+                .filter_map(|p| p.host_port)
+                .collect()
+        };
+        let all: Vec<(
+            String,
+            Vec<novacron_common::manifest::ServiceSpec>,
+            Vec<u16>,
+        )> = st
+            .jobs
+            .values()
+            .filter_map(|e| {
+                let spec = &e.current()?.spec;
+                Some((
+                    e.record.name.clone(),
+                    spec.services.clone(),
+                    static_tcp(&spec.task.ports),
+                ))
+            })
+            .collect();
+        if let Some(why) = super::ingress::host_port_conflict(
+            &name,
+            &job.spec.services,
+            &static_tcp(&job.spec.task.ports),
+            &all,
+        ) {
+            return Err(WorkloadError::Invalid(format!("{file}: {why}")));
+        }
         // The new record is written first; the jobs the API lists and the
         // reconciler schedules change only once it is on disk (under the lock, so
         // nothing sees one without the other).
