@@ -88,6 +88,7 @@ pub fn zone_of(table: &IngressTable) -> Option<Zone> {
                 healthy: true,
                 tags: Vec::new(),
                 zone: None,
+                weight: e.weight,
             })
             .collect(),
     };
@@ -110,6 +111,7 @@ mod tests {
         IngressEndpoint {
             alloc: alloc.into(),
             address: addr.parse().expect("addr"),
+            weight: 100,
         }
     }
 

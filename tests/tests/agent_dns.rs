@@ -63,6 +63,7 @@ async fn serve_upstream() -> SocketAddr {
                 healthy: true,
                 tags: vec![],
                 zone: None,
+                weight: 100,
             }],
         }],
     });
@@ -180,7 +181,7 @@ async fn the_agent_answers_the_fleet_domain_follows_readiness_and_forwards_the_r
       timeout: 500ms
       failureThreshold: 1
   services:
-    - {{name: {svc}, port: http}}
+    - {{name: {svc}, port: http, weight: 20}}
 "
         ),
     );
@@ -193,6 +194,13 @@ async fn the_agent_answers_the_fleet_domain_follows_readiness_and_forwards_the_r
     )
     .await
     .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    let (_, records) = dns(dns_at, &fqdn, RecordType::SRV).await.expect("SRV");
+    assert!(
+        records
+            .iter()
+            .all(|d| matches!(d, RData::SRV(srv) if srv.weight == 20)),
+        "the service's weight is each SRV record's: {records:?}"
+    );
     let (code, a) = dns(dns_at, &fqdn, RecordType::A).await.expect("an answer");
     assert_eq!(code, ResponseCode::NoError);
     assert!(matches!(a.as_slice(), [RData::A(_)]), "{a:?}");

@@ -3,8 +3,9 @@
 //! random draws as parameters; the proxy around it does the I/O.
 //!
 //! - **Choice:** power of two choices over least outstanding requests: two
-//!   distinct endpoints drawn at random among those that may take work, the one
-//!   with fewer requests in flight wins (ties go to the first draw).
+//!   distinct endpoints drawn at random among those that may take work, each with
+//!   a chance in proportion to its weight, and the one with fewer requests in
+//!   flight for its weight wins (ties go to the first draw).
 //! - **Passive health and circuit breaker:** each endpoint's breaker is closed
 //!   while it answers. [`EJECT_AFTER_GATEWAY_FAILURES`] consecutive failures to
 //!   connect or to get an answer, or [`EJECT_AFTER_5XX`] consecutive 5xx answers,
@@ -74,6 +75,8 @@ pub struct Endpoint {
     pub alloc: String,
     /// Where it is reached.
     pub address: SocketAddr,
+    /// Its share of traffic (at least 1).
+    pub weight: u16,
     /// Requests or connections in flight.
     pub outstanding: u32,
     /// Consecutive connection-level failures.
@@ -93,6 +96,7 @@ impl Endpoint {
         Endpoint {
             alloc: e.alloc.clone(),
             address: e.address,
+            weight: e.weight.max(1),
             outstanding: 0,
             gateway_failures: 0,
             server_errors: 0,
@@ -175,7 +179,8 @@ impl Balancer {
         for (key, e) in listed {
             self.endpoints
                 .entry(key)
-                .or_insert_with(|| Endpoint::new(e));
+                .or_insert_with(|| Endpoint::new(e))
+                .weight = e.weight.max(1);
         }
     }
 
@@ -195,8 +200,8 @@ impl Balancer {
     /// listed (or every listed one was tried). The pick counts as in flight until
     /// [`Balancer::finish`].
     pub fn pick(&mut self, now: Instant, draws: (u64, u64), tried: &[EndpointKey]) -> Option<Pick> {
-        let mut admitted: Vec<(&EndpointKey, u32)> = Vec::new();
-        let mut fallback: Vec<(&EndpointKey, u32)> = Vec::new();
+        let mut admitted: Vec<(&EndpointKey, u32, u16)> = Vec::new();
+        let mut fallback: Vec<(&EndpointKey, u32, u16)> = Vec::new();
         for e in self.endpoints.values_mut() {
             e.refresh(now);
         }
@@ -205,9 +210,9 @@ impl Balancer {
                 continue;
             }
             if e.admits() {
-                admitted.push((key, e.outstanding));
+                admitted.push((key, e.outstanding, e.weight));
             } else {
-                fallback.push((key, e.outstanding));
+                fallback.push((key, e.outstanding, e.weight));
             }
         }
         let pool = if admitted.is_empty() {
@@ -218,14 +223,18 @@ impl Balancer {
         let key = match pool.len() {
             0 => return None,
             1 => pool[0].0.clone(),
-            n => {
-                let first = (draws.0 % n as u64) as usize;
-                let mut second = (draws.1 % (n as u64 - 1)) as usize;
-                if second >= first {
-                    second += 1;
-                }
+            _ => {
+                let (first, second) = two_weighted(pool, draws);
                 let (a, b) = (pool[first], pool[second]);
-                if b.1 < a.1 { b.0.clone() } else { a.0.clone() }
+                // b.outstanding / b.weight < a.outstanding / a.weight
+                let busier = |x: (&EndpointKey, u32, u16), y: (&EndpointKey, u32, u16)| {
+                    u64::from(x.1) * u64::from(y.2) > u64::from(y.1) * u64::from(x.2)
+                };
+                if busier(a, b) {
+                    b.0.clone()
+                } else {
+                    a.0.clone()
+                }
             }
         };
         let e = self.endpoints.get_mut(&key)?;
@@ -300,6 +309,43 @@ impl Balancer {
     }
 }
 
+/// Two distinct indexes of `pool` (at least two long), each drawn with a chance
+/// in proportion to its weight (the third field): `draws.0` picks the first
+/// among all, `draws.1` the second among the rest. Equal weights draw uniformly.
+fn two_weighted<K>(pool: &[(K, u32, u16)], draws: (u64, u64)) -> (usize, usize) {
+    let n = pool.len() as u64;
+    if pool.iter().all(|p| p.2 == pool[0].2) {
+        let first = (draws.0 % n) as usize;
+        let mut second = (draws.1 % (n - 1)) as usize;
+        if second >= first {
+            second += 1;
+        }
+        return (first, second);
+    }
+    let at = |skip: Option<usize>, draw: u64| -> usize {
+        let total: u64 = pool
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != skip)
+            .map(|(_, p)| u64::from(p.2.max(1)))
+            .sum();
+        let mut left = draw % total.max(1);
+        for (i, p) in pool.iter().enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            let w = u64::from(p.2.max(1));
+            if left < w {
+                return i;
+            }
+            left -= w;
+        }
+        pool.len() - 1
+    };
+    let first = at(None, draws.0);
+    (first, at(Some(first), draws.1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,8 +355,46 @@ mod tests {
             .map(|i| IngressEndpoint {
                 alloc: format!("a{i}"),
                 address: format!("127.0.0.1:{}", 20000 + i).parse().expect("addr"),
+                weight: 100,
             })
             .collect()
+    }
+
+    #[test]
+    fn weights_share_the_picks_and_the_load() {
+        let now = Instant::now();
+        let mut list = eps(2);
+        list[1].weight = 10;
+        let mut b = Balancer::new(&list);
+        // Idle endpoints: the picks follow the weights (draws cover the range).
+        let mut picks = BTreeMap::<String, u32>::new();
+        for d in 0..1100u64 {
+            let p = b.pick(now, (d, d * 7 + 3), &[]).expect("pick");
+            *picks.entry(p.alloc.clone()).or_default() += 1;
+            b.finish(&p.key, now, Outcome::Success);
+        }
+        assert_eq!(picks["a0"], 1000, "{picks:?}");
+        assert_eq!(picks["a1"], 100, "{picks:?}");
+        // Under load, requests in flight are counted per unit of weight: a0 with
+        // 5 in flight (0.05 per unit) still beats a1 with 1 (0.1 per unit).
+        let a0 = b
+            .endpoints
+            .keys()
+            .find(|k| k.0 == "a0")
+            .expect("a0")
+            .clone();
+        b.endpoints.get_mut(&a0).expect("a0").outstanding = 5;
+        let p = b.pick(now, (0, 0), &[]).expect("a0 drawn first, a1 idle");
+        assert_eq!(p.alloc, "a1", "0 in flight beats 5");
+        let p = b.pick(now, (0, 0), &[]).expect("again");
+        assert_eq!(
+            p.alloc, "a0",
+            "a1 has 1 of weight 10 in flight; a0 5 of 100"
+        );
+        // A new weight from the table applies to a listed endpoint.
+        list[1].weight = 100;
+        b.set_endpoints(&list);
+        assert!(b.endpoints().all(|e| e.weight == 100));
     }
 
     #[test]

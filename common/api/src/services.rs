@@ -41,6 +41,14 @@ pub struct EndpointView {
     /// The node's `zone` label, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Its share of traffic against the service's other endpoints (the job's
+    /// `spec.services[].weight`, 1-256, default 100).
+    #[serde(default = "default_weight")]
+    pub weight: u16,
+}
+
+fn default_weight() -> u16 {
+    novacron_common::manifest::DEFAULT_SERVICE_WEIGHT
 }
 
 impl EndpointView {

@@ -267,6 +267,24 @@ pub struct ServiceSpec {
     /// which balances over its healthy endpoints fleet-wide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
+    /// Each endpoint's share of traffic against the service's other endpoints
+    /// (1-256, default 100): DNS SRV weights, the ingress's choice and the
+    /// generated HAProxy configuration follow it. Jobs that share a service can
+    /// send a canary a tenth of the traffic per replica with `weight: 10`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+}
+
+/// An endpoint's weight when its service names none.
+pub const DEFAULT_SERVICE_WEIGHT: u16 = 100;
+/// The largest `spec.services[].weight` (HAProxy's largest server weight).
+pub const MAX_SERVICE_WEIGHT: u16 = 256;
+
+impl ServiceSpec {
+    /// Its endpoints' weight.
+    pub fn weight(&self) -> u16 {
+        self.weight.unwrap_or(DEFAULT_SERVICE_WEIGHT)
+    }
 }
 
 /// `spec.services[].ingress`: where and how every node's agent serves a service.

@@ -2,7 +2,8 @@
 //! each agent (its own `dns_listen`, the resolver of the containers it starts).
 //! Both answer, on UDP and TCP, `<service>.service.<domain>` with an A or AAAA record
 //! per healthy endpoint's address and an SRV record per healthy endpoint (target
-//! `<alloc>.alloc.<domain>`, whose A/AAAA answer is that endpoint's address), with
+//! `<alloc>.alloc.<domain>`, whose A/AAAA answer is that endpoint's address, and
+//! the endpoint's weight), with
 //! a short TTL ([`TTL`]). An unknown service is NXDOMAIN; a known service with no
 //! healthy endpoint answers no records. Names outside the fleet domain are
 //! refused, or, where the server was given upstream resolvers
@@ -86,7 +87,7 @@ pub fn answer(domain: &Name, name: &Name, kind: RecordType, services: &[ServiceV
                         Some(Record::from_rdata(
                             name.clone(),
                             TTL,
-                            RData::SRV(SRV::new(1, 1, e.port, target)),
+                            RData::SRV(SRV::new(1, e.weight, e.port, target)),
                         ))
                     })
                     .take(MAX_RECORDS)
@@ -285,6 +286,7 @@ mod tests {
             healthy,
             tags: Vec::new(),
             zone: None,
+            weight: 100,
         }
     }
 
@@ -302,7 +304,10 @@ mod tests {
                 endpoint("a1", "10.0.0.1", true),
                 endpoint("a2", "10.0.0.2", false),
                 endpoint("a3", "fd00::3", true),
-                endpoint("a4", "10.0.0.1", true),
+                EndpointView {
+                    weight: 10,
+                    ..endpoint("a4", "10.0.0.1", true)
+                },
             ],
         }];
         let q = |n: &str, k| answer(&domain, &name(n), k, &services);
@@ -322,9 +327,9 @@ mod tests {
         assert_eq!(
             srv.iter().map(|r| r.data.clone()).collect::<Vec<_>>(),
             vec![
-                RData::SRV(SRV::new(1, 1, 20001, name("a1.alloc.novacron."))),
-                RData::SRV(SRV::new(1, 1, 20001, name("a3.alloc.novacron."))),
-                RData::SRV(SRV::new(1, 1, 20001, name("a4.alloc.novacron."))),
+                RData::SRV(SRV::new(1, 100, 20001, name("a1.alloc.novacron."))),
+                RData::SRV(SRV::new(1, 100, 20001, name("a3.alloc.novacron."))),
+                RData::SRV(SRV::new(1, 10, 20001, name("a4.alloc.novacron."))),
             ]
         );
         let Answer::Records(target) = q("a3.alloc.novacron.", RecordType::AAAA) else {

@@ -583,6 +583,8 @@ pub struct IngressEndpoint {
     pub alloc: String,
     /// Its address and published port.
     pub address: std::net::SocketAddr,
+    /// Its share of traffic against the service's other endpoints (1-256).
+    pub weight: u16,
 }
 
 /// The agent's introduction. The node name it claims must match its certificate.

@@ -188,8 +188,8 @@ pub fn haproxy(
             // HAProxy reads the port after an IPv6 address's last colon.
             let _ = writeln!(
                 text,
-                "    server {} {}:{} check",
-                e.alloc, e.address, e.port
+                "    server {} {}:{} weight {} check",
+                e.alloc, e.address, e.port, e.weight
             );
         }
         if let Some(address) = listen.get(&service.name) {
@@ -223,7 +223,9 @@ impl TableRow for ServiceView {
 
 impl TableRow for EndpointView {
     fn headers() -> &'static [&'static str] {
-        &["ALLOC", "JOB", "NODE", "ADDRESS", "HEALTHY", "ZONE", "TAGS"]
+        &[
+            "ALLOC", "JOB", "NODE", "ADDRESS", "HEALTHY", "WEIGHT", "ZONE", "TAGS",
+        ]
     }
 
     fn cells(&self, _now: SystemTime) -> Vec<String> {
@@ -233,6 +235,7 @@ impl TableRow for EndpointView {
             self.node.clone(),
             format!("{}/{}", self.socket_addr(), self.protocol),
             if self.healthy { "yes" } else { "no" }.into(),
+            self.weight.to_string(),
             self.zone.clone().unwrap_or_else(|| "-".into()),
             if self.tags.is_empty() {
                 "-".into()
@@ -262,6 +265,7 @@ mod tests {
             healthy,
             tags: Vec::new(),
             zone: None,
+            weight: 100,
         }
     }
 
@@ -286,7 +290,7 @@ mod tests {
         let listen = BTreeMap::from([("front".to_owned(), "127.0.0.1:8080".to_owned())]);
         let text = haproxy(&services, &listen, "https://c:7443/");
         assert!(text.contains(
-            "backend svc_front\n    balance leastconn\n    server a1 10.0.0.1:20001 check\n    server a3 fd00::3:20001 check\n"
+            "backend svc_front\n    balance leastconn\n    server a1 10.0.0.1:20001 weight 100 check\n    server a3 fd00::3:20001 weight 100 check\n"
         ), "{text}");
         assert!(!text.contains("a2"), "{text}");
         assert!(

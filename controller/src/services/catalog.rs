@@ -96,6 +96,7 @@ fn endpoint(
         healthy: alloc.healthy != Some(false) && node.is_some_and(|n| n.connected),
         tags: spec.tags.clone(),
         zone: node.and_then(|n| n.zone.clone()),
+        weight: spec.weight(),
     })
 }
 
@@ -132,6 +133,7 @@ mod tests {
                 port: "http".into(),
                 tags: vec!["v1".into()],
                 ingress: None,
+                weight: Some(10),
             }],
         )]
     }

@@ -56,6 +56,7 @@ pub fn table(
             .map(|e| IngressEndpoint {
                 alloc: e.alloc.clone(),
                 address: e.socket_addr(),
+                weight: e.weight,
             })
             .collect();
         endpoints.sort_by(|a, b| a.alloc.cmp(&b.alloc));
@@ -248,6 +249,7 @@ mod tests {
             name: name.into(),
             port: "http".into(),
             tags: vec![],
+            weight: None,
             ingress: ingress.map(|port| IngressSpec {
                 port,
                 protocol: IngressProtocol::Http,
@@ -267,6 +269,7 @@ mod tests {
             healthy,
             tags: vec![],
             zone: None,
+            weight: 100,
         }
     }
 

@@ -59,6 +59,7 @@ fn main() -> Result<()> {
                 .map(|(i, address)| IngressEndpoint {
                     alloc: format!("endpoint-{i}"),
                     address: *address,
+                    weight: 100,
                 })
                 .collect(),
         }],

@@ -226,6 +226,18 @@ impl Checker<'_> {
                     ),
                 );
             }
+            if let Some(w) = service.weight
+                && !(1..=crate::manifest::MAX_SERVICE_WEIGHT).contains(&w)
+            {
+                self.bad(
+                    at.key("weight"),
+                    format!(
+                        "{w} is out of range; expected 1 to {} (default {})",
+                        crate::manifest::MAX_SERVICE_WEIGHT,
+                        crate::manifest::DEFAULT_SERVICE_WEIGHT
+                    ),
+                );
+            }
             if let Some(ingress) = &service.ingress {
                 let ip = at.key("ingress");
                 if ingress.port == 0 {
@@ -898,6 +910,37 @@ mod tests {
         .expect_err("invalid")
         .to_string();
         assert!(unknown.contains("udp"), "{unknown}");
+    }
+
+    #[test]
+    fn a_service_weight_is_1_to_256() {
+        let job = |services: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: web}}\nspec:\n  task:\n    \
+                 image: busybox\n    ports: [{{name: http, containerPort: 80}}]\n  resources: {{cpu: 100m, memory: 32Mi}}\n  services: {services}\n"
+            )
+        };
+        let ok = crate::manifest::parse_job(
+            "ok.yaml",
+            &job("[{name: a, port: http, weight: 10}, {name: b, port: http}]"),
+        )
+        .expect("valid");
+        assert_eq!(
+            (ok.spec.services[0].weight(), ok.spec.services[1].weight()),
+            (10, 100)
+        );
+        let errors = crate::manifest::parse_job(
+            "bad.yaml",
+            &job("[{name: a, port: http, weight: 0}, {name: b, port: http, weight: 257}]"),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for wanted in [
+            "spec.services[0].weight: 0 is out of range; expected 1 to 256 (default 100)",
+            "spec.services[1].weight: 257 is out of range",
+        ] {
+            assert!(errors.contains(wanted), "{wanted}\n{errors}");
+        }
     }
 
     #[test]
