@@ -686,3 +686,195 @@ async fn the_ingress_follows_a_live_migration() {
     assert_eq!(get_at(ip_a, ingress, "/").await.expect("via a").trim(), "4");
     assert_eq!(the_alloc(&s).await.node, s.agents[1].name);
 }
+
+/// The issue's promise for services: a two-replica HTTP service behind the
+/// agents' ingress answers every request of a client that never retries while
+/// one replica is live-migrated to another node. The moving replica leaves the
+/// catalog and the ingress table first (`shutdownDelay` before the freeze), so
+/// the ingress sends everything to the other replica until it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_replica_service_answers_every_request_through_a_live_migration() {
+    let Some(d) = daemons("two_replica_migration") else {
+        return;
+    };
+    let image = counter_image(Some(&d.a)).expect("counter image on A");
+    assert_eq!(
+        counter_image(Some(&d.b)).expect("counter image on B"),
+        image
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-migrate-2r-")
+        .tempdir()
+        .expect("tempdir");
+    let controller = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let pid = std::process::id();
+    let job = format!("two-{pid}");
+    let _cleanup = DaemonsCleanup {
+        hosts: vec![d.a.clone(), d.b.clone()],
+        job: job.clone(),
+        volume: format!("{job}-none"),
+    };
+    // Each agent publishes on its own loopback address: the two daemons share
+    // the host's ports, and the scheduler hands out each node's ports alone.
+    let (ip_a, ip_b) = ("127.0.0.41", "127.0.0.42");
+    let mut agents = Vec::new();
+    for (name, host, ip) in [("a", &d.a, ip_a), ("b", &d.b, ip_b)] {
+        let agent = Agent::join_and_run(
+            dir.path(),
+            &controller,
+            &format!("t{name}{pid}"),
+            &[
+                "--docker-host",
+                host.as_str(),
+                "--publish-address",
+                ip,
+                "--ingress-address",
+                ip,
+            ],
+        )
+        .await
+        .expect("agent");
+        wait_ready(&controller, &agent.name).await;
+        agents.push(agent);
+    }
+    let ingress = free_port();
+    let manifest = format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 2
+  task:
+    image: {image}
+    env:
+      DATA_FILE: /tmp/count.log
+    ports:
+      - name: http
+        containerPort: 8080
+    shutdownDelay: 2s
+  resources:
+    cpu: 100m
+    memory: 64Mi
+  health:
+    readiness:
+      http: {{port: 8080, path: /health}}
+      period: 1s
+      timeout: 500ms
+  checkpoint:
+    mode: live
+  services:
+    - {{name: two{pid}, port: http, ingress: {{port: {ingress}}}}}
+"
+    );
+    controller
+        .apply("two.yaml", &manifest)
+        .await
+        .expect("apply");
+    let running = || async {
+        controller
+            .job(&job)
+            .await
+            .map(|j| {
+                j.allocations
+                    .into_iter()
+                    .filter(|a| a.desired_run && a.state == AllocState::Running)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "two replicas behind the ingress",
+        || async {
+            running().await.len() == 2
+                && get_at(ip_a, ingress, "/count").await.is_ok()
+                && get_at(ip_b, ingress, "/count").await.is_ok()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent a log:\n{}", agents[0].log()));
+    // Both replicas must be behind the ingress before the move.
+    wait_for(
+        Duration::from_secs(15),
+        "two endpoints in the catalog",
+        || async {
+            controller
+                .cli(&["service", "show", &format!("two{pid}"), "-o", "json"])
+                .stdout
+                .windows(b"\"healthy\": true".len())
+                .filter(|w| *w == b"\"healthy\": true")
+                .count()
+                == 2
+        },
+    )
+    .await
+    .expect("two healthy endpoints");
+    let allocs = running().await;
+    let moving = &allocs[0];
+    let target = agents
+        .iter()
+        .find(|a| a.name != moving.node)
+        .expect("another node")
+        .name
+        .clone();
+
+    // A client that never retries, one GET every 20 ms through node a's ingress.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("client");
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http
+                    .get(format!("http://{ip_a}:{ingress}/count"))
+                    .send()
+                    .await;
+                match r {
+                    Ok(resp) if resp.status().is_success() => ok += 1,
+                    Ok(resp) => failed.push(resp.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    // The CLI blocks this thread; the client runs on the other worker.
+    let out = controller.cli(&["alloc", "migrate", &moving.id, "--to", &target]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let migrated = started.elapsed();
+    wait_for(
+        Duration::from_secs(20),
+        "both replicas serve again",
+        || async {
+            let now = running().await;
+            now.len() == 2 && now.iter().any(|a| a.node == target && a.id == moving.id)
+        },
+    )
+    .await
+    .expect("moved");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.await.expect("client");
+    eprintln!(
+        "two replicas, one live-migrated in {migrated:?}: {ok} requests answered, {} failed",
+        failed.len()
+    );
+    assert!(ok > 50, "the client ran through the migration ({ok})");
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+}
