@@ -560,3 +560,86 @@ async fn the_ingress_terminates_tls_with_http2_serves_tcp_and_skips_a_service_wh
         "nothing listens for a service whose certificate is missing"
     );
 }
+
+/// A WebSocket goes through the HTTP ingress: the upgrade reaches the endpoint
+/// with its headers, the 101 comes back, and messages flow both ways until the
+/// client closes. The agent's ingress code runs in this process, in front of a
+/// tokio-tungstenite echo server (no container needed).
+#[tokio::test]
+async fn a_websocket_passes_through_the_http_ingress() {
+    use futures_util::{SinkExt, StreamExt};
+    use novacron_common::wire::{IngressEndpoint, IngressProtocol, IngressService, IngressTable};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend_addr = backend.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        let reply = match msg {
+                            Message::Text(t) => Message::text(format!("echo {}", t.as_str())),
+                            other => other,
+                        };
+                        if ws.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let port = free_port();
+    let ingress = novacron_agent::ingress::Ingress::new("127.0.0.1".parse().expect("ip"), 1);
+    ingress.apply(IngressTable {
+        revision: 1,
+        services: vec![IngressService {
+            name: "ws".into(),
+            port,
+            protocol: IngressProtocol::Http,
+            tls: None,
+            endpoints: vec![IngressEndpoint {
+                alloc: "ws-1".into(),
+                address: backend_addr,
+                weight: 100,
+            }],
+        }],
+        ..IngressTable::default()
+    });
+    wait_for(Duration::from_secs(10), "the ingress to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await
+    .expect("listening");
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut ws, response) =
+        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/chat"), stream)
+            .await
+            .expect("the upgrade goes through the ingress");
+    assert_eq!(response.status().as_u16(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}")))
+            .await
+            .expect("send");
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a reply within 5 s")
+            .expect("open")
+            .expect("a message");
+        assert_eq!(
+            reply.into_text().expect("text").as_str(),
+            format!("echo hello {i}")
+        );
+    }
+    ws.close(None).await.expect("close");
+}

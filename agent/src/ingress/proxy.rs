@@ -10,6 +10,12 @@
 //! reached, closes the connection before answering, or answers 502, 503 or 504.
 //! Other requests are sent once (their body streams through and cannot be
 //! replayed).
+//!
+//! Upgrades: an HTTP/1.1 request that asks to switch protocols (`Connection:
+//! upgrade` with `Upgrade: websocket`, say) goes to one endpoint with those
+//! headers kept; when it answers 101 the two connections are joined byte for
+//! byte until either side closes (the endpoint counts one request in flight for
+//! as long), and for at most [`DRAIN_TIMEOUT`] after the listener closes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -228,17 +234,25 @@ async fn http_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let served = served.clone();
+    let tunnels = cancel.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let served = served.clone();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(forward(&served, &client, req, peer, tls).await) }
+        let tunnels = tunnels.clone();
+        async move {
+            Ok::<_, Infallible>(if is_upgrade(&req) {
+                forward_upgrade(served, &client, req, peer, tls, tunnels).await
+            } else {
+                forward(&served, &client, req, peer, tls).await
+            })
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -253,6 +267,113 @@ async fn http_connection<S>(
     if let Err(e) = result {
         debug!(%peer, error = %e, "ingress: HTTP connection ended with an error");
     }
+}
+
+/// Whether `req` asks to switch protocols (HTTP/1.1 `Connection: upgrade` with
+/// an `Upgrade` header).
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Sends an upgrade request to one endpoint and, when it switches protocols,
+/// joins the client's connection to the endpoint's until either closes (or
+/// [`DRAIN_TIMEOUT`] after `cancel`). Not retried: the endpoint may have acted.
+async fn forward_upgrade(
+    served: Arc<Served>,
+    client: &Upstream,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+    cancel: CancellationToken,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let mut head = Head::of(&req, peer, tls);
+    if let Some(protocol) = req.headers().get(header::UPGRADE).cloned() {
+        head.headers.insert(header::UPGRADE, protocol);
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let from_client = hyper::upgrade::on(&mut req);
+    let Some(pick) = served.pick(&[]) else {
+        served.stats.no_endpoint();
+        let response = plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy endpoint for this service\n",
+        );
+        served.stats.request(503, started.elapsed());
+        return response;
+    };
+    let Some(upstream_req) = head.request(pick.address, req.into_body().boxed_unsync()) else {
+        served.finish(&pick.key, Outcome::Success);
+        return plain(StatusCode::BAD_REQUEST, "the request's path is not valid\n");
+    };
+    let response = match client.request(upstream_req).await {
+        Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let from_endpoint = hyper::upgrade::on(&mut resp);
+            let tunnel = served.clone();
+            let key = pick.key.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(from_client, from_endpoint) {
+                    Ok((c, e)) => {
+                        let (mut c, mut e) = (TokioIo::new(c), TokioIo::new(e));
+                        tokio::select! {
+                            r = tokio::io::copy_bidirectional(&mut c, &mut e) => {
+                                if let Err(error) = r {
+                                    debug!(%peer, %error, "ingress: upgraded connection ended with an error");
+                                }
+                            }
+                            _ = async {
+                                cancel.cancelled().await;
+                                tokio::time::sleep(DRAIN_TIMEOUT).await;
+                            } => {}
+                        }
+                    }
+                    Err(error) => debug!(%peer, %error, "ingress: an upgrade did not complete"),
+                }
+                tunnel.finish(&key, Outcome::Success);
+            });
+            let (parts, _) = resp.into_parts();
+            Response::from_parts(
+                parts,
+                Empty::new().map_err(|never| match never {}).boxed_unsync(),
+            )
+        }
+        Ok(resp) => {
+            let status = resp.status();
+            served.finish(
+                &pick.key,
+                if status.is_server_error() {
+                    Outcome::ServerError
+                } else {
+                    Outcome::Success
+                },
+            );
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed_unsync())
+        }
+        Err(e) => {
+            served.stats.upstream_failure();
+            served.finish(&pick.key, Outcome::GatewayFailure);
+            debug!(service = %served.name, endpoint = %pick.address, error = %e, "ingress: endpoint failed an upgrade");
+            plain(
+                StatusCode::BAD_GATEWAY,
+                "the service's endpoint did not answer\n",
+            )
+        }
+    };
+    served
+        .stats
+        .request(response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// Whether `req` may be sent again to another endpoint.
