@@ -495,6 +495,57 @@ async fn the_ingress_terminates_tls_with_http2_serves_tcp_and_skips_a_service_wh
     let host = resp.text().await.expect("body");
     assert!(!host.trim().is_empty());
 
+    // A renewed certificate (here from another CA) is taken up without a
+    // restart: a client that trusts only the new CA gets through.
+    let ca2 = pki::generate_ca(
+        "ingress test CA 2",
+        Validity::starting(std::time::SystemTime::now(), Duration::from_secs(3600)),
+    )
+    .expect("ca2");
+    let renewed = pki::issue_server_cert(
+        &ca2,
+        &[ip.to_string()],
+        Validity::starting(std::time::SystemTime::now(), Duration::from_secs(3600)),
+    )
+    .expect("renewed cert");
+    std::fs::write(&key, &renewed.key_pem).expect("key");
+    std::fs::write(&cert, format!("{}{}", renewed.cert_pem, ca2.cert_pem)).expect("cert");
+    let client2 = reqwest::Client::builder()
+        .tls_backend_preconfigured(
+            novacron_common::tls::client_config(&ca2.cert_pem, None, &[b"h2", b"http/1.1"])
+                .expect("client config"),
+        )
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let renewed_at = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "the renewed certificate",
+        || async {
+            client2
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await
+    .expect("served with the renewed certificate");
+    eprintln!("certificate renewal taken up in {:?}", renewed_at.elapsed());
+    let stale = reqwest::Client::builder()
+        .tls_backend_preconfigured(
+            novacron_common::tls::client_config(&ca.cert_pem, None, &[b"http/1.1"])
+                .expect("client config"),
+        )
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    assert!(
+        stale.get(&url).send().await.is_err(),
+        "a client that trusts only the old CA no longer gets through"
+    );
+
     // TCP: bytes through to the replica, whatever they say.
     let mut conn = tokio::net::TcpStream::connect((ip, tcp_port))
         .await

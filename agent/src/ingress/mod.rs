@@ -12,7 +12,10 @@
 //!
 //! A port that cannot be bound (another process has it) or a TLS certificate
 //! that cannot be read leaves that service unserved on this node, with a warning,
-//! and is tried again every [`RETRY_EVERY`] and on every new table.
+//! and is tried again every [`RETRY_EVERY`] and on every new table. A serving
+//! listener's certificate and key files are checked as often: when they change
+//! (a renewal) and make a valid identity, new handshakes use it; when they do
+//! not, the listener keeps the identity it has and says why once.
 
 pub mod balance;
 pub mod proxy;
@@ -160,6 +163,54 @@ struct Listener {
     spec: ListenerSpec,
     served: Arc<Served>,
     cancel: CancellationToken,
+    /// The TLS identity its handshakes use, and the files' stamp it was read at.
+    identity: Option<(Arc<Identity>, Option<FileStamp>)>,
+}
+
+/// The size and modification time of a TLS listener's certificate and key files.
+type FileStamp = [(u64, Option<std::time::SystemTime>); 2];
+
+fn stamp(tls: &IngressTls) -> Option<FileStamp> {
+    let one = |path: &str| {
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.len(), m.modified().ok()))
+    };
+    Some([one(&tls.cert_file)?, one(&tls.key_file)?])
+}
+
+/// A TLS listener's identity, swapped when its files change.
+#[derive(Debug)]
+struct Identity {
+    current: Mutex<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for Identity {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(lock(&self.current).clone())
+    }
+}
+
+/// Swaps in `tls`'s files when they changed since `seen` and make a valid
+/// identity; `seen` becomes their stamp either way, so a bad file is reported
+/// once.
+fn reload(tls: &IngressTls, identity: &Identity, seen: &mut Option<FileStamp>, service: &str) {
+    let now = stamp(tls);
+    if now.is_none() || now == *seen {
+        return;
+    }
+    *seen = now;
+    match certified_key(tls) {
+        Ok(key) => {
+            *lock(&identity.current) = Arc::new(key);
+            info!(service, cert = %tls.cert_file, "ingress: the TLS certificate changed; new connections use it");
+        }
+        Err(error) => {
+            warn!(service, %error, "ingress: the TLS files changed but do not make an identity; keeping the one in use");
+        }
+    }
 }
 
 async fn manage(mut rx: watch::Receiver<Arc<IngressTable>>, address: IpAddr, shared: Arc<Shared>) {
@@ -208,8 +259,11 @@ async fn reconcile(
     });
     failures.retain(|port, _| wanted.contains_key(port));
     for (port, service) in &wanted {
-        if let Some(l) = listeners.get(port) {
+        if let Some(l) = listeners.get_mut(port) {
             lock(&l.served.balancer).set_endpoints(&service.endpoints);
+            if let (Some(tls), Some((identity, seen))) = (&service.tls, &mut l.identity) {
+                reload(tls, identity, seen, &service.name);
+            }
             continue;
         }
         match open(service, address, client, shared).await {
@@ -248,9 +302,18 @@ async fn open(
     client: &Upstream,
     shared: &Shared,
 ) -> Result<Listener, String> {
-    let acceptor = match &service.tls {
-        Some(tls) => Some(acceptor(tls, service.protocol)?),
-        None => None,
+    let (acceptor, identity) = match &service.tls {
+        Some(tls) => {
+            let seen = stamp(tls);
+            let identity = Arc::new(Identity {
+                current: Mutex::new(Arc::new(certified_key(tls)?)),
+            });
+            (
+                Some(acceptor(identity.clone(), service.protocol)?),
+                Some((identity, seen)),
+            )
+        }
+        None => (None, None),
     };
     let addr = SocketAddr::new(address, service.port);
     let listener = TcpListener::bind(addr)
@@ -278,6 +341,7 @@ async fn open(
         spec: spec_of(service),
         served,
         cancel,
+        identity,
     })
 }
 
@@ -300,27 +364,34 @@ fn read_pem(path: &str, what: &str) -> Result<String, String> {
     Ok(text)
 }
 
-/// A TLS acceptor for `tls`'s files (ALPN h2 and http/1.1 for HTTP).
-fn acceptor(
-    tls: &IngressTls,
-    protocol: IngressProtocol,
-) -> Result<tokio_rustls::TlsAcceptor, String> {
+/// The identity `tls`'s files make: the chain, and a signing key that matches
+/// its first certificate.
+fn certified_key(tls: &IngressTls) -> Result<rustls::sign::CertifiedKey, String> {
     let chain = read_pem(&tls.cert_file, "certificate chain")?;
     let key = read_pem(&tls.key_file, "private key")?;
     let certs = novacron_common::tls::certs_from_pem(&chain, "the ingress certificate chain")
         .map_err(|e| format!("{}: {e}", tls.cert_file))?;
     let key = novacron_common::tls::key_from_pem(&key, "the ingress key")
         .map_err(|e| format!("{}: {e}", tls.key_file))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
+        format!(
+            "the certificate {} and key {} do not make a TLS identity: {e}",
+            tls.cert_file, tls.key_file
+        )
+    })
+}
+
+/// A TLS acceptor over `identity` (ALPN h2 and http/1.1 for HTTP).
+fn acceptor(
+    identity: Arc<Identity>,
+    protocol: IngressProtocol,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| {
-            format!(
-                "the certificate {} and key {} do not make a TLS identity: {e}",
-                tls.cert_file, tls.key_file
-            )
-        })?;
+        .map(|b| b.with_no_client_auth().with_cert_resolver(identity))
+        .map_err(|e| format!("the TLS protocol versions: {e}"))?;
     if protocol == IngressProtocol::Http {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
