@@ -73,15 +73,16 @@ impl Source {
             exposition::collect_sample(&self.node, &self.zone, &sample, &mut out);
         }
         exposition::collect_process(exposition::ProcessStats::read(), &mut out);
-        let families: Vec<&Family> = std::iter::once(&AGENT_BUILD_INFO)
+        let mut families: Vec<&Family> = std::iter::once(&AGENT_BUILD_INFO)
             .chain(exposition::SAMPLE_FAMILIES.iter())
             .chain(exposition::PROCESS_FAMILIES.iter())
             .collect();
-        let mut text = exposition::render_text(&families, out);
-        if let Some(ingress) = &self.ingress {
-            text.push_str(&ingress.render(&self.node));
+        if let Some(ingress) = &self.ingress
+            && ingress.collect(&self.node, &mut out)
+        {
+            families.extend(crate::ingress::stats::FAMILIES.iter());
         }
-        text
+        exposition::render_text(&families, out)
     }
 }
 

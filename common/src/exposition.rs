@@ -69,6 +69,15 @@ impl Family {
         }
     }
 
+    /// A histogram (its samples come from [`Samples::histogram`]).
+    pub const fn histogram(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: Kind::Histogram,
+        }
+    }
+
     /// The `prometheus-client` type.
     pub fn metric_type(&self) -> MetricType {
         match self.kind {
@@ -91,10 +100,23 @@ pub enum Value {
     Float(f64),
 }
 
+/// One histogram sample: its sum, its count and its buckets as (upper bound,
+/// observations in that bucket alone), the last bound `f64::INFINITY` (`+Inf`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// The sum of the observations.
+    pub sum: f64,
+    /// How many observations.
+    pub count: u64,
+    /// Per bucket, not cumulative.
+    pub buckets: Vec<(f64, u64)>,
+}
+
 /// The samples of one scrape, per family name.
 #[derive(Debug, Default)]
 pub struct Samples {
     rows: HashMap<&'static str, Vec<(Labels, Value)>>,
+    histograms: HashMap<&'static str, Vec<(Labels, Histogram)>>,
     seen: HashMap<&'static str, HashSet<Labels>>,
 }
 
@@ -130,14 +152,38 @@ impl Samples {
         self.add(family, labels, Value::Float(value));
     }
 
+    /// Adds a histogram sample (dropped like [`Samples::add`]'s duplicates).
+    pub fn histogram(&mut self, family: &Family, labels: Labels, value: Histogram) {
+        if self
+            .seen
+            .entry(family.name)
+            .or_default()
+            .insert(labels.clone())
+        {
+            self.histograms
+                .entry(family.name)
+                .or_default()
+                .push((labels, value));
+        }
+    }
+
     /// Takes the samples of `family` out, in the order they were added.
     pub fn take(&mut self, family: &Family) -> Vec<(Labels, Value)> {
         self.rows.remove(family.name).unwrap_or_default()
     }
 
+    /// Takes the histogram samples of `family` out, in the order they were added.
+    pub fn take_histograms(&mut self, family: &Family) -> Vec<(Labels, Histogram)> {
+        self.histograms.remove(family.name).unwrap_or_default()
+    }
+
     /// The families that still have samples (none once every family was taken).
     pub fn left(&self) -> Vec<&'static str> {
-        self.rows.keys().copied().collect()
+        self.rows
+            .keys()
+            .chain(self.histograms.keys())
+            .copied()
+            .collect()
     }
 }
 
@@ -184,6 +230,21 @@ impl Collector for Plain {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut samples = crate::sync::lock(&self.samples);
         for family in &self.families {
+            if family.kind == Kind::Histogram {
+                let rows = samples.take_histograms(family);
+                let mut metric = encoder.encode_descriptor(
+                    family.name,
+                    family.help,
+                    None,
+                    family.metric_type(),
+                )?;
+                for (labels, h) in rows {
+                    metric
+                        .encode_family(&labels)?
+                        .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+                }
+                continue;
+            }
             let rows = samples.take(family);
             encode_rows(&mut encoder, family, rows)?;
         }
@@ -191,8 +252,8 @@ impl Collector for Plain {
     }
 }
 
-/// Renders `families` (gauges and counters; each announced even without a
-/// sample) with `samples` in the Prometheus text format 0.0.4.
+/// Renders `families` (gauges, counters and histograms; each announced even
+/// without a sample) with `samples` in the Prometheus text format 0.0.4.
 pub fn render_text(families: &[&Family], samples: Samples) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(Plain {

@@ -113,9 +113,9 @@ impl Ingress {
         });
     }
 
-    /// The Prometheus text of every service's counters, for the agent's
-    /// `/metrics` (empty before the first service).
-    pub fn render(&self, node: &str) -> String {
+    /// Adds every service's samples of [`stats::FAMILIES`] to `out`, for the
+    /// agent's `/metrics`; false (and nothing added) before the first service.
+    pub fn collect(&self, node: &str, out: &mut novacron_common::exposition::Samples) -> bool {
         let served = lock(&self.shared.served).clone();
         let stats = lock(&self.shared.stats).clone();
         let rows: Vec<(String, &ServiceStats, stats::Gauges)> = stats
@@ -134,9 +134,8 @@ impl Ingress {
                 (name.clone(), s.as_ref(), gauges)
             })
             .collect();
-        let mut out = String::new();
-        stats::render(&rows, node, &mut out);
-        out
+        stats::collect(&rows, node, out);
+        !rows.is_empty()
     }
 
     /// Requests answered for `service` so far (tests and diagnostics).

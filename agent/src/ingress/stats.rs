@@ -4,8 +4,9 @@
 //! of an endpoint, and client connections. Atomics: the data plane never waits on
 //! a scrape.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use novacron_common::exposition::{Family, Histogram, Labels, Samples};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -90,121 +91,95 @@ pub struct Gauges {
     pub ejected: usize,
 }
 
-/// Appends the Prometheus text format of every service's counters to `out`.
-pub fn render(services: &[(String, &ServiceStats, Gauges)], node: &str, out: &mut String) {
-    if services.is_empty() {
-        return;
-    }
-    let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let node = label(node);
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let counter = |out: &mut String,
-                   name: &str,
-                   help: &str,
-                   rows: &mut dyn Iterator<Item = (String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (labels, v) in rows {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
-    };
-    let base = |svc: &str| format!("node=\"{node}\",service=\"{}\"", label(svc));
-    counter(
-        out,
-        "novacron_ingress_requests_total",
-        "Requests the ingress answered, by status class.",
-        &mut services.iter().flat_map(|(svc, s, _)| {
-            let base = base(svc);
-            (0..5).map(move |c| (format!("{base},code=\"{}xx\"", c + 1), load(&s.by_class[c])))
-        }),
-    );
-    type Field = fn(&ServiceStats) -> &AtomicU64;
-    let simple: [(&str, &str, Field); 5] = [
-        (
-            "novacron_ingress_upstream_failures_total",
-            "Attempts whose endpoint could not be reached or closed before answering.",
-            |s| &s.upstream_failures,
-        ),
-        (
-            "novacron_ingress_retries_total",
-            "Requests and connections sent again to another endpoint.",
-            |s| &s.retries,
-        ),
-        (
-            "novacron_ingress_ejections_total",
-            "Endpoints ejected by passive health checks (breaker opened).",
-            |s| &s.ejections,
-        ),
-        (
-            "novacron_ingress_no_endpoint_total",
-            "Requests and connections no endpoint could take (503 for HTTP).",
-            |s| &s.no_endpoint,
-        ),
-        (
-            "novacron_ingress_connections_total",
-            "Client connections accepted.",
-            |s| &s.connections,
-        ),
-    ];
-    for (name, help, field) in simple {
-        counter(
-            out,
-            name,
-            help,
-            &mut services
-                .iter()
-                .map(|(svc, s, _)| (base(svc), load(field(s)))),
-        );
-    }
-    let gauge = |out: &mut String, name: &str, help: &str, rows: Vec<(String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (labels, v) in rows {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
-    };
-    gauge(
-        out,
+/// The ingress's families, in the order `/metrics` shows them.
+pub static FAMILIES: [Family; 10] = [
+    REQUESTS,
+    Family::counter(
+        "novacron_ingress_upstream_failures",
+        "Attempts whose endpoint could not be reached or closed before answering.",
+    ),
+    Family::counter(
+        "novacron_ingress_retries",
+        "Requests and connections sent again to another endpoint.",
+    ),
+    Family::counter(
+        "novacron_ingress_ejections",
+        "Endpoints ejected by passive health checks (breaker opened).",
+    ),
+    Family::counter(
+        "novacron_ingress_no_endpoint",
+        "Requests and connections no endpoint could take (503 for HTTP).",
+    ),
+    Family::counter(
+        "novacron_ingress_connections",
+        "Client connections accepted.",
+    ),
+    Family::gauge(
         "novacron_ingress_open_connections",
         "Client connections open now.",
-        services
-            .iter()
-            .map(|(svc, s, _)| (base(svc), load(&s.open_connections)))
-            .collect(),
-    );
-    gauge(
-        out,
+    ),
+    Family::gauge(
         "novacron_ingress_endpoints",
         "Endpoints the controller lists for the service.",
-        services
-            .iter()
-            .map(|(svc, _, g)| (base(svc), g.endpoints as u64))
-            .collect(),
-    );
-    gauge(
-        out,
+    ),
+    Family::gauge(
         "novacron_ingress_ejected_endpoints",
         "Listed endpoints ejected now.",
-        services
-            .iter()
-            .map(|(svc, _, g)| (base(svc), g.ejected as u64))
-            .collect(),
-    );
-    let name = "novacron_ingress_request_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time from a request to the head of its answer.\n# TYPE {name} histogram"
-    );
-    for (svc, s, _) in services {
-        let base = base(svc);
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += load(&s.buckets[i]);
-            let _ = writeln!(out, "{name}_bucket{{{base},le=\"{bound}\"}} {cumulative}");
+    ),
+    DURATION,
+];
+
+const REQUESTS: Family = Family::counter(
+    "novacron_ingress_requests",
+    "Requests the ingress answered, by status class.",
+);
+const DURATION: Family = Family::histogram(
+    "novacron_ingress_request_duration_seconds",
+    "Time from a request to the head of its answer.",
+);
+
+/// Adds every service's samples of [`FAMILIES`] to `out`.
+pub fn collect(services: &[(String, &ServiceStats, Gauges)], node: &str, out: &mut Samples) {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    // The counters and the gauge of FAMILIES[1..7], in that order.
+    type Field = fn(&ServiceStats) -> &AtomicU64;
+    let fields: [Field; 6] = [
+        |s| &s.upstream_failures,
+        |s| &s.retries,
+        |s| &s.ejections,
+        |s| &s.no_endpoint,
+        |s| &s.connections,
+        |s| &s.open_connections,
+    ];
+    for (svc, s, gauges) in services {
+        let base = || -> Labels { vec![("node", node.to_owned()), ("service", svc.clone())] };
+        for (c, count) in s.by_class.iter().enumerate() {
+            let mut labels = base();
+            labels.push(("code", format!("{}xx", c + 1)));
+            out.int(&REQUESTS, labels, load(count));
         }
+        for (family, field) in FAMILIES[1..7].iter().zip(fields) {
+            out.int(family, base(), load(field(s)));
+        }
+        out.int(&FAMILIES[7], base(), gauges.endpoints as u64);
+        out.int(&FAMILIES[8], base(), gauges.ejected as u64);
         let count = load(&s.count);
-        let _ = writeln!(out, "{name}_bucket{{{base},le=\"+Inf\"}} {count}");
-        let sum = load(&s.sum_micros) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{base}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{base}}} {count}");
+        let mut buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .zip(&s.buckets)
+            .map(|(bound, n)| (*bound, load(n)))
+            .collect();
+        let counted: u64 = buckets.iter().map(|b| b.1).sum();
+        buckets.push((f64::INFINITY, count.saturating_sub(counted)));
+        out.histogram(
+            &DURATION,
+            base(),
+            Histogram {
+                sum: load(&s.sum_micros) as f64 / 1e6,
+                count,
+                buckets,
+            },
+        );
     }
 }
 
@@ -213,13 +188,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_and_a_cumulative_histogram() {
+    fn renders_counters_gauges_and_a_cumulative_histogram() {
         let s = ServiceStats::default();
         s.request(200, Duration::from_micros(300));
         s.request(503, Duration::from_millis(20));
         s.retry();
-        let mut out = String::new();
-        render(
+        let mut samples = Samples::default();
+        collect(
             &[(
                 "web".into(),
                 &s,
@@ -229,15 +204,19 @@ mod tests {
                 },
             )],
             "n1",
-            &mut out,
+            &mut samples,
         );
+        let families: Vec<&Family> = FAMILIES.iter().collect();
+        let out = novacron_common::exposition::render_text(&families, samples);
         for line in [
             "novacron_ingress_requests_total{node=\"n1\",service=\"web\",code=\"2xx\"} 1",
             "novacron_ingress_requests_total{node=\"n1\",service=\"web\",code=\"5xx\"} 1",
             "novacron_ingress_retries_total{node=\"n1\",service=\"web\"} 1",
             "novacron_ingress_ejected_endpoints{node=\"n1\",service=\"web\"} 1",
-            "novacron_ingress_request_duration_seconds_bucket{node=\"n1\",service=\"web\",le=\"0.0005\"} 1",
-            "novacron_ingress_request_duration_seconds_bucket{node=\"n1\",service=\"web\",le=\"0.025\"} 2",
+            "novacron_ingress_request_duration_seconds_bucket{le=\"0.0005\",node=\"n1\",service=\"web\"} 1",
+            "novacron_ingress_request_duration_seconds_bucket{le=\"0.025\",node=\"n1\",service=\"web\"} 2",
+            "novacron_ingress_request_duration_seconds_bucket{le=\"+Inf\",node=\"n1\",service=\"web\"} 2",
+            "novacron_ingress_endpoints{node=\"n1\",service=\"web\"} 2",
             "novacron_ingress_request_duration_seconds_count{node=\"n1\",service=\"web\"} 2",
         ] {
             assert!(out.contains(line), "{line}\n{out}");
