@@ -692,7 +692,8 @@ pub(super) fn push_record_version(record: &mut JobRecord, new: &NewVersion<'_>) 
 }
 
 /// The scheduler's view: every node, and the allocations holding resources
-/// (less `gone`, which a pass no longer wants).
+/// (less `gone`, which a pass no longer wants, and those stopping, which hold
+/// only their host ports until they are reported gone).
 pub(super) fn scheduling_snapshot(
     jobs: &Jobs<'_>,
     allocs: &BTreeMap<String, AllocRecord>,
@@ -709,7 +710,7 @@ pub(super) fn scheduling_snapshot(
             ready: n.status == NodeStatus::Ready && !n.cordoned,
         })
         .collect();
-    let existing: Vec<scheduler::Placed> = allocs
+    let existing = allocs
         .values()
         .filter(|a| {
             a.desired_run
@@ -727,9 +728,32 @@ pub(super) fn scheduling_snapshot(
             priority: a.priority,
             disk_bytes: a.disk_bytes,
             host_ports: held_ports(jobs, a),
+        });
+    // An allocation on its way out (stopped by this pass or an earlier one, its
+    // container not yet reported gone) still has its host ports bound on the
+    // node, through its shutdown delay too: it keeps them in the snapshot, and
+    // nothing else, so a replacement gets another port (or waits) instead of
+    // failing to bind. It cannot be preempted.
+    let stopping = allocs
+        .values()
+        .filter(|a| {
+            (!a.desired_run || gone.contains(a.id.as_str()))
+                && !a.state.is_terminal()
+                && known.contains(a.node.as_str())
         })
-        .collect();
-    scheduler::Snapshot::new(snapshot_nodes, existing)
+        .map(|a| scheduler::Placed {
+            alloc_id: a.id.clone(),
+            job: a.job.clone(),
+            node: a.node.clone(),
+            cpu_millis: 0,
+            memory_bytes: 0,
+            gpu_uuids: Vec::new(),
+            priority: u32::MAX,
+            disk_bytes: 0,
+            host_ports: held_ports(jobs, a),
+        })
+        .filter(|p| !p.host_ports.is_empty());
+    scheduler::Snapshot::new(snapshot_nodes, existing.chain(stopping).collect())
 }
 
 /// The host ports `a` holds on its node. An allocation placed before host ports
@@ -1062,5 +1086,44 @@ mod tests {
         );
         assert!(matches!(&plan.actions[0], Action::Stop { alloc, .. } if alloc == "api-a"));
         assert_eq!(plan.placed(), 0);
+    }
+
+    /// Regression: a stopping replica (its shutdown delay running) freed its
+    /// dynamic host port in the scheduler's view, so the replacement got the same
+    /// port and failed to bind while the old container still held it.
+    #[test]
+    fn a_stopping_replica_keeps_its_host_port_until_it_is_gone() {
+        let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  replicas: 1\n  task:\n    image: busybox:1\n    ports: [{name: http, containerPort: 80}]\n  resources: {cpu: 100m, memory: 32Mi}\n";
+        let jobs: BTreeMap<String, JobEntry> = [("api".to_string(), entry(text))].into();
+        let task = jobs["api"].parsed[&1].task_spec();
+        let first = novacron_common::wire::DEFAULT_DYNAMIC_PORT_FIRST;
+        let on_port = |id: &str, state: AllocState, desired_run: bool, port: u16| AllocRecord {
+            ports: alloc_ports(
+                &task,
+                &[scheduler::AssignedPort {
+                    name: "http".into(),
+                    host_port: port,
+                    udp: false,
+                }],
+            ),
+            ..alloc(id, "n1", state, desired_run)
+        };
+        let nodes = [node("n1", NodeStatus::Ready)];
+        // Stopping (still running): its port is not handed out again.
+        let stopping = allocs(vec![on_port("old", AllocState::Running, false, first)]);
+        let plan = run(&jobs, &stopping, &nodes, &|_| None);
+        let new = placed(&plan);
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].ports[0].host_port, first + 1, "{:?}", new[0].ports);
+        // Once it is reported stopped, the port is free again.
+        let stopped = allocs(vec![on_port("old", AllocState::Stopped, false, first)]);
+        let plan = run(&jobs, &stopped, &nodes, &|_| None);
+        assert_eq!(placed(&plan)[0].ports[0].host_port, first);
+        // It holds nothing else: a node with no CPU left but for it still fits.
+        let snapshot = scheduling_snapshot(&Jobs::new(&jobs), &stopping, &nodes, &BTreeSet::new())
+            .expect("snapshot");
+        let usage = snapshot.usage("n1").expect("n1");
+        assert_eq!((usage.cpu_millis, usage.memory_bytes), (0, 0));
+        assert_eq!(usage.host_ports, [scheduler::HostPort::tcp(first)]);
     }
 }
