@@ -1,8 +1,8 @@
 //! The service catalog end to end: a job's declared service lists the endpoints
 //! of its running replicas at addresses that answer, follows their readiness,
 //! blocks a watcher until it changes, answers DNS (SRV and A) for its healthy
-//! replicas, and becomes an HAProxy configuration that
-//! Debian's `haproxy` accepts and serves through.
+//! replicas, and becomes HAProxy and nginx configurations that Debian's
+//! `haproxy` and `nginx` accept and serve through.
 
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,17 @@ fn srv_ports(data: &[RData]) -> Vec<u16> {
     ports
 }
 
+fn nginx() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from("/usr/sbin/nginx");
+    assert!(
+        path.exists()
+            && std::path::Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").exists(),
+        "nginx with its stream module is not installed: run `bash .ci/setup` (it installs Debian's \
+         nginx and libnginx-mod-stream)"
+    );
+    path
+}
+
 fn haproxy() -> std::path::PathBuf {
     let path = std::path::PathBuf::from("/usr/sbin/haproxy");
     assert!(
@@ -99,7 +110,7 @@ fn haproxy() -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_config() {
+async fn the_catalog_follows_replicas_and_readiness_and_haproxy_and_nginx_serve_its_config() {
     ensure_test_image().expect("test image");
     let haproxy = haproxy();
     let dir = tempfile::Builder::new()
@@ -351,6 +362,85 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_serves_its_confi
     })
     .await
     .expect("served");
+    for _ in 0..4 {
+        assert_eq!(
+            get(front, "/").await.as_deref(),
+            Some(healthy_host.as_str())
+        );
+    }
+    let _ = proxy.kill().await;
+
+    // The nginx form of the same catalog: `nginx -t` accepts it, and nginx serves
+    // the healthy replica through it.
+    let nginx = nginx();
+    let nginx_port = free_port();
+    let out = c.cli(&[
+        "service",
+        "lb-config",
+        "--format",
+        "nginx",
+        "--listen",
+        &format!("{svc}=127.0.0.1:{nginx_port}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stream = dir.path().join("novacron-stream.conf");
+    std::fs::write(&stream, &out.stdout).expect("write");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&broken.alloc));
+    let main = dir.path().join("nginx.conf");
+    std::fs::write(
+        &main,
+        format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+             pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\ndaemon off;\n\
+             master_process off;\n\
+             events {{}}\ninclude {stream};\n",
+            dir = dir.path().display(),
+            stream = stream.display()
+        ),
+    )
+    .expect("write");
+    let nginx_args = |test: bool| {
+        let mut args = vec![
+            "-p".to_owned(),
+            dir.path().display().to_string(),
+            "-e".to_owned(),
+            dir.path().join("nginx-error.log").display().to_string(),
+            "-c".to_owned(),
+            main.display().to_string(),
+        ];
+        if test {
+            args.push("-t".to_owned());
+        }
+        args
+    };
+    let check = std::process::Command::new(&nginx)
+        .args(nginx_args(true))
+        .output()
+        .expect("nginx runs");
+    assert!(
+        check.status.success(),
+        "nginx -t refused:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // One process (master_process off), so killing it leaves no worker behind.
+    let mut proxy = tokio::process::Command::new(&nginx)
+        .args(nginx_args(false))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nginx starts");
+    let front: std::net::SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
+    wait_for(Duration::from_secs(10), "nginx to serve", || async {
+        get(front, "/").await.is_some()
+    })
+    .await
+    .expect("served by nginx");
     for _ in 0..4 {
         assert_eq!(
             get(front, "/").await.as_deref(),
