@@ -6,6 +6,7 @@
 //! test command does this).
 
 pub mod counter_image;
+pub mod dns;
 pub mod fleet_image;
 pub mod procfs;
 

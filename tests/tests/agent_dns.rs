@@ -13,10 +13,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{RData, RecordType};
 use novacron_api::services::{EndpointView, ServiceView};
 use novacron_tests::counter_image::counter_image;
+use novacron_tests::dns::{query as dns, srv_ports};
 use novacron_tests::{
     Agent, Controller, DaemonsCleanup, JobCleanup, docker, docker_on, ensure_test_image, free_port,
     service_job, wait_for,
@@ -74,46 +75,6 @@ async fn serve_upstream() -> SocketAddr {
     .await
     .expect("upstream DNS");
     addr
-}
-
-/// Asks `server` (UDP) for `name`/`kind`: the response code and the answers.
-async fn dns(
-    server: SocketAddr,
-    name: &str,
-    kind: RecordType,
-) -> Option<(ResponseCode, Vec<RData>)> {
-    let mut query = Message::query();
-    query.metadata.id = rand::random();
-    query.metadata.recursion_desired = true;
-    query.add_query(Query::query(Name::from_ascii(name).expect("name"), kind));
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
-    socket
-        .send_to(&query.to_vec().expect("encode"), server)
-        .await
-        .ok()?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let answer = Message::from_vec(&buf[..n]).expect("a DNS message");
-    assert_eq!(answer.metadata.id, query.metadata.id);
-    Some((
-        answer.metadata.response_code,
-        answer.answers.into_iter().map(|r| r.data).collect(),
-    ))
-}
-
-fn srv_ports(data: &[RData]) -> Vec<u16> {
-    let mut ports: Vec<u16> = data
-        .iter()
-        .filter_map(|d| match d {
-            RData::SRV(srv) => Some(srv.port),
-            _ => None,
-        })
-        .collect();
-    ports.sort();
-    ports
 }
 
 async fn srv(server: SocketAddr, fqdn: &str) -> Vec<u16> {

@@ -6,10 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::rr::{RData, RecordType};
 use novacron_api::services::ServiceView;
+use novacron_tests::dns::srv_ports;
 use novacron_tests::{
     Agent, Controller, JobCleanup, bin, docker, ensure_test_image, free_port, service_job, wait_for,
 };
@@ -47,46 +48,15 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     resp.text().await.ok()
 }
 
-/// Asks the controller's DNS at `server` (UDP) for `name`/`kind`: the response
-/// code and the answers' data.
+/// Asks the controller's DNS at `server` for `name`/`kind`.
 async fn dns(
     server: std::net::SocketAddr,
     name: &str,
     kind: RecordType,
 ) -> (ResponseCode, Vec<RData>) {
-    let mut query = Message::query();
-    query.metadata.id = rand::random();
-    query.add_query(Query::query(Name::from_ascii(name).expect("name"), kind));
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    socket
-        .send_to(&query.to_vec().expect("encode"), server)
-        .await
-        .expect("send");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
+    novacron_tests::dns::query(server, name, kind)
         .await
         .expect("a DNS answer within 2 s")
-        .expect("recv");
-    let answer = Message::from_vec(&buf[..n]).expect("a DNS message");
-    assert_eq!(answer.metadata.id, query.metadata.id);
-    (
-        answer.metadata.response_code,
-        answer.answers.into_iter().map(|r| r.data).collect(),
-    )
-}
-
-fn srv_ports(data: &[RData]) -> Vec<u16> {
-    let mut ports: Vec<u16> = data
-        .iter()
-        .filter_map(|d| match d {
-            RData::SRV(srv) => Some(srv.port),
-            _ => None,
-        })
-        .collect();
-    ports.sort();
-    ports
 }
 
 fn nginx() -> std::path::PathBuf {
