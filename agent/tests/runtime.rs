@@ -647,6 +647,7 @@ mod runtime {
         let mut h = Harness::new("noimage").await;
         let mut a = h.alloc("a", "true", 5);
         a.task.image = "busybox:nope".into();
+        a.task.pull_policy = novacron_common::wire::PullPolicy::Never;
         h.apply(vec![a.clone()]);
         let failed = h
             .until_alloc(&a.id, "failed", |s| s.state == AllocState::Failed)
@@ -654,7 +655,7 @@ mod runtime {
         assert_eq!(
             failed.message,
             format!(
-                "image \"busybox:nope\" is not present on node {}; build or load it there (no registry is used)",
+                "image \"busybox:nope\" is not present on node {} and its pullPolicy is never; build or load it there, or let the node pull it",
                 h.node
             )
         );
@@ -662,6 +663,32 @@ mod runtime {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let later = status(&h.supervisor.report(), &a.id).expect("present");
         assert_eq!((later.state, later.restarts), (AllocState::Failed, 0));
+        assert!(h.containers().await.is_empty());
+    }
+
+    /// A registry that cannot be reached is a failed start with its reason.
+    #[tokio::test]
+    async fn an_unreachable_registry_fails_the_start_with_its_reason() {
+        let mut h = Harness::new("nopull").await;
+        let mut a = h.alloc("a", "true", 5);
+        a.task.image = "127.0.0.1:1/novacron-test/nope:1".into();
+        h.apply(vec![a.clone()]);
+        let failed = h
+            .until_alloc(&a.id, "a failed pull", |s| {
+                s.message.contains("could not pull image")
+            })
+            .await;
+        assert!(
+            failed.message.contains("registry unreachable"),
+            "{}",
+            failed.message
+        );
+        // It counts as a failed start (the task's restart policy applies) and
+        // leaves no container behind.
+        let failed = h
+            .until_alloc(&a.id, "restarts used up", |s| s.state == AllocState::Failed)
+            .await;
+        assert!(failed.restarts >= 1, "{failed:?}");
         assert!(h.containers().await.is_empty());
     }
 

@@ -21,9 +21,9 @@ use bollard::models::{
     RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
-    StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::stream::{self, BoxStream, StreamExt};
@@ -33,8 +33,8 @@ use tokio::sync::OnceCell;
 use super::spec::{LABEL_ALLOC, LABEL_MANAGED, LABEL_NODE, port_key};
 use super::{
     ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
-    ContainerStatus, ExecSession, ExecState, InteractiveExec, LogFrame, MountConfig, RuntimeError,
-    StatsReading,
+    ContainerStatus, ExecSession, ExecState, InteractiveExec, LogFrame, MountConfig, PULL_TIMEOUT,
+    PullError, RuntimeError, StatsReading,
 };
 use version::DEFAULT_DOCKER_HOST;
 
@@ -178,6 +178,36 @@ impl ContainerRuntime for DockerRuntime {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), PullError> {
+        let docker = self
+            .client()
+            .await
+            .map_err(|e| PullError::classify(None, &e.to_string()))?;
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let mut progress = docker.create_image(Some(options), None, None);
+        let pulled = tokio::time::timeout(PULL_TIMEOUT, async {
+            while let Some(step) = progress.next().await {
+                step?;
+            }
+            Ok::<(), bollard::errors::Error>(())
+        })
+        .await;
+        match pulled {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(bollard::errors::Error::DockerResponseServerError {
+                status_code,
+                message,
+            })) => Err(PullError::classify(Some(status_code), &message)),
+            Ok(Err(e)) => Err(PullError::classify(None, &e.to_string())),
+            Err(_) => Err(PullError {
+                kind: super::PullFailure::Unreachable,
+                message: format!("the pull did not finish within {PULL_TIMEOUT:?}"),
+            }),
         }
     }
 

@@ -73,9 +73,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
     ) -> impl Future<Output = Result<ContainerDetails, RuntimeError>> + Send;
 
-    /// Whether `image` is present on the node (nothing is ever pulled).
+    /// Whether `image` is present on the node.
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+
+    /// Pulls `image` from its registry (anonymously), within [`PULL_TIMEOUT`].
+    fn pull(&self, image: &str) -> impl Future<Output = Result<(), PullError>> + Send;
 
     /// Creates (does not start) a container named `name`, creating the named volumes
     /// it mounts when they are missing. Returns the container id;
@@ -212,6 +215,91 @@ pub enum RuntimeError {
         /// The daemon's (or the transport's) words.
         message: String,
     },
+}
+
+/// The longest a pull may take.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Why a pull failed, in the words the allocation's message and its events use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullFailure {
+    /// The registry wants credentials, or refused the ones it got.
+    Unauthorized,
+    /// The registry has no such repository, tag or digest.
+    NotFound,
+    /// The registry could not be reached (name, connection, TLS, timeout).
+    Unreachable,
+    /// Anything else the daemon said.
+    Other,
+}
+
+impl std::fmt::Display for PullFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PullFailure::Unauthorized => "unauthorized",
+            PullFailure::NotFound => "not found",
+            PullFailure::Unreachable => "registry unreachable",
+            PullFailure::Other => "pull failed",
+        })
+    }
+}
+
+/// A failed pull: its kind and the daemon's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct PullError {
+    /// What kind of failure.
+    pub kind: PullFailure,
+    /// The daemon's (or the transport's) words.
+    pub message: String,
+}
+
+impl PullError {
+    /// Sorts the daemon's answer to a pull: its HTTP status, when it gave one,
+    /// and its words (the daemon wraps the registry's answer in a 500 or a 404,
+    /// or in an error line of the progress stream).
+    pub fn classify(status: Option<u16>, message: &str) -> PullError {
+        let m = message.to_ascii_lowercase();
+        let any = |words: &[&str]| words.iter().any(|w| m.contains(w));
+        let kind = if any(&[
+            "unauthorized",
+            "authentication required",
+            "access denied",
+            "denied: ",
+            "no basic auth credentials",
+            "incorrect username or password",
+        ]) {
+            PullFailure::Unauthorized
+        } else if any(&[
+            "no such host",
+            "connection refused",
+            "dial tcp",
+            "i/o timeout",
+            "timeout exceeded",
+            "tls: ",
+            "x509",
+            "network is unreachable",
+            "connection reset",
+            "server gave http response to https client",
+        ]) {
+            PullFailure::Unreachable
+        } else if status == Some(404)
+            || any(&[
+                "manifest unknown",
+                "not found",
+                "name unknown",
+                "does not exist",
+            ])
+        {
+            PullFailure::NotFound
+        } else {
+            PullFailure::Other
+        };
+        PullError {
+            kind,
+            message: message.trim().to_owned(),
+        }
+    }
 }
 
 impl RuntimeError {
@@ -396,4 +484,56 @@ pub struct ExecState {
     pub exit_code: Option<i64>,
     /// Its process id in the host's namespace, when the runtime reports one.
     pub pid: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_failure_is_sorted_by_the_daemon_s_words() {
+        let kind = |status, m: &str| PullError::classify(status, m).kind;
+        // Docker 20.10's words for each case.
+        assert_eq!(
+            kind(
+                Some(500),
+                "Get \"https://registry-1.docker.io/v2/\": dial tcp: lookup registry-1.docker.io on 10.0.0.53:53: no such host"
+            ),
+            PullFailure::Unreachable
+        );
+        assert_eq!(
+            kind(
+                Some(500),
+                "Get \"http://127.0.0.1:1/v2/\": dial tcp 127.0.0.1:1: connect: connection refused"
+            ),
+            PullFailure::Unreachable
+        );
+        assert_eq!(
+            kind(
+                Some(404),
+                "manifest for 127.0.0.1:5000/x:1 not found: manifest unknown: manifest unknown"
+            ),
+            PullFailure::NotFound
+        );
+        assert_eq!(
+            kind(
+                Some(500),
+                "Head \"http://127.0.0.1:5000/v2/x/manifests/1\": no basic auth credentials"
+            ),
+            PullFailure::Unauthorized
+        );
+        assert_eq!(
+            kind(
+                Some(404),
+                "pull access denied for nope, repository does not exist or may require 'docker login': denied: requested access to the resource is denied"
+            ),
+            PullFailure::Unauthorized
+        );
+        assert_eq!(kind(Some(500), "disk full"), PullFailure::Other);
+        assert_eq!(
+            PullError::classify(None, " x509: certificate signed by unknown authority ")
+                .to_string(),
+            "registry unreachable: x509: certificate signed by unknown authority"
+        );
+    }
 }

@@ -174,6 +174,13 @@ pub enum LaunchError {
         /// The image reference.
         image: String,
     },
+    /// The image could not be pulled (a failed start: restarts back off).
+    PullFailed {
+        /// The image reference.
+        image: String,
+        /// Why, in the words of [`super::PullError`].
+        message: String,
+    },
     /// The container being replaced could not be removed; it is still there.
     Replace {
         /// What went wrong.
@@ -472,7 +479,14 @@ impl Reconciler {
                         rec.failure = Some(FailureReason::ImageMissing);
                         rec.restart_at = None;
                         rec.message = format!(
-                            "image {image:?} is not present on node {node}; build or load it there (no registry is used)"
+                            "image {image:?} is not present on node {node} and its pullPolicy is never; build or load it there, or let the node pull it"
+                        );
+                    }
+                    Err(LaunchError::PullFailed { image, message }) => {
+                        rec.failed_run(
+                            now,
+                            None,
+                            format!("could not pull image {image:?} on node {node}: {message}"),
                         );
                     }
                     Err(LaunchError::Replace { message }) => {
@@ -1637,7 +1651,7 @@ mod tests {
         assert_eq!(s.state, AllocState::Failed);
         assert_eq!(
             s.message,
-            "image \"busybox:nope\" is not present on node node-a; build or load it there (no registry is used)"
+            "image \"busybox:nope\" is not present on node node-a and its pullPolicy is never; build or load it there, or let the node pull it"
         );
         let token = r.observe_begin();
         r.observe(now, token, vec![]);

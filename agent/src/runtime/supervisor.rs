@@ -22,7 +22,7 @@ use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::wire::{
     AllocationReport, AllocationSpec, AllocationUsage, DesiredAllocations, HealthCheckKind,
-    LogChunk, LogRequest, RestoreFrom,
+    LogChunk, LogRequest, PullPolicy, RestoreFrom,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -629,6 +629,9 @@ async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> O
                 Err(LaunchError::ImageMissing { image }) => {
                     warn!(%alloc, %image, "image not present on this node")
                 }
+                Err(LaunchError::PullFailed { image, message }) => {
+                    warn!(%alloc, %image, error = %message, "could not pull the image")
+                }
                 Err(
                     LaunchError::Failed { message, .. }
                     | LaunchError::RestoreFailed { message, .. }
@@ -738,14 +741,28 @@ async fn launch<R: ContainerRuntime>(
             })?;
     }
     let image = &spec.task.image;
-    match runtime.image_present(image).await {
-        Ok(true) => {}
-        Ok(false) => {
+    let present = runtime
+        .image_present(image)
+        .await
+        .map_err(|e| failed(None, e))?;
+    match (spec.task.pull_policy, present) {
+        (PullPolicy::Never, false) => {
             return Err(LaunchError::ImageMissing {
                 image: image.clone(),
             });
         }
-        Err(e) => return Err(failed(None, e)),
+        (PullPolicy::Never | PullPolicy::IfNotPresent, true) => {}
+        (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
+            let started = std::time::Instant::now();
+            runtime
+                .pull(image)
+                .await
+                .map_err(|e| LaunchError::PullFailed {
+                    image: image.clone(),
+                    message: e.to_string(),
+                })?;
+            info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
+        }
     }
     let config = container_config(&inner.config.node_name, spec, spec_hash);
     let node = &inner.config.node_name;
@@ -914,6 +931,9 @@ mod tests {
     struct FakeState {
         containers: BTreeMap<String, FakeContainer>,
         images: HashSet<String>,
+        /// Images a pull finds.
+        registry: HashSet<String>,
+        pulls: u32,
         next_id: u32,
         clock_ms: u64,
         list_error: Option<String>,
@@ -973,6 +993,20 @@ mod tests {
     }
 
     impl ContainerRuntime for Fake {
+        async fn pull(&self, image: &str) -> Result<(), super::super::PullError> {
+            let mut st = self.state();
+            st.pulls += 1;
+            if st.registry.contains(image) {
+                st.images.insert(image.to_owned());
+                Ok(())
+            } else {
+                Err(super::super::PullError::classify(
+                    Some(404),
+                    &format!("manifest for {image} not found: manifest unknown"),
+                ))
+            }
+        }
+
         async fn list(&self, node: &str) -> Result<Vec<ContainerListing>, RuntimeError> {
             let st = self.state();
             if let Some(message) = &st.list_error {

@@ -347,6 +347,12 @@ pub struct TaskTemplate {
         with = "health::optional_duration"
     )]
     pub shutdown_delay: Option<Duration>,
+    /// When the node pulls the image: `if-not-present` (default: only when the
+    /// node lacks it), `always` (before every start, following a moved tag) or
+    /// `never` (it must be on the node already). Pin a digest
+    /// (`image@sha256:...`) to run exactly the same content everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<novacron_wire::PullPolicy>,
 }
 
 /// A published port.

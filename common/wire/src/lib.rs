@@ -868,6 +868,35 @@ pub struct TaskSpec {
     /// the catalog), wait this long before stopping it, so that balancers and
     /// clients move off it first (ms; 0: stop at once). Since protocol 3.
     pub shutdown_delay_ms: u64,
+    /// When the agent pulls the image before starting it. Since protocol 3
+    /// (agents of version 2 never pull).
+    pub pull_policy: PullPolicy,
+}
+
+/// When an agent pulls a task's image (`spec.task.pullPolicy`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize,
+)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only when the node does not have the image (the default).
+    #[default]
+    IfNotPresent,
+    /// Pull before every start, so a moved tag is followed.
+    Always,
+    /// Never pull: the image must be on the node already.
+    Never,
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PullPolicy::IfNotPresent => "if-not-present",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        })
+    }
 }
 
 /// A published port.

@@ -105,6 +105,7 @@ impl Job {
             },
             health: s.health.as_ref().and_then(super::health::health_spec),
             shutdown_delay_ms: t.shutdown_delay.map_or(0, millis),
+            pull_policy: t.pull_policy.unwrap_or_default(),
         }
     }
 

@@ -1,0 +1,211 @@
+//! Image pulls against a real registry: Debian's `docker-registry` (the CNCF
+//! distribution registry) started by the test on a loopback port, which Docker
+//! reaches over plain HTTP. A job whose image is only in the registry runs once
+//! the node pulls it, a pinned digest runs that content, and a missing tag or an
+//! unreachable registry fails the start with its reason.
+
+use std::time::Duration;
+
+use novacron_common::wire::AllocState;
+use novacron_tests::{
+    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, free_port, service_job,
+    wait_for,
+};
+
+fn registry_bin() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from("/usr/bin/docker-registry");
+    assert!(
+        path.exists(),
+        "docker-registry is not installed: run `bash .ci/setup` (it installs Debian's docker-registry)"
+    );
+    path
+}
+
+/// The message of the job's newest allocation that has one.
+async fn message(c: &Controller, job: &str) -> String {
+    c.job(job)
+        .await
+        .ok()
+        .and_then(|d| {
+            d.allocations
+                .into_iter()
+                .filter(|a| !a.message.is_empty())
+                .max_by_key(|a| a.id.clone())
+                .map(|a| a.message)
+        })
+        .unwrap_or_default()
+}
+
+async fn running(c: &Controller, job: &str) -> bool {
+    c.job(job).await.is_ok_and(|d| {
+        d.allocations
+            .iter()
+            .any(|a| a.desired_run && a.state == AllocState::Running)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
+    ensure_test_image().expect("test image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-images-")
+        .tempdir()
+        .expect("tempdir");
+    let port = free_port();
+    let config = dir.path().join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+            dir.path().join("registry").display()
+        ),
+    )
+    .expect("config");
+    let _registry = tokio::process::Command::new(registry_bin())
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("docker-registry starts");
+    novacron_common::tls::install_crypto_provider();
+    let http = reqwest::Client::new();
+    wait_for(
+        Duration::from_secs(20),
+        "the registry to answer",
+        || async {
+            http.get(format!("http://127.0.0.1:{port}/v2/"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await
+    .expect("registry up");
+
+    // An image that exists only in the registry.
+    let pid = std::process::id();
+    let remote = format!("127.0.0.1:{port}/novacron-test/pulled-{pid}:1");
+    docker(&["tag", TEST_IMAGE, &remote]).expect("tag");
+    docker(&["push", &remote]).expect("push to the loopback registry");
+    let digest = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{index .RepoDigests 0}}",
+        &remote,
+    ])
+    .expect("digest");
+    assert!(digest.contains("@sha256:"), "{digest}");
+    docker(&["rmi", &remote]).expect("untag");
+    assert!(docker(&["image", "inspect", &remote]).is_err());
+
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let agent = Agent::join_and_run(dir.path(), &c, &format!("img{pid}"), &[])
+        .await
+        .expect("agent");
+    c.wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let script = "exec sleep 3600";
+    let job = |name: &str, image: &str, extra: &str| {
+        service_job(name, 1, script, extra, "").replace(TEST_IMAGE, image)
+    };
+
+    // if-not-present (the default): the node pulls the missing image and runs it.
+    let pulled = format!("pull-{pid}");
+    let _c1 = JobCleanup(pulled.clone());
+    c.apply("pulled.yaml", &job(&pulled, &remote, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(60), "the pulled image to run", || {
+        running(&c, &pulled)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures_message(&c, &pulled)));
+    assert!(docker(&["image", "inspect", &remote]).is_ok(), "pulled");
+
+    // A pinned digest runs that content after the local copy is gone.
+    let stop = c.cli(&["job", "stop", &pulled]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    wait_for(Duration::from_secs(30), "the first job stopped", || async {
+        !running(&c, &pulled).await
+    })
+    .await
+    .expect("stopped");
+    let _ = docker(&["rmi", "-f", &remote]);
+    let pinned = format!("pin-{pid}");
+    let _c2 = JobCleanup(pinned.clone());
+    c.apply(
+        "pinned.yaml",
+        &job(&pinned, &digest, "    pullPolicy: if-not-present\n"),
+    )
+    .await
+    .expect("apply");
+    wait_for(Duration::from_secs(60), "the pinned digest to run", || {
+        running(&c, &pinned)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures_message(&c, &pinned)));
+
+    // A tag the registry lacks: a failed start that says so.
+    let absent = format!("absent-{pid}");
+    let _c3 = JobCleanup(absent.clone());
+    let missing = format!("127.0.0.1:{port}/novacron-test/absent-{pid}:1");
+    c.apply("absent.yaml", &job(&absent, &missing, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "a not-found pull", || async {
+        message(&c, &absent).await.contains("could not pull image")
+    })
+    .await
+    .expect("failed");
+    let said = message(&c, &absent).await;
+    assert!(said.contains("not found"), "{said}");
+
+    // A registry nobody answers at: unreachable.
+    let nowhere = format!("nowhere-{pid}");
+    let _c4 = JobCleanup(nowhere.clone());
+    c.apply(
+        "nowhere.yaml",
+        &job(&nowhere, &format!("127.0.0.1:{}/x/y:1", free_port()), ""),
+    )
+    .await
+    .expect("apply");
+    wait_for(
+        Duration::from_secs(30),
+        "an unreachable registry",
+        || async { message(&c, &nowhere).await.contains("registry unreachable") },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures_message(&c, &nowhere)));
+
+    // never: the image must be there already.
+    let never = format!("never-{pid}");
+    let _c5 = JobCleanup(never.clone());
+    c.apply(
+        "never.yaml",
+        &job(&never, &missing, "    pullPolicy: never\n"),
+    )
+    .await
+    .expect("apply");
+    wait_for(Duration::from_secs(30), "a refusal to pull", || async {
+        message(&c, &never).await.contains("pullPolicy is never")
+    })
+    .await
+    .expect("never pulled");
+    let _ = docker(&["rmi", "-f", &digest]);
+}
+
+/// What the job's allocations say, for a failure message.
+fn futures_message(c: &Controller, job: &str) -> String {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| rt.block_on(message(c, job)))
+}
