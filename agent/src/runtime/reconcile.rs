@@ -483,11 +483,24 @@ impl Reconciler {
                         );
                     }
                     Err(LaunchError::PullFailed { image, message }) => {
-                        rec.failed_run(
-                            now,
-                            None,
-                            format!("could not pull image {image:?} on node {node}: {message}"),
-                        );
+                        let what =
+                            format!("could not pull image {image:?} on node {node}: {message}");
+                        if rec
+                            .desired
+                            .as_ref()
+                            .is_some_and(|d| d.spec.restore.is_some())
+                        {
+                            // A restore (a migration's target, a replacement from a
+                            // checkpoint) does not wait for a registry: it fails at
+                            // once, with why, and the controller moves on.
+                            rec.container = None;
+                            rec.state = AllocState::Failed;
+                            rec.failure = Some(FailureReason::ImageMissing);
+                            rec.restart_at = None;
+                            rec.message = what;
+                        } else {
+                            rec.failed_run(now, None, what);
+                        }
                     }
                     Err(LaunchError::Replace { message }) => {
                         rec.failed_run(
@@ -1632,6 +1645,47 @@ mod tests {
         let s = status(&r, "a");
         assert_eq!(s.state, AllocState::Running);
         assert!(!s.restore_failed);
+    }
+
+    /// A failed pull is a failed start (restarts follow the policy), except for
+    /// a restore, which fails at once with the reason.
+    #[test]
+    fn a_failed_pull_restarts_but_a_restore_that_cannot_pull_fails_at_once() {
+        let mut r = core();
+        let now = Instant::now();
+        let fresh = spec("a", once());
+        let pull = || {
+            Err(LaunchError::PullFailed {
+                image: "reg:5000/x:1".into(),
+                message: "not found: manifest unknown".into(),
+            })
+        };
+        launch_ends(&mut r, now, &fresh, pull());
+        let s = status(&r, "a");
+        assert_eq!(s.state, AllocState::Starting, "{s:?}");
+        assert!(
+            s.message
+                .starts_with("could not pull image \"reg:5000/x:1\""),
+            "{}",
+            s.message
+        );
+        let mut restore = spec("b", once());
+        restore.restore = Some(novacron_common::wire::RestoreFrom {
+            digest: "d".into(),
+            size: 1,
+            mode: novacron_common::checkpoint::CheckpointMode::Live,
+        });
+        launch_ends(&mut r, now, &restore, pull());
+        let s = status(&r, "b");
+        assert_eq!(
+            (s.state, s.failure),
+            (AllocState::Failed, Some(FailureReason::ImageMissing))
+        );
+        assert!(
+            s.message.contains("not found: manifest unknown"),
+            "{}",
+            s.message
+        );
     }
 
     #[test]
