@@ -125,7 +125,7 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
         running(&c, &pulled)
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}: {}", futures_message(&c, &pulled)));
+    .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &pulled)));
     assert!(docker(&["image", "inspect", &remote]).is_ok(), "pulled");
 
     // A pinned digest runs that content after the local copy is gone.
@@ -153,7 +153,7 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
         running(&c, &pinned)
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}: {}", futures_message(&c, &pinned)));
+    .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &pinned)));
 
     // A tag the registry lacks: a failed start that says so.
     let absent = format!("absent-{pid}");
@@ -185,7 +185,7 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
         || async { message(&c, &nowhere).await.contains("registry unreachable") },
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}: {}", futures_message(&c, &nowhere)));
+    .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &nowhere)));
 
     // never: the image must be there already.
     let never = format!("never-{pid}");
@@ -205,7 +205,7 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
 }
 
 /// What the job's allocations say, for a failure message.
-fn futures_message(c: &Controller, job: &str) -> String {
+fn message_now(c: &Controller, job: &str) -> String {
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| rt.block_on(message(c, job)))
 }

@@ -88,6 +88,32 @@ impl Served {
         lock(&self.balancer).pick(Instant::now(), draws, tried)
     }
 
+    /// The endpoint answered with `status` (5xx counts against it).
+    fn answered(&self, key: &EndpointKey, status: StatusCode) {
+        let outcome = if status.is_server_error() {
+            Outcome::ServerError
+        } else {
+            Outcome::Success
+        };
+        self.finish(key, outcome);
+    }
+
+    /// The endpoint could not be reached or closed before answering.
+    fn unanswered(&self, pick: &Pick, error: &dyn std::fmt::Display) {
+        self.stats.upstream_failure();
+        self.finish(&pick.key, Outcome::GatewayFailure);
+        debug!(service = %self.name, endpoint = %pick.address, %error, "ingress: endpoint failed");
+    }
+
+    /// The answer when no endpoint can take a request: 503.
+    fn no_endpoint(&self) -> Response<ProxyBody> {
+        self.stats.no_endpoint();
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy endpoint for this service\n",
+        )
+    }
+
     fn finish(&self, key: &EndpointKey, outcome: Outcome) {
         let effects = lock(&self.balancer).finish(key, Instant::now(), outcome);
         if effects.ejected {
@@ -289,12 +315,28 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 async fn forward_upgrade(
     served: Arc<Served>,
     client: &Upstream,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: SocketAddr,
     tls: bool,
     cancel: CancellationToken,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    let response = switch(&served, client, req, peer, tls, cancel).await;
+    served
+        .stats
+        .request(response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// [`forward_upgrade`] but for the counting.
+async fn switch(
+    served: &Arc<Served>,
+    client: &Upstream,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+    cancel: CancellationToken,
+) -> Response<ProxyBody> {
     let mut head = Head::of(&req, peer, tls);
     if let Some(protocol) = req.headers().get(header::UPGRADE).cloned() {
         head.headers.insert(header::UPGRADE, protocol);
@@ -303,19 +345,13 @@ async fn forward_upgrade(
     }
     let from_client = hyper::upgrade::on(&mut req);
     let Some(pick) = served.pick(&[]) else {
-        served.stats.no_endpoint();
-        let response = plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy endpoint for this service\n",
-        );
-        served.stats.request(503, started.elapsed());
-        return response;
+        return served.no_endpoint();
     };
     let Some(upstream_req) = head.request(pick.address, req.into_body().boxed_unsync()) else {
         served.finish(&pick.key, Outcome::Success);
-        return plain(StatusCode::BAD_REQUEST, "the request's path is not valid\n");
+        return bad_path();
     };
-    let response = match client.request(upstream_req).await {
+    match client.request(upstream_req).await {
         Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let from_endpoint = hyper::upgrade::on(&mut resp);
             let tunnel = served.clone();
@@ -341,39 +377,17 @@ async fn forward_upgrade(
                 tunnel.finish(&key, Outcome::Success);
             });
             let (parts, _) = resp.into_parts();
-            Response::from_parts(
-                parts,
-                Empty::new().map_err(|never| match never {}).boxed_unsync(),
-            )
+            Response::from_parts(parts, empty())
         }
         Ok(resp) => {
-            let status = resp.status();
-            served.finish(
-                &pick.key,
-                if status.is_server_error() {
-                    Outcome::ServerError
-                } else {
-                    Outcome::Success
-                },
-            );
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed_unsync())
+            served.answered(&pick.key, resp.status());
+            passed_on(resp)
         }
         Err(e) => {
-            served.stats.upstream_failure();
-            served.finish(&pick.key, Outcome::GatewayFailure);
-            debug!(service = %served.name, endpoint = %pick.address, error = %e, "ingress: endpoint failed an upgrade");
-            plain(
-                StatusCode::BAD_GATEWAY,
-                "the service's endpoint did not answer\n",
-            )
+            served.unanswered(&pick, &e);
+            bad_gateway()
         }
-    };
-    served
-        .stats
-        .request(response.status().as_u16(), started.elapsed());
-    response
+    }
 }
 
 /// Whether `req` may be sent again to another endpoint.
@@ -464,6 +478,28 @@ impl Head {
     }
 }
 
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn bad_path() -> Response<ProxyBody> {
+    plain(StatusCode::BAD_REQUEST, "the request's path is not valid\n")
+}
+
+fn bad_gateway() -> Response<ProxyBody> {
+    plain(
+        StatusCode::BAD_GATEWAY,
+        "the service's endpoint did not answer\n",
+    )
+}
+
+/// An endpoint's answer as the client gets it (hop-by-hop headers gone).
+fn passed_on(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
 fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
     let mut r = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))
@@ -493,56 +529,34 @@ async fn forward(
     let mut tried: Vec<EndpointKey> = Vec::new();
     let response = loop {
         let Some(pick) = served.pick(&tried) else {
-            served.stats.no_endpoint();
-            break plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy endpoint for this service\n",
-            );
+            break served.no_endpoint();
         };
         let last = tried.len() + 1 >= attempts;
         // A retryable request has no body: later attempts send an empty one.
-        let this_body = body
-            .take()
-            .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed_unsync());
+        let this_body = body.take().unwrap_or_else(empty);
         let Some(upstream_req) = head.request(pick.address, this_body) else {
             served.finish(&pick.key, Outcome::Success);
-            break plain(StatusCode::BAD_REQUEST, "the request's path is not valid\n");
+            break bad_path();
         };
         match client.request(upstream_req).await {
             Ok(resp) => {
-                let status = resp.status();
-                let failed = status.is_server_error();
-                served.finish(
-                    &pick.key,
-                    if failed {
-                        Outcome::ServerError
-                    } else {
-                        Outcome::Success
-                    },
-                );
-                let again = matches!(status.as_u16(), 502..=504);
+                served.answered(&pick.key, resp.status());
+                let again = matches!(resp.status().as_u16(), 502..=504);
                 if again && !last {
                     served.stats.retry();
                     tried.push(pick.key);
                     continue;
                 }
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                break Response::from_parts(parts, body.boxed_unsync());
+                break passed_on(resp);
             }
             Err(e) => {
-                served.stats.upstream_failure();
-                served.finish(&pick.key, Outcome::GatewayFailure);
-                debug!(service = %served.name, endpoint = %pick.address, error = %e, "ingress: endpoint failed");
+                served.unanswered(&pick, &e);
                 if !last {
                     served.stats.retry();
                     tried.push(pick.key);
                     continue;
                 }
-                break plain(
-                    StatusCode::BAD_GATEWAY,
-                    "the service's endpoint did not answer\n",
-                );
+                break bad_gateway();
             }
         }
     };

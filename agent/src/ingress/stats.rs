@@ -94,44 +94,77 @@ pub struct Gauges {
 /// The ingress's families, in the order `/metrics` shows them.
 pub static FAMILIES: [Family; 10] = [
     REQUESTS,
-    Family::counter(
-        "novacron_ingress_upstream_failures",
-        "Attempts whose endpoint could not be reached or closed before answering.",
-    ),
-    Family::counter(
-        "novacron_ingress_retries",
-        "Requests and connections sent again to another endpoint.",
-    ),
-    Family::counter(
-        "novacron_ingress_ejections",
-        "Endpoints ejected by passive health checks (breaker opened).",
-    ),
-    Family::counter(
-        "novacron_ingress_no_endpoint",
-        "Requests and connections no endpoint could take (503 for HTTP).",
-    ),
-    Family::counter(
-        "novacron_ingress_connections",
-        "Client connections accepted.",
-    ),
-    Family::gauge(
-        "novacron_ingress_open_connections",
-        "Client connections open now.",
-    ),
-    Family::gauge(
-        "novacron_ingress_endpoints",
-        "Endpoints the controller lists for the service.",
-    ),
-    Family::gauge(
-        "novacron_ingress_ejected_endpoints",
-        "Listed endpoints ejected now.",
-    ),
+    COUNTERS[0].0,
+    COUNTERS[1].0,
+    COUNTERS[2].0,
+    COUNTERS[3].0,
+    COUNTERS[4].0,
+    COUNTERS[5].0,
+    ENDPOINTS,
+    EJECTED,
     DURATION,
 ];
 
 const REQUESTS: Family = Family::counter(
     "novacron_ingress_requests",
     "Requests the ingress answered, by status class.",
+);
+
+type Field = fn(&ServiceStats) -> &AtomicU64;
+
+/// The families read straight from one of a service's atomics.
+const COUNTERS: [(Family, Field); 6] = [
+    (
+        Family::counter(
+            "novacron_ingress_upstream_failures",
+            "Attempts whose endpoint could not be reached or closed before answering.",
+        ),
+        |s| &s.upstream_failures,
+    ),
+    (
+        Family::counter(
+            "novacron_ingress_retries",
+            "Requests and connections sent again to another endpoint.",
+        ),
+        |s| &s.retries,
+    ),
+    (
+        Family::counter(
+            "novacron_ingress_ejections",
+            "Endpoints ejected by passive health checks (breaker opened).",
+        ),
+        |s| &s.ejections,
+    ),
+    (
+        Family::counter(
+            "novacron_ingress_no_endpoint",
+            "Requests and connections no endpoint could take (503 for HTTP).",
+        ),
+        |s| &s.no_endpoint,
+    ),
+    (
+        Family::counter(
+            "novacron_ingress_connections",
+            "Client connections accepted.",
+        ),
+        |s| &s.connections,
+    ),
+    (
+        Family::gauge(
+            "novacron_ingress_open_connections",
+            "Client connections open now.",
+        ),
+        |s| &s.open_connections,
+    ),
+];
+
+const ENDPOINTS: Family = Family::gauge(
+    "novacron_ingress_endpoints",
+    "Endpoints the controller lists for the service.",
+);
+const EJECTED: Family = Family::gauge(
+    "novacron_ingress_ejected_endpoints",
+    "Listed endpoints ejected now.",
 );
 const DURATION: Family = Family::histogram(
     "novacron_ingress_request_duration_seconds",
@@ -141,16 +174,6 @@ const DURATION: Family = Family::histogram(
 /// Adds every service's samples of [`FAMILIES`] to `out`.
 pub fn collect(services: &[(String, &ServiceStats, Gauges)], node: &str, out: &mut Samples) {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    // The counters and the gauge of FAMILIES[1..7], in that order.
-    type Field = fn(&ServiceStats) -> &AtomicU64;
-    let fields: [Field; 6] = [
-        |s| &s.upstream_failures,
-        |s| &s.retries,
-        |s| &s.ejections,
-        |s| &s.no_endpoint,
-        |s| &s.connections,
-        |s| &s.open_connections,
-    ];
     for (svc, s, gauges) in services {
         let base = || -> Labels { vec![("node", node.to_owned()), ("service", svc.clone())] };
         for (c, count) in s.by_class.iter().enumerate() {
@@ -158,11 +181,11 @@ pub fn collect(services: &[(String, &ServiceStats, Gauges)], node: &str, out: &m
             labels.push(("code", format!("{}xx", c + 1)));
             out.int(&REQUESTS, labels, load(count));
         }
-        for (family, field) in FAMILIES[1..7].iter().zip(fields) {
+        for (family, field) in &COUNTERS {
             out.int(family, base(), load(field(s)));
         }
-        out.int(&FAMILIES[7], base(), gauges.endpoints as u64);
-        out.int(&FAMILIES[8], base(), gauges.ejected as u64);
+        out.int(&ENDPOINTS, base(), gauges.endpoints as u64);
+        out.int(&EJECTED, base(), gauges.ejected as u64);
         let count = load(&s.count);
         let mut buckets: Vec<(f64, u64)> = BUCKETS
             .iter()

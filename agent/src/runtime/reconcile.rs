@@ -474,13 +474,9 @@ impl Reconciler {
                         rec.enter_running(now, run, "started");
                     }
                     Err(LaunchError::ImageMissing { image }) => {
-                        rec.container = None;
-                        rec.state = AllocState::Failed;
-                        rec.failure = Some(FailureReason::ImageMissing);
-                        rec.restart_at = None;
-                        rec.message = format!(
+                        rec.lacks_image(format!(
                             "image {image:?} is not present on node {node} and its pullPolicy is never; build or load it there, or let the node pull it"
-                        );
+                        ));
                     }
                     Err(LaunchError::PullFailed { image, message }) => {
                         let what =
@@ -493,11 +489,7 @@ impl Reconciler {
                             // A restore (a migration's target, a replacement from a
                             // checkpoint) does not wait for a registry: it fails at
                             // once, with why, and the controller moves on.
-                            rec.container = None;
-                            rec.state = AllocState::Failed;
-                            rec.failure = Some(FailureReason::ImageMissing);
-                            rec.restart_at = None;
-                            rec.message = what;
+                            rec.lacks_image(what);
                         } else {
                             rec.failed_run(now, None, what);
                         }
@@ -1218,6 +1210,15 @@ impl Record {
 
     /// A run ended (`code`) or could not begin (`None`): complete (a batch task that
     /// exited 0), restart or fail.
+    /// Fails for good for want of its image (no restart), saying `why`.
+    fn lacks_image(&mut self, why: String) {
+        self.container = None;
+        self.state = AllocState::Failed;
+        self.failure = Some(FailureReason::ImageMissing);
+        self.restart_at = None;
+        self.message = why;
+    }
+
     fn failed_run(&mut self, now: Instant, code: Option<i64>, what: String) {
         self.healthy = None;
         self.probes = None;

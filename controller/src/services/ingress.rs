@@ -117,20 +117,36 @@ pub fn table(
     out
 }
 
+/// A job's name, services and static TCP host ports: what [`conflict`] and
+/// [`host_port_conflict`] compare a new version against.
+pub type JobPorts = (String, Vec<ServiceSpec>, Vec<u16>);
+
+/// The static TCP host ports among `ports`.
+pub fn static_tcp_ports(ports: &[novacron_common::manifest::Port]) -> Vec<u16> {
+    ports
+        .iter()
+        .filter(|p| p.protocol == novacron_common::manifest::Protocol::Tcp)
+        .filter_map(|p| p.host_port)
+        .collect()
+}
+
 /// Why `job`'s static TCP host ports (`host_ports`) cannot live beside the
 /// ingress ports, if they cannot: the ingress listens on its ports on every node,
 /// so a container that asks for one of them as a host port could never bind it
 /// (and an ingress port that a job already publishes could not be opened). `all`
-/// is every job's services and static TCP host ports (this job's own included,
-/// as the new version will have them); `None` when they fit.
+/// is every job's services and static TCP host ports (this job's own current
+/// version is replaced by `services` and `host_ports`); `None` when they fit.
 pub fn host_port_conflict(
     job: &str,
     services: &[ServiceSpec],
     host_ports: &[u16],
-    all: &[(String, Vec<ServiceSpec>, Vec<u16>)],
+    all: &[JobPorts],
 ) -> Option<String> {
-    let mine = (job.to_owned(), services.to_vec(), host_ports.to_vec());
-    let current = all.iter().filter(|(j, _, _)| j != job).chain([&mine]);
+    let current = all
+        .iter()
+        .filter(|(j, _, _)| j != job)
+        .map(|(j, s, p)| (j.as_str(), s.as_slice(), p.as_slice()))
+        .chain([(job, services, host_ports)]);
     for (other, theirs, _) in current.clone() {
         for their in theirs {
             let Some(ingress) = &their.ingress else {
@@ -166,13 +182,9 @@ pub fn host_port_conflict(
 /// other job's current services), if they cannot: a service whose ingress port
 /// another job's service of another name publishes, or a shared service whose
 /// ingress differs from the other job's. `None` when they fit.
-pub fn conflict(
-    job: &str,
-    services: &[ServiceSpec],
-    others: &[(String, Vec<ServiceSpec>)],
-) -> Option<String> {
+pub fn conflict(job: &str, services: &[ServiceSpec], others: &[JobPorts]) -> Option<String> {
     for (i, spec) in services.iter().enumerate() {
-        for (other, theirs) in others.iter().filter(|(o, _)| o != job) {
+        for (other, theirs, _) in others.iter().filter(|(o, _, _)| o != job) {
             for their in theirs {
                 if their.name == spec.name {
                     if their.ingress != spec.ingress {
@@ -365,7 +377,7 @@ mod tests {
 
     #[test]
     fn another_job_s_ingress_port_or_a_different_ingress_for_a_shared_service_conflicts() {
-        let others = vec![("api".to_string(), vec![spec("api", Some(8080))])];
+        let others = vec![("api".to_string(), vec![spec("api", Some(8080))], vec![])];
         let e = conflict("web", &[spec("web", Some(8080))], &others).expect("port taken");
         assert!(
             e.contains("8080 is already the ingress port of service \"api\" of job \"api\""),

@@ -247,26 +247,7 @@ impl Workloads {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
         let mut st = self.lock();
         let name = job.name.clone();
-        let others: Vec<(String, Vec<novacron_common::manifest::ServiceSpec>)> = st
-            .jobs
-            .values()
-            .filter_map(|e| Some((e.record.name.clone(), e.current()?.spec.services.clone())))
-            .collect();
-        if let Some(why) = super::ingress::conflict(&name, &job.spec.services, &others) {
-            return Err(WorkloadError::Invalid(format!("{file}: {why}")));
-        }
-        let static_tcp = |ports: &[novacron_common::manifest::Port]| -> Vec<u16> {
-            ports
-                .iter()
-                .filter(|p| p.protocol == novacron_common::manifest::Protocol::Tcp)
-                .filter_map(|p| p.host_port)
-                .collect()
-        };
-        let all: Vec<(
-            String,
-            Vec<novacron_common::manifest::ServiceSpec>,
-            Vec<u16>,
-        )> = st
+        let all: Vec<super::ingress::JobPorts> = st
             .jobs
             .values()
             .filter_map(|e| {
@@ -274,16 +255,15 @@ impl Workloads {
                 Some((
                     e.record.name.clone(),
                     spec.services.clone(),
-                    static_tcp(&spec.task.ports),
+                    super::ingress::static_tcp_ports(&spec.task.ports),
                 ))
             })
             .collect();
-        if let Some(why) = super::ingress::host_port_conflict(
-            &name,
-            &job.spec.services,
-            &static_tcp(&job.spec.task.ports),
-            &all,
-        ) {
+        let services = &job.spec.services;
+        let host_ports = super::ingress::static_tcp_ports(&job.spec.task.ports);
+        if let Some(why) = super::ingress::conflict(&name, services, &all)
+            .or_else(|| super::ingress::host_port_conflict(&name, services, &host_ports, &all))
+        {
             return Err(WorkloadError::Invalid(format!("{file}: {why}")));
         }
         // The new record is written first; the jobs the API lists and the
