@@ -77,6 +77,8 @@ pub mod env {
     pub const DNS_LISTEN: &str = "NOVACRON_DNS_LISTEN";
     /// `serve.dns_domain`.
     pub const DNS_DOMAIN: &str = "NOVACRON_DNS_DOMAIN";
+    /// `serve.secrets_key_file`.
+    pub const SECRETS_KEY_FILE: &str = "NOVACRON_SECRETS_KEY_FILE";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
 }
@@ -123,6 +125,12 @@ pub mod keys {
     pub const DNS_LISTEN: Key = Key::new("serve.dns_listen", env::DNS_LISTEN, "--dns-listen");
     /// The fleet's DNS domain.
     pub const DNS_DOMAIN: Key = Key::new("serve.dns_domain", env::DNS_DOMAIN, "--dns-domain");
+    /// The key that seals secrets at rest.
+    pub const SECRETS_KEY_FILE: Key = Key::new(
+        "serve.secrets_key_file",
+        env::SECRETS_KEY_FILE,
+        "--secrets-key-file",
+    );
     /// Log format.
     pub const LOG_FORMAT: Key = Key::new("serve.log_format", env::LOG_FORMAT, "--log-format");
 }
@@ -180,6 +188,8 @@ pub struct ServeFile {
     pub dns_listen: Option<String>,
     /// The fleet's DNS domain.
     pub dns_domain: Option<String>,
+    /// The file of the key that seals secrets at rest.
+    pub secrets_key_file: Option<String>,
     /// Log format, "text" or "json".
     pub log_format: Option<String>,
 }
@@ -299,6 +309,8 @@ pub struct ServeFlags {
     pub dns_listen: Option<String>,
     /// `--dns-domain`.
     pub dns_domain: Option<String>,
+    /// `--secrets-key-file`.
+    pub secrets_key_file: Option<String>,
 }
 
 /// Merges file, environment and flags for `serve` and checks every value.
@@ -443,6 +455,23 @@ pub fn resolve_serve(
         }
         None => novacron_dns::DEFAULT_DOMAIN.to_string(),
     };
+    let secrets_key_file = match l.pick(
+        keys::SECRETS_KEY_FILE,
+        flags.secrets_key_file.as_deref(),
+        s.secrets_key_file.as_deref(),
+    ) {
+        Some((v, origin)) => {
+            if !v.starts_with('/') {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    "an absolute path to a file of 64 hex digits, such as /etc/novacron/secrets.key",
+                ));
+            }
+            Some(PathBuf::from(v))
+        }
+        None => None,
+    };
     Ok(ControllerConfig {
         data_dir: data_dir.to_path_buf(),
         api_listen,
@@ -461,6 +490,7 @@ pub fn resolve_serve(
         wire_versions: novacron_common::wire::SUPPORTED,
         dns_listen,
         dns_domain,
+        secrets_key_file,
     })
 }
 

@@ -162,6 +162,11 @@ pub struct ServeArgs {
     /// [env: NOVACRON_DNS_DOMAIN] [default: novacron].
     #[arg(long)]
     pub dns_domain: Option<String>,
+    /// The key that seals secrets at rest: a file of 64 hex digits, mode 0600
+    /// [env: NOVACRON_SECRETS_KEY_FILE] [default: <data-dir>/secrets.key, made by
+    /// init or at the first start].
+    #[arg(long)]
+    pub secrets_key_file: Option<String>,
     /// Log format: `text` (coloured only on a terminal without NO_COLOR) or `json`
     /// (one object per line, for journald and log collectors)
     /// [env: NOVACRON_LOG_FORMAT] [default: text].
@@ -345,6 +350,11 @@ fn init(loaded: &config_file::Loaded, data_dir: &Path, args: InitArgs) -> i32 {
     };
     match pki_files::init(data_dir, &names, args.force, SystemTime::now()) {
         Ok(fp) => {
+            let key = data_dir.join(crate::services::secrets::KEY_FILE);
+            if let Err(e) = crate::services::secrets::SecretsKey::create(&key) {
+                eprintln!("error: {e}");
+                return 1;
+            }
             let admin_serial = pki_files::read(&PkiPaths::new(data_dir).admin_cert())
                 .ok()
                 .and_then(|pem| Serial::of_cert_pem(&pem).ok())
@@ -389,6 +399,7 @@ pub fn config_from_args(
         metrics_window: args.metrics_window.clone(),
         dns_listen: args.dns_listen.clone(),
         dns_domain: args.dns_domain.clone(),
+        secrets_key_file: args.secrets_key_file.clone(),
     };
     config_file::resolve_serve(loaded, env, data_dir, &flags)
 }

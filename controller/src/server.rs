@@ -67,6 +67,9 @@ pub struct ControllerConfig {
     pub dns_listen: Option<SocketAddr>,
     /// The fleet's DNS domain, fully qualified (`novacron.`).
     pub dns_domain: String,
+    /// The key that seals secrets; `None`: `<data_dir>/secrets.key`, created when
+    /// missing.
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -86,6 +89,7 @@ impl ControllerConfig {
             wire_versions: novacron_common::wire::SUPPORTED,
             dns_listen: None,
             dns_domain: novacron_dns::DEFAULT_DOMAIN.to_string(),
+            secrets_key_file: None,
         }
     }
 }
@@ -106,6 +110,23 @@ pub fn load_pricing(data_dir: &std::path::Path) -> anyhow::Result<PriceCatalog> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PriceCatalog::default()),
         Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// The secrets key: the configured file, else `<data_dir>/secrets.key`, made
+/// there when missing (a data directory from before secrets existed).
+fn secrets_key(config: &ControllerConfig) -> anyhow::Result<crate::services::secrets::SecretsKey> {
+    use crate::services::secrets::{KEY_FILE, SecretsKey};
+    let path = match &config.secrets_key_file {
+        Some(path) => path.clone(),
+        None => {
+            let path = config.data_dir.join(KEY_FILE);
+            if SecretsKey::create(&path)? {
+                info!(path = %path.display(), "made a secrets key");
+            }
+            path
+        }
+    };
+    Ok(SecretsKey::load(&path)?)
 }
 
 /// A running controller.
@@ -193,6 +214,11 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
             .map_err(|e| anyhow::anyhow!("checkpoint bundle store: {e}"))?,
     );
     workloads.set_checkpoints(bundles.clone());
+    let secrets = Arc::new(crate::services::secrets::Secrets::load(
+        store.clone(),
+        secrets_key(&config)?,
+    )?);
+    workloads.set_secrets(secrets.clone());
     let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::services::migrate::SPOT_QUEUE);
     let agents = Arc::new(Agents::default());
     let (ingress_tx, ingress_rx) =
@@ -251,6 +277,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         heavy: crate::services::heavy::HeavyWork::for_this_host(),
         leadership: leadership.clone(),
         index: index.clone(),
+        secrets,
     });
 
     let mut dns_domain = novacron_dns::Name::from_ascii(&config.dns_domain)

@@ -181,7 +181,11 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
-    async fn pull(&self, image: &str) -> Result<(), PullError> {
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&novacron_common::wire::RegistryAuth>,
+    ) -> Result<(), PullError> {
         let docker = self
             .client()
             .await
@@ -189,7 +193,13 @@ impl ContainerRuntime for DockerRuntime {
         let options = CreateImageOptionsBuilder::default()
             .from_image(image)
             .build();
-        let mut progress = docker.create_image(Some(options), None, None);
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username.text()),
+            password: Some(a.password.text()),
+            serveraddress: a.server.clone(),
+            ..Default::default()
+        });
+        let mut progress = docker.create_image(Some(options), None, credentials);
         let pulled = tokio::time::timeout(PULL_TIMEOUT, async {
             while let Some(step) = progress.next().await {
                 step?;
@@ -624,8 +634,19 @@ pub fn create_body(config: &ContainerConfig, publish_address: IpAddr) -> Contain
         image: Some(config.image.clone()),
         entrypoint: non_empty(&config.entrypoint),
         cmd: non_empty(&config.cmd),
-        env: (!config.env.is_empty())
-            .then(|| config.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        env: (!config.env.is_empty() || !config.secret_env.is_empty()).then(|| {
+            config
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .chain(
+                    config
+                        .secret_env
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", v.text())),
+                )
+                .collect()
+        }),
         working_dir: config.working_dir.clone(),
         labels: Some(config.labels.clone().into_iter().collect()),
         exposed_ports: (!exposed.is_empty()).then_some(exposed),
@@ -863,7 +884,27 @@ mod tests {
                     read_only: true,
                 },
             ],
+            secret_env: vec![],
         }
+    }
+
+    #[test]
+    fn secret_variables_join_the_environment_and_never_print() {
+        let mut c = config();
+        c.secret_env = vec![(
+            "DB_PASSWORD".into(),
+            novacron_common::wire::SecretBytes(b"hunter2".to_vec()),
+        )];
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let body = create_body(&c, ANY);
+        assert_eq!(
+            body.env,
+            Some(vec![
+                "A=1".into(),
+                "B=x=y".into(),
+                "DB_PASSWORD=hunter2".into()
+            ])
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod logs;
 pub mod probes;
 pub mod reconcile;
 pub mod restart;
+pub mod secrets;
 pub mod spec;
 pub mod supervisor;
 pub mod usage;
@@ -77,8 +78,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;
 
-    /// Pulls `image` from its registry (anonymously), within [`PULL_TIMEOUT`].
-    fn pull(&self, image: &str) -> impl Future<Output = Result<(), PullError>> + Send;
+    /// Pulls `image` from its registry (with `auth`, else anonymously), within
+    /// [`PULL_TIMEOUT`].
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<&novacron_common::wire::RegistryAuth>,
+    ) -> impl Future<Output = Result<(), PullError>> + Send;
 
     /// Creates (does not start) a container named `name`, creating the named volumes
     /// it mounts when they are missing. Returns the container id;
@@ -381,6 +387,8 @@ pub struct ContainerConfig {
     pub ports: Vec<PortMapping>,
     /// Volumes and bind mounts.
     pub mounts: Vec<MountConfig>,
+    /// Variables set from secrets (added to `env`; their values never print).
+    pub secret_env: Vec<(String, novacron_common::wire::SecretBytes)>,
 }
 
 /// One mount of a container.

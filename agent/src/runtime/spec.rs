@@ -45,6 +45,14 @@ pub fn spec_hash(task: &TaskSpec) -> String {
         cpu_millis: u64,
         memory_bytes: u64,
         gpu_uuids: &'a [String],
+        // Left out when empty, so that tasks without secrets keep their hash.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        secrets: Vec<(
+            &'a str,
+            u64,
+            &'a str,
+            &'a novacron_common::wire::SecretTarget,
+        )>,
     }
     let defining = Defining {
         image: &task.image,
@@ -65,6 +73,11 @@ pub fn spec_hash(task: &TaskSpec) -> String {
         cpu_millis: task.cpu_millis,
         memory_bytes: task.memory_bytes,
         gpu_uuids: &task.gpu_uuids,
+        secrets: task
+            .secrets
+            .iter()
+            .map(|s| (s.secret.as_str(), s.version, s.key.as_str(), &s.target))
+            .collect(),
     };
     // Serializing plain strings, numbers and sequences to a Vec cannot fail.
     let json = serde_json::to_vec(&defining).unwrap_or_default();
@@ -144,6 +157,7 @@ pub fn container_config(node: &str, alloc: &AllocationSpec, hash: &str) -> Conta
         gpu_uuids: task.gpu_uuids.clone(),
         ports: task.ports.clone(),
         mounts: task.volumes.iter().map(mount).collect(),
+        secret_env: super::secrets::env(alloc),
     }
 }
 

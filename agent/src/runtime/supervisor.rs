@@ -77,18 +77,22 @@ pub struct SupervisorConfig {
     /// [`Supervisor::usage`] reads at most this many containers per call; the
     /// others keep their last values.
     pub max_stats_per_call: usize,
+    /// Where secret files are written for allocations (a tmpfs).
+    pub secrets_dir: std::path::PathBuf,
 }
 
 impl SupervisorConfig {
     /// Defaults for `node_name`.
     pub fn new(node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
         SupervisorConfig {
-            node_name: node_name.into(),
+            node_name: node_name.clone(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             stop_grace: DEFAULT_STOP_GRACE,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             usage_refresh: DEFAULT_USAGE_REFRESH,
             max_stats_per_call: DEFAULT_MAX_STATS_PER_CALL,
+            secrets_dir: super::secrets::default_dir(&node_name),
         }
     }
 }
@@ -503,6 +507,15 @@ impl<R: ContainerRuntime> Inner<R> {
             .filter_map(|(_, details)| Observed::from_details(details.clone()))
             .collect();
         self.core().observe(Instant::now(), token, observed);
+        // Secret files of allocations this node no longer runs nor wants.
+        let keep: HashSet<String> = self
+            .core()
+            .report()
+            .allocations
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        super::secrets::sweep(&self.config.secrets_dir, keep).await;
     }
 }
 
@@ -755,7 +768,7 @@ async fn launch<R: ContainerRuntime>(
         (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
             let started = std::time::Instant::now();
             runtime
-                .pull(image)
+                .pull(image, spec.task.registry_auth.as_ref())
                 .await
                 .map_err(|e| LaunchError::PullFailed {
                     image: image.clone(),
@@ -764,7 +777,15 @@ async fn launch<R: ContainerRuntime>(
             info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
         }
     }
-    let config = container_config(&inner.config.node_name, spec, spec_hash);
+    let mut config = container_config(&inner.config.node_name, spec, spec_hash);
+    config.mounts.extend(
+        super::secrets::write_files(&inner.config.secrets_dir, spec)
+            .await
+            .map_err(|message| LaunchError::Failed {
+                container_id: None,
+                message,
+            })?,
+    );
     let node = &inner.config.node_name;
     let name = container_name(node, &spec.job, &spec.id);
     let id = match runtime.create(&name, &config).await {
@@ -993,7 +1014,11 @@ mod tests {
     }
 
     impl ContainerRuntime for Fake {
-        async fn pull(&self, image: &str) -> Result<(), super::super::PullError> {
+        async fn pull(
+            &self,
+            image: &str,
+            _auth: Option<&novacron_common::wire::RegistryAuth>,
+        ) -> Result<(), super::super::PullError> {
             let mut st = self.state();
             st.pulls += 1;
             if st.registry.contains(image) {

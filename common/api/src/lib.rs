@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod migrations;
 pub mod policies;
 pub mod pools;
+pub mod secrets;
 pub mod selector;
 pub mod services;
 pub mod terminal;
@@ -23,6 +24,7 @@ pub use jobs::{
 pub use migrations::{DrainPlan, MigrationStatus, Phase};
 pub use policies::{DecisionView, PolicyApplyResult, PolicyView};
 pub use pools::{PoolNodeStatus, PoolStatus};
+pub use secrets::{JobRoll, SecretSetRequest, SecretSetResult, SecretUser, SecretView};
 pub use selector::{parse_selector, selector_text};
 
 use std::collections::BTreeMap;

@@ -38,6 +38,7 @@ mod job;
 pub mod lifecycle;
 mod load;
 mod locate;
+pub mod secret;
 mod validate;
 
 // checkpoint: re-export of the spec.checkpoint types.
@@ -353,6 +354,31 @@ pub struct TaskTemplate {
     /// (`image@sha256:...`) to run exactly the same content everywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<novacron_wire::PullPolicy>,
+    /// A `registry` secret whose credentials the node uses to pull the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secret: Option<String>,
+    /// Values of secrets the container sees, each as a variable or a file. A job
+    /// version runs the secrets' versions current when it was applied; setting a
+    /// new version of a secret rolls out the jobs that use it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRef>,
+}
+
+/// `spec.task.secrets[]`: one key of a secret, as a variable or a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The secret's name.
+    pub secret: String,
+    /// The key within it.
+    pub key: String,
+    /// Set this environment variable to the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// Or write the value to this absolute path in the container (a read-only file
+    /// on a tmpfs, mode 0400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// A published port.

@@ -871,6 +871,72 @@ pub struct TaskSpec {
     /// When the agent pulls the image before starting it. Since protocol 3
     /// (agents of version 2 never pull).
     pub pull_policy: PullPolicy,
+    /// Values of secrets the task references, each as an environment variable or
+    /// a file (the agent writes files to a tmpfs and mounts them read-only). Only
+    /// the references (secret, version, key, target) define the container; the
+    /// values are never logged ([`SecretBytes`]). Since protocol 3: a version-2
+    /// agent does not receive them (upgrade agents before jobs use secrets).
+    pub secrets: Vec<SecretUse>,
+    /// Registry credentials for the pull, from the job's `imagePullSecret`.
+    /// Since protocol 3 (version-2 agents never pull).
+    pub registry_auth: Option<RegistryAuth>,
+}
+
+/// Bytes of a secret: [`fmt::Debug`] shows only their length, so that a spec
+/// logged with `{:?}` never shows a value.
+#[derive(Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<secret: {} bytes>", self.0.len())
+    }
+}
+
+impl SecretBytes {
+    /// The value as text (secrets are set as UTF-8 strings), lossily.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+/// One key of one secret version, delivered to a task.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct SecretUse {
+    /// The secret's name.
+    pub secret: String,
+    /// The version delivered (pinned by the job version).
+    pub version: u64,
+    /// The key within the secret.
+    pub key: String,
+    /// Where the task sees it.
+    pub target: SecretTarget,
+    /// The value.
+    pub value: SecretBytes,
+}
+
+/// Where a task sees a secret value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+pub enum SecretTarget {
+    /// An environment variable of this name.
+    Env(String),
+    /// A read-only file at this absolute path in the container (mode 0400).
+    File(String),
+}
+
+/// Credentials for pulling a task's image (a `registry` secret).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct RegistryAuth {
+    /// The secret they come from.
+    pub secret: String,
+    /// Its version.
+    pub version: u64,
+    /// The registry they are for (`registry.example:5000`); `None`: the image's.
+    pub server: Option<String>,
+    /// User name.
+    pub username: SecretBytes,
+    /// Password or token.
+    pub password: SecretBytes,
 }
 
 /// When an agent pulls a task's image (`spec.task.pullPolicy`).

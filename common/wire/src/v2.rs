@@ -491,7 +491,7 @@ structs! {
     AllocationSpec { id, job, job_version, task, restore };
     RestoreFrom { digest, size, mode };
     TaskSpec { batch, image, command, args, env, ports, volumes, working_dir, cpu_millis, memory_bytes, gpu_uuids, restart, health }
-        + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never };
+        + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None };
     PortMapping { name, container_port, host_port, udp };
     VolumeMount { source, target, read_only };
     RestartSpec { attempts, interval_ms, delay_ms, delay_mode };

@@ -15,6 +15,7 @@ pub mod migrations;
 pub mod page;
 pub mod policies;
 pub mod pools;
+pub mod secrets;
 pub mod services;
 
 use std::sync::Arc;
@@ -332,6 +333,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(policies::routes())
         .merge(migrations::routes())
         .merge(certs::routes())
+        .merge(secrets::routes())
 }
 
 /// The document's frame: title, security schemes and the default requirement

@@ -52,4 +52,6 @@ pub struct ApiState {
     pub leadership: crate::services::leadership::Leadership,
     /// The store's revision, which blocking queries (`?index=`) wait on.
     pub index: Arc<crate::services::index::IndexWatch>,
+    /// Secrets, sealed at rest.
+    pub secrets: Arc<crate::services::secrets::Secrets>,
 }

@@ -105,6 +105,9 @@ pub mod kind {
     pub const MIGRATION_COMPLETED: &str = "migration.completed";
     /// A migration failed; the allocation goes on (rolled back) on its source.
     pub const MIGRATION_ROLLED_BACK: &str = "migration.rolled_back";
+    /// A secret was set (a new version) or deleted; the event names keys, never
+    /// values.
+    pub const SECRET_CHANGED: &str = "secret.changed";
     /// A node announced a spot interruption.
     pub const SPOT_NOTICE: &str = "node.spot_notice";
     /// An agent was refused: it speaks no wire protocol version this controller

@@ -19,4 +19,5 @@ pub mod migrate;
 pub mod pass_stats;
 pub mod pools;
 pub mod providers;
+pub mod secrets;
 pub mod workloads;

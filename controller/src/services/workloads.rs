@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::services::events::{EventLog, NewEvent, kind};
 use crate::services::pass_stats::PassStats;
+use crate::services::secrets::Secrets;
 use crate::state::registry::{PlacementNode, Registry};
 use crate::state::store::{
     AllocPort, AllocRecord, JobRecord, PublishedAddress, ReplicaOverride, Store, StoreError,
@@ -39,6 +40,7 @@ pub use novacron_api::{
 };
 use novacron_common::clock::unix_ms;
 use novacron_common::manifest::diff::manifest_changes;
+use novacron_common::manifest::secret::SecretType;
 use plan::{
     Action, Jobs, NewVersion, alloc_ports, node_views, push_record_version, scheduling_snapshot,
 };
@@ -172,6 +174,7 @@ pub struct Workloads {
     wake: Notify,
     passes: PassStats,
     checkpoints: OnceLock<Arc<dyn CheckpointIndex>>,
+    secrets: OnceLock<Arc<Secrets>>,
 }
 
 impl Workloads {
@@ -233,6 +236,7 @@ impl Workloads {
             wake: Notify::new(),
             passes: PassStats::default(),
             checkpoints: OnceLock::new(),
+            secrets: OnceLock::new(),
         })
     }
 
@@ -245,6 +249,7 @@ impl Workloads {
         now: SystemTime,
     ) -> Result<ApplyResult, WorkloadError> {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
+        let pins = self.secret_pins(file, &job)?;
         let mut st = self.lock();
         let name = job.name.clone();
         let all: Vec<super::ingress::JobPorts> = st
@@ -269,16 +274,17 @@ impl Workloads {
         // The new record is written first; the jobs the API lists and the
         // reconciler schedules change only once it is on disk (under the lock, so
         // nothing sees one without the other).
-        let (record, outcome) = match next_record(st.jobs.get(&name), &job, file, text, by, now) {
-            Next::Unchanged(version) => {
-                return Ok(ApplyResult {
-                    job: name,
-                    version,
-                    outcome: "unchanged".into(),
-                });
-            }
-            Next::Record(record, outcome) => (record, outcome),
-        };
+        let (record, outcome) =
+            match next_record(st.jobs.get(&name), &job, file, text, by, now, &pins) {
+                Next::Unchanged(version) => {
+                    return Ok(ApplyResult {
+                        job: name,
+                        version,
+                        outcome: "unchanged".into(),
+                    });
+                }
+                Next::Record(record, outcome) => (record, outcome),
+            };
         let version = record.current;
         self.store.put_job(&record)?;
         let entry = st.jobs.entry(name.clone()).or_insert_with(|| JobEntry {
@@ -313,6 +319,7 @@ impl Workloads {
         at: Instant,
     ) -> Result<JobPlan, WorkloadError> {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
+        let pins = self.secret_pins(file, &job)?;
         let name = job.name.clone();
         let nodes = self.registry.placement_nodes(at);
         let index = self.checkpoints.get().cloned();
@@ -328,7 +335,7 @@ impl Workloads {
                 .map(|v| v.source.clone())
         });
         let mut jobs = st.jobs.clone();
-        let (outcome, version) = match next_record(current, &job, file, text, by, now) {
+        let (outcome, version) = match next_record(current, &job, file, text, by, now, &pins) {
             Next::Unchanged(version) => ("unchanged", version),
             Next::Record(record, outcome) => {
                 let version = record.current;
@@ -762,7 +769,7 @@ impl Workloads {
         let rx = entry.tx.subscribe();
         // The first value comes from the current allocations; only this node's set
         // is computed, so a reconnect storm stays linear.
-        let specs = desired_specs(&st, Some(node))
+        let specs = desired_specs(&st, Some(node), self.secrets.get().map(|s| &**s))
             .remove(node)
             .unwrap_or_default();
         send_if_changed(st.nodes.get_mut(node), link_epoch, specs);
@@ -1168,6 +1175,176 @@ impl Workloads {
         let _ = self.checkpoints.set(index);
     }
 
+    /// Gives the workload manager the secrets that jobs reference (once, at
+    /// start).
+    pub fn set_secrets(&self, secrets: Arc<Secrets>) {
+        let _ = self.secrets.set(secrets);
+    }
+
+    /// The secret versions a new version of `job` runs: the latest version of
+    /// each secret it references. Refused when a secret or key does not exist, or
+    /// when the `imagePullSecret` is not a registry secret.
+    fn secret_pins(&self, file: &str, job: &Job) -> Result<BTreeMap<String, u64>, WorkloadError> {
+        let names = job.secret_names();
+        if names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let Some(secrets) = self.secrets.get() else {
+            return Err(WorkloadError::Invalid(format!(
+                "{file}: this controller keeps no secrets; the job cannot use any"
+            )));
+        };
+        let missing = |at: String, name: &str| {
+            WorkloadError::Invalid(format!(
+                "{file}: {at}: secret {name:?} does not exist; create it first with `novacron secret set {name} KEY=VALUE` or a kind: Secret manifest"
+            ))
+        };
+        let mut pins = BTreeMap::new();
+        let t = &job.spec.task;
+        for (i, r) in t.secrets.iter().enumerate() {
+            let at = format!("spec.task.secrets[{i}]");
+            let (version, _, keys) = secrets
+                .latest(&r.secret)
+                .ok_or_else(|| missing(format!("{at}.secret"), &r.secret))?;
+            if !keys.contains(&r.key) {
+                return Err(WorkloadError::Invalid(format!(
+                    "{file}: {at}.key: secret {:?} has no key {:?}; its keys are {}",
+                    r.secret,
+                    r.key,
+                    keys.join(", ")
+                )));
+            }
+            pins.insert(r.secret.clone(), version);
+        }
+        if let Some(name) = &t.image_pull_secret {
+            let at = "spec.task.imagePullSecret".to_string();
+            let (version, kind, _) = secrets
+                .latest(name)
+                .ok_or_else(|| missing(at.clone(), name))?;
+            if kind != SecretType::Registry {
+                return Err(WorkloadError::Invalid(format!(
+                    "{file}: {at}: secret {name:?} is an {kind} secret; expected a registry secret (type: registry, with username and password)"
+                )));
+            }
+            pins.insert(name.clone(), version);
+        }
+        Ok(pins)
+    }
+
+    /// The jobs whose current or last stable version uses secret `name`, by name.
+    pub fn secret_users(&self, name: &str) -> Vec<(String, u64)> {
+        let st = self.lock();
+        st.jobs
+            .values()
+            .filter_map(|e| {
+                let r = &e.record;
+                [Some(r.current), r.stable]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| r.versions.iter().find(|v| v.version == n))
+                    .find_map(|v| v.secrets.get(name))
+                    .map(|v| (r.name.clone(), *v))
+            })
+            .collect()
+    }
+
+    /// The versions of secret `name` that some kept job version runs.
+    pub fn secret_versions_in_use(&self, name: &str) -> BTreeSet<u64> {
+        let st = self.lock();
+        st.jobs
+            .values()
+            .flat_map(|e| e.record.versions.iter())
+            .filter_map(|v| v.secrets.get(name).copied())
+            .collect()
+    }
+
+    /// Whether a job uses secret `name` as its image pull secret.
+    pub fn secret_used_for_pulls(&self, name: &str) -> bool {
+        let st = self.lock();
+        st.jobs.values().any(|e| {
+            e.current()
+                .is_some_and(|j| j.spec.task.image_pull_secret.as_deref() == Some(name))
+        })
+    }
+
+    /// Secret `name` has a new version: every running job whose current version
+    /// runs an older one gets a new version with the same manifest and the new
+    /// secret version, which rolls out like any change (health-gated, reverted on
+    /// failure). Stopped and completed jobs are left alone. Returns each job and
+    /// its new version.
+    pub fn secret_changed(
+        &self,
+        name: &str,
+        version: u64,
+        by: &str,
+        now: SystemTime,
+    ) -> Result<Vec<(String, u64)>, WorkloadError> {
+        let mut st = self.lock();
+        let mut rolled = Vec::new();
+        let mut records = Vec::new();
+        for e in st.jobs.values() {
+            let r = &e.record;
+            if r.stopped || r.status == "complete" {
+                continue;
+            }
+            let Some(current) = r.versions.iter().find(|v| v.version == r.current) else {
+                continue;
+            };
+            if !current.secrets.get(name).is_some_and(|v| *v != version) {
+                continue;
+            }
+            let Some(job) = e.current() else {
+                continue;
+            };
+            let mut pins = current.secrets.clone();
+            pins.insert(name.to_string(), version);
+            let mut record = r.clone();
+            let new_version = record.versions.last().map_or(1, |v| v.version + 1);
+            push_record_version(
+                &mut record,
+                &NewVersion {
+                    version: new_version,
+                    source: &current.source,
+                    file: &current.file,
+                    hash: &current.spec_hash,
+                    by,
+                    at_ms: unix_ms(now),
+                    secrets: &pins,
+                },
+            );
+            record.status = "running".into();
+            record.message =
+                format!("version {new_version}: secret {name} version {version}, set by {by}");
+            records.push((record, job.clone()));
+        }
+        let mut events = Vec::new();
+        for (record, job) in records {
+            self.store.put_job(&record)?;
+            let version = record.current;
+            let jname = record.name.clone();
+            events.push(
+                NewEvent::new(kind::JOB_CHANGED, by, record.message.clone())
+                    .job(&jname)
+                    .detail("version", version)
+                    .detail("secret", name),
+            );
+            if let Some(entry) = st.jobs.get_mut(&jname) {
+                entry.parsed.insert(version, job);
+                entry
+                    .parsed
+                    .retain(|v, _| record.versions.iter().any(|k| k.version == *v));
+                entry.record = record;
+            }
+            rolled.push((jname, version));
+        }
+        drop(st);
+        if !rolled.is_empty() {
+            let _ = self.events.record_all(events, now);
+            self.wake.notify_one();
+        }
+        Ok(rolled)
+    }
+
     /// The job's checkpoint policy for an allocation (of the version it runs).
     pub fn checkpoint_policy(
         &self,
@@ -1336,7 +1513,7 @@ impl Workloads {
 
     fn publish(&self) {
         let mut st = self.lock();
-        let mut per_node = desired_specs(&st, None);
+        let mut per_node = desired_specs(&st, None, self.secrets.get().map(|s| &**s));
         let epoch = st.link_epoch;
         for (name, desired) in st.nodes.iter_mut() {
             send_if_changed(
@@ -1354,18 +1531,35 @@ impl Workloads {
 }
 
 /// The allocations each node should run (only `only`'s when given).
-fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<AllocationSpec>> {
+fn desired_specs(
+    st: &State,
+    only: Option<&str>,
+    secrets: Option<&Secrets>,
+) -> BTreeMap<String, Vec<AllocationSpec>> {
     let mut per_node: BTreeMap<String, Vec<AllocationSpec>> = BTreeMap::new();
     for a in st
         .allocs
         .values()
         .filter(|a| a.desired_run && !a.state.is_terminal() && only.is_none_or(|n| a.node == n))
     {
-        let Some(job) = st.jobs.get(&a.job).and_then(|e| e.parsed.get(&a.version)) else {
+        let Some(entry) = st.jobs.get(&a.job) else {
+            continue;
+        };
+        let Some(job) = entry.parsed.get(&a.version) else {
             continue;
         };
         let mut task = job.task_spec();
         task.gpu_uuids = a.gpu_uuids.clone();
+        if let Some(pins) = entry
+            .record
+            .versions
+            .iter()
+            .find(|v| v.version == a.version)
+            .map(|v| &v.secrets)
+            .filter(|p| !p.is_empty())
+        {
+            deliver_secrets(&mut task, job, pins, secrets, &a.id);
+        }
         for mapping in &mut task.ports {
             if let Some(p) = a.ports.iter().find(|p| p.name == mapping.name) {
                 mapping.host_port = Some(p.host_port);
@@ -1383,6 +1577,70 @@ fn desired_specs(st: &State, only: Option<&str>) -> BTreeMap<String, Vec<Allocat
             });
     }
     per_node
+}
+
+/// Fills `task`'s secret values and registry credentials from the versions
+/// `pins` names. A value that is not there (a version that did not open with this
+/// controller's key) is left out, and logged by name only.
+fn deliver_secrets(
+    task: &mut novacron_common::wire::TaskSpec,
+    job: &Job,
+    pins: &BTreeMap<String, u64>,
+    secrets: Option<&Secrets>,
+    alloc: &str,
+) {
+    use novacron_common::wire::{RegistryAuth, SecretBytes, SecretTarget, SecretUse};
+    let values = |name: &str| {
+        let version = *pins.get(name)?;
+        Some((version, secrets?.values(name, version)?))
+    };
+    let t = &job.spec.task;
+    for r in &t.secrets {
+        let value = values(&r.secret).and_then(|(v, d)| Some((v, d.0.get(&r.key)?.clone())));
+        let (Some((version, value)), Some(target)) = (
+            value,
+            r.env
+                .clone()
+                .map(SecretTarget::Env)
+                .or_else(|| r.file.clone().map(SecretTarget::File)),
+        ) else {
+            warn!(%alloc, secret = %r.secret, key = %r.key, "a secret value the job uses is not available; it is left out");
+            continue;
+        };
+        task.secrets.push(SecretUse {
+            secret: r.secret.clone(),
+            version,
+            key: r.key.clone(),
+            target,
+            value: SecretBytes(value.into_bytes()),
+        });
+    }
+    if let Some(name) = &t.image_pull_secret {
+        match values(name) {
+            Some((version, d)) => {
+                task.registry_auth = Some(RegistryAuth {
+                    secret: name.clone(),
+                    version,
+                    server: d.0.get("server").cloned(),
+                    username: SecretBytes(
+                        d.0.get("username")
+                            .cloned()
+                            .unwrap_or_default()
+                            .into_bytes(),
+                    ),
+                    password: SecretBytes(
+                        d.0.get("password")
+                            .cloned()
+                            .unwrap_or_default()
+                            .into_bytes(),
+                    ),
+                })
+            }
+            None => {
+                warn!(%alloc, secret = %name, "the job's image pull secret is not available; pulling without credentials")
+            }
+        }
+    }
 }
 
 /// The record of a job not submitted yet.
@@ -1403,6 +1661,7 @@ fn next_record(
     text: &str,
     by: &str,
     now: SystemTime,
+    secrets: &BTreeMap<String, u64>,
 ) -> Next {
     let hash = job.version_hash();
     let (mut record, outcome) = match entry {
@@ -1412,7 +1671,7 @@ fn next_record(
                 .versions
                 .iter()
                 .find(|v| v.version == entry.record.current)
-                .is_some_and(|v| v.spec_hash == hash);
+                .is_some_and(|v| v.spec_hash == hash && v.secrets == *secrets);
             if same && !entry.record.stopped {
                 return Next::Unchanged(entry.record.current);
             }
@@ -1428,6 +1687,7 @@ fn next_record(
         hash: &hash,
         by,
         at_ms: unix_ms(now),
+        secrets,
     };
     push_record_version(&mut record, &new);
     record.stopped = false;
@@ -1659,6 +1919,7 @@ mod tests {
             hash,
             by,
             at_ms: unix_ms(at),
+            secrets: &BTreeMap::new(),
         };
         plan::push_version(entry, &new, job);
     }

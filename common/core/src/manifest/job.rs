@@ -106,7 +106,20 @@ impl Job {
             health: s.health.as_ref().and_then(super::health::health_spec),
             shutdown_delay_ms: t.shutdown_delay.map_or(0, millis),
             pull_policy: t.pull_policy.unwrap_or_default(),
+            secrets: Vec::new(),
+            registry_auth: None,
         }
+    }
+
+    /// The secrets the job references (its `imagePullSecret` and
+    /// `spec.task.secrets`), each once, sorted.
+    pub fn secret_names(&self) -> std::collections::BTreeSet<&str> {
+        let t = &self.spec.task;
+        t.secrets
+            .iter()
+            .map(|r| r.secret.as_str())
+            .chain(t.image_pull_secret.as_deref())
+            .collect()
     }
 
     /// A stable hash of the name and the whole spec (labels are left out): SHA-256,

@@ -356,6 +356,7 @@ impl Checker<'_> {
         }
         self.ports(t, &p.key("ports"));
         self.volumes(t, &p.key("volumes"));
+        self.secrets(t, p);
         if let Some(dir) = &t.working_dir
             && !dir.starts_with('/')
         {
@@ -420,6 +421,95 @@ impl Checker<'_> {
                     }
                 }
                 None => {}
+            }
+        }
+    }
+
+    fn secrets(&mut self, t: &TaskTemplate, p: &FieldPath) {
+        use super::secret::{MAX_SECRET_KEYS, is_secret_key};
+        if let Some(name) = &t.image_pull_secret
+            && let Some(m) = super::document::name_problem(name, "secret")
+        {
+            self.bad(p.key("imagePullSecret"), m);
+        }
+        let p = p.key("secrets");
+        if t.secrets.len() > MAX_SECRET_KEYS {
+            self.bad(
+                p.clone(),
+                format!(
+                    "{} secret references is too many; expected at most {MAX_SECRET_KEYS}",
+                    t.secrets.len()
+                ),
+            );
+        }
+        let mut envs: HashMap<&str, usize> = HashMap::new();
+        let mut files: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in t.secrets.iter().enumerate() {
+            let at = p.index(i);
+            if let Some(m) = super::document::name_problem(&r.secret, "secret") {
+                self.bad(at.key("secret"), m);
+            }
+            if !is_secret_key(&r.key) {
+                self.bad(
+                    at.key("key"),
+                    format!(
+                        "{:?} is not a valid key; expected letters, digits, '.', '_' and '-'",
+                        r.key
+                    ),
+                );
+            }
+            match (&r.env, &r.file) {
+                (Some(env), None) => {
+                    if !is_env_name(env) {
+                        self.bad(
+                            at.key("env"),
+                            format!(
+                                "{env:?} is not a valid variable name; expected letters, digits \
+                                 and '_', not starting with a digit (like DB_PASSWORD)"
+                            ),
+                        );
+                    } else if t.env.contains_key(env) {
+                        self.bad(
+                            at.key("env"),
+                            format!(
+                                "{env:?} is also set in {}; expected each variable once",
+                                "spec.task.env"
+                            ),
+                        );
+                    } else if let Some(first) = envs.insert(env, i) {
+                        envs.insert(env, first);
+                        self.bad(
+                            at.key("env"),
+                            format!("{env:?} is already set by {p}[{first}]; expected each variable once"),
+                        );
+                    }
+                }
+                (None, Some(file)) => {
+                    let normal = file.trim_end_matches('/');
+                    if !file.starts_with('/')
+                        || normal.is_empty()
+                        || file.split('/').any(|c| c == "..")
+                    {
+                        self.bad(
+                            at.key("file"),
+                            format!(
+                                "{file:?} is not an absolute file path; expected a path in the \
+                                 container like /run/secrets/db-password"
+                            ),
+                        );
+                    } else if let Some(first) = files.insert(normal, i) {
+                        files.insert(normal, first);
+                        self.bad(
+                            at.key("file"),
+                            format!("{file:?} is already written by {p}[{first}]; expected each file once"),
+                        );
+                    }
+                }
+                _ => self.bad(
+                    at.clone(),
+                    "expected exactly one of env (a variable) or file (a path in the container)"
+                        .into(),
+                ),
             }
         }
     }

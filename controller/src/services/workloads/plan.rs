@@ -592,6 +592,7 @@ pub(super) fn job_change(e: &mut JobEntry, change: &JobChange, now_ms: u64) -> O
                 hash: &stable.spec_hash,
                 by: "novacron (auto-revert)",
                 at_ms: now_ms,
+                secrets: &stable.secrets,
             };
             push_version(e, &new, parsed);
             e.record.stable = Some(version);
@@ -662,6 +663,8 @@ pub(super) struct NewVersion<'v> {
     pub by: &'v str,
     /// When (Unix ms).
     pub at_ms: u64,
+    /// The secret versions it runs.
+    pub secrets: &'v BTreeMap<String, u64>,
 }
 
 /// Adds `new` (parsed as `job`) to the entry as its current version.
@@ -684,6 +687,7 @@ pub(super) fn push_record_version(record: &mut JobRecord, new: &NewVersion<'_>) 
         spec_hash: new.hash.to_string(),
         submitted_at_unix_ms: new.at_ms,
         by: new.by.to_string(),
+        secrets: new.secrets.clone(),
     });
     record.current = new.version;
     while record.versions.len() > MAX_JOB_VERSIONS {
@@ -877,6 +881,7 @@ mod tests {
             hash: "h",
             by: "me",
             at_ms: 0,
+            secrets: &BTreeMap::new(),
         };
         push_version(&mut e, &new, job);
         e

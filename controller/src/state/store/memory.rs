@@ -27,6 +27,7 @@ struct MemoryState {
     policies: BTreeMap<String, PolicyRecord>,
     node_pools: BTreeMap<String, PoolManifestRecord>,
     node_templates: BTreeMap<String, PoolManifestRecord>,
+    secrets: BTreeMap<String, SecretRecord>,
     /// The revision and the change log.
     log: ChangeLog,
 }
@@ -96,6 +97,26 @@ impl Store for MemoryStore {
         self.check_space("delete_node_pool")?;
         let mut state = self.state();
         Ok(state.removed("node_pools", name, |s| s.node_pools.remove(name).is_some()))
+    }
+
+    fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
+        self.check_space("put_secret")?;
+        let mut state = self.state();
+        state.secrets.insert(secret.name.clone(), secret.clone());
+        state
+            .log
+            .record(vec![Touched::put("secrets", &secret.name)]);
+        Ok(())
+    }
+
+    fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        Ok(self.state().secrets.values().cloned().collect())
+    }
+
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_secret")?;
+        let mut state = self.state();
+        Ok(state.removed("secrets", name, |s| s.secrets.remove(name).is_some()))
     }
 
     fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {

@@ -129,6 +129,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
     /// Deletes the node template called `name`; whether there was one.
     fn delete_node_template(&self, name: &str) -> Result<bool, StoreError>;
+    /// Inserts or replaces the secret with `secret.name` (values sealed; see
+    /// [`crate::services::secrets`]).
+    fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
+    /// All secrets, sorted by name.
+    fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Deletes the secret called `name`; whether there was one.
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError>;
     /// The store's revision: raised by one by every write that changes a record,
     /// in the same transaction; never lower than before, across reopens included
     /// (0 for a new store). See [`crate::state::revision`].
@@ -158,6 +165,39 @@ pub struct PoolManifestRecord {
     pub applied_unix_ms: u64,
     /// Who applied it.
     pub by: String,
+}
+
+/// A secret as the store keeps it: metadata in clear, each version's values
+/// sealed (AES-256-GCM) with the controller's secrets key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// `metadata.name`.
+    pub name: String,
+    /// `opaque` or `registry`.
+    pub secret_type: novacron_common::manifest::secret::SecretType,
+    /// Versions kept, oldest first.
+    pub versions: Vec<SecretVersionRecord>,
+}
+
+/// One version of a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersionRecord {
+    /// From 1, raised by every change.
+    pub version: u64,
+    /// The keys, sorted (the values are in `sealed`).
+    pub keys: Vec<String>,
+    /// Bytes of the values together.
+    pub bytes: u64,
+    /// When it was set (Unix ms).
+    pub created_unix_ms: u64,
+    /// Who set it.
+    pub by: String,
+    /// Which secrets key sealed it (the first 16 hex digits of the key's SHA-256).
+    pub key_id: String,
+    /// The AES-GCM nonce, hex.
+    pub nonce: String,
+    /// The sealed JSON map of keys to values, with its tag, hex.
+    pub sealed: String,
 }
 
 /// What [`Store::events`] found.
@@ -226,6 +266,10 @@ pub struct JobVersion {
     pub submitted_at_unix_ms: u64,
     /// Who submitted it.
     pub by: String,
+    /// The version of each secret the job uses that this version runs (pinned
+    /// when it was submitted, or when a secret changed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, u64>,
 }
 
 /// One allocation as the controller keeps it.
@@ -637,6 +681,7 @@ impl RedbStore {
             POLICIES,
             NODE_POOLS,
             NODE_TEMPLATES,
+            SECRETS,
         ] {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
@@ -925,6 +970,18 @@ impl Store for RedbStore {
 
     fn delete_node_pool(&self, name: &str) -> Result<bool, StoreError> {
         self.remove(NODE_POOLS, name, "deleting a node pool")
+    }
+
+    fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
+        self.put(SECRETS, &secret.name, secret, "saving a secret")
+    }
+
+    fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        Ok(values(self.all(SECRETS, "listing secrets")?))
+    }
+
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(SECRETS, name, "deleting a secret")
     }
 
     fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
@@ -1220,6 +1277,7 @@ const JOBS: Table = Table { name: "jobs" };
 const API_TOKENS: Table = Table { name: "api_tokens" };
 const POLICIES: Table = Table { name: "policies" };
 const NODE_POOLS: Table = Table { name: "node_pools" };
+const SECRETS: Table = Table { name: "secrets" };
 const NODE_TEMPLATES: Table = Table {
     name: "node_templates",
 };
@@ -1580,6 +1638,7 @@ mod tests {
                 spec_hash: "abc".into(),
                 submitted_at_unix_ms: 1,
                 by: "admin:admin".into(),
+                secrets: BTreeMap::from([("db".to_string(), 2)]),
             }],
             current: 1,
             stable: None,
@@ -1653,6 +1712,36 @@ mod tests {
         assert!(store.delete_node_template("t").expect("delete"));
         assert_eq!(names(store.node_pools().expect("list")), ["b"]);
         assert!(store.node_templates().expect("list").is_empty());
+    }
+
+    fn secrets_round_trip(store: &impl Store) {
+        assert!(store.secrets().expect("list").is_empty());
+        let secret = |name: &str| SecretRecord {
+            name: name.into(),
+            secret_type: Default::default(),
+            versions: vec![SecretVersionRecord {
+                version: 1,
+                keys: vec!["password".into()],
+                bytes: 7,
+                created_unix_ms: 1,
+                by: "admin".into(),
+                key_id: "00".into(),
+                nonce: "00".into(),
+                sealed: "00".into(),
+            }],
+        };
+        store.put_secret(&secret("b")).expect("put");
+        store.put_secret(&secret("a")).expect("put");
+        let names: Vec<String> = store
+            .secrets()
+            .expect("list")
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(store.delete_secret("a").expect("delete"));
+        assert!(!store.delete_secret("a").expect("delete again"));
+        assert_eq!(store.secrets().expect("list"), vec![secret("b")]);
     }
 
     fn policies_round_trip(store: &impl Store) {
@@ -1780,6 +1869,7 @@ mod tests {
         jobs_and_allocations_round_trip,
         policies_round_trip,
         node_pools_and_templates_round_trip,
+        secrets_round_trip,
         every_write_raises_the_revision_and_is_watched,
     );
 
