@@ -9,6 +9,7 @@ pub mod counter_image;
 pub mod dns;
 pub mod fleet_image;
 pub mod procfs;
+pub mod registry;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};

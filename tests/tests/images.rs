@@ -7,19 +7,11 @@
 use std::time::Duration;
 
 use novacron_common::wire::AllocState;
+use novacron_tests::registry::Registry;
 use novacron_tests::{
     Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, free_port, service_job,
     wait_for,
 };
-
-fn registry_bin() -> std::path::PathBuf {
-    let path = std::path::PathBuf::from("/usr/bin/docker-registry");
-    assert!(
-        path.exists(),
-        "docker-registry is not installed: run `bash .ci/setup` (it installs Debian's docker-registry)"
-    );
-    path
-}
 
 /// The message of the job's newest allocation that has one.
 async fn message(c: &Controller, job: &str) -> String {
@@ -51,38 +43,10 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
         .prefix("novacron-images-")
         .tempdir()
         .expect("tempdir");
-    let port = free_port();
-    let config = dir.path().join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
-            dir.path().join("registry").display()
-        ),
-    )
-    .expect("config");
-    let _registry = tokio::process::Command::new(registry_bin())
-        .arg("serve")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("docker-registry starts");
-    novacron_common::tls::install_crypto_provider();
-    let http = reqwest::Client::new();
-    wait_for(
-        Duration::from_secs(20),
-        "the registry to answer",
-        || async {
-            http.get(format!("http://127.0.0.1:{port}/v2/"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        },
-    )
-    .await
-    .expect("registry up");
+    let registry = Registry::start(dir.path(), None)
+        .await
+        .expect("registry up");
+    let port = registry.port;
 
     // An image that exists only in the registry.
     let pid = std::process::id();
@@ -208,4 +172,169 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
 fn message_now(c: &Controller, job: &str) -> String {
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| rt.block_on(message(c, job)))
+}
+
+/// Pulls of `image`'s manifest the registry refused (401), from its request log.
+fn refused_pulls(registry: &Registry, repo: &str) -> usize {
+    registry
+        .requests()
+        .lines()
+        .filter(|l| l.contains(&format!("/v2/{repo}/manifests/")) && l.contains("\" 401 "))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_pulls_with_its_registry_secret_and_wrong_credentials_say_unauthorized() {
+    ensure_test_image().expect("test image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-images-auth-")
+        .tempdir()
+        .expect("tempdir");
+    let pid = std::process::id();
+    let password = format!("s3cret-{pid}");
+    let registry = Registry::start(dir.path(), Some(("ci", &password)))
+        .await
+        .expect("registry up");
+    let host = registry.host();
+    let repo = format!("novacron-test/private-{pid}");
+    let remote = format!("{host}/{repo}:1");
+    docker(&["tag", TEST_IMAGE, &remote]).expect("tag");
+    let login = std::process::Command::new("docker")
+        .args(["login", "-u", "ci", "--password-stdin", &host])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(password.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("docker login");
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    docker(&["push", &remote]).expect("push to the private registry");
+    docker(&["logout", &host]).expect("logout");
+    docker(&["rmi", &remote]).expect("untag");
+
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let agent = Agent::join_and_run(dir.path(), &c, &format!("auth{pid}"), &[])
+        .await
+        .expect("agent");
+    c.wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let set = |name: &str, password: &str| {
+        let mut child = std::process::Command::new(novacron_tests::bin("novacron"))
+            .arg("--config")
+            .arg(dir.path().join("cli-config.toml"))
+            .args(["secret", "set", name, "--type", "registry", "username=ci"])
+            .arg(format!("server={host}"))
+            .args(["--from-stdin", "password"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("novacron runs");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(password.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("novacron ends")
+    };
+    // The CLI writes its context file on first use.
+    let _ = c.cli(&["version", "--client"]);
+    let out = set("registry", &password);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("secret registry created (version 1)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = set("wrong", "not-the-password");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let job = |name: &str, extra: &str| {
+        service_job(
+            name,
+            1,
+            "exec sleep 3600",
+            extra,
+            "  restart: {attempts: 1, interval: 1m, delay: 5s, mode: fail}\n",
+        )
+        .replace(TEST_IMAGE, &remote)
+    };
+    // The right credentials: the node pulls and runs the private image.
+    let private = format!("private-{pid}");
+    let _c1 = JobCleanup(private.clone());
+    c.apply(
+        "private.yaml",
+        &job(&private, "    imagePullSecret: registry\n"),
+    )
+    .await
+    .expect("apply");
+    wait_for(Duration::from_secs(60), "the private image to run", || {
+        running(&c, &private)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &private)));
+
+    // Wrong credentials: a failed start that says unauthorized, retried only as
+    // the restart policy allows (one restart after 5 s), not in a loop.
+    docker(&["rmi", "-f", &remote]).expect("drop the pulled copy");
+    let wrong = format!("wrong-{pid}");
+    let _c2 = JobCleanup(wrong.clone());
+    let before = refused_pulls(&registry, &repo);
+    c.apply("wrong.yaml", &job(&wrong, "    imagePullSecret: wrong\n"))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(30), "an unauthorized pull", || async {
+        message(&c, &wrong).await.contains("unauthorized")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &wrong)));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let refused = refused_pulls(&registry, &repo) - before;
+    // Each pull that Docker makes asks for the manifest once or twice (HEAD, GET).
+    assert!(
+        (1..=4).contains(&refused),
+        "{refused} refused manifest requests in 12 s with one restart allowed:\n{}",
+        registry.requests()
+    );
+
+    // A job that names a secret that does not exist, or one that is not a
+    // registry secret, is refused at apply.
+    let err = c
+        .apply(
+            "none.yaml",
+            &job("nosecret", "    imagePullSecret: absent\n"),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("secret \\\"absent\\\" does not exist"),
+        "{err}"
+    );
+    let _ = docker(&["rmi", "-f", &remote]);
 }

@@ -17,6 +17,7 @@ const SOURCES: &[&str] = &[
     "common/core/src/manifest/health.rs",
     "common/core/src/manifest/lifecycle.rs",
     "common/core/src/manifest/checkpoint.rs",
+    "common/core/src/manifest/secret.rs",
     "common/core/src/autoscale/policy.rs",
     "common/core/src/autoscale/pool.rs",
     "common/wire/src/checkpoint.rs",
@@ -28,6 +29,7 @@ const KINDS: &[(&str, &str)] = &[
     ("AutoScalingPolicy", "PolicyManifest"),
     ("NodeTemplate", "NodeTemplateManifest"),
     ("NodePool", "NodePoolManifest"),
+    ("Secret", "SecretManifest"),
 ];
 
 /// Quantities written as text, and the constant that says what they accept.

@@ -531,15 +531,37 @@ impl ApiClient {
         segments: &[&str],
         body: &B,
     ) -> Result<T, ClientError> {
-        let url = self.url(segments);
-        debug!(%url, "POST");
-        let response = self
-            .http
-            .post(url.clone())
-            .json(body)
-            .send()
+        self.send(reqwest::Method::POST, segments, Some(body)).await
+    }
+
+    /// `PUT`s `body` as JSON, as [`ApiClient::post`].
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(reqwest::Method::PUT, segments, Some(body)).await
+    }
+
+    /// `DELETE`s the API path made of `segments`, as [`ApiClient::post`].
+    pub async fn delete<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, ClientError> {
+        self.send::<(), T>(reqwest::Method::DELETE, segments, None)
             .await
-            .map_err(|e| self.classify(&e))?;
+    }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let url = self.url(segments);
+        debug!(%url, %method, "request");
+        let mut request = self.http.request(method, url.clone());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| self.classify(&e))?;
         let status = response.status();
         let body = response.bytes().await.map_err(|e| self.classify(&e))?;
         if !status.is_success() {

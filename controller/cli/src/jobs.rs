@@ -142,6 +142,7 @@ pub const APPLY_KINDS: &[(&str, &[&str])] = &[
     ("AutoScalingPolicy", &["v1", "policies"]),
     ("NodePool", &["v1", "pools"]),
     ("NodeTemplate", &["v1", "pools"]),
+    ("Secret", &["v1", "secrets"]),
 ];
 
 /// `novacron apply -f SOURCE...`: each source is a file, `-` (standard input) or
@@ -454,6 +455,19 @@ async fn apply_one(
                 .map_err(output::OutputError::Io)?,
                 OutputFormat::Name => {
                     writeln!(out, "policy/{}", result.policy).map_err(output::OutputError::Io)?
+                }
+                _ => output::write_value(out, format, &result)?,
+            }
+        }
+        "Secret" => {
+            let result: novacron_api::SecretSetResult =
+                client.post(&["v1", "secrets"], &req).await?;
+            match format {
+                OutputFormat::Table | OutputFormat::Wide => {
+                    crate::secrets::write_set(out, &result).map_err(output::OutputError::Io)?
+                }
+                OutputFormat::Name => {
+                    writeln!(out, "secret/{}", result.secret).map_err(output::OutputError::Io)?
                 }
                 _ => output::write_value(out, format, &result)?,
             }

@@ -28,6 +28,7 @@ pub mod nodes;
 pub mod output;
 pub mod policies;
 pub mod pools;
+pub mod secrets;
 pub mod services;
 pub mod simulate;
 pub mod terminal;
@@ -150,8 +151,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a local fleet: a controller and agents on this machine, with a throwaway CA.
     Dev(dev::DevArgs),
-    /// Submit a manifest (create or update): a Job, an AutoScalingPolicy, or a
-    /// NodePool / NodeTemplate, by its `kind`.
+    /// Submit a manifest (create or update): a Job, an AutoScalingPolicy, a
+    /// NodePool / NodeTemplate, or a Secret, by its `kind`.
     ///
     /// `-f` may repeat; each is a file, `-` (standard input) or a directory (its
     /// *.yaml and *.yml files, sorted, not recursive). A file may hold several Job
@@ -185,6 +186,10 @@ pub enum Command {
     /// Autoscaling policies (apply them with `apply -f`).
     #[command(subcommand)]
     Policy(policies::PolicyCommand),
+    /// Secrets that jobs use as variables, files or registry credentials (or
+    /// apply a kind: Secret manifest with `apply -f`). Values are never shown.
+    #[command(subcommand)]
+    Secret(secrets::SecretCommand),
     /// Node pools (apply NodeTemplate and NodePool manifests with `apply -f`).
     #[command(subcommand)]
     Pool(pools::PoolCommand),
@@ -256,6 +261,7 @@ pub fn watchable(command: &Command) -> bool {
         Command::Node(_)
             | Command::Job(jobs::JobCommand::List | jobs::JobCommand::Status { .. })
             | Command::Policy(policies::PolicyCommand::List)
+            | Command::Secret(secrets::SecretCommand::List)
             | Command::Pool(pools::PoolCommand::List)
             | Command::Service(
                 services::ServiceCommand::List
@@ -447,6 +453,10 @@ pub async fn run(
         Command::Pool(cmd) => {
             let client = connect(cli, env, now)?;
             pools::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Secret(cmd) => {
+            let client = connect(cli, env, now)?;
+            secrets::run(cmd, &client, cli.output, out, now).await
         }
         Command::Service(cmd) => {
             let client = connect(cli, env, now)?;

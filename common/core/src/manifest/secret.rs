@@ -323,7 +323,7 @@ mod tests {
                 "needs the key \"password\"",
             ),
             (
-                "  type: registry\n  data:\n    username: u\n    password: p\n    token: 123456789\n",
+                "  type: registry\n  data:\n    username: u\n    password: p\n    token: x123456789\n",
                 "\"token\" is not a key of a registry secret",
             ),
         ] {
