@@ -568,6 +568,7 @@ impl Sim {
                             started_at_unix_ms: None,
                             ip: None,
                             published: Vec::new(),
+                            image_digest: None,
                         })
                     };
                     Outcome::Launched {
@@ -588,6 +589,7 @@ impl Sim {
                                 started_at_unix_ms: None,
                                 ip: None,
                                 published: Vec::new(),
+                                image_digest: None,
                             })
                         }
                         None => Err(novacron_agent::runtime::RuntimeError::NotFound {

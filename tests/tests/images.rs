@@ -13,6 +13,41 @@ use novacron_tests::{
     wait_for,
 };
 
+/// Tags, as `image`, the test image with `/version` holding `version`.
+fn commit_version(image: &str, version: &str) {
+    let name = format!("novacron-commit-{}-{version}", std::process::id());
+    let _ = docker(&["rm", "-f", &name]);
+    docker(&[
+        "run",
+        "--name",
+        &name,
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        &format!("echo {version} > /version"),
+    ])
+    .expect("run");
+    docker(&["commit", &name, image]).expect("commit");
+    docker(&["rm", "-f", &name]).expect("rm");
+}
+
+/// The id of the job's running container (empty when none).
+fn job_container(job: &str) -> String {
+    docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=novacron.job={job}"),
+        "--filter",
+        "status=running",
+    ])
+    .unwrap_or_default()
+    .lines()
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}
+
 /// The message of the job's newest allocation that has one.
 async fn message(c: &Controller, job: &str) -> String {
     c.job(job)
@@ -51,7 +86,7 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
     // An image that exists only in the registry.
     let pid = std::process::id();
     let remote = format!("127.0.0.1:{port}/novacron-test/pulled-{pid}:1");
-    docker(&["tag", TEST_IMAGE, &remote]).expect("tag");
+    commit_version(&remote, "v1");
     docker(&["push", &remote]).expect("push to the loopback registry");
     let digest = docker(&[
         "image",
@@ -91,6 +126,34 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
     .await
     .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &pulled)));
     assert!(docker(&["image", "inspect", &remote]).is_ok(), "pulled");
+
+    // The version records the digest the tag resolved to...
+    let history = c.cli(&["job", "history", &pulled, "-o", "json"]);
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        history.contains(&format!("\"image_digest\": \"{digest}\"")),
+        "{history}"
+    );
+    // ...and runs it after the tag moved: v2 is pushed under the same tag, v1 is
+    // gone from the node, and the replica starting again pulls v1 by digest.
+    commit_version(&remote, "v2");
+    docker(&["push", &remote]).expect("push v2 under the same tag");
+    let first = job_container(&pulled);
+    docker(&["rm", "-f", &first]).expect("remove the container");
+    docker(&["rmi", "-f", &digest]).expect("drop v1 from the node");
+    wait_for(
+        Duration::from_secs(60),
+        "the replica running again",
+        || async { running(&c, &pulled).await && job_container(&pulled) != first },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &pulled)));
+    let again = job_container(&pulled);
+    assert_eq!(
+        docker(&["exec", &again, "cat", "/version"]).expect("exec"),
+        "v1",
+        "the pinned content, not the moved tag"
+    );
 
     // A pinned digest runs that content after the local copy is gone.
     let stop = c.cli(&["job", "stop", &pulled]);

@@ -181,6 +181,15 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn repo_digests(&self, image: &str) -> Result<Vec<String>, RuntimeError> {
+        let docker = self.client().await?;
+        match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await {
+            Ok(info) => Ok(info.repo_digests.unwrap_or_default()),
+            Err(e) if e.is_not_found() => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn pull(
         &self,
         image: &str,

@@ -78,6 +78,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;
 
+    /// The registry digests (`repo@sha256:...`) of `image` on the node: empty
+    /// for an image built or loaded here, or absent.
+    fn repo_digests(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+
     /// Pulls `image` from its registry (with `auth`, else anonymously), within
     /// [`PULL_TIMEOUT`].
     fn pull(
@@ -542,6 +549,65 @@ mod tests {
             PullError::classify(None, " x509: certificate signed by unknown authority ")
                 .to_string(),
             "registry unreachable: x509: certificate signed by unknown authority"
+        );
+    }
+}
+
+/// The digest reference of `image` among the node's `repo_digests` of it: the
+/// one of the same repository (`registry:5000/team/api:1.4` →
+/// `registry:5000/team/api@sha256:...`); `image` itself when it is a digest
+/// reference already; `None` for an image that came from no registry.
+pub fn registry_digest(image: &str, repo_digests: &[String]) -> Option<String> {
+    if image.contains("@sha256:") {
+        return Some(image.to_owned());
+    }
+    // The repository is the reference less its tag; a ':' after the last '/'
+    // starts the tag (one before it is a registry port).
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    let repo = match image[slash..].rfind(':') {
+        Some(i) => &image[..slash + i],
+        None => image,
+    };
+    let normal = |r: &str| {
+        let r = r.strip_prefix("docker.io/").unwrap_or(r);
+        r.strip_prefix("library/").unwrap_or(r).to_owned()
+    };
+    repo_digests
+        .iter()
+        .find(|d| {
+            d.split_once('@')
+                .is_some_and(|(r, _)| normal(r) == normal(repo))
+        })
+        .cloned()
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::registry_digest;
+
+    #[test]
+    fn the_digest_of_the_same_repository_is_picked() {
+        let digests = vec![
+            "other/x@sha256:aa".to_string(),
+            "127.0.0.1:5000/team/api@sha256:bb".to_string(),
+            "busybox@sha256:cc".to_string(),
+        ];
+        assert_eq!(
+            registry_digest("127.0.0.1:5000/team/api:1.4", &digests).as_deref(),
+            Some("127.0.0.1:5000/team/api@sha256:bb")
+        );
+        assert_eq!(
+            registry_digest("docker.io/library/busybox:1", &digests).as_deref(),
+            Some("busybox@sha256:cc")
+        );
+        assert_eq!(registry_digest("local/built:1", &digests), None);
+        assert_eq!(
+            registry_digest("x@sha256:dd", &[]).as_deref(),
+            Some("x@sha256:dd")
+        );
+        assert_eq!(
+            registry_digest("127.0.0.1:5000/team/api", &digests).as_deref(),
+            Some("127.0.0.1:5000/team/api@sha256:bb")
         );
     }
 }

@@ -164,6 +164,9 @@ pub struct Run {
     pub ip: Option<IpAddr>,
     /// Its ports as published on the host.
     pub published: Vec<PublishedPort>,
+    /// The registry digest of its image, when known (a launch reads it; an
+    /// adopted container keeps the one reported before).
+    pub image_digest: Option<String>,
 }
 
 /// Why a launch failed.
@@ -903,6 +906,7 @@ impl Reconciler {
                     } else {
                         Vec::new()
                     },
+                    image_digest: rec.image_digest.clone(),
                 }
             })
             .collect();
@@ -922,6 +926,7 @@ impl Reconciler {
                 container_id: Some(container_id.clone()),
                 started_at_unix_ms: None,
                 published: Vec::new(),
+                image_digest: None,
             });
         }
         allocations.sort_by(|a, b| a.id.cmp(&b.id));
@@ -1011,6 +1016,7 @@ struct Record {
     started_at_unix_ms: Option<u64>,
     ip: Option<IpAddr>,
     published: Vec<PublishedPort>,
+    image_digest: Option<String>,
     /// A launch, start or removal is in flight.
     busy: bool,
     /// The epoch of the last change; older observations are ignored.
@@ -1045,6 +1051,7 @@ impl Record {
             started_at_unix_ms: None,
             ip: None,
             published: Vec::new(),
+            image_digest: None,
             busy: false,
             changed_epoch: epoch,
             observed: false,
@@ -1082,6 +1089,9 @@ impl Record {
         self.started_at_unix_ms = run.started_at_unix_ms;
         self.ip = run.ip;
         self.published = run.published;
+        if run.image_digest.is_some() {
+            self.image_digest = run.image_digest;
+        }
         self.healthy = None;
         self.probes = self.health().map(|h| Probes::start(h, now));
         self.unhealthy = None;
@@ -1160,6 +1170,7 @@ impl Record {
             started_at_unix_ms: o.started_at_unix_ms,
             ip: o.ip,
             published: o.published,
+            image_digest: None,
         };
         match (self.state, o.status) {
             (AllocState::Pending, ContainerStatus::Running) => {
@@ -1362,6 +1373,7 @@ mod tests {
             started_at_unix_ms: Some(2_000),
             ip: None,
             published: Vec::new(),
+            image_digest: None,
         }
     }
 

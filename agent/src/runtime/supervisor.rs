@@ -753,7 +753,11 @@ async fn launch<R: ContainerRuntime>(
                 message: e.to_string(),
             })?;
     }
-    let image = &spec.task.image;
+    // A version's recorded digest, unless the job follows its tag (always).
+    let image = match (&spec.task.image_digest, spec.task.pull_policy) {
+        (Some(digest), PullPolicy::IfNotPresent | PullPolicy::Never) => digest,
+        _ => &spec.task.image,
+    };
     let present = runtime
         .image_present(image)
         .await
@@ -777,7 +781,15 @@ async fn launch<R: ContainerRuntime>(
             info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
         }
     }
+    let image_digest = match runtime.repo_digests(image).await {
+        Ok(digests) => super::registry_digest(image, &digests),
+        Err(e) => {
+            debug!(alloc = %spec.id, %image, error = %e, "cannot read the image's digests");
+            None
+        }
+    };
     let mut config = container_config(&inner.config.node_name, spec, spec_hash);
+    config.image = image.clone();
     config.mounts.extend(
         super::secrets::write_files(&inner.config.secrets_dir, spec)
             .await
@@ -824,7 +836,9 @@ async fn launch<R: ContainerRuntime>(
             });
         }
     }
-    Ok(run_of(runtime, &id).await)
+    let mut run = run_of(runtime, &id).await;
+    run.image_digest = image_digest;
+    Ok(run)
 }
 
 /// The run of a container just started. Without an answer from inspect, the start
@@ -836,6 +850,7 @@ async fn run_of<R: ContainerRuntime>(runtime: &R, id: &str) -> Run {
             started_at_unix_ms: details.started_at_unix_ms,
             ip: details.ip,
             published: details.published,
+            image_digest: None,
         },
         Err(e) => {
             debug!(container = %id, error = %e, "cannot inspect a started container");
@@ -844,6 +859,7 @@ async fn run_of<R: ContainerRuntime>(runtime: &R, id: &str) -> Run {
                 started_at_unix_ms: None,
                 ip: None,
                 published: Vec::new(),
+                image_digest: None,
             }
         }
     }
@@ -1014,6 +1030,10 @@ mod tests {
     }
 
     impl ContainerRuntime for Fake {
+        async fn repo_digests(&self, _image: &str) -> Result<Vec<String>, RuntimeError> {
+            Ok(Vec::new())
+        }
+
         async fn pull(
             &self,
             image: &str,

@@ -263,4 +263,11 @@ pub struct JobVersionView {
     pub changes: Vec<FieldChange>,
     /// The manifest as submitted.
     pub manifest: String,
+    /// The registry digest its image resolved to when it first ran, which every
+    /// later replica and migration of it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// The version of each secret it runs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub secrets: std::collections::BTreeMap<String, u64>,
 }

@@ -880,6 +880,13 @@ pub struct TaskSpec {
     /// Registry credentials for the pull, from the job's `imagePullSecret`.
     /// Since protocol 3 (version-2 agents never pull).
     pub registry_auth: Option<RegistryAuth>,
+    /// The registry digest `image` resolved to when the job version first ran
+    /// (`repo@sha256:...`): the agent checks, pulls and runs this instead of the
+    /// tag, so that every replica and migration of the version runs the same
+    /// content. Not part of the spec hash: pinning never restarts a container.
+    /// `None` for `pullPolicy: always` (which follows the tag) and before the
+    /// first report. Since protocol 3.
+    pub image_digest: Option<String>,
 }
 
 /// Bytes of a secret: [`fmt::Debug`] shows only their length, so that a spec
@@ -1187,6 +1194,10 @@ pub struct AllocationStatus {
     /// them (empty unless it runs). At most [`MAX_PUBLISHED`] entries are read.
     #[serde(default)]
     pub published: Vec<PublishedPort>,
+    /// The registry digest of the image its container was made from
+    /// (`repo@sha256:...`), when the image came from a registry. Since protocol 3.
+    #[serde(default)]
+    pub image_digest: Option<String>,
 }
 
 /// The most published addresses one allocation's status carries (a port bound on

@@ -491,7 +491,7 @@ structs! {
     AllocationSpec { id, job, job_version, task, restore };
     RestoreFrom { digest, size, mode };
     TaskSpec { batch, image, command, args, env, ports, volumes, working_dir, cpu_millis, memory_bytes, gpu_uuids, restart, health }
-        + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None };
+        + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None, image_digest: None };
     PortMapping { name, container_port, host_port, udp };
     VolumeMount { source, target, read_only };
     RestartSpec { attempts, interval_ms, delay_ms, delay_mode };
@@ -499,7 +499,7 @@ structs! {
     ProbeSpec { check, period_ms, timeout_ms, failure_threshold, initial_delay_ms };
     AllocationReport { generation, allocations };
     AllocationStatus { id, state, healthy, restarts, exit_code, message, failure, restore_failed, container_id, started_at_unix_ms }
-        + { published: Vec::new() };
+        + { published: Vec::new(), image_digest: None };
     AllocationUsage { id, cpu_percent, memory_bytes, memory_limit_bytes, rx_bytes_per_sec, tx_bytes_per_sec };
     LogRequest { request_id, allocation, follow, tail };
     LogChunk { stderr, data, end };

@@ -1089,6 +1089,12 @@ fn history_text(versions: &[JobVersionView], changes: bool, now: SystemTime) -> 
             } else {
                 t.push_str(&changes_text(&v.changes, "  "));
             }
+            if let Some(digest) = &v.image_digest {
+                t.push_str(&format!("  runs image {digest}\n"));
+            }
+            for (secret, version) in &v.secrets {
+                t.push_str(&format!("  secret {secret} version {version}\n"));
+            }
         }
     }
     t

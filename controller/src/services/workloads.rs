@@ -28,7 +28,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::services::events::{EventLog, NewEvent, kind};
+use crate::services::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::services::pass_stats::PassStats;
 use crate::services::secrets::Secrets;
 use crate::state::registry::{PlacementNode, Registry};
@@ -442,6 +442,8 @@ impl Workloads {
                 stable: record.stable == Some(v.version),
                 changes: manifest_changes(before, &v.source),
                 manifest: v.source.clone(),
+                image_digest: v.image_digest.clone(),
+                secrets: v.secrets.clone(),
             });
             before = Some(&v.source);
         }
@@ -787,6 +789,7 @@ impl Workloads {
             allocs,
             failures,
             dirty_allocs,
+            dirty_jobs,
             events,
             migrating,
             ..
@@ -841,6 +844,13 @@ impl Workloads {
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
             a.published = published(status);
+            if let Some(digest) = &status.image_digest
+                && let Some(event) = pin_digest(jobs, &a.job, a.version, digest)
+            {
+                dirty_jobs.insert(a.job.clone());
+                events.push(event.node(node));
+                changed = true;
+            }
             if !migrating.contains_key(&a.id)
                 && let Some(r) = &a.restore
             {
@@ -1310,6 +1320,7 @@ impl Workloads {
                     by,
                     at_ms: unix_ms(now),
                     secrets: &pins,
+                    image_digest: current.image_digest.as_deref(),
                 },
             );
             record.status = "running".into();
@@ -1550,15 +1561,16 @@ fn desired_specs(
         };
         let mut task = job.task_spec();
         task.gpu_uuids = a.gpu_uuids.clone();
-        if let Some(pins) = entry
+        if let Some(v) = entry
             .record
             .versions
             .iter()
             .find(|v| v.version == a.version)
-            .map(|v| &v.secrets)
-            .filter(|p| !p.is_empty())
         {
-            deliver_secrets(&mut task, job, pins, secrets, &a.id);
+            task.image_digest = v.image_digest.clone();
+            if !v.secrets.is_empty() {
+                deliver_secrets(&mut task, job, &v.secrets, secrets, &a.id);
+            }
         }
         for mapping in &mut task.ports {
             if let Some(p) = a.ports.iter().find(|p| p.name == mapping.name) {
@@ -1577,6 +1589,45 @@ fn desired_specs(
             });
     }
     per_node
+}
+
+/// Records `digest` as what version `version` of `job` runs, when it has no
+/// digest yet and follows no moving tag (its image is a tag and its pull policy
+/// is not `always`); the event that says so.
+fn pin_digest(
+    jobs: &mut BTreeMap<String, JobEntry>,
+    job: &str,
+    version: u64,
+    digest: &str,
+) -> Option<NewEvent> {
+    let entry = jobs.get_mut(job)?;
+    let task = &entry.parsed.get(&version)?.spec.task;
+    if task.image.contains("@sha256:")
+        || task.pull_policy == Some(novacron_common::wire::PullPolicy::Always)
+        || !digest.contains("@sha256:")
+    {
+        return None;
+    }
+    let image = task.image.clone();
+    let v = entry
+        .record
+        .versions
+        .iter_mut()
+        .find(|v| v.version == version)?;
+    if v.image_digest.is_some() {
+        return None;
+    }
+    v.image_digest = Some(digest.to_owned());
+    Some(
+        NewEvent::new(
+            kind::JOB_CHANGED,
+            CONTROLLER,
+            format!("job {job} version {version}: image {image} is {digest}; every new replica and migration of this version runs it"),
+        )
+        .job(job)
+        .detail("version", version)
+        .detail("image_digest", digest),
+    )
 }
 
 /// Fills `task`'s secret values and registry credentials from the versions
@@ -1688,6 +1739,7 @@ fn next_record(
         by,
         at_ms: unix_ms(now),
         secrets,
+        image_digest: None,
     };
     push_record_version(&mut record, &new);
     record.stopped = false;
@@ -1920,6 +1972,7 @@ mod tests {
             by,
             at_ms: unix_ms(at),
             secrets: &BTreeMap::new(),
+            image_digest: None,
         };
         plan::push_version(entry, &new, job);
     }
@@ -2111,6 +2164,7 @@ mod tests {
                 restarts,
                 exit_code: None,
                 message: "words decide nothing".into(),
+                image_digest: None,
                 failure: None,
                 restore_failed,
                 container_id: None,

@@ -108,6 +108,7 @@ impl Job {
             pull_policy: t.pull_policy.unwrap_or_default(),
             secrets: Vec::new(),
             registry_auth: None,
+            image_digest: None,
         }
     }
 

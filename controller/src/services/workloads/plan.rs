@@ -593,6 +593,7 @@ pub(super) fn job_change(e: &mut JobEntry, change: &JobChange, now_ms: u64) -> O
                 by: "novacron (auto-revert)",
                 at_ms: now_ms,
                 secrets: &stable.secrets,
+                image_digest: stable.image_digest.as_deref(),
             };
             push_version(e, &new, parsed);
             e.record.stable = Some(version);
@@ -665,6 +666,8 @@ pub(super) struct NewVersion<'v> {
     pub at_ms: u64,
     /// The secret versions it runs.
     pub secrets: &'v BTreeMap<String, u64>,
+    /// The image digest it runs, when it repeats a version that ran (a revert).
+    pub image_digest: Option<&'v str>,
 }
 
 /// Adds `new` (parsed as `job`) to the entry as its current version.
@@ -688,6 +691,7 @@ pub(super) fn push_record_version(record: &mut JobRecord, new: &NewVersion<'_>) 
         submitted_at_unix_ms: new.at_ms,
         by: new.by.to_string(),
         secrets: new.secrets.clone(),
+        image_digest: new.image_digest.map(str::to_owned),
     });
     record.current = new.version;
     while record.versions.len() > MAX_JOB_VERSIONS {
@@ -882,6 +886,7 @@ mod tests {
             by: "me",
             at_ms: 0,
             secrets: &BTreeMap::new(),
+            image_digest: None,
         };
         push_version(&mut e, &new, job);
         e

@@ -270,6 +270,11 @@ pub struct JobVersion {
     /// when it was submitted, or when a secret changed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, u64>,
+    /// The registry digest the image resolved to when this version first ran
+    /// (`repo@sha256:...`): every later replica, restart from scratch and
+    /// migration of the version runs it. Not set for `pullPolicy: always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 /// One allocation as the controller keeps it.
@@ -1639,6 +1644,7 @@ mod tests {
                 submitted_at_unix_ms: 1,
                 by: "admin:admin".into(),
                 secrets: BTreeMap::from([("db".to_string(), 2)]),
+                image_digest: Some("r/api@sha256:00".into()),
             }],
             current: 1,
             stable: None,
