@@ -134,7 +134,12 @@ struct Shared {
     spot: watch::Receiver<Option<SpotNotice>>,
     ingress: Option<Arc<crate::ingress::Ingress>>,
     dns: Option<Arc<crate::dns::AgentDns>>,
+    /// The node's images, read every [`IMAGE_INVENTORY_EVERY`].
+    images: watch::Receiver<Option<wire::ImageInventory>>,
 }
+
+/// How often the agent reads the node's images for the controller.
+pub const IMAGE_INVENTORY_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `cancel` fires: sampling plus the link.
 pub async fn run(
@@ -161,6 +166,20 @@ pub async fn run(
     if let Some(watcher) = config.spot.clone() {
         watcher.spawn(spot_tx, cancel.clone());
     }
+    let (images_tx, images) = watch::channel(None);
+    {
+        let supervisor = supervisor.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            crate::runtime::watch_images(
+                supervisor.runtime(),
+                IMAGE_INVENTORY_EVERY,
+                images_tx,
+                cancel,
+            )
+            .await
+        });
+    }
     let shared = Arc::new(Shared {
         buffer: Mutex::new(SampleBuffer::new(config.buffer_capacity)),
         fresh: Notify::new(),
@@ -169,6 +188,7 @@ pub async fn run(
         spot,
         ingress: config.ingress.clone(),
         dns: config.dns.clone(),
+        images,
     });
     let containers = supervisor.spawn(cancel.clone());
     let sampling = tokio::spawn(sample_loop(
@@ -457,6 +477,14 @@ async fn serve_inner(
     if let Some(notice) = spot.borrow_and_update().clone() {
         wire::write_frame_as(version, &mut send, &spot_message(&notice)).await?;
     }
+    // The image inventory, since protocol 3: the current one now, then changes.
+    let mut images = shared.images.clone();
+    let inventory = images.borrow_and_update().clone();
+    if version >= 3
+        && let Some(inventory) = inventory
+    {
+        wire::write_frame_as(version, &mut send, &AgentMessage::Images(inventory)).await?;
+    }
     lock(&shared.buffer).resume_from(welcome.next_metrics_seq);
 
     let mut metrics = conn.open_uni().await.map_err(&lost)?;
@@ -531,6 +559,12 @@ async fn serve_inner(
             _ = heartbeat.tick() => {
                 let report = reports.borrow().clone();
                 wire::write_frame_as(version, &mut send, &AgentMessage::Allocations(report)).await?;
+            }
+            Ok(()) = images.changed(), if version >= 3 => {
+                let inventory = images.borrow_and_update().clone();
+                if let Some(inventory) = inventory {
+                    wire::write_frame_as(version, &mut send, &AgentMessage::Images(inventory)).await?;
+                }
             }
             Ok(()) = spot.changed() => {
                 let notice = spot.borrow_and_update().clone();

@@ -396,6 +396,10 @@ async fn control_loop(
                 Some(Ok(AgentMessage::Allocations(report))) => {
                     ctx.workloads.report(name, &report, SystemTime::now());
                 }
+                Some(Ok(AgentMessage::Images(inventory))) => {
+                    debug!(node = name, images = inventory.images.len(), "image inventory");
+                    ctx.registry.set_images(name, inventory);
+                }
                 Some(Ok(AgentMessage::SpotNotice { action, deadline_unix_ms })) => {
                     warn!(node = name, %action, deadline_unix_ms, "spot interruption notice");
                     let event = crate::services::migrate::SpotEvent {

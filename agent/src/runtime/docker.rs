@@ -181,6 +181,22 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn image_inventory(&self) -> Result<novacron_common::wire::ImageInventory, RuntimeError> {
+        let docker = self.client().await?;
+        let images = timed(
+            "list images",
+            CALL_TIMEOUT,
+            docker.list_images(None::<bollard::query_parameters::ListImagesOptions>),
+        )
+        .await?;
+        let bytes = images.iter().map(|i| i.size.max(0) as u64).sum();
+        let refs = images
+            .into_iter()
+            .flat_map(|i| i.repo_tags.into_iter().chain(i.repo_digests))
+            .filter(|r| !r.starts_with("<none>"));
+        Ok(super::inventory(refs, bytes))
+    }
+
     async fn repo_digests(&self, image: &str) -> Result<Vec<String>, RuntimeError> {
         let docker = self.client().await?;
         match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await {

@@ -78,6 +78,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;
 
+    /// Every image reference on the node (tags and digests, sorted, at most
+    /// [`MAX_INVENTORY_IMAGES`](novacron_common::wire::MAX_INVENTORY_IMAGES)) and
+    /// the images' bytes.
+    fn image_inventory(
+        &self,
+    ) -> impl Future<Output = Result<novacron_common::wire::ImageInventory, RuntimeError>> + Send;
+
     /// The registry digests (`repo@sha256:...`) of `image` on the node: empty
     /// for an image built or loaded here, or absent.
     fn repo_digests(
@@ -550,6 +557,53 @@ mod tests {
                 .to_string(),
             "registry unreachable: x509: certificate signed by unknown authority"
         );
+    }
+}
+
+/// An inventory of `refs`: sorted, deduplicated, bounded (with `truncated`).
+pub fn inventory(
+    refs: impl Iterator<Item = String>,
+    bytes: u64,
+) -> novacron_common::wire::ImageInventory {
+    use novacron_common::wire::MAX_INVENTORY_IMAGES;
+    let mut images: Vec<String> = refs.collect();
+    images.sort();
+    images.dedup();
+    let truncated = images.len() > MAX_INVENTORY_IMAGES;
+    images.truncate(MAX_INVENTORY_IMAGES);
+    novacron_common::wire::ImageInventory {
+        images,
+        truncated,
+        bytes,
+    }
+}
+
+/// Reads the node's image inventory every `every` into `tx` (only when it
+/// changed), until `cancel` fires.
+pub async fn watch_images<R: ContainerRuntime>(
+    runtime: &R,
+    every: Duration,
+    tx: tokio::sync::watch::Sender<Option<novacron_common::wire::ImageInventory>>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match runtime.image_inventory().await {
+            Ok(inventory) => {
+                tx.send_if_modified(|current| {
+                    if current.as_ref() == Some(&inventory) {
+                        false
+                    } else {
+                        *current = Some(inventory);
+                        true
+                    }
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list the node's images"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = cancel.cancelled() => return,
+        }
     }
 }
 

@@ -1030,6 +1030,15 @@ mod tests {
     }
 
     impl ContainerRuntime for Fake {
+        async fn image_inventory(
+            &self,
+        ) -> Result<novacron_common::wire::ImageInventory, RuntimeError> {
+            Ok(super::super::inventory(
+                self.state().images.iter().cloned(),
+                0,
+            ))
+        }
+
         async fn repo_digests(&self, _image: &str) -> Result<Vec<String>, RuntimeError> {
             Ok(Vec::new())
         }

@@ -281,6 +281,13 @@ pub struct NodeView {
     pub cordoned: bool,
     /// The newest metrics sample, if any.
     pub latest: Option<NodeSample>,
+    /// Image references the node reported holding (0 before its first report;
+    /// `GET /v1/nodes/{name}/images` lists them).
+    #[serde(default)]
+    pub images: usize,
+    /// Bytes of the images on the node.
+    #[serde(default)]
+    pub image_bytes: u64,
 }
 
 /// `GET /v1/nodes/{name}/metrics`: the in-memory window of a node's samples.

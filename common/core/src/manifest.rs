@@ -375,8 +375,8 @@ pub struct SecretRef {
     /// Set this environment variable to the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
-    /// Or write the value to this absolute path in the container (a read-only file
-    /// on a tmpfs, mode 0400).
+    /// Or write the value to this absolute path in the container: a read-only
+    /// file (mode 0444), kept on the node's tmpfs, never on its disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
 }

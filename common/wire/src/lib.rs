@@ -403,7 +403,17 @@ macro_rules! versioned {
     )*};
 }
 
-versioned!(AgentMessage, StreamOpen, MetricsBatch, LogChunk);
+versioned!(StreamOpen, MetricsBatch, LogChunk);
+
+impl Versioned for AgentMessage {
+    type V2 = v2::AgentMessage;
+    fn to_v2(self) -> Option<v2::AgentMessage> {
+        v2::agent_message_to_v2(self)
+    }
+    fn from_v2(old: v2::AgentMessage) -> AgentMessage {
+        v2::Convert::convert(old)
+    }
+}
 
 impl Versioned for ControllerMessage {
     type V2 = v2::ControllerMessage;
@@ -459,6 +469,24 @@ pub enum AgentMessage {
         /// When the node goes (Unix ms).
         deadline_unix_ms: u64,
     },
+    /// The images on the node, sent when they change (at most
+    /// [`MAX_INVENTORY_IMAGES`]). Since protocol 3.
+    Images(ImageInventory),
+}
+
+/// The most image references one [`ImageInventory`] carries.
+pub const MAX_INVENTORY_IMAGES: usize = 4096;
+
+/// The images a node holds, by reference: every `repo:tag` and `repo@sha256:`
+/// of every image, sorted, for the scheduler's image locality.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct ImageInventory {
+    /// The references, sorted, at most [`MAX_INVENTORY_IMAGES`].
+    pub images: Vec<String>,
+    /// Whether the node holds more than were sent.
+    pub truncated: bool,
+    /// Bytes of all images on the node.
+    pub bytes: u64,
 }
 
 /// Messages the controller sends on the control stream.
@@ -927,7 +955,7 @@ pub struct SecretUse {
 pub enum SecretTarget {
     /// An environment variable of this name.
     Env(String),
-    /// A read-only file at this absolute path in the container (mode 0400).
+    /// A read-only file at this absolute path in the container (mode 0444).
     File(String),
 }
 

@@ -542,28 +542,29 @@ impl Convert<crate::AgentMessage> for AgentMessage {
     }
 }
 
-impl Convert<AgentMessage> for crate::AgentMessage {
-    fn convert(self) -> AgentMessage {
-        use crate::AgentMessage as A;
-        match self {
-            A::Hello(h) => AgentMessage::Hello(h.convert()),
-            A::RenewCertificate {
-                request_id,
-                csr_pem,
-            } => AgentMessage::RenewCertificate {
-                request_id,
-                csr_pem,
-            },
-            A::Allocations(r) => AgentMessage::Allocations(r.convert()),
-            A::SpotNotice {
-                action,
-                deadline_unix_ms,
-            } => AgentMessage::SpotNotice {
-                action,
-                deadline_unix_ms,
-            },
-        }
-    }
+/// An agent message in its version-2 form; `None` for the messages added since
+/// (they are never sent on a version-2 connection).
+pub(crate) fn agent_message_to_v2(msg: crate::AgentMessage) -> Option<AgentMessage> {
+    use crate::AgentMessage as A;
+    Some(match msg {
+        A::Hello(h) => AgentMessage::Hello(h.convert()),
+        A::RenewCertificate {
+            request_id,
+            csr_pem,
+        } => AgentMessage::RenewCertificate {
+            request_id,
+            csr_pem,
+        },
+        A::Allocations(r) => AgentMessage::Allocations(r.convert()),
+        A::SpotNotice {
+            action,
+            deadline_unix_ms,
+        } => AgentMessage::SpotNotice {
+            action,
+            deadline_unix_ms,
+        },
+        A::Images(_) => return None,
+    })
 }
 
 impl Convert<crate::ControllerMessage> for ControllerMessage {

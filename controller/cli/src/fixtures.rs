@@ -119,6 +119,8 @@ pub fn fixture() -> Vec<NodeView> {
             samples_dropped: 0,
             cordoned: false,
             latest: Some(sample),
+            images: 0,
+            image_bytes: 0,
         },
         NodeView {
             name: "cpu-2".into(),
@@ -134,6 +136,8 @@ pub fn fixture() -> Vec<NodeView> {
             samples_dropped: 7,
             cordoned: false,
             latest: None,
+            images: 0,
+            image_bytes: 0,
         },
     ]
 }

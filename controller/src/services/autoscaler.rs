@@ -836,6 +836,8 @@ mod tests {
             samples_dropped: 0,
             cordoned: false,
             latest: None,
+            images: 0,
+            image_bytes: 0,
         };
         let pricing = novacron_common::cost::PriceCatalog::default();
         // 250m of a 1-core node priced 2.0/h: 0.5/h (its 100 MiB is a smaller share).

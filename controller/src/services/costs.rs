@@ -274,6 +274,8 @@ mod tests {
             samples_dropped: 0,
             cordoned: false,
             latest: None,
+            images: 0,
+            image_bytes: 0,
         }
     }
 

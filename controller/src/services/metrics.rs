@@ -604,6 +604,8 @@ mod tests {
             samples_dropped: 3,
             cordoned: false,
             latest,
+            images: 0,
+            image_bytes: 0,
         }
     }
 

@@ -96,10 +96,14 @@ impl JobEntry {
     }
 }
 
+/// What decides whether a node's desired set changed, per allocation: id,
+/// version, checkpoint digest and image digest.
+type DesiredKey = (String, u64, Option<String>, Option<String>);
+
 #[derive(Debug)]
 struct NodeDesired {
     generation: u64,
-    key: Vec<(String, u64, Option<String>)>,
+    key: Vec<DesiredKey>,
     tx: watch::Sender<Arc<DesiredAllocations>>,
 }
 
@@ -1833,13 +1837,16 @@ fn log_job_change(change: &JobChange) {
 /// Sends `specs` to the node's channel with a new generation if they changed.
 fn send_if_changed(desired: Option<&mut NodeDesired>, epoch: u64, specs: Vec<AllocationSpec>) {
     let Some(desired) = desired else { return };
-    let key: Vec<(String, u64, Option<String>)> = specs
+    // What can change for one allocation: its version, the checkpoint it starts
+    // from, and the image digest its version recorded since it was placed.
+    let key: Vec<DesiredKey> = specs
         .iter()
         .map(|s| {
             (
                 s.id.clone(),
                 s.job_version,
                 s.restore.as_ref().map(|r| r.digest.clone()),
+                s.task.image_digest.clone(),
             )
         })
         .collect();

@@ -17,7 +17,7 @@ use novacron_common::cost::percentile;
 use novacron_common::fleet::{NodeStatus, node_status};
 use novacron_common::pki::CertInfo;
 use novacron_common::sync::lock;
-use novacron_common::wire::{CloseCode, Hello, MetricsBatch, NodeSample};
+use novacron_common::wire::{CloseCode, Hello, ImageInventory, MetricsBatch, NodeSample};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tracing::{info, warn};
 
@@ -103,6 +103,24 @@ pub struct PlacementNode {
     pub capacity: novacron_common::wire::Capacity,
     /// Cordoned (draining): the scheduler places nothing new on it.
     pub cordoned: bool,
+    /// The images it reported holding (sorted references).
+    pub images: Arc<ImageInventory>,
+}
+
+impl PlacementNode {
+    /// Whether the node reported holding `image` (a `repo:tag` or a digest
+    /// reference, as the job names it).
+    pub fn holds_image(&self, image: &str) -> bool {
+        let wanted = if image.contains(':') || image.contains('@') {
+            std::borrow::Cow::Borrowed(image)
+        } else {
+            std::borrow::Cow::Owned(format!("{image}:latest"))
+        };
+        self.images
+            .images
+            .binary_search_by(|i| i.as_str().cmp(&wanted))
+            .is_ok()
+    }
 }
 
 /// Registry errors.
@@ -172,6 +190,9 @@ struct NodeState {
     window: VecDeque<NodeSample>,
     mark: MetricMark,
     mark_dirty: bool,
+    /// The images the node last reported (in memory: nodes report again on
+    /// connect).
+    images: Arc<ImageInventory>,
 }
 
 impl Registry {
@@ -205,6 +226,7 @@ impl Registry {
                     window: VecDeque::new(),
                     mark,
                     mark_dirty: false,
+                    images: Arc::default(),
                 };
                 (state.record.name.clone(), state)
             })
@@ -293,6 +315,7 @@ impl Registry {
                 window: VecDeque::new(),
                 mark: MetricMark::default(),
                 mark_dirty: false,
+                images: Arc::default(),
             });
         state.record.cert_serial = Some(cert.serial.clone());
         state.record.cert_expires_unix_ms = Some(unix_ms(cert.not_after));
@@ -524,11 +547,29 @@ impl Registry {
                     labels: s.record.labels.clone(),
                     capacity: s.record.capacity.clone(),
                     cordoned: cordoned.contains(&s.record.name),
+                    images: s.images.clone(),
                 })
                 .collect()
         };
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         nodes
+    }
+
+    /// Takes a node's image inventory (sorted and bounded here too).
+    pub fn set_images(&self, name: &str, mut inventory: ImageInventory) {
+        inventory
+            .images
+            .truncate(novacron_common::wire::MAX_INVENTORY_IMAGES);
+        inventory.images.sort();
+        inventory.images.dedup();
+        if let Some(s) = self.lock().nodes.get_mut(name) {
+            s.images = Arc::new(inventory);
+        }
+    }
+
+    /// The images `name` last reported.
+    pub fn images(&self, name: &str) -> Option<Arc<ImageInventory>> {
+        self.lock().nodes.get(name).map(|s| s.images.clone())
     }
 
     /// One node as the API shows it.
@@ -603,6 +644,8 @@ impl Registry {
             samples_dropped: r.samples_dropped,
             cordoned: r.cordoned,
             latest: s.window.back().cloned(),
+            images: s.images.images.len(),
+            image_bytes: s.images.bytes,
         }
     }
 

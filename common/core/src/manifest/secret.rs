@@ -58,8 +58,8 @@ impl fmt::Display for SecretType {
     }
 }
 
-/// A value as written in a manifest: a string. Any other YAML value is refused
-/// with a message that does not quote it.
+/// A value as written in a manifest: a string (quote numbers and booleans). Any
+/// other YAML value is refused with a message that does not quote it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretText(pub String);
 
@@ -115,7 +115,7 @@ impl<'de> Deserialize<'de> for SecretText {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretManifest {
-    /// Must be [`super::API_VERSION`].
+    /// Must be `novacron.io/v1`.
     pub api_version: String,
     /// Must be [`SECRET_KIND`].
     pub kind: String,

@@ -150,7 +150,9 @@ pub use filter::{
     ConstraintFilter, CpuFilter, DiskFilter, GpuFilter, JobAntiAffinityFilter, MemoryFilter,
     PinFilter, PortFilter, ReadyFilter,
 };
-pub use score::{AffinityScorer, AvoidScorer, GpuReserveScorer, ResourceScorer, SpreadScorer};
+pub use score::{
+    AffinityScorer, AvoidScorer, GpuReserveScorer, ImageScorer, ResourceScorer, SpreadScorer,
+};
 pub use snapshot::{NodeSet, NodeView, Snapshot, SnapshotError, SpreadPosition, Usage};
 
 use crate::manifest::{
@@ -181,6 +183,10 @@ pub const AVOID_WEIGHT: f64 = 1000.0;
 pub const AFFINITY_WEIGHT_UNIT: f64 = 50.0;
 /// A spread weight worth the whole `resources` score (the default 50 is worth two).
 pub const SPREAD_WEIGHT_UNIT: f64 = 25.0;
+/// Weight of the `image` scorer: a node that already holds the task's image
+/// beats a better-packed one (no pull, a start in seconds), while affinity and
+/// spread still decide over it.
+pub const IMAGE_WEIGHT: f64 = 2.0;
 
 /// No allocation evicted (for views outside a request's pass).
 static NO_EVICTIONS: BTreeSet<usize> = BTreeSet::new();
@@ -300,6 +306,9 @@ pub struct Request {
     pub avoid: Vec<String>,
     /// The ports each replica publishes on its node.
     pub ports: Vec<PortRequest>,
+    /// Nodes that already hold the task's image (from their inventories): the
+    /// `image` scorer prefers them.
+    pub image_nodes: BTreeSet<String>,
 }
 
 impl Request {
@@ -314,6 +323,7 @@ impl Request {
             node: None,
             avoid: Vec::new(),
             ports: Vec::new(),
+            image_nodes: BTreeSet::new(),
         }
     }
 
@@ -337,6 +347,7 @@ impl Request {
                     udp: p.protocol == Protocol::Udp,
                 })
                 .collect(),
+            image_nodes: BTreeSet::new(),
         }
     }
 
@@ -508,6 +519,7 @@ impl Scheduler {
                 Box::new(SpreadScorer),
                 Box::new(GpuReserveScorer),
                 Box::new(AvoidScorer),
+                Box::new(ImageScorer),
             ],
             tuning,
         }

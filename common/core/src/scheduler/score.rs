@@ -245,3 +245,40 @@ impl Scorer for AvoidScorer {
         if any_other { 1.0 } else { 0.0 }
     }
 }
+
+/// Built-in scorer: image locality. Nodes in [`Request::image_nodes`] (they
+/// hold the task's image) score 1, the others 0, at [`IMAGE_WEIGHT`]; without
+/// such nodes it is left out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImageScorer;
+
+impl Scorer for ImageScorer {
+    fn name(&self) -> &'static str {
+        "image"
+    }
+    fn weight(&self, req: &Request) -> f64 {
+        if req.image_nodes.is_empty() {
+            0.0
+        } else {
+            IMAGE_WEIGHT
+        }
+    }
+    fn score(&self, node: &NodeView<'_>, req: &Request) -> f64 {
+        if req.image_nodes.contains(&node.info.name) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+    // Not a label, but the walk must look past sampled nodes for one that holds
+    // the image.
+    fn label_sensitive(&self, req: &Request) -> bool {
+        !req.image_nodes.is_empty()
+    }
+    fn best_possible(&self, snap: &Snapshot, eligible: &NodeSet, req: &Request) -> f64 {
+        let any = eligible
+            .iter()
+            .any(|i| req.image_nodes.contains(&snap.nodes[i as usize].info.name));
+        if any { 1.0 } else { 0.0 }
+    }
+}

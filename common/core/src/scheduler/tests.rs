@@ -176,6 +176,34 @@ fn avoided_nodes_are_chosen_only_when_no_other_fits() {
 }
 
 #[test]
+fn nodes_that_hold_the_image_are_preferred_but_spread_still_decides() {
+    // "a" packs best (it is fuller), but only "b" holds the image.
+    let snap = Snapshot::new(
+        vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+        vec![placed("x", "other", "a", 2000, 0, 50)],
+    )
+    .expect("snapshot");
+    let mut r = req("web", 1, 500, 0);
+    assert_eq!(nodes_of(&schedule(&snap, &r)), ["a"], "binpack alone");
+    r.image_nodes = ["b".to_string()].into();
+    assert_eq!(nodes_of(&schedule(&snap, &r)), ["b"]);
+    assert_eq!(
+        nodes_of(&walking().schedule(&snap, &r)),
+        ["b"],
+        "the sampled walk too"
+    );
+    // Only "a" fits: the image is a preference, never a filter.
+    let mut big = req("web", 1, 3500, 0);
+    big.image_nodes = ["b".to_string()].into();
+    let b_busy = Snapshot::new(
+        vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],
+        vec![placed("y", "other", "b", 3000, 0, 50)],
+    )
+    .expect("snapshot");
+    assert_eq!(nodes_of(&schedule(&b_busy, &big)), ["a"]);
+}
+
+#[test]
 fn pin_filter_allows_only_the_named_node() {
     let snap = Snapshot::new(
         vec![node("a", 4000, 8, &[]), node("b", 4000, 8, &[])],

@@ -346,6 +346,20 @@ impl<'a> Pass<'_, 'a> {
         let mut request = scheduler::Request::from_spec(&job.name, &job.spec, req.count);
         request.node = req.node.clone();
         request.avoid = req.avoid.clone();
+        let digest = self
+            .jobs
+            .get(&req.job)
+            .and_then(|e| e.record.versions.iter().find(|v| v.version == req.version))
+            .and_then(|v| v.image_digest.clone());
+        request.image_nodes = snap
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.holds_image(&job.spec.task.image)
+                    || digest.as_deref().is_some_and(|d| n.holds_image(d))
+            })
+            .map(|n| n.name.clone())
+            .collect();
         let outcome = scheduler::schedule(scheduling, &request);
         let ids: Vec<String> = outcome
             .assignments
@@ -911,6 +925,7 @@ mod tests {
                 ..Capacity::default()
             },
             cordoned: false,
+            images: Default::default(),
         }
     }
 
