@@ -327,7 +327,23 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
             return config_error(&format!("{endpoint}: {e}"));
         }
     };
-    let supervisor = Supervisor::new(docker, SupervisorConfig::new(enrollment.node_name.clone()));
+    // The loopback registry (the controller's image store), on a free port.
+    let registry = match crate::registry::bind() {
+        Ok(listener) => Some((
+            Arc::new(crate::registry::LocalRegistry::default()),
+            listener,
+        )),
+        Err(e) => {
+            warn!(error = %e, "cannot listen on a loopback port; images come from registries only");
+            None
+        }
+    };
+    let mut supervisor_config = SupervisorConfig::new(enrollment.node_name.clone());
+    supervisor_config.image_store_port = registry
+        .as_ref()
+        .and_then(|(_, l)| l.local_addr().ok())
+        .map(|a| a.port());
+    let supervisor = Supervisor::new(docker, supervisor_config);
     let gpus = collect::detect_gpus();
     let mut capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
     let checkpoints = match Checkpointer::new(
@@ -422,8 +438,17 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         spot,
         wire_versions,
         ingress: ingress.clone(),
+        registry: registry.as_ref().map(|(r, _)| r.clone()),
     };
     let cancel = CancellationToken::new();
+    if let Some((relay, listener)) = registry {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => {
+                tokio::spawn(relay.serve(listener, cancel.clone()));
+            }
+            Err(e) => warn!(error = %e, "cannot serve the loopback registry"),
+        }
+    }
     if let Some(addr) = args.metrics_listen {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,

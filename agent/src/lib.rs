@@ -16,5 +16,6 @@ pub mod ingress;
 pub mod link;
 pub mod metrics;
 pub mod migrate;
+pub mod registry;
 pub mod runtime;
 pub mod spot;

@@ -77,6 +77,9 @@ pub struct AgentConfig {
     pub ingress: Option<Arc<crate::ingress::Ingress>>,
     /// The DNS server, which answers from the same table; `None`: off.
     pub dns: Option<Arc<crate::dns::AgentDns>>,
+    /// The loopback registry, which relays reads of the controller's image store
+    /// over the link; `None`: off.
+    pub registry: Option<Arc<crate::registry::LocalRegistry>>,
 }
 
 /// Errors that stop the agent.
@@ -473,6 +476,10 @@ async fn serve_inner(
         c.set_connection(Some((conn.clone(), version)));
         Unpublish(c.clone())
     });
+    let _registry = config.registry.as_ref().map(|r| {
+        r.set_connection(Some((conn.clone(), version)));
+        Unrelay(r.clone())
+    });
     let mut spot = shared.spot.clone();
     if let Some(notice) = spot.borrow_and_update().clone() {
         wire::write_frame_as(version, &mut send, &spot_message(&notice)).await?;
@@ -659,6 +666,14 @@ fn spot_message(notice: &SpotNotice) -> AgentMessage {
 }
 
 /// Forgets the session's connection when the session ends.
+struct Unrelay(Arc<crate::registry::LocalRegistry>);
+
+impl Drop for Unrelay {
+    fn drop(&mut self) {
+        self.0.set_connection(None);
+    }
+}
+
 struct Unpublish(Arc<CheckpointService>);
 
 impl Drop for Unpublish {

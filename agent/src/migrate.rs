@@ -104,6 +104,9 @@ impl CheckpointService {
             BiRequest::Exec(_) | BiRequest::Terminal(_) => {
                 Err("an exec request reached the checkpoint service".into())
             }
+            BiRequest::Registry(_) => {
+                Err("agents serve no registry reads; the controller does".into())
+            }
         };
         match outcome {
             Ok(()) => {

@@ -157,6 +157,8 @@ pub struct LinkContext {
     pub node_cert_ttl: Duration,
     /// Checkpoint bundles, served to agents that restore them.
     pub bundles: Option<Arc<crate::state::bundles::BundleStore>>,
+    /// The image store, read by agents' loopback registries.
+    pub images: Option<Arc<crate::services::images::Images>>,
     /// Spot interruption notices, for the migration service (bounded; a full queue
     /// drops the notice with a warning, and the agent repeats it on reconnect).
     pub spot: Option<mpsc::Sender<crate::services::migrate::SpotEvent>>,
@@ -292,6 +294,7 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<LinkContext>) {
         AbortOnDrop(tokio::spawn(crate::services::migrate::serve_agent_streams(
             conn.clone(),
             b,
+            ctx.images.clone(),
             name.clone(),
         )))
     });

@@ -219,6 +219,10 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         secrets_key(&config)?,
     )?);
     workloads.set_secrets(secrets.clone());
+    let images = Arc::new(
+        crate::services::images::Images::open(&config.data_dir.join("images"), store.clone())
+            .map_err(|e| anyhow::anyhow!("image store: {e}"))?,
+    );
     let (spot_tx, spot_rx) = tokio::sync::mpsc::channel(crate::services::migrate::SPOT_QUEUE);
     let agents = Arc::new(Agents::default());
     let (ingress_tx, ingress_rx) =
@@ -230,6 +234,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         ca: pki.ca.clone(),
         node_cert_ttl: config.node_cert_ttl,
         bundles: Some(bundles.clone()),
+        images: Some(images.clone()),
         spot: Some(spot_tx),
         revoked_certs: revoked_certs.clone(),
         events: events.clone(),
@@ -278,6 +283,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         leadership: leadership.clone(),
         index: index.clone(),
         secrets,
+        images,
     });
 
     let mut dns_domain = novacron_dns::Name::from_ascii(&config.dns_domain)

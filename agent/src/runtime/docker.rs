@@ -181,6 +181,25 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn tag(&self, source: &str, target: &str) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let slash = target.rfind('/').map_or(0, |i| i + 1);
+        let (repo, tag) = match target[slash..].rfind(':') {
+            Some(i) => (&target[..slash + i], &target[slash + i + 1..]),
+            None => (target, "latest"),
+        };
+        let options = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo(repo)
+            .tag(tag)
+            .build();
+        timed(
+            "tag image",
+            CALL_TIMEOUT,
+            docker.tag_image(source, Some(options)),
+        )
+        .await
+    }
+
     async fn image_inventory(&self) -> Result<novacron_common::wire::ImageInventory, RuntimeError> {
         let docker = self.client().await?;
         let images = timed(

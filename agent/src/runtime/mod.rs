@@ -78,6 +78,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;
 
+    /// Tags image `source` as `target` (`repo:tag`).
+    fn tag(
+        &self,
+        source: &str,
+        target: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
     /// Every image reference on the node (tags and digests, sorted, at most
     /// [`MAX_INVENTORY_IMAGES`](novacron_common::wire::MAX_INVENTORY_IMAGES)) and
     /// the images' bytes.

@@ -34,7 +34,13 @@ pub fn env(spec: &AllocationSpec) -> Vec<(String, SecretBytes)> {
 /// Writes `spec`'s secret files afresh into `dir/<alloc>/` (mode 0444 each, the
 /// directory 0700) and returns their read-only bind mounts. Nothing to write:
 /// no directory, no mounts.
-pub async fn write_files(dir: &Path, spec: &AllocationSpec) -> Result<Vec<MountConfig>, String> {
+/// With `tmpfs`, `dir` is made a tmpfs first when it is not one
+/// ([`ensure_tmpfs`]).
+pub async fn write_files(
+    dir: &Path,
+    spec: &AllocationSpec,
+    tmpfs: bool,
+) -> Result<Vec<MountConfig>, String> {
     let files: Vec<(&str, &SecretBytes)> = spec
         .task
         .secrets
@@ -53,7 +59,7 @@ pub async fn write_files(dir: &Path, spec: &AllocationSpec) -> Result<Vec<MountC
         .map(|(p, v)| (p.to_string(), v.0.clone()))
         .collect();
     let d = alloc_dir.clone();
-    tokio::task::spawn_blocking(move || write_all(&d, &owned))
+    tokio::task::spawn_blocking(move || write_all(&d, &owned, tmpfs))
         .await
         .map_err(|e| format!("writing secret files: {e}"))?
         .map_err(|e| format!("writing secret files under {}: {e}", alloc_dir.display()))?;
@@ -68,9 +74,49 @@ pub async fn write_files(dir: &Path, spec: &AllocationSpec) -> Result<Vec<MountC
         .collect())
 }
 
-fn write_all(dir: &Path, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+/// The statfs type of a tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Makes `dir` a tmpfs of its own when it is on another filesystem (mode 0700,
+/// 64 MiB, no exec, devices or setuid), so that values never reach a disk: hosts
+/// whose `/run` is not a tmpfs (containers, some images) included. Needs root;
+/// otherwise the files stay where `dir` is, and a warning says so once.
+pub fn ensure_tmpfs(dir: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if is_tmpfs(dir)? {
+        return Ok(true);
+    }
+    use rustix::mount::{MountFlags, mount};
+    match mount(
+        "tmpfs",
+        dir,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        Some(c"mode=0700,size=64m"),
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the secrets directory is not a tmpfs and cannot be made one; secret files are written to its disk");
+            Ok(false)
+        }
+    }
+}
+
+fn is_tmpfs(dir: &Path) -> std::io::Result<bool> {
+    let st = rustix::fs::statfs(dir).map_err(std::io::Error::from)?;
+    Ok(st.f_type as i64 == TMPFS_MAGIC)
+}
+
+fn write_all(dir: &Path, files: &[(String, Vec<u8>)], tmpfs: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if tmpfs && let Some(parent) = dir.parent() {
+        ensure_tmpfs(parent)?;
+    }
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -169,7 +215,9 @@ mod tests {
             !format!("{:?}", env(&spec)).contains("pw"),
             "values stay out of Debug"
         );
-        let mounts = write_files(dir.path(), &spec).await.expect("written");
+        let mounts = write_files(dir.path(), &spec, false)
+            .await
+            .expect("written");
         let [
             MountConfig::Bind {
                 source,
@@ -185,7 +233,7 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode(Path::new(source)), 0o444);
         assert_eq!(mode(&dir.path().join("api-1")), 0o700);
-        write_files(dir.path(), &spec)
+        write_files(dir.path(), &spec, false)
             .await
             .expect("rewritten on a restart");
         sweep(dir.path(), HashSet::from(["api-1".to_string()])).await;

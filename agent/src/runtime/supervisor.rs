@@ -79,6 +79,9 @@ pub struct SupervisorConfig {
     pub max_stats_per_call: usize,
     /// Where secret files are written for allocations (a tmpfs).
     pub secrets_dir: std::path::PathBuf,
+    /// The loopback registry's port (the controller's image store): a missing
+    /// image is pulled from there first. `None`: registries only.
+    pub image_store_port: Option<u16>,
 }
 
 impl SupervisorConfig {
@@ -93,6 +96,7 @@ impl SupervisorConfig {
             usage_refresh: DEFAULT_USAGE_REFRESH,
             max_stats_per_call: DEFAULT_MAX_STATS_PER_CALL,
             secrets_dir: super::secrets::default_dir(&node_name),
+            image_store_port: None,
         }
     }
 }
@@ -754,10 +758,12 @@ async fn launch<R: ContainerRuntime>(
             })?;
     }
     // A version's recorded digest, unless the job follows its tag (always).
-    let image = match (&spec.task.image_digest, spec.task.pull_policy) {
+    let mut image: String = match (&spec.task.image_digest, spec.task.pull_policy) {
         (Some(digest), PullPolicy::IfNotPresent | PullPolicy::Never) => digest,
         _ => &spec.task.image,
-    };
+    }
+    .clone();
+    let image = &mut image;
     let present = runtime
         .image_present(image)
         .await
@@ -771,14 +777,19 @@ async fn launch<R: ContainerRuntime>(
         (PullPolicy::Never | PullPolicy::IfNotPresent, true) => {}
         (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
             let started = std::time::Instant::now();
-            runtime
-                .pull(image, spec.task.registry_auth.as_ref())
-                .await
-                .map_err(|e| LaunchError::PullFailed {
-                    image: image.clone(),
-                    message: e.to_string(),
-                })?;
-            info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
+            if let Some(local) = pull_from_store(inner, &spec.id, image).await {
+                info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image from the controller's image store");
+                *image = local;
+            } else {
+                runtime
+                    .pull(image, spec.task.registry_auth.as_ref())
+                    .await
+                    .map_err(|e| LaunchError::PullFailed {
+                        image: image.clone(),
+                        message: e.to_string(),
+                    })?;
+                info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
+            }
         }
     }
     let image_digest = match runtime.repo_digests(image).await {
@@ -791,7 +802,7 @@ async fn launch<R: ContainerRuntime>(
     let mut config = container_config(&inner.config.node_name, spec, spec_hash);
     config.image = image.clone();
     config.mounts.extend(
-        super::secrets::write_files(&inner.config.secrets_dir, spec)
+        super::secrets::write_files(&inner.config.secrets_dir, spec, true)
             .await
             .map_err(|message| LaunchError::Failed {
                 container_id: None,
@@ -839,6 +850,34 @@ async fn launch<R: ContainerRuntime>(
     let mut run = run_of(runtime, &id).await;
     run.image_digest = image_digest;
     Ok(run)
+}
+
+/// Pulls `image` through the loopback registry (the controller's image store),
+/// when it can come from there: the reference to create the container from (the
+/// image tagged as named; the relayed reference for a digest), or `None` when
+/// the store does not have it (or cannot be reached): then the registry.
+async fn pull_from_store<R: ContainerRuntime>(
+    inner: &Inner<R>,
+    alloc: &str,
+    image: &str,
+) -> Option<String> {
+    let port = inner.config.image_store_port?;
+    let (name, reference) = crate::registry::store_reference(image)?;
+    let relayed = format!("127.0.0.1:{port}/{name}{reference}");
+    if let Err(e) = inner.runtime.pull(&relayed, None).await {
+        debug!(%alloc, %image, error = %e, "not from the controller's image store");
+        return None;
+    }
+    if reference.starts_with('@') {
+        return Some(relayed);
+    }
+    match inner.runtime.tag(&relayed, image).await {
+        Ok(()) => Some(image.to_owned()),
+        Err(e) => {
+            warn!(%alloc, %image, error = %e, "cannot tag the image pulled from the controller's store; running it by its relayed name");
+            Some(relayed)
+        }
+    }
 }
 
 /// The run of a container just started. Without an answer from inspect, the start
@@ -1030,6 +1069,11 @@ mod tests {
     }
 
     impl ContainerRuntime for Fake {
+        async fn tag(&self, _source: &str, target: &str) -> Result<(), RuntimeError> {
+            self.state().images.insert(target.to_owned());
+            Ok(())
+        }
+
         async fn image_inventory(
             &self,
         ) -> Result<novacron_common::wire::ImageInventory, RuntimeError> {

@@ -1326,6 +1326,41 @@ pub enum BiRequest {
     /// [`ExecEvent`]s answer. Since protocol version [`TERMINAL_SINCE`]; appended,
     /// so the version-2 variants above keep their encoding.
     Terminal(TerminalRequest),
+    /// A read of the controller's image store as an OCI distribution registry
+    /// (the agent's loopback registry relays the node's Docker pulls): a
+    /// [`RegistryReply`] answers, then, for a `GET` that found something, its
+    /// bytes, raw, until the stream ends. Opened by agents; since protocol 3.
+    Registry(RegistryRequest),
+}
+
+/// A `GET` or `HEAD` of the distribution API, relayed over the link.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct RegistryRequest {
+    /// [`PROTOCOL_VERSION`] of the asker.
+    pub protocol_version: u16,
+    /// `HEAD` (headers only) rather than `GET`.
+    pub head: bool,
+    /// The path after `/v2/`: `team/api/manifests/1.4`,
+    /// `team/api/blobs/sha256:...` (at most [`MAX_REGISTRY_PATH`] bytes).
+    pub path: String,
+}
+
+/// The longest [`RegistryRequest::path`].
+pub const MAX_REGISTRY_PATH: usize = 1024;
+
+/// The answer to a [`RegistryRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct RegistryReply {
+    /// The HTTP status: 200, or 404 (not stored), 400 (a bad path).
+    pub status: u16,
+    /// The content's media type (manifests) or `application/octet-stream`.
+    pub media_type: String,
+    /// Its digest (`sha256:...`), when found.
+    pub digest: Option<String>,
+    /// Its length in bytes (the bytes that follow a `GET`).
+    pub length: u64,
+    /// Why not found or refused, for the registry's error body.
+    pub message: String,
 }
 
 /// The first protocol version whose agents serve [`BiRequest::Terminal`].

@@ -8,6 +8,7 @@ pub mod costs;
 pub mod events;
 pub mod exec;
 pub mod https;
+pub mod images;
 pub mod index;
 pub mod jobs;
 pub mod metrics;
@@ -92,9 +93,13 @@ async fn deadline(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // Image blob uploads last as long as their bytes flow (each bounded by
+    // [`images::UPLOAD_IDLE`] between chunks).
     let long = LONG_REQUESTS
         .iter()
-        .any(|(m, suffix)| req.method().as_str() == *m && req.uri().path().ends_with(suffix));
+        .any(|(m, suffix)| req.method().as_str() == *m && req.uri().path().ends_with(suffix))
+        || (req.method() == axum::http::Method::PUT
+            && req.uri().path().starts_with("/v1/images/blobs/"));
     if long {
         return next.run(req).await;
     }
@@ -334,6 +339,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(migrations::routes())
         .merge(certs::routes())
         .merge(secrets::routes())
+        .merge(images::routes())
 }
 
 /// The document's frame: title, security schemes and the default requirement

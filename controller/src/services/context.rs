@@ -54,4 +54,6 @@ pub struct ApiState {
     pub index: Arc<crate::services::index::IndexWatch>,
     /// Secrets, sealed at rest.
     pub secrets: Arc<crate::services::secrets::Secrets>,
+    /// Images pushed to the controller.
+    pub images: Arc<crate::services::images::Images>,
 }

@@ -36,7 +36,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::services::agents::Agents as LinkContext;
 use crate::services::events::{CONTROLLER, EventLog, NewEvent, kind};
@@ -1023,9 +1023,15 @@ impl Drop for Busy {
 
 /// Serves the bi-streams an agent opens to the controller (bundle fetches for
 /// restores) until the connection closes.
-pub async fn serve_agent_streams(conn: quinn::Connection, bundles: Arc<BundleStore>, node: String) {
+pub async fn serve_agent_streams(
+    conn: quinn::Connection,
+    bundles: Arc<BundleStore>,
+    images: Option<Arc<crate::services::images::Images>>,
+    node: String,
+) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let bundles = bundles.clone();
+        let images = images.clone();
         let node = node.clone();
         tokio::spawn(async move {
             let mut scratch = Vec::new();
@@ -1043,6 +1049,18 @@ pub async fn serve_agent_streams(conn: quinn::Connection, bundles: Arc<BundleSto
                         }
                         Err(e) => {
                             warn!(%node, digest = %r.digest, error = %e, "bundle send failed")
+                        }
+                    }
+                }
+                Ok(Ok(Some(BiRequest::Registry(r)))) if images.is_some() => {
+                    let images = images.expect("checked");
+                    match crate::services::images::serve_registry(images, &r, &mut send).await {
+                        Ok(n) => {
+                            debug!(%node, path = %r.path, head = r.head, bytes = n, "image store read");
+                            let _ = send.finish();
+                        }
+                        Err(e) => {
+                            warn!(%node, path = %r.path, error = %e, "image store read failed")
                         }
                     }
                 }

@@ -11,6 +11,7 @@ pub mod context;
 pub mod costs;
 pub mod events;
 pub mod heavy;
+pub mod images;
 pub mod index;
 pub mod ingress;
 pub mod leadership;

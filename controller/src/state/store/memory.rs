@@ -28,6 +28,7 @@ struct MemoryState {
     node_pools: BTreeMap<String, PoolManifestRecord>,
     node_templates: BTreeMap<String, PoolManifestRecord>,
     secrets: BTreeMap<String, SecretRecord>,
+    images: BTreeMap<String, ImageRecord>,
     /// The revision and the change log.
     log: ChangeLog,
 }
@@ -97,6 +98,24 @@ impl Store for MemoryStore {
         self.check_space("delete_node_pool")?;
         let mut state = self.state();
         Ok(state.removed("node_pools", name, |s| s.node_pools.remove(name).is_some()))
+    }
+
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
+        self.check_space("put_image")?;
+        let mut state = self.state();
+        state.images.insert(image.key(), image.clone());
+        state.log.record(vec![Touched::put("images", &image.key())]);
+        Ok(())
+    }
+
+    fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        Ok(self.state().images.values().cloned().collect())
+    }
+
+    fn delete_image(&self, key: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_image")?;
+        let mut state = self.state();
+        Ok(state.removed("images", key, |s| s.images.remove(key).is_some()))
     }
 
     fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {

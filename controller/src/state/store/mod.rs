@@ -136,6 +136,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
     /// Deletes the secret called `name`; whether there was one.
     fn delete_secret(&self, name: &str) -> Result<bool, StoreError>;
+    /// Inserts or replaces the image tag `image.name:image.tag`.
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
+    /// Every image tag, sorted by `name:tag`.
+    fn images(&self) -> Result<Vec<ImageRecord>, StoreError>;
+    /// Deletes image tag `key` (`name:tag`); whether there was one.
+    fn delete_image(&self, key: &str) -> Result<bool, StoreError>;
     /// The store's revision: raised by one by every write that changes a record,
     /// in the same transaction; never lower than before, across reopens included
     /// (0 for a new store). See [`crate::state::revision`].
@@ -198,6 +204,35 @@ pub struct SecretVersionRecord {
     pub nonce: String,
     /// The sealed JSON map of keys to values, with its tag, hex.
     pub sealed: String,
+}
+
+/// An image tag in the controller's image store: the manifest it names (its
+/// blobs are in the image blob store, content-addressed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageRecord {
+    /// The repository (`team/api`).
+    pub name: String,
+    /// The tag (`1.4`).
+    pub tag: String,
+    /// The manifest's digest (`sha256:...`).
+    pub digest: String,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// Bytes of its config and layers.
+    pub size: u64,
+    /// Its layers.
+    pub layers: u32,
+    /// When it was pushed (Unix ms).
+    pub pushed_unix_ms: u64,
+    /// Who pushed it.
+    pub by: String,
+}
+
+impl ImageRecord {
+    /// `name:tag`, its key.
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.name, self.tag)
+    }
 }
 
 /// What [`Store::events`] found.
@@ -687,6 +722,7 @@ impl RedbStore {
             NODE_POOLS,
             NODE_TEMPLATES,
             SECRETS,
+            IMAGES,
         ] {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
@@ -989,6 +1025,18 @@ impl Store for RedbStore {
         self.remove(SECRETS, name, "deleting a secret")
     }
 
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
+        self.put(IMAGES, &image.key(), image, "saving an image tag")
+    }
+
+    fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        Ok(values(self.all(IMAGES, "listing images")?))
+    }
+
+    fn delete_image(&self, key: &str) -> Result<bool, StoreError> {
+        self.remove(IMAGES, key, "deleting an image tag")
+    }
+
     fn put_node_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
         self.put(
             NODE_TEMPLATES,
@@ -1283,6 +1331,7 @@ const API_TOKENS: Table = Table { name: "api_tokens" };
 const POLICIES: Table = Table { name: "policies" };
 const NODE_POOLS: Table = Table { name: "node_pools" };
 const SECRETS: Table = Table { name: "secrets" };
+const IMAGES: Table = Table { name: "images" };
 const NODE_TEMPLATES: Table = Table {
     name: "node_templates",
 };
@@ -1750,6 +1799,31 @@ mod tests {
         assert_eq!(store.secrets().expect("list"), vec![secret("b")]);
     }
 
+    fn images_round_trip(store: &impl Store) {
+        let image = |name: &str, tag: &str| ImageRecord {
+            name: name.into(),
+            tag: tag.into(),
+            digest: "sha256:00".into(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 7,
+            layers: 1,
+            pushed_unix_ms: 1,
+            by: "admin".into(),
+        };
+        store.put_image(&image("team/api", "2")).expect("put");
+        store.put_image(&image("team/api", "1")).expect("put");
+        let keys: Vec<String> = store
+            .images()
+            .expect("list")
+            .iter()
+            .map(ImageRecord::key)
+            .collect();
+        assert_eq!(keys, ["team/api:1", "team/api:2"]);
+        assert!(store.delete_image("team/api:1").expect("delete"));
+        assert!(!store.delete_image("team/api:1").expect("again"));
+        assert_eq!(store.images().expect("list"), vec![image("team/api", "2")]);
+    }
+
     fn policies_round_trip(store: &impl Store) {
         assert!(store.policies().expect("list").is_empty());
         store.put_policy(&policy("b")).expect("put");
@@ -1876,6 +1950,7 @@ mod tests {
         policies_round_trip,
         node_pools_and_templates_round_trip,
         secrets_round_trip,
+        images_round_trip,
         every_write_raises_the_revision_and_is_watched,
     );
 
