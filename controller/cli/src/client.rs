@@ -543,6 +543,71 @@ impl ApiClient {
         self.send(reqwest::Method::PUT, segments, Some(body)).await
     }
 
+    /// Whether the controller's image store has blob `digest` (`HEAD`).
+    pub async fn blob_stored(&self, digest: &str) -> Result<bool, ClientError> {
+        let url = self.url(&["v1", "images", "blobs", digest]);
+        let response = self
+            .http
+            .head(url)
+            .send()
+            .await
+            .map_err(|e| self.classify(&e))?;
+        match response.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(status_error(s, b"")),
+        }
+    }
+
+    /// Uploads `file` as blob `digest` of the image store (`PUT`, streamed, with
+    /// no overall timeout: the controller drops an upload that stalls).
+    pub async fn put_blob(&self, digest: &str, file: &Path) -> Result<(), ClientError> {
+        let url = self.url(&["v1", "images", "blobs", digest]);
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| ClientError::Decode {
+                url: url.to_string(),
+                reason: format!("cannot read {}: {e}", file.display()),
+            })?;
+        let response = self
+            .http
+            .put(url)
+            .timeout(Duration::from_secs(24 * 3600))
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::from(f))
+            .send()
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+            return Err(status_error(status, &body));
+        }
+        Ok(())
+    }
+
+    /// `DELETE`s the API path made of `segments` with `query`.
+    pub async fn delete_query(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<(), ClientError> {
+        let mut url = self.url(segments);
+        url.query_pairs_mut().extend_pairs(query);
+        let response = self
+            .http
+            .delete(url)
+            .send()
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+            return Err(status_error(status, &body));
+        }
+        Ok(())
+    }
+
     /// `DELETE`s the API path made of `segments`, as [`ApiClient::post`].
     pub async fn delete<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, ClientError> {
         self.send::<(), T>(reqwest::Method::DELETE, segments, None)

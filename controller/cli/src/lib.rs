@@ -23,6 +23,7 @@ pub mod events;
 pub mod exec;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+pub mod images;
 pub mod jobs;
 pub mod nodes;
 pub mod output;
@@ -186,6 +187,10 @@ pub enum Command {
     /// Autoscaling policies (apply them with `apply -f`).
     #[command(subcommand)]
     Policy(policies::PolicyCommand),
+    /// The controller's image store, for fleets without a registry: push images
+    /// from this machine's Docker; nodes pull them when a job names them.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
     /// Secrets that jobs use as variables, files or registry credentials (or
     /// apply a kind: Secret manifest with `apply -f`). Values are never shown.
     #[command(subcommand)]
@@ -453,6 +458,10 @@ pub async fn run(
         Command::Pool(cmd) => {
             let client = connect(cli, env, now)?;
             pools::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Image(cmd) => {
+            let client = connect(cli, env, now)?;
+            images::run(cmd, &client, cli.output, out, now).await
         }
         Command::Secret(cmd) => {
             let client = connect(cli, env, now)?;

@@ -1,0 +1,135 @@
+//! Registry-less images: `novacron image push` sends an image from this
+//! machine's Docker to the controller (a second image sends only the layers the
+//! first did not), and a node that never had the image runs a job that names it,
+//! pulled through its loopback registry over the agent's link.
+
+use std::time::Duration;
+
+use novacron_common::wire::AllocState;
+use novacron_tests::{
+    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, service_job, wait_for,
+};
+
+/// Tags, as `image`, the test image with `/version` holding `version`.
+fn commit_version(image: &str, version: &str) {
+    let name = format!("novacron-store-{}-{version}", std::process::id());
+    let _ = docker(&["rm", "-f", &name]);
+    docker(&[
+        "run",
+        "--name",
+        &name,
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        &format!("echo {version} > /version"),
+    ])
+    .expect("run");
+    docker(&["commit", &name, image]).expect("commit");
+    docker(&["rm", "-f", &name]).expect("rm");
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number before `word` in `text` (`sent 2 blobs` → 2 for "blobs").
+fn count_before(text: &str, after: &str) -> u64 {
+    text.split(after)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.trim_start_matches('(').parse().ok())
+        .unwrap_or_else(|| panic!("no number after {after:?} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_image_runs_on_a_node_that_never_had_it() {
+    ensure_test_image().expect("test image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-image-store-")
+        .tempdir()
+        .expect("tempdir");
+    let pid = std::process::id();
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let agent = Agent::join_and_run(dir.path(), &c, &format!("store{pid}"), &[])
+        .await
+        .expect("agent");
+    c.wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+
+    let one = format!("novacron-test/stored-{pid}:1");
+    let two = format!("novacron-test/stored-{pid}:2");
+    commit_version(&one, "one");
+    commit_version(&two, "two");
+    let first = ok(&c.cli(&["image", "push", &one]));
+    assert!(first.contains(&format!("pushed {one} (sha256:")), "{first}");
+    let sent = count_before(&first, "sent ");
+    assert!(sent >= 2, "the config and the layers: {first}");
+    // The second image shares every layer but its last with the first.
+    let second = ok(&c.cli(&["image", "push", &two]));
+    let stored = count_before(&second, "), ");
+    assert!(stored >= 1, "base layers are not sent again: {second}");
+    assert_eq!(
+        count_before(&second, "sent "),
+        2,
+        "only its config and its own layer: {second}"
+    );
+    let list = ok(&c.cli(&["image", "list"]));
+    assert!(list.contains(&one) && list.contains(&two), "{list}");
+
+    // The node has neither image any more; the job pulls from the controller.
+    for image in [&one, &two] {
+        docker(&["rmi", "-f", image]).expect("rmi");
+    }
+    assert!(docker(&["image", "inspect", &one]).is_err());
+    let job = format!("stored-{pid}");
+    let _cleanup = JobCleanup(job.clone());
+    c.apply(
+        "stored.yaml",
+        &service_job(&job, 1, "exec sleep 3600", "", "").replace(TEST_IMAGE, &one),
+    )
+    .await
+    .expect("apply");
+    wait_for(
+        Duration::from_secs(90),
+        "the pushed image to run",
+        || async {
+            c.job(&job).await.is_ok_and(|d| {
+                d.allocations
+                    .iter()
+                    .any(|a| a.desired_run && a.state == AllocState::Running)
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let d =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(c.job(&job)));
+        panic!("{e}: {:?}\n{}", d.map(|d| d.allocations), agent.log())
+    });
+    let id = docker(&["ps", "-q", "--filter", &format!("label=novacron.job={job}")]).expect("ps");
+    let id = id.lines().next().expect("a container");
+    assert_eq!(
+        docker(&["exec", id, "cat", "/version"]).expect("exec"),
+        "one"
+    );
+    assert!(
+        docker(&["image", "inspect", &one]).is_ok(),
+        "tagged as the job names it"
+    );
+
+    // A name the store does not have still says why.
+    let rm = ok(&c.cli(&["image", "rm", &two]));
+    assert!(rm.contains("removed"), "{rm}");
+    let again = c.cli(&["image", "rm", &two]);
+    assert!(!again.status.success());
+    let _ = docker(&["rmi", "-f", &one]);
+}
