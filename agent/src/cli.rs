@@ -195,6 +195,12 @@ pub struct RunArgs {
     /// [env: NOVACRON_DNS_UPSTREAM] [file: dns_upstream] [default: system].
     #[arg(long, value_name = "system|off|IP:PORT,...")]
     pub dns_upstream: Option<String>,
+    /// The disk the images this agent pulled may take: past it, the ones no
+    /// container uses are removed, least recently used first (images built or
+    /// loaded by hand are never touched)
+    /// [env: NOVACRON_IMAGE_GC_BUDGET] [file: image_gc_budget] [default: off].
+    #[arg(long, value_name = "off|SIZE")]
+    pub image_gc_budget: Option<String>,
     /// For tests only (hidden): offer only these wire protocol versions (`2`,
     /// `2-3`), within those this build speaks, to act as an older agent in the
     /// version-skew tests. Not for production use.
@@ -294,6 +300,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         ingress_address: args.ingress_address,
         dns_listen: args.dns_listen,
         dns_upstream: args.dns_upstream,
+        image_gc_budget: args.image_gc_budget,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -339,6 +346,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         }
     };
     let mut supervisor_config = SupervisorConfig::new(enrollment.node_name.clone());
+    supervisor_config.pulled_images = Some(args.state_dir.join("pulled-images.json"));
+    supervisor_config.image_gc_budget = args.image_gc_budget;
     supervisor_config.image_store_port = registry
         .as_ref()
         .and_then(|(_, l)| l.local_addr().ok())

@@ -96,6 +96,8 @@ pub mod env {
     pub const DNS_LISTEN: &str = "NOVACRON_DNS_LISTEN";
     /// `dns_upstream`: system, off, or IP:PORT,...
     pub const DNS_UPSTREAM: &str = "NOVACRON_DNS_UPSTREAM";
+    /// `image_gc_budget`: off, or a size such as 20Gi.
+    pub const IMAGE_GC_BUDGET: &str = "NOVACRON_IMAGE_GC_BUDGET";
 }
 
 /// The settings' names.
@@ -240,6 +242,12 @@ pub mod keys {
         env: env::DNS_UPSTREAM,
         flag: "--dns-upstream",
     };
+    /// The disk the images this agent pulled may take.
+    pub const IMAGE_GC_BUDGET: Key = Key {
+        file: "image_gc_budget",
+        env: env::IMAGE_GC_BUDGET,
+        flag: "--image-gc-budget",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -288,6 +296,9 @@ pub struct AgentFile {
     /// Where the agent's DNS sends names outside the fleet domain: "system"
     /// (default: the host's /etc/resolv.conf), "off", or "IP:PORT,IP:PORT".
     pub dns_upstream: Option<String>,
+    /// The disk the images this agent pulled may take before the unused ones
+    /// are removed, least recently used first: "off" (default) or a size.
+    pub image_gc_budget: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -362,6 +373,8 @@ pub struct RunFlags {
     pub dns_listen: Option<String>,
     /// `--dns-upstream`.
     pub dns_upstream: Option<String>,
+    /// `--image-gc-budget`.
+    pub image_gc_budget: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -405,6 +418,8 @@ pub struct RunSettings {
     pub dns_listen: Option<SocketAddr>,
     /// Where its DNS forwards names outside the fleet domain.
     pub dns_upstream: novacron_dns::Upstream,
+    /// The disk the images this agent pulled may take; `None`: no collection.
+    pub image_gc_budget: Option<u64>,
 }
 
 /// Parses `dns_upstream`: `system`, `off`, or a comma-separated list of
@@ -667,7 +682,21 @@ pub fn resolve_run(
             )
         })?,
     };
+    let image_gc_budget = match l.pick(
+        keys::IMAGE_GC_BUDGET,
+        flags.image_gc_budget.as_deref(),
+        f.image_gc_budget.as_deref(),
+    ) {
+        None => None,
+        Some((v, _)) if v.trim().eq_ignore_ascii_case("off") => None,
+        Some((v, origin)) => Some(
+            novacron_common::manifest::parse_bytes(v.trim())
+                .map_err(|_| invalid(origin, &v, "off, or a size such as 20Gi or 500M"))?
+                .0,
+        ),
+    };
     Ok(RunSettings {
+        image_gc_budget,
         dynamic_ports,
         publish_address,
         metrics_listen,

@@ -133,3 +133,80 @@ async fn a_pushed_image_runs_on_a_node_that_never_had_it() {
     assert!(!again.status.success());
     let _ = docker(&["rmi", "-f", &one]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_images_past_the_budget_are_collected_unless_in_use() {
+    ensure_test_image().expect("test image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-image-gc-")
+        .tempdir()
+        .expect("tempdir");
+    let pid = std::process::id();
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    // A budget of one byte: every pulled image no container uses goes.
+    let agent = Agent::join_and_run(
+        dir.path(),
+        &c,
+        &format!("gc{pid}"),
+        &["--image-gc-budget", "1"],
+    )
+    .await
+    .expect("agent");
+    c.wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let kept = format!("novacron-test/gc-kept-{pid}:1");
+    let gone = format!("novacron-test/gc-gone-{pid}:1");
+    for (image, v) in [(&kept, "kept"), (&gone, "gone")] {
+        commit_version(image, v);
+        ok(&c.cli(&["image", "push", image]));
+        docker(&["rmi", "-f", image]).expect("rmi");
+    }
+    let jobs = [format!("gc-kept-{pid}"), format!("gc-gone-{pid}")];
+    let _c1 = JobCleanup(jobs[0].clone());
+    let _c2 = JobCleanup(jobs[1].clone());
+    for (job, image) in jobs.iter().zip([&kept, &gone]) {
+        c.apply(
+            "gc.yaml",
+            &service_job(job, 1, "exec sleep 3600", "", "").replace(TEST_IMAGE, image),
+        )
+        .await
+        .expect("apply");
+    }
+    wait_for(Duration::from_secs(90), "both jobs running", || async {
+        let mut all = true;
+        for job in &jobs {
+            all &= c.job(job).await.is_ok_and(|d| {
+                d.allocations
+                    .iter()
+                    .any(|a| a.desired_run && a.state == AllocState::Running)
+            });
+        }
+        all
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    ok(&c.cli(&["job", "stop", &jobs[1]]));
+    // The collector runs every 30 s; the stopped job's image goes, the running
+    // job's stays, and images the agent did not pull are never touched.
+    wait_for(
+        Duration::from_secs(120),
+        "the unused image collected",
+        || async { docker(&["image", "inspect", &gone]).is_err() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert!(docker(&["image", "inspect", &kept]).is_ok(), "in use: kept");
+    assert!(
+        docker(&["image", "inspect", TEST_IMAGE]).is_ok(),
+        "not pulled: kept"
+    );
+    assert!(
+        agent.log().contains("removed an unused pulled image"),
+        "{}",
+        agent.log()
+    );
+    let _ = docker(&["rmi", "-f", &kept]);
+}

@@ -181,6 +181,51 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn local_images(&self) -> Result<Vec<super::images::LocalImage>, RuntimeError> {
+        let docker = self.client().await?;
+        let images = timed(
+            "list images",
+            CALL_TIMEOUT,
+            docker.list_images(None::<bollard::query_parameters::ListImagesOptions>),
+        )
+        .await?;
+        Ok(images
+            .into_iter()
+            .map(|i| super::images::LocalImage {
+                id: i.id,
+                refs: i
+                    .repo_tags
+                    .into_iter()
+                    .chain(i.repo_digests)
+                    .filter(|r| !r.starts_with("<none>"))
+                    .collect(),
+                size: i.size.max(0) as u64,
+            })
+            .collect())
+    }
+
+    async fn images_in_use(&self) -> Result<std::collections::HashSet<String>, RuntimeError> {
+        let docker = self.client().await?;
+        let options = ListContainersOptionsBuilder::default().all(true).build();
+        let list = timed("list", CALL_TIMEOUT, docker.list_containers(Some(options))).await?;
+        Ok(list.into_iter().filter_map(|c| c.image_id).collect())
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        timed(
+            "remove image",
+            CALL_TIMEOUT,
+            docker.remove_image(
+                reference,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn tag(&self, source: &str, target: &str) -> Result<(), RuntimeError> {
         let docker = self.client().await?;
         let slash = target.rfind('/').map_or(0, |i| i + 1);

@@ -29,6 +29,7 @@
 
 pub mod docker;
 pub mod health;
+pub mod images;
 pub mod logs;
 pub mod probes;
 pub mod reconcile;
@@ -77,6 +78,22 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Whether `image` is present on the node.
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+
+    /// Every image on the node with its references and size.
+    fn local_images(
+        &self,
+    ) -> impl Future<Output = Result<Vec<images::LocalImage>, RuntimeError>> + Send;
+
+    /// The ids of the images any container on the node (running or not) uses.
+    fn images_in_use(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashSet<String>, RuntimeError>> + Send;
+
+    /// Removes image reference `reference` (the image goes with its last one).
+    fn remove_image(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// Tags image `source` as `target` (`repo:tag`).
     fn tag(

@@ -82,6 +82,12 @@ pub struct SupervisorConfig {
     /// The loopback registry's port (the controller's image store): a missing
     /// image is pulled from there first. `None`: registries only.
     pub image_store_port: Option<u16>,
+    /// Where the images this agent pulls are recorded (for the collector);
+    /// `None`: not recorded.
+    pub pulled_images: Option<std::path::PathBuf>,
+    /// The disk the pulled images may take before unused ones are removed;
+    /// `None`: never removed.
+    pub image_gc_budget: Option<u64>,
 }
 
 impl SupervisorConfig {
@@ -97,6 +103,8 @@ impl SupervisorConfig {
             max_stats_per_call: DEFAULT_MAX_STATS_PER_CALL,
             secrets_dir: super::secrets::default_dir(&node_name),
             image_store_port: None,
+            pulled_images: None,
+            image_gc_budget: None,
         }
     }
 }
@@ -141,6 +149,7 @@ struct Inner<R> {
     usage: tokio::sync::Mutex<UsageTracker>,
     stale: Mutex<Stale>,
     restorer: std::sync::OnceLock<Arc<dyn Restorer>>,
+    pulled: Option<Arc<super::images::PulledImages>>,
 }
 
 /// Starts a created container from a checkpoint bundle (the agent's checkpoint
@@ -169,6 +178,10 @@ impl<R: ContainerRuntime> Supervisor<R> {
     /// [`Supervisor::apply`].
     pub fn new(runtime: R, config: SupervisorConfig) -> Self {
         let core = Reconciler::new(ReconcilerConfig::new(config.node_name.clone()));
+        let pulled = config
+            .pulled_images
+            .clone()
+            .map(|p| Arc::new(super::images::PulledImages::load(p)));
         let (report, _) = watch::channel(core.report());
         Supervisor {
             inner: Arc::new(Inner {
@@ -180,6 +193,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 usage: tokio::sync::Mutex::new(UsageTracker::default()),
                 stale: Mutex::new(Stale::default()),
                 restorer: std::sync::OnceLock::new(),
+                pulled,
             }),
         }
     }
@@ -250,6 +264,21 @@ impl<R: ContainerRuntime> Supervisor<R> {
     pub async fn run(&self, cancel: CancellationToken) {
         let inner = &self.inner;
         let events = tokio::spawn(watch_events(inner.clone(), cancel.child_token()));
+        let gc = match (&inner.pulled, inner.config.image_gc_budget) {
+            (Some(pulled), Some(budget)) => {
+                let (inner, pulled, cancel) = (inner.clone(), pulled.clone(), cancel.clone());
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = tokio::time::sleep(super::images::GC_INTERVAL) => {}
+                            () = cancel.cancelled() => return,
+                        }
+                        super::images::collect(&inner.runtime, &pulled, budget).await;
+                    }
+                }))
+            }
+            _ => None,
+        };
         let mut jobs: JoinSet<Outcome> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, Action> = HashMap::new();
         let mut cache = InspectCache::default();
@@ -309,6 +338,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
             }
         }
         events.abort();
+        if let Some(gc) = gc {
+            gc.abort();
+        }
         jobs.abort_all();
         info!(node = %inner.config.node_name, "container supervisor stopped");
     }
@@ -777,8 +809,13 @@ async fn launch<R: ContainerRuntime>(
         (PullPolicy::Never | PullPolicy::IfNotPresent, true) => {}
         (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
             let started = std::time::Instant::now();
-            if let Some(local) = pull_from_store(inner, &spec.id, image).await {
+            let now_ms = novacron_common::clock::unix_ms(std::time::SystemTime::now());
+            if let Some((local, relayed)) = pull_from_store(inner, &spec.id, image).await {
                 info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image from the controller's image store");
+                if let Some(p) = &inner.pulled {
+                    p.pulled(&relayed, now_ms);
+                    p.pulled(&local, now_ms);
+                }
                 *image = local;
             } else {
                 runtime
@@ -789,8 +826,17 @@ async fn launch<R: ContainerRuntime>(
                         message: e.to_string(),
                     })?;
                 info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
+                if let Some(p) = &inner.pulled {
+                    p.pulled(image, now_ms);
+                }
             }
         }
+    }
+    if let Some(p) = &inner.pulled {
+        p.used(
+            image,
+            novacron_common::clock::unix_ms(std::time::SystemTime::now()),
+        );
     }
     let image_digest = match runtime.repo_digests(image).await {
         Ok(digests) => super::registry_digest(image, &digests),
@@ -860,7 +906,7 @@ async fn pull_from_store<R: ContainerRuntime>(
     inner: &Inner<R>,
     alloc: &str,
     image: &str,
-) -> Option<String> {
+) -> Option<(String, String)> {
     let port = inner.config.image_store_port?;
     let (name, reference) = crate::registry::store_reference(image)?;
     let relayed = format!("127.0.0.1:{port}/{name}{reference}");
@@ -869,13 +915,13 @@ async fn pull_from_store<R: ContainerRuntime>(
         return None;
     }
     if reference.starts_with('@') {
-        return Some(relayed);
+        return Some((relayed.clone(), relayed));
     }
     match inner.runtime.tag(&relayed, image).await {
-        Ok(()) => Some(image.to_owned()),
+        Ok(()) => Some((image.to_owned(), relayed)),
         Err(e) => {
             warn!(%alloc, %image, error = %e, "cannot tag the image pulled from the controller's store; running it by its relayed name");
-            Some(relayed)
+            Some((relayed.clone(), relayed))
         }
     }
 }
@@ -1069,6 +1115,31 @@ mod tests {
     }
 
     impl ContainerRuntime for Fake {
+        async fn local_images(
+            &self,
+        ) -> Result<Vec<super::super::images::LocalImage>, RuntimeError> {
+            Ok(self
+                .state()
+                .images
+                .iter()
+                .map(|i| super::super::images::LocalImage {
+                    id: i.clone(),
+                    refs: vec![i.clone()],
+                    size: 1,
+                })
+                .collect())
+        }
+
+        async fn images_in_use(&self) -> Result<HashSet<String>, RuntimeError> {
+            // The fake's containers all come from its one image.
+            Ok(self.state().images.iter().take(1).cloned().collect())
+        }
+
+        async fn remove_image(&self, reference: &str) -> Result<(), RuntimeError> {
+            self.state().images.remove(reference);
+            Ok(())
+        }
+
         async fn tag(&self, _source: &str, target: &str) -> Result<(), RuntimeError> {
             self.state().images.insert(target.to_owned());
             Ok(())
