@@ -199,6 +199,7 @@ mod support {
                 epoch: 1,
                 generation: self.generation,
                 allocations: allocs,
+                prepull: Vec::new(),
             }));
         }
 

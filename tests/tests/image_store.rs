@@ -210,3 +210,94 @@ async fn pulled_images_past_the_budget_are_collected_unless_in_use() {
     );
     let _ = docker(&["rmi", "-f", &kept]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_pull_job_puts_its_image_on_eligible_nodes_before_any_replica() {
+    ensure_test_image().expect("test image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-prepull-")
+        .tempdir()
+        .expect("tempdir");
+    let pid = std::process::id();
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let agent = Agent::join_and_run(
+        dir.path(),
+        &c,
+        &format!("pre{pid}"),
+        &["--label", "tier=edge"],
+    )
+    .await
+    .expect("agent");
+    c.wait_ready(&agent.name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let image = format!("novacron-test/prepulled-{pid}:1");
+    commit_version(&image, "ahead");
+    ok(&c.cli(&["image", "push", &image]));
+    docker(&["rmi", "-f", &image]).expect("rmi");
+    let before = c
+        .node(&agent.name)
+        .await
+        .expect("node")
+        .expect("known")
+        .images;
+    // No replica fits anywhere (64 cores), so only the pull ahead brings the
+    // image; a second job whose constraint excludes the node brings nothing.
+    let job = format!("prepull-{pid}");
+    let _c = JobCleanup(job.clone());
+    let manifest = |name: &str, image: &str, tier: &str| {
+        format!(
+            "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: {name}}}\nspec:\n  prePull: true\n  task: {{image: \"{image}\", command: [sleep, '3600']}}\n  resources: {{cpu: 64, memory: 32Mi}}\n  placement:\n    constraints:\n      - {{key: tier, operator: In, values: [{tier}]}}\n"
+        )
+    };
+    let other = format!("novacron-test/not-here-{pid}:1");
+    commit_version(&other, "no");
+    ok(&c.cli(&["image", "push", &other]));
+    docker(&["rmi", "-f", &other]).expect("rmi");
+    c.apply("prepull.yaml", &manifest(&job, &image, "edge"))
+        .await
+        .expect("apply");
+    c.apply(
+        "elsewhere.yaml",
+        &manifest(&format!("elsewhere-{pid}"), &other, "core"),
+    )
+    .await
+    .expect("apply");
+    wait_for(
+        Duration::from_secs(60),
+        "the image pulled ahead",
+        || async { docker(&["image", "inspect", &image]).is_ok() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert!(agent.log().contains("pulled ahead"), "{}", agent.log());
+    assert!(
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=novacron.job={job}")
+        ])
+        .expect("ps")
+        .trim()
+        .is_empty(),
+        "no replica ran"
+    );
+    assert!(
+        docker(&["image", "inspect", &other]).is_err(),
+        "the node does not meet the other job's constraint"
+    );
+    // The node reports what it holds (the inventory is read every 10 s).
+    wait_for(Duration::from_secs(30), "the inventory to grow", || async {
+        c.node(&agent.name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|n| n.images > before)
+    })
+    .await
+    .expect("inventory");
+    let _ = docker(&["rmi", "-f", &image]);
+}

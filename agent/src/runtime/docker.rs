@@ -193,10 +193,14 @@ impl ContainerRuntime for DockerRuntime {
             .into_iter()
             .map(|i| super::images::LocalImage {
                 id: i.id,
-                refs: i
+                tags: i
                     .repo_tags
                     .into_iter()
-                    .chain(i.repo_digests)
+                    .filter(|r| !r.starts_with("<none>"))
+                    .collect(),
+                digests: i
+                    .repo_digests
+                    .into_iter()
                     .filter(|r| !r.starts_with("<none>"))
                     .collect(),
                 size: i.size.max(0) as u64,

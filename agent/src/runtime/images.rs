@@ -28,8 +28,10 @@ pub const MAX_RECORDED: usize = 4096;
 pub struct LocalImage {
     /// Its id (`sha256:...`).
     pub id: String,
-    /// Its references (tags and digests).
-    pub refs: Vec<String>,
+    /// Its tags (`repo:tag`).
+    pub tags: Vec<String>,
+    /// Its digest references (`repo@sha256:...`).
+    pub digests: Vec<String>,
     /// Its size, bytes.
     pub size: u64,
 }
@@ -40,6 +42,18 @@ pub struct LocalImage {
 pub struct PulledImages {
     path: PathBuf,
     refs: Mutex<BTreeMap<String, u64>>,
+}
+
+impl LocalImage {
+    /// The references that name it: its tags, or its digests when it has no
+    /// tag (an image pulled by digest). Removing these removes the image.
+    pub fn names(&self) -> &[String] {
+        if self.tags.is_empty() {
+            &self.digests
+        } else {
+            &self.tags
+        }
+    }
 }
 
 impl PulledImages {
@@ -119,16 +133,19 @@ pub fn plan(
     // The pulled images: id → (size, last used, every ref pulled by the agent).
     let mut ours: HashMap<&str, (u64, u64, bool)> = HashMap::new();
     for image in images {
-        let mine: Vec<u64> = image
-            .refs
-            .iter()
-            .filter_map(|r| pulled.get(r).copied())
-            .collect();
-        if mine.is_empty() {
+        let names = image.names();
+        let mine = names.iter().filter(|r| pulled.contains_key(*r)).count();
+        if mine == 0 {
             continue;
         }
-        let all_mine = mine.len() == image.refs.len();
-        let last = mine.iter().copied().max().unwrap_or(0);
+        let all_mine = mine == names.len();
+        let last = image
+            .tags
+            .iter()
+            .chain(&image.digests)
+            .filter_map(|r| pulled.get(r).copied())
+            .max()
+            .unwrap_or(0);
         ours.insert(&image.id, (image.size, last, all_mine));
     }
     let mut total: u64 = ours.values().map(|(s, _, _)| s).sum();
@@ -150,7 +167,7 @@ pub fn plan(
             break;
         }
         total = total.saturating_sub(image.size);
-        remove.extend(image.refs.iter().cloned());
+        remove.extend(image.names().iter().cloned());
     }
     remove
 }
@@ -199,7 +216,9 @@ mod tests {
     fn image(id: &str, refs: &[&str], size: u64) -> LocalImage {
         LocalImage {
             id: id.into(),
-            refs: refs.iter().map(|r| r.to_string()).collect(),
+            tags: refs.iter().map(|r| r.to_string()).collect(),
+            // A registry digest, as every pulled image has: not a name of its own.
+            digests: vec![format!("{id}@sha256:00")],
             size,
         }
     }

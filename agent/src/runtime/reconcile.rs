@@ -1344,6 +1344,7 @@ mod tests {
             epoch: 1,
             generation,
             allocations: allocs,
+            prepull: Vec::new(),
         }
     }
 
@@ -1469,6 +1470,7 @@ mod tests {
             epoch: 2,
             generation: 1,
             allocations: vec![],
+            prepull: Vec::new(),
         };
         assert!(r.apply(restarted), "the restarted controller is obeyed");
         assert_eq!(r.controller_epoch(), Some(2));

@@ -150,6 +150,8 @@ struct Inner<R> {
     stale: Mutex<Stale>,
     restorer: std::sync::OnceLock<Arc<dyn Restorer>>,
     pulled: Option<Arc<super::images::PulledImages>>,
+    /// The images the controller asks this node to pull ahead.
+    prepull: watch::Sender<Vec<novacron_common::wire::PrePull>>,
 }
 
 /// Starts a created container from a checkpoint bundle (the agent's checkpoint
@@ -194,6 +196,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 stale: Mutex::new(Stale::default()),
                 restorer: std::sync::OnceLock::new(),
                 pulled,
+                prepull: watch::channel(Vec::new()).0,
             }),
         }
     }
@@ -230,12 +233,21 @@ impl<R: ContainerRuntime> Supervisor<R> {
 
     /// Replaces the desired set (level-triggered). Returns `false`, changing nothing,
     /// when `desired` is older than the set in force.
-    pub fn apply(&self, desired: DesiredAllocations) -> bool {
+    pub fn apply(&self, mut desired: DesiredAllocations) -> bool {
         let generation = desired.generation;
+        let prepull = std::mem::take(&mut desired.prepull);
         if !self.inner.core().apply(desired) {
             debug!(generation, "ignored an older desired set");
             return false;
         }
+        self.inner.prepull.send_if_modified(|current| {
+            if *current == prepull {
+                false
+            } else {
+                *current = prepull;
+                true
+            }
+        });
         self.inner.publish();
         self.inner.wake.notify_one();
         true
@@ -264,6 +276,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
     pub async fn run(&self, cancel: CancellationToken) {
         let inner = &self.inner;
         let events = tokio::spawn(watch_events(inner.clone(), cancel.child_token()));
+        let prefetch = tokio::spawn(prefetch(inner.clone(), cancel.clone()));
         let gc = match (&inner.pulled, inner.config.image_gc_budget) {
             (Some(pulled), Some(budget)) => {
                 let (inner, pulled, cancel) = (inner.clone(), pulled.clone(), cancel.clone());
@@ -338,6 +351,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             }
         }
         events.abort();
+        prefetch.abort();
         if let Some(gc) = gc {
             gc.abort();
         }
@@ -898,6 +912,61 @@ async fn launch<R: ContainerRuntime>(
     Ok(run)
 }
 
+/// How often images to pull ahead are checked again (one may have been
+/// removed, or a pull failed).
+const PREFETCH_RECHECK: Duration = Duration::from_secs(60);
+
+/// Pulls the images the controller asks this node to pull ahead (`prePull`
+/// jobs), one at a time, whenever the list changes and every
+/// [`PREFETCH_RECHECK`]: from the controller's image store when it has them,
+/// else from their registries.
+async fn prefetch<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: CancellationToken) {
+    let mut rx = inner.prepull.subscribe();
+    loop {
+        let wanted = rx.borrow_and_update().clone();
+        for p in wanted {
+            if cancel.is_cancelled() {
+                return;
+            }
+            match inner.runtime.image_present(&p.image).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    debug!(image = %p.image, error = %e, "pull ahead: cannot check the image");
+                    continue;
+                }
+            }
+            let started = std::time::Instant::now();
+            let now_ms = novacron_common::clock::unix_ms(std::time::SystemTime::now());
+            if let Some((local, relayed)) = pull_from_store(&inner, "(pull ahead)", &p.image).await
+            {
+                info!(image = %p.image, took = ?started.elapsed(), "pulled ahead from the controller's image store");
+                if let Some(record) = &inner.pulled {
+                    record.pulled(&relayed, now_ms);
+                    record.pulled(&local, now_ms);
+                }
+                continue;
+            }
+            match inner.runtime.pull(&p.image, p.registry_auth.as_ref()).await {
+                Ok(()) => {
+                    info!(image = %p.image, took = ?started.elapsed(), "pulled ahead");
+                    if let Some(record) = &inner.pulled {
+                        record.pulled(&p.image, now_ms);
+                    }
+                }
+                Err(e) => {
+                    warn!(image = %p.image, error = %e, "pull ahead failed; trying again later")
+                }
+            }
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(PREFETCH_RECHECK) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
 /// Pulls `image` through the loopback registry (the controller's image store),
 /// when it can come from there: the reference to create the container from (the
 /// image tagged as named; the relayed reference for a digest), or `None` when
@@ -1124,7 +1193,8 @@ mod tests {
                 .iter()
                 .map(|i| super::super::images::LocalImage {
                     id: i.clone(),
-                    refs: vec![i.clone()],
+                    tags: vec![i.clone()],
+                    digests: vec![],
                     size: 1,
                 })
                 .collect())
@@ -1410,6 +1480,7 @@ mod tests {
             epoch: 1,
             generation: 1,
             allocations: vec![alloc("a1")],
+            prepull: Vec::new(),
         }));
         let report = until(&supervisor, "running", |r| {
             state_of(r, "a1") == Some(AllocState::Running)
@@ -1498,6 +1569,7 @@ mod tests {
             epoch: 1,
             generation: 1,
             allocations: vec![],
+            prepull: Vec::new(),
         });
         until(&supervisor, "the orphan gone", |r| r.allocations.is_empty()).await;
         let left: Vec<String> = supervisor
@@ -1523,6 +1595,7 @@ mod tests {
             epoch: 1,
             generation: 1,
             allocations: vec![alloc("a1")],
+            prepull: Vec::new(),
         });
         let report = until(&supervisor, "the error", |r| {
             r.allocations
@@ -1570,6 +1643,7 @@ mod tests {
             epoch: 1,
             generation: 2,
             allocations: vec![alloc("a")],
+            prepull: Vec::new(),
         }));
         assert!(reports.has_changed().expect("open"));
         assert_eq!(reports.borrow_and_update().generation, 2);
@@ -1577,6 +1651,7 @@ mod tests {
             epoch: 1,
             generation: 1,
             allocations: vec![],
+            prepull: Vec::new(),
         }));
         assert!(!reports.has_changed().expect("open"));
         assert_eq!(supervisor.report().allocations.len(), 1);

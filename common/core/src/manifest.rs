@@ -249,6 +249,15 @@ pub struct JobSpec {
     /// versions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceSpec>,
+    /// Pull the image ahead on every node the job's constraints allow, so that
+    /// new replicas (scale-out, replacements, migrations) start without waiting
+    /// for a pull. Left out of the hash when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pre_pull: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A service a job offers: the endpoints of its running replicas on one port

@@ -829,6 +829,21 @@ pub struct DesiredAllocations {
     pub generation: u64,
     /// Every allocation the node should run; anything else it runs is stopped.
     pub allocations: Vec<AllocationSpec>,
+    /// Images to pull ahead (jobs with `prePull` that may run here), at most
+    /// [`MAX_PREPULL`]. Since protocol 3.
+    pub prepull: Vec<PrePull>,
+}
+
+/// The most images one desired set asks a node to pull ahead.
+pub const MAX_PREPULL: usize = 256;
+
+/// An image a node pulls before any allocation needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct PrePull {
+    /// The reference (the version's recorded digest when it has one).
+    pub image: String,
+    /// Credentials for its registry.
+    pub registry_auth: Option<RegistryAuth>,
 }
 
 /// One allocation as the agent runs it.

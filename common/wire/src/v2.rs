@@ -487,7 +487,7 @@ structs! {
     Capabilities { docker_version, live_checkpoint, gpu_driver, os, arch } + { live_checkpoint_reason: None };
     StreamOpen { protocol_version, kind };
     MetricsBatch { samples, dropped_total };
-    DesiredAllocations { epoch, generation, allocations };
+    DesiredAllocations { epoch, generation, allocations } + { prepull: Vec::new() };
     AllocationSpec { id, job, job_version, task, restore };
     RestoreFrom { digest, size, mode };
     TaskSpec { batch, image, command, args, env, ports, volumes, working_dir, cpu_millis, memory_bytes, gpu_uuids, restart, health }

@@ -21,7 +21,7 @@ use novacron_common::manifest::{Job, JobType, parse_job};
 use novacron_common::reconcile::{self, FailureCounts, JobChange};
 use novacron_common::scheduler;
 use novacron_common::wire::{
-    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, RestoreFrom,
+    AllocState, AllocationReport, AllocationSpec, DesiredAllocations, PrePull, RestoreFrom,
 };
 
 use tokio::sync::{Notify, watch};
@@ -104,6 +104,8 @@ type DesiredKey = (String, u64, Option<String>, Option<String>);
 struct NodeDesired {
     generation: u64,
     key: Vec<DesiredKey>,
+    /// The images of the last set's `prepull`.
+    prepull: Vec<String>,
     tx: watch::Sender<Arc<DesiredAllocations>>,
 }
 
@@ -757,6 +759,7 @@ impl Workloads {
 
     /// The desired set of `node`, updated as it changes.
     pub fn subscribe(&self, node: &str) -> watch::Receiver<Arc<DesiredAllocations>> {
+        let labels = self.prepull_labels();
         let mut st = self.lock();
         let link_epoch = st.link_epoch;
         let entry = st
@@ -765,21 +768,46 @@ impl Workloads {
             .or_insert_with(|| NodeDesired {
                 generation: 0,
                 key: vec![],
+                prepull: vec![],
                 tx: watch::channel(Arc::new(DesiredAllocations {
                     epoch: link_epoch,
                     generation: 0,
                     allocations: vec![],
+                    prepull: vec![],
                 }))
                 .0,
             });
         let rx = entry.tx.subscribe();
         // The first value comes from the current allocations; only this node's set
         // is computed, so a reconnect storm stays linear.
-        let specs = desired_specs(&st, Some(node), self.secrets.get().map(|s| &**s))
+        let secrets = self.secrets.get().map(|s| &**s);
+        let specs = desired_specs(&st, Some(node), secrets)
             .remove(node)
             .unwrap_or_default();
-        send_if_changed(st.nodes.get_mut(node), link_epoch, specs);
+        let prepull = labels
+            .as_ref()
+            .and_then(|l| l.get(node))
+            .map(|l| prepull_for(&st, l, secrets))
+            .unwrap_or_default();
+        send_if_changed(st.nodes.get_mut(node), link_epoch, specs, prepull);
         rx
+    }
+
+    /// Every node's labels, when some job asks for its image to be pulled ahead
+    /// (`None` otherwise: nothing to compute). Read before the state's lock.
+    fn prepull_labels(&self) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
+        let any = self
+            .lock()
+            .jobs
+            .values()
+            .any(|e| !e.record.stopped && e.current().is_some_and(|j| j.spec.pre_pull));
+        any.then(|| {
+            self.registry
+                .placement_nodes(Instant::now())
+                .into_iter()
+                .map(|n| (n.name, n.labels))
+                .collect()
+        })
     }
 
     /// Takes an agent's report of its allocations.
@@ -1527,14 +1555,23 @@ impl Workloads {
     }
 
     fn publish(&self) {
+        let labels = self.prepull_labels();
         let mut st = self.lock();
-        let mut per_node = desired_specs(&st, None, self.secrets.get().map(|s| &**s));
+        let secrets = self.secrets.get().map(|s| &**s);
+        let mut per_node = desired_specs(&st, None, secrets);
+        let mut prepull: BTreeMap<String, Vec<PrePull>> = labels
+            .iter()
+            .flatten()
+            .filter(|(name, _)| st.nodes.contains_key(*name))
+            .map(|(name, l)| (name.clone(), prepull_for(&st, l, secrets)))
+            .collect();
         let epoch = st.link_epoch;
         for (name, desired) in st.nodes.iter_mut() {
             send_if_changed(
                 Some(desired),
                 epoch,
                 per_node.remove(name).unwrap_or_default(),
+                prepull.remove(name).unwrap_or_default(),
             );
         }
     }
@@ -1835,7 +1872,59 @@ fn log_job_change(change: &JobChange) {
 }
 
 /// Sends `specs` to the node's channel with a new generation if they changed.
-fn send_if_changed(desired: Option<&mut NodeDesired>, epoch: u64, specs: Vec<AllocationSpec>) {
+/// The images a node with `labels` pulls ahead: those of the running jobs that
+/// ask for it and whose constraints the node meets (each image once, at most
+/// [`MAX_PREPULL`](novacron_common::wire::MAX_PREPULL)).
+fn prepull_for(
+    st: &State,
+    labels: &BTreeMap<String, String>,
+    secrets: Option<&Secrets>,
+) -> Vec<PrePull> {
+    let mut out: Vec<PrePull> = Vec::new();
+    for e in st.jobs.values().filter(|e| !e.record.stopped) {
+        let Some(job) = e.current() else { continue };
+        if !job.spec.pre_pull
+            || !job
+                .spec
+                .placement
+                .constraints
+                .iter()
+                .all(|c| c.operator.matches(labels, &c.key, &c.values))
+        {
+            continue;
+        }
+        let version = e
+            .record
+            .versions
+            .iter()
+            .find(|v| v.version == e.record.current);
+        let image = version
+            .and_then(|v| v.image_digest.clone())
+            .unwrap_or_else(|| job.spec.task.image.clone());
+        if out.iter().any(|p| p.image == image) {
+            continue;
+        }
+        let mut task = job.task_spec();
+        if let Some(v) = version.filter(|v| !v.secrets.is_empty()) {
+            deliver_secrets(&mut task, job, &v.secrets, secrets, &e.record.name);
+        }
+        out.push(PrePull {
+            image,
+            registry_auth: task.registry_auth,
+        });
+        if out.len() == novacron_common::wire::MAX_PREPULL {
+            break;
+        }
+    }
+    out
+}
+
+fn send_if_changed(
+    desired: Option<&mut NodeDesired>,
+    epoch: u64,
+    specs: Vec<AllocationSpec>,
+    prepull: Vec<PrePull>,
+) {
     let Some(desired) = desired else { return };
     // What can change for one allocation: its version, the checkpoint it starts
     // from, and the image digest its version recorded since it was placed.
@@ -1850,17 +1939,20 @@ fn send_if_changed(desired: Option<&mut NodeDesired>, epoch: u64, specs: Vec<All
             )
         })
         .collect();
-    if key == desired.key && desired.generation > 0 {
+    let prepull_key: Vec<String> = prepull.iter().map(|p| p.image.clone()).collect();
+    if key == desired.key && prepull_key == desired.prepull && desired.generation > 0 {
         return;
     }
     desired.generation += 1;
     desired.key = key;
+    desired.prepull = prepull_key;
     // send_replace, not send: with no agent connected (no receiver) `send` drops
     // the value, and a reconnecting agent would get a stale desired set.
     desired.tx.send_replace(Arc::new(DesiredAllocations {
         epoch,
         generation: desired.generation,
         allocations: specs,
+        prepull,
     }));
 }
 
