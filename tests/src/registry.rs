@@ -27,32 +27,11 @@ pub fn registry_bin() -> PathBuf {
     path
 }
 
-/// A bcrypt hash of `password`, as htpasswd files hold (through the C library's
-/// crypt(3), which Debian's libxcrypt gives bcrypt).
+/// A bcrypt hash of `password`, as htpasswd files hold.
 fn bcrypt(password: &str) -> Result<String> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-W",
-            "ignore",
-            "-c",
-            "import crypt,sys; print(crypt.crypt(sys.stdin.read(), crypt.mksalt(crypt.METHOD_BLOWFISH)))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(password.as_bytes())?;
-            child.wait_with_output()
-        })
-        .context("python3 hashes the registry password")?;
-    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hash = ::bcrypt::hash(password, 10).context("bcrypt")?;
     if !hash.starts_with("$2") {
-        bail!("python3's crypt gave no bcrypt hash: {hash:?}");
+        bail!("not a bcrypt hash: {hash:?}");
     }
     Ok(hash)
 }
