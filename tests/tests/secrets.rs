@@ -124,8 +124,14 @@ async fn secrets_reach_only_their_job_as_variables_and_tmpfs_files_and_never_sho
     })
     .await
     .expect("running");
-    assert_eq!(seen(&job, "echo $DB_PASSWORD"), [first.clone()]);
-    assert_eq!(seen(&job, "cat /run/secrets/tls.crt"), [cert.clone()]);
+    assert_eq!(
+        seen(&job, "echo $DB_PASSWORD"),
+        std::slice::from_ref(&first)
+    );
+    assert_eq!(
+        seen(&job, "cat /run/secrets/tls.crt"),
+        std::slice::from_ref(&cert)
+    );
     assert_eq!(
         seen(
             &job,

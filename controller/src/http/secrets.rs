@@ -136,9 +136,13 @@ async fn set(
         let now = SystemTime::now();
         let in_use = st2.workloads.secret_versions_in_use(&n);
         let registry = st2.workloads.secret_used_for_pulls(&n);
+        let usage = crate::services::secrets::Usage {
+            versions: &in_use,
+            for_pulls: registry,
+        };
         let (version, outcome) =
             st2.secrets
-                .set(&n, secret_type, data, &who, unix_ms(now), &in_use, registry)?;
+                .set(&n, secret_type, data, &who, unix_ms(now), usage)?;
         let rolled = if outcome == SetOutcome::Updated {
             st2.workloads
                 .secret_changed(&n, version, &who, now)

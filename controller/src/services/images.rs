@@ -306,6 +306,54 @@ impl Images {
     }
 }
 
+/// Answers one [`RegistryRequest`](novacron_common::wire::RegistryRequest) on
+/// `send`: the [`RegistryReply`](novacron_common::wire::RegistryReply), then the
+/// bytes for a `GET` that found something. Returns the bytes sent.
+pub async fn serve_registry<W>(
+    images: Arc<Images>,
+    request: &novacron_common::wire::RegistryRequest,
+    send: &mut W,
+) -> io::Result<u64>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send,
+{
+    use novacron_common::wire::{self, MAX_REGISTRY_PATH, RegistryReply};
+    let path = request.path.clone();
+    let resolved = if path.len() > MAX_REGISTRY_PATH {
+        Err((400, format!("a path of {} bytes is too long", path.len())))
+    } else {
+        // Reads the tag records and stats a file: off the async workers.
+        tokio::task::spawn_blocking(move || images.resolve(&path))
+            .await
+            .unwrap_or_else(|e| Err((500, e.to_string())))
+    };
+    let reply = match &resolved {
+        Ok(r) => RegistryReply {
+            status: 200,
+            media_type: r.media_type.clone(),
+            digest: Some(r.digest.clone()),
+            length: r.length,
+            message: String::new(),
+        },
+        Err((status, why)) => RegistryReply {
+            status: *status,
+            media_type: "application/json".into(),
+            digest: None,
+            length: 0,
+            message: why.clone(),
+        },
+    };
+    wire::write_frame(send, &reply)
+        .await
+        .map_err(io::Error::other)?;
+    let Ok(r) = resolved else { return Ok(0) };
+    if request.head {
+        return Ok(0);
+    }
+    let mut file = tokio::fs::File::open(&r.path).await?;
+    tokio::io::copy(&mut file, send).await
+}
+
 #[cfg(test)]
 mod tests {
     use sha2::{Digest, Sha256};
@@ -386,52 +434,4 @@ mod tests {
         assert!(digest_hex(&format!("sha256:{}", "a".repeat(64))).is_some());
         assert!(digest_hex("sha256:../x").is_none());
     }
-}
-
-/// Answers one [`RegistryRequest`](novacron_common::wire::RegistryRequest) on
-/// `send`: the [`RegistryReply`](novacron_common::wire::RegistryReply), then the
-/// bytes for a `GET` that found something. Returns the bytes sent.
-pub async fn serve_registry<W>(
-    images: Arc<Images>,
-    request: &novacron_common::wire::RegistryRequest,
-    send: &mut W,
-) -> io::Result<u64>
-where
-    W: tokio::io::AsyncWrite + Unpin + Send,
-{
-    use novacron_common::wire::{self, MAX_REGISTRY_PATH, RegistryReply};
-    let path = request.path.clone();
-    let resolved = if path.len() > MAX_REGISTRY_PATH {
-        Err((400, format!("a path of {} bytes is too long", path.len())))
-    } else {
-        // Reads the tag records and stats a file: off the async workers.
-        tokio::task::spawn_blocking(move || images.resolve(&path))
-            .await
-            .unwrap_or_else(|e| Err((500, e.to_string())))
-    };
-    let reply = match &resolved {
-        Ok(r) => RegistryReply {
-            status: 200,
-            media_type: r.media_type.clone(),
-            digest: Some(r.digest.clone()),
-            length: r.length,
-            message: String::new(),
-        },
-        Err((status, why)) => RegistryReply {
-            status: *status,
-            media_type: "application/json".into(),
-            digest: None,
-            length: 0,
-            message: why.clone(),
-        },
-    };
-    wire::write_frame(send, &reply)
-        .await
-        .map_err(io::Error::other)?;
-    let Ok(r) = resolved else { return Ok(0) };
-    if request.head {
-        return Ok(0);
-    }
-    let mut file = tokio::fs::File::open(&r.path).await?;
-    tokio::io::copy(&mut file, send).await
 }

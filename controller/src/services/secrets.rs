@@ -212,6 +212,16 @@ pub enum SetOutcome {
     Unchanged,
 }
 
+/// How a secret is used now: the versions kept job versions run, and whether a
+/// job pulls with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage<'a> {
+    /// Versions some kept job version runs.
+    pub versions: &'a BTreeSet<u64>,
+    /// A job's current version names it as its `imagePullSecret`.
+    pub for_pulls: bool,
+}
+
 /// The secrets, opened in memory.
 #[derive(Debug)]
 pub struct Secrets {
@@ -260,9 +270,9 @@ impl Secrets {
         data: SecretData,
         by: &str,
         now_ms: u64,
-        in_use: &BTreeSet<u64>,
-        used_as_registry: bool,
+        usage: Usage<'_>,
     ) -> Result<(u64, SetOutcome), SecretError> {
+        let in_use = usage.versions;
         let mut entries = write(&self.entries);
         let existing = entries.get(name);
         if let Some(e) = existing {
@@ -272,7 +282,7 @@ impl Secrets {
             {
                 return Ok((latest, SetOutcome::Unchanged));
             }
-            if e.record.secret_type != secret_type && (used_as_registry || !in_use.is_empty()) {
+            if e.record.secret_type != secret_type && (usage.for_pulls || !in_use.is_empty()) {
                 return Err(SecretError::TypeChange {
                     name: name.into(),
                     was: e.record.secret_type,
@@ -407,8 +417,10 @@ mod tests {
                 data(&[("password", "hunter2-plain")]),
                 "alice",
                 1,
-                &none,
-                false,
+                Usage {
+                    versions: &none,
+                    for_pulls: false,
+                },
             )
             .expect("set");
         assert_eq!((v, outcome), (1, SetOutcome::Created));
@@ -422,8 +434,10 @@ mod tests {
                 data(&[("password", "hunter2-plain")]),
                 "bob",
                 2,
-                &none,
-                false,
+                Usage {
+                    versions: &none,
+                    for_pulls: false,
+                },
             )
             .expect("same");
         assert_eq!(again, (1, SetOutcome::Unchanged));
@@ -456,8 +470,10 @@ mod tests {
                     data(&[("k", value)]),
                     "a",
                     1,
-                    &none,
-                    false,
+                    Usage {
+                        versions: &none,
+                        for_pulls: false,
+                    },
                 )
                 .expect("set");
         }
@@ -487,8 +503,10 @@ mod tests {
                     data(&[("k", &i.to_string())]),
                     "a",
                     1,
-                    &in_use,
-                    false,
+                    Usage {
+                        versions: &in_use,
+                        for_pulls: false,
+                    },
                 )
                 .expect("set");
         }
@@ -510,8 +528,10 @@ mod tests {
                 data(&[("username", "u"), ("password", "p")]),
                 "a",
                 1,
-                &in_use,
-                false
+                Usage {
+                    versions: &in_use,
+                    for_pulls: false
+                }
             ),
             Err(SecretError::TypeChange { .. })
         ));

@@ -1332,7 +1332,7 @@ impl Workloads {
             let Some(current) = r.versions.iter().find(|v| v.version == r.current) else {
                 continue;
             };
-            if !current.secrets.get(name).is_some_and(|v| *v != version) {
+            if current.secrets.get(name).is_none_or(|v| *v == version) {
                 continue;
             }
             let Some(job) = e.current() else {

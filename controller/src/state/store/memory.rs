@@ -104,7 +104,7 @@ impl Store for MemoryStore {
         self.check_space("put_image")?;
         let mut state = self.state();
         state.images.insert(image.key(), image.clone());
-        state.log.record(vec![Touched::put("images", &image.key())]);
+        state.log.record(vec![Touched::put("images", image.key())]);
         Ok(())
     }
 
