@@ -247,15 +247,7 @@ pub fn store_reference(image: &str) -> Option<(String, String)> {
             }
         }
     };
-    let ok = !name.is_empty()
-        && name.split('/').all(|c| {
-            let b = c.as_bytes();
-            !b.is_empty()
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
-        });
+    let ok = novacron_common::names::is_repository_name(name);
     ok.then(|| (name.to_string(), reference))
 }
 

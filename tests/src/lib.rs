@@ -713,3 +713,73 @@ impl Drop for DaemonsCleanup {
         }
     }
 }
+
+/// Tags, as `image`, [`TEST_IMAGE`] with `/version` holding `version`: a small
+/// image of its own (one layer on the test image's), for pull tests.
+pub fn commit_test_image(image: &str, version: &str) -> Result<()> {
+    let name = format!("novacron-commit-{}-{version}", std::process::id());
+    let _ = docker(&["rm", "-f", &name]);
+    docker(&[
+        "run",
+        "--name",
+        &name,
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        &format!("echo {version} > /version"),
+    ])?;
+    docker(&["commit", &name, image])?;
+    docker(&["rm", "-f", &name])?;
+    Ok(())
+}
+
+/// The ids of the running containers of `job`.
+pub fn job_containers(job: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=novacron.job={job}"),
+        "--filter",
+        "status=running",
+    ])
+    .unwrap_or_default()
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// The standard output of a command that must succeed (panics with both
+/// outputs otherwise).
+pub fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A controller and one agent (`node`, with `run_args`) in a new temporary
+/// directory named with `prefix`, the agent ready.
+pub async fn one_node_fleet(
+    prefix: &str,
+    node: &str,
+    run_args: &[&str],
+) -> Result<(tempfile::TempDir, Controller, Agent)> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let c = Controller::start(dir.path(), &[]).await?;
+    let agent = Agent::join_and_run(dir.path(), &c, node, run_args).await?;
+    c.wait_ready(&agent.name, Duration::from_secs(20)).await?;
+    Ok((dir, c, agent))
+}
+
+/// Whether `job` has a wanted allocation that runs.
+pub async fn job_running(c: &Controller, job: &str) -> bool {
+    c.job(job).await.is_ok_and(|d| {
+        d.allocations
+            .iter()
+            .any(|a| a.desired_run && a.state == novacron_common::wire::AllocState::Running)
+    })
+}

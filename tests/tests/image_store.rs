@@ -5,38 +5,10 @@
 
 use std::time::Duration;
 
-use novacron_common::wire::AllocState;
 use novacron_tests::{
-    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, service_job, wait_for,
+    JobCleanup, TEST_IMAGE, commit_test_image as commit, docker, ensure_test_image, job_running,
+    one_node_fleet, service_job, succeeded as ok, wait_for,
 };
-
-/// Tags, as `image`, the test image with `/version` holding `version`.
-fn commit_version(image: &str, version: &str) {
-    let name = format!("novacron-store-{}-{version}", std::process::id());
-    let _ = docker(&["rm", "-f", &name]);
-    docker(&[
-        "run",
-        "--name",
-        &name,
-        TEST_IMAGE,
-        "sh",
-        "-c",
-        &format!("echo {version} > /version"),
-    ])
-    .expect("run");
-    docker(&["commit", &name, image]).expect("commit");
-    docker(&["rm", "-f", &name]).expect("rm");
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The number before `word` in `text` (`sent 2 blobs` → 2 for "blobs").
 fn count_before(text: &str, after: &str) -> u64 {
@@ -50,25 +22,15 @@ fn count_before(text: &str, after: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_image_runs_on_a_node_that_never_had_it() {
     ensure_test_image().expect("test image");
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-image-store-")
-        .tempdir()
-        .expect("tempdir");
     let pid = std::process::id();
-    let c = Controller::start(dir.path(), &[])
+    let (_dir, c, agent) = one_node_fleet("novacron-image-store-", &format!("store{pid}"), &[])
         .await
-        .expect("controller");
-    let agent = Agent::join_and_run(dir.path(), &c, &format!("store{pid}"), &[])
-        .await
-        .expect("agent");
-    c.wait_ready(&agent.name, Duration::from_secs(20))
-        .await
-        .expect("ready");
+        .expect("fleet");
 
     let one = format!("novacron-test/stored-{pid}:1");
     let two = format!("novacron-test/stored-{pid}:2");
-    commit_version(&one, "one");
-    commit_version(&two, "two");
+    commit(&one, "one").expect("commit");
+    commit(&two, "two").expect("commit");
     let first = ok(&c.cli(&["image", "push", &one]));
     assert!(first.contains(&format!("pushed {one} (sha256:")), "{first}");
     let sent = count_before(&first, "sent ");
@@ -98,17 +60,9 @@ async fn a_pushed_image_runs_on_a_node_that_never_had_it() {
     )
     .await
     .expect("apply");
-    wait_for(
-        Duration::from_secs(90),
-        "the pushed image to run",
-        || async {
-            c.job(&job).await.is_ok_and(|d| {
-                d.allocations
-                    .iter()
-                    .any(|a| a.desired_run && a.state == AllocState::Running)
-            })
-        },
-    )
+    wait_for(Duration::from_secs(90), "the pushed image to run", || {
+        job_running(&c, &job)
+    })
     .await
     .unwrap_or_else(|e| {
         let d =
@@ -137,30 +91,19 @@ async fn a_pushed_image_runs_on_a_node_that_never_had_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulled_images_past_the_budget_are_collected_unless_in_use() {
     ensure_test_image().expect("test image");
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-image-gc-")
-        .tempdir()
-        .expect("tempdir");
     let pid = std::process::id();
-    let c = Controller::start(dir.path(), &[])
-        .await
-        .expect("controller");
     // A budget of one byte: every pulled image no container uses goes.
-    let agent = Agent::join_and_run(
-        dir.path(),
-        &c,
+    let (_dir, c, agent) = one_node_fleet(
+        "novacron-image-gc-",
         &format!("gc{pid}"),
         &["--image-gc-budget", "1"],
     )
     .await
-    .expect("agent");
-    c.wait_ready(&agent.name, Duration::from_secs(20))
-        .await
-        .expect("ready");
+    .expect("fleet");
     let kept = format!("novacron-test/gc-kept-{pid}:1");
     let gone = format!("novacron-test/gc-gone-{pid}:1");
     for (image, v) in [(&kept, "kept"), (&gone, "gone")] {
-        commit_version(image, v);
+        commit(image, v).expect("commit");
         ok(&c.cli(&["image", "push", image]));
         docker(&["rmi", "-f", image]).expect("rmi");
     }
@@ -178,11 +121,7 @@ async fn pulled_images_past_the_budget_are_collected_unless_in_use() {
     wait_for(Duration::from_secs(90), "both jobs running", || async {
         let mut all = true;
         for job in &jobs {
-            all &= c.job(job).await.is_ok_and(|d| {
-                d.allocations
-                    .iter()
-                    .any(|a| a.desired_run && a.state == AllocState::Running)
-            });
+            all &= job_running(&c, job).await;
         }
         all
     })
@@ -214,27 +153,16 @@ async fn pulled_images_past_the_budget_are_collected_unless_in_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pre_pull_job_puts_its_image_on_eligible_nodes_before_any_replica() {
     ensure_test_image().expect("test image");
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-prepull-")
-        .tempdir()
-        .expect("tempdir");
     let pid = std::process::id();
-    let c = Controller::start(dir.path(), &[])
-        .await
-        .expect("controller");
-    let agent = Agent::join_and_run(
-        dir.path(),
-        &c,
+    let (_dir, c, agent) = one_node_fleet(
+        "novacron-prepull-",
         &format!("pre{pid}"),
         &["--label", "tier=edge"],
     )
     .await
-    .expect("agent");
-    c.wait_ready(&agent.name, Duration::from_secs(20))
-        .await
-        .expect("ready");
+    .expect("fleet");
     let image = format!("novacron-test/prepulled-{pid}:1");
-    commit_version(&image, "ahead");
+    commit(&image, "ahead").expect("commit");
     ok(&c.cli(&["image", "push", &image]));
     docker(&["rmi", "-f", &image]).expect("rmi");
     let before = c
@@ -253,7 +181,7 @@ async fn a_pre_pull_job_puts_its_image_on_eligible_nodes_before_any_replica() {
         )
     };
     let other = format!("novacron-test/not-here-{pid}:1");
-    commit_version(&other, "no");
+    commit(&other, "no").expect("commit");
     ok(&c.cli(&["image", "push", &other]));
     docker(&["rmi", "-f", &other]).expect("rmi");
     c.apply("prepull.yaml", &manifest(&job, &image, "edge"))

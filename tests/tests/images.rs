@@ -6,47 +6,11 @@
 
 use std::time::Duration;
 
-use novacron_common::wire::AllocState;
 use novacron_tests::registry::Registry;
 use novacron_tests::{
-    Agent, Controller, JobCleanup, TEST_IMAGE, docker, ensure_test_image, free_port, service_job,
-    wait_for,
+    Agent, Controller, JobCleanup, TEST_IMAGE, commit_test_image, docker, ensure_test_image,
+    free_port, job_containers, job_running, service_job, wait_for,
 };
-
-/// Tags, as `image`, the test image with `/version` holding `version`.
-fn commit_version(image: &str, version: &str) {
-    let name = format!("novacron-commit-{}-{version}", std::process::id());
-    let _ = docker(&["rm", "-f", &name]);
-    docker(&[
-        "run",
-        "--name",
-        &name,
-        TEST_IMAGE,
-        "sh",
-        "-c",
-        &format!("echo {version} > /version"),
-    ])
-    .expect("run");
-    docker(&["commit", &name, image]).expect("commit");
-    docker(&["rm", "-f", &name]).expect("rm");
-}
-
-/// The id of the job's running container (empty when none).
-fn job_container(job: &str) -> String {
-    docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=novacron.job={job}"),
-        "--filter",
-        "status=running",
-    ])
-    .unwrap_or_default()
-    .lines()
-    .next()
-    .unwrap_or_default()
-    .to_string()
-}
 
 /// The message of the job's newest allocation that has one.
 async fn message(c: &Controller, job: &str) -> String {
@@ -64,11 +28,12 @@ async fn message(c: &Controller, job: &str) -> String {
 }
 
 async fn running(c: &Controller, job: &str) -> bool {
-    c.job(job).await.is_ok_and(|d| {
-        d.allocations
-            .iter()
-            .any(|a| a.desired_run && a.state == AllocState::Running)
-    })
+    job_running(c, job).await
+}
+
+/// The job's first running container (empty when none).
+fn first_container(job: &str) -> String {
+    job_containers(job).into_iter().next().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +51,7 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
     // An image that exists only in the registry.
     let pid = std::process::id();
     let remote = format!("127.0.0.1:{port}/novacron-test/pulled-{pid}:1");
-    commit_version(&remote, "v1");
+    commit_test_image(&remote, "v1").expect("commit");
     docker(&["push", &remote]).expect("push to the loopback registry");
     let digest = docker(&[
         "image",
@@ -136,19 +101,19 @@ async fn a_node_pulls_what_the_job_names_and_says_why_a_pull_failed() {
     );
     // ...and runs it after the tag moved: v2 is pushed under the same tag, v1 is
     // gone from the node, and the replica starting again pulls v1 by digest.
-    commit_version(&remote, "v2");
+    commit_test_image(&remote, "v2").expect("commit");
     docker(&["push", &remote]).expect("push v2 under the same tag");
-    let first = job_container(&pulled);
+    let first = first_container(&pulled);
     docker(&["rm", "-f", &first]).expect("remove the container");
     docker(&["rmi", "-f", &digest]).expect("drop v1 from the node");
     wait_for(
         Duration::from_secs(60),
         "the replica running again",
-        || async { running(&c, &pulled).await && job_container(&pulled) != first },
+        || async { running(&c, &pulled).await && first_container(&pulled) != first },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}: {}", message_now(&c, &pulled)));
-    let again = job_container(&pulled);
+    let again = first_container(&pulled);
     assert_eq!(
         docker(&["exec", &again, "cat", "/version"]).expect("exec"),
         "v1",

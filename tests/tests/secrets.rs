@@ -8,41 +8,16 @@ use std::time::Duration;
 
 use novacron_common::wire::AllocState;
 use novacron_tests::{
-    Agent, Controller, JobCleanup, docker, ensure_test_image, service_job, wait_for,
+    Controller, JobCleanup, docker, ensure_test_image, job_containers, one_node_fleet, service_job,
+    succeeded as ok, wait_for,
 };
-
-/// The running containers of `job`.
-fn containers(job: &str) -> Vec<String> {
-    docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=novacron.job={job}"),
-        "--filter",
-        "status=running",
-    ])
-    .unwrap_or_default()
-    .lines()
-    .map(str::to_string)
-    .collect()
-}
 
 /// What `command` prints in each running container of `job`.
 fn seen(job: &str, command: &str) -> Vec<String> {
-    containers(job)
+    job_containers(job)
         .iter()
         .filter_map(|id| docker(&["exec", id, "sh", "-c", command]).ok())
         .collect()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn running(c: &Controller, job: &str, n: usize) -> bool {
@@ -58,20 +33,10 @@ async fn running(c: &Controller, job: &str, n: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_reach_only_their_job_as_variables_and_tmpfs_files_and_never_show() {
     ensure_test_image().expect("test image");
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-secrets-")
-        .tempdir()
-        .expect("tempdir");
     let pid = std::process::id();
-    let mut c = Controller::start(dir.path(), &[])
+    let (dir, mut c, agent) = one_node_fleet("novacron-secrets-", &format!("sec{pid}"), &[])
         .await
-        .expect("controller");
-    let agent = Agent::join_and_run(dir.path(), &c, &format!("sec{pid}"), &[])
-        .await
-        .expect("agent");
-    c.wait_ready(&agent.name, Duration::from_secs(20))
-        .await
-        .expect("ready");
+        .expect("fleet");
 
     // Values no log, answer or store file may hold.
     let first = format!("pw-first-{pid}-x7");
@@ -148,7 +113,7 @@ async fn secrets_reach_only_their_job_as_variables_and_tmpfs_files_and_never_sho
         ["no"]
     );
     // The file's source on the node is a tmpfs, private to the agent.
-    let id = containers(&job).remove(0);
+    let id = job_containers(&job).remove(0);
     let sources =
         docker(&["inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", &id]).expect("inspect");
     let source = sources
@@ -178,7 +143,7 @@ async fn secrets_reach_only_their_job_as_variables_and_tmpfs_files_and_never_sho
     );
 
     // A new version rolls the job out to it; the job that does not use it stays.
-    let other_before = containers(&other);
+    let other_before = job_containers(&other);
     let out = ok(&c.cli(&[
         "secret",
         "set",
@@ -198,7 +163,7 @@ async fn secrets_reach_only_their_job_as_variables_and_tmpfs_files_and_never_sho
     )
     .await
     .unwrap_or_else(|e| panic!("{e}: {:?}", seen(&job, "echo $DB_PASSWORD")));
-    assert_eq!(containers(&other), other_before, "untouched");
+    assert_eq!(job_containers(&other), other_before, "untouched");
 
     // In use: not deleted. Unknown: a clear error.
     let del = c.cli(&["secret", "delete", "db"]);

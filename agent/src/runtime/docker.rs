@@ -250,18 +250,11 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn image_inventory(&self) -> Result<novacron_common::wire::ImageInventory, RuntimeError> {
-        let docker = self.client().await?;
-        let images = timed(
-            "list images",
-            CALL_TIMEOUT,
-            docker.list_images(None::<bollard::query_parameters::ListImagesOptions>),
-        )
-        .await?;
-        let bytes = images.iter().map(|i| i.size.max(0) as u64).sum();
+        let images = self.local_images().await?;
+        let bytes = images.iter().map(|i| i.size).sum();
         let refs = images
             .into_iter()
-            .flat_map(|i| i.repo_tags.into_iter().chain(i.repo_digests))
-            .filter(|r| !r.starts_with("<none>"));
+            .flat_map(|i| i.tags.into_iter().chain(i.digests));
         Ok(super::inventory(refs, bytes))
     }
 

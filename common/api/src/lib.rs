@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod costs;
+pub mod images;
 pub mod jobs;
 pub mod migrations;
 pub mod policies;
@@ -17,6 +18,7 @@ pub mod terminal;
 
 pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
+pub use images::ImageRecord;
 pub use jobs::{
     AllocPortView, AllocView, ApplyRequest, ApplyResult, FieldChange, JobDetail, JobPlan,
     JobSummary, JobVersionView, PlannedPlacement, PlannedStop, PublishedAddressView,

@@ -14,6 +14,22 @@ pub struct NameError {
     pub why: &'static str,
 }
 
+/// Whether `name` is an image repository name of the OCI distribution
+/// specification: lowercase components of letters and digits joined by `.`,
+/// `_` or `-`, separated by `/`, at most 255 characters (no registry port).
+pub fn is_repository_name(name: &str) -> bool {
+    name.len() <= 255
+        && !name.is_empty()
+        && name.split('/').all(|c| {
+            let b = c.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
+        })
+}
+
 /// Checks a node or operator name: 1–63 of `a-z 0-9 - .`, alphanumeric at both ends.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
     let bad = |why| NameError {

@@ -578,12 +578,7 @@ impl ApiClient {
             .send()
             .await
             .map_err(|e| self.classify(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.bytes().await.map_err(|e| self.classify(&e))?;
-            return Err(status_error(status, &body));
-        }
-        Ok(())
+        self.succeeded(response).await
     }
 
     /// `DELETE`s the API path made of `segments` with `query`.
@@ -600,12 +595,17 @@ impl ApiClient {
             .send()
             .await
             .map_err(|e| self.classify(&e))?;
+        self.succeeded(response).await
+    }
+
+    /// `Ok` for a success, else the answer's error.
+    async fn succeeded(&self, response: reqwest::Response) -> Result<(), ClientError> {
         let status = response.status();
-        if !status.is_success() {
-            let body = response.bytes().await.map_err(|e| self.classify(&e))?;
-            return Err(status_error(status, &body));
+        if status.is_success() {
+            return Ok(());
         }
-        Ok(())
+        let body = response.bytes().await.map_err(|e| self.classify(&e))?;
+        Err(status_error(status, &body))
     }
 
     /// `DELETE`s the API path made of `segments`, as [`ApiClient::post`].

@@ -51,26 +51,7 @@ pub enum ImageCommand {
     },
 }
 
-/// A tag in the controller's store, as `GET /v1/images` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImageView {
-    /// Repository.
-    pub name: String,
-    /// Tag.
-    pub tag: String,
-    /// Manifest digest.
-    pub digest: String,
-    /// Media type.
-    pub media_type: String,
-    /// Bytes of config and layers.
-    pub size: u64,
-    /// Layers.
-    pub layers: u32,
-    /// When pushed (Unix ms).
-    pub pushed_unix_ms: u64,
-    /// By whom.
-    pub by: String,
-}
+pub use novacron_api::ImageRecord as ImageView;
 
 /// What one push sent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -84,20 +84,10 @@ struct Descriptor {
     size: u64,
 }
 
-/// Whether `name` is a repository name of the distribution specification:
-/// lowercase components of letters and digits joined by `.`, `_`, `__` or `-`,
-/// separated by `/`, at most 255 characters.
+/// Whether `name` is a repository name (see
+/// [`is_repository_name`](novacron_common::names::is_repository_name)).
 pub fn valid_name(name: &str) -> bool {
-    name.len() <= 255
-        && !name.is_empty()
-        && name.split('/').all(|c| {
-            let b = c.as_bytes();
-            !b.is_empty()
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
-        })
+    novacron_common::names::is_repository_name(name)
 }
 
 /// Whether `tag` is a tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.

@@ -206,34 +206,7 @@ pub struct SecretVersionRecord {
     pub sealed: String,
 }
 
-/// An image tag in the controller's image store: the manifest it names (its
-/// blobs are in the image blob store, content-addressed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ImageRecord {
-    /// The repository (`team/api`).
-    pub name: String,
-    /// The tag (`1.4`).
-    pub tag: String,
-    /// The manifest's digest (`sha256:...`).
-    pub digest: String,
-    /// The manifest's media type.
-    pub media_type: String,
-    /// Bytes of its config and layers.
-    pub size: u64,
-    /// Its layers.
-    pub layers: u32,
-    /// When it was pushed (Unix ms).
-    pub pushed_unix_ms: u64,
-    /// Who pushed it.
-    pub by: String,
-}
-
-impl ImageRecord {
-    /// `name:tag`, its key.
-    pub fn key(&self) -> String {
-        format!("{}:{}", self.name, self.tag)
-    }
-}
+pub use novacron_api::ImageRecord;
 
 /// What [`Store::events`] found.
 #[derive(Debug, Clone, Default, PartialEq)]
