@@ -271,6 +271,7 @@ impl ContainerRuntime for DockerRuntime {
         &self,
         image: &str,
         auth: Option<&novacron_common::wire::RegistryAuth>,
+        progress: &(dyn Fn(novacron_common::wire::PullProgress) + Send + Sync),
     ) -> Result<(), PullError> {
         let docker = self
             .client()
@@ -285,10 +286,34 @@ impl ContainerRuntime for DockerRuntime {
             serveraddress: a.server.clone(),
             ..Default::default()
         });
-        let mut progress = docker.create_image(Some(options), None, credentials);
+        let mut steps = docker.create_image(Some(options), None, credentials);
         let pulled = tokio::time::timeout(PULL_TIMEOUT, async {
-            while let Some(step) = progress.next().await {
-                step?;
+            // Per layer: (done, total) bytes.
+            let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+            let mut told: Option<std::time::Instant> = None;
+            while let Some(step) = steps.next().await {
+                let step = step?;
+                if let Some(id) = step.id {
+                    let entry = layers.entry(id).or_default();
+                    match (step.status.as_deref(), step.progress_detail) {
+                        (Some("Downloading"), Some(d)) => {
+                            entry.0 = d.current.unwrap_or(0).max(0) as u64;
+                            entry.1 = d.total.unwrap_or(0).max(0) as u64;
+                        }
+                        (Some("Download complete" | "Pull complete" | "Already exists"), _) => {
+                            entry.0 = entry.1;
+                        }
+                        _ => {}
+                    }
+                }
+                if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(500)) {
+                    told = Some(std::time::Instant::now());
+                    progress(novacron_common::wire::PullProgress {
+                        image: image.to_owned(),
+                        done_bytes: layers.values().map(|l| l.0).sum(),
+                        total_bytes: layers.values().map(|l| l.1).sum(),
+                    });
+                }
             }
             Ok::<(), bollard::errors::Error>(())
         })

@@ -118,10 +118,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// Pulls `image` from its registry (with `auth`, else anonymously), within
     /// [`PULL_TIMEOUT`].
+    /// `progress` hears how far it is (at most twice a second).
     fn pull(
         &self,
         image: &str,
         auth: Option<&novacron_common::wire::RegistryAuth>,
+        progress: &(dyn Fn(novacron_common::wire::PullProgress) + Send + Sync),
     ) -> impl Future<Output = Result<(), PullError>> + Send;
 
     /// Creates (does not start) a container named `name`, creating the named volumes

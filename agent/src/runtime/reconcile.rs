@@ -907,6 +907,7 @@ impl Reconciler {
                         Vec::new()
                     },
                     image_digest: rec.image_digest.clone(),
+                    pull: None,
                 }
             })
             .collect();
@@ -927,6 +928,7 @@ impl Reconciler {
                 started_at_unix_ms: None,
                 published: Vec::new(),
                 image_digest: None,
+                pull: None,
             });
         }
         allocations.sort_by(|a, b| a.id.cmp(&b.id));

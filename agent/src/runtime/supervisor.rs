@@ -150,6 +150,8 @@ struct Inner<R> {
     stale: Mutex<Stale>,
     restorer: std::sync::OnceLock<Arc<dyn Restorer>>,
     pulled: Option<Arc<super::images::PulledImages>>,
+    /// The pulls in progress, by allocation (reported while they last).
+    pulling: Mutex<HashMap<String, novacron_common::wire::PullProgress>>,
     /// The images the controller asks this node to pull ahead.
     prepull: watch::Sender<Vec<novacron_common::wire::PrePull>>,
 }
@@ -196,6 +198,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 stale: Mutex::new(Stale::default()),
                 restorer: std::sync::OnceLock::new(),
                 pulled,
+                pulling: Mutex::new(HashMap::new()),
                 prepull: watch::channel(Vec::new()).0,
             }),
         }
@@ -455,7 +458,22 @@ impl<R: ContainerRuntime> Inner<R> {
     }
 
     fn publish(&self) {
-        let report = self.core().report();
+        let mut report = self.core().report();
+        {
+            let pulling = lock(&self.pulling);
+            for a in report.allocations.iter_mut().filter(|a| {
+                matches!(
+                    a.state,
+                    novacron_common::wire::AllocState::Pending
+                        | novacron_common::wire::AllocState::Starting
+                )
+            }) {
+                if let Some(p) = pulling.get(&a.id) {
+                    a.message = p.to_string();
+                    a.pull = Some(p.clone());
+                }
+            }
+        }
         self.report.send_if_modified(|current| {
             if *current == report {
                 false
@@ -824,7 +842,14 @@ async fn launch<R: ContainerRuntime>(
         (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
             let started = std::time::Instant::now();
             let now_ms = novacron_common::clock::unix_ms(std::time::SystemTime::now());
-            if let Some((local, relayed)) = pull_from_store(inner, &spec.id, image).await {
+            // Progress is reported on the allocation while it pulls.
+            let progress = |p: novacron_common::wire::PullProgress| {
+                lock(&inner.pulling).insert(spec.id.clone(), p);
+                inner.publish();
+            };
+            let pulled = pull_from_store(inner, &spec.id, image, &progress).await;
+            if let Some((local, relayed)) = pulled {
+                lock(&inner.pulling).remove(&spec.id);
                 info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image from the controller's image store");
                 if let Some(p) = &inner.pulled {
                     p.pulled(&relayed, now_ms);
@@ -832,13 +857,14 @@ async fn launch<R: ContainerRuntime>(
                 }
                 *image = local;
             } else {
-                runtime
-                    .pull(image, spec.task.registry_auth.as_ref())
-                    .await
-                    .map_err(|e| LaunchError::PullFailed {
-                        image: image.clone(),
-                        message: e.to_string(),
-                    })?;
+                let result = runtime
+                    .pull(image, spec.task.registry_auth.as_ref(), &progress)
+                    .await;
+                lock(&inner.pulling).remove(&spec.id);
+                result.map_err(|e| LaunchError::PullFailed {
+                    image: image.clone(),
+                    message: e.to_string(),
+                })?;
                 info!(alloc = %spec.id, %image, took = ?started.elapsed(), "pulled the image");
                 if let Some(p) = &inner.pulled {
                     p.pulled(image, now_ms);
@@ -938,7 +964,8 @@ async fn prefetch<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: Cancellatio
             }
             let started = std::time::Instant::now();
             let now_ms = novacron_common::clock::unix_ms(std::time::SystemTime::now());
-            if let Some((local, relayed)) = pull_from_store(&inner, "(pull ahead)", &p.image).await
+            if let Some((local, relayed)) =
+                pull_from_store(&inner, "(pull ahead)", &p.image, &|_| {}).await
             {
                 info!(image = %p.image, took = ?started.elapsed(), "pulled ahead from the controller's image store");
                 if let Some(record) = &inner.pulled {
@@ -947,7 +974,11 @@ async fn prefetch<R: ContainerRuntime>(inner: Arc<Inner<R>>, cancel: Cancellatio
                 }
                 continue;
             }
-            match inner.runtime.pull(&p.image, p.registry_auth.as_ref()).await {
+            match inner
+                .runtime
+                .pull(&p.image, p.registry_auth.as_ref(), &|_| {})
+                .await
+            {
                 Ok(()) => {
                     info!(image = %p.image, took = ?started.elapsed(), "pulled ahead");
                     if let Some(record) = &inner.pulled {
@@ -975,11 +1006,16 @@ async fn pull_from_store<R: ContainerRuntime>(
     inner: &Inner<R>,
     alloc: &str,
     image: &str,
+    progress: &(dyn Fn(novacron_common::wire::PullProgress) + Send + Sync),
 ) -> Option<(String, String)> {
     let port = inner.config.image_store_port?;
     let (name, reference) = crate::registry::store_reference(image)?;
     let relayed = format!("127.0.0.1:{port}/{name}{reference}");
-    if let Err(e) = inner.runtime.pull(&relayed, None).await {
+    let named = |mut p: novacron_common::wire::PullProgress| {
+        p.image = image.to_owned();
+        progress(p);
+    };
+    if let Err(e) = inner.runtime.pull(&relayed, None, &named).await {
         debug!(%alloc, %image, error = %e, "not from the controller's image store");
         return None;
     }
@@ -1129,6 +1165,8 @@ mod tests {
         clock_ms: u64,
         list_error: Option<String>,
         creates: u32,
+        /// How long a pull takes (it reports half its bytes first).
+        pull_time: Duration,
     }
 
     #[derive(Debug, Clone)]
@@ -1232,7 +1270,17 @@ mod tests {
             &self,
             image: &str,
             _auth: Option<&novacron_common::wire::RegistryAuth>,
+            progress: &(dyn Fn(novacron_common::wire::PullProgress) + Send + Sync),
         ) -> Result<(), super::super::PullError> {
+            let pull_time = self.state().pull_time;
+            if !pull_time.is_zero() {
+                progress(novacron_common::wire::PullProgress {
+                    image: image.to_owned(),
+                    done_bytes: 50 << 20,
+                    total_bytes: 100 << 20,
+                });
+                tokio::time::sleep(pull_time).await;
+            }
             let mut st = self.state();
             st.pulls += 1;
             if st.registry.contains(image) {
@@ -1469,6 +1517,39 @@ mod tests {
             .iter()
             .find(|a| a.id == id)
             .map(|a| a.state)
+    }
+
+    #[tokio::test]
+    async fn a_pull_in_progress_shows_on_its_allocation_until_it_ends() {
+        let fake = Fake::default();
+        {
+            let mut st = fake.state();
+            st.registry.insert("img:1".into());
+            st.pull_time = Duration::from_millis(300);
+        }
+        let supervisor = Supervisor::new(fake, config());
+        let cancel = CancellationToken::new();
+        let task = supervisor.spawn(cancel.clone());
+        assert!(supervisor.apply(DesiredAllocations {
+            epoch: 1,
+            generation: 1,
+            allocations: vec![alloc("a1")],
+            prepull: Vec::new(),
+        }));
+        let pulling = until(&supervisor, "the pull reported", |r| {
+            r.allocations.iter().any(|a| a.pull.is_some())
+        })
+        .await;
+        let a = &pulling.allocations[0];
+        assert_eq!(a.state, AllocState::Starting);
+        assert_eq!(a.message, "pulling image img:1: 52.4 of 104.9 MB");
+        let done = until(&supervisor, "running", |r| {
+            state_of(r, "a1") == Some(AllocState::Running)
+        })
+        .await;
+        assert_eq!(done.allocations[0].pull, None, "gone once pulled");
+        cancel.cancel();
+        let _ = task.await;
     }
 
     #[tokio::test]

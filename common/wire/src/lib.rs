@@ -1241,6 +1241,34 @@ pub struct AllocationStatus {
     /// (`repo@sha256:...`), when the image came from a registry. Since protocol 3.
     #[serde(default)]
     pub image_digest: Option<String>,
+    /// The pull in progress for its start, if any. Since protocol 3.
+    #[serde(default)]
+    pub pull: Option<PullProgress>,
+}
+
+/// How far a pull is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PullProgress {
+    /// The image being pulled.
+    pub image: String,
+    /// Bytes of its layers downloaded so far.
+    pub done_bytes: u64,
+    /// Bytes of the layers Docker has sized so far (grows while the manifest's
+    /// layers are being reached).
+    pub total_bytes: u64,
+}
+
+impl fmt::Display for PullProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pulling image {}: {:.1} of {:.1} MB",
+            self.image,
+            self.done_bytes as f64 / 1e6,
+            self.total_bytes as f64 / 1e6
+        )
+    }
 }
 
 /// The most published addresses one allocation's status carries (a port bound on

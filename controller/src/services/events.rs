@@ -108,6 +108,8 @@ pub mod kind {
     /// A secret was set (a new version) or deleted; the event names keys, never
     /// values.
     pub const SECRET_CHANGED: &str = "secret.changed";
+    /// A node began or finished pulling an allocation's image.
+    pub const ALLOC_PULL: &str = "alloc.pull";
     /// An image was pushed to the controller's image store.
     pub const IMAGE_PUSHED: &str = "image.pushed";
     /// A node announced a spot interruption.

@@ -134,6 +134,9 @@ struct State {
     /// Allocations being moved by a migration (or its rollback), with what their
     /// new node reported since.
     migrating: BTreeMap<String, MoveReport>,
+    /// Allocations whose node reports a pull in progress: the image and when the
+    /// first report of it came (Unix ms). In memory only, for the events.
+    pulling: BTreeMap<String, (String, u64)>,
 }
 
 /// What the new node of an allocation moved with a checkpoint (a migration or its
@@ -824,6 +827,7 @@ impl Workloads {
             dirty_jobs,
             events,
             migrating,
+            pulling,
             ..
         } = &mut *st;
         for status in &report.allocations {
@@ -876,6 +880,45 @@ impl Workloads {
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
             a.published = published(status);
+            match (&status.pull, pulling.get(&a.id)) {
+                (Some(p), None) => {
+                    pulling.insert(a.id.clone(), (p.image.clone(), now_ms));
+                    events.push(
+                        NewEvent::new(
+                            kind::ALLOC_PULL,
+                            format!("node/{node}"),
+                            format!("{} is pulling image {} on {node}", a.id, p.image),
+                        )
+                        .node(node)
+                        .job(&a.job)
+                        .alloc(&a.id)
+                        .detail("image", &p.image),
+                    );
+                }
+                (None, Some(_)) => {
+                    if let Some((image, since)) = pulling.remove(&a.id) {
+                        let took = now_ms.saturating_sub(since);
+                        events.push(
+                            NewEvent::new(
+                                kind::ALLOC_PULL,
+                                format!("node/{node}"),
+                                format!(
+                                    "{} pulled image {image} on {node} ({:.1} s; {})",
+                                    a.id,
+                                    took as f64 / 1e3,
+                                    status.state
+                                ),
+                            )
+                            .node(node)
+                            .job(&a.job)
+                            .alloc(&a.id)
+                            .detail("image", image)
+                            .detail("took_ms", took),
+                        );
+                    }
+                }
+                _ => {}
+            }
             if let Some(digest) = &status.image_digest
                 && let Some(event) = pin_digest(jobs, &a.job, a.version, digest)
             {
@@ -957,6 +1000,8 @@ impl Workloads {
                 }
             }
         }
+        // Pulls of allocations that are gone are forgotten.
+        pulling.retain(|id, _| allocs.get(id).is_some_and(|a| !a.state.is_terminal()));
         // Allocations the controller stopped and the agent no longer runs.
         for a in allocs.values_mut() {
             if a.node == node
@@ -2264,6 +2309,7 @@ mod tests {
                 exit_code: None,
                 message: "words decide nothing".into(),
                 image_digest: None,
+                pull: None,
                 failure: None,
                 restore_failed,
                 container_id: None,
@@ -2271,6 +2317,54 @@ mod tests {
                 published: Vec::new(),
             }],
         }
+    }
+
+    /// A pull the node reports makes an event when it begins and one when it
+    /// ends, from the typed field (the message is for people).
+    #[test]
+    fn a_pull_makes_an_event_when_it_begins_and_when_it_ends() {
+        let w = workloads_with(test_alloc("api-1", "n1", AllocState::Starting));
+        let mut report = status(AllocState::Starting, 0, false);
+        report.allocations[0].pull = Some(novacron_common::wire::PullProgress {
+            image: "img:1".into(),
+            done_bytes: 1,
+            total_bytes: 2,
+        });
+        w.report("n1", &report, SystemTime::now());
+        report.allocations[0]
+            .pull
+            .as_mut()
+            .expect("pull")
+            .done_bytes = 2;
+        w.report("n1", &report, SystemTime::now());
+        let logged = |w: &Workloads| {
+            let scan = w
+                .events
+                .read(&crate::state::events::EventQuery::default())
+                .expect("events");
+            scan.events
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let events = logged(&w);
+        assert_eq!(
+            events.matches("is pulling image img:1 on n1").count(),
+            1,
+            "{events}"
+        );
+        w.report(
+            "n1",
+            &status(AllocState::Running, 0, false),
+            SystemTime::now(),
+        );
+        let events = logged(&w);
+        assert!(
+            events.contains("api-1 pulled image img:1 on n1"),
+            "{events}"
+        );
+        assert!(w.lock().pulling.is_empty());
     }
 
     /// The node's published addresses are kept with the allocation (at most
