@@ -378,6 +378,7 @@ async fn control_loop(
     let reader = tokio::spawn(read_agent_messages(recv, tx, version));
     let _guard = AbortOnDrop(reader);
     let first = desired.borrow_and_update().clone();
+    warn_undelivered(name, version, &first);
     wire::write_frame_as(version, send, &ControllerMessage::Desired((*first).clone())).await?;
     let ingress_enabled = version >= wire::INGRESS_SINCE;
     let mut ingress = ctx.ingress.clone();
@@ -432,6 +433,7 @@ async fn control_loop(
                 }
                 let next = desired.borrow_and_update().clone();
                 debug!(node = name, generation = next.generation, allocations = next.allocations.len(), "sending desired allocations");
+                warn_undelivered(name, version, &next);
                 wire::write_frame_as(version, send, &ControllerMessage::Desired((*next).clone())).await?;
             }
             changed = ingress.changed(), if ingress_enabled => {
@@ -763,5 +765,20 @@ impl CertRevocation for NodeRevocations {
             ));
         }
         Ok(())
+    }
+}
+
+/// Says, in the log, which allocations a version-2 agent runs without what
+/// protocol 3 carries (secrets, registry credentials): its conversion drops them.
+fn warn_undelivered(node: &str, version: u16, set: &novacron_common::wire::DesiredAllocations) {
+    if version >= 3 {
+        return;
+    }
+    for a in set
+        .allocations
+        .iter()
+        .filter(|a| !a.task.secrets.is_empty() || a.task.registry_auth.is_some())
+    {
+        warn!(node, alloc = %a.id, job = %a.job, "this node's agent speaks protocol 2, which carries no secrets or registry credentials: the allocation runs without them; upgrade the agent");
     }
 }
