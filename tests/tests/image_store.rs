@@ -227,5 +227,7 @@ async fn a_pre_pull_job_puts_its_image_on_eligible_nodes_before_any_replica() {
     })
     .await
     .expect("inventory");
+    let listed = ok(&c.cli(&["node", "images", &agent.name]));
+    assert!(listed.contains(&image), "{listed}");
     let _ = docker(&["rmi", "-f", &image]);
 }

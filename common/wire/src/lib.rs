@@ -480,6 +480,7 @@ pub const MAX_INVENTORY_IMAGES: usize = 4096;
 /// The images a node holds, by reference: every `repo:tag` and `repo@sha256:`
 /// of every image, sorted, for the scheduler's image locality.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageInventory {
     /// The references, sorted, at most [`MAX_INVENTORY_IMAGES`].
     pub images: Vec<String>,

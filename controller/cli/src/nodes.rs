@@ -27,6 +27,13 @@ pub enum NodeCommand {
         #[arg(add = crate::complete::nodes())]
         name: String,
     },
+    /// The images a node reported holding (tags and digests), which the
+    /// scheduler prefers it for.
+    Images {
+        /// The node's name.
+        #[arg(add = crate::complete::nodes())]
+        name: String,
+    },
     /// Cordon a node: nothing new is placed on it; what runs there stays.
     Cordon {
         /// The node's name.
@@ -68,6 +75,28 @@ pub async fn run(
         NodeCommand::Show { name } => {
             let node: NodeView = client.get(&["v1", "nodes", name]).await?;
             output::write_one(out, format, &node, || detail(&node, now))?;
+        }
+        NodeCommand::Images { name } => {
+            let inventory: novacron_common::wire::ImageInventory =
+                client.get(&["v1", "nodes", name, "images"]).await?;
+            output::write_one(out, format, &inventory, || {
+                let mut t = String::new();
+                for image in &inventory.images {
+                    t.push_str(image);
+                    t.push('\n');
+                }
+                t.push_str(&format!(
+                    "{} references, {:.1} MB of images{}\n",
+                    inventory.images.len(),
+                    inventory.bytes as f64 / 1e6,
+                    if inventory.truncated {
+                        " (more not listed)"
+                    } else {
+                        ""
+                    }
+                ));
+                t
+            })?;
         }
         NodeCommand::Cordon { name } | NodeCommand::Uncordon { name } => {
             let verb = if matches!(cmd, NodeCommand::Cordon { .. }) {

@@ -44,6 +44,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(list_nodes))
         .routes(routes!(show_node, delete_node))
         .routes(routes!(node_metrics))
+        .routes(routes!(node_images))
         .routes(routes!(cordon_node))
         .routes(routes!(uncordon_node))
         .routes(routes!(revoke_node))
@@ -340,6 +341,19 @@ async fn node_metrics(
     st.registry
         .window(&name)
         .map(|w| Json(w).into_response())
+        .ok_or_else(|| unknown_node(&name))
+}
+
+#[utoipa::path(get, path = "/v1/nodes/{name}/images", tag = "fleet", params(("name" = String, Path, description = "node name")), responses((status = 200, description = "the images the node last reported holding (empty before its first report)", body = novacron_common::wire::ImageInventory), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn node_images(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    st.registry
+        .images(&name)
+        .map(|i| Json((*i).clone()).into_response())
         .ok_or_else(|| unknown_node(&name))
 }
 
