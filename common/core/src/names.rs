@@ -14,6 +14,25 @@ pub struct NameError {
     pub why: &'static str,
 }
 
+/// Most keys one secret may have (and most secret references one task may
+/// have).
+pub const MAX_SECRET_KEYS: usize = 64;
+/// The longest secret key.
+pub const MAX_SECRET_KEY_LEN: usize = 253;
+
+/// Whether `key` can name a secret's value: 1 to [`MAX_SECRET_KEY_LEN`]
+/// characters of letters, digits, `.`, `_` and `-` (so that it is also a file
+/// name), and neither `.` nor `..`.
+pub fn is_secret_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_SECRET_KEY_LEN
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+}
+
 /// Whether `name` is an image repository name of the OCI distribution
 /// specification: lowercase components of letters and digits joined by `.`,
 /// `_` or `-`, separated by `/`, at most 255 characters (no registry port).
@@ -28,6 +47,18 @@ pub fn is_repository_name(name: &str) -> bool {
                 && b.iter()
                     .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
         })
+}
+
+/// Why `name` is not a valid name for a `noun`, in the words job names use;
+/// `None` when it is valid.
+pub fn problem(name: &str, noun: &str) -> Option<String> {
+    match validate_name(name) {
+        Ok(()) => None,
+        Err(NameError { name, why }) => Some(format!(
+            "{name:?} is not a valid {noun} name: {why}; expected 1 to 63 characters of a-z, \
+             0-9, '-' and '.', starting and ending with a letter or digit"
+        )),
+    }
 }
 
 /// Checks a node or operator name: 1–63 of `a-z 0-9 - .`, alphanumeric at both ends.

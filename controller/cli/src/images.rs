@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use clap::Subcommand;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -160,28 +159,27 @@ pub fn split(image: &str) -> (String, String) {
     }
 }
 
-/// Writes `docker save IMAGE` from this machine's Docker to `to`.
+/// Writes `docker save IMAGE` from this machine's Docker (the `docker` command,
+/// as the operator would run it) to `to`.
 async fn save(image: &str, to: &Path) -> Result<(), CliError> {
-    let docker = bollard::Docker::connect_with_defaults()
-        .map_err(|e| CliError::Usage(format!("cannot reach this machine's Docker: {e}")))?;
-    let mut file = tokio::fs::File::create(to)
+    let out = tokio::process::Command::new("docker")
+        .arg("save")
+        .arg("-o")
+        .arg(to)
+        .arg(image)
+        .output()
         .await
-        .map_err(|e| CliError::Usage(format!("{}: {e}", to.display())))?;
-    let mut stream = docker.export_image(image);
-    use tokio::io::AsyncWriteExt;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
+        .map_err(|e| {
             CliError::Usage(format!(
-                "docker save {image}: {e} (is the image on this machine?)"
+                "cannot run docker ({e}); `image push` reads the image from this machine's Docker, or use `image load FILE` with a docker save archive"
             ))
         })?;
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| CliError::Usage(format!("{}: {e}", to.display())))?;
+    if !out.status.success() {
+        return Err(CliError::Usage(format!(
+            "docker save {image}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
-    file.flush()
-        .await
-        .map_err(|e| CliError::Usage(format!("{}: {e}", to.display())))?;
     Ok(())
 }
 

@@ -182,7 +182,7 @@ async fn receive(path: &std::path::Path, body: Body, digest: &str) -> Result<(),
     Ok(())
 }
 
-#[utoipa::path(put, path = "/v1/images/manifests", tag = "workloads", request_body = ManifestRequest, responses((status = 200, description = "tagged", body = ImageRecord), (status = 409, description = "a blob it names is not stored", content_type = "application/problem+json", body = ApiError), (status = 422, description = "a bad name, tag or manifest", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(put, path = "/v1/images/manifests", tag = "workloads", request_body = ManifestRequest, responses((status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 200, description = "tagged", body = ImageRecord), (status = 409, description = "a blob it names is not stored", content_type = "application/problem+json", body = ApiError), (status = 422, description = "a bad name, tag or manifest", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn put_manifest(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -233,7 +233,7 @@ async fn list_images(
         .map_err(crate::http::api::store_problem)
 }
 
-#[utoipa::path(delete, path = "/v1/images", tag = "workloads", params(ImageTag), responses((status = 204, description = "untagged (its blobs stay while other tags use them)"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(delete, path = "/v1/images", tag = "workloads", params(ImageTag), responses((status = 400, description = "name or tag is missing", content_type = "application/problem+json", body = ApiError), (status = 204, description = "untagged (its blobs stay while other tags use them)"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn delete_image(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

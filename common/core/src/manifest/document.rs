@@ -16,7 +16,7 @@ use yaml_serde::Value;
 use super::load::{error_at, from_yaml};
 use super::locate::{self, FieldPath};
 use super::{API_VERSION, ManifestError, ManifestErrors, Metadata};
-use crate::names::{self, NameError};
+use crate::names;
 
 /// Most rule errors located in one file (as for jobs); past this, only counted.
 const MAX_LOCATED_ERRORS: usize = 100;
@@ -94,15 +94,9 @@ pub(crate) fn envelope(
     rules
 }
 
-/// Why `name` is not a valid name for a `noun`, in the words job names use.
+/// Why `name` is not a valid name for a `noun` (see [`names::problem`]).
 pub(crate) fn name_problem(name: &str, noun: &str) -> Option<String> {
-    match names::validate_name(name) {
-        Ok(()) => None,
-        Err(NameError { name, why }) => Some(format!(
-            "{name:?} is not a valid {noun} name: {why}; expected 1 to 63 characters of a-z, \
-             0-9, '-' and '.', starting and ending with a letter or digit"
-        )),
-    }
+    names::problem(name, noun)
 }
 
 /// Parses the one document of `text` as `M` and checks it.

@@ -29,12 +29,9 @@ use super::{ManifestErrors, Metadata};
 
 /// The `kind` of a secret.
 pub const SECRET_KIND: &str = "Secret";
-/// Most keys one secret may have.
-pub const MAX_SECRET_KEYS: usize = 64;
+pub use crate::names::{MAX_SECRET_KEY_LEN as MAX_KEY_LEN, MAX_SECRET_KEYS, is_secret_key};
 /// Most bytes of all the values of one secret together.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
-/// Longest key.
-pub const MAX_KEY_LEN: usize = 253;
 
 /// What a secret is for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -204,18 +201,6 @@ pub fn check_secret(
     } else {
         Err(document::unlocated(source, rules))
     }
-}
-
-/// Whether `key` can name a secret's value: 1 to [`MAX_KEY_LEN`] characters of
-/// letters, digits, `.`, `_` and `-` (so that it is also a file name).
-pub fn is_secret_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_KEY_LEN
-        && key != "."
-        && key != ".."
-        && key
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
 }
 
 fn check_data(secret_type: SecretType, data: &SecretData, at: &str) -> Vec<Rule> {

@@ -426,9 +426,9 @@ impl Checker<'_> {
     }
 
     fn secrets(&mut self, t: &TaskTemplate, p: &FieldPath) {
-        use super::secret::{MAX_SECRET_KEYS, is_secret_key};
+        use crate::names::{MAX_SECRET_KEYS, is_secret_key};
         if let Some(name) = &t.image_pull_secret
-            && let Some(m) = super::document::name_problem(name, "secret")
+            && let Some(m) = crate::names::problem(name, "secret")
         {
             self.bad(p.key("imagePullSecret"), m);
         }
@@ -446,7 +446,7 @@ impl Checker<'_> {
         let mut files: HashMap<&str, usize> = HashMap::new();
         for (i, r) in t.secrets.iter().enumerate() {
             let at = p.index(i);
-            if let Some(m) = super::document::name_problem(&r.secret, "secret") {
+            if let Some(m) = crate::names::problem(&r.secret, "secret") {
                 self.bad(at.key("secret"), m);
             }
             if !is_secret_key(&r.key) {
