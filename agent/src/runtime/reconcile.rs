@@ -373,6 +373,13 @@ impl Reconciler {
                 }
             }
         }
+        // Containers listed as orphans before their allocation was wanted (a
+        // restarted agent lists before the first set arrives) are its own: the
+        // next observation attaches them to the allocation (or orphans a second
+        // one again). Those already being removed stay orphans.
+        let records = &self.records;
+        self.orphans
+            .retain(|_, o| o.busy || !records.contains_key(&o.alloc));
         true
     }
 
@@ -1973,6 +1980,38 @@ mod tests {
             },
         );
         assert_eq!(r.report().allocations.len(), 1);
+    }
+
+    /// A restarted agent that lists its containers before the first desired set
+    /// arrives sees them as orphans; once the set wants them, they are adopted,
+    /// never removed and started again (the upgrade test caught a rolling
+    /// upgrade starting a second container of every allocation).
+    #[test]
+    fn containers_listed_before_the_first_desired_set_are_adopted_not_removed() {
+        let mut r = core();
+        let now = Instant::now();
+        let mine = spec("a", once());
+        let token = r.observe_begin();
+        r.observe(
+            now,
+            token,
+            vec![observed(&mine, "ca", ContainerStatus::Running)],
+        );
+        assert!(r.plan(now, 16).is_empty(), "no desired set yet");
+        r.apply(desired(1, vec![mine.clone()]));
+        assert!(
+            r.plan(now, 16).is_empty(),
+            "not removed, not launched before it is observed again"
+        );
+        let token = r.observe_begin();
+        r.observe(
+            now,
+            token,
+            vec![observed(&mine, "ca", ContainerStatus::Running)],
+        );
+        assert!(r.plan(now, 16).is_empty(), "adopted");
+        assert_eq!(status(&r, "a").state, AllocState::Running);
+        assert_eq!(status(&r, "a").container_id.as_deref(), Some("ca"));
     }
 
     #[test]
