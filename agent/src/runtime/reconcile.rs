@@ -15,7 +15,9 @@
 //! - Nothing is created before the first observation after an allocation appeared,
 //!   so a restarted agent adopts its containers instead of doubling them.
 //! - Nothing is removed as an orphan before the first desired set has arrived, so a
-//!   restarted agent that has not yet heard from the controller stops nothing.
+//!   restarted agent that has not yet heard from the controller stops nothing; a
+//!   container listed as an orphan before then is its allocation's once a set wants
+//!   it (adopted at the next observation, not removed).
 //! - A missing image fails the allocation once; it is tried again only for a new
 //!   spec.
 //! - A batch task (`TaskSpec::batch`) that exits 0 is complete. Any other exit, and
