@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod exec;
 pub mod ingress;
 pub mod link;
+pub mod listen;
 pub mod metrics;
 pub mod migrate;
 pub mod registry;

@@ -28,7 +28,7 @@ use novacron_common::wire::NodeSample;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -95,26 +95,9 @@ pub async fn serve(listener: TcpListener, source: Source, cancel: CancellationTo
     info!(%addr, "metrics endpoint listening (GET /metrics)");
     let source = Arc::new(source);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: wait a little rather than spin.
-                    warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer, permit)) =
+        crate::listen::next_connection(&listener, &slots, &cancel, "metrics endpoint").await
+    {
         let source = source.clone();
         tokio::spawn(async move {
             let _permit = permit;

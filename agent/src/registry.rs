@@ -64,25 +64,9 @@ impl LocalRegistry {
             .unwrap_or_default();
         info!(%addr, "loopback registry listening (the controller's image store)");
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => return,
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!(error = %e, "loopback registry: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, _, permit)) =
+            crate::listen::next_connection(&listener, &slots, &cancel, "loopback registry").await
+        {
             let me = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
@@ -237,15 +221,10 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 /// Whether `image` can come from the controller's store: a repository name of
 /// the distribution grammar (no registry port) with a tag or a digest.
 pub fn store_reference(image: &str) -> Option<(String, String)> {
-    let (name, reference) = match image.split_once('@') {
-        Some((n, d)) => (n, format!("@{d}")),
-        None => {
-            let slash = image.rfind('/').map_or(0, |i| i + 1);
-            match image[slash..].rfind(':') {
-                Some(i) => (&image[..slash + i], format!(":{}", &image[slash + i + 1..])),
-                None => (image, ":latest".to_string()),
-            }
-        }
+    let (name, tag) = novacron_common::names::split_image_tag(image);
+    let reference = match image.split_once('@') {
+        Some((_, digest)) => format!("@{digest}"),
+        None => format!(":{}", tag.unwrap_or("latest")),
     };
     let ok = novacron_common::names::is_repository_name(name);
     ok.then(|| (name.to_string(), reference))

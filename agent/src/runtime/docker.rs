@@ -232,11 +232,8 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn tag(&self, source: &str, target: &str) -> Result<(), RuntimeError> {
         let docker = self.client().await?;
-        let slash = target.rfind('/').map_or(0, |i| i + 1);
-        let (repo, tag) = match target[slash..].rfind(':') {
-            Some(i) => (&target[..slash + i], &target[slash + i + 1..]),
-            None => (target, "latest"),
-        };
+        let (repo, tag) = novacron_common::names::split_image_tag(target);
+        let tag = tag.unwrap_or("latest");
         let options = bollard::query_parameters::TagImageOptionsBuilder::default()
             .repo(repo)
             .tag(tag)

@@ -641,13 +641,7 @@ pub fn registry_digest(image: &str, repo_digests: &[String]) -> Option<String> {
     if image.contains("@sha256:") {
         return Some(image.to_owned());
     }
-    // The repository is the reference less its tag; a ':' after the last '/'
-    // starts the tag (one before it is a registry port).
-    let slash = image.rfind('/').map_or(0, |i| i + 1);
-    let repo = match image[slash..].rfind(':') {
-        Some(i) => &image[..slash + i],
-        None => image,
-    };
+    let (repo, _) = novacron_common::names::split_image_tag(image);
     let normal = |r: &str| {
         let r = r.strip_prefix("docker.io/").unwrap_or(r);
         r.strip_prefix("library/").unwrap_or(r).to_owned()

@@ -150,6 +150,8 @@ struct Inner<R> {
     stale: Mutex<Stale>,
     restorer: std::sync::OnceLock<Arc<dyn Restorer>>,
     pulled: Option<Arc<super::images::PulledImages>>,
+    /// The allocations the secret files were last swept for.
+    swept: Mutex<HashSet<String>>,
     /// The pulls in progress, by allocation (reported while they last).
     pulling: Mutex<HashMap<String, novacron_common::wire::PullProgress>>,
     /// The images the controller asks this node to pull ahead.
@@ -198,6 +200,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 stale: Mutex::new(Stale::default()),
                 restorer: std::sync::OnceLock::new(),
                 pulled,
+                swept: Mutex::new(HashSet::new()),
                 pulling: Mutex::new(HashMap::new()),
                 prepull: watch::channel(Vec::new()).0,
             }),
@@ -575,7 +578,8 @@ impl<R: ContainerRuntime> Inner<R> {
             .filter_map(|(_, details)| Observed::from_details(details.clone()))
             .collect();
         self.core().observe(Instant::now(), token, observed);
-        // Secret files of allocations this node no longer runs nor wants.
+        // Secret files of allocations this node no longer runs nor wants: the
+        // directory is read again only when that set of allocations changed.
         let keep: HashSet<String> = self
             .core()
             .report()
@@ -583,7 +587,17 @@ impl<R: ContainerRuntime> Inner<R> {
             .into_iter()
             .map(|a| a.id)
             .collect();
-        super::secrets::sweep(&self.config.secrets_dir, keep).await;
+        let changed = {
+            let mut last = lock(&self.swept);
+            let changed = *last != keep;
+            if changed {
+                last.clone_from(&keep);
+            }
+            changed
+        };
+        if changed {
+            super::secrets::sweep(&self.config.secrets_dir, keep).await;
+        }
     }
 }
 

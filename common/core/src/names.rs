@@ -33,6 +33,18 @@ pub fn is_secret_key(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
 }
 
+/// The repository and tag of an image reference `repo[:tag][@digest]` (the
+/// digest left out): a ':' after the last '/' starts the tag, one before it is a
+/// registry port (`registry:5000/team/api:1.4` → `registry:5000/team/api`, `1.4`).
+pub fn split_image_tag(image: &str) -> (&str, Option<&str>) {
+    let image = image.split_once('@').map_or(image, |(name, _)| name);
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[slash..].rfind(':') {
+        Some(i) => (&image[..slash + i], Some(&image[slash + i + 1..])),
+        None => (image, None),
+    }
+}
+
 /// Whether `name` is an image repository name of the OCI distribution
 /// specification: lowercase components of letters and digits joined by `.`,
 /// `_` or `-`, separated by `/`, at most 255 characters (no registry port).

@@ -149,14 +149,8 @@ fn write_reports(
 pub fn split(image: &str) -> (String, String) {
     let image = image.strip_prefix("docker.io/").unwrap_or(image);
     let image = image.strip_prefix("library/").unwrap_or(image);
-    let slash = image.rfind('/').map_or(0, |i| i + 1);
-    match image[slash..].rfind(':') {
-        Some(i) => (
-            image[..slash + i].to_string(),
-            image[slash + i + 1..].to_string(),
-        ),
-        None => (image.to_string(), "latest".to_string()),
-    }
+    let (name, tag) = novacron_common::names::split_image_tag(image);
+    (name.to_string(), tag.unwrap_or("latest").to_string())
 }
 
 /// Writes `docker save IMAGE` from this machine's Docker (the `docker` command,

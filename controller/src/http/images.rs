@@ -76,18 +76,8 @@ async fn blob_stored(
             .header("content-length", n)
             .body(Body::empty())
             .map_err(internal)?,
-        None => StatusCode::NOT_FOUND.into_response_plain(),
+        None => axum::response::IntoResponse::into_response(StatusCode::NOT_FOUND),
     })
-}
-
-trait Plain {
-    fn into_response_plain(self) -> axum::response::Response;
-}
-
-impl Plain for StatusCode {
-    fn into_response_plain(self) -> axum::response::Response {
-        axum::response::IntoResponse::into_response(self)
-    }
 }
 
 #[utoipa::path(put, path = "/v1/images/blobs/{digest}", tag = "workloads", params(("digest" = String, Path, description = "sha256:<hex> of the body")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the blob's bytes"), responses((status = 201, description = "stored (or already there)"), (status = 400, description = "the body's digest is not the one named", content_type = "application/problem+json", body = ApiError), (status = 413, description = "larger than the 32 GiB a blob may have", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the disk is full; nothing was kept", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]

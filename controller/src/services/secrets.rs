@@ -323,23 +323,6 @@ impl Secrets {
         Ok((version, outcome))
     }
 
-    /// Drops versions neither in `in_use` nor among the newest
-    /// [`KEEP_UNUSED_VERSIONS`] (after job versions that used them are gone).
-    pub fn prune(&self, name: &str, in_use: &BTreeSet<u64>) -> Result<(), StoreError> {
-        let mut entries = write(&self.entries);
-        let Some(entry) = entries.get_mut(name) else {
-            return Ok(());
-        };
-        let before = entry.record.versions.len();
-        let mut pruned = entry.clone();
-        prune(&mut pruned, in_use);
-        if pruned.record.versions.len() != before {
-            self.store.put_secret(&pruned.record)?;
-            *entry = pruned;
-        }
-        Ok(())
-    }
-
     /// Deletes `name`, unless `users` (the jobs using it) is not empty.
     pub fn delete(&self, name: &str, users: Vec<String>) -> Result<(), SecretError> {
         if !users.is_empty() {

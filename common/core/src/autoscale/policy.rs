@@ -438,7 +438,7 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
             } else {
                 "pool"
             };
-            if let Some(m) = document::name_problem(n, which) {
+            if let Some(m) = crate::names::problem(n, which) {
                 r.push(Rule::at(p(&format!("target.{which}")), m));
             }
         }
@@ -607,7 +607,7 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
     let mut names = BTreeSet::new();
     for (i, sc) in s.schedules.iter().enumerate() {
         let sp = format!("{prefix}.schedules[{i}]");
-        if let Some(m) = document::name_problem(&sc.name, "schedule") {
+        if let Some(m) = crate::names::problem(&sc.name, "schedule") {
             r.push(Rule::at(format!("{sp}.name"), m));
         } else if !names.insert(sc.name.as_str()) {
             r.push(Rule::at(

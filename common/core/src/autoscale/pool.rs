@@ -285,7 +285,7 @@ pub(crate) fn check_template(t: &NodeTemplateSpec, prefix: &str) -> Vec<Rule> {
             "is empty; expected the provider's instance type, like m5.xlarge",
         ));
     }
-    if let Some(m) = document::name_problem(&t.provider, "provider") {
+    if let Some(m) = crate::names::problem(&t.provider, "provider") {
         r.push(Rule::at(format!("{prefix}.provider"), m));
     }
     if !(t.price_per_hour.is_finite() && t.price_per_hour >= 0.0) {
@@ -365,7 +365,7 @@ pub(crate) fn check_pool(p: &NodePoolSpec, prefix: &str) -> Vec<Rule> {
         )),
         (Some(t), None) => r.extend(check_template(t, &format!("{prefix}.template"))),
         (None, Some(name)) => {
-            if let Some(m) = document::name_problem(name, "node template") {
+            if let Some(m) = crate::names::problem(name, "node template") {
                 r.push(Rule::at(format!("{prefix}.templateRef"), m));
             }
         }
@@ -395,7 +395,7 @@ pub(crate) fn check_sizes(min: u32, max: u32, prefix: &str) -> Vec<Rule> {
 pub(crate) fn check_zones(zones: &[String], prefix: &str) -> Vec<Rule> {
     let mut r = Vec::new();
     for (i, z) in zones.iter().enumerate() {
-        if let Some(m) = document::name_problem(z, "zone") {
+        if let Some(m) = crate::names::problem(z, "zone") {
             r.push(Rule::at(format!("{prefix}.zones[{i}]"), m));
         } else if zones[..i].contains(z) {
             r.push(Rule::at(

@@ -82,7 +82,7 @@ pub(crate) fn envelope(
             format!("{kind:?} is not supported here; expected {expected_kind}"),
         ));
     }
-    if let Some(message) = name_problem(&metadata.name, noun) {
+    if let Some(message) = names::problem(&metadata.name, noun) {
         rules.push(Rule::at("metadata.name", message));
     }
     for key in metadata.labels.keys().filter(|k| k.trim().is_empty()) {
@@ -92,11 +92,6 @@ pub(crate) fn envelope(
         ));
     }
     rules
-}
-
-/// Why `name` is not a valid name for a `noun` (see [`names::problem`]).
-pub(crate) fn name_problem(name: &str, noun: &str) -> Option<String> {
-    names::problem(name, noun)
 }
 
 /// Parses the one document of `text` as `M` and checks it.

@@ -192,7 +192,7 @@ pub fn check_secret(
     data: &SecretData,
 ) -> Result<(), ManifestErrors> {
     let mut rules = Vec::new();
-    if let Some(m) = document::name_problem(name, "secret") {
+    if let Some(m) = crate::names::problem(name, "secret") {
         rules.push(Rule::at("metadata.name", m));
     }
     rules.extend(check_data(secret_type, data, "data"));

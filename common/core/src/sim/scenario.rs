@@ -405,7 +405,7 @@ fn checked(m: ScenarioManifest) -> Result<Scenario, Vec<Rule>> {
     let mut zones: BTreeSet<&str> = BTreeSet::new();
     for (i, p) in s.pools.iter().enumerate() {
         let pp = format!("spec.pools[{i}]");
-        if let Some(msg) = document::name_problem(&p.name, "pool") {
+        if let Some(msg) = crate::names::problem(&p.name, "pool") {
             r.push(Rule::at(format!("{pp}.name"), msg));
         } else if pools.insert(&p.name, p).is_some() {
             r.push(Rule::at(
@@ -503,7 +503,7 @@ fn checked(m: ScenarioManifest) -> Result<Scenario, Vec<Rule>> {
     // Jobs and batches.
     let mut names: BTreeSet<&str> = BTreeSet::new();
     let unique = |r: &mut Vec<Rule>, names: &BTreeSet<&str>, path: String, name: &str| -> bool {
-        if let Some(msg) = document::name_problem(name, "job") {
+        if let Some(msg) = crate::names::problem(name, "job") {
             r.push(Rule::at(path, msg));
             false
         } else if names.contains(name) {
@@ -604,7 +604,7 @@ fn checked(m: ScenarioManifest) -> Result<Scenario, Vec<Rule>> {
     let mut targets: BTreeSet<Target> = BTreeSet::new();
     for (i, p) in s.policies.iter().enumerate() {
         let pp = format!("spec.policies[{i}]");
-        if let Some(msg) = document::name_problem(&p.name, "policy") {
+        if let Some(msg) = crate::names::problem(&p.name, "policy") {
             r.push(Rule::at(format!("{pp}.name"), msg));
         }
         let rules = autoscale::check_spec(&p.spec, &format!("{pp}.spec"), None);
