@@ -510,11 +510,11 @@ pub fn resolve_run(
         }
         None => (None, Origin::Default(keys::DOCKER_HOST.file)),
     };
-    let controller_quic = l.host_port(
+    let controller_quic = l.host_ports(
         keys::CONTROLLER_QUIC,
         flags.controller.as_deref(),
         f.controller_quic.as_deref(),
-        "host:port, e.g. ctl.example.com:7443 or 10.0.0.5:7443",
+        "host:port, or several comma-separated (the controllers of a group), e.g. ctl.example.com:7443 or 10.0.0.5:7443,10.0.0.6:7443",
     )?;
     let any = (Duration::from_millis(10), Duration::from_secs(3600));
     let keep_alive = l.duration(

@@ -340,41 +340,7 @@ async fn session(
         .controller
         .clone()
         .unwrap_or_else(|| enrollment.quic_endpoint.clone());
-    // The endpoint's socket is IPv4: prefer an IPv4 address of the controller.
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target)
-        .await
-        .map_err(|e| SessionError::Resolve(target.clone(), e.to_string()))?
-        .collect();
-    let addr = addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| SessionError::Resolve(target.clone(), "no address".into()))?;
-    let connecting = endpoint
-        .connect_with(client_config, addr, &enrollment.server_name)
-        .map_err(|e| SessionError::Connect {
-            addr,
-            reason: e.to_string(),
-        })?;
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            return Err(match close_reason(&e) {
-                refused @ SessionError::Refused { .. } => refused,
-                _ => SessionError::Connect {
-                    addr,
-                    reason: error_chain(&e),
-                },
-            });
-        }
-        Err(_) => {
-            return Err(SessionError::Connect {
-                addr,
-                reason: "timed out".into(),
-            });
-        }
-    };
+    let conn = connect_any(endpoint, &client_config, &target, &enrollment.server_name).await?;
     let result = serve(
         &conn, config, hello, &creds, shared, supervisor, cancel, legacy,
     )
@@ -387,6 +353,76 @@ async fn session(
         Err(_) => {}
     }
     result
+}
+
+/// Connects to the first controller that completes a handshake. `targets` is one
+/// `host:port` or several, comma-separated (the controllers of a highly
+/// available group; a name may also resolve to several addresses): every
+/// address is tried at once, since only the leading controller listens, and the
+/// first connection wins. When none answers, the error of the first address.
+async fn connect_any(
+    endpoint: &quinn::Endpoint,
+    client_config: &quinn::ClientConfig,
+    targets: &str,
+    server_name: &str,
+) -> Result<quinn::Connection, SessionError> {
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut resolve_error = None;
+    for target in targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match tokio::net::lookup_host(target).await {
+            // The endpoint's socket is IPv4: only IPv4 addresses can be reached.
+            Ok(found) => addrs.extend(found.filter(SocketAddr::is_ipv4)),
+            Err(e) => resolve_error = Some(SessionError::Resolve(target.to_string(), e.to_string())),
+        }
+    }
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(resolve_error
+            .unwrap_or_else(|| SessionError::Resolve(targets.to_string(), "no IPv4 address".into())));
+    }
+    let mut attempts = futures_util::stream::FuturesUnordered::new();
+    for (i, addr) in addrs.iter().copied().enumerate() {
+        let connecting = endpoint.connect_with(client_config.clone(), addr, server_name);
+        attempts.push(async move {
+            let result = match connecting {
+                Err(e) => Err(SessionError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                }),
+                Ok(connecting) => match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                    Ok(Ok(conn)) => Ok(conn),
+                    Ok(Err(e)) => Err(match close_reason(&e) {
+                        refused @ SessionError::Refused { .. } => refused,
+                        _ => SessionError::Connect {
+                            addr,
+                            reason: error_chain(&e),
+                        },
+                    }),
+                    Err(_) => Err(SessionError::Connect {
+                        addr,
+                        reason: "timed out".into(),
+                    }),
+                },
+            };
+            (i, result)
+        });
+    }
+    let mut first_error: Option<(usize, SessionError)> = None;
+    while let Some((i, result)) = futures_util::StreamExt::next(&mut attempts).await {
+        match result {
+            Ok(conn) => return Ok(conn),
+            // A refusal (revoked, version) is the controller's answer: report it.
+            Err(e @ SessionError::Refused { .. }) => return Err(e),
+            Err(e) => {
+                if first_error.as_ref().is_none_or(|(j, _)| i < *j) {
+                    first_error = Some((i, e));
+                }
+            }
+        }
+    }
+    Err(first_error
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| SessionError::Resolve(targets.to_string(), "no address".into())))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -403,6 +403,33 @@ impl<'a> Layers<'a> {
         }
     }
 
+    /// One `host:port` or several, comma-separated (the controllers of a highly
+    /// available group), each checked as [`Layers::host_port`] does; `None`
+    /// when no layer sets it.
+    pub fn host_ports(
+        &self,
+        key: Key,
+        flag: Option<&str>,
+        file: Option<&str>,
+        expected: &str,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some((v, origin)) = self.pick(key, flag, file) else {
+            return Ok(None);
+        };
+        let ok = v.split(',').map(str::trim).all(|one| {
+            one.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains(char::is_whitespace)
+                    && port.parse::<u16>().is_ok()
+            })
+        });
+        if ok {
+            Ok(Some(v))
+        } else {
+            Err(invalid(origin, &v, expected))
+        }
+    }
+
     /// The file that was read, else the default one.
     fn file(&self) -> PathBuf {
         self.path.map_or_else(

@@ -81,6 +81,14 @@ pub mod env {
     pub const SECRETS_KEY_FILE: &str = "NOVACRON_SECRETS_KEY_FILE";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "NOVACRON_LOG_FORMAT";
+    /// `store.backend`.
+    pub const STORE: &str = "NOVACRON_STORE";
+    /// `store.endpoints`, comma-separated.
+    pub const ETCD_ENDPOINTS: &str = "NOVACRON_ETCD_ENDPOINTS";
+    /// `store.prefix`.
+    pub const ETCD_PREFIX: &str = "NOVACRON_ETCD_PREFIX";
+    /// `store.lease`.
+    pub const LEASE: &str = "NOVACRON_LEASE";
 }
 
 /// The settings' names.
@@ -133,6 +141,15 @@ pub mod keys {
     );
     /// Log format.
     pub const LOG_FORMAT: Key = Key::new("serve.log_format", env::LOG_FORMAT, "--log-format");
+    /// The store backend.
+    pub const STORE: Key = Key::new("store.backend", env::STORE, "--store");
+    /// etcd's client URLs.
+    pub const ETCD_ENDPOINTS: Key =
+        Key::new("store.endpoints", env::ETCD_ENDPOINTS, "--etcd-endpoints");
+    /// The fleet's etcd key prefix.
+    pub const ETCD_PREFIX: Key = Key::new("store.prefix", env::ETCD_PREFIX, "--etcd-prefix");
+    /// The leader lease.
+    pub const LEASE: Key = Key::new("store.lease", env::LEASE, "--lease");
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -148,6 +165,128 @@ pub struct ControllerFile {
     /// Settings of `serve`.
     #[serde(default)]
     pub serve: ServeFile,
+    /// Where the state is kept (every subcommand).
+    #[serde(default)]
+    pub store: StoreFile,
+}
+
+/// The `[store]` table: the embedded redb file (the default) or etcd, for a
+/// highly available group of controllers.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// `redb` or `etcd`.
+    pub backend: Option<String>,
+    /// etcd's client URLs.
+    pub endpoints: Option<Vec<String>>,
+    /// The key prefix of this fleet (two fleets can share one etcd).
+    pub prefix: Option<String>,
+    /// The leader lease (2 s to 60 s).
+    pub lease: Option<String>,
+    /// PEM file of the CA that signed etcd's certificates (TLS to etcd).
+    pub ca_file: Option<String>,
+    /// PEM file of this controller's etcd client certificate.
+    pub cert_file: Option<String>,
+    /// PEM file of its key.
+    pub key_file: Option<String>,
+}
+
+/// Where a controller keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded redb file in the data directory.
+    Redb,
+    /// etcd, with a leader elected on a lease of this length.
+    Etcd {
+        /// Connection and prefix.
+        etcd: crate::state::store::EtcdConfig,
+        /// The leader lease.
+        lease: Duration,
+    },
+}
+
+/// The store: `NOVACRON_STORE`, else `store.backend`, else redb; for etcd the
+/// endpoints (`NOVACRON_ETCD_ENDPOINTS`, comma-separated, else
+/// `store.endpoints`), the prefix and the lease the same way.
+pub fn store(loaded: &Loaded, env: &dyn Env) -> Result<StoreChoice, ConfigError> {
+    let l = Layers::new(&PROFILE, loaded, env);
+    let f = &loaded.file.store;
+    let backend = l.pick(keys::STORE, None, f.backend.as_deref());
+    match backend {
+        None => return Ok(StoreChoice::Redb),
+        Some((v, _)) if v == "redb" => return Ok(StoreChoice::Redb),
+        Some((v, _)) if v == "etcd" => {}
+        Some((v, origin)) => return Err(invalid(origin, &v, "redb or etcd")),
+    }
+    let (endpoints, origin) = if let Some(raw) = env.var(keys::ETCD_ENDPOINTS.env) {
+        let list = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>();
+        (list, Origin::Env(keys::ETCD_ENDPOINTS.env))
+    } else if let Some(list) = &f.endpoints {
+        (list.clone(), l.file_origin(keys::ETCD_ENDPOINTS.file))
+    } else {
+        return Err(l.missing("etcd's client URLs", keys::ETCD_ENDPOINTS));
+    };
+    if endpoints.is_empty() {
+        return Err(invalid(origin, "", "one or more URLs such as http://10.0.0.5:2379"));
+    }
+    for e in &endpoints {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(invalid(
+                origin.clone(),
+                e,
+                "URLs such as http://10.0.0.5:2379 or https://etcd-1:2379",
+            ));
+        }
+    }
+    let prefix = match l.pick(keys::ETCD_PREFIX, None, f.prefix.as_deref()) {
+        Some((p, origin)) => {
+            if !p.starts_with('/') || p.len() > 200 || p.contains("//") {
+                return Err(invalid(origin, &p, "a key prefix such as /novacron/prod"));
+            }
+            if p.ends_with('/') { p } else { format!("{p}/") }
+        }
+        None => crate::state::store::etcd::DEFAULT_PREFIX.to_string(),
+    };
+    let lease = l.duration(
+        keys::LEASE,
+        None,
+        f.lease.as_deref(),
+        crate::state::election::DEFAULT_LEASE,
+        (crate::state::election::MIN_LEASE, Duration::from_secs(60)),
+    )?
+    .value;
+    let read = |name: &str, path: &Option<String>| -> Result<Option<String>, ConfigError> {
+        match path {
+            None => Ok(None),
+            Some(path) => std::fs::read_to_string(path).map(Some).map_err(|e| {
+                invalid(
+                    l.file_origin(name),
+                    path,
+                    format!("a readable PEM file ({e})"),
+                )
+            }),
+        }
+    };
+    let ca = read("store.ca_file", &f.ca_file)?;
+    let cert = read("store.cert_file", &f.cert_file)?;
+    let key = read("store.key_file", &f.key_file)?;
+    let tls = ca.map(|ca_pem| crate::state::store::etcd::EtcdTls {
+        ca_pem,
+        identity: cert.zip(key),
+    });
+    Ok(StoreChoice::Etcd {
+        etcd: crate::state::store::EtcdConfig {
+            endpoints,
+            prefix,
+            tls,
+        },
+        lease,
+    })
 }
 
 /// The `[init]` table.

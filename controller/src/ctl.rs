@@ -415,6 +415,13 @@ async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -
     if let Err(e) = pki_files::load(data_dir) {
         return config_error(&e.to_string());
     }
+    let choice = match config_file::store(loaded, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    if let config_file::StoreChoice::Etcd { etcd, lease } = choice {
+        return serve_group(config, data_dir, etcd, lease).await;
+    }
     let controller = match server::start(config.clone()).await {
         Ok(c) => c,
         Err(e) => {
@@ -422,6 +429,21 @@ async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -
             return 1;
         }
     };
+    announce(data_dir, &controller);
+    // Tell systemd (Type=notify) that the API and the agent link are serving.
+    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(%error, "cannot notify systemd of readiness");
+    }
+    novacron_common::signal::ignore_hangup("novacron-controller");
+    novacron_common::signal::shutdown_signal().await;
+    info!("stopping on signal");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    controller.shutdown().await;
+    0
+}
+
+/// Writes the API URL file and says that the controller serves.
+fn announce(data_dir: &Path, controller: &server::Controller) {
     let host = if controller.api_addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else {
@@ -441,16 +463,42 @@ async fn serve(loaded: &config_file::Loaded, data_dir: &Path, args: ServeArgs) -
         "controller ready: api {url}, agent link udp {}",
         controller.quic_addr
     );
-    // Tell systemd (Type=notify) that the API and the agent link are serving.
+}
+
+/// `serve` in a group on etcd: a standby until elected, the whole controller
+/// while it leads, a standby again after its term ends; resigns on a signal.
+async fn serve_group(
+    config: ControllerConfig,
+    data_dir: &Path,
+    etcd: crate::state::store::EtcdConfig,
+    lease: Duration,
+) -> i32 {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    novacron_common::signal::ignore_hangup("novacron-controller");
+    tokio::spawn(async move {
+        novacron_common::signal::shutdown_signal().await;
+        info!("stopping on signal");
+        on_signal.cancel();
+    });
+    // Ready for systemd once the group is joined: a standby is a healthy member.
+    println!("controller standing by: campaigning for leadership");
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(%error, "cannot notify systemd of readiness");
     }
-    novacron_common::signal::ignore_hangup("novacron-controller");
-    novacron_common::signal::shutdown_signal().await;
-    info!("stopping on signal");
+    let dir = data_dir.to_owned();
+    let result = crate::services::group::serve(config, etcd, lease, shutdown, |c| {
+        announce(&dir, c)
+    })
+    .await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    controller.shutdown().await;
-    0
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
 }
 
 fn admin_issue(data_dir: &Path, name: &str, role: &str, ttl: Duration, out: &Path) -> i32 {

@@ -143,17 +143,31 @@ pub struct Controller {
     /// Whether this controller leads (always, for a single controller); the
     /// singleton services run while it does.
     pub leadership: Leadership,
+    events: Arc<EventLog>,
     cancel: CancellationToken,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Starts a controller on an initialized data directory.
+/// Starts a controller on an initialized data directory, on its embedded store.
 pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
+    tls::install_crypto_provider();
+    load_pricing(&config.data_dir)?;
+    pki_files::load(&config.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
+    start_with(config, store, None).await
+}
+
+/// Starts a controller on `store` (the leader of an etcd group, whose `group`
+/// answers `controller list`; `None` for a single controller).
+pub async fn start_with(
+    config: ControllerConfig,
+    store: Arc<dyn Store>,
+    group: Option<Arc<crate::services::group::GroupView>>,
+) -> anyhow::Result<Controller> {
     tls::install_crypto_provider();
     let pricing = load_pricing(&config.data_dir)?;
     let pki = pki_files::load(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
     let registry = Arc::new(Registry::load(
         store.clone(),
         RegistryConfig {
@@ -284,6 +298,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         index: index.clone(),
         secrets,
         images,
+        group,
     });
 
     let mut dns_domain = novacron_dns::Name::from_ascii(&config.dns_domain)
@@ -361,6 +376,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
         registry,
         workloads,
         leadership,
+        events,
         cancel,
         endpoint,
         tasks,
@@ -415,6 +431,20 @@ fn singletons(
 }
 
 impl Controller {
+    /// Records that `member` was elected leader of its group with `epoch` (the
+    /// election key's revision).
+    pub fn record_election(&self, member: &str, epoch: i64) {
+        let event = events::NewEvent::new(
+            "controller.elected",
+            member,
+            format!("controller {member} was elected leader (epoch {epoch})"),
+        )
+        .detail("epoch", epoch.to_string());
+        if let Err(error) = self.events.record(event) {
+            warn!(%error, "cannot record the election");
+        }
+    }
+
     /// Stops serving: closes agent connections, stops the API and persists marks.
     pub async fn shutdown(self) {
         self.cancel.cancel();

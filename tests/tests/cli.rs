@@ -79,6 +79,7 @@ impl Fleet {
             cert: write("cert.pem", &cert.cert_pem),
             key: write("key.pem", &cert.key_pem),
             token_file: None,
+            also: vec![],
         };
         write_context(&self.config_path(), name, &ctx, true).expect("write context");
     }

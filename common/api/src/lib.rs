@@ -5,6 +5,7 @@
 //! change apart. `ToSchema` derives are behind the `openapi` feature.
 
 pub mod certs;
+pub mod controllers;
 pub mod costs;
 pub mod images;
 pub mod jobs;
@@ -17,6 +18,7 @@ pub mod services;
 pub mod terminal;
 
 pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
+pub use controllers::{ControllerMember, ControllersView, EtcdMemberHealth};
 pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
 pub use images::ImageRecord;
 pub use jobs::{

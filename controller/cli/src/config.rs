@@ -150,6 +150,11 @@ pub struct Context {
     /// A file holding an API token (`nca_…`), used when there is no certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// The APIs of the other controllers of a highly available group: a command
+    /// uses the first of `api` and these that accepts a connection (followers
+    /// listen on no port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<ApiUrl>,
 }
 
 fn is_empty_path(p: &Path) -> bool {
@@ -157,6 +162,32 @@ fn is_empty_path(p: &Path) -> bool {
 }
 
 impl Context {
+    /// This context aimed at the first of its controllers that accepts a TCP
+    /// connection within `timeout` (in the order `api`, then `also`); itself
+    /// when none does (the command then reports the first as unreachable).
+    pub fn reachable(&self, timeout: std::time::Duration) -> Context {
+        if self.also.is_empty() {
+            return self.clone();
+        }
+        for url in std::iter::once(&self.api).chain(&self.also) {
+            let u = url.url();
+            let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+                continue;
+            };
+            let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port));
+            let up = addrs.is_ok_and(|mut addrs| {
+                addrs.any(|a| std::net::TcpStream::connect_timeout(&a, timeout).is_ok())
+            });
+            if up {
+                return Context {
+                    api: url.clone(),
+                    ..self.clone()
+                };
+            }
+        }
+        self.clone()
+    }
+
     /// This context with relative paths made relative to `config_path`'s folder.
     pub fn resolved(&self, config_path: &Path) -> Context {
         let base = config_path.parent().unwrap_or(Path::new(""));
@@ -180,6 +211,7 @@ impl Context {
             cert: keep_empty(&self.cert),
             key: keep_empty(&self.key),
             token_file: self.token_file.as_deref().map(abs),
+            also: self.also.clone(),
         }
     }
 }
@@ -430,6 +462,7 @@ mod tests {
             cert: PathBuf::from(format!("{dir}/cert.pem")),
             key: PathBuf::from(format!("{dir}/key.pem")),
             token_file: None,
+            also: vec![],
         }
     }
 
@@ -555,6 +588,7 @@ mod tests {
             cert: "/abs/cert.pem".into(),
             key: "keys/k.pem".into(),
             token_file: None,
+            also: vec![],
         };
         let r = c.resolved(Path::new("/home/a/.config/novacron/config.toml"));
         assert_eq!(r.ca, Path::new("/home/a/.config/novacron/ca.pem"));

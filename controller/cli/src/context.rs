@@ -74,6 +74,10 @@ pub struct AddArgs {
     /// a certificate.
     #[arg(long, value_name = "FILE", required_unless_present = "cert")]
     pub token_file: Option<PathBuf>,
+    /// Another controller of the same highly available group (repeatable):
+    /// commands use the first controller that answers.
+    #[arg(long = "also", value_name = "URL")]
+    pub also: Vec<ApiUrl>,
     /// Make it the current context.
     #[arg(long = "use")]
     pub make_current: bool,
@@ -232,6 +236,7 @@ fn add(args: &AddArgs, path: &Path, out: &mut dyn Write) -> Result<(), CliError>
             .as_deref()
             .map(|p| readable("--token-file", p))
             .transpose()?,
+        also: args.also.clone(),
     };
     super::config::write_context(path, &args.name, &ctx, args.make_current)?;
     let current = ContextFile::load(path)?.current.as_deref() == Some(args.name.as_str());

@@ -275,6 +275,7 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
         cert: data.join("pki/admin.pem"),
         key: data.join("pki/admin-key.pem"),
         token_file: None,
+        also: vec![],
     };
     let client = ApiClient::new("dev", &ctx, SystemTime::now()).map_err(|e| DevError::Step {
         step: "reading the dev credentials".into(),

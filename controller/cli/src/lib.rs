@@ -17,6 +17,7 @@ pub mod client;
 pub mod complete;
 pub mod config;
 pub mod context;
+pub mod controllers;
 pub mod costs;
 pub mod dev;
 pub mod events;
@@ -204,6 +205,9 @@ pub enum Command {
     /// Certificates: revoke one by serial (admin), list the revoked ones.
     #[command(subcommand)]
     Cert(certs::CertCommand),
+    /// The controllers of a highly available group: members, leader, etcd health.
+    #[command(subcommand)]
+    Controller(controllers::ControllerCommand),
     /// Manage controller contexts.
     #[command(subcommand, long_about = CONTEXT_LONG_ABOUT)]
     Context(ContextCommand),
@@ -463,6 +467,10 @@ pub async fn run(
             let client = connect(cli, env, now)?;
             images::run(cmd, &client, cli.output, out, now).await
         }
+        Command::Controller(cmd) => {
+            let client = connect(cli, env, now)?;
+            controllers::run(cmd, &client, cli.output, out, now).await
+        }
         Command::Secret(cmd) => {
             let client = connect(cli, env, now)?;
             secrets::run(cmd, &client, cli.output, out, now).await
@@ -661,7 +669,8 @@ fn connect(cli: &Cli, env: &dyn Env, now: SystemTime) -> Result<ApiClient, CliEr
     let file = ContextFile::load(&path)?;
     let (name, ctx) = file.select(cli.context.as_deref(), &path)?;
     let token = env.var(config::TOKEN_ENV).filter(|t| !t.trim().is_empty());
-    let client = ApiClient::with_token(&name, &ctx.resolved(&path), token, now)?;
+    let ctx = ctx.resolved(&path).reachable(Duration::from_millis(500));
+    let client = ApiClient::with_token(&name, &ctx, token, now)?;
     Ok(match &cli.watch_index {
         Some(index) => client.watching(index.clone()),
         None => client,

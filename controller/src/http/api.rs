@@ -53,6 +53,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(revoke_api_token))
         .routes(routes!(delete_api_token))
         .routes(routes!(version))
+        .routes(routes!(controllers))
         .routes(routes!(stats))
         .routes(routes!(reset_latency))
 }
@@ -697,6 +698,36 @@ async fn revoke_api_token(
 async fn version(caller: Caller) -> Result<Json<VersionInfo>, Problem> {
     caller.require(Role::Viewer)?;
     Ok(Json(VersionInfo::this_build()))
+}
+
+#[utoipa::path(get, path = "/v1/controllers", tag = "controller", responses((status = 200, description = "the controller group: members, leader, lease, etcd's health", body = novacron_api::ControllersView), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError), (status = 503, description = "etcd cannot be read", content_type = "application/problem+json", body = ApiError)))]
+async fn controllers(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<novacron_api::ControllersView>, Problem> {
+    caller.require(Role::Viewer)?;
+    match &st.group {
+        Some(group) => group
+            .view()
+            .await
+            .map(Json)
+            .map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e)),
+        None => Ok(Json(novacron_api::ControllersView {
+            store: "redb".into(),
+            leader: Some(st.server_name.clone()),
+            epoch: 0,
+            lease_secs: 0,
+            leader_for_secs: 0,
+            members: vec![novacron_api::ControllerMember {
+                name: st.server_name.clone(),
+                api_url: st.api_url.clone(),
+                quic: st.quic_endpoint.clone(),
+                leader: true,
+                up_secs: 0,
+            }],
+            etcd: vec![],
+        })),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]

@@ -56,4 +56,7 @@ pub struct ApiState {
     pub secrets: Arc<crate::services::secrets::Secrets>,
     /// Images pushed to the controller.
     pub images: Arc<crate::services::images::Images>,
+    /// The controller group on etcd (`controller list`); `None` for a single
+    /// controller on its embedded store.
+    pub group: Option<Arc<crate::services::group::GroupView>>,
 }

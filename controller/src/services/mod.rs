@@ -10,6 +10,7 @@ pub mod certs;
 pub mod context;
 pub mod costs;
 pub mod events;
+pub mod group;
 pub mod heavy;
 pub mod images;
 pub mod index;

@@ -5,6 +5,7 @@
 pub mod api_tokens;
 pub mod blobs;
 pub mod bundles;
+pub mod election;
 pub mod events;
 pub mod policies;
 pub mod registry;

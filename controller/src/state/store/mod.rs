@@ -33,8 +33,10 @@ use crate::state::tokens::{self, JoinToken, TokenError, TokenRecord};
 
 use novacron_api::{AllocPortView, AllocView, Event, PublishedAddressView};
 
+pub mod etcd;
 mod memory;
 
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;
 
 /// The most bytes a manifest may have (an apply's largest record).
@@ -554,6 +556,24 @@ pub enum StoreError {
         /// The decoding error.
         reason: String,
     },
+    /// etcd failed or did not answer (no quorum, unreachable, a limit met).
+    #[error("etcd store at {endpoints}: {op} failed: {reason}")]
+    Etcd {
+        /// The configured client URLs.
+        endpoints: String,
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        reason: String,
+    },
+    /// A write of a controller that is not (or no longer) the leader was refused.
+    #[error("{op} refused: {reason}; writes go to the leading controller")]
+    Fenced {
+        /// What was being done.
+        op: &'static str,
+        /// Why this controller may not write.
+        reason: String,
+    },
     /// A record could not be encoded (this is a bug).
     #[error("store {}: cannot encode the value for table {table:?} under key {key:?}: {reason}", .path.display())]
     Encode {
@@ -573,7 +593,16 @@ impl StoreError {
     /// the file to be reopened) rather than the data's: the same write may succeed
     /// once the disk is fixed.
     pub fn is_io(&self) -> bool {
-        matches!(self, StoreError::Database { source, .. } if io_error(source))
+        match self {
+            StoreError::Database { source, .. } => io_error(source),
+            StoreError::Etcd { .. } | StoreError::Fenced { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the write was refused because this controller does not lead.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
     }
 
     /// Whether the disk is full (`ENOSPC`).
@@ -682,21 +711,7 @@ impl RedbStore {
             // A new file, or (in future versions) an older schema to migrate here.
             _ => self.put_in(&txn, META, SCHEMA_VERSION_KEY, &SCHEMA_VERSION, OP)?,
         }
-        for table in [
-            NODES,
-            TOKENS,
-            REVOCATIONS,
-            CERT_REVOCATIONS,
-            METRIC_MARKS,
-            JOBS,
-            ALLOCATIONS,
-            API_TOKENS,
-            POLICIES,
-            NODE_POOLS,
-            NODE_TEMPLATES,
-            SECRETS,
-            IMAGES,
-        ] {
+        for table in ALL_TABLES {
             txn.open_table(table.def()).map_err(self.fail(OP))?;
         }
         txn.open_table(EVENTS).map_err(self.fail(OP))?;
@@ -902,6 +917,39 @@ impl RedbStore {
             let key = key.value().to_owned();
             let record = self.decode(table, &key, value.value())?;
             out.push((key, record));
+        }
+        Ok(out)
+    }
+}
+
+impl RedbStore {
+    /// Every record of the file as (key, JSON bytes) in the etcd store's layout
+    /// (`t/<table>/<key>`, `events/<seq>`, `changes/<revision>`, `meta/<key>`),
+    /// read in one transaction: what `novacron-controller store migrate` copies.
+    pub fn export(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        const OP: &str = "exporting the store";
+        let txn = self.begin_read(OP)?;
+        let mut out = Vec::new();
+        for table in ALL_TABLES {
+            let t = txn.open_table(table.def()).map_err(self.fail(OP))?;
+            for entry in t.iter().map_err(self.fail(OP))? {
+                let (k, v) = entry.map_err(self.fail(OP))?;
+                out.push((format!("t/{}/{}", table.name, k.value()), v.value().to_vec()));
+            }
+        }
+        let meta = txn.open_table(META.def()).map_err(self.fail(OP))?;
+        for entry in meta.iter().map_err(self.fail(OP))? {
+            let (k, v) = entry.map_err(self.fail(OP))?;
+            if k.value() != PROBE_KEY {
+                out.push((format!("meta/{}", k.value()), v.value().to_vec()));
+            }
+        }
+        for (name, def) in [("events", EVENTS), ("changes", CHANGES)] {
+            let t = txn.open_table(def).map_err(self.fail(OP))?;
+            for entry in t.iter().map_err(self.fail(OP))? {
+                let (k, v) = entry.map_err(self.fail(OP))?;
+                out.push((format!("{name}/{:020}", k.value()), v.value().to_vec()));
+            }
         }
         Ok(out)
     }
@@ -1311,6 +1359,22 @@ const NODE_TEMPLATES: Table = Table {
 const ALLOCATIONS: Table = Table {
     name: "allocations",
 };
+/// Every record table (not `meta`, the event log or the change log).
+const ALL_TABLES: [Table; 13] = [
+    NODES,
+    TOKENS,
+    REVOCATIONS,
+    CERT_REVOCATIONS,
+    METRIC_MARKS,
+    JOBS,
+    ALLOCATIONS,
+    API_TOKENS,
+    POLICIES,
+    NODE_POOLS,
+    NODE_TEMPLATES,
+    SECRETS,
+    IMAGES,
+];
 /// The `meta` key [`Store::writable`] writes and removes again.
 const PROBE_KEY: &str = "write-probe";
 const SCHEMA_VERSION_KEY: &str = "schema_version";
@@ -1847,7 +1911,31 @@ mod tests {
                     }
                 )*
             }
+            mod etcd {
+                $(
+                    #[test]
+                    fn $case() {
+                        super::$case(&super::etcd_store(stringify!($case)));
+                    }
+                )*
+            }
         };
+    }
+
+    /// One etcd member for the whole test binary, started at first use.
+    fn test_etcd() -> &'static etcd::testing::TestEtcd {
+        static ETCD: std::sync::OnceLock<etcd::testing::TestEtcd> = std::sync::OnceLock::new();
+        ETCD.get_or_init(etcd::testing::TestEtcd::start)
+    }
+
+    /// An etcd store under a prefix of its own (each case starts empty).
+    pub(super) fn etcd_store(case: &str) -> EtcdStore {
+        let config = EtcdConfig {
+            endpoints: vec![test_etcd().endpoint.clone()],
+            prefix: format!("/test/{case}/{}/", rand::random::<u32>()),
+            tls: None,
+        };
+        EtcdStore::open(config, false).expect("open an etcd store")
     }
 
     fn changes_of(page: ChangePage) -> Vec<(u64, String, bool)> {
