@@ -333,3 +333,126 @@ pub async fn group(client: &Client, keys: &Keys) -> Result<Group, etcd_client::E
         }),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::state::policies::PolicyRecord;
+    use crate::state::store::etcd::testing::TestEtcd;
+    use crate::state::store::{EtcdConfig, EtcdStore, Store, StoreError};
+
+    fn config(etcd: &TestEtcd) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: "/fleet/".into(),
+            tls: None,
+        }
+    }
+
+    fn member(name: &str) -> MemberInfo {
+        MemberInfo {
+            name: name.into(),
+            api_url: format!("https://{name}:7443"),
+            quic: format!("{name}:7443"),
+            since_unix_ms: 0,
+        }
+    }
+
+    fn policy(name: &str) -> PolicyRecord {
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "source": "",
+            "file": "p.yaml",
+            "applied_by": "test",
+            "applied_at_unix_ms": 0,
+        }))
+        .unwrap_or_else(|_| panic!("a policy record; fields changed?"))
+    }
+
+    /// Writes through `store` on a blocking thread (the store waits on its own
+    /// runtime).
+    async fn write(store: &Arc<EtcdStore>, name: &str) -> Result<(), StoreError> {
+        let (store, name) = (store.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || store.put_policy(&policy(&name)))
+            .await
+            .expect("no panic")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_elected_controller_writes_and_a_deposed_one_is_fenced() {
+        let etcd = TestEtcd::start();
+        let cfg = config(&etcd);
+        let keys = Keys::new(&cfg.prefix);
+        let open = |cfg: EtcdConfig| async move {
+            Arc::new(
+                tokio::task::spawn_blocking(move || EtcdStore::open(cfg, true))
+                    .await
+                    .expect("no panic")
+                    .expect("open"),
+            )
+        };
+        let (a, b) = (open(cfg.clone()).await, open(cfg.clone()).await);
+        let client = cfg.connect().await.expect("connect");
+        let shutdown = CancellationToken::new();
+
+        // Nobody leads yet: no write goes through.
+        let refused = write(&a, "p").await.expect_err("not elected");
+        assert!(refused.is_fenced(), "{refused}");
+
+        let term_a = campaign(&client, &keys, &member("a"), MIN_LEASE, &shutdown)
+            .await
+            .expect("campaign")
+            .expect("elected");
+        a.set_fence(Some(term_a.fence.clone()));
+        write(&a, "p").await.expect("the leader writes");
+
+        // B campaigns while A leads: it waits.
+        let (client_b, keys_b, shutdown_b) = (client.clone(), keys.clone(), shutdown.clone());
+        let b_campaign = tokio::spawn(async move {
+            campaign(&client_b, &keys_b, &member("b"), MIN_LEASE, &shutdown_b).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!b_campaign.is_finished(), "B must not be elected while A leads");
+        let g = group(&client, &keys).await.expect("group");
+        assert_eq!(g.members.len(), 2, "{g:?}");
+        assert_eq!(g.leader.as_ref().map(|(l, _)| l.name.as_str()), Some("a"));
+
+        // A is "paused": its keep-alive stops, its lease runs out, B takes over.
+        let stale = term_a.fence.clone();
+        term_a.keeper.abort();
+        let term_b = tokio::time::timeout(Duration::from_secs(15), b_campaign)
+            .await
+            .expect("B is elected once A's lease expired")
+            .expect("no panic")
+            .expect("campaign")
+            .expect("elected");
+        assert!(term_b.fence.revision > stale.revision, "epochs rise");
+        b.set_fence(Some(term_b.fence.clone()));
+        write(&b, "p").await.expect("the new leader writes");
+
+        // A wakes up and writes with its old fence: refused, and told it lost.
+        assert!(!stale.lost.is_cancelled());
+        let refused = write(&a, "p").await.expect_err("fenced");
+        assert!(refused.is_fenced(), "{refused}");
+        assert!(stale.lost.is_cancelled(), "the fenced write ends A's term");
+
+        // B resigns: the key goes at once, and A (campaigning again) leads.
+        let started = Instant::now();
+        term_b.resign().await;
+        let term_a2 = campaign(&client, &keys, &member("a"), MIN_LEASE, &shutdown)
+            .await
+            .expect("campaign")
+            .expect("elected");
+        assert!(
+            started.elapsed() < MIN_LEASE,
+            "a resignation hands over without waiting for the lease"
+        );
+        a.set_fence(Some(term_a2.fence.clone()));
+        write(&a, "p").await.expect("A leads again");
+        let refused = write(&b, "p").await.expect_err("B's term ended");
+        assert!(refused.is_fenced(), "{refused}");
+        term_a2.resign().await;
+    }
+}

@@ -1915,27 +1915,24 @@ mod tests {
                 $(
                     #[test]
                     fn $case() {
-                        super::$case(&super::etcd_store(stringify!($case)));
+                        let (_member, store) = super::etcd_store(stringify!($case));
+                        super::$case(&store);
                     }
                 )*
             }
         };
     }
 
-    /// One etcd member for the whole test binary, started at first use.
-    fn test_etcd() -> &'static etcd::testing::TestEtcd {
-        static ETCD: std::sync::OnceLock<etcd::testing::TestEtcd> = std::sync::OnceLock::new();
-        ETCD.get_or_init(etcd::testing::TestEtcd::start)
-    }
-
-    /// An etcd store under a prefix of its own (each case starts empty).
-    pub(super) fn etcd_store(case: &str) -> EtcdStore {
+    /// An etcd member of its own (killed on drop) and a store on it.
+    pub(super) fn etcd_store(case: &str) -> (crate::state::store::etcd::testing::TestEtcd, EtcdStore) {
+        let member = crate::state::store::etcd::testing::TestEtcd::start();
         let config = EtcdConfig {
-            endpoints: vec![test_etcd().endpoint.clone()],
-            prefix: format!("/test/{case}/{}/", rand::random::<u32>()),
+            endpoints: vec![member.endpoint.clone()],
+            prefix: format!("/test/{case}/"),
             tls: None,
         };
-        EtcdStore::open(config, false).expect("open an etcd store")
+        let store = EtcdStore::open(config, false).expect("open an etcd store");
+        (member, store)
     }
 
     fn changes_of(page: ChangePage) -> Vec<(u64, String, bool)> {
