@@ -372,13 +372,16 @@ async fn connect_any(
         match tokio::net::lookup_host(target).await {
             // The endpoint's socket is IPv4: only IPv4 addresses can be reached.
             Ok(found) => addrs.extend(found.filter(SocketAddr::is_ipv4)),
-            Err(e) => resolve_error = Some(SessionError::Resolve(target.to_string(), e.to_string())),
+            Err(e) => {
+                resolve_error = Some(SessionError::Resolve(target.to_string(), e.to_string()))
+            }
         }
     }
     addrs.dedup();
     if addrs.is_empty() {
-        return Err(resolve_error
-            .unwrap_or_else(|| SessionError::Resolve(targets.to_string(), "no IPv4 address".into())));
+        return Err(resolve_error.unwrap_or_else(|| {
+            SessionError::Resolve(targets.to_string(), "no IPv4 address".into())
+        }));
     }
     let mut attempts = futures_util::stream::FuturesUnordered::new();
     for (i, addr) in addrs.iter().copied().enumerate() {

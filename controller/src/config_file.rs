@@ -232,7 +232,11 @@ pub fn store(loaded: &Loaded, env: &dyn Env) -> Result<StoreChoice, ConfigError>
         return Err(l.missing("etcd's client URLs", keys::ETCD_ENDPOINTS));
     };
     if endpoints.is_empty() {
-        return Err(invalid(origin, "", "one or more URLs such as http://10.0.0.5:2379"));
+        return Err(invalid(
+            origin,
+            "",
+            "one or more URLs such as http://10.0.0.5:2379",
+        ));
     }
     for e in &endpoints {
         if !(e.starts_with("http://") || e.starts_with("https://")) {
@@ -252,14 +256,15 @@ pub fn store(loaded: &Loaded, env: &dyn Env) -> Result<StoreChoice, ConfigError>
         }
         None => crate::state::store::etcd::DEFAULT_PREFIX.to_string(),
     };
-    let lease = l.duration(
-        keys::LEASE,
-        None,
-        f.lease.as_deref(),
-        crate::state::election::DEFAULT_LEASE,
-        (crate::state::election::MIN_LEASE, Duration::from_secs(60)),
-    )?
-    .value;
+    let lease = l
+        .duration(
+            keys::LEASE,
+            None,
+            f.lease.as_deref(),
+            crate::state::election::DEFAULT_LEASE,
+            (crate::state::election::MIN_LEASE, Duration::from_secs(60)),
+        )?
+        .value;
     let read = |name: &str, path: &Option<String>| -> Result<Option<String>, ConfigError> {
         match path {
             None => Ok(None),

@@ -487,10 +487,8 @@ async fn serve_group(
         tracing::warn!(%error, "cannot notify systemd of readiness");
     }
     let dir = data_dir.to_owned();
-    let result = crate::services::group::serve(config, etcd, lease, shutdown, |c| {
-        announce(&dir, c)
-    })
-    .await;
+    let result =
+        crate::services::group::serve(config, etcd, lease, shutdown, |c| announce(&dir, c)).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     match result {
         Ok(()) => 0,

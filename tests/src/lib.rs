@@ -8,6 +8,7 @@
 pub mod counter_image;
 pub mod dns;
 pub mod fleet_image;
+pub mod ha;
 pub mod procfs;
 pub mod registry;
 
@@ -73,7 +74,11 @@ pub struct Controller {
     pub child: Option<Child>,
     /// The CA fingerprint.
     pub fingerprint: String,
+    /// Extra environment of `serve` (the etcd store's settings).
+    pub env: Vec<(String, String)>,
     log_dir: PathBuf,
+    /// Log files are `<log_name>-<start>.log` in `log_dir`.
+    log_name: String,
     starts: u32,
     listen_ip: String,
     server_name: String,
@@ -128,7 +133,9 @@ impl Controller {
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             child: None,
             fingerprint,
+            env: Vec::new(),
             log_dir: root.to_path_buf(),
+            log_name: "controller".into(),
             starts: 0,
             listen_ip: listen_ip.to_string(),
             server_name: server_name.to_string(),
@@ -173,23 +180,7 @@ impl Controller {
         if let Some(mut old) = self.child.take() {
             let _ = old.kill().await;
         }
-        self.starts += 1;
-        let log_path = self.log_dir.join(format!("controller-{}.log", self.starts));
-        let log = std::fs::File::create(&log_path)?;
-        let listen = format!("{}:{}", self.listen_ip, self.port);
-        let child = Command::new(bin("novacron-controller"))
-            .env("RUST_LOG", "info")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["serve", "--api-listen", &listen, "--quic-listen", &listen])
-            .args(["--server-name", &self.server_name])
-            .args(&self.serve_args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning novacron-controller serve")?;
-        self.child = Some(child);
+        let log_path = self.spawn()?;
         let admin = self.admin_client()?;
         let start = Instant::now();
         let limit = Duration::from_secs(20);
@@ -218,6 +209,76 @@ impl Controller {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A controller of a group on etcd (`env` names the store), on `port`, with
+    /// the data directory `data_dir` (its PKI copied from the first member);
+    /// not started.
+    pub fn member(
+        data_dir: PathBuf,
+        port: u16,
+        fingerprint: String,
+        log_dir: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Controller {
+        Controller {
+            data_dir,
+            port,
+            serve_args: Vec::new(),
+            child: None,
+            fingerprint,
+            env,
+            log_dir,
+            log_name: format!("controller-{port}"),
+            starts: 0,
+            listen_ip: "127.0.0.1".into(),
+            server_name: "127.0.0.1".into(),
+        }
+    }
+
+    /// Starts `serve` without waiting for the API (a standby of a group never
+    /// answers); the log file's path.
+    pub fn spawn(&mut self) -> Result<PathBuf> {
+        self.starts += 1;
+        let log_path = self
+            .log_dir
+            .join(format!("{}-{}.log", self.log_name, self.starts));
+        let log = std::fs::File::create(&log_path)?;
+        let listen = format!("{}:{}", self.listen_ip, self.port);
+        let child = Command::new(bin("novacron-controller"))
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["serve", "--api-listen", &listen, "--quic-listen", &listen])
+            .args(["--server-name", &self.server_name])
+            .args(&self.serve_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning novacron-controller serve")?;
+        self.child = Some(child);
+        Ok(log_path)
+    }
+
+    /// Every log this controller wrote, concatenated.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                std::fs::read_to_string(self.log_dir.join(format!("{}-{n}.log", self.log_name)))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, `KILL`) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = std::process::Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
         }
     }
 

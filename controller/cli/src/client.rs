@@ -473,6 +473,15 @@ impl ApiClient {
         }
     }
 
+    /// Whether the controller answers `GET /healthz` with a success.
+    pub async fn healthy(&self) -> bool {
+        self.http
+            .get(self.url(&["healthz"]))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     /// The controller's API URL.
     pub fn api(&self) -> &ApiUrl {
         &self.api

@@ -151,8 +151,8 @@ pub struct Context {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
     /// The APIs of the other controllers of a highly available group: a command
-    /// uses the first of `api` and these that accepts a connection (followers
-    /// listen on no port).
+    /// uses the first of `api` and these that answers `/healthz` (only the
+    /// leader serves).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub also: Vec<ApiUrl>,
 }
@@ -162,32 +162,6 @@ fn is_empty_path(p: &Path) -> bool {
 }
 
 impl Context {
-    /// This context aimed at the first of its controllers that accepts a TCP
-    /// connection within `timeout` (in the order `api`, then `also`); itself
-    /// when none does (the command then reports the first as unreachable).
-    pub fn reachable(&self, timeout: std::time::Duration) -> Context {
-        if self.also.is_empty() {
-            return self.clone();
-        }
-        for url in std::iter::once(&self.api).chain(&self.also) {
-            let u = url.url();
-            let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
-                continue;
-            };
-            let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port));
-            let up = addrs.is_ok_and(|mut addrs| {
-                addrs.any(|a| std::net::TcpStream::connect_timeout(&a, timeout).is_ok())
-            });
-            if up {
-                return Context {
-                    api: url.clone(),
-                    ..self.clone()
-                };
-            }
-        }
-        self.clone()
-    }
-
     /// This context with relative paths made relative to `config_path`'s folder.
     pub fn resolved(&self, config_path: &Path) -> Context {
         let base = config_path.parent().unwrap_or(Path::new(""));

@@ -57,7 +57,10 @@ fn detail(v: &ControllersView) -> String {
             ]
         })
         .collect();
-    s.push_str(&columns(&["CONTROLLER", "ROLE", "API", "LINK", "UP"], &rows));
+    s.push_str(&columns(
+        &["CONTROLLER", "ROLE", "API", "LINK", "UP"],
+        &rows,
+    ));
     if !v.etcd.is_empty() {
         s.push('\n');
         let rows: Vec<Vec<String>> = v

@@ -402,15 +402,15 @@ pub async fn run(
         }
         Command::Simulate(args) => simulate::run(args, cli.output, out),
         Command::Cost => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             costs::cost(&client, cli.output, out, now).await
         }
         Command::Recommend => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             costs::recommend(&client, cli.output, out, now).await
         }
         Command::Consolidate => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             costs::consolidate(&client, cli.output, out).await
         }
         Command::Man => {
@@ -420,7 +420,11 @@ pub async fn run(
             Ok(())
         }
         Command::Version { client } => {
-            let api = (!client).then(|| connect(cli, env, now));
+            let api = if *client {
+                None
+            } else {
+                Some(connect(cli, env, now).await)
+            };
             version::run(api, cli.output, out).await
         }
         Command::Context(cmd) => {
@@ -432,59 +436,59 @@ pub async fn run(
             dev::run(args, &path, out).await.map_err(CliError::Dev)
         }
         Command::Apply { file, dry_run } => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             jobs::apply(&client, file, *dry_run, cli.output, out).await
         }
         Command::Job(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             jobs::run_job(cmd, &client, cli.output, out, now).await
         }
         Command::Alloc(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             jobs::run_alloc(cmd, &client, cli.output, out, now).await
         }
         Command::Node(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             nodes::run(cmd, &client, cli.output, out, now).await
         }
         Command::Checkpoint(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             checkpoints::run(cmd, &client, cli.output, out, now).await
         }
         Command::Events(args) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             events::run(args, &client, cli.output, out, now).await
         }
         Command::Policy(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             policies::run(cmd, &client, cli.output, out, now).await
         }
         Command::Pool(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             pools::run(cmd, &client, cli.output, out, now).await
         }
         Command::Image(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             images::run(cmd, &client, cli.output, out, now).await
         }
         Command::Controller(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             controllers::run(cmd, &client, cli.output, out, now).await
         }
         Command::Secret(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             secrets::run(cmd, &client, cli.output, out, now).await
         }
         Command::Service(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             services::run(cmd, &client, cli.output, out, now).await
         }
         Command::Cert(cmd) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             certs::run(cmd, &client, cli.output, out, now).await
         }
         Command::Exec(args) => {
-            let client = connect(cli, env, now)?;
+            let client = connect(cli, env, now).await?;
             exec::exec(args, &client, cli.output, out).await
         }
     }
@@ -664,15 +668,56 @@ pub fn config_path(cli: &Cli, env: &dyn Env) -> Result<PathBuf, ConfigError> {
 }
 
 /// A client for the context chosen by `cli`.
-fn connect(cli: &Cli, env: &dyn Env, now: SystemTime) -> Result<ApiClient, CliError> {
+async fn connect(cli: &Cli, env: &dyn Env, now: SystemTime) -> Result<ApiClient, CliError> {
     let path = config_path(cli, env)?;
     let file = ContextFile::load(&path)?;
     let (name, ctx) = file.select(cli.context.as_deref(), &path)?;
     let token = env.var(config::TOKEN_ENV).filter(|t| !t.trim().is_empty());
-    let ctx = ctx.resolved(&path).reachable(Duration::from_millis(500));
-    let client = ApiClient::with_token(&name, &ctx, token, now)?;
+    let ctx = ctx.resolved(&path);
+    let client = if ctx.also.is_empty() {
+        ApiClient::with_token(&name, &ctx, token, now)?
+    } else {
+        leading(&name, &ctx, token, now).await?
+    };
     Ok(match &cli.watch_index {
         Some(index) => client.watching(index.clone()),
         None => client,
     })
+}
+
+/// How long `connect` waits for each controller of a group to answer `/healthz`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A client of the first controller of the context's group (`api`, then
+/// `also`) that answers `/healthz` within [`PROBE_TIMEOUT`]: only the leader
+/// serves, and a paused or hung one accepts TCP but never answers. When none
+/// answers, a client of `api` (the command then says it is unreachable).
+async fn leading(
+    name: &str,
+    ctx: &config::Context,
+    token: Option<String>,
+    now: SystemTime,
+) -> Result<ApiClient, CliError> {
+    let mut probes = Vec::new();
+    for url in std::iter::once(&ctx.api).chain(&ctx.also) {
+        let one = config::Context {
+            api: url.clone(),
+            ..ctx.clone()
+        };
+        let client = ApiClient::with_token(name, &one, token.clone(), now)?;
+        probes.push(async move {
+            let up = tokio::time::timeout(PROBE_TIMEOUT, client.healthy())
+                .await
+                .unwrap_or(false);
+            (up, client)
+        });
+    }
+    let mut first = None;
+    for (up, client) in futures_util::future::join_all(probes).await {
+        if up {
+            return Ok(client);
+        }
+        first.get_or_insert(client);
+    }
+    Ok(first.expect("the context names at least one controller"))
 }

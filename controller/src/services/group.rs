@@ -143,7 +143,11 @@ pub async fn serve(
     let name = member_name(&config);
     let me = MemberInfo {
         name: name.clone(),
-        api_url: format!("https://{}:{}", config.server_name, config.api_listen.port()),
+        api_url: format!(
+            "https://{}:{}",
+            config.server_name,
+            config.api_listen.port()
+        ),
         quic: config
             .advertise
             .clone()

@@ -140,7 +140,12 @@ fn unix_ms() -> u64 {
 /// Keeps `lease` alive every third of `ttl` until `lost` is cancelled; cancels
 /// `lost` when etcd says the lease expired or no keep-alive was answered for a
 /// whole TTL.
-fn keep_alive(client: Client, lease: i64, ttl: Duration, lost: CancellationToken) -> JoinHandle<()> {
+fn keep_alive(
+    client: Client,
+    lease: i64,
+    ttl: Duration,
+    lost: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut client = client;
         let mut last_ok = Instant::now();
@@ -150,7 +155,10 @@ fn keep_alive(client: Client, lease: i64, ttl: Duration, lost: CancellationToken
                 return;
             }
             if last_ok.elapsed() >= ttl {
-                warn!(lease, "no keep-alive answered for a whole lease: leadership lost");
+                warn!(
+                    lease,
+                    "no keep-alive answered for a whole lease: leadership lost"
+                );
                 lost.cancel();
                 return;
             }
@@ -414,7 +422,10 @@ mod tests {
             campaign(&client_b, &keys_b, &member("b"), MIN_LEASE, &shutdown_b).await
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(!b_campaign.is_finished(), "B must not be elected while A leads");
+        assert!(
+            !b_campaign.is_finished(),
+            "B must not be elected while A leads"
+        );
         let g = group(&client, &keys).await.expect("group");
         assert_eq!(g.members.len(), 2, "{g:?}");
         assert_eq!(g.leader.as_ref().map(|(l, _)| l.name.as_str()), Some("a"));

@@ -352,7 +352,11 @@ impl EtcdStore {
         let mut client = self.client.clone();
         let key = key.to_vec();
         let mut resp = self.block(op, async move { client.get(key, None).await })?;
-        Ok(resp.take_kvs().into_iter().next().map(|kv| kv.value().to_vec()))
+        Ok(resp
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.value().to_vec()))
     }
 
     fn get<T: DeserializeOwned>(
@@ -407,7 +411,11 @@ impl EtcdStore {
     }
 
     /// Every record of a table, in key order.
-    fn all<T: DeserializeOwned>(&self, table: Table, op: &'static str) -> Result<Vec<T>, StoreError> {
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        op: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
         let prefix = self.table_prefix(table.name);
         let end = prefix_end(&prefix);
         self.range(prefix.clone(), end, op)?
@@ -425,7 +433,10 @@ impl EtcdStore {
         let mut ops = vec![TxnOp::get(revision_key, None)];
         ops.extend(keys.iter().map(|k| TxnOp::get(k.clone(), None)));
         let mut client = self.client.clone();
-        let resp = self.block(op, async move { client.txn(Txn::new().and_then(ops)).await })?;
+        let resp = self.block(
+            op,
+            async move { client.txn(Txn::new().and_then(ops)).await },
+        )?;
         let mut values = Vec::with_capacity(keys.len() + 1);
         let mut mod_revision = 0;
         for (i, r) in resp.op_responses().into_iter().enumerate() {
@@ -522,7 +533,9 @@ impl EtcdStore {
             }
             if let Some(fence) = &fence {
                 let holder = resp.op_responses().into_iter().find_map(|r| match r {
-                    TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| kv.create_revision())),
+                    TxnOpResponse::Get(get) => {
+                        Some(get.kvs().first().map(|kv| kv.create_revision()))
+                    }
                     _ => None,
                 });
                 if holder != Some(Some(fence.revision)) {
@@ -670,7 +683,14 @@ impl Store for EtcdStore {
         let first = prefix.clone();
         let oldest_resp = self.block(OP, async move {
             client
-                .get(first, Some(GetOptions::new().with_range(prefix_end(&prefix)).with_limit(1)))
+                .get(
+                    first,
+                    Some(
+                        GetOptions::new()
+                            .with_range(prefix_end(&prefix))
+                            .with_limit(1),
+                    ),
+                )
                 .await
         })?;
         let oldest = match oldest_resp.kvs().first() {
@@ -686,7 +706,8 @@ impl Store for EtcdStore {
         let resp = self.block(OP, async move { client.get(start, Some(options)).await })?;
         for kv in resp.kvs() {
             let revision = self.change_revision(kv.key())?;
-            let touched: Vec<Touched> = self.decode(CHANGES_NAME, &revision.to_string(), kv.value())?;
+            let touched: Vec<Touched> =
+                self.decode(CHANGES_NAME, &revision.to_string(), kv.value())?;
             writes.push((revision, touched));
         }
         Ok(revision::page(current, oldest, after, writes.into_iter()))
@@ -844,7 +865,11 @@ impl Store for EtcdStore {
         let resp = self.block(OP, async move { client.get(start, Some(options)).await })?;
         let entries = resp.kvs().iter().map(|kv| {
             let key = String::from_utf8_lossy(kv.key());
-            let seq: u64 = key.rsplit('/').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let seq: u64 = key
+                .rsplit('/')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             let event: Event = self.decode(EVENTS_NAME, &seq.to_string(), kv.value())?;
             Ok((seq, event))
         });
@@ -898,7 +923,11 @@ impl Store for EtcdStore {
             .iter()
             .map(|a| Touched::put(ALLOCATIONS.name, &a.id))
             .collect();
-        touched.extend(delete.iter().map(|id| Touched::delete(ALLOCATIONS.name, id)));
+        touched.extend(
+            delete
+                .iter()
+                .map(|id| Touched::delete(ALLOCATIONS.name, id)),
+        );
         self.commit(OP, &[], |_| {
             Ok::<_, StoreError>(Plan {
                 ops: ops.clone(),

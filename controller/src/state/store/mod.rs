@@ -934,7 +934,10 @@ impl RedbStore {
             let t = txn.open_table(table.def()).map_err(self.fail(OP))?;
             for entry in t.iter().map_err(self.fail(OP))? {
                 let (k, v) = entry.map_err(self.fail(OP))?;
-                out.push((format!("t/{}/{}", table.name, k.value()), v.value().to_vec()));
+                out.push((
+                    format!("t/{}/{}", table.name, k.value()),
+                    v.value().to_vec(),
+                ));
             }
         }
         let meta = txn.open_table(META.def()).map_err(self.fail(OP))?;
@@ -1924,7 +1927,9 @@ mod tests {
     }
 
     /// An etcd member of its own (killed on drop) and a store on it.
-    pub(super) fn etcd_store(case: &str) -> (crate::state::store::etcd::testing::TestEtcd, EtcdStore) {
+    pub(super) fn etcd_store(
+        case: &str,
+    ) -> (crate::state::store::etcd::testing::TestEtcd, EtcdStore) {
         let member = crate::state::store::etcd::testing::TestEtcd::start();
         let config = EtcdConfig {
             endpoints: vec![member.endpoint.clone()],
