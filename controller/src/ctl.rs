@@ -27,7 +27,7 @@ use crate::http::certs::{CertRevocationView, CertRevokeRequest, CertRevokeRespon
 use crate::pki_files::{self, PkiPaths};
 use crate::server::{self, ControllerConfig};
 use crate::services::events::{EventLog, NewEvent, kind};
-use crate::state::store::{RedbStore, StoreError};
+use crate::state::store::{EtcdStore, RedbStore, Store, StoreError};
 
 /// Exit code for bad configuration.
 pub const EXIT_CONFIG: i32 = 64;
@@ -74,6 +74,33 @@ pub enum Command {
     /// Revoke certificates (operator or node) by serial.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The store: copy a single controller's redb store into etcd.
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// Save an online, consistent snapshot of the store with the CA, the
+    /// secrets key and the pricing catalog, into a new directory.
+    Backup {
+        /// The directory to create.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Bring a new controller (or a new group on an empty etcd prefix) up from a
+    /// backup: its PKI, secrets key and pricing into the data directory, its
+    /// records into the configured store, which must be empty.
+    Restore {
+        /// The backup directory (`backup --out`).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
+}
+
+/// `store` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy the data directory's redb store into etcd (the `[store]` settings,
+    /// `store.backend = "etcd"`), whose prefix must be empty; the controller must
+    /// be stopped. Checks the copy record by record.
+    Migrate,
 }
 
 /// `cert` subcommands. Each works on the data directory's store when the controller
@@ -314,6 +341,9 @@ pub async fn main(cli: Cli) -> i32 {
             cert_revoke(&data_dir, &serial, &reason).await
         }
         Command::Cert(CertCommand::List) => cert_list(&data_dir).await,
+        Command::Store(StoreCommand::Migrate) => store_migrate(&loaded, &data_dir).await,
+        Command::Backup { out } => backup(&loaded, &data_dir, &out).await,
+        Command::Restore { from } => restore(&loaded, &data_dir, &from).await,
         Command::Admin(AdminCommand::Token { name, role, ttl }) => {
             let req = ApiTokenRequest {
                 name,
@@ -348,6 +378,26 @@ fn init(loaded: &config_file::Loaded, data_dir: &Path, args: InitArgs) -> i32 {
     } else {
         names
     };
+    let choice = match config_file::store(loaded, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    // A group's store must be reachable before the CA is made for it.
+    let etcd_note = match choice {
+        config_file::StoreChoice::Redb => String::new(),
+        config_file::StoreChoice::Etcd { etcd, .. } => {
+            let (endpoints, prefix) = (etcd.endpoints.join(","), etcd.prefix.clone());
+            match EtcdStore::open(etcd, false) {
+                Ok(_) => format!(
+                    "\nstore: etcd {endpoints}, prefix {prefix}\nthe other controllers of the group need copies of pki/ and secrets.key"
+                ),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_UNAVAILABLE;
+                }
+            }
+        }
+    };
     match pki_files::init(data_dir, &names, args.force, SystemTime::now()) {
         Ok(fp) => {
             let key = data_dir.join(crate::services::secrets::KEY_FILE);
@@ -360,7 +410,7 @@ fn init(loaded: &config_file::Loaded, data_dir: &Path, args: InitArgs) -> i32 {
                 .and_then(|pem| Serial::of_cert_pem(&pem).ok())
                 .map_or_else(|| "unknown".to_owned(), |s| s.to_string());
             println!(
-                "initialized {}\nserver names: {}\nca fingerprint: {fp}\nadmin certificate serial: {admin_serial}\n\nnext: novacron-controller --data-dir {} serve",
+                "initialized {}\nserver names: {}\nca fingerprint: {fp}\nadmin certificate serial: {admin_serial}{etcd_note}\n\nnext: novacron-controller --data-dir {} serve",
                 data_dir.display(),
                 names.join(", "),
                 data_dir.display()
@@ -487,13 +537,314 @@ async fn serve_group(
         tracing::warn!(%error, "cannot notify systemd of readiness");
     }
     let dir = data_dir.to_owned();
-    let result =
-        crate::services::group::serve(config, etcd, lease, shutdown, |c| announce(&dir, c)).await;
+    let result = crate::ha::serve(config, etcd, lease, shutdown, |c| announce(&dir, c)).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// Opens the configured etcd store unfenced (for offline tools), or explains.
+async fn etcd_store(etcd: crate::state::store::EtcdConfig) -> Result<EtcdStore, i32> {
+    match tokio::task::spawn_blocking(move || EtcdStore::open(etcd, false)).await {
+        Ok(Ok(store)) => Ok(store),
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            Err(EXIT_UNAVAILABLE)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(1)
+        }
+    }
+}
+
+async fn store_migrate(loaded: &config_file::Loaded, data_dir: &Path) -> i32 {
+    let etcd = match config_file::store(loaded, &ProcessEnv) {
+        Ok(config_file::StoreChoice::Etcd { etcd, .. }) => etcd,
+        Ok(config_file::StoreChoice::Redb) => {
+            return config_error(
+                "store migrate copies into etcd: set store.backend = \"etcd\" and store.endpoints in the configuration file (or NOVACRON_STORE=etcd and NOVACRON_ETCD_ENDPOINTS)",
+            );
+        }
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let redb = match RedbStore::open(&data_dir.join(server::STORE_FILE)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let records = match redb.export() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let prefix = etcd.prefix.clone();
+    let store = match etcd_store(etcd).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        if !store.is_empty()? {
+            return Ok(Err(format!(
+                "the etcd prefix {prefix} already holds a fleet's records; choose another store.prefix or clear it"
+            )));
+        }
+        store.import(&records, 100)?;
+        let mut want = records;
+        let mut got = store.export()?;
+        want.sort();
+        got.sort();
+        if want != got {
+            return Ok(Err(format!(
+                "the copy differs from the source ({} records read back, {} written); nothing else was changed, clear the prefix and try again",
+                got.len(),
+                want.len()
+            )));
+        }
+        Ok::<_, StoreError>(Ok((want.len(), store.revision()?, prefix)))
+    })
+    .await;
+    match result {
+        Ok(Ok(Ok((n, revision, prefix)))) => {
+            println!(
+                "copied {n} records (store revision {revision}) into etcd under {prefix}; start the controllers with store.backend = \"etcd\""
+            );
+            0
+        }
+        Ok(Ok(Err(msg))) => {
+            eprintln!("error: {msg}");
+            1
+        }
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            1
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// The files of a data directory a backup carries besides the store.
+const BACKUP_FILES: [&str; 8] = [
+    "pki/ca.pem",
+    "pki/ca-key.pem",
+    "pki/server.pem",
+    "pki/server-key.pem",
+    "pki/admin.pem",
+    "pki/admin-key.pem",
+    crate::services::secrets::KEY_FILE,
+    server::PRICING_FILE,
+];
+
+/// The store's records in a backup directory: one JSON array of
+/// [`novacron_api::BackupRecord`].
+const BACKUP_STORE: &str = "store.json";
+
+async fn backup(loaded: &config_file::Loaded, data_dir: &Path, out: &Path) -> i32 {
+    let records: Vec<novacron_api::BackupRecord> = match config_file::store(loaded, &ProcessEnv) {
+        Err(e) => return config_error(&e.to_string()),
+        Ok(config_file::StoreChoice::Etcd { etcd, .. }) => {
+            let store = match etcd_store(etcd).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match tokio::task::spawn_blocking(move || store.export()).await {
+                Ok(Ok(r)) => match as_records(r) {
+                    Ok(r) => r,
+                    Err(code) => return code,
+                },
+                Ok(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            }
+        }
+        // The running controller holds the file: it takes the snapshot.
+        Ok(config_file::StoreChoice::Redb) => match offline_store(data_dir) {
+            Err(code) => return code,
+            Ok(Some(store)) => match store.export().map(as_records) {
+                Ok(Ok(r)) => r,
+                Ok(Err(code)) => return code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            },
+            Ok(None) => {
+                match admin_request(data_dir, reqwest::Method::GET, "/v1/backup", None::<&()>).await
+                {
+                    Ok(r) => r,
+                    Err(code) => return code,
+                }
+            }
+        },
+    };
+    if let Err(e) = write_backup(data_dir, out, &records) {
+        eprintln!("error: {e}");
+        return 1;
+    }
+    println!(
+        "backed up {} records and the CA to {}",
+        records.len(),
+        out.display()
+    );
+    0
+}
+
+fn as_records(raw: Vec<(String, Vec<u8>)>) -> Result<Vec<novacron_api::BackupRecord>, i32> {
+    raw.into_iter()
+        .map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+            Ok(value) => Ok(novacron_api::BackupRecord { key, value }),
+            Err(e) => {
+                eprintln!("error: the record {key:?} is corrupt: {e}");
+                Err(1)
+            }
+        })
+        .collect()
+}
+
+fn write_backup(
+    data_dir: &Path,
+    out: &Path,
+    records: &[novacron_api::BackupRecord],
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e} (it must not exist)", out.display()))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(out.join("pki"))?;
+    for file in BACKUP_FILES {
+        let from = data_dir.join(file);
+        match std::fs::read(&from) {
+            Ok(bytes) => write_private(&out.join(file), &bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file == server::PRICING_FILE => {}
+            Err(e) => anyhow::bail!("cannot read {}: {e}", from.display()),
+        }
+    }
+    write_private(&out.join(BACKUP_STORE), &serde_json::to_vec(records)?)?;
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+async fn restore(loaded: &config_file::Loaded, data_dir: &Path, from: &Path) -> i32 {
+    let choice = match config_file::store(loaded, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e.to_string()),
+    };
+    let records: Vec<novacron_api::BackupRecord> = match std::fs::read(from.join(BACKUP_STORE))
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return config_error(&format!(
+                "{} is not a backup: {e}",
+                from.join(BACKUP_STORE).display()
+            ));
+        }
+    };
+    if PkiPaths::new(data_dir).ca_cert().exists() {
+        return config_error(&format!(
+            "{} already holds a controller; restore into a new data directory",
+            data_dir.display()
+        ));
+    }
+    let raw: Vec<(String, Vec<u8>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.key.clone(),
+                serde_json::to_vec(&r.value).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let copy = || -> anyhow::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(data_dir.join("pki"))?;
+        for file in BACKUP_FILES {
+            match std::fs::read(from.join(file)) {
+                Ok(bytes) => write_private(&data_dir.join(file), &bytes)?,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound && file == server::PRICING_FILE => {
+                }
+                Err(e) => anyhow::bail!("cannot read {}: {e}", from.join(file).display()),
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = copy() {
+        eprintln!("error: {e}");
+        return 1;
+    }
+    let n = raw.len();
+    let result = match choice {
+        config_file::StoreChoice::Redb => RedbStore::open(&data_dir.join(server::STORE_FILE))
+            .and_then(|store| store.import(&raw))
+            .map_err(|e| e.to_string()),
+        config_file::StoreChoice::Etcd { etcd, .. } => {
+            let store = match etcd_store(etcd).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            tokio::task::spawn_blocking(move || {
+                if !store.is_empty()? {
+                    return Ok(Err(
+                        "the etcd prefix already holds a fleet's records; restore into an empty prefix".to_string(),
+                    ));
+                }
+                store.import(&raw, 100).map(Ok)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|r| r)
+        }
+    };
+    match result {
+        Ok(()) => {
+            println!(
+                "restored {n} records and the CA into {}; start it with `novacron-controller --data-dir {} serve` (agents reconnect on their own)",
+                data_dir.display(),
+                data_dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             1
         }
     }

@@ -11,6 +11,7 @@
 
 pub mod config_file;
 pub mod ctl;
+pub mod ha;
 pub mod http;
 pub mod link;
 pub mod pki_files;

@@ -39,8 +39,18 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/ha/local-group.sh")
 }
 
+/// The environment that puts a controller on the etcd store at `etcd` with a
+/// `lease` leader lease.
+pub fn store_env(etcd: &str, lease: &str) -> Vec<(String, String)> {
+    vec![
+        ("NOVACRON_STORE".to_string(), "etcd".to_string()),
+        ("NOVACRON_ETCD_ENDPOINTS".to_string(), etcd.to_string()),
+        ("NOVACRON_LEASE".to_string(), lease.to_string()),
+    ]
+}
+
 impl Group {
-    /// Starts the etcd members, initializes the first controller's data
+    /// Starts the etcd members (only them when `n` is 0), initializes the first controller's data
     /// directory (the CA), copies its PKI to the others and starts `n`
     /// controllers with a `lease` leader lease (`2s`).
     pub async fn start(dir: &Path, n: usize, lease: &str) -> Result<Group> {
@@ -62,11 +72,15 @@ impl Group {
             base + 2,
             base + 4
         );
-        let env = vec![
-            ("NOVACRON_STORE".to_string(), "etcd".to_string()),
-            ("NOVACRON_ETCD_ENDPOINTS".to_string(), etcd.clone()),
-            ("NOVACRON_LEASE".to_string(), lease.to_string()),
-        ];
+        let env = store_env(&etcd, lease);
+        if n == 0 {
+            return Ok(Group {
+                dir: dir.to_owned(),
+                etcd,
+                base,
+                controllers: Vec::new(),
+            });
+        }
         let first = dir.join("c0");
         let out = std::process::Command::new(bin("novacron-controller"))
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 use novacron_common::wire::AllocState;
-use novacron_tests::ha::Group;
+use novacron_tests::ha::{Group, store_env};
 use novacron_tests::{
-    Agent, Controller, JobCleanup, ensure_test_image, job_containers, service_job, wait_for,
+    Agent, Controller, JobCleanup, ensure_test_image, job_containers, one_node_fleet, service_job,
+    succeeded, wait_for,
 };
 
 fn unix_ms() -> u64 {
@@ -248,5 +249,133 @@ async fn a_paused_leader_is_fenced_steps_down_and_rejoins_as_a_follower() -> Res
         "the old leader was not elected again"
     );
     same_work(new, "ha-paused", &before).await?;
+    Ok(())
+}
+
+/// A single controller on redb with a node running a two-replica job: (dir,
+/// controller, agent, the job's running allocations, its containers).
+async fn single_with_work(
+    prefix: &str,
+    job: &str,
+) -> Result<(
+    tempfile::TempDir,
+    Controller,
+    Agent,
+    BTreeSet<String>,
+    BTreeSet<String>,
+)> {
+    ensure_test_image()?;
+    let (dir, c, agent) = one_node_fleet(prefix, &format!("{job}-node"), &[]).await?;
+    c.apply("job.yaml", &service_job(job, 2, "sleep 100000", "", ""))
+        .await?;
+    wait_for(Duration::from_secs(90), "two replicas running", || async {
+        running(&c, job).await.len() == 2
+    })
+    .await?;
+    let allocs = running(&c, job).await;
+    let containers: BTreeSet<String> = job_containers(job).into_iter().collect();
+    assert_eq!(containers.len(), 2);
+    Ok((dir, c, agent, allocs, containers))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restored_into_a_fresh_data_directory_brings_the_fleet_back() -> Result<()> {
+    let _cleanup = JobCleanup("ha-backup".into());
+    let (dir, mut c, agent, allocs, containers) =
+        single_with_work("nc-ha-backup", "ha-backup").await?;
+
+    // Online: the running controller takes the snapshot.
+    let backup = dir.path().join("backup");
+    let out = succeeded(&c.ctl(&["backup", "--out", &backup.display().to_string()]));
+    assert!(out.contains("backed up"), "{out}");
+    for file in ["store.json", "pki/ca.pem", "pki/ca-key.pem", "secrets.key"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(backup.join(file))?.permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{file} is private");
+    }
+
+    // The controller's machine is lost: a new one comes up from the backup.
+    c.kill().await;
+    let fresh = dir.path().join("restored");
+    let restore = std::process::Command::new(novacron_tests::bin("novacron-controller"))
+        .arg("--data-dir")
+        .arg(&fresh)
+        .args(["restore", "--from", &backup.display().to_string()])
+        .output()?;
+    let text = succeeded(&restore);
+    assert!(text.contains("restored"), "{text}");
+    // Restoring over a controller is refused.
+    let again = std::process::Command::new(novacron_tests::bin("novacron-controller"))
+        .arg("--data-dir")
+        .arg(&fresh)
+        .args(["restore", "--from", &backup.display().to_string()])
+        .output()?;
+    assert!(
+        !again.status.success(),
+        "a second restore into the same directory must fail"
+    );
+    c.data_dir = fresh;
+    c.restart().await?;
+    c.wait_ready(&agent.name, Duration::from_secs(30)).await?;
+    wait_for(
+        Duration::from_secs(30),
+        "the same allocations running",
+        || async { running(&c, "ha-backup").await == allocs },
+    )
+    .await?;
+    let now: BTreeSet<String> = job_containers("ha-backup").into_iter().collect();
+    assert_eq!(now, containers, "the workload's containers are untouched");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_migrate_moves_a_single_controller_onto_etcd_without_touching_its_work() -> Result<()>
+{
+    let _cleanup = JobCleanup("ha-migrate".into());
+    let (dir, mut c, agent, allocs, containers) =
+        single_with_work("nc-ha-migrate", "ha-migrate").await?;
+    let etcd = Group::start(&dir.path().join("etcd"), 0, "2s").await?;
+    let env = store_env(&etcd.etcd, "2s");
+    let migrate = |c: &Controller| {
+        std::process::Command::new(novacron_tests::bin("novacron-controller"))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .arg("--data-dir")
+            .arg(&c.data_dir)
+            .args(["store", "migrate"])
+            .output()
+            .expect("novacron-controller runs")
+    };
+    // The running controller holds its store: migrate says so.
+    let busy = migrate(&c);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    c.stop().await;
+    let out = succeeded(&migrate(&c));
+    assert!(out.contains("copied"), "{out}");
+    // A second copy into the same prefix is refused.
+    let twice = migrate(&c);
+    assert!(
+        !twice.status.success(),
+        "a non-empty prefix must be refused"
+    );
+
+    c.env = env.clone();
+    c.restart().await?;
+    c.wait_ready(&agent.name, Duration::from_secs(30)).await?;
+    wait_for(
+        Duration::from_secs(30),
+        "the same allocations running",
+        || async { running(&c, "ha-migrate").await == allocs },
+    )
+    .await?;
+    let now: BTreeSet<String> = job_containers("ha-migrate").into_iter().collect();
+    assert_eq!(now, containers, "the workload's containers are untouched");
+    let list = c.cli(&["controller", "list"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("store: etcd"));
     Ok(())
 }

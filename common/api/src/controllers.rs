@@ -52,3 +52,16 @@ pub struct EtcdMemberHealth {
     /// The error, when it did not answer.
     pub error: Option<String>,
 }
+
+/// One record of a backup (`GET /v1/backup`): its key in the etcd store's layout
+/// (`t/<table>/<key>`, `events/<seq>`, `changes/<revision>`, `meta/<key>`) and
+/// its JSON value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BackupRecord {
+    /// The key.
+    pub key: String,
+    /// The record.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub value: serde_json::Value,
+}

@@ -18,7 +18,7 @@ pub mod services;
 pub mod terminal;
 
 pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
-pub use controllers::{ControllerMember, ControllersView, EtcdMemberHealth};
+pub use controllers::{BackupRecord, ControllerMember, ControllersView, EtcdMemberHealth};
 pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};
 pub use images::ImageRecord;
 pub use jobs::{

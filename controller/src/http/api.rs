@@ -54,6 +54,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(delete_api_token))
         .routes(routes!(version))
         .routes(routes!(controllers))
+        .routes(routes!(backup))
         .routes(routes!(stats))
         .routes(routes!(reset_latency))
 }
@@ -728,6 +729,25 @@ async fn controllers(
             etcd: vec![],
         })),
     }
+}
+
+#[utoipa::path(get, path = "/v1/backup", tag = "controller", responses((status = 200, description = "every record of the store, read in one consistent snapshot (what `novacron-controller backup` saves)", body = Vec<novacron_api::BackupRecord>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError), (status = 503, description = "the store cannot be read", content_type = "application/problem+json", body = ApiError)))]
+async fn backup(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Vec<novacron_api::BackupRecord>>, Problem> {
+    caller.require(Role::Admin)?;
+    let store = st.store.clone();
+    let records = tokio::task::spawn_blocking(move || store.export())
+        .await
+        .map_err(internal)?
+        .map_err(store_problem)?;
+    let mut out = Vec::with_capacity(records.len());
+    for (key, bytes) in records {
+        let value = serde_json::from_slice(&bytes).map_err(internal)?;
+        out.push(novacron_api::BackupRecord { key, value });
+    }
+    Ok(Json(out))
 }
 
 #[utoipa::path(get, path = "/v1/stats", tag = "controller", responses((status = 200, body = ControllerStats), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]

@@ -596,9 +596,8 @@ impl EtcdStore {
         })
     }
 
-    /// Every record of the store as (key below the prefix, JSON bytes): the raw
-    /// copy `store migrate` and backups use.
-    pub fn export(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Every key below the prefix with its bytes, read at one etcd revision.
+    fn export_all(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = self.key("");
         let end = prefix_end(&prefix);
         Ok(self
@@ -619,9 +618,9 @@ impl EtcdStore {
         Ok(resp.count() == 0 && self.revision()? == 0)
     }
 
-    /// Writes `entries` (keys below the prefix, as [`EtcdStore::export`] and
-    /// [`RedbStore::export`] give them) in transactions of at most `batch`
-    /// operations, unfenced: for `store migrate` into an empty prefix.
+    /// Writes `entries` (keys below the prefix, as [`Store::export`] gives them)
+    /// in transactions of at most `batch` operations, unfenced: for `store
+    /// migrate` and `restore` into an empty prefix.
     pub fn import(&self, entries: &[(String, Vec<u8>)], batch: usize) -> Result<(), StoreError> {
         for chunk in entries.chunks(batch.max(1)) {
             let ops: Vec<TxnOp> = chunk
@@ -667,6 +666,15 @@ fn get_options_descending() -> GetOptions {
 }
 
 impl Store for EtcdStore {
+    fn export(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // The election key and the members are the group's, not the fleet's.
+        Ok(self
+            .export_all()?
+            .into_iter()
+            .filter(|(k, _)| k != "leader" && !k.starts_with("members/"))
+            .collect())
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         match self.get_raw(&self.key("meta/revision"), "reading the revision")? {
             Some(bytes) => self.decode("meta", "revision", &bytes),

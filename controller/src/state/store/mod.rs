@@ -157,6 +157,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn writable(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Every record as (key in the etcd layout, JSON bytes), read in one
+    /// consistent snapshot: backups and `store migrate`. The in-memory store
+    /// of tests has no such copy and says so.
+    fn export(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Err(StoreError::Encode {
+            path: PathBuf::from("(memory)"),
+            table: "all",
+            key: String::new(),
+            reason: "this store cannot be exported".into(),
+        })
+    }
 }
 
 /// A `NodePool` or `NodeTemplate` as applied: its one manifest document, parsed
@@ -926,7 +937,7 @@ impl RedbStore {
     /// Every record of the file as (key, JSON bytes) in the etcd store's layout
     /// (`t/<table>/<key>`, `events/<seq>`, `changes/<revision>`, `meta/<key>`),
     /// read in one transaction: what `novacron-controller store migrate` copies.
-    pub fn export(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn export_all(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         const OP: &str = "exporting the store";
         let txn = self.begin_read(OP)?;
         let mut out = Vec::new();
@@ -956,6 +967,45 @@ impl RedbStore {
         }
         Ok(out)
     }
+
+    /// Writes `entries` (keys as [`Store::export`] gives them) into this store
+    /// in one transaction: `restore` into a new data directory. Refuses a key of
+    /// no known table.
+    pub fn import(&self, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        const OP: &str = "importing records";
+        let txn = self.begin_write(OP)?;
+        for (key, value) in entries {
+            let bad = || StoreError::Corrupt {
+                path: self.path.clone(),
+                table: "backup",
+                key: key.clone(),
+                reason: "not a key of this store's layout".into(),
+            };
+            if let Some(rest) = key.strip_prefix("t/") {
+                let (table, k) = rest.split_once('/').ok_or_else(bad)?;
+                let table = ALL_TABLES
+                    .iter()
+                    .find(|t| t.name == table)
+                    .ok_or_else(bad)?;
+                let mut t = txn.open_table(table.def()).map_err(self.fail(OP))?;
+                t.insert(k, value.as_slice()).map_err(self.fail(OP))?;
+            } else if let Some(k) = key.strip_prefix("meta/") {
+                let mut t = txn.open_table(META.def()).map_err(self.fail(OP))?;
+                t.insert(k, value.as_slice()).map_err(self.fail(OP))?;
+            } else {
+                let (name, n) = key.split_once('/').ok_or_else(bad)?;
+                let n: u64 = n.parse().map_err(|_| bad())?;
+                let def = match name {
+                    "events" => EVENTS,
+                    "changes" => CHANGES,
+                    _ => return Err(bad()),
+                };
+                let mut t = txn.open_table(def).map_err(self.fail(OP))?;
+                t.insert(n, value.as_slice()).map_err(self.fail(OP))?;
+            }
+        }
+        self.commit(txn, OP)
+    }
 }
 
 impl RedbStore {
@@ -976,6 +1026,10 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
+    fn export(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.export_all()
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(self
             .get(META, REVISION_KEY, "reading the revision")?
