@@ -379,3 +379,49 @@ async fn store_migrate_moves_a_single_controller_onto_etcd_without_touching_its_
     assert!(String::from_utf8_lossy(&list.stdout).contains("store: etcd"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_etcd_quorum_stops_decisions_but_not_workloads() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("nc-ha-quorum").tempdir()?;
+    let _cleanup = JobCleanup("ha-quorum".into());
+    let (group, agent, l, before) = group_with_work(dir.path(), "ha-quorum").await?;
+    let signal_etcd = |signal: &str, members: &[usize]| {
+        for &i in members {
+            let pid = group.etcd_pid(i).expect("the script wrote the member's pid");
+            let _ = std::process::Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+        }
+    };
+    // Two of three members stop: no quorum.
+    signal_etcd("STOP", &[1, 2]);
+    let old = &group.controllers[l];
+    wait_for(Duration::from_secs(30), "the leader stepping down", || async {
+        old.logs().contains("stepping down")
+    })
+    .await?;
+    // Nobody decides, and the logs say why; the workload runs on.
+    for _ in 0..8 {
+        assert_eq!(group.serving_leader().await, None, "no leader without quorum");
+        assert_eq!(job_containers("ha-quorum").len(), 2, "workloads keep running");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let logs: String = group.controllers.iter().map(|c| c.logs()).collect();
+    assert!(
+        logs.contains("no keep-alive answered for a whole lease")
+            || logs.contains("etcd says the lease expired"),
+        "the leader says why it stopped: {logs}"
+    );
+    assert!(
+        logs.contains("cannot campaign (etcd unavailable?)"),
+        "the others say why nobody leads: {logs}"
+    );
+
+    // Quorum back: a leader serves again and the fleet is as it was.
+    let back = unix_ms();
+    signal_etcd("CONT", &[1, 2]);
+    let n = group.leader(Duration::from_secs(60)).await?;
+    reconnected(&group.controllers[n], &agent.name, back, Duration::from_secs(30)).await?;
+    same_work(&group.controllers[n], "ha-quorum", &before).await?;
+    Ok(())
+}
