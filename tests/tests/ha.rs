@@ -387,7 +387,9 @@ async fn losing_etcd_quorum_stops_decisions_but_not_workloads() -> Result<()> {
     let (group, agent, l, before) = group_with_work(dir.path(), "ha-quorum").await?;
     let signal_etcd = |signal: &str, members: &[usize]| {
         for &i in members {
-            let pid = group.etcd_pid(i).expect("the script wrote the member's pid");
+            let pid = group
+                .etcd_pid(i)
+                .expect("the script wrote the member's pid");
             let _ = std::process::Command::new("kill")
                 .args([&format!("-{signal}"), &pid.to_string()])
                 .status();
@@ -396,14 +398,24 @@ async fn losing_etcd_quorum_stops_decisions_but_not_workloads() -> Result<()> {
     // Two of three members stop: no quorum.
     signal_etcd("STOP", &[1, 2]);
     let old = &group.controllers[l];
-    wait_for(Duration::from_secs(30), "the leader stepping down", || async {
-        old.logs().contains("stepping down")
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the leader stepping down",
+        || async { old.logs().contains("stepping down") },
+    )
     .await?;
     // Nobody decides, and the logs say why; the workload runs on.
     for _ in 0..8 {
-        assert_eq!(group.serving_leader().await, None, "no leader without quorum");
-        assert_eq!(job_containers("ha-quorum").len(), 2, "workloads keep running");
+        assert_eq!(
+            group.serving_leader().await,
+            None,
+            "no leader without quorum"
+        );
+        assert_eq!(
+            job_containers("ha-quorum").len(),
+            2,
+            "workloads keep running"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let logs: String = group.controllers.iter().map(|c| c.logs()).collect();
@@ -421,7 +433,13 @@ async fn losing_etcd_quorum_stops_decisions_but_not_workloads() -> Result<()> {
     let back = unix_ms();
     signal_etcd("CONT", &[1, 2]);
     let n = group.leader(Duration::from_secs(60)).await?;
-    reconnected(&group.controllers[n], &agent.name, back, Duration::from_secs(30)).await?;
+    reconnected(
+        &group.controllers[n],
+        &agent.name,
+        back,
+        Duration::from_secs(30),
+    )
+    .await?;
     same_work(&group.controllers[n], "ha-quorum", &before).await?;
     Ok(())
 }
