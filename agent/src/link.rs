@@ -37,6 +37,9 @@ use crate::spot::{SpotNotice, SpotWatcher};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// With several controller addresses, how often each is dialed again while none
+/// has answered (a new leader starts listening during the failover).
+pub const REDIAL: Duration = Duration::from_millis(500);
 /// How long the controller has to answer `Hello`.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most samples sent in one batch.
@@ -383,16 +386,20 @@ async fn connect_any(
             SessionError::Resolve(targets.to_string(), "no IPv4 address".into())
         }));
     }
-    let mut attempts = futures_util::stream::FuturesUnordered::new();
-    for (i, addr) in addrs.iter().copied().enumerate() {
+    // A controller that starts listening after an attempt began only answers
+    // that attempt's retransmission (seconds later): with several controllers,
+    // dial them all again every REDIAL until one answers or the time is up.
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let several = addrs.len() > 1;
+    let dial = |i: usize, addr: SocketAddr| {
         let connecting = endpoint.connect_with(client_config.clone(), addr, server_name);
-        attempts.push(async move {
+        async move {
             let result = match connecting {
                 Err(e) => Err(SessionError::Connect {
                     addr,
                     reason: e.to_string(),
                 }),
-                Ok(connecting) => match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(connecting) => match tokio::time::timeout_at(deadline, connecting).await {
                     Ok(Ok(conn)) => Ok(conn),
                     Ok(Err(e)) => Err(match close_reason(&e) {
                         refused @ SessionError::Refused { .. } => refused,
@@ -408,17 +415,33 @@ async fn connect_any(
                 },
             };
             (i, result)
-        });
+        }
+    };
+    let mut attempts = futures_util::stream::FuturesUnordered::new();
+    for (i, addr) in addrs.iter().copied().enumerate() {
+        attempts.push(dial(i, addr));
     }
+    let mut redial = tokio::time::interval_at(tokio::time::Instant::now() + REDIAL, REDIAL);
     let mut first_error: Option<(usize, SessionError)> = None;
-    while let Some((i, result)) = futures_util::StreamExt::next(&mut attempts).await {
-        match result {
-            Ok(conn) => return Ok(conn),
-            // A refusal (revoked, version) is the controller's answer: report it.
-            Err(e @ SessionError::Refused { .. }) => return Err(e),
-            Err(e) => {
-                if first_error.as_ref().is_none_or(|(j, _)| i < *j) {
-                    first_error = Some((i, e));
+    loop {
+        let redialing = several && tokio::time::Instant::now() < deadline;
+        if attempts.is_empty() && !redialing {
+            break;
+        }
+        tokio::select! {
+            Some((i, result)) = futures_util::StreamExt::next(&mut attempts) => match result {
+                Ok(conn) => return Ok(conn),
+                // A refusal (revoked, version) is the controller's answer: report it.
+                Err(e @ SessionError::Refused { .. }) => return Err(e),
+                Err(e) => {
+                    if first_error.as_ref().is_none_or(|(j, _)| i < *j) {
+                        first_error = Some((i, e));
+                    }
+                }
+            },
+            _ = redial.tick(), if redialing => {
+                for (i, addr) in addrs.iter().copied().enumerate() {
+                    attempts.push(dial(i, addr));
                 }
             }
         }
