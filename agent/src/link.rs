@@ -37,6 +37,8 @@ use crate::spot::{SpotNotice, SpotWatcher};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An established link lost after this long starts the backoff afresh.
+pub const SESSION_LASTED: Duration = Duration::from_secs(1);
 /// With several controller addresses, how often each is dialed again while none
 /// has answered (a new leader starts listening during the failover).
 pub const REDIAL: Duration = Duration::from_millis(500);
@@ -271,8 +273,14 @@ pub async fn run(
                         warn!(node = %enrollment.node_name, attempt, error = %e, "cannot connect");
                     }
                 }
-                // A session that lasted is a fresh start for the backoff.
-                if started.elapsed() > config.backoff.max {
+                // A session that lasted is a fresh start for the backoff: one
+                // that lasted its backoff ceiling, or an established link lost
+                // after a second (a controller that failed over; a controller
+                // that closes at once still backs off).
+                let established = matches!(e, SessionError::Lost(_));
+                if started.elapsed() > config.backoff.max
+                    || (established && started.elapsed() > SESSION_LASTED)
+                {
                     retry.reset();
                 }
             }

@@ -79,7 +79,12 @@ pub async fn serve(
             }
         };
         store.set_fence(Some(term.fence.clone()));
-        let view = Arc::new(GroupView::new(client.clone(), etcd.clone(), lease));
+        let view = Arc::new(GroupView::new(
+            client.clone(),
+            etcd.clone(),
+            lease,
+            term.fence.revision,
+        ));
         let dyn_store: Arc<dyn Store> = store.clone();
         let controller = match server::start_with(config.clone(), dyn_store, Some(view)).await {
             Ok(c) => c,
@@ -103,9 +108,11 @@ pub async fn serve(
                 term.abandon();
             }
             _ = shutdown.cancelled() => {
-                controller.shutdown().await;
+                // Resign first: another controller takes over while this one
+                // closes its connections (its writes are refused from now on).
                 store.set_fence(None);
                 term.resign().await;
+                controller.shutdown().await;
                 return Ok(());
             }
         }

@@ -16,17 +16,32 @@ pub struct GroupView {
     keys: Keys,
     etcd: EtcdConfig,
     lease: Duration,
+    epoch: i64,
+    elected_unix_ms: u64,
 }
 
 impl GroupView {
-    /// The view through `client` of the group under `etcd.prefix`.
-    pub fn new(client: Client, etcd: EtcdConfig, lease: Duration) -> GroupView {
+    /// The view through `client` of the group under `etcd.prefix`, from the
+    /// leader elected with `epoch`.
+    pub fn new(client: Client, etcd: EtcdConfig, lease: Duration, epoch: i64) -> GroupView {
         GroupView {
             client,
             keys: Keys::new(&etcd.prefix),
             etcd,
             lease,
+            epoch,
+            elected_unix_ms: unix_ms(),
         }
+    }
+
+    /// This leader's epoch (its election key's revision).
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// When this leader was elected (Unix ms).
+    pub fn elected_unix_ms(&self) -> u64 {
+        self.elected_unix_ms
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Snapshot {
     pub ingest_latency: Histogram,
     /// The controller process (`None` where `/proc` cannot be read).
     pub process: Option<ProcessStats>,
+    /// This controller's term: the store (`redb`, `etcd`), the epoch (the
+    /// election key's revision; 0 for redb) and when it was elected (Unix ms).
+    pub term: (&'static str, i64, u64),
 }
 
 impl Snapshot {
@@ -78,6 +81,10 @@ impl Snapshot {
             events: state.events.last_seq(),
             ingest_latency: state.registry.ingest_latency(),
             process: ProcessStats::read(),
+            term: match &state.group {
+                Some(group) => ("etcd", group.epoch(), group.elected_unix_ms()),
+                None => ("redb", 0, 0),
+            },
         }
     }
 }
@@ -129,6 +136,18 @@ const UNPLACED: Family = Family::gauge(
 const EVENTS: Family = Family::counter(
     "novacron_events",
     "Events appended to the event log (its last position).",
+);
+const LEADER: Family = Family::gauge(
+    "novacron_controller_leader",
+    "1 on the controller that leads (only the leader serves); the store label is redb or etcd.",
+);
+const LEADER_EPOCH: Family = Family::gauge(
+    "novacron_controller_leader_epoch",
+    "The leader's epoch: the revision of its etcd election key (0 for one controller on redb); it changes at each election.",
+);
+const LEADER_SINCE: Family = Family::gauge(
+    "novacron_controller_leader_since_seconds",
+    "When this controller was elected leader, as a Unix time in seconds (0 for one controller on redb).",
 );
 const JOBS: Family = Family::gauge("novacron_jobs", "Jobs by status.");
 const ALLOCATIONS: Family = Family::gauge(
@@ -260,6 +279,9 @@ const INTERNAL_FAMILIES: &[Family] = &[
     PLACEMENTS,
     UNPLACED,
     EVENTS,
+    LEADER,
+    LEADER_EPOCH,
+    LEADER_SINCE,
     JOBS,
     ALLOCATIONS,
 ];
@@ -401,6 +423,10 @@ fn collect_internals(s: &Snapshot, out: &mut Samples) {
     out.int(&PLACEMENTS, vec![], s.passes.placed.load(Ordering::Relaxed));
     out.int(&UNPLACED, vec![], s.passes.unplaced.load(Ordering::Relaxed));
     out.int(&EVENTS, vec![], s.events);
+    let (store, epoch, since_ms) = s.term;
+    out.int(&LEADER, vec![("store", store.to_string())], 1);
+    out.int(&LEADER_EPOCH, vec![], epoch.max(0) as u64);
+    out.int(&LEADER_SINCE, vec![], since_ms / 1000);
     let mut by_state: BTreeMap<String, u64> =
         ALLOC_STATES.iter().map(|st| (st.to_string(), 0)).collect();
     for a in &s.allocations {
@@ -760,6 +786,7 @@ mod tests {
                 max_fds: Some(65_536),
                 start_time_seconds: 1_700_000_000.25,
             }),
+            term: ("etcd", 42, 1_700_000_100_000),
         }
     }
 
@@ -780,6 +807,7 @@ mod tests {
             events: 0,
             ingest_latency: crate::state::registry::ingest_latency_histogram(),
             process: None,
+            term: ("redb", 0, 0),
         }
     }
 
