@@ -29,7 +29,7 @@ pub enum ContextCommand {
     /// and key or an API token file. Relative paths are taken from the current
     /// directory and stored absolute. It becomes the current context with --use,
     /// or when there is none.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Delete a context. The current one is kept unless --force, which deletes it
     /// and leaves no current context.
     #[command(visible_alias = "rm")]

@@ -147,6 +147,9 @@ impl Drop for EtcdStore {
     }
 }
 
+/// A raw etcd key and its value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One snapshot of a read-modify-write: the store's revision (and its
 /// `mod_revision`, 0 when absent) and the values read.
 struct Snapshot {
@@ -378,7 +381,7 @@ impl EtcdStore {
         start: Vec<u8>,
         end: Vec<u8>,
         op: &'static str,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
         let mut from = start;
         let mut at = 0i64;
