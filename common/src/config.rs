@@ -393,10 +393,7 @@ impl<'a> Layers<'a> {
         let Some((v, origin)) = self.pick(key, flag, file) else {
             return Ok(None);
         };
-        let ok = v.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
-        });
-        if ok {
+        if is_host_port(&v) {
             Ok(Some(v))
         } else {
             Err(invalid(origin, &v, expected))
@@ -416,14 +413,7 @@ impl<'a> Layers<'a> {
         let Some((v, origin)) = self.pick(key, flag, file) else {
             return Ok(None);
         };
-        let ok = v.split(',').map(str::trim).all(|one| {
-            one.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty()
-                    && !host.contains(char::is_whitespace)
-                    && port.parse::<u16>().is_ok()
-            })
-        });
-        if ok {
+        if v.split(',').map(str::trim).all(is_host_port) {
             Ok(Some(v))
         } else {
             Err(invalid(origin, &v, expected))
@@ -437,6 +427,13 @@ impl<'a> Layers<'a> {
             Path::to_path_buf,
         )
     }
+}
+
+/// Whether `v` is `host:port`: a host without blanks and a `u16` port.
+fn is_host_port(v: &str) -> bool {
+    v.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    })
 }
 
 fn in_file(key: &Key, file: &Path) -> String {

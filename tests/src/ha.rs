@@ -145,6 +145,28 @@ impl Group {
             .join(",")
     }
 
+    /// Enrolls `names` through the leader and runs them with every controller's
+    /// address; returns them ready.
+    pub async fn agents(&self, dir: &Path, names: &[String]) -> Result<Vec<crate::Agent>> {
+        let l = self.leader(Duration::from_secs(30)).await?;
+        let links = self.link_addresses();
+        let mut agents = Vec::new();
+        for name in names {
+            let a = crate::Agent::join_and_run(
+                dir,
+                &self.controllers[l],
+                name,
+                &["--controller", &links],
+            )
+            .await?;
+            self.controllers[l]
+                .wait_ready(&a.name, Duration::from_secs(30))
+                .await?;
+            agents.push(a);
+        }
+        Ok(agents)
+    }
+
     /// The index of the controller that serves as leader (it answers
     /// `/v1/controllers` naming itself), waiting up to `limit`.
     pub async fn leader(&self, limit: Duration) -> Result<usize> {

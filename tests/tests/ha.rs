@@ -56,18 +56,12 @@ async fn group_with_work(
 ) -> Result<(Group, Agent, usize, BTreeSet<String>)> {
     ensure_test_image()?;
     let group = Group::start(dir, 3, "2s").await?;
+    let agent = group
+        .agents(dir, &[format!("{job}-node")])
+        .await?
+        .pop()
+        .expect("one agent");
     let l = group.leader(Duration::from_secs(30)).await?;
-    let links = group.link_addresses();
-    let agent = Agent::join_and_run(
-        dir,
-        &group.controllers[l],
-        &format!("{job}-node"),
-        &["--controller", &links],
-    )
-    .await?;
-    group.controllers[l]
-        .wait_ready(&agent.name, Duration::from_secs(30))
-        .await?;
     group.controllers[l]
         .apply("job.yaml", &service_job(job, 2, "sleep 100000", "", ""))
         .await?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use novacron_common::wire::AllocState;
 use novacron_tests::ha::Group;
-use novacron_tests::{Agent, JobCleanup, docker, ensure_test_image, service_job, wait_for};
+use novacron_tests::{JobCleanup, docker, ensure_test_image, service_job, wait_for};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -53,22 +53,10 @@ async fn fifty_kills_and_pauses_lose_and_duplicate_nothing() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::Builder::new().prefix("nc-ha-chaos").tempdir()?;
     let mut group = Group::start(dir.path(), 3, "2s").await?;
-    let l = group.leader(Duration::from_secs(30)).await?;
-    let links = group.link_addresses();
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        let a = Agent::join_and_run(
-            dir.path(),
-            &group.controllers[l],
-            &format!("chaos-{i}"),
-            &["--controller", &links],
-        )
+    let agents = group
+        .agents(dir.path(), &["chaos-0".into(), "chaos-1".into()])
         .await?;
-        group.controllers[l]
-            .wait_ready(&a.name, Duration::from_secs(30))
-            .await?;
-        agents.push(a);
-    }
+    let l = group.leader(Duration::from_secs(30)).await?;
     let mut cleanup = vec![JobCleanup("chaos-a".into())];
     group.controllers[l]
         .apply("a.yaml", &chaos_job("chaos-a", 2))

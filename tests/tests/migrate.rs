@@ -132,7 +132,10 @@ async fn setup_full(
         ballast_mb: 16,
         port,
         volume: &volume,
-        cpu_millis: 100,
+        // Half a core: generating and summing the 16 MiB ballast (a debug build)
+        // takes about 6 s and 2.8 s at 100m on these machines, past the
+        // health checks and the 2 s request timeout.
+        cpu_millis: 500,
         mode,
         checkpoint_extra,
     }

@@ -62,6 +62,6 @@ pub struct BackupRecord {
     /// The key.
     pub key: String,
     /// The record.
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Value))]
     pub value: serde_json::Value,
 }

@@ -497,7 +497,7 @@ mod tests {
             ContextFile::parse(text, Path::new("/etc/x/config.toml")).expect_err("unknown key");
         assert_eq!(
             err.to_string(),
-            "malformed context file /etc/x/config.toml, line 8, column 1, at key `contexts.dev.token`: unknown field `token`, expected one of `api`, `ca`, `cert`, `key`, `token_file`"
+            "malformed context file /etc/x/config.toml, line 8, column 1, at key `contexts.dev.token`: unknown field `token`, expected one of `api`, `ca`, `cert`, `key`, `token_file`, `also`"
         );
     }
 

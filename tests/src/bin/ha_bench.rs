@@ -120,22 +120,8 @@ async fn main() -> Result<()> {
     ensure_test_image()?;
     let dir = tempfile::Builder::new().prefix("nc-ha-bench").tempdir()?;
     let mut group = Group::start(dir.path(), 3, &args.lease).await?;
-    let l = group.leader(Duration::from_secs(30)).await?;
-    let links = group.link_addresses();
-    let mut agents = Vec::new();
-    for i in 0..args.agents {
-        let a = Agent::join_and_run(
-            dir.path(),
-            &group.controllers[l],
-            &format!("bench-{i}"),
-            &["--controller", &links],
-        )
-        .await?;
-        group.controllers[l]
-            .wait_ready(&a.name, Duration::from_secs(30))
-            .await?;
-        agents.push(a);
-    }
+    let names: Vec<String> = (0..args.agents).map(|i| format!("bench-{i}")).collect();
+    let agents = group.agents(dir.path(), &names).await?;
     let (mut writes, mut reconnects, mut handovers) = (Vec::new(), Vec::new(), Vec::new());
     for k in 0..args.kills {
         let l = group.leader(Duration::from_secs(60)).await?;
