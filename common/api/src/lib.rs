@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod costs;
 pub mod images;
 pub mod jobs;
+pub mod metrics;
 pub mod migrations;
 pub mod policies;
 pub mod pools;
@@ -24,6 +25,9 @@ pub use images::ImageRecord;
 pub use jobs::{
     AllocPortView, AllocView, ApplyRequest, ApplyResult, FieldChange, JobDetail, JobPlan,
     JobSummary, JobVersionView, PlannedPlacement, PlannedStop, PublishedAddressView,
+};
+pub use metrics::{
+    HistoryStats, MetricsQuery, MetricsQueryResult, SeriesAgg, SeriesPoints, StepFn,
 };
 pub use migrations::{DrainPlan, MigrationStatus, Phase};
 pub use policies::{DecisionView, PolicyApplyResult, PolicyView};

@@ -1,0 +1,140 @@
+//! Bit-level writing and reading, most significant bit first.
+
+/// Appends bits to a byte buffer.
+#[derive(Debug, Clone, Default)]
+pub struct BitWriter {
+    bytes: Vec<u8>,
+    bits: u64,
+}
+
+impl BitWriter {
+    /// An empty writer.
+    pub fn new() -> BitWriter {
+        BitWriter::default()
+    }
+
+    /// Writes the low `n` bits of `value` (`n` ≤ 64), most significant first.
+    pub fn write(&mut self, value: u64, n: u32) {
+        debug_assert!(n <= 64);
+        let mut n = n.min(64);
+        let value = if n < 64 {
+            value & ((1u64 << n) - 1)
+        } else {
+            value
+        };
+        while n > 0 {
+            let used = (self.bits % 8) as u32;
+            if used == 0 {
+                self.bytes.push(0);
+            }
+            let free = 8 - used;
+            let take = free.min(n);
+            let shift = n - take;
+            let part = ((value >> shift) & ((1u64 << take) - 1)) as u8;
+            if let Some(last) = self.bytes.last_mut() {
+                *last |= part << (free - take);
+            }
+            self.bits += u64::from(take);
+            n -= take;
+        }
+    }
+
+    /// Writes one bit.
+    pub fn bit(&mut self, one: bool) {
+        self.write(u64::from(one), 1);
+    }
+
+    /// The bits written.
+    pub fn len_bits(&self) -> u64 {
+        self.bits
+    }
+
+    /// The bytes (the last one padded with zeros).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The bytes this writer holds in memory, its spare capacity included.
+    pub fn heap_bytes(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// Gives back spare capacity (a closed chunk keeps only what it holds).
+    pub fn shrink(&mut self) {
+        self.bytes.shrink_to_fit();
+    }
+}
+
+/// Reads bits written by a [`BitWriter`]; every read past the end is `None`.
+#[derive(Debug, Clone)]
+pub struct BitReader<'a> {
+    bytes: &'a [u8],
+    pos: u64,
+    end: u64,
+}
+
+impl<'a> BitReader<'a> {
+    /// Reads the first `bits` bits of `bytes` (at most all of them).
+    pub fn new(bytes: &'a [u8], bits: u64) -> BitReader<'a> {
+        let end = bits.min(bytes.len() as u64 * 8);
+        BitReader { bytes, pos: 0, end }
+    }
+
+    /// Reads `n` bits (`n` ≤ 64).
+    pub fn read(&mut self, n: u32) -> Option<u64> {
+        if n > 64 || self.pos + u64::from(n) > self.end {
+            return None;
+        }
+        let mut out = 0u64;
+        let mut n = n;
+        while n > 0 {
+            let byte = *self.bytes.get((self.pos / 8) as usize)?;
+            let used = (self.pos % 8) as u32;
+            let avail = 8 - used;
+            let take = avail.min(n);
+            let part = (u64::from(byte) >> (avail - take)) & ((1u64 << take) - 1);
+            out = if take == 64 {
+                part
+            } else {
+                (out << take) | part
+            };
+            self.pos += u64::from(take);
+            n -= take;
+        }
+        Some(out)
+    }
+
+    /// Reads one bit.
+    pub fn bit(&mut self) -> Option<bool> {
+        self.read(1).map(|b| b == 1)
+    }
+
+    /// Whether every bit has been read.
+    pub fn at_end(&self) -> bool {
+        self.pos >= self.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn round_trip(items in proptest::collection::vec((any::<u64>(), 0u32..=64), 0..200)) {
+            let mut w = BitWriter::new();
+            for (v, n) in &items {
+                w.write(*v, *n);
+            }
+            let mut r = BitReader::new(w.bytes(), w.len_bits());
+            for (v, n) in &items {
+                let mask = if *n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                prop_assert_eq!(r.read(*n), Some(v & mask));
+            }
+            prop_assert!(r.at_end());
+            prop_assert_eq!(r.read(1), None);
+        }
+    }
+}

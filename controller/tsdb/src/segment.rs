@@ -1,0 +1,237 @@
+//! Segment files: append-only records of serialized chunks.
+//!
+//! A record is `len u32 | crc32 u32 | payload` (little-endian; the CRC covers
+//! the payload). A crash can tear only the last record: opening a segment
+//! truncates a tail that does not hold a whole record whose CRC matches. A
+//! corrupt record inside the file (its length fits but its CRC does not) is
+//! skipped with a logged error.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{error, warn};
+
+use crate::chunk::{self, Chunk};
+
+/// The largest record read back; a larger length is corruption.
+pub const MAX_RECORD: u32 = 64 << 20;
+const RECORD_HEADER: u64 = 8;
+
+/// Where one chunk lies in a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    /// The record's payload offset.
+    pub offset: u64,
+    /// The payload's length.
+    pub len: u32,
+    /// The chunk's earliest point.
+    pub t_min: i64,
+    /// Its latest point.
+    pub t_max: i64,
+}
+
+/// An open segment file and the index of its chunks by source.
+#[derive(Debug)]
+pub struct Segment {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    /// Chunks by source, in file order.
+    pub index: HashMap<Arc<str>, Vec<Loc>>,
+    /// The earliest point of any chunk (`i64::MAX` when empty).
+    pub t_min: i64,
+    /// The latest point of any chunk.
+    pub t_max: i64,
+    /// Values the chunks hold.
+    pub values: u64,
+    /// When set, a chunk of a source with the same first time replaces the
+    /// earlier one (the 1-hour tier, where a repeated rollup is rewritten).
+    replace: bool,
+}
+
+/// What opening a segment found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Records skipped as corrupt.
+    pub corrupt: u64,
+    /// Bytes cut off a torn tail.
+    pub truncated: u64,
+}
+
+/// What reading a chunk back hit.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The bytes are not the chunk written.
+    #[error("{path} at {offset}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// The record's offset.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Segment {
+    /// Opens (or creates) the segment at `path`, indexing its records and
+    /// cutting a torn tail.
+    pub fn open(path: &Path, replace: bool) -> io::Result<(Segment, Scan)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut seg = Segment {
+            path: path.to_owned(),
+            file,
+            len: 0,
+            index: HashMap::new(),
+            t_min: i64::MAX,
+            t_max: i64::MIN,
+            values: 0,
+            replace,
+        };
+        let mut scan = Scan::default();
+        let mut reader = BufReader::with_capacity(1 << 20, seg.file.try_clone()?);
+        let mut pos = 0u64;
+        let mut payload = Vec::new();
+        loop {
+            let mut head = [0u8; RECORD_HEADER as usize];
+            if pos + RECORD_HEADER > file_len || reader.read_exact(&mut head).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let end = pos + RECORD_HEADER + u64::from(len);
+            if len > MAX_RECORD || end > file_len {
+                break;
+            }
+            payload.resize(len as usize, 0);
+            if reader.read_exact(&mut payload).is_err() {
+                break;
+            }
+            if crc32fast::hash(&payload) != crc {
+                error!(file = %path.display(), offset = pos, "metrics history: skipping a corrupt chunk (checksum mismatch)");
+                scan.corrupt += 1;
+            } else {
+                match chunk::read_header(&payload) {
+                    Ok(h) => seg.add(
+                        Arc::from(h.source.as_str()),
+                        Loc {
+                            offset: pos + RECORD_HEADER,
+                            len,
+                            t_min: h.t_min,
+                            t_max: h.t_max,
+                        },
+                        u64::from(h.count) * h.columns.len() as u64,
+                    ),
+                    Err(e) => {
+                        error!(file = %path.display(), offset = pos, error = %e, "metrics history: skipping a corrupt chunk");
+                        scan.corrupt += 1;
+                    }
+                }
+            }
+            pos = end;
+        }
+        if pos < file_len {
+            warn!(file = %path.display(), kept = pos, cut = file_len - pos, "metrics history: cutting a torn write at the end of a segment");
+            seg.file.set_len(pos)?;
+            scan.truncated = file_len - pos;
+        }
+        seg.len = pos;
+        Ok((seg, scan))
+    }
+
+    fn add(&mut self, source: Arc<str>, loc: Loc, values: u64) {
+        let locs = self.index.entry(source).or_default();
+        if self.replace
+            && let Some(old) = locs.iter_mut().find(|l| l.t_min == loc.t_min)
+        {
+            *old = loc;
+            return;
+        }
+        locs.push(loc);
+        self.t_min = self.t_min.min(loc.t_min);
+        self.t_max = self.t_max.max(loc.t_max);
+        self.values += values;
+    }
+
+    /// Appends `chunk` and indexes it, interning its source with `intern`.
+    pub fn append(&mut self, chunk: &Chunk, source: Arc<str>) -> io::Result<()> {
+        let payload = chunk.encode();
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| *l <= MAX_RECORD)
+            .ok_or_else(|| io::Error::other("chunk too large for a record"))?;
+        let mut rec = Vec::with_capacity(payload.len() + RECORD_HEADER as usize);
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        rec.extend_from_slice(&payload);
+        if let Err(e) = self.file.write_all(&rec) {
+            // Cut what part of the record reached the file, so the next append
+            // does not follow garbage.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        let loc = Loc {
+            offset: self.len + RECORD_HEADER,
+            len,
+            t_min: chunk.t_min,
+            t_max: chunk.t_max,
+        };
+        self.len += rec.len() as u64;
+        self.add(source, loc, chunk.values());
+        Ok(())
+    }
+
+    /// Reads the chunk at `loc`, checking its CRC.
+    pub fn read(&self, loc: Loc) -> Result<Vec<u8>, ReadError> {
+        let path = self.path.display().to_string();
+        let mut buf = vec![0u8; loc.len as usize + RECORD_HEADER as usize];
+        self.file
+            .read_exact_at(&mut buf, loc.offset - RECORD_HEADER)
+            .map_err(|source| ReadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        let payload = buf.split_off(RECORD_HEADER as usize);
+        if crc32fast::hash(&payload) != crc {
+            return Err(ReadError::Corrupt {
+                path,
+                offset: loc.offset,
+                reason: "checksum mismatch".into(),
+            });
+        }
+        Ok(payload)
+    }
+
+    /// Forces what was appended to disk.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The file's length.
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

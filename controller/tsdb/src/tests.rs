@@ -1,0 +1,436 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const CPU: ColumnRef<'static> = ColumnRef {
+    metric: "cpu_percent",
+    label: "",
+    encoding: Encoding::Int { scale: 0.01 },
+};
+const MEM: ColumnRef<'static> = ColumnRef {
+    metric: "memory_used_bytes",
+    label: "",
+    encoding: Encoding::Int { scale: 1024.0 },
+};
+
+/// 2026-01-01T00:00:00Z, on an hour.
+const T0: i64 = 1_767_225_600_000;
+
+fn open(dir: &Path, f: impl FnOnce(&mut Config)) -> History {
+    let mut c = Config::new(dir.to_owned());
+    f(&mut c);
+    History::open(c).expect("opens")
+}
+
+fn all(_: &str) -> bool {
+    true
+}
+
+fn query(
+    h: &History,
+    metric: &str,
+    from: i64,
+    to: i64,
+    step: i64,
+    reduce: Reduce,
+    now: i64,
+) -> Answer {
+    h.query(&Query {
+        metric,
+        sources: &all,
+        from_ms: from,
+        to_ms: to,
+        step_ms: step,
+        reduce,
+        now_ms: now,
+    })
+    .expect("query")
+}
+
+/// Points of one series as a query at 1 ms steps gives them back.
+fn points(a: &Answer, source: &str) -> Vec<(i64, f64)> {
+    let s = a
+        .series
+        .iter()
+        .find(|s| &*s.source == source)
+        .expect("series");
+    s.values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| (a.from_ms + i as i64 * a.step_ms, v)))
+        .collect()
+}
+
+fn cpu(i: i64) -> f64 {
+    ((i * 37) % 10_000) as f64 / 100.0
+}
+
+fn fill(h: &History, source: &str, from: i64, n: i64, every: i64) {
+    for i in 0..n {
+        let t = from + i * every;
+        h.append(
+            source,
+            t,
+            &[CPU, MEM],
+            &[cpu(i), (1 << 30) as f64 + (i * 4096) as f64],
+        );
+    }
+}
+
+fn wait_written(h: &History) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !h.inner.in_flight.lock().expect("lock").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never caught up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn points_come_back_from_head_and_disk_and_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |_| {});
+    fill(&h, "n1", T0, 500, 1000);
+    fill(&h, "n2", T0, 500, 1000);
+    wait_written(&h);
+    let s = h.stats();
+    assert_eq!(s.head_sources, 2);
+    assert!(s.disk_values > 0 && s.head_values > 0, "{s:?}");
+    let now = T0 + 600_000;
+    let want: Vec<(i64, f64)> = (0..500).map(|i| (T0 + i * 1000, cpu(i))).collect();
+    let a = query(&h, "cpu_percent", T0, T0 + 499_000, 1000, Reduce::Last, now);
+    assert_eq!(a.tiers, vec![Tier::Raw]);
+    assert_eq!(a.series.len(), 2);
+    assert_eq!(points(&a, "n1"), want);
+    h.close();
+    drop(h);
+    let h = open(dir.path(), |_| {});
+    let a = query(&h, "cpu_percent", T0, T0 + 499_000, 1000, Reduce::Last, now);
+    assert_eq!(points(&a, "n2"), want, "history survives a restart");
+    let m = query(
+        &h,
+        "memory_used_bytes",
+        T0,
+        T0 + 499_000,
+        1000,
+        Reduce::Last,
+        now,
+    );
+    assert_eq!(
+        points(&m, "n1")[499].1,
+        (1u64 << 30) as f64 + (499 * 4096) as f64
+    );
+}
+
+#[test]
+fn a_torn_tail_loses_only_the_last_chunk_and_a_corrupt_chunk_is_skipped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.chunk_points = 100);
+    fill(&h, "n1", T0, 1000, 1000);
+    h.close();
+    drop(h);
+    let file = dir.path().join("raw").join(format!("{T0}.seg"));
+    let len = std::fs::metadata(&file).expect("file").len();
+    // A crash in the middle of the last record's write.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open");
+    f.set_len(len - 7).expect("truncate");
+    drop(f);
+    let now = T0 + 2 * HOUR_MS;
+    let h = open(dir.path(), |_| {});
+    let a = query(&h, "cpu_percent", T0, T0 + 999_000, 1000, Reduce::Last, now);
+    let got = points(&a, "n1");
+    assert_eq!(
+        got.len(),
+        900,
+        "the torn chunk (100 points) is gone, the rest stays"
+    );
+    assert_eq!(got[899], (T0 + 899_000, cpu(899)));
+    // Appending after the cut works.
+    fill(&h, "n1", T0 + 1_000_000, 10, 1000);
+    h.close();
+    drop(h);
+    // Flip a byte inside the second record: that chunk is skipped, with a count.
+    let mut bytes = std::fs::read(&file).expect("read");
+    let first_len = u32::from_le_bytes(bytes[0..4].try_into().expect("4")) as usize;
+    let second = 8 + first_len;
+    bytes[second + 8 + 40] ^= 0xff;
+    std::fs::write(&file, &bytes).expect("write");
+    let h = open(dir.path(), |_| {});
+    assert_eq!(h.stats().corrupt_chunks, 1);
+    let a = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 1_009_000,
+        1000,
+        Reduce::Last,
+        now,
+    );
+    assert_eq!(points(&a, "n1").len(), 810);
+}
+
+#[test]
+fn rollups_answer_past_raw_retention_and_queries_join_the_tiers() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.raw_retention_ms = HOUR_MS);
+    // Three hours at one point every 10 s.
+    fill(&h, "n1", T0, 3 * 360, 10_000);
+    let now = T0 + 3 * HOUR_MS + 10 * MINUTE_MS;
+    wait_written(&h);
+    h.maintain(now).expect("maintain");
+    // Hour 0 and 1 rolled up; the hour that ended less than an hour ago keeps
+    // its raw file, the older ones are past raw retention.
+    let files = |t: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path().join(t))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files("1m").len(), 3, "{:?}", files("1m"));
+    assert_eq!(files("raw"), vec![format!("{}.seg", T0 + 2 * HOUR_MS)]);
+    assert_eq!(files("1h").len(), 1);
+    // Per minute: the mean of the 6 points.
+    let expected_mean =
+        |minute: i64| -> f64 { (0..6).map(|k| cpu(minute * 6 + k)).sum::<f64>() / 6.0 };
+    let a = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 3 * HOUR_MS - 1,
+        MINUTE_MS,
+        Reduce::Mean,
+        now,
+    );
+    assert_eq!(a.steps, 180);
+    assert_eq!(a.tiers, vec![Tier::Minute]);
+    let s = &a.series[0].values;
+    for m in 0..180 {
+        let got = s[m as usize].expect("value");
+        assert!((got - expected_mean(m)).abs() < 1e-9, "minute {m}: {got}");
+    }
+    // At a 10 s step the first two hours come from rollups (no raw any more),
+    // the last from raw points.
+    let b = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 3 * HOUR_MS - 1,
+        10_000,
+        Reduce::Max,
+        now,
+    );
+    assert_eq!(b.tiers, vec![Tier::Raw, Tier::Minute]);
+    let v = &b.series[0].values;
+    assert_eq!(
+        v[2 * 360 + 5],
+        Some(cpu(2 * 360 + 5)),
+        "raw hour: every point"
+    );
+    let rolled_max = (0..6).map(cpu).fold(f64::MIN, f64::max);
+    assert_eq!(
+        v[0],
+        Some(rolled_max),
+        "rolled hour: the minute's max at its start"
+    );
+    assert_eq!(v[1], None);
+    // Hourly step: 1h rollups for the rolled hours, raw for the last.
+    let c = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 3 * HOUR_MS - 1,
+        HOUR_MS,
+        Reduce::Mean,
+        now,
+    );
+    let want_hour = |k: i64| (0..360).map(|i| cpu(k * 360 + i)).sum::<f64>() / 360.0;
+    for k in 0..3 {
+        let got = c.series[0].values[k as usize].expect("hour");
+        assert!(
+            (got - want_hour(k)).abs() < 1e-6,
+            "hour {k}: {got} vs {}",
+            want_hour(k)
+        );
+    }
+    assert!(c.tiers.contains(&Tier::Hour), "{:?}", c.tiers);
+    // Rollups survive a restart, and a second maintain does not redo them.
+    h.close();
+    drop(h);
+    let h = open(dir.path(), |c| c.raw_retention_ms = HOUR_MS);
+    h.maintain(now).expect("maintain");
+    let c2 = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 3 * HOUR_MS - 1,
+        HOUR_MS,
+        Reduce::Mean,
+        now,
+    );
+    assert_eq!(c2.series, c.series);
+    // Past every retention, nothing is left.
+    h.maintain(now + 200 * DAY_MS).expect("maintain");
+    assert!(files("raw").is_empty() && files("1m").is_empty() && files("1h").is_empty());
+}
+
+#[test]
+fn the_head_stays_within_its_budget_under_a_flood_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let budget = 256 << 10;
+    let h = open(dir.path(), |c| c.head_budget_bytes = budget);
+    let sources: Vec<String> = (0..2000).map(|i| format!("n{i}")).collect();
+    let mut max_seen = 0;
+    for round in 0..20 {
+        for s in &sources {
+            h.append(s, T0 + round * 1000, &[CPU, MEM], &[cpu(round), 1e9]);
+            max_seen = max_seen.max(h.inner.head.lock().expect("lock").bytes);
+        }
+    }
+    assert!(
+        max_seen <= budget + 4096,
+        "head grew to {max_seen} over a {budget} budget"
+    );
+    let s = h.stats();
+    assert!(s.budget_evictions > 0);
+    wait_written(&h);
+    let a = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 19_000,
+        1000,
+        Reduce::Last,
+        T0 + 60_000,
+    );
+    assert_eq!(a.series.len(), 2000);
+    assert!(
+        a.series
+            .iter()
+            .all(|s| s.values.iter().all(Option::is_some)),
+        "an early-closed chunk lost points"
+    );
+}
+
+#[test]
+fn late_points_within_the_bound_are_kept_and_older_ones_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.out_of_order_ms = 6000);
+    for t in [10_000, 11_000, 13_000, 12_000, 14_000, 8_000, 1_000] {
+        h.append("n1", T0 + t, &[CPU], &[t as f64 / 1000.0]);
+    }
+    assert_eq!(h.stats().late_points, 1, "1 s is more than 6 s behind 14 s");
+    let a = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 20_000,
+        1000,
+        Reduce::Last,
+        T0 + 30_000,
+    );
+    let got: Vec<f64> = points(&a, "n1").into_iter().map(|(_, v)| v).collect();
+    assert_eq!(got, vec![8.0, 10.0, 11.0, 12.0, 13.0, 14.0]);
+}
+
+#[test]
+fn a_change_of_columns_starts_a_new_chunk() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |_| {});
+    let disk = |m: &'static str| ColumnRef {
+        metric: "disk_used_bytes",
+        label: m,
+        encoding: Encoding::Int { scale: 1.0 },
+    };
+    h.append("n1", T0, &[CPU, disk("/")], &[1.0, 100.0]);
+    h.append(
+        "n1",
+        T0 + 1000,
+        &[CPU, disk("/"), disk("/data")],
+        &[2.0, 101.0, 5.0],
+    );
+    let a = query(
+        &h,
+        "disk_used_bytes",
+        T0,
+        T0 + 1000,
+        1000,
+        Reduce::Last,
+        T0 + 5000,
+    );
+    let labels: Vec<&str> = a.series.iter().map(|s| s.label.as_str()).collect();
+    assert_eq!(labels, vec!["/", "/data"]);
+    assert_eq!(a.series[0].values, vec![Some(100.0), Some(101.0)]);
+    assert_eq!(a.series[1].values, vec![None, Some(5.0)]);
+}
+
+#[test]
+fn bad_queries_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |_| {});
+    let q = |from, to, step| {
+        h.query(&Query {
+            metric: "cpu_percent",
+            sources: &all,
+            from_ms: from,
+            to_ms: to,
+            step_ms: step,
+            reduce: Reduce::Mean,
+            now_ms: T0,
+        })
+    };
+    assert!(matches!(q(T0, T0 + 1, 0), Err(QueryError::Range(_))));
+    assert!(matches!(q(T0, T0 - 1, 1), Err(QueryError::Range(_))));
+    h.append("n1", T0, &[CPU], &[1.0]);
+    assert!(matches!(
+        q(T0, T0 + 100 * DAY_MS, 1),
+        Err(QueryError::TooLarge { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Random series (gaps, NaN, late points within the bound) come back
+    /// identical, from the head, from disk and after a restart.
+    #[test]
+    fn random_series_round_trip(
+        steps in proptest::collection::vec((1i64..5_000, prop_oneof![
+            6 => (-1e6f64..1e6).prop_map(|v| (v * 100.0).round() / 100.0),
+            1 => Just(f64::NAN),
+        ], proptest::bool::weighted(0.1)), 1..400),
+        chunk_points in 2u32..150,
+    ) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let h = open(dir.path(), |c| { c.chunk_points = chunk_points; c.out_of_order_ms = 10_000; });
+        let mut t = T0;
+        let mut expected: BTreeMap<i64, f64> = BTreeMap::new();
+        let mut newest = t;
+        for (gap, v, late) in steps {
+            t += gap;
+            // A late point: 1..gap ms before the previous one (still unique).
+            let at = if late && t - 2 * gap > newest - 10_000 && !expected.contains_key(&(t - 2 * gap)) && t - 2 * gap > T0 { t - 2 * gap } else { t };
+            if expected.contains_key(&at) { continue; }
+            h.append("s", at, &[CPU], &[v]);
+            newest = newest.max(at);
+            expected.insert(at, v);
+        }
+        let want: Vec<(i64, f64)> = expected.iter().filter(|(_, v)| !v.is_nan()).map(|(t, v)| (*t, *v)).collect();
+        let to = newest;
+        let now = to + 1000;
+        let a = query(&h, "cpu_percent", T0, to, 1, Reduce::Last, now);
+        prop_assert_eq!(points(&a, "s"), want.clone());
+        h.close();
+        drop(h);
+        let h = open(dir.path(), |_| {});
+        let a = query(&h, "cpu_percent", T0, to, 1, Reduce::Last, now);
+        prop_assert_eq!(points(&a, "s"), want);
+    }
+}
