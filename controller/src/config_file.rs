@@ -168,6 +168,9 @@ pub struct ControllerFile {
     /// Where the state is kept (every subcommand).
     #[serde(default)]
     pub store: StoreFile,
+    /// The metrics history (`serve`).
+    #[serde(default)]
+    pub history: crate::services::history::HistorySettings,
 }
 
 /// The `[store]` table: the embedded redb file (the default) or etcd, for a
@@ -616,7 +619,12 @@ pub fn resolve_serve(
         }
         None => None,
     };
+    let history = loaded.file.history.clone();
+    if let Err(expected) = history.validate() {
+        return Err(invalid(l.file_origin("history"), "[history]", expected));
+    }
     Ok(ControllerConfig {
+        history,
         data_dir: data_dir.to_path_buf(),
         api_listen,
         quic_listen,

@@ -70,6 +70,8 @@ pub struct ControllerConfig {
     /// The key that seals secrets; `None`: `<data_dir>/secrets.key`, created when
     /// missing.
     pub secrets_key_file: Option<PathBuf>,
+    /// The metrics history (`[history]`).
+    pub history: crate::services::history::HistorySettings,
 }
 
 impl ControllerConfig {
@@ -90,6 +92,7 @@ impl ControllerConfig {
             dns_listen: None,
             dns_domain: novacron_dns::DEFAULT_DOMAIN.to_string(),
             secrets_key_file: None,
+            history: crate::services::history::HistorySettings::default(),
         }
     }
 }
@@ -147,6 +150,7 @@ pub struct Controller {
     cancel: CancellationToken,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    history: Option<Arc<crate::services::history::MetricsHistory>>,
 }
 
 /// Starts a controller on an initialized data directory, on its embedded store.
@@ -178,6 +182,19 @@ pub async fn start_with(
         Instant::now(),
     )?);
     let revoked_certs = crate::services::certs::load(store.as_ref())?;
+    let cancel = CancellationToken::new();
+    let history = if config.history.enabled {
+        let h = Arc::new(crate::services::history::MetricsHistory::open(
+            &config.data_dir,
+            &config.history,
+            cancel.clone(),
+        )?);
+        crate::services::history::log_opened(&h);
+        registry.set_sink(h.clone());
+        Some(h)
+    } else {
+        None
+    };
 
     let endpoint = link::bind(
         &LinkConfig {
@@ -214,6 +231,10 @@ pub async fn start_with(
         registry.clone(),
         events.clone(),
     )?);
+    if let Some(h) = &history {
+        let w = workloads.clone();
+        h.set_jobs(Arc::new(move |id: &str| w.job_of(id)));
+    }
     let autoscaler = Arc::new(
         Autoscaler::load(
             store.clone(),
@@ -221,7 +242,8 @@ pub async fn start_with(
             workloads.clone(),
             events.clone(),
         )?
-        .with_pricing(pricing.clone()),
+        .with_pricing(pricing.clone())
+        .with_history(history.clone()),
     );
     let bundles = Arc::new(
         crate::state::bundles::BundleStore::open(&config.data_dir.join("bundles"))
@@ -299,6 +321,7 @@ pub async fn start_with(
         secrets,
         images,
         group,
+        history: history.clone(),
     });
 
     let mut dns_domain = novacron_dns::Name::from_ascii(&config.dns_domain)
@@ -318,7 +341,6 @@ pub async fn start_with(
             .map_err(|e| anyhow::anyhow!("cannot serve DNS on udp and tcp {addr}: {e}"))?;
     }
 
-    let cancel = CancellationToken::new();
     let mut tasks = vec![tokio::spawn(run_while_leader(
         leadership.clone(),
         cancel.clone(),
@@ -345,6 +367,9 @@ pub async fn start_with(
         cancel.clone(),
     )));
     tasks.push(tokio::spawn(index.run(cancel.clone())));
+    if let Some(h) = &history {
+        tasks.push(tokio::spawn(h.clone().run(events.clone(), cancel.clone())));
+    }
     let api_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move { api_cancel.cancelled().await };
@@ -380,6 +405,7 @@ pub async fn start_with(
         cancel,
         endpoint,
         tasks,
+        history,
     })
 }
 
@@ -458,6 +484,10 @@ impl Controller {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(error) = self.registry.flush_marks() {
             warn!(%error, "cannot persist metrics marks at shutdown");
+        }
+        if let Some(h) = self.history {
+            // Writes the open chunks (file I/O: off the async workers).
+            let _ = tokio::task::spawn_blocking(move || h.close()).await;
         }
         info!("controller stopped");
     }

@@ -311,7 +311,8 @@ async fn revoked_node_is_dropped_and_refused_at_the_handshake() {
 #[tokio::test]
 async fn controller_restart_delivers_every_buffered_sample_exactly_once() {
     let dir = tempdir();
-    let mut controller = Controller::start(dir.path(), &[])
+    // A window long enough to hold the samples of the whole outage.
+    let mut controller = Controller::start(dir.path(), &["--metrics-window", "300"])
         .await
         .expect("controller");
     let _agent = Agent::join_and_run(
@@ -366,6 +367,26 @@ async fn controller_restart_delivers_every_buffered_sample_exactly_once() {
         during >= 10,
         "samples taken while the controller was down arrived: {during}"
     );
+    // They are in the metrics history too, one point each.
+    let q: novacron_api::MetricsQueryResult = controller
+        .admin_client()
+        .expect("client")
+        .get(format!(
+            "{}/v1/metrics/query?metric=cpu_percent&node=n1&from={}&to={}&step=1ms&fn=last",
+            controller.api(),
+            ms(down_at) + 1,
+            ms(up_at) - 1
+        ))
+        .send()
+        .await
+        .expect("query")
+        .error_for_status()
+        .expect("200")
+        .json()
+        .await
+        .expect("json");
+    let points = q.series[0].values.iter().flatten().count();
+    assert_eq!(points, during, "history and window disagree on the outage");
 }
 
 #[tokio::test]

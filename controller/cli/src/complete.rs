@@ -3,12 +3,14 @@
 //! which read the names from the controller of the current context (the
 //! context file as `NOVACRON_CONFIG` or the default path names it, and
 //! `NOVACRON_TOKEN`). A controller that cannot be reached within
-//! [`COMPLETE_TIMEOUT`] completes nothing rather than hang the shell.
+//! [`COMPLETE_TIMEOUT`] completes nothing rather than hang the shell. Metric
+//! names are known to the CLI and complete without the controller.
 
 use std::ffi::OsStr;
 use std::time::{Duration, SystemTime};
 
 use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
+use novacron_api::metrics::{ALLOC_METRICS, NODE_METRICS};
 use serde::Deserialize;
 
 use super::client::ApiClient;
@@ -33,6 +35,23 @@ pub fn jobs() -> ArgValueCompleter {
 /// A completer of allocation ids (with their job and node as help).
 pub fn allocs() -> ArgValueCompleter {
     ArgValueCompleter::new(|current: &OsStr| names(&["v1", "allocations"], "id", current))
+}
+
+/// A completer of metric names (`novacron metrics METRIC`), with their help.
+pub fn metrics() -> ArgValueCompleter {
+    ArgValueCompleter::new(|current: &OsStr| {
+        current.to_str().map(metric_candidates).unwrap_or_default()
+    })
+}
+
+/// The metric names that start with `prefix`, each with what it is as help.
+pub fn metric_candidates(prefix: &str) -> Vec<CompletionCandidate> {
+    NODE_METRICS
+        .iter()
+        .chain(ALLOC_METRICS)
+        .filter(|m| m.name.starts_with(prefix))
+        .map(|m| CompletionCandidate::new(m.name).help(Some(m.help.into())))
+        .collect()
 }
 
 /// The `key` of each item the API lists at `path` that starts with `current`.
@@ -115,5 +134,23 @@ mod tests {
         );
         assert_eq!(candidates(&items, "id", "").len(), 2);
         assert!(candidates(&items, "name", "").is_empty());
+    }
+
+    #[test]
+    fn metric_names_complete_without_a_controller() {
+        let got = metric_candidates("alloc_mem");
+        let names: Vec<String> = got
+            .iter()
+            .map(|c| c.get_value().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["alloc_memory_bytes", "alloc_memory_limit_bytes"]);
+        assert_eq!(
+            got[0].get_help().map(ToString::to_string).as_deref(),
+            Some("memory in use")
+        );
+        assert_eq!(
+            metric_candidates("").len(),
+            NODE_METRICS.len() + ALLOC_METRICS.len()
+        );
     }
 }

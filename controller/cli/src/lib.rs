@@ -7,6 +7,8 @@
 //! - [`client`]: the mutual-TLS API client and its operator-facing errors.
 //! - [`output`]: table, JSON and YAML output, human units and ages (pure).
 //! - [`nodes`]: `novacron node list|show`.
+//! - [`metrics`]: `novacron metrics` (the metrics history: sparklines, tables)
+//!   and `novacron top` (a live view of the fleet).
 //! - [`context`]: `novacron context list|use|show`.
 //! - [`exec`]: `novacron exec` and `novacron alloc exec` (remote commands, live).
 //! - [`version`]: `novacron version` (this client's build and the controller's).
@@ -26,6 +28,7 @@ pub mod exec;
 pub mod fixtures;
 pub mod images;
 pub mod jobs;
+pub mod metrics;
 pub mod nodes;
 pub mod output;
 pub mod policies;
@@ -111,17 +114,22 @@ pub struct Cli {
     /// ~/.config/novacron/config.toml].
     #[arg(long, global = true, value_name = "PATH", env = config::CONFIG_ENV)]
     pub config: Option<PathBuf>,
+    /// What `-o` said on the command line, if anything (not an argument):
+    /// `metrics` draws sparklines unless told otherwise.
+    #[command(flatten)]
+    pub output_given: metrics::OutputGiven,
     /// Output format: table, wide (more columns), json, yaml, name (`job/web`,
     /// one per line) or jsonpath=EXPR (an RFC 9535 query on what `-o json`
     /// prints, one value per line; kubectl's `{.a[*].b}` braces are accepted) or
     /// template=TEXT (minijinja: a list is `items`, an object's fields by name).
+    /// `metrics` also takes spark, its default (sparklines).
     #[arg(
         short,
         long,
         global = true,
         value_name = "FORMAT",
         default_value = "table",
-        value_parser = output::OutputFormatParser
+        value_parser = metrics::OutputParser
     )]
     pub output: OutputFormat,
     /// Watch the result, built on the controller's blocking queries: each read
@@ -177,6 +185,18 @@ pub enum Command {
     /// Inspect the fleet's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The metrics history: one metric's series over a range as sparklines
+    /// (the default), a table (-o table) or the API's answer (-o json). Without a
+    /// metric, lists the metrics with their units; --storage shows what the
+    /// history holds and costs.
+    ///
+    /// Examples: `novacron metrics cpu_percent --since 6h`, `novacron metrics
+    /// alloc_memory_bytes --job web --agg sum -o table`.
+    Metrics(metrics::MetricsArgs),
+    /// A live view of the fleet, refreshed every --interval until Ctrl-C: per
+    /// node its status, CPU with a 5-minute sparkline, memory, load and network;
+    /// with --allocs each allocation's CPU and memory.
+    Top(metrics::TopArgs),
     /// Stored checkpoints.
     #[command(subcommand)]
     Checkpoint(checkpoints::CheckpointCommand),
@@ -388,6 +408,13 @@ pub async fn run(
     out: &mut dyn Write,
     now: SystemTime,
 ) -> Result<(), CliError> {
+    if cli.output_given.text() == Some(metrics::SPARK)
+        && !matches!(cli.command, Command::Metrics(_))
+    {
+        return Err(CliError::Usage(
+            "-o spark is for `novacron metrics`; use -o table, wide, json, yaml, name, jsonpath=EXPR or template=TEXT here".into(),
+        ));
+    }
     if let Some(bound) = cli.watch {
         return watch(cli, env, out, bound).await;
     }
@@ -450,6 +477,20 @@ pub async fn run(
         Command::Node(cmd) => {
             let client = connect(cli, env, now).await?;
             nodes::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Metrics(args) => {
+            let view = metrics::View::choose(cli.output, cli.output_given.text());
+            // Checked before connecting: an unknown metric costs no request.
+            let request = args.request()?;
+            if request == metrics::Request::List {
+                return metrics::list(view, out);
+            }
+            let client = connect(cli, env, now).await?;
+            metrics::run(&request, &client, view, out, now).await
+        }
+        Command::Top(args) => {
+            let client = connect(cli, env, now).await?;
+            metrics::top(args, &client, cli.output, out, now).await
         }
         Command::Checkpoint(cmd) => {
             let client = connect(cli, env, now).await?;

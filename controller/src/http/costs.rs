@@ -48,6 +48,9 @@ async fn costs(
     Ok(Json(live_report(&st)))
 }
 
+/// How far back right-sizing reads samples.
+const RIGHTSIZE_SPAN_MS: u64 = 3_600_000;
+
 #[utoipa::path(get, path = "/v1/recommendations", tag = "cost", responses((status = 200, body = Vec<JobRecommendation>), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
 async fn recommendations(
     State(st): State<Arc<ApiState>>,
@@ -56,14 +59,29 @@ async fn recommendations(
     caller.require(Role::Viewer)?;
     let nodes = st.registry.views(Instant::now());
     let allocs = st.workloads.allocations(None, None);
-    let windows: BTreeMap<String, Vec<NodeSample>> = nodes
-        .iter()
-        .filter_map(|n| {
-            st.registry
-                .window(&n.name)
-                .map(|w| (n.name.clone(), w.samples))
-        })
-        .collect();
+    // The last hour from the metrics history (else the registry's short
+    // window), off the async workers: it decodes chunks.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        .saturating_sub(RIGHTSIZE_SPAN_MS);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let st2 = st.clone();
+    let windows: BTreeMap<String, Vec<NodeSample>> = tokio::task::spawn_blocking(move || {
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let w = match &st2.history {
+                    Some(h) => Some(h.window(&name, since, std::time::SystemTime::now())),
+                    None => st2.registry.window(&name),
+                }?;
+                Some((name, w.samples))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| crate::http::api::internal(format!("right-sizing task failed: {e}")))?;
     Ok(Json(recommend(
         &st.pricing,
         &nodes,

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod costs;
 pub mod events;
 pub mod exec;
+pub mod history;
 pub mod https;
 pub mod images;
 pub mod index;
@@ -335,6 +336,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(services::routes())
         .merge(exec::routes())
         .merge(metrics::routes())
+        .merge(history::routes())
         .merge(policies::routes())
         .merge(migrations::routes())
         .merge(certs::routes())

@@ -89,6 +89,9 @@ pub struct Autoscaler {
     registry: Arc<Registry>,
     workloads: Arc<Workloads>,
     events: Arc<EventLog>,
+    /// Where the observations come from: the metrics history, else the
+    /// registry's in-memory window.
+    history: Option<Arc<crate::services::history::MetricsHistory>>,
 }
 
 #[derive(Debug)]
@@ -164,6 +167,7 @@ impl Autoscaler {
             registry,
             workloads,
             events,
+            history: None,
         })
     }
 
@@ -408,7 +412,7 @@ impl Autoscaler {
         let nodes: BTreeSet<&str> = live.iter().map(|a| a.node.as_str()).collect();
         let windows: Vec<MetricsWindow> = nodes
             .into_iter()
-            .filter_map(|n| self.registry.window(n))
+            .filter_map(|n| self.window(n, since_ms))
             .collect();
         let mut obs = observations(&live, &windows, since_ms);
         let mut pending = w.pending.clone();
@@ -483,7 +487,7 @@ impl Autoscaler {
         let since_ms = now_ms.saturating_sub(millis(horizon(policy)));
         let windows: Vec<MetricsWindow> = members
             .iter()
-            .filter_map(|v| self.registry.window(&v.name))
+            .filter_map(|v| self.window(&v.name, since_ms))
             .collect();
         let mut obs = pool_observations(&windows, since_ms);
         let waiting: u32 = self.workloads.unplaced().iter().map(|d| d.count).sum();
@@ -525,6 +529,25 @@ impl Autoscaler {
                 explanation: decision.explanation.clone(),
             },
             changed: decision.changed(),
+        }
+    }
+
+    /// Reads observations from `history` (the metrics history) instead of the
+    /// registry's short in-memory window.
+    pub fn with_history(
+        mut self,
+        history: Option<Arc<crate::services::history::MetricsHistory>>,
+    ) -> Autoscaler {
+        self.history = history;
+        self
+    }
+
+    /// A node's samples newer than `since_ms`: from the history when there is
+    /// one, else the registry's window.
+    fn window(&self, node: &str, since_ms: u64) -> Option<MetricsWindow> {
+        match &self.history {
+            Some(h) => Some(h.window(node, since_ms, std::time::SystemTime::now())),
+            None => self.registry.window(node),
         }
     }
 

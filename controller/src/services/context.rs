@@ -59,4 +59,6 @@ pub struct ApiState {
     /// The controller group on etcd (`controller list`); `None` for a single
     /// controller on its embedded store.
     pub group: Option<Arc<crate::services::group::GroupView>>,
+    /// The metrics history (`None` when `[history] enabled = false`).
+    pub history: Option<Arc<crate::services::history::MetricsHistory>>,
 }

@@ -117,6 +117,10 @@ pub mod kind {
     /// An agent was refused: it speaks no wire protocol version this controller
     /// speaks (the message says which side to upgrade).
     pub const NODE_VERSION_REFUSED: &str = "node.version_refused";
+    /// The metrics history's head went over its memory budget: open chunks
+    /// were written to disk early (nothing was lost unless the details say
+    /// chunks were dropped).
+    pub const HISTORY_OVER_BUDGET: &str = "metrics.history_over_budget";
 }
 
 /// An event before it has a position and a time.

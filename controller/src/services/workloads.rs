@@ -751,6 +751,11 @@ impl Workloads {
             .collect()
     }
 
+    /// The job of allocation `id`, if it is known.
+    pub fn job_of(&self, id: &str) -> Option<String> {
+        self.lock().allocs.get(id).map(|a| a.job.clone())
+    }
+
     /// One allocation.
     pub fn allocation(&self, id: &str) -> Result<AllocRecord, WorkloadError> {
         self.lock()

@@ -23,8 +23,10 @@ use tracing::{info, warn};
 
 use crate::state::store::{MetricMark, NodeRecord, Revocation, Store, StoreError};
 
-/// Default number of samples kept per node (5 minutes at 1 s).
-pub const DEFAULT_METRICS_WINDOW: usize = 300;
+/// Default number of whole samples kept in memory per node (`GET
+/// /v1/nodes/{name}/metrics`, the newest reading of `GET /v1/nodes`). History
+/// lives in the metrics history ([`SampleSink`]), compressed and on disk.
+pub const DEFAULT_METRICS_WINDOW: usize = 10;
 /// How many ingest latencies the percentiles are computed over.
 pub const LATENCY_WINDOW: usize = 65_536;
 
@@ -155,9 +157,19 @@ impl RevokedNames {
     }
 }
 
+/// Where accepted samples go besides the window: the metrics history. Called
+/// once per new sample (never for a duplicate), in order, after the registry's
+/// lock is released, on the connection's task: it must be quick.
+pub trait SampleSink: Send + Sync + std::fmt::Debug {
+    /// Records `sample` of `node`.
+    fn record(&self, node: &str, sample: &NodeSample);
+}
+
 /// The fleet registry.
 #[derive(Debug)]
 pub struct Registry {
+    /// The metrics history, once the controller set it.
+    sink: std::sync::OnceLock<Arc<dyn SampleSink>>,
     inner: Mutex<Inner>,
     store: Arc<dyn Store>,
     config: RegistryConfig,
@@ -232,6 +244,7 @@ impl Registry {
             })
             .collect();
         Ok(Registry {
+            sink: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 nodes,
                 next_conn_id: 1,
@@ -402,6 +415,12 @@ impl Registry {
         }
     }
 
+    /// Sends every accepted sample to `sink` from now on (once; later calls are
+    /// ignored).
+    pub fn set_sink(&self, sink: Arc<dyn SampleSink>) {
+        let _ = self.sink.set(sink);
+    }
+
     /// Adds a metrics batch from connection `conn_id`, skipping samples already seen.
     pub fn ingest(
         &self,
@@ -413,6 +432,7 @@ impl Registry {
         let now_ms = unix_ms(wall);
         let mut out = IngestOutcome::default();
         let mut latencies = Vec::with_capacity(batch.samples.len());
+        let mut accepted = Vec::new();
         {
             let mut inner = self.lock();
             let Some(state) = inner.nodes.get_mut(name) else {
@@ -432,11 +452,19 @@ impl Registry {
                 state.mark.next_seq = sample.seq + 1;
                 state.mark_dirty = true;
                 latencies.push(now_ms.saturating_sub(sample.at_unix_ms) as f32);
+                if self.sink.get().is_some() {
+                    accepted.push(sample.clone());
+                }
                 if state.window.len() >= self.config.metrics_window {
                     state.window.pop_front();
                 }
                 state.window.push_back(sample);
                 out.accepted += 1;
+            }
+        }
+        if let Some(sink) = self.sink.get() {
+            for sample in &accepted {
+                sink.record(name, sample);
             }
         }
         if out.missed > 0 {
