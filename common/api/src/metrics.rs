@@ -283,6 +283,11 @@ pub struct MetricsQuery {
     /// metrics, the allocations' nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// Read this tier first: `raw`, `1m` or `1h`. Default: by the step (raw
+    /// below a minute, 1m below an hour, else 1h). Hours the tier no longer
+    /// (or does not yet) hold come from the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
 }
 
 /// `GET /v1/metrics/query`'s answer: points aligned on `timestamps`.

@@ -91,13 +91,17 @@ pub struct MetricsArgs {
     /// How the series combine at each step [default: none: each on its own].
     #[arg(long, value_parser = agg_parser())]
     pub agg: Option<SeriesAgg>,
+    /// Read this tier first: `raw`, `1m` or `1h` (rollups) [default: by the
+    /// step: raw below a minute, 1m below an hour, else 1h].
+    #[arg(long, value_name = "TIER", value_parser = ["raw", "1m", "1h"])]
+    pub resolution: Option<String>,
     /// Show what the history holds instead: bytes per value in memory and on
     /// disk, the memory budget, retention.
     #[arg(
         long,
         conflicts_with_all = [
             "metric", "node", "job", "alloc", "selector", "since", "from", "until", "step",
-            "function", "agg",
+            "function", "agg", "resolution",
         ]
     )]
     pub storage: bool,
@@ -169,6 +173,7 @@ impl MetricsArgs {
             job: self.job.clone(),
             allocation: self.alloc.clone(),
             selector: self.selector.clone(),
+            resolution: self.resolution.clone(),
         }))
     }
 
@@ -186,6 +191,7 @@ impl MetricsArgs {
             step: None,
             function: None,
             agg: None,
+            resolution: None,
             storage: false,
         }
     }
@@ -831,7 +837,7 @@ pub fn query_pairs(query: &MetricsQuery) -> Vec<(&'static str, String)> {
     // Every field serializes to a string (or is skipped), so this cannot fail;
     // were it to, the query would lack a parameter and the controller say so.
     let json = serde_json::to_value(query).unwrap_or_default();
-    const NAMES: [&str; 10] = [
+    const NAMES: [&str; 11] = [
         "metric",
         "from",
         "to",
@@ -842,6 +848,7 @@ pub fn query_pairs(query: &MetricsQuery) -> Vec<(&'static str, String)> {
         "job",
         "allocation",
         "selector",
+        "resolution",
     ];
     NAMES
         .into_iter()

@@ -19,7 +19,7 @@ use novacron_api::{
     HistoryStats, MetricsQuery, MetricsQueryResult, MetricsWindow, SeriesAgg, SeriesPoints, StepFn,
 };
 use novacron_common::wire::{AllocationUsage, CpuSample, GpuSample, MemorySample, NodeSample};
-use novacron_tsdb::{ColumnRef, Encoding, History, Query, Reduce};
+use novacron_tsdb::{ColumnRef, Encoding, History, Query, Reduce, Tier};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -515,6 +515,17 @@ impl MetricsHistory {
                 None => false,
             }
         };
+        let tier = match q.resolution.as_deref() {
+            None | Some("") => None,
+            Some("raw") => Some(Tier::Raw),
+            Some("1m") => Some(Tier::Minute),
+            Some("1h") => Some(Tier::Hour),
+            Some(other) => {
+                return Err(QueryProblem::Bad(format!(
+                    "resolution={other:?}: use raw, 1m or 1h"
+                )));
+            }
+        };
         let function = q.function.unwrap_or_default();
         let answer = self
             .db
@@ -531,6 +542,7 @@ impl MetricsHistory {
                     StepFn::Last => Reduce::Last,
                 },
                 now_ms,
+                tier,
             })
             .map_err(|e| QueryProblem::Bad(e.to_string()))?;
         let mut series: Vec<SeriesPoints> = answer
@@ -618,6 +630,7 @@ impl MetricsHistory {
                     step_ms: step,
                     reduce: Reduce::Last,
                     now_ms,
+                    tier: Some(Tier::Raw),
                 })
                 .ok()
         };

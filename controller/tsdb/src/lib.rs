@@ -146,6 +146,9 @@ pub struct Query<'a> {
     pub reduce: Reduce,
     /// The time now (which hours are still raw-only).
     pub now_ms: i64,
+    /// The tier to read first; `None`: by the step (raw below a minute, 1m
+    /// below an hour, else 1h).
+    pub tier: Option<Tier>,
 }
 
 impl std::fmt::Debug for Query<'_> {
@@ -791,7 +794,11 @@ impl History {
     fn tier_for(&self, hour: i64, base: Tier, now_ms: i64) -> Option<Tier> {
         let has = |t: Tier| {
             let files = self.inner.tier(t).read().unwrap_or_else(|e| e.into_inner());
-            files.segments.contains_key(&floor(hour, t.file_span()))
+            files
+                .segments
+                .get(&floor(hour, t.file_span()))
+                // A day's 1h file holds this hour only if its points reach it.
+                .is_some_and(|seg| t != Tier::Hour || (seg.t_min <= hour && hour <= seg.t_max))
         };
         let recent = hour + 2 * HOUR_MS > now_ms;
         let raw = recent || has(Tier::Raw);
@@ -821,7 +828,9 @@ impl History {
         let from = floor(q.from_ms, q.step_ms);
         let steps = usize::try_from((q.to_ms - from) / q.step_ms + 1)
             .map_err(|_| QueryError::Range("range too long".into()))?;
-        let base = if q.step_ms >= HOUR_MS {
+        let base = if let Some(t) = q.tier {
+            t
+        } else if q.step_ms >= HOUR_MS {
             Tier::Hour
         } else if q.step_ms >= MINUTE_MS {
             Tier::Minute

@@ -45,6 +45,7 @@ fn query(
         step_ms: step,
         reduce,
         now_ms: now,
+        tier: None,
     })
     .expect("query")
 }
@@ -385,6 +386,7 @@ fn bad_queries_are_refused() {
             step_ms: step,
             reduce: Reduce::Mean,
             now_ms: T0,
+            tier: None,
         })
     };
     assert!(matches!(q(T0, T0 + 1, 0), Err(QueryError::Range(_))));

@@ -1,0 +1,317 @@
+//! `novacron-history-bench`: the metrics history's size and query latency.
+//!
+//! - `real --dir D --seconds N [--interval 1s]`: samples this host through the
+//!   agent's own sampler (sysinfo, NVML when present) every interval into a
+//!   fresh history, as the controller records a node, then prints the bytes per
+//!   stored value in the head (before the flush) and on disk (after it).
+//! - `query --dir D --nodes N --node-hours H --runs R`: writes H hours of 1 Hz
+//!   samples of one node and the last hour of N nodes (varied random walks, 2
+//!   disks, 2 interfaces, 2 allocations each) into a fresh history, rolls them
+//!   up, then times R runs of each query through `MetricsHistory::query` (the
+//!   path `GET /v1/metrics/query` takes, without HTTP): one node over 24 h at a
+//!   1 min step; the fleet's CPU mean over 1 h at 15 s from the 1-minute rollups;
+//!   the same from raw points. Prints one JSON line per query (p50, p99, max).
+//!
+//! Both print JSON lines; BENCHMARKS.md records them.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use novacron_api::{MetricsQuery, SeriesAgg};
+use novacron_common::wire::{
+    AllocationUsage, CpuSample, DiskSample, MemorySample, NetworkSample, NodeSample,
+};
+use novacron_controller::services::history::{HistorySettings, MetricsHistory};
+use novacron_controller::state::registry::SampleSink;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn open(dir: &std::path::Path) -> anyhow::Result<MetricsHistory> {
+    let settings = HistorySettings {
+        raw_retention: Duration::from_secs(48 * 3600),
+        ..HistorySettings::default()
+    };
+    MetricsHistory::open(dir, &settings, CancellationToken::new())
+}
+
+fn real(args: &[String]) -> anyhow::Result<()> {
+    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-real".to_string()));
+    let seconds: u64 = arg(args, "--seconds", 600);
+    let interval = humantime::parse_duration(&arg(args, "--interval", "1s".to_string()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let h = open(&dir)?;
+    let host = novacron_agent::collect::host::SysinfoCollector::new()
+        .map_err(|e| anyhow::anyhow!("sysinfo: {e}"))?;
+    let mut sampler = novacron_agent::collect::Sampler::new(
+        Box::new(host),
+        novacron_agent::collect::gpu::detect_gpus(),
+    );
+    let n = (seconds * 1000 / interval.as_millis().max(1) as u64).max(1);
+    let start = Instant::now();
+    let mut first: Option<NodeSample> = None;
+    for i in 0..n {
+        let due = start + interval * i as u32;
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let s = sampler.sample(Instant::now());
+        if first.is_none() {
+            first = Some(s.clone());
+        }
+        h.record("real", &s);
+    }
+    let head = h.stats();
+    h.close();
+    let disk = h.stats();
+    let sample = first.context("no sample")?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "history_real",
+            "samples": n,
+            "interval_ms": interval.as_millis() as u64,
+            "values_per_sample": head.head_values / n.min(novacron_tsdb::Config::new(dir.clone()).chunk_points as u64).max(1),
+            "disks": sample.disks.len(),
+            "interfaces": sample.networks.len(),
+            "gpus": sample.gpus.len(),
+            "head_values": head.head_values,
+            "head_bytes": head.head_bytes,
+            "head_bytes_per_value": head.head_bytes_per_value,
+            "disk_values": disk.disk_values,
+            "disk_bytes": disk.disk_bytes,
+            "disk_bytes_per_value": disk.disk_bytes_per_value,
+            "in_memory_window_bytes_per_value_before": 32,
+        })
+    );
+    Ok(())
+}
+
+/// A node's synthetic 1 Hz state: random walks with the noise real readings
+/// have (CPU as sysinfo's f32, memory in KiB steps, noisy network rates).
+struct Walk {
+    cpu: f64,
+    mem: u64,
+    disk: u64,
+    rx: f64,
+}
+
+impl Walk {
+    fn new(rng: &mut impl Rng) -> Walk {
+        Walk {
+            cpu: rng.random_range(5.0..60.0),
+            mem: rng.random_range(1u64..3) << 30,
+            disk: rng.random_range(5_000_000_000u64..9_000_000_000),
+            rx: rng.random_range(1_000.0..50_000.0),
+        }
+    }
+
+    fn step(&mut self, rng: &mut impl Rng, t: i64, i: usize) -> NodeSample {
+        self.cpu = (self.cpu + rng.random_range(-4.0..4.0)).clamp(0.0, 100.0);
+        self.mem = (self.mem as i64 + rng.random_range(-64i64..64) * 1024).max(1 << 28) as u64;
+        self.disk += rng.random_range(0u64..3) * 4096;
+        self.rx = (self.rx * rng.random_range(0.8..1.25)).clamp(100.0, 1e8);
+        let cpu = self.cpu as f32 + rng.random_range(0.0f32..0.01);
+        NodeSample {
+            seq: i as u64,
+            at_unix_ms: t as u64,
+            cpu: CpuSample {
+                total_percent: cpu,
+                load: [
+                    (self.cpu / 50.0) as f32,
+                    (self.cpu / 55.0) as f32,
+                    (self.cpu / 60.0) as f32,
+                ],
+                ..CpuSample::default()
+            },
+            memory: MemorySample {
+                total_bytes: 8 << 30,
+                used_bytes: self.mem,
+                available_bytes: (8 << 30) - self.mem,
+                ..MemorySample::default()
+            },
+            disks: vec![
+                DiskSample {
+                    mount: "/".into(),
+                    total_bytes: 40_000_000_000,
+                    used_bytes: self.disk,
+                    available_bytes: 38_000_000_000 - self.disk,
+                    read_bytes_per_sec: rng.random_range(0..3) * 4096,
+                    written_bytes_per_sec: rng.random_range(0..40) * 4096,
+                    ..DiskSample::default()
+                },
+                DiskSample {
+                    mount: "/var/lib/docker".into(),
+                    total_bytes: 100_000_000_000,
+                    used_bytes: 15_000_000_000,
+                    available_bytes: 80_000_000_000,
+                    written_bytes_per_sec: rng.random_range(0..4) * 4096,
+                    ..DiskSample::default()
+                },
+            ],
+            networks: vec![
+                NetworkSample {
+                    interface: "eth0".into(),
+                    rx_bytes_per_sec: self.rx as u64,
+                    tx_bytes_per_sec: (self.rx * 0.6) as u64,
+                    ..NetworkSample::default()
+                },
+                NetworkSample {
+                    interface: "docker0".into(),
+                    rx_bytes_per_sec: rng.random_range(0..2000),
+                    tx_bytes_per_sec: rng.random_range(0..2000),
+                    ..NetworkSample::default()
+                },
+            ],
+            allocations: (0..2)
+                .map(|k| AllocationUsage {
+                    id: format!("web-{i}-{k}", i = 0),
+                    cpu_percent: (self.cpu / 3.0) as f32,
+                    memory_bytes: 100 << 20,
+                    memory_limit_bytes: 256 << 20,
+                    rx_bytes_per_sec: self.rx as u64 / 3,
+                    tx_bytes_per_sec: self.rx as u64 / 5,
+                })
+                .collect(),
+            ..NodeSample::default()
+        }
+    }
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+fn query(args: &[String]) -> anyhow::Result<()> {
+    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
+    let nodes: usize = arg(args, "--nodes", 1000);
+    let node_hours: i64 = arg(args, "--node-hours", 24);
+    let runs: usize = arg(args, "--runs", 50);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let h = open(&dir)?;
+    h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let hour = 3_600_000i64;
+    // The data ends at the start of the previous hour, so every hour is rolled.
+    let end = (now_ms() / hour - 1) * hour;
+    let written = Instant::now();
+    let mut one = Walk::new(&mut rng);
+    for i in 0..(node_hours * 3600) as usize {
+        let t = end - node_hours * hour + i as i64 * 1000;
+        h.record("n0", &one.step(&mut rng, t, i));
+    }
+    let mut walks: Vec<Walk> = (1..nodes).map(|_| Walk::new(&mut rng)).collect();
+    for s in 0..3600usize {
+        let t = end - hour + s as i64 * 1000;
+        for (k, w) in walks.iter_mut().enumerate() {
+            h.record(&format!("n{}", k + 1), &w.step(&mut rng, t, s));
+        }
+    }
+    let write_secs = written.elapsed().as_secs_f64();
+    let rolled = Instant::now();
+    h.db().maintain(now_ms())?;
+    let roll_secs = rolled.elapsed().as_secs_f64();
+    let stats = h.stats();
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "history_query_setup", "nodes": nodes, "node_hours": node_hours,
+            "write_secs": write_secs, "rollup_secs": roll_secs,
+            "disk_bytes": stats.disk_bytes, "disk_values": stats.disk_values,
+            "disk_bytes_per_value": stats.disk_bytes_per_value, "rollup_bytes": stats.rollup_bytes,
+        })
+    );
+    let cases: Vec<(&str, MetricsQuery)> = vec![
+        (
+            "one node, 24 h at 1 min",
+            MetricsQuery {
+                metric: "cpu_percent".into(),
+                node: Some("n0".into()),
+                from: Some((end - 24 * hour).to_string()),
+                to: Some((end - 1).to_string()),
+                step: Some("1m".into()),
+                ..MetricsQuery::default()
+            },
+        ),
+        (
+            "fleet CPU mean, 1 h at 15 s, 1-minute rollups",
+            MetricsQuery {
+                metric: "cpu_percent".into(),
+                from: Some((end - hour).to_string()),
+                to: Some((end - 1).to_string()),
+                step: Some("15s".into()),
+                agg: Some(SeriesAgg::Mean),
+                resolution: Some("1m".into()),
+                ..MetricsQuery::default()
+            },
+        ),
+        (
+            "fleet CPU mean, 1 h at 15 s, raw",
+            MetricsQuery {
+                metric: "cpu_percent".into(),
+                from: Some((end - hour).to_string()),
+                to: Some((end - 1).to_string()),
+                step: Some("15s".into()),
+                agg: Some(SeriesAgg::Mean),
+                resolution: Some("raw".into()),
+                ..MetricsQuery::default()
+            },
+        ),
+    ];
+    for (name, q) in cases {
+        let mut times = Vec::with_capacity(runs);
+        let mut resolution = String::new();
+        let mut series = 0;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let r = h
+                .query(&q, &|_| true, SystemTime::now())
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            resolution = r.resolution;
+            series = r.series.len();
+        }
+        let (p50, p99, max) = percentiles(times);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "history_query", "query": name, "nodes": nodes, "runs": runs,
+                "resolution": resolution, "series": series,
+                "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+            })
+        );
+    }
+    h.close();
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("real") => real(&args),
+        Some("query") => query(&args),
+        _ => {
+            eprintln!(
+                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50]"
+            );
+            std::process::exit(64);
+        }
+    }
+}
