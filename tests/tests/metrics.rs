@@ -1,11 +1,14 @@
 //! Prometheus `/metrics` end to end: a controller and two agents on loopback, a job
 //! running in the real Docker daemon, and a scrape checked line by line, against the
 //! nodes' own reports and through `promtool check metrics` (Debian's `prometheus`
-//! package).
+//! package); then the metrics history's own health, with remote write to a
+//! receiver on loopback and with the history off.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use novacron_common::tls;
@@ -433,6 +436,14 @@ async fn metrics_show_every_node_and_allocation_and_pass_promtool() {
     assert!(s.get("novacron_events_total", &[]) > 0.0);
     assert!(s.get("novacron_ingest_latency_seconds_count", &[]) > 0.0);
     assert!(s.get("novacron_ingest_latency_seconds_bucket", &[("le", "+Inf")]) > 0.0);
+    // The metrics history (on by default) holds the agents' samples.
+    assert_history_is_healthy(&s);
+    assert!(
+        !s.types
+            .keys()
+            .any(|n| n.starts_with("novacron_remote_write_")),
+        "remote write is not configured"
+    );
     // The controller process, as Prometheus' own clients describe theirs.
     assert!(s.get("process_cpu_seconds_total", &[]) > 0.0);
     assert!(s.get("process_resident_memory_bytes", &[]) > 0.0);
@@ -499,6 +510,178 @@ async fn metrics_show_every_node_and_allocation_and_pass_promtool() {
     })
     .await
     .expect("pending queue");
+}
+
+/// The metrics history's families in a scrape of a controller whose agents have
+/// sent samples: their types, and values a fresh history has.
+fn assert_history_is_healthy(s: &Scrape) {
+    for (name, kind) in [
+        ("novacron_history_head_bytes", "gauge"),
+        ("novacron_history_head_budget_bytes", "gauge"),
+        ("novacron_history_head_series", "gauge"),
+        ("novacron_history_disk_bytes", "gauge"),
+        ("novacron_history_values_appended", "counter"),
+        ("novacron_history_budget_evictions", "counter"),
+        ("novacron_history_dropped_chunks", "counter"),
+        ("novacron_history_late_points", "counter"),
+        ("novacron_history_corrupt_chunks", "counter"),
+    ] {
+        assert_eq!(s.types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    let budget = s.get("novacron_history_head_budget_bytes", &[]);
+    assert_eq!(budget, f64::from(128u32 << 20), "the default head budget");
+    let head = s.get("novacron_history_head_bytes", &[]);
+    assert!(head > 0.0 && head <= budget, "head {head} of {budget}");
+    assert!(s.get("novacron_history_head_series", &[]) > 0.0);
+    assert!(s.get("novacron_history_values_appended_total", &[]) > 0.0);
+    for tier in ["raw", "rollup"] {
+        let bytes = s.get("novacron_history_disk_bytes", &[("tier", tier)]);
+        assert!(bytes >= 0.0, "{tier}: {bytes}");
+    }
+    for sound in [
+        "novacron_history_budget_evictions_total",
+        "novacron_history_dropped_chunks_total",
+        "novacron_history_corrupt_chunks_total",
+    ] {
+        assert_eq!(s.get(sound, &[]), 0.0, "{sound}");
+    }
+    assert!(s.get("novacron_history_late_points_total", &[]) >= 0.0);
+}
+
+/// A remote_write receiver on loopback that accepts every request (204) and
+/// counts them; returns its URL.
+async fn remote_write_receiver(requests: Arc<AtomicU64>) -> String {
+    let app = axum::Router::new().route(
+        "/api/v1/write",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            assert!(!body.is_empty(), "an empty remote_write request");
+            requests.fetch_add(1, Ordering::Relaxed);
+            StatusCode::NO_CONTENT
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the receiver");
+    let addr = listener.local_addr().expect("the receiver's address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/api/v1/write")
+}
+
+#[tokio::test]
+async fn metrics_show_the_history_and_remote_write_health_and_pass_promtool() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-metrics-history-")
+        .tempdir()
+        .expect("tempdir");
+    let requests = Arc::new(AtomicU64::new(0));
+    let url = remote_write_receiver(requests.clone()).await;
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        format!("[history.remote_write]\nurl = \"{url}\"\ninterval = \"200ms\"\n"),
+    )
+    .expect("write controller.toml");
+    let config = config.to_str().expect("UTF-8 path");
+    let c = Controller::start(dir.path(), &["--config", config])
+        .await
+        .expect("controller");
+    let name = format!("mh{}", std::process::id());
+    let _agent = Agent::join_and_run(dir.path(), &c, &name, &["--interval", "200ms"])
+        .await
+        .expect("agent");
+    let admin = c.admin_client().expect("admin client");
+    // Samples reach the history and the receiver, which says so.
+    wait_for(
+        Duration::from_secs(30),
+        "samples in the history and sent by remote write",
+        || async {
+            let (_, text) = scrape(&admin, &c, Some(PROMETHEUS_ACCEPT)).await;
+            let s = Scrape::parse(&text, true);
+            s.find("novacron_history_head_series", &[])
+                .is_some_and(|v| v > 0.0)
+                && s.find("novacron_remote_write_samples_sent_total", &[])
+                    .is_some_and(|v| v > 0.0)
+                && s.find("novacron_remote_write_last_success_timestamp_seconds", &[])
+                    .is_some()
+        },
+    )
+    .await
+    .expect("history and remote write");
+    assert!(requests.load(Ordering::Relaxed) > 0);
+
+    let (_, om) = scrape(&admin, &c, Some(PROMETHEUS_ACCEPT)).await;
+    let s = Scrape::parse(&om, true);
+    assert_history_is_healthy(&s);
+    for (name, kind) in [
+        ("novacron_remote_write_samples_sent", "counter"),
+        ("novacron_remote_write_samples_dropped", "counter"),
+        ("novacron_remote_write_samples_failed", "counter"),
+        ("novacron_remote_write_requests_failed", "counter"),
+        ("novacron_remote_write_queued_samples", "gauge"),
+        (
+            "novacron_remote_write_last_success_timestamp_seconds",
+            "gauge",
+        ),
+    ] {
+        assert_eq!(s.types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    // The receiver accepts everything: nothing is dropped or refused.
+    assert_eq!(
+        s.get("novacron_remote_write_samples_dropped_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        s.get("novacron_remote_write_samples_failed_total", &[]),
+        0.0
+    );
+    assert!(s.get("novacron_remote_write_requests_failed_total", &[]) >= 0.0);
+    assert!(s.get("novacron_remote_write_queued_samples", &[]) >= 0.0);
+    let last = s.get("novacron_remote_write_last_success_timestamp_seconds", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        last <= now && now - last < 60.0,
+        "last success at {last}, now {now}"
+    );
+    let (_, text) = scrape(&admin, &c, None).await;
+    let (ok, report) = promtool_check(&text);
+    assert!(
+        ok,
+        "promtool check metrics failed:\n{report}\n--- input ---\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_leave_out_the_history_while_it_is_off() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-metrics-nohistory-")
+        .tempdir()
+        .expect("tempdir");
+    let config = dir.path().join("controller.toml");
+    std::fs::write(&config, "[history]\nenabled = false\n").expect("write controller.toml");
+    let config = config.to_str().expect("UTF-8 path");
+    let c = Controller::start(dir.path(), &["--config", config])
+        .await
+        .expect("controller");
+    let admin = c.admin_client().expect("admin client");
+    let (_, text) = scrape(&admin, &c, None).await;
+    let s = Scrape::parse(&text, false);
+    assert_eq!(s.find("novacron_connected_agents", &[]), Some(0.0));
+    let history: Vec<&String> = s
+        .types
+        .keys()
+        .filter(|n| n.starts_with("novacron_history_") || n.starts_with("novacron_remote_write_"))
+        .collect();
+    assert!(
+        history.is_empty(),
+        "announced without a history: {history:?}"
+    );
+    let (ok, report) = promtool_check(&text);
+    assert!(ok, "promtool check metrics failed:\n{report}");
 }
 
 #[tokio::test]

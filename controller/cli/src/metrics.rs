@@ -124,7 +124,7 @@ pub enum Request {
     /// `GET /v1/metrics/storage`.
     Storage,
     /// `GET /v1/metrics/query`.
-    Query(MetricsQuery),
+    Query(Box<MetricsQuery>),
 }
 
 impl MetricsArgs {
@@ -159,7 +159,7 @@ impl MetricsArgs {
             (None, Some(ms)) => Some(ms.to_string()),
             (None, None) => None,
         };
-        Ok(Request::Query(MetricsQuery {
+        Ok(Request::Query(Box::new(MetricsQuery {
             metric: metric.clone(),
             from,
             to: self.until.map(|u| match u {
@@ -174,7 +174,7 @@ impl MetricsArgs {
             allocation: self.alloc.clone(),
             selector: self.selector.clone(),
             resolution: self.resolution.clone(),
-        }))
+        })))
     }
 
     /// `novacron metrics` with nothing after it.

@@ -227,6 +227,19 @@ fn node_columns<'a>(s: &'a NodeSample, cols: &mut Vec<ColumnRef<'a>>, vals: &mut
     }
 }
 
+/// The node series one sample gives, as recorded before quantization:
+/// `(metric, label value, value)` (benchmarks export the same values to
+/// Prometheus).
+pub fn node_values(s: &NodeSample) -> Vec<(&str, &str, f64)> {
+    let mut cols = Vec::new();
+    let mut vals = Vec::new();
+    node_columns(s, &mut cols, &mut vals);
+    cols.into_iter()
+        .zip(vals)
+        .map(|(c, v)| (c.metric, c.label, v))
+        .collect()
+}
+
 fn alloc_columns(u: &AllocationUsage) -> ([ColumnRef<'static>; 5], [f64; 5]) {
     let one = int(1.0);
     (

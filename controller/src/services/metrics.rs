@@ -10,7 +10,11 @@
 //!
 //! Every family is declared in [`FAMILIES`] and always announced (`# HELP`, `# TYPE`),
 //! even when it has no sample at the moment (no GPU in the fleet, no job yet), so a
-//! scrape lists everything the controller can export. Names carry the `novacron_`
+//! scrape lists everything the controller can export. Two groups are the
+//! exception, because the part they describe may not exist: the metrics
+//! history's own health (`novacron_history_*`) is absent while `[history]` is
+//! off, and remote write's (`novacron_remote_write_*`) while
+//! `[history.remote_write]` is not configured. Names carry the `novacron_`
 //! prefix and base units (bytes, seconds, ratios, cores); labels are `node`, `zone`,
 //! `novacron_job`, `alloc`, `gpu` (the NVML index) and a few descriptive ones.
 //!
@@ -42,6 +46,7 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use crate::services::context::ApiState;
 pub use crate::services::pass_stats::PassStats;
+use crate::services::remote_write::RemoteWriteStats;
 use crate::services::workloads::JobSummary;
 use crate::state::store::AllocRecord;
 
@@ -67,6 +72,17 @@ pub struct Snapshot {
     /// This controller's term: the store (`redb`, `etcd`), the epoch (the
     /// election key's revision; 0 for redb) and when it was elected (Unix ms).
     pub term: (&'static str, i64, u64),
+    /// The metrics history's own health (`None` when `[history]` is off).
+    pub history: Option<HistoryHealth>,
+}
+
+/// The metrics history's store and remote writer, as one scrape shows them.
+#[derive(Debug, Clone)]
+pub struct HistoryHealth {
+    /// The store's sizes and counters.
+    pub store: novacron_tsdb::Stats,
+    /// Remote write's counters (`None` when it is not configured).
+    pub remote_write: Option<RemoteWriteStats>,
 }
 
 impl Snapshot {
@@ -85,6 +101,10 @@ impl Snapshot {
                 Some(group) => ("etcd", group.epoch(), group.elected_unix_ms()),
                 None => ("redb", 0, 0),
             },
+            history: state.history.as_ref().map(|h| HistoryHealth {
+                store: h.db().stats(),
+                remote_write: h.remote_stats(),
+            }),
         }
     }
 }
@@ -153,6 +173,70 @@ const JOBS: Family = Family::gauge("novacron_jobs", "Jobs by status.");
 const ALLOCATIONS: Family = Family::gauge(
     "novacron_allocations",
     "Allocations known to the controller by state (terminal ones are kept for a while).",
+);
+
+// The metrics history's own health (announced only while the history is on).
+const HISTORY_HEAD_BYTES: Family = Family::gauge(
+    "novacron_history_head_bytes",
+    "Memory the metrics history's open chunks take.",
+);
+const HISTORY_HEAD_BUDGET: Family = Family::gauge(
+    "novacron_history_head_budget_bytes",
+    "The metrics history's head budget (history.head_budget_mib); past it, open chunks are written early.",
+);
+const HISTORY_HEAD_SERIES: Family = Family::gauge(
+    "novacron_history_head_series",
+    "Series (a metric with its labels, per node or allocation) in the metrics history's open chunks.",
+);
+const HISTORY_DISK_BYTES: Family = Family::gauge(
+    "novacron_history_disk_bytes",
+    "Size of the metrics history's files; the tier label is raw (full resolution) or rollup (1-minute and 1-hour).",
+);
+const HISTORY_APPENDED: Family = Family::counter(
+    "novacron_history_values_appended",
+    "Values appended to the metrics history since the controller started.",
+);
+const HISTORY_EVICTIONS: Family = Family::counter(
+    "novacron_history_budget_evictions",
+    "Open chunks the metrics history wrote early to stay within its head budget, since the controller started.",
+);
+const HISTORY_DROPPED_CHUNKS: Family = Family::counter(
+    "novacron_history_dropped_chunks",
+    "Chunks the metrics history lost (its writer was behind or the disk refused them) since the controller started.",
+);
+const HISTORY_LATE_POINTS: Family = Family::counter(
+    "novacron_history_late_points",
+    "Points the metrics history refused as older than its out-of-order bound, since the controller started.",
+);
+const HISTORY_CORRUPT_CHUNKS: Family = Family::counter(
+    "novacron_history_corrupt_chunks",
+    "Corrupt chunks the metrics history skipped in its files since the controller started.",
+);
+
+// Remote write (announced only while it is configured).
+const REMOTE_SENT: Family = Family::counter(
+    "novacron_remote_write_samples_sent",
+    "Samples the remote_write receiver accepted since the controller started.",
+);
+const REMOTE_DROPPED: Family = Family::counter(
+    "novacron_remote_write_samples_dropped",
+    "Samples dropped unsent (the oldest of a full queue, those left at shutdown) since the controller started.",
+);
+const REMOTE_FAILED: Family = Family::counter(
+    "novacron_remote_write_samples_failed",
+    "Samples refused for good (by the receiver with a 4xx other than 429, or invalid before queuing) since the controller started.",
+);
+const REMOTE_REQUESTS_FAILED: Family = Family::counter(
+    "novacron_remote_write_requests_failed",
+    "Requests to the remote_write receiver that failed and were tried again (5xx, 429, network errors) since the controller started.",
+);
+const REMOTE_QUEUED: Family = Family::gauge(
+    "novacron_remote_write_queued_samples",
+    "Samples waiting to be sent to the remote_write receiver, not counting the batch being sent.",
+);
+const REMOTE_LAST_SUCCESS: Family = Family::gauge(
+    "novacron_remote_write_last_success_timestamp_seconds",
+    "When a request to the remote_write receiver last succeeded, Unix seconds (absent before the first).",
 );
 
 // Jobs.
@@ -286,6 +370,29 @@ const INTERNAL_FAMILIES: &[Family] = &[
     ALLOCATIONS,
 ];
 
+/// The metrics history's own health, after the controller's internals.
+const HISTORY_FAMILIES: &[Family] = &[
+    HISTORY_HEAD_BYTES,
+    HISTORY_HEAD_BUDGET,
+    HISTORY_HEAD_SERIES,
+    HISTORY_DISK_BYTES,
+    HISTORY_APPENDED,
+    HISTORY_EVICTIONS,
+    HISTORY_DROPPED_CHUNKS,
+    HISTORY_LATE_POINTS,
+    HISTORY_CORRUPT_CHUNKS,
+];
+
+/// Remote write, after the history.
+const REMOTE_WRITE_FAMILIES: &[Family] = &[
+    REMOTE_SENT,
+    REMOTE_DROPPED,
+    REMOTE_FAILED,
+    REMOTE_REQUESTS_FAILED,
+    REMOTE_QUEUED,
+    REMOTE_LAST_SUCCESS,
+];
+
 /// Jobs and the nodes' registry entries, before the nodes' latest samples.
 const JOB_AND_NODE_FAMILIES: &[Family] = &[
     JOB_DESIRED,
@@ -322,12 +429,14 @@ const ALLOCATION_FAMILIES: &[Family] = &[
     ALLOC_GPU_MEMORY_USED,
 ];
 
-/// Every family, in the order of the output: the controller's own, its process,
-/// jobs and nodes, each node's latest sample (the families the agent's `/metrics`
-/// shares), allocations.
+/// Every family, in the order of the output: the controller's own, the metrics
+/// history's and remote write's, its process, jobs and nodes, each node's latest
+/// sample (the families the agent's `/metrics` shares), allocations.
 pub static FAMILIES: std::sync::LazyLock<Vec<Family>> = std::sync::LazyLock::new(|| {
     [
         INTERNAL_FAMILIES,
+        HISTORY_FAMILIES,
+        REMOTE_WRITE_FAMILIES,
         PROCESS_FAMILIES,
         JOB_AND_NODE_FAMILIES,
         SAMPLE_FAMILIES,
@@ -336,13 +445,30 @@ pub static FAMILIES: std::sync::LazyLock<Vec<Family>> = std::sync::LazyLock::new
     .concat()
 });
 
+/// The families a scrape of `s` announces: every one of [`FAMILIES`] but the
+/// metrics history's while it is off and remote write's while it is not
+/// configured.
+fn announced(s: &Snapshot) -> impl Iterator<Item = &'static Family> {
+    let history = s.history.is_some();
+    let remote = s.history.as_ref().is_some_and(|h| h.remote_write.is_some());
+    FAMILIES.iter().filter(move |f| {
+        if HISTORY_FAMILIES.contains(*f) {
+            history
+        } else if REMOTE_WRITE_FAMILIES.contains(*f) {
+            remote
+        } else {
+            true
+        }
+    })
+}
+
 #[derive(Debug)]
 struct FleetCollector(Snapshot);
 
 impl Collector for FleetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut samples = collect(&self.0);
-        for family in FAMILIES.iter() {
+        for family in announced(&self.0) {
             if family.kind == Kind::Histogram {
                 let metric = encoder.encode_descriptor(
                     family.name,
@@ -397,6 +523,9 @@ const NODE_STATUSES: [NodeStatus; 3] = [
 fn collect(s: &Snapshot) -> Samples {
     let mut out = Samples::default();
     collect_internals(s, &mut out);
+    if let Some(history) = &s.history {
+        collect_history(history, &mut out);
+    }
     collect_jobs(s, &mut out);
     let live: Vec<&AllocRecord> = s
         .allocations
@@ -434,6 +563,39 @@ fn collect_internals(s: &Snapshot, out: &mut Samples) {
     }
     for (state, n) in by_state {
         out.int(&ALLOCATIONS, vec![("state", state)], n);
+    }
+}
+
+fn collect_history(h: &HistoryHealth, out: &mut Samples) {
+    let db = &h.store;
+    out.int(&HISTORY_HEAD_BYTES, vec![], db.head_bytes);
+    out.int(&HISTORY_HEAD_BUDGET, vec![], db.head_budget_bytes);
+    out.int(&HISTORY_HEAD_SERIES, vec![], db.head_series);
+    out.int(
+        &HISTORY_DISK_BYTES,
+        vec![("tier", "raw".to_string())],
+        db.disk_bytes,
+    );
+    out.int(
+        &HISTORY_DISK_BYTES,
+        vec![("tier", "rollup".to_string())],
+        db.rollup_bytes,
+    );
+    out.int(&HISTORY_APPENDED, vec![], db.appended_values);
+    out.int(&HISTORY_EVICTIONS, vec![], db.budget_evictions);
+    out.int(&HISTORY_DROPPED_CHUNKS, vec![], db.dropped_chunks);
+    out.int(&HISTORY_LATE_POINTS, vec![], db.late_points);
+    out.int(&HISTORY_CORRUPT_CHUNKS, vec![], db.corrupt_chunks);
+    let Some(rw) = &h.remote_write else {
+        return;
+    };
+    out.int(&REMOTE_SENT, vec![], rw.samples_sent);
+    out.int(&REMOTE_DROPPED, vec![], rw.samples_dropped);
+    out.int(&REMOTE_FAILED, vec![], rw.samples_failed);
+    out.int(&REMOTE_REQUESTS_FAILED, vec![], rw.requests_failed);
+    out.int(&REMOTE_QUEUED, vec![], rw.queued as u64);
+    if let Some(ms) = rw.last_success_unix_ms {
+        out.float(&REMOTE_LAST_SUCCESS, vec![], ms as f64 / 1000.0);
     }
 }
 
@@ -787,7 +949,45 @@ mod tests {
                 start_time_seconds: 1_700_000_000.25,
             }),
             term: ("etcd", 42, 1_700_000_100_000),
+            history: Some(history()),
         }
+    }
+
+    /// A history with remote write configured, which last succeeded.
+    fn history() -> HistoryHealth {
+        HistoryHealth {
+            store: novacron_tsdb::Stats {
+                head_series: 120,
+                head_bytes: 6_000,
+                head_budget_bytes: 128 << 20,
+                disk_bytes: 100_000,
+                rollup_bytes: 20_000,
+                budget_evictions: 4,
+                dropped_chunks: 1,
+                late_points: 7,
+                corrupt_chunks: 2,
+                appended_values: 94_000,
+                ..novacron_tsdb::Stats::default()
+            },
+            remote_write: Some(RemoteWriteStats {
+                samples_sent: 9_000,
+                samples_dropped: 10,
+                samples_failed: 11,
+                requests_failed: 12,
+                queued: 13,
+                last_error: Some("receiver answered 503".into()),
+                last_success_unix_ms: Some(1_700_000_100_250),
+            }),
+        }
+    }
+
+    /// Whether `family` is announced only when the history (or remote write) is.
+    fn optional(family: &Family) -> bool {
+        HISTORY_FAMILIES.contains(family) || REMOTE_WRITE_FAMILIES.contains(family)
+    }
+
+    fn announces(text: &str, family: &Family) -> bool {
+        text.contains(&format!("# HELP {} {}\n", family.name, family.help))
     }
 
     fn empty() -> Snapshot {
@@ -808,6 +1008,7 @@ mod tests {
             ingest_latency: crate::state::registry::ingest_latency_histogram(),
             process: None,
             term: ("redb", 0, 0),
+            history: None,
         }
     }
 
@@ -911,12 +1112,9 @@ mod tests {
     fn an_empty_controller_announces_every_family() {
         let text = rendered(empty());
         assert!(text.ends_with("# EOF\n"), "{text}");
+        // All but the history's: this one has none.
         for f in FAMILIES.iter() {
-            assert!(
-                text.contains(&format!("# HELP {} {}\n", f.name, f.help)),
-                "{}",
-                f.name
-            );
+            assert_eq!(announces(&text, f), !optional(f), "{}", f.name);
         }
         assert_eq!(number(&text, "novacron_connected_agents", &[]), 0.0);
         assert_eq!(
@@ -941,6 +1139,92 @@ mod tests {
         );
         // No reading of the process: no made-up zero.
         assert_eq!(value_of(&text, "process_open_fds", &[]), None);
+    }
+
+    #[test]
+    fn history_health_is_exported_in_base_units() {
+        let text = to_text_format(&rendered(fleet()));
+        for (name, labels, want) in [
+            ("novacron_history_head_bytes", &[][..], 6_000.0),
+            (
+                "novacron_history_head_budget_bytes",
+                &[],
+                f64::from(128u32 << 20),
+            ),
+            ("novacron_history_head_series", &[], 120.0),
+            ("novacron_history_disk_bytes", &[("tier", "raw")], 100_000.0),
+            (
+                "novacron_history_disk_bytes",
+                &[("tier", "rollup")],
+                20_000.0,
+            ),
+            ("novacron_history_values_appended_total", &[], 94_000.0),
+            ("novacron_history_budget_evictions_total", &[], 4.0),
+            ("novacron_history_dropped_chunks_total", &[], 1.0),
+            ("novacron_history_late_points_total", &[], 7.0),
+            ("novacron_history_corrupt_chunks_total", &[], 2.0),
+            ("novacron_remote_write_samples_sent_total", &[], 9_000.0),
+            ("novacron_remote_write_samples_dropped_total", &[], 10.0),
+            ("novacron_remote_write_samples_failed_total", &[], 11.0),
+            ("novacron_remote_write_requests_failed_total", &[], 12.0),
+            ("novacron_remote_write_queued_samples", &[], 13.0),
+            (
+                "novacron_remote_write_last_success_timestamp_seconds",
+                &[],
+                1_700_000_100.25,
+            ),
+        ] {
+            assert_eq!(number(&text, name, labels), want, "{name} {labels:?}");
+        }
+        assert!(text.contains("# TYPE novacron_history_values_appended_total counter\n"));
+        assert!(text.contains("# TYPE novacron_history_head_bytes gauge\n"));
+        assert!(text.contains("# TYPE novacron_remote_write_queued_samples gauge\n"));
+    }
+
+    #[test]
+    fn history_families_are_absent_while_the_history_is_off() {
+        let mut s = fleet();
+        s.history = None;
+        let text = rendered(s);
+        for f in FAMILIES.iter() {
+            assert_eq!(announces(&text, f), !optional(f), "{}", f.name);
+        }
+        assert!(
+            !text.contains("novacron_history_") && !text.contains("novacron_remote_write_"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn remote_write_families_need_remote_write_and_a_success_to_date() {
+        // The history without remote write.
+        let mut s = fleet();
+        s.history.as_mut().expect("a history").remote_write = None;
+        let text = rendered(s);
+        for f in HISTORY_FAMILIES {
+            assert!(announces(&text, f), "{}", f.name);
+        }
+        for f in REMOTE_WRITE_FAMILIES {
+            assert!(!announces(&text, f), "{}", f.name);
+        }
+        assert!(!text.contains("novacron_remote_write_"), "{text}");
+
+        // Remote write that has not succeeded yet: announced, no timestamp.
+        let mut s = fleet();
+        let health = s.history.as_mut().expect("a history");
+        health.remote_write = Some(RemoteWriteStats::default());
+        let text = rendered(s);
+        for f in REMOTE_WRITE_FAMILIES {
+            assert!(announces(&text, f), "{}", f.name);
+        }
+        let last = "novacron_remote_write_last_success_timestamp_seconds";
+        assert_eq!(value_of(&text, last, &[]), None);
+        assert_eq!(
+            number(&text, "novacron_remote_write_samples_sent_total", &[]),
+            0.0
+        );
+        let (ok, report) = promtool_check(&to_text_format(&text));
+        assert!(ok, "promtool check metrics failed:\n{report}\n{text}");
     }
 
     #[test]

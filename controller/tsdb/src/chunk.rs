@@ -294,6 +294,81 @@ fn header<'a>(c: &mut Cursor<'a>) -> Result<Header, Corrupt> {
     })
 }
 
+/// Decodes the columns of `metric` from a serialized chunk, as `(label,
+/// points)`, without allocating for the columns it skips (the query path).
+pub fn read_metric(buf: &[u8], metric: &str) -> Result<Vec<(String, ColumnPoints)>, Corrupt> {
+    let mut c = Cursor { buf, pos: 0 };
+    if c.u8()? != VERSION {
+        return Err(Corrupt("unknown version"));
+    }
+    let kind = match c.u8()? {
+        0 => Kind::Raw,
+        1 => Kind::Rollup,
+        _ => return Err(Corrupt("unknown kind")),
+    };
+    c.str()?;
+    c.u64()?;
+    c.u64()?;
+    let count = c.u32()?;
+    let n = c.u16()? as usize;
+    let mut cols: Vec<(bool, &str, Encoding)> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let m = c.str()?;
+        let label = c.str()?;
+        let enc = c.u8()?;
+        let scale = f64::from_bits(c.u64()?);
+        let encoding = match enc {
+            0 if scale.is_finite() && scale > 0.0 => Encoding::Int { scale },
+            1 => Encoding::Float,
+            _ => return Err(Corrupt("bad column encoding")),
+        };
+        cols.push((m == metric, label, encoding));
+    }
+    let (tbits, tbytes) = c.bits()?;
+    let mut out = Vec::new();
+    let mut times: Option<Vec<i64>> = None;
+    for (hit, label, encoding) in cols {
+        if !hit {
+            for _ in 0..parts(kind) {
+                c.skip_bits()?;
+            }
+            continue;
+        }
+        if times.is_none() {
+            times = Some(codec::decode_times(tbytes, tbits, count).ok_or(Corrupt("times"))?);
+        }
+        let ts = times.as_deref().unwrap_or_default();
+        let mut read = |enc: Encoding| -> Result<Vec<f64>, Corrupt> {
+            let (bits, bytes) = c.bits()?;
+            codec::decode_values(enc, bytes, bits, count).ok_or(Corrupt("values"))
+        };
+        let points = match kind {
+            Kind::Raw => ColumnPoints::Raw(ts.iter().copied().zip(read(encoding)?).collect()),
+            Kind::Rollup => {
+                let min = read(encoding)?;
+                let max = read(encoding)?;
+                let last = read(encoding)?;
+                let mean = read(Encoding::Float)?;
+                let count = read(Encoding::Int { scale: 1.0 })?;
+                ColumnPoints::Rollup(
+                    (0..ts.len())
+                        .map(|k| RollupPoint {
+                            t: ts[k],
+                            min: min[k],
+                            max: max[k],
+                            last: last[k],
+                            mean: mean[k],
+                            count: count[k],
+                        })
+                        .collect(),
+                )
+            }
+        };
+        out.push((label.to_owned(), points));
+    }
+    Ok(out)
+}
+
 /// Reads a serialized chunk's header.
 pub fn read_header(buf: &[u8]) -> Result<Header, Corrupt> {
     header(&mut Cursor { buf, pos: 0 })
@@ -575,6 +650,9 @@ mod tests {
         assert_eq!(h.count, 50);
         assert_eq!(h.source, "n\u{1f}n1");
         assert_eq!(cols_read, from_head);
+        let by_metric = read_metric(&buf, "disk_used_bytes").expect("reads");
+        assert_eq!(by_metric, vec![("/".to_string(), cols_read[0].1.clone())]);
+        assert!(read_metric(&buf, "nothing").expect("reads").is_empty());
         let (_, all) = decode(&buf).expect("decodes");
         let ColumnPoints::Raw(cpu) = &all[0] else {
             panic!("raw")

@@ -914,20 +914,22 @@ impl History {
                         add(source, &open.columns[i].label, pts, Tier::Raw)?;
                     }
                 }
-                drop(head);
+                // Copied before the head is unlocked: a chunk closed after
+                // this is in neither copy, never in both.
                 let in_flight: Vec<Arc<Chunk>> = self
                     .inner
                     .in_flight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
+                drop(head);
                 for c in in_flight {
                     if !(q.sources)(&c.source) || c.t_max < from || c.t_min > q.to_ms {
                         continue;
                     }
-                    if let Ok((h, cols)) = chunk::read_columns(&c.encode(), wanted) {
-                        for (i, pts) in cols {
-                            add(&c.source, &h.columns[i].label, pts, Tier::Raw)?;
+                    if let Ok(cols) = chunk::read_metric(&c.encode(), q.metric) {
+                        for (label, pts) in cols {
+                            add(&c.source, &label, pts, Tier::Raw)?;
                         }
                     }
                 }
@@ -949,12 +951,12 @@ impl History {
                             continue;
                         }
                         let read = seg.read(*loc).map_err(|e| e.to_string()).and_then(|b| {
-                            chunk::read_columns(&b, wanted).map_err(|e| e.to_string())
+                            chunk::read_metric(&b, q.metric).map_err(|e| e.to_string())
                         });
                         match read {
-                            Ok((h, cols)) => {
-                                for (i, pts) in cols {
-                                    add(source, &h.columns[i].label, pts, *tier)?;
+                            Ok(cols) => {
+                                for (label, pts) in cols {
+                                    add(source, &label, pts, *tier)?;
                                 }
                             }
                             Err(e) => {

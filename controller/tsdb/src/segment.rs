@@ -117,7 +117,8 @@ impl Segment {
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
             let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
             let end = pos + RECORD_HEADER + u64::from(len);
-            if len > MAX_RECORD || end > file_len {
+            // A zero length is a zero-filled tail (power loss), not a record.
+            if len == 0 || len > MAX_RECORD || end > file_len {
                 break;
             }
             payload.resize(len as usize, 0);
@@ -200,19 +201,23 @@ impl Segment {
 
     /// Reads the chunk at `loc`, checking its CRC.
     pub fn read(&self, loc: Loc) -> Result<Vec<u8>, ReadError> {
-        let path = self.path.display().to_string();
-        let mut buf = vec![0u8; loc.len as usize + RECORD_HEADER as usize];
+        let path = || self.path.display().to_string();
+        let io = |source| ReadError::Io {
+            path: path(),
+            source,
+        };
+        let mut head = [0u8; RECORD_HEADER as usize];
         self.file
-            .read_exact_at(&mut buf, loc.offset - RECORD_HEADER)
-            .map_err(|source| ReadError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-        let payload = buf.split_off(RECORD_HEADER as usize);
+            .read_exact_at(&mut head, loc.offset - RECORD_HEADER)
+            .map_err(io)?;
+        let mut payload = vec![0u8; loc.len as usize];
+        self.file
+            .read_exact_at(&mut payload, loc.offset)
+            .map_err(io)?;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if crc32fast::hash(&payload) != crc {
             return Err(ReadError::Corrupt {
-                path,
+                path: path(),
                 offset: loc.offset,
                 reason: "checksum mismatch".into(),
             });

@@ -285,6 +285,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tick.tick().await;
         controller_rss.push(status_field(&format!("/proc/{pid}/status"), "VmRSS")?);
         own_rss.push(status_field("/proc/self/status", "VmRSS")?);
+        if controller_rss.len() % 60 == 0 {
+            println!(
+                "minute {}: controller RSS {:.1} MB",
+                controller_rss.len() / 60,
+                mb(controller_rss[controller_rss.len() - 1])
+            );
+        }
         if Instant::now() >= window_end {
             break;
         }
@@ -352,6 +359,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (Some(&first), Some(&last)) => (mb(last) - mb(first)) * 60.0 / wall,
             _ => 0.0,
         },
+        controller_rss_end_mb: mb(controller_rss.last().copied().unwrap_or(0)),
+        // The change over the last 10 minutes (or the last third of a shorter
+        // window): flat memory once the history's head is full.
+        controller_rss_growth_last_part_mb: {
+            let part = (controller_rss.len() / 3).clamp(1, 600);
+            let tail = &controller_rss[controller_rss.len().saturating_sub(part)..];
+            match (tail.first(), tail.last()) {
+                (Some(&a), Some(&b)) => mb(b) - mb(a),
+                _ => 0.0,
+            }
+        },
+        controller_rss_last_part_secs: (controller_rss.len() / 3).clamp(1, 600) as u64,
         loadgen_cpu_percent: cpu_percent(end.own_ticks - start.own_ticks, clk_tck, wall),
         loadgen_rss_median_mb: mb(median(&own_rss)),
         host_cpu_busy_percent: end.host.busy_percent_since(&start.host),
@@ -399,6 +418,9 @@ struct Report {
     controller_rss_median_mb: f64,
     controller_rss_max_mb: f64,
     controller_rss_growth_mb_per_min: f64,
+    controller_rss_end_mb: f64,
+    controller_rss_growth_last_part_mb: f64,
+    controller_rss_last_part_secs: u64,
     loadgen_cpu_percent: f64,
     loadgen_rss_median_mb: f64,
     host_cpu_busy_percent: f64,

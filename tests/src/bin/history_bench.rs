@@ -4,6 +4,9 @@
 //!   agent's own sampler (sysinfo, NVML when present) every interval into a
 //!   fresh history, as the controller records a node, then prints the bytes per
 //!   stored value in the head (before the flush) and on disk (after it).
+//!   `--openmetrics FILE` also writes the same values (before quantization) as
+//!   OpenMetrics text, which `promtool tsdb create-blocks-from openmetrics`
+//!   turns into Prometheus TSDB blocks for a side-by-side size.
 //! - `query --dir D --nodes N --node-hours H --runs R`: writes H hours of 1 Hz
 //!   samples of one node and the last hour of N nodes (varied random walks, 2
 //!   disks, 2 interfaces, 2 allocations each) into a fresh history, rolls them
@@ -66,6 +69,16 @@ fn real(args: &[String]) -> anyhow::Result<()> {
     let n = (seconds * 1000 / interval.as_millis().max(1) as u64).max(1);
     let start = Instant::now();
     let mut first: Option<NodeSample> = None;
+    let export = args
+        .iter()
+        .position(|a| a == "--openmetrics")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    // metric → series labels → points, for the OpenMetrics export.
+    let mut families: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, Vec<(u64, f64)>>,
+    > = std::collections::BTreeMap::new();
     for i in 0..n {
         let due = start + interval * i as u32;
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
@@ -74,6 +87,45 @@ fn real(args: &[String]) -> anyhow::Result<()> {
             first = Some(s.clone());
         }
         h.record("real", &s);
+        if export.is_some() {
+            for (metric, label, v) in novacron_controller::services::history::node_values(&s) {
+                if v.is_nan() {
+                    continue;
+                }
+                let labels = if label.is_empty() {
+                    "node=\"real\"".to_string()
+                } else {
+                    format!("node=\"real\",label=\"{}\"", label.replace('"', "_"))
+                };
+                families
+                    .entry(metric.to_string())
+                    .or_default()
+                    .entry(labels)
+                    .or_default()
+                    .push((s.at_unix_ms, v));
+            }
+        }
+    }
+    if let Some(path) = &export {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut samples = 0u64;
+        for (metric, series) in &families {
+            writeln!(out, "# TYPE novacron_{metric} gauge")?;
+            for (labels, points) in series {
+                for (t, v) in points {
+                    writeln!(
+                        out,
+                        "novacron_{metric}{{{labels}}} {v} {}.{:03}",
+                        t / 1000,
+                        t % 1000
+                    )?;
+                    samples += 1;
+                }
+            }
+        }
+        writeln!(out, "# EOF")?;
+        eprintln!("wrote {samples} samples to {}", path.display());
     }
     let head = h.stats();
     h.close();
