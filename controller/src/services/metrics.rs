@@ -1081,6 +1081,23 @@ mod tests {
     }
 
     #[test]
+    fn remote_write_names_the_allocation_families_of_this_endpoint() {
+        use crate::services::remote_write as rw;
+        for name in [
+            rw::ALLOC_CPU_USAGE,
+            rw::ALLOC_MEMORY_USAGE,
+            rw::ALLOC_MEMORY_LIMIT,
+            rw::ALLOC_NET_RX,
+            rw::ALLOC_NET_TX,
+        ] {
+            let family = FAMILIES
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap_or_else(|| panic!("{name} is not a /metrics family"));
+            assert_eq!(family.kind, Kind::Gauge, "{name}");
+        }
+    }
+    #[test]
     fn families_have_valid_unique_names_and_plain_help() {
         let mut seen = BTreeSet::new();
         for f in FAMILIES.iter() {
