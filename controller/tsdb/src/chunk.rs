@@ -253,7 +253,18 @@ fn parts(kind: Kind) -> usize {
     }
 }
 
-fn header<'a>(c: &mut Cursor<'a>) -> Result<Header, Corrupt> {
+/// A chunk's header as it lies in the buffer (nothing allocated per column).
+struct View<'a> {
+    kind: Kind,
+    source: &'a str,
+    t_min: i64,
+    t_max: i64,
+    count: u32,
+    /// Each column's metric, label and encoding.
+    columns: Vec<(&'a str, &'a str, Encoding)>,
+}
+
+fn view<'a>(c: &mut Cursor<'a>) -> Result<View<'a>, Corrupt> {
     if c.u8()? != VERSION {
         return Err(Corrupt("unknown version"));
     }
@@ -262,15 +273,15 @@ fn header<'a>(c: &mut Cursor<'a>) -> Result<Header, Corrupt> {
         1 => Kind::Rollup,
         _ => return Err(Corrupt("unknown kind")),
     };
-    let source = c.str()?.to_owned();
+    let source = c.str()?;
     let t_min = c.u64()? as i64;
     let t_max = c.u64()? as i64;
     let count = c.u32()?;
     let n = c.u16()? as usize;
     let mut columns = Vec::with_capacity(n);
     for _ in 0..n {
-        let metric = c.str()?.to_owned();
-        let label = c.str()?.to_owned();
+        let metric = c.str()?;
+        let label = c.str()?;
         let enc = c.u8()?;
         let scale = f64::from_bits(c.u64()?);
         let encoding = match enc {
@@ -278,13 +289,9 @@ fn header<'a>(c: &mut Cursor<'a>) -> Result<Header, Corrupt> {
             1 => Encoding::Float,
             _ => return Err(Corrupt("bad column encoding")),
         };
-        columns.push(Column {
-            metric,
-            label,
-            encoding,
-        });
+        columns.push((metric, label, encoding));
     }
-    Ok(Header {
+    Ok(View {
         kind,
         source,
         t_min,
@@ -294,118 +301,58 @@ fn header<'a>(c: &mut Cursor<'a>) -> Result<Header, Corrupt> {
     })
 }
 
-/// Decodes the columns of `metric` from a serialized chunk, as `(label,
-/// points)`, without allocating for the columns it skips (the query path).
-pub fn read_metric(buf: &[u8], metric: &str) -> Result<Vec<(String, ColumnPoints)>, Corrupt> {
-    let mut c = Cursor { buf, pos: 0 };
-    if c.u8()? != VERSION {
-        return Err(Corrupt("unknown version"));
+impl View<'_> {
+    fn owned(&self) -> Header {
+        Header {
+            kind: self.kind,
+            source: self.source.to_owned(),
+            t_min: self.t_min,
+            t_max: self.t_max,
+            count: self.count,
+            columns: self
+                .columns
+                .iter()
+                .map(|(metric, label, encoding)| Column {
+                    metric: (*metric).to_owned(),
+                    label: (*label).to_owned(),
+                    encoding: *encoding,
+                })
+                .collect(),
+        }
     }
-    let kind = match c.u8()? {
-        0 => Kind::Raw,
-        1 => Kind::Rollup,
-        _ => return Err(Corrupt("unknown kind")),
-    };
-    c.str()?;
-    c.u64()?;
-    c.u64()?;
-    let count = c.u32()?;
-    let n = c.u16()? as usize;
-    let mut cols: Vec<(bool, &str, Encoding)> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let m = c.str()?;
-        let label = c.str()?;
-        let enc = c.u8()?;
-        let scale = f64::from_bits(c.u64()?);
-        let encoding = match enc {
-            0 if scale.is_finite() && scale > 0.0 => Encoding::Int { scale },
-            1 => Encoding::Float,
-            _ => return Err(Corrupt("bad column encoding")),
-        };
-        cols.push((m == metric, label, encoding));
-    }
+}
+
+/// Decodes the columns (by index) `pick` selects, skipping the others' bits
+/// without decoding them; `c` stands after the header.
+fn decode_picked(
+    c: &mut Cursor<'_>,
+    v: &View<'_>,
+    pick: impl Fn(usize) -> bool,
+) -> Result<Vec<(usize, ColumnPoints)>, Corrupt> {
     let (tbits, tbytes) = c.bits()?;
     let mut out = Vec::new();
     let mut times: Option<Vec<i64>> = None;
-    for (hit, label, encoding) in cols {
-        if !hit {
-            for _ in 0..parts(kind) {
+    for (i, (_, _, encoding)) in v.columns.iter().enumerate() {
+        if !pick(i) {
+            for _ in 0..parts(v.kind) {
                 c.skip_bits()?;
             }
             continue;
         }
         if times.is_none() {
-            times = Some(codec::decode_times(tbytes, tbits, count).ok_or(Corrupt("times"))?);
+            times = Some(codec::decode_times(tbytes, tbits, v.count).ok_or(Corrupt("times"))?);
         }
         let ts = times.as_deref().unwrap_or_default();
         let mut read = |enc: Encoding| -> Result<Vec<f64>, Corrupt> {
             let (bits, bytes) = c.bits()?;
-            codec::decode_values(enc, bytes, bits, count).ok_or(Corrupt("values"))
+            codec::decode_values(enc, bytes, bits, v.count).ok_or(Corrupt("values"))
         };
-        let points = match kind {
-            Kind::Raw => ColumnPoints::Raw(ts.iter().copied().zip(read(encoding)?).collect()),
+        let points = match v.kind {
+            Kind::Raw => ColumnPoints::Raw(ts.iter().copied().zip(read(*encoding)?).collect()),
             Kind::Rollup => {
-                let min = read(encoding)?;
-                let max = read(encoding)?;
-                let last = read(encoding)?;
-                let mean = read(Encoding::Float)?;
-                let count = read(Encoding::Int { scale: 1.0 })?;
-                ColumnPoints::Rollup(
-                    (0..ts.len())
-                        .map(|k| RollupPoint {
-                            t: ts[k],
-                            min: min[k],
-                            max: max[k],
-                            last: last[k],
-                            mean: mean[k],
-                            count: count[k],
-                        })
-                        .collect(),
-                )
-            }
-        };
-        out.push((label.to_owned(), points));
-    }
-    Ok(out)
-}
-
-/// Reads a serialized chunk's header.
-pub fn read_header(buf: &[u8]) -> Result<Header, Corrupt> {
-    header(&mut Cursor { buf, pos: 0 })
-}
-
-/// Decodes the columns `wanted` selects (by index) from a serialized chunk,
-/// skipping the others without decoding them.
-pub fn read_columns(
-    buf: &[u8],
-    wanted: impl Fn(&Column) -> bool,
-) -> Result<(Header, Vec<(usize, ColumnPoints)>), Corrupt> {
-    let mut c = Cursor { buf, pos: 0 };
-    let h = header(&mut c)?;
-    let (tbits, tbytes) = c.bits()?;
-    let mut out = Vec::new();
-    let mut times: Option<Vec<i64>> = None;
-    for (i, col) in h.columns.iter().enumerate() {
-        if !wanted(col) {
-            for _ in 0..parts(h.kind) {
-                c.skip_bits()?;
-            }
-            continue;
-        }
-        if times.is_none() {
-            times = Some(codec::decode_times(tbytes, tbits, h.count).ok_or(Corrupt("times"))?);
-        }
-        let ts = times.as_deref().unwrap_or_default();
-        let mut read = |enc: Encoding| -> Result<Vec<f64>, Corrupt> {
-            let (bits, bytes) = c.bits()?;
-            codec::decode_values(enc, bytes, bits, h.count).ok_or(Corrupt("values"))
-        };
-        let points = match h.kind {
-            Kind::Raw => ColumnPoints::Raw(ts.iter().copied().zip(read(col.encoding)?).collect()),
-            Kind::Rollup => {
-                let min = read(col.encoding)?;
-                let max = read(col.encoding)?;
-                let last = read(col.encoding)?;
+                let min = read(*encoding)?;
+                let max = read(*encoding)?;
+                let last = read(*encoding)?;
                 let mean = read(Encoding::Float)?;
                 let count = read(Encoding::Int { scale: 1.0 })?;
                 ColumnPoints::Rollup(
@@ -424,7 +371,37 @@ pub fn read_columns(
         };
         out.push((i, points));
     }
-    Ok((h, out))
+    Ok(out)
+}
+
+/// Decodes the columns of `metric` from a serialized chunk, as `(label,
+/// points)`, without allocating for the columns it skips (the query path).
+pub fn read_metric(buf: &[u8], metric: &str) -> Result<Vec<(String, ColumnPoints)>, Corrupt> {
+    let mut c = Cursor { buf, pos: 0 };
+    let v = view(&mut c)?;
+    let picked = decode_picked(&mut c, &v, |i| v.columns[i].0 == metric)?;
+    Ok(picked
+        .into_iter()
+        .map(|(i, points)| (v.columns[i].1.to_owned(), points))
+        .collect())
+}
+
+/// Reads a serialized chunk's header.
+pub fn read_header(buf: &[u8]) -> Result<Header, Corrupt> {
+    view(&mut Cursor { buf, pos: 0 }).map(|v| v.owned())
+}
+
+/// Decodes the columns `wanted` selects (by index) from a serialized chunk,
+/// skipping the others without decoding them.
+pub fn read_columns(
+    buf: &[u8],
+    wanted: impl Fn(&Column) -> bool,
+) -> Result<(Header, Vec<(usize, ColumnPoints)>), Corrupt> {
+    let mut c = Cursor { buf, pos: 0 };
+    let v = view(&mut c)?;
+    let h = v.owned();
+    let picked = decode_picked(&mut c, &v, |i| wanted(&h.columns[i]))?;
+    Ok((h, picked))
 }
 
 /// Decodes a whole serialized chunk.
