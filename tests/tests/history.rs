@@ -32,6 +32,20 @@ async fn points(c: &Controller, params: &str) -> MetricsQueryResult {
         .expect("json")
 }
 
+/// The points a query returned, as (series labels, step index, value).
+fn present(r: &MetricsQueryResult) -> Vec<(String, usize, f64)> {
+    r.series
+        .iter()
+        .flat_map(|s| {
+            let labels = format!("{:?}", s.labels);
+            s.values
+                .iter()
+                .enumerate()
+                .filter_map(move |(i, v)| v.map(|v| (labels.clone(), i, v)))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn history_is_queried_survives_a_restart_and_names_jobs() {
     ensure_test_image().expect("test image");
@@ -83,6 +97,25 @@ async fn history_is_queried_survives_a_restart_and_names_jobs() {
     let to = now_ms();
     let range =
         format!("metric=memory_used_bytes&node={node}&from={from}&to={to}&step=1ms&fn=last");
+    // A sample stamped before `to` may still be on its way: once one stamped
+    // after it is in, every earlier one is (one stream, in order).
+    let later = format!(
+        "metric=memory_used_bytes&node={node}&from={}&step=1ms",
+        to + 1
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "a sample after the range",
+        || async {
+            points(&controller, &later)
+                .await
+                .series
+                .iter()
+                .any(|s| s.values.iter().any(Option::is_some))
+        },
+    )
+    .await
+    .expect("a later sample");
     let before = points(&controller, &range).await;
     assert_eq!(before.resolution, "raw");
     let n = before.series[0].values.iter().flatten().count();
@@ -107,7 +140,8 @@ async fn history_is_queried_survives_a_restart_and_names_jobs() {
     controller.restart().await.expect("restart");
     let after = points(&controller, &range).await;
     assert_eq!(
-        after.series, before.series,
+        present(&after),
+        present(&before),
         "history changed across a restart"
     );
     let stats: HistoryStats = controller

@@ -315,22 +315,30 @@ async fn prometheus_scrapes_the_controller_and_every_dashboard_query_has_data() 
         assert_eq!(r, serde_json::json!([]), "series carry {renamed}");
     }
 
-    // The shipped rules loaded and evaluate without errors.
-    let rules: serde_json::Value = http
-        .get(format!("{}/api/v1/rules", prom.url))
-        .send()
-        .await
-        .expect("rules")
-        .json()
-        .await
-        .expect("rules JSON");
-    let groups = rules["data"]["groups"].as_array().expect("groups");
-    let loaded: Vec<&serde_json::Value> = groups
-        .iter()
-        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
-        .collect();
-    assert!(loaded.len() >= 5, "{rules}");
-    for rule in loaded {
-        assert_eq!(rule["health"], "ok", "{rule}");
-    }
+    // The shipped rules loaded and evaluate without errors (a group not yet
+    // evaluated since loading says "unknown": wait for its first round).
+    let last_rules = Mutex::new(serde_json::Value::Null);
+    let healthy = wait_for(Duration::from_secs(30), "every rule evaluated", || async {
+        let Ok(resp) = http.get(format!("{}/api/v1/rules", prom.url)).send().await else {
+            return false;
+        };
+        let Ok(rules) = resp.json::<serde_json::Value>().await else {
+            return false;
+        };
+        let loaded: Vec<&serde_json::Value> = rules["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        let ok = loaded.len() >= 5 && loaded.iter().all(|r| r["health"] == "ok");
+        *last_rules.lock().expect("lock") = rules.clone();
+        ok
+    })
+    .await;
+    assert!(
+        healthy.is_ok(),
+        "rules not loaded or not healthy: {}",
+        last_rules.lock().expect("lock")
+    );
 }

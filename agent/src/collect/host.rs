@@ -46,6 +46,8 @@ pub struct SysinfoCollector {
     disk_io: RateTracker,
     /// Cumulative `[received, transmitted]` bytes per interface.
     net_io: RateTracker,
+    /// The CPU seconds last reported, so that no mode goes backwards.
+    cpu_seconds: Option<CpuSeconds>,
 }
 
 impl SysinfoCollector {
@@ -62,6 +64,7 @@ impl SysinfoCollector {
             last: None,
             disk_io: RateTracker::default(),
             net_io: RateTracker::default(),
+            cpu_seconds: None,
         })
     }
 
@@ -183,8 +186,13 @@ impl HostCollector for SysinfoCollector {
         let elapsed = self.last.map(|prev| now.saturating_duration_since(prev));
         self.last = Some(now);
 
+        let mut cpu = self.cpu();
+        cpu.seconds_total = cpu
+            .seconds_total
+            .map(|cur| never_backwards(self.cpu_seconds.as_ref(), cur));
+        self.cpu_seconds = cpu.seconds_total.clone();
         NodeSample {
-            cpu: self.cpu(),
+            cpu,
             memory: self.memory(),
             disks: self.disks(elapsed),
             networks: self.networks(elapsed),
@@ -264,6 +272,28 @@ pub(crate) fn parse_cpu_seconds(stat: &str, ticks_per_second: u64) -> Option<Cpu
         softirq: s(ticks[6]),
         steal: s(ticks[7]),
     })
+}
+
+/// `cur` with every mode at least what `prev` reported. The kernel's idle and
+/// iowait times can go down between two reads of `/proc/stat` (proc(5): "the
+/// value in this field may decrease"); a counter that decreases reads as a
+/// reset to Prometheus' `rate()` and to the controller, so a mode that went
+/// back keeps its previous value until the kernel's catches up (node_exporter
+/// does the same).
+pub(crate) fn never_backwards(prev: Option<&CpuSeconds>, cur: CpuSeconds) -> CpuSeconds {
+    let Some(p) = prev else {
+        return cur;
+    };
+    CpuSeconds {
+        user: cur.user.max(p.user),
+        nice: cur.nice.max(p.nice),
+        system: cur.system.max(p.system),
+        idle: cur.idle.max(p.idle),
+        iowait: cur.iowait.max(p.iowait),
+        irq: cur.irq.max(p.irq),
+        softirq: cur.softirq.max(p.softirq),
+        steal: cur.steal.max(p.steal),
+    }
 }
 
 /// The per-second rate of a cumulative counter that went from `prev` to `cur` in
@@ -649,6 +679,20 @@ mod tests {
                 .iter()
                 .all(|n| n.rx_bytes_total.is_some() && n.tx_bytes_total.is_some())
         );
+    }
+
+    #[test]
+    fn cpu_seconds_never_go_backwards() {
+        let first = parse_cpu_seconds("cpu 100 0 50 1000 40 0 0 0\n", 100).expect("parses");
+        // iowait and idle dropped (a NO_HZ kernel), user went on.
+        let second = parse_cpu_seconds("cpu 110 0 55 998 38 0 0 0\n", 100).expect("parses");
+        let kept = never_backwards(Some(&first), second);
+        assert_eq!((kept.user, kept.system), (1.1, 0.55));
+        assert_eq!((kept.idle, kept.iowait), (10.0, 0.4));
+        let third = parse_cpu_seconds("cpu 120 0 60 1010 41 0 0 0\n", 100).expect("parses");
+        let on = never_backwards(Some(&kept), third);
+        assert_eq!((on.idle, on.iowait), (10.1, 0.41));
+        assert_eq!(never_backwards(None, first.clone()), first);
     }
 
     #[test]

@@ -436,3 +436,33 @@ proptest! {
         prop_assert_eq!(points(&a, "s"), want);
     }
 }
+
+#[test]
+fn a_one_point_chunk_after_a_column_change_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |_| {});
+    let disk = |m: &'static str| ColumnRef {
+        metric: "disk_used_bytes",
+        label: m,
+        encoding: Encoding::Int { scale: 1.0 },
+    };
+    for i in 0..20 {
+        h.append("n1", T0 + i * 200, &[CPU, disk("/")], &[1.0, 100.0]);
+    }
+    h.append(
+        "n1",
+        T0 + 20 * 200,
+        &[CPU, disk("/"), disk("/x")],
+        &[2.0, 101.0, 5.0],
+    );
+    let q = |h: &History| {
+        let a = query(h, "cpu_percent", T0, T0 + 4000, 1, Reduce::Last, T0 + 5000);
+        points(&a, "n1")
+    };
+    let before = q(&h);
+    assert_eq!(before.len(), 21);
+    h.close();
+    drop(h);
+    let h = open(dir.path(), |_| {});
+    assert_eq!(q(&h), before);
+}
