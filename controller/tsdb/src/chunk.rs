@@ -64,6 +64,80 @@ impl ColumnRef<'_> {
     }
 }
 
+impl Column {
+    /// The column as [`OpenChunk`] takes it.
+    pub fn borrowed(&self) -> ColumnRef<'_> {
+        ColumnRef {
+            metric: &self.metric,
+            label: &self.label,
+            encoding: self.encoding,
+        }
+    }
+}
+
+/// One raw chunk holding every point of `parts` (the decoded raw chunks of one
+/// source, in file order): the union of their columns, each point once (a
+/// time written twice keeps the later chunk's value), a column a chunk lacks
+/// stored as NaN (no value) at that chunk's times. `None` when no point is
+/// left. Compaction joins an hour's chunks of a source with it.
+pub fn merge_raw(source: Arc<str>, parts: &[(Header, Vec<ColumnPoints>)]) -> Option<Chunk> {
+    let mut columns: Vec<Column> = Vec::new();
+    let mut points: Vec<Vec<(i64, f64)>> = Vec::new();
+    for (h, cols) in parts {
+        if h.kind != Kind::Raw {
+            continue;
+        }
+        for (col, pts) in h.columns.iter().zip(cols) {
+            let ColumnPoints::Raw(pts) = pts else {
+                continue;
+            };
+            let i = match columns.iter().position(|c| c == col) {
+                Some(i) => i,
+                None => {
+                    columns.push(col.clone());
+                    points.push(Vec::new());
+                    columns.len() - 1
+                }
+            };
+            points[i].extend_from_slice(pts);
+        }
+    }
+    let mut times: Vec<i64> = Vec::new();
+    for pts in &mut points {
+        // Stable: of two points at one time, the later chunk's comes last.
+        pts.sort_by_key(|p| p.0);
+        let mut kept: Vec<(i64, f64)> = Vec::with_capacity(pts.len());
+        for p in pts.drain(..) {
+            match kept.last_mut() {
+                Some(last) if last.0 == p.0 => *last = p,
+                _ => kept.push(p),
+            }
+        }
+        times.extend(kept.iter().map(|p| p.0));
+        *pts = kept;
+    }
+    times.sort_unstable();
+    times.dedup();
+    let first = *times.first()?;
+    let refs: Vec<ColumnRef<'_>> = columns.iter().map(Column::borrowed).collect();
+    let mut open = OpenChunk::new(source, &refs, first);
+    let mut at = vec![0usize; points.len()];
+    let mut row = vec![f64::NAN; points.len()];
+    for t in times {
+        for (i, pts) in points.iter().enumerate() {
+            row[i] = match pts.get(at[i]) {
+                Some(&(pt, v)) if pt == t => {
+                    at[i] += 1;
+                    v
+                }
+                _ => f64::NAN,
+            };
+        }
+        open.push(t, &row);
+    }
+    Some(open.close())
+}
+
 /// An encoded column: its bits and how many of them count.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Bits {
@@ -593,6 +667,47 @@ pub fn rollup_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_chunks_keep_each_time_once_the_later_value_and_every_column() {
+        let a = ColumnRef {
+            metric: "a",
+            label: "",
+            encoding: Encoding::Int { scale: 1.0 },
+        };
+        let b = ColumnRef {
+            metric: "b",
+            label: "x",
+            encoding: Encoding::Float,
+        };
+        let chunk = |cols: &[ColumnRef<'_>], rows: &[(i64, &[f64])]| {
+            let mut o = OpenChunk::new(Arc::from("s"), cols, rows[0].0);
+            for (t, v) in rows {
+                o.push(*t, v);
+            }
+            decode(&o.close().encode()).expect("decodes")
+        };
+        let parts = [
+            chunk(&[a], &[(10, &[1.0]), (20, &[2.0])]),
+            // A restart wrote t = 20 again, then a column appeared.
+            chunk(&[a, b], &[(20, &[5.0, 0.5]), (30, &[3.0, f64::NAN])]),
+        ];
+        let merged = merge_raw(Arc::from("s"), &parts).expect("points");
+        let (h, cols) = decode(&merged.encode()).expect("decodes");
+        assert_eq!(h.count, 3);
+        assert_eq!((h.t_min, h.t_max), (10, 30));
+        assert_eq!(h.columns.len(), 2);
+        let ColumnPoints::Raw(pa) = &cols[0] else {
+            panic!("raw")
+        };
+        assert_eq!(pa, &vec![(10, 1.0), (20, 5.0), (30, 3.0)]);
+        let ColumnPoints::Raw(pb) = &cols[1] else {
+            panic!("raw")
+        };
+        let present: Vec<(i64, f64)> = pb.iter().copied().filter(|p| !p.1.is_nan()).collect();
+        assert_eq!(present, vec![(20, 0.5)]);
+        assert_eq!(merge_raw(Arc::from("s"), &[]), None);
+    }
 
     #[test]
     fn a_chunk_round_trips_and_garbage_is_an_error() {

@@ -36,7 +36,7 @@ pub use chunk::{Column, ColumnRef};
 pub use codec::Encoding;
 
 use chunk::{Chunk, ColumnPoints, OpenChunk, RollupPoint};
-use segment::Segment;
+use segment::{Loc, Segment};
 
 /// One minute, milliseconds.
 pub const MINUTE_MS: i64 = 60_000;
@@ -664,9 +664,13 @@ impl History {
     }
 
     /// Rolls up the raw hour starting at `hour` into its 1m file (written
-    /// aside and renamed, so it exists only whole) and its 1h points.
+    /// aside and renamed, so it exists only whole) and its 1h points, and
+    /// compacts the hour's raw file: each source's chunks become one (written
+    /// aside and swapped in; chunks appended meanwhile are carried over), so a
+    /// query reads one chunk per source and hour instead of one per 120 points.
+    /// Reads one source at a time: memory stays at one source's hour.
     fn roll_up(&self, hour: i64) -> std::io::Result<()> {
-        let per_source: Vec<(Arc<str>, Vec<Vec<u8>>)> = {
+        let (snapshot_len, sources, raw_dir) = {
             let raw = self
                 .inner
                 .tier(Tier::Raw)
@@ -675,24 +679,12 @@ impl History {
             let Some(seg) = raw.segments.get(&hour) else {
                 return Ok(());
             };
-            let mut out = Vec::with_capacity(seg.index.len());
-            for (source, locs) in &seg.index {
-                let mut bufs = Vec::with_capacity(locs.len());
-                for loc in locs {
-                    match seg.read(*loc) {
-                        Ok(b) => bufs.push(b),
-                        Err(e) => {
-                            self.inner
-                                .counters
-                                .corrupt_chunks
-                                .fetch_add(1, Ordering::Relaxed);
-                            error!(error = %e, "metrics history: skipping a chunk in a rollup");
-                        }
-                    }
-                }
-                out.push((source.clone(), bufs));
-            }
-            out
+            let sources: Vec<(Arc<str>, Vec<Loc>)> = seg
+                .index
+                .iter()
+                .map(|(s, l)| (s.clone(), l.clone()))
+                .collect();
+            (seg.bytes(), sources, raw.dir.clone())
         };
         let dir = self
             .inner
@@ -704,21 +696,61 @@ impl History {
         let tmp = dir.join(format!("{hour}.seg.tmp"));
         let _ = std::fs::remove_file(&tmp);
         let (mut minute_seg, _) = Segment::open(&tmp, false)?;
-        for (source, bufs) in per_source {
-            // Per column (metric, label, encoding): per minute, the rollup.
-            let mut cols: Vec<(Column, BTreeMap<i64, Acc>)> = Vec::new();
+        let raw_tmp = raw_dir.join(format!("{hour}.seg.tmp"));
+        let _ = std::fs::remove_file(&raw_tmp);
+        let (mut compacted, _) = Segment::open(&raw_tmp, false)?;
+        for (source, locs) in sources {
+            let bufs: Vec<Vec<u8>> = {
+                let raw = self
+                    .inner
+                    .tier(Tier::Raw)
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
+                let Some(seg) = raw.segments.get(&hour) else {
+                    return Ok(());
+                };
+                locs.iter()
+                    .filter_map(|loc| match seg.read(*loc) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            self.inner
+                                .counters
+                                .corrupt_chunks
+                                .fetch_add(1, Ordering::Relaxed);
+                            error!(error = %e, "metrics history: skipping a chunk in a rollup");
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            let mut parts = Vec::with_capacity(bufs.len());
             for buf in &bufs {
-                let (h, points) = match chunk::decode(buf) {
-                    Ok(x) => x,
+                match chunk::decode(buf) {
+                    Ok(x) => parts.push(x),
                     Err(e) => {
                         self.inner
                             .counters
                             .corrupt_chunks
                             .fetch_add(1, Ordering::Relaxed);
                         error!(error = %e, source = %source, "metrics history: skipping a corrupt chunk in a rollup");
-                        continue;
                     }
-                };
+                }
+            }
+            // One chunk already: copied as it is.
+            if let ([buf], [(h, _)]) = (bufs.as_slice(), parts.as_slice()) {
+                compacted.append_payload(
+                    buf,
+                    source.clone(),
+                    h.t_min,
+                    h.t_max,
+                    u64::from(h.count) * h.columns.len() as u64,
+                )?;
+            } else if let Some(merged) = chunk::merge_raw(source.clone(), &parts) {
+                compacted.append(&merged, source.clone())?;
+            }
+            // Per column (metric, label, encoding): per minute, the rollup.
+            let mut cols: Vec<(Column, BTreeMap<i64, Acc>)> = Vec::new();
+            for (h, points) in parts {
                 for (col, pts) in h.columns.iter().zip(points) {
                     let i = match cols.iter().position(|(c, _)| c == col) {
                         Some(i) => i,
@@ -765,6 +797,44 @@ impl History {
             minute_seg.append(&minute_chunk, source.clone())?;
             let hour_chunk = chunk::rollup_chunk(source.clone(), columns, &[hour], &hour_points);
             self.inner.write(Tier::Hour, &hour_chunk)?;
+        }
+        // The compacted raw file replaces the hour's, with what was appended
+        // to it since the snapshot (late chunks), under the tier's lock.
+        {
+            let mut raw = self
+                .inner
+                .tier(Tier::Raw)
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = raw.segments.get(&hour) {
+                let (late, corrupt) = old.records_from(snapshot_len)?;
+                self.inner
+                    .counters
+                    .corrupt_chunks
+                    .fetch_add(corrupt, Ordering::Relaxed);
+                for payload in late {
+                    match chunk::read_header(&payload) {
+                        Ok(h) => compacted.append_payload(
+                            &payload,
+                            self.inner.intern(&h.source),
+                            h.t_min,
+                            h.t_max,
+                            u64::from(h.count) * h.columns.len() as u64,
+                        )?,
+                        Err(e) => {
+                            error!(error = %e, "metrics history: dropping a corrupt late chunk in a compaction")
+                        }
+                    }
+                }
+                compacted.sync()?;
+                let path = old.path().to_owned();
+                compacted.rename(&path)?;
+                raw.segments.insert(hour, compacted);
+            } else {
+                // Deleted meanwhile (retention): nothing to replace.
+                drop(compacted);
+                let _ = std::fs::remove_file(&raw_tmp);
+            }
         }
         minute_seg.sync()?;
         {

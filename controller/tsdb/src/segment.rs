@@ -28,6 +28,9 @@ pub struct Loc {
     pub offset: u64,
     /// The payload's length.
     pub len: u32,
+    /// The payload's CRC-32, as its record header holds it (kept here so a
+    /// read is one `pread` of the payload).
+    pub crc: u32,
     /// The chunk's earliest point.
     pub t_min: i64,
     /// Its latest point.
@@ -135,6 +138,7 @@ impl Segment {
                         Loc {
                             offset: pos + RECORD_HEADER,
                             len,
+                            crc,
                             t_min: h.t_min,
                             t_max: h.t_max,
                         },
@@ -171,17 +175,35 @@ impl Segment {
         self.values += values;
     }
 
-    /// Appends `chunk` and indexes it, interning its source with `intern`.
+    /// Appends `chunk` and indexes it under `source` (the caller's interned key).
     pub fn append(&mut self, chunk: &Chunk, source: Arc<str>) -> io::Result<()> {
-        let payload = chunk.encode();
+        self.append_payload(
+            &chunk.encode(),
+            source,
+            chunk.t_min,
+            chunk.t_max,
+            chunk.values(),
+        )
+    }
+
+    /// Appends an encoded chunk and indexes it.
+    pub fn append_payload(
+        &mut self,
+        payload: &[u8],
+        source: Arc<str>,
+        t_min: i64,
+        t_max: i64,
+        values: u64,
+    ) -> io::Result<()> {
+        let crc = crc32fast::hash(payload);
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|l| *l <= MAX_RECORD)
             .ok_or_else(|| io::Error::other("chunk too large for a record"))?;
         let mut rec = Vec::with_capacity(payload.len() + RECORD_HEADER as usize);
         rec.extend_from_slice(&len.to_le_bytes());
-        rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        rec.extend_from_slice(&payload);
+        rec.extend_from_slice(&crc.to_le_bytes());
+        rec.extend_from_slice(payload);
         if let Err(e) = self.file.write_all(&rec) {
             // Cut what part of the record reached the file, so the next append
             // does not follow garbage.
@@ -191,31 +213,65 @@ impl Segment {
         let loc = Loc {
             offset: self.len + RECORD_HEADER,
             len,
-            t_min: chunk.t_min,
-            t_max: chunk.t_max,
+            crc,
+            t_min,
+            t_max,
         };
         self.len += rec.len() as u64;
-        self.add(source, loc, chunk.values());
+        self.add(source, loc, values);
         Ok(())
     }
 
-    /// Reads the chunk at `loc`, checking its CRC.
+    /// The payloads of the records from byte `offset` (a record boundary this
+    /// segment reached earlier, [`Segment::bytes`]) to its end, CRC-checked;
+    /// a corrupt one is skipped and counted in the second value.
+    pub fn records_from(&self, offset: u64) -> io::Result<(Vec<Vec<u8>>, u64)> {
+        let mut out = Vec::new();
+        let mut corrupt = 0;
+        let mut pos = offset;
+        while pos + RECORD_HEADER <= self.len {
+            let mut head = [0u8; RECORD_HEADER as usize];
+            self.file.read_exact_at(&mut head, pos)?;
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let end = pos + RECORD_HEADER + u64::from(len);
+            if len > MAX_RECORD || end > self.len {
+                return Err(io::Error::other(format!(
+                    "{}: no record at {pos}",
+                    self.path.display()
+                )));
+            }
+            let mut payload = vec![0u8; len as usize];
+            self.file.read_exact_at(&mut payload, pos + RECORD_HEADER)?;
+            if crc32fast::hash(&payload) == crc {
+                out.push(payload);
+            } else {
+                corrupt += 1;
+            }
+            pos = end;
+        }
+        Ok((out, corrupt))
+    }
+
+    /// Renames its file to `to` (replacing what is there); it stays open.
+    pub fn rename(&mut self, to: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_owned();
+        Ok(())
+    }
+
+    /// Reads the chunk at `loc`, checking its CRC (the one its record header
+    /// had when the index was built).
     pub fn read(&self, loc: Loc) -> Result<Vec<u8>, ReadError> {
         let path = || self.path.display().to_string();
-        let io = |source| ReadError::Io {
-            path: path(),
-            source,
-        };
-        let mut head = [0u8; RECORD_HEADER as usize];
-        self.file
-            .read_exact_at(&mut head, loc.offset - RECORD_HEADER)
-            .map_err(io)?;
         let mut payload = vec![0u8; loc.len as usize];
         self.file
             .read_exact_at(&mut payload, loc.offset)
-            .map_err(io)?;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if crc32fast::hash(&payload) != crc {
+            .map_err(|source| ReadError::Io {
+                path: path(),
+                source,
+            })?;
+        if crc32fast::hash(&payload) != loc.crc {
             return Err(ReadError::Corrupt {
                 path: path(),
                 offset: loc.offset,

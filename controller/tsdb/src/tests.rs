@@ -466,3 +466,92 @@ fn a_one_point_chunk_after_a_column_change_survives_a_restart() {
     let h = open(dir.path(), |_| {});
     assert_eq!(q(&h), before);
 }
+
+#[test]
+fn an_ended_hour_is_compacted_to_one_chunk_per_source_and_answers_the_same() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.chunk_points = 50);
+    let disk = |m: &'static str| ColumnRef {
+        metric: "disk_used_bytes",
+        label: m,
+        encoding: Encoding::Int { scale: 1.0 },
+    };
+    // n1: 400 points, a second disk from point 300 on; n2: 3 points.
+    for i in 0..400i64 {
+        let t = T0 + i * 1000;
+        if i < 300 {
+            h.append("n1", t, &[CPU, disk("/")], &[cpu(i), i as f64]);
+        } else {
+            h.append(
+                "n1",
+                t,
+                &[CPU, disk("/"), disk("/data")],
+                &[cpu(i), i as f64, 7.0 * i as f64],
+            );
+        }
+    }
+    fill(&h, "n2", T0 + 5000, 3, 1000);
+    // Points of the next hour keep the writer's hour open.
+    fill(&h, "n2", T0 + HOUR_MS, 1, 1000);
+    wait_written(&h);
+    let now = T0 + HOUR_MS + 10 * MINUTE_MS;
+    let ask = |h: &History, metric: &str| {
+        h.query(&Query {
+            metric,
+            sources: &all,
+            from_ms: T0,
+            to_ms: T0 + HOUR_MS - 1,
+            step_ms: 1000,
+            reduce: Reduce::Last,
+            now_ms: now,
+            tier: Some(Tier::Raw),
+        })
+        .expect("query")
+    };
+    let before: Vec<Answer> = ["cpu_percent", "disk_used_bytes"]
+        .iter()
+        .map(|m| ask(&h, m))
+        .collect();
+    let chunks = |h: &History| -> Vec<(String, usize)> {
+        let raw = h.inner.tier(Tier::Raw).read().expect("lock");
+        let mut v: Vec<(String, usize)> = raw.segments[&T0]
+            .index
+            .iter()
+            .map(|(s, l)| (s.to_string(), l.len()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(chunks(&h)[0], ("n1".to_string(), 8));
+    h.maintain(now).expect("maintain");
+    assert_eq!(
+        chunks(&h),
+        vec![("n1".to_string(), 1), ("n2".to_string(), 1)]
+    );
+    let after: Vec<Answer> = ["cpu_percent", "disk_used_bytes"]
+        .iter()
+        .map(|m| ask(&h, m))
+        .collect();
+    assert_eq!(after, before, "compaction changed the answers");
+    let n1 = points(&after[0], "n1");
+    assert_eq!(n1.len(), 400);
+    assert_eq!(n1[399], (T0 + 399_000, cpu(399)));
+    h.close();
+    drop(h);
+    let h = open(dir.path(), |_| {});
+    assert_eq!(chunks(&h)[0], ("n1".to_string(), 1));
+    let again: Vec<Answer> = ["cpu_percent", "disk_used_bytes"]
+        .iter()
+        .map(|m| ask(&h, m))
+        .collect();
+    assert_eq!(
+        again, before,
+        "the compacted file answers the same after a restart"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("raw"))
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
