@@ -30,22 +30,15 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
 pub fn current(st: &ApiState) -> Vec<ServiceView> {
     let nodes: BTreeMap<String, NodeAddress> = st
         .registry
-        .views(Instant::now())
+        .reach(Instant::now())
         .into_iter()
         .map(|v| {
-            let ip = v
-                .address
-                .as_deref()
-                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                .map(|a| a.ip());
-            let zone = v.labels.get("zone").cloned();
-            let connected = v.status == novacron_common::fleet::NodeStatus::Ready;
             (
                 v.name,
                 NodeAddress {
-                    ip,
-                    zone,
-                    connected,
+                    ip: v.address.map(|a| a.ip()),
+                    zone: v.zone,
+                    connected: v.status == novacron_common::fleet::NodeStatus::Ready,
                 },
             )
         })

@@ -371,9 +371,32 @@ impl MetricsHistory {
 
     /// Runs the rollups and retention every [`MAINTAIN_EVERY`], and records an
     /// event when the head went over its budget.
+    ///
+    /// The rollups and compaction decode and re-encode a whole hour: they run
+    /// on their own thread at a lower priority (nice 10), so that on a busy
+    /// host the link's tasks (whose agents time out after 2 s of silence) are
+    /// served first.
     pub async fn run(self: Arc<Self>, events: Arc<EventLog>, cancel: CancellationToken) {
         let mut evictions = self.db.stats().budget_evictions;
         let mut dropped = self.db.stats().dropped_chunks;
+        type Reply = tokio::sync::oneshot::Sender<std::io::Result<()>>;
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(i64, Reply)>(1);
+        let worker = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("novacron-rollup".into())
+            .spawn(move || {
+                // Linux: the nice value is the calling thread's.
+                if let Err(error) = rustix::process::setpriority_process(None, 10) {
+                    warn!(%error, "metrics history: cannot lower the rollup thread's priority");
+                }
+                while let Ok((now, reply)) = work_rx.recv() {
+                    let _ = reply.send(worker.db.maintain(now));
+                }
+            });
+        if let Err(error) = spawned {
+            warn!(%error, "metrics history: cannot start the rollup thread; no rollups or retention");
+            return;
+        }
         let mut tick = tokio::time::interval(MAINTAIN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -381,11 +404,17 @@ impl MetricsHistory {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let me = self.clone();
             let now = unix_ms(SystemTime::now());
-            match tokio::task::spawn_blocking(move || me.db.maintain(now)).await {
+            let (reply, done) = tokio::sync::oneshot::channel();
+            // The thread takes one round at a time and this loop waits for
+            // it: the channel (of one) is always empty here.
+            if work_tx.try_send((now, reply)).is_err() {
+                warn!("metrics history: the rollup thread stopped");
+                return;
+            }
+            match done.await {
                 Ok(Err(error)) => warn!(%error, "metrics history: rollups or retention failed"),
-                Err(error) => warn!(%error, "metrics history: maintenance task failed"),
+                Err(_) => warn!("metrics history: the rollup thread stopped"),
                 Ok(Ok(())) => {}
             }
             let s = self.db.stats();

@@ -207,6 +207,19 @@ struct NodeState {
     images: Arc<ImageInventory>,
 }
 
+/// Where a node is reached, for the service catalog ([`Registry::reach`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeReach {
+    /// The node's name.
+    pub name: String,
+    /// The address its agent connects from, while it has one.
+    pub address: Option<SocketAddr>,
+    /// Its `zone` label.
+    pub zone: Option<String>,
+    /// Its status now.
+    pub status: NodeStatus,
+}
+
 impl Registry {
     /// Loads the registry from `store`. Every node starts disconnected at `now`.
     pub fn load(
@@ -549,6 +562,24 @@ impl Registry {
             .values()
             .filter(|s| s.link.is_some())
             .map(|s| s.record.name.clone())
+            .collect()
+    }
+
+    /// Where every node is reached and whether it is up, for the service
+    /// catalog (DNS, ingress, `/v1/services`; the ingress rebuilds it five
+    /// times a second). Cheap: it copies no sample, label map or capability,
+    /// so the lock it takes is short and agents keep ingesting.
+    pub fn reach(&self, now: Instant) -> Vec<NodeReach> {
+        let inner = self.lock();
+        inner
+            .nodes
+            .values()
+            .map(|s| NodeReach {
+                name: s.record.name.clone(),
+                address: s.address,
+                zone: s.record.labels.get("zone").cloned(),
+                status: self.status_of(s, now),
+            })
             .collect()
     }
 

@@ -82,7 +82,9 @@ fn real(args: &[String]) -> anyhow::Result<()> {
     for i in 0..n {
         let due = start + interval * i as u32;
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let s = sampler.sample(Instant::now());
+        let mut s = sampler.sample(Instant::now());
+        // The agent's link stamps each sample as it sends it; so does this.
+        s.at_unix_ms = now_ms() as u64;
         if first.is_none() {
             first = Some(s.clone());
         }
@@ -137,7 +139,7 @@ fn real(args: &[String]) -> anyhow::Result<()> {
             "bench": "history_real",
             "samples": n,
             "interval_ms": interval.as_millis() as u64,
-            "values_per_sample": head.head_values / n.min(novacron_tsdb::Config::new(dir.clone()).chunk_points as u64).max(1),
+            "values_per_sample": disk.disk_values / n.max(1),
             "disks": sample.disks.len(),
             "interfaces": sample.networks.len(),
             "gpus": sample.gpus.len(),
