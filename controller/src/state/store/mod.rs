@@ -672,13 +672,26 @@ impl fmt::Debug for RedbStore {
     }
 }
 
+/// Memory redb may keep for cached pages. Its default is 1 GiB, in a process
+/// whose memory should stay in the hundreds of MB at 10,000 agents (the
+/// metrics marks of every node are rewritten every 2 s; the file reached
+/// 414 MB in a 10,000-agent fan-in). The store's working set (nodes, jobs,
+/// allocations, recent events) is far smaller.
+pub const STORE_CACHE_BYTES: usize = 64 << 20;
+
+fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder()
+        .set_cache_size(STORE_CACHE_BYTES)
+        .create(path)
+}
+
 impl RedbStore {
     /// Opens the store at `path`, creating the file and its tables when missing (the
     /// directory must exist). Fails with [`StoreError::Locked`] when another process
     /// has it open, and with [`StoreError::NewerSchema`] when a newer controller
     /// wrote it.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
+        let db = open_database(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen
             | redb::DatabaseError::LockProtocolMismatch => StoreError::Locked {
                 path: path.to_owned(),
@@ -785,7 +798,7 @@ impl RedbStore {
         }
         // The old handle holds the file lock: drop it first.
         *db = None;
-        let reopened = Database::create(&self.path).map_err(self.fail(op))?;
+        let reopened = open_database(&self.path).map_err(self.fail(op))?;
         tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
         *db = Some(reopened);
         Ok(())
