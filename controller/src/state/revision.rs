@@ -10,6 +10,10 @@
 //!
 //! The event log's retention (dropping its oldest events) is not logged: events
 //! have their own positions, and a dropped event is not a change of state.
+//! Nor are the metrics marks (how far the controller has read each node's
+//! samples): the controller's own bookkeeping, rewritten for every node every
+//! few seconds, that no watcher follows. Logged, 10,000 nodes wrote a 10,000-key
+//! entry every 2 s, and the store file grew by 1.2 GB in 30 minutes.
 
 use std::collections::VecDeque;
 

@@ -1073,14 +1073,11 @@ impl Store for EtcdStore {
                 None,
             ));
         }
-        let touched: Vec<Touched> = marks
-            .iter()
-            .map(|(node, _)| Touched::put(METRIC_MARKS.name, node))
-            .collect();
+        // Not logged: see the module documentation of `revision`.
         self.commit(OP, &[], |_| {
             Ok::<_, StoreError>(Plan {
                 ops: ops.clone(),
-                touched: touched.clone(),
+                touched: Vec::new(),
                 result: (),
             })
         })

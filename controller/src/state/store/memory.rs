@@ -360,11 +360,6 @@ impl Store for MemoryStore {
         for (node, mark) in marks {
             state.metric_marks.insert(node.clone(), *mark);
         }
-        let touched = marks
-            .iter()
-            .map(|(node, _)| Touched::put("metric_marks", node))
-            .collect();
-        state.log.record(touched);
         Ok(())
     }
 
