@@ -71,9 +71,15 @@ pub enum LinkError {
 }
 
 /// Builds the QUIC transport settings shared by both ends of the link.
+///
+/// Agents ping every `keep_alive`; the controller pings an agent only after
+/// hearing nothing from it for halfway between `keep_alive` and the idle timeout
+/// ([`controller_keep_alive`]). With the same interval on both ends, each end's
+/// ping timer fired just before the other's ping arrived, and both pinged: at
+/// 10,000 agents that doubled the datagrams the controller handled.
 pub fn transport_config(liveness: &Liveness) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(liveness.keep_alive));
+    t.keep_alive_interval(Some(controller_keep_alive(liveness)));
     // The conversion fails only for timeouts above 2^62 ms.
     if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
         t.max_idle_timeout(Some(idle));
@@ -81,6 +87,15 @@ pub fn transport_config(liveness: &Liveness) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(4u32.into());
     t.max_concurrent_uni_streams(4u32.into());
     t
+}
+
+/// The controller's keep-alive interval: halfway between the agents'
+/// `keep_alive` and the idle timeout. A healthy agent, heard from at least every
+/// `keep_alive`, is never pinged; an agent configured with a longer keep-alive
+/// than the controller's is still pinged before the link idles out.
+pub fn controller_keep_alive(liveness: &Liveness) -> Duration {
+    let keep_alive = liveness.keep_alive.min(liveness.idle_timeout);
+    keep_alive + (liveness.idle_timeout - keep_alive) / 2
 }
 
 /// Binds the agent endpoint.
@@ -371,10 +386,12 @@ async fn control_loop(
     send: &mut SendStream,
     recv: RecvStream,
     mut desired: watch::Receiver<Arc<DesiredAllocations>>,
-    mut commands: mpsc::Receiver<ControllerMessage>,
+    mut commands: mpsc::Receiver<Box<ControllerMessage>>,
 ) -> Result<(), LoopEnd> {
-    // Frame reads are not cancel-safe: a task reads, this loop selects.
-    let (tx, mut incoming) = mpsc::channel::<Result<AgentMessage, FrameError>>(8);
+    // Frame reads are not cancel-safe: a task reads, this loop selects. Items
+    // are boxed, as are commands: a tokio channel allocates its slots 32 at a
+    // time, and 10,000 connections' unboxed slots took 49 MB (heaptrack).
+    let (tx, mut incoming) = mpsc::channel::<Box<Result<AgentMessage, FrameError>>>(8);
     let reader = tokio::spawn(read_agent_messages(recv, tx, version));
     let _guard = AbortOnDrop(reader);
     let first = desired.borrow_and_update().clone();
@@ -388,7 +405,7 @@ async fn control_loop(
     }
     loop {
         tokio::select! {
-            msg = incoming.recv() => match msg {
+            msg = incoming.recv() => match msg.map(|m| *m) {
                 None => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(AgentMessage::Hello(_))) => {
@@ -445,7 +462,7 @@ async fn control_loop(
                 wire::write_frame_as(version, send, &ControllerMessage::Ingress((*table).clone())).await?;
             }
             Some(cmd) = commands.recv() => {
-                wire::write_frame_as(version, send, &cmd).await?;
+                wire::write_frame_as(version, send, &*cmd).await?;
             }
         }
     }
@@ -453,7 +470,7 @@ async fn control_loop(
 
 async fn read_agent_messages(
     mut recv: RecvStream,
-    tx: mpsc::Sender<Result<AgentMessage, FrameError>>,
+    tx: mpsc::Sender<Box<Result<AgentMessage, FrameError>>>,
     version: u16,
 ) {
     let mut scratch = Vec::new();
@@ -465,7 +482,7 @@ async fn read_agent_messages(
                 Err(e) => Err(e),
             };
         let stop = item.is_err();
-        if tx.send(item).await.is_err() || stop {
+        if tx.send(Box::new(item)).await.is_err() || stop {
             return;
         }
     }
@@ -780,5 +797,33 @@ fn warn_undelivered(node: &str, version: u16, set: &novacron_common::wire::Desir
         .filter(|a| !a.task.secrets.is_empty() || a.task.registry_auth.is_some())
     {
         warn!(node, alloc = %a.id, job = %a.job, "this node's agent speaks protocol 2, which carries no secrets or registry credentials: the allocation runs without them; upgrade the agent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_controller_pings_only_agents_it_has_not_heard_from_for_longer_than_their_keep_alive()
+    {
+        let default = Liveness::default();
+        let ping = controller_keep_alive(&default);
+        assert!(ping > default.keep_alive, "{ping:?}");
+        assert!(ping < default.idle_timeout, "{ping:?}");
+        let l = Liveness {
+            keep_alive: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(2),
+            ..Liveness::default()
+        };
+        assert_eq!(controller_keep_alive(&l), Duration::from_millis(1250));
+        // A keep-alive at or past the idle timeout (refused by the configuration
+        // checks) still gives an interval inside it.
+        let l = Liveness {
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(2),
+            ..Liveness::default()
+        };
+        assert_eq!(controller_keep_alive(&l), Duration::from_secs(2));
     }
 }

@@ -319,7 +319,7 @@ async fn allocation_logs(
         follow: opts.follow,
         tail: opts.tail,
     });
-    if sender.send(request).await.is_err() {
+    if sender.send(Box::new(request)).await.is_err() {
         lock(&st.link.pending_logs).remove(&request_id);
         return Err(Problem(
             StatusCode::CONFLICT,

@@ -22,7 +22,7 @@ use tracing::warn;
 #[derive(Debug, Default)]
 pub struct Agents {
     /// Per-node channels for commands to the agent (log requests), by node name.
-    pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<ControllerMessage>)>>,
+    pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<Box<ControllerMessage>>)>>,
     /// Log streams waiting for their agent, by request id.
     pub pending_logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
     /// Each connected node's live connection (with its connection id), on which
