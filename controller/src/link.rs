@@ -805,8 +805,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_controller_pings_only_agents_it_has_not_heard_from_for_longer_than_their_keep_alive()
-    {
+    fn the_controller_pings_only_agents_it_has_not_heard_from_for_longer_than_their_keep_alive() {
         let default = Liveness::default();
         let ping = controller_keep_alive(&default);
         assert!(ping > default.keep_alive, "{ping:?}");

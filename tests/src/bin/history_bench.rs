@@ -274,7 +274,10 @@ fn query(args: &[String]) -> anyhow::Result<()> {
         let end = previous["end_ms"]
             .as_i64()
             .ok_or_else(|| anyhow::anyhow!("{}: no end_ms", marker.display()))?;
-        println!("{}", serde_json::json!({"bench": "history_query_setup", "reused": previous}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "history_query_setup", "reused": previous})
+        );
         let h = open(&dir)?;
         h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
         query_cases(&h, nodes, runs, end)?;
