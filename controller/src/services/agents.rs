@@ -18,11 +18,14 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+/// Sends a command to one connected agent (boxed: see `link::control_loop`).
+pub type CommandSender = mpsc::Sender<Box<ControllerMessage>>;
+
 /// The connected agents.
 #[derive(Debug, Default)]
 pub struct Agents {
     /// Per-node channels for commands to the agent (log requests), by node name.
-    pub commands: Mutex<HashMap<String, (u64, mpsc::Sender<Box<ControllerMessage>>)>>,
+    pub commands: Mutex<HashMap<String, (u64, CommandSender)>>,
     /// Log streams waiting for their agent, by request id.
     pub pending_logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
     /// Each connected node's live connection (with its connection id), on which

@@ -2163,9 +2163,7 @@ mod tests {
         // A short log, so that the test stays fast (one write transaction each).
         store.change_log_revisions = 10;
         for i in 0..12 {
-            store
-                .save_metric_marks(&[(format!("n{i}"), mark(i))])
-                .expect("save");
+            store.put_policy(&policy(&format!("p{i}"))).expect("put");
         }
         let revision = 12;
         assert_eq!(
@@ -2177,7 +2175,7 @@ mod tests {
         );
         assert_eq!(
             changes_of(store.changes(2, 1).expect("changes")),
-            vec![(3, "metric_marks/n2".to_string(), false)]
+            vec![(3, "policies/p2".to_string(), false)]
         );
     }
 
