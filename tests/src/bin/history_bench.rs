@@ -14,7 +14,6 @@
 //!   path `GET /v1/metrics/query` takes, without HTTP): one node over 24 h at a
 //!   1 min step; the fleet's CPU mean over 1 h at 15 s from the 1-minute rollups;
 //!   the same from raw points. Prints one JSON line per query (p50, p99, max).
-//!   `--reuse` queries what an earlier run of the same size left in D instead.
 //!
 //! Both print JSON lines; BENCHMARKS.md records them.
 
@@ -258,37 +257,12 @@ fn query(args: &[String]) -> anyhow::Result<()> {
     let nodes: usize = arg(args, "--nodes", 1000);
     let node_hours: i64 = arg(args, "--node-hours", 24);
     let runs: usize = arg(args, "--runs", 50);
-    // `--reuse` queries the history a previous run of the same size left in
-    // `--dir` (its end time is kept in a file beside it) instead of writing it
-    // again: at 10,000 nodes, writing takes minutes.
-    let reuse = args.iter().any(|a| a == "--reuse");
-    let marker = dir.join("bench-setup.json");
-    let previous: Option<serde_json::Value> = std::fs::read(&marker)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|v: &serde_json::Value| {
-            v["nodes"] == nodes as u64 && v["node_hours"] == node_hours
-        });
-    let hour = 3_600_000i64;
-    if let (true, Some(previous)) = (reuse, previous) {
-        let end = previous["end_ms"]
-            .as_i64()
-            .ok_or_else(|| anyhow::anyhow!("{}: no end_ms", marker.display()))?;
-        println!(
-            "{}",
-            serde_json::json!({"bench": "history_query_setup", "reused": previous})
-        );
-        let h = open(&dir)?;
-        h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
-        query_cases(&h, nodes, runs, end)?;
-        h.close();
-        return Ok(());
-    }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let h = open(&dir)?;
     h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let hour = 3_600_000i64;
     // The data ends at the start of the previous hour, so every hour is rolled.
     let end = (now_ms() / hour - 1) * hour;
     let written = Instant::now();
@@ -309,22 +283,15 @@ fn query(args: &[String]) -> anyhow::Result<()> {
     h.db().maintain(now_ms())?;
     let roll_secs = rolled.elapsed().as_secs_f64();
     let stats = h.stats();
-    let setup = serde_json::json!({
-        "bench": "history_query_setup", "nodes": nodes, "node_hours": node_hours,
-        "end_ms": end, "write_secs": write_secs, "rollup_secs": roll_secs,
-        "disk_bytes": stats.disk_bytes, "disk_values": stats.disk_values,
-        "disk_bytes_per_value": stats.disk_bytes_per_value, "rollup_bytes": stats.rollup_bytes,
-    });
-    println!("{setup}");
-    std::fs::write(&marker, setup.to_string())?;
-    query_cases(&h, nodes, runs, end)?;
-    h.close();
-    Ok(())
-}
-
-/// Runs each query case `runs` times on the history `h` that ends at `end`.
-fn query_cases(h: &MetricsHistory, nodes: usize, runs: usize, end: i64) -> anyhow::Result<()> {
-    let hour = 3_600_000i64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "history_query_setup", "nodes": nodes, "node_hours": node_hours,
+            "write_secs": write_secs, "rollup_secs": roll_secs,
+            "disk_bytes": stats.disk_bytes, "disk_values": stats.disk_values,
+            "disk_bytes_per_value": stats.disk_bytes_per_value, "rollup_bytes": stats.rollup_bytes,
+        })
+    );
     let cases: Vec<(&str, MetricsQuery)> = vec![
         (
             "one node, 24 h at 1 min",
@@ -385,6 +352,7 @@ fn query_cases(h: &MetricsHistory, nodes: usize, runs: usize, end: i64) -> anyho
             })
         );
     }
+    h.close();
     Ok(())
 }
 
@@ -395,7 +363,7 @@ fn main() -> anyhow::Result<()> {
         Some("query") => query(&args),
         _ => {
             eprintln!(
-                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50] [--reuse]"
+                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50]"
             );
             std::process::exit(64);
         }
