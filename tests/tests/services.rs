@@ -158,10 +158,14 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_and_nginx_serve_
     let fqdn = format!("{svc}.service.novacron.");
     let mut ports: Vec<u16> = listed.endpoints.iter().map(|e| e.port).collect();
     ports.sort();
-    wait_for(Duration::from_secs(15), "DNS with both replicas", || async {
-        let (code, srv) = dns(dns_at, &fqdn, RecordType::SRV).await;
-        code == ResponseCode::NoError && srv_ports(&srv) == ports
-    })
+    wait_for(
+        Duration::from_secs(15),
+        "DNS with both replicas",
+        || async {
+            let (code, srv) = dns(dns_at, &fqdn, RecordType::SRV).await;
+            code == ResponseCode::NoError && srv_ports(&srv) == ports
+        },
+    )
     .await
     .expect("both replicas in DNS");
     let (_, a) = dns(dns_at, &fqdn, RecordType::A).await;
