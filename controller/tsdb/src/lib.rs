@@ -21,6 +21,7 @@
 pub mod bits;
 pub mod chunk;
 pub mod codec;
+pub mod mirror;
 pub mod segment;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -99,6 +100,14 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// Every tier, finest first.
+    pub const ALL: [Tier; 3] = [Tier::Raw, Tier::Minute, Tier::Hour];
+
+    /// The tier named `name` (`raw`, `1m`, `1h`).
+    pub fn from_name(name: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// Its name in answers: `raw`, `1m`, `1h`.
     pub fn name(self) -> &'static str {
         match self {
@@ -203,6 +212,31 @@ pub enum QueryError {
         /// How many.
         cells: usize,
     },
+}
+
+/// One segment file as [`History::files`] lists it, for a copy to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Its tier.
+    pub tier: Tier,
+    /// The start of the span it holds (its name).
+    pub start: i64,
+    /// Its length: whole records only.
+    pub len: u64,
+    /// Its first record's header as one word (0: empty); a file replaced by
+    /// compaction starts differently.
+    pub first: u64,
+}
+
+/// Why [`History::read_file`] sent nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// No such file (expired, or never written).
+    #[error("no {0} file starts at {1}")]
+    Missing(&'static str, i64),
+    /// The copy is not a prefix of the file: fetch it whole.
+    #[error(transparent)]
+    Range(#[from] segment::RangeError),
 }
 
 /// Counters and sizes, for `/metrics` and `GET /v1/metrics/storage`.
@@ -388,7 +422,7 @@ impl History {
                     .and_then(|n| n.to_str())
                     .unwrap_or_default();
                 if let Some(tmp) = name.strip_suffix(".tmp") {
-                    warn!(file = %path.display(), "metrics history: removing an unfinished rollup ({tmp})");
+                    warn!(file = %path.display(), "metrics history: removing an unfinished file ({tmp})");
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
@@ -1101,6 +1135,49 @@ impl History {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.inner.config.dir
+    }
+
+    /// Every segment file with its length and first record, for another
+    /// controller that keeps a copy ([`mirror`]).
+    pub fn files(&self) -> Vec<FileInfo> {
+        let mut out = Vec::new();
+        for tier in Tier::ALL {
+            let files = self
+                .inner
+                .tier(tier)
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            out.extend(files.segments.iter().map(|(start, seg)| FileInfo {
+                tier,
+                start: *start,
+                len: seg.bytes(),
+                first: seg.first(),
+            }));
+        }
+        out
+    }
+
+    /// Whole records of the `tier` file starting at `start`, from byte
+    /// `offset` on, about `max` bytes of them ([`Segment::records_after`]).
+    /// Blocks on a read: call it off the async workers.
+    pub fn read_file(
+        &self,
+        tier: Tier,
+        start: i64,
+        offset: u64,
+        last: Option<(u64, u32)>,
+        max: u64,
+    ) -> Result<Vec<u8>, FileError> {
+        let files = self
+            .inner
+            .tier(tier)
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let seg = files
+            .segments
+            .get(&start)
+            .ok_or(FileError::Missing(tier.name(), start))?;
+        Ok(seg.records_after(offset, last, max)?)
     }
 }
 

@@ -19,7 +19,8 @@ use crate::chunk::{self, Chunk};
 
 /// The largest record read back; a larger length is corruption.
 pub const MAX_RECORD: u32 = 64 << 20;
-const RECORD_HEADER: u64 = 8;
+/// A record header's bytes: length and CRC-32, little-endian.
+pub const RECORD_HEADER: u64 = 8;
 
 /// Where one chunk lies in a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,10 @@ pub struct Segment {
     /// When set, a chunk of a source with the same first time replaces the
     /// earlier one (the 1-hour tier, where a repeated rollup is rewritten).
     replace: bool,
+    /// The first record's header (length and CRC, as one little-endian
+    /// `u64`); 0 while the file holds no record. It tells two copies of a
+    /// file apart without reading them (a compacted file starts differently).
+    first: u64,
 }
 
 /// What opening a segment found.
@@ -88,6 +93,73 @@ pub enum ReadError {
     },
 }
 
+/// Why [`Segment::records_after`] sent nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RangeError {
+    /// The copy is not a prefix of this file: fetch the file whole.
+    #[error("the copy diverged: {0}")]
+    Diverged(String),
+    /// Reading failed.
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+/// A record header's length and CRC as one word (the file's first 8 bytes).
+pub fn header_word(len: u32, crc: u32) -> u64 {
+    u64::from(len) | (u64::from(crc) << 32)
+}
+
+fn split_header(head: &[u8]) -> (u32, u32) {
+    (
+        u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
+        u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
+    )
+}
+
+/// The length of the whole records at the start of `buf` (framing only).
+pub fn whole_records(buf: &[u8]) -> usize {
+    let mut pos = 0usize;
+    while pos + RECORD_HEADER as usize <= buf.len() {
+        let (len, _) = split_header(&buf[pos..]);
+        if len == 0 || len > MAX_RECORD {
+            break;
+        }
+        let end = pos + RECORD_HEADER as usize + len as usize;
+        if end > buf.len() {
+            break;
+        }
+        pos = end;
+    }
+    pos
+}
+
+/// The records of `buf`: each one's start and CRC, checked against its
+/// payload; an error names the first that is cut or does not match.
+pub fn check_records(buf: &[u8]) -> Result<Vec<(usize, u32)>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        if pos + RECORD_HEADER as usize > buf.len() {
+            return Err(format!("a record header cut at byte {pos}"));
+        }
+        let (len, crc) = split_header(&buf[pos..]);
+        if len == 0 || len > MAX_RECORD {
+            return Err(format!("a record of {len} bytes at byte {pos}"));
+        }
+        let body = pos + RECORD_HEADER as usize;
+        let end = body + len as usize;
+        if end > buf.len() {
+            return Err(format!("the record at byte {pos} is cut"));
+        }
+        if crc32fast::hash(&buf[body..end]) != crc {
+            return Err(format!("the record at byte {pos} fails its checksum"));
+        }
+        out.push((pos, crc));
+        pos = end;
+    }
+    Ok(out)
+}
+
 impl Segment {
     /// Opens (or creates) the segment at `path`, indexing its records and
     /// cutting a torn tail.
@@ -107,6 +179,7 @@ impl Segment {
             t_max: i64::MIN,
             values: 0,
             replace,
+            first: 0,
         };
         let mut scan = Scan::default();
         let mut reader = BufReader::with_capacity(1 << 20, seg.file.try_clone()?);
@@ -123,6 +196,9 @@ impl Segment {
             // A zero length is a zero-filled tail (power loss), not a record.
             if len == 0 || len > MAX_RECORD || end > file_len {
                 break;
+            }
+            if pos == 0 {
+                seg.first = u64::from_le_bytes(head);
             }
             payload.resize(len as usize, 0);
             if reader.read_exact(&mut payload).is_err() {
@@ -210,6 +286,9 @@ impl Segment {
             let _ = self.file.set_len(self.len);
             return Err(e);
         }
+        if self.len == 0 {
+            self.first = header_word(len, crc);
+        }
         let loc = Loc {
             offset: self.len + RECORD_HEADER,
             len,
@@ -289,6 +368,76 @@ impl Segment {
     /// The file's length.
     pub fn bytes(&self) -> u64 {
         self.len
+    }
+
+    /// The first record's header as one word (0: no record yet).
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// Whole records from byte `offset` (where a copy of this file ends), at
+    /// most `max` bytes of them but at least one record when there is one.
+    /// `last` is where the copy's last record starts and its CRC: that record
+    /// must be this file's too, ending at `offset`, or the copy has diverged.
+    pub fn records_after(
+        &self,
+        offset: u64,
+        last: Option<(u64, u32)>,
+        max: u64,
+    ) -> Result<Vec<u8>, RangeError> {
+        if offset > self.len {
+            return Err(RangeError::Diverged(format!(
+                "the copy has {offset} bytes, the file {}",
+                self.len
+            )));
+        }
+        if offset > 0 {
+            let (at, crc) = last.ok_or_else(|| {
+                RangeError::Diverged("a copy that is not empty must name its last record".into())
+            })?;
+            let mut head = [0u8; RECORD_HEADER as usize];
+            if at + RECORD_HEADER > offset {
+                return Err(RangeError::Diverged(format!(
+                    "no record at {at} can end at {offset}"
+                )));
+            }
+            self.file
+                .read_exact_at(&mut head, at)
+                .map_err(RangeError::Io)?;
+            let (len, have) = split_header(&head);
+            if at + RECORD_HEADER + u64::from(len) != offset || have != crc {
+                return Err(RangeError::Diverged(format!(
+                    "the record at {at} is not the copy's last one"
+                )));
+            }
+        }
+        if offset == self.len {
+            return Ok(Vec::new());
+        }
+        let want = (self.len - offset).min(max.max(RECORD_HEADER));
+        let mut buf = vec![0u8; want as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(RangeError::Io)?;
+        let whole = whole_records(&buf);
+        if whole > 0 {
+            buf.truncate(whole);
+            return Ok(buf);
+        }
+        // The first record alone is larger than `max`: send it whole.
+        let (len, _) = split_header(&buf);
+        let end = offset + RECORD_HEADER + u64::from(len);
+        if len == 0 || len > MAX_RECORD || end > self.len {
+            return Err(RangeError::Io(io::Error::other(format!(
+                "{}: no record at {offset}",
+                self.path.display()
+            ))));
+        }
+        let mut rec = vec![0u8; (end - offset) as usize];
+        self.file
+            .read_exact_at(&mut rec, offset)
+            .map_err(RangeError::Io)?;
+        Ok(rec)
     }
 
     /// The file.

@@ -555,3 +555,198 @@ fn an_ended_hour_is_compacted_to_one_chunk_per_source_and_answers_the_same() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Fetches from `h` in pieces of at most `max` bytes, as a follower does over
+/// the API.
+fn fetch_from(
+    h: &History,
+    max: u64,
+) -> impl FnMut(mirror::FileKey, u64, Option<(u64, u32)>) -> Result<Vec<u8>, mirror::FetchError> + '_
+{
+    move |(tier, start), offset, last| match h.read_file(tier, start, offset, last, max) {
+        Ok(b) => Ok(b),
+        Err(FileError::Missing(..)) => Err(mirror::FetchError::Missing),
+        Err(FileError::Range(segment::RangeError::Diverged(_))) => {
+            Err(mirror::FetchError::Diverged)
+        }
+        Err(e) => Err(mirror::FetchError::Failed(e.to_string())),
+    }
+}
+
+/// The bytes of every segment file under `dir`, by tier and name.
+fn file_bytes(dir: &Path) -> BTreeMap<(String, String), Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for t in Tier::ALL {
+        for e in std::fs::read_dir(dir.join(t.name())).expect("dir") {
+            let e = e.expect("entry");
+            let name = e.file_name().to_string_lossy().into_owned();
+            out.insert(
+                (t.name().to_owned(), name),
+                std::fs::read(e.path()).expect("read"),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn a_mirror_follows_appends_compaction_rollups_and_retention_and_opens_as_a_history() {
+    let src = tempfile::tempdir().expect("tmp");
+    let copy = tempfile::tempdir().expect("tmp");
+    let h = open(src.path(), |c| {
+        c.chunk_points = 20;
+        c.raw_retention_ms = 2 * HOUR_MS;
+    });
+    let mut m = mirror::Mirror::open(copy.path()).expect("mirror");
+    let never = || false;
+    // Small pieces: a file takes several fetches, each of whole records.
+    let mut fetch = fetch_from(&h, 600);
+    fill(&h, "n1", T0, 300, 1000);
+    fill(&h, "n2", T0, 300, 1000);
+    wait_written(&h);
+    let first = m.sync(&h.files(), &mut fetch, &never).expect("sync");
+    assert!(first.whole >= 1 && first.bytes > 600, "{first:?}");
+    assert_eq!(file_bytes(copy.path()), file_bytes(src.path()));
+    // More points of the same hour: only the new records are fetched.
+    fill(&h, "n1", T0 + 300_000, 200, 1000);
+    wait_written(&h);
+    let before = file_bytes(copy.path())[&("raw".to_owned(), format!("{T0}.seg"))].len() as u64;
+    let second = m.sync(&h.files(), &mut fetch, &never).expect("sync");
+    assert_eq!(second.whole, 0, "{second:?}");
+    let after = file_bytes(src.path())[&("raw".to_owned(), format!("{T0}.seg"))].len() as u64;
+    assert_eq!(second.bytes, after - before);
+    assert_eq!(file_bytes(copy.path()), file_bytes(src.path()));
+    // The hour ends: compaction replaces the raw file, rollups appear; three
+    // hours later retention deletes it.
+    fill(&h, "n1", T0 + HOUR_MS, 30, 1000);
+    wait_written(&h);
+    h.maintain(T0 + HOUR_MS + 10 * MINUTE_MS).expect("maintain");
+    let third = m.sync(&h.files(), &mut fetch, &never).expect("sync");
+    assert!(
+        third.whole >= 3,
+        "compacted raw, 1m and 1h files: {third:?}"
+    );
+    assert_eq!(file_bytes(copy.path()), file_bytes(src.path()));
+    h.maintain(T0 + 3 * HOUR_MS + 10 * MINUTE_MS)
+        .expect("maintain");
+    let fourth = m.sync(&h.files(), &mut fetch, &never).expect("sync");
+    assert!(fourth.removed >= 1, "{fourth:?}");
+    assert_eq!(file_bytes(copy.path()), file_bytes(src.path()));
+    // The copy opens as a history that answers what the source answers (of
+    // what the source had written; its open chunks are its own).
+    let now = T0 + 3 * HOUR_MS + 10 * MINUTE_MS;
+    let want = query(
+        &h,
+        "cpu_percent",
+        T0,
+        T0 + 2 * HOUR_MS,
+        MINUTE_MS,
+        Reduce::Mean,
+        now,
+    );
+    let reopened = open(copy.path(), |_| {});
+    let got = query(
+        &reopened,
+        "cpu_percent",
+        T0,
+        T0 + 2 * HOUR_MS,
+        MINUTE_MS,
+        Reduce::Mean,
+        now,
+    );
+    assert_eq!(got, want);
+    assert!(!points(&got, "n1").is_empty());
+}
+
+#[test]
+fn a_copy_that_diverged_is_fetched_whole_and_bad_records_are_refused() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let copy = tempfile::tempdir().expect("tmp");
+    let never = || false;
+    // The copy follows leader A, which then dies; B (a copy of an earlier
+    // moment of A) takes over and appends its own chunks.
+    let ha = open(a.path(), |c| c.chunk_points = 10);
+    fill(&ha, "n1", T0, 100, 1000);
+    wait_written(&ha);
+    let mut mb = mirror::Mirror::open(b.path()).expect("mirror");
+    mb.sync(&ha.files(), &mut fetch_from(&ha, 1 << 20), &never)
+        .expect("b copies a");
+    fill(&ha, "n1", T0 + 100_000, 50, 1000);
+    wait_written(&ha);
+    let mut m = mirror::Mirror::open(copy.path()).expect("mirror");
+    m.sync(&ha.files(), &mut fetch_from(&ha, 1 << 20), &never)
+        .expect("the copy follows a further");
+    drop(mb);
+    let hb = open(b.path(), |c| c.chunk_points = 10);
+    // Other points than A wrote after the copy B took.
+    fill(&hb, "n1", T0 + 100_500, 80, 1000);
+    wait_written(&hb);
+    let b_len = hb.files()[0].len;
+    let c_len = m.copies()[&(Tier::Raw, T0)].len;
+    assert!(b_len > c_len, "B's file outgrew the copy: {b_len} {c_len}");
+    // Same first record, a longer file: an append is tried, B refuses it
+    // (the copy's last record is not B's), and the file comes whole.
+    let synced = m
+        .sync(&hb.files(), &mut fetch_from(&hb, 1 << 20), &never)
+        .expect("sync");
+    assert_eq!(synced.whole, 1, "{synced:?}");
+    assert_eq!(file_bytes(copy.path()), file_bytes(b.path()));
+
+    // Bytes that are not whole, intact records are refused and change nothing.
+    let key = (Tier::Raw, T0);
+    let have = m.copies()[&key];
+    let mut good = hb.read_file(Tier::Raw, T0, 0, None, 1 << 20).expect("read");
+    good.truncate(segment::whole_records(&good[..good.len() / 2]));
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0xff;
+    for bad in [flipped, good[..good.len() - 3].to_vec()] {
+        let e = m.write(key, false, have.len, &bad).expect_err("refused");
+        assert!(matches!(e, mirror::MirrorError::Bad(_)), "{e}");
+    }
+    let e = m
+        .write(key, false, have.len + 1, &[])
+        .expect_err("out of step");
+    assert!(matches!(e, mirror::MirrorError::OutOfStep { .. }), "{e}");
+    assert_eq!(m.copies()[&key], have);
+    assert_eq!(file_bytes(copy.path()), file_bytes(b.path()));
+}
+
+#[test]
+fn a_torn_copy_is_cut_to_whole_records_and_an_unfinished_fetch_is_dropped() {
+    let src = tempfile::tempdir().expect("tmp");
+    let copy = tempfile::tempdir().expect("tmp");
+    let h = open(src.path(), |c| c.chunk_points = 10);
+    fill(&h, "n1", T0, 100, 1000);
+    wait_written(&h);
+    let mut m = mirror::Mirror::open(copy.path()).expect("mirror");
+    m.sync(&h.files(), &mut fetch_from(&h, 1 << 20), &|| false)
+        .expect("sync");
+    let whole = m.copies()[&(Tier::Raw, T0)];
+    drop(m);
+    let path = copy.path().join("raw").join(format!("{T0}.seg"));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("open");
+    std::io::Write::write_all(&mut f, &[9, 0, 0, 0, 1, 2]).expect("torn");
+    std::fs::write(copy.path().join("raw").join("5.mirror.tmp"), b"half").expect("tmp");
+    let m = mirror::Mirror::open(copy.path()).expect("mirror");
+    assert_eq!(m.copies()[&(Tier::Raw, T0)], whole);
+    assert_eq!(std::fs::metadata(&path).expect("meta").len(), whole.len);
+    assert!(!copy.path().join("raw").join("5.mirror.tmp").exists());
+    // A stop between fetches leaves no partial file behind.
+    let h2 = tempfile::tempdir().expect("tmp");
+    let mut m2 = mirror::Mirror::open(h2.path()).expect("mirror");
+    let calls = std::cell::Cell::new(0);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        calls.get() > 2
+    };
+    let s = m2
+        .sync(&h.files(), &mut fetch_from(&h, 100), &stop)
+        .expect("sync");
+    assert!(s.whole == 0 && m2.copies().is_empty(), "{s:?}");
+    assert!(file_bytes(h2.path()).is_empty());
+}
