@@ -4,7 +4,8 @@
 //! it stops serving and campaigns again.
 //!
 //! Followers are hot standbys: they hold a lease, appear in the group and
-//! campaign, but bind no port. Agents and the CLI know every controller's
+//! campaign, but bind no port; meanwhile each copies the leader's metrics
+//! history ([`crate::services::history_copy`]). Agents and the CLI know every controller's
 //! address and use the one that answers (ARCHITECTURE.md, "High availability",
 //! says why followers neither serve nor relay).
 
@@ -63,9 +64,30 @@ pub async fn serve(
     };
     info!(member = %name, prefix = %etcd.prefix, lease_ms = lease.as_millis() as u64, "joining the controller group");
     loop {
+        // While it waits, a follower copies the leader's metrics history; the
+        // copy stops (and nothing writes to the directory) before this
+        // controller opens it as leader.
+        let copying = config.history.enabled.then(|| {
+            let stop = shutdown.child_token();
+            let task = tokio::spawn(crate::services::history_copy::follow(
+                config.data_dir.clone(),
+                client.clone(),
+                keys.clone(),
+                name.clone(),
+                stop.clone(),
+            ));
+            (stop, task)
+        });
         let term = tokio::select! {
-            term = election::campaign(&client, &keys, &me, lease, &shutdown) => term,
-            _ = shutdown.cancelled() => return Ok(()),
+            term = election::campaign(&client, &keys, &me, lease, &shutdown) => Some(term),
+            _ = shutdown.cancelled() => None,
+        };
+        if let Some((stop, task)) = copying {
+            stop.cancel();
+            let _ = task.await;
+        }
+        let Some(term) = term else {
+            return Ok(());
         };
         let term = match term {
             Ok(Some(term)) => term,

@@ -54,6 +54,17 @@ impl Group {
     /// directory (the CA), copies its PKI to the others and starts `n`
     /// controllers with a `lease` leader lease (`2s`).
     pub async fn start(dir: &Path, n: usize, lease: &str) -> Result<Group> {
+        Group::start_with(dir, n, lease, &[]).await
+    }
+
+    /// [`Group::start`], with `extra` in every controller's environment (a
+    /// `NOVACRON_CONTROLLER_CONFIG` file, for one).
+    pub async fn start_with(
+        dir: &Path,
+        n: usize,
+        lease: &str,
+        extra: &[(String, String)],
+    ) -> Result<Group> {
         let base = free_base();
         let out = std::process::Command::new("bash")
             .arg(script())
@@ -72,7 +83,8 @@ impl Group {
             base + 2,
             base + 4
         );
-        let env = store_env(&etcd, lease);
+        let mut env = store_env(&etcd, lease);
+        env.extend(extra.iter().cloned());
         if n == 0 {
             return Ok(Group {
                 dir: dir.to_owned(),

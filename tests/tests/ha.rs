@@ -437,3 +437,89 @@ async fn losing_etcd_quorum_stops_decisions_but_not_workloads() -> Result<()> {
     same_work(&group.controllers[n], "ha-quorum", &before).await?;
     Ok(())
 }
+
+/// The sizes of the raw history files under `data_dir`, by name.
+fn raw_files(data_dir: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_dir(data_dir.join("history").join("raw"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let len = e.metadata().ok()?.len();
+                    name.ends_with(".seg").then_some((name, len))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn history(c: &Controller, params: &str) -> Result<novacron_api::MetricsQueryResult> {
+    Ok(c.admin_client()?
+        .get(format!("{}/v1/metrics/query?{params}", c.api()))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_copies_the_history_and_answers_for_the_time_before_the_failover() -> Result<()>
+{
+    let dir = tempfile::Builder::new().prefix("nc-ha-hist").tempdir()?;
+    // Five points per chunk: a chunk reaches the disk (and the copy) every 5 s.
+    let config = dir.path().join("controller.toml");
+    std::fs::write(&config, "[history]\nchunk_points = 5\n")?;
+    let env = [(
+        "NOVACRON_CONTROLLER_CONFIG".to_string(),
+        config.display().to_string(),
+    )];
+    let mut group = Group::start_with(dir.path(), 2, "2s", &env).await?;
+    let node = "ha-hist-node".to_string();
+    let _agent = group
+        .agents(dir.path(), std::slice::from_ref(&node))
+        .await?;
+    let l = group.leader(Duration::from_secs(30)).await?;
+    let f = 1 - l;
+    let from = unix_ms();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The range ends 10 s back: its points are in closed chunks by now.
+    let to = unix_ms() - 10_000;
+    let range = format!("metric=memory_used_bytes&node={node}&from={from}&to={to}&step=1s&fn=last");
+    let before = history(&group.controllers[l], &range).await?;
+    let points = |r: &novacron_api::MetricsQueryResult| -> Vec<(usize, f64)> {
+        r.series
+            .iter()
+            .flat_map(|s| {
+                s.values
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, v)| v.map(|v| (i, v)))
+            })
+            .collect()
+    };
+    let had = points(&before);
+    assert!(had.len() >= 5, "the leader recorded the node: {before:?}");
+
+    // The follower's copy catches up with what the leader has on disk now.
+    let on_leader = raw_files(&group.controllers[l].data_dir);
+    assert!(!on_leader.is_empty(), "the leader wrote raw files");
+    wait_for(Duration::from_secs(20), "the follower's copy", || async {
+        let copy = raw_files(&group.controllers[f].data_dir);
+        on_leader
+            .iter()
+            .all(|(name, len)| copy.get(name).is_some_and(|c| c >= len))
+    })
+    .await?;
+
+    group.controllers[l].kill().await;
+    let n = group.leader(Duration::from_secs(30)).await?;
+    assert_eq!(n, f, "the follower took over");
+    let after = history(&group.controllers[n], &range).await?;
+    assert_eq!(
+        points(&after),
+        had,
+        "the new leader answers the range as the old one did"
+    );
+    Ok(())
+}

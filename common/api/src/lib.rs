@@ -27,7 +27,8 @@ pub use jobs::{
     JobSummary, JobVersionView, PlannedPlacement, PlannedStop, PublishedAddressView,
 };
 pub use metrics::{
-    HistoryStats, MetricsQuery, MetricsQueryResult, SeriesAgg, SeriesPoints, StepFn,
+    HistoryFile, HistoryFileRange, HistoryStats, MetricsQuery, MetricsQueryResult, SeriesAgg,
+    SeriesPoints, StepFn,
 };
 pub use migrations::{DrainPlan, MigrationStatus, Phase};
 pub use policies::{DecisionView, PolicyApplyResult, PolicyView};

@@ -363,3 +363,36 @@ pub struct HistoryStats {
     /// Every metric name, node ones then allocation ones.
     pub metrics: Vec<String>,
 }
+
+/// One file of `GET /v1/metrics/files`: a segment of the metrics history, which
+/// a follower of a controller group copies so that it holds the history when it
+/// takes over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryFile {
+    /// Its tier: `raw`, `1m` or `1h`.
+    pub tier: String,
+    /// The start of the span it holds, Unix milliseconds (its name).
+    pub start_ms: i64,
+    /// Its length in bytes (whole records).
+    pub bytes: u64,
+    /// Its first record's header as one number (0: empty): a file replaced
+    /// by compaction starts differently.
+    pub first: u64,
+}
+
+/// `GET /v1/metrics/files/{tier}/{start}`'s parameters: where the caller's
+/// copy ends, and where its last record starts with that record's CRC-32 (the
+/// controller checks that this record is its own before it sends more).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct HistoryFileRange {
+    /// The copy's length: records after it are sent (default 0).
+    #[serde(default)]
+    pub offset: u64,
+    /// Where the copy's last record starts (needed when `offset` > 0).
+    pub last_at: Option<u64>,
+    /// That record's CRC-32.
+    pub last_crc: Option<u32>,
+}

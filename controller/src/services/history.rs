@@ -45,6 +45,10 @@ pub struct HistorySettings {
     pub enabled: bool,
     /// The head's memory budget, MiB (default 128).
     pub head_budget_mib: u64,
+    /// Points per chunk (default 120): a chunk is written when full, so a
+    /// crash (or, in a group, a failover) loses at most this many points of
+    /// each source; fewer compress less well.
+    pub chunk_points: u32,
     /// How long full-resolution points are kept (default 24h).
     #[serde(with = "humantime_serde")]
     pub raw_retention: Duration,
@@ -63,6 +67,7 @@ impl Default for HistorySettings {
         HistorySettings {
             enabled: true,
             head_budget_mib: 128,
+            chunk_points: 120,
             raw_retention: Duration::from_secs(24 * 3600),
             minute_retention: Duration::from_secs(30 * 86_400),
             hour_retention: Duration::from_secs(90 * 86_400),
@@ -78,6 +83,12 @@ impl HistorySettings {
             return Err(format!(
                 "history.head_budget_mib = {}: use 1 to 1048576 (MiB)",
                 self.head_budget_mib
+            ));
+        }
+        if !(2..=10_000).contains(&self.chunk_points) {
+            return Err(format!(
+                "history.chunk_points = {}: use 2 to 10000",
+                self.chunk_points
             ));
         }
         let hour = Duration::from_secs(3600);
@@ -329,6 +340,7 @@ impl MetricsHistory {
         let mut cfg = novacron_tsdb::Config::new(data_dir.join("history"));
         cfg.head_budget_bytes =
             usize::try_from(settings.head_budget_mib << 20).unwrap_or(usize::MAX);
+        cfg.chunk_points = settings.chunk_points;
         cfg.raw_retention_ms = ms(settings.raw_retention);
         cfg.minute_retention_ms = ms(settings.minute_retention);
         cfg.hour_retention_ms = ms(settings.hour_retention);

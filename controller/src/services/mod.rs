@@ -13,6 +13,7 @@ pub mod events;
 pub mod group;
 pub mod heavy;
 pub mod history;
+pub mod history_copy;
 pub mod images;
 pub mod index;
 pub mod ingress;

@@ -558,19 +558,17 @@ fn an_ended_hour_is_compacted_to_one_chunk_per_source_and_answers_the_same() {
 
 /// Fetches from `h` in pieces of at most `max` bytes, as a follower does over
 /// the API.
-fn fetch_from(
-    h: &History,
-    max: u64,
-) -> impl FnMut(mirror::FileKey, u64, Option<(u64, u32)>) -> Result<Vec<u8>, mirror::FetchError> + '_
-{
-    move |(tier, start), offset, last| match h.read_file(tier, start, offset, last, max) {
-        Ok(b) => Ok(b),
-        Err(FileError::Missing(..)) => Err(mirror::FetchError::Missing),
-        Err(FileError::Range(segment::RangeError::Diverged(_))) => {
-            Err(mirror::FetchError::Diverged)
-        }
-        Err(e) => Err(mirror::FetchError::Failed(e.to_string())),
-    }
+fn fetch_from(h: &History, max: u64) -> Box<mirror::Fetch<'_>> {
+    Box::new(
+        move |(tier, start), offset, last| match h.read_file(tier, start, offset, last, max) {
+            Ok(b) => Ok(b),
+            Err(FileError::Missing(..)) => Err(mirror::FetchError::Missing),
+            Err(FileError::Range(segment::RangeError::Diverged(_))) => {
+                Err(mirror::FetchError::Diverged)
+            }
+            Err(e) => Err(mirror::FetchError::Failed(e.to_string())),
+        },
+    )
 }
 
 /// The bytes of every segment file under `dir`, by tier and name.
@@ -670,12 +668,12 @@ fn a_copy_that_diverged_is_fetched_whole_and_bad_records_are_refused() {
     fill(&ha, "n1", T0, 100, 1000);
     wait_written(&ha);
     let mut mb = mirror::Mirror::open(b.path()).expect("mirror");
-    mb.sync(&ha.files(), &mut fetch_from(&ha, 1 << 20), &never)
+    mb.sync(&ha.files(), &mut *fetch_from(&ha, 1 << 20), &never)
         .expect("b copies a");
     fill(&ha, "n1", T0 + 100_000, 50, 1000);
     wait_written(&ha);
     let mut m = mirror::Mirror::open(copy.path()).expect("mirror");
-    m.sync(&ha.files(), &mut fetch_from(&ha, 1 << 20), &never)
+    m.sync(&ha.files(), &mut *fetch_from(&ha, 1 << 20), &never)
         .expect("the copy follows a further");
     drop(mb);
     let hb = open(b.path(), |c| c.chunk_points = 10);
@@ -688,7 +686,7 @@ fn a_copy_that_diverged_is_fetched_whole_and_bad_records_are_refused() {
     // Same first record, a longer file: an append is tried, B refuses it
     // (the copy's last record is not B's), and the file comes whole.
     let synced = m
-        .sync(&hb.files(), &mut fetch_from(&hb, 1 << 20), &never)
+        .sync(&hb.files(), &mut *fetch_from(&hb, 1 << 20), &never)
         .expect("sync");
     assert_eq!(synced.whole, 1, "{synced:?}");
     assert_eq!(file_bytes(copy.path()), file_bytes(b.path()));
@@ -721,7 +719,7 @@ fn a_torn_copy_is_cut_to_whole_records_and_an_unfinished_fetch_is_dropped() {
     fill(&h, "n1", T0, 100, 1000);
     wait_written(&h);
     let mut m = mirror::Mirror::open(copy.path()).expect("mirror");
-    m.sync(&h.files(), &mut fetch_from(&h, 1 << 20), &|| false)
+    m.sync(&h.files(), &mut *fetch_from(&h, 1 << 20), &|| false)
         .expect("sync");
     let whole = m.copies()[&(Tier::Raw, T0)];
     drop(m);
@@ -745,7 +743,7 @@ fn a_torn_copy_is_cut_to_whole_records_and_an_unfinished_fetch_is_dropped() {
         calls.get() > 2
     };
     let s = m2
-        .sync(&h.files(), &mut fetch_from(&h, 100), &stop)
+        .sync(&h.files(), &mut *fetch_from(&h, 100), &stop)
         .expect("sync");
     assert!(s.whole == 0 && m2.copies().is_empty(), "{s:?}");
     assert!(file_bytes(h2.path()).is_empty());
