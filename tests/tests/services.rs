@@ -110,8 +110,8 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_and_nginx_serve_
             "  health:
     readiness:
       http: {{port: 8080, path: /health}}
-      period: 1s
-      timeout: 2s
+      period: 2s
+      timeout: 1500ms
       failureThreshold: 2
   services:
     - {{name: {svc}, port: http, tags: [v1]}}
