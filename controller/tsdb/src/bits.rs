@@ -80,7 +80,28 @@ impl<'a> BitReader<'a> {
         BitReader { bytes, pos: 0, end }
     }
 
+    /// The next 64 bits, left-aligned, without moving (bits past the data
+    /// read as 0; whether they may be taken is for [`BitReader::read`] and
+    /// [`BitReader::take`] to check).
+    #[inline]
+    pub fn peek(&self) -> u64 {
+        let start = (self.pos / 8) as usize;
+        let shift = (self.pos % 8) as u32;
+        if let Some(b) = self.bytes.get(start..start + 9) {
+            let hi = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            if shift == 0 {
+                return hi;
+            }
+            return (hi << shift) | (u64::from(b[8]) >> (8 - shift));
+        }
+        let mut window = [0u8; 16];
+        let avail = self.bytes.len().saturating_sub(start).min(9);
+        window[..avail].copy_from_slice(&self.bytes[start..start + avail]);
+        ((u128::from_be_bytes(window) << shift) >> 64) as u64
+    }
+
     /// Reads `n` bits (`n` ≤ 64): one load of the 9 bytes that can hold them.
+    #[inline]
     pub fn read(&mut self, n: u32) -> Option<u64> {
         if n > 64 || self.pos + u64::from(n) > self.end {
             return None;
@@ -88,14 +109,30 @@ impl<'a> BitReader<'a> {
         if n == 0 {
             return Some(0);
         }
-        let start = (self.pos / 8) as usize;
-        let shift = (self.pos % 8) as u32;
-        let mut window = [0u8; 16];
-        let avail = self.bytes.len().saturating_sub(start).min(9);
-        window[..avail].copy_from_slice(&self.bytes[start..start + avail]);
-        let w = u128::from_be_bytes(window);
+        let v = self.peek() >> (64 - n);
         self.pos += u64::from(n);
-        Some(((w << shift) >> (128 - n)) as u64)
+        Some(v)
+    }
+
+    /// Takes a `prefix` of bits already seen in `w` (this reader's
+    /// [`BitReader::peek`]) and the `n` bits after it, returning those.
+    #[inline]
+    pub fn take(&mut self, w: u64, prefix: u32, n: u32) -> Option<u64> {
+        if prefix + n > 64 {
+            if self.pos + u64::from(prefix) > self.end {
+                return None;
+            }
+            self.pos += u64::from(prefix);
+            return self.read(n);
+        }
+        if self.pos + u64::from(prefix + n) > self.end {
+            return None;
+        }
+        self.pos += u64::from(prefix + n);
+        if n == 0 {
+            return Some(0);
+        }
+        Some((w << prefix) >> (64 - n))
     }
 
     /// Reads one bit.

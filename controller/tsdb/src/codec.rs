@@ -53,13 +53,34 @@ fn to_int(value: f64, scale: f64) -> Option<i64> {
 /// `q × scale`, computed as `q / (1 / scale)` for a decimal fraction such as
 /// 0.01, so 481 reads back as 4.81 and not 4.8100000000000005.
 fn from_int(q: i64, scale: f64) -> f64 {
-    if scale < 1.0 {
-        let inv = (1.0 / scale).round();
-        if (inv * scale - 1.0).abs() < 1e-12 {
-            return q as f64 / inv;
+    IntScale::new(scale).apply(q)
+}
+
+/// [`from_int`] with its choice made once per column.
+#[derive(Debug, Clone, Copy)]
+enum IntScale {
+    Div(f64),
+    Mul(f64),
+}
+
+impl IntScale {
+    fn new(scale: f64) -> IntScale {
+        if scale < 1.0 {
+            let inv = (1.0 / scale).round();
+            if (inv * scale - 1.0).abs() < 1e-12 {
+                return IntScale::Div(inv);
+            }
+        }
+        IntScale::Mul(scale)
+    }
+
+    #[inline]
+    fn apply(self, q: i64) -> f64 {
+        match self {
+            IntScale::Div(inv) => q as f64 / inv,
+            IntScale::Mul(scale) => q as f64 * scale,
         }
     }
-    q as f64 * scale
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -133,16 +154,18 @@ pub fn decode_times(bytes: &[u8], bits: u64, count: u32) -> Option<Vec<i64>> {
         let t = if i == 0 {
             r.read(64)? as i64
         } else {
-            let dod = if !r.bit()? {
-                0
-            } else if !r.bit()? {
-                unzigzag(r.read(7)?)
-            } else if !r.bit()? {
-                unzigzag(r.read(12)?)
-            } else if !r.bit()? {
-                unzigzag(r.read(20)?)
-            } else {
-                unzigzag(r.read(64)?)
+            // The control prefix (0, 10, 110, 1110, 1111) and its payload
+            // from one look at the next 64 bits.
+            let w = r.peek();
+            let dod = match w.leading_ones() {
+                0 => {
+                    r.take(w, 1, 0)?;
+                    0
+                }
+                1 => unzigzag(r.take(w, 2, 7)?),
+                2 => unzigzag(r.take(w, 3, 12)?),
+                3 => unzigzag(r.take(w, 4, 20)?),
+                _ => unzigzag(r.take(w, 4, 64)?),
             };
             let delta = prev_delta.wrapping_add(dod);
             prev_delta = delta;
@@ -269,26 +292,31 @@ pub fn decode_values(encoding: Encoding, bytes: &[u8], bits: u64, count: u32) ->
     let mut out = Vec::with_capacity(count as usize);
     match encoding {
         Encoding::Int { scale } => {
+            let scale = IntScale::new(scale);
             let mut prev = 0i64;
             let mut prev_delta = 0i64;
             for _ in 0..count {
-                let delta = if !r.bit()? {
-                    prev_delta
-                } else if !r.bit()? {
-                    unzigzag(r.read(7)?)
-                } else if !r.bit()? {
-                    unzigzag(r.read(14)?)
-                } else if !r.bit()? {
-                    unzigzag(r.read(24)?)
-                } else if !r.bit()? {
-                    unzigzag(r.read(64)?)
-                } else {
-                    out.push(f64::NAN);
-                    continue;
+                // The control prefix (0, 10, 110, 1110, 11110; 11111 for NaN)
+                // and its payload from one look at the next 64 bits.
+                let w = r.peek();
+                let delta = match w.leading_ones() {
+                    0 => {
+                        r.take(w, 1, 0)?;
+                        prev_delta
+                    }
+                    1 => unzigzag(r.take(w, 2, 7)?),
+                    2 => unzigzag(r.take(w, 3, 14)?),
+                    3 => unzigzag(r.take(w, 4, 24)?),
+                    4 => unzigzag(r.take(w, 5, 64)?),
+                    _ => {
+                        r.take(w, 5, 0)?;
+                        out.push(f64::NAN);
+                        continue;
+                    }
                 };
                 prev = prev.wrapping_add(delta);
                 prev_delta = delta;
-                out.push(from_int(prev, scale));
+                out.push(scale.apply(prev));
             }
         }
         Encoding::Float => {

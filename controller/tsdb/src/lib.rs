@@ -975,8 +975,18 @@ impl History {
             let accs = series
                 .entry(key)
                 .or_insert_with(|| vec![Cell::empty(reduce); steps]);
-            let slot = |t: i64| -> Option<usize> {
-                if t < from || t > q.to_ms || plan.get(&floor(t, HOUR_MS)) != Some(&tier) {
+            // Whether `t`'s hour is answered by `tier`, looked up once per
+            // hour met (a chunk's points are in time order).
+            let mut hour = (i64::MIN, false);
+            let mut slot = |t: i64| -> Option<usize> {
+                if t < from || t > q.to_ms {
+                    return None;
+                }
+                if t < hour.0 || t >= hour.0.saturating_add(HOUR_MS) {
+                    let h = floor(t, HOUR_MS);
+                    hour = (h, plan.get(&h) == Some(&tier));
+                }
+                if !hour.1 {
                     return None;
                 }
                 usize::try_from((t - from) / q.step_ms)

@@ -14,6 +14,8 @@
 //!   path `GET /v1/metrics/query` takes, without HTTP): one node over 24 h at a
 //!   1 min step; the fleet's CPU mean over 1 h at 15 s from the 1-minute rollups;
 //!   the same from raw points. Prints one JSON line per query (p50, p99, max).
+//!   `--reuse` queries what an earlier run wrote into D instead (the same
+//!   `--nodes` and `--node-hours`), for profiling.
 //!
 //! Both print JSON lines; BENCHMARKS.md records them.
 
@@ -252,19 +254,11 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     (at(0.5), at(0.99), v[v.len() - 1])
 }
 
-fn query(args: &[String]) -> anyhow::Result<()> {
-    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
-    let nodes: usize = arg(args, "--nodes", 1000);
-    let node_hours: i64 = arg(args, "--node-hours", 24);
-    let runs: usize = arg(args, "--runs", 50);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let h = open(&dir)?;
-    h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+/// Writes `node_hours` of one node and the last hour of `nodes` nodes, ending
+/// at `end`, rolls them up and prints what it took.
+fn write_fleet(h: &MetricsHistory, end: i64, nodes: usize, node_hours: i64) -> anyhow::Result<()> {
     let hour = 3_600_000i64;
-    // The data ends at the start of the previous hour, so every hour is rolled.
-    let end = (now_ms() / hour - 1) * hour;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let written = Instant::now();
     let mut one = Walk::new(&mut rng);
     for i in 0..(node_hours * 3600) as usize {
@@ -292,6 +286,39 @@ fn query(args: &[String]) -> anyhow::Result<()> {
             "disk_bytes_per_value": stats.disk_bytes_per_value, "rollup_bytes": stats.rollup_bytes,
         })
     );
+    Ok(())
+}
+
+fn query(args: &[String]) -> anyhow::Result<()> {
+    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
+    let nodes: usize = arg(args, "--nodes", 1000);
+    let node_hours: i64 = arg(args, "--node-hours", 24);
+    let runs: usize = arg(args, "--runs", 50);
+    let hour = 3_600_000i64;
+    // `--reuse`: query the history an earlier run of the same arguments wrote
+    // (its end is kept beside it) instead of writing it again.
+    let marker = dir.join("bench-end");
+    let kept: Option<i64> = args
+        .iter()
+        .any(|a| a == "--reuse")
+        .then(|| std::fs::read_to_string(&marker).ok()?.trim().parse().ok())
+        .flatten();
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let h = open(&dir)?;
+    h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
+    // The data ends at the start of the previous hour, so every hour is rolled.
+    let end = match kept {
+        Some(end) => end,
+        None => {
+            let end = (now_ms() / hour - 1) * hour;
+            write_fleet(&h, end, nodes, node_hours)?;
+            std::fs::write(&marker, end.to_string())?;
+            end
+        }
+    };
     let cases: Vec<(&str, MetricsQuery)> = vec![
         (
             "one node, 24 h at 1 min",
@@ -363,7 +390,7 @@ fn main() -> anyhow::Result<()> {
         Some("query") => query(&args),
         _ => {
             eprintln!(
-                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50]"
+                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50] [--reuse]"
             );
             std::process::exit(64);
         }
