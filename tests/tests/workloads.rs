@@ -522,9 +522,12 @@ async fn a_rolling_update_that_fails_its_health_check_reverts() {
 /// the healthy old replicas one after another (0 of 3 ran) and never reverted.
 #[tokio::test]
 async fn a_rollout_to_a_missing_image_keeps_every_old_replica_serving_and_reverts() {
-    let f = fleet(1).await;
+    // Declared before the fleet, so it runs after the agent has stopped: an
+    // agent still running restarts what the cleanup removed (a container
+    // of this test outlived it).
     let job = format!("badimg-{}", std::process::id());
     let _cleanup = JobCleanup(job.clone());
+    let f = fleet(1).await;
     let v1 = service(
         &job,
         3,

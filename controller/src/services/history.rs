@@ -581,6 +581,15 @@ impl MetricsHistory {
             }
         };
         let function = q.function.unwrap_or_default();
+        // A query of one node reads only that node's sources.
+        let node_prefix = q.node.as_deref().map(|n| {
+            if is_alloc {
+                format!("a{SEP}{n}{SEP}")
+            } else {
+                node_key(n)
+            }
+        });
+        let prefixes: Vec<&str> = node_prefix.iter().map(String::as_str).collect();
         let answer = self
             .db
             .query(&Query {
@@ -597,6 +606,7 @@ impl MetricsHistory {
                 },
                 now_ms,
                 tier,
+                prefixes: node_prefix.is_some().then_some(prefixes.as_slice()),
             })
             .map_err(|e| QueryProblem::Bad(e.to_string()))?;
         let mut series: Vec<SeriesPoints> = answer
@@ -666,14 +676,19 @@ impl MetricsHistory {
             return w;
         }
         let step = 1000i64;
+        let node_src = node_key(node);
+        let alloc_prefix = format!("a{SEP}{node}{SEP}");
+        let node_prefixes = [node_src.as_str()];
+        let alloc_prefixes = [alloc_prefix.as_str()];
         let get = |metric: &str| {
-            let node_src = node_key(node);
             let is_node = |key: &str| key == node_src;
             let is_alloc = |key: &str| matches!(parse_key(key), Some(Source::Alloc { node: n, .. }) if n == node);
-            let sources: &dyn Fn(&str) -> bool = if metric.starts_with("alloc_") {
-                &is_alloc
+            let alloc = metric.starts_with("alloc_");
+            let sources: &dyn Fn(&str) -> bool = if alloc { &is_alloc } else { &is_node };
+            let prefixes: &[&str] = if alloc {
+                &alloc_prefixes
             } else {
-                &is_node
+                &node_prefixes
             };
             self.db
                 .query(&Query {
@@ -685,6 +700,7 @@ impl MetricsHistory {
                     reduce: Reduce::Last,
                     now_ms,
                     tier: Some(Tier::Raw),
+                    prefixes: Some(prefixes),
                 })
                 .ok()
         };

@@ -24,7 +24,7 @@ pub mod codec;
 pub mod mirror;
 pub mod segment;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -158,6 +158,10 @@ pub struct Query<'a> {
     /// The tier to read first; `None`: by the step (raw below a minute, 1m
     /// below an hour, else 1h).
     pub tier: Option<Tier>,
+    /// Only sources whose key starts with one of these are offered to
+    /// `sources` (`None`: every source). A query of one node then reads that
+    /// node's entries instead of walking every source's.
+    pub prefixes: Option<&'a [&'a str]>,
 }
 
 impl std::fmt::Debug for Query<'_> {
@@ -283,7 +287,8 @@ struct Counters {
 
 #[derive(Debug, Default)]
 struct Head {
-    open: HashMap<Arc<str>, OpenChunk>,
+    /// Open chunks by source (sorted: see [`each_under`]).
+    open: BTreeMap<Arc<str>, OpenChunk>,
     bytes: usize,
 }
 
@@ -311,6 +316,42 @@ type Writer = (SyncSender<Arc<Chunk>>, JoinHandle<()>);
 pub struct History {
     inner: Arc<Inner>,
     writer: Arc<Mutex<Option<Writer>>>,
+}
+
+/// Calls `f` on the entries of `map` whose key starts with one of `prefixes`
+/// (every entry when `None`), each once, in key order within a prefix.
+fn each_under<V, E>(
+    map: &BTreeMap<Arc<str>, V>,
+    prefixes: Option<&[&str]>,
+    mut f: impl FnMut(&Arc<str>, &V) -> Result<(), E>,
+) -> Result<(), E> {
+    let Some(prefixes) = prefixes else {
+        for (k, v) in map {
+            f(k, v)?;
+        }
+        return Ok(());
+    };
+    // Sorted, without a prefix that another one covers: the ranges are
+    // disjoint, so no source is offered twice.
+    let mut sorted: Vec<&str> = prefixes.to_vec();
+    sorted.sort_unstable();
+    let mut kept: Vec<&str> = Vec::with_capacity(sorted.len());
+    for p in sorted {
+        if kept.last().is_none_or(|l| !p.starts_with(l)) {
+            kept.push(p);
+        }
+    }
+    for p in kept {
+        for (k, v) in
+            map.range::<str, _>((std::ops::Bound::Included(p), std::ops::Bound::Unbounded))
+        {
+            if !k.starts_with(p) {
+                break;
+            }
+            f(k, v)?;
+        }
+    }
+    Ok(())
 }
 
 fn floor(t: i64, span: i64) -> i64 {
@@ -613,7 +654,7 @@ impl History {
         let open: Vec<Arc<Chunk>> = {
             let mut head = self.inner.head.lock().unwrap_or_else(|e| e.into_inner());
             head.bytes = 0;
-            let open: Vec<OpenChunk> = head.open.drain().map(|(_, o)| o).collect();
+            let open: Vec<OpenChunk> = std::mem::take(&mut head.open).into_values().collect();
             open.into_iter().map(|o| self.inner.hand_over(o)).collect()
         };
         for c in open {
@@ -1021,14 +1062,15 @@ impl History {
                 // Under the raw tier's lock, head first: a chunk moves from the
                 // head to in flight (head locked) to a file (raw locked).
                 let head = self.inner.head.lock().unwrap_or_else(|e| e.into_inner());
-                for (source, open) in &head.open {
+                each_under(&head.open, q.prefixes, |source, open| {
                     if !(q.sources)(source) || open.t_max < from || open.t_min > q.to_ms {
-                        continue;
+                        return Ok(());
                     }
                     for (i, pts) in open.read_columns(wanted) {
                         add(source, &open.columns[i].label, pts, Tier::Raw)?;
                     }
-                }
+                    Ok(())
+                })?;
                 // Copied before the head is unlocked: a chunk closed after
                 // this is in neither copy, never in both.
                 let in_flight: Vec<Arc<Chunk>> = self
@@ -1039,7 +1081,10 @@ impl History {
                     .clone();
                 drop(head);
                 for c in in_flight {
-                    if !(q.sources)(&c.source) || c.t_max < from || c.t_min > q.to_ms {
+                    let under = q
+                        .prefixes
+                        .is_none_or(|ps| ps.iter().any(|p| c.source.starts_with(p)));
+                    if !under || !(q.sources)(&c.source) || c.t_max < from || c.t_min > q.to_ms {
                         continue;
                     }
                     if let Ok(cols) = chunk::read_metric(&c.encode(), q.metric) {
@@ -1057,9 +1102,9 @@ impl History {
                 if seg.t_max < from || seg.t_min > q.to_ms {
                     continue;
                 }
-                for (source, locs) in &seg.index {
+                each_under(&seg.index, q.prefixes, |source, locs| {
                     if !(q.sources)(source) {
-                        continue;
+                        return Ok(());
                     }
                     for loc in locs {
                         if loc.t_max < from || loc.t_min > q.to_ms {
@@ -1083,7 +1128,8 @@ impl History {
                             }
                         }
                     }
-                }
+                    Ok(())
+                })?;
             }
         }
         let series = series

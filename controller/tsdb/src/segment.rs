@@ -6,7 +6,7 @@
 //! corrupt record inside the file (its length fits but its CRC does not) is
 //! skipped with a logged error.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -44,8 +44,9 @@ pub struct Segment {
     path: PathBuf,
     file: File,
     len: u64,
-    /// Chunks by source, in file order.
-    pub index: HashMap<Arc<str>, Vec<Loc>>,
+    /// Chunks by source (sorted, so that a query finds the sources under a
+    /// prefix without walking them all), in file order.
+    pub index: BTreeMap<Arc<str>, Vec<Loc>>,
     /// The earliest point of any chunk (`i64::MAX` when empty).
     pub t_min: i64,
     /// The latest point of any chunk.
@@ -174,7 +175,7 @@ impl Segment {
             path: path.to_owned(),
             file,
             len: 0,
-            index: HashMap::new(),
+            index: BTreeMap::new(),
             t_min: i64::MAX,
             t_max: i64::MIN,
             values: 0,

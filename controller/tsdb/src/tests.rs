@@ -46,6 +46,7 @@ fn query(
         reduce,
         now_ms: now,
         tier: None,
+        prefixes: None,
     })
     .expect("query")
 }
@@ -387,6 +388,7 @@ fn bad_queries_are_refused() {
             reduce: Reduce::Mean,
             now_ms: T0,
             tier: None,
+            prefixes: None,
         })
     };
     assert!(matches!(q(T0, T0 + 1, 0), Err(QueryError::Range(_))));
@@ -505,6 +507,7 @@ fn an_ended_hour_is_compacted_to_one_chunk_per_source_and_answers_the_same() {
             reduce: Reduce::Last,
             now_ms: now,
             tier: Some(Tier::Raw),
+            prefixes: None,
         })
         .expect("query")
     };
@@ -747,4 +750,39 @@ fn a_torn_copy_is_cut_to_whole_records_and_an_unfinished_fetch_is_dropped() {
         .expect("sync");
     assert!(s.whole == 0 && m2.copies().is_empty(), "{s:?}");
     assert!(file_bytes(h2.path()).is_empty());
+}
+
+#[test]
+fn prefixes_narrow_a_query_to_the_sources_under_them_each_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.chunk_points = 50);
+    for s in ["n1", "n10", "n2", "m1"] {
+        fill(&h, s, T0, 120, 1000);
+    }
+    wait_written(&h);
+    let ask = |prefixes: Option<&[&str]>| -> Vec<String> {
+        let a = h
+            .query(&Query {
+                metric: "cpu_percent",
+                sources: &all,
+                from_ms: T0,
+                to_ms: T0 + 119_000,
+                step_ms: 1000,
+                reduce: Reduce::Mean,
+                now_ms: T0 + 200_000,
+                tier: None,
+                prefixes,
+            })
+            .expect("query");
+        for s in &a.series {
+            assert_eq!(points(&a, &s.source).len(), 120, "{}", s.source);
+        }
+        a.series.iter().map(|s| s.source.to_string()).collect()
+    };
+    assert_eq!(ask(None), vec!["m1", "n1", "n10", "n2"]);
+    assert_eq!(ask(Some(&["n1"])), vec!["n1", "n10"]);
+    assert_eq!(ask(Some(&["n10", "n1", "n1"])), vec!["n1", "n10"]);
+    assert_eq!(ask(Some(&["n2", "m"])), vec!["m1", "n2"]);
+    assert!(ask(Some(&["x"])).is_empty());
+    assert!(ask(Some(&[])).is_empty());
 }

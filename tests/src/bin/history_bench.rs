@@ -13,7 +13,9 @@
 //!   up, then times R runs of each query through `MetricsHistory::query` (the
 //!   path `GET /v1/metrics/query` takes, without HTTP): one node over 24 h at a
 //!   1 min step; the fleet's CPU mean over 1 h at 15 s from the 1-minute rollups;
-//!   the same from raw points. Prints one JSON line per query (p50, p99, max).
+//!   the same from raw points; one node's window (`MetricsHistory::window`,
+//!   the autoscaler's and right-sizing's read) over the last hour. Prints one
+//!   JSON line per query (p50, p99, max).
 //!   `--reuse` queries what an earlier run wrote into D instead (the same
 //!   `--nodes` and `--node-hours`), for profiling.
 //!
@@ -379,6 +381,26 @@ fn query(args: &[String]) -> anyhow::Result<()> {
             })
         );
     }
+    // What the autoscaler and right-sizing read per node: its last hour
+    // rebuilt as samples (`MetricsHistory::window`, seven queries at 1 s).
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(end).unwrap_or(0));
+    let mut times = Vec::with_capacity(runs);
+    let mut samples = 0;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let w = h.window("n1", u64::try_from(end - hour).unwrap_or(0), at);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        samples = w.samples.len();
+    }
+    let (p50, p99, max) = percentiles(times);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "history_query", "query": "one node's window, 1 h at 1 s (autoscaler, right-sizing)",
+            "nodes": nodes, "runs": runs, "samples": samples,
+            "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+        })
+    );
     h.close();
     Ok(())
 }
