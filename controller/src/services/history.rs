@@ -680,31 +680,48 @@ impl MetricsHistory {
         let alloc_prefix = format!("a{SEP}{node}{SEP}");
         let node_prefixes = [node_src.as_str()];
         let alloc_prefixes = [alloc_prefix.as_str()];
-        let get = |metric: &str| {
-            let is_node = |key: &str| key == node_src;
-            let is_alloc = |key: &str| matches!(parse_key(key), Some(Source::Alloc { node: n, .. }) if n == node);
-            let alloc = metric.starts_with("alloc_");
-            let sources: &dyn Fn(&str) -> bool = if alloc { &is_alloc } else { &is_node };
-            let prefixes: &[&str] = if alloc {
-                &alloc_prefixes
-            } else {
-                &node_prefixes
-            };
+        // Two reads, each chunk once: the node's four metrics, then its
+        // allocations' three.
+        let is_node = |key: &str| key == node_src;
+        let is_alloc =
+            |key: &str| matches!(parse_key(key), Some(Source::Alloc { node: n, .. }) if n == node);
+        let get = |metrics: &[&str], sources: &dyn Fn(&str) -> bool, prefixes: &[&str]| {
             self.db
-                .query(&Query {
-                    metric,
-                    sources,
-                    from_ms: from,
-                    to_ms: now_ms,
-                    step_ms: step,
-                    reduce: Reduce::Last,
-                    now_ms,
-                    tier: Some(Tier::Raw),
-                    prefixes: Some(prefixes),
-                })
+                .query_many(
+                    &Query {
+                        metric: metrics.first().copied().unwrap_or_default(),
+                        sources,
+                        from_ms: from,
+                        to_ms: now_ms,
+                        step_ms: step,
+                        reduce: Reduce::Last,
+                        now_ms,
+                        tier: Some(Tier::Raw),
+                        prefixes: Some(prefixes),
+                    },
+                    metrics,
+                )
                 .ok()
+                .map(|answers| answers.into_iter().map(Some).collect::<Vec<_>>())
+                .unwrap_or_else(|| metrics.iter().map(|_| None).collect())
         };
-        let Some(cpu) = get("cpu_percent") else {
+        let mut node_answers = get(
+            &[
+                "cpu_percent",
+                "memory_used_bytes",
+                "memory_total_bytes",
+                "gpu_utilization_percent",
+            ],
+            &is_node,
+            &node_prefixes,
+        )
+        .into_iter();
+        let (Some(Some(cpu)), Some(used), Some(total), Some(gpu)) = (
+            node_answers.next(),
+            node_answers.next(),
+            node_answers.next(),
+            node_answers.next(),
+        ) else {
             return w;
         };
         let Some(cpu_series) = cpu.series.first() else {
@@ -713,12 +730,19 @@ impl MetricsHistory {
         let value = |a: &Option<novacron_tsdb::Answer>, i: usize| -> Option<f64> {
             a.as_ref()?.series.first()?.values.get(i).copied().flatten()
         };
-        let used = get("memory_used_bytes");
-        let total = get("memory_total_bytes");
-        let gpu = get("gpu_utilization_percent");
-        let a_cpu = get("alloc_cpu_percent");
-        let a_mem = get("alloc_memory_bytes");
-        let a_limit = get("alloc_memory_limit_bytes");
+        let mut alloc_answers = get(
+            &[
+                "alloc_cpu_percent",
+                "alloc_memory_bytes",
+                "alloc_memory_limit_bytes",
+            ],
+            &is_alloc,
+            &alloc_prefixes,
+        )
+        .into_iter();
+        let a_cpu = alloc_answers.next().flatten();
+        let a_mem = alloc_answers.next().flatten();
+        let a_limit = alloc_answers.next().flatten();
         let alloc_of = |key: &str| match parse_key(key) {
             Some(Source::Alloc { alloc, .. }) => alloc.to_string(),
             _ => String::new(),

@@ -451,12 +451,27 @@ fn decode_picked(
 /// Decodes the columns of `metric` from a serialized chunk, as `(label,
 /// points)`, without allocating for the columns it skips (the query path).
 pub fn read_metric(buf: &[u8], metric: &str) -> Result<Vec<(String, ColumnPoints)>, Corrupt> {
+    Ok(read_metrics(buf, &[metric])?
+        .into_iter()
+        .map(|(_, label, points)| (label, points))
+        .collect())
+}
+
+/// Decodes the columns of any of `metrics` from a serialized chunk, as
+/// `(index in metrics, label, points)`, the times once for all of them.
+pub fn read_metrics(
+    buf: &[u8],
+    metrics: &[&str],
+) -> Result<Vec<(usize, String, ColumnPoints)>, Corrupt> {
     let mut c = Cursor { buf, pos: 0 };
     let v = view(&mut c)?;
-    let picked = decode_picked(&mut c, &v, |i| v.columns[i].0 == metric)?;
+    let picked = decode_picked(&mut c, &v, |i| metrics.contains(&v.columns[i].0))?;
     Ok(picked
         .into_iter()
-        .map(|(i, points)| (v.columns[i].1.to_owned(), points))
+        .filter_map(|(i, points)| {
+            let m = metrics.iter().position(|m| *m == v.columns[i].0)?;
+            Some((m, v.columns[i].1.to_owned(), points))
+        })
         .collect())
 }
 

@@ -964,6 +964,15 @@ impl History {
 
     /// Answers `q`.
     pub fn query(&self, q: &Query<'_>) -> Result<Answer, QueryError> {
+        self.query_many(q, &[q.metric])?
+            .pop()
+            .ok_or_else(|| QueryError::Range("no metric".into()))
+    }
+
+    /// Answers `q` for each of `metrics` (its own `metric` aside), one
+    /// answer per metric in their order, reading each chunk once: a chunk
+    /// holds all its source's columns.
+    pub fn query_many(&self, q: &Query<'_>, metrics: &[&str]) -> Result<Vec<Answer>, QueryError> {
         if q.step_ms <= 0 {
             return Err(QueryError::Range("the step must be positive".into()));
         }
@@ -997,15 +1006,20 @@ impl History {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut series: BTreeMap<(Arc<str>, String), Vec<Cell>> = BTreeMap::new();
+        let mut series: Vec<SeriesCells> = metrics.iter().map(|_| BTreeMap::new()).collect();
         let reduce = q.reduce;
         let mut cells = 0usize;
-        let wanted = |c: &Column| c.metric == q.metric;
-        let mut add = |source: &Arc<str>,
+        let wanted = |c: &Column| metrics.contains(&c.metric.as_str());
+        let metric_of = |c: &Column| metrics.iter().position(|m| *m == c.metric);
+        let mut add = |m: usize,
+                       source: &Arc<str>,
                        label: &str,
                        pts: ColumnPoints,
                        tier: Tier|
          -> Result<(), QueryError> {
+            let Some(series) = series.get_mut(m) else {
+                return Ok(());
+            };
             let key = (source.clone(), label.to_owned());
             if !series.contains_key(&key) {
                 cells += steps;
@@ -1067,7 +1081,10 @@ impl History {
                         return Ok(());
                     }
                     for (i, pts) in open.read_columns(wanted) {
-                        add(source, &open.columns[i].label, pts, Tier::Raw)?;
+                        let col = &open.columns[i];
+                        if let Some(m) = metric_of(col) {
+                            add(m, source, &col.label, pts, Tier::Raw)?;
+                        }
                     }
                     Ok(())
                 })?;
@@ -1087,9 +1104,9 @@ impl History {
                     if !under || !(q.sources)(&c.source) || c.t_max < from || c.t_min > q.to_ms {
                         continue;
                     }
-                    if let Ok(cols) = chunk::read_metric(&c.encode(), q.metric) {
-                        for (label, pts) in cols {
-                            add(&c.source, &label, pts, Tier::Raw)?;
+                    if let Ok(cols) = chunk::read_metrics(&c.encode(), metrics) {
+                        for (m, label, pts) in cols {
+                            add(m, &c.source, &label, pts, Tier::Raw)?;
                         }
                     }
                 }
@@ -1111,12 +1128,12 @@ impl History {
                             continue;
                         }
                         let read = seg.read(*loc).map_err(|e| e.to_string()).and_then(|b| {
-                            chunk::read_metric(&b, q.metric).map_err(|e| e.to_string())
+                            chunk::read_metrics(&b, metrics).map_err(|e| e.to_string())
                         });
                         match read {
                             Ok(cols) => {
-                                for (label, pts) in cols {
-                                    add(source, &label, pts, *tier)?;
+                                for (m, label, pts) in cols {
+                                    add(m, source, &label, pts, *tier)?;
                                 }
                             }
                             Err(e) => {
@@ -1132,21 +1149,23 @@ impl History {
                 })?;
             }
         }
-        let series = series
+        Ok(series
             .into_iter()
-            .map(|((source, label), accs)| SeriesAnswer {
-                source,
-                label,
-                values: accs.iter().map(|a| a.value(reduce)).collect(),
+            .map(|series| Answer {
+                from_ms: from,
+                step_ms: q.step_ms,
+                steps,
+                tiers: tiers.clone(),
+                series: series
+                    .into_iter()
+                    .map(|((source, label), accs)| SeriesAnswer {
+                        source,
+                        label,
+                        values: accs.iter().map(|a| a.value(reduce)).collect(),
+                    })
+                    .collect(),
             })
-            .collect();
-        Ok(Answer {
-            from_ms: from,
-            step_ms: q.step_ms,
-            steps,
-            tiers,
-            series,
-        })
+            .collect())
     }
 
     /// Counters and sizes.
@@ -1236,6 +1255,9 @@ impl History {
         Ok(seg.records_after(offset, last, max)?)
     }
 }
+
+/// One metric's series of a query by source and label, a cell per step.
+type SeriesCells = BTreeMap<(Arc<str>, String), Vec<Cell>>;
 
 /// A query step's accumulated points, holding only what its reduction needs
 /// (16 bytes, where an [`Acc`] takes 48: a fleet query has one per series and

@@ -786,3 +786,31 @@ fn prefixes_narrow_a_query_to_the_sources_under_them_each_once() {
     assert!(ask(Some(&["x"])).is_empty());
     assert!(ask(Some(&[])).is_empty());
 }
+
+#[test]
+fn query_many_answers_each_metric_as_its_own_query_does() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.chunk_points = 40);
+    fill(&h, "n1", T0, 300, 1000);
+    fill(&h, "n2", T0 + 50_000, 100, 1000);
+    wait_written(&h);
+    let q = |metric| Query {
+        metric,
+        sources: &all,
+        from_ms: T0,
+        to_ms: T0 + 299_000,
+        step_ms: 10_000,
+        reduce: Reduce::Max,
+        now_ms: T0 + 400_000,
+        tier: None,
+        prefixes: None,
+    };
+    let many = h
+        .query_many(&q("ignored"), &["memory_used_bytes", "nope", "cpu_percent"])
+        .expect("query");
+    assert_eq!(many.len(), 3);
+    assert_eq!(many[0], h.query(&q("memory_used_bytes")).expect("memory"));
+    assert!(many[1].series.is_empty());
+    assert_eq!(many[2], h.query(&q("cpu_percent")).expect("cpu"));
+    assert_eq!(many[2].series.len(), 2);
+}
