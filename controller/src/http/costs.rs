@@ -51,7 +51,7 @@ async fn costs(
 /// How far back right-sizing reads samples.
 const RIGHTSIZE_SPAN_MS: u64 = 3_600_000;
 
-#[utoipa::path(get, path = "/v1/recommendations", tag = "cost", responses((status = 200, body = Vec<JobRecommendation>), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/recommendations", tag = "cost", responses((status = 200, body = Vec<JobRecommendation>), (status = 401, content_type = "application/problem+json", body = ApiError), (status = 403, content_type = "application/problem+json", body = ApiError), (status = 503, description = "every slot for CPU-heavy requests stayed busy for the wait", content_type = "application/problem+json", body = ApiError)))]
 async fn recommendations(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -66,22 +66,31 @@ async fn recommendations(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
         .saturating_sub(RIGHTSIZE_SPAN_MS);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    // Only nodes that hold running allocations: right-sizing reads their
+    // allocations' usage and nothing else.
+    let names: std::collections::BTreeSet<String> = allocs
+        .iter()
+        .filter(|a| crate::services::costs::holds_resources(a))
+        .map(|a| a.node.clone())
+        .collect();
     let st2 = st.clone();
-    let windows: BTreeMap<String, Vec<NodeSample>> = tokio::task::spawn_blocking(move || {
-        names
-            .into_iter()
-            .filter_map(|name| {
-                let w = match &st2.history {
-                    Some(h) => Some(h.window(&name, since, std::time::SystemTime::now())),
-                    None => st2.registry.window(&name),
-                }?;
-                Some((name, w.samples))
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| crate::http::api::internal(format!("right-sizing task failed: {e}")))?;
+    // Bounded like every CPU-heavy request (HeavyWork): at 10,000 busy nodes
+    // this reads an hour of each.
+    let windows: BTreeMap<String, Vec<NodeSample>> = st
+        .heavy
+        .run(move || {
+            names
+                .into_iter()
+                .filter_map(|name| {
+                    let w = match &st2.history {
+                        Some(h) => Some(h.window(&name, since, std::time::SystemTime::now())),
+                        None => st2.registry.window(&name),
+                    }?;
+                    Some((name, w.samples))
+                })
+                .collect()
+        })
+        .await?;
     Ok(Json(recommend(
         &st.pricing,
         &nodes,

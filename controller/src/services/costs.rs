@@ -95,7 +95,7 @@ fn manifest_class(source: &str) -> Option<String> {
     doc.metadata.labels.get(cost::CLASS_LABEL).cloned()
 }
 
-fn holds_resources(a: &AllocRecord) -> bool {
+pub fn holds_resources(a: &AllocRecord) -> bool {
     a.desired_run && matches!(a.state, AllocState::Running | AllocState::Starting)
 }
 
@@ -195,23 +195,35 @@ pub fn recommend(
 ) -> Vec<JobRecommendation> {
     let running: Vec<&AllocRecord> = allocs.iter().filter(|a| holds_resources(a)).collect();
     let job_names: BTreeSet<&str> = running.iter().map(|a| a.job.as_str()).collect();
+    // Every running allocation's usage, in one pass over the samples (cpu_percent
+    // is percent of one core: 100% = 1000 millicores).
+    let mut usage: BTreeMap<&str, (Vec<f64>, Vec<u64>)> = running
+        .iter()
+        .map(|a| (a.id.as_str(), Default::default()))
+        .collect();
+    for samples in windows.values() {
+        for s in samples {
+            for u in &s.allocations {
+                if let Some((cpu, mem)) = usage.get_mut(u.id.as_str()) {
+                    cpu.push(f64::from(u.cpu_percent) * 10.0);
+                    mem.push(u.memory_bytes);
+                }
+            }
+        }
+    }
     let mut out = Vec::new();
     for job in job_names {
         let mine: Vec<&&AllocRecord> = running.iter().filter(|a| a.job == job).collect();
-        let ids: BTreeSet<&str> = mine.iter().map(|a| a.id.as_str()).collect();
         // The newest replica's requests stand for the job's current version.
         let Some(newest) = mine.iter().max_by_key(|a| (a.version, a.created_unix_ms)) else {
             continue;
         };
         let mut cpu = Vec::new();
         let mut mem = Vec::new();
-        for samples in windows.values() {
-            for s in samples {
-                for u in s.allocations.iter().filter(|u| ids.contains(u.id.as_str())) {
-                    // cpu_percent is percent of one core: 100% = 1000 millicores.
-                    cpu.push(f64::from(u.cpu_percent) * 10.0);
-                    mem.push(u.memory_bytes);
-                }
+        for a in &mine {
+            if let Some((c, m)) = usage.get(a.id.as_str()) {
+                cpu.extend_from_slice(c);
+                mem.extend_from_slice(m);
             }
         }
         let Some(r) = cost::rightsize(newest.cpu_millis, newest.memory_bytes, &cpu, &mem, config)
