@@ -306,6 +306,11 @@ struct Inner {
     in_flight: Mutex<Vec<Arc<Chunk>>>,
     counters: Counters,
     sources: Mutex<BTreeSet<Arc<str>>>,
+    /// Held by a maintenance round for its whole length; `true` once closed.
+    /// [`History::close`] takes it, so that when it returns no rollup or
+    /// compaction is still writing (another controller may then take the
+    /// directory over) and none starts.
+    maintenance: Mutex<bool>,
 }
 
 /// The writer thread and the queue to it.
@@ -491,6 +496,7 @@ impl History {
             in_flight: Mutex::new(Vec::new()),
             counters: Counters::default(),
             sources: Mutex::new(BTreeSet::new()),
+            maintenance: Mutex::new(false),
         });
         inner
             .counters
@@ -643,9 +649,16 @@ impl History {
         }
     }
 
-    /// Writes every open chunk and stops the writer thread (shutdown). Appends
-    /// after this write in place.
+    /// Waits for a maintenance round in progress, writes every open chunk and
+    /// stops the writer thread (shutdown). Appends after this write in place;
+    /// maintenance does nothing any more.
     pub fn close(&self) {
+        // Waits for a maintenance round in progress; none starts after this.
+        *self
+            .inner
+            .maintenance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
         let taken = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some((tx, handle)) = taken {
             drop(tx);
@@ -671,8 +684,17 @@ impl History {
     /// Builds the rollups of every hour that ended at least
     /// [`ROLLUP_GRACE_MS`] before `now_ms` and has none yet, and deletes the
     /// files past their retention. Reads and writes files: call it from a
-    /// blocking thread, about once a minute.
+    /// blocking thread, about once a minute. After [`History::close`] it does
+    /// nothing.
     pub fn maintain(&self, now_ms: i64) -> std::io::Result<()> {
+        let closed = self
+            .inner
+            .maintenance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            return Ok(());
+        }
         self.flush_stale(now_ms - ROLLUP_GRACE_MS);
         let cfg = &self.inner.config;
         let due: Vec<i64> = {

@@ -814,3 +814,52 @@ fn query_many_answers_each_metric_as_its_own_query_does() {
     assert_eq!(many[2], h.query(&q("cpu_percent")).expect("cpu"));
     assert_eq!(many[2].series.len(), 2);
 }
+
+#[test]
+fn close_waits_for_a_maintenance_round_and_none_runs_after_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |_| {});
+    // A few hours of 20 sources: a round that takes a while.
+    for s in 0..20 {
+        fill(&h, &format!("n{s}"), T0, 3 * 360, 10_000);
+    }
+    wait_written(&h);
+    let now = T0 + 3 * HOUR_MS + 10 * MINUTE_MS;
+    let files = |t: &str| {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(dir.path().join(t))
+            .expect("dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().expect("meta").len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let round = {
+        let h = h.clone();
+        std::thread::spawn(move || h.maintain(now))
+    };
+    // Let the round start, then close: close returns only once it is over.
+    while files("1m").is_empty() && !round.is_finished() {
+        std::thread::yield_now();
+    }
+    h.close();
+    let after_close = (files("raw"), files("1m"), files("1h"));
+    round.join().expect("thread").expect("maintain");
+    assert_eq!(
+        (files("raw"), files("1m"), files("1h")),
+        after_close,
+        "a file changed after close returned"
+    );
+    assert!(
+        after_close.1.iter().all(|(n, _)| !n.ends_with(".tmp")),
+        "{after_close:?}"
+    );
+    // A round asked for after close writes nothing.
+    h.maintain(now + 200 * DAY_MS).expect("maintain");
+    assert_eq!((files("raw"), files("1m"), files("1h")), after_close);
+}
