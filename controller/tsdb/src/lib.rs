@@ -311,6 +311,9 @@ struct Inner {
     /// compaction is still writing (another controller may then take the
     /// directory over) and none starts.
     maintenance: Mutex<bool>,
+    /// Set by [`History::close`] before it waits: a rollup stops at its next
+    /// source (its `.tmp` files removed; the hour is rolled up again later).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// The writer thread and the queue to it.
@@ -497,6 +500,7 @@ impl History {
             counters: Counters::default(),
             sources: Mutex::new(BTreeSet::new()),
             maintenance: Mutex::new(false),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         inner
             .counters
@@ -653,7 +657,9 @@ impl History {
     /// stops the writer thread (shutdown). Appends after this write in place;
     /// maintenance does nothing any more.
     pub fn close(&self) {
-        // Waits for a maintenance round in progress; none starts after this.
+        // Waits for a maintenance round in progress (told to stop at its next
+        // source); none starts after this.
+        self.inner.closing.store(true, Ordering::SeqCst);
         *self
             .inner
             .maintenance
@@ -797,6 +803,12 @@ impl History {
         let _ = std::fs::remove_file(&raw_tmp);
         let (mut compacted, _) = Segment::open(&raw_tmp, false)?;
         for (source, locs) in sources {
+            if self.inner.closing.load(Ordering::SeqCst) {
+                drop((minute_seg, compacted));
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&raw_tmp);
+                return Ok(());
+            }
             let bufs: Vec<Vec<u8>> = {
                 let raw = self
                     .inner
