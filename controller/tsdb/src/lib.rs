@@ -1147,7 +1147,12 @@ impl History {
             }
             for (start, seg) in files
                 .segments
-                .range(floor(from, tier.file_span()) - tier.file_span()..=q.to_ms)
+                // One span past the end too: a late point is filed with the
+                // chunk that took it, which may have begun in the next span.
+                .range(
+                    floor(from, tier.file_span()) - tier.file_span()
+                        ..=q.to_ms.saturating_add(tier.file_span()),
+                )
             {
                 let _ = start;
                 if seg.t_max < from || seg.t_min > q.to_ms {

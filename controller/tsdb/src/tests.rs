@@ -863,3 +863,57 @@ fn close_waits_for_a_maintenance_round_and_none_runs_after_it() {
     h.maintain(now + 200 * DAY_MS).expect("maintain");
     assert_eq!((files("raw"), files("1m"), files("1h")), after_close);
 }
+
+#[test]
+fn a_late_point_filed_in_the_next_hour_is_found_by_a_query_that_ends_before_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let h = open(dir.path(), |c| c.chunk_points = 5);
+    let end = T0 + HOUR_MS;
+    // Points every 10 s up to 20 s before the hour, then into the next hour
+    // (a new chunk, filed under the next hour), then a late point 10 s before
+    // the hour that lands in that chunk.
+    for i in 0..6 {
+        h.append("n1", end - 80_000 + i * 10_000, &[CPU], &[1.0 + i as f64]);
+    }
+    for i in 0..3 {
+        h.append("n1", end + i * 1000, &[CPU], &[50.0]);
+    }
+    h.append("n1", end - 10_000, &[CPU], &[99.0]);
+    h.close();
+    drop(h);
+    let h = open(dir.path(), |_| {});
+    let got = |h: &History, now: i64| {
+        points(
+            &query(
+                h,
+                "cpu_percent",
+                end - 80_000,
+                end - 1,
+                10_000,
+                Reduce::Max,
+                now,
+            ),
+            "n1",
+        )
+    };
+    let now = end + 5 * MINUTE_MS;
+    let raw = got(&h, now);
+    assert_eq!(raw.len(), 7, "{raw:?}");
+    assert_eq!(raw.last(), Some(&(end - 10_000, 99.0)), "{raw:?}");
+    // The same from the 1-minute rollups once the hours are rolled up.
+    h.maintain(end + 2 * HOUR_MS).expect("maintain");
+    let rolled = query(
+        &h,
+        "cpu_percent",
+        end - 2 * MINUTE_MS,
+        end - 1,
+        MINUTE_MS,
+        Reduce::Max,
+        end + 2 * HOUR_MS,
+    );
+    assert_eq!(rolled.tiers, vec![Tier::Minute]);
+    assert_eq!(
+        points(&rolled, "n1"),
+        vec![(end - 2 * MINUTE_MS, 2.0), (end - MINUTE_MS, 99.0)]
+    );
+}
