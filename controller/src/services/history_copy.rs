@@ -33,8 +33,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_ANSWER: usize = novacron_tsdb::segment::MAX_RECORD as usize + 64;
 /// The largest file listing read.
 const MAX_LISTING: usize = 16 << 20;
-/// How long the certificate a follower issues itself lasts (a new one is
-/// issued for each leader it follows).
+/// How long the certificate a follower issues itself lasts. A new one is
+/// issued for each leader it follows, and after half of this.
 const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The directory the history lives in (as [`super::history::MetricsHistory::open`] opens it).
@@ -162,8 +162,9 @@ pub async fn follow(
             return;
         }
     };
-    // The leader followed and its client.
-    let mut following: Option<(String, String, Arc<reqwest::Client>)> = None;
+    // The leader followed, its client and when that client's certificate
+    // was issued.
+    let mut following: Option<(String, String, Arc<reqwest::Client>, std::time::Instant)> = None;
     let mut failing = false;
     loop {
         tokio::select! {
@@ -180,14 +181,18 @@ pub async fn follow(
         let Some(leader) = leader.filter(|l| l.name != member) else {
             continue;
         };
-        if following
-            .as_ref()
-            .is_none_or(|(name, url, _)| *name != leader.name || *url != leader.api_url)
-        {
+        if following.as_ref().is_none_or(|(name, url, _, issued)| {
+            *name != leader.name || *url != leader.api_url || issued.elapsed() > CERT_TTL / 2
+        }) {
             match client(&data_dir, &member) {
                 Ok(c) => {
                     info!(leader = %leader.name, api = %leader.api_url, "copying the leader's metrics history");
-                    following = Some((leader.name.clone(), leader.api_url.clone(), Arc::new(c)));
+                    following = Some((
+                        leader.name.clone(),
+                        leader.api_url.clone(),
+                        Arc::new(c),
+                        std::time::Instant::now(),
+                    ));
                 }
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "history copy: cannot make a client certificate");
@@ -195,7 +200,7 @@ pub async fn follow(
                 }
             }
         }
-        let Some((_, api, http)) = following.clone() else {
+        let Some((_, api, http, _)) = following.clone() else {
             continue;
         };
         let files = tokio::select! {
