@@ -19,7 +19,11 @@
 //!   `--reuse` queries what an earlier run wrote into D instead (the same
 //!   `--nodes` and `--node-hours`), for profiling.
 //!
-//! Both print JSON lines; BENCHMARKS.md records them.
+//! - `copy --dir D --to D2`: a follower's first copy of the history `query`
+//!   wrote into D, as `Mirror::sync` fetches it in the API's 4 MiB pieces
+//!   (without HTTP and TLS), then a second round; prints the time and rate.
+//!
+//! All print JSON lines; BENCHMARKS.md records them.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -405,14 +409,58 @@ fn query(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `copy --dir D --to D2`: a follower's first copy of the history in D (as
+/// `query` wrote it) into the empty D2, through `History::read_file` and
+/// `Mirror::sync` in 4 MiB pieces (the API's, without HTTP and TLS); then a
+/// second round, which finds nothing to fetch.
+fn copy(args: &[String]) -> anyhow::Result<()> {
+    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
+    let to = PathBuf::from(arg(args, "--to", "/tmp/history-bench-copy".to_string()));
+    let _ = std::fs::remove_dir_all(&to);
+    let h = open(&dir)?;
+    let mut mirror = novacron_tsdb::mirror::Mirror::open(&to)?;
+    let piece = novacron_controller::http::history::FILE_PIECE;
+    let mut fetches = 0u64;
+    let mut fetch = |(tier, start): novacron_tsdb::mirror::FileKey, offset: u64, last| {
+        fetches += 1;
+        h.db()
+            .read_file(tier, start, offset, last, piece)
+            .map_err(|e| novacron_tsdb::mirror::FetchError::Failed(e.to_string()))
+    };
+    let files = h.db().files();
+    let total: u64 = files.iter().map(|f| f.len).sum();
+    let t = Instant::now();
+    let first = mirror
+        .sync(&files, &mut fetch, &|| false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let first_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let second = mirror
+        .sync(&h.db().files(), &mut fetch, &|| false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let second_ms = t.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "history_copy", "files": files.len(), "bytes": total,
+            "copied_bytes": first.bytes, "whole_files": first.whole, "fetches": fetches,
+            "first_secs": first_secs, "mb_per_sec": total as f64 / 1e6 / first_secs,
+            "second_round_ms": second_ms, "second_round_bytes": second.bytes,
+        })
+    );
+    h.close();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("real") => real(&args),
         Some("query") => query(&args),
+        Some("copy") => copy(&args),
         _ => {
             eprintln!(
-                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50] [--reuse]"
+                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50] [--reuse]\n       novacron-history-bench copy --dir D --to D2"
             );
             std::process::exit(64);
         }
