@@ -372,6 +372,18 @@ impl Controller {
             .await?)
     }
 
+    /// `GET /v1/metrics/query?{params}` (the metrics history).
+    pub async fn metrics_query(&self, params: &str) -> Result<novacron_api::MetricsQueryResult> {
+        Ok(self
+            .admin_client()?
+            .get(format!("{}/v1/metrics/query?{params}", self.api()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     /// `GET /v1/stats`.
     pub async fn stats(&self) -> Result<novacron_api::ControllerStats> {
         Ok(self

@@ -453,16 +453,6 @@ fn raw_files(data_dir: &std::path::Path) -> std::collections::BTreeMap<String, u
         .unwrap_or_default()
 }
 
-async fn history(c: &Controller, params: &str) -> Result<novacron_api::MetricsQueryResult> {
-    Ok(c.admin_client()?
-        .get(format!("{}/v1/metrics/query?{params}", c.api()))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_copies_the_history_and_answers_for_the_time_before_the_failover() -> Result<()>
 {
@@ -486,7 +476,7 @@ async fn a_follower_copies_the_history_and_answers_for_the_time_before_the_failo
     // The range ends 10 s back: its points are in closed chunks by now.
     let to = unix_ms() - 10_000;
     let range = format!("metric=memory_used_bytes&node={node}&from={from}&to={to}&step=1s&fn=last");
-    let before = history(&group.controllers[l], &range).await?;
+    let before = group.controllers[l].metrics_query(&range).await?;
     let points = |r: &novacron_api::MetricsQueryResult| -> Vec<(usize, f64)> {
         r.series
             .iter()
@@ -515,7 +505,7 @@ async fn a_follower_copies_the_history_and_answers_for_the_time_before_the_failo
     group.controllers[l].kill().await;
     let n = group.leader(Duration::from_secs(30)).await?;
     assert_eq!(n, f, "the follower took over");
-    let after = history(&group.controllers[n], &range).await?;
+    let after = group.controllers[n].metrics_query(&range).await?;
     assert_eq!(
         points(&after),
         had,

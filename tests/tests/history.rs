@@ -23,13 +23,7 @@ async fn query(c: &Controller, params: &str) -> reqwest::Response {
 }
 
 async fn points(c: &Controller, params: &str) -> MetricsQueryResult {
-    query(c, params)
-        .await
-        .error_for_status()
-        .expect("200")
-        .json()
-        .await
-        .expect("json")
+    c.metrics_query(params).await.expect("a 200 answer with JSON")
 }
 
 /// The points a query returned, as (series labels, step index, value).

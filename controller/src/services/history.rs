@@ -10,7 +10,7 @@
 //! kernel counts in, power to the milliwatt NVML gives).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -329,6 +329,11 @@ fn parse_time(text: &str, key: &str, now_ms: i64, relative_to: i64) -> Result<i6
     )))
 }
 
+/// Where a controller keeps its history: `<data_dir>/history`.
+pub fn history_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("history")
+}
+
 impl MetricsHistory {
     /// Opens the history under `data_dir/history` (remote_write starts when
     /// configured).
@@ -337,7 +342,7 @@ impl MetricsHistory {
         settings: &HistorySettings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<MetricsHistory> {
-        let mut cfg = novacron_tsdb::Config::new(data_dir.join("history"));
+        let mut cfg = novacron_tsdb::Config::new(history_dir(data_dir));
         cfg.head_budget_bytes =
             usize::try_from(settings.head_budget_mib << 20).unwrap_or(usize::MAX);
         cfg.chunk_points = settings.chunk_points;
@@ -347,7 +352,7 @@ impl MetricsHistory {
         let db = History::open(cfg).map_err(|e| {
             anyhow::anyhow!(
                 "metrics history in {}: {e}",
-                data_dir.join("history").display()
+                history_dir(data_dir).display()
             )
         })?;
         let remote = match &settings.remote_write {

@@ -22,6 +22,7 @@ use novacron_tsdb::{FileInfo, Tier};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::services::history::history_dir;
 use crate::state::election::{self, Keys};
 
 /// How often the copy follows the leader.
@@ -36,11 +37,6 @@ const MAX_LISTING: usize = 16 << 20;
 /// How long the certificate a follower issues itself lasts. A new one is
 /// issued for each leader it follows, and after half of this.
 const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// The directory the history lives in (as [`super::history::MetricsHistory::open`] opens it).
-pub fn history_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("history")
-}
 
 /// An HTTPS client of the group's API with a viewer certificate issued now.
 fn client(data_dir: &Path, member: &str) -> anyhow::Result<reqwest::Client> {

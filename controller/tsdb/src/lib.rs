@@ -460,27 +460,11 @@ impl History {
     pub fn open(config: Config) -> std::io::Result<History> {
         let mut tiers = Vec::new();
         let mut corrupt = 0;
-        for tier in [Tier::Raw, Tier::Minute, Tier::Hour] {
+        for tier in Tier::ALL {
             let dir = config.dir.join(tier.name());
             std::fs::create_dir_all(&dir)?;
             let mut segments = BTreeMap::new();
-            for entry in std::fs::read_dir(&dir)? {
-                let path = entry?.path();
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default();
-                if let Some(tmp) = name.strip_suffix(".tmp") {
-                    warn!(file = %path.display(), "metrics history: removing an unfinished file ({tmp})");
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
-                let Some(start) = name
-                    .strip_suffix(".seg")
-                    .and_then(|s| s.parse::<i64>().ok())
-                else {
-                    continue;
-                };
+            for (start, path) in segment::list(&dir)? {
                 let (seg, scan) = Segment::open(&path, tier == Tier::Hour)?;
                 corrupt += scan.corrupt;
                 segments.insert(start, seg);
@@ -679,7 +663,7 @@ impl History {
         for c in open {
             self.inner.write_raw(&c);
         }
-        for t in [Tier::Raw, Tier::Minute, Tier::Hour] {
+        for t in Tier::ALL {
             let files = self.inner.tier(t).read().unwrap_or_else(|e| e.into_inner());
             for seg in files.segments.values() {
                 let _ = seg.sync();
@@ -1228,7 +1212,7 @@ impl History {
                 s.head_values += o.values();
             }
         }
-        for t in [Tier::Raw, Tier::Minute, Tier::Hour] {
+        for t in Tier::ALL {
             let files = self.inner.tier(t).read().unwrap_or_else(|e| e.into_inner());
             for seg in files.segments.values() {
                 if t == Tier::Raw {

@@ -185,8 +185,7 @@ fn scan(path: &Path) -> io::Result<Copied> {
         if pos + RECORD_HEADER > file_len || reader.read_exact(&mut head).is_err() {
             break;
         }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let (len, crc) = segment::split_header(&head);
         let end = pos + RECORD_HEADER + u64::from(len);
         if len == 0 || len > MAX_RECORD || end > file_len {
             break;
@@ -214,23 +213,7 @@ impl Mirror {
         for tier in Tier::ALL {
             let tdir = tier_dir(dir, tier);
             std::fs::create_dir_all(&tdir)?;
-            for entry in std::fs::read_dir(&tdir)? {
-                let path = entry?.path();
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-                    .to_owned();
-                if name.ends_with(".tmp") {
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
-                let Some(start) = name
-                    .strip_suffix(".seg")
-                    .and_then(|s| s.parse::<i64>().ok())
-                else {
-                    continue;
-                };
+            for (start, path) in segment::list(&tdir)? {
                 copies.insert((tier, start), scan(&path)?);
             }
         }
@@ -264,20 +247,18 @@ impl Mirror {
         let records = segment::check_records(bytes).map_err(MirrorError::Bad)?;
         let (path, mut copy) = if whole {
             if at == 0 {
-                let tmp = tmp_path(&self.dir, key);
-                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(tmp_path(&self.dir, key));
                 self.partial = Some((key, Copied::default()));
             }
-            let copy = match &self.partial {
-                Some((k, c)) if *k == key => *c,
-                _ => Copied::default(),
-            };
-            (tmp_path(&self.dir, key), copy)
+            match self.partial {
+                Some((k, c)) if k == key => (tmp_path(&self.dir, key), c),
+                _ => return Err(MirrorError::OutOfStep { at, len: 0 }),
+            }
         } else {
             let copy = self.copies.get(&key).copied().unwrap_or_default();
             (seg_path(&self.dir, key), copy)
         };
-        if at != copy.len || (whole && self.partial.is_none_or(|(k, _)| k != key)) {
+        if at != copy.len {
             return Err(MirrorError::OutOfStep { at, len: copy.len });
         }
         if bytes.is_empty() {
@@ -289,7 +270,8 @@ impl Mirror {
             return Err(e.into());
         }
         if copy.len == 0 {
-            copy.first = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+            let (len, crc) = segment::split_header(bytes);
+            copy.first = header_word(len, crc);
         }
         if let Some(&(pos, crc)) = records.last() {
             copy.last = Some((copy.len + pos as u64, crc));

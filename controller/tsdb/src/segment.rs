@@ -110,7 +110,8 @@ pub fn header_word(len: u32, crc: u32) -> u64 {
     u64::from(len) | (u64::from(crc) << 32)
 }
 
-fn split_header(head: &[u8]) -> (u32, u32) {
+/// A record header's length and CRC (`head` holds at least its 8 bytes).
+pub fn split_header(head: &[u8]) -> (u32, u32) {
     (
         u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
         u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
@@ -161,6 +162,31 @@ pub fn check_records(buf: &[u8]) -> Result<Vec<(usize, u32)>, String> {
     Ok(out)
 }
 
+/// The segment files in `dir` (`<start>.seg`) by their start, deleting the
+/// unfinished files a crash left (`.tmp`: a rollup, a compaction or a copy
+/// fetched whole, each redone later).
+pub fn list(dir: &Path) -> io::Result<Vec<(i64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.ends_with(".tmp") {
+            warn!(file = %path.display(), "metrics history: removing an unfinished file");
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if let Some(start) = name
+            .strip_suffix(".seg")
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            out.push((start, path));
+        }
+    }
+    Ok(out)
+}
+
 impl Segment {
     /// Opens (or creates) the segment at `path`, indexing its records and
     /// cutting a torn tail.
@@ -191,15 +217,14 @@ impl Segment {
             if pos + RECORD_HEADER > file_len || reader.read_exact(&mut head).is_err() {
                 break;
             }
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let (len, crc) = split_header(&head);
             let end = pos + RECORD_HEADER + u64::from(len);
             // A zero length is a zero-filled tail (power loss), not a record.
             if len == 0 || len > MAX_RECORD || end > file_len {
                 break;
             }
             if pos == 0 {
-                seg.first = u64::from_le_bytes(head);
+                seg.first = header_word(len, crc);
             }
             payload.resize(len as usize, 0);
             if reader.read_exact(&mut payload).is_err() {
@@ -312,8 +337,7 @@ impl Segment {
         while pos + RECORD_HEADER <= self.len {
             let mut head = [0u8; RECORD_HEADER as usize];
             self.file.read_exact_at(&mut head, pos)?;
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let (len, crc) = split_header(&head);
             let end = pos + RECORD_HEADER + u64::from(len);
             if len > MAX_RECORD || end > self.len {
                 return Err(io::Error::other(format!(

@@ -636,25 +636,19 @@ fn a_mirror_follows_appends_compaction_rollups_and_retention_and_opens_as_a_hist
     // The copy opens as a history that answers what the source answers (of
     // what the source had written; its open chunks are its own).
     let now = T0 + 3 * HOUR_MS + 10 * MINUTE_MS;
-    let want = query(
-        &h,
-        "cpu_percent",
-        T0,
-        T0 + 2 * HOUR_MS,
-        MINUTE_MS,
-        Reduce::Mean,
-        now,
-    );
-    let reopened = open(copy.path(), |_| {});
-    let got = query(
-        &reopened,
-        "cpu_percent",
-        T0,
-        T0 + 2 * HOUR_MS,
-        MINUTE_MS,
-        Reduce::Mean,
-        now,
-    );
+    let two_hours = |h: &History| {
+        query(
+            h,
+            "cpu_percent",
+            T0,
+            T0 + 2 * HOUR_MS,
+            MINUTE_MS,
+            Reduce::Mean,
+            now,
+        )
+    };
+    let want = two_hours(&h);
+    let got = two_hours(&open(copy.path(), |_| {}));
     assert_eq!(got, want);
     assert!(!points(&got, "n1").is_empty());
 }
