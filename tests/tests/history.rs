@@ -23,7 +23,9 @@ async fn query(c: &Controller, params: &str) -> reqwest::Response {
 }
 
 async fn points(c: &Controller, params: &str) -> MetricsQueryResult {
-    c.metrics_query(params).await.expect("a 200 answer with JSON")
+    c.metrics_query(params)
+        .await
+        .expect("a 200 answer with JSON")
 }
 
 /// The points a query returned, as (series labels, step index, value).
