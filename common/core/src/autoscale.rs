@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub mod forecast;
 mod policy;
 pub mod pool;
 
@@ -46,9 +47,9 @@ pub use crate::cron::parse_cron;
 pub use policy::{
     AutoScalingPolicy, Behavior, DEFAULT_SCALE_IN_COOLDOWN, DEFAULT_SCALE_IN_STABILIZATION,
     DEFAULT_SCALE_OUT_COOLDOWN, DEFAULT_TOLERANCE, DEFAULT_WEIGHT, DEFAULT_WINDOW, KIND,
-    MAX_COOLDOWN, MAX_SCHEDULE_DURATION, MAX_SIZE, MAX_WINDOW, MetricKind, MetricSpec,
-    PolicyManifest, PolicySpec, Schedule, ScheduleSpec, Step, Target, TargetSpec, parse_policies,
-    parse_policy,
+    DEFAULT_CONFIDENCE, MAX_COOLDOWN, MAX_HISTORY, MAX_LOOKAHEAD, MAX_SCHEDULE_DURATION, MAX_SIZE,
+    MAX_WINDOW, MetricKind, MetricSpec, PolicyManifest, PolicySpec, Schedule, ScheduleSpec, Step,
+    Target, TargetSpec, TrendSpec, parse_policies, parse_policy,
 };
 pub(crate) use policy::{check_spec, human};
 
@@ -418,8 +419,18 @@ pub fn active_schedule(policy: &AutoScalingPolicy, now_ms: u64) -> Option<(&str,
 
 /// The weighted ask of the metrics that have samples, and how each reads.
 struct Evaluated {
+    /// The highest of the inputs' asks.
     desired: f64,
+    /// How each metric reads now, and, when an input that looks ahead asks for
+    /// more than the reactive one, what it saw.
     parts: Vec<String>,
+}
+
+/// What one input asks of one metric.
+struct Asks {
+    reactive: f64,
+    slope: Option<(f64, String)>,
+    forecast: Option<(f64, String)>,
 }
 
 fn evaluate(
@@ -428,39 +439,106 @@ fn evaluate(
     cur: u32,
     now_ms: u64,
 ) -> Option<Evaluated> {
-    let mut sum = 0.0;
     let mut weights = 0.0;
+    let (mut reactive, mut by_slope, mut by_forecast) = (0.0, 0.0, 0.0);
     let mut parts = Vec::new();
+    let (mut slope_parts, mut forecast_parts) = (Vec::new(), Vec::new());
     let unit = match policy.target {
         Target::Job(_) => "replica",
         Target::Pool(_) => "node",
     };
     for m in &policy.spec.metrics {
         let from = now_ms.saturating_sub(millis(m.window));
-        let (mut total, mut n) = (0.0, 0u32);
-        for s in obs.series(m) {
-            if s.at_ms > from && s.at_ms <= now_ms && s.value.is_finite() {
-                total += s.value.max(0.0);
-                n += 1;
-            }
-        }
-        if n == 0 {
+        let series = obs.series(m);
+        let in_window: Vec<Sample> = series
+            .iter()
+            .filter(|s| s.at_ms > from && s.at_ms <= now_ms && s.value.is_finite())
+            .map(|s| Sample {
+                at_ms: s.at_ms,
+                value: s.value.max(0.0),
+            })
+            .collect();
+        if in_window.is_empty() {
             continue;
         }
-        let avg = total / f64::from(n);
-        let w = f64::from(m.weight);
-        let desired = match (m.kind, &m.metric) {
-            (MetricKind::Queue, Some(_)) => avg / m.target,
+        let avg = in_window.iter().map(|s| s.value).sum::<f64>() / in_window.len() as f64;
+        // What the metric at `value` asks for; `None` when it abstains.
+        let ask = |value: f64| match (m.kind, &m.metric) {
+            (MetricKind::Queue, Some(_)) => Some(value / m.target),
             // Nothing pending says nothing about surplus: abstain, and leave
             // scale-in to the utilizations.
-            (MetricKind::Queue, None) if avg == 0.0 => continue,
-            (MetricKind::Queue, None) => f64::from(cur) + avg / m.target,
+            (MetricKind::Queue, None) if value <= 0.0 => None,
+            (MetricKind::Queue, None) => Some(f64::from(cur) + value / m.target),
             // Utilization says nothing when nothing runs.
-            _ if cur == 0 => continue,
-            _ => f64::from(cur) * avg / m.target,
+            _ if cur == 0 => None,
+            _ => Some(f64::from(cur) * value / m.target),
         };
-        sum += w * desired;
+        let Some(now_ask) = ask(avg) else {
+            continue;
+        };
+        let mut asks = Asks {
+            reactive: now_ask,
+            slope: None,
+            forecast: None,
+        };
+        if let Some(trend) = &policy.spec.trend {
+            let ahead = trend.lookahead.as_secs_f64();
+            if let Some(line) = forecast::slope(&in_window)
+                && line.per_sec > 0.0
+            {
+                let projected = line.project(ahead).max(0.0);
+                if let Some(a) = ask(projected) {
+                    asks.slope = Some((
+                        a,
+                        format!(
+                            "{} rising {} per minute, {} in {}",
+                            m.label(),
+                            num(round2(line.per_sec * 60.0)),
+                            num(round2(projected)),
+                            human(trend.lookahead)
+                        ),
+                    ));
+                }
+            }
+            if let (Some(history), MetricKind::Queue, Some(_)) = (trend.history, m.kind, &m.metric)
+            {
+                // About 60 buckets over the history, and at least one per lookahead.
+                let bucket = (millis(history) / 60).clamp(1_000, millis(trend.lookahead).max(1_000));
+                let from = now_ms.saturating_sub(millis(history));
+                let values = forecast::buckets(series, from, now_ms, bucket);
+                let steps = u32::try_from(millis(trend.lookahead).div_ceil(bucket)).unwrap_or(1);
+                if let Some(f) = forecast::holt(&values, steps, trend.confidence / 100.0)
+                    && let Some(a) = ask(f.upper.max(0.0))
+                {
+                    asks.forecast = Some((
+                        a,
+                        format!(
+                            "{} forecast {} in {} ({}% bound {}, Holt over {})",
+                            m.label(),
+                            num(round2(f.mean.max(0.0))),
+                            human(trend.lookahead),
+                            num(trend.confidence),
+                            num(round2(f.upper.max(0.0))),
+                            human(history)
+                        ),
+                    ));
+                }
+            }
+        }
+        let w = f64::from(m.weight);
         weights += w;
+        reactive += w * asks.reactive;
+        let ahead = |input: Option<(f64, String)>, total: &mut f64, said: &mut Vec<String>| {
+            match input {
+                Some((a, text)) if a > asks.reactive => {
+                    *total += w * a;
+                    said.push(text);
+                }
+                _ => *total += w * asks.reactive,
+            }
+        };
+        ahead(asks.slope, &mut by_slope, &mut slope_parts);
+        ahead(asks.forecast, &mut by_forecast, &mut forecast_parts);
         parts.push(if m.kind.is_utilization() {
             format!(
                 "{} {}% over {}, target {}%",
@@ -479,10 +557,21 @@ fn evaluate(
             )
         });
     }
-    (weights > 0.0).then(|| Evaluated {
-        desired: sum / weights,
-        parts,
-    })
+    if weights <= 0.0 {
+        return None;
+    }
+    let (reactive, by_slope, by_forecast) =
+        (reactive / weights, by_slope / weights, by_forecast / weights);
+    let mut desired = reactive;
+    // The input that asks for most drives; a tie leaves the reactive one.
+    if by_forecast > desired && by_forecast >= by_slope {
+        desired = by_forecast;
+        parts.push(format!("ahead: {} (forecast drives)", forecast_parts.join(", ")));
+    } else if by_slope > desired {
+        desired = by_slope;
+        parts.push(format!("ahead: {} (trend drives)", slope_parts.join(", ")));
+    }
+    Some(Evaluated { desired, parts })
 }
 
 fn no_samples(policy: &AutoScalingPolicy) -> String {
@@ -537,6 +626,89 @@ mod tests {
         let d = decide(&p, &ScaleState::new(4), &obs, 2_000);
         assert_eq!(d.to, 5);
         assert_eq!(d.explanation, "api 4 → 5: cpu 91% over 5m, target 75%");
+    }
+
+    fn requests(points: &[(u64, f64)]) -> Observations {
+        let mut obs = Observations::default();
+        obs.reported.insert(
+            "requests".into(),
+            points
+                .iter()
+                .map(|&(s, value)| Sample {
+                    at_ms: s * 1000,
+                    value,
+                })
+                .collect(),
+        );
+        obs
+    }
+
+    const QUEUE: &str = "  target: {job: shop}\n  minSize: 1\n  maxSize: 100\n  metrics:\n    - {type: queue, metric: requests, target: 100, window: 1m}\n  scaleOut: {cooldown: 0s, step: 1000%, stabilizationWindow: 0s}\n";
+
+    #[test]
+    fn a_rising_slope_scales_ahead_of_the_mean_and_says_so() {
+        // Requests climb 10/s each second: 400 → 1000 over the last minute.
+        let pts: Vec<(u64, f64)> = (0..=60).step_by(5).map(|s| (1000 + s, 400.0 + 10.0 * s as f64)).collect();
+        let obs = requests(&pts);
+        let reactive = decide(&policy(QUEUE), &ScaleState::new(7), &obs, 1_060_000);
+        assert_eq!(reactive.to, 7, "the mean (700) asks for 7: {}", reactive.explanation);
+        let p = policy(&format!("{QUEUE}  trend: {{lookahead: 2m}}\n"));
+        let d = decide(&p, &ScaleState::new(7), &obs, 1_060_000);
+        // The line is at 1000 now and 2200 two minutes on: 22 replicas.
+        assert_eq!(d.to, 22, "{}", d.explanation);
+        assert!(
+            d.explanation.contains("requests rising 600 per minute, 2200 in 2m (trend drives)"),
+            "{}",
+            d.explanation
+        );
+    }
+
+    #[test]
+    fn a_falling_slope_does_not_scale_in_faster() {
+        let pts: Vec<(u64, f64)> = (0..=60).step_by(5).map(|s| (1000 + s, 1000.0 - 10.0 * s as f64)).collect();
+        let p = policy(&format!("{QUEUE}  trend: {{lookahead: 2m}}\n"));
+        let with = decide(&p, &ScaleState::new(7), &requests(&pts), 1_060_000);
+        let without = decide(&policy(QUEUE), &ScaleState::new(7), &requests(&pts), 1_060_000);
+        assert_eq!(with, without);
+        assert!(!with.explanation.contains("ahead"), "{}", with.explanation);
+    }
+
+    #[test]
+    fn the_forecast_reads_the_history_past_the_window() {
+        // Thirty minutes rising 20/s per minute, one sample a minute: the 1m
+        // window holds one sample, too few for a slope; the history holds 31.
+        let pts: Vec<(u64, f64)> = (0..=1800).step_by(60).map(|s| (s + 60, 100.0 + s as f64 / 3.0)).collect();
+        let obs = requests(&pts);
+        let p = policy(&format!("{QUEUE}  trend: {{lookahead: 5m, history: 30m, confidence: 80}}\n"));
+        let d = decide(&p, &ScaleState::new(7), &obs, 1_860_000);
+        // 700 now, about 800 in five minutes (the minute samples fill 30 s
+        // buckets as a staircase), and the bound above it.
+        assert!((8..=10).contains(&d.to), "{}", d.explanation);
+        assert!(d.explanation.contains("requests forecast 80"), "{}", d.explanation);
+        assert!(d.explanation.contains("(forecast drives)"), "{}", d.explanation);
+        assert!(d.explanation.contains("80% bound"), "{}", d.explanation);
+        assert_eq!(p.lookback(), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn trend_settings_are_checked() {
+        let text = |t: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: AutoScalingPolicy\nmetadata: {{name: p}}\nspec:\n  target: {{job: api}}\n  minSize: 1\n  maxSize: 10\n  metrics:\n    - {{type: cpu, target: 75}}\n  trend: {t}\n"
+            )
+        };
+        for (t, want) in [
+            ("{lookahead: 0s}", "spec.trend.lookahead"),
+            ("{lookahead: 2h}", "expected a lookahead from 1s to 1h"),
+            ("{lookahead: 1m, confidence: 40}", "expected a percentage from 50 to 99.9"),
+            ("{lookahead: 1m, history: 90s}", "shorter than twice the lookahead"),
+            ("{lookahead: 1m, history: 30m}", "a forecast needs a metric the job reports"),
+            ("{lookahead: 1m, horizon: 5m}", "unknown field"),
+        ] {
+            let e = parse_policy("p.yaml", &text(t)).expect_err(t).to_string();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+        assert!(parse_policy("p.yaml", &text("{lookahead: 90s}")).is_ok());
     }
 
     #[test]

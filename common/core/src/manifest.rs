@@ -998,6 +998,28 @@ pub(crate) mod duration {
     }
 }
 
+/// An optional humantime duration.
+pub(crate) mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "duration")] Duration);
+        W::deserialize(d).map(|w| Some(w.0))
+    }
+}
+
 fn one() -> u32 {
     1
 }

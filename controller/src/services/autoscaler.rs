@@ -755,15 +755,10 @@ fn job_of(policy: &AutoScalingPolicy) -> Option<&str> {
     }
 }
 
-/// The longest metric window of a policy (what the observations must cover).
+/// How far back the observations must reach: the longest metric window, or the
+/// trend's forecast history.
 fn horizon(policy: &AutoScalingPolicy) -> Duration {
-    policy
-        .spec
-        .metrics
-        .iter()
-        .map(|m| m.window)
-        .max()
-        .unwrap_or(autoscale::DEFAULT_WINDOW)
+    policy.lookback()
 }
 
 fn describe_metric(m: &autoscale::MetricSpec) -> String {

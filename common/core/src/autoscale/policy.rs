@@ -12,7 +12,7 @@ use yaml_serde::Value;
 
 use crate::cron::parse_cron;
 use crate::manifest::document::{self, Kind, Rule};
-use crate::manifest::{ManifestErrors, Metadata, duration};
+use crate::manifest::{ManifestErrors, Metadata, duration, opt_duration};
 
 /// The only accepted `kind`.
 pub const KIND: &str = "AutoScalingPolicy";
@@ -79,6 +79,49 @@ pub struct PolicySpec {
     /// Cron schedules that raise the floor for a while.
     #[serde(default)]
     pub schedules: Vec<ScheduleSpec>,
+    /// Scale ahead of a rising curve: the metrics' slope and a forecast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trend: Option<TrendSpec>,
+}
+
+/// `trend: {lookahead: 2m, history: 30m, confidence: 80}`: two inputs that look
+/// ahead, each combined with the reactive ask by taking the highest.
+///
+/// - **Slope**: each metric's least-squares line over its own window, projected
+///   `lookahead` past now.
+/// - **Forecast** (with `history`): Holt's linear forecast of each job-reported
+///   queue metric over `history`, `lookahead` ahead, at the upper bound of its
+///   one-sided `confidence` interval. Only a reported metric measures demand; a
+///   utilization depends on the size the autoscaler chose, so it is not
+///   forecast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrendSpec {
+    /// How far ahead to look: about the time new capacity takes to serve
+    /// (a node's provisioning plus a replica's start).
+    #[serde(with = "duration")]
+    pub lookahead: Duration,
+    /// The span the forecast fits; without it, no forecast.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub history: Option<Duration>,
+    /// The forecast's one-sided confidence, in percent (50–99.9), default 80.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+}
+
+/// Default forecast confidence, percent.
+pub const DEFAULT_CONFIDENCE: f64 = 80.0;
+/// Longest trend lookahead.
+pub const MAX_LOOKAHEAD: Duration = Duration::from_secs(3600);
+/// Longest forecast history.
+pub const MAX_HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn default_confidence() -> f64 {
+    DEFAULT_CONFIDENCE
 }
 
 /// `target: {job: api}` or `target: {pool: gpu}`.
@@ -363,6 +406,18 @@ pub struct AutoScalingPolicy {
 }
 
 impl AutoScalingPolicy {
+    /// How far back [`decide`](super::decide) reads samples: the longest metric
+    /// window, or the trend's forecast history when longer.
+    pub fn lookback(&self) -> Duration {
+        let windows = self.spec.metrics.iter().map(|m| m.window).max();
+        let history = self.spec.trend.as_ref().and_then(|t| t.history);
+        windows
+            .into_iter()
+            .chain(history)
+            .max()
+            .unwrap_or(DEFAULT_WINDOW)
+    }
+
     /// Validates a manifest that did not come from text; errors name `source`.
     pub fn from_manifest(
         source: &str,
@@ -602,6 +657,63 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
                  maxPerEvent"
                     .to_string(),
             ));
+        }
+    }
+    if let Some(t) = &s.trend {
+        let tp = |f: &str| format!("{prefix}.trend.{f}");
+        if t.lookahead < Duration::from_secs(1) || t.lookahead > MAX_LOOKAHEAD {
+            r.push(Rule::at(
+                tp("lookahead"),
+                format!(
+                    "{} is out of range; expected a lookahead from 1s to 1h, about the time \
+                     new capacity takes to serve",
+                    human(t.lookahead)
+                ),
+            ));
+        }
+        if !(t.confidence.is_finite() && (50.0..=99.9).contains(&t.confidence)) {
+            r.push(Rule::at(
+                tp("confidence"),
+                format!(
+                    "{} is out of range; expected a percentage from 50 to 99.9, like 80",
+                    t.confidence
+                ),
+            ));
+        }
+        if let Some(h) = t.history {
+            if h < Duration::from_secs(60) || h > MAX_HISTORY {
+                r.push(Rule::at(
+                    tp("history"),
+                    format!(
+                        "{} is out of range; expected a history from 1m to 7d",
+                        human(h)
+                    ),
+                ));
+            } else if h < t.lookahead.saturating_mul(2) {
+                r.push(Rule::at(
+                    tp("history"),
+                    format!(
+                        "{} is shorter than twice the lookahead ({}); expected a history of \
+                         at least {} to forecast from",
+                        human(h),
+                        human(t.lookahead),
+                        human(t.lookahead.saturating_mul(2))
+                    ),
+                ));
+            }
+            if !s
+                .metrics
+                .iter()
+                .any(|m| m.kind == MetricKind::Queue && m.metric.is_some())
+            {
+                r.push(Rule::at(
+                    tp("history"),
+                    "a forecast needs a metric the job reports (type: queue with metric: \
+                     NAME), which measures demand; a utilization depends on the size the \
+                     autoscaler chose; expected such a metric, or no history (slope only)"
+                        .to_string(),
+                ));
+            }
         }
     }
     let mut names = BTreeSet::new();

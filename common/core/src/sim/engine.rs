@@ -430,13 +430,7 @@ impl<'a> Sim<'a> {
                         TargetIdx::Job(j) => jobs[j].replicas,
                         TargetIdx::Pool(p) => desired[p],
                     };
-                    let keep = policy
-                        .spec
-                        .metrics
-                        .iter()
-                        .map(|m| m.window)
-                        .max()
-                        .unwrap_or_default();
+                    let keep = policy.lookback();
                     scalers.push(Scaler {
                         policy,
                         target,

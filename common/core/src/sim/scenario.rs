@@ -11,7 +11,7 @@ use yaml_serde::Value;
 use crate::autoscale::pool::{self, CapacityType, NodeTemplateSpec};
 use crate::autoscale::{self, AutoScalingPolicy, MetricKind, PolicySpec, Target, human};
 use crate::manifest::document::{self, Kind, Rule};
-use crate::manifest::{ManifestErrors, Metadata, Resources, duration};
+use crate::manifest::{ManifestErrors, Metadata, Resources, duration, opt_duration};
 
 /// The `kind` of a scenario.
 pub const KIND: &str = "Scenario";
@@ -857,28 +857,6 @@ fn default_start_delay() -> Duration {
 }
 fn default_notice() -> Duration {
     Duration::from_secs(120)
-}
-
-/// An optional humantime duration.
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::manifest::duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => duration::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        #[derive(Deserialize)]
-        struct W(#[serde(with = "duration")] Duration);
-        W::deserialize(d).map(|w| Some(w.0))
-    }
 }
 
 #[cfg(test)]
