@@ -45,11 +45,11 @@ pub mod pool;
 pub use crate::cron::parse_cron;
 
 pub use policy::{
-    AutoScalingPolicy, Behavior, DEFAULT_SCALE_IN_COOLDOWN, DEFAULT_SCALE_IN_STABILIZATION,
-    DEFAULT_SCALE_OUT_COOLDOWN, DEFAULT_TOLERANCE, DEFAULT_WEIGHT, DEFAULT_WINDOW, KIND,
-    DEFAULT_CONFIDENCE, MAX_COOLDOWN, MAX_HISTORY, MAX_LOOKAHEAD, MAX_SCHEDULE_DURATION, MAX_SIZE,
-    MAX_WINDOW, MetricKind, MetricSpec, PolicyManifest, PolicySpec, Schedule, ScheduleSpec, Step,
-    Target, TargetSpec, TrendSpec, parse_policies, parse_policy,
+    AutoScalingPolicy, Behavior, DEFAULT_CONFIDENCE, DEFAULT_SCALE_IN_COOLDOWN,
+    DEFAULT_SCALE_IN_STABILIZATION, DEFAULT_SCALE_OUT_COOLDOWN, DEFAULT_TOLERANCE, DEFAULT_WEIGHT,
+    DEFAULT_WINDOW, KIND, MAX_COOLDOWN, MAX_HISTORY, MAX_LOOKAHEAD, MAX_SCHEDULE_DURATION,
+    MAX_SIZE, MAX_WINDOW, MetricKind, MetricSpec, PolicyManifest, PolicySpec, Schedule,
+    ScheduleSpec, Step, Target, TargetSpec, TrendSpec, parse_policies, parse_policy,
 };
 pub(crate) use policy::{check_spec, human};
 
@@ -503,7 +503,8 @@ fn evaluate(
             if let (Some(history), MetricKind::Queue, Some(_)) = (trend.history, m.kind, &m.metric)
             {
                 // About 60 buckets over the history, and at least one per lookahead.
-                let bucket = (millis(history) / 60).clamp(1_000, millis(trend.lookahead).max(1_000));
+                let bucket =
+                    (millis(history) / 60).clamp(1_000, millis(trend.lookahead).max(1_000));
                 let from = now_ms.saturating_sub(millis(history));
                 let values = forecast::buckets(series, from, now_ms, bucket);
                 let steps = u32::try_from(millis(trend.lookahead).div_ceil(bucket)).unwrap_or(1);
@@ -528,15 +529,14 @@ fn evaluate(
         let w = f64::from(m.weight);
         weights += w;
         reactive += w * asks.reactive;
-        let ahead = |input: Option<(f64, String)>, total: &mut f64, said: &mut Vec<String>| {
-            match input {
+        let ahead =
+            |input: Option<(f64, String)>, total: &mut f64, said: &mut Vec<String>| match input {
                 Some((a, text)) if a > asks.reactive => {
                     *total += w * a;
                     said.push(text);
                 }
                 _ => *total += w * asks.reactive,
-            }
-        };
+            };
         ahead(asks.slope, &mut by_slope, &mut slope_parts);
         ahead(asks.forecast, &mut by_forecast, &mut forecast_parts);
         parts.push(if m.kind.is_utilization() {
@@ -560,13 +560,19 @@ fn evaluate(
     if weights <= 0.0 {
         return None;
     }
-    let (reactive, by_slope, by_forecast) =
-        (reactive / weights, by_slope / weights, by_forecast / weights);
+    let (reactive, by_slope, by_forecast) = (
+        reactive / weights,
+        by_slope / weights,
+        by_forecast / weights,
+    );
     let mut desired = reactive;
     // The input that asks for most drives; a tie leaves the reactive one.
     if by_forecast > desired && by_forecast >= by_slope {
         desired = by_forecast;
-        parts.push(format!("ahead: {} (forecast drives)", forecast_parts.join(", ")));
+        parts.push(format!(
+            "ahead: {} (forecast drives)",
+            forecast_parts.join(", ")
+        ));
     } else if by_slope > desired {
         desired = by_slope;
         parts.push(format!("ahead: {} (trend drives)", slope_parts.join(", ")));
@@ -648,16 +654,24 @@ mod tests {
     #[test]
     fn a_rising_slope_scales_ahead_of_the_mean_and_says_so() {
         // Requests climb 10/s each second: 400 → 1000 over the last minute.
-        let pts: Vec<(u64, f64)> = (0..=60).step_by(5).map(|s| (1000 + s, 400.0 + 10.0 * s as f64)).collect();
+        let pts: Vec<(u64, f64)> = (0..=60)
+            .step_by(5)
+            .map(|s| (1000 + s, 400.0 + 10.0 * s as f64))
+            .collect();
         let obs = requests(&pts);
         let reactive = decide(&policy(QUEUE), &ScaleState::new(7), &obs, 1_060_000);
-        assert_eq!(reactive.to, 7, "the mean (700) asks for 7: {}", reactive.explanation);
+        assert_eq!(
+            reactive.to, 7,
+            "the mean (700) asks for 7: {}",
+            reactive.explanation
+        );
         let p = policy(&format!("{QUEUE}  trend: {{lookahead: 2m}}\n"));
         let d = decide(&p, &ScaleState::new(7), &obs, 1_060_000);
         // The line is at 1000 now and 2200 two minutes on: 22 replicas.
         assert_eq!(d.to, 22, "{}", d.explanation);
         assert!(
-            d.explanation.contains("requests rising 600 per minute, 2200 in 2m (trend drives)"),
+            d.explanation
+                .contains("requests rising 600 per minute, 2200 in 2m (trend drives)"),
             "{}",
             d.explanation
         );
@@ -665,10 +679,18 @@ mod tests {
 
     #[test]
     fn a_falling_slope_does_not_scale_in_faster() {
-        let pts: Vec<(u64, f64)> = (0..=60).step_by(5).map(|s| (1000 + s, 1000.0 - 10.0 * s as f64)).collect();
+        let pts: Vec<(u64, f64)> = (0..=60)
+            .step_by(5)
+            .map(|s| (1000 + s, 1000.0 - 10.0 * s as f64))
+            .collect();
         let p = policy(&format!("{QUEUE}  trend: {{lookahead: 2m}}\n"));
         let with = decide(&p, &ScaleState::new(7), &requests(&pts), 1_060_000);
-        let without = decide(&policy(QUEUE), &ScaleState::new(7), &requests(&pts), 1_060_000);
+        let without = decide(
+            &policy(QUEUE),
+            &ScaleState::new(7),
+            &requests(&pts),
+            1_060_000,
+        );
         assert_eq!(with, without);
         assert!(!with.explanation.contains("ahead"), "{}", with.explanation);
     }
@@ -677,15 +699,28 @@ mod tests {
     fn the_forecast_reads_the_history_past_the_window() {
         // Thirty minutes rising 20/s per minute, one sample a minute: the 1m
         // window holds one sample, too few for a slope; the history holds 31.
-        let pts: Vec<(u64, f64)> = (0..=1800).step_by(60).map(|s| (s + 60, 100.0 + s as f64 / 3.0)).collect();
+        let pts: Vec<(u64, f64)> = (0..=1800)
+            .step_by(60)
+            .map(|s| (s + 60, 100.0 + s as f64 / 3.0))
+            .collect();
         let obs = requests(&pts);
-        let p = policy(&format!("{QUEUE}  trend: {{lookahead: 5m, history: 30m, confidence: 80}}\n"));
+        let p = policy(&format!(
+            "{QUEUE}  trend: {{lookahead: 5m, history: 30m, confidence: 80}}\n"
+        ));
         let d = decide(&p, &ScaleState::new(7), &obs, 1_860_000);
         // 700 now, about 800 in five minutes (the minute samples fill 30 s
         // buckets as a staircase), and the bound above it.
         assert!((8..=10).contains(&d.to), "{}", d.explanation);
-        assert!(d.explanation.contains("requests forecast 80"), "{}", d.explanation);
-        assert!(d.explanation.contains("(forecast drives)"), "{}", d.explanation);
+        assert!(
+            d.explanation.contains("requests forecast 80"),
+            "{}",
+            d.explanation
+        );
+        assert!(
+            d.explanation.contains("(forecast drives)"),
+            "{}",
+            d.explanation
+        );
         assert!(d.explanation.contains("80% bound"), "{}", d.explanation);
         assert_eq!(p.lookback(), Duration::from_secs(1800));
     }
@@ -700,9 +735,18 @@ mod tests {
         for (t, want) in [
             ("{lookahead: 0s}", "spec.trend.lookahead"),
             ("{lookahead: 2h}", "expected a lookahead from 1s to 1h"),
-            ("{lookahead: 1m, confidence: 40}", "expected a percentage from 50 to 99.9"),
-            ("{lookahead: 1m, history: 90s}", "shorter than twice the lookahead"),
-            ("{lookahead: 1m, history: 30m}", "a forecast needs a metric the job reports"),
+            (
+                "{lookahead: 1m, confidence: 40}",
+                "expected a percentage from 50 to 99.9",
+            ),
+            (
+                "{lookahead: 1m, history: 90s}",
+                "shorter than twice the lookahead",
+            ),
+            (
+                "{lookahead: 1m, history: 30m}",
+                "a forecast needs a metric the job reports",
+            ),
             ("{lookahead: 1m, horizon: 5m}", "unknown field"),
         ] {
             let e = parse_policy("p.yaml", &text(t)).expect_err(t).to_string();

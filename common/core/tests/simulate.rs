@@ -64,9 +64,12 @@ fn every_shipped_scenario_is_listed_and_valid() {
         names,
         [
             "daily-peak.yaml",
+            "daily-week.yaml",
             "overnight-training.yaml",
             "sale-day.yaml",
             "spot-storm.yaml",
+            "surge-spot.yaml",
+            "surge.yaml",
             "zone-outage.yaml"
         ]
     );
@@ -88,10 +91,57 @@ fn sale_day_autoscaled_is_cheaper_and_available() {
         s.availability >= 0.999,
         "the static fleet is sized for the peak: {report}"
     );
-    assert!(
-        a.events.iter().any(|e| e.contains("schedule sale")),
-        "the sale schedule warms up the storefront"
+}
+
+/// The surges no schedule knows of: met from warm nodes and the request rate's
+/// slope, each decision saying what drove it.
+#[test]
+fn unannounced_surges_are_met_from_warm_nodes_and_the_trend() {
+    for name in ["sale-day.yaml", "surge.yaml", "surge-spot.yaml"] {
+        let sc = load(name);
+        assert!(
+            sc.policies.iter().all(|p| p.schedules.is_empty()),
+            "{name} has no schedule"
+        );
+        let report = simulate(&sc);
+        println!("{report}");
+        check(&report);
+        let a = &report.autoscaled;
+        assert!(a.availability >= 0.999, "{name}: {report}");
+        assert!(a.warm_starts > 0, "{name} takes warm nodes: {report}");
+        assert!(a.cost_by.warm > 0.0, "{name} pays for its warm nodes");
+        assert_eq!(
+            report.static_peak.warm_starts, 0,
+            "the static fleet has none"
+        );
+        assert!(
+            a.events.iter().any(|e| e.contains("(trend drives)")),
+            "{name}: the slope drives a scale-out"
+        );
+        assert!(report.cost_saving() > 0.3, "{name}: {report}");
+    }
+}
+
+/// Warm nodes cost their warm price, and a fleet that never scales out takes
+/// none of them.
+#[test]
+fn idle_warm_nodes_cost_their_warm_price() {
+    let head = "apiVersion: novacron.io/v1\nkind: Scenario\nmetadata:\n  name: warm\nspec:\n";
+    let pools = POOLS.replace(
+        "      zones: [a]\n",
+        "      zones: [a]\n      warm: {size: 3, state: stopped, startDelay: 20s, pricePerHour: 0.01}\n",
     );
+    let jobs = "  jobs:\n    - name: api\n      replicas: 2\n      resources: {cpu: 1, memory: 2Gi}\n      capacityPerReplica: 100\n      load: {base: 10, points: [{at: 0s, multiplier: 1}]}\n";
+    let sc = parse_scenario("warm.yaml", &format!("{head}{pools}{jobs}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let run = simulate_run(&sc, Mode::Autoscaled);
+    assert!(run.violations.is_empty(), "{:#?}", run.violations);
+    assert_eq!(run.warm_starts, 0);
+    // Three nodes at 0.01 an hour for one hour.
+    assert!((run.cost_by.warm - 0.03).abs() < 1e-9, "{:?}", run.cost_by);
+    assert!((run.pools[0].warm_node_hours - 3.0).abs() < 1e-9);
+    let fixed = simulate_run(&sc, Mode::StaticPeak);
+    assert_eq!(fixed.cost_by.warm, 0.0, "the static fleet keeps none warm");
 }
 
 #[test]
@@ -131,7 +181,12 @@ fn spot_storm_recovers() {
     println!("{report}");
     check(&report);
     let a = &report.autoscaled;
-    assert!(a.lost > 0, "the storm takes replicas: {report}");
+    // Each notice places the node's replicas elsewhere at once; they serve on
+    // until the node goes, so the storm loses none of them unannounced.
+    assert!(
+        a.replaced_at_notice > 0,
+        "replicas move before the deadline: {report}"
+    );
     assert!(a.availability >= 0.99, "{report}");
     assert!(
         a.events
@@ -192,7 +247,18 @@ const BAD: &[(&str, &str)] = &[
         UNSORTED_POINTS,
         "bad.yaml:30:18: spec.jobs[0].load.points[1].at: 1h is not after the previous point (2h); expected points in time order",
     ),
+    (
+        WARM_WITHOUT_DELAY,
+        "spec.pools[0].warm.startDelay: is missing, and provider \"aws\" declares no start time for stopped nodes",
+    ),
+    (
+        WARM_TOO_BIG,
+        "spec.pools[0].warm.size: 40 is above maxSize (10)",
+    ),
 ];
+
+const WARM_WITHOUT_DELAY: &str = "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n      warm: {size: 2}\n";
+const WARM_TOO_BIG: &str = "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n      warm: {size: 40, state: running}\n";
 
 const POOLS: &str = "  seed: 1\n  start: 2026-01-01T00:00:00Z\n  duration: 1h\n  step: 30s\n  pools:\n    - name: web\n      template:\n        instanceType: m5.xlarge\n        provider: aws\n        capacityType: on-demand\n        pricePerHour: 0.2\n        resources: {cpu: 4, memory: 16Gi}\n      minSize: 1\n      maxSize: 10\n      zones: [a]\n";
 const POOL_AND_JOB: &str = concat!(

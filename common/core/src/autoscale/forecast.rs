@@ -269,7 +269,12 @@ mod tests {
 
     #[test]
     fn the_normal_quantile_matches_the_tables() {
-        for (p, z) in [(0.5, 0.0), (0.8, 0.841_621), (0.9, 1.281_552), (0.99, 2.326_348)] {
+        for (p, z) in [
+            (0.5, 0.0),
+            (0.8, 0.841_621),
+            (0.9, 1.281_552),
+            (0.99, 2.326_348),
+        ] {
             assert!((normal_quantile(p) - z).abs() < 1e-5, "{p}");
         }
         assert!((normal_quantile(0.01) + 2.326_348).abs() < 1e-5);

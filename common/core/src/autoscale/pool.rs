@@ -38,6 +38,132 @@ impl fmt::Display for CapacityType {
     }
 }
 
+/// What a warm node is kept as, waiting to be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmState {
+    /// Provisioned and shut down: only its disk is paid; it boots to serve.
+    #[default]
+    Stopped,
+    /// Suspended with its memory on disk: disk and the memory image are paid; it
+    /// resumes to serve (a provider that can suspend).
+    Hibernated,
+    /// Provisioned and running, outside the pool's size: paid in full, serves at
+    /// once.
+    Running,
+}
+
+impl fmt::Display for WarmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WarmState::Stopped => "stopped",
+            WarmState::Hibernated => "hibernated",
+            WarmState::Running => "running",
+        })
+    }
+}
+
+/// `warm: {size: 2, state: stopped, startDelay: 20s}`: nodes provisioned ahead and
+/// kept aside; a scale-out takes them first and the pool refills behind it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WarmSpec {
+    /// How many nodes to keep warm.
+    pub size: u32,
+    /// What they are kept as.
+    #[serde(default)]
+    pub state: WarmState,
+    /// From taking a warm node to its being ready; required unless the state is
+    /// `running` ([`warm_start_delay`]).
+    #[serde(
+        default,
+        with = "crate::manifest::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub start_delay: Option<std::time::Duration>,
+    /// Hourly price of one warm node; default [`warm_price_per_hour`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_hour: Option<f64>,
+}
+
+/// Price of block storage, per GiB and hour: $0.08 per GiB-month (AWS's gp3 list
+/// price in us-east-1) over 730 hours.
+pub const DISK_PRICE_PER_GIB_HOUR: f64 = 0.08 / 730.0;
+/// The root disk a stopped node keeps, GiB (the usual cloud image's 8 GiB).
+pub const STOPPED_DISK_GIB: f64 = 8.0;
+
+/// What one warm node of `template` costs an hour in `state` unless the pool
+/// says: running, the template's price; stopped, its root disk
+/// ([`STOPPED_DISK_GIB`] at [`DISK_PRICE_PER_GIB_HOUR`]); hibernated, the root
+/// disk plus a disk the size of its memory.
+pub fn warm_price_per_hour(template: &NodeTemplateSpec, state: WarmState) -> f64 {
+    let memory_gib = template.resources.memory.0 as f64 / f64::from(1u32 << 30);
+    match state {
+        WarmState::Running => template.price_per_hour,
+        WarmState::Stopped => STOPPED_DISK_GIB * DISK_PRICE_PER_GIB_HOUR,
+        WarmState::Hibernated => (STOPPED_DISK_GIB + memory_gib) * DISK_PRICE_PER_GIB_HOUR,
+    }
+}
+
+/// How long a warm node in `state` takes to be ready where that is known without
+/// asking the pool: a running node serves at once. Every other start time is the
+/// pool's to declare (`warm.startDelay`), since NovaCron has measured none yet.
+pub fn warm_start_delay(_provider: &str, state: WarmState) -> Option<std::time::Duration> {
+    match state {
+        WarmState::Running => Some(std::time::Duration::ZERO),
+        WarmState::Stopped | WarmState::Hibernated => None,
+    }
+}
+
+/// Checks a pool's `warm` block, with paths under `path` (`spec.pools[0].warm`).
+pub(crate) fn check_warm(
+    w: &WarmSpec,
+    template: &NodeTemplateSpec,
+    max_size: u32,
+    path: &str,
+) -> Vec<Rule> {
+    let mut r = Vec::new();
+    if w.size > max_size {
+        r.push(Rule::at(
+            format!("{path}.size"),
+            format!(
+                "{} is above maxSize ({max_size}); expected a warm pool no larger than the pool",
+                w.size
+            ),
+        ));
+    }
+    if w.start_delay.is_none() && warm_start_delay(&template.provider, w.state).is_none() {
+        r.push(Rule::at(
+            format!("{path}.startDelay"),
+            format!(
+                "is missing, and provider {:?} declares no start time for {} nodes; expected \
+                 the time a {} node takes to be ready, like 30s",
+                template.provider, w.state, w.state
+            ),
+        ));
+    }
+    if let Some(d) = w.start_delay
+        && d > std::time::Duration::from_secs(3600)
+    {
+        r.push(Rule::at(
+            format!("{path}.startDelay"),
+            format!(
+                "{} is too long; expected a delay up to 1h",
+                crate::units::duration(d)
+            ),
+        ));
+    }
+    if let Some(p) = w.price_per_hour
+        && !(p.is_finite() && p >= 0.0)
+    {
+        r.push(Rule::at(
+            format!("{path}.pricePerHour"),
+            format!("{p} is not a price; expected an hourly price of 0 or more, like 0.002"),
+        ));
+    }
+    r
+}
+
 /// What one node offers.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -405,4 +531,59 @@ pub(crate) fn check_zones(zones: &[String], prefix: &str) -> Vec<Rule> {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template() -> NodeTemplateSpec {
+        NodeTemplateSpec {
+            instance_type: "m5.xlarge".into(),
+            provider: "aws".into(),
+            capacity_type: CapacityType::OnDemand,
+            price_per_hour: 0.192,
+            labels: BTreeMap::new(),
+            resources: NodeResources {
+                cpu: Millicores(4000),
+                memory: ByteSize(16 << 30),
+                gpus: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_warm_node_pays_its_disk_its_memory_image_or_everything() {
+        let t = template();
+        let disk = 8.0 * 0.08 / 730.0;
+        assert!((warm_price_per_hour(&t, WarmState::Stopped) - disk).abs() < 1e-12);
+        let hibernated = (8.0 + 16.0) * 0.08 / 730.0;
+        assert!((warm_price_per_hour(&t, WarmState::Hibernated) - hibernated).abs() < 1e-12);
+        assert_eq!(warm_price_per_hour(&t, WarmState::Running), 0.192);
+        assert_eq!(
+            warm_start_delay("aws", WarmState::Running),
+            Some(std::time::Duration::ZERO)
+        );
+        assert_eq!(warm_start_delay("docker", WarmState::Stopped), None);
+    }
+
+    #[test]
+    fn warm_settings_are_checked() {
+        let t = template();
+        let w = WarmSpec {
+            size: 3,
+            state: WarmState::Hibernated,
+            start_delay: None,
+            price_per_hour: Some(-1.0),
+        };
+        let rules = check_warm(&w, &t, 2, "spec.warm");
+        let text: Vec<String> = rules
+            .iter()
+            .map(|r| format!("{}: {}", r.path, r.message))
+            .collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert!(text[0].starts_with("spec.warm.size: 3 is above maxSize (2)"));
+        assert!(text[1].contains("no start time for hibernated nodes"));
+        assert!(text[2].starts_with("spec.warm.pricePerHour: -1 is not a price"));
+    }
 }

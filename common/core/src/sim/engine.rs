@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::Mode;
 use super::scenario::{PoolSpec, REQUESTS_METRIC, Scenario, demand_at};
+use crate::autoscale::pool::{CapacityType, warm_price_per_hour, warm_start_delay};
 use crate::autoscale::{self, AutoScalingPolicy, Observations, Sample, ScaleState, Target};
 use crate::fleet::NodeStatus;
 use crate::manifest::{Constraint, JobType, Operator, Placement, Resources, Spread, Update};
@@ -72,6 +73,15 @@ pub struct RunReport {
     pub pending_at_end: u32,
     /// Under-provisioned episodes of services.
     pub reaction: Reaction,
+    /// Per service.
+    pub jobs: Vec<JobStats>,
+    /// Cost by kind of capacity.
+    pub cost_by: CostBreakdown,
+    /// Warm nodes taken by scale-outs.
+    pub warm_starts: u64,
+    /// Replicas replaced elsewhere at a spot notice, serving on until their node
+    /// goes.
+    pub replaced_at_notice: u64,
     /// Batch jobs.
     pub batches: BatchStats,
     /// Per pool.
@@ -94,8 +104,34 @@ pub struct Reaction {
     pub mean_s: f64,
     /// Median length, seconds.
     pub p50_s: f64,
+    /// 99th percentile (nearest rank), seconds.
+    pub p99_s: f64,
     /// Longest, seconds.
     pub max_s: f64,
+}
+
+/// One service of a run.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct JobStats {
+    /// Name.
+    pub name: String,
+    /// Served over demanded requests.
+    pub availability: f64,
+    /// Share of the time its serving capacity covered its demand.
+    pub time_availability: f64,
+    /// Longest under-provisioned episode, seconds.
+    pub longest_episode_s: f64,
+}
+
+/// Where the cost of a run went.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct CostBreakdown {
+    /// Running on-demand nodes.
+    pub on_demand: f64,
+    /// Running spot nodes.
+    pub spot: f64,
+    /// Warm nodes (at their warm price once provisioned, in full while they are).
+    pub warm: f64,
 }
 
 /// Batch jobs of a run.
@@ -122,6 +158,10 @@ pub struct PoolStats {
     pub node_hours: f64,
     /// Cost.
     pub cost: f64,
+    /// Warm node-hours.
+    pub warm_node_hours: f64,
+    /// Cost of its warm nodes.
+    pub warm_cost: f64,
 }
 
 /// Runs the scenario twice, autoscaled and static at the peak.
@@ -154,9 +194,9 @@ impl fmt::Display for Report {
             autoscale::human(self.duration),
             autoscale::human(self.step)
         )?;
-        writeln!(f, "{:<28}{:>16}{:>16}", "", "autoscaled", "static peak")?;
+        writeln!(f, "{:<28}{:>18}{:>18}", "", "autoscaled", "static peak")?;
         let row = |f: &mut fmt::Formatter<'_>, name: &str, a: String, s: String| {
-            writeln!(f, "{name:<28}{a:>16}{s:>16}")
+            writeln!(f, "{name:<28}{a:>18}{s:>18}")
         };
         row(
             f,
@@ -204,10 +244,44 @@ impl fmt::Display for Report {
         )?;
         row(
             f,
-            "reaction mean / max (s)",
-            format!("{:.0}/{:.0}", a.reaction.mean_s, a.reaction.max_s),
-            format!("{:.0}/{:.0}", s.reaction.mean_s, s.reaction.max_s),
+            "reaction p50 / p99 / max (s)",
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                a.reaction.p50_s, a.reaction.p99_s, a.reaction.max_s
+            ),
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                s.reaction.p50_s, s.reaction.p99_s, s.reaction.max_s
+            ),
         )?;
+        for (ja, js) in a.jobs.iter().zip(&s.jobs) {
+            row(
+                f,
+                &format!("{} availability (time)", ja.name),
+                format!("{:.3}%", ja.time_availability * 100.0),
+                format!("{:.3}%", js.time_availability * 100.0),
+            )?;
+        }
+        row(
+            f,
+            "cost on-demand / spot / warm",
+            format!(
+                "{:.2}/{:.2}/{:.2}",
+                a.cost_by.on_demand, a.cost_by.spot, a.cost_by.warm
+            ),
+            format!(
+                "{:.2}/{:.2}/{:.2}",
+                s.cost_by.on_demand, s.cost_by.spot, s.cost_by.warm
+            ),
+        )?;
+        if a.warm_starts > 0 || a.replaced_at_notice > 0 || s.replaced_at_notice > 0 {
+            row(
+                f,
+                "warm starts / moved at notice",
+                format!("{}/{}", a.warm_starts, a.replaced_at_notice),
+                format!("{}/{}", s.warm_starts, s.replaced_at_notice),
+            )?;
+        }
         if a.batches.arrived > 0 {
             row(
                 f,
@@ -263,6 +337,16 @@ struct SimAlloc {
     /// Batch replicas complete at this time (once running).
     run_for_ms: Option<u64>,
     complete: bool,
+    /// Its node is under a spot notice: a replacement is placed elsewhere while it
+    /// serves on until the node goes.
+    leaving: bool,
+}
+
+/// A node kept warm: provisioned (from `ready_at_ms`) and set aside.
+#[derive(Debug, Clone)]
+struct WarmNode {
+    zone: usize,
+    ready_at_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -292,6 +376,12 @@ struct SimJob {
     done_ms: Option<u64>,
     pending: u32,
     under_since_ms: Option<u64>,
+    /// Served and demanded requests, steps covered and measured, longest episode.
+    served: f64,
+    demanded: f64,
+    covered_steps: u64,
+    measured_steps: u64,
+    longest_ms: u64,
 }
 
 #[derive(Debug)]
@@ -343,6 +433,8 @@ struct Sim<'a> {
     episodes: Vec<u64>,
     report: RunReport,
     pool_stats: Vec<PoolStats>,
+    /// Per pool: its warm nodes (autoscaled runs of pools with `warm`).
+    warm: Vec<Vec<WarmNode>>,
 }
 
 impl<'a> Sim<'a> {
@@ -386,6 +478,11 @@ impl<'a> Sim<'a> {
                 done_ms: None,
                 pending: 0,
                 under_since_ms: None,
+                served: 0.0,
+                demanded: 0.0,
+                covered_steps: 0,
+                measured_steps: 0,
+                longest_ms: 0,
             });
         }
         for b in &spec.batches {
@@ -406,6 +503,11 @@ impl<'a> Sim<'a> {
                 done_ms: None,
                 pending: 0,
                 under_since_ms: None,
+                served: 0.0,
+                demanded: 0.0,
+                covered_steps: 0,
+                measured_steps: 0,
+                longest_ms: 0,
             });
         }
         let job_index = jobs
@@ -490,6 +592,7 @@ impl<'a> Sim<'a> {
             outage_ends: Vec::new(),
             episodes: Vec::new(),
             report: RunReport::default(),
+            warm: vec![Vec::new(); n_pools],
         }
     }
 
@@ -528,6 +631,7 @@ impl<'a> Sim<'a> {
         for j in &mut self.jobs {
             if let Some(since) = j.under_since_ms.take() {
                 self.episodes.push(end - since);
+                j.longest_ms = j.longest_ms.max(end - since);
             }
         }
         let mut r = std::mem::take(&mut self.report);
@@ -540,13 +644,35 @@ impl<'a> Sim<'a> {
         e.sort_unstable();
         if !e.is_empty() {
             let secs = |v: u64| v as f64 / 1000.0;
+            // Nearest rank: the smallest value with at least 99% at or below it.
+            let p99 = (e.len() * 99).div_ceil(100).max(1) - 1;
             r.reaction = Reaction {
                 episodes: e.len() as u32,
                 mean_s: secs(e.iter().sum::<u64>()) / e.len() as f64,
                 p50_s: secs(e[e.len() / 2]),
+                p99_s: secs(e[p99]),
                 max_s: secs(e[e.len() - 1]),
             };
         }
+        r.jobs = self
+            .jobs
+            .iter()
+            .filter(|j| matches!(j.kind, JobKind::Service { .. }))
+            .map(|j| JobStats {
+                name: j.name.clone(),
+                availability: if j.demanded > 0.0 {
+                    j.served / j.demanded
+                } else {
+                    1.0
+                },
+                time_availability: if j.measured_steps > 0 {
+                    j.covered_steps as f64 / j.measured_steps as f64
+                } else {
+                    1.0
+                },
+                longest_episode_s: j.longest_ms as f64 / 1000.0,
+            })
+            .collect();
         let turnarounds: Vec<f64> = self
             .jobs
             .iter()
@@ -645,8 +771,17 @@ impl<'a> Sim<'a> {
                     autoscale::human(si.notice)
                 ));
                 let at = now.saturating_add(ms(si.notice));
-                for v in victims {
-                    if let Some(n) = self.nodes.get_mut(&v) {
+                let doomed: BTreeSet<&str> = victims.iter().map(String::as_str).collect();
+                // Their replicas are replaced now, elsewhere, and serve on until
+                // the node goes: the drain restarts work before the deadline.
+                for a in self.allocs.values_mut() {
+                    if !a.complete && !a.leaving && doomed.contains(a.node.as_str()) {
+                        a.leaving = true;
+                        self.report.replaced_at_notice += 1;
+                    }
+                }
+                for v in &victims {
+                    if let Some(n) = self.nodes.get_mut(v) {
                         n.terminate_at_ms = Some(at);
                     }
                 }
@@ -781,6 +916,17 @@ impl<'a> Sim<'a> {
     fn reconcile(&mut self, prewarm: bool) {
         let now = self.now_ms;
         self.gone.clear();
+        // Replicas that were leaving a spot node end with it (their replacements
+        // were placed at the notice).
+        let ended: Vec<String> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| a.leaving && !self.nodes.contains_key(&a.node))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in ended {
+            self.drop_alloc(&id);
+        }
         let jobs: Vec<JobView> = self
             .jobs
             .iter()
@@ -804,6 +950,7 @@ impl<'a> Sim<'a> {
         let allocs: Vec<AllocView> = self
             .allocs
             .iter()
+            .filter(|(_, a)| !a.leaving)
             .map(|(id, a)| {
                 let running = a.running_at_ms <= now;
                 AllocView {
@@ -914,6 +1061,7 @@ impl<'a> Sim<'a> {
                         running_at_ms: now.saturating_add(delay),
                         run_for_ms: run_for,
                         complete: false,
+                        leaving: false,
                     },
                 );
             }
@@ -946,7 +1094,9 @@ impl<'a> Sim<'a> {
             if a.complete {
                 continue;
             }
-            *live.entry(a.job).or_default() += 1;
+            if !a.leaving {
+                *live.entry(a.job).or_default() += 1;
+            }
             let in_snap = self.snap.allocation(id).map(|p| p.node.as_str());
             if !self.nodes.contains_key(&a.node) || in_snap != Some(a.node.as_str()) {
                 bad.push(format!(
@@ -1001,12 +1151,39 @@ impl<'a> Sim<'a> {
         let mut pool_counts = vec![0u32; self.pools.len()];
         for n in self.nodes.values() {
             let p = self.pools[n.pool];
-            self.report.cost += p.template.price_per_hour * dt_h;
+            let cost = p.template.price_per_hour * dt_h;
+            self.report.cost += cost;
             self.report.node_hours += dt_h;
+            match p.template.capacity_type {
+                CapacityType::Spot => self.report.cost_by.spot += cost,
+                CapacityType::OnDemand => self.report.cost_by.on_demand += cost,
+            }
             let s = &mut self.pool_stats[n.pool];
-            s.cost += p.template.price_per_hour * dt_h;
+            s.cost += cost;
             s.node_hours += dt_h;
             pool_counts[n.pool] += 1;
+        }
+        for (p, warm) in self.warm.iter().enumerate() {
+            let pool = self.pools[p];
+            let Some(spec) = &pool.warm else { continue };
+            let price = spec
+                .price_per_hour
+                .unwrap_or_else(|| warm_price_per_hour(&pool.template, spec.state));
+            for w in warm {
+                // Provisioning runs the node in full; once set aside, its warm price.
+                let rate = if w.ready_at_ms > now {
+                    pool.template.price_per_hour
+                } else {
+                    price
+                };
+                let cost = rate * dt_h;
+                self.report.cost += cost;
+                self.report.cost_by.warm += cost;
+                let s = &mut self.pool_stats[p];
+                s.cost += cost;
+                s.warm_cost += cost;
+                s.warm_node_hours += dt_h;
+            }
         }
         for (s, c) in self.pool_stats.iter_mut().zip(&pool_counts) {
             s.peak_nodes = s.peak_nodes.max(*c);
@@ -1031,11 +1208,18 @@ impl<'a> Sim<'a> {
             let served = demand.min(cap);
             self.report.demand += demand * dt_h * 3600.0;
             self.report.served += served * dt_h * 3600.0;
+            job.demanded += demand * dt_h * 3600.0;
+            job.served += served * dt_h * 3600.0;
+            job.measured_steps += 1;
             demands[j] = demand;
             if cap + 1e-9 < demand {
                 job.under_since_ms.get_or_insert(now);
-            } else if let Some(since) = job.under_since_ms.take() {
-                self.episodes.push(now - since);
+            } else {
+                job.covered_steps += 1;
+                if let Some(since) = job.under_since_ms.take() {
+                    self.episodes.push(now - since);
+                    job.longest_ms = job.longest_ms.max(now - since);
+                }
             }
         }
         if self.mode != Mode::Autoscaled {
@@ -1192,13 +1376,36 @@ impl<'a> Sim<'a> {
                 return;
             }
             let delay = if initial { 0 } else { ms(pool.provision_delay) };
+            let warm_delay = pool.warm.as_ref().map_or(0, |w| {
+                ms(w.start_delay
+                    .or_else(|| warm_start_delay(&pool.template.provider, w.state))
+                    .unwrap_or(pool.provision_delay))
+            });
             for _ in have..want {
-                // The zone with the fewest nodes, in the pool's order on ties.
-                let zone = zones
+                // A warm node first (seconds), in the zone with the fewest nodes
+                // among the warm ones ready; else a new one in the zone with the
+                // fewest nodes, in the pool's order on ties.
+                let taken = self.warm[p]
                     .iter()
-                    .copied()
-                    .min_by_key(|z| per_zone.get(z).copied().unwrap_or(0))
-                    .unwrap_or(zones[0]);
+                    .enumerate()
+                    .filter(|(_, w)| w.ready_at_ms <= now && zones.contains(&w.zone))
+                    .min_by_key(|(_, w)| per_zone.get(&w.zone).copied().unwrap_or(0))
+                    .map(|(i, _)| i);
+                let (zone, ready_at_ms) = match taken {
+                    Some(i) => {
+                        let w = self.warm[p].swap_remove(i);
+                        self.report.warm_starts += 1;
+                        (w.zone, now.saturating_add(warm_delay))
+                    }
+                    None => {
+                        let zone = zones
+                            .iter()
+                            .copied()
+                            .min_by_key(|z| per_zone.get(z).copied().unwrap_or(0))
+                            .unwrap_or(zones[0]);
+                        (zone, now.saturating_add(delay))
+                    }
+                };
                 *per_zone.entry(zone).or_default() += 1;
                 self.next_node[p] += 1;
                 let name = format!(
@@ -1211,7 +1418,7 @@ impl<'a> Sim<'a> {
                         pool: p,
                         zone,
                         launched_ms: now,
-                        ready_at_ms: now.saturating_add(delay),
+                        ready_at_ms,
                         terminate_at_ms: None,
                     },
                 );
@@ -1239,8 +1446,52 @@ impl<'a> Sim<'a> {
                 .map(|(_, _, _, n)| n)
                 .collect();
             for v in victims {
+                // Back to the warm pool while it has room (already provisioned).
+                if let Some(n) = self.nodes.get(&v)
+                    && self.mode == Mode::Autoscaled
+                    && self.pools[p]
+                        .warm
+                        .as_ref()
+                        .is_some_and(|w| (self.warm[p].len() as u32) < w.size)
+                {
+                    self.warm[p].push(WarmNode {
+                        zone: n.zone,
+                        ready_at_ms: now,
+                    });
+                }
                 self.remove_node(&v);
             }
+        }
+        self.refill_warm(p, initial);
+    }
+
+    /// Provisions warm nodes up to the pool's warm size, in the zones with the
+    /// fewest warm nodes (ready at once before the trace, else after the
+    /// provisioning delay).
+    fn refill_warm(&mut self, p: usize, initial: bool) {
+        let pool = self.pools[p];
+        let Some(spec) = &pool.warm else { return };
+        if self.mode != Mode::Autoscaled {
+            return;
+        }
+        let now = self.now_ms;
+        let zones: Vec<usize> = pool
+            .zones
+            .iter()
+            .filter_map(|z| self.zone_names.iter().position(|n| n == z))
+            .filter(|&z| self.zone_down_until[z] <= now)
+            .collect();
+        let delay = if initial { 0 } else { ms(pool.provision_delay) };
+        while (self.warm[p].len() as u32) < spec.size && !zones.is_empty() {
+            let zone = zones
+                .iter()
+                .copied()
+                .min_by_key(|z| self.warm[p].iter().filter(|w| w.zone == *z).count())
+                .unwrap_or(zones[0]);
+            self.warm[p].push(WarmNode {
+                zone,
+                ready_at_ms: now.saturating_add(delay),
+            });
         }
     }
 

@@ -90,6 +90,9 @@ pub struct PoolSpec {
     /// From launch to ready.
     #[serde(default = "default_provision_delay", with = "duration")]
     pub provision_delay: Duration,
+    /// Nodes kept warm for the autoscaled run (the static run has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<crate::autoscale::pool::WarmSpec>,
 }
 
 /// A service.
@@ -438,6 +441,14 @@ fn checked(m: ScenarioManifest) -> Result<Scenario, Vec<Rule>> {
         }
         r.extend(pool::check_zones(&p.zones, &pp));
         zones.extend(p.zones.iter().map(String::as_str));
+        if let Some(w) = &p.warm {
+            r.extend(pool::check_warm(
+                w,
+                &p.template,
+                p.max_size,
+                &format!("{pp}.warm"),
+            ));
+        }
         if p.provision_delay > MAX_DELAY {
             r.push(Rule::at(
                 format!("{pp}.provisionDelay"),
