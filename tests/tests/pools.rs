@@ -205,6 +205,7 @@ spec:
 
     // No node at all: the job cannot be placed, so the pool grows.
     let job = format!("{pool}-job");
+    let applied = std::time::Instant::now();
     c.apply(
         "job.yaml",
         &format!(
@@ -251,6 +252,10 @@ spec:
         bail!("{e}\n{}", diagnose(&c).await);
     }
     let node = found.lock().map(|n| n.clone()).unwrap_or_default();
+    println!(
+        "cold start: node {node} made and the replica running {:.2} s after the job was applied",
+        applied.elapsed().as_secs_f64()
+    );
     if !node.starts_with(&format!("{pool}-")) {
         bail!("the job runs on {node}, not on a node of the pool {pool}");
     }
@@ -654,5 +659,222 @@ spec:
     if let Err(e) = waited {
         bail!("{e}\n{}", diagnose(&c).await);
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_warm_node_is_kept_stopped_started_first_on_a_scale_out_and_refilled() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-pools-warm-")
+        .tempdir()
+        .expect("temp dir");
+    if let Err(e) = warm_pool(dir.path()).await {
+        panic!(
+            "{e:#}\n--- controller log (last lines):\n{}",
+            controller_log(dir.path())
+        );
+    }
+}
+
+/// The pool's members whose status is `status`.
+async fn members(c: &Controller, pool: &str, status: &str) -> Vec<String> {
+    pools(c)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.name == pool)
+        .flat_map(|p| p.nodes)
+        .filter(|n| n.status == status)
+        .map(|n| n.name)
+        .collect()
+}
+
+async fn warm_pool(dir: &std::path::Path) -> Result<()> {
+    tls::install_crypto_provider();
+    let image = fleet_image()?;
+    ensure_test_image()?;
+    let gateway = bridge_gateway()?;
+    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
+    let pool = format!(
+        "wp{}-{:04x}",
+        std::process::id() % 100_000,
+        rand::random::<u16>()
+    );
+    let _cleanup = Cleanup { pool: pool.clone() };
+    let manifest = format!(
+        "apiVersion: novacron.io/v1
+kind: NodeTemplate
+metadata: {{name: {pool}-t}}
+spec:
+  instanceType: container-small
+  provider: docker
+  capacityType: on-demand
+  pricePerHour: 0.25
+  resources: {{cpu: 2, memory: 2Gi}}
+---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: {pool}
+  labels:
+    docker.image: \"{image}\"
+spec:
+  templateRef: {pool}-t
+  minSize: 0
+  maxSize: 3
+  warm: {{size: 1}}
+"
+    );
+    let (status, body) = apply_pools(&c, &manifest).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+
+    // The warm node enrolls, then stops: a stopped container, outside the size,
+    // paying its disk only.
+    let waited = wait_for(SCALE_UP, "one warm node", || {
+        let (c, pool) = (&c, &pool);
+        async move { members(c, pool, "warm").await.len() == 1 }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let warm = members(&c, &pool, "warm").await.remove(0);
+    let state = docker(&["inspect", "-f", "{{.State.Status}}", &warm])?;
+    assert_eq!(state, "exited", "the warm node's container is stopped");
+    let p = pools(&c)
+        .await?
+        .into_iter()
+        .find(|p| p.name == pool)
+        .context("listed")?;
+    assert_eq!(p.size, 0, "a warm node is not part of the size: {p:?}");
+    let disk = 8.0 * 0.08 / 730.0;
+    assert!((p.hourly_cost - disk).abs() < 1e-9, "{p:?}");
+    // The pool manager marks it on its next pass.
+    wait_for(SCALE_DOWN, "the warm node marked warm", || {
+        let (c, warm) = (&c, &warm);
+        async move { c.node(warm).await.ok().flatten().is_some_and(|v| v.warm) }
+    })
+    .await
+    .context("the warm node enrolled before it stopped")?;
+    // Stopped on purpose: warm, not down (no node-down alert).
+    let metrics = c
+        .admin_client()?
+        .get(format!("{}/metrics", c.api()))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let status: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("novacron_node_status{") && l.contains(&format!("node=\"{warm}\""))
+        })
+        .collect();
+    assert!(
+        status
+            .iter()
+            .any(|l| l.contains("status=\"warm\"") && l.ends_with(" 1")),
+        "{status:#?}"
+    );
+    assert!(
+        status
+            .iter()
+            .any(|l| l.contains("status=\"down\"") && l.ends_with(" 0")),
+        "{status:#?}"
+    );
+
+    // A job that fits no node: the pool starts its warm node rather than making
+    // a new one.
+    let job = format!("{pool}-job");
+    let applied = std::time::Instant::now();
+    c.apply(
+        "job.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+        ),
+    )
+    .await?;
+    let waited = wait_for(SCALE_UP, "the warm node ready", || {
+        let (c, warm) = (&c, &warm);
+        async move {
+            c.node(warm)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|v| v.status.to_string() == "ready")
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let ready_after = applied.elapsed();
+    let waited = wait_for(SCALE_UP, "the job running on the warm node", || {
+        let (c, job, warm) = (&c, &job, &warm);
+        async move {
+            c.job(job).await.is_ok_and(|d| {
+                d.allocations
+                    .iter()
+                    .any(|a| a.desired_run && a.state == AllocState::Running && &a.node == warm)
+            })
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let running_after = applied.elapsed();
+    println!(
+        "warm start: node {warm} ready {:.2} s and the replica running {:.2} s after the job was applied",
+        ready_after.as_secs_f64(),
+        running_after.as_secs_f64()
+    );
+    let events = pool_events(&c).await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("pool.scaled")
+                && e.ends_with(&format!("starting warm node {warm}"))),
+        "{events:#?}"
+    );
+
+    // The warm pool refills behind it with a new node.
+    let waited = wait_for(SCALE_UP, "the warm pool refilled", || {
+        let (c, pool, warm) = (&c, &pool, &warm);
+        async move {
+            let now = members(c, pool, "warm").await;
+            now.len() == 1 && now[0] != *warm
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let p = pools(&c)
+        .await?
+        .into_iter()
+        .find(|p| p.name == pool)
+        .context("listed")?;
+    assert_eq!(p.size, 1, "{p:?}");
+    assert!((p.hourly_cost - (0.25 + disk)).abs() < 1e-9, "{p:?}");
     Ok(())
 }

@@ -288,6 +288,10 @@ pub struct NodeView {
     /// Cordoned: nothing new is placed on it (`novacron node uncordon` lifts it).
     #[serde(default)]
     pub cordoned: bool,
+    /// Kept stopped in its pool's warm pool (enrolled, not connected, and not
+    /// down: started on a scale-out).
+    #[serde(default)]
+    pub warm: bool,
     /// The newest metrics sample, if any.
     pub latest: Option<NodeSample>,
     /// Image references the node reported holding (0 before its first report;

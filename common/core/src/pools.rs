@@ -80,6 +80,15 @@ pub enum Phase {
         /// When the drain began (Unix ms).
         since_ms: u64,
     },
+    /// Being provisioned for the warm pool (it enrolls, then stops), since this
+    /// time (Unix ms). Not part of the pool's size.
+    Warming {
+        /// When it was created (Unix ms).
+        since_ms: u64,
+    },
+    /// Provisioned and stopped in the warm pool, ready to be started. Not part of
+    /// the pool's size.
+    Warm,
 }
 
 /// One member of a pool.
@@ -135,16 +144,19 @@ pub struct PoolView {
     pub settings: Settings,
     /// Its members.
     pub members: Vec<Member>,
+    /// Nodes to keep warm beside the pool (`warm.size`; 0: none).
+    pub warm: u32,
 }
 
 impl PoolView {
-    /// Members that are not draining: the pool's size.
+    /// Members that are not draining or warm: the pool's size.
     pub fn size(&self) -> u32 {
-        count(
-            self.members
-                .iter()
-                .filter(|m| !matches!(m.phase, Phase::Draining { .. })),
-        )
+        count(self.members.iter().filter(|m| {
+            !matches!(
+                m.phase,
+                Phase::Draining { .. } | Phase::Warming { .. } | Phase::Warm
+            )
+        }))
     }
 
     /// The labels a new node of this pool gets.
@@ -206,6 +218,24 @@ pub enum PoolAction {
         /// Why, in one line.
         reason: String,
     },
+    /// Start a warm member: it joins the pool's size within seconds.
+    Start {
+        /// The pool.
+        pool: String,
+        /// The warm member.
+        node: String,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// Provision `count` nodes for the warm pool (they enroll, then stop).
+    CreateWarm {
+        /// The pool.
+        pool: String,
+        /// How many.
+        count: u32,
+        /// Why, in one line.
+        reason: String,
+    },
     /// Remove a member (drained and empty, or broken).
     Delete {
         /// The pool.
@@ -223,6 +253,8 @@ impl PoolAction {
         match self {
             PoolAction::Create { pool, .. }
             | PoolAction::Drain { pool, .. }
+            | PoolAction::Start { pool, .. }
+            | PoolAction::CreateWarm { pool, .. }
             | PoolAction::Delete { pool, .. } => pool,
         }
     }
@@ -232,6 +264,8 @@ impl PoolAction {
         match self {
             PoolAction::Create { reason, .. }
             | PoolAction::Drain { reason, .. }
+            | PoolAction::Start { reason, .. }
+            | PoolAction::CreateWarm { reason, .. }
             | PoolAction::Delete { reason, .. } => reason,
         }
     }
@@ -310,7 +344,7 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
         let timeout = millis(settings.provision_timeout);
         let mut live = p.size();
         for m in &p.members {
-            if let Phase::Provisioning { since_ms } = m.phase
+            if let Phase::Provisioning { since_ms } | Phase::Warming { since_ms } = m.phase
                 && now_ms.saturating_sub(since_ms) >= timeout
             {
                 actions.push(PoolAction::Delete {
@@ -324,7 +358,9 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
                         human(settings.provision_timeout)
                     ),
                 });
-                live = live.saturating_sub(1);
+                if matches!(m.phase, Phase::Provisioning { .. }) {
+                    live = live.saturating_sub(1);
+                }
             }
         }
         let provisioning = count(p.members.iter().filter(|m| {
@@ -490,7 +526,89 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
             }
         }
     }
-    actions
+    take_warm(&order, actions, &size, now_ms)
+}
+
+/// Turns each pool's new nodes into starts of its warm members first (seconds
+/// instead of a provisioning), then refills the warm pool behind them, never past
+/// `maxSize` counting the pool's size.
+fn take_warm(
+    order: &[&PoolView],
+    actions: Vec<PoolAction>,
+    size: &BTreeMap<&str, u32>,
+    now_ms: u64,
+) -> Vec<PoolAction> {
+    let mut out = Vec::with_capacity(actions.len());
+    let mut taken: BTreeMap<&str, u32> = BTreeMap::new();
+    for action in actions {
+        let PoolAction::Create {
+            pool,
+            count,
+            reason,
+        } = &action
+        else {
+            out.push(action);
+            continue;
+        };
+        let Some(p) = order.iter().find(|p| &p.name == pool) else {
+            out.push(action);
+            continue;
+        };
+        let used = taken.entry(p.name.as_str()).or_default();
+        let mut warm = p
+            .members
+            .iter()
+            .filter(|m| m.phase == Phase::Warm)
+            .skip(*used as usize);
+        let mut left = *count;
+        while left > 0 {
+            let Some(m) = warm.next() else { break };
+            out.push(PoolAction::Start {
+                pool: pool.clone(),
+                node: m.name.clone(),
+                reason: format!("{reason}; starting warm node {}", m.name),
+            });
+            *used += 1;
+            left -= 1;
+        }
+        if left > 0 {
+            out.push(PoolAction::Create {
+                pool: pool.clone(),
+                count: left,
+                reason: if left == *count {
+                    reason.clone()
+                } else {
+                    format!("{reason}; {left} more than the warm pool held")
+                },
+            });
+        }
+    }
+    for p in order {
+        if p.warm == 0 {
+            continue;
+        }
+        let used = taken.get(p.name.as_str()).copied().unwrap_or(0);
+        let timeout = millis(p.settings.provision_timeout);
+        let have = count(p.members.iter().filter(|m| match m.phase {
+            Phase::Warm => true,
+            Phase::Warming { since_ms } => now_ms.saturating_sub(since_ms) < timeout,
+            _ => false,
+        }))
+        .saturating_sub(used);
+        let sized = size.get(p.name.as_str()).copied().unwrap_or(0);
+        let want = p.warm.min(p.max_size.saturating_sub(sized));
+        if have < want {
+            out.push(PoolAction::CreateWarm {
+                pool: p.name.clone(),
+                count: want - have,
+                reason: format!(
+                    "pool {}: warm pool {have} → {want} (warm.size {})",
+                    p.name, p.warm
+                ),
+            });
+        }
+    }
+    out
 }
 
 fn count<'a>(it: impl Iterator<Item = &'a Member>) -> u32 {
@@ -579,6 +697,7 @@ mod tests {
             elastic: true,
             settings: Settings::default(),
             members,
+            warm: 0,
         }
     }
 
@@ -604,6 +723,84 @@ mod tests {
             gpus: 0,
             constraints: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_scale_out_starts_warm_members_first_and_the_warm_pool_refills() {
+        // Template 2000m: 20 replicas of 100m a node; 50 replicas need 3 nodes.
+        let mut p = pool(
+            "p",
+            1,
+            10,
+            vec![
+                member("p-1", Phase::Ready, 20, None),
+                member("w-1", Phase::Warm, 0, None),
+                member("w-2", Phase::Warm, 0, None),
+                member("w-3", Phase::Warming { since_ms: 900 }, 0, None),
+            ],
+        );
+        p.warm = 3;
+        assert_eq!(p.size(), 1, "warm members are not part of the size");
+        let a = plan_with(
+            &[p.clone()],
+            &[demand("web", 50, 100)],
+            &Settings::default(),
+            1_000,
+        );
+        let kinds: Vec<String> = a
+            .iter()
+            .map(|a| match a {
+                PoolAction::Start { node, .. } => format!("start {node}"),
+                PoolAction::Create { count, .. } => format!("create {count}"),
+                PoolAction::CreateWarm { count, .. } => format!("warm {count}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        // Two warm starts, one new node, and two warm nodes to make up for the
+        // ones taken (w-3 is still warming).
+        assert_eq!(kinds, ["start w-1", "start w-2", "create 1", "warm 2"]);
+        assert!(
+            a[0].reason().ends_with("starting warm node w-1"),
+            "{}",
+            a[0]
+        );
+        assert!(
+            a[2].reason().contains("1 more than the warm pool held"),
+            "{}",
+            a[2]
+        );
+        assert_eq!(
+            a[3].reason(),
+            "pool p: warm pool 1 → 3 (warm.size 3)",
+            "{}",
+            a[3]
+        );
+
+        // Nothing to do: the warm pool holds, and no warm member times out.
+        let idle = plan_with(&[p.clone()], &[], &Settings::default(), 10_000_000);
+        assert!(
+            idle.iter().all(|a| !matches!(a, PoolAction::Start { .. })),
+            "{idle:?}"
+        );
+        // A warming member past the provisioning timeout is removed and replaced.
+        assert!(
+            idle.iter()
+                .any(|a| matches!(a, PoolAction::Delete { node, .. } if node == "w-3"))
+        );
+        assert!(
+            idle.iter()
+                .any(|a| matches!(a, PoolAction::CreateWarm { count: 1, .. })),
+            "{idle:?}"
+        );
+
+        // A full pool keeps no warm nodes beyond maxSize.
+        p.max_size = 3;
+        let full = plan_with(&[p], &[demand("web", 50, 100)], &Settings::default(), 1_000);
+        assert!(
+            full.iter()
+                .all(|a| !matches!(a, PoolAction::CreateWarm { .. })),
+            "{full:?}"
+        );
     }
 
     #[test]

@@ -147,7 +147,9 @@ impl TableRow for NodeView {
         let latest = self.latest.as_ref();
         vec![
             self.name.clone(),
-            if self.cordoned {
+            if self.warm {
+                "warm".to_string()
+            } else if self.cordoned {
                 format!("{},cordoned", self.status)
             } else {
                 self.status.to_string()

@@ -853,6 +853,7 @@ mod tests {
             cert_expires_unix_ms: None,
             samples_dropped: 0,
             cordoned: false,
+            warm: false,
             latest: None,
             images: 0,
             image_bytes: 0,

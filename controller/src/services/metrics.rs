@@ -258,7 +258,7 @@ const JOB_VERSION: Family =
 // Nodes: registry.
 const NODE_STATUS: Family = Family::gauge(
     "novacron_node_status",
-    "Node liveness: 1 for the node's current status (ready, disconnected or down), 0 for the others.",
+    "Node liveness: 1 for the node's current status (ready, disconnected, down, or warm: kept stopped in its pool's warm pool), 0 for the others.",
 );
 const NODE_INFO: Family = Family::gauge(
     "novacron_node_info",
@@ -625,14 +625,20 @@ fn collect_node(node: &NodeView, live: &[&AllocRecord], out: &mut Samples) {
         l
     };
 
+    // A warm node is stopped on purpose: `warm`, not down.
     for status in NODE_STATUSES {
-        let value = u64::from(node.status == status);
+        let value = u64::from(!node.warm && node.status == status);
         out.int(
             &NODE_STATUS,
             with(&[("status", &status.to_string())]),
             value,
         );
     }
+    out.int(
+        &NODE_STATUS,
+        with(&[("status", "warm")]),
+        u64::from(node.warm),
+    );
     let caps = &node.capabilities;
     out.int(
         &NODE_INFO,
@@ -791,6 +797,7 @@ mod tests {
             cert_expires_unix_ms: Some(1_800_000_000_000),
             samples_dropped: 3,
             cordoned: false,
+            warm: false,
             latest,
             images: 0,
             image_bytes: 0,

@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::autoscale::pool::{
-    NodePool, NodeTemplate, NodeTemplateSpec, POOL_KIND, TEMPLATE_KIND, parse_node_pools,
-    parse_node_templates,
+    NodePool, NodeTemplate, NodeTemplateSpec, POOL_KIND, TEMPLATE_KIND, WarmState,
+    parse_node_pools, parse_node_templates, warm_price_per_hour,
 };
 use novacron_common::consolidate::{self, PackAlloc, PackNode};
 use novacron_common::fleet::NodeStatus;
@@ -336,6 +336,13 @@ impl Providers {
         }
     }
 
+    async fn start(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
+        match provider {
+            "docker" => self.docker.start(pool, node).await,
+            _ => self.fixed.start(pool, node).await,
+        }
+    }
+
     async fn delete(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
         match provider {
             "docker" => self.docker.delete(pool, node).await,
@@ -358,6 +365,10 @@ struct Observed {
     capacity_memory_bytes: u64,
     /// The allocations that hold resources there (wanted, not terminal).
     held: Vec<PackAlloc>,
+    /// Made for the warm pool, as its provider says.
+    warm: bool,
+    /// A warm-pool node that is stopped, ready to start.
+    parked: bool,
 }
 
 /// A pool as observed in one pass.
@@ -378,7 +389,11 @@ impl ObservedPool {
             .iter()
             .map(|m| PoolNodeStatus {
                 name: m.name.clone(),
-                status: if m.cordoned {
+                status: if m.parked {
+                    "warm".into()
+                } else if m.warm && m.status != Some(NodeStatus::Ready) {
+                    "warming".into()
+                } else if m.cordoned {
                     "draining".into()
                 } else {
                     match m.status {
@@ -389,8 +404,13 @@ impl ObservedPool {
                 allocations: m.allocations,
             })
             .collect();
-        let size = u32::try_from(nodes.iter().filter(|n| n.status != "draining").count())
-            .unwrap_or(u32::MAX);
+        let size = u32::try_from(
+            nodes
+                .iter()
+                .filter(|n| !["draining", "warm", "warming"].contains(&n.status.as_str()))
+                .count(),
+        )
+        .unwrap_or(u32::MAX);
         let t = self.template.as_ref();
         let price = t.map_or(0.0, |t| t.price_per_hour);
         PoolStatus {
@@ -402,7 +422,15 @@ impl ObservedPool {
             min_size: self.pool.min_size,
             max_size: self.pool.max_size,
             size,
-            hourly_cost: f64::from(u32::try_from(nodes.len()).unwrap_or(u32::MAX)) * price,
+            // A stopped warm node pays its disk only.
+            hourly_cost: self
+                .members
+                .iter()
+                .map(|m| match (m.parked, t) {
+                    (true, Some(t)) => warm_price_per_hour(t, WarmState::Stopped),
+                    _ => price,
+                })
+                .sum(),
             currency: String::new(),
             nodes,
             problem: self.problem.clone(),
@@ -442,10 +470,14 @@ async fn observe(
     let now = Instant::now();
     let revoked = st.registry.revoked_names();
     let mut names: BTreeMap<String, Option<u64>> = BTreeMap::new();
+    let mut warm: BTreeMap<String, bool> = BTreeMap::new();
     match providers.list(&template.provider, &pool.name).await {
         Ok(listed) => {
             for n in listed {
                 if !revoked.contains(&n.name) || template.provider == "docker" {
+                    if n.warm {
+                        warm.insert(n.name.clone(), n.parked());
+                    }
                     names.insert(n.name, n.created_unix_ms);
                 }
             }
@@ -484,6 +516,8 @@ async fn observe(
                     memory_bytes: a.memory_bytes,
                 })
                 .collect(),
+            warm: warm.contains_key(&name),
+            parked: warm.get(&name).copied().unwrap_or(false),
             name,
         });
     }
@@ -508,6 +542,8 @@ struct Manager {
     consolidation: HashMap<String, (Vec<String>, u64)>,
     /// Members retired by consolidation, still draining.
     consolidating: HashSet<String>,
+    /// Warm members started, until they are ready (Unix ms of the start).
+    starting: HashMap<String, u64>,
 }
 
 impl Manager {
@@ -543,6 +579,7 @@ impl Manager {
                 .note_pool_price(&o.pool.name, template.price_per_hour);
             let policy_floor = st.autoscaler.pool_floor(&o.pool.name);
             views.push(self.view(
+                st,
                 o,
                 template,
                 providers.elastic(&template.provider),
@@ -559,6 +596,7 @@ impl Manager {
         self.underused_since
             .retain(|n, _| live.contains(n.as_str()));
         self.draining.retain(|n, _| live.contains(n.as_str()));
+        self.starting.retain(|n, _| live.contains(n.as_str()));
         self.consolidating
             .retain(|n| self.draining.contains_key(n.as_str()));
 
@@ -694,6 +732,7 @@ impl Manager {
     /// The plan's view of a pool, updating the timers.
     fn view(
         &mut self,
+        st: &ApiState,
         o: &ObservedPool,
         template: &NodeTemplateSpec,
         elastic: bool,
@@ -703,8 +742,21 @@ impl Manager {
         let mut members = Vec::new();
         for m in &o.members {
             let ready = m.status == Some(NodeStatus::Ready);
+            if ready {
+                self.starting.remove(&m.name);
+            }
+            st.registry
+                .set_warm(&m.name, m.parked && !self.starting.contains_key(&m.name));
             let phase = if let Some(since) = self.draining.get(&m.name) {
                 Phase::Draining { since_ms: *since }
+            } else if m.parked && !self.starting.contains_key(&m.name) {
+                self.not_ready_since.remove(&m.name);
+                Phase::Warm
+            } else if m.warm && !ready && !self.starting.contains_key(&m.name) {
+                // Made for the warm pool and not yet stopped: enrolling.
+                Phase::Warming {
+                    since_ms: m.created_unix_ms.unwrap_or(now_ms).min(now_ms),
+                }
             } else if ready && !m.cordoned {
                 self.not_ready_since.remove(&m.name);
                 Phase::Ready
@@ -741,6 +793,7 @@ impl Manager {
             elastic,
             settings: o.settings,
             members,
+            warm: o.pool.warm,
         }
     }
 
@@ -756,7 +809,9 @@ impl Manager {
         let now_ms = unix_ms(wall);
         let pool = &o.pool.name;
         match action {
-            PoolAction::Create { count, reason, .. } => {
+            PoolAction::Create { count, reason, .. }
+            | PoolAction::CreateWarm { count, reason, .. } => {
+                let warm = matches!(action, PoolAction::CreateWarm { .. });
                 let controller = DockerSettings::from_labels(pool, &o.pool.labels)
                     .ok()
                     .and_then(|s| s.controller)
@@ -791,13 +846,16 @@ impl Manager {
                         name: &name,
                         labels: &labels,
                         join: &join,
+                        warm,
                     };
                     providers
                         .create(&template.provider, &req)
                         .await
                         .map_err(|e| e.to_string())?;
-                    info!(%pool, node = %name, %reason, "node created");
-                    self.not_ready_since.insert(name.clone(), now_ms);
+                    info!(%pool, node = %name, %reason, warm, "node created");
+                    if !warm {
+                        self.not_ready_since.insert(name.clone(), now_ms);
+                    }
                     made.push(name);
                 }
                 st.events.note(
@@ -808,6 +866,22 @@ impl Manager {
                     )
                     .detail("pool", pool)
                     .detail("nodes", made.join(",")),
+                );
+            }
+            PoolAction::Start { node, reason, .. } => {
+                providers
+                    .start(&template.provider, pool, node)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.starting.insert(node.clone(), now_ms);
+                self.not_ready_since.insert(node.clone(), now_ms);
+                info!(%pool, %node, %reason, "warm node started");
+                st.events.note(
+                    NewEvent::new(kind::POOL_SCALED, ACTOR, reason.clone())
+                        .node(node)
+                        .detail("pool", pool)
+                        .detail("nodes", node)
+                        .detail("warm", true),
                 );
             }
             PoolAction::Drain { node, reason, .. } => {
@@ -1156,6 +1230,8 @@ mod tests {
                     memory_bytes: 1 << 20,
                 })
                 .collect(),
+            warm: false,
+            parked: false,
         }
     }
 

@@ -183,6 +183,9 @@ pub struct Registry {
     /// Nodes the scheduler must not place on (drained, or cordoned by an
     /// operator); mirrors [`NodeRecord::cordoned`], which is what persists.
     cordoned: Mutex<HashSet<String>>,
+    /// Nodes their pool keeps stopped in its warm pool (the pool manager says,
+    /// each pass; in memory).
+    warm: Mutex<HashSet<String>>,
 }
 
 #[derive(Debug)]
@@ -270,6 +273,7 @@ impl Registry {
             latencies: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
             latency_histogram: ingest_latency_histogram(),
             cordoned: Mutex::new(cordoned),
+            warm: Mutex::new(HashSet::new()),
         })
     }
 
@@ -294,6 +298,16 @@ impl Registry {
             set.remove(name);
         }
         Ok(())
+    }
+
+    /// Marks `name` as kept stopped in its pool's warm pool, or not.
+    pub fn set_warm(&self, name: &str, warm: bool) {
+        let mut set = lock(&self.warm);
+        if warm {
+            set.insert(name.to_string());
+        } else {
+            set.remove(name);
+        }
     }
 
     /// Whether `name` is cordoned.
@@ -702,6 +716,7 @@ impl Registry {
             cert_expires_unix_ms: r.cert_expires_unix_ms,
             samples_dropped: r.samples_dropped,
             cordoned: r.cordoned,
+            warm: lock(&self.warm).contains(&r.name),
             latest: s.window.back().cloned(),
             images: s.images.images.len(),
             image_bytes: s.images.bytes,

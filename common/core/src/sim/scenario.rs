@@ -444,9 +444,9 @@ fn checked(m: ScenarioManifest) -> Result<Scenario, Vec<Rule>> {
         if let Some(w) = &p.warm {
             r.extend(pool::check_warm(
                 w,
-                &p.template,
                 p.max_size,
                 &format!("{pp}.warm"),
+                Some(&p.template),
             ));
         }
         if p.provision_delay > MAX_DELAY {

@@ -13,7 +13,9 @@ use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 
-use super::{CreateNode, LABEL_NODE, LABEL_POOL, NodeProvider, ProviderError, ProviderNode};
+use super::{
+    CreateNode, LABEL_NODE, LABEL_POOL, LABEL_WARM, NodeProvider, ProviderError, ProviderNode,
+};
 
 /// Pool label: the image holding `novacron-agent` (required).
 pub const KEY_IMAGE: &str = "docker.image";
@@ -154,23 +156,27 @@ impl NodeProvider for DockerProvider {
         })?;
         let docker = self.client("create", req.name)?;
         // The labels go to the agent as arguments of the script, never through the
-        // shell's parser.
+        // shell's parser. A warm node enrolls and exits (the container stops); its
+        // next start finds its identity and runs the agent.
         let script = format!(
-            "[ -f {STATE_DIR}/node.pem ] || novacron-agent join || exit $?; \
-             exec novacron-agent run \"$@\""
+            "if [ ! -f {STATE_DIR}/node.pem ]; then novacron-agent join || exit $?; \
+             [ -n \"$NOVACRON_WARM\" ] && exit 0; fi; exec novacron-agent run \"$@\""
         );
         let mut cmd = vec!["sh".to_string(), "-c".into(), script, "sh".into()];
         for (k, v) in req.labels {
             cmd.push("--label".into());
             cmd.push(format!("{k}={v}"));
         }
-        let env = vec![
+        let mut env = vec![
             format!("NOVACRON_CONTROLLER={}", req.join.controller),
             format!("NOVACRON_JOIN_TOKEN={}", req.join.token),
             format!("NOVACRON_CA_FINGERPRINT={}", req.join.ca_fingerprint),
             format!("NOVACRON_NODE_NAME={}", req.name),
         ];
-        let labels = HashMap::from([
+        if req.warm {
+            env.push("NOVACRON_WARM=1".into());
+        }
+        let mut labels = HashMap::from([
             (LABEL_POOL.to_string(), req.pool.to_string()),
             (LABEL_NODE.to_string(), req.name.to_string()),
             (
@@ -178,6 +184,9 @@ impl NodeProvider for DockerProvider {
                 req.template.instance_type.clone(),
             ),
         ]);
+        if req.warm {
+            labels.insert(LABEL_WARM.to_string(), "1".to_string());
+        }
         let body = ContainerCreateBody {
             image: Some(settings.image.clone()),
             hostname: Some(req.name.to_string()),
@@ -206,6 +215,29 @@ impl NodeProvider for DockerProvider {
             return Err(e);
         }
         Ok(())
+    }
+
+    async fn start(&self, pool: &str, name: &str) -> Result<(), ProviderError> {
+        let docker = self.client("start", name)?;
+        let node = self
+            .containers(
+                "start",
+                name,
+                vec![
+                    format!("{LABEL_POOL}={pool}"),
+                    format!("{LABEL_NODE}={name}"),
+                ],
+            )
+            .await?;
+        let id = node
+            .into_iter()
+            .find_map(|c| c.id)
+            .ok_or_else(|| ProviderError::Docker {
+                op: "start",
+                name: name.to_string(),
+                message: format!("no container of node {name} in pool {pool}"),
+            })?;
+        timed("start", name, docker.start_container(&id, None)).await
     }
 
     async fn delete(&self, pool: &str, name: &str) -> Result<(), ProviderError> {
@@ -256,8 +288,11 @@ impl NodeProvider for DockerProvider {
         let mut nodes: Vec<ProviderNode> = list
             .into_iter()
             .filter_map(|c| {
-                let name = c.labels.as_ref()?.get(LABEL_NODE)?.clone();
+                let labels = c.labels.as_ref()?;
+                let name = labels.get(LABEL_NODE)?.clone();
+                let warm = labels.contains_key(LABEL_WARM);
                 Some(ProviderNode {
+                    warm,
                     name,
                     created_unix_ms: c
                         .created

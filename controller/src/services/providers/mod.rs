@@ -25,6 +25,8 @@ pub use docker::{DockerProvider, DockerSettings};
 pub const LABEL_POOL: &str = "novacron.pool";
 /// Label on a provider's container (and on the workloads its agent runs): the node.
 pub const LABEL_NODE: &str = "novacron.node";
+/// Label on a provider's container made for the warm pool.
+pub const LABEL_WARM: &str = "novacron.warm";
 /// The providers this controller offers, by name.
 pub const PROVIDERS: [&str; 2] = ["static", "docker"];
 
@@ -41,6 +43,8 @@ pub struct CreateNode<'a> {
     pub labels: &'a BTreeMap<String, String>,
     /// How to enroll.
     pub join: &'a Join,
+    /// For the warm pool: enroll, then stop until [`NodeProvider::start`].
+    pub warm: bool,
 }
 
 /// Enrollment details handed to a new node.
@@ -73,6 +77,15 @@ pub struct ProviderNode {
     pub created_unix_ms: Option<u64>,
     /// The provider's word for its state (`running`, `exited`).
     pub state: String,
+    /// Made for the warm pool.
+    pub warm: bool,
+}
+
+impl ProviderNode {
+    /// A warm-pool node that is stopped, ready to be started.
+    pub fn parked(&self) -> bool {
+        self.warm && self.state == "exited"
+    }
 }
 
 /// Why a provider call failed.
@@ -113,6 +126,12 @@ pub trait NodeProvider: Send + Sync {
     fn create(
         &self,
         req: &CreateNode<'_>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Starts node `name` of `pool`, made stopped for the warm pool.
+    fn start(
+        &self,
+        pool: &str,
+        name: &str,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     /// Removes node `name` of `pool` (and what it ran); removing a missing node is
     /// not an error.
@@ -157,6 +176,13 @@ impl NodeProvider for StaticProvider {
         })
     }
 
+    async fn start(&self, _pool: &str, _name: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported {
+            provider: "static",
+            op: "start",
+        })
+    }
+
     async fn delete(&self, _pool: &str, _name: &str) -> Result<(), ProviderError> {
         Err(ProviderError::Unsupported {
             provider: "static",
@@ -177,6 +203,7 @@ impl NodeProvider for StaticProvider {
                 name: v.name,
                 created_unix_ms: None,
                 state: v.status.to_string(),
+                warm: false,
             })
             .collect())
     }
