@@ -1014,6 +1014,14 @@ fn check_pool(p: &NodePool, templates: &[NodeTemplate]) -> Result<(), String> {
             PROVIDERS.join(", ")
         ));
     }
+    if p.warm > 0 && t.provider == "static" {
+        return Err(format!(
+            "node pool {}: warm nodes need a provider that creates and starts nodes, and \
+             provider static only lists the hosts that enrolled; expected provider docker, \
+             or no warm",
+            p.name
+        ));
+    }
     settings_of(p)?;
     consolidate_of(p)?;
     if t.provider == "docker" {
@@ -1174,6 +1182,27 @@ mod tests {
         let s = settings_of(&again[0]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.scale_down_after, Duration::from_secs(5));
         assert!(check_pool(&again[0], &[docs.templates[0].0.clone()]).is_ok());
+    }
+
+    #[test]
+    fn warm_nodes_need_a_provider_that_starts_nodes() {
+        let text = format!("{TEMPLATE}---\n{POOL}  warm: {{size: 2}}\n");
+        let docs = parse_documents("pools.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(docs.pools[0].0.warm, 2);
+        let docker = docs.templates[0].0.clone();
+        assert!(check_pool(&docs.pools[0].0, std::slice::from_ref(&docker)).is_ok());
+        let mut fixed = docker;
+        fixed.spec.provider = "static".into();
+        let e = check_pool(&docs.pools[0].0, &[fixed]).expect_err("refused");
+        assert!(e.contains("provider static only lists the hosts"), "{e}");
+        let bad = format!("{TEMPLATE}---\n{POOL}  warm: {{size: 2, state: hibernated}}\n");
+        let e = parse_documents("pools.yaml", &bad)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("spec.warm.state: hibernated is not offered"),
+            "{e}"
+        );
     }
 
     #[test]

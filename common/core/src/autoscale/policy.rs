@@ -85,15 +85,13 @@ pub struct PolicySpec {
 }
 
 /// `trend: {lookahead: 2m, history: 30m, confidence: 80}`: two inputs that look
-/// ahead, each combined with the reactive ask by taking the highest.
-///
-/// - **Slope**: each metric's least-squares line over its own window, projected
-///   `lookahead` past now.
-/// - **Forecast** (with `history`): Holt's linear forecast of each job-reported
-///   queue metric over `history`, `lookahead` ahead, at the upper bound of its
-///   one-sided `confidence` interval. Only a reported metric measures demand; a
-///   utilization depends on the size the autoscaler chose, so it is not
-///   forecast.
+/// ahead, each combined with the reactive ask by taking the highest. The slope:
+/// each metric's least-squares line over its own window, projected `lookahead`
+/// past now (only a rising line counts). The forecast (with `history`): Holt's
+/// linear forecast of each job-reported queue metric over `history`, `lookahead`
+/// ahead, at the upper bound of its one-sided `confidence` interval; only a
+/// reported metric measures demand (a utilization depends on the size the
+/// autoscaler chose), so nothing else is forecast.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrendSpec {

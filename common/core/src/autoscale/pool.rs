@@ -73,15 +73,17 @@ pub struct WarmSpec {
     /// What they are kept as.
     #[serde(default)]
     pub state: WarmState,
-    /// From taking a warm node to its being ready; required where NovaCron knows
-    /// no figure for the provider and state ([`warm_start_delay`]).
+    /// Simulator only: from taking a warm node to its being ready; required
+    /// unless the state is `running` or the provider is `docker` (measured).
     #[serde(
         default,
         with = "crate::manifest::opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
     pub start_delay: Option<std::time::Duration>,
-    /// Hourly price of one warm node; default [`warm_price_per_hour`].
+    /// Simulator only: the hourly price of one warm node; default its root disk
+    /// (8 GiB at $0.08 per GiB-month) when stopped, plus its memory's size when
+    /// hibernated, and the full price when running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_per_hour: Option<f64>,
 }
