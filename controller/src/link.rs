@@ -423,6 +423,7 @@ async fn control_loop(
                 }
                 Some(Ok(AgentMessage::SpotNotice { action, deadline_unix_ms })) => {
                     warn!(node = name, %action, deadline_unix_ms, "spot interruption notice");
+                    ctx.registry.set_spot_notice(name, deadline_unix_ms);
                     let event = crate::services::migrate::SpotEvent {
                         node: name.to_string(),
                         action,

@@ -878,3 +878,169 @@ spec:
     assert!((p.hourly_cost - (0.25 + disk)).abs() < 1e-9, "{p:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_spot_notice_replaces_its_node_from_the_warm_pool_before_the_deadline() {
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-pools-spot-")
+        .tempdir()
+        .expect("temp dir");
+    if let Err(e) = spot_replacement(dir.path()).await {
+        panic!(
+            "{e:#}\n--- controller log (last lines):\n{}",
+            controller_log(dir.path())
+        );
+    }
+}
+
+async fn spot_replacement(dir: &std::path::Path) -> Result<()> {
+    tls::install_crypto_provider();
+    let image = fleet_image()?;
+    ensure_test_image()?;
+    let gateway = bridge_gateway()?;
+    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
+    let pool = format!(
+        "sp{}-{:04x}",
+        std::process::id() % 100_000,
+        rand::random::<u16>()
+    );
+    let _cleanup = Cleanup { pool: pool.clone() };
+    let manifest = format!(
+        "apiVersion: novacron.io/v1
+kind: NodeTemplate
+metadata: {{name: {pool}-t}}
+spec:
+  instanceType: container-small
+  provider: docker
+  capacityType: spot
+  pricePerHour: 0.07
+  resources: {{cpu: 2, memory: 2Gi}}
+---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: {pool}
+  labels:
+    docker.image: \"{image}\"
+    docker.spotNotice: /tmp/spot-notice
+spec:
+  templateRef: {pool}-t
+  minSize: 1
+  maxSize: 3
+  warm: {{size: 1}}
+"
+    );
+    let (status, body) = apply_pools(&c, &manifest).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+    let job = format!("{pool}-job");
+    c.apply(
+        "job.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+        ),
+    )
+    .await?;
+    // One node runs the job, one waits warm.
+    let found = std::sync::Mutex::new(String::new());
+    let waited = wait_for(SCALE_UP, "the job running and a warm node", || {
+        let (c, job, pool, found) = (&c, &job, &pool, &found);
+        async move {
+            let on = c.job(job).await.ok().and_then(|d| {
+                d.allocations
+                    .into_iter()
+                    .find(|a| a.desired_run && a.state == AllocState::Running)
+                    .map(|a| a.node)
+            });
+            let warm = members(c, pool, "warm").await.len() == 1;
+            match (on, found.lock()) {
+                (Some(node), Ok(mut f)) if warm => {
+                    *f = node;
+                    true
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let doomed = found.lock().map(|n| n.clone()).unwrap_or_default();
+    let warm = members(&c, &pool, "warm").await.remove(0);
+
+    // The provider announces the end of the job's node in two minutes.
+    let in_two_minutes = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 120;
+    let deadline = chrono::DateTime::from_timestamp(i64::try_from(in_two_minutes)?, 0)
+        .context("a valid time")?;
+    let notice = format!(
+        "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
+        deadline.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    let noticed = std::time::Instant::now();
+    docker(&[
+        "exec",
+        &doomed,
+        "sh",
+        "-c",
+        &format!("echo '{notice}' > /tmp/spot-notice"),
+    ])?;
+    // The warm node replaces it, and the job moves there, well before the deadline.
+    let waited = wait_for(
+        Duration::from_secs(100),
+        "the job moved to the warm node",
+        || {
+            let (c, job, warm) = (&c, &job, &warm);
+            async move {
+                c.job(job).await.is_ok_and(|d| {
+                    d.allocations
+                        .iter()
+                        .any(|a| a.desired_run && a.state == AllocState::Running && &a.node == warm)
+                })
+            }
+        },
+    )
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    println!(
+        "spot notice: the job runs on the former warm node {warm} {:.2} s after the notice",
+        noticed.elapsed().as_secs_f64()
+    );
+    let events = pool_events(&c).await?;
+    assert!(
+        events.iter().any(|e| e.starts_with("pool.draining")
+            && e.contains(&format!(
+                "node {doomed} is under a spot interruption notice"
+            ))),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains(&format!("starting warm node {warm}"))),
+        "{events:#?}"
+    );
+    Ok(())
+}

@@ -58,6 +58,10 @@ const KEEP_MIGRATIONS: usize = 200;
 /// Spot notices queued for the migration loop.
 pub const SPOT_QUEUE: usize = 64;
 
+/// How often allocations of a node under a spot notice that found no room are
+/// tried again, until the deadline.
+pub const SPOT_RETRY: Duration = Duration::from_secs(2);
+
 /// A spot interruption notice from a node.
 #[derive(Debug, Clone)]
 pub struct SpotEvent {
@@ -824,7 +828,39 @@ impl Migrations {
         tokio::spawn(async move {
             match me.drain(&notice.node, CONTROLLER).await {
                 Ok((started, refused)) => {
-                    info!(node = %notice.node, migrated = started.len(), refused = refused.len(), "spot drain done")
+                    info!(node = %notice.node, migrated = started.len(), refused = refused.len(), "spot drain done");
+                    // What found no room yet moves as soon as room appears (the
+                    // node's pool replaces it at the notice), until the deadline.
+                    let mut left: Vec<String> = refused.into_iter().map(|(id, _)| id).collect();
+                    while !left.is_empty() && unix_ms(SystemTime::now()) < notice.deadline_unix_ms {
+                        tokio::time::sleep(SPOT_RETRY).await;
+                        // Only what still runs there, wanted, is tried again.
+                        let there: BTreeSet<String> = me
+                            .workloads
+                            .allocations(None, Some(&notice.node))
+                            .into_iter()
+                            .filter(|a| a.desired_run && a.state == AllocState::Running)
+                            .map(|a| a.id)
+                            .collect();
+                        let mut still = Vec::new();
+                        for id in left.into_iter().filter(|id| there.contains(id)) {
+                            match me.start_migration(&id, None, None, CONTROLLER) {
+                                Ok(s) => {
+                                    while me
+                                        .status(&s.id)
+                                        .is_some_and(|s| s.finished_unix_ms.is_none())
+                                    {
+                                        tokio::time::sleep(Duration::from_millis(100)).await;
+                                    }
+                                }
+                                Err(_) => still.push(id),
+                            }
+                        }
+                        left = still;
+                    }
+                    if !left.is_empty() {
+                        warn!(node = %notice.node, left = left.len(), "spot deadline passed with allocations that found no room");
+                    }
                 }
                 Err(e) => warn!(node = %notice.node, error = %e, "spot drain failed"),
             }

@@ -544,6 +544,11 @@ struct Manager {
     consolidating: HashSet<String>,
     /// Warm members started, until they are ready (Unix ms of the start).
     starting: HashMap<String, u64>,
+    /// Members under a spot interruption notice, already replaced.
+    interrupted: HashSet<String>,
+    /// Pool → the size it keeps while members under notice are replaced, until
+    /// (Unix ms).
+    spot_floor: HashMap<String, (u32, u64)>,
 }
 
 impl Manager {
@@ -555,6 +560,7 @@ impl Manager {
         for pool in &catalog.pools {
             observed.push(observe(st, &providers, pool, &catalog.templates).await);
         }
+        self.spot_notices(st, &observed, now_ms);
         let mut views = Vec::new();
         for o in &observed {
             let problem = o.problem.clone().unwrap_or_default();
@@ -597,6 +603,8 @@ impl Manager {
             .retain(|n, _| live.contains(n.as_str()));
         self.draining.retain(|n, _| live.contains(n.as_str()));
         self.starting.retain(|n, _| live.contains(n.as_str()));
+        self.interrupted.retain(|n| live.contains(n.as_str()));
+        self.spot_floor.retain(|_, (_, until)| now_ms < *until);
         self.consolidating
             .retain(|n| self.draining.contains_key(n.as_str()));
 
@@ -729,6 +737,70 @@ impl Manager {
         }
     }
 
+    /// Members that sent a spot interruption notice leave the pool's size at once
+    /// (they drain; the migration service moves their work) and the pool keeps
+    /// the size it had, so that the plan replaces them now, warm nodes first,
+    /// rather than after they are gone.
+    fn spot_notices(&mut self, st: &ApiState, observed: &[ObservedPool], now_ms: u64) {
+        for o in observed {
+            let Some(template) = &o.template else {
+                continue;
+            };
+            for m in &o.members {
+                let Some(deadline) = st.registry.spot_deadline(&m.name) else {
+                    continue;
+                };
+                if m.parked || !self.interrupted.insert(m.name.clone()) {
+                    continue;
+                }
+                // The size with it: members neither warm, warming nor draining.
+                let size = u32::try_from(
+                    o.members
+                        .iter()
+                        .filter(|x| {
+                            let warming = x.warm && x.status != Some(NodeStatus::Ready);
+                            let draining = self.draining.contains_key(&x.name);
+                            !x.parked && !warming && (!draining || x.name == m.name)
+                        })
+                        .count(),
+                )
+                .unwrap_or(u32::MAX)
+                .min(o.pool.max_size);
+                let until = deadline.max(now_ms).saturating_add(
+                    u64::try_from(o.settings.provision_timeout.as_millis()).unwrap_or(0),
+                );
+                let floor = self
+                    .spot_floor
+                    .get(&o.pool.name)
+                    .map_or(size, |(f, _)| (*f).max(size));
+                self.spot_floor.insert(o.pool.name.clone(), (floor, until));
+                self.draining.entry(m.name.clone()).or_insert(now_ms);
+                if let Err(e) = st.registry.set_cordoned(&m.name, true) {
+                    warn!(node = %m.name, error = %e, "cannot cordon a node under spot notice");
+                }
+                let left = deadline.saturating_sub(now_ms) / 1000;
+                let reason = format!(
+                    "pool {}: node {} is under a spot interruption notice ({left} s left); \
+                     keeping {floor} nodes, replacing it now{}",
+                    o.pool.name,
+                    m.name,
+                    if o.pool.warm > 0 {
+                        " (warm nodes first)"
+                    } else {
+                        ""
+                    }
+                );
+                info!(pool = %o.pool.name, node = %m.name, provider = %template.provider, "{reason}");
+                st.events.note(
+                    NewEvent::new(kind::POOL_DRAINING, ACTOR, reason)
+                        .node(&m.name)
+                        .detail("pool", &o.pool.name)
+                        .detail("deadline_unix_ms", deadline),
+                );
+            }
+        }
+    }
+
     /// The plan's view of a pool, updating the timers.
     fn view(
         &mut self,
@@ -785,9 +857,11 @@ impl Manager {
             }
             members.push(member);
         }
+        let spot = self.spot_floor.get(&o.pool.name).map(|(f, _)| *f);
         core::PoolView {
             name: o.pool.name.clone(),
-            min_size: floor_with_policy(o.pool.min_size, o.pool.max_size, policy_floor),
+            min_size: floor_with_policy(o.pool.min_size, o.pool.max_size, policy_floor)
+                .max(spot.unwrap_or(0).min(o.pool.max_size)),
             max_size: o.pool.max_size,
             template: template.clone(),
             elastic,

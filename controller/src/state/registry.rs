@@ -186,6 +186,8 @@ pub struct Registry {
     /// Nodes their pool keeps stopped in its warm pool (the pool manager says,
     /// each pass; in memory).
     warm: Mutex<HashSet<String>>,
+    /// Spot interruption notices: node → deadline (Unix ms), as the agents said.
+    spot: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Debug)]
@@ -274,6 +276,7 @@ impl Registry {
             latency_histogram: ingest_latency_histogram(),
             cordoned: Mutex::new(cordoned),
             warm: Mutex::new(HashSet::new()),
+            spot: Mutex::new(HashMap::new()),
         })
     }
 
@@ -310,6 +313,20 @@ impl Registry {
         }
     }
 
+    /// Records a spot interruption notice from `name`: it goes at `deadline_unix_ms`.
+    pub fn set_spot_notice(&self, name: &str, deadline_unix_ms: u64) {
+        let mut spot = lock(&self.spot);
+        spot.insert(name.to_string(), deadline_unix_ms);
+        // Bounded by the fleet: forget the notices of nodes no longer known.
+        let known: HashSet<String> = self.lock().nodes.keys().cloned().collect();
+        spot.retain(|n, _| known.contains(n));
+    }
+
+    /// The deadline of `name`'s spot interruption notice, if it sent one.
+    pub fn spot_deadline(&self, name: &str) -> Option<u64> {
+        lock(&self.spot).get(name).copied()
+    }
+
     /// Whether `name` is cordoned.
     pub fn is_cordoned(&self, name: &str) -> bool {
         lock(&self.cordoned).contains(name)
@@ -330,6 +347,8 @@ impl Registry {
         if self.revoked.contains(name) {
             return Err(RegistryError::Revoked(name.to_string()));
         }
+        // A new enrollment is a new machine: an old notice no longer applies.
+        lock(&self.spot).remove(name);
         let mut inner = self.lock();
         let state = inner
             .nodes

@@ -25,6 +25,9 @@ pub const KEY_NETWORK: &str = "docker.network";
 pub const KEY_CONTROLLER: &str = "docker.controller";
 /// Pool label: the daemon's socket on the host, mounted into each node.
 pub const KEY_SOCKET: &str = "docker.socket";
+/// Pool label: where each node's agent reads spot interruption notices, a path
+/// inside its container (for clouds' hooks that write one, and for tests).
+pub const KEY_SPOT_NOTICE: &str = "docker.spotNotice";
 /// Default network: Docker's default bridge.
 pub const DEFAULT_NETWORK: &str = "bridge";
 /// Default socket.
@@ -49,6 +52,8 @@ pub struct DockerSettings {
     pub controller: Option<String>,
     /// The daemon's socket on the host.
     pub socket: String,
+    /// Where the agents read spot notices, inside their containers.
+    pub spot_notice: Option<String>,
 }
 
 impl DockerSettings {
@@ -86,7 +91,17 @@ impl DockerSettings {
                  the daemon's socket on the host, like {DEFAULT_SOCKET}"
             )));
         }
+        let spot_notice = get(KEY_SPOT_NOTICE).map(str::to_string);
+        if let Some(p) = &spot_notice
+            && !p.starts_with('/')
+        {
+            return Err(ProviderError::Settings(format!(
+                "node pool {pool}: {KEY_SPOT_NOTICE} {p:?} is not an absolute path; expected \
+                 the file inside each node's container where notices appear, like /run/spot"
+            )));
+        }
         Ok(DockerSettings {
+            spot_notice,
             image: image.to_string(),
             network: get(KEY_NETWORK).unwrap_or(DEFAULT_NETWORK).to_string(),
             controller,
@@ -175,6 +190,9 @@ impl NodeProvider for DockerProvider {
         ];
         if req.warm {
             env.push("NOVACRON_WARM=1".into());
+        }
+        if let Some(path) = &settings.spot_notice {
+            env.push(format!("NOVACRON_SPOT_NOTICE={path}"));
         }
         let mut labels = HashMap::from([
             (LABEL_POOL.to_string(), req.pool.to_string()),
