@@ -209,6 +209,17 @@ fn zone_outage_moves_work_to_the_other_zones() {
 }
 
 #[test]
+fn no_shipped_policy_needs_a_schedule() {
+    for path in shipped() {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let sc = load(name);
+        for p in &sc.policies {
+            assert!(p.schedules.is_empty(), "{name}: policy {} has a schedule", p.name);
+        }
+    }
+}
+
+#[test]
 fn the_same_seed_gives_the_same_report() {
     let sc = load("spot-storm.yaml");
     let one = simulate_run(&sc, Mode::Autoscaled);
