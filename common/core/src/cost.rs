@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use novacron_wire::Capacity;
 
+use crate::autoscale::pool::CapacityType;
+
 /// The node label that states a node's own hourly price (set by node pools).
 pub const PRICE_LABEL: &str = "price_per_hour";
 /// The node label naming the instance type looked up in the catalog.
@@ -403,6 +405,26 @@ pub fn mix_status(
         .collect()
 }
 
+/// The capacity a class's next node should have to move its mix toward the
+/// target, with the status line that says why: spot while its share is below the
+/// target, on-demand while above; `None` on target (or with nothing running and a
+/// target of exactly one half).
+pub fn mix_preference(status: &MixStatus) -> Option<(CapacityType, String)> {
+    let (actual, target) = if status.replicas == 0 {
+        // Nothing runs yet: the first replicas go where most of them should.
+        (0.5, status.target_spot)
+    } else {
+        (status.actual_spot, status.target_spot)
+    };
+    if (actual - target).abs() < 1e-9 {
+        None
+    } else if actual < target {
+        Some((CapacityType::Spot, status.message.clone()))
+    } else {
+        Some((CapacityType::OnDemand, status.message.clone()))
+    }
+}
+
 /// Right-sizing settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RightsizeConfig {
@@ -590,6 +612,31 @@ mod tests {
         );
         let err = PriceCatalog::parse("p.toml", "per_core = 1\n").expect_err("unknown key");
         assert!(err.contains("per_core"), "{err}");
+    }
+
+    #[test]
+    fn the_mix_steers_toward_its_target() {
+        let targets = BTreeMap::from([("web".to_string(), MixTarget { spot: 0.7 })]);
+        let low = mix_status(&targets, &[("web".into(), true), ("web".into(), false)]);
+        let (cap, why) = mix_preference(&low[0]).expect("below target");
+        assert_eq!(cap, CapacityType::Spot);
+        assert_eq!(
+            why,
+            "class web runs 1 of 2 replicas on spot (50%), target 70%"
+        );
+        let high = mix_status(&targets, &[("web".into(), true)]);
+        assert_eq!(
+            mix_preference(&high[0]).map(|p| p.0),
+            Some(CapacityType::OnDemand)
+        );
+        let none = mix_status(&targets, &[]);
+        assert_eq!(
+            mix_preference(&none[0]).map(|p| p.0),
+            Some(CapacityType::Spot)
+        );
+        let even = BTreeMap::from([("web".to_string(), MixTarget { spot: 0.5 })]);
+        let on = mix_status(&even, &[("web".into(), true), ("web".into(), false)]);
+        assert_eq!(mix_preference(&on[0]), None);
     }
 
     #[test]

@@ -195,6 +195,10 @@ pub struct Demand {
     pub gpus: u32,
     /// The job's hard label constraints.
     pub constraints: Vec<Constraint>,
+    /// The capacity its spot-share target steers new nodes to, and why (`class
+    /// web runs 2 of 10 replicas on spot (20%), target 70%`); `None`: the
+    /// cheapest pool.
+    pub prefer: Option<(CapacityType, String)>,
 }
 
 /// What to do to a pool.
@@ -393,11 +397,16 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
     let mut demands: Vec<&Demand> = demands.iter().filter(|d| d.count > 0).collect();
     demands.sort_by(|a, b| a.job.cmp(&b.job));
     for d in demands {
-        let fitting: Vec<&PoolView> = order
+        let mut fitting: Vec<&PoolView> = order
             .iter()
             .copied()
             .filter(|p| misfit(p, d).is_none())
             .collect();
+        // A spot-share target puts the pools of the capacity it lacks first
+        // (cheapest first among them); the others stay as a fallback.
+        if let Some((want, _)) = &d.prefer {
+            fitting.sort_by_key(|p| p.template.capacity_type != *want);
+        }
         for p in &fitting {
             wanted.insert(&p.name, true);
         }
@@ -418,12 +427,19 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
             if add == 0 {
                 continue;
             }
+            let steer = match &d.prefer {
+                Some((want, why)) if p.template.capacity_type == *want => {
+                    format!("; {want} first: {why}")
+                }
+                Some((want, why)) => format!("; no {want} pool could grow ({why})"),
+                None => String::new(),
+            };
             actions.push(PoolAction::Create {
                 pool: p.name.clone(),
                 count: add,
                 reason: format!(
                     "pool {} {cur} → {}: job {} has {} replica{} that fit no node; a {} node \
-                     ({}m CPU, {} bytes, {} per hour) holds {}",
+                     ({}m CPU, {} bytes, {} per hour) holds {}{steer}",
                     p.name,
                     cur + add,
                     d.job,
@@ -722,7 +738,43 @@ mod tests {
             memory_bytes: 64 * MIB,
             gpus: 0,
             constraints: Vec::new(),
+            prefer: None,
         }
+    }
+
+    #[test]
+    fn a_spot_share_target_grows_the_capacity_the_job_lacks_first() {
+        let spot = pool("spot", 0, 4, vec![]);
+        let mut on_demand = pool("od", 0, 4, vec![]);
+        on_demand.template.capacity_type = CapacityType::OnDemand;
+        on_demand.template.price_per_hour = 0.2;
+        let pools = [spot, on_demand];
+        let cheapest = plan_with(&pools, &[demand("web", 1, 100)], &Settings::default(), 1);
+        assert_eq!(cheapest[0].pool(), "spot", "{cheapest:?}");
+        let mut d = demand("web", 1, 100);
+        let why = "class web runs 9 of 10 replicas on spot (90%), target 50%, off target";
+        d.prefer = Some((CapacityType::OnDemand, why.into()));
+        let steered = plan_with(&pools, &[d.clone()], &Settings::default(), 1);
+        assert_eq!(steered[0].pool(), "od", "{steered:?}");
+        assert!(
+            steered[0]
+                .reason()
+                .ends_with(&format!("; on-demand first: {why}")),
+            "{}",
+            steered[0]
+        );
+        // A full on-demand pool leaves the spot pool as the fallback, and says so.
+        let mut full = pools.clone();
+        full[1].max_size = 0;
+        let fallback = plan_with(&full, &[d], &Settings::default(), 1);
+        assert_eq!(fallback[0].pool(), "spot", "{fallback:?}");
+        assert!(
+            fallback[0]
+                .reason()
+                .contains("no on-demand pool could grow"),
+            "{}",
+            fallback[0]
+        );
     }
 
     #[test]

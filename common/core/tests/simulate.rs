@@ -211,10 +211,17 @@ fn zone_outage_moves_work_to_the_other_zones() {
 #[test]
 fn no_shipped_policy_needs_a_schedule() {
     for path in shipped() {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         let sc = load(name);
         for p in &sc.policies {
-            assert!(p.schedules.is_empty(), "{name}: policy {} has a schedule", p.name);
+            assert!(
+                p.schedules.is_empty(),
+                "{name}: policy {} has a schedule",
+                p.name
+            );
         }
     }
 }

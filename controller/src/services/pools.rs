@@ -608,7 +608,7 @@ impl Manager {
         self.consolidating
             .retain(|n| self.draining.contains_key(n.as_str()));
 
-        let demands: Vec<Demand> = st.workloads.unplaced();
+        let demands = steer(st, st.workloads.unplaced());
         let actions = core::plan(&views, &demands, now_ms);
         for action in actions {
             let Some(o) = observed.iter().find(|o| o.pool.name == action.pool()) else {
@@ -1002,6 +1002,28 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Sets each demand's capacity preference from the pricing catalog's spot-share
+/// targets (`[mix]`): a job whose class runs below its spot target grows spot
+/// pools first, above it on-demand ones. Without targets, nothing is read.
+fn steer(st: &ApiState, mut demands: Vec<Demand>) -> Vec<Demand> {
+    if demands.is_empty() || st.pricing.mix.is_empty() {
+        return demands;
+    }
+    let classes = crate::services::costs::job_classes(&st.workloads);
+    let report = crate::services::costs::live_report(st);
+    for d in &mut demands {
+        let Some(class) = classes.get(&d.job) else {
+            continue;
+        };
+        d.prefer = report
+            .mix
+            .iter()
+            .find(|m| &m.class == class)
+            .and_then(novacron_common::cost::mix_preference);
+    }
+    demands
 }
 
 /// The consolidation plan of one pool (pure): its ready members not draining are

@@ -1208,6 +1208,8 @@ impl Workloads {
                     memory_bytes: spec.resources.memory.0,
                     gpus: spec.resources.gpus.as_ref().map_or(0, |g| g.count),
                     constraints: spec.placement.constraints.clone(),
+                    // The pool manager steers by the pricing catalog's mix.
+                    prefer: None,
                 })
             })
             .collect()
