@@ -502,19 +502,30 @@ fn evaluate(
             }
             if let (Some(history), MetricKind::Queue, Some(_)) = (trend.history, m.kind, &m.metric)
             {
-                // About 60 buckets over the history, and at least one per lookahead.
-                let bucket =
-                    (millis(history) / 60).clamp(1_000, millis(trend.lookahead).max(1_000));
+                // Without a season: about 60 buckets over the history, and at
+                // least one per lookahead. With one: 96 buckets a season.
+                let bucket = match trend.season {
+                    Some(season) => (millis(season) / 96).max(1_000),
+                    None => (millis(history) / 60).clamp(1_000, millis(trend.lookahead).max(1_000)),
+                };
                 let from = now_ms.saturating_sub(millis(history));
                 let values = forecast::buckets(series, from, now_ms, bucket);
                 let steps = u32::try_from(millis(trend.lookahead).div_ceil(bucket)).unwrap_or(1);
-                if let Some(f) = forecast::holt(&values, steps, trend.confidence / 100.0)
+                let conf = trend.confidence / 100.0;
+                let (fit, method) = match trend.season {
+                    Some(season) => (
+                        forecast::holt_winters(&values, 96, steps, conf),
+                        format!("Holt-Winters, season {}", human(season)),
+                    ),
+                    None => (forecast::holt(&values, steps, conf), "Holt".to_string()),
+                };
+                if let Some(f) = fit
                     && let Some(a) = ask(f.upper.max(0.0))
                 {
                     asks.forecast = Some((
                         a,
                         format!(
-                            "{} forecast {} in {} ({}% bound {}, Holt over {})",
+                            "{} forecast {} in {} ({}% bound {}, {method} over {})",
                             m.label(),
                             num(round2(f.mean.max(0.0))),
                             human(trend.lookahead),
@@ -748,6 +759,14 @@ mod tests {
                 "a forecast needs a metric the job reports",
             ),
             ("{lookahead: 1m, horizon: 5m}", "unknown field"),
+            (
+                "{lookahead: 1m, season: 24h}",
+                "needs a history to forecast from",
+            ),
+            (
+                "{lookahead: 1m, history: 30h, season: 24h}",
+                "expected a season of at least 10m and a history of at least two seasons",
+            ),
         ] {
             let e = parse_policy("p.yaml", &text(t)).expect_err(t).to_string();
             assert!(e.contains(want), "{t}: {e}");

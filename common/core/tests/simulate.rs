@@ -209,6 +209,34 @@ fn zone_outage_moves_work_to_the_other_zones() {
 }
 
 #[test]
+fn a_week_of_daily_peaks_is_forecast_with_its_season() {
+    // The shipped file forecasts with Holt over 30 minutes (it did better); the
+    // same week with a daily season.
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/scenarios/daily-week.yaml");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let seasonal = text.replace(
+        "trend: {lookahead: 2m, history: 30m}",
+        "trend: {lookahead: 2m, history: 48h, season: 24h}",
+    );
+    assert_ne!(
+        seasonal, text,
+        "the trend line is where the test expects it"
+    );
+    let sc = parse_scenario("daily-week.yaml", &seasonal).unwrap_or_else(|e| panic!("{e}"));
+    let report = simulate(&sc);
+    check(&report);
+    let a = &report.autoscaled;
+    assert!(a.availability >= 0.999, "{report}");
+    assert!(
+        a.events
+            .iter()
+            .any(|e| e.contains("Holt-Winters, season 1day") && e.contains("(forecast drives)")),
+        "the daily forecast drives some decisions"
+    );
+}
+
+#[test]
 fn no_shipped_policy_needs_a_schedule() {
     for path in shipped() {
         let name = path

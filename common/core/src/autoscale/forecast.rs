@@ -143,6 +143,83 @@ pub fn holt(series: &[f64], horizon_steps: u32, confidence: f64) -> Option<Forec
     })
 }
 
+/// Holt–Winters additive smoothing of `series` with a season of `period` values
+/// (a day in buckets), forecast `horizon_steps` ahead, with the weights chosen
+/// from a grid by the least squared one-step error and the upper bound of the
+/// one-sided `confidence` interval from `σ² (1 + Σ_{j<h} (α (1 + jβ) + γ [j mod
+/// m = 0])²)` (Hyndman and Athanasopoulos, table 8.8). `None` with fewer than two
+/// seasons of values or a period under 2.
+pub fn holt_winters(
+    series: &[f64],
+    period: usize,
+    horizon_steps: u32,
+    confidence: f64,
+) -> Option<Forecast> {
+    if period < 2 || series.len() < 2 * period || series.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    const LEVEL: [f64; 4] = [0.1, 0.3, 0.5, 0.8];
+    const TREND: [f64; 3] = [0.01, 0.1, 0.3];
+    const SEASON: [f64; 3] = [0.05, 0.2, 0.5];
+    let mut best: Option<(f64, f64, f64, f64, f64)> = None; // sse, alpha, beta, gamma, forecast
+    let h = horizon_steps.max(1) as usize;
+    for &alpha in &LEVEL {
+        for &beta in &TREND {
+            for &gamma in &SEASON {
+                let (sse, mean) = run_seasonal(series, period, alpha, beta, gamma, h);
+                if best.is_none_or(|b| sse < b.0) {
+                    best = Some((sse, alpha, beta, gamma, mean));
+                }
+            }
+        }
+    }
+    let (sse, alpha, beta, gamma, mean) = best?;
+    let errors = (series.len() - period) as f64;
+    let sigma2 = sse / errors.max(1.0);
+    let mut var = 1.0;
+    for j in 1..h {
+        let seasonal = if j % period == 0 { gamma } else { 0.0 };
+        let c = alpha * (1.0 + j as f64 * beta) + seasonal;
+        var += c * c;
+    }
+    let z = normal_quantile(confidence.clamp(0.5, 0.999));
+    Some(Forecast {
+        mean,
+        upper: mean + z * (sigma2 * var).sqrt(),
+        alpha,
+        beta,
+    })
+}
+
+/// One pass of additive Holt–Winters: the sum of squared one-step errors after
+/// the first season, and the forecast `h` steps past the end.
+fn run_seasonal(
+    series: &[f64],
+    m: usize,
+    alpha: f64,
+    beta: f64,
+    gamma: f64,
+    h: usize,
+) -> (f64, f64) {
+    let first = series[..m].iter().sum::<f64>() / m as f64;
+    let second = series[m..2 * m].iter().sum::<f64>() / m as f64;
+    let mut level = first;
+    let mut trend = (second - first) / m as f64;
+    let mut season: Vec<f64> = series[..m].iter().map(|y| y - first).collect();
+    let mut sse = 0.0;
+    for (t, &y) in series.iter().enumerate().skip(m) {
+        let s = season[t % m];
+        let e = y - (level + trend + s);
+        sse += e * e;
+        let new_level = alpha * (y - s) + (1.0 - alpha) * (level + trend);
+        trend = beta * (new_level - level) + (1.0 - beta) * trend;
+        season[t % m] = gamma * (y - new_level) + (1.0 - gamma) * s;
+        level = new_level;
+    }
+    let mean = level + h as f64 * trend + season[(series.len() + h - 1) % m];
+    (sse, mean)
+}
+
 /// One pass of Holt's method: the sum of squared one-step errors, and the final
 /// level and trend.
 fn run(series: &[f64], alpha: f64, beta: f64) -> (f64, f64, f64) {
@@ -265,6 +342,28 @@ mod tests {
         let h = holt(&noisy, 4, 0.99).expect("forecast");
         assert!(h.upper > g.upper, "more confidence, higher bound");
         assert_eq!(holt(&line[..5], 1, 0.9), None, "too short");
+    }
+
+    #[test]
+    fn holt_winters_forecasts_the_next_day_s_rise_from_the_last_days() {
+        // Three days of a daily shape in 24 hourly buckets: 100 at night, 400
+        // from 09:00 to 20:00, with a little noise.
+        let day = |h: usize| if (9..20).contains(&h) { 400.0 } else { 100.0 };
+        let series: Vec<f64> = (0..72)
+            .map(|i| day(i % 24) + if i % 3 == 0 { 5.0 } else { -2.5 })
+            .collect();
+        // The series ends at 23:00 of day 3: the next 09:00 is 10 steps ahead.
+        let nine = holt_winters(&series, 24, 10, 0.8).expect("forecast");
+        assert!((nine.mean - 400.0).abs() < 40.0, "{nine:?}");
+        assert!(nine.upper >= nine.mean);
+        // Holt's linear method sees only a level near the night's.
+        let flat = holt(&series, 10, 0.8).expect("forecast");
+        assert!(flat.mean < 250.0, "{flat:?}");
+        assert_eq!(
+            holt_winters(&series[..40], 24, 1, 0.8),
+            None,
+            "two seasons needed"
+        );
     }
 
     #[test]

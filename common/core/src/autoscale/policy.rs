@@ -109,6 +109,14 @@ pub struct TrendSpec {
     /// The forecast's one-sided confidence, in percent (50–99.9), default 80.
     #[serde(default = "default_confidence")]
     pub confidence: f64,
+    /// A season (`24h` for a daily pattern): the forecast is Holt–Winters
+    /// additive, which needs a history of at least two seasons.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub season: Option<Duration>,
 }
 
 /// Default forecast confidence, percent.
@@ -678,6 +686,13 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
                 ),
             ));
         }
+        if t.season.is_some() && t.history.is_none() {
+            r.push(Rule::at(
+                tp("season"),
+                "needs a history to forecast from; expected history of at least two seasons"
+                    .to_string(),
+            ));
+        }
         if let Some(h) = t.history {
             if h < Duration::from_secs(60) || h > MAX_HISTORY {
                 r.push(Rule::at(
@@ -696,6 +711,19 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
                         human(h),
                         human(t.lookahead),
                         human(t.lookahead.saturating_mul(2))
+                    ),
+                ));
+            }
+            if let Some(season) = t.season
+                && (season < Duration::from_secs(600) || h < season.saturating_mul(2))
+            {
+                r.push(Rule::at(
+                    tp("season"),
+                    format!(
+                        "{} with a history of {}; expected a season of at least 10m and a \
+                         history of at least two seasons",
+                        human(season),
+                        human(h)
                     ),
                 ));
             }
