@@ -146,6 +146,39 @@ pub struct PoolView {
     pub members: Vec<Member>,
     /// Nodes to keep warm beside the pool (`warm.size`; 0: none).
     pub warm: u32,
+    /// Empty nodes to keep ready in the pool for new replicas.
+    pub headroom: Option<Headroom>,
+}
+
+/// Spare capacity a pool keeps: empty nodes, ready for new replicas at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Headroom {
+    /// This many empty nodes.
+    Nodes(u32),
+    /// This share of the pool's size, in percent, rounded up.
+    Percent(f64),
+}
+
+impl Headroom {
+    /// Empty nodes wanted for a pool of `size`.
+    pub fn nodes(&self, size: u32) -> u32 {
+        match *self {
+            Headroom::Nodes(n) => n,
+            Headroom::Percent(p) => {
+                let n = (f64::from(size) * p / 100.0 - 1e-9).ceil();
+                n.clamp(0.0, f64::from(u32::MAX)) as u32
+            }
+        }
+    }
+}
+
+impl fmt::Display for Headroom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Headroom::Nodes(n) => write!(f, "{n} empty node{}", if *n == 1 { "" } else { "s" }),
+            Headroom::Percent(p) => write!(f, "{p}% of the pool empty"),
+        }
+    }
 }
 
 impl PoolView {
@@ -461,6 +494,36 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
         }
     }
 
+    // 2b. Headroom: empty nodes kept ready (provisioning ones no demand took count).
+    for p in &order {
+        let Some(headroom) = p.headroom else { continue };
+        let cur = size[p.name.as_str()];
+        let want = headroom.nodes(cur).min(p.max_size);
+        let empty = count(
+            p.members
+                .iter()
+                .filter(|m| m.phase == Phase::Ready && m.allocations == 0),
+        );
+        let have = empty + spare.get(p.name.as_str()).copied().unwrap_or(0);
+        let add = want
+            .saturating_sub(have)
+            .min(p.max_size.saturating_sub(cur));
+        if add > 0 {
+            actions.push(PoolAction::Create {
+                pool: p.name.clone(),
+                count: add,
+                reason: format!(
+                    "pool {} {cur} → {}: headroom is {headroom} ({want}); {have} empty or \
+                     on the way",
+                    p.name,
+                    cur + add
+                ),
+            });
+            size.insert(&p.name, cur + add);
+            *spare.entry(&p.name).or_default() += add;
+        }
+    }
+
     // 1. Bounds (down to maxSize) and 3. scale-down, within the disruption budget.
     for p in &order {
         let settings = &p.settings;
@@ -483,9 +546,16 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
                 .cmp(&b.allocations)
                 .then_with(|| a.name.cmp(&b.name))
         });
+        // Empty members the headroom keeps from being drained.
+        let keep_empty = p.headroom.map_or(0, |h| h.nodes(cur));
+        let mut empty_left = count(ready.iter().copied().filter(|m| m.allocations == 0))
+            .saturating_add(spare.get(p.name.as_str()).copied().unwrap_or(0));
         for m in ready {
             if room == 0 {
                 break;
+            }
+            if cur <= p.max_size && m.allocations == 0 && empty_left <= keep_empty {
+                continue;
             }
             let reason = if cur > p.max_size {
                 format!(
@@ -522,6 +592,9 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
                 node: m.name.clone(),
                 reason,
             });
+            if m.allocations == 0 {
+                empty_left = empty_left.saturating_sub(1);
+            }
             cur -= 1;
             room -= 1;
         }
@@ -714,6 +787,7 @@ mod tests {
             settings: Settings::default(),
             members,
             warm: 0,
+            headroom: None,
         }
     }
 
@@ -740,6 +814,44 @@ mod tests {
             constraints: Vec::new(),
             prefer: None,
         }
+    }
+
+    #[test]
+    fn headroom_keeps_empty_nodes_ready_and_undrained() {
+        let busy = |n: &str| member(n, Phase::Ready, 5, None);
+        let idle = |n: &str| member(n, Phase::Ready, 0, Some(0));
+        let mut p = pool("p", 1, 10, vec![busy("p-1"), busy("p-2")]);
+        p.headroom = Some(Headroom::Nodes(2));
+        let a = plan_with(&[p.clone()], &[], &Settings::default(), 100_000);
+        assert_eq!(
+            a,
+            vec![PoolAction::Create {
+                pool: "p".into(),
+                count: 2,
+                reason: "pool p 2 → 4: headroom is 2 empty nodes (2); 0 empty or on the way".into(),
+            }]
+        );
+        // Two empty members: kept, though they have been idle long past
+        // scaleDownAfter; a third is drained.
+        p.members = vec![busy("p-1"), idle("p-2"), idle("p-3"), idle("p-4")];
+        let a = plan_with(&[p.clone()], &[], &Settings::default(), 100_000);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(
+            matches!(&a[0], PoolAction::Drain { node, .. } if node == "p-2"),
+            "{a:?}"
+        );
+        // A share of the pool: 25% of 4 is one node.
+        p.headroom = Some(Headroom::Percent(25.0));
+        assert_eq!(Headroom::Percent(25.0).nodes(4), 1);
+        assert_eq!(Headroom::Percent(25.0).nodes(5), 2, "rounded up");
+        let a = plan_with(&[p], &[], &Settings::default(), 100_000);
+        assert!(
+            a.iter()
+                .filter(|a| matches!(a, PoolAction::Drain { .. }))
+                .count()
+                == 1,
+            "the budget drains one at a time: {a:?}"
+        );
     }
 
     #[test]

@@ -122,6 +122,33 @@ fn unannounced_surges_are_met_from_warm_nodes_and_the_trend() {
     }
 }
 
+/// Headroom keeps empty nodes beside the busy ones in the autoscaled run.
+#[test]
+fn headroom_keeps_empty_nodes_beside_the_busy_ones() {
+    let head = "apiVersion: novacron.io/v1\nkind: Scenario\nmetadata:\n  name: headroom\nspec:\n";
+    let pools = POOLS.replace(
+        "      zones: [a]\n",
+        "      zones: [a]\n      headroom: 2\n",
+    );
+    let jobs = "  jobs:\n    - name: api\n      replicas: 4\n      resources: {cpu: 4, memory: 2Gi}\n      capacityPerReplica: 100\n      load: {base: 10, points: [{at: 0s, multiplier: 1}]}\n";
+    let sc =
+        parse_scenario("h.yaml", &format!("{head}{pools}{jobs}")).unwrap_or_else(|e| panic!("{e}"));
+    let run = simulate_run(&sc, Mode::Autoscaled);
+    assert!(run.violations.is_empty(), "{:#?}", run.violations);
+    // Four replicas of a whole node each, plus two empty nodes.
+    assert_eq!(run.pools[0].peak_nodes, 6, "{run:#?}");
+    let bad = POOLS.replace(
+        "      zones: [a]\n",
+        "      zones: [a]\n      headroom: \"x%\"\n",
+    );
+    let e = parse_scenario("h.yaml", &format!("{head}{bad}")).expect_err("refused");
+    assert!(
+        e.to_string()
+            .contains("spec.pools[0].headroom: \"x%\" is not a headroom"),
+        "{e}"
+    );
+}
+
 /// Warm nodes cost their warm price, and a fleet that never scales out takes
 /// none of them.
 #[test]

@@ -868,6 +868,7 @@ impl Manager {
             settings: o.settings,
             members,
             warm: o.pool.warm,
+            headroom: o.pool.headroom,
         }
     }
 

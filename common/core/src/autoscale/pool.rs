@@ -258,6 +258,40 @@ pub struct NodePoolSpec {
     /// scale-out (`warm: {size: 2}`; only `state: stopped` with a real provider).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmSpec>,
+    /// Empty nodes kept ready for new replicas: a count (`headroom: 1`) or a
+    /// share of the pool's size (`headroom: "20%"`, rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<HeadroomSpec>,
+}
+
+/// `headroom: 2` or `headroom: "25%"`, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeadroomSpec {
+    /// A number of empty nodes.
+    Nodes(u32),
+    /// A share of the pool's size, like `25%`.
+    Percent(String),
+}
+
+impl HeadroomSpec {
+    /// The headroom, or why it is not one.
+    pub fn parse(&self) -> Result<crate::pools::Headroom, String> {
+        match self {
+            HeadroomSpec::Nodes(n) => Ok(crate::pools::Headroom::Nodes(*n)),
+            HeadroomSpec::Percent(s) => {
+                match s.trim().strip_suffix('%').map(|p| p.trim().parse::<f64>()) {
+                    Some(Ok(p)) if p.is_finite() && p > 0.0 && p <= 100.0 => {
+                        Ok(crate::pools::Headroom::Percent(p))
+                    }
+                    _ => Err(format!(
+                        "{s:?} is not a headroom; expected a number of empty nodes like 2, or a \
+                     share of the pool like \"20%\" (above 0% and up to 100%)"
+                    )),
+                }
+            }
+        }
+    }
 }
 
 /// A `NodePool` manifest.
@@ -311,6 +345,8 @@ pub struct NodePool {
     pub zones: Vec<String>,
     /// Nodes kept warm (0: none).
     pub warm: u32,
+    /// Empty nodes kept ready.
+    pub headroom: Option<crate::pools::Headroom>,
 }
 
 /// Why a pool's template reference does not resolve.
@@ -418,6 +454,7 @@ pub fn parse_node_pools(file: &str, text: &str) -> Result<Vec<NodePool>, Manifes
                 max_size: m.spec.max_size,
                 zones: m.spec.zones,
                 warm: m.spec.warm.map_or(0, |w| w.size),
+                headroom: m.spec.headroom.as_ref().and_then(|h| h.parse().ok()),
             })
         },
         |p: &NodePool| &p.name,
@@ -520,6 +557,19 @@ pub(crate) fn check_pool(p: &NodePoolSpec, prefix: &str) -> Vec<Rule> {
     }
     r.extend(check_sizes(p.min_size, p.max_size, prefix));
     r.extend(check_zones(&p.zones, prefix));
+    if let Some(h) = &p.headroom {
+        match h.parse() {
+            Err(e) => r.push(Rule::at(format!("{prefix}.headroom"), e)),
+            Ok(crate::pools::Headroom::Nodes(n)) if n > p.max_size => r.push(Rule::at(
+                format!("{prefix}.headroom"),
+                format!(
+                    "{n} is above maxSize ({}); expected at most maxSize",
+                    p.max_size
+                ),
+            )),
+            Ok(_) => {}
+        }
+    }
     if let Some(w) = &p.warm {
         let path = format!("{prefix}.warm");
         r.extend(check_warm(w, p.max_size, &path, None));
@@ -612,6 +662,32 @@ mod tests {
             Some(DOCKER_WARM_START)
         );
         assert_eq!(warm_start_delay("aws", WarmState::Stopped), None);
+    }
+
+    #[test]
+    fn headroom_is_a_count_or_a_share() {
+        let text = |h: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: NodePool\nmetadata: {{name: p}}\nspec:\n  templateRef: t\n  minSize: 0\n  maxSize: 4\n  headroom: {h}\n"
+            )
+        };
+        let ok = parse_node_pools("p.yaml", &text("\"25%\"")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok[0].headroom, Some(crate::pools::Headroom::Percent(25.0)));
+        let ok = parse_node_pools("p.yaml", &text("1")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok[0].headroom, Some(crate::pools::Headroom::Nodes(1)));
+        for (h, want) in [
+            (
+                "\"lots\"",
+                "p.yaml:8:13: spec.headroom: \"lots\" is not a headroom",
+            ),
+            ("\"0%\"", "is not a headroom"),
+            ("9", "spec.headroom: 9 is above maxSize (4)"),
+        ] {
+            let e = parse_node_pools("p.yaml", &text(h))
+                .expect_err(h)
+                .to_string();
+            assert!(e.contains(want), "{h}: {e}");
+        }
     }
 
     #[test]

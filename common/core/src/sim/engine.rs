@@ -1359,7 +1359,7 @@ impl<'a> Sim<'a> {
             .map(|(k, n)| (k.clone(), n))
             .collect();
         let have = active.len() as u32;
-        let want = self.desired[p];
+        let want = self.wanted(p);
         if have < want {
             let mut per_zone: BTreeMap<usize, u32> = BTreeMap::new();
             for (_, n) in &active {
@@ -1463,6 +1463,33 @@ impl<'a> Sim<'a> {
             }
         }
         self.refill_warm(p, initial);
+    }
+
+    /// The nodes pool `p` wants: its policy's size, and in the autoscaled run at
+    /// least the nodes holding replicas plus the headroom's empty ones.
+    fn wanted(&self, p: usize) -> u32 {
+        let pool = self.pools[p];
+        let Some(Ok(headroom)) = pool.headroom.as_ref().map(|h| h.parse()) else {
+            return self.desired[p];
+        };
+        if self.mode != Mode::Autoscaled {
+            return self.desired[p];
+        }
+        let busy: BTreeSet<&str> = self
+            .allocs
+            .values()
+            .filter(|a| !a.complete)
+            .map(|a| a.node.as_str())
+            .collect();
+        let used = self
+            .nodes
+            .iter()
+            .filter(|(k, n)| {
+                n.pool == p && n.terminate_at_ms.is_none() && busy.contains(k.as_str())
+            })
+            .count() as u32;
+        let floor = used.saturating_add(headroom.nodes(used)).min(pool.max_size);
+        self.desired[p].max(floor)
     }
 
     /// Provisions warm nodes up to the pool's warm size, in the zones with the

@@ -93,6 +93,9 @@ pub struct PoolSpec {
     /// Nodes kept warm for the autoscaled run (the static run has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<crate::autoscale::pool::WarmSpec>,
+    /// Empty nodes kept ready for the autoscaled run (`2` or `"20%"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<crate::autoscale::pool::HeadroomSpec>,
 }
 
 /// A service.
@@ -441,6 +444,9 @@ fn checked(m: ScenarioManifest) -> Result<Scenario, Vec<Rule>> {
         }
         r.extend(pool::check_zones(&p.zones, &pp));
         zones.extend(p.zones.iter().map(String::as_str));
+        if let Some(Err(e)) = p.headroom.as_ref().map(pool::HeadroomSpec::parse) {
+            r.push(Rule::at(format!("{pp}.headroom"), e));
+        }
         if let Some(w) = &p.warm {
             r.extend(pool::check_warm(
                 w,
