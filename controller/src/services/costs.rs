@@ -79,6 +79,20 @@ pub fn job_classes(workloads: &crate::services::workloads::Workloads) -> BTreeMa
 
 /// The `metadata.labels.class` of a manifest's YAML, if any.
 fn manifest_class(source: &str) -> Option<String> {
+    manifest_label(source, cost::CLASS_LABEL)
+}
+
+/// The label `key` of job `job`'s current manifest, if any.
+pub fn job_label(
+    workloads: &crate::services::workloads::Workloads,
+    job: &str,
+    key: &str,
+) -> Option<String> {
+    manifest_label(&workloads.job(job).ok()?.manifest, key)
+}
+
+/// The `metadata.labels.<key>` of a manifest's YAML, if any.
+fn manifest_label(source: &str, key: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct Doc {
         metadata: Meta,
@@ -92,7 +106,7 @@ fn manifest_class(source: &str) -> Option<String> {
         .ok()?
         .next()?;
     let doc = Doc::deserialize(first).ok()?;
-    doc.metadata.labels.get(cost::CLASS_LABEL).cloned()
+    doc.metadata.labels.get(key).cloned()
 }
 
 pub fn holds_resources(a: &AllocRecord) -> bool {

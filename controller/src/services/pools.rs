@@ -16,13 +16,15 @@
 //! ([`KEY_SCALE_DOWN_AFTER`], [`KEY_DISRUPTION_BUDGET`], [`KEY_UNDERUSED_PERCENT`],
 //! [`KEY_PROVISION_TIMEOUT`]) and [`KEY_CONSOLIDATE`].
 //!
-//! With `consolidate: "true"` the manager also repacks an elastic pool each pass
+//! Unless `consolidate: "false"`, the manager also repacks an elastic pool each pass
 //! ([`novacron_common::consolidate::plan`], best-fit-decreasing over the pool's
 //! ready members, within the disruption budget and above `minSize`): once the same
 //! plan has held for `scaleDownAfter` and no replica waits for room, each member it
 //! frees is cordoned, its allocations are evicted
 //! ([`crate::services::workloads::Workloads::evict`]; the reconciler places replacements on
-//! the other members) and it is removed through the drain path once empty.
+//! the other members) and it is removed through the drain path once empty. A
+//! member holding an allocation of a job labelled `consolidate: "false"` is never
+//! retired.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -212,10 +214,11 @@ pub fn settings_of(pool: &NodePool) -> Result<Settings, String> {
     Ok(s)
 }
 
-/// Whether a pool consolidates: its [`KEY_CONSOLIDATE`] label (default off).
+/// Whether a pool consolidates: its [`KEY_CONSOLIDATE`] label (default on; a job
+/// opts its allocations out with the same label, `consolidate: "false"`).
 pub fn consolidate_of(pool: &NodePool) -> Result<bool, String> {
     match pool.labels.get(KEY_CONSOLIDATE).map(|v| v.trim()) {
-        None => Ok(false),
+        None => Ok(true),
         Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
         Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
         Some(v) => Err(format!(
@@ -365,6 +368,9 @@ struct Observed {
     capacity_memory_bytes: u64,
     /// The allocations that hold resources there (wanted, not terminal).
     held: Vec<PackAlloc>,
+    /// Holds an allocation of a job labelled `consolidate: "false"`: not retired
+    /// by consolidation.
+    pinned: bool,
     /// Made for the warm pool, as its provider says.
     warm: bool,
     /// A warm-pool node that is stopped, ready to start.
@@ -490,6 +496,7 @@ async fn observe(
             names.entry(n.name.clone()).or_insert(None);
         }
     }
+    let mut opted_out: BTreeMap<String, bool> = BTreeMap::new();
     for (name, created) in names {
         let node = nodes.iter().find(|n| n.name == name);
         let live: Vec<_> = st
@@ -516,6 +523,13 @@ async fn observe(
                     memory_bytes: a.memory_bytes,
                 })
                 .collect(),
+            pinned: live.iter().any(|a| {
+                a.desired_run
+                    && *opted_out.entry(a.job.clone()).or_insert_with(|| {
+                        crate::services::costs::job_label(&st.workloads, &a.job, KEY_CONSOLIDATE)
+                            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+                    })
+            }),
             warm: warm.contains_key(&name),
             parked: warm.get(&name).copied().unwrap_or(false),
             name,
@@ -1062,7 +1076,7 @@ fn consolidation(
             cpu_millis: m.capacity_cpu_millis,
             memory_bytes: m.capacity_memory_bytes,
             hourly,
-            retirable: true,
+            retirable: !m.pinned,
             schedulable: true,
             allocations: m.held.clone(),
         })
@@ -1356,6 +1370,7 @@ mod tests {
                     memory_bytes: 1 << 20,
                 })
                 .collect(),
+            pinned: false,
             warm: false,
             parked: false,
         }
@@ -1377,9 +1392,9 @@ mod tests {
     }
 
     #[test]
-    fn consolidation_is_a_label_off_by_default() {
-        assert!(!observed("scaleDownAfter: 5s", vec![]).consolidate);
-        assert!(observed("consolidate: \"true\"", vec![]).consolidate);
+    fn consolidation_is_on_unless_a_label_turns_it_off() {
+        assert!(observed("scaleDownAfter: 5s", vec![]).consolidate);
+        assert!(!observed("consolidate: \"false\"", vec![]).consolidate);
         let text = POOL.replace("scaleDownAfter: 5s", "consolidate: \"maybe\"");
         let pool = parse_node_pools("p.yaml", &text)
             .unwrap_or_else(|e| panic!("{e:?}"))
@@ -1417,6 +1432,13 @@ mod tests {
         busy.members.push(member("p-c", &[]));
         busy.members[2].cordoned = true;
         assert!(consolidation(&busy, &draining, 0.05).retire.is_empty());
+
+        // A member holding a job that opted out (consolidate: "false") stays; the
+        // other one is retired instead, its allocation moving onto it.
+        let mut pinned = o.clone();
+        pinned.members[1].pinned = true;
+        let plan = consolidation(&pinned, &HashMap::new(), 0.05);
+        assert_eq!(plan.retire, ["p-a"], "{plan:?}");
 
         // Never below minSize.
         let mut floor = o.clone();
