@@ -450,8 +450,9 @@ fn singletons(
             Box::pin(budgets::run(
                 api_state.clone(),
                 budgets::DEFAULT_INTERVAL,
-                term,
+                term.clone(),
             )),
+            Box::pin(crate::services::idle::run(api_state.clone(), term)),
         ]
     }
 }

@@ -188,3 +188,74 @@ async fn costs_name_the_catalogs_currency() {
         "{said}"
     );
 }
+
+/// A job labelled `idleStop: 20s` whose replica sleeps is stopped once it has
+/// been idle that long, with an event that says what was measured; a busy one
+/// with the same label keeps running.
+#[tokio::test]
+async fn a_job_labelled_idle_stop_is_stopped_once_idle_for_its_period() {
+    ensure_test_image().expect("image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-idle-")
+        .tempdir()
+        .expect("tempdir");
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let name = format!("idle{}", std::process::id());
+    let _agent = Agent::join_and_run(dir.path(), &c, &name, &[])
+        .await
+        .expect("agent");
+    let labelled = |job: &str, script: &str| {
+        format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+  labels: {{idleStop: 20s}}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, '{script}']
+  resources:
+    cpu: 200m
+    memory: 32Mi
+"
+        )
+    };
+    let idle = format!("sleepy{}", std::process::id());
+    let busy = format!("busy{}", std::process::id());
+    let _cleanup = (JobCleanup(idle.clone()), JobCleanup(busy.clone()));
+    c.apply(
+        "idle.yaml",
+        &labelled(&idle, "while true; do sleep 1; done"),
+    )
+    .await
+    .expect("apply idle");
+    c.apply("busy.yaml", &labelled(&busy, "while :; do :; done"))
+        .await
+        .expect("apply busy");
+    let started = std::time::Instant::now();
+    wait_for(Duration::from_secs(120), "the idle job stopped", || async {
+        c.job(&idle)
+            .await
+            .is_ok_and(|d| d.summary.status == "stopped")
+    })
+    .await
+    .expect("stopped");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(20),
+        "stopped after {took:?}, before its 20 s period"
+    );
+    let events = c.cli(&["events", "--job", &idle, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("cost.idle_stopped") && events.contains("requested over"),
+        "{events}"
+    );
+    let busy_job = c.job(&busy).await.expect("busy job");
+    assert_ne!(busy_job.summary.status, "stopped", "the busy job runs on");
+}

@@ -537,6 +537,67 @@ pub fn rightsize(
     })
 }
 
+/// Whether a job stayed idle over a whole period: its replicas' CPU use (`(Unix
+/// ms, millicores)` samples, one per replica per sample time) in `(since_ms,
+/// now_ms]`, against what one replica requests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdleVerdict {
+    /// Its p95 CPU stayed under `fraction` of its request for the whole period.
+    Idle {
+        /// p95 CPU, millicores.
+        p95_cpu_millis: u64,
+        /// What and why, for people.
+        explanation: String,
+    },
+    /// It used more.
+    Busy,
+    /// The samples do not cover the period yet (it started, or the history was
+    /// off, within it).
+    TooShort,
+}
+
+/// Judges idleness (pure): idle when the samples reach back to within a tenth of
+/// the period (at least 3 s) of its start, there are at least three, and their
+/// p95 is under `fraction` of `requested_cpu_millis`.
+pub fn idle_verdict(
+    requested_cpu_millis: u64,
+    samples: &[(u64, f64)],
+    since_ms: u64,
+    now_ms: u64,
+    fraction: f64,
+) -> IdleVerdict {
+    let inside: Vec<(u64, f64)> = samples
+        .iter()
+        .copied()
+        .filter(|(at, c)| *at > since_ms && *at <= now_ms && c.is_finite() && *c >= 0.0)
+        .collect();
+    let slack = (now_ms.saturating_sub(since_ms) / 10).max(3_000);
+    let earliest = inside.iter().map(|(at, _)| *at).min();
+    if inside.len() < 3 || earliest.is_none_or(|e| e > since_ms.saturating_add(slack)) {
+        return IdleVerdict::TooShort;
+    }
+    let cpu: Vec<f64> = inside.iter().map(|(_, c)| *c).collect();
+    let Some(p95) = percentile(&cpu, 95.0) else {
+        return IdleVerdict::TooShort;
+    };
+    if p95 < fraction * requested_cpu_millis as f64 {
+        let p95_cpu_millis = p95.ceil() as u64;
+        IdleVerdict::Idle {
+            p95_cpu_millis,
+            explanation: format!(
+                "cpu p95 {p95_cpu_millis}m of {requested_cpu_millis}m requested over {}, under \
+                 {:.0}% of its request",
+                crate::units::duration(std::time::Duration::from_millis(
+                    now_ms.saturating_sub(since_ms)
+                )),
+                fraction * 100.0
+            ),
+        }
+    } else {
+        IdleVerdict::Busy
+    }
+}
+
 fn round_up(v: u64, unit: u64) -> u64 {
     v.div_ceil(unit).saturating_mul(unit)
 }
@@ -612,6 +673,41 @@ mod tests {
         );
         let err = PriceCatalog::parse("p.toml", "per_core = 1\n").expect_err("unknown key");
         assert!(err.contains("per_core"), "{err}");
+    }
+
+    #[test]
+    fn idleness_needs_the_whole_period_and_a_low_p95() {
+        let quiet: Vec<(u64, f64)> = (1..=60).map(|s| (s * 1000, 2.0)).collect();
+        match idle_verdict(500, &quiet, 0, 60_000, 0.05) {
+            IdleVerdict::Idle {
+                p95_cpu_millis,
+                explanation,
+            } => {
+                assert_eq!(p95_cpu_millis, 2);
+                assert_eq!(
+                    explanation,
+                    "cpu p95 2m of 500m requested over 1m, under 5% of its request"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut spiky = quiet.clone();
+        for s in spiky.iter_mut().step_by(10) {
+            s.1 = 400.0;
+        }
+        assert_eq!(
+            idle_verdict(500, &spiky, 0, 60_000, 0.05),
+            IdleVerdict::Busy
+        );
+        // Samples only from the last 20 s of a minute: too short to say.
+        assert_eq!(
+            idle_verdict(500, &quiet[40..], 0, 60_000, 0.05),
+            IdleVerdict::TooShort
+        );
+        assert_eq!(
+            idle_verdict(500, &[], 0, 60_000, 0.05),
+            IdleVerdict::TooShort
+        );
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub mod kind {
     pub const MIX_OFF_TARGET: &str = "cost.mix_off_target";
     /// A workload class's spot share is back near its target.
     pub const MIX_ON_TARGET: &str = "cost.mix_ok";
+    /// A job labelled idleStop was stopped for being idle.
+    pub const IDLE_STOPPED: &str = "cost.idle_stopped";
     /// A checkpoint was taken and stored.
     pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
     /// A checkpoint could not be taken or stored.

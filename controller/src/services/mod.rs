@@ -14,6 +14,7 @@ pub mod group;
 pub mod heavy;
 pub mod history;
 pub mod history_copy;
+pub mod idle;
 pub mod images;
 pub mod index;
 pub mod ingress;

@@ -502,7 +502,13 @@ impl Workloads {
         )
     }
 
-    /// Stops a job: all its allocations stop.
+    /// Whether job `name` is stopped.
+    pub fn is_stopped(&self, name: &str) -> bool {
+        self.lock().jobs.get(name).is_some_and(|e| e.record.stopped)
+    }
+
+    /// Stops job `name`: its allocations stop and stay stopped until it is
+    /// started or applied again.
     pub fn stop(&self, name: &str, by: &str) -> Result<(), WorkloadError> {
         let mut st = self.lock();
         let entry = st
