@@ -259,3 +259,70 @@ spec:
     let busy_job = c.job(&busy).await.expect("busy job");
     assert_ne!(busy_job.summary.status, "stopped", "the busy job runs on");
 }
+
+/// A job labelled `rightsize: apply` gets its right-sizing as a new version once
+/// its replicas ran for the window: half its CPU at most in one change.
+#[tokio::test]
+async fn a_job_labelled_rightsize_apply_is_resized_within_its_bounds() {
+    ensure_test_image().expect("image");
+    let dir = tempfile::Builder::new()
+        .prefix("novacron-rightsize-")
+        .tempdir()
+        .expect("tempdir");
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let name = format!("rs{}", std::process::id());
+    let _agent = Agent::join_and_run(dir.path(), &c, &name, &[])
+        .await
+        .expect("agent");
+    let job = format!("oversized{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    c.apply(
+        "oversized.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+  labels: {{rightsize: apply, rightsizeWindow: 35s}}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 1000m
+    memory: 256Mi
+"
+        ),
+    )
+    .await
+    .expect("apply");
+    wait_for(Duration::from_secs(150), "version 2 running", || async {
+        c.job(&job).await.is_ok_and(|d| {
+            d.summary.version == 2
+                && d.allocations.iter().any(|a| {
+                    a.version == 2 && a.state == novacron_common::wire::AllocState::Running
+                })
+        })
+    })
+    .await
+    .expect("resized");
+    let detail = c.job(&job).await.expect("job");
+    let manifest = novacron_common::manifest::parse_job("m.yaml", &detail.manifest).expect("valid");
+    assert_eq!(manifest.spec.resources.cpu.0, 500, "{}", detail.manifest);
+    assert_eq!(
+        manifest.spec.resources.memory.0,
+        128 << 20,
+        "{}",
+        detail.manifest
+    );
+    let events = c.cli(&["events", "--job", &job, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("cost.rightsized") && events.contains("cpu 1000m → 500m"),
+        "{events}"
+    );
+}

@@ -537,6 +537,87 @@ pub fn rightsize(
     })
 }
 
+/// Bounds on applying a right-sizing automatically.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApplyBounds {
+    /// The most one change moves a request, as a fraction of it (0.5: half).
+    pub max_step: f64,
+    /// Never below the observed p99 times `1 + margin`.
+    pub margin: f64,
+    /// Changes smaller than this fraction of the request are not worth a rollout.
+    pub min_change: f64,
+}
+
+impl Default for ApplyBounds {
+    fn default() -> Self {
+        ApplyBounds {
+            max_step: 0.5,
+            margin: 0.2,
+            min_change: 0.1,
+        }
+    }
+}
+
+/// New per-replica requests to roll out from a recommendation, within `bounds`
+/// (pure): each request moves toward `recommended`, at most `max_step` of itself,
+/// never below the samples' p99 plus the margin; `None` when neither moves by
+/// `min_change` or more. Also says why, for the event.
+pub fn bounded_rightsize(
+    r: &Rightsize,
+    cpu_millis: &[f64],
+    memory_bytes: &[u64],
+    bounds: &ApplyBounds,
+) -> Option<(u64, u64, String)> {
+    let cpu: Vec<f64> = cpu_millis
+        .iter()
+        .copied()
+        .filter(|c| c.is_finite() && *c >= 0.0)
+        .collect();
+    let p99_cpu = percentile(&cpu, 99.0)?;
+    let p99_mem = percentile(memory_bytes, 99.0)? as f64;
+    let step = |now: u64, want: u64, p99: f64, unit: u64, least: u64| -> u64 {
+        let now_f = now as f64;
+        let lo = (now_f * (1.0 - bounds.max_step)).max(p99 * (1.0 + bounds.margin));
+        let hi = now_f * (1.0 + bounds.max_step);
+        let v = (want as f64).clamp(lo.min(hi), hi);
+        round_up(v.ceil() as u64, unit).max(least)
+    };
+    let new_cpu = step(
+        r.requested_cpu_millis,
+        r.recommended_cpu_millis,
+        p99_cpu,
+        10,
+        MIN_CPU_MILLIS,
+    );
+    let new_mem = step(
+        r.requested_memory_bytes,
+        r.recommended_memory_bytes,
+        p99_mem,
+        MIB,
+        MIN_MEMORY_BYTES,
+    );
+    let moved = |now: u64, new: u64| {
+        now > 0 && (new as f64 - now as f64).abs() >= bounds.min_change * now as f64
+    };
+    if !moved(r.requested_cpu_millis, new_cpu) && !moved(r.requested_memory_bytes, new_mem) {
+        return None;
+    }
+    let why = format!(
+        "cpu {}m → {new_cpu}m (p95 {}m, p99 {:.0}m), memory {}Mi → {}Mi (p95 {}Mi, p99 {}Mi); \
+         at most {:.0}% a change, never under p99 plus {:.0}%",
+        r.requested_cpu_millis,
+        r.p95_cpu_millis,
+        p99_cpu,
+        r.requested_memory_bytes / MIB,
+        new_mem / MIB,
+        r.p95_memory_bytes / MIB,
+        (p99_mem / MIB as f64).ceil(),
+        bounds.max_step * 100.0,
+        bounds.margin * 100.0
+    );
+    Some((new_cpu, new_mem, why))
+}
+
 /// Whether a job stayed idle over a whole period: its replicas' CPU use (`(Unix
 /// ms, millicores)` samples, one per replica per sample time) in `(since_ms,
 /// now_ms]`, against what one replica requests.
@@ -673,6 +754,38 @@ mod tests {
         );
         let err = PriceCatalog::parse("p.toml", "per_core = 1\n").expect_err("unknown key");
         assert!(err.contains("per_core"), "{err}");
+    }
+
+    #[test]
+    fn applied_right_sizing_moves_at_most_a_step_and_never_under_p99() {
+        // 1000m requested, using about 100m with a p99 of 300m.
+        let mut cpu: Vec<f64> = vec![100.0; 98];
+        cpu.extend([300.0, 300.0]);
+        let mem: Vec<u64> = vec![64 * MIB; 100];
+        let r = rightsize(1000, 512 * MIB, &cpu, &mem, &RightsizeConfig::default()).expect("r");
+        assert_eq!(r.recommended_cpu_millis, 120);
+        let (new_cpu, new_mem, why) =
+            bounded_rightsize(&r, &cpu, &mem, &ApplyBounds::default()).expect("a change");
+        // Half at most: 1000m → 500m (not 120m); memory 512Mi → 256Mi.
+        assert_eq!((new_cpu, new_mem), (500, 256 * MIB), "{why}");
+        assert!(
+            why.starts_with("cpu 1000m → 500m (p95 100m, p99 300m)"),
+            "{why}"
+        );
+        // From 500m: the p99 plus 20% (360m) stops it above the 120m asked.
+        let mut r2 = r.clone();
+        r2.requested_cpu_millis = 500;
+        r2.requested_memory_bytes = 80 * MIB;
+        let (c2, _, _) = bounded_rightsize(&r2, &cpu, &mem, &ApplyBounds::default()).expect("c");
+        assert_eq!(c2, 360);
+        // Close enough already: no rollout.
+        let mut r3 = r.clone();
+        r3.requested_cpu_millis = 365;
+        r3.requested_memory_bytes = 77 * MIB;
+        assert_eq!(
+            bounded_rightsize(&r3, &cpu, &mem, &ApplyBounds::default()),
+            None
+        );
     }
 
     #[test]

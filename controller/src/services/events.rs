@@ -97,6 +97,8 @@ pub mod kind {
     pub const MIX_ON_TARGET: &str = "cost.mix_ok";
     /// A job labelled idleStop was stopped for being idle.
     pub const IDLE_STOPPED: &str = "cost.idle_stopped";
+    /// A job labelled rightsize: apply got new requests.
+    pub const RIGHTSIZED: &str = "cost.rightsized";
     /// A checkpoint was taken and stored.
     pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
     /// A checkpoint could not be taken or stored.
