@@ -25,6 +25,23 @@ spec:
     )
 }
 
+/// A controller and one agent named `<agent><pid>` in a fresh directory.
+async fn controller_and_agent(prefix: &str, agent: &str) -> (tempfile::TempDir, Controller, Agent) {
+    ensure_test_image().expect("image");
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    let c = Controller::start(dir.path(), &[])
+        .await
+        .expect("controller");
+    let name = format!("{agent}{}", std::process::id());
+    let a = Agent::join_and_run(dir.path(), &c, &name, &[])
+        .await
+        .expect("agent");
+    (dir, c, a)
+}
+
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(
         out.status.success(),
@@ -194,18 +211,7 @@ async fn costs_name_the_catalogs_currency() {
 /// with the same label keeps running.
 #[tokio::test]
 async fn a_job_labelled_idle_stop_is_stopped_once_idle_for_its_period() {
-    ensure_test_image().expect("image");
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-idle-")
-        .tempdir()
-        .expect("tempdir");
-    let c = Controller::start(dir.path(), &[])
-        .await
-        .expect("controller");
-    let name = format!("idle{}", std::process::id());
-    let _agent = Agent::join_and_run(dir.path(), &c, &name, &[])
-        .await
-        .expect("agent");
+    let (_dir, c, _agent) = controller_and_agent("novacron-idle-", "idle").await;
     let labelled = |job: &str, script: &str| {
         format!(
             "apiVersion: novacron.io/v1
@@ -264,18 +270,7 @@ spec:
 /// its replicas ran for the window: half its CPU at most in one change.
 #[tokio::test]
 async fn a_job_labelled_rightsize_apply_is_resized_within_its_bounds() {
-    ensure_test_image().expect("image");
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-rightsize-")
-        .tempdir()
-        .expect("tempdir");
-    let c = Controller::start(dir.path(), &[])
-        .await
-        .expect("controller");
-    let name = format!("rs{}", std::process::id());
-    let _agent = Agent::join_and_run(dir.path(), &c, &name, &[])
-        .await
-        .expect("agent");
+    let (_dir, c, _agent) = controller_and_agent("novacron-rightsize-", "rs").await;
     let job = format!("oversized{}", std::process::id());
     let _cleanup = JobCleanup(job.clone());
     c.apply(

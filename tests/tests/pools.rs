@@ -84,6 +84,51 @@ fn bridge_gateway() -> Result<String> {
         .with_context(|| format!("no address on docker0: {text:?}"))
 }
 
+/// A controller on the host, reachable from containers on the default bridge, a
+/// fresh pool name (`<prefix><pid>-<random>`), the fleet image and the cleanup of
+/// the pool's containers.
+async fn pool_controller(
+    dir: &std::path::Path,
+    prefix: &str,
+) -> Result<(Controller, String, String, Cleanup)> {
+    tls::install_crypto_provider();
+    let image = fleet_image()?;
+    ensure_test_image()?;
+    let gateway = bridge_gateway()?;
+    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
+    let pool = format!(
+        "{prefix}{}-{:04x}",
+        std::process::id() % 100_000,
+        rand::random::<u16>()
+    );
+    let cleanup = Cleanup { pool: pool.clone() };
+    Ok((c, pool, image, cleanup))
+}
+
+/// A service of one replica of `cpu` and 32Mi running `script`, held to the
+/// nodes of `pool`.
+fn pool_job(job: &str, pool: &str, cpu: &str, script: &str) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, '{script}']
+  resources:
+    cpu: {cpu}
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+    )
+}
+
 async fn pools(c: &Controller) -> Result<Vec<PoolStatus>> {
     Ok(c.admin_client()?
         .get(format!("{}/v1/pools", c.api()))
@@ -144,17 +189,7 @@ async fn the_docker_provider_adds_a_node_that_runs_work_and_removes_it_after_dra
 }
 
 async fn scale_up_then_down(dir: &std::path::Path) -> Result<()> {
-    tls::install_crypto_provider();
-    let image = fleet_image()?;
-    ensure_test_image()?;
-    let gateway = bridge_gateway()?;
-    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
-    let pool = format!(
-        "np{}-{:04x}",
-        std::process::id() % 100_000,
-        rand::random::<u16>()
-    );
-    let _cleanup = Cleanup { pool: pool.clone() };
+    let (c, pool, image, _cleanup) = pool_controller(dir, "np").await?;
 
     // A bad document is refused with its line.
     let (status, body) = apply_pools(
@@ -208,25 +243,7 @@ spec:
     let applied = std::time::Instant::now();
     c.apply(
         "job.yaml",
-        &format!(
-            "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {job}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'while true; do sleep 1; done']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-  placement:
-    constraints:
-      - {{key: pool, operator: '==', values: [{pool}]}}
-"
-        ),
+        &pool_job(&job, &pool, "100m", "while true; do sleep 1; done"),
     )
     .await?;
     let found = std::sync::Mutex::new(String::new());
@@ -408,17 +425,7 @@ async fn running(c: &Controller, job: &str) -> Vec<(String, String)> {
 }
 
 async fn consolidate(dir: &std::path::Path) -> Result<()> {
-    tls::install_crypto_provider();
-    let image = fleet_image()?;
-    ensure_test_image()?;
-    let gateway = bridge_gateway()?;
-    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
-    let pool = format!(
-        "nc{}-{:04x}",
-        std::process::id() % 100_000,
-        rand::random::<u16>()
-    );
-    let _cleanup = Cleanup { pool: pool.clone() };
+    let (c, pool, image, _cleanup) = pool_controller(dir, "nc").await?;
 
     // Two nodes (minSize 2), then a job spread over them: one replica each.
     let (status, body) = apply_pools(&c, &pool_manifest(&pool, &image, 2, false)).await?;
@@ -690,17 +697,7 @@ async fn members(c: &Controller, pool: &str, status: &str) -> Vec<String> {
 }
 
 async fn warm_pool(dir: &std::path::Path) -> Result<()> {
-    tls::install_crypto_provider();
-    let image = fleet_image()?;
-    ensure_test_image()?;
-    let gateway = bridge_gateway()?;
-    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
-    let pool = format!(
-        "wp{}-{:04x}",
-        std::process::id() % 100_000,
-        rand::random::<u16>()
-    );
-    let _cleanup = Cleanup { pool: pool.clone() };
+    let (c, pool, image, _cleanup) = pool_controller(dir, "wp").await?;
     let manifest = format!(
         "apiVersion: novacron.io/v1
 kind: NodeTemplate
@@ -792,25 +789,7 @@ spec:
     let applied = std::time::Instant::now();
     c.apply(
         "job.yaml",
-        &format!(
-            "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {job}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'while true; do sleep 1; done']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-  placement:
-    constraints:
-      - {{key: pool, operator: '==', values: [{pool}]}}
-"
-        ),
+        &pool_job(&job, &pool, "100m", "while true; do sleep 1; done"),
     )
     .await?;
     let waited = wait_for(SCALE_UP, "the warm node ready", || {
@@ -894,17 +873,7 @@ async fn a_spot_notice_replaces_its_node_from_the_warm_pool_before_the_deadline(
 }
 
 async fn spot_replacement(dir: &std::path::Path) -> Result<()> {
-    tls::install_crypto_provider();
-    let image = fleet_image()?;
-    ensure_test_image()?;
-    let gateway = bridge_gateway()?;
-    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
-    let pool = format!(
-        "sp{}-{:04x}",
-        std::process::id() % 100_000,
-        rand::random::<u16>()
-    );
-    let _cleanup = Cleanup { pool: pool.clone() };
+    let (c, pool, image, _cleanup) = pool_controller(dir, "sp").await?;
     let manifest = format!(
         "apiVersion: novacron.io/v1
 kind: NodeTemplate
@@ -937,25 +906,7 @@ spec:
     let job = format!("{pool}-job");
     c.apply(
         "job.yaml",
-        &format!(
-            "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {job}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'while true; do sleep 1; done']
-  resources:
-    cpu: 100m
-    memory: 32Mi
-  placement:
-    constraints:
-      - {{key: pool, operator: '==', values: [{pool}]}}
-"
-        ),
+        &pool_job(&job, &pool, "100m", "while true; do sleep 1; done"),
     )
     .await?;
     // One node runs the job, one waits warm.
@@ -1092,17 +1043,7 @@ async fn load_step(dir: &std::path::Path) -> Result<(f64, f64)> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    tls::install_crypto_provider();
-    let image = fleet_image()?;
-    ensure_test_image()?;
-    let gateway = bridge_gateway()?;
-    let c = Controller::start_on(dir, "0.0.0.0", &gateway, &[]).await?;
-    let pool = format!(
-        "lp{}-{:04x}",
-        std::process::id() % 100_000,
-        rand::random::<u16>()
-    );
-    let _cleanup = Cleanup { pool: pool.clone() };
+    let (c, pool, image, _cleanup) = pool_controller(dir, "lp").await?;
     // A node offers what the host does (2 cores); a replica asks for 500m, so a
     // node holds 4 (3 beside the agent's reserve at most) and ten need three.
     let manifest = format!(
@@ -1136,24 +1077,11 @@ spec:
     let job = format!("{pool}-svc");
     c.apply(
         "job.yaml",
-        &format!(
-            "apiVersion: novacron.io/v1
-kind: Job
-metadata:
-  name: {job}
-spec:
-  type: service
-  replicas: 1
-  task:
-    image: {TEST_IMAGE}
-    command: [sh, -c, 'while [ ! -e /tmp/go ]; do sleep 0.2; done; while :; do :; done']
-  resources:
-    cpu: 500m
-    memory: 32Mi
-  placement:
-    constraints:
-      - {{key: pool, operator: '==', values: [{pool}]}}
-"
+        &pool_job(
+            &job,
+            &pool,
+            "500m",
+            "while [ ! -e /tmp/go ]; do sleep 0.2; done; while :; do :; done",
         ),
     )
     .await?;

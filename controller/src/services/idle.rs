@@ -128,12 +128,7 @@ fn idle_jobs(st: &ApiState, now: SystemTime) -> Vec<(String, String, String)> {
                 continue;
             }
         };
-        let allocs: Vec<_> = st
-            .workloads
-            .allocations(Some(&j.name), None)
-            .into_iter()
-            .filter(holds_resources)
-            .collect();
+        let allocs = holding(st, &j.name);
         let Some(newest) = allocs.iter().max_by_key(|a| (a.version, a.created_unix_ms)) else {
             continue;
         };
@@ -169,12 +164,7 @@ fn resizes(st: &ApiState, now: SystemTime) -> Vec<(String, String, String)> {
             .filter(|w| *w >= MIN_PERIOD)
             .unwrap_or(RIGHTSIZE_WINDOW);
         let since = now_ms.saturating_sub(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
-        let allocs: Vec<_> = st
-            .workloads
-            .allocations(Some(&j.name), None)
-            .into_iter()
-            .filter(holds_resources)
-            .collect();
+        let allocs = holding(st, &j.name);
         // Every replica runs the current version and has run for the window:
         // the samples describe what the change would resize, and a change rolled
         // out waits a whole window before the next.
@@ -210,6 +200,15 @@ fn resizes(st: &ApiState, now: SystemTime) -> Vec<(String, String, String)> {
         }
     }
     out
+}
+
+/// The allocations of `job` that hold resources.
+fn holding(st: &ApiState, job: &str) -> Vec<crate::state::store::AllocRecord> {
+    st.workloads
+        .allocations(Some(job), None)
+        .into_iter()
+        .filter(holds_resources)
+        .collect()
 }
 
 /// The replicas' CPU samples since `since_ms`: (Unix ms, millicores).

@@ -125,22 +125,50 @@ pub fn holt(series: &[f64], horizon_steps: u32, confidence: f64) -> Option<Forec
         }
     }
     let (sse, alpha, beta, level, trend) = best?;
-    let errors = (series.len() - 2) as f64;
-    let sigma2 = sse / errors.max(1.0);
-    let h = f64::from(horizon_steps.max(1));
-    let mut var = 1.0;
-    for j in 1..horizon_steps.max(1) {
-        let c = alpha * (1.0 + f64::from(j) * beta);
-        var += c * c;
-    }
-    let mean = level + h * trend;
-    let z = normal_quantile(confidence.clamp(0.5, 0.999));
-    Some(Forecast {
-        mean,
-        upper: mean + z * (sigma2 * var).sqrt(),
+    let h = horizon_steps.max(1);
+    let mean = level + f64::from(h) * trend;
+    let fit = Fit {
+        sse,
+        errors: series.len() - 2,
         alpha,
         beta,
-    })
+        season: None,
+    };
+    Some(fit.forecast(mean, h as usize, confidence))
+}
+
+/// A fitted smoothing: what its prediction interval needs.
+struct Fit {
+    sse: f64,
+    errors: usize,
+    alpha: f64,
+    beta: f64,
+    /// (γ, period) of a seasonal fit.
+    season: Option<(f64, usize)>,
+}
+
+impl Fit {
+    /// The forecast `mean`, `h` steps ahead, with the upper bound of its one-sided
+    /// `confidence` interval: `σ² (1 + Σ_{j<h} (α (1 + jβ) + γ [j mod m = 0])²)`.
+    fn forecast(&self, mean: f64, h: usize, confidence: f64) -> Forecast {
+        let sigma2 = self.sse / (self.errors as f64).max(1.0);
+        let mut var = 1.0;
+        for j in 1..h {
+            let seasonal = match self.season {
+                Some((gamma, m)) if j % m == 0 => gamma,
+                _ => 0.0,
+            };
+            let c = self.alpha * (1.0 + j as f64 * self.beta) + seasonal;
+            var += c * c;
+        }
+        let z = normal_quantile(confidence.clamp(0.5, 0.999));
+        Forecast {
+            mean,
+            upper: mean + z * (sigma2 * var).sqrt(),
+            alpha: self.alpha,
+            beta: self.beta,
+        }
+    }
 }
 
 /// Holt–Winters additive smoothing of `series` with a season of `period` values
@@ -174,21 +202,14 @@ pub fn holt_winters(
         }
     }
     let (sse, alpha, beta, gamma, mean) = best?;
-    let errors = (series.len() - period) as f64;
-    let sigma2 = sse / errors.max(1.0);
-    let mut var = 1.0;
-    for j in 1..h {
-        let seasonal = if j % period == 0 { gamma } else { 0.0 };
-        let c = alpha * (1.0 + j as f64 * beta) + seasonal;
-        var += c * c;
-    }
-    let z = normal_quantile(confidence.clamp(0.5, 0.999));
-    Some(Forecast {
-        mean,
-        upper: mean + z * (sigma2 * var).sqrt(),
+    let fit = Fit {
+        sse,
+        errors: series.len() - period,
         alpha,
         beta,
-    })
+        season: Some((gamma, period)),
+    };
+    Some(fit.forecast(mean, h, confidence))
 }
 
 /// One pass of additive Holt–Winters: the sum of squared one-step errors after

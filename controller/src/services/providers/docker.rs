@@ -136,6 +136,24 @@ impl DockerProvider {
         })
     }
 
+    /// The container of node `name` of `pool` (none or one).
+    async fn node_containers(
+        &self,
+        op: &'static str,
+        pool: &str,
+        name: &str,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, ProviderError> {
+        self.containers(
+            op,
+            name,
+            vec![
+                format!("{LABEL_POOL}={pool}"),
+                format!("{LABEL_NODE}={name}"),
+            ],
+        )
+        .await
+    }
+
     /// Containers with all of `labels` (`key` or `key=value`).
     async fn containers(
         &self,
@@ -237,16 +255,7 @@ impl NodeProvider for DockerProvider {
 
     async fn start(&self, pool: &str, name: &str) -> Result<(), ProviderError> {
         let docker = self.client("start", name)?;
-        let node = self
-            .containers(
-                "start",
-                name,
-                vec![
-                    format!("{LABEL_POOL}={pool}"),
-                    format!("{LABEL_NODE}={name}"),
-                ],
-            )
-            .await?;
+        let node = self.node_containers("start", pool, name).await?;
         let id = node
             .into_iter()
             .find_map(|c| c.id)
@@ -260,16 +269,7 @@ impl NodeProvider for DockerProvider {
 
     async fn delete(&self, pool: &str, name: &str) -> Result<(), ProviderError> {
         let docker = self.client("delete", name)?;
-        let node = self
-            .containers(
-                "delete",
-                name,
-                vec![
-                    format!("{LABEL_POOL}={pool}"),
-                    format!("{LABEL_NODE}={name}"),
-                ],
-            )
-            .await?;
+        let node = self.node_containers("delete", pool, name).await?;
         // The agent first, so that nothing restarts its workloads; then what it ran.
         let workloads = self
             .containers(
