@@ -165,6 +165,25 @@ async fn pool_events(c: &Controller) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Runs `body` in a fresh directory; a failure panics with the controller's
+/// last log lines.
+async fn with_log<F, Fut>(prefix: &str, body: F)
+where
+    F: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir");
+    if let Err(e) = body(dir.path().to_path_buf()).await {
+        panic!(
+            "{e:#}\n--- controller log (last lines):\n{}",
+            controller_log(dir.path())
+        );
+    }
+}
+
 fn controller_log(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("controller-1.log"))
         .map(|l| {
@@ -176,16 +195,10 @@ fn controller_log(dir: &std::path::Path) -> String {
 
 #[tokio::test]
 async fn the_docker_provider_adds_a_node_that_runs_work_and_removes_it_after_draining() {
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-pools-")
-        .tempdir()
-        .expect("temp dir");
-    if let Err(e) = scale_up_then_down(dir.path()).await {
-        panic!(
-            "{e:#}\n--- controller log (last lines):\n{}",
-            controller_log(dir.path())
-        );
-    }
+    with_log("novacron-pools-", |dir| async move {
+        scale_up_then_down(&dir).await
+    })
+    .await;
 }
 
 async fn scale_up_then_down(dir: &std::path::Path) -> Result<()> {
@@ -369,16 +382,10 @@ spec:
 
 #[tokio::test]
 async fn consolidation_retires_a_node_whose_allocation_fits_on_another() {
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-consolidate-")
-        .tempdir()
-        .expect("temp dir");
-    if let Err(e) = consolidate(dir.path()).await {
-        panic!(
-            "{e:#}\n--- controller log (last lines):\n{}",
-            controller_log(dir.path())
-        );
-    }
+    with_log("novacron-consolidate-", |dir| async move {
+        consolidate(&dir).await
+    })
+    .await;
 }
 
 fn pool_manifest(pool: &str, image: &str, min: u32, consolidate: bool) -> String {
@@ -560,16 +567,10 @@ async fn diagnose(c: &Controller) -> String {
 
 #[tokio::test]
 async fn a_policy_targeting_a_pool_sets_its_size_and_releases_it_when_deleted() {
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-poolpolicy-")
-        .tempdir()
-        .expect("temp dir");
-    if let Err(e) = pool_policy(dir.path()).await {
-        panic!(
-            "{e:#}\n--- controller log (last lines):\n{}",
-            controller_log(dir.path())
-        );
-    }
+    with_log("novacron-poolpolicy-", |dir| async move {
+        pool_policy(&dir).await
+    })
+    .await;
 }
 
 async fn pool_policy(dir: &std::path::Path) -> Result<()> {
@@ -671,16 +672,10 @@ spec:
 
 #[tokio::test]
 async fn a_warm_node_is_kept_stopped_started_first_on_a_scale_out_and_refilled() {
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-pools-warm-")
-        .tempdir()
-        .expect("temp dir");
-    if let Err(e) = warm_pool(dir.path()).await {
-        panic!(
-            "{e:#}\n--- controller log (last lines):\n{}",
-            controller_log(dir.path())
-        );
-    }
+    with_log("novacron-pools-warm-", |dir| async move {
+        warm_pool(&dir).await
+    })
+    .await;
 }
 
 /// The pool's members whose status is `status`.
@@ -860,16 +855,10 @@ spec:
 
 #[tokio::test]
 async fn a_spot_notice_replaces_its_node_from_the_warm_pool_before_the_deadline() {
-    let dir = tempfile::Builder::new()
-        .prefix("novacron-pools-spot-")
-        .tempdir()
-        .expect("temp dir");
-    if let Err(e) = spot_replacement(dir.path()).await {
-        panic!(
-            "{e:#}\n--- controller log (last lines):\n{}",
-            controller_log(dir.path())
-        );
-    }
+    with_log("novacron-pools-spot-", |dir| async move {
+        spot_replacement(&dir).await
+    })
+    .await;
 }
 
 async fn spot_replacement(dir: &std::path::Path) -> Result<()> {

@@ -289,21 +289,34 @@ async fn prometheus_scrapes_the_controller_and_every_dashboard_query_has_data() 
         "recorded rates without data:\n{}",
         missing_records.lock().expect("lock").join("\n")
     );
-    // A host's CPU time goes up: the busy ratio is a real fraction.
-    let busy = prom
-        .query(
-            &http,
-            &format!(
-                "node:novacron_node_cpu_busy:ratio_rate5m{{node=\"{}\"}}",
-                agent.name
-            ),
-        )
-        .await
-        .expect("query");
-    let ratio: f64 = busy[0]["value"][1]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .expect("a number");
+    // A host's CPU time goes up: the busy ratio is a real fraction. Until two
+    // scrapes have seen the counters move, the rule's 0/0 is NaN: wait for it.
+    let ratio = std::sync::Mutex::new(f64::NAN);
+    let _ = wait_for(Duration::from_secs(60), "a busy ratio", || {
+        let (prom, http, agent, ratio) = (&prom, &http, &agent, &ratio);
+        async move {
+            let Ok(busy) = prom
+                .query(
+                    http,
+                    &format!(
+                        "node:novacron_node_cpu_busy:ratio_rate5m{{node=\"{}\"}}",
+                        agent.name
+                    ),
+                )
+                .await
+            else {
+                return false;
+            };
+            let value: f64 = busy[0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
+            *ratio.lock().expect("lock") = value;
+            !value.is_nan()
+        }
+    })
+    .await;
+    let ratio = *ratio.lock().expect("lock");
     assert!((0.0..=1.0).contains(&ratio), "busy ratio {ratio}");
 
     // Nothing Prometheus had to rename (issue 15: `job` became `exported_job`).

@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::autoscale::pool::Headroom;
 use crate::autoscale::pool::{CapacityType, NodeTemplateSpec};
 use crate::manifest::Constraint;
 
@@ -148,37 +149,6 @@ pub struct PoolView {
     pub warm: u32,
     /// Empty nodes to keep ready in the pool for new replicas.
     pub headroom: Option<Headroom>,
-}
-
-/// Spare capacity a pool keeps: empty nodes, ready for new replicas at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Headroom {
-    /// This many empty nodes.
-    Nodes(u32),
-    /// This share of the pool's size, in percent, rounded up.
-    Percent(f64),
-}
-
-impl Headroom {
-    /// Empty nodes wanted for a pool of `size`.
-    pub fn nodes(&self, size: u32) -> u32 {
-        match *self {
-            Headroom::Nodes(n) => n,
-            Headroom::Percent(p) => {
-                let n = (f64::from(size) * p / 100.0 - 1e-9).ceil();
-                n.clamp(0.0, f64::from(u32::MAX)) as u32
-            }
-        }
-    }
-}
-
-impl fmt::Display for Headroom {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Headroom::Nodes(n) => write!(f, "{n} empty node{}", if *n == 1 { "" } else { "s" }),
-            Headroom::Percent(p) => write!(f, "{p}% of the pool empty"),
-        }
-    }
 }
 
 impl PoolView {

@@ -264,6 +264,37 @@ pub struct NodePoolSpec {
     pub headroom: Option<HeadroomSpec>,
 }
 
+/// Spare capacity a pool keeps: empty nodes, ready for new replicas at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Headroom {
+    /// This many empty nodes.
+    Nodes(u32),
+    /// This share of the pool's size, in percent, rounded up.
+    Percent(f64),
+}
+
+impl Headroom {
+    /// Empty nodes wanted for a pool of `size`.
+    pub fn nodes(&self, size: u32) -> u32 {
+        match *self {
+            Headroom::Nodes(n) => n,
+            Headroom::Percent(p) => {
+                let n = (f64::from(size) * p / 100.0 - 1e-9).ceil();
+                n.clamp(0.0, f64::from(u32::MAX)) as u32
+            }
+        }
+    }
+}
+
+impl fmt::Display for Headroom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Headroom::Nodes(n) => write!(f, "{n} empty node{}", if *n == 1 { "" } else { "s" }),
+            Headroom::Percent(p) => write!(f, "{p}% of the pool empty"),
+        }
+    }
+}
+
 /// `headroom: 2` or `headroom: "25%"`, as written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -276,13 +307,13 @@ pub enum HeadroomSpec {
 
 impl HeadroomSpec {
     /// The headroom, or why it is not one.
-    pub fn parse(&self) -> Result<crate::pools::Headroom, String> {
+    pub fn parse(&self) -> Result<Headroom, String> {
         match self {
-            HeadroomSpec::Nodes(n) => Ok(crate::pools::Headroom::Nodes(*n)),
+            HeadroomSpec::Nodes(n) => Ok(Headroom::Nodes(*n)),
             HeadroomSpec::Percent(s) => {
                 match s.trim().strip_suffix('%').map(|p| p.trim().parse::<f64>()) {
                     Some(Ok(p)) if p.is_finite() && p > 0.0 && p <= 100.0 => {
-                        Ok(crate::pools::Headroom::Percent(p))
+                        Ok(Headroom::Percent(p))
                     }
                     _ => Err(format!(
                         "{s:?} is not a headroom; expected a number of empty nodes like 2, or a \
@@ -346,7 +377,7 @@ pub struct NodePool {
     /// Nodes kept warm (0: none).
     pub warm: u32,
     /// Empty nodes kept ready.
-    pub headroom: Option<crate::pools::Headroom>,
+    pub headroom: Option<Headroom>,
 }
 
 /// Why a pool's template reference does not resolve.
@@ -560,7 +591,7 @@ pub(crate) fn check_pool(p: &NodePoolSpec, prefix: &str) -> Vec<Rule> {
     if let Some(h) = &p.headroom {
         match h.parse() {
             Err(e) => r.push(Rule::at(format!("{prefix}.headroom"), e)),
-            Ok(crate::pools::Headroom::Nodes(n)) if n > p.max_size => r.push(Rule::at(
+            Ok(Headroom::Nodes(n)) if n > p.max_size => r.push(Rule::at(
                 format!("{prefix}.headroom"),
                 format!(
                     "{n} is above maxSize ({}); expected at most maxSize",
@@ -672,9 +703,9 @@ mod tests {
             )
         };
         let ok = parse_node_pools("p.yaml", &text("\"25%\"")).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(ok[0].headroom, Some(crate::pools::Headroom::Percent(25.0)));
+        assert_eq!(ok[0].headroom, Some(Headroom::Percent(25.0)));
         let ok = parse_node_pools("p.yaml", &text("1")).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(ok[0].headroom, Some(crate::pools::Headroom::Nodes(1)));
+        assert_eq!(ok[0].headroom, Some(Headroom::Nodes(1)));
         for (h, want) in [
             (
                 "\"lots\"",
