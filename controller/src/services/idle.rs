@@ -3,8 +3,8 @@
 //!
 //! - `idleStop: <duration>`: the job is stopped once its replicas' CPU stayed
 //!   under [`IDLE_FRACTION`] of their request for that long, with a
-//!   `cost.idle_stopped` event that says what was measured; removing the label
-//!   (and `novacron job start`) undoes it.
+//!   `cost.idle_stopped` event that says what was measured; applying the job
+//!   again runs it (remove the label to keep it running).
 //! - `rightsize: apply` (window `rightsizeWindow`, default [`RIGHTSIZE_WINDOW`]):
 //!   once every replica of the current version has run for the window, its
 //!   right-sizing is applied as a new version of the job (rolled out like any
@@ -93,7 +93,7 @@ pub async fn run(st: Arc<ApiState>, cancel: CancellationToken) {
         for (job, period, why) in idle {
             let message = format!(
                 "job {job} stopped: idle ({why}); its label {LABEL}: {period} asks for it \
-                 (remove the label and `novacron job start {job}` to run it again)"
+                 (`novacron apply` runs it again; remove the label to keep it running)"
             );
             match st.workloads.stop(&job, ACTOR) {
                 Ok(()) => {
