@@ -678,6 +678,15 @@ async fn a_warm_node_is_kept_stopped_started_first_on_a_scale_out_and_refilled()
     .await;
 }
 
+/// Whether a wanted allocation of `job` runs on `node`.
+async fn runs_on(c: &Controller, job: &str, node: &str) -> bool {
+    c.job(job).await.is_ok_and(|d| {
+        d.allocations
+            .iter()
+            .any(|a| a.desired_run && a.state == AllocState::Running && a.node == node)
+    })
+}
+
 /// The pool's members whose status is `status`.
 async fn members(c: &Controller, pool: &str, status: &str) -> Vec<String> {
     pools(c)
@@ -803,14 +812,7 @@ spec:
     }
     let ready_after = applied.elapsed();
     let waited = wait_for(SCALE_UP, "the job running on the warm node", || {
-        let (c, job, warm) = (&c, &job, &warm);
-        async move {
-            c.job(job).await.is_ok_and(|d| {
-                d.allocations
-                    .iter()
-                    .any(|a| a.desired_run && a.state == AllocState::Running && &a.node == warm)
-            })
-        }
+        runs_on(&c, &job, &warm)
     })
     .await;
     if let Err(e) = waited {
@@ -949,16 +951,7 @@ spec:
     let waited = wait_for(
         Duration::from_secs(100),
         "the job moved to the warm node",
-        || {
-            let (c, job, warm) = (&c, &job, &warm);
-            async move {
-                c.job(job).await.is_ok_and(|d| {
-                    d.allocations
-                        .iter()
-                        .any(|a| a.desired_run && a.state == AllocState::Running && &a.node == warm)
-                })
-            }
-        },
+        || runs_on(&c, &job, &warm),
     )
     .await;
     if let Err(e) = waited {

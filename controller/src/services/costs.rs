@@ -11,7 +11,6 @@ use novacron_api::NodeView;
 use novacron_common::consolidate;
 use novacron_common::cost::{self, RightsizeConfig};
 use novacron_common::wire::{AllocState, NodeSample};
-use serde::Deserialize;
 
 use crate::services::context::ApiState;
 use crate::state::store::AllocRecord;
@@ -70,16 +69,10 @@ pub fn job_classes(workloads: &crate::services::workloads::Workloads) -> BTreeMa
         .jobs()
         .into_iter()
         .filter_map(|j| {
-            let detail = workloads.job(&j.name).ok()?;
-            let class = manifest_class(&detail.manifest)?;
+            let class = job_label(workloads, &j.name, cost::CLASS_LABEL)?;
             Some((j.name, class))
         })
         .collect()
-}
-
-/// The `metadata.labels.class` of a manifest's YAML, if any.
-fn manifest_class(source: &str) -> Option<String> {
-    manifest_label(source, cost::CLASS_LABEL)
 }
 
 /// The label `key` of job `job`'s current manifest, if any.
@@ -88,25 +81,7 @@ pub fn job_label(
     job: &str,
     key: &str,
 ) -> Option<String> {
-    manifest_label(&workloads.job(job).ok()?.manifest, key)
-}
-
-/// The `metadata.labels.<key>` of a manifest's YAML, if any.
-fn manifest_label(source: &str, key: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Doc {
-        metadata: Meta,
-    }
-    #[derive(Deserialize)]
-    struct Meta {
-        #[serde(default)]
-        labels: BTreeMap<String, String>,
-    }
-    let first = novacron_common::manifest::yaml_documents("manifest", source)
-        .ok()?
-        .next()?;
-    let doc = Doc::deserialize(first).ok()?;
-    doc.metadata.labels.get(key).cloned()
+    workloads.labels(job)?.remove(key)
 }
 
 pub fn holds_resources(a: &AllocRecord) -> bool {
@@ -406,10 +381,40 @@ mod tests {
 
     #[test]
     fn the_class_comes_from_the_manifest_labels() {
-        let yaml = "apiVersion: novacron.io/v1\nkind: Job\nmetadata:\n  name: api\n  labels:\n    class: web\nspec:\n  type: service\n";
-        assert_eq!(manifest_class(yaml).as_deref(), Some("web"));
-        assert_eq!(manifest_class("metadata:\n  name: x\n"), None);
-        assert_eq!(manifest_class("not: [yaml"), None);
+        use std::sync::Arc;
+        use std::time::{Duration, SystemTime};
+
+        use crate::services::events::EventLog;
+        use crate::services::workloads::Workloads;
+        use crate::state::registry::{Registry, RegistryConfig};
+        use crate::state::store::{MemoryStore, Store};
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let config = RegistryConfig::new(60, Duration::from_secs(3));
+        let registry =
+            Arc::new(Registry::load(store.clone(), config, Instant::now()).expect("registry"));
+        let events = Arc::new(EventLog::open(store.clone(), 100).expect("events"));
+        let workloads = Workloads::load(store, registry, events).expect("workloads");
+        let job = |name: &str, labels: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata:\n  name: {name}\n{labels}spec:\n  type: service\n  task: {{image: busybox}}\n  resources: {{cpu: 100m, memory: 32Mi}}\n"
+            )
+        };
+        for (name, labels) in [("api", "  labels:\n    class: web\n"), ("x", "")] {
+            workloads
+                .apply("j.yaml", &job(name, labels), "me", SystemTime::now())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(
+            job_label(&workloads, "api", cost::CLASS_LABEL).as_deref(),
+            Some("web")
+        );
+        assert_eq!(job_label(&workloads, "x", cost::CLASS_LABEL), None);
+        assert_eq!(job_label(&workloads, "missing", cost::CLASS_LABEL), None);
+        assert_eq!(
+            job_classes(&workloads),
+            BTreeMap::from([("api".to_string(), "web".to_string())])
+        );
     }
 
     #[test]

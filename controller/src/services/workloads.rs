@@ -502,6 +502,15 @@ impl Workloads {
         )
     }
 
+    /// The `metadata.labels` of job `name`'s current version, as parsed.
+    pub fn labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.lock()
+            .jobs
+            .get(name)
+            .and_then(JobEntry::current)
+            .map(|j| j.labels.clone())
+    }
+
     /// Whether job `name` is stopped.
     pub fn is_stopped(&self, name: &str) -> bool {
         self.lock().jobs.get(name).is_some_and(|e| e.record.stopped)

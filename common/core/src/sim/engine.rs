@@ -242,18 +242,14 @@ impl fmt::Display for Report {
             a.reaction.episodes.to_string(),
             s.reaction.episodes.to_string(),
         )?;
-        row(
-            f,
-            "reaction p50 / p99 / max (s)",
-            format!(
-                "{:.0}/{:.0}/{:.0}",
-                a.reaction.p50_s, a.reaction.p99_s, a.reaction.max_s
-            ),
-            format!(
-                "{:.0}/{:.0}/{:.0}",
-                s.reaction.p50_s, s.reaction.p99_s, s.reaction.max_s
-            ),
-        )?;
+        // A row whose two cells say the same of each run.
+        let both = |f: &mut fmt::Formatter<'_>, name: &str, cell: fn(&RunReport) -> String| {
+            row(f, name, cell(a), cell(s))
+        };
+        both(f, "reaction p50 / p99 / max (s)", |r| {
+            let e = &r.reaction;
+            format!("{:.0}/{:.0}/{:.0}", e.p50_s, e.p99_s, e.max_s)
+        })?;
         for (ja, js) in a.jobs.iter().zip(&s.jobs) {
             row(
                 f,
@@ -262,25 +258,14 @@ impl fmt::Display for Report {
                 format!("{:.3}%", js.time_availability * 100.0),
             )?;
         }
-        row(
-            f,
-            "cost on-demand / spot / warm",
-            format!(
-                "{:.2}/{:.2}/{:.2}",
-                a.cost_by.on_demand, a.cost_by.spot, a.cost_by.warm
-            ),
-            format!(
-                "{:.2}/{:.2}/{:.2}",
-                s.cost_by.on_demand, s.cost_by.spot, s.cost_by.warm
-            ),
-        )?;
+        both(f, "cost on-demand / spot / warm", |r| {
+            let c = &r.cost_by;
+            format!("{:.2}/{:.2}/{:.2}", c.on_demand, c.spot, c.warm)
+        })?;
         if a.warm_starts > 0 || a.replaced_at_notice > 0 || s.replaced_at_notice > 0 {
-            row(
-                f,
-                "warm starts / moved at notice",
-                format!("{}/{}", a.warm_starts, a.replaced_at_notice),
-                format!("{}/{}", s.warm_starts, s.replaced_at_notice),
-            )?;
+            both(f, "warm starts / moved at notice", |r| {
+                format!("{}/{}", r.warm_starts, r.replaced_at_notice)
+            })?;
         }
         if a.batches.arrived > 0 {
             row(
