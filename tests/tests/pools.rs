@@ -455,6 +455,29 @@ async fn consolidate(dir: &std::path::Path) -> Result<()> {
     if let Err(e) = waited {
         bail!("{e}\n{}", diagnose(&c).await);
     }
+    // The scheduler prefers nodes that report holding the task's image (the
+    // `image` scorer outweighs the spread strategy's packing score), and a node
+    // reports its images a moment after it connects: until both have, a job
+    // applied now would land wholly on the first.
+    let waited = wait_for(SCALE_UP, "both nodes' image inventories", || {
+        let (c, pool) = (&c, &pool);
+        async move {
+            let Ok(ps) = pools(c).await else { return false };
+            let Some(p) = ps.iter().find(|p| &p.name == pool) else {
+                return false;
+            };
+            for n in &p.nodes {
+                if !matches!(c.node(&n.name).await, Ok(Some(v)) if v.images > 0) {
+                    return false;
+                }
+            }
+            p.nodes.len() == 2
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
     let job = format!("{pool}-job");
     c.apply(
         "job.yaml",
@@ -852,6 +875,141 @@ spec:
         .context("listed")?;
     assert_eq!(p.size, 1, "{p:?}");
     assert!((p.hourly_cost - (0.25 + disk)).abs() < 1e-9, "{p:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_scaled_in_node_waits_stopped_in_the_warm_pool_across_a_controller_restart() {
+    with_log(
+        "novacron-pools-park-",
+        |dir| async move { park(&dir).await },
+    )
+    .await;
+}
+
+async fn park(dir: &std::path::Path) -> Result<()> {
+    let (mut c, pool, image, _cleanup) = pool_controller(dir, "pk").await?;
+    // Two ordinary members (neither was made for the warm pool).
+    let (status, body) = apply_pools(&c, &pool_manifest(&pool, &image, 2, false)).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+    let waited = wait_for(SCALE_UP, "two ready members", || {
+        let (c, pool) = (&c, &pool);
+        async move { members(c, pool, "ready").await.len() == 2 }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+
+    // One member is enough now, and the pool keeps one warm: the member it
+    // scales in is stopped into the warm pool instead of being removed, and no
+    // new node is made for the warm pool.
+    let manifest = format!(
+        "{}  warm: {{size: 1}}\n",
+        pool_manifest(&pool, &image, 1, false)
+    );
+    let (status, body) = apply_pools(&c, &manifest).await?;
+    if status != 200 {
+        bail!("re-applying the pool: {status} {body}");
+    }
+    let waited = wait_for(SCALE_DOWN, "one member stopped into the warm pool", || {
+        let (c, pool) = (&c, &pool);
+        async move { members(c, pool, "warm").await.len() == 1 }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let parked = members(&c, &pool, "warm").await.remove(0);
+    let state = docker(&["inspect", "-f", "{{.State.Status}}", &parked])?;
+    assert_eq!(state, "exited", "the parked member's container is stopped");
+    let events = pool_events(&c).await?;
+    assert!(
+        events.iter().any(|e| e.starts_with("pool.parked")
+            && e.contains(&format!("stopping {parked}: drained and empty"))
+            && e.ends_with("kept in the warm pool (warm.size 1)")),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("pool.removed")),
+        "{events:#?}"
+    );
+
+    // A restarted controller still counts it as warm: it is neither removed as
+    // a broken member nor replaced by a new warm node.
+    c.restart().await?;
+    let waited = wait_for(
+        SCALE_DOWN,
+        "the parked member warm after the restart",
+        || {
+            let (c, parked) = (&c, &parked);
+            async move { c.node(parked).await.ok().flatten().is_some_and(|v| v.warm) }
+        },
+    )
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let p = pools(&c)
+        .await?
+        .into_iter()
+        .find(|p| p.name == pool)
+        .context("listed")?;
+    assert_eq!(p.nodes.len(), 2, "{p:?}");
+    assert_eq!(p.size, 1, "{p:?}");
+    assert_eq!(
+        members(&c, &pool, "warm").await,
+        vec![parked.clone()],
+        "{p:?}"
+    );
+
+    // Two replicas that need a node each: the parked member is started, its
+    // drain cordon lifted, and the second replica runs there.
+    let job = format!("{pool}-job");
+    c.apply(
+        "job.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 2
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 1500m
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+        ),
+    )
+    .await?;
+    let waited = wait_for(SCALE_UP, "a replica running on the parked member", || {
+        runs_on(&c, &job, &parked)
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let view = c
+        .node(&parked)
+        .await?
+        .context("the parked member is known")?;
+    assert!(!view.cordoned && !view.warm, "{view:?}");
+    let events = pool_events(&c).await?;
+    assert!(
+        events.iter().any(|e| e.starts_with("pool.scaled")
+            && e.ends_with(&format!("starting warm node {parked}"))),
+        "{events:#?}"
+    );
     Ok(())
 }
 

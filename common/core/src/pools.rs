@@ -18,7 +18,10 @@
 //!    (made unschedulable), if the pool stays at or above `minSize`, no unplaced
 //!    demand could use the pool, and at most [`Settings::disruption_budget`]
 //!    members of the pool drain at once. A drained member is removed once it holds
-//!    no allocation.
+//!    no allocation, or, when the pool keeps a warm pool with room in it
+//!    (`warm.size`), stopped and kept warm instead ([`PoolAction::Park`]): the
+//!    next scale-out starts it in seconds. A member under a spot interruption
+//!    notice ([`Member::reclaimed`]) is always removed.
 //! 4. **Broken members.** A member not ready for [`Settings::provision_timeout`]
 //!    (it never enrolled, or its host died) is removed and, if needed, replaced by
 //!    the bounds on a later pass.
@@ -112,6 +115,9 @@ pub struct Member {
     /// Since when (Unix ms) it has been under-used without a break; `None` while it
     /// is busier than that.
     pub underused_since_ms: Option<u64>,
+    /// Taken back by its provider (a spot interruption notice): once drained it is
+    /// removed, never kept warm.
+    pub reclaimed: bool,
 }
 
 impl Member {
@@ -225,6 +231,16 @@ pub enum PoolAction {
         /// Why, in one line.
         reason: String,
     },
+    /// Stop a drained, empty member and keep it in the warm pool instead of
+    /// removing it.
+    Park {
+        /// The pool.
+        pool: String,
+        /// The member.
+        node: String,
+        /// Why, in one line.
+        reason: String,
+    },
     /// Start a warm member: it joins the pool's size within seconds.
     Start {
         /// The pool.
@@ -260,6 +276,7 @@ impl PoolAction {
         match self {
             PoolAction::Create { pool, .. }
             | PoolAction::Drain { pool, .. }
+            | PoolAction::Park { pool, .. }
             | PoolAction::Start { pool, .. }
             | PoolAction::CreateWarm { pool, .. }
             | PoolAction::Delete { pool, .. } => pool,
@@ -271,6 +288,7 @@ impl PoolAction {
         match self {
             PoolAction::Create { reason, .. }
             | PoolAction::Drain { reason, .. }
+            | PoolAction::Park { reason, .. }
             | PoolAction::Start { reason, .. }
             | PoolAction::CreateWarm { reason, .. }
             | PoolAction::Delete { reason, .. } => reason,
@@ -568,18 +586,32 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
             cur -= 1;
             room -= 1;
         }
+        // Room in the warm pool: drained members are kept there, stopped.
+        let mut warm_room = p.warm.saturating_sub(warm_held(p, now_ms));
         for m in &p.members {
             if let Phase::Draining { since_ms } = m.phase
                 && m.allocations == 0
             {
+                let after = human(Duration::from_millis(now_ms.saturating_sub(since_ms)));
+                if warm_room > 0 && !m.reclaimed {
+                    warm_room -= 1;
+                    actions.push(PoolAction::Park {
+                        pool: p.name.clone(),
+                        node: m.name.clone(),
+                        reason: format!(
+                            "pool {}: stopping {}: drained and empty after {after}; kept in \
+                             the warm pool (warm.size {})",
+                            p.name, m.name, p.warm
+                        ),
+                    });
+                    continue;
+                }
                 actions.push(PoolAction::Delete {
                     pool: p.name.clone(),
                     node: m.name.clone(),
                     reason: format!(
-                        "pool {}: removing {}: drained and empty after {}",
-                        p.name,
-                        m.name,
-                        human(Duration::from_millis(now_ms.saturating_sub(since_ms)))
+                        "pool {}: removing {}: drained and empty after {after}",
+                        p.name, m.name,
                     ),
                 });
             }
@@ -599,6 +631,20 @@ fn take_warm(
 ) -> Vec<PoolAction> {
     let mut out = Vec::with_capacity(actions.len());
     let mut taken: BTreeMap<&str, u32> = BTreeMap::new();
+    // Members draining (from this pass or before, not taken back by their
+    // provider) will fill the warm pool when they are empty: no new node for it.
+    let mut coming: BTreeMap<String, u32> = BTreeMap::new();
+    for p in order {
+        let draining = count(p.members.iter().filter(|m| {
+            matches!(m.phase, Phase::Draining { .. }) && !m.reclaimed && m.allocations > 0
+        }));
+        coming.insert(p.name.clone(), draining);
+    }
+    for action in &actions {
+        if let PoolAction::Park { pool, .. } | PoolAction::Drain { pool, .. } = action {
+            *coming.entry(pool.clone()).or_default() += 1;
+        }
+    }
     for action in actions {
         let PoolAction::Create {
             pool,
@@ -643,17 +689,34 @@ fn take_warm(
         }
     }
     for p in order {
+        let used = taken.get(p.name.as_str()).copied().unwrap_or(0);
+        // Warm members beyond warm.size (it was lowered) are removed, the
+        // youngest first.
+        let idle: Vec<&Member> = p
+            .members
+            .iter()
+            .filter(|m| m.phase == Phase::Warm)
+            .skip(used as usize)
+            .collect();
+        let excess = idle.len().saturating_sub(p.warm as usize);
+        for m in idle.iter().rev().take(excess) {
+            out.push(PoolAction::Delete {
+                pool: p.name.clone(),
+                node: m.name.clone(),
+                reason: format!(
+                    "pool {}: removing warm node {}: the warm pool holds {}, warm.size is {}",
+                    p.name,
+                    m.name,
+                    idle.len(),
+                    p.warm
+                ),
+            });
+        }
         if p.warm == 0 {
             continue;
         }
-        let used = taken.get(p.name.as_str()).copied().unwrap_or(0);
-        let timeout = millis(p.settings.provision_timeout);
-        let have = count(p.members.iter().filter(|m| match m.phase {
-            Phase::Warm => true,
-            Phase::Warming { since_ms } => now_ms.saturating_sub(since_ms) < timeout,
-            _ => false,
-        }))
-        .saturating_sub(used);
+        let have =
+            (warm_held(p, now_ms) + coming.get(&p.name).copied().unwrap_or(0)).saturating_sub(used);
         let sized = size.get(p.name.as_str()).copied().unwrap_or(0);
         let want = p.warm.min(p.max_size.saturating_sub(sized));
         if have < want {
@@ -668,6 +731,17 @@ fn take_warm(
         }
     }
     out
+}
+
+/// The members of `p` in its warm pool or on their way into it (warming, not
+/// past the provisioning timeout).
+fn warm_held(p: &PoolView, now_ms: u64) -> u32 {
+    let timeout = millis(p.settings.provision_timeout);
+    count(p.members.iter().filter(|m| match m.phase {
+        Phase::Warm => true,
+        Phase::Warming { since_ms } => now_ms.saturating_sub(since_ms) < timeout,
+        _ => false,
+    }))
 }
 
 fn count<'a>(it: impl Iterator<Item = &'a Member>) -> u32 {
@@ -771,6 +845,7 @@ mod tests {
             capacity_cpu_millis: 2000,
             capacity_memory_bytes: 4096 * MIB,
             underused_since_ms: underused_since,
+            reclaimed: false,
         }
     }
 
@@ -934,6 +1009,83 @@ mod tests {
             full.iter()
                 .all(|a| !matches!(a, PoolAction::CreateWarm { .. })),
             "{full:?}"
+        );
+    }
+
+    #[test]
+    fn a_drained_member_is_kept_warm_while_the_warm_pool_has_room() {
+        let drained = |n: &str| member(n, Phase::Draining { since_ms: 500 }, 0, None);
+        let mut p = pool(
+            "p",
+            1,
+            10,
+            vec![
+                member("p-1", Phase::Ready, 5, None),
+                drained("p-2"),
+                drained("p-3"),
+                drained("p-4"),
+                member("w-1", Phase::Warm, 0, None),
+            ],
+        );
+        p.warm = 3;
+        let mut reclaimed = drained("p-5");
+        reclaimed.reclaimed = true;
+        p.members.push(reclaimed);
+        let a = plan_with(&[p.clone()], &[], &Settings::default(), 1_000);
+        let kinds: Vec<String> = a
+            .iter()
+            .map(|a| match a {
+                PoolAction::Park { node, .. } => format!("park {node}"),
+                PoolAction::Delete { node, .. } => format!("delete {node}"),
+                PoolAction::CreateWarm { count, .. } => format!("warm {count}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        // Two places left in the warm pool: p-2 and p-3 stop there; p-4 goes, and
+        // so does p-5, which its provider takes back; nothing new is made warm.
+        assert_eq!(kinds, ["park p-2", "park p-3", "delete p-4", "delete p-5"]);
+        assert_eq!(
+            a[0].reason(),
+            "pool p: stopping p-2: drained and empty after 500ms; kept in the warm pool \
+             (warm.size 3)"
+        );
+
+        // A member still draining will fill the warm pool: no new node is made
+        // for it meanwhile, unless its provider takes it back.
+        let mut moving = member("p-2", Phase::Draining { since_ms: 500 }, 1, None);
+        let mut q = pool("q", 1, 10, vec![member("q-1", Phase::Ready, 5, None)]);
+        q.warm = 1;
+        q.members.push(moving.clone());
+        let a = plan_with(&[q.clone()], &[], &Settings::default(), 1_000);
+        assert!(a.is_empty(), "{a:?}");
+        moving.reclaimed = true;
+        q.members[1] = moving;
+        let a = plan_with(&[q], &[], &Settings::default(), 1_000);
+        assert!(
+            matches!(a.as_slice(), [PoolAction::CreateWarm { count: 1, .. }]),
+            "{a:?}"
+        );
+
+        // Without a warm pool, drained members are removed, and warm members the
+        // pool no longer wants go too.
+        p.warm = 0;
+        let a = plan_with(&[p], &[], &Settings::default(), 1_000);
+        let removed: Vec<&str> = a
+            .iter()
+            .filter_map(|a| match a {
+                PoolAction::Delete { node, .. } => Some(node.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(removed, ["p-2", "p-3", "p-4", "p-5", "w-1"], "{a:?}");
+        assert!(
+            a.iter().all(|a| !matches!(a, PoolAction::Park { .. })),
+            "{a:?}"
+        );
+        assert!(
+            a[4].reason().contains("warm pool holds 1, warm.size is 0"),
+            "{}",
+            a[4]
         );
     }
 

@@ -111,7 +111,19 @@ pub fn cost_report(
     let mut pools: BTreeMap<String, (f64, u32)> = BTreeMap::new();
     let mut kinds: BTreeMap<String, (f64, u32)> = BTreeMap::new();
     for n in nodes {
-        let price = pricing.node_hourly(&n.labels, &n.capacity);
+        let price = if n.warm {
+            // Stopped in its pool's warm pool: it pays its disk, as the pool
+            // view prices it.
+            cost::NodePrice {
+                hourly: novacron_common::autoscale::pool::stopped_price_per_hour(),
+                source: format!(
+                    "warm (stopped): its {} GiB disk",
+                    novacron_common::autoscale::pool::STOPPED_DISK_GIB
+                ),
+            }
+        } else {
+            pricing.node_hourly(&n.labels, &n.capacity)
+        };
         let mut allocated = 0.0;
         for a in allocs
             .iter()
@@ -335,6 +347,30 @@ mod tests {
         let spot = r.capacity.iter().find(|c| c.name == "spot").expect("spot");
         assert_eq!(spot.count, 1);
         assert!((r.nodes[1].allocated - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_warm_node_pays_its_disk_whatever_it_cost_running() {
+        let pricing = cost::PriceCatalog::default();
+        let mut warm = node("w", &[("pool", "web"), ("price_per_hour", "1.0")]);
+        warm.warm = true;
+        // Never connected: no labels and no capacity, still its disk.
+        let mut fresh = node("f", &[]);
+        fresh.capacity = Capacity::default();
+        fresh.warm = true;
+        let nodes = [
+            node("a", &[("pool", "web"), ("price_per_hour", "1.0")]),
+            warm,
+            fresh,
+        ];
+        let r = cost_report(&pricing, &nodes, &[], &BTreeMap::new());
+        let disk = novacron_common::autoscale::pool::stopped_price_per_hour();
+        assert!(disk > 0.0);
+        assert!((r.total_hourly - (1.0 + 2.0 * disk)).abs() < 1e-12, "{r:?}");
+        assert!((r.nodes[1].hourly - disk).abs() < 1e-12);
+        assert_eq!(r.nodes[1].source, "warm (stopped): its 8 GiB disk");
+        let web = r.pools.iter().find(|p| p.name == "web").expect("web");
+        assert!((web.hourly - (1.0 + disk)).abs() < 1e-12, "{web:?}");
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub mod kind {
     pub const POOL_DRAINING: &str = "pool.draining";
     /// A pool member was removed.
     pub const POOL_REMOVED: &str = "pool.removed";
+    /// A drained pool member was stopped into the pool's warm pool.
+    pub const POOL_PARKED: &str = "pool.parked";
     /// A provider call failed.
     pub const POOL_FAILED: &str = "pool.failed";
     /// Consolidation chose pool members to retire: their allocations are evicted

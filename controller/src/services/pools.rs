@@ -346,6 +346,13 @@ impl Providers {
         }
     }
 
+    async fn stop(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
+        match provider {
+            "docker" => self.docker.stop(pool, node).await,
+            _ => self.fixed.stop(pool, node).await,
+        }
+    }
+
     async fn delete(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
         match provider {
             "docker" => self.docker.delete(pool, node).await,
@@ -479,8 +486,10 @@ async fn observe(
     let mut warm: BTreeMap<String, bool> = BTreeMap::new();
     match providers.list(&template.provider, &pool.name).await {
         Ok(listed) => {
-            for n in listed {
+            for mut n in listed {
                 if !revoked.contains(&n.name) || template.provider == "docker" {
+                    // A member stopped into the warm pool by a scale-in.
+                    n.warm |= st.registry.is_parked(&n.name);
                     if n.warm {
                         warm.insert(n.name.clone(), n.parked());
                     }
@@ -862,6 +871,7 @@ impl Manager {
                 capacity_cpu_millis: m.capacity_cpu_millis,
                 capacity_memory_bytes: m.capacity_memory_bytes,
                 underused_since_ms: None,
+                reclaimed: st.registry.spot_deadline(&m.name).is_some(),
             };
             if phase == Phase::Ready && member.underused(o.settings.underused_percent) {
                 member.underused_since_ms =
@@ -962,6 +972,16 @@ impl Manager {
                     .start(&template.provider, pool, node)
                     .await
                     .map_err(|e| e.to_string())?;
+                // A member stopped by a scale-in was cordoned while it drained.
+                if st.registry.is_parked(node) {
+                    st.registry
+                        .set_parked(node, false)
+                        .map_err(|e| e.to_string())?;
+                    st.registry
+                        .set_cordoned(node, false)
+                        .map_err(|e| e.to_string())?;
+                }
+                st.registry.set_warm(node, false);
                 self.starting.insert(node.clone(), now_ms);
                 self.not_ready_since.insert(node.clone(), now_ms);
                 info!(%pool, %node, %reason, "warm node started");
@@ -981,6 +1001,27 @@ impl Manager {
                 info!(%pool, %node, %reason, "draining node");
                 st.events.note(
                     NewEvent::new(kind::POOL_DRAINING, ACTOR, reason.clone())
+                        .node(node)
+                        .detail("pool", pool),
+                );
+            }
+            PoolAction::Park { node, reason, .. } => {
+                // Marked before it stops: a controller restarted in between still
+                // knows the stopped member as warm, not as a broken one.
+                st.registry
+                    .set_parked(node, true)
+                    .map_err(|e| e.to_string())?;
+                providers
+                    .stop(&template.provider, pool, node)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.draining.remove(node);
+                self.consolidating.remove(node);
+                self.not_ready_since.remove(node);
+                self.underused_since.remove(node);
+                info!(%pool, %node, %reason, "node stopped into the warm pool");
+                st.events.note(
+                    NewEvent::new(kind::POOL_PARKED, ACTOR, reason.clone())
                         .node(node)
                         .detail("pool", pool),
                 );

@@ -303,6 +303,28 @@ impl Registry {
         Ok(())
     }
 
+    /// Marks `name` as stopped into its pool's warm pool by a scale-in, or not
+    /// (persisted first).
+    pub fn set_parked(&self, name: &str, parked: bool) -> Result<(), RegistryError> {
+        let mut inner = self.lock();
+        let state = inner
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::UnknownNode(name.to_string()))?;
+        if state.record.parked != parked {
+            let mut record = state.record.clone();
+            record.parked = parked;
+            self.store.upsert_node(&record)?;
+            state.record = record;
+        }
+        Ok(())
+    }
+
+    /// Whether `name` was stopped into its pool's warm pool by a scale-in.
+    pub fn is_parked(&self, name: &str) -> bool {
+        self.lock().nodes.get(name).is_some_and(|s| s.record.parked)
+    }
+
     /// Marks `name` as kept stopped in its pool's warm pool, or not.
     pub fn set_warm(&self, name: &str, warm: bool) {
         let mut set = lock(&self.warm);
@@ -366,6 +388,7 @@ impl Registry {
                     cert_expires_unix_ms: None,
                     samples_dropped: 0,
                     cordoned: false,
+                    parked: false,
                 },
                 link: None,
                 since: Instant::now(),

@@ -102,9 +102,15 @@ pub fn warm_price_per_hour(template: &NodeTemplateSpec, state: WarmState) -> f64
     let memory_gib = template.resources.memory.0 as f64 / f64::from(1u32 << 30);
     match state {
         WarmState::Running => template.price_per_hour,
-        WarmState::Stopped => STOPPED_DISK_GIB * DISK_PRICE_PER_GIB_HOUR,
+        WarmState::Stopped => stopped_price_per_hour(),
         WarmState::Hibernated => (STOPPED_DISK_GIB + memory_gib) * DISK_PRICE_PER_GIB_HOUR,
     }
+}
+
+/// What a stopped node costs an hour: its root disk ([`STOPPED_DISK_GIB`] at
+/// [`DISK_PRICE_PER_GIB_HOUR`]).
+pub fn stopped_price_per_hour() -> f64 {
+    STOPPED_DISK_GIB * DISK_PRICE_PER_GIB_HOUR
 }
 
 /// How long a warm node in `state` takes to be ready where NovaCron knows it: a

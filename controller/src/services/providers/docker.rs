@@ -11,6 +11,7 @@ use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 
 use super::{
@@ -37,6 +38,9 @@ pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 const LABEL_ALLOC: &str = "novacron.alloc";
 /// Limit on one call to the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped node's agent has to exit before Docker kills it (within
+/// [`CALL_TIMEOUT`]).
+const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Where the agent keeps its identity in the image (the packaged default).
 const STATE_DIR: &str = "/var/lib/novacron/agent";
 
@@ -265,6 +269,24 @@ impl NodeProvider for DockerProvider {
                 message: format!("no container of node {name} in pool {pool}"),
             })?;
         timed("start", name, docker.start_container(&id, None)).await
+    }
+
+    async fn stop(&self, pool: &str, name: &str) -> Result<(), ProviderError> {
+        let docker = self.client("stop", name)?;
+        let node = self.node_containers("stop", pool, name).await?;
+        let id = node
+            .into_iter()
+            .find_map(|c| c.id)
+            .ok_or_else(|| ProviderError::Docker {
+                op: "stop",
+                name: name.to_string(),
+                message: format!("no container of node {name} in pool {pool}"),
+            })?;
+        // The agent stops on SIGTERM; Docker kills it after STOP_GRACE.
+        let options = StopContainerOptionsBuilder::default()
+            .t(i32::try_from(STOP_GRACE.as_secs()).unwrap_or(10))
+            .build();
+        timed("stop", name, docker.stop_container(&id, Some(options))).await
     }
 
     async fn delete(&self, pool: &str, name: &str) -> Result<(), ProviderError> {

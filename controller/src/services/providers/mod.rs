@@ -133,6 +133,13 @@ pub trait NodeProvider: Send + Sync {
         pool: &str,
         name: &str,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Stops node `name` of `pool` (drained and empty) so that it waits in the
+    /// warm pool until [`NodeProvider::start`]; it keeps its identity and disk.
+    fn stop(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     /// Removes node `name` of `pool` (and what it ran); removing a missing node is
     /// not an error.
     fn delete(
@@ -180,6 +187,13 @@ impl NodeProvider for StaticProvider {
         Err(ProviderError::Unsupported {
             provider: "static",
             op: "start",
+        })
+    }
+
+    async fn stop(&self, _pool: &str, _name: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported {
+            provider: "static",
+            op: "stop",
         })
     }
 

@@ -476,6 +476,11 @@ pub struct NodeRecord {
     /// Persisted, so a cordon outlives a controller restart.
     #[serde(default)]
     pub cordoned: bool,
+    /// Stopped by its pool into the warm pool (a scale-in kept it rather than
+    /// removing it); persisted, so that a restarted controller starts it rather
+    /// than removing it as broken.
+    #[serde(default)]
+    pub parked: bool,
 }
 
 /// A revoked node identity.
@@ -1561,6 +1566,7 @@ mod tests {
             cert_expires_unix_ms: Some(3),
             samples_dropped: 4,
             cordoned: false,
+            parked: false,
         }
     }
 
