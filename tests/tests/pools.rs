@@ -879,6 +879,197 @@ spec:
 }
 
 #[tokio::test]
+async fn a_spot_notice_falls_back_to_on_demand_when_the_spot_pool_cannot_grow() {
+    with_log("novacron-pools-fallback-", |dir| async move {
+        spot_fallback(&dir).await
+    })
+    .await;
+}
+
+/// The spot pool `pool` (docker image `image`) and the on-demand pool
+/// `<pool>-od`, whose nodes both carry the label `tier=<pool>`.
+fn spot_and_on_demand(pool: &str, image: &str) -> String {
+    let template = |name: &str, capacity: &str, price: &str| {
+        format!(
+            "apiVersion: novacron.io/v1
+kind: NodeTemplate
+metadata: {{name: {name}}}
+spec:
+  instanceType: container-small
+  provider: docker
+  capacityType: {capacity}
+  pricePerHour: {price}
+  labels: {{tier: {pool}}}
+  resources: {{cpu: 2, memory: 2Gi}}
+"
+        )
+    };
+    format!(
+        "{}---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: {pool}
+  labels:
+    docker.image: \"{image}\"
+    docker.spotNotice: /tmp/spot-notice
+spec:
+  templateRef: {pool}-spot
+  minSize: 1
+  maxSize: 2
+---
+{}---
+apiVersion: novacron.io/v1
+kind: NodePool
+metadata:
+  name: {pool}-od
+  labels:
+    docker.image: \"{image}\"
+spec:
+  templateRef: {pool}-ondemand
+  minSize: 0
+  maxSize: 1
+",
+        template(&format!("{pool}-spot"), "spot", "0.07"),
+        template(&format!("{pool}-ondemand"), "on-demand", "0.25"),
+    )
+}
+
+async fn spot_fallback(dir: &std::path::Path) -> Result<()> {
+    let (c, pool, image, _cleanup) = pool_controller(dir, "sf").await?;
+    let od = format!("{pool}-od");
+    let _cleanup_od = Cleanup { pool: od.clone() };
+    let (status, body) = apply_pools(&c, &spot_and_on_demand(&pool, &image)).await?;
+    if status != 200 {
+        bail!("applying the pools: {status} {body}");
+    }
+    let job = format!("{pool}-job");
+    c.apply(
+        "job.yaml",
+        &format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: tier, operator: '==', values: [{pool}]}}
+"
+        ),
+    )
+    .await?;
+    let found = std::sync::Mutex::new(String::new());
+    let waited = wait_for(SCALE_UP, "the job running on the spot node", || {
+        let (c, job, found) = (&c, &job, &found);
+        async move {
+            let on = c.job(job).await.ok().and_then(|d| {
+                d.allocations
+                    .into_iter()
+                    .find(|a| a.desired_run && a.state == AllocState::Running)
+                    .map(|a| a.node)
+            });
+            match (on, found.lock()) {
+                (Some(node), Ok(mut f)) => {
+                    *f = node;
+                    true
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let doomed = found.lock().map(|n| n.clone()).unwrap_or_default();
+    assert!(doomed.starts_with(&format!("{pool}-")) && !doomed.starts_with(&od));
+
+    // Spot capacity runs short: the spot pool can no longer make nodes (here, an
+    // image its provider cannot find).
+    let short = spot_and_on_demand(&pool, &image).replacen(
+        &format!("docker.image: \"{image}\"\n    docker.spotNotice"),
+        "docker.image: \"novacron-no-such-image:0\"\n    docker.spotNotice",
+        1,
+    );
+    assert_ne!(short, spot_and_on_demand(&pool, &image));
+    let (status, body) = apply_pools(&c, &short).await?;
+    if status != 200 {
+        bail!("re-applying the pools: {status} {body}");
+    }
+
+    // The provider announces the end of the spot node in two minutes.
+    let in_two_minutes = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 120;
+    let deadline = chrono::DateTime::from_timestamp(i64::try_from(in_two_minutes)?, 0)
+        .context("a valid time")?;
+    let notice = format!(
+        "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
+        deadline.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    let noticed = std::time::Instant::now();
+    docker(&[
+        "exec",
+        &doomed,
+        "sh",
+        "-c",
+        &format!("echo '{notice}' > /tmp/spot-notice"),
+    ])?;
+    // The spot replacement fails; an on-demand node comes up and the job moves
+    // there before the deadline.
+    let waited = wait_for(
+        Duration::from_secs(100),
+        "the job moved to an on-demand node",
+        || {
+            let (c, job, od) = (&c, &job, &od);
+            async move {
+                for n in members(c, od, "ready").await {
+                    if runs_on(c, job, &n).await {
+                        return true;
+                    }
+                }
+                false
+            }
+        },
+    )
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    println!(
+        "spot fallback: the job runs on an on-demand node {:.2} s after the notice",
+        noticed.elapsed().as_secs_f64()
+    );
+    let events = pool_events(&c).await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("pool.failed") && e.contains(&format!("pool {pool}:"))),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("pool.scaled")
+            && e.contains(&format!("pool {od} 0 → 1"))
+            && e.contains(&format!(
+                "no spot pool could grow (replicas leave nodes under a spot notice and \
+                 pool {pool} cannot replace them)"
+            ))),
+        "{events:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_scaled_in_node_waits_stopped_in_the_warm_pool_across_a_controller_restart() {
     with_log(
         "novacron-pools-park-",

@@ -155,6 +155,10 @@ pub struct PoolView {
     pub warm: u32,
     /// Empty nodes to keep ready in the pool for new replicas.
     pub headroom: Option<Headroom>,
+    /// Whether it may grow now: `false` while its provider is failing (spot
+    /// capacity short, a backoff after a failed create). Demands then go to the
+    /// next fitting pool.
+    pub can_grow: bool,
 }
 
 impl PoolView {
@@ -398,7 +402,7 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
     // 1. Bounds: up to minSize.
     for p in &order {
         let cur = size[p.name.as_str()];
-        if cur < p.min_size {
+        if cur < p.min_size && p.can_grow {
             let add = p.min_size - cur;
             actions.push(PoolAction::Create {
                 pool: p.name.clone(),
@@ -421,7 +425,7 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
         let mut fitting: Vec<&PoolView> = order
             .iter()
             .copied()
-            .filter(|p| misfit(p, d).is_none())
+            .filter(|p| p.can_grow && misfit(p, d).is_none())
             .collect();
         // A spot-share target puts the pools of the capacity it lacks first
         // (cheapest first among them); the others stay as a fallback.
@@ -483,7 +487,7 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
     }
 
     // 2b. Headroom: empty nodes kept ready (provisioning ones no demand took count).
-    for p in &order {
+    for p in order.iter().filter(|p| p.can_grow) {
         let Some(headroom) = p.headroom else { continue };
         let cur = size[p.name.as_str()];
         let want = headroom.nodes(cur).min(p.max_size);
@@ -712,7 +716,7 @@ fn take_warm(
                 ),
             });
         }
-        if p.warm == 0 {
+        if p.warm == 0 || !p.can_grow {
             continue;
         }
         let have =
@@ -832,6 +836,7 @@ mod tests {
             members,
             warm: 0,
             headroom: None,
+            can_grow: true,
         }
     }
 
@@ -1087,6 +1092,44 @@ mod tests {
             "{}",
             a[4]
         );
+    }
+
+    #[test]
+    fn a_pool_that_cannot_grow_passes_its_demand_to_the_next_fitting_pool() {
+        let mut spot = pool("spot", 3, 10, vec![member("s-1", Phase::Ready, 20, None)]);
+        spot.can_grow = false;
+        spot.warm = 1;
+        let mut od = pool("od", 0, 10, vec![]);
+        od.template.capacity_type = CapacityType::OnDemand;
+        od.template.price_per_hour = 0.5;
+        let mut d = demand("web", 5, 100);
+        d.prefer = Some((CapacityType::Spot, "a spot notice".into()));
+        let a = plan_with(
+            &[spot.clone(), od.clone()],
+            &[d.clone()],
+            &Settings::default(),
+            1_000,
+        );
+        // Neither minSize nor the warm pool grows the failing pool; the replicas
+        // go to the on-demand pool, saying why.
+        assert_eq!(a.len(), 1, "{a:?}");
+        let PoolAction::Create {
+            pool,
+            count,
+            reason,
+        } = &a[0]
+        else {
+            panic!("{a:?}");
+        };
+        assert_eq!((pool.as_str(), *count), ("od", 1));
+        assert!(
+            reason.ends_with("; no spot pool could grow (a spot notice)"),
+            "{reason}"
+        );
+        // Once it may grow again, the cheaper spot pool takes the demand.
+        spot.can_grow = true;
+        let a = plan_with(&[spot, od], &[d], &Settings::default(), 1_000);
+        assert!(a.iter().all(|a| a.pool() == "spot"), "{a:?}");
     }
 
     #[test]

@@ -26,13 +26,13 @@
 //! member holding an allocation of a job labelled `consolidate: "false"` is never
 //! retired.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_common::autoscale::pool::{
-    NodePool, NodeTemplate, NodeTemplateSpec, POOL_KIND, TEMPLATE_KIND, WarmState,
+    CapacityType, NodePool, NodeTemplate, NodeTemplateSpec, POOL_KIND, TEMPLATE_KIND, WarmState,
     parse_node_pools, parse_node_templates, warm_price_per_hour,
 };
 use novacron_common::consolidate::{self, PackAlloc, PackNode};
@@ -631,7 +631,8 @@ impl Manager {
         self.consolidating
             .retain(|n| self.draining.contains_key(n.as_str()));
 
-        let demands = steer(st, st.workloads.unplaced());
+        let mut demands = steer(st, st.workloads.unplaced());
+        demands.extend(fallback(st, &views));
         let actions = core::plan(&views, &demands, now_ms);
         for action in actions {
             let Some(o) = observed.iter().find(|o| o.pool.name == action.pool()) else {
@@ -893,6 +894,10 @@ impl Manager {
             members,
             warm: o.pool.warm,
             headroom: o.pool.headroom,
+            can_grow: self
+                .backoff
+                .get(&o.pool.name)
+                .is_none_or(|until| now_ms >= *until),
         }
     }
 
@@ -1058,6 +1063,43 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// The spot fallback: the replicas on members under a spot notice whose own pool
+/// cannot replace them now (its provider is failing, as when spot capacity is
+/// short, or it is at `maxSize`) are demands for the other pools, spot pools
+/// first, then on-demand ones, so that replacements come up before the deadline
+/// rather than after it, as unplaced replicas.
+fn fallback(st: &ApiState, views: &[core::PoolView]) -> Vec<Demand> {
+    let mut doomed = BTreeSet::new();
+    let mut stuck = Vec::new();
+    for v in views {
+        if v.can_grow && v.size() < v.max_size {
+            continue;
+        }
+        let before = doomed.len();
+        doomed.extend(
+            v.members
+                .iter()
+                .filter(|m| m.reclaimed && matches!(m.phase, Phase::Draining { .. }))
+                .map(|m| m.name.clone()),
+        );
+        if doomed.len() > before {
+            stuck.push(v.name.as_str());
+        }
+    }
+    let why = format!(
+        "replicas leave nodes under a spot notice and pool {} cannot replace them",
+        stuck.join(", ")
+    );
+    st.workloads
+        .leaving(&doomed)
+        .into_iter()
+        .map(|mut d| {
+            d.prefer = Some((CapacityType::Spot, why.clone()));
+            d
+        })
+        .collect()
 }
 
 /// Sets each demand's capacity preference from the pricing catalog's spot-share

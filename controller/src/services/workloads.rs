@@ -1210,23 +1210,26 @@ impl Workloads {
         let st = self.lock();
         st.unplaced
             .iter()
-            .filter_map(|(name, &(version, count))| {
-                let e = st.jobs.get(name)?;
-                if e.record.stopped {
-                    return None;
-                }
-                let spec = &e.parsed.get(&version)?.spec;
-                Some(novacron_common::pools::Demand {
-                    job: name.clone(),
-                    count,
-                    cpu_millis: spec.resources.cpu.0,
-                    memory_bytes: spec.resources.memory.0,
-                    gpus: spec.resources.gpus.as_ref().map_or(0, |g| g.count),
-                    constraints: spec.placement.constraints.clone(),
-                    // The pool manager steers by the pricing catalog's mix.
-                    prefer: None,
-                })
-            })
+            .filter_map(|(name, &(version, count))| demand(&st, name, version, count))
+            .collect()
+    }
+
+    /// The replicas wanted running on `nodes` (which are going away: a spot
+    /// notice), as demands by job and version, with what one replica needs.
+    pub fn leaving(&self, nodes: &BTreeSet<String>) -> Vec<novacron_common::pools::Demand> {
+        if nodes.is_empty() {
+            return Vec::new();
+        }
+        let st = self.lock();
+        let mut counts: BTreeMap<(&str, u64), u32> = BTreeMap::new();
+        for a in st.allocs.values() {
+            if a.desired_run && !a.state.is_terminal() && nodes.contains(&a.node) {
+                *counts.entry((a.job.as_str(), a.version)).or_default() += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .filter_map(|((job, version), count)| demand(&st, job, version, count))
             .collect()
     }
 
@@ -1650,6 +1653,31 @@ impl Workloads {
 }
 
 /// The allocations each node should run (only `only`'s when given).
+/// `count` replicas of `job`'s `version` as a demand for the node pools, with
+/// what one replica needs; `None` for a stopped or unknown job.
+fn demand(
+    st: &State,
+    job: &str,
+    version: u64,
+    count: u32,
+) -> Option<novacron_common::pools::Demand> {
+    let e = st.jobs.get(job)?;
+    if e.record.stopped {
+        return None;
+    }
+    let spec = &e.parsed.get(&version)?.spec;
+    Some(novacron_common::pools::Demand {
+        job: job.to_string(),
+        count,
+        cpu_millis: spec.resources.cpu.0,
+        memory_bytes: spec.resources.memory.0,
+        gpus: spec.resources.gpus.as_ref().map_or(0, |g| g.count),
+        constraints: spec.placement.constraints.clone(),
+        // The pool manager steers by the pricing catalog's mix.
+        prefer: None,
+    })
+}
+
 fn desired_specs(
     st: &State,
     only: Option<&str>,
