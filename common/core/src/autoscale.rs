@@ -77,6 +77,13 @@ pub struct Observations {
     pub pending: Vec<Sample>,
     /// Job-reported queue metrics.
     pub reported: BTreeMap<String, Vec<Sample>>,
+    /// The job's CPU in use, all its replicas together (millicores), over the
+    /// trend's history: the demand a `cpu` metric's forecast reads (unlike a
+    /// utilization, it does not depend on how many replicas share it).
+    pub cpu_used: Vec<Sample>,
+    /// The CPU one replica requests (millicores); 0 when unknown (no forecast
+    /// of CPU then).
+    pub cpu_request_millis: u64,
 }
 
 impl Observations {
@@ -500,8 +507,24 @@ fn evaluate(
                     ));
                 }
             }
-            if let (Some(history), MetricKind::Queue, Some(_)) = (trend.history, m.kind, &m.metric)
-            {
+            // What the forecast reads and how a forecast value asks: a reported
+            // queue metric per replica, or the job's CPU in use over what
+            // `target`% of one replica's request is.
+            let demand: Option<(&[Sample], Option<f64>, String)> = match (m.kind, &m.metric) {
+                (MetricKind::Queue, Some(_)) => Some((series, None, m.label())),
+                (MetricKind::Cpu, _)
+                    if obs.cpu_request_millis > 0 && matches!(policy.target, Target::Job(_)) =>
+                {
+                    let per_replica = obs.cpu_request_millis as f64 * m.target / 100.0;
+                    Some((
+                        obs.cpu_used.as_slice(),
+                        Some(per_replica),
+                        "cpu in use (millicores)".to_string(),
+                    ))
+                }
+                _ => None,
+            };
+            if let (Some(history), Some((series, per_replica, label))) = (trend.history, demand) {
                 // Without a season: about 60 buckets over the history, and at
                 // least one per lookahead. With one: 96 buckets a season.
                 let bucket = match trend.season {
@@ -519,14 +542,17 @@ fn evaluate(
                     ),
                     None => (forecast::holt(&values, steps, conf), "Holt".to_string()),
                 };
+                let asked = |f: &forecast::Forecast| match per_replica {
+                    Some(per) => Some(f.upper.max(0.0) / per),
+                    None => ask(f.upper.max(0.0)),
+                };
                 if let Some(f) = fit
-                    && let Some(a) = ask(f.upper.max(0.0))
+                    && let Some(a) = asked(&f)
                 {
                     asks.forecast = Some((
                         a,
                         format!(
-                            "{} forecast {} in {} ({}% bound {}, {method} over {})",
-                            m.label(),
+                            "{label} forecast {} in {} ({}% bound {}, {method} over {})",
                             num(round2(f.mean.max(0.0))),
                             human(trend.lookahead),
                             num(trend.confidence),
@@ -737,6 +763,56 @@ mod tests {
     }
 
     #[test]
+    fn a_cpu_metric_forecasts_the_cpu_the_replicas_use_together() {
+        // Four replicas of 1000m at 95% of their request now (flat over the
+        // window: no slope), while together they went from 200m to 3800m over
+        // twenty minutes: 180m more a minute.
+        let now = 1_200_000;
+        let obs = Observations {
+            cpu: (0..6)
+                .map(|i| Sample {
+                    at_ms: now - i * 10_000,
+                    value: 95.0,
+                })
+                .collect(),
+            cpu_used: (0..=120)
+                .map(|i| Sample {
+                    at_ms: i * 10_000,
+                    value: 200.0 + 180.0 * (i as f64 / 6.0),
+                })
+                .collect(),
+            cpu_request_millis: 1000,
+            ..Observations::default()
+        };
+        let p = policy(
+            "  target: {job: api}\n  minSize: 1\n  maxSize: 20\n  metrics:\n    - {type: cpu, target: 75, window: 1m}\n  trend: {lookahead: 5m, history: 20m}\n",
+        );
+        let d = decide(&p, &ScaleState::new(4), &obs, now);
+        // Reactive: 4 × 95 / 75 = 5.07 → 6. Forecast: about 4700m in five
+        // minutes, over 750m a replica: 6.3, and its bound above → 7 or more.
+        assert!((7..=9).contains(&d.to), "{}", d.explanation);
+        assert!(
+            d.explanation
+                .contains("cpu in use (millicores) forecast 46"),
+            "{}",
+            d.explanation
+        );
+        assert!(
+            d.explanation.contains("(forecast drives)"),
+            "{}",
+            d.explanation
+        );
+        // Without the request, nothing is forecast: the reactive ask stands.
+        let without = Observations {
+            cpu_request_millis: 0,
+            ..obs
+        };
+        let d = decide(&p, &ScaleState::new(4), &without, now);
+        assert_eq!(d.to, 6, "{}", d.explanation);
+        assert!(!d.explanation.contains("forecast"), "{}", d.explanation);
+    }
+
+    #[test]
     fn trend_settings_are_checked() {
         let text = |t: &str| {
             format!(
@@ -754,10 +830,6 @@ mod tests {
                 "{lookahead: 1m, history: 90s}",
                 "shorter than twice the lookahead",
             ),
-            (
-                "{lookahead: 1m, history: 30m}",
-                "a forecast needs a metric the job reports",
-            ),
             ("{lookahead: 1m, horizon: 5m}", "unknown field"),
             (
                 "{lookahead: 1m, season: 24h}",
@@ -772,6 +844,13 @@ mod tests {
             assert!(e.contains(want), "{t}: {e}");
         }
         assert!(parse_policy("p.yaml", &text("{lookahead: 90s}")).is_ok());
+        // A job's CPU in use is a demand to forecast; its memory is not.
+        assert!(parse_policy("p.yaml", &text("{lookahead: 1m, history: 30m}")).is_ok());
+        let memory = text("{lookahead: 1m, history: 30m}").replace("type: cpu", "type: memory");
+        let e = parse_policy("p.yaml", &memory)
+            .expect_err("memory")
+            .to_string();
+        assert!(e.contains("a forecast needs a demand"), "{e}");
     }
 
     #[test]

@@ -402,19 +402,44 @@ impl Autoscaler {
                 ),
             );
         }
+        let horizon = horizon(policy);
+        let since_ms = now_ms.saturating_sub(millis(horizon));
+        let forecast = policy
+            .spec
+            .trend
+            .as_ref()
+            .is_some_and(|t| t.history.is_some());
+        // A forecast of the CPU in use reads every replica that ran within the
+        // history, the ones gone since too: demand is what they used together.
+        let ran: Vec<AllocRecord> = if forecast {
+            detail
+                .allocations
+                .iter()
+                .filter(|a| !a.state.is_terminal() || a.updated_unix_ms > since_ms)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         let live: Vec<AllocRecord> = detail
             .allocations
             .into_iter()
             .filter(|a| a.desired_run && !a.state.is_terminal())
             .collect();
-        let horizon = horizon(policy);
-        let since_ms = now_ms.saturating_sub(millis(horizon));
-        let nodes: BTreeSet<&str> = live.iter().map(|a| a.node.as_str()).collect();
+        let nodes: BTreeSet<&str> = live.iter().chain(&ran).map(|a| a.node.as_str()).collect();
         let windows: Vec<MetricsWindow> = nodes
             .into_iter()
             .filter_map(|n| self.window(n, since_ms))
             .collect();
         let mut obs = observations(&live, &windows, since_ms);
+        if forecast {
+            obs.cpu_used = cpu_used(&ran, &windows, since_ms, CPU_USED_BUCKET);
+            // What one replica of the newest version requests.
+            obs.cpu_request_millis = live
+                .iter()
+                .max_by_key(|a| (a.version, a.created_unix_ms))
+                .map_or(0, |a| a.cpu_millis);
+        }
         let mut pending = w.pending.clone();
         pending.push_back(Sample {
             at_ms: now_ms,
@@ -737,6 +762,45 @@ pub fn observations(
     obs
 }
 
+/// The bucket [`cpu_used`] sums the replicas' CPU over.
+pub const CPU_USED_BUCKET: Duration = Duration::from_secs(5);
+
+/// The CPU `allocs` used together, in millicores, one sample per `bucket` after
+/// `since_ms` (at the bucket's end): each allocation's mean over the bucket,
+/// summed over the allocations sampled in it. From the nodes' samples in
+/// `windows` (`cpu_percent` is 100 per core).
+pub fn cpu_used(
+    allocs: &[AllocRecord],
+    windows: &[MetricsWindow],
+    since_ms: u64,
+    bucket: Duration,
+) -> Vec<Sample> {
+    let bucket_ms = millis(bucket).max(1);
+    let ids: BTreeSet<&str> = allocs.iter().map(|a| a.id.as_str()).collect();
+    // (bucket, allocation) → (sum, count)
+    let mut per: BTreeMap<(u64, &str), (f64, u32)> = BTreeMap::new();
+    for w in windows {
+        for s in w.samples.iter().filter(|s| s.at_unix_ms > since_ms) {
+            let b = (s.at_unix_ms - since_ms - 1) / bucket_ms;
+            for u in s.allocations.iter().filter(|u| ids.contains(u.id.as_str())) {
+                let e = per.entry((b, u.id.as_str())).or_default();
+                e.0 += f64::from(u.cpu_percent) * 10.0;
+                e.1 += 1;
+            }
+        }
+    }
+    let mut sums: BTreeMap<u64, f64> = BTreeMap::new();
+    for ((b, _), (sum, n)) in per {
+        *sums.entry(b).or_default() += sum / f64::from(n);
+    }
+    sums.into_iter()
+        .map(|(b, value)| Sample {
+            at_ms: since_ms + (b + 1) * bucket_ms,
+            value,
+        })
+        .collect()
+}
+
 /// Replicas wanted but not running yet: placed and pending, or not placed at all.
 pub fn pending_replicas(wanted: u32, live: &[AllocRecord]) -> u32 {
     let placed_pending = live
@@ -919,6 +983,52 @@ mod tests {
         let mem: Vec<f64> = obs.memory.iter().map(|s| s.value).collect();
         assert_eq!(mem, vec![25.0, 50.0, 75.0]);
         assert!(obs.gpu.is_empty() && obs.pending.is_empty());
+    }
+
+    #[test]
+    fn the_cpu_in_use_sums_each_replicas_mean_over_a_bucket_gone_replicas_too() {
+        // a1 on n1 and a2 on n2 (a2 gone since: the caller passes it too), one
+        // sample a second, out of step with each other; `other` belongs to
+        // another job and adds nothing.
+        let allocs = [alloc("a1", "n1", 1000, &[]), alloc("a2", "n2", 1000, &[])];
+        let n1 = (1..=10)
+            .map(|i| {
+                sample(
+                    i * 1000,
+                    vec![usage("a1", 50.0, 10), usage("other", 300.0, 10)],
+                    &[],
+                )
+            })
+            .collect();
+        let n2 = (0..5)
+            .map(|i| sample(i * 1000 + 500, vec![usage("a2", 20.0 + i as f32, 10)], &[]))
+            .collect();
+        let windows = [
+            MetricsWindow {
+                node: "n1".into(),
+                samples: n1,
+            },
+            MetricsWindow {
+                node: "n2".into(),
+                samples: n2,
+            },
+        ];
+        let used = cpu_used(&allocs, &windows, 0, Duration::from_secs(5));
+        // (0, 5 s]: a1 500m, a2 the mean of 200m..240m at 0.5-4.5 s = 220m;
+        // (5, 10 s]: a1 alone.
+        assert_eq!(
+            used,
+            [
+                Sample {
+                    at_ms: 5_000,
+                    value: 720.0
+                },
+                Sample {
+                    at_ms: 10_000,
+                    value: 500.0
+                }
+            ]
+        );
     }
 
     #[test]

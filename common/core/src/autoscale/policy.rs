@@ -88,10 +88,12 @@ pub struct PolicySpec {
 /// ahead, each combined with the reactive ask by taking the highest. The slope:
 /// each metric's least-squares line over its own window, projected `lookahead`
 /// past now (only a rising line counts). The forecast (with `history`): Holt's
-/// linear forecast of each job-reported queue metric over `history`, `lookahead`
-/// ahead, at the upper bound of its one-sided `confidence` interval; only a
-/// reported metric measures demand (a utilization depends on the size the
-/// autoscaler chose), so nothing else is forecast.
+/// linear forecast (Holt–Winters with `season`) of each demand over `history`,
+/// `lookahead` ahead, at the upper bound of its one-sided `confidence`
+/// interval. A demand is what does not depend on the size the autoscaler chose:
+/// a job-reported queue metric, or, for a `cpu` metric of a job, the CPU all its
+/// replicas use together (from the metrics history), asking for that over
+/// `target`% of one replica's request. A utilization itself is never forecast.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrendSpec {
@@ -727,16 +729,17 @@ pub(crate) fn check_spec(s: &PolicySpec, prefix: &str, source: Option<&Value>) -
                     ),
                 ));
             }
-            if !s
-                .metrics
-                .iter()
-                .any(|m| m.kind == MetricKind::Queue && m.metric.is_some())
-            {
+            let job = s.target.job.is_some();
+            if !s.metrics.iter().any(|m| {
+                (m.kind == MetricKind::Queue && m.metric.is_some())
+                    || (job && m.kind == MetricKind::Cpu)
+            }) {
                 r.push(Rule::at(
                     tp("history"),
-                    "a forecast needs a metric the job reports (type: queue with metric: \
-                     NAME), which measures demand; a utilization depends on the size the \
-                     autoscaler chose; expected such a metric, or no history (slope only)"
+                    "a forecast needs a demand: a metric the job reports (type: queue with \
+                     metric: NAME), or a cpu metric of a job (the CPU its replicas use \
+                     together); a utilization of a pool depends on the size the autoscaler \
+                     chose; expected such a metric, or no history (slope only)"
                         .to_string(),
                 ));
             }
