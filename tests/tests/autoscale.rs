@@ -280,6 +280,56 @@ async fn a_busy_job_scales_out_on_cpu_and_back_in_when_the_load_stops() {
 }
 
 #[tokio::test]
+async fn a_cpu_forecast_reads_what_the_replicas_use_together_on_real_agents() {
+    let f = fleet().await;
+    let c = &f.controller;
+    let name = format!("ahead-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    c.apply("ahead.yaml", &job(&name, BURN_UNTIL_IDLE))
+        .await
+        .expect("apply job");
+    wait_for(Duration::from_secs(30), "1 running replica", || async {
+        running(c, &name).await.len() == 1
+    })
+    .await
+    .expect("running");
+    // Some history first: one replica burning its 100m.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    // The policy of the test above up to 5 replicas, plus a forecast of the CPU
+    // in use over the last minute, thirty seconds ahead.
+    let manifest = format!(
+        "{}  trend:\n    lookahead: 30s\n    history: 1m\n",
+        policy(&format!("{name}-ahead"), &name).replace("maxSize: 3", "maxSize: 5")
+    );
+    let (status, body) = post_policy(c, "ahead.yaml", &manifest).await;
+    assert_eq!(status, 200, "{body}");
+    // Each new replica burns its 100m too: the job's CPU in use climbs with
+    // every scale-out, and the forecast of it (with its bound) asks for more
+    // than the utilization now does.
+    let waited = wait_for(
+        Duration::from_secs(90),
+        "a decision the forecast drives",
+        || async {
+            autoscale_events(c, &name).await.iter().any(|e| {
+                e.message.contains("cpu in use (millicores) forecast")
+                    && e.message.contains("Holt over 1m")
+                    && e.message.contains("(forecast drives)")
+            })
+        },
+    )
+    .await;
+    let events: Vec<String> = autoscale_events(c, &name)
+        .await
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(waited.is_ok(), "{events:#?}");
+    println!("forecast decisions: {events:#?}");
+    exec_in(&running(c, &name).await, "touch /tmp/idle");
+    assert_eq!(delete_policy(c, &format!("{name}-ahead")).await, 204);
+}
+
+#[tokio::test]
 async fn a_bad_policy_is_refused_with_a_located_message() {
     let dir = tempfile::Builder::new()
         .prefix("novacron-as-")
