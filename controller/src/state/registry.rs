@@ -580,6 +580,10 @@ impl Registry {
         if let Some((_, link)) = state.link.take() {
             link.close(CloseCode::Revoked, "this node's certificate was revoked");
         }
+        // Released before the side sets, which are taken before it elsewhere.
+        drop(inner);
+        lock(&self.warm).remove(&revocation.name);
+        lock(&self.spot).remove(&revocation.name);
         warn!(node = %revocation.name, by = %revocation.by, reason = %revocation.reason, "node revoked");
         Ok(())
     }
@@ -1017,6 +1021,10 @@ mod tests {
             SystemTime::now(),
         )
         .expect("connect");
+        r.set_warm("n1", true);
+        r.set_spot_notice("n1", 5);
+        r.set_parked("n1", true).expect("parked");
+        assert!(r.view("n1", Instant::now()).is_some_and(|v| v.warm));
         r.revoke(&Revocation {
             name: "n1".into(),
             at_unix_ms: 1,
@@ -1025,6 +1033,9 @@ mod tests {
         })
         .expect("revoke");
         assert!(link.0.load(Ordering::SeqCst));
+        // A revoked node is neither warm nor under a notice any more.
+        assert!(r.view("n1", Instant::now()).is_some_and(|v| !v.warm));
+        assert_eq!(r.spot_deadline("n1"), None);
         assert!(r.revoked_names().contains("n1"));
         let err = r
             .connect(
