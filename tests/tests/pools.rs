@@ -1160,6 +1160,7 @@ async fn park(dir: &std::path::Path) -> Result<()> {
     // Two replicas that need a node each: the parked member is started, its
     // drain cordon lifted, and the second replica runs there.
     let job = format!("{pool}-job");
+    let applied = std::time::Instant::now();
     c.apply(
         "job.yaml",
         &format!(
@@ -1190,6 +1191,10 @@ spec:
     if let Err(e) = waited {
         bail!("{e}\n{}", diagnose(&c).await);
     }
+    println!(
+        "parked start: a replica runs on {parked} {:.2} s after the job was applied",
+        applied.elapsed().as_secs_f64()
+    );
     let view = c
         .node(&parked)
         .await?
