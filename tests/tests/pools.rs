@@ -1070,6 +1070,115 @@ spec:
 }
 
 #[tokio::test]
+async fn a_jobs_headroom_holds_a_node_ready_that_its_next_replica_takes_at_once() {
+    with_log("novacron-pools-headroom-", |dir| async move {
+        job_headroom(&dir).await
+    })
+    .await;
+}
+
+/// A service of `replicas` of 1500m (one a node of 2 CPUs) on `pool`, keeping
+/// room for one more (label `headroom: "1"`).
+fn roomy_job(job: &str, pool: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {job}
+  labels: {{headroom: \"1\"}}
+spec:
+  type: service
+  replicas: {replicas}
+  task:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'while true; do sleep 1; done']
+  resources:
+    cpu: 1500m
+    memory: 32Mi
+  placement:
+    constraints:
+      - {{key: pool, operator: '==', values: [{pool}]}}
+"
+    )
+}
+
+async fn job_headroom(dir: &std::path::Path) -> Result<()> {
+    let (c, pool, image, _cleanup) = pool_controller(dir, "hr").await?;
+    let manifest = pool_manifest(&pool, &image, 1, false).replace("maxSize: 2", "maxSize: 3");
+    let (status, body) = apply_pools(&c, &manifest).await?;
+    if status != 200 {
+        bail!("applying the pool: {status} {body}");
+    }
+    let job = format!("{pool}-job");
+    c.apply("job.yaml", &roomy_job(&job, &pool, 1)).await?;
+    // One node runs the replica; the room for one more fits nowhere else, so
+    // the pool grows a second node and holds it.
+    let waited =
+        wait_for(
+            SCALE_UP,
+            "the replica running and a second node ready",
+            || {
+                let (c, job, pool) = (&c, &job, &pool);
+                async move {
+                    running(c, job).await.len() == 1 && members(c, pool, "ready").await.len() == 2
+                }
+            },
+        )
+        .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    let first = running(&c, &job).await.remove(0).1;
+    let spare = members(&c, &pool, "ready")
+        .await
+        .into_iter()
+        .find(|n| *n != first)
+        .context("a second member")?;
+    let events = pool_events(&c).await?;
+    assert!(
+        events.iter().any(|e| e.starts_with("pool.scaled")
+            && e.contains(&format!(
+                "job {job} keeps room for 1 more replica (label headroom) and no node has it"
+            ))),
+        "{events:#?}"
+    );
+    // Empty but holding the room: it is not drained (scaleDownAfter is 3s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        members(&c, &pool, "ready").await.len(),
+        2,
+        "{}",
+        diagnose(&c).await
+    );
+
+    // The next replica lands on it at once, and the pool grows again behind it.
+    let applied = std::time::Instant::now();
+    c.apply("job.yaml", &roomy_job(&job, &pool, 2)).await?;
+    let waited = wait_for(
+        SCALE_UP,
+        "the second replica running on the spare node",
+        || runs_on(&c, &job, &spare),
+    )
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    println!(
+        "headroom: the second replica runs on the spare node {:.2} s after the job was applied",
+        applied.elapsed().as_secs_f64()
+    );
+    let waited = wait_for(SCALE_UP, "a third node for the room", || {
+        let (c, pool) = (&c, &pool);
+        async move { members(c, pool, "ready").await.len() == 3 }
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", diagnose(&c).await);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_scaled_in_node_waits_stopped_in_the_warm_pool_across_a_controller_restart() {
     with_log(
         "novacron-pools-park-",

@@ -212,6 +212,83 @@ pub struct Demand {
     /// web runs 2 of 10 replicas on spot (20%), target 70%`); `None`: the
     /// cheapest pool.
     pub prefer: Option<(CapacityType, String)>,
+    /// Room the job keeps free for more replicas (its `headroom` label), not
+    /// replicas waiting.
+    pub headroom: bool,
+}
+
+/// Free room on a ready, schedulable node, for [`fit_headroom`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    /// The node.
+    pub node: String,
+    /// Its labels (for the jobs' constraints).
+    pub labels: BTreeMap<String, String>,
+    /// Allocatable CPU not reserved (millicores).
+    pub cpu_millis: u64,
+    /// Allocatable memory not reserved (bytes).
+    pub memory_bytes: u64,
+}
+
+/// Room held for a job's headroom on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Replicas' worth.
+    pub replicas: u32,
+    /// CPU (millicores).
+    pub cpu_millis: u64,
+    /// Memory (bytes).
+    pub memory_bytes: u64,
+}
+
+/// Places the jobs' headroom (`asks`: replicas' worth of room each job keeps
+/// free) as placeholders on the free room of `rooms`, each replica's worth on
+/// the node with the most free CPU that fits it and the job's constraints.
+/// Returns what each node holds and what fits nowhere (demands for the node
+/// pools, [`Demand::headroom`] set). Placeholders are recomputed on every pass:
+/// real replicas are placed as if they were not there (they preempt them at
+/// once), and a node that holds one is not empty. GPUs are not held.
+pub fn fit_headroom(rooms: &[Room], asks: &[Demand]) -> (BTreeMap<String, Held>, Vec<Demand>) {
+    let mut free: Vec<Room> = rooms.to_vec();
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    let mut unfit = Vec::new();
+    let mut asks: Vec<&Demand> = asks.iter().filter(|d| d.count > 0).collect();
+    asks.sort_by(|a, b| a.job.cmp(&b.job));
+    for d in asks {
+        let mut left = d.count;
+        while left > 0 {
+            let best = free
+                .iter_mut()
+                .filter(|r| {
+                    r.cpu_millis >= d.cpu_millis
+                        && r.memory_bytes >= d.memory_bytes
+                        && d.constraints
+                            .iter()
+                            .all(|c| c.operator.matches(&r.labels, &c.key, &c.values))
+                })
+                .max_by(|a, b| {
+                    a.cpu_millis
+                        .cmp(&b.cpu_millis)
+                        .then_with(|| b.node.cmp(&a.node))
+                });
+            let Some(r) = best else { break };
+            r.cpu_millis -= d.cpu_millis;
+            r.memory_bytes -= d.memory_bytes;
+            let h = held.entry(r.node.clone()).or_default();
+            h.replicas += 1;
+            h.cpu_millis += d.cpu_millis;
+            h.memory_bytes += d.memory_bytes;
+            left -= 1;
+        }
+        if left > 0 {
+            unfit.push(Demand {
+                count: left,
+                headroom: true,
+                ..d.clone()
+            });
+        }
+    }
+    (held, unfit)
 }
 
 /// What to do to a pool.
@@ -459,17 +536,27 @@ pub fn plan(pools: &[PoolView], demands: &[Demand], now_ms: u64) -> Vec<PoolActi
                 Some((want, why)) => format!("; no {want} pool could grow ({why})"),
                 None => String::new(),
             };
+            let plural = if d.count == 1 { "" } else { "s" };
+            let why = if d.headroom {
+                format!(
+                    "job {} keeps room for {} more replica{plural} (label headroom) and no \
+                     node has it",
+                    d.job, d.count
+                )
+            } else {
+                format!(
+                    "job {} has {} replica{plural} that fit no node",
+                    d.job, d.count
+                )
+            };
             actions.push(PoolAction::Create {
                 pool: p.name.clone(),
                 count: add,
                 reason: format!(
-                    "pool {} {cur} → {}: job {} has {} replica{} that fit no node; a {} node \
+                    "pool {} {cur} → {}: {why}; a {} node \
                      ({}m CPU, {} bytes, {} per hour) holds {}{steer}",
                     p.name,
                     cur + add,
-                    d.job,
-                    d.count,
-                    if d.count == 1 { "" } else { "s" },
                     p.template.instance_type,
                     p.template.resources.cpu.0,
                     p.template.resources.memory.0,
@@ -863,6 +950,7 @@ mod tests {
             gpus: 0,
             constraints: Vec::new(),
             prefer: None,
+            headroom: false,
         }
     }
 
@@ -1130,6 +1218,63 @@ mod tests {
         spot.can_grow = true;
         let a = plan_with(&[spot, od], &[d], &Settings::default(), 1_000);
         assert!(a.iter().all(|a| a.pool() == "spot"), "{a:?}");
+    }
+
+    #[test]
+    fn headroom_holds_room_on_the_freest_fitting_nodes_and_asks_pools_for_the_rest() {
+        let room = |node: &str, cpu: u64, tier: &str| Room {
+            node: node.into(),
+            labels: BTreeMap::from([("tier".to_string(), tier.to_string())]),
+            cpu_millis: cpu,
+            memory_bytes: 4096 * MIB,
+        };
+        let rooms = [
+            room("a", 1500, "web"),
+            room("b", 1800, "web"),
+            room("c", 4000, "batch"),
+        ];
+        let mut web = demand("web", 3, 1000);
+        web.constraints = vec![Constraint {
+            key: "tier".into(),
+            operator: Operator::In,
+            values: vec!["web".into()],
+        }];
+        let (held, unfit) = fit_headroom(&rooms, &[web.clone(), demand("none", 0, 100)]);
+        // b (1800m free) takes the first, a (1500m) the second; the third fits
+        // neither (800m and 500m left), and c is not a web node.
+        assert_eq!(
+            held,
+            BTreeMap::from([
+                (
+                    "a".to_string(),
+                    Held {
+                        replicas: 1,
+                        cpu_millis: 1000,
+                        memory_bytes: 64 * MIB
+                    }
+                ),
+                (
+                    "b".to_string(),
+                    Held {
+                        replicas: 1,
+                        cpu_millis: 1000,
+                        memory_bytes: 64 * MIB
+                    }
+                ),
+            ])
+        );
+        assert_eq!(unfit.len(), 1);
+        assert_eq!((unfit[0].count, unfit[0].headroom), (1, true));
+
+        // The pools grow for it, saying it is headroom.
+        let mut p = pool("p", 0, 10, vec![]);
+        p.template.labels = BTreeMap::from([("tier".to_string(), "web".to_string())]);
+        let a = plan_with(&[p], &unfit, &Settings::default(), 1_000);
+        assert!(
+            matches!(a.as_slice(), [PoolAction::Create { count: 1, reason, .. }]
+                if reason.contains("job web keeps room for 1 more replica (label headroom) and no node has it")),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -583,6 +583,7 @@ impl Manager {
         for pool in &catalog.pools {
             observed.push(observe(st, &providers, pool, &catalog.templates).await);
         }
+        let room = self.headroom(st, &mut observed);
         self.spot_notices(st, &observed, now_ms);
         let mut views = Vec::new();
         for o in &observed {
@@ -633,6 +634,7 @@ impl Manager {
 
         let mut demands = steer(st, st.workloads.unplaced());
         demands.extend(fallback(st, &views));
+        demands.extend(room);
         let actions = core::plan(&views, &demands, now_ms);
         for action in actions {
             let Some(o) = observed.iter().find(|o| o.pool.name == action.pool()) else {
@@ -759,6 +761,88 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// The jobs' headroom (label `headroom`: replicas' worth of room kept free,
+    /// `2` or `"20%"` of the job's replicas): placeholders held on the pools'
+    /// ready members, which then count as holding work (never drained as empty,
+    /// never retired by consolidation), and demands for what fits nowhere, so
+    /// that the pools grow for it. Real replicas are placed as if the
+    /// placeholders were not there: they take the room at once, and the next
+    /// pass holds room again elsewhere or grows a pool.
+    fn headroom(&mut self, st: &ApiState, observed: &mut [ObservedPool]) -> Vec<Demand> {
+        let mut asks = Vec::new();
+        for j in st.workloads.jobs() {
+            let key = format!("headroom:{}", j.name);
+            let Some(value) =
+                crate::services::costs::job_label(&st.workloads, &j.name, HEADROOM_LABEL)
+            else {
+                self.problems.remove(&key);
+                continue;
+            };
+            if st.workloads.is_stopped(&j.name) {
+                continue;
+            }
+            match parse_job_headroom(&value) {
+                Ok(h) => {
+                    self.problems.remove(&key);
+                    if let Some(d) = st.workloads.demand_of(&j.name, h.nodes(j.replicas)) {
+                        asks.push(d);
+                    }
+                }
+                Err(e) => {
+                    let problem = format!("job {}: label {HEADROOM_LABEL}: {e}", j.name);
+                    if self.problems.get(&key) != Some(&problem) {
+                        warn!(job = %j.name, %problem, "headroom ignored");
+                        st.events.note(
+                            NewEvent::new(kind::POOL_FAILED, ACTOR, problem.clone()).job(&j.name),
+                        );
+                        self.problems.insert(key, problem);
+                    }
+                }
+            }
+        }
+        if asks.is_empty() {
+            return Vec::new();
+        }
+        let labels: HashMap<String, BTreeMap<String, String>> = st
+            .registry
+            .placement_nodes(Instant::now())
+            .into_iter()
+            .map(|n| (n.name, n.labels))
+            .collect();
+        let rooms: Vec<core::Room> = observed
+            .iter()
+            .flat_map(|o| o.members.iter())
+            .filter(|m| {
+                m.status == Some(NodeStatus::Ready)
+                    && !m.cordoned
+                    && !m.parked
+                    && !self.draining.contains_key(&m.name)
+            })
+            .map(|m| core::Room {
+                node: m.name.clone(),
+                labels: labels.get(&m.name).cloned().unwrap_or_default(),
+                cpu_millis: m.capacity_cpu_millis.saturating_sub(m.reserved_cpu_millis),
+                memory_bytes: m
+                    .capacity_memory_bytes
+                    .saturating_sub(m.reserved_memory_bytes),
+            })
+            .collect();
+        let (held, unfit) = core::fit_headroom(&rooms, &asks);
+        for m in observed.iter_mut().flat_map(|o| o.members.iter_mut()) {
+            let Some(h) = held.get(&m.name) else { continue };
+            m.allocations = m.allocations.saturating_add(h.replicas);
+            m.reserved_cpu_millis += h.cpu_millis;
+            m.reserved_memory_bytes += h.memory_bytes;
+            m.held.push(PackAlloc {
+                id: format!("headroom on {}", m.name),
+                cpu_millis: h.cpu_millis,
+                memory_bytes: h.memory_bytes,
+            });
+            m.pinned = true;
+        }
+        unfit
     }
 
     /// Members that sent a spot interruption notice leave the pool's size at once
@@ -1062,6 +1146,25 @@ impl Manager {
             }
         }
         Ok(())
+    }
+}
+
+/// The job label asking for headroom.
+pub const HEADROOM_LABEL: &str = "headroom";
+
+/// A job's `headroom` label: a number of replicas (`2`) or a share of its
+/// replicas (`"20%"`, rounded up).
+fn parse_job_headroom(value: &str) -> Result<core::Headroom, String> {
+    let v = value.trim();
+    if let Ok(n) = v.parse::<u32>() {
+        return Ok(core::Headroom::Nodes(n));
+    }
+    match v.strip_suffix('%').map(|p| p.trim().parse::<f64>()) {
+        Some(Ok(p)) if p.is_finite() && p > 0.0 && p <= 1000.0 => Ok(core::Headroom::Percent(p)),
+        _ => Err(format!(
+            "{value:?} is not a headroom; expected a number of replicas like 2, or a share \
+             of the job's replicas like 20% (above 0% and up to 1000%)"
+        )),
     }
 }
 
@@ -1376,6 +1479,17 @@ mod tests {
         let s = settings_of(&again[0]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.scale_down_after, Duration::from_secs(5));
         assert!(check_pool(&again[0], &[docs.templates[0].0.clone()]).is_ok());
+    }
+
+    #[test]
+    fn a_jobs_headroom_label_is_replicas_or_a_share_of_them() {
+        assert_eq!(parse_job_headroom(" 2 "), Ok(core::Headroom::Nodes(2)));
+        assert_eq!(parse_job_headroom("20%"), Ok(core::Headroom::Percent(20.0)));
+        assert_eq!(parse_job_headroom("20%").map(|h| h.nodes(11)), Ok(3));
+        for bad in ["-1", "0%", "two", "2000%", ""] {
+            let e = parse_job_headroom(bad).expect_err(bad);
+            assert!(e.contains("expected a number of replicas like 2"), "{e}");
+        }
     }
 
     #[test]

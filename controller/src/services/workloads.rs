@@ -1214,6 +1214,14 @@ impl Workloads {
             .collect()
     }
 
+    /// `count` replicas of `job`'s current version as a demand for the node pools;
+    /// `None` for a stopped or unknown job.
+    pub fn demand_of(&self, job: &str, count: u32) -> Option<novacron_common::pools::Demand> {
+        let st = self.lock();
+        let version = st.jobs.get(job)?.record.current;
+        demand(&st, job, version, count)
+    }
+
     /// The replicas wanted running on `nodes` (which are going away: a spot
     /// notice), as demands by job and version, with what one replica needs.
     pub fn leaving(&self, nodes: &BTreeSet<String>) -> Vec<novacron_common::pools::Demand> {
@@ -1675,6 +1683,7 @@ fn demand(
         constraints: spec.placement.constraints.clone(),
         // The pool manager steers by the pricing catalog's mix.
         prefer: None,
+        headroom: false,
     })
 }
 
