@@ -259,29 +259,16 @@ spec:
         &pool_job(&job, &pool, "100m", "while true; do sleep 1; done"),
     )
     .await?;
-    let found = std::sync::Mutex::new(String::new());
-    let waited = wait_for(SCALE_UP, "the job running on a node of the pool", || {
-        let (c, job, found) = (&c, &job, &found);
-        async move {
-            let Ok(detail) = c.job(job).await else {
-                return false;
-            };
-            let running = detail
-                .allocations
-                .iter()
-                .find(|a| a.desired_run && a.state == AllocState::Running);
-            if let (Some(a), Ok(mut node)) = (running, found.lock()) {
-                node.clone_from(&a.node);
-                return true;
-            }
-            false
-        }
-    })
+    let waited = wait_for(
+        SCALE_UP,
+        "the job running on a node of the pool",
+        || async { job_node(&c, &job).await.is_some() },
+    )
     .await;
     if let Err(e) = waited {
         bail!("{e}\n{}", diagnose(&c).await);
     }
-    let node = found.lock().map(|n| n.clone()).unwrap_or_default();
+    let node = job_node(&c, &job).await.context("the job runs")?;
     println!(
         "cold start: node {node} made and the replica running {:.2} s after the job was applied",
         applied.elapsed().as_secs_f64()
@@ -576,6 +563,42 @@ spec:
         assert_eq!(running(&c, &job).await.len(), 2);
     }
     Ok(())
+}
+
+/// The node a wanted replica of `job` runs on, if one runs.
+async fn job_node(c: &Controller, job: &str) -> Option<String> {
+    c.job(job)
+        .await
+        .ok()?
+        .allocations
+        .into_iter()
+        .find(|a| a.desired_run && a.state == AllocState::Running)
+        .map(|a| a.node)
+}
+
+/// Writes a spot interruption notice (terminate in two minutes) into the notice
+/// file of node `node` (a container, `docker.spotNotice: /tmp/spot-notice`);
+/// returns when it was written.
+fn send_spot_notice(node: &str) -> Result<std::time::Instant> {
+    let in_two_minutes = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 120;
+    let deadline = chrono::DateTime::from_timestamp(i64::try_from(in_two_minutes)?, 0)
+        .context("a valid time")?;
+    let notice = format!(
+        "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
+        deadline.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    let noticed = std::time::Instant::now();
+    docker(&[
+        "exec",
+        node,
+        "sh",
+        "-c",
+        &format!("echo '{notice}' > /tmp/spot-notice"),
+    ])?;
+    Ok(noticed)
 }
 
 /// The pools, the pool events and the containers, for failure messages.
@@ -967,30 +990,14 @@ spec:
         ),
     )
     .await?;
-    let found = std::sync::Mutex::new(String::new());
-    let waited = wait_for(SCALE_UP, "the job running on the spot node", || {
-        let (c, job, found) = (&c, &job, &found);
-        async move {
-            let on = c.job(job).await.ok().and_then(|d| {
-                d.allocations
-                    .into_iter()
-                    .find(|a| a.desired_run && a.state == AllocState::Running)
-                    .map(|a| a.node)
-            });
-            match (on, found.lock()) {
-                (Some(node), Ok(mut f)) => {
-                    *f = node;
-                    true
-                }
-                _ => false,
-            }
-        }
+    let waited = wait_for(SCALE_UP, "the job running on the spot node", || async {
+        job_node(&c, &job).await.is_some()
     })
     .await;
     if let Err(e) = waited {
         bail!("{e}\n{}", diagnose(&c).await);
     }
-    let doomed = found.lock().map(|n| n.clone()).unwrap_or_default();
+    let doomed = job_node(&c, &job).await.context("the job runs")?;
     assert!(doomed.starts_with(&format!("{pool}-")) && !doomed.starts_with(&od));
 
     // Spot capacity runs short: the spot pool can no longer make nodes (here, an
@@ -1007,24 +1014,7 @@ spec:
     }
 
     // The provider announces the end of the spot node in two minutes.
-    let in_two_minutes = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 120;
-    let deadline = chrono::DateTime::from_timestamp(i64::try_from(in_two_minutes)?, 0)
-        .context("a valid time")?;
-    let notice = format!(
-        "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
-        deadline.format("%Y-%m-%dT%H:%M:%SZ")
-    );
-    let noticed = std::time::Instant::now();
-    docker(&[
-        "exec",
-        &doomed,
-        "sh",
-        "-c",
-        &format!("echo '{notice}' > /tmp/spot-notice"),
-    ])?;
+    let noticed = send_spot_notice(&doomed)?;
     // The spot replacement fails; an on-demand node comes up and the job moves
     // there before the deadline.
     let waited = wait_for(
@@ -1364,52 +1354,19 @@ spec:
     )
     .await?;
     // One node runs the job, one waits warm.
-    let found = std::sync::Mutex::new(String::new());
     let waited = wait_for(SCALE_UP, "the job running and a warm node", || {
-        let (c, job, pool, found) = (&c, &job, &pool, &found);
-        async move {
-            let on = c.job(job).await.ok().and_then(|d| {
-                d.allocations
-                    .into_iter()
-                    .find(|a| a.desired_run && a.state == AllocState::Running)
-                    .map(|a| a.node)
-            });
-            let warm = members(c, pool, "warm").await.len() == 1;
-            match (on, found.lock()) {
-                (Some(node), Ok(mut f)) if warm => {
-                    *f = node;
-                    true
-                }
-                _ => false,
-            }
-        }
+        let (c, job, pool) = (&c, &job, &pool);
+        async move { job_node(c, job).await.is_some() && members(c, pool, "warm").await.len() == 1 }
     })
     .await;
     if let Err(e) = waited {
         bail!("{e}\n{}", diagnose(&c).await);
     }
-    let doomed = found.lock().map(|n| n.clone()).unwrap_or_default();
+    let doomed = job_node(&c, &job).await.context("the job runs")?;
     let warm = members(&c, &pool, "warm").await.remove(0);
 
     // The provider announces the end of the job's node in two minutes.
-    let in_two_minutes = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 120;
-    let deadline = chrono::DateTime::from_timestamp(i64::try_from(in_two_minutes)?, 0)
-        .context("a valid time")?;
-    let notice = format!(
-        "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
-        deadline.format("%Y-%m-%dT%H:%M:%SZ")
-    );
-    let noticed = std::time::Instant::now();
-    docker(&[
-        "exec",
-        &doomed,
-        "sh",
-        "-c",
-        &format!("echo '{notice}' > /tmp/spot-notice"),
-    ])?;
+    let noticed = send_spot_notice(&doomed)?;
     // The warm node replaces it, and the job moves there, well before the deadline.
     let waited = wait_for(
         Duration::from_secs(100),
