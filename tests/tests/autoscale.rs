@@ -188,20 +188,25 @@ impl Drop for Cleanup {
     }
 }
 
+/// Applies `name`, one replica burning its 100m, and waits until it runs.
+async fn one_busy_replica(c: &Controller, name: &str) {
+    c.apply(&format!("{name}.yaml"), &job(name, BURN_UNTIL_IDLE))
+        .await
+        .expect("apply job");
+    wait_for(Duration::from_secs(30), "1 running replica", || async {
+        running(c, name).await.len() == 1
+    })
+    .await
+    .expect("running");
+}
+
 #[tokio::test]
 async fn a_busy_job_scales_out_on_cpu_and_back_in_when_the_load_stops() {
     let f = fleet().await;
     let c = &f.controller;
     let name = format!("busy-{}", std::process::id());
     let _cleanup = Cleanup(name.clone());
-    c.apply("busy.yaml", &job(&name, BURN_UNTIL_IDLE))
-        .await
-        .expect("apply job");
-    wait_for(Duration::from_secs(30), "1 running replica", || async {
-        running(c, &name).await.len() == 1
-    })
-    .await
-    .expect("running");
+    one_busy_replica(c, &name).await;
 
     // The CLI sends the policy to /v1/policies by its kind.
     let file = f.dir.path().join("policy.yaml");
@@ -285,14 +290,7 @@ async fn a_cpu_forecast_reads_what_the_replicas_use_together_on_real_agents() {
     let c = &f.controller;
     let name = format!("ahead-{}", std::process::id());
     let _cleanup = Cleanup(name.clone());
-    c.apply("ahead.yaml", &job(&name, BURN_UNTIL_IDLE))
-        .await
-        .expect("apply job");
-    wait_for(Duration::from_secs(30), "1 running replica", || async {
-        running(c, &name).await.len() == 1
-    })
-    .await
-    .expect("running");
+    one_busy_replica(c, &name).await;
     // Some history first: one replica burning its 100m.
     tokio::time::sleep(Duration::from_secs(15)).await;
     // The policy of the test above up to 5 replicas, plus a forecast of the CPU
