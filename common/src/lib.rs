@@ -22,7 +22,7 @@ pub mod transfer;
 pub mod wire;
 
 pub use novacron_core::{
-    autoscale, backoff, clock, consolidate, cost, cron, fleet, manifest, names, pools, reconcile,
-    scheduler, sim, units,
+    alert, autoscale, backoff, clock, consolidate, cost, cron, fleet, manifest, names, pools,
+    reconcile, scheduler, sim, units,
 };
 pub use novacron_wire::checkpoint;

@@ -15,6 +15,7 @@
 //! crate needs nothing from here. The core uses those types as plain data and never
 //! encodes a frame.
 
+pub mod alert;
 pub mod autoscale;
 pub mod backoff;
 pub mod clock;
