@@ -171,6 +171,9 @@ pub struct ControllerFile {
     /// The metrics history (`serve`).
     #[serde(default)]
     pub history: crate::services::history::HistorySettings,
+    /// Alert evaluation (`serve`).
+    #[serde(default)]
+    pub alerts: crate::services::alerts::AlertSettings,
 }
 
 /// The `[store]` table: the embedded redb file (the default) or etcd, for a
@@ -623,8 +626,13 @@ pub fn resolve_serve(
     if let Err(expected) = history.validate() {
         return Err(invalid(l.file_origin("history"), "[history]", expected));
     }
+    let alerts = loaded.file.alerts.clone();
+    if let Err(expected) = alerts.validate() {
+        return Err(invalid(l.file_origin("alerts"), "[alerts]", expected));
+    }
     Ok(ControllerConfig {
         history,
+        alerts,
         data_dir: data_dir.to_path_buf(),
         api_listen,
         quic_listen,

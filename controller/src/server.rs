@@ -72,6 +72,8 @@ pub struct ControllerConfig {
     pub secrets_key_file: Option<PathBuf>,
     /// The metrics history (`[history]`).
     pub history: crate::services::history::HistorySettings,
+    /// Alert evaluation (`[alerts]`).
+    pub alerts: crate::services::alerts::AlertSettings,
 }
 
 impl ControllerConfig {
@@ -93,6 +95,7 @@ impl ControllerConfig {
             dns_domain: novacron_dns::DEFAULT_DOMAIN.to_string(),
             secrets_key_file: None,
             history: crate::services::history::HistorySettings::default(),
+            alerts: crate::services::alerts::AlertSettings::default(),
         }
     }
 }
@@ -299,6 +302,13 @@ pub async fn start_with(
     // while it leads.
     let leadership = Leadership::always();
     let index = Arc::new(crate::services::index::IndexWatch::new(store.clone()));
+    let api_url = format!("https://{}:{}", config.server_name, api_addr.port());
+    let alerts = crate::services::alerts::Alerts::open(
+        store.clone(),
+        events.clone(),
+        config.alerts.clone(),
+        api_url.clone(),
+    )?;
     let api_state = Arc::new(ApiState {
         registry: registry.clone(),
         store: store.clone(),
@@ -307,7 +317,7 @@ pub async fn start_with(
         node_cert_ttl: config.node_cert_ttl,
         quic_endpoint,
         server_name: config.server_name.clone(),
-        api_url: format!("https://{}:{}", config.server_name, api_addr.port()),
+        api_url,
         workloads: workloads.clone(),
         link: agents,
         events: events.clone(),
@@ -322,6 +332,7 @@ pub async fn start_with(
         images,
         group,
         history: history.clone(),
+        alerts,
     });
 
     let mut dns_domain = novacron_dns::Name::from_ascii(&config.dns_domain)
@@ -452,6 +463,12 @@ fn singletons(
                 budgets::DEFAULT_INTERVAL,
                 term.clone(),
             )),
+            Box::pin(
+                api_state
+                    .alerts
+                    .clone()
+                    .run(api_state.clone(), term.clone()),
+            ),
             Box::pin(crate::services::idle::run(api_state.clone(), term)),
         ]
     }

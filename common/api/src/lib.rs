@@ -4,6 +4,7 @@
 //! the views here (`From`), so the API's JSON and the data directory's format can
 //! change apart. `ToSchema` derives are behind the `openapi` feature.
 
+pub mod alerts;
 pub mod certs;
 pub mod controllers;
 pub mod costs;
@@ -18,6 +19,10 @@ pub mod selector;
 pub mod services;
 pub mod terminal;
 
+pub use alerts::{
+    AckRequest, AlertApplyResult, AlertExport, AlertRuleView, AlertView, ChannelView,
+    SilenceRequest, SilenceView,
+};
 pub use certs::{CertRevocationView, CertRevokeRequest, CertRevokeResponse};
 pub use controllers::{BackupRecord, ControllerMember, ControllersView, EtcdMemberHealth};
 pub use costs::{CostReport, GroupCost, JobRecommendation, NodeCost};

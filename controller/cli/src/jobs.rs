@@ -143,6 +143,8 @@ pub const APPLY_KINDS: &[(&str, &[&str])] = &[
     ("NodePool", &["v1", "pools"]),
     ("NodeTemplate", &["v1", "pools"]),
     ("Secret", &["v1", "secrets"]),
+    ("AlertRule", &["v1", "alerts", "rules"]),
+    ("NotificationChannel", &["v1", "alerts", "channels"]),
 ];
 
 /// `novacron apply -f SOURCE...`: each source is a file, `-` (standard input) or

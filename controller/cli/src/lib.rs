@@ -13,6 +13,7 @@
 //! - [`exec`]: `novacron exec` and `novacron alloc exec` (remote commands, live).
 //! - [`version`]: `novacron version` (this client's build and the controller's).
 
+pub mod alerts;
 pub mod certs;
 pub mod checkpoints;
 pub mod client;
@@ -162,7 +163,8 @@ pub enum Command {
     /// Run a local fleet: a controller and agents on this machine, with a throwaway CA.
     Dev(dev::DevArgs),
     /// Submit a manifest (create or update): a Job, an AutoScalingPolicy, a
-    /// NodePool / NodeTemplate, or a Secret, by its `kind`.
+    /// NodePool / NodeTemplate, a Secret, an AlertRule or a
+    /// NotificationChannel, by its `kind`.
     ///
     /// `-f` may repeat; each is a file, `-` (standard input) or a directory (its
     /// *.yaml and *.yml files, sorted, not recursive). A file may hold several Job
@@ -208,6 +210,11 @@ pub enum Command {
     /// Autoscaling policies (apply them with `apply -f`).
     #[command(subcommand)]
     Policy(policies::PolicyCommand),
+    /// Alerts: what fires now, rules, channels, silences, acknowledgements and
+    /// the Prometheus export (apply AlertRule and NotificationChannel
+    /// manifests with `apply -f`).
+    #[command(subcommand)]
+    Alert(alerts::AlertCommand),
     /// The controller's image store, for fleets without a registry: push images
     /// from this machine's Docker; nodes pull them when a job names them.
     #[command(subcommand)]
@@ -290,6 +297,12 @@ pub fn watchable(command: &Command) -> bool {
         Command::Node(_)
             | Command::Job(jobs::JobCommand::List | jobs::JobCommand::Status { .. })
             | Command::Policy(policies::PolicyCommand::List)
+            | Command::Alert(
+                alerts::AlertCommand::List
+                    | alerts::AlertCommand::Rules
+                    | alerts::AlertCommand::Channels
+                    | alerts::AlertCommand::Silences
+            )
             | Command::Secret(secrets::SecretCommand::List)
             | Command::Pool(pools::PoolCommand::List)
             | Command::Service(
@@ -503,6 +516,10 @@ pub async fn run(
         Command::Policy(cmd) => {
             let client = connect(cli, env, now).await?;
             policies::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Alert(cmd) => {
+            let client = connect(cli, env, now).await?;
+            alerts::run(cmd, &client, cli.output, out, now).await
         }
         Command::Pool(cmd) => {
             let client = connect(cli, env, now).await?;

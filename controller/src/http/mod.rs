@@ -2,6 +2,7 @@
 //! resource with its handlers. It calls [`crate::services`] and [`crate::state`];
 //! nothing below it imports it.
 
+pub mod alerts;
 pub mod api;
 pub mod certs;
 pub mod costs;
@@ -338,6 +339,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(metrics::routes())
         .merge(history::routes())
         .merge(policies::routes())
+        .merge(alerts::routes())
         .merge(migrations::routes())
         .merge(certs::routes())
         .merge(secrets::routes())
@@ -360,6 +362,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         (name = "events", description = "The event log"),
         (name = "access", description = "API tokens"),
         (name = "cost", description = "Hourly cost and right-sizing"),
+        (name = "alerts", description = "Alert rules, notification channels, silences and active alerts"),
         (name = "controller", description = "The controller itself")
     )
 )]

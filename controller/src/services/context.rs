@@ -61,4 +61,6 @@ pub struct ApiState {
     pub group: Option<Arc<crate::services::group::GroupView>>,
     /// The metrics history (`None` when `[history] enabled = false`).
     pub history: Option<Arc<crate::services::history::MetricsHistory>>,
+    /// Alert rules, channels, active alerts and the notification outbox.
+    pub alerts: Arc<crate::services::alerts::Alerts>,
 }

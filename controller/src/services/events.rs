@@ -127,6 +127,22 @@ pub mod kind {
     /// were written to disk early (nothing was lost unless the details say
     /// chunks were dropped).
     pub const HISTORY_OVER_BUDGET: &str = "metrics.history_over_budget";
+    /// An alert's condition began to hold (it fires after the rule's `for`).
+    pub const ALERT_PENDING: &str = "alert.pending";
+    /// An alert fires.
+    pub const ALERT_FIRING: &str = "alert.firing";
+    /// A firing alert's condition no longer holds.
+    pub const ALERT_RESOLVED: &str = "alert.resolved";
+    /// A pending alert's condition stopped holding before `for` passed.
+    pub const ALERT_CLEARED: &str = "alert.cleared";
+    /// An alert rule or notification channel was applied or deleted, or an
+    /// alert was silenced or acknowledged.
+    pub const ALERT_CONFIG: &str = "alert.config";
+    /// A notification was delivered to its channel.
+    pub const ALERT_NOTIFIED: &str = "alert.notified";
+    /// A notification could not be delivered and was given up (after retries
+    /// for a day, or its channel was deleted, or the outbox was full).
+    pub const ALERT_NOTIFY_FAILED: &str = "alert.notify_failed";
 }
 
 /// An event before it has a position and a time.

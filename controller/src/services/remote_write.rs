@@ -809,7 +809,7 @@ fn http_client(settings: &RemoteWriteSettings) -> anyhow::Result<reqwest::Client
 }
 
 /// An error with its sources (reqwest's own message is terse).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

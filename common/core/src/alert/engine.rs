@@ -134,12 +134,16 @@ pub struct Step {
 
 /// Moves `rule`'s alerts one evaluation forward at `now_ms`. `observed` holds
 /// every subject that exists now; an active subject missing from it has gone (a
-/// node deleted, an allocation stopped) and resolves.
+/// node deleted, an allocation stopped) and resolves. With `warming_up` (just
+/// after a controller start, before fresh data has arrived), a subject without
+/// data keeps its state whatever the rule's `noData` says, so a restart neither
+/// resolves nor fires anything by itself.
 pub fn step(
     now_ms: u64,
     rule: &AlertRule,
     prev: &BTreeMap<String, Instance>,
     observed: &[Observation],
+    warming_up: bool,
 ) -> Step {
     let mut out = Step::default();
     let for_ms = u64::try_from(rule.for_.as_millis()).unwrap_or(u64::MAX);
@@ -147,7 +151,12 @@ pub fn step(
     for o in observed {
         seen.insert(o.subject.as_str());
         let before = prev.get(&o.subject);
-        let holds = match (o.truth, rule.no_data) {
+        let no_data = if warming_up {
+            NoData::Keep
+        } else {
+            rule.no_data
+        };
+        let holds = match (o.truth, no_data) {
             (Some(t), _) => t,
             (None, NoData::Ok) => false,
             (None, NoData::Alerting) => true,
@@ -430,7 +439,7 @@ mod tests {
         let (mut changes, mut sent) = (Vec::new(), Vec::new());
         for (i, c) in cpu.iter().enumerate() {
             let now = i as u64 * 1000;
-            let truth = rule.expr.eval(&mut |v| match v.metric.as_str() {
+            let truth = rule.expr.eval(&mut |v, _| match v.metric.as_str() {
                 "cpu_percent" => *c,
                 _ => Some(95.0),
             });
@@ -440,7 +449,7 @@ mod tests {
                 truth,
                 value: *c,
             };
-            let mut s = step(now, rule, &active, &[obs]);
+            let mut s = step(now, rule, &active, &[obs], false);
             for n in plan(now, rule, &[channel(10)], &mut s, silences) {
                 sent.push((now, n));
             }
@@ -507,7 +516,7 @@ mod tests {
                 truth: Some(true),
                 value: Some(95.0),
             };
-            let mut s = step(i * 1000, &r, &active, &[obs]);
+            let mut s = step(i * 1000, &r, &active, &[obs], false);
             if i == 35 {
                 s.active.get_mut("n1").expect("accepted").acked_by = Some("op".into());
             }
@@ -530,6 +539,29 @@ mod tests {
         let (changes, _, active) = run(&rule("  noData: keep\n"), &cpu, &[]);
         assert_eq!(changes.last(), Some(&(30_000, Change::Firing)));
         assert_eq!(active["n1"].state, State::Firing);
+        // Just after a restart, missing data changes nothing.
+        let r = rule("");
+        let mut active = BTreeMap::new();
+        for i in 0..31u64 {
+            let obs = Observation {
+                subject: "n1".into(),
+                labels: BTreeMap::new(),
+                truth: Some(true),
+                value: Some(95.0),
+            };
+            active = step(i * 1000, &r, &active, &[obs], false).active;
+        }
+        let missing = Observation {
+            subject: "n1".into(),
+            labels: BTreeMap::new(),
+            truth: None,
+            value: None,
+        };
+        let s = step(40_000, &r, &active, std::slice::from_ref(&missing), true);
+        assert!(s.transitions.is_empty());
+        assert_eq!(s.active["n1"].state, State::Firing);
+        let s = step(40_000, &r, &active, &[missing], false);
+        assert_eq!(s.transitions[0].change, Change::Resolved);
         let (changes, _, _) = run(&rule("  noData: alerting\n"), &[None; 31], &[]);
         assert_eq!(
             changes,
@@ -542,7 +574,7 @@ mod tests {
         let y = "apiVersion: novacron.io/v1\nkind: AlertRule\nmetadata:\n  name: either\nspec:\n  condition: node.cpu_percent > 90 or node.memory_percent > 90\n";
         let r = parse_rules("r.yaml", y).expect("accepted").remove(0);
         let truth = |cpu: f64, mem: Option<f64>| {
-            r.expr.eval(&mut |v| {
+            r.expr.eval(&mut |v, _| {
                 if v.metric == "cpu_percent" {
                     Some(cpu)
                 } else {
@@ -560,7 +592,7 @@ mod tests {
             truth: truth(95.0, None),
             value: Some(95.0),
         };
-        let s = step(0, &r, &BTreeMap::new(), &[obs]);
+        let s = step(0, &r, &BTreeMap::new(), &[obs], false);
         assert_eq!(s.transitions.len(), 1);
         assert_eq!(s.transitions[0].change, Change::Firing);
     }
@@ -606,9 +638,9 @@ mod tests {
         };
         let mut active = BTreeMap::new();
         for i in 0..31 {
-            active = step(i * 1000, &r, &active, &[obs(true)]).active;
+            active = step(i * 1000, &r, &active, &[obs(true)], false).active;
         }
-        let s = step(32_000, &r, &active, &[]);
+        let s = step(32_000, &r, &active, &[], false);
         assert_eq!(s.transitions[0].change, Change::Resolved);
         assert!(s.active.is_empty());
     }

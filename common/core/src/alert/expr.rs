@@ -195,16 +195,18 @@ pub enum Expr {
 pub type Truth = Option<bool>;
 
 impl Expr {
-    /// Evaluates with `value` giving each comparison's value (`None`: no data).
+    /// Evaluates with `value` giving each comparison's value (`None`: no data);
+    /// it is told the comparison, so a metric with several series (one per
+    /// disk) can answer the one that decides it.
     /// `and` is false as soon as one part is false and unknown when a part is
     /// unknown and none is false; `or` the other way round (Kleene's logic).
-    pub fn eval(&self, value: &mut dyn FnMut(&ValueRef) -> Option<f64>) -> Truth {
+    pub fn eval(&self, value: &mut dyn FnMut(&ValueRef, Op) -> Option<f64>) -> Truth {
         match self {
             Expr::Cmp {
                 value: v,
                 op,
                 threshold,
-            } => value(v).map(|x| op.holds(x, *threshold)),
+            } => value(v, *op).map(|x| op.holds(x, *threshold)),
             Expr::And(parts) => {
                 let mut unknown = false;
                 for p in parts {
@@ -768,14 +770,16 @@ mod tests {
     #[test]
     fn kleene_logic_on_missing_values() {
         let e = parse("node.a > 1 and node.b > 1").expect("accepted");
-        let eval =
-            |a: Option<f64>, b: Option<f64>| e.eval(&mut |r| if r.metric == "a" { a } else { b });
+        let eval = |a: Option<f64>, b: Option<f64>| {
+            e.eval(&mut |r, _| if r.metric == "a" { a } else { b })
+        };
         assert_eq!(eval(Some(2.0), Some(2.0)), Some(true));
         assert_eq!(eval(Some(0.0), None), Some(false));
         assert_eq!(eval(Some(2.0), None), None);
         let o = parse("node.a > 1 or node.b > 1").expect("accepted");
-        let eval =
-            |a: Option<f64>, b: Option<f64>| o.eval(&mut |r| if r.metric == "a" { a } else { b });
+        let eval = |a: Option<f64>, b: Option<f64>| {
+            o.eval(&mut |r, _| if r.metric == "a" { a } else { b })
+        };
         assert_eq!(eval(Some(2.0), None), Some(true));
         assert_eq!(eval(Some(0.0), None), None);
         assert_eq!(eval(Some(0.0), Some(0.0)), Some(false));

@@ -799,6 +799,23 @@ impl Store for EtcdStore {
         self.remove(NODE_TEMPLATES, name, "deleting a node template")
     }
 
+    fn put_alerting(
+        &self,
+        kind: AlertingKind,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.put(kind.table(), key, value, "saving an alerting record")
+    }
+
+    fn alerting(&self, kind: AlertingKind) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        self.all(kind.table(), "listing alerting records")
+    }
+
+    fn delete_alerting(&self, kind: AlertingKind, key: &str) -> Result<bool, StoreError> {
+        self.remove(kind.table(), key, "deleting an alerting record")
+    }
+
     fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError> {
         self.put(POLICIES, &policy.name, policy, "saving a policy")
     }

@@ -29,6 +29,7 @@ struct MemoryState {
     node_templates: BTreeMap<String, PoolManifestRecord>,
     secrets: BTreeMap<String, SecretRecord>,
     images: BTreeMap<String, ImageRecord>,
+    alerting: BTreeMap<(&'static str, String), serde_json::Value>,
     /// The revision and the change log.
     log: ChangeLog,
 }
@@ -159,6 +160,42 @@ impl Store for MemoryStore {
         let mut state = self.state();
         Ok(state.removed("node_templates", name, |s| {
             s.node_templates.remove(name).is_some()
+        }))
+    }
+
+    fn put_alerting(
+        &self,
+        kind: AlertingKind,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.check_space("put_alerting")?;
+        let table = kind.table().name;
+        let mut state = self.state();
+        state
+            .alerting
+            .insert((table, key.to_string()), value.clone());
+        state.log.record(vec![Touched::put(table, key)]);
+        Ok(())
+    }
+
+    fn alerting(&self, kind: AlertingKind) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let table = kind.table().name;
+        Ok(self
+            .state()
+            .alerting
+            .iter()
+            .filter(|((t, _), _)| *t == table)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn delete_alerting(&self, kind: AlertingKind, key: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_alerting")?;
+        let table = kind.table().name;
+        let mut state = self.state();
+        Ok(state.removed(table, key, |s| {
+            s.alerting.remove(&(table, key.to_string())).is_some()
         }))
     }
 

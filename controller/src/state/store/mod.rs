@@ -144,6 +144,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn images(&self) -> Result<Vec<ImageRecord>, StoreError>;
     /// Deletes image tag `key` (`name:tag`); whether there was one.
     fn delete_image(&self, key: &str) -> Result<bool, StoreError>;
+    /// Saves one alerting record (JSON) of `kind` under `key`.
+    fn put_alerting(
+        &self,
+        kind: AlertingKind,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    /// Every alerting record of `kind`, in key order.
+    fn alerting(&self, kind: AlertingKind) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
+    /// Deletes one alerting record; whether it existed.
+    fn delete_alerting(&self, kind: AlertingKind, key: &str) -> Result<bool, StoreError>;
     /// The store's revision: raised by one by every write that changes a record,
     /// in the same transaction; never lower than before, across reopens included
     /// (0 for a new store). See [`crate::state::revision`].
@@ -1150,6 +1161,23 @@ impl Store for RedbStore {
         self.remove(NODE_TEMPLATES, name, "deleting a node template")
     }
 
+    fn put_alerting(
+        &self,
+        kind: AlertingKind,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.put(kind.table(), key, value, "saving an alerting record")
+    }
+
+    fn alerting(&self, kind: AlertingKind) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        self.all(kind.table(), "listing alerting records")
+    }
+
+    fn delete_alerting(&self, kind: AlertingKind, key: &str) -> Result<bool, StoreError> {
+        self.remove(kind.table(), key, "deleting an alerting record")
+    }
+
     fn put_policy(&self, policy: &PolicyRecord) -> Result<(), StoreError> {
         self.put(POLICIES, &policy.name, policy, "saving a policy")
     }
@@ -1430,8 +1458,52 @@ const NODE_TEMPLATES: Table = Table {
 const ALLOCATIONS: Table = Table {
     name: "allocations",
 };
+const ALERT_RULES: Table = Table {
+    name: "alert_rules",
+};
+const ALERT_CHANNELS: Table = Table {
+    name: "alert_channels",
+};
+const ALERT_STATES: Table = Table {
+    name: "alert_states",
+};
+const ALERT_SILENCES: Table = Table {
+    name: "alert_silences",
+};
+const ALERT_OUTBOX: Table = Table {
+    name: "alert_outbox",
+};
+
+/// The alerting records, each kind a table of its own (the alert service owns
+/// their shape; the store keeps JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertingKind {
+    /// `AlertRule` manifests as applied.
+    Rules,
+    /// `NotificationChannel` manifests as applied.
+    Channels,
+    /// The active alerts of each rule (pending and firing, with send times).
+    States,
+    /// Silences.
+    Silences,
+    /// Notifications not yet delivered.
+    Outbox,
+}
+
+impl AlertingKind {
+    fn table(self) -> Table {
+        match self {
+            AlertingKind::Rules => ALERT_RULES,
+            AlertingKind::Channels => ALERT_CHANNELS,
+            AlertingKind::States => ALERT_STATES,
+            AlertingKind::Silences => ALERT_SILENCES,
+            AlertingKind::Outbox => ALERT_OUTBOX,
+        }
+    }
+}
+
 /// Every record table (not `meta`, the event log or the change log).
-const ALL_TABLES: [Table; 13] = [
+const ALL_TABLES: [Table; 18] = [
     NODES,
     TOKENS,
     REVOCATIONS,
@@ -1445,6 +1517,11 @@ const ALL_TABLES: [Table; 13] = [
     NODE_TEMPLATES,
     SECRETS,
     IMAGES,
+    ALERT_RULES,
+    ALERT_CHANNELS,
+    ALERT_STATES,
+    ALERT_SILENCES,
+    ALERT_OUTBOX,
 ];
 /// The `meta` key [`Store::writable`] writes and removes again.
 const PROBE_KEY: &str = "write-probe";
