@@ -463,12 +463,11 @@ fn singletons(
                 budgets::DEFAULT_INTERVAL,
                 term.clone(),
             )),
-            Box::pin(
-                api_state
-                    .alerts
-                    .clone()
-                    .run(api_state.clone(), term.clone()),
-            ),
+            Box::pin(crate::services::alert_eval::run(
+                api_state.alerts.clone(),
+                api_state.clone(),
+                term.clone(),
+            )),
             Box::pin(crate::services::idle::run(api_state.clone(), term)),
         ]
     }

@@ -3,6 +3,7 @@
 //! each other without cycles.
 
 pub mod agents;
+pub mod alert_eval;
 pub mod alerts;
 pub mod autoscaler;
 pub mod budgets;

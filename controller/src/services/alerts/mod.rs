@@ -23,10 +23,8 @@ use novacron_common::alert::{AlertRule, Change, Channel, Target, export, rule};
 use novacron_common::clock::unix_ms;
 use novacron_common::sync::lock;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::services::context::ApiState;
 use crate::services::events::{CONTROLLER, EventLog, NewEvent, kind};
 use crate::state::store::{AlertingKind, Store, StoreError};
 
@@ -708,39 +706,6 @@ impl Alerts {
         }
         inner.restarts = keep;
         out
-    }
-
-    /// Runs the evaluation every interval until `cancel` (the leader's term).
-    pub async fn run(self: Arc<Self>, st: Arc<ApiState>, cancel: CancellationToken) {
-        {
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.load()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => warn!(%error, "cannot load the alerting state"),
-                Err(error) => warn!(%error, "loading the alerting state panicked"),
-            }
-        }
-        let sender = tokio::spawn(deliver::run(self.clone(), cancel.clone()));
-        let mut ticker = novacron_common::ticker::Ticker::new(
-            self.settings.interval,
-            tokio::time::MissedTickBehavior::Delay,
-            cancel.cancelled(),
-        );
-        while ticker.tick().await {
-            let (me, st) = (self.clone(), st.clone());
-            let round = tokio::task::spawn_blocking(move || {
-                let now = SystemTime::now();
-                let f = facts::gather(&st, &me, now);
-                me.evaluate(&f, now)
-            })
-            .await;
-            match round {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => warn!(%error, "alert evaluation could not save its state"),
-                Err(error) => warn!(%error, "alert evaluation panicked"),
-            }
-        }
-        sender.abort();
     }
 }
 
