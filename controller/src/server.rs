@@ -422,7 +422,8 @@ pub async fn start_with(
 
 /// The services that run on the leading controller only, as one unit for
 /// [`run_while_leader`]: the reconcile loop, migrations, the autoscaler, the pool
-/// manager and the budget watch. Each start gets a fresh token; spot notices from
+/// manager, the budget watch, the alert evaluation (with its sender) and the
+/// idle stopper. Each start gets a fresh token; spot notices from
 /// the link reach the migrations of the current term through a forwarder.
 fn singletons(
     workloads: Arc<Workloads>,
