@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 use crate::services::alerts::Alerts;
 use crate::services::alerts::facts::{Facts, INSTANT_LOOKBACK_MS};
 use crate::services::context::ApiState;
+use crate::services::history::MetricsHistory;
 
 /// Steps a window is read in (the aggregate is over the steps' values).
 const WINDOW_STEPS: u64 = 30;
@@ -182,7 +183,11 @@ pub fn gather(st: &ApiState, alerts: &Alerts, now: SystemTime) -> Facts {
             continue;
         };
         match m.source {
-            Source::History(series) => history(st, &mut f, v, series, now, now_ms),
+            Source::History(series) => {
+                if let Some(h) = &st.history {
+                    history_value(h, &mut f, v, series, now);
+                }
+            }
             Source::State => {
                 let key = (v.subject, v.metric.as_str());
                 match key {
@@ -282,10 +287,14 @@ pub fn gather(st: &ApiState, alerts: &Alerts, now: SystemTime) -> Facts {
 
 /// Reads `v` from the metrics history: the newest point within
 /// [`INSTANT_LOOKBACK_MS`], or the aggregate over the window.
-fn history(st: &ApiState, f: &mut Facts, v: &ValueRef, series: &str, now: SystemTime, now_ms: u64) {
-    let Some(h) = &st.history else {
-        return;
-    };
+pub fn history_value(
+    h: &MetricsHistory,
+    f: &mut Facts,
+    v: &ValueRef,
+    series: &str,
+    now: SystemTime,
+) {
+    let now_ms = unix_ms(now);
     let (window_ms, function) = match v.window {
         None => (INSTANT_LOOKBACK_MS, StepFn::Last),
         Some((agg, w)) => (

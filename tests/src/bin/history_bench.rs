@@ -26,6 +26,7 @@
 //! All print JSON lines; BENCHMARKS.md records them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -409,6 +410,142 @@ fn query(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `alerts --dir D --nodes N [--node-hours H] [--runs R] [--reuse]`: the
+/// alert evaluation over N nodes' history (written as `query` does, or reused):
+/// 1,000 instant-threshold rules, then 100 range rules (`avg`/`max` over
+/// windows of 1 to 10 minutes, `for: 5m`), each set on a fresh `Alerts` with
+/// the built-in rules. Per run: the facts (one history query per distinct
+/// metric and window, `alert_eval::history_value`), then `Alerts::evaluate`
+/// (every rule on every node, states and events into a memory store). `now` is
+/// the end of the written data.
+fn alerts(args: &[String]) -> anyhow::Result<()> {
+    use novacron_common::alert::catalog::{self, Source};
+    use novacron_common::alert::expr::{Subject, ValueRef};
+    use novacron_controller::services::alert_eval::history_value;
+    use novacron_controller::services::alerts::facts::Facts;
+    use novacron_controller::services::alerts::{AlertSettings, Alerts};
+    use novacron_controller::services::events::EventLog;
+    use novacron_controller::state::store::{MemoryStore, Store};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
+    let nodes: usize = arg(args, "--nodes", 1000);
+    let node_hours: i64 = arg(args, "--node-hours", 1);
+    let runs: usize = arg(args, "--runs", 5);
+    let hour = 3_600_000i64;
+    let marker = dir.join("bench-end");
+    let kept: Option<i64> = args
+        .iter()
+        .any(|a| a == "--reuse")
+        .then(|| std::fs::read_to_string(&marker).ok()?.trim().parse().ok())
+        .flatten();
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let h = open(&dir)?;
+    let end = match kept {
+        Some(end) => end,
+        None => {
+            let end = (now_ms() / hour - 1) * hour;
+            write_fleet(&h, end, nodes, node_hours)?;
+            std::fs::write(&marker, end.to_string())?;
+            end
+        }
+    };
+    let now = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(end).unwrap_or(0));
+    let doc = |name: String, condition: String, for_: &str| {
+        format!(
+            "apiVersion: novacron.io/v1\nkind: AlertRule\nmetadata:\n  name: {name}\nspec:\n  condition: {condition}\n  for: {for_}\n---\n"
+        )
+    };
+    let metrics = ["cpu_percent", "memory_percent", "disk_percent", "load1"];
+    let instant: String = (0..1000)
+        .map(|i| {
+            let m = metrics[i % metrics.len()];
+            doc(
+                format!("instant-{i}"),
+                format!("node.{m} > {}", 90 + i % 10),
+                "1m",
+            )
+        })
+        .collect();
+    let range: String = (0..100)
+        .map(|i| {
+            let w = 1 + i % 10;
+            doc(
+                format!("range-{i}"),
+                format!(
+                    "avg(node.cpu_percent, {w}m) > {} and max(node.memory_percent, {w}m) > 50",
+                    80 + i % 20
+                ),
+                "5m",
+            )
+        })
+        .collect();
+    let names: Vec<String> = (0..nodes).map(|i| format!("n{i}")).collect();
+    for (set, text) in [
+        ("1000 instant-threshold rules", instant),
+        ("100 range rules", range),
+    ] {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let events = Arc::new(EventLog::open(store.clone(), 10_000)?);
+        let a = Alerts::open(
+            store,
+            events,
+            AlertSettings::default(),
+            "https://bench".into(),
+        )?;
+        a.apply_rules("bench.yaml", &text, "bench", now)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let needed: BTreeSet<ValueRef> = a
+            .rules()
+            .iter()
+            .flat_map(|r| r.expr.values().into_iter().cloned())
+            .collect();
+        let (mut fetch, mut eval) = (Vec::new(), Vec::new());
+        let (mut queries, mut active) = (0, 0);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let mut f = Facts::default();
+            let subjects = f.subjects.entry(Subject::Node).or_default();
+            for n in &names {
+                subjects.insert(n.clone(), BTreeMap::from([("node".to_string(), n.clone())]));
+            }
+            queries = 0;
+            for v in &needed {
+                if let Some(catalog::Metric {
+                    source: Source::History(series),
+                    ..
+                }) = catalog::find(v.subject, &v.metric)
+                {
+                    history_value(&h, &mut f, v, series, now);
+                    queries += 1;
+                }
+            }
+            fetch.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            a.evaluate(&f, now)?;
+            eval.push(t.elapsed().as_secs_f64() * 1000.0);
+            active = a.active(now).len();
+        }
+        let (f50, _, fmax) = percentiles(fetch);
+        let (e50, _, emax) = percentiles(eval);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "alert_evaluation", "rules": set, "nodes": nodes, "runs": runs,
+                "history_queries": queries, "active_alerts": active,
+                "facts_p50_ms": f50, "facts_max_ms": fmax,
+                "evaluate_p50_ms": e50, "evaluate_max_ms": emax,
+                "round_p50_ms": f50 + e50,
+            })
+        );
+    }
+    h.close();
+    Ok(())
+}
+
 /// `copy --dir D --to D2`: a follower's first copy of the history in D (as
 /// `query` wrote it) into the empty D2, through `History::read_file` and
 /// `Mirror::sync` in 4 MiB pieces (the API's, without HTTP and TLS); then a
@@ -458,9 +595,10 @@ fn main() -> anyhow::Result<()> {
         Some("real") => real(&args),
         Some("query") => query(&args),
         Some("copy") => copy(&args),
+        Some("alerts") => alerts(&args),
         _ => {
             eprintln!(
-                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50] [--reuse]\n       novacron-history-bench copy --dir D --to D2"
+                "usage: novacron-history-bench real --dir D --seconds N [--interval 1s]\n       novacron-history-bench query --dir D [--nodes 1000] [--node-hours 24] [--runs 50] [--reuse]\n       novacron-history-bench copy --dir D --to D2\n       novacron-history-bench alerts --dir D [--nodes 1000] [--node-hours 1] [--runs 5] [--reuse]"
             );
             std::process::exit(64);
         }

@@ -61,13 +61,14 @@ pub struct Instance {
     pub acked_by: Option<String>,
 }
 
-/// What one subject showed at an evaluation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observation {
+/// What one subject showed at an evaluation (borrowed: a round observes every
+/// subject for every rule, and only the few that match are copied).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation<'a> {
     /// The subject's name.
-    pub subject: String,
+    pub subject: &'a str,
     /// Its labels (`node`, `job`, `pool`).
-    pub labels: BTreeMap<String, String>,
+    pub labels: &'a BTreeMap<String, String>,
     /// The condition's outcome (`None`: missing data).
     pub truth: Truth,
     /// The first comparison's value.
@@ -142,15 +143,21 @@ pub fn step(
     now_ms: u64,
     rule: &AlertRule,
     prev: &BTreeMap<String, Instance>,
-    observed: &[Observation],
+    observed: &[Observation<'_>],
     warming_up: bool,
 ) -> Step {
     let mut out = Step::default();
     let for_ms = u64::try_from(rule.for_.as_millis()).unwrap_or(u64::MAX);
-    let mut seen = std::collections::BTreeSet::new();
+    // Previous alerts whose subject was observed; when fewer than all, the
+    // others have gone.
+    let mut still_there = 0usize;
     for o in observed {
-        seen.insert(o.subject.as_str());
-        let before = prev.get(&o.subject);
+        let before = if prev.is_empty() {
+            None
+        } else {
+            prev.get(o.subject)
+        };
+        still_there += usize::from(before.is_some());
         let no_data = if warming_up {
             NoData::Keep
         } else {
@@ -162,7 +169,7 @@ pub fn step(
             (None, NoData::Alerting) => true,
             (None, NoData::Keep) => {
                 if let Some(b) = before {
-                    out.active.insert(o.subject.clone(), b.clone());
+                    out.active.insert(o.subject.to_string(), b.clone());
                 }
                 continue;
             }
@@ -186,9 +193,9 @@ pub fn step(
                 }
                 let mut labels = rule.labels.clone();
                 labels.extend(o.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-                labels.insert("subject".into(), o.subject.clone());
+                labels.insert("subject".into(), o.subject.to_string());
                 Instance {
-                    subject: o.subject.clone(),
+                    subject: o.subject.to_string(),
                     state: State::Pending,
                     active_since_ms: now_ms,
                     firing_since_ms: None,
@@ -204,7 +211,7 @@ pub fn step(
         inst.annotations = rule
             .annotations
             .iter()
-            .map(|(k, t)| (k.clone(), render(t, &o.subject, o.value, &inst.labels)))
+            .map(|(k, t)| (k.clone(), render(t, o.subject, o.value, &inst.labels)))
             .collect();
         if before.is_none() && for_ms > 0 {
             out.transitions
@@ -216,10 +223,15 @@ pub fn step(
             out.transitions
                 .push(transition(rule, &inst, Change::Firing, o.value));
         }
-        out.active.insert(o.subject.clone(), inst);
+        out.active.insert(o.subject.to_string(), inst);
     }
+    let seen: std::collections::HashSet<&str> = if still_there < prev.len() {
+        observed.iter().map(|o| o.subject).collect()
+    } else {
+        std::collections::HashSet::new()
+    };
     for (subject, b) in prev {
-        if !seen.contains(subject.as_str()) {
+        if still_there < prev.len() && !seen.contains(subject.as_str()) {
             let change = match b.state {
                 State::Pending => Change::Cleared,
                 State::Firing => Change::Resolved,
@@ -417,6 +429,8 @@ mod tests {
         parse_rules("r.yaml", &y).expect("accepted").remove(0)
     }
 
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
     fn channel(repeat_s: u64) -> Channel {
         Channel {
             name: "ops".into(),
@@ -437,6 +451,7 @@ mod tests {
     fn run(rule: &AlertRule, cpu: &[Option<f64>], silences: &[Silence]) -> Run {
         let mut active = BTreeMap::new();
         let (mut changes, mut sent) = (Vec::new(), Vec::new());
+        let node_labels = BTreeMap::from([("node".to_string(), "n1".to_string())]);
         for (i, c) in cpu.iter().enumerate() {
             let now = i as u64 * 1000;
             let truth = rule.expr.eval(&mut |v, _| match v.metric.as_str() {
@@ -444,8 +459,8 @@ mod tests {
                 _ => Some(95.0),
             });
             let obs = Observation {
-                subject: "n1".into(),
-                labels: BTreeMap::from([("node".into(), "n1".into())]),
+                subject: "n1",
+                labels: &node_labels,
                 truth,
                 value: *c,
             };
@@ -511,8 +526,8 @@ mod tests {
         let mut sends = Vec::new();
         for i in 0..55u64 {
             let obs = Observation {
-                subject: "n1".into(),
-                labels: BTreeMap::new(),
+                subject: "n1",
+                labels: &NO_LABELS,
                 truth: Some(true),
                 value: Some(95.0),
             };
@@ -544,16 +559,16 @@ mod tests {
         let mut active = BTreeMap::new();
         for i in 0..31u64 {
             let obs = Observation {
-                subject: "n1".into(),
-                labels: BTreeMap::new(),
+                subject: "n1",
+                labels: &NO_LABELS,
                 truth: Some(true),
                 value: Some(95.0),
             };
             active = step(i * 1000, &r, &active, &[obs], false).active;
         }
         let missing = Observation {
-            subject: "n1".into(),
-            labels: BTreeMap::new(),
+            subject: "n1",
+            labels: &NO_LABELS,
             truth: None,
             value: None,
         };
@@ -587,8 +602,8 @@ mod tests {
         assert_eq!(truth(5.0, Some(5.0)), Some(false));
         // `for: 0`: firing at the first evaluation, with no pending step.
         let obs = Observation {
-            subject: "n1".into(),
-            labels: BTreeMap::new(),
+            subject: "n1",
+            labels: &NO_LABELS,
             truth: truth(95.0, None),
             value: Some(95.0),
         };
@@ -631,8 +646,8 @@ mod tests {
     fn a_subject_that_goes_away_resolves() {
         let r = rule("");
         let obs = |t| Observation {
-            subject: "n1".into(),
-            labels: BTreeMap::new(),
+            subject: "n1",
+            labels: &NO_LABELS,
             truth: Some(t),
             value: Some(95.0),
         };

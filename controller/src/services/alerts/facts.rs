@@ -44,32 +44,43 @@ impl Facts {
         } else {
             subject
         };
-        let vals = self.values.get(v)?.get(key)?;
-        match op {
-            Op::Gt | Op::Ge => vals.iter().copied().reduce(f64::max),
-            Op::Lt | Op::Le => vals.iter().copied().reduce(f64::min),
-            Op::Eq | Op::Ne => vals.first().copied(),
-        }
+        pick(self.values.get(v)?.get(key)?, op)
     }
 
     /// Every subject of `rule`'s kind with the condition's outcome.
-    pub fn observations(&self, rule: &AlertRule) -> Vec<Observation> {
-        let fleet = BTreeMap::from([("fleet".to_string(), BTreeMap::new())]);
-        let subjects = if rule.subject == Subject::Fleet {
-            &fleet
+    pub fn observations<'a>(&'a self, rule: &AlertRule) -> Vec<Observation<'a>> {
+        static FLEET_LABELS: BTreeMap<String, String> = BTreeMap::new();
+        let subjects: Vec<(&str, &BTreeMap<String, String>)> = if rule.subject == Subject::Fleet {
+            vec![("fleet", &FLEET_LABELS)]
         } else {
             match self.subjects.get(&rule.subject) {
-                Some(s) => s,
+                Some(s) => s.iter().map(|(k, v)| (k.as_str(), v)).collect(),
                 None => return Vec::new(),
             }
         };
+        // Each value's map, looked up once per rule rather than per subject.
+        let maps: Vec<(&ValueRef, Option<&HashMap<String, Vec<f64>>>)> = rule
+            .expr
+            .values()
+            .into_iter()
+            .map(|v| (v, self.values.get(v)))
+            .collect();
         subjects
-            .iter()
+            .into_iter()
             .map(|(name, labels)| {
                 let mut first = None;
                 let mut seen_first = false;
                 let truth = rule.expr.eval(&mut |v, op| {
-                    let x = self.value(v, name, op);
+                    let key = if v.subject == Subject::Fleet {
+                        "fleet"
+                    } else {
+                        name
+                    };
+                    let map = maps
+                        .iter()
+                        .find(|(m, _)| std::ptr::eq(*m, v) || *m == v)
+                        .and_then(|(_, m)| *m);
+                    let x = map.and_then(|m| m.get(key)).and_then(|vals| pick(vals, op));
                     if !seen_first {
                         seen_first = true;
                         first = x;
@@ -77,12 +88,22 @@ impl Facts {
                     x
                 });
                 Observation {
-                    subject: name.clone(),
-                    labels: labels.clone(),
+                    subject: name,
+                    labels,
                     truth,
                     value: first,
                 }
             })
             .collect()
+    }
+}
+
+/// The value of several series that decides `op`: the largest for `>`/`>=`,
+/// the smallest for `<`/`<=`, else the first.
+fn pick(vals: &[f64], op: Op) -> Option<f64> {
+    match op {
+        Op::Gt | Op::Ge => vals.iter().copied().reduce(f64::max),
+        Op::Lt | Op::Le => vals.iter().copied().reduce(f64::min),
+        Op::Eq | Op::Ne => vals.first().copied(),
     }
 }
