@@ -22,24 +22,38 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 struct Receiver {
     bodies: Arc<Mutex<Vec<serde_json::Value>>>,
     failing: Arc<AtomicBool>,
+    /// What `/slack` received (never failing).
+    slack: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Receiver {
     async fn start(&self) -> String {
         let me = self.clone();
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
-                let me = me.clone();
-                async move {
-                    if me.failing.load(Ordering::SeqCst) {
-                        return StatusCode::INTERNAL_SERVER_ERROR;
+        let slack = self.slack.clone();
+        let app = axum::Router::new()
+            .route(
+                "/slack",
+                axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                    let slack = slack.clone();
+                    async move {
+                        slack.lock().expect("slack").push(body);
+                        StatusCode::OK
                     }
-                    me.bodies.lock().expect("bodies").push(body);
-                    StatusCode::OK
-                }
-            }),
-        );
+                }),
+            )
+            .route(
+                "/hook",
+                axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                    let me = me.clone();
+                    async move {
+                        if me.failing.load(Ordering::SeqCst) {
+                            return StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        me.bodies.lock().expect("bodies").push(body);
+                        StatusCode::OK
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the receiver");
@@ -127,7 +141,8 @@ async fn a_busy_container_fires_a_webhook_that_survives_a_controller_kill() {
         dir.path(),
         "channel.yaml",
         &format!(
-            "apiVersion: novacron.io/v1\nkind: NotificationChannel\nmetadata:\n  name: ops\nspec:\n  webhook:\n    url: {url}\n  repeatInterval: 1h\n"
+            "apiVersion: novacron.io/v1\nkind: NotificationChannel\nmetadata:\n  name: ops\nspec:\n  webhook:\n    url: {url}\n  repeatInterval: 1h\n---\napiVersion: novacron.io/v1\nkind: NotificationChannel\nmetadata:\n  name: chat\nspec:\n  slack:\n    url: {}\n",
+            url.replace("/hook", "/slack")
         ),
     );
     let rule = write(
@@ -145,7 +160,7 @@ spec:
     team: web
   annotations:
     summary: '{{ subject }} of {{ labels.job }} burns CPU ({{ value }}%)'
-  notify: [ops]
+  notify: [ops, chat]
 ",
     );
     let out = c.cli(&["apply", "-f", &channel]);
@@ -210,6 +225,21 @@ spec:
     })
     .await
     .expect("the failure is shown");
+    // The Slack-compatible channel got its text meanwhile.
+    wait_for(Duration::from_secs(20), "the Slack text", || async {
+        !receiver.slack.lock().expect("slack").is_empty()
+    })
+    .await
+    .expect("Slack notified");
+    let slack = receiver.slack.lock().expect("slack")[0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        slack.starts_with("[FIRING] busy-alloc (critical): 1 firing")
+            && slack.contains("burns CPU"),
+        "{slack}"
+    );
     let out = c.cli(&["alert", "list"]);
     let text = succeeded(&out);
     assert!(
