@@ -36,6 +36,8 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_OUTBOX: usize = 10_000;
 /// Most user rules and most channels.
 pub const MAX_RULES: usize = 5_000;
+/// Restart counts kept per allocation for `alloc.restarts_recent`.
+const MAX_RESTART_COUNTS: usize = 1024;
 /// The longest silence.
 pub const MAX_SILENCE: Duration = Duration::from_secs(30 * 86_400);
 
@@ -699,6 +701,11 @@ impl Alerts {
             }
             if q.back().is_none_or(|(_, r)| r != restarts) {
                 q.push_back((now_ms, *restarts));
+                // Bounded: an allocation restarting every second keeps its
+                // newest counts (the baseline moves later: fewer counted).
+                if q.len() > MAX_RESTART_COUNTS {
+                    q.pop_front();
+                }
             }
             let base = q.front().map_or(*restarts, |(_, r)| *r);
             out.insert(id.clone(), restarts.saturating_sub(base));
@@ -778,4 +785,141 @@ fn transition_event(t: &Transition) -> NewEvent {
         e = e.job(j);
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use novacron_common::alert::Subject;
+    use novacron_common::alert::expr::ValueRef;
+
+    use super::*;
+    use crate::state::store::MemoryStore;
+
+    fn open(store: &Arc<dyn Store>) -> Arc<Alerts> {
+        let events = Arc::new(EventLog::open(store.clone(), 1000).expect("events"));
+        Alerts::open(
+            store.clone(),
+            events,
+            AlertSettings::default(),
+            "https://c".into(),
+        )
+        .expect("alerts")
+    }
+
+    fn facts(cpu: f64) -> facts::Facts {
+        let mut f = facts::Facts::default();
+        f.subjects.entry(Subject::Node).or_default().insert(
+            "n1".into(),
+            BTreeMap::from([("node".to_string(), "n1".to_string())]),
+        );
+        let v = ValueRef {
+            subject: Subject::Node,
+            metric: "cpu_percent".into(),
+            window: None,
+        };
+        f.put(&v, "n1", cpu);
+        f
+    }
+
+    #[test]
+    fn state_and_outbox_survive_a_reload() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let a = open(&store);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        a.apply_channels(
+            "c.yaml",
+            "apiVersion: novacron.io/v1\nkind: NotificationChannel\nmetadata:\n  name: ops\nspec:\n  webhook:\n    url: http://127.0.0.1:1/x\n",
+            "op",
+            now,
+        )
+        .expect("channel");
+        let applied = a
+            .apply_rules(
+                "r.yaml",
+                "apiVersion: novacron.io/v1\nkind: AlertRule\nmetadata:\n  name: hot\nspec:\n  condition: node.cpu_percent > 90\n  notify: [ops]\n",
+                "op",
+                now,
+            )
+            .expect("rule");
+        assert_eq!(applied[0].outcome, "created");
+        a.evaluate(&facts(95.0), now).expect("evaluate");
+        assert_eq!(a.active(now)[0].state, "firing");
+        let due = a.due(unix_ms(now));
+        assert_eq!(due.len(), 1);
+        assert!(due[0].1.is_some());
+        // A second controller on the same store (a restart, a new leader).
+        let b = open(&store);
+        let active = b.active(now);
+        assert_eq!(
+            (active[0].rule.as_str(), active[0].subject.as_str()),
+            ("hot", "n1")
+        );
+        assert_eq!(b.due(unix_ms(now)).len(), 1);
+        // Delivered: gone from the store too.
+        let (entry, _) = b.due(unix_ms(now)).remove(0);
+        b.settle(entry, Ok(()), unix_ms(now));
+        assert!(open(&store).due(u64::MAX).is_empty());
+        // Failed: retried later, with the error kept.
+        b.evaluate(&facts(10.0), now + Duration::from_secs(10))
+            .expect("evaluate");
+        let (entry, _) = b.due(u64::MAX).remove(0);
+        assert_eq!(entry.notification.status, "resolved");
+        b.settle(entry, Err("refused".into()), unix_ms(now) + 10_000);
+        let again = open(&store).due(u64::MAX).remove(0).0;
+        assert_eq!(
+            (again.attempts, again.last_error.as_deref()),
+            (1, Some("refused"))
+        );
+        assert_eq!(again.next_attempt_ms, unix_ms(now) + 11_000);
+    }
+
+    #[test]
+    fn recent_restarts_count_the_last_hour() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let a = open(&store);
+        let hour = 3_600_000;
+        let seen = |n: u32| vec![("a1".to_string(), n)];
+        assert_eq!(
+            a.recent_restarts(&seen(5), 0)["a1"],
+            0,
+            "first sight: a baseline"
+        );
+        assert_eq!(a.recent_restarts(&seen(7), 1000)["a1"], 2);
+        assert_eq!(a.recent_restarts(&seen(7), hour)["a1"], 2);
+        // The restarts at 1 s are more than an hour old now.
+        assert_eq!(a.recent_restarts(&seen(7), hour + 2000)["a1"], 0);
+        assert_eq!(a.recent_restarts(&seen(8), hour + 3000)["a1"], 1);
+        assert!(a.recent_restarts(&[], hour + 4000).is_empty());
+    }
+
+    #[test]
+    fn builtin_rules_cannot_be_deleted_and_silences_need_matchers() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let a = open(&store);
+        assert!(matches!(
+            a.delete_rule("builtin-node-down"),
+            Err(AlertError::Builtin(_))
+        ));
+        assert!(matches!(a.delete_rule("nope"), Err(AlertError::Unknown(_))));
+        let req = SilenceRequest {
+            matchers: BTreeMap::new(),
+            duration: "1h".into(),
+            comment: String::new(),
+        };
+        assert!(matches!(
+            a.silence(&req, "op", SystemTime::now()),
+            Err(AlertError::Invalid(_))
+        ));
+        let req = SilenceRequest {
+            matchers: BTreeMap::from([("node".into(), "n1".into())]),
+            duration: "45d".into(),
+            comment: String::new(),
+        };
+        assert!(matches!(
+            a.silence(&req, "op", SystemTime::now()),
+            Err(AlertError::Invalid(_))
+        ));
+    }
 }
