@@ -12,6 +12,10 @@ use novacron_common::alert::expr::{Op, Subject, ValueRef};
 /// How far back the newest point of a history metric is looked for.
 pub const INSTANT_LOOKBACK_MS: u64 = 60_000;
 
+/// Each subject's values of one metric (several for one series per disk or
+/// GPU).
+pub type Series = HashMap<String, Vec<f64>>;
+
 /// The subjects and values of one evaluation.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
@@ -19,7 +23,7 @@ pub struct Facts {
     pub subjects: BTreeMap<Subject, BTreeMap<String, BTreeMap<String, String>>>,
     /// Per value: each subject's values (several for a metric with one series
     /// per disk or GPU).
-    pub values: HashMap<ValueRef, HashMap<String, Vec<f64>>>,
+    pub values: HashMap<ValueRef, Series>,
 }
 
 impl Facts {
@@ -59,7 +63,7 @@ impl Facts {
             }
         };
         // Each value's map, looked up once per rule rather than per subject.
-        let maps: Vec<(&ValueRef, Option<&HashMap<String, Vec<f64>>>)> = rule
+        let maps: Vec<(&ValueRef, Option<&Series>)> = rule
             .expr
             .values()
             .into_iter()
