@@ -19,6 +19,7 @@ pub mod policies;
 pub mod pools;
 pub mod secrets;
 pub mod services;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +70,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             deadline,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(ui::router(state))
 }
 
 /// The largest request body: a manifest at its limit ([`MAX_MANIFEST_BYTES`]
