@@ -18,8 +18,8 @@
 //!   page showed. Refusals are 403 and `access.denied` events.
 //! - **Headers**: every answer carries a strict Content-Security-Policy
 //!   ([`CSP`]: scripts, styles and connections only from this origin, no inline
-//!   script or style, no framing), `nosniff` and `no-referrer`; pages are
-//!   `no-store`.
+//!   script or style, no framing), `nosniff` and a `same-origin` referrer
+//!   policy (no dashboard URL leaks to another site); pages are `no-store`.
 //! - **Assets** are compiled into the binary ([`assets`]); nothing is fetched
 //!   from elsewhere.
 //!
@@ -120,9 +120,12 @@ async fn security_headers(mut response: Response) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // `same-origin`, not `no-referrer`: no URL of the dashboard leaks to another
+    // site either way, but under `no-referrer` browsers send `Origin: null` on
+    // form posts, and the origin check of every action needs the real one.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.entry(header::CACHE_CONTROL)
