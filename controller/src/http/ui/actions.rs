@@ -55,7 +55,7 @@ pub async fn scale(
     Form(form): Form<ScaleForm>,
 ) -> Response {
     if let Err(refusal) = authorize(&ui, &user, &headers, &uri, &form.csrf, Role::Operator) {
-        return refusal;
+        return *refusal;
     }
     let replicas: u32 = match form.replicas.trim().parse() {
         Ok(n) if n <= MAX_REPLICAS => n,
@@ -114,7 +114,7 @@ pub async fn restart(
     Form(form): Form<ActionForm>,
 ) -> Response {
     if let Err(refusal) = authorize(&ui, &user, &headers, &uri, &form.csrf, Role::Operator) {
-        return refusal;
+        return *refusal;
     }
     let alloc = match ui.api.workloads.allocation(&id) {
         Ok(a) => a,
@@ -150,7 +150,7 @@ pub async fn migrate(
     Form(form): Form<ActionForm>,
 ) -> Response {
     if let Err(refusal) = authorize(&ui, &user, &headers, &uri, &form.csrf, Role::Operator) {
-        return refusal;
+        return *refusal;
     }
     match ui
         .api
@@ -179,7 +179,7 @@ pub async fn drain(
     Form(form): Form<ActionForm>,
 ) -> Response {
     if let Err(refusal) = authorize(&ui, &user, &headers, &uri, &form.csrf, Role::Operator) {
-        return refusal;
+        return *refusal;
     }
     let allocations = match ui.api.migrations.cordon(&name, &user.who) {
         Ok(a) => a,
@@ -218,7 +218,7 @@ pub async fn uncordon(
     Form(form): Form<ActionForm>,
 ) -> Response {
     if let Err(refusal) = authorize(&ui, &user, &headers, &uri, &form.csrf, Role::Operator) {
-        return refusal;
+        return *refusal;
     }
     if let Err(e) = ui.api.registry.set_cordoned(&name, false) {
         return user.error(StatusCode::NOT_FOUND, &e.to_string());

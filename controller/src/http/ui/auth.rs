@@ -122,7 +122,7 @@ pub fn refuse(ui: &Ui, who: &str, method: &Method, path: &str, why: &str) -> Res
 
 /// Checks an action form before it is carried out: it came from this origin,
 /// carries the session's CSRF token, and the user's role is at least `need`.
-/// A refusal is the 403 answer to send.
+/// A refusal is the 403 answer to send (boxed: a response is large).
 pub fn authorize(
     ui: &Ui,
     user: &User,
@@ -130,8 +130,8 @@ pub fn authorize(
     uri: &Uri,
     csrf: &str,
     need: Role,
-) -> Result<(), Response> {
-    let refused = |why: String| refuse(ui, &user.who, &Method::POST, uri.path(), &why);
+) -> Result<(), Box<Response>> {
+    let refused = |why: String| Box::new(refuse(ui, &user.who, &Method::POST, uri.path(), &why));
     same_origin(headers, uri).map_err(refused)?;
     let Some(s) = ui.sessions.get(&user.id, SystemTime::now()) else {
         return Err(refused("the dashboard session ended".into()));
@@ -154,13 +154,13 @@ pub fn authorize(
 /// set and scripts cannot: `Sec-Fetch-Site` must be `same-origin` and `Origin`
 /// this host over HTTPS, each when present.
 pub fn same_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), String> {
-    if let Some(site) = headers.get("sec-fetch-site") {
-        if site.as_bytes() != b"same-origin" {
-            return Err(format!(
-                "the form was sent from another site (Sec-Fetch-Site: {})",
-                String::from_utf8_lossy(site.as_bytes())
-            ));
-        }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"same-origin"
+    {
+        return Err(format!(
+            "the form was sent from another site (Sec-Fetch-Site: {})",
+            String::from_utf8_lossy(site.as_bytes())
+        ));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let host = headers

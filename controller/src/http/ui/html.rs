@@ -185,7 +185,7 @@ pub fn bytes(n: u64) -> String {
 
 /// Millicores as cores: `4`, `0.5`, `2.25`.
 pub fn cores(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         format!("{}", millis / 1000)
     } else {
         let text = format!("{:.3}", millis as f64 / 1000.0);

@@ -112,7 +112,7 @@ pub async fn logout(
     Form(form): Form<LogoutForm>,
 ) -> Response {
     if let Err(refusal) = auth::authorize(&ui, &user, &headers, &uri, &form.csrf, Role::Viewer) {
-        return refusal;
+        return *refusal;
     }
     ui.sessions.remove(&user.id);
     info!(who = %user.who, "dashboard logout");

@@ -192,7 +192,7 @@ pub fn alloc_table(
         }
     );
     let mut sorted: Vec<&AllocRecord> = allocs.iter().collect();
-    sorted.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms));
+    sorted.sort_by_key(|a| std::cmp::Reverse(a.created_unix_ms));
     for a in sorted {
         let (href, text) = match column {
             AllocColumn::Job => (format!("/ui/jobs/{}", seg(&a.job)), &a.job),
