@@ -51,7 +51,8 @@ pub fn line_chart(id: &str, title: &str, scale: Scale, series: &Series) -> Strin
     let largest = values.iter().copied().fold(0.0_f64, f64::max);
     let top = match scale {
         Scale::Percent => 100.0,
-        Scale::Bytes => nice_ceiling(largest.max(1.0)),
+        // A power of two: the grid's quarters read as round binary sizes.
+        Scale::Bytes => 2f64.powf(largest.max(1.0).log2().ceil()),
         Scale::Open => nice_ceiling(largest.max(100.0)),
     };
     let last = series
@@ -223,6 +224,9 @@ mod tests {
         assert_eq!(nice_ceiling(3.2), 5.0);
         assert_eq!(nice_ceiling(100.0), 100.0);
         assert_eq!(nice_ceiling(130.0), 200.0);
+        let mib = line_chart("m", "x", Scale::Bytes, &series(vec![(0, Some(900_000.0))]));
+        assert!(mib.contains(">1.0 MiB</text>"), "{mib}");
+        assert!(mib.contains(">512 KiB</text>"), "{mib}");
         assert_eq!(clock(3_600_000 + 61_000), "01:01 UTC");
     }
 }
