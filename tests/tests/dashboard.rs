@@ -477,6 +477,21 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
         "operators may drain"
     );
     b.shot("node", WIDE.0).await;
+    // Drain cordons the node; uncordon lifts it.
+    b.css("form[action$=\"/drain\"] button")
+        .await
+        .click()
+        .await
+        .expect("drain");
+    assert!(b.text(".flash").await.contains("is cordoned"));
+    assert!(c.node(&node).await.expect("node").expect("known").cordoned);
+    b.css("form[action$=\"/uncordon\"] button")
+        .await
+        .click()
+        .await
+        .expect("uncordon");
+    assert!(b.text(".flash").await.contains("takes new work again"));
+    assert!(!c.node(&node).await.expect("node").expect("known").cordoned);
     // The range picker.
     b.css("nav.ranges a[href$=\"range=1h\"]")
         .await
@@ -587,6 +602,43 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     assert_eq!(b.text("#replicas").await, "2");
     assert!(b.count("form[action$=\"/restart\"] button").await >= 2);
     b.shot("job", WIDE.0).await;
+    // Restart one allocation: it is no longer wanted and a replacement comes.
+    let restarted = b
+        .css("tr[data-alloc]")
+        .await
+        .attr("data-alloc")
+        .await
+        .expect("attr")
+        .expect("an allocation id");
+    b.css(&format!(
+        "tr[data-alloc=\"{restarted}\"] form[action$=\"/restart\"] button"
+    ))
+    .await
+    .click()
+    .await
+    .expect("restart");
+    assert!(
+        b.text(".flash")
+            .await
+            .contains(&format!("allocation {restarted} is restarting"))
+    );
+    let detail = c.job(&job).await.expect("job");
+    let old = detail
+        .allocations
+        .iter()
+        .find(|a| a.id == restarted)
+        .expect("still listed");
+    assert!(
+        !old.desired_run,
+        "the restarted allocation is no longer wanted"
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the replacement to run",
+        || async { running(&c, &job).await == 2 },
+    )
+    .await
+    .expect("a replacement");
     b.drain_console().await;
 
     // The other pages render.

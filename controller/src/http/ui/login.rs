@@ -84,6 +84,10 @@ pub async fn submit(
     let token_expires = record.as_ref().map_or(now, |r| {
         UNIX_EPOCH + Duration::from_millis(r.expires_at_unix_ms)
     });
+    // A session this browser had before ends: one login, one live session.
+    if let Some(old) = session::from_cookies(&headers) {
+        ui.sessions.remove(&old);
+    }
     let (id, s) = ui
         .sessions
         .create(identity.clone(), token.id(), token_expires, now);
