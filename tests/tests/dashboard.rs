@@ -198,6 +198,22 @@ impl Browser {
         }
     }
 
+    /// Clicks what `selector` finds and waits until the page it leads to has
+    /// replaced the current one (a form post answers with a redirect; until the
+    /// new page is there, the old one's elements would still be found).
+    async fn click_through(&mut self, selector: &str) {
+        let old = self.css("html").await;
+        self.css(selector).await.click().await.expect("click");
+        for _ in 0..200 {
+            if old.tag_name().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.css("main").await;
+        self.drain_console().await;
+    }
+
     async fn count(&self, selector: &str) -> usize {
         self.client
             .find_all(Locator::Css(selector))
@@ -269,11 +285,7 @@ impl Browser {
             .send_keys(token)
             .await
             .expect("type the token");
-        self.css("#login button[type=submit]")
-            .await
-            .click()
-            .await
-            .expect("submit");
+        self.click_through("#login button[type=submit]").await;
         self.css("#who").await;
         let url = self.client.current_url().await.expect("url");
         assert_eq!(url.path(), "/ui/");
@@ -434,11 +446,7 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
 
     // The node page: its CPU chart gains points as samples arrive, without a
     // reload (the script fetches the chart again).
-    b.css(&format!("{row} a"))
-        .await
-        .click()
-        .await
-        .expect("open the node");
+    b.click_through(&format!("{row} a")).await;
     let chart = "svg#chart-cpu_percent";
     b.css(chart).await;
     let last_of = |b: &Browser| {
@@ -478,26 +486,14 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     );
     b.shot("node", WIDE.0).await;
     // Drain cordons the node; uncordon lifts it.
-    b.css("form[action$=\"/drain\"] button")
-        .await
-        .click()
-        .await
-        .expect("drain");
+    b.click_through("form[action$=\"/drain\"] button").await;
     assert!(b.text(".flash").await.contains("is cordoned"));
     assert!(c.node(&node).await.expect("node").expect("known").cordoned);
-    b.css("form[action$=\"/uncordon\"] button")
-        .await
-        .click()
-        .await
-        .expect("uncordon");
+    b.click_through("form[action$=\"/uncordon\"] button").await;
     assert!(b.text(".flash").await.contains("takes new work again"));
     assert!(!c.node(&node).await.expect("node").expect("known").cordoned);
     // The range picker.
-    b.css("nav.ranges a[href$=\"range=1h\"]")
-        .await
-        .click()
-        .await
-        .expect("1 hour");
+    b.click_through("nav.ranges a[href$=\"range=1h\"]").await;
     b.css(&format!("figure[data-refresh$=\"range=1h\"] {chart}"))
         .await;
     b.drain_console().await;
@@ -574,11 +570,7 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     let input = b.css("#replicas-input").await;
     input.clear().await.expect("clear");
     input.send_keys("2").await.expect("type");
-    b.css("#scale button[type=submit]")
-        .await
-        .click()
-        .await
-        .expect("scale");
+    b.click_through("#scale button[type=submit]").await;
     assert!(
         b.text(".flash")
             .await
@@ -610,13 +602,10 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
         .await
         .expect("attr")
         .expect("an allocation id");
-    b.css(&format!(
+    b.click_through(&format!(
         "tr[data-alloc=\"{restarted}\"] form[action$=\"/restart\"] button"
     ))
-    .await
-    .click()
-    .await
-    .expect("restart");
+    .await;
     assert!(
         b.text(".flash")
             .await
@@ -683,11 +672,8 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
 
     // Log out; then log in as the viewer: no action buttons anywhere.
     b.goto(&format!("{api}/ui/")).await;
-    b.css("header form[action=\"/ui/logout\"] button")
-        .await
-        .click()
-        .await
-        .expect("logout");
+    b.click_through("header form[action=\"/ui/logout\"] button")
+        .await;
     b.css("#token").await;
     b.goto(&format!("{api}/ui/")).await;
     assert_eq!(

@@ -240,3 +240,78 @@ fn pager(out: &mut String, page: usize, pages: usize, filter: Option<&str>) {
     }
     out.push_str("</nav>");
 }
+
+#[cfg(test)]
+mod tests {
+    use novacron_common::fleet::NodeStatus;
+    use novacron_common::wire::{Capacity, GpuInfo};
+
+    use super::*;
+
+    fn node(name: &str, labels: &[(&str, &str)]) -> NodeView {
+        NodeView {
+            name: name.into(),
+            status: NodeStatus::Ready,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            capacity: Capacity {
+                cpu_millis: 4000,
+                memory_bytes: 16 << 30,
+                ..Capacity::default()
+            },
+            capabilities: Default::default(),
+            agent_version: String::new(),
+            address: None,
+            enrolled_at_unix_ms: 0,
+            last_seen_unix_ms: None,
+            cert_expires_unix_ms: None,
+            samples_dropped: 0,
+            cordoned: true,
+            warm: false,
+            latest: None,
+            images: 0,
+            image_bytes: 0,
+        }
+    }
+
+    /// Labels come from agents, which a hostile host controls: the row shows
+    /// them as text, in element content and in attributes alike.
+    #[test]
+    fn a_hostile_node_label_and_name_are_escaped_in_the_row() {
+        let mut n = node(
+            "n1\"><script>x()</script>",
+            &[("pool", "<b>gpu</b>"), ("zone", "\"onmouseover=\"x()")],
+        );
+        n.capacity.gpus = vec![GpuInfo {
+            index: 0,
+            uuid: "GPU-1".into(),
+            model: "<i>A100</i>".into(),
+            memory_bytes: 40 << 30,
+        }];
+        let mut row_html = String::new();
+        row(&mut row_html, &n, SystemTime::UNIX_EPOCH);
+        assert!(!row_html.contains("<script>"), "{row_html}");
+        assert!(!row_html.contains("<b>"), "{row_html}");
+        assert!(!row_html.contains("<i>"), "{row_html}");
+        assert!(!row_html.contains("\"onmouseover"), "{row_html}");
+        assert!(row_html.contains("data-node=\"n1&quot;&gt;&lt;script&gt;x()&lt;/script&gt;\""));
+        assert!(row_html.contains("href=\"/ui/nodes/n1%22%3E%3Cscript%3Ex%28%29%3C%2Fscript%3E\""));
+        assert!(row_html.contains("&lt;b&gt;gpu&lt;/b&gt;"));
+        assert!(row_html.contains("zone=&quot;onmouseover=&quot;x()"));
+        assert!(row_html.contains("1 × &lt;i&gt;A100&lt;/i&gt;"));
+        assert!(row_html.contains(">cordoned</span>"));
+        assert!(row_html.contains(">4</td>"), "4 cores: {row_html}");
+    }
+
+    #[test]
+    fn the_filter_matches_names_pools_and_labels() {
+        let n = node("web-1", &[("pool", "batch"), ("zone", "eu-1a")]);
+        assert!(matches(&n, None));
+        assert!(matches(&n, Some("web")));
+        assert!(matches(&n, Some("pool=batch")));
+        assert!(matches(&n, Some("zone=eu")));
+        assert!(!matches(&n, Some("gpu")));
+    }
+}

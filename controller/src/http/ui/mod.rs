@@ -99,6 +99,7 @@ pub fn router(api: Arc<ApiState>) -> Router {
         .route("/ui/migrations", get(costs::migrations))
         .route("/ui/alerts", get(alerts::page))
         .route("/ui/assets/{file}", get(assets::serve))
+        .route("/ui/{*rest}", get(not_found))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::from_fn_with_state(
             super::REQUEST_DEADLINE,
@@ -106,6 +107,16 @@ pub fn router(api: Arc<ApiState>) -> Router {
         ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(ui)
+}
+
+/// Any other page under `/ui/`: a 404 page (no session needed; it tells
+/// nothing).
+async fn not_found() -> Response {
+    html::error_page(
+        axum::http::StatusCode::NOT_FOUND,
+        None,
+        "there is no such page; the fleet page links to the others",
+    )
 }
 
 /// Adds the security headers to every dashboard answer; what does not say how
