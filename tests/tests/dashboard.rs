@@ -413,6 +413,9 @@ async fn replicas(c: &Controller, job: &str) -> u32 {
 
 #[tokio::test]
 async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
+    // Fail first, and name the setup step, when the browser is missing.
+    require("chromium");
+    require("chromedriver");
     ensure_test_image().expect("test image");
     let node = format!("dash{}", std::process::id());
     let (_dir, c, _agent) = one_node_fleet("novacron-dash-", &node, &["--interval", "500ms"])
@@ -426,6 +429,9 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     // Log in as the operator; the cookie is the session's, never the token.
     b.goto(&format!("{api}/ui/login")).await;
     b.shot("login", WIDE.0).await;
+    b.size(NARROW).await;
+    b.shot("login", NARROW.0).await;
+    b.size(WIDE).await;
     b.login(&api, &operator).await;
     assert_eq!(b.text("#who").await, "operator:dash-op");
     let cookie = b
@@ -810,4 +816,20 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     assert!(seen, "a CSP violation is reported: {:#?}", b.console);
 
     b.client.clone().close().await.expect("close the browser");
+}
+
+/// Without the browser the test fails, naming the step that installs it.
+#[test]
+fn a_missing_browser_fails_naming_the_setup_step() {
+    let failure = std::panic::catch_unwind(|| require("novacron-no-such-browser"))
+        .expect_err("a missing program is a failure");
+    let message = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("novacron-no-such-browser is not installed")
+            && message.contains("bash .ci/setup system"),
+        "{message}"
+    );
 }
