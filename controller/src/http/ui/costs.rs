@@ -141,7 +141,7 @@ fn groups(
     let _ = write!(
         out,
         "<section><h2>{}</h2><div class=\"scroll\"><table class=\"grid\"><thead><tr><th>Name</th>\
-         <th class=\"num\">Count</th><th class=\"num\">Per hour</th><th>Share</th></tr></thead><tbody>",
+         <th class=\"num\">Count</th><th class=\"num\">Per hour</th><th>Against the largest (budget in red)</th></tr></thead><tbody>",
         esc(title)
     );
     for r in rows {
@@ -251,4 +251,26 @@ fn word(value: &impl serde::Serialize) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bar_over_its_budget_is_red_with_the_budget_drawn() {
+        let over = bar(3.0, Some(2.0), 4.0);
+        assert!(
+            over.contains("width=\"150.0\" height=\"10\" fill=\"#d1242f\""),
+            "{over}"
+        );
+        assert!(
+            over.contains("<line class=\"budget\" x1=\"100.0\""),
+            "{over}"
+        );
+        let within = bar(1.0, Some(2.0), 4.0);
+        assert!(within.contains("fill=\"#1f6feb\""), "{within}");
+        assert!(!bar(1.0, None, 0.0).contains("budget"));
+        assert!(!over.contains("style="));
+    }
 }
