@@ -72,9 +72,19 @@ impl WebDriverCompatibleCommand for BrowserLog {
 /// read from it so far.
 struct Browser {
     client: Client,
-    _driver: Child,
+    driver: Child,
     shots: PathBuf,
     console: Vec<Value>,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(group) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .status();
+        }
+    }
 }
 
 impl Browser {
@@ -82,10 +92,13 @@ impl Browser {
         let chromium = require("chromium");
         let chromedriver = require("chromedriver");
         let port = free_port();
+        // Its own process group, which Chromium joins: dropping the browser ends
+        // them all, also when the test fails before closing the session.
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", chromedriver.display()));
@@ -131,7 +144,7 @@ impl Browser {
         std::fs::create_dir_all(&shots).expect("artifact dir");
         let b = Browser {
             client,
-            _driver: driver,
+            driver,
             shots,
             console: Vec::new(),
         };
