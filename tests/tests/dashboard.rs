@@ -431,6 +431,10 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     require("chromedriver");
     ensure_test_image().expect("test image");
     let node = format!("dash{}", std::process::id());
+    let job = format!("dashjob{}", std::process::id());
+    // Declared before the fleet, so dropped after its agent is killed: no
+    // container the agent would still start is left behind.
+    let _cleanup = JobCleanup(job.clone());
     let (_dir, c, _agent) = one_node_fleet("novacron-dash-", &node, &["--interval", "500ms"])
         .await
         .expect("fleet");
@@ -562,8 +566,6 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     assert_eq!(resp.status(), StatusCode::OK);
 
     // A job applied from a file with a hostile name: the name shows as text.
-    let job = format!("dashjob{}", std::process::id());
-    let _cleanup = JobCleanup(job.clone());
     let hostile = "<img src=x id=pwned>.yaml";
     let resp = admin
         .post(format!("{api}/v1/jobs"))
