@@ -38,6 +38,7 @@ mod job;
 pub mod lifecycle;
 mod load;
 mod locate;
+pub mod scale;
 pub mod secret;
 mod validate;
 
@@ -46,6 +47,7 @@ pub use checkpoint::{CheckpointPolicy, DEFAULT_KEEP};
 pub use job::Job;
 pub use lifecycle::{Lifecycle, LifecycleSchedule, MIN_MAX_RUNTIME};
 pub use load::{parse_job, parse_jobs, yaml_documents};
+pub use scale::scaled_manifest;
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "novacron.io/v1";

@@ -518,59 +518,7 @@ async fn apply_one(
     Ok(())
 }
 
-/// `text` (a stored job manifest) with `spec.replicas` set to `replicas`. The
-/// `replicas:` line is edited in place when that changes exactly `spec.replicas`
-/// (comments and layout stay); otherwise the manifest is written out again from
-/// its parsed value (comments are lost, the meaning is kept). Either way the
-/// result differs from `text` in `spec.replicas` only.
-pub fn scaled_manifest(file: &str, text: &str, replicas: u32) -> Result<String, String> {
-    let parse = |t: &str| -> Result<serde_json::Value, String> {
-        let mut docs =
-            novacron_common::manifest::yaml_documents(file, t).map_err(|e| e.to_string())?;
-        let doc = docs
-            .next()
-            .ok_or_else(|| format!("{file}: the stored manifest is empty"))?;
-        <serde_json::Value as serde::Deserialize>::deserialize(doc)
-            .map_err(|e| format!("{file}: {e}"))
-    };
-    let original = parse(text)?;
-    let mut wanted = original.clone();
-    match wanted.get_mut("spec") {
-        Some(serde_json::Value::Object(spec)) => {
-            spec.insert("replicas".into(), replicas.into());
-        }
-        _ => return Err(format!("{file}: the stored manifest has no spec mapping")),
-    }
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        let indent = line.len() - line.trim_start().len();
-        let Some(rest) = line.trim_start().strip_prefix("replicas:") else {
-            continue;
-        };
-        let digits = rest.trim_start();
-        let value_at = line.len() - digits.len();
-        let end = digits
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(digits.len());
-        if end == 0 || indent == 0 {
-            continue;
-        }
-        let edited: String = text
-            .split_inclusive('\n')
-            .enumerate()
-            .map(|(j, l)| {
-                if j == i {
-                    format!("{}{replicas}{}", &l[..value_at], &l[value_at + end..])
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect();
-        if parse(&edited).ok().as_ref() == Some(&wanted) {
-            return Ok(edited);
-        }
-    }
-    yaml_serde::to_string(&wanted).map_err(|e| format!("{file}: {e}"))
-}
+pub use novacron_common::manifest::scaled_manifest;
 
 /// The `kind` of the documents in `text` (a pool and its templates may share a
 /// file); the controller checks everything else. A file whose YAML does not parse,
@@ -1252,21 +1200,6 @@ mod tests {
         // Broken YAML stays whole, for the controller to locate.
         let broken = format!("{}---\nspec: [unclosed\n", job("a"));
         assert_eq!(job_documents("f", &broken), vec![broken.clone()]);
-    }
-
-    #[test]
-    fn scaling_edits_only_spec_replicas_and_keeps_comments() {
-        let text = "# the api\napiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  type: service\n  replicas: 3   # three\n  task:\n    env: {replicas: \"7\"}\n";
-        let scaled = scaled_manifest("f", text, 12).expect("scaled");
-        assert_eq!(scaled, text.replace("replicas: 3 ", "replicas: 12 "));
-        // No replicas line: the value is written out again with the field added.
-        let bare =
-            "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec: {type: service}\n";
-        let scaled = scaled_manifest("f", bare, 2).expect("scaled");
-        let v: serde_json::Value = yaml_serde::from_str(&scaled).expect("yaml");
-        assert_eq!(v["spec"]["replicas"], 2);
-        assert_eq!(v["metadata"]["name"], "api");
-        assert!(scaled_manifest("f", "kind: Job\n", 2).is_err());
     }
 
     fn alloc(ports: Vec<AllocPortView>, published: Vec<PublishedAddressView>) -> AllocView {

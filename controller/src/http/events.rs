@@ -70,9 +70,20 @@ async fn follow(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     headers: HeaderMap,
-    Query(mut query): Query<EventQuery>,
+    Query(query): Query<EventQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
     caller.require(Role::Viewer)?;
+    stream(&st, &headers, query)
+}
+
+/// The event stream of `query` for a caller already authorized to read events
+/// (`GET /v1/events/stream`, and the dashboard's stream under its session),
+/// resumed after `Last-Event-ID` when `headers` carry one.
+pub(crate) fn stream(
+    st: &ApiState,
+    headers: &HeaderMap,
+    mut query: EventQuery,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>>, Problem> {
     query.validate().map_err(Problem::bad_request)?;
     if let Some(id) = headers.get("last-event-id") {
         query.after = id

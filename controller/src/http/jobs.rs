@@ -50,9 +50,19 @@ async fn apply_job(
     Json(req): Json<ApplyRequest>,
 ) -> Result<Response, Problem> {
     caller.require(Role::Operator)?;
+    Ok(Json(apply(&st, req, caller.0.to_string()).await?).into_response())
+}
+
+/// Applies a job manifest on behalf of `by` (already authorized as an
+/// operator) and records the `job.applied` event: `POST /v1/jobs`, and the
+/// dashboard's scale form.
+pub(crate) async fn apply(
+    st: &ApiState,
+    req: ApplyRequest,
+    by: String,
+) -> Result<ApplyResult, Problem> {
     check_apply(&req)?;
     let file_name = req.file.clone();
-    let by = caller.0.to_string();
     let (workloads, file, who) = (st.workloads.clone(), req.file.clone(), by.clone());
     let result = st
         .heavy
@@ -72,7 +82,7 @@ async fn apply_job(
         .detail("version", result.version)
         .detail("outcome", &result.outcome),
     );
-    Ok(Json(result).into_response())
+    Ok(result)
 }
 
 #[utoipa::path(get, path = "/v1/jobs", tag = "workloads", responses((status = 200, body = Vec<JobSummary>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
@@ -364,7 +374,7 @@ async fn allocation_logs(
         .map_err(internal)
 }
 
-fn workload_problem(e: WorkloadError) -> Problem {
+pub(crate) fn workload_problem(e: WorkloadError) -> Problem {
     match e {
         WorkloadError::Invalid(m) => Problem(StatusCode::UNPROCESSABLE_ENTITY, m),
         e @ (WorkloadError::UnknownJob(_)

@@ -20,6 +20,7 @@ pub mod policies;
 pub mod pools;
 pub mod secrets;
 pub mod services;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +47,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (router, mut doc) = api_routes().split_for_parts();
     complete_document(&mut doc);
     let doc = Arc::new(doc);
-    router
+    let api = router
         .route(
             "/v1/openapi.json",
             get(move || {
@@ -70,7 +71,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             deadline,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone());
+    // The dashboard's HTML routes, with their own layers. Merged into them (not
+    // the other way round) so that the API's fallback, a problem document, stays.
+    ui::router(state).merge(api)
 }
 
 /// The largest request body: a manifest at its limit ([`MAX_MANIFEST_BYTES`]
