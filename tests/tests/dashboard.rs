@@ -651,6 +651,51 @@ async fn an_operator_and_a_viewer_use_the_dashboard_in_a_real_browser() {
     .expect("a replacement");
     b.drain_console().await;
 
+    // An alert rule that holds at once fires on the alerts page; the
+    // operator acknowledges it, then silences it, from the page.
+    let resp = admin
+        .post(format!("{api}/v1/alerts/rules"))
+        .json(&json!({"file": "up.yaml", "manifest": "apiVersion: novacron.io/v1\nkind: AlertRule\nmetadata:\n  name: dash-up\nspec:\n  condition: node.up == 1\n  severity: info\n  annotations:\n    summary: 'node {{ subject }} is up'\n"}))
+        .send()
+        .await
+        .expect("apply a rule");
+    assert!(
+        resp.status().is_success(),
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+    wait_for(Duration::from_secs(30), "the rule to fire", || async {
+        let alerts: serde_json::Value = admin
+            .get(format!("{api}/v1/alerts"))
+            .send()
+            .await
+            .expect("alerts")
+            .json()
+            .await
+            .expect("JSON");
+        alerts.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["rule"] == "dash-up" && x["state"] == "firing")
+        })
+    })
+    .await
+    .expect("firing");
+    b.goto(&format!("{api}/ui/alerts")).await;
+    let row = format!("tr[data-rule=\"dash-up\"][data-subject=\"{node}\"]");
+    assert!(b.text(&row).await.contains(&format!("node {node} is up")));
+    b.click_through(&format!("{row} form[action=\"/ui/alerts/ack\"] button"))
+        .await;
+    assert!(b.text(".flash").await.contains("acknowledged"));
+    assert!(
+        b.text(&row).await.contains("operator:dash-op"),
+        "acked by the operator"
+    );
+    b.click_through(&format!("{row} form[action=\"/ui/alerts/silence\"] button"))
+        .await;
+    assert!(b.text(".flash").await.contains("silenced for 1h"));
+    assert_eq!(b.count("#silences tbody tr").await, 1);
+    b.shot("alerts-acted", WIDE.0).await;
+
     // The other pages render.
     for (path, name, heading) in [
         ("/ui/jobs", "jobs", "Jobs"),

@@ -26,8 +26,8 @@
 //! These routes are HTML, not API: they are not in the OpenAPI document and do
 //! not pass through the API's problem-document layer.
 //!
-//! The alerts page ([`alerts`]) is the place where the alert engine shows its
-//! active alerts.
+//! The alerts page ([`alerts`]) shows the alert engine's active alerts,
+//! silences, rules and channels, with acknowledge and silence buttons.
 
 pub mod actions;
 pub mod alerts;
@@ -98,6 +98,9 @@ pub fn router(api: Arc<ApiState>) -> Router {
         .route("/ui/costs", get(costs::page))
         .route("/ui/migrations", get(costs::migrations))
         .route("/ui/alerts", get(alerts::page))
+        .route("/ui/alerts/ack", post(alerts::ack))
+        .route("/ui/alerts/silence", post(alerts::silence))
+        .route("/ui/alerts/silences/{id}/delete", post(alerts::unsilence))
         .route("/ui/assets/{file}", get(assets::serve))
         .route("/ui/{*rest}", get(not_found))
         .layer(axum::middleware::map_response(security_headers))
