@@ -21,8 +21,9 @@ use crate::services::alerts::facts::{Facts, INSTANT_LOOKBACK_MS};
 use crate::services::context::ApiState;
 use crate::services::history::MetricsHistory;
 
-/// Steps a window is read in (the aggregate is over the steps' values).
-const WINDOW_STEPS: u64 = 30;
+/// The most steps a window query reads (the aggregate is over the steps'
+/// values).
+const MAX_WINDOW_STEPS: u64 = 600;
 
 /// Runs the evaluation every interval until `cancel` (the leader's term).
 pub async fn run(this: Arc<Alerts>, st: Arc<ApiState>, cancel: CancellationToken) {
@@ -178,16 +179,22 @@ pub fn gather(st: &ApiState, alerts: &Alerts, now: SystemTime) -> Facts {
     } else {
         HashMap::new()
     };
+    let from_history: Vec<(&ValueRef, &str)> = needed
+        .iter()
+        .filter_map(|v| match catalog::find(v.subject, &v.metric)?.source {
+            Source::History(series) => Some((v, series)),
+            Source::State => None,
+        })
+        .collect();
+    if let Some(h) = &st.history {
+        history_values(h, &mut f, &from_history, now);
+    }
     for v in &needed {
         let Some(m) = catalog::find(v.subject, &v.metric) else {
             continue;
         };
         match m.source {
-            Source::History(series) => {
-                if let Some(h) = &st.history {
-                    history_value(h, &mut f, v, series, now);
-                }
-            }
+            Source::History(_) => {}
             Source::State => {
                 let key = (v.subject, v.metric.as_str());
                 match key {
@@ -285,64 +292,90 @@ pub fn gather(st: &ApiState, alerts: &Alerts, now: SystemTime) -> Facts {
     f
 }
 
-/// Reads `v` from the metrics history: the newest point within
-/// [`INSTANT_LOOKBACK_MS`], or the aggregate over the window.
-pub fn history_value(
+/// Reads `values` (all of one metric-history series and one subject kind is
+/// best, but any mix works) from the metrics history in as few queries as
+/// possible: one per series for the newest points (within
+/// [`INSTANT_LOOKBACK_MS`]), and one per series and function for every window
+/// of it (`avg(m, 1m)` … `avg(m, 10m)` share one query over the longest, at a
+/// step of a tenth of the shortest, and each window aggregates its last
+/// steps). Answers how many queries it made.
+pub fn history_values(
     h: &MetricsHistory,
     f: &mut Facts,
-    v: &ValueRef,
-    series: &str,
+    values: &[(&ValueRef, &str)],
     now: SystemTime,
-) {
-    let now_ms = unix_ms(now);
-    let (window_ms, function) = match v.window {
-        None => (INSTANT_LOOKBACK_MS, StepFn::Last),
-        Some((agg, w)) => (
-            u64::try_from(w.as_millis()).unwrap_or(u64::MAX),
-            match agg {
-                Agg::Avg => StepFn::Mean,
-                Agg::Min => StepFn::Min,
-                Agg::Max => StepFn::Max,
-            },
-        ),
-    };
-    let step_ms = (window_ms / WINDOW_STEPS).max(1000) / 1000 * 1000;
-    let q = MetricsQuery {
-        metric: series.to_string(),
-        from: Some(now_ms.saturating_sub(window_ms).to_string()),
-        to: Some(now_ms.to_string()),
-        step: Some(format!("{step_ms}ms")),
-        function: Some(function),
-        ..MetricsQuery::default()
-    };
-    let answer = match h.query(&q, &|_| true, now) {
-        Ok(a) => a,
-        Err(e) => {
-            debug!(value = %v, error = ?e, "alert history query failed");
-            return;
-        }
-    };
-    let key = if v.subject == Subject::Alloc {
-        "allocation"
-    } else {
-        "node"
-    };
-    for s in &answer.series {
-        let Some(subject) = s.labels.get(key) else {
-            continue;
+) -> usize {
+    let mut groups: BTreeMap<(&str, Subject, Option<Agg>), Vec<&ValueRef>> = BTreeMap::new();
+    for (v, series) in values {
+        groups
+            .entry((series, v.subject, v.window.map(|(a, _)| a)))
+            .or_default()
+            .push(v);
+    }
+    let mut queries = 0;
+    for ((series, subject, agg), refs) in groups {
+        let windows: Vec<u64> = refs
+            .iter()
+            .map(|v| {
+                v.window.map_or(INSTANT_LOOKBACK_MS, |(_, w)| {
+                    u64::try_from(w.as_millis()).unwrap_or(u64::MAX)
+                })
+            })
+            .collect();
+        let longest = windows.iter().copied().max().unwrap_or(INSTANT_LOOKBACK_MS);
+        let shortest = windows.iter().copied().min().unwrap_or(INSTANT_LOOKBACK_MS);
+        let step_ms = (shortest / 10).max(longest / MAX_WINDOW_STEPS).max(1000) / 1000 * 1000;
+        let function = match agg {
+            None => StepFn::Last,
+            Some(Agg::Avg) => StepFn::Mean,
+            Some(Agg::Min) => StepFn::Min,
+            Some(Agg::Max) => StepFn::Max,
         };
-        let points = s.values.iter().flatten().copied();
-        let value = match function {
-            StepFn::Last => s.values.iter().rev().flatten().next().copied(),
-            StepFn::Mean => {
-                let (sum, n) = points.fold((0.0, 0u32), |(s, n), x| (s + x, n + 1));
-                (n > 0).then(|| sum / f64::from(n))
+        let now_ms = unix_ms(now);
+        let q = MetricsQuery {
+            metric: series.to_string(),
+            from: Some(now_ms.saturating_sub(longest).to_string()),
+            to: Some(now_ms.to_string()),
+            step: Some(format!("{step_ms}ms")),
+            function: Some(function),
+            ..MetricsQuery::default()
+        };
+        queries += 1;
+        let answer = match h.query(&q, &|_| true, now) {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(series, error = ?e, "alert history query failed");
+                continue;
             }
-            StepFn::Min => points.reduce(f64::min),
-            StepFn::Max => points.reduce(f64::max),
         };
-        if let Some(x) = value {
-            f.put(v, subject, x);
+        let key = if subject == Subject::Alloc {
+            "allocation"
+        } else {
+            "node"
+        };
+        for s in &answer.series {
+            let Some(name) = s.labels.get(key) else {
+                continue;
+            };
+            for (v, window) in refs.iter().zip(&windows) {
+                // The steps that lie within the window, newest last.
+                let k = usize::try_from(window.div_ceil(step_ms)).unwrap_or(usize::MAX);
+                let recent = &s.values[s.values.len().saturating_sub(k)..];
+                let points = recent.iter().flatten().copied();
+                let value = match function {
+                    StepFn::Last => s.values.iter().rev().flatten().next().copied(),
+                    StepFn::Mean => {
+                        let (sum, n) = points.fold((0.0, 0u32), |(s, n), x| (s + x, n + 1));
+                        (n > 0).then(|| sum / f64::from(n))
+                    }
+                    StepFn::Min => points.reduce(f64::min),
+                    StepFn::Max => points.reduce(f64::max),
+                };
+                if let Some(x) = value {
+                    f.put(v, name, x);
+                }
+            }
         }
     }
+    queries
 }

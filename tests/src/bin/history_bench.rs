@@ -421,7 +421,7 @@ fn query(args: &[String]) -> anyhow::Result<()> {
 fn alerts(args: &[String]) -> anyhow::Result<()> {
     use novacron_common::alert::catalog::{self, Source};
     use novacron_common::alert::expr::{Subject, ValueRef};
-    use novacron_controller::services::alert_eval::history_value;
+    use novacron_controller::services::alert_eval::history_values;
     use novacron_controller::services::alerts::facts::Facts;
     use novacron_controller::services::alerts::{AlertSettings, Alerts};
     use novacron_controller::services::events::EventLog;
@@ -512,17 +512,14 @@ fn alerts(args: &[String]) -> anyhow::Result<()> {
             for n in &names {
                 subjects.insert(n.clone(), BTreeMap::from([("node".to_string(), n.clone())]));
             }
-            queries = 0;
-            for v in &needed {
-                if let Some(catalog::Metric {
-                    source: Source::History(series),
-                    ..
-                }) = catalog::find(v.subject, &v.metric)
-                {
-                    history_value(&h, &mut f, v, series, now);
-                    queries += 1;
-                }
-            }
+            let from_history: Vec<(&ValueRef, &str)> = needed
+                .iter()
+                .filter_map(|v| match catalog::find(v.subject, &v.metric)?.source {
+                    Source::History(series) => Some((v, series)),
+                    Source::State => None,
+                })
+                .collect();
+            queries = history_values(&h, &mut f, &from_history, now);
             fetch.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             a.evaluate(&f, now)?;

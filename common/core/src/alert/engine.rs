@@ -142,59 +142,68 @@ pub struct Step {
 pub fn step(
     now_ms: u64,
     rule: &AlertRule,
-    prev: &BTreeMap<String, Instance>,
+    prev: BTreeMap<String, Instance>,
     observed: &[Observation<'_>],
     warming_up: bool,
 ) -> Step {
     let mut out = Step::default();
     let for_ms = u64::try_from(rule.for_.as_millis()).unwrap_or(u64::MAX);
-    // Previous alerts whose subject was observed; when fewer than all, the
-    // others have gone.
-    let mut still_there = 0usize;
-    for o in observed {
-        let before = if prev.is_empty() {
-            None
-        } else {
-            prev.get(o.subject)
-        };
-        still_there += usize::from(before.is_some());
-        let no_data = if warming_up {
-            NoData::Keep
-        } else {
-            rule.no_data
+    let no_data = if warming_up {
+        NoData::Keep
+    } else {
+        rule.no_data
+    };
+    // The observations in subject order (as the controller gathers them, so
+    // usually no sort), walked beside the previous alerts (a map, so in order
+    // too): each previous alert is met once, moved rather than copied, and one
+    // that no observation meets has gone.
+    let mut order: Vec<usize> = (0..observed.len()).collect();
+    if !observed.windows(2).all(|w| w[0].subject < w[1].subject) {
+        order.sort_by(|&a, &b| observed[a].subject.cmp(observed[b].subject));
+    }
+    let mut prev = prev.into_iter().peekable();
+    let mut active: Vec<(String, Instance)> = Vec::new();
+    for &i in &order {
+        let o = &observed[i];
+        while let Some((k, _)) = prev.peek() {
+            if k.as_str() >= o.subject {
+                break;
+            }
+            if let Some((_, gone)) = prev.next() {
+                out.transitions.push(ended(rule, &gone, None));
+            }
+        }
+        let before = match prev.peek() {
+            Some((k, _)) if k.as_str() == o.subject => prev.next(),
+            _ => None,
         };
         let holds = match (o.truth, no_data) {
             (Some(t), _) => t,
             (None, NoData::Ok) => false,
             (None, NoData::Alerting) => true,
             (None, NoData::Keep) => {
-                if let Some(b) = before {
-                    out.active.insert(o.subject.to_string(), b.clone());
-                }
+                active.extend(before);
                 continue;
             }
         };
         if !holds {
-            if let Some(b) = before {
-                let change = match b.state {
-                    State::Pending => Change::Cleared,
-                    State::Firing => Change::Resolved,
-                };
-                out.transitions.push(transition(rule, b, change, o.value));
+            if let Some((_, b)) = before {
+                out.transitions.push(ended(rule, &b, o.value));
             }
             continue;
         }
-        let mut inst = match before {
-            Some(b) => b.clone(),
+        let new = before.is_none();
+        let (key, mut inst) = match before {
+            Some(kept) => kept,
             None => {
-                if out.active.len() >= MAX_INSTANCES {
+                if active.len() >= MAX_INSTANCES {
                     out.dropped += 1;
                     continue;
                 }
                 let mut labels = rule.labels.clone();
                 labels.extend(o.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
                 labels.insert("subject".into(), o.subject.to_string());
-                Instance {
+                let inst = Instance {
                     subject: o.subject.to_string(),
                     state: State::Pending,
                     active_since_ms: now_ms,
@@ -204,16 +213,19 @@ pub fn step(
                     annotations: BTreeMap::new(),
                     notified_ms: BTreeMap::new(),
                     acked_by: None,
-                }
+                };
+                (o.subject.to_string(), inst)
             }
         };
         inst.value = o.value;
-        inst.annotations = rule
-            .annotations
-            .iter()
-            .map(|(k, t)| (k.clone(), render(t, o.subject, o.value, &inst.labels)))
-            .collect();
-        if before.is_none() && for_ms > 0 {
+        if !rule.annotations.is_empty() || !inst.annotations.is_empty() {
+            inst.annotations = rule
+                .annotations
+                .iter()
+                .map(|(k, t)| (k.clone(), render(t, o.subject, o.value, &inst.labels)))
+                .collect();
+        }
+        if new && for_ms > 0 {
             out.transitions
                 .push(transition(rule, &inst, Change::Pending, o.value));
         }
@@ -223,23 +235,23 @@ pub fn step(
             out.transitions
                 .push(transition(rule, &inst, Change::Firing, o.value));
         }
-        out.active.insert(o.subject.to_string(), inst);
+        active.push((key, inst));
     }
-    let seen: std::collections::HashSet<&str> = if still_there < prev.len() {
-        observed.iter().map(|o| o.subject).collect()
-    } else {
-        std::collections::HashSet::new()
-    };
-    for (subject, b) in prev {
-        if still_there < prev.len() && !seen.contains(subject.as_str()) {
-            let change = match b.state {
-                State::Pending => Change::Cleared,
-                State::Firing => Change::Resolved,
-            };
-            out.transitions.push(transition(rule, b, change, None));
-        }
+    for (_, gone) in prev {
+        out.transitions.push(ended(rule, &gone, None));
     }
+    out.active = active.into_iter().collect();
     out
+}
+
+/// The transition of an alert whose condition stopped holding (or whose
+/// subject has gone): a pending one is cleared, a firing one resolved.
+fn ended(rule: &AlertRule, i: &Instance, value: Option<f64>) -> Transition {
+    let change = match i.state {
+        State::Pending => Change::Cleared,
+        State::Firing => Change::Resolved,
+    };
+    transition(rule, i, change, value)
 }
 
 fn transition(rule: &AlertRule, i: &Instance, change: Change, value: Option<f64>) -> Transition {
@@ -464,7 +476,7 @@ mod tests {
                 truth,
                 value: *c,
             };
-            let mut s = step(now, rule, &active, &[obs], false);
+            let mut s = step(now, rule, std::mem::take(&mut active), &[obs], false);
             for n in plan(now, rule, &[channel(10)], &mut s, silences) {
                 sent.push((now, n));
             }
@@ -531,7 +543,7 @@ mod tests {
                 truth: Some(true),
                 value: Some(95.0),
             };
-            let mut s = step(i * 1000, &r, &active, &[obs], false);
+            let mut s = step(i * 1000, &r, std::mem::take(&mut active), &[obs], false);
             if i == 35 {
                 s.active.get_mut("n1").expect("accepted").acked_by = Some("op".into());
             }
@@ -564,7 +576,7 @@ mod tests {
                 truth: Some(true),
                 value: Some(95.0),
             };
-            active = step(i * 1000, &r, &active, &[obs], false).active;
+            active = step(i * 1000, &r, std::mem::take(&mut active), &[obs], false).active;
         }
         let missing = Observation {
             subject: "n1",
@@ -572,10 +584,16 @@ mod tests {
             truth: None,
             value: None,
         };
-        let s = step(40_000, &r, &active, std::slice::from_ref(&missing), true);
+        let s = step(
+            40_000,
+            &r,
+            active.clone(),
+            std::slice::from_ref(&missing),
+            true,
+        );
         assert!(s.transitions.is_empty());
         assert_eq!(s.active["n1"].state, State::Firing);
-        let s = step(40_000, &r, &active, &[missing], false);
+        let s = step(40_000, &r, active, &[missing], false);
         assert_eq!(s.transitions[0].change, Change::Resolved);
         let (changes, _, _) = run(&rule("  noData: alerting\n"), &[None; 31], &[]);
         assert_eq!(
@@ -607,7 +625,7 @@ mod tests {
             truth: truth(95.0, None),
             value: Some(95.0),
         };
-        let s = step(0, &r, &BTreeMap::new(), &[obs], false);
+        let s = step(0, &r, BTreeMap::new(), &[obs], false);
         assert_eq!(s.transitions.len(), 1);
         assert_eq!(s.transitions[0].change, Change::Firing);
     }
@@ -643,6 +661,49 @@ mod tests {
     }
 
     #[test]
+    fn observations_in_any_order_meet_their_previous_alerts() {
+        let y = "apiVersion: novacron.io/v1\nkind: AlertRule\nmetadata:\n  name: up\nspec:\n  condition: node.up == 1\n";
+        let r = parse_rules("r.yaml", y).expect("accepted").remove(0);
+        let obs = |subject: &'static str, t: bool| Observation {
+            subject,
+            labels: &NO_LABELS,
+            truth: Some(t),
+            value: Some(1.0),
+        };
+        let first = step(
+            0,
+            &r,
+            BTreeMap::new(),
+            &[obs("c", true), obs("a", true), obs("b", true)],
+            false,
+        );
+        assert_eq!(first.active.len(), 3);
+        // Out of order again, b gone, a stops holding, c still holds.
+        let s = step(
+            1000,
+            &r,
+            first.active,
+            &[obs("c", true), obs("a", false)],
+            false,
+        );
+        let mut changes: Vec<(String, Change)> = s
+            .transitions
+            .iter()
+            .map(|t| (t.subject.clone(), t.change))
+            .collect();
+        changes.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            changes,
+            vec![
+                ("a".to_string(), Change::Resolved),
+                ("b".to_string(), Change::Resolved)
+            ]
+        );
+        assert_eq!(s.active.keys().collect::<Vec<_>>(), vec!["c"]);
+        assert_eq!(s.active["c"].active_since_ms, 0, "kept, not made anew");
+    }
+
+    #[test]
     fn a_subject_that_goes_away_resolves() {
         let r = rule("");
         let obs = |t| Observation {
@@ -653,9 +714,16 @@ mod tests {
         };
         let mut active = BTreeMap::new();
         for i in 0..31 {
-            active = step(i * 1000, &r, &active, &[obs(true)], false).active;
+            active = step(
+                i * 1000,
+                &r,
+                std::mem::take(&mut active),
+                &[obs(true)],
+                false,
+            )
+            .active;
         }
-        let s = step(32_000, &r, &active, &[], false);
+        let s = step(32_000, &r, active, &[], false);
         assert_eq!(s.transitions[0].change, Change::Resolved);
         assert!(s.active.is_empty());
     }

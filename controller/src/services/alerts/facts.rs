@@ -51,8 +51,46 @@ impl Facts {
         pick(self.values.get(v)?.get(key)?, op)
     }
 
-    /// Every subject of `rule`'s kind with the condition's outcome.
-    pub fn observations<'a>(&'a self, rule: &AlertRule) -> Vec<Observation<'a>> {
+    /// Each (value, comparison direction) the rules read, as one value per
+    /// subject in subject order: built once per evaluation, so that rules
+    /// reading the same metric share it and a rule's evaluation indexes a
+    /// vector instead of looking each subject up.
+    pub fn cache(&self, rules: &[AlertRule]) -> Cache {
+        let mut cache = Cache::default();
+        for r in rules {
+            r.expr.walk(&mut |v, op, _| {
+                let key = (v.clone(), Pick::of(op));
+                if cache.aligned.contains_key(&key) {
+                    return;
+                }
+                let series = self.values.get(v);
+                let aligned: Vec<Option<f64>> = if v.subject == Subject::Fleet {
+                    vec![
+                        series
+                            .and_then(|m| m.get("fleet"))
+                            .and_then(|vals| pick(vals, op)),
+                    ]
+                } else {
+                    self.subjects
+                        .get(&v.subject)
+                        .into_iter()
+                        .flat_map(|subjects| subjects.keys())
+                        .map(|name| {
+                            series
+                                .and_then(|m| m.get(name))
+                                .and_then(|vals| pick(vals, op))
+                        })
+                        .collect()
+                };
+                cache.aligned.insert(key, aligned);
+            });
+        }
+        cache
+    }
+
+    /// Every subject of `rule`'s kind with the condition's outcome, in subject
+    /// order, reading `cache` (made by [`Facts::cache`] with this rule).
+    pub fn observations<'a>(&'a self, rule: &AlertRule, cache: &Cache) -> Vec<Observation<'a>> {
         static FLEET_LABELS: BTreeMap<String, String> = BTreeMap::new();
         let subjects: Vec<(&str, &BTreeMap<String, String>)> = if rule.subject == Subject::Fleet {
             vec![("fleet", &FLEET_LABELS)]
@@ -62,29 +100,31 @@ impl Facts {
                 None => return Vec::new(),
             }
         };
-        // Each value's map, looked up once per rule rather than per subject.
-        let maps: Vec<(&ValueRef, Option<&Series>)> = rule
-            .expr
-            .values()
-            .into_iter()
-            .map(|v| (v, self.values.get(v)))
-            .collect();
+        // Each comparison's values, found once per rule (by address: the
+        // evaluation hands back the comparisons of this very expression).
+        let mut lookups: Vec<(*const ValueRef, Pick, Option<&Aligned>)> = Vec::new();
+        rule.expr.walk(&mut |v, op, _| {
+            let p = Pick::of(op);
+            lookups.push((v as *const ValueRef, p, cache.aligned.get(&(v.clone(), p))));
+        });
         subjects
             .into_iter()
-            .map(|(name, labels)| {
+            .enumerate()
+            .map(|(index, (name, labels))| {
                 let mut first = None;
                 let mut seen_first = false;
                 let truth = rule.expr.eval(&mut |v, op| {
-                    let key = if v.subject == Subject::Fleet {
-                        "fleet"
+                    let p = Pick::of(op);
+                    let at = if v.subject == Subject::Fleet {
+                        0
                     } else {
-                        name
+                        index
                     };
-                    let map = maps
+                    let x = lookups
                         .iter()
-                        .find(|(m, _)| std::ptr::eq(*m, v) || *m == v)
-                        .and_then(|(_, m)| *m);
-                    let x = map.and_then(|m| m.get(key)).and_then(|vals| pick(vals, op));
+                        .find(|(ptr, lp, _)| std::ptr::eq(*ptr, v) && *lp == p)
+                        .and_then(|(_, _, aligned)| *aligned)
+                        .and_then(|aligned| aligned.get(at).copied().flatten());
                     if !seen_first {
                         seen_first = true;
                         first = x;
@@ -100,6 +140,36 @@ impl Facts {
             })
             .collect()
     }
+}
+
+/// Which of several series' values decides a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pick {
+    /// The largest (`>`, `>=`).
+    Max,
+    /// The smallest (`<`, `<=`).
+    Min,
+    /// The first (`==`, `!=`).
+    First,
+}
+
+impl Pick {
+    fn of(op: Op) -> Pick {
+        match op {
+            Op::Gt | Op::Ge => Pick::Max,
+            Op::Lt | Op::Le => Pick::Min,
+            Op::Eq | Op::Ne => Pick::First,
+        }
+    }
+}
+
+/// One value per subject, in subject order.
+pub type Aligned = Vec<Option<f64>>;
+
+/// The values of one evaluation aligned with the subjects ([`Facts::cache`]).
+#[derive(Debug, Default)]
+pub struct Cache {
+    aligned: HashMap<(ValueRef, Pick), Aligned>,
 }
 
 /// The value of several series that decides `op`: the largest for `>`/`>=`,

@@ -612,25 +612,29 @@ impl Alerts {
                 .saturating_add(warm_up);
         let mut all_transitions: Vec<Transition> = Vec::new();
         let mut queued = 0;
+        let cache = facts.cache(&rules);
         for r in &rules {
-            let empty = BTreeMap::new();
-            let prev = inner.states.get(&r.name).unwrap_or(&empty);
-            let observed = facts.observations(r);
+            let prev = inner.states.remove(&r.name).unwrap_or_default();
+            let prev_len = prev.len();
+            let observed = facts.observations(r, &cache);
             let mut step = engine::step(now_ms, r, prev, &observed, warming_up);
             let notes = engine::plan(now_ms, r, &channels, &mut step, &inner.silences);
-            let changed = !step.transitions.is_empty()
-                || !notes.is_empty()
-                || step.active.len() != prev.len();
-            if changed {
-                if step.active.is_empty() {
-                    self.store.delete_alerting(AlertingKind::States, &r.name)?;
-                } else {
-                    self.store.put_alerting(
-                        AlertingKind::States,
-                        &r.name,
-                        &to_json(&step.active),
-                    )?;
+            let changed =
+                !step.transitions.is_empty() || !notes.is_empty() || step.active.len() != prev_len;
+            let saved = changed.then(|| (!step.active.is_empty()).then(|| to_json(&step.active)));
+            all_transitions.append(&mut step.transitions);
+            if !step.active.is_empty() {
+                inner.states.insert(r.name.clone(), step.active);
+            }
+            match saved {
+                Some(Some(json)) => {
+                    self.store
+                        .put_alerting(AlertingKind::States, &r.name, &json)?
                 }
+                Some(None) => {
+                    self.store.delete_alerting(AlertingKind::States, &r.name)?;
+                }
+                None => {}
             }
             for n in notes {
                 while inner.outbox.len() >= MAX_OUTBOX {
@@ -666,12 +670,6 @@ impl Alerts {
                 inner.outbox.insert(id, entry);
                 queued += 1;
             }
-            if step.active.is_empty() {
-                inner.states.remove(&r.name);
-            } else {
-                inner.states.insert(r.name.clone(), step.active);
-            }
-            all_transitions.extend(step.transitions);
         }
         drop(inner);
         for t in &all_transitions {
