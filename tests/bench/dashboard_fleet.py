@@ -59,7 +59,7 @@ requestAnimationFrame(() => requestAnimationFrame(() => {
       last_row_laid_out: !!(last && last.height > 0 && last.width > 0),
       first_row: rows.length ? rows[0].getAttribute('data-node') : null,
       pager: (document.querySelector('nav.pager span') || {}).textContent || null,
-      nodes_stat: (document.querySelector('ul.stats li b') || {}).textContent || null,
+      nodes_stat: Array.from(document.querySelectorAll('ul.stats li')).map(li => li.textContent).join(', '),
       transfer_size: nav ? nav.transferSize : null,
       decoded_body_size: nav ? nav.decodedBodySize : null,
       request_start: nav ? nav.requestStart : null,
@@ -219,7 +219,7 @@ def main():
                 print(f"page {page} load {i + 1}: rows {m['rows']} laid out {m['last_row_laid_out']} "
                       f"ttfb {m['response_start']:.0f} dcl {m['dcl_end']:.0f} load {m['load_end']:.0f} "
                       f"fcp {m['fcp'] or -1:.0f} lcp {m['lcp'] or -1:.0f} ms; first {m['first_row']} "
-                      f"({m['pager']}, {m['nodes_stat']} nodes, {m['decoded_body_size']} B)",
+                      f"({m['pager']}; {m['nodes_stat']}; {m['decoded_body_size']} B)",
                       file=sys.stderr)
             out["pages"][page] = loads
     finally:
