@@ -11,6 +11,11 @@
 #     -p novacron-tests --bin novacron-fanin
 #   bash tests/bench/dashboard-fleet.sh [AGENTS] [DURATION] [LOADS]   # default 10000 300s 10
 #
+# FANIN_ARGS adds flags to novacron-fanin (e.g. "--connect-concurrency 16").
+# The page lists every enrolled node, connected or not: check the "live" count
+# printed before the browser runs (the controller's connected_agents) and the
+# fanin JSON line's live_at_start; on a busy host agents can time out.
+#
 # Needs Debian's chromium, chromedriver, curl, python3. Every process it starts
 # is stopped on exit (fanin stops its controller at the end of DURATION; the
 # trap stops fanin's and chromedriver's process groups otherwise).
@@ -47,7 +52,7 @@ echo "work dir: $work"
 
 mkdir -p "$data"
 setsid "$bin/novacron-fanin" --agents "$agents" --duration "$duration" \
-  --data-dir "$data" >"$work/fanin.out" 2>&1 &
+  --data-dir "$data" ${FANIN_ARGS:-} >"$work/fanin.out" 2>&1 &
 fanin_pid=$!
 
 # Wait until every agent is connected and the measurement window has begun.
@@ -57,7 +62,7 @@ for _ in $(seq 1 900); do
   sleep 1
 done
 grep -q '^measuring for' "$work/fanin.out" || { echo "fanin did not start measuring" >&2; exit 1; }
-grep -E '^(controller pid|enrolled|connected)' "$work/fanin.out"
+grep -E '^(controller pid|enrolled [0-9]+ agents|connected|warning)' "$work/fanin.out"
 
 api=$(cat "$data/api-url")
 pki=$data/pki
@@ -66,6 +71,8 @@ stats() {
     "$api/v1/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("connected_agents", s.get("connected_agents"))'
 }
 echo "controller stats before: $(stats)"
+live=$(stats | cut -d' ' -f2)
+[ "$live" -ge "$agents" ] || echo "WARNING: only $live of $agents agents are live at the controller (the rest are listed as disconnected/down)"
 token=$("$bin/novacron-controller" --data-dir "$data" admin token --name dash-bench --role viewer)
 
 echo "load at browser start: $(cut -d' ' -f1-3 /proc/loadavg)"

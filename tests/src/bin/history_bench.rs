@@ -296,14 +296,16 @@ fn write_fleet(h: &MetricsHistory, end: i64, nodes: usize, node_hours: i64) -> a
     Ok(())
 }
 
-fn query(args: &[String]) -> anyhow::Result<()> {
+/// The history of `--dir` for `query` and `alerts`: written afresh (`--nodes`,
+/// `--node-hours`, default `default_hours`), or with `--reuse` the one an
+/// earlier run of the same arguments wrote (its end is kept beside it).
+/// Answers it with the end of its data: the start of the previous hour, so
+/// every hour is rolled up.
+fn prepare(args: &[String], default_hours: i64) -> anyhow::Result<(MetricsHistory, i64)> {
     let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
     let nodes: usize = arg(args, "--nodes", 1000);
-    let node_hours: i64 = arg(args, "--node-hours", 24);
-    let runs: usize = arg(args, "--runs", 50);
+    let node_hours: i64 = arg(args, "--node-hours", default_hours);
     let hour = 3_600_000i64;
-    // `--reuse`: query the history an earlier run of the same arguments wrote
-    // (its end is kept beside it) instead of writing it again.
     let marker = dir.join("bench-end");
     let kept: Option<i64> = args
         .iter()
@@ -316,7 +318,6 @@ fn query(args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let h = open(&dir)?;
     h.set_jobs(std::sync::Arc::new(|_: &str| Some("web".to_string())));
-    // The data ends at the start of the previous hour, so every hour is rolled.
     let end = match kept {
         Some(end) => end,
         None => {
@@ -326,6 +327,14 @@ fn query(args: &[String]) -> anyhow::Result<()> {
             end
         }
     };
+    Ok((h, end))
+}
+
+fn query(args: &[String]) -> anyhow::Result<()> {
+    let nodes: usize = arg(args, "--nodes", 1000);
+    let runs: usize = arg(args, "--runs", 50);
+    let hour = 3_600_000i64;
+    let (h, end) = prepare(args, 24)?;
     let cases: Vec<(&str, MetricsQuery)> = vec![
         (
             "one node, 24 h at 1 min",
@@ -428,31 +437,9 @@ fn alerts(args: &[String]) -> anyhow::Result<()> {
     use novacron_controller::state::store::{MemoryStore, Store};
     use std::collections::{BTreeMap, BTreeSet};
 
-    let dir = PathBuf::from(arg(args, "--dir", "/tmp/history-bench-query".to_string()));
     let nodes: usize = arg(args, "--nodes", 1000);
-    let node_hours: i64 = arg(args, "--node-hours", 1);
     let runs: usize = arg(args, "--runs", 5);
-    let hour = 3_600_000i64;
-    let marker = dir.join("bench-end");
-    let kept: Option<i64> = args
-        .iter()
-        .any(|a| a == "--reuse")
-        .then(|| std::fs::read_to_string(&marker).ok()?.trim().parse().ok())
-        .flatten();
-    if kept.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    std::fs::create_dir_all(&dir)?;
-    let h = open(&dir)?;
-    let end = match kept {
-        Some(end) => end,
-        None => {
-            let end = (now_ms() / hour - 1) * hour;
-            write_fleet(&h, end, nodes, node_hours)?;
-            std::fs::write(&marker, end.to_string())?;
-            end
-        }
-    };
+    let (h, end) = prepare(args, 1)?;
     let now = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(end).unwrap_or(0));
     let doc = |name: String, condition: String, for_: &str| {
         format!(

@@ -263,42 +263,21 @@ impl Alerts {
     ) -> Result<Vec<AlertApplyResult>, AlertError> {
         let rules =
             rule::parse_rules(file, text).map_err(|e| AlertError::Invalid(e.to_string()))?;
+        let named = rules.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let record = ManifestRecord {
+            source: text.to_string(),
+            file: file.to_string(),
+            applied_by: by.to_string(),
+            applied_at_unix_ms: unix_ms(now),
+        };
         let mut inner = lock(&self.inner);
-        let new = rules
-            .iter()
-            .filter(|r| !inner.rules.contains_key(&r.name))
-            .count();
-        if inner.rules.len() + new > MAX_RULES {
-            return Err(AlertError::Invalid(format!(
-                "{} rules would exceed the limit of {MAX_RULES}",
-                inner.rules.len() + new
-            )));
-        }
-        let mut out = Vec::new();
-        for r in rules {
-            let outcome = match inner.rules.get(&r.name) {
-                Some((old, _)) if *old == r => "unchanged",
-                Some(_) => "updated",
-                None => "created",
-            };
-            if outcome != "unchanged" {
-                let rec = ManifestRecord {
-                    source: text.to_string(),
-                    file: file.to_string(),
-                    applied_by: by.to_string(),
-                    applied_at_unix_ms: unix_ms(now),
-                };
-                self.store
-                    .put_alerting(AlertingKind::Rules, &r.name, &to_json(&rec))?;
-                inner.rules.insert(r.name.clone(), (r.clone(), rec));
-            }
-            out.push(AlertApplyResult {
-                kind: rule::RULE_KIND.into(),
-                name: r.name,
-                outcome: outcome.into(),
-            });
-        }
-        Ok(out)
+        self.keep(
+            named,
+            record,
+            &mut inner.rules,
+            AlertingKind::Rules,
+            rule::RULE_KIND,
+        )
     }
 
     /// Applies a file of `NotificationChannel`s (all or nothing).
@@ -311,33 +290,54 @@ impl Alerts {
     ) -> Result<Vec<AlertApplyResult>, AlertError> {
         let channels =
             rule::parse_channels(file, text).map_err(|e| AlertError::Invalid(e.to_string()))?;
+        let named = channels.into_iter().map(|c| (c.name.clone(), c)).collect();
+        let record = ManifestRecord {
+            source: text.to_string(),
+            file: file.to_string(),
+            applied_by: by.to_string(),
+            applied_at_unix_ms: unix_ms(now),
+        };
         let mut inner = lock(&self.inner);
-        if inner.channels.len() + channels.len() > MAX_RULES {
+        self.keep(
+            named,
+            record,
+            &mut inner.channels,
+            AlertingKind::Channels,
+            rule::CHANNEL_KIND,
+        )
+    }
+
+    /// Saves the checked documents of one file that differ from what `kept`
+    /// holds (first in the store, then in memory), within [`MAX_RULES`].
+    fn keep<T: Clone + PartialEq>(
+        &self,
+        named: Vec<(String, T)>,
+        record: ManifestRecord,
+        kept: &mut BTreeMap<String, (T, ManifestRecord)>,
+        kind: AlertingKind,
+        kind_name: &str,
+    ) -> Result<Vec<AlertApplyResult>, AlertError> {
+        let new = named.iter().filter(|(n, _)| !kept.contains_key(n)).count();
+        if kept.len() + new > MAX_RULES {
             return Err(AlertError::Invalid(format!(
-                "more than {MAX_RULES} channels"
+                "{} {kind_name}s would exceed the limit of {MAX_RULES}",
+                kept.len() + new
             )));
         }
         let mut out = Vec::new();
-        for c in channels {
-            let outcome = match inner.channels.get(&c.name) {
-                Some((old, _)) if *old == c => "unchanged",
+        for (name, item) in named {
+            let outcome = match kept.get(&name) {
+                Some((old, _)) if *old == item => "unchanged",
                 Some(_) => "updated",
                 None => "created",
             };
             if outcome != "unchanged" {
-                let rec = ManifestRecord {
-                    source: text.to_string(),
-                    file: file.to_string(),
-                    applied_by: by.to_string(),
-                    applied_at_unix_ms: unix_ms(now),
-                };
-                self.store
-                    .put_alerting(AlertingKind::Channels, &c.name, &to_json(&rec))?;
-                inner.channels.insert(c.name.clone(), (c.clone(), rec));
+                self.store.put_alerting(kind, &name, &to_json(&record))?;
+                kept.insert(name.clone(), (item, record.clone()));
             }
             out.push(AlertApplyResult {
-                kind: rule::CHANNEL_KIND.into(),
-                name: c.name,
+                kind: kind_name.into(),
+                name,
                 outcome: outcome.into(),
             });
         }
