@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use novacron_api::metrics::{MetricsQuery, StepFn};
 use novacron_common::alert::catalog::{self, Source};
@@ -27,13 +27,24 @@ const MAX_WINDOW_STEPS: u64 = 600;
 
 /// Runs the evaluation every interval until `cancel` (the leader's term).
 pub async fn run(this: Arc<Alerts>, st: Arc<ApiState>, cancel: CancellationToken) {
-    {
+    // The state of the previous term (this controller's or another's) first:
+    // evaluating without it would fire and notify again what already fired. A
+    // store that cannot be read stops alerting, never the rest of the leader.
+    let mut wait = Duration::from_secs(1);
+    loop {
         let me = this.clone();
         match tokio::task::spawn_blocking(move || me.load()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => warn!(%error, "cannot load the alerting state"),
+            Ok(Ok(())) => break,
+            Ok(Err(error)) => {
+                warn!(%error, "cannot load the alerting state; alerts are not evaluated until it loads")
+            }
             Err(error) => warn!(%error, "loading the alerting state panicked"),
         }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(30));
     }
     let sender = tokio::spawn(crate::services::alerts::deliver::run(
         this.clone(),

@@ -167,7 +167,12 @@ impl Alerts {
             seq: AtomicU64::new(0),
             loaded_ms: AtomicU64::new(0),
         });
-        a.load()?;
+        // The leader's loop loads again at the start of each term, and waits
+        // until it can: a store that cannot be read here must not stop the
+        // controller from starting.
+        if let Err(error) = a.load() {
+            warn!(%error, "cannot load the alerting state yet");
+        }
         Ok(a)
     }
 

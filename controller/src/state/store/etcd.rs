@@ -430,6 +430,24 @@ impl EtcdStore {
             .collect()
     }
 
+    /// Every record of a table with its key, in key order.
+    fn keyed<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        op: &'static str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let prefix = self.table_prefix(table.name);
+        let end = prefix_end(&prefix);
+        self.range(prefix.clone(), end, op)?
+            .into_iter()
+            .map(|(k, v)| {
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let value = self.decode(table.name, &key, &v)?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+
     /// Reads the revision and `keys` in one snapshot.
     fn snapshot(&self, keys: &[Vec<u8>], op: &'static str) -> Result<Snapshot, StoreError> {
         let revision_key = self.key("meta/revision");
@@ -809,7 +827,7 @@ impl Store for EtcdStore {
     }
 
     fn alerting(&self, kind: AlertingKind) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
-        self.all(kind.table(), "listing alerting records")
+        self.keyed(kind.table(), "listing alerting records")
     }
 
     fn delete_alerting(&self, kind: AlertingKind, key: &str) -> Result<bool, StoreError> {
@@ -1101,16 +1119,10 @@ impl Store for EtcdStore {
     }
 
     fn metric_marks(&self) -> Result<HashMap<String, MetricMark>, StoreError> {
-        let prefix = self.table_prefix(METRIC_MARKS.name);
-        let end = prefix_end(&prefix);
-        self.range(prefix.clone(), end, "reading metrics marks")?
+        Ok(self
+            .keyed(METRIC_MARKS, "reading metrics marks")?
             .into_iter()
-            .map(|(k, v)| {
-                let node = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                let mark = self.decode(METRIC_MARKS.name, &node, &v)?;
-                Ok((node, mark))
-            })
-            .collect()
+            .collect())
     }
 }
 
