@@ -424,7 +424,7 @@ fn query(args: &[String]) -> anyhow::Result<()> {
 /// 1,000 instant-threshold rules, then 100 range rules (`avg`/`max` over
 /// windows of 1 to 10 minutes, `for: 5m`), each set on a fresh `Alerts` with
 /// the built-in rules. Per run: the facts (one history query per distinct
-/// metric and window, `alert_eval::history_value`), then `Alerts::evaluate`
+/// series and function, `alert_eval::history_values`), then `Alerts::evaluate`
 /// (every rule on every node, states and events into a memory store). `now` is
 /// the end of the written data.
 fn alerts(args: &[String]) -> anyhow::Result<()> {

@@ -52,26 +52,21 @@ pub async fn run(alerts: Arc<Alerts>, cancel: CancellationToken) {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let due = alerts.due(unix_ms(SystemTime::now()));
-        let results: Vec<(OutboxEntry, Result<(), String>)> =
+        let results: Vec<(OutboxEntry, Attempt)> =
             futures_util::stream::iter(due.into_iter().map(|(entry, channel)| {
                 let (client, alerts) = (client.clone(), alerts.clone());
                 async move {
-                    let result = match &channel {
-                        None => Err(String::from("its channel was deleted")),
+                    let attempt = match &channel {
+                        None => Attempt::Undeliverable("its channel was deleted".into()),
                         Some(ch) => {
-                            send(&client, ch, &entry.notification, &alerts.external_url).await
+                            match send(&client, ch, &entry.notification, &alerts.external_url).await
+                            {
+                                Ok(()) => Attempt::Delivered,
+                                Err(e) => Attempt::Failed(e),
+                            }
                         }
                     };
-                    (
-                        entry,
-                        result.map_err(|e| {
-                            if channel.is_none() {
-                                format!("gone: {e}")
-                            } else {
-                                e
-                            }
-                        }),
-                    )
+                    (entry, attempt)
                 }
             }))
             .buffer_unordered(PARALLEL)
@@ -82,8 +77,8 @@ pub async fn run(alerts: Arc<Alerts>, cancel: CancellationToken) {
         }
         let me = alerts.clone();
         let done = tokio::task::spawn_blocking(move || {
-            for (entry, result) in results {
-                me.settle(entry, result, unix_ms(SystemTime::now()));
+            for (entry, attempt) in results {
+                me.settle(entry, attempt, unix_ms(SystemTime::now()));
             }
         })
         .await;
@@ -91,6 +86,17 @@ pub async fn run(alerts: Arc<Alerts>, cancel: CancellationToken) {
             warn!(%error, "settling notifications panicked");
         }
     }
+}
+
+/// How one delivery attempt went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The channel took it.
+    Delivered,
+    /// It failed and may succeed later (the error).
+    Failed(String),
+    /// It can never be delivered (why): given up at once.
+    Undeliverable(String),
 }
 
 impl Alerts {
@@ -114,25 +120,21 @@ impl Alerts {
 
     /// Records how `entry`'s attempt went: delivered (removed), retried later,
     /// or given up (removed, with an event).
-    pub fn settle(&self, mut entry: OutboxEntry, result: Result<(), String>, now_ms: u64) {
+    pub fn settle(&self, mut entry: OutboxEntry, attempt: Attempt, now_ms: u64) {
         let n = &entry.notification;
         let channel = n.channel.clone();
-        let give_up = match &result {
-            Ok(()) => None,
-            Err(e) if e.starts_with("gone: ") => Some(e.trim_start_matches("gone: ").to_string()),
-            Err(e) => {
-                let age = now_ms.saturating_sub(n.at_ms);
-                (age >= u64::try_from(GIVE_UP_AFTER.as_millis()).unwrap_or(u64::MAX)).then(|| {
-                    format!(
-                        "{e} (retried for {})",
-                        novacron_common::units::duration(GIVE_UP_AFTER)
-                    )
-                })
-            }
+        let retried_enough = now_ms.saturating_sub(n.at_ms)
+            >= u64::try_from(GIVE_UP_AFTER.as_millis()).unwrap_or(u64::MAX);
+        let attempt = match attempt {
+            Attempt::Failed(e) if retried_enough => Attempt::Undeliverable(format!(
+                "{e} (retried for {})",
+                novacron_common::units::duration(GIVE_UP_AFTER)
+            )),
+            other => other,
         };
         let mut inner = lock(&self.inner);
-        match (&result, give_up) {
-            (Ok(()), _) => {
+        match attempt {
+            Attempt::Delivered => {
                 inner.last_error.remove(&channel);
                 inner.outbox.remove(&entry.id);
                 drop(inner);
@@ -157,7 +159,7 @@ impl Alerts {
                     .detail("status", &n.status),
                 );
             }
-            (Err(_), Some(why)) => {
+            Attempt::Undeliverable(why) => {
                 inner.outbox.remove(&entry.id);
                 drop(inner);
                 if let Err(error) = self.store.delete_alerting(AlertingKind::Outbox, &entry.id) {
@@ -173,7 +175,7 @@ impl Alerts {
                     .detail("rule", &n.rule),
                 );
             }
-            (Err(e), None) => {
+            Attempt::Failed(e) => {
                 entry.attempts += 1;
                 entry.last_error = Some(e.clone());
                 entry.next_attempt_ms = now_ms + backoff(entry.attempts);

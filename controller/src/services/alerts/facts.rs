@@ -39,18 +39,6 @@ impl Facts {
         }
     }
 
-    /// The value of `v` for `subject` that decides `op`: the largest for
-    /// `>`/`>=`, the smallest for `<`/`<=`, else the first. Fleet values are
-    /// the same for every subject.
-    pub fn value(&self, v: &ValueRef, subject: &str, op: Op) -> Option<f64> {
-        let key = if v.subject == Subject::Fleet {
-            "fleet"
-        } else {
-            subject
-        };
-        pick(self.values.get(v)?.get(key)?, op)
-    }
-
     /// Each (value, comparison direction) the rules read, as one value per
     /// subject in subject order: built once per evaluation, so that rules
     /// reading the same metric share it and a rule's evaluation indexes a

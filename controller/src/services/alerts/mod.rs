@@ -77,6 +77,17 @@ struct ManifestRecord {
     applied_at_unix_ms: u64,
 }
 
+impl ManifestRecord {
+    fn new(file: &str, text: &str, by: &str, now: SystemTime) -> ManifestRecord {
+        ManifestRecord {
+            source: text.to_string(),
+            file: file.to_string(),
+            applied_by: by.to_string(),
+            applied_at_unix_ms: unix_ms(now),
+        }
+    }
+}
+
 /// A notification not yet delivered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxEntry {
@@ -269,12 +280,7 @@ impl Alerts {
         let rules =
             rule::parse_rules(file, text).map_err(|e| AlertError::Invalid(e.to_string()))?;
         let named = rules.into_iter().map(|r| (r.name.clone(), r)).collect();
-        let record = ManifestRecord {
-            source: text.to_string(),
-            file: file.to_string(),
-            applied_by: by.to_string(),
-            applied_at_unix_ms: unix_ms(now),
-        };
+        let record = ManifestRecord::new(file, text, by, now);
         let mut inner = lock(&self.inner);
         self.keep(
             named,
@@ -296,12 +302,7 @@ impl Alerts {
         let channels =
             rule::parse_channels(file, text).map_err(|e| AlertError::Invalid(e.to_string()))?;
         let named = channels.into_iter().map(|c| (c.name.clone(), c)).collect();
-        let record = ManifestRecord {
-            source: text.to_string(),
-            file: file.to_string(),
-            applied_by: by.to_string(),
-            applied_at_unix_ms: unix_ms(now),
-        };
+        let record = ManifestRecord::new(file, text, by, now);
         let mut inner = lock(&self.inner);
         self.keep(
             named,
@@ -862,14 +863,18 @@ mod tests {
         assert_eq!(b.due(unix_ms(now)).len(), 1);
         // Delivered: gone from the store too.
         let (entry, _) = b.due(unix_ms(now)).remove(0);
-        b.settle(entry, Ok(()), unix_ms(now));
+        b.settle(entry, deliver::Attempt::Delivered, unix_ms(now));
         assert!(open(&store).due(u64::MAX).is_empty());
         // Failed: retried later, with the error kept.
         b.evaluate(&facts(10.0), now + Duration::from_secs(10))
             .expect("evaluate");
         let (entry, _) = b.due(u64::MAX).remove(0);
         assert_eq!(entry.notification.status, "resolved");
-        b.settle(entry, Err("refused".into()), unix_ms(now) + 10_000);
+        b.settle(
+            entry,
+            deliver::Attempt::Failed("refused".into()),
+            unix_ms(now) + 10_000,
+        );
         let again = open(&store).due(u64::MAX).remove(0).0;
         assert_eq!(
             (again.attempts, again.last_error.as_deref()),
