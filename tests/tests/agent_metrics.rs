@@ -114,24 +114,31 @@ async fn the_agent_serves_its_host_on_metrics_only_when_asked() {
         "{text}"
     );
 
-    // The same series names as the controller's /metrics shows for the node.
-    let fleet = c
-        .admin_client()
-        .expect("client")
-        .get(format!("{}/metrics", c.api()))
-        .send()
-        .await
-        .expect("scrape the controller")
-        .text()
-        .await
-        .expect("body");
-    assert!(
+    // The same series names as the controller's /metrics shows for the node,
+    // once the node's first sample has reached it (the agent's own endpoint
+    // can answer before the link has delivered one).
+    let admin = c.admin_client().expect("client");
+    let has_node = |fleet: &str| {
         value(
-            &fleet,
+            fleet,
             "novacron_node_memory_total_bytes",
-            &["node=\"metrics-on\""]
+            &["node=\"metrics-on\""],
         )
-        .is_some(),
+        .is_some()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let fleet = loop {
+        let fleet = match admin.get(format!("{}/metrics", c.api())).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if has_node(&fleet) || std::time::Instant::now() >= deadline {
+            break fleet;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        has_node(&fleet),
         "the controller exports the same series:\n{fleet}"
     );
 
