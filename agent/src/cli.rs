@@ -28,7 +28,7 @@ use crate::enroll::{self, EnrollError, JoinOptions, StateDir};
 use crate::exec::HostExecPolicy;
 use crate::link::{self, AgentConfig};
 use crate::migrate::CheckpointService;
-use crate::runtime::{DockerRuntime, Supervisor, SupervisorConfig};
+use crate::runtime::{DockerRuntime, HostRuntime, Supervisor, SupervisorConfig};
 use crate::spot::{SpotSource, SpotWatcher};
 
 /// Exit code for bad configuration.
@@ -352,9 +352,26 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         .as_ref()
         .and_then(|(_, l)| l.local_addr().ok())
         .map(|a| a.port());
-    let supervisor = Supervisor::new(docker, supervisor_config);
+    let vms = match crate::runtime::vm::VmDriver::detect(&args.state_dir).await {
+        Ok(driver) => {
+            info!(
+                "virtual machines: {} found",
+                crate::runtime::vm::QEMU_BINARY
+            );
+            Some(Arc::new(driver))
+        }
+        Err(why) => {
+            info!(%why, "this node runs no virtual machines");
+            None
+        }
+    };
+    let runtime = HostRuntime::new(docker).with_vms(vms.clone());
+    let supervisor = Supervisor::new(runtime, supervisor_config);
     let gpus = collect::detect_gpus();
     let mut capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
+    if let Some(vms) = &vms {
+        capabilities.vm = Some(vms.capability().await);
+    }
     let checkpoints = match Checkpointer::new(
         args.docker_host.as_deref(),
         args.state_dir.join("bundles"),

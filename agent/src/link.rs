@@ -32,7 +32,7 @@ use crate::collect::Sampler;
 use crate::enroll::{Credentials, EnrollError, Enrollment, StateDir, error_chain};
 use crate::exec::{self, ExecService, HostExecPolicy};
 use crate::migrate::CheckpointService;
-use crate::runtime::{DockerRuntime, Supervisor};
+use crate::runtime::{HostRuntime, Supervisor};
 use crate::spot::{SpotNotice, SpotWatcher};
 
 /// How long connecting (QUIC and TLS handshakes) may take.
@@ -137,7 +137,7 @@ impl From<FrameError> for SessionError {
 struct Shared {
     buffer: Mutex<SampleBuffer>,
     fresh: Notify,
-    exec: Arc<ExecService<DockerRuntime>>,
+    exec: Arc<ExecService<HostRuntime>>,
     checkpoints: Option<Arc<CheckpointService>>,
     spot: watch::Receiver<Option<SpotNotice>>,
     ingress: Option<Arc<crate::ingress::Ingress>>,
@@ -155,7 +155,7 @@ pub async fn run(
     sampler: Sampler,
     capacity: Capacity,
     capabilities: Capabilities,
-    supervisor: Supervisor<DockerRuntime>,
+    supervisor: Supervisor<HostRuntime>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
     tls::install_crypto_provider();
@@ -306,7 +306,7 @@ pub async fn run(
 
 async fn sample_loop(
     mut sampler: Sampler,
-    supervisor: Supervisor<DockerRuntime>,
+    supervisor: Supervisor<HostRuntime>,
     interval: Duration,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -341,7 +341,7 @@ async fn session(
     endpoint: &quinn::Endpoint,
     hello: &Hello,
     shared: &Shared,
-    supervisor: &Supervisor<DockerRuntime>,
+    supervisor: &Supervisor<HostRuntime>,
     cancel: &CancellationToken,
     legacy: bool,
 ) -> Result<(), SessionError> {
@@ -466,7 +466,7 @@ async fn serve(
     hello: &Hello,
     creds: &Credentials,
     shared: &Shared,
-    supervisor: &Supervisor<DockerRuntime>,
+    supervisor: &Supervisor<HostRuntime>,
     cancel: &CancellationToken,
     legacy: bool,
 ) -> Result<(), SessionError> {
@@ -492,7 +492,7 @@ async fn serve_inner(
     hello: &Hello,
     creds: &Credentials,
     shared: &Shared,
-    supervisor: &Supervisor<DockerRuntime>,
+    supervisor: &Supervisor<HostRuntime>,
     cancel: &CancellationToken,
     legacy: bool,
     lost: impl Fn(quinn::ConnectionError) -> SessionError,
@@ -755,7 +755,7 @@ impl Drop for Unpublish {
 /// Streams an allocation's logs on a new uni-stream.
 async fn send_logs(
     conn: quinn::Connection,
-    supervisor: Supervisor<DockerRuntime>,
+    supervisor: Supervisor<HostRuntime>,
     request: LogRequest,
     version: u16,
 ) {

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::Checkpointer;
 use crate::runtime::supervisor::Restorer;
-use crate::runtime::{DockerRuntime, Supervisor};
+use crate::runtime::{HostRuntime, Supervisor};
 
 /// Checkpoints of one allocation kept in the agent's cache.
 const KEEP_LOCAL: usize = 2;
@@ -43,7 +43,7 @@ const MAX_HOLD: Duration = Duration::from_secs(30 * 60);
 #[derive(Debug)]
 pub struct CheckpointService {
     node: String,
-    supervisor: Supervisor<DockerRuntime>,
+    supervisor: Supervisor<HostRuntime>,
     checkpointer: Arc<Checkpointer>,
     live: Result<(), String>,
     stop_grace: Duration,
@@ -56,7 +56,7 @@ impl CheckpointService {
     /// it has none).
     pub fn new(
         node: String,
-        supervisor: Supervisor<DockerRuntime>,
+        supervisor: Supervisor<HostRuntime>,
         checkpointer: Arc<Checkpointer>,
         live: Result<(), String>,
     ) -> Self {

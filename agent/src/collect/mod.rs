@@ -156,6 +156,7 @@ pub fn capabilities(
             os: host::os_description(),
             arch: sysinfo::System::cpu_arch(),
             live_checkpoint_reason: None,
+            vm: None,
         }
     }
 }

@@ -116,6 +116,97 @@ impl DockerRuntime {
         self
     }
 
+    /// The host address published ports bind to.
+    pub fn publish_address(&self) -> IpAddr {
+        self.publish_address
+    }
+
+    /// The id (`sha256:...`) of image `image`.
+    pub async fn image_id(&self, image: &str) -> Result<String, RuntimeError> {
+        let docker = self.client().await?;
+        let inspected = timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await?;
+        Ok(inspected.id.unwrap_or_default())
+    }
+
+    /// Copies the files at `paths` out of image `image` into `dest` (each under
+    /// its path in the image), through a container created from the image and
+    /// never started, then removed. Returns the image's id. For the disk images
+    /// of virtual machines, which travel as container images.
+    pub async fn copy_from_image(
+        &self,
+        image: &str,
+        paths: &[String],
+        dest: &std::path::Path,
+    ) -> Result<String, RuntimeError> {
+        let docker = self.client().await?;
+        let inspected = timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await?;
+        let image_id = inspected.id.unwrap_or_default();
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            // An image of files only has no command; this one never runs.
+            cmd: Some(vec!["/novacron-never-started".to_owned()]),
+            network_disabled: Some(true),
+            labels: Some(HashMap::from([(
+                LABEL_MANAGED.to_owned(),
+                "true".to_owned(),
+            )])),
+            ..Default::default()
+        };
+        let created = timed(
+            "create",
+            CALL_TIMEOUT,
+            docker.create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                body,
+            ),
+        )
+        .await?;
+        let result = async {
+            for path in paths {
+                let options =
+                    bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+                        .path(path)
+                        .build();
+                let mut tar_bytes = Vec::new();
+                let mut body = docker.download_from_container(&created.id, Some(options));
+                let download = async {
+                    while let Some(chunk) = body.next().await {
+                        tar_bytes.extend_from_slice(&chunk.map_err(|e| classify("copy", e))?);
+                    }
+                    Ok::<(), RuntimeError>(())
+                };
+                tokio::time::timeout(PULL_TIMEOUT, download)
+                    .await
+                    .map_err(|_| RuntimeError::Timeout {
+                        op: "copy",
+                        after: PULL_TIMEOUT,
+                    })??;
+                let parent = dest.join(
+                    std::path::Path::new(path.trim_start_matches('/'))
+                        .parent()
+                        .unwrap_or(std::path::Path::new("")),
+                );
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&parent)?;
+                    tar::Archive::new(std::io::Cursor::new(tar_bytes)).unpack(&parent)
+                })
+                .await
+                .map_err(|e| RuntimeError::Daemon {
+                    op: "copy",
+                    message: e.to_string(),
+                })?
+                .map_err(|e| RuntimeError::Daemon {
+                    op: "copy",
+                    message: format!("{path} of {image}: {e}"),
+                })?;
+            }
+            Ok(())
+        }
+        .await;
+        let _ = self.remove(&created.id).await;
+        result.map(|()| image_id)
+    }
+
     /// [`DockerRuntime::new`], then agrees on the API version with the daemon at once.
     pub async fn connect(host: Option<&str>) -> Result<Self, RuntimeError> {
         let runtime = DockerRuntime::new(host)?;
@@ -993,6 +1084,7 @@ mod tests {
                 },
             ],
             secret_env: vec![],
+            vm: None,
         }
     }
 

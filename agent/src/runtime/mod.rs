@@ -29,6 +29,7 @@
 
 pub mod docker;
 pub mod health;
+pub mod host;
 pub mod images;
 pub mod logs;
 pub mod probes;
@@ -38,6 +39,7 @@ pub mod secrets;
 pub mod spec;
 pub mod supervisor;
 pub mod usage;
+pub mod vm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -48,6 +50,7 @@ use futures_util::stream::BoxStream;
 use novacron_common::wire::{PortMapping, PublishedPort, TerminalSize};
 
 pub use docker::DockerRuntime;
+pub use host::HostRuntime;
 pub use reconcile::{Action, Outcome, Reconciler};
 pub use spec::{
     LABEL_ALLOC, LABEL_JOB, LABEL_MANAGED, LABEL_NODE, LABEL_SPEC, LABEL_VERSION, container_name,
@@ -429,6 +432,9 @@ pub struct ContainerConfig {
     pub mounts: Vec<MountConfig>,
     /// Variables set from secrets (added to `env`; their values never print).
     pub secret_env: Vec<(String, novacron_common::wire::SecretBytes)>,
+    /// Run as a virtual machine ([`vm`]) instead of a container: `image` holds
+    /// its kernel and disks.
+    pub vm: Option<novacron_common::wire::VmSpec>,
 }
 
 /// One mount of a container.

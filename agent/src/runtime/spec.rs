@@ -53,6 +53,9 @@ pub fn spec_hash(task: &TaskSpec) -> String {
             &'a str,
             &'a novacron_common::wire::SecretTarget,
         )>,
+        // Left out when absent, so that containers keep their hash.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vm: Option<&'a novacron_common::wire::VmSpec>,
     }
     let defining = Defining {
         image: &task.image,
@@ -78,6 +81,7 @@ pub fn spec_hash(task: &TaskSpec) -> String {
             .iter()
             .map(|s| (s.secret.as_str(), s.version, s.key.as_str(), &s.target))
             .collect(),
+        vm: task.vm.as_ref(),
     };
     // Serializing plain strings, numbers and sequences to a Vec cannot fail.
     let json = serde_json::to_vec(&defining).unwrap_or_default();
@@ -158,6 +162,7 @@ pub fn container_config(node: &str, alloc: &AllocationSpec, hash: &str) -> Conta
         ports: task.ports.clone(),
         mounts: task.volumes.iter().map(mount).collect(),
         secret_env: super::secrets::env(alloc),
+        vm: task.vm.clone(),
     }
 }
 

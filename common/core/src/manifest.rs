@@ -373,6 +373,66 @@ pub struct TaskTemplate {
     /// new version of a secret rolls out the jobs that use it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretRef>,
+    /// Run the task as a virtual machine (QEMU) instead of a container. `image`
+    /// is then a disk image packaged as a container image ("containerDisk"):
+    /// the kernel, initrd and base disk named here are files in it. Only nodes
+    /// that can run VMs (label `novacron.io/vm`) take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmTask>,
+}
+
+/// The label the controller gives every node that can run virtual machines; its
+/// value is the accelerator (`kvm` or `tcg`). A job with `spec.task.vm` is
+/// placed only on nodes that have it.
+pub const VM_NODE_LABEL: &str = "novacron.io/vm";
+
+/// `spec.task.vm`: the virtual machine a task runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmTask {
+    /// Virtual CPUs (1–64; default 1).
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Guest memory (16Mi–1Ti; default 256Mi). The job's `resources.memory`,
+    /// when set, must cover it.
+    #[serde(default = "default_vm_memory")]
+    pub memory: ByteSize,
+    /// The kernel's path in the image (default `/boot/vmlinuz`).
+    #[serde(default = "default_vm_kernel")]
+    pub kernel: String,
+    /// The initrd's path in the image, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel command line (default `console=ttyS0`, so that the console
+    /// reaches the VM's logs).
+    #[serde(default = "default_vm_cmdline")]
+    pub cmdline: String,
+    /// The path of a base disk (qcow2, or raw) in the image: the VM boots a
+    /// copy-on-write overlay of it, its own until the allocation is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// The overlay disk's size (default: the base disk's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<ByteSize>,
+    /// The QEMU machine: `q35` (default), `pc` or `microvm`.
+    #[serde(default = "default_vm_machine")]
+    pub machine: String,
+}
+
+fn default_vm_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+
+fn default_vm_kernel() -> String {
+    "/boot/vmlinuz".to_owned()
+}
+
+fn default_vm_cmdline() -> String {
+    "console=ttyS0".to_owned()
+}
+
+fn default_vm_machine() -> String {
+    "q35".to_owned()
 }
 
 /// `spec.task.secrets[]`: one key of a secret, as a variable or a file.

@@ -756,6 +756,10 @@ pub struct Capabilities {
     /// `live_checkpoint` is false; at most [`MAX_LIVE_CHECKPOINT_REASON_LEN`] bytes.
     #[serde(default)]
     pub live_checkpoint_reason: Option<String>,
+    /// Virtual machines: QEMU and the accelerator, when the agent can run VMs.
+    /// Since protocol 3.
+    #[serde(default)]
+    pub vm: Option<VmCapability>,
 }
 
 /// The most bytes of [`Capabilities::live_checkpoint_reason`].
@@ -931,6 +935,51 @@ pub struct TaskSpec {
     /// `None` for `pullPolicy: always` (which follows the tag) and before the
     /// first report. Since protocol 3.
     pub image_digest: Option<String>,
+    /// Run the task as a virtual machine (QEMU) instead of a container: `image`
+    /// is then a disk image packaged as a container image (the kernel, initrd
+    /// and optional base disk are files in it), which the node pulls and caches
+    /// like any image. Since protocol 3; only nodes that report
+    /// [`Capabilities::vm`] receive one.
+    #[serde(default)]
+    pub vm: Option<VmSpec>,
+}
+
+/// A virtual machine as the agent runs it (`spec.task.vm` of a job, with its
+/// template resolved by the controller).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Path of the kernel inside the image (direct kernel boot).
+    pub kernel: String,
+    /// Path of the initrd inside the image, if any.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Path of a base disk (qcow2 or raw) inside the image: the VM boots a
+    /// copy-on-write overlay of it. `None`: no disk.
+    pub disk: Option<String>,
+    /// Size of the overlay disk, bytes (0: the base disk's size).
+    pub disk_bytes: u64,
+    /// QEMU machine type (`q35`, `pc`, `microvm`).
+    pub machine: String,
+    /// The template it came from, for display.
+    pub template: Option<String>,
+}
+
+/// What a node offers for virtual machines.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VmCapability {
+    /// QEMU's version (`7.2.19`).
+    pub qemu_version: String,
+    /// The accelerator guests run under: `kvm`, or `tcg` where KVM is missing or
+    /// cannot boot a guest (the agent's probe).
+    pub accelerator: String,
+    /// Why KVM is not used, when the accelerator is `tcg`.
+    pub kvm_unusable: Option<String>,
 }
 
 /// Bytes of a secret: [`fmt::Debug`] shows only their length, so that a spec

@@ -484,14 +484,14 @@ structs! {
     Capacity { cpu_millis, memory_bytes, disk_bytes, gpus, dynamic_ports };
     PortRange { first, last };
     GpuInfo { index, uuid, model, memory_bytes };
-    Capabilities { docker_version, live_checkpoint, gpu_driver, os, arch } + { live_checkpoint_reason: None };
+    Capabilities { docker_version, live_checkpoint, gpu_driver, os, arch } + { live_checkpoint_reason: None, vm: None };
     StreamOpen { protocol_version, kind };
     MetricsBatch { samples, dropped_total };
     DesiredAllocations { epoch, generation, allocations } + { prepull: Vec::new() };
     AllocationSpec { id, job, job_version, task, restore };
     RestoreFrom { digest, size, mode };
     TaskSpec { batch, image, command, args, env, ports, volumes, working_dir, cpu_millis, memory_bytes, gpu_uuids, restart, health }
-        + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None, image_digest: None };
+        + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None, image_digest: None, vm: None };
     PortMapping { name, container_port, host_port, udp };
     VolumeMount { source, target, read_only };
     RestartSpec { attempts, interval_ms, delay_ms, delay_mode };

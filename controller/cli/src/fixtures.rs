@@ -110,6 +110,7 @@ pub fn fixture() -> Vec<NodeView> {
                 os: "Ubuntu 24.04 (6.8.0)".into(),
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
+                vm: None,
             },
             agent_version: "0.1.0".into(),
             address: Some("10.0.0.7:51000".into()),

@@ -789,6 +789,7 @@ mod tests {
                 os: "Debian 12".into(),
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
+                vm: None,
             },
             agent_version: "0.1.0".into(),
             address: None,

@@ -663,7 +663,18 @@ impl Registry {
                 .map(|s| PlacementNode {
                     name: s.record.name.clone(),
                     status: self.status_of(s, now),
-                    labels: s.record.labels.clone(),
+                    labels: {
+                        let mut labels = s.record.labels.clone();
+                        // Nodes that run virtual machines carry the VM label, its
+                        // value the accelerator: VM jobs are constrained to it.
+                        if let Some(vm) = &s.record.capabilities.vm {
+                            labels.insert(
+                                novacron_common::manifest::VM_NODE_LABEL.to_owned(),
+                                vm.accelerator.clone(),
+                            );
+                        }
+                        labels
+                    },
                     capacity: s.record.capacity.clone(),
                     cordoned: cordoned.contains(&s.record.name),
                     images: s.images.clone(),

@@ -792,6 +792,7 @@ impl FakeAgent {
                 os: "Debian GNU/Linux 12 (bookworm) 6.1.0".into(),
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
+                vm: None,
             },
         }
     }

@@ -357,6 +357,9 @@ impl Checker<'_> {
         self.ports(t, &p.key("ports"));
         self.volumes(t, &p.key("volumes"));
         self.secrets(t, p);
+        if let Some(vm) = &t.vm {
+            self.vm(t, vm, p);
+        }
         if let Some(dir) = &t.working_dir
             && !dir.starts_with('/')
         {
@@ -364,6 +367,74 @@ impl Checker<'_> {
                 p.key("workingDir"),
                 format!("{dir:?} is not an absolute path; expected a path like /app"),
             );
+        }
+    }
+
+    fn vm(&mut self, t: &TaskTemplate, vm: &super::VmTask, task: &FieldPath) {
+        let p = &task.key("vm");
+        const MACHINES: [&str; 3] = ["q35", "pc", "microvm"];
+        if !(1..=64).contains(&vm.vcpus) {
+            self.bad(
+                p.key("vcpus"),
+                format!("{} is out of range; expected 1 to 64", vm.vcpus),
+            );
+        }
+        if !((16 << 20)..=(1 << 40)).contains(&vm.memory.0) {
+            self.bad(
+                p.key("memory"),
+                format!(
+                    "{} bytes is out of range; expected 16Mi to 1Ti",
+                    vm.memory.0
+                ),
+            );
+        }
+        for (key, path) in [
+            ("kernel", Some(&vm.kernel)),
+            ("initrd", vm.initrd.as_ref()),
+            ("disk", vm.disk.as_ref()),
+        ] {
+            if let Some(path) = path
+                && (!path.starts_with('/')
+                    || path.split('/').any(|c| c == "..")
+                    || path.len() > 1024)
+            {
+                self.bad(
+                    p.key(key),
+                    format!("{path:?} is not an absolute path in the image; expected a path like /boot/vmlinuz"),
+                );
+            }
+        }
+        if vm.cmdline.len() > 4096 || vm.cmdline.contains(['\n', '\0']) {
+            self.bad(
+                p.key("cmdline"),
+                "expected one line of at most 4096 bytes".into(),
+            );
+        }
+        if !MACHINES.contains(&vm.machine.as_str()) {
+            self.bad(
+                p.key("machine"),
+                format!(
+                    "{:?} is not a machine NovaCron runs; expected q35, pc or microvm",
+                    vm.machine
+                ),
+            );
+        }
+        if vm.disk.is_none() && vm.disk_size.is_some() {
+            self.bad(p.key("diskSize"), "a size needs a base disk (disk)".into());
+        }
+        for (key, set) in [
+            ("command", !t.command.is_empty()),
+            ("args", !t.args.is_empty()),
+            ("volumes", !t.volumes.is_empty()),
+            ("secrets", !t.secrets.is_empty()),
+            ("workingDir", t.working_dir.is_some()),
+        ] {
+            if set {
+                self.bad(
+                    task.key(key),
+                    "a virtual machine takes no container settings; set the guest's through vm.cmdline or its image".into(),
+                );
+            }
         }
     }
 

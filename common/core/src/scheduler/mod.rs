@@ -333,7 +333,18 @@ impl Request {
             job: name.to_string(),
             priority: spec.priority,
             resources: spec.resources.clone(),
-            placement: spec.placement.clone(),
+            placement: {
+                let mut placement = spec.placement.clone();
+                // A virtual machine goes only where QEMU runs.
+                if spec.task.vm.is_some() {
+                    placement.constraints.push(crate::manifest::Constraint {
+                        key: crate::manifest::VM_NODE_LABEL.to_owned(),
+                        operator: crate::manifest::Operator::Exists,
+                        values: Vec::new(),
+                    });
+                }
+                placement
+            },
             count,
             node: None,
             avoid: Vec::new(),

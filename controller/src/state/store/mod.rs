@@ -1635,6 +1635,7 @@ mod tests {
                 os: "linux".into(),
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
+                vm: None,
             },
             agent_version: "0.1.0".into(),
             enrolled_at_unix_ms: 1,

@@ -1,0 +1,256 @@
+//! [`HostRuntime`]: the node's one [`ContainerRuntime`], Docker's containers and
+//! the agent's virtual machines together. Operations on an id go to the runtime
+//! that owns it (VM ids begin with [`vm::ID_PREFIX`]); a create goes to the VM
+//! driver when the config has a [`VmSpec`](novacron_common::wire::VmSpec). Images
+//! are always Docker's: a VM's disk image is a container image.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use novacron_common::wire::{ImageInventory, PullProgress, RegistryAuth, TerminalSize};
+
+use super::vm::{self, VmDriver};
+use super::{
+    ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
+    DockerRuntime, ExecSession, ExecState, InteractiveExec, LogFrame, PullError, RuntimeError,
+    StatsReading, images::LocalImage,
+};
+
+/// Docker plus, where QEMU is installed, the VM driver.
+#[derive(Debug, Clone)]
+pub struct HostRuntime {
+    docker: DockerRuntime,
+    vms: Option<Arc<VmDriver>>,
+}
+
+impl HostRuntime {
+    /// Containers only.
+    pub fn new(docker: DockerRuntime) -> Self {
+        HostRuntime { docker, vms: None }
+    }
+
+    /// Containers and virtual machines.
+    pub fn with_vms(mut self, vms: Option<Arc<VmDriver>>) -> Self {
+        self.vms = vms;
+        self
+    }
+
+    /// The VM driver, when this node runs VMs.
+    pub fn vms(&self) -> Option<&Arc<VmDriver>> {
+        self.vms.as_ref()
+    }
+
+    /// The Docker runtime.
+    pub fn docker(&self) -> &DockerRuntime {
+        &self.docker
+    }
+
+    fn driver(&self, op: &'static str) -> Result<&Arc<VmDriver>, RuntimeError> {
+        self.vms.as_ref().ok_or_else(|| RuntimeError::Daemon {
+            op,
+            message: format!(
+                "this node runs no virtual machines ({} is not installed)",
+                vm::QEMU_BINARY
+            ),
+        })
+    }
+}
+
+fn no_exec(op: &'static str) -> RuntimeError {
+    RuntimeError::Daemon {
+        op,
+        message: "a virtual machine has no exec: use its serial console (logs) or its network"
+            .to_owned(),
+    }
+}
+
+impl ContainerRuntime for HostRuntime {
+    async fn list(&self, node: &str) -> Result<Vec<ContainerListing>, RuntimeError> {
+        let mut all = self.docker.list(node).await?;
+        if let Some(vms) = &self.vms {
+            all.extend(vms.list(node).await?);
+        }
+        Ok(all)
+    }
+
+    async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
+        if vm::is_vm(id) {
+            return self.driver("inspect")?.inspect(id).await;
+        }
+        self.docker.inspect(id).await
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.docker.image_present(image).await
+    }
+
+    async fn local_images(&self) -> Result<Vec<LocalImage>, RuntimeError> {
+        self.docker.local_images().await
+    }
+
+    async fn images_in_use(&self) -> Result<HashSet<String>, RuntimeError> {
+        let mut used = self.docker.images_in_use().await?;
+        if let Some(vms) = &self.vms {
+            used.extend(vms.images_in_use());
+        }
+        Ok(used)
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<(), RuntimeError> {
+        self.docker.remove_image(reference).await
+    }
+
+    async fn tag(&self, source: &str, target: &str) -> Result<(), RuntimeError> {
+        self.docker.tag(source, target).await
+    }
+
+    async fn image_inventory(&self) -> Result<ImageInventory, RuntimeError> {
+        self.docker.image_inventory().await
+    }
+
+    async fn repo_digests(&self, image: &str) -> Result<Vec<String>, RuntimeError> {
+        self.docker.repo_digests(image).await
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
+    ) -> Result<(), PullError> {
+        self.docker.pull(image, auth, progress).await
+    }
+
+    async fn create(&self, name: &str, config: &ContainerConfig) -> Result<String, RuntimeError> {
+        let Some(spec) = &config.vm else {
+            return self.docker.create(name, config).await;
+        };
+        let vms = self.driver("create")?;
+        // The image's files, copied out once per image id.
+        let image_id = self.docker.image_id(&config.image).await?;
+        let dir = vms.image_dir(&image_id);
+        if !dir.join(".complete").exists() {
+            let mut paths = vec![spec.kernel.clone()];
+            paths.extend(spec.initrd.iter().cloned());
+            paths.extend(spec.disk.iter().cloned());
+            let partial = dir.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            self.docker
+                .copy_from_image(&config.image, &paths, &partial)
+                .await?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&partial, &dir)
+                .and_then(|()| std::fs::write(dir.join(".complete"), b""))
+                .map_err(|e| RuntimeError::Daemon {
+                    op: "create",
+                    message: format!("{}: {e}", dir.display()),
+                })?;
+        }
+        vms.create(
+            name,
+            config,
+            spec,
+            &image_id,
+            &dir,
+            self.docker.publish_address(),
+        )
+        .await
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        if vm::is_vm(id) {
+            return self.driver("start")?.start(id).await;
+        }
+        self.docker.start(id).await
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        if vm::is_vm(id) {
+            return self.driver("stop")?.stop(id, grace).await;
+        }
+        self.docker.stop(id, grace).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        if vm::is_vm(id) {
+            return self.driver("remove")?.remove(id).await;
+        }
+        self.docker.remove(id).await
+    }
+
+    async fn stats(&self, id: &str) -> Result<StatsReading, RuntimeError> {
+        if vm::is_vm(id) {
+            return self.driver("stats")?.stats(id).await;
+        }
+        self.docker.stats(id).await
+    }
+
+    async fn exec(&self, id: &str, command: &[String]) -> Result<i64, RuntimeError> {
+        if vm::is_vm(id) {
+            return Err(no_exec("exec"));
+        }
+        self.docker.exec(id, command).await
+    }
+
+    async fn exec_attached(
+        &self,
+        id: &str,
+        command: &[String],
+    ) -> Result<ExecSession, RuntimeError> {
+        if vm::is_vm(id) {
+            return Err(no_exec("exec"));
+        }
+        self.docker.exec_attached(id, command).await
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        command: &[String],
+        tty: Option<TerminalSize>,
+    ) -> Result<InteractiveExec, RuntimeError> {
+        if vm::is_vm(id) {
+            return Err(no_exec("exec"));
+        }
+        self.docker.exec_interactive(id, command, tty).await
+    }
+
+    async fn exec_resize(&self, exec_id: &str, size: TerminalSize) -> Result<(), RuntimeError> {
+        self.docker.exec_resize(exec_id, size).await
+    }
+
+    async fn exec_state(&self, exec_id: &str) -> Result<ExecState, RuntimeError> {
+        self.docker.exec_state(exec_id).await
+    }
+
+    async fn exec_kill(&self, exec_id: &str) -> Result<(), RuntimeError> {
+        self.docker.exec_kill(exec_id).await
+    }
+
+    fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: u32,
+    ) -> BoxStream<'static, Result<LogFrame, RuntimeError>> {
+        if vm::is_vm(id) {
+            return match &self.vms {
+                Some(vms) => vms.logs(id, follow, tail),
+                None => futures_util::StreamExt::boxed(futures_util::stream::iter([Err(
+                    RuntimeError::NotFound {
+                        op: "logs",
+                        message: format!("no virtual machine {id}"),
+                    },
+                )])),
+            };
+        }
+        self.docker.logs(id, follow, tail)
+    }
+
+    fn events(&self, node: &str) -> BoxStream<'static, Result<ContainerEvent, RuntimeError>> {
+        // VMs change state without events; the supervisor's poll finds them.
+        self.docker.events(node)
+    }
+}

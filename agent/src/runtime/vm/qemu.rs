@@ -1,0 +1,277 @@
+//! The QEMU command line of a virtual machine, and the parsing of what QEMU
+//! says about itself. Pure: no I/O.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use novacron_common::wire::{PortMapping, VmSpec};
+
+/// The accelerator a guest runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation (`/dev/kvm`).
+    Kvm,
+    /// QEMU's translator: slow, but boots anywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// `kvm` or `tcg`, as QEMU and the node's capabilities name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Where the files of one VM are, for its command line.
+#[derive(Debug, Clone)]
+pub struct Paths<'a> {
+    /// The kernel.
+    pub kernel: &'a Path,
+    /// The initrd, if any.
+    pub initrd: Option<&'a Path>,
+    /// The VM's own disk (a copy-on-write overlay), if any.
+    pub disk: Option<&'a Path>,
+    /// The QMP socket.
+    pub qmp: &'a Path,
+    /// The serial console's log.
+    pub serial: &'a Path,
+    /// Where QEMU writes its process id.
+    pub pidfile: &'a Path,
+}
+
+/// One forwarded TCP or UDP port: host `address:host_port` to guest `guest_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    /// The host address to listen on.
+    pub address: Ipv4Addr,
+    /// The host port.
+    pub host_port: u16,
+    /// The guest port.
+    pub guest_port: u16,
+    /// UDP instead of TCP.
+    pub udp: bool,
+}
+
+/// The forwards of a VM: each port of the task on the VM's own loopback address
+/// (`address:port`, where health checks and the node reach it, as they reach a
+/// container at its bridge address), and each published port on
+/// `publish:host_port` as well.
+pub fn forwards(address: Ipv4Addr, publish: Ipv4Addr, ports: &[PortMapping]) -> Vec<Forward> {
+    let mut out = Vec::new();
+    for p in ports {
+        out.push(Forward {
+            address,
+            host_port: p.container_port,
+            guest_port: p.container_port,
+            udp: p.udp,
+        });
+        if let Some(host_port) = p.host_port {
+            out.push(Forward {
+                address: publish,
+                host_port,
+                guest_port: p.container_port,
+                udp: p.udp,
+            });
+        }
+    }
+    out
+}
+
+/// The arguments of `qemu-system-x86_64` for `vm`: direct kernel boot, no
+/// default devices, the serial console to a file, QMP on a Unix socket, user-mode
+/// networking with `forwards`, and `-no-shutdown` (a guest that powers off stays
+/// as a stopped process, so its clean exit can be told from a crash). The process
+/// daemonizes once the machine is set up.
+pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    let machine = if vm.machine.is_empty() {
+        "q35"
+    } else {
+        vm.machine.as_str()
+    };
+    push(&["-machine", machine, "-accel", accel.as_str()]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&[
+        "-smp",
+        &vm.vcpus.max(1).to_string(),
+        "-m",
+        &format!("{}M", vm.memory_mib.max(16)),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-shutdown",
+    ]);
+    push(&["-kernel", &paths.kernel.to_string_lossy()]);
+    if let Some(initrd) = paths.initrd {
+        push(&["-initrd", &initrd.to_string_lossy()]);
+    }
+    if !vm.cmdline.is_empty() {
+        push(&["-append", &vm.cmdline]);
+    }
+    if let Some(disk) = paths.disk {
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=virtio,format=qcow2,cache=writeback",
+                escape(&disk.to_string_lossy())
+            ),
+        ]);
+    }
+    let mut netdev = String::from("user,id=n0");
+    for f in forwards {
+        netdev.push_str(&format!(
+            ",hostfwd={}:{}:{}-:{}",
+            if f.udp { "udp" } else { "tcp" },
+            f.address,
+            f.host_port,
+            f.guest_port
+        ));
+    }
+    let nic = if machine == "microvm" {
+        "virtio-net-device,netdev=n0"
+    } else {
+        "virtio-net-pci,netdev=n0"
+    };
+    push(&["-netdev", &netdev, "-device", nic]);
+    push(&[
+        "-chardev",
+        &format!(
+            "file,id=serial0,path={}",
+            escape(&paths.serial.to_string_lossy())
+        ),
+        "-serial",
+        "chardev:serial0",
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            escape(&paths.qmp.to_string_lossy())
+        ),
+        "-pidfile",
+        &paths.pidfile.to_string_lossy(),
+        "-daemonize",
+    ]);
+    a
+}
+
+/// QEMU's option values separate by `,`; a literal comma is written twice.
+fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The version in `qemu-system-x86_64 --version`'s first line
+/// (`QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)` → `7.2.19`).
+pub fn parse_version(output: &str) -> Option<String> {
+    let line = output.lines().next()?;
+    let rest = line.split("version ").nth(1)?;
+    let version = rest.split_whitespace().next()?;
+    (!version.is_empty()).then(|| version.to_owned())
+}
+
+/// A loopback address of the VM's own in `127.100.0.0/16`, from its name: the
+/// guest's ports are forwarded there, so that each VM can use any port. `taken`
+/// are the addresses of the other VMs; the next free one is chosen on a collision.
+pub fn loopback_address(name: &str, taken: &[Ipv4Addr]) -> Ipv4Addr {
+    // FNV-1a: stable across releases and platforms (the address is persisted anyway).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    for i in 0..65_534u32 {
+        let n = (h.wrapping_add(i) % 65_534) + 1;
+        let addr = Ipv4Addr::new(127, 100, (n >> 8) as u8, (n & 0xff) as u8);
+        if !taken.contains(&addr) {
+            return addr;
+        }
+    }
+    Ipv4Addr::new(127, 100, 0, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn vm() -> VmSpec {
+        VmSpec {
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/boot/vmlinuz".into(),
+            initrd: Some("/boot/initrd.img".into()),
+            cmdline: "console=ttyS0 quiet".into(),
+            machine: "q35".into(),
+            ..VmSpec::default()
+        }
+    }
+
+    #[test]
+    fn the_command_line_boots_the_kernel_with_forwards_and_qmp() {
+        let k = PathBuf::from("/c/vmlinuz");
+        let i = PathBuf::from("/c/initrd.img");
+        let q = PathBuf::from("/v/a,b/qmp.sock");
+        let s = PathBuf::from("/v/serial.log");
+        let p = PathBuf::from("/v/qemu.pid");
+        let paths = Paths {
+            kernel: &k,
+            initrd: Some(&i),
+            disk: None,
+            qmp: &q,
+            serial: &s,
+            pidfile: &p,
+        };
+        let ports = [PortMapping {
+            name: "http".into(),
+            container_port: 8080,
+            host_port: Some(18080),
+            udp: false,
+        }];
+        let fw = forwards(Ipv4Addr::new(127, 100, 1, 2), Ipv4Addr::UNSPECIFIED, &ports);
+        let a = args(&vm(), Accel::Tcg, &paths, &fw).join(" ");
+        assert!(
+            a.starts_with("-machine q35 -accel tcg -smp 2 -m 256M"),
+            "{a}"
+        );
+        assert!(!a.contains("-cpu host"), "{a}");
+        assert!(
+            a.contains("-kernel /c/vmlinuz -initrd /c/initrd.img"),
+            "{a}"
+        );
+        assert!(a.contains("-append console=ttyS0 quiet"), "{a}");
+        assert!(
+            a.contains(
+                "user,id=n0,hostfwd=tcp:127.100.1.2:8080-:8080,hostfwd=tcp:0.0.0.0:18080-:8080"
+            ),
+            "{a}"
+        );
+        assert!(
+            a.contains("unix:/v/a,,b/qmp.sock,server=on,wait=off"),
+            "{a}"
+        );
+        assert!(a.ends_with("-daemonize"), "{a}");
+        let kvm = args(&vm(), Accel::Kvm, &paths, &fw).join(" ");
+        assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+    }
+
+    #[test]
+    fn versions_and_addresses() {
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright")
+                .as_deref(),
+            Some("7.2.19")
+        );
+        assert_eq!(parse_version("nonsense"), None);
+        let a = loopback_address("vm-a", &[]);
+        assert_eq!(a.octets()[..2], [127, 100]);
+        assert_eq!(loopback_address("vm-a", &[]), a, "stable");
+        let b = loopback_address("vm-a", &[a]);
+        assert_ne!(a, b, "a taken address is skipped");
+        assert_ne!(b.octets()[2..], [0, 0]);
+    }
+}
