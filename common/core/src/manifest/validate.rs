@@ -171,6 +171,19 @@ impl Checker<'_> {
         self.range(p.key("priority"), s.priority, 0..=MAX_PRIORITY, PRIORITY);
         self.task(&s.task, &p.key("task"));
         self.resources(&s.resources, &p.key("resources"));
+        if let Some(vm) = &s.task.vm
+            && s.resources.memory.0 > 0
+            && s.resources.memory.0 < vm.memory.0
+        {
+            self.bad(
+                p.key("resources").key("memory"),
+                format!(
+                    "{} bytes is less than the guest's memory (spec.task.vm.memory, {} bytes); \
+                     expected at least the guest's memory plus QEMU's own (about 64Mi)",
+                    s.resources.memory.0, vm.memory.0
+                ),
+            );
+        }
         self.placement(&s.placement, &p.key("placement"));
         self.restart(&s.restart, &p.key("restart"));
         if let Some(h) = &s.health {
@@ -1011,6 +1024,73 @@ mod tests {
         ] {
             assert!(errors.contains(wanted), "{wanted}\n{errors}");
         }
+    }
+
+    #[test]
+    fn a_vm_task_is_checked_reaches_the_agent_and_needs_a_vm_node() {
+        let job = |vm: &str, extra: &str, memory: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: vm}}\nspec:\n  task:\n    \
+                 image: novacron/guest-tiny:1\n    vm: {vm}\n{extra}  resources: {{cpu: 1, memory: {memory}}}\n"
+            )
+        };
+        let ok = crate::manifest::parse_job(
+            "ok.yaml",
+            &job("{vcpus: 2, memory: 256Mi, initrd: /boot/initrd.img, disk: /disk/root.qcow2, diskSize: 2Gi}", "", "320Mi"),
+        )
+        .expect("valid");
+        let spec = ok.task_spec().vm.expect("a VM spec");
+        assert_eq!(
+            (
+                spec.vcpus,
+                spec.memory_mib,
+                spec.kernel.as_str(),
+                spec.cmdline.as_str()
+            ),
+            (2, 256, "/boot/vmlinuz", "console=ttyS0")
+        );
+        assert_eq!(spec.disk_bytes, 2 << 30);
+        assert_eq!(spec.machine, "q35");
+        let request = crate::scheduler::Request::from_spec("vm", &ok.spec, 1);
+        assert!(
+            request
+                .placement
+                .constraints
+                .iter()
+                .any(|c| c.key == crate::manifest::VM_NODE_LABEL
+                    && c.operator == crate::manifest::Operator::Exists),
+            "{:?}",
+            request.placement
+        );
+        let errors = crate::manifest::parse_job(
+            "bad.yaml",
+            &job(
+                "{vcpus: 0, memory: 1Mi, kernel: boot/vmlinuz, initrd: /../x, machine: virt, diskSize: 1Gi}",
+                "    command: [/bin/sh]\n",
+                "64Mi",
+            ),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for wanted in [
+            "spec.task.vm.vcpus: 0 is out of range",
+            "spec.task.vm.memory: 1048576 bytes is out of range",
+            "spec.task.vm.kernel: \"boot/vmlinuz\" is not an absolute path",
+            "spec.task.vm.initrd: \"/../x\" is not an absolute path",
+            "spec.task.vm.machine: \"virt\" is not a machine",
+            "spec.task.vm.diskSize: a size needs a base disk",
+            "spec.task.command: a virtual machine takes no container settings",
+        ] {
+            assert!(errors.contains(wanted), "{wanted}\n{errors}");
+        }
+        let small = crate::manifest::parse_job("small.yaml", &job("{memory: 512Mi}", "", "256Mi"))
+            .expect_err("resources below the guest's memory")
+            .to_string();
+        assert!(
+            small
+                .contains("spec.resources.memory: 268435456 bytes is less than the guest's memory"),
+            "{small}"
+        );
     }
 
     #[test]
