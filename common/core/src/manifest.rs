@@ -41,6 +41,7 @@ mod locate;
 pub mod scale;
 pub mod secret;
 mod validate;
+pub mod vm;
 
 // checkpoint: re-export of the spec.checkpoint types.
 pub use checkpoint::{CheckpointPolicy, DEFAULT_KEEP};
@@ -48,6 +49,7 @@ pub use job::Job;
 pub use lifecycle::{Lifecycle, LifecycleSchedule, MIN_MAX_RUNTIME};
 pub use load::{parse_job, parse_jobs, yaml_documents};
 pub use scale::scaled_manifest;
+pub use vm::{VM_NODE_LABEL, VmTask, VmTemplate, VmTemplateSpec};
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "novacron.io/v1";
@@ -379,60 +381,6 @@ pub struct TaskTemplate {
     /// that can run VMs (label `novacron.io/vm`) take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmTask>,
-}
-
-/// The label the controller gives every node that can run virtual machines; its
-/// value is the accelerator (`kvm` or `tcg`). A job with `spec.task.vm` is
-/// placed only on nodes that have it.
-pub const VM_NODE_LABEL: &str = "novacron.io/vm";
-
-/// `spec.task.vm`: the virtual machine a task runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct VmTask {
-    /// Virtual CPUs (1–64; default 1).
-    #[serde(default = "one")]
-    pub vcpus: u32,
-    /// Guest memory (16Mi–1Ti; default 256Mi). The job's `resources.memory`,
-    /// when set, must cover it.
-    #[serde(default = "default_vm_memory")]
-    pub memory: ByteSize,
-    /// The kernel's path in the image (default `/boot/vmlinuz`).
-    #[serde(default = "default_vm_kernel")]
-    pub kernel: String,
-    /// The initrd's path in the image, if it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd: Option<String>,
-    /// The kernel command line (default `console=ttyS0`, so that the console
-    /// reaches the VM's logs).
-    #[serde(default = "default_vm_cmdline")]
-    pub cmdline: String,
-    /// The path of a base disk (qcow2, or raw) in the image: the VM boots a
-    /// copy-on-write overlay of it, its own until the allocation is removed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk: Option<String>,
-    /// The overlay disk's size (default: the base disk's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_size: Option<ByteSize>,
-    /// The QEMU machine: `q35` (default), `pc` or `microvm`.
-    #[serde(default = "default_vm_machine")]
-    pub machine: String,
-}
-
-fn default_vm_memory() -> ByteSize {
-    ByteSize(256 << 20)
-}
-
-fn default_vm_kernel() -> String {
-    "/boot/vmlinuz".to_owned()
-}
-
-fn default_vm_cmdline() -> String {
-    "console=ttyS0".to_owned()
-}
-
-fn default_vm_machine() -> String {
-    "q35".to_owned()
 }
 
 /// `spec.task.secrets[]`: one key of a secret, as a variable or a file.

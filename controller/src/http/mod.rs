@@ -21,6 +21,7 @@ pub mod pools;
 pub mod secrets;
 pub mod services;
 pub mod ui;
+pub mod vms;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -348,6 +349,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .merge(certs::routes())
         .merge(secrets::routes())
         .merge(images::routes())
+        .merge(vms::routes())
 }
 
 /// The document's frame: title, security schemes and the default requirement

@@ -76,6 +76,8 @@ pub mod kind {
     pub const POLICY_DELETED: &str = "policy.deleted";
     /// A node pool or node template was applied.
     pub const POOL_APPLIED: &str = "pool.applied";
+    /// A VM template was applied or deleted.
+    pub const VM_TEMPLATE: &str = "vm.template";
     /// A node pool grew: nodes were created.
     pub const POOL_SCALED: &str = "pool.scaled";
     /// A pool member was cordoned to be removed.

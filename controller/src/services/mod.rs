@@ -28,4 +28,5 @@ pub mod pools;
 pub mod providers;
 pub mod remote_write;
 pub mod secrets;
+pub mod vms;
 pub mod workloads;

@@ -259,6 +259,7 @@ impl Workloads {
     ) -> Result<ApplyResult, WorkloadError> {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
         let pins = self.secret_pins(file, &job)?;
+        let vm = self.vm_pin(file, &job)?;
         let mut st = self.lock();
         let name = job.name.clone();
         let all: Vec<super::ingress::JobPorts> = st
@@ -284,7 +285,7 @@ impl Workloads {
         // reconciler schedules change only once it is on disk (under the lock, so
         // nothing sees one without the other).
         let (record, outcome) =
-            match next_record(st.jobs.get(&name), &job, file, text, by, now, &pins) {
+            match next_record(st.jobs.get(&name), &job, file, text, by, now, &pins, vm.as_ref()) {
                 Next::Unchanged(version) => {
                     return Ok(ApplyResult {
                         job: name,
@@ -329,6 +330,7 @@ impl Workloads {
     ) -> Result<JobPlan, WorkloadError> {
         let job = parse_job(file, text).map_err(|e| WorkloadError::Invalid(e.to_string()))?;
         let pins = self.secret_pins(file, &job)?;
+        let vm = self.vm_pin(file, &job)?;
         let name = job.name.clone();
         let nodes = self.registry.placement_nodes(at);
         let index = self.checkpoints.get().cloned();
@@ -344,7 +346,7 @@ impl Workloads {
                 .map(|v| v.source.clone())
         });
         let mut jobs = st.jobs.clone();
-        let (outcome, version) = match next_record(current, &job, file, text, by, now, &pins) {
+        let (outcome, version) = match next_record(current, &job, file, text, by, now, &pins, vm.as_ref()) {
             Next::Unchanged(version) => ("unchanged", version),
             Next::Record(record, outcome) => {
                 let version = record.current;
@@ -1304,6 +1306,39 @@ impl Workloads {
     /// The secret versions a new version of `job` runs: the latest version of
     /// each secret it references. Refused when a secret or key does not exist, or
     /// when the `imagePullSecret` is not a registry secret.
+    /// The job's virtual machine with its `VMTemplate` resolved (`None` when it
+    /// names no template): refused when the template does not exist or the
+    /// job's resources cannot hold the machine.
+    fn vm_pin(
+        &self,
+        file: &str,
+        job: &Job,
+    ) -> Result<Option<novacron_common::wire::VmSpec>, WorkloadError> {
+        let Some(task) = &job.spec.task.vm else {
+            return Ok(None);
+        };
+        let Some(name) = &task.template else {
+            return Ok(None);
+        };
+        let templates = super::vms::templates(self.store.as_ref())?;
+        let Some(template) = templates.iter().find(|t| &t.name == name) else {
+            let known: Vec<&str> = templates.iter().map(|t| t.name.as_str()).collect();
+            return Err(WorkloadError::Invalid(format!(
+                "{file}: spec.task.vm.template: no VMTemplate named {name:?}; expected one of [{}] \
+                 (apply one with novacron apply -f)",
+                known.join(", ")
+            )));
+        };
+        let vm = novacron_common::manifest::vm::resolve(task, Some(&template.spec));
+        if let Some(why) = novacron_common::manifest::vm::resources_problem(&vm, &job.spec.resources)
+        {
+            return Err(WorkloadError::Invalid(format!(
+                "{file}: spec.resources.memory: {why} (the guest's memory comes from VMTemplate {name})"
+            )));
+        }
+        Ok(Some(vm))
+    }
+
     fn secret_pins(&self, file: &str, job: &Job) -> Result<BTreeMap<String, u64>, WorkloadError> {
         let names = job.secret_names();
         if names.is_empty() {
@@ -1431,6 +1466,7 @@ impl Workloads {
                     at_ms: unix_ms(now),
                     secrets: &pins,
                     image_digest: current.image_digest.as_deref(),
+                    vm: current.vm.as_ref(),
                 },
             );
             record.status = "running".into();
@@ -1713,6 +1749,9 @@ fn desired_specs(
             .find(|v| v.version == a.version)
         {
             task.image_digest = v.image_digest.clone();
+            if v.vm.is_some() {
+                task.vm = v.vm.clone();
+            }
             if !v.secrets.is_empty() {
                 deliver_secrets(&mut task, job, &v.secrets, secrets, &a.id);
             }
@@ -1858,6 +1897,7 @@ fn next_record(
     by: &str,
     now: SystemTime,
     secrets: &BTreeMap<String, u64>,
+    vm: Option<&novacron_common::wire::VmSpec>,
 ) -> Next {
     let hash = job.version_hash();
     let (mut record, outcome) = match entry {
@@ -1867,7 +1907,9 @@ fn next_record(
                 .versions
                 .iter()
                 .find(|v| v.version == entry.record.current)
-                .is_some_and(|v| v.spec_hash == hash && v.secrets == *secrets);
+                .is_some_and(|v| {
+                    v.spec_hash == hash && v.secrets == *secrets && v.vm.as_ref() == vm
+                });
             if same && !entry.record.stopped {
                 return Next::Unchanged(entry.record.current);
             }
@@ -1885,6 +1927,7 @@ fn next_record(
         at_ms: unix_ms(now),
         secrets,
         image_digest: None,
+        vm,
     };
     push_record_version(&mut record, &new);
     record.stopped = false;
@@ -2176,6 +2219,7 @@ mod tests {
             at_ms: unix_ms(at),
             secrets: &BTreeMap::new(),
             image_digest: None,
+            vm: None,
         };
         plan::push_version(entry, &new, job);
     }

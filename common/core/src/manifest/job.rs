@@ -109,17 +109,9 @@ impl Job {
             secrets: Vec::new(),
             registry_auth: None,
             image_digest: None,
-            vm: t.vm.as_ref().map(|v| novacron_wire::VmSpec {
-                vcpus: v.vcpus,
-                memory_mib: v.memory.0 >> 20,
-                kernel: v.kernel.clone(),
-                initrd: v.initrd.clone(),
-                cmdline: v.cmdline.clone(),
-                disk: v.disk.clone(),
-                disk_bytes: v.disk_size.map_or(0, |b| b.0),
-                machine: v.machine.clone(),
-                template: None,
-            }),
+            // A template is resolved by the controller, which pins the result
+            // in the job version; this is the VM without it.
+            vm: t.vm.as_ref().map(|v| super::vm::resolve(v, None)),
         }
     }
 

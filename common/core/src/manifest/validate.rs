@@ -171,18 +171,13 @@ impl Checker<'_> {
         self.range(p.key("priority"), s.priority, 0..=MAX_PRIORITY, PRIORITY);
         self.task(&s.task, &p.key("task"));
         self.resources(&s.resources, &p.key("resources"));
-        if let Some(vm) = &s.task.vm
-            && s.resources.memory.0 > 0
-            && s.resources.memory.0 < vm.memory.0
+        // The template's memory is checked when the job is applied (the
+        // controller resolves it); the job's own is checked here.
+        if let Some(vm) = s.task.vm.as_ref().filter(|v| v.template.is_none())
+            && let Some(m) =
+                super::vm::resources_problem(&super::vm::resolve(vm, None), &s.resources)
         {
-            self.bad(
-                p.key("resources").key("memory"),
-                format!(
-                    "{} bytes is less than the guest's memory (spec.task.vm.memory, {} bytes); \
-                     expected at least the guest's memory plus QEMU's own (about 64Mi)",
-                    s.resources.memory.0, vm.memory.0
-                ),
-            );
+            self.bad(p.key("resources").key("memory"), m);
         }
         self.placement(&s.placement, &p.key("placement"));
         self.restart(&s.restart, &p.key("restart"));
@@ -385,54 +380,15 @@ impl Checker<'_> {
 
     fn vm(&mut self, t: &TaskTemplate, vm: &super::VmTask, task: &FieldPath) {
         let p = &task.key("vm");
-        const MACHINES: [&str; 3] = ["q35", "pc", "microvm"];
-        if !(1..=64).contains(&vm.vcpus) {
-            self.bad(
-                p.key("vcpus"),
-                format!("{} is out of range; expected 1 to 64", vm.vcpus),
-            );
+        if let Some(name) = &vm.template
+            && let Some(m) = names::problem(name, "template")
+        {
+            self.bad(p.key("template"), m);
         }
-        if !((16 << 20)..=(1 << 40)).contains(&vm.memory.0) {
-            self.bad(
-                p.key("memory"),
-                format!(
-                    "{} bytes is out of range; expected 16Mi to 1Ti",
-                    vm.memory.0
-                ),
-            );
+        for (key, message) in super::vm::problems(&vm.shape()) {
+            self.bad(p.key(key), message);
         }
-        for (key, path) in [
-            ("kernel", Some(&vm.kernel)),
-            ("initrd", vm.initrd.as_ref()),
-            ("disk", vm.disk.as_ref()),
-        ] {
-            if let Some(path) = path
-                && (!path.starts_with('/')
-                    || path.split('/').any(|c| c == "..")
-                    || path.len() > 1024)
-            {
-                self.bad(
-                    p.key(key),
-                    format!("{path:?} is not an absolute path in the image; expected a path like /boot/vmlinuz"),
-                );
-            }
-        }
-        if vm.cmdline.len() > 4096 || vm.cmdline.contains(['\n', '\0']) {
-            self.bad(
-                p.key("cmdline"),
-                "expected one line of at most 4096 bytes".into(),
-            );
-        }
-        if !MACHINES.contains(&vm.machine.as_str()) {
-            self.bad(
-                p.key("machine"),
-                format!(
-                    "{:?} is not a machine NovaCron runs; expected q35, pc or microvm",
-                    vm.machine
-                ),
-            );
-        }
-        if vm.disk.is_none() && vm.disk_size.is_some() {
+        if vm.template.is_none() && vm.disk.is_none() && vm.disk_size.is_some() {
             self.bad(p.key("diskSize"), "a size needs a base disk (disk)".into());
         }
         for (key, set) in [

@@ -608,6 +608,7 @@ pub(super) fn job_change(e: &mut JobEntry, change: &JobChange, now_ms: u64) -> O
                 at_ms: now_ms,
                 secrets: &stable.secrets,
                 image_digest: stable.image_digest.as_deref(),
+                vm: stable.vm.as_ref(),
             };
             push_version(e, &new, parsed);
             e.record.stable = Some(version);
@@ -680,6 +681,8 @@ pub(super) struct NewVersion<'v> {
     pub at_ms: u64,
     /// The secret versions it runs.
     pub secrets: &'v BTreeMap<String, u64>,
+    /// Its virtual machine with the template resolved.
+    pub vm: Option<&'v novacron_common::wire::VmSpec>,
     /// The image digest it runs, when it repeats a version that ran (a revert).
     pub image_digest: Option<&'v str>,
 }
@@ -706,6 +709,7 @@ pub(super) fn push_record_version(record: &mut JobRecord, new: &NewVersion<'_>) 
         by: new.by.to_string(),
         secrets: new.secrets.clone(),
         image_digest: new.image_digest.map(str::to_owned),
+        vm: new.vm.cloned(),
     });
     record.current = new.version;
     while record.versions.len() > MAX_JOB_VERSIONS {
@@ -901,6 +905,7 @@ mod tests {
             at_ms: 0,
             secrets: &BTreeMap::new(),
             image_digest: None,
+            vm: None,
         };
         push_version(&mut e, &new, job);
         e

@@ -817,6 +817,18 @@ impl Store for EtcdStore {
         self.remove(NODE_TEMPLATES, name, "deleting a node template")
     }
 
+    fn put_vm_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.put(VM_TEMPLATES, &template.name, template, "saving a VM template")
+    }
+
+    fn vm_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        self.all(VM_TEMPLATES, "listing VM templates")
+    }
+
+    fn delete_vm_template(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(VM_TEMPLATES, name, "deleting a VM template")
+    }
+
     fn put_alerting(
         &self,
         kind: AlertingKind,

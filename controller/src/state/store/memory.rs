@@ -27,6 +27,7 @@ struct MemoryState {
     policies: BTreeMap<String, PolicyRecord>,
     node_pools: BTreeMap<String, PoolManifestRecord>,
     node_templates: BTreeMap<String, PoolManifestRecord>,
+    vm_templates: BTreeMap<String, PoolManifestRecord>,
     secrets: BTreeMap<String, SecretRecord>,
     images: BTreeMap<String, ImageRecord>,
     alerting: BTreeMap<(&'static str, String), serde_json::Value>,
@@ -160,6 +161,30 @@ impl Store for MemoryStore {
         let mut state = self.state();
         Ok(state.removed("node_templates", name, |s| {
             s.node_templates.remove(name).is_some()
+        }))
+    }
+
+    fn put_vm_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.check_space("put_vm_template")?;
+        let mut state = self.state();
+        state
+            .vm_templates
+            .insert(template.name.clone(), template.clone());
+        state
+            .log
+            .record(vec![Touched::put("vm_templates", &template.name)]);
+        Ok(())
+    }
+
+    fn vm_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        Ok(self.state().vm_templates.values().cloned().collect())
+    }
+
+    fn delete_vm_template(&self, name: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_vm_template")?;
+        let mut state = self.state();
+        Ok(state.removed("vm_templates", name, |s| {
+            s.vm_templates.remove(name).is_some()
         }))
     }
 

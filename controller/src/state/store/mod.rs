@@ -131,6 +131,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn node_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
     /// Deletes the node template called `name`; whether there was one.
     fn delete_node_template(&self, name: &str) -> Result<bool, StoreError>;
+    /// Inserts or replaces the VM template with `template.name`.
+    fn put_vm_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError>;
+    /// All VM templates, sorted by name.
+    fn vm_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError>;
+    /// Deletes the VM template called `name`; whether there was one.
+    fn delete_vm_template(&self, name: &str) -> Result<bool, StoreError>;
     /// Inserts or replaces the secret with `secret.name` (values sealed; see
     /// [`crate::services::secrets`]).
     fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
@@ -307,6 +313,10 @@ pub struct JobVersion {
     /// migration of the version runs it. Not set for `pullPolicy: always`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// The virtual machine this version runs, with its `VMTemplate` resolved
+    /// when it was submitted (`None`: no template, or no VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<novacron_common::wire::VmSpec>,
 }
 
 /// One allocation as the controller keeps it.
@@ -1161,6 +1171,18 @@ impl Store for RedbStore {
         self.remove(NODE_TEMPLATES, name, "deleting a node template")
     }
 
+    fn put_vm_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
+        self.put(VM_TEMPLATES, &template.name, template, "saving a VM template")
+    }
+
+    fn vm_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
+        Ok(values(self.all(VM_TEMPLATES, "listing VM templates")?))
+    }
+
+    fn delete_vm_template(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(VM_TEMPLATES, name, "deleting a VM template")
+    }
+
     fn put_alerting(
         &self,
         kind: AlertingKind,
@@ -1455,6 +1477,9 @@ const IMAGES: Table = Table { name: "images" };
 const NODE_TEMPLATES: Table = Table {
     name: "node_templates",
 };
+const VM_TEMPLATES: Table = Table {
+    name: "vm_templates",
+};
 const ALLOCATIONS: Table = Table {
     name: "allocations",
 };
@@ -1503,7 +1528,7 @@ impl AlertingKind {
 }
 
 /// Every record table (not `meta`, the event log or the change log).
-const ALL_TABLES: [Table; 18] = [
+const ALL_TABLES: [Table; 19] = [
     NODES,
     TOKENS,
     REVOCATIONS,
@@ -1515,6 +1540,7 @@ const ALL_TABLES: [Table; 18] = [
     POLICIES,
     NODE_POOLS,
     NODE_TEMPLATES,
+    VM_TEMPLATES,
     SECRETS,
     IMAGES,
     ALERT_RULES,
@@ -1881,6 +1907,7 @@ mod tests {
                 by: "admin:admin".into(),
                 secrets: BTreeMap::from([("db".to_string(), 2)]),
                 image_digest: Some("r/api@sha256:00".into()),
+                vm: None,
             }],
             current: 1,
             stable: None,
@@ -1954,6 +1981,12 @@ mod tests {
         assert!(store.delete_node_template("t").expect("delete"));
         assert_eq!(names(store.node_pools().expect("list")), ["b"]);
         assert!(store.node_templates().expect("list").is_empty());
+        store.put_vm_template(&pool_manifest("small")).expect("put");
+        assert_eq!(names(store.vm_templates().expect("list")), ["small"]);
+        assert!(store.node_templates().expect("list").is_empty(), "a table of its own");
+        assert!(store.delete_vm_template("small").expect("delete"));
+        assert!(!store.delete_vm_template("small").expect("delete again"));
+        assert!(store.vm_templates().expect("list").is_empty());
     }
 
     fn secrets_round_trip(store: &impl Store) {

@@ -1,0 +1,343 @@
+//! Virtual machines in manifests: `spec.task.vm` of a job and `kind: VMTemplate`,
+//! the machine shapes (like OpenStack's flavors) that jobs name. The image stays
+//! the job's (`spec.task.image`, a disk image packaged as a container image), so
+//! one template serves many images.
+//!
+//! A job's VM is resolved when it is applied: each field the job sets wins, then
+//! the template's, then the defaults ([`resolve`]). The controller pins the result
+//! in the job version, so a later change of the template reaches a job only when
+//! it is applied again (as a new version, rolled out like any change).
+
+use serde::{Deserialize, Serialize};
+use yaml_serde::Value;
+
+use super::document::{self, Kind, Rule};
+use super::{ByteSize, ManifestErrors, Metadata, Resources};
+
+/// The label the controller gives every node that can run virtual machines; its
+/// value is the accelerator (`kvm` or `tcg`). A job with `spec.task.vm` is
+/// placed only on nodes that have it.
+pub const VM_NODE_LABEL: &str = "novacron.io/vm";
+
+/// `kind:` of a VM template.
+pub const TEMPLATE_KIND: &str = "VMTemplate";
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Default kernel path in the image.
+pub const DEFAULT_KERNEL: &str = "/boot/vmlinuz";
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+/// Default QEMU machine.
+pub const DEFAULT_MACHINE: &str = "q35";
+/// The QEMU machines NovaCron runs.
+pub const MACHINES: [&str; 3] = ["q35", "pc", "microvm"];
+
+/// `spec.task.vm`: the virtual machine a task runs. Every field is optional:
+/// what the job leaves out comes from its `template`, then from the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmTask {
+    /// A `VMTemplate` to start from (resolved when the job is applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Virtual CPUs (1–64; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Guest memory (16Mi–1Ti; default 256Mi). The job's `resources.memory`,
+    /// when set, must cover it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// The kernel's path in the image (default `/boot/vmlinuz`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// The initrd's path in the image, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel command line (default `console=ttyS0`, so that the console
+    /// reaches the VM's logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// The path of a base disk (qcow2, or raw) in the image: the VM boots a
+    /// copy-on-write overlay of it, its own until the allocation is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// The overlay disk's size (default: the base disk's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<ByteSize>,
+    /// The QEMU machine: `q35` (default), `pc` or `microvm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+}
+
+/// A `VMTemplate` manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmTemplateManifest {
+    /// `novacron.io/v1`.
+    pub api_version: String,
+    /// `VMTemplate`.
+    pub kind: String,
+    /// Name and labels.
+    pub metadata: Metadata,
+    /// The machine.
+    pub spec: VmTemplateSpec,
+}
+
+/// `VMTemplate` spec: a machine shape that jobs name in `spec.task.vm.template`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmTemplateSpec {
+    /// Virtual CPUs (1–64; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Guest memory (16Mi–1Ti; default 256Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// The kernel's path in the image (default `/boot/vmlinuz`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// The initrd's path in the image, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel command line (default `console=ttyS0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// The path of a base disk (qcow2, or raw) in the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// The overlay disk's size (default: the base disk's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<ByteSize>,
+    /// The QEMU machine: `q35` (default), `pc` or `microvm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+}
+
+/// A validated VM template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTemplate {
+    /// Its name.
+    pub name: String,
+    /// Its machine.
+    pub spec: VmTemplateSpec,
+}
+
+impl VmTask {
+    /// The fields the job sets, as a shape (without the template's name).
+    pub fn shape(&self) -> VmTemplateSpec {
+        VmTemplateSpec {
+            vcpus: self.vcpus,
+            memory: self.memory,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            disk: self.disk.clone(),
+            disk_size: self.disk_size,
+            machine: self.machine.clone(),
+        }
+    }
+}
+
+/// What is wrong with the fields of a shape, each as (field, message).
+pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(v) = s.vcpus
+        && !(1..=64).contains(&v)
+    {
+        out.push(("vcpus", format!("{v} is out of range; expected 1 to 64")));
+    }
+    if let Some(m) = s.memory
+        && !((16 << 20)..=(1 << 40)).contains(&m.0)
+    {
+        out.push((
+            "memory",
+            format!("{} bytes is out of range; expected 16Mi to 1Ti", m.0),
+        ));
+    }
+    for (key, path) in [
+        ("kernel", s.kernel.as_ref()),
+        ("initrd", s.initrd.as_ref()),
+        ("disk", s.disk.as_ref()),
+    ] {
+        if let Some(path) = path
+            && (!path.starts_with('/')
+                || path.split('/').any(|c| c == "..")
+                || path.len() > 1024
+                || path.contains('\0'))
+        {
+            out.push((
+                key,
+                format!(
+                    "{path:?} is not an absolute path in the image; expected a path like /boot/vmlinuz"
+                ),
+            ));
+        }
+    }
+    if let Some(c) = &s.cmdline
+        && (c.len() > 4096 || c.contains(['\n', '\0']))
+    {
+        out.push((
+            "cmdline",
+            "expected one line of at most 4096 bytes".to_owned(),
+        ));
+    }
+    if let Some(m) = &s.machine
+        && !MACHINES.contains(&m.as_str())
+    {
+        out.push((
+            "machine",
+            format!("{m:?} is not a machine NovaCron runs; expected q35, pc or microvm"),
+        ));
+    }
+    out
+}
+
+/// The VM a job runs: each field the job sets, else its template's, else the
+/// default. A size without a base disk (from either) is dropped by validation
+/// before this; here it would be ignored.
+pub fn resolve(task: &VmTask, template: Option<&VmTemplateSpec>) -> novacron_wire::VmSpec {
+    let empty = VmTemplateSpec::default();
+    let t = template.unwrap_or(&empty);
+    let disk = task.disk.clone().or_else(|| t.disk.clone());
+    novacron_wire::VmSpec {
+        vcpus: task.vcpus.or(t.vcpus).unwrap_or(1),
+        memory_mib: task.memory.or(t.memory).map_or(DEFAULT_MEMORY, |m| m.0) >> 20,
+        kernel: task
+            .kernel
+            .clone()
+            .or_else(|| t.kernel.clone())
+            .unwrap_or_else(|| DEFAULT_KERNEL.to_owned()),
+        initrd: task.initrd.clone().or_else(|| t.initrd.clone()),
+        cmdline: task
+            .cmdline
+            .clone()
+            .or_else(|| t.cmdline.clone())
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
+        disk_bytes: if disk.is_some() {
+            task.disk_size.or(t.disk_size).map_or(0, |b| b.0)
+        } else {
+            0
+        },
+        disk,
+        machine: task
+            .machine
+            .clone()
+            .or_else(|| t.machine.clone())
+            .unwrap_or_else(|| DEFAULT_MACHINE.to_owned()),
+        template: task.template.clone(),
+    }
+}
+
+/// Why `resources` cannot hold the resolved VM `vm`, when they cannot.
+pub fn resources_problem(vm: &novacron_wire::VmSpec, resources: &Resources) -> Option<String> {
+    let guest = vm.memory_mib << 20;
+    (resources.memory.0 > 0 && resources.memory.0 < guest).then(|| {
+        format!(
+            "{} bytes is less than the guest's memory ({guest} bytes); expected at least the \
+             guest's memory plus QEMU's own (about 64Mi)",
+            resources.memory.0
+        )
+    })
+}
+
+/// Parses a file of VM templates separated by `---`.
+pub fn parse_vm_templates(file: &str, text: &str) -> Result<Vec<VmTemplate>, ManifestErrors> {
+    document::load_all(
+        file,
+        text,
+        &Kind {
+            kind: TEMPLATE_KIND,
+            noun: "VM template",
+        },
+        |m: VmTemplateManifest, _: &Value| {
+            let mut rules = document::envelope(
+                &m.api_version,
+                &m.kind,
+                TEMPLATE_KIND,
+                &m.metadata,
+                "VM template",
+            );
+            rules.extend(
+                problems(&m.spec)
+                    .into_iter()
+                    .map(|(key, message)| Rule::at(format!("spec.{key}"), message)),
+            );
+            if m.spec.disk.is_none() && m.spec.disk_size.is_some() {
+                rules.push(Rule::at("spec.diskSize", "a size needs a base disk (disk)"));
+            }
+            if rules.is_empty() {
+                Ok(VmTemplate {
+                    name: m.metadata.name,
+                    spec: m.spec,
+                })
+            } else {
+                Err(rules)
+            }
+        },
+        |t: &VmTemplate| &t.name,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_wins_then_the_template_then_the_defaults() {
+        let template = VmTemplateSpec {
+            vcpus: Some(4),
+            memory: Some(ByteSize(1 << 30)),
+            initrd: Some("/boot/initrd.img".into()),
+            cmdline: Some("console=ttyS0 quiet".into()),
+            disk: Some("/disk/root.qcow2".into()),
+            disk_size: Some(ByteSize(8 << 30)),
+            ..VmTemplateSpec::default()
+        };
+        let task = VmTask {
+            template: Some("medium".into()),
+            memory: Some(ByteSize(512 << 20)),
+            ..VmTask::default()
+        };
+        let vm = resolve(&task, Some(&template));
+        assert_eq!((vm.vcpus, vm.memory_mib), (4, 512));
+        assert_eq!(vm.kernel, DEFAULT_KERNEL);
+        assert_eq!(vm.initrd.as_deref(), Some("/boot/initrd.img"));
+        assert_eq!(vm.cmdline, "console=ttyS0 quiet");
+        assert_eq!(vm.disk_bytes, 8 << 30);
+        assert_eq!(vm.machine, DEFAULT_MACHINE);
+        assert_eq!(vm.template.as_deref(), Some("medium"));
+        let bare = resolve(&VmTask::default(), None);
+        assert_eq!((bare.vcpus, bare.memory_mib, bare.disk.as_deref()), (1, 256, None));
+        let small = Resources {
+            memory: ByteSize(256 << 20),
+            ..Resources::default()
+        };
+        assert!(resources_problem(&vm, &small).is_some());
+        assert!(resources_problem(&bare, &small).is_none());
+    }
+
+    #[test]
+    fn templates_parse_with_located_errors() {
+        let ok = parse_vm_templates(
+            "t.yaml",
+            "apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: small}\nspec: {vcpus: 1, memory: 256Mi, initrd: /boot/initrd.img}\n",
+        )
+        .expect("valid");
+        assert_eq!(ok[0].name, "small");
+        assert_eq!(ok[0].spec.memory, Some(ByteSize(256 << 20)));
+        let bad = parse_vm_templates(
+            "t.yaml",
+            "apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: big}\nspec:\n  vcpus: 99\n  machine: virt\n  diskSize: 1Gi\n",
+        )
+        .expect_err("invalid")
+        .to_string();
+        for wanted in [
+            "t.yaml:5:10: spec.vcpus: 99 is out of range",
+            "t.yaml:6:12: spec.machine: \"virt\" is not a machine",
+            "spec.diskSize: a size needs a base disk",
+        ] {
+            assert!(bad.contains(wanted), "{wanted}\n{bad}");
+        }
+    }
+}
