@@ -9,7 +9,8 @@
 # CGI counter (1 then 2), and with --seed a NoCloud seed whose user-data runs.
 #
 # Usage: boot-test.sh [--machine M] [--nic NIC] [--append CMDLINE] [--accel A]
-#                     [--cpu CPU] [--port N] [--no-shutdown] [--seed] [--keep DIR]
+#                     [--cpu CPU] [--mem MIB] [--smp N] [--port N] [--no-shutdown]
+#                     [--seed] [--keep DIR]
 # Defaults come from the built image's novacron-vm.json. Needs socat and curl.
 set -euo pipefail
 
@@ -23,6 +24,8 @@ NIC=$(field nic)
 APPEND=$(field cmdline)
 ACCEL=tcg
 CPU=
+MEM=256
+SMP=1
 PORT=18080
 NO_SHUTDOWN=0
 SEED=0
@@ -34,6 +37,8 @@ while [ $# -gt 0 ]; do
     --append) APPEND=$2; shift 2 ;;
     --accel) ACCEL=$2; shift 2 ;;
     --cpu) CPU=$2; shift 2 ;;
+    --mem) MEM=$2; shift 2 ;;
+    --smp) SMP=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
     --no-shutdown) NO_SHUTDOWN=1; shift ;;
     --seed) SEED=1; shift ;;
@@ -82,7 +87,7 @@ fi
 
 set -x
 start=$(now)
-qemu-system-x86_64 -accel "$ACCEL" -M "$MACHINE" -m 256 -smp 1 \
+qemu-system-x86_64 -accel "$ACCEL" -M "$MACHINE" -m "$MEM" -smp "$SMP" \
   -kernel "$B/vmlinuz" -initrd "$B/initrd.img" -append "$APPEND novacron.hostname=$HOST" \
   -nodefaults -no-user-config -display none -serial "file:$dir/console.log" \
   -qmp "unix:$dir/qmp.sock,server=on,wait=off" \
@@ -145,4 +150,4 @@ if [ "$NO_SHUTDOWN" -eq 1 ]; then
 fi
 for _ in $(seq 100); do alive "$pid" || break; sleep 0.05; done
 alive "$pid" && fail "QEMU still running after power-off"
-echo "OK machine=$MACHINE nic=$NIC accel=$ACCEL${CPU:+ cpu=$CPU} launch_s=$launched ready_s=$ready health_s=$health powerdown_s=$powerdown"
+echo "OK machine=$MACHINE nic=$NIC accel=$ACCEL${CPU:+ cpu=$CPU} mem=$MEM smp=$SMP launch_s=$launched ready_s=$ready health_s=$health powerdown_s=$powerdown"
