@@ -213,7 +213,10 @@ done
 # --- 2. initramfs ------------------------------------------------------------
 busybox_sha=$(sha256sum /bin/busybox | cut -d' ' -f1)
 self_sha=$(sha256sum "$SELF" | cut -d' ' -f1)
-inputs_hash=$(printf 'kernel %s %s\nbusybox %s\nscript %s\n' "$deb_name" "$deb_sha" "$busybox_sha" "$self_sha" |
+# Only root can create the initramfs' /dev/console node (below): that is an input too.
+console_node=no
+[ "$(id -u)" -ne 0 ] || console_node=yes
+inputs_hash=$(printf 'kernel %s %s\nbusybox %s\nscript %s\nconsole-node %s\n' "$deb_name" "$deb_sha" "$busybox_sha" "$self_sha" "$console_node" |
   sha256sum | cut -c1-16)
 out=$CACHE/builds/$inputs_hash
 
@@ -350,7 +353,7 @@ if [ ! -f "$out/.done" ]; then
   done
   # The kernel opens /dev/console for /init before devtmpfs is mounted; creating
   # the node needs root (the init script reopens the console either way).
-  [ "$(id -u)" -ne 0 ] || mknod -m 600 "$root/dev/console" c 5 1
+  [ "$console_node" = no ] || mknod -m 600 "$root/dev/console" c 5 1
   find "$root" -exec touch -h -d @0 {} +
   (cd "$root" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
     cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) |
