@@ -18,6 +18,7 @@ const SOURCES: &[&str] = &[
     "common/core/src/manifest/lifecycle.rs",
     "common/core/src/manifest/checkpoint.rs",
     "common/core/src/manifest/secret.rs",
+    "common/core/src/manifest/vm.rs",
     "common/core/src/autoscale/policy.rs",
     "common/core/src/autoscale/pool.rs",
     "common/wire/src/checkpoint.rs",
@@ -30,6 +31,7 @@ const KINDS: &[(&str, &str)] = &[
     ("NodeTemplate", "NodeTemplateManifest"),
     ("NodePool", "NodePoolManifest"),
     ("Secret", "SecretManifest"),
+    ("VMTemplate", "VmTemplateManifest"),
 ];
 
 /// Quantities written as text, and the constant that says what they accept.

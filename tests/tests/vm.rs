@@ -33,33 +33,38 @@ fn require_vm_setup() -> Result<()> {
     Ok(())
 }
 
-fn vm_job(name: &str, host_port: u16) -> String {
+const TEMPLATE: &str = "apiVersion: novacron.io/v1
+kind: VMTemplate
+metadata:
+  name: tiny
+spec:
+  vcpus: 1
+  memory: 192Mi
+  kernel: /boot/vmlinuz
+  initrd: /boot/initrd.img
+  cmdline: console=ttyS0 quiet panic=-1 novacron.hostname=tiny-host
+";
+
+/// A VM job that the idle policy stops once its CPU stays under 5% of its
+/// request (2 cores) for 20 s.
+fn idle_job(name: &str) -> String {
     format!(
         "apiVersion: novacron.io/v1
 kind: Job
 metadata:
   name: {name}
+  labels: {{idleStop: 20s}}
 spec:
   type: service
   replicas: 1
   task:
     image: {GUEST_IMAGE}
     pullPolicy: never
-    ports:
-      - {{name: http, containerPort: 8080, hostPort: {host_port}}}
     vm:
-      vcpus: 1
-      memory: 192Mi
-      kernel: /boot/vmlinuz
+      memory: 128Mi
       initrd: /boot/initrd.img
-      cmdline: console=ttyS0 panic=-1 novacron.hostname={name}
-  resources: {{cpu: 500m, memory: 256Mi}}
-  health:
-    readiness:
-      http: {{port: 8080, path: /health}}
-      period: 2s
-      timeout: 1s
-      failureThreshold: 3
+      cmdline: console=ttyS0 quiet panic=-1
+  resources: {{cpu: 2, memory: 256Mi}}
 "
     )
 }
@@ -108,8 +113,45 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
     );
     assert!(["kvm", "tcg"].contains(&vm.accelerator.as_str()), "{vm:?}");
 
+    // A template, applied as a user would, then a VM made from it with the CLI.
+    let dir = tempfile::tempdir()?;
+    let template = dir.path().join("tiny.yaml");
+    std::fs::write(&template, TEMPLATE)?;
+    let applied = c.cli(&["apply", "-f", template.to_str().context("path")?]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let templates = c.cli(&["vm", "templates"]);
+    let templates = String::from_utf8_lossy(&templates.stdout).to_string();
+    assert!(
+        templates.contains("tiny") && templates.contains("192Mi"),
+        "{templates}"
+    );
+
     let port = free_port();
-    c.apply("vm.yaml", &vm_job("tinyvm", port)).await?;
+    let created = c.cli(&[
+        "vm",
+        "create",
+        "tinyvm",
+        "--image",
+        GUEST_IMAGE,
+        "--template",
+        "tiny",
+        "--port",
+        &format!("http:8080:{port}"),
+        "--health-path",
+        "/health",
+        "--cpu",
+        "500m",
+        "--no-pull",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     // Under TCG the guest boots in seconds; allow for a busy machine.
     wait_for(
         Duration::from_secs(120),
@@ -124,10 +166,24 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
     )
     .await
     .with_context(|| agent.log())?;
+    let list = c.cli(&["vm", "list"]);
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        list.contains("tinyvm") && list.contains("running") && list.contains("tiny"),
+        "{list}"
+    );
+    // The template was resolved when the VM was created: its command line
+    // (with novacron.hostname) reached the guest, whose console the CLI shows.
+    let console = c.cli(&["vm", "console", "tinyvm"]);
+    let console = String::from_utf8_lossy(&console.stdout).to_string();
+    assert!(console.contains("novacron-guest: ready"), "{console}");
 
     // The published port reaches the guest's own HTTP server.
     let page = get(&format!("http://127.0.0.1:{port}/")).await?;
-    assert!(page.contains("novacron guest"), "{page}");
+    assert!(
+        page.contains("novacron guest") && page.contains("tiny-host"),
+        "{page}"
+    );
     let count = |port: u16| async move {
         get(&format!("http://127.0.0.1:{port}/cgi-bin/count"))
             .await
@@ -164,7 +220,7 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
 
     // Stopping the job presses the power button: the guest powers off cleanly
     // and the VM is removed with its directory.
-    let stopped = c.cli(&["job", "stop", "tinyvm"]);
+    let stopped = c.cli(&["vm", "stop", "tinyvm"]);
     assert!(
         stopped.status.success(),
         "{}",
@@ -186,5 +242,35 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
         log.contains("virtual machine stopped") && log.contains("clean=true"),
         "the guest did not power off on the ACPI button:\n{log}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_vm_is_shut_down_by_the_idle_policy() -> Result<()> {
+    require_vm_setup()?;
+    let (_dir, c, agent) = one_node_fleet("nc-vm-idle", "vm-idle", &[]).await?;
+    c.apply("idle.yaml", &idle_job("idlevm")).await?;
+    wait_for(Duration::from_secs(120), "the VM running", || async {
+        novacron_tests::job_running(&c, "idlevm").await
+    })
+    .await
+    .with_context(|| agent.log())?;
+    let (_, pid) = qemu_pid(&agent).context("a running qemu")?;
+    // The guest idles (a shell waiting in httpd): the policy stops the job,
+    // and the VM powers off.
+    wait_for(Duration::from_secs(120), "the idle VM stopped", || async {
+        c.job("idlevm")
+            .await
+            .is_ok_and(|d| d.summary.status == "stopped")
+    })
+    .await
+    .with_context(|| agent.log())?;
+    wait_for(Duration::from_secs(60), "qemu gone", || async {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await?;
+    let events = c.cli(&["events", "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(events.contains("cost.idle_stopped"), "{events}");
     Ok(())
 }

@@ -67,6 +67,9 @@ pub struct JobSummary {
     pub submitted_at_unix_ms: u64,
     /// Who submitted the current version.
     pub submitted_by: String,
+    /// The virtual machine its task runs (template resolved), when it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<novacron_common::wire::VmSpec>,
 }
 
 /// `job status`: the summary plus the allocations.

@@ -947,6 +947,7 @@ pub struct TaskSpec {
 /// A virtual machine as the agent runs it (`spec.task.vm` of a job, with its
 /// template resolved by the controller).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmSpec {
     /// Virtual CPUs.
     pub vcpus: u32,

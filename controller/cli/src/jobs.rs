@@ -145,6 +145,7 @@ pub const APPLY_KINDS: &[(&str, &[&str])] = &[
     ("Secret", &["v1", "secrets"]),
     ("AlertRule", &["v1", "alerts", "rules"]),
     ("NotificationChannel", &["v1", "alerts", "channels"]),
+    ("VMTemplate", &["v1", "vms", "templates"]),
 ];
 
 /// `novacron apply -f SOURCE...`: each source is a file, `-` (standard input) or

@@ -39,6 +39,7 @@ pub mod services;
 pub mod simulate;
 pub mod terminal;
 pub mod version;
+pub mod vms;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -226,6 +227,10 @@ pub enum Command {
     /// Node pools (apply NodeTemplate and NodePool manifests with `apply -f`).
     #[command(subcommand)]
     Pool(pools::PoolCommand),
+    /// Virtual machines: QEMU guests run as one-replica jobs (apply VMTemplate
+    /// manifests with `apply -f`).
+    #[command(subcommand)]
+    Vm(vms::VmCommand),
     /// The service catalog: services, their endpoints, load-balancer configurations.
     #[command(subcommand)]
     Service(services::ServiceCommand),
@@ -520,6 +525,10 @@ pub async fn run(
         Command::Alert(cmd) => {
             let client = connect(cli, env, now).await?;
             alerts::run(cmd, &client, cli.output, out, now).await
+        }
+        Command::Vm(cmd) => {
+            let client = connect(cli, env, now).await?;
+            vms::run(cmd, &client, cli.output, out, now).await
         }
         Command::Pool(cmd) => {
             let client = connect(cli, env, now).await?;

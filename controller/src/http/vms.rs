@@ -103,13 +103,9 @@ async fn delete(
         ));
     }
     st.events.note(
-        NewEvent::new(
-            kind::VM_TEMPLATE,
-            by,
-            format!("VM template {name} deleted"),
-        )
-        .detail("template", &name)
-        .detail("outcome", "deleted"),
+        NewEvent::new(kind::VM_TEMPLATE, by, format!("VM template {name} deleted"))
+            .detail("template", &name)
+            .detail("outcome", "deleted"),
     );
     Ok(StatusCode::NO_CONTENT)
 }

@@ -909,6 +909,7 @@ mod tests {
             message: String::new(),
             submitted_at_unix_ms: 0,
             submitted_by: "alice".into(),
+            vm: None,
         }
     }
 

@@ -183,9 +183,18 @@ mod tests {
         let v = views(&store).expect("views");
         assert_eq!((v[0].vcpus, v[0].memory_bytes), (2, 512 << 20));
         assert_eq!(v[0].kernel, "/boot/vmlinuz");
-        let bad = apply(&store, "b.yaml", "apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: x}\nspec: {vcpus: 0}\n", "admin", now)
-            .expect_err("invalid");
-        assert!(bad.to_string().contains("spec.vcpus: 0 is out of range"), "{bad}");
+        let bad = apply(
+            &store,
+            "b.yaml",
+            "apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: x}\nspec: {vcpus: 0}\n",
+            "admin",
+            now,
+        )
+        .expect_err("invalid");
+        assert!(
+            bad.to_string().contains("spec.vcpus: 0 is out of range"),
+            "{bad}"
+        );
         assert_eq!(templates(&store).expect("list").len(), 1);
     }
 }

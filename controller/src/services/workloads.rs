@@ -284,17 +284,25 @@ impl Workloads {
         // The new record is written first; the jobs the API lists and the
         // reconciler schedules change only once it is on disk (under the lock, so
         // nothing sees one without the other).
-        let (record, outcome) =
-            match next_record(st.jobs.get(&name), &job, file, text, by, now, &pins, vm.as_ref()) {
-                Next::Unchanged(version) => {
-                    return Ok(ApplyResult {
-                        job: name,
-                        version,
-                        outcome: "unchanged".into(),
-                    });
-                }
-                Next::Record(record, outcome) => (record, outcome),
-            };
+        let (record, outcome) = match next_record(
+            st.jobs.get(&name),
+            &job,
+            file,
+            text,
+            by,
+            now,
+            &pins,
+            vm.as_ref(),
+        ) {
+            Next::Unchanged(version) => {
+                return Ok(ApplyResult {
+                    job: name,
+                    version,
+                    outcome: "unchanged".into(),
+                });
+            }
+            Next::Record(record, outcome) => (record, outcome),
+        };
         let version = record.current;
         self.store.put_job(&record)?;
         let entry = st.jobs.entry(name.clone()).or_insert_with(|| JobEntry {
@@ -346,19 +354,20 @@ impl Workloads {
                 .map(|v| v.source.clone())
         });
         let mut jobs = st.jobs.clone();
-        let (outcome, version) = match next_record(current, &job, file, text, by, now, &pins, vm.as_ref()) {
-            Next::Unchanged(version) => ("unchanged", version),
-            Next::Record(record, outcome) => {
-                let version = record.current;
-                let entry = jobs.entry(name.clone()).or_insert_with(|| JobEntry {
-                    record: record.clone(),
-                    parsed: BTreeMap::new(),
-                });
-                entry.parsed.insert(version, job);
-                entry.record = record;
-                (outcome, version)
-            }
-        };
+        let (outcome, version) =
+            match next_record(current, &job, file, text, by, now, &pins, vm.as_ref()) {
+                Next::Unchanged(version) => ("unchanged", version),
+                Next::Record(record, outcome) => {
+                    let version = record.current;
+                    let entry = jobs.entry(name.clone()).or_insert_with(|| JobEntry {
+                        record: record.clone(),
+                        parsed: BTreeMap::new(),
+                    });
+                    entry.parsed.insert(version, job);
+                    entry.record = record;
+                    (outcome, version)
+                }
+            };
         let changes = if outcome == "unchanged" {
             Vec::new()
         } else {
@@ -1330,7 +1339,8 @@ impl Workloads {
             )));
         };
         let vm = novacron_common::manifest::vm::resolve(task, Some(&template.spec));
-        if let Some(why) = novacron_common::manifest::vm::resources_problem(&vm, &job.spec.resources)
+        if let Some(why) =
+            novacron_common::manifest::vm::resources_problem(&vm, &job.spec.resources)
         {
             return Err(WorkloadError::Invalid(format!(
                 "{file}: spec.resources.memory: {why} (the guest's memory comes from VMTemplate {name})"
@@ -2189,6 +2199,9 @@ fn summary(
         message: e.record.message.clone(),
         submitted_at_unix_ms: current.map_or(0, |v| v.submitted_at_unix_ms),
         submitted_by: current.map(|v| v.by.clone()).unwrap_or_default(),
+        vm: current
+            .and_then(|v| v.vm.clone())
+            .or_else(|| job.and_then(|j| j.task_spec().vm)),
     }
 }
 

@@ -308,7 +308,10 @@ mod tests {
         assert_eq!(vm.machine, DEFAULT_MACHINE);
         assert_eq!(vm.template.as_deref(), Some("medium"));
         let bare = resolve(&VmTask::default(), None);
-        assert_eq!((bare.vcpus, bare.memory_mib, bare.disk.as_deref()), (1, 256, None));
+        assert_eq!(
+            (bare.vcpus, bare.memory_mib, bare.disk.as_deref()),
+            (1, 256, None)
+        );
         let small = Resources {
             memory: ByteSize(256 << 20),
             ..Resources::default()

@@ -818,7 +818,12 @@ impl Store for EtcdStore {
     }
 
     fn put_vm_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
-        self.put(VM_TEMPLATES, &template.name, template, "saving a VM template")
+        self.put(
+            VM_TEMPLATES,
+            &template.name,
+            template,
+            "saving a VM template",
+        )
     }
 
     fn vm_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {

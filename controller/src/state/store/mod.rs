@@ -1172,7 +1172,12 @@ impl Store for RedbStore {
     }
 
     fn put_vm_template(&self, template: &PoolManifestRecord) -> Result<(), StoreError> {
-        self.put(VM_TEMPLATES, &template.name, template, "saving a VM template")
+        self.put(
+            VM_TEMPLATES,
+            &template.name,
+            template,
+            "saving a VM template",
+        )
     }
 
     fn vm_templates(&self) -> Result<Vec<PoolManifestRecord>, StoreError> {
@@ -1983,7 +1988,10 @@ mod tests {
         assert!(store.node_templates().expect("list").is_empty());
         store.put_vm_template(&pool_manifest("small")).expect("put");
         assert_eq!(names(store.vm_templates().expect("list")), ["small"]);
-        assert!(store.node_templates().expect("list").is_empty(), "a table of its own");
+        assert!(
+            store.node_templates().expect("list").is_empty(),
+            "a table of its own"
+        );
         assert!(store.delete_vm_template("small").expect("delete"));
         assert!(!store.delete_vm_template("small").expect("delete again"));
         assert!(store.vm_templates().expect("list").is_empty());

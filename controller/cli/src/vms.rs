@@ -1,0 +1,535 @@
+//! `novacron vm ...`: virtual machines. A VM is a one-replica service job whose
+//! task runs a QEMU guest (`spec.task.vm`), so everything jobs have (placement,
+//! health checks, restarts, events, costs, `job history`) applies; these commands
+//! are the VM-shaped way in. Templates (`kind: VMTemplate`) are applied with
+//! `novacron apply -f`.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use clap::Subcommand;
+use novacron_api::{AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary};
+use novacron_common::wire::AllocState;
+
+use super::CliError;
+use super::client::ApiClient;
+use super::output::{self, OutputFormat, TableRow, from_unix_ms};
+
+/// `novacron vm` subcommands.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum VmCommand {
+    /// Create and start a VM: a one-replica service job running the guest.
+    Create {
+        /// The VM's name (a job name).
+        name: String,
+        /// The disk image: a container image holding the kernel, initrd and
+        /// base disk (see docs/vm-images.md).
+        #[arg(long)]
+        image: String,
+        /// A VMTemplate to start from (`vm templates` lists them).
+        #[arg(long)]
+        template: Option<String>,
+        /// Virtual CPUs (default: the template's, else 1).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Guest memory, like 512Mi (default: the template's, else 256Mi).
+        #[arg(long)]
+        memory: Option<String>,
+        /// The kernel command line (default: the template's, else console=ttyS0).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// A port of the guest, NAME:GUEST_PORT or NAME:GUEST_PORT:HOST_PORT to
+        /// publish it on the node; repeat for more.
+        #[arg(long = "port", value_parser = parse_port)]
+        ports: Vec<(String, u16, Option<u16>)>,
+        /// An HTTP path answered on the first port once the guest is up
+        /// (`/health`): the VM's readiness check.
+        #[arg(long)]
+        health_path: Option<String>,
+        /// CPU reserved on the node, like 1 or 500m (default: one core per vCPU).
+        #[arg(long)]
+        cpu: Option<String>,
+        /// The image is only on the nodes already (never pull it).
+        #[arg(long)]
+        no_pull: bool,
+    },
+    /// The VMs: their state, node, machine and address.
+    List,
+    /// Start a stopped VM (its last manifest, applied again).
+    Start {
+        /// The VM.
+        name: String,
+    },
+    /// Stop a VM: an ACPI power-off, then QEMU is ended after its grace period.
+    Stop {
+        /// The VM.
+        name: String,
+    },
+    /// Restart a VM: it is powered off and booted again (a fresh allocation).
+    Restart {
+        /// The VM.
+        name: String,
+    },
+    /// Stop a VM and forget it (its job is deleted, its disk removed).
+    Destroy {
+        /// The VM.
+        name: String,
+    },
+    /// The VM's serial console (what the guest printed), live with --follow.
+    Console {
+        /// The VM.
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// The VM templates.
+    Templates,
+    /// Delete a VM template (VMs made from it keep their machine).
+    DeleteTemplate {
+        /// The template.
+        name: String,
+    },
+}
+
+/// Memory the node reserves for QEMU itself beyond the guest's, MiB.
+pub const QEMU_OVERHEAD_MIB: u64 = 64;
+
+/// One VM template as the API lists it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TemplateRow {
+    /// Its name.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// Kernel path.
+    pub kernel: String,
+    /// Initrd path.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Base disk path.
+    pub disk: Option<String>,
+    /// Overlay size.
+    pub disk_bytes: u64,
+    /// QEMU machine.
+    pub machine: String,
+    /// File.
+    pub file: String,
+    /// Applied (Unix ms).
+    pub applied_unix_ms: u64,
+    /// By.
+    pub by: String,
+}
+
+impl TableRow for TemplateRow {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "NAME", "VCPUS", "MEMORY", "MACHINE", "KERNEL", "DISK", "APPLIED",
+        ]
+    }
+    fn cells(&self, now: SystemTime) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.vcpus.to_string(),
+            format!("{}Mi", self.memory_bytes >> 20),
+            self.machine.clone(),
+            self.kernel.clone(),
+            self.disk.clone().unwrap_or_else(|| "-".into()),
+            output::ago(now, from_unix_ms(self.applied_unix_ms)),
+        ]
+    }
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("vmtemplate/{}", self.name))
+    }
+}
+
+/// One VM as `vm list` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmRow {
+    /// The VM (its job).
+    pub name: String,
+    /// `running`, `starting`, `stopped`, ...
+    pub state: String,
+    /// Its node, while it has one.
+    pub node: Option<String>,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// The template it was made from.
+    pub template: Option<String>,
+    /// Published ports, `HOST->GUEST`.
+    pub ports: Vec<String>,
+}
+
+impl TableRow for VmRow {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "TEMPLATE", "PORTS",
+        ]
+    }
+    fn cells(&self, _now: SystemTime) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.state.clone(),
+            self.node.clone().unwrap_or_else(|| "-".into()),
+            self.vcpus.to_string(),
+            format!("{}Mi", self.memory_bytes >> 20),
+            self.template.clone().unwrap_or_else(|| "-".into()),
+            if self.ports.is_empty() {
+                "-".into()
+            } else {
+                self.ports.join(",")
+            },
+        ]
+    }
+    fn resource_name(&self) -> Option<String> {
+        Some(format!("vm/{}", self.name))
+    }
+}
+
+fn parse_port(s: &str) -> Result<(String, u16, Option<u16>), String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let number = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{p:?} is not a port; expected 1 to 65535"))
+    };
+    match parts.as_slice() {
+        [name, guest] => Ok(((*name).to_owned(), number(guest)?, None)),
+        [name, guest, host] => Ok(((*name).to_owned(), number(guest)?, Some(number(host)?))),
+        _ => Err(format!(
+            "{s:?}: expected NAME:GUEST_PORT or NAME:GUEST_PORT:HOST_PORT, like http:8080:18080"
+        )),
+    }
+}
+
+/// The Job manifest `vm create` applies. Values are YAML-quoted, so a command
+/// line with `:` or `#` stays one string.
+#[allow(clippy::too_many_arguments)]
+pub fn manifest(
+    name: &str,
+    image: &str,
+    template: Option<&str>,
+    vcpus: Option<u32>,
+    memory: Option<&str>,
+    cmdline: Option<&str>,
+    ports: &[(String, u16, Option<u16>)],
+    health_path: Option<&str>,
+    cpu: Option<&str>,
+    reserve_mib: u64,
+    no_pull: bool,
+) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut m = format!(
+        "apiVersion: novacron.io/v1\nkind: Job\nmetadata:\n  name: {}\nspec:\n  type: service\n  replicas: 1\n  task:\n    image: {}\n",
+        q(name),
+        q(image)
+    );
+    if no_pull {
+        m.push_str("    pullPolicy: never\n");
+    }
+    if !ports.is_empty() {
+        m.push_str("    ports:\n");
+        for (n, guest, host) in ports {
+            m.push_str(&format!(
+                "      - name: {}\n        containerPort: {guest}\n",
+                q(n)
+            ));
+            if let Some(h) = host {
+                m.push_str(&format!("        hostPort: {h}\n"));
+            }
+        }
+    }
+    m.push_str("    vm:\n");
+    if let Some(t) = template {
+        m.push_str(&format!("      template: {}\n", q(t)));
+    }
+    if let Some(v) = vcpus {
+        m.push_str(&format!("      vcpus: {v}\n"));
+    }
+    if let Some(mem) = memory {
+        m.push_str(&format!("      memory: {}\n", q(mem)));
+    }
+    if let Some(c) = cmdline {
+        m.push_str(&format!("      cmdline: {}\n", q(c)));
+    }
+    if template.is_none() && vcpus.is_none() && memory.is_none() && cmdline.is_none() {
+        // `vm: {}` — every default.
+        m.truncate(m.len() - "    vm:\n".len());
+        m.push_str("    vm: {}\n");
+    }
+    let cpu = cpu
+        .map(str::to_owned)
+        .unwrap_or_else(|| vcpus.unwrap_or(1).to_string());
+    m.push_str(&format!(
+        "  resources:\n    cpu: {}\n    memory: {reserve_mib}Mi\n",
+        q(&cpu)
+    ));
+    if let (Some(path), Some((_, guest, _))) = (health_path, ports.first()) {
+        m.push_str(&format!(
+            "  health:\n    readiness:\n      http: {{port: {guest}, path: {}}}\n      period: 2s\n      timeout: 1s\n",
+            q(path)
+        ));
+    }
+    m
+}
+
+fn vm_state(job: &JobDetail) -> (String, Option<String>, Vec<String>) {
+    let wanted: Vec<&AllocView> = job.allocations.iter().filter(|a| a.desired_run).collect();
+    let Some(a) = wanted.first() else {
+        return (
+            if job.summary.status == "stopped" {
+                "stopped".into()
+            } else {
+                job.summary.status.clone()
+            },
+            None,
+            Vec::new(),
+        );
+    };
+    let state = match a.state {
+        AllocState::Running if a.healthy == Some(false) => "running (not ready)".to_owned(),
+        AllocState::Running => "running".to_owned(),
+        other => other.to_string(),
+    };
+    let ports = a
+        .published
+        .iter()
+        .map(|p| format!("{}->{}", p.host_port, p.container_port))
+        .collect();
+    (state, Some(a.node.clone()), ports)
+}
+
+/// Runs a `novacron vm` command.
+pub async fn run(
+    cmd: &VmCommand,
+    client: &ApiClient,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    now: SystemTime,
+) -> Result<(), CliError> {
+    let io = |e| CliError::Output(output::OutputError::Io(e));
+    match cmd {
+        VmCommand::Create {
+            name,
+            image,
+            template,
+            vcpus,
+            memory,
+            cmdline,
+            ports,
+            health_path,
+            cpu,
+            no_pull,
+        } => {
+            // The node reserves the guest's memory plus QEMU's own.
+            let guest_bytes = match (memory, template) {
+                (Some(m), _) => {
+                    novacron_common::manifest::parse_bytes(m)
+                        .map_err(|e| CliError::Usage(format!("--memory {m:?}: {e}")))?
+                        .0
+                }
+                (None, Some(t)) => {
+                    let rows: Vec<TemplateRow> = client.get(&["v1", "vms", "templates"]).await?;
+                    rows.iter()
+                        .find(|r| &r.name == t)
+                        .map(|r| r.memory_bytes)
+                        .ok_or_else(|| {
+                            CliError::Invalid(format!(
+                                "no VM template named {t}; novacron vm templates lists them"
+                            ))
+                        })?
+                }
+                (None, None) => novacron_common::manifest::vm::DEFAULT_MEMORY,
+            };
+            let manifest = manifest(
+                name,
+                image,
+                template.as_deref(),
+                *vcpus,
+                memory.as_deref(),
+                cmdline.as_deref(),
+                ports,
+                health_path.as_deref(),
+                cpu.as_deref(),
+                (guest_bytes >> 20) + QEMU_OVERHEAD_MIB,
+                *no_pull,
+            );
+            let result: ApplyResult = client
+                .post(
+                    &["v1", "jobs"],
+                    &ApplyRequest {
+                        file: format!("vm create {name}"),
+                        manifest,
+                    },
+                )
+                .await?;
+            match format {
+                OutputFormat::Table | OutputFormat::Wide => writeln!(
+                    out,
+                    "vm {} {}: booting (novacron vm list shows it; novacron vm console {} --follow shows its console)",
+                    result.job, result.outcome, result.job
+                )
+                .map_err(io)?,
+                OutputFormat::Name => writeln!(out, "vm/{}", result.job).map_err(io)?,
+                _ => output::write_value(out, format, &result)?,
+            }
+        }
+        VmCommand::List => {
+            let jobs: Vec<JobSummary> = client.get(&["v1", "jobs"]).await?;
+            let mut rows = Vec::new();
+            for j in jobs.into_iter().filter(|j| j.vm.is_some()) {
+                let detail: JobDetail = client.get(&["v1", "jobs", &j.name]).await?;
+                let (state, node, ports) = vm_state(&detail);
+                let vm = j.vm.clone().unwrap_or_default();
+                rows.push(VmRow {
+                    name: j.name,
+                    state,
+                    node,
+                    vcpus: vm.vcpus,
+                    memory_bytes: vm.memory_mib << 20,
+                    template: vm.template,
+                    ports,
+                });
+            }
+            output::write_list(out, format, &rows, now)?;
+        }
+        VmCommand::Start { name } => {
+            let job: JobDetail = vm_job(client, name).await?;
+            let result: ApplyResult = client
+                .post(
+                    &["v1", "jobs"],
+                    &ApplyRequest {
+                        file: format!("vm start {name}"),
+                        manifest: job.manifest,
+                    },
+                )
+                .await?;
+            writeln!(out, "vm {name} starting (version {})", result.version).map_err(io)?;
+        }
+        VmCommand::Stop { name } => {
+            vm_job(client, name).await?;
+            let () = client
+                .post(&["v1", "jobs", name, "stop"], &serde_json::json!({}))
+                .await?;
+            writeln!(out, "vm {name} stopping: the guest is asked to power off").map_err(io)?;
+        }
+        VmCommand::Restart { name } => {
+            let job = vm_job(client, name).await?;
+            let Some(alloc) = job.allocations.iter().find(|a| a.desired_run) else {
+                return Err(CliError::Invalid(format!(
+                    "vm {name} is not running; start it with novacron vm start {name}"
+                )));
+            };
+            let _: AllocView = client
+                .post(
+                    &["v1", "allocations", &alloc.id, "restart"],
+                    &serde_json::json!({}),
+                )
+                .await?;
+            writeln!(out, "vm {name} restarting: it powers off and boots again").map_err(io)?;
+        }
+        VmCommand::Destroy { name } => {
+            vm_job(client, name).await?;
+            let () = client.delete(&["v1", "jobs", name]).await?;
+            writeln!(
+                out,
+                "vm {name} destroyed: it powers off and its disk is removed"
+            )
+            .map_err(io)?;
+        }
+        VmCommand::Console { name, follow } => {
+            let job = vm_job(client, name).await?;
+            let Some(alloc) = job
+                .allocations
+                .iter()
+                .find(|a| a.desired_run)
+                .or_else(|| job.allocations.first())
+            else {
+                return Err(CliError::Invalid(format!("vm {name} has never run")));
+            };
+            let cmd = super::jobs::AllocCommand::Logs {
+                id: alloc.id.clone(),
+                follow: *follow,
+                tail: 0,
+            };
+            return super::jobs::run_alloc(&cmd, client, format, out, now).await;
+        }
+        VmCommand::Templates => {
+            let rows: Vec<TemplateRow> = client.get(&["v1", "vms", "templates"]).await?;
+            output::write_list(out, format, &rows, now)?;
+        }
+        VmCommand::DeleteTemplate { name } => {
+            let () = client.delete(&["v1", "vms", "templates", name]).await?;
+            writeln!(out, "VM template {name} deleted").map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+/// The job of VM `name`; refused when that job runs no VM.
+async fn vm_job(client: &ApiClient, name: &str) -> Result<JobDetail, CliError> {
+    let job: JobDetail = client.get(&["v1", "jobs", name]).await?;
+    if job.summary.vm.is_none() {
+        return Err(CliError::Invalid(format!(
+            "job {name} runs a container, not a virtual machine; use novacron job"
+        )));
+    }
+    Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_writes_a_job_manifest_that_parses() {
+        let m = manifest(
+            "web-vm",
+            "novacron/guest-tiny:1",
+            Some("small"),
+            Some(2),
+            Some("512Mi"),
+            Some("console=ttyS0 quiet # not a comment"),
+            &[("http".into(), 8080, Some(18080))],
+            Some("/health"),
+            None,
+            576,
+            true,
+        );
+        let job = novacron_common::manifest::parse_job("vm.yaml", &m).expect("a valid job");
+        let vm = job.spec.task.vm.clone().expect("a VM");
+        assert_eq!(vm.template.as_deref(), Some("small"));
+        assert_eq!(
+            vm.cmdline.as_deref(),
+            Some("console=ttyS0 quiet # not a comment")
+        );
+        assert_eq!(job.spec.resources.cpu.0, 2000);
+        assert_eq!(job.spec.resources.memory.0, 576 << 20);
+        assert_eq!(job.spec.task.ports[0].host_port, Some(18080));
+        assert!(job.spec.health.is_some());
+        let bare = manifest(
+            "b",
+            "img:1",
+            None,
+            None,
+            None,
+            None,
+            &[],
+            None,
+            None,
+            320,
+            false,
+        );
+        let job = novacron_common::manifest::parse_job("b.yaml", &bare).expect("valid");
+        assert!(job.spec.task.vm.is_some());
+        assert!(parse_port("http:8080:18080").is_ok());
+        assert!(parse_port("http").is_err());
+        assert!(parse_port("http:0").is_err());
+    }
+}
