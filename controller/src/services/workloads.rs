@@ -291,8 +291,10 @@ impl Workloads {
             text,
             by,
             now,
-            &pins,
-            vm.as_ref(),
+            Pinned {
+                secrets: &pins,
+                vm: vm.as_ref(),
+            },
         ) {
             Next::Unchanged(version) => {
                 return Ok(ApplyResult {
@@ -354,20 +356,23 @@ impl Workloads {
                 .map(|v| v.source.clone())
         });
         let mut jobs = st.jobs.clone();
-        let (outcome, version) =
-            match next_record(current, &job, file, text, by, now, &pins, vm.as_ref()) {
-                Next::Unchanged(version) => ("unchanged", version),
-                Next::Record(record, outcome) => {
-                    let version = record.current;
-                    let entry = jobs.entry(name.clone()).or_insert_with(|| JobEntry {
-                        record: record.clone(),
-                        parsed: BTreeMap::new(),
-                    });
-                    entry.parsed.insert(version, job);
-                    entry.record = record;
-                    (outcome, version)
-                }
-            };
+        let pinned = Pinned {
+            secrets: &pins,
+            vm: vm.as_ref(),
+        };
+        let (outcome, version) = match next_record(current, &job, file, text, by, now, pinned) {
+            Next::Unchanged(version) => ("unchanged", version),
+            Next::Record(record, outcome) => {
+                let version = record.current;
+                let entry = jobs.entry(name.clone()).or_insert_with(|| JobEntry {
+                    record: record.clone(),
+                    parsed: BTreeMap::new(),
+                });
+                entry.parsed.insert(version, job);
+                entry.record = record;
+                (outcome, version)
+            }
+        };
         let changes = if outcome == "unchanged" {
             Vec::new()
         } else {
@@ -1897,6 +1902,14 @@ enum Next {
     Record(JobRecord, &'static str),
 }
 
+/// What a version pins when it is submitted: the secret versions it runs and
+/// its virtual machine with the template resolved.
+#[derive(Clone, Copy)]
+struct Pinned<'a> {
+    secrets: &'a BTreeMap<String, u64>,
+    vm: Option<&'a novacron_common::wire::VmSpec>,
+}
+
 /// The job's record after applying `job` (from `text` in `file`, by `by`) to
 /// `entry`, the job as it is (`None`: new).
 fn next_record(
@@ -1906,9 +1919,9 @@ fn next_record(
     text: &str,
     by: &str,
     now: SystemTime,
-    secrets: &BTreeMap<String, u64>,
-    vm: Option<&novacron_common::wire::VmSpec>,
+    pinned: Pinned<'_>,
 ) -> Next {
+    let Pinned { secrets, vm } = pinned;
     let hash = job.version_hash();
     let (mut record, outcome) = match entry {
         Some(entry) => {
