@@ -6,44 +6,54 @@
 # What it does, all on this host:
 #   1. Anchor: `packaging/vm/boot-test.sh` N times (plain QEMU launch -> /health,
 #      its own 50 ms poll), then N plain launches with boot-test.sh's command line
-#      from this script (the same poll as the NovaCron runs below), each held for
+#      from this script (the same 50 ms poll as the NovaCron runs below), each held
 #      --settle seconds after /health to read QEMU's memory, then quit over QMP.
 #   2. NovaCron: a private controller (`novacron-controller init` + `serve` on a
 #      free loopback port, embedded store) and one agent (`novacron-agent join` +
-#      `run`), from copies of the binaries taken at the start. Then 1 + N times:
-#      `novacron apply -f` a one-replica VM job (256 MiB, 1 vCPU, the tiny guest
-#      `novacron/guest-tiny:1`), time apply-returned -> `curl /health` says `ok`
-#      (and apply-returned -> QEMU's pid file), hold --settle seconds, read QEMU's
-#      and the agent's memory, then `novacron job stop` and time it until the QEMU
-#      process is gone. Run 1 is the cold one (the agent probes KVM and copies the
-#      kernel and initrd out of the image); runs 2..N+1 are the warm ones that
-#      the medians are taken over.
+#      `run --publish-address 127.0.0.1`), from copies of the binaries taken at
+#      the start. Then 1 + N times: `novacron apply -f` a one-replica VM job
+#      (256 MiB, 1 vCPU, `novacron/guest-tiny:1`, a new hostPort each run, so
+#      each apply is a new job version), time apply-returned -> `curl /health`
+#      says `ok` (and apply-returned -> QEMU's pid file), hold --settle seconds,
+#      read QEMU's and the agent's memory, then `novacron job stop bench-vm` and
+#      time it until the QEMU process is gone. Run 1 is the cold one (the agent
+#      probes KVM and copies the kernel and initrd out of the image); the medians
+#      are over the N warm runs after it.
 # Memory: VmRSS (/proc/PID/status) and Pss (/proc/PID/smaps_rollup); from
-# /proc/PID/smaps, the guest-RAM mapping (the anonymous mapping of exactly the
-# guest's memory size) and TCG's translation buffer (the anonymous executable
-# mapping) are split out; "rest" is what is left: QEMU's own heap, the loaded
-# kernel/initrd copies, its binary and libraries.
+# /proc/PID/smaps the guest-RAM mapping (the anonymous mapping of exactly the
+# guest's memory size) and TCG's translation buffer (the big anonymous executable
+# mapping) are split out; "rest" is what is left: QEMU's heap and threads, its
+# in-memory copies of the kernel and initrd, its binary and libraries.
 #
-# Before each timed run it waits (at most --idle-wait s) for the host to be idle
-# (< 15 % busy over 3 s) and records how busy it was and whether a compiler
-# (rustc, cargo, cc1, ld) was running at the start or end of the run.
+# Other load: before each run it waits (at most --idle-wait s) for the host to be
+# idle (< 15 % busy over 3 s). During each boot it measures the CPU that processes
+# other than QEMU, the agent and the controller used ("others", % of one core:
+# the host's busy time minus theirs; dockerd, the cold run's KVM probe and the
+# pollers' curl count as others). A run with others > --max-other is discarded
+# and done again, at most --tries times (the last try is kept, and flagged). A
+# discarded cold run is redone cold: the agent is restarted and its image cache
+# emptied.
 #
 # Usage: bash tests/bench/vm-boot.sh [--runs N] [--settle S] [--idle-wait S]
-#                                    [--bin-dir DIR] [--keep DIR]
-#   --runs N       timed runs of each kind (default 5; NovaCron does 1 cold + N warm)
-#   --settle S     seconds to hold a booted guest before reading memory (default 5)
-#   --idle-wait S  how long to wait for an idle host before each run (default 120)
-#   --bin-dir DIR  where novacron, novacron-controller, novacron-agent are
-#                  (default target/debug; copied to a private directory first)
-#   --keep DIR     work in DIR and keep it (logs, state) instead of a temp dir
-# Prints a table and one JSON line. Guests run under TCG here (nested KVM cannot
-# boot them; the agent's probe finds that out).
+#          [--max-other PCT] [--tries K] [--bin-dir DIR] [--keep DIR]
+#   --runs N         timed runs of each kind (default 5; NovaCron: 1 cold + N warm)
+#   --settle S       seconds a booted guest is held before reading memory (default 5)
+#   --idle-wait S    how long to wait for an idle host before each run (default 300)
+#   --max-other PCT  others' CPU above which a run is redone (default 25)
+#   --tries K        tries per run (default 4)
+#   --bin-dir DIR    where novacron, novacron-controller, novacron-agent are
+#                    (default target/debug; copied to a private directory first)
+#   --keep DIR       work in DIR and keep it (logs, state) instead of a temp dir
+# Prints a table and one JSON line. Guests run under TCG on the project's
+# machines (nested KVM cannot boot them; the agent's probe finds that out).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 RUNS=5
 SETTLE=5
-IDLE_WAIT=120
+IDLE_WAIT=300
+MAX_OTHER=25
+TRIES=4
 BIN_DIR=$ROOT/target/debug
 KEEP=
 IMAGE=novacron/guest-tiny:1
@@ -53,13 +63,18 @@ while [ $# -gt 0 ]; do
     --runs) RUNS=$2; shift 2 ;;
     --settle) SETTLE=$2; shift 2 ;;
     --idle-wait) IDLE_WAIT=$2; shift 2 ;;
+    --max-other) MAX_OTHER=$2; shift 2 ;;
+    --tries) TRIES=$2; shift 2 ;;
     --bin-dir) BIN_DIR=$2; shift 2 ;;
     --keep) KEEP=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 64 ;;
   esac
 done
-[[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "error: --runs needs a positive integer" >&2; exit 64; }
+for v in RUNS TRIES MAX_OTHER IDLE_WAIT SETTLE; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: --$(echo "$v" | tr 'A-Z_' 'a-z-') needs a whole number" >&2; exit 64; }
+done
+[ "$RUNS" -ge 1 ] && [ "$TRIES" -ge 1 ] || { echo "error: --runs and --tries must be at least 1" >&2; exit 64; }
 
 die() { echo "error: $*" >&2; exit 1; }
 
@@ -88,19 +103,22 @@ for b in novacron novacron-controller novacron-agent; do cp "$BIN_DIR/$b" "$BIN/
 CTL_PID=
 AGENT_PID=
 PLAIN_PID=
+BT_PID=
 STATE=$W/agent
 CLI_CFG=$W/cli-config.toml
+is_qemu() { [ -n "$1" ] && grep -q '^qemu' "/proc/$1/comm" 2>/dev/null; }
 cleanup() {
   local rc=$?
   set +e
-  # VMs the agent started outlive it (QEMU daemonizes): quit them by their pid files.
-  local p
-  for f in "$STATE"/vms/vm-*/qemu.pid; do
+  local p f
+  [ -n "$BT_PID" ] && kill "$BT_PID" 2>/dev/null
+  # QEMU daemonizes: the agent's VMs and the plain ones outlive their parents.
+  for f in "$STATE"/vms/vm-*/qemu.pid "$W"/boottest-*/qemu.pid; do
     [ -f "$f" ] || continue
     p=$(cat "$f" 2>/dev/null)
-    [ -n "$p" ] && grep -q qemu "/proc/$p/comm" 2>/dev/null && kill "$p"
+    is_qemu "$p" && kill "$p"
   done
-  [ -n "$PLAIN_PID" ] && grep -q qemu "/proc/$PLAIN_PID/comm" 2>/dev/null && kill "$PLAIN_PID"
+  is_qemu "$PLAIN_PID" && kill "$PLAIN_PID"
   [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null
   [ -n "$CTL_PID" ] && kill "$CTL_PID" 2>/dev/null
   for p in $AGENT_PID $CTL_PID; do
@@ -117,6 +135,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- helpers -----------------------------------------------------------------
+HZ=$(getconf CLK_TCK)
 now() { date +%s.%N; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a - b}'; }
 alive() { # a process that exists and is not a zombie
@@ -128,19 +147,25 @@ free_port() { # a port free on loopback for both TCP and UDP
   local p
   for _ in $(seq 100); do
     p=$((20000 + RANDOM % 30000))
-    if [ -z "$(ss -Htaun "( sport = :$p )" 2>/dev/null)" ]; then echo "$p"; return; fi
+    if [ -z "$(ss -Htaun "( sport = :$p )" 2>/dev/null)" ]; then echo "$p"; return 0; fi
   done
   die "no free port found"
 }
-cpu_jiffies() { awk '/^cpu /{b=$2+$3+$4+$7+$8+$9; t=b+$5+$6; print b, t}' /proc/stat; }
+busy_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 host_busy() { # host busy %, both cores, over $1 seconds
   local b1 t1 b2 t2
-  read -r b1 t1 < <(cpu_jiffies); sleep "$1"; read -r b2 t2 < <(cpu_jiffies)
+  read -r b1 t1 < <(awk '/^cpu /{b=$2+$3+$4+$7+$8+$9; print b, b+$5+$6}' /proc/stat)
+  sleep "$1"
+  read -r b2 t2 < <(awk '/^cpu /{b=$2+$3+$4+$7+$8+$9; print b, b+$5+$6}' /proc/stat)
   awk -v b="$((b2 - b1))" -v t="$((t2 - t1))" 'BEGIN{printf "%.0f", t ? 100 * b / t : 0}'
+}
+proc_jiffies() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+others_pct() { # HOST-BUSY-JIFFIES KNOWN-JIFFIES WINDOW-S -> % of one core
+  awk -v h="$1" -v k="$2" -v w="$3" -v hz="$HZ" 'BEGIN{ o = 100 * (h - k) / (w * hz); printf "%.0f", o < 0 ? 0 : o }'
 }
 compiling() { # 1 when a compiler or cargo runs on this host
   local c
-  for c in rustc cargo cc1 ld ld.lld; do pgrep -x "$c" >/dev/null && { echo 1; return; }; done
+  for c in rustc cargo cc1 cc ld ld.lld rust-lld; do pgrep -x "$c" >/dev/null && { echo 1; return 0; }; done
   echo 0
 }
 BUSY_BEFORE=0
@@ -149,10 +174,10 @@ wait_idle() { # sets BUSY_BEFORE; waits at most IDLE_WAIT s for < 15 % over 3 s
   start=$(date +%s)
   while :; do
     BUSY_BEFORE=$(host_busy 3)
-    [ "$BUSY_BEFORE" -lt 15 ] && return
+    [ "$BUSY_BEFORE" -lt 15 ] && return 0
     if [ $(($(date +%s) - start)) -ge "$IDLE_WAIT" ]; then
       echo "  (host still ${BUSY_BEFORE}% busy after ${IDLE_WAIT}s; running anyway)" >&2
-      return
+      return 0
     fi
   done
 }
@@ -171,7 +196,6 @@ mem_of() { # PID -> "rss pss ram_rss tcg_rss rest_rss rest_pss" in kB
     END { printf "%d %d %d %d %d %d\n", rss, pss, rr, tr, rss - rr - tr, pss - rp - tp }
   ' "/proc/$pid/smaps"
 }
-proc_jiffies() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 qmp() { # SOCKET JSON
   printf '{"execute":"qmp_capabilities"}\n%s\n' "$2" | socat -t 1 - "UNIX-CONNECT:$1" >/dev/null 2>&1 || true
 }
@@ -180,35 +204,70 @@ median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END{ if (!NR) {pri
 minmax() { tr ' ' '\n' | awk 'NF' | sort -g | awk 'NR==1{lo=$1} {hi=$1} END{ if (NR) printf "%s-%s", lo, hi; else print "-" }'; }
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k / 1024}'; }
 
-echo "== vm-boot bench: $RUNS runs, settle ${SETTLE}s, work dir $W"
+# Runs "$1 $2" (a run function that sets OTHER and DESC) until OTHER <=
+# MAX_OTHER, at most TRIES times; $3, when given, is called before a retry.
+declare -a DISCARDED=() FORCED=()
+attempt() {
+  local fn=$1 i=$2 before=${3:-} try
+  for try in $(seq "$TRIES"); do
+    wait_idle
+    "$fn" "$i"
+    if [ "$OTHER" -le "$MAX_OTHER" ]; then return 0; fi
+    if [ "$try" -lt "$TRIES" ]; then
+      DISCARDED+=("$fn $i try $try: others ${OTHER}% ($DESC)")
+      echo "  discarded: others used ${OTHER}% of a core (> ${MAX_OTHER}%): $DESC"
+      [ -z "$before" ] || "$before"
+    fi
+  done
+  FORCED+=("$fn $i: others ${OTHER}% after $TRIES tries")
+  echo "  kept anyway after $TRIES tries (others ${OTHER}%)"
+}
+
+echo "== vm-boot bench: $RUNS runs, settle ${SETTLE}s, max others ${MAX_OTHER}%, work dir $W"
 echo "   $(date -u '+%Y-%m-%d %H:%M:%S UTC'), nproc $(nproc), kernel $(uname -r), $(qemu-system-x86_64 --version | head -1)"
 echo "   binaries from $BIN_DIR: $("$BIN/novacron" --version 2>/dev/null | head -1)"
 
 # ---- 1a. anchor: packaging/vm/boot-test.sh -----------------------------------
-declare -a BT_HEALTH=() BT_READY=() BT_BUSY=() BT_CC=()
-for i in $(seq "$RUNS"); do
-  wait_idle
-  cc0=$(compiling)
+declare -a BT_HEALTH=() BT_READY=() BT_BUSY=() BT_OTHER=() BT_CC=()
+bt_run() {
+  local i=$1 d=$W/boottest-$1 port out line hb0 s qp= qj=0 f cc0
+  rm -rf "$d" "$d.out"; mkdir -p "$d"
   port=$(free_port)
-  out=$(bash "$ROOT/packaging/vm/boot-test.sh" --port "$port" 2>&1) ||
-    { echo "$out" >&2; die "packaging/vm/boot-test.sh failed (run $i)"; }
-  line=$(echo "$out" | grep '^OK ' | tail -1)
-  h=$(echo "$line" | sed -n 's/.* health_s=\([0-9.]*\).*/\1/p')
-  r=$(echo "$line" | sed -n 's/.* ready_s=\([0-9.]*\).*/\1/p')
-  cc=$(( cc0 | $(compiling) ))
-  BT_HEALTH+=("$h"); BT_READY+=("$r"); BT_BUSY+=("$BUSY_BEFORE"); BT_CC+=("$cc")
-  echo "boot-test.sh $i: launch->ready ${r}s, launch->/health ${h}s (host ${BUSY_BEFORE}% busy before, compiler running: $cc)"
+  cc0=$(compiling)
+  hb0=$(busy_jiffies); s=$(now)
+  bash "$ROOT/packaging/vm/boot-test.sh" --port "$port" --keep "$d" >"$d.out" 2>&1 &
+  BT_PID=$!
+  # QEMU's CPU time, read (without forking) until it exits.
+  while kill -0 "$BT_PID" 2>/dev/null; do
+    if [ -z "$qp" ] && [ -s "$d/qemu.pid" ]; then qp=$(<"$d/qemu.pid"); fi
+    if [ -n "$qp" ] && { read -r -a f <"/proc/$qp/stat"; } 2>/dev/null; then qj=$((f[13] + f[14])); fi
+    sleep 0.1
+  done
+  if ! wait "$BT_PID"; then BT_PID=; cat "$d.out" >&2; die "packaging/vm/boot-test.sh failed (run $i)"; fi
+  BT_PID=
+  OTHER=$(others_pct "$(( $(busy_jiffies) - hb0 ))" "$qj" "$(sub "$(now)" "$s")")
+  line=$(grep '^OK ' "$d.out" | tail -1)
+  BT_H=$(echo "$line" | sed -n 's/.* health_s=\([0-9.]*\).*/\1/p')
+  BT_R=$(echo "$line" | sed -n 's/.* ready_s=\([0-9.]*\).*/\1/p')
+  BT_C=$(( cc0 | $(compiling) ))
+  DESC="launch->ready ${BT_R}s, launch->/health ${BT_H}s"
+  rm -rf "$d"
+}
+for i in $(seq "$RUNS"); do
+  attempt bt_run "$i"
+  BT_HEALTH+=("$BT_H"); BT_READY+=("$BT_R"); BT_BUSY+=("$BUSY_BEFORE"); BT_OTHER+=("$OTHER"); BT_CC+=("$BT_C")
+  echo "boot-test.sh $i: $DESC (host ${BUSY_BEFORE}% busy before, others ${OTHER}% of a core, compiler: $BT_C)"
 done
 
 # ---- 1b. plain QEMU with boot-test.sh's command line, held for memory ---------
-declare -a PL_HEALTH=() PL_MEM=() PL_BUSY=() PL_CC=()
+declare -a PL_HEALTH=() PL_MEM=() PL_BUSY=() PL_OTHER=() PL_CC=()
 APPEND=$(sed -n 's/.*"cmdline":"\([^"]*\)".*/\1/p' "$GUEST/novacron-vm.json")
-for i in $(seq "$RUNS"); do
-  wait_idle
-  cc0=$(compiling)
-  d=$W/plain-$i
-  mkdir -p "$d"
+pl_run() {
+  local i=$1 d=$W/plain-$1 port start h= deadline hb0 cc0
+  rm -rf "$d"; mkdir -p "$d"
   port=$(free_port)
+  cc0=$(compiling)
+  hb0=$(busy_jiffies)
   start=$(now)
   qemu-system-x86_64 -accel tcg -M q35 -m "$MEM_MIB" -smp 1 \
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.img" -append "$APPEND novacron.hostname=plain-$i" \
@@ -217,24 +276,30 @@ for i in $(seq "$RUNS"); do
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:8080" -device virtio-net-pci,netdev=n0 \
     -daemonize -pidfile "$d/qemu.pid"
   PLAIN_PID=$(cat "$d/qemu.pid")
-  h=
   deadline=$(($(date +%s) + 90))
   while [ -z "$h" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || die "plain QEMU $i: no /health within 90 s (console: $d/console.log)"
     alive "$PLAIN_PID" || die "plain QEMU $i exited (console: $d/console.log)"
-    [ "$(curl -s -m 1 "http://127.0.0.1:$port/health" 2>/dev/null)" = ok ] && h=$(sub "$(now)" "$start")
-    [ -n "$h" ] || sleep 0.05
+    if [ "$(curl -s -m 1 "http://127.0.0.1:$port/health" 2>/dev/null)" = ok ]; then h=$(sub "$(now)" "$start"); else sleep 0.05; fi
   done
+  OTHER=$(others_pct "$(( $(busy_jiffies) - hb0 ))" "$(proc_jiffies "$PLAIN_PID")" "$(sub "$(now)" "$start")")
   sleep "$SETTLE"
-  m=$(mem_of "$PLAIN_PID")
+  PL_M=$(mem_of "$PLAIN_PID")
   qmp "$d/qmp.sock" '{"execute":"quit"}'
   for _ in $(seq 100); do alive "$PLAIN_PID" || break; sleep 0.05; done
-  alive "$PLAIN_PID" && { kill "$PLAIN_PID"; sleep 0.5; }
+  if alive "$PLAIN_PID"; then kill "$PLAIN_PID"; sleep 0.5; fi
   PLAIN_PID=
-  cc=$(( cc0 | $(compiling) ))
-  PL_HEALTH+=("$h"); PL_MEM+=("$m"); PL_BUSY+=("$BUSY_BEFORE"); PL_CC+=("$cc")
-  read -r rss pss rr tr rest _ <<<"$m"
-  echo "plain qemu $i: launch->/health ${h}s; after ${SETTLE}s: RSS $(mib "$rss") MiB, PSS $(mib "$pss") MiB (guest RAM $(mib "$rr"), TCG buffer $(mib "$tr"), rest $(mib "$rest") MiB)"
+  PL_H=$h
+  PL_C=$(( cc0 | $(compiling) ))
+  local rss pss rr tr rest
+  read -r rss pss rr tr rest _ <<<"$PL_M"
+  DESC="launch->/health ${h}s; after ${SETTLE}s: RSS $(mib "$rss") MiB, PSS $(mib "$pss") MiB (guest RAM $(mib "$rr"), TCG buffer $(mib "$tr"), rest $(mib "$rest") MiB)"
+  rm -rf "$d"
+}
+for i in $(seq "$RUNS"); do
+  attempt pl_run "$i"
+  PL_HEALTH+=("$PL_H"); PL_MEM+=("$PL_M"); PL_BUSY+=("$BUSY_BEFORE"); PL_OTHER+=("$OTHER"); PL_CC+=("$PL_C")
+  echo "plain qemu $i: $DESC (host ${BUSY_BEFORE}% busy before, others ${OTHER}% of a core, compiler: $PL_C)"
 done
 
 # ---- 2. NovaCron: controller + agent -----------------------------------------
@@ -259,7 +324,10 @@ key = "$PKI/admin-key.pem"
 EOF
 cli() { "$BIN/novacron" --config "$CLI_CFG" "$@"; }
 api() { curl -sf -m 5 --cacert "$PKI/ca.pem" --cert "$PKI/admin.pem" --key "$PKI/admin-key.pem" "https://127.0.0.1:$CPORT$1"; }
-for _ in $(seq 200); do api /healthz >/dev/null 2>&1 && break; kill -0 "$CTL_PID" 2>/dev/null || break; sleep 0.1; done
+for _ in $(seq 200); do
+  if api /healthz >/dev/null 2>&1 || ! kill -0 "$CTL_PID" 2>/dev/null; then break; fi
+  sleep 0.1
+done
 api /healthz >/dev/null 2>&1 || { tail -n 30 "$W/controller.log" >&2; die "the controller's API did not answer within 20 s"; }
 
 TOKEN=$("$BIN/novacron-controller" --data-dir "$W/controller" token create --quiet --uses 1) ||
@@ -267,39 +335,49 @@ TOKEN=$("$BIN/novacron-controller" --data-dir "$W/controller" token create --qui
 "$BIN/novacron-agent" join --controller "https://127.0.0.1:$CPORT" --token "$TOKEN" \
   --ca-fingerprint "$FP" --name vmbench --state-dir "$STATE" >"$W/join.out" 2>&1 ||
   { cat "$W/join.out" >&2; die "novacron-agent join failed"; }
-RUST_LOG=info "$BIN/novacron-agent" run --state-dir "$STATE" --publish-address 127.0.0.1 \
-  >/dev/null 2>"$W/agent.log" &
-AGENT_PID=$!
-ready=0
-for _ in $(seq 300); do
-  if api /v1/nodes/vmbench 2>/dev/null | grep -q '"status": *"ready"'; then ready=1; break; fi
-  kill -0 "$AGENT_PID" 2>/dev/null || break
-  sleep 0.1
-done
-[ "$ready" = 1 ] || { tail -n 30 "$W/agent.log" >&2; die "node vmbench not ready within 30 s"; }
-api /v1/nodes/vmbench | grep -q '"vm"' || die "the node reports no VM capability (see $W/agent.log)"
-sleep "$SETTLE"
-AGENT_RSS0=$(kb_of "/proc/$AGENT_PID/status" VmRSS)
-echo "controller :$CPORT and agent up; agent RSS before any VM: $(mib "$AGENT_RSS0") MiB"
+AGENT_RSS0=
+start_agent() {
+  local ready=0
+  RUST_LOG=info "$BIN/novacron-agent" run --state-dir "$STATE" --publish-address 127.0.0.1 \
+    >/dev/null 2>>"$W/agent.log" &
+  AGENT_PID=$!
+  for _ in $(seq 300); do
+    if api /v1/nodes/vmbench 2>/dev/null | grep -q '"status": *"ready"'; then ready=1; break; fi
+    kill -0 "$AGENT_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ "$ready" = 1 ] || { tail -n 30 "$W/agent.log" >&2; die "node vmbench not ready within 30 s"; }
+  api /v1/nodes/vmbench | grep -q '"vm"' || die "the node reports no VM capability (see $W/agent.log)"
+  sleep "$SETTLE"
+  AGENT_RSS0=$(kb_of "/proc/$AGENT_PID/status" VmRSS)
+  echo "controller :$CPORT and agent (pid $AGENT_PID) up; agent RSS before any VM: $(mib "$AGENT_RSS0") MiB"
+}
+recold() { # a new agent process with an empty image cache: the next run is cold again
+  kill "$AGENT_PID"
+  for _ in $(seq 100); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
+  wait "$AGENT_PID" 2>/dev/null || true
+  rm -rf "$STATE"/vms/images/*
+  start_agent
+}
+start_agent
 
 vm_pid() { # the pid of the live QEMU of the agent's VM, if any
   local f p
   for f in "$STATE"/vms/vm-*/qemu.pid; do
     [ -f "$f" ] || continue
     p=$(cat "$f" 2>/dev/null) || continue
-    [ -n "$p" ] && alive "$p" && { echo "$p"; return; }
+    if [ -n "$p" ] && alive "$p"; then echo "$p"; return 0; fi
   done
   return 0
 }
 
 declare -a NC_APPLY=() NC_PID=() NC_HEALTH=() NC_STOP=() NC_MEM=() NC_AGENT=() NC_AGENT_AFTER=() NC_BUSY=() NC_CC=() NC_OTHER=()
-TOTAL=$((RUNS + 1))
 QEMU_CMDLINE=
 ACCEL=
-for i in $(seq "$TOTAL"); do
-  wait_idle
-  cc0=$(compiling)
+nc_run() {
+  local i=$1 port a0 t0 pid= pid_s= h= deadline hb0 aj0 cj0 known s0 st= cc0 meta
   port=$(free_port)
+  cc0=$(compiling)
   cat >"$W/bench-vm.yaml" <<EOF
 apiVersion: novacron.io/v1
 kind: Job
@@ -322,14 +400,11 @@ spec:
 EOF
   aj0=$(proc_jiffies "$AGENT_PID")
   cj0=$(proc_jiffies "$CTL_PID")
-  read -r hb0 _ < <(cpu_jiffies)
+  hb0=$(busy_jiffies)
   a0=$(now)
   cli apply -f "$W/bench-vm.yaml" >"$W/apply-$i.out" 2>&1 || { cat "$W/apply-$i.out" >&2; die "novacron apply failed (run $i)"; }
   t0=$(now)
-  apply_s=$(sub "$t0" "$a0")
-  pid=
-  pid_s=
-  h=
+  NC_A=$(sub "$t0" "$a0")
   deadline=$(($(date +%s) + 180))
   while [ -z "$h" ]; do
     if [ "$(date +%s)" -ge "$deadline" ]; then
@@ -340,59 +415,56 @@ EOF
       pid=$(vm_pid)
       [ -z "$pid" ] || pid_s=$(sub "$(now)" "$t0")
     fi
-    [ "$(curl -s -m 1 "http://127.0.0.1:$port/health" 2>/dev/null)" = ok ] && h=$(sub "$(now)" "$t0")
-    [ -n "$h" ] || sleep 0.05
+    if [ "$(curl -s -m 1 "http://127.0.0.1:$port/health" 2>/dev/null)" = ok ]; then h=$(sub "$(now)" "$t0"); else sleep 0.05; fi
   done
-  read -r hb1 _ < <(cpu_jiffies)
   [ -n "$pid" ] || pid=$(vm_pid)
   [ -n "$pid" ] || die "run $i: /health answers but no live QEMU in $STATE/vms"
   [ -n "$pid_s" ] || pid_s=$h
-  # Other processes' CPU from apply to /health, % of one core: the host's busy
-  # time minus QEMU's, the agent's and the controller's (dockerd, the KVM probe's
-  # QEMU in run 1 and this script's curl polls count as other).
-  other=$(awk -v hb="$((hb1 - hb0))" -v q="$(proc_jiffies "$pid")" \
-    -v a="$(( $(proc_jiffies "$AGENT_PID") - aj0 ))" -v c="$(( $(proc_jiffies "$CTL_PID") - cj0 ))" \
-    -v w="$(sub "$(now)" "$a0")" -v hz="$(getconf CLK_TCK)" \
-    'BEGIN{ o = 100 * (hb - q - a - c) / (w * hz); printf "%.0f", o < 0 ? 0 : o }')
+  known=$(( $(proc_jiffies "$pid") + $(proc_jiffies "$AGENT_PID") - aj0 + $(proc_jiffies "$CTL_PID") - cj0 ))
+  OTHER=$(others_pct "$(( $(busy_jiffies) - hb0 ))" "$known" "$(sub "$(now)" "$a0")")
   if [ -z "$QEMU_CMDLINE" ]; then
     QEMU_CMDLINE=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-    ACCEL=$(sed -n 's/.*"accel": *"\([a-z]*\)".*/\1/p' "$(dirname "$(grep -l "^$pid\$" "$STATE"/vms/vm-*/qemu.pid | head -1)")/meta.json" 2>/dev/null || true)
+    meta=$(dirname "$(grep -lx "$pid" "$STATE"/vms/vm-*/qemu.pid | head -1)")/meta.json
+    ACCEL=$(sed -n 's/.*"accel": *"\([a-z]*\)".*/\1/p' "$meta" 2>/dev/null || true)
   fi
   sleep "$SETTLE"
-  m=$(mem_of "$pid")
-  agent_rss=$(kb_of "/proc/$AGENT_PID/status" VmRSS)
+  NC_M=$(mem_of "$pid")
+  NC_AG=$(kb_of "/proc/$AGENT_PID/status" VmRSS)
   s0=$(now)
   cli job stop bench-vm >"$W/stop-$i.out" 2>&1 || { cat "$W/stop-$i.out" >&2; die "novacron job stop failed (run $i)"; }
-  st=
   deadline=$(($(date +%s) + 90))
   while [ -z "$st" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || die "run $i: QEMU $pid still running 90 s after job stop"
-    alive "$pid" || st=$(sub "$(now)" "$s0")
-    [ -n "$st" ] || sleep 0.02
+    if alive "$pid"; then sleep 0.02; else st=$(sub "$(now)" "$s0"); fi
   done
   # The VM's directory goes after QEMU; wait for it so the next run starts clean.
   for _ in $(seq 300); do compgen -G "$STATE/vms/vm-*" >/dev/null || break; sleep 0.1; done
   sleep 1
-  agent_after=$(kb_of "/proc/$AGENT_PID/status" VmRSS)
-  cc=$(( cc0 | $(compiling) ))
-  NC_APPLY+=("$apply_s"); NC_PID+=("$pid_s"); NC_HEALTH+=("$h"); NC_STOP+=("$st"); NC_MEM+=("$m")
-  NC_AGENT+=("$agent_rss"); NC_AGENT_AFTER+=("$agent_after"); NC_BUSY+=("$BUSY_BEFORE"); NC_CC+=("$cc"); NC_OTHER+=("$other")
-  read -r rss pss rr tr rest _ <<<"$m"
-  echo "novacron $i$([ "$i" = 1 ] && echo ' (cold)'): apply ${apply_s}s; apply->qemu pid ${pid_s}s, apply->/health ${h}s; stop->qemu gone ${st}s; QEMU RSS $(mib "$rss") MiB, PSS $(mib "$pss") MiB (guest RAM $(mib "$rr"), TCG $(mib "$tr"), rest $(mib "$rest")); agent RSS $(mib "$agent_rss") -> $(mib "$agent_after") MiB after stop (host ${BUSY_BEFORE}% busy before, others ${other}% of a core during boot, compiler: $cc)"
+  NC_AG2=$(kb_of "/proc/$AGENT_PID/status" VmRSS)
+  NC_P=$pid_s; NC_H=$h; NC_S=$st
+  NC_C=$(( cc0 | $(compiling) ))
+  local rss pss rr tr rest
+  read -r rss pss rr tr rest _ <<<"$NC_M"
+  DESC="apply ${NC_A}s; apply->qemu pid ${pid_s}s, apply->/health ${h}s; stop->qemu gone ${st}s; QEMU RSS $(mib "$rss") MiB, PSS $(mib "$pss") MiB (guest RAM $(mib "$rr"), TCG $(mib "$tr"), rest $(mib "$rest")); agent RSS $(mib "$NC_AG") -> $(mib "$NC_AG2") MiB after stop"
+}
+for i in $(seq $((RUNS + 1))); do
+  if [ "$i" = 1 ]; then attempt nc_run 1 recold; else attempt nc_run "$i"; fi
+  NC_APPLY+=("$NC_A"); NC_PID+=("$NC_P"); NC_HEALTH+=("$NC_H"); NC_STOP+=("$NC_S"); NC_MEM+=("$NC_M")
+  NC_AGENT+=("$NC_AG"); NC_AGENT_AFTER+=("$NC_AG2"); NC_BUSY+=("$BUSY_BEFORE"); NC_CC+=("$NC_C"); NC_OTHER+=("$OTHER")
+  echo "novacron $i$([ "$i" = 1 ] && echo ' (cold)' || true): $DESC (host ${BUSY_BEFORE}% busy before, others ${OTHER}% of a core, compiler: $NC_C)"
 done
 
 # ---- results -------------------------------------------------------------------
-col() { # ARRAY-OF-"a b c" FIELD(1-based) -> the field of each, space separated
-  local f=$1; shift
-  local x
+col() { # FIELD(1-based) "a b c"... -> that field of each, space separated
+  local f=$1 x; shift
   for x in "$@"; do echo "$x" | awk -v f="$f" '{print $f}'; done | tr '\n' ' '
 }
-warm() { shift; echo "$@"; } # drop the first (cold) element
+warm() { shift; echo "$@"; } # drops the first (cold) element
 diffs() { # "a1 a2 ..." "b1 b2 ..." -> b - a each
   paste <(echo "$1" | tr ' ' '\n' | awk 'NF') <(echo "$2" | tr ' ' '\n' | awk 'NF') |
     awk '{printf "%.2f ", $2 - $1}'
 }
-kbcol_mib() { local v; for v in $1; do mib "$v"; echo -n " "; done; }
+kbcol_mib() { local v; for v in $1; do printf '%s ' "$(mib "$v")"; done; }
 stat_s() { echo "$(echo "$1" | median) s ($(echo "$1" | minmax))"; }
 stat_mib() { local m; m=$(kbcol_mib "$1"); echo "$(echo "$m" | median) MiB ($(echo "$m" | minmax))"; }
 
@@ -408,7 +480,7 @@ ratio_pl=$(awk -v a="$(echo "$nc_h_w" | median)" -v b="$(echo "$pl_h" | median)"
 nc_mem_w=("${NC_MEM[@]:1}")
 
 echo
-echo "== results ($RUNS runs each; NovaCron: 1 cold + $RUNS warm; accelerator: ${ACCEL:-?}, TCG here)"
+echo "== results ($RUNS runs each; NovaCron: 1 cold + $RUNS warm; accelerator: ${ACCEL:-?})"
 printf '%-58s | %s\n' "time" "median (min-max)"
 printf '%-58s | %s\n' "plain QEMU, boot-test.sh: launch -> /health ok" "$(stat_s "$bt_h")"
 printf '%-58s | %s\n' "plain QEMU, boot-test.sh: launch -> console ready" "$(stat_s "${BT_READY[*]}")"
@@ -434,19 +506,24 @@ printf '%-40s | %s\n' "agent VmRSS with the VM running (warm)" "$(stat_mib "$(wa
 printf '%-40s | %s\n' "agent VmRSS with the VM running (run 1)" "$(mib "${NC_AGENT[0]}") MiB"
 printf '%-40s | %s\n' "agent VmRSS after each stop" "$(stat_mib "${NC_AGENT_AFTER[*]}")"
 echo
-echo "host busy % over 3 s before each run (both cores): boot-test ${BT_BUSY[*]}; plain ${PL_BUSY[*]}; novacron ${NC_BUSY[*]}"
-echo "other processes' CPU during each NovaCron boot (% of one core): ${NC_OTHER[*]}"
-echo "compiler running (1) at the start or end of each run: boot-test ${BT_CC[*]}; plain ${PL_CC[*]}; novacron ${NC_CC[*]}"
+echo "host busy % over 3 s before each kept run (both cores): boot-test ${BT_BUSY[*]}; plain ${PL_BUSY[*]}; novacron ${NC_BUSY[*]}"
+echo "others' CPU during each kept run (% of one core): boot-test ${BT_OTHER[*]}; plain ${PL_OTHER[*]}; novacron ${NC_OTHER[*]}"
+echo "compiler running (1) at the start or end of each kept run: boot-test ${BT_CC[*]}; plain ${PL_CC[*]}; novacron ${NC_CC[*]}"
+echo "discarded runs: ${#DISCARDED[@]}"
+for d in "${DISCARDED[@]}"; do echo "  $d"; done
+echo "runs kept over the others limit: ${#FORCED[@]}"
+for d in "${FORCED[@]}"; do echo "  $d"; done
 echo "NovaCron's QEMU: $QEMU_CMDLINE"
 
 js_arr() { echo "$*" | awk '{printf "["; for (i = 1; i <= NF; i++) printf "%s%s", (i > 1 ? "," : ""), $i; printf "]"}'; }
-printf '{"bench":"vm-boot","runs":%d,"settle_s":%s,"accel":"%s","cores":%d,"qemu":"%s","boot_test_health_s":%s,"boot_test_ready_s":%s,"plain_health_s":%s,"novacron_apply_s":%s,"novacron_qemu_pid_s":%s,"novacron_health_s":%s,"novacron_stop_s":%s,"novacron_ratio_boot_test":%s,"novacron_ratio_plain":%s,"novacron_qemu_mem_kb":%s,"plain_qemu_mem_kb":%s,"mem_fields":"rss pss ram_rss tcg_rss rest_rss rest_pss","agent_rss_kb_idle":%s,"agent_rss_kb_with_vm":%s,"agent_rss_kb_after_stop":%s,"busy_before_pct":{"boot_test":%s,"plain":%s,"novacron":%s},"novacron_other_cpu_pct":%s,"compiler_running":{"boot_test":%s,"plain":%s,"novacron":%s}}\n' \
-  "$RUNS" "$SETTLE" "${ACCEL:-unknown}" "$(nproc)" "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" \
+js_mem() { local m; for m in "$@"; do js_arr "$m"; printf ,; done | sed 's/,$//'; }
+printf '{"bench":"vm-boot","runs":%d,"settle_s":%s,"max_other_pct":%s,"accel":"%s","cores":%d,"qemu":"%s","boot_test_health_s":%s,"boot_test_ready_s":%s,"plain_health_s":%s,"novacron_apply_s":%s,"novacron_qemu_pid_s":%s,"novacron_health_s":%s,"novacron_stop_s":%s,"novacron_ratio_boot_test":%s,"novacron_ratio_plain":%s,"novacron_qemu_mem_kb":[%s],"plain_qemu_mem_kb":[%s],"mem_fields":"rss pss ram_rss tcg_rss rest_rss rest_pss","agent_rss_kb_idle":%s,"agent_rss_kb_with_vm":%s,"agent_rss_kb_after_stop":%s,"busy_before_pct":{"boot_test":%s,"plain":%s,"novacron":%s},"other_cpu_pct":{"boot_test":%s,"plain":%s,"novacron":%s},"compiler_running":{"boot_test":%s,"plain":%s,"novacron":%s},"discarded_runs":%d,"forced_runs":%d}\n' \
+  "$RUNS" "$SETTLE" "$MAX_OTHER" "${ACCEL:-unknown}" "$(nproc)" "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" \
   "$(js_arr "$bt_h")" "$(js_arr "${BT_READY[*]}")" "$(js_arr "$pl_h")" \
   "$(js_arr "${NC_APPLY[*]}")" "$(js_arr "${NC_PID[*]}")" "$(js_arr "${NC_HEALTH[*]}")" "$(js_arr "${NC_STOP[*]}")" \
-  "$ratio_bt" "$ratio_pl" \
-  "[$(for m in "${NC_MEM[@]}"; do js_arr "$m"; echo -n ,; done | sed 's/,$//')]" \
-  "[$(for m in "${PL_MEM[@]}"; do js_arr "$m"; echo -n ,; done | sed 's/,$//')]" \
+  "$ratio_bt" "$ratio_pl" "$(js_mem "${NC_MEM[@]}")" "$(js_mem "${PL_MEM[@]}")" \
   "$AGENT_RSS0" "$(js_arr "${NC_AGENT[*]}")" "$(js_arr "${NC_AGENT_AFTER[*]}")" \
-  "$(js_arr "${BT_BUSY[*]}")" "$(js_arr "${PL_BUSY[*]}")" "$(js_arr "${NC_BUSY[*]}")" "$(js_arr "${NC_OTHER[*]}")" \
-  "$(js_arr "${BT_CC[*]}")" "$(js_arr "${PL_CC[*]}")" "$(js_arr "${NC_CC[*]}")"
+  "$(js_arr "${BT_BUSY[*]}")" "$(js_arr "${PL_BUSY[*]}")" "$(js_arr "${NC_BUSY[*]}")" \
+  "$(js_arr "${BT_OTHER[*]}")" "$(js_arr "${PL_OTHER[*]}")" "$(js_arr "${NC_OTHER[*]}")" \
+  "$(js_arr "${BT_CC[*]}")" "$(js_arr "${PL_CC[*]}")" "$(js_arr "${NC_CC[*]}")" \
+  "${#DISCARDED[@]}" "${#FORCED[@]}"

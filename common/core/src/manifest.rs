@@ -42,6 +42,7 @@ pub mod scale;
 pub mod secret;
 mod validate;
 pub mod vm;
+pub mod vm_templates;
 
 // checkpoint: re-export of the spec.checkpoint types.
 pub use checkpoint::{CheckpointPolicy, DEFAULT_KEEP};

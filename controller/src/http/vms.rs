@@ -25,7 +25,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(delete_template))
 }
 
-#[utoipa::path(post, path = "/v1/vms/templates", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedTemplate>), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/vms/templates", operation_id = "apply_vm_templates", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedTemplate>), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn apply(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -59,7 +59,7 @@ async fn apply(
     Ok(Json(applied))
 }
 
-#[utoipa::path(get, path = "/v1/vms/templates", tag = "workloads", responses((status = 200, description = "every VM template, sorted by name, with the defaults filled in", body = Vec<VmTemplateView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(get, path = "/v1/vms/templates", operation_id = "list_vm_templates", tag = "workloads", responses((status = 200, description = "every VM template, sorted by name, with the defaults filled in", body = Vec<VmTemplateView>), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn list(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -73,7 +73,7 @@ async fn list(
     Ok(Json(views))
 }
 
-#[utoipa::path(delete, path = "/v1/vms/templates/{name}", tag = "workloads", params(("name" = String, Path, description = "template name")), responses((status = 204, description = "the same as `POST /v1/vms/templates/{name}/delete`; deleted; jobs applied with it keep the machine they resolved"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(delete, path = "/v1/vms/templates/{name}", operation_id = "delete_vm_template", tag = "workloads", params(("name" = String, Path, description = "template name")), responses((status = 204, description = "the same as `POST /v1/vms/templates/{name}/delete`; deleted; jobs applied with it keep the machine they resolved"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn delete_template(
     state: State<Arc<ApiState>>,
     caller: Caller,
@@ -82,7 +82,7 @@ async fn delete_template(
     delete(state, caller, name).await
 }
 
-#[utoipa::path(post, path = "/v1/vms/templates/{name}/delete", tag = "workloads", params(("name" = String, Path, description = "template name")), responses((status = 204, description = "deleted; jobs applied with it keep the machine they resolved"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/vms/templates/{name}/delete", operation_id = "post_delete_vm_template", tag = "workloads", params(("name" = String, Path, description = "template name")), responses((status = 204, description = "deleted; jobs applied with it keep the machine they resolved"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn delete(
     State(st): State<Arc<ApiState>>,
     caller: Caller,

@@ -7,9 +7,8 @@
 use std::time::SystemTime;
 
 use novacron_common::clock::unix_ms;
-use novacron_common::manifest::vm::{
-    TEMPLATE_KIND, VmTemplateManifest, VmTemplateSpec, parse_vm_templates, resolve,
-};
+use novacron_common::manifest::vm::{TEMPLATE_KIND, VmTemplateManifest, VmTemplateSpec, resolve};
+use novacron_common::manifest::vm_templates::parse_vm_templates;
 use novacron_common::manifest::{API_VERSION, Metadata, VmTask, VmTemplate};
 use serde::{Deserialize, Serialize};
 

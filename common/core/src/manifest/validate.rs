@@ -983,7 +983,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_task_is_checked_reaches_the_agent_and_needs_a_vm_node() {
+    fn a_vm_task_is_checked_and_reaches_the_agent() {
         let job = |vm: &str, extra: &str, memory: &str| {
             format!(
                 "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: vm}}\nspec:\n  task:\n    \
@@ -1007,17 +1007,6 @@ mod tests {
         );
         assert_eq!(spec.disk_bytes, 2 << 30);
         assert_eq!(spec.machine, "q35");
-        let request = crate::scheduler::Request::from_spec("vm", &ok.spec, 1);
-        assert!(
-            request
-                .placement
-                .constraints
-                .iter()
-                .any(|c| c.key == crate::manifest::VM_NODE_LABEL
-                    && c.operator == crate::manifest::Operator::Exists),
-            "{:?}",
-            request.placement
-        );
         let errors = crate::manifest::parse_job(
             "bad.yaml",
             &job(

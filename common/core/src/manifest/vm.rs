@@ -8,11 +8,8 @@
 //! in the job version, so a later change of the template reaches a job only when
 //! it is applied again (as a new version, rolled out like any change).
 
+use super::{ByteSize, Metadata, Resources};
 use serde::{Deserialize, Serialize};
-use yaml_serde::Value;
-
-use super::document::{self, Kind, Rule};
-use super::{ByteSize, ManifestErrors, Metadata, Resources};
 
 /// The label the controller gives every node that can run virtual machines; its
 /// value is the accelerator (`kvm` or `tcg`). A job with `spec.task.vm` is
@@ -241,44 +238,6 @@ pub fn resources_problem(vm: &novacron_wire::VmSpec, resources: &Resources) -> O
     })
 }
 
-/// Parses a file of VM templates separated by `---`.
-pub fn parse_vm_templates(file: &str, text: &str) -> Result<Vec<VmTemplate>, ManifestErrors> {
-    document::load_all(
-        file,
-        text,
-        &Kind {
-            kind: TEMPLATE_KIND,
-            noun: "VM template",
-        },
-        |m: VmTemplateManifest, _: &Value| {
-            let mut rules = document::envelope(
-                &m.api_version,
-                &m.kind,
-                TEMPLATE_KIND,
-                &m.metadata,
-                "VM template",
-            );
-            rules.extend(
-                problems(&m.spec)
-                    .into_iter()
-                    .map(|(key, message)| Rule::at(format!("spec.{key}"), message)),
-            );
-            if m.spec.disk.is_none() && m.spec.disk_size.is_some() {
-                rules.push(Rule::at("spec.diskSize", "a size needs a base disk (disk)"));
-            }
-            if rules.is_empty() {
-                Ok(VmTemplate {
-                    name: m.metadata.name,
-                    spec: m.spec,
-                })
-            } else {
-                Err(rules)
-            }
-        },
-        |t: &VmTemplate| &t.name,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,29 +277,5 @@ mod tests {
         };
         assert!(resources_problem(&vm, &small).is_some());
         assert!(resources_problem(&bare, &small).is_none());
-    }
-
-    #[test]
-    fn templates_parse_with_located_errors() {
-        let ok = parse_vm_templates(
-            "t.yaml",
-            "apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: small}\nspec: {vcpus: 1, memory: 256Mi, initrd: /boot/initrd.img}\n",
-        )
-        .expect("valid");
-        assert_eq!(ok[0].name, "small");
-        assert_eq!(ok[0].spec.memory, Some(ByteSize(256 << 20)));
-        let bad = parse_vm_templates(
-            "t.yaml",
-            "apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: big}\nspec:\n  vcpus: 99\n  machine: virt\n  diskSize: 1Gi\n",
-        )
-        .expect_err("invalid")
-        .to_string();
-        for wanted in [
-            "t.yaml:5:10: spec.vcpus: 99 is out of range",
-            "t.yaml:6:12: spec.machine: \"virt\" is not a machine",
-            "spec.diskSize: a size needs a base disk",
-        ] {
-            assert!(bad.contains(wanted), "{wanted}\n{bad}");
-        }
     }
 }

@@ -1571,3 +1571,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_vm_job_is_placed_only_on_nodes_with_the_vm_label() {
+    let text = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: vm}\nspec:\n  task:\n    image: novacron/guest-tiny:1\n    vm: {memory: 128Mi}\n  resources: {cpu: 1, memory: 256Mi}\n";
+    let job = crate::manifest::parse_job("vm.yaml", text).expect("valid");
+    let request = Request::from_spec("vm", &job.spec, 1);
+    assert!(
+        request
+            .placement
+            .constraints
+            .iter()
+            .any(|c| c.key == crate::manifest::VM_NODE_LABEL
+                && c.operator == crate::manifest::Operator::Exists),
+        "{:?}",
+        request.placement
+    );
+    let container =
+        crate::manifest::parse_job("c.yaml", &text.replace("    vm: {memory: 128Mi}\n", ""))
+            .expect("valid");
+    assert!(
+        Request::from_spec("c", &container.spec, 1)
+            .placement
+            .constraints
+            .is_empty()
+    );
+}
