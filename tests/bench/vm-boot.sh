@@ -74,7 +74,7 @@ done
 for v in RUNS TRIES MAX_OTHER IDLE_WAIT SETTLE; do
   [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: --$(echo "$v" | tr 'A-Z_' 'a-z-') needs a whole number" >&2; exit 64; }
 done
-[ "$RUNS" -ge 1 ] && [ "$TRIES" -ge 1 ] || { echo "error: --runs and --tries must be at least 1" >&2; exit 64; }
+if [ "$RUNS" -lt 1 ] || [ "$TRIES" -lt 1 ]; then echo "error: --runs and --tries must be at least 1" >&2; exit 64; fi
 
 die() { echo "error: $*" >&2; exit 1; }
 
@@ -230,7 +230,7 @@ echo "   binaries from $BIN_DIR: $("$BIN/novacron" --version 2>/dev/null | head 
 # ---- 1a. anchor: packaging/vm/boot-test.sh -----------------------------------
 declare -a BT_HEALTH=() BT_READY=() BT_BUSY=() BT_OTHER=() BT_CC=()
 bt_run() {
-  local i=$1 d=$W/boottest-$1 port out line hb0 s qp= qj=0 f cc0
+  local i=$1 d=$W/boottest-$1 port line hb0 s qp='' qj=0 f cc0
   rm -rf "$d" "$d.out"; mkdir -p "$d"
   port=$(free_port)
   cc0=$(compiling)
@@ -263,7 +263,7 @@ done
 declare -a PL_HEALTH=() PL_MEM=() PL_BUSY=() PL_OTHER=() PL_CC=()
 APPEND=$(sed -n 's/.*"cmdline":"\([^"]*\)".*/\1/p' "$GUEST/novacron-vm.json")
 pl_run() {
-  local i=$1 d=$W/plain-$1 port start h= deadline hb0 cc0
+  local i=$1 d=$W/plain-$1 port start h='' deadline hb0 cc0
   rm -rf "$d"; mkdir -p "$d"
   port=$(free_port)
   cc0=$(compiling)
@@ -375,7 +375,7 @@ declare -a NC_APPLY=() NC_PID=() NC_HEALTH=() NC_STOP=() NC_MEM=() NC_AGENT=() N
 QEMU_CMDLINE=
 ACCEL=
 nc_run() {
-  local i=$1 port a0 t0 pid= pid_s= h= deadline hb0 aj0 cj0 known s0 st= cc0 meta
+  local i=$1 port a0 t0 pid='' pid_s='' h='' deadline hb0 aj0 cj0 known s0 st='' cc0 meta
   port=$(free_port)
   cc0=$(compiling)
   cat >"$W/bench-vm.yaml" <<EOF
@@ -451,7 +451,8 @@ for i in $(seq $((RUNS + 1))); do
   if [ "$i" = 1 ]; then attempt nc_run 1 recold; else attempt nc_run "$i"; fi
   NC_APPLY+=("$NC_A"); NC_PID+=("$NC_P"); NC_HEALTH+=("$NC_H"); NC_STOP+=("$NC_S"); NC_MEM+=("$NC_M")
   NC_AGENT+=("$NC_AG"); NC_AGENT_AFTER+=("$NC_AG2"); NC_BUSY+=("$BUSY_BEFORE"); NC_CC+=("$NC_C"); NC_OTHER+=("$OTHER")
-  echo "novacron $i$([ "$i" = 1 ] && echo ' (cold)' || true): $DESC (host ${BUSY_BEFORE}% busy before, others ${OTHER}% of a core, compiler: $NC_C)"
+  cold=''; [ "$i" != 1 ] || cold=' (cold)'
+  echo "novacron $i$cold: $DESC (host ${BUSY_BEFORE}% busy before, others ${OTHER}% of a core, compiler: $NC_C)"
 done
 
 # ---- results -------------------------------------------------------------------

@@ -39,7 +39,7 @@ use super::{
     ContainerConfig, ContainerDetails, ContainerListing, ContainerStatus, LABEL_NODE, LogFrame,
     RuntimeError, StatsReading,
 };
-pub use qemu::Accel;
+pub use qemu::{Accel, Launcher};
 
 /// Ids of VMs begin with this; Docker's ids are hexadecimal, so they never do.
 pub const ID_PREFIX: &str = "vm-";
@@ -97,6 +97,8 @@ pub struct VmDriver {
     /// The accelerator, once probed or chosen (`NOVACRON_VM_ACCEL=tcg|kvm`
     /// skips the probe); `None` until the first VM boots.
     accel: Mutex<Option<(Accel, Option<String>)>>,
+    /// How QEMU is started.
+    launcher: Launcher,
     /// One lock per VM, so that start, stop and remove of one VM do not interleave.
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -133,10 +135,22 @@ impl VmDriver {
         } else {
             forced.map(|a| (a, Some("chosen by NOVACRON_VM_ACCEL".to_owned())))
         };
+        // Under systemd, each VM is a transient service of its own
+        // (NOVACRON_VM_LAUNCH=direct keeps them the agent's children).
+        let launcher = if std::env::var("NOVACRON_VM_LAUNCH").as_deref() != Ok("direct")
+            && Path::new("/run/systemd/system").is_dir()
+            && find_on_path("systemd-run").is_some()
+        {
+            Launcher::Systemd
+        } else {
+            Launcher::Direct
+        };
+        info!(?launcher, "virtual machines are started this way");
         Ok(VmDriver {
             dir,
             qemu,
             version,
+            launcher,
             accel: Mutex::new(accel),
             locks: Default::default(),
         })
@@ -408,7 +422,7 @@ impl VmDriver {
         if let Some((a, _)) = *accel {
             return a;
         }
-        let outcome = probe_kvm(&self.qemu, &meta.kernel, &self.dir).await;
+        let outcome = probe_kvm(self.launcher, &self.qemu, &meta.kernel, &self.dir).await;
         let chosen = match outcome {
             Ok(()) => {
                 info!("KVM boots guests here: virtual machines run under KVM");
@@ -457,10 +471,11 @@ impl VmDriver {
         };
         let forwards = qemu::forwards(meta.address, meta.publish, &meta.ports);
         let args = qemu::args(&meta.vm, accel, &paths, &forwards);
+        let (program, argv) = qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args);
         let out = tokio::time::timeout(
             START_TIMEOUT,
-            tokio::process::Command::new(&self.qemu)
-                .args(&args)
+            tokio::process::Command::new(&program)
+                .args(&argv)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(false)
                 .output(),
@@ -470,9 +485,12 @@ impl VmDriver {
             op: "start",
             after: START_TIMEOUT,
         })?
-        .map_err(|e| daemon("start", format!("{}: {e}", self.qemu.display())))?;
+        .map_err(|e| daemon("start", format!("{program}: {e}")))?;
         if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            let mut err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            if self.launcher == Launcher::Systemd {
+                err.push_str(&journal_tail(&qemu::unit_name(id)).await);
+            }
             return Err(daemon("start", format!("qemu: {err}")));
         }
         meta.accel = Some(accel.as_str().to_owned());
@@ -758,10 +776,34 @@ async fn overlay_disk(base: &Path, overlay: &Path, bytes: u64) -> Result<(), Run
 /// working KVM ends in the kernel's panic (`panic=-1` and `-no-reboot` then
 /// end QEMU) within [`PROBE_TIMEOUT`]. Where KVM is nested and cannot run a
 /// guest, QEMU fails or hangs: `Err` says which.
-async fn probe_kvm(qemu: &Path, kernel: &Path, dir: &Path) -> Result<(), String> {
+async fn probe_kvm(
+    launcher: Launcher,
+    qemu: &Path,
+    kernel: &Path,
+    dir: &Path,
+) -> Result<(), String> {
     let log = dir.join("kvm-probe.log");
     let _ = std::fs::remove_file(&log);
-    let child = tokio::process::Command::new(qemu)
+    // Under systemd the probe runs as the VMs do, as a transient service
+    // (stopped by systemd itself if it outlives the timeout).
+    let mut command = match launcher {
+        Launcher::Direct => tokio::process::Command::new(qemu),
+        Launcher::Systemd => {
+            let mut c = tokio::process::Command::new("systemd-run");
+            c.args([
+                "--wait",
+                "--pipe",
+                "--collect",
+                "--quiet",
+                "--unit=novacron-kvm-probe.service",
+                &format!("--property=RuntimeMaxSec={}", PROBE_TIMEOUT.as_secs() + 5),
+                "--",
+            ])
+            .arg(qemu);
+            c
+        }
+    };
+    let child = command
         .args([
             "-machine",
             "q35",
@@ -814,6 +856,31 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, dir: &Path) -> Result<(), String>
                 }
             ))
         }
+    }
+}
+
+/// The last lines systemd's journal holds of `unit`, for an error message.
+async fn journal_tail(unit: &str) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::process::Command::new("journalctl")
+            .args(["--no-pager", "-o", "cat", "-n", "10", "-u", unit])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let text = text.trim();
+            if text.is_empty() {
+                String::new()
+            } else {
+                let text: String = text.chars().take(1000).collect();
+                format!(" (journal of {unit}: {text})")
+            }
+        }
+        _ => format!(" (see journalctl -u {unit})"),
     }
 }
 

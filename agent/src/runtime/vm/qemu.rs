@@ -160,6 +160,53 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) 
     a
 }
 
+/// How QEMU processes are started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// As the agent's own children (daemonized, so they outlive it).
+    Direct,
+    /// As transient systemd services (`systemd-run`), where systemd is PID 1: a
+    /// VM then lives in its own unit and cgroup, outside the agent's sandbox
+    /// (TCG needs writable and executable memory, which the agent's unit denies)
+    /// and its restarts.
+    Systemd,
+}
+
+/// The systemd unit of a VM.
+pub fn unit_name(id: &str) -> String {
+    format!("novacron-{id}.service")
+}
+
+/// The program and arguments that start QEMU with `args` for VM `id`.
+pub fn launch(
+    launcher: Launcher,
+    qemu: &Path,
+    id: &str,
+    pidfile: &Path,
+    args: &[String],
+) -> (String, Vec<String>) {
+    let qemu = qemu.to_string_lossy().into_owned();
+    match launcher {
+        Launcher::Direct => (qemu, args.to_vec()),
+        Launcher::Systemd => {
+            let mut a = vec![
+                format!("--unit={}", unit_name(id)),
+                format!("--description=NovaCron virtual machine {id}"),
+                "--collect".to_owned(),
+                "--quiet".to_owned(),
+                "--property=Type=forking".to_owned(),
+                format!("--property=PIDFile={}", pidfile.display()),
+                "--property=KillMode=mixed".to_owned(),
+                "--property=TimeoutStopSec=30".to_owned(),
+                "--".to_owned(),
+                qemu,
+            ];
+            a.extend(args.iter().cloned());
+            ("systemd-run".to_owned(), a)
+        }
+    }
+}
+
 /// QEMU's option values separate by `,`; a literal comma is written twice.
 fn escape(value: &str) -> String {
     value.replace(',', ",,")
@@ -257,6 +304,29 @@ mod tests {
         assert!(a.ends_with("-daemonize"), "{a}");
         let kvm = args(&vm(), Accel::Kvm, &paths, &fw).join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+    }
+
+    #[test]
+    fn under_systemd_qemu_is_a_transient_service_of_its_own() {
+        let args = vec!["-machine".to_owned(), "q35".to_owned()];
+        let q = PathBuf::from("/usr/bin/qemu-system-x86_64");
+        let p = PathBuf::from("/v/qemu.pid");
+        assert_eq!(
+            launch(Launcher::Direct, &q, "vm-1", &p, &args),
+            ("/usr/bin/qemu-system-x86_64".to_owned(), args.clone())
+        );
+        let (program, a) = launch(Launcher::Systemd, &q, "vm-1", &p, &args);
+        assert_eq!(program, "systemd-run");
+        let a = a.join(" ");
+        assert!(a.starts_with("--unit=novacron-vm-1.service "), "{a}");
+        assert!(
+            a.contains("--property=Type=forking --property=PIDFile=/v/qemu.pid"),
+            "{a}"
+        );
+        assert!(
+            a.ends_with("-- /usr/bin/qemu-system-x86_64 -machine q35"),
+            "{a}"
+        );
     }
 
     #[test]
