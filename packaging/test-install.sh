@@ -37,6 +37,12 @@
 #      must report that it cannot, with the reason (NOVACRON_REQUIRE_LIVE=1 makes a
 #      missing checkpoint daemon an error; NOVACRON_CKPT_DOCKER_A=none picks the
 #      host's daemon);
+#   5b. a virtual machine as the packaged agent runs it: QEMU from the archive,
+#      the agent restarted (it reports the VM capability), a VMTemplate and `vm
+#      create` of the tiny guest (.ci/setup vm builds its image): the VM must run
+#      as a systemd unit of its own (novacron-vm-*.service), answer on its
+#      published port, keep running (same QEMU, its in-memory counter going on)
+#      across `systemctl restart novacron-agent`, and end with `vm destroy`;
 #   6. dpkg --purge all three: binaries, /etc/novacron, /var/lib/novacron and the
 #      unchanged /etc/criu/runc.conf are gone; the novacron system user stays
 #      (Debian practice);
@@ -102,6 +108,11 @@ fi
 agent_docker=${ckpt_host:-unix:///var/run/docker.sock}
 job=install-test-$$
 TEST_IMAGE=novacron-test/busybox:1
+# The VM step: the tiny guest of packaging/vm/build-guest-image.sh (.ci/setup vm).
+GUEST_IMAGE=novacron/guest-tiny:1
+vm=install-vm-$$
+VM_PORT=18089
+VM_TIMEOUT_SECS=180
 
 name=novacron-install-$$
 pkg=$(mktemp -d)
@@ -280,6 +291,60 @@ if [ -n "$ckpt_host" ] && [ "$live" != true ]; then
     fail "with the checkpoint daemon $ckpt_host the packaged agent should take live checkpoints: $reason"
 fi
 nc job stop "$job" >/dev/null
+
+step "a virtual machine as the packaged agent runs it: a systemd unit of its own, kept across an agent restart"
+docker image inspect "$GUEST_IMAGE" >/dev/null 2>&1 \
+    || fail "the guest image $GUEST_IMAGE is missing: run bash .ci/setup vm"
+if ! DOCKER_HOST=$agent_docker docker image inspect "$GUEST_IMAGE" >/dev/null 2>&1; then
+    docker save "$GUEST_IMAGE" | DOCKER_HOST=$agent_docker docker load -q >/dev/null
+fi
+# QEMU from Debian's archive, as the package recommends; the agent finds it when
+# it starts.
+inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    qemu-system-x86 qemu-utils >/dev/null || fail "apt-get install qemu-system-x86 qemu-utils"
+inside systemctl restart novacron-agent
+waited=0
+until nc -o json node show install-test 2>/dev/null | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if n["status"]=="ready" and n["capabilities"].get("vm") else 1)'; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "the node does not report VMs after QEMU was installed: $(nc node show install-test 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+inside sh -c "printf 'apiVersion: novacron.io/v1\nkind: VMTemplate\nmetadata: {name: tiny}\nspec:\n  memory: 160Mi\n  initrd: /boot/initrd.img\n  cmdline: console=ttyS0 quiet panic=-1\n' > /tmp/vmt.yaml && chmod 644 /tmp/vmt.yaml"
+nc apply -f /tmp/vmt.yaml >/dev/null
+nc vm create "$vm" --image "$GUEST_IMAGE" --template tiny --port "http:8080:$VM_PORT" \
+    --health-path /health --cpu 500m --no-pull >/dev/null
+waited=0
+until nc -o json vm list 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if any(v["name"]==sys.argv[1] and v["state"]=="running" for v in json.load(sys.stdin)) else 1)' "$vm"; do
+    [ "$waited" -lt "$VM_TIMEOUT_SECS" ] || fail "the VM $vm did not run and answer its health check: $(nc vm list 2>&1) $(inside journalctl -u novacron-agent -n 30 --no-pager 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+unit=$(inside systemctl list-units --plain --no-legend 'novacron-vm-*.service' | awk '{print $1}' | head -n1)
+[ -n "$unit" ] || fail "the VM runs, but not as a novacron-vm-*.service unit"
+qemu_pid=$(inside systemctl show -p MainPID --value "$unit")
+[ "$qemu_pid" -gt 0 ] || fail "$unit has no main process"
+count() { inside bash -c "exec 3<>/dev/tcp/127.0.0.1/$VM_PORT && printf 'GET /cgi-bin/count HTTP/1.0\r\n\r\n' >&3 && cat <&3" | tail -n1 | tr -d '\r'; }
+[ "$(count)" = 1 ] || fail "the guest's counter on port $VM_PORT did not answer 1"
+echo "VM $vm runs in $unit (qemu pid $qemu_pid), ready after ${waited}s, its published port answers"
+inside systemctl restart novacron-agent
+waited=0
+until nc -o json vm list 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if any(v["name"]==sys.argv[1] and v["state"]=="running" for v in json.load(sys.stdin)) else 1)' "$vm"; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "after the agent restarted, the VM is not running: $(nc vm list 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+[ "$(inside systemctl show -p MainPID --value "$unit")" = "$qemu_pid" ] \
+    || fail "restarting the agent restarted the VM (qemu pid $qemu_pid is gone)"
+[ "$(count)" = 2 ] || fail "after the agent restarted, the guest's counter did not go on (memory lost?)"
+echo "the agent restarted; the VM kept running (same qemu, counter 2) and was adopted"
+nc vm destroy "$vm" >/dev/null
+waited=0
+while inside systemctl is-active --quiet "$unit"; do
+    [ "$waited" -lt 60 ] || fail "$unit still active 60 s after vm destroy"
+    sleep 1
+    waited=$((waited + 1))
+done
+echo "vm destroy: the guest powered off and $unit ended"
 
 step "purge"
 inside systemctl stop novacron-agent novacron-controller

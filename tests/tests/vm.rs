@@ -43,6 +43,9 @@ spec:
   kernel: /boot/vmlinuz
   initrd: /boot/initrd.img
   cmdline: console=ttyS0 quiet panic=-1 novacron.hostname=tiny-host
+  userData: |
+    #!/bin/sh
+    echo from-user-data > /www/hello.txt
 ";
 
 /// A VM job that the idle policy stops once its CPU stays under 5% of its
@@ -184,6 +187,9 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
         page.contains("novacron guest") && page.contains("tiny-host"),
         "{page}"
     );
+    // The template's user data reached the guest as a NoCloud seed and ran.
+    let hello = get(&format!("http://127.0.0.1:{port}/hello.txt")).await?;
+    assert_eq!(hello.trim(), "from-user-data");
     let count = |port: u16| async move {
         get(&format!("http://127.0.0.1:{port}/cgi-bin/count"))
             .await

@@ -968,7 +968,13 @@ pub struct VmSpec {
     pub machine: String,
     /// The template it came from, for display.
     pub template: Option<String>,
+    /// Cloud-init user data, given to the guest as a NoCloud seed (a read-only
+    /// FAT disk labelled `cidata`); at most [`MAX_VM_USER_DATA`] bytes.
+    pub user_data: Option<String>,
 }
+
+/// The most bytes of [`VmSpec::user_data`].
+pub const MAX_VM_USER_DATA: usize = 64 * 1024;
 
 /// What a node offers for virtual machines.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]

@@ -52,6 +52,10 @@ pub enum VmCommand {
         /// The image is only on the nodes already (never pull it).
         #[arg(long)]
         no_pull: bool,
+        /// A file of cloud-init user data for the guest (a NoCloud seed; at
+        /// most 64 KiB); overrides the template's.
+        #[arg(long, value_name = "FILE")]
+        user_data: Option<std::path::PathBuf>,
     },
     /// The VMs: their state, node, machine and address.
     List,
@@ -223,6 +227,7 @@ pub fn manifest(
     cpu: Option<&str>,
     reserve_mib: u64,
     no_pull: bool,
+    user_data: Option<&str>,
 ) -> String {
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut m = format!(
@@ -258,7 +263,15 @@ pub fn manifest(
     if let Some(c) = cmdline {
         m.push_str(&format!("      cmdline: {}\n", q(c)));
     }
-    if template.is_none() && vcpus.is_none() && memory.is_none() && cmdline.is_none() {
+    if let Some(u) = user_data {
+        m.push_str(&format!("      userData: {}\n", q(u)));
+    }
+    if template.is_none()
+        && vcpus.is_none()
+        && memory.is_none()
+        && cmdline.is_none()
+        && user_data.is_none()
+    {
         // `vm: {}` — every default.
         m.truncate(m.len() - "    vm:\n".len());
         m.push_str("    vm: {}\n");
@@ -326,7 +339,14 @@ pub async fn run(
             health_path,
             cpu,
             no_pull,
+            user_data,
         } => {
+            let user_data = match user_data {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                    CliError::Usage(format!("--user-data {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
             // The node reserves the guest's memory plus QEMU's own.
             let guest_bytes = match (memory, template) {
                 (Some(m), _) => {
@@ -359,6 +379,7 @@ pub async fn run(
                 cpu.as_deref(),
                 (guest_bytes >> 20) + QEMU_OVERHEAD_MIB,
                 *no_pull,
+                user_data.as_deref(),
             );
             let result: ApplyResult = client
                 .post(
@@ -501,6 +522,7 @@ mod tests {
             None,
             576,
             true,
+            Some("#!/bin/sh\necho hi: there\n"),
         );
         let job = novacron_common::manifest::parse_job("vm.yaml", &m).expect("a valid job");
         let vm = job.spec.task.vm.clone().expect("a VM");
@@ -511,6 +533,7 @@ mod tests {
         );
         assert_eq!(job.spec.resources.cpu.0, 2000);
         assert_eq!(job.spec.resources.memory.0, 576 << 20);
+        assert_eq!(vm.user_data.as_deref(), Some("#!/bin/sh\necho hi: there\n"));
         assert_eq!(job.spec.task.ports[0].host_port, Some(18080));
         assert!(job.spec.health.is_some());
         let bare = manifest(
@@ -525,6 +548,7 @@ mod tests {
             None,
             320,
             false,
+            None,
         );
         let job = novacron_common::manifest::parse_job("b.yaml", &bare).expect("valid");
         assert!(job.spec.task.vm.is_some());

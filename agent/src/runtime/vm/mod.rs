@@ -369,6 +369,16 @@ impl VmDriver {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| daemon("create", format!("{}: {e}", dir.display())))?;
+        // The NoCloud seed: user-data and meta-data in a directory QEMU shows
+        // the guest as a read-only FAT disk labelled cidata.
+        if let Some(user_data) = &vm.user_data {
+            let seed = dir.join("seed");
+            let meta_data = format!("instance-id: {name}\nlocal-hostname: {}\n", hostname(name));
+            std::fs::create_dir_all(&seed)
+                .and_then(|()| std::fs::write(seed.join("user-data"), user_data))
+                .and_then(|()| std::fs::write(seed.join("meta-data"), meta_data))
+                .map_err(|e| daemon("create", format!("{}: {e}", seed.display())))?;
+        }
         let disk = match &vm.disk {
             None => None,
             Some(base) => {
@@ -455,6 +465,7 @@ impl VmDriver {
         }
         let accel = self.accel_for(&meta).await;
         let serial = dir.join("serial.log");
+        let seed = dir.join("seed");
         let qmp_sock = dir.join("qmp.sock");
         let pidfile = dir.join("qemu.pid");
         let _ = std::fs::remove_file(&qmp_sock);
@@ -465,6 +476,7 @@ impl VmDriver {
             kernel: &meta.kernel,
             initrd: meta.initrd.as_deref(),
             disk: meta.disk.as_deref(),
+            seed: meta.vm.user_data.is_some().then_some(seed.as_path()),
             qmp: &qmp_sock,
             serial: &dir.join("serial.run.log"),
             pidfile: &pidfile,
@@ -693,6 +705,17 @@ fn append_marker(history: &Path) {
     }
     let _ = std::fs::write(history, &text);
     let _ = std::fs::remove_file(&run);
+}
+
+/// A host name for the guest from the VM's name: letters, digits and `-`, at
+/// most 63 bytes.
+fn hostname(name: &str) -> String {
+    let h: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    h.trim_matches('-').to_owned()
 }
 
 fn read_from(path: &Path, offset: u64) -> Vec<u8> {

@@ -34,6 +34,9 @@ pub struct Paths<'a> {
     pub initrd: Option<&'a Path>,
     /// The VM's own disk (a copy-on-write overlay), if any.
     pub disk: Option<&'a Path>,
+    /// The NoCloud seed directory (`user-data`, `meta-data`), if any: given
+    /// to the guest as a read-only FAT disk labelled `cidata` (QEMU's vvfat).
+    pub seed: Option<&'a Path>,
     /// The QMP socket.
     pub qmp: &'a Path,
     /// The serial console's log.
@@ -121,6 +124,15 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) 
             &format!(
                 "file={},if=virtio,format=qcow2,cache=writeback",
                 escape(&disk.to_string_lossy())
+            ),
+        ]);
+    }
+    if let Some(seed) = paths.seed {
+        push(&[
+            "-drive",
+            &format!(
+                "if=virtio,format=raw,file=fat:{},file.label=cidata,readonly=on",
+                escape(&seed.to_string_lossy())
             ),
         ]);
     }
@@ -265,10 +277,12 @@ mod tests {
         let q = PathBuf::from("/v/a,b/qmp.sock");
         let s = PathBuf::from("/v/serial.log");
         let p = PathBuf::from("/v/qemu.pid");
+        let seed = PathBuf::from("/v/seed");
         let paths = Paths {
             kernel: &k,
             initrd: Some(&i),
             disk: None,
+            seed: Some(&seed),
             qmp: &q,
             serial: &s,
             pidfile: &p,

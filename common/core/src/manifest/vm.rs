@@ -65,6 +65,11 @@ pub struct VmTask {
     /// The QEMU machine: `q35` (default), `pc` or `microvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// Cloud-init user data (at most 64 KiB), given to the guest as a NoCloud
+    /// seed: a read-only disk labelled `cidata` holding `user-data` and
+    /// `meta-data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 /// A `VMTemplate` manifest.
@@ -109,6 +114,9 @@ pub struct VmTemplateSpec {
     /// The QEMU machine: `q35` (default), `pc` or `microvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// Cloud-init user data (at most 64 KiB), as a NoCloud seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 /// A validated VM template.
@@ -132,6 +140,7 @@ impl VmTask {
             disk: self.disk.clone(),
             disk_size: self.disk_size,
             machine: self.machine.clone(),
+            user_data: self.user_data.clone(),
         }
     }
 }
@@ -179,6 +188,18 @@ pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
             "expected one line of at most 4096 bytes".to_owned(),
         ));
     }
+    if let Some(u) = &s.user_data
+        && (u.len() > novacron_wire::MAX_VM_USER_DATA || u.contains('\0'))
+    {
+        out.push((
+            "userData",
+            format!(
+                "{} bytes; expected text of at most {} bytes",
+                u.len(),
+                novacron_wire::MAX_VM_USER_DATA
+            ),
+        ));
+    }
     if let Some(m) = &s.machine
         && !MACHINES.contains(&m.as_str())
     {
@@ -223,6 +244,7 @@ pub fn resolve(task: &VmTask, template: Option<&VmTemplateSpec>) -> novacron_wir
             .or_else(|| t.machine.clone())
             .unwrap_or_else(|| DEFAULT_MACHINE.to_owned()),
         template: task.template.clone(),
+        user_data: task.user_data.clone().or_else(|| t.user_data.clone()),
     }
 }
 
