@@ -324,7 +324,14 @@ unit=$(inside systemctl list-units --plain --no-legend 'novacron-vm-*.service' |
 qemu_pid=$(inside systemctl show -p MainPID --value "$unit")
 [ "$qemu_pid" -gt 0 ] || fail "$unit has no main process"
 count() { inside bash -c "exec 3<>/dev/tcp/127.0.0.1/$VM_PORT && printf 'GET /cgi-bin/count HTTP/1.0\r\n\r\n' >&3 && cat <&3" | tail -n1 | tr -d '\r'; }
-[ "$(count)" = 1 ] || fail "the guest's counter on port $VM_PORT did not answer 1"
+# Running may come before the guest's server listens: wait for its answer.
+first=""
+until first=$(count 2>/dev/null) && [ -n "$first" ]; do
+    [ "$waited" -lt "$VM_TIMEOUT_SECS" ] || fail "the guest's counter on port $VM_PORT did not answer"
+    sleep 1
+    waited=$((waited + 1))
+done
+[ "$first" = 1 ] || fail "the guest's counter on port $VM_PORT answered $first, not 1"
 echo "VM $vm runs in $unit (qemu pid $qemu_pid), ready after ${waited}s, its published port answers"
 inside systemctl restart novacron-agent
 waited=0
