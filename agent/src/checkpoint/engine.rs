@@ -1183,12 +1183,15 @@ mod tests {
         }
 
         /// Counts in a volume holding the log open (CRIU checks open files' sizes)
-        /// and goes on from the volume's counter when started afresh. Only a first
+        /// and goes on from the volume's counter when started afresh. The counter
+        /// is replaced by a rename, never truncated in place: a stop's SIGKILL
+        /// between a truncation and the write left it empty, and the restored
+        /// copy counted from 1 (CI on bde032b: 112 -> 16 under load). Only a first
         /// start (no /marker yet) deletes /bin/vi, so its absence after an fs restore
         /// shows that the deletion was carried.
         const SCRIPT: &str = "[ -f /marker ] || { echo first-$RANDOM$RANDOM > /marker; rm -f /bin/vi; }; \
             i=$(cat /data/counter 2>/dev/null || echo 0); exec 3>>/data/log; \
-            while true; do i=$((i+1)); echo $i > /data/counter; echo $i >&3; sleep 0.05; done";
+            while true; do i=$((i+1)); echo $i > /data/counter.new; mv /data/counter.new /data/counter; echo $i >&3; sleep 0.05; done";
 
         #[tokio::test]
         async fn live_and_fs_checkpoints_restore_into_new_containers() {
