@@ -18,6 +18,7 @@ pub mod secrets;
 pub mod selector;
 pub mod services;
 pub mod terminal;
+pub mod vms;
 
 pub use alerts::{
     AckRequest, AlertApplyResult, AlertExport, AlertRuleView, AlertView, ChannelView,
@@ -40,6 +41,7 @@ pub use policies::{DecisionView, PolicyApplyResult, PolicyView};
 pub use pools::{PoolNodeStatus, PoolStatus};
 pub use secrets::{JobRoll, SecretSetRequest, SecretSetResult, SecretUser, SecretView};
 pub use selector::{parse_selector, selector_text};
+pub use vms::{AppliedTemplate, VmTemplateView};
 
 use std::collections::BTreeMap;
 

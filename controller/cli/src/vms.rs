@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::SystemTime;
 
 use clap::Subcommand;
-use novacron_api::{AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary};
+use novacron_api::{AllocView, ApplyRequest, ApplyResult, JobDetail, JobSummary, VmTemplateView};
 use novacron_common::wire::AllocState;
 
 use super::CliError;
@@ -99,36 +99,7 @@ pub enum VmCommand {
 /// Memory the node reserves for QEMU itself beyond the guest's, MiB.
 pub const QEMU_OVERHEAD_MIB: u64 = 64;
 
-/// One VM template as the API lists it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct TemplateRow {
-    /// Its name.
-    pub name: String,
-    /// Virtual CPUs.
-    pub vcpus: u32,
-    /// Guest memory, bytes.
-    pub memory_bytes: u64,
-    /// Kernel path.
-    pub kernel: String,
-    /// Initrd path.
-    pub initrd: Option<String>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Base disk path.
-    pub disk: Option<String>,
-    /// Overlay size.
-    pub disk_bytes: u64,
-    /// QEMU machine.
-    pub machine: String,
-    /// File.
-    pub file: String,
-    /// Applied (Unix ms).
-    pub applied_unix_ms: u64,
-    /// By.
-    pub by: String,
-}
-
-impl TableRow for TemplateRow {
+impl TableRow for VmTemplateView {
     fn headers() -> &'static [&'static str] {
         &[
             "NAME", "VCPUS", "MEMORY", "MACHINE", "KERNEL", "DISK", "APPLIED",
@@ -355,7 +326,7 @@ pub async fn run(
                         .0
                 }
                 (None, Some(t)) => {
-                    let rows: Vec<TemplateRow> = client.get(&["v1", "vms", "templates"]).await?;
+                    let rows: Vec<VmTemplateView> = client.get(&["v1", "vms", "templates"]).await?;
                     rows.iter()
                         .find(|r| &r.name == t)
                         .map(|r| r.memory_bytes)
@@ -482,7 +453,7 @@ pub async fn run(
             return super::jobs::run_alloc(&cmd, client, format, out, now).await;
         }
         VmCommand::Templates => {
-            let rows: Vec<TemplateRow> = client.get(&["v1", "vms", "templates"]).await?;
+            let rows: Vec<VmTemplateView> = client.get(&["v1", "vms", "templates"]).await?;
             output::write_list(out, format, &rows, now)?;
         }
         VmCommand::DeleteTemplate { name } => {

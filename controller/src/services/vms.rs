@@ -6,11 +6,11 @@
 
 use std::time::SystemTime;
 
+pub use novacron_api::{AppliedTemplate, VmTemplateView};
 use novacron_common::clock::unix_ms;
 use novacron_common::manifest::vm::{TEMPLATE_KIND, VmTemplateManifest, VmTemplateSpec, resolve};
 use novacron_common::manifest::vm_templates::parse_vm_templates;
 use novacron_common::manifest::{API_VERSION, Metadata, VmTask, VmTemplate};
-use serde::{Deserialize, Serialize};
 
 use crate::state::store::{PoolManifestRecord, Store, StoreError};
 
@@ -23,45 +23,6 @@ pub enum VmError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// What applying did to one template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AppliedTemplate {
-    /// Its name.
-    pub name: String,
-    /// `created`, `updated` or `unchanged`.
-    pub outcome: String,
-}
-
-/// A template as `GET /v1/vms/templates` shows it: its fields with the defaults
-/// filled in, and who applied it when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct VmTemplateView {
-    /// Its name.
-    pub name: String,
-    /// Virtual CPUs.
-    pub vcpus: u32,
-    /// Guest memory, bytes.
-    pub memory_bytes: u64,
-    /// The kernel's path in the image.
-    pub kernel: String,
-    /// The initrd's path in the image.
-    pub initrd: Option<String>,
-    /// The kernel command line.
-    pub cmdline: String,
-    /// The base disk's path in the image.
-    pub disk: Option<String>,
-    /// The overlay disk's size, bytes (0: the base disk's).
-    pub disk_bytes: u64,
-    /// The QEMU machine.
-    pub machine: String,
-    /// The file it was applied from.
-    pub file: String,
-    /// When (Unix ms).
-    pub applied_unix_ms: u64,
-    /// By whom.
-    pub by: String,
 }
 
 /// Every stored template, parsed (a record that no longer parses is skipped
@@ -108,6 +69,7 @@ pub fn views(store: &dyn Store) -> Result<Vec<VmTemplateView>, StoreError> {
                 disk: vm.disk,
                 disk_bytes: vm.disk_bytes,
                 machine: vm.machine,
+                user_data: vm.user_data.is_some(),
                 file: r.file,
                 applied_unix_ms: r.applied_unix_ms,
                 by: r.by,
