@@ -201,8 +201,13 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
     // The node reports the accelerator the probe chose (TCG here: nested KVM
     // cannot boot a guest) once a VM has booted.
     let (vm_dir, pid) = qemu_pid(&agent).context("a running qemu")?;
-    let meta = std::fs::read_to_string(vm_dir.join("meta.json"))?;
-    assert!(meta.contains("\"accel\""), "{meta}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vm_dir.join("meta.json"))?)?;
+    assert_eq!(
+        meta["accel"].as_str(),
+        Some(vm.accelerator.as_str()),
+        "the VM booted under another accelerator than the node reported: {meta}"
+    );
 
     // The agent restarts; the VM keeps running (same QEMU, same memory: the
     // counter goes on) and the new agent adopts it.

@@ -132,8 +132,16 @@ impl VmDriver {
         };
         let accel = if !Path::new("/dev/kvm").exists() {
             Some((Accel::Tcg, Some("no /dev/kvm on this host".to_owned())))
+        } else if let Some(a) = forced {
+            Some((a, Some("chosen by NOVACRON_VM_ACCEL".to_owned())))
         } else {
-            forced.map(|a| (a, Some("chosen by NOVACRON_VM_ACCEL".to_owned())))
+            // What the node reports before its first boot: a KVM whose vCPUs
+            // QEMU cannot even set up is TCG at once; the boot probe decides
+            // the rest when the first VM starts.
+            start_kvm(&qemu)
+                .await
+                .err()
+                .map(|why| (Accel::Tcg, Some(why)))
         };
         // Under systemd, each VM is a transient service of its own
         // (NOVACRON_VM_LAUNCH=direct keeps them the agent's children).
@@ -471,7 +479,7 @@ impl VmDriver {
         let _ = std::fs::remove_file(&qmp_sock);
         let _ = std::fs::remove_file(&pidfile);
         // Keep the console of earlier runs: a new run appends after a marker.
-        append_marker(&serial);
+        rotate_console(&serial);
         let paths = qemu::Paths {
             kernel: &meta.kernel,
             initrd: meta.initrd.as_deref(),
@@ -692,7 +700,7 @@ impl VmDriver {
 
 /// The console of a finished run is moved to `serial.log` (bounded to its last
 /// MiB) before the next run starts.
-fn append_marker(history: &Path) {
+fn rotate_console(history: &Path) {
     const KEEP: usize = 1 << 20;
     let run = history.with_file_name("serial.run.log");
     let mut text = std::fs::read(history).unwrap_or_default();
@@ -793,6 +801,55 @@ async fn overlay_disk(base: &Path, overlay: &Path, bytes: u64) -> Result<(), Run
         ));
     }
     Ok(())
+}
+
+/// Whether QEMU can set up a KVM machine with the host's CPU model (stopped
+/// before its first instruction, `-S`): on nested KVM that lacks what the host
+/// model needs it exits at once ("failed to set MSR"). Passing says nothing yet
+/// about booting a guest; [`probe_kvm`] does that at the first boot.
+async fn start_kvm(qemu: &Path) -> Result<(), String> {
+    let mut child = tokio::process::Command::new(qemu)
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "64M",
+            "-S",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", qemu.display()))?;
+    match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+        // Still set up and waiting after 2 s: the machine exists.
+        Err(_) => {
+            let _ = child.kill().await;
+            Ok(())
+        }
+        Ok(_) => {
+            let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            let err: String = err.trim().chars().take(300).collect();
+            Err(format!(
+                "qemu cannot set up a KVM machine with the host's CPU model: {}",
+                if err.is_empty() {
+                    "no output"
+                } else {
+                    err.as_str()
+                }
+            ))
+        }
+    }
 }
 
 /// Boots `kernel` under KVM with the host's CPU model and no init, so that a
