@@ -26,6 +26,7 @@ use novacron_common::sync::lock;
 use novacron_common::transfer::{self, FETCH_ATTEMPTS, FETCH_BACKOFF, FetchError};
 use novacron_common::wire::{
     self, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, RestoreFrom, SUPPORTED,
+    VmControl, VmMigrateRequest, VmReceiveEvent, VmReceiveRequest, VmSendEvent, VmSendRequest,
 };
 use quinn::{RecvStream, SendStream};
 use tracing::{info, warn};
@@ -77,7 +78,7 @@ impl CheckpointService {
     }
 
     /// Answers one stream the controller opened.
-    pub async fn serve(&self, request: BiRequest, mut send: SendStream, _recv: RecvStream) {
+    pub async fn serve(&self, request: BiRequest, mut send: SendStream, recv: RecvStream) {
         let outcome = match request {
             BiRequest::Checkpoint(r) => {
                 let reply = CheckpointReply {
@@ -106,6 +107,12 @@ impl CheckpointService {
             }
             BiRequest::Registry(_) => {
                 Err("agents serve no registry reads; the controller does".into())
+            }
+            BiRequest::VmMigrate(VmMigrateRequest::Send(r)) => {
+                self.send_vm(&r, &mut send, recv).await
+            }
+            BiRequest::VmMigrate(VmMigrateRequest::Receive(r)) => {
+                self.receive_vm(&r, &mut send, recv).await
             }
         };
         match outcome {
@@ -263,6 +270,196 @@ async fn fetch(
     transfer::receive_fetch(&mut recv, partial, offset, |_, _| {}).await
 }
 
+/// The controller's next word on a VM's send stream; its end, a bad frame or
+/// a silence of [`VM_DECISION_WAIT`] count as [`VmControl::Abort`].
+async fn control(scratch: &mut Vec<u8>, recv: &mut RecvStream) -> VmControl {
+    let read = wire::read_frame::<VmControl, _>(recv, scratch);
+    match tokio::time::timeout(VM_DECISION_WAIT, read).await {
+        Ok(Ok(Some(c))) => c,
+        _ => VmControl::Abort,
+    }
+}
+
+/// How long a VM waiting for its state from a live migration may wait.
+const INCOMING_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// How long the source waits for the controller's word after its part.
+const VM_DECISION_WAIT: Duration = Duration::from_secs(10 * 60);
+
+impl CheckpointService {
+    fn vms(&self) -> Result<&Arc<crate::runtime::vm::VmDriver>, String> {
+        self.supervisor.runtime().vms().ok_or_else(|| {
+            format!(
+                "node {} runs no virtual machines (qemu-system-x86_64 is not installed)",
+                self.node
+            )
+        })
+    }
+
+    /// The source's side of a VM's live migration (see
+    /// [`VmMigrateRequest`]): `Ok` once the controller said how it ends.
+    async fn send_vm(
+        &self,
+        r: &VmSendRequest,
+        send: &mut SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), String> {
+        let failed = |why: String| VmSendEvent::Failed(why);
+        let alloc = &r.alloc_id;
+        let found = async {
+            if !SUPPORTED.contains(r.protocol_version) {
+                return Err(format!(
+                    "migration protocol version {} is not supported; node {} speaks {SUPPORTED}",
+                    r.protocol_version, self.node
+                ));
+            }
+            let vms = self.vms()?;
+            let spec = self.supervisor.spec_of(alloc).ok_or_else(|| {
+                format!("allocation {alloc} is not desired on node {}", self.node)
+            })?;
+            if spec.task.vm.is_none() {
+                return Err(format!("allocation {alloc} is a container, not a virtual machine"));
+            }
+            let id = self.supervisor.exec_container(alloc).await?;
+            if vms.has_disk(&id) {
+                return Err(format!(
+                    "allocation {alloc}'s virtual machine has a disk of its own, which live migration does not carry yet"
+                ));
+            }
+            Ok(id)
+        }
+        .await;
+        let id = match found {
+            Ok(id) => id,
+            Err(why) => {
+                let _ = wire::write_frame(send, &failed(why.clone())).await;
+                return Err(why);
+            }
+        };
+        let vms = self.vms()?.clone();
+        self.supervisor
+            .hold(alloc, Duration::from_millis(r.hold_ms).min(MAX_HOLD));
+        wire::write_frame(send, &VmSendEvent::Ready)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut scratch = Vec::new();
+        if control(&mut scratch, &mut recv).await != VmControl::Go {
+            info!(%alloc, "vm migration given up before it began");
+            return Ok(());
+        }
+        info!(%alloc, vm = %id, "migrating the virtual machine out");
+        // QEMU's bytes and progress go out as frames, in order, from one writer.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<VmSendEvent>(8);
+        let (data_tx, mut data_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let progress_tx = tx.clone();
+        let migrate = async {
+            let forward = async {
+                while let Some(chunk) = data_rx.recv().await {
+                    if tx.send(VmSendEvent::Data(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let run = vms.send_migration(&id, r, data_tx, |p| {
+                let _ = progress_tx.try_send(VmSendEvent::Progress(p.clone()));
+            });
+            let (result, ()) = tokio::join!(run, forward);
+            let end = match result {
+                Ok(p) => VmSendEvent::Done(p),
+                Err(why) => VmSendEvent::Failed(why),
+            };
+            let _ = tx.send(end).await;
+            drop(tx);
+            drop(progress_tx);
+        };
+        let write = async {
+            while let Some(event) = rx.recv().await {
+                let end = matches!(event, VmSendEvent::Done(_) | VmSendEvent::Failed(_));
+                if let Err(e) = wire::write_frame(send, &event).await {
+                    return Err(e.to_string());
+                }
+                if end {
+                    return Ok(matches!(event, VmSendEvent::Done(_)));
+                }
+            }
+            Err("the migration ended without a result".to_owned())
+        };
+        let ((), written) = tokio::join!(migrate, write);
+        let completed = written.as_ref().is_ok_and(|c| *c);
+        let word = if completed {
+            control(&mut scratch, &mut recv).await
+        } else {
+            VmControl::Abort
+        };
+        if word == VmControl::Commit {
+            info!(%alloc, "vm migration committed; the source stays paused until released");
+            return Ok(());
+        }
+        match vms.resume_after_abort(&id).await {
+            Ok(()) => info!(%alloc, "vm migration aborted; the source runs on"),
+            Err(e) => warn!(%alloc, error = %e, "vm migration aborted; cannot resume the source"),
+        }
+        written.map(|_| ())
+    }
+
+    /// The target's side of a VM's live migration (see [`VmMigrateRequest`]).
+    async fn receive_vm(
+        &self,
+        r: &VmReceiveRequest,
+        send: &mut SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), String> {
+        let alloc = &r.alloc_id;
+        let wait = Duration::from_millis(r.wait_ms).min(INCOMING_LIMIT);
+        let ready = async {
+            if !SUPPORTED.contains(r.protocol_version) {
+                return Err(format!(
+                    "migration protocol version {} is not supported; node {} speaks {SUPPORTED}",
+                    r.protocol_version, self.node
+                ));
+            }
+            let vms = self.vms()?.clone();
+            let deadline = tokio::time::Instant::now() + wait;
+            let id = loop {
+                if let Some(id) = vms.vm_of_alloc(alloc) {
+                    break id;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "allocation {alloc} has no virtual machine on node {} after {} s",
+                        self.node,
+                        wait.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let conn = vms.incoming_connection(&id, left).await?;
+            Ok((vms, id, conn))
+        }
+        .await;
+        let (vms, id, conn) = match ready {
+            Ok(found) => found,
+            Err(why) => {
+                let _ = wire::write_frame(send, &VmReceiveEvent::Done(Err(why.clone()))).await;
+                return Err(why);
+            }
+        };
+        wire::write_frame(send, &VmReceiveEvent::Ready)
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = vms.receive_migration(&id, &mut recv, conn).await;
+        match &result {
+            Ok(bytes) => info!(%alloc, vm = %id, bytes, "vm migration stream written into qemu"),
+            Err(e) => warn!(%alloc, vm = %id, error = %e, "vm migration stream broke"),
+        }
+        let result = result.map(|_| ());
+        wire::write_frame(send, &VmReceiveEvent::Done(result.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        result
+    }
+}
+
 impl Restorer for CheckpointService {
     fn restore<'a>(
         &'a self,
@@ -271,6 +468,22 @@ impl Restorer for CheckpointService {
         container_id: &'a str,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if from.incoming_vm {
+                let vms = self.vms()?;
+                vms.start_incoming(container_id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                info!(%alloc, migration = %from.digest, vm = %container_id, "waiting for the virtual machine's state");
+                let supervisor = &self.supervisor;
+                vms.await_incoming(container_id, INCOMING_LIMIT, || {
+                    supervisor
+                        .spec_of(alloc)
+                        .is_some_and(|s| s.restore.as_ref().is_some_and(|r| r.incoming_vm))
+                })
+                .await?;
+                info!(%alloc, migration = %from.digest, vm = %container_id, "virtual machine arrived live");
+                return Ok(());
+            }
             if from.mode == CheckpointMode::Live
                 && let Err(why) = &self.live
             {

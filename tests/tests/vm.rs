@@ -285,3 +285,270 @@ async fn an_idle_vm_is_shut_down_by_the_idle_policy() -> Result<()> {
     assert!(events.contains("cost.idle_stopped"), "{events}");
     Ok(())
 }
+
+/// A VM job with a counter in guest memory, published on `port`, with a
+/// health check.
+fn counter_vm_job(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {GUEST_IMAGE}
+    pullPolicy: never
+    ports:
+      - {{name: http, containerPort: 8080, hostPort: {port}}}
+    vm:
+      memory: 128Mi
+      initrd: /boot/initrd.img
+      cmdline: console=ttyS0 quiet panic=-1
+  health:
+    readiness: {{http: {{port: 8080, path: /health}}, period: 2s, timeout: 1s}}
+  resources: {{cpu: 500m, memory: 256Mi}}
+"
+    )
+}
+
+/// Two agents on this host, each publishing on its own loopback address (as
+/// two hosts would on theirs), and a counter VM on one of them. Returns the
+/// fleet, the VM's node index, its allocation id and port.
+struct TwoNodes {
+    _dir: tempfile::TempDir,
+    c: novacron_tests::Controller,
+    agents: Vec<Agent>,
+    publish: [&'static str; 2],
+}
+
+async fn two_vm_nodes(prefix: &str) -> Result<TwoNodes> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let c = novacron_tests::Controller::start(dir.path(), &[]).await?;
+    let publish = ["127.0.0.2", "127.0.0.3"];
+    let mut agents = Vec::new();
+    for (i, address) in publish.iter().enumerate() {
+        let name = format!("{prefix}-{i}");
+        let agent = Agent::join_and_run(
+            dir.path(),
+            &c,
+            &name,
+            &["--publish-address", address, "--ingress-address", "off"],
+        )
+        .await?;
+        c.wait_ready(&name, Duration::from_secs(20)).await?;
+        agents.push(agent);
+    }
+    Ok(TwoNodes {
+        _dir: dir,
+        c,
+        agents,
+        publish,
+    })
+}
+
+/// The job's one wanted allocation, once it runs and is healthy: (id, node).
+async fn running_alloc(f: &TwoNodes, job: &str) -> Result<(String, String)> {
+    let ready = |d: &novacron_controller::workloads::JobDetail| {
+        d.allocations
+            .iter()
+            .find(|a| a.desired_run && a.state == AllocState::Running && a.healthy == Some(true))
+            .map(|a| (a.id.clone(), a.node.clone()))
+    };
+    wait_for(
+        Duration::from_secs(120),
+        "the VM running and ready",
+        || async { f.c.job(job).await.is_ok_and(|d| ready(&d).is_some()) },
+    )
+    .await
+    .with_context(|| format!("{}\n{}", f.agents[0].log(), f.agents[1].log()))?;
+    ready(&f.c.job(job).await?).context("the allocation")
+}
+
+async fn count_at(address: &str, port: u16) -> Result<String> {
+    get(&format!("http://{address}:{port}/cgi-bin/count"))
+        .await
+        .map(|t| t.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_migrates_live_to_another_node_with_its_memory() -> Result<()> {
+    require_vm_setup()?;
+    let f = two_vm_nodes("vm-mig").await?;
+    let port = free_port();
+    f.c.apply("counter.yaml", &counter_vm_job("countvm", port))
+        .await?;
+    let (alloc, node) = running_alloc(&f, "countvm").await?;
+    let from = f
+        .agents
+        .iter()
+        .position(|a| a.name == node)
+        .context("node")?;
+    let to = 1 - from;
+    for n in 1..=3 {
+        assert_eq!(count_at(f.publish[from], port).await?, n.to_string());
+    }
+    let (_, source_pid) = qemu_pid(&f.agents[from]).context("the source's qemu")?;
+
+    // The guest moves while it runs: QEMU's pre-copy over the agents' links.
+    let out =
+        f.c.cli(&["alloc", "migrate", &alloc, "--to", &f.agents[to].name]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}\nsource: {}\ntarget: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.agents[from].log(),
+        f.agents[to].log()
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{text}");
+    assert!(
+        text.contains("migrated virtual machine") && text.contains(&f.agents[to].name),
+        "{text}"
+    );
+
+    // Its memory came along: the counter goes on at the new node's address.
+    assert_eq!(count_at(f.publish[to], port).await?, "4");
+    let d = f.c.job("countvm").await?;
+    let moved = d
+        .allocations
+        .iter()
+        .find(|a| a.id == alloc)
+        .context("the allocation")?;
+    assert_eq!(moved.node, f.agents[to].name);
+    // The source's paused QEMU goes with the release.
+    wait_for(
+        Duration::from_secs(60),
+        "the source's qemu gone",
+        || async { !std::path::Path::new(&format!("/proc/{source_pid}")).exists() },
+    )
+    .await
+    .with_context(|| f.agents[from].log())?;
+    assert!(count_at(f.publish[from], port).await.is_err());
+    assert_eq!(count_at(f.publish[to], port).await?, "5");
+
+    // The migration's record has QEMU's figures.
+    let migrations: serde_json::Value =
+        f.c.admin_client()?
+            .get(format!("{}/v1/migrations", f.c.api()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+    let m = migrations
+        .as_array()
+        .and_then(|a| a.first())
+        .context("a migration")?;
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert!(m["vm"]["rounds"].as_u64().is_some_and(|r| r >= 1), "{m}");
+    assert!(
+        m["vm"]["transferred"].as_u64().is_some_and(|b| b > 0),
+        "{m}"
+    );
+    assert!(m["downtime_ms"].as_u64().is_some(), "{m}");
+    let events = f.c.cli(&["events", "--alloc", &alloc, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(events.contains("migration.completed"), "{events}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_migration_whose_target_dies_rolls_back_and_the_source_runs_on() -> Result<()> {
+    require_vm_setup()?;
+    let mut f = two_vm_nodes("vm-back").await?;
+    let port = free_port();
+    f.c.apply("counter.yaml", &counter_vm_job("backvm", port))
+        .await?;
+    let (alloc, node) = running_alloc(&f, "backvm").await?;
+    let from = f
+        .agents
+        .iter()
+        .position(|a| a.name == node)
+        .context("node")?;
+    let to = 1 - from;
+    assert_eq!(count_at(f.publish[from], port).await?, "1");
+    let (_, source_pid) = qemu_pid(&f.agents[from]).context("the source's qemu")?;
+
+    // The target dies (its agent and the QEMU it started) as soon as that
+    // QEMU exists, while it waits for the guest's state.
+    let target_agent = f.agents[to]
+        .child
+        .as_ref()
+        .and_then(|c| c.id())
+        .context("the target agent's pid")?;
+    let target_dir = f.agents[to].state_dir.clone();
+    let killer = tokio::spawn(async move {
+        let found = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                if let Some(pid) = live_qemu_in(&target_dir) {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .ok();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &target_agent.to_string()])
+            .status();
+        if let Some(pid) = found {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+        found
+    });
+    let out = tokio::task::block_in_place(|| {
+        f.c.cli(&["alloc", "migrate", &alloc, "--to", &f.agents[to].name])
+    });
+    let killed = killer.await?;
+    assert!(killed.is_some(), "the target never started a qemu");
+    f.agents[to].kill().await;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("{err}");
+    assert!(!out.status.success(), "the migration should fail: {err}");
+    assert!(err.contains("rolled back"), "{err}");
+
+    // The source resumed the same guest: same QEMU, same memory.
+    wait_for(
+        Duration::from_secs(60),
+        "the VM running on the source",
+        || async {
+            f.c.job("backvm").await.is_ok_and(|d| {
+                d.allocations
+                    .iter()
+                    .any(|a| a.id == alloc && a.node == node && a.state == AllocState::Running)
+            })
+        },
+    )
+    .await
+    .with_context(|| f.agents[from].log())?;
+    assert_eq!(count_at(f.publish[from], port).await?, "2");
+    let (_, pid_after) = qemu_pid(&f.agents[from]).context("the source's qemu")?;
+    assert_eq!(source_pid, pid_after, "the source's guest was restarted");
+    let events = f.c.cli(&["events", "--alloc", &alloc, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(events.contains("migration.rolled_back"), "{events}");
+    Ok(())
+}
+
+/// A live QEMU of a VM in an agent's state directory, if any.
+fn live_qemu_in(state_dir: &std::path::Path) -> Option<u32> {
+    std::fs::read_dir(state_dir.join("vms"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+        .find_map(|e| {
+            let pid: u32 = std::fs::read_to_string(e.path().join("qemu.pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            std::path::Path::new(&format!("/proc/{pid}"))
+                .exists()
+                .then_some(pid)
+        })
+}

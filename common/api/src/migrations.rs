@@ -54,6 +54,14 @@ pub struct MigrationStatus {
     pub downtime_ms: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// A virtual machine's live migration (QEMU's pre-copy): how it goes, as
+    /// QEMU reports it (memory sent, rounds, dirty rate, and at the end the
+    /// guest's own pause). For a VM the phases mean: `checkpointing`, the
+    /// source is held and the target starts a QEMU that waits for the state;
+    /// `transferring`, memory is copied while the guest runs; `restoring`, the
+    /// target loaded it and must pass its check.
+    #[serde(default)]
+    pub vm: Option<novacron_common::wire::VmMigrationProgress>,
 }
 
 /// The answer of `POST /v1/nodes/{name}/drain`.

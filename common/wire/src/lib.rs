@@ -880,6 +880,24 @@ pub struct RestoreFrom {
     pub size: u64,
     /// `live` or `fs`.
     pub mode: crate::checkpoint::CheckpointMode,
+    /// A virtual machine's live migration instead of a bundle: the node starts
+    /// the VM waiting for its state (QEMU's `-incoming`), which arrives on a
+    /// [`VmMigrateRequest::Receive`] stream; `digest` names the migration and
+    /// `size` is 0. Appended in protocol 3.
+    #[serde(default)]
+    pub incoming_vm: bool,
+}
+
+impl RestoreFrom {
+    /// The start of a VM that migration `id` moves here live.
+    pub fn incoming_vm(id: &str) -> RestoreFrom {
+        RestoreFrom {
+            digest: id.to_owned(),
+            size: 0,
+            mode: crate::checkpoint::CheckpointMode::Live,
+            incoming_vm: true,
+        }
+    }
 }
 
 /// The container of an allocation.
@@ -1431,6 +1449,128 @@ pub enum BiRequest {
     /// [`RegistryReply`] answers, then, for a `GET` that found something, its
     /// bytes, raw, until the stream ends. Opened by agents; since protocol 3.
     Registry(RegistryRequest),
+    /// One side of a virtual machine's live migration (QEMU's own pre-copy),
+    /// relayed by the controller from the source's stream to the target's.
+    /// Opened by the controller; since protocol [`VM_MIGRATE_SINCE`].
+    VmMigrate(VmMigrateRequest),
+}
+
+/// The first protocol version whose agents serve [`BiRequest::VmMigrate`].
+pub const VM_MIGRATE_SINCE: u16 = 3;
+
+/// The longest piece of migration stream one [`VmSendEvent::Data`] carries.
+pub const VM_MIGRATE_CHUNK: usize = 256 * 1024;
+
+/// One side of a VM's live migration.
+///
+/// - **Send** (source): the agent holds the allocation (no restart, no
+///   removal), finds its VM and answers [`VmSendEvent::Ready`]; after the
+///   controller's [`VmControl::Go`] it asks QEMU to migrate into a socket of
+///   its own and sends what QEMU writes as [`VmSendEvent::Data`], with
+///   [`VmSendEvent::Progress`] now and then, until [`VmSendEvent::Done`] (the
+///   source is paused) or [`VmSendEvent::Failed`] (it runs on). Then it waits for
+///   [`VmControl::Commit`] (the source stays paused until the release removes
+///   it) or [`VmControl::Abort`] (or the stream's end): it cancels and resumes
+///   the source.
+/// - **Receive** (target): the allocation arrived with
+///   [`RestoreFrom::incoming_vm`]; the agent waits for its QEMU to listen,
+///   answers [`VmReceiveEvent::Ready`], then writes the raw bytes that follow
+///   into QEMU until the stream ends, and answers [`VmReceiveEvent::Done`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum VmMigrateRequest {
+    /// The source's side.
+    Send(VmSendRequest),
+    /// The target's side.
+    Receive(VmReceiveRequest),
+}
+
+/// [`VmMigrateRequest::Send`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct VmSendRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// The allocation.
+    pub alloc_id: String,
+    /// How long the hold lasts without a release, milliseconds.
+    pub hold_ms: u64,
+    /// The longest pause QEMU may plan for the final copy (`downtime-limit`).
+    pub downtime_limit_ms: u64,
+    /// How long the guest may run while its memory is copied: past it the
+    /// guest is paused so that the copy ends (a busy guest may never
+    /// converge otherwise).
+    pub converge_ms: u64,
+    /// How long the whole transfer may take before it is cancelled.
+    pub limit_ms: u64,
+}
+
+/// [`VmMigrateRequest::Receive`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct VmReceiveRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// The allocation.
+    pub alloc_id: String,
+    /// How long to wait for the VM to be ready to receive, milliseconds.
+    pub wait_ms: u64,
+}
+
+/// What the controller says on a send stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum VmControl {
+    /// The target is ready: start.
+    Go,
+    /// The target runs: leave the source paused.
+    Commit,
+    /// Give up: resume the source.
+    Abort,
+}
+
+/// How a VM's migration goes, from QEMU's `query-migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VmMigrationProgress {
+    /// QEMU's word: `setup`, `active`, `device`, `completed`, `failed`, ...
+    pub status: String,
+    /// Bytes of memory sent so far.
+    pub transferred: u64,
+    /// Bytes of memory still to send.
+    pub remaining: u64,
+    /// The guest's memory, bytes.
+    pub total: u64,
+    /// Passes over the guest's memory (QEMU's dirty sync count).
+    pub rounds: u64,
+    /// Pages the guest dirties per second.
+    pub dirty_pages_rate: u64,
+    /// Milliseconds since the migration began.
+    pub elapsed_ms: u64,
+    /// The guest's pause, once completed (QEMU's `downtime`), milliseconds.
+    pub downtime_ms: Option<u64>,
+    /// The guest was paused by the agent because it did not converge in time.
+    pub forced_pause: bool,
+}
+
+/// A frame from the source of a VM's migration.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum VmSendEvent {
+    /// The allocation is held and its VM found.
+    Ready,
+    /// The next piece of QEMU's migration stream (at most [`VM_MIGRATE_CHUNK`]).
+    Data(Vec<u8>),
+    /// How it goes.
+    Progress(VmMigrationProgress),
+    /// Everything was sent; the source is paused.
+    Done(VmMigrationProgress),
+    /// It failed; the source runs on.
+    Failed(String),
+}
+
+/// A frame from the target of a VM's migration.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum VmReceiveEvent {
+    /// Its QEMU waits for the stream.
+    Ready,
+    /// The stream was written into QEMU (or why not).
+    Done(Result<(), String>),
 }
 
 /// A `GET` or `HEAD` of the distribution API, relayed over the link.
@@ -2196,6 +2336,50 @@ mod tests {
                 .to_string()
                 .contains("4096")
         );
+    }
+
+    #[test]
+    fn vm_migration_frames_round_trip_and_a_chunk_fits_a_frame() {
+        let request = BiRequest::VmMigrate(VmMigrateRequest::Send(VmSendRequest {
+            protocol_version: PROTOCOL_VERSION,
+            alloc_id: "vm-1".into(),
+            hold_ms: 600_000,
+            downtime_limit_ms: 300,
+            converge_ms: 90_000,
+            limit_ms: 300_000,
+        }));
+        let frame = encode_frame(&request).expect("encodes");
+        let (back, _) = decode_frame::<BiRequest>(&frame)
+            .expect("decodes")
+            .expect("whole");
+        assert_eq!(back, request);
+        // The largest piece of migration stream, with its framing, stays
+        // under the frame limit.
+        let data = VmSendEvent::Data(vec![0xa5; VM_MIGRATE_CHUNK]);
+        let frame = encode_frame(&data).expect("encodes");
+        assert!(frame.len() < MAX_FRAME_LEN);
+        let (back, _) = decode_frame::<VmSendEvent>(&frame)
+            .expect("decodes")
+            .expect("whole");
+        assert_eq!(back, data);
+        for control in [VmControl::Go, VmControl::Commit, VmControl::Abort] {
+            let frame = encode_frame(&control).expect("encodes");
+            let (back, _) = decode_frame::<VmControl>(&frame)
+                .expect("decodes")
+                .expect("whole");
+            assert_eq!(back, control);
+        }
+        // The mark of a live VM arrival survives the store's JSON, and an old
+        // record without it reads as a bundle restore.
+        let incoming = RestoreFrom::incoming_vm("m-7");
+        let json = serde_json::to_string(&incoming).expect("json");
+        assert_eq!(
+            serde_json::from_str::<RestoreFrom>(&json).expect("back"),
+            incoming
+        );
+        let old: RestoreFrom =
+            serde_json::from_str(r#"{"digest":"ab","size":1,"mode":"live"}"#).expect("old");
+        assert!(!old.incoming_vm);
     }
 
     #[test]

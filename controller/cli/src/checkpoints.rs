@@ -161,7 +161,10 @@ async fn follow(
         if let Some(bar) = &bar {
             bar.set_length(s.bytes_total);
             bar.set_position(s.bytes_done);
-            bar.set_message(phase_name(s.phase));
+            bar.set_message(match &s.vm {
+                Some(vm) if s.phase == Phase::Transferring => vm_progress(vm),
+                _ => phase_name(s.phase).to_owned(),
+            });
         } else if show && last_phase != Some(s.phase) {
             eprintln!("{}: {}", started.id, phase_name(s.phase));
         }
@@ -176,9 +179,36 @@ async fn follow(
     }
 }
 
+/// A VM's copy as it goes: rounds over its memory and the rate it dirties
+/// pages (QEMU's figures).
+fn vm_progress(vm: &novacron_common::wire::VmMigrationProgress) -> String {
+    format!(
+        "round {}, {} pages/s dirtied{}",
+        vm.rounds.max(1),
+        vm.dirty_pages_rate,
+        if vm.forced_pause { ", paused" } else { "" }
+    )
+}
+
 fn finish(s: &MigrationStatus, format: OutputFormat, out: &mut dyn Write) -> Result<(), CliError> {
-    output::write_one(out, format, s, || match s.phase {
-        Phase::Completed => format!(
+    output::write_one(out, format, s, || match (s.phase, &s.vm) {
+        (Phase::Completed, Some(vm)) => format!(
+            "{} migrated virtual machine {} from {} to {} live ({} of memory in {} rounds over {} ms; guest paused {} ms{})\n",
+            s.id,
+            s.alloc,
+            s.from,
+            s.to,
+            output::bytes(vm.transferred),
+            vm.rounds,
+            vm.elapsed_ms,
+            s.downtime_ms.unwrap_or(0),
+            if vm.forced_pause {
+                ", paused early: it did not converge"
+            } else {
+                ""
+            }
+        ),
+        (Phase::Completed, None) => format!(
             "{} migrated {} from {} to {} ({} moved, {} ms from checkpoint to running)\n",
             s.id,
             s.alloc,

@@ -45,6 +45,8 @@ use crate::state::bundles::{BundleStore, Have};
 use crate::state::registry::Registry;
 use crate::state::store::AllocRecord;
 pub use novacron_api::{MigrationStatus, Phase};
+
+mod vm;
 use novacron_common::clock::unix_ms;
 
 /// How long a source holds a migrating allocation without a release.
@@ -256,7 +258,11 @@ impl Migrations {
         mode: Option<CheckpointMode>,
         by: &str,
     ) -> Result<MigrationStatus, MigrateError> {
+        let asked = mode;
         let (record, mode, _) = self.running(alloc, mode, "migrate")?;
+        if self.workloads.is_vm(alloc) {
+            return self.start_vm_migration(record, to, asked, by);
+        }
         let source_live = self.live_capable(&record.node);
         let needs_live = match mode {
             CheckpointMode::Live => true,
@@ -277,9 +283,31 @@ impl Migrations {
         }
         let target = self
             .workloads
-            .migration_target(alloc, to, |n| !needs_live || self.live_capable(n))
+            .migration_target(alloc, to, |n| {
+                if !needs_live || self.live_capable(n) {
+                    Ok(())
+                } else {
+                    Err("cannot restore this checkpoint (no live checkpoint support); use mode fs or another node".into())
+                }
+            })
             .map_err(|e| MigrateError::Invalid(e.to_string()))?;
         let busy = self.claim(alloc)?;
+        Ok(self.launch(busy, &record, target, mode, by, false))
+    }
+
+    /// Records migration of `record` to `target` as started and runs it in the
+    /// background ([`Migrations::run_migration`], or
+    /// [`Migrations::run_vm_migration`] for a VM).
+    fn launch(
+        self: &Arc<Self>,
+        busy: Busy,
+        record: &AllocRecord,
+        target: String,
+        mode: CheckpointMode,
+        by: &str,
+        vm: bool,
+    ) -> MigrationStatus {
+        let alloc = record.id.as_str();
         let status = {
             let mut st = self.lock();
             st.next += 1;
@@ -299,6 +327,7 @@ impl Migrations {
                 finished_unix_ms: None,
                 downtime_ms: None,
                 error: None,
+                vm: None,
             };
             st.migrations.insert(id, status.clone());
             while st.migrations.len() > KEEP_MIGRATIONS {
@@ -326,9 +355,13 @@ impl Migrations {
         let by = by.to_string();
         tokio::spawn(async move {
             let _busy = busy;
-            me.run_migration(&id, &by).await;
+            if vm {
+                me.run_vm_migration(&id, &by).await;
+            } else {
+                me.run_migration(&id, &by).await;
+            }
         });
-        Ok(status)
+        status
     }
 
     /// A migration by id.
@@ -1036,6 +1069,7 @@ fn restore_of(info: &BundleInfo) -> RestoreFrom {
         digest: info.digest.clone(),
         size: info.size,
         mode: info.mode,
+        incoming_vm: false,
     }
 }
 

@@ -1534,6 +1534,15 @@ impl Workloads {
             .and_then(|j| j.spec.checkpoint.clone()))
     }
 
+    /// Whether `alloc` runs a virtual machine (its job's task has a VM).
+    pub fn is_vm(&self, alloc: &str) -> bool {
+        let st = self.lock();
+        st.allocs
+            .get(alloc)
+            .and_then(|a| st.jobs.get(&a.job)?.parsed.get(&a.version))
+            .is_some_and(|j| j.spec.task.vm.is_some())
+    }
+
     /// Whether the job of `alloc` has a health check (a migration then waits for
     /// it to pass on the target before switching over).
     pub fn has_health_check(&self, alloc: &str) -> bool {
@@ -1595,13 +1604,13 @@ impl Workloads {
 
     /// Where a migration of `alloc` goes: `to` when given (checked), else the
     /// scheduler's choice among the ready nodes other than its own that pass
-    /// `eligible` (for example: can restore live checkpoints). No allocation is
-    /// preempted for a migration.
+    /// `eligible` (for example: can restore live checkpoints; `Err` says why
+    /// not). No allocation is preempted for a migration.
     pub fn migration_target(
         &self,
         alloc: &str,
         to: Option<&str>,
-        eligible: impl Fn(&str) -> bool,
+        eligible: impl Fn(&str) -> Result<(), String>,
     ) -> Result<String, WorkloadError> {
         let nodes = self.registry.placement_nodes(Instant::now());
         let st = self.lock();
@@ -1625,17 +1634,15 @@ impl Workloads {
                     "node {to:?} is not enrolled; `novacron node list` shows the nodes"
                 )));
             }
-            if !eligible(to) {
-                return Err(WorkloadError::Invalid(format!(
-                    "node {to} cannot restore this checkpoint (no live checkpoint support); use mode fs or another node"
-                )));
+            if let Err(why) = eligible(to) {
+                return Err(WorkloadError::Invalid(format!("node {to} {why}")));
             }
         }
         let source = a.node.clone();
         let eligible_nodes: Vec<PlacementNode> = nodes
             .into_iter()
             .map(|mut n| {
-                if n.name == source || !eligible(&n.name) {
+                if n.name == source || eligible(&n.name).is_err() {
                     n.cordoned = true;
                 }
                 n
@@ -2562,6 +2569,7 @@ mod tests {
             digest: "d".repeat(64),
             size: 1,
             mode: novacron_common::checkpoint::CheckpointMode::Fs,
+            incoming_vm: false,
         };
         w.relocate("api-1", "n2", Some(restore), "moving")
             .expect("relocate");

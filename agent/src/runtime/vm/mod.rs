@@ -20,6 +20,7 @@
 //!   off; with `-no-shutdown` QEMU stays until stopped, so a clean power-off is
 //!   told from a crash) and `exited`.
 
+mod migrate;
 pub mod qemu;
 mod qmp;
 
@@ -457,6 +458,12 @@ impl VmDriver {
 
     /// Starts a created or stopped VM (a guest that powered off is quit first).
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.launch(id, None).await
+    }
+
+    /// Starts QEMU for VM `id`; with `incoming`, waiting for its state from a
+    /// live migration on that socket.
+    async fn launch(&self, id: &str, incoming: Option<&Path>) -> Result<(), RuntimeError> {
         let lock = self.lock_of(id);
         let _held = lock.lock().await;
         let mut meta = self.read_meta(id)?;
@@ -490,7 +497,10 @@ impl VmDriver {
             pidfile: &pidfile,
         };
         let forwards = qemu::forwards(meta.address, meta.publish, &meta.ports);
-        let args = qemu::args(&meta.vm, accel, &paths, &forwards);
+        let mut args = qemu::args(&meta.vm, accel, &paths, &forwards);
+        if let Some(sock) = incoming {
+            args.extend(["-incoming".to_owned(), format!("unix:{}", sock.display())]);
+        }
         let (program, argv) = qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args);
         let out = tokio::time::timeout(
             START_TIMEOUT,
@@ -533,7 +543,11 @@ impl VmDriver {
         let sock = self.vm_dir(id).join("qmp.sock");
         let deadline = tokio::time::Instant::now() + grace;
         let mut clean = false;
-        if qmp::status(&sock).await.is_ok_and(|s| s == "shutdown") {
+        let word = qmp::status(&sock).await;
+        if word.as_deref().is_ok_and(|s| s == "shutdown") {
+            clean = true;
+        } else if word.as_deref().is_ok_and(|s| s == "postmigrate") {
+            // The guest moved to another node: nothing here to power off.
             clean = true;
         } else if qmp::powerdown(&sock).await.is_ok() {
             while tokio::time::Instant::now() < deadline {

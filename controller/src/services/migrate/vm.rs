@@ -1,0 +1,360 @@
+//! Live migration of a virtual machine, the controller's side: QEMU's own
+//! pre-copy, its stream relayed from the source agent to the target agent over
+//! their links (never stored), see [`VmMigrateRequest`].
+//!
+//! 1. The source holds the allocation and finds its VM (`Ready`).
+//! 2. The allocation moves to the target with [`RestoreFrom::incoming_vm`]: the
+//!    target starts a QEMU that waits for the state, and says `Ready` on its
+//!    stream.
+//! 3. `Go`: the source's QEMU copies memory while the guest runs, then pauses it
+//!    for the last copy; the controller writes each piece into the target's
+//!    stream as it comes and follows QEMU's progress.
+//! 4. The target's QEMU loads the state and the guest runs there; once it passes
+//!    its check, `Commit` leaves the source paused and the release removes it.
+//!
+//! A failure at any step rolls back: the allocation returns to the source, whose
+//! agent cancels the migration and resumes the guest (`Abort`, or the stream's
+//! end), and the target's half-started VM goes with the move.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use novacron_common::checkpoint::CheckpointMode;
+use novacron_common::clock::unix_ms;
+use novacron_common::wire::{
+    self, BiRequest, RestoreFrom, VM_MIGRATE_SINCE, VmControl, VmMigrateRequest,
+    VmMigrationProgress, VmReceiveEvent, VmReceiveRequest, VmSendEvent, VmSendRequest,
+};
+use tracing::{info, warn};
+
+use super::{HOLD, MigrateError, Migrations, Phase};
+use crate::services::events::{NewEvent, kind};
+use crate::state::store::AllocRecord;
+pub use novacron_api::MigrationStatus;
+
+/// The longest pause QEMU may plan for the last copy.
+pub const DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
+/// How long a guest may run while its memory is copied before it is paused
+/// so that the copy ends (a busy guest under TCG on shared cores may never
+/// converge otherwise).
+pub const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
+/// How long the whole transfer may take before it is given up.
+pub const TRANSFER_LIMIT: Duration = Duration::from_secs(300);
+/// How long the target may take to pull the image and start its QEMU.
+const PREPARE_LIMIT: Duration = Duration::from_secs(300);
+/// The longest silence on the source's stream (it reports every 500 ms).
+const SILENCE: Duration = Duration::from_secs(30);
+
+/// Where a failed VM migration had got to: what its rollback must undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reached {
+    /// Nothing yet: the source was not held.
+    Nothing,
+    /// The source holds the allocation.
+    Held,
+    /// The allocation was moved to the target.
+    Relocated,
+}
+
+impl Migrations {
+    /// Starts the live migration of a VM allocation (`start_migration` for a VM).
+    pub(super) fn start_vm_migration(
+        self: &Arc<Self>,
+        record: AllocRecord,
+        to: Option<&str>,
+        mode: Option<CheckpointMode>,
+        by: &str,
+    ) -> Result<MigrationStatus, MigrateError> {
+        let alloc = record.id.clone();
+        if mode == Some(CheckpointMode::Fs) {
+            return Err(MigrateError::Invalid(format!(
+                "allocation {alloc} is a virtual machine: it migrates live (QEMU's pre-copy); --mode fs does not apply"
+            )));
+        }
+        let accel = |node: &str| {
+            self.registry
+                .view(node, Instant::now())
+                .and_then(|v| v.capabilities.vm.map(|c| c.accelerator))
+        };
+        let source = accel(&record.node).ok_or_else(|| {
+            MigrateError::Invalid(format!(
+                "node {} reports no virtual machine support",
+                record.node
+            ))
+        })?;
+        let target = self
+            .workloads
+            .migration_target(&alloc, to, |n| {
+                if self.link.protocol_version(n) < VM_MIGRATE_SINCE {
+                    return Err(format!(
+                        "speaks protocol {}; migrating a VM needs {VM_MIGRATE_SINCE}",
+                        self.link.protocol_version(n)
+                    ));
+                }
+                match accel(n) {
+                    Some(a) if a == source => Ok(()),
+                    Some(a) => Err(format!(
+                        "runs virtual machines under {a} and the source under {source}; a guest migrates only between nodes of the same accelerator"
+                    )),
+                    None => Err("runs no virtual machines".to_owned()),
+                }
+            })
+            .map_err(|e| MigrateError::Invalid(e.to_string()))?;
+        let busy = self.claim(&alloc)?;
+        Ok(self.launch(busy, &record, target, CheckpointMode::Live, by, true))
+    }
+
+    /// Runs VM migration `id` (see the module's steps).
+    pub(super) async fn run_vm_migration(&self, id: &str, by: &str) {
+        let Some(status) = self.status(id) else {
+            return;
+        };
+        let (alloc, from, to) = (status.alloc.clone(), status.from.clone(), status.to.clone());
+        let mut reached = Reached::Nothing;
+        let mut source = None;
+        let result = self
+            .vm_migrate(id, &alloc, &from, &to, &mut reached, &mut source)
+            .await;
+        match result {
+            Ok(done) => {
+                if let Some((send, _)) = source.as_mut() {
+                    let _ = wire::write_frame(send, &VmControl::Commit).await;
+                    let _ = send.finish();
+                }
+                for step in super::switch_over_plan(&from) {
+                    if let Err(e) = self.run_step(&alloc, &step).await {
+                        super::log_step_failure(&alloc, &step, &e);
+                    }
+                }
+                let now = unix_ms(SystemTime::now());
+                let downtime = done.downtime_ms.unwrap_or(0);
+                self.update(id, |s| {
+                    s.phase = Phase::Completed;
+                    s.finished_unix_ms = Some(now);
+                    s.downtime_ms = done.downtime_ms;
+                    s.bytes_done = done.transferred;
+                    s.bytes_total = done.total;
+                    s.vm = Some(done.clone());
+                });
+                info!(%alloc, %from, %to, downtime_ms = downtime, rounds = done.rounds, "vm migration completed");
+                self.record(
+                    NewEvent::new(
+                        kind::MIGRATION_COMPLETED,
+                        by,
+                        format!(
+                            "{id}: virtual machine {alloc} runs on {to} (from {from}, live: {} MiB in {} rounds over {} ms, guest paused {downtime} ms{})",
+                            done.transferred >> 20,
+                            done.rounds,
+                            done.elapsed_ms,
+                            if done.forced_pause {
+                                ", paused early because it did not converge"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )
+                    .node(&to)
+                    .job(&status.job)
+                    .alloc(&alloc)
+                    .detail("migration", id)
+                    .detail("downtime_ms", downtime)
+                    .detail("rounds", done.rounds),
+                );
+            }
+            Err(reason) => {
+                self.vm_fail(id, by, &reason, reached, source).await;
+            }
+        }
+    }
+
+    /// Steps 1 to 4; the source's stream is left in `source` for the end.
+    async fn vm_migrate(
+        &self,
+        id: &str,
+        alloc: &str,
+        from: &str,
+        to: &str,
+        reached: &mut Reached,
+        source: &mut Option<(quinn::SendStream, quinn::RecvStream)>,
+    ) -> Result<VmMigrationProgress, String> {
+        let text = |e: MigrateError| e.to_string();
+        // 1. The source holds the allocation.
+        let (mut s_send, mut s_recv) = self.open(from).await.map_err(text)?;
+        let request = BiRequest::VmMigrate(VmMigrateRequest::Send(VmSendRequest {
+            protocol_version: self.link.protocol_version(from),
+            alloc_id: alloc.to_owned(),
+            hold_ms: HOLD.as_millis() as u64,
+            downtime_limit_ms: DOWNTIME_LIMIT.as_millis() as u64,
+            converge_ms: CONVERGE_WITHIN.as_millis() as u64,
+            limit_ms: TRANSFER_LIMIT.as_millis() as u64,
+        }));
+        wire::write_frame(&mut s_send, &request)
+            .await
+            .map_err(|e| format!("link to {from}: {e}"))?;
+        let mut s_scratch = Vec::new();
+        let first = read_within::<VmSendEvent>(&mut s_recv, &mut s_scratch, SILENCE, from).await;
+        *source = Some((s_send, s_recv));
+        match first? {
+            VmSendEvent::Ready => *reached = Reached::Held,
+            VmSendEvent::Failed(why) => return Err(format!("source {from}: {why}")),
+            other => return Err(format!("source {from} answered {other:?} instead of Ready")),
+        }
+        // 2. The target starts a QEMU that waits for the state.
+        self.workloads
+            .relocate(
+                alloc,
+                to,
+                Some(RestoreFrom::incoming_vm(id)),
+                &format!("migrating live from {from}: waiting for the virtual machine's state"),
+            )
+            .map_err(|e| format!("cannot relocate: {e}"))?;
+        *reached = Reached::Relocated;
+        let (mut t_send, mut t_recv) = self.open(to).await.map_err(text)?;
+        let request = BiRequest::VmMigrate(VmMigrateRequest::Receive(VmReceiveRequest {
+            protocol_version: self.link.protocol_version(to),
+            alloc_id: alloc.to_owned(),
+            wait_ms: PREPARE_LIMIT.as_millis() as u64,
+        }));
+        wire::write_frame(&mut t_send, &request)
+            .await
+            .map_err(|e| format!("link to {to}: {e}"))?;
+        let mut t_scratch = Vec::new();
+        let ready =
+            read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, PREPARE_LIMIT + SILENCE, to)
+                .await?;
+        match ready {
+            VmReceiveEvent::Ready => {}
+            VmReceiveEvent::Done(Err(why)) => return Err(format!("target {to}: {why}")),
+            VmReceiveEvent::Done(Ok(())) => {
+                return Err(format!("target {to} ended before it received anything"));
+            }
+        }
+        // 3. Go: relay the source's stream into the target's.
+        self.update(id, |s| s.phase = Phase::Transferring);
+        let Some((s_send, s_recv)) = source.as_mut() else {
+            return Err("the source's stream is gone".to_owned());
+        };
+        wire::write_frame(s_send, &VmControl::Go)
+            .await
+            .map_err(|e| format!("link to {from}: {e}"))?;
+        let mut relayed: u64 = 0;
+        let done = loop {
+            match read_within::<VmSendEvent>(s_recv, &mut s_scratch, SILENCE, from).await? {
+                VmSendEvent::Data(bytes) => {
+                    t_send
+                        .write_all(&bytes)
+                        .await
+                        .map_err(|e| format!("link to {to}: {e}"))?;
+                    relayed += bytes.len() as u64;
+                }
+                VmSendEvent::Progress(p) => {
+                    self.update(id, |s| {
+                        s.bytes_done = p.transferred;
+                        s.bytes_total = p.total;
+                        s.vm = Some(p.clone());
+                    });
+                }
+                VmSendEvent::Done(p) => break p,
+                VmSendEvent::Failed(why) => return Err(format!("source {from}: {why}")),
+                VmSendEvent::Ready => return Err(format!("source {from} said Ready twice")),
+            }
+        };
+        t_send.finish().map_err(|e| format!("link to {to}: {e}"))?;
+        info!(%alloc, %from, %to, relayed, downtime_ms = ?done.downtime_ms, "vm migration stream relayed");
+        match read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, SILENCE, to).await? {
+            VmReceiveEvent::Done(Ok(())) => {}
+            VmReceiveEvent::Done(Err(why)) => return Err(format!("target {to}: {why}")),
+            VmReceiveEvent::Ready => return Err(format!("target {to} said Ready twice")),
+        }
+        // 4. The target runs the guest and passes its check.
+        self.update(id, |s| {
+            s.phase = Phase::Restoring;
+            s.vm = Some(done.clone());
+        });
+        self.wait_running(alloc, to)
+            .await
+            .map_err(|e| format!("the virtual machine did not run on {to}: {e}"))?;
+        Ok(done)
+    }
+
+    /// Rolls a failed VM migration back from where it had got to.
+    async fn vm_fail(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        reached: Reached,
+        source: Option<(quinn::SendStream, quinn::RecvStream)>,
+    ) {
+        let Some(status) = self.status(id) else {
+            return;
+        };
+        let (alloc, from) = (&status.alloc, &status.from);
+        warn!(%alloc, %from, to = %status.to, %reason, "vm migration failed; rolling back");
+        let mut rollback = String::from("the source goes on");
+        if reached == Reached::Relocated
+            && let Err(e) = self.workloads.relocate(
+                alloc,
+                from,
+                None,
+                &format!("migration rolled back: {reason}"),
+            )
+        {
+            rollback = format!("cannot move it back to {from}: {e}");
+        }
+        // The source cancels and resumes the guest on Abort (or the stream's end).
+        if let Some((mut send, _recv)) = source {
+            let _ = wire::write_frame(&mut send, &VmControl::Abort).await;
+            let _ = send.finish();
+        }
+        if reached != Reached::Nothing
+            && let Err(e) = self.release(from, alloc, None).await
+        {
+            warn!(%alloc, %from, error = %e, "cannot release the source's hold; it expires by itself");
+        }
+        // The target's reports are not the source's: forget the move first.
+        if let Err(e) = self.workloads.clear_restore(alloc) {
+            warn!(%alloc, error = %e, "cannot clear the restore mark");
+        }
+        if reached == Reached::Relocated
+            && let Err(e) = self.wait_running(alloc, from).await
+        {
+            rollback = format!("{rollback}, but it did not come back: {e}");
+        }
+        let now = unix_ms(SystemTime::now());
+        let error = format!("{reason}; rolled back: {rollback}");
+        self.update(id, |s| {
+            s.phase = Phase::RolledBack;
+            s.finished_unix_ms = Some(now);
+            s.error = Some(error.clone());
+        });
+        self.record(
+            NewEvent::new(
+                kind::MIGRATION_ROLLED_BACK,
+                by,
+                format!(
+                    "{id}: migration of virtual machine {alloc} to {} failed: {error}",
+                    status.to
+                ),
+            )
+            .node(from)
+            .job(&status.job)
+            .alloc(alloc)
+            .detail("migration", id),
+        );
+    }
+}
+
+/// One frame from `recv` within `limit`.
+async fn read_within<T: wire::Decode<()>>(
+    recv: &mut quinn::RecvStream,
+    scratch: &mut Vec<u8>,
+    limit: Duration,
+    node: &str,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, wire::read_frame::<T, _>(recv, scratch))
+        .await
+        .map_err(|_| format!("node {node} said nothing for {} s", limit.as_secs()))?
+        .map_err(|e| format!("link to {node}: {e}"))?
+        .ok_or_else(|| format!("node {node} ended the migration stream"))
+}
