@@ -139,6 +139,9 @@ impl CheckpointService {
             format!("allocation {alloc} is not desired on node {node}; nothing to checkpoint")
         })?;
         let container = self.supervisor.exec_container(alloc).await?;
+        if spec.task.vm.is_some() {
+            return self.checkpoint_vm(r, &spec, &container).await;
+        }
         let why_not = self.live.as_ref().err().cloned().unwrap_or_default();
         let mode = resolve_mode(r.mode, self.live.is_ok(), &why_not)?;
         let volumes: Vec<String> = spec
@@ -186,6 +189,48 @@ impl CheckpointService {
                 }
                 Err(format!(
                     "checkpoint of allocation {alloc} on node {node} failed: {e}"
+                ))
+            }
+        }
+    }
+
+    /// A snapshot of the VM of allocation `r.alloc_id` (see
+    /// [`Checkpointer::checkpoint_vm`]): always live, whatever the node's CRIU.
+    async fn checkpoint_vm(
+        &self,
+        r: &CheckpointRequest,
+        spec: &novacron_common::wire::AllocationSpec,
+        vm_id: &str,
+    ) -> Result<novacron_common::checkpoint::BundleInfo, String> {
+        let (alloc, node) = (&r.alloc_id, &self.node);
+        if r.mode == CheckpointMode::Fs {
+            return Err(format!(
+                "allocation {alloc} is a virtual machine: its snapshot holds its memory (mode live or auto), there is no filesystem-only checkpoint"
+            ));
+        }
+        let vms = self.vms()?;
+        if r.stop {
+            let hold = Duration::from_millis(r.hold_ms).min(MAX_HOLD);
+            self.supervisor.hold(alloc, hold);
+        }
+        info!(%alloc, vm = %vm_id, stop = r.stop, "snapshotting the virtual machine");
+        let result = self
+            .checkpointer
+            .checkpoint_vm(vms, vm_id, alloc, &spec.job, node, &spec.task.image, r.stop)
+            .await;
+        match result {
+            Ok(info) => {
+                if let Err(e) = self.checkpointer.prune(alloc, KEEP_LOCAL) {
+                    warn!(%alloc, error = %e, "cannot prune older local checkpoints");
+                }
+                Ok(info)
+            }
+            Err(e) => {
+                if r.stop {
+                    self.supervisor.release(alloc, None);
+                }
+                Err(format!(
+                    "snapshot of allocation {alloc} on node {node} failed: {e}"
                 ))
             }
         }
@@ -482,6 +527,16 @@ impl Restorer for CheckpointService {
                 })
                 .await?;
                 info!(%alloc, migration = %from.digest, vm = %container_id, "virtual machine arrived live");
+                return Ok(());
+            }
+            if crate::runtime::vm::is_vm(container_id) {
+                let vms = self.vms()?;
+                self.ensure_local(from).await?;
+                self.checkpointer
+                    .restore_vm(vms, &from.digest, container_id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                info!(%alloc, digest = %from.digest, vm = %container_id, "restored from its snapshot");
                 return Ok(());
             }
             if from.mode == CheckpointMode::Live

@@ -289,6 +289,11 @@ async fn an_idle_vm_is_shut_down_by_the_idle_policy() -> Result<()> {
 /// A VM job with a counter in guest memory, published on `port`, with a
 /// health check.
 fn counter_vm_job(name: &str, port: u16) -> String {
+    counter_vm_job_with(name, port, "")
+}
+
+/// [`counter_vm_job`] with `extra` appended to its spec (indented two spaces).
+fn counter_vm_job_with(name: &str, port: u16, extra: &str) -> String {
     format!(
         "apiVersion: novacron.io/v1
 kind: Job
@@ -309,7 +314,7 @@ spec:
   health:
     readiness: {{http: {{port: 8080, path: /health}}, period: 2s, timeout: 1s}}
   resources: {{cpu: 500m, memory: 256Mi}}
-"
+{extra}"
     )
 }
 
@@ -551,4 +556,72 @@ fn live_qemu_in(state_dir: &std::path::Path) -> Option<u32> {
                 .exists()
                 .then_some(pid)
         })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_s_vm_comes_back_elsewhere_from_its_snapshot() -> Result<()> {
+    require_vm_setup()?;
+    let mut f = two_vm_nodes("vm-snap").await?;
+    let port = free_port();
+    f.c.apply(
+        "counter.yaml",
+        &counter_vm_job_with("snapvm", port, "  checkpoint: {mode: live, keep: 2}\n"),
+    )
+    .await?;
+    let (alloc, node) = running_alloc(&f, "snapvm").await?;
+    let from = f
+        .agents
+        .iter()
+        .position(|a| a.name == node)
+        .context("node")?;
+    let to = 1 - from;
+    for n in 1..=3 {
+        assert_eq!(count_at(f.publish[from], port).await?, n.to_string());
+    }
+    let (_, pid) = qemu_pid(&f.agents[from]).context("the VM's qemu")?;
+
+    // A snapshot of the running guest: its memory, into the controller's store.
+    let out = f.c.cli(&["alloc", "checkpoint", &alloc]);
+    assert!(
+        out.status.success(),
+        "checkpoint failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        f.agents[from].log()
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    // The guest ran on after it (same QEMU); this count is lost with the node.
+    assert_eq!(count_at(f.publish[from], port).await?, "4");
+    let (_, pid_after) = qemu_pid(&f.agents[from]).context("the VM's qemu")?;
+    assert_eq!(pid, pid_after);
+    let list = f.c.cli(&["checkpoint", "list", "--alloc", &alloc]);
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(list.contains("live"), "{list}");
+
+    // The node dies: its agent and its VM.
+    f.agents[from].kill().await;
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    let started = std::time::Instant::now();
+    wait_for(
+        Duration::from_secs(180),
+        "the replacement VM serving on the other node",
+        || async {
+            get(&format!("http://{}:{port}/health", f.publish[to]))
+                .await
+                .is_ok()
+        },
+    )
+    .await
+    .with_context(|| f.agents[to].log())?;
+    eprintln!("recovered in {:?}", started.elapsed());
+    // Its memory is the snapshot's: the count goes on from 3.
+    assert_eq!(count_at(f.publish[to], port).await?, "4");
+    let events = f.c.cli(&["events", "--job", "snapvm", "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(
+        events.contains("restores its latest checkpoint"),
+        "{events}"
+    );
+    Ok(())
 }

@@ -19,6 +19,8 @@ pub(super) const META_FILE: &str = "bundle.json";
 pub(super) const CRIU_DIR: &str = "criu";
 pub(super) const ROOTFS_TAR: &str = "rootfs.tar";
 pub(super) const VOLUMES_DIR: &str = "volumes";
+/// A VM snapshot's QEMU migration stream.
+pub(super) const VM_STATE: &str = "vm/state";
 /// The largest `bundle.json` read.
 const MAX_META_BYTES: u64 = 4 * 1024 * 1024;
 pub(super) const CHUNK: usize = 256 * 1024;
@@ -135,7 +137,12 @@ pub(super) fn pack(
         if stage.join(CRIU_DIR).is_dir() {
             builder.append_dir_all(CRIU_DIR, stage.join(CRIU_DIR))?;
         }
-        builder.append_path_with_name(stage.join(ROOTFS_TAR), ROOTFS_TAR)?;
+        if stage.join(ROOTFS_TAR).is_file() {
+            builder.append_path_with_name(stage.join(ROOTFS_TAR), ROOTFS_TAR)?;
+        }
+        if stage.join(VM_STATE).is_file() {
+            builder.append_path_with_name(stage.join(VM_STATE), VM_STATE)?;
+        }
         if stage.join(VOLUMES_DIR).is_dir() {
             builder.append_dir_all(VOLUMES_DIR, stage.join(VOLUMES_DIR))?;
         }
@@ -304,6 +311,17 @@ pub(super) fn unpack(
             meta.format
         )));
     }
+    if meta.vm {
+        if meta.mode != CheckpointMode::Live || meta.criu_name.is_some() {
+            return Err(bad(
+                "a VM snapshot is live and has no CRIU checkpoint name".to_owned()
+            ));
+        }
+        if !dest.join(VM_STATE).is_file() {
+            return Err(bad(format!("a VM snapshot without {VM_STATE}")));
+        }
+        return Ok(meta);
+    }
     match (&meta.mode, &meta.criu_name) {
         (CheckpointMode::Live, Some(n)) => {
             let ok = !n.is_empty()
@@ -382,6 +400,7 @@ mod tests {
             volumes,
             created_unix_ms: 7,
             container: None,
+            vm: false,
         }
     }
 
@@ -461,6 +480,47 @@ mod tests {
         }
         assert!(tar_has_members(&out.join(ROOTFS_TAR)).expect("tar"));
         assert!(size < 100_000, "zstd compressed the image: {size}");
+    }
+
+    #[tokio::test]
+    async fn a_vm_snapshot_carries_its_state_and_must_have_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (st, cache) = (tmp.path().join("s"), tmp.path().join("c"));
+        std::fs::create_dir_all(st.join("vm")).expect("mkdir");
+        let mut meta = fs_meta(Vec::new());
+        meta.mode = CheckpointMode::Live;
+        meta.deleted.clear();
+        meta.vm = true;
+        std::fs::write(st.join(META_FILE), serde_json::to_vec(&meta).expect("json")).expect("w");
+        std::fs::write(st.join(VM_STATE), vec![0x51u8; 300_000]).expect("w");
+        let cp = checkpointer(&cache);
+        let (digest, _) = pack(&st, &cache, MAX_BUNDLE_BYTES).expect("pack");
+        let out = tmp.path().join("o");
+        std::fs::create_dir_all(&out).expect("mkdir");
+        let back = unpack(
+            &cp.bundle_path(&digest).expect("path"),
+            &out,
+            MAX_BUNDLE_BYTES,
+        )
+        .expect("unpack");
+        assert_eq!(back, meta);
+        assert_eq!(
+            std::fs::read(out.join(VM_STATE)).expect("state").len(),
+            300_000
+        );
+        assert!(!out.join(ROOTFS_TAR).exists(), "a VM has no rootfs diff");
+        // A snapshot that says VM but has no state is refused.
+        std::fs::remove_file(st.join(VM_STATE)).expect("rm");
+        let (digest, _) = pack(&st, &cache, MAX_BUNDLE_BYTES).expect("pack");
+        let out = tmp.path().join("o2");
+        std::fs::create_dir_all(&out).expect("mkdir");
+        let err = unpack(
+            &cp.bundle_path(&digest).expect("path"),
+            &out,
+            MAX_BUNDLE_BYTES,
+        )
+        .expect_err("no state");
+        assert!(err.to_string().contains("vm/state"), "{err}");
     }
 
     #[tokio::test]

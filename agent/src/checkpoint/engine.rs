@@ -489,6 +489,7 @@ impl Checkpointer {
             volumes: volume_targets.to_vec(),
             created_unix_ms,
             container: Some(inspect.config),
+            vm: false,
         };
         let meta_path = stage.path().join(META_FILE);
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Io {

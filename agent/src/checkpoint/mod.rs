@@ -36,6 +36,7 @@ mod bundle;
 mod cache;
 mod engine;
 mod rootfs;
+mod vm;
 
 use std::fs::File;
 use std::io;
@@ -182,6 +183,14 @@ pub enum CheckpointError {
         free: u64,
         /// Bytes needed (with a margin of FREE_SPACE_MARGIN).
         needed: u64,
+    },
+    /// A virtual machine's snapshot or its restore failed.
+    #[error("virtual machine {vm}: {message}")]
+    Vm {
+        /// The VM.
+        vm: String,
+        /// What failed.
+        message: String,
     },
     /// A bundle is malformed or unsafe; nothing from it was applied.
     #[error("bundle {bundle} is not acceptable: {reason}")]

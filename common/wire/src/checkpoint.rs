@@ -137,6 +137,11 @@ pub struct BundleMeta {
     /// allocation's spec.
     #[serde(default)]
     pub container: Option<serde_json::Value>,
+    /// A virtual machine's snapshot: `vm/state` holds QEMU's migration stream
+    /// (memory and devices), restored by starting QEMU with `-incoming`; no
+    /// CRIU image and no rootfs diff.
+    #[serde(default)]
+    pub vm: bool,
 }
 
 /// The bundle format this build writes and reads.

@@ -44,10 +44,13 @@ pub async fn checkpoint(
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    // The controller answers once the bundle is in its store: a large
+    // workload's dump and transfer take minutes, not the usual seconds.
     let info: BundleInfo = client
-        .post(
+        .post_within(
             &["v1", "allocations", id, "checkpoint"],
             &ModeBody { mode, to: None },
+            CHECKPOINT_WAIT,
         )
         .await?;
     output::write_one(out, format, &info, || {
@@ -112,6 +115,9 @@ impl TableRow for BundleInfo {
         ]
     }
 }
+
+/// How long `alloc checkpoint` waits for the controller's answer.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// `novacron alloc migrate ID [--to NODE] [--mode M]`: starts the migration and
 /// follows it with a progress bar (on a terminal) until it completes or rolls back.

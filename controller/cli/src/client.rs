@@ -543,6 +543,18 @@ impl ApiClient {
         self.send(reqwest::Method::POST, segments, Some(body)).await
     }
 
+    /// `POST`s `body` as JSON for work the controller does before it answers
+    /// (a checkpoint): `limit` replaces the request time limit.
+    pub async fn post_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+        limit: Duration,
+    ) -> Result<T, ClientError> {
+        self.send_within(reqwest::Method::POST, segments, Some(body), Some(limit))
+            .await
+    }
+
     /// `PUT`s `body` as JSON, as [`ApiClient::post`].
     pub async fn put<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -629,9 +641,22 @@ impl ApiClient {
         segments: &[&str],
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        self.send_within(method, segments, body, None).await
+    }
+
+    async fn send_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        body: Option<&B>,
+        limit: Option<Duration>,
+    ) -> Result<T, ClientError> {
         let url = self.url(segments);
         debug!(%url, %method, "request");
         let mut request = self.http.request(method, url.clone());
+        if let Some(limit) = limit {
+            request = request.timeout(limit);
+        }
         if let Some(body) = body {
             request = request.json(body);
         }

@@ -413,13 +413,20 @@ impl VmDriver {
                 }
             }
         }
+        self.resume(id).await
+    }
+
+    /// Resumes VM `id`'s guest if it is paused (after a migration into a
+    /// snapshot, or one given up).
+    pub async fn resume(&self, id: &str) -> Result<(), String> {
+        let sock = self.vm_dir(id).join("qmp.sock");
         match qmp::status(&sock).await.as_deref() {
             Ok("running") => Ok(()),
             Ok(_) => {
                 qmp::cont(&sock)
                     .await
                     .map_err(|e| format!("qmp cont: {e}"))?;
-                info!(vm = %id, "migration given up: the source runs again");
+                info!(vm = %id, "the guest runs again");
                 Ok(())
             }
             Err(e) => Err(format!("qmp query-status: {e}")),

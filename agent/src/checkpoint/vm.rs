@@ -1,0 +1,220 @@
+//! Snapshots of virtual machines: the bundle's `vm/state` is QEMU's migration
+//! stream (memory and devices) written to a file instead of a peer, with the
+//! same pre-copy as a live migration (the guest runs while its memory is
+//! copied and pauses only for the last pages), and a restore is QEMU started
+//! with `-incoming`, fed that file. The snapshot goes into the cache and the
+//! controller's store like a container's bundle, so periodic checkpoints and
+//! the recovery of a lost node's allocation work for VMs unchanged.
+
+use std::time::Instant;
+
+use novacron_common::checkpoint::{BUNDLE_FORMAT, BundleInfo, BundleMeta, CheckpointMode};
+use novacron_common::wire::{PROTOCOL_VERSION, VmSendRequest};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::bundle::{Budget, META_FILE, VM_STATE, pack, unpack};
+use super::cache::ensure_space;
+use super::{CheckpointError, Checkpointer, blocking, now_ms};
+use crate::runtime::vm::VmDriver;
+
+/// The longest pause planned for a snapshot's last pages.
+const SNAPSHOT_DOWNTIME_MS: u64 = 300;
+/// How long the guest may run while its memory is copied before it is paused.
+const SNAPSHOT_CONVERGE_MS: u64 = 60_000;
+/// How long a snapshot may take.
+const SNAPSHOT_LIMIT_MS: u64 = 300_000;
+
+impl Checkpointer {
+    /// Snapshots VM `vm_id` of allocation `alloc` into a bundle. The guest runs
+    /// while its memory is copied and is paused for the last pages; it runs on
+    /// afterwards unless `keep_paused` (a migration that stops the source).
+    /// `dump_ms` is how long it was paused.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn checkpoint_vm(
+        &self,
+        vms: &VmDriver,
+        vm_id: &str,
+        alloc: &str,
+        job: &str,
+        node: &str,
+        image: &str,
+        keep_paused: bool,
+    ) -> Result<BundleInfo, CheckpointError> {
+        let failed = |message: String| CheckpointError::Vm {
+            vm: vm_id.to_owned(),
+            message,
+        };
+        if vms.has_disk(vm_id) {
+            return Err(failed(
+                "it has a disk of its own, which a snapshot does not carry yet".to_owned(),
+            ));
+        }
+        let stage = self.temp_dir(".stage-")?;
+        let state_path = stage.path().join(VM_STATE);
+        let dir = state_path.parent().unwrap_or(stage.path()).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| CheckpointError::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut file = tokio::fs::File::create(&state_path)
+            .await
+            .map_err(|source| CheckpointError::Io {
+                what: "creating",
+                path: state_path.clone(),
+                source,
+            })?;
+        let created_unix_ms = now_ms();
+        let request = VmSendRequest {
+            protocol_version: PROTOCOL_VERSION,
+            alloc_id: alloc.to_owned(),
+            hold_ms: 0,
+            downtime_limit_ms: SNAPSHOT_DOWNTIME_MS,
+            converge_ms: SNAPSHOT_CONVERGE_MS,
+            limit_ms: SNAPSHOT_LIMIT_MS,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let mut budget = Budget::new(self.max_bytes);
+        let write = async {
+            while let Some(chunk) = rx.recv().await {
+                budget.add(chunk.len() as u64, "the VM's memory")?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|source| CheckpointError::Io {
+                        what: "writing",
+                        path: state_path.clone(),
+                        source,
+                    })?;
+            }
+            file.flush().await.map_err(|source| CheckpointError::Io {
+                what: "writing",
+                path: state_path.clone(),
+                source,
+            })
+        };
+        let started = Instant::now();
+        let (sent, written) = tokio::join!(vms.send_migration(vm_id, &request, tx, |_| {}), write);
+        let paused_since = Instant::now();
+        let outcome = match (sent, written) {
+            (Ok(p), Ok(())) => Ok(p),
+            (Err(e), _) => Err(failed(e)),
+            (Ok(_), Err(e)) => Err(e),
+        };
+        if outcome.is_err() || !keep_paused {
+            let resumed = vms.resume_after_abort(vm_id).await;
+            if let Err(e) = resumed {
+                warn!(vm = %vm_id, error = %e, "cannot resume the guest after its snapshot");
+                if outcome.is_ok() {
+                    return Err(failed(format!("resuming after the snapshot: {e}")));
+                }
+            }
+        }
+        let progress = outcome?;
+        let dump_ms = progress.downtime_ms.unwrap_or(0)
+            + u64::try_from(paused_since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let meta = BundleMeta {
+            format: BUNDLE_FORMAT,
+            mode: CheckpointMode::Live,
+            alloc: alloc.to_owned(),
+            job: job.to_owned(),
+            image: image.to_owned(),
+            criu_name: None,
+            deleted: Vec::new(),
+            volumes: Vec::new(),
+            created_unix_ms,
+            container: None,
+            vm: true,
+        };
+        let meta_path = stage.path().join(META_FILE);
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Io {
+            what: "encoding",
+            path: meta_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&meta_path, json).map_err(|source| CheckpointError::Io {
+            what: "writing",
+            path: meta_path.clone(),
+            source,
+        })?;
+        ensure_space(&self.cache_dir, budget.used)?;
+        let stage_path = stage.path().to_path_buf();
+        let cache_dir = self.cache_dir.clone();
+        let limit = self.max_bytes;
+        let (digest, size) = blocking(move || pack(&stage_path, &cache_dir, limit)).await?;
+        drop(stage);
+        let bundle = BundleInfo {
+            digest,
+            size,
+            mode: CheckpointMode::Live,
+            alloc: alloc.to_owned(),
+            job: job.to_owned(),
+            node: node.to_owned(),
+            created_unix_ms,
+            dump_ms,
+        };
+        self.index_update(|index| index.bundles.push(bundle.clone()))?;
+        info!(vm = %vm_id, alloc, digest = %bundle.digest, size, state_bytes = budget.used, rounds = progress.rounds, dump_ms, total_ms = started.elapsed().as_millis(), "virtual machine snapshot written");
+        Ok(bundle)
+    }
+
+    /// Restores the cached VM snapshot `digest` into VM `vm_id`, created (not
+    /// started) from the snapshot's image with the caller's config: QEMU starts
+    /// waiting for its state, is fed `vm/state`, and runs from there. An error
+    /// can leave the VM's QEMU exited, so the caller removes it.
+    pub async fn restore_vm(
+        &self,
+        vms: &VmDriver,
+        digest: &str,
+        vm_id: &str,
+    ) -> Result<(), CheckpointError> {
+        let failed = |message: String| CheckpointError::Vm {
+            vm: vm_id.to_owned(),
+            message,
+        };
+        let size = self.verify(digest).await?;
+        ensure_space(&self.cache_dir, size)?;
+        let stage = self.temp_dir(".restore-")?;
+        let bundle = self.bundle_path(digest)?;
+        let dest = stage.path().to_path_buf();
+        let limit = self.max_bytes;
+        let started = Instant::now();
+        let meta = blocking(move || unpack(&bundle, &dest, limit)).await?;
+        if !meta.vm {
+            return Err(CheckpointError::BadBundle {
+                bundle: digest.to_owned(),
+                reason: "it is a container's checkpoint, not a virtual machine's snapshot"
+                    .to_owned(),
+            });
+        }
+        let state_path = stage.path().join(VM_STATE);
+        let mut state =
+            tokio::fs::File::open(&state_path)
+                .await
+                .map_err(|source| CheckpointError::Io {
+                    what: "opening",
+                    path: state_path.clone(),
+                    source,
+                })?;
+        vms.start_incoming(vm_id)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let conn = vms
+            .incoming_connection(vm_id, std::time::Duration::from_secs(30))
+            .await
+            .map_err(failed)?;
+        let bytes = vms
+            .receive_migration(vm_id, &mut state, conn)
+            .await
+            .map_err(failed)?;
+        vms.await_incoming(
+            vm_id,
+            std::time::Duration::from_millis(SNAPSHOT_LIMIT_MS),
+            || true,
+        )
+        .await
+        .map_err(failed)?;
+        info!(vm = %vm_id, digest, bytes, total_ms = started.elapsed().as_millis(), "virtual machine restored from its snapshot");
+        Ok(())
+    }
+}
