@@ -491,8 +491,23 @@ impl Checkpointer {
             container: Some(inspect.config),
             vm: false,
         };
+        let bundle = self.seal(stage, &meta, budget.used, node, dump_ms).await?;
+        info!(container = %id, alloc, %mode, digest = %bundle.digest, size = bundle.size, dump_ms, total_ms = started.elapsed().as_millis(), "checkpoint written");
+        Ok(bundle)
+    }
+
+    /// Writes `meta` into `stage`, packs it into the cache and indexes it:
+    /// the bundle made on `node`. `staged` is what the stage holds, bytes.
+    pub(super) async fn seal(
+        &self,
+        stage: tempfile::TempDir,
+        meta: &BundleMeta,
+        staged: u64,
+        node: &str,
+        dump_ms: u64,
+    ) -> Result<BundleInfo, CheckpointError> {
         let meta_path = stage.path().join(META_FILE);
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Io {
+        let json = serde_json::to_vec_pretty(meta).map_err(|e| CheckpointError::Io {
             what: "encoding",
             path: meta_path.clone(),
             source: io::Error::other(e),
@@ -502,8 +517,7 @@ impl Checkpointer {
             path: meta_path.clone(),
             source,
         })?;
-        ensure_space(&self.cache_dir, budget.used)?;
-
+        ensure_space(&self.cache_dir, staged)?;
         let stage_path = stage.path().to_path_buf();
         let cache_dir = self.cache_dir.clone();
         let limit = self.max_bytes;
@@ -512,15 +526,14 @@ impl Checkpointer {
         let bundle = BundleInfo {
             digest,
             size,
-            mode,
-            alloc: alloc.to_owned(),
-            job: job.to_owned(),
+            mode: meta.mode,
+            alloc: meta.alloc.clone(),
+            job: meta.job.clone(),
             node: node.to_owned(),
-            created_unix_ms,
+            created_unix_ms: meta.created_unix_ms,
             dump_ms,
         };
         self.index_update(|index| index.bundles.push(bundle.clone()))?;
-        info!(container = %id, alloc, %mode, digest = %bundle.digest, size, dump_ms, total_ms = started.elapsed().as_millis(), "checkpoint written");
         Ok(bundle)
     }
 

@@ -13,7 +13,7 @@ use novacron_common::wire::{PROTOCOL_VERSION, VmSendRequest};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::bundle::{Budget, META_FILE, VM_STATE, pack, unpack};
+use super::bundle::{Budget, VM_STATE, unpack};
 use super::cache::ensure_space;
 use super::{CheckpointError, Checkpointer, blocking, now_ms};
 use crate::runtime::vm::VmDriver;
@@ -126,35 +126,8 @@ impl Checkpointer {
             container: None,
             vm: true,
         };
-        let meta_path = stage.path().join(META_FILE);
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Io {
-            what: "encoding",
-            path: meta_path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        std::fs::write(&meta_path, json).map_err(|source| CheckpointError::Io {
-            what: "writing",
-            path: meta_path.clone(),
-            source,
-        })?;
-        ensure_space(&self.cache_dir, budget.used)?;
-        let stage_path = stage.path().to_path_buf();
-        let cache_dir = self.cache_dir.clone();
-        let limit = self.max_bytes;
-        let (digest, size) = blocking(move || pack(&stage_path, &cache_dir, limit)).await?;
-        drop(stage);
-        let bundle = BundleInfo {
-            digest,
-            size,
-            mode: CheckpointMode::Live,
-            alloc: alloc.to_owned(),
-            job: job.to_owned(),
-            node: node.to_owned(),
-            created_unix_ms,
-            dump_ms,
-        };
-        self.index_update(|index| index.bundles.push(bundle.clone()))?;
-        info!(vm = %vm_id, alloc, digest = %bundle.digest, size, state_bytes = budget.used, rounds = progress.rounds, dump_ms, total_ms = started.elapsed().as_millis(), "virtual machine snapshot written");
+        let bundle = self.seal(stage, &meta, budget.used, node, dump_ms).await?;
+        info!(vm = %vm_id, alloc, digest = %bundle.digest, size = bundle.size, state_bytes = budget.used, rounds = progress.rounds, dump_ms, total_ms = started.elapsed().as_millis(), "virtual machine snapshot written");
         Ok(bundle)
     }
 

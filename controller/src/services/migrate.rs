@@ -511,6 +511,20 @@ impl Migrations {
                 (_, Ok(())) => {}
             }
         }
+        self.rolled_back(&status, by, reason, &rollback, "");
+    }
+
+    /// Records migration `status` as rolled back (`what` names the workload
+    /// for people: "" or "virtual machine ").
+    fn rolled_back(
+        &self,
+        status: &MigrationStatus,
+        by: &str,
+        reason: &str,
+        rollback: &str,
+        what: &str,
+    ) {
+        let (id, alloc) = (&status.id, &status.alloc);
         let now = unix_ms(SystemTime::now());
         let error = format!("{reason}; rolled back: {rollback}");
         self.update(id, |s| {
@@ -523,11 +537,11 @@ impl Migrations {
                 kind::MIGRATION_ROLLED_BACK,
                 by,
                 format!(
-                    "{id}: migration of {alloc} to {} failed: {error}",
+                    "{id}: migration of {what}{alloc} to {} failed: {error}",
                     status.to
                 ),
             )
-            .node(from)
+            .node(&status.from)
             .job(&status.job)
             .alloc(alloc)
             .detail("migration", id),

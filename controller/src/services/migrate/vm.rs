@@ -321,27 +321,7 @@ impl Migrations {
         {
             rollback = format!("{rollback}, but it did not come back: {e}");
         }
-        let now = unix_ms(SystemTime::now());
-        let error = format!("{reason}; rolled back: {rollback}");
-        self.update(id, |s| {
-            s.phase = Phase::RolledBack;
-            s.finished_unix_ms = Some(now);
-            s.error = Some(error.clone());
-        });
-        self.record(
-            NewEvent::new(
-                kind::MIGRATION_ROLLED_BACK,
-                by,
-                format!(
-                    "{id}: migration of virtual machine {alloc} to {} failed: {error}",
-                    status.to
-                ),
-            )
-            .node(from)
-            .job(&status.job)
-            .alloc(alloc)
-            .detail("migration", id),
-        );
+        self.rolled_back(&status, by, reason, &rollback, "virtual machine ");
     }
 }
 
