@@ -362,13 +362,14 @@ impl CheckpointService {
                 format!("allocation {alloc} is not desired on node {}", self.node)
             })?;
             if spec.task.vm.is_none() {
-                return Err(format!("allocation {alloc} is a container, not a virtual machine"));
+                return Err(format!(
+                    "allocation {alloc} is a container, not a virtual machine"
+                ));
             }
             let id = self.supervisor.exec_container(alloc).await?;
-            if vms.has_disk(&id) {
-                return Err(format!(
-                    "allocation {alloc}'s virtual machine has a disk of its own, which live migration does not carry yet"
-                ));
+            if vms.disk(&id).is_some() {
+                vms.block_migration()
+                    .map_err(|why| format!("allocation {alloc}: {why}"))?;
             }
             Ok(id)
         }

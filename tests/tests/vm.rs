@@ -328,6 +328,20 @@ struct TwoNodes {
     publish: [&'static str; 2],
 }
 
+impl Drop for TwoNodes {
+    /// QEMU daemonizes and outlives the agents: a test's VMs are killed with
+    /// it, so that they do not run on through the rest of the suite.
+    fn drop(&mut self) {
+        for agent in &self.agents {
+            for pid in live_qemus_in(&agent.state_dir) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 async fn two_vm_nodes(prefix: &str) -> Result<TwoNodes> {
     let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
     let c = novacron_tests::Controller::start(dir.path(), &[]).await?;
@@ -542,11 +556,18 @@ async fn a_vm_migration_whose_target_dies_rolls_back_and_the_source_runs_on() ->
 
 /// A live QEMU of a VM in an agent's state directory, if any.
 fn live_qemu_in(state_dir: &std::path::Path) -> Option<u32> {
-    std::fs::read_dir(state_dir.join("vms"))
-        .ok()?
+    live_qemus_in(state_dir).into_iter().next()
+}
+
+/// The live QEMUs of the VMs in an agent's state directory.
+fn live_qemus_in(state_dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("vms")) else {
+        return Vec::new();
+    };
+    entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
-        .find_map(|e| {
+        .filter_map(|e| {
             let pid: u32 = std::fs::read_to_string(e.path().join("qemu.pid"))
                 .ok()?
                 .trim()
@@ -556,6 +577,7 @@ fn live_qemu_in(state_dir: &std::path::Path) -> Option<u32> {
                 .exists()
                 .then_some(pid)
         })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,5 +645,142 @@ async fn a_lost_node_s_vm_comes_back_elsewhere_from_its_snapshot() -> Result<()>
         events.contains("restores its latest checkpoint"),
         "{events}"
     );
+    Ok(())
+}
+
+const DISK_IMAGE: &str = "novacron/guest-disk:test";
+
+/// The test guest plus a base disk (`/disk.raw`, 8 MiB of zeros), built from
+/// `novacron/guest-tiny:1` by Docker on this host.
+fn ensure_disk_image() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {GUEST_IMAGE}\nCOPY disk.raw /disk.raw\n"),
+    )?;
+    std::fs::write(dir.path().join("disk.raw"), vec![0u8; 8 << 20])?;
+    let out = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", DISK_IMAGE])
+        .arg(dir.path())
+        .output()
+        .context("docker build")?;
+    if !out.status.success() {
+        bail!(
+            "docker build of {DISK_IMAGE}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A VM job whose guest has a disk of its own (`/dev/vda`, an overlay of the
+/// image's `/disk.raw`), with CGI scripts to write a word at its start and to
+/// read it back from the disk (the page cache dropped first), and periodic
+/// snapshots kept.
+fn disk_vm_job(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: {name}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {DISK_IMAGE}
+    pullPolicy: never
+    ports:
+      - {{name: http, containerPort: 8080, hostPort: {port}}}
+    vm:
+      memory: 128Mi
+      initrd: /boot/initrd.img
+      cmdline: console=ttyS0 quiet panic=-1
+      disk: /disk.raw
+      userData: |
+        #!/bin/sh
+        cat > /www/cgi-bin/write <<'X'
+        #!/bin/sh
+        printf 'Content-Type: text/plain\\r\\n\\r\\n'
+        printf '%s' \"$QUERY_STRING\" | dd of=/dev/vda bs=64 count=1 conv=sync,notrunc 2>/dev/null
+        sync
+        echo written
+        X
+        cat > /www/cgi-bin/disk <<'X'
+        #!/bin/sh
+        printf 'Content-Type: text/plain\\r\\n\\r\\n'
+        sync
+        echo 3 > /proc/sys/vm/drop_caches
+        dd if=/dev/vda bs=64 count=1 2>/dev/null | tr -d '\\000'
+        X
+        chmod 755 /www/cgi-bin/write /www/cgi-bin/disk
+  health:
+    readiness: {{http: {{port: 8080, path: /health}}, period: 2s, timeout: 1s}}
+  checkpoint: {{mode: live, keep: 2}}
+  resources: {{cpu: 500m, memory: 256Mi}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -> Result<()> {
+    require_vm_setup()?;
+    ensure_disk_image()?;
+    let mut f = two_vm_nodes("vm-disk").await?;
+    let port = free_port();
+    f.c.apply("disk.yaml", &disk_vm_job("diskvm", port)).await?;
+    let (alloc, node) = running_alloc(&f, "diskvm").await?;
+    let first = f
+        .agents
+        .iter()
+        .position(|a| a.name == node)
+        .context("node")?;
+    let second = 1 - first;
+    let at = |i: usize, path: &str| format!("http://{}:{port}/cgi-bin/{path}", f.publish[i]);
+    // The user data installs the scripts after the guest is ready.
+    wait_for(Duration::from_secs(60), "the disk scripts", || async {
+        get(&at(first, "disk")).await.is_ok()
+    })
+    .await?;
+    assert_eq!(get(&at(first, "write?alpha")).await?.trim(), "written");
+    assert_eq!(get(&at(first, "disk")).await?.trim(), "alpha");
+    assert_eq!(count_at(f.publish[first], port).await?, "1");
+
+    // Live migration carries the overlay (block migration of its top layer).
+    let out =
+        f.c.cli(&["alloc", "migrate", &alloc, "--to", &f.agents[second].name]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}\nsource: {}\ntarget: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.agents[first].log(),
+        f.agents[second].log()
+    );
+    assert_eq!(count_at(f.publish[second], port).await?, "2");
+    assert_eq!(get(&at(second, "disk")).await?.trim(), "alpha");
+
+    // A snapshot carries memory and disk; the node then dies.
+    assert_eq!(get(&at(second, "write?bravo")).await?.trim(), "written");
+    let out = f.c.cli(&["alloc", "checkpoint", &alloc]);
+    assert!(
+        out.status.success(),
+        "checkpoint failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        f.agents[second].log()
+    );
+    let (_, pid) = qemu_pid(&f.agents[second]).context("the VM's qemu")?;
+    f.agents[second].kill().await;
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    wait_for(
+        Duration::from_secs(180),
+        "the replacement VM serving on the first node",
+        || async { get(&at(first, "disk")).await.is_ok() },
+    )
+    .await
+    .with_context(|| f.agents[first].log())?;
+    assert_eq!(get(&at(first, "disk")).await?.trim(), "bravo");
+    assert_eq!(count_at(f.publish[first], port).await?, "3");
     Ok(())
 }

@@ -21,6 +21,8 @@ pub(super) const ROOTFS_TAR: &str = "rootfs.tar";
 pub(super) const VOLUMES_DIR: &str = "volumes";
 /// A VM snapshot's QEMU migration stream.
 pub(super) const VM_STATE: &str = "vm/state";
+/// A VM snapshot's disk, when the VM has one: its qcow2 overlay.
+pub(super) const VM_DISK: &str = "vm/disk.qcow2";
 /// The largest `bundle.json` read.
 const MAX_META_BYTES: u64 = 4 * 1024 * 1024;
 pub(super) const CHUNK: usize = 256 * 1024;
@@ -140,8 +142,10 @@ pub(super) fn pack(
         if stage.join(ROOTFS_TAR).is_file() {
             builder.append_path_with_name(stage.join(ROOTFS_TAR), ROOTFS_TAR)?;
         }
-        if stage.join(VM_STATE).is_file() {
-            builder.append_path_with_name(stage.join(VM_STATE), VM_STATE)?;
+        for member in [VM_STATE, VM_DISK] {
+            if stage.join(member).is_file() {
+                builder.append_path_with_name(stage.join(member), member)?;
+            }
         }
         if stage.join(VOLUMES_DIR).is_dir() {
             builder.append_dir_all(VOLUMES_DIR, stage.join(VOLUMES_DIR))?;

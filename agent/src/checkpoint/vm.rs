@@ -13,7 +13,7 @@ use novacron_common::wire::{PROTOCOL_VERSION, VmSendRequest};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::bundle::{Budget, VM_STATE, unpack};
+use super::bundle::{Budget, VM_DISK, VM_STATE, unpack};
 use super::cache::ensure_space;
 use super::{CheckpointError, Checkpointer, blocking, now_ms};
 use crate::runtime::vm::VmDriver;
@@ -45,11 +45,6 @@ impl Checkpointer {
             vm: vm_id.to_owned(),
             message,
         };
-        if vms.has_disk(vm_id) {
-            return Err(failed(
-                "it has a disk of its own, which a snapshot does not carry yet".to_owned(),
-            ));
-        }
         let stage = self.temp_dir(".stage-")?;
         let state_path = stage.path().join(VM_STATE);
         let dir = state_path.parent().unwrap_or(stage.path()).to_path_buf();
@@ -69,6 +64,7 @@ impl Checkpointer {
         let request = VmSendRequest {
             protocol_version: PROTOCOL_VERSION,
             alloc_id: alloc.to_owned(),
+            with_disk: false,
             hold_ms: 0,
             downtime_limit_ms: SNAPSHOT_DOWNTIME_MS,
             converge_ms: SNAPSHOT_CONVERGE_MS,
@@ -96,11 +92,29 @@ impl Checkpointer {
         let started = Instant::now();
         let (sent, written) = tokio::join!(vms.send_migration(vm_id, &request, tx, |_| {}), write);
         let paused_since = Instant::now();
-        let outcome = match (sent, written) {
+        let mut outcome = match (sent, written) {
             (Ok(p), Ok(())) => Ok(p),
             (Err(e), _) => Err(failed(e)),
             (Ok(_), Err(e)) => Err(e),
         };
+        // The guest is paused and QEMU has flushed its disk: a copy of the
+        // overlay now agrees with the memory.
+        if outcome.is_ok()
+            && let Some(disk) = vms.disk(vm_id)
+        {
+            let to = stage.path().join(VM_DISK);
+            let copied = tokio::fs::copy(&disk, &to)
+                .await
+                .map_err(|source| CheckpointError::Io {
+                    what: "copying the disk into",
+                    path: to.clone(),
+                    source,
+                })
+                .and_then(|n| budget.add(n, "the VM's disk"));
+            if let Err(e) = copied {
+                outcome = Err(e);
+            }
+        }
         if outcome.is_err() || !keep_paused {
             let resumed = vms.resume_after_abort(vm_id).await;
             if let Err(e) = resumed {
@@ -169,6 +183,16 @@ impl Checkpointer {
                     path: state_path.clone(),
                     source,
                 })?;
+        let disk = stage.path().join(VM_DISK);
+        match (disk.is_file(), vms.disk(vm_id).is_some()) {
+            (true, _) => vms.adopt_disk(vm_id, &disk).await.map_err(failed)?,
+            (false, true) => {
+                return Err(failed(
+                    "the snapshot has no disk and this virtual machine has one".to_owned(),
+                ));
+            }
+            (false, false) => {}
+        }
         vms.start_incoming(vm_id)
             .await
             .map_err(|e| failed(e.to_string()))?;

@@ -1491,6 +1491,9 @@ pub struct VmSendRequest {
     pub protocol_version: u16,
     /// The allocation.
     pub alloc_id: String,
+    /// Carry the VM's own disk in the stream (block migration), when it has
+    /// one; a snapshot copies the disk itself instead.
+    pub with_disk: bool,
     /// How long the hold lasts without a release, milliseconds.
     pub hold_ms: u64,
     /// The longest pause QEMU may plan for the final copy (`downtime-limit`).
@@ -2343,6 +2346,7 @@ mod tests {
         let request = BiRequest::VmMigrate(VmMigrateRequest::Send(VmSendRequest {
             protocol_version: PROTOCOL_VERSION,
             alloc_id: "vm-1".into(),
+            with_disk: true,
             hold_ms: 600_000,
             downtime_limit_ms: 300,
             converge_ms: 90_000,

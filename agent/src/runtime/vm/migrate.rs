@@ -23,8 +23,9 @@ use tracing::{info, warn};
 
 use super::{VmDriver, qmp};
 
-/// How often the source asks QEMU how the migration goes.
-pub const POLL: Duration = Duration::from_millis(500);
+/// How often the source asks QEMU how the migration goes (the end is seen
+/// at the next question, so the switch-over waits up to this long).
+pub const POLL: Duration = Duration::from_millis(100);
 
 /// Reads QEMU's migration stream until it ends, handing each piece on; the
 /// bytes read.
@@ -46,6 +47,29 @@ async fn pump(
             Err(e) => return Err(format!("reading qemu's migration stream: {e}")),
         }
     }
+}
+
+/// Runs `qemu-img ARGS PATH` (at most 60 s); its standard output.
+async fn qemu_img(args: &[&str], path: &Path) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("qemu-img")
+            .args(args)
+            .arg(path)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| format!("qemu-img {} did not finish within 60 s", args[0]))?
+    .map_err(|e| format!("qemu-img: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img {}: {}",
+            args[0],
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// How long QEMU may take to connect to the source's socket.
@@ -143,10 +167,67 @@ impl VmDriver {
         })
     }
 
-    /// Whether VM `id` has a disk of its own (which QEMU's memory migration
-    /// does not carry).
-    pub fn has_disk(&self, id: &str) -> bool {
-        self.read_meta(id).is_ok_and(|m| m.disk.is_some())
+    /// VM `id`'s own disk (its copy-on-write overlay), if it has one.
+    pub fn disk(&self, id: &str) -> Option<PathBuf> {
+        self.read_meta(id).ok()?.disk
+    }
+
+    /// Whether this QEMU can carry a VM's own disk in its migration stream
+    /// (`blk`, removed in QEMU 9.1), or why not.
+    pub fn block_migration(&self) -> Result<(), String> {
+        let mut parts = self
+            .version
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) >= (9, 1) {
+            return Err(format!(
+                "QEMU {} has no block migration (removed in 9.1); a VM with a disk of its own migrates only with an older QEMU",
+                self.version
+            ));
+        }
+        Ok(())
+    }
+
+    /// Puts the disk of a snapshot (`from`, a qcow2 overlay made on another
+    /// node) in place of VM `id`'s created, never started, overlay, pointed at
+    /// this node's copy of the same base disk. `from` comes from a peer: it
+    /// must be a plain qcow2 image (no external data file), and its backing
+    /// file is rewritten before QEMU opens it.
+    pub async fn adopt_disk(&self, id: &str, from: &Path) -> Result<(), String> {
+        let meta = self.read_meta(id).map_err(|e| e.to_string())?;
+        let (Some(overlay), Some(base)) = (meta.disk.clone(), meta.vm.disk.clone()) else {
+            return Err("the snapshot has a disk and this virtual machine has none".to_owned());
+        };
+        let base = self
+            .image_dir(&meta.image_id)
+            .join(base.trim_start_matches('/'));
+        let info = qemu_img(&["info", "-f", "qcow2", "--output=json"], from).await?;
+        let info: serde_json::Value =
+            serde_json::from_str(&info).map_err(|e| format!("qemu-img info: {e}"))?;
+        if info["format"] != "qcow2" || !info["format-specific"]["data"]["data-file"].is_null() {
+            return Err("the snapshot's disk is not a plain qcow2 overlay".to_owned());
+        }
+        let staged = overlay.with_extension("incoming");
+        tokio::fs::copy(from, &staged)
+            .await
+            .map_err(|e| format!("{}: {e}", staged.display()))?;
+        let format = if base.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        let base_text = base.to_string_lossy().into_owned();
+        qemu_img(
+            &[
+                "rebase", "-u", "-f", "qcow2", "-F", format, "-b", &base_text,
+            ],
+            &staged,
+        )
+        .await?;
+        tokio::fs::rename(&staged, &overlay)
+            .await
+            .map_err(|e| format!("{}: {e}", overlay.display()))
     }
 
     /// Starts a created VM waiting for its state from a live migration.
@@ -189,7 +270,9 @@ impl VmDriver {
         from: &mut R,
         mut conn: tokio::net::UnixStream,
     ) -> Result<u64, String> {
-        let copied = tokio::io::copy(from, &mut conn)
+        // Large reads: tokio's copy moves 8 KiB at a time, a system call each.
+        let mut from = tokio::io::BufReader::with_capacity(VM_MIGRATE_CHUNK, from);
+        let copied = tokio::io::copy_buf(&mut from, &mut conn)
             .await
             .map_err(|e| format!("writing the migration stream into {id}: {e}"))?;
         conn.shutdown()
@@ -288,7 +371,10 @@ impl VmDriver {
             .await
             .map_err(|e| qmp_err("migrate-set-parameters", e))?;
         let started = Instant::now();
-        qmp::migrate(qmp_sock, &format!("unix:{}", out.display()))
+        // A disk of its own travels in the stream too: only what the overlay
+        // holds (`inc`), since the base is the same image on both nodes.
+        let block = request.with_disk && self.disk(id).is_some();
+        qmp::migrate(qmp_sock, &format!("unix:{}", out.display()), block)
             .await
             .map_err(|e| qmp_err("migrate", e))?;
         let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
@@ -442,6 +528,7 @@ mod tests {
         VmSendRequest {
             protocol_version: 3,
             alloc_id: "a".into(),
+            with_disk: false,
             hold_ms: 600_000,
             downtime_limit_ms: 300,
             converge_ms: 60_000,

@@ -112,11 +112,16 @@ pub async fn prepare_migration(sock: &Path, downtime_limit_ms: u64) -> io::Resul
     .map(|_| ())
 }
 
-/// Starts migrating to `uri` (QEMU connects to it and returns at once).
-pub async fn migrate(sock: &Path, uri: &str) -> io::Result<()> {
-    run(sock, Migrate(args(serde_json::json!({ "uri": uri }))))
-        .await
-        .map(|_| ())
+/// Starts migrating to `uri` (QEMU connects to it and returns at once); with
+/// `block`, the VM's disks too, only what their top layer holds (QEMU 7.2's
+/// `blk` and `inc`).
+pub async fn migrate(sock: &Path, uri: &str, block: bool) -> io::Result<()> {
+    let mut arguments = serde_json::json!({ "uri": uri });
+    if block {
+        arguments["blk"] = true.into();
+        arguments["inc"] = true.into();
+    }
+    run(sock, Migrate(args(arguments))).await.map(|_| ())
 }
 
 /// QEMU's `query-migrate` answer, as JSON.

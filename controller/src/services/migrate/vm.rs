@@ -42,7 +42,7 @@ pub const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
 pub const TRANSFER_LIMIT: Duration = Duration::from_secs(300);
 /// How long the target may take to pull the image and start its QEMU.
 const PREPARE_LIMIT: Duration = Duration::from_secs(300);
-/// The longest silence on the source's stream (it reports every 500 ms).
+/// The longest silence on the source's stream (it reports every 100 ms).
 const SILENCE: Duration = Duration::from_secs(30);
 
 /// Where a failed VM migration had got to: what its rollback must undo.
@@ -183,6 +183,7 @@ impl Migrations {
         let request = BiRequest::VmMigrate(VmMigrateRequest::Send(VmSendRequest {
             protocol_version: self.link.protocol_version(from),
             alloc_id: alloc.to_owned(),
+            with_disk: true,
             hold_ms: HOLD.as_millis() as u64,
             downtime_limit_ms: DOWNTIME_LIMIT.as_millis() as u64,
             converge_ms: CONVERGE_WITHIN.as_millis() as u64,
