@@ -605,20 +605,26 @@ pub fn ensure_test_image() -> Result<()> {
             .with_context(|| format!("copying {}", dockerfile.display()))?;
         std::fs::copy("/bin/busybox", context.path().join("busybox"))
             .context("copying /bin/busybox (install Debian's busybox-static)")?;
-        let out = std::process::Command::new("docker")
-            .env("DOCKER_BUILDKIT", "0")
-            .args(["build", "-q", "-t", TEST_IMAGE])
-            .arg(context.path())
-            .output()
-            .context("running docker build")?;
-        if !out.status.success() {
-            bail!(
-                "docker build failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        docker_build(context.path(), TEST_IMAGE)?;
     }
     *built = true;
+    Ok(())
+}
+
+/// `docker build -t TAG CONTEXT` with the classic builder (no BuildKit here).
+pub fn docker_build(context: &Path, tag: &str) -> Result<()> {
+    let out = std::process::Command::new("docker")
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "-q", "-t", tag])
+        .arg(context)
+        .output()
+        .context("running docker build")?;
+    if !out.status.success() {
+        bail!(
+            "docker build of {tag} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }
 

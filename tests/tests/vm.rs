@@ -367,8 +367,9 @@ async fn two_vm_nodes(prefix: &str) -> Result<TwoNodes> {
     })
 }
 
-/// The job's one wanted allocation, once it runs and is healthy: (id, node).
-async fn running_alloc(f: &TwoNodes, job: &str) -> Result<(String, String)> {
+/// The job's one wanted allocation, once it runs and is healthy: its id, the
+/// index of its node in `f.agents` and that of the other node.
+async fn placed(f: &TwoNodes, job: &str) -> Result<(String, usize, usize)> {
     let ready = |d: &novacron_controller::workloads::JobDetail| {
         d.allocations
             .iter()
@@ -382,7 +383,13 @@ async fn running_alloc(f: &TwoNodes, job: &str) -> Result<(String, String)> {
     )
     .await
     .with_context(|| format!("{}\n{}", f.agents[0].log(), f.agents[1].log()))?;
-    ready(&f.c.job(job).await?).context("the allocation")
+    let (alloc, node) = ready(&f.c.job(job).await?).context("the allocation")?;
+    let at = f
+        .agents
+        .iter()
+        .position(|a| a.name == node)
+        .context("the allocation's node")?;
+    Ok((alloc, at, 1 - at))
 }
 
 async fn count_at(address: &str, port: u16) -> Result<String> {
@@ -398,13 +405,7 @@ async fn a_vm_migrates_live_to_another_node_with_its_memory() -> Result<()> {
     let port = free_port();
     f.c.apply("counter.yaml", &counter_vm_job("countvm", port))
         .await?;
-    let (alloc, node) = running_alloc(&f, "countvm").await?;
-    let from = f
-        .agents
-        .iter()
-        .position(|a| a.name == node)
-        .context("node")?;
-    let to = 1 - from;
+    let (alloc, from, to) = placed(&f, "countvm").await?;
     for n in 1..=3 {
         assert_eq!(count_at(f.publish[from], port).await?, n.to_string());
     }
@@ -481,13 +482,7 @@ async fn a_vm_migration_whose_target_dies_rolls_back_and_the_source_runs_on() ->
     let port = free_port();
     f.c.apply("counter.yaml", &counter_vm_job("backvm", port))
         .await?;
-    let (alloc, node) = running_alloc(&f, "backvm").await?;
-    let from = f
-        .agents
-        .iter()
-        .position(|a| a.name == node)
-        .context("node")?;
-    let to = 1 - from;
+    let (alloc, from, to) = placed(&f, "backvm").await?;
     assert_eq!(count_at(f.publish[from], port).await?, "1");
     let (_, source_pid) = qemu_pid(&f.agents[from]).context("the source's qemu")?;
 
@@ -537,9 +532,9 @@ async fn a_vm_migration_whose_target_dies_rolls_back_and_the_source_runs_on() ->
         "the VM running on the source",
         || async {
             f.c.job("backvm").await.is_ok_and(|d| {
-                d.allocations
-                    .iter()
-                    .any(|a| a.id == alloc && a.node == node && a.state == AllocState::Running)
+                d.allocations.iter().any(|a| {
+                    a.id == alloc && a.node == f.agents[from].name && a.state == AllocState::Running
+                })
             })
         },
     )
@@ -590,13 +585,7 @@ async fn a_lost_node_s_vm_comes_back_elsewhere_from_its_snapshot() -> Result<()>
         &counter_vm_job_with("snapvm", port, "  checkpoint: {mode: live, keep: 2}\n"),
     )
     .await?;
-    let (alloc, node) = running_alloc(&f, "snapvm").await?;
-    let from = f
-        .agents
-        .iter()
-        .position(|a| a.name == node)
-        .context("node")?;
-    let to = 1 - from;
+    let (alloc, from, to) = placed(&f, "snapvm").await?;
     for n in 1..=3 {
         assert_eq!(count_at(f.publish[from], port).await?, n.to_string());
     }
@@ -659,18 +648,7 @@ fn ensure_disk_image() -> Result<()> {
         format!("FROM {GUEST_IMAGE}\nCOPY disk.raw /disk.raw\n"),
     )?;
     std::fs::write(dir.path().join("disk.raw"), vec![0u8; 8 << 20])?;
-    let out = std::process::Command::new("docker")
-        .args(["build", "-q", "-t", DISK_IMAGE])
-        .arg(dir.path())
-        .output()
-        .context("docker build")?;
-    if !out.status.success() {
-        bail!(
-            "docker build of {DISK_IMAGE}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    novacron_tests::docker_build(dir.path(), DISK_IMAGE)
 }
 
 /// A VM job whose guest has a disk of its own (`/dev/vda`, an overlay of the
@@ -728,13 +706,7 @@ async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -
     let mut f = two_vm_nodes("vm-disk").await?;
     let port = free_port();
     f.c.apply("disk.yaml", &disk_vm_job("diskvm", port)).await?;
-    let (alloc, node) = running_alloc(&f, "diskvm").await?;
-    let first = f
-        .agents
-        .iter()
-        .position(|a| a.name == node)
-        .context("node")?;
-    let second = 1 - first;
+    let (alloc, first, second) = placed(&f, "diskvm").await?;
     let at = |i: usize, path: &str| format!("http://{}:{port}/cgi-bin/{path}", f.publish[i]);
     // The user data installs the scripts after the guest is ready.
     wait_for(Duration::from_secs(60), "the disk scripts", || async {
