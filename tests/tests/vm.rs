@@ -411,9 +411,17 @@ async fn a_vm_migrates_live_to_another_node_with_its_memory() -> Result<()> {
     }
     let (_, source_pid) = qemu_pid(&f.agents[from]).context("the source's qemu")?;
 
-    // The guest moves while it runs: QEMU's pre-copy over the agents' links.
-    let out =
-        f.c.cli(&["alloc", "migrate", &alloc, "--to", &f.agents[to].name]);
+    // The guest moves while it runs: QEMU's pre-copy over the agents' links,
+    // planning a pause of at most 500 ms.
+    let out = f.c.cli(&[
+        "alloc",
+        "migrate",
+        &alloc,
+        "--to",
+        &f.agents[to].name,
+        "--max-downtime",
+        "500ms",
+    ]);
     assert!(
         out.status.success(),
         "migrate failed: {}{}\nsource: {}\ntarget: {}",
@@ -469,6 +477,7 @@ async fn a_vm_migrates_live_to_another_node_with_its_memory() -> Result<()> {
         "{m}"
     );
     assert!(m["downtime_ms"].as_u64().is_some(), "{m}");
+    assert_eq!(m["vm"]["downtime_limit_ms"], 500, "{m}");
     let events = f.c.cli(&["events", "--alloc", &alloc, "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout).to_string();
     assert!(events.contains("migration.completed"), "{events}");

@@ -1550,6 +1550,9 @@ pub struct VmMigrationProgress {
     pub downtime_ms: Option<u64>,
     /// The guest was paused by the agent because it did not converge in time.
     pub forced_pause: bool,
+    /// The longest pause QEMU was told to plan for (`downtime-limit`), ms.
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
 }
 
 /// A frame from the source of a VM's migration.

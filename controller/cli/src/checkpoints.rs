@@ -34,6 +34,8 @@ struct ModeBody<'a> {
     mode: Option<CheckpointMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_downtime_ms: Option<u64>,
 }
 
 /// `novacron alloc checkpoint ID [--mode M]`.
@@ -49,7 +51,11 @@ pub async fn checkpoint(
     let info: BundleInfo = client
         .post_within(
             &["v1", "allocations", id, "checkpoint"],
-            &ModeBody { mode, to: None },
+            &ModeBody {
+                mode,
+                to: None,
+                max_downtime_ms: None,
+            },
             CHECKPOINT_WAIT,
         )
         .await?;
@@ -126,13 +132,18 @@ pub async fn migrate(
     id: &str,
     to: Option<&str>,
     mode: Option<CheckpointMode>,
+    max_downtime: Option<Duration>,
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let started: MigrationStatus = client
         .post(
             &["v1", "allocations", id, "migrate"],
-            &ModeBody { mode, to },
+            &ModeBody {
+                mode,
+                to,
+                max_downtime_ms: max_downtime.map(|d| d.as_millis() as u64),
+            },
         )
         .await?;
     let done = follow(client, &started, format.is_human()).await?;
@@ -278,6 +289,7 @@ pub async fn drain(
                 &ModeBody {
                     mode: None,
                     to: None,
+                    max_downtime_ms: None,
                 },
             )
             .await;

@@ -133,7 +133,15 @@ pub enum AllocCommand {
         /// live, fs or auto (default: the job's policy, else auto).
         #[arg(long)]
         mode: Option<novacron_common::checkpoint::CheckpointMode>,
+        /// A virtual machine's longest planned pause (QEMU's downtime-limit,
+        /// e.g. 100ms, 2s; default 300ms).
+        #[arg(long, value_name = "DURATION", value_parser = parse_downtime)]
+        max_downtime: Option<Duration>,
     },
+}
+
+fn parse_downtime(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 100ms, 2s"))
 }
 
 /// The kinds `novacron apply` sends, and where.
@@ -705,9 +713,22 @@ pub async fn run_alloc(
         AllocCommand::Checkpoint { id, mode } => {
             return super::checkpoints::checkpoint(client, id, *mode, format, out).await;
         }
-        AllocCommand::Migrate { id, to, mode } => {
-            return super::checkpoints::migrate(client, id, to.as_deref(), *mode, format, out)
-                .await;
+        AllocCommand::Migrate {
+            id,
+            to,
+            mode,
+            max_downtime,
+        } => {
+            return super::checkpoints::migrate(
+                client,
+                id,
+                to.as_deref(),
+                *mode,
+                *max_downtime,
+                format,
+                out,
+            )
+            .await;
         }
         AllocCommand::Logs { id, follow, tail } => {
             let mut response = client

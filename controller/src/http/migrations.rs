@@ -107,6 +107,10 @@ pub struct MigrateBody {
     pub to: Option<String>,
     /// `live`, `fs` or `auto` (default: the job's policy, else `auto`).
     pub mode: Option<CheckpointMode>,
+    /// A virtual machine's longest planned pause (QEMU's `downtime-limit`),
+    /// ms, from 10 to 60000 (default 300). Only for VMs.
+    #[schema(minimum = 10, maximum = 60000)]
+    pub max_downtime_ms: Option<u64>,
 }
 
 #[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, busy, or no node can take it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
@@ -126,7 +130,13 @@ async fn migrate_alloc(
         )));
     }
     st.migrations
-        .start_migration(&id, body.to.as_deref(), body.mode, &caller.0.to_string())
+        .start_migration_with(
+            &id,
+            body.to.as_deref(),
+            body.mode,
+            body.max_downtime_ms.map(std::time::Duration::from_millis),
+            &caller.0.to_string(),
+        )
         .map(|s| (StatusCode::ACCEPTED, Json(s)))
         .map_err(problem)
 }

@@ -30,7 +30,7 @@ use novacron_common::ticker::Ticker;
 use novacron_common::transfer;
 use novacron_common::wire::{
     self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, ReleaseRequest,
-    RestoreFrom,
+    RestoreFrom, VmMigrationProgress,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -258,10 +258,28 @@ impl Migrations {
         mode: Option<CheckpointMode>,
         by: &str,
     ) -> Result<MigrationStatus, MigrateError> {
+        self.start_migration_with(alloc, to, mode, None, by)
+    }
+
+    /// [`Migrations::start_migration`] with a VM's longest planned pause
+    /// (`max_downtime`; refused for a container, whose migration stops it).
+    pub fn start_migration_with(
+        self: &Arc<Self>,
+        alloc: &str,
+        to: Option<&str>,
+        mode: Option<CheckpointMode>,
+        max_downtime: Option<Duration>,
+        by: &str,
+    ) -> Result<MigrationStatus, MigrateError> {
         let asked = mode;
         let (record, mode, _) = self.running(alloc, mode, "migrate")?;
         if self.workloads.is_vm(alloc) {
-            return self.start_vm_migration(record, to, asked, by);
+            return self.start_vm_migration(record, to, asked, max_downtime, by);
+        }
+        if max_downtime.is_some() {
+            return Err(MigrateError::Invalid(format!(
+                "allocation {alloc} is a container: its migration stops it for the checkpoint, so a downtime limit does not apply (it is for virtual machines)"
+            )));
         }
         let source_live = self.live_capable(&record.node);
         let needs_live = match mode {
@@ -292,7 +310,7 @@ impl Migrations {
             })
             .map_err(|e| MigrateError::Invalid(e.to_string()))?;
         let busy = self.claim(alloc)?;
-        Ok(self.launch(busy, &record, target, mode, by, false))
+        Ok(self.launch(busy, &record, target, mode, by, None))
     }
 
     /// Records migration of `record` to `target` as started and runs it in the
@@ -305,7 +323,7 @@ impl Migrations {
         target: String,
         mode: CheckpointMode,
         by: &str,
-        vm: bool,
+        vm: Option<VmMigrationProgress>,
     ) -> MigrationStatus {
         let alloc = record.id.as_str();
         let status = {
@@ -327,7 +345,7 @@ impl Migrations {
                 finished_unix_ms: None,
                 downtime_ms: None,
                 error: None,
-                vm: None,
+                vm: vm.clone(),
             };
             st.migrations.insert(id, status.clone());
             while st.migrations.len() > KEEP_MIGRATIONS {
@@ -355,7 +373,7 @@ impl Migrations {
         let by = by.to_string();
         tokio::spawn(async move {
             let _busy = busy;
-            if vm {
+            if vm.is_some() {
                 me.run_vm_migration(&id, &by).await;
             } else {
                 me.run_migration(&id, &by).await;

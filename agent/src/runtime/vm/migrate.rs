@@ -144,6 +144,7 @@ pub fn parse_progress(v: &serde_json::Value) -> (VmMigrationProgress, Option<Str
         elapsed_ms: n(v, "total-time"),
         downtime_ms: v.get("downtime").and_then(|d| d.as_u64()),
         forced_pause: false,
+        downtime_limit_ms: 0,
     };
     let error = v
         .get("error-desc")
@@ -423,6 +424,7 @@ impl VmDriver {
             last
         };
         done.forced_pause = forced_pause;
+        done.downtime_limit_ms = request.downtime_limit_ms;
         Ok(done)
     }
 
@@ -455,6 +457,7 @@ impl VmDriver {
                 }
             };
             p.forced_pause = forced_pause;
+            p.downtime_limit_ms = request.downtime_limit_ms;
             match next_step(&p, error.as_deref(), started.elapsed(), request) {
                 Step::Wait => progress(&p),
                 Step::Completed => return Ok((p, forced_pause)),

@@ -32,8 +32,13 @@ use crate::services::events::{NewEvent, kind};
 use crate::state::store::AllocRecord;
 pub use novacron_api::MigrationStatus;
 
-/// The longest pause QEMU may plan for the last copy.
+/// The longest pause QEMU may plan for the last copy, unless the request
+/// says otherwise (between [`MIN_DOWNTIME_LIMIT`] and [`MAX_DOWNTIME_LIMIT`]).
 pub const DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
+/// The shortest downtime limit a request may ask for.
+pub const MIN_DOWNTIME_LIMIT: Duration = Duration::from_millis(10);
+/// The longest downtime limit a request may ask for.
+pub const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(60);
 /// How long a guest may run while its memory is copied before it is paused
 /// so that the copy ends (a busy guest under TCG on shared cores may never
 /// converge otherwise).
@@ -63,9 +68,19 @@ impl Migrations {
         record: AllocRecord,
         to: Option<&str>,
         mode: Option<CheckpointMode>,
+        max_downtime: Option<Duration>,
         by: &str,
     ) -> Result<MigrationStatus, MigrateError> {
         let alloc = record.id.clone();
+        let limit = max_downtime.unwrap_or(DOWNTIME_LIMIT);
+        if !(MIN_DOWNTIME_LIMIT..=MAX_DOWNTIME_LIMIT).contains(&limit) {
+            return Err(MigrateError::Invalid(format!(
+                "a downtime limit of {} ms is out of range; expected {} to {} ms",
+                limit.as_millis(),
+                MIN_DOWNTIME_LIMIT.as_millis(),
+                MAX_DOWNTIME_LIMIT.as_millis()
+            )));
+        }
         if mode == Some(CheckpointMode::Fs) {
             return Err(MigrateError::Invalid(format!(
                 "allocation {alloc} is a virtual machine: it migrates live (QEMU's pre-copy); --mode fs does not apply"
@@ -101,7 +116,19 @@ impl Migrations {
             })
             .map_err(|e| MigrateError::Invalid(e.to_string()))?;
         let busy = self.claim(&alloc)?;
-        Ok(self.launch(busy, &record, target, CheckpointMode::Live, by, true))
+        let planned = VmMigrationProgress {
+            status: "none".to_owned(),
+            downtime_limit_ms: limit.as_millis() as u64,
+            ..Default::default()
+        };
+        Ok(self.launch(
+            busy,
+            &record,
+            target,
+            CheckpointMode::Live,
+            by,
+            Some(planned),
+        ))
     }
 
     /// Runs VM migration `id` (see the module's steps).
@@ -110,10 +137,14 @@ impl Migrations {
             return;
         };
         let (alloc, from, to) = (status.alloc.clone(), status.from.clone(), status.to.clone());
+        let limit = status
+            .vm
+            .as_ref()
+            .map_or(DOWNTIME_LIMIT.as_millis() as u64, |v| v.downtime_limit_ms);
         let mut reached = Reached::Nothing;
         let mut source = None;
         let result = self
-            .vm_migrate(id, &alloc, &from, &to, &mut reached, &mut source)
+            .vm_migrate(id, &alloc, &from, &to, limit, &mut reached, &mut source)
             .await;
         match result {
             Ok(done) => {
@@ -174,6 +205,7 @@ impl Migrations {
         alloc: &str,
         from: &str,
         to: &str,
+        downtime_limit_ms: u64,
         reached: &mut Reached,
         source: &mut Option<(quinn::SendStream, quinn::RecvStream)>,
     ) -> Result<VmMigrationProgress, String> {
@@ -185,7 +217,7 @@ impl Migrations {
             alloc_id: alloc.to_owned(),
             with_disk: true,
             hold_ms: HOLD.as_millis() as u64,
-            downtime_limit_ms: DOWNTIME_LIMIT.as_millis() as u64,
+            downtime_limit_ms,
             converge_ms: CONVERGE_WITHIN.as_millis() as u64,
             limit_ms: TRANSFER_LIMIT.as_millis() as u64,
         }));
