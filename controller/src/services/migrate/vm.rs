@@ -144,7 +144,7 @@ impl Migrations {
         let mut reached = Reached::Nothing;
         let mut source = None;
         let result = self
-            .vm_migrate(id, &alloc, &from, &to, limit, &mut reached, &mut source)
+            .vm_migrate(&status, limit, &mut reached, &mut source)
             .await;
         match result {
             Ok(done) => {
@@ -201,14 +201,17 @@ impl Migrations {
     /// Steps 1 to 4; the source's stream is left in `source` for the end.
     async fn vm_migrate(
         &self,
-        id: &str,
-        alloc: &str,
-        from: &str,
-        to: &str,
+        status: &MigrationStatus,
         downtime_limit_ms: u64,
         reached: &mut Reached,
         source: &mut Option<(quinn::SendStream, quinn::RecvStream)>,
     ) -> Result<VmMigrationProgress, String> {
+        let (id, alloc, from, to) = (
+            status.id.as_str(),
+            status.alloc.as_str(),
+            status.from.as_str(),
+            status.to.as_str(),
+        );
         let text = |e: MigrateError| e.to_string();
         // 1. The source holds the allocation.
         let (mut s_send, mut s_recv) = self.open(from).await.map_err(text)?;
