@@ -98,6 +98,7 @@ impl CheckpointService {
             BiRequest::Release(r) => {
                 let was = self.supervisor.release(&r.alloc_id, r.restore.clone());
                 info!(alloc = %r.alloc_id, was_held = was, "hold released");
+                self.resume_if_back(&r.alloc_id);
                 wire::write_frame(&mut send, &ReleaseReply { result: Ok(()) })
                     .await
                     .map_err(|e| e.to_string())
@@ -315,18 +316,20 @@ async fn fetch(
     transfer::receive_fetch(&mut recv, partial, offset, |_, _| {}).await
 }
 
-/// The controller's next word on a VM's send stream; its end, a bad frame or
-/// a silence of [`VM_DECISION_WAIT`] count as [`VmControl::Abort`].
-async fn control(scratch: &mut Vec<u8>, recv: &mut RecvStream) -> VmControl {
+/// The controller's next word on a VM's send stream; `None` when the stream
+/// ended, broke or stayed silent for [`VM_DECISION_WAIT`].
+async fn control(scratch: &mut Vec<u8>, recv: &mut RecvStream) -> Option<VmControl> {
     let read = wire::read_frame::<VmControl, _>(recv, scratch);
     match tokio::time::timeout(VM_DECISION_WAIT, read).await {
-        Ok(Ok(Some(c))) => c,
-        _ => VmControl::Abort,
+        Ok(Ok(Some(c))) => Some(c),
+        _ => None,
     }
 }
 
 /// How long a VM waiting for its state from a live migration may wait.
 const INCOMING_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// How long a released VM's allocation may take to be desired here again.
+const BACK_WAIT: Duration = Duration::from_secs(10);
 /// How long the source waits for the controller's word after its part.
 const VM_DECISION_WAIT: Duration = Duration::from_secs(10 * 60);
 
@@ -338,6 +341,36 @@ impl CheckpointService {
                 self.node
             )
         })
+    }
+
+    /// After a release: if the allocation is (or becomes, within
+    /// [`BACK_WAIT`]: the desired set travels on another stream) desired here
+    /// and its VM was left paused by a migration, resume the guest. A VM that
+    /// moved away is removed by the supervisor meanwhile, which ends the wait.
+    fn resume_if_back(&self, alloc: &str) {
+        let Some(vms) = self.supervisor.runtime().vms().cloned() else {
+            return;
+        };
+        let supervisor = self.supervisor.clone();
+        let alloc = alloc.to_owned();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + BACK_WAIT;
+            while tokio::time::Instant::now() < deadline {
+                let Some(id) = vms.vm_of_alloc(&alloc) else {
+                    return;
+                };
+                if supervisor
+                    .spec_of(&alloc)
+                    .is_some_and(|s| s.task.vm.is_some())
+                {
+                    if let Err(e) = vms.resume_after_abort(&id).await {
+                        warn!(%alloc, vm = %id, error = %e, "cannot resume the virtual machine after its migration was undone");
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
     }
 
     /// The source's side of a VM's live migration (see
@@ -388,19 +421,24 @@ impl CheckpointService {
             .await
             .map_err(|e| e.to_string())?;
         let mut scratch = Vec::new();
-        if control(&mut scratch, &mut recv).await != VmControl::Go {
+        if control(&mut scratch, &mut recv).await != Some(VmControl::Go) {
             info!(%alloc, "vm migration given up before it began");
             return Ok(());
         }
         info!(%alloc, vm = %id, "migrating the virtual machine out");
         // QEMU's bytes and progress go out as frames, in order, from one writer.
+        // Each receiver is owned by the future that reads it: when the
+        // controller's stream breaks, the writer ends, its receiver goes, and
+        // every send up the chain fails, down to QEMU's socket (the migration
+        // is then cancelled) instead of waiting for a reader that is gone.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<VmSendEvent>(8);
         let (data_tx, mut data_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let progress_tx = tx.clone();
+        let data_out = tx.clone();
         let migrate = async {
-            let forward = async {
+            let forward = async move {
                 while let Some(chunk) = data_rx.recv().await {
-                    if tx.send(VmSendEvent::Data(chunk)).await.is_err() {
+                    if data_out.send(VmSendEvent::Data(chunk)).await.is_err() {
                         break;
                     }
                 }
@@ -417,7 +455,7 @@ impl CheckpointService {
             drop(tx);
             drop(progress_tx);
         };
-        let write = async {
+        let write = async move {
             while let Some(event) = rx.recv().await {
                 let end = matches!(event, VmSendEvent::Done(_) | VmSendEvent::Failed(_));
                 if let Err(e) = wire::write_frame(send, &event).await {
@@ -434,11 +472,22 @@ impl CheckpointService {
         let word = if completed {
             control(&mut scratch, &mut recv).await
         } else {
-            VmControl::Abort
+            Some(VmControl::Abort)
         };
-        if word == VmControl::Commit {
-            info!(%alloc, "vm migration committed; the source stays paused until released");
-            return Ok(());
+        match word {
+            Some(VmControl::Commit) => {
+                info!(%alloc, "vm migration committed; the source stays paused until released");
+                return Ok(());
+            }
+            None => {
+                // Everything was sent and the target may run the guest: resuming
+                // here could run it twice. The hold keeps it paused until the
+                // controller (perhaps restarted) releases it: resumed when the
+                // allocation is back here, removed when it is not.
+                warn!(%alloc, "the controller said nothing after the copy; the source stays paused and held");
+                return Ok(());
+            }
+            Some(_) => {}
         }
         match vms.resume_after_abort(&id).await {
             Ok(()) => info!(%alloc, "vm migration aborted; the source runs on"),
@@ -514,7 +563,7 @@ impl Restorer for CheckpointService {
         container_id: &'a str,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            if from.incoming_vm {
+            if from.incoming_vm.is_some() {
                 let vms = self.vms()?;
                 vms.start_incoming(container_id)
                     .await
@@ -522,9 +571,9 @@ impl Restorer for CheckpointService {
                 info!(%alloc, migration = %from.digest, vm = %container_id, "waiting for the virtual machine's state");
                 let supervisor = &self.supervisor;
                 vms.await_incoming(container_id, INCOMING_LIMIT, || {
-                    supervisor
-                        .spec_of(alloc)
-                        .is_some_and(|s| s.restore.as_ref().is_some_and(|r| r.incoming_vm))
+                    supervisor.spec_of(alloc).is_some_and(|s| {
+                        s.restore.as_ref().is_some_and(|r| r.incoming_vm.is_some())
+                    })
                 })
                 .await?;
                 info!(%alloc, migration = %from.digest, vm = %container_id, "virtual machine arrived live");

@@ -765,3 +765,99 @@ async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -
     assert_eq!(count_at(f.publish[first], port).await?, "3");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_migration_settles_it_on_restart_with_one_guest() -> Result<()> {
+    require_vm_setup()?;
+    let mut f = two_vm_nodes("vm-ctl").await?;
+    let port = free_port();
+    f.c.apply("counter.yaml", &counter_vm_job("ctlvm", port))
+        .await?;
+    let (alloc, from, to) = placed(&f, "ctlvm").await?;
+    for n in 1..=3 {
+        assert_eq!(count_at(f.publish[from], port).await?, n.to_string());
+    }
+    let admin = f.c.admin_client()?;
+    let started: serde_json::Value = admin
+        .post(format!("{}/v1/allocations/{alloc}/migrate", f.c.api()))
+        .json(&serde_json::json!({"to": f.agents[to].name}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = started["id"]
+        .as_str()
+        .context("the migration's id")?
+        .to_owned();
+    // The controller dies while the memory is on its way.
+    let mut phase = String::new();
+    for _ in 0..3000 {
+        let s: serde_json::Value = admin
+            .get(format!("{}/v1/migrations/{id}", f.c.api()))
+            .send()
+            .await?
+            .json()
+            .await?;
+        phase = s["phase"].as_str().unwrap_or_default().to_owned();
+        if phase != "checkpointing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("killing the controller in phase {phase}");
+    assert!(
+        phase == "transferring" || phase == "restoring",
+        "the migration was already {phase}"
+    );
+    f.c.restart().await?;
+
+    // After the restart the controller settles it: one guest, on one node,
+    // with its memory, and the other node's QEMU gone.
+    let one_guest = || {
+        let alive: Vec<usize> = (0..2)
+            .filter(|&i| !live_qemus_in(&f.agents[i].state_dir).is_empty())
+            .collect();
+        (alive.len() == 1).then(|| alive[0])
+    };
+    wait_for(
+        Duration::from_secs(90),
+        "one guest left, settled",
+        || async {
+            one_guest().is_some()
+                && f.c.job("ctlvm").await.is_ok_and(|d| {
+                    d.allocations.iter().any(|a| {
+                        a.id == alloc
+                            && a.state == AllocState::Running
+                            && a.healthy == Some(true)
+                            && a.restore.is_none()
+                    })
+                })
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "{}\n{}\n{}",
+            f.c.logs(),
+            f.agents[0].log(),
+            f.agents[1].log()
+        )
+    })?;
+    let at = one_guest().context("one guest")?;
+    let d = f.c.job("ctlvm").await?;
+    let a = d
+        .allocations
+        .iter()
+        .find(|a| a.id == alloc)
+        .context("the allocation")?;
+    assert_eq!(a.node, f.agents[at].name, "the record and the guest agree");
+    assert_eq!(count_at(f.publish[at], port).await?, "4");
+    let events = f.c.cli(&["events", "--alloc", &alloc, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(
+        events.contains("interrupted by a controller restart"),
+        "{events}"
+    );
+    Ok(())
+}

@@ -1700,7 +1700,7 @@ mod tests {
             digest: "d".into(),
             size: 1,
             mode: novacron_common::checkpoint::CheckpointMode::Live,
-            incoming_vm: false,
+            incoming_vm: None,
         });
         launch_ends(&mut r, now, &restore, pull());
         let s = status(&r, "b");

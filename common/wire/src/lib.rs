@@ -880,22 +880,24 @@ pub struct RestoreFrom {
     pub size: u64,
     /// `live` or `fs`.
     pub mode: crate::checkpoint::CheckpointMode,
-    /// A virtual machine's live migration instead of a bundle: the node starts
-    /// the VM waiting for its state (QEMU's `-incoming`), which arrives on a
-    /// [`VmMigrateRequest::Receive`] stream; `digest` names the migration and
-    /// `size` is 0. Appended in protocol 3.
+    /// A virtual machine's live migration from this node instead of a
+    /// bundle: the node starts the VM waiting for its state (QEMU's
+    /// `-incoming`), which arrives on a [`VmMigrateRequest::Receive`] stream;
+    /// `digest` names the migration and `size` is 0. The source is kept so
+    /// that a controller that restarted mid-migration can finish or undo it.
+    /// Appended in protocol 3.
     #[serde(default)]
-    pub incoming_vm: bool,
+    pub incoming_vm: Option<String>,
 }
 
 impl RestoreFrom {
-    /// The start of a VM that migration `id` moves here live.
-    pub fn incoming_vm(id: &str) -> RestoreFrom {
+    /// The start of a VM that migration `id` moves here live from `source`.
+    pub fn incoming_vm(id: &str, source: &str) -> RestoreFrom {
         RestoreFrom {
             digest: id.to_owned(),
             size: 0,
             mode: crate::checkpoint::CheckpointMode::Live,
-            incoming_vm: true,
+            incoming_vm: Some(source.to_owned()),
         }
     }
 }
@@ -2378,7 +2380,7 @@ mod tests {
         }
         // The mark of a live VM arrival survives the store's JSON, and an old
         // record without it reads as a bundle restore.
-        let incoming = RestoreFrom::incoming_vm("m-7");
+        let incoming = RestoreFrom::incoming_vm("m-7", "node-a");
         let json = serde_json::to_string(&incoming).expect("json");
         assert_eq!(
             serde_json::from_str::<RestoreFrom>(&json).expect("back"),
@@ -2386,7 +2388,7 @@ mod tests {
         );
         let old: RestoreFrom =
             serde_json::from_str(r#"{"digest":"ab","size":1,"mode":"live"}"#).expect("old");
-        assert!(!old.incoming_vm);
+        assert_eq!(old.incoming_vm, None);
     }
 
     #[test]

@@ -489,7 +489,7 @@ structs! {
     MetricsBatch { samples, dropped_total };
     DesiredAllocations { epoch, generation, allocations } + { prepull: Vec::new() };
     AllocationSpec { id, job, job_version, task, restore };
-    RestoreFrom { digest, size, mode } + { incoming_vm: false };
+    RestoreFrom { digest, size, mode } + { incoming_vm: None };
     TaskSpec { batch, image, command, args, env, ports, volumes, working_dir, cpu_millis, memory_bytes, gpu_uuids, restart, health }
         + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None, image_digest: None, vm: None };
     PortMapping { name, container_port, host_port, udp };

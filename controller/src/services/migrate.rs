@@ -98,6 +98,9 @@ pub struct Migrations {
     bundles: Arc<BundleStore>,
     events: Arc<EventLog>,
     state: Arc<Mutex<State>>,
+    /// When this service started: migrations interrupted by a restart are
+    /// settled only once the nodes had time to reconnect and report.
+    started: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +135,7 @@ impl Migrations {
             bundles,
             events,
             state: Arc::new(Mutex::new(State::default())),
+            started: Instant::now(),
         }
     }
 
@@ -938,7 +942,11 @@ impl Migrations {
     /// Starts the checkpoints that are due by their job's interval.
     fn periodic(self: &Arc<Self>) {
         let now = unix_ms(SystemTime::now());
+        let settle = self.started.elapsed() >= vm::SETTLE_AFTER_START;
         for a in self.workloads.allocations(None, None) {
+            if settle {
+                self.settle_interrupted_vm_move(&a);
+            }
             if a.state != AllocState::Running || !a.desired_run {
                 continue;
             }
@@ -1101,7 +1109,7 @@ fn restore_of(info: &BundleInfo) -> RestoreFrom {
         digest: info.digest.clone(),
         size: info.size,
         mode: info.mode,
-        incoming_vm: false,
+        incoming_vm: None,
     }
 }
 
@@ -1196,6 +1204,31 @@ mod tests {
             message: message.into(),
             ..crate::workloads::test_alloc("api-a", "b", state)
         }
+    }
+
+    #[test]
+    fn a_vm_move_a_restart_interrupted_goes_on_if_it_runs_else_back() {
+        use super::vm::{Settle, settle};
+        let mut a = moving(AllocState::Pending, "migrating live from a");
+        // Not a VM arriving live: nothing to settle.
+        assert_eq!(settle(&a, false), None);
+        a.restore = Some(RestoreFrom::incoming_vm("m-3", "a"));
+        let back = Some(Settle::Back { source: "a".into() });
+        assert_eq!(settle(&a, false), back);
+        // A migration of this controller owns it: left alone.
+        assert_eq!(settle(&a, true), None);
+        // The target reported it running: kept there.
+        a.state = AllocState::Running;
+        assert_eq!(
+            settle(&a, false),
+            Some(Settle::Forward { source: "a".into() })
+        );
+        // Still starting on the target, or failed there: back.
+        a.state = AllocState::Starting;
+        assert_eq!(settle(&a, false), back);
+        // No longer wanted: nothing to do.
+        a.desired_run = false;
+        assert_eq!(settle(&a, false), None);
     }
 
     fn seen(first_restarts: u32, restarts: u32) -> Option<MoveReport> {

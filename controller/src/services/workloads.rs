@@ -962,8 +962,12 @@ impl Workloads {
                 events.push(event.node(node));
                 changed = true;
             }
+            // A VM arriving live is the migration service's to settle, even
+            // after a restart lost the migration (its state is on the source:
+            // never "from scratch").
             if !migrating.contains_key(&a.id)
                 && let Some(r) = &a.restore
+                && r.incoming_vm.is_none()
             {
                 if a.state == AllocState::Running {
                     // Restored (recovery): a later restart starts the container
@@ -2569,7 +2573,7 @@ mod tests {
             digest: "d".repeat(64),
             size: 1,
             mode: novacron_common::checkpoint::CheckpointMode::Fs,
-            incoming_vm: false,
+            incoming_vm: None,
         };
         w.relocate("api-1", "n2", Some(restore), "moving")
             .expect("relocate");

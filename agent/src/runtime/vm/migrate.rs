@@ -510,14 +510,16 @@ impl VmDriver {
     pub async fn resume(&self, id: &str) -> Result<(), String> {
         let sock = self.vm_dir(id).join("qmp.sock");
         match qmp::status(&sock).await.as_deref() {
-            Ok("running") => Ok(()),
-            Ok(_) => {
+            // Paused by a migration (its end, or the agent's pause of a guest
+            // that did not converge); other states are not a migration's.
+            Ok("paused") | Ok("postmigrate") => {
                 qmp::cont(&sock)
                     .await
                     .map_err(|e| format!("qmp cont: {e}"))?;
                 info!(vm = %id, "the guest runs again");
                 Ok(())
             }
+            Ok(_) => Ok(()),
             Err(e) => Err(format!("qmp query-status: {e}")),
         }
     }

@@ -31,6 +31,7 @@ use super::{HOLD, MigrateError, Migrations, Phase};
 use crate::services::events::{NewEvent, kind};
 use crate::state::store::AllocRecord;
 pub use novacron_api::MigrationStatus;
+use novacron_common::wire::AllocState;
 
 /// The longest pause QEMU may plan for the last copy, unless the request
 /// says otherwise (between [`MIN_DOWNTIME_LIMIT`] and [`MAX_DOWNTIME_LIMIT`]).
@@ -50,6 +51,42 @@ const PREPARE_LIMIT: Duration = Duration::from_secs(300);
 /// The longest silence on the source's stream (it reports every 100 ms).
 const SILENCE: Duration = Duration::from_secs(30);
 
+/// How long after it starts the controller waits before it settles VM
+/// migrations that a restart interrupted (nodes reconnect and report first).
+pub const SETTLE_AFTER_START: Duration = Duration::from_secs(20);
+
+/// How a VM migration that no running migration owns (the controller
+/// restarted in the middle) is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Settle {
+    /// The guest runs on the target: keep it there; the source, paused and
+    /// held since the copy ended, is released (and removes its VM).
+    Forward {
+        /// The source node.
+        source: String,
+    },
+    /// Not running on the target: back to the source, which resumes the
+    /// guest it kept.
+    Back {
+        /// The source node.
+        source: String,
+    },
+}
+
+/// Decides how to settle allocation `a` if it is a VM arriving live that no
+/// migration of this controller owns (`owned`). Pure.
+pub(super) fn settle(a: &AllocRecord, owned: bool) -> Option<Settle> {
+    let source = a.restore.as_ref()?.incoming_vm.clone()?;
+    if owned || !a.desired_run || a.state.is_terminal() {
+        return None;
+    }
+    Some(if a.state == AllocState::Running {
+        Settle::Forward { source }
+    } else {
+        Settle::Back { source }
+    })
+}
+
 /// Where a failed VM migration had got to: what its rollback must undo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reached {
@@ -62,6 +99,68 @@ enum Reached {
 }
 
 impl Migrations {
+    /// Settles `a` if it is a VM migration that a restart interrupted (see
+    /// [`settle`]), on a task of its own.
+    pub(super) fn settle_interrupted_vm_move(self: &Arc<Self>, a: &AllocRecord) {
+        let owned = self.lock().busy.contains(&a.id);
+        let Some(decision) = settle(a, owned) else {
+            return;
+        };
+        let Ok(busy) = self.claim(&a.id) else {
+            return;
+        };
+        let me = self.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            let _busy = busy;
+            me.settle_vm_move(&a, decision).await;
+        });
+    }
+
+    async fn settle_vm_move(&self, a: &AllocRecord, decision: Settle) {
+        let alloc = &a.id;
+        let (kind, text, source) = match &decision {
+            Settle::Forward { source } => {
+                info!(%alloc, %source, to = %a.node, "a restart interrupted this vm migration after the guest ran on its target: keeping it there");
+                if let Err(e) = self.workloads.clear_restore(alloc) {
+                    warn!(%alloc, error = %e, "cannot clear the restore mark");
+                }
+                (
+                    kind::MIGRATION_COMPLETED,
+                    format!(
+                        "virtual machine {alloc} runs on {} (from {source}); its migration was interrupted by a controller restart and is kept",
+                        a.node
+                    ),
+                    source,
+                )
+            }
+            Settle::Back { source } => {
+                info!(%alloc, %source, to = %a.node, "a restart interrupted this vm migration before the guest ran on its target: back to the source");
+                let why = format!(
+                    "migration to {} interrupted by a controller restart: back to {source}",
+                    a.node
+                );
+                if let Err(e) = self.workloads.relocate(alloc, source, None, &why) {
+                    warn!(%alloc, error = %e, "cannot move it back");
+                }
+                if let Err(e) = self.workloads.clear_restore(alloc) {
+                    warn!(%alloc, error = %e, "cannot clear the restore mark");
+                }
+                (kind::MIGRATION_ROLLED_BACK, why, source)
+            }
+        };
+        // Forward: the source removes its paused VM; back: it resumes it.
+        if let Err(e) = self.release(source, alloc, None).await {
+            warn!(%alloc, %source, error = %e, "cannot release the source's hold; it expires by itself");
+        }
+        self.record(
+            NewEvent::new(kind, crate::services::events::CONTROLLER, text)
+                .node(&a.node)
+                .job(&a.job)
+                .alloc(alloc),
+        );
+    }
+
     /// Starts the live migration of a VM allocation (`start_migration` for a VM).
     pub(super) fn start_vm_migration(
         self: &Arc<Self>,
@@ -240,7 +339,7 @@ impl Migrations {
             .relocate(
                 alloc,
                 to,
-                Some(RestoreFrom::incoming_vm(id)),
+                Some(RestoreFrom::incoming_vm(id, from)),
                 &format!("migrating live from {from}: waiting for the virtual machine's state"),
             )
             .map_err(|e| format!("cannot relocate: {e}"))?;

@@ -285,7 +285,7 @@ impl<'a> Pass<'_, 'a> {
                         digest: b.digest,
                         size: b.size,
                         mode: b.mode,
-                        incoming_vm: false,
+                        incoming_vm: None,
                     },
                     id.clone(),
                 ));

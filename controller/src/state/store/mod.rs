@@ -2575,7 +2575,7 @@ mod tests {
                 digest: "ab".repeat(32),
                 size: 42,
                 mode: novacron_common::checkpoint::CheckpointMode::Fs,
-                incoming_vm: false,
+                incoming_vm: None,
             }),
             published: vec![
                 PublishedAddress {
