@@ -767,9 +767,24 @@ async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_killed_mid_migration_settles_it_on_restart_with_one_guest() -> Result<()> {
+async fn a_controller_killed_mid_copy_settles_the_migration_on_restart_with_one_guest() -> Result<()>
+{
+    controller_killed_mid_migration("vm-ctl", "transferring").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_after_the_copy_keeps_the_guest_on_its_target() -> Result<()> {
+    controller_killed_mid_migration("vm-ctr", "restoring").await
+}
+
+/// Kills the controller once a VM's migration reaches `phase`
+/// (`transferring`: the memory is on its way; `restoring`: the target runs
+/// the guest and waits for its check), restarts it, and checks that it
+/// settles the move: one guest, with its memory, where the record says; after
+/// the copy, on the target.
+async fn controller_killed_mid_migration(prefix: &str, phase_wanted: &str) -> Result<()> {
     require_vm_setup()?;
-    let mut f = two_vm_nodes("vm-ctl").await?;
+    let mut f = two_vm_nodes(prefix).await?;
     let port = free_port();
     f.c.apply("counter.yaml", &counter_vm_job("ctlvm", port))
         .await?;
@@ -800,15 +815,15 @@ async fn a_controller_killed_mid_migration_settles_it_on_restart_with_one_guest(
             .json()
             .await?;
         phase = s["phase"].as_str().unwrap_or_default().to_owned();
-        if phase != "checkpointing" {
+        if phase == phase_wanted || phase == "completed" || phase == "rolled_back" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("killing the controller in phase {phase}");
-    assert!(
-        phase == "transferring" || phase == "restoring",
-        "the migration was already {phase}"
+    assert_eq!(
+        phase, phase_wanted,
+        "the migration went past {phase_wanted}"
     );
     f.c.restart().await?;
 
@@ -852,7 +867,19 @@ async fn a_controller_killed_mid_migration_settles_it_on_restart_with_one_guest(
         .find(|a| a.id == alloc)
         .context("the allocation")?;
     assert_eq!(a.node, f.agents[at].name, "the record and the guest agree");
-    assert_eq!(count_at(f.publish[at], port).await?, "4");
+    if phase_wanted == "restoring" {
+        assert_eq!(at, to, "the guest ran on its target: it stays there");
+    }
+    let count = count_at(f.publish[at], port).await?;
+    assert_eq!(
+        count,
+        "4",
+        "the guest on {} lost its memory\n{}\n{}\n{}",
+        f.agents[at].name,
+        f.c.logs(),
+        f.agents[0].log(),
+        f.agents[1].log()
+    );
     let events = f.c.cli(&["events", "--alloc", &alloc, "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout).to_string();
     assert!(

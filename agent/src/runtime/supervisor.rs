@@ -745,7 +745,25 @@ async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> O
             alloc,
             container_id,
         } => {
-            let result = match runtime.start(&container_id).await {
+            // A VM that must arrive live (its state is on another node) never
+            // boots afresh: a start after a failed arrival waits for its
+            // state again, which a settled migration sends or takes away.
+            let arriving = inner
+                .core()
+                .desired_spec(&alloc)
+                .and_then(|s| s.restore.clone())
+                .filter(|r| r.incoming_vm.is_some() && super::vm::is_vm(&container_id));
+            let started = match (arriving, inner.restorer.get()) {
+                (Some(from), Some(restorer)) => restorer
+                    .restore(&alloc, &from, &container_id)
+                    .await
+                    .map_err(|message| RuntimeError::Daemon {
+                        op: "restore",
+                        message,
+                    }),
+                _ => runtime.start(&container_id).await,
+            };
+            let result = match started {
                 Ok(()) => Ok(run_of(runtime, &container_id).await),
                 Err(e) => Err(e),
             };
