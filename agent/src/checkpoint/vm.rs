@@ -72,7 +72,12 @@ impl Checkpointer {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let mut budget = Budget::new(self.max_bytes);
-        let write = async {
+        // The writer owns the receiver: when it fails (the size limit, a full
+        // disk), the receiver goes and QEMU's stream is cancelled at once,
+        // instead of waiting, guest paused, for a reader that is gone.
+        let (file, budget_used, state_path) = (&mut file, &mut budget, &state_path);
+        let write = async move {
+            let budget = budget_used;
             while let Some(chunk) = rx.recv().await {
                 budget.add(chunk.len() as u64, "the VM's memory")?;
                 file.write_all(&chunk)
