@@ -201,6 +201,16 @@ pub struct RunArgs {
     /// [env: NOVACRON_IMAGE_GC_BUDGET] [file: image_gc_budget] [default: off].
     #[arg(long, value_name = "off|SIZE")]
     pub image_gc_budget: Option<String>,
+    /// What runs this node's containers: docker, or runc (the agent runs them
+    /// itself beside a Docker sandbox that holds their network, and drives
+    /// CRIU directly: live migration without Docker's checkpoint API)
+    /// [env: NOVACRON_CONTAINER_RUNTIME] [file: container_runtime] [default: docker].
+    #[arg(long, value_name = "docker|runc")]
+    pub container_runtime: Option<String>,
+    /// The CRIU binary runc uses [env: NOVACRON_CRIU] [file: criu]
+    /// [default: criu on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub criu: Option<String>,
     /// For tests only (hidden): offer only these wire protocol versions (`2`,
     /// `2-3`), within those this build speaks, to act as an older agent in the
     /// version-skew tests. Not for production use.
@@ -301,6 +311,8 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         dns_listen: args.dns_listen,
         dns_upstream: args.dns_upstream,
         image_gc_budget: args.image_gc_budget,
+        container_runtime: args.container_runtime,
+        criu: args.criu,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -365,20 +377,54 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
             None
         }
     };
-    let runtime = HostRuntime::new(docker).with_vms(vms.clone());
+    let oci = if args.runc {
+        match crate::runtime::oci::OciDriver::detect(
+            &args.state_dir,
+            args.criu.as_deref(),
+            docker.clone(),
+        )
+        .await
+        {
+            Ok(driver) => {
+                let driver = Arc::new(driver);
+                info!(capability = ?driver.capability(), "containers run under runc, owned by this agent");
+                match docker.sandboxes().await {
+                    Ok(sandboxes) => driver.sweep_sandboxes(sandboxes).await,
+                    Err(e) => warn!(error = %e, "cannot list the sandboxes of runc containers"),
+                }
+                Some(driver)
+            }
+            Err(why) => {
+                return config_error(&format!(
+                    "container_runtime is runc, but runc containers cannot run here: {why}"
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let runtime = HostRuntime::new(docker)
+        .with_vms(vms.clone())
+        .with_oci(oci.clone());
     let supervisor = Supervisor::new(runtime, supervisor_config);
     let gpus = collect::detect_gpus();
     let mut capabilities = collect::capabilities(args.docker_host.as_deref(), gpus.as_ref()).await;
     if let Some(vms) = &vms {
         capabilities.vm = Some(vms.capability().await);
     }
+    capabilities.oci = oci.as_ref().map(|d| d.capability());
     let checkpoints = match Checkpointer::new(
         args.docker_host.as_deref(),
         args.state_dir.join("bundles"),
     ) {
         Ok(c) => {
             let c = Arc::new(c);
-            let live = checkpoint::probe_live(c.clone()).await;
+            // Under runc, CRIU is driven directly: `criu check` passed when
+            // the driver was made; Docker's checkpoint API is not used.
+            let live = match &oci {
+                Some(_) => Ok(()),
+                None => checkpoint::probe_live(c.clone()).await,
+            };
             match &live {
                 Ok(()) => info!(
                     "live checkpoints (CRIU) work here: the probe checkpointed and restored a container"

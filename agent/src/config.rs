@@ -98,6 +98,10 @@ pub mod env {
     pub const DNS_UPSTREAM: &str = "NOVACRON_DNS_UPSTREAM";
     /// `image_gc_budget`: off, or a size such as 20Gi.
     pub const IMAGE_GC_BUDGET: &str = "NOVACRON_IMAGE_GC_BUDGET";
+    /// `container_runtime`: docker or runc.
+    pub const CONTAINER_RUNTIME: &str = "NOVACRON_CONTAINER_RUNTIME";
+    /// `criu`: the CRIU binary runc uses.
+    pub const CRIU: &str = "NOVACRON_CRIU";
 }
 
 /// The settings' names.
@@ -248,6 +252,18 @@ pub mod keys {
         env: env::IMAGE_GC_BUDGET,
         flag: "--image-gc-budget",
     };
+    /// What runs the node's containers.
+    pub const CONTAINER_RUNTIME: Key = Key {
+        file: "container_runtime",
+        env: env::CONTAINER_RUNTIME,
+        flag: "--container-runtime",
+    };
+    /// The CRIU binary runc uses.
+    pub const CRIU: Key = Key {
+        file: "criu",
+        env: env::CRIU,
+        flag: "--criu",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -299,6 +315,11 @@ pub struct AgentFile {
     /// The disk the images this agent pulled may take before the unused ones
     /// are removed, least recently used first: "off" (default) or a size.
     pub image_gc_budget: Option<String>,
+    /// What runs the node's containers: "docker" (default) or "runc" (the
+    /// agent runs them itself, and CRIU is driven directly).
+    pub container_runtime: Option<String>,
+    /// The CRIU binary runc uses (default: criu on PATH).
+    pub criu: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -375,6 +396,10 @@ pub struct RunFlags {
     pub dns_upstream: Option<String>,
     /// `--image-gc-budget`.
     pub image_gc_budget: Option<String>,
+    /// `--container-runtime`.
+    pub container_runtime: Option<String>,
+    /// `--criu`.
+    pub criu: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -420,6 +445,11 @@ pub struct RunSettings {
     pub dns_upstream: novacron_dns::Upstream,
     /// The disk the images this agent pulled may take; `None`: no collection.
     pub image_gc_budget: Option<u64>,
+    /// The node's containers run under runc, owned by the agent, instead of
+    /// Docker.
+    pub runc: bool,
+    /// The CRIU binary runc uses; `None`: criu on `PATH`.
+    pub criu: Option<PathBuf>,
 }
 
 /// Parses `dns_upstream`: `system`, `off`, or a comma-separated list of
@@ -695,7 +725,24 @@ pub fn resolve_run(
                 .0,
         ),
     };
+    let runc = match l.pick(
+        keys::CONTAINER_RUNTIME,
+        flags.container_runtime.as_deref(),
+        f.container_runtime.as_deref(),
+    ) {
+        None => false,
+        Some((v, origin)) => match v.trim() {
+            "docker" => false,
+            "runc" => true,
+            _ => return Err(invalid(origin, &v, "docker or runc")),
+        },
+    };
+    let criu = l
+        .pick(keys::CRIU, flags.criu.as_deref(), f.criu.as_deref())
+        .map(|(v, _)| PathBuf::from(v.trim()));
     Ok(RunSettings {
+        runc,
+        criu,
         image_gc_budget,
         dynamic_ports,
         publish_address,

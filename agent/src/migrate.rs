@@ -145,6 +145,9 @@ impl CheckpointService {
         }
         let why_not = self.live.as_ref().err().cloned().unwrap_or_default();
         let mode = resolve_mode(r.mode, self.live.is_ok(), &why_not)?;
+        let oci = crate::runtime::oci::is_oci(&container)
+            .then(|| self.supervisor.runtime().oci().cloned())
+            .flatten();
         let volumes: Vec<String> = spec
             .task
             .volumes
@@ -157,7 +160,21 @@ impl CheckpointService {
             self.supervisor.hold(alloc, hold);
         }
         info!(%alloc, %mode, stop = r.stop, "checkpointing");
-        let result = if r.stop {
+        let result = if let Some(oci) = &oci {
+            self.checkpointer
+                .checkpoint_oci(
+                    oci,
+                    &container,
+                    alloc,
+                    &spec.job,
+                    node,
+                    mode,
+                    &volumes,
+                    !r.stop,
+                    self.stop_grace,
+                )
+                .await
+        } else if r.stop {
             self.checkpointer
                 .checkpoint(
                     &container,
@@ -587,6 +604,19 @@ impl Restorer for CheckpointService {
                     .await
                     .map_err(|e| e.to_string())?;
                 info!(%alloc, digest = %from.digest, vm = %container_id, "restored from its snapshot");
+                return Ok(());
+            }
+            if crate::runtime::oci::is_oci(container_id) {
+                let oci = self.supervisor.runtime().oci().cloned().ok_or_else(|| {
+                    format!("node {} does not run containers under runc", self.node)
+                })?;
+                self.ensure_local(from).await?;
+                let mode = self
+                    .checkpointer
+                    .restore_oci(&oci, &from.digest, container_id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                info!(%alloc, digest = %from.digest, %mode, container = %container_id, "restored from checkpoint under runc");
                 return Ok(());
             }
             if from.mode == CheckpointMode::Live

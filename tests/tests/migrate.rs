@@ -46,14 +46,59 @@ fn daemons(test: &str) -> Option<Daemons> {
     }
 }
 
+// Dropped in this order: the agents stop before their runc containers are
+// removed, and the directory (which holds the runc containers' overlays) goes last.
 struct Setup {
-    _dir: tempfile::TempDir,
     controller: Controller,
     agents: Vec<Agent>,
+    _runc: RuncCleanup,
     job: String,
     port: u16,
     d: Daemons,
     _cleanup: DaemonsCleanup,
+    _dir: tempfile::TempDir,
+}
+
+/// Removes what agents running with `--container-runtime runc` leave behind
+/// (their containers outlive them by design): runc's containers under each
+/// state directory and their overlay mounts. Their Docker sandboxes carry the
+/// job's label, so [`DaemonsCleanup`] removes them.
+struct RuncCleanup {
+    state_dirs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for RuncCleanup {
+    fn drop(&mut self) {
+        for dir in &self.state_dirs {
+            let root = dir.join("oci/runc");
+            if !root.exists() {
+                continue;
+            }
+            let runc = |args: &[&str]| {
+                std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(args)
+                    .output()
+            };
+            if let Ok(out) = runc(&["list", "-q"]) {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = runc(&["kill", "--all", id, "KILL"]);
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = runc(&["delete", "--force", id]);
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(dir.join("oci")) {
+                for e in entries.flatten() {
+                    let rootfs = e.path().join("rootfs");
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(&rootfs)
+                        .output();
+                }
+            }
+        }
+    }
 }
 
 /// A controller, agent `a` on daemon A running the counter job (mode `mode`), and
@@ -151,7 +196,7 @@ async fn setup_full(
         || async { get(port, "/health").await.is_ok() },
     )
     .await
-    .expect("counter up");
+    .unwrap_or_else(|e| panic!("counter up: {e}\nagent a: {}", a.log()));
     let b = Agent::join_and_run(
         dir.path(),
         &controller,
@@ -161,8 +206,12 @@ async fn setup_full(
     .await
     .expect("agent b");
     wait_ready(&controller, &b.name).await;
+    let runc = RuncCleanup {
+        state_dirs: vec![a.state_dir.clone(), b.state_dir.clone()],
+    };
     Some(Setup {
         _dir: dir,
+        _runc: runc,
         controller,
         agents: vec![a, b],
         job,
@@ -327,6 +376,155 @@ async fn live_migration_keeps_the_in_memory_count_and_the_volume() {
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("migration.completed"), "{events}");
     // The bundle is listed.
+    let list = s
+        .controller
+        .cli(&["checkpoint", "list", "--alloc", &alloc.id]);
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("live"), "{list}");
+}
+
+/// The flags of an agent that runs its containers under runc, with the CRIU
+/// that the setup script installed.
+fn runc_args() -> Vec<String> {
+    let criu = std::env::var("NOVACRON_CKPT_CRIU").unwrap_or_else(|_| {
+        panic!(
+            "NOVACRON_CKPT_CRIU is not set: run `sudo bash packaging/checkpoint/setup-criu-docker.sh` and export the variables in /var/tmp/novacron-ckpt/env"
+        )
+    });
+    vec![
+        "--container-runtime".to_owned(),
+        "runc".to_owned(),
+        "--criu".to_owned(),
+        criu,
+    ]
+}
+
+/// The lines of the counter's `count.log` in its volume on `host`, read from the
+/// volume's directory (a runc container is not Docker's, so `docker exec`
+/// cannot reach it).
+fn volume_count_log(host: &str, volume: &str) -> Vec<u64> {
+    let dir = docker_on(
+        host,
+        &["volume", "inspect", "-f", "{{.Mountpoint}}", volume],
+    )
+    .expect("volume inspect");
+    std::fs::read_to_string(std::path::Path::new(&dir).join("count.log"))
+        .expect("count.log in the volume")
+        .lines()
+        .map(|l| l.trim().parse().expect("a count per line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_container_migrates_live_with_criu_driven_directly() {
+    let args = runc_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(s) = setup_full("runc", "live", true, &args, &args, "", "").await else {
+        return;
+    };
+    // The container is the agent's, not Docker's: Docker holds only its sandbox.
+    let alloc_containers =
+        docker_on(&s.d.a, &["ps", "-aq", "--filter", "label=novacron.alloc"]).expect("ps");
+    let sandboxes = docker_on(
+        &s.d.a,
+        &[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=novacron.job={}", s.job),
+        ],
+    )
+    .expect("ps");
+    assert_eq!(
+        sandboxes.lines().count(),
+        1,
+        "one running sandbox: {sandboxes}"
+    );
+    assert!(
+        !alloc_containers.lines().any(|id| sandboxes.contains(id)),
+        "the sandbox is not an allocation's container"
+    );
+    let nodes = s
+        .controller
+        .cli(&["node", "show", &s.agents[0].name, "-o", "json"]);
+    let nodes = String::from_utf8_lossy(&nodes.stdout);
+    assert!(nodes.contains("runc_version"), "capabilities: {nodes}");
+
+    for n in 1..=5 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let ballast = get(s.port, "/ballast").await.expect("ballast");
+    let alloc = the_alloc(&s).await;
+    assert_eq!(alloc.node, s.agents[0].name);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = tokio::spawn({
+        let stop = stop.clone();
+        let port = s.port;
+        async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(port, "/count").await {
+                    Ok(c) => {
+                        assert_eq!(c, "5", "reads see the count of before, never a reset");
+                        ok += 1;
+                    }
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        }
+    });
+    let out = s
+        .controller
+        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = poller.await.expect("the poller saw only the right count");
+    eprintln!("during the migration: {ok} reads answered, {failed} failed");
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}\nagent a: {}\nagent b: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.agents[0].log(),
+        s.agents[1].log()
+    );
+    assert_eq!(get(s.port, "/count").await.expect("count"), "5");
+    assert_eq!(get(s.port, "/ballast").await.expect("ballast"), ballast);
+    assert_eq!(get(s.port, "/").await.expect("count"), "6");
+    let moved = the_alloc(&s).await;
+    assert_eq!(
+        (moved.id.as_str(), moved.node.as_str()),
+        (alloc.id.as_str(), s.agents[1].name.as_str())
+    );
+    let volume = format!("{}-data", s.job);
+    assert_eq!(
+        volume_count_log(&s.d.b, &volume),
+        (1..=6).collect::<Vec<_>>()
+    );
+    // The source removes its container and its sandbox.
+    wait_for(Duration::from_secs(30), "source cleaned up", || async {
+        let sandbox_gone = docker_on(
+            &s.d.a,
+            &[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=novacron.job={}", s.job),
+            ],
+        )
+        .is_ok_and(|ids| ids.is_empty());
+        let dirs = std::fs::read_dir(s.agents[0].state_dir.join("oci"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("oci-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        sandbox_gone && dirs == 0
+    })
+    .await
+    .expect("the source cleans up");
     let list = s
         .controller
         .cli(&["checkpoint", "list", "--alloc", &alloc.id]);

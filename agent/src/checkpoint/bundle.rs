@@ -405,6 +405,7 @@ mod tests {
             created_unix_ms: 7,
             container: None,
             vm: false,
+            runc: false,
         }
     }
 

@@ -329,6 +329,12 @@ impl Checkpointer {
         let started = Instant::now();
         let meta = blocking(move || unpack(&bundle, &dest, limit)).await?;
         let unpacked_ms = started.elapsed().as_millis();
+        if meta.runc && meta.mode == CheckpointMode::Live {
+            return Err(CheckpointError::BadBundle {
+                bundle: digest.to_owned(),
+                reason: "its CRIU image was made by runc from an agent-owned container and restores only into one; this node runs its containers under Docker (restore it on a node with container_runtime runc, or take a filesystem checkpoint)".to_owned(),
+            });
+        }
 
         let rootfs = stage.path().join(ROOTFS_TAR);
         if tar_has_members(&rootfs)? {
@@ -490,6 +496,7 @@ impl Checkpointer {
             created_unix_ms,
             container: Some(inspect.config),
             vm: false,
+            runc: false,
         };
         let bundle = self.seal(stage, &meta, budget.used, node, dump_ms).await?;
         info!(container = %id, alloc, %mode, digest = %bundle.digest, size = bundle.size, dump_ms, total_ms = started.elapsed().as_millis(), "checkpoint written");
@@ -847,6 +854,13 @@ const RESTORE_MARKER: &str = "novacron-restore";
 /// The live probe's program for `arch` (`std::env::consts::ARCH`): a static ELF
 /// executable that waits for signals forever, without libc (so the image needs
 /// nothing but this file). `None` for architectures without one.
+/// A static program that only waits (the `pause` system call, in a loop), for
+/// `arch`: the live probe's container and the sandboxes of agent-owned
+/// containers run it.
+pub fn pause_program(arch: &str) -> Option<Vec<u8>> {
+    probe_program(arch)
+}
+
 fn probe_program(arch: &str) -> Option<Vec<u8>> {
     // (e_machine, machine code). x86-64: `mov eax, 34 (pause); syscall; jmp back`.
     // AArch64: `mov x0..x3, 0; mov x8, 73 (ppoll); svc 0; b back`.

@@ -135,7 +135,12 @@ pub(super) fn remove_deleted(
         );
         return Ok(());
     };
-    let upper = Path::new(upper);
+    write_whiteouts(Path::new(upper), deleted)
+}
+
+/// Writes each of `deleted` into the overlay upper directory `upper` as a
+/// whiteout (a character device 0/0), replacing what is there.
+pub(super) fn write_whiteouts(upper: &Path, deleted: &[String]) -> Result<(), CheckpointError> {
     for path in deleted {
         let rel = container_path(path)?;
         let at = upper.join(rel);

@@ -144,6 +144,7 @@ impl Checkpointer {
             created_unix_ms,
             container: None,
             vm: true,
+            runc: false,
         };
         let bundle = self.seal(stage, &meta, budget.used, node, dump_ms).await?;
         info!(vm = %vm_id, alloc, digest = %bundle.digest, size = bundle.size, state_bytes = budget.used, rounds = progress.rounds, dump_ms, total_ms = started.elapsed().as_millis(), "virtual machine snapshot written");

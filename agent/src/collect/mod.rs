@@ -157,6 +157,7 @@ pub fn capabilities(
             arch: sysinfo::System::cpu_arch(),
             live_checkpoint_reason: None,
             vm: None,
+            oci: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! the daemon, so a reading takes milliseconds, not a second).
 
 pub mod checkpoint;
+pub mod sandbox;
 pub mod version;
 
 use std::collections::HashMap;

@@ -1,8 +1,13 @@
-//! [`HostRuntime`]: the node's one [`ContainerRuntime`], Docker's containers and
-//! the agent's virtual machines together. Operations on an id go to the runtime
-//! that owns it (VM ids begin with [`vm::ID_PREFIX`]); a create goes to the VM
-//! driver when the config has a [`VmSpec`](novacron_common::wire::VmSpec). Images
-//! are always Docker's: a VM's disk image is a container image.
+//! [`HostRuntime`]: the node's one [`ContainerRuntime`], Docker's containers,
+//! the agent's own runc containers and its virtual machines together.
+//! Operations on an id go to the runtime that owns it (VM ids begin with
+//! [`vm::ID_PREFIX`], runc containers' with [`oci::ID_PREFIX`]); a create goes
+//! to the VM driver when the config has a
+//! [`VmSpec`](novacron_common::wire::VmSpec), to the runc driver when the node
+//! runs its containers under runc (GPU tasks excepted: the NVIDIA hook is
+//! Docker's), to Docker otherwise. Images are always Docker's: a VM's disk
+//! image is a container image, and a runc container's files are exported
+//! from its image.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,6 +16,7 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use novacron_common::wire::{ImageInventory, PullProgress, RegistryAuth, TerminalSize};
 
+use super::oci::{self, OciDriver};
 use super::vm::{self, VmDriver};
 use super::{
     ContainerConfig, ContainerDetails, ContainerEvent, ContainerListing, ContainerRuntime,
@@ -23,18 +29,34 @@ use super::{
 pub struct HostRuntime {
     docker: DockerRuntime,
     vms: Option<Arc<VmDriver>>,
+    oci: Option<Arc<OciDriver>>,
 }
 
 impl HostRuntime {
     /// Containers only.
     pub fn new(docker: DockerRuntime) -> Self {
-        HostRuntime { docker, vms: None }
+        HostRuntime {
+            docker,
+            vms: None,
+            oci: None,
+        }
     }
 
     /// Containers and virtual machines.
     pub fn with_vms(mut self, vms: Option<Arc<VmDriver>>) -> Self {
         self.vms = vms;
         self
+    }
+
+    /// Containers under runc, when `oci` is given.
+    pub fn with_oci(mut self, oci: Option<Arc<OciDriver>>) -> Self {
+        self.oci = oci;
+        self
+    }
+
+    /// The runc driver, when this node runs its containers under runc.
+    pub fn oci(&self) -> Option<&Arc<OciDriver>> {
+        self.oci.as_ref()
     }
 
     /// The VM driver, when this node runs VMs.
@@ -56,6 +78,22 @@ impl HostRuntime {
             ),
         })
     }
+
+    fn oci_driver(&self, op: &'static str) -> Result<&Arc<OciDriver>, RuntimeError> {
+        self.oci.as_ref().ok_or_else(|| RuntimeError::Daemon {
+            op,
+            message: "this node does not run containers under runc (container_runtime is docker)"
+                .to_owned(),
+        })
+    }
+}
+
+fn no_interactive(op: &'static str) -> RuntimeError {
+    RuntimeError::Daemon {
+        op,
+        message: "interactive and attached exec are not supported in runc containers yet; use a non-interactive command"
+            .to_owned(),
+    }
 }
 
 fn no_exec(op: &'static str) -> RuntimeError {
@@ -72,12 +110,18 @@ impl ContainerRuntime for HostRuntime {
         if let Some(vms) = &self.vms {
             all.extend(vms.list(node).await?);
         }
+        if let Some(oci) = &self.oci {
+            all.extend(oci.list(node).await?);
+        }
         Ok(all)
     }
 
     async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
         if vm::is_vm(id) {
             return self.driver("inspect")?.inspect(id).await;
+        }
+        if oci::is_oci(id) {
+            return self.oci_driver("inspect")?.inspect(id).await;
         }
         self.docker.inspect(id).await
     }
@@ -94,6 +138,9 @@ impl ContainerRuntime for HostRuntime {
         let mut used = self.docker.images_in_use().await?;
         if let Some(vms) = &self.vms {
             used.extend(vms.images_in_use());
+        }
+        if let Some(oci) = &self.oci {
+            used.extend(oci.images_in_use());
         }
         Ok(used)
     }
@@ -125,7 +172,10 @@ impl ContainerRuntime for HostRuntime {
 
     async fn create(&self, name: &str, config: &ContainerConfig) -> Result<String, RuntimeError> {
         let Some(spec) = &config.vm else {
-            return self.docker.create(name, config).await;
+            return match &self.oci {
+                Some(oci) if config.gpu_uuids.is_empty() => oci.create(name, config).await,
+                _ => self.docker.create(name, config).await,
+            };
         };
         let vms = self.driver("create")?;
         // The image's files, copied out once per image id.
@@ -163,12 +213,18 @@ impl ContainerRuntime for HostRuntime {
         if vm::is_vm(id) {
             return self.driver("start")?.start(id).await;
         }
+        if oci::is_oci(id) {
+            return self.oci_driver("start")?.start(id).await;
+        }
         self.docker.start(id).await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         if vm::is_vm(id) {
             return self.driver("stop")?.stop(id, grace).await;
+        }
+        if oci::is_oci(id) {
+            return self.oci_driver("stop")?.stop(id, grace).await;
         }
         self.docker.stop(id, grace).await
     }
@@ -177,6 +233,9 @@ impl ContainerRuntime for HostRuntime {
         if vm::is_vm(id) {
             return self.driver("remove")?.remove(id).await;
         }
+        if oci::is_oci(id) {
+            return self.oci_driver("remove")?.remove(id).await;
+        }
         self.docker.remove(id).await
     }
 
@@ -184,12 +243,18 @@ impl ContainerRuntime for HostRuntime {
         if vm::is_vm(id) {
             return self.driver("stats")?.stats(id).await;
         }
+        if oci::is_oci(id) {
+            return self.oci_driver("stats")?.stats(id).await;
+        }
         self.docker.stats(id).await
     }
 
     async fn exec(&self, id: &str, command: &[String]) -> Result<i64, RuntimeError> {
         if vm::is_vm(id) {
             return Err(no_exec("exec"));
+        }
+        if oci::is_oci(id) {
+            return self.oci_driver("exec")?.exec(id, command).await;
         }
         self.docker.exec(id, command).await
     }
@@ -202,6 +267,9 @@ impl ContainerRuntime for HostRuntime {
         if vm::is_vm(id) {
             return Err(no_exec("exec"));
         }
+        if oci::is_oci(id) {
+            return Err(no_interactive("exec"));
+        }
         self.docker.exec_attached(id, command).await
     }
 
@@ -213,6 +281,9 @@ impl ContainerRuntime for HostRuntime {
     ) -> Result<InteractiveExec, RuntimeError> {
         if vm::is_vm(id) {
             return Err(no_exec("exec"));
+        }
+        if oci::is_oci(id) {
+            return Err(no_interactive("exec"));
         }
         self.docker.exec_interactive(id, command, tty).await
     }
@@ -246,11 +317,23 @@ impl ContainerRuntime for HostRuntime {
                 )])),
             };
         }
+        if oci::is_oci(id) {
+            return match &self.oci {
+                Some(oci) => oci.logs(id, follow, tail),
+                None => futures_util::StreamExt::boxed(futures_util::stream::iter([Err(
+                    RuntimeError::NotFound {
+                        op: "logs",
+                        message: format!("no runc container {id}"),
+                    },
+                )])),
+            };
+        }
         self.docker.logs(id, follow, tail)
     }
 
     fn events(&self, node: &str) -> BoxStream<'static, Result<ContainerEvent, RuntimeError>> {
-        // VMs change state without events; the supervisor's poll finds them.
+        // VMs and runc containers change state without events; the
+        // supervisor's poll finds them.
         self.docker.events(node)
     }
 }

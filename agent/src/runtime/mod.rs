@@ -32,6 +32,7 @@ pub mod health;
 pub mod host;
 pub mod images;
 pub mod logs;
+pub mod oci;
 pub mod probes;
 pub mod reconcile;
 pub mod restart;

@@ -142,6 +142,12 @@ pub struct BundleMeta {
     /// CRIU image and no rootfs diff.
     #[serde(default)]
     pub vm: bool,
+    /// Made by runc from an agent-owned container: `criu/` is runc's CRIU image
+    /// (restored with `runc restore` into an agent-owned container only) and
+    /// `rootfs.tar` is the container's overlay upper directory as it is,
+    /// whiteouts included.
+    #[serde(default)]
+    pub runc: bool,
 }
 
 /// The bundle format this build writes and reads.

@@ -760,6 +760,27 @@ pub struct Capabilities {
     /// Since protocol 3.
     #[serde(default)]
     pub vm: Option<VmCapability>,
+    /// Agent-owned containers: present when the node runs its containers
+    /// under runc itself (its `container_runtime` is `runc`), with CRIU
+    /// driven directly. Since protocol 3.
+    #[serde(default)]
+    pub oci: Option<OciCapability>,
+}
+
+/// What a node that runs its containers under runc offers.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OciCapability {
+    /// runc's version (`1.1.5+ds1`).
+    pub runc_version: String,
+    /// CRIU's version (`4.2.1`).
+    pub criu_version: String,
+    /// Whether the kernel supports CRIU's lazy pages (`criu check --feature
+    /// uffd-noncoop`): post-copy migration.
+    pub lazy_pages: bool,
+    /// Whether the kernel tracks dirty memory (`criu check --feature
+    /// mem_dirty_track`): pre-copy rounds.
+    pub dirty_tracking: bool,
 }
 
 /// The most bytes of [`Capabilities::live_checkpoint_reason`].

@@ -484,7 +484,7 @@ structs! {
     Capacity { cpu_millis, memory_bytes, disk_bytes, gpus, dynamic_ports };
     PortRange { first, last };
     GpuInfo { index, uuid, model, memory_bytes };
-    Capabilities { docker_version, live_checkpoint, gpu_driver, os, arch } + { live_checkpoint_reason: None, vm: None };
+    Capabilities { docker_version, live_checkpoint, gpu_driver, os, arch } + { live_checkpoint_reason: None, vm: None, oci: None };
     StreamOpen { protocol_version, kind };
     MetricsBatch { samples, dropped_total };
     DesiredAllocations { epoch, generation, allocations } + { prepull: Vec::new() };

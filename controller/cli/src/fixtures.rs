@@ -111,6 +111,7 @@ pub fn fixture() -> Vec<NodeView> {
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
                 vm: None,
+                oci: None,
             },
             agent_version: "0.1.0".into(),
             address: Some("10.0.0.7:51000".into()),

@@ -790,6 +790,7 @@ mod tests {
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
                 vm: None,
+                oci: None,
             },
             agent_version: "0.1.0".into(),
             address: None,

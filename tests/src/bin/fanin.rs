@@ -793,6 +793,7 @@ impl FakeAgent {
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
                 vm: None,
+                oci: None,
             },
         }
     }

@@ -714,7 +714,7 @@ impl VmDriver {
 
 /// The console of a finished run is moved to `serial.log` (bounded to its last
 /// MiB) before the next run starts.
-fn rotate_console(history: &Path) {
+pub(super) fn rotate_console(history: &Path) {
     const KEEP: usize = 1 << 20;
     let run = history.with_file_name("serial.run.log");
     let mut text = std::fs::read(history).unwrap_or_default();
@@ -740,7 +740,7 @@ fn hostname(name: &str) -> String {
     h.trim_matches('-').to_owned()
 }
 
-fn read_from(path: &Path, offset: u64) -> Vec<u8> {
+pub(super) fn read_from(path: &Path, offset: u64) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
         return Vec::new();
@@ -753,7 +753,7 @@ fn read_from(path: &Path, offset: u64) -> Vec<u8> {
     buf
 }
 
-fn last_lines(text: &[u8], tail: u32) -> Vec<u8> {
+pub(super) fn last_lines(text: &[u8], tail: u32) -> Vec<u8> {
     if tail == 0 {
         return text.to_vec();
     }
@@ -978,7 +978,7 @@ async fn journal_tail(unit: &str) -> String {
     }
 }
 
-fn alive(pid: i32) -> bool {
+pub(super) fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
@@ -989,7 +989,7 @@ fn alive(pid: i32) -> bool {
             .unwrap_or(false)
 }
 
-async fn wait_gone(pid: i32, limit: Duration) -> bool {
+pub(super) async fn wait_gone(pid: i32, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         if !alive(pid) {
@@ -1000,20 +1000,20 @@ async fn wait_gone(pid: i32, limit: Duration) -> bool {
     !alive(pid)
 }
 
-fn kill(pid: i32) {
+pub(super) fn kill(pid: i32) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
 }
 
-fn find_on_path(binary: &str) -> Option<PathBuf> {
+pub(super) fn find_on_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(binary))
         .find(|p| p.is_file())
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

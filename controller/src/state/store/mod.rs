@@ -1667,6 +1667,7 @@ mod tests {
                 arch: "x86_64".into(),
                 live_checkpoint_reason: None,
                 vm: None,
+                oci: None,
             },
             agent_version: "0.1.0".into(),
             enrolled_at_unix_ms: 1,

@@ -1,0 +1,1090 @@
+//! Agent-owned containers: runc containers that the agent builds, starts,
+//! supervises, adopts, checkpoints and restores itself, behind the same
+//! [`super::ContainerRuntime`] operations as Docker's (through
+//! [`super::host::HostRuntime`]). They exist so that CRIU can be driven
+//! directly: Docker 20.10's checkpoint API copies the image through
+//! containerd's content store on both sides (most of a migration's pause), and
+//! it cannot adopt a process that runc restored behind its back.
+//!
+//! A node runs its containers this way with `container_runtime = "runc"` (the
+//! agent's `--container-runtime runc`); Docker stays the image store, and GPU
+//! tasks stay Docker's (the NVIDIA hook is Docker's).
+//!
+//! - **Root file system:** the image's files, exported from Docker once per
+//!   image id into `oci/images/<id>/rootfs`, are the lower layer of an overlay
+//!   mounted at `oci/<id>/rootfs`; its upper directory `oci/<id>/upper` is the
+//!   container's writable layer.
+//! - **Network:** a sandbox, a Docker container that only waits (see
+//!   [`super::docker::sandbox`]), holds the network namespace that the runc
+//!   container joins: Docker's address, published ports, DNS files and volumes,
+//!   as a Kubernetes pod's pause container does. CRIU treats that namespace as
+//!   external, so a restore joins the target's sandbox.
+//! - **Supervision:** each run is `runc run` in the foreground under a small
+//!   shell (its own session), which appends the output to `console.log` and
+//!   writes runc's exit status to `exit`; the container outlives an agent
+//!   restart and the next agent adopts it from `oci/<id>/meta.json` and
+//!   `runc state`.
+//! - **Checkpoints:** `runc checkpoint` and `runc restore`, CRIU reading the
+//!   options in `oci/criu.conf` (`tcp-close`, `skip-in-flight`) through the
+//!   `org.criu.config` annotation.
+
+pub mod spec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+use novacron_common::wire::OciCapability;
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::docker::DockerRuntime;
+use super::vm::{find_on_path, last_lines, now_ms, read_from};
+use super::{
+    ContainerConfig, ContainerDetails, ContainerListing, ContainerRuntime, ContainerStatus,
+    LABEL_NODE, LogFrame, MountConfig, RuntimeError, StatsReading,
+};
+use spec::Bind;
+
+/// Ids of agent-owned containers begin with this; Docker's are hexadecimal.
+pub const ID_PREFIX: &str = "oci-";
+
+/// The label on a sandbox: the runc container it holds the network of.
+pub const LABEL_SANDBOX: &str = "novacron.sandbox-of";
+
+/// The CRIU options every dump and restore of an agent-owned container needs:
+/// clients see a reset instead of a hang (the address changes across hosts).
+pub const CRIU_OPTIONS: &str = "tcp-close\nskip-in-flight\n";
+
+/// How long a run may take to be running.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The limit on one short runc call (state, kill, delete, events).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The limit on a dump or a restore.
+const CRIU_TIMEOUT: Duration = Duration::from_secs(300);
+/// The console keeps this much of earlier runs.
+const CONSOLE_KEEP: usize = 1 << 20;
+
+/// Whether `id` names an agent-owned container.
+pub fn is_oci(id: &str) -> bool {
+    id.starts_with(ID_PREFIX)
+}
+
+/// How the container's process is set up, kept from create to each start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Run {
+    args: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    uid: u32,
+    gid: u32,
+    memory_bytes: Option<i64>,
+    nano_cpus: Option<i64>,
+    /// Mount targets mounted read-only.
+    read_only: Vec<String>,
+}
+
+/// What the driver keeps of one container, in `meta.json` (mode 0600: the
+/// environment may hold secrets, as Docker's own config does).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    id: String,
+    name: String,
+    labels: HashMap<String, String>,
+    image: String,
+    image_id: String,
+    /// The sandbox's Docker id.
+    sandbox: String,
+    /// The image's files (the overlay's lower layer).
+    lower: PathBuf,
+    run: Run,
+    started_unix_ms: Option<u64>,
+    /// How its last run ended, when the driver ended it or saw it end.
+    exit: Option<Exit>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Exit {
+    code: i64,
+    error: String,
+}
+
+/// The agent-owned container driver of one node.
+#[derive(Debug)]
+pub struct OciDriver {
+    dir: PathBuf,
+    runc: PathBuf,
+    criu: PathBuf,
+    capability: OciCapability,
+    docker: DockerRuntime,
+    /// One lock per container, so that start, stop, checkpoint and remove of
+    /// one container do not interleave.
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl OciDriver {
+    /// The driver, when runc and CRIU are installed and `criu check` passes:
+    /// `state_dir/oci` is made and the CRIU options written. `criu`: the CRIU
+    /// binary (default `criu` on `PATH`). `Err` says why not.
+    pub async fn detect(
+        state_dir: &Path,
+        criu: Option<&Path>,
+        docker: DockerRuntime,
+    ) -> Result<OciDriver, String> {
+        let runc = find_on_path("runc")
+            .ok_or("runc is not installed (Debian: apt-get install runc)".to_owned())?;
+        let criu = match criu {
+            Some(p) => p.to_path_buf(),
+            None => find_on_path("criu")
+                .ok_or("criu is not installed (criu 4.2 or newer is needed)".to_owned())?,
+        };
+        let runc_version = first_line(&output(&runc, &["--version"]).await?)
+            .trim_start_matches("runc version ")
+            .to_owned();
+        let criu_version = first_line(&output(&criu, &["--version"]).await?)
+            .trim_start_matches("Version: ")
+            .to_owned();
+        output(&criu, &["check"])
+            .await
+            .map_err(|e| format!("criu check failed, so runc cannot checkpoint here: {e}"))?;
+        let feature = |name: &'static str| {
+            let criu = criu.clone();
+            async move {
+                output(&criu, &["check", "--feature", name])
+                    .await
+                    .is_ok_and(|out| out.contains("is supported"))
+            }
+        };
+        let capability = OciCapability {
+            runc_version,
+            criu_version,
+            lazy_pages: feature("uffd-noncoop").await,
+            dirty_tracking: feature("mem_dirty_track").await,
+        };
+        let dir = state_dir.join("oci");
+        std::fs::create_dir_all(dir.join("images"))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::write(dir.join("criu.conf"), CRIU_OPTIONS)
+            .map_err(|e| format!("{}: {e}", dir.join("criu.conf").display()))?;
+        Ok(OciDriver {
+            dir,
+            runc,
+            criu,
+            capability,
+            docker,
+            locks: Default::default(),
+        })
+    }
+
+    /// What the node reports.
+    pub fn capability(&self) -> OciCapability {
+        self.capability.clone()
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Where the files of the image with id `image_id` are kept.
+    pub fn image_dir(&self, image_id: &str) -> PathBuf {
+        let key: String = image_id
+            .trim_start_matches("sha256:")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(24)
+            .collect();
+        self.dir.join("images").join(key)
+    }
+
+    /// The container's writable layer (the overlay's upper directory).
+    pub fn upper_dir(&self, id: &str) -> PathBuf {
+        self.container_dir(id).join("upper")
+    }
+
+    fn lock_of(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn read_meta(&self, id: &str) -> Result<Meta, RuntimeError> {
+        let path = self.container_dir(id).join("meta.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                RuntimeError::NotFound {
+                    op: "oci",
+                    message: format!("no container {id}"),
+                }
+            } else {
+                daemon("oci", format!("{}: {e}", path.display()))
+            }
+        })?;
+        serde_json::from_str(&text).map_err(|e| daemon("oci", format!("{}: {e}", path.display())))
+    }
+
+    fn write_meta(&self, meta: &Meta) -> Result<(), RuntimeError> {
+        let path = self.container_dir(&meta.id).join("meta.json");
+        let text = serde_json::to_string_pretty(meta).map_err(|e| daemon("oci", e.to_string()))?;
+        novacron_common::files::write_atomic(&path, &text, 0o600)
+            .map_err(|e| daemon("oci", format!("{}: {e}", path.display())))
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| is_oci(n))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn runc_cmd(&self) -> Command {
+        let mut cmd = Command::new(&self.runc);
+        cmd.arg("--root")
+            .arg(self.dir.join("runc"))
+            .arg("--criu")
+            .arg(&self.criu)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// runc's word for the container (`created`, `running`, `paused`,
+    /// `stopped`), `None` when runc does not know it.
+    async fn runc_status(&self, id: &str) -> Option<String> {
+        let mut cmd = self.runc_cmd();
+        cmd.arg("state").arg(id);
+        let out = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
+            .await
+            .ok()?
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        state["status"].as_str().map(str::to_owned)
+    }
+
+    async fn runc(&self, op: &'static str, args: &[&str]) -> Result<(), RuntimeError> {
+        let mut cmd = self.runc_cmd();
+        cmd.args(args);
+        let out = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                op,
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|e| daemon(op, format!("{}: {e}", self.runc.display())))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(daemon(
+                op,
+                format!(
+                    "runc {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ))
+        }
+    }
+
+    /// The exit status the run's shell recorded.
+    fn exit_code(&self, id: &str) -> Option<i64> {
+        std::fs::read_to_string(self.container_dir(id).join("exit"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// `created`, `running`, `paused` or `exited`.
+    async fn state_word(&self, id: &str, meta: &Meta) -> String {
+        match self.runc_status(id).await.as_deref() {
+            Some("running") => "running".to_owned(),
+            Some("paused") => "paused".to_owned(),
+            // `created` by runc is a run still starting.
+            Some("created") => "running".to_owned(),
+            _ if meta.started_unix_ms.is_none() => "created".to_owned(),
+            _ => "exited".to_owned(),
+        }
+    }
+
+    /// Every agent-owned container of `node`.
+    pub async fn list(&self, node: &str) -> Result<Vec<ContainerListing>, RuntimeError> {
+        let mut out = Vec::new();
+        for id in self.ids() {
+            let Ok(meta) = self.read_meta(&id) else {
+                continue;
+            };
+            if meta.labels.get(LABEL_NODE).map(String::as_str) != Some(node) {
+                continue;
+            }
+            let state = self.state_word(&id, &meta).await;
+            out.push(ContainerListing {
+                id,
+                labels: meta.labels,
+                state,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One container in detail: its state from runc, its address and ports
+    /// from its sandbox.
+    pub async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
+        let meta = self.read_meta(id)?;
+        let word = self.state_word(id, &meta).await;
+        let status = match word.as_str() {
+            "created" => ContainerStatus::Created,
+            "running" | "paused" => ContainerStatus::Running,
+            _ => match (&meta.exit, self.exit_code(id)) {
+                (Some(e), _) => ContainerStatus::Exited {
+                    code: e.code,
+                    oom_killed: false,
+                    error: e.error.clone(),
+                },
+                (None, Some(code)) => ContainerStatus::Exited {
+                    code,
+                    oom_killed: false,
+                    error: String::new(),
+                },
+                (None, None) => ContainerStatus::Exited {
+                    code: 137,
+                    oom_killed: false,
+                    error: "the container's run ended without an exit status (host restart?)"
+                        .to_owned(),
+                },
+            },
+        };
+        let running = status == ContainerStatus::Running;
+        let (ip, published) = match running {
+            true => match self.docker.inspect(&meta.sandbox).await {
+                Ok(d) => (d.ip, d.published),
+                Err(e) => {
+                    warn!(container = %id, sandbox = %meta.sandbox, error = %e, "cannot inspect the container's sandbox");
+                    (None, Vec::new())
+                }
+            },
+            false => (None, Vec::new()),
+        };
+        Ok(ContainerDetails {
+            id: id.to_owned(),
+            labels: meta.labels,
+            status,
+            started_at_unix_ms: meta.started_unix_ms,
+            ip,
+            published,
+        })
+    }
+
+    /// Creates (does not start) container `name` from `config`: the image's
+    /// files (exported once per image id), the sandbox, the directories.
+    pub async fn create(
+        &self,
+        name: &str,
+        config: &ContainerConfig,
+    ) -> Result<String, RuntimeError> {
+        self.docker.ensure_sandbox_image().await?;
+        let (image_id, image) = self.docker.image_run(&config.image).await?;
+        let images = self.image_dir(&image_id);
+        let lower = images.join("rootfs");
+        if !images.join(".complete").exists() {
+            let partial = images.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            std::fs::create_dir_all(&partial)
+                .map_err(|e| daemon("create", format!("{}: {e}", partial.display())))?;
+            self.docker
+                .export_image(&config.image, &partial.join("rootfs"))
+                .await?;
+            let _ = std::fs::remove_dir_all(&images);
+            std::fs::rename(&partial, &images)
+                .and_then(|()| std::fs::write(images.join(".complete"), b""))
+                .map_err(|e| daemon("create", format!("{}: {e}", images.display())))?;
+            info!(image = %config.image, dir = %images.display(), "image files exported for runc containers");
+        }
+        let id = format!("{ID_PREFIX}{}", &hex::encode(rand::random::<[u8; 8]>()));
+        let dir = self.container_dir(&id);
+        for sub in ["upper", "work", "rootfs", "bundle"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| daemon("create", format!("{}: {e}", dir.display())))?;
+        }
+        let hostname = hostname(name);
+        let (uid, gid) = spec::user(&image.user, &lower).map_err(|e| daemon("create", e))?;
+        let mut env_task = config.env.clone();
+        for (k, v) in &config.secret_env {
+            env_task.insert(k.clone(), v.text());
+        }
+        let run = Run {
+            args: spec::args(&config.entrypoint, &config.cmd, &image),
+            env: spec::env(&image.env, &env_task, &hostname),
+            cwd: config
+                .working_dir
+                .clone()
+                .unwrap_or_else(|| image.working_dir.clone()),
+            uid,
+            gid,
+            memory_bytes: config.memory_bytes,
+            nano_cpus: config.nano_cpus,
+            read_only: config
+                .mounts
+                .iter()
+                .filter_map(|m| match m {
+                    MountConfig::Volume {
+                        target, read_only, ..
+                    }
+                    | MountConfig::Bind {
+                        target, read_only, ..
+                    } => read_only.then(|| target.clone()),
+                })
+                .collect(),
+        };
+        if run.args.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(daemon(
+                "create",
+                format!(
+                    "image {} has no command and the task gives none",
+                    config.image
+                ),
+            ));
+        }
+        let sandbox_config = ContainerConfig {
+            image: super::docker::sandbox::SANDBOX_IMAGE.to_owned(),
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+            env: Default::default(),
+            working_dir: None,
+            // The job's labels (so that tools find it by job), but not the
+            // allocation's or the node's: the supervisor lists those.
+            labels: config
+                .labels
+                .iter()
+                .filter(|(k, _)| k.as_str() != super::spec::LABEL_ALLOC && k.as_str() != LABEL_NODE)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain([
+                    (super::spec::LABEL_MANAGED.to_owned(), "true".to_owned()),
+                    (LABEL_SANDBOX.to_owned(), id.clone()),
+                ])
+                .collect(),
+            nano_cpus: None,
+            memory_bytes: None,
+            gpu_uuids: Vec::new(),
+            ports: config.ports.clone(),
+            mounts: config.mounts.clone(),
+            secret_env: Vec::new(),
+            vm: None,
+        };
+        let sandbox = match self
+            .docker
+            .create(&format!("{name}-sandbox"), &sandbox_config)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let meta = Meta {
+            id: id.clone(),
+            name: name.to_owned(),
+            labels: config.labels.clone().into_iter().collect(),
+            image: config.image.clone(),
+            image_id,
+            sandbox,
+            lower,
+            run,
+            started_unix_ms: None,
+            exit: None,
+        };
+        self.write_meta(&meta)?;
+        info!(container = %id, name, "runc container created");
+        Ok(id)
+    }
+
+    /// Mounts the overlay (unless mounted), starts the sandbox (unless
+    /// running) and writes `config.json` for its network namespace.
+    async fn prepare(&self, meta: &Meta) -> Result<(), RuntimeError> {
+        let dir = self.container_dir(&meta.id);
+        let rootfs = dir.join("rootfs");
+        if !mounted(&rootfs) {
+            let options = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                meta.lower.display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            );
+            let data = std::ffi::CString::new(options)
+                .map_err(|e| daemon("start", format!("overlay options: {e}")))?;
+            rustix::mount::mount(
+                "overlay",
+                &rootfs,
+                "overlay",
+                rustix::mount::MountFlags::empty(),
+                Some(data.as_c_str()),
+            )
+            .map_err(|e| {
+                daemon(
+                    "start",
+                    format!("mounting the overlay at {}: {e}", rootfs.display()),
+                )
+            })?;
+        }
+        let sandbox_running = matches!(
+            self.docker.inspect(&meta.sandbox).await.map(|d| d.status),
+            Ok(ContainerStatus::Running)
+        );
+        if !sandbox_running {
+            self.docker.start(&meta.sandbox).await?;
+        }
+        let sandbox = self.docker.sandbox(&meta.sandbox).await?;
+        let mut binds: Vec<Bind> = sandbox
+            .etc
+            .iter()
+            .map(|(source, target)| Bind {
+                source: source.clone(),
+                target: (*target).to_owned(),
+                read_only: false,
+            })
+            .collect();
+        binds.extend(sandbox.mounts.iter().map(|(target, source)| Bind {
+            source: source.clone(),
+            target: target.clone(),
+            read_only: meta.run.read_only.contains(target),
+        }));
+        let netns = PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid));
+        let criu_config = self.dir.join("criu.conf");
+        let spec = spec::build(&spec::Input {
+            hostname: &hostname(&meta.name),
+            rootfs: &rootfs,
+            args: meta.run.args.clone(),
+            env: meta.run.env.clone(),
+            cwd: meta.run.cwd.clone(),
+            uid: meta.run.uid,
+            gid: meta.run.gid,
+            netns: &netns,
+            binds: &binds,
+            memory_bytes: meta.run.memory_bytes,
+            nano_cpus: meta.run.nano_cpus,
+            cgroup: format!("/novacron/{}", meta.id),
+            criu_config: &criu_config,
+            nofile: nofile_limit(),
+        })
+        .map_err(|e| daemon("start", e))?;
+        let text =
+            serde_json::to_string_pretty(&spec).map_err(|e| daemon("start", e.to_string()))?;
+        novacron_common::files::write_atomic(&dir.join("bundle/config.json"), &text, 0o600)
+            .map_err(|e| daemon("start", e.to_string()))?;
+        // A stopped run of the same id is in runc's way.
+        let _ = self.runc("delete", &["delete", "--force", &meta.id]).await;
+        let _ = std::fs::remove_file(dir.join("exit"));
+        trim_console(&dir.join("console.log"));
+        Ok(())
+    }
+
+    /// Runs `runc <args>` in the foreground under the run's shell, in a
+    /// session of its own, and waits until the container runs.
+    async fn launch(&self, id: &str, args: &[String]) -> Result<(), RuntimeError> {
+        let dir = self.container_dir(id);
+        let script = r#"log="$1"; exit_file="$2"; shift 2; "$@" >>"$log" 2>&1; echo $? >"$exit_file.tmp"; mv "$exit_file.tmp" "$exit_file""#;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg("novacron-oci-run")
+            .arg(dir.join("console.log"))
+            .arg(dir.join("exit"))
+            .arg(&self.runc)
+            .arg("--root")
+            .arg(self.dir.join("runc"))
+            .arg("--criu")
+            .arg(&self.criu)
+            .args(args)
+            .current_dir(dir.join("bundle"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let console_before = std::fs::metadata(dir.join("console.log")).map_or(0, |m| m.len());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| daemon("start", format!("sh: {e}")))?;
+        // Reaped here while this agent lives; after a restart, by init.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(word) = self.runc_status(id).await
+                && (word == "running" || word == "paused")
+            {
+                return Ok(());
+            }
+            if let Some(code) = self.exit_code(id) {
+                let text = read_from(&dir.join("console.log"), console_before);
+                return Err(daemon(
+                    "start",
+                    format!(
+                        "runc {} exited with status {code}: {}",
+                        args.first().map_or("", String::as_str),
+                        String::from_utf8_lossy(&last_lines(&text, 5)).trim()
+                    ),
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::Timeout {
+                    op: "start",
+                    after: START_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts container `id` from its image's files and writable layer.
+    pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut meta = self.read_meta(id)?;
+        self.prepare(&meta).await?;
+        let bundle = self.container_dir(id).join("bundle");
+        let args = vec![
+            "run".to_owned(),
+            "--bundle".to_owned(),
+            bundle.display().to_string(),
+            id.to_owned(),
+        ];
+        self.launch(id, &args).await?;
+        meta.started_unix_ms = Some(now_ms());
+        meta.exit = None;
+        self.write_meta(&meta)?;
+        info!(container = %id, "runc container started");
+        Ok(())
+    }
+
+    /// Starts container `id` (created, never started) from the CRIU image in
+    /// `images`: its writable layer must already be in [`Self::upper_dir`].
+    pub async fn restore(&self, id: &str, images: &Path) -> Result<(), RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut meta = self.read_meta(id)?;
+        self.prepare(&meta).await?;
+        let dir = self.container_dir(id);
+        let work = dir.join("criu.restore");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| daemon("restore", format!("{}: {e}", work.display())))?;
+        let args = vec![
+            "restore".to_owned(),
+            "--image-path".to_owned(),
+            images.display().to_string(),
+            "--work-path".to_owned(),
+            work.display().to_string(),
+            "--bundle".to_owned(),
+            dir.join("bundle").display().to_string(),
+            id.to_owned(),
+        ];
+        let started = std::time::Instant::now();
+        tokio::time::timeout(CRIU_TIMEOUT, self.launch(id, &args))
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                op: "restore",
+                after: CRIU_TIMEOUT,
+            })?
+            .map_err(|e| match e {
+                RuntimeError::Daemon { message, .. } => daemon(
+                    "restore",
+                    format!(
+                        "{message} (CRIU's log: {})",
+                        work.join("restore.log").display()
+                    ),
+                ),
+                other => other,
+            })?;
+        meta.started_unix_ms = Some(now_ms());
+        meta.exit = None;
+        self.write_meta(&meta)?;
+        info!(container = %id, restore_ms = started.elapsed().as_millis(), "runc container restored");
+        Ok(())
+    }
+
+    /// The container's mounts from its sandbox: (target, host source). Starts
+    /// the sandbox when it is not running (a created container's).
+    pub async fn mounts(&self, id: &str) -> Result<Vec<(String, PathBuf)>, RuntimeError> {
+        let meta = self.read_meta(id)?;
+        if !matches!(
+            self.docker.inspect(&meta.sandbox).await.map(|d| d.status),
+            Ok(ContainerStatus::Running)
+        ) {
+            self.docker.start(&meta.sandbox).await?;
+        }
+        Ok(self.docker.sandbox(&meta.sandbox).await?.mounts)
+    }
+
+    /// Freezes container `id` (cgroup freezer).
+    pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.runc("pause", &["pause", id]).await
+    }
+
+    /// Thaws container `id`.
+    pub async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.runc("resume", &["resume", id]).await
+    }
+
+    /// Dumps running container `id` into `images` with CRIU (through `runc
+    /// checkpoint`); the container stops, unless `leave_running`. `Ok` is how
+    /// long it took, ms.
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        images: &Path,
+        leave_running: bool,
+    ) -> Result<u64, RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut meta = self.read_meta(id)?;
+        let work = self.container_dir(id).join("criu.dump");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .and_then(|()| std::fs::create_dir_all(images))
+            .map_err(|e| daemon("checkpoint", format!("{}: {e}", work.display())))?;
+        let started = std::time::Instant::now();
+        let mut cmd = self.runc_cmd();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(images)
+            .arg("--work-path")
+            .arg(&work);
+        if leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(id);
+        let out = tokio::time::timeout(CRIU_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                op: "checkpoint",
+                after: CRIU_TIMEOUT,
+            })?
+            .map_err(|e| daemon("checkpoint", format!("{}: {e}", self.runc.display())))?;
+        if !out.status.success() {
+            return Err(daemon(
+                "checkpoint",
+                format!(
+                    "runc checkpoint: {} (CRIU's log: {})",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    work.join("dump.log").display()
+                ),
+            ));
+        }
+        let dump_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if !leave_running {
+            meta.exit = Some(Exit {
+                code: 0,
+                error: "checkpointed".to_owned(),
+            });
+            self.write_meta(&meta)?;
+            self.stop_sandbox(&meta).await;
+        }
+        info!(container = %id, dump_ms, "runc container checkpointed");
+        Ok(dump_ms)
+    }
+
+    /// Stops container `id`: SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut meta = self.read_meta(id)?;
+        if !matches!(
+            self.runc_status(id).await.as_deref(),
+            Some("running" | "paused" | "created")
+        ) {
+            return Ok(());
+        }
+        if self.runc_status(id).await.as_deref() == Some("paused") {
+            let _ = self.runc("resume", &["resume", id]).await;
+        }
+        let _ = self.runc("kill", &["kill", id, "TERM"]).await;
+        let mut killed = false;
+        if !self.wait_exit(id, grace).await {
+            killed = true;
+            let _ = self.runc("kill", &["kill", "--all", id, "KILL"]).await;
+            self.wait_exit(id, Duration::from_secs(10)).await;
+        }
+        self.stop_sandbox(&meta).await;
+        let code = self.exit_code(id).unwrap_or(137);
+        meta.exit = Some(Exit {
+            code,
+            error: if killed {
+                format!("the container did not stop within {grace:?}; it was killed")
+            } else {
+                String::new()
+            },
+        });
+        self.write_meta(&meta)?;
+        info!(container = %id, code, killed, "runc container stopped");
+        Ok(())
+    }
+
+    /// Stops the sandbox of a container that no longer runs, so that its
+    /// published ports are free (as a stopped Docker container's are); the next
+    /// start starts it again.
+    async fn stop_sandbox(&self, meta: &Meta) {
+        if let Err(e) = self.docker.stop(&meta.sandbox, Duration::ZERO).await {
+            warn!(container = %meta.id, sandbox = %meta.sandbox, error = %e, "cannot stop the sandbox");
+        }
+    }
+
+    async fn wait_exit(&self, id: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.exit_code(id).is_some() || self.runc_status(id).await.is_none() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Removes container `id`: its processes, runc's state, the overlay, the
+    /// sandbox and its directory.
+    pub async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let meta = self.read_meta(id)?;
+        if self.runc_status(id).await.is_some() {
+            let _ = self.runc("kill", &["kill", "--all", id, "KILL"]).await;
+            self.wait_exit(id, Duration::from_secs(10)).await;
+            let _ = self.runc("delete", &["delete", "--force", id]).await;
+        }
+        let dir = self.container_dir(id);
+        let rootfs = dir.join("rootfs");
+        if mounted(&rootfs) {
+            rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| daemon("remove", format!("{}: {e}", rootfs.display())))?;
+        }
+        match self.docker.remove(&meta.sandbox).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| daemon("remove", format!("{}: {e}", dir.display())))?;
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        info!(container = %id, "runc container removed");
+        Ok(())
+    }
+
+    /// CPU time and memory from runc's cgroup statistics.
+    pub async fn stats(&self, id: &str) -> Result<StatsReading, RuntimeError> {
+        let mut cmd = self.runc_cmd();
+        cmd.args(["events", "--stats", id]);
+        let out = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                op: "stats",
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|e| daemon("stats", e.to_string()))?;
+        if !out.status.success() {
+            return Err(RuntimeError::NotFound {
+                op: "stats",
+                message: format!("container {id} is not running"),
+            });
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| daemon("stats", e.to_string()))?;
+        let data = &v["data"];
+        Ok(StatsReading {
+            cpu_total_ns: data["cpu"]["usage"]["total"].as_u64().unwrap_or(0),
+            system_cpu_ns: None,
+            online_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_bytes: data["memory"]["usage"]["usage"].as_u64().unwrap_or(0),
+            rx_bytes: 0,
+            tx_bytes: 0,
+        })
+    }
+
+    /// Runs `command` in container `id` (`runc exec`); its exit status.
+    pub async fn exec(&self, id: &str, command: &[String]) -> Result<i64, RuntimeError> {
+        let mut cmd = self.runc_cmd();
+        cmd.args(["exec", id]).args(command);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let status = cmd
+            .status()
+            .await
+            .map_err(|e| daemon("exec", e.to_string()))?;
+        Ok(i64::from(status.code().unwrap_or(137)))
+    }
+
+    /// The container's output: the last `tail` lines (0: all), then, with
+    /// `follow`, what it prints until its run ends.
+    pub fn logs(
+        self: &Arc<Self>,
+        id: &str,
+        follow: bool,
+        tail: u32,
+    ) -> BoxStream<'static, Result<LogFrame, RuntimeError>> {
+        let path = self.container_dir(id).join("console.log");
+        let text = std::fs::read(&path).unwrap_or_default();
+        let offset = text.len() as u64;
+        let head = stream::iter([Ok(LogFrame {
+            stderr: false,
+            data: last_lines(&text, tail),
+        })]);
+        if !follow {
+            return head.boxed();
+        }
+        let driver = self.clone();
+        let id = id.to_owned();
+        let rest = stream::unfold(offset, move |mut offset| {
+            let path = path.clone();
+            let driver = driver.clone();
+            let id = id.clone();
+            async move {
+                loop {
+                    let data = read_from(&path, offset);
+                    if !data.is_empty() {
+                        offset += data.len() as u64;
+                        return Some((
+                            Ok(LogFrame {
+                                stderr: false,
+                                data,
+                            }),
+                            offset,
+                        ));
+                    }
+                    driver.runc_status(&id).await?;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        });
+        head.chain(rest).boxed()
+    }
+
+    /// The ids of the images of every agent-owned container on this host.
+    pub fn images_in_use(&self) -> Vec<String> {
+        self.ids()
+            .iter()
+            .filter_map(|id| self.read_meta(id).ok())
+            .map(|m| m.image_id)
+            .collect()
+    }
+
+    /// The image reference container `id` was made from.
+    pub fn image_of(&self, id: &str) -> Option<String> {
+        self.read_meta(id).ok().map(|m| m.image)
+    }
+
+    /// Removes sandboxes whose container is gone (an agent that died between
+    /// creating the sandbox and writing the container's state).
+    pub async fn sweep_sandboxes(&self, sandboxes: Vec<(String, String)>) {
+        for (sandbox, of) in sandboxes {
+            if !self.container_dir(&of).join("meta.json").exists() {
+                match self.docker.remove(&sandbox).await {
+                    Ok(()) => {
+                        info!(%sandbox, container = %of, "removed the sandbox of a container that is gone")
+                    }
+                    Err(e) => warn!(%sandbox, error = %e, "cannot remove an orphaned sandbox"),
+                }
+            }
+        }
+    }
+}
+
+/// This process's open-files limit (soft, hard), which containers get.
+fn nofile_limit() -> (u64, u64) {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let hard = limit.maximum.unwrap_or(1 << 20);
+    (limit.current.unwrap_or(hard).min(hard), hard)
+}
+
+/// A hostname from a container name (at most 63 characters).
+fn hostname(name: &str) -> String {
+    name.chars().take(63).collect()
+}
+
+/// Whether `path` is a mount point (listed in `/proc/self/mountinfo`).
+fn mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.display().to_string();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m == want)
+}
+
+/// Keeps the last [`CONSOLE_KEEP`] bytes of the console before a new run.
+fn trim_console(path: &Path) {
+    let Ok(text) = std::fs::read(path) else {
+        return;
+    };
+    if text.len() > CONSOLE_KEEP {
+        let _ = std::fs::write(path, &text[text.len() - CONSOLE_KEEP..]);
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("").trim()
+}
+
+async fn output(program: &Path, args: &[&str]) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| format!("{} {} did not answer", program.display(), args.join(" ")))?
+    .map_err(|e| format!("{}: {e}", program.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "{} {}: {}",
+            program.display(),
+            args.join(" "),
+            text.trim()
+        ))
+    }
+}
+
+fn daemon(op: &'static str, message: String) -> RuntimeError {
+    RuntimeError::Daemon { op, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_hostnames() {
+        assert!(is_oci("oci-0011") && !is_oci("0123abcd") && !is_oci("vm-1"));
+        assert_eq!(hostname(&"x".repeat(80)).len(), 63);
+        assert_eq!(
+            first_line("runc version 1.1.5\ncommit: x\n"),
+            "runc version 1.1.5"
+        );
+    }
+}
