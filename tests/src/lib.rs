@@ -793,6 +793,51 @@ impl Drop for DaemonsCleanup {
     }
 }
 
+/// Removes what agents running with `--container-runtime runc` leave behind
+/// (their containers outlive them by design): runc's containers under each
+/// state directory and their overlay mounts. Their Docker sandboxes carry the
+/// job's label, so [`DaemonsCleanup`] removes them. Drop it after the agents:
+/// a running agent restarts what it finds stopped.
+#[derive(Debug)]
+pub struct RuncCleanup {
+    /// The agents' state directories.
+    pub state_dirs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for RuncCleanup {
+    fn drop(&mut self) {
+        for dir in &self.state_dirs {
+            let root = dir.join("oci/runc");
+            if !root.exists() {
+                continue;
+            }
+            let runc = |args: &[&str]| {
+                std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(args)
+                    .output()
+            };
+            if let Ok(out) = runc(&["list", "-q"]) {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = runc(&["kill", "--all", id, "KILL"]);
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let _ = runc(&["delete", "--force", id]);
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(dir.join("oci")) {
+                for e in entries.flatten() {
+                    let rootfs = e.path().join("rootfs");
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(&rootfs)
+                        .output();
+                }
+            }
+        }
+    }
+}
+
 /// Tags, as `image`, [`TEST_IMAGE`] with `/version` holding `version`: a small
 /// image of its own (one layer on the test image's), for pull tests.
 pub fn commit_test_image(image: &str, version: &str) -> Result<()> {

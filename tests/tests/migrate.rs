@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use novacron_api::AllocView;
 use novacron_common::wire::AllocState;
 use novacron_tests::counter_image::{CounterJob, counter_image};
-use novacron_tests::{Agent, Controller, DaemonsCleanup, docker_on, free_port, wait_for};
+use novacron_tests::{
+    Agent, Controller, DaemonsCleanup, RuncCleanup, docker_on, free_port, wait_for,
+};
 
 struct Daemons {
     a: String,
@@ -57,48 +59,6 @@ struct Setup {
     d: Daemons,
     _cleanup: DaemonsCleanup,
     _dir: tempfile::TempDir,
-}
-
-/// Removes what agents running with `--container-runtime runc` leave behind
-/// (their containers outlive them by design): runc's containers under each
-/// state directory and their overlay mounts. Their Docker sandboxes carry the
-/// job's label, so [`DaemonsCleanup`] removes them.
-struct RuncCleanup {
-    state_dirs: Vec<std::path::PathBuf>,
-}
-
-impl Drop for RuncCleanup {
-    fn drop(&mut self) {
-        for dir in &self.state_dirs {
-            let root = dir.join("oci/runc");
-            if !root.exists() {
-                continue;
-            }
-            let runc = |args: &[&str]| {
-                std::process::Command::new("runc")
-                    .arg("--root")
-                    .arg(&root)
-                    .args(args)
-                    .output()
-            };
-            if let Ok(out) = runc(&["list", "-q"]) {
-                for id in String::from_utf8_lossy(&out.stdout).lines() {
-                    let _ = runc(&["kill", "--all", id, "KILL"]);
-                    std::thread::sleep(Duration::from_millis(200));
-                    let _ = runc(&["delete", "--force", id]);
-                }
-            }
-            if let Ok(entries) = std::fs::read_dir(dir.join("oci")) {
-                for e in entries.flatten() {
-                    let rootfs = e.path().join("rootfs");
-                    let _ = std::process::Command::new("umount")
-                        .arg("-l")
-                        .arg(&rootfs)
-                        .output();
-                }
-            }
-        }
-    }
 }
 
 /// A controller, agent `a` on daemon A running the counter job (mode `mode`), and

@@ -57,6 +57,11 @@ struct Args {
     /// Interval of the `/count` poller, ms (0: no poller, no bench-side downtime).
     #[arg(long, default_value_t = 5)]
     poll_ms: u64,
+    /// What runs the agents' containers: docker (Docker's checkpoint API) or
+    /// runc (agent-owned containers, CRIU driven directly; uses
+    /// NOVACRON_CKPT_CRIU).
+    #[arg(long, default_value = "docker")]
+    container_runtime: String,
 }
 
 /// The environment of the checkpoint daemons.
@@ -369,8 +374,26 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
     };
     let na = format!("mba{pid}-{size}");
     let nb = format!("mbb{pid}-{size}");
-    let agent_a =
-        Agent::join_and_run(dir.path(), &controller, &na, &["--docker-host", &env.a]).await?;
+    // Dropped after the agents (declared before them).
+    let _runc = novacron_tests::RuncCleanup {
+        state_dirs: [&na, &nb]
+            .iter()
+            .map(|n| dir.path().join(format!("agent-{n}")))
+            .collect(),
+    };
+    let criu = std::env::var("NOVACRON_CKPT_CRIU").unwrap_or_else(|_| "criu".to_owned());
+    let extra: Vec<&str> = match args.container_runtime.as_str() {
+        "runc" => vec!["--container-runtime", "runc", "--criu", &criu],
+        "docker" => Vec::new(),
+        other => bail!("--container-runtime {other}: expected docker or runc"),
+    };
+    let agent_a = Agent::join_and_run(
+        dir.path(),
+        &controller,
+        &na,
+        &[&["--docker-host", env.a.as_str()][..], &extra].concat(),
+    )
+    .await?;
     wait_ready(&controller, &na).await?;
     let port = free_port();
     let manifest = CounterJob {
@@ -401,8 +424,13 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
     if let Err(e) = ok {
         bail!("{e}\nagent a: {}", tail(&agent_a.log(), 3000));
     }
-    let agent_b =
-        Agent::join_and_run(dir.path(), &controller, &nb, &["--docker-host", &env.b]).await?;
+    let agent_b = Agent::join_and_run(
+        dir.path(),
+        &controller,
+        &nb,
+        &[&["--docker-host", env.b.as_str()][..], &extra].concat(),
+    )
+    .await?;
     wait_ready(&controller, &nb).await?;
     // A count that is not 0, so that a fresh start would show.
     for _ in 0..7 {
@@ -474,7 +502,14 @@ fn tail(s: &str, n: usize) -> &str {
 /// The values of `keys` on the last log line after `from` that contains `message`.
 fn log_fields(log: &str, from: usize, message: &str, keys: &[&str]) -> Vec<Option<u64>> {
     let text = log.get(from..).unwrap_or("");
-    let Some(line) = text.lines().rev().find(|l| l.contains(message)) else {
+    // The last line with the message that carries the fields (an agent may log
+    // the same words again without them).
+    let first = format!("{}=", keys.first().copied().unwrap_or(""));
+    let Some(line) = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(message) && l.contains(&first))
+    else {
         return vec![None; keys.len()];
     };
     // Strip ANSI escapes.
