@@ -404,11 +404,16 @@ async fn a_runc_container_migrates_live_with_criu_driven_directly() {
         !alloc_containers.lines().any(|id| sandboxes.contains(id)),
         "the sandbox is not an allocation's container"
     );
-    let nodes = s
-        .controller
-        .cli(&["node", "show", &s.agents[0].name, "-o", "json"]);
-    let nodes = String::from_utf8_lossy(&nodes.stdout);
-    assert!(nodes.contains("runc_version"), "capabilities: {nodes}");
+    let shown = s.controller.cli(&["node", "show", &s.agents[0].name]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let line = shown
+        .lines()
+        .find(|l| l.contains("Containers"))
+        .unwrap_or_else(|| panic!("no Containers line in:\n{shown}"));
+    assert!(
+        line.contains("runc") && line.contains("agent-owned") && line.contains("CRIU"),
+        "{line}"
+    );
 
     for n in 1..=5 {
         assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());

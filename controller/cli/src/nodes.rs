@@ -342,6 +342,23 @@ pub fn detail(node: &NodeView, now: SystemTime) -> String {
             ("Arch", caps.arch.clone()),
             ("Docker", or_none(&caps.docker_version)),
             (
+                "Containers",
+                match &caps.oci {
+                    Some(o) => format!(
+                        "runc {} (agent-owned), CRIU {}{}{}",
+                        o.runc_version,
+                        o.criu_version,
+                        if o.lazy_pages { ", lazy pages" } else { "" },
+                        if o.dirty_tracking {
+                            ", dirty tracking"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => "docker".to_string(),
+                },
+            ),
+            (
                 "Live checkpoint",
                 match (caps.live_checkpoint, &caps.live_checkpoint_reason) {
                     (true, _) => "yes".to_string(),

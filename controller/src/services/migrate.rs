@@ -306,10 +306,20 @@ impl Migrations {
         let target = self
             .workloads
             .migration_target(alloc, to, |n| {
-                if !needs_live || self.live_capable(n) {
+                if !needs_live {
                     Ok(())
-                } else {
+                } else if !self.live_capable(n) {
                     Err("cannot restore this checkpoint (no live checkpoint support); use mode fs or another node".into())
+                } else if self.runs_runc(n) != self.runs_runc(&record.node) {
+                    // runc's CRIU image and Docker's differ in their mounts.
+                    let runtime = |runc: bool| if runc { "runc" } else { "docker" };
+                    Err(format!(
+                        "runs its containers under {} and the source under {}: a live checkpoint restores only under the runtime that took it; use mode fs or another node",
+                        runtime(self.runs_runc(n)),
+                        runtime(self.runs_runc(&record.node))
+                    ))
+                } else {
+                    Ok(())
                 }
             })
             .map_err(|e| MigrateError::Invalid(e.to_string()))?;
@@ -404,6 +414,13 @@ impl Migrations {
         if let Some(s) = self.lock().migrations.get_mut(&n) {
             f(s);
         }
+    }
+
+    /// Whether `node` runs its containers under runc (agent-owned).
+    fn runs_runc(&self, node: &str) -> bool {
+        self.registry
+            .view(node, Instant::now())
+            .is_some_and(|v| v.capabilities.oci.is_some())
     }
 
     fn live_capable(&self, node: &str) -> bool {
