@@ -498,6 +498,105 @@ async fn a_runc_container_migrates_live_with_criu_driven_directly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_runc_migration_rolls_back_and_the_source_goes_on() {
+    let args = runc_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The image's tag exists on daemon A alone: the target cannot pull it.
+    let Some(s) = setup_full("runcback", "live", false, &args, &args, "", "").await else {
+        return;
+    };
+    for n in 1..=4 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let alloc = the_alloc(&s).await;
+    let out = s
+        .controller
+        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    assert!(!out.status.success(), "the migration must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rolled back"), "{err}");
+    // Back on the source, restored by runc from its own checkpoint.
+    wait_for(
+        Duration::from_secs(60),
+        "running on the source again",
+        || async { get(s.port, "/count").await.is_ok() },
+    )
+    .await
+    .expect("the source serves again");
+    assert_eq!(
+        get(s.port, "/count").await.expect("count"),
+        "4",
+        "agent a: {}",
+        s.agents[0].log()
+    );
+    assert_eq!(the_alloc(&s).await.node, s.agents[0].name);
+    assert!(
+        s.agents[0].log().contains("runc container restored"),
+        "the source restored under runc: {}",
+        s.agents[0].log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
+    let args = runc_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(mut s) = setup_full("runcadopt", "live", true, &args, &args, "", "").await else {
+        return;
+    };
+    for n in 1..=3 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    // The agent dies and comes back: the container ran on, and is adopted.
+    s.agents[0].kill().await;
+    assert_eq!(
+        get(s.port, "/")
+            .await
+            .expect("count while the agent is down"),
+        "4"
+    );
+    s.agents[0].start().expect("agent a again");
+    wait_ready(&s.controller, &s.agents[0].name.clone()).await;
+    assert_eq!(
+        get(s.port, "/").await.expect("count after the restart"),
+        "5"
+    );
+    let root = s.agents[0].state_dir.join("oci/runc");
+    let list = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["list", "-q"])
+        .output()
+        .expect("runc list");
+    let ids = String::from_utf8_lossy(&list.stdout).to_string();
+    assert_eq!(ids.lines().count(), 1, "one runc container: {ids}");
+    // Its process is killed behind the agent's back: the supervisor sees the
+    // exit and starts it again, from the image (the count starts over).
+    let killed = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["kill", ids.trim(), "KILL"])
+        .output()
+        .expect("runc kill");
+    assert!(killed.status.success(), "{killed:?}");
+    wait_for(Duration::from_secs(60), "restarted", || async {
+        get(s.port, "/count").await.is_ok_and(|c| c == "0")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent a: {}", s.agents[0].log()));
+    let alloc = the_alloc(&s).await;
+    let shown = s.controller.cli(&["alloc", "show", &alloc.id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.trim_start().starts_with("Restarts")
+                && l.split_whitespace().last() == Some("1")),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fs_migration_keeps_the_volume_data() {
     let Some(s) = setup("fsmode", "fs", true).await else {
         return;
