@@ -537,6 +537,7 @@ fn bollard_stays_where_it_is_allowed() {
         "agent/src/runtime/docker.rs",
         "agent/src/runtime/docker/version.rs",
         "agent/src/runtime/docker/checkpoint.rs",
+        "agent/src/runtime/docker/sandbox.rs",
         "controller/src/services/providers/docker.rs",
     ];
     let mut offenders = Vec::new();

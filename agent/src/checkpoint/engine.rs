@@ -30,6 +30,7 @@ use super::{
     PROBE_CALL_TIMEOUT, TRANSFER_TIMEOUT, blocking, mkdir, now_ms,
 };
 use crate::runtime::docker::checkpoint::{CheckpointDocker, Endpoint};
+use crate::runtime::docker::sandbox::pause_program;
 use crate::runtime::docker::version::DEFAULT_DOCKER_HOST;
 
 impl Checkpointer {
@@ -98,7 +99,7 @@ impl Checkpointer {
             ));
         }
         let arch = std::env::consts::ARCH;
-        let program = probe_program(arch).ok_or_else(|| {
+        let program = pause_program(arch).ok_or_else(|| {
             format!("the live checkpoint probe has no test program for {arch}; live checkpoints are untested here")
         })?;
         if let Some(missing) =
@@ -854,69 +855,6 @@ const RESTORE_MARKER: &str = "novacron-restore";
 /// The live probe's program for `arch` (`std::env::consts::ARCH`): a static ELF
 /// executable that waits for signals forever, without libc (so the image needs
 /// nothing but this file). `None` for architectures without one.
-/// A static program that only waits (the `pause` system call, in a loop), for
-/// `arch`: the live probe's container and the sandboxes of agent-owned
-/// containers run it.
-pub fn pause_program(arch: &str) -> Option<Vec<u8>> {
-    probe_program(arch)
-}
-
-fn probe_program(arch: &str) -> Option<Vec<u8>> {
-    // (e_machine, machine code). x86-64: `mov eax, 34 (pause); syscall; jmp back`.
-    // AArch64: `mov x0..x3, 0; mov x8, 73 (ppoll); svc 0; b back`.
-    let (machine, code): (u16, Vec<u8>) = match arch {
-        "x86_64" => (0x3e, vec![0xb8, 34, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7]),
-        "aarch64" => (
-            0xb7,
-            [
-                0xd280_0000u32,
-                0xd280_0001,
-                0xd280_0002,
-                0xd280_0003,
-                0xd280_0928,
-                0xd400_0001,
-                0x17ff_fffa,
-            ]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect(),
-        ),
-        _ => return None,
-    };
-    Some(static_elf(machine, &code))
-}
-
-/// A 64-bit little-endian ELF executable whose one loadable segment (read and
-/// execute, at 0x400000) holds the headers and `code`, entered at `code`.
-fn static_elf(machine: u16, code: &[u8]) -> Vec<u8> {
-    const BASE: u64 = 0x40_0000;
-    const EHSIZE: u16 = 64;
-    const PHSIZE: u16 = 56;
-    let total = u64::from(EHSIZE + PHSIZE) + code.len() as u64;
-    let mut elf = Vec::with_capacity(total as usize);
-    // e_ident: ELFCLASS64, ELFDATA2LSB, EV_CURRENT, System V ABI.
-    elf.extend_from_slice(b"\x7fELF");
-    elf.extend_from_slice(&[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&machine.to_le_bytes());
-    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
-    elf.extend_from_slice(&(BASE + u64::from(EHSIZE + PHSIZE)).to_le_bytes()); // e_entry
-    elf.extend_from_slice(&u64::from(EHSIZE).to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for half in [EHSIZE, PHSIZE, 1, 0, 0, 0] {
-        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
-        elf.extend_from_slice(&half.to_le_bytes());
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
-    for word in [0, BASE, BASE, total, total, 0x1000] {
-        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
-        elf.extend_from_slice(&word.to_le_bytes());
-    }
-    elf.extend_from_slice(code);
-    elf
-}
 
 /// The probe image's root file system: a tar holding `/probe` (mode 0755).
 fn probe_rootfs(program: &[u8]) -> io::Result<Vec<u8>> {
@@ -1032,9 +970,9 @@ mod tests {
 
     #[test]
     fn the_probe_programs_are_static_elf_executables_entered_at_their_code() {
-        assert_eq!(probe_program("riscv64"), None);
+        assert_eq!(pause_program("riscv64"), None);
         for (arch, machine) in [("x86_64", 0x3e_u16), ("aarch64", 0xb7)] {
-            let elf = probe_program(arch).expect(arch);
+            let elf = pause_program(arch).expect(arch);
             let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]);
             let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().expect("8"));
             assert_eq!(&elf[..4], b"\x7fELF", "{arch}");
@@ -1050,7 +988,7 @@ mod tests {
                 "{arch}: entry right after the headers"
             );
         }
-        let tar = probe_rootfs(&probe_program("x86_64").expect("x86_64")).expect("tar");
+        let tar = probe_rootfs(&pause_program("x86_64").expect("x86_64")).expect("tar");
         let mut archive = tar::Archive::new(tar.as_slice());
         let entry = archive
             .entries()

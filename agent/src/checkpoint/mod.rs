@@ -46,9 +46,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::OnceCell;
 
-pub use engine::{
-    PROBE_REPO, RUNC_CRIU_CONF, RUNC_CRIU_OPTIONS, pause_program, runc_criu_options_missing,
-};
+pub use engine::{PROBE_REPO, RUNC_CRIU_CONF, RUNC_CRIU_OPTIONS, runc_criu_options_missing};
 
 use crate::runtime::docker::checkpoint::{CheckpointDocker, Endpoint};
 

@@ -14,7 +14,24 @@ use tokio::io::AsyncWriteExt;
 
 use super::{CALL_TIMEOUT, DockerRuntime, LABEL_MANAGED, PULL_TIMEOUT, classify, timed};
 use crate::runtime::RuntimeError;
-use crate::runtime::oci::spec::ImageRun;
+
+/// The label on a sandbox: the runc container it holds the network of.
+pub const LABEL_SANDBOX: &str = "novacron.sandbox-of";
+
+/// What an image says about how to run it (Docker's image `Config`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageRun {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env` (`KEY=value`).
+    pub env: Vec<String>,
+    /// `WorkingDir`.
+    pub working_dir: String,
+    /// `User`.
+    pub user: String,
+}
 
 /// The sandbox image (tagged with the program's format version).
 pub const SANDBOX_IMAGE: &str = "novacron-sandbox:1";
@@ -42,16 +59,15 @@ impl DockerRuntime {
         if crate::runtime::ContainerRuntime::image_present(self, SANDBOX_IMAGE).await? {
             return Ok(());
         }
-        let program =
-            crate::checkpoint::pause_program(std::env::consts::ARCH).ok_or_else(|| {
-                daemon(
-                    "sandbox image",
-                    format!(
-                        "no sandbox program for {}: agent-owned containers are not supported here",
-                        std::env::consts::ARCH
-                    ),
-                )
-            })?;
+        let program = pause_program(std::env::consts::ARCH).ok_or_else(|| {
+            daemon(
+                "sandbox image",
+                format!(
+                    "no sandbox program for {}: agent-owned containers are not supported here",
+                    std::env::consts::ARCH
+                ),
+            )
+        })?;
         let mut tar = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_gnu();
         header.set_size(program.len() as u64);
@@ -232,18 +248,75 @@ impl DockerRuntime {
         let docker = self.client().await?;
         let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
             .all(true)
-            .filters(&HashMap::from([(
-                "label",
-                vec![crate::runtime::oci::LABEL_SANDBOX],
-            )]))
+            .filters(&HashMap::from([("label", vec![LABEL_SANDBOX])]))
             .build();
         let listed = timed("list", CALL_TIMEOUT, docker.list_containers(Some(options))).await?;
         Ok(listed
             .into_iter()
             .filter_map(|c| {
-                let of = c.labels?.get(crate::runtime::oci::LABEL_SANDBOX)?.clone();
+                let of = c.labels?.get(LABEL_SANDBOX)?.clone();
                 Some((c.id?, of))
             })
             .collect())
     }
+}
+
+/// A static program that only waits (the `pause` system call, in a loop), for
+/// `arch`: the live probe's container and the sandboxes of runc containers run
+/// it.
+pub fn pause_program(arch: &str) -> Option<Vec<u8>> {
+    // (e_machine, machine code). x86-64: `mov eax, 34 (pause); syscall; jmp back`.
+    // AArch64: `mov x0..x3, 0; mov x8, 73 (ppoll); svc 0; b back`.
+    let (machine, code): (u16, Vec<u8>) = match arch {
+        "x86_64" => (0x3e, vec![0xb8, 34, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7]),
+        "aarch64" => (
+            0xb7,
+            [
+                0xd280_0000u32,
+                0xd280_0001,
+                0xd280_0002,
+                0xd280_0003,
+                0xd280_0928,
+                0xd400_0001,
+                0x17ff_fffa,
+            ]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect(),
+        ),
+        _ => return None,
+    };
+    Some(static_elf(machine, &code))
+}
+
+/// A 64-bit little-endian ELF executable whose one loadable segment (read and
+/// execute, at 0x400000) holds the headers and `code`, entered at `code`.
+fn static_elf(machine: u16, code: &[u8]) -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const EHSIZE: u16 = 64;
+    const PHSIZE: u16 = 56;
+    let total = u64::from(EHSIZE + PHSIZE) + code.len() as u64;
+    let mut elf = Vec::with_capacity(total as usize);
+    // e_ident: ELFCLASS64, ELFDATA2LSB, EV_CURRENT, System V ABI.
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&machine.to_le_bytes());
+    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    elf.extend_from_slice(&(BASE + u64::from(EHSIZE + PHSIZE)).to_le_bytes()); // e_entry
+    elf.extend_from_slice(&u64::from(EHSIZE).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [EHSIZE, PHSIZE, 1, 0, 0, 0] {
+        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
+    for word in [0, BASE, BASE, total, total, 0x1000] {
+        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
 }

@@ -54,8 +54,7 @@ use spec::Bind;
 /// Ids of agent-owned containers begin with this; Docker's are hexadecimal.
 pub const ID_PREFIX: &str = "oci-";
 
-/// The label on a sandbox: the runc container it holds the network of.
-pub const LABEL_SANDBOX: &str = "novacron.sandbox-of";
+pub use super::docker::sandbox::LABEL_SANDBOX;
 
 /// The CRIU options every dump and restore of an agent-owned container needs:
 /// clients see a reset instead of a hang (the address changes across hosts).

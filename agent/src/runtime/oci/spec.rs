@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+pub use crate::runtime::docker::sandbox::ImageRun;
 use oci_spec::runtime::{
     Capability, LinuxCpu, LinuxMemory, LinuxNamespace, LinuxNamespaceType, LinuxResources, Mount,
     PosixRlimit, PosixRlimitType, Spec, User,
@@ -13,21 +14,6 @@ use oci_spec::runtime::{
 /// The annotation runc reads its CRIU configuration file from (instead of
 /// `/etc/criu/runc.conf`).
 pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
-
-/// What the image says about how to run it (Docker's image `Config`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ImageRun {
-    /// `Entrypoint`.
-    pub entrypoint: Vec<String>,
-    /// `Cmd`.
-    pub cmd: Vec<String>,
-    /// `Env` (`KEY=value`).
-    pub env: Vec<String>,
-    /// `WorkingDir`.
-    pub working_dir: String,
-    /// `User`.
-    pub user: String,
-}
 
 /// One bind mount into the container.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
