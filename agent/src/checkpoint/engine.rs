@@ -852,10 +852,6 @@ const PROBE_CHECKPOINT: &str = "probe";
 /// The file [`copy_checkpoint_in`] adds to a CRIU image it copies in.
 const RESTORE_MARKER: &str = "novacron-restore";
 
-/// The live probe's program for `arch` (`std::env::consts::ARCH`): a static ELF
-/// executable that waits for signals forever, without libc (so the image needs
-/// nothing but this file). `None` for architectures without one.
-
 /// The probe image's root file system: a tar holding `/probe` (mode 0755).
 fn probe_rootfs(program: &[u8]) -> io::Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());

@@ -262,8 +262,9 @@ impl DockerRuntime {
 }
 
 /// A static program that only waits (the `pause` system call, in a loop), for
-/// `arch`: the live probe's container and the sandboxes of runc containers run
-/// it.
+/// `arch` (`std::env::consts::ARCH`): a static ELF executable without libc, so
+/// its image needs nothing but this file. The live probe's container and the
+/// sandboxes of runc containers run it. `None` for architectures without one.
 pub fn pause_program(arch: &str) -> Option<Vec<u8>> {
     // (e_machine, machine code). x86-64: `mov eax, 34 (pause); syscall; jmp back`.
     // AArch64: `mov x0..x3, 0; mov x8, 73 (ppoll); svc 0; b back`.
