@@ -388,7 +388,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
             Ok(driver) => {
                 let driver = Arc::new(driver);
                 info!(capability = ?driver.capability(), "containers run under runc, owned by this agent");
-                match docker.sandboxes().await {
+                match docker.sandboxes(&enrollment.node_name).await {
                     Ok(sandboxes) => driver.sweep_sandboxes(sandboxes).await,
                     Err(e) => warn!(error = %e, "cannot list the sandboxes of runc containers"),
                 }

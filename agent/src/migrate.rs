@@ -31,6 +31,8 @@ use novacron_common::wire::{
 use quinn::{RecvStream, SendStream};
 use tracing::{info, warn};
 
+mod oci;
+
 use crate::checkpoint::Checkpointer;
 use crate::runtime::supervisor::Restorer;
 use crate::runtime::{HostRuntime, Supervisor};
@@ -407,25 +409,40 @@ impl CheckpointService {
                     r.protocol_version, self.node
                 ));
             }
-            let vms = self.vms()?;
             let spec = self.supervisor.spec_of(alloc).ok_or_else(|| {
                 format!("allocation {alloc} is not desired on node {}", self.node)
             })?;
+            let id = self.supervisor.exec_container(alloc).await?;
+            if crate::runtime::oci::is_oci(&id) {
+                return Ok(Err((id, spec)));
+            }
+            let vms = self.vms()?;
             if spec.task.vm.is_none() {
                 return Err(format!(
                     "allocation {alloc} is a container, not a virtual machine"
                 ));
             }
-            let id = self.supervisor.exec_container(alloc).await?;
             if vms.disk(&id).is_some() {
                 vms.block_migration()
                     .map_err(|why| format!("allocation {alloc}: {why}"))?;
             }
-            Ok(id)
+            Ok(Ok(id))
         }
         .await;
         let id = match found {
-            Ok(id) => id,
+            Ok(Ok(id)) => id,
+            Ok(Err((id, spec))) => {
+                let volumes = spec
+                    .task
+                    .volumes
+                    .iter()
+                    .filter(|v| !v.read_only)
+                    .map(|v| v.target.clone())
+                    .collect();
+                return self
+                    .send_oci(r, id, volumes, spec.task.image.clone(), send, recv)
+                    .await;
+            }
             Err(why) => {
                 let _ = wire::write_frame(send, &failed(why.clone())).await;
                 return Err(why);
@@ -529,8 +546,26 @@ impl CheckpointService {
                     r.protocol_version, self.node
                 ));
             }
-            let vms = self.vms()?.clone();
             let deadline = tokio::time::Instant::now() + wait;
+            // The desired set travels on another stream: it may arrive after
+            // this request.
+            let spec = loop {
+                if let Some(spec) = self.supervisor.spec_of(alloc) {
+                    break spec;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "allocation {alloc} is not desired on node {} after {} s",
+                        self.node,
+                        wait.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if spec.task.vm.is_none() && self.supervisor.runtime().oci().is_some() {
+                return Ok(None);
+            }
+            let vms = self.vms()?.clone();
             let id = loop {
                 if let Some(id) = vms.vm_of_alloc(alloc) {
                     break id;
@@ -546,11 +581,22 @@ impl CheckpointService {
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let conn = vms.incoming_connection(&id, left).await?;
-            Ok((vms, id, conn))
+            Ok(Some((vms, id, conn)))
         }
         .await;
         let (vms, id, conn) = match ready {
-            Ok(found) => found,
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                let left = wait.min(INCOMING_LIMIT);
+                let result = self.receive_oci(alloc, left, send, &mut recv).await;
+                if let Err(e) = &result {
+                    warn!(%alloc, error = %e, "runc container's stream broke");
+                }
+                wire::write_frame(send, &VmReceiveEvent::Done(result.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return result;
+            }
             Err(why) => {
                 let _ = wire::write_frame(send, &VmReceiveEvent::Done(Err(why.clone()))).await;
                 return Err(why);
@@ -580,6 +626,17 @@ impl Restorer for CheckpointService {
         container_id: &'a str,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if from.incoming_vm.is_some() && crate::runtime::oci::is_oci(container_id) {
+                info!(%alloc, migration = %from.digest, container = %container_id, "waiting for the runc container's state");
+                let supervisor = &self.supervisor;
+                return self
+                    .await_incoming_oci(alloc, container_id, INCOMING_LIMIT, || {
+                        supervisor.spec_of(alloc).is_some_and(|s| {
+                            s.restore.as_ref().is_some_and(|r| r.incoming_vm.is_some())
+                        })
+                    })
+                    .await;
+            }
             if from.incoming_vm.is_some() {
                 let vms = self.vms()?;
                 vms.start_incoming(container_id)

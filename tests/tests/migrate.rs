@@ -490,11 +490,20 @@ async fn a_runc_container_migrates_live_with_criu_driven_directly() {
     })
     .await
     .expect("the source cleans up");
-    let list = s
+    // Streamed from source to target, not through a bundle.
+    let events = s
         .controller
-        .cli(&["checkpoint", "list", "--alloc", &alloc.id]);
-    let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.contains("live"), "{list}");
+        .cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("migration.completed") && events.contains("live under runc"),
+        "{events}"
+    );
+    assert!(
+        s.agents[1].log().contains("restored from its stream"),
+        "agent b: {}",
+        s.agents[1].log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,11 +539,70 @@ async fn a_failed_runc_migration_rolls_back_and_the_source_goes_on() {
         s.agents[0].log()
     );
     assert_eq!(the_alloc(&s).await.node, s.agents[0].name);
-    assert!(
-        s.agents[0].log().contains("runc container restored"),
-        "the source restored under runc: {}",
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_migration_whose_target_cannot_restore_resumes_the_source_from_its_dump() {
+    let args = runc_args();
+    let real = args[3].clone();
+    // The target's CRIU answers its checks but fails every dump and restore
+    // (runc drives CRIU as `criu swrk`): the failure comes after the source's
+    // freeze and the whole stream.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("criu");
+    std::fs::write(
+        &broken,
+        format!("#!/bin/sh\ncase \"$1\" in swrk|restore) echo 'injected failure' >&2; exit 1;; esac\nexec {real} \"$@\"\n"),
+    )
+    .expect("wrapper");
+    std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(&broken)
+        .status()
+        .expect("chmod");
+    let a_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b_args = [
+        "--container-runtime",
+        "runc",
+        "--criu",
+        broken.to_str().expect("path"),
+    ];
+    let Some(s) = setup_full("runcdump", "live", true, &a_args, &b_args, "", "").await else {
+        return;
+    };
+    for n in 1..=4 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let ballast = get(s.port, "/ballast").await.expect("ballast");
+    let alloc = the_alloc(&s).await;
+    let out = s
+        .controller
+        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    assert!(!out.status.success(), "the migration must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rolled back"), "{err}");
+    wait_for(
+        Duration::from_secs(60),
+        "running on the source again",
+        || async { get(s.port, "/count").await.is_ok() },
+    )
+    .await
+    .expect("the source serves again");
+    // From its own dump: the same memory, not a fresh start.
+    assert_eq!(
+        get(s.port, "/count").await.expect("count"),
+        "4",
+        "agent a: {}",
         s.agents[0].log()
     );
+    assert_eq!(get(s.port, "/ballast").await.expect("ballast"), ballast);
+    assert_eq!(the_alloc(&s).await.node, s.agents[0].name);
+    let log = s.agents[0].log();
+    assert!(
+        log.contains("streaming it") && log.contains("resumed from its migration's dump"),
+        "agent a: {log}"
+    );
+    assert_eq!(get(s.port, "/").await.expect("count"), "5");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

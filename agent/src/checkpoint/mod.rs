@@ -35,7 +35,7 @@
 mod bundle;
 mod cache;
 mod engine;
-mod oci;
+pub(crate) mod oci;
 mod rootfs;
 mod vm;
 

@@ -155,7 +155,7 @@ impl Checkpointer {
 
 /// Writes `rootfs.tar` (the upper directory less its whiteouts) and one tar
 /// per volume target into `dest`; the bytes staged and the deleted paths.
-fn copy_files(
+pub(crate) fn copy_files(
     upper: &Path,
     mounts: &[(String, PathBuf)],
     targets: &[String],
@@ -260,7 +260,7 @@ fn walk(
 /// Unpacks a bundle's files into a created container: `rootfs.tar` and the
 /// whiteouts of `deleted` into its upper directory, each volume tar into the
 /// host directory mounted at its target.
-fn apply_files(
+pub(crate) fn apply_files(
     from: &Path,
     upper: &Path,
     mounts: &[(String, PathBuf)],

@@ -745,14 +745,17 @@ async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> O
             alloc,
             container_id,
         } => {
-            // A VM that must arrive live (its state is on another node) never
-            // boots afresh: a start after a failed arrival waits for its
+            // A VM or runc container that must arrive live (its state is on
+            // another node) never boots afresh: a start after a failed arrival waits for its
             // state again, which a settled migration sends or takes away.
             let arriving = inner
                 .core()
                 .desired_spec(&alloc)
                 .and_then(|s| s.restore.clone())
-                .filter(|r| r.incoming_vm.is_some() && super::vm::is_vm(&container_id));
+                .filter(|r| {
+                    r.incoming_vm.is_some()
+                        && (super::vm::is_vm(&container_id) || super::oci::is_oci(&container_id))
+                });
             let started = match (arriving, inner.restorer.get()) {
                 (Some(from), Some(restorer)) => restorer
                     .restore(&alloc, &from, &container_id)

@@ -324,7 +324,18 @@ impl Migrations {
             })
             .map_err(|e| MigrateError::Invalid(e.to_string()))?;
         let busy = self.claim(alloc)?;
-        Ok(self.launch(busy, &record, target, mode, by, None))
+        // Between two runc nodes a live migration streams from source to
+        // target (relayed, never stored), on the streams of a VM's migration.
+        let streamed = needs_live
+            && self.runs_runc(&record.node)
+            && self.link.protocol_version(&record.node) >= wire::VM_MIGRATE_SINCE
+            && self.link.protocol_version(&target) >= wire::VM_MIGRATE_SINCE;
+        let planned = streamed.then(|| VmMigrationProgress {
+            status: "none".to_owned(),
+            ..Default::default()
+        });
+        let mode = if streamed { CheckpointMode::Live } else { mode };
+        Ok(self.launch(busy, &record, target, mode, by, planned))
     }
 
     /// Records migration of `record` to `target` as started and runs it in the

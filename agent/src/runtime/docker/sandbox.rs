@@ -243,12 +243,19 @@ impl DockerRuntime {
 }
 
 impl DockerRuntime {
-    /// Every sandbox on this daemon: (its id, the runc container it serves).
-    pub async fn sandboxes(&self) -> Result<Vec<(String, String)>, RuntimeError> {
+    /// Every sandbox of `node` on this daemon (several agents may share a
+    /// daemon): (its id, the runc container it serves).
+    pub async fn sandboxes(&self, node: &str) -> Result<Vec<(String, String)>, RuntimeError> {
         let docker = self.client().await?;
         let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
             .all(true)
-            .filters(&HashMap::from([("label", vec![LABEL_SANDBOX])]))
+            .filters(&HashMap::from([(
+                "label",
+                vec![
+                    LABEL_SANDBOX.to_owned(),
+                    format!("{}={node}", crate::runtime::LABEL_NODE),
+                ],
+            )]))
             .build();
         let listed = timed("list", CALL_TIMEOUT, docker.list_containers(Some(options))).await?;
         Ok(listed

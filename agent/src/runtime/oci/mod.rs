@@ -462,12 +462,13 @@ impl OciDriver {
             cmd: Vec::new(),
             env: Default::default(),
             working_dir: None,
-            // The job's labels (so that tools find it by job), but not the
-            // allocation's or the node's: the supervisor lists those.
+            // The job's and node's labels (tools find it by job; an agent
+            // sweeps only its own node's), not the allocation's: the
+            // supervisor lists containers that carry one.
             labels: config
                 .labels
                 .iter()
-                .filter(|(k, _)| k.as_str() != super::spec::LABEL_ALLOC && k.as_str() != LABEL_NODE)
+                .filter(|(k, _)| k.as_str() != super::spec::LABEL_ALLOC)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .chain([
                     (super::spec::LABEL_MANAGED.to_owned(), "true".to_owned()),
@@ -648,8 +649,40 @@ impl OciDriver {
         }
     }
 
-    /// Starts container `id` from its image's files and writable layer.
+    /// Where a live migration's dump of container `id` is kept on its source
+    /// until the container is removed: a start resumes from it (see
+    /// [`Self::start`]).
+    pub fn checkpoint_dir(&self, id: &str) -> PathBuf {
+        self.container_dir(id).join("checkpoint")
+    }
+
+    /// Where a live migration's stream for container `id` is unpacked on its
+    /// target; `.complete` marks it whole.
+    pub fn incoming_dir(&self, id: &str) -> PathBuf {
+        self.container_dir(id).join("incoming")
+    }
+
+    /// The container of allocation `alloc` on this node.
+    pub fn container_of_alloc(&self, alloc: &str) -> Option<String> {
+        self.ids().into_iter().find(|id| {
+            self.read_meta(id).is_ok_and(|m| {
+                m.labels.get(super::spec::LABEL_ALLOC).map(String::as_str) == Some(alloc)
+            })
+        })
+    }
+
+    /// Starts container `id` from its image's files and writable layer, or,
+    /// when a live migration dumped it here and did not take it away (rolled
+    /// back), from that dump: a migrated-out container that comes back goes on
+    /// where it stopped and never starts afresh.
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let dump = self.checkpoint_dir(id).join("criu");
+        if dump.join("inventory.img").exists() {
+            self.restore(id, &dump).await?;
+            let _ = std::fs::remove_dir_all(self.checkpoint_dir(id));
+            info!(container = %id, "resumed from its migration's dump");
+            return Ok(());
+        }
         let lock = self.lock_of(id);
         let _held = lock.lock().await;
         let mut meta = self.read_meta(id)?;

@@ -266,29 +266,34 @@ impl Migrations {
                     s.bytes_total = done.total;
                     s.vm = Some(done.clone());
                 });
-                info!(%alloc, %from, %to, downtime_ms = downtime, rounds = done.rounds, "vm migration completed");
-                self.record(
-                    NewEvent::new(
-                        kind::MIGRATION_COMPLETED,
-                        by,
-                        format!(
-                            "{id}: virtual machine {alloc} runs on {to} (from {from}, live: {} MiB in {} rounds over {} ms, guest paused {downtime} ms{})",
-                            done.transferred >> 20,
-                            done.rounds,
-                            done.elapsed_ms,
-                            if done.forced_pause {
-                                ", paused early because it did not converge"
-                            } else {
-                                ""
-                            }
-                        ),
+                info!(%alloc, %from, %to, downtime_ms = downtime, rounds = done.rounds, "live stream migration completed");
+                let text = if self.workloads.is_vm(&alloc) {
+                    format!(
+                        "{id}: virtual machine {alloc} runs on {to} (from {from}, live: {} MiB in {} rounds over {} ms, guest paused {downtime} ms{})",
+                        done.transferred >> 20,
+                        done.rounds,
+                        done.elapsed_ms,
+                        if done.forced_pause {
+                            ", paused early because it did not converge"
+                        } else {
+                            ""
+                        }
                     )
-                    .node(&to)
-                    .job(&status.job)
-                    .alloc(&alloc)
-                    .detail("migration", id)
-                    .detail("downtime_ms", downtime)
-                    .detail("rounds", done.rounds),
+                } else {
+                    format!(
+                        "{id}: {alloc} runs on {to} (from {from}, live under runc: dumped in {downtime} ms, {} MiB streamed over {} ms)",
+                        done.transferred >> 20,
+                        done.elapsed_ms,
+                    )
+                };
+                self.record(
+                    NewEvent::new(kind::MIGRATION_COMPLETED, by, text)
+                        .node(&to)
+                        .job(&status.job)
+                        .alloc(&alloc)
+                        .detail("migration", id)
+                        .detail("downtime_ms", downtime)
+                        .detail("rounds", done.rounds),
                 );
             }
             Err(reason) => {
@@ -340,7 +345,7 @@ impl Migrations {
                 alloc,
                 to,
                 Some(RestoreFrom::incoming_vm(id, from)),
-                &format!("migrating live from {from}: waiting for the virtual machine's state"),
+                &format!("migrating live from {from}: waiting for its state"),
             )
             .map_err(|e| format!("cannot relocate: {e}"))?;
         *reached = Reached::Relocated;
@@ -354,9 +359,12 @@ impl Migrations {
             .await
             .map_err(|e| format!("link to {to}: {e}"))?;
         let mut t_scratch = Vec::new();
-        let ready =
-            read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, PREPARE_LIMIT + SILENCE, to)
-                .await?;
+        // A target that cannot start the allocation (its image cannot be
+        // pulled, say) reports that long before its wait ends.
+        let ready = tokio::select! {
+            r = read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, PREPARE_LIMIT + SILENCE, to) => r?,
+            why = self.failure_on(alloc, to) => return Err(format!("target {to}: {why}")),
+        };
         match ready {
             VmReceiveEvent::Ready => {}
             VmReceiveEvent::Done(Err(why)) => return Err(format!("target {to}: {why}")),
@@ -408,7 +416,7 @@ impl Migrations {
         });
         self.wait_running(alloc, to)
             .await
-            .map_err(|e| format!("the virtual machine did not run on {to}: {e}"))?;
+            .map_err(|e| format!("it did not run on {to}: {e}"))?;
         Ok(done)
     }
 
@@ -456,7 +464,31 @@ impl Migrations {
         {
             rollback = format!("{rollback}, but it did not come back: {e}");
         }
-        self.rolled_back(&status, by, reason, &rollback, "virtual machine ");
+        let what = if self.workloads.is_vm(alloc) {
+            "virtual machine "
+        } else {
+            ""
+        };
+        self.rolled_back(&status, by, reason, &rollback, what);
+    }
+}
+
+impl Migrations {
+    /// Resolves with why allocation `alloc` failed on `node`, once it has;
+    /// never while it prepares or runs.
+    async fn failure_on(&self, alloc: &str, node: &str) -> String {
+        let checked = self.workloads.has_health_check(alloc);
+        loop {
+            if let Ok(a) = self.workloads.allocation(alloc) {
+                let seen = self.workloads.move_report(alloc);
+                if let super::Progress::Failed(why) =
+                    super::restore_progress(&a, node, checked, seen)
+                {
+                    return why;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
