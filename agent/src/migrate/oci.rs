@@ -212,7 +212,7 @@ impl CheckpointService {
                 broken = Some(e.to_string());
                 break;
             }
-            if frames % 16 == 0 {
+            if frames.is_multiple_of(16) {
                 let p = progress("active", sent, started, dump_ms);
                 if let Err(e) = wire::write_frame(send, &VmSendEvent::Progress(p)).await {
                     broken = Some(e.to_string());
