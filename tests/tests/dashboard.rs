@@ -186,42 +186,13 @@ impl Browser {
     }
 
     async fn css(&self, selector: &str) -> fantoccini::elements::Element {
-        let mut reloads = 0;
-        loop {
-            let found = self
-                .client
-                .wait()
-                .at_most(Duration::from_secs(20))
-                .for_element(Locator::Css(selector))
-                .await;
-            // A navigation that Chromium aborted because the host's network
-            // changed (Docker adding an interface: a container, a runc
-            // container's sandbox) is loaded again, a few times at most.
-            if found.is_err() && reloads < 3 && self.network_changed().await {
-                reloads += 1;
-                let _ = self.client.refresh().await;
-                continue;
-            }
-            return self.found_or_panic(selector, found).await;
-        }
-    }
-
-    async fn network_changed(&self) -> bool {
-        match self.client.find(Locator::Css("body")).await {
-            Ok(b) => b
-                .text()
-                .await
-                .is_ok_and(|t| t.contains("ERR_NETWORK_CHANGED")),
-            Err(_) => false,
-        }
-    }
-
-    async fn found_or_panic(
-        &self,
-        selector: &str,
-        found: Result<fantoccini::elements::Element, fantoccini::error::CmdError>,
-    ) -> fantoccini::elements::Element {
-        match found {
+        match self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css(selector))
+            .await
+        {
             Ok(e) => e,
             Err(e) => {
                 let url = self.client.current_url().await.map(|u| u.to_string());
