@@ -854,14 +854,7 @@ const RESTORE_MARKER: &str = "novacron-restore";
 
 /// The probe image's root file system: a tar holding `/probe` (mode 0755).
 fn probe_rootfs(program: &[u8]) -> io::Result<Vec<u8>> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(program.len() as u64);
-    header.set_mode(0o755);
-    header.set_mtime(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut header, "probe", program)?;
-    tar.into_inner()
+    crate::runtime::docker::sandbox::program_rootfs("probe", program)
 }
 
 async fn timed<T, E: Display>(

@@ -68,20 +68,7 @@ impl DockerRuntime {
                 ),
             )
         })?;
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(program.len() as u64);
-        header.set_mode(0o755);
-        header.set_mtime(0);
-        header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(
-            &mut header,
-            SANDBOX_PROGRAM.trim_start_matches('/'),
-            &program[..],
-        )
-        .map_err(|e| daemon("sandbox image", e.to_string()))?;
-        let rootfs = tar
-            .into_inner()
+        let rootfs = program_rootfs(SANDBOX_PROGRAM.trim_start_matches('/'), &program)
             .map_err(|e| daemon("sandbox image", e.to_string()))?;
         let (repo, tag) = SANDBOX_IMAGE
             .split_once(':')
@@ -266,6 +253,19 @@ impl DockerRuntime {
             })
             .collect())
     }
+}
+
+/// An image's root file system holding only `program` at `/<name>` (mode
+/// 0755): the live probe's and the sandboxes' images.
+pub fn program_rootfs(name: &str, program: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(program.len() as u64);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, name, program)?;
+    tar.into_inner()
 }
 
 /// A static program that only waits (the `pause` system call, in a loop), for
