@@ -52,6 +52,9 @@ pub struct CheckpointService {
     stop_grace: Duration,
     /// The connection and its negotiated protocol version.
     conn: Mutex<Option<(quinn::Connection, u16)>>,
+    /// Post-copy page channel ends waiting for the controller's stream, by
+    /// allocation and side (source: true).
+    page_ends: Mutex<std::collections::HashMap<(String, bool), oci::PageEnd>>,
 }
 
 impl CheckpointService {
@@ -70,6 +73,7 @@ impl CheckpointService {
             live,
             stop_grace: Duration::from_secs(10),
             conn: Mutex::new(None),
+            page_ends: Mutex::new(Default::default()),
         }
     }
 
@@ -112,7 +116,13 @@ impl CheckpointService {
                 Err("agents serve no registry reads; the controller does".into())
             }
             BiRequest::VmMigrate(VmMigrateRequest::Send(r)) => {
-                self.send_vm(&r, &mut send, recv).await
+                self.send_vm(&r, false, &mut send, recv).await
+            }
+            BiRequest::VmMigrate(VmMigrateRequest::PostCopy(r)) => {
+                self.send_vm(&r, true, &mut send, recv).await
+            }
+            BiRequest::VmMigrate(VmMigrateRequest::Pages(r)) => {
+                self.serve_pages(&r, &mut send, recv).await
             }
             BiRequest::VmMigrate(VmMigrateRequest::Receive(r)) => {
                 self.receive_vm(&r, &mut send, recv).await
@@ -397,6 +407,7 @@ impl CheckpointService {
     async fn send_vm(
         &self,
         r: &VmSendRequest,
+        post_copy: bool,
         send: &mut SendStream,
         mut recv: RecvStream,
     ) -> Result<(), String> {
@@ -440,7 +451,15 @@ impl CheckpointService {
                     .map(|v| v.target.clone())
                     .collect();
                 return self
-                    .send_oci(r, id, volumes, spec.task.image.clone(), send, recv)
+                    .send_oci(
+                        r,
+                        post_copy,
+                        id,
+                        volumes,
+                        spec.task.image.clone(),
+                        send,
+                        recv,
+                    )
                     .await;
             }
             Err(why) => {
@@ -448,6 +467,13 @@ impl CheckpointService {
                 return Err(why);
             }
         };
+        if post_copy {
+            let why = format!(
+                "allocation {alloc} is a virtual machine: post-copy is for runc containers"
+            );
+            let _ = wire::write_frame(send, &failed(why.clone())).await;
+            return Err(why);
+        }
         let vms = self.vms()?.clone();
         self.supervisor
             .hold(alloc, Duration::from_millis(r.hold_ms).min(MAX_HOLD));

@@ -376,10 +376,22 @@ fn volume_count_log(host: &str, volume: &str) -> Vec<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runc_container_migrates_live_with_criu_driven_directly() {
+async fn a_runc_container_migrates_live_post_copy_by_default() {
+    runc_live_migration("runc", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_container_migrates_live_with_stop_copy_when_asked() {
+    runc_live_migration("runcstop", Some("stop-copy")).await;
+}
+
+/// A runc container migrates live (post-copy unless `copy` says otherwise)
+/// with its memory, its writable layer and its volume, while a client polls
+/// it every 5 ms and never sees a reset count.
+async fn runc_live_migration(test: &str, copy: Option<&str>) {
     let args = runc_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let Some(s) = setup_full("runc", "live", true, &args, &args, "", "").await else {
+    let Some(s) = setup_full(test, "live", true, &args, &args, "", "").await else {
         return;
     };
     // The container is the agent's, not Docker's: Docker holds only its sandbox.
@@ -426,26 +438,32 @@ async fn a_runc_container_migrates_live_with_criu_driven_directly() {
         let stop = stop.clone();
         let port = s.port;
         async move {
-            let (mut ok, mut failed) = (0u32, 0u32);
+            let (mut ok, mut failed, mut wrong) = (0u32, 0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match get(port, "/count").await {
-                    Ok(c) => {
-                        assert_eq!(c, "5", "reads see the count of before, never a reset");
-                        ok += 1;
-                    }
+                    Ok(c) if c == "5" => ok += 1,
+                    Ok(c) => wrong.push(c),
                     Err(_) => failed += 1,
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (ok, failed)
+            (ok, failed, wrong)
         }
     });
-    let out = s
-        .controller
-        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    let mut migrate = vec!["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name];
+    if let Some(c) = copy {
+        migrate.extend(["--mode", c]);
+    }
+    let out = s.controller.cli(&migrate);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = poller.await.expect("the poller saw only the right count");
+    let (ok, failed, wrong) = poller.await.expect("the poller");
     eprintln!("during the migration: {ok} reads answered, {failed} failed");
+    assert!(
+        wrong.is_empty(),
+        "reads see the count of before, never a reset: {wrong:?}\nagent a: {}\nagent b: {}",
+        s.agents[0].log(),
+        s.agents[1].log()
+    );
     assert!(
         out.status.success(),
         "migrate failed: {}{}\nagent a: {}\nagent b: {}",
@@ -495,12 +513,22 @@ async fn a_runc_container_migrates_live_with_criu_driven_directly() {
         .controller
         .cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
     let events = String::from_utf8_lossy(&events.stdout);
+    let copy = copy.unwrap_or("post-copy");
     assert!(
-        events.contains("migration.completed") && events.contains("live under runc"),
+        events.contains("migration.completed")
+            && events.contains("live under runc")
+            && events.contains(copy),
         "{events}"
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(copy), "{stdout}");
+    let restored = if copy == "post-copy" {
+        "every page arrived"
+    } else {
+        "restored from its stream"
+    };
     assert!(
-        s.agents[1].log().contains("restored from its stream"),
+        s.agents[1].log().contains(restored),
         "agent b: {}",
         s.agents[1].log()
     );
@@ -543,6 +571,18 @@ async fn a_failed_runc_migration_rolls_back_and_the_source_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runc_migration_whose_target_cannot_restore_resumes_the_source_from_its_dump() {
+    target_cannot_restore("runcdump", "stop-copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_copy_migration_whose_target_cannot_restore_thaws_the_source() {
+    target_cannot_restore("runclazy", "post-copy").await;
+}
+
+/// A live migration whose target's CRIU fails every restore rolls back after
+/// the source's freeze, and the source goes on with the same memory: from its
+/// dump in stop-copy, thawed by its CRIU in post-copy.
+async fn target_cannot_restore(test: &str, copy: &str) {
     let args = runc_args();
     let real = args[3].clone();
     // The target's CRIU answers its checks but fails every dump and restore
@@ -567,7 +607,7 @@ async fn a_runc_migration_whose_target_cannot_restore_resumes_the_source_from_it
         "--criu",
         broken.to_str().expect("path"),
     ];
-    let Some(s) = setup_full("runcdump", "live", true, &a_args, &b_args, "", "").await else {
+    let Some(s) = setup_full(test, "live", true, &a_args, &b_args, "", "").await else {
         return;
     };
     for n in 1..=4 {
@@ -575,9 +615,15 @@ async fn a_runc_migration_whose_target_cannot_restore_resumes_the_source_from_it
     }
     let ballast = get(s.port, "/ballast").await.expect("ballast");
     let alloc = the_alloc(&s).await;
-    let out = s
-        .controller
-        .cli(&["alloc", "migrate", &alloc.id, "--to", &s.agents[1].name]);
+    let out = s.controller.cli(&[
+        "alloc",
+        "migrate",
+        &alloc.id,
+        "--to",
+        &s.agents[1].name,
+        "--mode",
+        copy,
+    ]);
     assert!(!out.status.success(), "the migration must fail");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rolled back"), "{err}");
@@ -598,10 +644,13 @@ async fn a_runc_migration_whose_target_cannot_restore_resumes_the_source_from_it
     assert_eq!(get(s.port, "/ballast").await.expect("ballast"), ballast);
     assert_eq!(the_alloc(&s).await.node, s.agents[0].name);
     let log = s.agents[0].log();
-    assert!(
-        log.contains("streaming it") && log.contains("resumed from its migration's dump"),
-        "agent a: {log}"
-    );
+    let resumed = if copy == "post-copy" {
+        log.contains("images sent; CRIU serves the pages")
+            && log.contains("post-copy dump given up; the container runs on here")
+    } else {
+        log.contains("streaming it") && log.contains("resumed from its migration's dump")
+    };
+    assert!(resumed, "agent a: {log}");
     assert_eq!(get(s.port, "/").await.expect("count"), "5");
 }
 

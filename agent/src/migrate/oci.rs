@@ -19,11 +19,16 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use novacron_common::checkpoint::{BUNDLE_FORMAT, BundleMeta, CheckpointMode};
-use novacron_common::wire::{self, VmControl, VmMigrationProgress, VmSendEvent, VmSendRequest};
+use novacron_common::sync::lock;
+use novacron_common::wire::{
+    self, PagesRequest, VmControl, VmMigrationProgress, VmSendEvent, VmSendRequest,
+};
 use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -39,6 +44,13 @@ const COMPLETE: &str = ".complete";
 const META: &str = "bundle.json";
 /// The most bytes an incoming stream may unpack to.
 const INCOMING_LIMIT_BYTES: u64 = 64 << 30;
+/// The file that marks a post-copy dump (its pages come through the page
+/// channel).
+const POST_COPY: &str = ".post-copy";
+/// How long the target may take to fetch every page of a post-copy dump.
+const PAGES_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// The longest a page channel's end waits to be registered.
+const MAX_PAGES_WAIT: Duration = Duration::from_secs(10 * 60);
 
 /// A [`Write`] that cuts what is written into chunks on a channel (for a tar
 /// builder on a blocking thread); it fails once the receiver is gone.
@@ -106,9 +118,11 @@ impl CheckpointService {
 
     /// The source's side of a runc container's live migration (see the
     /// module): `Ok` once the controller said how it ends.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn send_oci(
         &self,
         r: &VmSendRequest,
+        post_copy: bool,
         id: String,
         volumes: Vec<String>,
         image: String,
@@ -123,6 +137,11 @@ impl CheckpointService {
                 return Err(why);
             }
         };
+        if post_copy && !oci.capability().lazy_pages {
+            let why = format!("node {} cannot serve lazy pages (post-copy)", self.node);
+            let _ = wire::write_frame(send, &VmSendEvent::Failed(why.clone())).await;
+            return Err(why);
+        }
         // The mounts come from the sandbox, which the dump stops.
         let mounts = match oci.mounts(&id).await {
             Ok(m) => m,
@@ -142,40 +161,24 @@ impl CheckpointService {
             info!(%alloc, "migration given up before it began");
             return Ok(());
         }
+        let staging = Staging {
+            alloc: alloc.clone(),
+            image,
+            volumes,
+            mounts,
+        };
+        if post_copy {
+            return self
+                .send_oci_post_copy(&oci, &id, staging, send, recv)
+                .await;
+        }
         let started = Instant::now();
         let dir = oci.checkpoint_dir(&id);
         let _ = std::fs::remove_dir_all(&dir);
-        let dumped = oci.checkpoint(&id, &dir.join("criu"), false).await;
-        let staged = match dumped {
-            Ok(dump_ms) => {
-                let (upper, d, v) = (oci.upper_dir(&id), dir.clone(), volumes.clone());
-                let m = mounts.clone();
-                tokio::task::spawn_blocking(move || copy_files(&upper, &m, &v, &d))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                    .and_then(|(bytes, deleted)| {
-                        let meta = BundleMeta {
-                            format: BUNDLE_FORMAT,
-                            mode: CheckpointMode::Live,
-                            alloc: alloc.clone(),
-                            job: String::new(),
-                            image,
-                            criu_name: Some("runc".to_owned()),
-                            deleted,
-                            volumes,
-                            created_unix_ms: novacron_common::clock::unix_ms(
-                                std::time::SystemTime::now(),
-                            ),
-                            container: None,
-                            vm: false,
-                            runc: true,
-                        };
-                        let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
-                        std::fs::write(dir.join(META), json).map_err(|e| e.to_string())?;
-                        Ok((dump_ms, bytes))
-                    })
-            }
+        let staged = match oci.checkpoint(&id, &dir.join("criu"), false).await {
+            Ok(dump_ms) => stage(&dir, &oci.upper_dir(&id), staging, false)
+                .await
+                .map(|bytes| (dump_ms, bytes)),
             Err(e) => Err(e.to_string()),
         };
         let (dump_ms, staged_bytes) = match staged {
@@ -188,46 +191,7 @@ impl CheckpointService {
             }
         };
         info!(%alloc, container = %id, dump_ms, staged_bytes, "runc container dumped; streaming it");
-        // The directory goes out as one tar: a blocking writer cuts it into
-        // chunks; this task frames them. Each receiver is owned by its reader.
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-        let from = dir.clone();
-        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut tar = tar::Builder::new(ChunkWriter {
-                tx,
-                buf: Vec::with_capacity(CHUNK),
-            });
-            tar.follow_symlinks(false);
-            tar.append_dir_all(".", &from)?;
-            let mut w = tar.into_inner()?;
-            w.flush()
-        });
-        let mut sent: u64 = 0;
-        let mut frames: u64 = 0;
-        let mut broken = None;
-        while let Some(chunk) = rx.recv().await {
-            sent += chunk.len() as u64;
-            frames += 1;
-            if let Err(e) = wire::write_frame(send, &VmSendEvent::Data(chunk)).await {
-                broken = Some(e.to_string());
-                break;
-            }
-            if frames.is_multiple_of(16) {
-                let p = progress("active", sent, started, dump_ms);
-                if let Err(e) = wire::write_frame(send, &VmSendEvent::Progress(p)).await {
-                    broken = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        drop(rx);
-        let written = writer.await.map_err(|e| e.to_string());
-        let outcome = match (broken, written) {
-            (Some(why), _) => Err(format!("the controller's stream broke: {why}")),
-            (None, Ok(Ok(()))) => Ok(()),
-            (None, Ok(Err(e))) => Err(format!("writing the stream: {e}")),
-            (None, Err(why)) => Err(why),
-        };
+        let (sent, outcome) = stream_dir(send, &dir, started, dump_ms).await;
         let end = match &outcome {
             Ok(()) => VmSendEvent::Done(progress("completed", sent, started, dump_ms)),
             Err(why) => VmSendEvent::Failed(why.clone()),
@@ -259,6 +223,255 @@ impl CheckpointService {
                 outcome
             }
         }
+    }
+
+    /// [`Self::send_oci`] in post-copy: the dump leaves the pages in CRIU's
+    /// page server (loopback), everything else goes out as in stop-copy, then
+    /// `Images`; the page channel ([`Self::serve_pages`]) carries the pages
+    /// while `Progress` reports them, and `Done` follows once the last one
+    /// was fetched (the container has then left this node). A failure before
+    /// that resumes the container here.
+    async fn send_oci_post_copy(
+        &self,
+        oci: &Arc<OciDriver>,
+        id: &str,
+        staging: Staging,
+        send: &mut SendStream,
+        recv: RecvStream,
+    ) -> Result<(), String> {
+        let alloc = staging.alloc.clone();
+        let started = Instant::now();
+        let dir = oci.checkpoint_dir(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = match free_port() {
+            Ok(p) => p,
+            Err(why) => return fail(send, why).await,
+        };
+        let dump = match oci.checkpoint_lazy(id, &dir.join("criu"), port).await {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return fail(send, format!("dumping allocation {alloc}: {e}")).await;
+            }
+        };
+        let dump_ms = dump.dump_ms;
+        // The frozen container needs no ports: the target takes them (on the
+        // same host, too).
+        if let Err(e) = oci.release_sandbox(id).await {
+            warn!(%alloc, error = %e, "cannot stop the source's sandbox");
+        }
+        let (sent, outcome) = match stage(&dir, &oci.upper_dir(id), staging, true).await {
+            Ok(_) => stream_dir(send, &dir, started, dump_ms).await,
+            Err(why) => (0, Err(why)),
+        };
+        let key = (alloc.clone(), true);
+        let pages = Arc::new(AtomicU64::new(0));
+        let images = progress("postcopy", sent, started, dump_ms);
+        let told = match outcome {
+            Ok(()) => {
+                lock(&self.page_ends).insert(
+                    key.clone(),
+                    PageEnd::Server {
+                        port,
+                        sent: pages.clone(),
+                    },
+                );
+                wire::write_frame(send, &VmSendEvent::Images(images))
+                    .await
+                    .map_err(|e| format!("the controller's stream broke: {e}"))
+            }
+            Err(why) => Err(why),
+        };
+        if let Err(why) = told {
+            lock(&self.page_ends).remove(&key);
+            oci.abort_lazy(id, dump).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let out = fail(send, format!("migrating allocation {alloc} out: {why}")).await;
+            self.recover_post_copy_source(oci, id, &dir).await;
+            return out;
+        }
+        info!(%alloc, container = %id, dump_ms, sent, "post-copy: images sent; CRIU serves the pages");
+        // The controller's word, read once and for all on its own task: an
+        // abort (or a broken stream) while the pages go ends the dump.
+        let mut word = tokio::spawn(async move {
+            let mut recv = recv;
+            let mut scratch = Vec::new();
+            control(&mut scratch, &mut recv).await
+        });
+        let mut heard: Option<Option<VmControl>> = None;
+        let group = dump.process_group();
+        let finish = oci.finish_lazy(id, dump, PAGES_LIMIT);
+        tokio::pin!(finish);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let transferred = |pages: &AtomicU64| sent + pages.load(Ordering::Relaxed);
+        let result = loop {
+            tokio::select! {
+                r = &mut finish => break r,
+                _ = tick.tick() => {
+                    let mut p = progress("postcopy-active", transferred(&pages), started, dump_ms);
+                    p.total = p.transferred;
+                    if wire::write_frame(send, &VmSendEvent::Progress(p)).await.is_err() {
+                        warn!(%alloc, "the controller's stream broke during the page transfer; giving the dump up");
+                        kill_group(group);
+                    }
+                }
+                w = &mut word, if heard.is_none() => {
+                    let w = w.ok().flatten();
+                    if w != Some(VmControl::Commit) {
+                        warn!(%alloc, word = ?w, "the controller gave the migration up during the page transfer");
+                        kill_group(group);
+                    }
+                    heard = Some(w);
+                }
+            }
+        };
+        lock(&self.page_ends).remove(&key);
+        // A post-copy dump holds no pages: it can never be restored here.
+        let _ = std::fs::remove_dir_all(&dir);
+        let total = transferred(&pages);
+        match result {
+            Ok(()) => {
+                let mut done = progress("completed", total, started, dump_ms);
+                done.total = total;
+                let _ = wire::write_frame(send, &VmSendEvent::Done(done)).await;
+                let w = match heard {
+                    Some(w) => w,
+                    None => word.await.ok().flatten(),
+                };
+                match w {
+                    Some(VmControl::Commit) => {
+                        info!(%alloc, total, "post-copy migration committed; the container left this node")
+                    }
+                    other => {
+                        warn!(%alloc, word = ?other, "every page went to the target, so the container lives only there now")
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                oci.thaw(id).await;
+                let why = format!("the page transfer failed: {e}");
+                let _ = wire::write_frame(send, &VmSendEvent::Failed(why.clone())).await;
+                self.recover_post_copy_source(oci, id, &dir).await;
+                Err(why)
+            }
+        }
+    }
+
+    /// Brings a post-copy source whose migration failed back into service.
+    /// CRIU thawed it, but in the network namespace of its stopped sandbox:
+    /// a local dump and restore move it, memory and all, into a new sandbox
+    /// (as a stop-copy rollback does). A container that did not survive
+    /// starts afresh.
+    async fn recover_post_copy_source(&self, oci: &Arc<OciDriver>, id: &str, dir: &Path) {
+        let _ = std::fs::remove_dir_all(dir);
+        if oci.is_running(id).await {
+            if let Err(e) = oci.checkpoint(id, &dir.join("criu"), false).await {
+                warn!(container = %id, error = %e, "cannot dump the thawed source again; it starts afresh");
+                let _ = oci.stop(id, Duration::ZERO).await;
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        } else {
+            warn!(container = %id, "the container did not survive the failed transfer here; it starts afresh");
+        }
+        self.resume_oci(oci, id).await;
+    }
+
+    /// One end of a post-copy page channel (see
+    /// [`VmMigrateRequest::Pages`](novacron_common::wire::VmMigrateRequest::Pages)):
+    /// waits for this node's end to be registered, then relays the stream to
+    /// and from CRIU, raw, until either side closes.
+    pub(super) async fn serve_pages(
+        &self,
+        r: &PagesRequest,
+        send: &mut SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), String> {
+        let key = (r.alloc_id.clone(), r.source);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(r.wait_ms).min(MAX_PAGES_WAIT);
+        let end = loop {
+            if let Some(end) = lock(&self.page_ends).remove(&key) {
+                break end;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "allocation {} has no post-copy {} on node {}",
+                    r.alloc_id,
+                    if r.source { "page server" } else { "restore" },
+                    self.node
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (tcp, counter, mut done) = match end {
+            PageEnd::Server { port, sent } => (
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .map_err(|e| format!("CRIU's page server on port {port}: {e}"))?,
+                Some(sent),
+                None,
+            ),
+            PageEnd::Client { listener, done } => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let (tcp, _) =
+                    tokio::time::timeout(left.max(Duration::from_secs(5)), listener.accept())
+                        .await
+                        .map_err(|_| "criu lazy-pages never connected".to_owned())?
+                        .map_err(|e| format!("accepting criu lazy-pages: {e}"))?;
+                (tcp, None, Some(done))
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (mut from_criu, mut to_criu) = tcp.into_split();
+        // CRIU's page server takes the end of its connection for a finished
+        // transfer (it then removes the container), so an end reaches it only
+        // when the daemon got every page: the target finishes its stream
+        // then, and resets it otherwise; the source passes on a clean end
+        // alone and leaves a reset connection open until the dump is given
+        // up (CRIU killed, the container thawed).
+        let inward = async {
+            let r = tokio::io::copy(&mut recv, &mut to_criu).await;
+            if r.is_ok() {
+                let _ = to_criu.shutdown().await;
+            }
+            r
+        };
+        let outward = async {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total: u64 = 0;
+            loop {
+                let n = from_criu.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                send.write_all(&buf[..n]).await?;
+                total += n as u64;
+                if let Some(c) = &counter {
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            // The daemon closed: did every page arrive?
+            let arrived = match done.as_mut() {
+                None => true,
+                Some(done) => {
+                    tokio::time::timeout(Duration::from_secs(60), done.wait_for(Option::is_some))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok().and_then(|d| *d))
+                        .unwrap_or(false)
+                }
+            };
+            if arrived {
+                let _ = send.finish();
+            } else {
+                let _ = send.reset(quinn::VarInt::from_u32(1));
+            }
+            Ok::<u64, std::io::Error>(total)
+        };
+        let (inward, outward) = tokio::join!(inward, outward);
+        info!(alloc = %r.alloc_id, source = r.source, received = ?inward.as_ref().ok(), sent = ?outward.as_ref().ok(), "page channel closed");
+        Ok(())
     }
 
     /// Starts a source container again from its own dump after a failed or
@@ -387,12 +600,200 @@ impl CheckpointService {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let applied_ms = started.elapsed().as_millis();
+        if dir.join(POST_COPY).exists() {
+            return self.restore_post_copy(&oci, alloc, id, &dir, started).await;
+        }
         oci.restore(id, &dir.join("criu"))
             .await
             .map_err(|e| e.to_string())?;
         let _ = std::fs::remove_dir_all(&dir);
         info!(%alloc, container = %id, applied_ms, total_ms = started.elapsed().as_millis(), "runc container restored from its stream");
         Ok(())
+    }
+
+    /// The target's post-copy restore: its end of the page channel (a
+    /// loopback listener for `criu lazy-pages`) is registered, the container
+    /// restored at once, and a watcher waits for the last page: a transfer
+    /// that fails stops the container (its memory would be incomplete).
+    async fn restore_post_copy(
+        &self,
+        oci: &Arc<OciDriver>,
+        alloc: &str,
+        id: &str,
+        dir: &Path,
+        started: Instant,
+    ) -> Result<(), String> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(|e| format!("no loopback port for the page channel: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let key = (alloc.to_owned(), false);
+        let (done_tx, done) = tokio::sync::watch::channel(None);
+        lock(&self.page_ends).insert(key.clone(), PageEnd::Client { listener, done });
+        let restored = oci.restore_lazy(id, &dir.join("criu"), port).await;
+        let mut daemon = match restored {
+            Ok(d) => d,
+            Err(e) => {
+                lock(&self.page_ends).remove(&key);
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e.to_string());
+            }
+        };
+        info!(%alloc, container = %id, restore_ms = started.elapsed().as_millis(), "runc container restored (post-copy); its pages follow");
+        let (oci, id, dir, alloc) = (
+            oci.clone(),
+            id.to_owned(),
+            dir.to_path_buf(),
+            alloc.to_owned(),
+        );
+        tokio::spawn(async move {
+            let waited = tokio::time::timeout(PAGES_LIMIT, daemon.wait()).await;
+            let arrived = matches!(&waited, Ok(Ok(status)) if status.success());
+            let _ = done_tx.send(Some(arrived));
+            match waited {
+                Ok(Ok(status)) if status.success() => {
+                    info!(%alloc, container = %id, total_ms = started.elapsed().as_millis(), "post-copy: every page arrived");
+                }
+                other => {
+                    warn!(%alloc, container = %id, outcome = ?other, "post-copy: the pages did not all arrive; stopping the container, whose memory is incomplete");
+                    let _ = daemon.start_kill();
+                    if let Err(e) = oci.stop(&id, Duration::ZERO).await {
+                        warn!(container = %id, error = %e, "cannot stop the container");
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+        Ok(())
+    }
+}
+
+/// What the source stages beside its dump.
+struct Staging {
+    alloc: String,
+    image: String,
+    volumes: Vec<String>,
+    mounts: Vec<(String, PathBuf)>,
+}
+
+/// Stages the writable layer and the volumes beside the dump in `dir`, with
+/// the stream's record (and, for post-copy, its mark); `Ok` is the bytes
+/// staged.
+async fn stage(dir: &Path, upper: &Path, s: Staging, post_copy: bool) -> Result<u64, String> {
+    let (dir, upper) = (dir.to_path_buf(), upper.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let (bytes, deleted) =
+            copy_files(&upper, &s.mounts, &s.volumes, &dir).map_err(|e| e.to_string())?;
+        let meta = BundleMeta {
+            format: BUNDLE_FORMAT,
+            mode: CheckpointMode::Live,
+            alloc: s.alloc,
+            job: String::new(),
+            image: s.image,
+            criu_name: Some("runc".to_owned()),
+            deleted,
+            volumes: s.volumes,
+            created_unix_ms: novacron_common::clock::unix_ms(std::time::SystemTime::now()),
+            container: None,
+            vm: false,
+            runc: true,
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(META), json).map_err(|e| e.to_string())?;
+        if post_copy {
+            std::fs::write(dir.join(POST_COPY), b"").map_err(|e| e.to_string())?;
+        }
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Sends directory `dir` as one tar in `Data` frames (with `Progress` now and
+/// then): the bytes sent, and whether all went.
+async fn stream_dir(
+    send: &mut SendStream,
+    dir: &Path,
+    started: Instant,
+    dump_ms: u64,
+) -> (u64, Result<(), String>) {
+    // A blocking writer cuts the tar into chunks; this task frames them. Each
+    // receiver is owned by its reader.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let from = dir.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut tar = tar::Builder::new(ChunkWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+        });
+        tar.follow_symlinks(false);
+        tar.append_dir_all(".", &from)?;
+        let mut w = tar.into_inner()?;
+        w.flush()
+    });
+    let mut sent: u64 = 0;
+    let mut frames: u64 = 0;
+    let mut broken = None;
+    while let Some(chunk) = rx.recv().await {
+        sent += chunk.len() as u64;
+        frames += 1;
+        if let Err(e) = wire::write_frame(send, &VmSendEvent::Data(chunk)).await {
+            broken = Some(e.to_string());
+            break;
+        }
+        if frames.is_multiple_of(16) {
+            let p = progress("active", sent, started, dump_ms);
+            if let Err(e) = wire::write_frame(send, &VmSendEvent::Progress(p)).await {
+                broken = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let written = writer.await.map_err(|e| e.to_string());
+    let outcome = match (broken, written) {
+        (Some(why), _) => Err(format!("the controller's stream broke: {why}")),
+        (None, Ok(Ok(()))) => Ok(()),
+        (None, Ok(Err(e))) => Err(format!("writing the stream: {e}")),
+        (None, Err(why)) => Err(why),
+    };
+    (sent, outcome)
+}
+
+/// One end of a post-copy page channel, registered until the controller's
+/// [`PagesRequest`] stream takes it.
+#[derive(Debug)]
+pub(super) enum PageEnd {
+    /// The source's CRIU page server (loopback), and the bytes of pages sent
+    /// through the channel so far.
+    Server { port: u16, sent: Arc<AtomicU64> },
+    /// The target's listener, which its `criu lazy-pages` connects to, and
+    /// the daemon's outcome once it ended (every page arrived, or not).
+    Client {
+        listener: tokio::net::TcpListener,
+        done: tokio::sync::watch::Receiver<Option<bool>>,
+    },
+}
+
+/// Tells the controller the migration failed (and why).
+async fn fail(send: &mut SendStream, why: String) -> Result<(), String> {
+    let _ = wire::write_frame(send, &VmSendEvent::Failed(why.clone())).await;
+    Err(why)
+}
+
+/// A loopback port free now (for CRIU's page server, which takes a number).
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free loopback port for the page server: {e}"))
+}
+
+/// Kills a post-copy dump's runc and CRIU: the transfer then fails and the
+/// container is thawed.
+fn kill_group(group: Option<u32>) {
+    if let Some(pid) = group.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 

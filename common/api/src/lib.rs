@@ -36,7 +36,7 @@ pub use metrics::{
     HistoryFile, HistoryFileRange, HistoryStats, MetricsQuery, MetricsQueryResult, SeriesAgg,
     SeriesPoints, StepFn,
 };
-pub use migrations::{DrainPlan, MigrationStatus, Phase};
+pub use migrations::{CopyMode, DrainPlan, MigrationStatus, Phase};
 pub use policies::{DecisionView, PolicyApplyResult, PolicyView};
 pub use pools::{PoolNodeStatus, PoolStatus};
 pub use secrets::{JobRoll, SecretSetRequest, SecretSetResult, SecretUser, SecretView};

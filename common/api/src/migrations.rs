@@ -21,6 +21,52 @@ pub enum Phase {
     RolledBack,
 }
 
+/// How a live migration between two runc nodes moves the container's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// Freeze, dump everything except the memory pages, restore on the target
+    /// at once; the target fetches the pages from the source on demand and in
+    /// the background (CRIU's lazy pages). The pause no longer grows with the
+    /// memory, but a source lost before the last page arrived loses the
+    /// workload (its last checkpoint remains).
+    PostCopy,
+    /// Freeze, dump everything, send it, restore: a longer pause, and the
+    /// source keeps the whole state until the target runs.
+    StopCopy,
+}
+
+impl CopyMode {
+    /// The word the API and the CLI use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::PostCopy => "post-copy",
+            CopyMode::StopCopy => "stop-copy",
+        }
+    }
+}
+
+impl std::fmt::Display for CopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "post-copy" => Ok(CopyMode::PostCopy),
+            "stop-copy" => Ok(CopyMode::StopCopy),
+            other => Err(format!(
+                "unknown copy mode {other:?}; expected post-copy or stop-copy"
+            )),
+        }
+    }
+}
+
 /// One migration, as `GET /v1/migrations/{id}` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -62,6 +108,10 @@ pub struct MigrationStatus {
     /// target loaded it and must pass its check.
     #[serde(default)]
     pub vm: Option<novacron_common::wire::VmMigrationProgress>,
+    /// How a runc container's live migration moves its memory (chosen when it
+    /// starts); absent for other migrations.
+    #[serde(default)]
+    pub copy: Option<CopyMode>,
 }
 
 /// The answer of `POST /v1/nodes/{name}/drain`.

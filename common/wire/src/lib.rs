@@ -775,8 +775,9 @@ pub struct OciCapability {
     pub runc_version: String,
     /// CRIU's version (`4.2.1`).
     pub criu_version: String,
-    /// Whether the kernel supports CRIU's lazy pages (`criu check --feature
-    /// uffd-noncoop`): post-copy migration.
+    /// Whether post-copy migration runs here: the kernel supports CRIU's lazy
+    /// pages (`criu check --feature uffd-noncoop`) and pipes may hold CRIU's
+    /// 4 MiB of pages (`fs.pipe-max-size`, which the agent raises at start).
     pub lazy_pages: bool,
     /// Whether the kernel tracks dirty memory (`criu check --feature
     /// mem_dirty_track`): pre-copy rounds.
@@ -1505,6 +1506,33 @@ pub enum VmMigrateRequest {
     Send(VmSendRequest),
     /// The target's side.
     Receive(VmReceiveRequest),
+    /// The source's side of a runc container's post-copy migration: as
+    /// `Send`, but the dump leaves the memory pages behind in a CRIU page
+    /// server; the frames end with [`VmSendEvent::Images`] (everything but the
+    /// pages was sent: the target can restore), then `Progress` while the
+    /// target fetches the pages, then `Done` once all arrived (the source is
+    /// gone) or `Failed` (CRIU resumed the source). Appended within protocol
+    /// 3; sent only to nodes whose [`OciCapability::lazy_pages`] is set.
+    PostCopy(VmSendRequest),
+    /// One end of a post-copy migration's page channel, opened by the
+    /// controller to both agents and relayed between them: after this frame
+    /// the stream carries CRIU's page-server protocol, raw, both ways (the
+    /// source's end connects to its page server on loopback; the target's
+    /// end is the connection of its `criu lazy-pages` daemon).
+    Pages(PagesRequest),
+}
+
+/// [`VmMigrateRequest::Pages`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct PagesRequest {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub protocol_version: u16,
+    /// The allocation.
+    pub alloc_id: String,
+    /// The source's end (its page server) rather than the target's.
+    pub source: bool,
+    /// How long to wait for this end to be ready, milliseconds.
+    pub wait_ms: u64,
 }
 
 /// [`VmMigrateRequest::Send`].
@@ -1591,6 +1619,11 @@ pub enum VmSendEvent {
     Done(VmMigrationProgress),
     /// It failed; the source runs on.
     Failed(String),
+    /// Post-copy only: everything but the memory pages was sent (the
+    /// container is frozen on the source, its pages wait in the page
+    /// server); the controller ends the target's stream and opens the page
+    /// channel ([`VmMigrateRequest::Pages`]). Appended within protocol 3.
+    Images(VmMigrationProgress),
 }
 
 /// A frame from the target of a VM's migration.

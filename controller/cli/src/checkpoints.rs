@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::CliError;
 use super::client::ApiClient;
 use super::output::{self, OutputError, OutputFormat, TableRow};
-use novacron_api::{DrainPlan, MigrationStatus, Phase};
+use novacron_api::{CopyMode, DrainPlan, MigrationStatus, Phase};
 
 /// `novacron checkpoint ...`.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
@@ -36,6 +36,8 @@ struct ModeBody<'a> {
     to: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_downtime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    copy: Option<CopyMode>,
 }
 
 /// `novacron alloc checkpoint ID [--mode M]`.
@@ -55,6 +57,7 @@ pub async fn checkpoint(
                 mode,
                 to: None,
                 max_downtime_ms: None,
+                copy: None,
             },
             CHECKPOINT_WAIT,
         )
@@ -132,6 +135,7 @@ pub async fn migrate(
     id: &str,
     to: Option<&str>,
     mode: Option<CheckpointMode>,
+    copy: Option<CopyMode>,
     max_downtime: Option<Duration>,
     format: OutputFormat,
     out: &mut dyn Write,
@@ -143,6 +147,7 @@ pub async fn migrate(
                 mode,
                 to,
                 max_downtime_ms: max_downtime.map(|d| d.as_millis() as u64),
+                copy,
             },
         )
         .await?;
@@ -179,6 +184,16 @@ async fn follow(
             bar.set_length(s.bytes_total);
             bar.set_position(s.bytes_done);
             bar.set_message(match &s.vm {
+                Some(_) if s.copy == Some(CopyMode::PostCopy) && s.phase == Phase::Restoring => {
+                    "post-copy: pages".to_owned()
+                }
+                Some(_) if s.copy.is_some() => {
+                    format!(
+                        "{}: {}",
+                        s.copy.map_or("", |c| c.as_str()),
+                        phase_name(s.phase)
+                    )
+                }
                 Some(vm) if s.phase == Phase::Transferring => vm_progress(vm),
                 _ => phase_name(s.phase).to_owned(),
             });
@@ -209,6 +224,17 @@ fn vm_progress(vm: &novacron_common::wire::VmMigrationProgress) -> String {
 
 fn finish(s: &MigrationStatus, format: OutputFormat, out: &mut dyn Write) -> Result<(), CliError> {
     output::write_one(out, format, s, || match (s.phase, &s.vm) {
+        (Phase::Completed, Some(vm)) if s.copy.is_some() => format!(
+            "{} migrated {} from {} to {} live under runc ({}: {} sent over {} ms; dump {} ms)\n",
+            s.id,
+            s.alloc,
+            s.from,
+            s.to,
+            s.copy.map_or("", |c| c.as_str()),
+            output::bytes(vm.transferred),
+            vm.elapsed_ms,
+            s.downtime_ms.unwrap_or(0),
+        ),
         (Phase::Completed, Some(vm)) => format!(
             "{} migrated virtual machine {} from {} to {} live ({} of memory in {} rounds over {} ms; guest paused {} ms{})\n",
             s.id,
@@ -290,6 +316,7 @@ pub async fn drain(
                     mode: None,
                     to: None,
                     max_downtime_ms: None,
+                    copy: None,
                 },
             )
             .await;

@@ -130,14 +130,36 @@ pub enum AllocCommand {
         /// The target node (default: the scheduler's choice).
         #[arg(long)]
         to: Option<String>,
-        /// live, fs or auto (default: the job's policy, else auto).
-        #[arg(long)]
-        mode: Option<novacron_common::checkpoint::CheckpointMode>,
+        /// live, fs or auto (default: the job's policy, else auto); between
+        /// two runc nodes also post-copy (live; the default where both
+        /// support lazy pages: the container resumes on the target at once
+        /// and fetches its memory from the source) or stop-copy (live; all
+        /// memory is copied during the pause).
+        #[arg(long, value_parser = parse_migrate_mode)]
+        mode: Option<MigrateMode>,
         /// A virtual machine's longest planned pause (QEMU's downtime-limit,
         /// e.g. 100ms, 2s; default 300ms).
         #[arg(long, value_name = "DURATION", value_parser = parse_downtime)]
         max_downtime: Option<Duration>,
     },
+}
+
+/// `alloc migrate --mode`: a checkpoint mode, or a live copy mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateMode {
+    /// live, fs or auto.
+    Checkpoint(novacron_common::checkpoint::CheckpointMode),
+    /// post-copy or stop-copy (live, between runc nodes).
+    Copy(novacron_api::CopyMode),
+}
+
+fn parse_migrate_mode(s: &str) -> Result<MigrateMode, String> {
+    if let Ok(c) = s.parse::<novacron_api::CopyMode>() {
+        return Ok(MigrateMode::Copy(c));
+    }
+    s.parse::<novacron_common::checkpoint::CheckpointMode>()
+        .map(MigrateMode::Checkpoint)
+        .map_err(|_| format!("{s:?}: expected live, fs, auto, post-copy or stop-copy"))
 }
 
 fn parse_downtime(s: &str) -> Result<Duration, String> {
@@ -719,11 +741,17 @@ pub async fn run_alloc(
             mode,
             max_downtime,
         } => {
+            let (mode, copy) = match *mode {
+                None => (None, None),
+                Some(MigrateMode::Checkpoint(m)) => (Some(m), None),
+                Some(MigrateMode::Copy(c)) => (None, Some(c)),
+            };
             return super::checkpoints::migrate(
                 client,
                 id,
                 to.as_deref(),
-                *mode,
+                mode,
+                copy,
                 *max_downtime,
                 format,
                 out,

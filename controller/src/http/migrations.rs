@@ -111,6 +111,12 @@ pub struct MigrateBody {
     /// ms, from 10 to 60000 (default 300). Only for VMs.
     #[schema(minimum = 10, maximum = 60000)]
     pub max_downtime_ms: Option<u64>,
+    /// How a live migration between two runc nodes moves memory:
+    /// `post-copy` (default where both nodes support lazy pages: the
+    /// container resumes on the target at once and fetches its pages from
+    /// the source) or `stop-copy` (everything is copied during the pause).
+    /// Only for containers on runc nodes.
+    pub copy: Option<novacron_api::CopyMode>,
 }
 
 #[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, busy, or no node can take it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
@@ -135,6 +141,7 @@ async fn migrate_alloc(
             body.to.as_deref(),
             body.mode,
             body.max_downtime_ms.map(std::time::Duration::from_millis),
+            body.copy,
             &caller.0.to_string(),
         )
         .map(|s| (StatusCode::ACCEPTED, Json(s)))

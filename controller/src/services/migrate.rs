@@ -29,8 +29,8 @@ use novacron_common::sync::lock;
 use novacron_common::ticker::Ticker;
 use novacron_common::transfer;
 use novacron_common::wire::{
-    self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, ReleaseReply, ReleaseRequest,
-    RestoreFrom, VmMigrationProgress,
+    self, AllocState, BiRequest, CheckpointReply, CheckpointRequest, OciCapability, ReleaseReply,
+    ReleaseRequest, RestoreFrom, VmMigrationProgress,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -44,7 +44,7 @@ use crate::services::workloads::{CheckpointIndex, MoveReport, Workloads};
 use crate::state::bundles::{BundleStore, Have};
 use crate::state::registry::Registry;
 use crate::state::store::AllocRecord;
-pub use novacron_api::{MigrationStatus, Phase};
+pub use novacron_api::{CopyMode, MigrationStatus, Phase};
 
 mod vm;
 use novacron_common::clock::unix_ms;
@@ -262,22 +262,41 @@ impl Migrations {
         mode: Option<CheckpointMode>,
         by: &str,
     ) -> Result<MigrationStatus, MigrateError> {
-        self.start_migration_with(alloc, to, mode, None, by)
+        self.start_migration_with(alloc, to, mode, None, None, by)
     }
 
     /// [`Migrations::start_migration`] with a VM's longest planned pause
-    /// (`max_downtime`; refused for a container, whose migration stops it).
+    /// (`max_downtime`; refused for a container, whose migration stops it)
+    /// and a runc container's copy mode (`copy`: post-copy or stop-copy;
+    /// default [`plan_copy`]'s choice; refused elsewhere).
     pub fn start_migration_with(
         self: &Arc<Self>,
         alloc: &str,
         to: Option<&str>,
         mode: Option<CheckpointMode>,
         max_downtime: Option<Duration>,
+        copy: Option<CopyMode>,
         by: &str,
     ) -> Result<MigrationStatus, MigrateError> {
         let asked = mode;
+        if copy.is_some() && mode == Some(CheckpointMode::Fs) {
+            return Err(MigrateError::Invalid(format!(
+                "a copy mode ({}) is for live migrations; --mode fs copies files only",
+                copy.map_or("", CopyMode::as_str)
+            )));
+        }
+        let mode = if copy.is_some() {
+            Some(CheckpointMode::Live)
+        } else {
+            mode
+        };
         let (record, mode, _) = self.running(alloc, mode, "migrate")?;
         if self.workloads.is_vm(alloc) {
+            if let Some(c) = copy {
+                return Err(MigrateError::Invalid(format!(
+                    "allocation {alloc} is a virtual machine: it migrates with QEMU's pre-copy, so {c} does not apply"
+                )));
+            }
             return self.start_vm_migration(record, to, asked, max_downtime, by);
         }
         if max_downtime.is_some() {
@@ -330,12 +349,36 @@ impl Migrations {
             && self.runs_runc(&record.node)
             && self.link.protocol_version(&record.node) >= wire::VM_MIGRATE_SINCE
             && self.link.protocol_version(&target) >= wire::VM_MIGRATE_SINCE;
+        let copy = if streamed {
+            let caps = |n: &str| {
+                self.registry
+                    .view(n, Instant::now())
+                    .and_then(|v| v.capabilities.oci)
+            };
+            match plan_copy(copy, caps(&record.node).as_ref(), caps(&target).as_ref()) {
+                Ok(c) => Some(c),
+                Err(why) => {
+                    return Err(MigrateError::Invalid(format!(
+                        "cannot migrate {alloc} from {} to {target}: {why}",
+                        record.node
+                    )));
+                }
+            }
+        } else if let Some(c) = copy {
+            return Err(MigrateError::Invalid(format!(
+                "{c} applies to a live migration between two nodes that run containers under runc; {} and {target} do not both",
+                record.node
+            )));
+        } else {
+            None
+        };
         let planned = streamed.then(|| VmMigrationProgress {
             status: "none".to_owned(),
             ..Default::default()
         });
         let mode = if streamed { CheckpointMode::Live } else { mode };
-        Ok(self.launch(busy, &record, target, mode, by, planned))
+        let status = self.launch(busy, &record, target, mode, by, planned, copy);
+        Ok(status)
     }
 
     /// Records migration of `record` to `target` as started and runs it in the
@@ -349,6 +392,7 @@ impl Migrations {
         mode: CheckpointMode,
         by: &str,
         vm: Option<VmMigrationProgress>,
+        copy: Option<CopyMode>,
     ) -> MigrationStatus {
         let alloc = record.id.as_str();
         let status = {
@@ -371,6 +415,7 @@ impl Migrations {
                 downtime_ms: None,
                 error: None,
                 vm: vm.clone(),
+                copy,
             };
             st.migrations.insert(id, status.clone());
             while st.migrations.len() > KEEP_MIGRATIONS {
@@ -383,8 +428,10 @@ impl Migrations {
                 kind::MIGRATION_STARTED,
                 by,
                 format!(
-                    "{}: migrating {alloc} from {} to {target} ({mode})",
-                    status.id, record.node
+                    "{}: migrating {alloc} from {} to {target} ({mode}{})",
+                    status.id,
+                    record.node,
+                    copy.map(|c| format!(", {c}")).unwrap_or_default()
                 ),
             )
             .node(&record.node)
@@ -1037,6 +1084,29 @@ enum Step {
     ClearRestore,
 }
 
+/// How a live migration between two runc nodes moves memory (pure): the
+/// copy mode asked for when both ends can run it, else post-copy when both
+/// support lazy pages, else stop-copy. Pre-copy rounds (CRIU's `pre-dump`
+/// with dirty-memory tracking) are not offered yet, so a node's
+/// `dirty_tracking` does not change the choice.
+pub fn plan_copy(
+    asked: Option<CopyMode>,
+    source: Option<&OciCapability>,
+    target: Option<&OciCapability>,
+) -> Result<CopyMode, String> {
+    let lazy = |c: Option<&OciCapability>| c.is_some_and(|c| c.lazy_pages);
+    match asked {
+        Some(CopyMode::StopCopy) => Ok(CopyMode::StopCopy),
+        Some(CopyMode::PostCopy) => match (lazy(source), lazy(target)) {
+            (true, true) => Ok(CopyMode::PostCopy),
+            (false, _) => Err("post-copy needs lazy pages (userfaultfd) on the source, which it does not report; use --mode stop-copy".to_owned()),
+            (true, false) => Err("post-copy needs lazy pages (userfaultfd) on the target, which it does not report; use --mode stop-copy".to_owned()),
+        },
+        None if lazy(source) && lazy(target) => Ok(CopyMode::PostCopy),
+        None => Ok(CopyMode::StopCopy),
+    }
+}
+
 /// The switch-over once the allocation runs on its target: the source removes
 /// its stopped container, and the restore mark goes.
 fn switch_over_plan(from: &str) -> Vec<Step> {
@@ -1216,6 +1286,55 @@ pub async fn serve_agent_streams(
 
 #[cfg(test)]
 mod tests {
+    fn oci(lazy: bool, dirty: bool) -> OciCapability {
+        OciCapability {
+            runc_version: "1.1.5".to_owned(),
+            criu_version: "4.2.1".to_owned(),
+            lazy_pages: lazy,
+            dirty_tracking: dirty,
+        }
+    }
+
+    #[test]
+    fn post_copy_is_the_default_only_where_both_ends_have_lazy_pages() {
+        let (yes, no) = (oci(true, false), oci(false, true));
+        assert_eq!(
+            plan_copy(None, Some(&yes), Some(&yes)),
+            Ok(CopyMode::PostCopy)
+        );
+        assert_eq!(
+            plan_copy(None, Some(&yes), Some(&no)),
+            Ok(CopyMode::StopCopy)
+        );
+        assert_eq!(
+            plan_copy(None, Some(&no), Some(&yes)),
+            Ok(CopyMode::StopCopy)
+        );
+        assert_eq!(plan_copy(None, None, Some(&yes)), Ok(CopyMode::StopCopy));
+        // Dirty tracking alone chooses nothing (pre-copy is not offered).
+        assert_eq!(
+            plan_copy(None, Some(&oci(false, true)), Some(&oci(false, true))),
+            Ok(CopyMode::StopCopy)
+        );
+    }
+
+    #[test]
+    fn an_asked_copy_mode_is_kept_or_refused_with_the_end_that_lacks_it() {
+        let (yes, no) = (oci(true, false), oci(false, false));
+        assert_eq!(
+            plan_copy(Some(CopyMode::StopCopy), Some(&yes), Some(&yes)),
+            Ok(CopyMode::StopCopy)
+        );
+        assert_eq!(
+            plan_copy(Some(CopyMode::PostCopy), Some(&yes), Some(&yes)),
+            Ok(CopyMode::PostCopy)
+        );
+        let e = plan_copy(Some(CopyMode::PostCopy), Some(&yes), Some(&no)).unwrap_err();
+        assert!(e.contains("on the target"), "{e}");
+        let e = plan_copy(Some(CopyMode::PostCopy), Some(&no), Some(&yes)).unwrap_err();
+        assert!(e.contains("on the source"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -113,6 +113,67 @@ struct Exit {
     error: String,
 }
 
+/// A post-copy dump in progress ([`OciDriver::checkpoint_lazy`]): runc and
+/// CRIU, whose page server serves the container's pages.
+#[derive(Debug)]
+pub struct LazyDump {
+    child: Option<tokio::process::Child>,
+    /// runc's process group (runc and CRIU).
+    pgid: Option<u32>,
+    /// How long the freeze and the dump of everything but the pages took, ms.
+    pub dump_ms: u64,
+    work: PathBuf,
+}
+
+/// The bytes CRIU's page server puts in one pipe (`PIPE_MAX_SIZE`, 1024
+/// pages): without `CAP_SYS_RESOURCE`, a smaller `fs.pipe-max-size` makes it
+/// fail every page request (its `splice` then reports EBADF), so the agent
+/// raises the limit to this at start where it is lower.
+pub const LAZY_PIPE_BYTES: u64 = 4 << 20;
+const PIPE_MAX_SIZE: &str = "/proc/sys/fs/pipe-max-size";
+
+impl LazyDump {
+    /// runc's process group (runc and CRIU), to kill them together.
+    pub fn process_group(&self) -> Option<u32> {
+        self.pgid
+    }
+}
+
+/// Whether CRIU's page server can fill its pipes here, raising
+/// `fs.pipe-max-size` when needed (and allowed); `Err` says why not.
+fn lazy_pipes_fit() -> Result<(), String> {
+    let read = || {
+        std::fs::read_to_string(PIPE_MAX_SIZE)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    let now = read().ok_or_else(|| format!("cannot read {PIPE_MAX_SIZE}"))?;
+    if now >= LAZY_PIPE_BYTES || has_sys_resource() {
+        return Ok(());
+    }
+    std::fs::write(PIPE_MAX_SIZE, LAZY_PIPE_BYTES.to_string()).map_err(|e| {
+        format!("fs.pipe-max-size is {now} and cannot be raised to {LAZY_PIPE_BYTES}: {e}")
+    })?;
+    info!(
+        from = now,
+        to = LAZY_PIPE_BYTES,
+        "raised fs.pipe-max-size for CRIU's lazy pages"
+    );
+    Ok(())
+}
+
+/// Whether this process holds `CAP_SYS_RESOURCE` (bit 24 of `CapEff`).
+fn has_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
 /// The agent-owned container driver of one node.
 #[derive(Debug)]
 pub struct OciDriver {
@@ -162,7 +223,10 @@ impl OciDriver {
         let capability = OciCapability {
             runc_version,
             criu_version,
-            lazy_pages: feature("uffd-noncoop").await,
+            lazy_pages: feature("uffd-noncoop").await
+                && lazy_pipes_fit()
+                    .inspect_err(|why| warn!(%why, "post-copy migration is off on this node"))
+                    .is_ok(),
             dirty_tracking: feature("mem_dirty_track").await,
         };
         let dir = state_dir.join("oci");
@@ -561,7 +625,15 @@ impl OciDriver {
             target: target.clone(),
             read_only: meta.run.read_only.contains(target),
         }));
-        let netns = PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid));
+        // The sandbox's network namespace, bound to a file of the container's
+        // own: it outlives a stopped sandbox, so that a container still in it
+        // (frozen for a post-copy migration) can be dumped again.
+        let netns = dir.join("netns");
+        bind_netns(
+            &PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid)),
+            &netns,
+        )
+        .map_err(|e| daemon("start", e))?;
         let criu_config = self.dir.join("criu.conf");
         let spec = spec::build(&spec::Input {
             hostname: &hostname(&meta.name),
@@ -829,6 +901,316 @@ impl OciDriver {
         Ok(dump_ms)
     }
 
+    /// The first half of a post-copy dump: `runc checkpoint --lazy-pages`
+    /// freezes container `id` and writes everything except its memory pages
+    /// into `images`, then CRIU serves the pages on `127.0.0.1:port` (loopback
+    /// only: the agent relays them). `Ok` once CRIU says the page server is
+    /// ready (`--status-fd`); [`Self::finish_lazy`] or [`Self::abort_lazy`]
+    /// ends it. The container stays frozen until every page was fetched.
+    pub async fn checkpoint_lazy(
+        &self,
+        id: &str,
+        images: &Path,
+        port: u16,
+    ) -> Result<LazyDump, RuntimeError> {
+        use std::io::Read;
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        self.read_meta(id)?;
+        let work = self.container_dir(id).join("criu.dump");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .and_then(|()| std::fs::create_dir_all(images))
+            .map_err(|e| daemon("checkpoint", format!("{}: {e}", work.display())))?;
+        let errors = std::fs::File::create(work.join("runc.err"))
+            .map_err(|e| daemon("checkpoint", format!("{}: {e}", work.display())))?;
+        // CRIU writes a byte to `--status-fd` once its page server listens:
+        // a FIFO, opened as descriptor 3 by the shell that execs runc.
+        let fifo = work.join("ready.fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .map_err(|e| daemon("checkpoint", format!("{}: {e}", fifo.display())))?;
+        let started = std::time::Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"fifo="$1"; shift; exec "$@" 3>"$fifo""#)
+            .arg("novacron-lazy-dump")
+            .arg(&fifo)
+            .arg(&self.runc)
+            .arg("--root")
+            .arg(self.dir.join("runc"))
+            .arg("--criu")
+            .arg(&self.criu)
+            .arg("checkpoint")
+            .arg("--image-path")
+            .arg(images)
+            .arg("--work-path")
+            .arg(&work)
+            .arg("--lazy-pages")
+            .arg("--page-server")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--status-fd")
+            .arg("3")
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors)
+            // Its own group, so that an abort kills runc and CRIU together.
+            .process_group(0)
+            .kill_on_drop(false);
+        let read_from = fifo.clone();
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            std::fs::File::open(&read_from)?.read(&mut byte)
+        });
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                // Let the reader's open return.
+                let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+                return Err(daemon("checkpoint", format!("sh: {e}")));
+            }
+        };
+        let dump = LazyDump {
+            pgid: child.id(),
+            child: None,
+            dump_ms: 0,
+            work: work.clone(),
+        };
+        match tokio::time::timeout(CRIU_TIMEOUT, ready).await {
+            Ok(Ok(Ok(1))) => {}
+            Ok(_) => {
+                // CRIU ended before its page server was ready.
+                let status = tokio::time::timeout(CALL_TIMEOUT, child.wait()).await;
+                return Err(daemon(
+                    "checkpoint",
+                    format!(
+                        "runc checkpoint --lazy-pages ended ({status:?}): {} (CRIU's log: {})",
+                        std::fs::read_to_string(work.join("runc.err"))
+                            .unwrap_or_default()
+                            .trim(),
+                        work.join("dump.log").display()
+                    ),
+                ));
+            }
+            Err(_) => {
+                let mut dump = dump;
+                dump.child = Some(child);
+                self.abort_lazy(id, dump).await;
+                return Err(RuntimeError::Timeout {
+                    op: "checkpoint",
+                    after: CRIU_TIMEOUT,
+                });
+            }
+        }
+        let dump_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(container = %id, dump_ms, port, "runc container dumped without its pages; CRIU serves them");
+        Ok(LazyDump {
+            child: Some(child),
+            dump_ms,
+            ..dump
+        })
+    }
+
+    /// Waits (at most `limit`) until the target has fetched every page of a
+    /// post-copy dump: the container is then gone from here (its sandbox is
+    /// stopped). `Err`: the transfer failed, and CRIU resumed the container
+    /// here (see [`Self::abort_lazy`] when it did not).
+    pub async fn finish_lazy(
+        &self,
+        id: &str,
+        mut dump: LazyDump,
+        limit: Duration,
+    ) -> Result<(), RuntimeError> {
+        let Some(mut child) = dump.child.take() else {
+            return Err(daemon("checkpoint", "no dump in progress".to_owned()));
+        };
+        let status = match tokio::time::timeout(limit, child.wait()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(daemon("checkpoint", format!("runc: {e}"))),
+            Err(_) => {
+                dump.child = Some(child);
+                self.abort_lazy(id, dump).await;
+                return Err(RuntimeError::Timeout {
+                    op: "checkpoint",
+                    after: limit,
+                });
+            }
+        };
+        if !status.success() {
+            return Err(daemon(
+                "checkpoint",
+                format!(
+                    "the page transfer failed ({status}): {} (CRIU's log: {})",
+                    std::fs::read_to_string(dump.work.join("runc.err"))
+                        .unwrap_or_default()
+                        .trim(),
+                    dump.work.join("dump.log").display()
+                ),
+            ));
+        }
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut meta = self.read_meta(id)?;
+        meta.exit = Some(Exit {
+            code: 0,
+            error: "migrated (post-copy)".to_owned(),
+        });
+        self.write_meta(&meta)?;
+        self.stop_sandbox(&meta).await;
+        info!(container = %id, "every page was fetched; the container left this node");
+        Ok(())
+    }
+
+    /// Gives a post-copy dump up: kills runc and CRIU (the page server) and
+    /// thaws the container, which runs on here.
+    pub async fn abort_lazy(&self, id: &str, mut dump: LazyDump) {
+        if let Some(pgid) = dump
+            .pgid
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
+        if let Some(mut child) = dump.child.take() {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, child.wait()).await;
+        }
+        self.thaw(id).await;
+        let state = self.runc_status(id).await;
+        warn!(container = %id, ?state, "post-copy dump given up; the container runs on here");
+    }
+
+    /// Thaws container `id` if it is frozen (a dump that CRIU gave up may
+    /// leave it so).
+    pub async fn thaw(&self, id: &str) {
+        if self.runc_status(id).await.as_deref() == Some("paused") {
+            let _ = self.runc("resume", &["resume", id]).await;
+        }
+        // Tasks that a killed CRIU left stopped.
+        let _ = self.runc("kill", &["kill", "--all", id, "CONT"]).await;
+    }
+
+    /// Stops the sandbox of container `id` (its ports are free then), which
+    /// a post-copy migration's source no longer needs once frozen; the next
+    /// start (or a restore) starts it again.
+    pub async fn release_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        let meta = self.read_meta(id)?;
+        self.stop_sandbox(&meta).await;
+        Ok(())
+    }
+
+    /// Whether container `id` runs (or is frozen) here.
+    pub async fn is_running(&self, id: &str) -> bool {
+        matches!(
+            self.runc_status(id).await.as_deref(),
+            Some("running" | "paused")
+        )
+    }
+
+    /// Starts container `id` (created, never started) from a post-copy dump
+    /// in `images`: a `criu lazy-pages` daemon that fetches the pages from
+    /// `127.0.0.1:page_port` (the agent's end of the page channel) is started
+    /// first, then `runc restore --lazy-pages`. `Ok` once the container runs,
+    /// with the daemon, which goes on until every page arrived: its exit
+    /// status says whether they did.
+    pub async fn restore_lazy(
+        &self,
+        id: &str,
+        images: &Path,
+        page_port: u16,
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut meta = self.read_meta(id)?;
+        self.prepare(&meta).await?;
+        let dir = self.container_dir(id);
+        let work = dir.join("criu.restore");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| daemon("restore", format!("{}: {e}", work.display())))?;
+        let started = std::time::Instant::now();
+        let mut daemon_cmd = Command::new(&self.criu);
+        daemon_cmd
+            .arg("lazy-pages")
+            .arg("--page-server")
+            .arg("--address")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(page_port.to_string())
+            .arg("--images-dir")
+            .arg(images)
+            .arg("--work-dir")
+            .arg(&work)
+            .arg("--log-file")
+            .arg("lazy-pages.log")
+            .arg("-v2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut lazy = daemon_cmd
+            .spawn()
+            .map_err(|e| daemon("restore", format!("{}: {e}", self.criu.display())))?;
+        // runc's CRIU connects to the daemon's socket in the work directory.
+        let socket = work.join("lazy-pages.socket");
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while !socket.exists() {
+            if let Ok(Some(status)) = lazy.try_wait() {
+                return Err(daemon(
+                    "restore",
+                    format!(
+                        "criu lazy-pages ended ({status}) before it listened (its log: {})",
+                        work.join("lazy-pages.log").display()
+                    ),
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::Timeout {
+                    op: "restore",
+                    after: START_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let args = vec![
+            "restore".to_owned(),
+            "--lazy-pages".to_owned(),
+            "--image-path".to_owned(),
+            images.display().to_string(),
+            "--work-path".to_owned(),
+            work.display().to_string(),
+            "--bundle".to_owned(),
+            dir.join("bundle").display().to_string(),
+            id.to_owned(),
+        ];
+        tokio::time::timeout(CRIU_TIMEOUT, self.launch(id, &args))
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                op: "restore",
+                after: CRIU_TIMEOUT,
+            })?
+            .map_err(|e| match e {
+                RuntimeError::Daemon { message, .. } => daemon(
+                    "restore",
+                    format!(
+                        "{message} (CRIU's logs: {}, {})",
+                        work.join("restore.log").display(),
+                        work.join("lazy-pages.log").display()
+                    ),
+                ),
+                other => other,
+            })?;
+        meta.started_unix_ms = Some(now_ms());
+        meta.exit = None;
+        self.write_meta(&meta)?;
+        info!(container = %id, restore_ms = started.elapsed().as_millis(), "runc container restored; its pages follow");
+        Ok(lazy)
+    }
+
     /// Stops container `id`: SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         let lock = self.lock_of(id);
@@ -903,6 +1285,10 @@ impl OciDriver {
         if mounted(&rootfs) {
             rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH)
                 .map_err(|e| daemon("remove", format!("{}: {e}", rootfs.display())))?;
+        }
+        let netns = dir.join("netns");
+        if mounted(&netns) {
+            let _ = rustix::mount::unmount(&netns, rustix::mount::UnmountFlags::DETACH);
         }
         match self.docker.remove(&meta.sandbox).await {
             Ok(()) => {}
@@ -1049,6 +1435,20 @@ fn hostname(name: &str) -> String {
 }
 
 /// Whether `path` is a mount point (listed in `/proc/self/mountinfo`).
+/// Binds network namespace `ns` (a `/proc/PID/ns/net`) to file `at`,
+/// replacing an earlier binding.
+fn bind_netns(ns: &Path, at: &Path) -> Result<(), String> {
+    if mounted(at) {
+        rustix::mount::unmount(at, rustix::mount::UnmountFlags::DETACH)
+            .map_err(|e| format!("unbinding {}: {e}", at.display()))?;
+    }
+    if !at.exists() {
+        std::fs::File::create(at).map_err(|e| format!("{}: {e}", at.display()))?;
+    }
+    rustix::mount::mount_bind(ns, at)
+        .map_err(|e| format!("binding {} to {}: {e}", ns.display(), at.display()))
+}
+
 fn mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;

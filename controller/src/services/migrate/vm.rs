@@ -22,12 +22,12 @@ use std::time::{Duration, Instant, SystemTime};
 use novacron_common::checkpoint::CheckpointMode;
 use novacron_common::clock::unix_ms;
 use novacron_common::wire::{
-    self, BiRequest, RestoreFrom, VM_MIGRATE_SINCE, VmControl, VmMigrateRequest,
+    self, BiRequest, PagesRequest, RestoreFrom, VM_MIGRATE_SINCE, VmControl, VmMigrateRequest,
     VmMigrationProgress, VmReceiveEvent, VmReceiveRequest, VmSendEvent, VmSendRequest,
 };
 use tracing::{info, warn};
 
-use super::{HOLD, MigrateError, Migrations, Phase};
+use super::{CopyMode, HOLD, MigrateError, Migrations, Phase};
 use crate::services::events::{NewEvent, kind};
 use crate::state::store::AllocRecord;
 pub use novacron_api::MigrationStatus;
@@ -50,6 +50,8 @@ pub const TRANSFER_LIMIT: Duration = Duration::from_secs(300);
 const PREPARE_LIMIT: Duration = Duration::from_secs(300);
 /// The longest silence on the source's stream (it reports every 100 ms).
 const SILENCE: Duration = Duration::from_secs(30);
+/// How long each end of a page channel waits for its side to be ready.
+const PAGES_WAIT: Duration = Duration::from_secs(60);
 
 /// How long after it starts the controller waits before it settles VM
 /// migrations that a restart interrupted (nodes reconnect and report first).
@@ -227,6 +229,7 @@ impl Migrations {
             CheckpointMode::Live,
             by,
             Some(planned),
+            None,
         ))
     }
 
@@ -281,7 +284,8 @@ impl Migrations {
                     )
                 } else {
                     format!(
-                        "{id}: {alloc} runs on {to} (from {from}, live under runc: dumped in {downtime} ms, {} MiB streamed over {} ms)",
+                        "{id}: {alloc} runs on {to} (from {from}, live under runc, {}: dumped in {downtime} ms, {} MiB sent over {} ms)",
+                        status.copy.unwrap_or(CopyMode::StopCopy),
                         done.transferred >> 20,
                         done.elapsed_ms,
                     )
@@ -319,7 +323,8 @@ impl Migrations {
         let text = |e: MigrateError| e.to_string();
         // 1. The source holds the allocation.
         let (mut s_send, mut s_recv) = self.open(from).await.map_err(text)?;
-        let request = BiRequest::VmMigrate(VmMigrateRequest::Send(VmSendRequest {
+        let post_copy = status.copy == Some(CopyMode::PostCopy);
+        let asked = VmSendRequest {
             protocol_version: self.link.protocol_version(from),
             alloc_id: alloc.to_owned(),
             with_disk: true,
@@ -327,7 +332,12 @@ impl Migrations {
             downtime_limit_ms,
             converge_ms: CONVERGE_WITHIN.as_millis() as u64,
             limit_ms: TRANSFER_LIMIT.as_millis() as u64,
-        }));
+        };
+        let request = BiRequest::VmMigrate(if post_copy {
+            VmMigrateRequest::PostCopy(asked)
+        } else {
+            VmMigrateRequest::Send(asked)
+        });
         wire::write_frame(&mut s_send, &request)
             .await
             .map_err(|e| format!("link to {from}: {e}"))?;
@@ -381,8 +391,53 @@ impl Migrations {
             .await
             .map_err(|e| format!("link to {from}: {e}"))?;
         let mut relayed: u64 = 0;
+        // Post-copy: the page channel, once the images are across.
+        let mut pages: Option<tokio::task::JoinHandle<()>> = None;
         let done = loop {
-            match read_within::<VmSendEvent>(s_recv, &mut s_scratch, SILENCE, from).await? {
+            let event = if pages.is_some() {
+                // The target runs on pages fetched from the source: a target
+                // that fails meanwhile ends the migration (the source's CRIU
+                // then resumes it), not only the source's word.
+                tokio::select! {
+                    e = read_within::<VmSendEvent>(s_recv, &mut s_scratch, SILENCE, from) => e?,
+                    why = self.failure_on(alloc, to) => return Err(format!("target {to}: {why}")),
+                }
+            } else {
+                read_within::<VmSendEvent>(s_recv, &mut s_scratch, SILENCE, from).await?
+            };
+            match event {
+                VmSendEvent::Images(p) if post_copy && pages.is_none() => {
+                    // Everything but the pages is across: the target restores
+                    // now and fetches the pages through the channel.
+                    t_send.finish().map_err(|e| format!("link to {to}: {e}"))?;
+                    pages = Some(self.page_channel(alloc, from, to).await?);
+                    match read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, SILENCE, to)
+                        .await?
+                    {
+                        VmReceiveEvent::Done(Ok(())) => {}
+                        VmReceiveEvent::Done(Err(why)) => {
+                            return Err(format!("target {to}: {why}"));
+                        }
+                        VmReceiveEvent::Ready => {
+                            return Err(format!("target {to} said Ready twice"));
+                        }
+                    }
+                    info!(%alloc, %from, %to, relayed, dump_ms = ?p.downtime_ms, "post-copy: images relayed; the target restores and fetches its pages");
+                    self.update(id, |s| {
+                        s.phase = Phase::Restoring;
+                        s.bytes_done = p.transferred;
+                        s.bytes_total = p.total;
+                        s.vm = Some(p.clone());
+                    });
+                }
+                VmSendEvent::Images(_) => {
+                    return Err(format!(
+                        "source {from} sent its images twice or outside a post-copy migration"
+                    ));
+                }
+                VmSendEvent::Data(_) if pages.is_some() => {
+                    return Err(format!("source {from} sent data after its images"));
+                }
                 VmSendEvent::Data(bytes) => {
                     t_send
                         .write_all(&bytes)
@@ -402,12 +457,20 @@ impl Migrations {
                 VmSendEvent::Ready => return Err(format!("source {from} said Ready twice")),
             }
         };
-        t_send.finish().map_err(|e| format!("link to {to}: {e}"))?;
-        info!(%alloc, %from, %to, relayed, downtime_ms = ?done.downtime_ms, "vm migration stream relayed");
-        match read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, SILENCE, to).await? {
-            VmReceiveEvent::Done(Ok(())) => {}
-            VmReceiveEvent::Done(Err(why)) => return Err(format!("target {to}: {why}")),
-            VmReceiveEvent::Ready => return Err(format!("target {to} said Ready twice")),
+        if let Some(channel) = pages {
+            // All pages arrived: the source's page server closed the channel.
+            if tokio::time::timeout(SILENCE, channel).await.is_err() {
+                warn!(%alloc, "the page channel did not close after the last page");
+            }
+            info!(%alloc, %from, %to, pages_bytes = done.transferred, "post-copy: every page arrived");
+        } else {
+            t_send.finish().map_err(|e| format!("link to {to}: {e}"))?;
+            info!(%alloc, %from, %to, relayed, downtime_ms = ?done.downtime_ms, "vm migration stream relayed");
+            match read_within::<VmReceiveEvent>(&mut t_recv, &mut t_scratch, SILENCE, to).await? {
+                VmReceiveEvent::Done(Ok(())) => {}
+                VmReceiveEvent::Done(Err(why)) => return Err(format!("target {to}: {why}")),
+                VmReceiveEvent::Ready => return Err(format!("target {to} said Ready twice")),
+            }
         }
         // 4. The target runs the guest and passes its check.
         self.update(id, |s| {
@@ -474,6 +537,61 @@ impl Migrations {
 }
 
 impl Migrations {
+    /// Opens a post-copy migration's page channel: a
+    /// [`VmMigrateRequest::Pages`] stream to each agent, relayed both ways
+    /// (the target's `criu lazy-pages` asks, the source's page server
+    /// answers) until either end closes. The task ends with the channel.
+    async fn page_channel(
+        &self,
+        alloc: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<tokio::task::JoinHandle<()>, String> {
+        let mut ends = Vec::with_capacity(2);
+        for (node, source) in [(from, true), (to, false)] {
+            let (mut send, recv) = self.open(node).await.map_err(|e| e.to_string())?;
+            let request = BiRequest::VmMigrate(VmMigrateRequest::Pages(PagesRequest {
+                protocol_version: self.link.protocol_version(node),
+                alloc_id: alloc.to_owned(),
+                source,
+                wait_ms: PAGES_WAIT.as_millis() as u64,
+            }));
+            wire::write_frame(&mut send, &request)
+                .await
+                .map_err(|e| format!("link to {node}: {e}"))?;
+            ends.push((send, recv));
+        }
+        let (Some((mut t_send, mut t_recv)), Some((mut s_send, mut s_recv))) =
+            (ends.pop(), ends.pop())
+        else {
+            return Err("the page channel lost an end".to_owned());
+        };
+        let alloc = alloc.to_owned();
+        Ok(tokio::spawn(async move {
+            // Requests from the target to the source; pages back.
+            // A clean end is passed on as an end, a reset as a reset: the
+            // source's CRIU takes an end for a finished transfer.
+            let asks = async {
+                let r = tokio::io::copy(&mut t_recv, &mut s_send).await;
+                match &r {
+                    Ok(_) => drop(s_send.finish()),
+                    Err(_) => drop(s_send.reset(quinn::VarInt::from_u32(1))),
+                }
+                r
+            };
+            let answers = async {
+                let r = tokio::io::copy(&mut s_recv, &mut t_send).await;
+                match &r {
+                    Ok(_) => drop(t_send.finish()),
+                    Err(_) => drop(t_send.reset(quinn::VarInt::from_u32(1))),
+                }
+                r
+            };
+            let (asked, answered) = tokio::join!(asks, answers);
+            info!(%alloc, asked = ?asked.as_ref().ok(), answered = ?answered.as_ref().ok(), "page channel closed");
+        }))
+    }
+
     /// Resolves with why allocation `alloc` failed on `node`, once it has;
     /// never while it prepares or runs.
     async fn failure_on(&self, alloc: &str, node: &str) -> String {
