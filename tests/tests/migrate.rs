@@ -645,8 +645,11 @@ async fn target_cannot_restore(test: &str, copy: &str) {
     assert_eq!(the_alloc(&s).await.node, s.agents[0].name);
     let log = s.agents[0].log();
     let resumed = if copy == "post-copy" {
+        // CRIU killed, the container thawed, then dumped and restored into
+        // a new sandbox: its memory is kept.
         log.contains("images sent; CRIU serves the pages")
-            && log.contains("post-copy dump given up; the container runs on here")
+            && log.contains("gave the migration up during the page transfer")
+            && log.contains("resumed from its migration's dump")
     } else {
         log.contains("streaming it") && log.contains("resumed from its migration's dump")
     };
@@ -709,7 +712,8 @@ async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
             .lines()
             .any(|l| l.trim_start().starts_with("Restarts")
                 && l.split_whitespace().last() == Some("1")),
-        "{shown}"
+        "{shown}\nagent a: {}",
+        s.agents[0].log()
     );
 }
 

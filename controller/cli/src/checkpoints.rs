@@ -128,18 +128,34 @@ impl TableRow for BundleInfo {
 /// How long `alloc checkpoint` waits for the controller's answer.
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(15 * 60);
 
+/// How `alloc migrate` moves an allocation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MigrateOptions<'a> {
+    /// The target node (default: the scheduler's choice).
+    pub to: Option<&'a str>,
+    /// live, fs or auto.
+    pub mode: Option<CheckpointMode>,
+    /// post-copy or stop-copy (runc nodes).
+    pub copy: Option<CopyMode>,
+    /// A VM's longest planned pause.
+    pub max_downtime: Option<Duration>,
+}
+
 /// `novacron alloc migrate ID [--to NODE] [--mode M]`: starts the migration and
 /// follows it with a progress bar (on a terminal) until it completes or rolls back.
 pub async fn migrate(
     client: &ApiClient,
     id: &str,
-    to: Option<&str>,
-    mode: Option<CheckpointMode>,
-    copy: Option<CopyMode>,
-    max_downtime: Option<Duration>,
+    how: MigrateOptions<'_>,
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    let MigrateOptions {
+        to,
+        mode,
+        copy,
+        max_downtime,
+    } = how;
     let started: MigrationStatus = client
         .post(
             &["v1", "allocations", id, "migrate"],

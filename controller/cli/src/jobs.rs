@@ -749,10 +749,12 @@ pub async fn run_alloc(
             return super::checkpoints::migrate(
                 client,
                 id,
-                to.as_deref(),
-                mode,
-                copy,
-                *max_downtime,
+                super::checkpoints::MigrateOptions {
+                    to: to.as_deref(),
+                    mode,
+                    copy,
+                    max_downtime: *max_downtime,
+                },
                 format,
                 out,
             )

@@ -384,6 +384,7 @@ impl Migrations {
     /// Records migration of `record` to `target` as started and runs it in the
     /// background ([`Migrations::run_migration`], or
     /// [`Migrations::run_vm_migration`] for a VM).
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         self: &Arc<Self>,
         busy: Busy,
@@ -1329,9 +1330,11 @@ mod tests {
             plan_copy(Some(CopyMode::PostCopy), Some(&yes), Some(&yes)),
             Ok(CopyMode::PostCopy)
         );
-        let e = plan_copy(Some(CopyMode::PostCopy), Some(&yes), Some(&no)).unwrap_err();
+        let e = plan_copy(Some(CopyMode::PostCopy), Some(&yes), Some(&no))
+            .expect_err("the target lacks lazy pages");
         assert!(e.contains("on the target"), "{e}");
-        let e = plan_copy(Some(CopyMode::PostCopy), Some(&no), Some(&yes)).unwrap_err();
+        let e = plan_copy(Some(CopyMode::PostCopy), Some(&no), Some(&yes))
+            .expect_err("the source lacks lazy pages");
         assert!(e.contains("on the source"), "{e}");
     }
 
