@@ -90,6 +90,31 @@ async fn setup_full(
     checkpoint_extra: &str,
     spec_extra: &str,
 ) -> Option<Setup> {
+    setup_serve(
+        test,
+        mode,
+        image_on_b,
+        a_args,
+        b_args,
+        checkpoint_extra,
+        spec_extra,
+        &[],
+    )
+    .await
+}
+
+/// [`setup_full`] with the controller's `serve` flags.
+#[allow(clippy::too_many_arguments)]
+async fn setup_serve(
+    test: &str,
+    mode: &str,
+    image_on_b: bool,
+    a_args: &[&str],
+    b_args: &[&str],
+    checkpoint_extra: &str,
+    spec_extra: &str,
+    serve_args: &[&str],
+) -> Option<Setup> {
     let d = daemons(test)?;
     let image = counter_image(Some(&d.a)).expect("counter image on A");
     let image = if image_on_b {
@@ -108,7 +133,7 @@ async fn setup_full(
         .prefix("novacron-migrate-")
         .tempdir()
         .expect("tempdir");
-    let controller = Controller::start(dir.path(), &[])
+    let controller = Controller::start(dir.path(), serve_args)
         .await
         .expect("controller");
     let pid = std::process::id();
@@ -661,7 +686,21 @@ async fn target_cannot_restore(test: &str, copy: &str) {
 async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
     let args = runc_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let Some(mut s) = setup_full("runcadopt", "live", true, &args, &args, "", "").await else {
+    // The agent's restart (a debug build under load) may take longer than the
+    // default wait before a silent node is down, and a node that is down has
+    // its work rescheduled: this test is about adoption, not node loss.
+    let Some(mut s) = setup_serve(
+        "runcadopt",
+        "live",
+        true,
+        &args,
+        &args,
+        "",
+        "",
+        &["--down-after", "60s"],
+    )
+    .await
+    else {
         return;
     };
     for n in 1..=3 {
@@ -712,8 +751,9 @@ async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
             .lines()
             .any(|l| l.trim_start().starts_with("Restarts")
                 && l.split_whitespace().last() == Some("1")),
-        "{shown}\nagent a: {}",
-        s.agents[0].log()
+        "{shown}\nagent a: {}\nevents: {}",
+        s.agents[0].log(),
+        String::from_utf8_lossy(&s.controller.cli(&["events"]).stdout)
     );
 }
 

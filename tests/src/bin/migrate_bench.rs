@@ -62,6 +62,11 @@ struct Args {
     /// NOVACRON_CKPT_CRIU).
     #[arg(long, default_value = "docker")]
     container_runtime: String,
+    /// How a live migration between runc agents copies memory: post-copy or
+    /// stop-copy (default: the controller's choice, post-copy where both
+    /// agents support lazy pages).
+    #[arg(long)]
+    copy: Option<String>,
 }
 
 /// The environment of the checkpoint daemons.
@@ -454,6 +459,7 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
             size,
             run,
             args.poll_ms,
+            args.copy.as_deref(),
         )
         .await
         .with_context(|| format!("run {run} ({} -> {})", names[from], names[to]))?;
@@ -550,6 +556,7 @@ async fn migrate_once(
     size: usize,
     run: usize,
     poll_ms: u64,
+    copy: Option<&str>,
 ) -> Result<Run> {
     // Settled on `from`: running there, serving, nothing left on the other side.
     let settle = Instant::now();
@@ -626,7 +633,10 @@ async fn migrate_once(
             "{}/v1/allocations/{alloc}/migrate",
             controller.api()
         ))
-        .json(&serde_json::json!({ "to": names[to] }))
+        .json(&match copy {
+            Some(c) => serde_json::json!({ "to": names[to], "copy": c }),
+            None => serde_json::json!({ "to": names[to] }),
+        })
         .send()
         .await?;
     let status = resp.status();
