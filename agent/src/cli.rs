@@ -545,6 +545,23 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         info!("stopping on signal");
         stopper.cancel();
     });
+    // The first VM's probe boot decides the accelerator: the link reconnects
+    // to report it (a node must not go on saying kvm while its VMs run under
+    // TCG).
+    let (capabilities_tx, capabilities) = tokio::sync::watch::channel(capabilities);
+    if let Some(vms) = &vms {
+        let (vms, mut probed) = (vms.clone(), vms.probed());
+        tokio::spawn(async move {
+            while probed.changed().await.is_ok() {
+                let vm = vms.capability().await;
+                capabilities_tx.send_if_modified(|c| {
+                    let changed = c.vm.as_ref() != Some(&vm);
+                    c.vm = Some(vm);
+                    changed
+                });
+            }
+        });
+    }
     match link::run(config, sampler, capacity, capabilities, supervisor, cancel).await {
         Ok(()) => 0,
         Err(e) => {

@@ -154,7 +154,7 @@ pub async fn run(
     config: AgentConfig,
     sampler: Sampler,
     capacity: Capacity,
-    capabilities: Capabilities,
+    mut capabilities: watch::Receiver<Capabilities>,
     supervisor: Supervisor<HostRuntime>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -215,7 +215,7 @@ pub async fn run(
         instance: rand::random(),
         labels: config.labels.clone(),
         capacity,
-        capabilities,
+        capabilities: capabilities.borrow_and_update().clone(),
     };
     // Sampling runs and the link is being established: ready for systemd (Type=notify).
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
@@ -227,20 +227,31 @@ pub async fn run(
     // Hello at once. Cleared when a session ends, since the controller may come
     // back upgraded.
     let mut legacy = false;
+    let mut hello = hello;
     while !cancel.is_cancelled() {
         let started = Instant::now();
-        match session(
-            &config,
-            &enrollment,
-            &endpoint,
-            &hello,
-            &shared,
-            &supervisor,
-            &cancel,
-            legacy,
-        )
-        .await
-        {
+        hello.capabilities = capabilities.borrow_and_update().clone();
+        // Capabilities are part of the Hello: when they change (the first
+        // VM's probe chose the accelerator), the session ends and the next
+        // one reports them.
+        let outcome = tokio::select! {
+            r = session(
+                &config,
+                &enrollment,
+                &endpoint,
+                &hello,
+                &shared,
+                &supervisor,
+                &cancel,
+                legacy,
+            ) => Some(r),
+            Ok(()) = capabilities.changed() => None,
+        };
+        let Some(outcome) = outcome else {
+            info!(node = %enrollment.node_name, "the node's capabilities changed; reconnecting to report them");
+            continue;
+        };
+        match outcome {
             Ok(()) => break,
             Err(SessionError::NoNegotiation(reason)) if !legacy => {
                 warn!(node = %enrollment.node_name, %reason, "the controller predates version negotiation; reconnecting with protocol version 2");

@@ -102,6 +102,9 @@ pub struct VmDriver {
     launcher: Launcher,
     /// One lock per VM, so that start, stop and remove of one VM do not interleave.
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Bumped when the probe decides the accelerator: the node's capabilities
+    /// changed ([`VmDriver::probed`]).
+    probed: tokio::sync::watch::Sender<u64>,
 }
 
 impl VmDriver {
@@ -162,6 +165,7 @@ impl VmDriver {
             launcher,
             accel: Mutex::new(accel),
             locks: Default::default(),
+            probed: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -453,7 +457,14 @@ impl VmDriver {
             }
         };
         *accel = Some(chosen.clone());
+        self.probed.send_modify(|n| *n += 1);
         chosen.0
+    }
+
+    /// Changes whenever a probe boot decided the accelerator, so that the node
+    /// reports it ([`VmDriver::capability`] then says what was chosen).
+    pub fn probed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.probed.subscribe()
     }
 
     /// Starts a created or stopped VM (a guest that powered off is quit first).
