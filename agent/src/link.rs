@@ -233,7 +233,15 @@ pub async fn run(
         hello.capabilities = capabilities.borrow_and_update().clone();
         // Capabilities are part of the Hello: when they change (the first
         // VM's probe chose the accelerator), the session ends and the next
-        // one reports them.
+        // one reports them, once no live migration's stream is open here (an
+        // incoming VM's boot is often what probes).
+        let changed = async {
+            capabilities.changed().await.ok()?;
+            while crate::migrate::moves_in_flight() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(())
+        };
         let outcome = tokio::select! {
             r = session(
                 &config,
@@ -245,7 +253,7 @@ pub async fn run(
                 &cancel,
                 legacy,
             ) => Some(r),
-            Ok(()) = capabilities.changed() => None,
+            Some(()) = changed => None,
         };
         let Some(outcome) = outcome else {
             info!(node = %enrollment.node_name, "the node's capabilities changed; reconnecting to report them");

@@ -37,6 +37,31 @@ use crate::checkpoint::Checkpointer;
 use crate::runtime::supervisor::Restorer;
 use crate::runtime::{HostRuntime, Supervisor};
 
+/// Live-migration streams this agent serves now: the link does not end a
+/// session for news of its own (changed capabilities) while one is open.
+static MOVES_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether a live migration's stream is open on this agent.
+pub fn moves_in_flight() -> bool {
+    MOVES_IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
+/// Counts one open live-migration stream while it lives.
+struct MoveInFlight;
+
+impl MoveInFlight {
+    fn start() -> MoveInFlight {
+        MOVES_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        MoveInFlight
+    }
+}
+
+impl Drop for MoveInFlight {
+    fn drop(&mut self) {
+        MOVES_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Checkpoints of one allocation kept in the agent's cache.
 const KEEP_LOCAL: usize = 2;
 /// The longest hold a controller may ask for.
@@ -85,6 +110,7 @@ impl CheckpointService {
 
     /// Answers one stream the controller opened.
     pub async fn serve(&self, request: BiRequest, mut send: SendStream, recv: RecvStream) {
+        let _moving = matches!(request, BiRequest::VmMigrate(_)).then(MoveInFlight::start);
         let outcome = match request {
             BiRequest::Checkpoint(r) => {
                 let reply = CheckpointReply {

@@ -1029,6 +1029,11 @@ pub struct VmCapability {
     pub accelerator: String,
     /// Why KVM is not used, when the accelerator is `tcg`.
     pub kvm_unusable: Option<String>,
+    /// Whether the accelerator is settled: chosen at start, or by the first
+    /// VM's probe boot. `false`: `kvm` is assumed until that probe, which may
+    /// still choose `tcg` (appended within protocol 3).
+    #[serde(default)]
+    pub probed: bool,
 }
 
 /// Bytes of a secret: [`fmt::Debug`] shows only their length, so that a spec

@@ -173,6 +173,7 @@ impl VmDriver {
     /// probe boot fails; then `tcg` with the reason).
     pub async fn capability(&self) -> VmCapability {
         let accel = self.accel.lock().await.clone();
+        let probed = accel.is_some();
         let (accelerator, why) = match accel {
             Some((a, why)) => (a.as_str().to_owned(), why.filter(|_| a == Accel::Tcg)),
             None => ("kvm".to_owned(), None),
@@ -181,6 +182,7 @@ impl VmDriver {
             qemu_version: self.version.clone(),
             accelerator,
             kvm_unusable: why,
+            probed,
         }
     }
 

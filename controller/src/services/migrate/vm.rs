@@ -22,8 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use novacron_common::checkpoint::CheckpointMode;
 use novacron_common::clock::unix_ms;
 use novacron_common::wire::{
-    self, BiRequest, PagesRequest, RestoreFrom, VM_MIGRATE_SINCE, VmControl, VmMigrateRequest,
-    VmMigrationProgress, VmReceiveEvent, VmReceiveRequest, VmSendEvent, VmSendRequest,
+    self, BiRequest, PagesRequest, RestoreFrom, VM_MIGRATE_SINCE, VmCapability, VmControl,
+    VmMigrateRequest, VmMigrationProgress, VmReceiveEvent, VmReceiveRequest, VmSendEvent,
+    VmSendRequest,
 };
 use tracing::{info, warn};
 
@@ -187,11 +188,12 @@ impl Migrations {
                 "allocation {alloc} is a virtual machine: it migrates live (QEMU's pre-copy); --mode fs does not apply"
             )));
         }
-        let accel = |node: &str| {
+        let vm_of = |node: &str| {
             self.registry
                 .view(node, Instant::now())
-                .and_then(|v| v.capabilities.vm.map(|c| c.accelerator))
+                .and_then(|v| v.capabilities.vm)
         };
+        let accel = |node: &str| vm_of(node).map(|c| c.accelerator);
         let source = accel(&record.node).ok_or_else(|| {
             MigrateError::Invalid(format!(
                 "node {} reports no virtual machine support",
@@ -207,9 +209,13 @@ impl Migrations {
                         self.link.protocol_version(n)
                     ));
                 }
-                match accel(n) {
-                    Some(a) if a == source => Ok(()),
-                    Some(a) => Err(format!(
+                match vm_of(n) {
+                    Some(c) if c.accelerator == source => Ok(()),
+                    // A node that has booted no VM yet assumes kvm until its
+                    // first probe: the incoming VM's boot decides, and a
+                    // choice other than the source's fails the move (rolled back).
+                    Some(c) if !c.probed => Ok(()),
+                    Some(VmCapability { accelerator: a, .. }) => Err(format!(
                         "runs virtual machines under {a} and the source under {source}; a guest migrates only between nodes of the same accelerator"
                     )),
                     None => Err("runs no virtual machines".to_owned()),
