@@ -774,6 +774,47 @@ impl OciDriver {
         Ok(())
     }
 
+    /// Runs `runc restore` (with `--lazy-pages` for a post-copy dump, whose
+    /// daemon already listens in `work`) from the CRIU image in `images`, and
+    /// waits until the container runs; an error names CRIU's logs.
+    async fn launch_restore(
+        &self,
+        id: &str,
+        images: &Path,
+        work: &Path,
+        lazy: bool,
+    ) -> Result<(), RuntimeError> {
+        let mut args = vec!["restore".to_owned()];
+        if lazy {
+            args.push("--lazy-pages".to_owned());
+        }
+        args.extend([
+            "--image-path".to_owned(),
+            images.display().to_string(),
+            "--work-path".to_owned(),
+            work.display().to_string(),
+            "--bundle".to_owned(),
+            self.container_dir(id).join("bundle").display().to_string(),
+            id.to_owned(),
+        ]);
+        let mut logs = work.join("restore.log").display().to_string();
+        if lazy {
+            logs = format!("{logs}, {}", work.join("lazy-pages.log").display());
+        }
+        tokio::time::timeout(CRIU_TIMEOUT, self.launch(id, &args))
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                op: "restore",
+                after: CRIU_TIMEOUT,
+            })?
+            .map_err(|e| match e {
+                RuntimeError::Daemon { message, .. } => {
+                    daemon("restore", format!("{message} (CRIU's logs: {logs})"))
+                }
+                other => other,
+            })
+    }
+
     /// Starts container `id` (created, never started) from the CRIU image in
     /// `images`: its writable layer must already be in [`Self::upper_dir`].
     pub async fn restore(&self, id: &str, images: &Path) -> Result<(), RuntimeError> {
@@ -786,33 +827,8 @@ impl OciDriver {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)
             .map_err(|e| daemon("restore", format!("{}: {e}", work.display())))?;
-        let args = vec![
-            "restore".to_owned(),
-            "--image-path".to_owned(),
-            images.display().to_string(),
-            "--work-path".to_owned(),
-            work.display().to_string(),
-            "--bundle".to_owned(),
-            dir.join("bundle").display().to_string(),
-            id.to_owned(),
-        ];
         let started = std::time::Instant::now();
-        tokio::time::timeout(CRIU_TIMEOUT, self.launch(id, &args))
-            .await
-            .map_err(|_| RuntimeError::Timeout {
-                op: "restore",
-                after: CRIU_TIMEOUT,
-            })?
-            .map_err(|e| match e {
-                RuntimeError::Daemon { message, .. } => daemon(
-                    "restore",
-                    format!(
-                        "{message} (CRIU's log: {})",
-                        work.join("restore.log").display()
-                    ),
-                ),
-                other => other,
-            })?;
+        self.launch_restore(id, images, &work, false).await?;
         meta.started_unix_ms = Some(now_ms());
         meta.exit = None;
         self.write_meta(&meta)?;
@@ -1176,34 +1192,7 @@ impl OciDriver {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let args = vec![
-            "restore".to_owned(),
-            "--lazy-pages".to_owned(),
-            "--image-path".to_owned(),
-            images.display().to_string(),
-            "--work-path".to_owned(),
-            work.display().to_string(),
-            "--bundle".to_owned(),
-            dir.join("bundle").display().to_string(),
-            id.to_owned(),
-        ];
-        tokio::time::timeout(CRIU_TIMEOUT, self.launch(id, &args))
-            .await
-            .map_err(|_| RuntimeError::Timeout {
-                op: "restore",
-                after: CRIU_TIMEOUT,
-            })?
-            .map_err(|e| match e {
-                RuntimeError::Daemon { message, .. } => daemon(
-                    "restore",
-                    format!(
-                        "{message} (CRIU's logs: {}, {})",
-                        work.join("restore.log").display(),
-                        work.join("lazy-pages.log").display()
-                    ),
-                ),
-                other => other,
-            })?;
+        self.launch_restore(id, images, &work, true).await?;
         meta.started_unix_ms = Some(now_ms());
         meta.exit = None;
         self.write_meta(&meta)?;

@@ -579,18 +579,18 @@ impl Migrations {
             // source's CRIU takes an end for a finished transfer.
             let asks = async {
                 let r = tokio::io::copy(&mut t_recv, &mut s_send).await;
-                match &r {
-                    Ok(_) => drop(s_send.finish()),
-                    Err(_) => drop(s_send.reset(quinn::VarInt::from_u32(1))),
-                }
+                let _ = match &r {
+                    Ok(_) => s_send.finish(),
+                    Err(_) => s_send.reset(quinn::VarInt::from_u32(1)),
+                };
                 r
             };
             let answers = async {
                 let r = tokio::io::copy(&mut s_recv, &mut t_send).await;
-                match &r {
-                    Ok(_) => drop(t_send.finish()),
-                    Err(_) => drop(t_send.reset(quinn::VarInt::from_u32(1))),
-                }
+                let _ = match &r {
+                    Ok(_) => t_send.finish(),
+                    Err(_) => t_send.reset(quinn::VarInt::from_u32(1)),
+                };
                 r
             };
             let (asked, answered) = tokio::join!(asks, answers);
