@@ -706,20 +706,6 @@ async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
     for n in 1..=3 {
         assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
     }
-    // The agent dies and comes back: the container ran on, and is adopted.
-    s.agents[0].kill().await;
-    assert_eq!(
-        get(s.port, "/")
-            .await
-            .expect("count while the agent is down"),
-        "4"
-    );
-    s.agents[0].start().expect("agent a again");
-    wait_ready(&s.controller, &s.agents[0].name.clone()).await;
-    assert_eq!(
-        get(s.port, "/").await.expect("count after the restart"),
-        "5"
-    );
     let root = s.agents[0].state_dir.join("oci/runc");
     let list = std::process::Command::new("runc")
         .arg("--root")
@@ -729,6 +715,50 @@ async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
         .expect("runc list");
     let ids = String::from_utf8_lossy(&list.stdout).to_string();
     assert_eq!(ids.lines().count(), 1, "one runc container: {ids}");
+    // The agent dies and comes back: the container ran on, and is adopted.
+    s.agents[0].kill().await;
+    assert_eq!(
+        get(s.port, "/")
+            .await
+            .expect("count while the agent is down"),
+        "4"
+    );
+    // runc's state of the running container is out of sight when the agent
+    // comes back (seen under load: its directory missing for the agent's
+    // first looks): a run whose shell has not ended is still running, never
+    // "exited" and then replaced elsewhere.
+    let state = root.join(ids.trim());
+    let hidden = root.with_file_name("runc-hidden");
+    std::fs::rename(&state, &hidden).expect("hide runc's state");
+    s.agents[0].start().expect("agent a again");
+    wait_ready(&s.controller, &s.agents[0].name.clone()).await;
+    const UNKNOWN: &str = "runc does not know the container, but its run has not ended";
+    let name = s.agents[0].name.clone();
+    wait_for(
+        Duration::from_secs(30),
+        "the agent's first look",
+        || async {
+            s.agents[0].log().contains(UNKNOWN)
+                || the_alloc(&s).await.node != name
+                || the_alloc(&s).await.state != AllocState::Running
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent a: {}", s.agents[0].log()));
+    let alloc = the_alloc(&s).await;
+    assert_eq!(
+        (alloc.node.as_str(), alloc.state),
+        (name.as_str(), AllocState::Running),
+        "agent a: {}\nevents: {}",
+        s.agents[0].log(),
+        String::from_utf8_lossy(&s.controller.cli(&["events"]).stdout)
+    );
+    assert!(s.agents[0].log().contains(UNKNOWN));
+    assert_eq!(
+        get(s.port, "/").await.expect("count after the restart"),
+        "5"
+    );
+    std::fs::rename(&hidden, &state).expect("runc's state back");
     // Its process is killed behind the agent's back: the supervisor sees the
     // exit and starts it again, from the image (the count starts over).
     let killed = std::process::Command::new("runc")

@@ -921,7 +921,12 @@ impl Reconciler {
             })
             .collect();
         for (container_id, orphan) in &self.orphans {
-            if self.records.contains_key(&orphan.alloc) {
+            // Before the first desired set, a listed container may well be a
+            // wanted allocation's (a restarted agent lists before the set
+            // arrives): nothing is known of it yet, so nothing is said. Its
+            // state, an exit included, is reported once the set adopts it,
+            // under its allocation's restart policy.
+            if self.applied.is_none() || self.records.contains_key(&orphan.alloc) {
                 continue;
             }
             allocations.push(AllocationStatus {
@@ -2001,6 +2006,10 @@ mod tests {
             vec![observed(&mine, "ca", ContainerStatus::Running)],
         );
         assert!(r.plan(now, 16).is_empty(), "no desired set yet");
+        assert!(
+            r.report().allocations.is_empty(),
+            "nothing is said of a container before the set says whose it is"
+        );
         r.apply(desired(1, vec![mine.clone()]));
         assert!(
             r.plan(now, 16).is_empty(),
@@ -2015,6 +2024,33 @@ mod tests {
         assert!(r.plan(now, 16).is_empty(), "adopted");
         assert_eq!(status(&r, "a").state, AllocState::Running);
         assert_eq!(status(&r, "a").container_id.as_deref(), Some("ca"));
+    }
+
+    /// A container that exited while its agent was down, listed before the
+    /// first desired set: nothing is reported of it (a report of a failed
+    /// orphan made the controller replace the allocation elsewhere); once the
+    /// set wants it, it is adopted and restarted under its restart policy.
+    #[test]
+    fn a_container_that_exited_while_the_agent_was_down_is_restarted_not_reported_failed() {
+        let mut r = core();
+        let now = Instant::now();
+        let mine = spec("a", once());
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&mine, "ca", exited(137))]);
+        assert!(r.report().allocations.is_empty());
+        r.apply(desired(1, vec![mine.clone()]));
+        let token = r.observe_begin();
+        r.observe(now, token, vec![observed(&mine, "ca", exited(137))]);
+        assert_ne!(status(&r, "a").state, AllocState::Failed);
+        let later = now + Duration::from_secs(2);
+        assert_eq!(
+            r.plan(later, 16),
+            vec![Action::Start {
+                alloc: "a".into(),
+                container_id: "ca".into()
+            }]
+        );
+        assert_eq!(status(&r, "a").restarts, 1);
     }
 
     #[test]

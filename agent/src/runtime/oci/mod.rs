@@ -321,19 +321,38 @@ impl OciDriver {
     }
 
     /// runc's word for the container (`created`, `running`, `paused`,
-    /// `stopped`), `None` when runc does not know it.
+    /// `stopped`), `None` when runc does not know it or cannot be asked.
     async fn runc_status(&self, id: &str) -> Option<String> {
+        self.runc_state(id).await.ok().flatten()
+    }
+
+    /// runc's word for the container; `Ok(None)` only when runc says it does
+    /// not know it, an error when runc could not be asked (a timeout, a
+    /// failure to start it, any other error): "I could not look" is never
+    /// "it is gone".
+    async fn runc_state(&self, id: &str) -> Result<Option<String>, RuntimeError> {
         let mut cmd = self.runc_cmd();
         cmd.arg("state").arg(id);
         let out = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
             .await
-            .ok()?
-            .ok()?;
+            .map_err(|_| RuntimeError::Timeout {
+                op: "state",
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|e| daemon("state", format!("{}: {e}", self.runc.display())))?;
         if !out.status.success() {
-            return None;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(daemon(
+                "state",
+                format!("runc state {id}: {}", stderr.trim()),
+            ));
         }
-        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        state["status"].as_str().map(str::to_owned)
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| daemon("state", format!("runc state {id}: {e}")))?;
+        Ok(state["status"].as_str().map(str::to_owned))
     }
 
     async fn runc(&self, op: &'static str, args: &[&str]) -> Result<(), RuntimeError> {
@@ -369,15 +388,62 @@ impl OciDriver {
             .ok()
     }
 
-    /// `created`, `running`, `paused` or `exited`.
-    async fn state_word(&self, id: &str, meta: &Meta) -> String {
-        match self.runc_status(id).await.as_deref() {
+    /// `created`, `running`, `paused` or `exited`; an error when runc could
+    /// not be asked.
+    async fn state_word(&self, id: &str, meta: &Meta) -> Result<String, RuntimeError> {
+        let runc = self.runc_state(id).await?;
+        Ok(match runc.as_deref() {
             Some("running") => "running".to_owned(),
             Some("paused") => "paused".to_owned(),
             // `created` by runc is a run still starting.
             Some("created") => "running".to_owned(),
             _ if meta.started_unix_ms.is_none() => "created".to_owned(),
+            // The run's shell writes the exit status when runc returns: until
+            // then the run is not over, whatever runc's state directory says
+            // (a run whose state runc lost is still a live container).
+            _ if self.exit_code(id).is_none() && self.shell_alive(id) => {
+                if runc.is_none() {
+                    warn!(container = %id, "runc does not know the container, but its run has not ended; it is still running");
+                }
+                "running".to_owned()
+            }
             _ => "exited".to_owned(),
+        })
+    }
+
+    /// Whether the shell that runs container `id`'s current run still runs
+    /// (the same process: its pid and start time, as [`Self::launch`]
+    /// recorded them).
+    fn shell_alive(&self, id: &str) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.container_dir(id).join("shell")) else {
+            return false;
+        };
+        let mut parts = text.split_whitespace();
+        let (Some(pid), Some(start)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            return false;
+        };
+        process_start(pid).is_some_and(|now| now.to_string() == start)
+    }
+
+    /// Kills every process left in container `id`'s cgroup: the last resort
+    /// of a removal when runc no longer knows the container.
+    fn kill_cgroup(&self, id: &str) {
+        for root in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+            let procs = Path::new(root)
+                .join("novacron")
+                .join(id)
+                .join("cgroup.procs");
+            let Ok(text) = std::fs::read_to_string(&procs) else {
+                continue;
+            };
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
         }
     }
 
@@ -391,7 +457,7 @@ impl OciDriver {
             if meta.labels.get(LABEL_NODE).map(String::as_str) != Some(node) {
                 continue;
             }
-            let state = self.state_word(&id, &meta).await;
+            let state = self.state_word(&id, &meta).await?;
             out.push(ContainerListing {
                 id,
                 labels: meta.labels,
@@ -405,7 +471,7 @@ impl OciDriver {
     /// from its sandbox.
     pub async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
         let meta = self.read_meta(id)?;
-        let word = self.state_word(id, &meta).await;
+        let word = self.state_word(id, &meta).await?;
         let status = match word.as_str() {
             "created" => ContainerStatus::Created,
             "running" | "paused" => ContainerStatus::Running,
@@ -659,6 +725,7 @@ impl OciDriver {
         // A stopped run of the same id is in runc's way.
         let _ = self.runc("delete", &["delete", "--force", &meta.id]).await;
         let _ = std::fs::remove_file(dir.join("exit"));
+        let _ = std::fs::remove_file(dir.join("shell"));
         trim_console(&dir.join("console.log"));
         Ok(())
     }
@@ -689,6 +756,16 @@ impl OciDriver {
         let mut child = cmd
             .spawn()
             .map_err(|e| daemon("start", format!("sh: {e}")))?;
+        // Which process runs the run, for `shell_alive` after a restart.
+        if let Some(pid) = child.id()
+            && let Some(start) = process_start(pid)
+        {
+            let _ = novacron_common::files::write_atomic(
+                &dir.join("shell"),
+                &format!("{pid} {start}\n"),
+                0o600,
+            );
+        }
         // Reaped here while this agent lives; after a restart, by init.
         tokio::spawn(async move {
             let _ = child.wait().await;
@@ -1269,6 +1346,8 @@ impl OciDriver {
             self.wait_exit(id, Duration::from_secs(10)).await;
             let _ = self.runc("delete", &["delete", "--force", id]).await;
         }
+        // Whatever runc knows, nothing of the container outlives its removal.
+        self.kill_cgroup(id);
         let dir = self.container_dir(id);
         let rootfs = dir.join("rootfs");
         if mounted(&rootfs) {
@@ -1491,6 +1570,15 @@ async fn output(program: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// A process's start time (clock ticks since boot, `/proc/PID/stat`'s 22nd
+/// field), which tells it from a later process with the same pid.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the command: state is field 3, start time field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 fn daemon(op: &'static str, message: String) -> RuntimeError {
     RuntimeError::Daemon { op, message }
 }
@@ -1498,6 +1586,15 @@ fn daemon(op: &'static str, message: String) -> RuntimeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_start_time_tells_a_live_process() {
+        let me = std::process::id();
+        let start = process_start(me).expect("this process's start");
+        assert_eq!(process_start(me), Some(start), "stable");
+        assert!(start > 0);
+        assert_eq!(process_start(u32::MAX), None);
+    }
 
     #[test]
     fn ids_and_hostnames() {
