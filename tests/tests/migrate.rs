@@ -596,28 +596,66 @@ async fn a_failed_runc_migration_rolls_back_and_the_source_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runc_migration_whose_target_cannot_restore_resumes_the_source_from_its_dump() {
-    target_cannot_restore("runcdump", "stop-copy").await;
+    target_fails("runcdump", "stop-copy", Fault::Restore).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_copy_migration_whose_target_cannot_restore_thaws_the_source() {
-    target_cannot_restore("runclazy", "post-copy").await;
+    target_fails("runclazy", "post-copy", Fault::Restore).await;
 }
 
-/// A live migration whose target's CRIU fails every restore rolls back after
-/// the source's freeze, and the source goes on with the same memory: from its
-/// dump in stop-copy, thawed by its CRIU in post-copy.
-async fn target_cannot_restore(test: &str, copy: &str) {
+/// The target's agent is killed (SIGKILL) once the whole stream is on the
+/// target, as it starts the restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_copy_migration_whose_target_dies_resumes_the_source_from_its_dump() {
+    target_fails("runcdies", "stop-copy", Fault::Dies).await;
+}
+
+/// The target's agent is killed (SIGKILL) as its page daemon starts: the
+/// target dies at the start of the page transfer, while the source's frozen
+/// process still holds every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_copy_migration_whose_target_dies_mid_transfer_thaws_the_source() {
+    target_fails("runclazydies", "post-copy", Fault::Dies).await;
+}
+
+/// What goes wrong on the target of [`target_fails`].
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Its CRIU fails every restore.
+    Restore,
+    /// Its agent is killed as the restore starts (post-copy: as its page
+    /// daemon starts).
+    Dies,
+}
+
+/// A live migration whose target fails after the source's freeze rolls back,
+/// and the source goes on with the same memory: from its dump in stop-copy,
+/// thawed by its CRIU in post-copy.
+async fn target_fails(test: &str, copy: &str, fault: Fault) {
     let args = runc_args();
     let real = args[3].clone();
     // The target's CRIU answers its checks but fails every dump and restore
-    // (runc drives CRIU as `criu swrk`): the failure comes after the source's
-    // freeze and the whole stream.
+    // (runc drives CRIU as `criu swrk`), or kills its agent there: the failure
+    // comes after the source's freeze and the whole stream. Only the target's
+    // agent runs with this CRIU, so its command line names it.
     let dir = tempfile::tempdir().expect("tempdir");
     let broken = dir.path().join("criu");
+    // The target's host dies with its agent: its Docker containers (the
+    // sandbox that publishes the ports) go too.
+    let b_docker = std::env::var("NOVACRON_CKPT_DOCKER_B").unwrap_or_default();
+    let dies = format!(
+        "pkill -KILL -f \"novacron-agent run .*--criu $0\"; \
+         docker -H {b_docker} ps -aq --filter name=counter-{test}- | xargs -r docker -H {b_docker} rm -f >/dev/null; exit 1;;"
+    );
+    let action = match (fault, copy) {
+        (Fault::Restore, _) => "swrk|restore) echo 'injected failure' >&2; exit 1;;".to_owned(),
+        (Fault::Dies, "post-copy") => format!("lazy-pages) {dies}"),
+        (Fault::Dies, _) => format!("swrk) {dies}"),
+    };
     std::fs::write(
         &broken,
-        format!("#!/bin/sh\ncase \"$1\" in swrk|restore) echo 'injected failure' >&2; exit 1;; esac\nexec {real} \"$@\"\n"),
+        format!("#!/bin/sh\ncase \"$1\" in {action} esac\nexec {real} \"$@\"\n"),
     )
     .expect("wrapper");
     std::process::Command::new("chmod")
@@ -632,7 +670,7 @@ async fn target_cannot_restore(test: &str, copy: &str) {
         "--criu",
         broken.to_str().expect("path"),
     ];
-    let Some(s) = setup_full(test, "live", true, &a_args, &b_args, "", "").await else {
+    let Some(mut s) = setup_full(test, "live", true, &a_args, &b_args, "", "").await else {
         return;
     };
     for n in 1..=4 {
@@ -658,7 +696,14 @@ async fn target_cannot_restore(test: &str, copy: &str) {
         || async { get(s.port, "/count").await.is_ok() },
     )
     .await
-    .expect("the source serves again");
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{err}\nagent a: {}\nagent b: {}\nevents: {}",
+            s.agents[0].log(),
+            s.agents[1].log(),
+            String::from_utf8_lossy(&s.controller.cli(&["events"]).stdout)
+        )
+    });
     // From its own dump: the same memory, not a fresh start.
     assert_eq!(
         get(s.port, "/count").await.expect("count"),
@@ -680,6 +725,38 @@ async fn target_cannot_restore(test: &str, copy: &str) {
     };
     assert!(resumed, "agent a: {log}");
     assert_eq!(get(s.port, "/").await.expect("count"), "5");
+    if fault == Fault::Dies {
+        // The target comes back: whatever it had of the allocation is not
+        // desired there, and the allocation stays where it runs.
+        assert!(
+            s.agents[1].log().contains("connected to the controller"),
+            "agent b: {}",
+            s.agents[1].log()
+        );
+        s.agents[1].start().expect("agent b again");
+        wait_ready(&s.controller, &s.agents[1].name.clone()).await;
+        let root = s.agents[1].state_dir.join("oci/runc");
+        wait_for(
+            Duration::from_secs(60),
+            "nothing left on the target",
+            || async {
+                std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["list", "-q"])
+                    .output()
+                    .is_ok_and(|o| o.stdout.iter().all(u8::is_ascii_whitespace))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent b: {}", s.agents[1].log()));
+        let alloc = the_alloc(&s).await;
+        assert_eq!(
+            (alloc.node.as_str(), alloc.state),
+            (s.agents[0].name.as_str(), AllocState::Running)
+        );
+        assert_eq!(get(s.port, "/").await.expect("count"), "6");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

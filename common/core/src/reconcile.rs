@@ -88,6 +88,10 @@ pub struct AllocView {
     /// Why it failed, when it did and the reason is known (typed: decisions read
     /// this, never the allocation's message).
     pub failure: Option<FailureReason>,
+    /// A migration moves it: its node's loss is the migration's to settle
+    /// (it rolls back to the source, which still holds the workload), not a
+    /// loss to replace.
+    pub migrating: bool,
 }
 
 impl AllocView {
@@ -245,7 +249,7 @@ pub fn reconcile_with_lifecycles(
 
     // Lost: live allocations on down (or unknown) nodes.
     let mut lost = BTreeSet::new();
-    for a in allocs.iter().filter(|a| a.live()) {
+    for a in allocs.iter().filter(|a| a.live() && !a.migrating) {
         if !matches!(
             node_status.get(a.node.as_str()),
             Some(NodeStatus::Ready | NodeStatus::Disconnected)
@@ -654,6 +658,7 @@ mod tests {
             healthy_since_ms: Some(0),
             created_ms: 0,
             failure: None,
+            migrating: false,
         }
     }
 
@@ -687,6 +692,20 @@ mod tests {
                 avoid: Vec::new()
             }]
         );
+    }
+
+    /// An allocation that a migration moves to a node that goes down is the
+    /// migration's to roll back (the source still holds it): not lost, not
+    /// replaced (a target killed mid-migration had the allocation replaced
+    /// from scratch while the source held its memory).
+    #[test]
+    fn a_migrating_allocation_on_a_down_node_is_not_lost() {
+        let mut a = alloc("a1", "api", 1, "n2", AllocState::Starting);
+        a.migrating = true;
+        let nodes = [node("n1", NodeStatus::Ready), node("n2", NodeStatus::Down)];
+        let plan = run(&[job("api", JobType::Service, 1, 1)], &[a], &nodes, 10_000);
+        assert!(plan.lost.is_empty(), "{plan:?}");
+        assert!(plan.place.is_empty(), "{plan:?}");
     }
 
     #[test]

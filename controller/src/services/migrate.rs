@@ -45,6 +45,7 @@ use crate::state::bundles::{BundleStore, Have};
 use crate::state::registry::Registry;
 use crate::state::store::AllocRecord;
 pub use novacron_api::{CopyMode, MigrationStatus, Phase};
+use novacron_common::fleet::NodeStatus;
 
 mod vm;
 use novacron_common::clock::unix_ms;
@@ -665,6 +666,14 @@ impl Migrations {
         }
     }
 
+    /// Whether `node` is down (or unknown).
+    fn node_down(&self, node: &str) -> bool {
+        matches!(
+            self.registry.status(node, Instant::now()),
+            None | Some(NodeStatus::Down)
+        )
+    }
+
     /// Waits until `alloc` runs on `node` (and is not unhealthy), or fails: each
     /// look is decided by [`restore_progress`].
     async fn wait_running(&self, alloc: &str, node: &str) -> Result<(), String> {
@@ -676,7 +685,7 @@ impl Migrations {
                 .allocation(alloc)
                 .map_err(|e| e.to_string())?;
             let seen = self.workloads.move_report(alloc);
-            match restore_progress(&a, node, checked, seen) {
+            match restore_progress(&a, node, checked, seen, self.node_down(node)) {
                 Progress::Running => return Ok(()),
                 Progress::Failed(why) => return Err(why),
                 Progress::Waiting => {}
@@ -1178,10 +1187,16 @@ fn restore_progress(
     node: &str,
     checked: bool,
     seen: Option<MoveReport>,
+    node_down: bool,
 ) -> Progress {
     let alloc = &a.id;
     if a.node != node {
         return Progress::Failed(format!("allocation {alloc} moved to {} meanwhile", a.node));
+    }
+    // A migrating allocation is not marked lost with its node (the source
+    // still holds it): the node's loss fails the move here.
+    if node_down {
+        return Progress::Failed(format!("node {node} is down"));
     }
     let seen = seen.unwrap_or_default();
     match a.state {
@@ -1404,12 +1419,12 @@ mod tests {
             ended: Some(AllocState::Failed),
             ..seen(0, 0).unwrap_or_default()
         };
-        let why = failed(restore_progress(&a, "b", false, Some(ended)));
+        let why = failed(restore_progress(&a, "b", false, Some(ended), false));
         assert_eq!(why, "api-a on b: restore failed: criu said no");
         // The state alone, without the typed report, is not taken for a failure;
         // nor is the message.
         assert_eq!(
-            restore_progress(&a, "b", false, seen(0, 0)),
+            restore_progress(&a, "b", false, seen(0, 0), false),
             Progress::Waiting
         );
     }
@@ -1419,7 +1434,9 @@ mod tests {
     #[test]
     fn a_start_that_failed_on_the_target_rolls_back() {
         let a = moving(AllocState::Starting, "restarting (restart 1)");
-        assert!(failed(restore_progress(&a, "b", false, seen(0, 1))).starts_with("api-a on b:"));
+        assert!(
+            failed(restore_progress(&a, "b", false, seen(0, 1), false)).starts_with("api-a on b:")
+        );
         // A checkpoint that could not be restored fails at once.
         let unrestorable = MoveReport {
             restore_failed: true,
@@ -1429,7 +1446,7 @@ mod tests {
             AllocState::Starting,
             "could not restore its checkpoint: bad bundle; restarting in 1s",
         );
-        failed(restore_progress(&a, "b", false, Some(unrestorable)));
+        failed(restore_progress(&a, "b", false, Some(unrestorable), false));
     }
 
     /// Was: a message starting "could not start" or "restarting": the words do
@@ -1439,10 +1456,13 @@ mod tests {
         for message in ["could not start: no such image", "restarting (restart 3)"] {
             let a = moving(AllocState::Starting, message);
             assert_eq!(
-                restore_progress(&a, "b", false, seen(0, 0)),
+                restore_progress(&a, "b", false, seen(0, 0), false),
                 Progress::Waiting
             );
-            assert_eq!(restore_progress(&a, "b", false, None), Progress::Waiting);
+            assert_eq!(
+                restore_progress(&a, "b", false, None, false),
+                Progress::Waiting
+            );
         }
     }
 
@@ -1453,33 +1473,54 @@ mod tests {
         let mut a = moving(AllocState::Starting, "restoring checkpoint");
         a.restarts = 4;
         assert_eq!(
-            restore_progress(&a, "b", false, seen(4, 4)),
+            restore_progress(&a, "b", false, seen(4, 4), false),
             Progress::Waiting
         );
-        failed(restore_progress(&a, "b", false, seen(4, 5)));
+        failed(restore_progress(&a, "b", false, seen(4, 5), false));
     }
 
     #[test]
     fn the_move_completes_once_it_runs_and_passes_its_check() {
         let mut a = moving(AllocState::Running, "started");
         assert_eq!(
-            restore_progress(&a, "b", false, seen(0, 0)),
+            restore_progress(&a, "b", false, seen(0, 0), false),
             Progress::Running
         );
         assert_eq!(
-            restore_progress(&a, "b", true, seen(0, 0)),
+            restore_progress(&a, "b", true, seen(0, 0), false),
             Progress::Waiting
         );
         a.healthy = Some(true);
         assert_eq!(
-            restore_progress(&a, "b", true, seen(0, 0)),
+            restore_progress(&a, "b", true, seen(0, 0), false),
             Progress::Running
         );
         for state in [AllocState::Failed, AllocState::Lost, AllocState::Stopped] {
-            failed(restore_progress(&moving(state, ""), "b", false, None));
+            failed(restore_progress(
+                &moving(state, ""),
+                "b",
+                false,
+                None,
+                false,
+            ));
         }
-        let why = failed(restore_progress(&a, "c", false, None));
+        let why = failed(restore_progress(&a, "c", false, None, false));
         assert_eq!(why, "allocation api-a moved to b meanwhile");
+    }
+
+    /// A migrating allocation is not marked lost when its target goes down
+    /// (the source still holds it): the target's loss fails the move, which
+    /// rolls back, whatever the target last reported.
+    #[test]
+    fn a_target_that_goes_down_fails_the_move() {
+        for state in [
+            AllocState::Pending,
+            AllocState::Starting,
+            AllocState::Running,
+        ] {
+            let why = failed(restore_progress(&moving(state, ""), "b", false, None, true));
+            assert_eq!(why, "node b is down");
+        }
     }
 
     fn bundle() -> BundleInfo {

@@ -391,6 +391,7 @@ impl Workloads {
             nodes: &nodes,
             failures: &st.failures,
             recoveries: &st.recoveries,
+            migrating: &st.migrating,
         };
         let decided = plan::plan(&snapshot, &latest, &mut next_id);
         let mut result = JobPlan {
@@ -1101,6 +1102,7 @@ impl Workloads {
                 allocs,
                 failures,
                 recoveries,
+                migrating,
                 ids,
                 ..
             } = &mut *st;
@@ -1115,6 +1117,7 @@ impl Workloads {
                 nodes: &nodes,
                 failures,
                 recoveries,
+                migrating,
             };
             plan::plan(&snapshot, &latest, &mut next_id)
         };

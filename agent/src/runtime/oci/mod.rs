@@ -825,15 +825,23 @@ impl OciDriver {
     /// back), from that dump: a migrated-out container that comes back goes on
     /// where it stopped and never starts afresh.
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        // Two starts may race (a rolled-back migration's resume and the
+        // supervisor's restart of the container it saw dumped): the second
+        // finds it running and leaves it be. Starting it anew would kill the
+        // resumed process and lose its memory.
+        if self.runc_status(id).await.as_deref() == Some("running") {
+            info!(container = %id, "already running; nothing to start");
+            return Ok(());
+        }
         let dump = self.checkpoint_dir(id).join("criu");
         if dump.join("inventory.img").exists() {
-            self.restore(id, &dump).await?;
+            self.restore_held(id, &dump).await?;
             let _ = std::fs::remove_dir_all(self.checkpoint_dir(id));
             info!(container = %id, "resumed from its migration's dump");
             return Ok(());
         }
-        let lock = self.lock_of(id);
-        let _held = lock.lock().await;
         let mut meta = self.read_meta(id)?;
         self.prepare(&meta).await?;
         let bundle = self.container_dir(id).join("bundle");
@@ -897,6 +905,11 @@ impl OciDriver {
     pub async fn restore(&self, id: &str, images: &Path) -> Result<(), RuntimeError> {
         let lock = self.lock_of(id);
         let _held = lock.lock().await;
+        self.restore_held(id, images).await
+    }
+
+    /// [`Self::restore`], with the container's lock held by the caller.
+    async fn restore_held(&self, id: &str, images: &Path) -> Result<(), RuntimeError> {
         let mut meta = self.read_meta(id)?;
         self.prepare(&meta).await?;
         let dir = self.container_dir(id);

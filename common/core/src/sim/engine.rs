@@ -955,6 +955,7 @@ impl<'a> Sim<'a> {
                     healthy_since_ms: running.then_some(a.running_at_ms),
                     created_ms: a.created_ms,
                     failure: None,
+                    migrating: false,
                 }
             })
             .collect();

@@ -606,7 +606,7 @@ impl Migrations {
             if let Ok(a) = self.workloads.allocation(alloc) {
                 let seen = self.workloads.move_report(alloc);
                 if let super::Progress::Failed(why) =
-                    super::restore_progress(&a, node, checked, seen)
+                    super::restore_progress(&a, node, checked, seen, self.node_down(node))
                 {
                     return why;
                 }

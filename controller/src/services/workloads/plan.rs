@@ -43,6 +43,8 @@ pub(super) struct Snapshot<'a> {
     pub failures: &'a FailureCounts,
     /// Checkpoints still waiting for a replacement from earlier passes.
     pub recoveries: &'a Recoveries,
+    /// The allocations a migration moves.
+    pub migrating: &'a BTreeMap<String, super::MoveReport>,
 }
 
 /// One pass's decisions, in the order they apply.
@@ -149,7 +151,11 @@ pub(super) fn plan(
         .values()
         .filter_map(|e| Some((e.record.name.clone(), lifecycle_view(e)?)))
         .collect();
-    let alloc_views: Vec<AllocView> = snap.allocs.values().map(alloc_view).collect();
+    let alloc_views: Vec<AllocView> = snap
+        .allocs
+        .values()
+        .map(|a| alloc_view(a, snap.migrating.contains_key(&a.id)))
+        .collect();
     let decided = reconcile::reconcile_with_lifecycles(
         &job_views,
         &lifecycles,
@@ -856,7 +862,7 @@ pub(super) fn lifecycle_view(e: &JobEntry) -> Option<LifecycleView> {
 }
 
 /// What the reconciler sees of an allocation.
-fn alloc_view(a: &AllocRecord) -> AllocView {
+fn alloc_view(a: &AllocRecord, migrating: bool) -> AllocView {
     AllocView {
         id: a.id.clone(),
         job: a.job.clone(),
@@ -868,6 +874,7 @@ fn alloc_view(a: &AllocRecord) -> AllocView {
         healthy_since_ms: a.healthy_since_unix_ms,
         created_ms: a.created_unix_ms,
         failure: a.failure,
+        migrating,
     }
 }
 
@@ -958,6 +965,7 @@ mod tests {
     ) -> Plan {
         let failures = FailureCounts::new();
         let recoveries = Recoveries::new();
+        let migrating = BTreeMap::new();
         let snap = Snapshot {
             now_ms: 1_000,
             jobs,
@@ -965,6 +973,7 @@ mod tests {
             nodes,
             failures: &failures,
             recoveries: &recoveries,
+            migrating: &migrating,
         };
         let mut n = 0;
         plan(&snap, latest, &mut || {
