@@ -233,6 +233,8 @@ inside dpkg-query -W -f='${Status}\n' docker.io | grep -q 'install ok installed'
 for opt in tcp-close skip-in-flight; do
     inside grep -qx "$opt" /etc/criu/runc.conf || fail "/etc/criu/runc.conf lacks $opt"
 done
+inside grep -qx 'fs.pipe-max-size = 4194304' /usr/lib/sysctl.d/60-novacron-agent.conf \
+    || fail "the agent's sysctl.d file (post-copy's pipe size) is missing"
 inside ucfq -w /etc/criu/runc.conf | grep -q ':novacron-agent:' \
     || fail "/etc/criu/runc.conf is not registered with ucf for novacron-agent: $(inside ucfq -w /etc/criu/runc.conf || true)"
 pid=$(inside systemctl show -p MainPID --value novacron-agent)

@@ -168,6 +168,8 @@ pub struct CounterJob<'a> {
     pub image: &'a str,
     /// `BALLAST_MB`.
     pub ballast_mb: u64,
+    /// `DIRTY_MB` (rewritten at 4 MiB/s; 0: none).
+    pub dirty_mb: u64,
     /// Host port published for container port 8080.
     pub port: u16,
     /// Named volume mounted at `/data`.
@@ -188,13 +190,14 @@ impl CounterJob<'_> {
             job,
             image,
             ballast_mb,
+            dirty_mb,
             port,
             volume,
             cpu_millis,
             mode,
             checkpoint_extra,
         } = self;
-        let memory = ballast_mb + 256;
+        let memory = ballast_mb + dirty_mb + 256;
         format!(
             "apiVersion: novacron.io/v1
 kind: Job
@@ -207,6 +210,7 @@ spec:
     image: {image}
     env:
       BALLAST_MB: \"{ballast_mb}\"
+      DIRTY_MB: \"{dirty_mb}\"
     ports:
       - name: http
         containerPort: 8080

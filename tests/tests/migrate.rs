@@ -18,6 +18,7 @@ use novacron_tests::counter_image::{CounterJob, counter_image};
 use novacron_tests::{
     Agent, Controller, DaemonsCleanup, RuncCleanup, docker_on, free_port, wait_for,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Daemons {
     a: String,
@@ -98,12 +99,22 @@ async fn setup_full(
         b_args,
         checkpoint_extra,
         spec_extra,
-        &[],
+        Extra::default(),
     )
     .await
 }
 
-/// [`setup_full`] with the controller's `serve` flags.
+/// What [`setup_serve`] adds to [`setup_full`].
+#[derive(Default, Clone, Copy)]
+struct Extra<'a> {
+    /// The controller's `serve` flags.
+    serve_args: &'a [&'a str],
+    /// The counter's `DIRTY_MB`.
+    dirty_mb: u64,
+}
+
+/// [`setup_full`] with [`Extra`]: the controller's `serve` flags, a dirtied
+/// region.
 #[allow(clippy::too_many_arguments)]
 async fn setup_serve(
     test: &str,
@@ -113,8 +124,12 @@ async fn setup_serve(
     b_args: &[&str],
     checkpoint_extra: &str,
     spec_extra: &str,
-    serve_args: &[&str],
+    extra: Extra<'_>,
 ) -> Option<Setup> {
+    let Extra {
+        serve_args,
+        dirty_mb,
+    } = extra;
     let d = daemons(test)?;
     let image = counter_image(Some(&d.a)).expect("counter image on A");
     let image = if image_on_b {
@@ -160,6 +175,7 @@ async fn setup_serve(
         job: &job,
         image: &image,
         ballast_mb: 16,
+        dirty_mb,
         port,
         volume: &volume,
         // Half a core: generating and summing the 16 MiB ballast (a debug build)
@@ -559,6 +575,132 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
     );
 }
 
+/// A workload that rewrites 32 MiB at 4 MiB/s while it moves: post-copy
+/// (the default) and stop-copy both bring every page across as it was at the
+/// freeze, and the writer goes on from where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_container_dirtying_its_memory_migrates_post_copy_with_every_page_intact() {
+    dirtying_migration("runcdirty", "post-copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_container_dirtying_its_memory_migrates_stop_copy_with_every_page_intact() {
+    dirtying_migration("runcdirtys", "stop-copy").await;
+}
+
+/// `ok <round> <page>` from `/dirty`, as the writer's position in pages.
+fn dirty_position(answer: &str, pages: u64) -> u64 {
+    let mut parts = answer.split_whitespace();
+    assert_eq!(parts.next(), Some("ok"), "{answer}");
+    let round: u64 = parts.next().and_then(|r| r.parse().ok()).expect(answer);
+    let page: u64 = parts.next().and_then(|p| p.parse().ok()).expect(answer);
+    (round - 1) * pages + page
+}
+
+async fn dirtying_migration(test: &str, copy: &str) {
+    const DIRTY_MB: u64 = 32;
+    const PAGES: u64 = DIRTY_MB * 256;
+    let args = runc_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(s) = setup_serve(
+        test,
+        "live",
+        true,
+        &args,
+        &args,
+        "",
+        "",
+        Extra {
+            dirty_mb: DIRTY_MB,
+            ..Extra::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    for n in 1..=3 {
+        assert_eq!(get(s.port, "/").await.expect("count"), n.to_string());
+    }
+    let ballast = get(s.port, "/ballast").await.expect("ballast");
+    let before = dirty_position(&get(s.port, "/dirty").await.expect("dirty"), PAGES);
+    // A client holds a connection open through the move, half its request
+    // sent.
+    let mut held = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .expect("connect");
+    held.write_all(b"GET /count HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("half a request");
+    let alloc = the_alloc(&s).await;
+    let out = s.controller.cli(&[
+        "alloc",
+        "migrate",
+        &alloc.id,
+        "--to",
+        &s.agents[1].name,
+        "--mode",
+        copy,
+    ]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}\nagent a: {}\nagent b: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.agents[0].log(),
+        s.agents[1].log()
+    );
+    assert_eq!(the_alloc(&s).await.node, s.agents[1].name);
+    // The held connection gets the answer (the connection moved) or a clean
+    // end (closed, reset): never a hang.
+    let _ = held.write_all(b"\r\n").await;
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), held.read_to_end(&mut answer))
+        .await
+        .expect("the held connection ends, it does not hang");
+    eprintln!(
+        "{copy}: the held connection ended with {:?}, {} bytes",
+        ended.as_ref().map_err(std::io::Error::kind),
+        answer.len()
+    );
+    match ended {
+        Ok(_) if answer.is_empty() => {}
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        }
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
+            "{e}"
+        ),
+    }
+    let after = get(s.port, "/dirty").await.expect("dirty after");
+    let moved = dirty_position(&after, PAGES);
+    assert!(moved > before, "the writer went on: {before} then {after}");
+    // It keeps writing on the target, every page consistent.
+    wait_for(Duration::from_secs(30), "the writer moves on", || async {
+        get(s.port, "/dirty")
+            .await
+            .is_ok_and(|a| dirty_position(&a, PAGES) > moved)
+    })
+    .await
+    .expect("writing on the target");
+    assert_eq!(get(s.port, "/ballast").await.expect("ballast"), ballast);
+    assert_eq!(get(s.port, "/").await.expect("count"), "4");
+    if copy == "post-copy" {
+        assert!(
+            s.agents[1].log().contains("every page arrived")
+                || s.agents[0].log().contains("every page"),
+            "agent a: {}\nagent b: {}",
+            s.agents[0].log(),
+            s.agents[1].log()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_runc_migration_rolls_back_and_the_source_goes_on() {
     let args = runc_args();
@@ -774,7 +916,10 @@ async fn a_runc_container_outlives_its_agent_and_is_restarted_when_it_dies() {
         &args,
         "",
         "",
-        &["--down-after", "60s"],
+        Extra {
+            serve_args: &["--down-after", "60s"],
+            ..Extra::default()
+        },
     )
     .await
     else {

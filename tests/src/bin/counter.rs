@@ -7,13 +7,20 @@
 //! - `GET /count` answers the current count without incrementing;
 //! - `GET /health` answers `ok`;
 //! - `GET /ballast` answers the wrapping `u64` sum of the ballast read as
-//!   little-endian `u64` words (`0` without ballast).
+//!   little-endian `u64` words (`0` without ballast);
+//! - `GET /dirty` checks the dirtied region (below) and answers `ok <round>
+//!   <page>` (where the writer is) or `corrupt ...` (`off` without one).
 //!
 //! Environment: `PORT` (default 8080, listening on `0.0.0.0`), `DATA_FILE` (default
 //! `/data/count.log`), `BALLAST_MB` (default 0): that many MiB allocated at start and
 //! filled with xorshift64 pseudo-random bytes (not zeros, so neither CRIU's nor a
 //! transport's compression can shrink it), so a test can move a process of a known
-//! size and check that its memory survived.
+//! size and check that its memory survived. `DIRTY_MB` (default 0) and
+//! `DIRTY_KBPS` (default 4096): a second region of that many MiB whose pages a
+//! thread rewrites in order at that rate, each with the number of its round, so
+//! a migration meets memory that changes while it copies; `/dirty` checks that
+//! every page before the writer holds this round and every page after it the
+//! last one.
 //!
 //! The data file is opened, appended to and closed on every write, never kept open:
 //! CRIU records the size of open files and refuses to restore when it changed (the
@@ -48,6 +55,76 @@ struct State {
     count: Mutex<u64>,
     data_file: PathBuf,
     ballast: Vec<u8>,
+    dirty: Option<Mutex<Dirty>>,
+}
+
+/// The region the dirtying thread rewrites: one `u64` round number at the
+/// start of each 4 KiB page.
+#[derive(Debug)]
+struct Dirty {
+    pages: Vec<u8>,
+    /// The round being written (the first is 1; untouched pages hold 0).
+    round: u64,
+    /// The next page to write.
+    next: usize,
+}
+
+const PAGE: usize = 4096;
+
+impl Dirty {
+    fn pages(&self) -> usize {
+        self.pages.len() / PAGE
+    }
+
+    fn read(&self, page: usize) -> u64 {
+        let at = page * PAGE;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.pages[at..at + 8]);
+        u64::from_le_bytes(word)
+    }
+
+    /// Writes the next `n` pages.
+    fn write(&mut self, n: usize) {
+        for _ in 0..n {
+            let at = self.next * PAGE;
+            self.pages[at..at + 8].copy_from_slice(&self.round.to_le_bytes());
+            self.next += 1;
+            if self.next == self.pages() {
+                self.next = 0;
+                self.round += 1;
+            }
+        }
+    }
+
+    fn check(&self) -> String {
+        for page in 0..self.pages() {
+            let want = if page < self.next {
+                self.round
+            } else {
+                self.round - 1
+            };
+            let got = self.read(page);
+            if got != want {
+                return format!(
+                    "corrupt page {page}: {got}, not {want} (round {}, writer at {})",
+                    self.round, self.next
+                );
+            }
+        }
+        format!("ok {} {}", self.round, self.next)
+    }
+}
+
+/// Rewrites the region's pages in order at `kbps` KiB/s, forever.
+fn dirty_forever(state: &State, kbps: u64) {
+    let Some(dirty) = &state.dirty else { return };
+    // 64 pages (256 KiB) at a time, paced to the rate.
+    const BATCH: usize = 64;
+    let pause = Duration::from_micros((BATCH * PAGE) as u64 * 1_000_000 / 1024 / kbps.max(1));
+    loop {
+        dirty.lock().unwrap_or_else(|p| p.into_inner()).write(BATCH);
+        std::thread::sleep(pause);
+    }
 }
 
 impl State {
@@ -131,6 +208,8 @@ fn run() -> Result<(), String> {
     let data_file =
         PathBuf::from(std::env::var("DATA_FILE").unwrap_or_else(|_| "/data/count.log".into()));
     let ballast_mb: usize = env_or("BALLAST_MB", 0)?;
+    let dirty_mb: usize = env_or("DIRTY_MB", 0)?;
+    let dirty_kbps: u64 = env_or("DIRTY_KBPS", 4096)?;
     if let Some(dir) = data_file.parent().filter(|d| !d.as_os_str().is_empty()) {
         // Best effort: a missing directory shows up as an error on each append.
         let _ = std::fs::create_dir_all(dir);
@@ -139,11 +218,31 @@ fn run() -> Result<(), String> {
     let sum = checksum(&ballast);
     let listener =
         TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("binding 0.0.0.0:{port}: {e}"))?;
+    let dirty = match dirty_mb {
+        0 => None,
+        mb => Some(Mutex::new(Dirty {
+            pages: vec![
+                0u8;
+                mb.checked_mul(1024 * 1024)
+                    .ok_or_else(|| format!("DIRTY_MB={mb} is too large"))?
+            ],
+            round: 1,
+            next: 0,
+        })),
+    };
     let state = Arc::new(State {
         count: Mutex::new(0),
         data_file,
         ballast,
+        dirty,
     });
+    if state.dirty.is_some() {
+        let state = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("dirty".into())
+            .spawn(move || dirty_forever(&state, dirty_kbps))
+            .map_err(|e| format!("spawning the dirtying thread: {e}"))?;
+    }
     println!(
         "novacron-counter listening on 0.0.0.0:{port} (data file {}, ballast {ballast_mb} MiB, checksum {sum})",
         state.data_file.display()
@@ -261,6 +360,13 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         "/count" => respond(&mut stream, "200 OK", &state.current().to_string()),
         "/health" => respond(&mut stream, "200 OK", "ok"),
         "/ballast" => respond(&mut stream, "200 OK", &checksum(&state.ballast).to_string()),
+        "/dirty" => {
+            let answer = match &state.dirty {
+                Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).check(),
+                None => "off".to_owned(),
+            };
+            respond(&mut stream, "200 OK", &answer)
+        }
         _ => respond(&mut stream, "404 Not Found", "not found"),
     }
 }
@@ -287,5 +393,26 @@ mod tests {
         assert!(b.iter().filter(|&&x| x == 0).count() < b.len() / 100);
         assert_eq!(checksum(&b), checksum(&make_ballast(1).expect("1 MiB")));
         assert_eq!(checksum(&[]), 0);
+    }
+
+    #[test]
+    fn the_dirtied_region_checks_round_by_round_and_finds_a_bad_page() {
+        let mut d = Dirty {
+            pages: vec![0u8; 4 * PAGE],
+            round: 1,
+            next: 0,
+        };
+        assert_eq!(d.check(), "ok 1 0");
+        d.write(3);
+        assert_eq!(d.check(), "ok 1 3");
+        d.write(2);
+        assert_eq!(d.check(), "ok 2 1");
+        // A page from an older round (a page lost in a copy) is found.
+        d.pages[2 * PAGE] = 0;
+        assert!(
+            d.check().starts_with("corrupt page 2: 0, not 1"),
+            "{}",
+            d.check()
+        );
     }
 }

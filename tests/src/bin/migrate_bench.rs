@@ -67,6 +67,10 @@ struct Args {
     /// agents support lazy pages).
     #[arg(long)]
     copy: Option<String>,
+    /// A region of this many MiB that the workload rewrites at 4 MiB/s while
+    /// it migrates (0: idle); its pages are checked after each move.
+    #[arg(long, default_value_t = 0)]
+    dirty_mb: u64,
 }
 
 /// The environment of the checkpoint daemons.
@@ -405,6 +409,7 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
         job: &job,
         image: &image,
         ballast_mb: size as u64,
+        dirty_mb: args.dirty_mb,
         port,
         volume: &volume,
         cpu_millis: 1000,
