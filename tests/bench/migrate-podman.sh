@@ -71,6 +71,7 @@
 # Usage: bash tests/bench/migrate-podman.sh [--sizes 64,256] [--runs 3]
 #          [--image novacron-counter:TAG] [--compress zstd|gzip|none]
 #   --sizes LIST   ballast sizes in MiB, comma-separated (default 64,256)
+#   --dirty-mb N   a region of N MiB the counter rewrites at 4 MiB/s (default 0)
 #   --runs N       checkpoint/restore rounds per size (default 3)
 #   --image REF    the counter image on daemon A (default: the newest
 #                  novacron-counter:<16 hex> there)
@@ -83,6 +84,7 @@ SIZES=64,256
 RUNS=3
 IMAGE=
 COMPRESS=zstd
+DIRTY_MB=0
 POLL_MS=5
 HEALTH_S=120
 while [ $# -gt 0 ]; do
@@ -91,6 +93,7 @@ while [ $# -gt 0 ]; do
     --runs) RUNS=$2; shift 2 ;;
     --image) IMAGE=$2; shift 2 ;;
     --compress) COMPRESS=$2; shift 2 ;;
+    --dirty-mb) DIRTY_MB=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -98,6 +101,7 @@ done
 die() { echo "migrate-podman: $*" >&2; exit 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer, got '$RUNS'"
 [[ $SIZES =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--sizes must be MiB, comma-separated, got '$SIZES'"
+[[ $DIRTY_MB =~ ^[0-9]+$ ]] || die "--dirty-mb must be MiB, got '$DIRTY_MB'"
 case $COMPRESS in zstd|gzip|none) ;; *) die "--compress: zstd, gzip or none" ;; esac
 IFS=, read -r -a SIZE_LIST <<<"$SIZES"
 
@@ -341,7 +345,7 @@ for size in "${SIZE_LIST[@]}"; do
   CONTAINERS+=("$name")
   timeout 120 podman run -d --name "$name" --label novacron.podbench=1 \
     --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
-    --image-volume ignore -e BALLAST_MB="$size" \
+    --image-volume ignore -e BALLAST_MB="$size" -e DIRTY_MB="$DIRTY_MB" \
     -p "127.0.0.1:$port:8080" "$PIMAGE" >/dev/null
   health_ms=$(wait_health "$name" "$port")
   for n in 1 2 3 4 5; do
