@@ -692,8 +692,7 @@ async fn dirtying_migration(test: &str, copy: &str) {
     assert_eq!(get(s.port, "/").await.expect("count"), "4");
     if copy == "post-copy" {
         assert!(
-            s.agents[1].log().contains("every page arrived")
-                || s.agents[0].log().contains("every page"),
+            s.agents[1].log().contains("post-copy: every page arrived"),
             "agent a: {}\nagent b: {}",
             s.agents[0].log(),
             s.agents[1].log()

@@ -401,7 +401,14 @@ impl OciDriver {
             // The run's shell writes the exit status when runc returns: until
             // then the run is not over, whatever runc's state directory says
             // (a run whose state runc lost is still a live container).
-            _ if self.exit_code(id).is_none() && self.shell_alive(id) => {
+            // A run that a dump ended (a migration's, kept until it is
+            // restored or removed) is over, whatever its shell does yet: seen
+            // as running in that window, a post-copy source's recovery was
+            // then failed by its health checks and started afresh.
+            _ if self.exit_code(id).is_none()
+                && self.shell_alive(id)
+                && self.pending_dump(id).is_none() =>
+            {
                 if runc.is_none() {
                     warn!(container = %id, "runc does not know the container, but its run has not ended; it is still running");
                 }
@@ -805,6 +812,13 @@ impl OciDriver {
         self.container_dir(id).join("checkpoint")
     }
 
+    /// The CRIU image of container `id` that [`Self::checkpoint_dir`] holds,
+    /// when there is one: its next start restores from it.
+    fn pending_dump(&self, id: &str) -> Option<PathBuf> {
+        let dump = self.checkpoint_dir(id).join("criu");
+        dump.join("inventory.img").exists().then_some(dump)
+    }
+
     /// Where a live migration's stream for container `id` is unpacked on its
     /// target; `.complete` marks it whole.
     pub fn incoming_dir(&self, id: &str) -> PathBuf {
@@ -835,8 +849,7 @@ impl OciDriver {
             info!(container = %id, "already running; nothing to start");
             return Ok(());
         }
-        let dump = self.checkpoint_dir(id).join("criu");
-        if dump.join("inventory.img").exists() {
+        if let Some(dump) = self.pending_dump(id) {
             self.restore_held(id, &dump).await?;
             let _ = std::fs::remove_dir_all(self.checkpoint_dir(id));
             info!(container = %id, "resumed from its migration's dump");
@@ -908,15 +921,21 @@ impl OciDriver {
         self.restore_held(id, images).await
     }
 
-    /// [`Self::restore`], with the container's lock held by the caller.
-    async fn restore_held(&self, id: &str, images: &Path) -> Result<(), RuntimeError> {
-        let mut meta = self.read_meta(id)?;
+    /// What a restore needs first (the container's lock held): its metadata,
+    /// [`Self::prepare`], and an empty CRIU work directory, returned.
+    async fn prepare_restore(&self, id: &str) -> Result<(Meta, PathBuf), RuntimeError> {
+        let meta = self.read_meta(id)?;
         self.prepare(&meta).await?;
-        let dir = self.container_dir(id);
-        let work = dir.join("criu.restore");
+        let work = self.container_dir(id).join("criu.restore");
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)
             .map_err(|e| daemon("restore", format!("{}: {e}", work.display())))?;
+        Ok((meta, work))
+    }
+
+    /// [`Self::restore`], with the container's lock held by the caller.
+    async fn restore_held(&self, id: &str, images: &Path) -> Result<(), RuntimeError> {
+        let (mut meta, work) = self.prepare_restore(id).await?;
         let started = std::time::Instant::now();
         self.launch_restore(id, images, &work, false).await?;
         meta.started_unix_ms = Some(now_ms());
@@ -1231,13 +1250,7 @@ impl OciDriver {
     ) -> Result<tokio::process::Child, RuntimeError> {
         let lock = self.lock_of(id);
         let _held = lock.lock().await;
-        let mut meta = self.read_meta(id)?;
-        self.prepare(&meta).await?;
-        let dir = self.container_dir(id);
-        let work = dir.join("criu.restore");
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work)
-            .map_err(|e| daemon("restore", format!("{}: {e}", work.display())))?;
+        let (mut meta, work) = self.prepare_restore(id).await?;
         let started = std::time::Instant::now();
         let mut daemon_cmd = Command::new(&self.criu);
         daemon_cmd
@@ -1587,9 +1600,7 @@ async fn output(program: &Path, args: &[&str]) -> Result<String, String> {
 /// field), which tells it from a later process with the same pid.
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After the command: state is field 3, start time field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    novacron_common::exposition::process::parse_stat(&stat).map(|s| s.start_ticks)
 }
 
 fn daemon(op: &'static str, message: String) -> RuntimeError {
