@@ -174,6 +174,7 @@ mod support {
         pub fn alloc(&self, name: &str, script: &str, attempts: u32) -> AllocationSpec {
             AllocationSpec {
                 restore: None,
+                suspended: false,
                 id: format!("{:08x}-{name}", rand::random::<u32>()),
                 job: format!("{}-{name}", self.test),
                 job_version: 1,

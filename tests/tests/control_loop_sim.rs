@@ -168,6 +168,8 @@ struct Container {
     running: bool,
     /// Started at this step or later (a slow start).
     ready_at: Duration,
+    /// Paused (a suspended guest).
+    paused: bool,
 }
 
 /// One node: the agent's real decision core and the node's containers.
@@ -530,6 +532,7 @@ impl Sim {
                 started_at_unix_ms: None,
                 ip: None,
                 published: Vec::new(),
+                paused: c.paused,
             })
             .collect();
         let token = node.agent.observe_begin();
@@ -561,6 +564,7 @@ impl Sim {
                                 image: spec.task.image.clone(),
                                 running: true,
                                 ready_at: at + if slow { 3 * STEP } else { Duration::ZERO },
+                                paused: false,
                             },
                         );
                         Ok(Run {
@@ -625,6 +629,28 @@ impl Sim {
                         alloc,
                         container_id,
                         result: Ok(()),
+                    }
+                }
+                Action::Pause {
+                    alloc,
+                    container_id,
+                    paused,
+                } => {
+                    let result = match node.containers.get_mut(&container_id) {
+                        Some(c) if c.running => {
+                            c.paused = paused;
+                            Ok(())
+                        }
+                        _ => Err(novacron_agent::runtime::RuntimeError::NotFound {
+                            op: "pause",
+                            message: "no such running container".into(),
+                        }),
+                    };
+                    Outcome::Paused {
+                        alloc,
+                        container_id,
+                        paused,
+                        result,
                     }
                 }
                 Action::Probe {

@@ -309,6 +309,152 @@ async fn an_idle_vm_is_shut_down_by_the_idle_policy() -> Result<()> {
     Ok(())
 }
 
+/// The wanted allocation of `job` as the controller shows it.
+async fn wanted(c: &novacron_tests::Controller, job: &str) -> Result<novacron_api::AllocView> {
+    c.job(job)
+        .await?
+        .allocations
+        .into_iter()
+        .find(|a| a.desired_run)
+        .context("no wanted allocation")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_vm_stays_paused_through_agent_and_controller_restarts_and_resumes_where_it_was()
+-> Result<()> {
+    require_vm_setup()?;
+    let (_dir, mut c, mut agent) = one_node_fleet("nc-vm-sus", "vm-sus", &[]).await?;
+    let port = free_port();
+    c.apply("susvm.yaml", &counter_vm_job("susvm", port))
+        .await?;
+    wait_for(
+        Duration::from_secs(120),
+        "the VM running and ready",
+        || async {
+            wanted(&c, "susvm")
+                .await
+                .is_ok_and(|a| a.state == AllocState::Running && a.healthy == Some(true))
+        },
+    )
+    .await
+    .with_context(|| agent.log())?;
+    let count = || count_at("127.0.0.1", port);
+    assert_eq!(count().await?, "1");
+    assert_eq!(count().await?, "2");
+    let (_, pid) = qemu_pid(&agent).context("a running qemu")?;
+    let before = wanted(&c, "susvm").await?;
+
+    // Suspended as an operator types it: the CLI returns once the node has
+    // paused the guest.
+    let out = c.cli(&["vm", "suspend", "susvm"]);
+    let said = novacron_tests::succeeded(&out);
+    assert!(said.contains("suspended"), "{said}");
+    let a = wanted(&c, "susvm").await?;
+    assert!(a.suspended && a.state == AllocState::Running, "{a:?}");
+    let list = c.cli(&["vm", "list"]);
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(list.contains("suspended"), "{list}");
+    // A paused guest answers nothing (QEMU still holds the port).
+    assert!(
+        count().await.is_err(),
+        "a suspended guest answered its counter"
+    );
+
+    // Its readiness check (every 2 s) is not run against the paused guest:
+    // nothing restarts or replaces it while it sleeps.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let a = wanted(&c, "susvm").await?;
+    assert_eq!(
+        (a.id.as_str(), a.restarts, a.state),
+        (before.id.as_str(), before.restarts, AllocState::Running),
+        "{a:?}"
+    );
+    assert!(a.suspended, "{a:?}");
+
+    // The agent restarts: it adopts the paused guest and keeps it paused.
+    agent.kill().await;
+    agent.start()?;
+    c.wait_ready("vm-sus", Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, pid_now) = qemu_pid(&agent).context("qemu after the agent restart")?;
+    assert_eq!(pid, pid_now, "the VM was restarted with the agent");
+    assert!(
+        count().await.is_err(),
+        "the agent's restart resumed the guest"
+    );
+    let a = wanted(&c, "susvm").await?;
+    assert!(a.suspended && a.id == before.id, "{a:?}");
+
+    // The controller restarts: the suspension is in its store, and its first
+    // desired set keeps the guest paused.
+    c.restart().await?;
+    c.wait_ready("vm-sus", Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        count().await.is_err(),
+        "the controller's restart resumed the guest"
+    );
+    let d = c.job("susvm").await?;
+    assert!(d.summary.suspended, "{:?}", d.summary);
+
+    // Resumed: the same guest goes on where it was, its memory intact.
+    let out = c.cli(&["vm", "resume", "susvm"]);
+    let said = novacron_tests::succeeded(&out);
+    assert!(said.contains("resumed"), "{said}");
+    // Requests sent while it slept were held by QEMU's network and reach
+    // the guest now (3 timed out above), so the count goes on from 2 by one
+    // to four; a rebooted guest would say 1.
+    let now: u32 = count().await?.parse()?;
+    assert!(
+        (3..=6).contains(&now),
+        "the guest did not keep its memory: count {now} after 2"
+    );
+    let (_, pid_now) = qemu_pid(&agent).context("qemu after the resume")?;
+    assert_eq!(pid, pid_now);
+    wait_for(Duration::from_secs(30), "ready again", || async {
+        wanted(&c, "susvm")
+            .await
+            .is_ok_and(|a| !a.suspended && a.healthy == Some(true))
+    })
+    .await
+    .with_context(|| agent.log())?;
+    let events = c.cli(&["events", "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    for kind in ["vm.suspend_asked", "vm.suspended", "vm.resumed"] {
+        assert!(events.contains(kind), "no {kind} event: {events}");
+    }
+
+    // Suspended again, then stopped: the guest is woken to hear the power
+    // button and powers off cleanly.
+    novacron_tests::succeeded(&c.cli(&["vm", "suspend", "susvm"]));
+    novacron_tests::succeeded(&c.cli(&["vm", "stop", "susvm"]));
+    wait_for(Duration::from_secs(60), "qemu gone", || async {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await
+    .with_context(|| agent.log())?;
+    let log = agent.log();
+    assert!(
+        log.contains("virtual machine stopped") && log.contains("clean=true"),
+        "the suspended guest did not power off cleanly:\n{log}"
+    );
+    // A stopped VM is no longer suspended, and a container job cannot be.
+    assert!(!c.job("susvm").await?.summary.suspended);
+    c.apply("plain.yaml", &novacron_tests::sleeper_manifest("plain"))
+        .await?;
+    let out = c.cli(&["vm", "suspend", "plain"]);
+    assert!(!out.status.success());
+    let refused = c
+        .admin_client()?
+        .post(format!("{}/v1/vms/plain/suspend", c.api()))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), reqwest::StatusCode::CONFLICT);
+    let why = refused.text().await?;
+    assert!(why.contains("not a virtual machine"), "{why}");
+    Ok(())
+}
+
 /// A VM job with a counter in guest memory, published on `port`, with a
 /// health check.
 fn counter_vm_job(name: &str, port: u16) -> String {

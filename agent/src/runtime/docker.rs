@@ -470,6 +470,19 @@ impl ContainerRuntime for DockerRuntime {
         .await
     }
 
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let details = self.inspect(id).await?;
+        if details.paused == paused {
+            return Ok(());
+        }
+        if paused {
+            timed("pause", CALL_TIMEOUT, docker.pause_container(id)).await
+        } else {
+            timed("unpause", CALL_TIMEOUT, docker.unpause_container(id)).await
+        }
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let docker = self.client().await?;
         let options = RemoveContainerOptionsBuilder::default()
@@ -935,6 +948,7 @@ fn details_of(details: ContainerInspectResponse, id: &str) -> ContainerDetails {
         started_at_unix_ms: state.started_at.as_deref().and_then(rfc3339_to_unix_ms),
         ip,
         published,
+        paused: state.paused == Some(true),
     }
 }
 

@@ -229,6 +229,16 @@ impl ContainerRuntime for HostRuntime {
         self.docker.stop(id, grace).await
     }
 
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
+        if vm::is_vm(id) {
+            return self.driver("pause")?.set_paused(id, paused).await;
+        }
+        if oci::is_oci(id) {
+            return self.oci_driver("pause")?.set_paused(id, paused).await;
+        }
+        self.docker.set_paused(id, paused).await
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         if vm::is_vm(id) {
             return self.driver("remove")?.remove(id).await;

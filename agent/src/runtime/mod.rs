@@ -153,6 +153,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Removes a container (forcibly, with its anonymous volumes).
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
+    /// Pauses (`true`) or resumes (`false`) a running container or guest: its
+    /// processes (a VM's vCPUs) stop and keep their memory. Pausing a paused
+    /// one, or resuming a running one, succeeds.
+    fn set_paused(
+        &self,
+        id: &str,
+        paused: bool,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
     /// One reading of a running container's counters (no waiting for a second one).
     fn stats(&self, id: &str) -> impl Future<Output = Result<StatsReading, RuntimeError>> + Send;
 
@@ -386,6 +395,8 @@ pub struct ContainerDetails {
     pub ip: Option<IpAddr>,
     /// Its ports as published on the host (empty unless it runs).
     pub published: Vec<PublishedPort>,
+    /// Running but paused (Docker's `paused`, a guest stopped over QMP).
+    pub paused: bool,
 }
 
 /// Where a container is in its life.

@@ -83,6 +83,8 @@ pub struct Observed {
     pub ip: Option<IpAddr>,
     /// Its ports as published on the host.
     pub published: Vec<PublishedPort>,
+    /// Running but paused (a suspended guest).
+    pub paused: bool,
 }
 
 impl Observed {
@@ -97,6 +99,7 @@ impl Observed {
             started_at_unix_ms: details.started_at_unix_ms,
             ip: details.ip,
             published: details.published,
+            paused: details.paused,
         })
     }
 }
@@ -137,6 +140,16 @@ pub enum Action {
         alloc: String,
         /// The container.
         container_id: String,
+    },
+    /// Pause (`paused`) or resume a running guest: the desired set suspends
+    /// or resumes it.
+    Pause {
+        /// Allocation id.
+        alloc: String,
+        /// The container (a VM).
+        container_id: String,
+        /// Pause, or resume.
+        paused: bool,
     },
     /// Run one health check.
     Probe {
@@ -244,6 +257,17 @@ pub enum Outcome {
         /// The container.
         container_id: String,
         /// Stopped (a container already gone counts as stopped), or why not.
+        result: Result<(), RuntimeError>,
+    },
+    /// Answers [`Action::Pause`].
+    Paused {
+        /// Allocation id.
+        alloc: String,
+        /// The container.
+        container_id: String,
+        /// Paused, or resumed.
+        paused: bool,
+        /// Done, or why not.
         result: Result<(), RuntimeError>,
     },
     /// Answers [`Action::Probe`].
@@ -633,6 +657,42 @@ impl Reconciler {
                     }
                 }
             }
+            Outcome::Paused {
+                alloc,
+                container_id,
+                paused,
+                result,
+            } => {
+                let retry_at = now + self.config.remove_retry;
+                let Some(rec) = self.records.get_mut(&alloc) else {
+                    return;
+                };
+                rec.busy = false;
+                rec.changed_epoch = epoch;
+                if !rec.container.as_ref().is_some_and(|c| c.id == container_id) {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        rec.retry_at = None;
+                        rec.paused = paused;
+                        if paused {
+                            rec.message = "suspended: the guest is paused".into();
+                        } else {
+                            rec.message = "resumed".into();
+                            // Checks start over, with their initial delays.
+                            rec.probes = rec.health().map(|h| Probes::start(h, now));
+                        }
+                    }
+                    // Gone: the next observation says what became of it.
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        rec.retry_at = Some(retry_at);
+                        rec.message =
+                            format!("cannot {}: {e}", if paused { "suspend" } else { "resume" });
+                    }
+                }
+            }
             Outcome::Probed {
                 alloc,
                 container_id,
@@ -646,8 +706,13 @@ impl Reconciler {
                     rec.probes = None;
                     return;
                 };
+                // A result taken while the guest was being suspended, or
+                // after, says nothing of its health.
+                let suspended =
+                    rec.paused || rec.desired.as_ref().is_some_and(|d| d.spec.suspended);
                 let current = rec.state == AllocState::Running
                     && rec.unhealthy.is_none()
+                    && !suspended
                     && !rec.busy
                     && rec.container.as_ref().is_some_and(|c| c.id == container_id);
                 let Some(p) = rec.probes.as_mut().filter(|_| current) else {
@@ -799,6 +864,23 @@ impl Reconciler {
                         }
                         continue;
                     }
+                    if spec.suspended != rec.paused {
+                        if rec.retry_at.is_none_or(|t| t <= now) {
+                            rec.busy = true;
+                            rec.retry_at = None;
+                            actions.push(Action::Pause {
+                                alloc: id.clone(),
+                                container_id: c.id.clone(),
+                                paused: spec.suspended,
+                            });
+                        }
+                        continue;
+                    }
+                    if rec.paused {
+                        // A suspended guest answers nothing: no checks until
+                        // it is resumed.
+                        continue;
+                    }
                     let (Some(health), Some(p)) = (
                         rec.desired
                             .as_ref()
@@ -861,10 +943,13 @@ impl Reconciler {
                 .filter_map(|r| match (r.state, &r.desired) {
                     (_, None) => r.container.as_ref().and(r.retry_at),
                     (AllocState::Starting, Some(_)) => r.restart_at,
-                    (AllocState::Running, Some(_)) if r.container.is_some() => {
-                        if r.unhealthy.is_some() {
-                            // `plan` stops it at once; only a failed stop waits.
+                    (AllocState::Running, Some(d)) if r.container.is_some() => {
+                        if r.unhealthy.is_some() || d.spec.suspended != r.paused {
+                            // `plan` stops, pauses or resumes it at once; only
+                            // a failed attempt waits.
                             r.retry_at
+                        } else if r.paused {
+                            None
                         } else {
                             r.probes.as_ref().and_then(Probes::next_deadline)
                         }
@@ -917,6 +1002,7 @@ impl Reconciler {
                     },
                     image_digest: rec.image_digest.clone(),
                     pull: None,
+                    suspended: rec.paused && rec.state == AllocState::Running,
                 }
             })
             .collect();
@@ -943,6 +1029,7 @@ impl Reconciler {
                 published: Vec::new(),
                 image_digest: None,
                 pull: None,
+                suspended: false,
             });
         }
         allocations.sort_by(|a, b| a.id.cmp(&b.id));
@@ -1033,6 +1120,8 @@ struct Record {
     ip: Option<IpAddr>,
     published: Vec<PublishedPort>,
     image_digest: Option<String>,
+    /// Its guest is paused (observed, or a pause that succeeded).
+    paused: bool,
     /// A launch, start or removal is in flight.
     busy: bool,
     /// The epoch of the last change; older observations are ignored.
@@ -1068,6 +1157,7 @@ impl Record {
             ip: None,
             published: Vec::new(),
             image_digest: None,
+            paused: false,
             busy: false,
             changed_epoch: epoch,
             observed: false,
@@ -1100,6 +1190,7 @@ impl Record {
 
     fn enter_running(&mut self, now: Instant, run: Run, message: &str) {
         self.state = AllocState::Running;
+        self.paused = false;
         self.restore_failed = false;
         self.restart_at = None;
         self.started_at_unix_ms = run.started_at_unix_ms;
@@ -1188,7 +1279,22 @@ impl Record {
             published: o.published,
             image_digest: None,
         };
-        match (self.state, o.status) {
+        let running = o.status == ContainerStatus::Running;
+        self.observe_status(now, desired_hash, same_run, run, o.status);
+        // A paused guest is seen as such (adopted after an agent restart
+        // too); `plan` then pauses or resumes it as the set says.
+        self.paused = running && self.state == AllocState::Running && o.paused;
+    }
+
+    fn observe_status(
+        &mut self,
+        now: Instant,
+        desired_hash: String,
+        same_run: bool,
+        run: Run,
+        status: ContainerStatus,
+    ) {
+        match (self.state, status) {
             (AllocState::Pending, ContainerStatus::Running) => {
                 self.run_hash = Some(desired_hash);
                 self.enter_running(now, run, "adopted the running container");
@@ -1335,6 +1441,7 @@ mod tests {
     fn spec(id: &str, restart: RestartSpec) -> AllocationSpec {
         AllocationSpec {
             restore: None,
+            suspended: false,
             id: id.into(),
             job: "job".into(),
             job_version: 1,
@@ -1373,6 +1480,7 @@ mod tests {
             started_at_unix_ms: Some(1_000),
             ip: None,
             published: Vec::new(),
+            paused: false,
         }
     }
 
@@ -2468,5 +2576,168 @@ mod tests {
         );
         assert_eq!(r.container_of("a").as_deref(), Some("c1"));
         assert_eq!(r.container_of("b"), None);
+    }
+
+    fn paused(alloc: &str, cid: &str, paused: bool, result: Result<(), RuntimeError>) -> Outcome {
+        Outcome::Paused {
+            alloc: alloc.into(),
+            container_id: cid.into(),
+            paused,
+            result,
+        }
+    }
+
+    #[test]
+    fn a_suspended_guest_is_paused_kept_unchecked_and_resumed_with_fresh_checks() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = checked(Some(tcp_probe(80, 1)), None, None);
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        let t1 = t0 + Duration::from_secs(2);
+        let probes = probe_all(&mut r, t1, "c1", &|_| true);
+        assert!(probes.is_empty(), "{probes:?}");
+        assert_eq!(status(&r, "a").healthy, Some(true));
+        // The set suspends it: one pause, and nothing else until it is done.
+        let mut s = a.clone();
+        s.suspended = true;
+        r.apply(desired(2, vec![s.clone()]));
+        let actions = r.plan(t1, 16);
+        assert_eq!(
+            actions,
+            vec![Action::Pause {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                paused: true,
+            }]
+        );
+        assert!(r.plan(t1, 16).is_empty(), "one pause at a time");
+        r.complete(t1, paused("a", "c1", true, Ok(())));
+        let st = status(&r, "a");
+        assert!(st.suspended && st.state == AllocState::Running, "{st:?}");
+        // Paused, as observed: no check runs, however long, and nothing is due.
+        let token = r.observe_begin();
+        let mut o = observed(&s, "c1", ContainerStatus::Running);
+        o.paused = true;
+        r.observe(t1, token, vec![o.clone()]);
+        assert_eq!(r.next_deadline(), None);
+        for secs in [3, 10, 120] {
+            let actions = r.plan(t0 + Duration::from_secs(secs), 16);
+            assert!(actions.is_empty(), "at {secs} s: {actions:?}");
+        }
+        assert_eq!(status(&r, "a").state, AllocState::Running);
+        // Resumed: one resume, then the checks start over after their delay.
+        r.apply(desired(3, vec![a.clone()]));
+        let t2 = t0 + Duration::from_secs(200);
+        assert_eq!(
+            r.plan(t2, 16),
+            vec![Action::Pause {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                paused: false,
+            }]
+        );
+        r.complete(t2, paused("a", "c1", false, Ok(())));
+        assert!(!status(&r, "a").suspended);
+        assert!(
+            r.plan(t2, 16).is_empty(),
+            "no check before its initial delay"
+        );
+        let t3 = t2 + Duration::from_secs(1);
+        assert!(
+            matches!(&r.plan(t3, 16)[..], [Action::Probe { .. }]),
+            "the checks run again"
+        );
+    }
+
+    #[test]
+    fn a_check_that_fails_while_its_guest_is_paused_counts_for_nothing() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let a = checked(Some(tcp_probe(80, 1)), None, None);
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        let t1 = t0 + Duration::from_secs(1);
+        let probe = r.plan(t1, 16);
+        assert!(matches!(&probe[..], [Action::Probe { .. }]), "{probe:?}");
+        // The guest is suspended while its check is in flight; the check
+        // then times out.
+        let mut s = a.clone();
+        s.suspended = true;
+        r.apply(desired(2, vec![s]));
+        let pause = r.plan(t1, 16);
+        assert!(
+            matches!(&pause[..], [Action::Pause { paused: true, .. }]),
+            "{pause:?}"
+        );
+        r.complete(t1, paused("a", "c1", true, Ok(())));
+        r.complete(
+            t1,
+            Outcome::Probed {
+                alloc: "a".into(),
+                container_id: "c1".into(),
+                role: ProbeRole::Liveness,
+                result: Err("timed out".into()),
+            },
+        );
+        let st = status(&r, "a");
+        assert_eq!(st.state, AllocState::Running, "{st:?}");
+        assert_ne!(st.healthy, Some(false), "{st:?}");
+        assert!(r.plan(t1 + Duration::from_secs(5), 16).is_empty());
+    }
+
+    #[test]
+    fn a_paused_guest_found_after_an_agent_restart_is_kept_paused_or_resumed_as_the_set_says() {
+        for suspended in [true, false] {
+            let mut r = core();
+            let t0 = Instant::now();
+            let mut a = checked(Some(tcp_probe(80, 1)), None, None);
+            a.suspended = suspended;
+            r.apply(desired(1, vec![a.clone()]));
+            let token = r.observe_begin();
+            let mut o = observed(&a, "c1", ContainerStatus::Running);
+            o.paused = true;
+            r.observe(t0, token, vec![o]);
+            let actions = r.plan(t0, 16);
+            let st = status(&r, "a");
+            assert_eq!(st.state, AllocState::Running, "adopted, not restarted");
+            assert!(st.suspended, "reported as it is");
+            if suspended {
+                assert!(actions.is_empty(), "{actions:?}");
+            } else {
+                assert!(
+                    matches!(&actions[..], [Action::Pause { paused: false, .. }]),
+                    "{actions:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_pause_that_fails_is_tried_again_later_and_says_why() {
+        let mut r = core();
+        let t0 = Instant::now();
+        let mut a = spec("a", once());
+        r.apply(desired(1, vec![a.clone()]));
+        launched(&mut r, t0, &a, "c1");
+        a.suspended = true;
+        r.apply(desired(2, vec![a]));
+        assert_eq!(r.plan(t0, 16).len(), 1);
+        let error = RuntimeError::Daemon {
+            op: "suspend",
+            message: "qmp: connection refused".into(),
+        };
+        r.complete(t0, paused("a", "c1", true, Err(error)));
+        let st = status(&r, "a");
+        assert!(
+            !st.suspended && st.message.contains("cannot suspend"),
+            "{st:?}"
+        );
+        assert!(r.plan(t0, 16).is_empty(), "not at once");
+        let retry = r.next_deadline().expect("a retry is due");
+        assert!(matches!(
+            &r.plan(retry, 16)[..],
+            [Action::Pause { paused: true, .. }]
+        ));
     }
 }

@@ -203,6 +203,7 @@ mod tests {
                 ..TaskSpec::default()
             },
             restore: None,
+            suspended: false,
         }
     }
 

@@ -211,6 +211,7 @@ mod tests {
     fn alloc() -> AllocationSpec {
         AllocationSpec {
             restore: None,
+            suspended: false,
             id: "0123456789abcdef".into(),
             job: "web".into(),
             job_version: 3,

@@ -621,7 +621,8 @@ fn action_container(action: &Action) -> Option<&str> {
         Action::Launch { replace, .. } => replace.as_deref(),
         Action::Start { container_id, .. }
         | Action::Remove { container_id, .. }
-        | Action::Stop { container_id, .. } => Some(container_id),
+        | Action::Stop { container_id, .. }
+        | Action::Pause { container_id, .. } => Some(container_id),
         Action::Probe { .. } => None,
     }
 }
@@ -641,7 +642,8 @@ fn outcome_container(outcome: &Outcome) -> Option<&str> {
         } => Some(id),
         Outcome::Started { container_id, .. }
         | Outcome::Removed { container_id, .. }
-        | Outcome::Stopped { container_id, .. } => Some(container_id),
+        | Outcome::Stopped { container_id, .. }
+        | Outcome::Paused { container_id, .. } => Some(container_id),
         _ => None,
     }
 }
@@ -685,6 +687,16 @@ fn panicked(action: Action) -> Outcome {
         } => Outcome::Stopped {
             alloc,
             container_id,
+            result: Err(error),
+        },
+        Action::Pause {
+            alloc,
+            container_id,
+            paused,
+        } => Outcome::Paused {
+            alloc,
+            container_id,
+            paused,
             result: Err(error),
         },
         Action::Probe {
@@ -812,6 +824,24 @@ async fn execute<R: ContainerRuntime>(inner: Arc<Inner<R>>, action: Action) -> O
             Outcome::Stopped {
                 alloc,
                 container_id,
+                result,
+            }
+        }
+        Action::Pause {
+            alloc,
+            container_id,
+            paused,
+        } => {
+            let result = runtime.set_paused(&container_id, paused).await;
+            let what = if paused { "suspended" } else { "resumed" };
+            match &result {
+                Ok(()) => info!(%alloc, container = %container_id, "{what}"),
+                Err(e) => warn!(%alloc, container = %container_id, error = %e, "cannot be {what}"),
+            }
+            Outcome::Paused {
+                alloc,
+                container_id,
+                paused,
                 result,
             }
         }
@@ -1212,6 +1242,7 @@ mod tests {
         labels: HashMap<String, String>,
         status: ContainerStatus,
         started_at: Option<u64>,
+        paused: bool,
     }
 
     impl Fake {
@@ -1246,6 +1277,7 @@ mod tests {
                         .collect(),
                     status: ContainerStatus::Running,
                     started_at: Some(1),
+                    paused: false,
                 },
             );
         }
@@ -1365,6 +1397,7 @@ mod tests {
                 started_at_unix_ms: c.started_at,
                 ip: None,
                 published: Vec::new(),
+                paused: c.paused,
             })
         }
 
@@ -1394,6 +1427,7 @@ mod tests {
                     labels: config.labels.clone().into_iter().collect(),
                     status: ContainerStatus::Created,
                     started_at: None,
+                    paused: false,
                 },
             );
             Ok(id)
@@ -1414,6 +1448,16 @@ mod tests {
 
         async fn stop(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
             self.exit(id, 143);
+            Ok(())
+        }
+
+        async fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
+            let mut st = self.state();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| not_found("pause"))?;
+            c.paused = paused;
             Ok(())
         }
 
@@ -1511,6 +1555,7 @@ mod tests {
     fn alloc(id: &str) -> AllocationSpec {
         AllocationSpec {
             restore: None,
+            suspended: false,
             id: id.into(),
             job: "job".into(),
             job_version: 1,

@@ -70,6 +70,11 @@ pub struct JobSummary {
     /// The virtual machine its task runs (template resolved), when it runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<novacron_common::wire::VmSpec>,
+    /// A VM suspended by an operator (`novacron vm suspend`): its guest is kept
+    /// paused until it is resumed; each allocation's `suspended` says whether
+    /// its node has paused it yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 /// `job status`: the summary plus the allocations.
@@ -144,6 +149,9 @@ pub struct AllocView {
     /// them and last reported (empty unless it runs): the address to reach it at.
     #[serde(default)]
     pub published: Vec<PublishedAddressView>,
+    /// Its node reports its guest paused: a suspended VM (`novacron vm suspend`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 /// A port of a running allocation as its node published it: `host_ip:host_port`

@@ -889,6 +889,12 @@ pub struct AllocationSpec {
     /// the allocation runs does not restart the container.
     #[serde(default)]
     pub restore: Option<RestoreFrom>,
+    /// A virtual machine the operator suspended (`novacron vm suspend`): the
+    /// node keeps its guest paused (QMP `stop`, memory kept, no health checks)
+    /// until a set clears this. Not part of the spec hash: suspending or
+    /// resuming never restarts anything. Appended in protocol 3.
+    #[serde(default)]
+    pub suspended: bool,
 }
 
 /// The checkpoint an allocation starts from. The agent takes the bundle from its
@@ -1348,6 +1354,11 @@ pub struct AllocationStatus {
     /// The pull in progress for its start, if any. Since protocol 3.
     #[serde(default)]
     pub pull: Option<PullProgress>,
+    /// Its guest is paused on the controller's word
+    /// ([`AllocationSpec::suspended`]); its state stays `Running`. Appended in
+    /// protocol 3.
+    #[serde(default)]
+    pub suspended: bool,
 }
 
 /// How far a pull is.

@@ -488,7 +488,7 @@ structs! {
     StreamOpen { protocol_version, kind };
     MetricsBatch { samples, dropped_total };
     DesiredAllocations { epoch, generation, allocations } + { prepull: Vec::new() };
-    AllocationSpec { id, job, job_version, task, restore };
+    AllocationSpec { id, job, job_version, task, restore } + { suspended: false };
     RestoreFrom { digest, size, mode } + { incoming_vm: None };
     TaskSpec { batch, image, command, args, env, ports, volumes, working_dir, cpu_millis, memory_bytes, gpu_uuids, restart, health }
         + { shutdown_delay_ms: 0, pull_policy: crate::PullPolicy::Never, secrets: Vec::new(), registry_auth: None, image_digest: None, vm: None };
@@ -499,7 +499,7 @@ structs! {
     ProbeSpec { check, period_ms, timeout_ms, failure_threshold, initial_delay_ms };
     AllocationReport { generation, allocations };
     AllocationStatus { id, state, healthy, restarts, exit_code, message, failure, restore_failed, container_id, started_at_unix_ms }
-        + { published: Vec::new(), image_digest: None, pull: None };
+        + { published: Vec::new(), image_digest: None, pull: None, suspended: false };
     AllocationUsage { id, cpu_percent, memory_bytes, memory_limit_bytes, rx_bytes_per_sec, tx_bytes_per_sec };
     LogRequest { request_id, allocation, follow, tail };
     LogChunk { stderr, data, end };

@@ -1278,6 +1278,7 @@ mod tests {
             ports,
             restore: None,
             published,
+            suspended: false,
         }
     }
 

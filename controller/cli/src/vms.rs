@@ -69,6 +69,24 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
+    /// Suspend a VM: its guest is paused where it is (its vCPUs stop, its
+    /// memory is kept) until it is resumed; it stays suspended across agent
+    /// and controller restarts.
+    Suspend {
+        /// The VM.
+        name: String,
+        /// Return once the controller has it, without waiting for the node.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Resume a suspended VM where it was paused.
+    Resume {
+        /// The VM.
+        name: String,
+        /// Return once the controller has it, without waiting for the node.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Restart a VM: it is powered off and booted again (a fresh allocation).
     Restart {
         /// The VM.
@@ -95,6 +113,9 @@ pub enum VmCommand {
         name: String,
     },
 }
+
+/// How long `vm suspend` and `vm resume` wait for the node to have done it.
+const SUSPEND_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Memory the node reserves for QEMU itself beyond the guest's, MiB.
 pub const QEMU_OVERHEAD_MIB: u64 = 64;
@@ -277,6 +298,9 @@ fn vm_state(job: &JobDetail) -> (String, Option<String>, Vec<String>) {
         );
     };
     let state = match a.state {
+        AllocState::Running if a.suspended && job.summary.suspended => "suspended".to_owned(),
+        AllocState::Running if a.suspended => "resuming".to_owned(),
+        AllocState::Running if job.summary.suspended => "suspending".to_owned(),
         AllocState::Running if a.healthy == Some(false) => "running (not ready)".to_owned(),
         AllocState::Running => "running".to_owned(),
         other => other.to_string(),
@@ -410,6 +434,56 @@ pub async fn run(
                 .post(&["v1", "jobs", name, "stop"], &serde_json::json!({}))
                 .await?;
             writeln!(out, "vm {name} stopping: the guest is asked to power off").map_err(io)?;
+        }
+        VmCommand::Suspend { name, no_wait } | VmCommand::Resume { name, no_wait } => {
+            let suspend = matches!(cmd, VmCommand::Suspend { .. });
+            let verb = if suspend { "suspend" } else { "resume" };
+            vm_job(client, name).await?;
+            let () = client
+                .post(&["v1", "vms", name, verb], &serde_json::json!({}))
+                .await?;
+            if *no_wait {
+                writeln!(out, "vm {name}: {verb} asked").map_err(io)?;
+                return Ok(());
+            }
+            // The node pauses or resumes the guest on its next desired set;
+            // its report says when.
+            let deadline = std::time::Instant::now() + SUSPEND_WAIT;
+            loop {
+                let job = vm_job(client, name).await?;
+                let alloc = job.allocations.iter().find(|a| a.desired_run);
+                match alloc {
+                    Some(a) if a.state == AllocState::Running && a.suspended == suspend => {
+                        let done = if suspend {
+                            "suspended: its guest is paused, its memory kept"
+                        } else {
+                            "resumed: its guest runs again"
+                        };
+                        writeln!(out, "vm {name} {done} (on {})", a.node).map_err(io)?;
+                        return Ok(());
+                    }
+                    None if suspend => {
+                        writeln!(
+                            out,
+                            "vm {name} is not running: it is suspended as soon as it runs"
+                        )
+                        .map_err(io)?;
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+                if std::time::Instant::now() >= deadline {
+                    let why = alloc.map_or_else(
+                        || "it has no allocation".to_owned(),
+                        |a| format!("{} on {}: {}", a.state, a.node, a.message),
+                    );
+                    return Err(CliError::Invalid(format!(
+                        "vm {name}: {verb} asked, but its node has not done it within {} s ({why}); novacron vm list shows when it has",
+                        SUSPEND_WAIT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
         }
         VmCommand::Restart { name } => {
             let job = vm_job(client, name).await?;

@@ -380,6 +380,7 @@ pub(crate) fn workload_problem(e: WorkloadError) -> Problem {
         e @ (WorkloadError::UnknownJob(_)
         | WorkloadError::UnknownAlloc(_)
         | WorkloadError::UnknownVersion(_)) => Problem(StatusCode::NOT_FOUND, e.to_string()),
+        WorkloadError::Conflict(m) => Problem(StatusCode::CONFLICT, m),
         WorkloadError::Store(e) => crate::http::api::store_problem(e),
     }
 }

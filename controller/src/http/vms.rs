@@ -1,6 +1,7 @@
 //! `/v1/vms/templates`: apply, list and delete `VMTemplate`s (machine shapes that
-//! jobs name in `spec.task.vm.template`). Every change records an event naming
-//! the caller. The VMs themselves are jobs (`/v1/jobs`).
+//! jobs name in `spec.task.vm.template`); `/v1/vms/{name}/suspend` and
+//! `/resume`. Every change records an event naming the caller. The VMs
+//! themselves are jobs (`/v1/jobs`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,6 +24,54 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(apply, list))
         .routes(routes!(delete))
         .routes(routes!(delete_template))
+        .routes(routes!(suspend))
+        .routes(routes!(resume))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/suspend", operation_id = "suspend_vm", tag = "workloads", params(("name" = String, Path, description = "the VM's job name")), responses((status = 204, description = "kept (persisted) as suspended: its node pauses the guest (QMP `stop`), keeping its memory, and runs no health checks on it until it is resumed; the allocation's `suspended` says when the node has done it"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "the job runs no VM, or is stopped", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn suspend(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    name: Path<String>,
+) -> Result<StatusCode, Problem> {
+    set_suspended(state, caller, name, true).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", operation_id = "resume_vm", tag = "workloads", params(("name" = String, Path, description = "the VM's job name")), responses((status = 204, description = "no longer suspended: its node resumes the guest (QMP `cont`) where it was"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "the job runs no VM, or is stopped", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+async fn resume(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    name: Path<String>,
+) -> Result<StatusCode, Problem> {
+    set_suspended(state, caller, name, false).await
+}
+
+async fn set_suspended(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    suspended: bool,
+) -> Result<StatusCode, Problem> {
+    caller.require(Role::Operator)?;
+    let by = caller.0.to_string();
+    let (workloads, n, who) = (st.workloads.clone(), name.clone(), by.clone());
+    let changed = tokio::task::spawn_blocking(move || workloads.set_suspended(&n, suspended, &who))
+        .await
+        .map_err(internal)?
+        .map_err(crate::http::jobs::workload_problem)?;
+    if changed {
+        let asked = if suspended { "suspend" } else { "resume" };
+        st.events.note(
+            NewEvent::new(
+                kind::VM_SUSPEND_ASKED,
+                by,
+                format!("vm {name}: {asked} asked"),
+            )
+            .job(&name)
+            .detail("suspend", if suspended { "true" } else { "false" }),
+        );
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/v1/vms/templates", operation_id = "apply_vm_templates", tag = "workloads", request_body = ApplyRequest, responses((status = 200, body = Vec<AppliedTemplate>), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the manifest is invalid; the message names file, line, field and what is accepted", content_type = "application/problem+json", body = ApiError), (status = 503, description = "busy checking other manifests, or the store cannot write now; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 507, description = "the data directory's disk is full; nothing was saved", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]

@@ -868,6 +868,7 @@ mod tests {
             disk_bytes: 0,
             ports: vec![],
             published: vec![],
+            suspended: false,
         }
     }
 

@@ -317,6 +317,7 @@ mod tests {
             disk_bytes: 0,
             ports: vec![],
             published: vec![],
+            suspended: false,
         }
     }
 

@@ -78,6 +78,12 @@ pub mod kind {
     pub const POOL_APPLIED: &str = "pool.applied";
     /// A VM template was applied or deleted.
     pub const VM_TEMPLATE: &str = "vm.template";
+    /// An operator asked for a VM to be suspended or resumed.
+    pub const VM_SUSPEND_ASKED: &str = "vm.suspend_asked";
+    /// A VM's node reports its guest paused (suspended).
+    pub const VM_SUSPENDED: &str = "vm.suspended";
+    /// A suspended VM's node reports its guest running again.
+    pub const VM_RESUMED: &str = "vm.resumed";
     /// A node pool grew: nodes were created.
     pub const POOL_SCALED: &str = "pool.scaled";
     /// A pool member was cordoned to be removed.

@@ -115,7 +115,9 @@ fn idle_jobs(st: &ApiState, now: SystemTime) -> Vec<(String, String, String)> {
     let now_ms = unix_ms(now);
     let mut out = Vec::new();
     for j in st.workloads.jobs() {
-        if st.workloads.is_stopped(&j.name) {
+        // A suspended VM is idle by the operator's choice, and stopping it
+        // would lose the memory the suspension keeps.
+        if st.workloads.is_stopped(&j.name) || st.workloads.is_suspended(&j.name) {
             continue;
         }
         let Some(written) = job_label(&st.workloads, &j.name, LABEL) else {

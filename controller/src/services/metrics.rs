@@ -891,6 +891,7 @@ mod tests {
             disk_bytes: 0,
             ports: vec![],
             published: vec![],
+            suspended: false,
         }
     }
 
@@ -911,6 +912,7 @@ mod tests {
             submitted_at_unix_ms: 0,
             submitted_by: "alice".into(),
             vm: None,
+            suspended: false,
         }
     }
 

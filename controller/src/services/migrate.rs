@@ -292,6 +292,12 @@ impl Migrations {
             mode
         };
         let (record, mode, _) = self.running(alloc, mode, "migrate")?;
+        if self.workloads.is_suspended(&record.job) {
+            return Err(MigrateError::Invalid(format!(
+                "vm {} is suspended; resume it (novacron vm resume {}) before moving it",
+                record.job, record.job
+            )));
+        }
         if self.workloads.is_vm(alloc) {
             if let Some(c) = copy {
                 return Err(MigrateError::Invalid(format!(

@@ -67,6 +67,9 @@ pub enum WorkloadError {
     /// No such stored version of a job (the message names the kept ones).
     #[error("{0}")]
     UnknownVersion(String),
+    /// The job's state does not allow it (the message says what would).
+    #[error("{0}")]
+    Conflict(String),
     /// Persisting failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -98,7 +101,7 @@ impl JobEntry {
 
 /// What decides whether a node's desired set changed, per allocation: id,
 /// version, checkpoint digest and image digest.
-type DesiredKey = (String, u64, Option<String>, Option<String>);
+type DesiredKey = (String, u64, Option<String>, Option<String>, bool);
 
 #[derive(Debug)]
 struct NodeDesired {
@@ -543,6 +546,8 @@ impl Workloads {
             .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
         let mut record = entry.record.clone();
         record.stopped = true;
+        // A stopped VM powers off: nothing is left to keep suspended.
+        record.suspended = false;
         record.status = "stopped".into();
         record.message = format!("stopped by {by}");
         self.store.put_job(&record)?;
@@ -551,6 +556,59 @@ impl Workloads {
         info!(job = name, by, "job stopped");
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Whether job `name` is a VM suspended by an operator.
+    pub fn is_suspended(&self, name: &str) -> bool {
+        self.lock()
+            .jobs
+            .get(name)
+            .is_some_and(|e| e.record.suspended)
+    }
+
+    /// Suspends (`true`) or resumes VM job `name`: persisted first, then its
+    /// node's desired set says so, and the node pauses or resumes the guest
+    /// (QMP `stop`/`cont`, its memory kept). Returns whether anything changed.
+    /// Refused for a job that does not run a VM, and for a stopped one.
+    pub fn set_suspended(
+        &self,
+        name: &str,
+        suspended: bool,
+        by: &str,
+    ) -> Result<bool, WorkloadError> {
+        let mut st = self.lock();
+        let entry = st
+            .jobs
+            .get_mut(name)
+            .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+        let is_vm = entry
+            .record
+            .versions
+            .iter()
+            .find(|v| v.version == entry.record.current)
+            .is_some_and(|v| v.vm.is_some())
+            || entry.current().is_some_and(|j| j.spec.task.vm.is_some());
+        if !is_vm {
+            return Err(WorkloadError::Conflict(format!(
+                "job {name} runs containers, not a virtual machine; only VMs can be suspended (stop it with novacron job stop {name})"
+            )));
+        }
+        if entry.record.stopped {
+            return Err(WorkloadError::Conflict(format!(
+                "vm {name} is stopped; start it with novacron vm start {name}"
+            )));
+        }
+        if entry.record.suspended == suspended {
+            return Ok(false);
+        }
+        let mut record = entry.record.clone();
+        record.suspended = suspended;
+        self.store.put_job(&record)?;
+        entry.record = record;
+        drop(st);
+        info!(job = name, by, suspended, "vm suspension changed");
+        self.wake.notify_one();
+        Ok(true)
     }
 
     /// Evicts one allocation: the controller no longer wants it to run (its agent
@@ -917,6 +975,30 @@ impl Workloads {
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
             a.published = published(status);
+            let suspended = status.suspended && status.state == AllocState::Running;
+            if suspended != a.suspended {
+                a.suspended = suspended;
+                let (what, text) = if suspended {
+                    (
+                        kind::VM_SUSPENDED,
+                        format!(
+                            "virtual machine {} ({}) is suspended on {node}: its guest is paused, its memory kept",
+                            a.job, a.id
+                        ),
+                    )
+                } else {
+                    (
+                        kind::VM_RESUMED,
+                        format!("virtual machine {} ({}) runs again on {node}", a.job, a.id),
+                    )
+                };
+                events.push(
+                    NewEvent::new(what, format!("node/{node}"), text)
+                        .node(node)
+                        .job(&a.job)
+                        .alloc(&a.id),
+                );
+            }
             match (&status.pull, pulling.get(&a.id)) {
                 (Some(p), None) => {
                     pulling.insert(a.id.clone(), (p.image.clone(), now_ms));
@@ -1785,6 +1867,7 @@ fn desired_specs(
                 deliver_secrets(&mut task, job, &v.secrets, secrets, &a.id);
             }
         }
+        let task_is_vm = task.vm.is_some();
         for mapping in &mut task.ports {
             if let Some(p) = a.ports.iter().find(|p| p.name == mapping.name) {
                 mapping.host_port = Some(p.host_port);
@@ -1799,6 +1882,7 @@ fn desired_specs(
                 job_version: a.version,
                 task,
                 restore: a.restore.clone(),
+                suspended: entry.record.suspended && task_is_vm,
             });
     }
     per_node
@@ -1987,6 +2071,7 @@ fn new_job_record(name: &str) -> JobRecord {
         status: "running".into(),
         message: String::new(),
         replicas_override: None,
+        suspended: false,
     }
 }
 
@@ -2027,6 +2112,7 @@ pub(crate) fn test_alloc(id: &str, node: &str, state: AllocState) -> AllocRecord
         restore: None,
         failure: None,
         published: vec![],
+        suspended: false,
     }
 }
 
@@ -2111,7 +2197,8 @@ fn send_if_changed(
 ) {
     let Some(desired) = desired else { return };
     // What can change for one allocation: its version, the checkpoint it starts
-    // from, and the image digest its version recorded since it was placed.
+    // from, the image digest its version recorded since it was placed, and
+    // whether its VM is suspended.
     let key: Vec<DesiredKey> = specs
         .iter()
         .map(|s| {
@@ -2120,6 +2207,7 @@ fn send_if_changed(
                 s.job_version,
                 s.restore.as_ref().map(|r| r.digest.clone()),
                 s.task.image_digest.clone(),
+                s.suspended,
             )
         })
         .collect();
@@ -2229,6 +2317,7 @@ fn summary(
         vm: current
             .and_then(|v| v.vm.clone())
             .or_else(|| job.and_then(|j| j.task_spec().vm)),
+        suspended: e.record.suspended,
     }
 }
 
@@ -2453,6 +2542,7 @@ mod tests {
                 message: "words decide nothing".into(),
                 image_digest: None,
                 pull: None,
+                suspended: false,
                 failure: None,
                 restore_failed,
                 container_id: None,

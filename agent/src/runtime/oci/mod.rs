@@ -519,6 +519,7 @@ impl OciDriver {
             started_at_unix_ms: meta.started_unix_ms,
             ip,
             published,
+            paused: false,
         })
     }
 
@@ -1301,6 +1302,15 @@ impl OciDriver {
         self.write_meta(&meta)?;
         info!(container = %id, restore_ms = started.elapsed().as_millis(), "runc container restored; its pages follow");
         Ok(lazy)
+    }
+
+    /// Pausing is not offered for runc containers: a freeze is CRIU's during
+    /// a migration, and a paused state would read as one.
+    pub async fn set_paused(&self, id: &str, _paused: bool) -> Result<(), RuntimeError> {
+        Err(daemon(
+            "pause",
+            format!("runc container {id}: pausing is offered for virtual machines only"),
+        ))
     }
 
     /// Stops container `id`: SIGTERM, then SIGKILL after `grace`.

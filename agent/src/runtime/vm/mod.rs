@@ -333,6 +333,7 @@ impl VmDriver {
             started_at_unix_ms: meta.started_unix_ms,
             ip: running.then_some(IpAddr::V4(meta.address)),
             published,
+            paused: word == "paused",
         })
     }
 
@@ -556,7 +557,14 @@ impl VmDriver {
         let sock = self.vm_dir(id).join("qmp.sock");
         let deadline = tokio::time::Instant::now() + grace;
         let mut clean = false;
-        let word = qmp::status(&sock).await;
+        let mut word = qmp::status(&sock).await;
+        if word.as_deref().is_ok_and(|s| s == "paused") {
+            // A suspended guest cannot hear the power button: it runs again
+            // to power off cleanly.
+            if qmp::cont(&sock).await.is_ok() {
+                word = qmp::status(&sock).await;
+            }
+        }
         if word.as_deref().is_ok_and(|s| s == "shutdown") {
             clean = true;
         } else if word.as_deref().is_ok_and(|s| s == "postmigrate") {
@@ -594,6 +602,41 @@ impl VmDriver {
         });
         self.write_meta(&meta)?;
         info!(vm = %id, clean, "virtual machine stopped");
+        Ok(())
+    }
+
+    /// Pauses (`true`, QMP `stop`) or resumes (`false`, `cont`) VM `id`'s
+    /// guest: its vCPUs stop and its memory, devices and QEMU stay. Only a
+    /// guest that runs or was paused this way is touched; one in a migration's
+    /// or a power-off's state is refused.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
+        let op = if paused { "suspend" } else { "resume" };
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        self.read_meta(id)?;
+        if self.pid(id).is_none() {
+            return Err(RuntimeError::NotFound {
+                op,
+                message: format!("virtual machine {id} is not running"),
+            });
+        }
+        let sock = self.vm_dir(id).join("qmp.sock");
+        let word = qmp::status(&sock)
+            .await
+            .map_err(|e| daemon(op, format!("qmp: {e}")))?;
+        match (word.as_str(), paused) {
+            ("paused", true) | ("running", false) => return Ok(()),
+            ("running", true) => qmp::stop(&sock).await,
+            ("paused", false) => qmp::cont(&sock).await,
+            (other, _) => {
+                return Err(daemon(
+                    op,
+                    format!("virtual machine {id} is {other}, neither running nor paused"),
+                ));
+            }
+        }
+        .map_err(|e| daemon(op, format!("qmp: {e}")))?;
+        info!(vm = %id, paused, "virtual machine {}", if paused { "suspended" } else { "resumed" });
         Ok(())
     }
 

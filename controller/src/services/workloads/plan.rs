@@ -461,6 +461,7 @@ impl<'a> Pass<'_, 'a> {
                 disk_bytes: job.spec.resources.disk.0,
                 ports: alloc_ports(&task, &p.ports),
                 published: Vec::new(),
+                suspended: false,
             };
             let event = NewEvent::new(
                 kind::ALLOC_PLACED,

@@ -271,6 +271,11 @@ pub struct JobRecord {
     /// manifest's while set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas_override: Option<ReplicaOverride>,
+    /// A VM job suspended by an operator (`novacron vm suspend`): its guest is
+    /// kept paused, memory and all, until it is resumed. Cleared when the job
+    /// is stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 /// Replicas of a job set apart from its manifest, and by whom.
@@ -375,6 +380,10 @@ pub struct AllocRecord {
     /// (empty unless it runs).
     #[serde(default)]
     pub published: Vec<PublishedAddress>,
+    /// Its node reports its guest paused: the VM is suspended (its job's
+    /// [`JobRecord::suspended`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 /// A port of a running allocation as its node published it.
@@ -455,6 +464,7 @@ impl From<AllocRecord> for AllocView {
                 .into_iter()
                 .map(PublishedAddressView::from)
                 .collect(),
+            suspended: a.suspended,
         }
     }
 }
@@ -1898,6 +1908,7 @@ mod tests {
             disk_bytes: 0,
             ports: vec![],
             published: vec![],
+            suspended: false,
         }
     }
 
@@ -1926,6 +1937,7 @@ mod tests {
                 reason: "api 2 → 4: cpu 91% over 5m, target 75%".into(),
                 at_unix_ms: 3,
             }),
+            suspended: false,
         };
         store.put_job(&job).expect("put job");
         assert_eq!(store.jobs().expect("jobs"), vec![job]);
@@ -2592,6 +2604,7 @@ mod tests {
                     protocol: "tcp".into(),
                 },
             ],
+            suspended: true,
         };
         let bare = AllocRecord {
             healthy: None,
@@ -2602,6 +2615,7 @@ mod tests {
             ports: vec![],
             restore: None,
             published: vec![],
+            suspended: false,
             ..full.clone()
         };
         for record in [full, bare] {
