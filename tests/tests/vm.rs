@@ -309,6 +309,44 @@ async fn an_idle_vm_is_shut_down_by_the_idle_policy() -> Result<()> {
     Ok(())
 }
 
+/// The memory limit (bytes) and CPU quota (µs per 100 ms) of the cgroups
+/// process `pid` runs in, read from the kernel (cgroup v1 or v2).
+fn cgroup_limits(pid: u32) -> Result<(u64, u64)> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let path_of = |controller: &str| {
+        cgroups.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            names
+                .split(',')
+                .any(|n| n == controller)
+                .then(|| path.to_owned())
+        })
+    };
+    let read = |p: String| -> Result<String> {
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| p.clone())?
+            .trim()
+            .to_owned())
+    };
+    if let (Some(memory), Some(cpu)) = (path_of("memory"), path_of("cpu")) {
+        let limit = read(format!(
+            "/sys/fs/cgroup/memory{memory}/memory.limit_in_bytes"
+        ))?;
+        let quota = read(format!("/sys/fs/cgroup/cpu{cpu}/cpu.cfs_quota_us"))?;
+        Ok((limit.parse()?, quota.parse()?))
+    } else {
+        let unified = cgroups
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup of QEMU's")?;
+        let limit = read(format!("/sys/fs/cgroup{unified}/memory.max"))?;
+        let cpu = read(format!("/sys/fs/cgroup{unified}/cpu.max"))?;
+        let quota = cpu.split_whitespace().next().unwrap_or_default();
+        Ok((limit.parse()?, quota.parse()?))
+    }
+}
+
 /// The wanted allocation of `job` as the controller shows it.
 async fn wanted(c: &novacron_tests::Controller, job: &str) -> Result<novacron_api::AllocView> {
     c.job(job)
@@ -343,6 +381,9 @@ async fn a_suspended_vm_stays_paused_through_agent_and_controller_restarts_and_r
     assert_eq!(count().await?, "2");
     let (_, pid) = qemu_pid(&agent).context("a running qemu")?;
     let before = wanted(&c, "susvm").await?;
+    // QEMU runs in a cgroup of its own with the job's limits: 256Mi of memory
+    // (the guest's 128Mi and QEMU's own) and half a core.
+    assert_eq!(cgroup_limits(pid)?, (256 << 20, 50_000));
 
     // Suspended as an operator types it: the CLI returns once the node has
     // paused the guest.

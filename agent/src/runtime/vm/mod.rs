@@ -20,6 +20,7 @@
 //!   off; with `-no-shutdown` QEMU stays until stopped, so a clean power-off is
 //!   told from a crash) and `exited`.
 
+pub mod cgroup;
 mod migrate;
 pub mod qemu;
 mod qmp;
@@ -81,6 +82,20 @@ struct Meta {
     started_unix_ms: Option<u64>,
     /// How its last run ended, when the driver saw it end.
     exit: Option<Exit>,
+    /// The job's CPU, thousandths of a core (0: unlimited; VMs made before
+    /// limits existed have none).
+    #[serde(default)]
+    cpu_millis: u64,
+    /// The job's memory, bytes (0: unlimited).
+    #[serde(default)]
+    memory_bytes: u64,
+}
+
+impl Meta {
+    /// The limits its QEMU runs under.
+    fn limits(&self) -> cgroup::Limits {
+        cgroup::Limits::for_vm(self.cpu_millis, self.memory_bytes, self.vm.memory_mib)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -435,6 +450,12 @@ impl VmDriver {
             accel: None,
             started_unix_ms: None,
             exit: None,
+            cpu_millis: config
+                .nano_cpus
+                .map_or(0, |n| u64::try_from(n / 1_000_000).unwrap_or(0)),
+            memory_bytes: config
+                .memory_bytes
+                .map_or(0, |m| u64::try_from(m).unwrap_or(0)),
         };
         self.write_meta(&meta)?;
         Ok(id)
@@ -515,7 +536,19 @@ impl VmDriver {
         if let Some(sock) = incoming {
             args.extend(["-incoming".to_owned(), format!("unix:{}", sock.display())]);
         }
-        let (program, argv) = qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args);
+        let limits = meta.limits();
+        let (mut program, mut argv) =
+            qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args, &limits);
+        if self.launcher == Launcher::Direct && limits.any() {
+            // Its own cgroup, joined before QEMU runs (the systemd launcher's
+            // unit carries the same limits as properties).
+            match cgroup::prepare(id, limits) {
+                Ok(procs) => (program, argv) = cgroup::wrap(&procs, &program, &argv),
+                Err(e) => {
+                    warn!(vm = %id, error = %e, "cannot limit the virtual machine's CPU and memory with a cgroup; it runs unlimited")
+                }
+            }
+        }
         let out = tokio::time::timeout(
             START_TIMEOUT,
             tokio::process::Command::new(&program)
@@ -648,6 +681,7 @@ impl VmDriver {
             kill(pid);
             wait_gone(pid, Duration::from_secs(5)).await;
         }
+        cgroup::remove(id);
         let dir = self.vm_dir(id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -196,6 +196,7 @@ pub fn launch(
     id: &str,
     pidfile: &Path,
     args: &[String],
+    limits: &super::cgroup::Limits,
 ) -> (String, Vec<String>) {
     let qemu = qemu.to_string_lossy().into_owned();
     match launcher {
@@ -210,9 +211,9 @@ pub fn launch(
                 format!("--property=PIDFile={}", pidfile.display()),
                 "--property=KillMode=mixed".to_owned(),
                 "--property=TimeoutStopSec=30".to_owned(),
-                "--".to_owned(),
-                qemu,
             ];
+            a.extend(limits.systemd_properties());
+            a.extend(["--".to_owned(), qemu]);
             a.extend(args.iter().cloned());
             ("systemd-run".to_owned(), a)
         }
@@ -325,17 +326,25 @@ mod tests {
         let args = vec!["-machine".to_owned(), "q35".to_owned()];
         let q = PathBuf::from("/usr/bin/qemu-system-x86_64");
         let p = PathBuf::from("/v/qemu.pid");
+        let limits = crate::runtime::vm::cgroup::Limits {
+            cpu_millis: 500,
+            memory_bytes: 256 << 20,
+        };
         assert_eq!(
-            launch(Launcher::Direct, &q, "vm-1", &p, &args),
+            launch(Launcher::Direct, &q, "vm-1", &p, &args, &limits),
             ("/usr/bin/qemu-system-x86_64".to_owned(), args.clone())
         );
-        let (program, a) = launch(Launcher::Systemd, &q, "vm-1", &p, &args);
+        let (program, a) = launch(Launcher::Systemd, &q, "vm-1", &p, &args, &limits);
         assert_eq!(program, "systemd-run");
         let a = a.join(" ");
         assert!(a.starts_with("--unit=novacron-vm-1.service "), "{a}");
         assert!(
             a.contains("--property=Type=forking --property=PIDFile=/v/qemu.pid"),
             "{a}"
+        );
+        assert!(
+            a.contains("--property=MemoryMax=268435456 --property=CPUQuota=50% --"),
+            "the unit carries the job's limits: {a}"
         );
         assert!(
             a.ends_with("-- /usr/bin/qemu-system-x86_64 -machine q35"),
