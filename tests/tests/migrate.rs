@@ -573,6 +573,23 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
         "agent b: {}",
         s.agents[1].log()
     );
+    if copy == "post-copy" {
+        // CRIU's page server was reachable from loopback only, and its rule
+        // is gone with it.
+        let log = s.agents[0].log();
+        let port = log
+            .lines()
+            .find(|l| l.contains("the page server's port is closed to other hosts"))
+            .and_then(|l| l.split("port=").nth(1))
+            .and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next())
+            .unwrap_or_else(|| panic!("the source did not guard its page server: {log}"))
+            .to_owned();
+        assert!(
+            !page_server_rules().contains(&format!("--dport {port} ")),
+            "the page server's rule outlived it: {}",
+            page_server_rules()
+        );
+    }
 }
 
 /// A workload that rewrites 32 MiB at 4 MiB/s while it moves: post-copy
@@ -1556,4 +1573,90 @@ spec:
     );
     assert!(ok > 50, "the client ran through the migration ({ok})");
     assert!(failed.is_empty(), "failed requests: {failed:?}");
+}
+
+/// Whether a container on the default bridge reaches this host's `port` at
+/// its default gateway (the bridge's address on this host), as another host
+/// would: its packets arrive on the bridge, not on `lo`.
+fn reachable_from_a_container(port: u16) -> anyhow::Result<bool> {
+    let script = format!(
+        "gw=$(ip route | sed -n 's/^default via \\([0-9.]*\\).*/\\1/p'); \
+         [ -n \"$gw\" ] || exit 99; nc -w 3 \"$gw\" {port} </dev/null"
+    );
+    let out = std::process::Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            novacron_tests::TEST_IMAGE,
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.code() != Some(99) && !stderr.contains("Unable to find image"),
+        "the container found no gateway or did not run: {stderr}"
+    );
+    Ok(out.status.success())
+}
+
+fn page_server_rules() -> String {
+    let out = std::process::Command::new("iptables")
+        .args(["-w", "5", "-S", "INPUT"])
+        .output()
+        .expect("iptables");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(novacron_agent::runtime::oci::guard::COMMENT))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// CRIU's page server listens on every address (runc passes it only a port):
+/// while it serves a post-copy migration, its port is closed to everything
+/// but loopback, and opened again after, by the real rules in the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_server_s_port_is_closed_to_other_hosts_while_guarded() -> anyhow::Result<()> {
+    use novacron_agent::runtime::oci::guard::{PortGuard, sweep, usable};
+    novacron_tests::ensure_test_image()?;
+    usable()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: install iptables (bash .ci/setup checkpoint)"))?;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", 0)).await?;
+    let port = listener.local_addr()?.port();
+    let accepting = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            drop(conn);
+        }
+    });
+    assert!(
+        reachable_from_a_container(port)?,
+        "the listener is not reachable from a container even unguarded"
+    );
+
+    let guard = PortGuard::arm(port).await.map_err(anyhow::Error::msg)?;
+    assert!(
+        page_server_rules().contains(&format!("--dport {port} ")),
+        "{}",
+        page_server_rules()
+    );
+    assert!(
+        !reachable_from_a_container(port)?,
+        "a guarded port answered another host"
+    );
+    // The agent's own way in, loopback, stays open.
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    guard.disarm().await;
+    assert!(page_server_rules().is_empty(), "{}", page_server_rules());
+    assert!(reachable_from_a_container(port)?);
+
+    // An agent that dies while it guards leaves its rule; its next start
+    // removes it.
+    std::mem::forget(PortGuard::arm(port).await.map_err(anyhow::Error::msg)?);
+    assert!(!page_server_rules().is_empty());
+    sweep().await;
+    assert!(page_server_rules().is_empty(), "{}", page_server_rules());
+    accepting.abort();
+    Ok(())
 }

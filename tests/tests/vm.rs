@@ -438,6 +438,16 @@ async fn a_suspended_vm_stays_paused_through_agent_and_controller_restarts_and_r
     let d = c.job("susvm").await?;
     assert!(d.summary.suspended, "{:?}", d.summary);
 
+    // A snapshot of the sleeping guest (QEMU's migration into a file, which
+    // ends by resuming a guest it paused) leaves it asleep.
+    novacron_tests::succeeded(&c.cli(&["alloc", "checkpoint", &before.id]));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        count().await.is_err(),
+        "the snapshot's end resumed the suspended guest"
+    );
+    assert!(wanted(&c, "susvm").await?.suspended);
+
     // Resumed: the same guest goes on where it was, its memory intact.
     let out = c.cli(&["vm", "resume", "susvm"]);
     let said = novacron_tests::succeeded(&out);

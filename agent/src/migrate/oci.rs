@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use super::{CheckpointService, MAX_HOLD, VM_DECISION_WAIT, control};
 use crate::checkpoint::oci::{apply_files, copy_files};
 use crate::runtime::oci::OciDriver;
+use crate::runtime::oci::guard::PortGuard;
 
 /// The most bytes one `Data` frame carries.
 const CHUNK: usize = 256 * 1024;
@@ -247,6 +248,22 @@ impl CheckpointService {
             Ok(p) => p,
             Err(why) => return fail(send, why).await,
         };
+        // CRIU's page server listens on every address; only the agent, over
+        // loopback, may reach it. The rules go when the guard does, on every
+        // path out of here.
+        let guard = match PortGuard::arm(port).await {
+            Ok(g) => {
+                info!(%alloc, port, "the page server's port is closed to other hosts");
+                g
+            }
+            Err(why) => {
+                return fail(
+                    send,
+                    format!("{why}; --mode stop-copy needs no page server"),
+                )
+                .await;
+            }
+        };
         let dump = match oci.checkpoint_lazy(id, &dir.join("criu"), port).await {
             Ok(d) => d,
             Err(e) => {
@@ -326,6 +343,7 @@ impl CheckpointService {
             }
         };
         lock(&self.page_ends).remove(&key);
+        guard.disarm().await;
         // A post-copy dump holds no pages: it can never be restored here.
         let _ = std::fs::remove_dir_all(&dir);
         let total = transferred(&pages);

@@ -470,17 +470,13 @@ impl ContainerRuntime for DockerRuntime {
         .await
     }
 
-    async fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
-        let docker = self.client().await?;
-        let details = self.inspect(id).await?;
-        if details.paused == paused {
-            return Ok(());
-        }
-        if paused {
-            timed("pause", CALL_TIMEOUT, docker.pause_container(id)).await
-        } else {
-            timed("unpause", CALL_TIMEOUT, docker.unpause_container(id)).await
-        }
+    async fn set_paused(&self, id: &str, _paused: bool) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Daemon {
+            op: "pause",
+            message: format!(
+                "container {id}: suspension is offered for virtual machines only (a checkpoint pauses containers)"
+            ),
+        })
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
@@ -948,7 +944,10 @@ fn details_of(details: ContainerInspectResponse, id: &str) -> ContainerDetails {
         started_at_unix_ms: state.started_at.as_deref().and_then(rfc3339_to_unix_ms),
         ip,
         published,
-        paused: state.paused == Some(true),
+        // Docker pauses a container for its own reasons (a filesystem
+        // checkpoint freezes it): suspension is for VMs only, so a paused
+        // container is never the supervisor's to resume.
+        paused: false,
     }
 }
 

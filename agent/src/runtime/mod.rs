@@ -395,7 +395,8 @@ pub struct ContainerDetails {
     pub ip: Option<IpAddr>,
     /// Its ports as published on the host (empty unless it runs).
     pub published: Vec<PublishedPort>,
-    /// Running but paused (Docker's `paused`, a guest stopped over QMP).
+    /// A VM whose guest is paused (QMP `paused`). Containers always say
+    /// `false`: Docker's and runc's freezes are a checkpoint's.
     pub paused: bool,
 }
 

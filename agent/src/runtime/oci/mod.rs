@@ -28,6 +28,7 @@
 //!   options in `oci/criu.conf` (`tcp-close`, `skip-in-flight`) through the
 //!   `org.criu.config` annotation.
 
+pub mod guard;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -226,9 +227,18 @@ impl OciDriver {
             lazy_pages: feature("uffd-noncoop").await
                 && lazy_pipes_fit()
                     .inspect_err(|why| warn!(%why, "post-copy migration is off on this node"))
+                    .is_ok()
+                // CRIU's page server listens on every address: post-copy
+                // only where its port can be closed to other hosts.
+                && guard::usable()
+                    .await
+                    .inspect_err(|why| warn!(%why, "post-copy migration is off on this node: the page server's port cannot be closed to other hosts"))
                     .is_ok(),
             dirty_tracking: feature("mem_dirty_track").await,
         };
+        if capability.lazy_pages {
+            guard::sweep().await;
+        }
         let dir = state_dir.join("oci");
         std::fs::create_dir_all(dir.join("images"))
             .map_err(|e| format!("{}: {e}", dir.display()))?;

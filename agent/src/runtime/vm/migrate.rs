@@ -508,6 +508,11 @@ impl VmDriver {
     /// Resumes VM `id`'s guest if it is paused (after a migration into a
     /// snapshot, or one given up).
     pub async fn resume(&self, id: &str) -> Result<(), String> {
+        if self.read_meta(id).is_ok_and(|m| m.suspended) {
+            // Suspended by the operator: a snapshot's end leaves it asleep.
+            info!(vm = %id, "the guest stays suspended after its snapshot");
+            return Ok(());
+        }
         let sock = self.vm_dir(id).join("qmp.sock");
         match qmp::status(&sock).await.as_deref() {
             // Paused by a migration (its end, or the agent's pause of a guest

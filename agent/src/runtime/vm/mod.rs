@@ -89,6 +89,11 @@ struct Meta {
     /// The job's memory, bytes (0: unlimited).
     #[serde(default)]
     memory_bytes: u64,
+    /// Suspended on the controller's word ([`VmDriver::set_paused`]): only
+    /// such a pause is reported as one, and a migration's or snapshot's end
+    /// leaves the guest paused. A guest a snapshot pauses is not suspended.
+    #[serde(default)]
+    suspended: bool,
 }
 
 impl Meta {
@@ -348,7 +353,9 @@ impl VmDriver {
             started_at_unix_ms: meta.started_unix_ms,
             ip: running.then_some(IpAddr::V4(meta.address)),
             published,
-            paused: word == "paused",
+            // Only the operator's pause: the agent's own (a snapshot or a
+            // migration that did not converge) is not a suspension to undo.
+            paused: meta.suspended && matches!(word.as_str(), "paused" | "postmigrate"),
         })
     }
 
@@ -450,6 +457,7 @@ impl VmDriver {
             accel: None,
             started_unix_ms: None,
             exit: None,
+            suspended: false,
             cpu_millis: config
                 .nano_cpus
                 .map_or(0, |n| u64::try_from(n / 1_000_000).unwrap_or(0)),
@@ -646,7 +654,7 @@ impl VmDriver {
         let op = if paused { "suspend" } else { "resume" };
         let lock = self.lock_of(id);
         let _held = lock.lock().await;
-        self.read_meta(id)?;
+        let mut meta = self.read_meta(id)?;
         if self.pid(id).is_none() {
             return Err(RuntimeError::NotFound {
                 op,
@@ -657,10 +665,20 @@ impl VmDriver {
         let word = qmp::status(&sock)
             .await
             .map_err(|e| daemon(op, format!("qmp: {e}")))?;
+        // The intent first: a snapshot that ends meanwhile then leaves the
+        // guest paused.
+        meta.suspended = paused;
+        self.write_meta(&meta)?;
         match (word.as_str(), paused) {
-            ("paused", true) | ("running", false) => return Ok(()),
-            ("running", true) => qmp::stop(&sock).await,
-            ("paused", false) => qmp::cont(&sock).await,
+            // Paused already (by a snapshot's end, too): now it is the
+            // operator's pause.
+            ("paused" | "postmigrate", true) | ("running", false) => {}
+            ("running", true) => qmp::stop(&sock)
+                .await
+                .map_err(|e| daemon(op, format!("qmp: {e}")))?,
+            ("paused" | "postmigrate", false) => qmp::cont(&sock)
+                .await
+                .map_err(|e| daemon(op, format!("qmp: {e}")))?,
             (other, _) => {
                 return Err(daemon(
                     op,
@@ -668,7 +686,6 @@ impl VmDriver {
                 ));
             }
         }
-        .map_err(|e| daemon(op, format!("qmp: {e}")))?;
         info!(vm = %id, paused, "virtual machine {}", if paused { "suspended" } else { "resumed" });
         Ok(())
     }
