@@ -6,7 +6,7 @@
 //! schedule injects controller crashes and restarts, agent crashes, link drops,
 //! slow container starts, full disks (the store refuses every write for a while),
 //! rollouts to a missing image and operator actions (apply, rollout, stop,
-//! scale); the invariants are checked after every step.
+//! scale, suspend and resume a VM); the invariants are checked after every step.
 //!
 //! - CI runs [`DEFAULT_SEEDS`] seeds of [`SIM_MINUTES`] simulated minutes each.
 //! - `NOVACRON_SIM_SEEDS=10000 cargo nextest run -p novacron-tests --test control_loop_sim`
@@ -24,7 +24,12 @@
 //! 5. after the faults stop, the store and the runtime converge: every running
 //!    allocation has exactly one running container, on its node, and every running
 //!    container is a desired allocation's;
-//! 6. the API never lists a job (or a job version) that is not in the store.
+//! 6. the API never lists a job (or a job version) that is not in the store;
+//! 7. a suspended VM's paused guest is never stopped for failing its health
+//!    checks (it answers none while paused);
+//! 8. after the faults stop, the VM's running guest is paused exactly when its
+//!    last acknowledged suspension says so, and the controller's view of its
+//!    allocation (`suspended`) agrees.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -38,6 +43,7 @@ use novacron_agent::runtime::reconcile::{
 use novacron_common::pki::CertInfo;
 use novacron_common::wire::{
     AllocState, Capabilities, Capacity, CloseCode, DesiredAllocations, Hello, PROTOCOL_VERSION,
+    VmCapability,
 };
 use novacron_controller::events::EventLog;
 use novacron_controller::registry::{LiveLink, Registry, RegistryConfig};
@@ -63,6 +69,8 @@ const WEB_REPLICAS: u32 = 3;
 const WEB_MAX_PARALLEL: u32 = 1;
 /// An image no node has.
 const MISSING_IMAGE: &str = "registry.invalid/missing:404";
+/// The virtual machine job, suspended and resumed by the operator.
+const VM: &str = "vmy";
 
 #[test]
 fn the_control_loop_keeps_its_invariants_under_seeded_faults() {
@@ -137,6 +145,11 @@ fn the_control_loop_keeps_its_invariants_under_seeded_faults() {
         assert!(
             done.iter()
                 .any(|s| s.controller_restarts > 0 && s.rollouts > 0 && s.disk_full > 0)
+        );
+        assert!(
+            done.iter()
+                .any(|s| s.suspensions > 1 && s.agent_crashes > 0),
+            "no seed suspended and resumed the VM across an agent crash"
         );
     }
 }
@@ -216,6 +229,10 @@ struct Sim {
     stats: Stats,
     /// The disk is full until then.
     full_until: Duration,
+    /// The VM's suspension as last acknowledged by the API.
+    suspended: bool,
+    /// A broken invariant seen while an action was applied (checked next).
+    broken: Option<String>,
 }
 
 /// What a seed did, so that a run that exercised nothing cannot pass.
@@ -227,6 +244,8 @@ struct Stats {
     rollouts: u32,
     bad_rollouts: u32,
     disk_full: u32,
+    /// Acknowledged suspensions and resumptions of the VM.
+    suspensions: u32,
     /// Steps in which web served all its replicas.
     web_full_steps: u32,
     containers_started: u64,
@@ -285,6 +304,8 @@ impl Sim {
             versions: 0,
             stats: Stats::default(),
             full_until: Duration::ZERO,
+            suspended: false,
+            broken: None,
         }
     }
 
@@ -299,6 +320,7 @@ impl Sim {
     fn run(mut self) -> Result<Stats, String> {
         self.apply(&web_manifest("v0", "busybox:1", WEB_REPLICAS))?;
         self.apply(&other_manifest("batchy", 1))?;
+        self.apply(&vm_manifest())?;
         let end = Duration::from_secs(SIM_MINUTES * 60);
         while self.now < end {
             let faults = self.now + QUIET < end;
@@ -401,6 +423,19 @@ impl Sim {
             30 => {
                 let _ = self.controller.workloads.stop("batchy", "sim");
             }
+            // The operator suspends or resumes the VM.
+            34..=37 => {
+                let want = !self.suspended;
+                if self
+                    .controller
+                    .workloads
+                    .set_suspended(VM, want, "sim")
+                    .is_ok()
+                {
+                    self.suspended = want;
+                    self.stats.suspensions += 1;
+                }
+            }
             // The disk fills up for a while.
             31..=33 => {
                 self.stats.disk_full += 1;
@@ -459,7 +494,15 @@ impl Sim {
                         disk_bytes: 100 << 30,
                         ..Capacity::default()
                     },
-                    capabilities: Capabilities::default(),
+                    capabilities: Capabilities {
+                        vm: Some(VmCapability {
+                            qemu_version: "7.2.0".into(),
+                            accelerator: "tcg".into(),
+                            kvm_unusable: None,
+                            probed: true,
+                        }),
+                        ..Capabilities::default()
+                    },
                 };
                 let addr: SocketAddr = ([127, 0, 0, 1], 7000 + i as u16).into();
                 match self.controller.registry.connect(
@@ -623,6 +666,12 @@ impl Sim {
                     container_id,
                 } => {
                     if let Some(c) = node.containers.get_mut(&container_id) {
+                        if c.paused && self.broken.is_none() {
+                            self.broken = Some(format!(
+                                "the paused guest {container_id} of {alloc} on {} was stopped for its health",
+                                node.name
+                            ));
+                        }
                         c.running = false;
                     }
                     Outcome::Stopped {
@@ -662,7 +711,7 @@ impl Sim {
                     let healthy = node
                         .containers
                         .get(&container_id)
-                        .is_some_and(|c| c.running && c.ready_at <= at);
+                        .is_some_and(|c| c.running && c.ready_at <= at && !c.paused);
                     Outcome::Probed {
                         alloc,
                         container_id,
@@ -687,6 +736,10 @@ impl Sim {
 
     /// Invariants 1 to 4, after every step.
     fn check(&mut self, faults: bool) -> Result<(), String> {
+        // 7. (seen while the agents acted).
+        if let Some(why) = self.broken.take() {
+            return Err(why);
+        }
         // 1. No acknowledged job lost.
         let listed: BTreeSet<String> = self
             .controller
@@ -818,6 +871,36 @@ impl Sim {
                 ));
             }
         }
+        // 8. The VM sleeps exactly when it was last told to, as its node says.
+        let vm_prefix = format!("{VM}-");
+        for n in &self.nodes {
+            for c in n
+                .containers
+                .values()
+                .filter(|c| c.running && c.alloc.starts_with(&vm_prefix))
+            {
+                if c.paused != self.suspended {
+                    return Err(format!(
+                        "the VM's guest {} on {} is {}, but its last acknowledged suspension says {}",
+                        c.alloc,
+                        n.name,
+                        if c.paused { "paused" } else { "running" },
+                        self.suspended
+                    ));
+                }
+            }
+        }
+        for a in allocs
+            .iter()
+            .filter(|a| a.job == VM && a.desired_run && a.state == AllocState::Running)
+        {
+            if a.suspended != self.suspended {
+                return Err(format!(
+                    "the controller shows the VM's allocation {} suspended={}, its suspension says {}",
+                    a.id, a.suspended, self.suspended
+                ));
+            }
+        }
         for ((node, alloc), _) in containers {
             let desired = allocs
                 .iter()
@@ -874,6 +957,31 @@ spec:
     interval: 1s
     timeout: 500ms
   update: {{maxParallel: {WEB_MAX_PARALLEL}, minHealthyTime: 2s, healthyDeadline: 20s, autoRevert: true}}
+"
+        ),
+    )
+}
+
+/// A one-replica VM with a health check (the simulated runtime runs it as a
+/// container; its pause is the guest's).
+fn vm_manifest() -> (String, String) {
+    (
+        VM.into(),
+        format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata: {{name: {VM}}}
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: busybox:1
+    vm: {{memory: 64Mi}}
+  resources: {{cpu: 100m, memory: 128Mi}}
+  health:
+    tcp: {{port: 8080}}
+    interval: 1s
+    timeout: 500ms
 "
         ),
     )

@@ -47,6 +47,7 @@ use crate::state::store::AllocRecord;
 pub use novacron_api::{CopyMode, MigrationStatus, Phase};
 use novacron_common::fleet::NodeStatus;
 
+pub mod precopy;
 mod vm;
 use novacron_common::clock::unix_ms;
 
@@ -1104,7 +1105,8 @@ enum Step {
 /// copy mode asked for when both ends can run it, else post-copy when both
 /// support lazy pages, else stop-copy. Pre-copy rounds (CRIU's `pre-dump`
 /// with dirty-memory tracking) are not offered yet, so a node's
-/// `dirty_tracking` does not change the choice.
+/// `dirty_tracking` does not change the choice ([`precopy`] decides the
+/// rounds, for an executor still to come).
 pub fn plan_copy(
     asked: Option<CopyMode>,
     source: Option<&OciCapability>,
