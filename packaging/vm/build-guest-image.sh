@@ -291,6 +291,10 @@ if [ -n "$seed" ]; then
   fi
 fi
 
+# A shell on the serial console, for `novacron vm console NAME -i` (what it
+# prints goes to the console's log like the rest); started again when it ends.
+( while :; do sh </dev/ttyS0 >/dev/ttyS0 2>&1; usleep 500000; done ) &
+
 # PID 1 never exits; waiting reaps orphans (httpd's CGI children, acpid's scripts).
 while :; do
   sleep 3600 &

@@ -683,6 +683,15 @@ impl Controller {
     /// Runs the `novacron` CLI against this controller with the admin certificate
     /// (a context file is written next to the data directory).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_command()
+            .args(args)
+            .output()
+            .expect("novacron runs")
+    }
+
+    /// The `novacron` command as [`Controller::cli`] runs it, for a caller that
+    /// sets its arguments and standard input itself.
+    pub fn cli_command(&self) -> std::process::Command {
         let config = self.data_dir.with_file_name("cli-config.toml");
         if !config.exists() {
             let pki = self.data_dir.join("pki");
@@ -695,12 +704,9 @@ impl Controller {
             );
             std::fs::write(&config, text).expect("write the CLI context");
         }
-        std::process::Command::new(bin("novacron"))
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .expect("novacron runs")
+        let mut cmd = std::process::Command::new(bin("novacron"));
+        cmd.arg("--config").arg(&config);
+        cmd
     }
 }
 

@@ -198,6 +198,58 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
     assert_eq!(count(port).await?, "1");
     assert_eq!(count(port).await?, "2");
 
+    // The serial console, attached as an operator types into it: a line goes
+    // to the guest's shell, its answer comes back, and Ctrl-] detaches.
+    let mut console = tokio::process::Command::from(c.cli_command());
+    let mut console = console
+        .args(["vm", "console", "tinyvm", "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut typing = console.stdin.take().context("the console's input")?;
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = typing.write_all(b"echo hello-$((6*7))\n").await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let _ = typing.write_all(&[0x1d]).await;
+        // Held open until the CLI has left: its end is not the detach.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let attached = tokio::time::timeout(Duration::from_secs(30), console.wait_with_output())
+        .await
+        .context("the console session did not end on Ctrl-]")??;
+    let (said, told) = (
+        String::from_utf8_lossy(&attached.stdout).to_string(),
+        String::from_utf8_lossy(&attached.stderr).to_string(),
+    );
+    assert!(attached.status.success(), "{said}\n{told}\n{}", agent.log());
+    assert!(
+        said.contains("hello-42"),
+        "the guest's shell did not answer on the console: {said:?}\n{told}"
+    );
+    assert!(told.contains("detached"), "{told}");
+    // What was typed and answered is in the console's log too.
+    let log = c.cli(&["vm", "console", "tinyvm"]);
+    assert!(String::from_utf8_lossy(&log.stdout).contains("hello-42"));
+    // A VM runs no other command from its node.
+    let refused = c.cli(&[
+        "alloc",
+        "exec",
+        "-i",
+        &wanted(&c, "tinyvm").await?.id,
+        "--",
+        "sh",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("vm console"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
     // The node reports the accelerator the probe chose (TCG here: nested KVM
     // cannot boot a guest) once a VM has booted.
     let (vm_dir, pid) = qemu_pid(&agent).context("a running qemu")?;

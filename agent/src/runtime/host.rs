@@ -99,7 +99,7 @@ fn no_interactive(op: &'static str) -> RuntimeError {
 fn no_exec(op: &'static str) -> RuntimeError {
     RuntimeError::Daemon {
         op,
-        message: "a virtual machine has no exec: use its serial console (logs) or its network"
+        message: "a virtual machine runs no commands from its node: attach its serial console with `novacron vm console NAME -i`, or reach it over its network"
             .to_owned(),
     }
 }
@@ -290,7 +290,12 @@ impl ContainerRuntime for HostRuntime {
         tty: Option<TerminalSize>,
     ) -> Result<InteractiveExec, RuntimeError> {
         if vm::is_vm(id) {
-            return Err(no_exec("exec"));
+            // A VM runs no commands from its node; its serial console is the
+            // one interactive session it has.
+            if command != [vm::CONSOLE_COMMAND] {
+                return Err(no_exec("exec"));
+            }
+            return self.driver("console")?.console(id).await;
         }
         if oci::is_oci(id) {
             return Err(no_interactive("exec"));
@@ -299,14 +304,31 @@ impl ContainerRuntime for HostRuntime {
     }
 
     async fn exec_resize(&self, exec_id: &str, size: TerminalSize) -> Result<(), RuntimeError> {
+        if exec_id.starts_with(vm::CONSOLE_PREFIX) {
+            // A serial line has no size.
+            return Ok(());
+        }
         self.docker.exec_resize(exec_id, size).await
     }
 
     async fn exec_state(&self, exec_id: &str) -> Result<ExecState, RuntimeError> {
+        if exec_id.starts_with(vm::CONSOLE_PREFIX) {
+            // A console session has no process: it is over once its output
+            // ended (the client left, or QEMU did).
+            return Ok(ExecState {
+                running: false,
+                exit_code: Some(0),
+                pid: None,
+            });
+        }
         self.docker.exec_state(exec_id).await
     }
 
     async fn exec_kill(&self, exec_id: &str) -> Result<(), RuntimeError> {
+        if exec_id.starts_with(vm::CONSOLE_PREFIX) {
+            // Dropping the session's streams closes its connection.
+            return Ok(());
+        }
         self.docker.exec_kill(exec_id).await
     }
 

@@ -47,6 +47,30 @@ pub async fn run(
     timeout: Option<Duration>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    run_with(client, target, argv, tty, timeout, None, out).await
+}
+
+/// The byte that detaches `novacron vm console -i` (Ctrl-], as telnet's and
+/// virsh's consoles).
+pub const DETACH: u8 = 0x1d;
+
+/// What precedes `detach` in `chunk`, if it holds it: the bytes to send
+/// before leaving. Pure.
+pub fn before_detach(chunk: &[u8], detach: u8) -> Option<&[u8]> {
+    chunk.iter().position(|b| *b == detach).map(|i| &chunk[..i])
+}
+
+/// [`run`], ending the session (successfully) when standard input holds
+/// `detach`: a session with no end of its own, like a serial console.
+pub async fn run_with(
+    client: &ApiClient,
+    target: Target,
+    argv: &[String],
+    tty: bool,
+    timeout: Option<Duration>,
+    detach: Option<u8>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let stdin = io::stdin();
     let local_tty = rustix::termios::isatty(stdin.as_fd());
     if tty && !local_tty {
@@ -123,6 +147,21 @@ pub async fn run(
                 }
             }
             chunk = input.recv(), if input_open => {
+                let left = chunk
+                    .as_deref()
+                    .zip(detach)
+                    .and_then(|(data, key)| before_detach(data, key));
+                if let Some(rest) = left {
+                    if !rest.is_empty() {
+                        let mut message = vec![channel::STDIN];
+                        message.extend_from_slice(rest);
+                        let _ = to_server.send(Message::Binary(message.into())).await;
+                    }
+                    let _ = to_server.close().await;
+                    drop(_raw);
+                    eprintln!("\r\nnovacron: detached");
+                    return Ok(());
+                }
                 let message = match chunk {
                     Some(data) => {
                         let mut message = Vec::with_capacity(data.len() + 1);
@@ -215,5 +254,17 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         use rustix::termios::{OptionalActions, tcsetattr};
         let _ = tcsetattr(io::stdin().as_fd(), OptionalActions::Now, &self.saved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_detach_key_ends_the_session_after_what_precedes_it() {
+        assert_eq!(before_detach(b"ls\n", DETACH), None);
+        assert_eq!(before_detach(b"ls\n\x1dmore", DETACH), Some(&b"ls\n"[..]));
+        assert_eq!(before_detach(b"\x1d", DETACH), Some(&b""[..]));
     }
 }

@@ -97,13 +97,18 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
-    /// The VM's serial console (what the guest printed), live with --follow.
+    /// The VM's serial console (what the guest printed), live with --follow;
+    /// with -i, attached: what you type goes to the guest (Ctrl-] detaches).
     Console {
         /// The VM.
         name: String,
         /// Keep printing new output.
-        #[arg(short, long)]
+        #[arg(short, long, conflicts_with = "interactive")]
         follow: bool,
+        /// Attach to the console: standard input goes to the guest's serial
+        /// port (on a terminal, in raw mode) until Ctrl-] detaches.
+        #[arg(short, long)]
+        interactive: bool,
     },
     /// The VM templates.
     Templates,
@@ -509,8 +514,39 @@ pub async fn run(
             )
             .map_err(io)?;
         }
-        VmCommand::Console { name, follow } => {
+        VmCommand::Console {
+            name,
+            follow,
+            interactive,
+        } => {
             let job = vm_job(client, name).await?;
+            if *interactive {
+                let Some(alloc) = job
+                    .allocations
+                    .iter()
+                    .find(|a| a.desired_run && a.state == AllocState::Running)
+                else {
+                    return Err(CliError::Invalid(format!(
+                        "vm {name} is not running; start it with novacron vm start {name}"
+                    )));
+                };
+                use std::os::fd::AsFd;
+                let tty = rustix::termios::isatty(std::io::stdin().as_fd());
+                eprintln!(
+                    "novacron: attached to the serial console of vm {name} on {}; Ctrl-] detaches",
+                    alloc.node
+                );
+                return super::terminal::run_with(
+                    client,
+                    super::terminal::Target::Allocation(alloc.id.clone()),
+                    &["console".to_owned()],
+                    tty,
+                    None,
+                    Some(super::terminal::DETACH),
+                    out,
+                )
+                .await;
+            }
             let Some(alloc) = job
                 .allocations
                 .iter()

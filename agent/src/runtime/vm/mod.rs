@@ -38,8 +38,8 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::{
-    ContainerConfig, ContainerDetails, ContainerListing, ContainerStatus, LABEL_NODE, LogFrame,
-    RuntimeError, StatsReading,
+    ContainerConfig, ContainerDetails, ContainerListing, ContainerStatus, InteractiveExec,
+    LABEL_NODE, LogFrame, RuntimeError, StatsReading,
 };
 pub use qemu::{Accel, Launcher};
 
@@ -59,6 +59,17 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 pub fn is_vm(id: &str) -> bool {
     id.starts_with(ID_PREFIX)
 }
+
+/// Console sessions ([`VmDriver::console`]) are named with this, as exec
+/// instances are: a session is over when its output ends.
+pub const CONSOLE_PREFIX: &str = "vmconsole-";
+
+/// Console sessions opened, for their names.
+static CONSOLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The command that attaches an interactive exec to a VM's serial console
+/// (a VM runs no commands from its node).
+pub const CONSOLE_COMMAND: &str = "console";
 
 /// What the driver keeps of one VM, in `meta.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -525,8 +536,10 @@ impl VmDriver {
         let serial = dir.join("serial.log");
         let seed = dir.join("seed");
         let qmp_sock = dir.join("qmp.sock");
+        let console = dir.join("console.sock");
         let pidfile = dir.join("qemu.pid");
         let _ = std::fs::remove_file(&qmp_sock);
+        let _ = std::fs::remove_file(&console);
         let _ = std::fs::remove_file(&pidfile);
         // Keep the console of earlier runs: a new run appends after a marker.
         rotate_console(&serial);
@@ -537,6 +550,7 @@ impl VmDriver {
             seed: meta.vm.user_data.is_some().then_some(seed.as_path()),
             qmp: &qmp_sock,
             serial: &dir.join("serial.run.log"),
+            console: &console,
             pidfile: &pidfile,
         };
         let forwards = qemu::forwards(meta.address, meta.publish, &meta.ports);
@@ -688,6 +702,64 @@ impl VmDriver {
         }
         info!(vm = %id, paused, "virtual machine {}", if paused { "suspended" } else { "resumed" });
         Ok(())
+    }
+
+    /// Attaches to VM `id`'s serial console: what the guest prints from now
+    /// on, and what is written goes to the guest as typed. QEMU serves one
+    /// client at a time (a second one waits until the first leaves).
+    pub async fn console(&self, id: &str) -> Result<InteractiveExec, RuntimeError> {
+        self.read_meta(id)?;
+        if self.pid(id).is_none() {
+            return Err(RuntimeError::NotFound {
+                op: "console",
+                message: format!("virtual machine {id} is not running"),
+            });
+        }
+        let sock = self.vm_dir(id).join("console.sock");
+        if !sock.exists() {
+            return Err(daemon(
+                "console",
+                format!(
+                    "virtual machine {id} was started without an interactive console (by an older agent); its output is in `novacron vm console`, and a restart gives it one"
+                ),
+            ));
+        }
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::UnixStream::connect(&sock),
+        )
+        .await
+        .map_err(|_| RuntimeError::Timeout {
+            op: "console",
+            after: Duration::from_secs(5),
+        })?
+        .map_err(|e| daemon("console", format!("{}: {e}", sock.display())))?;
+        let (read, write) = stream.into_split();
+        let output = futures_util::stream::unfold(read, |mut read| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 16 * 1024];
+            match read.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((
+                        Ok(LogFrame {
+                            stderr: false,
+                            data: buf,
+                        }),
+                        read,
+                    ))
+                }
+                Err(e) => Some((Err(daemon("console", e.to_string())), read)),
+            }
+        })
+        .boxed();
+        let n = CONSOLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(InteractiveExec {
+            id: format!("{CONSOLE_PREFIX}{id}-{n}"),
+            output,
+            input: Box::pin(write),
+        })
     }
 
     /// Removes a VM: its QEMU is killed and its directory (disk included) deleted.

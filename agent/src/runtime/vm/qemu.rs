@@ -39,8 +39,11 @@ pub struct Paths<'a> {
     pub seed: Option<&'a Path>,
     /// The QMP socket.
     pub qmp: &'a Path,
-    /// The serial console's log.
+    /// The serial console's log (everything the guest prints).
     pub serial: &'a Path,
+    /// The serial console's socket: a client (`novacron vm console -i`)
+    /// reads what the guest prints and types into it.
+    pub console: &'a Path,
     /// Where QEMU writes its process id.
     pub pidfile: &'a Path,
 }
@@ -155,7 +158,8 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) 
     push(&[
         "-chardev",
         &format!(
-            "file,id=serial0,path={}",
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            escape(&paths.console.to_string_lossy()),
             escape(&paths.serial.to_string_lossy())
         ),
         "-serial",
@@ -286,6 +290,7 @@ mod tests {
             seed: Some(&seed),
             qmp: &q,
             serial: &s,
+            console: &PathBuf::from("/v/console.sock"),
             pidfile: &p,
         };
         let ports = [PortMapping {
@@ -306,6 +311,14 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-append console=ttyS0 quiet"), "{a}");
+        // The serial console: a socket to type into, and everything the guest
+        // prints kept in the log.
+        assert!(
+            a.contains(
+                "-chardev socket,id=serial0,path=/v/console.sock,server=on,wait=off,logfile=/v/serial.log,logappend=on -serial chardev:serial0"
+            ),
+            "{a}"
+        );
         assert!(
             a.contains(
                 "user,id=n0,hostfwd=tcp:127.100.1.2:8080-:8080,hostfwd=tcp:0.0.0.0:18080-:8080"
