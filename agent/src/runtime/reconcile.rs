@@ -669,7 +669,7 @@ impl Reconciler {
                 };
                 rec.busy = false;
                 rec.changed_epoch = epoch;
-                if !rec.container.as_ref().is_some_and(|c| c.id == container_id) {
+                if rec.container.as_ref().is_none_or(|c| c.id != container_id) {
                     return;
                 }
                 match result {
