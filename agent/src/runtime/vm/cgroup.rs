@@ -1,6 +1,6 @@
 //! A VM's resource limits. Its QEMU runs in a cgroup of its own, like a
 //! container: the job's CPU (a CFS quota, as Docker's `NanoCpus`) and memory
-//! (a hard limit, never less than the guest's memory plus [`QEMU_OVERHEAD`]).
+//! (a hard limit, never less than the guest's memory plus [`overhead`]).
 //! Under the systemd launcher the VM's unit carries them (`CPUQuota`,
 //! `MemoryMax`: [`Limits::systemd_properties`]); started directly, the agent
 //! makes `novacron/<id>` in the cgroup hierarchies ([`plan`], cgroup v1 or v2)
@@ -9,14 +9,24 @@
 
 use std::path::{Path, PathBuf};
 
+use super::qemu::Accel;
+
 /// Where the cgroup filesystems are mounted.
 pub const ROOT: &str = "/sys/fs/cgroup";
 /// The CFS period, µs (Docker's and runc's).
 pub const PERIOD_US: u64 = 100_000;
-/// What QEMU itself needs beyond the guest's memory (device emulation, the
-/// TCG translation cache): a job whose `resources.memory` is only the
-/// guest's gets this much more, rather than a QEMU killed at boot.
-pub const QEMU_OVERHEAD: u64 = 64 << 20;
+/// What QEMU itself needs beyond the guest's memory under `accel`: a job
+/// whose `resources.memory` holds less than the guest's memory plus this gets
+/// this much more, rather than a QEMU killed when its guest fills its memory.
+/// Measured here (BENCHMARKS.md, `vm-boot.sh`): under TCG, the translation
+/// cache (about 52 MiB resident) and the rest of QEMU (about 52 MiB); under
+/// KVM there is no translation cache.
+pub fn overhead(accel: Accel) -> u64 {
+    match accel {
+        Accel::Kvm => 64 << 20,
+        Accel::Tcg => 128 << 20,
+    }
+}
 /// The parent of every VM's cgroup (runc's containers share it).
 const PARENT: &str = "novacron";
 
@@ -31,13 +41,13 @@ pub struct Limits {
 
 impl Limits {
     /// The limits of a VM whose job reserves `cpu_millis` and `memory_bytes`
-    /// (0: none) for a guest of `guest_mib`.
-    pub fn for_vm(cpu_millis: u64, memory_bytes: u64, guest_mib: u64) -> Limits {
+    /// (0: none) for a guest of `guest_mib` under `accel`.
+    pub fn for_vm(cpu_millis: u64, memory_bytes: u64, guest_mib: u64, accel: Accel) -> Limits {
         Limits {
             cpu_millis,
             memory_bytes: match memory_bytes {
                 0 => 0,
-                m => m.max((guest_mib << 20).saturating_add(QEMU_OVERHEAD)),
+                m => m.max((guest_mib << 20).saturating_add(overhead(accel))),
             },
         }
     }
@@ -221,13 +231,19 @@ mod tests {
 
     #[test]
     fn limits_never_hold_less_than_the_guest_and_qemu() {
-        let l = Limits::for_vm(500, 128 << 20, 128);
-        assert_eq!(l.memory_bytes, (128 << 20) + QEMU_OVERHEAD);
-        assert_eq!(Limits::for_vm(500, 1 << 30, 128).memory_bytes, 1 << 30);
-        assert_eq!(Limits::for_vm(0, 0, 128), Limits::default());
+        let l = Limits::for_vm(500, 128 << 20, 128, Accel::Kvm);
+        assert_eq!(l.memory_bytes, 192 << 20);
+        // TCG's translation cache needs more room.
+        let tcg = Limits::for_vm(500, 192 << 20, 128, Accel::Tcg);
+        assert_eq!(tcg.memory_bytes, 256 << 20);
+        assert_eq!(
+            Limits::for_vm(500, 1 << 30, 128, Accel::Tcg).memory_bytes,
+            1 << 30
+        );
+        assert_eq!(Limits::for_vm(0, 0, 128, Accel::Tcg), Limits::default());
         assert!(!Limits::default().any());
         assert_eq!(l.quota_us(), Some(50_000));
-        assert_eq!(Limits::for_vm(1, 0, 1).quota_us(), Some(1000));
+        assert_eq!(Limits::for_vm(1, 0, 1, Accel::Kvm).quota_us(), Some(1000));
         assert_eq!(
             l.systemd_properties(),
             vec![
@@ -236,7 +252,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            Limits::for_vm(2500, 0, 64).systemd_properties(),
+            Limits::for_vm(2500, 0, 64, Accel::Kvm).systemd_properties(),
             vec!["--property=CPUQuota=250%".to_owned()]
         );
     }

@@ -108,9 +108,14 @@ struct Meta {
 }
 
 impl Meta {
-    /// The limits its QEMU runs under.
-    fn limits(&self) -> cgroup::Limits {
-        cgroup::Limits::for_vm(self.cpu_millis, self.memory_bytes, self.vm.memory_mib)
+    /// The limits its QEMU runs under `accel`.
+    fn limits(&self, accel: Accel) -> cgroup::Limits {
+        cgroup::Limits::for_vm(
+            self.cpu_millis,
+            self.memory_bytes,
+            self.vm.memory_mib,
+            accel,
+        )
     }
 }
 
@@ -558,7 +563,7 @@ impl VmDriver {
         if let Some(sock) = incoming {
             args.extend(["-incoming".to_owned(), format!("unix:{}", sock.display())]);
         }
-        let limits = meta.limits();
+        let limits = meta.limits(accel);
         let (mut program, mut argv) =
             qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args, &limits);
         if self.launcher == Launcher::Direct && limits.any() {
