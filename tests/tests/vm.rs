@@ -200,32 +200,9 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
 
     // The serial console, attached as an operator types into it: a line goes
     // to the guest's shell, its answer comes back, and Ctrl-] detaches.
-    let mut console = tokio::process::Command::from(c.cli_command());
-    let mut console = console
-        .args(["vm", "console", "tinyvm", "-i"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut typing = console.stdin.take().context("the console's input")?;
-    tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let _ = typing.write_all(b"echo hello-$((6*7))\n").await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let _ = typing.write_all(&[0x1d]).await;
-        // Held open until the CLI has left: its end is not the detach.
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
-    let attached = tokio::time::timeout(Duration::from_secs(30), console.wait_with_output())
+    let (said, told) = console_session(&c, "tinyvm", "echo hello-$((6*7))", "hello-42")
         .await
-        .context("the console session did not end on Ctrl-]")??;
-    let (said, told) = (
-        String::from_utf8_lossy(&attached.stdout).to_string(),
-        String::from_utf8_lossy(&attached.stderr).to_string(),
-    );
-    assert!(attached.status.success(), "{said}\n{told}\n{}", agent.log());
+        .with_context(|| agent.log())?;
     assert!(
         said.contains("hello-42"),
         "the guest's shell did not answer on the console: {said:?}\n{told}"
@@ -399,6 +376,69 @@ fn cgroup_limits(pid: u32) -> Result<(u64, u64)> {
     }
 }
 
+/// Attaches `novacron vm console VM -i` as an operator would, types `line`
+/// into the guest's shell once attached, waits (at most 60 s) until `until`
+/// comes back, then detaches with Ctrl-]; the CLI's output and its messages.
+async fn console_session(
+    c: &novacron_tests::Controller,
+    vm: &str,
+    line: &str,
+    until: &str,
+) -> Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut console = tokio::process::Command::from(c.cli_command());
+    let mut console = console
+        .args(["vm", "console", vm, "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut typing = console.stdin.take().context("the console's input")?;
+    let mut reading = console.stdout.take().context("the console's output")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    typing.write_all(format!("{line}\n").as_bytes()).await?;
+    let mut said = Vec::new();
+    let heard = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = reading.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            said.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&said).contains(until) {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    // (A session that already ended, with its guest, has no input to take.)
+    let _ = typing.write_all(&[0x1d]).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        reading.read_to_end(&mut rest).await?;
+        anyhow::Ok(console.wait().await?)
+    })
+    .await
+    .context("the console session did not end on Ctrl-]")??;
+    said.extend_from_slice(&rest);
+    let mut told = String::new();
+    if let Some(mut e) = console.stderr.take() {
+        e.read_to_string(&mut told).await?;
+    }
+    let said = String::from_utf8_lossy(&said).to_string();
+    anyhow::ensure!(
+        ended.success(),
+        "the console ended with {ended}: {said}\n{told}"
+    );
+    heard.map_err(|_| {
+        anyhow::anyhow!("{until:?} did not come back within 60 s: {said:?}\n{told}")
+    })??;
+    Ok((said, told))
+}
+
 /// The wanted allocation of `job` as the controller shows it.
 async fn wanted(c: &novacron_tests::Controller, job: &str) -> Result<novacron_api::AllocView> {
     c.job(job)
@@ -561,6 +601,98 @@ async fn a_suspended_vm_stays_paused_through_agent_and_controller_restarts_and_r
     assert_eq!(refused.status(), reqwest::StatusCode::CONFLICT);
     let why = refused.text().await?;
     assert!(why.contains("not a virtual machine"), "{why}");
+    Ok(())
+}
+
+/// A VM whose guest fills its memory under TCG is not killed by its own
+/// memory limit: the job reserves only the guest's memory, and the limit
+/// holds QEMU's own (its translation cache included) on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_guest_fills_its_memory_stays_within_its_limit_and_alive() -> Result<()> {
+    require_vm_setup()?;
+    let (_dir, c, agent) = one_node_fleet("nc-vm-fill", "vm-fill", &[]).await?;
+    let port = free_port();
+    let job = format!(
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: fillvm
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {GUEST_IMAGE}
+    pullPolicy: never
+    ports:
+      - {{name: http, containerPort: 8080, hostPort: {port}}}
+    vm:
+      memory: 256Mi
+      initrd: /boot/initrd.img
+      cmdline: console=ttyS0 quiet panic=-1
+  resources: {{cpu: 1, memory: 256Mi}}
+"
+    );
+    c.apply("fillvm.yaml", &job).await?;
+    wait_for(Duration::from_secs(120), "the VM running", || async {
+        count_at("127.0.0.1", port).await.is_ok()
+    })
+    .await
+    .with_context(|| agent.log())?;
+    let (_, pid) = qemu_pid(&agent).context("a running qemu")?;
+    let accel = c
+        .node("vm-fill")
+        .await?
+        .and_then(|n| n.capabilities.vm)
+        .map(|v| v.accelerator)
+        .unwrap_or_default();
+    let overhead: u64 = if accel == "tcg" { 128 } else { 64 };
+    let (limit, _) = cgroup_limits(pid)?;
+    assert_eq!(limit, (256 + overhead) << 20, "under {accel}");
+    // The guest's memory filled (all it has free but 24 MiB, in a tmpfs):
+    // with QEMU's own (about 104 MiB under TCG) more than the guest's memory
+    // plus 64 MiB.
+    let (said, _) = console_session(
+        &c,
+        "fillvm",
+        // (Quoted apart, so that the echo of the typed line is not the answer.)
+        "n=$(( $(sed -n 's/^MemAvailable: *\\([0-9]*\\).*/\\1/p' /proc/meminfo) / 1024 - 24 )); mkdir -p /run/fill && mount -t tmpfs -o size=${n}m fill /run/fill && dd if=/dev/zero of=/run/fill/f bs=1M count=$n; echo fill\"ed-$?\" $n",
+        "filled-",
+    )
+    .await
+    .with_context(|| {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        format!(
+            "QEMU is {} (a memory cgroup kill shows in dmesg)\n{}",
+            if alive { "alive" } else { "gone" },
+            agent.log()
+        )
+    })?;
+    assert!(
+        said.contains("filled-0"),
+        "the guest could not fill: {said}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU was killed by its memory limit:\n{}",
+        agent.log()
+    );
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("QEMU's VmRSS")?;
+    eprintln!(
+        "QEMU's resident memory after the fill: {} MiB (limit {} MiB, {accel})",
+        rss_kb >> 10,
+        limit >> 20
+    );
+    assert!(rss_kb << 10 <= limit, "{rss_kb} KiB over the limit");
+    assert!(
+        count_at("127.0.0.1", port).await.is_ok(),
+        "the guest stopped serving"
+    );
+    novacron_tests::succeeded(&c.cli(&["vm", "destroy", "fillvm"]));
     Ok(())
 }
 
