@@ -564,8 +564,14 @@ impl VmDriver {
             args.extend(["-incoming".to_owned(), format!("unix:{}", sock.display())]);
         }
         let limits = meta.limits(accel);
-        let (mut program, mut argv) =
-            qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args, &limits);
+        let (mut program, mut argv) = qemu::launch(
+            self.launcher,
+            &self.qemu,
+            id,
+            &pidfile,
+            &args,
+            &limits.systemd_properties(),
+        );
         if self.launcher == Launcher::Direct && limits.any() {
             // Its own cgroup, joined before QEMU runs (the systemd launcher's
             // unit carries the same limits as properties).

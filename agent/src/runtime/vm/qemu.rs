@@ -200,7 +200,7 @@ pub fn launch(
     id: &str,
     pidfile: &Path,
     args: &[String],
-    limits: &super::cgroup::Limits,
+    properties: &[String],
 ) -> (String, Vec<String>) {
     let qemu = qemu.to_string_lossy().into_owned();
     match launcher {
@@ -216,7 +216,8 @@ pub fn launch(
                 "--property=KillMode=mixed".to_owned(),
                 "--property=TimeoutStopSec=30".to_owned(),
             ];
-            a.extend(limits.systemd_properties());
+            // The VM's limits (`cgroup::Limits::systemd_properties`).
+            a.extend(properties.iter().cloned());
             a.extend(["--".to_owned(), qemu]);
             a.extend(args.iter().cloned());
             ("systemd-run".to_owned(), a)
@@ -339,10 +340,10 @@ mod tests {
         let args = vec!["-machine".to_owned(), "q35".to_owned()];
         let q = PathBuf::from("/usr/bin/qemu-system-x86_64");
         let p = PathBuf::from("/v/qemu.pid");
-        let limits = crate::runtime::vm::cgroup::Limits {
-            cpu_millis: 500,
-            memory_bytes: 256 << 20,
-        };
+        let limits = vec![
+            "--property=MemoryMax=268435456".to_owned(),
+            "--property=CPUQuota=50%".to_owned(),
+        ];
         assert_eq!(
             launch(Launcher::Direct, &q, "vm-1", &p, &args, &limits),
             ("/usr/bin/qemu-system-x86_64".to_owned(), args.clone())
