@@ -181,23 +181,20 @@ impl ContainerRuntime for HostRuntime {
         // The image's files, copied out once per image id.
         let image_id = self.docker.image_id(&config.image).await?;
         let dir = vms.image_dir(&image_id);
-        if !dir.join(".complete").exists() {
-            let mut paths = vec![spec.kernel.clone()];
-            paths.extend(spec.initrd.iter().cloned());
-            paths.extend(spec.disk.iter().cloned());
-            let partial = dir.with_extension("partial");
-            let _ = std::fs::remove_dir_all(&partial);
+        let mut paths = vec![spec.kernel.clone()];
+        paths.extend(spec.initrd.iter().cloned());
+        paths.extend(spec.disk.iter().cloned());
+        super::image_files::ensure(&dir, &paths, |scratch, missing| async move {
             self.docker
-                .copy_from_image(&config.image, &paths, &partial)
-                .await?;
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&partial, &dir)
-                .and_then(|()| std::fs::write(dir.join(".complete"), b""))
-                .map_err(|e| RuntimeError::Daemon {
-                    op: "create",
-                    message: format!("{}: {e}", dir.display()),
-                })?;
-        }
+                .copy_from_image(&config.image, &missing, &scratch)
+                .await
+                .map(drop)
+        })
+        .await
+        .map_err(|message| RuntimeError::Daemon {
+            op: "create",
+            message: format!("the files of image {}: {message}", config.image),
+        })?;
         vms.create(
             name,
             config,

@@ -30,6 +30,7 @@
 pub mod docker;
 pub mod health;
 pub mod host;
+pub mod image_files;
 pub mod images;
 pub mod logs;
 pub mod oci;

@@ -544,18 +544,20 @@ impl OciDriver {
         let (image_id, image) = self.docker.image_run(&config.image).await?;
         let images = self.image_dir(&image_id);
         let lower = images.join("rootfs");
-        if !images.join(".complete").exists() {
-            let partial = images.with_extension("partial");
-            let _ = std::fs::remove_dir_all(&partial);
-            std::fs::create_dir_all(&partial)
-                .map_err(|e| daemon("create", format!("{}: {e}", partial.display())))?;
-            self.docker
-                .export_image(&config.image, &partial.join("rootfs"))
-                .await?;
-            let _ = std::fs::remove_dir_all(&images);
-            std::fs::rename(&partial, &images)
-                .and_then(|()| std::fs::write(images.join(".complete"), b""))
-                .map_err(|e| daemon("create", format!("{}: {e}", images.display())))?;
+        let rootfs = ["rootfs".to_owned()];
+        if !crate::runtime::image_files::missing(&images, &rootfs).is_empty() {
+            crate::runtime::image_files::ensure(&images, &rootfs, |scratch, _| async move {
+                self.docker
+                    .export_image(&config.image, &scratch.join("rootfs"))
+                    .await
+            })
+            .await
+            .map_err(|e| {
+                daemon(
+                    "create",
+                    format!("the files of image {}: {e}", config.image),
+                )
+            })?;
             info!(image = %config.image, dir = %images.display(), "image files exported for runc containers");
         }
         let id = format!("{ID_PREFIX}{}", &hex::encode(rand::random::<[u8; 8]>()));
