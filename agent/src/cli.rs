@@ -211,6 +211,12 @@ pub struct RunArgs {
     /// [default: criu on PATH].
     #[arg(long, value_name = "PATH")]
     pub criu: Option<String>,
+    /// The VM bridge for guests on the bridge network: off, or this node's
+    /// address on it with the range's prefix length (guests get the rest of
+    /// the range; a second agent on one host needs a range of its own)
+    /// [env: NOVACRON_VM_BRIDGE] [file: vm_bridge] [default: 10.215.0.1/16].
+    #[arg(long, value_name = "off|IP/PREFIX")]
+    pub vm_bridge: Option<String>,
     /// For tests only (hidden): offer only these wire protocol versions (`2`,
     /// `2-3`), within those this build speaks, to act as an older agent in the
     /// version-skew tests. Not for production use.
@@ -313,6 +319,7 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         image_gc_budget: args.image_gc_budget,
         container_runtime: args.container_runtime,
         criu: args.criu,
+        vm_bridge: args.vm_bridge,
     };
     let args = match config::resolve_run(loaded, &ProcessEnv, &flags) {
         Ok(s) => s,
@@ -364,19 +371,20 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
         .as_ref()
         .and_then(|(_, l)| l.local_addr().ok())
         .map(|a| a.port());
-    let vms = match crate::runtime::vm::VmDriver::detect(&args.state_dir).await {
-        Ok(driver) => {
-            info!(
-                "virtual machines: {} found",
-                crate::runtime::vm::QEMU_BINARY
-            );
-            Some(Arc::new(driver))
-        }
-        Err(why) => {
-            info!(%why, "this node runs no virtual machines");
-            None
-        }
-    };
+    let vms =
+        match crate::runtime::vm::VmDriver::detect(&args.state_dir, args.vm_bridge.clone()).await {
+            Ok(driver) => {
+                info!(
+                    "virtual machines: {} found",
+                    crate::runtime::vm::QEMU_BINARY
+                );
+                Some(Arc::new(driver))
+            }
+            Err(why) => {
+                info!(%why, "this node runs no virtual machines");
+                None
+            }
+        };
     let oci = if args.runc {
         match crate::runtime::oci::OciDriver::detect(
             &args.state_dir,

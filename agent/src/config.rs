@@ -102,6 +102,9 @@ pub mod env {
     pub const CONTAINER_RUNTIME: &str = "NOVACRON_CONTAINER_RUNTIME";
     /// `criu`: the CRIU binary runc uses.
     pub const CRIU: &str = "NOVACRON_CRIU";
+    /// `vm_bridge`: off, or the node's address on its VM bridge with the
+    /// range's prefix length.
+    pub const VM_BRIDGE: &str = "NOVACRON_VM_BRIDGE";
 }
 
 /// The settings' names.
@@ -264,6 +267,12 @@ pub mod keys {
         env: env::CRIU,
         flag: "--criu",
     };
+    /// The node's VM bridge.
+    pub const VM_BRIDGE: Key = Key {
+        file: "vm_bridge",
+        env: env::VM_BRIDGE,
+        flag: "--vm-bridge",
+    };
 }
 
 /// The configuration file's contents. Every key is optional; the shipped
@@ -320,6 +329,10 @@ pub struct AgentFile {
     pub container_runtime: Option<String>,
     /// The CRIU binary runc uses (default: criu on PATH).
     pub criu: Option<String>,
+    /// The node's VM bridge for guests on the bridge network: "off", or this
+    /// node's address on it with the range's prefix length (default
+    /// "10.215.0.1/16").
+    pub vm_bridge: Option<String>,
     /// Node labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -400,6 +413,8 @@ pub struct RunFlags {
     pub container_runtime: Option<String>,
     /// `--criu`.
     pub criu: Option<String>,
+    /// `--vm-bridge`.
+    pub vm_bridge: Option<String>,
 }
 
 /// The validated settings of `run`.
@@ -450,6 +465,8 @@ pub struct RunSettings {
     pub runc: bool,
     /// The CRIU binary runc uses; `None`: criu on `PATH`.
     pub criu: Option<PathBuf>,
+    /// The node's VM bridge; `None`: none.
+    pub vm_bridge: Option<crate::runtime::vm::bridge::Bridge>,
 }
 
 /// Parses `dns_upstream`: `system`, `off`, or a comma-separated list of
@@ -740,9 +757,27 @@ pub fn resolve_run(
     let criu = l
         .pick(keys::CRIU, flags.criu.as_deref(), f.criu.as_deref())
         .map(|(v, _)| PathBuf::from(v.trim()));
+    let vm_bridge = match l.pick(
+        keys::VM_BRIDGE,
+        flags.vm_bridge.as_deref(),
+        f.vm_bridge.as_deref(),
+    ) {
+        None => crate::runtime::vm::bridge::Bridge::parse(crate::runtime::vm::bridge::DEFAULT).ok(),
+        Some((v, _)) if v.trim().eq_ignore_ascii_case("off") => None,
+        Some((v, origin)) => Some(
+            crate::runtime::vm::bridge::Bridge::parse(&v).map_err(|_| {
+                invalid(
+                    origin,
+                    &v,
+                    "off, or this node's address on the bridge with the range's prefix length (16 to 28), such as 10.215.0.1/16",
+                )
+            })?,
+        ),
+    };
     Ok(RunSettings {
         runc,
         criu,
+        vm_bridge,
         image_gc_budget,
         dynamic_ports,
         publish_address,

@@ -246,11 +246,26 @@ done
 hostname "$host"
 echo "$host" >/etc/hostname
 
-# QEMU user networking, statically: guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3.
+# The network: the kernel's ip=ADDR::GATEWAY:NETMASK::eth0:off argument where
+# there is one (a guest on its node's VM bridge), else QEMU's user network,
+# statically: guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3.
 ip link set lo up
+netarg=
+for arg in $(cat /proc/cmdline); do
+  case $arg in ip=?*) netarg=${arg#ip=} ;; esac
+done
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
-if [ -e /sys/class/net/eth0 ]; then
+if [ -e /sys/class/net/eth0 ] && [ -n "$netarg" ]; then
+  IFS=: read -r addr _ gw mask _ <<NET
+$netarg
+NET
+  eval "$(ipcalc -p "$addr" "$mask")"
+  ip addr add "$addr/$PREFIX" dev eth0
+  ip link set eth0 up
+  [ -z "$gw" ] || ip route add default via "$gw"
+  log "eth0 $addr/$PREFIX via $gw"
+elif [ -e /sys/class/net/eth0 ]; then
   ip addr add 10.0.2.15/24 dev eth0
   ip link set eth0 up
   ip route add default via 10.0.2.2

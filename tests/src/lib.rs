@@ -444,6 +444,10 @@ impl Agent {
             .open(&self.log)?;
         let child = Command::new(bin("novacron-agent"))
             .env("RUST_LOG", "info")
+            // No VM bridge unless a test gives its agent one (`--vm-bridge`,
+            // which wins): agents of tests that run side by side cannot share
+            // a range.
+            .env("NOVACRON_VM_BRIDGE", "off")
             .args(["run", "--state-dir"])
             .arg(&self.state_dir)
             .args(&self.run_args)

@@ -500,6 +500,7 @@ impl Sim {
                             accelerator: "tcg".into(),
                             kvm_unusable: None,
                             probed: true,
+                            bridge: None,
                         }),
                         ..Capabilities::default()
                     },

@@ -1298,3 +1298,256 @@ async fn controller_killed_mid_migration(prefix: &str, phase_wanted: &str) -> Re
     );
     Ok(())
 }
+
+/// [`counter_vm_job`] on the node's VM bridge instead of QEMU's user network.
+fn bridged_counter_vm_job(name: &str, port: u16) -> String {
+    counter_vm_job(name, port).replace("    vm:\n", "    vm:\n      network: bridge\n")
+}
+
+/// Removes a test's VM bridge (the one holding `gateway`) and its rules: the
+/// agent leaves both to the guests that outlive it.
+struct BridgeCleanup {
+    gateway: String,
+}
+
+impl BridgeCleanup {
+    /// The bridge's interface name, while it exists.
+    fn name(&self) -> Option<String> {
+        let out = std::process::Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            (words.get(3)?.split('/').next()? == self.gateway).then(|| words[1].to_owned())
+        })
+    }
+
+    /// The tagged rules that name `bridge` or its chain, as `iptables -S` lists them.
+    fn rules(bridge: &str) -> Vec<(String, String)> {
+        let chain = format!("NOVACRON-{}", bridge.to_uppercase());
+        let mut out = Vec::new();
+        for table in ["nat", "filter"] {
+            let listing = std::process::Command::new("iptables")
+                .args(["-t", table, "-S"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
+            for line in listing.lines() {
+                if line.starts_with("-A ") && (line.contains(bridge) || line.contains(&chain)) {
+                    out.push((table.to_owned(), line.to_owned()));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for BridgeCleanup {
+    fn drop(&mut self) {
+        let Some(bridge) = self.name() else {
+            return;
+        };
+        let chain = format!("NOVACRON-{}", bridge.to_uppercase());
+        for (table, line) in Self::rules(&bridge) {
+            if line.starts_with(&format!("-A {chain} ")) {
+                continue;
+            }
+            let delete = line.replacen("-A ", "-D ", 1).replace('"', "");
+            let _ = std::process::Command::new("iptables")
+                .args(["-t", &table])
+                .args(delete.split(' '))
+                .status();
+        }
+        for op in ["-F", "-X"] {
+            let _ = std::process::Command::new("iptables")
+                .args(["-t", "nat", op, &chain])
+                .status();
+        }
+        // Tap devices outlive their bridge; a guest's agent removes its own,
+        // but a test that failed may leave one.
+        if let Ok(ports) = std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")) {
+            for port in ports.flatten() {
+                let _ = std::process::Command::new("ip")
+                    .args(["link", "del"])
+                    .arg(port.file_name())
+                    .status();
+            }
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &bridge])
+            .status();
+    }
+}
+
+/// Issue 21's networking: a guest on its node's VM bridge has an address of
+/// the node's range, reached from the node on every port and from the other
+/// guests; its published port is the node's packet filter's (a DNAT rule, on
+/// a loopback publish address too), which holds while the agent restarts; a
+/// node without a bridge gets no bridged guest, by placement and by
+/// migration; and the guest's tap device and rule go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filter() -> Result<()> {
+    require_vm_setup()?;
+    // A range of this test's own (tests run side by side; the agent refuses
+    // one that overlaps another interface's).
+    let third = 100 + std::process::id() % 150;
+    let gateway = format!("10.217.{third}.1");
+    let range = format!("10.217.{third}.0/24");
+    let cleanup = BridgeCleanup {
+        gateway: gateway.clone(),
+    };
+    let dir = tempfile::Builder::new().prefix("vm-br").tempdir()?;
+    let c = novacron_tests::Controller::start(dir.path(), &[]).await?;
+    let bridge_flag = format!("{gateway}/24");
+    let with_bridge = Agent::join_and_run(
+        dir.path(),
+        &c,
+        "vm-br-0",
+        &[
+            "--publish-address",
+            "127.0.0.2",
+            "--ingress-address",
+            "off",
+            "--vm-bridge",
+            &bridge_flag,
+        ],
+    )
+    .await?;
+    c.wait_ready("vm-br-0", Duration::from_secs(20)).await?;
+    let without = Agent::join_and_run(
+        dir.path(),
+        &c,
+        "vm-br-1",
+        &["--publish-address", "127.0.0.3", "--ingress-address", "off"],
+    )
+    .await?;
+    c.wait_ready("vm-br-1", Duration::from_secs(20)).await?;
+    // (Its drop kills the guests, before the bridge goes.)
+    let mut f = TwoNodes {
+        _dir: dir,
+        c,
+        agents: vec![with_bridge, without],
+        publish: ["127.0.0.2", "127.0.0.3"],
+    };
+    let c = &f.c;
+    let bridge_of = |node: &'static str| async move {
+        c.node(node)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.capabilities.vm)
+            .and_then(|v| v.bridge)
+    };
+    assert_eq!(
+        bridge_of("vm-br-0").await.as_deref(),
+        Some(range.as_str()),
+        "{}",
+        f.agents[0].log()
+    );
+    assert_eq!(bridge_of("vm-br-1").await, None);
+
+    // Two bridged guests: both on the node with the bridge.
+    let (port, port2) = (free_port(), free_port());
+    c.apply("brvm.yaml", &bridged_counter_vm_job("brvm", port))
+        .await?;
+    c.apply("brvm2.yaml", &bridged_counter_vm_job("brvm2", port2))
+        .await?;
+    for job in ["brvm", "brvm2"] {
+        wait_for(Duration::from_secs(120), "the bridged VM ready", || async {
+            wanted(c, job)
+                .await
+                .is_ok_and(|a| a.state == AllocState::Running && a.healthy == Some(true))
+        })
+        .await
+        .with_context(|| format!("{}\n{}", f.agents[0].log(), f.agents[1].log()))?;
+        assert_eq!(wanted(c, job).await?.node, "vm-br-0");
+    }
+    let alloc = wanted(c, "brvm").await?;
+    let vm_dir = |job: &str| -> Result<serde_json::Value> {
+        let vms = f.agents[0].state_dir.join("vms");
+        for e in std::fs::read_dir(&vms)? {
+            let meta = e?.path().join("meta.json");
+            if let Ok(text) = std::fs::read_to_string(&meta) {
+                let v: serde_json::Value = serde_json::from_str(&text)?;
+                if v["labels"]["novacron.job"] == job {
+                    return Ok(v);
+                }
+            }
+        }
+        bail!("no VM of job {job} in {}", vms.display())
+    };
+    let meta = vm_dir("brvm")?;
+    let address = meta["address"].as_str().context("its address")?.to_owned();
+    let address2 = vm_dir("brvm2")?["address"]
+        .as_str()
+        .context("the second's address")?
+        .to_owned();
+    assert!(
+        address.starts_with(&format!("10.217.{third}.")) && address != gateway,
+        "{address}"
+    );
+    assert_ne!(address, address2);
+
+    // The node reaches the guest at its address, on its port, without any
+    // forward; then through the published port, a DNAT rule to it.
+    assert_eq!(count_at(&address, 8080).await?, "1");
+    assert_eq!(count_at("127.0.0.2", port).await?, "2");
+    let vm_id = meta["id"].as_str().context("its id")?.to_owned();
+    let bridge = cleanup.name().context("the bridge")?;
+    let rules = BridgeCleanup::rules(&bridge);
+    assert!(
+        rules.iter().any(|(t, r)| t == "nat"
+            && r.contains(&vm_id)
+            && r.contains(&format!("--to-destination {address}:8080"))),
+        "{rules:#?}"
+    );
+    // The other guest reaches it on the bridge.
+    let (said, _) = console_session(
+        c,
+        "brvm2",
+        &format!("wget -qO- http://{address}:8080/cgi-bin/count; echo rea\"ched-$?-e\"nd"),
+        "-end",
+    )
+    .await?;
+    assert!(said.contains("reached-0"), "{said}");
+    assert_eq!(count_at(&address, 8080).await?, "4", "{said}");
+
+    // The published port is the kernel's: it forwards while the agent is down.
+    f.agents[0].kill().await;
+    assert_eq!(count_at("127.0.0.2", port).await?, "5");
+    f.agents[0].start()?;
+    c.wait_ready("vm-br-0", Duration::from_secs(30)).await?;
+    assert_eq!(count_at("127.0.0.2", port).await?, "6");
+
+    // No node without the bridge (or with another range) takes the guest.
+    let out = c.cli(&["alloc", "migrate", &alloc.id, "--to", "vm-br-1"]);
+    let told = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{told}");
+    assert!(told.contains("has no VM bridge"), "{told}");
+
+    // Destroyed: its tap device and its rule go with it, the other's stay.
+    novacron_tests::succeeded(&c.cli(&["vm", "destroy", "brvm"]));
+    let tap = format!("nct{}", &vm_id[vm_id.len().saturating_sub(12)..]);
+    wait_for(Duration::from_secs(60), "the tap device gone", || async {
+        !std::path::Path::new("/sys/class/net").join(&tap).exists()
+    })
+    .await
+    .with_context(|| f.agents[0].log())?;
+    let rules = BridgeCleanup::rules(&bridge);
+    assert!(!rules.iter().any(|(_, r)| r.contains(&vm_id)), "{rules:#?}");
+    assert!(
+        rules.iter().any(|(_, r)| r.contains(&address2)),
+        "{rules:#?}"
+    );
+    assert!(count_at("127.0.0.2", port).await.is_err());
+    assert_eq!(count_at("127.0.0.2", port2).await?, "1");
+    novacron_tests::succeeded(&c.cli(&["vm", "destroy", "brvm2"]));
+    wait_for(Duration::from_secs(60), "no tap device left", || async {
+        std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
+            .is_ok_and(|mut d| d.next().is_none())
+    })
+    .await
+    .with_context(|| f.agents[0].log())?;
+    Ok(())
+}

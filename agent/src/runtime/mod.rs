@@ -33,6 +33,7 @@ pub mod host;
 pub mod image_files;
 pub mod images;
 pub mod logs;
+pub mod netfilter;
 pub mod oci;
 pub mod probes;
 pub mod reconcile;

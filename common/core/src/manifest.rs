@@ -50,7 +50,7 @@ pub use job::Job;
 pub use lifecycle::{Lifecycle, LifecycleSchedule, MIN_MAX_RUNTIME};
 pub use load::{parse_job, parse_jobs, yaml_documents};
 pub use scale::scaled_manifest;
-pub use vm::{VM_NODE_LABEL, VmTask, VmTemplate, VmTemplateSpec};
+pub use vm::{VM_BRIDGE_LABEL, VM_NODE_LABEL, VmTask, VmTemplate, VmTemplateSpec};
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "novacron.io/v1";

@@ -1019,6 +1019,38 @@ pub struct VmSpec {
     /// Cloud-init user data, given to the guest as a NoCloud seed (a read-only
     /// FAT disk labelled `cidata`); at most [`MAX_VM_USER_DATA`] bytes.
     pub user_data: Option<String>,
+    /// How the guest is networked. Appended within protocol 3.
+    #[serde(default)]
+    pub network: VmNetwork,
+}
+
+/// How a virtual machine is networked.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize,
+)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum VmNetwork {
+    /// QEMU's user-mode network: the guest is reached only through the ports
+    /// forwarded to it (from its own loopback address and the node's publish
+    /// address), and its traffic out leaves through QEMU.
+    #[default]
+    User,
+    /// A tap device on the node's VM bridge: the guest has an address of the
+    /// node's VM range, reached on every port from the node and its other
+    /// guests, its published ports forwarded by the node's packet filter, and
+    /// its traffic out masqueraded.
+    Bridge,
+}
+
+impl VmNetwork {
+    /// `user` or `bridge`, as manifests name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmNetwork::User => "user",
+            VmNetwork::Bridge => "bridge",
+        }
+    }
 }
 
 /// The most bytes of [`VmSpec::user_data`].
@@ -1040,6 +1072,11 @@ pub struct VmCapability {
     /// still choose `tcg` (appended within protocol 3).
     #[serde(default)]
     pub probed: bool,
+    /// The node's VM bridge (its range, `10.215.7.0/24`) when it has one:
+    /// only such nodes run guests on [`VmNetwork::Bridge`]. Appended within
+    /// protocol 3.
+    #[serde(default)]
+    pub bridge: Option<String>,
 }
 
 /// Bytes of a secret: [`fmt::Debug`] shows only their length, so that a spec

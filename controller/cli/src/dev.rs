@@ -320,7 +320,9 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
                 "capacity=on-demand",
             ])
             .args(["--publish-address", &args.publish_address.to_string()])
-            .args(["--dynamic-ports", &dynamic_ports(i)]);
+            .args(["--dynamic-ports", &dynamic_ports(i)])
+            // A VM bridge of each agent's own (a range cannot be shared).
+            .args(["--vm-bridge", &format!("10.216.{i}.1/24")]);
         if args.host_exec {
             agent.arg("--allow-host-exec");
         }

@@ -581,14 +581,7 @@ impl Workloads {
             .jobs
             .get_mut(name)
             .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
-        let is_vm = entry
-            .record
-            .versions
-            .iter()
-            .find(|v| v.version == entry.record.current)
-            .is_some_and(|v| v.vm.is_some())
-            || entry.current().is_some_and(|j| j.spec.task.vm.is_some());
-        if !is_vm {
+        if entry.current().is_none_or(|j| j.spec.task.vm.is_none()) {
             return Err(WorkloadError::Conflict(format!(
                 "job {name} runs containers, not a virtual machine; only VMs can be suspended (stop it with novacron job stop {name})"
             )));
@@ -1623,7 +1616,17 @@ impl Workloads {
             .and_then(|j| j.spec.checkpoint.clone()))
     }
 
-    /// Whether `alloc` runs a virtual machine (its job's task has a VM).
+    /// The network of the VM `alloc` runs; `None` for a container.
+    pub fn vm_network(&self, alloc: &str) -> Option<novacron_common::wire::VmNetwork> {
+        let st = self.lock();
+        st.allocs
+            .get(alloc)
+            .and_then(|a| st.jobs.get(&a.job)?.parsed.get(&a.version))
+            .and_then(|j| j.spec.task.vm.as_ref())
+            .map(|vm| vm.network.unwrap_or_default())
+    }
+
+    /// Whether the allocation `alloc` runs a virtual machine.
     pub fn is_vm(&self, alloc: &str) -> bool {
         let st = self.lock();
         st.allocs

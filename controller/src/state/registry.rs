@@ -672,6 +672,12 @@ impl Registry {
                                 novacron_common::manifest::VM_NODE_LABEL.to_owned(),
                                 vm.accelerator.clone(),
                             );
+                            if let Some(range) = &vm.bridge {
+                                labels.insert(
+                                    novacron_common::manifest::VM_BRIDGE_LABEL.to_owned(),
+                                    range.replace('/', "_"),
+                                );
+                            }
                         }
                         labels
                     },

@@ -8,15 +8,12 @@
 //! by an agent that died mid-migration are removed at its next start
 //! ([`sweep`]).
 
-use std::time::Duration;
-
-use tokio::process::Command;
 use tracing::{info, warn};
+
+use crate::runtime::netfilter::{CALL_TIMEOUT, run, shell_words};
 
 /// The comment that tags the agent's rules.
 pub const COMMENT: &str = "novacron-page-server";
-/// The longest one `iptables` call may take (it waits for the xtables lock).
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The tools that write the node's packet filters: `iptables`, and
 /// `ip6tables` where IPv6 is on.
@@ -62,64 +59,6 @@ pub fn leftovers(listing: &str) -> Vec<Vec<String>> {
             Some(words)
         })
         .collect()
-}
-
-/// `iptables -S` quotes only the comment (`"novacron-page-server"`); the
-/// words of one listed rule.
-fn shell_words(line: &str) -> Option<Vec<String>> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut quoted = false;
-    let mut any = false;
-    for ch in line.chars() {
-        match ch {
-            '"' => {
-                quoted = !quoted;
-                any = true;
-            }
-            ' ' if !quoted => {
-                if any {
-                    words.push(std::mem::take(&mut word));
-                    any = false;
-                }
-            }
-            c => {
-                word.push(c);
-                any = true;
-            }
-        }
-    }
-    if quoted {
-        return None;
-    }
-    if any {
-        words.push(word);
-    }
-    Some(words)
-}
-
-async fn run(tool: &str, args: &[String]) -> Result<String, String> {
-    let out = tokio::time::timeout(
-        CALL_TIMEOUT,
-        Command::new(tool)
-            .arg("-w")
-            .arg(CALL_TIMEOUT.as_secs().to_string())
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| format!("{tool} did not answer within {} s", CALL_TIMEOUT.as_secs()))?
-    .map_err(|e| format!("{tool}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{tool} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// Whether the agent can write the node's packet filters (it can list them);
@@ -251,10 +190,5 @@ mod tests {
             ]
         );
         assert!(leftovers("-P INPUT ACCEPT\n").is_empty());
-        assert_eq!(
-            shell_words("a \"b c\" d"),
-            Some(vec!["a".into(), "b c".into(), "d".into()])
-        );
-        assert_eq!(shell_words("a \"b"), None);
     }
 }

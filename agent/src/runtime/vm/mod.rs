@@ -20,6 +20,7 @@
 //!   off; with `-no-shutdown` QEMU stays until stopped, so a clean power-off is
 //!   told from a crash) and `exited`.
 
+pub mod bridge;
 pub mod cgroup;
 mod migrate;
 pub mod qemu;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
-use novacron_common::wire::{PortMapping, PublishedPort, VmCapability, VmSpec};
+use novacron_common::wire::{PortMapping, PublishedPort, VmCapability, VmNetwork, VmSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -141,12 +142,23 @@ pub struct VmDriver {
     /// Bumped when the probe decides the accelerator: the node's capabilities
     /// changed ([`VmDriver::probed`]).
     probed: tokio::sync::watch::Sender<u64>,
+    /// The node's VM bridge, or why guests cannot be bridged here.
+    bridge: Result<bridge::Bridge, String>,
+    /// The bridge's lock, held while the driver lives.
+    _bridge_lock: Option<std::fs::File>,
 }
+
+/// Where agents lock the VM bridges they hold.
+const BRIDGE_LOCKS: &str = "/run/novacron/vm-bridge";
 
 impl VmDriver {
     /// The driver when QEMU is installed: its version is read and `state_dir/vms`
-    /// made. `Err` says why VMs cannot run here.
-    pub async fn detect(state_dir: &Path) -> Result<VmDriver, String> {
+    /// made, and `bridge` (`None`: none) set up for guests on the bridge
+    /// network. `Err` says why VMs cannot run here.
+    pub async fn detect(
+        state_dir: &Path,
+        bridge: Option<bridge::Bridge>,
+    ) -> Result<VmDriver, String> {
         let qemu = find_on_path(QEMU_BINARY).ok_or_else(|| {
             format!("{QEMU_BINARY} is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
         })?;
@@ -194,7 +206,20 @@ impl VmDriver {
             Launcher::Direct
         };
         info!(?launcher, "virtual machines are started this way");
-        Ok(VmDriver {
+        let (bridge, lock) = match bridge {
+            None => (
+                Err("this agent has no VM bridge (--vm-bridge off)".to_owned()),
+                None,
+            ),
+            Some(b) => match b.setup(Path::new(BRIDGE_LOCKS)).await {
+                Ok(lock) => (Ok(b), Some(lock)),
+                Err(why) => {
+                    warn!(%why, "no VM bridge: virtual machines here use QEMU's user-mode network only");
+                    (Err(why), None)
+                }
+            },
+        };
+        let driver = VmDriver {
             dir,
             qemu,
             version,
@@ -202,7 +227,70 @@ impl VmDriver {
             accel: Mutex::new(accel),
             locks: Default::default(),
             probed: tokio::sync::watch::channel(0).0,
-        })
+            bridge,
+            _bridge_lock: lock,
+        };
+        // The published ports of the guests an earlier run left, in case the
+        // node's packet filter was reset meanwhile, and no tap device of a
+        // guest that is gone (an agent that died while removing it).
+        driver.sync_forwards().await;
+        driver.sweep_taps().await;
+        Ok(driver)
+    }
+
+    /// Removes the tap devices on the bridge that belong to no VM.
+    async fn sweep_taps(&self) {
+        let Ok(bridge) = &self.bridge else {
+            return;
+        };
+        let Ok(ports) =
+            std::fs::read_dir(Path::new("/sys/class/net").join(&bridge.name).join("brif"))
+        else {
+            return;
+        };
+        let ours: Vec<String> = self.ids().iter().map(|id| bridge::tap_name(id)).collect();
+        for port in ports.flatten() {
+            let tap = port.file_name().to_string_lossy().into_owned();
+            if tap.starts_with(bridge::TAP_PREFIX) && !ours.contains(&tap) {
+                match bridge::remove_tap(&tap).await {
+                    Ok(()) => {
+                        info!(%tap, "removed the tap device of a virtual machine that is gone")
+                    }
+                    Err(e) => {
+                        warn!(%tap, error = %e, "cannot remove a tap device of a virtual machine that is gone")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the bridge's published ports those of the bridged VMs that exist.
+    async fn sync_forwards(&self) {
+        let Ok(bridge) = &self.bridge else {
+            return;
+        };
+        let mut forwards = Vec::new();
+        for id in self.ids() {
+            let Ok(meta) = self.read_meta(&id) else {
+                continue;
+            };
+            if meta.vm.network != VmNetwork::Bridge {
+                continue;
+            }
+            forwards.extend(meta.ports.iter().filter_map(|p| {
+                Some(bridge::Forward {
+                    vm: id.clone(),
+                    publish: meta.publish,
+                    host_port: p.host_port?,
+                    guest: meta.address,
+                    guest_port: p.container_port,
+                    udp: p.udp,
+                })
+            }));
+        }
+        if let Err(e) = bridge.set_forwards(&forwards).await {
+            warn!(error = %e, "cannot write the bridged guests' published ports");
+        }
     }
 
     /// What the node reports: QEMU's version and the accelerator (`kvm` until a
@@ -219,6 +307,7 @@ impl VmDriver {
             accelerator,
             kvm_unusable: why,
             probed,
+            bridge: self.bridge.as_ref().ok().map(bridge::Bridge::range),
         }
     }
 
@@ -448,6 +537,33 @@ impl VmDriver {
             .filter_map(|i| self.read_meta(i).ok())
             .map(|m| m.address)
             .collect();
+        let address = match vm.network {
+            VmNetwork::User => qemu::loopback_address(&id, &taken),
+            VmNetwork::Bridge => {
+                let bridge = self.bridge.as_ref().map_err(|why| {
+                    daemon(
+                        "create",
+                        format!("this node cannot put a guest on the bridge network: {why}"),
+                    )
+                })?;
+                // By the name's hash, so that the guest keeps its address on
+                // another node with the same range.
+                bridge.allocate(name, &taken).ok_or_else(|| {
+                    daemon(
+                        "create",
+                        format!("the VM bridge's range {} is full", bridge.range()),
+                    )
+                })?
+            }
+        };
+        if let (VmNetwork::Bridge, Some(_), Ok(bridge)) = (vm.network, &vm.user_data, &self.bridge)
+        {
+            // Cloud-init configures the network from the seed, as the kernel's
+            // `ip=` does for simpler guests.
+            let path = dir.join("seed").join("network-config");
+            std::fs::write(&path, bridge.network_config(&bridge::mac(&id), address))
+                .map_err(|e| daemon("create", format!("{}: {e}", path.display())))?;
+        }
         let publish = match publish {
             IpAddr::V4(a) => a,
             IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
@@ -465,7 +581,7 @@ impl VmDriver {
             image_id: image_id.to_owned(),
             vm: vm.clone(),
             ports: config.ports.clone(),
-            address: qemu::loopback_address(&id, &taken),
+            address,
             publish,
             kernel,
             initrd,
@@ -559,7 +675,31 @@ impl VmDriver {
             pidfile: &pidfile,
         };
         let forwards = qemu::forwards(meta.address, meta.publish, &meta.ports);
-        let mut args = qemu::args(&meta.vm, accel, &paths, &forwards);
+        let (tap, mac) = (bridge::tap_name(id), bridge::mac(id));
+        let kernel_arg = match (meta.vm.network, &self.bridge) {
+            (VmNetwork::User, _) => None,
+            (VmNetwork::Bridge, Ok(b)) => {
+                b.ensure_tap(&tap)
+                    .await
+                    .map_err(|e| daemon("start", format!("the guest's tap device: {e}")))?;
+                Some(b.kernel_arg(meta.address))
+            }
+            (VmNetwork::Bridge, Err(why)) => {
+                return Err(daemon(
+                    "start",
+                    format!("this node cannot put a guest on the bridge network: {why}"),
+                ));
+            }
+        };
+        let net = match &kernel_arg {
+            None => qemu::Net::User(&forwards),
+            Some(arg) => qemu::Net::Tap {
+                ifname: &tap,
+                mac: &mac,
+                kernel_arg: arg,
+            },
+        };
+        let mut args = qemu::args(&meta.vm, accel, &paths, net);
         if let Some(sock) = incoming {
             args.extend(["-incoming".to_owned(), format!("unix:{}", sock.display())]);
         }
@@ -608,6 +748,9 @@ impl VmDriver {
         meta.exit = None;
         self.write_meta(&meta)?;
         info!(vm = %id, accel = accel.as_str(), "virtual machine started");
+        if meta.vm.network == VmNetwork::Bridge {
+            self.sync_forwards().await;
+        }
         Ok(())
     }
 
@@ -782,6 +925,9 @@ impl VmDriver {
             wait_gone(pid, Duration::from_secs(5)).await;
         }
         cgroup::remove(id);
+        let bridged = self
+            .read_meta(id)
+            .is_ok_and(|m| m.vm.network == VmNetwork::Bridge);
         let dir = self.vm_dir(id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -792,6 +938,13 @@ impl VmDriver {
                 });
             }
             Err(e) => return Err(daemon("remove", format!("{}: {e}", dir.display()))),
+        }
+        if bridged {
+            // Its published ports first, then its device.
+            self.sync_forwards().await;
+            if let Err(e) = bridge::remove_tap(&bridge::tap_name(id)).await {
+                warn!(vm = %id, error = %e, "cannot remove the guest's tap device");
+            }
         }
         self.locks
             .lock()

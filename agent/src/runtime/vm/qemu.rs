@@ -86,12 +86,28 @@ pub fn forwards(address: Ipv4Addr, publish: Ipv4Addr, ports: &[PortMapping]) -> 
     out
 }
 
+/// How a guest is networked on its command line.
+#[derive(Debug, Clone, Copy)]
+pub enum Net<'a> {
+    /// QEMU's user-mode network with these forwards.
+    User(&'a [Forward]),
+    /// A tap device on the node's VM bridge ([`super::bridge`]).
+    Tap {
+        /// The tap device.
+        ifname: &'a str,
+        /// The guest's MAC address.
+        mac: &'a str,
+        /// What the kernel command line gains (the guest's `ip=`).
+        kernel_arg: &'a str,
+    },
+}
+
 /// The arguments of `qemu-system-x86_64` for `vm`: direct kernel boot, no
-/// default devices, the serial console to a file, QMP on a Unix socket, user-mode
-/// networking with `forwards`, and `-no-shutdown` (a guest that powers off stays
-/// as a stopped process, so its clean exit can be told from a crash). The process
+/// default devices, the serial console to a file, QMP on a Unix socket, the
+/// network `net`, and `-no-shutdown` (a guest that powers off stays as a
+/// stopped process, so its clean exit can be told from a crash). The process
 /// daemonizes once the machine is set up.
-pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) -> Vec<String> {
+pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, net: Net<'_>) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     let machine = if vm.machine.is_empty() {
@@ -118,8 +134,15 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) 
     if let Some(initrd) = paths.initrd {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
-    if !vm.cmdline.is_empty() {
-        push(&["-append", &vm.cmdline]);
+    let cmdline = match net {
+        Net::Tap { kernel_arg, .. } if !vm.cmdline.is_empty() => {
+            format!("{} {kernel_arg}", vm.cmdline)
+        }
+        Net::Tap { kernel_arg, .. } => kernel_arg.to_owned(),
+        Net::User(_) => vm.cmdline.clone(),
+    };
+    if !cmdline.is_empty() {
+        push(&["-append", &cmdline]);
     }
     if let Some(disk) = paths.disk {
         push(&[
@@ -139,22 +162,31 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, forwards: &[Forward]) 
             ),
         ]);
     }
-    let mut netdev = String::from("user,id=n0");
-    for f in forwards {
-        netdev.push_str(&format!(
-            ",hostfwd={}:{}:{}-:{}",
-            if f.udp { "udp" } else { "tcp" },
-            f.address,
-            f.host_port,
-            f.guest_port
-        ));
-    }
-    let nic = if machine == "microvm" {
-        "virtio-net-device,netdev=n0"
-    } else {
-        "virtio-net-pci,netdev=n0"
+    let (netdev, mac) = match net {
+        Net::User(forwards) => {
+            let mut netdev = String::from("user,id=n0");
+            for f in forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd={}:{}:{}-:{}",
+                    if f.udp { "udp" } else { "tcp" },
+                    f.address,
+                    f.host_port,
+                    f.guest_port
+                ));
+            }
+            (netdev, String::new())
+        }
+        Net::Tap { ifname, mac, .. } => (
+            format!("tap,id=n0,ifname={ifname},script=no,downscript=no"),
+            format!(",mac={mac}"),
+        ),
     };
-    push(&["-netdev", &netdev, "-device", nic]);
+    let nic = if machine == "microvm" {
+        format!("virtio-net-device,netdev=n0{mac}")
+    } else {
+        format!("virtio-net-pci,netdev=n0{mac}")
+    };
+    push(&["-netdev", &netdev, "-device", &nic]);
     push(&[
         "-chardev",
         &format!(
@@ -301,7 +333,7 @@ mod tests {
             udp: false,
         }];
         let fw = forwards(Ipv4Addr::new(127, 100, 1, 2), Ipv4Addr::UNSPECIFIED, &ports);
-        let a = args(&vm(), Accel::Tcg, &paths, &fw).join(" ");
+        let a = args(&vm(), Accel::Tcg, &paths, Net::User(&fw)).join(" ");
         assert!(
             a.starts_with("-machine q35 -accel tcg -smp 2 -m 256M"),
             "{a}"
@@ -331,8 +363,29 @@ mod tests {
             "{a}"
         );
         assert!(a.ends_with("-daemonize"), "{a}");
-        let kvm = args(&vm(), Accel::Kvm, &paths, &fw).join(" ");
+        let kvm = args(&vm(), Accel::Kvm, &paths, Net::User(&fw)).join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+        // On the VM bridge: the tap device, the guest's MAC, and its address
+        // on the kernel's command line.
+        let tap = Net::Tap {
+            ifname: "nct0123",
+            mac: "52:54:00:01:02:03",
+            kernel_arg: "ip=10.215.0.9::10.215.0.1:255.255.0.0::eth0:off",
+        };
+        let bridged = args(&vm(), Accel::Tcg, &paths, tap).join(" ");
+        assert!(
+            bridged.contains(
+                "-netdev tap,id=n0,ifname=nct0123,script=no,downscript=no -device virtio-net-pci,netdev=n0,mac=52:54:00:01:02:03"
+            ),
+            "{bridged}"
+        );
+        assert!(
+            bridged.contains(
+                "-append console=ttyS0 quiet ip=10.215.0.9::10.215.0.1:255.255.0.0::eth0:off"
+            ),
+            "{bridged}"
+        );
+        assert!(!bridged.contains("hostfwd"), "{bridged}");
     }
 
     #[test]

@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 /// placed only on nodes that have it.
 pub const VM_NODE_LABEL: &str = "novacron.io/vm";
 
+/// The label the controller gives every node with a VM bridge; its value the
+/// bridge's range with `_` for `/` (`10.215.7.0_24`, a label value). A job
+/// whose VM is on the `bridge` network is placed only on nodes that have it.
+pub const VM_BRIDGE_LABEL: &str = "novacron.io/vm-bridge";
+
 /// `kind:` of a VM template.
 pub const TEMPLATE_KIND: &str = "VMTemplate";
 
@@ -70,6 +75,12 @@ pub struct VmTask {
     /// `meta-data`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
+    /// How the guest is networked: `user` (default; QEMU's user-mode network,
+    /// reached through its forwarded ports) or `bridge` (an address of its
+    /// node's VM bridge, reached on every port). The instance's choice, not
+    /// its template's, as a network is not a machine shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<novacron_wire::VmNetwork>,
 }
 
 /// A `VMTemplate` manifest.
@@ -245,6 +256,7 @@ pub fn resolve(task: &VmTask, template: Option<&VmTemplateSpec>) -> novacron_wir
             .unwrap_or_else(|| DEFAULT_MACHINE.to_owned()),
         template: task.template.clone(),
         user_data: task.user_data.clone().or_else(|| t.user_data.clone()),
+        network: task.network.unwrap_or_default(),
     }
 }
 

@@ -343,6 +343,16 @@ impl Request {
                         values: Vec::new(),
                     });
                 }
+                // A guest on the bridge network, only where a VM bridge is.
+                if spec.task.vm.as_ref().and_then(|v| v.network)
+                    == Some(novacron_wire::VmNetwork::Bridge)
+                {
+                    placement.constraints.push(crate::manifest::Constraint {
+                        key: crate::manifest::VM_BRIDGE_LABEL.to_owned(),
+                        operator: crate::manifest::Operator::Exists,
+                        values: Vec::new(),
+                    });
+                }
                 placement
             },
             count,

@@ -23,8 +23,8 @@ use novacron_common::checkpoint::CheckpointMode;
 use novacron_common::clock::unix_ms;
 use novacron_common::wire::{
     self, BiRequest, PagesRequest, RestoreFrom, VM_MIGRATE_SINCE, VmCapability, VmControl,
-    VmMigrateRequest, VmMigrationProgress, VmReceiveEvent, VmReceiveRequest, VmSendEvent,
-    VmSendRequest,
+    VmMigrateRequest, VmMigrationProgress, VmNetwork, VmReceiveEvent, VmReceiveRequest,
+    VmSendEvent, VmSendRequest,
 };
 use tracing::{info, warn};
 
@@ -200,6 +200,8 @@ impl Migrations {
                 record.node
             ))
         })?;
+        let bridged = self.workloads.vm_network(&alloc) == Some(VmNetwork::Bridge);
+        let source_range = vm_of(&record.node).and_then(|c| c.bridge);
         let target = self
             .workloads
             .migration_target(&alloc, to, |n| {
@@ -210,6 +212,15 @@ impl Migrations {
                     ));
                 }
                 match vm_of(n) {
+                    // A bridged guest keeps the address its kernel was given:
+                    // only a node with the same range can hold it.
+                    Some(c) if bridged && c.bridge != source_range => Err(match &c.bridge {
+                        None => "has no VM bridge, and the guest is on the bridge network".to_owned(),
+                        Some(r) => format!(
+                            "has the VM bridge range {r} and the source {}; a guest on the bridge network keeps its address, so it migrates only between nodes of the same range",
+                            source_range.as_deref().unwrap_or("none")
+                        ),
+                    }),
                     Some(c) if c.accelerator == source => Ok(()),
                     // A node that has booted no VM yet assumes kvm until its
                     // first probe: the incoming VM's boot decides, and a
