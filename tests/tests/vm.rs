@@ -1477,12 +1477,21 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
         }
         bail!("no VM of job {job} in {}", vms.display())
     };
+    // `vm list` shows each guest's network and address, as its node reports it.
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&novacron_tests::succeeded(
+        &c.cli(&["vm", "list", "-o", "json"]),
+    ))?;
+    let address_of = |job: &str| -> Result<String> {
+        let row = listed
+            .iter()
+            .find(|r| r["name"] == job)
+            .with_context(|| format!("{job} in {listed:?}"))?;
+        assert_eq!(row["network"], "bridge", "{row}");
+        Ok(row["address"].as_str().context("its address")?.to_owned())
+    };
+    let (address, address2) = (address_of("brvm")?, address_of("brvm2")?);
     let meta = vm_dir("brvm")?;
-    let address = meta["address"].as_str().context("its address")?.to_owned();
-    let address2 = vm_dir("brvm2")?["address"]
-        .as_str()
-        .context("the second's address")?
-        .to_owned();
+    assert_eq!(meta["address"], address.as_str(), "the agent's record");
     assert!(
         address.starts_with(&format!("10.217.{third}.")) && address != gateway,
         "{address}"

@@ -1003,6 +1003,7 @@ impl Reconciler {
                     image_digest: rec.image_digest.clone(),
                     pull: None,
                     suspended: rec.paused && rec.state == AllocState::Running,
+                    address: rec.ip.filter(|_| rec.state == AllocState::Running),
                 }
             })
             .collect();
@@ -1030,6 +1031,7 @@ impl Reconciler {
                 image_digest: None,
                 pull: None,
                 suspended: false,
+                address: None,
             });
         }
         allocations.sort_by(|a, b| a.id.cmp(&b.id));

@@ -152,6 +152,12 @@ pub struct AllocView {
     /// Its node reports its guest paused: a suspended VM (`novacron vm suspend`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// The address its node reaches it at while it runs: a container's on its
+    /// network, a VM's own (on the node's VM bridge, or its loopback address
+    /// under QEMU's user network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "10.215.7.9"))]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// A port of a running allocation as its node published it: `host_ip:host_port`

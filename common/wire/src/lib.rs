@@ -1396,6 +1396,11 @@ pub struct AllocationStatus {
     /// protocol 3.
     #[serde(default)]
     pub suspended: bool,
+    /// The address its node reaches it at while it runs: a container's on
+    /// its network, a VM's own (on the node's VM bridge, or its loopback
+    /// address under QEMU's user network). Appended in protocol 3.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// How far a pull is.

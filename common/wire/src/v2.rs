@@ -499,7 +499,7 @@ structs! {
     ProbeSpec { check, period_ms, timeout_ms, failure_threshold, initial_delay_ms };
     AllocationReport { generation, allocations };
     AllocationStatus { id, state, healthy, restarts, exit_code, message, failure, restore_failed, container_id, started_at_unix_ms }
-        + { published: Vec::new(), image_digest: None, pull: None, suspended: false };
+        + { published: Vec::new(), image_digest: None, pull: None, suspended: false, address: None };
     AllocationUsage { id, cpu_percent, memory_bytes, memory_limit_bytes, rx_bytes_per_sec, tx_bytes_per_sec };
     LogRequest { request_id, allocation, follow, tail };
     LogChunk { stderr, data, end };

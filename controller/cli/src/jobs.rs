@@ -1279,6 +1279,7 @@ mod tests {
             restore: None,
             published,
             suspended: false,
+            address: None,
         }
     }
 

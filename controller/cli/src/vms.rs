@@ -16,6 +16,8 @@ use super::client::ApiClient;
 use super::output::{self, OutputFormat, TableRow, from_unix_ms};
 
 /// `novacron vm` subcommands.
+// (Parsed once per run: `Create`'s size costs nothing worth a box.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum VmCommand {
     /// Create and start a VM: a one-replica service job running the guest.
@@ -56,6 +58,10 @@ pub enum VmCommand {
         /// most 64 KiB); overrides the template's.
         #[arg(long, value_name = "FILE")]
         user_data: Option<std::path::PathBuf>,
+        /// The guest's network: user (QEMU's, reached through its ports) or
+        /// bridge (an address of its node's VM bridge) [default: user].
+        #[arg(long, value_name = "user|bridge")]
+        network: Option<String>,
     },
     /// The VMs: their state, node, machine and address.
     List,
@@ -156,6 +162,12 @@ pub struct VmRow {
     pub state: String,
     /// Its node, while it has one.
     pub node: Option<String>,
+    /// Its network: `user` or `bridge`.
+    #[serde(default)]
+    pub network: String,
+    /// Its address, where its node reaches it, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Virtual CPUs.
     pub vcpus: u32,
     /// Guest memory, bytes.
@@ -169,7 +181,7 @@ pub struct VmRow {
 impl TableRow for VmRow {
     fn headers() -> &'static [&'static str] {
         &[
-            "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "TEMPLATE", "PORTS",
+            "NAME", "STATE", "NODE", "NETWORK", "ADDRESS", "VCPUS", "MEMORY", "TEMPLATE", "PORTS",
         ]
     }
     fn cells(&self, _now: SystemTime) -> Vec<String> {
@@ -177,6 +189,8 @@ impl TableRow for VmRow {
             self.name.clone(),
             self.state.clone(),
             self.node.clone().unwrap_or_else(|| "-".into()),
+            self.network.clone(),
+            self.address.clone().unwrap_or_else(|| "-".into()),
             self.vcpus.to_string(),
             format!("{}Mi", self.memory_bytes >> 20),
             self.template.clone().unwrap_or_else(|| "-".into()),
@@ -225,6 +239,7 @@ pub fn manifest(
     reserve_mib: u64,
     no_pull: bool,
     user_data: Option<&str>,
+    network: Option<&str>,
 ) -> String {
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut m = format!(
@@ -263,11 +278,15 @@ pub fn manifest(
     if let Some(u) = user_data {
         m.push_str(&format!("      userData: {}\n", q(u)));
     }
+    if let Some(n) = network {
+        m.push_str(&format!("      network: {}\n", q(n)));
+    }
     if template.is_none()
         && vcpus.is_none()
         && memory.is_none()
         && cmdline.is_none()
         && user_data.is_none()
+        && network.is_none()
     {
         // `vm: {}` — every default.
         m.truncate(m.len() - "    vm:\n".len());
@@ -289,7 +308,11 @@ pub fn manifest(
     m
 }
 
-fn vm_state(job: &JobDetail) -> (String, Option<String>, Vec<String>) {
+/// What `vm list` shows of a VM's job: its state word, node, address and
+/// published ports.
+type VmState = (String, Option<String>, Option<String>, Vec<String>);
+
+fn vm_state(job: &JobDetail) -> VmState {
     let wanted: Vec<&AllocView> = job.allocations.iter().filter(|a| a.desired_run).collect();
     let Some(a) = wanted.first() else {
         return (
@@ -298,6 +321,7 @@ fn vm_state(job: &JobDetail) -> (String, Option<String>, Vec<String>) {
             } else {
                 job.summary.status.clone()
             },
+            None,
             None,
             Vec::new(),
         );
@@ -315,7 +339,12 @@ fn vm_state(job: &JobDetail) -> (String, Option<String>, Vec<String>) {
         .iter()
         .map(|p| format!("{}->{}", p.host_port, p.container_port))
         .collect();
-    (state, Some(a.node.clone()), ports)
+    (
+        state,
+        Some(a.node.clone()),
+        a.address.map(|ip| ip.to_string()),
+        ports,
+    )
 }
 
 /// Runs a `novacron vm` command.
@@ -340,6 +369,7 @@ pub async fn run(
             cpu,
             no_pull,
             user_data,
+            network,
         } => {
             let user_data = match user_data {
                 Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
@@ -380,6 +410,7 @@ pub async fn run(
                 (guest_bytes >> 20) + QEMU_OVERHEAD_MIB,
                 *no_pull,
                 user_data.as_deref(),
+                network.as_deref(),
             );
             let result: ApplyResult = client
                 .post(
@@ -406,12 +437,14 @@ pub async fn run(
             let mut rows = Vec::new();
             for j in jobs.into_iter().filter(|j| j.vm.is_some()) {
                 let detail: JobDetail = client.get(&["v1", "jobs", &j.name]).await?;
-                let (state, node, ports) = vm_state(&detail);
+                let (state, node, address, ports) = vm_state(&detail);
                 let vm = j.vm.clone().unwrap_or_default();
                 rows.push(VmRow {
                     name: j.name,
                     state,
                     node,
+                    network: vm.network.as_str().to_owned(),
+                    address,
                     vcpus: vm.vcpus,
                     memory_bytes: vm.memory_mib << 20,
                     template: vm.template,
@@ -604,6 +637,7 @@ mod tests {
             576,
             true,
             Some("#!/bin/sh\necho hi: there\n"),
+            Some("bridge"),
         );
         let job = novacron_common::manifest::parse_job("vm.yaml", &m).expect("a valid job");
         let vm = job.spec.task.vm.clone().expect("a VM");
@@ -615,6 +649,7 @@ mod tests {
         assert_eq!(job.spec.resources.cpu.0, 2000);
         assert_eq!(job.spec.resources.memory.0, 576 << 20);
         assert_eq!(vm.user_data.as_deref(), Some("#!/bin/sh\necho hi: there\n"));
+        assert_eq!(vm.network, Some(novacron_common::wire::VmNetwork::Bridge));
         assert_eq!(job.spec.task.ports[0].host_port, Some(18080));
         assert!(job.spec.health.is_some());
         let bare = manifest(
@@ -629,6 +664,7 @@ mod tests {
             None,
             320,
             false,
+            None,
             None,
         );
         let job = novacron_common::manifest::parse_job("b.yaml", &bare).expect("valid");

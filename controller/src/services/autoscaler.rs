@@ -869,6 +869,7 @@ mod tests {
             ports: vec![],
             published: vec![],
             suspended: false,
+            address: None,
         }
     }
 

@@ -318,6 +318,7 @@ mod tests {
             ports: vec![],
             published: vec![],
             suspended: false,
+            address: None,
         }
     }
 

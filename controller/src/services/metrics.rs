@@ -892,6 +892,7 @@ mod tests {
             ports: vec![],
             published: vec![],
             suspended: false,
+            address: None,
         }
     }
 

@@ -934,7 +934,7 @@ impl Workloads {
                 a.exit_code,
                 a.message.clone(),
             );
-            let published_before = a.published.clone();
+            let published_before = (a.published.clone(), a.address);
             if let Some(seen) = migrating.get_mut(&a.id) {
                 // Failures stick: the first one is enough to roll back.
                 *seen = MoveReport {
@@ -968,6 +968,9 @@ impl Workloads {
                 .failure
                 .filter(|_| status.state == AllocState::Failed);
             a.published = published(status);
+            a.address = status
+                .address
+                .filter(|_| status.state == AllocState::Running);
             let suspended = status.suspended && status.state == AllocState::Running;
             if suspended != a.suspended {
                 a.suspended = suspended;
@@ -1081,7 +1084,7 @@ impl Workloads {
             } else {
                 None
             };
-            if published_before != a.published {
+            if published_before != (a.published.clone(), a.address) {
                 dirty_allocs.insert(a.id.clone());
                 changed = true;
             }
@@ -1127,6 +1130,7 @@ impl Workloads {
             {
                 a.state = AllocState::Stopped;
                 a.published.clear();
+                a.address = None;
                 a.updated_unix_ms = now_ms;
                 dirty_allocs.insert(a.id.clone());
                 changed = true;
@@ -1224,6 +1228,7 @@ impl Workloads {
                         a.state = AllocState::Lost;
                         a.healthy_since_unix_ms = None;
                         a.published.clear();
+                        a.address = None;
                         warn!(alloc = %alloc, node = %a.node, job = %a.job, "allocation lost");
                     }
                     st.dirty_allocs.insert(alloc);
@@ -1250,6 +1255,7 @@ impl Workloads {
                         a.state = AllocState::Failed;
                         a.healthy_since_unix_ms = None;
                         a.published.clear();
+                        a.address = None;
                         a.failure = Some(failure);
                         let f = st.failures.entry((a.job.clone(), a.version)).or_default();
                         f.count += 1;
@@ -1678,6 +1684,7 @@ impl Workloads {
         moved.restore = restore;
         moved.state = AllocState::Pending;
         moved.published.clear();
+        moved.address = None;
         moved.healthy = None;
         moved.healthy_since_unix_ms = None;
         moved.message = why.to_string();
@@ -2116,6 +2123,7 @@ pub(crate) fn test_alloc(id: &str, node: &str, state: AllocState) -> AllocRecord
         failure: None,
         published: vec![],
         suspended: false,
+        address: None,
     }
 }
 
@@ -2551,6 +2559,7 @@ mod tests {
                 container_id: None,
                 started_at_unix_ms: None,
                 published: Vec::new(),
+                address: None,
             }],
         }
     }

@@ -462,6 +462,7 @@ impl<'a> Pass<'_, 'a> {
                 ports: alloc_ports(&task, &p.ports),
                 published: Vec::new(),
                 suspended: false,
+                address: None,
             };
             let event = NewEvent::new(
                 kind::ALLOC_PLACED,

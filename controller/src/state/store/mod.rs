@@ -384,6 +384,9 @@ pub struct AllocRecord {
     /// [`JobRecord::suspended`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// The address its node reaches it at, as last reported while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// A port of a running allocation as its node published it.
@@ -465,6 +468,7 @@ impl From<AllocRecord> for AllocView {
                 .map(PublishedAddressView::from)
                 .collect(),
             suspended: a.suspended,
+            address: a.address,
         }
     }
 }
@@ -1909,6 +1913,7 @@ mod tests {
             ports: vec![],
             published: vec![],
             suspended: false,
+            address: None,
         }
     }
 
@@ -2605,6 +2610,7 @@ mod tests {
                 },
             ],
             suspended: true,
+            address: None,
         };
         let bare = AllocRecord {
             healthy: None,
