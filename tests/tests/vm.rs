@@ -1093,6 +1093,8 @@ spec:
       initrd: /boot/initrd.img
       cmdline: console=ttyS0 quiet panic=-1
       disk: /disk.raw
+      diskBandwidth: 4Mi
+      diskIops: 200
       userData: |
         #!/bin/sh
         cat > /www/cgi-bin/write <<'X'
@@ -1118,6 +1120,54 @@ spec:
     )
 }
 
+/// The I/O limits QEMU applies to the disk of the VM whose QEMU runs in
+/// `vm_dir` (`bps` and `iops` of `query-block`), asked on its QMP socket.
+async fn disk_limits(vm_dir: &std::path::Path) -> Result<(u64, u64)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let sock = vm_dir.join("qmp.sock");
+    // QEMU's monitor serves one client at a time; the agent's come and go.
+    let stream = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::net::UnixStream::connect(&sock),
+    )
+    .await
+    .context("QMP connect timed out")??;
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut next = async || -> Result<serde_json::Value> {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .context("QMP answer timed out")??
+                .context("QMP closed")?;
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    };
+    next().await?; // the greeting
+    write
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .await?;
+    next().await?;
+    write.write_all(b"{\"execute\":\"query-block\"}\n").await?;
+    let answer = next().await?;
+    let devices = answer["return"].as_array().context("query-block")?;
+    let disk = devices
+        .iter()
+        .find(|d| {
+            d["inserted"]["file"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("disk.qcow2"))
+        })
+        .with_context(|| format!("no disk.qcow2 in {answer}"))?;
+    Ok((
+        disk["inserted"]["bps"].as_u64().unwrap_or(0),
+        disk["inserted"]["iops"].as_u64().unwrap_or(0),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -> Result<()> {
     require_vm_setup()?;
@@ -1135,6 +1185,9 @@ async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -
     assert_eq!(get(&at(first, "write?alpha")).await?.trim(), "written");
     assert_eq!(get(&at(first, "disk")).await?.trim(), "alpha");
     assert_eq!(count_at(f.publish[first], port).await?, "1");
+    // The job's I/O limits, as the running QEMU applies them to the disk.
+    let (dir, _) = qemu_pid(&f.agents[first]).context("the VM's qemu")?;
+    assert_eq!(disk_limits(&dir).await?, (4 << 20, 200));
 
     // Live migration carries the overlay (block migration of its top layer).
     let out =
@@ -1149,6 +1202,12 @@ async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -
     );
     assert_eq!(count_at(f.publish[second], port).await?, "2");
     assert_eq!(get(&at(second, "disk")).await?.trim(), "alpha");
+    let (dir, _) = qemu_pid(&f.agents[second]).context("the moved VM's qemu")?;
+    assert_eq!(
+        disk_limits(&dir).await?,
+        (4 << 20, 200),
+        "the limits move with the VM"
+    );
 
     // A snapshot carries memory and disk; the node then dies.
     assert_eq!(get(&at(second, "write?bravo")).await?.trim(), "written");

@@ -1022,6 +1022,14 @@ pub struct VmSpec {
     /// How the guest is networked. Appended within protocol 3.
     #[serde(default)]
     pub network: VmNetwork,
+    /// The most bytes per second the guest reads and writes on its disk
+    /// together (0: unlimited). Appended within protocol 3.
+    #[serde(default)]
+    pub disk_bytes_per_sec: u64,
+    /// The most reads and writes per second on its disk together (0:
+    /// unlimited). Appended within protocol 3.
+    #[serde(default)]
+    pub disk_iops: u64,
 }
 
 /// How a virtual machine is networked.

@@ -148,8 +148,9 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, net: Net<'_>) -> Vec<S
         push(&[
             "-drive",
             &format!(
-                "file={},if=virtio,format=qcow2,cache=writeback",
-                escape(&disk.to_string_lossy())
+                "file={},if=virtio,format=qcow2,cache=writeback{}",
+                escape(&disk.to_string_lossy()),
+                throttling(vm)
             ),
         ]);
     }
@@ -206,6 +207,19 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, net: Net<'_>) -> Vec<S
         "-daemonize",
     ]);
     a
+}
+
+/// The disk's I/O limits as `-drive` options (QEMU's throttling: reads and
+/// writes together), empty when it has none.
+fn throttling(vm: &VmSpec) -> String {
+    let mut out = String::new();
+    if vm.disk_bytes_per_sec > 0 {
+        out.push_str(&format!(",throttling.bps-total={}", vm.disk_bytes_per_sec));
+    }
+    if vm.disk_iops > 0 {
+        out.push_str(&format!(",throttling.iops-total={}", vm.disk_iops));
+    }
+    out
 }
 
 /// How QEMU processes are started.
@@ -386,6 +400,42 @@ mod tests {
             "{bridged}"
         );
         assert!(!bridged.contains("hostfwd"), "{bridged}");
+    }
+
+    #[test]
+    fn a_disk_with_limits_is_throttled_by_qemu() {
+        let (k, q, s, p, d) = (
+            PathBuf::from("/c/vmlinuz"),
+            PathBuf::from("/v/qmp.sock"),
+            PathBuf::from("/v/serial.log"),
+            PathBuf::from("/v/qemu.pid"),
+            PathBuf::from("/v/disk.qcow2"),
+        );
+        let console = PathBuf::from("/v/console.sock");
+        let paths = Paths {
+            kernel: &k,
+            initrd: None,
+            disk: Some(&d),
+            seed: None,
+            qmp: &q,
+            serial: &s,
+            console: &console,
+            pidfile: &p,
+        };
+        let limited = VmSpec {
+            disk_bytes_per_sec: 4 << 20,
+            disk_iops: 200,
+            ..vm()
+        };
+        let a = args(&limited, Accel::Tcg, &paths, Net::User(&[])).join(" ");
+        assert!(
+            a.contains(
+                "file=/v/disk.qcow2,if=virtio,format=qcow2,cache=writeback,throttling.bps-total=4194304,throttling.iops-total=200"
+            ),
+            "{a}"
+        );
+        let a = args(&vm(), Accel::Tcg, &paths, Net::User(&[])).join(" ");
+        assert!(!a.contains("throttling"), "no limits, no throttling: {a}");
     }
 
     #[test]

@@ -388,8 +388,16 @@ impl Checker<'_> {
         for (key, message) in super::vm::problems(&vm.shape()) {
             self.bad(p.key(key), message);
         }
-        if vm.template.is_none() && vm.disk.is_none() && vm.disk_size.is_some() {
-            self.bad(p.key("diskSize"), "a size needs a base disk (disk)".into());
+        if vm.template.is_none() && vm.disk.is_none() {
+            for (key, set) in [
+                ("diskSize", vm.disk_size.is_some()),
+                ("diskBandwidth", vm.disk_bandwidth.is_some()),
+                ("diskIops", vm.disk_iops.is_some()),
+            ] {
+                if set {
+                    self.bad(p.key(key), format!("{key} needs a base disk (disk)"));
+                }
+            }
         }
         for (key, set) in [
             ("command", !t.command.is_empty()),
@@ -992,7 +1000,7 @@ mod tests {
         };
         let ok = crate::manifest::parse_job(
             "ok.yaml",
-            &job("{vcpus: 2, memory: 256Mi, initrd: /boot/initrd.img, disk: /disk/root.qcow2, diskSize: 2Gi}", "", "320Mi"),
+            &job("{vcpus: 2, memory: 256Mi, initrd: /boot/initrd.img, disk: /disk/root.qcow2, diskSize: 2Gi, diskBandwidth: 20Mi, diskIops: 500}", "", "320Mi"),
         )
         .expect("valid");
         let spec = ok.task_spec().vm.expect("a VM spec");
@@ -1006,11 +1014,12 @@ mod tests {
             (2, 256, "/boot/vmlinuz", "console=ttyS0")
         );
         assert_eq!(spec.disk_bytes, 2 << 30);
+        assert_eq!((spec.disk_bytes_per_sec, spec.disk_iops), (20 << 20, 500));
         assert_eq!(spec.machine, "q35");
         let errors = crate::manifest::parse_job(
             "bad.yaml",
             &job(
-                "{vcpus: 0, memory: 1Mi, kernel: boot/vmlinuz, initrd: /../x, machine: virt, diskSize: 1Gi}",
+                "{vcpus: 0, memory: 1Mi, kernel: boot/vmlinuz, initrd: /../x, machine: virt, diskSize: 1Gi, diskBandwidth: 1Ki, diskIops: 0}",
                 "    command: [/bin/sh]\n",
                 "64Mi",
             ),
@@ -1023,7 +1032,10 @@ mod tests {
             "spec.task.vm.kernel: \"boot/vmlinuz\" is not an absolute path",
             "spec.task.vm.initrd: \"/../x\" is not an absolute path",
             "spec.task.vm.machine: \"virt\" is not a machine",
-            "spec.task.vm.diskSize: a size needs a base disk",
+            "spec.task.vm.diskSize: diskSize needs a base disk",
+            "spec.task.vm.diskBandwidth: 1024 bytes per second is too little",
+            "spec.task.vm.diskBandwidth: diskBandwidth needs a base disk",
+            "spec.task.vm.diskIops: 0 is out of range",
             "spec.task.command: a virtual machine takes no container settings",
         ] {
             assert!(errors.contains(wanted), "{wanted}\n{errors}");

@@ -67,6 +67,14 @@ pub struct VmTask {
     /// The overlay disk's size (default: the base disk's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size: Option<ByteSize>,
+    /// The most bytes per second the guest reads and writes on its disk
+    /// together (QEMU's throttling; at least 64Ki; default: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bandwidth: Option<ByteSize>,
+    /// The most reads and writes per second on its disk together (1 to
+    /// 1000000; default: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u64>,
     /// The QEMU machine: `q35` (default), `pc` or `microvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
@@ -122,6 +130,14 @@ pub struct VmTemplateSpec {
     /// The overlay disk's size (default: the base disk's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size: Option<ByteSize>,
+    /// The most bytes per second the guest reads and writes on its disk
+    /// together (at least 64Ki; default: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bandwidth: Option<ByteSize>,
+    /// The most reads and writes per second on its disk together (1 to
+    /// 1000000; default: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u64>,
     /// The QEMU machine: `q35` (default), `pc` or `microvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
@@ -150,6 +166,8 @@ impl VmTask {
             cmdline: self.cmdline.clone(),
             disk: self.disk.clone(),
             disk_size: self.disk_size,
+            disk_bandwidth: self.disk_bandwidth,
+            disk_iops: self.disk_iops,
             machine: self.machine.clone(),
             user_data: self.user_data.clone(),
         }
@@ -211,6 +229,25 @@ pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if let Some(b) = s.disk_bandwidth
+        && b.0 < 64 << 10
+    {
+        out.push((
+            "diskBandwidth",
+            format!(
+                "{} bytes per second is too little; expected at least 64Ki",
+                b.0
+            ),
+        ));
+    }
+    if let Some(n) = s.disk_iops
+        && !(1..=1_000_000).contains(&n)
+    {
+        out.push((
+            "diskIops",
+            format!("{n} is out of range; expected 1 to 1000000"),
+        ));
+    }
     if let Some(m) = &s.machine
         && !MACHINES.contains(&m.as_str())
     {
@@ -245,6 +282,16 @@ pub fn resolve(task: &VmTask, template: Option<&VmTemplateSpec>) -> novacron_wir
             .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
         disk_bytes: if disk.is_some() {
             task.disk_size.or(t.disk_size).map_or(0, |b| b.0)
+        } else {
+            0
+        },
+        disk_bytes_per_sec: if disk.is_some() {
+            task.disk_bandwidth.or(t.disk_bandwidth).map_or(0, |b| b.0)
+        } else {
+            0
+        },
+        disk_iops: if disk.is_some() {
+            task.disk_iops.or(t.disk_iops).unwrap_or(0)
         } else {
             0
         },
@@ -285,6 +332,7 @@ mod tests {
             cmdline: Some("console=ttyS0 quiet".into()),
             disk: Some("/disk/root.qcow2".into()),
             disk_size: Some(ByteSize(8 << 30)),
+            disk_bandwidth: Some(ByteSize(50 << 20)),
             ..VmTemplateSpec::default()
         };
         let task = VmTask {
@@ -298,6 +346,7 @@ mod tests {
         assert_eq!(vm.initrd.as_deref(), Some("/boot/initrd.img"));
         assert_eq!(vm.cmdline, "console=ttyS0 quiet");
         assert_eq!(vm.disk_bytes, 8 << 30);
+        assert_eq!((vm.disk_bytes_per_sec, vm.disk_iops), (50 << 20, 0));
         assert_eq!(vm.machine, DEFAULT_MACHINE);
         assert_eq!(vm.template.as_deref(), Some("medium"));
         let bare = resolve(&VmTask::default(), None);

@@ -30,8 +30,19 @@ pub fn parse_vm_templates(file: &str, text: &str) -> Result<Vec<VmTemplate>, Man
                     .into_iter()
                     .map(|(key, message)| Rule::at(format!("spec.{key}"), message)),
             );
-            if m.spec.disk.is_none() && m.spec.disk_size.is_some() {
-                rules.push(Rule::at("spec.diskSize", "a size needs a base disk (disk)"));
+            if m.spec.disk.is_none() {
+                for (key, set) in [
+                    ("diskSize", m.spec.disk_size.is_some()),
+                    ("diskBandwidth", m.spec.disk_bandwidth.is_some()),
+                    ("diskIops", m.spec.disk_iops.is_some()),
+                ] {
+                    if set {
+                        rules.push(Rule::at(
+                            format!("spec.{key}"),
+                            format!("{key} needs a base disk (disk)"),
+                        ));
+                    }
+                }
             }
             if rules.is_empty() {
                 Ok(VmTemplate {
@@ -69,7 +80,7 @@ mod tests {
         for wanted in [
             "t.yaml:5:10: spec.vcpus: 99 is out of range",
             "t.yaml:6:12: spec.machine: \"virt\" is not a machine",
-            "spec.diskSize: a size needs a base disk",
+            "spec.diskSize: diskSize needs a base disk",
         ] {
             assert!(bad.contains(wanted), "{wanted}\n{bad}");
         }
