@@ -2,36 +2,45 @@
 //! for a chain replaced at once): the page server's guard
 //! ([`super::oci::guard`]) and the VM bridge's forwards
 //! ([`super::vm::bridge`]). Each call is bounded in time and waits for the
-//! xtables lock for at most as long.
+//! xtables lock for at most as long. The VM bridge's `ip` calls go through
+//! [`output`] too.
 
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-/// The longest one `iptables` call may take (it waits for the xtables lock).
+/// The longest one call may take (`iptables` waits for the xtables lock).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `tool -w SECS args`; its standard output, or what it said when it
 /// failed.
 pub async fn run(tool: &str, args: &[String]) -> Result<String, String> {
+    let mut all = vec!["-w".to_owned(), CALL_TIMEOUT.as_secs().to_string()];
+    all.extend(args.iter().cloned());
+    output(tool, &all).await
+}
+
+/// Runs `program args` for at most [`CALL_TIMEOUT`]; its standard output, or
+/// what it said when it failed.
+pub async fn output(program: &str, args: &[String]) -> Result<String, String> {
     let out = tokio::time::timeout(
         CALL_TIMEOUT,
-        Command::new(tool)
-            .arg("-w")
-            .arg(CALL_TIMEOUT.as_secs().to_string())
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
+        Command::new(program).args(args).kill_on_drop(true).output(),
     )
     .await
-    .map_err(|_| format!("{tool} did not answer within {} s", CALL_TIMEOUT.as_secs()))?
-    .map_err(|e| format!("{tool}: {e}"))?;
+    .map_err(|_| {
+        format!(
+            "{program} did not answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        )
+    })?
+    .map_err(|e| format!("{program}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
-            "{tool} {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))

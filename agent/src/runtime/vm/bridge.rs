@@ -28,7 +28,6 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use tokio::process::Command;
 use tracing::info;
 
 use crate::runtime::netfilter;
@@ -39,9 +38,6 @@ pub const DEFAULT: &str = "10.215.0.1/16";
 
 /// The comment on the bridge's fixed rules.
 const COMMENT: &str = "novacron-vm-bridge";
-
-/// The longest one `ip` call may take.
-const IP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A node's VM bridge: its own address and the range's prefix length.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,23 +395,9 @@ fn args(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// Runs iproute2's `ip` (for at most [`netfilter::CALL_TIMEOUT`]).
 async fn ip(items: &[&str]) -> Result<String, String> {
-    let out = tokio::time::timeout(
-        IP_TIMEOUT,
-        Command::new("ip").args(items).kill_on_drop(true).output(),
-    )
-    .await
-    .map_err(|_| format!("ip {} did not answer", items.join(" ")))?
-    .map_err(|e| format!("ip (iproute2): {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            items.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    netfilter::output("ip", &args(items)).await
 }
 
 #[cfg(test)]
