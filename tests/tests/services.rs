@@ -135,9 +135,17 @@ async fn the_catalog_follows_replicas_and_readiness_and_haproxy_and_nginx_serve_
             (e.zone.as_deref(), e.tags.clone()),
             (Some("a"), vec!["v1".to_owned()])
         );
-        let host = get(e.socket_addr(), "/")
-            .await
-            .expect("the endpoint answers");
+        // (Once, in CI under load, the first request right after both were
+        // listed healthy got no answer: a few tries, 10 s at most.)
+        let mut host = None;
+        for _ in 0..20 {
+            host = get(e.socket_addr(), "/").await;
+            if host.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let host = host.expect("the endpoint answers");
         let container = docker(&[
             "ps",
             "-q",
