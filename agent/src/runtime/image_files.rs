@@ -36,21 +36,22 @@ pub fn missing(dir: &Path, wanted: &[String]) -> Vec<String> {
 
 /// Makes every path of `wanted` exist under `dir`: `fill(scratch, missing)`
 /// copies the missing ones into `scratch` (each at its own path there), and
-/// they are renamed into `dir`. `Err` says what failed.
-pub async fn ensure<F, Fut, E>(dir: &Path, wanted: &[String], fill: F) -> Result<(), String>
+/// they are renamed into `dir`. Whether anything was copied; `Err` says what
+/// failed.
+pub async fn ensure<F, Fut, E>(dir: &Path, wanted: &[String], fill: F) -> Result<bool, String>
 where
     F: FnOnce(PathBuf, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     if missing(dir, wanted).is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let held = lock(&LOCKS).entry(dir.to_path_buf()).or_default().clone();
     let _held = held.lock().await;
     let todo = missing(dir, wanted);
     if todo.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let scratch = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&scratch);
@@ -71,7 +72,7 @@ where
         Ok(())
     });
     let _ = std::fs::remove_dir_all(&scratch);
-    placed
+    placed.map(|()| true)
 }
 
 #[cfg(test)]
@@ -103,8 +104,12 @@ mod tests {
             ensure(&dir, &kernel, fill(kernel.clone())),
             ensure(&dir, &kernel, fill(kernel.clone()))
         );
-        a.expect("test input");
-        b.expect("test input");
+        let copied = [a.expect("test input"), b.expect("test input")];
+        assert_eq!(
+            copied.iter().filter(|c| **c).count(),
+            1,
+            "one of them copied"
+        );
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Another path of the same image: only it is copied, the kernel stays.
         let both = vec!["/boot/vmlinuz".to_owned(), "/boot/initrd.img".to_owned()];

@@ -1634,11 +1634,7 @@ impl Workloads {
 
     /// Whether the allocation `alloc` runs a virtual machine.
     pub fn is_vm(&self, alloc: &str) -> bool {
-        let st = self.lock();
-        st.allocs
-            .get(alloc)
-            .and_then(|a| st.jobs.get(&a.job)?.parsed.get(&a.version))
-            .is_some_and(|j| j.spec.task.vm.is_some())
+        self.vm_network(alloc).is_some()
     }
 
     /// Whether the job of `alloc` has a health check (a migration then waits for

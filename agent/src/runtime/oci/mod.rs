@@ -545,7 +545,7 @@ impl OciDriver {
         let images = self.image_dir(&image_id);
         let lower = images.join("rootfs");
         let rootfs = ["rootfs".to_owned()];
-        if !crate::runtime::image_files::missing(&images, &rootfs).is_empty() {
+        let exported =
             crate::runtime::image_files::ensure(&images, &rootfs, |scratch, _| async move {
                 self.docker
                     .export_image(&config.image, &scratch.join("rootfs"))
@@ -558,6 +558,7 @@ impl OciDriver {
                     format!("the files of image {}: {e}", config.image),
                 )
             })?;
+        if exported {
             info!(image = %config.image, dir = %images.display(), "image files exported for runc containers");
         }
         let id = format!("{ID_PREFIX}{}", &hex::encode(rand::random::<[u8; 8]>()));
