@@ -274,8 +274,8 @@ impl CheckpointService {
         let dump_ms = dump.dump_ms;
         // The frozen container needs no ports: the target takes them (on the
         // same host, too).
-        if let Err(e) = oci.release_sandbox(id).await {
-            warn!(%alloc, error = %e, "cannot stop the source's sandbox");
+        if let Err(e) = oci.release_ports(id).await {
+            warn!(%alloc, error = %e, "cannot give up the source's ports");
         }
         let (sent, outcome) = match stage(&dir, &oci.upper_dir(id), staging, true).await {
             Ok(_) => stream_dir(send, &dir, started, dump_ms).await,
@@ -377,13 +377,17 @@ impl CheckpointService {
     }
 
     /// Brings a post-copy source whose migration failed back into service.
-    /// CRIU thawed it, but in the network namespace of its stopped sandbox:
-    /// a local dump and restore move it, memory and all, into a new sandbox
-    /// (as a stop-copy rollback does). A container that did not survive
-    /// starts afresh.
+    /// CRIU thawed it, but in its old sandbox it answers nothing (seen here;
+    /// the network lock that the killed dump left in the sandbox's namespace
+    /// is the likely cause): the sandbox is stopped, and a local dump and restore move
+    /// the container, memory and all, into a new one (as a stop-copy
+    /// rollback does). A container that did not survive starts afresh.
     async fn recover_post_copy_source(&self, oci: &Arc<OciDriver>, id: &str, dir: &Path) {
         let _ = std::fs::remove_dir_all(dir);
         if oci.is_running(id).await {
+            if let Err(e) = oci.retire_sandbox(id).await {
+                warn!(container = %id, error = %e, "cannot stop the source's sandbox");
+            }
             if let Err(e) = oci.checkpoint(id, &dir.join("criu"), false).await {
                 warn!(container = %id, error = %e, "cannot dump the thawed source again; it starts afresh");
                 let _ = oci.stop(id, Duration::ZERO).await;
@@ -531,6 +535,13 @@ impl CheckpointService {
         let dir = oci.incoming_dir(&id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // The sandbox starts now, while the source still serves: it holds no
+        // port, so the same host is no obstacle, and the restore finds it up.
+        let sandbox = Instant::now();
+        oci.mounts(&id)
+            .await
+            .map_err(|e| format!("starting the sandbox of {id}: {e}"))?;
+        info!(%alloc, container = %id, sandbox_ms = sandbox.elapsed().as_millis(), "the target's sandbox is up before the freeze");
         wire::write_frame(send, &wire::VmReceiveEvent::Ready)
             .await
             .map_err(|e| e.to_string())?;

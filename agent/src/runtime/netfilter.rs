@@ -1,11 +1,14 @@
 //! The node's packet filter, written with `iptables` (and `iptables-restore`
 //! for a chain replaced at once): the page server's guard
-//! ([`super::oci::guard`]) and the VM bridge's forwards
-//! ([`super::vm::bridge`]). Each call is bounded in time and waits for the
-//! xtables lock for at most as long. The VM bridge's `ip` calls go through
-//! [`output`] too.
+//! ([`super::oci::guard`]), and the published ports ([`Dnat`]) of the VM
+//! bridge ([`super::vm::bridge`]) and of agent-owned containers
+//! ([`super::oci::publish`]). Each call is bounded in time and waits for the
+//! xtables lock for at most as long. The `ip` calls go through [`output`] too.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -87,6 +90,83 @@ pub async fn restore(input: &str) -> Result<(), String> {
         .map_err(|_| format!("{tool} did not answer within {} s", CALL_TIMEOUT.as_secs()))?
 }
 
+/// One published port as a DNAT rule: TCP (or UDP) to `publish:host_port`
+/// (any of the node's addresses for `0.0.0.0`) goes to `to:to_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dnat {
+    /// Whose it is (a VM's or a container's id), the rule's comment.
+    pub owner: String,
+    /// The node's address it is published on.
+    pub publish: Ipv4Addr,
+    /// The node's port.
+    pub host_port: u16,
+    /// Where it goes.
+    pub to: Ipv4Addr,
+    /// The port there.
+    pub to_port: u16,
+    /// UDP instead of TCP.
+    pub udp: bool,
+}
+
+/// The `iptables-restore` lines (inside `*nat` … `COMMIT`) that make chain
+/// `chain` hold exactly `forwards`. Pure.
+pub fn dnat_chain(chain: &str, forwards: &[Dnat]) -> String {
+    let mut out = format!(":{chain} - [0:0]\n");
+    for f in forwards {
+        let proto = if f.udp { "udp" } else { "tcp" };
+        out.push_str(&format!("-A {chain}"));
+        if !f.publish.is_unspecified() {
+            out.push_str(&format!(" -d {}/32", f.publish));
+        }
+        out.push_str(&format!(
+            " -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}:{}\n",
+            f.host_port, f.owner, f.to, f.to_port
+        ));
+    }
+    out
+}
+
+/// The words of `rule` with `-m comment --comment COMMENT` before its `-j`,
+/// so that the agent knows its own rules. Pure.
+pub fn tagged(rule: &str, comment: &str) -> Vec<String> {
+    let mut w: Vec<String> = rule.split(' ').map(str::to_owned).collect();
+    let at = w.iter().position(|x| x == "-j").unwrap_or(w.len());
+    w.splice(
+        at..at,
+        ["-m", "comment", "--comment", comment].map(str::to_owned),
+    );
+    w
+}
+
+/// Makes each chain of `chains` (`(table, name)`) where missing, then adds
+/// each rule of `rules` (`(table, built-in chain, rule)`) at the top of its
+/// chain where `iptables -C` does not find it.
+pub async fn ensure(
+    chains: &[(&str, String)],
+    rules: Vec<(&'static str, &'static str, Vec<String>)>,
+) -> Result<(), String> {
+    let words = |items: &[&str]| -> Vec<String> { items.iter().map(|s| (*s).to_owned()).collect() };
+    for (table, chain) in chains {
+        if run("iptables", &words(&["-t", table, "-S", chain]))
+            .await
+            .is_err()
+        {
+            run("iptables", &words(&["-t", table, "-N", chain])).await?;
+        }
+    }
+    for (table, builtin, rule) in rules {
+        let mut check = words(&["-t", table, "-C", builtin]);
+        check.extend(rule.iter().cloned());
+        if run("iptables", &check).await.is_ok() {
+            continue;
+        }
+        let mut insert = words(&["-t", table, "-I", builtin, "1"]);
+        insert.extend(rule);
+        run("iptables", &insert).await?;
+    }
+    Ok(())
+}
+
 /// `iptables -S` quotes only the comment (`"novacron-page-server"`); the
 /// words of one listed rule. `None` for an unbalanced quote.
 pub fn shell_words(line: &str) -> Option<Vec<String>> {
@@ -132,5 +212,45 @@ mod tests {
             Some(vec!["a".into(), "b c".into(), "d".into()])
         );
         assert_eq!(shell_words("a \"b"), None);
+    }
+
+    #[test]
+    fn published_ports_make_a_chain_of_dnat_rules_and_fixed_rules_are_tagged() {
+        let chain = dnat_chain(
+            "NOVACRON-X",
+            &[
+                Dnat {
+                    owner: "vm-1".into(),
+                    publish: Ipv4Addr::LOCALHOST,
+                    host_port: 20000,
+                    to: Ipv4Addr::new(10, 216, 3, 9),
+                    to_port: 8080,
+                    udp: false,
+                },
+                Dnat {
+                    owner: "vm-2".into(),
+                    publish: Ipv4Addr::UNSPECIFIED,
+                    host_port: 5353,
+                    to: Ipv4Addr::new(10, 216, 3, 10),
+                    to_port: 53,
+                    udp: true,
+                },
+            ],
+        );
+        assert_eq!(
+            chain,
+            ":NOVACRON-X - [0:0]\n\
+             -A NOVACRON-X -d 127.0.0.1/32 -p tcp -m tcp --dport 20000 -m comment --comment \"vm-1\" -j DNAT --to-destination 10.216.3.9:8080\n\
+             -A NOVACRON-X -p udp -m udp --dport 5353 -m comment --comment \"vm-2\" -j DNAT --to-destination 10.216.3.10:53\n"
+        );
+        assert_eq!(
+            dnat_chain("C", &[]),
+            ":C - [0:0]\n",
+            "nothing published: an empty chain"
+        );
+        assert_eq!(
+            tagged("-s 10.0.0.0/8 -j MASQUERADE", "t").join(" "),
+            "-s 10.0.0.0/8 -m comment --comment t -j MASQUERADE"
+        );
     }
 }

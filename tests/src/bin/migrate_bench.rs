@@ -71,6 +71,10 @@ struct Args {
     /// it migrates (0: idle); its pages are checked after each move.
     #[arg(long, default_value_t = 0)]
     dirty_mb: u64,
+    /// Write each agent's log here after each size (`<size>-a.log`,
+    /// `<size>-b.log`), for a breakdown of where the time went.
+    #[arg(long)]
+    logs: Option<PathBuf>,
 }
 
 /// The environment of the checkpoint daemons.
@@ -449,6 +453,14 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
     let admin = controller.admin_client()?;
     let agents = [&agent_a, &agent_b];
     let names = [na.clone(), nb.clone()];
+    let keep_logs = || -> Result<()> {
+        if let Some(dir) = &args.logs {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(format!("{size}-a.log")), agent_a.log())?;
+            std::fs::write(dir.join(format!("{size}-b.log")), agent_b.log())?;
+        }
+        Ok(())
+    };
     for run in 0..args.runs {
         let (from, to) = if run % 2 == 0 { (0, 1) } else { (1, 0) };
         let r = migrate_once(
@@ -466,9 +478,9 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
             args.poll_ms,
             args.copy.as_deref(),
         )
-        .await
-        .with_context(|| format!("run {run} ({} -> {})", names[from], names[to]))?;
-        let mut r = r;
+        .await;
+        keep_logs()?;
+        let mut r = r.with_context(|| format!("run {run} ({} -> {})", names[from], names[to]))?;
         if !args.no_raw {
             match raw_criu(env, size).await {
                 Ok((d, re, bytes)) => {

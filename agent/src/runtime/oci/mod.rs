@@ -16,9 +16,14 @@
 //!   container's writable layer.
 //! - **Network:** a sandbox, a Docker container that only waits (see
 //!   [`super::docker::sandbox`]), holds the network namespace that the runc
-//!   container joins: Docker's address, published ports, DNS files and volumes,
-//!   as a Kubernetes pod's pause container does. CRIU treats that namespace as
+//!   container joins: Docker's address, DNS files and volumes, as a
+//!   Kubernetes pod's pause container does. CRIU treats that namespace as
 //!   external, so a restore joins the target's sandbox.
+//! - **Published ports** are the agent's DNAT rules to the sandbox's address
+//!   ([`publish`]), written once the container runs and withdrawn when it
+//!   stops or freezes for a migration: a migration's target starts its
+//!   sandbox before the source freezes (the same host included), and the
+//!   ports move with one rule change.
 //! - **Supervision:** each run is `runc run` in the foreground under a small
 //!   shell (its own session), which appends the output to `console.log` and
 //!   writes runc's exit status to `exit`; the container outlives an agent
@@ -29,6 +34,7 @@
 //!   `org.criu.config` annotation.
 
 pub mod guard;
+pub mod publish;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -45,6 +51,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::docker::DockerRuntime;
+use super::netfilter::Dnat;
 use super::vm::{find_on_path, last_lines, now_ms, read_from};
 use super::{
     ContainerConfig, ContainerDetails, ContainerListing, ContainerRuntime, ContainerStatus,
@@ -106,6 +113,36 @@ struct Meta {
     started_unix_ms: Option<u64>,
     /// How its last run ended, when the driver ended it or saw it end.
     exit: Option<Exit>,
+    /// The ports it publishes, host ports fixed at create.
+    #[serde(default)]
+    ports: Vec<Port>,
+    /// The address they are published on.
+    #[serde(default = "unspecified")]
+    publish: std::net::Ipv4Addr,
+    /// The rules in force for them (empty while it does not run, or is
+    /// frozen for a migration).
+    #[serde(default)]
+    published: Vec<Dnat>,
+    /// The sandbox itself publishes the ports through Docker (a container
+    /// made by an agent from before [`publish`]).
+    #[serde(default = "yes")]
+    sandbox_publishes: bool,
+}
+
+fn unspecified() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::UNSPECIFIED
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One port of a container to publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Port {
+    container_port: u16,
+    host_port: u16,
+    udp: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +223,9 @@ pub struct OciDriver {
     /// One lock per container, so that start, stop, checkpoint and remove of
     /// one container do not interleave.
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    publisher: publish::Publisher,
+    /// Held while the rules are rebuilt from the containers' records.
+    ports: Mutex<()>,
 }
 
 impl OciDriver {
@@ -244,14 +284,90 @@ impl OciDriver {
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::write(dir.join("criu.conf"), CRIU_OPTIONS)
             .map_err(|e| format!("{}: {e}", dir.join("criu.conf").display()))?;
-        Ok(OciDriver {
+        let publisher = publish::Publisher::new(&dir);
+        publisher
+            .setup()
+            .await
+            .map_err(|e| format!("runc containers' ports cannot be published here: {e}"))?;
+        let driver = OciDriver {
             dir,
             runc,
             criu,
             capability,
             docker,
             locks: Default::default(),
-        })
+            publisher,
+            ports: Mutex::new(()),
+        };
+        // The rules outlived the last agent; they are rewritten from the
+        // records, in case one changed while no agent ran.
+        driver
+            .sync_ports()
+            .await
+            .map_err(|e| format!("runc containers' ports cannot be published here: {e}"))?;
+        Ok(driver)
+    }
+
+    /// Makes the published ports those the containers' records hold.
+    async fn sync_ports(&self) -> Result<(), RuntimeError> {
+        let _held = self.ports.lock().await;
+        let forwards: Vec<Dnat> = self
+            .ids()
+            .iter()
+            .filter_map(|id| self.read_meta(id).ok())
+            .flat_map(|m| m.published)
+            .collect();
+        self.publisher
+            .set(&forwards)
+            .await
+            .map_err(|e| daemon("publish", e))
+    }
+
+    /// Publishes the ports of container `meta` (which runs now) to its
+    /// sandbox's address, and records them.
+    async fn publish(&self, meta: &mut Meta) -> Result<(), RuntimeError> {
+        if meta.ports.is_empty() || meta.sandbox_publishes {
+            return Ok(());
+        }
+        let to = match self.docker.inspect(&meta.sandbox).await?.ip {
+            Some(std::net::IpAddr::V4(ip)) => ip,
+            other => {
+                return Err(daemon(
+                    "publish",
+                    format!(
+                        "the sandbox of {} has no IPv4 address ({other:?}), so its ports cannot be published",
+                        meta.id
+                    ),
+                ));
+            }
+        };
+        meta.published = meta
+            .ports
+            .iter()
+            .map(|p| Dnat {
+                owner: meta.id.clone(),
+                publish: meta.publish,
+                host_port: p.host_port,
+                to,
+                to_port: p.container_port,
+                udp: p.udp,
+            })
+            .collect();
+        self.write_meta(meta)?;
+        self.sync_ports().await?;
+        info!(container = %meta.id, ports = meta.published.len(), address = %to, "published");
+        Ok(())
+    }
+
+    /// Withdraws the published ports of container `meta` (stopped, removed,
+    /// or frozen for a migration), and records it.
+    async fn withdraw(&self, meta: &mut Meta) -> Result<(), RuntimeError> {
+        if meta.published.is_empty() {
+            return Ok(());
+        }
+        meta.published.clear();
+        self.write_meta(meta)?;
+        self.sync_ports().await
     }
 
     /// What the node reports.
@@ -484,8 +600,8 @@ impl OciDriver {
         Ok(out)
     }
 
-    /// One container in detail: its state from runc, its address and ports
-    /// from its sandbox.
+    /// One container in detail: its state from runc, its address from its
+    /// sandbox, its ports from its record.
     pub async fn inspect(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
         let meta = self.read_meta(id)?;
         let word = self.state_word(id, &meta).await?;
@@ -514,7 +630,8 @@ impl OciDriver {
         let running = status == ContainerStatus::Running;
         let (ip, published) = match running {
             true => match self.docker.inspect(&meta.sandbox).await {
-                Ok(d) => (d.ip, d.published),
+                Ok(d) if meta.sandbox_publishes => (d.ip, d.published),
+                Ok(d) => (d.ip, published_of(&meta.published)),
                 Err(e) => {
                     warn!(container = %id, sandbox = %meta.sandbox, error = %e, "cannot inspect the container's sandbox");
                     (None, Vec::new())
@@ -607,6 +724,35 @@ impl OciDriver {
                 ),
             ));
         }
+        let publish = match self.docker.publish_address() {
+            std::net::IpAddr::V4(a) => a,
+            std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv4Addr::UNSPECIFIED,
+            std::net::IpAddr::V6(a) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(daemon(
+                    "create",
+                    format!("runc containers publish ports on IPv4 addresses only, not on {a}"),
+                ));
+            }
+        };
+        let mut ports = Vec::with_capacity(config.ports.len());
+        for p in &config.ports {
+            let host_port = match p.host_port {
+                Some(port) => port,
+                None => match free_port(publish, p.udp) {
+                    Ok(port) => port,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(daemon("create", e));
+                    }
+                },
+            };
+            ports.push(Port {
+                container_port: p.container_port,
+                host_port,
+                udp: p.udp,
+            });
+        }
         let sandbox_config = ContainerConfig {
             image: super::docker::sandbox::SANDBOX_IMAGE.to_owned(),
             entrypoint: Vec::new(),
@@ -629,7 +775,8 @@ impl OciDriver {
             nano_cpus: None,
             memory_bytes: None,
             gpu_uuids: Vec::new(),
-            ports: config.ports.clone(),
+            // The agent publishes them itself ([`publish`]).
+            ports: Vec::new(),
             mounts: config.mounts.clone(),
             secret_env: Vec::new(),
             vm: None,
@@ -656,6 +803,10 @@ impl OciDriver {
             run,
             started_unix_ms: None,
             exit: None,
+            ports,
+            publish,
+            published: Vec::new(),
+            sandbox_publishes: false,
         };
         self.write_meta(&meta)?;
         info!(container = %id, name, "runc container created");
@@ -882,6 +1033,7 @@ impl OciDriver {
         meta.started_unix_ms = Some(now_ms());
         meta.exit = None;
         self.write_meta(&meta)?;
+        self.publish(&mut meta).await?;
         info!(container = %id, "runc container started");
         Ok(())
     }
@@ -955,6 +1107,7 @@ impl OciDriver {
         meta.started_unix_ms = Some(now_ms());
         meta.exit = None;
         self.write_meta(&meta)?;
+        self.publish(&mut meta).await?;
         info!(container = %id, restore_ms = started.elapsed().as_millis(), "runc container restored");
         Ok(())
     }
@@ -1034,7 +1187,13 @@ impl OciDriver {
                 error: "checkpointed".to_owned(),
             });
             self.write_meta(&meta)?;
-            self.stop_sandbox(&meta).await;
+            // A migration's dump: the target takes the ports at once; the
+            // sandbox waits for a rollback's restore or the removal.
+            if meta.sandbox_publishes {
+                self.stop_sandbox(&mut meta).await;
+            } else if let Err(e) = self.withdraw(&mut meta).await {
+                warn!(container = %id, error = %e, "cannot withdraw the published ports");
+            }
         }
         info!(container = %id, dump_ms, "runc container checkpointed");
         Ok(dump_ms)
@@ -1201,7 +1360,7 @@ impl OciDriver {
             error: "migrated (post-copy)".to_owned(),
         });
         self.write_meta(&meta)?;
-        self.stop_sandbox(&meta).await;
+        self.stop_sandbox(&mut meta).await;
         info!(container = %id, "every page was fetched; the container left this node");
         Ok(())
     }
@@ -1233,12 +1392,28 @@ impl OciDriver {
         let _ = self.runc("kill", &["kill", "--all", id, "CONT"]).await;
     }
 
-    /// Stops the sandbox of container `id` (its ports are free then), which
-    /// a post-copy migration's source no longer needs once frozen; the next
-    /// start (or a restore) starts it again.
-    pub async fn release_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
-        let meta = self.read_meta(id)?;
-        self.stop_sandbox(&meta).await;
+    /// Gives up the published ports of container `id`, frozen for a
+    /// post-copy migration, so that the target takes them (on the same host,
+    /// too). The sandbox stays up until the container leaves: a rollback
+    /// goes on in it. A sandbox that publishes the ports itself (a container
+    /// from an older agent) is stopped instead; the next start (or a
+    /// restore) starts it again.
+    pub async fn release_ports(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut meta = self.read_meta(id)?;
+        if meta.sandbox_publishes {
+            self.stop_sandbox(&mut meta).await;
+            return Ok(());
+        }
+        self.withdraw(&mut meta).await
+    }
+
+    /// Stops the sandbox of container `id`, whose post-copy dump was given
+    /// up: the thawed container answers nothing in it (see
+    /// `recover_post_copy_source`), so it is dumped again and restored into a
+    /// new sandbox.
+    pub async fn retire_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut meta = self.read_meta(id)?;
+        self.stop_sandbox(&mut meta).await;
         Ok(())
     }
 
@@ -1313,6 +1488,7 @@ impl OciDriver {
         meta.started_unix_ms = Some(now_ms());
         meta.exit = None;
         self.write_meta(&meta)?;
+        self.publish(&mut meta).await?;
         info!(container = %id, restore_ms = started.elapsed().as_millis(), "runc container restored; its pages follow");
         Ok(lazy)
     }
@@ -1347,7 +1523,7 @@ impl OciDriver {
             let _ = self.runc("kill", &["kill", "--all", id, "KILL"]).await;
             self.wait_exit(id, Duration::from_secs(10)).await;
         }
-        self.stop_sandbox(&meta).await;
+        self.stop_sandbox(&mut meta).await;
         let code = self.exit_code(id).unwrap_or(137);
         meta.exit = Some(Exit {
             code,
@@ -1362,10 +1538,13 @@ impl OciDriver {
         Ok(())
     }
 
-    /// Stops the sandbox of a container that no longer runs, so that its
-    /// published ports are free (as a stopped Docker container's are); the next
-    /// start starts it again.
-    async fn stop_sandbox(&self, meta: &Meta) {
+    /// Withdraws the published ports of a container that no longer runs and
+    /// stops its sandbox (as a stopped Docker container's network goes); the
+    /// next start starts it again.
+    async fn stop_sandbox(&self, meta: &mut Meta) {
+        if let Err(e) = self.withdraw(meta).await {
+            warn!(container = %meta.id, error = %e, "cannot withdraw the published ports");
+        }
         if let Err(e) = self.docker.stop(&meta.sandbox, Duration::ZERO).await {
             warn!(container = %meta.id, sandbox = %meta.sandbox, error = %e, "cannot stop the sandbox");
         }
@@ -1414,6 +1593,11 @@ impl OciDriver {
         }
         std::fs::remove_dir_all(&dir)
             .map_err(|e| daemon("remove", format!("{}: {e}", dir.display())))?;
+        if !meta.published.is_empty()
+            && let Err(e) = self.sync_ports().await
+        {
+            warn!(container = %id, error = %e, "cannot withdraw the published ports");
+        }
         self.locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1588,6 +1772,30 @@ fn trim_console(path: &Path) {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("").trim()
+}
+
+/// The published ports of `rules`, as the node reports them.
+fn published_of(rules: &[Dnat]) -> Vec<super::PublishedPort> {
+    rules
+        .iter()
+        .map(|r| super::PublishedPort {
+            host_ip: std::net::IpAddr::V4(r.publish),
+            host_port: r.host_port,
+            container_port: r.to_port,
+            udp: r.udp,
+        })
+        .collect()
+}
+
+/// A port of `address` free now, for a port that the task left to the node.
+fn free_port(address: std::net::Ipv4Addr, udp: bool) -> Result<u16, String> {
+    let port = if udp {
+        std::net::UdpSocket::bind((address, 0)).and_then(|s| s.local_addr())
+    } else {
+        std::net::TcpListener::bind((address, 0)).and_then(|l| l.local_addr())
+    };
+    port.map(|a| a.port())
+        .map_err(|e| format!("no free port on {address} to publish: {e}"))
 }
 
 async fn output(program: &Path, args: &[&str]) -> Result<String, String> {

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-use crate::runtime::netfilter;
+use crate::runtime::netfilter::{self, Dnat};
 
 /// The range every node's bridge takes unless told otherwise: the bridge
 /// holds `10.215.0.1`, guests get the rest of `10.215.0.0/16`.
@@ -48,24 +48,6 @@ pub struct Bridge {
     pub gateway: Ipv4Addr,
     /// The range's prefix length (16 to 28).
     pub prefix: u8,
-}
-
-/// One published port of a bridged guest: `publish:host_port` (any of the
-/// node's addresses for `0.0.0.0`) to `guest:guest_port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Forward {
-    /// The VM's id, as the rule's comment.
-    pub vm: String,
-    /// The node's address it is published on.
-    pub publish: Ipv4Addr,
-    /// The node's port.
-    pub host_port: u16,
-    /// The guest's address.
-    pub guest: Ipv4Addr,
-    /// The guest's port.
-    pub guest_port: u16,
-    /// UDP instead of TCP.
-    pub udp: bool,
 }
 
 fn fnv(text: &str) -> u32 {
@@ -197,16 +179,7 @@ impl Bridge {
     /// The rules the bridge needs, each `(table, chain, rule)`, that
     /// [`Bridge::setup`] adds where missing. Pure.
     pub fn base_rules(&self) -> Vec<(&'static str, &'static str, Vec<String>)> {
-        let words = |s: &str| -> Vec<String> { s.split(' ').map(str::to_owned).collect() };
-        let tagged = |rule: String| {
-            let mut w = words(&rule);
-            let at = w.iter().position(|x| x == "-j").unwrap_or(w.len());
-            w.splice(
-                at..at,
-                ["-m", "comment", "--comment", COMMENT].map(str::to_owned),
-            );
-            w
-        };
+        let tagged = |rule: String| netfilter::tagged(&rule, COMMENT);
         let (name, range, chain) = (&self.name, self.range(), self.chain());
         vec![
             (
@@ -236,22 +209,11 @@ impl Bridge {
 
     /// The `iptables-restore` input that makes the bridge's chain hold exactly
     /// `forwards`. Pure.
-    pub fn forwards_table(&self, forwards: &[Forward]) -> String {
-        let chain = self.chain();
-        let mut out = format!("*nat\n:{chain} - [0:0]\n");
-        for f in forwards {
-            let proto = if f.udp { "udp" } else { "tcp" };
-            out.push_str(&format!("-A {chain}"));
-            if !f.publish.is_unspecified() {
-                out.push_str(&format!(" -d {}/32", f.publish));
-            }
-            out.push_str(&format!(
-                " -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}:{}\n",
-                f.host_port, f.vm, f.guest, f.guest_port
-            ));
-        }
-        out.push_str("COMMIT\n");
-        out
+    pub fn forwards_table(&self, forwards: &[Dnat]) -> String {
+        format!(
+            "*nat\n{}COMMIT\n",
+            netfilter::dnat_chain(&self.chain(), forwards)
+        )
     }
 
     /// Makes the bridge, its address, its sysctls and its rules, each where
@@ -297,23 +259,7 @@ impl Bridge {
                     .map_err(|e| format!("cannot turn on {what} ({}): {e}", path.display()))?;
             }
         }
-        let chain = self.chain();
-        if netfilter::run("iptables", &args(&["-t", "nat", "-S", &chain]))
-            .await
-            .is_err()
-        {
-            netfilter::run("iptables", &args(&["-t", "nat", "-N", &chain])).await?;
-        }
-        for (table, builtin, rule) in self.base_rules() {
-            let mut check = args(&["-t", table, "-C", builtin]);
-            check.extend(rule.iter().cloned());
-            if netfilter::run("iptables", &check).await.is_ok() {
-                continue;
-            }
-            let mut insert = args(&["-t", table, "-I", builtin, "1"]);
-            insert.extend(rule);
-            netfilter::run("iptables", &insert).await?;
-        }
+        netfilter::ensure(&[("nat", self.chain())], self.base_rules()).await?;
         info!(bridge = %self.name, range = %self.range(), "virtual machines on the bridge network use this bridge");
         Ok(lock)
     }
@@ -354,7 +300,7 @@ impl Bridge {
     }
 
     /// Replaces the bridge's published ports with `forwards`, at once.
-    pub async fn set_forwards(&self, forwards: &[Forward]) -> Result<(), String> {
+    pub async fn set_forwards(&self, forwards: &[Dnat]) -> Result<(), String> {
         netfilter::restore(&self.forwards_table(forwards)).await
     }
 }
@@ -491,20 +437,20 @@ mod tests {
         let b = Bridge::parse("10.216.3.1/24").expect("test input");
         let chain = b.chain();
         let table = b.forwards_table(&[
-            Forward {
-                vm: "vm-1".into(),
+            Dnat {
+                owner: "vm-1".into(),
                 publish: Ipv4Addr::LOCALHOST,
                 host_port: 20000,
-                guest: Ipv4Addr::new(10, 216, 3, 9),
-                guest_port: 8080,
+                to: Ipv4Addr::new(10, 216, 3, 9),
+                to_port: 8080,
                 udp: false,
             },
-            Forward {
-                vm: "vm-2".into(),
+            Dnat {
+                owner: "vm-2".into(),
                 publish: Ipv4Addr::UNSPECIFIED,
                 host_port: 5353,
-                guest: Ipv4Addr::new(10, 216, 3, 10),
-                guest_port: 53,
+                to: Ipv4Addr::new(10, 216, 3, 10),
+                to_port: 53,
                 udp: true,
             },
         ]);

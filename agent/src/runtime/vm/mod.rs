@@ -278,12 +278,12 @@ impl VmDriver {
                 continue;
             }
             forwards.extend(meta.ports.iter().filter_map(|p| {
-                Some(bridge::Forward {
-                    vm: id.clone(),
+                Some(crate::runtime::netfilter::Dnat {
+                    owner: id.clone(),
                     publish: meta.publish,
                     host_port: p.host_port?,
-                    guest: meta.address,
-                    guest_port: p.container_port,
+                    to: meta.address,
+                    to_port: p.container_port,
                     udp: p.udp,
                 })
             }));
