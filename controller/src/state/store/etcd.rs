@@ -1184,54 +1184,76 @@ pub mod testing {
 
     impl TestEtcd {
         /// Starts one and waits until it answers. Panics naming the setup step
-        /// when `etcd` is not installed.
+        /// when `etcd` is not installed, and with etcd's own log when it does
+        /// not start. A port taken between choosing it and etcd binding it
+        /// (other tests start their own at the same time) is chosen again:
+        /// a CI run saw an etcd that never listened, its log discarded.
         pub fn start() -> TestEtcd {
             let dir = tempfile::tempdir().expect("temp dir");
-            let (client, peer) = (free_port(), free_port());
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let child = Command::new("etcd")
-                .args([
-                    "--name",
-                    "test",
-                    "--data-dir",
-                    &dir.path().join("data").display().to_string(),
-                    "--listen-client-urls",
-                    &endpoint,
-                    "--advertise-client-urls",
-                    &endpoint,
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
-                    "--initial-cluster",
-                    &format!("test=http://127.0.0.1:{peer}"),
-                    "--max-txn-ops",
-                    "10000",
-                    "--max-request-bytes",
-                    "10485760",
-                    "--log-level",
-                    "error",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cannot run etcd ({e}): install it with `bash .ci/setup system` (Debian's etcd-server)"
-                    )
-                });
-            let etcd = TestEtcd {
-                child,
-                endpoint,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let addr = format!("127.0.0.1:{client}");
-            while std::net::TcpStream::connect(&addr).is_err() {
-                assert!(Instant::now() < deadline, "etcd did not listen within 20 s");
-                std::thread::sleep(Duration::from_millis(50));
+            let log_path = dir.path().join("etcd.log");
+            let said = || std::fs::read_to_string(&log_path).unwrap_or_default();
+            for attempt in 1..=3 {
+                let (client, peer) = (free_port(), free_port());
+                let endpoint = format!("http://127.0.0.1:{client}");
+                let log = std::fs::File::create(&log_path).expect("etcd's log file");
+                let mut child = Command::new("etcd")
+                    .args([
+                        "--name",
+                        "test",
+                        "--data-dir",
+                        &dir.path().join("data").display().to_string(),
+                        "--listen-client-urls",
+                        &endpoint,
+                        "--advertise-client-urls",
+                        &endpoint,
+                        "--listen-peer-urls",
+                        &format!("http://127.0.0.1:{peer}"),
+                        "--initial-advertise-peer-urls",
+                        &format!("http://127.0.0.1:{peer}"),
+                        "--initial-cluster",
+                        &format!("test=http://127.0.0.1:{peer}"),
+                        "--max-txn-ops",
+                        "10000",
+                        "--max-request-bytes",
+                        "10485760",
+                        "--log-level",
+                        "error",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "cannot run etcd ({e}): install it with `bash .ci/setup system` (Debian's etcd-server)"
+                        )
+                    });
+                // Slow under a full test run on two cores, never this slow.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let addr = format!("127.0.0.1:{client}");
+                loop {
+                    if std::net::TcpStream::connect(&addr).is_ok() {
+                        return TestEtcd {
+                            child,
+                            endpoint,
+                            _dir: dir,
+                        };
+                    }
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let said = said();
+                        if said.contains("address already in use") && attempt < 3 {
+                            break;
+                        }
+                        panic!("etcd exited ({status}) before it listened: {said}");
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!("etcd did not listen within 60 s: {}", said());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
-            etcd
+            unreachable!("the last attempt returns or panics")
         }
     }
 
