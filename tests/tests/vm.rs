@@ -1556,6 +1556,24 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
         "{address}"
     );
     assert_ne!(address, address2);
+    // `alloc list -o wide` shows it too, in its ADDRESS column.
+    let wide = novacron_tests::succeeded(&c.cli(&["alloc", "list", "--job", "brvm", "-o", "wide"]));
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "ADDRESS")
+        .context("an ADDRESS column")?;
+    assert!(
+        wide.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(column) == Some(address.as_str())),
+        "{wide}"
+    );
 
     // The node reaches the guest at its address, on its port, without any
     // forward; then through the published port, a DNAT rule to it.

@@ -1048,8 +1048,8 @@ impl TableRow for AllocView {
 
     fn wide_headers() -> &'static [&'static str] {
         &[
-            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "PORTS", "CPU",
-            "MEMORY", "GPUS", "PRIORITY", "EXIT", "AGE", "MESSAGE",
+            "ID", "JOB", "VERSION", "NODE", "STATE", "HEALTHY", "RESTARTS", "PORTS", "ADDRESS",
+            "CPU", "MEMORY", "GPUS", "PRIORITY", "EXIT", "AGE", "MESSAGE",
         ]
     }
 
@@ -1058,6 +1058,7 @@ impl TableRow for AllocView {
         cells.pop(); // the truncated message: wide shows it whole
         let age = cells.pop().unwrap_or_default();
         cells.extend([
+            self.address.map_or("-".into(), |a| a.to_string()),
             format!("{}m", self.cpu_millis),
             output::bytes(self.memory_bytes),
             if self.gpu_uuids.is_empty() {
