@@ -188,6 +188,16 @@ async fn a_vm_job_boots_serves_survives_an_agent_restart_and_powers_off_graceful
         "{page}"
     );
     // The template's user data reached the guest as a NoCloud seed and ran.
+    // The guest runs it after it says it is ready (a CI run asked for its
+    // file first and got 404), so the test waits for the guest's word.
+    wait_for(Duration::from_secs(30), "the user data to run", || async {
+        String::from_utf8_lossy(&c.cli(&["vm", "console", "tinyvm"]).stdout)
+            .contains("user-data ran (exit 0)")
+    })
+    .await
+    .with_context(|| {
+        String::from_utf8_lossy(&c.cli(&["vm", "console", "tinyvm"]).stdout).to_string()
+    })?;
     let hello = get(&format!("http://127.0.0.1:{port}/hello.txt")).await?;
     assert_eq!(hello.trim(), "from-user-data");
     let count = |port: u16| async move {
