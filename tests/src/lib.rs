@@ -803,11 +803,42 @@ impl Drop for DaemonsCleanup {
     }
 }
 
+/// Removes the published-port rules and chains of runc agents whose `oci`
+/// directory `gone` says (see `novacron_agent::runtime::oci::publish`).
+pub fn remove_published_ports(gone: impl Fn(&Path) -> bool) {
+    use novacron_agent::runtime::oci::publish::stale;
+    for table in ["nat", "filter"] {
+        let Ok(out) = std::process::Command::new("iptables")
+            .args(["-w", "10", "-t", table, "-S"])
+            .output()
+        else {
+            return;
+        };
+        let (rules, chains) = stale(&String::from_utf8_lossy(&out.stdout), |d| !gone(d));
+        for rule in rules {
+            let _ = std::process::Command::new("iptables")
+                .args(["-w", "10", "-t", table, "-D"])
+                .args(&rule)
+                .output();
+        }
+        for chain in chains {
+            for op in ["-F", "-X"] {
+                let _ = std::process::Command::new("iptables")
+                    .args(["-w", "10", "-t", table, op, &chain])
+                    .output();
+            }
+        }
+    }
+}
+
 /// Removes what agents running with `--container-runtime runc` leave behind
 /// (their containers outlive them by design): runc's containers under each
-/// state directory and their overlay mounts. Their Docker sandboxes carry the
-/// job's label, so [`DaemonsCleanup`] removes them. Drop it after the agents:
-/// a running agent restarts what it finds stopped.
+/// state directory, their overlay mounts, and their published ports' rules
+/// and chains (left in the kernel by design too: a rule left behind sends
+/// later connections to its port, from any test, to a sandbox that is gone;
+/// a CI run saw "No route to host" on loopback from one). Their Docker
+/// sandboxes carry the job's label, so [`DaemonsCleanup`] removes them. Drop
+/// it after the agents: a running agent restarts what it finds stopped.
 #[derive(Debug)]
 pub struct RuncCleanup {
     /// The agents' state directories.
@@ -816,6 +847,8 @@ pub struct RuncCleanup {
 
 impl Drop for RuncCleanup {
     fn drop(&mut self) {
+        let ours: Vec<PathBuf> = self.state_dirs.iter().map(|d| d.join("oci")).collect();
+        remove_published_ports(|dir| ours.iter().any(|o| o == dir));
         for dir in &self.state_dirs {
             let root = dir.join("oci/runc");
             if !root.exists() {
