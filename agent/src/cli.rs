@@ -97,6 +97,11 @@ pub struct JoinArgs {
     /// [env: NOVACRON_NODE_NAME] [file: join.name].
     #[arg(long)]
     pub name: Option<String>,
+    /// Check the controller's certificate for this name instead of the URL's
+    /// host, for a URL the certificate does not name (a VM reaching its host's
+    /// loopback at 10.0.2.2) [env: NOVACRON_SERVER_NAME] [file: join.server_name].
+    #[arg(long)]
+    pub server_name: Option<String>,
     /// Where the identity is kept [env: NOVACRON_STATE_DIR] [file: state_dir]
     /// [default: /var/lib/novacron/agent].
     #[arg(long)]
@@ -251,6 +256,7 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
         token: args.token,
         ca_fingerprint: args.ca_fingerprint,
         name: args.name,
+        server_name: args.server_name,
         state_dir: args.state_dir,
     };
     let settings = match config::resolve_join(loaded, &ProcessEnv, &flags) {
@@ -262,6 +268,7 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
         token: settings.token,
         ca_fingerprint: settings.ca_fingerprint,
         node_name: settings.name.unwrap_or_else(default_node_name),
+        server_name: settings.server_name,
         state: StateDir::new(settings.state_dir),
         force: args.force,
     };

@@ -76,6 +76,8 @@ pub mod env {
     pub const CA_FINGERPRINT: &str = "NOVACRON_CA_FINGERPRINT";
     /// `join.name`.
     pub const NODE_NAME: &str = "NOVACRON_NODE_NAME";
+    /// `join.server_name`.
+    pub const SERVER_NAME: &str = "NOVACRON_SERVER_NAME";
     /// `allow_host_exec`: true or false.
     pub const ALLOW_HOST_EXEC: &str = "NOVACRON_ALLOW_HOST_EXEC";
     /// `host_exec_allow`, comma-separated.
@@ -188,6 +190,12 @@ pub mod keys {
         file: "join.name",
         env: env::NODE_NAME,
         flag: "--name",
+    };
+    /// The name the controller's certificate is checked for.
+    pub const SERVER_NAME: Key = Key {
+        file: "join.server_name",
+        env: env::SERVER_NAME,
+        flag: "--server-name",
     };
     /// Whether remote exec of host commands is allowed.
     pub const ALLOW_HOST_EXEC: Key = Key {
@@ -351,6 +359,8 @@ pub struct JoinFile {
     pub ca_fingerprint: Option<String>,
     /// The node name to ask for.
     pub name: Option<String>,
+    /// The name the controller's certificate is checked for, when not the URL's host.
+    pub server_name: Option<String>,
 }
 
 /// The agent's configuration file and where it came from (`path` is `None` when no
@@ -812,6 +822,8 @@ pub struct JoinFlags {
     pub ca_fingerprint: Option<String>,
     /// `--name`.
     pub name: Option<String>,
+    /// `--server-name`.
+    pub server_name: Option<String>,
     /// `--state-dir`.
     pub state_dir: Option<String>,
 }
@@ -827,6 +839,8 @@ pub struct JoinSettings {
     pub ca_fingerprint: Fingerprint,
     /// The node name to ask for; `None` for this host's name.
     pub name: Option<String>,
+    /// The name the controller's certificate is checked for; `None`: the URL's host.
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
     /// Where the identity is kept.
     pub state_dir: PathBuf,
 }
@@ -883,6 +897,22 @@ pub fn resolve_join(
                 .map_err(|e| invalid(origin, &v, e.to_string()))
         })
         .transpose()?;
+    let server_name = l
+        .pick(
+            keys::SERVER_NAME,
+            flags.server_name.as_deref(),
+            f.join.server_name.as_deref(),
+        )
+        .map(|(v, origin)| {
+            rustls_pki_types::ServerName::try_from(v.trim().to_owned()).map_err(|_| {
+                invalid(
+                    origin,
+                    &v,
+                    "a DNS name or IP address on the controller's certificate, such as ctl.example.com",
+                )
+            })
+        })
+        .transpose()?;
     let state_dir = l.dir(
         keys::STATE_DIR,
         flags.state_dir.as_deref(),
@@ -894,6 +924,7 @@ pub fn resolve_join(
         token,
         ca_fingerprint,
         name,
+        server_name,
         state_dir,
     })
 }

@@ -198,6 +198,8 @@ pub struct JoinOptions {
     pub ca_fingerprint: Fingerprint,
     /// The node name to ask for.
     pub node_name: String,
+    /// The name the controller's certificate is checked for; `None`: the URL's host.
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
     /// Where to keep the identity.
     pub state: StateDir,
     /// Replace an existing enrollment.
@@ -228,8 +230,9 @@ pub async fn join(opts: &JoinOptions) -> Result<Enrollment, EnrollError> {
     ensure_writable(&opts.state.dir)?;
     let (csr_pem, key_pem) =
         pki::generate_csr(&opts.node_name).map_err(|e| EnrollError::Invalid(e.to_string()))?;
-    let tls_config = tls::pinned_client_config(opts.ca_fingerprint.clone())
-        .map_err(|e| EnrollError::Invalid(e.to_string()))?;
+    let tls_config =
+        tls::pinned_client_config_for(opts.ca_fingerprint.clone(), opts.server_name.clone())
+            .map_err(|e| EnrollError::Invalid(e.to_string()))?;
     let client = reqwest::Client::builder()
         .tls_backend_preconfigured(tls_config)
         .timeout(JOIN_TIMEOUT)
@@ -406,6 +409,7 @@ mod tests {
             token: "3f9c0a1b2c3d.0123456789abcdef0123456789abcdef".into(),
             ca_fingerprint: Fingerprint::of(b"ca"),
             node_name: "n1".into(),
+            server_name: None,
             state: StateDir::new(file.join("state")),
             force: false,
         };

@@ -270,11 +270,23 @@ pub fn client_config(
 /// A client configuration for enrollment: the server's chain must contain a CA whose
 /// fingerprint is `pin`, and the server certificate must verify against that CA.
 pub fn pinned_client_config(pin: Fingerprint) -> Result<rustls::ClientConfig, TlsError> {
+    pinned_client_config_for(pin, None)
+}
+
+/// As [`pinned_client_config`], checking the server certificate for `server_name`
+/// instead of the URL's host when given: a client that reaches the controller
+/// through an address the certificate does not name (a VM reaching its host's
+/// loopback at 10.0.2.2) still verifies a name the certificate must hold.
+pub fn pinned_client_config_for(
+    pin: Fingerprint,
+    server_name: Option<ServerName<'static>>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
             pin,
+            server_name,
             provider: provider(),
         }))
         .with_no_client_auth();
@@ -286,6 +298,8 @@ pub fn pinned_client_config(pin: Fingerprint) -> Result<rustls::ClientConfig, Tl
 #[derive(Debug)]
 struct PinnedCaVerifier {
     pin: Fingerprint,
+    /// Checked instead of the connection's name when set.
+    server_name: Option<ServerName<'static>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -313,7 +327,8 @@ impl ServerCertVerifier for PinnedCaVerifier {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        let name = self.server_name.as_ref().unwrap_or(server_name);
+        inner.verify_server_cert(end_entity, &[], name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(

@@ -655,7 +655,7 @@ spec:
         .and_then(|n| n.capabilities.vm)
         .map(|v| v.accelerator)
         .unwrap_or_default();
-    let overhead: u64 = if accel == "tcg" { 128 } else { 64 };
+    let overhead: u64 = if accel == "tcg" { 256 } else { 64 };
     let (limit, _) = cgroup_limits(pid)?;
     assert_eq!(limit, (256 + overhead) << 20, "under {accel}");
     // The guest's memory filled (all it has free but 24 MiB, in a tmpfs):

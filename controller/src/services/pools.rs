@@ -48,7 +48,7 @@ use crate::services::context::ApiState;
 use crate::services::events::{NewEvent, kind};
 use crate::services::providers::{
     CreateNode, DockerProvider, DockerSettings, Join, NodeProvider, PROVIDERS, ProviderError,
-    ProviderNode, StaticProvider,
+    ProviderNode, QemuProvider, QemuSettings, StaticProvider,
 };
 use crate::state::store::{PoolManifestRecord, Revocation, StoreError};
 use crate::state::tokens::{JoinToken, TokenRecord};
@@ -298,29 +298,40 @@ impl Catalog {
 struct Providers {
     fixed: StaticProvider,
     docker: DockerProvider,
+    qemu: QemuProvider,
 }
 
 impl Providers {
     fn new(st: &ApiState, catalog: &Catalog) -> Providers {
-        let docker = catalog
-            .pools
-            .iter()
+        let of = |provider: &'static str| {
+            catalog.pools.iter().filter(move |p| {
+                p.resolve(&catalog.templates)
+                    .is_ok_and(|t| t.provider == provider)
+            })
+        };
+        let docker = of("docker")
             .filter_map(|p| {
-                let t = p.resolve(&catalog.templates).ok()?;
-                (t.provider == "docker").then_some(())?;
                 let s = DockerSettings::from_labels(&p.name, &p.labels).ok()?;
+                Some((p.name.clone(), s))
+            })
+            .collect();
+        let qemu = of("qemu")
+            .filter_map(|p| {
+                let s = QemuSettings::from_labels(&p.name, &p.labels).ok()?;
                 Some((p.name.clone(), s))
             })
             .collect();
         Providers {
             fixed: StaticProvider::new(st.registry.clone()),
             docker: DockerProvider::new(docker),
+            qemu: QemuProvider::new(st.workloads.clone(), st.heavy.clone(), qemu),
         }
     }
 
     fn elastic(&self, provider: &str) -> bool {
         match provider {
             "docker" => self.docker.elastic(),
+            "qemu" => self.qemu.elastic(),
             _ => self.fixed.elastic(),
         }
     }
@@ -328,6 +339,7 @@ impl Providers {
     async fn list(&self, provider: &str, pool: &str) -> Result<Vec<ProviderNode>, ProviderError> {
         match provider {
             "docker" => self.docker.list(pool).await,
+            "qemu" => self.qemu.list(pool).await,
             _ => self.fixed.list(pool).await,
         }
     }
@@ -335,6 +347,7 @@ impl Providers {
     async fn create(&self, provider: &str, req: &CreateNode<'_>) -> Result<(), ProviderError> {
         match provider {
             "docker" => self.docker.create(req).await,
+            "qemu" => self.qemu.create(req).await,
             _ => self.fixed.create(req).await,
         }
     }
@@ -342,6 +355,7 @@ impl Providers {
     async fn start(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
         match provider {
             "docker" => self.docker.start(pool, node).await,
+            "qemu" => self.qemu.start(pool, node).await,
             _ => self.fixed.start(pool, node).await,
         }
     }
@@ -349,6 +363,7 @@ impl Providers {
     async fn stop(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
         match provider {
             "docker" => self.docker.stop(pool, node).await,
+            "qemu" => self.qemu.stop(pool, node).await,
             _ => self.fixed.stop(pool, node).await,
         }
     }
@@ -356,6 +371,7 @@ impl Providers {
     async fn delete(&self, provider: &str, pool: &str, node: &str) -> Result<(), ProviderError> {
         match provider {
             "docker" => self.docker.delete(pool, node).await,
+            "qemu" => self.qemu.delete(pool, node).await,
             _ => self.fixed.delete(pool, node).await,
         }
     }
@@ -487,7 +503,9 @@ async fn observe(
     match providers.list(&template.provider, &pool.name).await {
         Ok(listed) => {
             for mut n in listed {
-                if !revoked.contains(&n.name) || template.provider == "docker" {
+                // A provider that makes nodes lists a revoked one too, so that
+                // it is removed.
+                if !revoked.contains(&n.name) || template.provider != "static" {
                     // A member stopped into the warm pool by a scale-in.
                     n.warm |= st.registry.is_parked(&n.name);
                     if n.warm {
@@ -1000,9 +1018,7 @@ impl Manager {
             PoolAction::Create { count, reason, .. }
             | PoolAction::CreateWarm { count, reason, .. } => {
                 let warm = matches!(action, PoolAction::CreateWarm { .. });
-                let controller = DockerSettings::from_labels(pool, &o.pool.labels)
-                    .ok()
-                    .and_then(|s| s.controller)
+                let controller = join_url(&template.provider, pool, &o.pool.labels)
                     .unwrap_or_else(|| st.api_url.clone());
                 let mut made = Vec::new();
                 for i in 0..*count {
@@ -1027,6 +1043,7 @@ impl Manager {
                         controller: controller.clone(),
                         token: token.to_string(),
                         ca_fingerprint: st.fingerprint.to_string(),
+                        server_name: st.server_name.clone(),
                     };
                     let req = CreateNode {
                         pool,
@@ -1319,12 +1336,32 @@ fn check_pool(p: &NodePool, templates: &[NodeTemplate]) -> Result<(), String> {
             p.name
         ));
     }
+    if p.warm > 0 && t.provider == "qemu" {
+        return Err(format!(
+            "node pool {}: provider qemu keeps no warm nodes (a node's VM is removed with \
+             it); expected provider docker, or no warm",
+            p.name
+        ));
+    }
     settings_of(p)?;
     consolidate_of(p)?;
     if t.provider == "docker" {
         DockerSettings::from_labels(&p.name, &p.labels).map_err(|e| e.to_string())?;
     }
+    if t.provider == "qemu" {
+        QemuSettings::from_labels(&p.name, &p.labels).map_err(|e| e.to_string())?;
+    }
     Ok(())
+}
+
+/// The API URL a pool's new nodes join through, when its provider's settings
+/// name one (`docker.controller`, `qemu.controller`).
+fn join_url(provider: &str, pool: &str, labels: &BTreeMap<String, String>) -> Option<String> {
+    match provider {
+        "docker" => DockerSettings::from_labels(pool, labels).ok()?.controller,
+        "qemu" => QemuSettings::from_labels(pool, labels).ok()?.controller,
+        _ => None,
+    }
 }
 
 /// The templates and pools of one file, each with its own document's text.

@@ -1833,7 +1833,11 @@ fn demand(
         cpu_millis: spec.resources.cpu.0,
         memory_bytes: spec.resources.memory.0,
         gpus: spec.resources.gpus.as_ref().map_or(0, |g| g.count),
-        constraints: spec.placement.constraints.clone(),
+        // The scheduler's own constraints (a VM only where QEMU runs), so a pool
+        // grows only for replicas its nodes could hold.
+        constraints: novacron_common::scheduler::Request::from_spec(job, spec, count)
+            .placement
+            .constraints,
         // The pool manager steers by the pricing catalog's mix.
         prefer: None,
         headroom: false,

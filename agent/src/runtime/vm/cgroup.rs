@@ -19,12 +19,14 @@ pub const PERIOD_US: u64 = 100_000;
 /// whose `resources.memory` holds less than the guest's memory plus this gets
 /// this much more, rather than a QEMU killed when its guest fills its memory.
 /// Measured here (BENCHMARKS.md, `vm-boot.sh`): under TCG, the translation
-/// cache (about 52 MiB resident) and the rest of QEMU (about 52 MiB); under
-/// KVM there is no translation cache.
+/// cache (about 52 MiB resident for the tiny guest; a Debian guest with Docker
+/// filled more than 128 MiB, so it is capped at [`super::qemu::TCG_TB_MIB`])
+/// and the rest of QEMU (about 52 MiB); under KVM there is no translation
+/// cache.
 pub fn overhead(accel: Accel) -> u64 {
     match accel {
         Accel::Kvm => 64 << 20,
-        Accel::Tcg => 128 << 20,
+        Accel::Tcg => (super::qemu::TCG_TB_MIB + 128) << 20,
     }
 }
 /// The parent of every VM's cgroup (runc's containers share it).

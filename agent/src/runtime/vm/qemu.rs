@@ -25,6 +25,9 @@ impl Accel {
     }
 }
 
+/// The TCG translation cache's size, MiB (`-accel tcg,tb-size=`).
+pub const TCG_TB_MIB: u64 = 128;
+
 /// Where the files of one VM are, for its command line.
 #[derive(Debug, Clone)]
 pub struct Paths<'a> {
@@ -115,7 +118,19 @@ pub fn args(vm: &VmSpec, accel: Accel, paths: &Paths<'_>, net: Net<'_>) -> Vec<S
     } else {
         vm.machine.as_str()
     };
-    push(&["-machine", machine, "-accel", accel.as_str()]);
+    match accel {
+        // TCG's translation cache grows to 1 GiB by default (QEMU 7.2), on top
+        // of the guest's memory: a busy guest (a node guest's systemd, Docker
+        // and agent) then pushes QEMU past its cgroup's limit. Bounded, QEMU's
+        // overhead is what `cgroup::overhead` reserves.
+        Accel::Tcg => push(&[
+            "-machine",
+            machine,
+            "-accel",
+            &format!("tcg,tb-size={TCG_TB_MIB}"),
+        ]),
+        Accel::Kvm => push(&["-machine", machine, "-accel", accel.as_str()]),
+    }
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
@@ -349,7 +364,7 @@ mod tests {
         let fw = forwards(Ipv4Addr::new(127, 100, 1, 2), Ipv4Addr::UNSPECIFIED, &ports);
         let a = args(&vm(), Accel::Tcg, &paths, Net::User(&fw)).join(" ");
         assert!(
-            a.starts_with("-machine q35 -accel tcg -smp 2 -m 256M"),
+            a.starts_with("-machine q35 -accel tcg,tb-size=128 -smp 2 -m 256M"),
             "{a}"
         );
         assert!(!a.contains("-cpu host"), "{a}");

@@ -5,9 +5,10 @@
 //! nodes it made for a pool. [`StaticProvider`] makes nothing: its pool is the hosts
 //! that enrolled themselves with the label `pool=<name>`. [`DockerProvider`] runs
 //! each node as a container of `novacron-agent` on a Docker daemon, like a VM in a
-//! cloud. **Architecture Invariant:** in the controller only `providers::docker`
-//! knows bollard, and it only ever touches containers labelled with a pool
-//! ([`LABEL_POOL`]) or with a node it made ([`LABEL_NODE`]).
+//! cloud. [`QemuProvider`] runs each node as a VM job of the fleet whose guest runs
+//! the agent and joins. **Architecture Invariant:** in the controller only
+//! `providers::docker` knows bollard, and it only ever touches containers
+//! labelled with a pool ([`LABEL_POOL`]) or with a node it made ([`LABEL_NODE`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,8 +19,10 @@ use novacron_common::autoscale::pool::NodeTemplateSpec;
 use crate::state::registry::Registry;
 
 mod docker;
+mod qemu;
 
 pub use docker::{DockerProvider, DockerSettings};
+pub use qemu::{QemuProvider, QemuSettings};
 
 /// Label on a provider's container: the pool it belongs to.
 pub const LABEL_POOL: &str = "novacron.pool";
@@ -28,7 +31,7 @@ pub const LABEL_NODE: &str = "novacron.node";
 /// Label on a provider's container made for the warm pool.
 pub const LABEL_WARM: &str = "novacron.warm";
 /// The providers this controller offers, by name.
-pub const PROVIDERS: [&str; 2] = ["static", "docker"];
+pub const PROVIDERS: [&str; 3] = ["static", "docker", "qemu"];
 
 /// What a new node needs to enroll and run.
 #[derive(Debug, Clone)]
@@ -56,6 +59,9 @@ pub struct Join {
     pub token: String,
     /// The fleet CA fingerprint to pin.
     pub ca_fingerprint: String,
+    /// A name on the controller's certificate, which the node checks when the
+    /// URL's host is not on it (`novacron-agent join --server-name`).
+    pub server_name: String,
 }
 
 impl std::fmt::Debug for Join {
@@ -64,6 +70,7 @@ impl std::fmt::Debug for Join {
             .field("controller", &self.controller)
             .field("token", &"<redacted>")
             .field("ca_fingerprint", &self.ca_fingerprint)
+            .field("server_name", &self.server_name)
             .finish()
     }
 }
@@ -104,6 +111,16 @@ pub enum ProviderError {
     /// The pool's settings do not allow the call.
     #[error("{0}")]
     Settings(String),
+    /// Applying or stopping a node's VM job failed.
+    #[error("VM {op} of node {name}: {message}")]
+    Vm {
+        /// What was being done.
+        op: &'static str,
+        /// The node.
+        name: String,
+        /// Why.
+        message: String,
+    },
     /// The Docker daemon failed or refused.
     #[error("Docker {op} of {name}: {message}")]
     Docker {
