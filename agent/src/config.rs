@@ -1247,6 +1247,7 @@ mod tests {
             ..JoinFlags::default()
         };
         let s = resolve_join(&loaded, &[("NOVACRON_NODE_NAME", "gpu-1")], &flags).expect("valid");
+        assert_eq!(s.server_name, None);
         assert_eq!(s.controller, "https://ctl:7443");
         assert_eq!(s.name.as_deref(), Some("gpu-1"));
         assert_eq!(s.state_dir, PathBuf::from("/srv/agent"));
@@ -1264,6 +1265,30 @@ mod tests {
             .to_string();
         assert!(
             err.contains("--controller") && err.contains("join.controller"),
+            "{err}"
+        );
+        let named = resolve_join(
+            &loaded,
+            &[("NOVACRON_SERVER_NAME", "ctl.example.com")],
+            &flags,
+        )
+        .expect("valid");
+        assert_eq!(
+            named
+                .server_name
+                .map(|n| n.to_str().into_owned())
+                .as_deref(),
+            Some("ctl.example.com")
+        );
+        let misnamed = JoinFlags {
+            server_name: Some("not a name".into()),
+            ..flags.clone()
+        };
+        let err = resolve_join(&loaded, &[], &misnamed)
+            .expect_err("bad server name")
+            .to_string();
+        assert!(
+            err.contains("--server-name") && err.contains("a DNS name or IP address"),
             "{err}"
         );
         let bad = JoinFlags {

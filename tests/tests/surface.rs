@@ -227,6 +227,20 @@ async fn join_with_a_wrong_fingerprint_fails_on_trust_with_its_own_exit_code() {
         "{err}"
     );
     assert!(!state.exists(), "nothing is written on a failed join");
+    // With the right pin, the certificate is still checked for a name:
+    // `--server-name` replaces the URL's host, and a name the certificate
+    // does not hold is refused before the token is sent.
+    let out = Command::new(bin("novacron-agent"))
+        .args(["join", "--controller", &c.api(), "--token", &token])
+        .args(["--ca-fingerprint", &c.fingerprint, "--name", "misnamed"])
+        .args(["--server-name", "elsewhere.example"])
+        .arg("--state-dir")
+        .arg(dir.path().join("agent-misnamed"))
+        .output()
+        .expect("novacron-agent runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(76), "{err}");
+    assert!(err.contains("elsewhere.example"), "{err}");
     // The token was never sent, so it still enrolls a node with the right pin.
     let ok = novacron_tests::join(&c, &token, "trusted", &dir.path().join("agent-trusted"));
     assert!(

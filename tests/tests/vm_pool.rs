@@ -162,6 +162,30 @@ fn live_qemus(host: &Agent) -> Vec<u32> {
         .collect()
 }
 
+/// Kills the host agent's QEMUs when dropped: QEMU daemonizes and outlives the
+/// agent, and a failed test's node VM must not run on through the suite.
+struct KillVms(std::path::PathBuf);
+
+impl Drop for KillVms {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.0.join("vms")) else {
+            return;
+        };
+        for e in dirs.flatten() {
+            let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) else {
+                continue;
+            };
+            // Only a QEMU still: the pid may have been reused since.
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()));
+            if comm.is_ok_and(|c| c.starts_with("qemu")) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .status();
+            }
+        }
+    }
+}
+
 fn diagnose(c: &Controller, host: &Agent, dir: &std::path::Path) -> String {
     let consoles: Vec<String> = walk(&host.state_dir.join("vms"))
         .into_iter()
@@ -222,6 +246,7 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
     let dir = tempfile::Builder::new().prefix("nc-vmpool").tempdir()?;
     let c = Controller::start(dir.path(), &[]).await?;
     let host = Agent::join_and_run(dir.path(), &c, &format!("vmhost{pid}"), &[]).await?;
+    let _kill = KillVms(host.state_dir.clone());
     c.wait_ready(&host.name, Duration::from_secs(20)).await?;
     // The guest has no registry to pull from: it pulls through its own agent
     // from the controller's image store.

@@ -1551,6 +1551,35 @@ mod tests {
     }
 
     #[test]
+    fn qemu_pools_need_their_image_and_template_and_keep_no_warm_nodes() {
+        let qemu_template = TEMPLATE.replace("provider: docker", "provider: qemu");
+        let labels = "labels: {qemu.image: \"novacron/node-guest:1\", qemu.template: node-guest}";
+        let pool = POOL.replace(
+            "labels: {docker.image: \"novacron-fleet:1\", scaleDownAfter: 5s}",
+            labels,
+        );
+        let docs = parse_documents("pools.yaml", &format!("{qemu_template}---\n{pool}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = docs.templates[0].0.clone();
+        assert!(check_pool(&docs.pools[0].0, std::slice::from_ref(&t)).is_ok());
+        assert_eq!(
+            join_url("qemu", "p", &docs.pools[0].0.labels),
+            None,
+            "the controller's own URL unless qemu.controller says"
+        );
+        // Without its image.
+        let docs = parse_documents("pools.yaml", &format!("{qemu_template}---\n{POOL}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = check_pool(&docs.pools[0].0, std::slice::from_ref(&t)).expect_err("refused");
+        assert!(e.contains("no qemu.image"), "{e}");
+        // Warm nodes.
+        let warm = format!("{qemu_template}---\n{pool}  warm: {{size: 1}}\n");
+        let docs = parse_documents("pools.yaml", &warm).unwrap_or_else(|e| panic!("{e}"));
+        let e = check_pool(&docs.pools[0].0, &[t]).expect_err("refused");
+        assert!(e.contains("provider qemu keeps no warm nodes"), "{e}");
+    }
+
+    #[test]
     fn errors_keep_the_line_of_the_original_file() {
         let bad = POOL.replace("maxSize: 2", "maxSize: 0");
         let text = format!("{TEMPLATE}---\n{bad}");

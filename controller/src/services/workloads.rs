@@ -2564,6 +2564,40 @@ mod tests {
         }
     }
 
+    /// A VM job's replicas, as demands for the node pools, go only where QEMU
+    /// runs, as the scheduler places them: a pool whose nodes cannot run VMs
+    /// (a `qemu` pool's guests) is never grown for them.
+    #[test]
+    fn a_vm_job_s_demand_asks_for_a_node_that_runs_vms() {
+        let w = workloads_with(test_alloc("api-1", "n1", AllocState::Running));
+        let vm = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: guest}\nspec:\n  task: {image: img:1, vm: {memory: 128Mi}}\n  resources: {cpu: 1, memory: 512Mi}\n  placement:\n    constraints: [{key: zone, operator: In, values: [a]}]\n";
+        w.apply("vm.yaml", vm, "me", SystemTime::now())
+            .expect("applied");
+        let d = w.demand_of("guest", 1).expect("a demand");
+        use novacron_common::manifest::Operator;
+        let keys: Vec<(&str, Operator)> = d
+            .constraints
+            .iter()
+            .map(|c| (c.key.as_str(), c.operator))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("zone", Operator::In),
+                (novacron_common::manifest::VM_NODE_LABEL, Operator::Exists)
+            ]
+        );
+        let plain = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: web}\nspec:\n  task: {image: img:1}\n  resources: {cpu: 1, memory: 512Mi}\n";
+        w.apply("web.yaml", plain, "me", SystemTime::now())
+            .expect("applied");
+        assert!(
+            w.demand_of("web", 1)
+                .expect("a demand")
+                .constraints
+                .is_empty()
+        );
+    }
+
     /// A pull the node reports makes an event when it begins and one when it
     /// ends, from the typed field (the message is for people).
     #[test]
