@@ -216,7 +216,8 @@ pub struct NodeGpus {
 pub struct NodeTemplateSpec {
     /// The provider's instance type (`m5.xlarge`).
     pub instance_type: String,
-    /// The provider that makes it (`docker`, `aws`).
+    /// The provider that makes it (`static`, `docker`, `qemu`; a simulator
+    /// scenario may name others, like `aws`).
     pub provider: String,
     /// `spot` or `on-demand`.
     pub capacity_type: CapacityType,
