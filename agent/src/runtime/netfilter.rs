@@ -138,6 +138,17 @@ pub fn tagged(rule: &str, comment: &str) -> Vec<String> {
     w
 }
 
+/// The jumps from `nat`'s `PREROUTING` (traffic from elsewhere) and `OUTPUT`
+/// (this host's own) to `chain` for packets to this host's own addresses,
+/// tagged with `comment`: where published ports' DNAT chains hang. Pure.
+pub fn local_jumps(chain: &str, comment: &str) -> [(&'static str, &'static str, Vec<String>); 2] {
+    let jump = format!("-m addrtype --dst-type LOCAL -j {chain}");
+    [
+        ("nat", "PREROUTING", tagged(&jump, comment)),
+        ("nat", "OUTPUT", tagged(&jump, comment)),
+    ]
+}
+
 /// Makes each chain of `chains` (`(table, name)`) where missing, then adds
 /// each rule of `rules` (`(table, built-in chain, rule)`) at the top of its
 /// chain where `iptables -C` does not find it.

@@ -78,24 +78,16 @@ impl Publisher {
     pub fn base_rules(&self) -> Vec<(&'static str, &'static str, Vec<String>)> {
         let (chain, masq) = (self.chain(), self.masquerade_chain());
         let tagged = |rule: String| netfilter::tagged(&rule, &self.tag);
-        vec![
-            (
-                "nat",
-                "PREROUTING",
-                tagged(format!("-m addrtype --dst-type LOCAL -j {chain}")),
-            ),
-            (
-                "nat",
-                "OUTPUT",
-                tagged(format!("-m addrtype --dst-type LOCAL -j {chain}")),
-            ),
+        let mut rules = netfilter::local_jumps(&chain, &self.tag).to_vec();
+        rules.extend([
             ("nat", "POSTROUTING", tagged(format!("-j {masq}"))),
             (
                 "filter",
                 "FORWARD",
                 tagged("-m conntrack --ctstate DNAT -j ACCEPT".to_owned()),
             ),
-        ]
+        ]);
+        rules
     }
 
     /// The `iptables-restore` input that makes the two chains hold exactly

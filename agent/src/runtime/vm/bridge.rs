@@ -181,17 +181,8 @@ impl Bridge {
     pub fn base_rules(&self) -> Vec<(&'static str, &'static str, Vec<String>)> {
         let tagged = |rule: String| netfilter::tagged(&rule, COMMENT);
         let (name, range, chain) = (&self.name, self.range(), self.chain());
-        vec![
-            (
-                "nat",
-                "PREROUTING",
-                tagged(format!("-m addrtype --dst-type LOCAL -j {chain}")),
-            ),
-            (
-                "nat",
-                "OUTPUT",
-                tagged(format!("-m addrtype --dst-type LOCAL -j {chain}")),
-            ),
+        let mut rules = netfilter::local_jumps(&chain, COMMENT).to_vec();
+        rules.extend([
             (
                 "nat",
                 "POSTROUTING",
@@ -204,7 +195,8 @@ impl Bridge {
             ),
             ("filter", "FORWARD", tagged(format!("-i {name} -j ACCEPT"))),
             ("filter", "FORWARD", tagged(format!("-o {name} -j ACCEPT"))),
-        ]
+        ]);
+        rules
     }
 
     /// The `iptables-restore` input that makes the bridge's chain hold exactly
