@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use novacron_common::wire::AllocState;
-use novacron_tests::{Agent, Controller, TEST_IMAGE, docker, ensure_test_image, wait_for};
+use novacron_tests::{
+    Agent, Controller, TEST_IMAGE, docker, ensure_test_image, succeeded, wait_for,
+};
 
 /// The node guest image this test builds (cached by its inputs' hash).
 const NODE_IMAGE: &str = "novacron/node-guest:test";
@@ -57,16 +59,6 @@ fn node_image() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// The VM template that boots the node guest (its `/novacron-vm.json`).
@@ -190,9 +182,12 @@ impl Drop for KillVms {
 }
 
 fn diagnose(c: &Controller, host: &Agent, dir: &std::path::Path) -> String {
-    let consoles: Vec<String> = walk(&host.state_dir.join("vms"))
+    let consoles: Vec<String> = std::fs::read_dir(host.state_dir.join("vms"))
         .into_iter()
-        .filter(|p| p.file_name().is_some_and(|n| n == "serial.run.log"))
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("serial.run.log"))
+        .filter(|p| p.is_file())
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
@@ -224,22 +219,6 @@ fn diagnose(c: &Controller, host: &Agent, dir: &std::path::Path) -> String {
     )
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes_it() -> Result<()>
 {
@@ -253,7 +232,7 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
     c.wait_ready(&host.name, Duration::from_secs(20)).await?;
     // The guest has no registry to pull from: it pulls through its own agent
     // from the controller's image store.
-    ok(&c.cli(&["image", "push", TEST_IMAGE]));
+    succeeded(&c.cli(&["image", "push", TEST_IMAGE]));
 
     let pool = format!("vp{pid}-{:04x}", rand::random::<u16>());
     let files = tempfile::tempdir()?;
@@ -263,7 +242,7 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
     ] {
         let path = files.path().join(file);
         std::fs::write(&path, text)?;
-        ok(&c.cli(&["apply", "-f", path.to_str().context("path")?]));
+        succeeded(&c.cli(&["apply", "-f", path.to_str().context("path")?]));
     }
 
     // A replica that fits no node (it asks for the pool) makes the pool grow.
@@ -271,7 +250,7 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
     let path = files.path().join("job.yaml");
     std::fs::write(&path, work_job(&job, &pool))?;
     let applied = Instant::now();
-    ok(&c.cli(&["apply", "-f", path.to_str().context("path")?]));
+    succeeded(&c.cli(&["apply", "-f", path.to_str().context("path")?]));
     if let Err(e) = wait_for(
         SCALE_OUT,
         "the job running on a VM node of the pool",
@@ -320,16 +299,16 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
         docker(&["ps", "-q", "--filter", &format!("label=novacron.job={job}")])?.is_empty(),
         "the job's container runs on the host's Docker"
     );
-    let logs = ok(&c.cli(&["alloc", "logs", &alloc, "--tail", "5"]));
+    let logs = succeeded(&c.cli(&["alloc", "logs", &alloc, "--tail", "5"]));
     assert!(
         logs.contains("on a pool node"),
         "the replica's output through the guest's agent: {logs:?}"
     );
-    let pools = ok(&c.cli(&["pool", "list"]));
+    let pools = succeeded(&c.cli(&["pool", "list"]));
     assert!(pools.contains(&pool) && pools.contains("qemu"), "{pools}");
 
     // The job stops: the idle node is drained, revoked and its VM powered off.
-    ok(&c.cli(&["job", "stop", &job]));
+    succeeded(&c.cli(&["job", "stop", &job]));
     if let Err(e) = wait_for(SCALE_IN, "the idle VM node removed", || async {
         let vm_stopped = c.job(&node).await.is_ok_and(|d| {
             d.summary.status == "stopped"
@@ -345,7 +324,7 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
     }
     let status = c.node(&node).await?.map(|v| v.status.to_string());
     assert_ne!(status.as_deref(), Some("ready"), "{node} is still ready");
-    let events = ok(&c.cli(&["events", "--type", "pool"]));
+    let events = succeeded(&c.cli(&["events", "--type", "pool"]));
     for kind in ["pool.scaled", "pool.draining", "pool.removed"] {
         assert!(events.contains(kind), "no {kind} event in {events}");
     }
