@@ -34,6 +34,7 @@
 
 mod bundle;
 mod cache;
+pub(crate) mod early;
 mod engine;
 pub(crate) mod oci;
 mod rootfs;

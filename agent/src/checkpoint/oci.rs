@@ -9,6 +9,7 @@
 //! `volumes/<n>.tar`. So a filesystem checkpoint restores into either
 //! runtime; a live one only into an agent-owned container ([`BundleMeta::runc`]).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 use super::bundle::{CRIU_DIR, ROOTFS_TAR, VOLUMES_DIR, unpack};
 use super::cache::ensure_space;
+use super::early::{self, Snapshot, Stamp};
 use super::rootfs::{container_path, safe_relative, write_whiteouts};
 use super::{CheckpointError, Checkpointer, blocking, mkdir, now_ms};
 use crate::runtime::oci::OciDriver;
@@ -79,11 +81,15 @@ impl Checkpointer {
         let upper = oci.upper_dir(id);
         let dest = stage.path().to_path_buf();
         let targets = volume_targets.to_vec();
-        let copied = blocking(move || copy_files(&upper, &mounts, &targets, &dest)).await;
+        let copied = blocking(move || copy_files(&upper, &mounts, &targets, &dest, None)).await;
         if halted && let Err(e) = oci.resume(id).await {
             warn!(container = %id, error = %e, "cannot resume the container after its checkpoint");
         }
-        let (staged, deleted) = copied?;
+        let Copied {
+            bytes: staged,
+            deleted,
+            ..
+        } = copied?;
         let dump_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let meta = BundleMeta {
             format: BUNDLE_FORMAT,
@@ -153,14 +159,29 @@ impl Checkpointer {
     }
 }
 
+/// What [`copy_files`] staged.
+#[derive(Debug, Default)]
+pub(crate) struct Copied {
+    /// The bytes of the files staged.
+    pub(crate) bytes: u64,
+    /// Paths deleted from the image (the upper directory's whiteouts).
+    pub(crate) deleted: Vec<String>,
+    /// With an early copy: its paths that are gone ([`Snapshot::removed`]).
+    pub(crate) removed: Vec<String>,
+    /// With an early copy: the paths left out as unchanged since.
+    pub(crate) unchanged: usize,
+}
+
 /// Writes `rootfs.tar` (the upper directory less its whiteouts) and one tar
-/// per volume target into `dest`; the bytes staged and the deleted paths.
+/// per volume target into `dest`. Given the [`Snapshot`] of an early copy
+/// ([`super::early::send_files`]), only what changed since goes in.
 pub(crate) fn copy_files(
     upper: &Path,
     mounts: &[(String, PathBuf)],
     targets: &[String],
     dest: &Path,
-) -> Result<(u64, Vec<String>), CheckpointError> {
+    since: Option<&Snapshot>,
+) -> Result<Copied, CheckpointError> {
     let io = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source: std::io::Error| CheckpointError::Io {
@@ -174,11 +195,29 @@ pub(crate) fn copy_files(
         File::create(&rootfs).map_err(io("creating", &rootfs))?,
     ));
     tar.follow_symlinks(false);
+    let mut out = Copied::default();
+    let mut seen = BTreeMap::new();
+    // Whether `rel` of root `volume` is left out as the early copy sent it.
+    let mut skip = |volume: Option<usize>, rel: &Path, meta: &std::fs::Metadata| {
+        let Some(snap) = since else {
+            return false;
+        };
+        let key = early::key(volume, rel);
+        let stamp = Stamp::of(meta);
+        let same = snap.unchanged(&key, &stamp);
+        seen.insert(key, stamp);
+        same
+    };
+    let mut unchanged = 0usize;
     let mut deleted = Vec::new();
     let mut bytes = 0u64;
     walk(upper, Path::new(""), &mut |rel, full, meta| {
         if meta.file_type().is_char_device() && meta.rdev() == 0 {
             deleted.push(format!("/{}", rel.display()));
+            return Ok(());
+        }
+        if skip(None, rel, meta) {
+            unchanged += 1;
             return Ok(());
         }
         if meta.is_dir()
@@ -206,6 +245,10 @@ pub(crate) fn copy_files(
         tar.follow_symlinks(false);
         if let Some((_, source)) = mounts.iter().find(|(t, _)| t == target) {
             walk(source, Path::new(""), &mut |rel, full, meta| {
+                if skip(Some(n), rel, meta) {
+                    unchanged += 1;
+                    return Ok(());
+                }
                 bytes += meta.len();
                 tar.append_path_with_name(full, rel)
                     .map_err(io("archiving", full))
@@ -220,7 +263,13 @@ pub(crate) fn copy_files(
                     .map_err(|e| io("writing", &out)(e.into_error()))
             })?;
     }
-    Ok((bytes, deleted))
+    out.bytes = bytes;
+    out.deleted = deleted;
+    out.unchanged = unchanged;
+    if let Some(snap) = since {
+        out.removed = snap.removed(&seen);
+    }
+    Ok(out)
 }
 
 /// Calls `visit(relative, full, metadata)` for everything under `dir`, parents
@@ -329,8 +378,8 @@ mod tests {
         let stage = dir.path().join("stage");
         std::fs::create_dir_all(&stage).expect("stage");
         let mounts = vec![("/data".to_owned(), vol.clone())];
-        let (bytes, deleted) =
-            copy_files(&upper, &mounts, &["/data".to_owned()], &stage).expect("copy");
+        let Copied { bytes, deleted, .. } =
+            copy_files(&upper, &mounts, &["/data".to_owned()], &stage, None).expect("copy");
         assert_eq!(deleted, vec!["/etc/gone".to_owned()]);
         assert!(bytes >= 5);
 

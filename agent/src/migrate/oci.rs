@@ -5,16 +5,21 @@
 //! (the authenticated QUIC streams carry the integrity).
 //!
 //! - **source**: holds the allocation (`Ready`); on `Go`, `runc checkpoint`
-//!   dumps the container into its [`OciDriver::checkpoint_dir`] (it stops),
-//!   the writable layer and volumes are staged beside the dump, and the whole
-//!   directory goes out as one tar in `Data` frames, then `Done`. On `Commit`
+//!   first sends the writable layer and the volumes while the container still
+//!   serves (one tar under `early/`, [`early::send_files`]), then `runc
+//!   checkpoint` dumps the container into its [`OciDriver::checkpoint_dir`]
+//!   (it stops), what changed in its files since the early copy is staged
+//!   beside the dump with the paths that went away, and that directory goes
+//!   out as a second tar in `Data` frames, then `Done`. On `Commit`
 //!   the source stays stopped until the release removes it; on `Abort` it
 //!   starts again from its own dump.
 //! - **target**: the allocation arrived with
 //!   [`RestoreFrom::incoming_vm`](novacron_common::wire::RestoreFrom::incoming_vm)
 //!   (the live stream's source); the supervisor created the container; the
 //!   stream is unpacked into [`OciDriver::incoming_dir`] as it comes, and the
-//!   restorer, which waited for it, restores from it with `runc restore`.
+//!   restorer, which waited for it, moves the early copy into place
+//!   ([`early::place_files`]), applies the delta and restores with `runc
+//!   restore`.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +38,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{CheckpointService, MAX_HOLD, VM_DECISION_WAIT, control};
-use crate::checkpoint::oci::{apply_files, copy_files};
+use crate::checkpoint::early::{self, EARLY_DIR, REMOVED, Snapshot};
+use crate::checkpoint::oci::{Copied, apply_files, copy_files};
 use crate::runtime::oci::OciDriver;
 use crate::runtime::oci::guard::PortGuard;
 
@@ -168,16 +174,21 @@ impl CheckpointService {
             volumes,
             mounts,
         };
+        let started = Instant::now();
+        let (early, early_sent) =
+            match send_early(send, &oci.upper_dir(&id), &staging, started).await {
+                Ok(e) => e,
+                Err(why) => return fail(send, format!("allocation {alloc}: {why}")).await,
+            };
         if post_copy {
             return self
-                .send_oci_post_copy(&oci, &id, staging, send, recv)
+                .send_oci_post_copy(&oci, &id, staging, early, early_sent, send, recv)
                 .await;
         }
-        let started = Instant::now();
         let dir = oci.checkpoint_dir(&id);
         let _ = std::fs::remove_dir_all(&dir);
         let staged = match oci.checkpoint(&id, &dir.join("criu"), false).await {
-            Ok(dump_ms) => stage(&dir, &oci.upper_dir(&id), staging, false)
+            Ok(dump_ms) => stage(&dir, &oci.upper_dir(&id), staging, Some(early), false)
                 .await
                 .map(|bytes| (dump_ms, bytes)),
             Err(e) => Err(e.to_string()),
@@ -193,6 +204,7 @@ impl CheckpointService {
         };
         info!(%alloc, container = %id, dump_ms, staged_bytes, "runc container dumped; streaming it");
         let (sent, outcome) = stream_dir(send, &dir, started, dump_ms).await;
+        let sent = sent + early_sent;
         let end = match &outcome {
             Ok(()) => VmSendEvent::Done(progress("completed", sent, started, dump_ms)),
             Err(why) => VmSendEvent::Failed(why.clone()),
@@ -232,11 +244,14 @@ impl CheckpointService {
     /// while `Progress` reports them, and `Done` follows once the last one
     /// was fetched (the container has then left this node). A failure before
     /// that resumes the container here.
+    #[allow(clippy::too_many_arguments)]
     async fn send_oci_post_copy(
         &self,
         oci: &Arc<OciDriver>,
         id: &str,
         staging: Staging,
+        early: Snapshot,
+        early_sent: u64,
         send: &mut SendStream,
         recv: RecvStream,
     ) -> Result<(), String> {
@@ -277,10 +292,12 @@ impl CheckpointService {
         if let Err(e) = oci.release_ports(id).await {
             warn!(%alloc, error = %e, "cannot give up the source's ports");
         }
-        let (sent, outcome) = match stage(&dir, &oci.upper_dir(id), staging, true).await {
-            Ok(_) => stream_dir(send, &dir, started, dump_ms).await,
-            Err(why) => (0, Err(why)),
-        };
+        let (sent, outcome) =
+            match stage(&dir, &oci.upper_dir(id), staging, Some(early), true).await {
+                Ok(_) => stream_dir(send, &dir, started, dump_ms).await,
+                Err(why) => (0, Err(why)),
+            };
+        let sent = sent + early_sent;
         let key = (alloc.clone(), true);
         let pages = Arc::new(AtomicU64::new(0));
         let images = progress("postcopy", sent, started, dump_ms);
@@ -624,10 +641,20 @@ impl CheckpointService {
             .map_err(|e| format!("the stream's {META}: {e}"))?;
         let mounts = oci.mounts(id).await.map_err(|e| e.to_string())?;
         let (from, upper) = (dir.clone(), oci.upper_dir(id));
-        tokio::task::spawn_blocking(move || apply_files(&from, &upper, &mounts, &meta))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            let pre = from.join(EARLY_DIR);
+            if pre.exists() {
+                let removed: Vec<String> = std::fs::read(from.join(REMOVED))
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("the stream's {REMOVED}: {e}"))?;
+                early::place_files(&pre, &upper, &mounts, &meta.volumes, &removed)
+                    .map_err(|e| e.to_string())?;
+            }
+            apply_files(&from, &upper, &mounts, &meta).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let applied_ms = started.elapsed().as_millis();
         if dir.join(POST_COPY).exists() {
             return self.restore_post_copy(&oci, alloc, id, &dir, started).await;
@@ -705,14 +732,31 @@ struct Staging {
     mounts: Vec<(String, PathBuf)>,
 }
 
-/// Stages the writable layer and the volumes beside the dump in `dir`, with
-/// the stream's record (and, for post-copy, its mark); `Ok` is the bytes
+/// Stages the writable layer and the volumes beside the dump in `dir` (only
+/// what changed since the `early` copy, and the paths it had that are gone),
+/// with the stream's record (and, for post-copy, its mark); `Ok` is the bytes
 /// staged.
-async fn stage(dir: &Path, upper: &Path, s: Staging, post_copy: bool) -> Result<u64, String> {
+async fn stage(
+    dir: &Path,
+    upper: &Path,
+    s: Staging,
+    early: Option<Snapshot>,
+    post_copy: bool,
+) -> Result<u64, String> {
     let (dir, upper) = (dir.to_path_buf(), upper.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let (bytes, deleted) =
-            copy_files(&upper, &s.mounts, &s.volumes, &dir).map_err(|e| e.to_string())?;
+        let Copied {
+            bytes,
+            deleted,
+            removed,
+            unchanged,
+        } = copy_files(&upper, &s.mounts, &s.volumes, &dir, early.as_ref())
+            .map_err(|e| e.to_string())?;
+        if early.is_some() {
+            let json = serde_json::to_vec(&removed).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join(REMOVED), json).map_err(|e| e.to_string())?;
+            info!(alloc = %s.alloc, changed_bytes = bytes, unchanged, removed = removed.len(), "the files' delta since the early copy is staged");
+        }
         let meta = BundleMeta {
             format: BUNDLE_FORMAT,
             mode: CheckpointMode::Live,
@@ -746,19 +790,56 @@ async fn stream_dir(
     started: Instant,
     dump_ms: u64,
 ) -> (u64, Result<(), String>) {
+    let from = dir.to_path_buf();
+    stream_tar(send, started, "active", Some(dump_ms), move |tar| {
+        tar.append_dir_all(".", &from).map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// Sends the writable layer and the volumes while the container serves, as
+/// one tar under [`EARLY_DIR`]: what was sent (to compare with after the
+/// freeze), and the bytes on the stream.
+async fn send_early(
+    send: &mut SendStream,
+    upper: &Path,
+    s: &Staging,
+    started: Instant,
+) -> Result<(Snapshot, u64), String> {
+    let (upper, mounts, targets) = (upper.to_path_buf(), s.mounts.clone(), s.volumes.clone());
+    let walk_started = early::now_ns();
+    let (sent, out) = stream_tar(send, started, "files", None, move |tar| {
+        early::send_files(tar, &upper, &mounts, &targets, walk_started).map_err(|e| e.to_string())
+    })
+    .await;
+    let (snap, bytes) = out.map_err(|why| format!("copying its files before the freeze: {why}"))?;
+    info!(alloc = %s.alloc, paths = snap.len(), file_bytes = bytes, sent, ms = started.elapsed().as_millis(), "files sent before the freeze");
+    Ok((snap, sent))
+}
+
+/// Sends what `fill` writes into a tar in `Data` frames (with `Progress` of
+/// `status` now and then): the bytes sent, and what `fill` returned once all
+/// went.
+async fn stream_tar<T: Send + 'static>(
+    send: &mut SendStream,
+    started: Instant,
+    status: &'static str,
+    dump_ms: Option<u64>,
+    fill: impl FnOnce(&mut tar::Builder<ChunkWriter>) -> Result<T, String> + Send + 'static,
+) -> (u64, Result<T, String>) {
     // A blocking writer cuts the tar into chunks; this task frames them. Each
     // receiver is owned by its reader.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-    let from = dir.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    let writer = tokio::task::spawn_blocking(move || -> Result<T, String> {
         let mut tar = tar::Builder::new(ChunkWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
         });
         tar.follow_symlinks(false);
-        tar.append_dir_all(".", &from)?;
-        let mut w = tar.into_inner()?;
-        w.flush()
+        let out = fill(&mut tar)?;
+        let mut w = tar.into_inner().map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| e.to_string())?;
+        Ok(out)
     });
     let mut sent: u64 = 0;
     let mut frames: u64 = 0;
@@ -771,7 +852,8 @@ async fn stream_dir(
             break;
         }
         if frames.is_multiple_of(16) {
-            let p = progress("active", sent, started, dump_ms);
+            let mut p = progress(status, sent, started, 0);
+            p.downtime_ms = dump_ms;
             if let Err(e) = wire::write_frame(send, &VmSendEvent::Progress(p)).await {
                 broken = Some(e.to_string());
                 break;
@@ -782,7 +864,7 @@ async fn stream_dir(
     let written = writer.await.map_err(|e| e.to_string());
     let outcome = match (broken, written) {
         (Some(why), _) => Err(format!("the controller's stream broke: {why}")),
-        (None, Ok(Ok(()))) => Ok(()),
+        (None, Ok(Ok(out))) => Ok(out),
         (None, Ok(Err(e))) => Err(format!("writing the stream: {e}")),
         (None, Err(why)) => Err(why),
     };
@@ -847,6 +929,8 @@ fn unpack_stream(rx: mpsc::Receiver<Vec<u8>>, into: &Path) -> std::io::Result<()
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_overwrite(true);
+    // The early copy and the dump come as two tars, one after the other.
+    archive.set_ignore_zeros(true);
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path: PathBuf = entry.path()?.into_owned();

@@ -1,0 +1,640 @@
+//! A live migration's files, copied before the freeze: the writable layer and
+//! the volumes go out while the container still serves ([`send_files`], which
+//! records a [`Snapshot`] of what it sent), and inside the freeze only what
+//! changed since is carried ([`copy_files`](super::oci::copy_files) given the
+//! snapshot), with the paths that went away ([`Snapshot::removed`]). The
+//! target moves the early copy into place ([`place_files`]) and applies the
+//! delta over it.
+//!
+//! A file counts as unchanged when its inode, type, mode, owner, size, and
+//! modification and change times are those seen before the freeze, and its
+//! change time was not within [`RACY_NS`] of the walk's start: file times
+//! move in clock ticks, so a write in the same tick as the first look could
+//! leave them as they were (git's "racy" entries); those are carried again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::CheckpointError;
+use super::rootfs::safe_relative;
+
+/// Where the early copy sits in a migration's stream and incoming directory.
+pub(crate) const EARLY_DIR: &str = "early";
+/// The record of the delta: the paths removed since the early copy.
+pub(crate) const REMOVED: &str = "removed.json";
+/// How close to the walk's start a change time must be to count as racy: more
+/// than a kernel tick (at most 10 ms at 100 Hz).
+const RACY_NS: i128 = 50_000_000;
+
+/// What the early copy saw of one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    ino: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    pub(crate) fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            ino: m.ino(),
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            size: if m.is_file() { m.len() } else { 0 },
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+
+    fn is_dir(&self) -> bool {
+        self.mode & libc_mode::S_IFMT == libc_mode::S_IFDIR
+    }
+}
+
+/// The file type bits of `st_mode` (as in `<sys/stat.h>`).
+mod libc_mode {
+    pub(super) const S_IFMT: u32 = 0o170_000;
+    pub(super) const S_IFDIR: u32 = 0o040_000;
+}
+
+/// What the early copy sent, keyed by the path in the stream
+/// (`rootfs/<path>`, `volumes/<n>/<path>`).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Snapshot {
+    entries: BTreeMap<String, Stamp>,
+    /// Change times from here on are racy.
+    racy_from_ns: i128,
+}
+
+impl Snapshot {
+    pub(crate) fn new(walk_started_ns: i128) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            racy_from_ns: walk_started_ns - RACY_NS,
+        }
+    }
+
+    pub(crate) fn record(&mut self, key: String, stamp: Stamp) {
+        self.entries.insert(key, stamp);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether `key`, now `stamp`, is as the early copy sent it.
+    pub(crate) fn unchanged(&self, key: &str, stamp: &Stamp) -> bool {
+        self.entries
+            .get(key)
+            .is_some_and(|s| s == stamp && s.ctime_ns < self.racy_from_ns)
+    }
+
+    /// The paths of the early copy to remove before the delta is applied:
+    /// those not `seen` in the frozen walk, and those that turned from a
+    /// directory into something else or back (the delta could not unpack
+    /// over them). Topmost only: a removed directory takes what it holds.
+    pub(crate) fn removed(&self, seen: &BTreeMap<String, Stamp>) -> Vec<String> {
+        let mut out: BTreeSet<&str> = BTreeSet::new();
+        for (key, was) in &self.entries {
+            let gone = match seen.get(key) {
+                None => true,
+                Some(now) => now.is_dir() != was.is_dir(),
+            };
+            let mut under_removed = false;
+            let mut cur = Path::new(key.as_str()).parent();
+            while let Some(p) = cur.and_then(Path::to_str) {
+                if out.contains(p) {
+                    under_removed = true;
+                    break;
+                }
+                cur = Path::new(p).parent();
+            }
+            if gone && !under_removed {
+                out.insert(key);
+            }
+        }
+        out.into_iter().map(str::to_owned).collect()
+    }
+}
+
+/// The stream key of path `rel` of the writable layer, or of volume `n`.
+pub(crate) fn key(volume: Option<usize>, rel: &Path) -> String {
+    match volume {
+        None => format!("rootfs/{}", rel.display()),
+        Some(n) => format!("volumes/{n}/{}", rel.display()),
+    }
+}
+
+/// Appends the writable layer `upper` (less its whiteouts, which the frozen
+/// walk reports) and each volume target's mounted directory to `tar` under
+/// [`EARLY_DIR`], while the container runs: a path that vanishes meanwhile is
+/// skipped, and a file read while it grows or shrinks goes in at the size
+/// first seen (the delta carries it again, as its times moved).
+pub(crate) fn send_files<W: Write>(
+    tar: &mut tar::Builder<W>,
+    upper: &Path,
+    mounts: &[(String, PathBuf)],
+    targets: &[String],
+    walk_started_ns: i128,
+) -> Result<(Snapshot, u64), CheckpointError> {
+    let mut snap = Snapshot::new(walk_started_ns);
+    let mut bytes = 0u64;
+    let mut roots = vec![(None, upper.to_path_buf())];
+    for (n, target) in targets.iter().enumerate() {
+        if let Some((_, source)) = mounts.iter().find(|(t, _)| t == target) {
+            roots.push((Some(n), source.clone()));
+        }
+    }
+    for (volume, root) in roots {
+        walk_live(&root, Path::new(""), &mut |rel, full, meta| {
+            if meta.file_type().is_char_device() && meta.rdev() == 0 {
+                return Ok(());
+            }
+            let key = key(volume, rel);
+            let name = Path::new(EARLY_DIR).join(&key);
+            if meta.is_file() {
+                let file = match File::open(full) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let meta = file.metadata()?;
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                tar.append_data(&mut header, &name, Exact::new(file, meta.len()))?;
+                bytes += meta.len();
+                snap.record(key, Stamp::of(&meta));
+            } else {
+                match tar.append_path_with_name(full, &name) {
+                    Ok(()) => snap.record(key, Stamp::of(meta)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .map_err(|source| CheckpointError::Io {
+            what: "copying before the freeze",
+            path: root.clone(),
+            source,
+        })?;
+    }
+    Ok((snap, bytes))
+}
+
+/// Calls `visit` for everything under `dir` (parents before children,
+/// symbolic links not followed), skipping what vanishes during the walk.
+fn walk_live(
+    dir: &Path,
+    rel: &Path,
+    visit: &mut dyn FnMut(&Path, &Path, &std::fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir.join(rel)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<_> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    for name in names {
+        let rel = rel.join(&name);
+        let full = dir.join(&rel);
+        let meta = match std::fs::symlink_metadata(&full) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        visit(&rel, &full, &meta)?;
+        if meta.is_dir() {
+            walk_live(dir, &rel, visit)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `left` bytes: the file's, then zeros if it shrank.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    ended: bool,
+}
+
+impl<R: Read> Exact<R> {
+    fn new(inner: R, len: u64) -> Self {
+        Self {
+            inner,
+            left: len,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(out.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = if self.ended {
+            0
+        } else {
+            self.inner.read(&mut out[..want])?
+        };
+        let n = if n == 0 {
+            self.ended = true;
+            out[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The target's side: moves the early copy in `early` (as unpacked from the
+/// stream) into the created container's writable layer `upper` and the
+/// directories mounted at the volume targets, then removes the paths of
+/// `removed`. Renames within one filesystem; `cp -a` across filesystems.
+pub(crate) fn place_files(
+    pre: &Path,
+    upper: &Path,
+    mounts: &[(String, PathBuf)],
+    targets: &[String],
+    removed: &[String],
+) -> Result<(), CheckpointError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source: io::Error| CheckpointError::Io {
+            what,
+            path: path.clone(),
+            source,
+        }
+    };
+    let root_of = |volume: Option<usize>| -> Option<PathBuf> {
+        match volume {
+            None => Some(upper.to_path_buf()),
+            Some(n) => {
+                let target = targets.get(n)?;
+                mounts
+                    .iter()
+                    .find(|(t, _)| t == target)
+                    .map(|(_, s)| s.clone())
+            }
+        }
+    };
+    let from_root = pre.join("rootfs");
+    if from_root.exists() {
+        merge_tree(&from_root, upper).map_err(io("placing the early copy in", upper))?;
+    }
+    for n in 0..targets.len() {
+        let from = pre.join("volumes").join(n.to_string());
+        if let (true, Some(into)) = (from.exists(), root_of(Some(n))) {
+            merge_tree(&from, &into).map_err(io("placing the early copy in", &into))?;
+        }
+    }
+    for key in removed {
+        let Some((volume, rel)) = parse_key(key) else {
+            return Err(CheckpointError::BadBundle {
+                bundle: REMOVED.to_owned(),
+                reason: format!("{key:?} is not a path of the writable layer or a volume"),
+            });
+        };
+        let Some(root) = root_of(volume) else {
+            continue;
+        };
+        let at = root.join(rel);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&at),
+            Ok(_) => std::fs::remove_file(&at),
+            Err(_) => Ok(()),
+        }
+        .map_err(io("removing", &at))?;
+    }
+    Ok(())
+}
+
+/// `rootfs/<path>` or `volumes/<n>/<path>`, with `<path>` relative and within.
+fn parse_key(key: &str) -> Option<(Option<usize>, PathBuf)> {
+    let (volume, rest) = if let Some(rest) = key.strip_prefix("rootfs/") {
+        (None, rest)
+    } else {
+        let rest = key.strip_prefix("volumes/")?;
+        let (n, rest) = rest.split_once('/')?;
+        (Some(n.parse().ok()?), rest)
+    };
+    let rel = safe_relative(Path::new(rest))?;
+    (!rel.as_os_str().is_empty()).then_some((volume, rel))
+}
+
+/// Moves everything under `from` into `into`: what `into` lacks is renamed
+/// in whole, directories on both sides are merged, anything else in `into`
+/// is replaced.
+fn merge_tree(from: &Path, into: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(into)?;
+    for entry in std::fs::read_dir(from)? {
+        let name = entry?.file_name();
+        let (src, dst) = (from.join(&name), into.join(&name));
+        let src_dir = std::fs::symlink_metadata(&src)?.is_dir();
+        match std::fs::symlink_metadata(&dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => move_path(&src, &dst)?,
+            Err(e) => return Err(e),
+            Ok(d) if d.is_dir() && src_dir => merge_tree(&src, &dst)?,
+            Ok(d) => {
+                if d.is_dir() {
+                    std::fs::remove_dir_all(&dst)?;
+                } else {
+                    std::fs::remove_file(&dst)?;
+                }
+                move_path(&src, &dst)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn move_path(src: &Path, dst: &Path) -> io::Result<()> {
+    match std::fs::rename(src, dst) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg("--")
+                .arg(src)
+                .arg(dst)
+                .status()?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "cp -a {} {} failed ({status})",
+                    src.display(),
+                    dst.display()
+                )))
+            }
+        }
+        other => other,
+    }
+}
+
+/// Now, in nanoseconds since the epoch (file times' scale).
+pub(crate) fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::oci::{Copied, apply_files, copy_files};
+    use crate::checkpoint::rootfs::write_whiteouts;
+    use novacron_common::checkpoint::{BUNDLE_FORMAT, BundleMeta, CheckpointMode};
+
+    fn stamp(ino: u64, mode: u32, ctime_ns: i128) -> Stamp {
+        Stamp {
+            ino,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            mtime_ns: ctime_ns,
+            ctime_ns,
+        }
+    }
+
+    const FILE: u32 = 0o100_644;
+    const DIR: u32 = 0o040_755;
+
+    #[test]
+    fn a_change_time_near_the_walk_s_start_is_racy_and_carried_again() {
+        let mut snap = Snapshot::new(1_000_000_000);
+        snap.record("rootfs/old".into(), stamp(1, FILE, 100));
+        snap.record("rootfs/racy".into(), stamp(2, FILE, 990_000_000));
+        assert!(snap.unchanged("rootfs/old", &stamp(1, FILE, 100)));
+        assert!(!snap.unchanged("rootfs/old", &stamp(1, FILE, 101)));
+        assert!(!snap.unchanged("rootfs/old", &stamp(9, FILE, 100)));
+        assert!(!snap.unchanged("rootfs/racy", &stamp(2, FILE, 990_000_000)));
+        assert!(!snap.unchanged("rootfs/new", &stamp(3, FILE, 100)));
+    }
+
+    #[test]
+    fn removed_paths_are_the_topmost_gone_and_those_that_changed_type() {
+        let mut snap = Snapshot::new(0);
+        for (k, m) in [
+            ("rootfs/a", DIR),
+            ("rootfs/a/b", FILE),
+            ("rootfs/a-x", FILE),
+            ("rootfs/keep", FILE),
+            ("rootfs/turned", FILE),
+            ("volumes/0/v", DIR),
+            ("volumes/0/v/w", FILE),
+        ] {
+            snap.record(k.into(), stamp(1, m, 0));
+        }
+        let seen: BTreeMap<String, Stamp> = [
+            ("rootfs/a-x", FILE),
+            ("rootfs/keep", FILE),
+            ("rootfs/turned", DIR),
+            ("volumes/0/v", FILE),
+        ]
+        .into_iter()
+        .map(|(k, m)| (k.to_owned(), stamp(2, m, 5)))
+        .collect();
+        assert_eq!(
+            snap.removed(&seen),
+            vec!["rootfs/a", "rootfs/turned", "volumes/0/v"]
+        );
+    }
+
+    #[test]
+    fn keys_that_leave_their_root_are_refused() {
+        assert_eq!(
+            parse_key("rootfs/etc/app"),
+            Some((None, PathBuf::from("etc/app")))
+        );
+        assert_eq!(
+            parse_key("volumes/2/x/y"),
+            Some((Some(2), PathBuf::from("x/y")))
+        );
+        for bad in [
+            "rootfs/../etc/passwd",
+            "rootfs/",
+            "volumes/x/a",
+            "volumes/1",
+            "other/a",
+            "/rootfs/a",
+        ] {
+            assert_eq!(parse_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_file_read_while_it_changes_size_goes_in_at_the_size_first_seen() {
+        let mut out = Vec::new();
+        Exact::new(&b"abcdef"[..], 4)
+            .read_to_end(&mut out)
+            .expect("read");
+        assert_eq!(out, b"abcd");
+        out.clear();
+        Exact::new(&b"ab"[..], 5)
+            .read_to_end(&mut out)
+            .expect("read");
+        assert_eq!(out, b"ab\0\0\0");
+    }
+
+    /// Every path under `root` with its kind and contents.
+    fn tree(root: &Path) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        walk_live(root, Path::new(""), &mut |rel, full, meta| {
+            let what = if meta.file_type().is_char_device() {
+                format!("whiteout {}", meta.rdev())
+            } else if meta.is_dir() {
+                format!("dir {:o}", meta.mode() & 0o7777)
+            } else if meta.file_type().is_symlink() {
+                format!("link {}", std::fs::read_link(full)?.display())
+            } else {
+                format!(
+                    "file {:o} {}",
+                    meta.mode() & 0o7777,
+                    String::from_utf8_lossy(&std::fs::read(full)?)
+                )
+            };
+            out.insert(rel.display().to_string(), what);
+            Ok(())
+        })
+        .expect("walk");
+        out
+    }
+
+    #[test]
+    fn the_early_copy_and_the_delta_leave_the_target_as_the_frozen_source() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "whiteouts are character devices: run the agent's tests as root (as .ci/run does)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (upper, vol) = (dir.path().join("upper"), dir.path().join("vol"));
+        let w = |p: PathBuf, s: &str| {
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("dirs");
+            std::fs::write(p, s).expect("write");
+        };
+        w(upper.join("keep"), "same");
+        w(upper.join("edit"), "old1");
+        w(upper.join("drop"), "x");
+        w(upper.join("tree/leaf"), "y");
+        w(upper.join("turns"), "file");
+        w(upper.join("app/log"), "line1\n");
+        std::os::unix::fs::symlink("keep", upper.join("link")).expect("symlink");
+        w(vol.join("db/a"), "1");
+        w(vol.join("db/b"), "2");
+        let mounts = vec![("/data".to_owned(), vol.clone())];
+        let targets = vec!["/data".to_owned()];
+        // Older than the racy margin, so what stays is left out of the delta.
+        std::thread::sleep(std::time::Duration::from_millis(120));
+
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.follow_symlinks(false);
+        let (snap, bytes) =
+            send_files(&mut tar, &upper, &mounts, &targets, now_ns()).expect("early copy");
+        let stream = tar.into_inner().expect("tar");
+        assert_eq!(bytes, 4 + 4 + 1 + 1 + 4 + 6 + 1 + 1);
+
+        // The container goes on, then freezes.
+        w(upper.join("edit"), "new2");
+        std::fs::remove_file(upper.join("drop")).expect("rm");
+        std::fs::remove_dir_all(upper.join("tree")).expect("rm");
+        std::fs::remove_file(upper.join("turns")).expect("rm");
+        w(upper.join("turns/inside"), "dir now");
+        w(upper.join("app/log"), "line1\nline2\n");
+        w(upper.join("fresh"), "new");
+        write_whiteouts(&upper, &["/etc/motd".to_owned()]).expect("whiteout");
+        w(vol.join("db/b"), "22");
+        w(vol.join("db/c"), "3");
+        let stage = dir.path().join("stage");
+        std::fs::create_dir_all(&stage).expect("stage");
+        let Copied {
+            deleted,
+            removed,
+            unchanged,
+            bytes: delta_bytes,
+        } = copy_files(&upper, &mounts, &targets, &stage, Some(&snap)).expect("delta");
+        assert_eq!(removed, vec!["rootfs/drop", "rootfs/tree", "rootfs/turns"]);
+        assert_eq!(deleted, vec!["/etc/motd"]);
+        // keep, link, app (written in place below it) and db/a.
+        assert_eq!(unchanged, 4);
+        let members = |tar: PathBuf| {
+            let mut archive = tar::Archive::new(File::open(tar).expect("tar"));
+            let mut out = Vec::new();
+            for e in archive.entries().expect("entries") {
+                let path = e
+                    .expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string();
+                out.push(path.trim_end_matches('/').to_owned());
+            }
+            out
+        };
+        assert_eq!(
+            members(stage.join("rootfs.tar")),
+            ["app/log", "edit", "etc", "fresh", "turns", "turns/inside"]
+        );
+        // db goes again, as an entry was added to it.
+        assert_eq!(members(stage.join("volumes/0.tar")), ["db", "db/b", "db/c"]);
+        let files: u64 = [12, 4, 3, 7, 2, 1].iter().sum();
+        assert!(delta_bytes >= files, "{delta_bytes}");
+
+        // The target: the stream unpacked, the early copy placed, the delta applied.
+        let incoming = dir.path().join("incoming");
+        let mut archive = tar::Archive::new(&stream[..]);
+        archive.set_preserve_permissions(true);
+        archive.unpack(&incoming).expect("unpack");
+        let (upper2, vol2) = (dir.path().join("upper2"), dir.path().join("vol2"));
+        std::fs::create_dir_all(&upper2).expect("upper2");
+        std::fs::create_dir_all(vol2.join("db")).expect("vol2");
+        std::fs::write(vol2.join("db/stale"), "from before").expect("stale");
+        let mounts2 = vec![("/data".to_owned(), vol2.clone())];
+        place_files(
+            &incoming.join(EARLY_DIR),
+            &upper2,
+            &mounts2,
+            &targets,
+            &removed,
+        )
+        .expect("place");
+        let meta = BundleMeta {
+            format: BUNDLE_FORMAT,
+            mode: CheckpointMode::Live,
+            alloc: "a".into(),
+            job: String::new(),
+            image: "i".into(),
+            criu_name: None,
+            deleted,
+            volumes: targets.clone(),
+            created_unix_ms: 0,
+            container: None,
+            vm: false,
+            runc: true,
+        };
+        apply_files(&stage, &upper2, &mounts2, &meta).expect("apply");
+        assert_eq!(tree(&upper2), tree(&upper));
+        let mut want = tree(&vol);
+        want.insert("db/stale".into(), "file 644 from before".into());
+        assert_eq!(tree(&vol2), want);
+    }
+}
