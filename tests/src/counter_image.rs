@@ -170,6 +170,8 @@ pub struct CounterJob<'a> {
     pub ballast_mb: u64,
     /// `DIRTY_MB` (rewritten at 4 MiB/s; 0: none).
     pub dirty_mb: u64,
+    /// `DISK_MB`: a file of this many MiB in the writable layer (0: none).
+    pub disk_mb: u64,
     /// Host port published for container port 8080.
     pub port: u16,
     /// Named volume mounted at `/data`.
@@ -191,6 +193,7 @@ impl CounterJob<'_> {
             image,
             ballast_mb,
             dirty_mb,
+            disk_mb,
             port,
             volume,
             cpu_millis,
@@ -211,6 +214,7 @@ spec:
     env:
       BALLAST_MB: \"{ballast_mb}\"
       DIRTY_MB: \"{dirty_mb}\"
+      DISK_MB: \"{disk_mb}\"
     ports:
       - name: http
         containerPort: 8080

@@ -172,6 +172,7 @@ async fn setup_serve(
     wait_ready(&controller, &a.name).await;
     let port = free_port();
     let manifest = CounterJob {
+        disk_mb: 0,
         job: &job,
         image: &image,
         ballast_mb: 16,
@@ -563,6 +564,14 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(copy), "{stdout}");
+    // The files went out while the container served; inside the freeze only
+    // what changed since (the volume's log, unchanged, stays out).
+    let log_a = s.agents[0].log();
+    assert!(
+        log_a.contains("files sent before the freeze")
+            && log_a.contains("the files' delta since the early copy is staged"),
+        "agent a: {log_a}"
+    );
     let restored = if copy == "post-copy" {
         "every page arrived"
     } else {
@@ -1636,9 +1645,19 @@ async fn a_page_server_s_port_is_closed_to_other_hosts_while_guarded() -> anyhow
     );
 
     let guard = PortGuard::arm(port).await.map_err(anyhow::Error::msg)?;
+    let ours = || {
+        page_server_rules()
+            .lines()
+            .filter(|l| l.contains(&format!("--dport {port} ")))
+            .count()
+    };
+    assert!(ours() > 0, "{}", page_server_rules());
+    // Another agent starting on this host (as the tests run them, in
+    // parallel) sweeps only the rules of processes gone: this one stays.
+    sweep().await;
     assert!(
-        page_server_rules().contains(&format!("--dport {port} ")),
-        "{}",
+        ours() > 0,
+        "a sweep removed a running process's rule: {}",
         page_server_rules()
     );
     assert!(
@@ -1648,15 +1667,23 @@ async fn a_page_server_s_port_is_closed_to_other_hosts_while_guarded() -> anyhow
     // The agent's own way in, loopback, stays open.
     tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     guard.disarm().await;
-    assert!(page_server_rules().is_empty(), "{}", page_server_rules());
+    assert_eq!(ours(), 0, "{}", page_server_rules());
     assert!(reachable_from_a_container(port)?);
 
-    // An agent that dies while it guards leaves its rule; its next start
-    // removes it.
-    std::mem::forget(PortGuard::arm(port).await.map_err(anyhow::Error::msg)?);
-    assert!(!page_server_rules().is_empty());
+    // An agent that died while it guarded left its rule (written here as it
+    // would have, under its process id); the next agent's start removes it.
+    let mut gone = std::process::Command::new("true").spawn()?;
+    let dead = gone.id();
+    gone.wait()?;
+    let mut args = vec!["-I".to_owned(), "INPUT".to_owned(), "1".to_owned()];
+    args.extend(novacron_agent::runtime::oci::guard::rule(port, dead));
+    let out = std::process::Command::new("iptables")
+        .args(&args)
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(ours(), 1, "{}", page_server_rules());
     sweep().await;
-    assert!(page_server_rules().is_empty(), "{}", page_server_rules());
+    assert_eq!(ours(), 0, "{}", page_server_rules());
     accepting.abort();
     Ok(())
 }

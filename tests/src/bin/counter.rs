@@ -173,6 +173,33 @@ fn make_ballast(mb: usize) -> Result<Vec<u8>, String> {
     Ok(ballast)
 }
 
+/// Where `DISK_MB` of pseudo-random bytes go: the container's writable layer.
+const DISK_FILE: &str = "/var/tmp/counter-disk.bin";
+
+/// Writes `DISK_MB` MiB of pseudo-random bytes to [`DISK_FILE`] (once: a
+/// file already there, as after a migration, is kept), so a migration has a
+/// writable layer of that size to carry; `/disk` answers its length and sum.
+fn write_disk(mb: usize) -> Result<(), String> {
+    if std::path::Path::new(DISK_FILE).exists() {
+        return Ok(());
+    }
+    let tmp = format!("{DISK_FILE}.tmp");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).map_err(|e| format!("creating {tmp}: {e}"))?,
+    );
+    let mut x = BALLAST_SEED.rotate_left(17);
+    for _ in 0..mb * 1024 * 1024 / 8 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.write_all(&x.to_le_bytes())
+            .map_err(|e| format!("writing {tmp}: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("writing {tmp}: {e}"))?;
+    drop(out);
+    std::fs::rename(&tmp, DISK_FILE).map_err(|e| format!("renaming {tmp}: {e}"))
+}
+
 /// The wrapping sum of `data` as little-endian `u64` words (a short tail is
 /// zero-padded).
 fn checksum(data: &[u8]) -> u64 {
@@ -210,11 +237,15 @@ fn run() -> Result<(), String> {
     let ballast_mb: usize = env_or("BALLAST_MB", 0)?;
     let dirty_mb: usize = env_or("DIRTY_MB", 0)?;
     let dirty_kbps: u64 = env_or("DIRTY_KBPS", 4096)?;
+    let disk_mb: usize = env_or("DISK_MB", 0)?;
     if let Some(dir) = data_file.parent().filter(|d| !d.as_os_str().is_empty()) {
         // Best effort: a missing directory shows up as an error on each append.
         let _ = std::fs::create_dir_all(dir);
     }
     let ballast = make_ballast(ballast_mb)?;
+    if disk_mb > 0 {
+        write_disk(disk_mb)?;
+    }
     let sum = checksum(&ballast);
     let listener =
         TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("binding 0.0.0.0:{port}: {e}"))?;
@@ -360,6 +391,14 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         "/count" => respond(&mut stream, "200 OK", &state.current().to_string()),
         "/health" => respond(&mut stream, "200 OK", "ok"),
         "/ballast" => respond(&mut stream, "200 OK", &checksum(&state.ballast).to_string()),
+        "/disk" => {
+            let answer = match std::fs::read(DISK_FILE) {
+                Ok(data) => format!("{} {}", data.len(), checksum(&data)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "off".to_owned(),
+                Err(e) => format!("error: {e}"),
+            };
+            respond(&mut stream, "200 OK", &answer)
+        }
         "/dirty" => {
             let answer = match &state.dirty {
                 Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).check(),

@@ -71,6 +71,11 @@ struct Args {
     /// it migrates (0: idle); its pages are checked after each move.
     #[arg(long, default_value_t = 0)]
     dirty_mb: u64,
+    /// A file of this many MiB that the workload writes into its writable
+    /// layer at start (0: none); its length and sum are checked after each
+    /// move.
+    #[arg(long, default_value_t = 0)]
+    disk_mb: u64,
     /// Write each agent's log here after each size (`<size>-a.log`,
     /// `<size>-b.log`), for a breakdown of where the time went.
     #[arg(long)]
@@ -410,6 +415,7 @@ async fn bench_size(env: &Env, size: usize, args: &Args, runs: &mut Vec<Run>) ->
     wait_ready(&controller, &na).await?;
     let port = free_port();
     let manifest = CounterJob {
+        disk_mb: args.disk_mb,
         job: &job,
         image: &image,
         ballast_mb: size as u64,
@@ -601,6 +607,7 @@ async fn migrate_once(
         .await?
         .parse()?;
     let ballast_before = get(http, port, "/ballast", Duration::from_secs(30)).await?;
+    let disk_before = get(http, port, "/disk", Duration::from_secs(60)).await?;
     let logs_from = [agents[0].log().len(), agents[1].log().len()];
 
     // The poller.
@@ -750,6 +757,10 @@ async fn migrate_once(
     let ballast_after = get(http, port, "/ballast", Duration::from_secs(30)).await?;
     if ballast_after != ballast_before {
         bail!("ballast checksum {ballast_after} after the migration, {ballast_before} before");
+    }
+    let disk_after = get(http, port, "/disk", Duration::from_secs(60)).await?;
+    if disk_after != disk_before {
+        bail!("disk file (length, sum) {disk_after} after the migration, {disk_before} before");
     }
     match the_alloc(controller, job).await? {
         Some((id, node)) if id == alloc && node == names[to] => {}

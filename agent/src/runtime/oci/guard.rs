@@ -3,10 +3,11 @@
 //! whoever connects from any host. The agent itself connects over loopback, so
 //! while a page server listens a [`PortGuard`] drops TCP packets to its port
 //! that arrive on any interface but `lo` (an `iptables` rule, and an
-//! `ip6tables` one where IPv6 is on, tagged [`COMMENT`]). A node where the
-//! rules cannot be written does not offer post-copy ([`usable`]); rules left
-//! by an agent that died mid-migration are removed at its next start
-//! ([`sweep`]).
+//! `ip6tables` one where IPv6 is on, tagged [`COMMENT`] and the process that
+//! wrote it). A node where the rules cannot be written does not offer
+//! post-copy ([`usable`]); rules left by an agent that died mid-migration are
+//! removed at the next start of an agent on the node ([`sweep`]), and only
+//! those: another agent's live rules on the same host stay.
 
 use tracing::{info, warn};
 
@@ -26,8 +27,10 @@ fn tools() -> Vec<&'static str> {
 }
 
 /// The rule's arguments after `-I INPUT`/`-D INPUT`: TCP to `port` on any
-/// interface but loopback is dropped. Pure.
-pub fn rule(port: u16) -> Vec<String> {
+/// interface but loopback is dropped; the comment names the process `owner`
+/// that wrote it (`novacron-page-server:PID`). Pure.
+pub fn rule(port: u16, owner: u32) -> Vec<String> {
+    let comment = format!("{COMMENT}:{owner}");
     [
         "-p",
         "tcp",
@@ -39,7 +42,7 @@ pub fn rule(port: u16) -> Vec<String> {
         "-m",
         "comment",
         "--comment",
-        COMMENT,
+        &comment,
         "-j",
         "DROP",
     ]
@@ -49,16 +52,25 @@ pub fn rule(port: u16) -> Vec<String> {
 }
 
 /// The `-D INPUT` arguments that remove the tagged rules of `listing`
-/// (`iptables -S INPUT`'s output). Pure.
-pub fn leftovers(listing: &str) -> Vec<Vec<String>> {
+/// (`iptables -S INPUT`'s output) whose owner is not `alive` (or that name
+/// none, as an earlier version wrote them). Pure.
+pub fn leftovers(listing: &str, alive: impl Fn(u32) -> bool) -> Vec<Vec<String>> {
     listing
         .lines()
         .filter(|l| l.starts_with("-A INPUT ") && l.contains(COMMENT))
-        .filter_map(|l| {
-            let words = shell_words(l.trim_start_matches("-A INPUT "))?;
-            Some(words)
+        .filter_map(|l| shell_words(l.trim_start_matches("-A INPUT ")))
+        .filter(|words| {
+            let owner = words
+                .iter()
+                .find_map(|w| w.strip_prefix(COMMENT)?.strip_prefix(':')?.parse().ok());
+            !owner.is_some_and(&alive)
         })
         .collect()
+}
+
+/// Whether process `pid` runs on this host.
+fn running(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Whether the agent can write the node's packet filters (it can list them);
@@ -70,14 +82,14 @@ pub async fn usable() -> Result<(), String> {
     Ok(())
 }
 
-/// Removes the rules an earlier run of the agent left (it died while a page
-/// server listened).
+/// Removes the rules an earlier run of an agent left (it died while a page
+/// server listened); a running process's rules stay.
 pub async fn sweep() {
     for tool in tools() {
         let Ok(listing) = run(tool, &["-S".to_owned(), "INPUT".to_owned()]).await else {
             continue;
         };
-        for words in leftovers(&listing) {
+        for words in leftovers(&listing, running) {
             let mut args = vec!["-D".to_owned(), "INPUT".to_owned()];
             args.extend(words);
             match run(tool, &args).await {
@@ -108,7 +120,7 @@ impl PortGuard {
         };
         for tool in tools() {
             let mut args = vec!["-I".to_owned(), "INPUT".to_owned(), "1".to_owned()];
-            args.extend(rule(port));
+            args.extend(rule(port, std::process::id()));
             if let Err(e) = run(tool, &args).await {
                 guard.disarm().await;
                 return Err(format!(
@@ -129,7 +141,7 @@ impl PortGuard {
     pub async fn disarm(mut self) {
         for tool in std::mem::take(&mut self.armed) {
             let mut args = vec!["-D".to_owned(), "INPUT".to_owned()];
-            args.extend(rule(self.port));
+            args.extend(rule(self.port, std::process::id()));
             if let Err(e) = run(tool, &args).await {
                 warn!(%tool, port = self.port, error = %e, "cannot remove the page server's rule; the agent's next start does");
             }
@@ -155,7 +167,7 @@ impl Drop for PortGuard {
                         "-D".to_owned(),
                         "INPUT".to_owned(),
                     ];
-                    args.extend(rule(port));
+                    args.extend(rule(port, std::process::id()));
                     let _ = std::process::Command::new(tool).args(&args).output();
                 }
             });
@@ -169,26 +181,33 @@ mod tests {
     #[test]
     fn the_rule_drops_the_port_on_every_interface_but_loopback() {
         assert_eq!(
-            rule(41234).join(" "),
-            "-p tcp --dport 41234 ! -i lo -m comment --comment novacron-page-server -j DROP"
+            rule(41234, 77).join(" "),
+            "-p tcp --dport 41234 ! -i lo -m comment --comment novacron-page-server:77 -j DROP"
         );
     }
 
     #[test]
-    fn only_the_agent_s_tagged_rules_are_left_overs() {
+    fn left_overs_are_the_tagged_rules_of_processes_gone() {
         let listing = "-P INPUT ACCEPT\n\
             -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n\
             -A INPUT ! -i lo -p tcp -m tcp --dport 41234 -m comment --comment \"novacron-page-server\" -j DROP\n\
+            -A INPUT ! -i lo -p tcp -m tcp --dport 41235 -m comment --comment \"novacron-page-server:12\" -j DROP\n\
+            -A INPUT ! -i lo -p tcp -m tcp --dport 41236 -m comment --comment \"novacron-page-server:34\" -j DROP\n\
             -A INPUT -s 10.0.0.0/8 -m comment --comment \"someone else's rule\" -j ACCEPT\n";
+        let words = |l: &str| l.split(' ').map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(
-            leftovers(listing),
+            leftovers(listing, |pid| pid == 34),
             vec![
-                "! -i lo -p tcp -m tcp --dport 41234 -m comment --comment novacron-page-server -j DROP"
-                    .split(' ')
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
+                words(
+                    "! -i lo -p tcp -m tcp --dport 41234 -m comment --comment novacron-page-server -j DROP"
+                ),
+                words(
+                    "! -i lo -p tcp -m tcp --dport 41235 -m comment --comment novacron-page-server:12 -j DROP"
+                ),
             ]
         );
-        assert!(leftovers("-P INPUT ACCEPT\n").is_empty());
+        assert_eq!(leftovers(listing, |_| false).len(), 3);
+        assert!(leftovers("-P INPUT ACCEPT\n", |_| false).is_empty());
+        assert!(running(std::process::id()));
     }
 }
