@@ -72,6 +72,8 @@
 #          [--image novacron-counter:TAG] [--compress zstd|gzip|none]
 #   --sizes LIST   ballast sizes in MiB, comma-separated (default 64,256)
 #   --dirty-mb N   a region of N MiB the counter rewrites at 4 MiB/s (default 0)
+#   --disk-mb N    a file of N MiB the counter writes into its writable layer at
+#                  start (DISK_MB; default 0); /disk (length, sum) is checked
 #   --runs N       checkpoint/restore rounds per size (default 3)
 #   --image REF    the counter image on daemon A (default: the newest
 #                  novacron-counter:<16 hex> there)
@@ -85,6 +87,7 @@ RUNS=3
 IMAGE=
 COMPRESS=zstd
 DIRTY_MB=0
+DISK_MB=0
 POLL_MS=5
 HEALTH_S=120
 while [ $# -gt 0 ]; do
@@ -94,6 +97,7 @@ while [ $# -gt 0 ]; do
     --image) IMAGE=$2; shift 2 ;;
     --compress) COMPRESS=$2; shift 2 ;;
     --dirty-mb) DIRTY_MB=$2; shift 2 ;;
+    --disk-mb) DISK_MB=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -102,6 +106,7 @@ die() { echo "migrate-podman: $*" >&2; exit 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer, got '$RUNS'"
 [[ $SIZES =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--sizes must be MiB, comma-separated, got '$SIZES'"
 [[ $DIRTY_MB =~ ^[0-9]+$ ]] || die "--dirty-mb must be MiB, got '$DIRTY_MB'"
+[[ $DISK_MB =~ ^[0-9]+$ ]] || die "--disk-mb must be MiB, got '$DISK_MB'"
 case $COMPRESS in zstd|gzip|none) ;; *) die "--compress: zstd, gzip or none" ;; esac
 IFS=, read -r -a SIZE_LIST <<<"$SIZES"
 
@@ -345,7 +350,7 @@ for size in "${SIZE_LIST[@]}"; do
   CONTAINERS+=("$name")
   timeout 120 podman run -d --name "$name" --label novacron.podbench=1 \
     --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
-    --image-volume ignore -e BALLAST_MB="$size" -e DIRTY_MB="$DIRTY_MB" \
+    --image-volume ignore -e BALLAST_MB="$size" -e DIRTY_MB="$DIRTY_MB" -e DISK_MB="$DISK_MB" \
     -p "127.0.0.1:$port:8080" "$PIMAGE" >/dev/null
   health_ms=$(wait_health "$name" "$port")
   for n in 1 2 3 4 5; do
@@ -354,6 +359,7 @@ for size in "${SIZE_LIST[@]}"; do
   done
   before=$(get "$port" /count)
   ballast=$(get "$port" /ballast 30)
+  disk=$(get "$port" /disk 60)
   echo "## $size MiB: container $name on 127.0.0.1:$port, healthy after $health_ms ms, count $before, ballast checksum $ballast"
   downs=(); ckpts=(); rests=(); mbs=()
   for run in $(seq 1 "$RUNS"); do
@@ -398,6 +404,8 @@ for size in "${SIZE_LIST[@]}"; do
     [ "$count" = "$before" ] || die "run $run: /count is $count after the restore, $before before"
     ballast_after=$(get "$port" /ballast 30)
     [ "$ballast_after" = "$ballast" ] || die "run $run: /ballast is $ballast_after after the restore, $ballast before"
+    disk_after=$(get "$port" /disk 60)
+    [ "$disk_after" = "$disk" ] || die "run $run: /disk is $disk_after after the restore, $disk before"
     log=$(timeout 30 podman exec "$name" cat /data/count.log | tr '\n' ' ')
     [ "$log" = "1 2 3 4 5 " ] || die "run $run: /data/count.log reads '$log', want 1..5"
     bytes=$(stat -c %s "$tar")

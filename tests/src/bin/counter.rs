@@ -174,7 +174,7 @@ fn make_ballast(mb: usize) -> Result<Vec<u8>, String> {
 }
 
 /// Where `DISK_MB` of pseudo-random bytes go: the container's writable layer.
-const DISK_FILE: &str = "/var/tmp/counter-disk.bin";
+const DISK_FILE: &str = "/counter-disk.bin";
 
 /// Writes `DISK_MB` MiB of pseudo-random bytes to [`DISK_FILE`] (once: a
 /// file already there, as after a migration, is kept), so a migration has a
@@ -198,6 +198,29 @@ fn write_disk(mb: usize) -> Result<(), String> {
     out.flush().map_err(|e| format!("writing {tmp}: {e}"))?;
     drop(out);
     std::fs::rename(&tmp, DISK_FILE).map_err(|e| format!("renaming {tmp}: {e}"))
+}
+
+/// [`DISK_FILE`]'s length and [`checksum`], read 1 MiB at a time (the
+/// file may be larger than the container's memory limit leaves room for).
+fn disk_sum() -> std::io::Result<(u64, u64)> {
+    let mut file = std::fs::File::open(DISK_FILE)?;
+    let mut buf = vec![0u8; 1024 * 1024];
+    let (mut len, mut sum) = (0u64, 0u64);
+    loop {
+        // Whole buffers keep the words aligned; only the last read is short.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            return Ok((len, sum));
+        }
+        len += filled as u64;
+        sum = sum.wrapping_add(checksum(&buf[..filled]));
+    }
 }
 
 /// The wrapping sum of `data` as little-endian `u64` words (a short tail is
@@ -392,8 +415,8 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         "/health" => respond(&mut stream, "200 OK", "ok"),
         "/ballast" => respond(&mut stream, "200 OK", &checksum(&state.ballast).to_string()),
         "/disk" => {
-            let answer = match std::fs::read(DISK_FILE) {
-                Ok(data) => format!("{} {}", data.len(), checksum(&data)),
+            let answer = match disk_sum() {
+                Ok((len, sum)) => format!("{len} {sum}"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => "off".to_owned(),
                 Err(e) => format!("error: {e}"),
             };
