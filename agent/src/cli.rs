@@ -577,7 +577,11 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
             }
         });
     }
-    match link::run(config, sampler, capacity, capabilities, supervisor, cancel).await {
+    let ran = link::run(config, sampler, capacity, capabilities, supervisor, cancel).await;
+    if let Some(vms) = &vms {
+        vms.release_bridge().await;
+    }
+    match ran {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");

@@ -299,4 +299,26 @@ async fn novacron_dev_serves_a_fleet_that_the_cli_can_list() {
             "the dev fleet's containers are removed on exit: {left}"
         );
     }
+    // Each agent's VM bridge (`--vm-bridge 10.216.N.1/24`; no guest ran on
+    // it) goes with its agent, with its rules.
+    let addrs = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    for i in 0..nodes.len() {
+        assert!(
+            !addrs.contains(&format!(" 10.216.{i}.1/24 ")),
+            "agent {i}'s VM bridge outlived the dev fleet: {addrs}"
+        );
+    }
+    let nat = std::process::Command::new("iptables")
+        .args(["-w", "10", "-t", "nat", "-S"])
+        .output()
+        .expect("iptables");
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(
+        !nat.lines().any(|l| l.contains("10.216.")),
+        "the dev fleet's bridge rules outlived it: {nat}"
+    );
 }

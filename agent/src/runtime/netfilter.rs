@@ -178,6 +178,47 @@ pub async fn ensure(
     Ok(())
 }
 
+/// Undoes [`ensure`]: deletes each rule of `rules` while `iptables -D` finds
+/// it, then empties and deletes each chain of `chains`. What is already gone
+/// is no error; the first other failure is returned after the rest was tried.
+pub async fn remove(
+    chains: &[(&str, String)],
+    rules: Vec<(&'static str, &'static str, Vec<String>)>,
+) -> Result<(), String> {
+    let words = |items: &[&str]| -> Vec<String> { items.iter().map(|s| (*s).to_owned()).collect() };
+    let mut first_error = None;
+    for (table, builtin, rule) in rules {
+        let mut check = words(&["-t", table, "-C", builtin]);
+        check.extend(rule.iter().cloned());
+        // A rule added twice (by hand, or by two runs) goes twice.
+        for _ in 0..8 {
+            if run("iptables", &check).await.is_err() {
+                break;
+            }
+            let mut delete = words(&["-t", table, "-D", builtin]);
+            delete.extend(rule.iter().cloned());
+            if let Err(e) = run("iptables", &delete).await {
+                first_error.get_or_insert(e);
+                break;
+            }
+        }
+    }
+    for (table, chain) in chains {
+        if run("iptables", &words(&["-t", table, "-S", chain]))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        for op in ["-F", "-X"] {
+            if let Err(e) = run("iptables", &words(&["-t", table, op, chain])).await {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// `iptables -S` quotes only the comment (`"novacron-page-server"`); the
 /// words of one listed rule. `None` for an unbalanced quote.
 pub fn shell_words(line: &str) -> Option<Vec<String>> {

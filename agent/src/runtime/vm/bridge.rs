@@ -256,6 +256,24 @@ impl Bridge {
         Ok(lock)
     }
 
+    /// Whether a device (a guest's tap) is attached to the bridge.
+    pub fn in_use(&self) -> bool {
+        std::fs::read_dir(Path::new("/sys/class/net").join(&self.name).join("brif"))
+            .is_ok_and(|mut d| d.next().is_some())
+    }
+
+    /// Undoes [`Bridge::setup`]: the rules, the published ports' chain and the
+    /// interface go. For a bridge no guest uses (see [`Bridge::in_use`]).
+    pub async fn teardown(&self) -> Result<(), String> {
+        let rules = netfilter::remove(&[("nat", self.chain())], self.base_rules()).await;
+        let link = if Path::new("/sys/class/net").join(&self.name).exists() {
+            ip(&["link", "del", &self.name]).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        rules.and(link)
+    }
+
     /// Takes the bridge's lock file, or says which agent holds it.
     fn lock(&self, dir: &Path) -> Result<std::fs::File, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -487,5 +505,42 @@ mod tests {
         assert!(t.len() <= 15);
         assert_eq!(mac("vm-0123456789abcdef"), mac("vm-0123456789abcdef"));
         assert!(mac("vm-x").starts_with("52:54:00:"));
+    }
+
+    /// The real bridge in the kernel: made with its rules, then removed with
+    /// them when no guest uses it (as the agent's clean stop does).
+    #[tokio::test]
+    async fn an_unused_bridge_is_torn_down_with_its_rules() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "bridges and iptables need root: run the agent's tests as root (as .ci/run does)"
+        );
+        let b = Bridge::parse("10.219.77.1/28").expect("test input");
+        let locks = tempfile::tempdir().expect("tempdir");
+        let nat = || async {
+            netfilter::run("iptables", &args(&["-t", "nat", "-S"]))
+                .await
+                .expect("iptables -t nat -S")
+        };
+        let lock = b.setup(locks.path()).await.expect("setup");
+        assert!(Path::new("/sys/class/net").join(&b.name).exists());
+        assert!(!b.in_use());
+        let made = nat().await;
+        assert!(made.contains(&format!("-N {}", b.chain())), "{made}");
+        assert!(made.contains("10.219.77.0/28"), "{made}");
+        b.teardown().await.expect("teardown");
+        drop(lock);
+        assert!(!Path::new("/sys/class/net").join(&b.name).exists());
+        let left = nat().await;
+        assert!(
+            !left.contains(&b.chain()) && !left.contains("10.219.77.0/28"),
+            "{left}"
+        );
+        let filter = netfilter::run("iptables", &args(&["-S", "FORWARD"]))
+            .await
+            .expect("iptables -S FORWARD");
+        assert!(!filter.contains(&b.name), "{filter}");
+        // Nothing left to remove is no error.
+        b.teardown().await.expect("a second teardown");
     }
 }

@@ -145,7 +145,31 @@ pub struct VmDriver {
     /// The node's VM bridge, or why guests cannot be bridged here.
     bridge: Result<bridge::Bridge, String>,
     /// The bridge's lock, held while the driver lives.
-    _bridge_lock: Option<std::fs::File>,
+    bridge_lock: Option<std::fs::File>,
+}
+
+impl VmDriver {
+    /// At the agent's clean stop: removes the node's VM bridge, its rules and
+    /// its published ports' chain when no guest is attached to it (a running
+    /// VM keeps its network across the agent's restart; the next start makes
+    /// the bridge again). Without it, every stop of an agent with VM support
+    /// (each `novacron dev`) left a bridge and its rules behind.
+    pub async fn release_bridge(&self) {
+        let Ok(bridge) = &self.bridge else {
+            return;
+        };
+        if self.bridge_lock.is_none() || bridge.in_use() {
+            return;
+        }
+        match bridge.teardown().await {
+            Ok(()) => {
+                info!(bridge = %bridge.name, "no guest uses the VM bridge; removed it and its rules")
+            }
+            Err(e) => {
+                warn!(bridge = %bridge.name, error = %e, "cannot remove the unused VM bridge")
+            }
+        }
+    }
 }
 
 /// Where agents lock the VM bridges they hold.
@@ -228,7 +252,7 @@ impl VmDriver {
             locks: Default::default(),
             probed: tokio::sync::watch::channel(0).0,
             bridge,
-            _bridge_lock: lock,
+            bridge_lock: lock,
         };
         // The published ports of the guests an earlier run left, in case the
         // node's packet filter was reset meanwhile, and no tap device of a
