@@ -360,6 +360,8 @@ pub(crate) fn apply_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::early::{EARLY_DIR, now_ns, place_files, send_files, walk_live};
+    use crate::checkpoint::rootfs::write_whiteouts;
 
     #[test]
     fn whiteouts_become_deleted_paths_and_come_back_as_whiteouts() {
@@ -415,5 +417,147 @@ mod tests {
         let gone = std::fs::symlink_metadata(upper2.join("etc/gone")).expect("whiteout");
         assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
         assert_eq!(std::fs::read(vol2.join("sub/data")).expect("data"), b"42");
+    }
+
+    /// Every path under `root` with its kind and contents.
+    fn tree(root: &Path) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        walk_live(root, Path::new(""), &mut |rel, full, meta| {
+            let what = if meta.file_type().is_char_device() {
+                format!("whiteout {}", meta.rdev())
+            } else if meta.is_dir() {
+                format!("dir {:o}", meta.mode() & 0o7777)
+            } else if meta.file_type().is_symlink() {
+                format!("link {}", std::fs::read_link(full)?.display())
+            } else {
+                format!(
+                    "file {:o} {}",
+                    meta.mode() & 0o7777,
+                    String::from_utf8_lossy(&std::fs::read(full)?)
+                )
+            };
+            out.insert(rel.display().to_string(), what);
+            Ok(())
+        })
+        .expect("walk");
+        out
+    }
+
+    #[test]
+    fn the_early_copy_and_the_delta_leave_the_target_as_the_frozen_source() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "whiteouts are character devices: run the agent's tests as root (as .ci/run does)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (upper, vol) = (dir.path().join("upper"), dir.path().join("vol"));
+        let w = |p: PathBuf, s: &str| {
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("dirs");
+            std::fs::write(p, s).expect("write");
+        };
+        w(upper.join("keep"), "same");
+        w(upper.join("edit"), "old1");
+        w(upper.join("drop"), "x");
+        w(upper.join("tree/leaf"), "y");
+        w(upper.join("turns"), "file");
+        w(upper.join("app/log"), "line1\n");
+        std::os::unix::fs::symlink("keep", upper.join("link")).expect("symlink");
+        w(vol.join("db/a"), "1");
+        w(vol.join("db/b"), "2");
+        let mounts = vec![("/data".to_owned(), vol.clone())];
+        let targets = vec!["/data".to_owned()];
+        // Older than the racy margin, so what stays is left out of the delta.
+        std::thread::sleep(std::time::Duration::from_millis(120));
+
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.follow_symlinks(false);
+        let (snap, bytes) =
+            send_files(&mut tar, &upper, &mounts, &targets, now_ns()).expect("early copy");
+        let stream = tar.into_inner().expect("tar");
+        assert_eq!(bytes, 4 + 4 + 1 + 1 + 4 + 6 + 1 + 1);
+
+        // The container goes on, then freezes.
+        w(upper.join("edit"), "new2");
+        std::fs::remove_file(upper.join("drop")).expect("rm");
+        std::fs::remove_dir_all(upper.join("tree")).expect("rm");
+        std::fs::remove_file(upper.join("turns")).expect("rm");
+        w(upper.join("turns/inside"), "dir now");
+        w(upper.join("app/log"), "line1\nline2\n");
+        w(upper.join("fresh"), "new");
+        write_whiteouts(&upper, &["/etc/motd".to_owned()]).expect("whiteout");
+        w(vol.join("db/b"), "22");
+        w(vol.join("db/c"), "3");
+        let stage = dir.path().join("stage");
+        std::fs::create_dir_all(&stage).expect("stage");
+        let Copied {
+            deleted,
+            removed,
+            unchanged,
+            bytes: delta_bytes,
+        } = copy_files(&upper, &mounts, &targets, &stage, Some(&snap)).expect("delta");
+        assert_eq!(removed, vec!["rootfs/drop", "rootfs/tree", "rootfs/turns"]);
+        assert_eq!(deleted, vec!["/etc/motd"]);
+        // keep, link, app (written in place below it) and db/a.
+        assert_eq!(unchanged, 4);
+        let members = |tar: PathBuf| {
+            let mut archive = tar::Archive::new(File::open(tar).expect("tar"));
+            let mut out = Vec::new();
+            for e in archive.entries().expect("entries") {
+                let path = e
+                    .expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string();
+                out.push(path.trim_end_matches('/').to_owned());
+            }
+            out
+        };
+        assert_eq!(
+            members(stage.join("rootfs.tar")),
+            ["app/log", "edit", "etc", "fresh", "turns", "turns/inside"]
+        );
+        // db goes again, as an entry was added to it.
+        assert_eq!(members(stage.join("volumes/0.tar")), ["db", "db/b", "db/c"]);
+        let files: u64 = [12, 4, 3, 7, 2, 1].iter().sum();
+        assert!(delta_bytes >= files, "{delta_bytes}");
+
+        // The target: the stream unpacked, the early copy placed, the delta applied.
+        let incoming = dir.path().join("incoming");
+        let mut archive = tar::Archive::new(&stream[..]);
+        archive.set_preserve_permissions(true);
+        archive.unpack(&incoming).expect("unpack");
+        let (upper2, vol2) = (dir.path().join("upper2"), dir.path().join("vol2"));
+        std::fs::create_dir_all(&upper2).expect("upper2");
+        std::fs::create_dir_all(vol2.join("db")).expect("vol2");
+        std::fs::write(vol2.join("db/stale"), "from before").expect("stale");
+        let mounts2 = vec![("/data".to_owned(), vol2.clone())];
+        place_files(
+            &incoming.join(EARLY_DIR),
+            &upper2,
+            &mounts2,
+            &targets,
+            &removed,
+        )
+        .expect("place");
+        let meta = BundleMeta {
+            format: BUNDLE_FORMAT,
+            mode: CheckpointMode::Live,
+            alloc: "a".into(),
+            job: String::new(),
+            image: "i".into(),
+            criu_name: None,
+            deleted,
+            volumes: targets.clone(),
+            created_unix_ms: 0,
+            container: None,
+            vm: false,
+            runc: true,
+        };
+        apply_files(&stage, &upper2, &mounts2, &meta).expect("apply");
+        assert_eq!(tree(&upper2), tree(&upper));
+        let mut want = tree(&vol);
+        want.insert("db/stale".into(), "file 644 from before".into());
+        assert_eq!(tree(&vol2), want);
     }
 }
