@@ -197,10 +197,26 @@ pub(super) fn walk_live(
     rel: &Path,
     visit: &mut dyn FnMut(&Path, &Path, &std::fs::Metadata) -> io::Result<()>,
 ) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir.join(rel)) {
+    walk_tree(dir, rel, true, &|_, e| e, visit)
+}
+
+/// Calls `visit(relative, full, metadata)` for everything under `dir`,
+/// parents before children, names in order, symbolic links not followed.
+/// What vanishes meanwhile is skipped when `vanished_ok`; other reading
+/// errors become `E` through `failed(path, error)`.
+pub(super) fn walk_tree<E>(
+    dir: &Path,
+    rel: &Path,
+    vanished_ok: bool,
+    failed: &dyn Fn(&Path, io::Error) -> E,
+    visit: &mut dyn FnMut(&Path, &Path, &std::fs::Metadata) -> Result<(), E>,
+) -> Result<(), E> {
+    let here = dir.join(rel);
+    let gone = |e: &io::Error| vanished_ok && e.kind() == io::ErrorKind::NotFound;
+    let entries = match std::fs::read_dir(&here) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(failed(&here, e)),
     };
     let mut names: Vec<_> = entries
         .filter_map(|e| e.ok())
@@ -212,12 +228,12 @@ pub(super) fn walk_live(
         let full = dir.join(&rel);
         let meta = match std::fs::symlink_metadata(&full) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(failed(&full, e)),
         };
         visit(&rel, &full, &meta)?;
         if meta.is_dir() {
-            walk_live(dir, &rel, visit)?;
+            walk_tree(dir, &rel, vanished_ok, failed, visit)?;
         }
     }
     Ok(())

@@ -279,31 +279,12 @@ fn walk(
     rel: &Path,
     visit: &mut dyn FnMut(&Path, &Path, &std::fs::Metadata) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    let here = dir.join(rel);
-    let entries = std::fs::read_dir(&here).map_err(|source| CheckpointError::Io {
+    let failed = |path: &Path, source| CheckpointError::Io {
         what: "reading",
-        path: here.clone(),
+        path: path.to_path_buf(),
         source,
-    })?;
-    let mut names: Vec<_> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name())
-        .collect();
-    names.sort();
-    for name in names {
-        let rel = rel.join(&name);
-        let full = dir.join(&rel);
-        let meta = std::fs::symlink_metadata(&full).map_err(|source| CheckpointError::Io {
-            what: "reading",
-            path: full.clone(),
-            source,
-        })?;
-        visit(&rel, &full, &meta)?;
-        if meta.is_dir() {
-            walk(dir, &rel, visit)?;
-        }
-    }
-    Ok(())
+    };
+    early::walk_tree(dir, rel, false, &failed, visit)
 }
 
 /// Unpacks a bundle's files into a created container: `rootfs.tar` and the
