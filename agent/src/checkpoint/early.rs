@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::CheckpointError;
-use super::rootfs::safe_relative;
+use super::rootfs::{safe_relative, through_link};
 
 /// Where the early copy sits in a migration's stream and incoming directory.
 pub(crate) const EARLY_DIR: &str = "early";
@@ -332,7 +332,15 @@ pub(crate) fn place_files(
         let Some(root) = root_of(volume) else {
             continue;
         };
-        let at = root.join(rel);
+        // The container's own symbolic links may lead anywhere on this host:
+        // a path through one is not the container's to remove.
+        if through_link(&root, &rel) {
+            return Err(CheckpointError::BadBundle {
+                bundle: REMOVED.to_owned(),
+                reason: format!("{key:?} leads through a symbolic link"),
+            });
+        }
+        let at = root.join(&rel);
         match std::fs::symlink_metadata(&at) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&at),
             Ok(_) => std::fs::remove_file(&at),
@@ -493,6 +501,48 @@ mod tests {
         ] {
             assert_eq!(parse_key(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_removal_through_the_container_s_symbolic_link_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (upper, outside, early) = (
+            dir.path().join("upper"),
+            dir.path().join("outside"),
+            dir.path().join("early"),
+        );
+        for d in [&upper, &outside, &early] {
+            std::fs::create_dir_all(d).expect("dirs");
+        }
+        std::fs::write(outside.join("precious"), "host file").expect("file");
+        std::os::unix::fs::symlink(&outside, upper.join("link")).expect("symlink");
+        std::fs::write(upper.join("mine"), "x").expect("file");
+        let refused = place_files(&early, &upper, &[], &[], &["rootfs/link/precious".into()]);
+        assert!(
+            matches!(&refused, Err(CheckpointError::BadBundle { reason, .. }) if reason.contains("symbolic link")),
+            "{refused:?}"
+        );
+        assert!(outside.join("precious").exists());
+        // The link itself, and the container's own files, may go.
+        place_files(
+            &early,
+            &upper,
+            &[],
+            &[],
+            &["rootfs/link".into(), "rootfs/mine".into()],
+        )
+        .expect("removed");
+        assert!(!upper.join("link").exists() && !upper.join("mine").exists());
+        assert!(outside.join("precious").exists());
+        // Nor does a deleted path replayed as a whiteout through the link.
+        std::os::unix::fs::symlink(&outside, upper.join("link2")).expect("symlink");
+        let refused =
+            crate::checkpoint::rootfs::write_whiteouts(&upper, &["/link2/precious".into()]);
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(
+            std::fs::read_to_string(outside.join("precious")).expect("still a file"),
+            "host file"
+        );
     }
 
     #[test]

@@ -117,6 +117,23 @@ pub(super) fn safe_relative(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Whether a directory on the way from `root` to `rel` (`rel` itself not
+/// counted) is a symbolic link.
+pub(super) fn through_link(root: &Path, rel: &Path) -> bool {
+    let mut at = root.to_path_buf();
+    let mut parts = rel.components().peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            return false;
+        }
+        at.push(part);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Replays deleted paths into a created container's overlay upper directory as
 /// whiteouts (the archive API cannot delete).
 pub(super) fn remove_deleted(
@@ -143,6 +160,13 @@ pub(super) fn remove_deleted(
 pub(super) fn write_whiteouts(upper: &Path, deleted: &[String]) -> Result<(), CheckpointError> {
     for path in deleted {
         let rel = container_path(path)?;
+        // A symbolic link of the container's leads anywhere on this host.
+        if through_link(upper, &rel) {
+            return Err(CheckpointError::BadBundle {
+                bundle: "deleted paths".to_owned(),
+                reason: format!("{path} leads through a symbolic link"),
+            });
+        }
         let at = upper.join(rel);
         if let Some(parent) = at.parent() {
             mkdir(parent)?;
