@@ -704,6 +704,20 @@ spec:
         "the guest stopped serving"
     );
     novacron_tests::succeeded(&c.cli(&["vm", "destroy", "fillvm"]));
+    // The destroy ends QEMU before the test's fleet goes (the test left a
+    // running QEMU behind each run when it did not wait for that).
+    let gone = wait_for(
+        Duration::from_secs(60),
+        "QEMU gone after the destroy",
+        || async { !std::path::Path::new(&format!("/proc/{pid}")).exists() },
+    )
+    .await;
+    if gone.is_err() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    gone.with_context(|| agent.log())?;
     Ok(())
 }
 
