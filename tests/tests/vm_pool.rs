@@ -23,7 +23,8 @@ const NODE_IMAGE: &str = "novacron/node-guest:test";
 /// Bound on the scale-out: the VM's boot under TCG, Docker's start in the guest,
 /// the join, the image pull through the guest's agent and the container's start
 /// (about 100 s on an idle 2-core machine; CI runs other tests beside it). The
-/// pool's `provisionTimeout` is longer, so a slow boot is not replaced midway.
+/// qemu provider's default `provisionTimeout` (10 minutes; the pool sets none)
+/// is longer, so a slow boot is not replaced midway.
 const SCALE_OUT: Duration = Duration::from_secs(420);
 /// Bound on the drain, the revocation and the VM's power-off.
 const SCALE_IN: Duration = Duration::from_secs(120);
@@ -100,7 +101,6 @@ metadata:
     qemu.controller: https://10.0.2.2:{port}
     qemu.quic: 10.0.2.2:{port}
     scaleDownAfter: 3s
-    provisionTimeout: 8m
 spec:
   templateRef: {pool}-t
   minSize: 0

@@ -177,9 +177,14 @@ pub fn apply(
     Ok(applied)
 }
 
-/// The settings of a pool from its labels: scale-down tuning.
-pub fn settings_of(pool: &NodePool) -> Result<Settings, String> {
+/// The settings of a pool from its labels (scale-down tuning), over the
+/// defaults of its template's `provider` (a `qemu` node takes minutes to
+/// boot: [`crate::services::providers::QEMU_PROVISION_TIMEOUT`]).
+pub fn settings_of(pool: &NodePool, provider: &str) -> Result<Settings, String> {
     let mut s = Settings::default();
+    if provider == "qemu" {
+        s.provision_timeout = crate::services::providers::QEMU_PROVISION_TIMEOUT;
+    }
     let get = |k: &str| pool.labels.get(k).map(|v| v.trim());
     let duration = |k: &str, v: &str| {
         humantime::parse_duration(v).map_err(|e| {
@@ -489,7 +494,7 @@ async fn observe(
         }
     };
     out.template = Some(template.clone());
-    match settings_of(pool).and_then(|s| Ok((s, consolidate_of(pool)?))) {
+    match settings_of(pool, &template.provider).and_then(|s| Ok((s, consolidate_of(pool)?))) {
         Ok((s, c)) => {
             out.settings = s;
             out.consolidate = c;
@@ -1343,7 +1348,7 @@ fn check_pool(p: &NodePool, templates: &[NodeTemplate]) -> Result<(), String> {
             p.name
         ));
     }
-    settings_of(p)?;
+    settings_of(p, &t.provider)?;
     consolidate_of(p)?;
     if t.provider == "docker" {
         DockerSettings::from_labels(&p.name, &p.labels).map_err(|e| e.to_string())?;
@@ -1513,8 +1518,20 @@ mod tests {
         let again =
             parse_node_pools("pools.yaml", &docs.pools[0].1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again[0].name, "p");
-        let s = settings_of(&again[0]).unwrap_or_else(|e| panic!("{e}"));
+        let s = settings_of(&again[0], "docker").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.scale_down_after, Duration::from_secs(5));
+        assert_eq!(s.provision_timeout, core::DEFAULT_PROVISION_TIMEOUT);
+        // A VM node boots a guest: its pool waits longer unless told.
+        let q = settings_of(&again[0], "qemu").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            q.provision_timeout,
+            crate::services::providers::QEMU_PROVISION_TIMEOUT
+        );
+        let mut told = again[0].clone();
+        told.labels
+            .insert(KEY_PROVISION_TIMEOUT.to_owned(), "4m".to_owned());
+        let q = settings_of(&told, "qemu").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(q.provision_timeout, Duration::from_secs(240));
         assert!(check_pool(&again[0], &[docs.templates[0].0.clone()]).is_ok());
     }
 
@@ -1602,7 +1619,7 @@ mod tests {
         );
         let docs = parse_documents("p.yaml", &POOL.replace("5s", "soon"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let e = settings_of(&docs.pools[0].0).expect_err("refused");
+        let e = settings_of(&docs.pools[0].0, "docker").expect_err("refused");
         assert!(
             e.contains("metadata.labels.scaleDownAfter \"soon\" is not a duration"),
             "{e}"
@@ -1645,7 +1662,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e:?}"))
             .remove(0);
         ObservedPool {
-            settings: settings_of(&pool).unwrap_or_else(|e| panic!("{e}")),
+            settings: settings_of(&pool, "docker").unwrap_or_else(|e| panic!("{e}")),
             consolidate: consolidate_of(&pool).unwrap_or_else(|e| panic!("{e}")),
             pool,
             template: None,

@@ -22,7 +22,7 @@ mod docker;
 mod qemu;
 
 pub use docker::{DockerProvider, DockerSettings};
-pub use qemu::{QemuProvider, QemuSettings};
+pub use qemu::{PROVISION_TIMEOUT as QEMU_PROVISION_TIMEOUT, QemuProvider, QemuSettings};
 
 /// Label on a provider's container: the pool it belongs to.
 pub const LABEL_POOL: &str = "novacron.pool";

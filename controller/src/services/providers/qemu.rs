@@ -47,6 +47,14 @@ pub const GUEST_OVERHEAD_MIB: u64 = 256;
 /// KVM it needs less.
 pub const QEMU_OVERHEAD_MIB: u64 = 256;
 /// Who applies and stops the node jobs.
+/// How long a new node may take to be ready before the pool replaces it,
+/// unless the pool's `provisionTimeout` says otherwise: the VM boots a guest
+/// that starts its own Docker and agent and joins (90–100 s under TCG on an
+/// idle 2-core host, measured; minutes more on a busy one), where a
+/// container node of the `docker` provider is ready in seconds and keeps
+/// the pools' default of 3 minutes.
+pub const PROVISION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 const ACTOR: &str = "novacron (pools, provider qemu)";
 
 /// A `qemu` pool's settings.
