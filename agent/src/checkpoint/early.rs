@@ -55,14 +55,8 @@ impl Stamp {
     }
 
     fn is_dir(&self) -> bool {
-        self.mode & libc_mode::S_IFMT == libc_mode::S_IFDIR
+        rustix::fs::FileType::from_raw_mode(self.mode) == rustix::fs::FileType::Directory
     }
-}
-
-/// The file type bits of `st_mode` (as in `<sys/stat.h>`).
-mod libc_mode {
-    pub(super) const S_IFMT: u32 = 0o170_000;
-    pub(super) const S_IFDIR: u32 = 0o040_000;
 }
 
 /// What the early copy sent, keyed by the path in the stream
@@ -125,6 +119,15 @@ impl Snapshot {
     }
 }
 
+/// The host directory mounted at volume target `target`, among `mounts`
+/// (`(target, host directory)`).
+pub(crate) fn mount_of<'a>(mounts: &'a [(String, PathBuf)], target: &str) -> Option<&'a Path> {
+    mounts
+        .iter()
+        .find(|(t, _)| t == target)
+        .map(|(_, s)| s.as_path())
+}
+
 /// The stream key of path `rel` of the writable layer, or of volume `n`.
 pub(crate) fn key(volume: Option<usize>, rel: &Path) -> String {
     match volume {
@@ -149,8 +152,8 @@ pub(crate) fn send_files<W: Write>(
     let mut bytes = 0u64;
     let mut roots = vec![(None, upper.to_path_buf())];
     for (n, target) in targets.iter().enumerate() {
-        if let Some((_, source)) = mounts.iter().find(|(t, _)| t == target) {
-            roots.push((Some(n), source.clone()));
+        if let Some(source) = mount_of(mounts, target) {
+            roots.push((Some(n), source.to_path_buf()));
         }
     }
     for (volume, root) in roots {
@@ -303,13 +306,7 @@ pub(crate) fn place_files(
     let root_of = |volume: Option<usize>| -> Option<PathBuf> {
         match volume {
             None => Some(upper.to_path_buf()),
-            Some(n) => {
-                let target = targets.get(n)?;
-                mounts
-                    .iter()
-                    .find(|(t, _)| t == target)
-                    .map(|(_, s)| s.clone())
-            }
+            Some(n) => mount_of(mounts, targets.get(n)?).map(Path::to_path_buf),
         }
     };
     let from_root = pre.join("rootfs");

@@ -243,7 +243,7 @@ pub(crate) fn copy_files(
             File::create(&out).map_err(io("creating", &out))?,
         ));
         tar.follow_symlinks(false);
-        if let Some((_, source)) = mounts.iter().find(|(t, _)| t == target) {
+        if let Some(source) = early::mount_of(mounts, target) {
             walk(source, Path::new(""), &mut |rel, full, meta| {
                 if skip(Some(n), rel, meta) {
                     unchanged += 1;
@@ -328,8 +328,8 @@ pub(crate) fn apply_files(
     write_whiteouts(upper, &meta.deleted)?;
     for (n, target) in meta.volumes.iter().enumerate() {
         let tar = from.join(VOLUMES_DIR).join(format!("{n}.tar"));
-        match mounts.iter().find(|(t, _)| t == target) {
-            Some((_, source)) => unpack_into(&tar, source)?,
+        match early::mount_of(mounts, target) {
+            Some(source) => unpack_into(&tar, source)?,
             None => {
                 warn!(volume = %target, "the restored container has no mount at this volume target; its data is not restored")
             }

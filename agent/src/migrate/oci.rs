@@ -188,7 +188,7 @@ impl CheckpointService {
         let dir = oci.checkpoint_dir(&id);
         let _ = std::fs::remove_dir_all(&dir);
         let staged = match oci.checkpoint(&id, &dir.join("criu"), false).await {
-            Ok(dump_ms) => stage(&dir, &oci.upper_dir(&id), staging, Some(early), false)
+            Ok(dump_ms) => stage(&dir, &oci.upper_dir(&id), staging, early, false)
                 .await
                 .map(|bytes| (dump_ms, bytes)),
             Err(e) => Err(e.to_string()),
@@ -292,11 +292,10 @@ impl CheckpointService {
         if let Err(e) = oci.release_ports(id).await {
             warn!(%alloc, error = %e, "cannot give up the source's ports");
         }
-        let (sent, outcome) =
-            match stage(&dir, &oci.upper_dir(id), staging, Some(early), true).await {
-                Ok(_) => stream_dir(send, &dir, started, dump_ms).await,
-                Err(why) => (0, Err(why)),
-            };
+        let (sent, outcome) = match stage(&dir, &oci.upper_dir(id), staging, early, true).await {
+            Ok(_) => stream_dir(send, &dir, started, dump_ms).await,
+            Err(why) => (0, Err(why)),
+        };
         let sent = sent + early_sent;
         let key = (alloc.clone(), true);
         let pages = Arc::new(AtomicU64::new(0));
@@ -642,13 +641,13 @@ impl CheckpointService {
         let mounts = oci.mounts(id).await.map_err(|e| e.to_string())?;
         let (from, upper) = (dir.clone(), oci.upper_dir(id));
         tokio::task::spawn_blocking(move || {
-            let pre = from.join(EARLY_DIR);
-            if pre.exists() {
+            let early_dir = from.join(EARLY_DIR);
+            if early_dir.exists() {
                 let removed: Vec<String> = std::fs::read(from.join(REMOVED))
                     .map_err(|e| e.to_string())
                     .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
                     .map_err(|e| format!("the stream's {REMOVED}: {e}"))?;
-                early::place_files(&pre, &upper, &mounts, &meta.volumes, &removed)
+                early::place_files(&early_dir, &upper, &mounts, &meta.volumes, &removed)
                     .map_err(|e| e.to_string())?;
             }
             apply_files(&from, &upper, &mounts, &meta).map_err(|e| e.to_string())
@@ -732,15 +731,15 @@ struct Staging {
     mounts: Vec<(String, PathBuf)>,
 }
 
-/// Stages the writable layer and the volumes beside the dump in `dir` (only
-/// what changed since the `early` copy, and the paths it had that are gone),
+/// Stages the writable layer and the volumes beside the dump in `dir`: only
+/// what changed since the `early` copy, and the paths it had that are gone,
 /// with the stream's record (and, for post-copy, its mark); `Ok` is the bytes
 /// staged.
 async fn stage(
     dir: &Path,
     upper: &Path,
     s: Staging,
-    early: Option<Snapshot>,
+    early: Snapshot,
     post_copy: bool,
 ) -> Result<u64, String> {
     let (dir, upper) = (dir.to_path_buf(), upper.to_path_buf());
@@ -750,13 +749,11 @@ async fn stage(
             deleted,
             removed,
             unchanged,
-        } = copy_files(&upper, &s.mounts, &s.volumes, &dir, early.as_ref())
+        } = copy_files(&upper, &s.mounts, &s.volumes, &dir, Some(&early))
             .map_err(|e| e.to_string())?;
-        if early.is_some() {
-            let json = serde_json::to_vec(&removed).map_err(|e| e.to_string())?;
-            std::fs::write(dir.join(REMOVED), json).map_err(|e| e.to_string())?;
-            info!(alloc = %s.alloc, changed_bytes = bytes, unchanged, removed = removed.len(), "the files' delta since the early copy is staged");
-        }
+        let json = serde_json::to_vec(&removed).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(REMOVED), json).map_err(|e| e.to_string())?;
+        info!(alloc = %s.alloc, changed_bytes = bytes, unchanged, removed = removed.len(), "the files' delta since the early copy is staged");
         let meta = BundleMeta {
             format: BUNDLE_FORMAT,
             mode: CheckpointMode::Live,

@@ -145,7 +145,7 @@ pub struct VmDriver {
     /// The node's VM bridge, or why guests cannot be bridged here.
     bridge: Result<bridge::Bridge, String>,
     /// The bridge's lock, held while the driver lives.
-    bridge_lock: Option<std::fs::File>,
+    _bridge_lock: Option<std::fs::File>,
 }
 
 impl VmDriver {
@@ -158,7 +158,7 @@ impl VmDriver {
         let Ok(bridge) = &self.bridge else {
             return;
         };
-        if self.bridge_lock.is_none() || bridge.in_use() {
+        if bridge.in_use() {
             return;
         }
         match bridge.teardown().await {
@@ -252,7 +252,7 @@ impl VmDriver {
             locks: Default::default(),
             probed: tokio::sync::watch::channel(0).0,
             bridge,
-            bridge_lock: lock,
+            _bridge_lock: lock,
         };
         // The published ports of the guests an earlier run left, in case the
         // node's packet filter was reset meanwhile, and no tap device of a
