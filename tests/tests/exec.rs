@@ -839,6 +839,49 @@ async fn exec_i_pipes_standard_input_to_its_end() {
     );
 }
 
+/// A command that ends without reading its input, while the CLI still sends
+/// some: the agent stops taking input as the command exits, and the CLI must
+/// still get the exit code. CI's run of a5027f8 got "the connection to the
+/// controller ended before the command's exit" instead. Two causes, each seen
+/// here: the controller took the agent's refusal of more input for the client
+/// leaving and dropped the socket (round 0), and it closed the connection after
+/// the status with the client's input unread, so the reset lost the status
+/// (round 1, once the first was fixed).
+#[tokio::test]
+async fn a_command_that_ends_while_input_still_flows_reports_its_exit() {
+    let f = fleet(&[("a", HOST)]).await;
+    let node = f.agents[0].name.clone();
+    for round in 0..12 {
+        let mut child = Command::new(bin("novacron"))
+            .arg("--config")
+            .arg(f.dir.path().join("admin.toml"))
+            .args(["exec", "-i", "--node", &node, "--", "sh", "-c", "exit 3"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("novacron runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        // Input keeps coming until the CLI ends (bounded: 64 MiB at most).
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..1024 {
+                if stdin.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the CLI ends within 60 s")
+            .expect("the CLI runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "round {round}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn exec_it_on_an_agent_of_the_previous_protocol_says_to_upgrade_it() {
     let old: &[&str] = &["--allow-host-exec", "--wire-versions", "2"];

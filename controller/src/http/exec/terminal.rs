@@ -10,14 +10,15 @@
 //! messages are read only as fast as the agent's stream takes them, and the
 //! agent's output only as fast as the client reads it. The client going away
 //! (closing the socket or the connection) cancels the command; the command's end
-//! sends the [`STATUS`] message and closes the socket. Every command is recorded
+//! sends the [`STATUS`] message and closes the socket, also when the agent
+//! stopped taking input first (a command that exits without reading it all). Every command is recorded
 //! as an exec event, as plain exec's are.
 //!
 //! [`Agents::open_terminal`]: crate::services::agents::Agents::open_terminal
 //! [`STATUS`]: novacron_api::terminal::STATUS
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{
     Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
@@ -38,6 +39,9 @@ use tracing::{debug, info};
 use super::{Audit, EXIT_NOT_RUN, EXIT_TIMED_OUT, ms, targets};
 use crate::http::api::{ApiState, Caller, Problem};
 use crate::services::agents::{ExecChannel, ExecOpenError, TerminalWriter};
+
+/// How long a client has to answer the socket's Close after the status.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 #[utoipa::path(get, path = "/v1/exec/terminal", tag = "exec",
     params(
@@ -134,7 +138,7 @@ async fn bridge(
     input: TerminalWriter,
     mut audit: Audit,
 ) {
-    let (mut to_client, from_client) = socket.split();
+    let (mut to_client, mut from_client) = socket.split();
     let node = audit.node.clone();
     let started = audit.started;
     let outputs = async {
@@ -147,13 +151,37 @@ async fn bridge(
         }
         exit
     };
-    tokio::select! {
-        exit = outputs => {
+    let ended = tokio::select! {
+        exit = outputs => Some(exit),
+        () = relay_input(&mut from_client, input) => None,
+    };
+    match ended {
+        Some(exit) => {
             debug!(%node, ?exit, "interactive exec ended");
             audit.exit = exit;
+            // The socket's closing handshake: what the client sent meanwhile is
+            // read (and dropped) up to its Close. Dropping the connection with
+            // input unread would reset it, and a reset can discard the status
+            // before the client has read it.
+            if tokio::time::timeout(CLOSE_WAIT, until_closed(&mut from_client))
+                .await
+                .is_err()
+            {
+                debug!(%node, "the client did not close the socket in time");
+            }
         }
-        () = relay_input(from_client, input) => {
-            debug!(%node, "the client left; the interactive exec is cancelled");
+        None => debug!(%node, "the client left; the interactive exec is cancelled"),
+    }
+}
+
+/// Reads the client's messages until its Close (or the connection's end).
+async fn until_closed<S>(from_client: &mut S)
+where
+    S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    while let Some(Ok(message)) = from_client.next().await {
+        if matches!(message, Message::Close(_)) {
+            return;
         }
     }
 }
@@ -216,12 +244,16 @@ where
     }
 }
 
-/// Sends the client's input to the agent; resolves when the client goes away
-/// (closes, breaks the socket, or the agent's stream fails).
-async fn relay_input<S>(mut from_client: S, mut input: TerminalWriter)
+/// Sends the client's input to the agent; resolves only when the client goes
+/// away (closes or breaks the socket). When the agent stops taking input (the
+/// command ended, or its stream failed), later input is dropped and the client
+/// still waits for the status, which [`relay_events`] brings: a command that
+/// exits without reading all its input is no reason to cut the client off.
+async fn relay_input<S>(mut from_client: S, input: TerminalWriter)
 where
     S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
+    let mut input = Some(input);
     while let Some(Ok(message)) = from_client.next().await {
         let data = match message {
             Message::Binary(data) => data,
@@ -244,8 +276,12 @@ where
             _ => continue,
         };
         for frame in &frames {
-            if input.send(frame).await.is_err() {
-                return;
+            let Some(writer) = input.as_mut() else {
+                break;
+            };
+            if let Err(e) = writer.send(frame).await {
+                debug!(error = %e, "the agent takes no more input; waiting for the command's status");
+                input = None;
             }
         }
     }
