@@ -564,6 +564,26 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(copy), "{stdout}");
+    // Nothing was stored on the way, so the store then gets a checkpoint of
+    // the container where it runs now (its job has a checkpoint policy), for
+    // a recovery if b is lost.
+    let target = s.agents[1].name.clone();
+    wait_for(
+        Duration::from_secs(90),
+        "a checkpoint taken on the target after the move",
+        || async {
+            let out = s
+                .controller
+                .cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
+            serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).is_ok_and(|events| {
+                events
+                    .iter()
+                    .any(|e| e["kind"] == "checkpoint.created" && e["node"] == target.as_str())
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent b: {}", s.agents[1].log()));
     // The files went out while the container served; inside the freeze only
     // what changed since (the volume's log, unchanged, stays out).
     let log_a = s.agents[0].log();

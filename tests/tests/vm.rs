@@ -1234,6 +1234,23 @@ async fn a_vm_s_own_disk_moves_with_it_live_and_comes_back_from_its_snapshot() -
         "the limits move with the VM"
     );
 
+    // The job has a checkpoint policy, and a live migration stores nothing on
+    // the way: the controller snapshots the guest where it runs now.
+    let target = f.agents[second].name.clone();
+    wait_for(
+        Duration::from_secs(120),
+        "a snapshot taken on the target after the move",
+        || async {
+            let out = f.c.cli(&["events", "--alloc", &alloc, "-o", "json"]);
+            serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).is_ok_and(|events| {
+                events
+                    .iter()
+                    .any(|e| e["kind"] == "checkpoint.created" && e["node"] == target.as_str())
+            })
+        },
+    )
+    .await
+    .with_context(|| f.agents[second].log())?;
     // A snapshot carries memory and disk; the node then dies.
     assert_eq!(get(&at(second, "write?bravo")).await?.trim(), "written");
     let out = f.c.cli(&["alloc", "checkpoint", &alloc]);

@@ -453,14 +453,44 @@ impl Migrations {
         let id = status.id.clone();
         let by = by.to_string();
         tokio::spawn(async move {
-            let _busy = busy;
-            if vm.is_some() {
-                me.run_vm_migration(&id, &by).await;
-            } else {
-                me.run_migration(&id, &by).await;
+            {
+                let _busy = busy;
+                if vm.is_some() {
+                    me.run_vm_migration(&id, &by).await;
+                } else {
+                    me.run_migration(&id, &by).await;
+                }
             }
+            me.checkpoint_after_move(&id).await;
         });
         status
+    }
+
+    /// After a migration that streamed its state (no bundle reached the
+    /// store), takes a checkpoint of the allocation where it now runs, when
+    /// its job has a checkpoint policy ([`checkpoint_after`]). This is off the
+    /// critical path: the workload already serves on the target, and the
+    /// pause is the policy's own (a periodic checkpoint's). Recovery from a
+    /// loss of the target then restores this state, not one taken on the
+    /// source before the move.
+    async fn checkpoint_after_move(&self, id: &str) {
+        let Some(status) = self.status(id) else {
+            return;
+        };
+        let policy = self
+            .workloads
+            .checkpoint_policy(&status.alloc)
+            .ok()
+            .flatten();
+        if !checkpoint_after(&status, policy.is_some()) {
+            return;
+        }
+        info!(alloc = %status.alloc, node = %status.to, migration = %id, "checkpointing the moved allocation where it runs now");
+        if let Err(e) = self.checkpoint(&status.alloc, None, CONTROLLER).await {
+            // The failure is an event (checkpoint.failed); the job's periodic
+            // checkpoints go on.
+            warn!(alloc = %status.alloc, migration = %id, error = %e, "the checkpoint after the migration failed");
+        }
     }
 
     /// A migration by id.
@@ -1067,6 +1097,16 @@ impl Migrations {
     }
 }
 
+/// Whether the migration `status` is followed by a checkpoint of the moved
+/// allocation ([`Migrations::checkpoint_after_move`]): it completed by streaming
+/// (a live runc or VM migration, whose state never reached the store) and its
+/// job has a checkpoint policy (`has_policy`). A bundle migration stored its
+/// bundle already, and a job without a policy never asked for checkpoints or
+/// their pauses. Pure.
+pub fn checkpoint_after(status: &MigrationStatus, has_policy: bool) -> bool {
+    status.phase == Phase::Completed && status.vm.is_some() && has_policy
+}
+
 /// Whether a periodic checkpoint is due: `interval` has passed since `last`.
 pub fn checkpoint_due(now_ms: u64, last_ms: u64, interval: Duration) -> bool {
     now_ms.saturating_sub(last_ms) >= interval.as_millis() as u64
@@ -1362,6 +1402,35 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn only_a_completed_streamed_move_of_a_job_with_a_policy_is_checkpointed_after() {
+        let status = |phase: Phase, streamed: bool| MigrationStatus {
+            id: "m-1".into(),
+            alloc: "a-1".into(),
+            job: "j".into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            mode: CheckpointMode::Live,
+            phase,
+            bytes_done: 0,
+            bytes_total: 0,
+            digest: None,
+            started_unix_ms: 0,
+            finished_unix_ms: None,
+            downtime_ms: None,
+            error: None,
+            vm: streamed.then(VmMigrationProgress::default),
+            copy: None,
+        };
+        assert!(checkpoint_after(&status(Phase::Completed, true), true));
+        // No policy: the job never asked for checkpoints (nor their pauses).
+        assert!(!checkpoint_after(&status(Phase::Completed, true), false));
+        // A bundle migration stored its bundle on the way.
+        assert!(!checkpoint_after(&status(Phase::Completed, false), true));
+        // Rolled back: the source's checkpoints stand.
+        assert!(!checkpoint_after(&status(Phase::RolledBack, true), true));
+    }
 
     #[test]
     fn checkpoints_fall_due_after_their_interval() {
