@@ -222,6 +222,12 @@ pub struct RunArgs {
     /// [env: NOVACRON_VM_BRIDGE] [file: vm_bridge] [default: 10.215.0.1/16].
     #[arg(long, value_name = "off|IP/PREFIX")]
     pub vm_bridge: Option<String>,
+    /// At a clean stop, remove this node's virtual machines (QEMU killed, disk
+    /// and tap removed) instead of leaving them running for the next start to
+    /// adopt: for throwaway fleets (`novacron dev` passes it, and removes its
+    /// containers too). Not for production nodes.
+    #[arg(long)]
+    pub remove_vms_on_stop: bool,
     /// For tests only (hidden): offer only these wire protocol versions (`2`,
     /// `2-3`), within those this build speaks, to act as an older agent in the
     /// version-skew tests. Not for production use.
@@ -301,6 +307,7 @@ async fn join(loaded: &config::Loaded, args: JoinArgs) -> i32 {
 }
 
 async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
+    let remove_vms_on_stop = args.remove_vms_on_stop;
     let wire_versions = args
         .wire_versions
         .unwrap_or(novacron_common::wire::SUPPORTED);
@@ -579,6 +586,9 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     }
     let ran = link::run(config, sampler, capacity, capabilities, supervisor, cancel).await;
     if let Some(vms) = &vms {
+        if remove_vms_on_stop {
+            vms.remove_all().await;
+        }
         vms.release_bridge().await;
     }
     match ran {

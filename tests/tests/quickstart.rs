@@ -45,6 +45,24 @@ async fn http_get(address: &str) -> Option<String> {
     Some(body)
 }
 
+/// The pids of the VMs' QEMU processes under `dir` (a dev fleet's VMs live in
+/// its agents' `vms/vm-*` directories; a probe boot's QEMU is not one).
+fn qemus_of(dir: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("qemu-system") && c.contains(dir) && c.contains("/vms/vm-")
+            })
+        })
+        .collect()
+}
+
 /// Stops a `novacron dev` with SIGINT when dropped (also when the test fails), so
 /// that it stops its agents and removes its containers: SIGKILL would leave them
 /// running.
@@ -84,7 +102,7 @@ async fn novacron_dev_serves_a_fleet_that_the_cli_can_list() {
         cmd.arg("--config")
             .arg(&config)
             .args(["dev", "--agents", "2", "--port", port, "--every", "1s"])
-            .args(["--duration", "90s", "--host-exec", "--name-prefix", prefix])
+            .args(["--duration", "180s", "--host-exec", "--name-prefix", prefix])
             .arg("--dir")
             .arg(state)
             .kill_on_drop(true);
@@ -226,6 +244,57 @@ async fn novacron_dev_serves_a_fleet_that_the_cli_can_list() {
     assert!(exec.status.success(), "{}", text(&exec));
     assert!(text(&exec).contains("from-the-host"), "{}", text(&exec));
 
+    // A virtual machine of the fleet (the tiny guest of `.ci/setup vm`, on the
+    // agent's bridge): it must go with the fleet, as the containers do.
+    let guest =
+        novacron_tests::docker(&["image", "inspect", "-f", "{{.Id}}", "novacron/guest-tiny:1"]);
+    assert!(
+        guest.is_ok(),
+        "the guest image novacron/guest-tiny:1 is missing: run `bash .ci/setup vm`"
+    );
+    let vm_job = dir.path().join("vm.yaml");
+    std::fs::write(
+        &vm_job,
+        "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: devvm
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: novacron/guest-tiny:1
+    pullPolicy: never
+    vm:
+      memory: 128Mi
+      initrd: /boot/initrd.img
+      cmdline: console=ttyS0 quiet panic=-1
+      network: bridge
+  resources: {cpu: 250m, memory: 256Mi}
+",
+    )
+    .expect("write the VM job");
+    let vm_job = vm_job.to_string_lossy().into_owned();
+    let applied = novacron(&config, &["apply", "-f", &vm_job]);
+    assert!(applied.status.success(), "{}", text(&applied));
+    let state_text = state.to_string_lossy().into_owned();
+    wait_for(
+        Duration::from_secs(90),
+        "the dev fleet's VM running",
+        || {
+            let qemus = qemus_of(&state_text);
+            let status = text(&novacron(&config, &["job", "status", "devvm"]));
+            async move { !qemus.is_empty() && status.contains("1 running") }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            text(&novacron(&config, &["job", "status", "devvm"]))
+        )
+    });
+
     // A second fleet on the same state directory refuses before touching it: the
     // first one's log keeps its content and its agents keep running.
     let log = state.join("controller.log");
@@ -299,8 +368,11 @@ async fn novacron_dev_serves_a_fleet_that_the_cli_can_list() {
             "the dev fleet's containers are removed on exit: {left}"
         );
     }
-    // Each agent's VM bridge (`--vm-bridge 10.216.N.1/24`; no guest ran on
-    // it) goes with its agent, with its rules.
+    // Its VM too: no QEMU of the fleet's directory is left.
+    let left = qemus_of(&state_text);
+    assert!(left.is_empty(), "the dev fleet's VM outlived it: {left:?}");
+    // Each agent's VM bridge (`--vm-bridge 10.216.N.1/24`; one had the VM's
+    // tap) goes with its agent, with its rules.
     let addrs = std::process::Command::new("ip")
         .args(["-o", "-4", "addr", "show"])
         .output()

@@ -10,7 +10,8 @@
 //! shared by every fleet on the daemon), and a second one refuses to start, naming
 //! the process that holds them. Its agents publish ports on loopback unless told
 //! otherwise (`--publish-address`), and it removes only the containers of its own
-//! nodes when it stops.
+//! nodes when it stops; its agents remove their virtual machines at their stop
+//! (`novacron-agent run --remove-vms-on-stop`).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -322,7 +323,9 @@ pub async fn run(args: &DevArgs, config_path: &Path, out: &mut dyn Write) -> Res
             .args(["--publish-address", &args.publish_address.to_string()])
             .args(["--dynamic-ports", &dynamic_ports(i)])
             // A VM bridge of each agent's own (a range cannot be shared).
-            .args(["--vm-bridge", &format!("10.216.{i}.1/24")]);
+            .args(["--vm-bridge", &format!("10.216.{i}.1/24")])
+            // The fleet's VMs go with it, as its containers do.
+            .arg("--remove-vms-on-stop");
         if args.host_exec {
             agent.arg("--allow-host-exec");
         }

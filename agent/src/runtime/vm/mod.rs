@@ -172,6 +172,23 @@ impl VmDriver {
     }
 }
 
+impl VmDriver {
+    /// Removes every VM of this node ([`VmDriver::remove`]: QEMU killed, its
+    /// directory and tap removed): the clean stop of an agent run with
+    /// `--remove-vms-on-stop` (a throwaway fleet, whose VMs must not outlive
+    /// it). Failures are logged; the others are still removed.
+    pub async fn remove_all(&self) {
+        for id in self.ids() {
+            match self.remove(&id).await {
+                Ok(()) => info!(vm = %id, "virtual machine removed at the agent's stop"),
+                Err(e) => {
+                    warn!(vm = %id, error = %e, "cannot remove the virtual machine at the agent's stop")
+                }
+            }
+        }
+    }
+}
+
 /// Where agents lock the VM bridges they hold.
 const BRIDGE_LOCKS: &str = "/run/novacron/vm-bridge";
 
