@@ -500,6 +500,73 @@ mod tests {
         }
     }
 
+    /// A volume on another filesystem than the agent's state (a data disk):
+    /// the early copy cannot be renamed there, so it is copied (`cp -a`),
+    /// keeping modes, owners and symbolic links, and merged as a rename would.
+    #[test]
+    fn the_early_copy_crosses_to_a_volume_on_another_filesystem() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        // /dev/shm is a tmpfs on these machines (Debian mounts one).
+        let volume = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+        let dev = |p: &Path| std::fs::metadata(p).expect("stat").dev();
+        assert_ne!(
+            dev(dir.path()),
+            dev(volume.path()),
+            "this test needs {} and /dev/shm on two filesystems",
+            dir.path().display()
+        );
+        let (early, upper) = (dir.path().join("early"), dir.path().join("upper"));
+        let from = early.join("volumes").join("0");
+        for d in [from.join("new"), from.join("kept"), upper.clone()] {
+            std::fs::create_dir_all(d).expect("dirs");
+        }
+        std::fs::write(from.join("new").join("a"), "new file").expect("file");
+        std::fs::set_permissions(
+            from.join("new").join("a"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .expect("chmod");
+        std::os::unix::fs::chown(from.join("new").join("a"), Some(1234), Some(1234))
+            .expect("chown (the tests run as root)");
+        std::fs::write(from.join("kept").join("b"), "b").expect("file");
+        std::fs::write(from.join("replaced"), "new").expect("file");
+        std::os::unix::fs::symlink("new/a", from.join("link")).expect("symlink");
+        // What the volume already holds.
+        std::fs::create_dir_all(volume.path().join("kept")).expect("dir");
+        std::fs::write(volume.path().join("kept").join("old"), "old").expect("file");
+        std::fs::write(volume.path().join("replaced"), "old").expect("file");
+
+        let mounts = [("/data".to_owned(), volume.path().to_path_buf())];
+        place_files(&early, &upper, &mounts, &["/data".into()], &[]).expect("placed");
+
+        let v = volume.path();
+        let a = v.join("new").join("a");
+        assert_eq!(std::fs::read_to_string(&a).expect("a"), "new file");
+        let meta = std::fs::metadata(&a).expect("a");
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+            (0o640, 1234, 1234)
+        );
+        assert_eq!(
+            std::fs::read_to_string(v.join("kept").join("b")).expect("b"),
+            "b"
+        );
+        assert_eq!(
+            std::fs::read_to_string(v.join("kept").join("old")).expect("old"),
+            "old",
+            "a directory on both sides is merged"
+        );
+        assert_eq!(
+            std::fs::read_to_string(v.join("replaced")).expect("file"),
+            "new"
+        );
+        assert_eq!(
+            std::fs::read_link(v.join("link")).expect("a symbolic link"),
+            Path::new("new/a")
+        );
+    }
+
     #[test]
     fn a_removal_through_the_container_s_symbolic_link_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
