@@ -1550,8 +1550,13 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
 
     // Two bridged guests: both on the node with the bridge.
     let (port, port2) = (free_port(), free_port());
-    c.apply("brvm.yaml", &bridged_counter_vm_job("brvm", port))
-        .await?;
+    // The first with a network limit (each way).
+    let limited = bridged_counter_vm_job("brvm", port).replace(
+        "      network: bridge\n",
+        "      network: bridge\n      networkBandwidth: 1Mi\n",
+    );
+    assert!(limited.contains("networkBandwidth"), "{limited}");
+    c.apply("brvm.yaml", &limited).await?;
     c.apply("brvm2.yaml", &bridged_counter_vm_job("brvm2", port2))
         .await?;
     for job in ["brvm", "brvm2"] {
@@ -1630,6 +1635,38 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
             && r.contains(&format!("--to-destination {address}:8080"))),
         "{rules:#?}"
     );
+    // Its limit, as the kernel applies it: a token bucket of 1 MiB/s as the
+    // tap's root queue (to the guest), and the tap's ingress redirected to an
+    // IFB device with the same bucket (from the guest). The other guest has
+    // no limit.
+    let tap = format!("nct{}", &vm_id[vm_id.len().saturating_sub(12)..]);
+    let ifb = format!("nci{}", &tap[3..]);
+    let tc = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = std::process::Command::new("tc")
+            .arg("-j")
+            .args(args)
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let tbf_rate = |dev: &str| -> Result<Option<u64>> {
+        let qdiscs = tc(&["qdisc", "show", "dev", dev])?;
+        Ok(qdiscs.as_array().and_then(|q| {
+            q.iter()
+                .find(|d| d["kind"] == "tbf" && d["root"] == true)
+                .and_then(|d| d["options"]["rate"].as_u64())
+        }))
+    };
+    assert_eq!(tbf_rate(&tap)?, Some(1 << 20), "to the guest");
+    assert_eq!(tbf_rate(&ifb)?, Some(1 << 20), "from the guest");
+    let filters = tc(&["filter", "show", "dev", &tap, "parent", "ffff:"])?.to_string();
+    assert!(
+        filters.contains("\"mirred\"") && filters.contains(&format!("\"to_dev\":\"{ifb}\"")),
+        "{filters}"
+    );
+    let meta2 = vm_dir("brvm2")?;
+    let id2 = meta2["id"].as_str().context("its id")?;
+    let tap2 = format!("nct{}", &id2[id2.len().saturating_sub(12)..]);
+    assert_eq!(tbf_rate(&tap2)?, None, "the other guest has no limit");
     // The other guest reaches it on the bridge.
     let (said, _) = console_session(
         c,
@@ -1654,11 +1691,12 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
     assert!(!out.status.success(), "{told}");
     assert!(told.contains("has no VM bridge"), "{told}");
 
-    // Destroyed: its tap device and its rule go with it, the other's stay.
+    // Destroyed: its tap device, its limit's IFB and its rule go with it, the
+    // other's stay.
     novacron_tests::succeeded(&c.cli(&["vm", "destroy", "brvm"]));
-    let tap = format!("nct{}", &vm_id[vm_id.len().saturating_sub(12)..]);
     wait_for(Duration::from_secs(60), "the tap device gone", || async {
-        !std::path::Path::new("/sys/class/net").join(&tap).exists()
+        let net = std::path::Path::new("/sys/class/net");
+        !net.join(&tap).exists() && !net.join(&ifb).exists()
     })
     .await
     .with_context(|| f.agents[0].log())?;

@@ -1030,6 +1030,11 @@ pub struct VmSpec {
     /// unlimited). Appended within protocol 3.
     #[serde(default)]
     pub disk_iops: u64,
+    /// The most bytes per second on the guest's network, each way (0:
+    /// unlimited; only a guest on the bridge network has a tap to limit).
+    /// Appended within protocol 3.
+    #[serde(default)]
+    pub net_bytes_per_sec: u64,
 }
 
 /// How a virtual machine is networked.

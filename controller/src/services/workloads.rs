@@ -1439,6 +1439,11 @@ impl Workloads {
                 "{file}: spec.resources.memory: {why} (the guest's memory comes from VMTemplate {name})"
             )));
         }
+        if let Some(why) = novacron_common::manifest::vm::network_problem(&vm) {
+            return Err(WorkloadError::Invalid(format!(
+                "{file}: spec.task.vm.network: {why} (the limit comes from VMTemplate {name})"
+            )));
+        }
         Ok(Some(vm))
     }
 

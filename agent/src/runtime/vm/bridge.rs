@@ -315,12 +315,90 @@ impl Bridge {
     }
 }
 
-/// Removes tap device `tap`, when it exists.
+/// Removes tap device `tap`, when it exists, and its limit's IFB device.
 pub async fn remove_tap(tap: &str) -> Result<(), String> {
     if Path::new("/sys/class/net").join(tap).exists() {
         ip(&["link", "del", tap]).await?;
     }
+    remove_ifb(&ifb_name(tap)).await
+}
+
+/// How the names of the IFB devices that limit guests' outgoing traffic begin.
+pub const IFB_PREFIX: &str = "nci";
+
+/// The IFB device of tap `tap` (the same length).
+pub fn ifb_name(tap: &str) -> String {
+    format!(
+        "{IFB_PREFIX}{}",
+        tap.strip_prefix(TAP_PREFIX).unwrap_or(tap)
+    )
+}
+
+async fn remove_ifb(ifb: &str) -> Result<(), String> {
+    if Path::new("/sys/class/net").join(ifb).exists() {
+        ip(&["link", "del", ifb]).await?;
+    }
     Ok(())
+}
+
+/// The token bucket of a limit of `bytes_per_sec`: `tc`'s `tbf` arguments.
+/// The bucket holds a fiftieth of a second at the rate (at least 32 KiB, so
+/// that full-sized frames pass at any rate above the kernel's tick), and a
+/// packet waits at most 50 ms for it before it is dropped. Pure.
+pub fn tbf_args(bytes_per_sec: u64) -> Vec<String> {
+    let burst = (bytes_per_sec / 50).max(32 << 10);
+    [
+        "tbf".to_owned(),
+        "rate".to_owned(),
+        format!("{}bit", bytes_per_sec.saturating_mul(8)),
+        "burst".to_owned(),
+        burst.to_string(),
+        "latency".to_owned(),
+        "50ms".to_owned(),
+    ]
+    .to_vec()
+}
+
+/// Limits the guest's network on tap `tap` to `bytes_per_sec` each way (0:
+/// removes any limit). Traffic to the guest leaves the host through the tap:
+/// a token bucket (`tbf`) is its root queue. Traffic from the guest arrives on
+/// the tap, where the kernel cannot queue it: the tap's ingress redirects it
+/// (`u32` match-all, `mirred`) to an IFB device of its own, whose root queue
+/// is the same bucket (policing would drop instead of queueing, and these
+/// kernels lack `act_police` anyway). Idempotent; a start applies it again.
+pub async fn limit_tap(tap: &str, bytes_per_sec: u64) -> Result<(), String> {
+    let ifb = ifb_name(tap);
+    if bytes_per_sec == 0 {
+        // Nothing to undo on a fresh tap: errors say "no such qdisc".
+        let _ = tc(&["qdisc", "del", "dev", tap, "root"]).await;
+        let _ = tc(&["qdisc", "del", "dev", tap, "ingress"]).await;
+        return remove_ifb(&ifb).await;
+    }
+    let bucket = tbf_args(bytes_per_sec);
+    let bucket: Vec<&str> = bucket.iter().map(String::as_str).collect();
+    if !Path::new("/sys/class/net").join(&ifb).exists() {
+        ip(&["link", "add", &ifb, "type", "ifb"]).await?;
+    }
+    ip(&["link", "set", &ifb, "up"]).await?;
+    tc(&[&["qdisc", "replace", "dev", tap, "root"], bucket.as_slice()].concat()).await?;
+    tc(&[
+        &["qdisc", "replace", "dev", &ifb, "root"],
+        bucket.as_slice(),
+    ]
+    .concat())
+    .await?;
+    tc(&["qdisc", "replace", "dev", tap, "ingress"]).await?;
+    tc(&[
+        "filter", "replace", "dev", tap, "parent", "ffff:", "protocol", "all", "prio", "1", "u32",
+        "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", &ifb,
+    ])
+    .await?;
+    Ok(())
+}
+
+/// Runs iproute2's `tc` (for at most [`netfilter::CALL_TIMEOUT`]).
+async fn tc(items: &[&str]) -> Result<String, String> {
+    netfilter::output("tc", &args(items)).await
 }
 
 /// How the names of guests' tap devices begin.
@@ -496,6 +574,20 @@ mod tests {
                 b.name
             )
         );
+    }
+
+    #[test]
+    fn a_limit_is_a_token_bucket_of_a_fiftieth_of_a_second() {
+        assert_eq!(
+            tbf_args(10 << 20).join(" "),
+            "tbf rate 83886080bit burst 209715 latency 50ms"
+        );
+        // Never below 32 KiB: a full frame must fit.
+        assert_eq!(
+            tbf_args(64 << 10).join(" "),
+            "tbf rate 524288bit burst 32768 latency 50ms"
+        );
+        assert_eq!(ifb_name("nct456789abcdef"), "nci456789abcdef");
     }
 
     #[test]

@@ -723,6 +723,9 @@ impl VmDriver {
                 b.ensure_tap(&tap)
                     .await
                     .map_err(|e| daemon("start", format!("the guest's tap device: {e}")))?;
+                bridge::limit_tap(&tap, meta.vm.net_bytes_per_sec)
+                    .await
+                    .map_err(|e| daemon("start", format!("the guest's network limit: {e}")))?;
                 Some(b.kernel_arg(meta.address))
             }
             (VmNetwork::Bridge, Err(why)) => {

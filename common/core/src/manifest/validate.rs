@@ -179,6 +179,12 @@ impl Checker<'_> {
         {
             self.bad(p.key("resources").key("memory"), m);
         }
+        // A template's limit is checked when the job is applied, with it.
+        if let Some(vm) = s.task.vm.as_ref().filter(|v| v.network_bandwidth.is_some())
+            && let Some(m) = super::vm::network_problem(&super::vm::resolve(vm, None))
+        {
+            self.bad(p.key("task").key("vm").key("networkBandwidth"), m);
+        }
         self.placement(&s.placement, &p.key("placement"));
         self.restart(&s.restart, &p.key("restart"));
         if let Some(h) = &s.health {
@@ -1048,6 +1054,29 @@ mod tests {
                 .contains("spec.resources.memory: 268435456 bytes is less than the guest's memory"),
             "{small}"
         );
+        // A network limit: on the bridge network only, and not below 64Ki.
+        let limited = crate::manifest::parse_job(
+            "net.yaml",
+            &job("{network: bridge, networkBandwidth: 2Mi}", "", "512Mi"),
+        )
+        .expect("valid");
+        let spec = limited.task_spec().vm.expect("a VM spec");
+        assert_eq!(spec.net_bytes_per_sec, 2 << 20);
+        for (vm, wanted) in [
+            (
+                "{networkBandwidth: 2Mi}",
+                "spec.task.vm.networkBandwidth: a network limit applies to a guest on the bridge network",
+            ),
+            (
+                "{network: bridge, networkBandwidth: 1Ki}",
+                "spec.task.vm.networkBandwidth: 1024 bytes per second is too little",
+            ),
+        ] {
+            let errors = crate::manifest::parse_job("net.yaml", &job(vm, "", "512Mi"))
+                .expect_err("invalid")
+                .to_string();
+            assert!(errors.contains(wanted), "{wanted}\n{errors}");
+        }
     }
 
     #[test]

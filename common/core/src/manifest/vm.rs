@@ -75,6 +75,11 @@ pub struct VmTask {
     /// 1000000; default: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_iops: Option<u64>,
+    /// The most bytes per second on the guest's network, each way (at least
+    /// 64Ki; default: unlimited). Only a guest on the bridge network has a
+    /// tap device to limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_bandwidth: Option<ByteSize>,
     /// The QEMU machine: `q35` (default), `pc` or `microvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
@@ -138,6 +143,11 @@ pub struct VmTemplateSpec {
     /// 1000000; default: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_iops: Option<u64>,
+    /// The most bytes per second on the guest's network, each way (at least
+    /// 64Ki; default: unlimited). Only a guest on the bridge network has a
+    /// tap device to limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_bandwidth: Option<ByteSize>,
     /// The QEMU machine: `q35` (default), `pc` or `microvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
@@ -168,6 +178,7 @@ impl VmTask {
             disk_size: self.disk_size,
             disk_bandwidth: self.disk_bandwidth,
             disk_iops: self.disk_iops,
+            network_bandwidth: self.network_bandwidth,
             machine: self.machine.clone(),
             user_data: self.user_data.clone(),
         }
@@ -248,6 +259,17 @@ pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
             format!("{n} is out of range; expected 1 to 1000000"),
         ));
     }
+    if let Some(b) = s.network_bandwidth
+        && b.0 < 64 << 10
+    {
+        out.push((
+            "networkBandwidth",
+            format!(
+                "{} bytes per second is too little; expected at least 64Ki",
+                b.0
+            ),
+        ));
+    }
     if let Some(m) = &s.machine
         && !MACHINES.contains(&m.as_str())
     {
@@ -304,7 +326,22 @@ pub fn resolve(task: &VmTask, template: Option<&VmTemplateSpec>) -> novacron_wir
         template: task.template.clone(),
         user_data: task.user_data.clone().or_else(|| t.user_data.clone()),
         network: task.network.unwrap_or_default(),
+        net_bytes_per_sec: task
+            .network_bandwidth
+            .or(t.network_bandwidth)
+            .map_or(0, |b| b.0),
     }
+}
+
+/// Why the resolved VM `vm` cannot have its network limited, when it cannot:
+/// a limit applies to the guest's tap device, which only the bridge network
+/// has (QEMU's user network carries the guest's traffic in its own process).
+pub fn network_problem(vm: &novacron_wire::VmSpec) -> Option<String> {
+    (vm.net_bytes_per_sec > 0 && vm.network != novacron_wire::VmNetwork::Bridge).then(|| {
+        "a network limit applies to a guest on the bridge network (its tap device); \
+         expected network: bridge with networkBandwidth"
+            .to_owned()
+    })
 }
 
 /// Why `resources` cannot hold the resolved VM `vm`, when they cannot.
