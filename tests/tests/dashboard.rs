@@ -186,28 +186,38 @@ impl Browser {
     }
 
     async fn css(&self, selector: &str) -> fantoccini::elements::Element {
-        match self
-            .client
-            .wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(Locator::Css(selector))
-            .await
-        {
-            Ok(e) => e,
-            Err(e) => {
-                let url = self.client.current_url().await.map(|u| u.to_string());
-                let text = self
-                    .client
-                    .find(Locator::Css("body"))
-                    .await
-                    .ok()
-                    .map(|b| async move { b.text().await.unwrap_or_default() });
-                let text = match text {
-                    Some(t) => t.await,
-                    None => String::new(),
-                };
-                panic!("{selector} did not appear ({e}) on {url:?}, which reads:\n{text}")
+        // A load that Chromium aborted because the host's network changed
+        // (another test's bridge or container) is loaded again, a few times.
+        let mut reloads = 0;
+        loop {
+            let e = match self
+                .client
+                .wait()
+                .at_most(Duration::from_secs(20))
+                .for_element(Locator::Css(selector))
+                .await
+            {
+                Ok(e) => return e,
+                Err(e) => e,
+            };
+            let url = self.client.current_url().await.map(|u| u.to_string());
+            let text = self
+                .client
+                .find(Locator::Css("body"))
+                .await
+                .ok()
+                .map(|b| async move { b.text().await.unwrap_or_default() });
+            let text = match text {
+                Some(t) => t.await,
+                None => String::new(),
+            };
+            if text.contains("ERR_NETWORK_CHANGED") && reloads < 3 {
+                reloads += 1;
+                eprintln!("{url:?}: ERR_NETWORK_CHANGED; loading it again");
+                self.client.refresh().await.expect("reload");
+                continue;
             }
+            panic!("{selector} did not appear ({e}) on {url:?}, which reads:\n{text}")
         }
     }
 
