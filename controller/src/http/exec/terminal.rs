@@ -11,8 +11,8 @@
 //! agent's output only as fast as the client reads it. The client going away
 //! (closing the socket or the connection) cancels the command; the command's end
 //! sends the [`STATUS`] message and closes the socket, also when the agent
-//! stopped taking input first (a command that exits without reading it all). Every command is recorded
-//! as an exec event, as plain exec's are.
+//! stopped taking input first (a command that exits without reading it all).
+//! Every command is recorded as an exec event, as plain exec's are.
 //!
 //! [`Agents::open_terminal`]: crate::services::agents::Agents::open_terminal
 //! [`STATUS`]: novacron_api::terminal::STATUS
