@@ -79,11 +79,16 @@ fn write_context(f: &Fleet, name: &str, cert: &str) -> PathBuf {
 
 /// Starts `novacron --config <context> <args>` with piped output.
 fn spawn_cli(f: &Fleet, context: &str, args: &[&str]) -> Child {
+    spawn_cli_reading(f, context, args, Stdio::null())
+}
+
+/// [`spawn_cli`] with `stdin` as its standard input.
+fn spawn_cli_reading(f: &Fleet, context: &str, args: &[&str], stdin: Stdio) -> Child {
     Command::new(bin("novacron"))
         .arg("--config")
         .arg(f.dir.path().join(format!("{context}.toml")))
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -799,16 +804,7 @@ async fn exec_i_pipes_standard_input_to_its_end() {
             "wc -c; exit 4",
         ],
     ] {
-        let mut child = Command::new(bin("novacron"))
-            .arg("--config")
-            .arg(f.dir.path().join("admin.toml"))
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("novacron runs");
+        let mut child = spawn_cli_reading(&f, "admin", &args, Stdio::piped());
         let mut stdin = child.stdin.take().expect("stdin");
         let data = input.clone();
         tokio::spawn(async move {
@@ -862,16 +858,8 @@ async fn a_command_that_ends_while_input_still_flows_reports_its_exit() {
     let f = fleet(&[("a", HOST)]).await;
     let node = f.agents[0].name.clone();
     for round in 0..12 {
-        let mut child = Command::new(bin("novacron"))
-            .arg("--config")
-            .arg(f.dir.path().join("admin.toml"))
-            .args(["exec", "-i", "--node", &node, "--", "sh", "-c", "exit 3"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("novacron runs");
+        let args = ["exec", "-i", "--node", &node, "--", "sh", "-c", "exit 3"];
+        let mut child = spawn_cli_reading(&f, "admin", &args, Stdio::piped());
         let mut stdin = child.stdin.take().expect("stdin");
         // Input keeps coming until the CLI ends (bounded: 64 MiB at most).
         tokio::spawn(async move {

@@ -369,7 +369,11 @@ pub fn tbf_args(bytes_per_sec: u64) -> Vec<String> {
 pub async fn limit_tap(tap: &str, bytes_per_sec: u64) -> Result<(), String> {
     let ifb = ifb_name(tap);
     if bytes_per_sec == 0 {
-        // Nothing to undo on a fresh tap: errors say "no such qdisc".
+        // A limit leaves its IFB device: without one there is nothing to undo
+        // (and no `tc` to run at each start of an unlimited guest).
+        if !Path::new("/sys/class/net").join(&ifb).exists() {
+            return Ok(());
+        }
         let _ = tc(&["qdisc", "del", "dev", tap, "root"]).await;
         let _ = tc(&["qdisc", "del", "dev", tap, "ingress"]).await;
         return remove_ifb(&ifb).await;

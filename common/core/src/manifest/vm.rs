@@ -240,16 +240,21 @@ pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
             ),
         ));
     }
-    if let Some(b) = s.disk_bandwidth
-        && b.0 < 64 << 10
-    {
-        out.push((
-            "diskBandwidth",
-            format!(
-                "{} bytes per second is too little; expected at least 64Ki",
-                b.0
-            ),
-        ));
+    for (key, bandwidth) in [
+        ("diskBandwidth", s.disk_bandwidth),
+        ("networkBandwidth", s.network_bandwidth),
+    ] {
+        if let Some(b) = bandwidth
+            && b.0 < 64 << 10
+        {
+            out.push((
+                key,
+                format!(
+                    "{} bytes per second is too little; expected at least 64Ki",
+                    b.0
+                ),
+            ));
+        }
     }
     if let Some(n) = s.disk_iops
         && !(1..=1_000_000).contains(&n)
@@ -257,17 +262,6 @@ pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
         out.push((
             "diskIops",
             format!("{n} is out of range; expected 1 to 1000000"),
-        ));
-    }
-    if let Some(b) = s.network_bandwidth
-        && b.0 < 64 << 10
-    {
-        out.push((
-            "networkBandwidth",
-            format!(
-                "{} bytes per second is too little; expected at least 64Ki",
-                b.0
-            ),
         ));
     }
     if let Some(m) = &s.machine
