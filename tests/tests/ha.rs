@@ -85,6 +85,14 @@ async fn same_work(c: &Controller, job: &str, before: &BTreeSet<String>) -> Resu
     )
     .await?;
     for _ in 0..6 {
+        // An unanswered query would read as no allocations: say which it was
+        // (a local CI run once failed here with an empty set, nothing more).
+        if let Err(e) = c.job(job).await {
+            panic!(
+                "the controller did not answer for job {job}: {e:#}\n{}",
+                c.logs()
+            );
+        }
         assert_eq!(&running(c, job).await, before, "allocations changed");
         assert_eq!(
             job_containers(job).len(),
