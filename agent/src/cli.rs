@@ -489,6 +489,21 @@ async fn run(loaded: &config::Loaded, args: RunArgs) -> i32 {
     let mut sampler = Sampler::new(Box::new(host), gpus).publishing_to(latest_tx);
     let mut capacity = sampler.capacity();
     capacity.dynamic_ports = args.dynamic_ports;
+    if vms.is_some() {
+        // GPUs bound to vfio-pci, which only a virtual machine can use.
+        let first = u32::try_from(capacity.gpus.len()).unwrap_or(u32::MAX);
+        let passthrough =
+            tokio::task::spawn_blocking(move || crate::runtime::vm::vfio::host_gpus(first))
+                .await
+                .unwrap_or_default();
+        if !passthrough.is_empty() {
+            info!(
+                gpus = passthrough.len(),
+                "GPUs bound to vfio-pci pass through to virtual machines"
+            );
+        }
+        capacity.gpus.extend(passthrough);
+    }
     let ingress = args.ingress_address.map(|address| {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         crate::ingress::Ingress::new(address, workers)

@@ -1717,3 +1717,62 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
     .with_context(|| f.agents[0].log())?;
     Ok(())
 }
+
+/// A VM that asks for a GPU gets a whole one passed through (bound to
+/// vfio-pci), never one of NVIDIA's driver, and never runs without it: on a
+/// node that offers none (no GPU here), it waits and its job says why. Such
+/// a VM cannot be snapshotted, so a checkpoint policy is refused at apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_asking_for_a_gpu_waits_for_a_passthrough_one_and_says_why() -> Result<()> {
+    require_vm_setup()?;
+    let (_dir, c, _agent) = one_node_fleet("vm-gpu", "vm-gpu-0", &[]).await?;
+    let job = |extra: &str| {
+        format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: gpuvm
+spec:
+  type: service
+  replicas: 1
+  task:
+    image: {GUEST_IMAGE}
+    pullPolicy: never
+    vm:
+      memory: 128Mi
+      initrd: /boot/initrd.img
+  resources: {{cpu: 1, memory: 256Mi, gpus: {{count: 1, model: H100}}}}
+{extra}"
+        )
+    };
+    let refused = c
+        .apply("gpuvm.yaml", &job("  checkpoint: {interval: 10m}\n"))
+        .await
+        .expect_err("a snapshot policy on a passthrough VM");
+    assert!(
+        refused
+            .to_string()
+            .contains("a virtual machine with passthrough GPUs cannot be snapshotted"),
+        "{refused}"
+    );
+    c.apply("gpuvm.yaml", &job("")).await?;
+    let wanted = "insufficient GPUs for passthrough (bound to vfio-pci)";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while !last.contains(wanted) {
+        if std::time::Instant::now() > deadline {
+            bail!("the job never said it waits for a passthrough GPU; its message: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(d) = c.job("gpuvm").await {
+            last = d.summary.message;
+        }
+    }
+    let d = c.job("gpuvm").await?;
+    assert!(
+        d.allocations.iter().all(|a| a.state != AllocState::Running),
+        "a VM ran without its GPU: {:?}",
+        d.allocations
+    );
+    Ok(())
+}

@@ -102,6 +102,7 @@ impl NvmlCollector {
                     Field::MemoryTotal,
                     &mut logged,
                 ),
+                vfio_address: None,
             });
         }
         let logged = vec![0; devices.len()];

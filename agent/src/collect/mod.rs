@@ -259,6 +259,7 @@ mod tests {
                     uuid: format!("GPU-fake-{index}"),
                     model: "Fake H100".into(),
                     memory_bytes: 80 * GIB,
+                    vfio_address: None,
                 })
                 .collect()
         }

@@ -195,6 +195,7 @@ fn fleet(n: usize, rng: &mut Rng) -> Vec<NodeInfo> {
                         uuid: format!("GPU-{i:05}-{g}"),
                         model: model.0.to_string(),
                         memory_bytes: model.1 * GI,
+                        vfio_address: None,
                     })
                     .collect(),
             },

@@ -456,7 +456,8 @@ pub struct Resources {
     /// the serialized spec when 0, so that jobs without it keep their version hash.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk: ByteSize,
-    /// GPUs.
+    /// GPUs: a container gets GPUs of the host's NVIDIA driver, a virtual
+    /// machine GPUs bound to vfio-pci, passed through whole (chosen by model).
     #[serde(default)]
     pub gpus: Option<GpuRequest>,
 }

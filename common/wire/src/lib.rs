@@ -727,15 +727,37 @@ impl fmt::Display for PortRange {
 #[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
-    /// NVML index.
+    /// NVML index; a passthrough GPU's index follows NVML's.
     pub index: u32,
-    /// Stable identifier (`GPU-...`).
+    /// Stable identifier: `GPU-...` (NVML's), or `VFIO-<PCI address>` for a
+    /// passthrough GPU.
     pub uuid: String,
     /// Model name.
     pub model: String,
-    /// Memory in bytes.
+    /// Memory in bytes (0 for a passthrough GPU: no driver of the host knows).
     pub memory_bytes: u64,
+    /// The PCI address of a GPU bound to `vfio-pci`, which only a virtual
+    /// machine can use (passed through whole); `None` for a GPU that the
+    /// host's NVIDIA driver holds, which only containers can use. Appended
+    /// within protocol 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_address: Option<String>,
 }
+
+impl GpuInfo {
+    /// The `uuid` of the passthrough GPU at PCI address `address`.
+    pub fn vfio_uuid(address: &str) -> String {
+        format!("{VFIO_UUID_PREFIX}{address}")
+    }
+
+    /// Whether only a virtual machine can use it.
+    pub fn is_passthrough(&self) -> bool {
+        self.vfio_address.is_some()
+    }
+}
+
+/// How a passthrough GPU's `uuid` starts.
+pub const VFIO_UUID_PREFIX: &str = "VFIO-";
 
 /// What a node can do.
 #[derive(Debug, Clone, Default, PartialEq, Encode, Decode, Serialize, Deserialize)]

@@ -483,7 +483,7 @@ structs! {
     Refusal { code, message };
     Capacity { cpu_millis, memory_bytes, disk_bytes, gpus, dynamic_ports };
     PortRange { first, last };
-    GpuInfo { index, uuid, model, memory_bytes };
+    GpuInfo { index, uuid, model, memory_bytes } + { vfio_address: None };
     Capabilities { docker_version, live_checkpoint, gpu_driver, os, arch } + { live_checkpoint_reason: None, vm: None, oci: None };
     StreamOpen { protocol_version, kind };
     MetricsBatch { samples, dropped_total };

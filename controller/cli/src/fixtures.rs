@@ -101,6 +101,7 @@ pub fn fixture() -> Vec<NodeView> {
                     uuid: "GPU-1234".into(),
                     model: "NVIDIA H100".into(),
                     memory_bytes: 80 * GI,
+                    vfio_address: None,
                 }],
             },
             capabilities: Capabilities {

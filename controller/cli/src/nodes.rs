@@ -262,14 +262,24 @@ impl TableRow for GpuSample {
 
 impl TableRow for GpuInfo {
     fn headers() -> &'static [&'static str] {
-        &["GPU", "MODEL", "MEMORY", "UUID"]
+        &["GPU", "MODEL", "MEMORY", "FOR", "UUID"]
     }
 
     fn cells(&self, _now: SystemTime) -> Vec<String> {
         vec![
             self.index.to_string(),
             self.model.clone(),
-            output::bytes(self.memory_bytes),
+            // A passthrough GPU's memory is unknown to the host.
+            if self.is_passthrough() {
+                "-".to_owned()
+            } else {
+                output::bytes(self.memory_bytes)
+            },
+            if self.is_passthrough() {
+                "vms (vfio-pci)".to_owned()
+            } else {
+                "containers".to_owned()
+            },
             self.uuid.clone(),
         ]
     }

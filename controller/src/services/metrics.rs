@@ -780,6 +780,7 @@ mod tests {
                     uuid: format!("GPU-{name}-0"),
                     model: "NVIDIA H100".into(),
                     memory_bytes: 80 * GIB,
+                    vfio_address: None,
                 }],
             },
             capabilities: Capabilities {

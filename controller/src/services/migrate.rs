@@ -184,6 +184,11 @@ impl Migrations {
                 record.state
             )));
         }
+        if self.workloads.is_vm(alloc)
+            && let Some(why) = passthrough_problem(&record.gpu_uuids, to)
+        {
+            return Err(MigrateError::Invalid(format!("allocation {alloc} {why}")));
+        }
         let policy = self.workloads.checkpoint_policy(alloc).map_err(not_found)?;
         let mode = mode
             .or(policy.as_ref().map(|p| p.mode))
@@ -1141,6 +1146,18 @@ enum Step {
     ClearRestore,
 }
 
+/// Why a virtual machine with the GPUs `gpu_uuids` cannot `to` (be
+/// checkpointed, migrate): QEMU cannot save the state of a device passed
+/// through, so a guest with one neither snapshots nor moves live.
+pub fn passthrough_problem(gpu_uuids: &[String], to: &str) -> Option<String> {
+    (!gpu_uuids.is_empty()).then(|| {
+        format!(
+            "is a virtual machine with passthrough GPUs ({}): QEMU cannot save a passed-through device's state, so it cannot {to}; stop it and start it elsewhere instead",
+            gpu_uuids.join(", ")
+        )
+    })
+}
+
 /// How a live migration between two runc nodes moves memory (pure): the
 /// copy mode asked for when both ends can run it, else post-copy when both
 /// support lazy pages, else stop-copy. Pre-copy rounds (CRIU's `pre-dump`
@@ -1357,6 +1374,17 @@ mod tests {
             lazy_pages: lazy,
             dirty_tracking: dirty,
         }
+    }
+
+    #[test]
+    fn a_guest_with_passthrough_gpus_neither_snapshots_nor_moves() {
+        assert_eq!(passthrough_problem(&[], "migrate"), None);
+        let why =
+            passthrough_problem(&["VFIO-0000:65:00.0".to_owned()], "migrate").expect("refused");
+        assert!(
+            why.contains("VFIO-0000:65:00.0") && why.contains("cannot migrate"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod cgroup;
 mod migrate;
 pub mod qemu;
 mod qmp;
+pub mod vfio;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -106,6 +107,10 @@ struct Meta {
     /// leaves the guest paused. A guest a snapshot pauses is not suspended.
     #[serde(default)]
     suspended: bool,
+    /// The PCI addresses of the GPUs passed through to it (the scheduler's
+    /// choice among the node's `vfio-pci` GPUs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gpus: Vec<String>,
 }
 
 impl Meta {
@@ -532,6 +537,7 @@ impl VmDriver {
                 message: format!("virtual machine {id} exists"),
             });
         }
+        let gpus = passthrough_gpus(&config.gpu_uuids).map_err(|e| daemon("create", e))?;
         let inside = |p: &str| image_dir.join(p.trim_start_matches('/'));
         let kernel = inside(&vm.kernel);
         if !kernel.is_file() {
@@ -631,6 +637,7 @@ impl VmDriver {
             started_unix_ms: None,
             exit: None,
             suspended: false,
+            gpus,
             cpu_millis: config
                 .nano_cpus
                 .map_or(0, |n| u64::try_from(n / 1_000_000).unwrap_or(0)),
@@ -744,18 +751,22 @@ impl VmDriver {
             },
         };
         let mut args = qemu::args(&meta.vm, accel, &paths, net);
+        for gpu in &meta.gpus {
+            let functions = vfio::group(Path::new("/sys"), gpu)
+                .map_err(|e| daemon("start", format!("GPU passthrough: {e}")))?;
+            args.extend(vfio::args(&functions));
+        }
         if let Some(sock) = incoming {
             args.extend(["-incoming".to_owned(), format!("unix:{}", sock.display())]);
         }
         let limits = meta.limits(accel);
-        let (mut program, mut argv) = qemu::launch(
-            self.launcher,
-            &self.qemu,
-            id,
-            &pidfile,
-            &args,
-            &limits.systemd_properties(),
-        );
+        let mut properties = limits.systemd_properties();
+        if !meta.gpus.is_empty() {
+            // A device's DMA needs the guest's whole memory locked.
+            properties.push("--property=LimitMEMLOCK=infinity".to_owned());
+        }
+        let (mut program, mut argv) =
+            qemu::launch(self.launcher, &self.qemu, id, &pidfile, &args, &properties);
         if self.launcher == Launcher::Direct && limits.any() {
             // Its own cgroup, joined before QEMU runs (the systemd launcher's
             // unit carries the same limits as properties).
@@ -1208,6 +1219,23 @@ async fn overlay_disk(base: &Path, overlay: &Path, bytes: u64) -> Result<(), Run
 /// before its first instruction, `-S`): on nested KVM that lacks what the host
 /// model needs it exits at once ("failed to set MSR"). Passing says nothing yet
 /// about booting a guest; [`probe_kvm`] does that at the first boot.
+/// The PCI addresses of the passthrough GPUs among an allocation's GPUs.
+/// A GPU of NVIDIA's driver cannot go to a guest.
+fn passthrough_gpus(uuids: &[String]) -> Result<Vec<String>, String> {
+    uuids
+        .iter()
+        .map(|u| {
+            u.strip_prefix(novacron_common::wire::VFIO_UUID_PREFIX)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    format!(
+                        "GPU {u} is held by the host's NVIDIA driver: a virtual machine takes only GPUs bound to vfio-pci"
+                    )
+                })
+        })
+        .collect()
+}
+
 async fn start_kvm(qemu: &Path) -> Result<(), String> {
     let mut child = tokio::process::Command::new(qemu)
         .args([
@@ -1413,6 +1441,20 @@ fn daemon(op: &'static str, message: String) -> RuntimeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_takes_passthrough_gpus_and_refuses_the_driver_s() {
+        assert_eq!(
+            passthrough_gpus(&["VFIO-0000:65:00.0".into(), "VFIO-0000:66:00.0".into()]),
+            Ok(vec!["0000:65:00.0".to_owned(), "0000:66:00.0".to_owned()])
+        );
+        assert_eq!(passthrough_gpus(&[]), Ok(vec![]));
+        let why = passthrough_gpus(&["GPU-1234".into()]).expect_err("NVIDIA's");
+        assert!(
+            why.contains("GPU-1234") && why.contains("vfio-pci"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn cpu_ticks_and_tails() {

@@ -185,6 +185,23 @@ impl Checker<'_> {
         {
             self.bad(p.key("task").key("vm").key("networkBandwidth"), m);
         }
+        if s.task.vm.is_some()
+            && let Some(g) = s.resources.gpus.as_ref().filter(|g| g.count > 0)
+        {
+            // A VM's GPUs pass through whole, bound to vfio-pci.
+            if g.memory.is_some() {
+                self.bad(
+                    p.key("resources").key("gpus").key("memory"),
+                    "a virtual machine's GPUs pass through bound to vfio-pci, whose memory the host does not know; choose them by model instead".into(),
+                );
+            }
+            if s.checkpoint.is_some() {
+                self.bad(
+                    p.key("checkpoint"),
+                    "a virtual machine with passthrough GPUs cannot be snapshotted (QEMU cannot save a passed-through device's state); leave out checkpoint".into(),
+                );
+            }
+        }
         self.placement(&s.placement, &p.key("placement"));
         self.restart(&s.restart, &p.key("restart"));
         if let Some(h) = &s.health {
@@ -994,6 +1011,35 @@ mod tests {
         ] {
             assert!(errors.contains(wanted), "{wanted}\n{errors}");
         }
+    }
+
+    #[test]
+    fn a_vm_s_gpus_pass_through_by_model_and_never_with_snapshots() {
+        let job = |gpus: &str, extra: &str| {
+            format!(
+                "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {{name: vm}}\nspec:\n  task:\n    \
+                 image: novacron/guest-tiny:1\n    vm: {{memory: 256Mi}}\n  \
+                 resources: {{cpu: 1, memory: 512Mi, gpus: {gpus}}}\n{extra}"
+            )
+        };
+        crate::manifest::parse_job("ok.yaml", &job("{count: 1, model: H100}", ""))
+            .expect("a passthrough GPU by model");
+        let errors = crate::manifest::parse_job(
+            "bad.yaml",
+            &job("{count: 1, memory: 80Gi}", "  checkpoint: {interval: 1h}\n"),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for wanted in [
+            "spec.resources.gpus.memory: a virtual machine's GPUs pass through bound to vfio-pci",
+            "spec.checkpoint: a virtual machine with passthrough GPUs cannot be snapshotted",
+        ] {
+            assert!(errors.contains(wanted), "{wanted}\n{errors}");
+        }
+        // A container's GPU may ask for memory (NVML reports it).
+        let container = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: c}\nspec:\n  task:\n    \
+             image: app:1\n  resources: {cpu: 1, memory: 512Mi, gpus: {count: 1, memory: 80Gi}}\n";
+        crate::manifest::parse_job("c.yaml", container).expect("a container's GPU memory");
     }
 
     #[test]

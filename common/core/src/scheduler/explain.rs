@@ -109,7 +109,12 @@ impl Reason {
                     Some(g) => GpuText(g).to_string(),
                     None => format!("{needed} GPUs"),
                 };
-                format!("insufficient GPUs (needs {what}, best node has {free} free)")
+                let kind = if req.gpu_passthrough {
+                    " for passthrough (bound to vfio-pci)"
+                } else {
+                    ""
+                };
+                format!("insufficient GPUs{kind} (needs {what}, best node has {free} free)")
             }
             Reason::Disk { needed, free } => format!(
                 "insufficient disk (needs {}, best node has {} free)",

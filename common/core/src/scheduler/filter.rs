@@ -107,7 +107,9 @@ impl Filter for JobAntiAffinityFilter {
 }
 
 /// Built-in filter: enough free GPUs whose model contains the requested substring
-/// (ASCII case-insensitive) and with at least the requested memory.
+/// (ASCII case-insensitive) and with at least the requested memory, of the kind
+/// the task uses (passthrough for a virtual machine, NVIDIA's driver for a
+/// container).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GpuFilter;
 
@@ -119,7 +121,7 @@ impl Filter for GpuFilter {
         let Some(g) = req.resources.gpus.as_ref().filter(|g| g.count > 0) else {
             return Ok(());
         };
-        let free = (gpu_matching(node.info, g) & node.free_gpus).count_ones();
+        let free = (gpu_matching(node.info, g, req.gpu_passthrough) & node.free_gpus).count_ones();
         if free >= g.count {
             Ok(())
         } else {
@@ -135,7 +137,9 @@ impl Filter for GpuFilter {
         };
         let mut s = NodeSet::empty(snap.len());
         for &i in &snap.gpu_nodes {
-            if gpu_matching(&snap.nodes[i as usize].info, g).count_ones() >= g.count {
+            if gpu_matching(&snap.nodes[i as usize].info, g, req.gpu_passthrough).count_ones()
+                >= g.count
+            {
                 s.insert(i);
             }
         }
@@ -252,8 +256,10 @@ impl Filter for PortFilter {
     }
 }
 
-/// The GPUs of `info` that match `g` (model substring, memory), as a mask.
-pub(super) fn gpu_matching(info: &NodeInfo, g: &GpuRequest) -> u64 {
+/// The GPUs of `info` that match `g` (model substring, memory), as a mask:
+/// those bound to `vfio-pci` for a virtual machine (`passthrough`), those of
+/// NVIDIA's driver for a container, as neither can use the other kind.
+pub(super) fn gpu_matching(info: &NodeInfo, g: &GpuRequest, passthrough: bool) -> u64 {
     let mut mask = 0u64;
     for (i, gpu) in info
         .capacity
@@ -267,7 +273,7 @@ pub(super) fn gpu_matching(info: &NodeInfo, g: &GpuRequest) -> u64 {
             .as_deref()
             .is_none_or(|m| contains_ignore_ascii_case(&gpu.model, m));
         let mem_ok = g.memory.is_none_or(|m| gpu.memory_bytes >= m.0);
-        if model_ok && mem_ok {
+        if model_ok && mem_ok && gpu.is_passthrough() == passthrough {
             mask |= 1 << i;
         }
     }
@@ -280,7 +286,7 @@ pub(super) fn choose_gpus(view: &NodeView<'_>, req: &Request) -> u64 {
     let Some(g) = req.resources.gpus.as_ref().filter(|g| g.count > 0) else {
         return 0;
     };
-    let free = gpu_matching(view.info, g) & view.free_gpus;
+    let free = gpu_matching(view.info, g, req.gpu_passthrough) & view.free_gpus;
     let gpus = &view.info.capacity.gpus;
     let mut order: Vec<usize> = (0..gpus.len()).filter(|i| free & (1 << i) != 0).collect();
     order.sort_by_key(|&i| (gpus[i].memory_bytes, i));

@@ -309,6 +309,9 @@ pub struct Request {
     /// Nodes that already hold the task's image (from their inventories): the
     /// `image` scorer prefers them.
     pub image_nodes: BTreeSet<String>,
+    /// Whether its GPUs are passed through to a virtual machine (GPUs bound to
+    /// `vfio-pci`) rather than given to a container (GPUs of NVIDIA's driver).
+    pub gpu_passthrough: bool,
 }
 
 impl Request {
@@ -324,6 +327,7 @@ impl Request {
             avoid: Vec::new(),
             ports: Vec::new(),
             image_nodes: BTreeSet::new(),
+            gpu_passthrough: false,
         }
     }
 
@@ -369,6 +373,8 @@ impl Request {
                 })
                 .collect(),
             image_nodes: BTreeSet::new(),
+            // A virtual machine's GPUs are whole devices passed through.
+            gpu_passthrough: spec.task.vm.is_some(),
         }
     }
 

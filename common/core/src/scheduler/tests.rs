@@ -36,6 +36,18 @@ fn gpu(uuid: &str, model: &str, mem_gi: u64) -> GpuInfo {
         uuid: uuid.into(),
         model: model.into(),
         memory_bytes: mem_gi * GI,
+        vfio_address: None,
+    }
+}
+
+/// A GPU bound to vfio-pci at `address`, for virtual machines only.
+fn vfio_gpu(address: &str, model: &str) -> GpuInfo {
+    GpuInfo {
+        index: 0,
+        uuid: GpuInfo::vfio_uuid(address),
+        model: model.into(),
+        memory_bytes: 0,
+        vfio_address: Some(address.into()),
     }
 }
 
@@ -437,6 +449,57 @@ fn gpu_filter_matches_model_substring_and_memory() {
         out.explanation.to_string(),
         "0/3 nodes fit: 3 insufficient GPUs (needs 1 GPU matching \"H100\", best node has 0 free)"
     );
+}
+
+#[test]
+fn a_vm_gets_only_passthrough_gpus_and_a_container_only_the_driver_s() {
+    let snap = Snapshot::new(
+        vec![
+            gpu_node("nvml", vec![gpu("GPU-a", "NVIDIA H100", 80)]),
+            gpu_node(
+                "vfio",
+                vec![vfio_gpu(
+                    "0000:65:00.0",
+                    "NVIDIA Corporation GH100 [H100 PCIe]",
+                )],
+            ),
+        ],
+        vec![],
+    )
+    .expect("snapshot");
+    let container = gpu_req("t", 1, Some("H100"), None);
+    let out = schedule(&snap, &container);
+    assert_eq!(nodes_of(&out), ["nvml"]);
+    assert_eq!(out.assignments[0].gpu_uuids, ["GPU-a"]);
+    let mut vm = gpu_req("vm", 1, Some("H100"), None);
+    vm.gpu_passthrough = true;
+    let out = schedule(&snap, &vm);
+    assert_eq!(nodes_of(&out), ["vfio"]);
+    assert_eq!(out.assignments[0].gpu_uuids, ["VFIO-0000:65:00.0"]);
+    assert_eq!(
+        GpuFilter.check(&view_of(&snap, "nvml"), &vm),
+        Err(Reason::Gpu { needed: 1, free: 0 })
+    );
+    // Two passthrough GPUs where the fleet has one: said as such.
+    vm.resources.gpus = Some(GpuRequest {
+        count: 2,
+        model: None,
+        memory: None,
+    });
+    let out = schedule(&snap, &vm);
+    assert_eq!(out.unplaced, 1);
+    assert_eq!(
+        out.explanation.to_string(),
+        "0/2 nodes fit: 2 insufficient GPUs for passthrough (bound to vfio-pci) (needs 2 GPUs, best node has 1 free)"
+    );
+    // A VM's job asks for passthrough through its task.
+    let spec: crate::manifest::Job = crate::manifest::parse_job(
+        "vm.yaml",
+        "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: vm}\nspec:\n  task:\n    \
+         image: g:1\n    vm: {memory: 256Mi}\n  resources: {cpu: 1, memory: 512Mi, gpus: {count: 1}}\n",
+    )
+    .expect("job");
+    assert!(Request::from_spec("vm", &spec.spec, 1).gpu_passthrough);
 }
 
 #[test]
@@ -1221,6 +1284,7 @@ fn fleet_strategy() -> impl proptest::strategy::Strategy<Value = Vec<NodeInfo>> 
                                     uuid: format!("GPU-{i}-{g}"),
                                     model: MODELS[m].to_string(),
                                     memory_bytes: mem * GI,
+                                    vfio_address: None,
                                 })
                                 .collect(),
                         },

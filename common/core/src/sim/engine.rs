@@ -1683,6 +1683,7 @@ fn node_info(name: &str, pool: &PoolSpec, zone: &str, ready: bool) -> NodeInfo {
                 uuid: format!("{name}-gpu{i}"),
                 model: g.model.clone(),
                 memory_bytes: g.memory.0,
+                vfio_address: None,
             })
             .collect()
     });

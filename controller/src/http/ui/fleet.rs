@@ -289,6 +289,7 @@ mod tests {
             uuid: "GPU-1".into(),
             model: "<i>A100</i>".into(),
             memory_bytes: 40 << 30,
+            vfio_address: None,
         }];
         let mut row_html = String::new();
         row(&mut row_html, &n, SystemTime::UNIX_EPOCH);

@@ -1671,6 +1671,7 @@ mod tests {
                     uuid: "GPU-1".into(),
                     model: "H100".into(),
                     memory_bytes: 80 << 30,
+                    vfio_address: None,
                 }],
             },
             capabilities: Capabilities {
