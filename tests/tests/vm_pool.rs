@@ -7,7 +7,8 @@
 //! on the VM host, the guest boots, its seed joins the fleet with the node's
 //! single-use token, and the job's container runs in the guest's own Docker, from
 //! an image the guest pulls through its agent from the controller's image store.
-//! Once the job stops, the idle node is drained, revoked, and its VM stopped.
+//! Once the job stops, the idle node is drained, revoked, and its VM stopped;
+//! its VM job is purged once the guest is gone.
 //! Everything goes through the CLI as typed.
 
 use std::time::{Duration, Instant};
@@ -307,16 +308,16 @@ async fn a_qemu_pool_adds_a_vm_node_that_joins_and_runs_a_container_then_removes
     let pools = succeeded(&c.cli(&["pool", "list"]));
     assert!(pools.contains(&pool) && pools.contains("qemu"), "{pools}");
 
-    // The job stops: the idle node is drained, revoked and its VM powered off.
+    // The job stops: the idle node is drained, revoked and its VM powered off,
+    // and the node's VM job, once its guest is gone, is purged (not left
+    // behind as a stopped job for every node the pool ever had).
     succeeded(&c.cli(&["job", "stop", &job]));
     if let Err(e) = wait_for(SCALE_IN, "the idle VM node removed", || async {
-        let vm_stopped = c.job(&node).await.is_ok_and(|d| {
-            d.summary.status == "stopped"
-                && d.allocations
-                    .iter()
-                    .all(|a| !a.desired_run || a.state.is_terminal())
-        });
-        vm_stopped && live_qemus(&host).is_empty()
+        let vm_job_purged = c
+            .job(&node)
+            .await
+            .is_err_and(|e| e.to_string().contains("404"));
+        vm_job_purged && live_qemus(&host).is_empty()
     })
     .await
     {

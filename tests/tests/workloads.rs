@@ -1106,3 +1106,79 @@ async fn a_system_job_wants_one_replica_per_eligible_node() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2 wanted, 2 running"), "{text}");
 }
+
+/// `novacron job stop NAME --purge`, as typed: the job stops, and once its
+/// allocations have stopped the controller forgets it (versions and
+/// allocations; its events stay), its containers go, and the name is free:
+/// applied again, it starts at version 1.
+#[tokio::test]
+async fn a_purged_job_is_forgotten_with_its_allocations_and_its_name_is_free() {
+    let f = fleet(1).await;
+    let c = &f.controller;
+    let job = format!("purged-{}", std::process::id());
+    let _cleanup = JobCleanup(job.clone());
+    c.apply("purged.yaml", &service(&job, 1, ""))
+        .await
+        .expect("apply");
+    wait_for(Duration::from_secs(60), "purged running", || async {
+        running(c, &job).await.len() == 1
+    })
+    .await
+    .expect("running");
+    let alloc = running(c, &job).await[0].id.clone();
+    assert!(!container_of(&alloc).is_empty(), "its container runs");
+    let out = c.cli(&["job", "stop", &job, "--purge", "--wait", "60s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("job {job} stopped and purged")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Gone from the API and the CLI's views.
+    assert!(c.job(&job).await.is_err(), "the job is still shown");
+    let list = c.cli(&["job", "list"]);
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&job),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    let show = c.cli(&["job", "show", &job]);
+    assert!(!show.status.success(), "job show of a purged job succeeded");
+    let allocs = c.cli(&["alloc", "list", "-o", "json"]);
+    assert!(
+        !String::from_utf8_lossy(&allocs.stdout).contains(&alloc),
+        "the allocation is still listed"
+    );
+    // Its container goes from the node, stopped or not.
+    wait_for(Duration::from_secs(30), "the container removed", || async {
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=novacron.alloc={alloc}"),
+        ])
+        .is_ok_and(|s| s.is_empty())
+    })
+    .await
+    .expect("container removed");
+    // The events stay, with the purge.
+    let events = c.cli(&["events", "--job", &job, "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("job.stopped") && events.contains("job.purged"),
+        "{events}"
+    );
+    // The name is free: a new job, version 1.
+    let again = c
+        .apply("purged.yaml", &service(&job, 1, ""))
+        .await
+        .expect("apply again");
+    assert_eq!(again["version"], 1, "{again}");
+    // Unknown jobs are said so.
+    let unknown = c.cli(&["job", "stop", "nosuchjob", "--purge"]);
+    assert!(
+        !unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("nosuchjob"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}

@@ -31,6 +31,14 @@ pub enum JobCommand {
         /// The job.
         #[arg(add = crate::complete::jobs())]
         name: String,
+        /// Then purge it: once its allocations have stopped, the controller
+        /// forgets it with its versions and allocations (its events stay), and
+        /// the name is free.
+        #[arg(long)]
+        purge: bool,
+        /// With --purge, how long to wait for the allocations to stop.
+        #[arg(long, default_value = "60s", value_parser = parse_wait, requires = "purge")]
+        wait: Duration,
     },
     /// Show what applying a Job manifest would do, changing nothing: the fields
     /// that differ from the stored job and the allocations the controller's next
@@ -679,12 +687,39 @@ pub async fn run_job(
                 _ => output::write_value(out, format, &result)?,
             }
         }
-        JobCommand::Stop { name } => {
+        JobCommand::Stop {
+            name, purge: false, ..
+        } => {
             let () = client
                 .post(&["v1", "jobs", name, "stop"], &serde_json::json!({}))
                 .await?;
             writeln!(out, "job {name} stopped; its allocations are stopping")
                 .map_err(output::OutputError::Io)?;
+        }
+        JobCommand::Stop {
+            name,
+            purge: true,
+            wait,
+        } => {
+            // The controller stops the job, then purges it once its
+            // allocations have ended (409 until then).
+            let deadline = std::time::Instant::now() + *wait;
+            loop {
+                match client
+                    .delete_query(&["v1", "jobs", name], &[("purge", "true")])
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(super::client::ClientError::Status { status, .. })
+                        if status == reqwest::StatusCode::CONFLICT
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            writeln!(out, "job {name} stopped and purged").map_err(output::OutputError::Io)?;
         }
     }
     Ok(())
@@ -1187,6 +1222,11 @@ fn truncate(s: &str, max: usize) -> String {
         t.push('…');
         t
     }
+}
+
+/// A duration such as `30s` or `2m`.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 30s, 2m"))
 }
 
 #[cfg(test)]

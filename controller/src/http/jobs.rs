@@ -101,13 +101,39 @@ async fn show_job(
     Ok(Json(st.workloads.job(&name).map_err(workload_problem)?).into_response())
 }
 
-#[utoipa::path(delete, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping: its allocations stop (`POST /v1/jobs/{name}/stop` does the same)"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+/// Options of `DELETE /v1/jobs/{name}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteOptions {
+    /// Also purge the job: once all its allocations have ended, forget it with
+    /// its versions and allocations (its events stay). While an allocation is
+    /// still stopping, the answer is 409 and the job stays stopped; ask again.
+    #[serde(default)]
+    pub purge: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/jobs/{name}", tag = "workloads", params(("name" = String, Path, description = "job name"), DeleteOptions), responses((status = 204, description = "stopping: its allocations stop (`POST /v1/jobs/{name}/stop` does the same); with `purge`, stopped and purged"), (status = 400, description = "a malformed query (`purge` takes true or false)", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "`purge`: the job is stopped, but an allocation of it is still stopping; the message names them", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn delete_job(
     state: State<Arc<ApiState>>,
     caller: Caller,
-    name: Path<String>,
+    Path(name): Path<String>,
+    Query(opts): Query<DeleteOptions>,
 ) -> Result<StatusCode, Problem> {
-    stop_job(state, caller, name).await
+    if !opts.purge || !state.workloads.is_stopped(&name) {
+        stop_job(state.clone(), caller.clone(), Path(name.clone())).await?;
+    }
+    if !opts.purge {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let by = caller.0.to_string();
+    state
+        .workloads
+        .purge(&name, &by)
+        .map_err(workload_problem)?;
+    state
+        .events
+        .note(NewEvent::new(kind::JOB_PURGED, by, format!("job {name} purged")).job(&name));
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{name}/stop", tag = "workloads", params(("name" = String, Path, description = "job name")), responses((status = 204, description = "stopping (the same as `DELETE /v1/jobs/{name}`)"), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]

@@ -34,6 +34,8 @@ pub mod kind {
     pub const JOB_APPLIED: &str = "job.applied";
     /// A job was stopped by an operator.
     pub const JOB_STOPPED: &str = "job.stopped";
+    /// A stopped job was purged: forgotten with its versions and allocations.
+    pub const JOB_PURGED: &str = "job.purged";
     /// A job version became stable, was reverted, completed or is failing.
     pub const JOB_CHANGED: &str = "job.changed";
     /// An allocation was placed on a node.

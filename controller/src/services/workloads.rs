@@ -558,6 +558,59 @@ impl Workloads {
         Ok(())
     }
 
+    /// Purges job `name`: a stopped job whose allocations have all ended is
+    /// forgotten with its versions and allocations (its events stay). The
+    /// name is free again; a later apply starts at version 1. Refused while
+    /// the job runs or an allocation of it is still stopping.
+    pub fn purge(&self, name: &str, by: &str) -> Result<(), WorkloadError> {
+        let mut st = self.lock();
+        let entry = st
+            .jobs
+            .get(name)
+            .ok_or_else(|| WorkloadError::UnknownJob(name.to_string()))?;
+        if !entry.record.stopped {
+            return Err(WorkloadError::Conflict(format!(
+                "job {name} is not stopped; stop it first (novacron job stop {name} --purge does both)"
+            )));
+        }
+        let allocs: Vec<&AllocRecord> = st.allocs.values().filter(|a| a.job == name).collect();
+        let stopping: Vec<&str> = allocs
+            .iter()
+            .filter(|a| !a.state.is_terminal())
+            .map(|a| a.id.as_str())
+            .collect();
+        if !stopping.is_empty() {
+            return Err(WorkloadError::Conflict(format!(
+                "job {name} still has {} allocation(s) stopping ({}); purge it once they have stopped",
+                stopping.len(),
+                stopping.join(", ")
+            )));
+        }
+        let ids: Vec<String> = allocs.iter().map(|a| a.id.clone()).collect();
+        // Its allocations first: a purge cut short leaves a stopped job with
+        // fewer records, never allocations without their job.
+        self.store.save_allocations(&[], &ids)?;
+        self.store.delete_job(name)?;
+        st.jobs.remove(name);
+        for id in &ids {
+            st.allocs.remove(id);
+            st.dirty_allocs.remove(id);
+            st.migrating.remove(id);
+            st.pulling.remove(id);
+        }
+        st.deleted_allocs.retain(|id| !ids.contains(id));
+        st.dirty_jobs.remove(name);
+        st.unplaced.remove(name);
+        st.failures.retain(|(job, _), _| job != name);
+        st.recoveries.remove(name);
+        drop(st);
+        info!(job = name, by, allocations = ids.len(), "job purged");
+        // The nodes forget its allocations (and remove what is left of them).
+        self.publish();
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Whether job `name` is a VM suspended by an operator.
     pub fn is_suspended(&self, name: &str) -> bool {
         self.lock()
@@ -2567,6 +2620,39 @@ mod tests {
                 address: None,
             }],
         }
+    }
+
+    /// A purge forgets only a stopped job, and only once its allocations have
+    /// ended; then the job and its allocations are gone.
+    #[test]
+    fn a_job_is_purged_only_stopped_and_once_its_allocations_have_ended() {
+        let w = workloads_with(test_alloc("api-1", "n1", AllocState::Running));
+        let job = "apiVersion: novacron.io/v1\nkind: Job\nmetadata: {name: api}\nspec:\n  task: {image: img:1}\n  resources: {cpu: 100m, memory: 32Mi}\n";
+        w.apply("api.yaml", job, "me", SystemTime::now())
+            .expect("apply");
+        let conflict = |r: Result<(), WorkloadError>| match r {
+            Err(WorkloadError::Conflict(m)) => m,
+            other => panic!("expected a conflict, got {other:?}"),
+        };
+        let running = conflict(w.purge("api", "me"));
+        assert!(running.contains("not stopped"), "{running}");
+        w.stop("api", "me").expect("stop");
+        let stopping = conflict(w.purge("api", "me"));
+        assert!(stopping.contains("stopping (api-1)"), "{stopping}");
+        w.report(
+            "n1",
+            &status(AllocState::Stopped, 0, false),
+            SystemTime::now(),
+        );
+        w.purge("api", "me").expect("purge");
+        assert!(matches!(w.job("api"), Err(WorkloadError::UnknownJob(_))));
+        assert!(w.allocations(Some("api"), None).is_empty());
+        assert!(matches!(
+            w.purge("api", "me"),
+            Err(WorkloadError::UnknownJob(_))
+        ));
+        assert!(w.store.jobs().expect("jobs").is_empty());
+        assert!(w.store.allocations().expect("allocations").is_empty());
     }
 
     /// A VM job's replicas, as demands for the node pools, go only where QEMU

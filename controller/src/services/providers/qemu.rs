@@ -3,7 +3,8 @@
 //! after the node) whose guest image runs Docker and `novacron-agent`; its NoCloud
 //! user data writes the agent's settings and joins the fleet with the node's
 //! single-use token, so the guest becomes a schedulable node like any host.
-//! Deleting a node stops its job, which powers the guest off and removes it.
+//! Deleting a node stops its job, which powers the guest off and removes it;
+//! the next [`NodeProvider::list`] purges the job once the guest is gone.
 //!
 //! The scheduler places the VM jobs on nodes that can run VMs (`novacron.io/vm`),
 //! reserving the VM's CPUs and memory there, so a pool's cost and the VM hosts'
@@ -343,9 +344,21 @@ impl NodeProvider for QemuProvider {
     }
 
     async fn list(&self, pool: &str) -> Result<Vec<ProviderNode>, ProviderError> {
-        let mut nodes: Vec<ProviderNode> = self
-            .workloads
-            .jobs()
+        let jobs = self.workloads.jobs();
+        // A deleted node's job, once its guest has powered off, goes with it
+        // (until then the purge is refused and tried again at the next list).
+        for j in jobs
+            .iter()
+            .filter(|j| j.status == "stopped" && self.is_node_job(pool, &j.name))
+        {
+            match self.workloads.purge(&j.name, ACTOR) {
+                Ok(()) | Err(WorkloadError::Conflict(_) | WorkloadError::UnknownJob(_)) => {}
+                Err(e) => {
+                    tracing::warn!(node = %j.name, error = %e, "cannot purge a deleted node's job")
+                }
+            }
+        }
+        let mut nodes: Vec<ProviderNode> = jobs
             .into_iter()
             .filter(|j| j.status != "stopped" && self.is_node_job(pool, &j.name))
             .map(|j| ProviderNode {

@@ -969,6 +969,10 @@ impl Store for EtcdStore {
         self.all(JOBS, "listing jobs")
     }
 
+    fn delete_job(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(JOBS, name, "deleting a job")
+    }
+
     fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError> {
         const OP: &str = "saving allocations";
         let mut ops = Vec::with_capacity(put.len() + delete.len());

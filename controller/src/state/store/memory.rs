@@ -307,6 +307,12 @@ impl Store for MemoryStore {
         Ok(self.state().jobs.values().cloned().collect())
     }
 
+    fn delete_job(&self, name: &str) -> Result<bool, StoreError> {
+        self.check_space("delete_job")?;
+        let mut state = self.state();
+        Ok(state.removed("jobs", name, |s| s.jobs.remove(name).is_some()))
+    }
+
     fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError> {
         self.check_space("save_allocations")?;
         let mut state = self.state();

@@ -95,6 +95,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
     /// All jobs, sorted by name.
     fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Deletes job `name` with its versions (a purge); whether there was one.
+    fn delete_job(&self, name: &str) -> Result<bool, StoreError>;
     /// Saves `put` and deletes `delete` (allocation ids) in one write transaction.
     fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError>;
     /// All allocations, sorted by id.
@@ -1326,6 +1328,10 @@ impl Store for RedbStore {
         Ok(values(self.all(JOBS, "listing jobs")?))
     }
 
+    fn delete_job(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove(JOBS, name, "deleting a job")
+    }
+
     fn save_allocations(&self, put: &[AllocRecord], delete: &[String]) -> Result<(), StoreError> {
         const OP: &str = "saving allocations";
         let txn = self.begin_write(OP)?;
@@ -1946,6 +1952,15 @@ mod tests {
             suspended: false,
         };
         store.put_job(&job).expect("put job");
+        assert_eq!(store.jobs().expect("jobs"), vec![job.clone()]);
+        // A purge deletes it, once.
+        let other = JobRecord {
+            name: "gone".into(),
+            ..job.clone()
+        };
+        store.put_job(&other).expect("put job");
+        assert!(store.delete_job("gone").expect("delete"));
+        assert!(!store.delete_job("gone").expect("delete again"));
         assert_eq!(store.jobs().expect("jobs"), vec![job]);
         store
             .save_allocations(&[alloc_record("a1"), alloc_record("a2")], &[])
