@@ -6,7 +6,8 @@
 //! schedule injects controller crashes and restarts, agent crashes, link drops,
 //! slow container starts, full disks (the store refuses every write for a while),
 //! rollouts to a missing image and operator actions (apply, rollout, stop,
-//! scale, suspend and resume a VM); the invariants are checked after every step.
+//! purge, scale, suspend and resume a VM); the invariants are checked after
+//! every step.
 //!
 //! - CI runs [`DEFAULT_SEEDS`] seeds of [`SIM_MINUTES`] simulated minutes each.
 //! - `NOVACRON_SIM_SEEDS=10000 cargo nextest run -p novacron-tests --test control_loop_sim`
@@ -14,7 +15,8 @@
 //! - `NOVACRON_SIM_SEED=N` replays one seed; a failing seed prints that command.
 //!
 //! Invariants:
-//! 1. no acknowledged job is lost (every applied job is listed, across restarts);
+//! 1. no acknowledged job is lost (every applied job is listed, across restarts,
+//!    until it is purged);
 //! 2. never two running copies of one allocation;
 //! 3. a rolling update never leaves fewer serving replicas than
 //!    `replicas - maxParallel` (checked while no crash or link fault disturbs the
@@ -151,6 +153,10 @@ fn the_control_loop_keeps_its_invariants_under_seeded_faults() {
                 .any(|s| s.suspensions > 1 && s.agent_crashes > 0),
             "no seed suspended and resumed the VM across an agent crash"
         );
+        assert!(
+            done.iter().any(|s| s.purges > 0),
+            "no seed purged a stopped job"
+        );
     }
 }
 
@@ -217,7 +223,7 @@ struct Sim {
     base: Instant,
     wall0: SystemTime,
     now: Duration,
-    /// Jobs the API acknowledged (and not yet... jobs are never deleted here).
+    /// Jobs the API acknowledged and did not purge since.
     acknowledged: BTreeSet<String>,
     /// Until when a crash or link fault may legitimately lower serving replicas.
     disturbed_until: Duration,
@@ -246,6 +252,8 @@ struct Stats {
     disk_full: u32,
     /// Acknowledged suspensions and resumptions of the VM.
     suspensions: u32,
+    /// Acknowledged purges of the other job.
+    purges: u32,
     /// Steps in which web served all its replicas.
     web_full_steps: u32,
     containers_started: u64,
@@ -422,6 +430,14 @@ impl Sim {
             }
             30 => {
                 let _ = self.controller.workloads.stop("batchy", "sim");
+            }
+            // The operator purges the other job: refused unless it is stopped
+            // with every allocation ended; then it is gone (not lost).
+            38..=40 => {
+                if self.controller.workloads.purge("batchy", "sim").is_ok() {
+                    self.acknowledged.remove("batchy");
+                    self.stats.purges += 1;
+                }
             }
             // The operator suspends or resumes the VM.
             34..=37 => {
