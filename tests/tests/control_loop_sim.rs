@@ -433,11 +433,9 @@ impl Sim {
             }
             // The operator purges the other job: refused unless it is stopped
             // with every allocation ended; then it is gone (not lost).
-            38..=40 => {
-                if self.controller.workloads.purge("batchy", "sim").is_ok() {
-                    self.acknowledged.remove("batchy");
-                    self.stats.purges += 1;
-                }
+            38..=40 if self.controller.workloads.purge("batchy", "sim").is_ok() => {
+                self.acknowledged.remove("batchy");
+                self.stats.purges += 1;
             }
             // The operator suspends or resumes the VM.
             34..=37 => {

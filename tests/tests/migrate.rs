@@ -564,6 +564,15 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(copy), "{stdout}");
+    // An operator's checkpoint right after the move, while the controller's
+    // own (below) runs: it waits its turn instead of being refused as busy.
+    let manual = s.controller.cli(&["alloc", "checkpoint", &alloc.id]);
+    assert!(
+        manual.status.success(),
+        "a checkpoint right after the move: {}{}",
+        String::from_utf8_lossy(&manual.stdout),
+        String::from_utf8_lossy(&manual.stderr)
+    );
     // Nothing was stored on the way, so the store then gets a checkpoint of
     // the container where it runs now (its job has a checkpoint policy), for
     // a recovery if b is lost.
@@ -576,9 +585,11 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
                 .controller
                 .cli(&["events", "--alloc", &alloc.id, "-o", "json"]);
             serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).is_ok_and(|events| {
-                events
-                    .iter()
-                    .any(|e| e["kind"] == "checkpoint.created" && e["node"] == target.as_str())
+                events.iter().any(|e| {
+                    e["kind"] == "checkpoint.created"
+                        && e["node"] == target.as_str()
+                        && e["actor"] == "controller"
+                })
             })
         },
     )

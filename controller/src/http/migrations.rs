@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::http::api::{ApiState, Caller, Problem};
-use crate::services::migrate::{MigrateError, MigrationStatus};
+use crate::services::migrate::{BUSY_WAIT, MigrateError, MigrationStatus};
 pub use novacron_api::DrainPlan;
 
 /// The longest job, allocation or node name accepted in a query.
@@ -36,6 +36,7 @@ fn problem(e: MigrateError) -> Problem {
         MigrateError::Invalid(m) => Problem::new(StatusCode::CONFLICT, m),
         MigrateError::NotFound(m) => Problem::new(StatusCode::NOT_FOUND, m),
         MigrateError::Failed(m) => Problem::new(StatusCode::BAD_GATEWAY, m),
+        MigrateError::Busy(m) => Problem::new(StatusCode::CONFLICT, m),
     }
 }
 
@@ -47,7 +48,7 @@ pub struct CheckpointBody {
     pub mode: Option<CheckpointMode>,
 }
 
-#[utoipa::path(post, path = "/v1/allocations/{id}/checkpoint", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = CheckpointBody, responses((status = 200, body = BundleInfo), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, or busy", content_type = "application/problem+json", body = ApiError), (status = 502, description = "the node failed to checkpoint or send it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/allocations/{id}/checkpoint", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = CheckpointBody, responses((status = 200, body = BundleInfo), (status = 400, description = "the body is not valid JSON", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, or still busy after waiting 120 s for a checkpoint or migration already in progress", content_type = "application/problem+json", body = ApiError), (status = 502, description = "the node failed to checkpoint or send it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn checkpoint_alloc(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -55,8 +56,11 @@ async fn checkpoint_alloc(
     Json(body): Json<CheckpointBody>,
 ) -> Result<Json<BundleInfo>, Problem> {
     caller.require(Role::Operator)?;
+    // One already in progress on the allocation (a periodic checkpoint, the
+    // one after a move) is waited for.
+    let by = caller.0.to_string();
     st.migrations
-        .checkpoint(&id, body.mode, &caller.0.to_string())
+        .taking_turns(BUSY_WAIT, || st.migrations.checkpoint(&id, body.mode, &by))
         .await
         .map(Json)
         .map_err(problem)
@@ -119,7 +123,7 @@ pub struct MigrateBody {
     pub copy: Option<novacron_api::CopyMode>,
 }
 
-#[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, busy, or no node can take it", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
+#[utoipa::path(post, path = "/v1/allocations/{id}/migrate", tag = "workloads", params(("id" = String, Path, description = "allocation id")), request_body = MigrateBody, responses((status = 202, description = "started; follow it at /v1/migrations/{id}", body = MigrationStatus), (status = 400, description = "the body is not valid JSON, or a name is too long", content_type = "application/problem+json", body = ApiError), (status = 415, description = "the body is not `application/json`", content_type = "application/problem+json", body = ApiError), (status = 422, description = "the JSON has a field of the wrong type", content_type = "application/problem+json", body = ApiError), (status = 404, content_type = "application/problem+json", body = ApiError), (status = 409, description = "not running, no node can take it, or still busy after waiting 120 s for a checkpoint or migration already in progress", content_type = "application/problem+json", body = ApiError), (status = 401, description = "no or unknown credentials", content_type = "application/problem+json", body = ApiError), (status = 403, description = "the caller's role is too low", content_type = "application/problem+json", body = ApiError)))]
 async fn migrate_alloc(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
@@ -135,15 +139,19 @@ async fn migrate_alloc(
             to.len()
         )));
     }
+    let by = caller.0.to_string();
     st.migrations
-        .start_migration_with(
-            &id,
-            body.to.as_deref(),
-            body.mode,
-            body.max_downtime_ms.map(std::time::Duration::from_millis),
-            body.copy,
-            &caller.0.to_string(),
-        )
+        .taking_turns(BUSY_WAIT, || async {
+            st.migrations.start_migration_with(
+                &id,
+                body.to.as_deref(),
+                body.mode,
+                body.max_downtime_ms.map(std::time::Duration::from_millis),
+                body.copy,
+                &by,
+            )
+        })
+        .await
         .map(|s| (StatusCode::ACCEPTED, Json(s)))
         .map_err(problem)
 }

@@ -89,7 +89,15 @@ pub enum MigrateError {
     /// Something failed on the way.
     #[error("{0}")]
     Failed(String),
+    /// Another checkpoint or migration of the allocation is in progress.
+    #[error("{0}")]
+    Busy(String),
 }
+
+/// How long an operator's checkpoint or migration waits for one already in
+/// progress on the same allocation (a periodic checkpoint, the checkpoint
+/// after a move) before it is refused as busy.
+pub const BUSY_WAIT: Duration = Duration::from_secs(120);
 
 /// Checkpoints and migrations.
 #[derive(Debug)]
@@ -100,6 +108,8 @@ pub struct Migrations {
     bundles: Arc<BundleStore>,
     events: Arc<EventLog>,
     state: Arc<Mutex<State>>,
+    /// Woken whenever an allocation's operation ends ([`Busy`]'s drop).
+    released: Arc<tokio::sync::Notify>,
     /// When this service started: migrations interrupted by a restart are
     /// settled only once the nodes had time to reconnect and report.
     started: Instant,
@@ -137,7 +147,39 @@ impl Migrations {
             bundles,
             events,
             state: Arc::new(Mutex::new(State::default())),
+            released: Arc::new(tokio::sync::Notify::new()),
             started: Instant::now(),
+        }
+    }
+
+    /// Runs `op` (a checkpoint or a migration of `alloc` for an operator),
+    /// again each time an operation in progress on `alloc` ends, while `op` is
+    /// refused as busy, for at most `limit`.
+    pub async fn taking_turns<T, F, Fut>(
+        &self,
+        limit: Duration,
+        mut op: F,
+    ) -> Result<T, MigrateError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, MigrateError>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Made before the attempt, so that an end between the refusal and
+            // the wait still wakes it.
+            let released = self.released.notified();
+            match op().await {
+                Err(MigrateError::Busy(why)) => {
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        return Err(MigrateError::Busy(format!(
+                            "{why} (waited {}s)",
+                            limit.as_secs()
+                        )));
+                    }
+                }
+                other => return other,
+            }
         }
     }
 
@@ -158,12 +200,13 @@ impl Migrations {
 
     fn claim(&self, alloc: &str) -> Result<Busy, MigrateError> {
         if !self.lock().busy.insert(alloc.to_string()) {
-            return Err(MigrateError::Invalid(format!(
+            return Err(MigrateError::Busy(format!(
                 "allocation {alloc} is being checkpointed or migrated already; wait for that to finish"
             )));
         }
         Ok(Busy {
             state: self.state.clone(),
+            released: self.released.clone(),
             alloc: alloc.to_string(),
         })
     }
@@ -1301,12 +1344,14 @@ enum Fetch {
 /// migration carries it).
 struct Busy {
     state: Arc<Mutex<State>>,
+    released: Arc<tokio::sync::Notify>,
     alloc: String,
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
         lock(&self.state).busy.remove(&self.alloc);
+        self.released.notify_waiters();
     }
 }
 
