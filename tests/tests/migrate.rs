@@ -1718,3 +1718,79 @@ async fn a_page_server_s_port_is_closed_to_other_hosts_while_guarded() -> anyhow
     accepting.abort();
     Ok(())
 }
+
+/// A live checkpoint of a runc container (the container runs on) pauses its
+/// clients for the dump and resets none of them: neither a connection held
+/// open through it nor new ones made while it runs (CRIU's `tcp-close` on a
+/// dump leaves live connections alone). The held connection ended at the
+/// first checkpoint until the test server retried the read that CRIU's
+/// freeze interrupts (EINTR, on a socket with a timeout); one held as long
+/// without a checkpoint answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_checkpoint_of_a_runc_container_resets_no_client() {
+    let args = runc_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(s) = setup_serve(
+        "runcckpt",
+        "live",
+        true,
+        &args,
+        &args,
+        "",
+        "",
+        Extra::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(get(s.port, "/").await.expect("count"), "1");
+    let mut held = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .expect("connect");
+    held.write_all(b"GET /count HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("half a request");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = tokio::spawn({
+        let stop = stop.clone();
+        let port = s.port;
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(port, "/count").await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        }
+    });
+    let alloc = the_alloc(&s).await;
+    for _ in 0..3 {
+        let out = s.controller.cli(&["alloc", "checkpoint", &alloc.id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = poller.await.expect("the poller");
+    eprintln!(
+        "through 3 checkpoints: {ok} reads answered, {} failed",
+        failed.len()
+    );
+    held.write_all(b"\r\n")
+        .await
+        .expect("the rest of the request");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), held.read(&mut answer))
+        .await
+        .expect("the held connection answers")
+        .expect("the held connection is not reset");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(failed.is_empty(), "reads failed: {failed:?}");
+}

@@ -371,7 +371,13 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
                 "request head over 8 KiB",
             );
         }
-        let n = stream.read(&mut buf)?;
+        // A read on a socket with a timeout is not restarted after an
+        // interruption, such as CRIU's freeze for a live checkpoint: it fails
+        // with EINTR, which is no reason to drop the client.
+        let n = match stream.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             if head.is_empty() {
                 return Ok(());
