@@ -190,21 +190,23 @@ pub fn prepare(id: &str, limits: Limits) -> Result<Vec<PathBuf>, String> {
     Ok(plan.procs)
 }
 
+/// Every directory VM `id`'s cgroup may have under `root`, whatever its
+/// limits, children first. Pure.
+pub fn dirs(layout: Layout, root: &Path, id: &str) -> Vec<PathBuf> {
+    match layout {
+        Layout::V1 => vec![
+            root.join("memory").join(PARENT).join(id),
+            root.join("cpu").join(PARENT).join(id),
+        ],
+        Layout::V2 => vec![root.join(PARENT).join(id)],
+    }
+}
+
 /// Removes VM `id`'s cgroup directories (empty once its QEMU is gone).
 pub fn remove(id: &str) {
     let root = Path::new(ROOT);
     let Some(layout) = detect(root) else { return };
-    for dir in plan(
-        layout,
-        root,
-        id,
-        Limits {
-            cpu_millis: 1,
-            memory_bytes: 1,
-        },
-    )
-    .dirs
-    {
+    for dir in dirs(layout, root, id) {
         let _ = std::fs::remove_dir(dir);
     }
 }
@@ -305,6 +307,23 @@ mod tests {
             cpu_only.procs,
             vec![path("/cg/cpu/novacron/vm-1/cgroup.procs")]
         );
+        // A removal covers every directory a plan may make, whatever the
+        // limits were.
+        for layout in [Layout::V1, Layout::V2] {
+            let all = dirs(layout, Path::new("/cg"), "vm-1");
+            for limits in [limits, Limits::default(), cpu_only_limits()] {
+                for d in plan(layout, Path::new("/cg"), "vm-1", limits).dirs {
+                    assert!(all.contains(&d), "{d:?} is not in {all:?}");
+                }
+            }
+        }
+    }
+
+    fn cpu_only_limits() -> Limits {
+        Limits {
+            cpu_millis: 100,
+            memory_bytes: 0,
+        }
     }
 
     #[test]
