@@ -1725,7 +1725,7 @@ async fn a_bridged_vm_is_reached_at_its_own_address_and_through_the_node_s_filte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_asking_for_a_gpu_waits_for_a_passthrough_one_and_says_why() -> Result<()> {
     require_vm_setup()?;
-    let (_dir, c, _agent) = one_node_fleet("vm-gpu", "vm-gpu-0", &[]).await?;
+    let (dir, c, _agent) = one_node_fleet("vm-gpu", "vm-gpu-0", &[]).await?;
     let job = |extra: &str| {
         format!(
             "apiVersion: novacron.io/v1
@@ -1755,6 +1755,54 @@ spec:
             .contains("a virtual machine with passthrough GPUs cannot be snapshotted"),
         "{refused}"
     );
+    // A template that passes a GPU through: its jobs must reserve it.
+    let template = "apiVersion: novacron.io/v1
+kind: VMTemplate
+metadata:
+  name: gpu-tiny
+spec:
+  memory: 128Mi
+  initrd: /boot/initrd.img
+  gpus: {count: 1, model: H100}
+";
+    let file = dir.path().join("gpu-template.yaml");
+    std::fs::write(&file, template)?;
+    let applied = c.cli(&["apply", "-f", &file.to_string_lossy()]);
+    anyhow::ensure!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let from_template = |resources: &str| {
+        format!(
+            "apiVersion: novacron.io/v1
+kind: Job
+metadata:
+  name: gputmpl
+spec:
+  task:
+    image: {GUEST_IMAGE}
+    pullPolicy: never
+    vm: {{template: gpu-tiny}}
+  resources: {{cpu: 1, memory: 256Mi{resources}}}
+"
+        )
+    };
+    let unreserved = c
+        .apply("gputmpl.yaml", &from_template(""))
+        .await
+        .expect_err("a job that does not reserve its template's GPU");
+    assert!(
+        unreserved
+            .to_string()
+            .contains("spec.resources.gpus: the machine passes through 1 GPU(s) of model"),
+        "{unreserved}"
+    );
+    c.apply(
+        "gputmpl.yaml",
+        &from_template(", gpus: {count: 1, model: H100}"),
+    )
+    .await?;
     c.apply("gpuvm.yaml", &job("")).await?;
     let wanted = "insufficient GPUs for passthrough (bound to vfio-pci)";
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -467,7 +467,7 @@ fn is_zero(b: &ByteSize) -> bool {
 }
 
 /// A GPU request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequest {
     /// How many.

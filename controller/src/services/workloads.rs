@@ -1492,6 +1492,14 @@ impl Workloads {
                 "{file}: spec.resources.memory: {why} (the guest's memory comes from VMTemplate {name})"
             )));
         }
+        if let Some(why) = novacron_common::manifest::vm::gpus_problem(
+            template.spec.gpus.as_ref(),
+            &job.spec.resources,
+        ) {
+            return Err(WorkloadError::Invalid(format!(
+                "{file}: spec.resources.gpus: {why} (VMTemplate {name})"
+            )));
+        }
         if let Some(why) = novacron_common::manifest::vm::network_problem(&vm) {
             return Err(WorkloadError::Invalid(format!(
                 "{file}: spec.task.vm.network: {why} (the limit comes from VMTemplate {name})"

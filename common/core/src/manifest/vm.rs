@@ -154,6 +154,11 @@ pub struct VmTemplateSpec {
     /// Cloud-init user data (at most 64 KiB), as a NoCloud seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
+    /// GPUs the machine passes through (bound to vfio-pci on the host,
+    /// chosen by `model`; `memory` is refused): a job from this template must
+    /// reserve at least as many of the same model in `spec.resources.gpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<crate::manifest::GpuRequest>,
 }
 
 /// A validated VM template.
@@ -181,6 +186,8 @@ impl VmTask {
             network_bandwidth: self.network_bandwidth,
             machine: self.machine.clone(),
             user_data: self.user_data.clone(),
+            // A job's GPUs are its resources' (`spec.resources.gpus`).
+            gpus: None,
         }
     }
 }
@@ -188,6 +195,20 @@ impl VmTask {
 /// What is wrong with the fields of a shape, each as (field, message).
 pub fn problems(s: &VmTemplateSpec) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
+    if let Some(g) = &s.gpus {
+        if !(1..=16).contains(&g.count) {
+            out.push((
+                "gpus",
+                format!("count {} is out of range; expected 1 to 16", g.count),
+            ));
+        }
+        if g.memory.is_some() {
+            out.push((
+                "gpus",
+                "a passthrough GPU's memory is not known to its host (vfio-pci holds it); choose by model instead".to_owned(),
+            ));
+        }
+    }
     if let Some(v) = s.vcpus
         && !(1..=64).contains(&v)
     {
@@ -338,6 +359,39 @@ pub fn network_problem(vm: &novacron_wire::VmSpec) -> Option<String> {
     })
 }
 
+/// Why `resources` do not reserve the GPUs a template passes through
+/// (`declared`), if they do not: as many at least, of a model that contains
+/// the template's. Pure.
+pub fn gpus_problem(
+    declared: Option<&crate::manifest::GpuRequest>,
+    resources: &Resources,
+) -> Option<String> {
+    let declared = declared.filter(|g| g.count > 0)?;
+    let wanted = match &declared.model {
+        Some(m) => format!("{} GPU(s) of model {m:?}", declared.count),
+        None => format!("{} GPU(s)", declared.count),
+    };
+    let ok = resources.gpus.as_ref().is_some_and(|g| {
+        g.count >= declared.count
+            && declared.model.as_ref().is_none_or(|m| {
+                g.model
+                    .as_ref()
+                    .is_some_and(|jm| jm.to_ascii_lowercase().contains(&m.to_ascii_lowercase()))
+            })
+    });
+    (!ok).then(|| {
+        format!(
+            "the machine passes through {wanted}; expected spec.resources.gpus to reserve them (for example gpus: {{count: {}{}}})",
+            declared.count,
+            declared
+                .model
+                .as_ref()
+                .map(|m| format!(", model: {m}"))
+                .unwrap_or_default()
+        )
+    })
+}
+
 /// Why `resources` cannot hold the resolved VM `vm`, when they cannot.
 pub fn resources_problem(vm: &novacron_wire::VmSpec, resources: &Resources) -> Option<String> {
     let guest = vm.memory_mib << 20;
@@ -353,6 +407,52 @@ pub fn resources_problem(vm: &novacron_wire::VmSpec, resources: &Resources) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_s_gpus_must_be_reserved_by_the_job() {
+        let gpus = |count: u32, model: Option<&str>| crate::manifest::GpuRequest {
+            count,
+            model: model.map(str::to_owned),
+            memory: None,
+        };
+        let with = |g: Option<crate::manifest::GpuRequest>| Resources {
+            gpus: g,
+            ..Resources::default()
+        };
+        let h100 = gpus(2, Some("H100"));
+        assert_eq!(gpus_problem(None, &with(None)), None);
+        assert_eq!(
+            gpus_problem(Some(&h100), &with(Some(gpus(2, Some("NVIDIA h100"))))),
+            None
+        );
+        assert_eq!(
+            gpus_problem(Some(&h100), &with(Some(gpus(3, Some("H100"))))),
+            None
+        );
+        for short in [
+            None,
+            Some(gpus(1, Some("H100"))),
+            Some(gpus(2, Some("A100"))),
+            Some(gpus(2, None)),
+        ] {
+            let why = gpus_problem(Some(&h100), &with(short.clone())).expect("refused");
+            assert!(
+                why.contains("2 GPU(s) of model \"H100\"") && why.contains("count: 2, model: H100"),
+                "{short:?}: {why}"
+            );
+        }
+        // Checked with the rest of the shape.
+        let bad = VmTemplateSpec {
+            gpus: Some(crate::manifest::GpuRequest {
+                count: 0,
+                model: None,
+                memory: Some(ByteSize(1 << 30)),
+            }),
+            ..VmTemplateSpec::default()
+        };
+        let found: Vec<&str> = problems(&bad).iter().map(|(k, _)| *k).collect();
+        assert_eq!(found, ["gpus", "gpus"]);
+    }
 
     #[test]
     fn the_job_wins_then_the_template_then_the_defaults() {
