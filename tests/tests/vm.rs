@@ -703,7 +703,17 @@ spec:
         count_at("127.0.0.1", port).await.is_ok(),
         "the guest stopped serving"
     );
-    novacron_tests::succeeded(&c.cli(&["vm", "destroy", "fillvm"]));
+    let destroyed = novacron_tests::succeeded(&c.cli(&["vm", "destroy", "fillvm"]));
+    assert!(destroyed.contains("job purged"), "{destroyed}");
+    // Forgotten, as the command says: not listed as a stopped VM.
+    assert!(
+        c.job("fillvm")
+            .await
+            .is_err_and(|e| e.to_string().contains("404")),
+        "the destroyed VM's job is still there"
+    );
+    let listed = novacron_tests::succeeded(&c.cli(&["vm", "list"]));
+    assert!(!listed.contains("fillvm"), "{listed}");
     // The destroy ends QEMU before the test's fleet goes (the test left a
     // running QEMU behind each run when it did not wait for that).
     let gone = wait_for(

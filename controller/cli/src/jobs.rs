@@ -701,24 +701,7 @@ pub async fn run_job(
             purge: true,
             wait,
         } => {
-            // The controller stops the job, then purges it once its
-            // allocations have ended (409 until then).
-            let deadline = std::time::Instant::now() + *wait;
-            loop {
-                match client
-                    .delete_query(&["v1", "jobs", name], &[("purge", "true")])
-                    .await
-                {
-                    Ok(()) => break,
-                    Err(super::client::ClientError::Status { status, .. })
-                        if status == reqwest::StatusCode::CONFLICT
-                            && std::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            stop_and_purge(client, name, *wait).await?;
             writeln!(out, "job {name} stopped and purged").map_err(output::OutputError::Io)?;
         }
     }
@@ -1224,8 +1207,33 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// Stops job `name` and purges it once its allocations have ended (the
+/// controller answers 409 until then), trying for at most `wait`.
+pub(crate) async fn stop_and_purge(
+    client: &ApiClient,
+    name: &str,
+    wait: Duration,
+) -> Result<(), CliError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match client
+            .delete_query(&["v1", "jobs", name], &[("purge", "true")])
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(super::client::ClientError::Status { status, .. })
+                if status == reqwest::StatusCode::CONFLICT
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// A duration such as `30s` or `2m`.
-fn parse_wait(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_wait(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected e.g. 30s, 2m"))
 }
 

@@ -98,10 +98,14 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
-    /// Stop a VM and forget it (its job is deleted, its disk removed).
+    /// Stop a VM and forget it: it powers off, its disk is removed, and its
+    /// job is purged once it is off.
     Destroy {
         /// The VM.
         name: String,
+        /// How long to wait for the guest to power off.
+        #[arg(long, default_value = "120s", value_parser = super::jobs::parse_wait)]
+        wait: std::time::Duration,
     },
     /// The VM's serial console (what the guest printed), live with --follow;
     /// with -i, attached: what you type goes to the guest (Ctrl-] detaches).
@@ -538,12 +542,12 @@ pub async fn run(
                 .await?;
             writeln!(out, "vm {name} restarting: it powers off and boots again").map_err(io)?;
         }
-        VmCommand::Destroy { name } => {
+        VmCommand::Destroy { name, wait } => {
             vm_job(client, name).await?;
-            let () = client.delete(&["v1", "jobs", name]).await?;
+            super::jobs::stop_and_purge(client, name, *wait).await?;
             writeln!(
                 out,
-                "vm {name} destroyed: it powers off and its disk is removed"
+                "vm {name} destroyed: powered off, its disk removed and its job purged"
             )
             .map_err(io)?;
         }
