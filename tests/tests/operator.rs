@@ -145,6 +145,37 @@ async fn viewer_certificate_can_read_but_not_apply() {
     );
 }
 
+/// A purge needs the operator role, as a stop does, also for a job that is
+/// stopped already (where the purge does no stop of its own).
+#[tokio::test]
+async fn a_viewer_cannot_purge_a_job() {
+    let (_dir, c) = controller("novacron-op-purge-").await;
+    let operator = api_token(&c, "ops", "operator");
+    let viewer = api_token(&c, "dash", "viewer");
+    let client = c.anonymous_client();
+    let (status, body) = apply_with(&client, &c, Some(&operator), "kept").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let delete = |token: &str, purge: bool| {
+        client
+            .delete(format!(
+                "{}/v1/jobs/kept{}",
+                c.api(),
+                if purge { "?purge=true" } else { "" }
+            ))
+            .bearer_auth(token.to_owned())
+            .send()
+    };
+    let stop = delete(&operator, false).await.expect("send");
+    assert_eq!(stop.status(), StatusCode::NO_CONTENT);
+    let refused = delete(&viewer, true).await.expect("send");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(c.job("kept").await.is_ok(), "a viewer purged the job");
+    // The operator may (no node ran it: nothing is left to stop).
+    let purged = delete(&operator, true).await.expect("send");
+    assert_eq!(purged.status(), StatusCode::NO_CONTENT);
+    assert!(c.job("kept").await.is_err(), "the job is still there");
+}
+
 #[tokio::test]
 async fn api_tokens_authenticate_with_their_role_and_can_be_revoked() {
     let (_dir, c) = controller("novacron-op-token-").await;

@@ -119,6 +119,8 @@ async fn delete_job(
     Path(name): Path<String>,
     Query(opts): Query<DeleteOptions>,
 ) -> Result<StatusCode, Problem> {
+    // Checked here too: a purge of a stopped job does not go through the stop.
+    caller.require(Role::Operator)?;
     if !opts.purge || !state.workloads.is_stopped(&name) {
         stop_job(state.clone(), caller.clone(), Path(name.clone())).await?;
     }
