@@ -666,8 +666,10 @@ spec:
         &c,
         "fillvm",
         // (Quoted apart, so that the echo of the typed line is not the answer.)
-        "n=$(( $(sed -n 's/^MemAvailable: *\\([0-9]*\\).*/\\1/p' /proc/meminfo) / 1024 - 24 )); mkdir -p /run/fill && mount -t tmpfs -o size=${n}m fill /run/fill && dd if=/dev/zero of=/run/fill/f bs=1M count=$n; echo fill\"ed-$?\" $n",
-        "filled-",
+        // The answer ends with `-end`, so that all of it has arrived (a
+        // local CI run read only `filled-`, the status still on its way).
+        "n=$(( $(sed -n 's/^MemAvailable: *\\([0-9]*\\).*/\\1/p' /proc/meminfo) / 1024 - 24 )); mkdir -p /run/fill && mount -t tmpfs -o size=${n}m fill /run/fill && dd if=/dev/zero of=/run/fill/f bs=1M count=$n; echo fill\"ed-$?\" $n -e\"nd\"",
+        "-end",
     )
     .await
     .with_context(|| {
