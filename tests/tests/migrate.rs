@@ -566,13 +566,7 @@ async fn runc_live_migration(test: &str, copy: Option<&str>) {
     assert!(stdout.contains(copy), "{stdout}");
     // An operator's checkpoint right after the move, while the controller's
     // own (below) runs: it waits its turn instead of being refused as busy.
-    let manual = s.controller.cli(&["alloc", "checkpoint", &alloc.id]);
-    assert!(
-        manual.status.success(),
-        "a checkpoint right after the move: {}{}",
-        String::from_utf8_lossy(&manual.stdout),
-        String::from_utf8_lossy(&manual.stderr)
-    );
+    novacron_tests::succeeded(&s.controller.cli(&["alloc", "checkpoint", &alloc.id]));
     // Nothing was stored on the way, so the store then gets a checkpoint of
     // the container where it runs now (its job has a checkpoint policy), for
     // a recovery if b is lost.
@@ -1769,12 +1763,7 @@ async fn a_live_checkpoint_of_a_runc_container_resets_no_client() {
     });
     let alloc = the_alloc(&s).await;
     for _ in 0..3 {
-        let out = s.controller.cli(&["alloc", "checkpoint", &alloc.id]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        novacron_tests::succeeded(&s.controller.cli(&["alloc", "checkpoint", &alloc.id]));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = poller.await.expect("the poller");

@@ -152,9 +152,9 @@ impl Migrations {
         }
     }
 
-    /// Runs `op` (a checkpoint or a migration of `alloc` for an operator),
-    /// again each time an operation in progress on `alloc` ends, while `op` is
-    /// refused as busy, for at most `limit`.
+    /// Runs `op` (an operator's checkpoint or migration of one allocation),
+    /// again each time an operation in progress ends, while `op` is refused as
+    /// busy, for at most `limit`.
     pub async fn taking_turns<T, F, Fut>(
         &self,
         limit: Duration,
