@@ -4,7 +4,7 @@
 #   sudo sh install-agent.sh --controller https://ctl.example.com:7443 \
 #       --token <token> --ca-fingerprint sha256:<64 hex digits> \
 #       [--deb ./novacron-agent_0.1.0-1_amd64.deb] [--name NODE] [--label zone=eu-1a]...
-#       [--live]
+#       [--live] [--runc] [--vm-bridge CIDR]
 #
 # `novacron-controller token create` prints the token and the fingerprint.
 #
@@ -13,10 +13,16 @@
 # repository; recommended packages are not installed); with --live, also install
 # criu and turn on Docker's experimental features (needed for live checkpoints;
 # only when /etc/docker/daemon.json does not exist yet, otherwise it says what to
-# add); enroll (`novacron-agent join`, as root like the service; skipped when this
+# add); with --runc, run the node's containers under runc, owned by the agent
+# (runc and criu installed when missing, and the unit's drop-in runc.conf linked
+# from /usr/share/novacron-agent/systemd/: it sets container_runtime and lifts
+# the unit's confinement, which runc containers would inherit); with
+# --vm-bridge CIDR, make the VM bridge with that address and range (the drop-in
+# vm-bridge.conf gives the unit the rights it needs); enroll (`novacron-agent join`, as root like the service; skipped when this
 # host is already enrolled, unless --force); write the labels to a systemd drop-in
-# (NOVACRON_LABELS); enable and start novacron-agent.service and wait until it is
-# active. --no-start stops after enrolling (for hosts or containers without
+# (NOVACRON_LABELS); enable and (re)start novacron-agent.service and wait until
+# it is active. Run again on an enrolled host, it changes the drop-ins and
+# restarts the agent, which adopts its running workloads. --no-start stops after enrolling (for hosts or containers without
 # systemd). At start the agent probes live checkpoints; `novacron node show NODE`
 # says whether they work and, if not, why.
 #
@@ -41,7 +47,7 @@ die() {
 }
 
 controller="" token="${NOVACRON_JOIN_TOKEN:-}" fingerprint="" name="" deb=""
-labels="" force="" start=1 live=0
+labels="" force="" start=1 live=0 runc=0 vm_bridge=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --controller) controller=${2:-}; shift 2 ;;
@@ -58,13 +64,18 @@ while [ $# -gt 0 ]; do
     --force) force=--force; shift ;;
     --no-start) start=0; shift ;;
     --live) live=1; shift ;;
+    --runc) runc=1; shift ;;
+    --vm-bridge) vm_bridge=${2:-}; shift 2 ;;
     -h | --help) usage ;;
     *) die "unknown argument $1 (see --help)" 64 ;;
     esac
 done
-[ -n "$controller" ] || die "--controller URL is required, e.g. https://ctl.example.com:7443" 64
-[ -n "$token" ] || die "--token is required (novacron-controller token create prints one)" 64
-[ -n "$fingerprint" ] || die "--ca-fingerprint is required: sha256:<64 hex digits>" 64
+# An enrolled host (rerun to change the drop-ins) needs no enrollment arguments.
+if [ ! -f "$STATE_DIR/node.pem" ] || [ -n "$force" ]; then
+    [ -n "$controller" ] || die "--controller URL is required, e.g. https://ctl.example.com:7443" 64
+    [ -n "$token" ] || die "--token is required (novacron-controller token create prints one)" 64
+    [ -n "$fingerprint" ] || die "--ca-fingerprint is required: sha256:<64 hex digits>" 64
+fi
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs a package and a service)" 64
 
 # apt-get install without recommends, after fetching the package lists once when
@@ -116,6 +127,31 @@ if [ "$live" -eq 1 ]; then
     fi
 fi
 
+# The packaged drop-ins (novacron-agent ships them; see their comments).
+DROPINS=/usr/share/novacron-agent/systemd
+if [ "$runc" -eq 1 ]; then
+    echo "==> containers under runc: runc, criu and the unit's drop-in $DROPIN_DIR/runc.conf"
+    command -v runc >/dev/null || apt_install runc
+    command -v criu >/dev/null || apt_install criu
+    [ -f "$DROPINS/runc.conf" ] || die "$DROPINS/runc.conf is missing: the installed novacron-agent is older than this script"
+    mkdir -p "$DROPIN_DIR"
+    ln -sfn "$DROPINS/runc.conf" "$DROPIN_DIR/runc.conf"
+fi
+if [ -n "$vm_bridge" ]; then
+    case "$vm_bridge" in
+    off) rm -f "$DROPIN_DIR/vm-bridge.conf" "$DROPIN_DIR/vm-bridge-range.conf" ;;
+    */*)
+        [ -f "$DROPINS/vm-bridge.conf" ] || die "$DROPINS/vm-bridge.conf is missing: the installed novacron-agent is older than this script"
+        mkdir -p "$DROPIN_DIR"
+        ln -sfn "$DROPINS/vm-bridge.conf" "$DROPIN_DIR/vm-bridge.conf"
+        # The agent checks the value at start (exit 64 naming it when bad).
+        printf '[Service]\nEnvironment="NOVACRON_VM_BRIDGE=%s"\n' "$vm_bridge" >"$DROPIN_DIR/vm-bridge-range.conf"
+        echo "==> VM bridge $vm_bridge: $DROPIN_DIR/vm-bridge.conf and vm-bridge-range.conf"
+        ;;
+    *) die "--vm-bridge $vm_bridge: expected this node's address on the bridge with the range's prefix length, such as 10.215.0.1/16, or off" 64 ;;
+    esac
+fi
+
 if [ -f "$STATE_DIR/node.pem" ] && [ -z "$force" ]; then
     echo "==> already enrolled ($STATE_DIR/node.pem exists); pass --force to enroll again"
 else
@@ -142,7 +178,9 @@ if [ "$start" -eq 0 ]; then
 fi
 [ -d /run/systemd/system ] || die "systemd is not running here; start the agent with: novacron-agent run"
 systemctl daemon-reload
-systemctl enable --now "$UNIT"
+systemctl enable --quiet "$UNIT"
+# A restart, not a start: a rerun's new drop-ins take effect.
+systemctl restart "$UNIT"
 waited=0
 until systemctl is-active --quiet "$UNIT"; do
     if [ "$waited" -ge "$START_TIMEOUT_SECS" ]; then

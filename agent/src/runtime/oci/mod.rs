@@ -33,6 +33,7 @@
 //!   options in `oci/criu.conf` (`tcp-close`, `skip-in-flight`) through the
 //!   `org.criu.config` annotation.
 
+pub mod confinement;
 pub mod guard;
 pub mod publish;
 pub mod spec;
@@ -237,6 +238,9 @@ impl OciDriver {
         criu: Option<&Path>,
         docker: DockerRuntime,
     ) -> Result<OciDriver, String> {
+        if let Some(why) = confinement::refusal(&confinement::problems(&confinement::current())) {
+            return Err(why);
+        }
         let runc = find_on_path("runc")
             .ok_or("runc is not installed (Debian: apt-get install runc)".to_owned())?;
         let criu = match criu {

@@ -438,6 +438,28 @@ async fn ip(items: &[&str]) -> Result<String, String> {
     netfilter::output("ip", &args(items)).await
 }
 
+/// The packaged drop-in that lets the agent's unit make the bridge.
+pub const DROPIN: &str = "/usr/share/novacron-agent/systemd/vm-bridge.conf";
+
+/// `why` the bridge could not be made, with how to allow it under the
+/// packaged unit when a permission was refused.
+pub fn with_unit_hint(why: String) -> String {
+    let refused = [
+        "not permitted",
+        "Permission denied",
+        "Read-only file system",
+    ]
+    .iter()
+    .any(|w| why.contains(w));
+    if refused {
+        format!(
+            "{why} (the agent lacks the rights for the bridge; under the packaged unit, run install-agent.sh --vm-bridge CIDR, or link {DROPIN} into /etc/systemd/system/novacron-agent.service.d/)"
+        )
+    } else {
+        why
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,5 +660,17 @@ mod tests {
         assert!(!filter.contains(&b.name), "{filter}");
         // Nothing left to remove is no error.
         b.teardown().await.expect("a second teardown");
+    }
+
+    #[test]
+    fn a_refused_permission_names_the_drop_in() {
+        let why = with_unit_hint(
+            "ip link add novacron-vm0 type bridge: RTNETLINK answers: Operation not permitted"
+                .to_owned(),
+        );
+        assert!(why.contains("install-agent.sh --vm-bridge"), "{why}");
+        assert!(why.contains(DROPIN), "{why}");
+        let other = "the range 10.215.0.0/16 overlaps 10.215.0.1/16 of eth1".to_owned();
+        assert_eq!(with_unit_hint(other.clone()), other);
     }
 }

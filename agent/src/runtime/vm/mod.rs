@@ -260,6 +260,7 @@ impl VmDriver {
             Some(b) => match b.setup(Path::new(BRIDGE_LOCKS)).await {
                 Ok(lock) => (Ok(b), Some(lock)),
                 Err(why) => {
+                    let why = bridge::with_unit_hint(why);
                     warn!(%why, "no VM bridge: virtual machines here use QEMU's user-mode network only");
                     (Err(why), None)
                 }
