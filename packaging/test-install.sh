@@ -7,8 +7,9 @@
 # The root is `debootstrap --variant=minbase --include=systemd,systemd-sysv bookworm`
 # from Debian's archive, imported once as the image novacron-debian-bookworm:1
 # (about 70 s; reused afterwards). The container boots systemd as PID 1 (it needs
-# CAP_SYS_ADMIN and an unconfined seccomp profile, no --privileged), so the units
-# run exactly as shipped: Type=notify, User=novacron, the hardening. Inside it:
+# CAP_SYS_ADMIN and an unconfined seccomp profile, no --privileged, which these
+# hosts refuse: their bounding set lacks CAP_SYS_RESOURCE), so the units run
+# exactly as shipped: Type=notify, User=novacron, the hardening. Inside it:
 #   0. dpkg -i the CLI package alone: the binary, its man page and its bash, zsh
 #      and fish completions, and no controller;
 #   1. dpkg -i the controller package (it depends on novacron-cli); check files, conffiles, the novacron user,
@@ -43,6 +44,16 @@
 #      as a systemd unit of its own (novacron-vm-*.service), answer on its
 #      published port, keep running (same QEMU, its in-memory counter going on)
 #      across `systemctl restart novacron-agent`, and end with `vm destroy`;
+#   5c. containers under runc as the packaged agent runs them: with only
+#      container_runtime = runc set, the confined agent refuses to start (exit 64)
+#      and names the drop-in; `install-agent.sh --runc`, rerun on the enrolled
+#      host, links the packaged runc.conf; the agent then runs unconfined in the
+#      host's mount namespace, the node reports runc, a job runs under runc, a
+#      live checkpoint (CRIU driven by the agent) succeeds, and the container
+#      keeps running (same process) across `systemctl restart novacron-agent`.
+#      The sandboxes of runc containers are Docker containers whose processes the
+#      agent must see, so this step runs a Docker daemon inside the root; CRIU is
+#      the setup's (NOVACRON_CKPT_CRIU, `.ci/setup checkpoint`);
 #   6. dpkg --purge all three: binaries, /etc/novacron, /var/lib/novacron and the
 #      unchanged /etc/criu/runc.conf are gone; the novacron system user stays
 #      (Debian practice);
@@ -113,6 +124,18 @@ GUEST_IMAGE=novacron/guest-tiny:1
 vm=install-vm-$$
 VM_PORT=18089
 VM_TIMEOUT_SECS=180
+# The runc step: CRIU (the setup's build: Debian 12's criu 3.17 fails on these
+# kernels), and a Docker daemon inside the root for the sandboxes.
+CKPT_CRIU=${NOVACRON_CKPT_CRIU:-}
+if [ -z "$CKPT_CRIU" ] && [ -r "$CKPT_ENV" ]; then
+    CKPT_CRIU=$(sed -n 's/^NOVACRON_CKPT_CRIU=//p' "$CKPT_ENV")
+fi
+[ -n "$CKPT_CRIU" ] && [ -x "$CKPT_CRIU" ] \
+    || fail "no CRIU for the runc step (NOVACRON_CKPT_CRIU, $CKPT_ENV): run bash .ci/setup checkpoint"
+# Its wrapper runs it from the directory beside it (criu-root).
+criu_home=$(dirname "$(dirname "$CKPT_CRIU")")
+INNER_DOCKER=unix:///run/novacron-test-docker.sock
+runc_job=install-runc-$$
 
 name=novacron-install-$$
 pkg=$(mktemp -d)
@@ -123,7 +146,7 @@ cleanup() {
         echo "--- journal of the failed run:" >&2
         docker exec "$name" journalctl --no-pager -n 60 -u novacron-controller -u novacron-agent >&2 || true
     fi
-    docker rm -f "$name" >/dev/null 2>&1 || true
+    docker rm -f -v "$name" >/dev/null 2>&1 || true
     DOCKER_HOST=$agent_docker docker ps -aq --filter "name=novacron-$job-" | xargs -r env DOCKER_HOST="$agent_docker" docker rm -f -v >/dev/null 2>&1 || true
     exit "$status"
 }
@@ -141,11 +164,17 @@ chmod -R a+rX "$pkg"
 # that daemon ran in this root.
 ckpt_mount=()
 [ -z "$ckpt_dir" ] || ckpt_mount=(-v "$ckpt_dir:$ckpt_dir")
+# For the runc step: CRIU at its path, read-only; /proc/sys writable (CRIU
+# restores pids through ns_last_pid) and /dev/net/tun (`criu check`); /var/lib on
+# a volume, not the root's overlay, so that overlays (the runc containers' root
+# file systems, the inner Docker's layers) can be mounted there.
 docker run -d --name "$name" --hostname install-test \
     --cgroupns=private --cap-add ALL --cap-drop SYS_RESOURCE \
     --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+    --security-opt systempaths=unconfined --device /dev/net/tun \
     --tmpfs /run --tmpfs /run/lock --tmpfs /tmp -e container=docker \
     -v "$pkg:/pkg:ro" -v "$docker_sock:/var/run/docker.sock" "${ckpt_mount[@]}" \
+    -v "$criu_home:$criu_home:ro" -v /var/lib \
     "$IMAGE" /lib/systemd/systemd >/dev/null
 inside() { docker exec "$name" "$@"; }
 waited=0
@@ -354,6 +383,97 @@ while inside systemctl is-active --quiet "$unit"; do
     waited=$((waited + 1))
 done
 echo "vm destroy: the guest powered off and $unit ended"
+
+step "containers under runc as the packaged agent runs them (install-agent.sh --runc)"
+# Refused while confined: only the setting, without the drop-in.
+inside sh -c "mkdir -p /etc/systemd/system/novacron-agent.service.d && printf '[Service]\nEnvironment=NOVACRON_CONTAINER_RUNTIME=runc\n' \
+    > /etc/systemd/system/novacron-agent.service.d/zz-runc-setting.conf"
+inside systemctl daemon-reload
+inside systemctl restart novacron-agent 2>/dev/null && fail "the confined agent started with container_runtime = runc"
+waited=0
+until [ "$(inside systemctl show -p ExecMainStatus --value novacron-agent)" = 64 ]; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "the confined agent did not exit 64 under runc: $(inside systemctl status --no-pager novacron-agent 2>&1 | tail -n 5)"
+    sleep 1
+    waited=$((waited + 1))
+done
+refusal=$(inside journalctl -u novacron-agent --no-pager -n 20 -o cat | grep 'configuration error' | tail -n 1)
+echo "$refusal"
+case "$refusal" in *"confined"*"install-agent.sh --runc"*"/usr/share/novacron-agent/systemd/runc.conf"*) ;;
+*) fail "the refusal does not say the agent is confined and name the drop-in: $refusal" ;; esac
+inside rm /etc/systemd/system/novacron-agent.service.d/zz-runc-setting.conf
+# A Docker daemon in this root (its own socket, data root and containerd): the
+# agent joins each runc container to its sandbox's network namespace through
+# the sandbox's process, which a daemon outside this root's process namespace
+# would hide. runc (the agent's and that daemon's) makes cgroups under every
+# controller, which Docker mounted read-only here on a cgroup v1 host: as on a
+# real host, they are made writable.
+for controller in $(inside findmnt -n -l -t cgroup -o TARGET); do
+    inside mount -o remount,bind,rw "$controller"
+done
+inside systemd-run --quiet --unit novacron-test-dockerd /usr/sbin/dockerd -H "$INNER_DOCKER" \
+    --data-root /var/lib/docker-inner --exec-root /run/docker-inner --pidfile /run/docker-inner.pid
+waited=0
+until inside docker -H "$INNER_DOCKER" info >/dev/null 2>&1; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "the Docker daemon in the root did not answer: $(inside journalctl -u novacron-test-dockerd -n 20 --no-pager 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+DOCKER_HOST=$agent_docker docker save "$TEST_IMAGE" | docker exec -i "$name" docker -H "$INNER_DOCKER" load -q >/dev/null
+inside sh -c "printf '[Service]\nEnvironment=DOCKER_HOST=$INNER_DOCKER\n' > /etc/systemd/system/novacron-agent.service.d/zz-inner-docker.conf"
+# CRIU as an operator who installed it would have it: on PATH.
+inside ln -sf "$CKPT_CRIU" /usr/local/sbin/criu
+inside sh /pkg/install-agent.sh --deb "/pkg/$(basename "$agent_deb")" --runc
+inside test -L /etc/systemd/system/novacron-agent.service.d/runc.conf || fail "install-agent.sh --runc did not link the drop-in"
+pid=$(inside systemctl show -p MainPID --value novacron-agent)
+inside grep -q '^NoNewPrivs:[[:space:]]*0' "/proc/$pid/status" || fail "under runc.conf the agent still has no_new_privs"
+inside grep -q '^Seccomp:[[:space:]]*0' "/proc/$pid/status" || fail "under runc.conf the agent still has a system-call filter"
+[ "$(inside readlink "/proc/$pid/ns/mnt")" = "$(inside readlink /proc/1/ns/mnt)" ] \
+    || fail "under runc.conf the agent still has a mount namespace of its own"
+echo "agent (pid $pid) unconfined in the host's mount namespace"
+waited=0
+until nc -o json node show install-test 2>/dev/null | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if n["status"]=="ready" and n["capabilities"].get("oci") else 1)'; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "the node does not report runc containers: $(nc node show install-test 2>&1) $(inside journalctl -u novacron-agent -n 20 --no-pager -o cat 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+nc node show install-test | grep -i 'runc' || true
+inside sh -c "printf 'apiVersion: novacron.io/v1\nkind: Job\nmetadata:\n  name: $runc_job\nspec:\n  type: service\n  replicas: 1\n  task:\n    image: $TEST_IMAGE\n    command: [sleep, \"3600\"]\n  resources:\n    cpu: 100m\n    memory: 32Mi\n' > /tmp/runc-job.yaml && chmod 644 /tmp/runc-job.yaml"
+nc apply -f /tmp/runc-job.yaml >/dev/null
+waited=0
+until alloc=$(nc -o json alloc list 2>/dev/null | python3 -c 'import json,sys; print(next(a["id"] for a in json.load(sys.stdin) if a["job"]==sys.argv[1] and a["state"]=="running"))' "$runc_job" 2>/dev/null); do
+    [ "$waited" -lt "$VM_TIMEOUT_SECS" ] || fail "the job $runc_job did not run under runc: $(nc alloc list 2>&1) $(inside journalctl -u novacron-agent -n 20 --no-pager -o cat 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+RUNC_ROOT=/var/lib/novacron/agent/oci/runc
+container=$(inside runc --root "$RUNC_ROOT" list -q | head -n 1)
+[ -n "$container" ] || fail "the allocation $alloc runs, but runc lists no container"
+runc_pid() { inside runc --root "$RUNC_ROOT" state "$container" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["pid"] if s["status"]=="running" else "")'; }
+cpid=$(runc_pid)
+[ -n "$cpid" ] || fail "runc's container $container is not running"
+echo "allocation $alloc runs under runc as $container (pid $cpid)"
+out=$(nc alloc checkpoint "$alloc" --mode live 2>&1) || fail "a live checkpoint of the runc container failed: $out"
+echo "$out"
+case "$out" in *"(live,"*) ;; *) fail "the checkpoint of $alloc was not live: $out" ;; esac
+inside systemctl restart novacron-agent
+waited=0
+until nc -o json alloc list 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if any(a["id"]==sys.argv[1] and a["state"]=="running" for a in json.load(sys.stdin)) else 1)' "$alloc" \
+    && nc -o json node list 2>/dev/null | tr -d ' \n' | grep -q '"name":"install-test","status":"ready"'; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "after the agent restarted, $alloc is not running: $(nc alloc list 2>&1)"
+    sleep 1
+    waited=$((waited + 1))
+done
+[ "$(runc_pid)" = "$cpid" ] || fail "restarting the agent restarted the runc container (pid $cpid is gone)"
+echo "the agent restarted under runc.conf; the container kept running (pid $cpid) and was adopted"
+nc job stop "$runc_job" >/dev/null
+waited=0
+while [ -n "$(inside runc --root "$RUNC_ROOT" list -q)" ]; do
+    [ "$waited" -lt "$READY_TIMEOUT_SECS" ] || fail "runc still lists containers 60 s after the job stopped"
+    sleep 1
+    waited=$((waited + 1))
+done
+echo "job stop: the runc container is gone"
+inside systemctl stop novacron-test-dockerd
 
 step "purge"
 inside systemctl stop novacron-agent novacron-controller
