@@ -136,14 +136,19 @@ if [ "$runc" -eq 1 ]; then
     [ -f "$DROPINS/runc.conf" ] || die "$DROPINS/runc.conf is missing: the installed novacron-agent is older than this script"
     mkdir -p "$DROPIN_DIR"
     ln -sfn "$DROPINS/runc.conf" "$DROPIN_DIR/runc.conf"
+    # runc.conf lifts all that vm-bridge.conf grants; read after it, the latter
+    # would give the agent a mount namespace of its own again.
+    rm -f "$DROPIN_DIR/vm-bridge.conf"
 fi
 if [ -n "$vm_bridge" ]; then
     case "$vm_bridge" in
     off) rm -f "$DROPIN_DIR/vm-bridge.conf" "$DROPIN_DIR/vm-bridge-range.conf" ;;
     */*)
+        # ip and tc (iproute2) make the bridge, the taps and their limits.
+        command -v ip >/dev/null && command -v tc >/dev/null || apt_install iproute2
         [ -f "$DROPINS/vm-bridge.conf" ] || die "$DROPINS/vm-bridge.conf is missing: the installed novacron-agent is older than this script"
         mkdir -p "$DROPIN_DIR"
-        ln -sfn "$DROPINS/vm-bridge.conf" "$DROPIN_DIR/vm-bridge.conf"
+        [ -e "$DROPIN_DIR/runc.conf" ] || ln -sfn "$DROPINS/vm-bridge.conf" "$DROPIN_DIR/vm-bridge.conf"
         # The agent checks the value at start (exit 64 naming it when bad).
         printf '[Service]\nEnvironment="NOVACRON_VM_BRIDGE=%s"\n' "$vm_bridge" >"$DROPIN_DIR/vm-bridge-range.conf"
         echo "==> VM bridge $vm_bridge: $DROPIN_DIR/vm-bridge.conf and vm-bridge-range.conf"

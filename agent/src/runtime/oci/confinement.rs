@@ -134,7 +134,7 @@ mod tests {
         assert!(found[1].contains("system-call filter"));
         assert!(found[2].contains("no_new_privs"));
         assert!(found[3].contains("mount namespace of its own (mnt:[2]"));
-        let text = refusal(&found).unwrap();
+        let text = refusal(&found).expect("a refusal");
         assert!(text.contains("install-agent.sh --runc"), "{text}");
         assert!(text.contains(DROPIN), "{text}");
     }
