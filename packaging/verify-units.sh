@@ -5,8 +5,8 @@
 #
 # Each .deb is unpacked (dpkg -x) into a scratch root beside this machine's own
 # systemd units, so the check sees the packaged unit files, the packaged binaries at
-# the paths ExecStart names, and the targets the units refer to. Fails on any
-# warning. Needs Debian's `systemd` package (systemd-analyze).
+# the paths ExecStart names, and the targets the units refer to; the agent's unit
+# again with each of its optional drop-ins. Fails on any warning. Needs Debian's `systemd` package (systemd-analyze).
 set -euo pipefail
 
 [ $# -gt 0 ] || { echo "usage: $0 PACKAGE.deb..." >&2; exit 64; }
@@ -35,3 +35,19 @@ if [ -n "$out" ]; then
     exit 1
 fi
 echo "systemd-analyze verify: ${units[*]} OK"
+# The agent's optional drop-ins (/usr/share/novacron-agent/systemd/), each copied
+# into the unit's drop-in directory: `--root` does not follow the absolute links
+# install-agent.sh makes (a linked drop-in with a bad key passed unread).
+for dropin in "$root"/usr/share/novacron-agent/systemd/*.conf; do
+    [ -e "$dropin" ] || continue
+    dir=$root/etc/systemd/system/novacron-agent.service.d
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp "$dropin" "$dir/"
+    out=$(systemd-analyze verify --root="$root" novacron-agent.service 2>&1) || { echo "$out" >&2; exit 1; }
+    if [ -n "$out" ]; then
+        echo "$out" >&2
+        echo "systemd-analyze verify printed warnings for novacron-agent.service with $(basename "$dropin")" >&2
+        exit 1
+    fi
+    echo "systemd-analyze verify: novacron-agent.service with $(basename "$dropin") OK"
+done
