@@ -1836,3 +1836,103 @@ spec:
     );
     Ok(())
 }
+
+/// A bridged guest keeps the address it booted with: restored from its
+/// snapshot on a node whose bridge has another range, it would run on with the
+/// old address, unreachable at the one that node gives it. The agent refuses
+/// that restore and the controller starts the VM afresh there: its memory is
+/// lost (the count starts again), it answers at its new address, and an event
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_vm_lost_with_its_node_boots_afresh_on_a_node_of_another_range() -> Result<()> {
+    require_vm_setup()?;
+    let third = 100 + std::process::id() % 150;
+    let gateways = [format!("10.220.{third}.1"), format!("10.221.{third}.1")];
+    let _cleanups: Vec<BridgeCleanup> = gateways
+        .iter()
+        .map(|g| BridgeCleanup { gateway: g.clone() })
+        .collect();
+    let dir = tempfile::Builder::new().prefix("vm-rng").tempdir()?;
+    let c = novacron_tests::Controller::start(dir.path(), &[]).await?;
+    let publish = ["127.0.0.2", "127.0.0.3"];
+    let mut agents = Vec::new();
+    for (i, (address, gateway)) in publish.iter().zip(&gateways).enumerate() {
+        let name = format!("vm-rng-{i}");
+        let bridge = format!("{gateway}/24");
+        let agent = Agent::join_and_run(
+            dir.path(),
+            &c,
+            &name,
+            &[
+                "--publish-address",
+                address,
+                "--ingress-address",
+                "off",
+                "--vm-bridge",
+                &bridge,
+            ],
+        )
+        .await?;
+        c.wait_ready(&name, Duration::from_secs(20)).await?;
+        agents.push(agent);
+    }
+    let mut f = TwoNodes {
+        _dir: dir,
+        c,
+        agents,
+        publish,
+    };
+    let port = free_port();
+    f.c.apply(
+        "counter.yaml",
+        &bridged_counter_vm_job("rngvm", port).replace(
+            "  resources:",
+            "  checkpoint: {mode: live, keep: 2}\n  resources:",
+        ),
+    )
+    .await?;
+    let (alloc, from, to) = placed(&f, "rngvm").await?;
+    for n in 1..=3 {
+        assert_eq!(count_at(f.publish[from], port).await?, n.to_string());
+    }
+    let out = f.c.cli(&["alloc", "checkpoint", &alloc]);
+    assert!(
+        out.status.success(),
+        "checkpoint failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        f.agents[from].log()
+    );
+    let (_, pid) = qemu_pid(&f.agents[from]).context("the VM's qemu")?;
+    f.agents[from].kill().await;
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    wait_for(
+        Duration::from_secs(180),
+        "the VM serving on the node of the other range",
+        || async {
+            get(&format!("http://{}:{port}/health", f.publish[to]))
+                .await
+                .is_ok()
+        },
+    )
+    .await
+    .with_context(|| f.agents[to].log())?;
+    // Booted afresh: the count starts again.
+    assert_eq!(count_at(f.publish[to], port).await?, "1");
+    let (prefix, _) = gateways[to].rsplit_once('.').context("a gateway")?;
+    let new_range = format!("{prefix}.");
+    let vms = f.c.cli(&["vm", "list", "-o", "json"]);
+    let vms = String::from_utf8_lossy(&vms.stdout).to_string();
+    assert!(
+        vms.contains(&new_range),
+        "not at an address of its new node's range {new_range}: {vms}"
+    );
+    let events = f.c.cli(&["events", "--job", "rngvm", "-o", "json"]);
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(
+        events.contains("starts from scratch") && events.contains("boot afresh"),
+        "{events}"
+    );
+    Ok(())
+}

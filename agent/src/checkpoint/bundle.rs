@@ -406,6 +406,7 @@ mod tests {
             container: None,
             vm: false,
             runc: false,
+            vm_address: None,
         }
     }
 

@@ -498,6 +498,7 @@ impl Checkpointer {
             container: Some(inspect.config),
             vm: false,
             runc: false,
+            vm_address: None,
         };
         let bundle = self.seal(stage, &meta, budget.used, node, dump_ms).await?;
         info!(container = %id, alloc, %mode, digest = %bundle.digest, size = bundle.size, dump_ms, total_ms = started.elapsed().as_millis(), "checkpoint written");

@@ -104,6 +104,7 @@ impl Checkpointer {
             container: None,
             vm: false,
             runc: mode == CheckpointMode::Live,
+            vm_address: None,
         };
         let bundle = self.seal(stage, &meta, staged, node, dump_ms).await?;
         info!(container = %id, alloc, %mode, digest = %bundle.digest, size = bundle.size, dump_ms, total_ms = started.elapsed().as_millis(), "runc container checkpoint written");
@@ -383,6 +384,7 @@ mod tests {
             container: None,
             vm: false,
             runc: false,
+            vm_address: None,
         };
         apply_files(
             &stage,
@@ -534,6 +536,7 @@ mod tests {
             container: None,
             vm: false,
             runc: true,
+            vm_address: None,
         };
         apply_files(&stage, &upper2, &mounts2, &meta).expect("apply");
         assert_eq!(tree(&upper2), tree(&upper));

@@ -25,6 +25,28 @@ const SNAPSHOT_CONVERGE_MS: u64 = 60_000;
 /// How long a snapshot may take.
 const SNAPSHOT_LIMIT_MS: u64 = 300_000;
 
+/// Why a snapshot of a guest that had bridged address `snapshot` cannot be
+/// restored into a guest that gets `here` on this node (`None`: not bridged
+/// here); `None` when it can. A restored guest keeps the address it had (it
+/// is in its memory, set from `ip=` or cloud-init at boot), while this node's
+/// bridge, its DNAT rules and its neighbours expect `here`: restored, it
+/// would run unreachable. Booted afresh, it takes `here`. Pure.
+pub fn address_problem(
+    snapshot: Option<std::net::Ipv4Addr>,
+    here: Option<std::net::Ipv4Addr>,
+) -> Option<String> {
+    let had = snapshot?;
+    match here {
+        Some(here) if here == had => None,
+        Some(here) => Some(format!(
+            "the guest had address {had} on its node's VM bridge, which a restored guest keeps, but this node gives it {here} (its bridge has another range), so it would be unreachable; it must boot afresh here"
+        )),
+        None => Some(format!(
+            "the guest had address {had} on its node's VM bridge, and here it is not on a bridge, so a restored guest would be unreachable; it must boot afresh here"
+        )),
+    }
+}
+
 impl Checkpointer {
     /// Snapshots VM `vm_id` of allocation `alloc` into a bundle. The guest runs
     /// while its memory is copied and is paused for the last pages; it runs on
@@ -145,6 +167,7 @@ impl Checkpointer {
             container: None,
             vm: true,
             runc: false,
+            vm_address: vms.bridged_address(vm_id),
         };
         let bundle = self.seal(stage, &meta, budget.used, node, dump_ms).await?;
         info!(vm = %vm_id, alloc, digest = %bundle.digest, size = bundle.size, state_bytes = budget.used, rounds = progress.rounds, dump_ms, total_ms = started.elapsed().as_millis(), "virtual machine snapshot written");
@@ -179,6 +202,10 @@ impl Checkpointer {
                 reason: "it is a container's checkpoint, not a virtual machine's snapshot"
                     .to_owned(),
             });
+        }
+        // Before QEMU starts: the controller then starts the VM afresh.
+        if let Some(why) = address_problem(meta.vm_address, vms.bridged_address(vm_id)) {
+            return Err(failed(why));
         }
         let state_path = stage.path().join(VM_STATE);
         let mut state =
@@ -219,5 +246,30 @@ impl Checkpointer {
         .map_err(failed)?;
         info!(vm = %vm_id, digest, bytes, total_ms = started.elapsed().as_millis(), "virtual machine restored from its snapshot");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_problem;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_snapshot_is_restored_only_where_the_guest_keeps_its_address() {
+        let a = Ipv4Addr::new(10, 215, 7, 9);
+        let b = Ipv4Addr::new(10, 216, 0, 9);
+        // The user network, or a bundle from before the address was kept.
+        assert_eq!(address_problem(None, Some(b)), None);
+        assert_eq!(address_problem(None, None), None);
+        // The same range: the same address by the name's hash.
+        assert_eq!(address_problem(Some(a), Some(a)), None);
+        let other = address_problem(Some(a), Some(b)).expect("another range");
+        assert!(
+            other.contains("10.215.7.9") && other.contains("10.216.0.9"),
+            "{other}"
+        );
+        assert!(other.contains("boot afresh"), "{other}");
+        let none = address_problem(Some(a), None).expect("no bridge");
+        assert!(none.contains("not on a bridge"), "{none}");
     }
 }

@@ -767,6 +767,7 @@ async fn stage(
             container: None,
             vm: false,
             runc: true,
+            vm_address: None,
         };
         let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
         std::fs::write(dir.join(META), json).map_err(|e| e.to_string())?;

@@ -148,6 +148,12 @@ pub struct BundleMeta {
     /// whiteouts included.
     #[serde(default)]
     pub runc: bool,
+    /// A bridged guest's address on its node's VM bridge when the snapshot
+    /// was taken: the restored guest keeps it (it is in the guest's memory),
+    /// so a node that would give it another cannot restore it. `None`: not a
+    /// VM, a guest on the user network, or a bundle from before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_address: Option<std::net::Ipv4Addr>,
 }
 
 /// The bundle format this build writes and reads.

@@ -168,6 +168,12 @@ impl VmDriver {
         })
     }
 
+    /// VM `id`'s address on the node's VM bridge, when it is a bridged guest.
+    pub fn bridged_address(&self, id: &str) -> Option<std::net::Ipv4Addr> {
+        let meta = self.read_meta(id).ok()?;
+        (meta.vm.network == novacron_common::wire::VmNetwork::Bridge).then_some(meta.address)
+    }
+
     /// VM `id`'s own disk (its copy-on-write overlay), if it has one.
     pub fn disk(&self, id: &str) -> Option<PathBuf> {
         self.read_meta(id).ok()?.disk
