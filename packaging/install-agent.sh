@@ -18,12 +18,13 @@
 # from /usr/share/novacron-agent/systemd/: it sets container_runtime and lifts
 # the unit's confinement, which runc containers would inherit); with
 # --vm-bridge CIDR, make the VM bridge with that address and range (the drop-in
-# vm-bridge.conf gives the unit the rights it needs); enroll (`novacron-agent join`, as root like the service; skipped when this
-# host is already enrolled, unless --force); write the labels to a systemd drop-in
-# (NOVACRON_LABELS); enable and (re)start novacron-agent.service and wait until
-# it is active. Run again on an enrolled host, it changes the drop-ins and
-# restarts the agent, which adopts its running workloads. --no-start stops after enrolling (for hosts or containers without
-# systemd). At start the agent probes live checkpoints; `novacron node show NODE`
+# vm-bridge.conf gives the unit the rights it needs; --vm-bridge off: no
+# bridge); enroll (`novacron-agent join`, as root like the service; skipped when
+# this host is already enrolled, unless --force); write the labels to a systemd
+# drop-in (NOVACRON_LABELS); enable and (re)start novacron-agent.service and
+# wait until it is active. Run again on an enrolled host, it changes the
+# drop-ins and restarts the agent, which adopts its running workloads.
+# --no-start stops after enrolling (for hosts or containers without systemd). At start the agent probes live checkpoints; `novacron node show NODE`
 # says whether they work and, if not, why.
 #
 # Exit codes: 0 done; 1 a step failed; 64 bad arguments or configuration; 69 the
@@ -42,7 +43,7 @@ usage() {
 }
 
 die() {
-    echo "install-agent: $*" >&2
+    echo "install-agent: $1" >&2
     exit "${2:-1}"
 }
 
@@ -76,6 +77,14 @@ if [ ! -f "$STATE_DIR/node.pem" ] || [ -n "$force" ]; then
     [ -n "$token" ] || die "--token is required (novacron-controller token create prints one)" 64
     [ -n "$fingerprint" ] || die "--ca-fingerprint is required: sha256:<64 hex digits>" 64
 fi
+# An IPv4 address with a prefix length, or off: checked before anything is
+# installed (the agent checks the value itself at start).
+case "$vm_bridge" in
+"" | off) ;;
+*[!0-9./]* | */*/* | */ | .* | *..*) die "--vm-bridge $vm_bridge: expected this node's address on the bridge with the range's prefix length, such as 10.215.0.1/16, or off" 64 ;;
+[0-9]*.[0-9]*.[0-9]*.[0-9]*/[0-9]*) ;;
+*) die "--vm-bridge $vm_bridge: expected this node's address on the bridge with the range's prefix length, such as 10.215.0.1/16, or off" 64 ;;
+esac
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs a package and a service)" 64
 
 # apt-get install without recommends, after fetching the package lists once when
@@ -142,8 +151,14 @@ if [ "$runc" -eq 1 ]; then
 fi
 if [ -n "$vm_bridge" ]; then
     case "$vm_bridge" in
-    off) rm -f "$DROPIN_DIR/vm-bridge.conf" "$DROPIN_DIR/vm-bridge-range.conf" ;;
-    */*)
+    off)
+        # Not the built-in default range either.
+        rm -f "$DROPIN_DIR/vm-bridge.conf"
+        mkdir -p "$DROPIN_DIR"
+        printf '[Service]\nEnvironment="NOVACRON_VM_BRIDGE=off"\n' >"$DROPIN_DIR/vm-bridge-range.conf"
+        echo "==> no VM bridge: $DROPIN_DIR/vm-bridge-range.conf"
+        ;;
+    *)
         # ip and tc (iproute2) make the bridge, the taps and their limits.
         command -v ip >/dev/null && command -v tc >/dev/null || apt_install iproute2
         [ -f "$DROPINS/vm-bridge.conf" ] || die "$DROPINS/vm-bridge.conf is missing: the installed novacron-agent is older than this script"
@@ -153,7 +168,6 @@ if [ -n "$vm_bridge" ]; then
         printf '[Service]\nEnvironment="NOVACRON_VM_BRIDGE=%s"\n' "$vm_bridge" >"$DROPIN_DIR/vm-bridge-range.conf"
         echo "==> VM bridge $vm_bridge: $DROPIN_DIR/vm-bridge.conf and vm-bridge-range.conf"
         ;;
-    *) die "--vm-bridge $vm_bridge: expected this node's address on the bridge with the range's prefix length, such as 10.215.0.1/16, or off" 64 ;;
     esac
 fi
 

@@ -338,6 +338,12 @@ inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-rec
     qemu-system-x86 qemu-utils >/dev/null || fail "apt-get install qemu-system-x86 qemu-utils"
 # The VM bridge as an operator asks for it: install-agent.sh, rerun on the
 # enrolled host, links the packaged vm-bridge.conf and restarts the agent.
+# A bad range is refused before anything is installed or changed.
+code=0
+out=$(inside sh /pkg/install-agent.sh --vm-bridge 10.216.0.1 2>&1) || code=$?
+[ "$code" -eq 64 ] || fail "install-agent.sh --vm-bridge 10.216.0.1 exited $code, not 64: $out"
+case "$out" in *"prefix length"*) ;; *) fail "the refusal of --vm-bridge 10.216.0.1 does not say what is expected: $out" ;; esac
+inside test ! -e /etc/systemd/system/novacron-agent.service.d/vm-bridge-range.conf || fail "a refused --vm-bridge wrote a drop-in"
 inside sh /pkg/install-agent.sh --deb "/pkg/$(basename "$agent_deb")" --vm-bridge "$VM_BRIDGE"
 inside test -L /etc/systemd/system/novacron-agent.service.d/vm-bridge.conf || fail "install-agent.sh --vm-bridge did not link the drop-in"
 waited=0
